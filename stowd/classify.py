@@ -1,0 +1,158 @@
+"""What a file is, and the keys it is grouped by, read from its bytes (headers only).
+
+A Part-10 DICOM file gives its StudyInstanceUID, SOPInstanceUID and SOPClassUID; anything that
+cannot be sent as it is raises ``FileProblem`` with a reason written for a PACS administrator.
+Bulkdata types (PDF, JPEG, video) are a later stage; today they are reported as not DICOM.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import warnings
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from stowd.errors import FileProblem, FileVanished
+
+DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
+DEFLATED = "1.2.840.10008.1.2.1.99"
+BIG_ENDIAN = "1.2.840.10008.1.2.2"
+IMPLICIT = "1.2.840.10008.1.2"
+PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
+UNDEFINED = 0xFFFFFFFF
+ITEM = (0xFFFE, 0xE000)
+SEQ_END = (0xFFFE, 0xE0DD)
+_MAGIC_AT = 128
+
+
+@dataclass(frozen=True)
+class Classified:
+    """The keys of a file that can be sent."""
+
+    kind: str
+    study_uid: str
+    sop_uid: str
+    sop_class: str
+
+
+def classify(path: str) -> Classified:
+    """Read the header of ``path``; raise ``FileProblem`` when it cannot be sent."""
+    try:
+        with open(path, "rb") as fp:
+            size = os.fstat(fp.fileno()).st_size
+            if size == 0:
+                raise FileProblem("the file is empty (0 bytes)")
+            return _classify_dicom(fp, size)
+    except FileNotFoundError as exc:
+        raise FileVanished("the file was removed before it could be sent") from exc
+    except IsADirectoryError as exc:
+        raise FileVanished("the path is now a folder") from exc
+    except PermissionError as exc:
+        raise FileProblem(f"stowd may not read the file: {exc.strerror}") from exc
+
+
+def _classify_dicom(fp: BinaryIO, size: int) -> Classified:
+    if not _looks_like_part10(fp, size):
+        raise FileProblem(
+            "not a DICOM file: no 'DICM' marker at byte 128 and no File Meta Information "
+            "(only DICOM Part-10 files can be sent)"
+        )
+    fp.seek(0)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+    except (InvalidDicomError, EOFError, ValueError, struct.error, KeyError) as exc:
+        raise FileProblem(f"the DICOM header cannot be read: {exc}") from exc
+    keys = _keys(ds)
+    _check_pixel_data(fp, size, _transfer_syntax(ds))
+    return keys
+
+
+def _looks_like_part10(fp: BinaryIO, size: int) -> bool:
+    head = fp.read(_MAGIC_AT + 4)
+    if len(head) >= _MAGIC_AT + 4 and head[_MAGIC_AT:] == b"DICM":
+        return True
+    # A Part-10 file whose preamble was stripped starts with the File Meta group (0002,xxxx).
+    return size > 8 and head[:2] == b"\x02\x00" and head[4:6].isalpha()
+
+
+def _keys(ds: pydicom.Dataset) -> Classified:
+    meta = getattr(ds, "file_meta", None)
+    sop_class = str(ds.get("SOPClassUID", "") or (meta and meta.get("MediaStorageSOPClassUID")))
+    if sop_class == DICOMDIR_CLASS or "DirectoryRecordSequence" in ds:
+        raise FileProblem(
+            "this is a DICOMDIR (an index of a DICOM medium), not an image or document; "
+            "archives do not store it, so it was not sent"
+        )
+    missing = [k for k in ("StudyInstanceUID", "SOPInstanceUID", "SOPClassUID") if not ds.get(k)]
+    if missing:
+        raise FileProblem(
+            f"the DICOM header has no {', '.join(missing)}; an archive cannot store an "
+            "instance without it"
+        )
+    if meta is None or not meta.get("TransferSyntaxUID"):
+        raise FileProblem("the file has no File Meta Information with a TransferSyntaxUID")
+    return Classified("dicom", str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), sop_class)
+
+
+def _transfer_syntax(ds: pydicom.Dataset) -> str:
+    return str(ds.file_meta.TransferSyntaxUID)
+
+
+def _check_pixel_data(fp: BinaryIO, size: int, syntax: str) -> None:
+    """Make sure the pixel data that follows the header is complete (not cut short)."""
+    if syntax == DEFLATED:
+        return
+    little = syntax != BIG_ENDIAN
+    implicit = syntax == IMPLICIT
+    start = fp.tell()
+    header = fp.read(8)
+    if len(header) < 8:
+        return  # no pixel data: nothing more to check
+    group, elem = struct.unpack("<HH" if little else ">HH", header[:4])
+    if (group, elem) not in PIXEL_TAGS:
+        return
+    length, offset = _element_length(fp, header, little, implicit)
+    if length == UNDEFINED:
+        _walk_fragments(fp, size, little)
+    elif start + offset + length > size:
+        raise FileProblem(
+            f"the file is truncated: its pixel data should have {length} bytes but only "
+            f"{max(size - start - offset, 0)} are there (was it copied completely?)"
+        )
+
+
+def _element_length(fp: BinaryIO, header: bytes, little: bool, implicit: bool) -> tuple[int, int]:
+    order = "<" if little else ">"
+    if implicit:
+        return struct.unpack(order + "I", header[4:8])[0], 8
+    extra = fp.read(4)
+    if len(extra) < 4:
+        return 0, 12
+    return struct.unpack(order + "I", extra)[0], 12
+
+
+def _walk_fragments(fp: BinaryIO, size: int, little: bool) -> None:
+    """Encapsulated pixel data: every fragment must fit and the sequence must end."""
+    order = "<HHI" if little else ">HHI"
+    while True:
+        item = fp.read(8)
+        if len(item) < 8:
+            raise FileProblem(
+                "the file is truncated: its compressed pixel data ends without the closing "
+                "sequence delimiter (was it copied completely?)"
+            )
+        group, elem, length = struct.unpack(order, item)
+        if (group, elem) == SEQ_END:
+            return
+        if (group, elem) != ITEM or fp.tell() + length > size:
+            raise FileProblem(
+                "the file is truncated or damaged: a compressed pixel data fragment runs past "
+                "the end of the file"
+            )
+        fp.seek(length, os.SEEK_CUR)

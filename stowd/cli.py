@@ -1,0 +1,92 @@
+"""The command line: ``stowd run | check-config | status``.
+
+Exit codes: 0 ok, 1 runtime error, 2 usage or configuration error, 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from stowd.config import Config, load_config
+from stowd.daemon import Daemon
+from stowd.errors import ConfigError, StowdError
+from stowd.status import gather, render
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEFAULT_CONFIG = "/etc/stowd/config.yaml"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+log = logging.getLogger("stowd")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stowd",
+        description="Watch drop folders and upload what lands there to a DICOMweb archive "
+        "with STOW-RS.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run the daemon in the foreground (logs to stderr)")
+    check = sub.add_parser("check-config", help="validate the configuration, list every problem")
+    status = sub.add_parser("status", help="show the queue: counts, age, rate, last errors")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    for p in (run, check, status):
+        p.add_argument(
+            "-c", "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})"
+        )
+    run.add_argument("--log-level", help="override log_level from the config")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+        return _COMMANDS[args.command](config, args)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_USAGE
+    except StowdError as exc:
+        print(f"stowd: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _run(config: Config, args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level or config.log_level)
+    daemon = Daemon(config)
+    daemon.install_signals()
+    daemon.run()
+    return EXIT_INTERRUPTED if daemon.last_signal == signal.SIGINT else EXIT_OK
+
+
+def _check(config: Config, _args: argparse.Namespace) -> int:
+    print(f"{config.path}: configuration is valid")
+    for source in config.sources:
+        dest = config.destination_of(source)
+        print(f"  source {source.name}: {source.watch} -> {dest.name} ({dest.stow_url})")
+        print(f"    sent: {source.sent}  failed: {source.failed}")
+    print(f"  queue: {config.queue}")
+    return EXIT_OK
+
+
+def _status(config: Config, args: argparse.Namespace) -> int:
+    data = gather(config)
+    print(json.dumps(data, indent=2) if args.json else render(data))
+    return EXIT_OK
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+    logging.getLogger("watchdog").setLevel(logging.WARNING)
+
+
+_COMMANDS = {"run": _run, "check-config": _check, "status": _status}

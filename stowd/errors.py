@@ -1,0 +1,96 @@
+"""The one exception tree of stowd.
+
+::
+
+    StowdError
+    ├── ConfigError            bad configuration: lists every problem at once (exit 2)
+    ├── QueueError             the SQLite queue cannot be opened or used
+    │   └── QueueLockedError   another stowd already uses this queue
+    ├── FileProblem            a single file cannot be sent as it is (never retried)
+    │   └── FileVanished       the file disappeared before it could be sent
+    └── StowFailure            one STOW request did not go through (raised by stow.py only)
+        ├── DestinationHeld    the archive or our configuration is wrong, not the files:
+        │                      401/403/404/405/415, TLS; files stay queued, the destination waits
+        └── DestinationBusy    transient trouble of the whole request: connection errors,
+                               timeouts, 408/429/5xx; retried with backoff (Retry-After honoured)
+
+Third-party exceptions (httpx, pydicom, sqlite3, yaml) are translated at one seam each, with
+``raise ... from exc``; whether something is retried is a property of the type raised here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class StowdError(Exception):
+    """Base class of every error stowd raises on purpose."""
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One problem in a config file: where it is and what is wrong."""
+
+    key: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f"line {self.line}: " if self.line else ""
+        key = f"{self.key}: " if self.key else ""
+        return f"{where}{key}{self.message}"
+
+
+class ConfigError(StowdError):
+    """The configuration is invalid; carries every problem found, not just the first."""
+
+    def __init__(self, path: str, problems: list[ConfigProblem]) -> None:
+        self.path = path
+        self.problems = problems
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        count = len(self.problems)
+        head = f"{self.path}: {count} problem{'s' if count != 1 else ''} in the configuration"
+        return "\n".join([head, *(f"  - {p}" for p in self.problems)])
+
+
+class QueueError(StowdError):
+    """The queue database cannot be opened or used."""
+
+
+class QueueLockedError(QueueError):
+    """Another stowd process holds the queue's lock."""
+
+
+class FileProblem(StowdError):
+    """A file that can never be sent as it is; the message is written for a human."""
+
+
+class FileVanished(FileProblem):
+    """The file was removed (or replaced) before it could be sent."""
+
+
+class StowFailure(StowdError):
+    """A STOW-RS request failed as a whole (no per-file answer to act on)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        server_message: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+        self.server_message = server_message
+
+
+class DestinationHeld(StowFailure):
+    """The destination refuses us for a reason no retry of the same files can fix soon."""
+
+
+class DestinationBusy(StowFailure):
+    """The destination is unreachable or overloaded for now; retry the same request later."""

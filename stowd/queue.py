@@ -1,0 +1,515 @@
+"""The persistent SQLite queue: the source of truth, and the only module that speaks SQL.
+
+States of a row (one row per job: a file that appeared at a path with a given content)::
+
+    pending ──claim──▶ claimed ──▶ settling ──move──▶ sent | failed
+       ▲                  │
+       └──── retry ───────┘      (a pending row whose next_attempt_at lies ahead is "waiting")
+
+    gone: the file vanished before it could be sent (nothing to move)
+
+A row is claimed (with a lease) before it is uploaded; it is marked ``sent``/``failed`` only
+after the file was moved.  ``settling`` records the target before the move, so a crash between
+the move and the bookkeeping is repaired at the next start.  On open, claims left by a dead
+daemon return to ``pending``: delivery is at least once, safe because STOW is idempotent.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stowd.errors import QueueError, QueueLockedError
+
+SCHEMA_VERSION = 1
+ACTIVE = ("pending", "claimed", "settling")
+DONE = ("sent", "failed", "gone")
+BUSY_TIMEOUT_MS = 30_000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    id INTEGER PRIMARY KEY,
+    source TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    path TEXT NOT NULL,
+    rel TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    kind TEXT,
+    study_uid TEXT,
+    sop_uid TEXT,
+    sop_class TEXT,
+    solo INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    queued_at REAL NOT NULL,
+    first_try REAL,
+    last_try REAL,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    lease_until REAL,
+    outcome TEXT,
+    target TEXT,
+    error TEXT,
+    done_at REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS files_active_path ON files(path)
+    WHERE state IN ('pending', 'claimed', 'settling');
+CREATE INDEX IF NOT EXISTS files_unclassified ON files(state, kind);
+CREATE INDEX IF NOT EXISTS files_ready ON files(state, destination, next_attempt_at);
+CREATE INDEX IF NOT EXISTS files_study ON files(destination, study_uid, state);
+CREATE INDEX IF NOT EXISTS files_done ON files(done_at);
+CREATE TABLE IF NOT EXISTS destinations (
+    name TEXT PRIMARY KEY,
+    held_since REAL,
+    held_until REAL,
+    reason TEXT,
+    failures INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One queued file as the workers see it."""
+
+    id: int
+    source: str
+    destination: str
+    path: str
+    rel: str
+    size: int
+    mtime_ns: int
+    kind: str | None
+    study_uid: str | None
+    sop_uid: str | None
+    attempts: int
+    first_try: float | None
+    error: str | None = None
+    outcome: str | None = None
+    target: str | None = None
+
+
+@dataclass(frozen=True)
+class NewFile:
+    """A complete file found by the watcher."""
+
+    source: str
+    destination: str
+    path: str
+    rel: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A destination that is held: its files wait in the queue."""
+
+    name: str
+    since: float
+    until: float
+    reason: str
+    failures: int
+
+
+_JOB_COLUMNS = (
+    "id, source, destination, path, rel, size, mtime_ns, kind, study_uid, sop_uid, "
+    "attempts, first_try, error, outcome, target"
+)
+
+
+def _job(row: Sequence[Any]) -> Job:
+    return Job(*row)
+
+
+class Queue:
+    """Thread-safe access to the queue database (one connection per thread)."""
+
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self.clock = clock
+        self._local = threading.local()
+        self._lock_fd: int | None = None
+
+    # -- opening -----------------------------------------------------------------
+    def open(self, *, lock: bool = True) -> Queue:
+        """Create or migrate the database; take the single-daemon lock when ``lock``."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise QueueError(f"cannot create the queue folder {self.path.parent}: {exc}") from exc
+        if lock:
+            self._take_lock()
+        with self._tx() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise QueueError(
+                    f"{self.path} was written by a newer stowd (schema {version}, "
+                    f"this one knows {SCHEMA_VERSION})"
+                )
+            for statement in _SCHEMA.split(";") if version == 0 else ():
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        return self
+
+    def _take_lock(self) -> None:
+        lock_path = str(self.path) + ".lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise QueueLockedError(
+                f"another stowd (pid {holder}) is using the queue {self.path}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+        return conn
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+        except sqlite3.Error as exc:
+            raise QueueError(f"cannot open the queue {self.path}: {exc}") from exc
+        return conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    # -- start-up ------------------------------------------------------------------
+    def recover(self) -> int:
+        """Return claims of a dead daemon to pending; returns how many."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE files SET state = 'pending', lease_until = NULL WHERE state = 'claimed'"
+            )
+            return cur.rowcount
+
+    def settling(self) -> list[Job]:
+        """Rows whose move to sent/failed was decided but may not have happened."""
+        rows = (
+            self._conn()
+            .execute(f"SELECT {_JOB_COLUMNS} FROM files WHERE state = 'settling'")
+            .fetchall()
+        )
+        return [_job(r) for r in rows]
+
+    # -- the watcher's side --------------------------------------------------------
+    def enqueue(self, files: Iterable[NewFile]) -> int:
+        """Queue complete files; a path already active with the same content is skipped.
+
+        A path whose active row has other content (the file was rewritten while queued and
+        not yet claimed) is updated in place.  Returns the number of new jobs.
+        """
+        now = self.clock()
+        added = 0
+        with self._tx() as db:
+            for f in files:
+                added += self._enqueue_one(db, f, now)
+        return added
+
+    def _enqueue_one(self, db: sqlite3.Connection, f: NewFile, now: float) -> int:
+        row = db.execute(
+            "SELECT id, size, mtime_ns, state FROM files WHERE path = ? "
+            "AND state IN ('pending', 'claimed', 'settling')",
+            (f.path,),
+        ).fetchone()
+        if row is None:
+            db.execute(
+                "INSERT INTO files (source, destination, path, rel, size, mtime_ns, state, "
+                "queued_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)",
+                (f.source, f.destination, f.path, f.rel, f.size, f.mtime_ns, now),
+            )
+            return 1
+        if row[3] == "pending" and (row[1], row[2]) != (f.size, f.mtime_ns):
+            db.execute(
+                "UPDATE files SET size = ?, mtime_ns = ?, kind = NULL, study_uid = NULL, "
+                "sop_uid = NULL, sop_class = NULL WHERE id = ?",
+                (f.size, f.mtime_ns, row[0]),
+            )
+        return 0
+
+    # -- classification --------------------------------------------------------------
+    def unclassified(self, limit: int) -> list[Job]:
+        rows = (
+            self._conn()
+            .execute(
+                f"SELECT {_JOB_COLUMNS} FROM files WHERE state = 'pending' AND kind IS NULL "
+                "ORDER BY id LIMIT ?",
+                (limit,),
+            )
+            .fetchall()
+        )
+        return [_job(r) for r in rows]
+
+    def set_classified(self, items: Iterable[tuple[int, str, str, str, str]]) -> None:
+        """Record (id, kind, study_uid, sop_uid, sop_class) for pending rows."""
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE files SET kind = ?, study_uid = ?, sop_uid = ?, sop_class = ? "
+                "WHERE id = ? AND state = 'pending'",
+                [(k, st, so, sc, i) for i, k, st, so, sc in items],
+            )
+
+    # -- the workers' side -------------------------------------------------------------
+    def claim_batch(
+        self,
+        destinations: Sequence[str],
+        *,
+        pick: Callable[[str, list[Job]], list[Job]],
+        candidates: int,
+        lease: float,
+    ) -> list[Job]:
+        """Claim the next batch: rows of the oldest ready study of a ready destination.
+
+        ``pick`` (pure, from group.py) chooses which of the candidate rows form the batch.
+        """
+        if not destinations:
+            return []
+        now = self.clock()
+        marks = ",".join("?" * len(destinations))
+        with self._tx() as db:
+            head = db.execute(
+                "SELECT destination, study_uid, solo, id FROM files WHERE state = 'pending' "
+                f"AND kind IS NOT NULL AND next_attempt_at <= ? AND destination IN ({marks}) "
+                "ORDER BY next_attempt_at, id LIMIT 1",
+                (now, *destinations),
+            ).fetchone()
+            if head is None:
+                return []
+            jobs = self._candidates(db, head, now, candidates)
+            batch = pick(head[0], jobs)
+            db.executemany(
+                "UPDATE files SET state = 'claimed', lease_until = ? WHERE id = ?",
+                [(now + lease, j.id) for j in batch],
+            )
+        return batch
+
+    @staticmethod
+    def _candidates(
+        db: sqlite3.Connection, head: Sequence[Any], now: float, limit: int
+    ) -> list[Job]:
+        destination, study_uid, solo, head_id = head
+        if solo:
+            rows = db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM files WHERE id = ?", (head_id,)
+            ).fetchall()
+        else:
+            rows = db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM files WHERE state = 'pending' AND destination = ? "
+                "AND study_uid IS ? AND kind IS NOT NULL AND solo = 0 AND next_attempt_at <= ? "
+                "ORDER BY id LIMIT ?",
+                (destination, study_uid, now, limit),
+            ).fetchall()
+        return [_job(r) for r in rows]
+
+    def release(self, ids: Iterable[int]) -> None:
+        """Give claimed rows back untouched (shutdown, held destination)."""
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE files SET state = 'pending', lease_until = NULL "
+                "WHERE id = ? AND state = 'claimed'",
+                [(i,) for i in ids],
+            )
+
+    def retry_later(
+        self, ids: Iterable[int], *, at: float, error: dict[str, Any], solo: bool = False
+    ) -> None:
+        """A transient failure: count the attempt and wait until ``at``."""
+        now = self.clock()
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE files SET state = 'pending', lease_until = NULL, "
+                "attempts = attempts + 1, first_try = COALESCE(first_try, ?), last_try = ?, "
+                "next_attempt_at = ?, error = ?, solo = MAX(solo, ?) WHERE id = ?",
+                [(now, now, at, json.dumps(error), int(solo), i) for i in ids],
+            )
+
+    def isolate(self, ids: Iterable[int]) -> None:
+        """Send these rows one per request from now on (to find a bad one in a batch)."""
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE files SET state = 'pending', lease_until = NULL, solo = 1 WHERE id = ?",
+                [(i,) for i in ids],
+            )
+
+    def mark_tried(self, ids: Iterable[int]) -> None:
+        now = self.clock()
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE files SET attempts = attempts + 1, first_try = COALESCE(first_try, ?), "
+                "last_try = ? WHERE id = ?",
+                [(now, now, i) for i in ids],
+            )
+
+    # -- settling ------------------------------------------------------------------------
+    def begin_settle(
+        self, job_id: int, *, outcome: str, target: str, error: dict[str, Any] | None
+    ) -> None:
+        """Record the decision and the target path before the file is moved."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE files SET state = 'settling', outcome = ?, target = ?, error = ?, "
+                "lease_until = NULL WHERE id = ?",
+                (outcome, target, json.dumps(error) if error else None, job_id),
+            )
+
+    def finish(self, job_id: int, *, state: str, target: str | None = None) -> None:
+        """The file was moved (or is gone): the job is done."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE files SET state = ?, target = COALESCE(?, target), done_at = ?, "
+                "lease_until = NULL WHERE id = ?",
+                (state, target, self.clock(), job_id),
+            )
+
+    def forget_done(self, older_than: float) -> int:
+        """Delete finished rows older than ``older_than`` (a timestamp)."""
+        with self._tx() as db:
+            cur = db.execute(
+                "DELETE FROM files WHERE done_at IS NOT NULL AND done_at < ? "
+                "AND state IN ('sent', 'failed', 'gone')",
+                (older_than,),
+            )
+            return cur.rowcount
+
+    # -- destination holds -----------------------------------------------------------------
+    def hold(self, name: str, *, until: float, reason: str) -> Hold:
+        now = self.clock()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO destinations (name, held_since, held_until, reason, failures) "
+                "VALUES (?, ?, ?, ?, 1) ON CONFLICT(name) DO UPDATE SET "
+                "held_since = COALESCE(held_since, excluded.held_since), "
+                "held_until = excluded.held_until, reason = excluded.reason, "
+                "failures = failures + 1",
+                (name, now, until, reason),
+            )
+        held = self.holds().get(name)
+        assert held is not None
+        return held
+
+    def unhold(self, name: str) -> bool:
+        """Clear a hold; True when there was one."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE destinations SET held_since = NULL, held_until = NULL, reason = NULL, "
+                "failures = 0 WHERE name = ? AND held_since IS NOT NULL",
+                (name,),
+            )
+            return cur.rowcount > 0
+
+    def holds(self) -> dict[str, Hold]:
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT name, held_since, held_until, reason, failures FROM destinations "
+                "WHERE held_since IS NOT NULL"
+            )
+            .fetchall()
+        )
+        return {r[0]: Hold(*r) for r in rows}
+
+    # -- status ----------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        """Counts by state; pending rows that wait for a later attempt count as ``waiting``."""
+        now = self.clock()
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT CASE WHEN state = 'pending' AND next_attempt_at > ? THEN 'waiting' "
+                "ELSE state END AS s, COUNT(*) FROM files GROUP BY s",
+                (now,),
+            )
+            .fetchall()
+        )
+        return {r[0]: r[1] for r in rows}
+
+    def oldest_active(self) -> float | None:
+        row = (
+            self._conn()
+            .execute(
+                "SELECT MIN(queued_at) FROM files WHERE state IN ('pending', 'claimed', 'settling')"
+            )
+            .fetchone()
+        )
+        return row[0] if row and row[0] is not None else None
+
+    def done_since(self, since: float) -> dict[str, int]:
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT state, COUNT(*) FROM files WHERE done_at >= ? GROUP BY state", (since,)
+            )
+            .fetchall()
+        )
+        return {r[0]: r[1] for r in rows}
+
+    def last_errors(self, limit: int) -> list[tuple[str, str, str, float]]:
+        """(path, state, error json, last_try) of the latest rows that carry an error."""
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT path, state, error, COALESCE(done_at, last_try, queued_at) AS t FROM files "
+                "WHERE error IS NOT NULL ORDER BY t DESC LIMIT ?",
+                (limit,),
+            )
+            .fetchall()
+        )
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def jobs(self, state: str | None = None) -> list[Job]:
+        """Every row (tests and diagnostics; not for hot paths)."""
+        where, args = ("WHERE state = ?", (state,)) if state else ("", ())
+        rows = (
+            self._conn()
+            .execute(f"SELECT {_JOB_COLUMNS} FROM files {where} ORDER BY id", args)
+            .fetchall()
+        )
+        return [_job(r) for r in rows]
+
+
+def open_readonly(path: Path) -> Queue:
+    """A queue for ``stowd status``: no lock, no schema change, never blocks the daemon."""
+    if not path.exists():
+        raise QueueError(f"no queue at {path} (has stowd run with this config yet?)")
+    return Queue(path)

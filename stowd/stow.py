@@ -1,0 +1,439 @@
+"""STOW-RS over HTTP: the multipart body streamed from disk, the request, and the answer.
+
+This is the one place where httpx and tenacity exceptions become ours (``errors.py``) and where
+an archive's answer is judged, file by file, following the retry table of
+``shared/notes/stow-rs.md``:
+
+* transport trouble, 408/429/502/503/504 -> ``DestinationBusy`` (retry, Retry-After honoured)
+* 401/403/404/405/415, TLS failures      -> ``DestinationHeld`` (files stay queued)
+* 200/202/409/400 bodies                 -> one ``Verdict`` per sent SOPInstanceUID
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import os
+import ssl
+import threading
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, BinaryIO
+
+import httpx
+import tenacity
+
+from stowd.config import Destination
+from stowd.errors import DestinationBusy, DestinationHeld, FileVanished, StowFailure
+
+log = logging.getLogger("stowd.stow")
+
+CHUNK = 256 * 1024
+MAX_INSTANCE_RETRIES = 8
+IN_PROCESS_ATTEMPTS = 3
+ACCEPT = "application/dicom+json, application/dicom+xml;q=0.9, application/json;q=0.8"
+REFERENCED, FAILED_SEQ = "00081199", "00081198"
+SOP_UID, FAILURE_REASON, WARNING_REASON = "00081155", "00081197", "00081196"
+BUSY_STATUSES = {408, 429, 502, 503, 504}
+HELD_STATUSES = {401, 403, 404, 405, 407, 415}
+
+FAILURE_MEANINGS = {
+    0x0110: "processing failure",
+    0x0122: "SOP class not supported",
+    0x0124: "not authorized",
+    0xA700: "out of resources",
+    0xA77A: "study deletion in progress at the archive",
+    0xA900: "data set does not match SOP class",
+    0xC000: "cannot understand",
+    0xC122: "transfer syntax not supported",
+    0xC409: "study does not match the request URL",
+    0xC499: "the archive could not parse the DICOM file",
+    0xA922: "missing bulkdata",
+}
+WARNING_MEANINGS = {
+    0xB000: "coercion of data elements",
+    0xB006: "elements discarded",
+    0xB007: "data set does not match SOP class",
+}
+
+
+def failure_meaning(code: int) -> str:
+    """Plain words for a FailureReason (0008,1197) code."""
+    if code in FAILURE_MEANINGS:
+        return FAILURE_MEANINGS[code]
+    if 0xA770 <= code <= 0xA77F:
+        return "refused by the archive's policy"
+    if code & 0xFF00 == 0xA700:
+        return "out of resources"
+    if code & 0xFF00 == 0xA900:
+        return "data set does not match SOP class"
+    if code & 0xF000 == 0xC000:
+        return "cannot understand"
+    return "unknown failure reason"
+
+
+def is_transient(code: int) -> bool:
+    """Whether an instance-level FailureReason may succeed if sent again later."""
+    if code in (0xA77A, 0x0110):
+        return True
+    if 0xA770 <= code <= 0xA77F:
+        return False
+    return code & 0xFF00 == 0xA700
+
+
+# -- the request body -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Part:
+    """One file to send: its path, the size it had when queued, and its SOPInstanceUID."""
+
+    path: str
+    size: int
+    sop_uid: str
+
+
+class Body:
+    """A multipart/related body over open files: a fresh one (and boundary) per attempt."""
+
+    def __init__(self, parts: Sequence[Part]) -> None:
+        self.boundary = uuid.uuid4().hex
+        self.parts = list(parts)
+        self._files: list[BinaryIO] = []
+
+    @property
+    def content_type(self) -> str:
+        return f'multipart/related; type="application/dicom"; boundary={self.boundary}'
+
+    def _part_head(self, part: Part) -> bytes:
+        return (
+            f"--{self.boundary}\r\nContent-Type: application/dicom\r\n"
+            f"Content-Length: {part.size}\r\n\r\n"
+        ).encode("ascii")
+
+    @property
+    def tail(self) -> bytes:
+        return f"--{self.boundary}--\r\n".encode("ascii")
+
+    @property
+    def length(self) -> int:
+        heads = sum(len(self._part_head(p)) + p.size + 2 for p in self.parts)
+        return heads + len(self.tail)
+
+    def open(self) -> None:
+        """Open every file now, so a vanished or changed file is known before sending."""
+        for part in self.parts:
+            try:
+                fp = open(part.path, "rb")  # noqa: SIM115 - closed in close()
+            except FileNotFoundError as exc:
+                self.close()
+                raise FileVanished(part.path) from exc
+            self._files.append(fp)
+            if os.fstat(fp.fileno()).st_size != part.size:
+                self.close()
+                raise FileVanished(part.path)
+
+    def close(self) -> None:
+        for fp in self._files:
+            fp.close()
+        self._files.clear()
+
+    def __iter__(self) -> Iterator[bytes]:
+        for part, fp in zip(self.parts, self._files, strict=True):
+            yield self._part_head(part)
+            yield from _read_exactly(fp, part)
+            yield b"\r\n"
+        yield self.tail
+
+
+def _read_exactly(fp: BinaryIO, part: Part) -> Iterator[bytes]:
+    fp.seek(0)
+    left = part.size
+    while left > 0:
+        chunk = fp.read(min(CHUNK, left))
+        if not chunk:
+            raise OSError(f"{part.path} became shorter while it was being sent")
+        left -= len(chunk)
+        yield chunk
+
+
+# -- the answer --------------------------------------------------------------------------------
+@dataclass
+class Answer:
+    """What the archive said about one request."""
+
+    status: int
+    referenced: dict[str, int | None] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)
+    server_message: str | None = None
+    seconds: float = 0.0
+
+
+def parse_answer(status: int, content_type: str, body: bytes) -> Answer:
+    """Read a STOW-RS response body (DICOM JSON or XML); tolerate empty or odd bodies."""
+    answer = Answer(status)
+    text = body.strip()
+    if not text:
+        return answer
+    try:
+        if text.startswith(b"<"):
+            _read_xml(ET.fromstring(text), answer)
+        else:
+            _read_json(json.loads(text), answer)
+    except (ValueError, ET.ParseError, TypeError, AttributeError, KeyError, IndexError):
+        answer.server_message = _short(text)
+    return answer
+
+
+def _read_json(doc: Any, answer: Answer) -> None:
+    if isinstance(doc, list):
+        doc = doc[0] if doc else {}
+    for item in doc.get(REFERENCED, {}).get("Value", []):
+        answer.referenced[_json_str(item, SOP_UID)] = _json_int(item, WARNING_REASON)
+    for item in doc.get(FAILED_SEQ, {}).get("Value", []):
+        answer.failed[_json_str(item, SOP_UID)] = _json_int(item, FAILURE_REASON) or 0
+
+
+def _json_str(item: dict[str, Any], tag: str) -> str:
+    return str(item.get(tag, {}).get("Value", [""])[0])
+
+
+def _json_int(item: dict[str, Any], tag: str) -> int | None:
+    values = item.get(tag, {}).get("Value")
+    return int(values[0]) if values else None
+
+
+def _read_xml(root: ET.Element, answer: Answer) -> None:
+    for attr in root.iter():
+        tag = attr.get("tag", "").upper()
+        if attr.tag.endswith("DicomAttribute") and tag in (REFERENCED, FAILED_SEQ):
+            for item in attr.findall("{*}Item") + attr.findall("Item"):
+                _read_xml_item(item, answer, tag == REFERENCED)
+
+
+def _read_xml_item(item: ET.Element, answer: Answer, referenced: bool) -> None:
+    values: dict[str, str] = {}
+    for attr in item:
+        value = attr.find("{*}Value")
+        if value is None:
+            value = attr.find("Value")
+        if value is not None and value.text:
+            values[attr.get("tag", "").upper()] = value.text.strip()
+    sop = values.get(SOP_UID, "")
+    if referenced:
+        warning = values.get(WARNING_REASON)
+        answer.referenced[sop] = int(warning) if warning else None
+    else:
+        answer.failed[sop] = int(values.get(FAILURE_REASON, "0"))
+
+
+def _short(text: bytes, limit: int = 500) -> str:
+    return text[:limit].decode("utf-8", errors="replace").strip()
+
+
+# -- verdicts ----------------------------------------------------------------------------------
+class Outcome(Enum):
+    SENT = "sent"
+    FAILED = "failed"
+    RETRY = "retry"
+    ISOLATE = "isolate"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What to do with one file after a request, and why."""
+
+    outcome: Outcome
+    reason: str = ""
+    code: int | None = None
+
+
+def judge(answer: Answer, parts: Sequence[Part]) -> dict[str, Verdict]:
+    """One verdict per SOPInstanceUID sent, following the retry table."""
+    single = len(parts) == 1
+    return {p.sop_uid: _judge_one(answer, p.sop_uid, single) for p in parts}
+
+
+def _judge_one(answer: Answer, sop: str, single: bool) -> Verdict:
+    status = answer.status
+    if sop in answer.referenced:
+        warning = answer.referenced[sop]
+        note = f"stored with warning {warning:04X} ({_warning(warning)})" if warning else ""
+        return Verdict(Outcome.SENT, note, warning)
+    if sop in answer.failed:
+        return _judge_failed(status, answer.failed[sop])
+    if status in (200, 202):
+        return Verdict(
+            Outcome.RETRY,
+            f"the archive answered HTTP {status} but did not list this instance as stored",
+        )
+    if not single:
+        return Verdict(Outcome.ISOLATE, f"HTTP {status} for a batch: sending files one by one")
+    if status >= 500:
+        return Verdict(Outcome.RETRY, f"the archive answered HTTP {status} (server error)")
+    return Verdict(Outcome.FAILED, _refusal(status))
+
+
+def _judge_failed(status: int, code: int) -> Verdict:
+    text = f"the archive refused the instance: failure reason {code:04X} ({failure_meaning(code)})"
+    outcome = Outcome.RETRY if is_transient(code) else Outcome.FAILED
+    return Verdict(outcome, f"{text}, HTTP {status}", code)
+
+
+def _refusal(status: int) -> str:
+    if status == 400:
+        return "the archive could not read this file (HTTP 400): it is malformed or not valid DICOM"
+    if status == 413:
+        return "the file is larger than the archive accepts in one request (HTTP 413)"
+    if status == 409:
+        return "the archive refused to store this file (HTTP 409 conflict)"
+    return f"the archive refused this file (HTTP {status})"
+
+
+def _warning(code: int) -> str:
+    return WARNING_MEANINGS.get(code, "warning")
+
+
+# -- the client -------------------------------------------------------------------------------
+class StowClient:
+    """One long-lived httpx client per destination; thread-safe."""
+
+    def __init__(
+        self,
+        destination: Destination,
+        *,
+        stop: threading.Event | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.destination = destination
+        self.stop = stop or threading.Event()
+        t = destination.timeouts
+        self.http = httpx.Client(
+            timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.write, pool=t.pool),
+            limits=httpx.Limits(max_connections=destination.workers + 1),
+            verify=destination.verify_tls,
+            trust_env=False,
+            transport=transport,
+            headers={"User-Agent": "stowd/0.1", "Accept": ACCEPT},
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def store(self, parts: Sequence[Part]) -> Answer:
+        """Send ``parts`` in one request; retry short transport blips in-process.
+
+        Raises ``FileVanished`` (before sending), ``DestinationBusy`` or ``DestinationHeld``.
+        """
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(_Blip),
+            stop=tenacity.stop_after_attempt(IN_PROCESS_ATTEMPTS),
+            wait=tenacity.wait_exponential(multiplier=1, max=8),
+            sleep=self._sleep,
+            reraise=True,
+        )
+        try:
+            return retrying(self._attempt, parts)
+        except _Blip as blip:
+            raise blip.failure from blip.__cause__
+
+    def _sleep(self, seconds: float) -> None:
+        if self.stop.wait(seconds):
+            raise DestinationBusy("stopping: stowd is shutting down")
+
+    def _attempt(self, parts: Sequence[Part]) -> Answer:
+        body = Body(parts)
+        body.open()
+        started = time.monotonic()
+        try:
+            response = self._post(body)
+        finally:
+            body.close()
+        answer = _answer_of(response)
+        answer.seconds = time.monotonic() - started
+        return answer
+
+    def _post(self, body: Body) -> httpx.Response:
+        headers = {"Content-Type": body.content_type, "Content-Length": str(body.length)}
+        try:
+            return self.http.post(self.destination.stow_url, content=iter(body), headers=headers)
+        except httpx.ConnectError as exc:
+            if _is_tls(exc):
+                raise DestinationHeld(f"TLS failure: {_tls_text(exc)}") from exc
+            raise _Blip(DestinationBusy(f"cannot connect: {_plain(exc)}")) from exc
+        except httpx.TimeoutException as exc:
+            raise _Blip(DestinationBusy(f"timed out ({type(exc).__name__})")) from exc
+        except httpx.TransportError as exc:
+            raise _Blip(DestinationBusy(f"connection failed: {_plain(exc)}")) from exc
+
+
+class _Blip(Exception):
+    """A transport failure worth a quick in-process retry; carries the failure to raise."""
+
+    def __init__(self, failure: StowFailure) -> None:
+        super().__init__(str(failure))
+        self.failure = failure
+
+
+def _answer_of(response: httpx.Response) -> Answer:
+    status = response.status_code
+    warning = response.headers.get("Warning")
+    if status in HELD_STATUSES:
+        raise DestinationHeld(_held_text(status), status=status, server_message=warning)
+    if status in BUSY_STATUSES:
+        raise DestinationBusy(
+            f"the archive is busy or unavailable (HTTP {status})",
+            status=status,
+            retry_after=retry_after(response.headers.get("Retry-After")),
+            server_message=warning or _short(response.content) or None,
+        )
+    answer = parse_answer(status, response.headers.get("Content-Type", ""), response.content)
+    if warning:
+        answer.server_message = warning
+    return answer
+
+
+def _held_text(status: int) -> str:
+    texts = {
+        401: "the archive wants valid credentials (HTTP 401)",
+        403: "the archive refuses our credentials (HTTP 403 forbidden)",
+        404: "the STOW-RS URL was not found (HTTP 404): check the destination url",
+        405: "the URL does not accept STOW-RS (HTTP 405): check the destination url",
+        407: "the proxy wants credentials (HTTP 407)",
+        415: "the archive does not accept this request's media type (HTTP 415)",
+    }
+    return texts[status]
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _is_tls(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError) or "SSL" in type(seen).__name__:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return "CERTIFICATE_VERIFY_FAILED" in str(exc) or "SSL" in str(exc)
+
+
+def _tls_text(exc: BaseException) -> str:
+    return _plain(exc) or "the TLS handshake failed"
+
+
+def _plain(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__

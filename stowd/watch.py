@@ -1,0 +1,268 @@
+"""Finding complete files in a drop folder: watchdog events, a start-up scan, periodic rescans.
+
+Events are hints; the scan is the truth.  A file is complete when it is not a temporary name
+and its size and mtime have not changed for the quiet period.  For a file whose mtime lies in
+the past that is one ``stat``; a file with an mtime in the future (a share with a skewed clock)
+is watched until the same size and mtime have been seen for the quiet period.  Nothing here
+raises into watchdog's thread: a handler exception would silently stop every event.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import heapq
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from stowd.config import Source
+from stowd.queue import NewFile
+
+log = logging.getLogger("stowd.watch")
+
+ENQUEUE_CHUNK = 500
+IDLE_WAIT = 1.0
+POLL_INTERVAL = 2.0
+Sink = Callable[[list[NewFile]], int]
+
+
+class _Handler(FileSystemEventHandler):
+    """Turns file events into candidate paths; never raises."""
+
+    def __init__(self, hint: Callable[[str, bool], None]) -> None:
+        self._hint = hint
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        try:
+            path = os.fsdecode(getattr(event, "dest_path", "") or event.src_path)
+            if not event.is_directory:
+                self._hint(path, False)
+            elif event.event_type in ("created", "moved"):
+                self._hint(path, True)  # a folder moved in: scan what it holds
+        except Exception:  # pragma: no cover - defensive: must never reach watchdog
+            log.exception("error while handling a file event")
+
+
+class Watcher:
+    """One drop folder: its observer, its scans and its quiet-period bookkeeping."""
+
+    def __init__(
+        self,
+        source: Source,
+        destination: str,
+        sink: Sink,
+        *,
+        exclude: tuple[Path, ...] = (),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.source = source
+        self.destination = destination
+        self.sink = sink
+        self.clock = clock
+        self.exclude = tuple(str(p) for p in (source.sent, source.failed, *exclude))
+        self.heartbeat = time.monotonic()
+        self._hints: set[str] = set()
+        self._folders: set[str] = set()
+        self._hint_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._due: list[tuple[float, str]] = []
+        self._future: dict[str, tuple[int, int, float]] = {}
+        self._observer: BaseObserver | None = None
+        self._rescan_requested = False
+
+    # -- hints from watchdog --------------------------------------------------------------
+    def hint(self, path: str, folder: bool = False) -> None:
+        with self._hint_lock:
+            (self._folders if folder else self._hints).add(path)
+        self._wake.set()
+
+    def _take_hints(self) -> tuple[list[str], list[str]]:
+        with self._hint_lock:
+            hints, self._hints = list(self._hints), set()
+            folders, self._folders = list(self._folders), set()
+        return hints, folders
+
+    # -- observer -----------------------------------------------------------------------
+    def start_observer(self) -> None:
+        cls = PollingObserver if self.source.polling else Observer
+        observer = cls(timeout=POLL_INTERVAL) if self.source.polling else cls()
+        try:
+            self.source.watch.mkdir(parents=True, exist_ok=True)
+            observer.schedule(_Handler(self.hint), str(self.source.watch), recursive=True)
+            observer.daemon = True
+            observer.start()
+        except OSError as exc:
+            log.error(
+                "source %s: cannot watch %s for events (%s); relying on rescans every %ss",
+                self.source.name,
+                self.source.watch,
+                exc,
+                self.source.rescan_interval,
+            )
+            return
+        self._observer = observer
+
+    def observer_alive(self) -> bool:
+        return self._observer is not None and self._observer.is_alive()
+
+    def stop_observer(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+            self._observer = None
+
+    def _ensure_observer(self) -> None:
+        if self._observer is not None and not self._observer.is_alive():
+            log.warning("source %s: the file observer died; restarting it", self.source.name)
+            self._observer = None
+            self.start_observer()
+            self._rescan_requested = True
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        """Watch until ``stop`` is set: scan now, then handle hints, rechecks and rescans."""
+        self.start_observer()
+        try:
+            self._loop(stop)
+        finally:
+            self.stop_observer()
+
+    def _loop(self, stop: threading.Event) -> None:
+        next_scan = 0.0
+        while not stop.is_set():
+            self.heartbeat = time.monotonic()
+            hints, folders = self._take_hints()
+            if self._rescan_requested or time.monotonic() >= next_scan:
+                self._rescan_requested = False
+                self.scan(stop)
+                next_scan = time.monotonic() + self.source.rescan_interval
+            for folder in folders:
+                if self._wanted(folder):
+                    self._check_all(self._walk(folder), stop)
+            self._check_all(hints)
+            self._check_all(self._pop_due())
+            self._ensure_observer()
+            self._wake.wait(self._wait_time(next_scan))
+            self._wake.clear()
+
+    def _wait_time(self, next_scan: float) -> float:
+        wait = min(IDLE_WAIT, max(0.0, next_scan - time.monotonic()))
+        if self._due:
+            wait = min(wait, max(0.0, self._due[0][0] - self.clock()))
+        return wait
+
+    def _pop_due(self) -> list[str]:
+        now = self.clock()
+        paths = []
+        while self._due and self._due[0][0] <= now:
+            paths.append(heapq.heappop(self._due)[1])
+        return paths
+
+    # -- scanning and checking ------------------------------------------------------------
+    def scan(self, stop: threading.Event | None = None) -> None:
+        """Walk the whole drop folder once (lazily: memory does not grow with its size)."""
+        started = time.monotonic()
+        found = self._check_all(self._walk(str(self.source.watch)), stop)
+        log.debug(
+            "source %s: scan of %s found %d new file(s) in %.1fs",
+            self.source.name,
+            self.source.watch,
+            found,
+            time.monotonic() - started,
+        )
+
+    def _walk(self, top: str) -> Iterator[str]:
+        try:
+            entries = list(os.scandir(top))
+        except OSError as exc:
+            if top == str(self.source.watch):
+                log.error("source %s: cannot read %s: %s", self.source.name, top, exc)
+            return
+        for entry in entries:
+            if self._ignored(entry.name) or entry.path in self.exclude:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                yield from self._walk(entry.path)
+            elif entry.is_file(follow_symlinks=False):
+                yield entry.path
+
+    def _check_all(
+        self, paths: Iterator[str] | list[str], stop: threading.Event | None = None
+    ) -> int:
+        chunk: list[NewFile] = []
+        added = 0
+        for path in paths:
+            if stop is not None and stop.is_set():
+                break
+            new = self._check(path)
+            if new is not None:
+                chunk.append(new)
+            if len(chunk) >= ENQUEUE_CHUNK:
+                added += self._flush(chunk)
+                self.heartbeat = time.monotonic()
+        return added + self._flush(chunk)
+
+    def _flush(self, chunk: list[NewFile]) -> int:
+        if not chunk:
+            return 0
+        added = self.sink(list(chunk))
+        chunk.clear()
+        return added
+
+    def _check(self, path: str) -> NewFile | None:
+        """A ``NewFile`` when ``path`` is complete; otherwise maybe schedule a recheck."""
+        if not self._wanted(path):
+            return None
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except OSError:
+            self._future.pop(path, None)
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        wait = self._quiet_left(path, st.st_size, st.st_mtime_ns)
+        if wait > 0:
+            heapq.heappush(self._due, (self.clock() + wait, path))
+            return None
+        rel = os.path.relpath(path, self.source.watch)
+        return NewFile(self.source.name, self.destination, path, rel, st.st_size, st.st_mtime_ns)
+
+    def _quiet_left(self, path: str, size: int, mtime_ns: int) -> float:
+        """Seconds until the file has been quiet for the quiet period (0: complete now)."""
+        now = self.clock()
+        mtime = mtime_ns / 1e9
+        quiet = self.source.quiet_period
+        if mtime <= now:
+            self._future.pop(path, None)
+            return max(0.0, quiet - (now - mtime))
+        seen = self._future.get(path)
+        if seen is None or seen[:2] != (size, mtime_ns):
+            self._future[path] = (size, mtime_ns, now)
+            return quiet
+        left = quiet - (now - seen[2])
+        if left <= 0:
+            del self._future[path]
+        return max(0.0, left)
+
+    def _wanted(self, path: str) -> bool:
+        try:
+            rel = os.path.relpath(path, self.source.watch)
+        except ValueError:
+            return False
+        if rel.startswith(os.pardir) or any(
+            path == ex or path.startswith(ex + os.sep) for ex in self.exclude
+        ):
+            return False
+        return not any(self._ignored(part) for part in Path(rel).parts)
+
+    def _ignored(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.source.ignore)

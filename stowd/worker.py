@@ -1,0 +1,297 @@
+"""The work loop of one destination: classify -> group -> (rules) -> stow -> settle.
+
+Each step is a module of its own; this one only moves jobs between them and the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from stowd import classify as classify_mod
+from stowd.config import Config, Destination
+from stowd.errors import DestinationBusy, DestinationHeld, FileProblem, FileVanished, StowFailure
+from stowd.group import take_batch
+from stowd.queue import Job, Queue
+from stowd.settle import iso, settle
+from stowd.stow import (
+    MAX_INSTANCE_RETRIES,
+    Answer,
+    Outcome,
+    Part,
+    StowClient,
+    Verdict,
+    failure_meaning,
+    judge,
+)
+
+log = logging.getLogger("stowd.worker")
+
+CLASSIFY_CHUNK = 200
+IDLE_WAIT = 0.25
+LEASE_SLACK = 600.0
+MB = 1024 * 1024
+
+
+@dataclass
+class Health:
+    """What a worker last did, for the daemon's liveness checks."""
+
+    heartbeat: float = 0.0
+    batches: int = 0
+
+
+class Worker:
+    """Sends the queued files of one destination, one batch at a time."""
+
+    classify_lock = threading.Lock()
+
+    def __init__(
+        self,
+        config: Config,
+        queue: Queue,
+        destination: Destination,
+        client: StowClient,
+        stop: threading.Event,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.queue = queue
+        self.destination = destination
+        self.client = client
+        self.stop = stop
+        self.clock = clock
+        self.health = Health(time.monotonic())
+        self._lease = destination.timeouts.write + destination.timeouts.read + LEASE_SLACK
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.health.heartbeat = time.monotonic()
+            try:
+                busy = self.step()
+            except Exception:
+                log.exception("unexpected error in the %s worker; going on", self.destination.name)
+                busy = False
+            if not busy:
+                self.stop.wait(IDLE_WAIT)
+
+    def step(self) -> bool:
+        """Do one unit of work; False when there was nothing to do."""
+        classified = self.classify_some()
+        return self.send_one() or classified > 0
+
+    # -- classify -------------------------------------------------------------------------
+    def classify_some(self) -> int:
+        """Read the headers of new files (one worker at a time); bad ones go to failed/."""
+        if not self.classify_lock.acquire(blocking=False):
+            return 0
+        try:
+            jobs = self.queue.unclassified(CLASSIFY_CHUNK)
+            done = [self._classify(job) for job in jobs]
+            self.queue.set_classified([d for d in done if d is not None])
+            return len(jobs)
+        finally:
+            self.classify_lock.release()
+
+    def _classify(self, job: Job) -> tuple[int, str, str, str, str] | None:
+        try:
+            c = classify_mod.classify(job.path)
+        except FileVanished:
+            log.info("file vanished before it was sent, forgetting it: %s", job.path)
+            self.queue.finish(job.id, state="gone")
+            return None
+        except FileProblem as problem:
+            self._fail(job, str(problem), stage="reading the file")
+            return None
+        return (job.id, c.kind, c.study_uid, c.sop_uid, c.sop_class)
+
+    # -- send -----------------------------------------------------------------------------
+    def send_one(self) -> bool:
+        name = self.destination.name
+        hold = self.queue.holds().get(name)
+        if hold is not None and hold.until > self.clock():
+            return False
+        batch = self.queue.claim_batch(
+            [name],
+            pick=lambda _dest, jobs: take_batch(jobs, self.destination.batch),
+            candidates=self.destination.batch.max_files,
+            lease=self._lease,
+        )
+        if not batch:
+            return False
+        self._send(batch, held=hold is not None)
+        self.health.batches += 1
+        return True
+
+    def _send(self, batch: list[Job], *, held: bool) -> None:
+        parts = [Part(j.path, j.size, j.sop_uid or "") for j in batch]
+        try:
+            answer = self.client.store(parts)
+        except FileVanished:
+            self._drop_vanished(batch)
+            return
+        except StowFailure as failure:
+            self._destination_trouble(batch, failure)
+            return
+        if held and self.queue.unhold(self.destination.name):
+            log.warning("destination %s: reachable again, sending resumes", self.destination.name)
+        self._apply(batch, answer, parts)
+
+    def _drop_vanished(self, batch: list[Job]) -> None:
+        """Some file changed or disappeared: forget those, put the others back."""
+        keep = []
+        for job in batch:
+            if _unchanged(job):
+                keep.append(job.id)
+            else:
+                log.info("file vanished or changed before it was sent: %s", job.path)
+                self.queue.finish(job.id, state="gone")
+        self.queue.release(keep)
+
+    def _destination_trouble(self, batch: list[Job], failure: StowFailure) -> None:
+        self.queue.release([j.id for j in batch])
+        if self.stop.is_set():
+            return
+        hold = self.queue.holds().get(self.destination.name)
+        failures = hold.failures if hold else 0
+        delay = self._hold_delay(failure, failures)
+        self.queue.hold(self.destination.name, until=self.clock() + delay, reason=str(failure))
+        kind = "refused" if isinstance(failure, DestinationHeld) else "unavailable"
+        log.warning(
+            "destination %s %s: %s; %d file(s) stay queued, next try in %.0fs",
+            self.destination.name,
+            kind,
+            failure,
+            len(batch),
+            delay,
+        )
+
+    def _hold_delay(self, failure: StowFailure, failures: int) -> float:
+        retry = self.config.retry
+        if isinstance(failure, DestinationBusy) and failure.retry_after is not None:
+            return min(failure.retry_after, retry.maximum)
+        base = retry.hold_probe if isinstance(failure, DestinationHeld) else retry.initial
+        return _jitter(min(base * retry.multiplier**failures, retry.maximum))
+
+    # -- apply the verdicts ---------------------------------------------------------------
+    def _apply(self, batch: list[Job], answer: Answer, parts: Sequence[Part]) -> None:
+        verdicts = judge(answer, parts)
+        tally: dict[str, int] = {}
+        for job in batch:
+            verdict = verdicts[job.sop_uid or ""]
+            tally[verdict.outcome.value] = tally.get(verdict.outcome.value, 0) + 1
+            self._act(job, verdict, answer)
+        size = sum(j.size for j in batch) / MB
+        log.info(
+            "destination %s: batch of %d file(s), %.1f MB, HTTP %d in %.2fs: %s",
+            self.destination.name,
+            len(batch),
+            size,
+            answer.status,
+            answer.seconds,
+            ", ".join(f"{n} {k}" for k, n in sorted(tally.items())),
+        )
+        if answer.server_message and answer.status != 200:
+            log.warning("destination %s said: %s", self.destination.name, answer.server_message)
+
+    def _act(self, job: Job, verdict: Verdict, answer: Answer) -> None:
+        if verdict.outcome is Outcome.SENT:
+            if verdict.reason:
+                log.warning("%s: %s", job.path, verdict.reason)
+            self._settle(job, "sent", None)
+        elif verdict.outcome is Outcome.FAILED:
+            self._fail(job, verdict.reason, verdict=verdict, answer=answer)
+        elif verdict.outcome is Outcome.ISOLATE:
+            self.queue.isolate([job.id])
+        else:
+            self._retry(job, verdict, answer)
+
+    def _retry(self, job: Job, verdict: Verdict, answer: Answer) -> None:
+        now = self.clock()
+        age = now - (job.first_try or now)
+        if job.attempts + 1 >= MAX_INSTANCE_RETRIES or age > self.config.retry.max_age:
+            reason = f"gave up after {job.attempts + 1} attempts: {verdict.reason}"
+            self._fail(job, reason, verdict=verdict, answer=answer)
+            return
+        delay = self._file_delay(job.attempts)
+        error = self._error_doc(job, verdict.reason, verdict=verdict, answer=answer)
+        self.queue.retry_later([job.id], at=now + delay, error=error)
+        log.info("%s: %s; retry in %.0fs", job.path, verdict.reason, delay)
+
+    def _file_delay(self, attempts: int) -> float:
+        retry = self.config.retry
+        return _jitter(min(retry.initial * retry.multiplier**attempts, retry.maximum))
+
+    # -- settle ---------------------------------------------------------------------------
+    def _fail(
+        self,
+        job: Job,
+        reason: str,
+        *,
+        verdict: Verdict | None = None,
+        answer: Answer | None = None,
+        stage: str = "storing the file",
+    ) -> None:
+        error = self._error_doc(job, reason, verdict=verdict, answer=answer, stage=stage)
+        log.error("%s: %s -> failed/", job.path, reason)
+        self._settle(job, "failed", error)
+
+    def _settle(self, job: Job, outcome: str, error: dict[str, Any] | None) -> None:
+        source = self.config.source(job.source)
+        try:
+            target = settle(self.queue, source, job, outcome=outcome, error=error)
+        except OSError as exc:
+            log.error(
+                "cannot move %s to %s/: %s (will retry at next start)", job.path, outcome, exc
+            )
+            return
+        log.debug("%s -> %s", job.path, target)
+
+    def _error_doc(
+        self,
+        job: Job,
+        reason: str,
+        *,
+        verdict: Verdict | None = None,
+        answer: Answer | None = None,
+        stage: str = "storing the file",
+    ) -> dict[str, Any]:
+        now = self.clock()
+        sent = answer is not None
+        code = verdict.code if verdict and verdict.outcome is not Outcome.SENT else None
+        return {
+            "file": job.path,
+            "reason": reason,
+            "stage": stage,
+            "http_status": answer.status if answer else None,
+            "failure_reason": f"{code:04X}" if code is not None else None,
+            "failure_meaning": failure_meaning(code) if code is not None else None,
+            "server_message": answer.server_message if answer else None,
+            "attempts": job.attempts + (1 if sent else 0),
+            "first_try": iso(job.first_try or (now if sent else None)),
+            "last_try": iso(now if sent else None),
+            "source": job.source,
+            "destination": job.destination,
+            "sop_instance_uid": job.sop_uid,
+            "study_instance_uid": job.study_uid,
+        }
+
+
+def _unchanged(job: Job) -> bool:
+    try:
+        st = os.stat(job.path)
+    except OSError:
+        return False
+    return st.st_size == job.size and st.st_mtime_ns == job.mtime_ns
+
+
+def _jitter(delay: float) -> float:
+    """Full jitter in the upper half: between delay/2 and delay."""
+    return delay * (0.5 + random.random() / 2)
