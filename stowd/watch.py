@@ -75,6 +75,7 @@ class Watcher:
         self._hint_lock = threading.Lock()
         self._wake = threading.Event()
         self._due: list[tuple[float, str]] = []
+        self._scheduled: set[str] = set()
         self._future: dict[str, tuple[int, int, float]] = {}
         self._observer: BaseObserver | None = None
         self._rescan_requested = False
@@ -164,7 +165,9 @@ class Watcher:
         now = self.clock()
         paths = []
         while self._due and self._due[0][0] <= now:
-            paths.append(heapq.heappop(self._due)[1])
+            path = heapq.heappop(self._due)[1]
+            self._scheduled.discard(path)
+            paths.append(path)
         return paths
 
     # -- scanning and checking ------------------------------------------------------------
@@ -231,7 +234,9 @@ class Watcher:
             return None
         wait = self._quiet_left(path, st.st_size, st.st_mtime_ns)
         if wait > 0:
-            heapq.heappush(self._due, (self.clock() + wait, path))
+            if path not in self._scheduled:
+                self._scheduled.add(path)
+                heapq.heappush(self._due, (self.clock() + wait, path))
             return None
         rel = os.path.relpath(path, self.source.watch)
         return NewFile(self.source.name, self.destination, path, rel, st.st_size, st.st_mtime_ns)

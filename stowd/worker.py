@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from stowd import classify as classify_mod
@@ -19,7 +20,7 @@ from stowd.config import Config, Destination
 from stowd.errors import DestinationBusy, DestinationHeld, FileProblem, FileVanished, StowFailure
 from stowd.group import take_batch
 from stowd.queue import Job, Queue
-from stowd.settle import iso, settle
+from stowd.settle import iso, remove_empty_parents, settle
 from stowd.stow import (
     MAX_INSTANCE_RETRIES,
     Answer,
@@ -253,6 +254,8 @@ class Worker:
             )
             return
         log.debug("%s -> %s", job.path, target)
+        if source.remove_empty_dirs:
+            remove_empty_parents(Path(job.path), source.watch)
 
     def _error_doc(
         self,

@@ -1,0 +1,77 @@
+"""Reading what a file is from its header, and refusing what cannot be sent."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from stowd.classify import classify
+from stowd.errors import FileProblem, FileVanished
+
+
+def sample(name: str, tmp_path: Path) -> Path:
+    src = get_testdata_file(name)
+    assert isinstance(src, str)
+    dst = tmp_path / name
+    shutil.copy(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "JPEG2000.dcm", "MR_small_RLE.dcm"])
+def test_part10_files_give_their_uids(name: str, tmp_path: Path) -> None:
+    path = sample(name, tmp_path)
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    c = classify(str(path))
+    assert (c.kind, c.study_uid, c.sop_uid, c.sop_class) == (
+        "dicom",
+        ds.StudyInstanceUID,
+        ds.SOPInstanceUID,
+        ds.SOPClassUID,
+    )
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "JPEG2000.dcm"])
+def test_truncated_pixel_data_is_refused(name: str, tmp_path: Path) -> None:
+    path = sample(name, tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 200])
+    with pytest.raises(FileProblem, match="truncated"):
+        classify(str(path))
+
+
+def test_a_file_without_preamble_is_accepted(tmp_path: Path) -> None:
+    path = sample("CT_small.dcm", tmp_path)
+    path.write_bytes(path.read_bytes()[132:])
+    assert classify(str(path)).kind == "dicom"
+
+
+def test_empty_garbage_and_missing_files(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.dcm"
+    empty.write_bytes(b"")
+    garbage = tmp_path / "garbage.dcm"
+    garbage.write_bytes(b"this is not DICOM at all\n" * 20)
+    with pytest.raises(FileProblem, match="empty"):
+        classify(str(empty))
+    with pytest.raises(FileProblem, match="not a DICOM file"):
+        classify(str(garbage))
+    with pytest.raises(FileVanished):
+        classify(str(tmp_path / "nope.dcm"))
+
+
+def test_missing_study_uid_is_named(tmp_path: Path) -> None:
+    path = sample("CT_small.dcm", tmp_path)
+    ds = pydicom.dcmread(path)
+    del ds.StudyInstanceUID
+    ds.save_as(path)
+    with pytest.raises(FileProblem, match="no StudyInstanceUID"):
+        classify(str(path))
+
+
+def test_dicomdir_is_not_sent(tmp_path: Path) -> None:
+    path = sample("DICOMDIR", tmp_path)
+    with pytest.raises(FileProblem, match="DICOMDIR"):
+        classify(str(path))

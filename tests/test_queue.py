@@ -1,0 +1,210 @@
+"""The SQLite queue: states, claims, recovery, locking, holds, status queries."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from stowd.config import BatchLimits
+from stowd.errors import QueueError, QueueLockedError
+from stowd.group import take_batch
+from stowd.queue import Job, NewFile, Queue
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def new(path: str, size: int = 10, mtime: int = 1) -> NewFile:
+    return NewFile("src", "pacs", path, Path(path).name, size, mtime)
+
+
+def pick_all(_dest: str, jobs: list[Job]) -> list[Job]:
+    return jobs
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def queue(tmp_path: Path, clock: Clock) -> Iterator[Queue]:
+    q = Queue(tmp_path / "q.db", clock=clock).open()
+    yield q
+    q.close()
+
+
+def classify_all(queue: Queue, study: str = "1.2.3") -> None:
+    queue.set_classified(
+        [(j.id, "dicom", study, f"sop{j.id}", "1.2") for j in queue.unclassified(1000)]
+    )
+
+
+def test_enqueue_is_idempotent_for_the_same_content(queue: Queue) -> None:
+    assert queue.enqueue([new("/d/a"), new("/d/b")]) == 2
+    assert queue.enqueue([new("/d/a"), new("/d/b")]) == 0
+    assert queue.counts() == {"pending": 2}
+
+
+def test_changed_content_updates_a_pending_row_and_forgets_its_classification(
+    queue: Queue,
+) -> None:
+    queue.enqueue([new("/d/a", size=10)])
+    classify_all(queue)
+    queue.enqueue([new("/d/a", size=20)])
+    [job] = queue.jobs()
+    assert job.size == 20
+    assert job.kind is None
+
+
+def test_a_file_at_a_path_already_done_is_a_new_job(queue: Queue, clock: Clock) -> None:
+    queue.enqueue([new("/d/a")])
+    [job] = queue.jobs()
+    queue.finish(job.id, state="sent")
+    assert queue.enqueue([new("/d/a")]) == 1
+    assert sorted(j.id for j in queue.jobs()) == [job.id, job.id + 1]
+
+
+def test_claim_takes_one_study_within_limits_and_only_classified_rows(queue: Queue) -> None:
+    queue.enqueue([new(f"/d/{i}", size=100) for i in range(5)])
+    queue.set_classified([(1, "dicom", "A", "s1", "c"), (2, "dicom", "B", "s2", "c")])
+    queue.set_classified([(i, "dicom", "A", f"s{i}", "c") for i in (3, 4)])
+    batch = queue.claim_batch(["pacs"], pick=pick_all, candidates=10, lease=60)
+    assert [j.id for j in batch] == [1, 3, 4]
+    assert queue.counts() == {"claimed": 3, "pending": 2}
+    limited = queue.claim_batch(
+        ["pacs"],
+        pick=lambda _d, jobs: take_batch(jobs, BatchLimits(max_files=10, max_bytes=150)),
+        candidates=10,
+        lease=60,
+    )
+    assert [j.id for j in limited] == [2]
+
+
+def test_claim_ignores_other_destinations_and_future_attempts(queue: Queue, clock: Clock) -> None:
+    queue.enqueue([new("/d/a"), new("/d/b")])
+    classify_all(queue)
+    queue.retry_later([1], at=clock.now + 100, error={"reason": "x"})
+    assert queue.claim_batch(["other"], pick=pick_all, candidates=10, lease=60) == []
+    assert [j.id for j in queue.claim_batch(["pacs"], pick=pick_all, candidates=10, lease=60)] == [
+        2
+    ]
+    assert queue.counts() == {"claimed": 1, "waiting": 1}
+    clock.now += 101
+    assert [j.id for j in queue.claim_batch(["pacs"], pick=pick_all, candidates=10, lease=60)] == [
+        1
+    ]
+
+
+def test_retry_later_counts_attempts_and_keeps_the_first_try(queue: Queue, clock: Clock) -> None:
+    queue.enqueue([new("/d/a")])
+    first = clock.now
+    queue.retry_later([1], at=first + 5, error={"reason": "busy"})
+    clock.now += 10
+    queue.retry_later([1], at=clock.now + 5, error={"reason": "busy again"})
+    [job] = queue.jobs()
+    assert job.attempts == 2
+    assert job.first_try == first
+    assert job.error is not None and "busy again" in job.error
+
+
+def test_isolated_rows_are_claimed_one_at_a_time(queue: Queue) -> None:
+    queue.enqueue([new(f"/d/{i}") for i in range(3)])
+    classify_all(queue)
+    queue.isolate([1, 2, 3])
+    sizes = []
+    for _ in range(3):
+        sizes.append(len(queue.claim_batch(["pacs"], pick=pick_all, candidates=10, lease=60)))
+    assert sizes == [1, 1, 1]
+
+
+def test_recover_returns_claims_of_a_dead_daemon(tmp_path: Path, clock: Clock) -> None:
+    q = Queue(tmp_path / "q.db", clock=clock).open()
+    q.enqueue([new("/d/a")])
+    classify_all(q)
+    assert q.claim_batch(["pacs"], pick=pick_all, candidates=10, lease=60)
+    q.close()  # the daemon died with a claim
+    q2 = Queue(tmp_path / "q.db", clock=clock).open()
+    assert q2.recover() == 1
+    assert q2.counts() == {"pending": 1}
+    q2.close()
+
+
+def test_only_one_daemon_per_queue(tmp_path: Path) -> None:
+    first = Queue(tmp_path / "q.db").open()
+    with pytest.raises(QueueLockedError, match="another stowd"):
+        Queue(tmp_path / "q.db").open()
+    first.close()
+    Queue(tmp_path / "q.db").open().close()
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "q.db")
+    db.execute("PRAGMA user_version = 99")
+    db.close()
+    with pytest.raises(QueueError, match="newer stowd"):
+        Queue(tmp_path / "q.db").open()
+
+
+def test_settling_rows_survive_and_finish(queue: Queue) -> None:
+    queue.enqueue([new("/d/a")])
+    queue.begin_settle(1, outcome="failed", target="/f/a", error={"reason": "bad"})
+    assert [j.target for j in queue.settling()] == ["/f/a"]
+    queue.finish(1, state="failed")
+    assert queue.settling() == []
+    assert queue.counts() == {"failed": 1}
+
+
+def test_holds_accumulate_failures_and_clear(queue: Queue, clock: Clock) -> None:
+    queue.hold("pacs", until=clock.now + 10, reason="HTTP 401")
+    clock.now += 20
+    hold = queue.hold("pacs", until=clock.now + 10, reason="HTTP 401 again")
+    assert hold.failures == 2
+    assert hold.since == clock.now - 20
+    assert queue.unhold("pacs") is True
+    assert queue.holds() == {}
+    assert queue.unhold("pacs") is False
+
+
+def test_status_queries(queue: Queue, clock: Clock) -> None:
+    queue.enqueue([new("/d/a"), new("/d/b")])
+    clock.now += 30
+    queue.begin_settle(1, outcome="failed", target="/f/a", error={"reason": "broken"})
+    queue.finish(1, state="failed")
+    assert queue.oldest_active() == clock.now - 30
+    assert queue.done_since(clock.now - 60) == {"failed": 1}
+    [(path, state, error, _when)] = queue.last_errors(5)
+    assert (path, state) == ("/d/a", "failed")
+    assert "broken" in error
+    assert queue.forget_done(clock.now + 1) == 1
+    assert queue.counts() == {"pending": 1}
+
+
+def test_many_rows_claim_stays_cheap(queue: Queue) -> None:
+    """100,000 pending rows: a claim uses the indexes (measured loosely, not asserted in time)."""
+    rows = [new(f"/d/{i}") for i in range(100_000)]
+    queue.enqueue(rows)
+    queue.set_classified([(i, "dicom", f"st{i % 100}", f"s{i}", "c") for i in range(1, 100_001)])
+    plan = (
+        queue._conn()
+        .execute(
+            "EXPLAIN QUERY PLAN SELECT id FROM files WHERE state = 'pending' AND destination = ? "
+            "AND study_uid IS ? AND kind IS NOT NULL AND solo = 0 AND next_attempt_at <= ? "
+            "ORDER BY id LIMIT 50",
+            ("pacs", "st1", time.time()),
+        )
+        .fetchall()
+    )
+    assert any("USING INDEX" in str(step) for step in plan)
+    batch = queue.claim_batch(["pacs"], pick=pick_all, candidates=50, lease=60)
+    assert len(batch) == 50
+    assert {j.study_uid for j in batch} == {"st1"}

@@ -1,0 +1,128 @@
+"""Moving finished files: relative paths kept, never overwritten, crash-safe, reasons beside."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from stowd import settle as settle_mod
+from stowd.config import Source
+from stowd.queue import NewFile, Queue
+from stowd.settle import free_target, repair, settle
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Source:
+    return Source("ct", tmp_path / "drop", tmp_path / "sent", tmp_path / "failed", "pacs")
+
+
+@pytest.fixture
+def queue(tmp_path: Path) -> Iterator[Queue]:
+    q = Queue(tmp_path / "q.db").open()
+    yield q
+    q.close()
+
+
+def drop(source: Source, queue: Queue, rel: str, data: bytes = b"x") -> Path:
+    path = source.watch / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    st = path.stat()
+    queue.enqueue([NewFile("ct", "pacs", str(path), rel, st.st_size, st.st_mtime_ns)])
+    return path
+
+
+def test_sent_keeps_the_relative_path(source: Source, queue: Queue) -> None:
+    path = drop(source, queue, "P1/S1/img.dcm", b"abc")
+    [job] = queue.jobs()
+    target = settle(queue, source, job, outcome="sent", error=None)
+    assert target == source.sent / "P1/S1/img.dcm"
+    assert target.read_bytes() == b"abc"
+    assert not path.exists()
+    assert queue.counts() == {"sent": 1}
+
+
+def test_never_overwrites(source: Source, queue: Queue) -> None:
+    (source.sent / "a").mkdir(parents=True)
+    (source.sent / "a/img.dcm").write_bytes(b"old")
+    drop(source, queue, "a/img.dcm", b"new")
+    [job] = queue.jobs()
+    target = settle(queue, source, job, outcome="sent", error=None)
+    assert target.name == "img~1.dcm"
+    assert (source.sent / "a/img.dcm").read_bytes() == b"old"
+    assert free_target(source.sent, "a/img.dcm").name == "img~2.dcm"
+
+
+def test_failed_gets_a_readable_reason(source: Source, queue: Queue) -> None:
+    drop(source, queue, "bad.dcm")
+    [job] = queue.jobs()
+    target = settle(queue, source, job, outcome="failed", error={"reason": "not DICOM"})
+    reason = json.loads(Path(str(target) + ".error.json").read_text())
+    assert reason == {"reason": "not DICOM"}
+    assert queue.counts() == {"failed": 1}
+
+
+def test_repair_finishes_an_interrupted_move(source: Source, queue: Queue) -> None:
+    path = drop(source, queue, "x.dcm")
+    [job] = queue.jobs()
+    target = source.failed / "x.dcm"
+    queue.begin_settle(job.id, outcome="failed", target=str(target), error={"reason": "r"})
+    assert repair(queue) == 1  # crash before the move
+    assert target.exists() and not path.exists()
+    assert Path(str(target) + ".error.json").exists()
+    assert queue.counts() == {"failed": 1}
+
+
+def test_repair_after_the_move_only_marks_done(source: Source, queue: Queue) -> None:
+    path = drop(source, queue, "y.dcm")
+    [job] = queue.jobs()
+    target = source.sent / "y.dcm"
+    queue.begin_settle(job.id, outcome="sent", target=str(target), error=None)
+    settle_mod.move(path, target)  # crash after the move, before the bookkeeping
+    assert repair(queue) == 1
+    assert queue.counts() == {"sent": 1}
+    assert target.exists()
+
+
+def test_vanished_file_is_gone_not_lost(source: Source, queue: Queue) -> None:
+    path = drop(source, queue, "z.dcm")
+    [job] = queue.jobs()
+    path.unlink()
+    settle(queue, source, job, outcome="sent", error=None)
+    assert queue.counts() == {"gone": 1}
+
+
+def test_move_across_filesystems(
+    source: Source, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "src.dcm"
+    src.write_bytes(b"payload" * 1000)
+    real_rename = os.rename
+    calls = []
+
+    def exdev_once(a: object, b: object) -> None:
+        calls.append((a, b))
+        if len(calls) == 1:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_rename(a, b)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "rename", exdev_once)
+    dst = tmp_path / "other" / "dst.dcm"
+    settle_mod.move(src, dst)
+    assert dst.read_bytes() == b"payload" * 1000
+    assert not src.exists()
+    assert not list(dst.parent.glob(".*stowd-tmp"))
+
+
+def test_remove_empty_parents_stops_at_root(tmp_path: Path) -> None:
+    root = tmp_path / "drop"
+    (root / "a/b").mkdir(parents=True)
+    (root / "keep").mkdir()
+    settle_mod.remove_empty_parents(root / "a/b/file.dcm", root)
+    assert not (root / "a").exists()
+    assert root.exists() and (root / "keep").exists()

@@ -1,0 +1,166 @@
+"""Finding complete files: quiet period, temp names, exclusions, events and scans."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from stowd.config import Source
+from stowd.queue import NewFile
+from stowd.watch import Watcher
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.files: list[NewFile] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, files: list[NewFile]) -> int:
+        with self.lock:
+            self.files.extend(files)
+        return len(files)
+
+    def paths(self) -> set[str]:
+        with self.lock:
+            return {f.rel for f in self.files}
+
+
+def make_source(tmp_path: Path, **kw: object) -> Source:
+    watch = tmp_path / "drop"
+    watch.mkdir()
+    return Source(
+        "ct",
+        watch,
+        watch / "sent",
+        watch / "failed",
+        "pacs",
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def write(path: Path, data: bytes = b"data", age: float = 60.0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    past = time.time() - age
+    os.utime(path, (past, past))
+    return path
+
+
+def test_scan_queues_old_files_and_skips_temp_names_and_own_folders(tmp_path: Path) -> None:
+    source = make_source(tmp_path)
+    for rel in (
+        "a.dcm",
+        "sub/b.dcm",
+        ".hidden",
+        "c.part",
+        "d.tmp",
+        "e.partial",
+        ".incoming/f.dcm",
+        "sent/g.dcm",
+        "failed/h.dcm",
+    ):
+        write(source.watch / rel)
+    sink = Sink()
+    Watcher(source, "pacs", sink).scan()
+    assert sink.paths() == {"a.dcm", os.path.join("sub", "b.dcm")}
+    assert {f.size for f in sink.files} == {4}
+
+
+def test_a_fresh_file_waits_for_the_quiet_period(tmp_path: Path) -> None:
+    source = make_source(tmp_path, quiet_period=5.0)
+    clock = Clock()
+    sink = Sink()
+    watcher = Watcher(source, "pacs", sink, clock=clock)
+    path = write(source.watch / "new.dcm", age=1.0)
+    clock.now = path.stat().st_mtime + 1.0
+    watcher.scan()
+    assert sink.files == []
+    clock.now += 3.0  # 4 s quiet: still not complete
+    watcher._check_all(watcher._pop_due())
+    assert sink.files == []
+    clock.now += 2.0
+    watcher._check_all(watcher._pop_due())
+    assert sink.paths() == {"new.dcm"}
+
+
+def test_a_file_still_growing_is_never_complete(tmp_path: Path) -> None:
+    source = make_source(tmp_path, quiet_period=2.0)
+    clock = Clock()
+    sink = Sink()
+    watcher = Watcher(source, "pacs", sink, clock=clock)
+    path = source.watch / "slow.dcm"
+    for i in range(5):  # a write every second, for longer than the quiet period
+        with open(path, "ab") as fp:
+            fp.write(b"x" * 1000)
+        stamp = clock.now
+        os.utime(path, (stamp, stamp))
+        watcher._check_all([str(path)])
+        clock.now += 1.0
+        watcher._check_all(watcher._pop_due())
+        assert sink.files == [], f"sent early after write {i}"
+    clock.now += 2.0
+    watcher._check_all(watcher._pop_due())
+    assert [f.size for f in sink.files] == [5000]
+
+
+def test_mtime_in_the_future_needs_two_equal_looks(tmp_path: Path) -> None:
+    source = make_source(tmp_path, quiet_period=3.0)
+    clock = Clock()
+    sink = Sink()
+    watcher = Watcher(source, "pacs", sink, clock=clock)
+    path = write(source.watch / "skew.dcm", age=-3600)  # an hour in the future
+    watcher._check_all([str(path)])
+    assert sink.files == []
+    clock.now += 3.0
+    watcher._check_all(watcher._pop_due())
+    assert sink.paths() == {"skew.dcm"}
+
+
+@pytest.mark.parametrize("polling", [False, True])
+def test_run_picks_up_new_files_from_events(tmp_path: Path, polling: bool) -> None:
+    source = make_source(tmp_path, quiet_period=0.3, polling=polling, rescan_interval=3600.0)
+    sink = Sink()
+    watcher = Watcher(source, "pacs", sink)
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(stop,))
+    thread.start()
+    try:
+        time.sleep(0.3)
+        (source.watch / "study").mkdir()
+        (source.watch / "study" / "x.dcm").write_bytes(b"x" * 10)
+        deadline = time.monotonic() + 15
+        while not sink.files and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert watcher.observer_alive()
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive()
+    assert sink.paths() == {os.path.join("study", "x.dcm")}
+
+
+def test_a_dead_observer_is_restarted(tmp_path: Path) -> None:
+    source = make_source(tmp_path, quiet_period=0.1)
+    watcher = Watcher(source, "pacs", Sink())
+    watcher.start_observer()
+    assert watcher._observer is not None
+    watcher._observer.stop()
+    watcher._observer.join(5)
+    assert not watcher.observer_alive()
+    watcher._ensure_observer()
+    try:
+        assert watcher.observer_alive()
+    finally:
+        watcher.stop_observer()
