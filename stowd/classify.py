@@ -109,11 +109,13 @@ def _check_pixel_data(fp: BinaryIO, size: int, syntax: str) -> None:
     if syntax == DEFLATED:
         return
     little = syntax != BIG_ENDIAN
-    implicit = syntax == IMPLICIT
     start = fp.tell()
     header = fp.read(8)
     if len(header) < 8:
         return  # no pixel data: nothing more to check
+    # Some files say explicit VR but are written implicit (pydicom reads them so): follow
+    # the bytes, not the label, so such a file is not called truncated.
+    implicit = syntax == IMPLICIT or not header[4:6].isalpha()
     group, elem = struct.unpack("<HH" if little else ">HH", header[:4])
     if (group, elem) not in PIXEL_TAGS:
         return

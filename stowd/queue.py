@@ -67,6 +67,7 @@ CREATE INDEX IF NOT EXISTS files_unclassified ON files(state, kind);
 CREATE INDEX IF NOT EXISTS files_ready ON files(state, destination, next_attempt_at);
 CREATE INDEX IF NOT EXISTS files_study ON files(destination, study_uid, state);
 CREATE INDEX IF NOT EXISTS files_done ON files(done_at);
+CREATE INDEX IF NOT EXISTS files_path ON files(path, size, mtime_ns);
 CREATE TABLE IF NOT EXISTS destinations (
     name TEXT PRIMARY KEY,
     held_since REAL,
@@ -254,6 +255,8 @@ class Queue:
             (f.path,),
         ).fetchone()
         if row is None:
+            if self._just_settled(db, f):
+                return 0
             db.execute(
                 "INSERT INTO files (source, destination, path, rel, size, mtime_ns, state, "
                 "queued_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)",
@@ -267,6 +270,20 @@ class Queue:
                 (f.size, f.mtime_ns, row[0]),
             )
         return 0
+
+    @staticmethod
+    def _just_settled(db: sqlite3.Connection, f: NewFile) -> bool:
+        """The watcher saw this very file before it was moved away: not a new job.
+
+        The same path, size and mtime as a finished row, and no file there any more: the
+        stat raced with the move.  If the file *is* there, it was dropped again: a new job.
+        """
+        done = db.execute(
+            "SELECT 1 FROM files WHERE path = ? AND size = ? AND mtime_ns = ? "
+            "AND state IN ('sent', 'failed', 'gone') LIMIT 1",
+            (f.path, f.size, f.mtime_ns),
+        ).fetchone()
+        return done is not None and not os.path.lexists(f.path)
 
     # -- classification --------------------------------------------------------------
     def unclassified(self, limit: int) -> list[Job]:

@@ -125,16 +125,18 @@ class Body:
 
     def open(self) -> None:
         """Open every file now, so a vanished or changed file is known before sending."""
-        for part in self.parts:
-            try:
-                fp = open(part.path, "rb")  # noqa: SIM115 - closed in close()
-            except FileNotFoundError as exc:
-                self.close()
-                raise FileVanished(part.path) from exc
-            self._files.append(fp)
-            if os.fstat(fp.fileno()).st_size != part.size:
-                self.close()
-                raise FileVanished(part.path)
+        try:
+            for part in self.parts:
+                try:
+                    fp = open(part.path, "rb")  # noqa: SIM115 - closed in close()
+                except FileNotFoundError as exc:
+                    raise FileVanished(part.path) from exc
+                self._files.append(fp)
+                if os.fstat(fp.fileno()).st_size != part.size:
+                    raise FileVanished(part.path)
+        except BaseException:
+            self.close()  # any failure (PermissionError too) leaves no file open
+            raise
 
     def close(self) -> None:
         for fp in self._files:
@@ -155,7 +157,7 @@ def _read_exactly(fp: BinaryIO, part: Part) -> Iterator[bytes]:
     while left > 0:
         chunk = fp.read(min(CHUNK, left))
         if not chunk:
-            raise OSError(f"{part.path} became shorter while it was being sent")
+            raise FileVanished(f"{part.path} became shorter while it was being sent")
         left -= len(chunk)
         yield chunk
 
@@ -381,8 +383,9 @@ class _Blip(Exception):
 def _answer_of(response: httpx.Response) -> Answer:
     status = response.status_code
     warning = response.headers.get("Warning")
-    if status in HELD_STATUSES:
-        raise DestinationHeld(_held_text(status), status=status, server_message=warning)
+    if status in HELD_STATUSES or 300 <= status < 400:  # httpx does not follow redirects
+        location = response.headers.get("Location")
+        raise DestinationHeld(_held_text(status, location), status=status, server_message=warning)
     if status in BUSY_STATUSES:
         raise DestinationBusy(
             f"the archive is busy or unavailable (HTTP {status})",
@@ -396,7 +399,10 @@ def _answer_of(response: httpx.Response) -> Answer:
     return answer
 
 
-def _held_text(status: int) -> str:
+def _held_text(status: int, location: str | None = None) -> str:
+    if 300 <= status < 400:
+        target = f" to {location}" if location else ""
+        return f"the archive redirects the STOW-RS URL{target} (HTTP {status}): check the url"
     texts = {
         401: "the archive wants valid credentials (HTTP 401)",
         403: "the archive refuses our credentials (HTTP 403 forbidden)",

@@ -1,0 +1,150 @@
+"""Run the real daemon as a subprocess against a folder layout made in a temp dir."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+POLL = 0.1
+
+
+@dataclass
+class Layout:
+    """The folders and config of one test run."""
+
+    root: Path
+    config: Path
+
+    @property
+    def drop(self) -> Path:
+        return self.root / "drop"
+
+    @property
+    def sent(self) -> Path:
+        return self.root / "done" / "sent"
+
+    @property
+    def failed(self) -> Path:
+        return self.root / "done" / "failed"
+
+    def files(self, folder: Path) -> set[str]:
+        """Relative paths of the files below ``folder`` (error files excluded)."""
+        if not folder.exists():
+            return set()
+        return {
+            str(p.relative_to(folder))
+            for p in folder.rglob("*")
+            if p.is_file() and not p.name.endswith(".error.json")
+        }
+
+    def error_files(self) -> dict[str, Path]:
+        return {
+            str(p.relative_to(self.failed)).removesuffix(".error.json"): p
+            for p in self.failed.rglob("*.error.json")
+        }
+
+
+def make_layout(root: Path, url: str, **overrides: object) -> Layout:
+    """Write a config with fast timings for tests; ``overrides`` are top-level keys."""
+    doc: dict[str, object] = {
+        "queue": "./state/queue.db",
+        "log_level": "DEBUG",
+        "shutdown_timeout": "10s",
+        "retry": {"initial": "500ms", "maximum": "2s", "hold_probe": "1s", "max_age": "1h"},
+        "sources": [
+            {
+                "name": "ct1",
+                "watch": "./drop",
+                "sent": "./done/sent",
+                "failed": "./done/failed",
+                "destination": "pacs",
+                "quiet_period": "500ms",
+                "rescan_interval": "3s",
+            }
+        ],
+        "destinations": {"pacs": {"url": url, "workers": 2, "timeouts": {"read": "30s"}}},
+    }
+    doc.update(overrides)
+    root.mkdir(parents=True, exist_ok=True)
+    config = root / "stowd.yaml"
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    layout = Layout(root, config)
+    layout.drop.mkdir(parents=True, exist_ok=True)
+    return layout
+
+
+class Stowd:
+    """``python -m stowd run`` as a child process, its stderr kept in a log file."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        runs = len(list(layout.root.glob("stowd-*.log")))
+        self.log_path = layout.root / f"stowd-{runs + 1}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Stowd:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "stowd", "run", "-c", str(self.layout.config)],
+                stdout=log,
+                stderr=log,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        return self
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """kill -9: no chance to clean up."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.alive():
+            try:
+                self.terminate()
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def wait_for(
+    predicate: Callable[[], bool], timeout: float, what: str, log: Callable[[], str] | None = None
+) -> None:
+    """Poll ``predicate`` until true; fail with ``what`` (and the daemon's log tail) if not."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(POLL)
+    tail = "\n".join(log().splitlines()[-40:]) if log else ""
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{tail}")
+
+
+def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """``python -m stowd ARGS`` to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "stowd", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

@@ -1,0 +1,348 @@
+"""The real daemon, as a subprocess, against a real Orthanc: the required scenarios."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import time
+import warnings
+from pathlib import Path
+
+import httpx
+import pydicom
+from dicomgen import (
+    make_instance,
+    make_study,
+    pydicom_sample_files,
+    write_empty,
+    write_garbage,
+    write_truncated,
+    write_without_study_uid,
+)
+from harness import Layout, Stowd, make_layout, run_cli, wait_for
+from orthanc import Orthanc
+
+
+def status(layout: Layout) -> dict[str, object]:
+    result = run_cli("status", "-c", str(layout.config), "--json")
+    assert result.returncode == 0, result.stderr
+    data: dict[str, object] = json.loads(result.stdout)
+    return data
+
+
+def counts(layout: Layout) -> dict[str, int]:
+    data = status(layout)["counts"]
+    assert isinstance(data, dict)
+    return data
+
+
+def assert_settled_once(layout: Layout) -> None:
+    """Nothing left in drop/, nothing in both folders."""
+    assert layout.files(layout.drop) == set()
+    assert layout.files(layout.sent) & layout.files(layout.failed) == set()
+
+
+def test_files_dropped_while_running_reach_orthanc(tmp_path: Path, orthanc: Orthanc) -> None:
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
+    daemon = Stowd(layout).start()
+    try:
+        wait_for(lambda: "watching" in daemon.log, 20, "the daemon to start", lambda: daemon.log)
+        uids: set[str] = set()
+        for study in range(4):
+            uids |= {u for _, u in make_study(layout.drop / f"study{study}", 50)}
+        wait_for(
+            lambda: len(layout.files(layout.sent)) == 200,
+            120,
+            "200 files in sent/",
+            lambda: daemon.log,
+        )
+        assert orthanc.sop_instance_uids() == uids
+        assert_settled_once(layout)
+        assert layout.files(layout.failed) == set()
+        assert "study0/IM00001.dcm" in layout.files(layout.sent)
+        assert counts(layout) == {"sent": 200}
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop()
+    assert "stopped" in daemon.log
+
+
+def test_files_present_before_start_are_sent(tmp_path: Path, orthanc: Orthanc) -> None:
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
+    uids = {u for _, u in make_study(layout.drop / "old", 30)}
+    past = time.time() - 3600
+    for path in (layout.drop / "old").iterdir():
+        os.utime(path, (past, past))
+    daemon = Stowd(layout).start()
+    try:
+        wait_for(
+            lambda: len(layout.files(layout.sent)) == 30,
+            60,
+            "30 files in sent/",
+            lambda: daemon.log,
+        )
+        assert orthanc.sop_instance_uids() == uids
+        assert_settled_once(layout)
+    finally:
+        daemon.stop()
+
+
+def test_a_slowly_written_file_is_sent_once_complete(tmp_path: Path, orthanc: Orthanc) -> None:
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
+    source = tmp_path / "source.dcm"
+    uid = make_instance(source, size_bytes=2 * 1024 * 1024)
+    data = source.read_bytes()
+    daemon = Stowd(layout).start()
+    try:
+        wait_for(lambda: "watching" in daemon.log, 20, "the daemon to start", lambda: daemon.log)
+        target = layout.drop / "slow.dcm"
+        chunk = len(data) // 10 + 1
+        with open(target, "wb") as fp:  # ten chunks, 0.3 s apart: 3 s in all, quiet is 0.5 s
+            for start in range(0, len(data), chunk):
+                fp.write(data[start : start + chunk])
+                fp.flush()
+                time.sleep(0.3)
+        wait_for(
+            lambda: layout.files(layout.sent) == {"slow.dcm"},
+            60,
+            "slow.dcm in sent/",
+            lambda: daemon.log,
+        )
+        assert (layout.sent / "slow.dcm").read_bytes() == data
+        [found] = httpx.post(f"{orthanc.url}/tools/lookup", content=uid).json()
+        stored = httpx.get(f"{orthanc.url}/instances/{found['ID']}/file").content
+        assert pydicom.dcmread(io.BytesIO(stored)).SOPInstanceUID == uid
+        assert len(stored) >= len(data) - 132  # Orthanc may re-write the meta header
+        assert daemon.log.count("slow.dcm -> failed") == 0
+        assert counts(layout) == {"sent": 1}
+    finally:
+        daemon.stop()
+
+
+def test_kill_9_during_uploads_loses_nothing(tmp_path: Path, orthanc: Orthanc) -> None:
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
+    uids: set[str] = set()
+    for study in range(6):
+        uids |= {u for _, u in make_study(layout.drop / f"s{study}", 50, size_bytes=200_000)}
+    daemon = Stowd(layout).start()
+    wait_for(
+        lambda: len(layout.files(layout.sent)) >= 40, 120, "some files sent", lambda: daemon.log
+    )
+    daemon.kill()
+    assert len(layout.files(layout.sent)) < 300, "killed too late to prove anything"
+    again = Stowd(layout).start()
+    try:
+        wait_for(
+            lambda: len(layout.files(layout.sent)) == 300,
+            180,
+            "all 300 in sent/",
+            lambda: again.log,
+        )
+        assert orthanc.sop_instance_uids() == uids
+        assert_settled_once(layout)
+        assert layout.files(layout.failed) == set()
+        assert counts(layout) == {"sent": 300}
+    finally:
+        again.stop()
+
+
+def test_archive_down_mid_run_holds_files_then_sends_them(tmp_path: Path, orthanc: Orthanc) -> None:
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
+    daemon = Stowd(layout).start()
+    try:
+        first = {u for _, u in make_study(layout.drop / "a", 40)}
+        wait_for(
+            lambda: len(layout.files(layout.sent)) == 40, 60, "first 40 sent", lambda: daemon.log
+        )
+        orthanc.stop()
+        second = {u for _, u in make_study(layout.drop / "b", 40)}
+        wait_for(
+            lambda: "unavailable" in daemon.log, 30, "the outage to be noticed", lambda: daemon.log
+        )
+        time.sleep(4)  # several retry rounds while the archive is down
+        held = status(layout)
+        assert held["destinations"]["pacs"]["state"] == "held"  # type: ignore[index]
+        assert layout.files(layout.failed) == set()
+        assert len(layout.files(layout.drop)) == 40
+        orthanc.start()
+        wait_for(
+            lambda: len(layout.files(layout.sent)) == 80, 90, "all 80 sent", lambda: daemon.log
+        )
+        assert orthanc.sop_instance_uids() == first | second
+        assert layout.files(layout.failed) == set()
+        assert status(layout)["destinations"]["pacs"]["state"] == "ok"  # type: ignore[index]
+        assert daemon.alive()
+    finally:
+        daemon.stop()
+
+
+def test_bad_files_fail_with_reasons_and_the_daemon_keeps_running(
+    tmp_path: Path, orthanc: Orthanc
+) -> None:
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
+    orthanc.stop()  # hold the good files in the queue while one of them is deleted
+    daemon = Stowd(layout).start()
+    try:
+        write_garbage(layout.drop / "garbage.dcm")
+        write_empty(layout.drop / "empty.dcm")
+        write_truncated(layout.drop / "truncated.dcm")
+        write_without_study_uid(layout.drop / "nostudy.dcm")
+        good = make_instance(layout.drop / "good.dcm")
+        make_instance(layout.drop / "deleted.dcm")
+        bad = {"garbage.dcm", "empty.dcm", "truncated.dcm", "nostudy.dcm"}
+        wait_for(
+            lambda: layout.files(layout.failed) == bad,
+            60,
+            "the bad files in failed/",
+            lambda: daemon.log,
+        )
+        wait_for(
+            lambda: (
+                counts(layout).get("pending", 0)
+                + counts(layout).get("waiting", 0)
+                + counts(layout).get("claimed", 0)
+                == 2
+            ),
+            30,
+            "two good files queued",
+        )
+        (layout.drop / "deleted.dcm").unlink()
+        orthanc.start()
+        wait_for(
+            lambda: layout.files(layout.sent) == {"good.dcm"},
+            60,
+            "good.dcm sent",
+            lambda: daemon.log,
+        )
+        wait_for(lambda: counts(layout).get("gone") == 1, 30, "the deleted file forgotten")
+        assert orthanc.sop_instance_uids() == {good}
+        reasons = {
+            name: json.loads(path.read_text())["reason"]
+            for name, path in layout.error_files().items()
+        }
+        assert "empty" in reasons["empty.dcm"]
+        assert "not a DICOM file" in reasons["garbage.dcm"]
+        assert "truncated" in reasons["truncated.dcm"]
+        assert "StudyInstanceUID" in reasons["nostudy.dcm"]
+        assert daemon.alive()
+        make_instance(layout.drop / "after.dcm")
+        wait_for(
+            lambda: "after.dcm" in layout.files(layout.sent),
+            30,
+            "a later file sent",
+            lambda: daemon.log,
+        )
+    finally:
+        daemon.stop()
+
+
+def test_malformed_config_lists_every_problem(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        "queue: ./q.db\n"
+        "sources:\n"
+        "  - name: ct1\n"
+        "    watch: ./drop\n"
+        "    sent: ./sent\n"
+        "    destination: nowhere\n"
+        "    quiet_period: soon\n"
+        "destinations:\n"
+        "  pacs:\n"
+        "    url: ftp://archive\n"
+        "    wrokers: 2\n"
+    )
+    result = run_cli("check-config", "-c", str(config))
+    assert result.returncode == 2
+    err = result.stderr
+    assert str(config) in err
+    for needle in (
+        "sources[0].failed",
+        "nowhere",
+        "quiet_period",
+        "line 7",
+        "url",
+        "wrokers",
+        "workers",
+    ):
+        assert needle in err, f"{needle!r} missing from:\n{err}"
+    run = run_cli("run", "-c", str(config))
+    assert run.returncode == 2
+    assert run.stderr == err
+
+
+def test_status_works_while_the_daemon_runs(tmp_path: Path, orthanc: Orthanc) -> None:
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
+    daemon = Stowd(layout).start()
+    try:
+        make_study(layout.drop / "x", 5)
+        wait_for(lambda: len(layout.files(layout.sent)) == 5, 60, "5 sent", lambda: daemon.log)
+        data = status(layout)
+        assert data["daemon_pid"] == daemon.proc.pid  # type: ignore[union-attr]
+        assert data["counts"] == {"sent": 5}
+        assert isinstance(data["files_per_minute"], float) and data["files_per_minute"] > 0
+        human = run_cli("status", "-c", str(layout.config))
+        assert "5 sent" in human.stdout and "running" in human.stdout
+        assert run_cli("check-config", "-c", str(layout.config)).returncode == 0
+    finally:
+        daemon.stop()
+
+
+def test_pydicom_corpus_every_file_settles(tmp_path: Path, orthanc: Orthanc) -> None:
+
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
+    samples = pydicom_sample_files()
+    assert len(samples) > 20
+    for sample in samples:
+        shutil.copy(sample, layout.drop / sample.name)
+    daemon = Stowd(layout).start()
+    try:
+        total = len(samples)
+        wait_for(
+            lambda: len(layout.files(layout.sent)) + len(layout.files(layout.failed)) == total,
+            240,
+            "every sample settled",
+            lambda: daemon.log,
+        )
+        assert_settled_once(layout)
+        assert set(layout.error_files()) == layout.files(layout.failed)
+        for path in layout.error_files().values():
+            assert json.loads(path.read_text())["reason"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # some samples carry odd values on purpose
+            sent_uids = {
+                str(pydicom.dcmread(layout.sent / name, stop_before_pixels=True).SOPInstanceUID)
+                for name in layout.files(layout.sent)
+            }
+        assert sent_uids <= orthanc.sop_instance_uids()
+        assert daemon.alive()
+    finally:
+        daemon.stop()
+
+
+def test_sigterm_lets_the_daemon_exit_cleanly_and_a_second_one_exits_at_once(
+    tmp_path: Path, orthanc: Orthanc
+) -> None:
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
+    daemon = Stowd(layout).start()
+    wait_for(lambda: "watching" in daemon.log, 20, "the daemon to start", lambda: daemon.log)
+    assert daemon.terminate() == 0
+    second = Stowd(layout).start()
+    wait_for(lambda: "watching" in second.log, 20, "the daemon to restart", lambda: second.log)
+    assert second.proc is not None
+    os.kill(second.proc.pid, signal.SIGTERM)
+    os.kill(second.proc.pid, signal.SIGTERM)
+    assert second.proc.wait(10) in (0, 1)  # 1 when the second signal cut the shutdown short
+    third = Stowd(layout).start()  # the queue is usable again right away
+    try:
+        make_instance(layout.drop / "later.dcm")
+        wait_for(
+            lambda: layout.files(layout.sent) == {"later.dcm"},
+            30,
+            "later.dcm sent",
+            lambda: third.log,
+        )
+    finally:
+        third.stop()
