@@ -66,6 +66,10 @@ class QueueLockedError(QueueError):
 class FileProblem(StowdError):
     """A file that can never be sent as it is; the message is written for a human."""
 
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
 
 class FileVanished(FileProblem):
     """The file was removed (or replaced) before it could be sent."""

@@ -29,12 +29,17 @@ import httpx
 import tenacity
 
 from stowd.config import Destination
-from stowd.errors import DestinationBusy, DestinationHeld, FileVanished, StowFailure
+from stowd.errors import (
+    DestinationBusy,
+    DestinationHeld,
+    FileProblem,
+    FileVanished,
+    StowFailure,
+)
 
 log = logging.getLogger("stowd.stow")
 
 CHUNK = 256 * 1024
-MAX_INSTANCE_RETRIES = 8
 IN_PROCESS_ATTEMPTS = 3
 ACCEPT = "application/dicom+json, application/dicom+xml;q=0.9, application/json;q=0.8"
 REFERENCED, FAILED_SEQ = "00081199", "00081198"
@@ -129,11 +134,15 @@ class Body:
             for part in self.parts:
                 try:
                     fp = open(part.path, "rb")  # noqa: SIM115 - closed in close()
-                except FileNotFoundError as exc:
-                    raise FileVanished(part.path) from exc
+                except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+                    raise FileVanished(f"{part.path} vanished", path=part.path) from exc
+                except PermissionError as exc:
+                    raise FileProblem(
+                        f"stowd may not read the file: {exc.strerror}", path=part.path
+                    ) from exc
                 self._files.append(fp)
                 if os.fstat(fp.fileno()).st_size != part.size:
-                    raise FileVanished(part.path)
+                    raise FileVanished(f"{part.path} changed", path=part.path)
         except BaseException:
             self.close()  # any failure (PermissionError too) leaves no file open
             raise
@@ -157,7 +166,9 @@ def _read_exactly(fp: BinaryIO, part: Part) -> Iterator[bytes]:
     while left > 0:
         chunk = fp.read(min(CHUNK, left))
         if not chunk:
-            raise FileVanished(f"{part.path} became shorter while it was being sent")
+            raise FileVanished(
+                f"{part.path} became shorter while it was being sent", path=part.path
+            )
         left -= len(chunk)
         yield chunk
 
@@ -187,6 +198,8 @@ def parse_answer(status: int, content_type: str, body: bytes) -> Answer:
             _read_json(json.loads(text), answer)
     except (ValueError, ET.ParseError, TypeError, AttributeError, KeyError, IndexError):
         answer.server_message = _short(text)
+    if not answer.referenced and not answer.failed and answer.server_message is None:
+        answer.server_message = _short(text)  # e.g. Orthanc's JSON error, an HTML page
     return answer
 
 
@@ -386,7 +399,7 @@ def _answer_of(response: httpx.Response) -> Answer:
     if status in HELD_STATUSES or 300 <= status < 400:  # httpx does not follow redirects
         location = response.headers.get("Location")
         raise DestinationHeld(_held_text(status, location), status=status, server_message=warning)
-    if status in BUSY_STATUSES:
+    if status in BUSY_STATUSES or status >= 500:
         raise DestinationBusy(
             f"the archive is busy or unavailable (HTTP {status})",
             status=status,

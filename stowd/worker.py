@@ -22,7 +22,6 @@ from stowd.group import take_batch
 from stowd.queue import Job, Queue
 from stowd.settle import iso, remove_empty_parents, settle
 from stowd.stow import (
-    MAX_INSTANCE_RETRIES,
     Answer,
     Outcome,
     Part,
@@ -138,8 +137,14 @@ class Worker:
         except FileVanished:
             self._drop_vanished(batch)
             return
+        except FileProblem as problem:
+            self._fail_one(batch, problem)
+            return
         except StowFailure as failure:
             self._destination_trouble(batch, failure)
+            return
+        except OSError as exc:  # reading a file failed mid-request (I/O error, share gone)
+            self._io_trouble(batch, exc)
             return
         if held and self.queue.unhold(self.destination.name):
             log.warning("destination %s: reachable again, sending resumes", self.destination.name)
@@ -155,6 +160,22 @@ class Worker:
                 log.info("file vanished or changed before it was sent: %s", job.path)
                 self.queue.finish(job.id, state="gone")
         self.queue.release(keep)
+
+    def _fail_one(self, batch: list[Job], problem: FileProblem) -> None:
+        """One file cannot be read: it fails, the others go back to the queue."""
+        bad = [j for j in batch if j.path == problem.path]
+        for job in bad:
+            self._fail(job, str(problem), stage="reading the file")
+        self.queue.release([j.id for j in batch if j not in bad])
+
+    def _io_trouble(self, batch: list[Job], exc: OSError) -> None:
+        """A read error while sending: retry later (the share may come back)."""
+        delay = self._file_delay(max(j.attempts for j in batch))
+        reason = f"could not read the file while sending it: {exc}"
+        log.warning("destination %s: %s; retry in %.0fs", self.destination.name, reason, delay)
+        for job in batch:
+            error = self._error_doc(job, reason, stage="reading the file")
+            self.queue.retry_later([job.id], at=self.clock() + delay, error=error)
 
     def _destination_trouble(self, batch: list[Job], failure: StowFailure) -> None:
         self.queue.release([j.id for j in batch])
@@ -217,7 +238,7 @@ class Worker:
     def _retry(self, job: Job, verdict: Verdict, answer: Answer) -> None:
         now = self.clock()
         age = now - (job.first_try or now)
-        if job.attempts + 1 >= MAX_INSTANCE_RETRIES or age > self.config.retry.max_age:
+        if age > self.config.retry.max_age:
             reason = f"gave up after {job.attempts + 1} attempts: {verdict.reason}"
             self._fail(job, reason, verdict=verdict, answer=answer)
             return
