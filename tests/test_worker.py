@@ -1,0 +1,287 @@
+"""One destination's worker with a real queue and real files, and scripted archive answers.
+
+httpx's MockTransport stands in for the archive only for what Orthanc cannot be made to
+answer: 503 with Retry-After, 202/409 with chosen failure reasons, 401.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pydicom
+import pytest
+from dicomgen import make_instance, make_study
+
+from stowd.config import BatchLimits, Config, Destination, Retry, Source
+from stowd.queue import Queue
+from stowd.stow import StowClient
+from stowd.watch import Watcher
+from stowd.worker import Worker
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 2_000_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def sop_uids_in(request: httpx.Request) -> list[str]:
+    """The SOPInstanceUIDs of the parts of a STOW request (read with pydicom)."""
+    body = request.read()
+    boundary = request.headers["Content-Type"].split("boundary=")[1].encode()
+    uids = []
+    for chunk in body.split(b"--" + boundary)[1:-1]:
+        payload = chunk.split(b"\r\n\r\n", 1)[1][:-2]
+        uids.append(
+            str(pydicom.dcmread(io.BytesIO(payload), stop_before_pixels=True).SOPInstanceUID)
+        )
+    return uids
+
+
+def stow_json(stored: list[str], failed: dict[str, int] | None = None) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "00081199": {
+            "vr": "SQ",
+            "Value": [{"00081155": {"vr": "UI", "Value": [u]}} for u in stored],
+        }
+    }
+    if failed:
+        doc["00081198"] = {
+            "vr": "SQ",
+            "Value": [
+                {"00081155": {"vr": "UI", "Value": [u]}, "00081197": {"vr": "US", "Value": [c]}}
+                for u, c in failed.items()
+            ],
+        }
+    return doc
+
+
+class Rig:
+    """A source folder, a queue, a worker and a scripted archive."""
+
+    def __init__(self, tmp_path: Path, handler: Handler, **retry: float) -> None:
+        self.clock = Clock()
+        self.source = Source(
+            "ct",
+            tmp_path / "drop",
+            tmp_path / "sent",
+            tmp_path / "failed",
+            "pacs",
+            quiet_period=0.0,
+        )
+        self.source.watch.mkdir()
+        dest = Destination("pacs", "http://archive.test/dicom-web", BatchLimits(max_files=10))
+        self.config = Config(
+            tmp_path / "c.yaml",
+            tmp_path / "q.db",
+            (self.source,),
+            {"pacs": dest},
+            retry=Retry(**retry),
+        )
+        self.queue = Queue(self.config.queue, clock=self.clock).open()
+        self.stop = threading.Event()
+        self.client = StowClient(dest, stop=self.stop, transport=httpx.MockTransport(handler))
+        self.worker = Worker(
+            self.config, self.queue, dest, self.client, self.stop, clock=self.clock
+        )
+
+    def find(self) -> None:
+        Watcher(self.source, "pacs", self.queue.enqueue, clock=lambda: self.clock.now + 60).scan()
+
+    def drain(self, rounds: int = 50) -> None:
+        for _ in range(rounds):
+            if not self.worker.step():
+                return
+
+    def names(self, folder: Path) -> set[str]:
+        return {
+            str(p.relative_to(folder))
+            for p in folder.rglob("*")
+            if p.is_file() and "error" not in p.name
+        }
+
+    def reason(self, name: str) -> dict[str, object]:
+        [path] = self.source.failed.rglob(f"{name}.error.json")
+        data: dict[str, object] = json.loads(path.read_text())
+        return data
+
+    def close(self) -> None:
+        self.client.close()
+        self.queue.close()
+
+
+@pytest.fixture
+def rig_factory(tmp_path: Path) -> Iterator[Callable[..., Rig]]:
+    rigs: list[Rig] = []
+
+    def make(handler: Handler, **retry: float) -> Rig:
+        rig = Rig(tmp_path, handler, **retry)
+        rigs.append(rig)
+        return rig
+
+    yield make
+    for rig in rigs:
+        rig.close()
+
+
+def test_a_200_referencing_everything_sends_everything(rig_factory: Callable[..., Rig]) -> None:
+    requests: list[list[str]] = []
+
+    def archive(request: httpx.Request) -> httpx.Response:
+        uids = sop_uids_in(request)
+        requests.append(uids)
+        return httpx.Response(200, json=stow_json(uids))
+
+    rig = rig_factory(archive)
+    make_study(rig.source.watch / "a", 12)
+    make_study(rig.source.watch / "b", 3)
+    rig.find()
+    rig.drain()
+    assert sorted(len(r) for r in requests) == [2, 3, 10]  # per study, at most 10 per batch
+    assert len(rig.names(rig.source.sent)) == 15
+    assert rig.queue.counts() == {"sent": 15}
+
+
+def test_202_with_failure_reasons_settles_each_file_by_its_reason(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    codes = {"perm.dcm": 0xA900, "busy.dcm": 0xA700}
+    uids: dict[str, str] = {}
+
+    def archive(request: httpx.Request) -> httpx.Response:
+        sent = sop_uids_in(request)
+        failed = {u: c for name, c in codes.items() if (u := uids[name]) in sent}
+        return httpx.Response(202, json=stow_json([u for u in sent if u not in failed], failed))
+
+    rig = rig_factory(archive, initial=30.0, maximum=60.0, max_age=3600.0)
+    study = "1.2.826.0.1.3680043.8.498.1"
+    for name in ("ok.dcm", "perm.dcm", "busy.dcm"):
+        uids[name] = make_instance(rig.source.watch / name, study_uid=study)
+    rig.find()
+    rig.drain()
+    assert rig.names(rig.source.sent) == {"ok.dcm"}
+    assert rig.names(rig.source.failed) == {"perm.dcm"}
+    reason = rig.reason("perm.dcm")
+    assert reason["failure_reason"] == "A900"
+    assert reason["http_status"] == 202
+    assert "does not match SOP class" in str(reason["reason"])
+    assert rig.queue.counts() == {"sent": 1, "failed": 1, "waiting": 1}
+    rig.clock.now += 4000  # past max_age: the transient refusal is given up
+    rig.drain()
+    assert rig.names(rig.source.failed) == {"perm.dcm", "busy.dcm"}
+    assert "gave up" in str(rig.reason("busy.dcm")["reason"])
+    assert rig.reason("busy.dcm")["attempts"] == 2
+
+
+def test_503_with_retry_after_holds_the_destination_and_fails_nothing(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    state = {"up": False, "calls": 0}
+
+    def archive(request: httpx.Request) -> httpx.Response:
+        state["calls"] += 1
+        if not state["up"]:
+            return httpx.Response(503, headers={"Retry-After": "120"})
+        return httpx.Response(200, json=stow_json(sop_uids_in(request)))
+
+    rig = rig_factory(archive)
+    make_study(rig.source.watch / "s", 4)
+    rig.find()
+    rig.drain()
+    assert state["calls"] == 1
+    hold = rig.queue.holds()["pacs"]
+    assert hold.until - rig.clock.now == pytest.approx(120)
+    assert "503" in hold.reason
+    assert rig.queue.counts() == {"pending": 4}
+    assert not rig.source.failed.exists()
+    rig.clock.now += 60
+    rig.drain()
+    assert state["calls"] == 1  # still held: Retry-After is honoured
+    state["up"] = True
+    rig.clock.now += 61
+    rig.drain()
+    assert rig.queue.counts() == {"sent": 4}
+    assert rig.queue.holds() == {}
+
+
+def test_401_holds_files_in_the_queue_with_a_growing_probe(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    rig = rig_factory(lambda _r: httpx.Response(401), hold_probe=60.0, maximum=3600.0)
+    make_study(rig.source.watch / "s", 2)
+    rig.find()
+    waits = []
+    for _ in range(3):
+        rig.drain()
+        hold = rig.queue.holds()["pacs"]
+        waits.append(hold.until - rig.clock.now)
+        rig.clock.now = hold.until + 1
+    assert "401" in hold.reason
+    assert waits[0] <= 60 and waits[2] > waits[0]  # 60 s, then longer (jittered)
+    assert rig.queue.counts() == {"pending": 2}
+    assert not rig.source.failed.exists()
+
+
+def test_orthanc_style_400_finds_the_bad_file_by_sending_one_by_one(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    bad: dict[str, str] = {}
+    sizes: list[int] = []
+
+    def archive(request: httpx.Request) -> httpx.Response:
+        uids = sop_uids_in(request)
+        sizes.append(len(uids))
+        good = [u for u in uids if u != bad["uid"]]
+        return httpx.Response(400 if len(good) < len(uids) else 200, json=stow_json(good))
+
+    rig = rig_factory(archive)
+    files = make_study(rig.source.watch / "s", 5)
+    bad["uid"] = files[2][1]
+    rig.find()
+    rig.drain()
+    assert sizes[0] == 5 and sizes[1:] == [1]  # only the unreferenced one is re-sent alone
+    assert rig.names(rig.source.failed) == {f"s/{files[2][0].name}"}
+    assert "HTTP 400" in str(rig.reason(files[2][0].name)["reason"])
+    assert len(rig.names(rig.source.sent)) == 4
+
+
+def test_a_200_that_omits_a_file_retries_that_file(rig_factory: Callable[..., Rig]) -> None:
+    seen: list[list[str]] = []
+
+    def archive(request: httpx.Request) -> httpx.Response:
+        uids = sop_uids_in(request)
+        seen.append(uids)
+        return httpx.Response(200, json=stow_json(uids[1:] if len(seen) == 1 else uids))
+
+    rig = rig_factory(archive, initial=10.0)
+    files = make_study(rig.source.watch / "s", 3)
+    rig.find()
+    rig.drain()
+    assert rig.queue.counts() == {"sent": 2, "waiting": 1}
+    rig.clock.now += 11
+    rig.drain()
+    assert seen[1] == [seen[0][0]]
+    assert rig.queue.counts() == {"sent": 3}
+    assert f"s/{files[0][0].name}" in rig.names(rig.source.sent)
+
+
+def test_a_file_deleted_after_queueing_is_forgotten_and_the_rest_sent(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    rig = rig_factory(lambda r: httpx.Response(200, json=stow_json(sop_uids_in(r))))
+    files = make_study(rig.source.watch / "s", 3)
+    rig.find()
+    rig.worker.classify_some()
+    files[1][0].unlink()
+    rig.drain()
+    assert rig.queue.counts() == {"sent": 2, "gone": 1}
+    assert not rig.source.failed.exists()
