@@ -126,7 +126,11 @@ class Worker:
         )
         if not batch:
             return False
-        self._send(batch, held=hold is not None)
+        try:
+            self._send(batch, held=hold is not None)
+        except BaseException:
+            self.queue.release([j.id for j in batch])  # never leave a batch claimed
+            raise
         self.health.batches += 1
         return True
 

@@ -285,3 +285,18 @@ def test_a_file_deleted_after_queueing_is_forgotten_and_the_rest_sent(
     rig.drain()
     assert rig.queue.counts() == {"sent": 2, "gone": 1}
     assert not rig.source.failed.exists()
+
+
+def test_an_unexpected_error_never_leaves_a_batch_claimed(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    def archive(_request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("a bug somewhere below the worker")
+
+    rig = rig_factory(archive)
+    make_study(rig.source.watch / "s", 2)
+    rig.find()
+    rig.worker.classify_some()
+    with pytest.raises(RuntimeError):
+        rig.worker.send_one()
+    assert rig.queue.counts() == {"pending": 2}
