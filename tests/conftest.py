@@ -1,0 +1,47 @@
+"""Shared fixtures.
+
+``orthanc``: a started, empty, real Orthanc with DICOMweb (a fresh one per test, in
+``tmp_path / "orthanc"``).  When Orthanc or its DICOMweb plugin is not installed the test is
+skipped, or fails when the environment variable ``CI`` is ``"true"`` (CI must never skip it).
+
+Test files make DICOM data with the functions of ``dicomgen`` (``from dicomgen import
+make_study``); ``tests/`` is on ``sys.path`` because it has no ``__init__.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from orthanc import Orthanc, orthanc_missing_reason
+
+
+def require_orthanc() -> None:
+    """Skip the calling test (fail it under CI=true) when no test Orthanc can run here."""
+    reason = orthanc_missing_reason()
+    if reason is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def orthanc_required() -> None:
+    """For tests that run Orthanc themselves: skip (fail under CI=true) when it is missing."""
+    require_orthanc()
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    """A running, empty Orthanc for this test; stopped (killed) after it, pass or fail."""
+    require_orthanc()
+    server = Orthanc(tmp_path / "orthanc")
+    try:
+        server.start()
+        yield server
+    finally:
+        # Its storage is thrown away, so skip the ~2.5 s clean shutdown.
+        server.kill()
