@@ -86,7 +86,14 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
-    logging.getLogger("watchdog").setLevel(logging.WARNING)
+    watchdog = logging.getLogger("watchdog")
+    watchdog.setLevel(logging.WARNING)
+    watchdog.addFilter(_quiet_watchdog_shutdown)
+
+
+def _quiet_watchdog_shutdown(record: logging.LogRecord) -> bool:
+    """watchdog logs an ERROR when an observer is stopped while events are queued: noise."""
+    return "called when the thread is inactive" not in record.getMessage()
 
 
 _COMMANDS = {"run": _run, "check-config": _check, "status": _status}

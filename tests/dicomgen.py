@@ -333,6 +333,11 @@ def pydicom_sample_files() -> list[Path]:
     return list(_pydicom_sample_files())
 
 
+def pydicom_all_files() -> list[Path]:
+    """Every local file of pydicom's and pydicom-data's test data: DICOM or not, good or bad."""
+    return _sample_candidates()
+
+
 # -- command line ------------------------------------------------------------------------------
 
 

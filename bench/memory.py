@@ -1,0 +1,146 @@
+"""Peak memory of ``stowd run`` while it sends one very large file, and while a large backlog
+is queued, against a local discarding STOW endpoint (reads and drops the body).
+
+Usage:  .venv/bin/python bench/memory.py --size 1GiB --backlog 20000
+
+Prints the peak RSS (VmHWM) of the stowd process for each case.  Figures, not assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from dicomgen import make_instance, make_instance_bytes  # noqa: E402
+
+from stowd.classify import classify  # noqa: E402
+from stowd.config import parse_size  # noqa: E402
+
+CHUNK = 1024 * 1024
+
+
+META_SOP_UID = b"\x02\x00\x03\x00UI"
+
+
+class Discard(BaseHTTPRequestHandler):
+    """Reads the whole body, keeps nothing but the SOPInstanceUIDs of its File Meta headers,
+    and answers that every one was stored."""
+
+    def do_POST(self) -> None:
+        left = int(self.headers["Content-Length"])
+        uids = []
+        while left:
+            chunk = self.rfile.read(min(CHUNK, left))
+            left -= len(chunk)
+            at = chunk.find(META_SOP_UID)
+            while at >= 0:
+                length = struct.unpack("<H", chunk[at + 6 : at + 8])[0]
+                uids.append(chunk[at + 8 : at + 8 + length].rstrip(b"\x00 ").decode())
+                at = chunk.find(META_SOP_UID, at + 8)
+        items = [{"00081155": {"vr": "UI", "Value": [u]}} for u in uids]
+        body = json.dumps({"00081199": {"vr": "SQ", "Value": items}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+def big_dicom(path: Path, size: int) -> str:
+    """A Part-10 file whose PixelData (OB) is ``size`` zero bytes, written without RAM."""
+    data, uid = make_instance_bytes(rows=1, columns=1)
+    at = data.rfind(b"\xe0\x7f\x10\x00")
+    with open(path, "wb") as fp:
+        fp.write(data[:at] + b"\xe0\x7f\x10\x00OB\x00\x00" + struct.pack("<I", size))
+        zeros = bytes(CHUNK)
+        for _ in range(size // CHUNK):
+            fp.write(zeros)
+        fp.write(bytes(size % CHUNK))
+    return str(uid)
+
+
+def config(folder: Path, url: str) -> Path:
+    path = folder / "stowd.yaml"
+    path.write_text(
+        f"""queue: ./state/queue.db
+log_level: WARNING
+sources:
+  - {{name: b, watch: ./drop, sent: ./sent, failed: ./failed, destination: d,
+      quiet_period: 100ms}}
+destinations:
+  d: {{url: "{url}", timeouts: {{read: 30m, write: 30m}}}}
+"""
+    )
+    return path
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run(folder: Path, url: str, expect: int) -> tuple[float, float]:
+    proc = subprocess.Popen([sys.executable, "-m", "stowd", "run", "-c", str(config(folder, url))])
+    started = time.monotonic()
+    sent = folder / "sent"
+    while proc.poll() is None:
+        done = sum(len(f) for _, _, f in os.walk(sent)) if sent.exists() else 0
+        if done >= expect:
+            break
+        time.sleep(0.2)
+    seconds = time.monotonic() - started
+    rss = peak_rss_mb(proc.pid)
+    proc.terminate()
+    proc.wait(60)
+    return seconds, rss
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size", default="1GiB")
+    parser.add_argument("--backlog", type=int, default=20000)
+    args = parser.parse_args()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Discard)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/dicom-web"
+    with tempfile.TemporaryDirectory(prefix="stowd-mem-") as tmp:
+        one = Path(tmp) / "one"
+        (one / "drop").mkdir(parents=True)
+        size = parse_size(args.size)
+        big_dicom(one / "drop" / "big.dcm", size)
+        classify(str(one / "drop" / "big.dcm"))  # the file is valid for stowd
+        seconds, rss = run(one, url, 1)
+        print(f"one file of {args.size}: {size / seconds / 1e6:.0f} MB/s, peak RSS {rss:.1f} MB")
+        many = Path(tmp) / "many"
+        (many / "drop").mkdir(parents=True)
+        study = "1.2.826.0.1.3680043.8.498.7"
+        for n in range(args.backlog):
+            make_instance(many / "drop" / f"{n:06d}.dcm", study_uid=study)
+        seconds, rss = run(many, url, args.backlog)
+        print(
+            f"backlog of {args.backlog} small files: {args.backlog / seconds:.0f} files/s "
+            f"end to end, peak RSS {rss:.1f} MB"
+        )
+    server.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
