@@ -70,7 +70,7 @@ def _check(config: Config, _args: argparse.Namespace) -> int:
     print(f"{config.path}: configuration is valid")
     for source in config.sources:
         dest = config.destination_of(source)
-        print(f"  source {source.name}: {source.watch} -> {dest.name} ({dest.stow_url})")
+        print(f"  source {source.name}: {source.watch} -> {dest.name} ({dest.display_url})")
         print(f"    sent: {source.sent}  failed: {source.failed}")
     print(f"  queue: {config.queue}")
     return EXIT_OK

@@ -19,7 +19,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -77,6 +77,16 @@ class Destination:
     @property
     def stow_url(self) -> str:
         return self.url.rstrip("/") + "/studies"
+
+    @property
+    def display_url(self) -> str:
+        """The URL for logs and status: a password in it is replaced by ``***``."""
+        parts = urlsplit(self.url)
+        if parts.password is None:
+            return self.url
+        netloc = f"{parts.username}:***@{parts.hostname}"
+        netloc += f":{parts.port}" if parts.port else ""
+        return urlunsplit(parts._replace(netloc=netloc))
 
 
 @dataclass(frozen=True)

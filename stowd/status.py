@@ -55,10 +55,10 @@ def _destinations(config: Config, queue: Queue, now: float) -> dict[str, Any]:
     for name, dest in config.destinations.items():
         hold = holds.get(name)
         out[name] = (
-            {"url": dest.url, "state": "ok"}
+            {"url": dest.display_url, "state": "ok"}
             if hold is None
             else {
-                "url": dest.url,
+                "url": dest.display_url,
                 "state": "held",
                 "held_since": hold.since,
                 "held_for_seconds": round(now - hold.since, 1),
