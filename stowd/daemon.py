@@ -29,6 +29,7 @@ from stowd.worker import Worker
 log = logging.getLogger("stowd")
 
 HOUSEKEEPING_EVERY = 3600.0
+RESETTLE_EVERY = 60.0
 TICK = 1.0
 EXIT_SECOND_SIGNAL = 1
 
@@ -46,6 +47,7 @@ class Daemon:
         self.watchers: list[Watcher] = []
         self.workers: list[Worker] = []
         self._threads: dict[str, tuple[threading.Thread, Callable[[], None]]] = {}
+        self.unsettled: set[int] = set()  # moves that failed (disk full, permissions)
 
     # -- signals ------------------------------------------------------------------------
     def install_signals(self) -> None:
@@ -74,7 +76,7 @@ class Daemon:
 
     def _recover(self) -> None:
         returned = self.queue.recover()
-        repaired = repair(self.queue)
+        repaired, self.unsettled = repair(self.queue)
         counts = self.queue.counts()
         log.info(
             "stowd started: queue %s (%s)%s%s",
@@ -89,7 +91,9 @@ class Daemon:
             client = StowClient(dest, stop=self.stop)
             self.clients[name] = client
             for n in range(dest.workers):
-                worker = Worker(self.config, self.queue, dest, client, self.stop)
+                worker = Worker(
+                    self.config, self.queue, dest, client, self.stop, unsettled=self.unsettled
+                )
                 self.workers.append(worker)
                 self._spawn(f"send-{name}-{n}", worker.run)
         for source in self.config.sources:
@@ -110,12 +114,24 @@ class Daemon:
         thread.start()
 
     def _supervise(self) -> None:
-        next_housekeeping = 0.0
+        next_housekeeping = next_resettle = 0.0
         while not self.stop.wait(TICK):
             self._revive_dead_threads()
-            if time.monotonic() >= next_housekeeping:
+            now = time.monotonic()
+            if now >= next_resettle and self.unsettled:
+                self._resettle()
+                next_resettle = now + RESETTLE_EVERY
+            if now >= next_housekeeping:
                 self._housekeeping()
-                next_housekeeping = time.monotonic() + HOUSEKEEPING_EVERY
+                next_housekeeping = now + HOUSEKEEPING_EVERY
+
+    def _resettle(self) -> None:
+        """Try again the moves to sent/ or failed/ that failed."""
+        ids = set(self.unsettled)
+        finished, stuck = repair(self.queue, only=ids)
+        self.unsettled.difference_update(ids - stuck)
+        if finished:
+            log.info("finished %d move(s) that had failed before", finished)
 
     def _revive_dead_threads(self) -> None:
         for name, (thread, target) in list(self._threads.items()):

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Collection
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -76,14 +77,25 @@ def complete(
     return target
 
 
-def repair(queue: Queue) -> int:
-    """Finish moves that a crash interrupted (rows left in ``settling``)."""
-    jobs = queue.settling()
-    for job in jobs:
+def repair(queue: Queue, only: Collection[int] | None = None) -> tuple[int, set[int]]:
+    """Finish moves left in ``settling`` (by a crash, or a move that failed).
+
+    Returns how many were finished and the ids that still cannot be moved.
+    """
+    finished, stuck = 0, set()
+    for job in queue.settling():
+        if only is not None and job.id not in only:
+            continue
         error = json.loads(job.error) if job.error else None
         assert job.target and job.outcome
-        complete(queue, job.id, job.path, Path(job.target), outcome=job.outcome, error=error)
-    return len(jobs)
+        try:
+            complete(queue, job.id, job.path, Path(job.target), outcome=job.outcome, error=error)
+        except OSError as exc:
+            log.error("still cannot move %s to %s: %s", job.path, job.target, exc)
+            stuck.add(job.id)
+            continue
+        finished += 1
+    return finished, stuck
 
 
 def move(src: Path, dst: Path) -> None:

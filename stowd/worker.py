@@ -61,8 +61,10 @@ class Worker:
         stop: threading.Event,
         *,
         clock: Callable[[], float] = time.time,
+        unsettled: set[int] | None = None,
     ) -> None:
         self.config = config
+        self.unsettled = set() if unsettled is None else unsettled
         self.queue = queue
         self.destination = destination
         self.client = client
@@ -274,9 +276,8 @@ class Worker:
         try:
             target = settle(self.queue, source, job, outcome=outcome, error=error)
         except OSError as exc:
-            log.error(
-                "cannot move %s to %s/: %s (will retry at next start)", job.path, outcome, exc
-            )
+            log.error("cannot move %s to %s/: %s (will try again)", job.path, outcome, exc)
+            self.unsettled.add(job.id)
             return
         log.debug("%s -> %s", job.path, target)
         if source.remove_empty_dirs:

@@ -72,7 +72,7 @@ def test_repair_finishes_an_interrupted_move(source: Source, queue: Queue) -> No
     [job] = queue.jobs()
     target = source.failed / "x.dcm"
     queue.begin_settle(job.id, outcome="failed", target=str(target), error={"reason": "r"})
-    assert repair(queue) == 1  # crash before the move
+    assert repair(queue) == (1, set())  # crash before the move
     assert target.exists() and not path.exists()
     assert Path(str(target) + ".error.json").exists()
     assert queue.counts() == {"failed": 1}
@@ -84,7 +84,7 @@ def test_repair_after_the_move_only_marks_done(source: Source, queue: Queue) -> 
     target = source.sent / "y.dcm"
     queue.begin_settle(job.id, outcome="sent", target=str(target), error=None)
     settle_mod.move(path, target)  # crash after the move, before the bookkeeping
-    assert repair(queue) == 1
+    assert repair(queue) == (1, set())
     assert queue.counts() == {"sent": 1}
     assert target.exists()
 
@@ -126,3 +126,21 @@ def test_remove_empty_parents_stops_at_root(tmp_path: Path) -> None:
     settle_mod.remove_empty_parents(root / "a/b/file.dcm", root)
     assert not (root / "a").exists()
     assert root.exists() and (root / "keep").exists()
+
+
+def test_a_move_that_fails_stays_settling_until_it_can_be_done(
+    source: Source, queue: Queue
+) -> None:
+    path = drop(source, queue, "sub/w.dcm")
+    [job] = queue.jobs()
+    source.failed.mkdir(parents=True)
+    (source.failed / "sub").write_text("a file where the folder should be")
+    with pytest.raises(OSError):
+        settle(queue, source, job, outcome="failed", error={"reason": "r"})
+    assert path.exists()
+    assert queue.counts() == {"settling": 1}
+    assert repair(queue, only={job.id}) == (0, {job.id})
+    (source.failed / "sub").unlink()
+    assert repair(queue, only={job.id}) == (1, set())
+    assert (source.failed / "sub" / "w.dcm").exists()
+    assert queue.counts() == {"failed": 1}
