@@ -69,7 +69,6 @@ class Watcher:
         self.sink = sink
         self.clock = clock
         self.exclude = tuple(str(p) for p in (source.sent, source.failed, *exclude))
-        self.heartbeat = time.monotonic()
         self._hints: set[str] = set()
         self._folders: set[str] = set()
         self._hint_lock = threading.Lock()
@@ -140,7 +139,6 @@ class Watcher:
     def _loop(self, stop: threading.Event) -> None:
         next_scan = 0.0
         while not stop.is_set():
-            self.heartbeat = time.monotonic()
             hints, folders = self._take_hints()
             if self._rescan_requested or time.monotonic() >= next_scan:
                 self._rescan_requested = False
@@ -211,7 +209,6 @@ class Watcher:
                 chunk.append(new)
             if len(chunk) >= ENQUEUE_CHUNK:
                 added += self._flush(chunk)
-                self.heartbeat = time.monotonic()
         return added + self._flush(chunk)
 
     def _flush(self, chunk: list[NewFile]) -> int:

@@ -11,7 +11,6 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +38,6 @@ LEASE_SLACK = 600.0
 MB = 1024 * 1024
 
 
-@dataclass
-class Health:
-    """What a worker last did, for the daemon's liveness checks."""
-
-    heartbeat: float = 0.0
-    batches: int = 0
-
-
 class Worker:
     """Sends the queued files of one destination, one batch at a time."""
 
@@ -70,12 +61,10 @@ class Worker:
         self.client = client
         self.stop = stop
         self.clock = clock
-        self.health = Health(time.monotonic())
         self._lease = destination.timeouts.write + destination.timeouts.read + LEASE_SLACK
 
     def run(self) -> None:
         while not self.stop.is_set():
-            self.health.heartbeat = time.monotonic()
             try:
                 busy = self.step()
             except Exception:
@@ -133,7 +122,6 @@ class Worker:
         except BaseException:
             self.queue.release([j.id for j in batch])  # never leave a batch claimed
             raise
-        self.health.batches += 1
         return True
 
     def _send(self, batch: list[Job], *, held: bool) -> None:
