@@ -164,3 +164,23 @@ def test_a_dead_observer_is_restarted(tmp_path: Path) -> None:
         assert watcher.observer_alive()
     finally:
         watcher.stop_observer()
+
+
+def test_the_rescan_finds_files_no_event_announced(tmp_path: Path) -> None:
+    """The safety net for dropped inotify events: no observer at all, only rescans."""
+    source = make_source(tmp_path, quiet_period=0.0, rescan_interval=0.3)
+    sink = Sink()
+    watcher = Watcher(source, "pacs", sink)
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher._loop, args=(stop,))  # no observer started
+    thread.start()
+    try:
+        time.sleep(0.2)
+        write(source.watch / "quiet" / "x.dcm")
+        deadline = time.monotonic() + 10
+        while not sink.files and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert sink.paths() == {os.path.join("quiet", "x.dcm")}

@@ -1,0 +1,140 @@
+"""The real daemon with other folder layouts and lifecycles: sent/ inside watch, sent/ on
+another filesystem, re-dropped files, a second daemon on the same queue, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dicomgen import make_instance, make_study
+from harness import Layout, Stowd, make_layout, run_cli, wait_for
+from orthanc import Orthanc
+
+SHM = Path("/dev/shm")
+
+
+def with_source(layout_root: Path, url: str, **source: object) -> Layout:
+    """A layout whose single source has ``source`` keys overridden."""
+    base = {
+        "name": "ct1",
+        "watch": "./drop",
+        "sent": "./done/sent",
+        "failed": "./done/failed",
+        "destination": "pacs",
+        "quiet_period": "500ms",
+        "rescan_interval": "1s",
+    }
+    return make_layout(layout_root, url, sources=[{**base, **source}])
+
+
+def test_sent_and_failed_inside_watch_never_loop(tmp_path: Path, orthanc: Orthanc) -> None:
+    layout = with_source(
+        tmp_path / "run", orthanc.dicomweb_url, sent="./drop/_sent", failed="./drop/_failed"
+    )
+    daemon = Stowd(layout).start()
+    try:
+        make_study(layout.drop / "s", 5)
+        (layout.drop / "junk.dcm").write_bytes(b"junk")
+        inside_sent, inside_failed = layout.drop / "_sent", layout.drop / "_failed"
+        wait_for(
+            lambda: (
+                len(layout.files(inside_sent)) == 5 and layout.files(inside_failed) == {"junk.dcm"}
+            ),
+            60,
+            "all settled",
+            lambda: daemon.log,
+        )
+        time.sleep(3)  # three rescans of drop/, which holds _sent/ and _failed/
+        data = json.loads(run_cli("status", "-c", str(layout.config), "--json").stdout)
+        assert data["counts"] == {"sent": 5, "failed": 1}
+        assert daemon.log.count("batch of") == 1
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture
+def shm_dir() -> Iterator[Path]:
+    if not SHM.is_dir() or os.stat(SHM).st_dev == os.stat(tempfile.gettempdir()).st_dev:
+        pytest.skip("no second filesystem (/dev/shm) to move across")
+    with tempfile.TemporaryDirectory(dir=SHM) as folder:
+        yield Path(folder)
+
+
+def test_sent_on_another_filesystem(tmp_path: Path, orthanc: Orthanc, shm_dir: Path) -> None:
+    layout = with_source(tmp_path / "run", orthanc.dicomweb_url, sent=str(shm_dir / "sent"))
+    files = make_study(layout.drop / "s", 3, size_bytes=300_000)
+    originals = {p.name: p.read_bytes() for p, _ in files}
+    daemon = Stowd(layout).start()
+    try:
+        wait_for(
+            lambda: len(layout.files(shm_dir / "sent")) == 3,
+            60,
+            "3 files on /dev/shm",
+            lambda: daemon.log,
+        )
+        for name, data in originals.items():
+            assert (shm_dir / "sent" / "s" / name).read_bytes() == data
+        assert layout.files(layout.drop) == set()
+        assert not list((shm_dir / "sent").rglob("*stowd-tmp"))
+    finally:
+        daemon.stop()
+
+
+def test_a_file_dropped_again_at_the_same_path_is_sent_again(
+    tmp_path: Path, orthanc: Orthanc
+) -> None:
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
+    daemon = Stowd(layout).start()
+    try:
+        first = make_instance(layout.drop / "x.dcm")
+        wait_for(
+            lambda: layout.files(layout.sent) == {"x.dcm"}, 30, "x.dcm sent", lambda: daemon.log
+        )
+        second = make_instance(layout.drop / "x.dcm")
+        wait_for(
+            lambda: layout.files(layout.sent) == {"x.dcm", "x~1.dcm"},
+            30,
+            "the second x.dcm sent beside the first",
+            lambda: daemon.log,
+        )
+        assert orthanc.sop_instance_uids() == {first, second}
+    finally:
+        daemon.stop()
+
+
+def test_one_daemon_per_queue_and_exit_codes(tmp_path: Path, orthanc: Orthanc) -> None:
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
+    assert run_cli("status", "-c", str(layout.config)).returncode == 1  # no queue yet
+    daemon = Stowd(layout).start()
+    try:
+        wait_for(lambda: "watching" in daemon.log, 20, "the daemon to start", lambda: daemon.log)
+        second = run_cli("run", "-c", str(layout.config), timeout=30)
+        assert second.returncode == 1
+        assert "another stowd" in second.stderr and str(daemon.proc.pid) in second.stderr  # type: ignore[union-attr]
+        assert daemon.alive()
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGINT)  # Ctrl-C: a clean stop, exit 130
+        assert daemon.proc.wait(30) == 130
+    finally:
+        daemon.stop()
+    assert "not running" in run_cli("status", "-c", str(layout.config)).stdout
+    assert run_cli("frobnicate").returncode == 2
+    assert run_cli("check-config", "-c", str(tmp_path / "missing.yaml")).returncode == 2
+
+
+def test_remove_empty_dirs(tmp_path: Path, orthanc: Orthanc) -> None:
+    layout = with_source(tmp_path / "run", orthanc.dicomweb_url, remove_empty_dirs=True)
+    daemon = Stowd(layout).start()
+    try:
+        make_study(layout.drop / "patient" / "study", 3)
+        wait_for(lambda: len(layout.files(layout.sent)) == 3, 30, "3 sent", lambda: daemon.log)
+        wait_for(lambda: not (layout.drop / "patient").exists(), 10, "empty folders removed")
+        assert layout.drop.is_dir()
+    finally:
+        daemon.stop()
