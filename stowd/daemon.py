@@ -76,6 +76,14 @@ class Daemon:
 
     def _recover(self) -> None:
         returned = self.queue.recover()
+        orphans = self.queue.adopt({s.name: s.destination for s in self.config.sources})
+        for source, count in orphans.items():
+            log.warning(
+                "%d queued file(s) belong to source %r, which is no longer configured; "
+                "they wait in the queue until it is back",
+                count,
+                source,
+            )
         repaired, self.unsettled = repair(self.queue)
         counts = self.queue.counts()
         log.info(

@@ -225,6 +225,33 @@ class Queue:
             )
             return cur.rowcount
 
+    def adopt(self, destinations: dict[str, str]) -> dict[str, int]:
+        """Point the queued rows of each source at its current destination.
+
+        ``destinations`` maps every configured source to its destination.  Rows of sources
+        that are no longer configured are parked (never claimed) until the source is back;
+        returns how many rows each such source has.
+        """
+        with self._tx() as db:
+            for source, destination in destinations.items():
+                db.execute(
+                    "UPDATE files SET destination = ? WHERE source = ? AND destination != ? "
+                    "AND state IN ('pending', 'claimed', 'settling')",
+                    (destination, source, destination),
+                )
+            marks = ",".join("?" * len(destinations))
+            rows = db.execute(
+                "SELECT source, COUNT(*) FROM files WHERE state IN ('pending', 'claimed') "
+                f"AND source NOT IN ({marks}) GROUP BY source",
+                tuple(destinations),
+            ).fetchall()
+            db.execute(
+                f"UPDATE files SET destination = '' WHERE source NOT IN ({marks}) "
+                "AND state IN ('pending', 'claimed')",
+                tuple(destinations),
+            )
+        return {r[0]: r[1] for r in rows}
+
     def settling(self) -> list[Job]:
         """Rows whose move to sent/failed was decided but may not have happened."""
         rows = (

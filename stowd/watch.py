@@ -183,18 +183,17 @@ class Watcher:
 
     def _walk(self, top: str) -> Iterator[str]:
         try:
-            entries = list(os.scandir(top))
+            with os.scandir(top) as entries:
+                for entry in entries:
+                    if self._ignored(entry.name) or entry.path in self.exclude:
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        yield from self._walk(entry.path)
+                    elif entry.is_file(follow_symlinks=False):
+                        yield entry.path
         except OSError as exc:
-            if top == str(self.source.watch):
-                log.error("source %s: cannot read %s: %s", self.source.name, top, exc)
-            return
-        for entry in entries:
-            if self._ignored(entry.name) or entry.path in self.exclude:
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                yield from self._walk(entry.path)
-            elif entry.is_file(follow_symlinks=False):
-                yield entry.path
+            level = logging.ERROR if top == str(self.source.watch) else logging.DEBUG
+            log.log(level, "source %s: cannot read %s: %s", self.source.name, top, exc)
 
     def _check_all(
         self, paths: Iterator[str] | list[str], stop: threading.Event | None = None

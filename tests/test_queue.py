@@ -213,3 +213,15 @@ def test_many_rows_claim_stays_cheap(queue: Queue) -> None:
     batch = queue.claim_batch(["pacs"], pick=pick_all, candidates=50, lease=60)
     assert len(batch) == 50
     assert {j.study_uid for j in batch} == {"st1"}
+
+
+def test_adopt_follows_a_changed_destination_and_parks_removed_sources(queue: Queue) -> None:
+    queue.enqueue([new("/d/a"), NewFile("old", "pacs", "/o/b", "b", 1, 1)])
+    classify_all(queue)
+    orphans = queue.adopt({"src": "archive2"})
+    assert orphans == {"old": 1}
+    assert [j.destination for j in queue.jobs()] == ["archive2", ""]
+    assert queue.claim_batch(["pacs"], pick=pick_all, candidates=10, lease=60) == []
+    assert len(queue.claim_batch(["archive2"], pick=pick_all, candidates=10, lease=60)) == 1
+    queue.adopt({"src": "archive2", "old": "pacs"})  # the source is back
+    assert len(queue.claim_batch(["pacs"], pick=pick_all, candidates=10, lease=60)) == 1
