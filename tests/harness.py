@@ -52,8 +52,13 @@ class Layout:
         }
 
 
-def make_layout(root: Path, url: str, **overrides: object) -> Layout:
-    """Write a config with fast timings for tests; ``overrides`` are top-level keys."""
+def make_layout(
+    root: Path, url: str, *, source: dict[str, object] | None = None, **overrides: object
+) -> Layout:
+    """Write a config with fast timings for tests.
+
+    ``source`` overrides keys of the single source, ``overrides`` top-level keys.
+    """
     doc: dict[str, object] = {
         "queue": "./state/queue.db",
         "log_level": "DEBUG",
@@ -68,6 +73,7 @@ def make_layout(root: Path, url: str, **overrides: object) -> Layout:
                 "destination": "pacs",
                 "quiet_period": "500ms",
                 "rescan_interval": "3s",
+                **(source or {}),
             }
         ],
         "destinations": {"pacs": {"url": url, "workers": 2, "timeouts": {"read": "30s"}}},

@@ -20,17 +20,8 @@ SHM = Path("/dev/shm")
 
 
 def with_source(layout_root: Path, url: str, **source: object) -> Layout:
-    """A layout whose single source has ``source`` keys overridden."""
-    base = {
-        "name": "ct1",
-        "watch": "./drop",
-        "sent": "./done/sent",
-        "failed": "./done/failed",
-        "destination": "pacs",
-        "quiet_period": "500ms",
-        "rescan_interval": "1s",
-    }
-    return make_layout(layout_root, url, sources=[{**base, **source}])
+    """A layout whose single source has ``source`` keys overridden (rescans every second)."""
+    return make_layout(layout_root, url, source={"rescan_interval": "1s", **source})
 
 
 def test_sent_and_failed_inside_watch_never_loop(tmp_path: Path, orthanc: Orthanc) -> None:
