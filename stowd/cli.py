@@ -12,6 +12,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from stowd import dryrun
 from stowd.config import Config, load_config
 from stowd.daemon import Daemon
 from stowd.errors import ConfigError, StowdError
@@ -35,7 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate the configuration, list every problem")
     status = sub.add_parser("status", help="show the queue: counts, age, rate, last errors")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    for p in (run, check, status):
+    dry = sub.add_parser(
+        "dry-run", help="show what would be sent or fail now; sends, moves and queues nothing"
+    )
+    dry.add_argument("--json", action="store_true", help="machine-readable output")
+    for p in (run, check, status, dry):
         p.add_argument(
             "-c", "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})"
         )
@@ -82,6 +87,15 @@ def _status(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _dry_run(config: Config, args: argparse.Namespace) -> int:
+    plans = dryrun.plan(config)
+    if args.json:
+        print(json.dumps([p.as_dict() for p in plans], indent=2))
+    else:
+        print(dryrun.render(plans))
+    return EXIT_OK
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -96,4 +110,4 @@ def _quiet_watchdog_shutdown(record: logging.LogRecord) -> bool:
     return "called when the thread is inactive" not in record.getMessage()
 
 
-_COMMANDS = {"run": _run, "check-config": _check, "status": _status}
+_COMMANDS = {"run": _run, "check-config": _check, "status": _status, "dry-run": _dry_run}

@@ -79,6 +79,11 @@ class Watcher:
         self._observer: BaseObserver | None = None
         self._rescan_requested = False
 
+    @property
+    def waiting(self) -> int:
+        """Files seen but not complete yet (still being written, or the quiet period runs)."""
+        return len(self._scheduled)
+
     # -- hints from watchdog --------------------------------------------------------------
     def hint(self, path: str, folder: bool = False) -> None:
         with self._hint_lock:

@@ -1,0 +1,110 @@
+"""``stowd dry-run``: what the daemon would do with the files in the watch folders now.
+
+It walks every watch folder with the daemon's own rules (ignored names, quiet period), reads
+each complete file's header, and reports what would be sent (in how many requests) and what
+would go to ``failed/`` and why.  It sends nothing, moves nothing and does not touch the queue.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from stowd.classify import classify
+from stowd.config import Config, Source
+from stowd.errors import FileProblem
+from stowd.group import take_batch
+from stowd.queue import Job, NewFile
+from stowd.watch import Watcher
+
+
+@dataclass
+class SourcePlan:
+    """What one source's folder holds right now."""
+
+    source: str
+    watch: str
+    destination: str
+    ready: int = 0
+    ready_bytes: int = 0
+    requests: int = 0
+    still_written: int = 0
+    would_fail: list[tuple[str, str]] = field(default_factory=list)
+    studies: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "watch": self.watch,
+            "destination": self.destination,
+            "ready_files": self.ready,
+            "ready_bytes": self.ready_bytes,
+            "studies": len(self.studies),
+            "requests": self.requests,
+            "still_being_written": self.still_written,
+            "would_fail": [{"file": f, "reason": r} for f, r in self.would_fail],
+        }
+
+
+def plan(config: Config) -> list[SourcePlan]:
+    """One plan per source."""
+    return [_plan_source(config, source) for source in config.sources]
+
+
+def _plan_source(config: Config, source: Source) -> SourcePlan:
+    dest = config.destination_of(source)
+    result = SourcePlan(source.name, str(source.watch), dest.name)
+
+    def look(files: list[NewFile]) -> int:
+        for new in files:
+            _look_at(result, new)
+        return len(files)
+
+    watcher = Watcher(source, dest.name, look, exclude=(config.queue,))
+    if source.watch.is_dir():
+        watcher.scan()
+    result.still_written = watcher.waiting
+    for sizes in result.studies.values():
+        result.requests += _requests(sizes, config, source)
+    return result
+
+
+def _look_at(result: SourcePlan, new: NewFile) -> None:
+    try:
+        keys = classify(new.path)
+    except FileProblem as problem:
+        result.would_fail.append((new.rel, str(problem)))
+        return
+    result.ready += 1
+    result.ready_bytes += new.size
+    result.studies[keys.study_uid].append(new.size)
+
+
+def _requests(sizes: list[int], config: Config, source: Source) -> int:
+    limits = config.destination_of(source).batch
+    jobs = [
+        Job(n, "", "", "", "", size, 0, "dicom", "", "", 0, None) for n, size in enumerate(sizes)
+    ]
+    count = 0
+    while jobs:
+        jobs = jobs[len(take_batch(jobs, limits)) :]
+        count += 1
+    return count
+
+
+def render(plans: list[SourcePlan]) -> str:
+    """The human form of a dry run."""
+    lines = []
+    for p in plans:
+        lines.append(f"source {p.source}: {p.watch} -> {p.destination}")
+        lines.append(
+            f"  would send:   {p.ready} file(s), {p.ready_bytes / 1e6:.1f} MB, "
+            f"{len(p.studies)} stud{'y' if len(p.studies) == 1 else 'ies'}, "
+            f"{p.requests} request(s)"
+        )
+        lines.append(f"  still being written (quiet period not over): {p.still_written}")
+        lines.append(f"  would fail:   {len(p.would_fail)}")
+        lines.extend(f"    {rel}: {reason}" for rel, reason in p.would_fail)
+    lines.append("dry run: nothing was sent, moved or queued")
+    return "\n".join(lines)
