@@ -100,9 +100,9 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
-    watchdog = logging.getLogger("watchdog")
-    watchdog.setLevel(logging.WARNING)
-    watchdog.addFilter(_quiet_watchdog_shutdown)
+    logging.getLogger("watchdog").setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:  # child loggers' records skip logger filters
+        handler.addFilter(_quiet_watchdog_shutdown)
 
 
 def _quiet_watchdog_shutdown(record: logging.LogRecord) -> bool:

@@ -180,6 +180,33 @@ def test_archive_down_mid_run_holds_files_then_sends_them(tmp_path: Path, orthan
         daemon.stop()
 
 
+def test_archive_killed_mid_request_loses_nothing(tmp_path: Path, orthanc: Orthanc) -> None:
+    """kill -9 of the archive while bodies are on the wire: connections reset mid-request."""
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
+    uids: set[str] = set()
+    for study in range(4):
+        uids |= {u for _, u in make_study(layout.drop / f"s{study}", 40, size_bytes=500_000)}
+    daemon = Stowd(layout).start()
+    try:
+        wait_for(
+            lambda: len(layout.files(layout.sent)) >= 10, 60, "some files sent", lambda: daemon.log
+        )
+        orthanc.kill()
+        time.sleep(3)
+        assert layout.files(layout.failed) == set()
+        assert len(layout.files(layout.sent)) < 160, "the archive died too late to prove it"
+        orthanc.start()
+        wait_for(
+            lambda: len(layout.files(layout.sent)) == 160, 120, "all 160 sent", lambda: daemon.log
+        )
+        assert orthanc.sop_instance_uids() == uids
+        assert layout.files(layout.failed) == set()
+        assert_settled_once(layout)
+        assert daemon.alive()
+    finally:
+        daemon.stop()
+
+
 def test_bad_files_fail_with_reasons_and_the_daemon_keeps_running(
     tmp_path: Path, orthanc: Orthanc
 ) -> None:
