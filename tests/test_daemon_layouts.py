@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import tempfile
 import time
@@ -44,7 +45,8 @@ def test_sent_and_failed_inside_watch_never_loop(tmp_path: Path, orthanc: Orthan
         time.sleep(3)  # three rescans of drop/, which holds _sent/ and _failed/
         data = json.loads(run_cli("status", "-c", str(layout.config), "--json").stdout)
         assert data["counts"] == {"sent": 5, "failed": 1}
-        assert daemon.log.count("batch of") == 1
+        sent_in_batches = re.findall(r"batch of (\d+) file", daemon.log)
+        assert sum(int(n) for n in sent_in_batches) == 5  # each file sent once, never again
     finally:
         daemon.stop()
 
