@@ -75,6 +75,7 @@ class Watcher:
         self._wake = threading.Event()
         self._due: list[tuple[float, str]] = []
         self._scheduled: set[str] = set()
+        self._linked_folders: set[str] = set()
         self._future: dict[str, tuple[int, int, float]] = {}
         self._observer: BaseObserver | None = None
         self._rescan_requested = False
@@ -194,11 +195,24 @@ class Watcher:
                         continue
                     if entry.is_dir(follow_symlinks=False):
                         yield from self._walk(entry.path)
-                    elif entry.is_file(follow_symlinks=False):
+                    elif entry.is_file():  # a symlink to a file is sent; the link is moved
                         yield entry.path
+                    elif entry.is_dir():
+                        self._skip_linked_folder(entry.path)
         except OSError as exc:
             level = logging.ERROR if top == str(self.source.watch) else logging.DEBUG
             log.log(level, "source %s: cannot read %s: %s", self.source.name, top, exc)
+
+    def _skip_linked_folder(self, path: str) -> None:
+        """Symlinked folders are not followed (loops); say so once, not at every scan."""
+        if path not in self._linked_folders:
+            self._linked_folders.add(path)
+            log.warning(
+                "source %s: not following the symlinked folder %s; drop files into real "
+                "folders or watch its target as a source of its own",
+                self.source.name,
+                path,
+            )
 
     def _check_all(
         self, paths: Iterator[str] | list[str], stop: threading.Event | None = None
@@ -227,7 +241,7 @@ class Watcher:
         if not self._wanted(path):
             return None
         try:
-            st = os.stat(path, follow_symlinks=False)
+            st = os.stat(path)
         except OSError:
             self._future.pop(path, None)
             return None

@@ -184,3 +184,20 @@ def test_the_rescan_finds_files_no_event_announced(tmp_path: Path) -> None:
         stop.set()
         thread.join(10)
     assert sink.paths() == {os.path.join("quiet", "x.dcm")}
+
+
+def test_symlinked_files_are_found_and_symlinked_folders_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = make_source(tmp_path)
+    target = write(tmp_path / "elsewhere" / "real.dcm", b"12345")
+    (source.watch / "link.dcm").symlink_to(target)
+    (source.watch / "folder").symlink_to(tmp_path / "elsewhere")
+    (source.watch / "dangling.dcm").symlink_to(tmp_path / "nothing")
+    sink = Sink()
+    watcher = Watcher(source, "pacs", sink)
+    watcher.scan()
+    watcher.scan()
+    assert sink.paths() == {"link.dcm"}
+    assert sink.files[0].size == 5
+    assert caplog.text.count("not following the symlinked folder") == 1
