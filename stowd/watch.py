@@ -200,7 +200,9 @@ class Watcher:
                     elif entry.is_dir():
                         self._skip_linked_folder(entry.path)
         except OSError as exc:
-            level = logging.ERROR if top == str(self.source.watch) else logging.DEBUG
+            level = logging.ERROR if top == str(self.source.watch) else logging.WARNING
+            if isinstance(exc, FileNotFoundError):
+                level = logging.DEBUG  # a folder removed while the scan ran
             log.log(level, "source %s: cannot read %s: %s", self.source.name, top, exc)
 
     def _skip_linked_folder(self, path: str) -> None:
