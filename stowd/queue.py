@@ -135,9 +135,12 @@ def _job(row: Sequence[Any]) -> Job:
 class Queue:
     """Thread-safe access to the queue database (one connection per thread)."""
 
-    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, path: Path, *, clock: Callable[[], float] = time.time, readonly: bool = False
+    ) -> None:
         self.path = path
         self.clock = clock
+        self.readonly = readonly
         self._local = threading.local()
         self._lock_fd: int | None = None
 
@@ -196,6 +199,11 @@ class Queue:
 
     def _connect(self) -> sqlite3.Connection:
         try:
+            if self.readonly:  # status: a WAL reader never blocks the daemon, and writes nothing
+                uri = f"{self.path.resolve().as_uri()}?mode=ro"
+                conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+                conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                return conn
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA journal_mode = WAL")
@@ -556,4 +564,4 @@ def open_readonly(path: Path) -> Queue:
     """A queue for ``stowd status``: no lock, no schema change, never blocks the daemon."""
     if not path.exists():
         raise QueueError(f"no queue at {path} (has stowd run with this config yet?)")
-    return Queue(path)
+    return Queue(path, readonly=True)

@@ -12,7 +12,7 @@ import pytest
 from stowd.config import BatchLimits
 from stowd.errors import QueueError, QueueLockedError
 from stowd.group import take_batch
-from stowd.queue import Job, NewFile, Queue
+from stowd.queue import Job, NewFile, Queue, open_readonly
 
 
 class Clock:
@@ -225,3 +225,16 @@ def test_adopt_follows_a_changed_destination_and_parks_removed_sources(queue: Qu
     assert len(queue.claim_batch(["archive2"], pick=pick_all, candidates=10, lease=60)) == 1
     queue.adopt({"src": "archive2", "old": "pacs"})  # the source is back
     assert len(queue.claim_batch(["pacs"], pick=pick_all, candidates=10, lease=60)) == 1
+
+
+def test_a_readonly_queue_reads_while_the_daemon_writes(queue: Queue, tmp_path: Path) -> None:
+    queue.enqueue([new("/d/a")])
+    reader = open_readonly(tmp_path / "q.db")
+    assert reader.counts() == {"pending": 1}
+    queue.enqueue([new("/d/b")])
+    assert reader.counts() == {"pending": 2}
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        reader._conn().execute("DELETE FROM files")
+    reader.close()
+    with pytest.raises(QueueError, match="no queue"):
+        open_readonly(tmp_path / "missing.db")
