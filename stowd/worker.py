@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from stowd import classify as classify_mod
-from stowd.config import Config, Destination
+from stowd.config import BatchLimits, Config, Destination
 from stowd.errors import DestinationBusy, DestinationHeld, FileProblem, FileVanished, StowFailure
 from stowd.group import take_batch
 from stowd.queue import Job, Queue
@@ -62,6 +62,7 @@ class Worker:
         self.stop = stop
         self.clock = clock
         self._lease = destination.timeouts.write + destination.timeouts.read + LEASE_SLACK
+        self.limits = destination.batch  # halved when the archive answers 413
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -111,8 +112,8 @@ class Worker:
             return False
         batch = self.queue.claim_batch(
             [name],
-            pick=lambda _dest, jobs: take_batch(jobs, self.destination.batch),
-            candidates=self.destination.batch.max_files,
+            pick=lambda _dest, jobs: take_batch(jobs, self.limits),
+            candidates=self.limits.max_files,
             lease=self._lease,
         )
         if not batch:
@@ -198,6 +199,8 @@ class Worker:
 
     # -- apply the verdicts ---------------------------------------------------------------
     def _apply(self, batch: list[Job], answer: Answer, parts: Sequence[Part]) -> None:
+        if answer.status == 413 and len(batch) > 1:
+            self._shrink_batches(batch)
         verdicts = judge(answer, parts)
         tally: dict[str, int] = {}
         for job in batch:
@@ -224,10 +227,27 @@ class Worker:
             self._settle(job, "sent", None)
         elif verdict.outcome is Outcome.FAILED:
             self._fail(job, verdict.reason, verdict=verdict, answer=answer)
+        elif verdict.outcome is Outcome.ISOLATE and answer.status == 413:
+            self.queue.release([job.id])  # sent again in the smaller batches
         elif verdict.outcome is Outcome.ISOLATE:
             self.queue.isolate([job.id])
         else:
             self._retry(job, verdict, answer)
+
+    def _shrink_batches(self, batch: list[Job]) -> None:
+        """HTTP 413 for a batch: from now on send at most half of it per request."""
+        total = sum(j.size for j in batch)
+        self.limits = BatchLimits(max_files=max(1, len(batch) // 2), max_bytes=max(1, total // 2))
+        log.warning(
+            "destination %s: a request of %d file(s), %.1f MB was too large for the archive "
+            "(HTTP 413); sending at most %d file(s), %.1f MB per request from now on "
+            "(lower batch.max_bytes in the config to keep it so)",
+            self.destination.name,
+            len(batch),
+            total / MB,
+            self.limits.max_files,
+            self.limits.max_bytes / MB,
+        )
 
     def _retry(self, job: Job, verdict: Verdict, answer: Answer) -> None:
         now = self.clock()

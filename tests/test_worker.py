@@ -300,3 +300,34 @@ def test_an_unexpected_error_never_leaves_a_batch_claimed(
     with pytest.raises(RuntimeError):
         rig.worker.send_one()
     assert rig.queue.counts() == {"pending": 2}
+
+
+def test_413_halves_the_batches_until_the_archive_takes_them(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    sizes: list[int] = []
+
+    def archive(request: httpx.Request) -> httpx.Response:
+        uids = sop_uids_in(request)
+        sizes.append(len(uids))
+        if len(uids) > 3:  # the archive takes at most 3 of these files per request
+            return httpx.Response(413)
+        return httpx.Response(200, json=stow_json(uids))
+
+    rig = rig_factory(archive)
+    make_study(rig.source.watch / "s", 10)
+    rig.find()
+    rig.drain()
+    assert sizes[:3] == [10, 5, 2]  # 10 refused, then halves: 5 refused, then 2s and 1s
+    assert max(sizes[3:]) <= 2
+    assert rig.queue.counts() == {"sent": 10}
+    assert not rig.source.failed.exists()
+
+
+def test_413_for_a_single_file_fails_it(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory(lambda _r: httpx.Response(413))
+    make_instance(rig.source.watch / "huge.dcm")
+    rig.find()
+    rig.drain()
+    assert rig.names(rig.source.failed) == {"huge.dcm"}
+    assert "larger than the archive accepts" in str(rig.reason("huge.dcm")["reason"])
