@@ -131,3 +131,12 @@ def test_remove_empty_dirs(tmp_path: Path, orthanc: Orthanc) -> None:
         assert layout.drop.is_dir()
     finally:
         daemon.stop()
+
+
+def test_an_unusable_queue_path_is_a_clear_runtime_error(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("not a folder")
+    layout = make_layout(tmp_path, "http://127.0.0.1:9/dicom-web", queue="./afile/q.db")
+    result = run_cli("run", "-c", str(layout.config), timeout=30)
+    assert result.returncode == 1
+    assert "cannot create the queue folder" in result.stderr
+    assert "Traceback" not in result.stderr

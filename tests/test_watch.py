@@ -8,10 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
+from watchdog.events import DirModifiedEvent, FileCreatedEvent, FileMovedEvent
 
 from stowd.config import Source
 from stowd.queue import NewFile
-from stowd.watch import Watcher
+from stowd.watch import Watcher, _Handler
 
 
 class Clock:
@@ -201,3 +202,17 @@ def test_symlinked_files_are_found_and_symlinked_folders_reported(
     assert sink.paths() == {"link.dcm"}
     assert sink.files[0].size == 5
     assert caplog.text.count("not following the symlinked folder") == 1
+
+
+def test_the_event_handler_never_raises() -> None:
+    seen: list[tuple[str, bool]] = []
+
+    def broken_hint(path: str, folder: bool) -> None:
+        seen.append((path, folder))
+        raise RuntimeError("a bug in the hint")
+
+    handler = _Handler(broken_hint)
+    handler.on_any_event(FileCreatedEvent("/drop/a.dcm"))
+    handler.on_any_event(FileMovedEvent("/elsewhere/b.tmp", "/drop/b.dcm"))
+    handler.on_any_event(DirModifiedEvent("/drop"))  # folder changes are not hints
+    assert seen == [("/drop/a.dcm", False), ("/drop/b.dcm", False)]
