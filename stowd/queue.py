@@ -434,24 +434,26 @@ class Queue:
             )
 
     # -- settling ------------------------------------------------------------------------
-    def begin_settle(
-        self, job_id: int, *, outcome: str, target: str, error: dict[str, Any] | None
-    ) -> None:
-        """Record the decision and the target path before the file is moved."""
+    def begin_settle(self, plans: Iterable[tuple[int, str, str, dict[str, Any] | None]]) -> None:
+        """Record (id, outcome, target, error) of each job before its file is moved."""
         with self._tx() as db:
-            db.execute(
+            db.executemany(
                 "UPDATE files SET state = 'settling', outcome = ?, target = ?, error = ?, "
                 "lease_until = NULL WHERE id = ?",
-                (outcome, target, json.dumps(error) if error else None, job_id),
+                [(o, t, json.dumps(e) if e else None, i) for i, o, t, e in plans],
             )
 
-    def finish(self, job_id: int, *, state: str, target: str | None = None) -> None:
+    def finish(self, job_id: int, *, state: str) -> None:
         """The file was moved (or is gone): the job is done."""
+        self.finish_many([(job_id, state)])
+
+    def finish_many(self, done: Iterable[tuple[int, str]]) -> None:
+        """Mark (id, state) pairs done, in one transaction."""
+        now = self.clock()
         with self._tx() as db:
-            db.execute(
-                "UPDATE files SET state = ?, target = COALESCE(?, target), done_at = ?, "
-                "lease_until = NULL WHERE id = ?",
-                (state, target, self.clock(), job_id),
+            db.executemany(
+                "UPDATE files SET state = ?, done_at = ?, lease_until = NULL WHERE id = ?",
+                [(state, now, i) for i, state in done],
             )
 
     def forget_done(self, older_than: float) -> int:

@@ -14,7 +14,8 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,53 +29,86 @@ ERROR_SUFFIX = ".error.json"
 MAX_SUFFIX = 10_000
 
 
-def free_target(base: Path, rel: str) -> Path:
+def free_target(base: Path, rel: str, also_taken: Collection[Path] = ()) -> Path:
     """``base/rel``, or ``base/<stem>~N<ext>`` when that name is taken."""
     target = base / rel
-    if not _taken(target):
+    if not _taken(target, also_taken):
         return target
     for n in range(1, MAX_SUFFIX):
         name = f"{target.stem}~{n}{target.suffix}" if target.suffix else f"{target.name}~{n}"
         candidate = target.with_name(name)
-        if not _taken(candidate):
+        if not _taken(candidate, also_taken):
             return candidate
     raise OSError(errno.EEXIST, f"no free name for {target}")
 
 
-def _taken(path: Path) -> bool:
-    return path.exists() or Path(str(path) + ERROR_SUFFIX).exists()
+def _taken(path: Path, also_taken: Collection[Path]) -> bool:
+    return path in also_taken or path.exists() or Path(str(path) + ERROR_SUFFIX).exists()
 
 
-def settle(
-    queue: Queue, source: Source, job: Job, *, outcome: str, error: dict[str, Any] | None
-) -> Path:
-    """Move ``job``'s file into ``sent/`` or ``failed/`` and finish its row."""
-    base = source.sent if outcome == "sent" else source.failed
-    target = free_target(base, job.rel)
-    queue.begin_settle(job.id, outcome=outcome, target=str(target), error=error)
-    return complete(queue, job.id, job.path, target, outcome=outcome, error=error)
+@dataclass(frozen=True)
+class Decision:
+    """What is to become of a job's file: ``sent`` or ``failed`` (with the reason)."""
+
+    job: Job
+    source: Source
+    outcome: str
+    error: dict[str, Any] | None = None
 
 
-def complete(
-    queue: Queue,
-    job_id: int,
-    path: str,
-    target: Path,
-    *,
-    outcome: str,
-    error: dict[str, Any] | None,
-) -> Path:
-    """Do (or finish) the recorded move, write the reason, then mark the row done."""
+@dataclass(frozen=True)
+class Settled:
+    """A decision carried out (``target``; None when the file had vanished), or not
+    (``problem``: the row stays settling)."""
+
+    decision: Decision
+    target: Path | None
+    problem: OSError | None = None
+
+
+def settle_all(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
+    """Move the files of a batch: record every target, move, sync each folder, finish all.
+
+    Two queue transactions and one folder fsync per folder, whatever the batch size.
+    """
+    plans = _plan(decisions)
+    queue.begin_settle([(d.job.id, d.outcome, str(t), d.error) for d, t in plans])
+    results: list[Settled] = []
+    done: list[tuple[int, str]] = []
+    for decision, target in plans:
+        try:
+            state = _carry_out(decision.job.path, target, decision.outcome, decision.error)
+        except OSError as exc:
+            results.append(Settled(decision, None, exc))
+            continue
+        done.append((decision.job.id, state))
+        results.append(Settled(decision, target if state != "gone" else None))
+    _sync_folders({r.target.parent for r in results if r.target is not None})
+    queue.finish_many(done)
+    return results
+
+
+def _plan(decisions: Sequence[Decision]) -> list[tuple[Decision, Path]]:
+    chosen: set[Path] = set()
+    plans = []
+    for d in decisions:
+        base = d.source.sent if d.outcome == "sent" else d.source.failed
+        target = free_target(base, d.job.rel, chosen)
+        chosen.add(target)
+        plans.append((d, target))
+    return plans
+
+
+def _carry_out(path: str, target: Path, outcome: str, error: dict[str, Any] | None) -> str:
+    """Do (or finish) one recorded move and write the reason; returns the final state."""
     if os.path.lexists(path):
-        move(Path(path), target)
+        move(Path(path), target, sync=False)
     elif not target.exists():
         log.warning("file vanished before it could be moved to %s: %s", outcome, path)
-        queue.finish(job_id, state="gone")
-        return target
+        return "gone"
     if outcome == "failed" and error is not None:
         write_reason(target, error)
-    queue.finish(job_id, state=outcome)
-    return target
+    return outcome
 
 
 def repair(queue: Queue, only: Collection[int] | None = None) -> tuple[int, set[int]]:
@@ -82,24 +116,31 @@ def repair(queue: Queue, only: Collection[int] | None = None) -> tuple[int, set[
 
     Returns how many were finished and the ids that still cannot be moved.
     """
-    finished, stuck = 0, set()
+    done: list[tuple[int, str]] = []
+    folders: set[Path] = set()
+    stuck: set[int] = set()
     for job in queue.settling():
         if only is not None and job.id not in only:
             continue
-        error = json.loads(job.error) if job.error else None
         assert job.target and job.outcome
+        error = json.loads(job.error) if job.error else None
         try:
-            complete(queue, job.id, job.path, Path(job.target), outcome=job.outcome, error=error)
+            done.append((job.id, _carry_out(job.path, Path(job.target), job.outcome, error)))
         except OSError as exc:
             log.error("still cannot move %s to %s: %s", job.path, job.target, exc)
             stuck.add(job.id)
             continue
-        finished += 1
-    return finished, stuck
+        folders.add(Path(job.target).parent)
+    _sync_folders(folders)
+    queue.finish_many(done)
+    return len(done), stuck
 
 
-def move(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst``; across filesystems copy + fsync + rename + unlink."""
+def move(src: Path, dst: Path, *, sync: bool = True) -> None:
+    """Rename ``src`` to ``dst``; across filesystems copy + fsync + rename + unlink.
+
+    With ``sync=False`` the caller fsyncs ``dst``'s folder (once for many moves).
+    """
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.rename(src, dst)
@@ -107,7 +148,16 @@ def move(src: Path, dst: Path) -> None:
         if exc.errno != errno.EXDEV:
             raise
         _copy_across(src, dst)
-    _fsync_dir(dst.parent)
+    if sync:
+        _fsync_dir(dst.parent)
+
+
+def _sync_folders(folders: Collection[Path]) -> None:
+    for folder in folders:
+        try:
+            _fsync_dir(folder)
+        except OSError as exc:  # the renames happened; only their durability is in doubt
+            log.warning("cannot sync folder %s: %s", folder, exc)
 
 
 def _copy_across(src: Path, dst: Path) -> None:

@@ -19,7 +19,7 @@ from stowd.config import BatchLimits, Config, Destination
 from stowd.errors import DestinationBusy, DestinationHeld, FileProblem, FileVanished, StowFailure
 from stowd.group import take_batch
 from stowd.queue import Job, Queue
-from stowd.settle import iso, remove_empty_parents, settle
+from stowd.settle import Decision, iso, remove_empty_parents, settle_all
 from stowd.stow import (
     Answer,
     Outcome,
@@ -86,13 +86,21 @@ class Worker:
             return 0
         try:
             jobs = self.queue.unclassified(CLASSIFY_CHUNK)
-            done = [self._classify(job) for job in jobs]
-            self.queue.set_classified([d for d in done if d is not None])
+            keys, refused = [], []
+            for job in jobs:
+                result = self._classify(job)
+                if isinstance(result, Decision):
+                    refused.append(result)
+                elif result is not None:
+                    keys.append(result)
+            self.queue.set_classified(keys)
+            self._settle_all(refused)
             return len(jobs)
         finally:
             self.classify_lock.release()
 
-    def _classify(self, job: Job) -> tuple[int, str, str, str, str] | None:
+    def _classify(self, job: Job) -> tuple[int, str, str, str, str] | Decision | None:
+        """The file's keys; a ``Decision`` to fail it; None when it is gone."""
         try:
             c = classify_mod.classify(job.path)
         except FileVanished:
@@ -100,8 +108,7 @@ class Worker:
             self.queue.finish(job.id, state="gone")
             return None
         except FileProblem as problem:
-            self._fail(job, str(problem), stage="reading the file")
-            return None
+            return self._failure(job, str(problem), stage="reading the file")
         return (job.id, c.kind, c.study_uid, c.sop_uid, c.sop_class)
 
     # -- send -----------------------------------------------------------------------------
@@ -203,10 +210,14 @@ class Worker:
             self._shrink_batches(batch)
         verdicts = judge(answer, parts)
         tally: dict[str, int] = {}
+        decisions: list[Decision] = []
         for job in batch:
             verdict = verdicts[job.sop_uid or ""]
             tally[verdict.outcome.value] = tally.get(verdict.outcome.value, 0) + 1
-            self._act(job, verdict, answer)
+            decision = self._act(job, verdict, answer)
+            if decision is not None:
+                decisions.append(decision)
+        self._settle_all(decisions)
         size = sum(j.size for j in batch) / MB
         log.info(
             "destination %s: batch of %d file(s), %.1f MB, HTTP %d in %.2fs: %s",
@@ -220,19 +231,21 @@ class Worker:
         if answer.server_message and answer.status != 200:
             log.warning("destination %s said: %s", self.destination.name, answer.server_message)
 
-    def _act(self, job: Job, verdict: Verdict, answer: Answer) -> None:
+    def _act(self, job: Job, verdict: Verdict, answer: Answer) -> Decision | None:
+        """Queue bookkeeping for one file; a ``Decision`` when its file is to be moved."""
         if verdict.outcome is Outcome.SENT:
             if verdict.reason:
                 log.warning("%s: %s", job.path, verdict.reason)
-            self._settle(job, "sent", None)
-        elif verdict.outcome is Outcome.FAILED:
-            self._fail(job, verdict.reason, verdict=verdict, answer=answer)
-        elif verdict.outcome is Outcome.ISOLATE and answer.status == 413:
+            return Decision(job, self.config.source(job.source), "sent")
+        if verdict.outcome is Outcome.FAILED:
+            return self._failure(job, verdict.reason, verdict=verdict, answer=answer)
+        if verdict.outcome is Outcome.ISOLATE and answer.status == 413:
             self.queue.release([job.id])  # sent again in the smaller batches
         elif verdict.outcome is Outcome.ISOLATE:
             self.queue.isolate([job.id])
         else:
-            self._retry(job, verdict, answer)
+            return self._retry(job, verdict, answer)
+        return None
 
     def _shrink_batches(self, batch: list[Job]) -> None:
         """HTTP 413 for a batch: from now on send at most half of it per request."""
@@ -249,24 +262,24 @@ class Worker:
             self.limits.max_bytes / MB,
         )
 
-    def _retry(self, job: Job, verdict: Verdict, answer: Answer) -> None:
+    def _retry(self, job: Job, verdict: Verdict, answer: Answer) -> Decision | None:
         now = self.clock()
         age = now - (job.first_try or now)
         if age > self.config.retry.max_age:
             reason = f"gave up after {job.attempts + 1} attempts: {verdict.reason}"
-            self._fail(job, reason, verdict=verdict, answer=answer)
-            return
+            return self._failure(job, reason, verdict=verdict, answer=answer)
         delay = self._file_delay(job.attempts)
         error = self._error_doc(job, verdict.reason, verdict=verdict, answer=answer)
         self.queue.retry_later([job.id], at=now + delay, error=error)
         log.info("%s: %s; retry in %.0fs", job.path, verdict.reason, delay)
+        return None
 
     def _file_delay(self, attempts: int) -> float:
         retry = self.config.retry
         return _jitter(min(retry.initial * retry.multiplier**attempts, retry.maximum))
 
     # -- settle ---------------------------------------------------------------------------
-    def _fail(
+    def _failure(
         self,
         job: Job,
         reason: str,
@@ -274,22 +287,30 @@ class Worker:
         verdict: Verdict | None = None,
         answer: Answer | None = None,
         stage: str = "storing the file",
-    ) -> None:
+    ) -> Decision:
         error = self._error_doc(job, reason, verdict=verdict, answer=answer, stage=stage)
         log.error("%s: %s -> failed/", job.path, reason)
-        self._settle(job, "failed", error)
+        return Decision(job, self.config.source(job.source), "failed", error)
 
-    def _settle(self, job: Job, outcome: str, error: dict[str, Any] | None) -> None:
-        source = self.config.source(job.source)
-        try:
-            target = settle(self.queue, source, job, outcome=outcome, error=error)
-        except OSError as exc:
-            log.error("cannot move %s to %s/: %s (will try again)", job.path, outcome, exc)
-            self.unsettled.add(job.id)
+    def _fail(self, job: Job, reason: str, *, stage: str) -> None:
+        """Move one file to failed/ now (it could not even be read)."""
+        self._settle_all([self._failure(job, reason, stage=stage)])
+
+    def _settle_all(self, decisions: list[Decision]) -> None:
+        if not decisions:
             return
-        log.debug("%s -> %s", job.path, target)
-        if source.remove_empty_dirs:
-            remove_empty_parents(Path(job.path), source.watch)
+        for result in settle_all(self.queue, decisions):
+            job, source = result.decision.job, result.decision.source
+            if result.problem is not None:
+                log.error(
+                    "cannot move %s to %s/: %s (will try again)",
+                    job.path,
+                    result.decision.outcome,
+                    result.problem,
+                )
+                self.unsettled.add(job.id)
+            elif result.target is not None and source.remove_empty_dirs:
+                remove_empty_parents(Path(job.path), source.watch)
 
     def _error_doc(
         self,

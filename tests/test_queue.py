@@ -162,7 +162,7 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
 
 def test_settling_rows_survive_and_finish(queue: Queue) -> None:
     queue.enqueue([new("/d/a")])
-    queue.begin_settle(1, outcome="failed", target="/f/a", error={"reason": "bad"})
+    queue.begin_settle([(1, "failed", "/f/a", {"reason": "bad"})])
     assert [j.target for j in queue.settling()] == ["/f/a"]
     queue.finish(1, state="failed")
     assert queue.settling() == []
@@ -183,7 +183,7 @@ def test_holds_accumulate_failures_and_clear(queue: Queue, clock: Clock) -> None
 def test_status_queries(queue: Queue, clock: Clock) -> None:
     queue.enqueue([new("/d/a"), new("/d/b")])
     clock.now += 30
-    queue.begin_settle(1, outcome="failed", target="/f/a", error={"reason": "broken"})
+    queue.begin_settle([(1, "failed", "/f/a", {"reason": "broken"})])
     queue.finish(1, state="failed")
     assert queue.oldest_active() == clock.now - 30
     assert queue.done_since(clock.now - 60) == {"failed": 1}

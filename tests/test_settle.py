@@ -12,8 +12,8 @@ import pytest
 
 from stowd import settle as settle_mod
 from stowd.config import Source
-from stowd.queue import NewFile, Queue
-from stowd.settle import free_target, repair, settle
+from stowd.queue import Job, NewFile, Queue
+from stowd.settle import Decision, free_target, repair, settle_all
 
 
 @pytest.fixture
@@ -26,6 +26,16 @@ def queue(tmp_path: Path) -> Iterator[Queue]:
     q = Queue(tmp_path / "q.db").open()
     yield q
     q.close()
+
+
+def settle(
+    queue: Queue, source: Source, job: Job, *, outcome: str, error: dict[str, object] | None
+) -> Path | None:
+    """Settle one job the way the worker settles a batch; raise what could not be moved."""
+    [result] = settle_all(queue, [Decision(job, source, outcome, error)])
+    if result.problem is not None:
+        raise result.problem
+    return result.target
 
 
 def drop(source: Source, queue: Queue, rel: str, data: bytes = b"x") -> Path:
@@ -41,6 +51,7 @@ def test_sent_keeps_the_relative_path(source: Source, queue: Queue) -> None:
     path = drop(source, queue, "P1/S1/img.dcm", b"abc")
     [job] = queue.jobs()
     target = settle(queue, source, job, outcome="sent", error=None)
+    assert target is not None
     assert target == source.sent / "P1/S1/img.dcm"
     assert target.read_bytes() == b"abc"
     assert not path.exists()
@@ -53,6 +64,7 @@ def test_never_overwrites(source: Source, queue: Queue) -> None:
     drop(source, queue, "a/img.dcm", b"new")
     [job] = queue.jobs()
     target = settle(queue, source, job, outcome="sent", error=None)
+    assert target is not None
     assert target.name == "img~1.dcm"
     assert (source.sent / "a/img.dcm").read_bytes() == b"old"
     assert free_target(source.sent, "a/img.dcm").name == "img~2.dcm"
@@ -62,6 +74,7 @@ def test_failed_gets_a_readable_reason(source: Source, queue: Queue) -> None:
     drop(source, queue, "bad.dcm")
     [job] = queue.jobs()
     target = settle(queue, source, job, outcome="failed", error={"reason": "not DICOM"})
+    assert target is not None
     reason = json.loads(Path(str(target) + ".error.json").read_text())
     assert reason == {"reason": "not DICOM"}
     assert queue.counts() == {"failed": 1}
@@ -71,7 +84,7 @@ def test_repair_finishes_an_interrupted_move(source: Source, queue: Queue) -> No
     path = drop(source, queue, "x.dcm")
     [job] = queue.jobs()
     target = source.failed / "x.dcm"
-    queue.begin_settle(job.id, outcome="failed", target=str(target), error={"reason": "r"})
+    queue.begin_settle([(job.id, "failed", str(target), {"reason": "r"})])
     assert repair(queue) == (1, set())  # crash before the move
     assert target.exists() and not path.exists()
     assert Path(str(target) + ".error.json").exists()
@@ -82,7 +95,7 @@ def test_repair_after_the_move_only_marks_done(source: Source, queue: Queue) -> 
     path = drop(source, queue, "y.dcm")
     [job] = queue.jobs()
     target = source.sent / "y.dcm"
-    queue.begin_settle(job.id, outcome="sent", target=str(target), error=None)
+    queue.begin_settle([(job.id, "sent", str(target), None)])
     settle_mod.move(path, target)  # crash after the move, before the bookkeeping
     assert repair(queue) == (1, set())
     assert queue.counts() == {"sent": 1}
@@ -144,3 +157,22 @@ def test_a_move_that_fails_stays_settling_until_it_can_be_done(
     assert repair(queue, only={job.id}) == (1, set())
     assert (source.failed / "sub" / "w.dcm").exists()
     assert queue.counts() == {"failed": 1}
+
+
+def test_one_batch_never_gives_two_files_the_same_name(
+    source: Source, queue: Queue
+) -> None:
+    first = drop(source, queue, "a/x.dcm")
+    (source.sent / "a").mkdir(parents=True)
+    (source.sent / "a" / "x.dcm").write_bytes(b"already there")
+    jobs = queue.jobs()
+    other = Source("ct2", source.watch, source.sent, source.failed, "pacs")
+    twin = Job(99, "ct2", "pacs", str(first) + ".twin", "a/x.dcm", 1, 0, None, None, None, 0, None)
+    Path(twin.path).write_bytes(b"twin")
+    results = settle_all(
+        queue,
+        [Decision(jobs[0], source, "sent"), Decision(twin, other, "sent")],
+    )
+    names = sorted(r.target.name for r in results if r.target is not None)
+    assert names == ["x~1.dcm", "x~2.dcm"]
+    assert (source.sent / "a" / "x.dcm").read_bytes() == b"already there"
