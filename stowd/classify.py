@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import pydicom
-from pydicom.errors import InvalidDicomError
 
-from stowd.errors import FileProblem, FileVanished
+from stowd.errors import FileProblem, FileUnreadable, FileVanished
 
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -47,12 +46,12 @@ def classify(path: str) -> Classified:
             if size == 0:
                 raise FileProblem("the file is empty (0 bytes)")
             return _classify_dicom(fp, size)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, NotADirectoryError) as exc:
         raise FileVanished("the file was removed before it could be sent") from exc
     except IsADirectoryError as exc:
         raise FileVanished("the path is now a folder") from exc
-    except PermissionError as exc:
-        raise FileProblem(f"stowd may not read the file: {exc.strerror}") from exc
+    except OSError as exc:  # pydicom's own parse errors were turned into FileProblem below
+        raise FileUnreadable.from_os_error(exc, path) from exc
 
 
 def _classify_dicom(fp: BinaryIO, size: int) -> Classified:
@@ -66,11 +65,22 @@ def _classify_dicom(fp: BinaryIO, size: int) -> Classified:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
-    except (InvalidDicomError, EOFError, ValueError, struct.error, KeyError) as exc:
-        raise FileProblem(f"the DICOM header cannot be read: {exc}") from exc
-    keys = _keys(ds)
-    _check_pixel_data(fp, size, _transfer_syntax(ds))
+            keys = _keys(ds)
+        _check_pixel_data(fp, size, _transfer_syntax(ds))
+    except FileProblem:
+        raise
+    except OSError as exc:
+        if exc.errno is not None:
+            raise  # a real I/O error: the file may be readable later
+        raise _unreadable_header(exc) from exc  # pydicom reports some damage as OSError
+    except Exception as exc:  # any other parse error of a damaged header
+        raise _unreadable_header(exc) from exc
     return keys
+
+
+def _unreadable_header(exc: Exception) -> FileProblem:
+    detail = str(exc) or type(exc).__name__
+    return FileProblem(f"the DICOM header cannot be read (the file is damaged): {detail}")
 
 
 def _looks_like_part10(fp: BinaryIO, size: int) -> bool:

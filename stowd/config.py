@@ -19,7 +19,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -80,13 +80,20 @@ class Destination:
 
     @property
     def display_url(self) -> str:
-        """The URL for logs and status: a password in it is replaced by ``***``."""
-        parts = urlsplit(self.url)
-        if parts.password is None:
-            return self.url
-        netloc = f"{parts.username}:***@{parts.hostname}"
-        netloc += f":{parts.port}" if parts.port else ""
-        return urlunsplit(parts._replace(netloc=netloc))
+        """The URL for logs and status, with any user:password@ replaced by ``***@``."""
+        return redact_url(self.url)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with everything between ``://`` and the last ``@`` hidden.
+
+    Done on the text, not with urlsplit: a password with an unescaped ``#``, ``/`` or ``?``
+    is mis-parsed by urlsplit and would leak.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
 
 
 @dataclass(frozen=True)
@@ -308,18 +315,19 @@ def _as_log_level(value: object) -> str:
 
 def _as_url(value: object) -> str:
     url = _as_text(value)
+    shown = redact_url(url)
     parts = urlsplit(url)
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise ValueError(
             "expected an http:// or https:// URL with a host, such as "
-            f"http://127.0.0.1:8042/dicom-web, got {url!r}"
+            f"http://127.0.0.1:8042/dicom-web, got {shown!r}"
         )
     try:
         parts.port  # noqa: B018 - urlsplit checks the port only when it is read
     except ValueError:
-        raise ValueError(f"the port is not a number from 0 to 65535 in {url!r}") from None
+        raise ValueError(f"the port is not a number from 0 to 65535 in {shown!r}") from None
     if parts.query or parts.fragment:
-        raise ValueError(f"must not contain '?' or '#' (/studies is appended to it), got {url!r}")
+        raise ValueError(f"must not contain '?' or '#' (/studies is appended to it), got {shown!r}")
     return url
 
 

@@ -8,6 +8,8 @@
     │   └── QueueLockedError   another stowd already uses this queue
     ├── FileProblem            a single file cannot be sent as it is (never retried)
     │   └── FileVanished       the file disappeared before it could be sent
+    ├── FileUnreadable         a file cannot be read right now (permissions, I/O error):
+    │                          retried later, like the archive's temporary refusals
     └── StowFailure            one STOW request did not go through (raised by stow.py only)
         ├── DestinationHeld    the archive or our configuration is wrong, not the files:
         │                      401/403/404/405/415, TLS; files stay queued, the destination waits
@@ -69,6 +71,24 @@ class FileProblem(StowdError):
     def __init__(self, message: str, *, path: str | None = None) -> None:
         super().__init__(message)
         self.path = path
+
+
+class FileUnreadable(StowdError):
+    """A file stowd cannot read now (permissions, an I/O error): a deployment problem, retried."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+    @classmethod
+    def from_os_error(cls, exc: OSError, path: str) -> FileUnreadable:
+        if isinstance(exc, PermissionError):
+            return cls(
+                "stowd may not read the file (permission denied): check the owner and mode "
+                "of the file and its folder; it is tried again later",
+                path=path,
+            )
+        return cls(f"reading the file failed: {exc.strerror or exc}", path=path)
 
 
 class FileVanished(FileProblem):

@@ -301,7 +301,8 @@ class Queue:
         if row[3] == "pending" and (row[1], row[2]) != (f.size, f.mtime_ns):
             db.execute(
                 "UPDATE files SET size = ?, mtime_ns = ?, kind = NULL, study_uid = NULL, "
-                "sop_uid = NULL, sop_class = NULL WHERE id = ?",
+                "sop_uid = NULL, sop_class = NULL, solo = 0, attempts = 0, first_try = NULL, "
+                "last_try = NULL, next_attempt_at = 0, error = NULL WHERE id = ?",
                 (f.size, f.mtime_ns, row[0]),
             )
         return 0
@@ -333,13 +334,17 @@ class Queue:
         )
         return [_job(r) for r in rows]
 
-    def set_classified(self, items: Iterable[tuple[int, str, str, str, str]]) -> None:
-        """Record (id, kind, study_uid, sop_uid, sop_class) for pending rows."""
+    def set_classified(self, items: Iterable[tuple[Job, str, str, str, str]]) -> None:
+        """Record (job, kind, study_uid, sop_uid, sop_class) for pending rows.
+
+        Only where the row still describes the content that was read: a row the watcher
+        updated for new content meanwhile is read again.
+        """
         with self._tx() as db:
             db.executemany(
                 "UPDATE files SET kind = ?, study_uid = ?, sop_uid = ?, sop_class = ? "
-                "WHERE id = ? AND state = 'pending'",
-                [(k, st, so, sc, i) for i, k, st, so, sc in items],
+                "WHERE id = ? AND state = 'pending' AND size = ? AND mtime_ns = ?",
+                [(k, st, so, sc, j.id, j.size, j.mtime_ns) for j, k, st, so, sc in items],
             )
 
     # -- the workers' side -------------------------------------------------------------
@@ -394,13 +399,17 @@ class Queue:
             ).fetchall()
         return [_job(r) for r in rows]
 
-    def release(self, ids: Iterable[int]) -> None:
-        """Give claimed rows back untouched (shutdown, held destination)."""
+    def release(self, ids: Iterable[int], *, not_before: float = 0.0) -> None:
+        """Give claimed rows back untouched (shutdown, destination trouble).
+
+        ``not_before`` keeps them behind rows that have not failed yet, so one batch that
+        keeps failing cannot block the others.
+        """
         with self._tx() as db:
             db.executemany(
-                "UPDATE files SET state = 'pending', lease_until = NULL "
-                "WHERE id = ? AND state = 'claimed'",
-                [(i,) for i in ids],
+                "UPDATE files SET state = 'pending', lease_until = NULL, "
+                "next_attempt_at = MAX(next_attempt_at, ?) WHERE id = ? AND state = 'claimed'",
+                [(not_before, i) for i in ids],
             )
 
     def retry_later(
@@ -416,21 +425,13 @@ class Queue:
                 [(now, now, at, json.dumps(error), int(solo), i) for i in ids],
             )
 
-    def isolate(self, ids: Iterable[int]) -> None:
+    def isolate(self, ids: Iterable[int], *, not_before: float = 0.0) -> None:
         """Send these rows one per request from now on (to find a bad one in a batch)."""
         with self._tx() as db:
             db.executemany(
-                "UPDATE files SET state = 'pending', lease_until = NULL, solo = 1 WHERE id = ?",
-                [(i,) for i in ids],
-            )
-
-    def mark_tried(self, ids: Iterable[int]) -> None:
-        now = self.clock()
-        with self._tx() as db:
-            db.executemany(
-                "UPDATE files SET attempts = attempts + 1, first_try = COALESCE(first_try, ?), "
-                "last_try = ? WHERE id = ?",
-                [(now, now, i) for i in ids],
+                "UPDATE files SET state = 'pending', lease_until = NULL, solo = 1, "
+                "next_attempt_at = MAX(next_attempt_at, ?) WHERE id = ?",
+                [(not_before, i) for i in ids],
             )
 
     # -- settling ------------------------------------------------------------------------

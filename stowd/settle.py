@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +27,7 @@ from stowd.queue import Job, Queue
 log = logging.getLogger("stowd.settle")
 
 ERROR_SUFFIX = ".error.json"
+_MOVING = threading.Lock()
 MAX_SUFFIX = 10_000
 
 
@@ -71,18 +73,24 @@ def settle_all(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
 
     Two queue transactions and one folder fsync per folder, whatever the batch size.
     """
+    with _MOVING:  # two workers must never pick the same free name at the same time
+        return _settle_all(queue, decisions)
+
+
+def _settle_all(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
     plans = _plan(decisions)
     queue.begin_settle([(d.job.id, d.outcome, str(t), d.error) for d, t in plans])
     results: list[Settled] = []
     done: list[tuple[int, str]] = []
     for decision, target in plans:
         try:
-            state = _carry_out(decision.job.path, target, decision.outcome, decision.error)
+            state = _carry_out(decision.job, target, decision.outcome, decision.error)
         except OSError as exc:
             results.append(Settled(decision, None, exc))
             continue
         done.append((decision.job.id, state))
-        results.append(Settled(decision, target if state != "gone" else None))
+        moved = state != "gone" and not os.path.lexists(decision.job.path)
+        results.append(Settled(decision, target if moved else None))
     _sync_folders({r.target.parent for r in results if r.target is not None})
     queue.finish_many(done)
     return results
@@ -99,16 +107,30 @@ def _plan(decisions: Sequence[Decision]) -> list[tuple[Decision, Path]]:
     return plans
 
 
-def _carry_out(path: str, target: Path, outcome: str, error: dict[str, Any] | None) -> str:
+def _carry_out(job: Job, target: Path, outcome: str, error: dict[str, Any] | None) -> str:
     """Do (or finish) one recorded move and write the reason; returns the final state."""
-    if os.path.lexists(path):
-        move(Path(path), target, sync=False)
+    if _replaced(job):
+        # The file at the path is not the one this job sent: leave it for the watcher,
+        # which queues it as a new job. The job's own content is gone (or was stored).
+        log.info("%s was replaced after it was read; the new file is queued anew", job.path)
+        return "sent" if outcome == "sent" else "gone"
+    if os.path.lexists(job.path):
+        move(Path(job.path), target, sync=False)
     elif not target.exists():
-        log.warning("file vanished before it could be moved to %s: %s", outcome, path)
+        log.warning("file vanished before it could be moved to %s: %s", outcome, job.path)
         return "gone"
     if outcome == "failed" and error is not None:
         write_reason(target, error)
     return outcome
+
+
+def _replaced(job: Job) -> bool:
+    """Is the file at the job's path now another file (other size or mtime)?"""
+    try:
+        st = os.stat(job.path)
+    except OSError:
+        return False
+    return (st.st_size, st.st_mtime_ns) != (job.size, job.mtime_ns)
 
 
 def repair(queue: Queue, only: Collection[int] | None = None) -> tuple[int, set[int]]:
@@ -116,6 +138,11 @@ def repair(queue: Queue, only: Collection[int] | None = None) -> tuple[int, set[
 
     Returns how many were finished and the ids that still cannot be moved.
     """
+    with _MOVING:
+        return _repair(queue, only)
+
+
+def _repair(queue: Queue, only: Collection[int] | None) -> tuple[int, set[int]]:
     done: list[tuple[int, str]] = []
     folders: set[Path] = set()
     stuck: set[int] = set()
@@ -125,7 +152,7 @@ def repair(queue: Queue, only: Collection[int] | None = None) -> tuple[int, set[
         assert job.target and job.outcome
         error = json.loads(job.error) if job.error else None
         try:
-            done.append((job.id, _carry_out(job.path, Path(job.target), job.outcome, error)))
+            done.append((job.id, _carry_out(job, Path(job.target), job.outcome, error)))
         except OSError as exc:
             log.error("still cannot move %s to %s: %s", job.path, job.target, exc)
             stuck.add(job.id)

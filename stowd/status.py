@@ -16,13 +16,26 @@ LAST_ERRORS = 10
 
 
 def daemon_pid(queue_path: Path) -> int | None:
-    """The pid of the stowd that holds this queue, if it is running."""
+    """The pid of the stowd that holds this queue, if it is running.
+
+    The pid is read from the lock file; a process by that number must exist (even one of
+    another user) and, where /proc tells, be a stowd.
+    """
     try:
         pid = int(Path(str(queue_path) + ".lock").read_text().strip())
-        os.kill(pid, 0)
     except (OSError, ValueError):
         return None
-    return pid
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        pass  # it exists, it is just not ours
+    except OSError:
+        return None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return pid
+    return pid if b"stowd" in cmdline else None
 
 
 def gather(config: Config, *, now: float | None = None) -> dict[str, Any]:

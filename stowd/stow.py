@@ -32,7 +32,7 @@ from stowd.config import Destination
 from stowd.errors import (
     DestinationBusy,
     DestinationHeld,
-    FileProblem,
+    FileUnreadable,
     FileVanished,
     StowFailure,
 )
@@ -42,7 +42,7 @@ log = logging.getLogger("stowd.stow")
 CHUNK = 256 * 1024
 IN_PROCESS_ATTEMPTS = 3
 ACCEPT = "application/dicom+json, application/dicom+xml;q=0.9, application/json;q=0.8"
-REFERENCED, FAILED_SEQ = "00081199", "00081198"
+REFERENCED, FAILED_SEQ, RETRIEVE_URL = "00081199", "00081198", "00081190"
 SOP_UID, FAILURE_REASON, WARNING_REASON = "00081155", "00081197", "00081196"
 BUSY_STATUSES = {408, 429, 502, 503, 504}
 HELD_STATUSES = {401, 403, 404, 405, 407, 415}
@@ -94,11 +94,12 @@ def is_transient(code: int) -> bool:
 # -- the request body -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Part:
-    """One file to send: its path, the size it had when queued, and its SOPInstanceUID."""
+    """One file to send: its path, size and mtime when queued, and its SOPInstanceUID."""
 
     path: str
     size: int
     sop_uid: str
+    mtime_ns: int | None = None
 
 
 class Body:
@@ -136,12 +137,10 @@ class Body:
                     fp = open(part.path, "rb")  # noqa: SIM115 - closed in close()
                 except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
                     raise FileVanished(f"{part.path} vanished", path=part.path) from exc
-                except PermissionError as exc:
-                    raise FileProblem(
-                        f"stowd may not read the file: {exc.strerror}", path=part.path
-                    ) from exc
+                except OSError as exc:
+                    raise FileUnreadable.from_os_error(exc, part.path) from exc
                 self._files.append(fp)
-                if os.fstat(fp.fileno()).st_size != part.size:
+                if _changed(os.fstat(fp.fileno()), part):
                     raise FileVanished(f"{part.path} changed", path=part.path)
         except BaseException:
             self.close()  # any failure (PermissionError too) leaves no file open
@@ -158,6 +157,11 @@ class Body:
             yield from _read_exactly(fp, part)
             yield b"\r\n"
         yield self.tail
+
+
+def _changed(st: os.stat_result, part: Part) -> bool:
+    """Not the content that was queued (the file was rewritten or replaced)."""
+    return st.st_size != part.size or part.mtime_ns not in (None, st.st_mtime_ns)
 
 
 def _read_exactly(fp: BinaryIO, part: Part) -> Iterator[bytes]:
@@ -183,6 +187,7 @@ class Answer:
     failed: dict[str, int] = field(default_factory=dict)
     server_message: str | None = None
     seconds: float = 0.0
+    is_stow: bool = False  # the body is a STOW-RS response (DICOM JSON/XML with its sequences)
 
 
 def parse_answer(status: int, content_type: str, body: bytes) -> Answer:
@@ -206,6 +211,7 @@ def parse_answer(status: int, content_type: str, body: bytes) -> Answer:
 def _read_json(doc: Any, answer: Answer) -> None:
     if isinstance(doc, list):
         doc = doc[0] if doc else {}
+    answer.is_stow = any(key in doc for key in (REFERENCED, FAILED_SEQ, RETRIEVE_URL))
     for item in doc.get(REFERENCED, {}).get("Value", []):
         answer.referenced[_json_str(item, SOP_UID)] = _json_int(item, WARNING_REASON)
     for item in doc.get(FAILED_SEQ, {}).get("Value", []):
@@ -224,6 +230,8 @@ def _json_int(item: dict[str, Any], tag: str) -> int | None:
 def _read_xml(root: ET.Element, answer: Answer) -> None:
     for attr in root.iter():
         tag = attr.get("tag", "").upper()
+        if attr.tag.endswith("DicomAttribute") and tag in (REFERENCED, FAILED_SEQ, RETRIEVE_URL):
+            answer.is_stow = True
         if attr.tag.endswith("DicomAttribute") and tag in (REFERENCED, FAILED_SEQ):
             for item in attr.findall("{*}Item") + attr.findall("Item"):
                 _read_xml_item(item, answer, tag == REFERENCED)
@@ -409,6 +417,14 @@ def _answer_of(response: httpx.Response) -> Answer:
     answer = parse_answer(status, response.headers.get("Content-Type", ""), response.content)
     if warning:
         answer.server_message = warning
+    if 400 <= status < 500 and status != 413 and not answer.is_stow:
+        # Not the archive judging our files: a proxy, a TLS port, a wrong endpoint.
+        raise DestinationHeld(
+            f"HTTP {status} with an answer that is not a STOW-RS response "
+            f"({answer.server_message or 'empty'}): check the url, a proxy or port is in the way",
+            status=status,
+            server_message=answer.server_message,
+        )
     return answer
 
 

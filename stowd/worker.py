@@ -16,7 +16,14 @@ from typing import Any
 
 from stowd import classify as classify_mod
 from stowd.config import BatchLimits, Config, Destination
-from stowd.errors import DestinationBusy, DestinationHeld, FileProblem, FileVanished, StowFailure
+from stowd.errors import (
+    DestinationBusy,
+    DestinationHeld,
+    FileProblem,
+    FileUnreadable,
+    FileVanished,
+    StowFailure,
+)
 from stowd.group import take_batch
 from stowd.queue import Job, Queue
 from stowd.settle import Decision, iso, remove_empty_parents, settle_all
@@ -88,7 +95,7 @@ class Worker:
             jobs = self.queue.unclassified(CLASSIFY_CHUNK)
             keys, refused = [], []
             for job in jobs:
-                result = self._classify(job)
+                result = self._classify_safely(job)
                 if isinstance(result, Decision):
                     refused.append(result)
                 elif result is not None:
@@ -99,7 +106,18 @@ class Worker:
         finally:
             self.classify_lock.release()
 
-    def _classify(self, job: Job) -> tuple[int, str, str, str, str] | Decision | None:
+    def _classify_safely(self, job: Job) -> tuple[Job, str, str, str, str] | Decision | None:
+        """``_classify``, but one file's trouble never stops the others."""
+        try:
+            return self._classify(job)
+        except FileUnreadable as exc:
+            return self._later(job, str(exc), stage="reading the file")
+        except Exception:
+            log.exception("unexpected error while reading %s; it is tried again later", job.path)
+            reason = "stowd hit an unexpected error while reading the file (see its log)"
+            return self._later(job, reason, stage="reading the file")
+
+    def _classify(self, job: Job) -> tuple[Job, str, str, str, str] | Decision | None:
         """The file's keys; a ``Decision`` to fail it; None when it is gone."""
         try:
             c = classify_mod.classify(job.path)
@@ -109,7 +127,7 @@ class Worker:
             return None
         except FileProblem as problem:
             return self._failure(job, str(problem), stage="reading the file")
-        return (job.id, c.kind, c.study_uid, c.sop_uid, c.sop_class)
+        return (job, c.kind, c.study_uid, c.sop_uid, c.sop_class)
 
     # -- send -----------------------------------------------------------------------------
     def send_one(self) -> bool:
@@ -133,20 +151,21 @@ class Worker:
         return True
 
     def _send(self, batch: list[Job], *, held: bool) -> None:
-        parts = [Part(j.path, j.size, j.sop_uid or "") for j in batch]
+        parts = [Part(j.path, j.size, j.sop_uid or "", j.mtime_ns) for j in batch]
         try:
             answer = self.client.store(parts)
         except FileVanished:
             self._drop_vanished(batch)
             return
-        except FileProblem as problem:
-            self._fail_one(batch, problem)
+        except FileUnreadable as exc:
+            self._unreadable(batch, exc)
             return
         except StowFailure as failure:
             self._destination_trouble(batch, failure)
             return
         except OSError as exc:  # reading a file failed mid-request (I/O error, share gone)
-            self._io_trouble(batch, exc)
+            reason = f"could not read the file while sending it: {exc}"
+            self._settle_all([d for j in batch if (d := self._later(j, reason)) is not None])
             return
         if held and self.queue.unhold(self.destination.name):
             log.warning("destination %s: reachable again, sending resumes", self.destination.name)
@@ -163,30 +182,28 @@ class Worker:
                 self.queue.finish(job.id, state="gone")
         self.queue.release(keep)
 
-    def _fail_one(self, batch: list[Job], problem: FileProblem) -> None:
-        """One file cannot be read: it fails, the others go back to the queue."""
-        bad = [j for j in batch if j.path == problem.path]
-        for job in bad:
-            self._fail(job, str(problem), stage="reading the file")
+    def _unreadable(self, batch: list[Job], exc: FileUnreadable) -> None:
+        """One file cannot be read now: it waits, the others go back to the queue."""
+        bad = [j for j in batch if j.path == exc.path]
+        decisions = [self._later(j, str(exc), stage="reading the file") for j in bad]
         self.queue.release([j.id for j in batch if j not in bad])
-
-    def _io_trouble(self, batch: list[Job], exc: OSError) -> None:
-        """A read error while sending: retry later (the share may come back)."""
-        delay = self._file_delay(max(j.attempts for j in batch))
-        reason = f"could not read the file while sending it: {exc}"
-        log.warning("destination %s: %s; retry in %.0fs", self.destination.name, reason, delay)
-        for job in batch:
-            error = self._error_doc(job, reason, stage="reading the file")
-            self.queue.retry_later([job.id], at=self.clock() + delay, error=error)
+        self._settle_all([d for d in decisions if d is not None])
 
     def _destination_trouble(self, batch: list[Job], failure: StowFailure) -> None:
-        self.queue.release([j.id for j in batch])
+        """Hold the destination; the files wait behind others that have not failed yet."""
         if self.stop.is_set():
+            self.queue.release([j.id for j in batch])
             return
         hold = self.queue.holds().get(self.destination.name)
-        failures = hold.failures if hold else 0
-        delay = self._hold_delay(failure, failures)
-        self.queue.hold(self.destination.name, until=self.clock() + delay, reason=str(failure))
+        delay = self._hold_delay(failure, hold.failures if hold else 0)
+        until = self.clock() + delay
+        self.queue.hold(self.destination.name, until=until, reason=str(failure))
+        if _may_be_the_files(failure) and len(batch) > 1:
+            self.queue.isolate([j.id for j in batch], not_before=until)
+        elif _may_be_the_files(failure):
+            self._settle_all([d for j in batch if (d := self._later(j, str(failure))) is not None])
+        else:
+            self.queue.release([j.id for j in batch], not_before=until)
         kind = "refused" if isinstance(failure, DestinationHeld) else "unavailable"
         log.warning(
             "destination %s %s: %s; %d file(s) stay queued, next try in %.0fs",
@@ -263,15 +280,27 @@ class Worker:
         )
 
     def _retry(self, job: Job, verdict: Verdict, answer: Answer) -> Decision | None:
+        return self._later(job, verdict.reason, verdict=verdict, answer=answer)
+
+    def _later(
+        self,
+        job: Job,
+        reason: str,
+        *,
+        verdict: Verdict | None = None,
+        answer: Answer | None = None,
+        stage: str = "storing the file",
+    ) -> Decision | None:
+        """Try this file again after a backoff; a ``Decision`` to fail it once too old."""
         now = self.clock()
         age = now - (job.first_try or now)
         if age > self.config.retry.max_age:
-            reason = f"gave up after {job.attempts + 1} attempts: {verdict.reason}"
-            return self._failure(job, reason, verdict=verdict, answer=answer)
+            reason = f"gave up after {job.attempts + 1} attempts: {reason}"
+            return self._failure(job, reason, verdict=verdict, answer=answer, stage=stage)
         delay = self._file_delay(job.attempts)
-        error = self._error_doc(job, verdict.reason, verdict=verdict, answer=answer)
+        error = self._error_doc(job, reason, verdict=verdict, answer=answer, stage=stage)
         self.queue.retry_later([job.id], at=now + delay, error=error)
-        log.info("%s: %s; retry in %.0fs", job.path, verdict.reason, delay)
+        log.info("%s: %s; retry in %.0fs", job.path, reason, delay)
         return None
 
     def _file_delay(self, attempts: int) -> float:
@@ -340,6 +369,12 @@ class Worker:
             "sop_instance_uid": job.sop_uid,
             "study_instance_uid": job.study_uid,
         }
+
+
+def _may_be_the_files(failure: StowFailure) -> bool:
+    """An answered 500 (not a gateway's 502/503/504) may be caused by one of the files."""
+    status = failure.status or 0
+    return isinstance(failure, DestinationBusy) and status >= 500 and status not in (502, 503, 504)
 
 
 def _unchanged(job: Job) -> bool:

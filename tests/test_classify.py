@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from dicomgen import make_instance_bytes
 from pydicom.data import get_testdata_file
 
 from stowd.classify import classify
-from stowd.errors import FileProblem, FileVanished
+from stowd.errors import FileProblem, FileUnreadable, FileVanished
 
 
 def sample(name: str, tmp_path: Path) -> Path:
@@ -74,4 +75,31 @@ def test_missing_study_uid_is_named(tmp_path: Path) -> None:
 def test_dicomdir_is_not_sent(tmp_path: Path) -> None:
     path = sample("DICOMDIR", tmp_path)
     with pytest.raises(FileProblem, match="DICOMDIR"):
+        classify(str(path))
+
+
+def damaged_meta(path: Path) -> Path:
+    """A Part-10 file whose (0002,0002) carries an unknown VR: pydicom raises
+    NotImplementedError, not one of its usual errors (found by fuzzing)."""
+    data, _uid = make_instance_bytes(extra={"SOPClassUID": None})  # read from the meta then
+    at = data.find(b"\x02\x00\x02\x00UI")
+    path.write_bytes(data[: at + 4] + b"\x55\xc6" + data[at + 6 :])
+    return path
+
+
+def test_any_parse_error_of_a_damaged_header_is_a_file_problem(tmp_path: Path) -> None:
+    with pytest.raises(FileProblem, match="damaged"):
+        classify(str(damaged_meta(tmp_path / "odd.dcm")))
+
+
+def test_a_file_stowd_may_not_read_is_unreadable_not_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = sample("CT_small.dcm", tmp_path)
+
+    def denied(*_args: object, **_kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("builtins.open", denied)
+    with pytest.raises(FileUnreadable, match="permission denied"):
         classify(str(path))

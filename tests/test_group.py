@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from stowd.config import BatchLimits, Destination
+from pathlib import Path
+
+import pytest
+
+from stowd.config import BatchLimits, Destination, load_config
+from stowd.errors import ConfigError
 from stowd.group import take_batch
 from stowd.queue import Job
 
@@ -33,5 +38,18 @@ def test_nothing_in_nothing_out() -> None:
 def test_display_url_hides_a_password() -> None:
     dest = Destination("pacs", "https://user:s3cret@pacs.example:8443/dicom-web")
     assert "s3cret" not in dest.display_url
-    assert dest.display_url == "https://user:***@pacs.example:8443/dicom-web"
+    assert dest.display_url == "https://***@pacs.example:8443/dicom-web"
     assert Destination("p", "http://h/dw").display_url == "http://h/dw"
+
+
+def test_a_bad_url_with_a_password_is_reported_without_it(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "queue: ./q.db\n"
+        "sources: [{name: a, watch: ./d, sent: ./s, failed: ./f, destination: p}]\n"
+        "destinations: {p: {url: 'https://stowd:Tr0ub4dor#3/x@pacs.example/dicom-web'}}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(config)
+    assert "destinations.p.url" in str(caught.value)
+    assert "Tr0ub4dor" not in str(caught.value)

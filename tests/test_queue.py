@@ -45,7 +45,7 @@ def queue(tmp_path: Path, clock: Clock) -> Iterator[Queue]:
 
 def classify_all(queue: Queue, study: str = "1.2.3") -> None:
     queue.set_classified(
-        [(j.id, "dicom", study, f"sop{j.id}", "1.2") for j in queue.unclassified(1000)]
+        [(j, "dicom", study, f"sop{j.id}", "1.2") for j in queue.unclassified(1000)]
     )
 
 
@@ -81,8 +81,9 @@ def test_a_file_at_a_path_already_done_is_a_new_job(queue: Queue, tmp_path: Path
 
 def test_claim_takes_one_study_within_limits_and_only_classified_rows(queue: Queue) -> None:
     queue.enqueue([new(f"/d/{i}", size=100) for i in range(5)])
-    queue.set_classified([(1, "dicom", "A", "s1", "c"), (2, "dicom", "B", "s2", "c")])
-    queue.set_classified([(i, "dicom", "A", f"s{i}", "c") for i in (3, 4)])
+    jobs = {j.id: j for j in queue.jobs()}
+    queue.set_classified([(jobs[1], "dicom", "A", "s1", "c"), (jobs[2], "dicom", "B", "s2", "c")])
+    queue.set_classified([(jobs[i], "dicom", "A", f"s{i}", "c") for i in (3, 4)])
     batch = queue.claim_batch(["pacs"], pick=pick_all, candidates=10, lease=60)
     assert [j.id for j in batch] == [1, 3, 4]
     assert queue.counts() == {"claimed": 3, "pending": 2}
@@ -198,7 +199,7 @@ def test_many_rows_claim_stays_cheap(queue: Queue) -> None:
     """100,000 pending rows: a claim uses the indexes (measured loosely, not asserted in time)."""
     rows = [new(f"/d/{i}") for i in range(100_000)]
     queue.enqueue(rows)
-    queue.set_classified([(i, "dicom", f"st{i % 100}", f"s{i}", "c") for i in range(1, 100_001)])
+    queue.set_classified([(j, "dicom", f"st{j.id % 100}", f"s{j.id}", "c") for j in queue.jobs()])
     plan = (
         queue._conn()
         .execute(
@@ -238,3 +239,14 @@ def test_a_readonly_queue_reads_while_the_daemon_writes(queue: Queue, tmp_path: 
     reader.close()
     with pytest.raises(QueueError, match="no queue"):
         open_readonly(tmp_path / "missing.db")
+
+
+def test_keys_read_from_old_content_are_not_written_onto_new_content(queue: Queue) -> None:
+    queue.enqueue([new("/d/a", size=10)])
+    [old] = queue.unclassified(10)
+    queue.retry_later([old.id], at=0, error={"reason": "x"})
+    queue.enqueue([new("/d/a", size=20)])  # rewritten while its header was being read
+    queue.set_classified([(old, "dicom", "1.2", "old-sop", "c")])
+    [job] = queue.jobs()
+    assert job.kind is None  # read again, from the new content
+    assert (job.attempts, job.first_try, job.error) == (0, None, None)  # a new job's record

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -159,16 +161,18 @@ def test_a_move_that_fails_stays_settling_until_it_can_be_done(
     assert queue.counts() == {"failed": 1}
 
 
-def test_one_batch_never_gives_two_files_the_same_name(
-    source: Source, queue: Queue
-) -> None:
+def test_one_batch_never_gives_two_files_the_same_name(source: Source, queue: Queue) -> None:
     first = drop(source, queue, "a/x.dcm")
     (source.sent / "a").mkdir(parents=True)
     (source.sent / "a" / "x.dcm").write_bytes(b"already there")
     jobs = queue.jobs()
     other = Source("ct2", source.watch, source.sent, source.failed, "pacs")
-    twin = Job(99, "ct2", "pacs", str(first) + ".twin", "a/x.dcm", 1, 0, None, None, None, 0, None)
-    Path(twin.path).write_bytes(b"twin")
+    twin_path = Path(str(first) + ".twin")
+    twin_path.write_bytes(b"twin")
+    st = twin_path.stat()
+    twin = Job(
+        99, "ct2", "pacs", str(twin_path), "a/x.dcm", 4, st.st_mtime_ns, None, None, None, 0, None
+    )
     results = settle_all(
         queue,
         [Decision(jobs[0], source, "sent"), Decision(twin, other, "sent")],
@@ -176,3 +180,62 @@ def test_one_batch_never_gives_two_files_the_same_name(
     names = sorted(r.target.name for r in results if r.target is not None)
     assert names == ["x~1.dcm", "x~2.dcm"]
     assert (source.sent / "a" / "x.dcm").read_bytes() == b"already there"
+
+
+def test_a_file_replaced_after_it_was_read_is_left_for_the_watcher(
+    source: Source, queue: Queue
+) -> None:
+    path = drop(source, queue, "img.dcm", b"old content")
+    [job] = queue.jobs()
+    path.write_bytes(b"new content, longer")  # the scanner replaced it meanwhile
+    assert settle(queue, source, job, outcome="sent", error=None) is None
+    assert path.read_bytes() == b"new content, longer"  # not moved: it was never sent
+    assert not source.sent.exists() or not any(source.sent.rglob("*"))
+    assert queue.counts() == {"sent": 1}
+    st = path.stat()
+    new_job = NewFile("ct", "pacs", str(path), "img.dcm", st.st_size, st.st_mtime_ns)
+    assert queue.enqueue([new_job]) == 1  # the watcher queues the new content
+
+
+def test_two_workers_settling_the_same_name_at_once_keep_both_files(
+    tmp_path: Path, queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two sources share failed/; both fail an IM0001 at the same moment."""
+    failed = tmp_path / "shared-failed"
+    decisions = []
+    for n, name in enumerate(("ct", "mr")):
+        source = Source(name, tmp_path / name, tmp_path / f"sent-{name}", failed, "pacs")
+        path = source.watch / "IM0001"
+        path.parent.mkdir()
+        path.write_bytes(f"content of {name}".encode())
+        st = path.stat()
+        job = Job(
+            n + 1,
+            name,
+            "pacs",
+            str(path),
+            "IM0001",
+            st.st_size,
+            st.st_mtime_ns,
+            "dicom",
+            "1",
+            str(n),
+            0,
+            None,
+        )
+        decisions.append(Decision(job, source, "failed", {"reason": "x"}))
+    real_move = settle_mod.move
+
+    def slow_move(src: Path, dst: Path, *, sync: bool = True) -> None:
+        time.sleep(0.2)  # as slow as a copy to another filesystem
+        real_move(src, dst, sync=sync)
+
+    monkeypatch.setattr(settle_mod, "move", slow_move)
+    threads = [threading.Thread(target=settle_all, args=(queue, [d])) for d in decisions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    kept = sorted(p.read_bytes() for p in failed.iterdir() if not p.name.endswith(".json"))
+    assert kept == [b"content of ct", b"content of mr"]
+    assert len(list(failed.glob("*.error.json"))) == 2

@@ -34,7 +34,7 @@ from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian, generate
 
 from stowd import stow
 from stowd.config import Destination
-from stowd.errors import DestinationBusy, DestinationHeld, FileProblem, FileVanished
+from stowd.errors import DestinationBusy, DestinationHeld, FileUnreadable, FileVanished
 from stowd.stow import (
     Answer,
     Body,
@@ -390,9 +390,9 @@ def test_open_closes_files_on_any_error(
         return fp
 
     monkeypatch.setattr(stow, "open", refuse_third, raising=False)
-    with pytest.raises(FileProblem, match="may not read") as caught:
+    with pytest.raises(FileUnreadable, match="may not read") as caught:
         Body(parts).open()
-    assert caught.value.path == parts[2].path  # the worker fails that file, not the batch
+    assert caught.value.path == parts[2].path  # only that file waits, not the batch
     assert len(opened) == 2
     assert all(fp.closed for fp in opened)
 

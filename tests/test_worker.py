@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
-from dicomgen import make_instance, make_study
+from dicomgen import make_instance, make_instance_bytes, make_study
 
 from stowd.config import BatchLimits, Config, Destination, Retry, Source
 from stowd.queue import Queue
@@ -201,7 +202,7 @@ def test_503_with_retry_after_holds_the_destination_and_fails_nothing(
     hold = rig.queue.holds()["pacs"]
     assert hold.until - rig.clock.now == pytest.approx(120)
     assert "503" in hold.reason
-    assert rig.queue.counts() == {"pending": 4}
+    assert rig.queue.counts() == {"waiting": 4}  # behind the hold, not failed
     assert not rig.source.failed.exists()
     rig.clock.now += 60
     rig.drain()
@@ -331,3 +332,94 @@ def test_413_for_a_single_file_fails_it(rig_factory: Callable[..., Rig]) -> None
     rig.drain()
     assert rig.names(rig.source.failed) == {"huge.dcm"}
     assert "larger than the archive accepts" in str(rig.reason("huge.dcm")["reason"])
+
+
+def test_one_damaged_file_never_stalls_the_files_after_it(
+    rig_factory: Callable[..., Rig], tmp_path: Path
+) -> None:
+    rig = rig_factory(lambda r: httpx.Response(200, json=stow_json(sop_uids_in(r))))
+    data, _uid = make_instance_bytes(extra={"SOPClassUID": None})  # read from the meta then
+    at = data.find(b"\x02\x00\x02\x00UI")
+    (rig.source.watch / "odd.dcm").write_bytes(data[: at + 4] + b"\x55\xc6" + data[at + 6 :])
+    rig.find()  # the damaged file is first in the queue
+    make_study(rig.source.watch / "good", 3)
+    rig.find()
+    rig.drain()
+    assert len(rig.names(rig.source.sent)) == 3
+    assert rig.names(rig.source.failed) == {"odd.dcm"}
+    assert "damaged" in str(rig.reason("odd.dcm")["reason"])
+
+
+def test_a_500_for_one_poison_file_does_not_block_the_others(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    poison: dict[str, str] = {}
+    sizes: list[int] = []
+
+    def archive(request: httpx.Request) -> httpx.Response:
+        uids = sop_uids_in(request)
+        sizes.append(len(uids))
+        if poison["uid"] in uids:
+            return httpx.Response(500, text="java.lang.NullPointerException")
+        return httpx.Response(200, json=stow_json(uids))
+
+    rig = rig_factory(archive, initial=10.0, maximum=60.0, max_age=3600.0)
+    study = "1.2.826.0.1.3680043.8.498.2"
+    poison["uid"] = make_instance(rig.source.watch / "poison.dcm", study_uid=study)
+    make_study(rig.source.watch / "same", 4, study_uid=study)  # same batch as the poison
+    make_study(rig.source.watch / "other", 5)
+    rig.find()
+    for _ in range(20):  # probes after each hold
+        rig.clock.now += 61
+        rig.drain()
+    assert len(rig.names(rig.source.sent)) == 9
+    assert rig.queue.counts().get("sent") == 9
+    assert rig.names(rig.source.failed) == set()  # still retried: max_age not reached
+    rig.clock.now += 4000
+    rig.drain()
+    assert rig.names(rig.source.failed) == {"poison.dcm"}
+    assert "gave up" in str(rig.reason("poison.dcm")["reason"])
+
+
+def test_a_proxy_answering_400_html_holds_instead_of_failing_files(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    def proxy(request: httpx.Request) -> httpx.Response:
+        request.read()
+        page = "<html><h1>400 Bad Request</h1>The plain HTTP request was sent to HTTPS port</html>"
+        return httpx.Response(400, text=page, headers={"Content-Type": "text/html"})
+
+    rig = rig_factory(proxy)
+    make_study(rig.source.watch / "a", 4)
+    rig.find()
+    rig.drain()
+    assert not rig.source.failed.exists()
+    hold = rig.queue.holds()["pacs"]
+    assert "not a STOW-RS response" in hold.reason and "HTTPS port" in hold.reason
+    assert rig.queue.counts() == {"waiting": 4}
+
+
+def test_a_file_replaced_during_its_upload_is_sent_again_not_moved(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    sent: list[str] = []
+    new: dict[str, str] = {}
+
+    def archive(request: httpx.Request) -> httpx.Response:
+        uids = sop_uids_in(request)
+        sent.extend(uids)
+        if not new:  # the scanner replaces img.dcm while the old one is on the wire
+            tmp = rig.source.watch / ".img.tmp"
+            new["uid"] = make_instance(tmp)
+            os.replace(tmp, rig.source.watch / "img.dcm")
+        return httpx.Response(200, json=stow_json(uids))
+
+    rig = rig_factory(archive)
+    old = make_instance(rig.source.watch / "img.dcm")
+    rig.find()
+    rig.drain()
+    rig.find()  # the rescan sees the new file at the same path
+    rig.drain()
+    assert sent == [old, new["uid"]]
+    assert rig.names(rig.source.sent) == {"img.dcm"}
+    assert rig.queue.counts() == {"sent": 2}
