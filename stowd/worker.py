@@ -164,8 +164,7 @@ class Worker:
             self._destination_trouble(batch, failure)
             return
         except OSError as exc:  # reading a file failed mid-request (I/O error, share gone)
-            reason = f"could not read the file while sending it: {exc}"
-            self._settle_all([d for j in batch if (d := self._later(j, reason)) is not None])
+            self._later_all(batch, f"could not read the file while sending it: {exc}")
             return
         if held and self.queue.unhold(self.destination.name):
             log.warning("destination %s: reachable again, sending resumes", self.destination.name)
@@ -201,7 +200,7 @@ class Worker:
         if _may_be_the_files(failure) and len(batch) > 1:
             self.queue.isolate([j.id for j in batch], not_before=until)
         elif _may_be_the_files(failure):
-            self._settle_all([d for j in batch if (d := self._later(j, str(failure))) is not None])
+            self._later_all(batch, str(failure))
         else:
             self.queue.release([j.id for j in batch], not_before=until)
         kind = "refused" if isinstance(failure, DestinationHeld) else "unavailable"
@@ -302,6 +301,9 @@ class Worker:
         self.queue.retry_later([job.id], at=now + delay, error=error)
         log.info("%s: %s; retry in %.0fs", job.path, reason, delay)
         return None
+
+    def _later_all(self, batch: list[Job], reason: str) -> None:
+        self._settle_all([d for j in batch if (d := self._later(j, reason)) is not None])
 
     def _file_delay(self, attempts: int) -> float:
         retry = self.config.retry
