@@ -190,8 +190,11 @@ class Answer:
     is_stow: bool = False  # the body is a STOW-RS response (DICOM JSON/XML with its sequences)
 
 
-def parse_answer(status: int, content_type: str, body: bytes) -> Answer:
-    """Read a STOW-RS response body (DICOM JSON or XML); tolerate empty or odd bodies."""
+def parse_answer(status: int, body: bytes) -> Answer:
+    """Read a STOW-RS response body (DICOM JSON or XML); tolerate empty or odd bodies.
+
+    The body is sniffed, not trusted by its Content-Type: Orthanc sends none on errors.
+    """
     answer = Answer(status)
     text = body.strip()
     if not text:
@@ -414,7 +417,7 @@ def _answer_of(response: httpx.Response) -> Answer:
             retry_after=retry_after(response.headers.get("Retry-After")),
             server_message=warning or _short(response.content) or None,
         )
-    answer = parse_answer(status, response.headers.get("Content-Type", ""), response.content)
+    answer = parse_answer(status, response.content)
     if warning:
         answer.server_message = warning
     if 400 <= status < 500 and status != 413 and not answer.is_stow:

@@ -218,7 +218,7 @@ class Worker:
         if isinstance(failure, DestinationBusy) and failure.retry_after is not None:
             return min(failure.retry_after, retry.maximum)
         base = retry.hold_probe if isinstance(failure, DestinationHeld) else retry.initial
-        return _jitter(min(base * retry.multiplier**failures, retry.maximum))
+        return self._backoff(base, failures)
 
     # -- apply the verdicts ---------------------------------------------------------------
     def _apply(self, batch: list[Job], answer: Answer, parts: Sequence[Part]) -> None:
@@ -260,7 +260,7 @@ class Worker:
         elif verdict.outcome is Outcome.ISOLATE:
             self.queue.isolate([job.id])
         else:
-            return self._retry(job, verdict, answer)
+            return self._later(job, verdict.reason, verdict=verdict, answer=answer)
         return None
 
     def _shrink_batches(self, batch: list[Job]) -> None:
@@ -277,9 +277,6 @@ class Worker:
             self.limits.max_files,
             self.limits.max_bytes / MB,
         )
-
-    def _retry(self, job: Job, verdict: Verdict, answer: Answer) -> Decision | None:
-        return self._later(job, verdict.reason, verdict=verdict, answer=answer)
 
     def _later(
         self,
@@ -306,8 +303,12 @@ class Worker:
         self._settle_all([d for j in batch if (d := self._later(j, reason)) is not None])
 
     def _file_delay(self, attempts: int) -> float:
+        return self._backoff(self.config.retry.initial, attempts)
+
+    def _backoff(self, base: float, failures: int) -> float:
+        """``base`` grown by the multiplier per failure, capped, with jitter."""
         retry = self.config.retry
-        return _jitter(min(retry.initial * retry.multiplier**attempts, retry.maximum))
+        return _jitter(min(base * retry.multiplier**failures, retry.maximum))
 
     # -- settle ---------------------------------------------------------------------------
     def _failure(
@@ -322,10 +323,6 @@ class Worker:
         error = self._error_doc(job, reason, verdict=verdict, answer=answer, stage=stage)
         log.error("%s: %s -> failed/", job.path, reason)
         return Decision(job, self.config.source(job.source), "failed", error)
-
-    def _fail(self, job: Job, reason: str, *, stage: str) -> None:
-        """Move one file to failed/ now (it could not even be read)."""
-        self._settle_all([self._failure(job, reason, stage=stage)])
 
     def _settle_all(self, decisions: list[Decision]) -> None:
         if not decisions:

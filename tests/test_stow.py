@@ -761,7 +761,7 @@ def test_parse_dicom_json() -> None:
     body = dicom_json(
         ["1.2.3.1", ("1.2.3.2", 0xB000)], failed=[("1.2.3.3", 0xA700), ("1.2.3.4", 0xC000)]
     )
-    answer = parse_answer(202, "application/dicom+json", body)
+    answer = parse_answer(202, body)
     assert answer.status == 202
     assert answer.referenced == {"1.2.3.1": None, "1.2.3.2": 0xB000}
     assert answer.failed == {"1.2.3.3": 0xA700, "1.2.3.4": 0xC000}
@@ -770,13 +770,13 @@ def test_parse_dicom_json() -> None:
 
 def test_parse_dicom_json_as_a_list() -> None:
     body = b"[" + dicom_json(["1.2.3.1"]) + b"]"
-    answer = parse_answer(200, "application/json", body)
+    answer = parse_answer(200, body)
     assert answer.referenced == {"1.2.3.1": None}
 
 
 def test_parse_dicom_json_failed_without_reason_counts_as_code_zero() -> None:
     doc = {"00081198": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": ["9.9"]}}]}}
-    answer = parse_answer(409, "application/dicom+json", json.dumps(doc).encode())
+    answer = parse_answer(409, json.dumps(doc).encode())
     assert answer.failed == {"9.9": 0}
     assert judge(answer, [Part("x", 1, "9.9")])["9.9"].outcome is Outcome.FAILED
 
@@ -786,7 +786,7 @@ def test_parse_native_dicom_xml(ns: bool) -> None:
     body = native_xml(
         [("1.2.3.1", None), ("1.2.3.2", 0xB007)], [("1.2.3.3", 0xA700), ("1.2.3.4", 0x0122)], ns
     )
-    answer = parse_answer(202, "application/dicom+xml", body)
+    answer = parse_answer(202, body)
     assert answer.referenced == {"1.2.3.1": None, "1.2.3.2": 0xB007}
     assert answer.failed == {"1.2.3.3": 0xA700, "1.2.3.4": 0x0122}
     assert answer.server_message is None
@@ -794,7 +794,7 @@ def test_parse_native_dicom_xml(ns: bool) -> None:
 
 @pytest.mark.parametrize("body", [b"", b"   \r\n  "], ids=["empty", "blank"])
 def test_parse_empty_body(body: bytes) -> None:
-    answer = parse_answer(200, "", body)
+    answer = parse_answer(200, body)
     assert answer == Answer(200)
 
 
@@ -809,14 +809,14 @@ def test_parse_empty_body(body: bytes) -> None:
     ids=["text", "truncated-json", "broken-html", "json-string"],
 )
 def test_parse_garbage_keeps_the_server_message(body: bytes) -> None:
-    answer = parse_answer(500, "text/plain", body)
+    answer = parse_answer(500, body)
     assert answer.referenced == {}
     assert answer.failed == {}
     assert answer.server_message == body.decode()
 
 
 def test_parse_garbage_message_is_shortened() -> None:
-    answer = parse_answer(500, "text/plain", b"x" * 5000)
+    answer = parse_answer(500, b"x" * 5000)
     assert answer.server_message == "x" * 500
 
 
@@ -831,7 +831,7 @@ def outcomes(verdicts: dict[str, Verdict]) -> dict[str, Outcome]:
 
 def test_judge_200_referencing_all_is_sent() -> None:
     batch = sops("1", "2", "3")
-    answer = parse_answer(200, "", dicom_json([p.sop_uid for p in batch]))
+    answer = parse_answer(200, dicom_json([p.sop_uid for p in batch]))
     verdicts = judge(answer, batch)
     assert outcomes(verdicts) == {p.sop_uid: Outcome.SENT for p in batch}
     assert all(v.reason == "" and v.code is None for v in verdicts.values())
@@ -839,7 +839,7 @@ def test_judge_200_referencing_all_is_sent() -> None:
 
 def test_judge_200_with_a_warning_is_sent_with_a_note() -> None:
     batch = sops("1")
-    answer = parse_answer(200, "", dicom_json([("1.2.3.1", 0xB000)]))
+    answer = parse_answer(200, dicom_json([("1.2.3.1", 0xB000)]))
     verdict = judge(answer, batch)["1.2.3.1"]
     assert verdict.outcome is Outcome.SENT
     assert verdict.code == 0xB000
@@ -848,7 +848,7 @@ def test_judge_200_with_a_warning_is_sent_with_a_note() -> None:
 
 def test_judge_200_missing_one_retries_that_one() -> None:
     batch = sops("1", "2", "3")
-    answer = parse_answer(200, "", dicom_json(["1.2.3.1", "1.2.3.3", "1.2.3.99"]))
+    answer = parse_answer(200, dicom_json(["1.2.3.1", "1.2.3.3", "1.2.3.99"]))
     verdicts = judge(answer, batch)
     assert outcomes(verdicts) == {
         "1.2.3.1": Outcome.SENT,
@@ -861,7 +861,7 @@ def test_judge_200_missing_one_retries_that_one() -> None:
 def test_judge_200_with_nothing_referenced_retries_everything() -> None:
     """Orthanc answers 200 to a body whose closing boundary is missing: not proof of storage."""
     batch = sops("1", "2")
-    verdicts = judge(parse_answer(200, "", b""), batch)
+    verdicts = judge(parse_answer(200, b""), batch)
     assert outcomes(verdicts) == {p.sop_uid: Outcome.RETRY for p in batch}
 
 
@@ -882,7 +882,7 @@ def test_judge_200_with_nothing_referenced_retries_everything() -> None:
 )
 def test_judge_202_per_instance_failure(code: int, outcome: Outcome) -> None:
     batch = sops("1", "2")
-    answer = parse_answer(202, "", dicom_json(["1.2.3.1"], failed=[("1.2.3.2", code)]))
+    answer = parse_answer(202, dicom_json(["1.2.3.1"], failed=[("1.2.3.2", code)]))
     verdicts = judge(answer, batch)
     assert verdicts["1.2.3.1"].outcome is Outcome.SENT
     failed = verdicts["1.2.3.2"]
@@ -895,7 +895,7 @@ def test_judge_202_per_instance_failure(code: int, outcome: Outcome) -> None:
 
 def test_judge_orthanc_400_settles_the_stored_and_isolates_the_rest() -> None:
     batch = sops("1", "2", "3")
-    answer = parse_answer(400, "", dicom_json(["1.2.3.1", "1.2.3.3"]))
+    answer = parse_answer(400, dicom_json(["1.2.3.1", "1.2.3.3"]))
     verdicts = judge(answer, batch)
     assert outcomes(verdicts) == {
         "1.2.3.1": Outcome.SENT,
@@ -907,7 +907,7 @@ def test_judge_orthanc_400_settles_the_stored_and_isolates_the_rest() -> None:
 
 def test_judge_400_for_a_single_file_fails_it() -> None:
     batch = sops("2")
-    answer = parse_answer(400, "", dicom_json(["1.2.3.1", "1.2.3.3"]))
+    answer = parse_answer(400, dicom_json(["1.2.3.1", "1.2.3.3"]))
     verdict = judge(answer, batch)["1.2.3.2"]
     assert verdict.outcome is Outcome.FAILED
     assert "could not read" in verdict.reason
@@ -915,7 +915,7 @@ def test_judge_400_for_a_single_file_fails_it() -> None:
 
 
 def test_judge_413_splits_a_batch_and_fails_a_single_file() -> None:
-    answer = parse_answer(413, "text/html", b"<html>Request Entity Too Large</html>")
+    answer = parse_answer(413, b"<html>Request Entity Too Large</html>")
     assert outcomes(judge(answer, sops("1", "2"))) == {
         "1.2.3.1": Outcome.ISOLATE,
         "1.2.3.2": Outcome.ISOLATE,
@@ -926,7 +926,7 @@ def test_judge_413_splits_a_batch_and_fails_a_single_file() -> None:
 
 
 def test_judge_409_with_nothing_listed_isolates_a_batch() -> None:
-    answer = parse_answer(409, "", b"")
+    answer = parse_answer(409, b"")
     assert outcomes(judge(answer, sops("1", "2", "3"))) == {
         f"1.2.3.{n}": Outcome.ISOLATE for n in "123"
     }
@@ -937,14 +937,14 @@ def test_judge_409_with_nothing_listed_isolates_a_batch() -> None:
 
 def test_judge_409_with_failure_reasons_uses_them() -> None:
     """Orthanc: POST /studies/{S} with an instance of another study -> 409, reason 0110."""
-    answer = parse_answer(409, "", dicom_json(["1.2.3.1"], failed=[("1.2.3.2", 0x0110)]))
+    answer = parse_answer(409, dicom_json(["1.2.3.1"], failed=[("1.2.3.2", 0x0110)]))
     verdicts = judge(answer, sops("1", "2"))
     assert outcomes(verdicts) == {"1.2.3.1": Outcome.SENT, "1.2.3.2": Outcome.RETRY}
     assert verdicts["1.2.3.2"].code == 0x0110
 
 
 def test_judge_500_for_a_single_file_retries() -> None:
-    answer = parse_answer(500, "text/plain", b"java.lang.NullPointerException")
+    answer = parse_answer(500, b"java.lang.NullPointerException")
     verdict = judge(answer, sops("1"))["1.2.3.1"]
     assert verdict.outcome is Outcome.RETRY
     assert "500" in verdict.reason
@@ -952,7 +952,7 @@ def test_judge_500_for_a_single_file_retries() -> None:
 
 def test_judge_gives_one_verdict_per_part_sent() -> None:
     batch = sops("1", "2")
-    answer = parse_answer(200, "", dicom_json(["1.2.3.1", "1.2.3.2", "1.2.3.77"]))
+    answer = parse_answer(200, dicom_json(["1.2.3.1", "1.2.3.2", "1.2.3.77"]))
     assert set(judge(answer, batch)) == {"1.2.3.1", "1.2.3.2"}
 
 
