@@ -43,6 +43,7 @@ DEFAULT_RETRY_MAX_AGE = 7 * 24 * 3600.0
 DEFAULT_HOLD_PROBE = 60.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_HISTORY_DAYS = 30.0
+DEFAULT_FOLDER_SIDECAR = "_metadata.yaml"
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,14 @@ def redact_url(url: str) -> str:
 
 
 @dataclass(frozen=True)
+class Sidecars:
+    """Metadata files beside the files they describe (see ``stowd/sidecar.py``)."""
+
+    per_file: bool = True  # <name>.json / .yaml / .yml beside the file
+    folder: str | None = DEFAULT_FOLDER_SIDECAR  # one file for the whole folder
+
+
+@dataclass(frozen=True)
 class Source:
     """A watched drop folder and where its files go afterwards."""
 
@@ -110,6 +119,7 @@ class Source:
     rescan_interval: float = DEFAULT_RESCAN_INTERVAL
     polling: bool = False
     remove_empty_dirs: bool = False
+    sidecars: Sidecars | None = None  # None: no sidecars, every file is sent
 
 
 @dataclass(frozen=True)
