@@ -15,11 +15,14 @@ import os
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from yaml.nodes import MappingNode, Node, SequenceNode
 
 from stowd.errors import ConfigError, ConfigProblem
+from stowd.ruleconfig import read_rules
+from stowd.rules import Rule
 from stowd.yamlwalk import (
     NAME,
     Context,
@@ -35,8 +38,10 @@ from stowd.yamlwalk import (
     as_patterns,
     as_size,
     as_url,
+    describe,
     describe_node,
     entries,
+    join,
     parse_duration,
     parse_size,
     redact_url,
@@ -128,6 +133,7 @@ class Source:
     polling: bool = False
     remove_empty_dirs: bool = False
     sidecars: Sidecars | None = None  # None: no sidecars, every file is sent
+    rules: tuple[Rule, ...] = ()  # applied after the top-level rules
 
 
 @dataclass(frozen=True)
@@ -153,6 +159,16 @@ class Config:
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     history_days: float = DEFAULT_HISTORY_DAYS
     log_level: str = "INFO"
+    rules: tuple[Rule, ...] = ()  # for every source, before the source's own rules
+    original_attributes: bool = False  # record replaced values (OriginalAttributesSequence)
+
+    @property
+    def spool(self) -> Path:
+        """Where changed copies of files are written while they are sent (next to the queue)."""
+        return self.queue.with_suffix(".spool")
+
+    def rules_for(self, source: Source) -> tuple[Rule, ...]:
+        return self.rules + source.rules
 
     def destination_of(self, source: Source) -> Destination:
         return self.destinations[source.destination]
@@ -175,14 +191,23 @@ _TOP_KEYS = (
     "defaults",
     "sources",
     "destinations",
+    "rules",
+    "original_attributes",
 )
 _RETRY_KEYS = ("initial", "maximum", "multiplier", "max_age", "hold_probe")
-_SOURCE_OWN_KEYS = ("name", "watch", "sent", "failed", "destination")
-_SOURCE_OPTION_KEYS = ("quiet_period", "ignore", "rescan_interval", "polling", "remove_empty_dirs")
+_SOURCE_OWN_KEYS = ("name", "watch", "sent", "failed", "destination", "rules")
+_SOURCE_OPTION_KEYS = (
+    "quiet_period",
+    "ignore",
+    "rescan_interval",
+    "polling",
+    "remove_empty_dirs",
+    "sidecars",
+)
 _SOURCE_KEYS = _SOURCE_OWN_KEYS + _SOURCE_OPTION_KEYS
 _DEFAULTS_HINTS = {
     key: f"{key!r} cannot have a default; set it in each source" for key in _SOURCE_OWN_KEYS
-}
+} | {"rules": "rules for every source go in the top-level 'rules' list, not in defaults"}
 _DESTINATION_KEYS = ("url", "workers", "verify_tls", "batch", "timeouts")
 _BATCH_KEYS = ("max_files", "max_bytes")
 _TIMEOUT_KEYS = ("connect", "read", "write", "pool")
@@ -197,6 +222,7 @@ class _SourceOptions:
     rescan_interval: float = DEFAULT_RESCAN_INTERVAL
     polling: bool = False
     remove_empty_dirs: bool = False
+    sidecars: Sidecars | None = None
 
 
 @dataclass(frozen=True)
@@ -223,7 +249,33 @@ def _read_options(sec: Section, base: _SourceOptions) -> _SourceOptions:
         ),
         polling=sec.get("polling", base.polling, as_bool),
         remove_empty_dirs=sec.get("remove_empty_dirs", base.remove_empty_dirs, as_bool),
+        sidecars=_read_sidecars(sec, base.sidecars),
     )
+
+
+_SIDECAR_KEYS = ("per_file", "folder")
+
+
+def _read_sidecars(sec: Section, base: Sidecars | None) -> Sidecars | None:
+    found = sec.get("sidecars", None, _as_sidecars)
+    return base if found is None else found or None
+
+
+def _as_sidecars(value: object) -> Sidecars | Literal[False]:
+    """``true`` (the defaults), ``false``, or a mapping of per_file and folder."""
+    if isinstance(value, bool):
+        return Sidecars() if value else False
+    if not isinstance(value, dict) or set(value) - set(_SIDECAR_KEYS):
+        raise ValueError(
+            "expected true, false or a mapping with per_file (true/false) and folder "
+            f"(a file name such as _metadata.yaml, or false), got {describe(value)}"
+        )
+    folder = value.get("folder", DEFAULT_FOLDER_SIDECAR)
+    if folder is False or folder is None:
+        folder = None
+    elif not isinstance(folder, str) or not folder.strip() or "/" in folder:
+        raise ValueError(f"folder must be a file name such as _metadata.yaml, got {folder!r}")
+    return Sidecars(per_file=as_bool(value.get("per_file", True)), folder=folder)
 
 
 def _read_retry(sec: Section) -> Retry:
@@ -315,6 +367,8 @@ def _read_source(
         rescan_interval=options.rescan_interval,
         polling=options.polling,
         remove_empty_dirs=options.remove_empty_dirs,
+        sidecars=options.sidecars,
+        rules=read_rules(sec.ctx, join(sec.key, "rules"), sec.value_node("rules"), None),
     )
     return source, folders
 
@@ -462,6 +516,9 @@ def _build(ctx: Context, path: Path, root: Node) -> Config | None:
     defaults = _read_options(defaults_section, _SourceOptions())
     destinations, known = _read_destinations(top)
     sources, folders = _read_sources(top, defaults, known)
+    names = None if len(sources) != len(folders) else {s.name for s in sources}
+    rules = read_rules(ctx, "rules", top.value_node("rules"), names)
+    original = top.get("original_attributes", False, as_bool)
     _check_folders(top, folders, queue)
     if queue is None:
         return None
@@ -474,6 +531,8 @@ def _build(ctx: Context, path: Path, root: Node) -> Config | None:
         shutdown_timeout=shutdown,
         history_days=history_days,
         log_level=log_level,
+        rules=rules,
+        original_attributes=original,
     )
 
 

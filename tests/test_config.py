@@ -230,6 +230,8 @@ def test_example_config_states_every_default() -> None:
     )
     assert dest.batch == BatchLimits() and dest.timeouts == Timeouts()
     assert (dest.workers, dest.verify_tls) == (DEFAULT_WORKERS, True)
+    assert (source.sidecars, source.rules, example.original_attributes) == (None, (), False)
+    assert [rule.name for rule in example.rules] == ["patient folders"]
 
 
 # --------------------------------------------------------------------------- values
