@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import struct
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import pydicom
@@ -36,6 +36,7 @@ class Classified:
     study_uid: str
     sop_uid: str
     sop_class: str
+    header: pydicom.Dataset | None = field(default=None, compare=False, repr=False)
 
 
 def classify(path: str) -> Classified:
@@ -107,7 +108,8 @@ def _keys(ds: pydicom.Dataset) -> Classified:
         )
     if meta is None or not meta.get("TransferSyntaxUID"):
         raise FileProblem("the file has no File Meta Information with a TransferSyntaxUID")
-    return Classified("dicom", str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), sop_class)
+    study, sop = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
+    return Classified("dicom", study, sop, sop_class, header=ds)
 
 
 def _transfer_syntax(ds: pydicom.Dataset) -> str:

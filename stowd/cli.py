@@ -1,4 +1,4 @@
-"""The command line: ``stowd run | check-config | status``.
+"""The command line: ``stowd run | check-config | status | dry-run | explain``.
 
 Exit codes: 0 ok, 1 runtime error, 2 usage or configuration error, 130 on Ctrl-C.
 """
@@ -12,7 +12,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from stowd import dryrun
+from stowd import dryrun, explain
 from stowd.config import Config, load_config
 from stowd.daemon import Daemon
 from stowd.errors import ConfigError, StowdError
@@ -40,7 +40,13 @@ def _parser() -> argparse.ArgumentParser:
         "dry-run", help="show what would be sent or fail now; sends, moves and queues nothing"
     )
     dry.add_argument("--json", action="store_true", help="machine-readable output")
-    for p in (run, check, status, dry):
+    why = sub.add_parser(
+        "explain", help="show which rules match FILEs and what they change; sends nothing"
+    )
+    why.add_argument("files", nargs="+", metavar="FILE", help="files to explain")
+    why.add_argument("--source", help="explain as if the files were in this source's folder")
+    why.add_argument("--json", action="store_true", help="machine-readable output")
+    for p in (run, check, status, dry, why):
         p.add_argument(
             "-c", "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})"
         )
@@ -78,6 +84,8 @@ def _check(config: Config, _args: argparse.Namespace) -> int:
         print(f"  source {source.name}: {source.watch} -> {dest.name} ({dest.display_url})")
         print(f"    sent: {source.sent}  failed: {source.failed}")
     print(f"  queue: {config.queue}")
+    rules = len(config.rules) + sum(len(s.rules) for s in config.sources)
+    print(f"  metadata rules: {rules} (run 'stowd explain FILE' to see what they do to a file)")
     return EXIT_OK
 
 
@@ -96,6 +104,18 @@ def _dry_run(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _explain(config: Config, args: argparse.Namespace) -> int:
+    if args.source is not None and args.source not in {s.name for s in config.sources}:
+        print(f"stowd: no source named {args.source!r} in {config.path}", file=sys.stderr)
+        return EXIT_USAGE
+    results = explain.explain(config, args.files, args.source)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in results], indent=2, ensure_ascii=False))
+    else:
+        print(explain.render(results))
+    return EXIT_RUNTIME if any(r.problem for r in results) else EXIT_OK
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -110,4 +130,10 @@ def _quiet_watchdog_shutdown(record: logging.LogRecord) -> bool:
     return "called when the thread is inactive" not in record.getMessage()
 
 
-_COMMANDS = {"run": _run, "check-config": _check, "status": _status, "dry-run": _dry_run}
+_COMMANDS = {
+    "run": _run,
+    "check-config": _check,
+    "status": _status,
+    "dry-run": _dry_run,
+    "explain": _explain,
+}

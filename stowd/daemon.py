@@ -19,7 +19,8 @@ from functools import partial
 from pathlib import Path
 from types import FrameType
 
-from stowd.config import Config
+from stowd.config import Config, Source
+from stowd.metadata import clear_spool
 from stowd.queue import Queue
 from stowd.settle import repair
 from stowd.stow import StowClient
@@ -84,7 +85,8 @@ class Daemon:
                 count,
                 source,
             )
-        repaired, self.unsettled = repair(self.queue)
+        repaired, self.unsettled = repair(self.queue, sources=self._sources())
+        clear_spool(self.config)
         counts = self.queue.counts()
         log.info(
             "stowd started: queue %s (%s)%s%s",
@@ -133,10 +135,13 @@ class Daemon:
                 self._housekeeping()
                 next_housekeeping = now + HOUSEKEEPING_EVERY
 
+    def _sources(self) -> dict[str, Source]:
+        return {s.name: s for s in self.config.sources}
+
     def _resettle(self) -> None:
         """Try again the moves to sent/ or failed/ that failed."""
         ids = set(self.unsettled)
-        finished, stuck = repair(self.queue, only=ids)
+        finished, stuck = repair(self.queue, only=ids, sources=self._sources())
         self.unsettled.difference_update(ids - stuck)
         if finished:
             log.info("finished %d move(s) that had failed before", finished)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
+from stowd import metadata
 from stowd.classify import classify
 from stowd.config import Config, Source
-from stowd.errors import FileProblem
+from stowd.errors import FileProblem, FileUnreadable
 from stowd.group import take_batch
 from stowd.queue import Job, NewFile
 from stowd.watch import Watcher
@@ -58,7 +60,7 @@ def _plan_source(config: Config, source: Source) -> SourcePlan:
 
     def look(files: list[NewFile]) -> int:
         for new in files:
-            _look_at(result, new)
+            _look_at(config, source, result, new)
         return len(files)
 
     watcher = Watcher(source, dest.name, look, exclude=(config.queue,))
@@ -70,11 +72,15 @@ def _plan_source(config: Config, source: Source) -> SourcePlan:
     return result
 
 
-def _look_at(result: SourcePlan, new: NewFile) -> None:
+def _look_at(config: Config, source: Source, result: SourcePlan, new: NewFile) -> None:
     try:
-        keys = classify(new.path)
+        found = classify(new.path)
+        keys = metadata.plan(config, source, new.path, new.rel, found, now=datetime.now())
     except FileProblem as problem:
         result.would_fail.append((new.rel, str(problem)))
+        return
+    except FileUnreadable as exc:
+        result.would_fail.append((new.rel, f"{exc} (for now)"))
         return
     result.ready += 1
     result.ready_bytes += new.size

@@ -30,7 +30,7 @@ from typing import Any
 
 from stowd.errors import QueueError, QueueLockedError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ACTIVE = ("pending", "claimed", "settling")
 DONE = ("sent", "failed", "gone")
 BUSY_TIMEOUT_MS = 30_000
@@ -59,7 +59,9 @@ CREATE TABLE IF NOT EXISTS files (
     outcome TEXT,
     target TEXT,
     error TEXT,
-    done_at REAL
+    done_at REAL,
+    changes TEXT,
+    sidecars TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS files_active_path ON files(path)
     WHERE state IN ('pending', 'claimed', 'settling');
@@ -97,6 +99,28 @@ class Job:
     error: str | None = None
     outcome: str | None = None
     target: str | None = None
+    changes: str | None = None  # JSON {"set": {...}, "remove": [...]} from the rules
+    sidecars: str | None = None  # JSON list of the sidecar files this file was read with
+
+    def change_set(self) -> dict[str, Any] | None:
+        """What the rules change in this file; None when it is sent as it is."""
+        return None if self.changes is None else dict(json.loads(self.changes))
+
+    def sidecar_paths(self) -> list[str]:
+        return [] if self.sidecars is None else list(json.loads(self.sidecars))
+
+
+@dataclass(frozen=True)
+class Classification:
+    """The keys of a job read from its file (after the rules), for ``set_classified``."""
+
+    job: Job
+    kind: str
+    study_uid: str
+    sop_uid: str
+    sop_class: str
+    changes: dict[str, Any] | None = None
+    sidecars: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -124,12 +148,25 @@ class Hold:
 
 _JOB_COLUMNS = (
     "id, source, destination, path, rel, size, mtime_ns, kind, study_uid, sop_uid, "
-    "attempts, first_try, error, outcome, target"
+    "attempts, first_try, error, outcome, target, changes, sidecars"
 )
+_MIGRATIONS = {
+    1: (
+        "ALTER TABLE files ADD COLUMN changes TEXT",
+        "ALTER TABLE files ADD COLUMN sidecars TEXT",
+    ),
+}
 
 
 def _job(row: Sequence[Any]) -> Job:
     return Job(*row)
+
+
+def _classification_row(c: Classification) -> tuple[Any, ...]:
+    changes = None if c.changes is None else json.dumps(c.changes, ensure_ascii=False)
+    sidecars = json.dumps(list(c.sidecars)) if c.sidecars else None
+    keys = (c.kind, c.study_uid, c.sop_uid, c.sop_class, changes, sidecars)
+    return (*keys, c.job.id, c.job.size, c.job.mtime_ns)
 
 
 class Queue:
@@ -162,6 +199,9 @@ class Queue:
                 )
             for statement in _SCHEMA.split(";") if version == 0 else ():
                 if statement.strip():
+                    db.execute(statement)
+            for step in range(version or SCHEMA_VERSION, SCHEMA_VERSION):
+                for statement in _MIGRATIONS[step]:
                     db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         return self
@@ -301,7 +341,8 @@ class Queue:
         if row[3] == "pending" and (row[1], row[2]) != (f.size, f.mtime_ns):
             db.execute(
                 "UPDATE files SET size = ?, mtime_ns = ?, kind = NULL, study_uid = NULL, "
-                "sop_uid = NULL, sop_class = NULL, solo = 0, attempts = 0, first_try = NULL, "
+                "sop_uid = NULL, sop_class = NULL, changes = NULL, sidecars = NULL, solo = 0, "
+                "attempts = 0, first_try = NULL, "
                 "last_try = NULL, next_attempt_at = 0, error = NULL WHERE id = ?",
                 (f.size, f.mtime_ns, row[0]),
             )
@@ -334,17 +375,18 @@ class Queue:
         )
         return [_job(r) for r in rows]
 
-    def set_classified(self, items: Iterable[tuple[Job, str, str, str, str]]) -> None:
-        """Record (job, kind, study_uid, sop_uid, sop_class) for pending rows.
+    def set_classified(self, items: Iterable[Classification]) -> None:
+        """Record the keys (and the rules' changes) read from the files of pending rows.
 
         Only where the row still describes the content that was read: a row the watcher
         updated for new content meanwhile is read again.
         """
         with self._tx() as db:
             db.executemany(
-                "UPDATE files SET kind = ?, study_uid = ?, sop_uid = ?, sop_class = ? "
+                "UPDATE files SET kind = ?, study_uid = ?, sop_uid = ?, sop_class = ?, "
+                "changes = ?, sidecars = ? "
                 "WHERE id = ? AND state = 'pending' AND size = ? AND mtime_ns = ?",
-                [(k, st, so, sc, j.id, j.size, j.mtime_ns) for j, k, st, so, sc in items],
+                [_classification_row(c) for c in items],
             )
 
     # -- the workers' side -------------------------------------------------------------

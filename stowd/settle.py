@@ -15,14 +15,15 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from stowd.config import Source
+from stowd.config import Sidecars, Source
 from stowd.queue import Job, Queue
+from stowd.sidecar import still_needed
 
 log = logging.getLogger("stowd.settle")
 
@@ -84,7 +85,9 @@ def _settle_all(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
     done: list[tuple[int, str]] = []
     for decision, target in plans:
         try:
-            state = _carry_out(decision.job, target, decision.outcome, decision.error)
+            state = _carry_out(
+                decision.job, target, decision.outcome, decision.error, decision.source.sidecars
+            )
         except OSError as exc:
             results.append(Settled(decision, None, exc))
             continue
@@ -107,7 +110,9 @@ def _plan(decisions: Sequence[Decision]) -> list[tuple[Decision, Path]]:
     return plans
 
 
-def _carry_out(job: Job, target: Path, outcome: str, error: dict[str, Any] | None) -> str:
+def _carry_out(
+    job: Job, target: Path, outcome: str, error: dict[str, Any] | None, sidecars: Sidecars | None
+) -> str:
     """Do (or finish) one recorded move and write the reason; returns the final state."""
     if _replaced(job):
         # The file at the path is not the one this job sent: leave it for the watcher,
@@ -115,13 +120,52 @@ def _carry_out(job: Job, target: Path, outcome: str, error: dict[str, Any] | Non
         log.info("%s was replaced after it was read; the new file is queued anew", job.path)
         return "sent" if outcome == "sent" else "gone"
     if os.path.lexists(job.path):
+        _copy_sidecars(job, target)
         move(Path(job.path), target, sync=False)
+        _release_sidecars(job, sidecars)
     elif not target.exists():
         log.warning("file vanished before it could be moved to %s: %s", outcome, job.path)
         return "gone"
     if outcome == "failed" and error is not None:
         write_reason(target, error)
     return outcome
+
+
+def _copy_sidecars(job: Job, target: Path) -> None:
+    """Put a copy of each sidecar the file was read with beside its new place."""
+    for path in map(Path, job.sidecar_paths()):
+        wanted = target.parent / _sidecar_name(Path(job.path), target, path)
+        if not path.exists() or _same_file(path, wanted):
+            continue
+        copy = free_target(wanted.parent, wanted.name)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, copy)
+
+
+def _sidecar_name(original: Path, target: Path, sidecar: Path) -> str:
+    """``img.jpg.json`` -> ``img~1.jpg.json`` when the file became ``img~1.jpg``."""
+    if sidecar.name.startswith(original.name + "."):
+        return target.name + sidecar.name[len(original.name) :]
+    if sidecar.name.startswith(original.stem + ".") and sidecar.parent == original.parent:
+        return target.stem + sidecar.name[len(original.stem) :]
+    return sidecar.name  # the folder's sidecar
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
+    except OSError:
+        return False
+
+
+def _release_sidecars(job: Job, settings: Sidecars | None) -> None:
+    """Remove sidecars from the drop folder once no file there needs them any more."""
+    if settings is None:
+        return
+    for path in map(Path, job.sidecar_paths()):
+        if path.exists() and not still_needed(path, settings, leaving=[Path(job.path)]):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
 def _replaced(job: Job) -> bool:
@@ -133,16 +177,23 @@ def _replaced(job: Job) -> bool:
     return (st.st_size, st.st_mtime_ns) != (job.size, job.mtime_ns)
 
 
-def repair(queue: Queue, only: Collection[int] | None = None) -> tuple[int, set[int]]:
+def repair(
+    queue: Queue,
+    only: Collection[int] | None = None,
+    sources: Mapping[str, Source] | None = None,
+) -> tuple[int, set[int]]:
     """Finish moves left in ``settling`` (by a crash, or a move that failed).
 
-    Returns how many were finished and the ids that still cannot be moved.
+    Returns how many were finished and the ids that still cannot be moved.  ``sources``
+    (by name) tells which sidecars may be removed from the drop folders afterwards.
     """
     with _MOVING:
-        return _repair(queue, only)
+        return _repair(queue, only, sources or {})
 
 
-def _repair(queue: Queue, only: Collection[int] | None) -> tuple[int, set[int]]:
+def _repair(
+    queue: Queue, only: Collection[int] | None, sources: Mapping[str, Source]
+) -> tuple[int, set[int]]:
     done: list[tuple[int, str]] = []
     folders: set[Path] = set()
     stuck: set[int] = set()
@@ -152,7 +203,10 @@ def _repair(queue: Queue, only: Collection[int] | None) -> tuple[int, set[int]]:
         assert job.target and job.outcome
         error = json.loads(job.error) if job.error else None
         try:
-            done.append((job.id, _carry_out(job, Path(job.target), job.outcome, error)))
+            source = sources.get(job.source)
+            sidecars = None if source is None else source.sidecars
+            state = _carry_out(job, Path(job.target), job.outcome, error, sidecars)
+            done.append((job.id, state))
         except OSError as exc:
             log.error("still cannot move %s to %s: %s", job.path, job.target, exc)
             stuck.add(job.id)

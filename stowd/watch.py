@@ -24,6 +24,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
+from stowd import sidecar
 from stowd.config import Source
 from stowd.queue import NewFile
 
@@ -247,9 +248,9 @@ class Watcher:
         except OSError:
             self._future.pop(path, None)
             return None
-        if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(st.st_mode) or self._is_sidecar(path):
             return None
-        wait = self._quiet_left(path, st.st_size, st.st_mtime_ns)
+        wait = max(self._quiet_left(path, st.st_size, st.st_mtime_ns), self._sidecars_left(path))
         if wait > 0:
             if path not in self._scheduled:
                 self._scheduled.add(path)
@@ -257,6 +258,24 @@ class Watcher:
             return None
         rel = os.path.relpath(path, self.source.watch)
         return NewFile(self.source.name, self.destination, path, rel, st.st_size, st.st_mtime_ns)
+
+    def _is_sidecar(self, path: str) -> bool:
+        settings = self.source.sidecars
+        return settings is not None and sidecar.is_sidecar(Path(path), settings)
+
+    def _sidecars_left(self, path: str) -> float:
+        """A file is complete only when its sidecars (its own, its folder's) are complete too."""
+        settings = self.source.sidecars
+        if settings is None:
+            return 0.0
+        wait = 0.0
+        for found in sidecar.sidecars_of(Path(path), settings):
+            try:
+                st = found.stat()
+            except OSError:
+                continue
+            wait = max(wait, self._quiet_left(str(found), st.st_size, st.st_mtime_ns))
+        return wait
 
     def _quiet_left(self, path: str, size: int, mtime_ns: int) -> float:
         """Seconds until the file has been quiet for the quiet period (0: complete now)."""

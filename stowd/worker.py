@@ -11,10 +11,12 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from stowd import classify as classify_mod
+from stowd import metadata
 from stowd.config import BatchLimits, Config, Destination
 from stowd.errors import (
     DestinationBusy,
@@ -25,7 +27,7 @@ from stowd.errors import (
     StowFailure,
 )
 from stowd.group import take_batch
-from stowd.queue import Job, Queue
+from stowd.queue import Classification, Job, Queue
 from stowd.settle import Decision, iso, remove_empty_parents, settle_all
 from stowd.stow import (
     Answer,
@@ -106,7 +108,7 @@ class Worker:
         finally:
             self.classify_lock.release()
 
-    def _classify_safely(self, job: Job) -> tuple[Job, str, str, str, str] | Decision | None:
+    def _classify_safely(self, job: Job) -> Classification | Decision | None:
         """``_classify``, but one file's trouble never stops the others."""
         try:
             return self._classify(job)
@@ -117,7 +119,7 @@ class Worker:
             reason = "stowd hit an unexpected error while reading the file (see its log)"
             return self._later(job, reason, stage="reading the file")
 
-    def _classify(self, job: Job) -> tuple[Job, str, str, str, str] | Decision | None:
+    def _classify(self, job: Job) -> Classification | Decision | None:
         """The file's keys; a ``Decision`` to fail it; None when it is gone."""
         try:
             c = classify_mod.classify(job.path)
@@ -127,7 +129,23 @@ class Worker:
             return None
         except FileProblem as problem:
             return self._failure(job, str(problem), stage="reading the file")
-        return (job, c.kind, c.study_uid, c.sop_uid, c.sop_class)
+        return self._plan(job, c)
+
+    def _plan(self, job: Job, c: classify_mod.Classified) -> Classification | Decision | None:
+        """Apply the metadata rules and sidecars; their trouble sends the file to failed/."""
+        source = self.config.source(job.source)
+        try:
+            p = metadata.plan(self.config, source, job.path, job.rel, c, now=datetime.now())
+        except FileVanished as exc:  # a sidecar went away while it was read: read again
+            return self._later(job, str(exc), stage="reading its sidecar")
+        except FileProblem as problem:
+            return self._failure(job, str(problem), stage="applying the metadata rules")
+        changes = p.outcome.changes() if p.outcome.changed else None
+        sidecars = tuple(str(path) for path in p.sidecars)
+        if p.outcome.matched:
+            names = ", ".join(r.label for r in p.outcome.matched)
+            log.debug("%s: %s; changes %s", job.path, names, changes or "none")
+        return Classification(job, c.kind, p.study_uid, p.sop_uid, c.sop_class, changes, sidecars)
 
     # -- send -----------------------------------------------------------------------------
     def send_one(self) -> bool:
@@ -151,14 +169,50 @@ class Worker:
         return True
 
     def _send(self, batch: list[Job], *, held: bool) -> None:
-        parts = [Part(j.path, j.size, j.sop_uid or "", j.mtime_ns) for j in batch]
+        spooled: list[Path] = []
+        try:
+            batch, parts = self._parts(batch, spooled)
+            if batch:
+                self._store(batch, parts, held=held)
+        finally:
+            for path in spooled:
+                path.unlink(missing_ok=True)
+
+    def _parts(self, batch: list[Job], spooled: list[Path]) -> tuple[list[Job], list[Part]]:
+        """What to send for each job: the file itself, or its changed copy in the spool."""
+        jobs, parts, refused = [], [], []
+        for job in batch:
+            try:
+                parts.append(self._part(job, spooled))
+                jobs.append(job)
+            except FileVanished:
+                self._drop_vanished([job])
+            except FileUnreadable as exc:
+                refused.append(self._later(job, str(exc), stage="applying the metadata rules"))
+            except FileProblem as problem:
+                reason, stage = str(problem), "applying the metadata rules"
+                refused.append(self._failure(job, reason, stage=stage))
+        self._settle_all([d for d in refused if d is not None])
+        return jobs, parts
+
+    def _part(self, job: Job, spooled: list[Path]) -> Part:
+        changes = job.change_set()
+        if changes is None:
+            return Part(job.path, job.size, job.sop_uid or "", job.mtime_ns)
+        if not _unchanged(job):
+            raise FileVanished("the file changed or vanished before it was sent", path=job.path)
+        copy = metadata.spool_copy(self.config, job, changes, datetime.now())
+        spooled.append(copy)
+        return Part(str(copy), copy.stat().st_size, job.sop_uid or "", None)
+
+    def _store(self, batch: list[Job], parts: list[Part], *, held: bool) -> None:
         try:
             answer = self.client.store(parts)
         except FileVanished:
             self._drop_vanished(batch)
             return
         except FileUnreadable as exc:
-            self._unreadable(batch, exc)
+            self._unreadable(batch, parts, exc)
             return
         except StowFailure as failure:
             self._destination_trouble(batch, failure)
@@ -181,9 +235,9 @@ class Worker:
                 self.queue.finish(job.id, state="gone")
         self.queue.release(keep)
 
-    def _unreadable(self, batch: list[Job], exc: FileUnreadable) -> None:
+    def _unreadable(self, batch: list[Job], parts: list[Part], exc: FileUnreadable) -> None:
         """One file cannot be read now: it waits, the others go back to the queue."""
-        bad = [j for j in batch if j.path == exc.path]
+        bad = [j for j, p in zip(batch, parts, strict=True) if exc.path in (j.path, p.path)]
         decisions = [self._later(j, str(exc), stage="reading the file") for j in bad]
         self.queue.release([j.id for j in batch if j not in bad])
         self._settle_all([d for d in decisions if d is not None])
@@ -308,7 +362,11 @@ class Worker:
     def _backoff(self, base: float, failures: int) -> float:
         """``base`` grown by the multiplier per failure, capped, with jitter."""
         retry = self.config.retry
-        return _jitter(min(base * retry.multiplier**failures, retry.maximum))
+        try:
+            delay = min(base * retry.multiplier**failures, retry.maximum)
+        except OverflowError:  # a long outage with a large multiplier
+            delay = retry.maximum
+        return _jitter(delay)
 
     # -- settle ---------------------------------------------------------------------------
     def _failure(

@@ -12,7 +12,7 @@ import pytest
 from stowd.config import BatchLimits
 from stowd.errors import QueueError, QueueLockedError
 from stowd.group import take_batch
-from stowd.queue import Job, NewFile, Queue, open_readonly
+from stowd.queue import Classification, Job, NewFile, Queue, open_readonly
 
 
 class Clock:
@@ -45,7 +45,7 @@ def queue(tmp_path: Path, clock: Clock) -> Iterator[Queue]:
 
 def classify_all(queue: Queue, study: str = "1.2.3") -> None:
     queue.set_classified(
-        [(j, "dicom", study, f"sop{j.id}", "1.2") for j in queue.unclassified(1000)]
+        [Classification(j, "dicom", study, f"sop{j.id}", "1.2") for j in queue.unclassified(1000)]
     )
 
 
@@ -82,8 +82,13 @@ def test_a_file_at_a_path_already_done_is_a_new_job(queue: Queue, tmp_path: Path
 def test_claim_takes_one_study_within_limits_and_only_classified_rows(queue: Queue) -> None:
     queue.enqueue([new(f"/d/{i}", size=100) for i in range(5)])
     jobs = {j.id: j for j in queue.jobs()}
-    queue.set_classified([(jobs[1], "dicom", "A", "s1", "c"), (jobs[2], "dicom", "B", "s2", "c")])
-    queue.set_classified([(jobs[i], "dicom", "A", f"s{i}", "c") for i in (3, 4)])
+    queue.set_classified(
+        [
+            Classification(jobs[1], "dicom", "A", "s1", "c"),
+            Classification(jobs[2], "dicom", "B", "s2", "c"),
+        ]
+    )
+    queue.set_classified([Classification(jobs[i], "dicom", "A", f"s{i}", "c") for i in (3, 4)])
     batch = queue.claim_batch(["pacs"], pick=pick_all, candidates=10, lease=60)
     assert [j.id for j in batch] == [1, 3, 4]
     assert queue.counts() == {"claimed": 3, "pending": 2}
@@ -199,7 +204,9 @@ def test_many_rows_claim_stays_cheap(queue: Queue) -> None:
     """100,000 pending rows: a claim uses the indexes (measured loosely, not asserted in time)."""
     rows = [new(f"/d/{i}") for i in range(100_000)]
     queue.enqueue(rows)
-    queue.set_classified([(j, "dicom", f"st{j.id % 100}", f"s{j.id}", "c") for j in queue.jobs()])
+    queue.set_classified(
+        [Classification(j, "dicom", f"st{j.id % 100}", f"s{j.id}", "c") for j in queue.jobs()]
+    )
     plan = (
         queue._conn()
         .execute(
@@ -246,7 +253,32 @@ def test_keys_read_from_old_content_are_not_written_onto_new_content(queue: Queu
     [old] = queue.unclassified(10)
     queue.retry_later([old.id], at=0, error={"reason": "x"})
     queue.enqueue([new("/d/a", size=20)])  # rewritten while its header was being read
-    queue.set_classified([(old, "dicom", "1.2", "old-sop", "c")])
+    queue.set_classified([Classification(old, "dicom", "1.2", "old-sop", "c")])
     [job] = queue.jobs()
     assert job.kind is None  # read again, from the new content
     assert (job.attempts, job.first_try, job.error) == (0, None, None)  # a new job's record
+
+
+def test_a_version_1_queue_is_migrated_and_keeps_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    q = Queue(path).open()
+    q.enqueue([new("/d/a")])
+    q.close()
+    db = sqlite3.connect(path)  # make it look like a queue written before the rules existed
+    db.execute("ALTER TABLE files DROP COLUMN changes")
+    db.execute("ALTER TABLE files DROP COLUMN sidecars")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    q = Queue(path).open()
+    try:
+        [job] = q.unclassified(10)
+        changes = {"set": {"PatientID": "P1"}, "remove": []}
+        found = Classification(job, "dicom", "1.2", "1.3", "1.4", changes, ("/d/a.json",))
+        q.set_classified([found])
+        [job] = q.jobs()
+        assert job.path == "/d/a"
+        assert job.change_set() == changes
+        assert job.sidecar_paths() == ["/d/a.json"]
+    finally:
+        q.close()

@@ -1,0 +1,103 @@
+"""``stowd explain FILE...``: which rules match a file and what they change, sending nothing.
+
+Each file is read as the daemon reads it (classify, sidecars, rules of its source); the
+report shows the sidecars used, the rules that matched and every attribute before and after.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from stowd import metadata
+from stowd.classify import classify
+from stowd.config import Config, Source
+from stowd.errors import FileProblem, FileUnreadable
+from stowd.rules import value_text
+
+
+@dataclass
+class Explained:
+    """What stowd would do with one file."""
+
+    file: str
+    source: str | None = None
+    kind: str | None = None
+    sidecars: list[str] = field(default_factory=list)
+    rules: list[str] = field(default_factory=list)
+    changes: list[tuple[str, str | None, str | None]] = field(default_factory=list)
+    study_uid: str | None = None
+    problem: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "source": self.source,
+            "type": self.kind,
+            "sidecars": self.sidecars,
+            "rules_matched": self.rules,
+            "changes": [{"attribute": k, "before": b, "after": a} for k, b, a in self.changes],
+            "study_instance_uid": self.study_uid,
+            "problem": self.problem,
+        }
+
+
+def explain(config: Config, files: list[str], source_name: str | None = None) -> list[Explained]:
+    return [_explain(config, os.path.abspath(f), source_name) for f in files]
+
+
+def _explain(config: Config, path: str, source_name: str | None) -> Explained:
+    result = Explained(path)
+    source = _source_of(config, path, source_name)
+    if source is None:
+        result.problem = "the file is not inside any source's watch folder (use --source NAME)"
+        return result
+    result.source = source.name
+    rel = os.path.relpath(path, source.watch) if source_name is None else Path(path).name
+    try:
+        found = classify(path)
+        result.kind = found.kind
+        planned = metadata.plan(config, source, path, rel, found, now=datetime.now())
+    except (FileProblem, FileUnreadable) as exc:
+        result.problem = str(exc)
+        return result
+    outcome = planned.outcome
+    result.sidecars = [str(p) for p in planned.sidecars]
+    result.rules = [rule.label for rule in outcome.matched]
+    result.changes = [(k, outcome.before.get(k), value_text(v)) for k, v in outcome.values.items()]
+    result.changes += [(k, outcome.before.get(k), None) for k in outcome.remove]
+    result.study_uid = planned.study_uid
+    return result
+
+
+def _source_of(config: Config, path: str, name: str | None) -> Source | None:
+    if name is not None:
+        return config.source(name)
+    for source in config.sources:
+        if Path(path).is_relative_to(source.watch):
+            return source
+    return None
+
+
+def render(results: list[Explained]) -> str:
+    lines: list[str] = []
+    for r in results:
+        lines.append(f"{r.file}" + (f"  (source {r.source}, type {r.kind})" if r.kind else ""))
+        if r.problem:
+            lines.append(f"  would go to failed/: {r.problem}")
+            continue
+        lines.append(f"  sidecars: {', '.join(r.sidecars) or 'none'}")
+        lines.append(f"  rules matched: {', '.join(r.rules) or 'none'}")
+        if not r.changes:
+            lines.append("  no changes: sent exactly as it is")
+        width = max((len(k) for k, _, _ in r.changes), default=0)
+        for keyword, before, after in r.changes:
+            lines.append(f"  {keyword:<{width}}  {_shown(before)} -> {_shown(after, 'removed')}")
+    return "\n".join(lines)
+
+
+def _shown(value: str | None, missing: str = "absent") -> str:
+    return f"({missing})" if value is None else repr(value)

@@ -1,0 +1,109 @@
+"""The rules stage between classify and stow: what the rules and sidecars change in a file.
+
+``plan`` runs when a file is classified, so rules that change StudyInstanceUID or
+SOPInstanceUID decide how files are grouped; the changes are stored in the queue with the
+job and reused on every attempt (templates such as ``{now}`` are not evaluated again).
+``spool_copy`` writes the changed copy that is sent; the original file is never modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from pydicom import Dataset
+from pydicom.dataelem import DataElement
+from pydicom.multival import MultiValue
+
+from stowd import sidecar
+from stowd.classify import Classified
+from stowd.config import Config, Source
+from stowd.queue import Job
+from stowd.rewrite import apply, rewrite
+from stowd.rules import Facts, Outcome, evaluate, value_text
+from stowd.vr import Item
+
+SPOOL_SUFFIX = ".dcm"
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A classified file after the rules: its final keys and what is to change."""
+
+    outcome: Outcome
+    sidecars: tuple[Path, ...]
+    study_uid: str
+    sop_uid: str
+
+
+def plan(
+    config: Config, source: Source, path: str, rel: str, found: Classified, *, now: datetime
+) -> Planned:
+    """Apply the sidecars and rules of ``source``; raise ``FileProblem`` when they cannot be."""
+    values: Item = {}
+    used: list[Path] = []
+    if source.sidecars is not None:
+        values, used = sidecar.load(Path(path), source.sidecars)
+    names = tuple(p.name for p in used)
+    facts = Facts(PurePosixPath(rel), source.name, found.kind, now, values, names)
+    outcome = evaluate(config.rules_for(source), facts, original_of(found.header))
+    study = _final(outcome, "StudyInstanceUID", found.study_uid)
+    sop = _final(outcome, "SOPInstanceUID", found.sop_uid)
+    return Planned(outcome, tuple(used), study, sop)
+
+
+def _final(outcome: Outcome, keyword: str, before: str) -> str:
+    value = outcome.values.get(keyword)
+    return before if value is None else value_text(value)
+
+
+def original_of(ds: Dataset | None) -> Callable[[str], str | None]:
+    """The file's own value of a keyword, as text; None when absent."""
+
+    def text(keyword: str) -> str | None:
+        elem = ds[keyword] if ds is not None and keyword in ds else None
+        return None if elem is None else element_text(elem)
+
+    return text
+
+
+def element_text(elem: DataElement) -> str:
+    value = elem.value
+    if value is None:
+        return ""
+    if elem.VR == "SQ":
+        return f"(a sequence of {len(value)} item(s))"
+    if isinstance(value, bytes):
+        return f"(binary data, {len(value)} bytes)"
+    if isinstance(value, MultiValue | list):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def spool_path(config: Config, job: Job) -> Path:
+    return config.spool / f"{job.id}{SPOOL_SUFFIX}"
+
+
+def spool_copy(config: Config, job: Job, changes: dict[str, Any], now: datetime) -> Path:
+    """Write the copy of ``job``'s file with ``changes`` to the spool folder."""
+    target = spool_path(config, job)
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    def edit(ds: Dataset) -> None:
+        record = config.original_attributes
+        apply(ds, changes["set"], changes["remove"], record_original=record, now=now)
+
+    rewrite(Path(job.path), target, edit)
+    return target
+
+
+def clear_spool(config: Config) -> int:
+    """Remove copies left by a stopped daemon (they are written again when needed)."""
+    removed = 0
+    for leftover in config.spool.glob(f"*{SPOOL_SUFFIX}") if config.spool.is_dir() else ():
+        leftover.unlink(missing_ok=True)
+        removed += 1
+    return removed
