@@ -21,6 +21,7 @@ from pydicom.multival import MultiValue
 from stowd import sidecar
 from stowd.classify import Classified
 from stowd.config import Config, Source
+from stowd.errors import FileUnreadable
 from stowd.queue import Job
 from stowd.rewrite import apply, rewrite
 from stowd.rules import Facts, Outcome, evaluate, value_text
@@ -90,7 +91,14 @@ def spool_path(config: Config, job: Job) -> Path:
 def spool_copy(config: Config, job: Job, changes: dict[str, Any], now: datetime) -> Path:
     """Write the copy of ``job``'s file with ``changes`` to the spool folder."""
     target = spool_path(config, job)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FileUnreadable(
+            f"cannot create the spool folder {target.parent} for the changed copy: "
+            f"{exc.strerror or exc}; it is tried again later",
+            path=job.path,
+        ) from exc
 
     def edit(ds: Dataset) -> None:
         record = config.original_attributes

@@ -5,18 +5,20 @@ Each step is a module of its own; this one only moves jobs between them and the 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from stowd import classify as classify_mod
-from stowd import metadata
+from stowd import metadata, sidecar
 from stowd.config import BatchLimits, Config, Destination
 from stowd.errors import (
     DestinationBusy,
@@ -128,7 +130,7 @@ class Worker:
             self.queue.finish(job.id, state="gone")
             return None
         except FileProblem as problem:
-            return self._failure(job, str(problem), stage="reading the file")
+            return self._failure(self._with_sidecars(job), str(problem), stage="reading the file")
         return self._plan(job, c)
 
     def _plan(self, job: Job, c: classify_mod.Classified) -> Classification | Decision | None:
@@ -139,13 +141,21 @@ class Worker:
         except FileVanished as exc:  # a sidecar went away while it was read: read again
             return self._later(job, str(exc), stage="reading its sidecar")
         except FileProblem as problem:
-            return self._failure(job, str(problem), stage="applying the metadata rules")
+            stage = "applying the metadata rules"
+            return self._failure(self._with_sidecars(job), str(problem), stage=stage)
         changes = p.outcome.changes() if p.outcome.changed else None
         sidecars = tuple(str(path) for path in p.sidecars)
         if p.outcome.matched:
             names = ", ".join(r.label for r in p.outcome.matched)
             log.debug("%s: %s; changes %s", job.path, names, changes or "none")
         return Classification(job, c.kind, p.study_uid, p.sop_uid, c.sop_class, changes, sidecars)
+
+    def _with_sidecars(self, job: Job) -> Job:
+        """The job with its sidecars, so a file failed before its keys were stored takes
+        them along to failed/ (a bad sidecar is the usual reason)."""
+        settings = self.config.source(job.source).sidecars
+        found = [] if settings is None else sidecar.sidecars_of(Path(job.path), settings)
+        return replace(job, sidecars=json.dumps([str(p) for p in found])) if found else job
 
     # -- send -----------------------------------------------------------------------------
     def send_one(self) -> bool:

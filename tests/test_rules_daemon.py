@@ -72,6 +72,8 @@ def drop_everything(layout: Layout) -> dict[str, str]:
         "PatientName: Müller^Jörg\nPatientBirthDate: '19700101'\n", encoding="utf-8"
     )
     (drop / "scanner/s1.json").write_text(json.dumps({"PatientID": "SC-1"}), encoding="utf-8")
+    uids["bad_sidecar"] = make_instance(drop / "bad/y.dcm")
+    (drop / "bad/y.json").write_text(json.dumps({"PatientBirthDate": "1980-02-30"}))
     return uids
 
 
@@ -94,11 +96,12 @@ def test_rules_and_sidecars_reach_orthanc_and_originals_stay_intact(
         daemon.stop()
 
     # Data files in sent/ are byte-identical to what was dropped; sidecars went with them.
-    sent = digests(layout.sent)
+    sent, failed = digests(layout.sent), digests(layout.failed)
+    failing = {"dates/2024-13-45/b.dcm", "bad/y.dcm", "bad/y.json"}
     for rel, digest in before.items():
-        if rel != "dates/2024-13-45/b.dcm":
-            assert sent[rel] == digest, rel
-    assert layout.files(layout.failed) == {"dates/2024-13-45/b.dcm"}
+        assert (failed if rel in failing else sent)[rel] == digest, rel
+    assert layout.files(layout.failed) == failing
+    assert {"scanner/_metadata.yaml", "scanner/s1.json"} <= layout.files(layout.sent)
 
     tags = stored(orthanc, uids["patients"])
     assert (tags["PatientID"], tags["AccessionNumber"]) == ("P123", "ACC9")
@@ -120,12 +123,15 @@ def test_rules_and_sidecars_reach_orthanc_and_originals_stay_intact(
     assert side1["SpecificCharacterSet"] == "ISO_IR 192"
     assert side2["PatientBirthDate"] == "19700101"
 
-    reason = json.loads(next(iter(layout.error_files().values())).read_text())
+    errors = layout.error_files()
+    reason = json.loads(errors["dates/2024-13-45/b.dcm"].read_text())
     assert reason["stage"] == "applying the metadata rules"
     assert "birth date from folder" in reason["reason"]
     assert "PatientBirthDate (DA)" in reason["reason"]
     assert "2024-13-45" in reason["reason"]
-    assert orthanc.instance_count() == len(uids) - 1
+    reason = json.loads(errors["bad/y.dcm"].read_text())
+    assert reason["reason"].startswith("sidecar y.json: PatientBirthDate (DA)")
+    assert orthanc.instance_count() == len(uids) - 2
     assert not any(layout.root.joinpath("state", "queue.spool").glob("*")), "spool left behind"
 
 
@@ -189,3 +195,38 @@ def test_many_files_of_a_rewritten_study_are_grouped_by_the_new_uid(
         daemon.stop()
     assert orthanc.study_instance_uids() == {MERGED_STUDY}
     assert orthanc.instance_count() == 30
+
+
+def test_kill_9_while_sending_rewritten_files_loses_and_duplicates_nothing(
+    tmp_path: Path, orthanc: Orthanc
+) -> None:
+    layout = make_layout(
+        tmp_path / "run",
+        orthanc.dicomweb_url,
+        rules=[{"set": {"PatientID": "NEW-{dicom.PatientID}"}}],
+        original_attributes=True,
+        destinations={
+            "pacs": {"url": orthanc.dicomweb_url, "workers": 1, "batch": {"max_files": 5}}
+        },
+    )
+    uids: set[str] = set()
+    for n in range(4):
+        uids |= {u for _, u in make_study(layout.drop / f"s{n}", 15, size_bytes=200_000)}
+    daemon = Stowd(layout).start()
+    try:
+        wait_for(
+            lambda: len(layout.files(layout.sent)) >= 5, 60, "a first batch", lambda: daemon.log
+        )
+        daemon.kill()
+        assert len(layout.files(layout.sent)) < 60, "too fast to interrupt anything"
+        daemon = Stowd(layout).start()
+        wait_for(
+            lambda: len(layout.files(layout.sent)) == 60, 90, "all 60 sent", lambda: daemon.log
+        )
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop()
+    assert layout.files(layout.drop) == set() and layout.files(layout.failed) == set()
+    assert orthanc.sop_instance_uids() == uids
+    assert {stored(orthanc, u)["PatientID"] for u in list(uids)[:5]} == {"NEW-P1"}
+    assert not any(layout.root.joinpath("state", "queue.spool").glob("*")), "spool left behind"
