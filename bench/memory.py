@@ -1,7 +1,10 @@
 """Peak memory of ``stowd run`` while it sends one very large file, and while a large backlog
 is queued, against a local discarding STOW endpoint (reads and drops the body).
 
-Usage:  .venv/bin/python bench/memory.py --size 1GiB --backlog 20000
+Usage:  .venv/bin/python bench/memory.py --size 1GiB --backlog 20000 [--rules]
+
+``--rules`` adds a metadata rule that changes every file, so each is sent as a rewritten
+copy from the spool folder (the cost of rules).
 
 Prints the peak RSS (VmHWM) of the stowd process for each case.  Figures, not assertions.
 """
@@ -74,7 +77,12 @@ def big_dicom(path: Path, size: int) -> str:
     return str(uid)
 
 
-def config(folder: Path, url: str) -> Path:
+RULES = """rules:
+  - set: {InstitutionName: 'Bench {source}', PatientID: 'B-{dicom.PatientID}'}
+"""
+
+
+def config(folder: Path, url: str, rules: bool) -> Path:
     path = folder / "stowd.yaml"
     path.write_text(
         f"""queue: ./state/queue.db
@@ -85,6 +93,7 @@ sources:
 destinations:
   d: {{url: "{url}", timeouts: {{read: 30m, write: 30m}}}}
 """
+        + (RULES if rules else "")
     )
     return path
 
@@ -96,8 +105,9 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def run(folder: Path, url: str, expect: int) -> tuple[float, float]:
-    proc = subprocess.Popen([sys.executable, "-m", "stowd", "run", "-c", str(config(folder, url))])
+def run(folder: Path, url: str, expect: int, rules: bool) -> tuple[float, float]:
+    path = config(folder, url, rules)
+    proc = subprocess.Popen([sys.executable, "-m", "stowd", "run", "-c", str(path)])
     started = time.monotonic()
     sent = folder / "sent"
     while proc.poll() is None:
@@ -116,6 +126,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", default="1GiB")
     parser.add_argument("--backlog", type=int, default=20000)
+    parser.add_argument(
+        "--rules",
+        action="store_true",
+        help="with a metadata rule that changes every file (each is sent as a rewritten copy)",
+    )
     args = parser.parse_args()
     server = ThreadingHTTPServer(("127.0.0.1", 0), Discard)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -126,14 +141,14 @@ def main() -> int:
         size = parse_size(args.size)
         big_dicom(one / "drop" / "big.dcm", size)
         classify(str(one / "drop" / "big.dcm"))  # the file is valid for stowd
-        seconds, rss = run(one, url, 1)
+        seconds, rss = run(one, url, 1, args.rules)
         print(f"one file of {args.size}: {size / seconds / 1e6:.0f} MB/s, peak RSS {rss:.1f} MB")
         many = Path(tmp) / "many"
         (many / "drop").mkdir(parents=True)
         study = "1.2.826.0.1.3680043.8.498.7"
         for n in range(args.backlog):
             make_instance(many / "drop" / f"{n:06d}.dcm", study_uid=study)
-        seconds, rss = run(many, url, args.backlog)
+        seconds, rss = run(many, url, args.backlog, args.rules)
         print(
             f"backlog of {args.backlog} small files: {args.backlog / seconds:.0f} files/s "
             f"end to end, peak RSS {rss:.1f} MB"
