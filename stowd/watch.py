@@ -26,6 +26,7 @@ from watchdog.observers.polling import PollingObserver
 
 from stowd import sidecar
 from stowd.config import Source
+from stowd.errors import FileUnreadable
 from stowd.queue import NewFile
 
 log = logging.getLogger("stowd.watch")
@@ -77,6 +78,7 @@ class Watcher:
         self._due: list[tuple[float, str]] = []
         self._scheduled: set[str] = set()
         self._linked_folders: set[str] = set()
+        self._lonely: set[str] = set()  # sidecars without a file, warned about once
         self._future: dict[str, tuple[int, int, float]] = {}
         self._observer: BaseObserver | None = None
         self._rescan_requested = False
@@ -248,7 +250,10 @@ class Watcher:
         except OSError:
             self._future.pop(path, None)
             return None
-        if not stat.S_ISREG(st.st_mode) or self._is_sidecar(path):
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        if self._is_sidecar(path):
+            self._note_lonely_sidecar(path, st)
             return None
         wait = max(self._quiet_left(path, st.st_size, st.st_mtime_ns), self._sidecars_left(path))
         if wait > 0:
@@ -262,6 +267,26 @@ class Watcher:
     def _is_sidecar(self, path: str) -> bool:
         settings = self.source.sidecars
         return settings is not None and sidecar.is_sidecar(Path(path), settings)
+
+    def _note_lonely_sidecar(self, path: str, st: os.stat_result) -> None:
+        """A complete sidecar that no file in its folder uses is said once, not kept silent."""
+        settings = self.source.sidecars
+        if settings is None or path in self._lonely or self._quiet_left(
+            path, st.st_size, st.st_mtime_ns
+        ):
+            return
+        try:
+            needed = sidecar.still_needed(Path(path), settings, leaving=())
+        except FileUnreadable:
+            return
+        if not needed:
+            self._lonely.add(path)
+            log.warning(
+                "source %s: sidecar %s describes no file in its folder; it is not sent and "
+                "stays there until its file arrives (or remove it)",
+                self.source.name,
+                path,
+            )
 
     def _sidecars_left(self, path: str) -> float:
         """A file is complete only when its sidecars (its own, its folder's) are complete too."""

@@ -38,3 +38,23 @@ def test_dry_run_reports_and_touches_nothing(tmp_path: Path) -> None:
     assert sorted(p for p in layout.drop.rglob("*")) == before
     assert not (layout.root / "state").exists()
     assert not layout.sent.exists() and not layout.failed.exists()
+
+
+def test_dry_run_applies_the_rules_to_grouping_and_failures(tmp_path: Path) -> None:
+    rules = [
+        {"match": {"path": "s*/*"}, "set": {"StudyInstanceUID": "1.2.826.0.1.3680043.8.498.5"}},
+        {"match": {"regex": "^(?P<d>bad)/"}, "set": {"StudyDate": "{regex.d}"}},
+    ]
+    layout = make_layout(tmp_path, "http://127.0.0.1:9/dicom-web", rules=rules)
+    files = make_study(layout.drop / "s1", 2) + make_study(layout.drop / "s2", 2)
+    files += make_study(layout.drop / "bad", 1)
+    past = time.time() - 7200
+    for path, _ in files:
+        os.utime(path, (past, past))
+    result = run_cli("dry-run", "-c", str(layout.config), "--json")
+    assert result.returncode == 0, result.stderr
+    [plan] = json.loads(result.stdout)
+    assert (plan["ready_files"], plan["studies"]) == (4, 1)  # two studies made one by a rule
+    [failing] = plan["would_fail"]
+    assert failing["file"] == "bad/IM00001.dcm"
+    assert "StudyDate (DA)" in failing["reason"] and "rules[1]" in failing["reason"]

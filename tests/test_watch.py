@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from watchdog.events import DirModifiedEvent, FileCreatedEvent, FileMovedEvent
 
-from stowd.config import Source
+from stowd.config import Sidecars, Source
 from stowd.queue import NewFile
 from stowd.watch import Watcher, _Handler
 
@@ -216,3 +216,34 @@ def test_the_event_handler_never_raises() -> None:
     handler.on_any_event(FileMovedEvent("/elsewhere/b.tmp", "/drop/b.dcm"))
     handler.on_any_event(DirModifiedEvent("/drop"))  # folder changes are not hints
     assert seen == [("/drop/a.dcm", False), ("/drop/b.dcm", False)]
+
+
+def test_sidecars_are_not_queued_and_hold_back_their_files(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = make_source(tmp_path, quiet_period=5.0, sidecars=Sidecars())
+    clock, sink = Clock(), Sink()
+    drop = source.watch
+    write(drop / "a/img1.dcm")
+    write(drop / "a/img1.json", age=1.0)  # its own sidecar is still being written
+    write(drop / "b/img2.dcm")
+    write(drop / "b/_metadata.yaml", age=1.0)  # its folder's sidecar too
+    write(drop / "c/img3.dcm")
+    write(drop / "c/img3.dcm.yaml")
+    write(drop / "d/lonely.yaml")  # describes nothing
+    watcher = Watcher(source, "pacs", sink, clock=clock)
+    watcher.scan()
+    assert sink.paths() == {"c/img3.dcm"}
+    assert "sidecar" in caplog.text and "lonely.yaml" in caplog.text
+    clock.now += 5
+    watcher.scan()
+    assert sink.paths() == {"a/img1.dcm", "b/img2.dcm", "c/img3.dcm"}
+    assert caplog.text.count("lonely.yaml") == 1  # said once, not at every scan
+
+
+def test_without_sidecars_json_files_are_ordinary_files(tmp_path: Path) -> None:
+    source = make_source(tmp_path, quiet_period=0.0)
+    sink = Sink()
+    write(source.watch / "x.json")
+    Watcher(source, "pacs", sink).scan()
+    assert sink.paths() == {"x.json"}  # it will go to failed/ as "not a DICOM file"
