@@ -27,7 +27,17 @@ from stowd.rules import (
     render,
     value_text,
 )
-from stowd.yamlwalk import Context, Section, as_text, describe, entries, is_null, join, value_of
+from stowd.yamlwalk import (
+    Context,
+    DicomLoader,
+    Section,
+    as_text,
+    describe,
+    entries,
+    is_null,
+    join,
+    value_of,
+)
 
 RULE_KEYS = ("name", "match", "set", "default", "remove")
 MATCH_KEYS = ("path", "regex", "type", "source", "attributes")
@@ -165,7 +175,7 @@ def _read_conditions(ctx: Context, key: str, node: Node | None) -> tuple[Conditi
 
 def _condition(keyword: str, node: Node) -> Condition:
     vr.lookup(keyword)
-    value = value_of(node)
+    value = value_of(node, DicomLoader)
     if isinstance(value, dict):
         return _condition_of(keyword, value)
     if isinstance(value, list):
@@ -218,13 +228,30 @@ def _read_values(
 
 def _spec_of(keyword: str, node: Node, groups: frozenset[str] | None) -> Spec:
     vr.lookup(keyword)
-    spec = _spec(keyword, value_of(node))
-    templates = list(_templates(spec))
-    for template in templates:
+    spec = _spec(keyword, value_of(node, DicomLoader))
+    for template in _templates(spec):
         _check_groups(template, groups)
-    if not any(t.placeholders for t in templates):
-        vr.check(keyword, render(spec, lambda p: ""))  # a literal: check it now
+    _check_literals(keyword, spec)
     return spec
+
+
+def _check_literals(keyword: str, spec: Spec) -> None:
+    """Check every literal now: a whole value, each literal of a list, each sequence item."""
+    if not _templated(spec):
+        vr.check(keyword, render(spec, lambda p: ""))
+    elif isinstance(spec, list):
+        for index, part in enumerate(spec, 1):
+            if isinstance(part, dict):
+                for nested, inner in part.items():
+                    _check_literals(nested, inner)
+            elif not _templated(part):
+                vr.check_single(keyword, render(part, lambda p: ""), index, len(spec))
+
+
+def _templated(spec: Spec | SpecItem) -> bool:
+    if isinstance(spec, dict):
+        return any(_templated(s) for s in spec.values())
+    return any(t.placeholders for t in _templates(spec))
 
 
 def _spec(keyword: str, value: object) -> Spec:

@@ -293,6 +293,10 @@ def value_text(value: Value) -> str:
     return str(value)
 
 
+def _is_sequence(value: Value) -> bool:
+    return isinstance(value, list) and any(isinstance(v, dict) for v in value)
+
+
 def evaluate(rules: Sequence[Rule], facts: Facts, original: Callable[[str], str | None]) -> Outcome:
     """Apply the sidecar values, then every matching rule in order; raise ``RuleFailure``.
 
@@ -427,8 +431,8 @@ def _finish(outcome: Outcome, state: _State) -> Outcome:
             if before is not None:
                 outcome.remove.append(keyword)
                 outcome.before[keyword] = before
-        elif before is None or value_text(value) != before:
-            outcome.values[keyword] = value
+        elif before is None or _is_sequence(value) or value_text(value) != before:
+            outcome.values[keyword] = value  # a sequence cannot be compared as text: set it
             outcome.before[keyword] = before
     for keyword in REQUIRED:
         if state.empty(keyword) and keyword in state.overlay:

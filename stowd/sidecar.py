@@ -24,12 +24,12 @@ from stowd import vr
 from stowd.config import Sidecars
 from stowd.errors import FileProblem, FileUnreadable, FileVanished
 from stowd.vr import Item
+from stowd.yamlwalk import DicomLoader
 
 SUFFIXES = (".json", ".yaml", ".yml")
 MAX_BYTES = 1024 * 1024
 _LOOKED_FOR = (*SUFFIXES, *(s.upper() for s in SUFFIXES))  # names tried beside a data file
 _TAG = re.compile(r"[0-9A-Fa-f]{8}")
-_DECIMAL_INT = re.compile(r"-?[1-9][0-9]*|0")  # what YAML reads as an int and is kept one
 _PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
 
 
@@ -76,7 +76,7 @@ def _stat(path: Path) -> os.stat_result | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
-        raise FileUnreadable.from_os_error(exc, str(path)) from exc
+        raise _unreadable(path, exc) from exc
 
 
 def still_needed(sidecar: Path, settings: Sidecars, *, leaving: Collection[Path]) -> bool:
@@ -87,6 +87,18 @@ def still_needed(sidecar: Path, settings: Sidecars, *, leaving: Collection[Path]
     if sidecar.name == settings.folder:
         return bool(names)
     return settings.per_file and any(sidecar.name in _per_file_names(n) for n in names)
+
+
+def folder_in_use(folder: Path, settings: Sidecars) -> bool:
+    """Any file in ``folder`` that is not a sidecar, hidden ones included (a copy in
+    progress under a temporary name still needs the folder's sidecar)."""
+    try:
+        with os.scandir(folder) as entries:
+            return any(e.is_file() and not is_sidecar(Path(e.name), settings) for e in entries)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise FileUnreadable.from_os_error(exc, str(folder)) from exc
 
 
 def _data_files(folder: Path, settings: Sidecars) -> list[str]:
@@ -138,6 +150,12 @@ def _problem(path: Path, message: str) -> FileProblem:
     return FileProblem(f"sidecar {path.name}: {message}", path=str(path))
 
 
+def _unreadable(path: Path, exc: OSError) -> FileUnreadable:
+    """Name the sidecar, not the data file, when it cannot be read."""
+    plain = FileUnreadable.from_os_error(exc, str(path))
+    return FileUnreadable(f"cannot read its sidecar {path.name}: {plain}", path=str(path))
+
+
 def _read_text(path: Path) -> str:
     try:
         with path.open("rb") as stream:
@@ -146,7 +164,7 @@ def _read_text(path: Path) -> str:
         message = f"sidecar {path.name} disappeared before it was read"
         raise FileVanished(message, path=str(path)) from None
     except OSError as exc:
-        raise FileUnreadable.from_os_error(exc, str(path)) from exc
+        raise _unreadable(path, exc) from exc
     if len(data) > MAX_BYTES:
         raise _problem(path, "is larger than 1 MiB, too large for a sidecar")
     try:
@@ -164,7 +182,7 @@ def _parse(path: Path, text: str) -> object:
         except json.JSONDecodeError as exc:
             raise _problem(path, f"is not valid JSON at line {exc.lineno}: {exc.msg}") from None
     try:
-        return yaml.load(text, Loader=_Loader)  # a SafeLoader
+        return yaml.load(text, Loader=DicomLoader)  # a SafeLoader
     except yaml.YAMLError as exc:
         raise _problem(path, f"is not valid YAML{_yaml_where(exc)}") from None
 
@@ -175,39 +193,6 @@ def _yaml_where(exc: yaml.YAMLError) -> str:
     return f": {exc}"
 
 
-class _Loader(yaml.SafeLoader):
-    """YAML's safe loader without aliases (no bombs), keeping 10:30 and 0123 as written."""
-
-    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
-        if self.check_event(yaml.AliasEvent):
-            mark = self.current_event.start_mark
-            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed", mark)
-        return super().compose_node(parent, index)
-
-
-def _timestamp(loader: _Loader, node: yaml.ScalarNode) -> object:
-    """A YAML date, or its text if it is impossible (1980-02-30): vr.check then explains."""
-    try:
-        return loader.construct_yaml_timestamp(node)
-    except ValueError:
-        return loader.construct_scalar(node)
-
-
-def _int(loader: _Loader, node: yaml.ScalarNode) -> object:
-    """A plain decimal integer; 0123 (octal), 10:30 (base 60), 0x1F, 1_000, +5 stay text."""
-    text = loader.construct_scalar(node)
-    return loader.construct_yaml_int(node) if _DECIMAL_INT.fullmatch(text) else text
-
-
-def _float(loader: _Loader, node: yaml.ScalarNode) -> object:
-    """A YAML float, but 10:30:00.5 (base 60 in YAML 1.1) stays text."""
-    text = loader.construct_scalar(node)
-    return text if ":" in text else loader.construct_yaml_float(node)
-
-
-_Loader.add_constructor("tag:yaml.org,2002:timestamp", _timestamp)
-_Loader.add_constructor("tag:yaml.org,2002:int", _int)
-_Loader.add_constructor("tag:yaml.org,2002:float", _float)
 
 
 def _kind(data: object) -> str:

@@ -129,6 +129,15 @@ def check(keyword: str, value: object) -> Value:
     return _check(lookup(keyword), value, keyword)
 
 
+def check_single(keyword: str, value: object, index: int, count: int) -> None:
+    """Check value ``index`` of ``count`` written for ``keyword`` on its own (not the count)."""
+    attr = lookup(keyword)
+    try:
+        _check_one(attr.vr, _one_of_list(attr.vr, value, index), index, count)
+    except _Invalid as exc:
+        raise ValueError(f"{keyword} ({attr.vr}) {exc}") from None
+
+
 def _check(attr: Attr, value: object, path: str) -> Value:
     try:
         return _check_value(attr, value, path)

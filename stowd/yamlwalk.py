@@ -259,9 +259,9 @@ def join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
-def value_of(node: Node) -> object:
-    """The Python value of a node, built by PyYAML's safe constructor."""
-    loader = yaml.SafeLoader("")
+def value_of(node: Node, loader_class: type[yaml.SafeLoader] = yaml.SafeLoader) -> object:
+    """The Python value of a node, built by PyYAML's safe constructor (or ``loader_class``)."""
+    loader = loader_class("")
     try:
         return loader.construct_object(node, deep=True)
     except yaml.YAMLError as exc:
@@ -401,3 +401,44 @@ def redact_url(url: str) -> str:
     if not sep or "@" not in rest:
         return url
     return f"{scheme}://***@{rest.rpartition('@')[2]}"
+
+
+# --------------------------------------------------------------------------- DICOM values
+# YAML 1.1 reads 0012345 as octal and 10:30 as base 60: silently wrong for a PatientID or a
+# time.  DICOM values (rules and sidecars) are read with this loader instead.
+_DECIMAL_INT = re.compile(r"-?[1-9][0-9]*|0")  # what YAML reads as an int and is kept one
+
+
+class DicomLoader(yaml.SafeLoader):
+    """YAML's safe loader without aliases (no bombs), keeping 10:30 and 0123 as written."""
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.current_event.start_mark
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed", mark)
+        return super().compose_node(parent, index)
+
+
+def _timestamp(loader: DicomLoader, node: yaml.ScalarNode) -> object:
+    """A YAML date, or its text if it is impossible (1980-02-30): vr.check then explains."""
+    try:
+        return loader.construct_yaml_timestamp(node)
+    except ValueError:
+        return loader.construct_scalar(node)
+
+
+def _int(loader: DicomLoader, node: yaml.ScalarNode) -> object:
+    """A plain decimal integer; 0123 (octal), 10:30 (base 60), 0x1F, 1_000, +5 stay text."""
+    text = loader.construct_scalar(node)
+    return loader.construct_yaml_int(node) if _DECIMAL_INT.fullmatch(text) else text
+
+
+def _float(loader: DicomLoader, node: yaml.ScalarNode) -> object:
+    """A YAML float, but 10:30:00.5 (base 60 in YAML 1.1) stays text."""
+    text = loader.construct_scalar(node)
+    return text if ":" in text else loader.construct_yaml_float(node)
+
+
+DicomLoader.add_constructor("tag:yaml.org,2002:timestamp", _timestamp)
+DicomLoader.add_constructor("tag:yaml.org,2002:int", _int)
+DicomLoader.add_constructor("tag:yaml.org,2002:float", _float)

@@ -372,7 +372,61 @@ def test_sidecar_settings_and_rules_in_defaults(tmp_path: Path) -> None:
     )
     assert all(s.sidecars is not None and s.sidecars.folder == "_meta.yml" for s in config.sources)
     assert config.original_attributes
-    assert config.spool == config.queue.with_suffix(".spool")
+    assert config.spool == config.queue.parent / "queue.db.spool"
     found = problems(tmp_path, "defaults:\n  rules: []\n  sidecars: {folder: a/b}\n")
     assert "top-level 'rules'" in next(p.message for p in found if p.key == "defaults.rules")
     assert "file name" in next(p.message for p in found if p.key == "defaults.sidecars")
+
+
+def test_sequences_are_set_even_with_as_many_items_and_empty_ones_count_as_empty(
+    tmp_path: Path,
+) -> None:
+    config = load(
+        tmp_path,
+        """
+        rules:
+          - set: {ReferencedStudySequence: [{ReferencedSOPInstanceUID: '1.2.3.999'}]}
+          - default: {RequestAttributesSequence: [{RequestedProcedureID: RP1}]}
+          - match: {attributes: {ProcedureCodeSequence: {absent: true}}}
+            set: {StudyDescription: no procedure}
+        """,
+    )
+    attrs = {
+        "ReferencedStudySequence": "(a sequence of 1 item(s))",
+        "RequestAttributesSequence": "",  # an empty Type 2 sequence
+        "ProcedureCodeSequence": "",
+    }
+    out = run(config, "a.dcm", attrs)
+    assert out.values["ReferencedStudySequence"] == [{"ReferencedSOPInstanceUID": "1.2.3.999"}]
+    assert out.values["RequestAttributesSequence"] == [{"RequestedProcedureID": "RP1"}]
+    assert out.values["StudyDescription"] == "no procedure"
+
+
+@pytest.mark.parametrize(
+    ("yaml_value", "expected"),
+    # YAML 1.1 would read 0012345 as octal 5349 and 10:30 as 630: taken as written instead
+    [("0012345", "0012345"), ("10:30", "10:30"), ("0x1F", "0x1F"), ("12345", "12345")],
+)
+def test_unquoted_numbers_are_taken_as_written(
+    tmp_path: Path, yaml_value: str, expected: str
+) -> None:
+    text = f"rules:\n  - set: {{PatientID: {yaml_value}}}\n"
+    assert run(load(tmp_path, text), "a.dcm").values["PatientID"] == expected
+
+
+def test_literals_beside_templates_are_checked_at_load(tmp_path: Path) -> None:
+    found = problems(
+        tmp_path,
+        """
+        rules:
+          - match: {regex: '^(?P<acc>[^/]+)/'}
+            set:
+              ImageType: [DERIVED, secondary, '{regex.acc}']
+              RequestAttributesSequence:
+                - RequestedProcedureID: '{regex.acc}'
+                  ScheduledProcedureStepStartDate: '2024-13-45'
+        """,
+    )
+    messages = " | ".join(str(p) for p in found)
+    assert "ImageType (CS) value 2 of 3 must be upper case" in messages
+    assert "ScheduledProcedureStepStartDate (DA)" in messages
