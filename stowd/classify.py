@@ -26,6 +26,7 @@ UNDEFINED = 0xFFFFFFFF
 ITEM = (0xFFFE, 0xE000)
 SEQ_END = (0xFFFE, 0xE0DD)
 _MAGIC_AT = 128
+DEFER = 256 * 1024  # larger values (an encapsulated document) are not loaded to classify
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def _classify_dicom(fp: BinaryIO, size: int) -> Classified:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+            ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True, defer_size=DEFER)
             keys = _keys(ds)
         _check_pixel_data(fp, size, _transfer_syntax(ds))
     except FileProblem:

@@ -67,6 +67,7 @@ DEFAULT_HOLD_PROBE = 60.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_HISTORY_DAYS = 30.0
 DEFAULT_FOLDER_SIDECAR = "_metadata.yaml"
+DEFAULT_FOLDER_LINGER = 3600.0
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class Sidecars:
 
     per_file: bool = True  # <name>.json / .yaml / .yml beside the file
     folder: str | None = DEFAULT_FOLDER_SIDECAR  # one file for the whole folder
+    folder_linger: float = DEFAULT_FOLDER_LINGER  # removed once its folder was idle this long
 
 
 @dataclass(frozen=True)
@@ -165,7 +167,7 @@ class Config:
     @property
     def spool(self) -> Path:
         """Where changed copies of files are written while they are sent (next to the queue)."""
-        return self.queue.with_suffix(".spool")
+        return self.queue.with_name(self.queue.name + ".spool")
 
     def rules_for(self, source: Source) -> tuple[Rule, ...]:
         return self.rules + source.rules
@@ -253,7 +255,7 @@ def _read_options(sec: Section, base: _SourceOptions) -> _SourceOptions:
     )
 
 
-_SIDECAR_KEYS = ("per_file", "folder")
+_SIDECAR_KEYS = ("per_file", "folder", "folder_linger")
 
 
 def _read_sidecars(sec: Section, base: Sidecars | None) -> Sidecars | None:
@@ -267,15 +269,17 @@ def _as_sidecars(value: object) -> Sidecars | Literal[False]:
         return Sidecars() if value else False
     if not isinstance(value, dict) or set(value) - set(_SIDECAR_KEYS):
         raise ValueError(
-            "expected true, false or a mapping with per_file (true/false) and folder "
-            f"(a file name such as _metadata.yaml, or false), got {describe(value)}"
+            "expected true, false or a mapping with per_file (true/false), folder (a file "
+            "name such as _metadata.yaml, or false) and folder_linger (a duration), "
+            f"got {describe(value)}"
         )
     folder = value.get("folder", DEFAULT_FOLDER_SIDECAR)
     if folder is False or folder is None:
         folder = None
     elif not isinstance(folder, str) or not folder.strip() or "/" in folder:
         raise ValueError(f"folder must be a file name such as _metadata.yaml, got {folder!r}")
-    return Sidecars(per_file=as_bool(value.get("per_file", True)), folder=folder)
+    linger = as_duration(positive=False)(value.get("folder_linger", DEFAULT_FOLDER_LINGER))
+    return Sidecars(as_bool(value.get("per_file", True)), folder, linger)
 
 
 def _read_retry(sec: Section) -> Retry:

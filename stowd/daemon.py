@@ -20,7 +20,7 @@ from pathlib import Path
 from types import FrameType
 
 from stowd.config import Config, Source
-from stowd.metadata import clear_spool
+from stowd.metadata import clear_spool, digest
 from stowd.queue import Queue
 from stowd.settle import repair
 from stowd.stow import StowClient
@@ -87,6 +87,7 @@ class Daemon:
             )
         repaired, self.unsettled = repair(self.queue, sources=self._sources())
         clear_spool(self.config)
+        self._replan()
         counts = self.queue.counts()
         log.info(
             "stowd started: queue %s (%s)%s%s",
@@ -134,6 +135,18 @@ class Daemon:
             if now >= next_housekeeping:
                 self._housekeeping()
                 next_housekeeping = now + HOUSEKEEPING_EVERY
+
+    def _replan(self) -> None:
+        """Queued files read with other rules or sidecar settings are read again."""
+        for source in self.config.sources:
+            again = self.queue.replan(source.name, digest(self.config, source))
+            if again:
+                log.info(
+                    "source %s: the metadata rules or sidecar settings changed; %d queued "
+                    "file(s) are read again with the new ones",
+                    source.name,
+                    again,
+                )
 
     def _sources(self) -> dict[str, Source]:
         return {s.name: s for s in self.config.sources}

@@ -8,6 +8,7 @@ job and reused on every attempt (templates such as ``{now}`` are not evaluated a
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -56,6 +57,12 @@ def plan(
     return Planned(outcome, tuple(used), study, sop)
 
 
+def digest(config: Config, source: Source) -> str:
+    """A fingerprint of what ``plan`` depends on besides the file: the rules and sidecars."""
+    text = repr((config.rules_for(source), source.sidecars))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _final(outcome: Outcome, keyword: str, before: str) -> str:
     value = outcome.values.get(keyword)
     return before if value is None else value_text(value)
@@ -75,8 +82,8 @@ def element_text(elem: DataElement) -> str:
     value = elem.value
     if value is None:
         return ""
-    if elem.VR == "SQ":
-        return f"(a sequence of {len(value)} item(s))"
+    if elem.VR == "SQ":  # an empty sequence is empty (for default: and absent:)
+        return f"(a sequence of {len(value)} item(s))" if len(value) else ""
     if isinstance(value, bytes):
         return f"(binary data, {len(value)} bytes)"
     if isinstance(value, MultiValue | list):

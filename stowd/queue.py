@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS files (
     error TEXT,
     done_at REAL,
     changes TEXT,
-    sidecars TEXT
+    sidecars TEXT,
+    rules_digest TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS files_active_path ON files(path)
     WHERE state IN ('pending', 'claimed', 'settling');
@@ -121,6 +122,7 @@ class Classification:
     sop_class: str
     changes: dict[str, Any] | None = None
     sidecars: tuple[str, ...] = ()
+    digest: str | None = None  # of the rules and sidecar settings it was read with
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,7 @@ _MIGRATIONS = {
     1: (
         "ALTER TABLE files ADD COLUMN changes TEXT",
         "ALTER TABLE files ADD COLUMN sidecars TEXT",
+        "ALTER TABLE files ADD COLUMN rules_digest TEXT",
     ),
 }
 
@@ -165,7 +168,7 @@ def _job(row: Sequence[Any]) -> Job:
 def _classification_row(c: Classification) -> tuple[Any, ...]:
     changes = None if c.changes is None else json.dumps(c.changes, ensure_ascii=False)
     sidecars = json.dumps(list(c.sidecars)) if c.sidecars else None
-    keys = (c.kind, c.study_uid, c.sop_uid, c.sop_class, changes, sidecars)
+    keys = (c.kind, c.study_uid, c.sop_uid, c.sop_class, changes, sidecars, c.digest)
     return (*keys, c.job.id, c.job.size, c.job.mtime_ns)
 
 
@@ -384,10 +387,22 @@ class Queue:
         with self._tx() as db:
             db.executemany(
                 "UPDATE files SET kind = ?, study_uid = ?, sop_uid = ?, sop_class = ?, "
-                "changes = ?, sidecars = ? "
+                "changes = ?, sidecars = ?, rules_digest = ? "
                 "WHERE id = ? AND state = 'pending' AND size = ? AND mtime_ns = ?",
                 [_classification_row(c) for c in items],
             )
+
+    def replan(self, source: str, digest: str) -> int:
+        """Read again the pending files of ``source`` that were read with other rules."""
+        with self._tx() as db:
+            cursor = db.execute(
+                "UPDATE files SET kind = NULL, study_uid = NULL, sop_uid = NULL, "
+                "sop_class = NULL, changes = NULL, sidecars = NULL, rules_digest = NULL, "
+                "solo = 0 WHERE state = 'pending' AND source = ? AND kind IS NOT NULL "
+                "AND COALESCE(rules_digest, '') != ?",
+                (source, digest),
+            )
+            return int(cursor.rowcount)
 
     # -- the workers' side -------------------------------------------------------------
     def claim_batch(
@@ -477,13 +492,16 @@ class Queue:
             )
 
     # -- settling ------------------------------------------------------------------------
-    def begin_settle(self, plans: Iterable[tuple[int, str, str, dict[str, Any] | None]]) -> None:
-        """Record (id, outcome, target, error) of each job before its file is moved."""
+    def begin_settle(
+        self, plans: Iterable[tuple[Job, str, str, dict[str, Any] | None]]
+    ) -> None:
+        """Record (job, outcome, target, error) of each job before its file is moved (and
+        the sidecars that go with it, for a repair after a crash)."""
         with self._tx() as db:
             db.executemany(
                 "UPDATE files SET state = 'settling', outcome = ?, target = ?, error = ?, "
-                "lease_until = NULL WHERE id = ?",
-                [(o, t, json.dumps(e) if e else None, i) for i, o, t, e in plans],
+                "sidecars = COALESCE(?, sidecars), lease_until = NULL WHERE id = ?",
+                [(o, t, json.dumps(e) if e else None, j.sidecars, j.id) for j, o, t, e in plans],
             )
 
     def finish(self, job_id: int, *, state: str) -> None:

@@ -11,7 +11,6 @@ are read, changed and written whole (up to ``DEFLATED_LIMIT`` bytes).
 from __future__ import annotations
 
 import copy
-import io
 import os
 import re
 import shutil
@@ -252,7 +251,7 @@ def _rewrite_open(fp: BinaryIO, dst: Path, edit: Callable[[Dataset], None]) -> i
     edit(ds)
     if pixels is not None:
         _check_before_pixels(ds, pixels[1])
-    return _write(dst, _encode(ds, encoding), fp, None if pixels is None else pixels[0])
+    return _write(dst, ds, encoding, fp, None if pixels is None else pixels[0])
 
 
 def _read_header(fp: BinaryIO) -> tuple[FileDataset, tuple[int, BaseTag] | None]:
@@ -358,24 +357,30 @@ def _check_complete(ds: Dataset) -> None:
             )
 
 
-def _encode(ds: FileDataset, encoding: tuple[bool, bool]) -> bytes:
-    """Preamble, File Meta as it is (group length updated) and the data set, as it was read."""
+def _encode(ds: FileDataset, encoding: tuple[bool, bool], out: BinaryIO) -> None:
+    """Preamble, File Meta as it is (group length updated) and the data set, as it was read.
+
+    Written straight to ``out``: a large value in the header (an encapsulated document) is
+    then held once, not once more in a buffer.
+    """
     if ds.preamble is None:
         ds.preamble = b"\0" * 128
     implicit, little = encoding
-    buffer = io.BytesIO()
     try:
         pydicom.dcmwrite(
-            buffer,
+            out,
             ds,
             enforce_file_format=False,
             implicit_vr=implicit,
             little_endian=little,
             force_encoding=True,
         )
+    except OSError as exc:
+        if exc.errno is not None:
+            raise  # writing the spool copy failed (disk full, ...): not the value's fault
+        raise _unwritable(exc) from exc  # pydicom reports a value it cannot encode so
     except Exception as exc:
         raise _unwritable(exc) from exc
-    return buffer.getvalue()
 
 
 def _unwritable(exc: Exception) -> FileProblem:
@@ -391,10 +396,12 @@ def _unwritable(exc: Exception) -> FileProblem:
     return FileProblem(f"the changed header cannot be written: {name} {tag}: {root}")
 
 
-def _write(dst: Path, header: bytes, fp: BinaryIO, tail_at: int | None) -> int:
+def _write(
+    dst: Path, ds: FileDataset, encoding: tuple[bool, bool], fp: BinaryIO, tail_at: int | None
+) -> int:
     try:
         with open(dst, "wb") as out:
-            out.write(header)
+            _encode(ds, encoding, out)
             if tail_at is not None:
                 fp.seek(tail_at)
                 shutil.copyfileobj(fp, out, CHUNK)

@@ -15,13 +15,14 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from stowd.config import Sidecars, Source
+from stowd.errors import FileUnreadable
 from stowd.queue import Job, Queue
 from stowd.sidecar import still_needed
 
@@ -80,7 +81,7 @@ def settle_all(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
 
 def _settle_all(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
     plans = _plan(decisions)
-    queue.begin_settle([(d.job.id, d.outcome, str(t), d.error) for d, t in plans])
+    queue.begin_settle([(d.job, d.outcome, str(t), d.error) for d, t in plans])
     results: list[Settled] = []
     done: list[tuple[int, str]] = []
     for decision, target in plans:
@@ -122,20 +123,23 @@ def _carry_out(
     if os.path.lexists(job.path):
         _copy_sidecars(job, target)
         move(Path(job.path), target, sync=False)
-        _release_sidecars(job, sidecars)
     elif not target.exists():
         log.warning("file vanished before it could be moved to %s: %s", outcome, job.path)
         return "gone"
+    else:
+        _copy_sidecars(job, target)  # a move finished before a crash: its sidecars next
+    _release_sidecars(job, sidecars)
     if outcome == "failed" and error is not None:
         write_reason(target, error)
     return outcome
 
 
 def _copy_sidecars(job: Job, target: Path) -> None:
-    """Put a copy of each sidecar the file was read with beside its new place."""
+    """Put a copy of each sidecar the file was read with beside its new place (once for
+    each content: the folder's sidecar is not copied again for every file of the folder)."""
     for path in map(Path, job.sidecar_paths()):
         wanted = target.parent / _sidecar_name(Path(job.path), target, path)
-        if not path.exists() or _same_file(path, wanted):
+        if not path.exists() or any(_same_file(path, v) for v in _versions(wanted)):
             continue
         copy = free_target(wanted.parent, wanted.name)
         copy.parent.mkdir(parents=True, exist_ok=True)
@@ -151,6 +155,22 @@ def _sidecar_name(original: Path, target: Path, sidecar: Path) -> str:
     return sidecar.name  # the folder's sidecar
 
 
+def has_copy(sidecar: Path, folder: Path) -> bool:
+    """Is there a copy of ``sidecar`` (same name or ``name~N``, same content) in ``folder``?"""
+    return any(_same_file(sidecar, v) for v in _versions(folder / sidecar.name))
+
+
+def _versions(path: Path) -> Iterator[Path]:
+    """``path`` and the ``name~N`` copies beside it, as far as they exist."""
+    yield path
+    for n in range(1, MAX_SUFFIX):
+        name = f"{path.stem}~{n}{path.suffix}" if path.suffix else f"{path.name}~{n}"
+        candidate = path.with_name(name)
+        if not candidate.exists():
+            return
+        yield candidate
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
@@ -159,13 +179,21 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _release_sidecars(job: Job, settings: Sidecars | None) -> None:
-    """Remove sidecars from the drop folder once no file there needs them any more."""
+    """Remove a file's own sidecars from the drop folder once no file there uses them.
+
+    The folder's sidecar stays: more files may still be dropped into the folder.  The
+    watcher removes it once the folder was idle for ``folder_linger``.
+    """
     if settings is None:
         return
     for path in map(Path, job.sidecar_paths()):
-        if path.exists() and not still_needed(path, settings, leaving=[Path(job.path)]):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        if path.name == settings.folder or not path.exists():
+            continue
+        try:
+            if not still_needed(path, settings, leaving=[Path(job.path)]):
+                path.unlink(missing_ok=True)
+        except (OSError, FileUnreadable) as exc:
+            log.warning("sidecar %s stays in the drop folder: %s", path, exc)
 
 
 def _replaced(job: Job) -> bool:

@@ -25,9 +25,10 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from stowd import sidecar
-from stowd.config import Source
+from stowd.config import Sidecars, Source
 from stowd.errors import FileUnreadable
 from stowd.queue import NewFile
+from stowd.settle import has_copy, remove_empty_parents
 
 log = logging.getLogger("stowd.watch")
 
@@ -253,7 +254,7 @@ class Watcher:
         if not stat.S_ISREG(st.st_mode):
             return None
         if self._is_sidecar(path):
-            self._note_lonely_sidecar(path, st)
+            self._look_at_sidecar(path, st)
             return None
         wait = max(self._quiet_left(path, st.st_size, st.st_mtime_ns), self._sidecars_left(path))
         if wait > 0:
@@ -268,25 +269,52 @@ class Watcher:
         settings = self.source.sidecars
         return settings is not None and sidecar.is_sidecar(Path(path), settings)
 
-    def _note_lonely_sidecar(self, path: str, st: os.stat_result) -> None:
-        """A complete sidecar that no file in its folder uses is said once, not kept silent."""
+    def _look_at_sidecar(self, path: str, st: os.stat_result) -> None:
+        """A complete sidecar no file uses: a folder's is retired once the folder was idle
+        for ``folder_linger`` (it was copied with its files); any other is reported once."""
         settings = self.source.sidecars
-        if settings is None or path in self._lonely or self._quiet_left(
-            path, st.st_size, st.st_mtime_ns
-        ):
+        if settings is None or self._quiet_left(path, st.st_size, st.st_mtime_ns) > 0:
             return
         try:
-            needed = sidecar.still_needed(Path(path), settings, leaving=())
-        except FileUnreadable:
+            if Path(path).name == settings.folder:
+                self._retire_folder_sidecar(Path(path), settings)
+            elif not sidecar.still_needed(Path(path), settings, leaving=()):
+                self._say_lonely(path)
+        except (OSError, FileUnreadable) as exc:
+            log.debug("source %s: cannot look at sidecar %s: %s", self.source.name, path, exc)
+
+    def _retire_folder_sidecar(self, path: Path, settings: Sidecars) -> None:
+        folder = path.parent
+        if sidecar.folder_in_use(folder, settings):
             return
-        if not needed:
-            self._lonely.add(path)
-            log.warning(
-                "source %s: sidecar %s describes no file in its folder; it is not sent and "
-                "stays there until its file arrives (or remove it)",
-                self.source.name,
-                path,
-            )
+        if self.clock() - folder.stat().st_mtime < settings.folder_linger:
+            return
+        rel = folder.relative_to(self.source.watch)
+        copies = (self.source.sent / rel, self.source.failed / rel)
+        if not any(has_copy(path, place) for place in copies):
+            self._say_lonely(str(path))
+            return
+        path.unlink(missing_ok=True)
+        log.info(
+            "source %s: removed %s: its folder held no other file for %.0fs and a copy went "
+            "with its files to sent/ or failed/",
+            self.source.name,
+            path,
+            settings.folder_linger,
+        )
+        if self.source.remove_empty_dirs:
+            remove_empty_parents(path, self.source.watch)
+
+    def _say_lonely(self, path: str) -> None:
+        if path in self._lonely:
+            return
+        self._lonely.add(path)
+        log.warning(
+            "source %s: sidecar %s describes no file in its folder; it is not sent and "
+            "stays there until its file arrives (or remove it)",
+            self.source.name,
+            path,
+        )
 
     def _sidecars_left(self, path: str) -> float:
         """A file is complete only when its sidecars (its own, its folder's) are complete too."""

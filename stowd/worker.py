@@ -19,7 +19,7 @@ from typing import Any
 
 from stowd import classify as classify_mod
 from stowd import metadata, sidecar
-from stowd.config import BatchLimits, Config, Destination
+from stowd.config import BatchLimits, Config, Destination, Source
 from stowd.errors import (
     DestinationBusy,
     DestinationHeld,
@@ -74,6 +74,7 @@ class Worker:
         self.clock = clock
         self._lease = destination.timeouts.write + destination.timeouts.read + LEASE_SLACK
         self.limits = destination.batch  # halved when the archive answers 413
+        self._digests: dict[str, str] = {}  # of each source's rules, stored with its files
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -130,7 +131,7 @@ class Worker:
             self.queue.finish(job.id, state="gone")
             return None
         except FileProblem as problem:
-            return self._failure(self._with_sidecars(job), str(problem), stage="reading the file")
+            return self._failure(job, str(problem), stage="reading the file")
         return self._plan(job, c)
 
     def _plan(self, job: Job, c: classify_mod.Classified) -> Classification | Decision | None:
@@ -141,18 +142,25 @@ class Worker:
         except FileVanished as exc:  # a sidecar went away while it was read: read again
             return self._later(job, str(exc), stage="reading its sidecar")
         except FileProblem as problem:
-            stage = "applying the metadata rules"
-            return self._failure(self._with_sidecars(job), str(problem), stage=stage)
+            return self._failure(job, str(problem), stage="applying the metadata rules")
         changes = p.outcome.changes() if p.outcome.changed else None
         sidecars = tuple(str(path) for path in p.sidecars)
         if p.outcome.matched:
             names = ", ".join(r.label for r in p.outcome.matched)
             log.debug("%s: %s; changes %s", job.path, names, changes or "none")
-        return Classification(job, c.kind, p.study_uid, p.sop_uid, c.sop_class, changes, sidecars)
+        keys = (c.kind, p.study_uid, p.sop_uid, c.sop_class)
+        return Classification(job, *keys, changes, sidecars, self._digest(source))
+
+    def _digest(self, source: Source) -> str:
+        if source.name not in self._digests:
+            self._digests[source.name] = metadata.digest(self.config, source)
+        return self._digests[source.name]
 
     def _with_sidecars(self, job: Job) -> Job:
         """The job with its sidecars, so a file failed before its keys were stored takes
         them along to failed/ (a bad sidecar is the usual reason)."""
+        if job.sidecars is not None:
+            return job
         settings = self.config.source(job.source).sidecars
         found = [] if settings is None else sidecar.sidecars_of(Path(job.path), settings)
         return replace(job, sidecars=json.dumps([str(p) for p in found])) if found else job
@@ -355,6 +363,7 @@ class Worker:
         now = self.clock()
         age = now - (job.first_try or now)
         if age > self.config.retry.max_age:
+            reason = reason.removesuffix("; it is tried again later")
             reason = f"gave up after {job.attempts + 1} attempts: {reason}"
             return self._failure(job, reason, verdict=verdict, answer=answer, stage=stage)
         delay = self._file_delay(job.attempts)
@@ -390,7 +399,7 @@ class Worker:
     ) -> Decision:
         error = self._error_doc(job, reason, verdict=verdict, answer=answer, stage=stage)
         log.error("%s: %s -> failed/", job.path, reason)
-        return Decision(job, self.config.source(job.source), "failed", error)
+        return Decision(self._with_sidecars(job), self.config.source(job.source), "failed", error)
 
     def _settle_all(self, decisions: list[Decision]) -> None:
         if not decisions:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -168,8 +169,10 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
 
 def test_settling_rows_survive_and_finish(queue: Queue) -> None:
     queue.enqueue([new("/d/a")])
-    queue.begin_settle([(1, "failed", "/f/a", {"reason": "bad"})])
-    assert [j.target for j in queue.settling()] == ["/f/a"]
+    [job] = queue.jobs()
+    job = replace(job, sidecars='["/d/a.json"]')  # read with a sidecar, before its keys
+    queue.begin_settle([(job, "failed", "/f/a", {"reason": "bad"})])
+    assert [(j.target, j.sidecar_paths()) for j in queue.settling()] == [("/f/a", ["/d/a.json"])]
     queue.finish(1, state="failed")
     assert queue.settling() == []
     assert queue.counts() == {"failed": 1}
@@ -189,7 +192,7 @@ def test_holds_accumulate_failures_and_clear(queue: Queue, clock: Clock) -> None
 def test_status_queries(queue: Queue, clock: Clock) -> None:
     queue.enqueue([new("/d/a"), new("/d/b")])
     clock.now += 30
-    queue.begin_settle([(1, "failed", "/f/a", {"reason": "broken"})])
+    queue.begin_settle([(queue.jobs()[0], "failed", "/f/a", {"reason": "broken"})])
     queue.finish(1, state="failed")
     assert queue.oldest_active() == clock.now - 30
     assert queue.done_since(clock.now - 60) == {"failed": 1}
@@ -267,6 +270,7 @@ def test_a_version_1_queue_is_migrated_and_keeps_its_rows(tmp_path: Path) -> Non
     db = sqlite3.connect(path)  # make it look like a queue written before the rules existed
     db.execute("ALTER TABLE files DROP COLUMN changes")
     db.execute("ALTER TABLE files DROP COLUMN sidecars")
+    db.execute("ALTER TABLE files DROP COLUMN rules_digest")
     db.execute("PRAGMA user_version = 1")
     db.commit()
     db.close()
@@ -282,3 +286,15 @@ def test_a_version_1_queue_is_migrated_and_keeps_its_rows(tmp_path: Path) -> Non
         assert job.sidecar_paths() == ["/d/a.json"]
     finally:
         q.close()
+
+
+def test_files_read_with_other_rules_are_read_again(queue: Queue) -> None:
+    queue.enqueue([new("/d/a"), new("/d/b")])
+    a, b = queue.unclassified(10)
+    changes = {"set": {"PatientID": "X"}, "remove": []}
+    queue.set_classified([Classification(a, "dicom", "1.2", "1.3", "1.4", changes, (), "old")])
+    queue.set_classified([Classification(b, "dicom", "1.2", "1.5", "1.4", None, (), "new")])
+    assert queue.replan(a.source, "new") == 1  # a was read with the old rules
+    [again] = queue.unclassified(10)
+    assert again.path == "/d/a" and again.changes is None
+    assert queue.replan(a.source, "new") == 0

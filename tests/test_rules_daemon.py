@@ -51,7 +51,11 @@ def digests(folder: Path) -> dict[str, str]:
 
 def rules_layout(root: Path, url: str) -> Layout:
     return make_layout(
-        root, url, source={"sidecars": True}, rules=RULES, original_attributes=True
+        root,
+        url,
+        source={"sidecars": {"folder_linger": "0s"}},
+        rules=RULES,
+        original_attributes=True,
     )
 
 
@@ -132,7 +136,7 @@ def test_rules_and_sidecars_reach_orthanc_and_originals_stay_intact(
     reason = json.loads(errors["bad/y.dcm"].read_text())
     assert reason["reason"].startswith("sidecar y.json: PatientBirthDate (DA)")
     assert orthanc.instance_count() == len(uids) - 2
-    assert not any(layout.root.joinpath("state", "queue.spool").glob("*")), "spool left behind"
+    assert not any(layout.root.joinpath("state", "queue.db.spool").glob("*")), "spool left behind"
 
 
 def test_explain_shows_rules_and_changes_without_sending(tmp_path: Path) -> None:
@@ -229,4 +233,4 @@ def test_kill_9_while_sending_rewritten_files_loses_and_duplicates_nothing(
     assert layout.files(layout.drop) == set() and layout.files(layout.failed) == set()
     assert orthanc.sop_instance_uids() == uids
     assert {stored(orthanc, u)["PatientID"] for u in list(uids)[:5]} == {"NEW-P1"}
-    assert not any(layout.root.joinpath("state", "queue.spool").glob("*")), "spool left behind"
+    assert not any(layout.root.joinpath("state", "queue.db.spool").glob("*")), "spool left behind"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from stowd import settle as settle_mod
-from stowd.config import Source
+from stowd.config import Sidecars, Source
+from stowd.errors import FileUnreadable
 from stowd.queue import Job, NewFile, Queue
 from stowd.settle import Decision, free_target, repair, settle_all
 
@@ -86,7 +88,7 @@ def test_repair_finishes_an_interrupted_move(source: Source, queue: Queue) -> No
     path = drop(source, queue, "x.dcm")
     [job] = queue.jobs()
     target = source.failed / "x.dcm"
-    queue.begin_settle([(job.id, "failed", str(target), {"reason": "r"})])
+    queue.begin_settle([(job, "failed", str(target), {"reason": "r"})])
     assert repair(queue) == (1, set())  # crash before the move
     assert target.exists() and not path.exists()
     assert Path(str(target) + ".error.json").exists()
@@ -97,7 +99,7 @@ def test_repair_after_the_move_only_marks_done(source: Source, queue: Queue) -> 
     path = drop(source, queue, "y.dcm")
     [job] = queue.jobs()
     target = source.sent / "y.dcm"
-    queue.begin_settle([(job.id, "sent", str(target), None)])
+    queue.begin_settle([(job, "sent", str(target), None)])
     settle_mod.move(path, target)  # crash after the move, before the bookkeeping
     assert repair(queue) == (1, set())
     assert queue.counts() == {"sent": 1}
@@ -239,3 +241,71 @@ def test_two_workers_settling_the_same_name_at_once_keep_both_files(
     kept = sorted(p.read_bytes() for p in failed.iterdir() if not p.name.endswith(".json"))
     assert kept == [b"content of ct", b"content of mr"]
     assert len(list(failed.glob("*.error.json"))) == 2
+
+
+# --------------------------------------------------------------------------- sidecars
+
+
+def with_sidecars(job: Job, *paths: Path) -> Job:
+    return dataclasses.replace(job, sidecars=json.dumps([str(p) for p in paths]))
+
+
+def test_a_folder_sidecar_is_copied_once_per_content_and_stays(
+    source: Source, queue: Queue
+) -> None:
+    source = dataclasses.replace(source, sidecars=Sidecars())
+    meta = source.watch / "cam/_metadata.yaml"
+    for n in range(3):
+        drop(source, queue, f"cam/img{n}.dcm")
+    meta.write_text("PatientID: A\n")
+    jobs = queue.jobs()
+    for job in jobs[:2]:
+        settle(queue, source, with_sidecars(job, meta), outcome="sent", error=None)
+    meta.write_text("PatientID: B\n")  # the folder's metadata changed for the next file
+    settle(queue, source, with_sidecars(jobs[2], meta), outcome="sent", error=None)
+    settle(queue, source, with_sidecars(jobs[2], meta), outcome="sent", error=None)
+    copies = sorted(p.name for p in (source.sent / "cam").glob("_metadata*"))
+    assert copies == ["_metadata.yaml", "_metadata~1.yaml"]  # one per content, not per file
+    assert meta.exists()  # more files may come: the watcher retires it later
+
+
+def test_a_per_file_sidecar_leaves_with_its_file_even_after_a_crash(
+    source: Source, queue: Queue
+) -> None:
+    source = dataclasses.replace(source, sidecars=Sidecars())
+    path = drop(source, queue, "a/img1.dcm")
+    own = source.watch / "a/img1.json"
+    own.write_text("{}")
+    [job] = queue.jobs()
+    job = with_sidecars(job, own)
+    target = source.sent / "a/img1.dcm"
+    queue.begin_settle([(job, "sent", str(target), None)])
+    settle_mod.move(path, target)  # ... and the daemon was killed right here
+    done, stuck = repair(queue, sources={"ct": source})
+    assert (done, stuck) == (1, set())
+    assert not own.exists(), "the sidecar would describe the next img1.dcm dropped"
+    assert (source.sent / "a/img1.json").read_text() == "{}"
+
+
+def test_a_sidecar_that_cannot_be_checked_stays_and_the_batch_settles(
+    source: Source, queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = dataclasses.replace(source, sidecars=Sidecars())
+    drop(source, queue, "a/x.dcm")
+    drop(source, queue, "a/y.dcm")
+    own = source.watch / "a/x.json"
+    own.write_text("{}")
+
+    def flaky(*_args: object, **_kw: object) -> bool:
+        raise FileUnreadable("reading the folder failed: Input/output error")
+
+    monkeypatch.setattr(settle_mod, "still_needed", flaky)
+    jobs = queue.jobs()
+    decisions = [
+        Decision(with_sidecars(jobs[0], own), source, "sent"),
+        Decision(jobs[1], source, "sent"),
+    ]
+    results = settle_all(queue, decisions)
+    assert all(r.problem is None for r in results)
+    assert queue.counts() == {"sent": 2}
+    assert own.exists()

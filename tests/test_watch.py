@@ -247,3 +247,27 @@ def test_without_sidecars_json_files_are_ordinary_files(tmp_path: Path) -> None:
     write(source.watch / "x.json")
     Watcher(source, "pacs", sink).scan()
     assert sink.paths() == {"x.json"}  # it will go to failed/ as "not a DICOM file"
+
+
+def test_a_folder_sidecar_is_retired_once_its_folder_was_idle(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Sidecars(folder_linger=600.0)
+    source = make_source(tmp_path, quiet_period=0.0, sidecars=settings)
+    clock, sink = Clock(), Sink()
+    used = write(source.watch / "used/_metadata.yaml")
+    write(source.sent / "used/_metadata.yaml")  # it went with its files
+    busy = write(source.watch / "busy/_metadata.yaml")
+    write(source.sent / "busy/_metadata.yaml")
+    write(source.watch / "busy/.img.dcm.XyZ12")  # rsync still writing the next file
+    never = write(source.watch / "never/_metadata.yaml")  # its files have not come yet
+    for folder in (used.parent, busy.parent, never.parent):
+        os.utime(folder, (clock.now - 60, clock.now - 60))
+    watcher = Watcher(source, "pacs", sink, clock=clock)
+    watcher.scan()
+    assert used.exists() and busy.exists() and never.exists()  # idle for 60 s only
+    clock.now += 600
+    watcher.scan()
+    assert not used.exists()
+    assert busy.exists(), "a file still being written under a hidden name needs it"
+    assert never.exists() and "never/_metadata.yaml describes no file" in caplog.text
