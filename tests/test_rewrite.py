@@ -49,6 +49,9 @@ def sample(name: str, tmp_path: Path) -> Path:
     return dst
 
 
+SOP_UID_TAG = b"\x08\x00\x18\x00UI"  # (0008,0018) in explicit VR little endian: cut inside it
+
+
 def generated(tmp_path: Path, **extra: Any) -> Path:
     path = tmp_path / "in.dcm"
     make_instance(path, extra=extra or None)
@@ -455,7 +458,7 @@ def test_a_missing_file_has_vanished(tmp_path: Path) -> None:
     ("damage", "message"),
     [
         (lambda data: b"", "no File Meta Information"),
-        (lambda data: data[:400], "truncated: its header ends inside"),
+        (lambda data: data[: data.index(SOP_UID_TAG) + 13], "truncated: its header ends inside"),
         (lambda data: data[:132] + b"\x02\x00\x10\x00UI\xff\x7f" + data[140:], "cannot be read"),
     ],
     ids=["empty", "cut in the header", "bad meta length"],
