@@ -68,6 +68,7 @@ DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_HISTORY_DAYS = 30.0
 DEFAULT_FOLDER_SIDECAR = "_metadata.yaml"
 DEFAULT_FOLDER_LINGER = 3600.0
+MIN_FOLDER_LINGER = 60.0
 
 
 @dataclass(frozen=True)
@@ -279,6 +280,11 @@ def _as_sidecars(value: object) -> Sidecars | Literal[False]:
     elif not isinstance(folder, str) or not folder.strip() or "/" in folder:
         raise ValueError(f"folder must be a file name such as _metadata.yaml, got {folder!r}")
     linger = as_duration(positive=False)(value.get("folder_linger", DEFAULT_FOLDER_LINGER))
+    if linger < MIN_FOLDER_LINGER:
+        raise ValueError(
+            f"folder_linger must be at least {MIN_FOLDER_LINGER:.0f}s, got {linger:g}s: a "
+            "shorter wait removes a folder's sidecar between two files of one session"
+        )
     return Sidecars(as_bool(value.get("per_file", True)), folder, linger)
 
 

@@ -65,7 +65,7 @@ def _explain(config: Config, path: str, source_name: str | None) -> Explained:
         result.problem = str(exc)
         return result
     outcome = planned.outcome
-    result.sidecars = [str(p) for p in planned.sidecars]
+    result.sidecars = [str(p) for p, _ in planned.sidecars]
     result.rules = [rule.label for rule in outcome.matched]
     result.changes = [(k, outcome.before.get(k), value_text(v)) for k, v in outcome.values.items()]
     result.changes += [(k, outcome.before.get(k), None) for k in outcome.remove]

@@ -9,6 +9,7 @@ job and reused on every attempt (templates such as ``{now}`` are not evaluated a
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,8 +26,7 @@ from stowd.config import Config, Source
 from stowd.errors import FileUnreadable
 from stowd.queue import Job
 from stowd.rewrite import apply, rewrite
-from stowd.rules import Facts, Outcome, evaluate, value_text
-from stowd.vr import Item
+from stowd.rules import Facts, Outcome, evaluate, fingerprint, value_text
 
 SPOOL_SUFFIX = ".dcm"
 
@@ -36,20 +36,31 @@ class Planned:
     """A classified file after the rules: its final keys and what is to change."""
 
     outcome: Outcome
-    sidecars: tuple[Path, ...]
+    sidecars: tuple[tuple[Path, str], ...]  # each sidecar used, with its text then
     study_uid: str
     sop_uid: str
 
 
 def plan(
-    config: Config, source: Source, path: str, rel: str, found: Classified, *, now: datetime
+    config: Config,
+    source: Source,
+    path: str,
+    rel: str,
+    found: Classified,
+    *,
+    now: datetime,
+    stored: list[tuple[str, str | None]] | None = None,
 ) -> Planned:
-    """Apply the sidecars and rules of ``source``; raise ``FileProblem`` when they cannot be."""
-    values: Item = {}
-    used: list[Path] = []
+    """Apply the sidecars and rules of ``source``; raise ``FileProblem`` when they cannot be.
+
+    ``stored``: the sidecars (and their text) the file was first read with; they are used
+    again instead of what the sidecar files hold now.
+    """
+    used: sidecar.Used = []
     if source.sidecars is not None:
-        values, used = sidecar.load(Path(path), source.sidecars)
-    names = tuple(p.name for p in used)
+        used = _again(stored) if stored else sidecar.read_all(Path(path), source.sidecars)
+    values = sidecar.values_of(used)
+    names = tuple(p.name for p, _ in used)
     facts = Facts(PurePosixPath(rel), source.name, found.kind, now, values, names)
     outcome = evaluate(config.rules_for(source), facts, original_of(found.header))
     study = _final(outcome, "StudyInstanceUID", found.study_uid)
@@ -58,9 +69,16 @@ def plan(
 
 
 def digest(config: Config, source: Source) -> str:
-    """A fingerprint of what ``plan`` depends on besides the file: the rules and sidecars."""
-    text = repr((config.rules_for(source), source.sidecars))
+    """A fingerprint of what ``plan`` depends on besides the file: the rules and sidecars
+    (the same in every process; line numbers and comments do not count)."""
+    settings = source.sidecars
+    sidecars = None if settings is None else [settings.per_file, settings.folder]
+    text = json.dumps([fingerprint(config.rules_for(source)), sidecars], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _again(stored: list[tuple[str, str | None]]) -> sidecar.Used:
+    return [(Path(p), sidecar.read_text(Path(p)) if t is None else t) for p, t in stored]
 
 
 def _final(outcome: Outcome, keyword: str, before: str) -> str:

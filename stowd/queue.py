@@ -101,14 +101,19 @@ class Job:
     outcome: str | None = None
     target: str | None = None
     changes: str | None = None  # JSON {"set": {...}, "remove": [...]} from the rules
-    sidecars: str | None = None  # JSON list of the sidecar files this file was read with
+    sidecars: str | None = None  # JSON [[path, text], ...]: the sidecars it was read with
 
     def change_set(self) -> dict[str, Any] | None:
         """What the rules change in this file; None when it is sent as it is."""
         return None if self.changes is None else dict(json.loads(self.changes))
 
     def sidecar_paths(self) -> list[str]:
-        return [] if self.sidecars is None else list(json.loads(self.sidecars))
+        return [path for path, _ in self.sidecar_texts()]
+
+    def sidecar_texts(self) -> list[tuple[str, str | None]]:
+        """Each sidecar with the text the file was read with (None: not known)."""
+        entries = [] if self.sidecars is None else json.loads(self.sidecars)
+        return [(e, None) if isinstance(e, str) else (e[0], e[1]) for e in entries]
 
 
 @dataclass(frozen=True)
@@ -121,7 +126,7 @@ class Classification:
     sop_uid: str
     sop_class: str
     changes: dict[str, Any] | None = None
-    sidecars: tuple[str, ...] = ()
+    sidecars: tuple[tuple[str, str | None], ...] = ()  # (path, text it had)
     digest: str | None = None  # of the rules and sidecar settings it was read with
 
 
@@ -167,7 +172,7 @@ def _job(row: Sequence[Any]) -> Job:
 
 def _classification_row(c: Classification) -> tuple[Any, ...]:
     changes = None if c.changes is None else json.dumps(c.changes, ensure_ascii=False)
-    sidecars = json.dumps(list(c.sidecars)) if c.sidecars else None
+    sidecars = json.dumps([list(entry) for entry in c.sidecars]) if c.sidecars else None
     keys = (c.kind, c.study_uid, c.sop_uid, c.sop_class, changes, sidecars, c.digest)
     return (*keys, c.job.id, c.job.size, c.job.mtime_ns)
 
@@ -393,12 +398,16 @@ class Queue:
             )
 
     def replan(self, source: str, digest: str) -> int:
-        """Read again the pending files of ``source`` that were read with other rules."""
+        """Read again the pending files of ``source`` that were read with other rules.
+
+        Their sidecars are not read again: the text they had when the file was first read
+        stays with the row (the folder's sidecar may describe the next patient by now).
+        """
         with self._tx() as db:
             cursor = db.execute(
                 "UPDATE files SET kind = NULL, study_uid = NULL, sop_uid = NULL, "
-                "sop_class = NULL, changes = NULL, sidecars = NULL, rules_digest = NULL, "
-                "solo = 0 WHERE state = 'pending' AND source = ? AND kind IS NOT NULL "
+                "sop_class = NULL, changes = NULL, rules_digest = NULL, solo = 0 "
+                "WHERE state = 'pending' AND source = ? AND kind IS NOT NULL "
                 "AND COALESCE(rules_digest, '') != ?",
                 (source, digest),
             )

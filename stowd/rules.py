@@ -438,3 +438,37 @@ def _finish(outcome: Outcome, state: _State) -> Outcome:
         if state.empty(keyword) and keyword in state.overlay:
             raise RuleFailure(f"the rules left {keyword} empty; every instance needs one")
     return outcome
+
+
+def fingerprint(rules: Sequence[Rule]) -> list[object]:
+    """What the rules do, as plain data: equal for equal rules in any process (sets sorted,
+    patterns in full, no line numbers)."""
+    return [_rule_data(rule) for rule in rules]
+
+
+def _rule_data(rule: Rule) -> dict[str, object]:
+    m = rule.match
+    return {
+        "path": None if m.path is None else m.path.pattern,
+        "regex": None if m.regex is None else m.regex.pattern,
+        "types": None if m.types is None else sorted(m.types),
+        "sources": None if m.sources is None else sorted(m.sources),
+        "attributes": [_condition_data(c) for c in m.attributes],
+        "set": [[k, _spec_data(s)] for k, s in rule.set],
+        "default": [[k, _spec_data(s)] for k, s in rule.default],
+        "remove": list(rule.remove),
+    }
+
+
+def _condition_data(c: Condition) -> list[object]:
+    return [c.keyword, c.op, list(c.values), None if c.pattern is None else c.pattern.pattern]
+
+
+def _spec_data(spec: Spec | SpecItem) -> object:
+    if isinstance(spec, Template):
+        return ["template", spec.text]
+    if isinstance(spec, dict):
+        return {k: _spec_data(v) for k, v in spec.items()}
+    if isinstance(spec, list):
+        return [_spec_data(s) for s in spec]
+    return spec

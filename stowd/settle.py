@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -21,10 +22,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from stowd import sidecar as sidecar_mod
 from stowd.config import Sidecars, Source
 from stowd.errors import FileUnreadable
 from stowd.queue import Job, Queue
-from stowd.sidecar import still_needed
 
 log = logging.getLogger("stowd.settle")
 
@@ -135,29 +136,52 @@ def _carry_out(
 
 
 def _copy_sidecars(job: Job, target: Path) -> None:
-    """Put a copy of each sidecar the file was read with beside its new place (once for
-    each content: the folder's sidecar is not copied again for every file of the folder)."""
-    for path in map(Path, job.sidecar_paths()):
-        wanted = target.parent / _sidecar_name(Path(job.path), target, path)
-        if not path.exists() or any(_same_file(path, v) for v in _versions(wanted)):
-            continue
-        copy = free_target(wanted.parent, wanted.name)
-        copy.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, copy)
+    """Put beside the file's new place the sidecars it was read with, as they were then.
+
+    A file's own sidecar is named after the file (``img~1.json``); the folder's sidecar is
+    copied once for each content (``_metadata.yaml``, then ``_metadata~<hash>.yaml``).
+    """
+    original = Path(job.path)
+    for name, known in job.sidecar_texts():
+        path = Path(name)
+        text = known if known is not None else sidecar_mod.text_of(path)
+        if text is None:
+            continue  # gone before the file was read again: nothing to copy
+        if _own_sidecar(original, path):
+            wanted = target.parent / _sidecar_name(original, target, path)
+            if not any(_holds(v, text) for v in _versions(wanted)):
+                _write_copy(free_target(wanted.parent, wanted.name), text)
+        else:
+            copy = copy_name(target.parent, path.name, text)
+            if not _holds(copy, text):
+                _write_copy(copy, text)
+
+
+def _own_sidecar(original: Path, sidecar: Path) -> bool:
+    return sidecar.parent == original.parent and sidecar.name.startswith(original.stem + ".")
 
 
 def _sidecar_name(original: Path, target: Path, sidecar: Path) -> str:
     """``img.jpg.json`` -> ``img~1.jpg.json`` when the file became ``img~1.jpg``."""
     if sidecar.name.startswith(original.name + "."):
         return target.name + sidecar.name[len(original.name) :]
-    if sidecar.name.startswith(original.stem + ".") and sidecar.parent == original.parent:
-        return target.stem + sidecar.name[len(original.stem) :]
-    return sidecar.name  # the folder's sidecar
+    return target.stem + sidecar.name[len(original.stem) :]
+
+
+def copy_name(folder: Path, name: str, text: str) -> Path:
+    """Where the copy of a folder's sidecar with ``text`` goes: its own name, or when that
+    holds another text, ``stem~<hash>.ext`` (one copy per content, never piling up)."""
+    plain = folder / name
+    if not plain.exists() or _holds(plain, text):
+        return plain
+    tag = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return plain.with_name(f"{plain.stem}~{tag}{plain.suffix}")
 
 
 def has_copy(sidecar: Path, folder: Path) -> bool:
-    """Is there a copy of ``sidecar`` (same name or ``name~N``, same content) in ``folder``?"""
-    return any(_same_file(sidecar, v) for v in _versions(folder / sidecar.name))
+    """Did the folder's ``sidecar``, with the text it has now, go to ``folder``?"""
+    text = sidecar_mod.text_of(sidecar)
+    return text is not None and _holds(copy_name(folder, sidecar.name, text), text)
 
 
 def _versions(path: Path) -> Iterator[Path]:
@@ -171,26 +195,34 @@ def _versions(path: Path) -> Iterator[Path]:
         yield candidate
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
-    except OSError:
-        return False
+def _holds(path: Path, text: str) -> bool:
+    return sidecar_mod.text_of(path) == text
+
+
+def _write_copy(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.stowd-tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _release_sidecars(job: Job, settings: Sidecars | None) -> None:
-    """Remove a file's own sidecars from the drop folder once no file there uses them.
+    """Remove a file's own sidecars from the drop folder once no file there uses them, and
+    only if they still hold what the file was read with.
 
     The folder's sidecar stays: more files may still be dropped into the folder.  The
     watcher removes it once the folder was idle for ``folder_linger``.
     """
     if settings is None:
         return
-    for path in map(Path, job.sidecar_paths()):
+    for name, known in job.sidecar_texts():
+        path = Path(name)
         if path.name == settings.folder or not path.exists():
             continue
         try:
-            if not still_needed(path, settings, leaving=[Path(job.path)]):
+            if known is not None and sidecar_mod.text_of(path) != known:
+                continue  # rewritten since: it is for a file still to come
+            if not sidecar_mod.still_needed(path, settings, leaving=[Path(job.path)]):
                 path.unlink(missing_ok=True)
         except (OSError, FileUnreadable) as exc:
             log.warning("sidecar %s stays in the drop folder: %s", path, exc)

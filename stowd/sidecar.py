@@ -113,13 +113,34 @@ def _data_files(folder: Path, settings: Sidecars) -> list[str]:
     return [name for name in files if not is_sidecar(Path(name), settings)]
 
 
+Used = list[tuple[Path, str]]  # the sidecars a file was read with, and their text then
+
+
+def read_all(path: Path, settings: Sidecars) -> Used:
+    """The sidecars of ``path`` with their text, in the order they are applied."""
+    return [(sidecar, _read_text(sidecar)) for sidecar in sidecars_of(path, settings)]
+
+
+def values_of(used: Used) -> Item:
+    """The values the sidecars give (later ones win); ``FileProblem`` for a bad one."""
+    merged: Item = {}
+    for sidecar, text in used:
+        merged.update(parse(sidecar, text))
+    return merged
+
+
 def load(path: Path, settings: Sidecars) -> tuple[Item, list[Path]]:
     """The values all sidecars of ``path`` give (later ones win) and the sidecars used."""
-    used = sidecars_of(path, settings)
-    merged: Item = {}
-    for sidecar in used:
-        merged.update(read_sidecar(sidecar))
-    return merged, used
+    used = read_all(path, settings)
+    return values_of(used), [sidecar for sidecar, _ in used]
+
+
+def text_of(path: Path) -> str | None:
+    """A sidecar's text now; None when it is gone or cannot be read."""
+    try:
+        return _read_text(path)
+    except (FileProblem, FileUnreadable):
+        return None
 
 
 # --- reading one sidecar ----------------------------------------------------------------
@@ -127,7 +148,11 @@ def load(path: Path, settings: Sidecars) -> tuple[Item, list[Path]]:
 
 def read_sidecar(path: Path) -> Item:
     """The checked values of one sidecar; ``FileProblem`` listing every problem in it."""
-    text = _read_text(path)
+    return parse(path, _read_text(path))
+
+
+def parse(path: Path, text: str) -> Item:
+    """The checked values in ``text``, read from the sidecar ``path``."""
     try:
         return _read(path, text)
     except RecursionError:
@@ -154,6 +179,11 @@ def _unreadable(path: Path, exc: OSError) -> FileUnreadable:
     """Name the sidecar, not the data file, when it cannot be read."""
     plain = FileUnreadable.from_os_error(exc, str(path))
     return FileUnreadable(f"cannot read its sidecar {path.name}: {plain}", path=str(path))
+
+
+def read_text(path: Path) -> str:
+    """The text of a sidecar (at most 1 MiB of UTF-8)."""
+    return _read_text(path)
 
 
 def _read_text(path: Path) -> str:

@@ -80,6 +80,7 @@ class Watcher:
         self._scheduled: set[str] = set()
         self._linked_folders: set[str] = set()
         self._lonely: set[str] = set()  # sidecars without a file, warned about once
+        self._idle_since: dict[str, float] = {}  # folders holding only sidecars, since when
         self._future: dict[str, tuple[int, int, float]] = {}
         self._observer: BaseObserver | None = None
         self._rescan_requested = False
@@ -284,17 +285,24 @@ class Watcher:
             log.debug("source %s: cannot look at sidecar %s: %s", self.source.name, path, exc)
 
     def _retire_folder_sidecar(self, path: Path, settings: Sidecars) -> None:
+        """Idle time is counted by this watcher's own clock from the first look that found
+        the folder without other files (a share's clock may be off; a restart starts over)."""
         folder = path.parent
         if sidecar.folder_in_use(folder, settings):
+            self._idle_since.pop(str(folder), None)
             return
-        if self.clock() - folder.stat().st_mtime < settings.folder_linger:
-            return
+        since = self._idle_since.setdefault(str(folder), self.clock())
+        if self.clock() - since < settings.folder_linger:
+            return  # looked at again by a later scan
         rel = folder.relative_to(self.source.watch)
         copies = (self.source.sent / rel, self.source.failed / rel)
         if not any(has_copy(path, place) for place in copies):
-            self._say_lonely(str(path))
+            self._say_lonely(str(path))  # this content was never used by a file
+            return
+        if sidecar.folder_in_use(folder, settings):  # a file arrived meanwhile
             return
         path.unlink(missing_ok=True)
+        self._idle_since.pop(str(folder), None)
         log.info(
             "source %s: removed %s: its folder held no other file for %.0fs and a copy went "
             "with its files to sent/ or failed/",

@@ -138,13 +138,16 @@ class Worker:
         """Apply the metadata rules and sidecars; their trouble sends the file to failed/."""
         source = self.config.source(job.source)
         try:
-            p = metadata.plan(self.config, source, job.path, job.rel, c, now=datetime.now())
+            stored = job.sidecar_texts() or None  # as first read, if read before
+            p = metadata.plan(
+                self.config, source, job.path, job.rel, c, now=datetime.now(), stored=stored
+            )
         except FileVanished as exc:  # a sidecar went away while it was read: read again
             return self._later(job, str(exc), stage="reading its sidecar")
         except FileProblem as problem:
             return self._failure(job, str(problem), stage="applying the metadata rules")
         changes = p.outcome.changes() if p.outcome.changed else None
-        sidecars = tuple(str(path) for path in p.sidecars)
+        sidecars = tuple((str(path), text) for path, text in p.sidecars)
         if p.outcome.matched:
             names = ", ".join(r.label for r in p.outcome.matched)
             log.debug("%s: %s; changes %s", job.path, names, changes or "none")
@@ -163,7 +166,8 @@ class Worker:
             return job
         settings = self.config.source(job.source).sidecars
         found = [] if settings is None else sidecar.sidecars_of(Path(job.path), settings)
-        return replace(job, sidecars=json.dumps([str(p) for p in found])) if found else job
+        entries = [[str(p), sidecar.text_of(p)] for p in found]
+        return replace(job, sidecars=json.dumps(entries)) if found else job
 
     # -- send -----------------------------------------------------------------------------
     def send_one(self) -> bool:

@@ -278,12 +278,13 @@ def test_a_version_1_queue_is_migrated_and_keeps_its_rows(tmp_path: Path) -> Non
     try:
         [job] = q.unclassified(10)
         changes = {"set": {"PatientID": "P1"}, "remove": []}
-        found = Classification(job, "dicom", "1.2", "1.3", "1.4", changes, ("/d/a.json",))
+        used = (("/d/a.json", "PatientID: X"),)
+        found = Classification(job, "dicom", "1.2", "1.3", "1.4", changes, used)
         q.set_classified([found])
         [job] = q.jobs()
         assert job.path == "/d/a"
         assert job.change_set() == changes
-        assert job.sidecar_paths() == ["/d/a.json"]
+        assert job.sidecar_texts() == [("/d/a.json", "PatientID: X")]
     finally:
         q.close()
 

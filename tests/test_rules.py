@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import textwrap
 from datetime import datetime
 from pathlib import Path, PurePosixPath
@@ -10,6 +13,7 @@ import pytest
 
 from stowd.config import Config, load_config
 from stowd.errors import ConfigError, ConfigProblem
+from stowd.metadata import digest
 from stowd.rules import Facts, Outcome, RuleFailure, Template, evaluate, glob_pattern
 from stowd.vr import Item
 
@@ -430,3 +434,30 @@ def test_literals_beside_templates_are_checked_at_load(tmp_path: Path) -> None:
     messages = " | ".join(str(p) for p in found)
     assert "ImageType (CS) value 2 of 3 must be upper case" in messages
     assert "ScheduledProcedureStepStartDate (DA)" in messages
+
+
+def test_the_rules_fingerprint_is_the_same_in_every_process(tmp_path: Path) -> None:
+    config_path = tmp_path / "stowd.yaml"
+    rules = (
+        "rules:\n  - match: {type: [dicom, pdf, jpeg], source: [ct1, us2]}\n"
+        "    set: {StationName: X}\n"
+    )
+    config_path.write_text(HEAD + rules, encoding="utf-8")
+    script = (
+        "import sys; from stowd.config import load_config; from stowd.metadata import digest; "
+        "c = load_config(sys.argv[1]); print(digest(c, c.sources[0]))"
+    )
+    found = {
+        subprocess.run(
+            [sys.executable, "-c", script, str(config_path)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout
+        for seed in ("1", "2", "3")
+    }
+    assert len(found) == 1
+    config_path.write_text("# a comment moves every line\n" + HEAD + rules, encoding="utf-8")
+    config = load_config(config_path)
+    assert {digest(config, config.sources[0]) + "\n"} == found

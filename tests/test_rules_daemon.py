@@ -53,7 +53,7 @@ def rules_layout(root: Path, url: str) -> Layout:
     return make_layout(
         root,
         url,
-        source={"sidecars": {"folder_linger": "0s"}},
+        source={"sidecars": True},
         rules=RULES,
         original_attributes=True,
     )
@@ -90,9 +90,9 @@ def test_rules_and_sidecars_reach_orthanc_and_originals_stay_intact(
     daemon = Stowd(layout).start()
     try:
         wait_for(
-            lambda: layout.files(layout.drop) == set(),
+            lambda: layout.files(layout.drop) == {"scanner/_metadata.yaml"},
             90,
-            "every file (and sidecar) to leave drop/",
+            "every file and per-file sidecar to leave drop/",
             lambda: daemon.log,
         )
         assert daemon.terminate() == 0

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from stowd import settle as settle_mod
+from stowd import sidecar as sidecar_mod
 from stowd.config import Sidecars, Source
 from stowd.errors import FileUnreadable
 from stowd.queue import Job, NewFile, Queue
@@ -247,7 +248,9 @@ def test_two_workers_settling_the_same_name_at_once_keep_both_files(
 
 
 def with_sidecars(job: Job, *paths: Path) -> Job:
-    return dataclasses.replace(job, sidecars=json.dumps([str(p) for p in paths]))
+    """The job as read with these sidecars, holding the text they have now."""
+    entries = [[str(p), p.read_text()] for p in paths]
+    return dataclasses.replace(job, sidecars=json.dumps(entries))
 
 
 def test_a_folder_sidecar_is_copied_once_per_content_and_stays(
@@ -259,14 +262,17 @@ def test_a_folder_sidecar_is_copied_once_per_content_and_stays(
         drop(source, queue, f"cam/img{n}.dcm")
     meta.write_text("PatientID: A\n")
     jobs = queue.jobs()
-    for job in jobs[:2]:
-        settle(queue, source, with_sidecars(job, meta), outcome="sent", error=None)
+    read_with_a = [with_sidecars(job, meta) for job in jobs[:2]]
     meta.write_text("PatientID: B\n")  # the folder's metadata changed for the next file
-    settle(queue, source, with_sidecars(jobs[2], meta), outcome="sent", error=None)
-    settle(queue, source, with_sidecars(jobs[2], meta), outcome="sent", error=None)
-    copies = sorted(p.name for p in (source.sent / "cam").glob("_metadata*"))
-    assert copies == ["_metadata.yaml", "_metadata~1.yaml"]  # one per content, not per file
+    read_with_b = with_sidecars(jobs[2], meta)
+    for job in [*read_with_a, read_with_b]:  # A's files settle after the change
+        settle(queue, source, job, outcome="sent", error=None)
+    copies = {p.name: p.read_text() for p in (source.sent / "cam").glob("_metadata*")}
+    assert copies.pop("_metadata.yaml") == "PatientID: A\n"  # what A's files were read with
+    [(name, text)] = copies.items()  # one copy per content, not one per file
+    assert name.startswith("_metadata~") and text == "PatientID: B\n"
     assert meta.exists()  # more files may come: the watcher retires it later
+    assert settle_mod.has_copy(meta, source.sent / "cam")
 
 
 def test_a_per_file_sidecar_leaves_with_its_file_even_after_a_crash(
@@ -299,7 +305,7 @@ def test_a_sidecar_that_cannot_be_checked_stays_and_the_batch_settles(
     def flaky(*_args: object, **_kw: object) -> bool:
         raise FileUnreadable("reading the folder failed: Input/output error")
 
-    monkeypatch.setattr(settle_mod, "still_needed", flaky)
+    monkeypatch.setattr(sidecar_mod, "still_needed", flaky)
     jobs = queue.jobs()
     decisions = [
         Decision(with_sidecars(jobs[0], own), source, "sent"),

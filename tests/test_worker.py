@@ -18,7 +18,7 @@ import pydicom
 import pytest
 from dicomgen import make_instance, make_instance_bytes, make_study
 
-from stowd.config import BatchLimits, Config, Destination, Retry, Source
+from stowd.config import BatchLimits, Config, Destination, Retry, Sidecars, Source
 from stowd.queue import Queue
 from stowd.rules import Rule, Template
 from stowd.stow import StowClient
@@ -71,7 +71,12 @@ class Rig:
     """A source folder, a queue, a worker and a scripted archive."""
 
     def __init__(
-        self, tmp_path: Path, handler: Handler, rules: tuple[Rule, ...] = (), **retry: float
+        self,
+        tmp_path: Path,
+        handler: Handler,
+        rules: tuple[Rule, ...] = (),
+        sidecars: Sidecars | None = None,
+        **retry: float,
     ) -> None:
         self.clock = Clock()
         self.source = Source(
@@ -81,6 +86,7 @@ class Rig:
             tmp_path / "failed",
             "pacs",
             quiet_period=0.0,
+            sidecars=sidecars,
         )
         self.source.watch.mkdir()
         dest = Destination("pacs", "http://archive.test/dicom-web", BatchLimits(max_files=10))
@@ -128,8 +134,13 @@ class Rig:
 def rig_factory(tmp_path: Path) -> Iterator[Callable[..., Rig]]:
     rigs: list[Rig] = []
 
-    def make(handler: Handler, rules: tuple[Rule, ...] = (), **retry: float) -> Rig:
-        rig = Rig(tmp_path, handler, rules, **retry)
+    def make(
+        handler: Handler,
+        rules: tuple[Rule, ...] = (),
+        sidecars: Sidecars | None = None,
+        **retry: float,
+    ) -> Rig:
+        rig = Rig(tmp_path, handler, rules, sidecars, **retry)
         rigs.append(rig)
         return rig
 
@@ -500,3 +511,26 @@ def test_an_unwritable_spool_makes_files_wait_not_fail(rig_factory: Callable[...
     rig.clock.now += 3600
     rig.drain()
     assert rig.names(rig.source.sent) == {"s/IM00001.dcm", "s/IM00002.dcm"}
+
+
+def test_files_read_again_keep_the_sidecar_text_they_were_first_read_with(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    seen: list[str] = []
+
+    def archive(request: httpx.Request) -> httpx.Response:
+        seen.extend(patient_ids_in(request))
+        return httpx.Response(200, json=stow_json(sop_uids_in(request)))
+
+    rig = rig_factory(archive, sidecars=Sidecars())
+    make_instance(rig.source.watch / "room1/a.dcm", patient_id="UNKNOWN")
+    meta = rig.source.watch / "room1/_metadata.yaml"
+    meta.write_text("PatientID: PAT-A\n")
+    rig.find()
+    rig.worker.classify_some()
+    meta.write_text("PatientID: PAT-B\n")  # the room's next patient, before a was sent
+    assert rig.queue.replan("ct", "rules changed") == 1  # as after a restart with new rules
+    rig.drain()
+    assert seen == ["PAT-A"]
+    assert (rig.source.sent / "room1/_metadata.yaml").read_text() == "PatientID: PAT-A\n"
+    assert meta.read_text() == "PatientID: PAT-B\n"  # left for the next patient's files
