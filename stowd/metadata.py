@@ -53,12 +53,13 @@ def plan(
 ) -> Planned:
     """Apply the sidecars and rules of ``source``; raise ``FileProblem`` when they cannot be.
 
-    ``stored``: the sidecars (and their text) the file was first read with; they are used
-    again instead of what the sidecar files hold now.
+    ``stored``: the sidecars (and their text) found with the file when it was queued; they
+    are used instead of what the sidecar files hold now.
     """
     used: sidecar.Used = []
     if source.sidecars is not None:
-        used = _again(stored) if stored else sidecar.read_all(Path(path), source.sidecars)
+        here = Path(path)
+        used = sidecar.read_all(here, source.sidecars) if stored is None else _again(stored)
     values = sidecar.values_of(used)
     names = tuple(p.name for p, _ in used)
     facts = Facts(PurePosixPath(rel), source.name, found.kind, now, values, names)

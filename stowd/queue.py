@@ -126,7 +126,7 @@ class Classification:
     sop_uid: str
     sop_class: str
     changes: dict[str, Any] | None = None
-    sidecars: tuple[tuple[str, str | None], ...] = ()  # (path, text it had)
+    sidecars: tuple[tuple[str, str | None], ...] | None = None  # (path, text); None: off
     digest: str | None = None  # of the rules and sidecar settings it was read with
 
 
@@ -140,6 +140,7 @@ class NewFile:
     rel: str
     size: int
     mtime_ns: int
+    sidecars: str | None = None  # JSON [[path, text], ...] when the file was found complete
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ def _job(row: Sequence[Any]) -> Job:
 
 def _classification_row(c: Classification) -> tuple[Any, ...]:
     changes = None if c.changes is None else json.dumps(c.changes, ensure_ascii=False)
-    sidecars = json.dumps([list(entry) for entry in c.sidecars]) if c.sidecars else None
+    sidecars = None if c.sidecars is None else json.dumps([list(e) for e in c.sidecars])
     keys = (c.kind, c.study_uid, c.sop_uid, c.sop_class, changes, sidecars, c.digest)
     return (*keys, c.job.id, c.job.size, c.job.mtime_ns)
 
@@ -342,17 +343,17 @@ class Queue:
                 return 0
             db.execute(
                 "INSERT INTO files (source, destination, path, rel, size, mtime_ns, state, "
-                "queued_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)",
-                (f.source, f.destination, f.path, f.rel, f.size, f.mtime_ns, now),
+                "queued_at, sidecars) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+                (f.source, f.destination, f.path, f.rel, f.size, f.mtime_ns, now, f.sidecars),
             )
             return 1
         if row[3] == "pending" and (row[1], row[2]) != (f.size, f.mtime_ns):
             db.execute(
                 "UPDATE files SET size = ?, mtime_ns = ?, kind = NULL, study_uid = NULL, "
-                "sop_uid = NULL, sop_class = NULL, changes = NULL, sidecars = NULL, solo = 0, "
+                "sop_uid = NULL, sop_class = NULL, changes = NULL, sidecars = ?, solo = 0, "
                 "attempts = 0, first_try = NULL, "
                 "last_try = NULL, next_attempt_at = 0, error = NULL WHERE id = ?",
-                (f.size, f.mtime_ns, row[0]),
+                (f.size, f.mtime_ns, f.sidecars, row[0]),
             )
         return 0
 

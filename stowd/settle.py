@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,21 +34,31 @@ _MOVING = threading.Lock()
 MAX_SUFFIX = 10_000
 
 
-def free_target(base: Path, rel: str, also_taken: Collection[Path] = ()) -> Path:
-    """``base/rel``, or ``base/<stem>~N<ext>`` when that name is taken."""
+def free_target(
+    base: Path,
+    rel: str,
+    also_taken: Collection[Path] = (),
+    companions: Callable[[Path], list[Path]] = lambda _p: [],
+) -> Path:
+    """``base/rel``, or ``base/<stem>~N<ext>`` when that name (or a companion of it, such as
+    the copy of its own sidecar) is taken."""
     target = base / rel
-    if not _taken(target, also_taken):
+    if not _taken(target, also_taken, companions):
         return target
     for n in range(1, MAX_SUFFIX):
         name = f"{target.stem}~{n}{target.suffix}" if target.suffix else f"{target.name}~{n}"
         candidate = target.with_name(name)
-        if not _taken(candidate, also_taken):
+        if not _taken(candidate, also_taken, companions):
             return candidate
     raise OSError(errno.EEXIST, f"no free name for {target}")
 
 
-def _taken(path: Path, also_taken: Collection[Path]) -> bool:
-    return path in also_taken or path.exists() or Path(str(path) + ERROR_SUFFIX).exists()
+def _taken(
+    path: Path, also_taken: Collection[Path], companions: Callable[[Path], list[Path]]
+) -> bool:
+    if path in also_taken or path.exists() or Path(str(path) + ERROR_SUFFIX).exists():
+        return True
+    return any(c.exists() for c in companions(path))
 
 
 @dataclass(frozen=True)
@@ -106,7 +116,7 @@ def _plan(decisions: Sequence[Decision]) -> list[tuple[Decision, Path]]:
     plans = []
     for d in decisions:
         base = d.source.sent if d.outcome == "sent" else d.source.failed
-        target = free_target(base, d.job.rel, chosen)
+        target = free_target(base, d.job.rel, chosen, _companions(d.job))
         chosen.add(target)
         plans.append((d, target))
     return plans
@@ -122,39 +132,76 @@ def _carry_out(
         log.info("%s was replaced after it was read; the new file is queued anew", job.path)
         return "sent" if outcome == "sent" else "gone"
     if os.path.lexists(job.path):
-        _copy_sidecars(job, target)
+        secured = _copy_sidecars(job, target)
         move(Path(job.path), target, sync=False)
     elif not target.exists():
         log.warning("file vanished before it could be moved to %s: %s", outcome, job.path)
         return "gone"
     else:
-        _copy_sidecars(job, target)  # a move finished before a crash: its sidecars next
-    _release_sidecars(job, sidecars)
+        secured = _copy_sidecars(job, target)  # a move finished before a crash
+    _release_sidecars(job, sidecars, secured)
     if outcome == "failed" and error is not None:
         write_reason(target, error)
     return outcome
 
 
-def _copy_sidecars(job: Job, target: Path) -> None:
-    """Put beside the file's new place the sidecars it was read with, as they were then.
+def _copy_sidecars(job: Job, target: Path) -> set[Path]:
+    """Put beside the file's new place the sidecars it was found with, as they were then;
+    returns the sidecars now safe in ``sent/`` or ``failed/``.
 
     A file's own sidecar is named after the file (``img~1.json``); the folder's sidecar is
-    copied once for each content (``_metadata.yaml``, then ``_metadata~<hash>.yaml``).
+    copied once for each content (``_metadata.yaml``, then ``_metadata~<hash>.yaml``).  A
+    sidecar whose text could not be read (not UTF-8, too large) is copied byte for byte.
     """
-    original = Path(job.path)
-    for name, known in job.sidecar_texts():
+    original, secured = Path(job.path), set()
+    for name, text in job.sidecar_texts():
         path = Path(name)
-        text = known if known is not None else sidecar_mod.text_of(path)
         if text is None:
-            continue  # gone before the file was read again: nothing to copy
-        if _own_sidecar(original, path):
+            if _copy_raw(path, target.parent / _sidecar_name(original, target, path)):
+                secured.add(path)
+        elif _own_sidecar(original, path):
             wanted = target.parent / _sidecar_name(original, target, path)
             if not any(_holds(v, text) for v in _versions(wanted)):
                 _write_copy(free_target(wanted.parent, wanted.name), text)
+            secured.add(path)
         else:
             copy = copy_name(target.parent, path.name, text)
             if not _holds(copy, text):
                 _write_copy(copy, text)
+            secured.add(path)
+    return secured
+
+
+def _copy_raw(path: Path, wanted: Path) -> bool:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    if any(_bytes_of(v) == data for v in _versions(wanted)):
+        return True
+    copy = free_target(wanted.parent, wanted.name)
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(path, copy)
+    return True
+
+
+def _bytes_of(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _companions(job: Job) -> Callable[[Path], list[Path]]:
+    """Where the copies of ``job``'s own sidecars would go for a given target: a target
+    whose sidecar name is taken is taken too, so a file and its sidecar keep one name."""
+    original = Path(job.path)
+    own = [Path(p) for p in job.sidecar_paths() if _own_sidecar(original, Path(p))]
+
+    def names(target: Path) -> list[Path]:
+        return [target.parent / _sidecar_name(original, target, path) for path in own]
+
+    return names
 
 
 def _own_sidecar(original: Path, sidecar: Path) -> bool:
@@ -162,10 +209,13 @@ def _own_sidecar(original: Path, sidecar: Path) -> bool:
 
 
 def _sidecar_name(original: Path, target: Path, sidecar: Path) -> str:
-    """``img.jpg.json`` -> ``img~1.jpg.json`` when the file became ``img~1.jpg``."""
+    """``img.jpg.json`` -> ``img~1.jpg.json`` when the file became ``img~1.jpg``; the
+    folder's sidecar keeps its name."""
     if sidecar.name.startswith(original.name + "."):
         return target.name + sidecar.name[len(original.name) :]
-    return target.stem + sidecar.name[len(original.stem) :]
+    if _own_sidecar(original, sidecar):
+        return target.stem + sidecar.name[len(original.stem) :]
+    return sidecar.name
 
 
 def copy_name(folder: Path, name: str, text: str) -> Path:
@@ -206,7 +256,7 @@ def _write_copy(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _release_sidecars(job: Job, settings: Sidecars | None) -> None:
+def _release_sidecars(job: Job, settings: Sidecars | None, secured: set[Path]) -> None:
     """Remove a file's own sidecars from the drop folder once no file there uses them, and
     only if they still hold what the file was read with.
 
@@ -217,7 +267,7 @@ def _release_sidecars(job: Job, settings: Sidecars | None) -> None:
         return
     for name, known in job.sidecar_texts():
         path = Path(name)
-        if path.name == settings.folder or not path.exists():
+        if path.name == settings.folder or path not in secured or not path.exists():
             continue
         try:
             if known is not None and sidecar_mod.text_of(path) != known:

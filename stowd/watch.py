@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import heapq
+import json
 import logging
 import os
 import stat
@@ -80,7 +81,8 @@ class Watcher:
         self._scheduled: set[str] = set()
         self._linked_folders: set[str] = set()
         self._lonely: set[str] = set()  # sidecars without a file, warned about once
-        self._idle_since: dict[str, float] = {}  # folders holding only sidecars, since when
+        # folders holding only sidecars: since when, and (folder, sidecar) mtimes then
+        self._idle_since: dict[str, tuple[float, tuple[int, int]]] = {}
         self._future: dict[str, tuple[int, int, float]] = {}
         self._observer: BaseObserver | None = None
         self._rescan_requested = False
@@ -264,7 +266,19 @@ class Watcher:
                 heapq.heappush(self._due, (self.clock() + wait, path))
             return None
         rel = os.path.relpath(path, self.source.watch)
-        return NewFile(self.source.name, self.destination, path, rel, st.st_size, st.st_mtime_ns)
+        found = self._sidecar_texts(path)
+        return NewFile(
+            self.source.name, self.destination, path, rel, st.st_size, st.st_mtime_ns, found
+        )
+
+    def _sidecar_texts(self, path: str) -> str | None:
+        """The sidecars of a complete file and their text now: they belong to it from here on
+        (a folder's sidecar may describe the next patient by the time the file is read)."""
+        settings = self.source.sidecars
+        if settings is None:
+            return None
+        found = sidecar.sidecars_of(Path(path), settings)
+        return json.dumps([[str(p), sidecar.text_of(p)] for p in found])
 
     def _is_sidecar(self, path: str) -> bool:
         settings = self.source.sidecars
@@ -286,12 +300,17 @@ class Watcher:
 
     def _retire_folder_sidecar(self, path: Path, settings: Sidecars) -> None:
         """Idle time is counted by this watcher's own clock from the first look that found
-        the folder without other files (a share's clock may be off; a restart starts over)."""
+        the folder without other files, and starts over whenever the folder or the sidecar
+        changed between two looks (files came and went; a share's clock may be off)."""
         folder = path.parent
         if sidecar.folder_in_use(folder, settings):
             self._idle_since.pop(str(folder), None)
             return
-        since = self._idle_since.setdefault(str(folder), self.clock())
+        look = (folder.stat().st_mtime_ns, path.stat().st_mtime_ns)
+        since, seen = self._idle_since.get(str(folder), (self.clock(), look))
+        if seen != look:
+            since = self.clock()
+        self._idle_since[str(folder)] = (since, look)
         if self.clock() - since < settings.folder_linger:
             return  # looked at again by a later scan
         rel = folder.relative_to(self.source.watch)

@@ -5,20 +5,18 @@ Each step is a module of its own; this one only moves jobs between them and the 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from stowd import classify as classify_mod
-from stowd import metadata, sidecar
+from stowd import metadata
 from stowd.config import BatchLimits, Config, Destination, Source
 from stowd.errors import (
     DestinationBusy,
@@ -138,7 +136,7 @@ class Worker:
         """Apply the metadata rules and sidecars; their trouble sends the file to failed/."""
         source = self.config.source(job.source)
         try:
-            stored = job.sidecar_texts() or None  # as first read, if read before
+            stored = None if job.sidecars is None else job.sidecar_texts()  # as found
             p = metadata.plan(
                 self.config, source, job.path, job.rel, c, now=datetime.now(), stored=stored
             )
@@ -147,7 +145,9 @@ class Worker:
         except FileProblem as problem:
             return self._failure(job, str(problem), stage="applying the metadata rules")
         changes = p.outcome.changes() if p.outcome.changed else None
-        sidecars = tuple((str(path), text) for path, text in p.sidecars)
+        sidecars = None
+        if source.sidecars is not None:
+            sidecars = tuple((str(path), text) for path, text in p.sidecars)
         if p.outcome.matched:
             names = ", ".join(r.label for r in p.outcome.matched)
             log.debug("%s: %s; changes %s", job.path, names, changes or "none")
@@ -158,16 +158,6 @@ class Worker:
         if source.name not in self._digests:
             self._digests[source.name] = metadata.digest(self.config, source)
         return self._digests[source.name]
-
-    def _with_sidecars(self, job: Job) -> Job:
-        """The job with its sidecars, so a file failed before its keys were stored takes
-        them along to failed/ (a bad sidecar is the usual reason)."""
-        if job.sidecars is not None:
-            return job
-        settings = self.config.source(job.source).sidecars
-        found = [] if settings is None else sidecar.sidecars_of(Path(job.path), settings)
-        entries = [[str(p), sidecar.text_of(p)] for p in found]
-        return replace(job, sidecars=json.dumps(entries)) if found else job
 
     # -- send -----------------------------------------------------------------------------
     def send_one(self) -> bool:
@@ -403,7 +393,7 @@ class Worker:
     ) -> Decision:
         error = self._error_doc(job, reason, verdict=verdict, answer=answer, stage=stage)
         log.error("%s: %s -> failed/", job.path, reason)
-        return Decision(self._with_sidecars(job), self.config.source(job.source), "failed", error)
+        return Decision(job, self.config.source(job.source), "failed", error)
 
     def _settle_all(self, decisions: list[Decision]) -> None:
         if not decisions:

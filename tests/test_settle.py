@@ -315,3 +315,17 @@ def test_a_sidecar_that_cannot_be_checked_stays_and_the_batch_settles(
     assert all(r.problem is None for r in results)
     assert queue.counts() == {"sent": 2}
     assert own.exists()
+
+
+def test_a_file_and_its_own_sidecar_keep_one_name(source: Source, queue: Queue) -> None:
+    source = dataclasses.replace(source, sidecars=Sidecars())
+    (source.sent / "s").mkdir(parents=True)
+    (source.sent / "s/img.json").write_text('{"PatientID": "A"}')  # A's image was removed
+    drop(source, queue, "s/img.dcm")
+    own = source.watch / "s/img.json"
+    own.write_text('{"PatientID": "B"}')
+    [job] = queue.jobs()
+    target = settle(queue, source, with_sidecars(job, own), outcome="sent", error=None)
+    assert target == source.sent / "s/img~1.dcm"
+    assert (source.sent / "s/img~1.json").read_text() == '{"PatientID": "B"}'
+    assert not own.exists()

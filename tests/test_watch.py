@@ -271,3 +271,22 @@ def test_a_folder_sidecar_is_retired_once_its_folder_was_idle(
     assert not used.exists()
     assert busy.exists(), "a file still being written under a hidden name needs it"
     assert never.exists() and "never/_metadata.yaml describes no file" in caplog.text
+
+
+def test_a_session_between_two_scans_restarts_the_idle_time(tmp_path: Path) -> None:
+    settings = Sidecars(folder_linger=600.0)
+    source = make_source(tmp_path, quiet_period=0.0, sidecars=settings)
+    clock = Clock()
+    meta = write(source.watch / "room/_metadata.yaml", b"PatientID: B\n")
+    write(source.sent / "room/_metadata.yaml", b"PatientID: B\n")
+    watcher = Watcher(source, "pacs", Sink(), clock=clock)
+    watcher.scan()  # first seen idle now
+    clock.now += 500
+    image = write(source.watch / "room/b1.dcm")  # B's first image comes and goes
+    image.unlink()  # (sent between two scans)
+    clock.now += 200
+    watcher.scan()  # 700 s after the first look, but the folder changed meanwhile
+    assert meta.exists()
+    clock.now += 600
+    watcher.scan()
+    assert not meta.exists()

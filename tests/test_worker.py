@@ -11,6 +11,7 @@ import json
 import os
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -534,3 +535,42 @@ def test_files_read_again_keep_the_sidecar_text_they_were_first_read_with(
     assert seen == ["PAT-A"]
     assert (rig.source.sent / "room1/_metadata.yaml").read_text() == "PatientID: PAT-A\n"
     assert meta.read_text() == "PatientID: PAT-B\n"  # left for the next patient's files
+
+
+def test_a_file_queued_without_sidecars_never_takes_a_later_one(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    seen: list[str] = []
+
+    def archive(request: httpx.Request) -> httpx.Response:
+        seen.extend(patient_ids_in(request))
+        return httpx.Response(200, json=stow_json(sop_uids_in(request)))
+
+    rig = rig_factory(archive, sidecars=Sidecars())
+    make_instance(rig.source.watch / "room1/a.dcm", patient_id="PAT-A")
+    rig.find()  # queued: no sidecar then
+    meta = rig.source.watch / "room1/_metadata.yaml"
+    meta.write_text("PatientID: PAT-B\n")  # written for the next patient's files
+    rig.worker.classify_some()
+    assert rig.queue.replan("ct", "rules changed") == 1
+    rig.drain()
+    assert seen == ["PAT-A"]
+    assert not (rig.source.sent / "room1/_metadata.yaml").exists()
+    assert meta.exists()
+
+
+def test_a_sidecar_that_is_not_utf8_fails_its_file_and_is_kept(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    rig = rig_factory(lambda r: httpx.Response(200, json=stow_json(sop_uids_in(r))))
+    rig.source = replace(rig.source, sidecars=Sidecars())
+    rig.config = replace(rig.config, sources=(rig.source,))
+    rig.worker.config = rig.config
+    make_instance(rig.source.watch / "s/a.dcm")
+    raw = '{"PatientName": "M\xfcller"}'.encode("latin-1")
+    (rig.source.watch / "s/a.json").write_bytes(raw)
+    rig.find()
+    rig.drain()
+    assert rig.names(rig.source.failed) == {"s/a.dcm", "s/a.json"}
+    assert (rig.source.failed / "s/a.json").read_bytes() == raw  # the user's file, as it was
+    assert "not UTF-8" in str(rig.reason("a.dcm")["reason"])
