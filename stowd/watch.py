@@ -35,6 +35,7 @@ log = logging.getLogger("stowd.watch")
 
 ENQUEUE_CHUNK = 500
 IDLE_WAIT = 1.0
+TEXT_CACHE = 10_000  # sidecar texts kept between scans
 POLL_INTERVAL = 2.0
 Sink = Callable[[list[NewFile]], int]
 
@@ -83,6 +84,7 @@ class Watcher:
         self._lonely: set[str] = set()  # sidecars without a file, warned about once
         # folders holding only sidecars: since when, and (folder, sidecar) mtimes then
         self._idle_since: dict[str, tuple[float, tuple[int, int]]] = {}
+        self._texts: dict[str, tuple[tuple[int, int], str | None]] = {}  # sidecar texts
         self._future: dict[str, tuple[int, int, float]] = {}
         self._observer: BaseObserver | None = None
         self._rescan_requested = False
@@ -278,7 +280,23 @@ class Watcher:
         if settings is None:
             return None
         found = sidecar.sidecars_of(Path(path), settings)
-        return json.dumps([[str(p), sidecar.text_of(p)] for p in found])
+        return json.dumps([[str(p), self._text_of(p)] for p in found])
+
+    def _text_of(self, path: Path) -> str | None:
+        """A sidecar's text, read again only when its size or mtime changed (a rescan
+        looks at every file, and a folder's sidecar serves all of them)."""
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        key = (st.st_size, st.st_mtime_ns)
+        cached = self._texts.get(str(path))
+        if cached is None or cached[0] != key:
+            cached = (key, sidecar.text_of(path))
+            if len(self._texts) > TEXT_CACHE:
+                self._texts.clear()
+            self._texts[str(path)] = cached
+        return cached[1]
 
     def _is_sidecar(self, path: str) -> bool:
         settings = self.source.sidecars
