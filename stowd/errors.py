@@ -8,6 +8,7 @@
     │   └── QueueLockedError   another stowd already uses this queue
     ├── FileProblem            a single file cannot be sent as it is (never retried)
     │   └── FileVanished       the file disappeared before it could be sent
+    ├── SidecarNotReady        a file's sidecar is still changing or unreadable: not queued yet
     ├── FileUnreadable         a file cannot be read right now (permissions, I/O error):
     │                          retried later, like the archive's temporary refusals
     └── StowFailure            one STOW request did not go through (raised by stow.py only)
@@ -93,6 +94,10 @@ class FileUnreadable(StowdError):
 
 class FileVanished(FileProblem):
     """The file was removed (or replaced) before it could be sent."""
+
+
+class SidecarNotReady(StowdError):
+    """A file's sidecar is still changing or cannot be read now: the file is not queued yet."""
 
 
 class StowFailure(StowdError):

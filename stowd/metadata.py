@@ -23,7 +23,7 @@ from pydicom.multival import MultiValue
 from stowd import sidecar
 from stowd.classify import Classified
 from stowd.config import Config, Source
-from stowd.errors import FileUnreadable
+from stowd.errors import FileProblem, FileUnreadable
 from stowd.queue import Job
 from stowd.rewrite import apply, rewrite
 from stowd.rules import Facts, Outcome, evaluate, fingerprint, value_text
@@ -49,7 +49,7 @@ def plan(
     found: Classified,
     *,
     now: datetime,
-    stored: list[tuple[str, str | None]] | None = None,
+    stored: list[tuple[str, str | None, str | None]] | None = None,
 ) -> Planned:
     """Apply the sidecars and rules of ``source``; raise ``FileProblem`` when they cannot be.
 
@@ -78,8 +78,15 @@ def digest(config: Config, source: Source) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _again(stored: list[tuple[str, str | None]]) -> sidecar.Used:
-    return [(Path(p), sidecar.read_text(Path(p)) if t is None else t) for p, t in stored]
+def _again(stored: list[tuple[str, str | None, str | None]]) -> sidecar.Used:
+    """The stored sidecars; one that could not be read as text fails the file with that
+    reason (it is never read again: by now it may describe another patient)."""
+    used = []
+    for name, text, problem in stored:
+        if text is None and problem is not None:
+            raise FileProblem(problem)
+        used.append((Path(name), sidecar.read_text(Path(name)) if text is None else text))
+    return used
 
 
 def _final(outcome: Outcome, keyword: str, before: str) -> str:

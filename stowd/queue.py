@@ -16,6 +16,7 @@ daemon return to ``pending``: delivery is at least once, safe because STOW is id
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import json
 import os
@@ -24,11 +25,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stowd.errors import QueueError, QueueLockedError
+from stowd.errors import QueueError, QueueLockedError, SidecarNotReady
 
 SCHEMA_VERSION = 2
 ACTIVE = ("pending", "claimed", "settling")
@@ -111,9 +112,21 @@ class Job:
         return [path for path, _ in self.sidecar_texts()]
 
     def sidecar_texts(self) -> list[tuple[str, str | None]]:
-        """Each sidecar with the text the file was read with (None: not known)."""
+        """Each sidecar with the text the file was found with (None: not readable as text)."""
+        return [(path, text) for path, text, _ in self.sidecar_entries()]
+
+    def sidecar_bytes(self, path: str) -> bytes | None:
+        """The bytes of a sidecar that could not be read as text, as they were found."""
         entries = [] if self.sidecars is None else json.loads(self.sidecars)
-        return [(e, None) if isinstance(e, str) else (e[0], e[1]) for e in entries]
+        for e in entries:
+            if isinstance(e, list) and len(e) > 3 and e[0] == path and e[3] is not None:
+                return base64.b64decode(e[3])
+        return None
+
+    def sidecar_entries(self) -> list[tuple[str, str | None, str | None]]:
+        """(path, text, why it could not be read) of each sidecar found with the file."""
+        entries = [] if self.sidecars is None else json.loads(self.sidecars)
+        return [_entry(e) for e in entries]
 
 
 @dataclass(frozen=True)
@@ -141,6 +154,12 @@ class NewFile:
     size: int
     mtime_ns: int
     sidecars: str | None = None  # JSON [[path, text], ...] when the file was found complete
+    # Takes that snapshot; called only when the row is new or its file changed (a rescan
+    # finds every queued file again).  May raise SidecarNotReady: then it is not queued.
+    snapshot: Callable[[], str | None] | None = field(default=None, compare=False, repr=False)
+
+    def sidecar_json(self) -> str | None:
+        return self.snapshot() if self.snapshot is not None else self.sidecars
 
 
 @dataclass(frozen=True)
@@ -165,6 +184,12 @@ _MIGRATIONS = {
         "ALTER TABLE files ADD COLUMN rules_digest TEXT",
     ),
 }
+
+
+def _entry(e: Any) -> tuple[str, str | None, str | None]:
+    if isinstance(e, str):  # a row written before texts were kept
+        return e, None, None
+    return str(e[0]), e[1], e[2] if len(e) > 2 else None
 
 
 def _job(row: Sequence[Any]) -> Job:
@@ -341,19 +366,27 @@ class Queue:
         if row is None:
             if self._just_settled(db, f):
                 return 0
+            try:
+                sidecars = f.sidecar_json()
+            except SidecarNotReady:
+                return 0  # found again by the next scan
             db.execute(
                 "INSERT INTO files (source, destination, path, rel, size, mtime_ns, state, "
                 "queued_at, sidecars) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
-                (f.source, f.destination, f.path, f.rel, f.size, f.mtime_ns, now, f.sidecars),
+                (f.source, f.destination, f.path, f.rel, f.size, f.mtime_ns, now, sidecars),
             )
             return 1
         if row[3] == "pending" and (row[1], row[2]) != (f.size, f.mtime_ns):
+            try:
+                sidecars = f.sidecar_json()
+            except SidecarNotReady:
+                return 0
             db.execute(
                 "UPDATE files SET size = ?, mtime_ns = ?, kind = NULL, study_uid = NULL, "
                 "sop_uid = NULL, sop_class = NULL, changes = NULL, sidecars = ?, solo = 0, "
                 "attempts = 0, first_try = NULL, "
                 "last_try = NULL, next_attempt_at = 0, error = NULL WHERE id = ?",
-                (f.size, f.mtime_ns, f.sidecars, row[0]),
+                (f.size, f.mtime_ns, sidecars, row[0]),
             )
         return 0
 

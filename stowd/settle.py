@@ -157,7 +157,9 @@ def _copy_sidecars(job: Job, target: Path) -> set[Path]:
     for name, text in job.sidecar_texts():
         path = Path(name)
         if text is None:
-            if _copy_raw(path, target.parent / _sidecar_name(original, target, path)):
+            raw = job.sidecar_bytes(name)
+            wanted = target.parent / _sidecar_name(original, target, path)
+            if raw is not None and _copy_raw(raw, wanted):
                 secured.add(path)
         elif _own_sidecar(original, path):
             wanted = target.parent / _sidecar_name(original, target, path)
@@ -172,16 +174,15 @@ def _copy_sidecars(job: Job, target: Path) -> set[Path]:
     return secured
 
 
-def _copy_raw(path: Path, wanted: Path) -> bool:
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return False
+def _copy_raw(data: bytes, wanted: Path) -> bool:
+    """Keep a sidecar that is not text, with the bytes it had when its file was found."""
     if any(_bytes_of(v) == data for v in _versions(wanted)):
         return True
     copy = free_target(wanted.parent, wanted.name)
     copy.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(path, copy)
+    tmp = copy.with_name(f".{copy.name}.stowd-tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, copy)
     return True
 
 

@@ -10,6 +10,7 @@ of PS3.18 F.2 (``{"00100020": {"vr": "LO", "Value": ["X"]}}``); every value is c
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -76,6 +77,8 @@ def _stat(path: Path) -> os.stat_result | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:  # <name>.json of a very long name cannot exist
+            return None
         raise _unreadable(path, exc) from exc
 
 

@@ -9,6 +9,7 @@ raises into watchdog's thread: a handler exception would silently stop every eve
 
 from __future__ import annotations
 
+import base64
 import fnmatch
 import heapq
 import json
@@ -18,6 +19,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -27,7 +29,7 @@ from watchdog.observers.polling import PollingObserver
 
 from stowd import sidecar
 from stowd.config import Sidecars, Source
-from stowd.errors import FileUnreadable
+from stowd.errors import FileProblem, FileUnreadable, FileVanished, SidecarNotReady
 from stowd.queue import NewFile
 from stowd.settle import has_copy, remove_empty_parents
 
@@ -36,6 +38,7 @@ log = logging.getLogger("stowd.watch")
 ENQUEUE_CHUNK = 500
 IDLE_WAIT = 1.0
 TEXT_CACHE = 10_000  # sidecar texts kept between scans
+RAW_LIMIT = 1024 * 1024  # a sidecar that is not text is kept up to this size
 POLL_INTERVAL = 2.0
 Sink = Callable[[list[NewFile]], int]
 
@@ -84,7 +87,8 @@ class Watcher:
         self._lonely: set[str] = set()  # sidecars without a file, warned about once
         # folders holding only sidecars: since when, and (folder, sidecar) mtimes then
         self._idle_since: dict[str, tuple[float, tuple[int, int]]] = {}
-        self._texts: dict[str, tuple[tuple[int, int], str | None]] = {}  # sidecar texts
+        self._texts: dict[str, tuple[tuple[int, int], str]] = {}  # sidecar texts
+        self._said: set[str] = set()  # files whose sidecar trouble was logged
         self._future: dict[str, tuple[int, int, float]] = {}
         self._observer: BaseObserver | None = None
         self._rescan_requested = False
@@ -261,42 +265,91 @@ class Watcher:
         if self._is_sidecar(path):
             self._look_at_sidecar(path, st)
             return None
-        wait = max(self._quiet_left(path, st.st_size, st.st_mtime_ns), self._sidecars_left(path))
+        return self._if_complete(path, st)
+
+    def _if_complete(self, path: str, st: os.stat_result) -> NewFile | None:
+        """A ``NewFile`` when the file and its sidecars were quiet long enough."""
+        try:
+            found = self._sidecars_of(path)
+        except FileUnreadable as exc:
+            self._say_once(path, f"not queued yet, its sidecar cannot be read: {exc}")
+            return None
+        wait = max(self._quiet_left(path, st.st_size, st.st_mtime_ns), self._sidecars_left(found))
         if wait > 0:
             if path not in self._scheduled:
                 self._scheduled.add(path)
                 heapq.heappush(self._due, (self.clock() + wait, path))
             return None
         rel = os.path.relpath(path, self.source.watch)
-        found = self._sidecar_texts(path)
+        snapshot = None if self.source.sidecars is None else partial(self._snapshot, path, found)
         return NewFile(
-            self.source.name, self.destination, path, rel, st.st_size, st.st_mtime_ns, found
+            self.source.name,
+            self.destination,
+            path,
+            rel,
+            st.st_size,
+            st.st_mtime_ns,
+            snapshot=snapshot,
         )
 
-    def _sidecar_texts(self, path: str) -> str | None:
-        """The sidecars of a complete file and their text now: they belong to it from here on
-        (a folder's sidecar may describe the next patient by the time the file is read)."""
+    def _sidecars_of(self, path: str) -> list[tuple[Path, os.stat_result]]:
+        """The sidecars of a file, each with its stat (checked for quiet, then read)."""
         settings = self.source.sidecars
         if settings is None:
-            return None
-        found = sidecar.sidecars_of(Path(path), settings)
-        return json.dumps([[str(p), self._text_of(p)] for p in found])
+            return []
+        found = []
+        for p in sidecar.sidecars_of(Path(path), settings):
+            try:
+                found.append((p, p.stat()))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise FileUnreadable.from_os_error(exc, str(p)) from exc
+        return found
 
-    def _text_of(self, path: Path) -> str | None:
-        """A sidecar's text, read again only when its size or mtime changed (a rescan
-        looks at every file, and a folder's sidecar serves all of them)."""
-        try:
-            st = path.stat()
-        except OSError:
-            return None
-        key = (st.st_size, st.st_mtime_ns)
+    def _sidecars_left(self, found: list[tuple[Path, os.stat_result]]) -> float:
+        """A file is complete only when its sidecars (its own, its folder's) are complete too."""
+        waits = [self._quiet_left(str(p), st.st_size, st.st_mtime_ns) for p, st in found]
+        return max(waits, default=0.0)
+
+    def _snapshot(self, path: str, found: list[tuple[Path, os.stat_result]]) -> str:
+        """The sidecars checked for quiet and their text: they belong to the file from here
+        on (a folder's sidecar may describe the next patient by the time the file is read).
+        A sidecar that changed since, or cannot be read now, keeps the file back."""
+        entries: list[list[str | None]] = []  # [path, text, problem, base64 of raw bytes]
+        for p, st in found:
+            try:
+                text, problem = self._text_of(p, st), None
+            except FileVanished:
+                continue
+            except FileProblem as exc:  # not UTF-8, too large: the file fails with this
+                entries.append([str(p), None, str(exc), _raw(p)])
+                continue
+            except FileUnreadable as exc:
+                self._say_once(path, f"not queued yet, its sidecar cannot be read: {exc}")
+                raise SidecarNotReady(str(exc)) from exc
+            entries.append([str(p), text, problem])
+        return json.dumps(entries)
+
+    def _text_of(self, path: Path, checked: os.stat_result) -> str:
+        """A sidecar's text as it was when checked for quiet (else ``SidecarNotReady``);
+        read again only when it changed, since a folder's sidecar serves all its files."""
+        key = (checked.st_size, checked.st_mtime_ns)
         cached = self._texts.get(str(path))
         if cached is None or cached[0] != key:
-            cached = (key, sidecar.text_of(path))
+            text = sidecar.read_text(path)
+            now = path.stat()
+            if (now.st_size, now.st_mtime_ns) != key:
+                raise SidecarNotReady(f"sidecar {path} changed while it was read")
             if len(self._texts) > TEXT_CACHE:
                 self._texts.clear()
-            self._texts[str(path)] = cached
+            cached = self._texts[str(path)] = (key, text)
         return cached[1]
+
+    def _say_once(self, path: str, message: str) -> None:
+        if path not in self._said:
+            self._said.add(path)
+            log.warning("source %s: %s: %s", self.source.name, path, message)
 
     def _is_sidecar(self, path: str) -> bool:
         settings = self.source.sidecars
@@ -361,20 +414,6 @@ class Watcher:
             path,
         )
 
-    def _sidecars_left(self, path: str) -> float:
-        """A file is complete only when its sidecars (its own, its folder's) are complete too."""
-        settings = self.source.sidecars
-        if settings is None:
-            return 0.0
-        wait = 0.0
-        for found in sidecar.sidecars_of(Path(path), settings):
-            try:
-                st = found.stat()
-            except OSError:
-                continue
-            wait = max(wait, self._quiet_left(str(found), st.st_size, st.st_mtime_ns))
-        return wait
-
     def _quiet_left(self, path: str, size: int, mtime_ns: int) -> float:
         """Seconds until the file has been quiet for the quiet period (0: complete now)."""
         now = self.clock()
@@ -405,3 +444,13 @@ class Watcher:
 
     def _ignored(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.source.ignore)
+
+
+def _raw(path: Path) -> str | None:
+    """A small sidecar's bytes (base64), kept to copy it to failed/ as it was found."""
+    try:
+        with path.open("rb") as fp:
+            data = fp.read(RAW_LIMIT + 1)
+    except OSError:
+        return None
+    return None if len(data) > RAW_LIMIT else base64.b64encode(data).decode()

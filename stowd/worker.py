@@ -136,7 +136,7 @@ class Worker:
         """Apply the metadata rules and sidecars; their trouble sends the file to failed/."""
         source = self.config.source(job.source)
         try:
-            stored = None if job.sidecars is None else job.sidecar_texts()  # as found
+            stored = None if job.sidecars is None else job.sidecar_entries()  # as found
             p = metadata.plan(
                 self.config, source, job.path, job.rel, c, now=datetime.now(), stored=stored
             )

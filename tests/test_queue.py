@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from stowd.config import BatchLimits
-from stowd.errors import QueueError, QueueLockedError
+from stowd.errors import QueueError, QueueLockedError, SidecarNotReady
 from stowd.group import take_batch
 from stowd.queue import Classification, Job, NewFile, Queue, open_readonly
 
@@ -299,3 +300,26 @@ def test_files_read_with_other_rules_are_read_again(queue: Queue) -> None:
     [again] = queue.unclassified(10)
     assert again.path == "/d/a" and again.changes is None
     assert queue.replan(a.source, "new") == 0
+
+
+def test_the_sidecar_snapshot_is_taken_only_for_new_or_changed_rows(queue: Queue) -> None:
+    calls: list[str] = []
+
+    def snapshot() -> str:
+        calls.append("read")
+        return "[]"
+
+    def found(mtime: int) -> NewFile:
+        return dataclasses.replace(new("/d/a", mtime=mtime), snapshot=snapshot)
+
+    queue.enqueue([found(1)])
+    queue.enqueue([found(1)])  # a rescan finds it again: already queued
+    assert calls == ["read"]
+    queue.enqueue([found(2)])  # rewritten while queued
+    assert calls == ["read", "read"]
+
+    def not_ready() -> str:
+        raise SidecarNotReady("changing")
+
+    queue.enqueue([dataclasses.replace(new("/d/b"), snapshot=not_ready)])
+    assert [j.path for j in queue.jobs()] == ["/d/a"]  # b waits for the next scan

@@ -290,3 +290,13 @@ def test_a_session_between_two_scans_restarts_the_idle_time(tmp_path: Path) -> N
     clock.now += 600
     watcher.scan()
     assert not meta.exists()
+
+
+def test_a_very_long_file_name_does_not_stop_the_watcher(tmp_path: Path) -> None:
+    source = make_source(tmp_path, quiet_period=0.0, sidecars=Sidecars())
+    sink = Sink()
+    name = "x" * 250 + ".dcm"  # <name>.json would be longer than a file name may be
+    write(source.watch / name)
+    write(source.watch / "ok.dcm")
+    Watcher(source, "pacs", sink).scan()
+    assert sink.paths() == {name, "ok.dcm"}

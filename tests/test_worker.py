@@ -574,3 +574,26 @@ def test_a_sidecar_that_is_not_utf8_fails_its_file_and_is_kept(
     assert rig.names(rig.source.failed) == {"s/a.dcm", "s/a.json"}
     assert (rig.source.failed / "s/a.json").read_bytes() == raw  # the user's file, as it was
     assert "not UTF-8" in str(rig.reason("a.dcm")["reason"])
+
+
+def test_a_sidecar_unreadable_when_found_fails_the_file_and_is_never_read_again(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    seen: list[str] = []
+
+    def archive(request: httpx.Request) -> httpx.Response:
+        seen.extend(patient_ids_in(request))
+        return httpx.Response(200, json=stow_json(sop_uids_in(request)))
+
+    rig = rig_factory(archive, sidecars=Sidecars())
+    make_instance(rig.source.watch / "room1/a.dcm", patient_id="UNKNOWN")
+    meta = rig.source.watch / "room1/_metadata.yaml"
+    latin1 = "PatientName: M\xfcller^Anna\n".encode("latin-1")  # patient A, not UTF-8
+    meta.write_bytes(latin1)
+    rig.find()
+    meta.write_text("PatientID: PAT-B\n")  # the next patient's, before a was read
+    rig.drain()
+    assert seen == []
+    assert rig.names(rig.source.failed) == {"room1/a.dcm", "room1/_metadata.yaml"}
+    assert (rig.source.failed / "room1/_metadata.yaml").read_bytes() == latin1  # as found
+    assert "not UTF-8" in str(rig.reason("a.dcm")["reason"])
