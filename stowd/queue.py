@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +192,20 @@ def _entry(e: Any) -> tuple[str, str | None, str | None]:
     return str(e[0]), e[1], e[2] if len(e) > 2 else None
 
 
+def _taken(snapshot: Callable[[], str | None]) -> Callable[[], str | None]:
+    """The snapshot taken now, handed on as a callable (it may be not ready)."""
+    try:
+        value = snapshot()
+    except SidecarNotReady as exc:
+        problem = exc
+
+        def not_ready() -> str | None:
+            raise problem
+
+        return not_ready
+    return lambda: value
+
+
 def _job(row: Sequence[Any]) -> Job:
     return Job(*row)
 
@@ -350,12 +364,33 @@ class Queue:
         A path whose active row has other content (the file was rewritten while queued and
         not yet claimed) is updated in place.  Returns the number of new jobs.
         """
+        files = list(files)
+        snapshots = self._snapshots(files)  # file reads happen before the write lock
         now = self.clock()
         added = 0
         with self._tx() as db:
             for f in files:
-                added += self._enqueue_one(db, f, now)
+                added += self._enqueue_one(db, replace(f, snapshot=snapshots.get(f.path)), now)
         return added
+
+    def _snapshots(self, files: list[NewFile]) -> dict[str, Callable[[], str | None]]:
+        """Take the sidecar snapshots of the files not queued yet with this content."""
+        wanted = [f for f in files if f.snapshot is not None]
+        known: set[tuple[str, int, int]] = set()
+        for at in range(0, len(wanted), 500):  # SQLite limits the number of parameters
+            part = [f.path for f in wanted[at : at + 500]]
+            marks = ",".join("?" * len(part))
+            rows = self._conn().execute(
+                f"SELECT path, size, mtime_ns FROM files WHERE path IN ({marks}) "
+                "AND state IN ('pending', 'claimed', 'settling')",
+                part,
+            )
+            known |= {(path, size, mtime) for path, size, mtime in rows}
+        return {
+            f.path: _taken(f.snapshot)
+            for f in wanted
+            if f.snapshot is not None and (f.path, f.size, f.mtime_ns) not in known
+        }
 
     def _enqueue_one(self, db: sqlite3.Connection, f: NewFile, now: float) -> int:
         row = db.execute(

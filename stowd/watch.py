@@ -87,7 +87,7 @@ class Watcher:
         self._lonely: set[str] = set()  # sidecars without a file, warned about once
         # folders holding only sidecars: since when, and (folder, sidecar) mtimes then
         self._idle_since: dict[str, tuple[float, tuple[int, int]]] = {}
-        self._texts: dict[str, tuple[tuple[int, int], str]] = {}  # sidecar texts
+        self._texts: dict[str, tuple[tuple[int, ...], str]] = {}  # sidecar texts
         self._said: set[str] = set()  # files whose sidecar trouble was logged
         self._future: dict[str, tuple[int, int, float]] = {}
         self._observer: BaseObserver | None = None
@@ -320,8 +320,8 @@ class Watcher:
         for p, st in found:
             try:
                 text, problem = self._text_of(p, st), None
-            except FileVanished:
-                continue
+            except (FileVanished, OSError) as exc:  # being replaced: look again next scan
+                raise SidecarNotReady(f"sidecar {p} changed while it was read") from exc
             except FileProblem as exc:  # not UTF-8, too large: the file fails with this
                 entries.append([str(p), None, str(exc), _raw(p)])
                 continue
@@ -334,12 +334,11 @@ class Watcher:
     def _text_of(self, path: Path, checked: os.stat_result) -> str:
         """A sidecar's text as it was when checked for quiet (else ``SidecarNotReady``);
         read again only when it changed, since a folder's sidecar serves all its files."""
-        key = (checked.st_size, checked.st_mtime_ns)
+        key = _identity(checked)
         cached = self._texts.get(str(path))
         if cached is None or cached[0] != key:
             text = sidecar.read_text(path)
-            now = path.stat()
-            if (now.st_size, now.st_mtime_ns) != key:
+            if _identity(path.stat()) != key:
                 raise SidecarNotReady(f"sidecar {path} changed while it was read")
             if len(self._texts) > TEXT_CACHE:
                 self._texts.clear()
@@ -454,3 +453,8 @@ def _raw(path: Path) -> str | None:
     except OSError:
         return None
     return None if len(data) > RAW_LIMIT else base64.b64encode(data).decode()
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    """What changes when a file is rewritten, even to the same size within one mtime tick."""
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
