@@ -271,12 +271,18 @@ def _release_sidecars(job: Job, settings: Sidecars | None, secured: set[Path]) -
         if path.name == settings.folder or path not in secured or not path.exists():
             continue
         try:
-            if known is not None and sidecar_mod.text_of(path) != known:
-                continue  # rewritten since: it is for a file still to come
+            if _rewritten(job, name, path, known):
+                continue  # rewritten since: it is for a file still to come, or corrected
             if not sidecar_mod.still_needed(path, settings, leaving=[Path(job.path)]):
                 path.unlink(missing_ok=True)
         except (OSError, FileUnreadable) as exc:
             log.warning("sidecar %s stays in the drop folder: %s", path, exc)
+
+
+def _rewritten(job: Job, name: str, path: Path, known: str | None) -> bool:
+    if known is not None:
+        return sidecar_mod.text_of(path) != known
+    return _bytes_of(path) != job.sidecar_bytes(name)
 
 
 def _replaced(job: Job) -> bool:

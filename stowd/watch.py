@@ -323,7 +323,7 @@ class Watcher:
             except (FileVanished, OSError) as exc:  # being replaced: look again next scan
                 raise SidecarNotReady(f"sidecar {p} changed while it was read") from exc
             except FileProblem as exc:  # not UTF-8, too large: the file fails with this
-                entries.append([str(p), None, str(exc), _raw(p)])
+                entries.append(_problem_entry(p, st, exc))
                 continue
             except FileUnreadable as exc:
                 self._say_once(path, f"not queued yet, its sidecar cannot be read: {exc}")
@@ -443,6 +443,18 @@ class Watcher:
 
     def _ignored(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.source.ignore)
+
+
+def _problem_entry(path: Path, checked: os.stat_result, exc: FileProblem) -> list[str | None]:
+    """A sidecar that is not text: its problem and bytes, unless it was caught mid-rewrite."""
+    raw = _raw(path)
+    try:
+        same = _identity(path.stat()) == _identity(checked)
+    except OSError:
+        same = False
+    if not same:
+        raise SidecarNotReady(f"sidecar {path} changed while it was read") from exc
+    return [str(path), None, str(exc), raw]
 
 
 def _raw(path: Path) -> str | None:

@@ -597,3 +597,22 @@ def test_a_sidecar_unreadable_when_found_fails_the_file_and_is_never_read_again(
     assert rig.names(rig.source.failed) == {"room1/a.dcm", "room1/_metadata.yaml"}
     assert (rig.source.failed / "room1/_metadata.yaml").read_bytes() == latin1  # as found
     assert "not UTF-8" in str(rig.reason("a.dcm")["reason"])
+
+
+def test_a_sidecar_corrected_after_its_file_was_queued_is_not_deleted(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    rig = rig_factory(lambda r: httpx.Response(200, json=stow_json(sop_uids_in(r))))
+    rig.source = replace(rig.source, sidecars=Sidecars())
+    rig.config = replace(rig.config, sources=(rig.source,))
+    rig.worker.config = rig.config
+    make_instance(rig.source.watch / "s/a.dcm")
+    own = rig.source.watch / "s/a.json"
+    latin1 = '{"PatientName": "M\xfcller"}'.encode("latin-1")
+    own.write_bytes(latin1)
+    rig.find()
+    own.write_text('{"PatientName": "Müller"}', encoding="utf-8")  # the user fixes it
+    rig.drain()
+    assert rig.names(rig.source.failed) == {"s/a.dcm", "s/a.json"}
+    assert (rig.source.failed / "s/a.json").read_bytes() == latin1  # what a.dcm failed with
+    assert own.read_text(encoding="utf-8") == '{"PatientName": "Müller"}'  # the fix is kept
