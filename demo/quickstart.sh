@@ -182,6 +182,9 @@ sources:
 destinations:
   orthanc:
     url: ${orthanc_url}/dicom-web
+rules:  # metadata rules: every file gets these attributes before it is stored
+  - name: demo institution
+    set: {InstitutionName: stowd quick start}
 EOF
 say "Starting: stowd run -c ${config#"${repo}"/}"
 cat "${config}"
@@ -201,6 +204,9 @@ as_user .venv/bin/python tests/dicomgen.py study "${run_dir}/samples/study-1" -n
 as_user .venv/bin/python tests/dicomgen.py study "${run_dir}/samples/study-2" -n 3 \
     --patient-id DEMO2 >/dev/null
 as_user .venv/bin/python tests/dicomgen.py garbage "${run_dir}/samples/not-dicom.dcm" >/dev/null
+say "What the rules do to one of them: stowd explain --source demo FILE"
+as_user .venv/bin/stowd explain -c "${config}" --source demo \
+    "${run_dir}/samples/study-1/IM00001.dcm" || true
 as_user cp -R "${run_dir}/samples/." "${run_dir}/drop/"
 expected_sent=8
 expected_failed=1
