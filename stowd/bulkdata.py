@@ -264,9 +264,9 @@ def _encode(make: Callable[[], _T]) -> _T:
     except OSError as exc:
         if exc.errno is not None:
             raise _TargetError from exc
-        raise rewrite._unwritable(exc) from exc
+        raise rewrite.unwritable(exc) from exc
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
-        raise rewrite._unwritable(exc) from exc
+        raise rewrite.unwritable(exc) from exc
 
 
 def _tail_bytes(tail: Dataset, encodings: str | list[str]) -> bytes:

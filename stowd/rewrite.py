@@ -378,12 +378,12 @@ def _encode(ds: FileDataset, encoding: tuple[bool, bool], out: BinaryIO) -> None
     except OSError as exc:
         if exc.errno is not None:
             raise  # writing the spool copy failed (disk full, ...): not the value's fault
-        raise _unwritable(exc) from exc  # pydicom reports a value it cannot encode so
+        raise unwritable(exc) from exc  # pydicom reports a value it cannot encode so
     except Exception as exc:
-        raise _unwritable(exc) from exc
+        raise unwritable(exc) from exc
 
 
-def _unwritable(exc: Exception) -> FileProblem:
+def unwritable(exc: Exception) -> FileProblem:
     """Name the attribute pydicom refused (its message carries the tag), with the first cause."""
     found = _TAG_IN_MESSAGE.search(str(exc))
     root: BaseException = exc
