@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import struct
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -63,24 +65,32 @@ def _classify_dicom(fp: BinaryIO, size: int) -> Classified:
             "(only DICOM Part-10 files can be sent)"
         )
     fp.seek(0)
-    try:
+    with header_errors():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True, defer_size=DEFER)
             keys = _keys(ds)
         _check_pixel_data(fp, size, _transfer_syntax(ds))
+    return keys
+
+
+@contextmanager
+def header_errors() -> Iterator[None]:
+    """pydicom's errors while a header is read become ``FileProblem`` (the file is damaged);
+    a real I/O error (with an errno) passes, since the file may be readable later."""
+    try:
+        yield
     except FileProblem:
         raise
     except OSError as exc:
         if exc.errno is not None:
-            raise  # a real I/O error: the file may be readable later
-        raise _unreadable_header(exc) from exc  # pydicom reports some damage as OSError
+            raise
+        raise unreadable_header(exc) from exc  # pydicom reports some damage as OSError
     except Exception as exc:  # any other parse error of a damaged header
-        raise _unreadable_header(exc) from exc
-    return keys
+        raise unreadable_header(exc) from exc
 
 
-def _unreadable_header(exc: Exception) -> FileProblem:
+def unreadable_header(exc: Exception) -> FileProblem:
     detail = str(exc) or type(exc).__name__
     return FileProblem(f"the DICOM header cannot be read (the file is damaged): {detail}")
 

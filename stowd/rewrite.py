@@ -30,7 +30,14 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 
-from stowd.classify import BIG_ENDIAN, DEFLATED, PIXEL_TAGS, UNDEFINED
+from stowd.classify import (
+    BIG_ENDIAN,
+    DEFLATED,
+    PIXEL_TAGS,
+    UNDEFINED,
+    header_errors,
+    unreadable_header,
+)
 from stowd.errors import FileProblem, FileUnreadable, FileVanished
 from stowd.vr import Value
 
@@ -256,26 +263,13 @@ def _rewrite_open(fp: BinaryIO, dst: Path, edit: Callable[[Dataset], None]) -> i
 
 def _read_header(fp: BinaryIO) -> tuple[FileDataset, tuple[int, BaseTag] | None]:
     """The header, and where the pixel data starts with its tag (None: no pixel data to copy)."""
-    try:
+    with header_errors():
         ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
         syntax = _transfer_syntax(ds)
         if syntax == DEFLATED:
             return _read_deflated(fp), None
         _check_complete(ds)
         return ds, _find_pixels(fp, syntax)
-    except FileProblem:
-        raise
-    except OSError as exc:
-        if exc.errno is not None:
-            raise  # a real I/O error: the file may be readable later
-        raise _unreadable_header(exc) from exc  # pydicom reports some damage as OSError
-    except Exception as exc:  # any other parse error of a damaged header
-        raise _unreadable_header(exc) from exc
-
-
-def _unreadable_header(exc: Exception) -> FileProblem:
-    detail = str(exc) or type(exc).__name__
-    return FileProblem(f"the DICOM header cannot be read (the file is damaged): {detail}")
 
 
 def _transfer_syntax(ds: FileDataset) -> str:
@@ -284,7 +278,7 @@ def _transfer_syntax(ds: FileDataset) -> str:
         raise FileProblem("the file has no File Meta Information with a TransferSyntaxUID")
     syntax = UID(str(meta.TransferSyntaxUID))
     if not syntax.is_valid:
-        raise _unreadable_header(ValueError("its TransferSyntaxUID is not a valid UID"))
+        raise unreadable_header(ValueError("its TransferSyntaxUID is not a valid UID"))
     return str(syntax)
 
 

@@ -46,11 +46,16 @@ def free_target(
     if not _taken(target, also_taken, companions):
         return target
     for n in range(1, MAX_SUFFIX):
-        name = f"{target.stem}~{n}{target.suffix}" if target.suffix else f"{target.name}~{n}"
-        candidate = target.with_name(name)
+        candidate = _numbered(target, n)
         if not _taken(candidate, also_taken, companions):
             return candidate
     raise OSError(errno.EEXIST, f"no free name for {target}")
+
+
+def _numbered(path: Path, n: int) -> Path:
+    """``img~N.dcm`` for ``img.dcm``: the name given when ``img.dcm`` is taken."""
+    name = f"{path.stem}~{n}{path.suffix}" if path.suffix else f"{path.name}~{n}"
+    return path.with_name(name)
 
 
 def _taken(
@@ -239,8 +244,7 @@ def _versions(path: Path) -> Iterator[Path]:
     """``path`` and the ``name~N`` copies beside it, as far as they exist."""
     yield path
     for n in range(1, MAX_SUFFIX):
-        name = f"{path.stem}~{n}{path.suffix}" if path.suffix else f"{path.name}~{n}"
-        candidate = path.with_name(name)
+        candidate = _numbered(path, n)
         if not candidate.exists():
             return
         yield candidate
