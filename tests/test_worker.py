@@ -11,7 +11,6 @@ import json
 import os
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -447,6 +446,16 @@ def test_a_file_replaced_during_its_upload_is_sent_again_not_moved(
 NEW_ID = (Rule("rules[0]", 3, set=(("PatientID", Template.parse("NEW-{dicom.PatientID}")),)),)
 
 
+def storing_all(seen: list[str]) -> Handler:
+    """An archive that stores every part, noting the PatientID of each in ``seen``."""
+
+    def archive(request: httpx.Request) -> httpx.Response:
+        seen.extend(patient_ids_in(request))
+        return httpx.Response(200, json=stow_json(sop_uids_in(request)))
+
+    return archive
+
+
 def patient_ids_in(request: httpx.Request) -> list[str]:
     body = request.read()
     boundary = request.headers["Content-Type"].split("boundary=")[1].encode()
@@ -460,11 +469,7 @@ def test_changed_copies_are_sent_and_originals_move_unchanged(
     rig_factory: Callable[..., Rig],
 ) -> None:
     seen: list[str] = []
-
-    def archive(request: httpx.Request) -> httpx.Response:
-        seen.extend(patient_ids_in(request))
-        return httpx.Response(200, json=stow_json(sop_uids_in(request)))
-
+    archive = storing_all(seen)
     rig = rig_factory(archive, rules=NEW_ID)
     files = make_study(rig.source.watch / "s", 3, patient_id="P7")
     before = {p.name: p.read_bytes() for p, _ in files}
@@ -518,11 +523,7 @@ def test_files_read_again_keep_the_sidecar_text_they_were_first_read_with(
     rig_factory: Callable[..., Rig],
 ) -> None:
     seen: list[str] = []
-
-    def archive(request: httpx.Request) -> httpx.Response:
-        seen.extend(patient_ids_in(request))
-        return httpx.Response(200, json=stow_json(sop_uids_in(request)))
-
+    archive = storing_all(seen)
     rig = rig_factory(archive, sidecars=Sidecars())
     make_instance(rig.source.watch / "room1/a.dcm", patient_id="UNKNOWN")
     meta = rig.source.watch / "room1/_metadata.yaml"
@@ -541,11 +542,7 @@ def test_a_file_queued_without_sidecars_never_takes_a_later_one(
     rig_factory: Callable[..., Rig],
 ) -> None:
     seen: list[str] = []
-
-    def archive(request: httpx.Request) -> httpx.Response:
-        seen.extend(patient_ids_in(request))
-        return httpx.Response(200, json=stow_json(sop_uids_in(request)))
-
+    archive = storing_all(seen)
     rig = rig_factory(archive, sidecars=Sidecars())
     make_instance(rig.source.watch / "room1/a.dcm", patient_id="PAT-A")
     rig.find()  # queued: no sidecar then
@@ -562,10 +559,7 @@ def test_a_file_queued_without_sidecars_never_takes_a_later_one(
 def test_a_sidecar_that_is_not_utf8_fails_its_file_and_is_kept(
     rig_factory: Callable[..., Rig],
 ) -> None:
-    rig = rig_factory(lambda r: httpx.Response(200, json=stow_json(sop_uids_in(r))))
-    rig.source = replace(rig.source, sidecars=Sidecars())
-    rig.config = replace(rig.config, sources=(rig.source,))
-    rig.worker.config = rig.config
+    rig = rig_factory(storing_all([]), sidecars=Sidecars())
     make_instance(rig.source.watch / "s/a.dcm")
     raw = '{"PatientName": "M\xfcller"}'.encode("latin-1")
     (rig.source.watch / "s/a.json").write_bytes(raw)
@@ -580,11 +574,7 @@ def test_a_sidecar_unreadable_when_found_fails_the_file_and_is_never_read_again(
     rig_factory: Callable[..., Rig],
 ) -> None:
     seen: list[str] = []
-
-    def archive(request: httpx.Request) -> httpx.Response:
-        seen.extend(patient_ids_in(request))
-        return httpx.Response(200, json=stow_json(sop_uids_in(request)))
-
+    archive = storing_all(seen)
     rig = rig_factory(archive, sidecars=Sidecars())
     make_instance(rig.source.watch / "room1/a.dcm", patient_id="UNKNOWN")
     meta = rig.source.watch / "room1/_metadata.yaml"
@@ -602,10 +592,7 @@ def test_a_sidecar_unreadable_when_found_fails_the_file_and_is_never_read_again(
 def test_a_sidecar_corrected_after_its_file_was_queued_is_not_deleted(
     rig_factory: Callable[..., Rig],
 ) -> None:
-    rig = rig_factory(lambda r: httpx.Response(200, json=stow_json(sop_uids_in(r))))
-    rig.source = replace(rig.source, sidecars=Sidecars())
-    rig.config = replace(rig.config, sources=(rig.source,))
-    rig.worker.config = rig.config
+    rig = rig_factory(storing_all([]), sidecars=Sidecars())
     make_instance(rig.source.watch / "s/a.dcm")
     own = rig.source.watch / "s/a.json"
     latin1 = '{"PatientName": "M\xfcller"}'.encode("latin-1")
