@@ -1,8 +1,9 @@
 """What a file is, and the keys it is grouped by, read from its bytes (headers only).
 
-A Part-10 DICOM file gives its StudyInstanceUID, SOPInstanceUID and SOPClassUID; anything that
-cannot be sent as it is raises ``FileProblem`` with a reason written for a PACS administrator.
-Bulkdata types (PDF, JPEG, video) are a later stage; today they are reported as not DICOM.
+A Part-10 DICOM file gives its StudyInstanceUID, SOPInstanceUID and SOPClassUID. Any other
+file is looked at by ``media.detect`` (PDF, JPEG, video, ...): its kind is the media's, and its
+UIDs are made later (they are empty here). Anything that cannot be sent raises
+``FileProblem`` with a reason written for a PACS administrator.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import BinaryIO
 
 import pydicom
 
 from stowd.errors import FileProblem, FileUnreadable, FileVanished
+from stowd.media import Media, detect
 
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -28,6 +31,7 @@ UNDEFINED = 0xFFFFFFFF
 ITEM = (0xFFFE, 0xE000)
 SEQ_END = (0xFFFE, 0xE0DD)
 _MAGIC_AT = 128
+DICOM_EXTENSIONS = (".dcm", ".dicom", ".dic")
 DEFER = 256 * 1024  # larger values (an encapsulated document) are not loaded to classify
 
 
@@ -40,10 +44,27 @@ class Classified:
     sop_uid: str
     sop_class: str
     header: pydicom.Dataset | None = field(default=None, compare=False, repr=False)
+    media: Media | None = None  # what a file that is not DICOM holds
 
 
 def classify(path: str) -> Classified:
-    """Read the header of ``path``; raise ``FileProblem`` when it cannot be sent."""
+    """A DICOM file's keys, or what another file holds; raise ``FileProblem`` when it cannot
+    be sent."""
+    try:
+        return classify_dicom(path)
+    except NotDicom:
+        if Path(path).suffix.lower() in DICOM_EXTENSIONS:
+            raise  # named as DICOM: a damaged or mislabelled file, not a document or image
+        media = detect(Path(path))
+        return Classified(media.kind, "", "", "", media=media)
+
+
+class NotDicom(FileProblem):
+    """The file is not a DICOM Part-10 file (it may be a document, image or video)."""
+
+
+def classify_dicom(path: str) -> Classified:
+    """Read the DICOM header of ``path``; raise ``FileProblem`` when it cannot be sent."""
     try:
         with open(path, "rb") as fp:
             size = os.fstat(fp.fileno()).st_size
@@ -60,9 +81,8 @@ def classify(path: str) -> Classified:
 
 def _classify_dicom(fp: BinaryIO, size: int) -> Classified:
     if not _looks_like_part10(fp, size):
-        raise FileProblem(
-            "not a DICOM file: no 'DICM' marker at byte 128 and no File Meta Information "
-            "(only DICOM Part-10 files can be sent)"
+        raise NotDicom(
+            "not a DICOM file: no 'DICM' marker at byte 128 and no File Meta Information"
         )
     fp.seek(0)
     with header_errors():

@@ -12,6 +12,7 @@ prevent upload loops are described in ``_check_folders``.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +23,13 @@ from yaml.nodes import MappingNode, Node, SequenceNode
 
 from stowd.errors import ConfigError, ConfigProblem
 from stowd.ruleconfig import read_rules
-from stowd.rules import Rule
+from stowd.rules import TYPES, Rule, Template
 from stowd.yamlwalk import (
     NAME,
     Context,
     Section,
     as_bool,
+    as_choice,
     as_destination,
     as_duration,
     as_int,
@@ -37,6 +39,7 @@ from stowd.yamlwalk import (
     as_path,
     as_patterns,
     as_size,
+    as_text,
     as_url,
     describe,
     describe_node,
@@ -99,6 +102,7 @@ class Destination:
     timeouts: Timeouts = field(default_factory=Timeouts)
     workers: int = DEFAULT_WORKERS
     verify_tls: bool = True
+    bulkdata: str = "encapsulate"  # or "metadata": PS3.18 metadata + bulkdata requests
 
     @property
     def stow_url(self) -> str:
@@ -110,8 +114,6 @@ class Destination:
         return redact_url(self.url)
 
 
-
-
 @dataclass(frozen=True)
 class Sidecars:
     """Metadata files beside the files they describe (see ``stowd/sidecar.py``)."""
@@ -119,6 +121,24 @@ class Sidecars:
     per_file: bool = True  # <name>.json / .yaml / .yml beside the file
     folder: str | None = DEFAULT_FOLDER_SIDECAR  # one file for the whole folder
     folder_linger: float = DEFAULT_FOLDER_LINGER  # removed once its folder was idle this long
+
+
+BULK_TYPES = tuple(t for t in TYPES if t != "dicom")
+IMAGE_CLASSES = ("secondary-capture", "photographic")
+UNKNOWN_ACTIONS = ("fail", "ignore")
+BULK_MODES = ("encapsulate", "metadata")
+DEFAULT_STUDY_KEY = "{folder}"
+MAX_UID_ROOT = 40  # a generated UID adds at least 23 digits and must fit 64 characters
+
+
+@dataclass(frozen=True)
+class Bulkdata:
+    """How a source turns files that are not DICOM (PDF, JPEG, video...) into DICOM."""
+
+    types: tuple[str, ...] = BULK_TYPES  # the kinds made into DICOM; others are "unknown"
+    study_key: Template = field(default_factory=lambda: Template.parse(DEFAULT_STUDY_KEY))
+    images: str = "secondary-capture"  # or "photographic" (VL Photographic, Modality XC)
+    unknown: str = "fail"  # what happens to other files: "fail" (failed/) or "ignore"
 
 
 @dataclass(frozen=True)
@@ -137,6 +157,7 @@ class Source:
     remove_empty_dirs: bool = False
     sidecars: Sidecars | None = None  # None: no sidecars, every file is sent
     rules: tuple[Rule, ...] = ()  # applied after the top-level rules
+    bulkdata: Bulkdata = field(default_factory=Bulkdata)
 
 
 @dataclass(frozen=True)
@@ -164,6 +185,7 @@ class Config:
     log_level: str = "INFO"
     rules: tuple[Rule, ...] = ()  # for every source, before the source's own rules
     original_attributes: bool = False  # record replaced values (OriginalAttributesSequence)
+    uid_root: str | None = None  # generated UIDs: <uid_root>.<digits>, else 2.25.<uuid>
 
     @property
     def spool(self) -> Path:
@@ -196,6 +218,7 @@ _TOP_KEYS = (
     "destinations",
     "rules",
     "original_attributes",
+    "uid_root",
 )
 _RETRY_KEYS = ("initial", "maximum", "multiplier", "max_age", "hold_probe")
 _SOURCE_OWN_KEYS = ("name", "watch", "sent", "failed", "destination", "rules")
@@ -206,12 +229,14 @@ _SOURCE_OPTION_KEYS = (
     "polling",
     "remove_empty_dirs",
     "sidecars",
+    "bulkdata",
 )
 _SOURCE_KEYS = _SOURCE_OWN_KEYS + _SOURCE_OPTION_KEYS
 _DEFAULTS_HINTS = {
     key: f"{key!r} cannot have a default; set it in each source" for key in _SOURCE_OWN_KEYS
 } | {"rules": "rules for every source go in the top-level 'rules' list, not in defaults"}
-_DESTINATION_KEYS = ("url", "workers", "verify_tls", "batch", "timeouts")
+_DESTINATION_KEYS = ("url", "workers", "verify_tls", "batch", "timeouts", "bulkdata")
+_BULK_KEYS = ("types", "study_key", "images", "unknown")
 _BATCH_KEYS = ("max_files", "max_bytes")
 _TIMEOUT_KEYS = ("connect", "read", "write", "pool")
 
@@ -226,6 +251,7 @@ class _SourceOptions:
     polling: bool = False
     remove_empty_dirs: bool = False
     sidecars: Sidecars | None = None
+    bulkdata: Bulkdata = field(default_factory=Bulkdata)
 
 
 @dataclass(frozen=True)
@@ -253,7 +279,57 @@ def _read_options(sec: Section, base: _SourceOptions) -> _SourceOptions:
         polling=sec.get("polling", base.polling, as_bool),
         remove_empty_dirs=sec.get("remove_empty_dirs", base.remove_empty_dirs, as_bool),
         sidecars=_read_sidecars(sec, base.sidecars),
+        bulkdata=_read_bulkdata(sec.section("bulkdata", _BULK_KEYS), base.bulkdata),
     )
+
+
+def _read_bulkdata(sec: Section, base: Bulkdata) -> Bulkdata:
+    return Bulkdata(
+        types=sec.get("types", base.types, _as_types),
+        study_key=sec.get("study_key", base.study_key, _as_study_key),
+        images=sec.get("images", base.images, as_choice(IMAGE_CLASSES)),
+        unknown=sec.get("unknown", base.unknown, as_choice(UNKNOWN_ACTIONS)),
+    )
+
+
+def _as_types(value: object) -> tuple[str, ...]:
+    items = value if isinstance(value, list) else None
+    if items is None or not all(isinstance(v, str) for v in items):
+        raise ValueError(
+            f"expected a list of file types such as [pdf, jpeg], got {describe(value)}"
+        )
+    wrong = [v for v in items if v not in BULK_TYPES]
+    if wrong:
+        raise ValueError(
+            f"unknown type(s) {', '.join(map(repr, wrong))}; known: {', '.join(BULK_TYPES)}"
+        )
+    return tuple(dict.fromkeys(items))
+
+
+def _as_study_key(value: object) -> Template:
+    text = as_text(value)
+    template = Template.parse(text)
+    if not template.placeholders:
+        raise ValueError(
+            f"{text!r} has no placeholder, so every file would join one study forever; "
+            "use for example {folder} or {sidecar.AccessionNumber}"
+        )
+    for p in template.placeholders:
+        if p.var == "regex":
+            raise ValueError(f"{p.text}: a study key has no regex; use {{parts[N]}} or {{folder}}")
+    return template
+
+
+def as_uid_root(value: object) -> str:
+    text = as_text(value)
+    if not re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+", text):
+        raise ValueError(
+            f"{text!r} is not a UID root: numbers separated by dots, without leading zeros "
+            "(for example 1.2.826.0.1.3680043.10.1234)"
+        )
+    if len(text) > MAX_UID_ROOT:
+        raise ValueError(f"a UID root may have at most {MAX_UID_ROOT} characters, got {len(text)}")
+    return text
 
 
 _SIDECAR_KEYS = ("per_file", "folder", "folder_linger")
@@ -325,6 +401,7 @@ def _read_destination(sec: Section, name: str) -> Destination | None:
         ),
         workers=sec.get("workers", DEFAULT_WORKERS, as_int(1)),
         verify_tls=sec.get("verify_tls", True, as_bool),
+        bulkdata=sec.get("bulkdata", "encapsulate", as_choice(BULK_MODES)),
     )
     return None if url is None else destination
 
@@ -378,6 +455,7 @@ def _read_source(
         polling=options.polling,
         remove_empty_dirs=options.remove_empty_dirs,
         sidecars=options.sidecars,
+        bulkdata=options.bulkdata,
         rules=read_rules(sec.ctx, join(sec.key, "rules"), sec.value_node("rules"), None),
     )
     return source, folders
@@ -529,6 +607,7 @@ def _build(ctx: Context, path: Path, root: Node) -> Config | None:
     names = None if len(sources) != len(folders) else {s.name for s in sources}
     rules = read_rules(ctx, "rules", top.value_node("rules"), names)
     original = top.get("original_attributes", False, as_bool)
+    uid_root = top.get("uid_root", None, as_uid_root)
     _check_folders(top, folders, queue)
     if queue is None:
         return None
@@ -543,6 +622,7 @@ def _build(ctx: Context, path: Path, root: Node) -> Config | None:
         log_level=log_level,
         rules=rules,
         original_attributes=original,
+        uid_root=uid_root,
     )
 
 

@@ -92,6 +92,10 @@ class FileUnreadable(StowdError):
         return cls(f"reading the file failed: {exc.strerror or exc}", path=path)
 
 
+class UnknownType(FileProblem):
+    """A file that is neither DICOM nor of a type its source makes DICOM from."""
+
+
 class FileVanished(FileProblem):
     """The file was removed (or replaced) before it could be sent."""
 

@@ -1,7 +1,9 @@
 """Pure batching: which queued files travel together in one STOW request.
 
 The queue hands over the candidate rows of one destination and one study (oldest first);
-``take_batch`` cuts them to the destination's limits.  No I/O here.
+``take_batch`` keeps those of the first row's type (DICOM files, or one bulkdata type such as
+PDF: the metadata + bulkdata form carries one bulk type per request) and cuts them to the
+destination's limits.  No I/O here.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from stowd.queue import Job
 
 
 def take_batch(jobs: Sequence[Job], limits: BatchLimits) -> list[Job]:
-    """The longest prefix of ``jobs`` within the file and byte limits (at least one file)."""
+    """The first jobs of the first job's kind within the file and byte limits (at least one)."""
     batch: list[Job] = []
     total = 0
-    for job in jobs:
+    kind = jobs[0].kind if jobs else None
+    for job in (j for j in jobs if j.kind == kind):
         if batch and (len(batch) >= limits.max_files or total + job.size > limits.max_bytes):
             break
         batch.append(job)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,12 +24,26 @@ from pydicom.multival import MultiValue
 from stowd import sidecar
 from stowd.classify import Classified
 from stowd.config import Config, Source
-from stowd.errors import FileProblem, FileUnreadable
+from stowd.errors import FileProblem, FileUnreadable, UnknownType
 from stowd.queue import Job
 from stowd.rewrite import apply, rewrite
-from stowd.rules import Facts, Outcome, evaluate, fingerprint, value_text
+from stowd.rules import Facts, Outcome, evaluate, fingerprint, render_for, value_text
 
 SPOOL_SUFFIX = ".dcm"
+UID_LENGTH = 64
+_KINDS = {
+    "pdf": "PDF documents",
+    "cda": "CDA documents",
+    "stl": "STL models",
+    "obj": "OBJ models",
+    "mtl": "MTL material files",
+    "jpeg": "JPEG images",
+    "jp2": "JPEG 2000 images",
+    "png": "PNG images",
+    "gif": "GIF images",
+    "mpeg": "MPEG-2 videos",
+    "mp4": "MP4 videos",
+}
 
 
 @dataclass(frozen=True)
@@ -37,8 +52,9 @@ class Planned:
 
     outcome: Outcome
     sidecars: tuple[tuple[Path, str], ...]  # each sidecar used, with its text then
-    study_uid: str
+    study_uid: str  # empty for a file that is not DICOM and whose study is made later
     sop_uid: str
+    study_key: str | None = None  # which made study a file that is not DICOM joins
 
 
 def plan(
@@ -54,8 +70,11 @@ def plan(
     """Apply the sidecars and rules of ``source``; raise ``FileProblem`` when they cannot be.
 
     ``stored``: the sidecars (and their text) found with the file when it was queued; they
-    are used instead of what the sidecar files hold now.
+    are used instead of what the sidecar files hold now. A file that is not DICOM must be
+    of a type its source makes DICOM from (else ``UnknownType``).
     """
+    if found.media is not None:
+        accept(source, found.kind)
     used: sidecar.Used = []
     if source.sidecars is not None:
         here = Path(path)
@@ -66,7 +85,38 @@ def plan(
     outcome = evaluate(config.rules_for(source), facts, original_of(found.header))
     study = _final(outcome, "StudyInstanceUID", found.study_uid)
     sop = _final(outcome, "SOPInstanceUID", found.sop_uid)
-    return Planned(outcome, tuple(used), study, sop)
+    key = None if found.media is None or study else study_key(source, facts, outcome)
+    return Planned(outcome, tuple(used), study, sop, key)
+
+
+def accept(source: Source, kind: str) -> None:
+    """Raise ``UnknownType`` when ``source`` does not make DICOM from files of ``kind``."""
+    allowed = source.bulkdata.types
+    if kind not in allowed:
+        made = ", ".join(allowed) if allowed else "none (DICOM files only)"
+        raise UnknownType(
+            f"the file holds {_KINDS.get(kind, kind)}, but source {source.name!r} makes DICOM "
+            f"only from these types: {made} (setting bulkdata.types)"
+        )
+
+
+def study_key(source: Source, facts: Facts, outcome: Outcome) -> str:
+    """The key of the study a file that is not DICOM joins: ``bulkdata.study_key`` rendered
+    for the file, and its PatientID (two patients never share a made study)."""
+    template = source.bulkdata.study_key
+    key = render_for(template, facts, outcome.values, "bulkdata.study_key")
+    patient = outcome.values.get("PatientID")
+    return key if patient is None else f"{key}\x00{value_text(patient)}"
+
+
+def new_uid(root: str | None) -> str:
+    """A new UID: ``2.25.`` and a random UUID as a number, or ``root.`` and random digits."""
+    digits = str(uuid.uuid4().int)
+    if root is None:
+        return f"2.25.{digits}"
+    room = UID_LENGTH - len(root) - 1
+    digits = (digits + str(uuid.uuid4().int))[:room]
+    return f"{root}.{digits}"
 
 
 def digest(config: Config, source: Source) -> str:
@@ -124,14 +174,7 @@ def spool_path(config: Config, job: Job) -> Path:
 def spool_copy(config: Config, job: Job, changes: dict[str, Any], now: datetime) -> Path:
     """Write the copy of ``job``'s file with ``changes`` to the spool folder."""
     target = spool_path(config, job)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise FileUnreadable(
-            f"cannot create the spool folder {target.parent} for the changed copy: "
-            f"{exc.strerror or exc}; it is tried again later",
-            path=job.path,
-        ) from exc
+    make_spool(target, job)
 
     def edit(ds: Dataset) -> None:
         record = config.original_attributes
@@ -141,10 +184,24 @@ def spool_copy(config: Config, job: Job, changes: dict[str, Any], now: datetime)
     return target
 
 
+def make_spool(target: Path, job: Job) -> None:
+    """Create the spool folder of ``target`` (the copy of ``job``'s file that is sent)."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FileUnreadable(
+            f"cannot create the spool folder {target.parent} for the copy that is sent: "
+            f"{exc.strerror or exc}; it is tried again later",
+            path=job.path,
+        ) from exc
+
+
 def clear_spool(config: Config) -> int:
     """Remove copies left by a stopped daemon (they are written again when needed)."""
     removed = 0
-    for leftover in config.spool.glob(f"*{SPOOL_SUFFIX}") if config.spool.is_dir() else ():
+    for leftover in config.spool.glob("*") if config.spool.is_dir() else ():
+        if not leftover.is_file():
+            continue
         leftover.unlink(missing_ok=True)
         removed += 1
     return removed

@@ -7,6 +7,12 @@ States of a row (one row per job: a file that appeared at a path with a given co
        └──── retry ───────┘      (a pending row whose next_attempt_at lies ahead is "waiting")
 
     gone: the file vanished before it could be sent (nothing to move)
+    ignored: a file of a type the source ignores (left where it is, never sent)
+
+UIDs made for files that are not DICOM (a PDF, a photo) are generated once and stored with
+the row (``made``), so every retry and restart sends the same instance; ``made_studies`` and
+``made_series`` give files with the same study key one StudyInstanceUID, and one
+SeriesInstanceUID (with its running InstanceNumber) per study and type.
 
 A row is claimed (with a lease) before it is uploaded; it is marked ``sent``/``failed`` only
 after the file was moved.  ``settling`` records the target before the move, so a crash between
@@ -31,7 +37,7 @@ from typing import Any
 
 from stowd.errors import QueueError, QueueLockedError, SidecarNotReady
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 ACTIVE = ("pending", "claimed", "settling")
 DONE = ("sent", "failed", "gone")
 BUSY_TIMEOUT_MS = 30_000
@@ -63,7 +69,8 @@ CREATE TABLE IF NOT EXISTS files (
     done_at REAL,
     changes TEXT,
     sidecars TEXT,
-    rules_digest TEXT
+    rules_digest TEXT,
+    made TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS files_active_path ON files(path)
     WHERE state IN ('pending', 'claimed', 'settling');
@@ -72,6 +79,19 @@ CREATE INDEX IF NOT EXISTS files_ready ON files(state, destination, next_attempt
 CREATE INDEX IF NOT EXISTS files_study ON files(destination, study_uid, state);
 CREATE INDEX IF NOT EXISTS files_done ON files(done_at);
 CREATE INDEX IF NOT EXISTS files_path ON files(path, size, mtime_ns);
+CREATE TABLE IF NOT EXISTS made_studies (
+    source TEXT NOT NULL,
+    key TEXT NOT NULL,
+    uid TEXT NOT NULL,
+    PRIMARY KEY (source, key)
+);
+CREATE TABLE IF NOT EXISTS made_series (
+    study_uid TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    uid TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (study_uid, kind)
+);
 CREATE TABLE IF NOT EXISTS destinations (
     name TEXT PRIMARY KEY,
     held_since REAL,
@@ -103,6 +123,10 @@ class Job:
     target: str | None = None
     changes: str | None = None  # JSON {"set": {...}, "remove": [...]} from the rules
     sidecars: str | None = None  # JSON [[path, text], ...]: the sidecars it was read with
+    made: str | None = None  # JSON of the UIDs made for a file that is not DICOM
+
+    def made_uids(self) -> Made | None:
+        return None if self.made is None else Made(**json.loads(self.made))
 
     def change_set(self) -> dict[str, Any] | None:
         """What the rules change in this file; None when it is sent as it is."""
@@ -130,6 +154,16 @@ class Job:
 
 
 @dataclass(frozen=True)
+class Made:
+    """The UIDs and number of an instance stowd builds (stored, reused on every attempt)."""
+
+    study: str
+    series: str
+    instance: str
+    number: int
+
+
+@dataclass(frozen=True)
 class Classification:
     """The keys of a job read from its file (after the rules), for ``set_classified``."""
 
@@ -141,6 +175,7 @@ class Classification:
     changes: dict[str, Any] | None = None
     sidecars: tuple[tuple[str, str | None], ...] | None = None  # (path, text); None: off
     digest: str | None = None  # of the rules and sidecar settings it was read with
+    made: Made | None = None  # the UIDs of an instance stowd builds
 
 
 @dataclass(frozen=True)
@@ -175,13 +210,20 @@ class Hold:
 
 _JOB_COLUMNS = (
     "id, source, destination, path, rel, size, mtime_ns, kind, study_uid, sop_uid, "
-    "attempts, first_try, error, outcome, target, changes, sidecars"
+    "attempts, first_try, error, outcome, target, changes, sidecars, made"
 )
 _MIGRATIONS = {
     1: (
         "ALTER TABLE files ADD COLUMN changes TEXT",
         "ALTER TABLE files ADD COLUMN sidecars TEXT",
         "ALTER TABLE files ADD COLUMN rules_digest TEXT",
+    ),
+    2: (
+        "ALTER TABLE files ADD COLUMN made TEXT",
+        "CREATE TABLE IF NOT EXISTS made_studies (source TEXT NOT NULL, key TEXT NOT NULL, "
+        "uid TEXT NOT NULL, PRIMARY KEY (source, key))",
+        "CREATE TABLE IF NOT EXISTS made_series (study_uid TEXT NOT NULL, kind TEXT NOT NULL, "
+        "uid TEXT NOT NULL, count INTEGER NOT NULL, PRIMARY KEY (study_uid, kind))",
     ),
 }
 
@@ -213,7 +255,8 @@ def _job(row: Sequence[Any]) -> Job:
 def _classification_row(c: Classification) -> tuple[Any, ...]:
     changes = None if c.changes is None else json.dumps(c.changes, ensure_ascii=False)
     sidecars = None if c.sidecars is None else json.dumps([list(e) for e in c.sidecars])
-    keys = (c.kind, c.study_uid, c.sop_uid, c.sop_class, changes, sidecars, c.digest)
+    made = None if c.made is None else json.dumps(c.made.__dict__)
+    keys = (c.kind, c.study_uid, c.sop_uid, c.sop_class, changes, sidecars, c.digest, made)
     return (*keys, c.job.id, c.job.size, c.job.mtime_ns)
 
 
@@ -419,7 +462,7 @@ class Queue:
             db.execute(
                 "UPDATE files SET size = ?, mtime_ns = ?, kind = NULL, study_uid = NULL, "
                 "sop_uid = NULL, sop_class = NULL, changes = NULL, sidecars = ?, solo = 0, "
-                "attempts = 0, first_try = NULL, "
+                "made = NULL, attempts = 0, first_try = NULL, "
                 "last_try = NULL, next_attempt_at = 0, error = NULL WHERE id = ?",
                 (f.size, f.mtime_ns, sidecars, row[0]),
             )
@@ -433,10 +476,12 @@ class Queue:
         stat raced with the move.  If the file *is* there, it was dropped again: a new job.
         """
         done = db.execute(
-            "SELECT 1 FROM files WHERE path = ? AND size = ? AND mtime_ns = ? "
-            "AND state IN ('sent', 'failed', 'gone') LIMIT 1",
+            "SELECT state FROM files WHERE path = ? AND size = ? AND mtime_ns = ? "
+            "AND state IN ('sent', 'failed', 'gone', 'ignored') ORDER BY id DESC LIMIT 1",
             (f.path, f.size, f.mtime_ns),
         ).fetchone()
+        if done is not None and done[0] == "ignored":
+            return True  # a file of a type its source ignores: left where it is
         return done is not None and not os.path.lexists(f.path)
 
     # -- classification --------------------------------------------------------------
@@ -461,10 +506,43 @@ class Queue:
         with self._tx() as db:
             db.executemany(
                 "UPDATE files SET kind = ?, study_uid = ?, sop_uid = ?, sop_class = ?, "
-                "changes = ?, sidecars = ?, rules_digest = ? "
+                "changes = ?, sidecars = ?, rules_digest = ?, made = ? "
                 "WHERE id = ? AND state = 'pending' AND size = ? AND mtime_ns = ?",
                 [_classification_row(c) for c in items],
             )
+
+    def make_uids(
+        self, source: str, key: str | None, study_uid: str | None, kind: str, new: Callable[[], str]
+    ) -> Made:
+        """UIDs for one more instance: the study of ``key`` (or ``study_uid`` when the rules
+        gave one), its series for ``kind`` and the next InstanceNumber in that series."""
+        with self._tx() as db:
+            if study_uid is None:
+                row = db.execute(
+                    "SELECT uid FROM made_studies WHERE source = ? AND key = ?", (source, key)
+                ).fetchone()
+                study_uid = new() if row is None else str(row[0])
+                if row is None:
+                    db.execute(
+                        "INSERT INTO made_studies (source, key, uid) VALUES (?, ?, ?)",
+                        (source, key, study_uid),
+                    )
+            return Made(study_uid, *self._next_in_series(db, study_uid, kind, new))
+
+    @staticmethod
+    def _next_in_series(
+        db: sqlite3.Connection, study_uid: str, kind: str, new: Callable[[], str]
+    ) -> tuple[str, str, int]:
+        row = db.execute(
+            "SELECT uid, count FROM made_series WHERE study_uid = ? AND kind = ?",
+            (study_uid, kind),
+        ).fetchone()
+        series, number = (new(), 1) if row is None else (str(row[0]), int(row[1]) + 1)
+        db.execute(
+            "INSERT OR REPLACE INTO made_series (study_uid, kind, uid, count) VALUES (?, ?, ?, ?)",
+            (study_uid, kind, series, number),
+        )
+        return series, new(), number
 
     def replan(self, source: str, digest: str) -> int:
         """Read again the pending files of ``source`` that were read with other rules.
@@ -570,9 +648,7 @@ class Queue:
             )
 
     # -- settling ------------------------------------------------------------------------
-    def begin_settle(
-        self, plans: Iterable[tuple[Job, str, str, dict[str, Any] | None]]
-    ) -> None:
+    def begin_settle(self, plans: Iterable[tuple[Job, str, str, dict[str, Any] | None]]) -> None:
         """Record (job, outcome, target, error) of each job before its file is moved (and
         the sidecars that go with it, for a repair after a crash)."""
         with self._tx() as db:

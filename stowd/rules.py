@@ -13,7 +13,7 @@ result is checked against the attribute's VR when applied; a value that does not
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import PurePosixPath
@@ -311,6 +311,16 @@ def evaluate(rules: Sequence[Rule], facts: Facts, original: Callable[[str], str 
             _apply_rule(rule, facts, state)
             outcome.matched.append(rule)
     return _finish(outcome, state)
+
+
+def render_for(template: Template, facts: Facts, values: Mapping[str, Value], what: str) -> str:
+    """``template`` for one file; ``{dicom.X}`` sees ``values``. Raise ``RuleFailure``."""
+    state = _State(lambda _keyword: None)
+    state.overlay.update(values)
+    try:
+        return template.render(lambda p: _resolve(p, facts, state, {}))
+    except ValueError as exc:
+        raise RuleFailure(f"{what}: {exc}") from None
 
 
 def matches(match: Match, facts: Facts, state: _State | None = None) -> bool:

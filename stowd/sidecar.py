@@ -226,8 +226,6 @@ def _yaml_where(exc: yaml.YAMLError) -> str:
     return f": {exc}"
 
 
-
-
 def _kind(data: object) -> str:
     if isinstance(data, list):
         return "a list"

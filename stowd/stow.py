@@ -41,6 +41,8 @@ log = logging.getLogger("stowd.stow")
 
 CHUNK = 256 * 1024
 IN_PROCESS_ATTEMPTS = 3
+DICOM_TYPE = "application/dicom"
+JSON_TYPE = "application/dicom+json"
 ACCEPT = "application/dicom+json, application/dicom+xml;q=0.9, application/json;q=0.8"
 REFERENCED, FAILED_SEQ, RETRIEVE_URL = "00081199", "00081198", "00081190"
 SOP_UID, FAILURE_REASON, WARNING_REASON = "00081155", "00081197", "00081196"
@@ -94,31 +96,56 @@ def is_transient(code: int) -> bool:
 # -- the request body -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Part:
-    """One file to send: its path, size and mtime when queued, and its SOPInstanceUID."""
+    """One instance to send: a file (or a byte range of it) and its SOPInstanceUID.
+
+    ``size`` and ``mtime_ns`` are what the file had when queued (a changed file is not sent).
+    In the metadata + bulkdata form (PS3.18) ``metadata`` is the instance's DICOM JSON and the
+    bytes ``offset``..``offset + size`` of ``path`` are its bulk part, found by ``location``.
+    """
 
     path: str
     size: int
     sop_uid: str
     mtime_ns: int | None = None
+    offset: int = 0
+    file_size: int | None = None  # the whole file's size when only a range is sent
+    content_type: str = DICOM_TYPE
+    location: str | None = None
+    metadata: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
 class Body:
-    """A multipart/related body over open files: a fresh one (and boundary) per attempt."""
+    """A multipart/related body over open files: a fresh one (and boundary) per attempt.
+
+    Part-10 files travel as ``application/dicom`` parts. Parts with ``metadata`` make the
+    metadata + bulkdata form: one ``application/dicom+json`` part holding the array of
+    instances, then one bulk part per instance with its ``Content-Location``.
+    """
 
     def __init__(self, parts: Sequence[Part]) -> None:
         self.boundary = uuid.uuid4().hex
         self.parts = list(parts)
         self._files: list[BinaryIO] = []
+        metadata = [p.metadata for p in self.parts if p.metadata is not None]
+        self.root = DICOM_TYPE if not metadata else JSON_TYPE
+        self.json = json.dumps(metadata).encode("utf-8") if metadata else b""
 
     @property
     def content_type(self) -> str:
-        return f'multipart/related; type="application/dicom"; boundary={self.boundary}'
+        return f'multipart/related; type="{self.root}"; boundary={self.boundary}'
+
+    def _head(self, content_type: str, size: int, location: str | None = None) -> bytes:
+        where = f"Content-Location: {location}\r\n" if location else ""
+        return (
+            f"--{self.boundary}\r\nContent-Type: {content_type}\r\n{where}"
+            f"Content-Length: {size}\r\n\r\n"
+        ).encode("ascii")
 
     def _part_head(self, part: Part) -> bytes:
-        return (
-            f"--{self.boundary}\r\nContent-Type: application/dicom\r\n"
-            f"Content-Length: {part.size}\r\n\r\n"
-        ).encode("ascii")
+        return self._head(part.content_type, part.size, part.location)
+
+    def _json_head(self) -> bytes:
+        return self._head(f"{JSON_TYPE}; charset=utf-8", len(self.json)) if self.json else b""
 
     @property
     def tail(self) -> bytes:
@@ -127,7 +154,8 @@ class Body:
     @property
     def length(self) -> int:
         heads = sum(len(self._part_head(p)) + p.size + 2 for p in self.parts)
-        return heads + len(self.tail)
+        first = len(self._json_head()) + len(self.json) + 2 if self.json else 0
+        return first + heads + len(self.tail)
 
     def open(self) -> None:
         """Open every file now, so a vanished or changed file is known before sending."""
@@ -152,6 +180,8 @@ class Body:
         self._files.clear()
 
     def __iter__(self) -> Iterator[bytes]:
+        if self.json:
+            yield self._json_head() + self.json + b"\r\n"
         for part, fp in zip(self.parts, self._files, strict=True):
             yield self._part_head(part)
             yield from _read_exactly(fp, part)
@@ -161,11 +191,12 @@ class Body:
 
 def _changed(st: os.stat_result, part: Part) -> bool:
     """Not the content that was queued (the file was rewritten or replaced)."""
-    return st.st_size != part.size or part.mtime_ns not in (None, st.st_mtime_ns)
+    size = part.size if part.file_size is None else part.file_size
+    return st.st_size != size or part.mtime_ns not in (None, st.st_mtime_ns)
 
 
 def _read_exactly(fp: BinaryIO, part: Part) -> Iterator[bytes]:
-    fp.seek(0)
+    fp.seek(part.offset)
     left = part.size
     while left > 0:
         chunk = fp.read(min(CHUNK, left))

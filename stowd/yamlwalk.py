@@ -175,6 +175,17 @@ def as_text(value: object) -> str:
     return value.strip()
 
 
+def as_choice(choices: Collection[str]) -> Callable[[object], str]:
+    """One of ``choices`` (written exactly so)."""
+
+    def convert(value: object) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {describe(value)}")
+        return value
+
+    return convert
+
+
 def as_name(value: object) -> str:
     name = as_text(value)
     if not NAME.fullmatch(name):
@@ -212,8 +223,7 @@ def as_patterns(value: object) -> tuple[str, ...]:
     patterns = [item for item in items if isinstance(item, str) and item]
     if not isinstance(value, list) or len(patterns) != len(items):
         raise ValueError(
-            f"expected a list of file name patterns such as ['.*', '*.part'], "
-            f"got {describe(value)}"
+            f"expected a list of file name patterns such as ['.*', '*.part'], got {describe(value)}"
         )
     for pattern in patterns:
         if "/" in pattern:
@@ -390,6 +400,7 @@ class Section:
         except ValueError as exc:
             self.ctx.add(join(self.key, name), str(exc), node)
             return None
+
 
 def redact_url(url: str) -> str:
     """``url`` with everything between ``://`` and the last ``@`` hidden.

@@ -15,7 +15,9 @@ from stowd.config import (
     DEFAULT_RESCAN_INTERVAL,
     DEFAULT_SHUTDOWN_TIMEOUT,
     DEFAULT_WORKERS,
+    BULK_TYPES,
     BatchLimits,
+    Bulkdata,
     Config,
     Retry,
     Timeouts,
@@ -231,6 +233,7 @@ def test_example_config_states_every_default() -> None:
     assert dest.batch == BatchLimits() and dest.timeouts == Timeouts()
     assert (dest.workers, dest.verify_tls) == (DEFAULT_WORKERS, True)
     assert (source.sidecars, source.rules, example.original_attributes) == (None, (), False)
+    assert (source.bulkdata, dest.bulkdata, example.uid_root) == (Bulkdata(), "encapsulate", None)
     assert [rule.name for rule in example.rules] == ["patient folders"]
 
 
@@ -718,3 +721,61 @@ def test_unsafe_yaml_tags_are_refused(tmp_path: Path) -> None:
 
     assert problem.key == "queue"
     assert problem.message.startswith("cannot read this value")
+
+
+# --------------------------------------------------------------------------- bulkdata
+
+
+def test_bulkdata_settings_default_override_and_inherit(tmp_path: Path) -> None:
+    text = with_sources(
+        source_text("a", "./a", "./a-sent", "./a-failed"),
+        source_text("b", "./b", "./b-sent", "./b-failed")
+        + "    bulkdata:\n      types: [pdf, jpeg, pdf]\n      unknown: fail\n",
+    )
+    text = text.replace(
+        "sources:\n",
+        "uid_root: 1.2.826.0.1.3680043.10.99\ndefaults:\n  bulkdata:\n    unknown: ignore\n"
+        "    images: photographic\n    study_key: '{parts[0]}/{sidecar.AccessionNumber}'\n"
+        "sources:\n",
+    )
+    text += "    bulkdata: metadata\n"
+    config = load_text(tmp_path, text)
+    a, b = config.sources
+    assert a.bulkdata.types == BULK_TYPES and a.bulkdata.unknown == "ignore"
+    assert a.bulkdata.images == "photographic"
+    assert a.bulkdata.study_key.text == "{parts[0]}/{sidecar.AccessionNumber}"
+    assert b.bulkdata.types == ("pdf", "jpeg") and b.bulkdata.unknown == "fail"
+    assert b.bulkdata.images == "photographic"  # the other keys still come from defaults
+    assert config.destinations["pacs"].bulkdata == "metadata"
+    assert config.uid_root == "1.2.826.0.1.3680043.10.99"
+
+
+def test_bad_bulkdata_settings_are_all_reported(tmp_path: Path) -> None:
+    text = with_sources(
+        source_text("a", "./a", "./a-sent", "./a-failed")
+        + "    bulkdata:\n      types: [pdf, docx]\n      images: photo\n"
+        "      unknown: skip\n      study_key: same-for-all\n      colour: red\n"
+    )
+    text = text.replace("sources:\n", "uid_root: 1.2.03\nsources:\n")
+    text += "    bulkdata: json\n"
+    problems = problems_of(tmp_path, text)
+    assert "'docx'" in find(problems, "sources[0].bulkdata.types").message
+    assert "secondary-capture, photographic" in find(problems, "sources[0].bulkdata.images").message
+    assert "fail, ignore" in find(problems, "sources[0].bulkdata.unknown").message
+    assert "no placeholder" in find(problems, "sources[0].bulkdata.study_key").message
+    assert "study_key" in find(problems, "sources[0].bulkdata.colour").message
+    assert "leading zeros" in find(problems, "uid_root").message
+    assert "encapsulate, metadata" in find(problems, "destinations.pacs.bulkdata").message
+
+
+def test_a_study_key_cannot_use_regex_groups_and_a_long_uid_root_is_refused(
+    tmp_path: Path,
+) -> None:
+    text = with_sources(
+        source_text("a", "./a", "./a-sent", "./a-failed")
+        + "    bulkdata:\n      study_key: '{regex.acc}'\n"
+    )
+    text = text.replace("sources:\n", "uid_root: 1." + "2." * 25 + "3\nsources:\n")
+    problems = problems_of(tmp_path, text)
+    assert "no regex" in find(problems, "sources[0].bulkdata.study_key").message
+    assert "at most 40" in find(problems, "uid_root").message

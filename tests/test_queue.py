@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +14,7 @@ import pytest
 from stowd.config import BatchLimits
 from stowd.errors import QueueError, QueueLockedError, SidecarNotReady
 from stowd.group import take_batch
-from stowd.queue import Classification, Job, NewFile, Queue, open_readonly
+from stowd.queue import Classification, Job, Made, NewFile, Queue, open_readonly
 
 
 class Clock:
@@ -272,6 +272,9 @@ def test_a_version_1_queue_is_migrated_and_keeps_its_rows(tmp_path: Path) -> Non
     db.execute("ALTER TABLE files DROP COLUMN changes")
     db.execute("ALTER TABLE files DROP COLUMN sidecars")
     db.execute("ALTER TABLE files DROP COLUMN rules_digest")
+    db.execute("ALTER TABLE files DROP COLUMN made")
+    db.execute("DROP TABLE made_studies")
+    db.execute("DROP TABLE made_series")
     db.execute("PRAGMA user_version = 1")
     db.commit()
     db.close()
@@ -286,8 +289,45 @@ def test_a_version_1_queue_is_migrated_and_keeps_its_rows(tmp_path: Path) -> Non
         assert job.path == "/d/a"
         assert job.change_set() == changes
         assert job.sidecar_texts() == [("/d/a.json", "PatientID: X")]
+        made = q.make_uids("src", "folder", None, "pdf", iter(["1.1", "1.2", "1.3"]).__next__)
+        assert made == Made("1.1", "1.2", "1.3", 1)
     finally:
         q.close()
+
+
+def counter() -> Callable[[], str]:
+    numbers = iter(range(1, 1000))
+    return lambda: f"2.25.{next(numbers)}"
+
+
+def test_made_uids_share_a_study_per_key_and_a_series_per_type(queue: Queue) -> None:
+    new_uid = counter()
+    a = queue.make_uids("src", "P1", None, "jpeg", new_uid)
+    b = queue.make_uids("src", "P1", None, "jpeg", new_uid)
+    c = queue.make_uids("src", "P1", None, "pdf", new_uid)
+    d = queue.make_uids("src", "P2", None, "jpeg", new_uid)
+    e = queue.make_uids("other", "P1", None, "jpeg", new_uid)
+    assert a.study == b.study == c.study and len({a.study, d.study, e.study}) == 3
+    assert a.series == b.series != c.series
+    assert (a.number, b.number, c.number, d.number) == (1, 2, 1, 1)
+    assert len({a.instance, b.instance, c.instance, d.instance, e.instance}) == 5
+    given = queue.make_uids("src", None, "1.2.3", "jpeg", new_uid)
+    assert given.study == "1.2.3" and given.number == 1
+
+
+def test_made_uids_are_stored_with_the_row_and_survive_a_replan(queue: Queue) -> None:
+    queue.enqueue([new("/d/a.pdf")])
+    [job] = queue.unclassified(10)
+    made = queue.make_uids("src", "k", None, "pdf", counter())
+    queue.set_classified(
+        [Classification(job, "pdf", made.study, made.instance, "1.4", None, None, "old", made)]
+    )
+    assert queue.replan(job.source, "new") == 1
+    [again] = queue.unclassified(10)
+    assert again.made_uids() == made  # read again with the new rules, the same instance
+    queue.enqueue([replace(new("/d/a.pdf"), size=2)])  # new content: a new instance
+    [changed] = queue.unclassified(10)
+    assert changed.made_uids() is None
 
 
 def test_files_read_with_other_rules_are_read_again(queue: Queue) -> None:
