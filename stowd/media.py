@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple, TypeGuard
 from xml.etree import ElementTree
 
 from stowd.errors import FileProblem, FileUnreadable, FileVanished
@@ -24,7 +24,10 @@ TYPES: tuple[str, ...] = (
 )  # fmt: skip
 
 HEAD = 64 * 1024  # what is read first to recognise a file; a CDA root element must be in it
-MPEG_SCAN = 4 * 1024 * 1024  # an MPEG-2 sequence header must start within this many bytes
+CDA_HEADER = 1024 * 1024  # a CDA document's id (ClinicalDocument/id) is looked for this far
+MPEG_SCAN = 4 * 1024 * 1024  # an MPEG-2 sequence header must start within this many bytes,
+# and the last group of pictures (GOP) header, which gives the frame count, must be this close
+# to the end
 J2K_HEADER = 256 * 1024  # the JPEG 2000 main header (SIZ, COD) must fit in this
 TAIL = 4096  # the end of a JPEG is looked for here (trailing zero padding is tolerated)
 STSD_LIMIT = 256 * 1024  # an MP4 sample description (with avcC/hvcC) is read up to this size
@@ -36,6 +39,7 @@ _JP2_MAGIC = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
 _J2K_MAGIC = b"\xff\x4f\xff\x51"
 _VIDEO = "the video"
 _J2K = "the JPEG 2000 image"
+_HL7 = "{urn:hl7-org:v3}"
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,9 @@ class Media:
     frames: int | None = None
     frame_time_ms: float | None = None
     duration_s: float | None = None
+    codestream_offset: int | None = None  # a .jp2 file: where its codestream (jp2c box) starts
+    codestream_length: int | None = None  # ... and its length (None: the stream is the file)
+    document_id: str | None = None  # a CDA document: its ClinicalDocument/id as root^extension
 
 
 class _Short(Exception):
@@ -191,7 +198,7 @@ def _is_cda(head: bytes) -> bool:
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
     if not text.startswith(b"<") and head[:2] not in (b"\xff\xfe", b"\xfe\xff"):
         return False
-    return _xml_root(head) == "{urn:hl7-org:v3}ClinicalDocument"
+    return _xml_root(head) == f"{_HL7}ClinicalDocument"
 
 
 def _xml_root(head: bytes) -> str | None:
@@ -277,6 +284,44 @@ def _document(kind: str) -> _Parser:
         return Media(kind, _MEDIA_TYPES[kind], None)
 
     return parse
+
+
+def _cda(fp: BinaryIO, size: int, head: bytes) -> Media:
+    return Media("cda", "text/xml", None, document_id=_cda_id(fp))
+
+
+def _cda_id(fp: BinaryIO) -> str | None:
+    """ClinicalDocument/id as ``root^extension``, if it is in the first ``CDA_HEADER`` bytes."""
+    parser: ElementTree.XMLPullParser[ElementTree.Element] = ElementTree.XMLPullParser(
+        ["start", "end"]
+    )
+    depth = 0
+    fp.seek(0)
+    for _ in range(CDA_HEADER // HEAD):
+        chunk = fp.read(HEAD)
+        if not chunk:
+            return None
+        try:
+            parser.feed(chunk)
+            for item in parser.read_events():
+                event, element = item[0], item[-1]
+                depth += 1 if event == "start" else -1
+                if event == "start" and depth == 2 and _is_element(element, f"{_HL7}id"):
+                    return _instance_identifier(element)
+        except ElementTree.ParseError:
+            return None
+    return None
+
+
+def _is_element(item: object, tag: str) -> TypeGuard[ElementTree.Element]:
+    return isinstance(item, ElementTree.Element) and item.tag == tag
+
+
+def _instance_identifier(element: ElementTree.Element) -> str | None:
+    root, extension = element.get("root"), element.get("extension")
+    if not root:
+        return None
+    return f"{root}^{extension}" if extension else root
 
 
 def _pdf(fp: BinaryIO, size: int, head: bytes) -> Media:
@@ -435,11 +480,15 @@ def _jpeg_photometric(header: _JpegHeader, count: int) -> str:
     components = [header.frame[6 + 3 * i : 9 + 3 * i] for i in range(3)]
     if header.adobe == 0 or bytes(c[0] for c in components) == b"RGB":
         return "RGB"
-    if header.sof == 0xC3:  # lossless JPEG has no colour transform of its own
-        return "YBR_FULL" if header.adobe == 1 else "RGB"
-    # PS3.5 8.2.1: YBR_FULL_422 when the chrominance is subsampled, YBR_FULL when it is not.
-    subsampled = len({c[1] for c in components}) > 1
-    return "YBR_FULL_422" if subsampled else "YBR_FULL"
+    if header.sof == 0xC3 and header.adobe != 1:  # lossless JPEG: no colour transform by default
+        return "RGB"
+    # Any YCbCr JPEG is YBR_FULL_422, subsampled (4:2:2, 4:2:0) or not (4:4:4). PS3.3 C.7.6.3.1.2
+    # says of YBR_FULL_422: "When used to describe JPEG compressed bit streams, the chrominance
+    # sub-sampling in the JPEG bit stream may differ from this description ... the use of
+    # YBR_FULL_422 to describe both has proven harmless"; PS3.5 Table 8.2.1-1 lists only
+    # YBR_FULL_422 and RGB for 3-component lossy JPEG; and the VL IODs (C.8.12.1.1.1) and
+    # dciodvfy's Secondary Capture check do not accept YBR_FULL at all.
+    return "YBR_FULL_422"
 
 
 def _jpeg_damaged(reason: str) -> FileProblem:
@@ -502,17 +551,20 @@ def _memory_boxes(data: bytes, pos: int) -> dict[bytes, bytes]:
 
 
 def _jp2(fp: BinaryIO, size: int, head: bytes) -> Media:
-    if head.startswith(_J2K_MAGIC):
-        start, end, media_type = 0, size, "image/j2c"
-    else:
-        start, end = _jp2_codestream(fp, size)
-        media_type = "image/jp2"
+    bare = head.startswith(_J2K_MAGIC)
+    start, end = (0, size) if bare else _jp2_codestream(fp, size)
     if _read_at(fp, end - 2, 2) != b"\xff\xd9":
         raise FileProblem(
             f"{_J2K} is truncated: its codestream does not end with the end-of-codestream "
             "marker FF D9 (was it copied completely?)"
         )
-    return _j2k_media(_read_at(fp, start, min(end - start, J2K_HEADER)), media_type)
+    found = _j2k_media(_read_at(fp, start, min(end - start, J2K_HEADER)), "image/j2c")
+    if bare:
+        return found
+    # DICOM holds the bare codestream: the range of the jp2c box's payload, without the boxes
+    return replace(
+        found, media_type="image/jp2", codestream_offset=start, codestream_length=end - start
+    )
 
 
 def _jp2_codestream(fp: BinaryIO, size: int) -> tuple[int, int]:
@@ -585,6 +637,8 @@ _FRAME_RATES = {
 }
 _MPEG_PROFILES = {1: "High", 2: "Spatially Scalable", 3: "SNR Scalable", 4: "Main", 5: "Simple"}
 _SEQUENCE_HEADER = b"\x00\x00\x01\xb3"
+_GOP = b"\x00\x00\x01\xb8"
+_PICTURE = b"\x00\x00\x01\x00"
 _EXTENSION = b"\x00\x00\x01\xb5"
 
 
@@ -602,7 +656,10 @@ def _mpeg(fp: BinaryIO, size: int, head: bytes) -> Media:
         columns |= _bits(extension, 15, 2) << 12
         rows |= _bits(extension, 17, 2) << 12
     _check_size("mpeg", rows, columns)
-    return _mpeg_media(rows, columns, _frame_time(rate, extension), _mpeg_high(extension))
+    found = _mpeg_media(rows, columns, _frame_time(rate, extension), _mpeg_high(extension))
+    frames = _mpeg_frames(fp, size, found.frame_time_ms or 0)
+    duration = frames * (found.frame_time_ms or 0) / 1000 if frames else None
+    return replace(found, frames=frames, duration_s=duration)
 
 
 def _find(fp: BinaryIO, pattern: bytes, limit: int) -> int | None:
@@ -652,6 +709,34 @@ def _mpeg_high(extension: bytes | None) -> bool | None:
             "DICOM holds MPEG-2 only in the Main profile: re-encode it"
         )
     return level in (4, 6)
+
+
+def _mpeg_frames(fp: BinaryIO, size: int, frame_time: float) -> int | None:
+    """The frame count: the time code of the last GOP header plus the pictures after it.
+
+    Only the last ``MPEG_SCAN`` bytes are read. None when there is no GOP header there, or when
+    the time codes are not kept (a last GOP at 00:00:00:00 that is not the first in the file).
+    """
+    start = max(size - MPEG_SCAN, 0)
+    tail = _read_at(fp, start, MPEG_SCAN)
+    at = tail.rfind(_GOP, 0, len(tail) - 8)
+    if at < 0:
+        return None
+    elapsed = _time_code_frames(tail[at + 4 : at + 8], round(1000 / frame_time))
+    if not elapsed and (start or tail.rfind(_GOP, 0, at) >= 0):
+        return None
+    return elapsed + tail.count(_PICTURE, at)
+
+
+def _time_code_frames(code: bytes, rate: int) -> int:
+    """The frames before a GOP from its SMPTE time code (drop-frame: 2 or 4 dropped a minute)."""
+    hours, minutes = _bits(code, 1, 5), _bits(code, 6, 6)
+    seconds, pictures = _bits(code, 13, 6), _bits(code, 19, 6)
+    frames = ((hours * 60 + minutes) * 60 + seconds) * rate + pictures
+    if _bits(code, 0, 1):  # drop_frame_flag
+        total = hours * 60 + minutes
+        frames -= (rate // 15) * (total - total // 10)
+    return frames
 
 
 def _mpeg_media(rows: int, columns: int, frame_time: float, high: bool | None) -> Media:
@@ -838,7 +923,7 @@ def _duration(track: dict[bytes, bytes]) -> float | None:
 
 _PARSERS: dict[str, _Parser] = {
     "pdf": _pdf,
-    "cda": _document("cda"),
+    "cda": _cda,
     "stl": _document("stl"),
     "obj": _document("obj"),
     "mtl": _document("mtl"),

@@ -11,6 +11,7 @@ import shutil
 import struct
 import subprocess
 import zlib
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -111,8 +112,25 @@ def bits(*fields: tuple[int, int]) -> bytes:
     return value.to_bytes(total // 8, "big")
 
 
+def gop_header(seconds: int, pictures: int, drop: bool = False) -> bytes:
+    """A GOP header at time code ``seconds`` (as hh:mm:ss) plus ``pictures``, closed GOP."""
+    hours, minutes, secs = seconds // 3600, seconds // 60 % 60, seconds % 60
+    code = bits(
+        (int(drop), 1), (hours, 5), (minutes, 6), (1, 1), (secs, 6), (pictures, 6),
+        (1, 1), (0, 1), (0, 5),
+    )  # fmt: skip
+    return b"\x00\x00\x01\xb8" + code
+
+
 def mpeg2(
-    size: tuple[int, int] = (576, 720), rate: int = 3, level: int = 8, ext: bool = True
+    size: tuple[int, int] = (576, 720),
+    rate: int = 3,
+    level: int = 8,
+    ext: bool = True,
+    *,
+    gops: list[tuple[int, int]] | None = None,
+    pictures: int = 1,
+    drop: bool = False,
 ) -> bytes:
     rows, columns = size
     header = b"\x00\x00\x01\xb3" + bits(
@@ -123,9 +141,11 @@ def mpeg2(
         (1, 4), (0x40 | level, 8), (0, 1), (1, 2), (columns >> 12, 2), (rows >> 12, 2),
         (0, 12), (1, 1), (0, 8), (0, 1), (0, 2), (0, 5),
     )  # fmt: skip
-    gop = b"\x00\x00\x01\xb8\x00\x08\x00\x00"
     picture = b"\x00\x00\x01\x00\x00\x0f\xff\xf8" + bytes(100)
-    return header + (extension if ext else b"") + gop + picture + b"\x00\x00\x01\xb7"
+    body = b"".join(
+        gop_header(*at, drop) + picture * pictures for at in ([(0, 0)] if gops is None else gops)
+    )
+    return header + (extension if ext else b"") + (body or picture) + b"\x00\x00\x01\xb7"
 
 
 def program_stream(payload: bytes, padding: int) -> bytes:
@@ -214,16 +234,34 @@ def write(tmp_path: Path, name: str, data: bytes) -> Path:
 
 
 def image(
-    kind: str, ts: str, size: tuple[int, int], pixel: tuple[int, int, str], *, lossy: bool = True
+    kind: str,
+    ts: str,
+    size: tuple[int, int],
+    pixel: tuple[int, int, str],
+    *,
+    lossy: bool = True,
+    file: bytes = b"",
 ) -> Media:
-    """The expected Media of an image; ``pixel``: samples per pixel, bits stored, photometric."""
+    """The expected Media of an image; ``pixel``: samples per pixel, bits stored, photometric.
+
+    A .jp2 ``file`` gives the codestream range: from after the jp2c box header to the end.
+    """
     media_type = {"jpeg": "image/jpeg", "jp2": "image/jp2", "j2c": "image/j2c"}[kind]
     kind = "jp2" if kind == "j2c" else kind
     rows, columns = size
-    return Media(kind, media_type, TS + ts, rows, columns, *pixel, lossy=lossy)
+    found = Media(kind, media_type, TS + ts, rows, columns, *pixel, lossy=lossy)
+    if not file:
+        return found
+    start = file.index(b"jp2c") + 4
+    return replace(found, codestream_offset=start, codestream_length=len(file) - start)
 
 
 # --- images --------------------------------------------------------------------------------------
+
+JP2 = jp2(codestream())
+JP2_LOSSY = jp2(codestream(rev=0))
+JP2_OPEN = jp2(codestream(comps=1, bits=12, rev=0), open_ended=True)
+JP2_NO_MCT = jp2(codestream(mct=0))
 
 IMAGES = {
     "baseline.jpg": (jpeg(), image("jpeg", "50", (480, 640), (3, 8, "YBR_FULL_422"))),
@@ -233,7 +271,7 @@ IMAGES = {
     ),
     "not_subsampled.jpeg": (
         jpeg(sampling=b"\x11\x11\x11"),
-        image("jpeg", "50", (480, 640), (3, 8, "YBR_FULL")),
+        image("jpeg", "50", (480, 640), (3, 8, "YBR_FULL_422")),
     ),
     "adobe_rgb.jpg": (jpeg(app=adobe(0)), image("jpeg", "50", (480, 640), (3, 8, "RGB"))),
     "adobe_ycc.jpg": (jpeg(app=adobe(1)), image("jpeg", "50", (480, 640), (3, 8, "YBR_FULL_422"))),
@@ -254,17 +292,20 @@ IMAGES = {
     "padded.jpg": (jpeg() + bytes(300), image("jpeg", "50", (480, 640), (3, 8, "YBR_FULL_422"))),
     "named_wrongly.png": (jpeg(), image("jpeg", "50", (480, 640), (3, 8, "YBR_FULL_422"))),
     "lossless.jp2": (
-        jp2(codestream()),
-        image("jp2", "90", (300, 400), (3, 8, "YBR_RCT"), lossy=False),
+        JP2,
+        image("jp2", "90", (300, 400), (3, 8, "YBR_RCT"), lossy=False, file=JP2),
     ),
-    "lossy.jp2": (jp2(codestream(rev=0)), image("jp2", "91", (300, 400), (3, 8, "YBR_ICT"))),
+    "lossy.jp2": (
+        JP2_LOSSY,
+        image("jp2", "91", (300, 400), (3, 8, "YBR_ICT"), file=JP2_LOSSY),
+    ),
     "open_ended.jp2": (
-        jp2(codestream(comps=1, bits=12, rev=0), open_ended=True),
-        image("jp2", "91", (300, 400), (1, 12, "MONOCHROME2")),
+        JP2_OPEN,
+        image("jp2", "91", (300, 400), (1, 12, "MONOCHROME2"), file=JP2_OPEN),
     ),
     "no_mct.jp2": (
-        jp2(codestream(mct=0)),
-        image("jp2", "90", (300, 400), (3, 8, "RGB"), lossy=False),
+        JP2_NO_MCT,
+        image("jp2", "90", (300, 400), (3, 8, "RGB"), lossy=False, file=JP2_NO_MCT),
     ),
     "raw.j2c": (
         codestream((2048, 1536), comps=1, bits=16),
@@ -304,6 +345,36 @@ def test_documents_and_models_are_recognised(name: str, tmp_path: Path) -> None:
     assert detect(write(tmp_path, name, data)) == Media(kind, media_type, None)
 
 
+def cda(body: bytes, encoding: str = "utf-8") -> bytes:
+    head = f'<?xml version="1.0" encoding="{encoding}"?>\n'
+    root = b'<ClinicalDocument xmlns="urn:hl7-org:v3">\n<typeId root="2.16.840.1.113883.1.3"/>\n'
+    text = head.encode() + root + body + b"<title>Brief</title>\n</ClinicalDocument>\n"
+    return text if encoding == "utf-8" else text.decode().encode(encoding)
+
+
+DOC_ID = b'<id root="2.16.840.1.113883.19.5" extension="c266"/>\n'
+CDA_IDS = {
+    "root and extension": (cda(DOC_ID), "2.16.840.1.113883.19.5^c266"),
+    "root only": (cda(b'<id root="1.2.3.4"/>'), "1.2.3.4"),
+    "utf-16": (cda(DOC_ID, "utf-16"), "2.16.840.1.113883.19.5^c266"),
+    "after 500 KiB": (
+        cda(b"<!--" + b"x" * 500_000 + b"-->" + DOC_ID),
+        "2.16.840.1.113883.19.5^c266",
+    ),
+    "after 1 MiB": (cda(b"<!--" + b"x" * 1_100_000 + b"-->" + DOC_ID), None),
+    "only nested ids": (cda(b'<recordTarget><id root="9.9"/></recordTarget>'), None),
+    "id without root": (cda(b'<id extension="c266"/>'), None),
+    "damaged xml": (cda(b"<code></title>" + DOC_ID), None),
+}
+
+
+@pytest.mark.parametrize("case", CDA_IDS)
+def test_the_id_of_a_cda_document(case: str, tmp_path: Path) -> None:
+    data, expected = CDA_IDS[case]
+    found = detect(write(tmp_path, "letter.xml", data))
+    assert (found.kind, found.document_id) == ("cda", expected)
+
+
 # --- video ---------------------------------------------------------------------------------------
 
 
@@ -319,7 +390,7 @@ def video(
     rows, columns = size
     kind = "mpeg" if ts in ("100", "101") else "mp4"
     media_type = media_type or ("video/mpeg" if kind == "mpeg" else "video/mp4")
-    duration = 1.0 if frames else None
+    duration = (1.0 if kind == "mp4" else frames * frame_ms / 1000) if frames else None
     return Media(
         kind, media_type, TS + ts, rows, columns, 3, bits, "YBR_PARTIAL_420", True,
         frames, frame_ms, duration,
@@ -329,14 +400,27 @@ def video(
 HEVC_MAIN10 = visual_entry(b"hvc1", (3840, 2160), hvcc(2, 10))
 WIDE = box(b"wide", b"")
 VIDEOS = {
-    "sd.m2v": (mpeg2(), video("100", (576, 720), None, 40.0)),
-    "ntsc.mpg": (mpeg2((480, 720), rate=4), video("100", (480, 720), None, 1001 / 30)),
-    "hd_by_level.mpg": (mpeg2((1080, 1920), 3, level=4), video("101", (1080, 1920), None, 40.0)),
-    "hd_by_size.mpg": (mpeg2((1080, 1920), 6, ext=False), video("101", (1080, 1920), None, 20.0)),
+    "sd.m2v": (mpeg2(), video("100", (576, 720), 1, 40.0)),
+    "ntsc.mpg": (mpeg2((480, 720), rate=4), video("100", (480, 720), 1, 1001 / 30)),
+    "hd_by_level.mpg": (mpeg2((1080, 1920), 3, level=4), video("101", (1080, 1920), 1, 40.0)),
+    "hd_by_size.mpg": (mpeg2((1080, 1920), 6, ext=False), video("101", (1080, 1920), 1, 20.0)),
     "program.mpg": (
         program_stream(mpeg2(), 65_534 - 23),  # the sequence header straddles two reads
+        video("100", (576, 720), 1, 40.0),
+    ),
+    "timecode.m2v": (
+        mpeg2(gops=[(0, 0), (2, 5)], pictures=3),  # 2 s 5 pictures at 25/s, then 3 pictures
+        video("100", (576, 720), 58, 40.0),
+    ),
+    "drop_frame.m2v": (  # 29.97/s, 00:10:00;00 drop-frame: 10 min * 60 * 30 - 9 * 2, then 3
+        mpeg2(rate=4, gops=[(0, 0), (600, 0)], pictures=3, drop=True),
+        video("100", (576, 720), 18_000 - 18 + 3, 1001 / 30),
+    ),
+    "no_time_codes.m2v": (
+        mpeg2(gops=[(0, 0), (0, 0)]),  # a later GOP at 00:00:00:00: time codes not kept
         video("100", (576, 720), None, 40.0),
     ),
+    "no_gop.m2v": (mpeg2(gops=[]), video("100", (576, 720), None, 40.0)),
     "faststart.mp4": (FTYP + moov() + MDAT, video("102", (480, 640), 30, 1000 / 30)),
     "moov_last.mp4": (FTYP + MDAT + moov(), video("102", (480, 640), 30, 1000 / 30)),
     "mdat_to_end.mp4": (
