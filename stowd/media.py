@@ -650,6 +650,8 @@ def _mpeg(fp: BinaryIO, size: int, head: bytes) -> Media:
             f"{MPEG_SCAN // 2**20} MiB (is it audio only?)"
         )
     data = _read_at(fp, at, 1024)
+    if len(data) < 12:  # the start code and the 8 bytes of the sequence header
+        raise _Short
     rows, columns, rate = _bits(data[4:8], 12, 12), _bits(data[4:8], 0, 12), data[7] & 0x0F
     extension = _sequence_extension(data[12:])
     if extension is not None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import struct
 import subprocess
 import zlib
@@ -487,6 +486,7 @@ REFUSED = {
     "cut_open.jp2": (jp2(codestream(), open_ended=True)[:-30], "end-of-codestream marker"),
     "no_cod.j2c": (b"\xff\x4f" + j2seg(0xFF51, bytes(40)) + b"\xff\xd9", "no SIZ or COD marker"),
     "audio.mpg": (program_stream(b"\xc0" * 100, 10), "no video sequence header in its first 4 MiB"),
+    "cut_header.m2v": (mpeg2()[:10], "MPEG-2 video is truncated or damaged: a header ends"),
     "bad_rate.m2v": (mpeg2(rate=14), "frame rate code 14 is not defined"),
     "high_profile.m2v": (
         mpeg2().replace(b"\x00\x00\x01\xb5\x14", b"\x00\x00\x01\xb5\x11"),
@@ -604,6 +604,22 @@ def test_a_large_pdf_is_read_at_its_start_and_end_only(
     assert CountingFile.total < 256 * 1024
 
 
+def test_a_long_mpeg2_video_is_read_at_its_start_and_end_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "long.m2v"
+    with path.open("wb") as fp:
+        fp.write(mpeg2())
+        fp.truncate(GIB)  # a hole: no disk used
+        fp.seek(0, os.SEEK_END)
+        fp.write(mpeg2(gops=[(3600, 7)], pictures=2)[12:])  # without a sequence header
+    monkeypatch.setattr(media, "_open", counting_open)
+    CountingFile.total = 0
+    found = detect(path)
+    assert found.frames == 3600 * 25 + 7 + 2
+    assert CountingFile.total < media.MPEG_SCAN + 256 * 1024
+
+
 def test_a_truncated_sparse_video_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "cut.mp4"
     sparse_mp4(path, 5 * GIB)
@@ -615,21 +631,38 @@ def test_a_truncated_sparse_video_is_refused(tmp_path: Path) -> None:
 # --- real files made by ffmpeg (optional) --------------------------------------------------------
 
 
+FFMPEG = Path("/usr/bin/ffmpeg")
+H264 = ("-c:v", "libx264", "-pix_fmt", "yuv420p", "-profile:v", "high")
+HEVC = ("-c:v", "libx265", "-pix_fmt", "yuv420p", "-x265-params", "log-level=error")
+MPEG2 = ("-c:v", "mpeg2video",)  # fmt: skip
+
+
+def require_ffmpeg() -> None:
+    if FFMPEG.exists():
+        return
+    if os.environ.get("CI") == "true":  # .ci/run installs it: CI must never skip these
+        pytest.fail(f"CI=true but {FFMPEG} is not installed", pytrace=False)
+    pytest.skip(f"{FFMPEG} is not installed")
+
+
+def ffmpeg_clip(
+    path: Path, codec: tuple[str, ...], size: str = "320x240", seconds: float = 1
+) -> Path:
+    """A test-pattern video at 25 frames a second, made by ffmpeg (its container from the name)."""
+    require_ffmpeg()
+    source = ["-f", "lavfi", "-i", f"testsrc=size={size}:rate=25", "-t", str(seconds)]
+    command = [str(FFMPEG), "-v", "error", "-y", *source, *codec, str(path)]
+    subprocess.run(command, check=True)
+    return path
+
+
 def test_files_made_by_ffmpeg(tmp_path: Path) -> None:
-    if not Path("/usr/bin/ffmpeg").exists():  # .ci/run installs it: CI must never skip this
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but /usr/bin/ffmpeg is not installed", pytrace=False)
-        pytest.skip("/usr/bin/ffmpeg is not installed")
-    ffmpeg = shutil.which("ffmpeg", path="/usr/bin") or "/usr/bin/ffmpeg"
-    source = ["-f", "lavfi", "-i", "testsrc=size=320x240:rate=25", "-t", "1"]
-    h264, mpg = tmp_path / "clip.mp4", tmp_path / "clip.mpg"
-    options = ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-profile:v", "high"]
-    subprocess.run([ffmpeg, "-v", "error", *source, *options, str(h264)], check=True)
-    subprocess.run([ffmpeg, "-v", "error", *source, "-c:v", "mpeg2video", str(mpg)], check=True)
-    clip = detect(h264)
+    clip = detect(ffmpeg_clip(tmp_path / "clip.mp4", H264))
     assert (clip.rows, clip.columns, clip.frames) == (240, 320, 25)
     assert clip.transfer_syntax == TS + "102"
     assert clip.frame_time_ms == pytest.approx(40.0)
-    program = detect(mpg)
+    program = detect(ffmpeg_clip(tmp_path / "clip.mpg", MPEG2))
     assert (program.rows, program.columns, program.transfer_syntax) == (240, 320, TS + "100")
     assert program.frame_time_ms == pytest.approx(40.0)
+    assert program.frames == 25  # from the last GOP's time code
+    assert program.duration_s == pytest.approx(1.0)
