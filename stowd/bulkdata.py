@@ -181,7 +181,7 @@ def describe(
     Raises ``FileProblem`` when the file cannot be made into DICOM, ``FileVanished`` when
     ``source`` is gone and ``FileUnreadable`` when it cannot be read (or scratch not written) now.
     """
-    sop_class = _sop_class(media, photographic)
+    sop_class = sop_class_of(media.kind, photographic=photographic)
     with _reading(source), open(source, "rb") as fp:
         size = os.fstat(fp.fileno()).st_size
         pixels: _Pixels | None
@@ -311,14 +311,15 @@ class _Pixels:
     frame_time_ms: float | None = None
 
 
-def _sop_class(media: Media, photographic: bool) -> str:
-    if media.kind in _DOCUMENTS:
-        return _DOCUMENTS[media.kind].sop_class
-    if media.kind in ("mpeg", "mp4"):
+def sop_class_of(kind: str, *, photographic: bool) -> str:
+    """The SOP Class of the instance made from a file of ``kind``."""
+    if kind in _DOCUMENTS:
+        return _DOCUMENTS[kind].sop_class
+    if kind in ("mpeg", "mp4"):
         return VIDEO_PHOTOGRAPHIC
-    if media.kind in ("jpeg", "jp2", "png", "gif"):
+    if kind in ("jpeg", "jp2", "png", "gif"):
         return VL_PHOTOGRAPHIC if photographic else SECONDARY_CAPTURE
-    raise FileProblem(f"stowd cannot make DICOM objects from '{media.kind}' files")
+    raise FileProblem(f"stowd cannot make DICOM objects from '{kind}' files")
 
 
 def _bulk(source: Path, media: Media, size: int) -> Bulk:

@@ -15,7 +15,7 @@ from typing import Any
 from stowd import metadata
 from stowd.classify import classify
 from stowd.config import Config, Source
-from stowd.errors import FileProblem, FileUnreadable
+from stowd.errors import FileProblem, FileUnreadable, UnknownType
 from stowd.group import take_batch
 from stowd.queue import Job, NewFile
 from stowd.watch import Watcher
@@ -33,6 +33,7 @@ class SourcePlan:
     requests: int = 0
     still_written: int = 0
     would_fail: list[tuple[str, str]] = field(default_factory=list)
+    ignored: int = 0  # files of an unknown type that the source ignores
     studies: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
 
     def as_dict(self) -> dict[str, Any]:
@@ -46,6 +47,7 @@ class SourcePlan:
             "requests": self.requests,
             "still_being_written": self.still_written,
             "would_fail": [{"file": f, "reason": r} for f, r in self.would_fail],
+            "ignored": self.ignored,
         }
 
 
@@ -76,6 +78,12 @@ def _look_at(config: Config, source: Source, result: SourcePlan, new: NewFile) -
     try:
         found = classify(new.path)
         keys = metadata.plan(config, source, new.path, new.rel, found, now=datetime.now())
+    except UnknownType as problem:
+        if source.bulkdata.unknown == "ignore":
+            result.ignored += 1
+        else:
+            result.would_fail.append((new.rel, str(problem)))
+        return
     except FileProblem as problem:
         result.would_fail.append((new.rel, str(problem)))
         return
@@ -84,7 +92,8 @@ def _look_at(config: Config, source: Source, result: SourcePlan, new: NewFile) -
         return
     result.ready += 1
     result.ready_bytes += new.size
-    result.studies[keys.study_uid].append(new.size)
+    study = keys.study_uid or f"made study {keys.study_key}"  # a PDF, a photo: made later
+    result.studies[study].append(new.size)
 
 
 def _requests(sizes: list[int], config: Config, source: Source) -> int:
@@ -110,6 +119,8 @@ def render(plans: list[SourcePlan]) -> str:
             f"{p.requests} request(s)"
         )
         lines.append(f"  still being written (quiet period not over): {p.still_written}")
+        if p.ignored:
+            lines.append(f"  ignored (unknown type, bulkdata.unknown: ignore): {p.ignored}")
         lines.append(f"  would fail:   {len(p.would_fail)}")
         lines.extend(f"    {rel}: {reason}" for rel, reason in p.would_fail)
     lines.append("dry run: nothing was sent, moved or queued")

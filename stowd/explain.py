@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from stowd import metadata
+from stowd.bulkdata import sop_class_of
+from stowd.bulkform import sop_class_name
 from stowd.classify import classify
 from stowd.config import Config, Source
 from stowd.errors import FileProblem, FileUnreadable
@@ -30,6 +32,8 @@ class Explained:
     rules: list[str] = field(default_factory=list)
     changes: list[tuple[str, str | None, str | None]] = field(default_factory=list)
     study_uid: str | None = None
+    built: str | None = None  # the SOP Class made from a file that is not DICOM
+    study_key: str | None = None  # the key of the study it joins
     problem: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -41,22 +45,25 @@ class Explained:
             "rules_matched": self.rules,
             "changes": [{"attribute": k, "before": b, "after": a} for k, b, a in self.changes],
             "study_instance_uid": self.study_uid,
+            "made_into": self.built,
+            "study_key": self.study_key,
             "problem": self.problem,
         }
 
 
 def explain(config: Config, files: list[str], source_name: str | None = None) -> list[Explained]:
-    return [_explain(config, os.path.abspath(f), source_name) for f in files]
+    return [_explain(config, f, source_name) for f in files]
 
 
-def _explain(config: Config, path: str, source_name: str | None) -> Explained:
+def _explain(config: Config, given: str, source_name: str | None) -> Explained:
+    path = os.path.abspath(given)
     result = Explained(path)
     source = _source_of(config, path, source_name)
     if source is None:
         result.problem = "the file is not inside any source's watch folder (use --source NAME)"
         return result
     result.source = source.name
-    rel = os.path.relpath(path, source.watch) if source_name is None else Path(path).name
+    rel = _rel(given, path, source)
     try:
         found = classify(path)
         result.kind = found.kind
@@ -69,8 +76,23 @@ def _explain(config: Config, path: str, source_name: str | None) -> Explained:
     result.rules = [rule.label for rule in outcome.matched]
     result.changes = [(k, outcome.before.get(k), value_text(v)) for k, v in outcome.values.items()]
     result.changes += [(k, outcome.before.get(k), None) for k in outcome.remove]
-    result.study_uid = planned.study_uid
+    result.study_uid = planned.study_uid or None
+    if found.media is not None:
+        photographic = source.bulkdata.images == "photographic"
+        result.built = sop_class_name(sop_class_of(found.kind, photographic=photographic))
+        result.study_key = planned.study_key
     return result
+
+
+def _rel(given: str, path: str, source: Source) -> str:
+    """The path the rules see: below the watch folder; for a file elsewhere (``--source``),
+    the relative path as given (``P1/photo.jpg``), else its name."""
+    if Path(path).is_relative_to(source.watch):
+        return os.path.relpath(path, source.watch)
+    relative = Path(given)
+    if not relative.is_absolute() and ".." not in relative.parts:
+        return relative.as_posix()
+    return Path(path).name
 
 
 def _source_of(config: Config, path: str, name: str | None) -> Source | None:
@@ -89,6 +111,9 @@ def render(results: list[Explained]) -> str:
         if r.problem:
             lines.append(f"  would go to failed/: {r.problem}")
             continue
+        if r.built:
+            key = "given by the rules" if r.study_key is None else _key_text(r.study_key)
+            lines.append(f"  made into: {r.built} (study key {key}; UIDs are made when queued)")
         lines.append(f"  sidecars: {', '.join(r.sidecars) or 'none'}")
         lines.append(f"  rules matched: {', '.join(r.rules) or 'none'}")
         if not r.changes:
@@ -101,3 +126,8 @@ def render(results: list[Explained]) -> str:
 
 def _shown(value: str | None, missing: str = "absent") -> str:
     return f"({missing})" if value is None else repr(value)
+
+
+def _key_text(key: str) -> str:
+    folder, _, patient = key.partition("\x00")
+    return repr(folder) + (f" and PatientID {patient!r}" if patient else "")

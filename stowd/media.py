@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple, TypeGuard
 from xml.etree import ElementTree
 
-from stowd.errors import FileProblem, FileUnreadable, FileVanished
+from stowd.errors import FileProblem, FileUnreadable, FileVanished, UnknownType
 
 TYPES: tuple[str, ...] = (
     "pdf", "cda", "stl", "obj", "mtl", "jpeg", "jp2", "png", "gif", "mpeg", "mp4",
@@ -244,7 +244,7 @@ def _unrecognised(head: bytes, ext: str) -> FileProblem:
             f"{start}...)"
         )
     named = f"its name ends with {ext}" if ext else "its name has no extension"
-    return FileProblem(
+    return UnknownType(
         f"not a file type stowd can send: the content (it starts with bytes {start}...) is not "
         f"recognised and {named}; stowd sends these types: {', '.join(TYPES)}"
     )

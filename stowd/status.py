@@ -111,7 +111,7 @@ def render(data: dict[str, Any]) -> str:
 
 
 def _counts(counts: dict[str, int]) -> str:
-    order = ["pending", "waiting", "claimed", "settling", "sent", "failed", "gone"]
+    order = ["pending", "waiting", "claimed", "settling", "sent", "failed", "gone", "ignored"]
     parts = [f"{counts[s]} {s}" for s in order if counts.get(s)]
     return ", ".join(parts) or "none yet"
 

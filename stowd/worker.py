@@ -15,8 +15,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from stowd import bulkdata, metadata
 from stowd import classify as classify_mod
-from stowd import metadata
+from stowd.bulkform import bulk_part
 from stowd.config import BatchLimits, Config, Destination, Source
 from stowd.errors import (
     DestinationBusy,
@@ -25,9 +26,11 @@ from stowd.errors import (
     FileUnreadable,
     FileVanished,
     StowFailure,
+    UnknownType,
 )
 from stowd.group import take_batch
-from stowd.queue import Classification, Job, Queue
+from stowd.media import Media, detect
+from stowd.queue import Classification, Job, Made, Queue
 from stowd.settle import Decision, iso, remove_empty_parents, settle_all
 from stowd.stow import (
     Answer,
@@ -128,9 +131,19 @@ class Worker:
             log.info("file vanished before it was sent, forgetting it: %s", job.path)
             self.queue.finish(job.id, state="gone")
             return None
+        except UnknownType as problem:
+            return self._unknown(job, problem)
         except FileProblem as problem:
             return self._failure(job, str(problem), stage="reading the file")
         return self._plan(job, c)
+
+    def _unknown(self, job: Job, problem: UnknownType) -> Decision | None:
+        """A file of a type its source does not send: failed/, or left alone (``ignore``)."""
+        if self.config.source(job.source).bulkdata.unknown == "fail":
+            return self._failure(job, str(problem), stage="reading the file")
+        log.info("%s: ignored (bulkdata.unknown: ignore): %s", job.path, problem)
+        self.queue.finish(job.id, state="ignored")
+        return None
 
     def _plan(self, job: Job, c: classify_mod.Classified) -> Classification | Decision | None:
         """Apply the metadata rules and sidecars; their trouble sends the file to failed/."""
@@ -142,6 +155,8 @@ class Worker:
             )
         except FileVanished as exc:  # a sidecar went away while it was read: read again
             return self._later(job, str(exc), stage="reading its sidecar")
+        except UnknownType as problem:
+            return self._unknown(job, problem)
         except FileProblem as problem:
             return self._failure(job, str(problem), stage="applying the metadata rules")
         changes = p.outcome.changes() if p.outcome.changed else None
@@ -151,8 +166,23 @@ class Worker:
         if p.outcome.matched:
             names = ", ".join(r.label for r in p.outcome.matched)
             log.debug("%s: %s; changes %s", job.path, names, changes or "none")
-        keys = (c.kind, p.study_uid, p.sop_uid, c.sop_class)
-        return Classification(job, *keys, changes, sidecars, self._digest(source))
+        made = None if c.media is None else self._made(job, c.kind, p)
+        study = p.study_uid or (made.study if made else "")
+        sop = p.sop_uid or (made.instance if made else "")
+        sop_class = c.sop_class or bulkdata.sop_class_of(c.kind, photographic=_photographic(source))
+        keys = (c.kind, study, sop, sop_class)
+        return Classification(job, *keys, changes, sidecars, self._digest(source), made)
+
+    def _made(self, job: Job, kind: str, p: metadata.Planned) -> Made:
+        """The UIDs of the instance built from ``job``'s file: made once, then reused."""
+        made = job.made_uids()
+        if made is not None:
+            return made
+        root = self.config.uid_root
+        study = p.study_uid or None
+        return self.queue.make_uids(
+            job.source, p.study_key, study, kind, lambda: metadata.new_uid(root)
+        )
 
     def _digest(self, source: Source) -> str:
         if source.name not in self._digests:
@@ -200,14 +230,19 @@ class Worker:
             except FileVanished:
                 self._drop_vanished([job])
             except FileUnreadable as exc:
-                refused.append(self._later(job, str(exc), stage="applying the metadata rules"))
+                refused.append(self._later(job, str(exc), stage=_stage(job)))
             except FileProblem as problem:
-                reason, stage = str(problem), "applying the metadata rules"
-                refused.append(self._failure(job, reason, stage=stage))
+                refused.append(self._failure(job, str(problem), stage=_stage(job)))
+            except Exception:  # a bug must not stop the other files (nor spin on this one)
+                log.exception("unexpected error while preparing %s; tried again later", job.path)
+                reason = "stowd hit an unexpected error while preparing the file (see its log)"
+                refused.append(self._later(job, reason, stage=_stage(job)))
         self._settle_all([d for d in refused if d is not None])
         return jobs, parts
 
     def _part(self, job: Job, spooled: list[Path]) -> Part:
+        if job.kind != "dicom":
+            return self._built(job, spooled)
         changes = job.change_set()
         if changes is None:
             return Part(job.path, job.size, job.sop_uid or "", job.mtime_ns)
@@ -216,6 +251,30 @@ class Worker:
         copy = metadata.spool_copy(self.config, job, changes, datetime.now())
         spooled.append(copy)
         return Part(str(copy), copy.stat().st_size, job.sop_uid or "", None)
+
+    def _built(self, job: Job, spooled: list[Path]) -> Part:
+        """The DICOM instance made from a file that is not DICOM (a PDF, a photo, a video):
+        a Part-10 file in the spool, or its metadata and bulk data (``bulkdata: metadata``)."""
+        made = job.made_uids()
+        if made is None or not _unchanged(job):
+            raise FileVanished("the file changed or vanished before it was sent", path=job.path)
+        source = self.config.source(job.source)
+        media = media_of(job)
+        values = (job.change_set() or {}).get("set", {})
+        target = metadata.spool_path(self.config, job)
+        metadata.make_spool(target, job)
+        spooled += [target, target.with_suffix(".pixels")]
+        uids = bulkdata.Uids(made.study, made.series, made.instance)
+        options: dict[str, Any] = {
+            "now": datetime.fromtimestamp(job.mtime_ns / 1e9),  # the same on every attempt
+            "instance_number": made.number,
+            "photographic": _photographic(source),
+        }
+        if self.destination.bulkdata == "metadata":
+            scratch = target.with_suffix(".pixels")
+            return bulk_part(job, media, values, uids, scratch=scratch, **options)
+        size = bulkdata.build(Path(job.path), media, values, uids, target, **options)
+        return Part(str(target), size, job.sop_uid or "", None)
 
     def _store(self, batch: list[Job], parts: list[Part], *, held: bool) -> None:
         try:
@@ -445,6 +504,23 @@ def _may_be_the_files(failure: StowFailure) -> bool:
     """An answered 500 (not a gateway's 502/503/504) may be caused by one of the files."""
     status = failure.status or 0
     return isinstance(failure, DestinationBusy) and status >= 500 and status not in (502, 503, 504)
+
+
+def _stage(job: Job) -> str:
+    """What was being done to the file when it was prepared for sending."""
+    return "applying the metadata rules" if job.kind == "dicom" else "making the DICOM instance"
+
+
+def _photographic(source: Source) -> bool:
+    return source.bulkdata.images == "photographic"
+
+
+def media_of(job: Job) -> Media:
+    """What the file holds, read again (its headers only) when it is sent."""
+    media = detect(Path(job.path))
+    if media.kind != job.kind:
+        raise FileVanished("the file was replaced by another kind of file", path=job.path)
+    return media
 
 
 def _unchanged(job: Job) -> bool:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from stowd.config import (
+    BULK_TYPES,
     DEFAULT_BATCH_BYTES,
     DEFAULT_BATCH_FILES,
     DEFAULT_HISTORY_DAYS,
@@ -15,7 +16,6 @@ from stowd.config import (
     DEFAULT_RESCAN_INTERVAL,
     DEFAULT_SHUTDOWN_TIMEOUT,
     DEFAULT_WORKERS,
-    BULK_TYPES,
     BatchLimits,
     Bulkdata,
     Config,

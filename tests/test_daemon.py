@@ -346,7 +346,7 @@ def test_pydicom_corpus_every_file_settles(tmp_path: Path, orthanc: Orthanc) -> 
         assert set(reasons) == layout.files(layout.failed)
         assert all(reasons.values())
         by_name = {Path(name).name: reason for name, reason in reasons.items()}
-        assert "not a DICOM file" in by_name["README.txt"]
+        assert "not a file type stowd can send" in by_name["README.txt"]
         assert "DICOMDIR" in by_name["DICOMDIR"]
         usable = {s.name for s in pydicom_sample_files()}
         sent_names = {Path(n).name for n in layout.files(layout.sent)}

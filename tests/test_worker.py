@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,9 +19,9 @@ import pydicom
 import pytest
 from dicomgen import make_instance, make_instance_bytes, make_study
 
-from stowd.config import BatchLimits, Config, Destination, Retry, Sidecars, Source
+from stowd.config import BatchLimits, Bulkdata, Config, Destination, Retry, Sidecars, Source
 from stowd.queue import Queue
-from stowd.rules import Rule, Template
+from stowd.rules import Match, Rule, Template
 from stowd.stow import StowClient
 from stowd.watch import Watcher
 from stowd.worker import Worker
@@ -76,6 +77,7 @@ class Rig:
         handler: Handler,
         rules: tuple[Rule, ...] = (),
         sidecars: Sidecars | None = None,
+        bulk: Bulkdata | None = None,
         **retry: float,
     ) -> None:
         self.clock = Clock()
@@ -87,6 +89,7 @@ class Rig:
             "pacs",
             quiet_period=0.0,
             sidecars=sidecars,
+            bulkdata=bulk or Bulkdata(),
         )
         self.source.watch.mkdir()
         dest = Destination("pacs", "http://archive.test/dicom-web", BatchLimits(max_files=10))
@@ -138,9 +141,10 @@ def rig_factory(tmp_path: Path) -> Iterator[Callable[..., Rig]]:
         handler: Handler,
         rules: tuple[Rule, ...] = (),
         sidecars: Sidecars | None = None,
+        bulk: Bulkdata | None = None,
         **retry: float,
     ) -> Rig:
-        rig = Rig(tmp_path, handler, rules, sidecars, **retry)
+        rig = Rig(tmp_path, handler, rules, sidecars, bulk, **retry)
         rigs.append(rig)
         return rig
 
@@ -603,3 +607,114 @@ def test_a_sidecar_corrected_after_its_file_was_queued_is_not_deleted(
     assert rig.names(rig.source.failed) == {"s/a.dcm", "s/a.json"}
     assert (rig.source.failed / "s/a.json").read_bytes() == latin1  # what a.dcm failed with
     assert own.read_text(encoding="utf-8") == '{"PatientName": "Müller"}'  # the fix is kept
+
+
+# --------------------------------------------------------------------------- bulkdata
+
+PDF = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
+
+
+def storing_instances(seen: list[pydicom.Dataset]) -> Handler:
+    """An archive that stores every Part-10 part, keeping each instance in ``seen``."""
+
+    def archive(request: httpx.Request) -> httpx.Response:
+        body = request.read()
+        boundary = request.headers["Content-Type"].split("boundary=")[1].encode()
+        found = [
+            pydicom.dcmread(io.BytesIO(c.split(b"\r\n\r\n", 1)[1][:-2]))
+            for c in body.split(b"--" + boundary)[1:-1]
+        ]
+        seen.extend(found)
+        return httpx.Response(200, json=stow_json([str(ds.SOPInstanceUID) for ds in found]))
+
+    return archive
+
+
+def test_unknown_types_are_left_alone_when_ignored(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    seen: list[pydicom.Dataset] = []
+    rig = rig_factory(storing_instances(seen), bulk=Bulkdata(unknown="ignore"))
+    (rig.source.watch / "notes.txt").write_text("not a type stowd knows\n")
+    (rig.source.watch / "a.pdf").write_bytes(PDF)
+    rig.find()
+    rig.drain()
+    assert rig.names(rig.source.sent) == {"a.pdf"} and len(seen) == 1
+    assert rig.names(rig.source.watch) == {"notes.txt"}
+    assert rig.queue.counts() == {"sent": 1, "ignored": 1}
+    rig.find()  # a rescan does not queue the ignored file again
+    rig.drain()
+    assert rig.queue.counts() == {"sent": 1, "ignored": 1}
+
+
+def test_unknown_and_excluded_types_go_to_failed_with_the_reason(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    strict = rig_factory(storing_instances([]), bulk=Bulkdata(types=("jpeg",)))
+    (strict.source.watch / "notes.txt").write_text("not a type stowd knows\n")
+    (strict.source.watch / "b.pdf").write_bytes(PDF)
+    strict.find()
+    strict.drain()
+    assert strict.names(strict.source.failed) == {"notes.txt", "b.pdf"}
+    assert "not a file type stowd can send" in str(strict.reason("notes.txt")["reason"])
+    assert "makes DICOM only from these types: jpeg" in str(strict.reason("b.pdf")["reason"])
+
+
+def test_made_instances_follow_the_rules_and_keep_their_uids_across_retries(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    seen: list[pydicom.Dataset] = []
+    answers = iter([503, 200, 200, 200])
+    store = storing_instances(seen)
+
+    def archive(request: httpx.Request) -> httpx.Response:
+        status = next(answers)
+        return store(request) if status == 200 else httpx.Response(status)
+
+    rules = (
+        Rule(
+            "rules[0]",
+            None,
+            match=Match(regex=re.compile("^(?P<pid>[^/]+)/")),
+            set=(("PatientID", Template.parse("{regex.pid}")),),
+        ),
+        Rule(
+            "rules[1]",
+            None,
+            match=Match(regex=re.compile("^given/")),
+            set=(("StudyInstanceUID", "1.2.3.4.5"),),
+        ),
+    )
+    rig = rig_factory(archive, rules=rules, initial=1.0, maximum=1.0)
+    for rel in ("P1/a.pdf", "P1/b.pdf", "P2/c.pdf", "given/d.pdf"):
+        (rig.source.watch / rel).parent.mkdir(parents=True, exist_ok=True)
+        (rig.source.watch / rel).write_bytes(PDF)
+    rig.find()
+    rig.drain()  # the first request gets 503: the files wait
+    queued = {j.path: j.sop_uid for j in rig.queue.jobs()}
+    rig.clock.now += 3600
+    rig.drain()
+    assert rig.names(rig.source.sent) == {"P1/a.pdf", "P1/b.pdf", "P2/c.pdf", "given/d.pdf"}
+    by_patient = {str(ds.PatientID): ds for ds in seen}
+    assert {j.path: j.sop_uid for j in rig.queue.jobs()} == queued  # the same UIDs
+    assert {str(ds.SOPInstanceUID) for ds in seen} == set(queued.values())
+    p1 = [ds for ds in seen if ds.PatientID == "P1"]
+    assert len(p1) == 2 and p1[0].StudyInstanceUID == p1[1].StudyInstanceUID
+    assert p1[0].StudyInstanceUID != by_patient["P2"].StudyInstanceUID
+    assert sorted(int(ds.InstanceNumber) for ds in p1) == [1, 2]
+    given = [ds for ds in seen if ds.StudyInstanceUID == "1.2.3.4.5"]
+    assert len(given) == 1 and str(given[0].SOPInstanceUID).startswith("2.25.")
+    assert list(rig.config.spool.iterdir()) == []
+
+
+def test_a_study_key_without_its_value_fails_the_file_with_the_reason(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    key = Bulkdata(study_key=Template.parse("{sidecar.AccessionNumber}"))
+    rig = rig_factory(storing_instances([]), bulk=key, sidecars=Sidecars())
+    (rig.source.watch / "a.pdf").write_bytes(PDF)
+    rig.find()
+    rig.drain()
+    assert rig.names(rig.source.failed) == {"a.pdf"}
+    reason = str(rig.reason("a.pdf")["reason"])
+    assert reason.startswith("bulkdata.study_key: {sidecar.AccessionNumber} has no value")
