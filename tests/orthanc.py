@@ -324,6 +324,13 @@ class Orthanc:
             raise OrthancError(f"GET {path}: HTTP {response.status_code}: {response.text[:500]}")
         return response.json()
 
+    def get_bytes(self, path: str, *, timeout: float = 30.0) -> bytes:
+        """``GET {url}{path}`` and return the body (raises OrthancError if not 200)."""
+        response = httpx.get(f"{self.url}{path}", timeout=timeout)
+        if response.status_code != 200:
+            raise OrthancError(f"GET {path}: HTTP {response.status_code}: {response.text[:500]}")
+        return response.content
+
     def post_json(self, path: str, body: Any, *, timeout: float = 60.0) -> Any:
         """``POST {url}{path}`` with a JSON body and decode the JSON answer."""
         response = httpx.post(f"{self.url}{path}", json=body, timeout=timeout)

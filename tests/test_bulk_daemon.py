@@ -1,0 +1,225 @@
+"""Bulkdata end to end: photos, PDFs and videos dropped into the real daemon become DICOM
+instances in a real Orthanc, with the bytes embedded unchanged and stable UIDs."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pydicom
+from harness import Layout, Stowd, make_layout, wait_for
+from mediagen import dciodvfy_errors, make_jpeg, make_pdf, make_png, make_video
+from orthanc import Orthanc
+from pydicom.encaps import generate_fragments
+
+from stowd.media import detect
+
+PATIENT_RULE = {
+    "name": "patient from the folder",
+    "match": {"regex": "^(?P<pid>[^/]+)/"},
+    "set": {"PatientID": "{regex.pid}", "PatientName": "Test^{regex.pid}"},
+}
+TS = "1.2.840.10008.1.2.4."
+
+
+def bulk_layout(root: Path, url: str, **overrides: Any) -> Layout:
+    return make_layout(root, url, rules=[PATIENT_RULE], **overrides)
+
+
+def run_until(layout: Layout, done: Any, what: str, timeout: float = 120) -> None:
+    daemon = Stowd(layout).start()
+    try:
+        wait_for(done, timeout, what, lambda: daemon.log)
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop()
+
+
+def retrieved(orthanc: Orthanc) -> list[pydicom.FileDataset]:
+    """Every instance Orthanc stored, as the archive returns it (WADO: the file)."""
+    files = []
+    for instance in orthanc.get_json("/instances"):
+        data = orthanc.get_bytes(f"/instances/{instance}/file")
+        files.append(pydicom.dcmread(pydicom.filebase.DicomBytesIO(data)))
+    return files
+
+
+def embedded(ds: pydicom.Dataset) -> bytes:
+    """The document or the compressed stream inside an instance (padding included)."""
+    if "EncapsulatedDocument" in ds:
+        return bytes(ds.EncapsulatedDocument)
+    return b"".join(list(generate_fragments(ds.PixelData))[1:])  # after the offset table
+
+
+def padded(data: bytes) -> bytes:
+    return data + b"\0" * (len(data) % 2)
+
+
+def test_photos_pdfs_and_videos_arrive_as_dicom_with_their_bytes_unchanged(
+    tmp_path: Path, orthanc: Orthanc
+) -> None:
+    layout = bulk_layout(tmp_path / "run", orthanc.dicomweb_url)
+    drop = layout.drop
+    originals = {
+        "P1/photo1.jpg": make_jpeg(drop / "P1/photo1.jpg", seed=1),
+        "P1/photo2.jpeg": make_jpeg(drop / "P1/photo2.jpeg", (200, 100), seed=2),
+        "P1/report.pdf": make_pdf(drop / "P1/report.pdf"),
+        "P1/clip.mpg": make_video(drop / "P1/clip.mpg", "mpeg2"),
+        "P1/clip.mp4": make_video(drop / "P1/clip.mp4", "h264"),
+        "P2/scan.pdf": make_pdf(drop / "P2/scan.pdf", "another patient"),
+    }
+    media = {rel: detect(drop / rel) for rel in originals}
+    run_until(layout, lambda: layout.files(layout.sent) == set(originals), "every file sent", 120)
+    assert layout.files(layout.failed) == set() and layout.files(layout.drop) == set()
+
+    stored = {padded(originals[rel]): rel for rel in originals}
+    by_file: dict[str, pydicom.FileDataset] = {}
+    for ds in retrieved(orthanc):
+        by_file[stored[embedded(ds)]] = ds  # each instance holds one original, byte for byte
+    assert set(by_file) == set(originals)
+
+    for rel, ds in by_file.items():
+        assert ds.PatientID == rel.split("/")[0] and str(ds.PatientName) == f"Test^{ds.PatientID}"
+        found = media[rel]
+        if found.rows:
+            assert (ds.Rows, ds.Columns) == (found.rows, found.columns), rel
+            assert ds.SamplesPerPixel == found.samples_per_pixel
+            assert ds.file_meta.TransferSyntaxUID == found.transfer_syntax
+        if found.frames:
+            assert int(ds.NumberOfFrames) == found.frames
+
+    p1 = [ds for rel, ds in by_file.items() if rel.startswith("P1/")]
+    assert len({ds.StudyInstanceUID for ds in p1}) == 1  # one folder, one study
+    assert by_file["P2/scan.pdf"].StudyInstanceUID != p1[0].StudyInstanceUID
+    photos = [by_file["P1/photo1.jpg"], by_file["P1/photo2.jpeg"]]
+    assert photos[0].SeriesInstanceUID == photos[1].SeriesInstanceUID  # one series per type
+    assert sorted(int(ds.InstanceNumber) for ds in photos) == [1, 2]
+    assert by_file["P1/report.pdf"].SeriesInstanceUID != photos[0].SeriesInstanceUID
+    assert by_file["P1/clip.mpg"].file_meta.TransferSyntaxUID == TS + "100"
+    assert by_file["P1/clip.mp4"].file_meta.TransferSyntaxUID == TS + "102"
+    assert by_file["P1/report.pdf"].MIMETypeOfEncapsulatedDocument == "application/pdf"
+
+    for rel, ds in by_file.items():  # what the archive keeps is a valid object
+        path = tmp_path / (rel.replace("/", "_") + ".dcm")
+        ds.save_as(path, enforce_file_format=True)
+        assert dciodvfy_errors(path) == [], rel
+
+
+def test_bad_and_unknown_files_are_refused_clearly_and_the_daemon_goes_on(
+    tmp_path: Path, orthanc: Orthanc
+) -> None:
+    layout = bulk_layout(
+        tmp_path / "run", orthanc.dicomweb_url, source={"bulkdata": {"unknown": "ignore"}}
+    )
+    drop = layout.drop
+    (drop / "P1").mkdir()
+    (drop / "P1/fake.jpg").write_text("this is a text file named like a photo\n")
+    (drop / "P1/empty.pdf").write_bytes(b"")
+    clip = make_video(tmp_path / "clip.mp4", "h264")
+    (drop / "P1/truncated.mp4").write_bytes(clip[: len(clip) // 2])
+    (drop / "P1/notes.txt").write_text("an unknown type: left alone\n")
+    make_pdf(drop / "P1/good.pdf")
+    make_png(drop / "P1/small.png")
+    bad = {"P1/fake.jpg", "P1/empty.pdf", "P1/truncated.mp4"}
+    run_until(
+        layout,
+        lambda: layout.files(layout.failed) >= bad and len(layout.files(layout.sent)) == 2,
+        "the bad files in failed/ and the good ones in sent/",
+    )
+    assert layout.files(layout.failed) == bad
+    assert layout.files(layout.sent) == {"P1/good.pdf", "P1/small.png"}
+    assert layout.files(layout.drop) == {"P1/notes.txt"}  # ignored: never moved or sent
+    errors = layout.error_files()
+    reasons = {rel: json.loads(errors[rel].read_text())["reason"] for rel in bad}
+    assert "is not a JPEG image" in reasons["P1/fake.jpg"]
+    assert "empty" in reasons["P1/empty.pdf"]
+    assert "truncated or damaged" in reasons["P1/truncated.mp4"]
+    assert orthanc.instance_count() == 2
+
+
+class SlowAnswers:
+    """A proxy in front of Orthanc that passes each STOW request on at once but holds the
+    answer back for ``delay`` seconds: a window in which Orthanc has stored instances that
+    stowd has not yet been told about (the moment a crash risks duplicates)."""
+
+    def __init__(self, target: str, delay: float) -> None:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                headers = {"Content-Type": self.headers["Content-Type"]}
+                answer = httpx.post(target + "/studies", content=body, headers=headers, timeout=60)
+                time.sleep(proxy.delay)
+                self.send_response(answer.status_code)
+                self.send_header("Content-Type", answer.headers.get("Content-Type", "text/plain"))
+                self.send_header("Content-Length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.delay = delay
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host!s}:{port}/dicom-web"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_kill_9_mid_upload_reuses_the_same_uids(tmp_path: Path, orthanc: Orthanc) -> None:
+    proxy = SlowAnswers(orthanc.dicomweb_url, delay=3.0)
+    try:
+        kill_mid_upload_and_restart(tmp_path, orthanc, proxy)
+    finally:
+        proxy.close()
+
+
+def kill_mid_upload_and_restart(tmp_path: Path, orthanc: Orthanc, proxy: SlowAnswers) -> None:
+    layout = bulk_layout(
+        tmp_path / "run",
+        proxy.url,
+        destinations={"pacs": {"url": proxy.url, "workers": 1, "batch": {"max_files": 5}}},
+    )
+    count = 20
+    for n in range(count):
+        make_pdf(layout.drop / f"P7/doc{n:02}.pdf", f"page {n}", padding=300_000)
+    daemon = Stowd(layout).start()
+    try:
+        # Kill while a request is under way: Orthanc already holds instances whose files
+        # have not been moved to sent/ yet, so the next run must send them again.
+        wait_for(
+            lambda: orthanc.instance_count() > len(layout.files(layout.sent)),
+            60,
+            "an upload in flight",
+            lambda: daemon.log,
+        )
+        daemon.kill()
+        proxy.delay = 0.0
+        in_flight = orthanc.sop_instance_uids()
+        assert len(in_flight) > len(layout.files(layout.sent)), "the kill came too late"
+        daemon = Stowd(layout).start()
+        wait_for(
+            lambda: len(layout.files(layout.sent)) == count, 120, "all sent", lambda: daemon.log
+        )
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop()
+    assert in_flight <= orthanc.sop_instance_uids()  # re-sent under the same UIDs
+    assert orthanc.instance_count() == count  # one instance per file, none sent twice
+    assert orthanc.study_count() == 1
+    numbers = [int(ds.InstanceNumber) for ds in retrieved(orthanc)]
+    assert sorted(numbers) == list(range(1, count + 1))
+    assert not any(layout.root.joinpath("state", "queue.db.spool").glob("*")), "spool left behind"
