@@ -185,6 +185,9 @@ destinations:
 rules:  # metadata rules: every file gets these attributes before it is stored
   - name: demo institution
     set: {InstitutionName: stowd quick start}
+  - name: photos and documents take the patient from their folder
+    match: {type: [jpeg, pdf], regex: '^(?P<pid>[^/]+)/'}
+    set: {PatientID: '{regex.pid}', PatientName: 'Demo^{regex.pid}'}
 EOF
 say "Starting: stowd run -c ${config#"${repo}"/}"
 cat "${config}"
@@ -198,17 +201,22 @@ if ! pid_alive "${stowd_pid}"; then
 fi
 
 # --- drop some files -----------------------------------------------------------------------
-say "Dropping 8 generated DICOM files (2 studies) and 1 non-DICOM file into demo-run/drop/"
+say "Dropping 8 generated DICOM files (2 studies), a photo and a PDF of patient DEMO3, and 1 broken file into demo-run/drop/"
 as_user .venv/bin/python tests/dicomgen.py study "${run_dir}/samples/study-1" -n 5 \
     --patient-id DEMO1 >/dev/null
 as_user .venv/bin/python tests/dicomgen.py study "${run_dir}/samples/study-2" -n 3 \
     --patient-id DEMO2 >/dev/null
 as_user .venv/bin/python tests/dicomgen.py garbage "${run_dir}/samples/not-dicom.dcm" >/dev/null
+as_user .venv/bin/python tests/mediagen.py jpeg "${run_dir}/samples/DEMO3/photo.jpg" >/dev/null
+as_user .venv/bin/python tests/mediagen.py pdf "${run_dir}/samples/DEMO3/referral.pdf" >/dev/null
+say "What a dropped photo becomes: stowd explain --source demo DEMO3/photo.jpg"
+(cd "${run_dir}/samples" && as_user "${repo}/.venv/bin/stowd" explain -c "${config}" \
+    --source demo DEMO3/photo.jpg) || true
 say "What the rules do to one of them: stowd explain --source demo FILE"
 as_user .venv/bin/stowd explain -c "${config}" --source demo \
     "${run_dir}/samples/study-1/IM00001.dcm" || true
 as_user cp -R "${run_dir}/samples/." "${run_dir}/drop/"
-expected_sent=8
+expected_sent=10
 expected_failed=1
 
 # Files below a folder, leaving out stowd's *.error.json notes in failed/.
@@ -234,7 +242,7 @@ while :; do
     stored="$(orthanc_instances)"
     printf '%5ss  %6s  %6s  %8s  %18s\n' "${elapsed}" "${in_drop}" "${sent}" "${failed}" "${stored}"
     if ((sent >= expected_sent && failed >= expected_failed)) && [[ ${stored} == "${expected_sent}" ]]; then
-        echo "all ${expected_sent} DICOM files are in Orthanc; the non-DICOM file is in done/failed"
+        echo "all ${expected_sent} files are in Orthanc (the photo and the PDF as DICOM instances); the broken file is in done/failed"
         break
     fi
     if ! pid_alive "${stowd_pid}"; then
