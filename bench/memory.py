@@ -2,9 +2,12 @@
 is queued, against a local discarding STOW endpoint (reads and drops the body).
 
 Usage:  .venv/bin/python bench/memory.py --size 1GiB --backlog 20000 [--rules]
+        .venv/bin/python bench/memory.py --video 4500MiB   (needs /usr/bin/ffmpeg)
 
 ``--rules`` adds a metadata rule that changes every file, so each is sent as a rewritten
-copy from the spool folder (the cost of rules).
+copy from the spool folder (the cost of rules).  ``--video`` drops one MPEG-2 video of that
+size (a real clip at both ends, a sparse hole between) and sends it in both bulkdata modes:
+``encapsulate`` (a Part-10 copy built in the spool, then sent) and ``metadata``.
 
 Prints the peak RSS (VmHWM) of the stowd process for each case.  Figures, not assertions.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -35,6 +39,7 @@ CHUNK = 1024 * 1024
 
 
 META_SOP_UID = b"\x02\x00\x03\x00UI"
+JSON_SOP_UID = re.compile(rb'"00080018": \{"vr": "UI", "Value": \["([0-9.]+)"\]')
 
 
 class Discard(BaseHTTPRequestHandler):
@@ -47,6 +52,7 @@ class Discard(BaseHTTPRequestHandler):
         while left:
             chunk = self.rfile.read(min(CHUNK, left))
             left -= len(chunk)
+            uids += [m.decode() for m in JSON_SOP_UID.findall(chunk)]  # the metadata form
             at = chunk.find(META_SOP_UID)
             while at >= 0:
                 length = struct.unpack("<H", chunk[at + 6 : at + 8])[0]
@@ -82,7 +88,25 @@ RULES = """rules:
 """
 
 
-def config(folder: Path, url: str, rules: bool) -> Path:
+def sparse_video(path: Path, size: int) -> None:
+    """An MPEG-2 program stream of ``size`` bytes: a real clip, a sparse hole, the clip again
+    (so the headers at the start and the time codes at the end are real); no disk used."""
+    clip = path.with_suffix(".clip.mpg")
+    source = ["-f", "lavfi", "-i", "testsrc=size=640x480:rate=25", "-t", "2"]
+    subprocess.run(
+        ["/usr/bin/ffmpeg", "-v", "error", "-y", *source, "-c:v", "mpeg2video", str(clip)],
+        check=True,
+    )
+    data = clip.read_bytes()
+    clip.unlink()
+    with open(path, "wb") as fp:
+        fp.write(data)
+        fp.truncate(size - len(data))
+        fp.seek(size - len(data))
+        fp.write(data)
+
+
+def config(folder: Path, url: str, rules: bool, mode: str = "encapsulate") -> Path:
     path = folder / "stowd.yaml"
     path.write_text(
         f"""queue: ./state/queue.db
@@ -91,7 +115,7 @@ sources:
   - {{name: b, watch: ./drop, sent: ./sent, failed: ./failed, destination: d,
       quiet_period: 100ms}}
 destinations:
-  d: {{url: "{url}", timeouts: {{read: 30m, write: 30m}}}}
+  d: {{url: "{url}", timeouts: {{read: 30m, write: 30m}}, bulkdata: {mode}}}
 """
         + (RULES if rules else "")
     )
@@ -105,8 +129,10 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def run(folder: Path, url: str, expect: int, rules: bool) -> tuple[float, float]:
-    path = config(folder, url, rules)
+def run(
+    folder: Path, url: str, expect: int, rules: bool, mode: str = "encapsulate"
+) -> tuple[float, float]:
+    path = config(folder, url, rules, mode)
     proc = subprocess.Popen([sys.executable, "-m", "stowd", "run", "-c", str(path)])
     started = time.monotonic()
     sent = folder / "sent"
@@ -122,6 +148,20 @@ def run(folder: Path, url: str, expect: int, rules: bool) -> tuple[float, float]
     return seconds, rss
 
 
+def video_case(url: str, text: str) -> None:
+    size = parse_size(text)
+    for mode in ("encapsulate", "metadata"):
+        with tempfile.TemporaryDirectory(prefix="stowd-video-") as tmp:
+            folder = Path(tmp)
+            (folder / "drop").mkdir()
+            sparse_video(folder / "drop" / "long.mpg", size)
+            seconds, rss = run(folder, url, 1, False, mode)
+            print(
+                f"one MPEG-2 video of {text}, bulkdata: {mode}: {size / seconds / 1e6:.0f} MB/s "
+                f"end to end, peak RSS {rss:.1f} MB"
+            )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", default="1GiB")
@@ -131,10 +171,15 @@ def main() -> int:
         action="store_true",
         help="with a metadata rule that changes every file (each is sent as a rewritten copy)",
     )
+    parser.add_argument("--video", help="instead: one MPEG-2 video of this size, both modes")
     args = parser.parse_args()
     server = ThreadingHTTPServer(("127.0.0.1", 0), Discard)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}/dicom-web"
+    if args.video:
+        video_case(url, args.video)
+        server.shutdown()
+        return 0
     with tempfile.TemporaryDirectory(prefix="stowd-mem-") as tmp:
         one = Path(tmp) / "one"
         (one / "drop").mkdir(parents=True)

@@ -96,6 +96,7 @@ _FRAME_TIME = Tag(0x0018, 0x1063)
 _ITEM = struct.pack("<HH", 0xFFFE, 0xE000)
 _SEQUENCE_END = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
 _TS = "1.2.840.10008.1.2.4."
+_FRAGMENTABLE = ("100", "101", "102", "103", "104", "105", "106")  # <syntax>.1 exists
 _VIDEO_SYNTAXES = {_TS + s for s in ("100", "101", "102", "103", "104", "105", "106", "107", "108")}
 _TITLE_LIMIT = 1024  # DocumentTitle is ST
 _FOR_NAMESPACE = uuid.UUID("6f0c2c55-3b53-4f1e-9c59-5d1d2f0c6a21")  # stowd frames of reference
@@ -331,12 +332,21 @@ def _bulk(source: Path, media: Media, size: int) -> Bulk:
         return Bulk(
             source, media.codestream_offset, length, "image/j2c", media.transfer_syntax, size
         )
+    syntax = media.transfer_syntax
     if media.kind in ("mpeg", "mp4") and size + (size & 1) > MAX_VALUE:
+        syntax = _fragmentable(size, syntax)
+    return Bulk(source, 0, size, media.media_type, syntax, size)
+
+
+def _fragmentable(size: int, syntax: str | None) -> str:
+    """A video over 4 GiB needs the Fragmentable variant of its transfer syntax (PS3.5
+    Supplement 225: the stream split into several fragments); HEVC has none."""
+    if syntax is None or syntax.removeprefix(_TS) not in _FRAGMENTABLE:
         raise FileProblem(
-            f"the video ({size} bytes) is larger than 4 GiB, more than one DICOM video object "
-            "holds: cut it into shorter parts"
+            f"the video ({size} bytes) is larger than 4 GiB, and DICOM has no transfer syntax "
+            "that splits an HEVC stream over several fragments: cut it into shorter parts"
         )
-    return Bulk(source, 0, size, media.media_type, media.transfer_syntax, size)
+    return f"{syntax}.1"
 
 
 def _pixels(media: Media, sop_class: str) -> _Pixels | None:
@@ -681,7 +691,7 @@ def _tail_bytes(tail: Dataset, encodings: str | list[str]) -> bytes:
 def _write_bulk(fp: BinaryIO, out: BinaryIO, instance: Instance) -> None:
     bulk = instance.bulk
     if instance.encapsulated:
-        video = bulk.transfer_syntax in _VIDEO_SYNTAXES  # one fragment (not fragmentable TS)
+        video = bulk.transfer_syntax in _VIDEO_SYNTAXES  # one fragment; <syntax>.1 may split
         _write_fragments(fp, out, bulk.length, MAX_VALUE if video else FRAGMENT)
         return
     length = bulk.length + (bulk.length & 1)

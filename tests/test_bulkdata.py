@@ -641,6 +641,29 @@ def test_a_large_video_is_one_fragment(
     assert embedded(ds, len(data)) == data
 
 
+@pytest.mark.parametrize(("name", "syntax"), [("clip.mpg", "100.1"), ("clip.mp4", "102.1")])
+def test_a_video_over_4_gib_uses_the_fragmentable_syntax_and_several_fragments(
+    tmp_path: Path, clips: dict[str, Path], monkeypatch: pytest.MonkeyPatch, name: str, syntax: str
+) -> None:
+    monkeypatch.setattr(bulkdata, "MAX_VALUE", 2000)  # stands in for 4 GiB
+    monkeypatch.setattr(bulkdata, "FRAGMENT", 1000)
+    data = clips[name].read_bytes()
+    _, _, ds = make(tmp_path, name, data)
+    assert ds.file_meta.TransferSyntaxUID == TS + syntax
+    assert UID(TS + syntax).name.startswith("Fragmentable")
+    _, *fragments = generate_fragments(ds.PixelData)
+    assert len(fragments) == -(-len(data) // 1000)
+    assert embedded(ds, len(data)) == data
+
+
+def test_an_hevc_video_over_4_gib_is_refused(
+    tmp_path: Path, clips: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bulkdata, "MAX_VALUE", 2000)
+    with pytest.raises(FileProblem, match="no transfer syntax that splits an HEVC stream"):
+        make(tmp_path, "hevc.mp4", clips["hevc.mp4"].read_bytes())
+
+
 def test_values_name_the_anatomic_region_of_a_video(tmp_path: Path, clips: dict[str, Path]) -> None:
     region: Item = {
         "CodeValue": "76752008",
@@ -679,11 +702,11 @@ def test_a_video_stowd_cannot_describe_is_refused(tmp_path: Path, case: str) -> 
     assert not (tmp_path / "clip.dcm").exists()
 
 
-def test_a_video_over_4_gib_is_refused(tmp_path: Path) -> None:
+def test_an_hevc_video_of_4_gib_is_refused_before_anything_is_written(tmp_path: Path) -> None:
     source = tmp_path / "long.mp4"
     with source.open("wb") as fp:
-        fp.truncate(4 * GIB)
-    media = replace(MP4_MEDIA, frames=10)
+        fp.truncate(4 * GIB)  # sparse: no disk space used
+    media = replace(MP4_MEDIA, frames=10, transfer_syntax=TS + "107")
     with pytest.raises(FileProblem, match="larger than 4 GiB"):
         build(source, media, {}, UIDS, tmp_path / "long.dcm", now=NOW)
     assert not (tmp_path / "long.dcm").exists()
