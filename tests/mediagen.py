@@ -12,6 +12,7 @@ import io
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
@@ -117,7 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("kind", choices=("jpeg", "pdf", "png"))
     parser.add_argument("file", type=Path)
     args = parser.parse_args(argv)
-    makers = {"jpeg": make_jpeg, "pdf": make_pdf, "png": make_png}
+    makers: dict[str, Callable[[Path], bytes]] = {
+        "jpeg": make_jpeg,
+        "pdf": make_pdf,
+        "png": make_png,
+    }
     makers[args.kind](args.file)
     print(args.file)
     return 0

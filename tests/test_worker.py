@@ -682,7 +682,7 @@ def test_made_instances_follow_the_rules_and_keep_their_uids_across_retries(
             "rules[1]",
             None,
             match=Match(regex=re.compile("^given/")),
-            set=(("StudyInstanceUID", "1.2.3.4.5"),),
+            set=(("StudyInstanceUID", Template.parse("1.2.3.4.5")),),
         ),
     )
     rig = rig_factory(archive, rules=rules, initial=1.0, maximum=1.0)
