@@ -32,6 +32,7 @@ J2K_HEADER = 256 * 1024  # the JPEG 2000 main header (SIZ, COD) must fit in this
 TAIL = 4096  # the end of a JPEG is looked for here (trailing zero padding is tolerated)
 STSD_LIMIT = 256 * 1024  # an MP4 sample description (with avcC/hvcC) is read up to this size
 MAX_BOXES = 100_000  # more boxes than this in one container is damage, not a video
+MAX_SIDE = 65535  # Rows and Columns are 16-bit (US)
 MAX_SEGMENTS = 4096  # more JPEG marker segments than this before the scan is damage
 
 _TS = "1.2.840.10008.1.2.4."
@@ -274,6 +275,11 @@ def _bits(data: bytes, start: int, length: int) -> int:
 def _check_size(kind: str, rows: int, columns: int) -> None:
     if not rows or not columns:
         raise FileProblem(f"{_DAMAGED[kind]}: its header gives a zero width or height")
+    if rows > MAX_SIDE or columns > MAX_SIDE:
+        raise FileProblem(
+            f"the image is {columns} x {rows} pixels, too large for DICOM (Rows and Columns "
+            f"are at most {MAX_SIDE}): scale or split it"
+        )
 
 
 # --- documents, PNG, GIF --------------------------------------------------------------------------
@@ -287,7 +293,28 @@ def _document(kind: str) -> _Parser:
 
 
 def _cda(fp: BinaryIO, size: int, head: bytes) -> Media:
+    tail = _tail_text(fp, size).replace(b"\x00", b"")  # UTF-16 text as ASCII
+    if not tail.rstrip(b" \t\r\n").endswith(b"ClinicalDocument>"):
+        raise FileProblem(
+            "the CDA document is truncated: it does not end with </ClinicalDocument> (was it "
+            "copied completely?)"
+        )
     return Media("cda", "text/xml", None, document_id=_cda_id(fp))
+
+
+def _stl(fp: BinaryIO, size: int, head: bytes) -> Media:
+    binary = len(head) >= 84 and size == 84 + 50 * struct.unpack_from("<I", head, 80)[0]
+    if not binary and b"endsolid" not in _tail_text(fp, size)[-1024:]:
+        raise FileProblem(
+            "the STL model is truncated: a text STL ends with 'endsolid' and this one does not "
+            "(was it copied completely?)"
+        )
+    return Media("stl", _MEDIA_TYPES["stl"], None)
+
+
+def _tail_text(fp: BinaryIO, size: int) -> bytes:
+    """The last ``TAIL`` bytes without trailing white space and zero padding."""
+    return _read_at(fp, max(size - TAIL, 0), TAIL).rstrip(b"\x00 \t\r\n")
 
 
 def _cda_id(fp: BinaryIO) -> str | None:
@@ -442,7 +469,8 @@ def _check_jpeg_end(fp: BinaryIO, size: int) -> None:
     if not tail.endswith(b"\xff\xd9"):
         raise FileProblem(
             "the file is a truncated or damaged JPEG: it does not end with the end-of-image "
-            "marker FF D9 (was it copied completely?)"
+            "marker FF D9 (was it copied completely? A phone's 'motion photo' with a video "
+            "after the image also ends so: save the photo as a plain JPEG)"
         )
 
 
@@ -639,6 +667,8 @@ _MPEG_PROFILES = {1: "High", 2: "Spatially Scalable", 3: "SNR Scalable", 4: "Mai
 _SEQUENCE_HEADER = b"\x00\x00\x01\xb3"
 _GOP = b"\x00\x00\x01\xb8"
 _PICTURE = b"\x00\x00\x01\x00"
+_PACK = b"\x00\x00\x01\xba"
+_START = b"\x00\x00\x01"
 _EXTENSION = b"\x00\x00\x01\xb5"
 
 
@@ -659,7 +689,8 @@ def _mpeg(fp: BinaryIO, size: int, head: bytes) -> Media:
         rows |= _bits(extension, 17, 2) << 12
     _check_size("mpeg", rows, columns)
     found = _mpeg_media(rows, columns, _frame_time(rate, extension), _mpeg_high(extension))
-    frames = _mpeg_frames(fp, size, found.frame_time_ms or 0)
+    program = head.startswith(_PACK)
+    frames = _mpeg_frames(fp, size, found.frame_time_ms or 0, program)
     duration = frames * (found.frame_time_ms or 0) / 1000 if frames else None
     return replace(found, frames=frames, duration_s=duration)
 
@@ -713,14 +744,16 @@ def _mpeg_high(extension: bytes | None) -> bool | None:
     return level in (4, 6)
 
 
-def _mpeg_frames(fp: BinaryIO, size: int, frame_time: float) -> int | None:
+def _mpeg_frames(fp: BinaryIO, size: int, frame_time: float, program: bool) -> int | None:
     """The frame count: the time code of the last GOP header plus the pictures after it.
 
-    Only the last ``MPEG_SCAN`` bytes are read. None when there is no GOP header there, or when
-    the time codes are not kept (a last GOP at 00:00:00:00 that is not the first in the file).
+    Only the last ``MPEG_SCAN`` bytes are read (in a program stream, the video payload of its
+    packets). None when there is no GOP header there, or when the time codes are not kept (a
+    last GOP at 00:00:00:00 that is not the first in the file).
     """
     start = max(size - MPEG_SCAN, 0)
     tail = _read_at(fp, start, MPEG_SCAN)
+    tail = _video_payload(tail) if program else tail  # raises FileProblem when cut short
     at = tail.rfind(_GOP, 0, len(tail) - 8)
     if at < 0:
         return None
@@ -728,6 +761,54 @@ def _mpeg_frames(fp: BinaryIO, size: int, frame_time: float) -> int | None:
     if not elapsed and (start or tail.rfind(_GOP, 0, at) >= 0):
         return None
     return elapsed + tail.count(_PICTURE, at)
+
+
+def _video_payload(data: bytes) -> bytes:
+    """The video stream in the last piece of an MPEG program stream: the payload of its video
+    packets without the pack and packet headers between them (they may split a start code).
+    A packet that runs past the end means the file was cut short."""
+    out = bytearray()
+    pos = data.find(_PACK)
+    while pos >= 0 and pos + 14 <= len(data):
+        code = data[pos + 3]
+        if data[pos : pos + 3] != _START or code < 0xBA:  # not a packet: find the next one
+            pos = data.find(_START, pos + 1)
+        elif code == 0xBA:  # pack header: MPEG-2 (14 bytes + stuffing) or MPEG-1 (12)
+            pos += 14 + (data[pos + 13] & 7) if data[pos + 4] >> 6 == 1 else 12
+        else:  # a packet with a length: video (E0-EF) payload kept, others skipped
+            end = _packet_end(data, pos)
+            if end > len(data):
+                raise FileProblem(
+                    f"{_DAMAGED['mpeg']}: its last packet runs past the end of the file "
+                    "(was it copied completely?)"
+                )
+            if 0xE0 <= code <= 0xEF:
+                out += data[_payload_start(data, pos) : end]
+            pos = end
+    return bytes(out)
+
+
+def _packet_end(data: bytes, pos: int) -> int:
+    """The end of the packet at ``pos``; a video packet of length 0 (unbounded) runs to the
+    next pack header."""
+    length = struct.unpack_from(">H", data, pos + 4)[0]
+    if length or not 0xE0 <= data[pos + 3] <= 0xEF:
+        return pos + 6 + length
+    following = data.find(_PACK, pos + 6)
+    return len(data) if following < 0 else following
+
+
+def _payload_start(data: bytes, pos: int) -> int:
+    """Where the payload of the PES packet at ``pos`` starts (MPEG-2 or MPEG-1 header)."""
+    at = pos + 6
+    if at < len(data) and data[at] >> 6 == 2:  # MPEG-2: flags, then the header length
+        return at + 3 + (data[at + 2] if at + 2 < len(data) else 0)
+    while at < len(data) and data[at] == 0xFF:  # MPEG-1: stuffing, buffer size, time stamps
+        at += 1
+    if at < len(data) and data[at] >> 6 == 1:
+        at += 2
+    flags = data[at] >> 4 if at < len(data) else 0
+    return at + {2: 5, 3: 10}.get(flags, 1)
 
 
 def _time_code_frames(code: bytes, rate: int) -> int:
@@ -793,7 +874,8 @@ _CODECS = {
 
 
 def _mp4(fp: BinaryIO, size: int, head: bytes) -> Media:
-    moov = next((box for box in _boxes(fp, 0, size, _VIDEO) if box.kind == b"moov"), None)
+    top = list(_boxes(fp, 0, size, _VIDEO))  # every box must fit: a cut mdat is found too
+    moov = next((box for box in top if box.kind == b"moov"), None)
     if moov is None:
         raise FileProblem(
             f"{_DAMAGED['mp4']}: it has no 'moov' box (the index of the video); was it "
@@ -926,7 +1008,7 @@ def _duration(track: dict[bytes, bytes]) -> float | None:
 _PARSERS: dict[str, _Parser] = {
     "pdf": _pdf,
     "cda": _cda,
-    "stl": _document("stl"),
+    "stl": _stl,
     "obj": _document("obj"),
     "mtl": _document("mtl"),
     "jpeg": _jpeg,

@@ -666,3 +666,48 @@ def test_files_made_by_ffmpeg(tmp_path: Path) -> None:
     assert program.frame_time_ms == pytest.approx(40.0)
     assert program.frames == 25  # from the last GOP's time code
     assert program.duration_s == pytest.approx(1.0)
+
+
+# --- cut short, too large (review of issue 4) ----------------------------------------------------
+
+
+def test_a_program_stream_counts_frames_across_packet_boundaries(tmp_path: Path) -> None:
+    assert detect(ffmpeg_clip(tmp_path / "two.mpg", MPEG2, seconds=2)).frames == 50
+    assert detect(ffmpeg_clip(tmp_path / "five.mpg", MPEG2, seconds=5)).frames == 125
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.6, 0.95])
+def test_a_program_stream_cut_short_is_refused(tmp_path: Path, fraction: float) -> None:
+    data = ffmpeg_clip(tmp_path / "clip.mpg", MPEG2, seconds=2).read_bytes()
+    cut = write(tmp_path, "cut.mpg", data[: int(len(data) * fraction)])
+    with pytest.raises(FileProblem, match="last packet runs past the end of the file"):
+        detect(cut)
+
+
+def test_a_faststart_mp4_cut_short_is_refused(tmp_path: Path) -> None:
+    clip = ffmpeg_clip(tmp_path / "fast.mp4", (*H264, "-movflags", "+faststart"))
+    data = clip.read_bytes()
+    assert data.find(b"moov") < data.find(b"mdat")  # the index comes first
+    assert detect(clip).frames == 25
+    cut = write(tmp_path, "cut.mp4", data[: int(len(data) * 0.6)])
+    with pytest.raises(FileProblem, match="'mdat' box at byte .* runs"):
+        detect(cut)
+
+
+def test_text_models_and_cda_documents_cut_short_are_refused(tmp_path: Path) -> None:
+    stl = write(tmp_path, "cut.stl", STL_ASCII[: len(STL_ASCII) // 2])
+    with pytest.raises(FileProblem, match="STL model is truncated"):
+        detect(stl)
+    document = cda(b"<id root='1.2.3'/>")
+    cut = write(tmp_path, "cut.xml", document[: document.index(b"<title>")])
+    with pytest.raises(FileProblem, match="CDA document is truncated"):
+        detect(cut)
+    assert detect(write(tmp_path, "whole.xml", document)).kind == "cda"
+
+
+def test_an_image_wider_than_dicom_allows_is_refused_before_decoding(tmp_path: Path) -> None:
+    header = b"IHDR" + struct.pack(">IIBBBBB", 70_000, 2, 8, 2, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + header
+    path = write(tmp_path, "wide.png", png + struct.pack(">I", zlib.crc32(header)))
+    with pytest.raises(FileProblem, match="70000 x 2 pixels, too large for DICOM"):
+        detect(path)
