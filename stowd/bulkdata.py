@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import os
 import struct
+import threading
 import unicodedata
 import uuid
 import zlib
@@ -62,7 +63,7 @@ _T = TypeVar("_T")
 CHUNK = 1024 * 1024
 FRAGMENT = 2**30  # the largest pixel data fragment written for an image (even)
 MAX_VALUE = 0xFFFFFFFE  # the largest even 32-bit value length (0xFFFFFFFF means undefined)
-MAX_PIXELS = 200_000_000  # a PNG or GIF with more pixels is refused (decoding needs memory)
+MAX_PIXELS = 25_000_000  # a larger PNG or GIF is refused: decoding holds ~12 bytes a pixel
 IMPLEMENTATION_CLASS_UID = "2.25.145372541218963355395536254185938472373"
 IMPLEMENTATION_VERSION = "STOWD_0_1"
 
@@ -89,6 +90,7 @@ UNKNOWN_REGION = ("123037004", "SCT", "Anatomical Structure")
 
 # Pillow refuses images above its own limit; ours (checked from the header first) replaces it.
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+_DECODING = threading.Lock()
 
 _DOCUMENT = Tag(0x0042, 0x0011)
 _PIXEL_DATA = Tag(0x7FE0, 0x0010)
@@ -137,8 +139,8 @@ class Bulk:
     text/xml, model/stl, model/obj, model/mtl, image/jpeg, image/jp2 (a whole .jp2 file),
     image/j2c (a bare codestream), video/mpeg, video/mp4, video/quicktime, or
     application/octet-stream (native pixels). ``transfer_syntax`` is set for pixel data only.
-    ``file_size`` is the size of ``path`` when it was described: ``write`` refuses a file whose
-    size changed since (None: not checked).
+    ``file_size`` and ``mtime_ns`` are those of ``path`` when it was described: ``write``
+    refuses a file that changed since (None: not checked).
     """
 
     path: Path
@@ -147,6 +149,7 @@ class Bulk:
     media_type: str
     transfer_syntax: str | None
     file_size: int | None = None
+    mtime_ns: int | None = None
 
 
 @dataclass(frozen=True)
@@ -174,22 +177,28 @@ def describe(
     instance_number: int = 1,
     photographic: bool = False,
     scratch: Path | None = None,
+    expect: tuple[int, int] | None = None,
 ) -> Instance:
     """Describe the DICOM instance for ``source`` (detected as ``media``).
 
     ``values`` (keyword -> value) are set on top of the defaults. PNG and GIF images are decoded
     into ``scratch`` (required for them), which the caller removes when done with the instance.
     Raises ``FileProblem`` when the file cannot be made into DICOM, ``FileVanished`` when
-    ``source`` is gone and ``FileUnreadable`` when it cannot be read (or scratch not written) now.
+    ``source`` is gone or no longer has the (size, mtime_ns) ``expect``ed, and
+    ``FileUnreadable`` when it cannot be read (or scratch not written) now.
     """
-    sop_class = sop_class_of(media.kind, photographic=photographic)
+    sop_class = sop_class_for(media, photographic=photographic)
     with _reading(source), open(source, "rb") as fp:
-        size = os.fstat(fp.fileno()).st_size
+        stat = _same(fp, expect)
         pixels: _Pixels | None
         if media.kind in ("png", "gif"):
-            bulk, pixels = _decode(fp, media, _scratch(scratch, media), sop_class)
+            with _DECODING:  # one image in memory at a time, whatever the number of workers
+                bulk, pixels = _decode(fp, media, _scratch(scratch, media), sop_class)
+            _same(fp, stat)  # the pixels are those of the file that was queued
         else:
-            bulk, pixels = _bulk(source, media, size), _pixels(media, sop_class)
+            bulk = replace(_bulk(source, media, stat[0]), mtime_ns=stat[1])
+            pixels = _pixels(media, sop_class)
+        size = stat[0]
     ds = _base(source, sop_class, bulk.transfer_syntax, uids, now=now, number=instance_number)
     if pixels is None:
         _document_attributes(ds, source, media, uids, now=now, size=size)
@@ -213,10 +222,13 @@ def write(instance: Instance, target: Path) -> int:
     head, tail = _split(instance.dataset, instance.tag)
     bulk = instance.bulk
     with _reading(bulk.path), open(bulk.path, "rb") as fp:
-        size = os.fstat(fp.fileno()).st_size
-        if bulk.file_size is not None and size != bulk.file_size:
+        st = os.fstat(fp.fileno())
+        if (bulk.file_size, bulk.mtime_ns) != (
+            st.st_size if bulk.file_size is not None else None,
+            st.st_mtime_ns if bulk.mtime_ns is not None else None,
+        ):
             raise FileVanished(
-                "the file changed its size after it was looked at (is it still being written?)"
+                "the file changed after it was looked at (is it still being written?)"
             )
         fp.seek(bulk.offset)
         with _writing(target, "the DICOM file") as out:
@@ -237,6 +249,7 @@ def build(
     now: datetime,
     instance_number: int = 1,
     photographic: bool = False,
+    expect: tuple[int, int] | None = None,
 ) -> int:
     """Write the DICOM file ``target`` for ``source``: ``write(describe(...))``; return its size.
 
@@ -253,6 +266,7 @@ def build(
             instance_number=instance_number,
             photographic=photographic,
             scratch=scratch,
+            expect=expect,
         )
         return write(instance, target)
     finally:
@@ -310,6 +324,23 @@ class _Pixels:
     lossy: str | None  # LossyImageCompressionMethod, None when lossless
     frames: int | None = None  # video only
     frame_time_ms: float | None = None
+
+
+def _same(fp: BinaryIO, expect: tuple[int, int] | None) -> tuple[int, int]:
+    """The (size, mtime_ns) of the open file; ``FileVanished`` when not ``expect``ed."""
+    st = os.fstat(fp.fileno())
+    found = (st.st_size, st.st_mtime_ns)
+    if expect is not None and found != expect:
+        raise FileVanished("the file changed after it was queued (it is queued again)")
+    return found
+
+
+def sop_class_for(media: Media, *, photographic: bool) -> str:
+    """The SOP Class made from ``media``: as ``sop_class_of``, except that a JPEG 2000 image
+    in RGB (no colour transform) stays Secondary Capture, since VL Photographic allows only
+    YBR_ICT or YBR_RCT for JPEG 2000."""
+    rgb_j2k = media.kind == "jp2" and media.photometric == "RGB"
+    return sop_class_of(media.kind, photographic=photographic and not rgb_j2k)
 
 
 def sop_class_of(kind: str, *, photographic: bool) -> str:
@@ -746,11 +777,13 @@ def _copy(fp: BinaryIO, out: BinaryIO, count: int) -> None:
 
 
 def _check_end(fp: BinaryIO, bulk: Bulk) -> None:
-    """Refuse a file that is longer now than when it was described."""
+    """Refuse a file that is longer now than when it was described, or was written to."""
     end = bulk.file_size if bulk.file_size is not None else bulk.offset + bulk.length
     fp.seek(end)
-    if fp.read(1):
-        raise FileVanished("the file grew while it was being read (is it still being written?)")
+    if fp.read(1) or (
+        bulk.mtime_ns is not None and os.fstat(fp.fileno()).st_mtime_ns != bulk.mtime_ns
+    ):
+        raise FileVanished("the file changed while it was being read (is it still being written?)")
 
 
 def _out(out: BinaryIO, data: bytes | memoryview) -> None:

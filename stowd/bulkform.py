@@ -36,6 +36,7 @@ def bulk_part(
     now: datetime,
     instance_number: int,
     photographic: bool,
+    expect: tuple[int, int],
 ) -> Part:
     """The metadata and the bulk part of the instance built from ``job``'s file."""
     source = Path(job.path)
@@ -48,6 +49,7 @@ def bulk_part(
         instance_number=instance_number,
         photographic=photographic,
         scratch=scratch,
+        expect=expect,
     )
     bulk = bulkdata.metadata_bulk(instance, source, media)
     sop_uid = job.sop_uid or str(instance.dataset.SOPInstanceUID)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from stowd import metadata
-from stowd.bulkdata import sop_class_of
+from stowd.bulkdata import sop_class_for
 from stowd.bulkform import sop_class_name
 from stowd.classify import classify
 from stowd.config import Config, Source
@@ -79,7 +79,7 @@ def _explain(config: Config, given: str, source_name: str | None) -> Explained:
     result.study_uid = planned.study_uid or None
     if found.media is not None:
         photographic = source.bulkdata.images == "photographic"
-        result.built = sop_class_name(sop_class_of(found.kind, photographic=photographic))
+        result.built = sop_class_name(sop_class_for(found.media, photographic=photographic))
         result.study_key = planned.study_key
     return result
 

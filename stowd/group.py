@@ -13,12 +13,16 @@ from collections.abc import Sequence
 from stowd.config import BatchLimits
 from stowd.queue import Job
 
+DECODED = ("png", "gif")  # sent as decoded pixels, many times their file size: one per request
+
 
 def take_batch(jobs: Sequence[Job], limits: BatchLimits) -> list[Job]:
     """The first jobs of the first job's kind within the file and byte limits (at least one)."""
     batch: list[Job] = []
     total = 0
     kind = jobs[0].kind if jobs else None
+    if kind in DECODED:
+        return list(jobs[:1])  # the byte limit counts file sizes, not decoded sizes
     for job in (j for j in jobs if j.kind == kind):
         if batch and (len(batch) >= limits.max_files or total + job.size > limits.max_bytes):
             break

@@ -791,7 +791,7 @@ def _video_payload(data: bytes) -> bytes:
 def _packet_end(data: bytes, pos: int) -> int:
     """The end of the packet at ``pos``; a video packet of length 0 (unbounded) runs to the
     next pack header."""
-    length = struct.unpack_from(">H", data, pos + 4)[0]
+    length = int(struct.unpack_from(">H", data, pos + 4)[0])
     if length or not 0xE0 <= data[pos + 3] <= 0xEF:
         return pos + 6 + length
     following = data.find(_PACK, pos + 6)

@@ -161,6 +161,7 @@ class Made:
     series: str
     instance: str
     number: int
+    key: str | None = None  # the study key it was made for (None: the rules gave the study)
 
 
 @dataclass(frozen=True)
@@ -527,7 +528,7 @@ class Queue:
                         "INSERT INTO made_studies (source, key, uid) VALUES (?, ?, ?)",
                         (source, key, study_uid),
                     )
-            return Made(study_uid, *self._next_in_series(db, study_uid, kind, new))
+            return Made(study_uid, *self._next_in_series(db, study_uid, kind, new), key=key)
 
     @staticmethod
     def _next_in_series(

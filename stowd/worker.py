@@ -169,16 +169,18 @@ class Worker:
         made = None if c.media is None else self._made(job, c.kind, p)
         study = p.study_uid or (made.study if made else "")
         sop = p.sop_uid or (made.instance if made else "")
-        sop_class = c.sop_class or bulkdata.sop_class_of(c.kind, photographic=_photographic(source))
+        sop_class = c.sop_class
+        if c.media is not None:
+            sop_class = bulkdata.sop_class_for(c.media, photographic=_photographic(source))
         keys = (c.kind, study, sop, sop_class)
         return Classification(job, *keys, changes, sidecars, self._digest(source), made)
 
     def _made(self, job: Job, kind: str, p: metadata.Planned) -> Made:
         """The UIDs of the instance built from ``job``'s file: made once, then reused."""
         made = job.made_uids()
-        if made is not None:
-            return made
-        root = self.config.uid_root
+        if made is not None and made.key == p.study_key and p.study_uid in ("", made.study):
+            return made  # read again (other rules, a restart): the same instance
+        root = self.config.uid_root  # new, or another study or patient now: a new instance
         study = p.study_uid or None
         return self.queue.make_uids(
             job.source, p.study_key, study, kind, lambda: metadata.new_uid(root)
@@ -269,6 +271,7 @@ class Worker:
             "now": datetime.fromtimestamp(job.mtime_ns / 1e9),  # the same on every attempt
             "instance_number": made.number,
             "photographic": _photographic(source),
+            "expect": (job.size, job.mtime_ns),  # the content the UIDs were made for
         }
         if self.destination.bulkdata == "metadata":
             scratch = target.with_suffix(".pixels")

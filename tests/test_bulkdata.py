@@ -715,6 +715,39 @@ def test_an_hevc_video_of_4_gib_is_refused_before_anything_is_written(tmp_path: 
 # --- describe, write, the metadata form ----------------------------------------------------------
 
 
+def test_a_file_rewritten_after_it_was_queued_is_not_built(tmp_path: Path) -> None:
+    source = tmp_path / "report.pdf"
+    source.write_bytes(ODD_PDF)
+    queued = (source.stat().st_size, source.stat().st_mtime_ns)
+    media = detect(source)
+    instance = bulkdata.describe(source, media, {}, UIDS, now=NOW, expect=queued)
+    source.write_bytes(ODD_PDF.replace(b"Catalog", b"CATALOG"))  # the same size, new content
+    os.utime(source, ns=(queued[1] + 10**9, queued[1] + 10**9))
+    with pytest.raises(FileVanished, match="changed"):
+        bulkdata.write(instance, tmp_path / "a.dcm")  # described before, written after
+    with pytest.raises(FileVanished, match="changed after it was queued"):
+        build(source, media, {}, UIDS, tmp_path / "b.dcm", now=NOW, expect=queued)
+    assert not (tmp_path / "a.dcm").exists() and not (tmp_path / "b.dcm").exists()
+
+
+def test_a_jpeg_2000_image_in_rgb_stays_secondary_capture_when_photographic(
+    tmp_path: Path,
+) -> None:
+    rgb = Media("jp2", "image/j2c", TS + "90", 48, 64, 3, 8, "RGB", False)
+    ycc = replace(rgb, photometric="YBR_RCT")
+    assert bulkdata.sop_class_for(rgb, photographic=True) == bulkdata.SECONDARY_CAPTURE
+    assert bulkdata.sop_class_for(ycc, photographic=True) == bulkdata.VL_PHOTOGRAPHIC
+    assert bulkdata.sop_class_for(rgb, photographic=False) == bulkdata.SECONDARY_CAPTURE
+
+
+def test_a_large_png_is_refused_before_it_is_decoded(tmp_path: Path) -> None:
+    header = b"IHDR" + struct.pack(">IIBBBBB", 6000, 5000, 8, 4, 0, 0, 0)  # 30 MP, grey+alpha
+    png = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + header
+    png += struct.pack(">I", zlib.crc32(header))
+    with pytest.raises(FileProblem, match="more than stowd decodes"):
+        make(tmp_path, "big.png", png)
+
+
 def test_describe_then_write_is_build(tmp_path: Path) -> None:
     source = tmp_path / "report.pdf"
     source.write_bytes(ODD_PDF)
@@ -723,8 +756,9 @@ def test_describe_then_write_is_build(tmp_path: Path) -> None:
     instance = bulkdata.describe(source, media, values, UIDS, now=NOW, instance_number=3)
     assert instance.tag == 0x00420011 and not instance.encapsulated
     assert instance.tag not in instance.dataset
+    mtime = source.stat().st_mtime_ns
     assert instance.bulk == bulkdata.Bulk(
-        source, 0, len(ODD_PDF), "application/pdf", None, len(ODD_PDF)
+        source, 0, len(ODD_PDF), "application/pdf", None, len(ODD_PDF), mtime
     )
     assert bulkdata.metadata_bulk(instance, source, media) == instance.bulk
     assert bulkdata.bulk_vr(instance) == "OB"
@@ -779,7 +813,7 @@ def test_a_source_changed_between_describe_and_write_is_refused(tmp_path: Path) 
     instance = bulkdata.describe(source, detect(source), {}, UIDS, now=NOW)
     with source.open("ab") as fp:
         fp.write(b"\0\0")
-    with pytest.raises(FileVanished, match="changed its size"):
+    with pytest.raises(FileVanished, match="changed after it was looked at"):
         bulkdata.write(instance, tmp_path / "photo.dcm")
     assert not (tmp_path / "photo.dcm").exists()
 
@@ -840,7 +874,9 @@ def test_a_read_error_midway_removes_the_partial_target(
 
 
 @pytest.mark.parametrize(
-    ("change", "message"), [(100, "became shorter"), (-2, "grew")], ids=["shrinks", "grows"]
+    ("change", "message"),
+    [(100, "became shorter"), (-2, "changed while it was being read")],
+    ids=["shrinks", "grows"],
 )
 def test_a_source_that_changes_while_read_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: int, message: str

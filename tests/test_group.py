@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,14 @@ def test_cut_by_bytes() -> None:
 def test_a_file_larger_than_the_byte_limit_goes_alone() -> None:
     jobs = [job(0, 500), job(1, 10)]
     assert [j.id for j in take_batch(jobs, BatchLimits(max_files=50, max_bytes=100))] == [0]
+
+
+def test_a_batch_holds_one_type_and_decoded_images_go_alone() -> None:
+    jobs = [replace(job(0, 10), kind="pdf"), job(1, 10), replace(job(2, 10), kind="pdf")]
+    assert [j.id for j in take_batch(jobs, BatchLimits())] == [0, 2]
+    assert [j.id for j in take_batch(jobs[1:], BatchLimits())] == [1]
+    pngs = [replace(job(n, 10), kind="png") for n in range(3)]
+    assert [j.id for j in take_batch(pngs, BatchLimits())] == [0]
 
 
 def test_nothing_in_nothing_out() -> None:

@@ -690,7 +690,7 @@ def test_a_faststart_mp4_cut_short_is_refused(tmp_path: Path) -> None:
     assert data.find(b"moov") < data.find(b"mdat")  # the index comes first
     assert detect(clip).frames == 25
     cut = write(tmp_path, "cut.mp4", data[: int(len(data) * 0.6)])
-    with pytest.raises(FileProblem, match="'mdat' box at byte .* runs"):
+    with pytest.raises(FileProblem, match=r"'mdat' box at byte .* runs"):
         detect(cut)
 
 

@@ -290,7 +290,7 @@ def test_a_version_1_queue_is_migrated_and_keeps_its_rows(tmp_path: Path) -> Non
         assert job.change_set() == changes
         assert job.sidecar_texts() == [("/d/a.json", "PatientID: X")]
         made = q.make_uids("src", "folder", None, "pdf", iter(["1.1", "1.2", "1.3"]).__next__)
-        assert made == Made("1.1", "1.2", "1.3", 1)
+        assert made == Made("1.1", "1.2", "1.3", 1, "folder")
     finally:
         q.close()
 

@@ -12,6 +12,7 @@ import os
 import re
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -20,6 +21,8 @@ import pytest
 from dicomgen import make_instance, make_instance_bytes, make_study
 
 from stowd.config import BatchLimits, Bulkdata, Config, Destination, Retry, Sidecars, Source
+from stowd.media import Media
+from stowd.media import detect as real_detect
 from stowd.queue import Queue
 from stowd.rules import Match, Rule, Template
 from stowd.stow import StowClient
@@ -718,3 +721,57 @@ def test_a_study_key_without_its_value_fails_the_file_with_the_reason(
     assert rig.names(rig.source.failed) == {"a.pdf"}
     reason = str(rig.reason("a.pdf")["reason"])
     assert reason.startswith("bulkdata.study_key: {sidecar.AccessionNumber} has no value")
+
+
+def test_a_file_rewritten_while_its_instance_is_built_is_sent_once_as_new(
+    rig_factory: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[pydicom.Dataset] = []
+    rig = rig_factory(storing_instances(seen))
+    path = rig.source.watch / "a.pdf"
+    path.write_bytes(PDF)
+    rig.find()
+    rig.worker.classify_some()
+    [first] = rig.queue.jobs()
+
+    def rewriting_detect(at: Path) -> Media:
+        found = real_detect(at)
+        path.write_bytes(PDF.replace(b"Catalog", b"CATALOG"))  # same size, new content
+        os.utime(path, ns=(first.mtime_ns + 10**9, first.mtime_ns + 10**9))
+        return found
+
+    monkeypatch.setattr("stowd.worker.detect", rewriting_detect)
+    rig.drain()
+    assert seen == [] and rig.queue.counts() == {"gone": 1}  # the old content is not sent
+    monkeypatch.setattr("stowd.worker.detect", real_detect)
+    rig.find()
+    rig.drain()
+    [stored] = seen
+    assert b"CATALOG" in bytes(stored.EncapsulatedDocument)
+    assert stored.SOPInstanceUID != first.sop_uid  # new content, new instance
+    assert rig.names(rig.source.sent) == {"a.pdf"}
+
+
+def test_read_again_with_another_patient_a_file_gets_a_new_study(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    seen: list[pydicom.Dataset] = []
+
+    def patient(pid: str) -> tuple[Rule, ...]:
+        return (Rule("rules[0]", None, set=(("PatientID", Template.parse(pid)),)),)
+
+    rig = rig_factory(storing_instances(seen), rules=patient("WRONG"))
+    (rig.source.watch / "a.pdf").write_bytes(PDF)
+    (rig.source.watch / "b.pdf").write_bytes(PDF + b"%")
+    rig.find()
+    rig.worker.classify_some()
+    wrong = {j.path: j.made_uids() for j in rig.queue.jobs()}
+    same = Rig.__new__(Rig)  # the same queue and folders, read with corrected rules
+    same.__dict__.update(rig.__dict__)
+    fixed = replace(rig.config, rules=patient("RIGHT"))
+    same.worker = Worker(fixed, rig.queue, rig.worker.destination, rig.client, rig.stop)
+    assert rig.queue.replan("ct", "digest of the corrected rules") == 2
+    same.drain()
+    assert {str(ds.PatientID) for ds in seen} == {"RIGHT"}
+    right = {str(ds.StudyInstanceUID) for ds in seen}
+    assert len(right) == 1 and right.isdisjoint({m.study for m in wrong.values() if m})
