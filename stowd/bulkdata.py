@@ -468,35 +468,41 @@ def _decode(fp: BinaryIO, media: Media, scratch: Path, sop_class: str) -> tuple[
     try:
         with Image.open(fp, formats=[media.kind.upper()]) as img:
             img.load()  # frame 0: an animated GIF gives its first frame only
-            picture = _plain(img)
+            mode = _plain_mode(img)
+            pixels = _Pixels(
+                img.height,
+                img.width,
+                3 if mode == "RGB" else 1,
+                16 if mode == "I;16" else 8,
+                "RGB" if mode == "RGB" else "MONOCHROME2",
+                None,
+            )
+            _check_bits(pixels, sop_class)
+            length = _save(img, mode, scratch)
     except (OSError, SyntaxError, ValueError, EOFError, zlib.error, struct.error) as exc:
         if isinstance(exc, OSError) and exc.errno is not None:
             raise  # a read error of the source: tried again later
         raise FileProblem(f"the {name} is truncated or damaged: {exc}") from exc
-    grey = picture.mode != "RGB"
-    pixels = _Pixels(
-        picture.height,
-        picture.width,
-        1 if grey else 3,
-        16 if picture.mode == "I;16" else 8,
-        "MONOCHROME2" if grey else "RGB",
-        None,
-    )
-    _check_bits(pixels, sop_class)
-    length = _save(picture, scratch)
     native = "application/octet-stream"
     return Bulk(scratch, 0, length, native, ExplicitVRLittleEndian, length), pixels
 
 
-def _plain(img: Image.Image) -> Image.Image:
-    """8-bit RGB or grey (``L``), or 16-bit grey (``I;16``); transparency laid on white."""
+def _plain_mode(img: Image.Image) -> str:
+    """What the pixels become: 8-bit ``RGB`` or grey ``L``, or 16-bit grey ``I;16``."""
     if img.mode.startswith("I"):
-        return img if img.mode == "I;16" else img.convert("I;16")
+        return "I;16"
     grey = img.mode in ("1", "L", "LA", "La") or (img.mode in ("P", "PA") and _grey_palette(img))
-    if img.has_transparency_data:
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img.convert("RGBA"))
-    return img.convert("L" if grey else "RGB")
+    return "L" if grey else "RGB"
+
+
+def _plain(band: Image.Image, mode: str) -> Image.Image:
+    """A band of the image in ``mode``, transparency laid on white."""
+    if mode == "I;16":
+        return band if band.mode == "I;16" else band.convert("I;16")
+    if band.has_transparency_data:
+        background = Image.new("RGBA", band.size, (255, 255, 255, 255))
+        band = Image.alpha_composite(background, band.convert("RGBA"))
+    return band.convert(mode)
 
 
 def _grey_palette(img: Image.Image) -> bool:
@@ -506,13 +512,15 @@ def _grey_palette(img: Image.Image) -> bool:
     )
 
 
-def _save(img: Image.Image, scratch: Path) -> int:
-    """Write the pixels to ``scratch`` row band by row band; return the number of bytes."""
-    row = len(img.crop((0, 0, img.width, 1)).tobytes())
+def _save(img: Image.Image, mode: str, scratch: Path) -> int:
+    """Write the pixels to ``scratch`` band by band (each converted on its own, so only one
+    band is ever held twice); return the number of bytes."""
+    row = img.width * (2 if mode == "I;16" else 3 if mode == "RGB" else 1)
     band = max(1, CHUNK // row)
     with _writing(scratch, "the scratch file for the decoded pixels") as out:
         for top in range(0, img.height, band):
-            _out(out, img.crop((0, top, img.width, min(top + band, img.height))).tobytes())
+            part = img.crop((0, top, img.width, min(top + band, img.height)))
+            _out(out, _plain(part, mode).tobytes())
         return out.tell()
 
 

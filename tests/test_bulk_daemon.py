@@ -100,6 +100,8 @@ def test_photos_pdfs_and_videos_arrive_as_dicom_with_their_bytes_unchanged(
     assert photos[0].SeriesInstanceUID == photos[1].SeriesInstanceUID  # one series per type
     assert sorted(int(ds.InstanceNumber) for ds in photos) == [1, 2]
     assert by_file["P1/report.pdf"].SeriesInstanceUID != photos[0].SeriesInstanceUID
+    for clip in ("P1/clip.mpg", "P1/clip.mp4"):  # ffmpeg made 1 s at 25 frames a second
+        assert (int(by_file[clip].NumberOfFrames), float(by_file[clip].FrameTime)) == (25, 40.0)
     assert by_file["P1/clip.mpg"].file_meta.TransferSyntaxUID == TS + "100"
     assert by_file["P1/clip.mp4"].file_meta.TransferSyntaxUID == TS + "102"
     assert by_file["P1/report.pdf"].MIMETypeOfEncapsulatedDocument == "application/pdf"

@@ -537,6 +537,20 @@ def test_transparency_is_laid_on_white(tmp_path: Path) -> None:
     assert pixels[6:9] in (b"\x7f\x7f\x7f", b"\x7e\x7e\x7e")
 
 
+def test_palette_transparency_is_laid_on_white_in_every_band(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bulkdata, "CHUNK", 8)  # bands of a few rows: the crops keep the palette
+    image = Image.new("P", (4, 6), 1)
+    image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    image.putpixel((0, 5), 0)  # the last band holds the transparent index
+    data = encoded(image, "GIF", transparency=0)
+    _, _, ds = make(tmp_path, "logo.gif", data)
+    pixels = pixel_bytes(ds)
+    assert len(pixels) == 4 * 6 * 3
+    assert pixels[:3] == b"\xff\x00\x00" and pixels[60:63] == b"\xff\xff\xff"
+
+
 def test_only_the_first_frame_of_an_animated_gif(tmp_path: Path) -> None:
     frames = [Image.new("L", (8, 6), grey) for grey in (10, 200, 90)]
     data = encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
