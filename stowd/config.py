@@ -158,6 +158,15 @@ class Source:
     sidecars: Sidecars | None = None  # None: no sidecars, every file is sent
     rules: tuple[Rule, ...] = ()  # applied after the top-level rules
     bulkdata: Bulkdata = field(default_factory=Bulkdata)
+    sent_retention: float | None = None  # seconds files stay in sent/; None: forever
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Where Prometheus metrics are served (``metrics.listen``); None in Config: off."""
+
+    host: str
+    port: int
 
 
 @dataclass(frozen=True)
@@ -186,6 +195,7 @@ class Config:
     rules: tuple[Rule, ...] = ()  # for every source, before the source's own rules
     original_attributes: bool = False  # record replaced values (OriginalAttributesSequence)
     uid_root: str | None = None  # generated UIDs: <uid_root>.<digits>, else 2.25.<uuid>
+    metrics: Metrics | None = None  # Prometheus metrics over HTTP; None: off
 
     @property
     def spool(self) -> Path:
@@ -219,6 +229,7 @@ _TOP_KEYS = (
     "rules",
     "original_attributes",
     "uid_root",
+    "metrics",
 )
 _RETRY_KEYS = ("initial", "maximum", "multiplier", "max_age", "hold_probe")
 _SOURCE_OWN_KEYS = ("name", "watch", "sent", "failed", "destination", "rules")
@@ -230,6 +241,7 @@ _SOURCE_OPTION_KEYS = (
     "remove_empty_dirs",
     "sidecars",
     "bulkdata",
+    "sent_retention",
 )
 _SOURCE_KEYS = _SOURCE_OWN_KEYS + _SOURCE_OPTION_KEYS
 _DEFAULTS_HINTS = {
@@ -252,6 +264,7 @@ class _SourceOptions:
     remove_empty_dirs: bool = False
     sidecars: Sidecars | None = None
     bulkdata: Bulkdata = field(default_factory=Bulkdata)
+    sent_retention: float | None = None
 
 
 @dataclass(frozen=True)
@@ -280,7 +293,37 @@ def _read_options(sec: Section, base: _SourceOptions) -> _SourceOptions:
         remove_empty_dirs=sec.get("remove_empty_dirs", base.remove_empty_dirs, as_bool),
         sidecars=_read_sidecars(sec, base.sidecars),
         bulkdata=_read_bulkdata(sec.section("bulkdata", _BULK_KEYS), base.bulkdata),
+        sent_retention=sec.get("sent_retention", base.sent_retention, _as_retention) or None,
     )
+
+
+def _as_retention(value: object) -> float | Literal[False]:
+    """``forever`` (False: keep), or a duration of at least a day."""
+    if value == "forever":
+        return False
+    seconds = as_duration(positive=True)(value)
+    if seconds < 86400:
+        raise ValueError(
+            f"expected forever or a duration of at least 1d (such as 30d), got {describe(value)}"
+        )
+    return seconds
+
+
+def _read_metrics(sec: Section) -> Metrics | None:
+    listen = sec.get("listen", None, as_listen)
+    return None if listen is None else Metrics(*listen)
+
+
+def as_listen(value: object) -> tuple[str, int]:
+    """``host:port`` (``[::1]:9464`` for IPv6) to serve on."""
+    if isinstance(value, int):
+        raise ValueError(f"expected host:port such as 127.0.0.1:{value}, got {value}")
+    text = as_text(value)
+    host, _, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port such as 127.0.0.1:9464, got {text!r}")
+    return host, int(port)
 
 
 def _read_bulkdata(sec: Section, base: Bulkdata) -> Bulkdata:
@@ -456,6 +499,7 @@ def _read_source(
         remove_empty_dirs=options.remove_empty_dirs,
         sidecars=options.sidecars,
         bulkdata=options.bulkdata,
+        sent_retention=options.sent_retention,
         rules=read_rules(sec.ctx, join(sec.key, "rules"), sec.value_node("rules"), None),
     )
     return source, folders
@@ -608,6 +652,7 @@ def _build(ctx: Context, path: Path, root: Node) -> Config | None:
     rules = read_rules(ctx, "rules", top.value_node("rules"), names)
     original = top.get("original_attributes", False, as_bool)
     uid_root = top.get("uid_root", None, as_uid_root)
+    metrics = _read_metrics(top.section("metrics", ("listen",)))
     _check_folders(top, folders, queue)
     if queue is None:
         return None
@@ -623,6 +668,7 @@ def _build(ctx: Context, path: Path, root: Node) -> Config | None:
         rules=rules,
         original_attributes=original,
         uid_root=uid_root,
+        metrics=metrics,
     )
 
 

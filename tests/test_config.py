@@ -779,3 +779,33 @@ def test_a_study_key_cannot_use_regex_groups_and_a_long_uid_root_is_refused(
     problems = problems_of(tmp_path, text)
     assert "no regex" in find(problems, "sources[0].bulkdata.study_key").message
     assert "at most 40" in find(problems, "uid_root").message
+
+
+# --------------------------------------------------------------------------- service settings
+
+
+def test_retention_and_metrics_settings(tmp_path: Path) -> None:
+    text = with_sources(
+        source_text("a", "./a", "./a-sent", "./a-failed"),
+        source_text("b", "./b", "./b-sent", "./b-failed") + "    sent_retention: forever\n",
+    )
+    text = text.replace(
+        "sources:\n",
+        "metrics:\n  listen: '[::1]:9464'\ndefaults:\n  sent_retention: 30d\nsources:\n",
+    )
+    config = load_text(tmp_path, text)
+    a, b = config.sources
+    assert (a.sent_retention, b.sent_retention) == (30 * 86400, None)
+    assert config.metrics is not None and (config.metrics.host, config.metrics.port) == ("::1", 9464)
+    assert load_text(tmp_path, MINIMAL).metrics is None
+
+
+def test_bad_retention_and_metrics_settings_are_reported(tmp_path: Path) -> None:
+    text = with_sources(
+        source_text("a", "./a", "./a-sent", "./a-failed") + "    sent_retention: 2h\n"
+    )
+    text = text.replace("sources:\n", "metrics:\n  listen: 9464\n  port: 1\nsources:\n")
+    problems = problems_of(tmp_path, text)
+    assert "at least 1d" in find(problems, "sources[0].sent_retention").message
+    assert "127.0.0.1:9464" in find(problems, "metrics.listen").message
+    assert "listen" in find(problems, "metrics.port").message
