@@ -12,7 +12,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from stowd import dryrun, explain
+from stowd import dryrun, explain, logs
 from stowd.config import Config, load_config
 from stowd.daemon import Daemon
 from stowd.errors import ConfigError, StowdError
@@ -20,7 +20,6 @@ from stowd.status import gather, render
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_CONFIG = "/etc/stowd/config.yaml"
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 log = logging.getLogger("stowd")
 
@@ -51,6 +50,13 @@ def _parser() -> argparse.ArgumentParser:
             "-c", "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})"
         )
     run.add_argument("--log-level", help="override log_level from the config")
+    run.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        default="auto",
+        help="text, journal (syslog priorities, no time stamps) or json; auto: journal under "
+        "systemd's journald, else text",
+    )
     return parser
 
 
@@ -70,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(config: Config, args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level or config.log_level)
+    logs.setup(args.log_level or config.log_level, args.log_format)
     daemon = Daemon(config)
     daemon.install_signals()
     daemon.run()
@@ -114,20 +120,6 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
     else:
         print(explain.render(results))
     return EXIT_RUNTIME if any(r.problem for r in results) else EXIT_OK
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("httpcore").setLevel(logging.WARNING)
-    logging.getLogger("watchdog").setLevel(logging.WARNING)
-    for handler in logging.getLogger().handlers:  # child loggers' records skip logger filters
-        handler.addFilter(_quiet_watchdog_shutdown)
-
-
-def _quiet_watchdog_shutdown(record: logging.LogRecord) -> bool:
-    """watchdog logs an ERROR when an observer is stopped while events are queued: noise."""
-    return "called when the thread is inactive" not in record.getMessage()
 
 
 _COMMANDS = {
