@@ -1,10 +1,21 @@
-"""The running daemon: threads, signals and lifecycle.
+"""The running daemon: threads, signals, systemd notifications, reload and lifecycle.
 
-One watcher thread per source, ``workers`` sender threads per destination, and the main thread
-that keeps them alive and does housekeeping.  Signal handlers only set a flag; every wait is
-``stop.wait(t)``.  On SIGTERM/SIGINT no new work is taken, requests in flight may finish for
-``shutdown_timeout`` seconds, and whatever is still claimed returns to the queue at the next
-start.  A second signal exits at once.
+One watcher thread per source, ``workers`` sender threads per destination (together a
+*generation*, built from one config), and the main thread that keeps them alive, tells systemd
+how things are and does housekeeping.  Signal handlers only set flags; every wait is
+``Event.wait(t)``.
+
+* SIGTERM/SIGINT: no new work is taken, requests in flight may finish for ``shutdown_timeout``
+  seconds, and whatever is still claimed returns to the queue at the next start.  A second
+  signal exits at once.
+* SIGHUP: the config file is read again.  An invalid one is refused (each problem logged) and
+  the running generation goes on.  A valid one replaces the generation: its threads stop
+  between batches (uploads in flight finish, for up to ``shutdown_timeout``; one still running
+  then completes in the background with the old settings), and new threads start with the new
+  sources, rules and destinations.  Queued work stays in the queue: nothing is lost or re-sent.
+* systemd (``Type=notify``): READY=1 once the queue is open and the watchers run, STATUS= a
+  line of counts, WATCHDOG=1 only while every thread is alive and making progress,
+  RELOADING=1 and STOPPING=1.
 """
 
 from __future__ import annotations
@@ -15,12 +26,15 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from types import FrameType
 
-from stowd.config import Config, Source
+from stowd.config import Config, Source, load_config
+from stowd.errors import ConfigError
 from stowd.metadata import clear_spool, digest
+from stowd.notify import Notifier
 from stowd.queue import Queue
 from stowd.settle import repair
 from stowd.stow import StowClient
@@ -31,29 +45,45 @@ log = logging.getLogger("stowd")
 
 HOUSEKEEPING_EVERY = 3600.0
 RESETTLE_EVERY = 60.0
+STATUS_EVERY = 10.0
 TICK = 1.0
 EXIT_SECOND_SIGNAL = 1
+WATCHER_STALL = 300.0  # a watcher without progress this long is stuck (a hung share)
+WORKER_SLACK = 60.0  # beyond the longest step a worker may take
+
+
+@dataclass
+class Generation:
+    """The threads that run one config."""
+
+    config: Config
+    stop: threading.Event = field(default_factory=threading.Event)
+    clients: dict[str, StowClient] = field(default_factory=dict)
+    workers: list[Worker] = field(default_factory=list)
+    watchers: list[Watcher] = field(default_factory=list)
+    threads: dict[str, tuple[threading.Thread, Callable[[], None]]] = field(default_factory=dict)
 
 
 class Daemon:
-    """Owns the queue, the watchers and the workers of one configuration."""
+    """Owns the queue and the current generation of watchers and workers."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
         self.config = config
         self.stop = threading.Event()
         self.queue = Queue(config.queue)
+        self.notifier = notifier or Notifier()
         self.signals = 0
         self.last_signal: int | None = None
-        self.clients: dict[str, StowClient] = {}
-        self.watchers: list[Watcher] = []
-        self.workers: list[Worker] = []
-        self._threads: dict[str, tuple[threading.Thread, Callable[[], None]]] = {}
+        self.reload_requested = False
+        self.generation = Generation(config)
         self.unsettled: set[int] = set()  # moves that failed (disk full, permissions)
+        self._stuck: str | None = None  # why the watchdog is not fed, as last logged
 
     # -- signals ------------------------------------------------------------------------
     def install_signals(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_reload)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self.signals += 1
@@ -62,6 +92,10 @@ class Daemon:
             os.write(2, b"stowd: second signal, exiting now; the queue recovers at next start\n")
             os._exit(EXIT_SECOND_SIGNAL)
         self.stop.set()
+        self.generation.stop.set()
+
+    def _on_reload(self, _signum: int, _frame: FrameType | None) -> None:
+        self.reload_requested = True
 
     # -- lifecycle ----------------------------------------------------------------------
     def run(self) -> None:
@@ -69,25 +103,21 @@ class Daemon:
         self.queue.open()
         try:
             self._recover()
-            self._start()
+            self.generation = self._start(self.config)
+            self.notifier.ready(self._status_line())
             self._supervise()
         finally:
+            self.notifier.stopping()
             self._shutdown()
             self.queue.close()
+            self.notifier.close()
 
     def _recover(self) -> None:
         returned = self.queue.recover()
-        orphans = self.queue.adopt({s.name: s.destination for s in self.config.sources})
-        for source, count in orphans.items():
-            log.warning(
-                "%d queued file(s) belong to source %r, which is no longer configured; "
-                "they wait in the queue until it is back",
-                count,
-                source,
-            )
+        self._adopt(self.config)
         repaired, self.unsettled = repair(self.queue, sources=self._sources())
         clear_spool(self.config)
-        self._replan()
+        self._replan(self.config)
         counts = self.queue.counts()
         log.info(
             "stowd started: queue %s (%s)%s%s",
@@ -97,38 +127,54 @@ class Daemon:
             f"; {repaired} interrupted move(s) finished" if repaired else "",
         )
 
-    def _start(self) -> None:
-        for name, dest in self.config.destinations.items():
-            client = StowClient(dest, stop=self.stop)
-            self.clients[name] = client
+    def _adopt(self, config: Config) -> None:
+        orphans = self.queue.adopt({s.name: s.destination for s in config.sources})
+        for source, count in orphans.items():
+            log.warning(
+                "%d queued file(s) belong to source %r, which is no longer configured; "
+                "they wait in the queue until it is back",
+                count,
+                source,
+            )
+
+    def _start(self, config: Config) -> Generation:
+        gen = Generation(config)
+        for name, dest in config.destinations.items():
+            client = StowClient(dest, stop=gen.stop)
+            gen.clients[name] = client
             for n in range(dest.workers):
                 worker = Worker(
-                    self.config, self.queue, dest, client, self.stop, unsettled=self.unsettled
+                    config, self.queue, dest, client, gen.stop, unsettled=self.unsettled
                 )
-                self.workers.append(worker)
-                self._spawn(f"send-{name}-{n}", worker.run)
-        for source in self.config.sources:
+                gen.workers.append(worker)
+                _spawn(gen, f"send-{name}-{n}", worker.run)
+        for source in config.sources:
             watcher = Watcher(
                 source, source.destination, self.queue.enqueue, exclude=self._queue_files()
             )
-            self.watchers.append(watcher)
-            self._spawn(f"watch-{source.name}", partial(watcher.run, self.stop))
+            gen.watchers.append(watcher)
+            _spawn(gen, f"watch-{source.name}", partial(watcher.run, gen.stop))
             log.info("watching %s (source %s) -> %s", source.watch, source.name, source.destination)
+        return gen
 
     def _queue_files(self) -> tuple[Path, ...]:
         q = str(self.config.queue)
         return tuple(Path(q + suffix) for suffix in ("", "-wal", "-shm", "-journal", ".lock"))
 
-    def _spawn(self, name: str, target: Callable[[], None]) -> None:
-        thread = threading.Thread(target=target, name=name, daemon=True)
-        self._threads[name] = (thread, target)
-        thread.start()
-
     def _supervise(self) -> None:
-        next_housekeeping = next_resettle = 0.0
+        next_housekeeping = next_resettle = next_status = next_watchdog = 0.0
         while not self.stop.wait(TICK):
+            if self.reload_requested:
+                self.reload_requested = False
+                self._reload()
             self._revive_dead_threads()
             now = time.monotonic()
+            if now >= next_watchdog and self.notifier.watchdog_interval is not None:
+                self._feed_watchdog()
+                next_watchdog = now + self.notifier.watchdog_interval
+            if now >= next_status:
+                self.notifier.status(self._status_line())
+                next_status = now + STATUS_EVERY
             if now >= next_resettle and self.unsettled:
                 self._resettle()
                 next_resettle = now + RESETTLE_EVERY
@@ -136,10 +182,92 @@ class Daemon:
                 self._housekeeping()
                 next_housekeeping = now + HOUSEKEEPING_EVERY
 
-    def _replan(self) -> None:
+    # -- reload (SIGHUP) ------------------------------------------------------------------
+    def _reload(self) -> None:
+        self.notifier.reloading()
+        new = self._read_new_config()
+        if new is not None:
+            self._switch_to(new)
+        self.notifier.ready(self._status_line())
+
+    def _read_new_config(self) -> Config | None:
+        """The config file as it is now, or None (with every problem logged) to keep the old."""
+        try:
+            new = load_config(self.config.path)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload refused: %s: %s", exc.path, problem)
+            log.error("reload refused: %s is invalid; still running with the old config", exc.path)
+            return None
+        if new.queue != self.config.queue:
+            log.error(
+                "reload refused: the queue moved from %s to %s; that needs a restart "
+                "(systemctl restart stowd); still running with the old config",
+                self.config.queue,
+                new.queue,
+            )
+            return None
+        return new
+
+    def _switch_to(self, new: Config) -> None:
+        log.info(
+            "reloading %s: stopping the watchers and workers (uploads in flight may finish "
+            "for up to %gs)",
+            new.path,
+            new.shutdown_timeout,
+        )
+        _stop(self.generation, new.shutdown_timeout, closing=False)
+        self.config = new
+        self._adopt(new)
+        self._replan(new)
+        self.generation = self._start(new)
+        log.info(
+            "reloaded %s: %d source(s), %d destination(s); queued files stay queued",
+            new.path,
+            len(new.sources),
+            len(new.destinations),
+        )
+
+    # -- health ---------------------------------------------------------------------------
+    def _feed_watchdog(self) -> None:
+        stuck = self._stuck_thread()
+        if stuck is None:
+            if self._stuck is not None:
+                log.warning("every thread is making progress again; watchdog fed again")
+            self.notifier.watchdog()
+        elif stuck != self._stuck:
+            log.error("%s: not telling systemd's watchdog that stowd is alive", stuck)
+        self._stuck = stuck
+
+    def _stuck_thread(self) -> str | None:
+        """Why stowd is not healthy (a thread dead or without progress), or None."""
+        now = time.monotonic()
+        for name, (thread, _) in self.generation.threads.items():
+            if not thread.is_alive():
+                return f"thread {name} is dead"
+        for worker in self.generation.workers:
+            idle = now - worker.beat
+            if idle > worker.max_step + WORKER_SLACK:
+                return f"a sender of {worker.destination.name} made no progress for {idle:.0f}s"
+        for watcher in self.generation.watchers:
+            idle = now - watcher.beat
+            if idle > WATCHER_STALL:
+                return f"the watcher of {watcher.source.name} made no progress for {idle:.0f}s"
+        return None
+
+    def _status_line(self) -> str:
+        counts = self.queue.counts()
+        holds = self.queue.holds()
+        parts = [f"{counts[s]} {s}" for s in ("pending", "claimed", "failed") if counts.get(s)]
+        parts.append(f"{counts.get('sent', 0)} sent")
+        held = [name for name, hold in holds.items() if hold.until > time.time()]
+        return ", ".join(parts) + (f"; held: {', '.join(held)}" if held else "")
+
+    # -- upkeep ---------------------------------------------------------------------------
+    def _replan(self, config: Config) -> None:
         """Queued files read with other rules or sidecar settings are read again."""
-        for source in self.config.sources:
-            again = self.queue.replan(source.name, digest(self.config, source))
+        for source in config.sources:
+            again = self.queue.replan(source.name, digest(config, source))
             if again:
                 log.info(
                     "source %s: the metadata rules or sidecar settings changed; %d queued "
@@ -160,10 +288,11 @@ class Daemon:
             log.info("finished %d move(s) that had failed before", finished)
 
     def _revive_dead_threads(self) -> None:
-        for name, (thread, target) in list(self._threads.items()):
-            if not thread.is_alive() and not self.stop.is_set():
+        gen = self.generation
+        for name, (thread, target) in list(gen.threads.items()):
+            if not thread.is_alive() and not gen.stop.is_set():
                 log.error("thread %s died; starting it again", name)
-                self._spawn(name, target)
+                _spawn(gen, name, target)
 
     def _housekeeping(self) -> None:
         cutoff = time.time() - self.config.history_days * 86400
@@ -175,16 +304,35 @@ class Daemon:
 
     def _shutdown(self) -> None:
         self.stop.set()
-        deadline = time.monotonic() + self.config.shutdown_timeout
         log.info("stopping: waiting up to %gs for requests in flight", self.config.shutdown_timeout)
-        for thread, _ in self._threads.values():
-            thread.join(max(0.0, deadline - time.monotonic()))
-        alive = [t.name for t, _ in self._threads.values() if t.is_alive()]
-        if alive:
-            log.warning(
-                "still busy at shutdown (%s); their files are sent again at next start",
-                ", ".join(alive),
-            )
-        for client in self.clients.values():
-            client.close()
+        _stop(self.generation, self.config.shutdown_timeout, closing=True)
         log.info("stopped")
+
+
+def _spawn(gen: Generation, name: str, target: Callable[[], None]) -> None:
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    gen.threads[name] = (thread, target)
+    thread.start()
+
+
+def _stop(gen: Generation, timeout: float, *, closing: bool) -> None:
+    """Stop ``gen``'s threads, waiting up to ``timeout`` for uploads in flight.
+
+    A thread still busy then is left to finish in the background (``closing``: the process is
+    ending, so its connection is closed and its files are sent again at the next start).
+    """
+    gen.stop.set()
+    deadline = time.monotonic() + timeout
+    for thread, _ in gen.threads.values():
+        thread.join(max(0.0, deadline - time.monotonic()))
+    alive = [t.name for t, _ in gen.threads.values() if t.is_alive()]
+    if alive and closing:
+        log.warning(
+            "still busy at shutdown (%s); their files are sent again at next start",
+            ", ".join(alive),
+        )
+    elif alive:
+        log.warning("still busy (%s); finishing with the old config", ", ".join(alive))
+    if closing or not alive:
+        for client in gen.clients.values():
+            client.close()

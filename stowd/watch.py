@@ -92,6 +92,7 @@ class Watcher:
         self._future: dict[str, tuple[int, int, float]] = {}
         self._observer: BaseObserver | None = None
         self._rescan_requested = False
+        self.beat = time.monotonic()  # last sign of progress (the daemon's watchdog reads it)
 
     @property
     def waiting(self) -> int:
@@ -158,6 +159,7 @@ class Watcher:
     def _loop(self, stop: threading.Event) -> None:
         next_scan = 0.0
         while not stop.is_set():
+            self.beat = time.monotonic()
             hints, folders = self._take_hints()
             if self._rescan_requested or time.monotonic() >= next_scan:
                 self._rescan_requested = False
@@ -237,6 +239,7 @@ class Watcher:
         for path in paths:
             if stop is not None and stop.is_set():
                 break
+            self.beat = time.monotonic()  # a long scan is progress too
             new = self._check(path)
             if new is not None:
                 chunk.append(new)

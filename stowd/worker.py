@@ -76,9 +76,12 @@ class Worker:
         self._lease = destination.timeouts.write + destination.timeouts.read + LEASE_SLACK
         self.limits = destination.batch  # halved when the archive answers 413
         self._digests: dict[str, str] = {}  # of each source's rules, stored with its files
+        self.beat = time.monotonic()  # last sign of progress (the daemon's watchdog reads it)
+        self.max_step = self._lease  # one step (a batch upload) may take this long
 
     def run(self) -> None:
         while not self.stop.is_set():
+            self.beat = time.monotonic()
             try:
                 busy = self.step()
             except Exception:

@@ -90,8 +90,12 @@ def make_layout(
 class Stowd:
     """``python -m stowd run`` as a child process, its stderr kept in a log file."""
 
-    def __init__(self, layout: Layout) -> None:
+    def __init__(
+        self, layout: Layout, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    ) -> None:
         self.layout = layout
+        self.env = env or {}
+        self.args = args
         runs = len(list(layout.root.glob("stowd-*.log")))
         self.log_path = layout.root / f"stowd-{runs + 1}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -99,10 +103,10 @@ class Stowd:
     def start(self) -> Stowd:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "stowd", "run", "-c", str(self.layout.config)],
+                [sys.executable, "-m", "stowd", "run", "-c", str(self.layout.config), *self.args],
                 stdout=log,
                 stderr=log,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
             )
         return self
 

@@ -1,0 +1,215 @@
+"""stowd as a systemd service: notifications on a real datagram socket, SIGHUP reloads, the
+watchdog, and the log formats journald and log shippers read."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from dicomgen import make_instance
+from harness import Layout, Stowd, make_layout, wait_for
+from orthanc import Orthanc
+
+from stowd.config import load_config
+from stowd.daemon import Daemon
+from stowd.notify import Notifier
+
+
+class NotifySocket:
+    """An AF_UNIX datagram socket standing in for systemd's NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[dict[str, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+            self.messages.append(fields)
+
+    def states(self) -> list[str]:
+        """The state keys in arrival order (STATUS alone is left out)."""
+        order = ("READY", "RELOADING", "STOPPING", "WATCHDOG")
+        return [k for m in list(self.messages) for k in order if k in m]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
+    server = NotifySocket(tmp_path / "notify.sock")
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def env_for(notify: NotifySocket, watchdog_s: float = 1.5) -> dict[str, str]:
+    return {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": str(int(watchdog_s * 1e6))}
+
+
+def rewrite_config(layout: Layout, change: dict[str, object]) -> None:
+    doc = yaml.safe_load(layout.config.read_text())
+    doc.update(change)
+    layout.config.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def test_readiness_watchdog_reload_and_stopping_arrive_in_order(
+    tmp_path: Path, notify_socket: NotifySocket
+) -> None:
+    layout = make_layout(tmp_path / "run", "http://127.0.0.1:9/dicom-web")
+    daemon = Stowd(layout, env=env_for(notify_socket)).start()
+    try:
+        wait_for(lambda: "READY" in notify_socket.states(), 30, "READY=1", lambda: daemon.log)
+        assert "stowd started" in daemon.log and "watching" in daemon.log  # queue open, watching
+        wait_for(lambda: notify_socket.states().count("WATCHDOG") >= 2, 10, "watchdog pings")
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: notify_socket.states().count("READY") >= 2, 30, "READY=1 after reload")
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop()
+    keys = notify_socket.states()
+    assert keys[0] == "READY"
+    reload_at = keys.index("RELOADING")
+    assert "READY" in keys[reload_at:] and keys[-1] == "STOPPING"
+    assert all(k == "WATCHDOG" for k in keys[1:reload_at])
+    reloading = next(m for m in notify_socket.messages if "RELOADING" in m)
+    assert reloading["MONOTONIC_USEC"].isdigit()
+    statuses = [m["STATUS"] for m in notify_socket.messages if "STATUS" in m]
+    assert any("sent" in s for s in statuses) and all(len(s) <= 200 for s in statuses)
+
+
+def test_sighup_with_a_new_source_starts_watching_it(tmp_path: Path, orthanc: Orthanc) -> None:
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
+    daemon = Stowd(layout).start()
+    try:
+        first = make_instance(layout.drop / "a.dcm")
+        wait_for(lambda: layout.files(layout.sent) == {"a.dcm"}, 60, "a.dcm", lambda: daemon.log)
+        doc = yaml.safe_load(layout.config.read_text())
+        second = dict(doc["sources"][0], name="ward", watch="./ward", sent="./ward-sent")
+        second["failed"] = "./ward-failed"
+        rewrite_config(layout, {"sources": [*doc["sources"], second]})
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reloaded" in daemon.log, 30, "the reload", lambda: daemon.log)
+        uid = make_instance(layout.root / "ward" / "b.dcm")
+        wait_for(
+            (layout.root / "ward-sent" / "b.dcm").exists, 60, "b.dcm", lambda: daemon.log
+        )
+        assert daemon.alive()
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop()
+    assert {first, uid} <= orthanc.sop_instance_uids()
+    assert orthanc.instance_count() == 2  # nothing sent twice across the reload
+
+
+def test_sighup_with_a_broken_config_keeps_the_old_one_running(
+    tmp_path: Path, orthanc: Orthanc, notify_socket: NotifySocket
+) -> None:
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
+    daemon = Stowd(layout, env=env_for(notify_socket, 60)).start()
+    try:
+        wait_for(lambda: "READY" in notify_socket.states(), 30, "READY=1", lambda: daemon.log)
+        good = layout.config.read_text()
+        broken = good.replace("quiet_period: 500ms", "quiet_period: soon").replace(
+            "workers: 2", "workers: 0"
+        )
+        assert broken != good
+        layout.config.write_text(broken)
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "still running with the old config" in daemon.log, 30, "the refusal")
+        assert "quiet_period" in daemon.log and "workers" in daemon.log  # every problem
+        assert notify_socket.states().count("READY") == 2  # ready again after RELOADING
+        uid = make_instance(layout.drop / "after.dcm")
+        wait_for(lambda: layout.files(layout.sent) == {"after.dcm"}, 60, "after.dcm")
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop()
+    assert uid in orthanc.sop_instance_uids()
+
+
+def test_the_watchdog_is_not_fed_while_a_thread_makes_no_progress(
+    tmp_path: Path, notify_socket: NotifySocket
+) -> None:
+    layout = make_layout(tmp_path / "run", "http://127.0.0.1:9/dicom-web")
+    config = load_config(layout.config)
+    notifier = Notifier(env_for(notify_socket, 3))
+    daemon = Daemon(config, notifier)
+    daemon.queue.open()
+    try:
+        daemon.generation = daemon._start(config)
+        daemon._feed_watchdog()
+        wait_for(lambda: notify_socket.states() == ["WATCHDOG"], 5, "a first ping")
+        daemon.generation.watchers[0].beat -= 3600  # as if stuck on a hung network share
+        daemon._feed_watchdog()
+        assert daemon._stuck is not None and "watcher of ct1" in daemon._stuck
+        daemon.generation.watchers[0].beat = time.monotonic()
+        daemon._feed_watchdog()
+        wait_for(lambda: notify_socket.states() == ["WATCHDOG", "WATCHDOG"], 5, "fed again")
+    finally:
+        daemon.stop.set()
+        daemon._shutdown()
+        daemon.queue.close()
+        notifier.close()
+
+
+def test_under_journald_lines_carry_syslog_priorities_and_no_time(
+    tmp_path: Path, orthanc: Orthanc
+) -> None:
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
+    daemon = Stowd(layout)
+    log_path = daemon.log_path
+    log_path.touch()
+    st = os.stat(log_path)  # stderr will be this file: journald's JOURNAL_STREAM names it
+    daemon.env = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+    daemon.start()
+    try:
+        (layout.drop / "bad.dcm").write_text("not DICOM")
+        wait_for(lambda: layout.files(layout.failed) == {"bad.dcm"}, 60, "bad.dcm failed")
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop()
+    lines = [line for line in daemon.log.splitlines() if line.strip()]
+    assert lines and all(line[:3] in ("<3>", "<4>", "<6>", "<7>") for line in lines), lines[:5]
+    assert any(line.startswith("<3>stowd.worker:") and "bad.dcm" in line for line in lines)
+    assert any(line.startswith("<6>stowd: stowd started") for line in lines)
+    assert not any(line[3:7].isdigit() for line in lines)  # no time stamps of our own
+
+
+def test_json_log_lines_for_log_shippers(tmp_path: Path) -> None:
+    layout = make_layout(tmp_path / "run", "http://127.0.0.1:9/dicom-web")
+    daemon = Stowd(layout, args=("--log-format", "json")).start()
+    try:
+        wait_for(lambda: "stowd started" in daemon.log, 30, "start", lambda: daemon.log)
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop()
+    records = [json.loads(line) for line in daemon.log.splitlines() if line.strip()]
+    assert {"time", "level", "logger", "message"} <= set(records[0])
+    assert any(r["message"].startswith("stowd started") for r in records)
