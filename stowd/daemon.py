@@ -31,8 +31,9 @@ from functools import partial
 from pathlib import Path
 from types import FrameType
 
+from stowd import metrics
 from stowd.config import Config, Source, load_config
-from stowd.errors import ConfigError
+from stowd.errors import ConfigError, StowdError
 from stowd.metadata import clear_spool, digest
 from stowd.notify import Notifier
 from stowd.queue import Queue
@@ -78,6 +79,7 @@ class Daemon:
         self.generation = Generation(config)
         self.unsettled: set[int] = set()  # moves that failed (disk full, permissions)
         self._stuck: str | None = None  # why the watchdog is not fed, as last logged
+        self.metrics_server: metrics.Server | None = None
 
     # -- signals ------------------------------------------------------------------------
     def install_signals(self) -> None:
@@ -104,11 +106,14 @@ class Daemon:
         try:
             self._recover()
             self.generation = self._start(self.config)
+            self.metrics_server = _serve_metrics(self.config)
             self.notifier.ready(self._status_line())
             self._supervise()
         finally:
             self.notifier.stopping()
             self._shutdown()
+            if self.metrics_server is not None:
+                self.metrics_server.close()
             self.queue.close()
             self.notifier.close()
 
@@ -221,12 +226,22 @@ class Daemon:
         self._adopt(new)
         self._replan(new)
         self.generation = self._start(new)
+        self._restart_metrics(new)
         log.info(
             "reloaded %s: %d source(s), %d destination(s); queued files stay queued",
             new.path,
             len(new.sources),
             len(new.destinations),
         )
+
+    def _restart_metrics(self, new: Config) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
+        try:
+            self.metrics_server = _serve_metrics(new)
+        except StowdError as exc:
+            log.error("%s; running without metrics until the next reload", exc)
 
     # -- health ---------------------------------------------------------------------------
     def _feed_watchdog(self) -> None:
@@ -307,6 +322,16 @@ class Daemon:
         log.info("stopping: waiting up to %gs for requests in flight", self.config.shutdown_timeout)
         _stop(self.generation, self.config.shutdown_timeout, closing=True)
         log.info("stopped")
+
+
+def _serve_metrics(config: Config) -> metrics.Server | None:
+    """Serve Prometheus metrics when ``metrics.listen`` is set; raises ``StowdError``."""
+    if config.metrics is None:
+        return None
+    host, port = config.metrics.host, config.metrics.port
+    server = metrics.serve(host, port, config.queue, list(config.destinations))
+    log.info("serving Prometheus metrics on http://%s:%d/metrics", host, server.port)
+    return server
 
 
 def _spawn(gen: Generation, name: str, target: Callable[[], None]) -> None:

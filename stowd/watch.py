@@ -27,7 +27,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from stowd import sidecar
+from stowd import metrics, sidecar
 from stowd.config import Sidecars, Source
 from stowd.errors import FileProblem, FileUnreadable, FileVanished, SidecarNotReady
 from stowd.queue import NewFile
@@ -252,6 +252,8 @@ class Watcher:
             return 0
         added = self.sink(list(chunk))
         chunk.clear()
+        if added:
+            metrics.queued(self.source.name, self.destination, added)
         return added
 
     def _check(self, path: str) -> NewFile | None:

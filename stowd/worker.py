@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from stowd import bulkdata, metadata
+from stowd import bulkdata, metadata, metrics
 from stowd import classify as classify_mod
 from stowd.bulkform import bulk_part
 from stowd.config import BatchLimits, Config, Destination, Source
@@ -297,6 +297,7 @@ class Worker:
         except OSError as exc:  # reading a file failed mid-request (I/O error, share gone)
             self._later_all(batch, f"could not read the file while sending it: {exc}")
             return
+        metrics.request(self.destination.name, answer.seconds)
         if held and self.queue.unhold(self.destination.name):
             log.warning("destination %s: reachable again, sending resumes", self.destination.name)
         self._apply(batch, answer, parts)
@@ -328,6 +329,7 @@ class Worker:
         delay = self._hold_delay(failure, hold.failures if hold else 0)
         until = self.clock() + delay
         self.queue.hold(self.destination.name, until=until, reason=str(failure))
+        metrics.retried(self.destination.name, metrics.retry_reason(failure), len(batch))
         if _may_be_the_files(failure) and len(batch) > 1:
             self.queue.isolate([j.id for j in batch], not_before=until)
         elif _may_be_the_files(failure):
@@ -426,6 +428,8 @@ class Worker:
             reason = f"gave up after {job.attempts + 1} attempts: {reason}"
             return self._failure(job, reason, verdict=verdict, answer=answer, stage=stage)
         delay = self._file_delay(job.attempts)
+        kind = metrics.FILE if answer is not None else metrics.UNREADABLE
+        metrics.retried(self.destination.name, kind)
         error = self._error_doc(job, reason, verdict=verdict, answer=answer, stage=stage)
         self.queue.retry_later([job.id], at=now + delay, error=error)
         log.info("%s: %s; retry in %.0fs", job.path, reason, delay)
@@ -473,7 +477,13 @@ class Worker:
                     result.problem,
                 )
                 self.unsettled.add(job.id)
-            elif result.target is not None and source.remove_empty_dirs:
+                continue
+            if result.target is not None:
+                outcome = result.decision.outcome
+                metrics.settled(job.source, job.destination, outcome, job.size)
+            if result.target is not None and result.decision.outcome == "sent":
+                log.info("%s: stored, moved to %s", job.path, result.target)
+            if result.target is not None and source.remove_empty_dirs:
                 remove_empty_parents(Path(job.path), source.watch)
 
     def _error_doc(

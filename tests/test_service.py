@@ -12,11 +12,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from dicomgen import make_instance
 from harness import Layout, Stowd, make_layout, wait_for
-from orthanc import Orthanc
+from orthanc import Orthanc, free_port
 
 from stowd.config import load_config
 from stowd.daemon import Daemon
@@ -213,3 +214,48 @@ def test_json_log_lines_for_log_shippers(tmp_path: Path) -> None:
     records = [json.loads(line) for line in daemon.log.splitlines() if line.strip()]
     assert {"time", "level", "logger", "message"} <= set(records[0])
     assert any(r["message"].startswith("stowd started") for r in records)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus text exposition."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, value = line.rsplit(" ", 1)
+        found = head[len(name) :].strip("{}")
+        if head.split("{")[0] == name and ",".join(sorted(found.split(","))) == wanted:
+            return float(value)
+    raise AssertionError(f"no sample {name}{{{wanted}}}")
+
+
+def test_a_metrics_scrape_shows_the_counts_after_a_run(tmp_path: Path, orthanc: Orthanc) -> None:
+    port = free_port()
+    layout = make_layout(
+        tmp_path / "run", orthanc.dicomweb_url, metrics={"listen": f"127.0.0.1:{port}"}
+    )
+    for n in range(3):
+        make_instance(layout.drop / f"s/{n}.dcm")
+    (layout.drop / "bad.dcm").write_text("not DICOM")
+    daemon = Stowd(layout).start()
+    try:
+        wait_for(
+            lambda: len(layout.files(layout.sent)) == 3 and len(layout.files(layout.failed)) == 1,
+            60,
+            "3 sent, 1 failed",
+            lambda: daemon.log,
+        )
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop()
+    ct1 = {"source": "ct1", "destination": "pacs"}
+    assert metric(text, "stowd_files_queued_total", **ct1) == 4
+    assert metric(text, "stowd_files_sent_total", **ct1) == 3
+    assert metric(text, "stowd_files_failed_total", **ct1) == 1
+    sent_bytes = sum(p.stat().st_size for p in layout.sent.rglob("*.dcm"))
+    assert metric(text, "stowd_bytes_sent_total", destination="pacs") == sent_bytes
+    assert metric(text, "stowd_request_duration_seconds_count", destination="pacs") >= 1
+    assert metric(text, "stowd_queue_files", destination="pacs", state="pending") == 0
+    assert metric(text, "stowd_destination_held", destination="pacs") == 0
+    assert str(layout.drop) not in text  # labels carry names, never paths
