@@ -777,6 +777,86 @@ class Queue:
         )
         return [_job(r) for r in rows]
 
+    # -- status queries (read only) ----------------------------------------------------------
+    # For ``stowd status`` and the daemon's one-line status.  None writes; each reads a range
+    # of an index, or (``tally``) makes one pass over the table.
+
+    @contextmanager
+    def reading(self) -> Iterator[Queue]:
+        """The queries inside see one state of the queue (one WAL read snapshot)."""
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            yield self
+        finally:
+            conn.execute("COMMIT")  # ends the read transaction; nothing was written
+
+    def tally(self, now: float) -> list[tuple[str, str, str, int, int, float]]:
+        """(source, destination, state, files, bytes, oldest queued_at) of each group, in one
+        pass; pending rows whose next attempt lies after ``now`` count as ``waiting``."""
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT source, destination, CASE WHEN state = 'pending' AND next_attempt_at > ? "
+                "THEN 'waiting' ELSE state END AS s, COUNT(*), SUM(size), MIN(queued_at) "
+                "FROM files GROUP BY source, destination, s",
+                (now,),
+            )
+            .fetchall()
+        )
+        return [(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+    def sent_since(self, since: float) -> list[tuple[str, str, int, int]]:
+        """(source, destination, files, bytes) sent at ``since`` or later.
+
+        ``+state`` keeps SQLite on the done_at index (the recent rows) rather than the state
+        index (every sent row still in the history).
+        """
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT source, destination, COUNT(*), SUM(size) FROM files "
+                "WHERE done_at >= ? AND +state = 'sent' GROUP BY source, destination",
+                (since,),
+            )
+            .fetchall()
+        )
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def state_totals(self, now: float) -> dict[str, int]:
+        """Counts by state, like ``counts`` but read from the files_ready index alone (cheap
+        enough for a status line every few seconds)."""
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT state, COUNT(*), SUM(state = 'pending' AND next_attempt_at > ?) "
+                "FROM files GROUP BY state",
+                (now,),
+            )
+            .fetchall()
+        )
+        out: dict[str, int] = {}
+        for state, count, waiting in rows:
+            out.update({k: n for k, n in ((state, count - waiting), ("waiting", waiting)) if n})
+        return out
+
+    def recent_errors(self, limit: int) -> list[tuple[float, str, str, str, str, float, str]]:
+        """(time, source, destination, path, state, next_attempt_at, error JSON) of the latest
+        rows that carry an error, newest first.  Sent rows never do: the state index skips
+        them, however many the history holds."""
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT COALESCE(done_at, last_try, queued_at) AS t, source, destination, path, "
+                "state, next_attempt_at, error FROM files WHERE state IN ('pending', 'claimed', "
+                "'settling', 'failed', 'gone', 'ignored') AND error IS NOT NULL "
+                "ORDER BY t DESC LIMIT ?",
+                (limit,),
+            )
+            .fetchall()
+        )
+        return [(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
 
 def open_readonly(path: Path) -> Queue:
     """A queue for ``stowd status``: no lock, no schema change, never blocks the daemon."""

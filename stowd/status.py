@@ -1,18 +1,41 @@
-"""``stowd status``: what the queue holds, read from another process without blocking it."""
+"""``stowd status``: what the queue holds, read from another process without blocking it.
+
+``gather`` reads the queue once (one read snapshot, four queries: one pass over the table for
+the counts, the done_at index for the rate, the state index for the errors, the holds) and
+returns plain data, which is also the ``--json`` output; ``render`` is the human form;
+``short_line`` is the daemon's systemd ``STATUS=`` line (two cheap queries).
+
+The rate is what was *sent* in the last ``RATE_WINDOW`` seconds (files, and their bytes in
+MB of 10^6 bytes); the ETA is the backlog (pending + waiting + claimed) divided by that rate,
+in bytes, or in files when nothing sent had a size.  Sent, failed and gone counts are the rows
+still in the queue's history (``history_days``), not every file ever handled.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from stowd.config import Config
-from stowd.queue import Queue, open_readonly
+from stowd.queue import Hold, Queue, open_readonly
 
 RATE_WINDOW = 300.0
 LAST_ERRORS = 10
+MB = 1_000_000
+SHORT_LIMIT = 80
+REASON_WIDTH = 200  # characters of an error's reason in the human form
+STATES = ("pending", "waiting", "claimed", "settling", "sent", "failed", "gone", "ignored")
+ACTIVE = ("pending", "waiting", "claimed", "settling")  # the oldest of these is "oldest"
+BACKLOG = ("pending", "waiting", "claimed")  # what the ETA is about
+# scheme://anything-up-to-the-last-@-before-a-space: like yamlwalk.redact_url, the userinfo
+# is not parsed (an unescaped '#', '/' or '@' in a password would leak through a parser).
+_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.\-]*://)\S*@")
 
 
 def daemon_pid(queue_path: Path) -> int | None:
@@ -38,59 +61,280 @@ def daemon_pid(queue_path: Path) -> int | None:
     return pid if b"stowd" in cmdline else None
 
 
+def redact(text: str) -> str:
+    """``text`` with the user:password@ of every URL in it replaced by ``***@``."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+# --------------------------------------------------------------------------- gathering
+
+
+@dataclass
+class _Figures:
+    """The queue's figures for one source, one destination, or everything."""
+
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))
+    backlog_bytes: int = 0
+    oldest: float | None = None  # queued_at of the oldest active row
+    sent_files: int = 0
+    sent_bytes: int = 0
+
+    def add(self, state: str, files: int, size: int, oldest: float) -> None:
+        self.counts[state] = self.counts.get(state, 0) + files
+        self.backlog_bytes += size if state in BACKLOG else 0
+        if state in ACTIVE and (self.oldest is None or oldest < self.oldest):
+            self.oldest = oldest
+
+    def add_sent(self, files: int, size: int) -> None:
+        self.sent_files += files
+        self.sent_bytes += size
+
+    @property
+    def backlog_files(self) -> int:
+        return sum(self.counts[s] for s in BACKLOG)
+
+    def eta(self, held: bool) -> tuple[str, float | None]:
+        """("empty" | "held" | "unknown" | "estimated", seconds)."""
+        if not self.backlog_files:
+            return "empty", 0.0
+        if held:
+            return "held", None
+        if self.sent_bytes and self.backlog_bytes:
+            return "estimated", round(self.backlog_bytes / self.sent_bytes * RATE_WINDOW, 1)
+        if self.sent_files:
+            return "estimated", round(self.backlog_files / self.sent_files * RATE_WINDOW, 1)
+        return "unknown", None
+
+    def as_dict(self, now: float, *, held: bool, parked: bool = False) -> dict[str, Any]:
+        eta, seconds = ("parked", None) if parked and self.backlog_files else self.eta(held)
+        return {
+            "counts": dict(self.counts),
+            "oldest_pending_seconds": _since(now, self.oldest),
+            "files_per_minute": round(self.sent_files / (RATE_WINDOW / 60), 1),
+            "mb_per_minute": round(self.sent_bytes / MB / (RATE_WINDOW / 60), 1),
+            "backlog_files": self.backlog_files,
+            "backlog_bytes": self.backlog_bytes,
+            "eta": eta,
+            "eta_seconds": seconds,
+        }
+
+
 def gather(config: Config, *, now: float | None = None) -> dict[str, Any]:
     """Everything ``status`` shows, as plain data (also the ``--json`` output)."""
     now = time.time() if now is None else now
     queue = open_readonly(config.queue)
     try:
-        return _gather(config, queue, now)
+        with queue.reading():
+            return _gather(config, queue, now)
     finally:
         queue.close()
 
 
 def _gather(config: Config, queue: Queue, now: float) -> dict[str, Any]:
-    oldest = queue.oldest_active()
-    recent = queue.done_since(now - RATE_WINDOW)
+    holds = {name: h for name, h in queue.holds().items() if name in config.destinations}
+    sources, dests, total = _tally(config, queue, now)
+    by_source = {
+        name: _source_dict(config, name, figures, holds, now) for name, figures in sources.items()
+    }
+    by_dest = {
+        name: {
+            **figures.as_dict(now, held=name in holds),
+            "configured": name in config.destinations,
+        }
+        for name, figures in dests.items()
+    }
+    everything = total.as_dict(now, held=False)
+    eta, seconds = _overall_eta(by_dest)
+    if eta == "empty" and total.backlog_files:
+        eta, seconds = "parked", None  # all of it belongs to sources no longer configured
     return {
         "queue": str(config.queue),
+        "time": now,
         "daemon_pid": daemon_pid(config.queue),
-        "counts": queue.counts(),
-        "oldest_pending_seconds": round(now - oldest, 1) if oldest else None,
-        "files_per_minute": round(sum(recent.values()) / (RATE_WINDOW / 60), 1),
-        "destinations": _destinations(config, queue, now),
-        "last_errors": _errors(queue),
+        "counts": {s: n for s, n in total.counts.items() if n},
+        "oldest_pending_seconds": everything["oldest_pending_seconds"],
+        "files_per_minute": everything["files_per_minute"],
+        "mb_per_minute": everything["mb_per_minute"],
+        "rate_window_seconds": RATE_WINDOW,
+        "backlog_files": everything["backlog_files"],
+        "backlog_bytes": everything["backlog_bytes"],
+        "eta": eta,
+        "eta_seconds": seconds,
+        "history_days": config.history_days,
+        "destinations": _destinations(config, holds, now),
+        "by_destination": by_dest,
+        "by_source": by_source,
+        "last_errors": _errors(queue, now),
+        "warnings": _warnings(config, by_source),
     }
 
 
-def _destinations(config: Config, queue: Queue, now: float) -> dict[str, Any]:
-    holds = queue.holds()
+def _tally(
+    config: Config, queue: Queue, now: float
+) -> tuple[dict[str, _Figures], dict[str, _Figures], _Figures]:
+    """Figures per source, per destination and in all; configured ones even when empty."""
+    sources = {s.name: _Figures() for s in config.sources}
+    dests = {name: _Figures() for name in config.destinations}
+    total = _Figures()
+
+    def parts(source: str, dest: str) -> list[_Figures]:
+        found = [sources.setdefault(source, _Figures()), total]
+        return [*found, dests.setdefault(dest, _Figures())] if dest else found  # "": parked
+
+    for source, dest, state, files, size, oldest in queue.tally(now):
+        for figures in parts(source, dest):
+            figures.add(state, files, size, oldest)
+    for source, dest, files, size in queue.sent_since(now - RATE_WINDOW):
+        for figures in parts(source, dest):
+            figures.add_sent(files, size)
+    return sources, dests, total
+
+
+def _source_dict(
+    config: Config, name: str, figures: _Figures, holds: Mapping[str, Hold], now: float
+) -> dict[str, Any]:
+    source = next((s for s in config.sources if s.name == name), None)
+    if source is None:  # its rows wait in the queue until it is configured again
+        return {
+            "configured": False,
+            "destination": None,
+            **figures.as_dict(now, held=False, parked=True),
+        }
+    return {
+        "configured": True,
+        "destination": source.destination,
+        "watch": str(source.watch),
+        **figures.as_dict(now, held=source.destination in holds),
+    }
+
+
+def _overall_eta(by_dest: Mapping[str, Mapping[str, Any]]) -> tuple[str, float | None]:
+    """Destinations send side by side: the backlog is gone when the slowest is done."""
+    etas = [(d["eta"], d["eta_seconds"]) for d in by_dest.values() if d["configured"]]
+    for word in ("held", "unknown"):
+        if any(e == word for e, _ in etas):
+            return word, None
+    seconds = [s for e, s in etas if e == "estimated"]
+    return ("estimated", max(seconds)) if seconds else ("empty", 0.0)
+
+
+def _destinations(config: Config, holds: Mapping[str, Hold], now: float) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, dest in config.destinations.items():
         hold = holds.get(name)
-        out[name] = (
-            {"url": dest.display_url, "state": "ok"}
-            if hold is None
-            else {
-                "url": dest.display_url,
+        out[name] = {"url": dest.display_url, "verify_tls": dest.verify_tls, "state": "ok"}
+        if hold is not None:
+            out[name] |= {
                 "state": "held",
                 "held_since": hold.since,
-                "held_for_seconds": round(now - hold.since, 1),
+                "held_for_seconds": _since(now, hold.since),
+                "held_until": hold.until,
                 "next_try_in_seconds": round(max(0.0, hold.until - now), 1),
-                "reason": hold.reason,
+                "reason": redact(hold.reason or ""),
+                "failures": hold.failures,
+            }
+    return out
+
+
+def _errors(queue: Queue, now: float) -> list[dict[str, Any]]:
+    out = []
+    for when, source, dest, path, state, next_try, error in queue.recent_errors(LAST_ERRORS):
+        doc = _error_doc(error)
+        waiting = state == "pending" and next_try > now
+        out.append(
+            {
+                "time": when,
+                "source": source,
+                "destination": dest,
+                "file": path,
+                "state": "waiting" if waiting else state,
+                "next_try_in_seconds": round(next_try - now, 1) if waiting else None,
+                "reason": redact(str(doc.get("reason") or "")),
+                "stage": doc.get("stage"),
+                "http_status": doc.get("http_status"),
+                "attempts": doc.get("attempts"),
             }
         )
     return out
 
 
-def _errors(queue: Queue) -> list[dict[str, Any]]:
-    out = []
-    for path, state, error, when in queue.last_errors(LAST_ERRORS):
-        reason = json.loads(error).get("reason", "") if error else ""
-        out.append({"file": path, "state": state, "reason": reason, "time": when})
+def _error_doc(error: str) -> dict[str, Any]:
+    """The JSON document the worker stored; a row from an older stowd may hold plain text."""
+    try:
+        doc = json.loads(error)
+    except ValueError:
+        return {"reason": error}
+    return doc if isinstance(doc, dict) else {"reason": str(doc)}
+
+
+def _warnings(config: Config, by_source: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    out = [
+        f"TLS verification is OFF for destination {name}"
+        for name, dest in config.destinations.items()
+        if not dest.verify_tls
+    ]
+    for name, data in by_source.items():
+        if not data["configured"] and data["backlog_files"]:
+            out.append(
+                f"source {name} is not in the config: its {data['backlog_files']} queued "
+                "file(s) wait until it is back"
+            )
     return out
 
 
-def render(data: dict[str, Any]) -> str:
+def _since(now: float, then: float | None) -> float | None:
+    return None if then is None else round(max(0.0, now - then), 1)
+
+
+# --------------------------------------------------------------------------- the short line
+
+
+def short_line(queue_or_data: Queue | Mapping[str, Any], destinations: Iterable[str] = ()) -> str:
+    """One line of at most 80 characters for systemd's ``STATUS=``, such as
+    ``12 pending, 3 waiting, 1520 sent, 2 failed; pacs ok``.
+
+    From a ``Queue`` (two queries: the counts from one index, the holds) or from ``gather``'s
+    data.  ``destinations`` names the configured destinations, so that healthy ones are
+    named too; without it only held ones are, or "destinations ok".
+    """
+    if isinstance(queue_or_data, Queue):
+        counts = queue_or_data.state_totals(queue_or_data.clock())
+        held = set(queue_or_data.holds())
+    else:
+        counts = queue_or_data["counts"]
+        dests = queue_or_data["destinations"]
+        held = {name for name, d in dests.items() if d["state"] == "held"}
+        destinations = [*destinations, *dests]
+    names = list(dict.fromkeys([*destinations, *sorted(held)]))
+    head = _short_counts(counts)
+    line = f"{head}; {_short_health(names, held, SHORT_LIMIT - len(head) - 2)}"
+    return line if len(line) <= SHORT_LIMIT else line[: SHORT_LIMIT - 1] + "…"
+
+
+def _short_counts(counts: Mapping[str, int]) -> str:
+    sending = counts.get("claimed", 0) + counts.get("settling", 0)
+    parts = [f"{counts.get('pending', 0)} pending", f"{counts.get('waiting', 0)} waiting"]
+    parts += [f"{sending} sending"] if sending else []
+    parts += [f"{counts.get('sent', 0)} sent", f"{counts.get('failed', 0)} failed"]
+    return ", ".join(parts)
+
+
+def _short_health(names: list[str], held: set[str], room: int) -> str:
+    """Each destination's health, or a summary when they do not fit in ``room``."""
+    each = ", ".join(f"{n} {'HELD' if n in held else 'ok'}" for n in names)
+    if not names:
+        return "destinations ok"
+    if len(each) <= room:
+        return each
+    if not held:
+        return f"all {len(names)} destinations ok"
+    return f"{len(held)} of {len(names)} HELD: {', '.join(sorted(held))}"
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def render(data: Mapping[str, Any]) -> str:
     """The human form of ``gather``'s data."""
     pid = data["daemon_pid"]
     lines = [
@@ -98,38 +342,128 @@ def render(data: dict[str, Any]) -> str:
         f"daemon:       {'running (pid ' + str(pid) + ')' if pid else 'not running'}",
         f"files:        {_counts(data['counts'])}",
         f"oldest:       {_age(data['oldest_pending_seconds'])}",
-        f"rate:         {data['files_per_minute']} files/min over the last 5 minutes",
+        f"rate:         {_rate(data)} over the last {data['rate_window_seconds'] / 60:.0f} minutes",
+        f"backlog:      {_backlog(data, 'a destination')}",
     ]
-    for name, dest in data["destinations"].items():
-        lines.append(f"destination:  {name} {dest['url']}: {_dest_state(dest)}")
-    if data["last_errors"]:
-        lines.append("last errors:")
-        for err in data["last_errors"]:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(err["time"]))
-            lines.append(f"  {stamp} [{err['state']}] {err['file']}: {err['reason']}")
+    lines += [f"WARNING:      {w}" for w in data["warnings"]]
+    for name, dest in data["by_destination"].items():
+        lines += ["", *_destination(name, dest, data["destinations"].get(name))]
+    for name, source in data["by_source"].items():
+        lines += ["", *_source(name, source)]
+    lines += _last_errors(data["last_errors"])
+    lines += [
+        "",
+        f"sent, failed and gone count the files still in the queue's history "
+        f"(history_days: {data['history_days']:g})",
+    ]
     return "\n".join(lines)
 
 
-def _counts(counts: dict[str, int]) -> str:
-    order = ["pending", "waiting", "claimed", "settling", "sent", "failed", "gone", "ignored"]
-    parts = [f"{counts[s]} {s}" for s in order if counts.get(s)]
+def _destination(name: str, figures: Mapping[str, Any], health: Any) -> list[str]:
+    if health is None:
+        head = f"destination {name} (no longer in the config)"
+    else:
+        head = f"destination {name} ({health['url']})"
+    return [head, *_health(health), *_figures(figures)]
+
+
+def _health(health: Mapping[str, Any] | None) -> list[str]:
+    if health is None:
+        return []
+    if health["state"] == "ok":
+        return ["  health:     ok"]
+    tries = health["failures"]
+    return [
+        f"  health:     HELD since {_clock(health['held_since'])} "
+        f"({_duration(health['held_for_seconds'])}), {tries} failed attempt{'s' * (tries != 1)}",
+        f"              next try at {_clock(health['held_until'])} ({_due(health)})",
+        f"              why: {_shorten(health['reason'], REASON_WIDTH)}",
+    ]
+
+
+def _due(health: Mapping[str, Any]) -> str:
+    wait = health["next_try_in_seconds"]
+    return f"in {_duration(wait)}" if wait > 0 else "due now"
+
+
+def _source(name: str, figures: Mapping[str, Any]) -> list[str]:
+    if not figures["configured"]:
+        head = f"source {name} (not in the config: its files wait until it is back)"
+    else:
+        head = f"source {name} ({figures['watch']} -> {figures['destination']})"
+    return [head, *_figures(figures)]
+
+
+def _figures(figures: Mapping[str, Any]) -> list[str]:
+    return [
+        f"  files:      {_counts(figures['counts'])}",
+        f"  oldest:     {_age(figures['oldest_pending_seconds'])}",
+        f"  rate:       {_rate(figures)}",
+        f"  backlog:    {_backlog(figures)}",
+    ]
+
+
+def _last_errors(errors: list[Mapping[str, Any]]) -> list[str]:
+    if not errors:
+        return []
+    lines = ["", "last errors (newest first):"]
+    for err in errors:
+        state = err["state"]
+        if err["next_try_in_seconds"] is not None:
+            state += f", next try in {_duration(err['next_try_in_seconds'])}"
+        reason = _shorten(err["reason"], REASON_WIDTH)
+        lines.append(f"  {_clock(err['time'])} {err['source']} [{state}] {err['file']}: {reason}")
+    return lines
+
+
+def _shorten(text: str, width: int) -> str:
+    """One line of at most ``width`` characters (``--json`` has the whole text)."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _counts(counts: Mapping[str, int]) -> str:
+    parts = [f"{counts[s]} {s}" for s in STATES if counts.get(s)]
     return ", ".join(parts) or "none yet"
 
 
+def _rate(figures: Mapping[str, Any]) -> str:
+    return f"{figures['files_per_minute']} files/min, {figures['mb_per_minute']} MB/min sent"
+
+
+def _backlog(figures: Mapping[str, Any], whose: str = "the destination") -> str:
+    files = figures["backlog_files"]
+    if not files:
+        return "nothing to send"
+    size = f"{files} file{'s' * (files != 1)}, {_mb(figures['backlog_bytes'])}"
+    eta = figures["eta"]
+    if eta == "estimated":
+        return f"{size}; about {_duration(figures['eta_seconds'])} to send at the recent rate"
+    why = {
+        "held": f"no ETA while {whose} is held",
+        "unknown": f"ETA unknown: nothing was sent in the last {RATE_WINDOW / 60:.0f} minutes",
+        "parked": "no ETA: its source is not in the config",
+    }
+    return f"{size}; {why.get(eta, 'ETA ' + eta)}"
+
+
+def _mb(size: int) -> str:
+    return f"{size / MB:.1f} MB" if size < 10**10 else f"{size / 10**9:.1f} GB"
+
+
 def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "nothing pending"
+    return "nothing pending" if seconds is None else f"pending for {_duration(seconds)}"
+
+
+def _duration(seconds: float) -> str:
     if seconds < 120:
-        return f"pending for {seconds:.0f}s"
+        return f"{seconds:.0f}s"
     if seconds < 7200:
-        return f"pending for {seconds / 60:.0f} min"
-    return f"pending for {seconds / 3600:.1f} h"
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
 
 
-def _dest_state(dest: dict[str, Any]) -> str:
-    if dest["state"] == "ok":
-        return "ok"
-    return (
-        f"HELD for {_age(dest['held_for_seconds']).removeprefix('pending for ')}, "
-        f"next try in {dest['next_try_in_seconds']:.0f}s: {dest['reason']}"
-    )
+def _clock(when: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
