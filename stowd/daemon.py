@@ -48,6 +48,7 @@ HOUSEKEEPING_EVERY = 3600.0
 RESETTLE_EVERY = 60.0
 STATUS_EVERY = 10.0
 TICK = 1.0
+KEEPALIVE = 5.0  # how often a reload that waits for uploads tells systemd it is alive
 EXIT_SECOND_SIGNAL = 1
 WATCHER_STALL = 300.0  # a watcher without progress this long is stuck (a hung share)
 WORKER_SLACK = 60.0  # beyond the longest step a worker may take
@@ -221,7 +222,7 @@ class Daemon:
             new.path,
             new.shutdown_timeout,
         )
-        _stop(self.generation, new.shutdown_timeout, closing=False)
+        _stop(self.generation, new.shutdown_timeout, closing=False, waiting=self._keep_alive)
         self.config = new
         self._adopt(new)
         self._replan(new)
@@ -233,6 +234,11 @@ class Daemon:
             len(new.sources),
             len(new.destinations),
         )
+
+    def _keep_alive(self) -> None:
+        """While a reload waits for uploads in flight, the main thread is alive and busy."""
+        if self.notifier.watchdog_interval is not None:
+            self.notifier.watchdog()
 
     def _restart_metrics(self, new: Config) -> None:
         if self.metrics_server is not None:
@@ -340,8 +346,11 @@ def _spawn(gen: Generation, name: str, target: Callable[[], None]) -> None:
     thread.start()
 
 
-def _stop(gen: Generation, timeout: float, *, closing: bool) -> None:
-    """Stop ``gen``'s threads, waiting up to ``timeout`` for uploads in flight.
+def _stop(
+    gen: Generation, timeout: float, *, closing: bool, waiting: Callable[[], None] | None = None
+) -> None:
+    """Stop ``gen``'s threads, waiting up to ``timeout`` for uploads in flight (calling
+    ``waiting`` every ``KEEPALIVE`` seconds meanwhile).
 
     A thread still busy then is left to finish in the background (``closing``: the process is
     ending, so its connection is closed and its files are sent again at the next start).
@@ -349,7 +358,10 @@ def _stop(gen: Generation, timeout: float, *, closing: bool) -> None:
     gen.stop.set()
     deadline = time.monotonic() + timeout
     for thread, _ in gen.threads.values():
-        thread.join(max(0.0, deadline - time.monotonic()))
+        while thread.is_alive() and time.monotonic() < deadline:
+            thread.join(min(KEEPALIVE, max(0.0, deadline - time.monotonic())))
+            if waiting is not None:
+                waiting()
     alive = [t.name for t, _ in gen.threads.values() if t.is_alive()]
     if alive and closing:
         log.warning(

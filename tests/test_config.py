@@ -796,7 +796,8 @@ def test_retention_and_metrics_settings(tmp_path: Path) -> None:
     config = load_text(tmp_path, text)
     a, b = config.sources
     assert (a.sent_retention, b.sent_retention) == (30 * 86400, None)
-    assert config.metrics is not None and (config.metrics.host, config.metrics.port) == ("::1", 9464)
+    assert config.metrics is not None
+    assert (config.metrics.host, config.metrics.port) == ("::1", 9464)
     assert load_text(tmp_path, MINIMAL).metrics is None
 
 
