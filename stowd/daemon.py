@@ -38,6 +38,7 @@ from stowd.metadata import clear_spool, digest
 from stowd.notify import Notifier
 from stowd.queue import Queue
 from stowd.settle import repair
+from stowd.status import short_line
 from stowd.stow import StowClient
 from stowd.watch import Watcher
 from stowd.worker import Worker
@@ -277,12 +278,7 @@ class Daemon:
         return None
 
     def _status_line(self) -> str:
-        counts = self.queue.counts()
-        holds = self.queue.holds()
-        parts = [f"{counts[s]} {s}" for s in ("pending", "claimed", "failed") if counts.get(s)]
-        parts.append(f"{counts.get('sent', 0)} sent")
-        held = [name for name, hold in holds.items() if hold.until > time.time()]
-        return ", ".join(parts) + (f"; held: {', '.join(held)}" if held else "")
+        return short_line(self.queue, list(self.config.destinations))
 
     # -- upkeep ---------------------------------------------------------------------------
     def _replan(self, config: Config) -> None:
