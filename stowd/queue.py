@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import fcntl
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -36,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from stowd.errors import QueueError, QueueLockedError, SidecarNotReady
+
+log = logging.getLogger("stowd.queue")
 
 SCHEMA_VERSION = 3
 ACTIVE = ("pending", "claimed", "settling")
@@ -454,6 +457,7 @@ class Queue:
                 "queued_at, sidecars) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
                 (f.source, f.destination, f.path, f.rel, f.size, f.mtime_ns, now, sidecars),
             )
+            log.info("queued %s (%d bytes, source %s)", f.path, f.size, f.source)
             return 1
         if row[3] == "pending" and (row[1], row[2]) != (f.size, f.mtime_ns):
             try:
