@@ -1,4 +1,4 @@
-"""The command line: ``stowd run | check-config | status | dry-run | explain``.
+"""The command line: ``stowd run | check-config | status | dry-run | explain | retry | purge``.
 
 Exit codes: 0 ok, 1 runtime error, 2 usage or configuration error, 130 on Ctrl-C.
 """
@@ -10,13 +10,15 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 
-from stowd import dryrun, explain, logs
-from stowd.config import Config, load_config
+from stowd import dryrun, explain, logs, retry
+from stowd.config import Config, load_config, parse_duration
 from stowd.daemon import Daemon
 from stowd.errors import ConfigError, StowdError
-from stowd.status import gather, render
+from stowd.purge import purge_sent
+from stowd.status import daemon_pid, gather, render
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_CONFIG = "/etc/stowd/config.yaml"
@@ -45,7 +47,16 @@ def _parser() -> argparse.ArgumentParser:
     why.add_argument("files", nargs="+", metavar="FILE", help="files to explain")
     why.add_argument("--source", help="explain as if the files were in this source's folder")
     why.add_argument("--json", action="store_true", help="machine-readable output")
-    for p in (run, check, status, dry, why):
+    again = sub.add_parser("retry", help="put files from failed/ back into the watch folders")
+    again.add_argument("--source", help="only this source's failed/ folder")
+    again.add_argument("--reason", help="only files whose error reason contains TEXT (any case)")
+    again.add_argument("--since", help="only files that failed since T (2h, 3d, or a date/time)")
+    again.add_argument("--dry-run", action="store_true", help="list, move nothing")
+    purge = sub.add_parser("purge", help="delete from sent/ what has been there too long")
+    purge.add_argument("--sent-older-than", required=True, metavar="AGE", help="such as 30d")
+    purge.add_argument("--source", help="only this source's sent/ folder")
+    purge.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    for p in (run, check, status, dry, why, again, purge):
         p.add_argument(
             "-c", "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})"
         )
@@ -122,10 +133,57 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
     return EXIT_RUNTIME if any(r.problem for r in results) else EXIT_OK
 
 
+def _unknown_source(config: Config, name: str | None) -> bool:
+    known = [s.name for s in config.sources]
+    if name is None or name in known:
+        return False
+    print(f"stowd: no source named {name!r}; known: {', '.join(known)}", file=sys.stderr)
+    return True
+
+
+def _retry(config: Config, args: argparse.Namespace) -> int:
+    if _unknown_source(config, args.source):
+        return EXIT_USAGE
+    try:
+        since = None if args.since is None else retry.parse_since(args.since, time.time())
+    except ValueError as exc:
+        print(f"stowd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    filters = retry.Filters(args.source, args.reason, since)
+    report = retry.retry(config, filters, dry_run=args.dry_run)
+    print(retry.render(report, daemon_pid(config.queue)))
+    return EXIT_OK if report.ok else EXIT_RUNTIME
+
+
+def _purge(config: Config, args: argparse.Namespace) -> int:
+    try:
+        age = parse_duration(args.sent_older_than)
+        if age <= 0:
+            raise ValueError("must be more than 0 seconds, such as 30d")
+    except ValueError as exc:
+        print(f"stowd: --sent-older-than: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if _unknown_source(config, args.source):
+        return EXIT_USAGE
+    errors, now, word = 0, time.time(), "would delete" if args.dry_run else "deleted"
+    for source in config.sources:
+        if args.source in (None, source.name):
+            r = purge_sent(source, age, now, dry_run=args.dry_run)
+            errors += len(r.errors)
+            print(
+                f"{source.name}: {word} {r.files} file(s), {r.bytes / 1e6:.1f} MB, and "
+                f"{r.folders} empty folder(s) from {source.sent}"
+                + (f"; {len(r.errors)} could not be deleted" if r.errors else "")
+            )
+    return EXIT_RUNTIME if errors else EXIT_OK
+
+
 _COMMANDS = {
     "run": _run,
     "check-config": _check,
     "status": _status,
     "dry-run": _dry_run,
     "explain": _explain,
+    "retry": _retry,
+    "purge": _purge,
 }

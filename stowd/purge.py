@@ -1,0 +1,230 @@
+"""Retention of ``sent/``: delete what has been there longer than a given time.
+
+How long a file has been in ``sent/`` is read from its ``st_ctime``: moving a file into
+``sent/`` (a rename, or the copy made across filesystems) sets its ctime, and reading or
+sending it never does, while its mtime stays the one it was dropped with.  Caveat: anything
+that changes the file's inode also sets ctime: ``chmod``, ``chown``, a new hard link (such
+as a backup made with ``rsync --link-dest`` or ``cp -al``), a restore from a backup.  Those
+files are kept longer than asked, never shorter.  On a filesystem that does not set ctime on
+rename (some network shares), a file's age counts from its last change before the move.
+
+The walk uses ``os.scandir`` and one ``lstat`` per entry, opens every folder relative to
+its parent with ``O_NOFOLLOW`` and deletes relative to it: symbolic links are never
+followed (a link in ``sent/`` is removed as a link, its target is never touched), and
+nothing outside ``sent/`` is deleted, even if a folder is swapped for a link meanwhile.
+File contents are never read.
+
+Sidecar copies (``_metadata.yaml``, ``img.json``) are old files like any other, but one
+that a file kept in its folder still uses stays with it.  Folders left empty are removed
+(never ``sent/`` itself), and so are folders that were empty before when they have not
+changed for ``older_than``; a folder being filled by a move at that moment is then too new.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stowd import sidecar as sidecar_mod
+from stowd.config import DEFAULT_FOLDER_SIDECAR, Sidecars, Source
+from stowd.settle import _MOVING
+
+log = logging.getLogger("stowd.purge")
+
+LOGGED_ERRORS = 10  # each of the first errors of a purge is logged, the rest counted
+_SUFFIXES = (*sidecar_mod.SUFFIXES, *(s.upper() for s in sidecar_mod.SUFFIXES))
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+@dataclass(frozen=True)
+class PurgeResult:
+    """What a purge deleted (or would delete, in a dry run)."""
+
+    files: int
+    bytes: int
+    errors: tuple[str, ...] = ()
+    folders: int = 0  # empty folders removed
+
+
+@dataclass
+class _Tally:
+    cutoff: float
+    dry_run: bool
+    settings: Sidecars
+    files: int = 0
+    bytes: int = 0
+    folders: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def error(self, path: str, exc: OSError) -> None:
+        message = f"{path}: {exc.strerror or exc}"
+        if len(self.errors) < LOGGED_ERRORS:
+            log.warning("cannot purge %s", message)
+        self.errors.append(message)
+
+
+def purge_sent(source: Source, older_than: float, now: float, dry_run: bool = False) -> PurgeResult:
+    """Delete the files that have been in ``source.sent`` for more than ``older_than``
+    seconds at time ``now`` (see the module's doc for how that is told), then the folders
+    left empty.  With ``dry_run`` nothing is deleted; the counts say what would be."""
+    if older_than <= 0:
+        raise ValueError(f"older_than must be more than 0 seconds, got {older_than:g}")
+    tally = _Tally(now - older_than, dry_run, source.sidecars or Sidecars())
+    try:
+        fd = os.open(source.sent, _DIR_FLAGS & ~os.O_NOFOLLOW)  # sent/ itself may be a link
+    except FileNotFoundError:
+        return PurgeResult(0, 0)
+    except OSError as exc:
+        tally.error(str(source.sent), exc)
+    else:
+        try:
+            _purge_folder(fd, str(source.sent), tally)  # sent/ itself is never removed
+        finally:
+            os.close(fd)
+    result = PurgeResult(tally.files, tally.bytes, tuple(tally.errors), tally.folders)
+    _log(source, older_than, result, dry_run)
+    return result
+
+
+def _log(source: Source, older_than: float, result: PurgeResult, dry_run: bool) -> None:
+    level = logging.INFO if result.files or result.folders or result.errors else logging.DEBUG
+    log.log(
+        level,
+        "source %s: %s %d file(s) (%.1f MB) and %d empty folder(s) in %s older than %gd%s",
+        source.name,
+        "would purge" if dry_run else "purged",
+        result.files,
+        result.bytes / 1e6,
+        result.folders,
+        source.sent,
+        older_than / 86400,
+        f"; {len(result.errors)} could not be deleted" if result.errors else "",
+    )
+
+
+def _purge_folder(fd: int, shown: str, tally: _Tally) -> tuple[bool, bool]:
+    """Purge the folder open as ``fd``: (is it empty now, was anything removed below it)."""
+    try:
+        with os.scandir(fd) as it:
+            entries = list(it)
+    except OSError as exc:
+        tally.error(shown, exc)
+        return False, False
+    files: dict[str, os.stat_result] = {}
+    left, changed = 0, False
+    for entry in entries:
+        path = os.path.join(shown, entry.name)
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            tally.error(path, exc)
+            left += 1
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            gone, below = _purge_subfolder(fd, entry.name, path, tally)
+            left, changed = left + (not gone), changed or below or gone
+        elif stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode):
+            files[entry.name] = info
+        else:
+            left += 1  # a socket or a pipe: not ours
+    staying = _purge_files(fd, shown, files, tally)
+    return left + staying == 0, changed or staying < len(files)
+
+
+def _purge_subfolder(parent: int, name: str, shown: str, tally: _Tally) -> tuple[bool, bool]:
+    """Purge a folder below ``parent`` and remove it once empty: (is it gone, was anything
+    removed below it).  A folder that was empty already goes only if it has not changed
+    for ``older_than`` (the daemon may have just made it for a file it moves)."""
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return True, False
+        tally.error(shown, exc)  # ELOOP: replaced by a link since it was listed
+        return False, False
+    try:
+        mtime = os.fstat(fd).st_mtime
+        empty, changed = _purge_folder(fd, shown, tally)
+    finally:
+        os.close(fd)
+    if not empty or not (changed or mtime < tally.cutoff):
+        return False, changed
+    return _remove_folder(parent, name, shown, tally), changed
+
+
+def _remove_folder(parent: int, name: str, shown: str, tally: _Tally) -> bool:
+    if tally.dry_run:
+        tally.folders += 1
+        return True
+    try:
+        with _MOVING:  # never between the daemon's mkdir of a folder and its move into it
+            os.rmdir(name, dir_fd=parent)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return True
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):  # else: a file arrived
+            tally.error(shown, exc)
+        return False
+    tally.folders += 1
+    return True
+
+
+def _purge_files(fd: int, shown: str, files: dict[str, os.stat_result], tally: _Tally) -> int:
+    """Delete the old files of one folder, data files first, then the sidecar copies no
+    remaining file uses; returns how many files stay."""
+    data = sorted(n for n in files if not _sidecar_like(n, tally.settings))
+    kept = [n for n in data if not _purge_file(fd, shown, n, files[n], tally)]
+    sidecars = sorted(n for n in files if _sidecar_like(n, tally.settings))
+    kept += [
+        n
+        for n in sidecars
+        if _used(n, kept, tally.settings) or not _purge_file(fd, shown, n, files[n], tally)
+    ]
+    return len(kept)
+
+
+def _purge_file(fd: int, shown: str, name: str, info: os.stat_result, tally: _Tally) -> bool:
+    """Delete one file if it is old enough; True when it is gone (or would be)."""
+    if info.st_ctime >= tally.cutoff:
+        return False
+    if not tally.dry_run:
+        try:
+            os.unlink(name, dir_fd=fd)
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            tally.error(os.path.join(shown, name), exc)
+            return False
+    tally.files += 1
+    tally.bytes += info.st_size
+    return True
+
+
+def _sidecar_like(name: str, settings: Sidecars) -> bool:
+    return _is_folder_copy(name, settings) or Path(name).suffix in _SUFFIXES
+
+
+def _is_folder_copy(name: str, settings: Sidecars) -> bool:
+    """``_metadata.yaml`` and its copies ``_metadata~<hash>.yaml``, ``_metadata~N.yaml``."""
+    folder = Path(settings.folder or DEFAULT_FOLDER_SIDECAR)
+    return name == folder.name or (
+        name.startswith(folder.stem + "~") and name.endswith(folder.suffix)
+    )
+
+
+def _used(name: str, kept: list[str], settings: Sidecars) -> bool:
+    """Is the sidecar copy ``name`` used by a file that stays in its folder?"""
+    if _is_folder_copy(name, settings):
+        return any(not _sidecar_like(k, settings) for k in kept)
+    return any(name in _per_file_names(k) for k in kept)
+
+
+def _per_file_names(name: str) -> set[str]:
+    stem = Path(name).stem
+    return {*(stem + s for s in _SUFFIXES), *(name + s for s in _SUFFIXES)}
