@@ -36,6 +36,7 @@ from stowd.config import Config, Source, load_config
 from stowd.errors import ConfigError, StowdError
 from stowd.metadata import clear_spool, digest
 from stowd.notify import Notifier
+from stowd.purge import purge_sent
 from stowd.queue import Queue
 from stowd.settle import repair
 from stowd.status import short_line
@@ -312,12 +313,15 @@ class Daemon:
                 _spawn(gen, name, target)
 
     def _housekeeping(self) -> None:
-        cutoff = time.time() - self.config.history_days * 86400
-        forgotten = self.queue.forget_done(cutoff)
+        now = time.time()
+        forgotten = self.queue.forget_done(now - self.config.history_days * 86400)
         if forgotten:
             log.info(
                 "forgot %d finished job(s) older than %g days", forgotten, self.config.history_days
             )
+        for source in self.config.sources:
+            if source.sent_retention is not None:
+                purge_sent(source, source.sent_retention, now)  # logs what it deleted
 
     def _shutdown(self) -> None:
         self.stop.set()

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from stowd import sidecar as sidecar_mod
 from stowd.config import DEFAULT_FOLDER_SIDECAR, Sidecars, Source
-from stowd.settle import _MOVING
+from stowd.settle import MOVING
 
 log = logging.getLogger("stowd.purge")
 
@@ -163,7 +163,7 @@ def _remove_folder(parent: int, name: str, shown: str, tally: _Tally) -> bool:
         tally.folders += 1
         return True
     try:
-        with _MOVING:  # never between the daemon's mkdir of a folder and its move into it
+        with MOVING:  # never between the daemon's mkdir of a folder and its move into it
             os.rmdir(name, dir_fd=parent)
     except OSError as exc:
         if exc.errno == errno.ENOENT:

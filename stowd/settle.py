@@ -30,7 +30,7 @@ from stowd.queue import Job, Queue
 log = logging.getLogger("stowd.settle")
 
 ERROR_SUFFIX = ".error.json"
-_MOVING = threading.Lock()
+MOVING = threading.Lock()  # held around moves into sent/ and failed/ (and purge's rmdir)
 MAX_SUFFIX = 10_000
 
 
@@ -91,7 +91,7 @@ def settle_all(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
 
     Two queue transactions and one folder fsync per folder, whatever the batch size.
     """
-    with _MOVING:  # two workers must never pick the same free name at the same time
+    with MOVING:  # two workers must never pick the same free name at the same time
         return _settle_all(queue, decisions)
 
 
@@ -308,7 +308,7 @@ def repair(
     Returns how many were finished and the ids that still cannot be moved.  ``sources``
     (by name) tells which sidecars may be removed from the drop folders afterwards.
     """
-    with _MOVING:
+    with MOVING:
         return _repair(queue, only, sources or {})
 
 

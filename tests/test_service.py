@@ -259,3 +259,30 @@ def test_a_metrics_scrape_shows_the_counts_after_a_run(tmp_path: Path, orthanc: 
     assert metric(text, "stowd_queue_files", destination="pacs", state="pending") == 0
     assert metric(text, "stowd_destination_held", destination="pacs") == 0
     assert str(layout.drop) not in text  # labels carry names, never paths
+
+
+def test_housekeeping_purges_sent_after_the_retention(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layout = make_layout(
+        tmp_path / "run", "http://127.0.0.1:9/dicom-web", source={"sent_retention": "30d"}
+    )
+    config = load_config(layout.config)
+    first = layout.sent / "s1" / "a.dcm"
+    second = layout.sent / "s2" / "b.dcm"
+    for path in (first, second):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x" * 10)
+    daemon = Daemon(config, Notifier({}))
+    daemon.queue.open()
+    try:
+        now = time.time()
+        monkeypatch.setattr("stowd.daemon.time.time", lambda: now + 29 * 86400)
+        daemon._housekeeping()
+        assert first.exists() and second.exists()  # 29 days: within the retention
+        monkeypatch.setattr("stowd.daemon.time.time", lambda: now + 31 * 86400)
+        daemon._housekeeping()
+        assert not first.exists() and not second.exists()
+        assert layout.sent.is_dir() and not (layout.sent / "s1").exists()  # emptied folders go
+    finally:
+        daemon.queue.close()
