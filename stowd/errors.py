@@ -19,11 +19,16 @@
 
 Third-party exceptions (httpx, pydicom, sqlite3, yaml) are translated at one seam each, with
 ``raise ... from exc``; whether something is retried is a property of the type raised here.
+``reading`` turns the OSErrors of reading a file to send into ``FileVanished`` or
+``FileUnreadable``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 
 class StowdError(Exception):
@@ -98,6 +103,19 @@ class UnknownType(FileProblem):
 
 class FileVanished(FileProblem):
     """The file was removed (or replaced) before it could be sent."""
+
+
+@contextmanager
+def reading(source: Path) -> Iterator[None]:
+    """Turn the OSErrors of reading ``source`` into stowd's errors."""
+    try:
+        yield
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise FileVanished("the file was removed before it could be sent") from exc
+    except IsADirectoryError as exc:
+        raise FileVanished("the path is now a folder") from exc
+    except OSError as exc:
+        raise FileUnreadable.from_os_error(exc, str(source)) from exc
 
 
 class SidecarNotReady(StowdError):

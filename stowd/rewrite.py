@@ -38,7 +38,7 @@ from stowd.classify import (
     header_errors,
     unreadable_header,
 )
-from stowd.errors import FileProblem, FileUnreadable, FileVanished
+from stowd.errors import FileProblem, FileUnreadable, reading
 from stowd.vr import Value
 
 CHUNK = 1024 * 1024
@@ -240,16 +240,9 @@ def rewrite(src: Path, dst: Path, edit: Callable[[Dataset], None]) -> int:
     ``src`` is only read.  Its bytes from the Pixel Data element to the end are copied as they
     are, in chunks.  On any error a partly written ``dst`` is removed.
     """
-    try:
-        with warnings.catch_warnings(), open(src, "rb") as fp:
-            warnings.simplefilter("ignore")  # files with odd values are sent, not judged
-            return _rewrite_open(fp, dst, edit)
-    except (FileNotFoundError, NotADirectoryError) as exc:
-        raise FileVanished("the file was removed before it could be sent") from exc
-    except IsADirectoryError as exc:
-        raise FileVanished("the path is now a folder") from exc
-    except OSError as exc:
-        raise FileUnreadable.from_os_error(exc, str(src)) from exc
+    with reading(src), warnings.catch_warnings(), open(src, "rb") as fp:
+        warnings.simplefilter("ignore")  # files with odd values are sent, not judged
+        return _rewrite_open(fp, dst, edit)
 
 
 def _rewrite_open(fp: BinaryIO, dst: Path, edit: Callable[[Dataset], None]) -> int:

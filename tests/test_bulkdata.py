@@ -47,7 +47,7 @@ from test_media import (
     mpeg2,
 )
 
-from stowd import bulkdata
+from stowd import bulkdata, part10
 from stowd.bulkdata import Uids, build
 from stowd.errors import FileProblem, FileUnreadable, FileVanished
 from stowd.media import Media, detect
@@ -258,8 +258,8 @@ def test_a_grey_jpeg_and_odd_length_padding(tmp_path: Path, pad: int) -> None:
 def test_a_large_stream_is_split_into_even_fragments(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(bulkdata, "FRAGMENT", 4096)
-    monkeypatch.setattr(bulkdata, "CHUNK", 1000)
+    monkeypatch.setattr(part10, "FRAGMENT", 4096)
+    monkeypatch.setattr(part10, "CHUNK", 1000)
     data = jpeg(components=b"\x01", sampling=b"\x11")
     data += b"\0" * (1 - len(data) % 2)  # odd: the last fragment is padded
     _, _, ds = make(tmp_path, "large.jpg", data)
@@ -540,7 +540,7 @@ def test_transparency_is_laid_on_white(tmp_path: Path) -> None:
 def test_palette_transparency_is_laid_on_white_in_every_band(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(bulkdata, "CHUNK", 8)  # bands of a few rows: the crops keep the palette
+    monkeypatch.setattr(part10, "CHUNK", 8)  # bands of a few rows: the crops keep the palette
     image = Image.new("P", (4, 6), 1)
     image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
     image.putpixel((0, 5), 0)  # the last band holds the transparent index
@@ -648,7 +648,7 @@ def as_h264(target: Path) -> Path:
 def test_a_large_video_is_one_fragment(
     tmp_path: Path, clips: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(bulkdata, "FRAGMENT", 1000)
+    monkeypatch.setattr(part10, "FRAGMENT", 1000)
     data = clips["clip.mp4"].read_bytes()
     _, _, ds = make(tmp_path, "clip.mp4", data)
     assert len(list(generate_fragments(ds.PixelData))) == 2  # offset table and one fragment
@@ -659,8 +659,8 @@ def test_a_large_video_is_one_fragment(
 def test_a_video_over_4_gib_uses_the_fragmentable_syntax_and_several_fragments(
     tmp_path: Path, clips: dict[str, Path], monkeypatch: pytest.MonkeyPatch, name: str, syntax: str
 ) -> None:
-    monkeypatch.setattr(bulkdata, "MAX_VALUE", 2000)  # stands in for 4 GiB
-    monkeypatch.setattr(bulkdata, "FRAGMENT", 1000)
+    monkeypatch.setattr(part10, "MAX_VALUE", 2000)  # stands in for 4 GiB
+    monkeypatch.setattr(part10, "FRAGMENT", 1000)
     data = clips[name].read_bytes()
     _, _, ds = make(tmp_path, name, data)
     assert ds.file_meta.TransferSyntaxUID == TS + syntax
@@ -673,7 +673,7 @@ def test_a_video_over_4_gib_uses_the_fragmentable_syntax_and_several_fragments(
 def test_an_hevc_video_over_4_gib_is_refused(
     tmp_path: Path, clips: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(bulkdata, "MAX_VALUE", 2000)
+    monkeypatch.setattr(part10, "MAX_VALUE", 2000)
     with pytest.raises(FileProblem, match="no transfer syntax that splits an HEVC stream"):
         make(tmp_path, "hevc.mp4", clips["hevc.mp4"].read_bytes())
 
@@ -881,7 +881,7 @@ def test_a_read_error_midway_removes_the_partial_target(
     source = tmp_path / "a.pdf"
     source.write_bytes(EVEN_PDF)
     target = tmp_path / "a.dcm"
-    monkeypatch.setattr(bulkdata, "_copy", failing_copy)
+    monkeypatch.setattr(part10, "_copy", failing_copy)
     with pytest.raises(FileUnreadable, match="Input/output error"):
         build(source, detect(source), {}, UIDS, target, now=NOW)
     assert not target.exists()
@@ -907,7 +907,7 @@ def test_a_source_that_changes_while_read_is_refused(
         fields[6] = real.st_size + change  # st_size: the size when the file was opened
         return os.stat_result(fields)
 
-    monkeypatch.setattr("stowd.bulkdata.os.fstat", lying_fstat)
+    monkeypatch.setattr("stowd.part10.os.fstat", lying_fstat)
     with pytest.raises(FileVanished, match=message):
         build(source, media, {}, UIDS, target, now=NOW)
     assert not target.exists()
