@@ -62,10 +62,14 @@ class Generation:
 
     config: Config
     stop: threading.Event = field(default_factory=threading.Event)
+    classify_lock: threading.Lock = field(default_factory=threading.Lock)
     clients: dict[str, StowClient] = field(default_factory=dict)
     workers: list[Worker] = field(default_factory=list)
     watchers: list[Watcher] = field(default_factory=list)
     threads: dict[str, tuple[threading.Thread, Callable[[], None]]] = field(default_factory=dict)
+
+    def busy(self) -> list[str]:
+        return [name for name, (thread, _) in self.threads.items() if thread.is_alive()]
 
 
 class Daemon:
@@ -80,8 +84,9 @@ class Daemon:
         self.last_signal: int | None = None
         self.reload_requested = False
         self.generation = Generation(config)
+        self.lingering: list[Generation] = []  # replaced by a reload, a thread still busy
         self.unsettled: set[int] = set()  # moves that failed (disk full, permissions)
-        self._stuck: str | None = None  # why the watchdog is not fed, as last logged
+        self._stuck: str | None = None  # which thread keeps the watchdog unfed, as logged
         self.metrics_server: metrics.Server | None = None
 
     # -- signals ------------------------------------------------------------------------
@@ -152,7 +157,13 @@ class Daemon:
             gen.clients[name] = client
             for n in range(dest.workers):
                 worker = Worker(
-                    config, self.queue, dest, client, gen.stop, unsettled=self.unsettled
+                    config,
+                    self.queue,
+                    dest,
+                    client,
+                    gen.stop,
+                    unsettled=self.unsettled,
+                    classify_lock=gen.classify_lock,  # one reader of new files at a time
                 )
                 gen.workers.append(worker)
                 _spawn(gen, f"send-{name}-{n}", worker.run)
@@ -170,12 +181,15 @@ class Daemon:
         return tuple(Path(q + suffix) for suffix in ("", "-wal", "-shm", "-journal", ".lock"))
 
     def _supervise(self) -> None:
-        next_housekeeping = next_resettle = next_status = next_watchdog = 0.0
+        upkeep = threading.Thread(target=self._upkeep, name="upkeep", daemon=True)
+        upkeep.start()
+        next_status = next_watchdog = 0.0
         while not self.stop.wait(TICK):
             if self.reload_requested:
                 self.reload_requested = False
                 self._reload()
             self._revive_dead_threads()
+            self._reap_lingering()
             now = time.monotonic()
             if now >= next_watchdog and self.notifier.watchdog_interval is not None:
                 self._feed_watchdog()
@@ -183,12 +197,22 @@ class Daemon:
             if now >= next_status:
                 self.notifier.status(self._status_line())
                 next_status = now + STATUS_EVERY
-            if now >= next_resettle and self.unsettled:
-                self._resettle()
-                next_resettle = now + RESETTLE_EVERY
-            if now >= next_housekeeping:
-                self._housekeeping()
-                next_housekeeping = now + HOUSEKEEPING_EVERY
+
+    def _upkeep(self) -> None:
+        """Retried moves and housekeeping, on a thread of their own: a slow share or a big
+        purge must not keep the main thread from feeding the watchdog."""
+        next_housekeeping = next_resettle = 0.0
+        while not self.stop.wait(TICK):
+            try:
+                now = time.monotonic()
+                if now >= next_resettle and self.unsettled:
+                    self._resettle()
+                    next_resettle = now + RESETTLE_EVERY
+                if now >= next_housekeeping:
+                    self._housekeeping()
+                    next_housekeeping = now + HOUSEKEEPING_EVERY
+            except Exception:
+                log.exception("unexpected error in housekeeping; going on")
 
     # -- reload (SIGHUP) ------------------------------------------------------------------
     def _reload(self) -> None:
@@ -224,7 +248,12 @@ class Daemon:
             new.path,
             new.shutdown_timeout,
         )
-        _stop(self.generation, new.shutdown_timeout, closing=False, waiting=self._keep_alive)
+        old = self.generation
+        _stop(old, new.shutdown_timeout, closing=False, waiting=self._keep_alive, abort=self.stop)
+        if old.busy():
+            self.lingering.append(old)
+        if self.stop.is_set():
+            return  # stopping meanwhile: no new generation
         self.config = new
         self._adopt(new)
         self._replan(new)
@@ -236,6 +265,16 @@ class Daemon:
             len(new.sources),
             len(new.destinations),
         )
+
+    def _reap_lingering(self) -> None:
+        """A replaced generation whose last thread ended: close its connections, and read
+        again what it read with the old rules after the reload re-planned."""
+        for gen in [g for g in self.lingering if not g.busy()]:
+            self.lingering.remove(gen)
+            for client in gen.clients.values():
+                client.close()
+            log.info("the threads of the previous config have finished")
+            self._replan(self.config)
 
     def _keep_alive(self) -> None:
         """While a reload waits for uploads in flight, the main thread is alive and busy."""
@@ -258,24 +297,27 @@ class Daemon:
             if self._stuck is not None:
                 log.warning("every thread is making progress again; watchdog fed again")
             self.notifier.watchdog()
-        elif stuck != self._stuck:
-            log.error("%s: not telling systemd's watchdog that stowd is alive", stuck)
-        self._stuck = stuck
+        elif stuck[0] != self._stuck:
+            log.error("%s: not telling systemd's watchdog that stowd is alive", stuck[1])
+        self._stuck = None if stuck is None else stuck[0]
 
-    def _stuck_thread(self) -> str | None:
-        """Why stowd is not healthy (a thread dead or without progress), or None."""
+    def _stuck_thread(self) -> tuple[str, str] | None:
+        """(which, why) when stowd is not healthy (a thread dead or without progress)."""
         now = time.monotonic()
         for name, (thread, _) in self.generation.threads.items():
             if not thread.is_alive():
-                return f"thread {name} is dead"
-        for worker in self.generation.workers:
-            idle = now - worker.beat
-            if idle > worker.max_step + WORKER_SLACK:
-                return f"a sender of {worker.destination.name} made no progress for {idle:.0f}s"
+                return name, f"thread {name} is dead"
+        for gen in (self.generation, *self.lingering):
+            for worker in gen.workers:
+                idle = now - worker.beat
+                if idle > worker.max_step + WORKER_SLACK and worker.running:
+                    name = f"sender of {worker.destination.name}"
+                    return name, f"a {name} made no progress for {idle:.0f}s"
         for watcher in self.generation.watchers:
             idle = now - watcher.beat
             if idle > WATCHER_STALL:
-                return f"the watcher of {watcher.source.name} made no progress for {idle:.0f}s"
+                name = f"watcher of {watcher.source.name}"
+                return name, f"the {name} made no progress for {idle:.0f}s"
         return None
 
     def _status_line(self) -> str:
@@ -326,7 +368,11 @@ class Daemon:
     def _shutdown(self) -> None:
         self.stop.set()
         log.info("stopping: waiting up to %gs for requests in flight", self.config.shutdown_timeout)
+        for gen in self.lingering:
+            gen.stop.set()
         _stop(self.generation, self.config.shutdown_timeout, closing=True)
+        for gen in self.lingering:
+            _stop(gen, 0.0, closing=True)
         log.info("stopped")
 
 
@@ -347,7 +393,12 @@ def _spawn(gen: Generation, name: str, target: Callable[[], None]) -> None:
 
 
 def _stop(
-    gen: Generation, timeout: float, *, closing: bool, waiting: Callable[[], None] | None = None
+    gen: Generation,
+    timeout: float,
+    *,
+    closing: bool,
+    waiting: Callable[[], None] | None = None,
+    abort: threading.Event | None = None,
 ) -> None:
     """Stop ``gen``'s threads, waiting up to ``timeout`` for uploads in flight (calling
     ``waiting`` every ``KEEPALIVE`` seconds meanwhile).
@@ -359,6 +410,8 @@ def _stop(
     deadline = time.monotonic() + timeout
     for thread, _ in gen.threads.values():
         while thread.is_alive() and time.monotonic() < deadline:
+            if abort is not None and abort.is_set():
+                break  # the daemon is stopping: its own shutdown waits for these
             thread.join(min(KEEPALIVE, max(0.0, deadline - time.monotonic())))
             if waiting is not None:
                 waiting()

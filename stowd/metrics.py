@@ -328,7 +328,9 @@ def serve(
     for name in collector.destinations:
         _touch(name)
     try:
-        httpd, thread = start_http_server(port, addr=host, registry=_Scrape(collector))
+        scrape = CollectorRegistry(auto_describe=True)  # a real registry: ?name[]= works
+        scrape.register(_Scrape(collector))
+        httpd, thread = start_http_server(port, addr=host, registry=scrape)
     except OSError as exc:
         where = f"[{host}]" if ":" in host else host
         reason = exc.strerror or str(exc)

@@ -491,12 +491,14 @@ class Queue:
 
     # -- classification --------------------------------------------------------------
     def unclassified(self, limit: int) -> list[Job]:
+        """Pending rows not read yet, except parked ones (their source is gone from the
+        config) and ones waiting for a retry (a file that could not be read just now)."""
         rows = (
             self._conn()
             .execute(
                 f"SELECT {_JOB_COLUMNS} FROM files WHERE state = 'pending' AND kind IS NULL "
-                "ORDER BY id LIMIT ?",
-                (limit,),
+                "AND destination != '' AND next_attempt_at <= ? ORDER BY id LIMIT ?",
+                (self.clock(), limit),
             )
             .fetchall()
         )

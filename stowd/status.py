@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from stowd.config import Config
+from stowd.errors import QueueError
 from stowd.queue import Hold, Queue, open_readonly
 
 RATE_WINDOW = 300.0
@@ -126,6 +128,11 @@ def gather(config: Config, *, now: float | None = None) -> dict[str, Any]:
     try:
         with queue.reading():
             return _gather(config, queue, now)
+    except sqlite3.Error as exc:  # e.g. no right to create the -wal/-shm files beside it
+        raise QueueError(
+            f"cannot read the queue {config.queue}: {exc} (run status as the user stowd runs "
+            "as, e.g. sudo -u stowd stowd status -c CONFIG)"
+        ) from exc
     finally:
         queue.close()
 

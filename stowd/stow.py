@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, BinaryIO
@@ -122,9 +122,10 @@ class Body:
     instances, then one bulk part per instance with its ``Content-Location``.
     """
 
-    def __init__(self, parts: Sequence[Part]) -> None:
+    def __init__(self, parts: Sequence[Part], progress: Callable[[], None] | None = None) -> None:
         self.boundary = uuid.uuid4().hex
         self.parts = list(parts)
+        self.progress = progress  # called for every chunk sent (the watchdog's sign of life)
         self._files: list[BinaryIO] = []
         metadata = [p.metadata for p in self.parts if p.metadata is not None]
         self.root = DICOM_TYPE if not metadata else JSON_TYPE
@@ -184,7 +185,10 @@ class Body:
             yield self._json_head() + self.json + b"\r\n"
         for part, fp in zip(self.parts, self._files, strict=True):
             yield self._part_head(part)
-            yield from _read_exactly(fp, part)
+            for chunk in _read_exactly(fp, part):
+                if self.progress is not None:
+                    self.progress()
+                yield chunk
             yield b"\r\n"
         yield self.tail
 
@@ -380,7 +384,7 @@ class StowClient:
     def close(self) -> None:
         self.http.close()
 
-    def store(self, parts: Sequence[Part]) -> Answer:
+    def store(self, parts: Sequence[Part], progress: Callable[[], None] | None = None) -> Answer:
         """Send ``parts`` in one request; retry short transport blips in-process.
 
         Raises ``FileVanished`` (before sending), ``DestinationBusy`` or ``DestinationHeld``.
@@ -393,7 +397,7 @@ class StowClient:
             reraise=True,
         )
         try:
-            return retrying(self._attempt, parts)
+            return retrying(self._attempt, parts, progress)
         except _Blip as blip:
             raise blip.failure from blip.__cause__
 
@@ -401,8 +405,8 @@ class StowClient:
         if self.stop.wait(seconds):
             raise DestinationBusy("stopping: stowd is shutting down")
 
-    def _attempt(self, parts: Sequence[Part]) -> Answer:
-        body = Body(parts)
+    def _attempt(self, parts: Sequence[Part], progress: Callable[[], None] | None) -> Answer:
+        body = Body(parts, progress)
         body.open()
         started = time.monotonic()
         try:

@@ -53,8 +53,6 @@ MB = 1024 * 1024
 class Worker:
     """Sends the queued files of one destination, one batch at a time."""
 
-    classify_lock = threading.Lock()
-
     def __init__(
         self,
         config: Config,
@@ -65,9 +63,12 @@ class Worker:
         *,
         clock: Callable[[], float] = time.time,
         unsettled: set[int] | None = None,
+        classify_lock: threading.Lock | None = None,
     ) -> None:
         self.config = config
         self.unsettled = set() if unsettled is None else unsettled
+        # one worker of a generation reads new files at a time (shared by its workers)
+        self.classify_lock = classify_lock or threading.Lock()
         self.queue = queue
         self.destination = destination
         self.client = client
@@ -78,8 +79,16 @@ class Worker:
         self._digests: dict[str, str] = {}  # of each source's rules, stored with its files
         self.beat = time.monotonic()  # last sign of progress (the daemon's watchdog reads it)
         self.max_step = self._lease  # one step (a batch upload) may take this long
+        self.running = False  # inside run()
 
     def run(self) -> None:
+        self.running = True
+        try:
+            self._loop()
+        finally:
+            self.running = False
+
+    def _loop(self) -> None:
         while not self.stop.is_set():
             self.beat = time.monotonic()
             try:
@@ -89,6 +98,10 @@ class Worker:
                 busy = False
             if not busy:
                 self.stop.wait(IDLE_WAIT)
+
+    def _alive(self) -> None:
+        """A sign of progress within a step (a chunk of an upload went out)."""
+        self.beat = time.monotonic()
 
     def step(self) -> bool:
         """Do one unit of work; False when there was nothing to do."""
@@ -120,7 +133,7 @@ class Worker:
         try:
             return self._classify(job)
         except FileUnreadable as exc:
-            return self._later(job, str(exc), stage="reading the file")
+            return self._later(job, str(exc), stage="reading the file", counted=metrics.UNREADABLE)
         except Exception:
             log.exception("unexpected error while reading %s; it is tried again later", job.path)
             reason = "stowd hit an unexpected error while reading the file (see its log)"
@@ -157,7 +170,8 @@ class Worker:
                 self.config, source, job.path, job.rel, c, now=datetime.now(), stored=stored
             )
         except FileVanished as exc:  # a sidecar went away while it was read: read again
-            return self._later(job, str(exc), stage="reading its sidecar")
+            stage = "reading its sidecar"
+            return self._later(job, str(exc), stage=stage, counted=metrics.UNREADABLE)
         except UnknownType as problem:
             return self._unknown(job, problem)
         except FileProblem as problem:
@@ -235,7 +249,8 @@ class Worker:
             except FileVanished:
                 self._drop_vanished([job])
             except FileUnreadable as exc:
-                refused.append(self._later(job, str(exc), stage=_stage(job)))
+                stage = _stage(job)
+                refused.append(self._later(job, str(exc), stage=stage, counted=metrics.UNREADABLE))
             except FileProblem as problem:
                 refused.append(self._failure(job, str(problem), stage=_stage(job)))
             except Exception:  # a bug must not stop the other files (nor spin on this one)
@@ -284,7 +299,7 @@ class Worker:
 
     def _store(self, batch: list[Job], parts: list[Part], *, held: bool) -> None:
         try:
-            answer = self.client.store(parts)
+            answer = self.client.store(parts, progress=self._alive)
         except FileVanished:
             self._drop_vanished(batch)
             return
@@ -295,7 +310,8 @@ class Worker:
             self._destination_trouble(batch, failure)
             return
         except OSError as exc:  # reading a file failed mid-request (I/O error, share gone)
-            self._later_all(batch, f"could not read the file while sending it: {exc}")
+            reason = f"could not read the file while sending it: {exc}"
+            self._later_all(batch, reason, metrics.UNREADABLE)
             return
         metrics.request(self.destination.name, answer.seconds)
         if held and self.queue.unhold(self.destination.name):
@@ -316,7 +332,10 @@ class Worker:
     def _unreadable(self, batch: list[Job], parts: list[Part], exc: FileUnreadable) -> None:
         """One file cannot be read now: it waits, the others go back to the queue."""
         bad = [j for j, p in zip(batch, parts, strict=True) if exc.path in (j.path, p.path)]
-        decisions = [self._later(j, str(exc), stage="reading the file") for j in bad]
+        decisions = [
+            self._later(j, str(exc), stage="reading the file", counted=metrics.UNREADABLE)
+            for j in bad
+        ]
         self.queue.release([j.id for j in batch if j not in bad])
         self._settle_all([d for d in decisions if d is not None])
 
@@ -333,7 +352,7 @@ class Worker:
         if _may_be_the_files(failure) and len(batch) > 1:
             self.queue.isolate([j.id for j in batch], not_before=until)
         elif _may_be_the_files(failure):
-            self._later_all(batch, str(failure))
+            self._later_all(batch, str(failure), None)  # counted above
         else:
             self.queue.release([j.id for j in batch], not_before=until)
         kind = "refused" if isinstance(failure, DestinationHeld) else "unavailable"
@@ -419,8 +438,11 @@ class Worker:
         verdict: Verdict | None = None,
         answer: Answer | None = None,
         stage: str = "storing the file",
+        counted: str | None = metrics.FILE,
     ) -> Decision | None:
-        """Try this file again after a backoff; a ``Decision`` to fail it once too old."""
+        """Try this file again after a backoff; a ``Decision`` to fail it once too old.
+
+        ``counted``: the retry reason for the metrics (None: the caller counted it)."""
         now = self.clock()
         age = now - (job.first_try or now)
         if age > self.config.retry.max_age:
@@ -428,15 +450,16 @@ class Worker:
             reason = f"gave up after {job.attempts + 1} attempts: {reason}"
             return self._failure(job, reason, verdict=verdict, answer=answer, stage=stage)
         delay = self._file_delay(job.attempts)
-        kind = metrics.FILE if answer is not None else metrics.UNREADABLE
-        metrics.retried(self.destination.name, kind)
+        if counted is not None:
+            metrics.retried(self.destination.name, counted)
         error = self._error_doc(job, reason, verdict=verdict, answer=answer, stage=stage)
         self.queue.retry_later([job.id], at=now + delay, error=error)
         log.info("%s: %s; retry in %.0fs", job.path, reason, delay)
         return None
 
-    def _later_all(self, batch: list[Job], reason: str) -> None:
-        self._settle_all([d for j in batch if (d := self._later(j, reason)) is not None])
+    def _later_all(self, batch: list[Job], reason: str, counted: str | None) -> None:
+        decisions = [self._later(j, reason, counted=counted) for j in batch]
+        self._settle_all([d for d in decisions if d is not None])
 
     def _file_delay(self, attempts: int) -> float:
         return self._backoff(self.config.retry.initial, attempts)

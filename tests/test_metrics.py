@@ -318,3 +318,13 @@ def test_close_stops_serving(queue: Queue) -> None:
     server.close()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{server.port}/metrics", trust_env=False)
+
+
+def test_a_scrape_for_chosen_names_answers_them(tmp_path: Path) -> None:
+    Queue(tmp_path / "q.db").open().close()
+    with metrics.serve("127.0.0.1", 0, tmp_path / "q.db", ["pacs"]) as server:
+        url = f"http://127.0.0.1:{server.port}/metrics"
+        answer = httpx.get(url, params={"name[]": ["stowd_up", "stowd_queue_files"]}, timeout=10)
+    assert answer.status_code == 200
+    assert "stowd_up 1.0" in answer.text and "stowd_queue_files{" in answer.text
+    assert "stowd_files_sent_total" not in answer.text

@@ -363,3 +363,13 @@ def test_the_sidecar_snapshot_is_taken_only_for_new_or_changed_rows(queue: Queue
 
     queue.enqueue([dataclasses.replace(new("/d/b"), snapshot=not_ready)])
     assert [j.path for j in queue.jobs()] == ["/d/a"]  # b waits for the next scan
+
+
+def test_parked_and_waiting_rows_are_not_read_again_at_once(queue: Queue, clock: Clock) -> None:
+    queue.enqueue([new("/d/a"), new("/d/b"), replace(new("/d/c"), source="gone")])
+    queue.adopt({"src": "pacs"})  # source "gone" is no longer configured: parked
+    a, _ = queue.unclassified(10)  # c is parked: not read
+    queue.retry_later([a.id], at=clock.now + 60, error={"reason": "unreadable"})
+    assert [j.path for j in queue.unclassified(10)] == ["/d/b"]  # no hot loop on a or c
+    clock.now += 61
+    assert [j.path for j in queue.unclassified(10)] == ["/d/a", "/d/b"]

@@ -19,6 +19,8 @@ from dicomgen import make_instance
 from harness import Layout, Stowd, make_layout, wait_for
 from orthanc import Orthanc, free_port
 
+from stowd import classify as classify_mod
+from stowd.classify import Classified
 from stowd.config import load_config
 from stowd.daemon import Daemon
 from stowd.notify import Notifier
@@ -285,4 +287,52 @@ def test_housekeeping_purges_sent_after_the_retention(
         assert not first.exists() and not second.exists()
         assert layout.sent.is_dir() and not (layout.sent / "s1").exists()  # emptied folders go
     finally:
+        daemon.queue.close()
+
+
+def test_a_thread_still_busy_after_a_reload_is_watched_and_reaped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layout = make_layout(
+        tmp_path / "run", "http://127.0.0.1:9/dicom-web", shutdown_timeout="500ms"
+    )
+    config = load_config(layout.config)
+    release = threading.Event()
+    real_classify = classify_mod.classify
+
+    hung: list[str] = []
+
+    def hanging(path: str) -> Classified:
+        if path.endswith("hung.dcm") and not hung:  # the first read only
+            hung.append(path)
+            release.wait(30)  # as if its share hung while its header was read
+        return real_classify(path)
+
+    monkeypatch.setattr("stowd.classify.classify", hanging)
+    daemon = Daemon(config, Notifier({}))
+    daemon.queue.open()
+    try:
+        daemon.generation = daemon._start(config)
+        make_instance(layout.drop / "hung.dcm")
+        wait_for(daemon.generation.classify_lock.locked, 30, "the hung read")
+        daemon._switch_to(load_config(layout.config))
+        [old] = daemon.lingering
+        assert old.busy() and daemon.generation is not old
+        make_instance(layout.drop / "after.dcm")  # the new generation reads on its own lock
+        wait_for(
+            lambda: any(j.kind for j in daemon.queue.jobs() if j.path.endswith("after.dcm")),
+            30,
+            "after.dcm read by the new generation",
+        )
+        for worker in old.workers:
+            worker.beat -= 7200
+        assert daemon._stuck_thread() is not None  # the old thread is still watched
+        release.set()
+        wait_for(lambda: not old.busy(), 30, "the old thread to end")
+        daemon._reap_lingering()
+        assert daemon.lingering == [] and daemon._stuck_thread() is None
+    finally:
+        release.set()
+        daemon.stop.set()
+        daemon._shutdown()
         daemon.queue.close()

@@ -500,3 +500,16 @@ def test_a_queue_of_100000_rows_answers_quickly(
     assert data["counts"]["failed"] == len(failed)
     assert data["eta"] == "estimated"
     assert line.startswith("1500 pending, 500 waiting, ")
+
+
+def test_a_queue_that_cannot_be_read_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    layout = make_layout(tmp_path / "run", "http://127.0.0.1:9/dicom-web")
+    queue_path = layout.root / "state" / "queue.db"
+    queue_path.parent.mkdir(parents=True)
+    queue_path.write_bytes(b"this is not an SQLite database" * 100)
+    assert cli.main(["status", "-c", str(layout.config)]) == 1
+    err = capsys.readouterr().err
+    assert "cannot read the queue" in err and "sudo -u stowd" in err
+    assert "Traceback" not in err

@@ -20,6 +20,7 @@ import pydicom
 import pytest
 from dicomgen import make_instance, make_instance_bytes, make_study
 
+from stowd import metrics
 from stowd.config import BatchLimits, Bulkdata, Config, Destination, Retry, Sidecars, Source
 from stowd.media import Media
 from stowd.media import detect as real_detect
@@ -775,3 +776,22 @@ def test_read_again_with_another_patient_a_file_gets_a_new_study(
     assert {str(ds.PatientID) for ds in seen} == {"RIGHT"}
     right = {str(ds.StudyInstanceUID) for ds in seen}
     assert len(right) == 1 and right.isdisjoint({m.study for m in wrong.values() if m})
+
+
+def test_a_500_for_one_file_counts_one_retry_as_server_error(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    rig = rig_factory(lambda _request: httpx.Response(500, text="boom"))
+    make_instance(rig.source.watch / "a.dcm")
+    rig.find()
+
+    def count(reason: str) -> float:
+        labels = {"destination": "pacs", "reason": reason}
+        return metrics.REGISTRY.get_sample_value("stowd_retries_total", labels) or 0.0
+
+    before = {reason: count(reason) for reason in metrics.REASONS}
+    rig.drain()
+    after = {reason: count(reason) for reason in metrics.REASONS}
+    assert {r: after[r] - before[r] for r in metrics.REASONS if after[r] != before[r]} == {
+        metrics.SERVER_ERROR: 1.0
+    }
