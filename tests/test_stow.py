@@ -1120,3 +1120,15 @@ def test_real_connection_refused_is_busy_after_three_attempts(
     finally:
         client.close()
     assert sleeps == [1.0, 2.0]
+
+
+def test_every_chunk_sent_is_a_sign_of_progress(tmp_path: Path, make_client: MakeClient) -> None:
+    part = write_dicom(tmp_path / "big.dcm", 3 * stow.CHUNK)
+    signs: list[float] = []
+
+    def archive(request: httpx.Request) -> httpx.Response:
+        request.read()
+        return httpx.Response(200, json={"00081199": {"vr": "SQ", "Value": []}})
+
+    make_client(archive).store([part], progress=lambda: signs.append(time.monotonic()))
+    assert len(signs) >= 4  # one per chunk of the file: a long upload keeps the watchdog fed
