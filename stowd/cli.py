@@ -103,6 +103,8 @@ def _check(config: Config, _args: argparse.Namespace) -> int:
     print(f"  queue: {config.queue}")
     rules = len(config.rules) + sum(len(s.rules) for s in config.sources)
     print(f"  metadata rules: {rules} (run 'stowd explain FILE' to see what they do to a file)")
+    for warning in config.warnings:
+        print(f"WARNING: {warning}")
     return EXIT_OK
 
 

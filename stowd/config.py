@@ -21,6 +21,7 @@ from typing import Literal
 import yaml
 from yaml.nodes import MappingNode, Node, SequenceNode
 
+from stowd.access import ACCESS_KEYS, Access, read_access
 from stowd.errors import ConfigError, ConfigProblem
 from stowd.ruleconfig import read_rules
 from stowd.rules import TYPES, Rule, Template
@@ -103,6 +104,7 @@ class Destination:
     workers: int = DEFAULT_WORKERS
     verify_tls: bool = True
     bulkdata: str = "encapsulate"  # or "metadata": PS3.18 metadata + bulkdata requests
+    access: Access = field(default_factory=Access)  # login, TLS, headers, proxy
 
     @property
     def stow_url(self) -> str:
@@ -198,6 +200,25 @@ class Config:
     metrics: Metrics | None = None  # Prometheus metrics over HTTP; None: off
 
     @property
+    def warnings(self) -> list[str]:
+        """What is valid but risky: logged at every start, shown by check-config."""
+        found = []
+        for dest in self.destinations.values():
+            if not dest.verify_tls:
+                found.append(
+                    f"destination {dest.name}: TLS verification is OFF (verify_tls: false): "
+                    "anyone on the network path can read and change what is sent"
+                )
+        inline = [d.name for d in self.destinations.values() if _inline_secret(d)]
+        if inline and _readable_by_others(self.path):
+            found.append(
+                f"{self.path} holds secrets of {', '.join(inline)} inline and others may read "
+                f"it (chmod 0640 and a root-owned group, or use {{file: ...}}, {{env: ...}} "
+                "or {credential: ...})"
+            )
+        return found
+
+    @property
     def spool(self) -> Path:
         """Where changed copies of files are written while they are sent (next to the queue)."""
         return self.queue.with_name(self.queue.name + ".spool")
@@ -247,7 +268,15 @@ _SOURCE_KEYS = _SOURCE_OWN_KEYS + _SOURCE_OPTION_KEYS
 _DEFAULTS_HINTS = {
     key: f"{key!r} cannot have a default; set it in each source" for key in _SOURCE_OWN_KEYS
 } | {"rules": "rules for every source go in the top-level 'rules' list, not in defaults"}
-_DESTINATION_KEYS = ("url", "workers", "verify_tls", "batch", "timeouts", "bulkdata")
+_DESTINATION_KEYS = (
+    "url",
+    "workers",
+    "verify_tls",
+    "batch",
+    "timeouts",
+    "bulkdata",
+    *ACCESS_KEYS,
+)
 _BULK_KEYS = ("types", "study_key", "images", "unknown")
 _BATCH_KEYS = ("max_files", "max_bytes")
 _TIMEOUT_KEYS = ("connect", "read", "write", "pool")
@@ -445,6 +474,7 @@ def _read_destination(sec: Section, name: str) -> Destination | None:
         workers=sec.get("workers", DEFAULT_WORKERS, as_int(1)),
         verify_tls=sec.get("verify_tls", True, as_bool),
         bulkdata=sec.get("bulkdata", "encapsulate", as_choice(BULK_MODES)),
+        access=read_access(sec),
     )
     return None if url is None else destination
 
@@ -670,6 +700,17 @@ def _build(ctx: Context, path: Path, root: Node) -> Config | None:
         uid_root=uid_root,
         metrics=metrics,
     )
+
+
+def _inline_secret(dest: Destination) -> bool:
+    return any(secret.kind == "inline" for secret in dest.access.secrets)
+
+
+def _readable_by_others(path: Path) -> bool:
+    try:
+        return bool(path.stat().st_mode & 0o004)
+    except OSError:
+        return False
 
 
 def load_config(path: str | Path) -> Config:

@@ -126,6 +126,8 @@ class Daemon:
             self.notifier.close()
 
     def _recover(self) -> None:
+        for warning in self.config.warnings:
+            log.warning("%s", warning)
         returned = self.queue.recover()
         self._adopt(self.config)
         repaired, self.unsettled = repair(self.queue, sources=self._sources())
@@ -255,6 +257,8 @@ class Daemon:
         if self.stop.is_set():
             return  # stopping meanwhile: no new generation
         self.config = new
+        for warning in new.warnings:
+            log.warning("%s", warning)
         self._adopt(new)
         self._replan(new)
         self.generation = self._start(new)

@@ -1,0 +1,191 @@
+"""How stowd reaches a destination: login (auth), TLS, extra headers and proxy settings.
+
+Read from a destination's config section once, into frozen objects; ``config.py`` calls
+``read_access``.  Secrets stay ``Secret`` references (see ``secrets.py``) until a request
+needs them.
+
+    auth: {type: basic, username: stowd, password: {file: /etc/stowd/pacs.pw}}
+    auth: {type: bearer, token: {env: PACS_TOKEN}}
+    auth: {type: oauth2, token_url: https://sso/token, client_id: stowd,
+           client_secret: {credential: sso-secret}, scope: "archive"}
+    tls: {ca_file: /etc/stowd/ca.pem, client_cert: ..., client_key: ..., min_version: "1.2"}
+    headers: {X-Site: ward3}
+    proxy: http://proxy.hospital:3128
+    trust_env: false      # true: also use HTTP(S)_PROXY / NO_PROXY from the environment
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stowd.secrets import Secret, parse
+from stowd.yamlwalk import Context, Section, as_bool, as_path, as_text, as_url, describe
+
+AUTH_TYPES = ("basic", "bearer", "oauth2")
+TLS_VERSIONS = ("1.2", "1.3")
+ACCESS_KEYS = ("auth", "tls", "headers", "proxy", "trust_env")
+_AUTH_KEYS = {
+    "basic": ("type", "username", "password"),
+    "bearer": ("type", "token"),
+    "oauth2": ("type", "token_url", "client_id", "client_secret", "scope"),
+}
+_TLS_KEYS = ("ca_file", "client_cert", "client_key", "min_version")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110 token)
+_RESERVED = {"content-type", "content-length", "transfer-encoding", "host", "accept"}
+
+
+@dataclass(frozen=True)
+class Auth:
+    """A login: ``basic`` (username, secret), ``bearer`` (secret) or ``oauth2``."""
+
+    type: str
+    username: str = ""
+    secret: Secret | None = None  # password, token or client secret
+    token_url: str = ""
+    client_id: str = ""
+    scope: str = ""
+
+
+@dataclass(frozen=True)
+class Tls:
+    """Certificate checks beyond the system's CAs, and our own client certificate."""
+
+    ca_file: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    min_version: str = "1.2"
+
+
+@dataclass(frozen=True)
+class Access:
+    """Everything about reaching one destination besides its URL."""
+
+    auth: Auth | None = None
+    tls: Tls = field(default_factory=Tls)
+    headers: tuple[tuple[str, str], ...] = ()
+    proxy: str | None = None
+    trust_env: bool = False
+
+    @property
+    def secrets(self) -> tuple[Secret, ...]:
+        return () if self.auth is None or self.auth.secret is None else (self.auth.secret,)
+
+
+def read_access(sec: Section) -> Access:
+    """The access settings of a destination section (problems go to its context)."""
+    auth = _read_auth(sec)
+    return Access(
+        auth=auth,
+        tls=_read_tls(sec),
+        headers=sec.get("headers", (), _as_headers(auth is not None)),
+        proxy=sec.get("proxy", None, as_url),
+        trust_env=sec.get("trust_env", False, as_bool),
+    )
+
+
+def _read_auth(sec: Section) -> Auth | None:
+    node = sec.value_node("auth")
+    if node is None:
+        return None
+    key = f"{sec.key}.auth"
+    peek = Section(Context(sec.ctx.base), key, node, ("type", *_all_auth_keys()))
+    wanted = peek.get("type", None, _as_choice(AUTH_TYPES))
+    if wanted is None:  # report the type's problem once, with the real context
+        Section(sec.ctx, key, node, ("type", *_all_auth_keys())).need(
+            "type", _as_choice(AUTH_TYPES)
+        )
+        return None
+    auth = Section(sec.ctx, key, node, _AUTH_KEYS[wanted], _hints(wanted))
+    if wanted == "basic":
+        username, secret = auth.need("username", as_text), auth.need("password", parse)
+        return None if username is None or secret is None else Auth("basic", username, secret)
+    if wanted == "bearer":
+        token = auth.need("token", parse)
+        return None if token is None else Auth("bearer", secret=token)
+    return _read_oauth2(auth)
+
+
+def _read_oauth2(auth: Section) -> Auth | None:
+    url = auth.need("token_url", as_url)
+    client = auth.need("client_id", as_text)
+    secret = auth.need("client_secret", parse)
+    scope = auth.get("scope", "", as_text)
+    if url is None or client is None or secret is None:
+        return None
+    return Auth("oauth2", secret=secret, token_url=url, client_id=client, scope=scope)
+
+
+def _all_auth_keys() -> tuple[str, ...]:
+    return tuple(sorted({k for keys in _AUTH_KEYS.values() for k in keys} - {"type"}))
+
+
+def _hints(kind: str) -> dict[str, str]:
+    other = {k for keys in _AUTH_KEYS.values() for k in keys} - set(_AUTH_KEYS[kind])
+    return {k: f"{k!r} does not belong to auth type {kind}" for k in other}
+
+
+def _as_choice(choices: tuple[str, ...]) -> Callable[[object], str]:
+    def convert(value: object) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {describe(value)}")
+        return str(value)
+
+    return convert
+
+
+def _read_tls(sec: Section) -> Tls:
+    tls = sec.section("tls", _TLS_KEYS)
+    to_file = _existing_file(as_path(sec.ctx.base))
+    found = Tls(
+        ca_file=tls.get("ca_file", None, to_file),
+        client_cert=tls.get("client_cert", None, to_file),
+        client_key=tls.get("client_key", None, to_file),
+        min_version=tls.get("min_version", "1.2", _as_tls_version),
+    )
+    if found.client_key is not None and found.client_cert is None:
+        tls.add("client_key", "client_key needs client_cert (the certificate that goes with it)")
+    return found
+
+
+def _existing_file(to_path: Callable[[object], Path]) -> Callable[[object], Path]:
+    def convert(value: object) -> Path:
+        path = to_path(value)
+        if not path.is_file():
+            raise ValueError(f"{path} does not exist or is not a file")
+        return path
+
+    return convert
+
+
+def _as_tls_version(value: object) -> str:
+    text = str(value)
+    if text not in TLS_VERSIONS:
+        raise ValueError(f'expected "1.2" or "1.3" (quoted), got {describe(value)}')
+    return text
+
+
+def _as_headers(has_auth: bool) -> Callable[[object], tuple[tuple[str, str], ...]]:
+    def convert(value: object) -> tuple[tuple[str, str], ...]:
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping of header names to values, got {describe(value)}")
+        headers = []
+        for name, text in value.items():
+            _check_header(str(name), text, has_auth)
+            headers.append((str(name), str(text)))
+        return tuple(headers)
+
+    return convert
+
+
+def _check_header(name: str, text: object, has_auth: bool) -> None:
+    if not _TOKEN.fullmatch(name):
+        raise ValueError(f"{name!r} is not a valid HTTP header name")
+    if name.lower() in _RESERVED:
+        raise ValueError(f"{name} is set by stowd itself and cannot be changed")
+    if name.lower() == "authorization" and has_auth:
+        raise ValueError("Authorization comes from auth: set one or the other")
+    if not isinstance(text, str | int | float) or any(c in str(text) for c in "\r\n"):
+        raise ValueError(f"the value of {name} must be one line of text")
