@@ -810,3 +810,70 @@ def test_bad_retention_and_metrics_settings_are_reported(tmp_path: Path) -> None
     assert "at least 1d" in find(problems, "sources[0].sent_retention").message
     assert "127.0.0.1:9464" in find(problems, "metrics.listen").message
     assert "listen" in find(problems, "metrics.port").message
+
+
+# --------------------------------------------------------------------------- access
+
+
+def with_destination(extra: str) -> str:
+    return with_sources(source_text("a", "./a", "./a-sent", "./a-failed")) + extra
+
+
+def test_auth_tls_headers_and_proxy_are_read(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("x")
+    (tmp_path / "me.pem").write_text("x")
+    (tmp_path / "me.key").write_text("x")
+    text = with_destination(
+        "    auth: {type: oauth2, token_url: 'https://sso/token', client_id: stowd,\n"
+        "           client_secret: {file: ./sso.secret}, scope: archive}\n"
+        "    tls: {ca_file: ca.pem, client_cert: me.pem, client_key: me.key, min_version: '1.3'}\n"
+        "    headers: {X-Site: ward3}\n"
+        "    proxy: 'http://proxy:3128'\n"
+        "    trust_env: true\n"
+    )
+    access = load_text(tmp_path, text).destinations["pacs"].access
+    assert access.auth is not None and access.auth.type == "oauth2"
+    assert (access.auth.token_url, access.auth.client_id, access.auth.scope) == (
+        "https://sso/token",
+        "stowd",
+        "archive",
+    )
+    assert access.auth.secret is not None and access.auth.secret.kind == "file"
+    assert access.auth.secret.ref == "./sso.secret"
+    assert (access.tls.ca_file, access.tls.min_version) == (tmp_path / "ca.pem", "1.3")
+    assert access.headers == (("X-Site", "ward3"),)
+    assert (access.proxy, access.trust_env) == ("http://proxy:3128", True)
+
+
+def test_bad_access_settings_are_all_reported(tmp_path: Path) -> None:
+    text = with_destination(
+        "    auth: {type: basic, username: stowd, token: x}\n"
+        "    tls: {ca_file: missing.pem, client_key: k.pem, min_version: 1.1}\n"
+        "    headers: {Content-Type: x, 'bad name': y}\n"
+    )
+    problems = problems_of(tmp_path, text)
+    assert "does not belong to auth type basic" in find(
+        problems, "destinations.pacs.auth.token"
+    ).message
+    assert find(problems, "destinations.pacs.auth.password").message == "required key is missing"
+    assert "does not exist" in find(problems, "destinations.pacs.tls.ca_file").message
+    assert "1.2" in find(problems, "destinations.pacs.tls.min_version").message
+    assert "set by stowd itself" in find(problems, "destinations.pacs.headers").message
+    unknown = problems_of(tmp_path, with_destination("    auth: {type: kerberos}\n"))
+    assert "basic, bearer, oauth2" in find(unknown, "destinations.pacs.auth.type").message
+
+
+def test_inline_secrets_in_a_world_readable_config_and_tls_off_are_warned(
+    tmp_path: Path,
+) -> None:
+    text = with_destination(
+        "    auth: {type: basic, username: u, password: s3cret}\n    verify_tls: false\n"
+    )
+    path = write(tmp_path, text)
+    path.chmod(0o644)
+    warnings = load_config(path).warnings
+    assert any("TLS verification is OFF" in w for w in warnings)
+    assert any("holds secrets of pacs inline" in w for w in warnings)
+    assert not any("s3cret" in w for w in warnings)
+    path.chmod(0o640)
+    assert not any("inline" in w for w in load_config(path).warnings)
