@@ -6,6 +6,9 @@ an archive's answer is judged, file by file, following the retry table of
 
 * transport trouble, 408/429/502/503/504 -> ``DestinationBusy`` (retry, Retry-After honoured)
 * 401/403/404/405/415, TLS failures      -> ``DestinationHeld`` (files stay queued)
+* login trouble: a secret that cannot be read, a token endpoint refusing our client
+  -> ``DestinationHeld``; the token endpoint unreachable or 5xx -> ``DestinationBusy``;
+  a 401 to an OAuth2 token -> one new token and one more attempt, then ``DestinationHeld``
 * 200/202/409/400 bodies                 -> one ``Verdict`` per sent SOPInstanceUID
 """
 
@@ -28,14 +31,18 @@ from typing import Any, BinaryIO
 import httpx
 import tenacity
 
+from stowd.access import Tls
+from stowd.auth import OAuth2, TokenError, TokenRefused, make_auth
 from stowd.config import Destination
 from stowd.errors import (
     DestinationBusy,
     DestinationHeld,
     FileUnreadable,
     FileVanished,
+    StowdError,
     StowFailure,
 )
+from stowd.secrets import SecretUnavailable
 
 log = logging.getLogger("stowd.stow")
 
@@ -359,8 +366,81 @@ def _warning(code: int) -> str:
 
 
 # -- the client -------------------------------------------------------------------------------
+USER_AGENT = "stowd/0.1"
+_TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+class ClientSetupError(StowdError):
+    """The destination's TLS files cannot be used (unreadable, not PEM, key does not match)."""
+
+
+def http_client(
+    destination: Destination, *, transport: httpx.BaseTransport | None = None
+) -> httpx.Client:
+    """The configured ``httpx.Client`` of a destination: timeouts, TLS, login, headers, proxy.
+
+    ``transport`` replaces the network (tests); the proxy setting is then not mounted, since a
+    proxy mount would route every request around it.  Raises ``ClientSetupError``.
+    """
+    access = destination.access
+    t = destination.timeouts
+    auth = make_auth(access.auth)
+    client = httpx.Client(
+        timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.write, pool=t.pool),
+        limits=httpx.Limits(max_connections=destination.workers + 1),  # +1: a token request
+        verify=tls_context(destination),
+        trust_env=access.trust_env,
+        proxy=access.proxy if transport is None else None,
+        transport=transport,
+        headers={"User-Agent": USER_AGENT, "Accept": ACCEPT, **dict(access.headers)},
+        auth=auth,
+    )
+    if isinstance(auth, OAuth2):
+        auth.bind(client)
+    return client
+
+
+def tls_context(destination: Destination) -> ssl.SSLContext | bool:
+    """What httpx's ``verify`` gets: a context with our CA, client certificate and minimum
+    version; False only when ``verify_tls: false`` and no client certificate is set."""
+    tls = destination.access.tls
+    if not destination.verify_tls and tls.client_cert is None:
+        return False
+    try:
+        ctx = ssl.create_default_context(cafile=None if tls.ca_file is None else str(tls.ca_file))
+        if not destination.verify_tls:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        if tls.client_cert is not None:
+            key = None if tls.client_key is None else str(tls.client_key)
+            ctx.load_cert_chain(str(tls.client_cert), key)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ClientSetupError(_setup_text(tls, exc)) from exc
+    ctx.minimum_version = _TLS_VERSIONS[tls.min_version]
+    return ctx
+
+
+def _setup_text(tls: Tls, exc: BaseException) -> str:
+    files = ", ".join(
+        f"{name} {path}"
+        for name, path in (("ca_file", tls.ca_file), ("client_cert", tls.client_cert))
+        if path is not None
+    )
+    if tls.client_key is not None:
+        files += f", client_key {tls.client_key}"
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _plain(exc)
+    return (
+        f"the TLS files cannot be used ({files}): {reason} "
+        "(each must be readable PEM, and the key must belong to the certificate)"
+    )
+
+
 class StowClient:
-    """One long-lived httpx client per destination; thread-safe."""
+    """One long-lived httpx client per destination; thread-safe.
+
+    The client is made at the first request (and again after a TLS file problem), so a
+    destination with a broken certificate file is held like any other, not a crash at start.
+    """
 
     def __init__(
         self,
@@ -371,24 +451,44 @@ class StowClient:
     ) -> None:
         self.destination = destination
         self.stop = stop or threading.Event()
-        t = destination.timeouts
-        self.http = httpx.Client(
-            timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.write, pool=t.pool),
-            limits=httpx.Limits(max_connections=destination.workers + 1),
-            verify=destination.verify_tls,
-            trust_env=False,
-            transport=transport,
-            headers={"User-Agent": "stowd/0.1", "Accept": ACCEPT},
-        )
+        self._transport = transport
+        self._lock = threading.Lock()
+        self._http: httpx.Client | None = None
+
+    @property
+    def http(self) -> httpx.Client:
+        """The configured client; raises ``ClientSetupError``."""
+        with self._lock:
+            if self._http is None:
+                self._http = http_client(self.destination, transport=self._transport)
+            return self._http
 
     def close(self) -> None:
-        self.http.close()
+        with self._lock:
+            if self._http is not None:
+                self._http.close()
 
     def store(self, parts: Sequence[Part], progress: Callable[[], None] | None = None) -> Answer:
         """Send ``parts`` in one request; retry short transport blips in-process.
 
-        Raises ``FileVanished`` (before sending), ``DestinationBusy`` or ``DestinationHeld``.
+        An OAuth2 token the archive refuses (401) is fetched again once, and the request
+        made again with a fresh body.  Raises ``FileVanished`` (before sending),
+        ``DestinationBusy`` or ``DestinationHeld``.
         """
+        try:
+            return self._store(parts, progress, may_refresh=True)
+        except _TokenRejected as rejected:
+            rejected.auth.invalidate(rejected.authorization)
+            log.info(
+                "destination %s: the archive refused the access token (HTTP 401); "
+                "fetching a new one",
+                self.destination.name,
+            )
+            return self._store(parts, progress, may_refresh=False)
+
+    def _store(
+        self, parts: Sequence[Part], progress: Callable[[], None] | None, *, may_refresh: bool
+    ) -> Answer:
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(_Blip),
             stop=tenacity.stop_after_attempt(IN_PROCESS_ATTEMPTS),
@@ -397,7 +497,7 @@ class StowClient:
             reraise=True,
         )
         try:
-            return retrying(self._attempt, parts, progress)
+            return retrying(self._attempt, parts, progress, may_refresh)
         except _Blip as blip:
             raise blip.failure from blip.__cause__
 
@@ -405,7 +505,9 @@ class StowClient:
         if self.stop.wait(seconds):
             raise DestinationBusy("stopping: stowd is shutting down")
 
-    def _attempt(self, parts: Sequence[Part], progress: Callable[[], None] | None) -> Answer:
+    def _attempt(
+        self, parts: Sequence[Part], progress: Callable[[], None] | None, may_refresh: bool = False
+    ) -> Answer:
         body = Body(parts, progress)
         body.open()
         started = time.monotonic()
@@ -413,7 +515,10 @@ class StowClient:
             response = self._post(body)
         finally:
             body.close()
-        answer = _answer_of(response)
+        auth = self.http.auth
+        if response.status_code == 401 and may_refresh and isinstance(auth, OAuth2):
+            raise _TokenRejected(auth, response.request.headers.get("Authorization"))
+        answer = _answer_of(response, self.destination)
         answer.seconds = time.monotonic() - started
         return answer
 
@@ -421,14 +526,12 @@ class StowClient:
         headers = {"Content-Type": body.content_type, "Content-Length": str(body.length)}
         try:
             return self.http.post(self.destination.stow_url, content=iter(body), headers=headers)
-        except httpx.ConnectError as exc:
-            if _is_tls(exc):
-                raise DestinationHeld(f"TLS failure: {_tls_text(exc)}") from exc
-            raise _Blip(DestinationBusy(f"cannot connect: {_plain(exc)}")) from exc
-        except httpx.TimeoutException as exc:
-            raise _Blip(DestinationBusy(f"timed out ({type(exc).__name__})")) from exc
-        except httpx.TransportError as exc:
-            raise _Blip(DestinationBusy(f"connection failed: {_plain(exc)}")) from exc
+        except (ClientSetupError, SecretUnavailable, TokenError, httpx.TransportError) as exc:
+            raise _failure(exc, self._has_cert) from exc
+
+    @property
+    def _has_cert(self) -> bool:
+        return self.destination.access.tls.client_cert is not None
 
 
 class _Blip(Exception):
@@ -439,12 +542,72 @@ class _Blip(Exception):
         self.failure = failure
 
 
-def _answer_of(response: httpx.Response) -> Answer:
+class _TokenRejected(Exception):
+    """The archive answered 401 to an OAuth2 token: fetch a new one and try once more."""
+
+    def __init__(self, auth: OAuth2, authorization: str | None) -> None:
+        super().__init__("the archive refused the access token")
+        self.auth = auth
+        self.authorization = authorization
+
+
+def failure_of(exc: Exception, destination: Destination) -> StowFailure:
+    """What a failure to reach ``destination`` means, for callers other than ``store`` (such
+    as ``check-config --connect``): ``DestinationHeld`` or ``DestinationBusy``, with the same
+    plain message.  For ``ClientSetupError``, ``SecretUnavailable``, ``TokenError`` and
+    ``httpx.TransportError``; anything else is returned as a ``StowFailure`` of its text."""
+    has_cert = destination.access.tls.client_cert is not None
+    found = _failure(exc, has_cert)
+    if isinstance(found, _Blip):
+        return found.failure
+    return found if isinstance(found, StowFailure) else StowFailure(_plain(exc))
+
+
+def _failure(exc: Exception, has_cert: bool) -> Exception:
+    if isinstance(exc, ClientSetupError):
+        return DestinationHeld(str(exc))
+    if isinstance(exc, SecretUnavailable):
+        return DestinationHeld(f"cannot log in: {exc}")
+    if isinstance(exc, TokenError):
+        return _token_failure(exc)
+    if isinstance(exc, httpx.TransportError):
+        return _transport_failure(exc, has_cert)
+    return exc
+
+
+def _transport_failure(exc: httpx.TransportError, has_cert: bool) -> Exception:
+    """Our exception (or a ``_Blip`` carrying it) for a failure to reach the archive."""
+    tls = tls_problem(exc, has_cert=has_cert, connecting=isinstance(exc, httpx.ConnectError))
+    if tls is not None:
+        return DestinationHeld(f"TLS failure: {tls}")
+    if isinstance(exc, httpx.ConnectError):
+        return _Blip(DestinationBusy(f"cannot connect: {_plain(exc)}"))
+    if isinstance(exc, httpx.TimeoutException):
+        return _Blip(DestinationBusy(f"timed out ({type(exc).__name__})"))
+    return _Blip(DestinationBusy(f"connection failed: {_plain(exc)}"))
+
+
+def _token_failure(exc: TokenError) -> Exception:
+    """The token endpoint's trouble: refused -> held; unreachable or 5xx -> busy."""
+    if isinstance(exc, TokenRefused):
+        return DestinationHeld(str(exc), status=exc.status)
+    cause = exc.__cause__
+    if isinstance(cause, httpx.TransportError):
+        connecting = isinstance(cause, httpx.ConnectError)
+        tls = tls_problem(cause, has_cert=False, connecting=connecting, who="the token endpoint")
+        if tls is not None:
+            return DestinationHeld(f"TLS failure at the token endpoint: {tls}")
+        return _Blip(DestinationBusy(str(exc)))
+    return DestinationBusy(str(exc), status=exc.status, retry_after=retry_after(exc.retry_after))
+
+
+def _answer_of(response: httpx.Response, destination: Destination | None = None) -> Answer:
     status = response.status_code
     warning = response.headers.get("Warning")
     if status in HELD_STATUSES or 300 <= status < 400:  # httpx does not follow redirects
         location = response.headers.get("Location")
-        raise DestinationHeld(_held_text(status, location), status=status, server_message=warning)
+        text = _held_text(status, location, destination)
+        raise DestinationHeld(text, status=status, server_message=warning)
     if status in BUSY_STATUSES or status >= 500:
         raise DestinationBusy(
             f"the archive is busy or unavailable (HTTP {status})",
@@ -455,6 +618,14 @@ def _answer_of(response: httpx.Response) -> Answer:
     answer = parse_answer(status, response.content)
     if warning:
         answer.server_message = warning
+    if status == 400 and _wants_client_cert(answer.server_message):
+        raise DestinationHeld(
+            "the archive's TLS proxy wants a client certificate and refused the request "
+            "(HTTP 400): set tls.client_cert and tls.client_key, or check that the archive "
+            "trusts ours",
+            status=status,
+            server_message=answer.server_message,
+        )
     if 400 <= status < 500 and status != 413 and not answer.is_stow:
         # Not the archive judging our files: a proxy, a TLS port, a wrong endpoint.
         raise DestinationHeld(
@@ -466,12 +637,21 @@ def _answer_of(response: httpx.Response) -> Answer:
     return answer
 
 
-def _held_text(status: int, location: str | None = None) -> str:
+def _wants_client_cert(message: str | None) -> bool:
+    """nginx's 400 pages for a missing or refused client certificate."""
+    text = (message or "").lower()
+    return "no required ssl certificate was sent" in text or "the ssl certificate error" in text
+
+
+def _held_text(
+    status: int, location: str | None = None, destination: Destination | None = None
+) -> str:
     if 300 <= status < 400:
         target = f" to {location}" if location else ""
         return f"the archive redirects the STOW-RS URL{target} (HTTP {status}): check the url"
+    if status == 401:
+        return _login_refused(destination)
     texts = {
-        401: "the archive wants valid credentials (HTTP 401)",
         403: "the archive refuses our credentials (HTTP 403 forbidden)",
         404: "the STOW-RS URL was not found (HTTP 404): check the destination url",
         405: "the URL does not accept STOW-RS (HTTP 405): check the destination url",
@@ -479,6 +659,19 @@ def _held_text(status: int, location: str | None = None) -> str:
         415: "the archive does not accept this request's media type (HTTP 415)",
     }
     return texts[status]
+
+
+def _login_refused(destination: Destination | None) -> str:
+    auth = None if destination is None else destination.access.auth
+    if auth is None:
+        return "the archive wants valid credentials (HTTP 401): set auth for this destination"
+    hints = {
+        "basic": f"check auth.username ({auth.username}) and auth.password",
+        "bearer": "check auth.token",
+        "oauth2": "even a newly fetched token was refused: check the client's roles, scope "
+        "or audience at the token endpoint",
+    }
+    return f"the archive refused the login (HTTP 401): {hints[auth.type]}"
 
 
 def retry_after(value: str | None) -> float | None:
@@ -495,17 +688,108 @@ def retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _is_tls(exc: BaseException) -> bool:
+# -- TLS failures in plain words -----------------------------------------------------------------
+_UNTRUSTED = (18, 19, 20, 21, 2)  # OpenSSL verify codes: self-signed, unknown issuer ...
+_HOST_MISMATCH = (62, 64)  # hostname, IP address
+_CLIENT_CERT_REFUSED = (
+    "ALERT_BAD_CERTIFICATE",
+    "ALERT_UNKNOWN_CA",
+    "ALERT_CERTIFICATE_UNKNOWN",
+    "ALERT_CERTIFICATE_EXPIRED",
+    "ALERT_CERTIFICATE_REVOKED",
+    "ALERT_UNSUPPORTED_CERTIFICATE",
+    "ALERT_ACCESS_DENIED",
+)
+_NOT_TLS = ("WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST", "RECORD_LAYER")
+_NO_VERSION = ("PROTOCOL_VERSION", "UNSUPPORTED_PROTOCOL", "NO_PROTOCOLS_AVAILABLE")
+
+
+def tls_problem(
+    exc: BaseException, *, has_cert: bool, connecting: bool = True, who: str = "the archive"
+) -> str | None:
+    """Plain words for a TLS failure behind ``exc``; None when it is not one.
+
+    While connecting every SSL error counts; later (TLS 1.3 sends the client-certificate
+    verdict after the handshake) only the server's alerts about our certificate do, and
+    other errors stay transport trouble.
+    """
+    found = _ssl_error(exc)
+    text = " ".join(_plain(e) for e in _chain(exc))
+    upper = text.upper()
+    if "CERTIFICATE_REQUIRED" in upper:
+        return f"{who} requires a client certificate: set tls.client_cert and tls.client_key"
+    if any(alert in upper for alert in _CLIENT_CERT_REFUSED):
+        if not has_cert:
+            return f"{who} wants a client certificate: set tls.client_cert and tls.client_key"
+        return (
+            f"{who} refused our client certificate (tls.client_cert): is it signed by a CA "
+            f"{who} trusts, and still valid? ({_detail(found, text)})"
+        )
+    if not connecting:
+        return None
+    if found is None and "CERTIFICATE_VERIFY_FAILED" not in upper and "SSL" not in upper:
+        return None
+    return _handshake_problem(found, upper, has_cert, who) + f" ({_detail(found, text)})"
+
+
+def _handshake_problem(found: ssl.SSLError | None, upper: str, has_cert: bool, who: str) -> str:
+    code = found.verify_code if isinstance(found, ssl.SSLCertVerificationError) else None
+    cert_hint = (
+        "our client certificate refused, or no common cipher?"
+        if has_cert
+        else "does it want a client certificate? set tls.client_cert and tls.client_key"
+    )
+    cases = (
+        (
+            code in _UNTRUSTED or (code is None and _untrusted_text(upper)),
+            f"{who}'s certificate is not signed by a trusted CA (set tls.ca_file?)",
+        ),
+        (
+            code in _HOST_MISMATCH or "MISMATCH" in upper,
+            f"{who}'s certificate is made out to another host name than the one in the url",
+        ),
+        (code == 10 or "HAS EXPIRED" in upper, f"{who}'s certificate has expired"),
+        (
+            code == 9 or "NOT YET VALID" in upper,
+            f"{who}'s certificate is not valid yet (check the clocks)",
+        ),
+        (
+            any(marker in upper for marker in _NOT_TLS),
+            f"{who} does not speak TLS on this port (is the url https:// by mistake?)",
+        ),
+        (
+            any(marker in upper for marker in _NO_VERSION),
+            f"{who} and stowd share no TLS version (see tls.min_version)",
+        ),
+        ("HANDSHAKE_FAILURE" in upper, f"{who} ended the TLS handshake ({cert_hint})"),
+    )
+    return next((text for hit, text in cases if hit), "the TLS handshake failed")
+
+
+def _untrusted_text(upper: str) -> bool:
+    return any(
+        marker in upper
+        for marker in ("SELF-SIGNED", "SELF SIGNED", "LOCAL ISSUER", "UNABLE TO GET ISSUER")
+    )
+
+
+def _detail(found: ssl.SSLError | None, text: str) -> str:
+    if isinstance(found, ssl.SSLCertVerificationError) and found.verify_message:
+        return f"OpenSSL: {found.verify_message}"
+    if found is not None and found.reason:
+        return f"OpenSSL: {found.reason}"
+    return text[:200]
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, ssl.SSLError) or "SSL" in type(seen).__name__:
-            return True
+        yield seen
         seen = seen.__cause__ or seen.__context__
-    return "CERTIFICATE_VERIFY_FAILED" in str(exc) or "SSL" in str(exc)
 
 
-def _tls_text(exc: BaseException) -> str:
-    return _plain(exc) or "the TLS handshake failed"
+def _ssl_error(exc: BaseException) -> ssl.SSLError | None:
+    return next((e for e in _chain(exc) if isinstance(e, ssl.SSLError)), None)
 
 
 def _plain(exc: BaseException) -> str:
