@@ -17,6 +17,7 @@ import os
 import random
 import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -1132,3 +1133,71 @@ def test_every_chunk_sent_is_a_sign_of_progress(tmp_path: Path, make_client: Mak
 
     make_client(archive).store([part], progress=lambda: signs.append(time.monotonic()))
     assert len(signs) >= 4  # one per chunk of the file: a long upload keeps the watchdog fed
+
+
+# -- TLS failures and TLS-proxy refusals in plain words ----------------------------------------
+def verify_error(code: int, message: str) -> ssl.SSLCertVerificationError:
+    error = ssl.SSLCertVerificationError(1, f"[SSL: CERTIFICATE_VERIFY_FAILED] {message}")
+    error.verify_code = code
+    error.verify_message = message
+    return error
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "plain"),
+    [
+        (20, "unable to get local issuer certificate", "not signed by a trusted CA"),
+        (19, "self-signed certificate in certificate chain", "not signed by a trusted CA"),
+        (62, "hostname mismatch", "made out to another host name"),
+        (10, "certificate has expired", "certificate has expired"),
+    ],
+)
+def test_certificate_verification_failures_in_plain_words(
+    parts: list[Part], make_client: MakeClient, code: int, message: str, plain: str
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError(str(verify_error(code, message))) from verify_error(code, message)
+
+    with pytest.raises(DestinationHeld, match=plain) as caught:
+        make_client(handler).store(parts)
+    assert str(caught.value).startswith("TLS failure: the archive's certificate")
+    assert f"OpenSSL: {message}" in str(caught.value)
+
+
+def test_an_ssl_error_after_the_handshake_is_still_a_blip(
+    parts: list[Part], make_client: MakeClient, sleeps: list[float]
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadError("EOF occurred in violation of protocol") from ssl.SSLEOFError(
+            8, "EOF occurred in violation of protocol"
+        )
+
+    with pytest.raises(DestinationBusy, match="connection failed"):
+        make_client(handler).store(parts)
+    assert sleeps == [1.0, 2.0]
+
+
+def test_a_tls_proxy_asking_for_a_client_certificate_holds_plainly(
+    parts: list[Part], make_client: MakeClient
+) -> None:
+    page = (
+        b"<html><head><title>400 No required SSL certificate was sent</title></head>"
+        b"<body><center><h1>400 Bad Request</h1></center></body></html>"
+    )
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        request.read()
+        return httpx.Response(400, content=page)
+
+    with pytest.raises(DestinationHeld, match="wants a client certificate") as caught:
+        make_client(handler).store(parts[:1])
+    assert caught.value.status == 400
+
+
+def test_a_401_without_auth_says_to_set_it(parts: list[Part], make_client: MakeClient) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        request.read()
+        return httpx.Response(401)
+
+    with pytest.raises(DestinationHeld, match=r"HTTP 401\): set auth"):
+        make_client(handler).store(parts)
