@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from stowd import dryrun, explain, logs, retry
+from stowd import connect, dryrun, explain, logs, retry
 from stowd.config import Config, load_config, parse_duration
 from stowd.daemon import Daemon
 from stowd.errors import ConfigError, StowdError
@@ -35,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run the daemon in the foreground (logs to stderr)")
     check = sub.add_parser("check-config", help="validate the configuration, list every problem")
+    check.add_argument(
+        "--connect",
+        action="store_true",
+        help="also reach each destination (TCP, TLS, login, a QIDO-RS query) and say what "
+        "works; exit code 1 when any does not",
+    )
     status = sub.add_parser("status", help="show the queue: counts, age, rate, last errors")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     dry = sub.add_parser(
@@ -94,7 +100,7 @@ def _run(config: Config, args: argparse.Namespace) -> int:
     return EXIT_INTERRUPTED if daemon.last_signal == signal.SIGINT else EXIT_OK
 
 
-def _check(config: Config, _args: argparse.Namespace) -> int:
+def _check(config: Config, args: argparse.Namespace) -> int:
     print(f"{config.path}: configuration is valid")
     for source in config.sources:
         dest = config.destination_of(source)
@@ -105,7 +111,15 @@ def _check(config: Config, _args: argparse.Namespace) -> int:
     print(f"  metadata rules: {rules} (run 'stowd explain FILE' to see what they do to a file)")
     for warning in config.warnings:
         print(f"WARNING: {warning}")
-    return EXIT_OK
+    if not args.connect:
+        return EXIT_OK
+    reports = []
+    for dest in config.destinations.values():
+        reports.append(connect.check(dest))
+        print(f"\n{connect.render(reports[-1:])}", flush=True)
+    working = sum(r.ok for r in reports)
+    print(f"\n{working} of {len(reports)} destination(s) work")
+    return EXIT_OK if all(r.ok for r in reports) else EXIT_RUNTIME
 
 
 def _status(config: Config, args: argparse.Namespace) -> int:
