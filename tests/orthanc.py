@@ -5,6 +5,10 @@ there, and serves HTTP on a free loopback port (``RemoteAccessAllowed`` is false
 clients on this machine are answered; Orthanc 1.10 has no option to bind one address and
 listens on all of them).  ``restart()`` brings it back on the same port with the same storage.
 
+``Orthanc(folder, users={"alice": "secret"})`` turns on HTTP Basic authentication
+(``AuthenticationEnabled`` with ``RegisteredUsers``); the REST helpers of this class then log in
+as the first of those users.
+
 Run as a script it serves in the foreground until Ctrl-C or SIGTERM::
 
     python tests/orthanc.py --port 8042 --dir ./demo-run/orthanc
@@ -124,6 +128,7 @@ class Orthanc:
         stable_age: int = 1,
         config: Mapping[str, Any] | None = None,
         startup_timeout: float = 20.0,
+        users: Mapping[str, str] | None = None,
     ) -> None:
         self.folder = Path(folder).resolve()
         self._auto_port = port is None or port == 0
@@ -132,6 +137,8 @@ class Orthanc:
         self._plugin = plugin
         self._stable_age = stable_age
         self._extra_config = dict(config or {})
+        self.users = dict(users or {})
+        self._auth = next(iter(self.users.items()), None)  # the helpers' login
         self.startup_timeout = startup_timeout
         self._process: subprocess.Popen[bytes] | None = None
         self._log_handle: IO[bytes] | None = None
@@ -190,7 +197,7 @@ class Orthanc:
             "HttpServerEnabled": True,
             "HttpPort": self._port,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
             "DicomServerEnabled": False,
             "WebDavEnabled": False,
             "ExecuteLuaEnabled": False,
@@ -200,6 +207,8 @@ class Orthanc:
             "Plugins": [plugin],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False},
         }
+        if self.users:
+            cfg["RegisteredUsers"] = dict(self.users)
         cfg.update(self._extra_config)
         return cfg
 
@@ -238,7 +247,7 @@ class Orthanc:
             cwd=self.folder,
         )
         deadline = time.monotonic() + self.startup_timeout
-        with httpx.Client(timeout=2.0) as client:
+        with httpx.Client(timeout=2.0, auth=self._auth) as client:
             while True:
                 code = self._process.poll()
                 if code is not None:
@@ -319,21 +328,21 @@ class Orthanc:
 
     def get_json(self, path: str, *, timeout: float = 30.0) -> Any:
         """``GET {url}{path}`` and decode the JSON answer (raises OrthancError if not 200)."""
-        response = httpx.get(f"{self.url}{path}", timeout=timeout)
+        response = httpx.get(f"{self.url}{path}", timeout=timeout, auth=self._auth)
         if response.status_code != 200:
             raise OrthancError(f"GET {path}: HTTP {response.status_code}: {response.text[:500]}")
         return response.json()
 
     def get_bytes(self, path: str, *, timeout: float = 30.0) -> bytes:
         """``GET {url}{path}`` and return the body (raises OrthancError if not 200)."""
-        response = httpx.get(f"{self.url}{path}", timeout=timeout)
+        response = httpx.get(f"{self.url}{path}", timeout=timeout, auth=self._auth)
         if response.status_code != 200:
             raise OrthancError(f"GET {path}: HTTP {response.status_code}: {response.text[:500]}")
         return response.content
 
     def post_json(self, path: str, body: Any, *, timeout: float = 60.0) -> Any:
         """``POST {url}{path}`` with a JSON body and decode the JSON answer."""
-        response = httpx.post(f"{self.url}{path}", json=body, timeout=timeout)
+        response = httpx.post(f"{self.url}{path}", json=body, timeout=timeout, auth=self._auth)
         if response.status_code != 200:
             raise OrthancError(f"POST {path}: HTTP {response.status_code}: {response.text[:500]}")
         return response.json()
