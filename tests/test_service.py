@@ -314,7 +314,8 @@ def test_a_thread_still_busy_after_a_reload_is_watched_and_reaped(
     try:
         daemon.generation = daemon._start(config)
         make_instance(layout.drop / "hung.dcm")
-        wait_for(daemon.generation.classify_lock.locked, 30, "the hung read")
+        wait_for(lambda: bool(hung), 30, "the hung read")
+        assert daemon.generation.classify_lock.locked()
         daemon._switch_to(load_config(layout.config))
         [old] = daemon.lingering
         assert old.busy() and daemon.generation is not old
