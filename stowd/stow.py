@@ -407,7 +407,9 @@ def tls_context(destination: Destination) -> ssl.SSLContext | bool:
     if not destination.verify_tls and tls.client_cert is None:
         return False
     try:
-        ctx = ssl.create_default_context(cafile=None if tls.ca_file is None else str(tls.ca_file))
+        ctx = ssl.create_default_context()  # the system's CAs ...
+        if tls.ca_file is not None:
+            ctx.load_verify_locations(cafile=str(tls.ca_file))  # ... plus the hospital's CA
         if not destination.verify_tls:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
