@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
 from stowd.secrets import Secret, parse
 from stowd.yamlwalk import Context, Section, as_bool, as_path, as_text, as_url, describe
 
@@ -34,6 +36,7 @@ _AUTH_KEYS = {
 }
 _TLS_KEYS = ("ca_file", "client_cert", "client_key", "min_version")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110 token)
+_VALUE = re.compile(r"[\x20-\x7e\t]*")  # what an HTTP header value may hold here
 _RESERVED = {"content-type", "content-length", "transfer-encoding", "host", "accept"}
 
 
@@ -90,6 +93,13 @@ def _read_auth(sec: Section) -> Auth | None:
     node = sec.value_node("auth")
     if node is None:
         return None
+    if not isinstance(node, MappingNode):  # never quoted: it may be a password or token
+        sec.add(
+            "auth",
+            "expected a mapping such as {type: basic, username: NAME, password: ...}, "
+            f"got {_kind(node)}",
+        )
+        return None
     key = f"{sec.key}.auth"
     peek = Section(Context(sec.ctx.base), key, node, ("type", *_all_auth_keys()))
     wanted = peek.get("type", None, _as_choice(AUTH_TYPES))
@@ -100,10 +110,10 @@ def _read_auth(sec: Section) -> Auth | None:
         return None
     auth = Section(sec.ctx, key, node, _AUTH_KEYS[wanted], _hints(wanted))
     if wanted == "basic":
-        username, secret = auth.need("username", as_text), auth.need("password", parse)
+        username, secret = auth.need("username", as_text), auth.need("password", _secret(auth))
         return None if username is None or secret is None else Auth("basic", username, secret)
     if wanted == "bearer":
-        token = auth.need("token", parse)
+        token = auth.need("token", _secret(auth))
         return None if token is None else Auth("bearer", secret=token)
     return _read_oauth2(auth)
 
@@ -111,11 +121,29 @@ def _read_auth(sec: Section) -> Auth | None:
 def _read_oauth2(auth: Section) -> Auth | None:
     url = auth.need("token_url", as_url)
     client = auth.need("client_id", as_text)
-    secret = auth.need("client_secret", parse)
+    secret = auth.need("client_secret", _secret(auth))
     scope = auth.get("scope", "", as_text)
     if url is None or client is None or secret is None:
         return None
     return Auth("oauth2", secret=secret, token_url=url, client_id=client, scope=scope)
+
+
+def _secret(sec: Section) -> Callable[[object], Secret]:
+    """A secret; a relative ``{file: ...}`` path is relative to the config's folder."""
+
+    def convert(value: object) -> Secret:
+        secret = parse(value)
+        if secret.kind == "file" and not Path(secret.ref).is_absolute():
+            return Secret("file", str(sec.ctx.base / secret.ref))
+        return secret
+
+    return convert
+
+
+def _kind(node: Node) -> str:
+    if isinstance(node, SequenceNode):
+        return "a list"
+    return "text" if isinstance(node, ScalarNode) and node.value else "nothing"
 
 
 def _all_auth_keys() -> tuple[str, ...]:
@@ -169,8 +197,11 @@ def _as_tls_version(value: object) -> str:
 
 def _as_headers(has_auth: bool) -> Callable[[object], tuple[tuple[str, str], ...]]:
     def convert(value: object) -> tuple[tuple[str, str], ...]:
-        if not isinstance(value, dict):
-            raise ValueError(f"expected a mapping of header names to values, got {describe(value)}")
+        if not isinstance(value, dict):  # never quoted: it may hold a token
+            raise ValueError(
+                "expected a mapping of header names to values such as {X-Site: ward3}, "
+                f"got {type(value).__name__}"
+            )
         headers = []
         for name, text in value.items():
             _check_header(str(name), text, has_auth)
@@ -187,5 +218,8 @@ def _check_header(name: str, text: object, has_auth: bool) -> None:
         raise ValueError(f"{name} is set by stowd itself and cannot be changed")
     if name.lower() == "authorization" and has_auth:
         raise ValueError("Authorization comes from auth: set one or the other")
-    if not isinstance(text, str | int | float) or any(c in str(text) for c in "\r\n"):
-        raise ValueError(f"the value of {name} must be one line of text")
+    if not isinstance(text, str | int | float) or not _VALUE.fullmatch(str(text)):
+        raise ValueError(
+            f"the value of {name} must be one line of visible ASCII text (no control or "
+            "non-ASCII characters)"
+        )

@@ -103,10 +103,14 @@ class BearerToken(httpx.Auth):
         yield request
 
 
+RETRY_EARLY = 10.0  # a failed early refresh is tried again after this (the token still valid)
+
+
 @dataclass(frozen=True)
 class _Token:
     value: str
     refresh_at: float | None  # monotonic; None: until refused
+    expires_at: float | None = None  # monotonic: after this it is no use
 
 
 class OAuth2(httpx.Auth):
@@ -142,8 +146,24 @@ class OAuth2(httpx.Auth):
         with self._lock:
             cached = self._token
             if cached is None or _due(cached, self.clock()):
-                cached = self._token = self._fetch()
+                cached = self._token = self._renew(cached)
             return cached.value
+
+    def _renew(self, cached: _Token | None) -> _Token:
+        """A new token; when the early refresh fails, the old one while it is still valid."""
+        try:
+            return self._fetch()
+        except TokenError as exc:
+            now = self.clock()
+            if cached is None or cached.expires_at is None or now >= cached.expires_at:
+                raise
+            log.warning(
+                "%s; the current token is still valid for %.0fs and used meanwhile",
+                exc,
+                cached.expires_at - now,
+            )
+            retry = now + min(RETRY_EARLY, cached.expires_at - now)
+            return _Token(cached.value, retry, cached.expires_at)
 
     def invalidate(self, authorization: str | None) -> None:
         """The archive refused the token sent as ``authorization``: fetch a new one next time.
@@ -226,8 +246,9 @@ def _token_of(doc: object, started: float, where: str) -> _Token:
     life = _seconds(doc.get("expires_in"))
     if life is None:
         return _Token(doc["access_token"], None)
-    refresh = max(0.0, min(life * REFRESH_SHARE, life - REFRESH_MARGIN))
-    return _Token(doc["access_token"], started + refresh)
+    # refresh at 80% of the life or a minute before the end; a short-lived token at half life
+    refresh = max(life / 2, min(life * REFRESH_SHARE, life - REFRESH_MARGIN))
+    return _Token(doc["access_token"], started + refresh, started + life)
 
 
 def _seconds(value: object) -> float | None:

@@ -703,7 +703,11 @@ def _build(ctx: Context, path: Path, root: Node) -> Config | None:
 
 
 def _inline_secret(dest: Destination) -> bool:
-    return any(secret.kind == "inline" for secret in dest.access.secrets)
+    """A password, token or API key written into the config itself."""
+    access = dest.access
+    userinfo = any("@" in url.partition("://")[2] for url in (dest.url, access.proxy or ""))
+    inline = any(secret.kind == "inline" for secret in access.secrets)
+    return inline or userinfo or bool(access.headers)
 
 
 def _readable_by_others(path: Path) -> bool:

@@ -392,20 +392,36 @@ def http_client(
         trust_env=access.trust_env,
         proxy=access.proxy if transport is None else None,
         transport=transport,
-        headers={"User-Agent": USER_AGENT, "Accept": ACCEPT, **dict(access.headers)},
+        headers={"User-Agent": USER_AGENT, "Accept": ACCEPT},
         auth=auth,
+        event_hooks={"request": [_extra_headers(destination)]},
     )
     if isinstance(auth, OAuth2):
         auth.bind(client)
     return client
 
 
+def _extra_headers(destination: Destination) -> Callable[[httpx.Request], None]:
+    """The configured headers, on requests to the archive's host only (not to a token
+    endpoint elsewhere, which has no business seeing an archive's API key)."""
+    host = httpx.URL(destination.url).host
+    headers = dict(destination.access.headers)
+
+    def add(request: httpx.Request) -> None:
+        if request.url.host == host:
+            request.headers.update(headers)
+
+    return add
+
+
+def _no_passphrase() -> bytes:
+    raise ValueError("encrypted key")
+
+
 def tls_context(destination: Destination) -> ssl.SSLContext | bool:
     """What httpx's ``verify`` gets: a context with our CA, client certificate and minimum
-    version; False only when ``verify_tls: false`` and no client certificate is set."""
+    version (with ``verify_tls: false`` it checks neither the certificate nor the host name)."""
     tls = destination.access.tls
-    if not destination.verify_tls and tls.client_cert is None:
-        return False
     try:
         ctx = ssl.create_default_context()  # the system's CAs ...
         if tls.ca_file is not None:
@@ -415,8 +431,16 @@ def tls_context(destination: Destination) -> ssl.SSLContext | bool:
             ctx.verify_mode = ssl.CERT_NONE
         if tls.client_cert is not None:
             key = None if tls.client_key is None else str(tls.client_key)
-            ctx.load_cert_chain(str(tls.client_cert), key)
-    except (OSError, ssl.SSLError, ValueError) as exc:
+            ctx.load_cert_chain(str(tls.client_cert), key, password=_no_passphrase)
+    except ValueError as exc:
+        if str(exc) != "encrypted key":
+            raise ClientSetupError(_setup_text(tls, exc)) from exc
+        raise ClientSetupError(
+            f"the client key {tls.client_key or tls.client_cert} is encrypted: stowd needs it "
+            "without a passphrase (openssl pkey -in KEY -out PLAIN_KEY; keep it readable by "
+            "the stowd user only)"
+        ) from None
+    except (OSError, ssl.SSLError) as exc:
         raise ClientSetupError(_setup_text(tls, exc)) from exc
     ctx.minimum_version = _TLS_VERSIONS[tls.min_version]
     return ctx
@@ -600,7 +624,8 @@ def _token_failure(exc: TokenError) -> Exception:
         if tls is not None:
             return DestinationHeld(f"TLS failure at the token endpoint: {tls}")
         return _Blip(DestinationBusy(str(exc)))
-    return DestinationBusy(str(exc), status=exc.status, retry_after=retry_after(exc.retry_after))
+    # no status: a login outage is never taken for "the archive answered 500 to these files"
+    return DestinationBusy(str(exc), retry_after=retry_after(exc.retry_after))
 
 
 def _answer_of(response: httpx.Response, destination: Destination | None = None) -> Answer:

@@ -409,8 +409,10 @@ def redact_url(url: str) -> str:
     is mis-parsed by urlsplit and would leak.
     """
     scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
+    if "@" not in (rest if sep else url):
         return url
+    if not sep:  # no scheme (a mistake): hide everything before the last "@" all the same
+        return f"***@{url.rpartition('@')[2]}"
     return f"{scheme}://***@{rest.rpartition('@')[2]}"
 
 

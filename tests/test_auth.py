@@ -370,8 +370,8 @@ def test_oauth2_token_is_cached_across_requests_and_threads(
 
 @pytest.mark.parametrize(
     ("life", "reused_until"),
-    [(1000.0, 800.0), (100.0, 40.0), (30.0, 0.0)],
-    ids=["80% of the life", "60 s before the end", "short-lived: every request"],
+    [(1000.0, 800.0), (200.0, 140.0), (30.0, 15.0)],
+    ids=["80% of the life", "60 s before the end", "short-lived: at half its life"],
 )
 def test_oauth2_token_is_refreshed_before_it_expires(
     sso: tuple[Sso, Server], part: Part, life: float, reused_until: float
@@ -856,3 +856,25 @@ def test_failure_of_gives_check_config_the_same_words(tmp_path: Path) -> None:
     busy = failure_of(httpx.ConnectError("[Errno 111] Connection refused"), dest)
     assert isinstance(busy, DestinationBusy)
     assert str(busy) == "cannot connect: [Errno 111] Connection refused"
+
+
+def test_a_failed_early_refresh_keeps_using_the_still_valid_token(
+    sso: tuple[Sso, Server], part: Part
+) -> None:
+    state, server = sso
+    state.life = 300.0
+    client = sso_client(server, state)
+    clock = Clock()
+    oauth_of(client).clock = clock
+    try:
+        client.store([part])  # tok-1, refreshed from 240 s on, valid until 300 s
+        state.token_status = 503  # the login server is down at 2 a.m.
+        clock.now += 250
+        client.store([part])  # still sent, with the still valid token
+        assert state.archive_requests[-1]["authorization"] == "Bearer tok-1"
+        clock.now += 60  # now it has expired too: the destination is busy
+        with pytest.raises(DestinationBusy) as info:
+            client.store([part])
+        assert info.value.status is None  # never taken for the archive's own 500
+    finally:
+        client.close()

@@ -839,7 +839,7 @@ def test_auth_tls_headers_and_proxy_are_read(tmp_path: Path) -> None:
         "archive",
     )
     assert access.auth.secret is not None and access.auth.secret.kind == "file"
-    assert access.auth.secret.ref == "./sso.secret"
+    assert access.auth.secret.ref == str(tmp_path / "sso.secret")  # relative to the config
     assert (access.tls.ca_file, access.tls.min_version) == (tmp_path / "ca.pem", "1.3")
     assert access.headers == (("X-Site", "ward3"),)
     assert (access.proxy, access.trust_env) == ("http://proxy:3128", True)
@@ -877,3 +877,22 @@ def test_inline_secrets_in_a_world_readable_config_and_tls_off_are_warned(
     assert not any("s3cret" in w for w in warnings)
     path.chmod(0o640)
     assert not any("inline" in w for w in load_config(path).warnings)
+
+
+def test_no_secret_is_quoted_in_a_config_problem(tmp_path: Path) -> None:
+    cases = [
+        "    headers: 'Authorization: Bearer HdrSecret999'\n",
+        "    auth: 'Bearer TokSecret999'\n",
+        "    proxy: 'proxyuser:ProxySecret999@proxy:3128'\n",
+        "    headers: {X-Station: 'Röntgen 3'}\n",
+    ]
+    for case in cases:
+        problems = problems_of(tmp_path, with_destination(case))
+        text = " ".join(str(p) for p in problems)
+        assert problems and "Secret999" not in text, text
+
+
+def test_headers_and_userinfo_count_as_inline_secrets(tmp_path: Path) -> None:
+    path = write(tmp_path, with_destination("    headers: {X-Api-Key: abc}\n"))
+    path.chmod(0o644)
+    assert any("inline" in w for w in load_config(path).warnings)

@@ -18,6 +18,7 @@ import random
 import re
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -34,6 +35,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian, generate_uid
 
 from stowd import stow
+from stowd.access import Access, Tls
 from stowd.config import Destination
 from stowd.errors import DestinationBusy, DestinationHeld, FileUnreadable, FileVanished
 from stowd.stow import (
@@ -1201,3 +1203,35 @@ def test_a_401_without_auth_says_to_set_it(parts: list[Part], make_client: MakeC
 
     with pytest.raises(DestinationHeld, match=r"HTTP 401\): set auth"):
         make_client(handler).store(parts)
+
+
+def test_extra_headers_go_to_the_archive_host_only() -> None:
+    seen: dict[str, str | None] = {}
+
+    def network(request: httpx.Request) -> httpx.Response:
+        seen[request.url.host] = request.headers.get("X-Api-Key")
+        return httpx.Response(200)
+
+    dest = Destination("archive", BASE_URL, access=Access(headers=(("X-Api-Key", "k-123"),)))
+    with stow.http_client(dest, transport=httpx.MockTransport(network)) as client:
+        client.get(BASE_URL + "/studies")
+        client.post("https://sso.example/token")
+    assert seen == {"archive.test": "k-123", "sso.example": None}
+
+
+def test_an_encrypted_client_key_is_refused_plainly_and_min_version_always_applies(
+    tmp_path: Path,
+) -> None:
+    key, cert = tmp_path / "k.pem", tmp_path / "c.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-keyout", str(key), "-out",
+         str(cert), "-days", "1", "-subj", "/CN=stowd", "-passout", "pass:abc"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    tls = Tls(client_cert=cert, client_key=key)
+    with pytest.raises(stow.ClientSetupError, match="is encrypted"):
+        stow.tls_context(Destination("a", BASE_URL, access=Access(tls=tls)))
+    loose = Destination("a", BASE_URL, verify_tls=False, access=Access(tls=Tls(min_version="1.3")))
+    context = stow.tls_context(loose)
+    assert isinstance(context, ssl.SSLContext)
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_3 and not context.check_hostname
