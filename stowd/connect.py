@@ -235,8 +235,9 @@ def _fetch_token(report: Report, destination: Destination, auth: OAuth2) -> bool
         tls = None
         if isinstance(cause, httpx.TransportError):
             connecting = isinstance(cause, httpx.ConnectError)
+            has_cert = destination.access.tls.client_cert is not None
             tls = stow.tls_problem(
-                cause, has_cert=False, connecting=connecting, who="the token endpoint"
+                cause, has_cert=has_cert, connecting=connecting, who="the token endpoint"
             )
         report.add("login", FAIL, f"{words}: {tls or exc}")
         return False

@@ -595,7 +595,7 @@ def _failure(exc: Exception, has_cert: bool) -> Exception:
     if isinstance(exc, SecretUnavailable):
         return DestinationHeld(f"cannot log in: {exc}")
     if isinstance(exc, TokenError):
-        return _token_failure(exc)
+        return _token_failure(exc, has_cert)
     if isinstance(exc, httpx.TransportError):
         return _transport_failure(exc, has_cert)
     return exc
@@ -613,14 +613,16 @@ def _transport_failure(exc: httpx.TransportError, has_cert: bool) -> Exception:
     return _Blip(DestinationBusy(f"connection failed: {_plain(exc)}"))
 
 
-def _token_failure(exc: TokenError) -> Exception:
+def _token_failure(exc: TokenError, has_cert: bool) -> Exception:
     """The token endpoint's trouble: refused -> held; unreachable or 5xx -> busy."""
     if isinstance(exc, TokenRefused):
         return DestinationHeld(str(exc), status=exc.status)
     cause = exc.__cause__
     if isinstance(cause, httpx.TransportError):
         connecting = isinstance(cause, httpx.ConnectError)
-        tls = tls_problem(cause, has_cert=False, connecting=connecting, who="the token endpoint")
+        tls = tls_problem(
+            cause, has_cert=has_cert, connecting=connecting, who="the token endpoint"
+        )
         if tls is not None:
             return DestinationHeld(f"TLS failure at the token endpoint: {tls}")
         return _Blip(DestinationBusy(str(exc)))
