@@ -44,6 +44,7 @@ from stowd.worker import Worker
 log = logging.getLogger("stowd.migrate")
 
 TICK = 0.5
+QUERY_SHARE = 10  # wait at least 10 times as long as counting the rows took
 RESETTLE_EVERY = 60.0
 DONE_STATES = ("sent", "failed", "gone", "ignored")
 REPORT_FIELDS = ("path", "reason", "http_status", "stage")
@@ -202,8 +203,12 @@ class Migration:
         """Until everything is done (False) or a signal came (True)."""
         next_line = time.monotonic() + self.opts.progress_every
         next_resettle = time.monotonic() + RESETTLE_EVERY
-        while not self.stop.wait(TICK):
+        tick = TICK
+        while not self.stop.wait(tick):
+            began = time.monotonic()
             tally = self.queue.run_tally(self.names, self.started)
+            # counting a million rows takes a while: look less often, never hog the queue
+            tick = max(TICK, QUERY_SHARE * (time.monotonic() - began))
             if self.scanned.is_set() and not _active(tally):
                 return False
             now = time.monotonic()
