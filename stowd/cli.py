@@ -1,4 +1,5 @@
-"""The command line: ``stowd run | check-config | status | dry-run | explain | retry | purge``.
+"""The command line: ``stowd run | check-config | status | dry-run | explain | retry | purge |
+migrate``.
 
 Exit codes: 0 ok, 1 runtime error, 2 usage or configuration error, 130 on Ctrl-C.
 """
@@ -8,12 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
-from stowd import connect, dryrun, explain, logs, retry
+from stowd import connect, dryrun, explain, logs, migrate, retry
 from stowd.config import Config, load_config, parse_duration
 from stowd.daemon import Daemon
 from stowd.errors import ConfigError, StowdError
@@ -62,7 +65,34 @@ def _parser() -> argparse.ArgumentParser:
     purge.add_argument("--sent-older-than", required=True, metavar="AGE", help="such as 30d")
     purge.add_argument("--source", help="only this source's sent/ folder")
     purge.add_argument("--dry-run", action="store_true", help="count, delete nothing")
-    for p in (run, check, status, dry, why, again, purge):
+    mig = sub.add_parser(
+        "migrate",
+        help="upload existing folder trees once (an old archive) through the queue, then exit",
+    )
+    mig.add_argument("folders", nargs="+", metavar="SRC", help="folders to upload, recursively")
+    mig.add_argument("--destination", required=True, metavar="NAME", help="a destination")
+    mig.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the files where they are (read-only archives); without it stored files "
+        "go to SRC.sent/ and failed ones to SRC.failed/ beside SRC",
+    )
+    mig.add_argument("--report", metavar="FILE", help="list every failed file in FILE.csv/.json")
+    mig.add_argument(
+        "--progress-every",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="a progress line this often when not on a terminal (default 10)",
+    )
+    mig.add_argument(
+        "--log-level",
+        default="WARNING",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="log level on stderr (WARNING: problems only)",
+    )
+    for p in (run, check, status, dry, why, again, purge, mig):
         p.add_argument(
             "-c", "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})"
         )
@@ -194,6 +224,53 @@ def _purge(config: Config, args: argparse.Namespace) -> int:
     return EXIT_RUNTIME if errors else EXIT_OK
 
 
+def _migrate(config: Config, args: argparse.Namespace) -> int:
+    problem = _migrate_problem(config, args)
+    if problem:
+        print(f"stowd migrate: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    logs.setup(args.log_level, "text")
+    folders = tuple(Path(os.path.abspath(f)) for f in args.folders)
+    tty = sys.stderr.isatty()
+    opts = migrate.Options(folders, args.destination, args.keep, args.progress_every, tty)
+    job = migrate.Migration(config, opts)
+    job.install_signals()
+    summary = job.run()
+    report = None if args.report is None else Path(args.report)
+    if report is not None:
+        migrate.write_report(report, summary.failures)
+    print(migrate.render(summary, opts, report))
+    if summary.interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_RUNTIME if summary.failures else EXIT_OK
+
+
+def _migrate_problem(config: Config, args: argparse.Namespace) -> str | None:
+    if args.destination not in config.destinations:
+        known = ", ".join(config.destinations)
+        return f"no destination named {args.destination!r} in {config.path}; known: {known}"
+    folders = _folders_problem(args.folders, args.keep)
+    if folders:
+        return folders
+    if args.progress_every <= 0:
+        return "--progress-every must be more than 0 seconds"
+    if args.report is not None and not args.report.lower().endswith((".csv", ".json")):
+        return "--report must name a .csv or .json file"
+    return None
+
+
+def _folders_problem(folders: list[str], keep: bool) -> str | None:
+    missing = [f for f in folders if not os.path.isdir(f)]
+    if missing:
+        return f"{missing[0]} is not a folder"
+    if len(set(map(os.path.abspath, folders))) != len(folders):
+        return "a folder is given twice"
+    names = [os.path.basename(os.path.abspath(f)) for f in folders]
+    if not keep and len(set(names)) != len(names):
+        return "two folders have the same name (their .sent/.failed folders would mix)"
+    return None
+
+
 _COMMANDS = {
     "run": _run,
     "check-config": _check,
@@ -202,4 +279,5 @@ _COMMANDS = {
     "explain": _explain,
     "retry": _retry,
     "purge": _purge,
+    "migrate": _migrate,
 }

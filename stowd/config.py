@@ -161,6 +161,7 @@ class Source:
     rules: tuple[Rule, ...] = ()  # applied after the top-level rules
     bulkdata: Bulkdata = field(default_factory=Bulkdata)
     sent_retention: float | None = None  # seconds files stay in sent/; None: forever
+    keep: bool = False  # files stay where they are once done (stowd migrate --keep; not YAML)
 
 
 @dataclass(frozen=True)

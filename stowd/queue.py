@@ -678,6 +678,55 @@ class Queue:
                 [(state, now, i) for i, state in done],
             )
 
+    def finish_kept(self, done: Iterable[tuple[int, str, dict[str, Any] | None]]) -> None:
+        """Mark (id, state, error) done for files that stay where they are (``stowd migrate
+        --keep``): outcome ``kept``, nothing was moved, so nothing is left to repair."""
+        now = self.clock()
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE files SET state = ?, outcome = 'kept', target = NULL, error = ?, "
+                "done_at = ?, lease_until = NULL WHERE id = ?",
+                [(s, json.dumps(e) if e else None, now, i) for i, s, e in done],
+            )
+
+    def finished_before(self, files: Sequence[NewFile]) -> set[str]:
+        """Paths of ``files`` already stored (or ignored) with this very content: a re-run
+        of ``stowd migrate --keep`` skips them."""
+        found: set[str] = set()
+        for at in range(0, len(files), 500):  # SQLite limits the number of parameters
+            part = {(f.path, f.size, f.mtime_ns) for f in files[at : at + 500]}
+            marks = ",".join("?" * len(part))
+            rows = self._conn().execute(
+                f"SELECT path, size, mtime_ns FROM files WHERE path IN ({marks}) "
+                "AND state IN ('sent', 'ignored')",
+                [p for p, _, _ in part],
+            )
+            found |= {r[0] for r in rows if (r[0], r[1], r[2]) in part}
+        return found
+
+    def run_tally(self, sources: Sequence[str], since: float) -> dict[str, tuple[int, int]]:
+        """(files, bytes) by state of ``sources``' rows still active or done since ``since``;
+        pending rows whose next attempt lies ahead count as ``waiting``."""
+        marks = ",".join("?" * len(sources))
+        rows = self._conn().execute(
+            "SELECT CASE WHEN state = 'pending' AND next_attempt_at > ? THEN 'waiting' "
+            "ELSE state END AS s, COUNT(*), COALESCE(SUM(size), 0) FROM files "
+            f"WHERE source IN ({marks}) AND (state IN ('pending', 'claimed', 'settling') "
+            "OR done_at >= ?) GROUP BY s",
+            (self.clock(), *sources, since),
+        )
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    def failures_since(self, sources: Sequence[str], since: float) -> list[tuple[str, str | None]]:
+        """(path, error JSON) of ``sources``' files that failed since ``since``."""
+        marks = ",".join("?" * len(sources))
+        rows = self._conn().execute(
+            f"SELECT path, error FROM files WHERE source IN ({marks}) AND state = 'failed' "
+            "AND done_at >= ? ORDER BY id",
+            (*sources, since),
+        )
+        return [(r[0], r[1]) for r in rows]
+
     def forget_done(self, older_than: float) -> int:
         """Delete finished rows older than ``older_than`` (a timestamp)."""
         with self._tx() as db:

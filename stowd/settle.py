@@ -96,6 +96,14 @@ def settle_all(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
 
 
 def _settle_all(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
+    kept = [d for d in decisions if d.source.keep]
+    if kept:  # stowd migrate --keep: nothing is moved or written beside the file
+        queue.finish_kept([(d.job.id, d.outcome, d.error) for d in kept])
+        decisions = [d for d in decisions if not d.source.keep]
+    return [Settled(d, None) for d in kept] + _settle_moved(queue, decisions)
+
+
+def _settle_moved(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
     plans = _plan(decisions)
     queue.begin_settle([(d.job, d.outcome, str(t), d.error) for d, t in plans])
     results: list[Settled] = []

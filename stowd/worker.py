@@ -484,8 +484,10 @@ class Worker:
         stage: str = "storing the file",
     ) -> Decision:
         error = self._error_doc(job, reason, verdict=verdict, answer=answer, stage=stage)
-        log.error("%s: %s -> failed/", job.path, reason)
-        return Decision(job, self.config.source(job.source), "failed", error)
+        source = self.config.source(job.source)
+        where = "failed (left where it is)" if source.keep else "failed/"
+        log.error("%s: %s -> %s", job.path, reason, where)
+        return Decision(job, source, "failed", error)
 
     def _settle_all(self, decisions: list[Decision]) -> None:
         if not decisions:

@@ -329,3 +329,26 @@ def test_a_file_and_its_own_sidecar_keep_one_name(source: Source, queue: Queue) 
     assert target == source.sent / "s/img~1.dcm"
     assert (source.sent / "s/img~1.json").read_text() == '{"PatientID": "B"}'
     assert not own.exists()
+
+
+def test_a_kept_source_is_never_touched_and_its_files_are_remembered(
+    source: Source, queue: Queue
+) -> None:
+    """stowd migrate --keep: done without a move, no error file, a re-run skips it."""
+    kept = dataclasses.replace(source, keep=True)
+    good = drop(kept, queue, "P1/a.dcm", b"abc")
+    bad = drop(kept, queue, "P1/b.dcm", b"def")
+    ok, failed = queue.jobs()
+    error = {"reason": "refused", "stage": "storing the file"}
+    decisions = [Decision(ok, kept, "sent"), Decision(failed, kept, "failed", error)]
+    results = settle_all(queue, decisions)
+    assert [r.target for r in results] == [None, None]
+    assert sorted(p.name for p in (source.watch / "P1").iterdir()) == ["a.dcm", "b.dcm"]
+    assert not source.sent.exists() and not source.failed.exists()
+    assert [(j.path, j.outcome) for j in queue.jobs("sent")] == [(str(good), "kept")]
+    [gone] = queue.jobs("failed")
+    assert (gone.path, gone.outcome, json.loads(gone.error or "{}")) == (str(bad), "kept", error)
+    assert queue.settling() == []
+    again = [NewFile("ct", "pacs", str(p), p.name, 3, p.stat().st_mtime_ns) for p in (good, bad)]
+    assert queue.finished_before(again) == {str(good)}  # the failed one is tried again
+    assert queue.finished_before([dataclasses.replace(again[0], size=4)]) == set()

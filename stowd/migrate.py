@@ -1,0 +1,327 @@
+"""``stowd migrate``: a one-shot bulk upload of existing folder trees, then exit.
+
+Each SRC folder becomes a source of its own (``migrate-<folder>-<hash of its path>``, the
+same name on every run) with the config's top-level rules, sending to ``--destination``.  The
+files go through the daemon's queue, classify, rules, grouping, retries and settling; only
+the finding is different: one lazy walk (``Watcher.scan``, chunks of 500 queued while the
+workers already send) without a quiet period, since the files are old.
+
+Where files go afterwards: stored ones to ``SRC.sent/`` and failed ones to ``SRC.failed/``
+(beside SRC, sub-folders kept, an ``.error.json`` next to each failed file), or with
+``keep`` nowhere: the source stays byte-identical and the queue remembers what was stored
+(state ``sent``, outcome ``kept``), so a re-run skips those files (same path, size and
+mtime) and tries the failed ones again.
+
+Resuming is the queue's business: claims of a killed run go back to pending, moves it left
+half done are finished, queued rows stay queued and are not queued twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+from stowd.config import Config, Source
+from stowd.metadata import clear_spool, digest
+from stowd.queue import NewFile, Queue
+from stowd.settle import repair
+from stowd.stow import StowClient
+from stowd.watch import Watcher
+from stowd.worker import Worker
+
+log = logging.getLogger("stowd.migrate")
+
+TICK = 0.5
+QUERY_SHARE = 10  # wait at least 10 times as long as counting the rows took
+RESETTLE_EVERY = 60.0
+DONE_STATES = ("sent", "failed", "gone", "ignored")
+REPORT_FIELDS = ("path", "reason", "http_status", "stage")
+EXIT_SECOND_SIGNAL = 130
+
+
+@dataclass(frozen=True)
+class Options:
+    folders: tuple[Path, ...]
+    destination: str
+    keep: bool = False
+    progress_every: float = 10.0
+    tty: bool = False
+
+
+@dataclass
+class Summary:
+    """What a run did (this run's rows, plus the files skipped as stored before)."""
+
+    tally: dict[str, tuple[int, int]] = field(default_factory=dict)
+    skipped: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    def files(self, state: str) -> int:
+        return self.tally.get(state, (0, 0))[0]
+
+    def bytes(self, state: str) -> int:
+        return self.tally.get(state, (0, 0))[1]
+
+
+def source_name(folder: Path) -> str:
+    """A name that stays the same for the same folder, run after run."""
+    tag = hashlib.sha256(str(folder).encode()).hexdigest()[:6]
+    base = re.sub(r"[^A-Za-z0-9_.-]", "_", folder.name or "root")[:40]
+    return f"migrate-{base}-{tag}"
+
+
+def make_sources(config: Config, opts: Options) -> tuple[Source, ...]:
+    """One source per folder: no quiet period, no sidecars, the top-level rules only."""
+    sources = []
+    for folder in opts.folders:
+        sources.append(
+            Source(
+                name=source_name(folder),
+                watch=folder,
+                sent=folder.with_name(folder.name + ".sent"),
+                failed=folder.with_name(folder.name + ".failed"),
+                destination=opts.destination,
+                quiet_period=0.0,
+                keep=opts.keep,
+            )
+        )
+    return tuple(sources)
+
+
+class Migration:
+    """Scan, send and settle until every file of the folders is done (or a signal)."""
+
+    def __init__(self, config: Config, opts: Options, out: TextIO = sys.stderr) -> None:
+        self.opts = opts
+        self.sources = make_sources(config, opts)
+        self.names = [s.name for s in self.sources]
+        self.config = replace(config, sources=config.sources + self.sources)
+        self.queue = Queue(config.queue)
+        self.stop = threading.Event()
+        self.scanned = threading.Event()
+        self.skipped = 0
+        self.unsettled: set[int] = set()
+        self.signals = 0
+        self.out = out
+        self.started = time.time()
+
+    # -- signals ------------------------------------------------------------------------
+    def install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, _signum: int, _frame: FrameType | None) -> None:
+        self.signals += 1
+        if self.signals > 1:
+            os.write(2, b"stowd migrate: second signal, exiting now; a re-run continues\n")
+            os._exit(EXIT_SECOND_SIGNAL)
+        self.stop.set()
+
+    # -- the run ------------------------------------------------------------------------
+    def run(self) -> Summary:
+        """Raises ``QueueError`` when the queue cannot be used (another stowd holds it)."""
+        self.queue.open()
+        try:
+            self._recover()
+            threads = self._start()
+            interrupted = self._wait()
+            self._finish(threads)
+            return self._summary(interrupted)
+        finally:
+            self.queue.close()
+
+    def _recover(self) -> None:
+        returned = self.queue.recover()
+        self.queue.adopt({s.name: s.destination for s in self.config.sources})
+        sources = {s.name: s for s in self.config.sources}
+        _, self.unsettled = repair(self.queue, sources=sources)
+        clear_spool(self.config)
+        for source in self.sources:
+            self.queue.replan(source.name, digest(self.config, source))
+        if returned:
+            log.info("%d upload(s) interrupted by the last run are sent again", returned)
+
+    def _start(self) -> tuple[list[threading.Thread], list[StowClient]]:
+        dest = self.config.destinations[self.opts.destination]
+        client = StowClient(dest, stop=self.stop)
+        lock = threading.Lock()
+        threads = []
+        for n in range(dest.workers):
+            worker = Worker(
+                self.config,
+                self.queue,
+                dest,
+                client,
+                self.stop,
+                unsettled=self.unsettled,
+                classify_lock=lock,
+            )
+            threads.append(threading.Thread(target=worker.run, name=f"send-{n}", daemon=True))
+        threads.append(threading.Thread(target=self._scan, name="scan", daemon=True))
+        for thread in threads:
+            thread.start()
+        return threads, [client]
+
+    def _scan(self) -> None:
+        try:
+            for source in self.sources:
+                watcher = Watcher(source, source.destination, self._sink, exclude=self._own())
+                watcher.scan(self.stop)
+        except Exception:
+            log.exception("unexpected error while scanning; stopping the migration")
+            self.stop.set()
+            return
+        if not self.stop.is_set():
+            self.scanned.set()
+
+    def _own(self) -> tuple[Path, ...]:
+        q = str(self.config.queue)
+        files = (Path(q + s) for s in ("", "-wal", "-shm", "-journal", ".lock"))
+        return (*files, self.config.spool)
+
+    def _sink(self, files: list[NewFile]) -> int:
+        """Queue a chunk of found files, minus those a run before stored with this content."""
+        done = self.queue.finished_before(files)
+        self.skipped += len(done)
+        return self.queue.enqueue([f for f in files if f.path not in done])
+
+    def _wait(self) -> bool:
+        """Until everything is done (False) or a signal came (True)."""
+        next_line = time.monotonic() + self.opts.progress_every
+        next_resettle = time.monotonic() + RESETTLE_EVERY
+        tick = TICK
+        while not self.stop.wait(tick):
+            began = time.monotonic()
+            tally = self.queue.run_tally(self.names, self.started)
+            # counting a million rows takes a while: look less often, never hog the queue
+            tick = max(TICK, QUERY_SHARE * (time.monotonic() - began))
+            if self.scanned.is_set() and not _active(tally):
+                return False
+            now = time.monotonic()
+            if self.opts.tty:
+                self._show(tally, end="\r")
+            elif now >= next_line:
+                self._show(tally)
+                next_line = now + self.opts.progress_every
+            if self.unsettled and now >= next_resettle:
+                self._resettle()
+                next_resettle = now + RESETTLE_EVERY
+        return True
+
+    def _resettle(self) -> None:
+        ids = set(self.unsettled)
+        sources = {s.name: s for s in self.config.sources}
+        _, stuck = repair(self.queue, only=ids, sources=sources)
+        self.unsettled.difference_update(ids - stuck)
+
+    def _finish(self, started: tuple[list[threading.Thread], list[StowClient]]) -> None:
+        threads, clients = started
+        self.stop.set()
+        deadline = time.monotonic() + self.config.shutdown_timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        for client in clients:
+            client.close()
+
+    def _show(self, tally: dict[str, tuple[int, int]], end: str = "\n") -> None:
+        line = progress_line(tally, self.skipped, time.time() - self.started, self.scanned.is_set())
+        print(line.ljust(100) if self.opts.tty else line, end=end, file=self.out, flush=True)
+
+    def _summary(self, interrupted: bool) -> Summary:
+        tally = self.queue.run_tally(self.names, self.started)
+        self._show(tally)  # the last state, also on a terminal (where it ends the line)
+        failures = [
+            _failure(path, error)
+            for path, error in self.queue.failures_since(self.names, self.started)
+        ]
+        seconds = time.time() - self.started
+        return Summary(tally, self.skipped, seconds, interrupted, failures)
+
+
+def _active(tally: dict[str, tuple[int, int]]) -> int:
+    return sum(n for state, (n, _) in tally.items() if state not in DONE_STATES)
+
+
+def _failure(path: str, error: str | None) -> dict[str, Any]:
+    doc = json.loads(error) if error else {}
+    return {
+        "path": path,
+        "reason": doc.get("reason") or "",
+        "http_status": doc.get("http_status"),
+        "stage": doc.get("stage") or "",
+        "failure_reason": doc.get("failure_reason"),
+        "server_message": doc.get("server_message"),
+    }
+
+
+def progress_line(
+    tally: dict[str, tuple[int, int]], skipped: int, seconds: float, scanned: bool
+) -> str:
+    """``files done/total, MB stored, rate, failures, ETA`` (total grows while scanning)."""
+    done = sum(tally.get(s, (0, 0))[0] for s in DONE_STATES)
+    total = done + _active(tally) + skipped
+    stored_mb = tally.get("sent", (0, 0))[1] / 1e6
+    rate = done / seconds if seconds > 0 else 0.0
+    left = total - done - skipped
+    eta = _clock(left / rate) if scanned and rate > 0 else "scanning" if not scanned else "-"
+    plus = "" if scanned else "+"
+    return (
+        f"stowd migrate: {done + skipped}/{total}{plus} files, {stored_mb:.1f} MB stored, "
+        f"{rate:.1f} files/s, {stored_mb / max(seconds, 1e-9):.1f} MB/s, "
+        f"{tally.get('failed', (0, 0))[0]} failed, ETA {eta}"
+    )
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600:d}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def render(summary: Summary, opts: Options, report: Path | None) -> str:
+    """The closing summary, for people."""
+    mb = summary.bytes("sent") / 1e6
+    word = "interrupted" if summary.interrupted else "finished"
+    lines = [
+        f"stowd migrate {word} after {summary.seconds:.1f}s",
+        f"  stored:   {summary.files('sent')} file(s), {mb:.1f} MB",
+        f"  skipped:  {summary.skipped} file(s) already stored by an earlier run",
+        f"  failed:   {summary.files('failed')} file(s)"
+        + (f" (listed in {report})" if report and summary.failures else ""),
+    ]
+    if summary.files("gone") or summary.files("ignored"):
+        lines.append(f"  vanished: {summary.files('gone')}; ignored: {summary.files('ignored')}")
+    if summary.interrupted:
+        left = _active(summary.tally)
+        lines.append(f"  {left} file(s) stay queued; run the same command again to go on")
+    elif not opts.keep and opts.folders:
+        where = ", ".join(f"{f}.sent / {f}.failed" for f in opts.folders)
+        lines.append(f"  moved to {where}")
+    return "\n".join(lines)
+
+
+def write_report(path: Path, failures: list[dict[str, Any]]) -> None:
+    """Every failed file with its reason: JSON for ``.json``, else CSV."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fp:
+        if path.suffix.lower() == ".json":
+            json.dump(failures, fp, indent=2, ensure_ascii=False)
+            fp.write("\n")
+        else:
+            writer = csv.DictWriter(fp, REPORT_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(failures)
+    os.replace(tmp, path)

@@ -1,0 +1,199 @@
+"""``stowd migrate`` as a subprocess against a real Orthanc: resume after kill -9 without
+re-sending what was confirmed, ``--keep`` leaves the source byte-identical, the failure report
+lists exactly the bad files, progress lines without a terminal."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+from dicomgen import make_instance, make_study, write_empty, write_garbage, write_truncated
+from harness import Layout, make_layout, run_cli, wait_for
+from orthanc import Orthanc
+
+
+def layout_for(tmp_path: Path, orthanc: Orthanc, max_files: int = 2) -> Layout:
+    dest = {"url": orthanc.dicomweb_url, "workers": 1, "batch": {"max_files": max_files}}
+    return make_layout(tmp_path / "run", orthanc.dicomweb_url, destinations={"pacs": dest})
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def queue_rows(layout: Layout) -> list[tuple[str, str, str | None]]:
+    """(path, state, outcome) of every row, read like ``stowd status`` does."""
+    db = layout.root / "state" / "queue.db"
+    if not db.exists():
+        return []
+    with sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=30) as conn:
+        return list(conn.execute("SELECT path, state, outcome FROM files ORDER BY id"))
+
+
+def sent_paths(layout: Layout) -> list[str]:
+    return [path for path, state, _ in queue_rows(layout) if state == "sent"]
+
+
+def migrate(layout: Layout, *args: str) -> list[str]:
+    return [sys.executable, "-m", "stowd", "migrate", "-c", str(layout.config), *args]
+
+
+def start(layout: Layout, log: Path, *args: str) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            migrate(layout, *args),
+            stdout=out,
+            stderr=out,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+
+def test_resume_after_kill_never_resends_and_keep_leaves_the_source_alone(
+    tmp_path: Path, orthanc: Orthanc
+) -> None:
+    layout = layout_for(tmp_path, orthanc, max_files=1)
+    archive = tmp_path / "archive"
+    uids = set()
+    for study in range(4):
+        uids |= {u for _, u in make_study(archive / f"study{study}" / "series", 100)}
+    before = hashes(archive)
+    args = (str(archive), "--destination", "pacs", "--keep")
+
+    log = tmp_path / "first.log"
+    first = start(layout, log, *args)  # Ctrl-C: in-flight uploads finish, exit 130
+    try:
+        wait_for(lambda: len(sent_paths(layout)) >= 20, 60, "20 files stored", log.read_text)
+        first.send_signal(signal.SIGINT)
+        assert first.wait(30) == 130, log.read_text()
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert "run the same command again" in log.read_text()
+    interrupted = len(sent_paths(layout))
+
+    log = tmp_path / "second.log"
+    second = start(layout, log, *args)  # kill -9: no clean-up at all
+    try:
+        wait_for(
+            lambda: len(sent_paths(layout)) >= interrupted + 20,
+            60,
+            "20 more files stored",
+            log.read_text,
+        )
+        assert second.poll() is None, "the migration ended before it could be killed"
+    finally:
+        second.kill()
+        second.wait(10)
+    confirmed = sent_paths(layout)
+    assert len(confirmed) < 400
+
+    third = run_cli("migrate", "-c", str(layout.config), *args, timeout=120)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert f"skipped:  {len(confirmed)} file(s)" in third.stdout
+    rows = queue_rows(layout)
+    stored = [path for path, state, _ in rows if state == "sent"]
+    assert len(stored) == len(set(stored)) == 400  # no confirmed file was stored twice
+    assert {outcome for _, state, outcome in rows if state == "sent"} == {"kept"}
+    assert orthanc.sop_instance_uids() == uids
+    assert hashes(archive) == before  # byte-identical, nothing added, nothing moved
+    assert not (tmp_path / "archive.sent").exists()
+    assert not (tmp_path / "archive.failed").exists()
+
+    fourth = run_cli("migrate", "-c", str(layout.config), *args)
+    assert fourth.returncode == 0, fourth.stderr
+    assert "skipped:  400 file(s)" in fourth.stdout
+    assert "stored:   0 file(s)" in fourth.stdout
+
+
+def write_refused(path: Path) -> Path:
+    """A file stowd reads fine and Orthanc refuses (HTTP 400): after the pixel data an
+    element claims 100,000 bytes and 10 follow."""
+    make_instance(path)
+    with open(path, "ab") as fp:
+        fp.write(b"\xfc\xff\xfc\xffOB\x00\x00" + (100_000).to_bytes(4, "little") + b"x" * 10)
+    return path
+
+
+def test_the_report_lists_exactly_the_bad_files(tmp_path: Path, orthanc: Orthanc) -> None:
+    layout = layout_for(tmp_path, orthanc, max_files=10)
+    archive = tmp_path / "old"
+    good = {u for _, u in make_study(archive / "a", 5)}
+    bad = {
+        write_garbage(archive / "a" / "garbage.dcm"),
+        write_empty(archive / "b" / "empty.dcm"),
+        archive / "b" / "truncated.dcm",
+        write_refused(archive / "a" / "refused.dcm"),
+    }
+    write_truncated(archive / "b" / "truncated.dcm")
+    report = tmp_path / "failed.csv"
+    result = run_cli("migrate", "-c", str(layout.config), str(archive), "--destination", "pacs",
+                     "--report", str(report))  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    with open(report, newline="", encoding="utf-8") as fp:
+        rows = list(csv.DictReader(fp))
+    assert {r["path"] for r in rows} == {str(p) for p in bad}
+    assert all(r["reason"] and r["stage"] for r in rows)
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert by_name["refused.dcm"]["http_status"] == "400"
+    assert by_name["refused.dcm"]["stage"] == "storing the file"
+    assert by_name["garbage.dcm"]["http_status"] == ""
+    assert list(rows[0]) == ["path", "reason", "http_status", "stage"]
+    assert orthanc.sop_instance_uids() == good
+    assert Layout(tmp_path, layout.config).files(tmp_path / "old.sent") == {
+        f"a/IM0000{n}.dcm" for n in range(1, 6)
+    }
+    failed = tmp_path / "old.failed"
+    assert {str(p.relative_to(failed)) for p in failed.rglob("*.error.json")} == {
+        "a/garbage.dcm.error.json",
+        "a/refused.dcm.error.json",
+        "b/empty.dcm.error.json",
+        "b/truncated.dcm.error.json",
+    }
+
+    as_json = tmp_path / "failed.json"
+    again = run_cli("migrate", "-c", str(layout.config), str(archive), "--destination", "pacs",
+                    "--report", str(as_json))  # fmt: skip
+    assert again.returncode == 0, again.stderr  # nothing left in the source
+    assert json.loads(as_json.read_text()) == []
+
+
+def test_progress_lines_without_a_terminal(tmp_path: Path, orthanc: Orthanc) -> None:
+    layout = layout_for(tmp_path, orthanc, max_files=1)
+    archive = tmp_path / "nas"
+    make_study(archive, 500, size_bytes=32 * 1024)
+    result = run_cli("migrate", "-c", str(layout.config), str(archive), "--destination", "pacs",
+                     "--keep", "--progress-every", "1", timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("stowd migrate: ")]
+    assert len(lines) >= 2, result.stderr  # at least one while it ran, and the last one
+    assert "\r" not in result.stderr
+    assert lines[-1].startswith("stowd migrate: 500/500 files, ")
+    assert all(" files, " in line and " failed, ETA " in line for line in lines)
+    assert "stored:   500 file(s)" in result.stdout
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    layout = make_layout(tmp_path / "run", "http://127.0.0.1:9/dicom-web")
+    folder = tmp_path / "x"
+    folder.mkdir()
+    cases = [
+        (str(folder), "--destination", "nope"),
+        (str(tmp_path / "missing"), "--destination", "pacs"),
+        (str(folder), "--destination", "pacs", "--report", "r.txt"),
+        (str(folder), "--destination", "pacs", "--progress-every", "0"),
+    ]
+    for args in cases:
+        result = run_cli("migrate", "-c", str(layout.config), *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "stowd migrate:" in result.stderr
