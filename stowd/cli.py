@@ -265,9 +265,29 @@ def _folders_problem(folders: list[str], keep: bool) -> str | None:
         return f"{missing[0]} is not a folder"
     if len(set(map(os.path.abspath, folders))) != len(folders):
         return "a folder is given twice"
-    names = [os.path.basename(os.path.abspath(f)) for f in folders]
+    full = [os.path.abspath(f) for f in folders]
+    for inner in full:
+        outer = next((o for o in full if o != inner and inner.startswith(o + os.sep)), None)
+        if outer is not None:
+            return f"{inner} is inside {outer}: migrate {outer} alone"
+    names = [os.path.basename(f) for f in full]
     if not keep and len(set(names)) != len(names):
         return "two folders have the same name (their .sent/.failed folders would mix)"
+    return None if keep else _writable_problem(full)
+
+
+def _writable_problem(folders: list[str]) -> str | None:
+    """Without --keep, files move out of SRC into SRC.sent/SRC.failed beside it."""
+    for folder in folders:
+        beside = [folder + ".sent", folder + ".failed"]
+        blocked = [b for b in beside if os.path.exists(b) and not os.path.isdir(b)]
+        if blocked or not os.access(folder, os.W_OK) or not os.access(
+            os.path.dirname(folder), os.W_OK
+        ):
+            return (
+                f"cannot move files out of {folder} into {folder}.sent / {folder}.failed "
+                "(read-only, or not a folder there?): use --keep to leave the files in place"
+            )
     return None
 
 

@@ -194,7 +194,9 @@ class Migration:
         return (*files, self.config.spool)
 
     def _sink(self, files: list[NewFile]) -> int:
-        """Queue a chunk of found files, minus those a run before stored with this content."""
+        """Queue a chunk of found files, minus those a run before stored with this content,
+        and minus the SRC.sent/SRC.failed of a migration of a sub-folder done before."""
+        files = [f for f in files if not _in_migrate_output(f.rel)]
         done = self.queue.finished_before(files)
         self.skipped += len(done)
         return self.queue.enqueue([f for f in files if f.path not in done])
@@ -325,3 +327,10 @@ def write_report(path: Path, failures: list[dict[str, Any]]) -> None:
             writer.writeheader()
             writer.writerows(failures)
     os.replace(tmp, path)
+
+
+def _in_migrate_output(rel: str) -> bool:
+    """``rel`` lies in a ``X.sent`` or ``X.failed`` folder: what migrating a sub-folder ``X``
+    before left beside it.  Those files were already handled: never sent again."""
+    parts = rel.split("/")[:-1]
+    return any(part.endswith((".sent", ".failed")) for part in parts)

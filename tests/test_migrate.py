@@ -197,3 +197,35 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
         result = run_cli("migrate", "-c", str(layout.config), *args)
         assert result.returncode == 2, (args, result.stderr)
         assert "stowd migrate:" in result.stderr
+
+
+def test_a_sub_folder_migrated_first_is_not_sent_again_with_its_parent(
+    tmp_path: Path, orthanc: Orthanc
+) -> None:
+    layout = layout_for(tmp_path, orthanc, max_files=5)
+    archive = tmp_path / "ct"
+    make_study(archive / "2019", 6)
+    make_study(archive / "2020", 4)
+    first = run_cli("migrate", "-c", str(layout.config), str(archive / "2019"),
+                    "--destination", "pacs")  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    assert len(list((archive / "2019.sent").rglob("*.dcm"))) == 6  # beside it, inside ct/
+    second = run_cli("migrate", "-c", str(layout.config), str(archive), "--destination", "pacs")
+    assert second.returncode == 0, second.stderr
+    assert len(sent_paths(layout)) == 10  # the 6 in ct/2019.sent were not sent again
+    assert orthanc.instance_count() == 10
+    nested = run_cli("migrate", "-c", str(layout.config), str(archive), str(archive / "2020"),
+                     "--destination", "pacs")  # fmt: skip
+    assert nested.returncode == 2 and "is inside" in nested.stderr
+
+
+def test_a_place_the_files_cannot_move_to_is_refused_before_anything_is_sent(
+    tmp_path: Path, orthanc: Orthanc
+) -> None:
+    layout = layout_for(tmp_path, orthanc)
+    archive = tmp_path / "arc"
+    make_study(archive, 3)
+    (tmp_path / "arc.sent").write_text("a file where the folder would go")
+    result = run_cli("migrate", "-c", str(layout.config), str(archive), "--destination", "pacs")
+    assert result.returncode == 2 and "use --keep" in result.stderr
+    assert orthanc.instance_count() == 0
