@@ -15,7 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from harness import Clock
 from orthanc import Orthanc, orthanc_missing_reason
+
+from stowd.queue import Queue
 
 
 def require_orthanc() -> None:
@@ -45,3 +48,17 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
     finally:
         # Its storage is thrown away, so skip the ~2.5 s clean shutdown.
         server.kill()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    """The queue's clock (a test file may override it with another start)."""
+    return Clock()
+
+
+@pytest.fixture
+def queue(tmp_path: Path, clock: Clock) -> Iterator[Queue]:
+    """A fresh queue in ``tmp_path`` on the test's clock."""
+    q = Queue(tmp_path / "q.db", clock=clock).open()
+    yield q
+    q.close()

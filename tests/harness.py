@@ -52,6 +52,16 @@ class Layout:
         }
 
 
+class Clock:
+    """A clock the test sets by hand (``now``), for queues, workers and logins."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def make_layout(
     root: Path, url: str, *, source: dict[str, object] | None = None, **overrides: object
 ) -> Layout:

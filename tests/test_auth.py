@@ -23,6 +23,7 @@ from urllib.parse import parse_qs, unquote_plus
 import httpx
 import pytest
 from dicomgen import make_instance
+from harness import Clock
 
 from stowd.access import Access, Auth, Tls
 from stowd.auth import OAuth2
@@ -185,14 +186,6 @@ def part(tmp_path: Path) -> Part:
     path = tmp_path / "one.dcm"
     path.write_bytes(b"x" * 5000)  # the client does not read DICOM: any bytes do
     return Part(str(path), 5000, "1.2.3.4")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def oauth_of(client: StowClient) -> OAuth2:
@@ -379,7 +372,7 @@ def test_oauth2_token_is_refreshed_before_it_expires(
     state, server = sso
     state.life = life
     client = sso_client(server, state)
-    clock = Clock()
+    clock = Clock(1000.0)
     oauth_of(client).clock = clock
     try:
         client.store([part])
@@ -864,7 +857,7 @@ def test_a_failed_early_refresh_keeps_using_the_still_valid_token(
     state, server = sso
     state.life = 300.0
     client = sso_client(server, state)
-    clock = Clock()
+    clock = Clock(1000.0)
     oauth_of(client).clock = clock
     try:
         client.store([part])  # tok-1, refreshed from 240 s on, valid until 300 s

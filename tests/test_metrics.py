@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from harness import Clock
 from prometheus_client.parser import text_string_to_metric_families
 
 from stowd import metrics
@@ -23,24 +24,9 @@ from stowd.queue import Classification, Job, NewFile, Queue
 START = 1_000_000.0
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = START
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def queue(tmp_path: Path, clock: Clock) -> Iterator[Queue]:
-    q = Queue(tmp_path / "q.db", clock=clock).open()
-    yield q
-    q.close()
+    return Clock(START)
 
 
 def count(name: str, **labels: str) -> float:

@@ -5,24 +5,17 @@ from __future__ import annotations
 import dataclasses
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from harness import Clock
 
 from stowd.config import BatchLimits
 from stowd.errors import QueueError, QueueLockedError, SidecarNotReady
 from stowd.group import take_batch
 from stowd.queue import Classification, Job, Made, NewFile, Queue, open_readonly
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def new(path: str, size: int = 10, mtime: int = 1) -> NewFile:
@@ -31,18 +24,6 @@ def new(path: str, size: int = 10, mtime: int = 1) -> NewFile:
 
 def pick_all(_dest: str, jobs: list[Job]) -> list[Job]:
     return jobs
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def queue(tmp_path: Path, clock: Clock) -> Iterator[Queue]:
-    q = Queue(tmp_path / "q.db", clock=clock).open()
-    yield q
-    q.close()
 
 
 def classify_all(queue: Queue, study: str = "1.2.3") -> None:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import make_layout
+from harness import Clock, make_layout
 
 from stowd import cli, status
 from stowd.config import Config, Destination, Source, load_config
@@ -26,24 +25,9 @@ SECRET = "s3cr#t/pw"
 ERROR = {"reason": "the archive answered 409", "stage": "storing the file", "http_status": 409}
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = NOW
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def queue(tmp_path: Path, clock: Clock) -> Iterator[Queue]:
-    q = Queue(tmp_path / "queue.db", clock=clock).open()
-    yield q
-    q.close()
+    return Clock(NOW)
 
 
 def config_for(

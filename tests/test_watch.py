@@ -8,19 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
+from harness import Clock
 from watchdog.events import DirModifiedEvent, FileCreatedEvent, FileMovedEvent
 
 from stowd.config import Sidecars, Source
 from stowd.queue import NewFile
 from stowd.watch import Watcher, _Handler
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Sink:
@@ -81,7 +74,7 @@ def test_scan_queues_old_files_and_skips_temp_names_and_own_folders(tmp_path: Pa
 
 def test_a_fresh_file_waits_for_the_quiet_period(tmp_path: Path) -> None:
     source = make_source(tmp_path, quiet_period=5.0)
-    clock = Clock()
+    clock = Clock(time.time())
     sink = Sink()
     watcher = Watcher(source, "pacs", sink, clock=clock)
     path = write(source.watch / "new.dcm", age=1.0)
@@ -98,7 +91,7 @@ def test_a_fresh_file_waits_for_the_quiet_period(tmp_path: Path) -> None:
 
 def test_a_file_still_growing_is_never_complete(tmp_path: Path) -> None:
     source = make_source(tmp_path, quiet_period=2.0)
-    clock = Clock()
+    clock = Clock(time.time())
     sink = Sink()
     watcher = Watcher(source, "pacs", sink, clock=clock)
     path = source.watch / "slow.dcm"
@@ -118,7 +111,7 @@ def test_a_file_still_growing_is_never_complete(tmp_path: Path) -> None:
 
 def test_mtime_in_the_future_needs_two_equal_looks(tmp_path: Path) -> None:
     source = make_source(tmp_path, quiet_period=3.0)
-    clock = Clock()
+    clock = Clock(time.time())
     sink = Sink()
     watcher = Watcher(source, "pacs", sink, clock=clock)
     path = write(source.watch / "skew.dcm", age=-3600)  # an hour in the future
@@ -222,7 +215,7 @@ def test_sidecars_are_not_queued_and_hold_back_their_files(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     source = make_source(tmp_path, quiet_period=5.0, sidecars=Sidecars())
-    clock, sink = Clock(), Sink()
+    clock, sink = Clock(time.time()), Sink()
     drop = source.watch
     write(drop / "a/img1.dcm")
     write(drop / "a/img1.json", age=1.0)  # its own sidecar is still being written
@@ -254,7 +247,7 @@ def test_a_folder_sidecar_is_retired_once_its_folder_was_idle(
 ) -> None:
     settings = Sidecars(folder_linger=600.0)
     source = make_source(tmp_path, quiet_period=0.0, sidecars=settings)
-    clock, sink = Clock(), Sink()
+    clock, sink = Clock(time.time()), Sink()
     used = write(source.watch / "used/_metadata.yaml")
     write(source.sent / "used/_metadata.yaml")  # it went with its files
     busy = write(source.watch / "busy/_metadata.yaml")
@@ -276,7 +269,7 @@ def test_a_folder_sidecar_is_retired_once_its_folder_was_idle(
 def test_a_session_between_two_scans_restarts_the_idle_time(tmp_path: Path) -> None:
     settings = Sidecars(folder_linger=600.0)
     source = make_source(tmp_path, quiet_period=0.0, sidecars=settings)
-    clock = Clock()
+    clock = Clock(time.time())
     meta = write(source.watch / "room/_metadata.yaml", b"PatientID: B\n")
     write(source.sent / "room/_metadata.yaml", b"PatientID: B\n")
     watcher = Watcher(source, "pacs", Sink(), clock=clock)

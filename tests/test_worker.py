@@ -19,6 +19,7 @@ import httpx
 import pydicom
 import pytest
 from dicomgen import make_instance, make_instance_bytes, make_study
+from harness import Clock
 
 from stowd import metrics
 from stowd.config import BatchLimits, Bulkdata, Config, Destination, Retry, Sidecars, Source
@@ -31,14 +32,6 @@ from stowd.watch import Watcher
 from stowd.worker import Worker
 
 Handler = Callable[[httpx.Request], httpx.Response]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 2_000_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def sop_uids_in(request: httpx.Request) -> list[str]:
@@ -84,7 +77,7 @@ class Rig:
         bulk: Bulkdata | None = None,
         **retry: float,
     ) -> None:
-        self.clock = Clock()
+        self.clock = Clock(2_000_000_000.0)
         self.source = Source(
             "ct",
             tmp_path / "drop",
