@@ -728,11 +728,20 @@ class Queue:
         return [(r[0], r[1]) for r in rows]
 
     def forget_done(self, older_than: float) -> int:
-        """Delete finished rows older than ``older_than`` (a timestamp)."""
+        """Delete finished rows older than ``older_than`` (a timestamp).
+
+        Files stored in place (``stowd migrate --keep``: state ``sent``, outcome ``kept``)
+        stay: their row is the only record that they were stored, which lets a re-run skip
+        them.  Only a later such row of the same path (the file changed and was stored
+        again) replaces one.
+        """
         with self._tx() as db:
             cur = db.execute(
                 "DELETE FROM files WHERE done_at IS NOT NULL AND done_at < ? "
-                "AND state IN ('sent', 'failed', 'gone')",
+                "AND state IN ('sent', 'failed', 'gone') AND NOT (state = 'sent' "
+                "AND outcome IS 'kept' AND NOT EXISTS (SELECT 1 FROM files AS later "
+                "WHERE later.path = files.path AND later.id > files.id "
+                "AND later.state = 'sent' AND later.outcome IS 'kept'))",
                 (older_than,),
             )
             return cur.rowcount

@@ -354,3 +354,25 @@ def test_parked_and_waiting_rows_are_not_read_again_at_once(queue: Queue, clock:
     assert [j.path for j in queue.unclassified(10)] == ["/d/b"]  # no hot loop on a or c
     clock.now += 61
     assert [j.path for j in queue.unclassified(10)] == ["/d/a", "/d/b"]
+
+
+def test_forget_done_keeps_the_record_of_files_stored_in_place(queue: Queue, clock: Clock) -> None:
+    """``stowd migrate --keep`` rows (outcome ``kept``) are what lets a re-run skip the files
+    stored before: housekeeping must not delete them.  The daemon's rows still go, and so
+    does a kept row that a later one of the same path replaced (the file changed and was
+    stored again): the record stays one row per file."""
+    queue.enqueue([new("/d/moved"), new("/old/kept"), new("/old/failed"), new("/old/changed")])
+    moved, kept, failed, changed = queue.jobs()
+    queue.begin_settle([(moved, "sent", "/sent/moved", None)])
+    queue.finish(moved.id, state="sent")
+    queue.finish_kept([(kept.id, "sent", None), (changed.id, "sent", None)])
+    queue.finish_kept([(failed.id, "failed", {"reason": "not DICOM"})])
+    queue.enqueue([new("/old/changed", size=20)])
+    queue.finish_kept([(queue.jobs("pending")[0].id, "sent", None)])
+    clock.now += 100
+    assert queue.forget_done(clock.now) == 3  # moved, failed (tried again by a re-run), changed
+    assert [(j.path, j.size) for j in queue.jobs()] == [("/old/kept", 10), ("/old/changed", 20)]
+    assert queue.finished_before([new("/old/kept"), new("/old/changed", size=20)]) == {
+        "/old/kept",
+        "/old/changed",
+    }
