@@ -240,6 +240,8 @@ def _migrate(config: Config, args: argparse.Namespace) -> int:
     if report is not None:
         migrate.write_report(report, summary.failures)
     print(migrate.render(summary, opts, report))
+    if summary.crashed:
+        return EXIT_RUNTIME
     if summary.interrupted:
         return EXIT_INTERRUPTED
     return EXIT_RUNTIME if summary.failures else EXIT_OK

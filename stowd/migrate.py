@@ -68,6 +68,7 @@ class Summary:
     skipped: int = 0
     seconds: float = 0.0
     interrupted: bool = False
+    crashed: bool = False  # stopped by an unexpected error (logged), not by a signal
     failures: list[dict[str, Any]] = field(default_factory=list)
 
     def files(self, state: str) -> int:
@@ -116,6 +117,7 @@ class Migration:
         self.skipped = 0
         self.unsettled: set[int] = set()
         self.signals = 0
+        self.crashed = False
         self.out = out
         self.started = time.time()
 
@@ -138,9 +140,9 @@ class Migration:
         try:
             self._recover()
             threads = self._start()
-            interrupted = self._wait()
+            self._wait()
             self._finish(threads)
-            return self._summary(interrupted)
+            return self._summary()
         finally:
             self.queue.close()
 
@@ -183,6 +185,7 @@ class Migration:
                 watcher.scan(self.stop)
         except Exception:
             log.exception("unexpected error while scanning; stopping the migration")
+            self.crashed = True
             self.stop.set()
             return
         if not self.stop.is_set():
@@ -201,8 +204,8 @@ class Migration:
         self.skipped += len(done)
         return self.queue.enqueue([f for f in files if f.path not in done])
 
-    def _wait(self) -> bool:
-        """Until everything is done (False) or a signal came (True)."""
+    def _wait(self) -> None:
+        """Until everything is done, a signal came or the scan crashed (``stop``)."""
         next_line = time.monotonic() + self.opts.progress_every
         next_resettle = time.monotonic() + RESETTLE_EVERY
         tick = TICK
@@ -212,7 +215,7 @@ class Migration:
             # counting a million rows takes a while: look less often, never hog the queue
             tick = max(TICK, QUERY_SHARE * (time.monotonic() - began))
             if self.scanned.is_set() and not _active(tally):
-                return False
+                return
             now = time.monotonic()
             if self.opts.tty:
                 self._show(tally, end="\r")
@@ -222,7 +225,6 @@ class Migration:
             if self.unsettled and now >= next_resettle:
                 self._resettle()
                 next_resettle = now + RESETTLE_EVERY
-        return True
 
     def _resettle(self) -> None:
         ids = set(self.unsettled)
@@ -243,7 +245,7 @@ class Migration:
         line = progress_line(tally, self.skipped, time.time() - self.started, self.scanned.is_set())
         print(line.ljust(100) if self.opts.tty else line, end=end, file=self.out, flush=True)
 
-    def _summary(self, interrupted: bool) -> Summary:
+    def _summary(self) -> Summary:
         tally = self.queue.run_tally(self.names, self.started)
         self._show(tally)  # the last state, also on a terminal (where it ends the line)
         failures = [
@@ -251,7 +253,8 @@ class Migration:
             for path, error in self.queue.failures_since(self.names, self.started)
         ]
         seconds = time.time() - self.started
-        return Summary(tally, self.skipped, seconds, interrupted, failures)
+        interrupted = self.signals > 0 and not self.crashed
+        return Summary(tally, self.skipped, seconds, interrupted, self.crashed, failures)
 
 
 def _active(tally: dict[str, tuple[int, int]]) -> int:
@@ -297,6 +300,7 @@ def render(summary: Summary, opts: Options, report: Path | None) -> str:
     """The closing summary, for people."""
     mb = summary.bytes("sent") / 1e6
     word = "interrupted" if summary.interrupted else "finished"
+    word = "stopped by an unexpected error (see the log)" if summary.crashed else word
     lines = [
         f"stowd migrate {word} after {summary.seconds:.1f}s",
         f"  stored:   {summary.files('sent')} file(s), {mb:.1f} MB",
@@ -306,7 +310,7 @@ def render(summary: Summary, opts: Options, report: Path | None) -> str:
     ]
     if summary.files("gone") or summary.files("ignored"):
         lines.append(f"  vanished: {summary.files('gone')}; ignored: {summary.files('ignored')}")
-    if summary.interrupted:
+    if summary.interrupted or summary.crashed:
         left = _active(summary.tally)
         lines.append(f"  {left} file(s) stay queued; run the same command again to go on")
     elif not opts.keep and opts.folders:

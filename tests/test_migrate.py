@@ -14,9 +14,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from dicomgen import make_instance, make_study, write_empty, write_garbage, write_truncated
 from harness import Layout, make_layout, run_cli, wait_for
 from orthanc import Orthanc
+
+from stowd import cli, logs
+from stowd import migrate as migrate_mod
+from stowd.watch import Watcher
 
 
 def layout_for(tmp_path: Path, orthanc: Orthanc, max_files: int = 2) -> Layout:
@@ -57,6 +62,14 @@ def start(layout: Layout, log: Path, *args: str) -> subprocess.Popen[bytes]:
             stderr=out,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
+
+
+def migrate_here(monkeypatch: pytest.MonkeyPatch, layout: Layout, *args: str) -> int:
+    """``stowd migrate`` in this process (to break things from inside): no signal handlers,
+    and the logging left to pytest."""
+    monkeypatch.setattr(migrate_mod.Migration, "install_signals", lambda _self: None)
+    monkeypatch.setattr(logs, "setup", lambda *_args: "text")
+    return cli.main(["migrate", "-c", str(layout.config), *args])
 
 
 def test_resume_after_kill_never_resends_and_keep_leaves_the_source_alone(
@@ -229,3 +242,19 @@ def test_a_place_the_files_cannot_move_to_is_refused_before_anything_is_sent(
     result = run_cli("migrate", "-c", str(layout.config), str(archive), "--destination", "pacs")
     assert result.returncode == 2 and "use --keep" in result.stderr
     assert orthanc.instance_count() == 0
+
+
+def test_a_scan_that_crashes_exits_1_not_as_interrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    layout = make_layout(tmp_path / "run", "http://127.0.0.1:9/dicom-web")
+    folder = tmp_path / "nas"
+    folder.mkdir()
+
+    def crash(_self: object, _stop: object) -> None:
+        raise RuntimeError("a bug in the walk")
+
+    monkeypatch.setattr(Watcher, "scan", crash)
+    code = migrate_here(monkeypatch, layout, str(folder), "--destination", "pacs")
+    assert code == 1
+    assert "a bug in the walk" in caplog.text
