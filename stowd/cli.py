@@ -19,7 +19,7 @@ from pathlib import Path
 from stowd import connect, dryrun, explain, logs, migrate, retry
 from stowd.config import Config, load_config, parse_duration
 from stowd.daemon import Daemon
-from stowd.errors import ConfigError, StowdError
+from stowd.errors import ConfigError, MigrationConflict, StowdError
 from stowd.purge import purge_sent
 from stowd.status import daemon_pid, gather, render
 
@@ -235,7 +235,11 @@ def _migrate(config: Config, args: argparse.Namespace) -> int:
     opts = migrate.Options(folders, args.destination, args.keep, args.progress_every, tty)
     job = migrate.Migration(config, opts)
     job.install_signals()
-    summary = job.run()
+    try:
+        summary = job.run()
+    except MigrationConflict as exc:
+        print(f"stowd migrate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     report = None if args.report is None else Path(args.report)
     if report is not None:
         migrate.write_report(report, summary.failures)

@@ -6,6 +6,8 @@
     ├── ConfigError            bad configuration: lists every problem at once (exit 2)
     ├── QueueError             the SQLite queue cannot be opened or used
     │   └── QueueLockedError   another stowd already uses this queue
+    ├── MigrationConflict      stowd migrate would resume a run of SRC in the other mode
+    │                          (--keep or not): refused before anything happens (exit 2)
     ├── FileProblem            a single file cannot be sent as it is (never retried)
     │   └── FileVanished       the file disappeared before it could be sent
     ├── SidecarNotReady        a file's sidecar is still changing or unreadable: not queued yet
@@ -69,6 +71,11 @@ class QueueError(StowdError):
 
 class QueueLockedError(QueueError):
     """Another stowd process holds the queue's lock."""
+
+
+class MigrationConflict(StowdError):
+    """An unfinished ``stowd migrate`` of a folder is queued in the other mode (with or
+    without ``--keep``); the message says how to finish it."""
 
 
 class FileProblem(StowdError):

@@ -1,7 +1,11 @@
 """``stowd migrate``: a one-shot bulk upload of existing folder trees, then exit.
 
 Each SRC folder becomes a source of its own (``migrate-<folder>-<hash of its path>``, the
-same name on every run) with the config's top-level rules, sending to ``--destination``.  The
+same name on every run, ``-move`` added without ``keep``) with the config's top-level rules,
+sending to ``--destination``.  The name is how each row remembers whether its files are moved:
+the rows of one mode are never settled by a run in the other, and a run refuses to start
+while the other mode's run of the same SRC is unfinished (its rows would be parked, and their
+files neither queued again nor sent).  The
 files go through the daemon's queue, classify, rules, grouping, retries and settling; only
 the finding is different: one lazy walk (``Watcher.scan``, chunks of 500 queued while the
 workers already send) without a quiet period, since the files are old.
@@ -34,6 +38,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from stowd.config import Config, Source
+from stowd.errors import MigrationConflict
 from stowd.metadata import clear_spool, digest
 from stowd.queue import NewFile, Queue
 from stowd.settle import repair
@@ -78,11 +83,12 @@ class Summary:
         return self.tally.get(state, (0, 0))[1]
 
 
-def source_name(folder: Path) -> str:
-    """A name that stays the same for the same folder, run after run."""
+def source_name(folder: Path, keep: bool) -> str:
+    """A name that stays the same for the same folder and mode, run after run (with ``keep``
+    the name of the first version, which had no other mode in the name)."""
     tag = hashlib.sha256(str(folder).encode()).hexdigest()[:6]
     base = re.sub(r"[^A-Za-z0-9_.-]", "_", folder.name or "root")[:40]
-    return f"migrate-{base}-{tag}"
+    return f"migrate-{base}-{tag}" + ("" if keep else "-move")
 
 
 def make_sources(config: Config, opts: Options) -> tuple[Source, ...]:
@@ -91,7 +97,7 @@ def make_sources(config: Config, opts: Options) -> tuple[Source, ...]:
     for folder in opts.folders:
         sources.append(
             Source(
-                name=source_name(folder),
+                name=source_name(folder, opts.keep),
                 watch=folder,
                 sent=folder.with_name(folder.name + ".sent"),
                 failed=folder.with_name(folder.name + ".failed"),
@@ -138,6 +144,7 @@ class Migration:
         """Raises ``QueueError`` when the queue cannot be used (another stowd holds it)."""
         self.queue.open()
         try:
+            self._refuse_other_mode()
             self._recover()
             threads = self._start()
             self._wait()
@@ -145,6 +152,20 @@ class Migration:
             return self._summary()
         finally:
             self.queue.close()
+
+    def _refuse_other_mode(self) -> None:
+        """Raises ``MigrationConflict`` when a run of a SRC in the other mode is unfinished:
+        resuming it in this mode would move files a ``keep`` run promised to leave alone (or
+        leave its files queued where neither mode sends them)."""
+        others = {source_name(f, not self.opts.keep): f for f in self.opts.folders}
+        for name, count in self.queue.active_of(list(others)).items():
+            mode = "with --keep" if self.opts.keep else "without --keep"
+            other = "without --keep" if self.opts.keep else "with --keep"
+            raise MigrationConflict(
+                f"{count} file(s) of an unfinished migration of {others[name]} {other} are "
+                f"still queued; this run is {mode}.  Finish that one first: run it again "
+                f"{other} (once it is done, a run {mode} skips the files it stored)"
+            )
 
     def _recover(self) -> None:
         returned = self.queue.recover()

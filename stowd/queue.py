@@ -784,6 +784,16 @@ class Queue:
         return {r[0]: Hold(*r) for r in rows}
 
     # -- status ----------------------------------------------------------------------------
+    def active_of(self, sources: Sequence[str]) -> dict[str, int]:
+        """How many rows of each of ``sources`` are not finished (queued, sending, moving)."""
+        marks = ",".join("?" * len(sources))
+        rows = self._conn().execute(
+            f"SELECT source, COUNT(*) FROM files WHERE source IN ({marks}) "
+            "AND state IN ('pending', 'claimed', 'settling') GROUP BY source",
+            tuple(sources),
+        )
+        return {r[0]: r[1] for r in rows}
+
     def counts(self) -> dict[str, int]:
         """Counts by state; pending rows that wait for a later attempt count as ``waiting``."""
         now = self.clock()

@@ -258,3 +258,36 @@ def test_a_scan_that_crashes_exits_1_not_as_interrupted(
     code = migrate_here(monkeypatch, layout, str(folder), "--destination", "pacs")
     assert code == 1
     assert "a bug in the walk" in caplog.text
+
+
+def interrupt_while_queued(layout: Layout, log: Path, *args: str) -> None:
+    """Start a migration to an archive that is down, and Ctrl-C it with its files queued."""
+    proc = start(layout, log, *args)
+    try:
+        wait_for(lambda: len(queue_rows(layout)) == 3, 30, "3 files queued", log.read_text)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 130, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.parametrize("first", [("--keep",), ()], ids=["keep-then-move", "move-then-keep"])
+def test_an_unfinished_run_is_not_resumed_in_the_other_mode(
+    tmp_path: Path, first: tuple[str, ...]
+) -> None:
+    layout = make_layout(tmp_path / "run", "http://127.0.0.1:9/dicom-web")
+    archive = tmp_path / "nas"
+    make_study(archive / "s", 3)
+    before = hashes(archive)
+    interrupt_while_queued(layout, tmp_path / "first.log", str(archive), "--destination",
+                           "pacs", *first)  # fmt: skip
+    other = () if first else ("--keep",)
+    again = run_cli("migrate", "-c", str(layout.config), str(archive), "--destination", "pacs",
+                    *other, timeout=20)  # fmt: skip
+    assert again.returncode == 2, again.stdout + again.stderr
+    told = "run it again with --keep" if first else "run it again without --keep"
+    assert told in again.stderr and str(archive) in again.stderr
+    assert hashes(archive) == before  # nothing moved, nothing sent
+    assert not (tmp_path / "nas.sent").exists()
+    assert {state for _, state, _ in queue_rows(layout)} == {"pending"}
