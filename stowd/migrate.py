@@ -40,7 +40,7 @@ from typing import Any, TextIO
 from stowd.config import Config, Source
 from stowd.errors import MigrationConflict
 from stowd.metadata import clear_spool, digest
-from stowd.queue import NewFile, Queue
+from stowd.queue import Failed, NewFile, Queue
 from stowd.settle import repair
 from stowd.stow import StowClient
 from stowd.watch import Watcher
@@ -67,7 +67,9 @@ class Options:
 
 @dataclass
 class Summary:
-    """What a run did (this run's rows, plus the files skipped as stored before)."""
+    """What a run did (this run's rows, plus the files skipped as stored before), and
+    ``failures``: every file of the folders that is not stored, or not where it belongs,
+    whichever run it was (the report, and exit code 1 unless it is empty)."""
 
     tally: dict[str, tuple[int, int]] = field(default_factory=dict)
     skipped: int = 0
@@ -75,6 +77,10 @@ class Summary:
     interrupted: bool = False
     crashed: bool = False  # stopped by an unexpected error (logged), not by a signal
     failures: list[dict[str, Any]] = field(default_factory=list)
+
+    def count(self, kind: str) -> int:
+        """Failures of one ``kind``: failed, failed_before, unmoved, unreadable."""
+        return sum(1 for f in self.failures if f["kind"] == kind)
 
     def files(self, state: str) -> int:
         return self.tally.get(state, (0, 0))[0]
@@ -116,6 +122,8 @@ class Migration:
         self.opts = opts
         self.sources = make_sources(config, opts)
         self.names = [s.name for s in self.sources]
+        # the report covers the folders' files whichever mode failed them
+        self.all_names = self.names + [source_name(f, not opts.keep) for f in opts.folders]
         self.config = replace(config, sources=config.sources + self.sources)
         self.queue = Queue(config.queue)
         self.stop = threading.Event()
@@ -270,19 +278,34 @@ class Migration:
         tally = self.queue.run_tally(self.names, self.started)
         self._show(tally)  # the last state, also on a terminal (where it ends the line)
         failures = [
-            _failure(path, error)
-            for path, error in self.queue.failures_since(self.names, self.started)
+            *self._failed(),
         ]
         seconds = time.time() - self.started
         interrupted = self.signals > 0 and not self.crashed
         return Summary(tally, self.skipped, seconds, interrupted, self.crashed, failures)
+
+    def _failed(self) -> list[dict[str, Any]]:
+        """The folders' files that failed, in this run or before, and still lie where the
+        migration left them (SRC.failed, or SRC with keep): fixed ones put back into SRC
+        were queued again, and ones the administrator deleted are no longer reported."""
+        found = []
+        for row in self.queue.last_failures(self.all_names):
+            now_at = row.target or row.path
+            if os.path.lexists(now_at):
+                kind = "failed" if row.done_at >= self.started else "failed_before"
+                found.append(_failure(row, now_at, kind))
+        return found
 
 
 def _active(tally: dict[str, tuple[int, int]]) -> int:
     return sum(n for state, (n, _) in tally.items() if state not in DONE_STATES)
 
 
-def _failure(path: str, error: str | None) -> dict[str, Any]:
+def _failure(row: Failed, now_at: str, kind: str) -> dict[str, Any]:
+    return _entry(row.path, row.error, now_at, kind)
+
+
+def _entry(path: str, error: str | None, now_at: str, kind: str) -> dict[str, Any]:
     doc = json.loads(error) if error else {}
     return {
         "path": path,
@@ -291,6 +314,8 @@ def _failure(path: str, error: str | None) -> dict[str, Any]:
         "stage": doc.get("stage") or "",
         "failure_reason": doc.get("failure_reason"),
         "server_message": doc.get("server_message"),
+        "now_at": now_at,
+        "kind": kind,
     }
 
 
@@ -326,9 +351,10 @@ def render(summary: Summary, opts: Options, report: Path | None) -> str:
         f"stowd migrate {word} after {summary.seconds:.1f}s",
         f"  stored:   {summary.files('sent')} file(s), {mb:.1f} MB",
         f"  skipped:  {summary.skipped} file(s) already stored by an earlier run",
-        f"  failed:   {summary.files('failed')} file(s)"
-        + (f" (listed in {report})" if report and summary.failures else ""),
+        f"  failed:   {_failed_line(summary)}",
     ]
+    if report and summary.failures:
+        lines.append(f"  every file not stored or not moved is listed in {report}")
     if summary.files("gone") or summary.files("ignored"):
         lines.append(f"  vanished: {summary.files('gone')}; ignored: {summary.files('ignored')}")
     if summary.interrupted or summary.crashed:
@@ -338,6 +364,13 @@ def render(summary: Summary, opts: Options, report: Path | None) -> str:
         where = ", ".join(f"{f}.sent / {f}.failed" for f in opts.folders)
         lines.append(f"  moved to {where}")
     return "\n".join(lines)
+
+
+def _failed_line(summary: Summary) -> str:
+    now, before = summary.count("failed"), summary.count("failed_before")
+    if not before:
+        return f"{now} file(s)"
+    return f"{now + before} file(s) ({now} in this run, {before} by earlier runs and not fixed)"
 
 
 def write_report(path: Path, failures: list[dict[str, Any]]) -> None:

@@ -202,6 +202,18 @@ class NewFile:
 
 
 @dataclass(frozen=True)
+class Failed:
+    """A failed row as ``stowd migrate`` reports it: ``target`` is where its file was
+    moved (None when it stayed, outcome ``kept``)."""
+
+    path: str
+    outcome: str | None
+    target: str | None
+    error: str | None
+    done_at: float
+
+
+@dataclass(frozen=True)
 class Hold:
     """A destination that is held: its files wait in the queue."""
 
@@ -717,15 +729,18 @@ class Queue:
         )
         return {r[0]: (r[1], r[2]) for r in rows}
 
-    def failures_since(self, sources: Sequence[str], since: float) -> list[tuple[str, str | None]]:
-        """(path, error JSON) of ``sources``' files that failed since ``since``."""
+    def last_failures(self, sources: Sequence[str]) -> list[Failed]:
+        """``sources``' files that failed, in any run, and were not queued again since (the
+        newest row of their path is the failed one)."""
         marks = ",".join("?" * len(sources))
         rows = self._conn().execute(
-            f"SELECT path, error FROM files WHERE source IN ({marks}) AND state = 'failed' "
-            "AND done_at >= ? ORDER BY id",
-            (*sources, since),
+            "SELECT path, outcome, target, error, done_at FROM files "
+            f"WHERE source IN ({marks}) AND state = 'failed' AND NOT EXISTS "
+            "(SELECT 1 FROM files AS later WHERE later.path = files.path AND later.id > files.id) "
+            "ORDER BY id",
+            tuple(sources),
         )
-        return [(r[0], r[1]) for r in rows]
+        return [Failed(*r) for r in rows]
 
     def forget_done(self, older_than: float) -> int:
         """Delete finished rows older than ``older_than`` (a timestamp).

@@ -174,11 +174,28 @@ def test_the_report_lists_exactly_the_bad_files(tmp_path: Path, orthanc: Orthanc
         "b/truncated.dcm.error.json",
     }
 
+    # Run again: nothing is left in the source, but the failed files still lie in old.failed
+    # unstored, so the exit code and the report say so (not just this run's failures).
     as_json = tmp_path / "failed.json"
     again = run_cli("migrate", "-c", str(layout.config), str(archive), "--destination", "pacs",
                     "--report", str(as_json))  # fmt: skip
-    assert again.returncode == 0, again.stderr  # nothing left in the source
+    assert again.returncode == 1, again.stdout + again.stderr
+    listed = json.loads(as_json.read_text())
+    assert {r["path"] for r in listed} == {str(p) for p in bad}
+    assert all(r["reason"] and r["now_at"].startswith(str(failed)) for r in listed)
+    assert "failed:   4 file(s) (0 in this run" in again.stdout
+
+    # The administrator fixes one (puts a good file back into the source) and gives up on
+    # the others (deletes them from old.failed): then the migration is complete.
+    for path in failed.rglob("*"):
+        if path.is_file():
+            path.unlink()
+    fixed = make_instance(archive / "b" / "empty.dcm")
+    third = run_cli("migrate", "-c", str(layout.config), str(archive), "--destination", "pacs",
+                    "--report", str(as_json))  # fmt: skip
+    assert third.returncode == 0, third.stdout + third.stderr
     assert json.loads(as_json.read_text()) == []
+    assert fixed in orthanc.sop_instance_uids()
 
 
 def test_progress_lines_without_a_terminal(tmp_path: Path, orthanc: Orthanc) -> None:
@@ -291,3 +308,4 @@ def test_an_unfinished_run_is_not_resumed_in_the_other_mode(
     assert hashes(archive) == before  # nothing moved, nothing sent
     assert not (tmp_path / "nas.sent").exists()
     assert {state for _, state, _ in queue_rows(layout)} == {"pending"}
+
