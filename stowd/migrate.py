@@ -40,7 +40,7 @@ from typing import Any, TextIO
 from stowd.config import Config, Source
 from stowd.errors import MigrationConflict
 from stowd.metadata import clear_spool, digest
-from stowd.queue import Failed, NewFile, Queue
+from stowd.queue import Failed, Job, NewFile, Queue
 from stowd.settle import repair
 from stowd.stow import StowClient
 from stowd.watch import Watcher
@@ -130,6 +130,7 @@ class Migration:
         self.scanned = threading.Event()
         self.skipped = 0
         self.unsettled: set[int] = set()
+        self.move_problems: dict[int, OSError] = {}  # why each stuck move failed last
         self.signals = 0
         self.crashed = False
         self.out = out
@@ -243,7 +244,7 @@ class Migration:
             tally = self.queue.run_tally(self.names, self.started)
             # counting a million rows takes a while: look less often, never hog the queue
             tick = max(TICK, QUERY_SHARE * (time.monotonic() - began))
-            if self.scanned.is_set() and not _active(tally):
+            if self.scanned.is_set() and self._nothing_left(tally):
                 return
             now = time.monotonic()
             if self.opts.tty:
@@ -255,10 +256,26 @@ class Migration:
                 self._resettle()
                 next_resettle = now + RESETTLE_EVERY
 
+    def _nothing_left(self, tally: dict[str, tuple[int, int]]) -> bool:
+        """Every file is done, or all that is left are moves that keep failing (disk full,
+        permissions): tried once more, then they end the run as failures, not a hang."""
+        active = _active(tally)
+        if not active:
+            return True
+        if tally.get("settling", (0, 0))[0] != active or len(self._stuck()) != active:
+            return False
+        self._resettle()
+        return _active(self.queue.run_tally(self.names, self.started)) == len(self._stuck())
+
+    def _stuck(self) -> list[Job]:
+        """This run's rows whose move to SRC.sent/SRC.failed failed and is not done yet."""
+        rows = self.queue.settling()
+        return [j for j in rows if j.source in self.names and j.id in self.unsettled]
+
     def _resettle(self) -> None:
         ids = set(self.unsettled)
         sources = {s.name: s for s in self.config.sources}
-        _, stuck = repair(self.queue, only=ids, sources=sources)
+        _, stuck = repair(self.queue, only=ids, sources=sources, problems=self.move_problems)
         self.unsettled.difference_update(ids - stuck)
 
     def _finish(self, started: tuple[list[threading.Thread], list[StowClient]]) -> None:
@@ -279,6 +296,7 @@ class Migration:
         self._show(tally)  # the last state, also on a terminal (where it ends the line)
         failures = [
             *self._failed(),
+            *(_unmoved(j, self.move_problems.get(j.id)) for j in self._stuck()),
         ]
         seconds = time.time() - self.started
         interrupted = self.signals > 0 and not self.crashed
@@ -319,6 +337,18 @@ def _entry(path: str, error: str | None, now_at: str, kind: str) -> dict[str, An
     }
 
 
+def _unmoved(job: Job, problem: OSError | None) -> dict[str, Any]:
+    """A file whose move keeps failing: stored (or failed) but still in SRC."""
+    why = f"cannot be moved to {job.target}: {problem or 'see the log'}"
+    now_at = job.path if os.path.lexists(job.path) else job.target or job.path
+    entry = _entry(job.path, job.error, now_at, "unmoved")
+    if job.outcome == "sent":
+        entry.update(reason=f"stored, but {why}", stage="moving the file")
+    else:
+        entry.update(reason=f"{entry['reason']}; and it {why}")
+    return entry
+
+
 def progress_line(
     tally: dict[str, tuple[int, int]], skipped: int, seconds: float, scanned: bool
 ) -> str:
@@ -353,6 +383,11 @@ def render(summary: Summary, opts: Options, report: Path | None) -> str:
         f"  skipped:  {summary.skipped} file(s) already stored by an earlier run",
         f"  failed:   {_failed_line(summary)}",
     ]
+    if summary.count("unmoved"):
+        lines.append(
+            f"  not moved: {summary.count('unmoved')} file(s) could not be moved to "
+            "SRC.sent / SRC.failed and are still in SRC (see the log)"
+        )
     if report and summary.failures:
         lines.append(f"  every file not stored or not moved is listed in {report}")
     if summary.files("gone") or summary.files("ignored"):

@@ -310,18 +310,23 @@ def repair(
     queue: Queue,
     only: Collection[int] | None = None,
     sources: Mapping[str, Source] | None = None,
+    problems: dict[int, OSError] | None = None,
 ) -> tuple[int, set[int]]:
     """Finish moves left in ``settling`` (by a crash, or a move that failed).
 
-    Returns how many were finished and the ids that still cannot be moved.  ``sources``
-    (by name) tells which sidecars may be removed from the drop folders afterwards.
+    Returns how many were finished and the ids that still cannot be moved (and puts why
+    into ``problems``, when given).  ``sources`` (by name) tells which sidecars may be
+    removed from the drop folders afterwards.
     """
     with MOVING:
-        return _repair(queue, only, sources or {})
+        return _repair(queue, only, sources or {}, {} if problems is None else problems)
 
 
 def _repair(
-    queue: Queue, only: Collection[int] | None, sources: Mapping[str, Source]
+    queue: Queue,
+    only: Collection[int] | None,
+    sources: Mapping[str, Source],
+    problems: dict[int, OSError],
 ) -> tuple[int, set[int]]:
     done: list[tuple[int, str]] = []
     folders: set[Path] = set()
@@ -339,6 +344,7 @@ def _repair(
         except OSError as exc:
             log.error("still cannot move %s to %s: %s", job.path, job.target, exc)
             stuck.add(job.id)
+            problems[job.id] = exc
             continue
         folders.add(Path(job.target).parent)
     _sync_folders(folders)

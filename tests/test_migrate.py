@@ -309,3 +309,28 @@ def test_an_unfinished_run_is_not_resumed_in_the_other_mode(
     assert not (tmp_path / "nas.sent").exists()
     assert {state for _, state, _ in queue_rows(layout)} == {"pending"}
 
+
+def test_files_that_cannot_be_moved_end_the_run_with_exit_1_instead_of_hanging(
+    tmp_path: Path, orthanc: Orthanc
+) -> None:
+    """A move that keeps failing (here a file where the folder arc.sent/a must go; the same
+    as a full disk or a permission taken away mid-run, also as root) ends the run: those
+    files are in the report, the others are stored and moved."""
+    layout = layout_for(tmp_path, orthanc, max_files=5)
+    archive = tmp_path / "arc"
+    stuck = {str(p) for p, _ in make_study(archive / "a", 2)}
+    make_study(archive / "b", 3)
+    (tmp_path / "arc.sent").mkdir()
+    (tmp_path / "arc.sent" / "a").write_text("not a folder")
+    report = tmp_path / "report.json"
+    result = run_cli("migrate", "-c", str(layout.config), str(archive), "--destination", "pacs",
+                     "--report", str(report), timeout=40)  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    rows = json.loads(report.read_text())
+    assert {r["path"] for r in rows} == stuck
+    assert all(r["stage"] == "moving the file" for r in rows)
+    assert all("stored, but cannot be moved" in r["reason"] for r in rows)
+    assert "not moved: 2 file(s)" in result.stdout
+    assert orthanc.instance_count() == 5
+    assert len(list((tmp_path / "arc.sent" / "b").rglob("*.dcm"))) == 3
+
