@@ -131,6 +131,7 @@ class Migration:
         self.skipped = 0
         self.unsettled: set[int] = set()
         self.move_problems: dict[int, OSError] = {}  # why each stuck move failed last
+        self.scan_errors: list[tuple[str, OSError]] = []  # folders/files that cannot be read
         self.signals = 0
         self.crashed = False
         self.out = out
@@ -211,7 +212,13 @@ class Migration:
     def _scan(self) -> None:
         try:
             for source in self.sources:
-                watcher = Watcher(source, source.destination, self._sink, exclude=self._own())
+                watcher = Watcher(
+                    source,
+                    source.destination,
+                    self._sink,
+                    exclude=self._own(),
+                    on_error=self._unreadable,
+                )
                 watcher.scan(self.stop)
         except Exception:
             log.exception("unexpected error while scanning; stopping the migration")
@@ -220,6 +227,10 @@ class Migration:
             return
         if not self.stop.is_set():
             self.scanned.set()
+
+    def _unreadable(self, path: str, exc: OSError) -> None:
+        """A folder or file the scan cannot read: a failure (its files are not sent)."""
+        self.scan_errors.append((path, exc))
 
     def _own(self) -> tuple[Path, ...]:
         q = str(self.config.queue)
@@ -288,7 +299,9 @@ class Migration:
             client.close()
 
     def _show(self, tally: dict[str, tuple[int, int]], end: str = "\n") -> None:
-        line = progress_line(tally, self.skipped, time.time() - self.started, self.scanned.is_set())
+        seconds = time.time() - self.started
+        errors = len(self.scan_errors)
+        line = progress_line(tally, self.skipped, seconds, self.scanned.is_set(), errors)
         print(line.ljust(100) if self.opts.tty else line, end=end, file=self.out, flush=True)
 
     def _summary(self) -> Summary:
@@ -297,6 +310,7 @@ class Migration:
         failures = [
             *self._failed(),
             *(_unmoved(j, self.move_problems.get(j.id)) for j in self._stuck()),
+            *(_unreadable(path, exc) for path, exc in self.scan_errors),
         ]
         seconds = time.time() - self.started
         interrupted = self.signals > 0 and not self.crashed
@@ -349,8 +363,16 @@ def _unmoved(job: Job, problem: OSError | None) -> dict[str, Any]:
     return entry
 
 
+def _unreadable(path: str, exc: OSError) -> dict[str, Any]:
+    """A folder (or file) the scan could not read: none of its files were sent."""
+    reason = f"cannot be read, nothing in it was sent: {exc.strerror or exc}"
+    entry = _entry(path, None, path, "unreadable")
+    entry.update(reason=reason, stage="listing the folder")
+    return entry
+
+
 def progress_line(
-    tally: dict[str, tuple[int, int]], skipped: int, seconds: float, scanned: bool
+    tally: dict[str, tuple[int, int]], skipped: int, seconds: float, scanned: bool, errors: int = 0
 ) -> str:
     """``files done/total, MB stored, rate, failures, ETA`` (total grows while scanning)."""
     done = sum(tally.get(s, (0, 0))[0] for s in DONE_STATES)
@@ -363,7 +385,7 @@ def progress_line(
     return (
         f"stowd migrate: {done + skipped}/{total}{plus} files, {stored_mb:.1f} MB stored, "
         f"{rate:.1f} files/s, {stored_mb / max(seconds, 1e-9):.1f} MB/s, "
-        f"{tally.get('failed', (0, 0))[0]} failed, ETA {eta}"
+        f"{tally.get('failed', (0, 0))[0] + errors} failed, ETA {eta}"
     )
 
 
@@ -387,6 +409,11 @@ def render(summary: Summary, opts: Options, report: Path | None) -> str:
         lines.append(
             f"  not moved: {summary.count('unmoved')} file(s) could not be moved to "
             "SRC.sent / SRC.failed and are still in SRC (see the log)"
+        )
+    if summary.count("unreadable"):
+        lines.append(
+            f"  unreadable: {summary.count('unreadable')} folder(s) or file(s) could not be "
+            "read; nothing in them was sent (see the log)"
         )
     if report and summary.failures:
         lines.append(f"  every file not stored or not moved is listed in {report}")

@@ -41,6 +41,7 @@ TEXT_CACHE = 10_000  # sidecar texts kept between scans
 RAW_LIMIT = 1024 * 1024  # a sidecar that is not text is kept up to this size
 POLL_INTERVAL = 2.0
 Sink = Callable[[list[NewFile]], int]
+OnError = Callable[[str, OSError], None]
 
 
 class _Handler(FileSystemEventHandler):
@@ -71,8 +72,13 @@ class Watcher:
         *,
         exclude: tuple[Path, ...] = (),
         clock: Callable[[], float] = time.time,
+        on_error: OnError | None = None,
     ) -> None:
+        """``on_error(path, exc)`` hears of every folder or file that cannot be read (not of
+        ones that vanish): the daemon finds them again at its next rescan, a one-shot scan
+        (``stowd migrate``) counts them as failures."""
         self.source = source
+        self.on_error = on_error
         self.destination = destination
         self.sink = sink
         self.clock = clock
@@ -219,6 +225,11 @@ class Watcher:
             if isinstance(exc, FileNotFoundError):
                 level = logging.DEBUG  # a folder removed while the scan ran
             log.log(level, "source %s: cannot read %s: %s", self.source.name, top, exc)
+            self._unreadable(top, exc)
+
+    def _unreadable(self, path: str, exc: OSError) -> None:
+        if self.on_error is not None and not isinstance(exc, FileNotFoundError):
+            self.on_error(path, exc)
 
     def _skip_linked_folder(self, path: str) -> None:
         """Symlinked folders are not followed (loops); say so once, not at every scan."""
@@ -262,8 +273,9 @@ class Watcher:
             return None
         try:
             st = os.stat(path)
-        except OSError:
+        except OSError as exc:
             self._future.pop(path, None)
+            self._unreadable(path, exc)  # a folder listed but not searchable (mode r--)
             return None
         if not stat.S_ISREG(st.st_mode):
             return None

@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dicomgen import make_instance, make_study, write_empty, write_garbage, write_truncated
@@ -334,3 +335,39 @@ def test_files_that_cannot_be_moved_end_the_run_with_exit_1_instead_of_hanging(
     assert orthanc.instance_count() == 5
     assert len(list((tmp_path / "arc.sent" / "b").rglob("*.dcm"))) == 3
 
+
+def test_an_unreadable_folder_is_a_failure(
+    tmp_path: Path,
+    orthanc: Orthanc,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A sub-folder the scan cannot list (permission denied; made so by a patched
+    ``os.scandir``, since root reads anything) is in the report, the summary and the exit
+    code: none of its files were sent."""
+    layout = layout_for(tmp_path, orthanc, max_files=5)
+    archive = tmp_path / "nas"
+    make_study(archive / "open", 3)
+    make_study(archive / "locked", 2)
+    real_scandir = os.scandir
+
+    def scandir(path: str) -> Any:
+        if Path(path) == archive / "locked":
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    report = tmp_path / "report.csv"
+    code = migrate_here(monkeypatch, layout, str(archive), "--destination", "pacs", "--keep",
+                        "--report", str(report))  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 1, out
+    with open(report, newline="", encoding="utf-8") as fp:
+        rows = list(csv.DictReader(fp))
+    assert [(r["path"], r["stage"]) for r in rows] == [
+        (str(archive / "locked"), "listing the folder")
+    ]
+    assert "Permission denied" in rows[0]["reason"]
+    assert "unreadable: 1 folder(s)" in out
+    assert "stored:   3 file(s)" in out
+    assert orthanc.instance_count() == 3

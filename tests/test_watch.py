@@ -293,3 +293,42 @@ def test_a_very_long_file_name_does_not_stop_the_watcher(tmp_path: Path) -> None
     write(source.watch / "ok.dcm")
     Watcher(source, "pacs", sink).scan()
     assert sink.paths() == {name, "ok.dcm"}
+
+
+def test_scan_tells_on_error_of_what_it_cannot_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder that cannot be listed, and a file listed but not stat-able (a folder with
+    mode r--), reach ``on_error``; a folder or file that vanished does not (patched, so
+    that it works as root too)."""
+    source = make_source(tmp_path)
+    drop = source.watch
+    for rel in ("ok.dcm", "locked/a.dcm", "gone/b.dcm", "nox/c.dcm", "nox/d.dcm"):
+        write(drop / rel)
+    real_scandir, real_stat = os.scandir, os.stat
+
+    def scandir(path: str) -> object:
+        if path == str(drop / "locked"):
+            raise PermissionError(13, "Permission denied", path)
+        if path == str(drop / "gone"):
+            raise FileNotFoundError(2, "No such file or directory", path)
+        return real_scandir(path)
+
+    def stat(path: str, **kw: bool) -> os.stat_result:
+        if os.path.dirname(path) == str(drop / "nox") and path.endswith("c.dcm"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_stat(path, **kw)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "stat", stat)
+    errors: list[tuple[str, str]] = []
+    sink = Sink()
+    watcher = Watcher(
+        source, "pacs", sink, on_error=lambda p, e: errors.append((p, type(e).__name__))
+    )
+    watcher.scan()
+    assert sink.paths() == {"ok.dcm", "nox/d.dcm"}
+    assert sorted(errors) == [
+        (str(drop / "locked"), "PermissionError"),
+        (str(drop / "nox" / "c.dcm"), "PermissionError"),
+    ]
