@@ -54,6 +54,8 @@ RESETTLE_EVERY = 60.0
 DONE_STATES = ("sent", "failed", "gone", "ignored")
 REPORT_FIELDS = ("path", "reason", "http_status", "stage")
 EXIT_SECOND_SIGNAL = 130
+BAR_WIDTH = 10
+TERMINAL_WIDTH = 80  # when the terminal does not say
 
 
 @dataclass(frozen=True)
@@ -301,8 +303,18 @@ class Migration:
     def _show(self, tally: dict[str, tuple[int, int]], end: str = "\n") -> None:
         seconds = time.time() - self.started
         errors = len(self.scan_errors)
-        line = progress_line(tally, self.skipped, seconds, self.scanned.is_set(), errors)
-        print(line.ljust(100) if self.opts.tty else line, end=end, file=self.out, flush=True)
+        now = progress(tally, self.skipped, seconds, self.scanned.is_set(), errors)
+        line = progress_line(now)
+        if self.opts.tty:  # one line redrawn in place: never wider than the terminal
+            width = self._width() - 1
+            line = "\r" + progress_bar(now)[:width].ljust(width)
+        print(line, end=end, file=self.out, flush=True)
+
+    def _width(self) -> int:
+        try:
+            return os.get_terminal_size(self.out.fileno()).columns or TERMINAL_WIDTH
+        except (OSError, ValueError):
+            return TERMINAL_WIDTH
 
     def _summary(self) -> Summary:
         tally = self.queue.run_tally(self.names, self.started)
@@ -371,22 +383,65 @@ def _unreadable(path: str, exc: OSError) -> dict[str, Any]:
     return entry
 
 
-def progress_line(
-    tally: dict[str, tuple[int, int]], skipped: int, seconds: float, scanned: bool, errors: int = 0
-) -> str:
-    """``files done/total, MB stored, rate, failures, ETA`` (total grows while scanning)."""
+@dataclass(frozen=True)
+class Progress:
+    """Where a run stands: ``done`` of ``total`` files (skipped ones count as done; the
+    total grows until the walk is ``scanned``)."""
+
+    done: int
+    total: int
+    scanned: bool
+    stored_bytes: int
+    failed: int
+    seconds: float
+    rate: float  # files finished per second in this run
+
+    @property
+    def eta(self) -> str:
+        if not self.scanned:
+            return "scanning"
+        return _clock((self.total - self.done) / self.rate) if self.rate > 0 else "-"
+
+    @property
+    def files(self) -> str:
+        return f"{self.done}/{self.total}{'' if self.scanned else '+'} files"
+
+
+def progress(
+    tally: dict[str, tuple[int, int]], skipped: int, seconds: float, scanned: bool, errors: int
+) -> Progress:
     done = sum(tally.get(s, (0, 0))[0] for s in DONE_STATES)
     total = done + _active(tally) + skipped
-    stored_mb = tally.get("sent", (0, 0))[1] / 1e6
+    failed = tally.get("failed", (0, 0))[0] + errors
     rate = done / seconds if seconds > 0 else 0.0
-    left = total - done - skipped
-    eta = _clock(left / rate) if scanned and rate > 0 else "scanning" if not scanned else "-"
-    plus = "" if scanned else "+"
+    stored = tally.get("sent", (0, 0))[1]
+    return Progress(done + skipped, total, scanned, stored, failed, seconds, rate)
+
+
+def progress_line(p: Progress) -> str:
+    """``files done/total, MB stored, rate, failures, ETA``: a line of its own."""
+    mb = p.stored_bytes / 1e6
     return (
-        f"stowd migrate: {done + skipped}/{total}{plus} files, {stored_mb:.1f} MB stored, "
-        f"{rate:.1f} files/s, {stored_mb / max(seconds, 1e-9):.1f} MB/s, "
-        f"{tally.get('failed', (0, 0))[0] + errors} failed, ETA {eta}"
+        f"stowd migrate: {p.files}, {mb:.1f} MB stored, {p.rate:.1f} files/s, "
+        f"{mb / max(p.seconds, 1e-9):.1f} MB/s, {p.failed} failed, ETA {p.eta}"
     )
+
+
+def progress_bar(p: Progress) -> str:
+    """For a terminal: ``[####......]  40% 400/1000 files, 12.3 MB, 0 failed, ETA 0:02:00,
+    5.1 files/s`` (the most wanted first, as a narrow terminal cuts the end off).  Before the
+    walk is complete the bar shows the share of the files found so far, and no percentage."""
+    filled = BAR_WIDTH * p.done // p.total if p.total else 0
+    share = f"{100 * p.done // p.total:3d}%" if p.scanned and p.total else "   -"
+    return (
+        f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {share} {p.files}, "
+        f"{_size(p.stored_bytes)}, {p.failed} failed, ETA {p.eta}, {p.rate:.1f} files/s"
+    )
+
+
+def _size(n: int) -> str:
+    unit, scale = next(((u, s) for u, s in (("TB", 1e12), ("GB", 1e9)) if n >= s), ("MB", 1e6))
+    return f"{n / scale:.1f} {unit}"
 
 
 def _clock(seconds: float) -> str:

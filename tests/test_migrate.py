@@ -5,13 +5,18 @@ lists exactly the bad files, progress lines without a terminal."""
 from __future__ import annotations
 
 import csv
+import fcntl
 import hashlib
 import json
 import os
+import pty
+import re
 import signal
 import sqlite3
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 from typing import Any
 
@@ -371,3 +376,38 @@ def test_an_unreadable_folder_is_a_failure(
     assert "unreadable: 1 folder(s)" in out
     assert "stored:   3 file(s)" in out
     assert orthanc.instance_count() == 3
+
+
+def test_progress_on_a_terminal_is_a_bar_redrawn_in_place(tmp_path: Path, orthanc: Orthanc) -> None:
+    layout = layout_for(tmp_path, orthanc, max_files=1)
+    archive = tmp_path / "nas"
+    make_study(archive, 300)
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    proc = subprocess.Popen(
+        migrate(layout, str(archive), "--destination", "pacs", "--keep"),
+        stdout=subprocess.PIPE,
+        stderr=child,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    os.close(child)
+    seen = bytearray()
+    while True:  # read until the child closes the terminal (EIO), or it fills up and blocks
+        try:
+            data = os.read(main, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        seen += data
+    os.close(main)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, seen.decode(errors="replace")
+    assert b"stored:   300 file(s)" in out
+    frames = [f for f in re.split(r"[\r\n]+", seen.decode()) if f.startswith("[")]
+    assert len(frames) >= 2, seen.decode()  # redrawn while it ran, and the last one
+    assert all(len(f) < 80 for f in frames)  # never wraps on an 80-column terminal
+    assert re.fullmatch(r"\[#{10}\] 100% 300/300 files, [\d.]+ MB, 0 failed, ETA 0:00:00, "
+                        r"[\d.]+ files/s *", frames[-1])  # fmt: skip
+    assert all(re.match(r"\[[#.]{10}\] ", f) and " failed, ETA " in f for f in frames)
+    assert "\r" in seen.decode()
