@@ -17,6 +17,8 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from orthanc import Orthanc
 
 from stowd import cli, logs
 from stowd import migrate as migrate_mod
+from stowd.queue import Queue
 from stowd.watch import Watcher
 
 
@@ -411,3 +414,47 @@ def test_progress_on_a_terminal_is_a_bar_redrawn_in_place(tmp_path: Path, orthan
                         r"[\d.]+ files/s *", frames[-1])  # fmt: skip
     assert all(re.match(r"\[[#.]{10}\] ", f) and " failed, ETA " in f for f in frames)
     assert "\r" in seen.decode()
+
+
+def test_the_first_files_are_stored_while_the_walk_still_runs(
+    tmp_path: Path, orthanc: Orthanc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The walk is lazy: files go to the queue in chunks while it runs, and the uploads start
+    at once.  Here the listing of the only folder does not end before a file is stored; a
+    walk that listed the whole tree first would wait for it in vain (30 s)."""
+    layout = layout_for(tmp_path, orthanc, max_files=50)
+    archive = tmp_path / "big"
+    make_study(archive / "all", 600)  # more than one chunk of 500
+    stored = threading.Event()
+    real_finish_kept, real_scandir = Queue.finish_kept, os.scandir
+    waited: list[bool] = []
+
+    def finish_kept(self: Queue, done: Any) -> None:
+        real_finish_kept(self, done)
+        stored.set()
+
+    class SlowEnd:
+        """``os.scandir`` of the folder, whose listing ends only once a file is stored."""
+
+        def __init__(self, path: str) -> None:
+            self.inner = real_scandir(path)
+
+        def __enter__(self) -> SlowEnd:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.inner.close()
+
+        def __iter__(self) -> Iterator[os.DirEntry[str]]:
+            yield from self.inner
+            waited.append(stored.wait(30))
+
+    def scandir(path: str) -> Any:
+        return SlowEnd(path) if Path(path) == archive / "all" else real_scandir(path)
+
+    monkeypatch.setattr(Queue, "finish_kept", finish_kept)
+    monkeypatch.setattr(os, "scandir", scandir)
+    code = migrate_here(monkeypatch, layout, str(archive), "--destination", "pacs", "--keep")
+    assert code == 0
+    assert waited == [True]  # a file was stored before the walk had listed the folder
+    assert orthanc.instance_count() == 600
