@@ -365,7 +365,8 @@ def _entry(path: str, error: str | None, now_at: str, kind: str) -> dict[str, An
 
 def _unmoved(job: Job, problem: OSError | None) -> dict[str, Any]:
     """A file whose move keeps failing: stored (or failed) but still in SRC."""
-    why = f"cannot be moved to {job.target}: {problem or 'see the log'}"
+    where = job.target or ("SRC.sent" if job.outcome == "sent" else "SRC.failed")
+    why = f"cannot be moved to {where}: {problem or 'see the log'}"
     now_at = job.path if os.path.lexists(job.path) else job.target or job.path
     entry = _entry(job.path, job.error, now_at, "unmoved")
     if job.outcome == "sent":

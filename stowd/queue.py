@@ -667,9 +667,12 @@ class Queue:
             )
 
     # -- settling ------------------------------------------------------------------------
-    def begin_settle(self, plans: Iterable[tuple[Job, str, str, dict[str, Any] | None]]) -> None:
+    def begin_settle(
+        self, plans: Iterable[tuple[Job, str, str | None, dict[str, Any] | None]]
+    ) -> None:
         """Record (job, outcome, target, error) of each job before its file is moved (and
-        the sidecars that go with it, for a repair after a crash)."""
+        the sidecars that go with it, for a repair after a crash).  A target of None: no
+        free name could be chosen yet (the repair chooses it)."""
         with self._tx() as db:
             db.executemany(
                 "UPDATE files SET state = 'settling', outcome = ?, target = ?, error = ?, "

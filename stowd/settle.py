@@ -32,6 +32,7 @@ log = logging.getLogger("stowd.settle")
 ERROR_SUFFIX = ".error.json"
 MOVING = threading.Lock()  # held around moves into sent/ and failed/ (and purge's rmdir)
 MAX_SUFFIX = 10_000
+NAME_MAX = 255  # bytes in one file name (ext4, XFS, btrfs, NTFS via SMB)
 
 
 def free_target(
@@ -61,9 +62,20 @@ def _numbered(path: Path, n: int) -> Path:
 def _taken(
     path: Path, also_taken: Collection[Path], companions: Callable[[Path], list[Path]]
 ) -> bool:
-    if path in also_taken or path.exists() or Path(str(path) + ERROR_SUFFIX).exists():
+    if path in also_taken or _exists(path) or _exists(Path(str(path) + ERROR_SUFFIX)):
         return True
-    return any(c.exists() for c in companions(path))
+    return any(_exists(c) for c in companions(path))
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()``, but a name too long to be a file's (``<long name>.error.json``)
+    does not exist; other errors (no permission to look) are raised."""
+    try:
+        return path.exists()
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            return False
+        raise
 
 
 @dataclass(frozen=True)
@@ -105,10 +117,15 @@ def _settle_all(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
 
 def _settle_moved(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
     plans = _plan(decisions)
-    queue.begin_settle([(d.job, d.outcome, str(t), d.error) for d, t in plans])
+    queue.begin_settle(
+        [(d.job, d.outcome, str(t) if isinstance(t, Path) else None, d.error) for d, t in plans]
+    )
     results: list[Settled] = []
     done: list[tuple[int, str]] = []
     for decision, target in plans:
+        if isinstance(target, OSError):
+            results.append(Settled(decision, None, target))
+            continue
         try:
             state = _carry_out(
                 decision.job, target, decision.outcome, decision.error, decision.source.sidecars
@@ -124,12 +141,18 @@ def _settle_moved(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
     return results
 
 
-def _plan(decisions: Sequence[Decision]) -> list[tuple[Decision, Path]]:
+def _plan(decisions: Sequence[Decision]) -> list[tuple[Decision, Path | OSError]]:
+    """A free target for each decision, or why none can be chosen now (sent/ or failed/
+    cannot be looked into): then the outcome is recorded alone and the repair chooses."""
     chosen: set[Path] = set()
-    plans = []
+    plans: list[tuple[Decision, Path | OSError]] = []
     for d in decisions:
         base = d.source.sent if d.outcome == "sent" else d.source.failed
-        target = free_target(base, d.job.rel, chosen, _companions(d.job))
+        try:
+            target = free_target(base, d.job.rel, chosen, _companions(d.job))
+        except OSError as exc:
+            plans.append((d, exc))
+            continue
         chosen.add(target)
         plans.append((d, target))
     return plans
@@ -334,22 +357,37 @@ def _repair(
     for job in queue.settling():
         if only is not None and job.id not in only:
             continue
-        assert job.target and job.outcome
+        assert job.outcome
         error = json.loads(job.error) if job.error else None
+        source = sources.get(job.source)
         try:
-            source = sources.get(job.source)
+            target = Path(job.target) if job.target else _choose(queue, job, source, error)
             sidecars = None if source is None else source.sidecars
-            state = _carry_out(job, Path(job.target), job.outcome, error, sidecars)
+            state = _carry_out(job, target, job.outcome, error, sidecars)
             done.append((job.id, state))
         except OSError as exc:
-            log.error("still cannot move %s to %s: %s", job.path, job.target, exc)
+            where = job.target or f"{job.outcome}/"
+            log.error("still cannot move %s to %s: %s", job.path, where, exc)
             stuck.add(job.id)
             problems[job.id] = exc
             continue
-        folders.add(Path(job.target).parent)
+        folders.add(target.parent)
     _sync_folders(folders)
     queue.finish_many(done)
     return len(done), stuck
+
+
+def _choose(
+    queue: Queue, job: Job, source: Source | None, error: dict[str, Any] | None
+) -> Path:
+    """The target of a row whose outcome was recorded before a free name could be chosen,
+    recorded before the move like any other."""
+    if source is None:
+        raise OSError(errno.ENOENT, f"where the files of source {job.source} go is unknown")
+    base = source.sent if job.outcome == "sent" else source.failed
+    target = free_target(base, job.rel, companions=_companions(job))
+    queue.begin_settle([(job, job.outcome or "failed", str(target), error)])
+    return target
 
 
 def move(src: Path, dst: Path, *, sync: bool = True) -> None:
@@ -376,8 +414,17 @@ def _sync_folders(folders: Collection[Path]) -> None:
             log.warning("cannot sync folder %s: %s", folder, exc)
 
 
+def _tmp_beside(path: Path, suffix: str) -> Path:
+    """A hidden temporary name beside ``path``: ``.<name><suffix>``, or a hash of the name
+    when that would be too long for the filesystem."""
+    tmp = path.with_name(f".{path.name}{suffix}")
+    if len(os.fsencode(tmp.name)) <= NAME_MAX:
+        return tmp
+    return path.with_name(f".{hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16]}{suffix}")
+
+
 def _copy_across(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.stowd-tmp")
+    tmp = _tmp_beside(dst, ".stowd-tmp")
     with open(src, "rb") as fin, open(tmp, "wb") as fout:
         shutil.copyfileobj(fin, fout, 1024 * 1024)
         fout.flush()
@@ -397,9 +444,13 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def write_reason(target: Path, error: dict[str, Any]) -> Path:
-    """Write ``<file>.error.json`` beside a failed file, atomically."""
+    """Write ``<file>.error.json`` beside a failed file, atomically (not when the file's
+    name leaves no room for it: then the reason is only in the queue and the log)."""
     path = Path(str(target) + ERROR_SUFFIX)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _tmp_beside(path, ".tmp")
+    if len(os.fsencode(path.name)) > NAME_MAX:
+        log.warning("%s: name too long for its reason file; it failed: %s", target, error)
+        return path
     tmp.write_text(json.dumps(error, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path

@@ -352,3 +352,54 @@ def test_a_kept_source_is_never_touched_and_its_files_are_remembered(
     again = [NewFile("ct", "pacs", str(p), p.name, 3, p.stat().st_mtime_ns) for p in (good, bad)]
     assert queue.finished_before(again) == {str(good)}  # the failed one is tried again
     assert queue.finished_before([dataclasses.replace(again[0], size=4)]) == set()
+
+
+def test_a_target_that_cannot_be_chosen_now_is_chosen_by_repair(
+    source: Source, queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Choosing a free name needs to look into failed/ (Path.exists raises PermissionError
+    when a folder there lost its x bit; patched, as root could look anyway): the outcome is
+    recorded without a target, and the repair chooses it later, never overwriting."""
+    path = drop(source, queue, "sub/z.dcm", b"new")
+    [job] = queue.jobs()
+
+    def blind(*_args: object) -> bool:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(settle_mod, "_taken", blind)
+    with pytest.raises(PermissionError):
+        settle(queue, source, job, outcome="failed", error={"reason": "r"})
+    assert queue.counts() == {"settling": 1}
+    assert repair(queue, only={job.id}, sources={"ct": source}) == (0, {job.id})
+    monkeypatch.undo()
+    (source.failed / "sub").mkdir(parents=True)
+    (source.failed / "sub" / "z.dcm").write_bytes(b"old")
+    assert repair(queue, only={job.id}, sources={"ct": source}) == (1, set())
+    assert not path.exists()
+    assert (source.failed / "sub" / "z.dcm").read_bytes() == b"old"
+    assert (source.failed / "sub" / "z~1.dcm").read_bytes() == b"new"
+    assert (source.failed / "sub" / "z~1.dcm.error.json").exists()
+    assert queue.counts() == {"failed": 1}
+
+
+def test_a_name_too_long_for_its_reason_file_still_settles(
+    source: Source, queue: Queue, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A name of 245..255 characters leaves no room for ``.error.json``: the file moves
+    anyway (its reason is in the queue and the log), instead of failing every time."""
+    source.sent.mkdir(parents=True)
+    source.failed.mkdir(parents=True)
+    name = "x" * 248 + ".dcm"
+    drop(source, queue, "a" + name)
+    drop(source, queue, "b" + name)
+    stored, bad = queue.jobs()
+    assert settle(queue, source, stored, outcome="sent", error=None) == source.sent / ("a" + name)
+    assert settle(queue, source, bad, outcome="failed", error={"reason": "r"}) == (
+        source.failed / ("b" + name)
+    )
+    assert queue.counts() == {"sent": 1, "failed": 1}
+    assert "name too long for its reason file" in caplog.text
+    drop(source, queue, "c" + "x" * 236 + ".dcm")  # room for .error.json, not for a temp name
+    [fits] = queue.jobs("pending")
+    target = settle(queue, source, fits, outcome="failed", error={"reason": "r"})
+    assert json.loads(Path(f"{target}.error.json").read_text()) == {"reason": "r"}
