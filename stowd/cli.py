@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from stowd import connect, dryrun, explain, logs, migrate, retry
+from stowd import connect, dryrun, explain, logs, migrate, migreport, retry
 from stowd.config import Config, load_config, parse_duration
 from stowd.daemon import Daemon
 from stowd.errors import ConfigError, MigrationConflict, StowdError
@@ -242,8 +242,8 @@ def _migrate(config: Config, args: argparse.Namespace) -> int:
         return EXIT_USAGE
     report = None if args.report is None else Path(args.report)
     if report is not None:
-        migrate.write_report(report, summary.failures)
-    print(migrate.render(summary, opts, report))
+        migreport.write_report(report, summary.failures)
+    print(migreport.render(summary, opts.folders, opts.keep, report))
     if summary.crashed:
         return EXIT_RUNTIME
     if summary.interrupted:
