@@ -11,6 +11,7 @@ import json
 import os
 import pty
 import re
+import select
 import signal
 import sqlite3
 import struct
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import termios
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -395,15 +397,20 @@ def test_progress_on_a_terminal_is_a_bar_redrawn_in_place(tmp_path: Path, orthan
     )
     os.close(child)
     seen = bytearray()
-    while True:  # read until the child closes the terminal (EIO), or it fills up and blocks
-        try:
-            data = os.read(main, 65536)
-        except OSError:
-            break
-        if not data:
-            break
-        seen += data
-    os.close(main)
+    deadline = time.monotonic() + 120
+    try:  # read until the child closes the terminal (EIO): unread, it would fill up and block
+        while time.monotonic() < deadline:
+            if select.select([main], [], [], 1.0)[0]:
+                data = os.read(main, 65536)
+                if not data:
+                    break
+                seen += data
+    except OSError:
+        pass
+    finally:
+        os.close(main)
+        if proc.poll() is None and time.monotonic() >= deadline:
+            proc.kill()
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, seen.decode(errors="replace")
     assert b"stored:   300 file(s)" in out
