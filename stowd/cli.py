@@ -77,7 +77,11 @@ def _parser() -> argparse.ArgumentParser:
         help="leave the files where they are (read-only archives); without it stored files "
         "go to SRC.sent/ and failed ones to SRC.failed/ beside SRC",
     )
-    mig.add_argument("--report", metavar="FILE", help="list every failed file in FILE.csv/.json")
+    mig.add_argument(
+        "--report",
+        metavar="FILE",
+        help="list every file not stored or not moved (any run) in FILE.csv/.json",
+    )
     mig.add_argument(
         "--progress-every",
         type=float,
@@ -232,6 +236,8 @@ def _migrate(config: Config, args: argparse.Namespace) -> int:
     logs.setup(args.log_level, "text")
     folders = tuple(Path(os.path.abspath(f)) for f in args.folders)
     tty = sys.stderr.isatty()
+    if tty:
+        logs.over_progress_bar()
     opts = migrate.Options(folders, args.destination, args.keep, args.progress_every, tty)
     job = migrate.Migration(config, opts)
     job.install_signals()

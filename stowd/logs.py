@@ -89,6 +89,25 @@ def setup(level: str, fmt: str = "auto") -> str:
     return fmt
 
 
+class _OverBar(logging.Formatter):
+    """Starts each record by clearing the terminal's line: a progress bar redrawn in place
+    (``stowd migrate``) is written over instead of having log lines glued to its end."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "\r\x1b[K" + self.inner.format(record)
+
+
+def over_progress_bar() -> None:
+    """Make the handlers set up by ``setup`` clear the progress bar's line first."""
+    for handler in logging.getLogger().handlers:
+        if handler.formatter is not None:
+            handler.setFormatter(_OverBar(handler.formatter))
+
+
 def _quiet_watchdog_shutdown(record: logging.LogRecord) -> bool:
     """watchdog logs an ERROR when an observer is stopped while events are queued: noise."""
     return "called when the thread is inactive" not in record.getMessage()

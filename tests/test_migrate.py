@@ -387,6 +387,7 @@ def test_progress_on_a_terminal_is_a_bar_redrawn_in_place(tmp_path: Path, orthan
     layout = layout_for(tmp_path, orthanc, max_files=1)
     archive = tmp_path / "nas"
     make_study(archive, 300)
+    write_garbage(archive / "zz" / "garbage.dcm")  # an error logged while the bar is drawn
     main, child = pty.openpty()
     fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
     proc = subprocess.Popen(
@@ -412,15 +413,17 @@ def test_progress_on_a_terminal_is_a_bar_redrawn_in_place(tmp_path: Path, orthan
         if proc.poll() is None and time.monotonic() >= deadline:
             proc.kill()
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, seen.decode(errors="replace")
+    assert proc.returncode == 1, seen.decode(errors="replace")
     assert b"stored:   300 file(s)" in out
-    frames = [f for f in re.split(r"[\r\n]+", seen.decode()) if f.startswith("[")]
+    text = seen.decode()
+    frames = [f for f in re.split(r"[\r\n]+", text) if f.startswith("[")]
     assert len(frames) >= 2, seen.decode()  # redrawn while it ran, and the last one
     assert all(len(f) < 80 for f in frames)  # never wraps on an 80-column terminal
-    assert re.fullmatch(r"\[#{10}\] 100% 300/300 files, [\d.]+ MB, 0 failed, ETA 0:00:00, "
+    assert re.fullmatch(r"\[#{10}\] 100% 301/301 files, [\d.]+ MB, 1 failed, ETA 0:00:00, "
                         r"[\d.]+ files/s *", frames[-1])  # fmt: skip
     assert all(re.match(r"\[[#.]{10}\] ", f) and " failed, ETA " in f for f in frames)
-    assert "\r" in seen.decode()
+    logged = re.findall(r"(\r\x1b\[K)?\d{4}-\d\d-\d\d [\d:,]+ ERROR stowd", text)
+    assert logged and all(logged)  # each log line clears the bar first, never follows it
 
 
 def test_the_first_files_are_stored_while_the_walk_still_runs(
