@@ -2,13 +2,15 @@
 
 Each SRC folder becomes a source of its own (``migrate-<folder>-<hash of its path>``, the
 same name on every run, ``-move`` added without ``keep``) with the config's top-level rules,
-sending to ``--destination``.  The name is how each row remembers whether its files are moved:
-the rows of one mode are never settled by a run in the other, and a run refuses to start
-while the other mode's run of the same SRC is unfinished (its rows would be parked, and their
-files neither queued again nor sent).  The
-files go through the daemon's queue, classify, rules, grouping, retries and settling; only
-the finding is different: one lazy walk (``Watcher.scan``, chunks of 500 queued while the
-workers already send) without a quiet period, since the files are old.
+sending to ``--destination``.  The files go through the daemon's queue, classify, rules,
+grouping, retries and settling; only the finding is different: one lazy walk
+(``Watcher.scan``, chunks of 500 queued while the workers already send) without a quiet
+period, since the files are old.
+
+The source name is how each row remembers whether its file is moved: the rows of one mode
+are never settled by a run in the other, and a run refuses to start while the other mode's
+run of the same SRC is unfinished (its rows would be parked, and their files neither queued
+again nor sent).
 
 Where files go afterwards: stored ones to ``SRC.sent/`` and failed ones to ``SRC.failed/``
 (beside SRC, sub-folders kept, an ``.error.json`` next to each failed file), or with
