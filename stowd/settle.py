@@ -377,9 +377,7 @@ def _repair(
     return len(done), stuck
 
 
-def _choose(
-    queue: Queue, job: Job, source: Source | None, error: dict[str, Any] | None
-) -> Path:
+def _choose(queue: Queue, job: Job, source: Source | None, error: dict[str, Any] | None) -> Path:
     """The target of a row whose outcome was recorded before a free name could be chosen,
     recorded before the move like any other."""
     if source is None:
