@@ -50,6 +50,7 @@ CHUNK = 256 * 1024
 IN_PROCESS_ATTEMPTS = 3
 DICOM_TYPE = "application/dicom"
 JSON_TYPE = "application/dicom+json"
+QIDO_ACCEPT = "application/dicom+json, application/json;q=0.9"
 ACCEPT = "application/dicom+json, application/dicom+xml;q=0.9, application/json;q=0.8"
 REFERENCED, FAILED_SEQ, RETRIEVE_URL = "00081199", "00081198", "00081190"
 SOP_UID, FAILURE_REASON, WARNING_REASON = "00081155", "00081197", "00081196"
@@ -575,6 +576,19 @@ class _TokenRejected(Exception):
         super().__init__("the archive refused the access token")
         self.auth = auth
         self.authorization = authorization
+
+
+def qido_get(
+    client: httpx.Client, destination: Destination, url: str, params: Sequence[tuple[str, str]]
+) -> tuple[int, bytes]:
+    """A QIDO-RS GET (``lookup.py``): the status and body, or the ``StowFailure`` of not
+    reaching ``destination`` (the same words as for STOW)."""
+    headers = {"Accept": QIDO_ACCEPT}
+    try:
+        response = client.get(url, params=list(params), headers=headers)
+    except (ClientSetupError, SecretUnavailable, TokenError, httpx.TransportError) as exc:
+        raise failure_of(exc, destination) from exc
+    return response.status_code, response.content
 
 
 def failure_of(exc: Exception, destination: Destination) -> StowFailure:
