@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
@@ -360,11 +361,27 @@ def _entry(wanted: Wanted) -> str:
     return "study" if wanted.lookup.within == "studies" else "worklist item"
 
 
+def describe(destination: Destination, wanted: Wanted) -> str:
+    """The query a file would make, for ``stowd explain`` (nothing is asked)."""
+    worklist = wanted.lookup.within == "worklist"
+    query = urlencode([(_param(k, worklist), v) for k, v in wanted.query])
+    url = redact_url(lookup_url(destination, wanted))
+    return (
+        f"GET {url}?{query} ({wanted.rule}): one {_entry(wanted)} -> its patient and study "
+        f"attributes replace the file's; none -> waits up to {_span(wanted.lookup.wait)}, "
+        "then failed/; several -> failed/"
+    )
+
+
+def _entries(wanted: Wanted) -> str:
+    return "studies" if wanted.lookup.within == "studies" else "worklist items"
+
+
 def several(destination: Destination, wanted: Wanted, matches: Sequence[Item]) -> str:
     lines = [_candidate(m) for m in matches[:MAX_SHOWN]]
     more = f"; and {len(matches) - MAX_SHOWN} more" if len(matches) > MAX_SHOWN else ""
     return (
-        f"{len(matches)} {_entry(wanted)}s with {wanted.text()} in {destination.name}, and "
+        f"{len(matches)} {_entries(wanted)} with {wanted.text()} in {destination.name}, and "
         f"stowd never guesses which one a file belongs to: {'; '.join(lines)}{more} "
         f"({wanted.rule}); correct the archive or the query, then drop the file again"
     )

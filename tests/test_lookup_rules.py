@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 from harness import Clock
+from mediagen import make_jpeg
 from test_rules import load, problems, run
 from worklist import Worklist, item, serve
 
 from stowd.config import Config
 from stowd.errors import FileProblem
+from stowd.explain import explain, render
 from stowd.lookup import Finder, LookupUnavailable, NotYet, copied, exact, params, parse
 from stowd.metadata import digest
 from stowd.queue import Job, NewFile, Queue
@@ -308,3 +310,15 @@ def test_a_recorded_answer_is_used_only_for_the_same_query(
                 finder.find(recorded, wanted(config, "A1/S2/a.jpg"))
         finally:
             finder.close()
+
+
+def test_explain_shows_the_query_without_asking(tmp_path: Path) -> None:
+    config = load(tmp_path, LOOKUP)
+    photo = config.sources[0].watch / "ACC 7" / "x.jpg"
+    make_jpeg(photo)
+    [result] = explain(config, [str(photo)])
+    assert result.problem is None and result.lookup is not None
+    assert result.lookup.startswith(
+        "GET http://127.0.0.1:8042/dicom-web/studies?AccessionNumber=ACC+7 (rule rules[0]"
+    )
+    assert "none -> waits up to 2 h, then failed/" in render([result])
