@@ -14,6 +14,10 @@ the row (``made``), so every retry and restart sends the same instance; ``made_s
 ``made_series`` give files with the same study key one StudyInstanceUID, and one
 SeriesInstanceUID (with its running InstanceNumber) per study and type.
 
+The archive entry a rule's ``lookup`` chose is recorded with the row (``lookup``: the query
+and the values copied), so a retry, restart or replan with the same query never asks again;
+``lookups`` caches each destination's answers per query for a rule's ``cache`` time.
+
 A row is claimed (with a lease) before it is uploaded; it is marked ``sent``/``failed`` only
 after the file was moved.  ``settling`` records the target before the move, so a crash between
 the move and the bookkeeping is repaired at the next start.  On open, claims left by a dead
