@@ -34,6 +34,7 @@ from types import FrameType
 from stowd import metrics
 from stowd.config import Config, Source, load_config
 from stowd.errors import ConfigError, StowdError
+from stowd.lookup import Finder
 from stowd.metadata import clear_spool, digest
 from stowd.notify import Notifier
 from stowd.purge import purge_sent
@@ -64,6 +65,7 @@ class Generation:
     stop: threading.Event = field(default_factory=threading.Event)
     classify_lock: threading.Lock = field(default_factory=threading.Lock)
     clients: dict[str, StowClient] = field(default_factory=dict)
+    finder: Finder | None = None  # the lookups of its workers (one HTTP client per archive)
     workers: list[Worker] = field(default_factory=list)
     watchers: list[Watcher] = field(default_factory=list)
     threads: dict[str, tuple[threading.Thread, Callable[[], None]]] = field(default_factory=dict)
@@ -154,6 +156,7 @@ class Daemon:
 
     def _start(self, config: Config) -> Generation:
         gen = Generation(config)
+        gen.finder = Finder(config, self.queue)
         for name, dest in config.destinations.items():
             client = StowClient(dest, stop=gen.stop)
             gen.clients[name] = client
@@ -166,6 +169,7 @@ class Daemon:
                     gen.stop,
                     unsettled=self.unsettled,
                     classify_lock=gen.classify_lock,  # one reader of new files at a time
+                    finder=gen.finder,
                 )
                 gen.workers.append(worker)
                 _spawn(gen, f"send-{name}-{n}", worker.run)
@@ -275,8 +279,7 @@ class Daemon:
         again what it read with the old rules after the reload re-planned."""
         for gen in [g for g in self.lingering if not g.busy()]:
             self.lingering.remove(gen)
-            for client in gen.clients.values():
-                client.close()
+            _close_clients(gen)
             log.info("the threads of the previous config have finished")
             self._replan(self.config)
 
@@ -396,6 +399,13 @@ def _spawn(gen: Generation, name: str, target: Callable[[], None]) -> None:
     thread.start()
 
 
+def _close_clients(gen: Generation) -> None:
+    for client in gen.clients.values():
+        client.close()
+    if gen.finder is not None:
+        gen.finder.close()
+
+
 def _stop(
     gen: Generation,
     timeout: float,
@@ -428,5 +438,4 @@ def _stop(
     elif alive:
         log.warning("still busy (%s); finishing with the old config", ", ".join(alive))
     if closing or not alive:
-        for client in gen.clients.values():
-            client.close()
+        _close_clients(gen)

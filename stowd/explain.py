@@ -2,6 +2,8 @@
 
 Each file is read as the daemon reads it (classify, sidecars, rules of its source); the
 report shows the sidecars used, the rules that matched and every attribute before and after.
+A rule's ``lookup`` is shown as the query the daemon would make; the archive is not asked, so
+the values it would give are not among the changes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from stowd.bulkform import sop_class_name
 from stowd.classify import classify
 from stowd.config import Config, Source
 from stowd.errors import FileProblem, FileUnreadable
+from stowd.lookup import describe
 from stowd.rules import value_text
 
 
@@ -34,6 +37,7 @@ class Explained:
     study_uid: str | None = None
     built: str | None = None  # the SOP Class made from a file that is not DICOM
     study_key: str | None = None  # the key of the study it joins
+    lookup: str | None = None  # the query a rule's lookup would make (not asked)
     problem: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -47,6 +51,7 @@ class Explained:
             "study_instance_uid": self.study_uid,
             "made_into": self.built,
             "study_key": self.study_key,
+            "lookup": self.lookup,
             "problem": self.problem,
         }
 
@@ -77,6 +82,8 @@ def _explain(config: Config, given: str, source_name: str | None) -> Explained:
     result.changes = [(k, outcome.before.get(k), value_text(v)) for k, v in outcome.values.items()]
     result.changes += [(k, outcome.before.get(k), None) for k in outcome.remove]
     result.study_uid = planned.study_uid or None
+    if outcome.lookup is not None:
+        result.lookup = describe(config.destination_of(source), outcome.lookup)
     if found.media is not None:
         photographic = source.bulkdata.images == "photographic"
         result.built = sop_class_name(sop_class_for(found.media, photographic=photographic))
@@ -116,7 +123,9 @@ def render(results: list[Explained]) -> str:
             lines.append(f"  made into: {r.built} (study key {key}; UIDs are made when queued)")
         lines.append(f"  sidecars: {', '.join(r.sidecars) or 'none'}")
         lines.append(f"  rules matched: {', '.join(r.rules) or 'none'}")
-        if not r.changes:
+        if r.lookup:
+            lines.append(f"  looks up: {r.lookup}")
+        if not r.changes and not r.lookup:
             lines.append("  no changes: sent exactly as it is")
         width = max((len(k) for k, _, _ in r.changes), default=0)
         for keyword, before, after in r.changes:

@@ -12,7 +12,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -28,6 +28,7 @@ from stowd.errors import FileProblem, FileUnreadable, UnknownType
 from stowd.queue import Job
 from stowd.rewrite import apply, rewrite
 from stowd.rules import Facts, Outcome, evaluate, fingerprint, render_for, value_text
+from stowd.vr import Item
 
 SPOOL_SUFFIX = ".dcm"
 UID_LENGTH = 64
@@ -87,6 +88,25 @@ def plan(
     sop = _final(outcome, "SOPInstanceUID", found.sop_uid)
     key = None if found.media is None or study else study_key(source, facts, outcome)
     return Planned(outcome, tuple(used), study, sop, key)
+
+
+def joined(p: Planned, values: Item, found: Classified) -> Planned:
+    """``p`` with the values of the archive's study or worklist item (``lookup.py``) on top:
+    they win over the rules and the file; a value the file already has is left alone."""
+    original = original_of(found.header)
+    outcome = p.outcome
+    outcome.remove = [k for k in outcome.remove if k not in values]
+    for keyword, value in values.items():
+        before = original(keyword)
+        sequence = isinstance(value, list) and any(isinstance(v, dict) for v in value)
+        if before is None or sequence or value_text(value) != before:
+            outcome.values[keyword] = value
+            outcome.before[keyword] = before
+        else:
+            outcome.values.pop(keyword, None)
+            outcome.before.pop(keyword, None)
+    study = _final(outcome, "StudyInstanceUID", found.study_uid)
+    return replace(p, outcome=outcome, study_uid=study, study_key=None if study else p.study_key)
 
 
 def accept(source: Source, kind: str) -> None:

@@ -14,6 +14,10 @@ the row (``made``), so every retry and restart sends the same instance; ``made_s
 ``made_series`` give files with the same study key one StudyInstanceUID, and one
 SeriesInstanceUID (with its running InstanceNumber) per study and type.
 
+The archive entry a rule's ``lookup`` chose is recorded with the row (``lookup``: the query
+and the values copied), so a retry, restart or replan with the same query never asks again;
+``lookups`` caches each destination's answers per query for a rule's ``cache`` time.
+
 A row is claimed (with a lease) before it is uploaded; it is marked ``sent``/``failed`` only
 after the file was moved.  ``settling`` records the target before the move, so a crash between
 the move and the bookkeeping is repaired at the next start.  On open, claims left by a dead
@@ -40,7 +44,7 @@ from stowd.errors import QueueError, QueueLockedError, SidecarNotReady
 
 log = logging.getLogger("stowd.queue")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 ACTIVE = ("pending", "claimed", "settling")
 DONE = ("sent", "failed", "gone")
 BUSY_TIMEOUT_MS = 30_000
@@ -73,7 +77,8 @@ CREATE TABLE IF NOT EXISTS files (
     changes TEXT,
     sidecars TEXT,
     rules_digest TEXT,
-    made TEXT
+    made TEXT,
+    lookup TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS files_active_path ON files(path)
     WHERE state IN ('pending', 'claimed', 'settling');
@@ -94,6 +99,13 @@ CREATE TABLE IF NOT EXISTS made_series (
     uid TEXT NOT NULL,
     count INTEGER NOT NULL,
     PRIMARY KEY (study_uid, kind)
+);
+CREATE TABLE IF NOT EXISTS lookups (
+    destination TEXT NOT NULL,
+    key TEXT NOT NULL,
+    answer TEXT NOT NULL,
+    fetched_at REAL NOT NULL,
+    PRIMARY KEY (destination, key)
 );
 CREATE TABLE IF NOT EXISTS destinations (
     name TEXT PRIMARY KEY,
@@ -127,6 +139,8 @@ class Job:
     changes: str | None = None  # JSON {"set": {...}, "remove": [...]} from the rules
     sidecars: str | None = None  # JSON [[path, text], ...]: the sidecars it was read with
     made: str | None = None  # JSON of the UIDs made for a file that is not DICOM
+    queued_at: float | None = None
+    lookup: str | None = None  # JSON of the archive entry a rule's lookup chose (lookup.py)
 
     def made_uids(self) -> Made | None:
         return None if self.made is None else Made(**json.loads(self.made))
@@ -180,6 +194,7 @@ class Classification:
     sidecars: tuple[tuple[str, str | None], ...] | None = None  # (path, text); None: off
     digest: str | None = None  # of the rules and sidecar settings it was read with
     made: Made | None = None  # the UIDs of an instance stowd builds
+    lookup: str | None = None  # JSON: the lookup asked and the archive entry it chose
 
 
 @dataclass(frozen=True)
@@ -226,7 +241,7 @@ class Hold:
 
 _JOB_COLUMNS = (
     "id, source, destination, path, rel, size, mtime_ns, kind, study_uid, sop_uid, "
-    "attempts, first_try, error, outcome, target, changes, sidecars, made"
+    "attempts, first_try, error, outcome, target, changes, sidecars, made, queued_at, lookup"
 )
 _MIGRATIONS = {
     1: (
@@ -241,7 +256,13 @@ _MIGRATIONS = {
         "CREATE TABLE IF NOT EXISTS made_series (study_uid TEXT NOT NULL, kind TEXT NOT NULL, "
         "uid TEXT NOT NULL, count INTEGER NOT NULL, PRIMARY KEY (study_uid, kind))",
     ),
+    3: (
+        "ALTER TABLE files ADD COLUMN lookup TEXT",
+        "CREATE TABLE IF NOT EXISTS lookups (destination TEXT NOT NULL, key TEXT NOT NULL, "
+        "answer TEXT NOT NULL, fetched_at REAL NOT NULL, PRIMARY KEY (destination, key))",
+    ),
 }
+LOOKUP_MEMORY = 86_400.0  # cached lookup answers older than this are deleted
 
 
 def _entry(e: Any) -> tuple[str, str | None, str | None]:
@@ -273,7 +294,7 @@ def _classification_row(c: Classification) -> tuple[Any, ...]:
     sidecars = None if c.sidecars is None else json.dumps([list(e) for e in c.sidecars])
     made = None if c.made is None else json.dumps(c.made.__dict__)
     keys = (c.kind, c.study_uid, c.sop_uid, c.sop_class, changes, sidecars, c.digest, made)
-    return (*keys, c.job.id, c.job.size, c.job.mtime_ns)
+    return (*keys, c.lookup, c.job.id, c.job.size, c.job.mtime_ns)
 
 
 class Queue:
@@ -479,7 +500,7 @@ class Queue:
             db.execute(
                 "UPDATE files SET size = ?, mtime_ns = ?, kind = NULL, study_uid = NULL, "
                 "sop_uid = NULL, sop_class = NULL, changes = NULL, sidecars = ?, solo = 0, "
-                "made = NULL, attempts = 0, first_try = NULL, "
+                "made = NULL, lookup = NULL, attempts = 0, first_try = NULL, "
                 "last_try = NULL, next_attempt_at = 0, error = NULL WHERE id = ?",
                 (f.size, f.mtime_ns, sidecars, row[0]),
             )
@@ -525,7 +546,7 @@ class Queue:
         with self._tx() as db:
             db.executemany(
                 "UPDATE files SET kind = ?, study_uid = ?, sop_uid = ?, sop_class = ?, "
-                "changes = ?, sidecars = ?, rules_digest = ?, made = ? "
+                "changes = ?, sidecars = ?, rules_digest = ?, made = ?, lookup = ? "
                 "WHERE id = ? AND state = 'pending' AND size = ? AND mtime_ns = ?",
                 [_classification_row(c) for c in items],
             )
@@ -578,6 +599,30 @@ class Queue:
                 (source, digest),
             )
             return int(cursor.rowcount)
+
+    # -- lookups (lookup.py) ----------------------------------------------------------------
+    def cached_lookup(self, destination: str, key: str, since: float) -> str | None:
+        """The answer to ``key`` fetched at ``since`` or later, if any."""
+        row = (
+            self._conn()
+            .execute(
+                "SELECT answer FROM lookups WHERE destination = ? AND key = ? AND fetched_at >= ?",
+                (destination, key, since),
+            )
+            .fetchone()
+        )
+        return None if row is None else str(row[0])
+
+    def cache_lookup(self, destination: str, key: str, answer: str) -> None:
+        """Keep an archive's answer for other files with the same query (and forget old ones)."""
+        now = self.clock()
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO lookups (destination, key, answer, fetched_at) "
+                "VALUES (?, ?, ?, ?)",
+                (destination, key, answer, now),
+            )
+            db.execute("DELETE FROM lookups WHERE fetched_at < ?", (now - LOOKUP_MEMORY,))
 
     # -- the workers' side -------------------------------------------------------------
     def claim_batch(

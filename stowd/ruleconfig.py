@@ -18,6 +18,7 @@ from stowd.rules import (
     REQUIRED,
     TYPES,
     Condition,
+    Lookup,
     Match,
     Rule,
     Spec,
@@ -31,7 +32,9 @@ from stowd.yamlwalk import (
     Context,
     DicomLoader,
     Section,
+    as_duration,
     as_text,
+    as_url,
     describe,
     entries,
     is_null,
@@ -39,10 +42,45 @@ from stowd.yamlwalk import (
     value_of,
 )
 
-RULE_KEYS = ("name", "match", "set", "default", "remove")
+RULE_KEYS = ("name", "match", "set", "default", "remove", "lookup")
+LOOKUP_KEYS = ("in", "query", "url", "wait", "cache")
+LOOKUP_IN = ("studies", "worklist")
+# What a lookup may ask by; ``lookup.py`` knows how each is sent.
+QUERY_KEYS = {
+    "studies": (
+        "AccessionNumber",
+        "StudyInstanceUID",
+        "PatientID",
+        "IssuerOfPatientID",
+        "StudyDate",
+        "StudyID",
+    ),
+    "worklist": (
+        "AccessionNumber",
+        "StudyInstanceUID",
+        "PatientID",
+        "IssuerOfPatientID",
+        "RequestedProcedureID",
+        "ScheduledProcedureStepID",
+        "ScheduledProcedureStepStartDate",
+        "ScheduledStationAETitle",
+        "Modality",
+    ),
+}
+# A query needs one of these: a date or an issuer alone would pick anyone's entry.
+IDENTIFYING = (
+    "AccessionNumber",
+    "StudyInstanceUID",
+    "PatientID",
+    "StudyID",
+    "RequestedProcedureID",
+    "ScheduledProcedureStepID",
+)
+DEFAULT_LOOKUP_WAIT = 3600.0
+DEFAULT_LOOKUP_CACHE = 60.0
 MATCH_KEYS = ("path", "regex", "type", "source", "attributes")
 CONDITION_KEYS = ("equals", "one_of", "regex", "present", "absent")
-ACTIONS = ("set", "default", "remove")
+ACTIONS = ("set", "default", "remove", "lookup")
 
 
 def read_rules(
@@ -78,20 +116,21 @@ def _read_rule(ctx: Context, key: str, node: Node, sources: Collection[str] | No
     set_ = _read_values(sec, "set", groups)
     default = _read_values(sec, "default", groups)
     remove = _read_remove(sec)
+    lookup = _read_lookup(sec.section("lookup", LOOKUP_KEYS), groups)
     _check_actions(sec, node)
     if len(ctx.problems) > before:
         return None
     line = None if sec.node is None else sec.node.start_mark.line + 1
-    return Rule(key, line, name, match, set_, default, remove)
+    return Rule(key, line, name, match, set_, default, remove, lookup)
 
 
 def _check_actions(sec: Section, node: Node) -> None:
     present = [a for a in ACTIONS if sec.value_node(a) is not None]
     if not present:
-        sec.ctx.add(sec.key, "a rule needs at least one of set, default or remove", node)
+        sec.ctx.add(sec.key, "a rule needs at least one of set, default, remove or lookup", node)
     seen: dict[str, str] = {}
     for action in present:
-        for keyword in _keys(sec, action):
+        for keyword in _keys(sec, action) if action != "lookup" else ():
             if keyword in seen:
                 message = f"{keyword} is also in {seen[keyword]} of this rule; use one action"
                 sec.add(f"{action}.{keyword}" if action != "remove" else action, message)
@@ -105,6 +144,75 @@ def _keys(sec: Section, action: str) -> list[str]:
     if isinstance(node, SequenceNode):
         return [n.value for n in node.value if isinstance(n.value, str)]
     return []
+
+
+# --------------------------------------------------------------------------- lookup
+
+
+def _read_lookup(sec: Section, groups: frozenset[str] | None) -> Lookup | None:
+    """A rule's ``lookup:``; None when absent or invalid (problems added)."""
+    if sec.node is None or is_null(sec.node) or sec.broken:
+        return None
+    within = sec.need("in", _as_choice_one("in", LOOKUP_IN))
+    query = _read_query(sec, within or "studies", groups)
+    url = sec.get("url", None, as_url)
+    if url is not None and within == "studies":
+        sec.add("url", "only a worklist lookup takes a url (studies are asked at the destination)")
+    wait = sec.get("wait", DEFAULT_LOOKUP_WAIT, as_duration(positive=True))
+    cache = sec.get("cache", DEFAULT_LOOKUP_CACHE, as_duration(positive=False))
+    if within is None or not query:
+        return None
+    return Lookup(within, query, url, wait, cache)
+
+
+def _as_choice_one(what: str, known: Collection[str]) -> Callable[[object], str]:
+    def convert(value: object) -> str:
+        name = as_text(value)
+        if name not in known:
+            raise ValueError(_unknown(what, name, known))
+        return name
+
+    return convert
+
+
+def _read_query(
+    sec: Section, within: str, groups: frozenset[str] | None
+) -> tuple[tuple[str, Template], ...]:
+    node, key = sec.value_node("query"), join(sec.key, "query")
+    if node is None or is_null(node):
+        sec.missing("query")
+        return ()
+    if not isinstance(node, MappingNode):
+        what = f"expected a mapping of DICOM keywords to values, such as {EXAMPLE_QUERY}"
+        sec.ctx.add(key, what, node)
+        return ()
+    found = []
+    for keyword, (key_node, value_node) in entries(sec.ctx, key, node).items():
+        try:
+            found.append((keyword, _query_value(within, keyword, value_node, groups)))
+        except ValueError as exc:
+            sec.ctx.add(join(key, keyword), str(exc), value_node or key_node)
+    if found and not any(k in IDENTIFYING for k, _ in found):
+        names = ", ".join(k for k in IDENTIFYING if k in QUERY_KEYS[within])
+        sec.ctx.add(key, f"the query needs at least one of {names}", node)
+    return tuple(found)
+
+
+EXAMPLE_QUERY = "{AccessionNumber: '{parts[0]}'}"
+
+
+def _query_value(within: str, keyword: str, node: Node, groups: frozenset[str] | None) -> Template:
+    known = QUERY_KEYS[within]
+    if keyword not in known:
+        raise ValueError(f"a {within} lookup cannot ask by {keyword}; it can by {', '.join(known)}")
+    value = value_of(node, DicomLoader)
+    if isinstance(value, list | dict) or value is None:
+        raise ValueError(f"expected one value or template, got {describe(value)}")
+    template = Template.parse(value) if isinstance(value, str) else Template.parse(str(value))
+    _check_groups(template, groups)
+    if not template.placeholders:
+        _text(keyword, template.text)
+    return template
 
 
 # --------------------------------------------------------------------------- match

@@ -1,8 +1,11 @@
 """Metadata rules: which attributes a file gets before it is stored.  Pure: no I/O.
 
 A ``Rule`` has a ``Match`` (all conditions must hold) and actions: ``set`` (overwrite),
-``default`` (only where absent or empty) and ``remove``.  Rules run in order, each on the
-result of the ones before, so later rules win; sidecar values are applied first.
+``default`` (only where absent or empty), ``remove`` and ``lookup`` (find the file's study or
+worklist item in the archive; ``lookup.py`` asks, after the rules).  Rules run in order, each
+on the result of the ones before, so later rules win; sidecar values are applied first.  Of
+several matching rules with a ``lookup``, the last one's is used; its query is rendered after
+every rule ran, so it sees their values.
 
 Values are templates: ``{regex.patient}``, ``{parts[0]}``, ``{dicom.PatientID|upper}``,
 ``{now:%Y%m%d}`` (see ``VARIABLES``); ``{{`` and ``}}`` are literal braces.  A template's
@@ -182,6 +185,30 @@ class Match:
 
 
 @dataclass(frozen=True)
+class Lookup:
+    """A rule's ``lookup``: which archive entry the file belongs to (asked by lookup.py)."""
+
+    within: str  # "studies" or "worklist"
+    query: tuple[tuple[str, Template], ...]  # keyword -> template, in the config's order
+    url: str | None = None  # the worklist's QIDO-style URL; None: {destination url}/mwlitems
+    wait: float = 3600.0  # how long a file waits for its study or item to appear
+    cache: float = 60.0  # how long an answer is reused for other files with the same query
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """A rendered lookup for one file: what to ask the archive."""
+
+    lookup: Lookup
+    query: tuple[tuple[str, str], ...]  # keyword -> value, never empty, no wildcards
+    rule: str  # the rule's label, for reasons
+
+    def text(self) -> str:
+        """``AccessionNumber A1`` or ``PatientID P1, StudyDate 20240101``."""
+        return ", ".join(f"{k} {v}" for k, v in self.query)
+
+
+@dataclass(frozen=True)
 class Rule:
     where: str  # the key path in the config, e.g. "rules[2]" or "sources[0].rules[1]"
     line: int | None
@@ -190,6 +217,7 @@ class Rule:
     set: tuple[tuple[str, Spec], ...] = ()
     default: tuple[tuple[str, Spec], ...] = ()
     remove: tuple[str, ...] = ()
+    lookup: Lookup | None = None
 
     @property
     def label(self) -> str:
@@ -247,6 +275,7 @@ class Outcome:
     remove: list[str] = field(default_factory=list)
     matched: list[Rule] = field(default_factory=list)
     before: dict[str, str | None] = field(default_factory=dict)
+    lookup: Wanted | None = None  # the archive entry to find (the last matching rule's)
 
     @property
     def changed(self) -> bool:
@@ -310,7 +339,37 @@ def evaluate(rules: Sequence[Rule], facts: Facts, original: Callable[[str], str 
         if matches(rule.match, facts, state):
             _apply_rule(rule, facts, state)
             outcome.matched.append(rule)
+    finder = next((r for r in reversed(outcome.matched) if r.lookup is not None), None)
+    if finder is not None:
+        outcome.lookup = _wanted(finder, _Env(facts, state, _groups(finder, facts)))
     return _finish(outcome, state)
+
+
+WILDCARDS = ("*", "?", "\\")
+
+
+def _wanted(rule: Rule, env: _Env) -> Wanted:
+    """The rule's lookup query for this file; never empty, never a wildcard."""
+    assert rule.lookup is not None
+    query = []
+    for keyword, template in rule.lookup.query:
+        try:
+            value = template.render(env.lookup).strip()
+        except ValueError as exc:
+            raise RuleFailure(f"{rule.label}: lookup.query.{keyword}: {exc}") from None
+        if not value:
+            raise RuleFailure(
+                f"{rule.label}: the lookup's {keyword} ({template.text}) is empty for this "
+                "file; stowd never asks the archive with an empty value (it would match "
+                "every study)"
+            )
+        if any(c in value for c in WILDCARDS):
+            raise RuleFailure(
+                f"{rule.label}: the lookup's {keyword} is {value!r}, which holds a wildcard "
+                "character (* ? \\); stowd asks only for exact values"
+            )
+        query.append((keyword, value))
+    return Wanted(rule.lookup, tuple(query), rule.label)
 
 
 def render_for(template: Template, facts: Facts, values: Mapping[str, Value], what: str) -> str:
@@ -467,7 +526,12 @@ def _rule_data(rule: Rule) -> dict[str, object]:
         "set": [[k, _spec_data(s)] for k, s in rule.set],
         "default": [[k, _spec_data(s)] for k, s in rule.default],
         "remove": list(rule.remove),
-    }
+    } | ({} if rule.lookup is None else {"lookup": _lookup_data(rule.lookup)})
+
+
+def _lookup_data(lookup: Lookup) -> dict[str, object]:
+    query = [[k, t.text] for k, t in lookup.query]
+    return {"in": lookup.within, "query": query, "url": lookup.url, "wait": lookup.wait}
 
 
 def _condition_data(c: Condition) -> list[object]:

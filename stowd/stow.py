@@ -50,6 +50,8 @@ CHUNK = 256 * 1024
 IN_PROCESS_ATTEMPTS = 3
 DICOM_TYPE = "application/dicom"
 JSON_TYPE = "application/dicom+json"
+QIDO_ACCEPT = "application/dicom+json, application/json;q=0.9"
+QIDO_READ_TIMEOUT = 30.0  # seconds; a lookup is a small answer, unlike a STOW upload
 ACCEPT = "application/dicom+json, application/dicom+xml;q=0.9, application/json;q=0.8"
 REFERENCED, FAILED_SEQ, RETRIEVE_URL = "00081199", "00081198", "00081190"
 SOP_UID, FAILURE_REASON, WARNING_REASON = "00081155", "00081197", "00081196"
@@ -575,6 +577,23 @@ class _TokenRejected(Exception):
         super().__init__("the archive refused the access token")
         self.auth = auth
         self.authorization = authorization
+
+
+def qido_get(
+    client: httpx.Client, destination: Destination, url: str, params: Sequence[tuple[str, str]]
+) -> tuple[int, bytes]:
+    """A QIDO-RS GET (``lookup.py``): the status and body, or the ``StowFailure`` of not
+    reaching ``destination`` (the same words as for STOW).  A query waits for its answer
+    at most ``QIDO_READ_TIMEOUT`` (files are read one at a time meanwhile)."""
+    headers = {"Accept": QIDO_ACCEPT}
+    t = destination.timeouts
+    read = min(t.read, QIDO_READ_TIMEOUT)
+    timeout = httpx.Timeout(connect=t.connect, read=read, write=read, pool=t.pool)
+    try:
+        response = client.get(url, params=list(params), headers=headers, timeout=timeout)
+    except (ClientSetupError, SecretUnavailable, TokenError, httpx.TransportError) as exc:
+        raise failure_of(exc, destination) from exc
+    return response.status_code, response.content
 
 
 def failure_of(exc: Exception, destination: Destination) -> StowFailure:

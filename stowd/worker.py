@@ -29,6 +29,7 @@ from stowd.errors import (
     UnknownType,
 )
 from stowd.group import take_batch
+from stowd.lookup import Finder, LookupUnavailable, NotYet
 from stowd.media import Media, detect
 from stowd.queue import Classification, Job, Made, Queue
 from stowd.settle import Decision, iso, remove_empty_parents, settle_all
@@ -48,6 +49,7 @@ CLASSIFY_CHUNK = 200
 IDLE_WAIT = 0.25
 LEASE_SLACK = 600.0
 MB = 1024 * 1024
+LOOKING = "looking up the study in the archive"
 
 
 class Worker:
@@ -64,8 +66,11 @@ class Worker:
         clock: Callable[[], float] = time.time,
         unsettled: set[int] | None = None,
         classify_lock: threading.Lock | None = None,
+        finder: Finder | None = None,
     ) -> None:
         self.config = config
+        # asks the archives for the study a rule's lookup names (shared by a generation)
+        self.finder = finder or Finder(config, queue, clock=clock)
         self.unsettled = set() if unsettled is None else unsettled
         # one worker of a generation reads new files at a time (shared by its workers)
         self.classify_lock = classify_lock or threading.Lock()
@@ -176,6 +181,10 @@ class Worker:
             return self._unknown(job, problem)
         except FileProblem as problem:
             return self._failure(job, str(problem), stage="applying the metadata rules")
+        looked = self._look_up(job, c, p)
+        if looked is None or isinstance(looked, Decision):
+            return looked
+        p, record = looked
         changes = p.outcome.changes() if p.outcome.changed else None
         sidecars = None
         if source.sidecars is not None:
@@ -190,7 +199,38 @@ class Worker:
         if c.media is not None:
             sop_class = bulkdata.sop_class_for(c.media, photographic=_photographic(source))
         keys = (c.kind, study, sop, sop_class)
-        return Classification(job, *keys, changes, sidecars, self._digest(source), made)
+        digest = self._digest(source)
+        return Classification(job, *keys, changes, sidecars, digest, made, record)
+
+    def _look_up(
+        self, job: Job, c: classify_mod.Classified, p: metadata.Planned
+    ) -> tuple[metadata.Planned, str | None] | Decision | None:
+        """``p`` joined to the archive's study or worklist item when a rule looks one up,
+        with the record kept for the file; else the file waits or fails."""
+        wanted = p.outcome.lookup
+        if wanted is None:
+            return p, None
+        try:
+            found = self.finder.find(job, wanted)
+        except NotYet as exc:
+            self._waiting(job, str(exc), exc.until)
+            return None
+        except LookupUnavailable as exc:
+            return self._later(job, str(exc), stage=LOOKING, counted=metrics.UNAVAILABLE)
+        except FileProblem as problem:
+            return self._failure(job, str(problem), stage=LOOKING)
+        try:
+            return metadata.joined(p, found.values, c), found.record
+        except FileProblem as problem:
+            return self._failure(job, str(problem), stage=LOOKING)
+
+    def _waiting(self, job: Job, reason: str, until: float) -> None:
+        """No study yet: read the file again after a backoff, at the latest at ``until``."""
+        now = self.clock()
+        at = min(now + self._file_delay(job.attempts), until + 0.1)
+        error = self._error_doc(job, reason, stage=LOOKING)
+        self.queue.retry_later([job.id], at=at, error=error)
+        log.info("%s: %s; asked again in %.0fs", job.path, reason, at - now)
 
     def _made(self, job: Job, kind: str, p: metadata.Planned) -> Made:
         """The UIDs of the instance built from ``job``'s file: made once, then reused."""

@@ -254,6 +254,8 @@ def test_a_version_1_queue_is_migrated_and_keeps_its_rows(tmp_path: Path) -> Non
     db.execute("ALTER TABLE files DROP COLUMN sidecars")
     db.execute("ALTER TABLE files DROP COLUMN rules_digest")
     db.execute("ALTER TABLE files DROP COLUMN made")
+    db.execute("ALTER TABLE files DROP COLUMN lookup")
+    db.execute("DROP TABLE lookups")
     db.execute("DROP TABLE made_studies")
     db.execute("DROP TABLE made_series")
     db.execute("PRAGMA user_version = 1")
@@ -272,6 +274,32 @@ def test_a_version_1_queue_is_migrated_and_keeps_its_rows(tmp_path: Path) -> Non
         assert job.sidecar_texts() == [("/d/a.json", "PatientID: X")]
         made = q.make_uids("src", "folder", None, "pdf", iter(["1.1", "1.2", "1.3"]).__next__)
         assert made == Made("1.1", "1.2", "1.3", 1, "folder")
+    finally:
+        q.close()
+
+
+def test_a_version_3_queue_gets_the_lookup_column_and_cache(tmp_path: Path, clock: Clock) -> None:
+    path = tmp_path / "v3.db"
+    q = Queue(path).open()
+    q.enqueue([new("/d/a")])
+    q.close()
+    db = sqlite3.connect(path)  # a queue written before lookups existed
+    db.execute("ALTER TABLE files DROP COLUMN lookup")
+    db.execute("DROP TABLE lookups")
+    db.execute("PRAGMA user_version = 3")
+    db.commit()
+    db.close()
+    q = Queue(path, clock=clock).open()
+    try:
+        [job] = q.unclassified(10)
+        record = '{"key": "k", "values": {"PatientID": "P1"}}'
+        q.set_classified([Classification(job, "dicom", "1.2", "1.3", "1.4", lookup=record)])
+        [job] = q.jobs()
+        assert job.lookup == record and job.queued_at is not None
+        q.cache_lookup("pacs", "k", "[]")
+        assert q.cached_lookup("pacs", "k", clock.now) == "[]"
+        assert q.cached_lookup("pacs", "k", clock.now + 1) is None  # older than asked for
+        assert q.cached_lookup("other", "k", 0) is None
     finally:
         q.close()
 
