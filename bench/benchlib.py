@@ -1,0 +1,119 @@
+"""Pieces shared by the benchmark scripts in bench/ (not a test, not part of stowd).
+
+- ``Discard`` / ``discard_server()``: a local STOW endpoint that reads and drops the body and
+  answers that every instance was stored, so stowd's own overhead is measured, not an archive's.
+- ``peak_rss_mb()`` (VmHWM of a running process) and ``wait_measured()`` (exit code and
+  ru_maxrss of a child that ends): peak memory of a sender process.
+- ``stowd_env()``: the environment for stowd child processes, with this checkout first on
+  PYTHONPATH, so a bench run measures the code next to it and not another installed copy.
+- ``count_files()`` and ``queued_rows()``: progress of a running stowd, seen from outside.
+
+Importing this module also puts tests/ on sys.path (dicomgen, orthanc).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import sqlite3
+import struct
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT / "tests") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tests"))
+
+CHUNK = 1024 * 1024
+
+META_SOP_UID = b"\x02\x00\x03\x00UI"
+JSON_SOP_UID = re.compile(rb'"00080018": \{"vr": "UI", "Value": \["([0-9.]+)"\]')
+
+
+class Discard(BaseHTTPRequestHandler):
+    """Reads the whole body, keeps nothing but the SOPInstanceUIDs of its File Meta headers,
+    and answers that every one was stored."""
+
+    def do_POST(self) -> None:
+        left = int(self.headers["Content-Length"])
+        uids = []
+        while left:
+            chunk = self.rfile.read(min(CHUNK, left))
+            left -= len(chunk)
+            uids += [m.decode() for m in JSON_SOP_UID.findall(chunk)]  # the metadata form
+            at = chunk.find(META_SOP_UID)
+            while at >= 0:
+                length = struct.unpack("<H", chunk[at + 6 : at + 8])[0]
+                uids.append(chunk[at + 8 : at + 8 + length].rstrip(b"\x00 ").decode())
+                at = chunk.find(META_SOP_UID, at + 8)
+        items = [{"00081155": {"vr": "UI", "Value": [u]}} for u in uids]
+        body = json.dumps({"00081199": {"vr": "SQ", "Value": items}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+def discard_server() -> tuple[ThreadingHTTPServer, str]:
+    """Start a ``Discard`` endpoint on a free loopback port; return it and its DICOMweb URL.
+    Call ``server.shutdown()`` when done."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Discard)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_port}/dicom-web"
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM of a running process in MB (MiB), or NaN when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def wait_measured(proc: subprocess.Popen[bytes]) -> tuple[int, float]:
+    """Wait for *proc* to end; return its exit code and its peak RSS in MB (ru_maxrss).
+
+    ``os.wait4`` reaps the child with its resource usage; ``proc.returncode`` is set so
+    Popen does not try to wait for it again.
+    """
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_maxrss / 1024
+
+
+def stowd_env() -> dict[str, str]:
+    """The environment for ``python -m stowd`` children: this checkout first on PYTHONPATH."""
+    env = dict(os.environ)
+    rest = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + rest if rest else "")
+    return env
+
+
+def count_files(folder: Path) -> int:
+    """Files below *folder* (0 when it does not exist yet)."""
+    return sum(len(files) for _, _, files in os.walk(folder)) if folder.exists() else 0
+
+
+def queued_rows(database: Path) -> int:
+    """Rows in a running stowd's queue, read through a read-only connection (0 before the
+    queue exists or while it is being created)."""
+    if not database.exists():
+        return 0
+    try:
+        db = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5)
+        with contextlib.closing(db):
+            return int(db.execute("SELECT count(*) FROM files").fetchone()[0])
+    except sqlite3.Error:
+        return 0
