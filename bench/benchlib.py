@@ -2,8 +2,8 @@
 
 - ``Discard`` / ``discard_server()``: a local STOW endpoint that reads and drops the body and
   answers that every instance was stored, so stowd's own overhead is measured, not an archive's.
-- ``peak_rss_mb()`` (VmHWM of a running process) and ``wait_measured()`` (exit code and
-  ru_maxrss of a child that ends): peak memory of a sender process.
+- ``peak_rss_mb()`` (VmHWM of a running process) and ``wait_sampled()`` (exit code and the
+  peak VmHWM of a child, sampled until it ends): peak memory of a sender process.
 - ``stowd_env()``: the environment for stowd child processes, with this checkout first on
   PYTHONPATH, so a bench run measures the code next to it and not another installed copy.
 - ``count_files()`` and ``queued_rows()``: progress of a running stowd, seen from outside.
@@ -22,6 +22,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -41,16 +42,13 @@ class Discard(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         left = int(self.headers["Content-Length"])
-        uids = []
+        uids: list[str] = []
+        carry = b""  # the end of the previous chunk: a File Meta UID may straddle two chunks
         while left:
             chunk = self.rfile.read(min(CHUNK, left))
             left -= len(chunk)
             uids += [m.decode() for m in JSON_SOP_UID.findall(chunk)]  # the metadata form
-            at = chunk.find(META_SOP_UID)
-            while at >= 0:
-                length = struct.unpack("<H", chunk[at + 6 : at + 8])[0]
-                uids.append(chunk[at + 8 : at + 8 + length].rstrip(b"\x00 ").decode())
-                at = chunk.find(META_SOP_UID, at + 8)
+            carry = _meta_uids(carry + chunk, uids)
         items = [{"00081155": {"vr": "UI", "Value": [u]}} for u in uids]
         body = json.dumps({"00081199": {"vr": "SQ", "Value": items}}).encode()
         self.send_response(200)
@@ -61,6 +59,22 @@ class Discard(BaseHTTPRequestHandler):
 
     def log_message(self, *_args: object) -> None:
         pass
+
+
+def _meta_uids(data: bytes, uids: list[str]) -> bytes:
+    """Append the MediaStorageSOPInstanceUIDs found in *data* to *uids*; return the tail to
+    search again with the next chunk (an element cut off at the end, or the last bytes,
+    which can hold the start of a tag but never a whole element)."""
+    at = data.find(META_SOP_UID)
+    while at >= 0:
+        if at + 8 > len(data):
+            return data[at:]
+        end = at + 8 + struct.unpack("<H", data[at + 6 : at + 8])[0]
+        if end > len(data):
+            return data[at:]
+        uids.append(data[at + 8 : end].rstrip(b"\x00 ").decode())
+        at = data.find(META_SOP_UID, end)
+    return data[-(len(META_SOP_UID) - 1) :]
 
 
 def discard_server() -> tuple[ThreadingHTTPServer, str]:
@@ -82,15 +96,24 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def wait_measured(proc: subprocess.Popen[bytes]) -> tuple[int, float]:
-    """Wait for *proc* to end; return its exit code and its peak RSS in MB (ru_maxrss).
+def wait_sampled(proc: subprocess.Popen[bytes], interval: float = 0.01) -> tuple[int, float]:
+    """Wait for *proc* to end; return its exit code and the highest VmHWM (MB) seen meanwhile,
+    read every *interval* seconds (growth in its last moments can be missed).
 
-    ``os.wait4`` reaps the child with its resource usage; ``proc.returncode`` is set so
-    Popen does not try to wait for it again.
+    Not ``ru_maxrss``: on Linux an exec'd child's ru_maxrss starts from its parent's
+    high-water mark (the parent's memory it shared until exec), so a 10 MB curl started by
+    a 60 MB Python would show 60 MB.  VmHWM belongs to the process's own memory map.
     """
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_maxrss / 1024
+    peak = 0.0
+    while proc.poll() is None:
+        peak = max(peak, peak_rss_mb(proc.pid))  # NaN once it is gone: max keeps the peak
+        time.sleep(interval)
+    return proc.returncode, peak
+
+
+def own_peak_rss_mb() -> float:
+    """This process's own VmHWM in MB (see ``wait_sampled`` for why not ru_maxrss)."""
+    return peak_rss_mb(os.getpid())
 
 
 def stowd_env() -> dict[str, str]:
