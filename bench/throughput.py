@@ -332,11 +332,7 @@ def targets(
     for streams in sorted({r.streams for r in rows}):
         for stowd in ("stowd run", "stowd migrate"):
             for other, factor in ((BASELINE, 0.95), ("dicomweb-client", 2.0)):
-                found.append(
-                    _ratio_target(
-                        by.get((stowd, streams)), by.get((other, streams)), factor, streams
-                    )
-                )
+                found.append(_ratio_target(by, (stowd, other), factor, streams))
     if discard is not None:
         found.append(
             Target(
@@ -376,11 +372,14 @@ def targets(
     return found
 
 
-def _ratio_target(row: Row | None, other: Row | None, factor: float, streams: int) -> Target:
-    name = f"{row.sender if row else 'stowd'} vs {other.sender if other else '?'}, {streams} " + (
-        "stream" if streams == 1 else "streams"
-    )
+def _ratio_target(
+    by: dict[tuple[str, int], Row], pair: tuple[str, str], factor: float, streams: int
+) -> Target:
+    """*pair*[0]'s files/s over *pair*[1]'s at the same streams, wanted >= *factor*."""
+    plural = "stream" if streams == 1 else "streams"
+    name = f"{pair[0]} vs {pair[1]}, {streams} {plural}"
     wanted = f">= {factor:g} x"
+    row, other = by.get((pair[0], streams)), by.get((pair[1], streams))
     if row is None or other is None:
         return Target(name, wanted, "-", None)
     ratio = row.files_s / other.files_s
