@@ -2,8 +2,8 @@
 
 - ``Discard`` / ``discard_server()``: a local STOW endpoint that reads and drops the body and
   answers that every instance was stored, so stowd's own overhead is measured, not an archive's.
-- ``peak_rss_mb()`` (VmHWM of a running process) and ``wait_sampled()`` (exit code and the
-  peak VmHWM of a child, sampled until it ends): peak memory of a sender process.
+- ``peak_rss_mb()`` (VmHWM of a running process), ``cpu_seconds()`` and ``wait_sampled()``
+  (exit code, peak VmHWM sampled until it ends, CPU seconds): what a sender process costs.
 - ``stowd_env()``: the environment for stowd child processes, with this checkout first on
   PYTHONPATH, so a bench run measures the code next to it and not another installed copy.
 - ``count_files()`` and ``queued_rows()``: progress of a running stowd, seen from outside.
@@ -96,19 +96,32 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def wait_sampled(proc: subprocess.Popen[bytes], interval: float = 0.01) -> tuple[int, float]:
-    """Wait for *proc* to end; return its exit code and the highest VmHWM (MB) seen meanwhile,
-    read every *interval* seconds (growth in its last moments can be missed).
+def wait_sampled(proc: subprocess.Popen[bytes], interval: float = 0.01) -> tuple[int, float, float]:
+    """Wait for *proc* to end; return its exit code, the highest VmHWM (MB) seen meanwhile,
+    read every *interval* seconds (growth in its last moments can be missed), and the CPU
+    seconds (user + system) it used, exact, from ``wait4``.
 
     Not ``ru_maxrss``: on Linux an exec'd child's ru_maxrss starts from its parent's
     high-water mark (the parent's memory it shared until exec), so a 10 MB curl started by
     a 60 MB Python would show 60 MB.  VmHWM belongs to the process's own memory map.
     """
     peak = 0.0
-    while proc.poll() is None:
-        peak = max(peak, peak_rss_mb(proc.pid))  # NaN once it is gone: max keeps the peak
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return proc.returncode, peak, usage.ru_utime + usage.ru_stime
+        peak = max(peak, peak_rss_mb(proc.pid))
         time.sleep(interval)
-    return proc.returncode, peak
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process so far (NaN when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def own_peak_rss_mb() -> float:

@@ -47,7 +47,15 @@ from typing import Any
 
 import httpx
 import memory
-from benchlib import ROOT, count_files, discard_server, peak_rss_mb, stowd_env, wait_sampled
+from benchlib import (
+    ROOT,
+    count_files,
+    cpu_seconds,
+    discard_server,
+    peak_rss_mb,
+    stowd_env,
+    wait_sampled,
+)
 from dicomgen import make_instance_bytes
 from orthanc import Orthanc
 from senders import write_body
@@ -103,6 +111,7 @@ class Row:
     bytes: int
     seconds: float
     rss_mb: float
+    cpu_s: float  # CPU seconds (user + system) of the sender process
     stored: int | None  # Orthanc's instance count afterwards (None: discarding endpoint)
     problems: list[str] = field(default_factory=list)
     ratio: float | None = None  # files/s over the baseline's at the same streams
@@ -134,12 +143,11 @@ class Setup:
     per_request: int
 
 
-Measure = Callable[[Setup, Path, str, int], tuple[float, float, list[str]]]
+Sent = tuple[float, float, float, list[str]]  # seconds, peak RSS MB, CPU seconds, problems
+Measure = Callable[[Setup, Path, str, int], Sent]
 
 
-def measure_curl(
-    setup: Setup, work: Path, url: str, streams: int
-) -> tuple[float, float, list[str]]:
+def measure_curl(setup: Setup, work: Path, url: str, streams: int) -> Sent:
     config = work / "curl.cfg"
     blocks = [
         f'url = "{url}/studies"\nrequest = "POST"\nupload-file = "{body}"\n'
@@ -155,31 +163,31 @@ def measure_curl(
     with open(codes, "wb") as out, open(work / "curl.err", "wb") as err:
         started = time.monotonic()
         proc = subprocess.Popen([*command, str(config)], stdout=out, stderr=err)
-        code, rss = wait_sampled(proc)
+        code, rss, cpu = wait_sampled(proc)
         seconds = time.monotonic() - started
     got = codes.read_text().split()
     problems = [f"curl exited {code}: {_tail(work / 'curl.err')}"] if code else []
     problems += [f"{got.count(c)} requests answered {c}" for c in sorted(set(got)) if c != "200"]
     if len(got) != len(setup.bodies):
         problems.append(f"{len(got)} answers to {len(setup.bodies)} requests")
-    return seconds, rss, problems
+    return seconds, rss, cpu, problems
 
 
 def measure_python(name: str) -> Measure:
-    def measure(setup: Setup, work: Path, url: str, streams: int) -> tuple[float, float, list[str]]:
+    def measure(setup: Setup, work: Path, url: str, streams: int) -> Sent:
         script = Path(__file__).with_name("senders.py")
         args = [sys.executable, str(script), name, str(setup.batches), f"{url}/studies"]
         with open(work / "out.json", "wb") as out, open(work / "err.txt", "wb") as err:
             started = time.monotonic()
             proc = subprocess.Popen([*args, str(streams)], stdout=out, stderr=err)
-            code, rss = wait_sampled(proc)
+            code, rss, cpu = wait_sampled(proc)
             seconds = time.monotonic() - started
         problems = [f"{name} exited {code}: {_tail(work / 'err.txt')}"] if code else []
         if not code:
             report = json.loads((work / "out.json").read_text())
             problems += report["bad"][:5]
             rss = report["rss_mb"]  # its own VmHWM at the end: exact, not sampled
-        return seconds, rss, problems
+        return seconds, rss, cpu, problems
 
     return measure
 
@@ -202,7 +210,7 @@ destinations:
 
 def stowd_run(
     work: Path, url: str, workers: int, stage: Path, *, files: int, per_request: int
-) -> tuple[float, float, list[str]]:
+) -> Sent:
     """Start ``stowd run``, move hard-linked copies of the study folders into its drop folder
     at once, and time until all are in sent/ (or failed/)."""
     config = stowd_config(work, url, workers, per_request)
@@ -224,13 +232,13 @@ def stowd_run(
                 break
             time.sleep(0.05)
         seconds = time.monotonic() - started
-        rss = peak_rss_mb(proc.pid)
+        rss, cpu = peak_rss_mb(proc.pid), cpu_seconds(proc.pid)
         proc.terminate()
         code = proc.wait(60)
     problems = [] if sent == files else [f"{sent} of {files} in sent/, {failed} in failed/"]
     if code not in (0, -15):
         problems.append(f"stowd run exited {code}: {_tail(work / 'stowd.log')}")
-    return seconds, rss, problems
+    return seconds, rss, cpu, problems
 
 
 def _wait_started(database: Path, proc: subprocess.Popen[bytes]) -> None:
@@ -241,27 +249,23 @@ def _wait_started(database: Path, proc: subprocess.Popen[bytes]) -> None:
     time.sleep(0.5)
 
 
-def measure_stowd_run(
-    setup: Setup, work: Path, url: str, streams: int
-) -> tuple[float, float, list[str]]:
+def measure_stowd_run(setup: Setup, work: Path, url: str, streams: int) -> Sent:
     return stowd_run(
         work, url, streams, setup.stage, files=setup.files, per_request=setup.per_request
     )
 
 
-def measure_migrate(
-    setup: Setup, work: Path, url: str, streams: int
-) -> tuple[float, float, list[str]]:
+def measure_migrate(setup: Setup, work: Path, url: str, streams: int) -> Sent:
     config = stowd_config(work, url, streams, setup.per_request)
     command = [sys.executable, "-m", "stowd", "migrate", "-c", str(config)]
     command += ["--destination", "pacs", "--keep", str(setup.stage)]
     with open(work / "migrate.out", "wb") as out, open(work / "migrate.log", "wb") as log:
         started = time.monotonic()
         proc = subprocess.Popen(command, stdout=out, stderr=log, env=stowd_env(), cwd=work)
-        code, rss = wait_sampled(proc)
+        code, rss, cpu = wait_sampled(proc)
         seconds = time.monotonic() - started
     problems = [f"stowd migrate exited {code}: {_tail(work / 'migrate.log')}"] if code else []
-    return seconds, rss, problems
+    return seconds, rss, cpu, problems
 
 
 MEASURES: dict[str, Measure] = {
@@ -284,13 +288,15 @@ def measure_orthanc(setup: Setup, sender: str, streams: int) -> Row:
     work.mkdir()
     try:
         with Orthanc(work / "orthanc") as orthanc:
-            seconds, rss, problems = MEASURES[sender](setup, work, orthanc.dicomweb_url, streams)
+            seconds, rss, cpu, problems = MEASURES[sender](
+                setup, work, orthanc.dicomweb_url, streams
+            )
             stored = orthanc.instance_count()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if stored != setup.files:
         problems.append(f"Orthanc stored {stored} of {setup.files}")
-    return Row(sender, streams, setup.files, setup.bytes, seconds, rss, stored, problems)
+    return Row(sender, streams, setup.files, setup.bytes, seconds, rss, cpu, stored, problems)
 
 
 # -- the cases against the discarding endpoint ------------------------------------------------
@@ -302,10 +308,11 @@ def discard_case(tmp: Path, url: str, args: argparse.Namespace) -> Row:
     work.mkdir()
     workers = args.discard_workers
     try:
-        seconds, rss, problems = stowd_run(
+        seconds, rss, cpu, problems = stowd_run(
             work, url, workers, stage, files=total, per_request=args.per_request
         )
-        return Row("stowd run", workers, total, tree_bytes(stage), seconds, rss, None, problems)
+        size = tree_bytes(stage)
+        return Row("stowd run", workers, total, size, seconds, rss, cpu, None, problems)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(stage, ignore_errors=True)
@@ -396,7 +403,9 @@ def _size(n: float) -> str:
 
 # -- output -----------------------------------------------------------------------------------
 def table(rows: list[Row]) -> list[list[str]]:
-    out = [["sender", "streams", "files/s", "MB/s", "peak RSS MB", f"x {BASELINE}", "stored"]]
+    out = [
+        ["sender", "streams", "files/s", "MB/s", "peak RSS MB", "CPU s", f"x {BASELINE}", "stored"]
+    ]
     for r in rows:
         stored = f"{r.stored}/{r.files}" if r.stored is not None else "discarded"
         out.append(
@@ -406,6 +415,7 @@ def table(rows: list[Row]) -> list[list[str]]:
                 f"{r.files_s:.1f}",
                 f"{r.mb_s:.1f}",
                 f"{r.rss_mb:.1f}",
+                f"{r.cpu_s:.2f}",
                 "-" if r.ratio is None else f"{r.ratio:.2f}",
                 stored + ("" if r.ok else " WRONG"),
             ]
