@@ -464,7 +464,8 @@ class Results:
 
 def markdown(results: Results) -> str:
     info, rows, big, backlog = results.info, results.rows, results.big, results.backlog
-    parts = [
+    parts = [f"**{info['label']}**", ""] if info.get("label") else []
+    parts += [
         f"Run {info['date']} on {info['machine']}; {info['archive']}; "
         f"{info['files']} files of {info['size']} in {info['studies']} studies, "
         f"{info['per_request']} files per request; stowd {info['stowd']}.",
@@ -618,6 +619,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--backlog", type=int, default=100000, help="memory.py's backlog of small files (0: skip)"
     )
+    parser.add_argument(
+        "--label", default="", help="a line put first in results.md (e.g. 'development run')"
+    )
     parser.add_argument("--tmp", help="folder for the generated files (default: system temp)")
     parser.add_argument("--out", type=Path, help="write results.json, throughput.png, results.md")
     parser.add_argument(
@@ -646,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
             "size": args.size,
             "studies": args.studies,
             "per_request": args.per_request,
+            "label": args.label,
         }
         rows = orthanc_rows(args, tmp, size, info)
         others, big, backlog = discard_rows(args, tmp)
