@@ -220,7 +220,7 @@ def stowd_run(
     with open(work / "stowd.log", "wb") as log:
         command = [sys.executable, "-m", "stowd", "run", "-c", str(config)]
         proc = subprocess.Popen(command, stderr=log, env=stowd_env(), cwd=work)
-        _wait_started(work / "state" / "queue.db", proc)
+        wait_started(work / "state" / "queue.db", proc)
         started = time.monotonic()
         for study in sorted(incoming.iterdir()):
             study.rename(work / "drop" / study.name)
@@ -241,7 +241,7 @@ def stowd_run(
     return seconds, rss, cpu, problems
 
 
-def _wait_started(database: Path, proc: subprocess.Popen[bytes]) -> None:
+def wait_started(database: Path, proc: subprocess.Popen[bytes]) -> None:
     """Until stowd has opened its queue (its watchers start right after), then a moment."""
     deadline = time.monotonic() + 30
     while not database.exists() and proc.poll() is None and time.monotonic() < deadline:
