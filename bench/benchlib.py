@@ -96,7 +96,9 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def wait_sampled(proc: subprocess.Popen[bytes], interval: float = 0.01) -> tuple[int, float, float]:
+def wait_sampled(
+    proc: subprocess.Popen[bytes], interval: float = 0.01, timeout: float | None = None
+) -> tuple[int, float, float]:
     """Wait for *proc* to end; return its exit code, the highest VmHWM (MB) seen meanwhile,
     read every *interval* seconds (growth in its last moments can be missed), and the CPU
     seconds (user + system) it used, exact, from ``wait4``.
@@ -104,9 +106,14 @@ def wait_sampled(proc: subprocess.Popen[bytes], interval: float = 0.01) -> tuple
     Not ``ru_maxrss``: on Linux an exec'd child's ru_maxrss starts from its parent's
     high-water mark (the parent's memory it shared until exec), so a 10 MB curl started by
     a 60 MB Python would show 60 MB.  VmHWM belongs to the process's own memory map.
+    After *timeout* seconds the process is killed (its exit code is then -9).
     """
     peak = 0.0
+    deadline = None if timeout is None else time.monotonic() + timeout
     while True:
+        if deadline is not None and time.monotonic() > deadline:
+            proc.kill()
+            deadline = None
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             proc.returncode = os.waitstatus_to_exitcode(status)

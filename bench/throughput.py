@@ -163,7 +163,7 @@ def measure_curl(setup: Setup, work: Path, url: str, streams: int) -> Sent:
     with open(codes, "wb") as out, open(work / "curl.err", "wb") as err:
         started = time.monotonic()
         proc = subprocess.Popen([*command, str(config)], stdout=out, stderr=err)
-        code, rss, cpu = wait_sampled(proc)
+        code, rss, cpu = wait_sampled(proc, timeout=_timeout(setup.files))
         seconds = time.monotonic() - started
     got = codes.read_text().split()
     problems = [f"curl exited {code}: {_tail(work / 'curl.err')}"] if code else []
@@ -180,7 +180,7 @@ def measure_python(name: str) -> Measure:
         with open(work / "out.json", "wb") as out, open(work / "err.txt", "wb") as err:
             started = time.monotonic()
             proc = subprocess.Popen([*args, str(streams)], stdout=out, stderr=err)
-            code, rss, cpu = wait_sampled(proc)
+            code, rss, cpu = wait_sampled(proc, timeout=_timeout(setup.files))
             seconds = time.monotonic() - started
         problems = [f"{name} exited {code}: {_tail(work / 'err.txt')}"] if code else []
         if not code:
@@ -224,7 +224,7 @@ def stowd_run(
         started = time.monotonic()
         for study in sorted(incoming.iterdir()):
             study.rename(work / "drop" / study.name)
-        deadline = started + max(600.0, files / 5)
+        deadline = started + _timeout(files)
         sent = failed = 0
         while proc.poll() is None and time.monotonic() < deadline:
             sent, failed = count_files(work / "sent"), count_files(work / "failed")
@@ -262,7 +262,7 @@ def measure_migrate(setup: Setup, work: Path, url: str, streams: int) -> Sent:
     with open(work / "migrate.out", "wb") as out, open(work / "migrate.log", "wb") as log:
         started = time.monotonic()
         proc = subprocess.Popen(command, stdout=out, stderr=log, env=stowd_env(), cwd=work)
-        code, rss, cpu = wait_sampled(proc)
+        code, rss, cpu = wait_sampled(proc, timeout=_timeout(setup.files))
         seconds = time.monotonic() - started
     problems = [f"stowd migrate exited {code}: {_tail(work / 'migrate.log')}"] if code else []
     return seconds, rss, cpu, problems
@@ -275,6 +275,11 @@ MEASURES: dict[str, Measure] = {
     "stowd run": measure_stowd_run,
     "stowd migrate": measure_migrate,
 }
+
+
+def _timeout(files: int) -> float:
+    """How long one sender may take before it is killed (and its row marked WRONG)."""
+    return max(600.0, files / 5)
 
 
 def _tail(path: Path, lines: int = 3) -> str:
