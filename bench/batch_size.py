@@ -21,23 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+from benchlib import count_files, peak_rss_mb, stowd_env
+from dicomgen import make_study
+from orthanc import Orthanc
 
-from dicomgen import make_study  # noqa: E402
-from orthanc import Orthanc  # noqa: E402
-
-from stowd.config import parse_size  # noqa: E402
-
-
-def peak_rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+from stowd.config import parse_size
 
 
 def write_config(folder: Path, url: str, batch_files: int, workers: int) -> Path:
@@ -62,16 +50,13 @@ destinations:
     return config
 
 
-def count_files(folder: Path) -> int:
-    return sum(len(files) for _, _, files in os.walk(folder)) if folder.exists() else 0
-
-
 def run_one(stage: Path, work: Path, total: int, batch_files: int, workers: int) -> str:
     with Orthanc(work / "orthanc") as orthanc:
         config = write_config(work, orthanc.dicomweb_url, batch_files, workers)
         (work / "drop").mkdir()
         proc = subprocess.Popen(
             [sys.executable, "-m", "stowd", "run", "-c", str(config)],
+            env=stowd_env(),
             stderr=open(work / "stowd.log", "wb"),  # noqa: SIM115
         )
         time.sleep(1.0)

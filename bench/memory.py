@@ -9,65 +9,28 @@ copy from the spool folder (the cost of rules).  ``--video`` drops one MPEG-2 vi
 size (a real clip at both ends, a sparse hole between) and sends it in both bulkdata modes:
 ``encapsulate`` (a Part-10 copy built in the spool, then sent) and ``metadata``.
 
-Prints the peak RSS (VmHWM) of the stowd process for each case.  Figures, not assertions.
+Prints the peak RSS (VmHWM) of the stowd process for each case, and for the backlog the time
+from start-up until every file is scanned and queued (read from the queue while stowd runs).
+Figures, not assertions.  bench/throughput.py runs the same cases through ``big_file_case``
+and ``backlog_case``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import re
 import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+from benchlib import CHUNK, count_files, discard_server, peak_rss_mb, queued_rows, stowd_env
+from dicomgen import make_instance, make_instance_bytes
 
-from dicomgen import make_instance, make_instance_bytes  # noqa: E402
-
-from stowd.classify import classify  # noqa: E402
-from stowd.config import parse_size  # noqa: E402
-
-CHUNK = 1024 * 1024
-
-
-META_SOP_UID = b"\x02\x00\x03\x00UI"
-JSON_SOP_UID = re.compile(rb'"00080018": \{"vr": "UI", "Value": \["([0-9.]+)"\]')
-
-
-class Discard(BaseHTTPRequestHandler):
-    """Reads the whole body, keeps nothing but the SOPInstanceUIDs of its File Meta headers,
-    and answers that every one was stored."""
-
-    def do_POST(self) -> None:
-        left = int(self.headers["Content-Length"])
-        uids = []
-        while left:
-            chunk = self.rfile.read(min(CHUNK, left))
-            left -= len(chunk)
-            uids += [m.decode() for m in JSON_SOP_UID.findall(chunk)]  # the metadata form
-            at = chunk.find(META_SOP_UID)
-            while at >= 0:
-                length = struct.unpack("<H", chunk[at + 6 : at + 8])[0]
-                uids.append(chunk[at + 8 : at + 8 + length].rstrip(b"\x00 ").decode())
-                at = chunk.find(META_SOP_UID, at + 8)
-        items = [{"00081155": {"vr": "UI", "Value": [u]}} for u in uids]
-        body = json.dumps({"00081199": {"vr": "SQ", "Value": items}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/dicom+json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *_args: object) -> None:
-        pass
+from stowd.classify import classify
+from stowd.config import parse_size
 
 
 def big_dicom(path: Path, size: int) -> str:
@@ -122,30 +85,36 @@ destinations:
     return path
 
 
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def run(
     folder: Path, url: str, expect: int, rules: bool, mode: str = "encapsulate"
-) -> tuple[float, float]:
+) -> dict[str, float]:
+    """Start ``stowd run`` on *folder* and wait until *expect* files are in sent/.
+
+    Returns ``seconds`` (start-up to the last file moved), ``queued_seconds`` (start-up until
+    every file has its row in the queue: scanned and queued) and ``rss_mb`` (stowd's VmHWM).
+    """
     path = config(folder, url, rules, mode)
-    proc = subprocess.Popen([sys.executable, "-m", "stowd", "run", "-c", str(path)])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stowd", "run", "-c", str(path)], env=stowd_env()
+    )
     started = time.monotonic()
     sent = folder / "sent"
+    database = folder / "state" / "queue.db"
+    queued: float | None = None
     while proc.poll() is None:
-        done = sum(len(f) for _, _, f in os.walk(sent)) if sent.exists() else 0
-        if done >= expect:
+        now = time.monotonic()
+        if queued is None and queued_rows(database) >= expect:
+            queued = now - started
+        if count_files(sent) >= expect:
             break
         time.sleep(0.2)
     seconds = time.monotonic() - started
+    if queued is None:
+        queued = seconds  # all were queued by the time all were sent (a very short run)
     rss = peak_rss_mb(proc.pid)
     proc.terminate()
     proc.wait(60)
-    return seconds, rss
+    return {"seconds": seconds, "queued_seconds": queued, "rss_mb": rss}
 
 
 def video_case(url: str, text: str) -> None:
@@ -155,11 +124,35 @@ def video_case(url: str, text: str) -> None:
             folder = Path(tmp)
             (folder / "drop").mkdir()
             sparse_video(folder / "drop" / "long.mpg", size)
-            seconds, rss = run(folder, url, 1, False, mode)
+            got = run(folder, url, 1, False, mode)
             print(
-                f"one MPEG-2 video of {text}, bulkdata: {mode}: {size / seconds / 1e6:.0f} MB/s "
-                f"end to end, peak RSS {rss:.1f} MB"
+                f"one MPEG-2 video of {text}, bulkdata: {mode}: "
+                f"{size / got['seconds'] / 1e6:.0f} MB/s end to end, "
+                f"peak RSS {got['rss_mb']:.1f} MB"
             )
+
+
+def big_file_case(tmp: Path, url: str, size: int, rules: bool = False) -> dict[str, Any]:
+    """One file of *size* bytes dropped and sent: MB/s end to end and stowd's peak RSS."""
+    one = tmp / "one"
+    (one / "drop").mkdir(parents=True)
+    big_dicom(one / "drop" / "big.dcm", size)
+    classify(str(one / "drop" / "big.dcm"))  # the file is valid for stowd
+    got = run(one, url, 1, rules)
+    (one / "sent" / "big.dcm").unlink()  # 4 GB less on the disk right away
+    return {"size": size, "mb_s": size / got["seconds"] / 1e6, **got}
+
+
+def backlog_case(tmp: Path, url: str, files: int, rules: bool = False) -> dict[str, Any]:
+    """*files* small files waiting in the drop folder when stowd starts: the time until all
+    are scanned and queued, files/s end to end and stowd's peak RSS."""
+    many = tmp / "many"
+    (many / "drop").mkdir(parents=True)
+    study = "1.2.826.0.1.3680043.8.498.7"
+    for n in range(files):
+        make_instance(many / "drop" / f"{n:06d}.dcm", study_uid=study)
+    got = run(many, url, files, rules)
+    return {"files": files, "files_s": files / got["seconds"], **got}
 
 
 def main() -> int:
@@ -173,30 +166,19 @@ def main() -> int:
     )
     parser.add_argument("--video", help="instead: one MPEG-2 video of this size, both modes")
     args = parser.parse_args()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Discard)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_port}/dicom-web"
+    server, url = discard_server()
     if args.video:
         video_case(url, args.video)
         server.shutdown()
         return 0
     with tempfile.TemporaryDirectory(prefix="stowd-mem-") as tmp:
-        one = Path(tmp) / "one"
-        (one / "drop").mkdir(parents=True)
-        size = parse_size(args.size)
-        big_dicom(one / "drop" / "big.dcm", size)
-        classify(str(one / "drop" / "big.dcm"))  # the file is valid for stowd
-        seconds, rss = run(one, url, 1, args.rules)
-        print(f"one file of {args.size}: {size / seconds / 1e6:.0f} MB/s, peak RSS {rss:.1f} MB")
-        many = Path(tmp) / "many"
-        (many / "drop").mkdir(parents=True)
-        study = "1.2.826.0.1.3680043.8.498.7"
-        for n in range(args.backlog):
-            make_instance(many / "drop" / f"{n:06d}.dcm", study_uid=study)
-        seconds, rss = run(many, url, args.backlog, args.rules)
+        big = big_file_case(Path(tmp), url, parse_size(args.size), args.rules)
+        print(f"one file of {args.size}: {big['mb_s']:.0f} MB/s, peak RSS {big['rss_mb']:.1f} MB")
+        many = backlog_case(Path(tmp), url, args.backlog, args.rules)
         print(
-            f"backlog of {args.backlog} small files: {args.backlog / seconds:.0f} files/s "
-            f"end to end, peak RSS {rss:.1f} MB"
+            f"backlog of {args.backlog} small files: scanned and queued in "
+            f"{many['queued_seconds']:.1f} s, {many['files_s']:.0f} files/s end to end, "
+            f"peak RSS {many['rss_mb']:.1f} MB"
         )
     server.shutdown()
     return 0

@@ -1,0 +1,116 @@
+"""Where ``stowd run`` spends its time against the discarding endpoint: one cProfile per thread.
+
+Usage (from the repository root)::
+
+    .venv/bin/python bench/profile_stowd.py --files 5000 [--size 64KiB] [--workers 2] [--top 12]
+
+Generates the files (as bench/throughput.py does), starts ``stowd run`` in a child process
+whose every thread runs under its own ``cProfile.Profile``, moves the study folders into the
+drop folder, waits until all are in sent/, stops stowd with SIGTERM and prints, per thread,
+the functions with the most own time (waiting on locks included: a sender thread waiting for
+the archive's answer shows as ``acquire``/``recv``).  The profiler slows stowd down about 2x;
+compare shares, not absolute times.  Add ``--keep DIR`` to keep the .prof files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from benchlib import count_files, discard_server, stowd_env
+from throughput import generate, stowd_config, wait_started
+
+from stowd.config import parse_size
+
+
+def profiled_child(config: str, out: str) -> int:
+    """Run ``stowd run -c config`` here with a profiler per thread; dump ``out.<thread>``."""
+    from stowd.cli import main  # noqa: PLC0415 - after the patch below would be fine too
+
+    profiles: list[tuple[str, cProfile.Profile]] = []
+    original = threading.Thread.run
+
+    def run(self: threading.Thread) -> None:
+        profile = cProfile.Profile()
+        profiles.append((self.name, profile))
+        profile.enable()
+        try:
+            original(self)
+        finally:
+            profile.disable()
+
+    threading.Thread.run = run  # type: ignore[method-assign]
+    main_profile = cProfile.Profile()
+    main_profile.enable()
+    try:
+        return main(["run", "-c", config])
+    finally:
+        main_profile.disable()
+        for name, profile in [("main", main_profile), *profiles]:
+            profile.dump_stats(f"{out}.{name}")
+
+
+def report(folder: Path, top: int) -> None:
+    for path in sorted(folder.glob("stowd.prof.*")):
+        stats: Any = pstats.Stats(str(path))
+        print(f"\n===== thread {path.name.removeprefix('stowd.prof.')}")
+        stats.sort_stats("tottime").print_stats(top)
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        return profiled_child(sys.argv[2], sys.argv[3])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--files", type=int, default=5000)
+    parser.add_argument("--size", default="64KiB")
+    parser.add_argument("--studies", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--keep", type=Path, help="copy the .prof files into this folder")
+    args = parser.parse_args()
+    server, url = discard_server()
+    with tempfile.TemporaryDirectory(prefix="stowd-profile-") as name:
+        tmp = Path(name)
+        total = generate(tmp / "stage", args.files, parse_size(args.size), args.studies)
+        work = tmp / "work"
+        work.mkdir()
+        config = stowd_config(work, url, args.workers, 50)
+        for study in sorted((tmp / "stage").iterdir()):
+            shutil.copytree(study, work / "incoming" / study.name, copy_function=os.link)
+        out = tmp / "stowd.prof"
+        command = [sys.executable, __file__, "--child", str(config), str(out)]
+        proc = subprocess.Popen(command, env=stowd_env(), cwd=work)
+        wait_started(work / "state" / "queue.db", proc)
+        started = time.monotonic()
+        for study in sorted((work / "incoming").iterdir()):
+            study.rename(work / "drop" / study.name)
+        while count_files(work / "sent") < total and proc.poll() is None:
+            time.sleep(0.05)
+        seconds = time.monotonic() - started
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        print(f"{total} files of {args.size}: {total / seconds:.0f} files/s under the profiler")
+        report(tmp, args.top)
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            for path in tmp.glob("stowd.prof.*"):
+                shutil.copy(path, args.keep / path.name)
+    server.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
