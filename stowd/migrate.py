@@ -41,6 +41,7 @@ from typing import Any, TextIO
 
 from stowd.config import Config, Source
 from stowd.errors import MigrationConflict
+from stowd.lookup import Finder
 from stowd.metadata import clear_spool, digest
 from stowd.migreport import (
     Summary,
@@ -60,7 +61,7 @@ from stowd.worker import Worker
 
 log = logging.getLogger("stowd.migrate")
 
-TICK = 0.5
+TICK = 0.1  # how often the run looks whether it is done (more when counting is slow)
 QUERY_SHARE = 10  # wait at least 10 times as long as counting the rows took
 RESETTLE_EVERY = 60.0
 EXIT_SECOND_SIGNAL = 130
@@ -118,6 +119,7 @@ class Migration:
         self.skipped = 0
         self.unsettled: set[int] = set()
         self.move_problems: dict[int, OSError] = {}  # why each stuck move failed last
+        self.finder: Finder | None = None  # made with the workers, closed after them
         self.scan_errors: list[tuple[str, OSError]] = []  # folders/files that cannot be read
         self.signals = 0
         self.crashed = False
@@ -178,9 +180,10 @@ class Migration:
     def _start(self) -> tuple[list[threading.Thread], list[StowClient]]:
         dest = self.config.destinations[self.opts.destination]
         client = StowClient(dest, stop=self.stop)
+        self.finder = Finder(self.config, self.queue)  # one lookup client for all workers
         lock = threading.Lock()
         threads = []
-        for n in range(dest.workers):
+        for n in range(dest.workers + 1):  # the last one only reads new files
             worker = Worker(
                 self.config,
                 self.queue,
@@ -189,8 +192,11 @@ class Migration:
                 self.stop,
                 unsettled=self.unsettled,
                 classify_lock=lock,
+                finder=self.finder,
+                sends=n < dest.workers,
             )
-            threads.append(threading.Thread(target=worker.run, name=f"send-{n}", daemon=True))
+            name = f"send-{n}" if worker.sends else "read-new"
+            threads.append(threading.Thread(target=worker.run, name=name, daemon=True))
         threads.append(threading.Thread(target=self._scan, name="scan", daemon=True))
         for thread in threads:
             thread.start()
@@ -284,6 +290,8 @@ class Migration:
             thread.join(max(0.0, deadline - time.monotonic()))
         for client in clients:
             client.close()
+        if self.finder is not None:
+            self.finder.close()
 
     def _show(self, tally: dict[str, tuple[int, int]], end: str = "\n") -> None:
         seconds = time.time() - self.started
