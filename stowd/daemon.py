@@ -173,6 +173,7 @@ class Daemon:
                 )
                 gen.workers.append(worker)
                 _spawn(gen, f"send-{name}-{n}", worker.run)
+        _spawn_reader(gen, self.queue, self.unsettled)
         for source in config.sources:
             watcher = Watcher(
                 source, source.destination, self.queue.enqueue, exclude=self._queue_files()
@@ -391,6 +392,26 @@ def _serve_metrics(config: Config) -> metrics.Server | None:
     server = metrics.serve(host, port, config.queue, list(config.destinations))
     log.info("serving Prometheus metrics on http://%s:%d/metrics", host, server.port)
     return server
+
+
+def _spawn_reader(gen: Generation, queue: Queue, unsettled: set[int]) -> None:
+    """A worker that only reads new files, so that no upload waits for a batch's headers."""
+    if not gen.workers:
+        return
+    first = gen.workers[0]
+    reader = Worker(
+        gen.config,
+        queue,
+        first.destination,
+        first.client,
+        gen.stop,
+        unsettled=unsettled,
+        classify_lock=gen.classify_lock,
+        finder=gen.finder,
+        sends=False,
+    )
+    gen.workers.append(reader)
+    _spawn(gen, "read-new", reader.run)
 
 
 def _spawn(gen: Generation, name: str, target: Callable[[], None]) -> None:

@@ -67,8 +67,11 @@ class Worker:
         unsettled: set[int] | None = None,
         classify_lock: threading.Lock | None = None,
         finder: Finder | None = None,
+        sends: bool = True,
     ) -> None:
         self.config = config
+        # False: only reads new files, so that reading overlaps the uploads of the others
+        self.sends = sends
         # asks the archives for the study a rule's lookup names (shared by a generation)
         self.finder = finder or Finder(config, queue, clock=clock)
         self.unsettled = set() if unsettled is None else unsettled
@@ -111,6 +114,8 @@ class Worker:
     def step(self) -> bool:
         """Do one unit of work; False when there was nothing to do."""
         classified = self.classify_some()
+        if not self.sends:
+            return classified > 0
         return self.send_one() or classified > 0
 
     # -- classify -------------------------------------------------------------------------
