@@ -8,6 +8,7 @@ UIDs are made later (they are empty here). Anything that cannot be sent raises
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import warnings
@@ -33,6 +34,7 @@ SEQ_END = (0xFFFE, 0xE0DD)
 _MAGIC_AT = 128
 DICOM_EXTENSIONS = (".dcm", ".dicom", ".dic")
 DEFER = 256 * 1024  # larger values (an encapsulated document) are not loaded to classify
+HEAD_BYTES = 64 * 1024  # a header that ends within these bytes is parsed from memory
 
 
 @dataclass(frozen=True)
@@ -84,14 +86,39 @@ def _classify_dicom(fp: BinaryIO, size: int) -> Classified:
         raise NotDicom(
             "not a DICOM file: no 'DICM' marker at byte 128 and no File Meta Information"
         )
-    fp.seek(0)
     with header_errors():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True, defer_size=DEFER)
+            ds = _read_header(fp, size)
             keys = _keys(ds)
         _check_pixel_data(fp, size, _transfer_syntax(ds))
     return keys
+
+
+def _read_header(fp: BinaryIO, size: int) -> pydicom.Dataset:
+    """The header, read up to the pixel data; ``fp`` is left where the header ends.
+
+    Parsed from an in-memory copy of the first ``HEAD_BYTES`` when the header ends there (or
+    the whole file is in them), else from the file.  pydicom asks its file for the position
+    at every element; on a real file each answer is a system call that releases the GIL, and
+    while other threads are busy each one waits to get it back: a header read took ~5 ms
+    instead of ~0.6 ms with a busy thread beside it.  The bytes parsed are the same either way.
+    """
+    fp.seek(0)
+    head = fp.read(HEAD_BYTES)
+    memory = io.BytesIO(head)
+    try:
+        ds = pydicom.dcmread(memory, stop_before_pixels=True, force=True, defer_size=DEFER)
+    except Exception:
+        ds = None  # cut off by the copy's end, or damaged: the file itself says which
+    end = memory.tell()
+    # At least an element header left after where parsing stopped: it stopped at the pixel
+    # data, not at the end of the copy (a value skipped past that end moves tell() beyond it).
+    if ds is not None and (len(head) == size or end + 12 <= len(head)):
+        fp.seek(end)
+        return ds
+    fp.seek(0)
+    return pydicom.dcmread(fp, stop_before_pixels=True, force=True, defer_size=DEFER)
 
 
 @contextmanager
