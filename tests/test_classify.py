@@ -103,3 +103,23 @@ def test_a_file_stowd_may_not_read_is_unreadable_not_failed(
     monkeypatch.setattr("builtins.open", denied)
     with pytest.raises(FileUnreadable, match="permission denied"):
         classify(str(path))
+
+
+@pytest.mark.parametrize("pad", [60_000, 65_400, 65_536, 70_000, 300_000])
+def test_headers_longer_than_the_in_memory_copy_are_read_from_the_file(
+    pad: int, tmp_path: Path
+) -> None:
+    """A header ending before, across or after the first 64 KiB (parsed from memory, else
+    from the file) gives the same keys, and a cut pixel data is still found after it."""
+    ds = pydicom.dcmread(sample("CT_small.dcm", tmp_path))
+    del ds[0xFFFCFFFC]  # its trailing padding: cutting the file must cut the pixel data
+    ds.add_new(0x00090010, "LO", "STOWD TEST")
+    ds.add_new(0x00091010, "OB", b"\x00" * pad)  # a private value before the pixel data
+    path = tmp_path / "long-header.dcm"
+    ds.save_as(path)
+    c = classify(str(path))
+    assert (c.study_uid, c.sop_uid) == (ds.StudyInstanceUID, ds.SOPInstanceUID)
+    data = path.read_bytes()
+    path.write_bytes(data[:-100])  # the pixel data cut short
+    with pytest.raises(FileProblem, match="truncated"):
+        classify(str(path))
