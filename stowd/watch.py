@@ -22,7 +22,17 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
@@ -40,6 +50,18 @@ IDLE_WAIT = 1.0
 TEXT_CACHE = 10_000  # sidecar texts kept between scans
 RAW_LIMIT = 1024 * 1024  # a sidecar that is not text is kept up to this size
 POLL_INTERVAL = 2.0
+# The events that can mean a file is new or changed.  Not 'opened' and 'closed_no_write':
+# stowd opens every file twice itself (to read its header, to send it), and each of those
+# events was a hint that re-checked the file and asked the queue about it again.
+EVENTS = [
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileClosedEvent,
+    FileMovedEvent,
+    FileDeletedEvent,
+    DirCreatedEvent,
+    DirMovedEvent,
+]
 Sink = Callable[[list[NewFile]], int]
 OnError = Callable[[str, OSError], None]
 
@@ -123,7 +145,8 @@ class Watcher:
         observer = cls(timeout=POLL_INTERVAL) if self.source.polling else cls()
         try:
             self.source.watch.mkdir(parents=True, exist_ok=True)
-            observer.schedule(_Handler(self.hint), str(self.source.watch), recursive=True)
+            handler = _Handler(self.hint)
+            observer.schedule(handler, str(self.source.watch), recursive=True, event_filter=EVENTS)
             observer.daemon = True
             observer.start()
         except OSError as exc:
