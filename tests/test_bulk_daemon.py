@@ -4,18 +4,15 @@ instances in a real Orthanc, with the bytes embedded unchanged and stable UIDs."
 from __future__ import annotations
 
 import json
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pydicom
 from harness import Layout, Stowd, make_layout, wait_for
 from mediagen import dciodvfy_errors, make_jpeg, make_pdf, make_png, make_video
 from orthanc import Orthanc
 from pydicom.encaps import generate_fragments
+from stowproxy import StowProxy
 
 from stowd.media import detect
 
@@ -144,52 +141,15 @@ def test_bad_and_unknown_files_are_refused_clearly_and_the_daemon_goes_on(
     assert orthanc.instance_count() == 2
 
 
-class SlowAnswers:
-    """A proxy in front of Orthanc that passes each STOW request on at once but holds the
-    answer back for ``delay`` seconds: a window in which Orthanc has stored instances that
-    stowd has not yet been told about (the moment a crash risks duplicates)."""
-
-    def __init__(self, target: str, delay: float) -> None:
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                headers = {"Content-Type": self.headers["Content-Type"]}
-                answer = httpx.post(target + "/studies", content=body, headers=headers, timeout=60)
-                time.sleep(proxy.delay)
-                self.send_response(answer.status_code)
-                self.send_header("Content-Type", answer.headers.get("Content-Type", "text/plain"))
-                self.send_header("Content-Length", str(len(answer.content)))
-                self.end_headers()
-                self.wfile.write(answer.content)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.delay = delay
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host!s}:{port}/dicom-web"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_kill_9_mid_upload_reuses_the_same_uids(tmp_path: Path, orthanc: Orthanc) -> None:
-    proxy = SlowAnswers(orthanc.dicomweb_url, delay=3.0)
+    proxy = StowProxy(orthanc.dicomweb_url, delay=3.0)
     try:
         kill_mid_upload_and_restart(tmp_path, orthanc, proxy)
     finally:
         proxy.close()
 
 
-def kill_mid_upload_and_restart(tmp_path: Path, orthanc: Orthanc, proxy: SlowAnswers) -> None:
+def kill_mid_upload_and_restart(tmp_path: Path, orthanc: Orthanc, proxy: StowProxy) -> None:
     layout = bulk_layout(
         tmp_path / "run",
         proxy.url,

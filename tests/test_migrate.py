@@ -28,6 +28,7 @@ import pytest
 from dicomgen import make_instance, make_study, write_empty, write_garbage, write_truncated
 from harness import Layout, make_layout, run_cli, wait_for
 from orthanc import Orthanc
+from stowproxy import StowProxy
 
 from stowd import cli, logs
 from stowd import migrate as migrate_mod
@@ -86,11 +87,21 @@ def migrate_here(monkeypatch: pytest.MonkeyPatch, layout: Layout, *args: str) ->
 def test_resume_after_kill_never_resends_and_keep_leaves_the_source_alone(
     tmp_path: Path, orthanc: Orthanc
 ) -> None:
-    layout = layout_for(tmp_path, orthanc, max_files=1)
+    proxy = StowProxy(orthanc.dicomweb_url)  # counts what reaches Orthanc
+    try:
+        resume_after_kill(tmp_path, orthanc, proxy)
+    finally:
+        proxy.close()
+
+
+def resume_after_kill(tmp_path: Path, orthanc: Orthanc, proxy: StowProxy) -> None:
+    dest = {"url": proxy.url, "workers": 1, "batch": {"max_files": 1}}
+    layout = make_layout(tmp_path / "run", proxy.url, destinations={"pacs": dest})
     archive = tmp_path / "archive"
-    uids = set()
+    uid_of: dict[str, str] = {}
     for study in range(4):
-        uids |= {u for _, u in make_study(archive / f"study{study}" / "series", 100)}
+        uid_of |= {str(p): u for p, u in make_study(archive / f"study{study}" / "series", 100)}
+    uids = set(uid_of.values())
     before = hashes(archive)
     args = (str(archive), "--destination", "pacs", "--keep")
 
@@ -121,6 +132,7 @@ def test_resume_after_kill_never_resends_and_keep_leaves_the_source_alone(
         second.wait(10)
     confirmed = sent_paths(layout)
     assert len(confirmed) < 400
+    posted_before = proxy.times_posted(uids)
 
     third = run_cli("migrate", "-c", str(layout.config), *args, timeout=120)
     assert third.returncode == 0, third.stdout + third.stderr
@@ -130,6 +142,7 @@ def test_resume_after_kill_never_resends_and_keep_leaves_the_source_alone(
     assert len(stored) == len(set(stored)) == 400  # no confirmed file was stored twice
     assert {outcome for _, state, outcome in rows if state == "sent"} == {"kept"}
     assert orthanc.sop_instance_uids() == uids
+    only_in_flight_resent(proxy.times_posted(uids), posted_before, [uid_of[p] for p in confirmed])
     assert hashes(archive) == before  # byte-identical, nothing added, nothing moved
     assert not (tmp_path / "archive.sent").exists()
     assert not (tmp_path / "archive.failed").exists()
@@ -138,6 +151,17 @@ def test_resume_after_kill_never_resends_and_keep_leaves_the_source_alone(
     assert fourth.returncode == 0, fourth.stderr
     assert "skipped:  400 file(s)" in fourth.stdout
     assert "stored:   0 file(s)" in fourth.stdout
+
+
+def only_in_flight_resent(
+    posted: dict[str, int], posted_before: dict[str, int], confirmed: list[str]
+) -> None:
+    """Every instance reached Orthanc; what the stopped runs had confirmed was never POSTed
+    again, and only the request in flight at each of the two stops could be."""
+    assert min(posted.values()) >= 1
+    assert all(posted[uid] == posted_before[uid] == 1 for uid in confirmed)
+    resent = [uid for uid, times in posted.items() if times > 1]
+    assert len(resent) <= 2, resent
 
 
 def write_refused(path: Path) -> Path:

@@ -1,0 +1,75 @@
+"""A proxy in front of Orthanc's STOW-RS endpoint for tests: it passes each request on, can
+hold the answer back (a window in which Orthanc has stored instances that stowd has not been
+told about yet), and keeps every request body so a test can count what was POSTed."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+
+_SOP_TAG = re.compile(re.escape(b"\x08\x00\x18\x00"))
+
+
+class StowProxy:
+    """``url`` is a DICOMweb base URL whose POST /studies goes to ``target`` + /studies."""
+
+    def __init__(self, target: str, delay: float = 0.0) -> None:
+        proxy = self
+        self.delay = delay
+        self.bodies: list[bytes] = []
+        self._lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                headers = {"Content-Type": self.headers["Content-Type"]}
+                answer = httpx.post(target + "/studies", content=body, headers=headers, timeout=60)
+                with proxy._lock:
+                    proxy.bodies.append(body)
+                time.sleep(proxy.delay)
+                self.send_response(answer.status_code)
+                self.send_header("Content-Type", answer.headers.get("Content-Type", "text/plain"))
+                self.send_header("Content-Length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host!s}:{port}/dicom-web"
+
+    def times_posted(self, uids: set[str]) -> dict[str, int]:
+        """How many times each of ``uids`` went to Orthanc as an instance's SOPInstanceUID."""
+        with self._lock:
+            bodies = list(self.bodies)
+        seen = Counter(uid for body in bodies for uid in sop_instance_uids(body))
+        return {uid: seen[uid] for uid in uids}
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def sop_instance_uids(body: bytes) -> list[str]:
+    """The SOPInstanceUID (0008,0018) values in a body of Part-10 files (little endian)."""
+    found = []
+    for tag in _SOP_TAG.finditer(body):
+        at = tag.end()
+        explicit = body[at : at + 2] == b"UI"  # explicit VR: a 2-byte length after "UI"
+        size = body[at + 2 : at + 4] if explicit else body[at : at + 4]
+        length = int.from_bytes(size, "little")
+        value = body[at + 4 : at + 4 + length]
+        found.append(value.rstrip(b"\x00 ").decode("ascii", "replace"))
+    return found
