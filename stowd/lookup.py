@@ -108,7 +108,7 @@ class Finder:
         self.queue = queue
         self.clock = clock
         self._clients: dict[str, httpx.Client] = {}
-        self._failed: dict[str, tuple[float, str]] = {}  # key -> (when, reason)
+        self._failed: dict[str, tuple[float, str]] = {}  # archive URL -> (when, reason)
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -154,15 +154,19 @@ class Finder:
         cached = self.queue.cached_lookup(destination.name, key, now - wanted.lookup.cache)
         if cached is not None:
             return list(json.loads(cached))
-        failed = self._failed.get(key)
+        # Trouble is remembered per archive URL, from when the answer (or the timeout) came:
+        # a hung archive costs one read timeout per FAILURE_MEMORY, not one per file or key
+        # while every new file waits behind it (files are read one at a time).
+        where = json.dumps([destination.name, lookup_url(destination, wanted)])
+        failed = self._failed.get(where)
         if failed is not None and now - failed[0] < FAILURE_MEMORY:
             raise LookupUnavailable(failed[1])
         try:
             matches = self._ask(destination, wanted)
         except LookupUnavailable as exc:
-            self._failed[key] = (now, str(exc))
+            self._failed[where] = (self.clock(), str(exc))
             raise
-        self._failed.pop(key, None)
+        self._failed.pop(where, None)
         self.queue.cache_lookup(destination.name, key, json.dumps(matches, ensure_ascii=False))
         return matches
 
