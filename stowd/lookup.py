@@ -281,18 +281,36 @@ def _scalar(value: Any) -> str | int | float:
 
 
 def exact(wanted: Wanted, items: list[Item]) -> list[Item]:
-    """The items that match every key exactly (archives may match case-insensitively);
-    a key the archive did not return is taken as matched."""
-    return [item for item in items if all(_agrees(item, k, v) for k, v in wanted.query)]
+    """The items that match every key exactly (archives may match case-insensitively).
+
+    An item that does not show a key asked is no match: an archive that does not support a
+    key ignores it (PS3.18 only asks for a Warning header) and answers every entry, such as
+    the same PatientID of another issuer.  When that leaves nothing, ``LookupUnavailable``
+    says which key the archive did not answer (the file waits; it is not "no study").
+    """
+    matches = [item for item in items if all(_agrees(item, k, v) for k, v in wanted.query)]
+    if items and not matches:
+        unshown = [k for k, _ in wanted.query if all(_shown(i, k) is None for i in items)]
+        if unshown:
+            raise LookupUnavailable(
+                f"the archive's answer does not show {', '.join(unshown)}, so stowd cannot "
+                "check that an entry matches the query (does the archive support this key?)"
+            )
+    return matches
 
 
-def _agrees(item: Item, keyword: str, value: str) -> bool:
+def _shown(item: Item, keyword: str) -> list[str] | None:
     found = [item.get(keyword)]
     steps = item.get("ScheduledProcedureStepSequence")
     if keyword in IN_STEP and isinstance(steps, list):
         found += [s.get(keyword) for s in steps if isinstance(s, dict)]
     given = [_text(v) for v in found if v is not None]
-    return not given or value in given
+    return given or None
+
+
+def _agrees(item: Item, keyword: str, value: str) -> bool:
+    given = _shown(item, keyword)
+    return given is not None and value in given
 
 
 def _text(value: Value) -> str:

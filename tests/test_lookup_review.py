@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from harness import Clock
-from test_lookup_rules import WORKLIST, queued, wanted
+from test_lookup_rules import WORKLIST, entry, queued, wanted
 from test_rules import load
 from worklist import Worklist, serve
 
@@ -46,5 +46,41 @@ def test_a_hung_archive_is_asked_once_not_once_per_file(
             with pytest.raises(LookupUnavailable):
                 finder.find(queued(queue, "A3/S1/d.jpg"), wanted(config, "A3/S1/d.jpg"))
             assert len(worklist.requests) == 2
+        finally:
+            finder.close()
+
+
+BY_ISSUER = """
+rules:
+  - lookup:
+      in: worklist
+      query: {{PatientID: '{{parts[0]}}', IssuerOfPatientID: '{{parts[1]}}'}}
+      url: {url}/mwlitems
+"""
+
+
+class IgnoresIssuer(Worklist):
+    """A worklist that does not support IssuerOfPatientID: it ignores the key (PS3.18 asks
+    only for a Warning header) and does not return the attribute."""
+
+    def answer(self, path: str) -> tuple[int, list[dict[str, object]]]:
+        base, _, query = path.partition("?")
+        kept = [p for p in query.split("&") if not p.startswith("IssuerOfPatientID=")]
+        return super().answer(f"{base}?{'&'.join(kept)}")
+
+
+def test_an_entry_that_does_not_show_a_key_asked_is_no_match(
+    tmp_path: Path, queue: Queue, clock: Clock
+) -> None:
+    """Before: a key the archive did not return counted as matched, so the one item of
+    PatientID P1 at another hospital was joined."""
+    worklist = IgnoresIssuer([entry("A1", "S1", "P1")])
+    with serve(worklist) as url:
+        config = load(tmp_path, BY_ISSUER.format(url=url))
+        finder = Finder(config, queue, clock=clock)
+        try:
+            rel = "P1/HOSP_B/a.jpg"
+            with pytest.raises(LookupUnavailable, match="does not show IssuerOfPatientID"):
+                finder.find(queued(queue, rel), wanted(config, rel))
         finally:
             finder.close()
