@@ -320,11 +320,20 @@ def _text(value: Value) -> str:
 
 
 def copied(wanted: Wanted, match: Item) -> Item:
-    """What the new instance gets from the entry: only values the archive gave."""
+    """What the new instance gets from the entry.  A patient or study attribute the archive
+    left empty or did not return is empty (``""``): the file's or a rule's value (say the
+    IssuerOfPatientID or birth date of the patient a scanner had wrongly) never stays with
+    the archive's patient; nothing else is invented."""
     if wanted.lookup.within == "worklist":
         values = _scheduled(match)
     else:
-        values = {k: match[k] for k in PATIENT + STUDY if _given(match.get(k))}
+        values = {k: match[k] if _given(match.get(k)) else "" for k in PATIENT + STUDY}
+    if not _given(values["StudyInstanceUID"]):
+        raise FileProblem(
+            f"the {_entry(wanted)} the archive found for {wanted.text()} has no "
+            "StudyInstanceUID, so stowd cannot tell which study the file joins "
+            f"({wanted.rule})"
+        )
     return _checked(values)
 
 
@@ -332,7 +341,7 @@ def _scheduled(item: Item) -> Item:
     """IHE Scheduled Workflow (RAD TF-2x A.1): patient, study and request attributes of a
     worklist item as they go into the images made for it."""
     keep = ("StudyInstanceUID", "AccessionNumber", "ReferringPhysicianName")
-    values = {k: item[k] for k in (*PATIENT, *keep) if _given(item.get(k))}
+    values = {k: item[k] if _given(item.get(k)) else "" for k in (*PATIENT, *keep)}
     codes = item.get("RequestedProcedureCodeSequence")
     if _given(codes):
         values["ProcedureCodeSequence"] = codes

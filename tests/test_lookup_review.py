@@ -6,11 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from harness import Clock
+from dicomgen import make_instance
+from harness import Clock, make_layout
+from orthanc import Orthanc
+from test_lookup import instances, run_until, store
 from test_lookup_rules import WORKLIST, entry, queued, wanted
 from test_rules import load
 from worklist import Worklist, serve
 
+from stowd.errors import FileProblem
 from stowd.lookup import Finder, LookupUnavailable
 from stowd.queue import Queue
 
@@ -82,5 +86,53 @@ def test_an_entry_that_does_not_show_a_key_asked_is_no_match(
             rel = "P1/HOSP_B/a.jpg"
             with pytest.raises(LookupUnavailable, match="does not show IssuerOfPatientID"):
                 finder.find(queued(queue, rel), wanted(config, rel))
+        finally:
+            finder.close()
+
+
+def test_what_the_archive_leaves_empty_is_emptied_not_kept_from_the_file(
+    tmp_path: Path, orthanc: Orthanc
+) -> None:
+    """A scanner sent a DICOM file with another patient's ID, issuer and birth date; the
+    archive's patient has no issuer and no birth date.  Before: only the archive's non-empty
+    values were copied, so the instance got the right PatientID with the wrong patient's
+    IssuerOfPatientID and birth date (another patient's identity)."""
+    study = store(orthanc, "ACC-R1", patient="RIGHT-1", PatientBirthDate="", PatientSex="")
+    rule = {
+        "match": {"type": "dicom"},
+        "lookup": {"in": "studies", "query": {"AccessionNumber": "{dicom.AccessionNumber}"}},
+    }
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url, rules=[rule])
+    sop = make_instance(
+        layout.drop / "scanner/x.dcm",
+        patient_id="WRONG-1",
+        extra={
+            "AccessionNumber": "ACC-R1",
+            "IssuerOfPatientID": "OTHER-HOSPITAL",
+            "PatientBirthDate": "19991231",
+            "PatientSex": "M",
+        },
+    )
+    run_until(layout, lambda: layout.files(layout.sent) == {"scanner/x.dcm"}, "sent")
+    [ds] = [d for d in instances(orthanc) if d.SOPInstanceUID == sop]
+    assert ds.PatientID == "RIGHT-1" and ds.StudyInstanceUID == study
+    assert ds.get("IssuerOfPatientID", "") == "" and ds.PatientBirthDate == ""
+    assert ds.PatientSex == ""
+
+
+def test_an_entry_without_a_study_instance_uid_is_joined_by_no_file(
+    tmp_path: Path, queue: Queue, clock: Clock
+) -> None:
+    """A worklist item without StudyInstanceUID: before, each photo's study came from its
+    folder (bulkdata.study_key with the PatientID the file had before the lookup), so items
+    of two patients in one folder could share a made study."""
+    bare = entry("A1", "S1")
+    del bare["0020000D"]
+    with serve(Worklist([bare])) as url:
+        config = load(tmp_path, WORKLIST.format(url=url))
+        finder = Finder(config, queue, clock=clock)
+        try:
+            with pytest.raises(FileProblem, match="has no StudyInstanceUID"):
+                finder.find(queued(queue, "A1/S1/a.jpg"), wanted(config, "A1/S1/a.jpg"))
         finally:
             finder.close()
