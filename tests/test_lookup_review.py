@@ -3,8 +3,10 @@ that do not show the keys asked."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import httpx
 import pytest
 from dicomgen import make_instance
 from harness import Clock, make_layout
@@ -12,11 +14,15 @@ from orthanc import Orthanc
 from test_lookup import instances, run_until, store
 from test_lookup_rules import WORKLIST, entry, queued, wanted
 from test_rules import load
+from test_worker import Rig
 from worklist import Worklist, serve
 
+from stowd.config import Destination
 from stowd.errors import FileProblem
 from stowd.lookup import Finder, LookupUnavailable
 from stowd.queue import Queue
+from stowd.rules import Lookup, Rule, Template, Wanted
+from stowd.vr import Item
 
 
 class Hanging(Worklist):
@@ -136,3 +142,40 @@ def test_an_entry_without_a_study_instance_uid_is_joined_by_no_file(
                 finder.find(queued(queue, "A1/S1/a.jpg"), wanted(config, "A1/S1/a.jpg"))
         finally:
             finder.close()
+
+
+def test_waiting_for_the_study_does_not_use_up_retry_max_age(tmp_path: Path) -> None:
+    """``wait: 3h`` with ``retry.max_age: 1h``: before, the first 'not yet' set first_try,
+    so a one-off archive hiccup after 2 h of waiting gave the file up at once ('gave up after
+    N attempts'), as would a transient upload failure right after the study appeared."""
+    query = (("AccessionNumber", Template.parse("{parts[0]}")),)
+    rule = Rule("rules[0]", 1, lookup=Lookup("studies", query, wait=3 * 3600.0))
+    rig = Rig(tmp_path, lambda _r: httpx.Response(500), (rule,), max_age=3600.0)
+    try:
+        _wait_then_hiccup(rig)
+    finally:
+        rig.close()
+
+
+def _wait_then_hiccup(rig: Rig) -> None:
+    answers: list[Exception | None] = [None]  # None: no study (yet)
+
+    def ask(_destination: Destination, _wanted: Wanted) -> list[Item]:
+        answer = answers.pop(0)
+        if answer is not None:
+            raise answer
+        return []
+
+    rig.worker.finder._ask = ask  # type: ignore[method-assign,assignment]
+    make_instance(rig.source.watch / "A1" / "x.dcm", extra={"AccessionNumber": "A1"})
+    rig.find()
+    rig.drain()
+    [job] = rig.queue.jobs()
+    assert "no study with AccessionNumber A1" in json.loads(job.error or "{}")["reason"]
+    rig.clock.now += 2 * 3600
+    answers.append(LookupUnavailable("the lookup at x failed: HTTP 503"))
+    rig.drain()
+    assert rig.names(rig.source.failed) == set()
+    [job] = rig.queue.jobs()
+    assert rig.queue.counts() == {"waiting": 1}
+    assert "HTTP 503" in json.loads(job.error or "{}")["reason"]
