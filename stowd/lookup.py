@@ -217,8 +217,9 @@ def _param(keyword: str, worklist: bool) -> str:
 
 
 def query_key(destination: Destination, wanted: Wanted) -> str:
-    """What makes two lookups the same question (cache and recorded answers)."""
-    url = lookup_url(destination, wanted)
+    """What makes two lookups the same question (cache and recorded answers).  It is
+    written to the queue, so a ``user:password@`` in the URL is left out (``***@``)."""
+    url = redact_url(lookup_url(destination, wanted))
     return json.dumps([wanted.lookup.within, url, [list(q) for q in wanted.query]])
 
 

@@ -179,3 +179,23 @@ def _wait_then_hiccup(rig: Rig) -> None:
     [job] = rig.queue.jobs()
     assert rig.queue.counts() == {"waiting": 1}
     assert "HTTP 503" in json.loads(job.error or "{}")["reason"]
+
+
+def test_a_password_in_the_worklist_url_is_not_written_to_the_queue(
+    tmp_path: Path, queue: Queue, clock: Clock
+) -> None:
+    """The query key (the lookups cache and each file's record) held the lookup URL as
+    configured, so a ``user:password@`` URL put the password into queue.db, which stowd
+    status and others read; everywhere else such a URL is shown as ``***@``."""
+    with serve(Worklist([entry("A1", "S1")])) as url:
+        secret = url.replace("http://", "http://stowd:s3cret-pw@")
+        config = load(tmp_path, WORKLIST.format(url=secret))
+        finder = Finder(config, queue, clock=clock)
+        try:
+            job = queued(queue, "A1/S1/a.jpg")
+            found = finder.find(job, wanted(config, "A1/S1/a.jpg"))
+        finally:
+            finder.close()
+    assert "s3cret-pw" not in found.record
+    cache = queue._conn().execute("SELECT key, answer FROM lookups").fetchall()
+    assert cache and not any("s3cret-pw" in str(row) for row in cache)
