@@ -13,7 +13,7 @@ from harness import Clock, make_layout
 from orthanc import Orthanc
 from test_lookup import instances, run_until, store
 from test_lookup_rules import WORKLIST, entry, queued, wanted
-from test_rules import load
+from test_rules import load, problems
 from test_worker import Rig
 from worklist import Worklist, serve
 
@@ -199,3 +199,20 @@ def test_a_password_in_the_worklist_url_is_not_written_to_the_queue(
     assert "s3cret-pw" not in found.record
     cache = queue._conn().execute("SELECT key, answer FROM lookups").fetchall()
     assert cache and not any("s3cret-pw" in str(row) for row in cache)
+
+
+def test_a_fixed_empty_or_wildcard_query_value_is_a_config_problem(tmp_path: Path) -> None:
+    """Before: the config loaded, and every file the rule matched went to failed/."""
+    found = problems(
+        tmp_path,
+        """
+rules:
+  - lookup: {in: studies, query: {AccessionNumber: ''}}
+  - lookup: {in: studies, query: {AccessionNumber: 'A*'}}
+  - lookup: {in: studies, query: {PatientID: ' '}}
+""",
+    )
+    text = [f"line {p.line}: {p.key}: {p.message}" for p in found]
+    assert len(text) == 3, text
+    assert text[0].startswith("line 18: rules[0].lookup.query.AccessionNumber: is empty")
+    assert "'A*' holds a wildcard" in text[1] and "is empty" in text[2]
