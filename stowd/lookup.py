@@ -108,7 +108,7 @@ class Finder:
         self.queue = queue
         self.clock = clock
         self._clients: dict[str, httpx.Client] = {}
-        self._failed: dict[str, tuple[float, str]] = {}  # key -> (when, reason)
+        self._failed: dict[str, tuple[float, str]] = {}  # archive URL -> (when, reason)
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -154,15 +154,19 @@ class Finder:
         cached = self.queue.cached_lookup(destination.name, key, now - wanted.lookup.cache)
         if cached is not None:
             return list(json.loads(cached))
-        failed = self._failed.get(key)
+        # Trouble is remembered per archive URL, from when the answer (or the timeout) came:
+        # a hung archive costs one read timeout per FAILURE_MEMORY, not one per file or key
+        # while every new file waits behind it (files are read one at a time).
+        where = json.dumps([destination.name, lookup_url(destination, wanted)])
+        failed = self._failed.get(where)
         if failed is not None and now - failed[0] < FAILURE_MEMORY:
             raise LookupUnavailable(failed[1])
         try:
             matches = self._ask(destination, wanted)
         except LookupUnavailable as exc:
-            self._failed[key] = (now, str(exc))
+            self._failed[where] = (self.clock(), str(exc))
             raise
-        self._failed.pop(key, None)
+        self._failed.pop(where, None)
         self.queue.cache_lookup(destination.name, key, json.dumps(matches, ensure_ascii=False))
         return matches
 
@@ -213,8 +217,9 @@ def _param(keyword: str, worklist: bool) -> str:
 
 
 def query_key(destination: Destination, wanted: Wanted) -> str:
-    """What makes two lookups the same question (cache and recorded answers)."""
-    url = lookup_url(destination, wanted)
+    """What makes two lookups the same question (cache and recorded answers).  It is
+    written to the queue, so a ``user:password@`` in the URL is left out (``***@``)."""
+    url = redact_url(lookup_url(destination, wanted))
     return json.dumps([wanted.lookup.within, url, [list(q) for q in wanted.query]])
 
 
@@ -277,18 +282,36 @@ def _scalar(value: Any) -> str | int | float:
 
 
 def exact(wanted: Wanted, items: list[Item]) -> list[Item]:
-    """The items that match every key exactly (archives may match case-insensitively);
-    a key the archive did not return is taken as matched."""
-    return [item for item in items if all(_agrees(item, k, v) for k, v in wanted.query)]
+    """The items that match every key exactly (archives may match case-insensitively).
+
+    An item that does not show a key asked is no match: an archive that does not support a
+    key ignores it (PS3.18 only asks for a Warning header) and answers every entry, such as
+    the same PatientID of another issuer.  When that leaves nothing, ``LookupUnavailable``
+    says which key the archive did not answer (the file waits; it is not "no study").
+    """
+    matches = [item for item in items if all(_agrees(item, k, v) for k, v in wanted.query)]
+    if items and not matches:
+        unshown = [k for k, _ in wanted.query if all(_shown(i, k) is None for i in items)]
+        if unshown:
+            raise LookupUnavailable(
+                f"the archive's answer does not show {', '.join(unshown)}, so stowd cannot "
+                "check that an entry matches the query (does the archive support this key?)"
+            )
+    return matches
 
 
-def _agrees(item: Item, keyword: str, value: str) -> bool:
+def _shown(item: Item, keyword: str) -> list[str] | None:
     found = [item.get(keyword)]
     steps = item.get("ScheduledProcedureStepSequence")
     if keyword in IN_STEP and isinstance(steps, list):
         found += [s.get(keyword) for s in steps if isinstance(s, dict)]
     given = [_text(v) for v in found if v is not None]
-    return not given or value in given
+    return given or None
+
+
+def _agrees(item: Item, keyword: str, value: str) -> bool:
+    given = _shown(item, keyword)
+    return given is not None and value in given
 
 
 def _text(value: Value) -> str:
@@ -298,11 +321,20 @@ def _text(value: Value) -> str:
 
 
 def copied(wanted: Wanted, match: Item) -> Item:
-    """What the new instance gets from the entry: only values the archive gave."""
+    """What the new instance gets from the entry.  A patient or study attribute the archive
+    left empty or did not return is empty (``""``): the file's or a rule's value (say the
+    IssuerOfPatientID or birth date of the patient a scanner had wrongly) never stays with
+    the archive's patient; nothing else is invented."""
     if wanted.lookup.within == "worklist":
         values = _scheduled(match)
     else:
-        values = {k: match[k] for k in PATIENT + STUDY if _given(match.get(k))}
+        values = {k: match[k] if _given(match.get(k)) else "" for k in PATIENT + STUDY}
+    if not _given(values["StudyInstanceUID"]):
+        raise FileProblem(
+            f"the {_entry(wanted)} the archive found for {wanted.text()} has no "
+            "StudyInstanceUID, so stowd cannot tell which study the file joins "
+            f"({wanted.rule})"
+        )
     return _checked(values)
 
 
@@ -310,7 +342,7 @@ def _scheduled(item: Item) -> Item:
     """IHE Scheduled Workflow (RAD TF-2x A.1): patient, study and request attributes of a
     worklist item as they go into the images made for it."""
     keep = ("StudyInstanceUID", "AccessionNumber", "ReferringPhysicianName")
-    values = {k: item[k] for k in (*PATIENT, *keep) if _given(item.get(k))}
+    values = {k: item[k] if _given(item.get(k)) else "" for k in (*PATIENT, *keep)}
     codes = item.get("RequestedProcedureCodeSequence")
     if _given(codes):
         values["ProcedureCodeSequence"] = codes

@@ -98,6 +98,8 @@ def joined(p: Planned, values: Item, found: Classified) -> Planned:
     outcome.remove = [k for k in outcome.remove if k not in values]
     for keyword, value in values.items():
         before = original(keyword)
+        if value is None and before is None and keyword not in outcome.values:
+            continue  # nothing to clear: an attribute the file does not have is not added
         sequence = isinstance(value, list) and any(isinstance(v, dict) for v in value)
         if before is None or sequence or value_text(value) != before:
             outcome.values[keyword] = value

@@ -690,16 +690,27 @@ class Queue:
             )
 
     def retry_later(
-        self, ids: Iterable[int], *, at: float, error: dict[str, Any], solo: bool = False
+        self,
+        ids: Iterable[int],
+        *,
+        at: float,
+        error: dict[str, Any],
+        solo: bool = False,
+        failing: bool = True,
     ) -> None:
-        """A transient failure: count the attempt and wait until ``at``."""
+        """A transient failure: count the attempt and wait until ``at``.
+
+        ``failing=False``: a file that waits for something to appear (its study, for a
+        lookup) rather than failing; ``first_try``, from which ``retry.max_age`` counts, is
+        left unset so waiting never uses up the time allowed for failures."""
         now = self.clock()
+        first = now if failing else None
         with self._tx() as db:
             db.executemany(
                 "UPDATE files SET state = 'pending', lease_until = NULL, "
                 "attempts = attempts + 1, first_try = COALESCE(first_try, ?), last_try = ?, "
                 "next_attempt_at = ?, error = ?, solo = MAX(solo, ?) WHERE id = ?",
-                [(now, now, at, json.dumps(error), int(solo), i) for i in ids],
+                [(first, now, at, json.dumps(error), int(solo), i) for i in ids],
             )
 
     def isolate(self, ids: Iterable[int], *, not_before: float = 0.0) -> None:

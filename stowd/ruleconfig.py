@@ -17,6 +17,7 @@ from stowd import vr
 from stowd.rules import (
     REQUIRED,
     TYPES,
+    WILDCARDS,
     Condition,
     Lookup,
     Match,
@@ -212,6 +213,14 @@ def _query_value(within: str, keyword: str, node: Node, groups: frozenset[str] |
     _check_groups(template, groups)
     if not template.placeholders:
         _text(keyword, template.text)
+        # what rules._wanted refuses for a file, refused here for every file at once
+        if not template.text.strip():
+            raise ValueError("is empty; stowd never asks the archive with an empty value")
+        if any(c in template.text for c in WILDCARDS):
+            raise ValueError(
+                f"{template.text!r} holds a wildcard character (* ? \\); stowd asks only "
+                "for exact values"
+            )
     return template
 
 

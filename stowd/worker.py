@@ -234,7 +234,7 @@ class Worker:
         now = self.clock()
         at = min(now + self._file_delay(job.attempts), until + 0.1)
         error = self._error_doc(job, reason, stage=LOOKING)
-        self.queue.retry_later([job.id], at=at, error=error)
+        self.queue.retry_later([job.id], at=at, error=error, failing=False)
         log.info("%s: %s; asked again in %.0fs", job.path, reason, at - now)
 
     def _made(self, job: Job, kind: str, p: metadata.Planned) -> Made:

@@ -183,7 +183,12 @@ def test_the_dicom_json_answer_is_read_and_only_patient_and_study_values_copied(
         "StudyInstanceUID": "1.2.3",
         "AccessionNumber": "ACC1",
         "StudyDate": "20240101",
-    }  # nothing invented for what the archive left empty or did not return
+        "IssuerOfPatientID": None,
+        "ReferringPhysicianName": None,
+        "StudyTime": None,
+        "StudyID": None,
+        "StudyDescription": None,
+    }  # empty what the archive left empty or did not return (never the file's); no more
 
 
 def test_only_exact_matches_count(tmp_path: Path) -> None:
