@@ -310,8 +310,10 @@ def _shown(item: Item, keyword: str) -> list[str] | None:
 
 
 def _agrees(item: Item, keyword: str, value: str) -> bool:
+    """Leading and trailing spaces are padding in DICOM strings (PS3.5 6.2), not part of
+    the value: an archive answering ``"ACC1 "`` means ``ACC1``."""
     given = _shown(item, keyword)
-    return given is not None and value in given
+    return given is not None and value.strip(" ") in (g.strip(" ") for g in given)
 
 
 def _text(value: Value) -> str:

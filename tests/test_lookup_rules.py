@@ -197,6 +197,13 @@ def test_only_exact_matches_count(tmp_path: Path) -> None:
     assert [s["AccessionNumber"] for s in found] == ["ACC1"]
 
 
+def test_padding_spaces_of_the_archive_are_not_part_of_the_value(tmp_path: Path) -> None:
+    padded = dict(STUDY) | item(AccessionNumber="ACC1 ")  # some archives keep the padding
+    other = dict(STUDY) | item(AccessionNumber="ACC10")
+    found = exact(wanted(load(tmp_path, LOOKUP)), parse(json.dumps([padded, other]).encode(), ""))
+    assert [s["AccessionNumber"] for s in found] == ["ACC1 "]
+
+
 def test_includefield_is_repeated_per_attribute(tmp_path: Path) -> None:
     sent = params(wanted(load(tmp_path, LOOKUP)))
     assert sent[0] == ("AccessionNumber", "ACC1")
