@@ -20,6 +20,8 @@ from stowd.group import take_batch
 from stowd.queue import Job, NewFile
 from stowd.watch import Watcher
 
+MAX_LOOKUPS = 10  # lookup questions listed per source
+
 
 @dataclass
 class SourcePlan:
@@ -35,6 +37,8 @@ class SourcePlan:
     would_fail: list[tuple[str, str]] = field(default_factory=list)
     ignored: int = 0  # files of an unknown type that the source ignores
     studies: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+    # files per lookup question (the archive is not asked in a dry run)
+    lookups: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -48,6 +52,7 @@ class SourcePlan:
             "still_being_written": self.still_written,
             "would_fail": [{"file": f, "reason": r} for f, r in self.would_fail],
             "ignored": self.ignored,
+            "lookups": [{"query": q, "files": n} for q, n in sorted(self.lookups.items())],
         }
 
 
@@ -92,7 +97,12 @@ def _look_at(config: Config, source: Source, result: SourcePlan, new: NewFile) -
         return
     result.ready += 1
     result.ready_bytes += new.size
-    study = keys.study_uid or f"made study {keys.study_key}"  # a PDF, a photo: made later
+    wanted = keys.outcome.lookup
+    if wanted is not None:  # the archive decides the study: one per question, not asked now
+        study = f"{wanted.lookup.within} with {wanted.text()}"
+        result.lookups[study] += 1
+    else:
+        study = keys.study_uid or f"made study {keys.study_key}"  # a PDF, a photo: made later
     result.studies[study].append(new.size)
 
 
@@ -118,6 +128,15 @@ def render(plans: list[SourcePlan]) -> str:
             f"{len(p.studies)} stud{'y' if len(p.studies) == 1 else 'ies'}, "
             f"{p.requests} request(s)"
         )
+        if p.lookups:
+            lines.append(
+                f"  would look up: {len(p.lookups)} question(s) to the archive "
+                "(not asked in a dry run; `stowd explain FILE` shows the request)"
+            )
+            shown = sorted(p.lookups.items())[:MAX_LOOKUPS]
+            lines.extend(f"    {q}: {n} file(s)" for q, n in shown)
+            if len(p.lookups) > MAX_LOOKUPS:
+                lines.append(f"    ... and {len(p.lookups) - MAX_LOOKUPS} more")
         lines.append(f"  still being written (quiet period not over): {p.still_written}")
         if p.ignored:
             lines.append(f"  ignored (unknown type, bulkdata.unknown: ignore): {p.ignored}")

@@ -5,6 +5,8 @@ DICOM JSON answer, exact matching, what is copied, and the Finder against a loca
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from mediagen import make_jpeg
 from test_rules import load, problems, run
 from worklist import Worklist, item, serve
 
+from stowd import dryrun
 from stowd.config import Config
 from stowd.errors import FileProblem
 from stowd.explain import explain, render
@@ -334,3 +337,21 @@ def test_explain_shows_the_query_without_asking(tmp_path: Path) -> None:
         "GET http://127.0.0.1:8042/dicom-web/studies?AccessionNumber=ACC+7 (rule rules[0]"
     )
     assert "none -> waits up to 2 h, then failed/" in render([result])
+
+
+def test_dry_run_counts_the_lookup_questions_without_asking(tmp_path: Path) -> None:
+    config = load(tmp_path, LOOKUP)  # its archive (port 8042) is never asked
+    watch = config.sources[0].watch
+    for n in range(3):
+        make_jpeg(watch / "ACC 7" / f"p{n}.jpg")
+    make_jpeg(watch / "ACC 8" / "p.jpg")
+    past = time.time() - 7200
+    for photo in watch.rglob("*.jpg"):
+        os.utime(photo, (past, past))
+    p = dryrun.plan(config)[0]  # the first source, whose folder holds the photos
+    assert dict(p.lookups) == {"studies with AccessionNumber ACC 7": 3,
+                               "studies with AccessionNumber ACC 8": 1}
+    assert (p.ready, len(p.studies)) == (4, 2)
+    text = dryrun.render([p])
+    assert "would look up: 2 question(s)" in text
+    assert "studies with AccessionNumber ACC 7: 3 file(s)" in text
