@@ -25,6 +25,7 @@ from pathlib import Path
 from watchdog.events import (
     DirCreatedEvent,
     DirMovedEvent,
+    FileAttribEvent,
     FileClosedEvent,
     FileCreatedEvent,
     FileDeletedEvent,
@@ -53,9 +54,12 @@ POLL_INTERVAL = 2.0
 # The events that can mean a file is new or changed.  Not 'opened' and 'closed_no_write':
 # stowd opens every file twice itself (to read its header, to send it), and each of those
 # events was a hint that re-checked the file and asked the queue about it again.
+# 'attrib' (not a kind of 'modified' in watchdog 7) is a touch or a chmod: a file made
+# readable, or touched to have it sent again, is seen at once and not at the next rescan.
 EVENTS = [
     FileCreatedEvent,
     FileModifiedEvent,
+    FileAttribEvent,
     FileClosedEvent,
     FileMovedEvent,
     FileDeletedEvent,

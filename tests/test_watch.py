@@ -332,3 +332,32 @@ def test_scan_tells_on_error_of_what_it_cannot_read(
         (str(drop / "locked"), "PermissionError"),
         (str(drop / "nox" / "c.dcm"), "PermissionError"),
     ]
+
+
+@pytest.mark.parametrize("polling", [False, True])
+@pytest.mark.parametrize("change", ["touch", "chmod"])
+def test_a_file_only_touched_or_made_readable_is_seen_at_once(
+    tmp_path: Path, polling: bool, change: str
+) -> None:
+    """inotify reports both as IN_ATTRIB, which watchdog 7 turns into FileAttribEvent (not a
+    FileModifiedEvent): a file made readable by chmod, or touched, must not wait for a rescan."""
+    source = make_source(tmp_path, quiet_period=0.1, polling=polling, rescan_interval=3600.0)
+    path = write(source.watch / "x.dcm")
+    if change == "chmod":
+        path.chmod(0)
+    watcher = Watcher(source, "pacs", Sink())
+    seen: list[str] = []
+    watcher.hint = lambda path, folder=False: seen.append(path)  # type: ignore[method-assign]
+    watcher.start_observer()
+    try:
+        time.sleep(2.5 if polling else 0.3)  # the polling observer's first snapshot
+        if change == "chmod":
+            path.chmod(0o644)
+        else:
+            os.utime(path)
+        deadline = time.monotonic() + 10
+        while str(path) not in seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        watcher.stop_observer()
+    assert str(path) in seen
