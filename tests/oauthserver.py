@@ -25,11 +25,11 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
-from typing import Any, Self
+from http.server import BaseHTTPRequestHandler
+from typing import Any
 
 import httpx
+from localserver import LocalServer
 
 _HOP_BY_HOP = {
     "connection",
@@ -44,51 +44,6 @@ _HOP_BY_HOP = {
     "content-length",
     "authorization",
 }
-
-
-class _Server:
-    """A ThreadingHTTPServer on a free loopback port, served from a daemon thread."""
-
-    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._httpd.daemon_threads = True
-        self._httpd.owner = self  # type: ignore[attr-defined]
-        self._thread: threading.Thread | None = None
-
-    @property
-    def port(self) -> int:
-        port: int = self._httpd.server_address[1]
-        return port
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
-            )
-            self._thread.start()
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self._httpd.shutdown()
-            self._thread.join(5)
-            self._thread = None
-        self._httpd.server_close()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -144,7 +99,7 @@ class TokenRequest:
     scope: str
 
 
-class TokenServer(_Server):
+class TokenServer(LocalServer):
     """``POST /token``: client credentials in, a short-lived random bearer token out."""
 
     def __init__(self, client_id: str, client_secret: str, *, lifetime: int = 3) -> None:
@@ -250,7 +205,7 @@ class ProxyEvent:
     token: str  # "valid", "expired", "revoked", "unknown" or "missing"
 
 
-class BearerProxy(_Server):
+class BearerProxy(LocalServer):
     """Passes requests with a valid bearer token to *upstream*; refuses the others with 401."""
 
     def __init__(self, upstream: str, tokens: TokenServer) -> None:

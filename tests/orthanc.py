@@ -28,10 +28,11 @@ import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from types import FrameType, TracebackType
-from typing import IO, Any, Self
+from types import FrameType
+from typing import Any
 
 import httpx
+from localserver import ChildProcess
 
 ORTHANC_ENV = "STOWD_TEST_ORTHANC"
 """Environment variable naming the Orthanc binary to use instead of the default search."""
@@ -109,7 +110,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-class Orthanc:
+class Orthanc(ChildProcess):
     """One Orthanc process whose configuration, storage and log live in *folder*.
 
     The port is fixed when the object is made (a free one unless *port* is given), so ``url``
@@ -117,6 +118,8 @@ class Orthanc:
     before the first start, another one is chosen; after a successful start the port never
     changes, so ``restart()`` keeps every URL that clients were given.
     """
+
+    stop_timeout = 15.0  # Orthanc flushes its index on SIGTERM
 
     def __init__(
         self,
@@ -140,8 +143,7 @@ class Orthanc:
         self.users = dict(users or {})
         self._auth = next(iter(self.users.items()), None)  # the helpers' login
         self.startup_timeout = startup_timeout
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log_handle: IO[bytes] | None = None
+        super().__init__()
         self._started_once = False
         # Unique, so that start() can tell its own server from another one on the same port.
         self.name = f"stowd-test-{uuid.uuid4().hex[:12]}"
@@ -178,9 +180,6 @@ class Orthanc:
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
-
-    def is_running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -238,11 +237,11 @@ class Orthanc:
         self.storage_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(json.dumps(self.config(), indent=2) + "\n", encoding="utf-8")
         log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
-        self._log_handle = self.log_path.open("ab")
+        self._log = self.log_path.open("ab")
         self._process = subprocess.Popen(
             [binary, "--no-jobs", str(self.config_path)],
             stdin=subprocess.DEVNULL,
-            stdout=self._log_handle,
+            stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=self.folder,
         )
@@ -271,32 +270,10 @@ class Orthanc:
                     )
                 time.sleep(0.05)
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM, wait up to *timeout* seconds, then SIGKILL.  No-op when not running."""
-        process = self._process
-        if process is None:
-            return
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        self._reap()
-
     def restart(self) -> None:
         """Stop and start again on the same port with the same storage."""
         self.stop()
         self.start()
-
-    def _reap(self) -> None:
-        if self._process is not None:
-            self._process.wait()
-            self._process = None
-        if self._log_handle is not None:
-            self._log_handle.close()
-            self._log_handle = None
 
     def log_tail(self, lines: int = 40, *, since: int = 0) -> str:
         """The last *lines* lines of the log (from byte offset *since*)."""
@@ -307,18 +284,6 @@ class Orthanc:
         except OSError:
             return "(no log)"
         return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = "running" if self.is_running() else "stopped"

@@ -8,16 +8,18 @@ import re
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import httpx
+from localserver import LocalServer
 
 _SOP_TAG = re.compile(re.escape(b"\x08\x00\x18\x00"))
 
 
-class StowProxy:
-    """``url`` is a DICOMweb base URL whose POST /studies goes to ``target`` + /studies."""
+class StowProxy(LocalServer):
+    """Started when made; ``base`` is a DICOMweb base URL whose POST /studies goes to
+    ``target`` + /studies."""
 
     def __init__(self, target: str, delay: float = 0.0) -> None:
         proxy = self
@@ -42,13 +44,12 @@ class StowProxy:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        super().__init__(Handler)
+        self.start()
 
     @property
-    def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host!s}:{port}/dicom-web"
+    def base(self) -> str:
+        return f"{self.url}/dicom-web"
 
     def times_posted(self, uids: set[str]) -> dict[str, int]:
         """How many times each of ``uids`` went to Orthanc as an instance's SOPInstanceUID."""
@@ -56,10 +57,6 @@ class StowProxy:
             bodies = list(self.bodies)
         seen = Counter(uid for body in bodies for uid in sop_instance_uids(body))
         return {uid: seen[uid] for uid in uids}
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def sop_instance_uids(body: bytes) -> list[str]:

@@ -146,14 +146,14 @@ def test_kill_9_mid_upload_reuses_the_same_uids(tmp_path: Path, orthanc: Orthanc
     try:
         kill_mid_upload_and_restart(tmp_path, orthanc, proxy)
     finally:
-        proxy.close()
+        proxy.stop()
 
 
 def kill_mid_upload_and_restart(tmp_path: Path, orthanc: Orthanc, proxy: StowProxy) -> None:
     layout = bulk_layout(
         tmp_path / "run",
-        proxy.url,
-        destinations={"pacs": {"url": proxy.url, "workers": 1, "batch": {"max_files": 5}}},
+        proxy.base,
+        destinations={"pacs": {"url": proxy.base, "workers": 1, "batch": {"max_files": 5}}},
     )
     count = 20
     for n in range(count):

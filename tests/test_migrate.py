@@ -91,12 +91,12 @@ def test_resume_after_kill_never_resends_and_keep_leaves_the_source_alone(
     try:
         resume_after_kill(tmp_path, orthanc, proxy)
     finally:
-        proxy.close()
+        proxy.stop()
 
 
 def resume_after_kill(tmp_path: Path, orthanc: Orthanc, proxy: StowProxy) -> None:
-    dest = {"url": proxy.url, "workers": 1, "batch": {"max_files": 1}}
-    layout = make_layout(tmp_path / "run", proxy.url, destinations={"pacs": dest})
+    dest = {"url": proxy.base, "workers": 1, "batch": {"max_files": 1}}
+    layout = make_layout(tmp_path / "run", proxy.base, destinations={"pacs": dest})
     archive = tmp_path / "archive"
     uid_of: dict[str, str] = {}
     for study in range(4):

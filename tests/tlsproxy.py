@@ -19,9 +19,8 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Self
 
+from localserver import ChildProcess
 from orthanc import free_port
 
 NGINX_ENV = "STOWD_TEST_NGINX"
@@ -137,7 +136,7 @@ def make_pki(folder: str | os.PathLike[str]) -> Pki:
     return pki
 
 
-class NginxProxy:
+class NginxProxy(ChildProcess):
     """One nginx process (TLS on a free loopback port) passing requests to *upstream*."""
 
     def __init__(
@@ -155,8 +154,7 @@ class NginxProxy:
         self.client_certs = client_certs
         self.startup_timeout = startup_timeout
         self._port = free_port()
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
+        super().__init__()
 
     @property
     def port(self) -> int:
@@ -223,9 +221,6 @@ http {{
 }}
 """
 
-    def is_running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
     def start(self) -> None:
         """Start nginx and wait until its port accepts connections (another port if taken)."""
         if self.is_running():
@@ -265,28 +260,6 @@ http {{
                 raise ProxyError(f"nginx did not listen on {self._port}:\n{self.log_tail()}")
             time.sleep(0.05)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM (fast shutdown), then SIGKILL after *timeout* seconds."""
-        process = self._process
-        if process is None:
-            return
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        self._reap()
-
-    def _reap(self) -> None:
-        if self._process is not None:
-            self._process.wait()
-            self._process = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
     def log_tail(self, lines: int = 30) -> str:
         texts = []
         for path in (self.folder / "logs" / "nginx.out", self.error_log):
@@ -304,18 +277,6 @@ http {{
             if after and after[0].isdigit():
                 statuses.append(int(after[0]))
         return statuses
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _accepts(host: str, port: int) -> bool:
