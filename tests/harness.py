@@ -159,6 +159,16 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{tail}")
 
 
+def run_until(layout: Layout, done: Callable[[], bool], what: str, timeout: float) -> None:
+    """Run the daemon until ``done``, then stop it; it must exit cleanly (0)."""
+    daemon = Stowd(layout).start()
+    try:
+        wait_for(done, timeout, what, lambda: daemon.log)
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop()
+
+
 def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     """``python -m stowd ARGS`` to completion."""
     return subprocess.run(

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from harness import Layout, Stowd, make_layout, wait_for
+from harness import Layout, Stowd, make_layout, run_until, wait_for
 from mediagen import dciodvfy_errors, make_jpeg, make_pdf, make_png, make_video
 from orthanc import Orthanc
 from pydicom.encaps import generate_fragments
@@ -26,15 +26,6 @@ TS = "1.2.840.10008.1.2.4."
 
 def bulk_layout(root: Path, url: str, **overrides: Any) -> Layout:
     return make_layout(root, url, rules=[PATIENT_RULE], **overrides)
-
-
-def run_until(layout: Layout, done: Any, what: str, timeout: float = 120) -> None:
-    daemon = Stowd(layout).start()
-    try:
-        wait_for(done, timeout, what, lambda: daemon.log)
-        assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
 
 
 def retrieved(orthanc: Orthanc) -> list[pydicom.FileDataset]:
@@ -129,6 +120,7 @@ def test_bad_and_unknown_files_are_refused_clearly_and_the_daemon_goes_on(
         layout,
         lambda: layout.files(layout.failed) >= bad and len(layout.files(layout.sent)) == 2,
         "the bad files in failed/ and the good ones in sent/",
+        120,
     )
     assert layout.files(layout.failed) == bad
     assert layout.files(layout.sent) == {"P1/good.pdf", "P1/small.png"}

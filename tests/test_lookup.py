@@ -12,7 +12,7 @@ import httpx
 import pydicom
 import yaml
 from dicomgen import make_instance, make_instance_bytes
-from harness import Layout, Stowd, make_layout, wait_for
+from harness import Layout, Stowd, make_layout, run_until, wait_for
 from mediagen import make_jpeg, make_pdf
 from orthanc import Orthanc
 from worklist import Worklist, item, serve
@@ -68,16 +68,6 @@ def queue_errors(layout: Layout) -> list[str]:
         q.close()
 
 
-def run_until(layout: Layout, done: Any, what: str, timeout: float = 90) -> Stowd:
-    daemon = Stowd(layout).start()
-    try:
-        wait_for(done, timeout, what, lambda: daemon.log)
-        assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
-    return daemon
-
-
 def test_photos_and_a_pdf_join_the_archived_study_with_its_patient(
     tmp_path: Path, orthanc: Orthanc
 ) -> None:
@@ -88,7 +78,7 @@ def test_photos_and_a_pdf_join_the_archived_study_with_its_patient(
     make_jpeg(layout.drop / "ACC-100/a.jpg", seed=1)
     make_jpeg(layout.drop / "ACC-100/b.jpg", seed=2)
     make_pdf(layout.drop / "ACC-100/report.pdf")
-    run_until(layout, lambda: layout.files(layout.sent) == files, "the three files sent")
+    run_until(layout, lambda: layout.files(layout.sent) == files, "the three files sent", 90)
 
     assert orthanc.study_count() == 2  # no new study, no new patient
     by_study: dict[str, list[pydicom.Dataset]] = {}
@@ -164,7 +154,7 @@ def test_two_studies_with_one_accession_fail_the_file_naming_both(
     second = store(orthanc, "TWIN-1", patient="PID-B")
     layout = make_layout(tmp_path / "run", orthanc.dicomweb_url, rules=[lookup_rule()])
     make_pdf(layout.drop / "TWIN-1/scan.pdf")
-    run_until(layout, lambda: layout.files(layout.failed) == {"TWIN-1/scan.pdf"}, "failed/")
+    run_until(layout, lambda: layout.files(layout.failed) == {"TWIN-1/scan.pdf"}, "failed/", 90)
     text = reason(layout, "TWIN-1/scan.pdf")
     assert "2 studies with AccessionNumber TWIN-1 in pacs" in text, text
     assert first in text and second in text and "PID-A" in text and "PID-B" in text
@@ -188,7 +178,7 @@ def test_a_dicom_file_with_a_wrong_patient_id_gets_the_archives(
         patient_id="WRONG-1",
         extra={"AccessionNumber": "ACC-D1", "Modality": "DX"},
     )
-    run_until(layout, lambda: layout.files(layout.sent) == {"scanner/x.dcm"}, "sent")
+    run_until(layout, lambda: layout.files(layout.sent) == {"scanner/x.dcm"}, "sent", 90)
     [ds] = [d for d in instances(orthanc) if d.SOPInstanceUID == sop]
     assert ds.PatientID == "RIGHT-1" and str(ds.PatientName) == "Archive^RIGHT-1"
     assert ds.StudyInstanceUID == study and ds.PatientBirthDate == "19700203"
@@ -282,7 +272,7 @@ def test_after_kill_9_the_recorded_item_is_used_without_asking_again(
         doc["rules"][0]["set"] = {"SeriesDescription": "wound photos"}
         changed.config.write_text(yaml.safe_dump(doc))
         orthanc.start()
-        run_until(layout, lambda: len(layout.files(layout.sent)) == 3, "3 files sent")
+        run_until(layout, lambda: len(layout.files(layout.sent)) == 3, "3 files sent", 90)
     assert len(worklist.requests) == asked
     found = instances(orthanc)
     assert {ds.StudyInstanceUID for ds in found} == {WL_STUDY}

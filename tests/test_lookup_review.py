@@ -9,9 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 from dicomgen import make_instance
-from harness import Clock, make_layout
+from harness import Clock, make_layout, run_until
 from orthanc import Orthanc
-from test_lookup import instances, run_until, store
+from test_lookup import instances, store
 from test_lookup_rules import WORKLIST, entry, queued, wanted
 from test_rules import load, problems
 from test_worker import Rig
@@ -119,7 +119,7 @@ def test_what_the_archive_leaves_empty_is_emptied_not_kept_from_the_file(
             "PatientSex": "M",
         },
     )
-    run_until(layout, lambda: layout.files(layout.sent) == {"scanner/x.dcm"}, "sent")
+    run_until(layout, lambda: layout.files(layout.sent) == {"scanner/x.dcm"}, "sent", 90)
     [ds] = [d for d in instances(orthanc) if d.SOPInstanceUID == sop]
     assert ds.PatientID == "RIGHT-1" and ds.StudyInstanceUID == study
     assert ds.get("IssuerOfPatientID", "") == "" and ds.PatientBirthDate == ""
