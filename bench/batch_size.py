@@ -21,38 +21,21 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import count_files, peak_rss_mb, stowd_env
+from benchlib import count_files, peak_rss_mb, stowd_env, write_config
 from dicomgen import make_study
 from orthanc import Orthanc
 
 from stowd.config import parse_size
 
 
-def write_config(folder: Path, url: str, batch_files: int, workers: int) -> Path:
-    config = folder / "stowd.yaml"
-    config.write_text(
-        f"""queue: ./state/queue.db
-log_level: WARNING
-sources:
-  - name: bench
-    watch: ./drop
-    sent: ./done/sent
-    failed: ./done/failed
-    destination: pacs
-    quiet_period: 100ms
-destinations:
-  pacs:
-    url: {url}
-    workers: {workers}
-    batch: {{max_files: {batch_files}, max_bytes: 1GiB}}
-"""
-    )
-    return config
+def stowd_config(folder: Path, url: str, batch_files: int, workers: int) -> Path:
+    batch = {"max_files": batch_files, "max_bytes": "1GiB"}
+    return write_config(folder, {"url": url, "workers": workers, "batch": batch}, done="./done")
 
 
 def run_one(stage: Path, work: Path, total: int, batch_files: int, workers: int) -> str:
     with Orthanc(work / "orthanc") as orthanc:
-        config = write_config(work, orthanc.dicomweb_url, batch_files, workers)
+        config = stowd_config(work, orthanc.dicomweb_url, batch_files, workers)
         (work / "drop").mkdir()
         proc = subprocess.Popen(
             [sys.executable, "-m", "stowd", "run", "-c", str(config)],

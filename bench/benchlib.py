@@ -25,6 +25,9 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "tests") not in sys.path:
@@ -134,6 +137,30 @@ def cpu_seconds(pid: int) -> float:
 def own_peak_rss_mb() -> float:
     """This process's own VmHWM in MB (see ``wait_sampled`` for why not ru_maxrss)."""
     return peak_rss_mb(os.getpid())
+
+
+def write_config(
+    folder: Path, destination: dict[str, Any], *, done: str = ".", extra: str = ""
+) -> Path:
+    """``folder/stowd.yaml``: one source (``./drop``; ``sent``/``failed`` below ``done``) to
+    the destination ``pacs``, quiet period 100 ms, warnings only; ``extra`` is appended YAML."""
+    source = {
+        "name": "bench",
+        "watch": "./drop",
+        "sent": f"{done}/sent",
+        "failed": f"{done}/failed",
+        "destination": "pacs",
+        "quiet_period": "100ms",
+    }
+    config = {
+        "queue": "./state/queue.db",
+        "log_level": "WARNING",
+        "sources": [source],
+        "destinations": {"pacs": destination},
+    }
+    path = folder / "stowd.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False) + extra)
+    return path
 
 
 def stowd_env() -> dict[str, str]:

@@ -26,7 +26,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import CHUNK, count_files, discard_server, peak_rss_mb, queued_rows, stowd_env
+from benchlib import (
+    CHUNK,
+    count_files,
+    discard_server,
+    peak_rss_mb,
+    queued_rows,
+    stowd_env,
+    write_config,
+)
 from dicomgen import make_instance, make_instance_bytes
 
 from stowd.classify import classify
@@ -70,19 +78,8 @@ def sparse_video(path: Path, size: int) -> None:
 
 
 def config(folder: Path, url: str, rules: bool, mode: str = "encapsulate") -> Path:
-    path = folder / "stowd.yaml"
-    path.write_text(
-        f"""queue: ./state/queue.db
-log_level: WARNING
-sources:
-  - {{name: b, watch: ./drop, sent: ./sent, failed: ./failed, destination: d,
-      quiet_period: 100ms}}
-destinations:
-  d: {{url: "{url}", timeouts: {{read: 30m, write: 30m}}, bulkdata: {mode}}}
-"""
-        + (RULES if rules else "")
-    )
-    return path
+    dest = {"url": url, "timeouts": {"read": "30m", "write": "30m"}, "bulkdata": mode}
+    return write_config(folder, dest, extra=RULES if rules else "")
 
 
 def run(

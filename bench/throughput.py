@@ -55,6 +55,7 @@ from benchlib import (
     peak_rss_mb,
     stowd_env,
     wait_sampled,
+    write_config,
 )
 from dicomgen import make_instance_bytes
 from orthanc import Orthanc
@@ -193,17 +194,8 @@ def measure_python(name: str) -> Measure:
 
 
 def stowd_config(work: Path, url: str, workers: int, per_request: int) -> Path:
-    config = work / "stowd.yaml"
-    config.write_text(
-        f"""queue: ./state/queue.db
-log_level: WARNING
-sources:
-  - {{name: bench, watch: ./drop, sent: ./sent, failed: ./failed, destination: pacs,
-      quiet_period: 100ms}}
-destinations:
-  pacs: {{url: "{url}", workers: {workers}, batch: {{max_files: {per_request}}}}}
-"""
-    )
+    dest = {"url": url, "workers": workers, "batch": {"max_files": per_request}}
+    config = write_config(work, dest)
     (work / "drop").mkdir(exist_ok=True)
     return config
 
