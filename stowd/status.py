@@ -154,10 +154,11 @@ def _gather(config: Config, queue: Queue, now: float) -> dict[str, Any]:
     eta, seconds = _overall_eta(by_dest)
     if eta == "empty" and total.backlog_files:
         eta, seconds = "parked", None  # all of it belongs to sources no longer configured
+    pid = daemon_pid(config.queue)
     return {
         "queue": str(config.queue),
         "time": now,
-        "daemon_pid": daemon_pid(config.queue),
+        "daemon_pid": pid,
         "counts": {s: n for s, n in total.counts.items() if n},
         "oldest_pending_seconds": everything["oldest_pending_seconds"],
         "files_per_minute": everything["files_per_minute"],
@@ -172,7 +173,7 @@ def _gather(config: Config, queue: Queue, now: float) -> dict[str, Any]:
         "by_destination": by_dest,
         "by_source": by_source,
         "last_errors": _errors(queue, now),
-        "warnings": _warnings(config, by_source),
+        "warnings": _warnings(config, by_source, pid is not None),
     }
 
 
@@ -274,7 +275,9 @@ def _error_doc(error: str) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {"reason": str(doc)}
 
 
-def _warnings(config: Config, by_source: Mapping[str, Mapping[str, Any]]) -> list[str]:
+def _warnings(
+    config: Config, by_source: Mapping[str, Mapping[str, Any]], running: bool
+) -> list[str]:
     out = [
         f"TLS verification is OFF for destination {name}"
         for name, dest in config.destinations.items()
@@ -285,6 +288,23 @@ def _warnings(config: Config, by_source: Mapping[str, Mapping[str, Any]]) -> lis
             out.append(
                 f"source {name} is not in the config: its {data['backlog_files']} queued "
                 "file(s) wait until it is back"
+            )
+    return out + (_missing_watch_folders(config) if running else [])
+
+
+def _missing_watch_folders(config: Config) -> list[str]:
+    """Watch folders deleted while the daemon runs (it creates them when it starts): files
+    dropped there now are seen by no one, until the folder is created again."""
+    out = []
+    for source in config.sources:
+        try:
+            there = source.watch.is_dir()
+        except OSError:
+            continue  # cannot tell (no right to look): the daemon's log says what it sees
+        if not there:
+            out.append(
+                f"the watch folder {source.watch} of source {source.name} is missing: files "
+                "dropped there are not seen until it is created again"
             )
     return out
 

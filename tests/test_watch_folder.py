@@ -1,0 +1,64 @@
+"""The watch folder itself deleted and created again while the real daemon runs (issue 22)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from dicomgen import make_instance
+from harness import Layout, Stowd, make_layout, run_cli, wait_for
+from orthanc import Orthanc
+
+
+def status_warnings(layout: Layout) -> list[str]:
+    result = run_cli("status", "-c", str(layout.config), "--json")
+    assert result.returncode == 0, result.stderr
+    warnings: list[str] = json.loads(result.stdout)["warnings"]
+    return warnings
+
+
+def missing_said(layout: Layout) -> bool:
+    return any("is missing" in w for w in status_warnings(layout))
+
+
+@pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
+def test_a_recreated_watch_folder_is_watched_again_at_once(
+    tmp_path: Path, orthanc: Orthanc, polling: bool
+) -> None:
+    # rescans every hour: a file found within the test's bounds was found by watching
+    source = {"rescan_interval": "1h", "polling": polling}
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url, source=source)
+    daemon = Stowd(layout).start()
+    try:
+        wait_for(lambda: "watching" in daemon.log, 30, "the daemon to start", lambda: daemon.log)
+        make_instance(layout.drop / "before.dcm")
+        wait_for(lambda: layout.files(layout.sent) == {"before.dcm"}, 60, "before.dcm sent")
+        shutil.rmtree(layout.drop)
+        wait_for(
+            lambda: "watch folder" in daemon.log and "was deleted" in daemon.log,
+            30,
+            "a warning that the watch folder was deleted",
+            lambda: daemon.log,
+        )
+        assert missing_said(layout)
+        layout.drop.mkdir()
+        make_instance(layout.drop / "right-after.dcm")
+        wait_for(lambda: "is back" in daemon.log, 30, "the folder's return", lambda: daemon.log)
+        make_instance(layout.drop / "later" / "x.dcm")  # only events can announce this one
+        wanted = {"before.dcm", "right-after.dcm", "later/x.dcm"}
+        wait_for(
+            lambda: layout.files(layout.sent) == wanted,
+            60,
+            "the files dropped into the new folder sent (rescans are an hour apart)",
+            lambda: daemon.log,
+        )
+        assert not missing_said(layout)
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop()
+    lines = [line for line in daemon.log.splitlines() if "watch folder" in line]
+    assert sum("was deleted;" in line for line in lines) == 1, lines
+    assert sum("is back; watching it again" in line for line in lines) == 1, lines
+    assert all("WARNING" in line for line in lines), lines
