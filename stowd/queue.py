@@ -316,8 +316,17 @@ class Queue:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise QueueError(f"cannot create the queue folder {self.path.parent}: {exc}") from exc
-        if lock:
-            self._take_lock()
+        try:
+            if lock:
+                self._take_lock()
+            self._migrate()
+        except (OSError, sqlite3.Error) as exc:
+            self.close()
+            raise QueueError(_cannot_write(self.path, exc)) from exc
+        return self
+
+    def _migrate(self) -> None:
+        """Create the tables of a new queue, or bring an older one up to this schema."""
         with self._tx() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
@@ -332,7 +341,6 @@ class Queue:
                 for statement in _MIGRATIONS[step]:
                     db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        return self
 
     def _take_lock(self) -> None:
         lock_path = str(self.path) + ".lock"
@@ -1004,6 +1012,41 @@ class Queue:
             .fetchall()
         )
         return [(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
+
+def _cannot_write(path: Path, exc: OSError | sqlite3.Error) -> str:
+    """One line for an administrator: which file, and why stowd cannot write it."""
+    cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    where = getattr(exc, "filename", None) or path
+    why = folder_problem(path.parent)
+    return f"cannot use the queue {where}: {cause}" + (f"; {why}" if why else "")
+
+
+def folder_problem(folder: Path) -> str | None:
+    """Why the queue folder cannot be written, when it plainly cannot (else None)."""
+    readonly = read_only_note(folder)
+    if readonly is not None:
+        return readonly
+    if not os.access(folder, os.W_OK):
+        return (
+            f"this user may not write in the queue folder {folder}: run stowd as the user "
+            "that owns it"
+        )
+    return None
+
+
+def read_only_note(folder: Path) -> str | None:
+    """What to say when the queue folder is on a read-only filesystem (else None)."""
+    try:
+        if not os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return None
+    except OSError:
+        return None
+    return (
+        f"the queue folder {folder} is on a read-only filesystem; stowd writes the queue, "
+        "its -wal, -shm and .lock files there: mount it read-write, or set `queue` to a path "
+        "on a writable local disk"
+    )
 
 
 def open_readonly(path: Path) -> Queue:

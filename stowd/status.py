@@ -25,7 +25,7 @@ from typing import Any
 
 from stowd.config import Config
 from stowd.errors import QueueError
-from stowd.queue import Hold, Queue, open_readonly
+from stowd.queue import Hold, Queue, open_readonly, read_only_note
 
 RATE_WINDOW = 300.0
 LAST_ERRORS = 10
@@ -129,10 +129,10 @@ def gather(config: Config, *, now: float | None = None) -> dict[str, Any]:
         with queue.reading():
             return _gather(config, queue, now)
     except sqlite3.Error as exc:  # e.g. no right to create the -wal/-shm files beside it
-        raise QueueError(
-            f"cannot read the queue {config.queue}: {exc} (run status as the user stowd runs "
-            "as, e.g. sudo -u stowd stowd status -c CONFIG)"
-        ) from exc
+        hint = read_only_note(config.queue.parent) or (
+            "run status as the user stowd runs as, e.g. sudo -u stowd stowd status -c CONFIG"
+        )
+        raise QueueError(f"cannot read the queue {config.queue}: {exc} ({hint})") from exc
     finally:
         queue.close()
 

@@ -1,0 +1,78 @@
+"""The queue's own files in trouble, with the real daemon (issue 22): a read-only queue
+folder, a ``-wal`` deleted after a kill -9."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from harness import Layout, Stowd, make_layout, run_cli, wait_for
+
+NOWHERE = "http://127.0.0.1:9/dicom-web"  # nothing is sent in these tests
+
+
+def require_root() -> None:
+    """Mounting needs root: skip without it, but fail under CI=true (CI runs as root)."""
+    if os.geteuid() == 0:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail("CI=true but the tests do not run as root (needed to mount)", pytrace=False)
+    pytest.skip("mounting a read-only folder needs root")
+
+
+@contextmanager
+def read_only(folder: Path) -> Iterator[None]:
+    """``folder`` as a read-only bind mount of itself (chmod does not stop root)."""
+    require_root()
+    subprocess.run(["mount", "--bind", str(folder), str(folder)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=True)
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def queue_folder(layout: Layout) -> Path:
+    return layout.root / "state"
+
+
+def assert_one_line_about_read_only(result: subprocess.CompletedProcess[str], folder: Path) -> None:
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stowd: "), result.stderr
+    assert f"the queue folder {folder} is on a read-only filesystem" in lines[0], lines[0]
+
+
+def test_a_read_only_queue_folder_is_a_stowd_message_not_a_traceback(tmp_path: Path) -> None:
+    layout = make_layout(tmp_path / "run", NOWHERE)
+    folder = queue_folder(layout)
+    folder.mkdir()
+    with read_only(folder):  # a new queue: not even the lock file can be made
+        result = run_cli("run", "-c", str(layout.config), "--log-level", "WARNING")
+        assert_one_line_about_read_only(result, folder)
+        assert str(folder / "queue.db.lock") in result.stderr
+
+
+def test_an_existing_queue_on_a_folder_made_read_only(tmp_path: Path) -> None:
+    layout = make_layout(tmp_path / "run", NOWHERE)
+    daemon = Stowd(layout).start()
+    try:
+        wait_for(lambda: "watching" in daemon.log, 30, "the daemon to start", lambda: daemon.log)
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop()
+    folder = queue_folder(layout)
+    assert (folder / "queue.db").exists()
+    with read_only(folder):
+        result = run_cli("run", "-c", str(layout.config), "--log-level", "WARNING")
+        assert_one_line_about_read_only(result, folder)
+        status = run_cli("status", "-c", str(layout.config))
+        assert "Traceback" not in status.stderr, status.stderr
+        if status.returncode != 0:  # it may also read it; if not, it says why in one line
+            assert status.stderr.startswith("stowd: "), status.stderr
+            assert "read-only filesystem" in status.stderr, status.stderr
