@@ -15,7 +15,8 @@
     │                          retried later, like the archive's temporary refusals
     └── StowFailure            one STOW request did not go through (raised by stow.py only)
         ├── DestinationHeld    the archive or our configuration is wrong, not the files:
-        │                      401/403/404/405/415, TLS; files stay queued, the destination waits
+        │                      401/403/404/405/415, TLS, an answer that is not a STOW-RS one;
+    │                      files stay queued, the destination waits
         └── DestinationBusy    transient trouble of the whole request: connection errors,
                                timeouts, 408/429/5xx; retried with backoff (Retry-After honoured)
 
