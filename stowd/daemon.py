@@ -38,7 +38,7 @@ from stowd.lookup import Finder
 from stowd.metadata import clear_spool, digest
 from stowd.notify import Notifier
 from stowd.purge import purge_sent
-from stowd.queue import Queue
+from stowd.queue import OPEN_MARK, Queue
 from stowd.settle import repair
 from stowd.status import short_line
 from stowd.stow import StowClient
@@ -185,7 +185,8 @@ class Daemon:
 
     def _queue_files(self) -> tuple[Path, ...]:
         q = str(self.config.queue)
-        return tuple(Path(q + suffix) for suffix in ("", "-wal", "-shm", "-journal", ".lock"))
+        suffixes = ("", "-wal", "-shm", "-journal", ".lock", OPEN_MARK)
+        return tuple(Path(q + suffix) for suffix in suffixes)
 
     def _supervise(self) -> None:
         upkeep = threading.Thread(target=self._upkeep, name="upkeep", daemon=True)

@@ -48,6 +48,8 @@ SCHEMA_VERSION = 4
 ACTIVE = ("pending", "claimed", "settling")
 DONE = ("sent", "failed", "gone")
 BUSY_TIMEOUT_MS = 30_000
+OPEN_MARK = ".open"  # beside the queue while a stowd has it open; left behind by a crash
+WAL_HEADER = 32  # bytes: a write-ahead log shorter than its header holds nothing
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -308,6 +310,7 @@ class Queue:
         self.readonly = readonly
         self._local = threading.local()
         self._lock_fd: int | None = None
+        self._marked = False  # this process wrote the open marker
 
     # -- opening -----------------------------------------------------------------
     def open(self, *, lock: bool = True) -> Queue:
@@ -319,11 +322,51 @@ class Queue:
         try:
             if lock:
                 self._take_lock()
+                self._check_history()
             self._migrate()
+            if lock:
+                self._mark_open()
         except (OSError, sqlite3.Error) as exc:
             self.close()
             raise QueueError(_cannot_write(self.path, exc)) from exc
         return self
+
+    @property
+    def _open_mark(self) -> Path:
+        return Path(str(self.path) + OPEN_MARK)
+
+    def _check_history(self) -> None:
+        """Say so when the last run ended without closing the queue (kill -9, a crash, a
+        power cut) and its write-ahead log is gone: what it held (every transaction since
+        the last checkpoint) is lost, and SQLite opens the older state without a word."""
+        if not self._open_mark.exists():
+            return  # a fresh queue, or a clean stop (a clean close checkpoints the log)
+        wal = Path(str(self.path) + "-wal")
+        try:
+            size = wal.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if size < WAL_HEADER:
+            log.warning(
+                "the queue %s lost its recent history: stowd did not stop cleanly last time "
+                "and the queue's write-ahead log %s is missing (deleted?), so what was queued, "
+                "sent or failed since its last checkpoint is forgotten; files still in the "
+                "watch folders are found again by the scan and sent again (an archive keeps "
+                "one copy of an instance), files already in sent/ or failed/ stay there",
+                self.path,
+                wal,
+            )
+
+    def _mark_open(self) -> None:
+        """A marker beside the queue while this process has it open (removed by ``close``);
+        written after the first transaction, when the write-ahead log exists."""
+        fd = os.open(self._open_mark, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._marked = True
 
     def _migrate(self) -> None:
         """Create the tables of a new queue, or bring an older one up to this schema."""
@@ -358,6 +401,9 @@ class Queue:
         self._lock_fd = fd
 
     def close(self) -> None:
+        if self._marked:  # first: a close cut short must never look like a lost log
+            self._marked = False
+            self._open_mark.unlink(missing_ok=True)
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()

@@ -3,6 +3,7 @@ folder, a ``-wal`` deleted after a kill -9."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from dicomgen import make_instance
 from harness import Layout, Stowd, make_layout, run_cli, wait_for
 
 NOWHERE = "http://127.0.0.1:9/dicom-web"  # nothing is sent in these tests
@@ -76,3 +78,62 @@ def test_an_existing_queue_on_a_folder_made_read_only(tmp_path: Path) -> None:
         if status.returncode != 0:  # it may also read it; if not, it says why in one line
             assert status.stderr.startswith("stowd: "), status.stderr
             assert "read-only filesystem" in status.stderr, status.stderr
+
+
+LOST = "lost its recent history"
+
+
+def backlog(layout: Layout) -> int:
+    result = run_cli("status", "-c", str(layout.config), "--json")
+    assert result.returncode == 0, result.stderr
+    files: int = json.loads(result.stdout)["backlog_files"]
+    return files
+
+
+def test_a_wal_deleted_after_kill_9_is_said_and_the_files_are_found_again(
+    tmp_path: Path,
+) -> None:
+    layout = make_layout(tmp_path / "run", NOWHERE)  # nothing answers: the files stay queued
+    for name in ("a.dcm", "b.dcm"):
+        make_instance(layout.drop / name)
+    first = Stowd(layout).start()
+    try:
+        wait_for(lambda: "watching" in first.log, 30, "the start", lambda: first.log)
+        wait_for(lambda: backlog(layout) == 2, 60, "two files queued", lambda: first.log)
+        first.kill()
+    finally:
+        first.stop()
+    wal = queue_folder(layout) / "queue.db-wal"
+    assert wal.stat().st_size > 0  # the queued rows live there until a checkpoint
+    wal.unlink()
+    second = Stowd(layout).start()
+    try:
+        wait_for(lambda: "watching" in second.log, 30, "the start", lambda: second.log)
+        wait_for(lambda: backlog(layout) == 2, 60, "the files found again", lambda: second.log)
+        assert second.terminate() == 0
+    finally:
+        second.stop()
+    lines = [line for line in second.log.splitlines() if LOST in line]
+    assert len(lines) == 1 and " WARNING " in lines[0], lines
+    assert str(wal) in lines[0]
+
+
+def test_no_lost_history_after_a_clean_stop_or_on_a_new_queue(tmp_path: Path) -> None:
+    layout = make_layout(tmp_path / "run", NOWHERE)
+    make_instance(layout.drop / "a.dcm")
+    for run in range(2):  # a new queue, then the same queue after a clean stop
+        log = start_queue_stop(layout)
+        assert LOST not in log, run
+        assert not (queue_folder(layout) / "queue.db-wal").exists()  # checkpointed at close
+
+
+def start_queue_stop(layout: Layout) -> str:
+    """Run the daemon until its one file is queued, stop it cleanly; its log."""
+    daemon = Stowd(layout).start()
+    try:
+        wait_for(lambda: "watching" in daemon.log, 30, "the start", lambda: daemon.log)
+        wait_for(lambda: backlog(layout) == 1, 60, "the file queued", lambda: daemon.log)
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop()
+    return daemon.log
