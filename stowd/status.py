@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stowd import inflight
 from stowd.config import Config
 from stowd.errors import QueueError
 from stowd.queue import Hold, Queue, open_readonly, read_only_note
@@ -155,6 +156,8 @@ def _gather(config: Config, queue: Queue, now: float) -> dict[str, Any]:
     if eta == "empty" and total.backlog_files:
         eta, seconds = "parked", None  # all of it belongs to sources no longer configured
     pid = daemon_pid(config.queue)
+    destinations = _destinations(config, holds, now)
+    _add_in_flight(config, destinations, inflight.read(config.queue, pid), now)
     return {
         "queue": str(config.queue),
         "time": now,
@@ -169,11 +172,11 @@ def _gather(config: Config, queue: Queue, now: float) -> dict[str, Any]:
         "eta": eta,
         "eta_seconds": seconds,
         "history_days": config.history_days,
-        "destinations": _destinations(config, holds, now),
+        "destinations": destinations,
         "by_destination": by_dest,
         "by_source": by_source,
         "last_errors": _errors(queue, now),
-        "warnings": _warnings(config, by_source, pid is not None),
+        "warnings": _warnings(config, by_source, pid is not None) + _not_answering(destinations),
     }
 
 
@@ -242,6 +245,33 @@ def _destinations(config: Config, holds: Mapping[str, Hold], now: float) -> dict
                 "failures": hold.failures,
             }
     return out
+
+
+def _add_in_flight(
+    config: Config, out: dict[str, Any], requests: Mapping[str, Any], now: float
+) -> None:
+    """A destination whose oldest request has had no progress (no byte sent, no answer) for
+    longer than its threshold gets ``not_answering_seconds`` and ``request_since``."""
+    for name, found in requests.items():
+        dest = config.destinations.get(name)
+        if dest is None or name not in out or not isinstance(found, dict):
+            continue
+        try:
+            since, progress = float(found["request_since"]), float(found["last_progress"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        quiet = max(0.0, now - progress)
+        if quiet > inflight.not_answering_after(dest.timeouts.read):
+            out[name] |= {"not_answering_seconds": round(quiet, 1), "request_since": since}
+
+
+def _not_answering(destinations: Mapping[str, Any]) -> list[str]:
+    return [
+        f"destination {name}: not answering for {d['not_answering_seconds']:.0f} s "
+        f"(a request in flight since {_clock(d['request_since'])})"
+        for name, d in destinations.items()
+        if "not_answering_seconds" in d
+    ]
 
 
 def _errors(queue: Queue, now: float) -> list[dict[str, Any]]:
@@ -397,6 +427,19 @@ def _destination(name: str, figures: Mapping[str, Any], health: Any) -> list[str
 def _health(health: Mapping[str, Any] | None) -> list[str]:
     if health is None:
         return []
+    return _held(health) + _stalled(health)
+
+
+def _stalled(health: Mapping[str, Any]) -> list[str]:
+    if "not_answering_seconds" not in health:
+        return []
+    return [
+        f"  answer:     none for {_duration(health['not_answering_seconds'])} "
+        f"(a request in flight since {_clock(health['request_since'])})"
+    ]
+
+
+def _held(health: Mapping[str, Any]) -> list[str]:
     if health["state"] == "ok":
         return ["  health:     ok"]
     tries = health["failures"]

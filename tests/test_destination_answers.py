@@ -98,3 +98,75 @@ def test_a_200_that_is_not_a_stow_answer_holds_the_destination(
         finally:
             daemon.stop()
     assert "\x1b" not in daemon.log  # the body's control characters are escaped
+
+
+class SilentArchive(LocalServer):
+    """Reads each POST and then says nothing until ``answer`` is set (then 503): an archive
+    that stopped answering (issue 22: a hung archive behind a load balancer)."""
+
+    def __init__(self) -> None:
+        owner = self
+        self.answer = threading.Event()
+        self.asked = threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                owner.asked.set()
+                owner.answer.wait(120)
+                self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        super().__init__(Handler)
+
+    def stop(self) -> None:
+        self.answer.set()
+        super().stop()
+
+
+def not_answering(layout: Layout) -> tuple[list[str], dict[str, Any]]:
+    data = status(layout)
+    said = [w for w in data["warnings"] if "not answering for" in w]
+    return said, data["destinations"]["pacs"]
+
+
+def test_a_destination_that_stopped_answering_shows_in_status_long_before_the_timeout(
+    tmp_path: Path,
+) -> None:
+    with SilentArchive() as archive:
+        # read timeout 2 min: "not answering" after a tenth of it, the timeout far after
+        dest = {"url": archive.url + "/dicom-web", "workers": 1, "timeouts": {"read": "2m"}}
+        layout = make_layout(tmp_path / "run", "", destinations={"pacs": dest})
+        make_instance(layout.drop / "a.dcm")
+        daemon = Stowd(layout).start()
+        try:
+            wait_for(archive.asked.is_set, 60, "the request", lambda: daemon.log)
+            asked = time.monotonic()
+            said = not_answering(layout)[0]
+            if time.monotonic() - asked < 12:  # a tenth of the read timeout
+                assert said == []  # not at once
+            wait_for(
+                lambda: bool(not_answering(layout)[0]),
+                90,
+                "status to say that the destination does not answer",
+                lambda: daemon.log,
+            )
+            said, health = not_answering(layout)
+            assert said[0].startswith("destination pacs: not answering for "), said
+            assert "(a request in flight since " in said[0]
+            assert 12 <= health["not_answering_seconds"] < 120, health
+            assert "  answer:     none for " in run_cli("status", "-c", str(layout.config)).stdout
+            archive.answer.set()  # a 503: the request is over, the destination busy
+            wait_for(
+                lambda: not not_answering(layout)[0],
+                60,
+                "the warning gone once the request ended",
+                lambda: daemon.log,
+            )
+            assert daemon.terminate() == 0
+        finally:
+            daemon.stop()
