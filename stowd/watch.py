@@ -232,8 +232,17 @@ class Watcher:
             return
         except OSError:
             return  # unreadable: the scans say why
-        if self._missing or (self._folder is not None and current != self._folder):
-            self._folder_back()
+        if self._missing:
+            self._folder_back("is back")
+        elif self._folder is not None and current != self._folder:
+            self._folder_back("was deleted and created again")
+        elif self._watch_ended():  # the same inode number, given to the new folder
+            self._folder_back("is watched no more (deleted and created again?)")
+
+    def _watch_ended(self) -> bool:
+        """watchdog ends a watch whose folder was deleted, while its observer lives on."""
+        observer = self._observer
+        return observer is not None and any(e.stopped_event.is_set() for e in observer.emitters)
 
     def _folder_gone(self) -> None:
         if self._missing:
@@ -247,8 +256,7 @@ class Watcher:
             self.source.watch,
         )
 
-    def _folder_back(self) -> None:
-        was = "is back" if self._missing else "was deleted and created again"
+    def _folder_back(self, was: str) -> None:
         self._missing = False
         log.warning(
             "source %s: the watch folder %s %s; watching it again",

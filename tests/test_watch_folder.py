@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from dicomgen import make_instance
 from harness import Layout, Stowd, make_layout, run_cli, wait_for
 from orthanc import Orthanc
+
+from stowd.config import Source
+from stowd.queue import NewFile
+from stowd.watch import Watcher
 
 
 def status_warnings(layout: Layout) -> list[str]:
@@ -62,3 +68,34 @@ def test_a_recreated_watch_folder_is_watched_again_at_once(
     assert sum("was deleted;" in line for line in lines) == 1, lines
     assert sum("is back; watching it again" in line for line in lines) == 1, lines
     assert all("WARNING" in line for line in lines), lines
+
+
+def test_a_watch_folder_replaced_between_two_looks_is_watched_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Deleted and created again at once (maybe within one look): the new folder is watched."""
+    watch = tmp_path / "drop"
+    watch.mkdir()
+    source = Source("ct", watch, tmp_path / "sent", tmp_path / "failed", "pacs")
+    source = replace(source, quiet_period=0.0, rescan_interval=3600.0)
+    found: list[str] = []
+
+    def sink(files: list[NewFile]) -> int:
+        found.extend(f.rel for f in files)
+        return len(files)
+
+    watcher = Watcher(source, "pacs", sink)
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(stop,))
+    thread.start()
+    try:
+        wait_for(watcher.observer_alive, 30, "the observer")
+        shutil.rmtree(watch)
+        watch.mkdir()
+        wait_for(lambda: "watching it again" in caplog.text, 30, "the warning")
+        (watch / "x.dcm").write_bytes(b"x")
+        wait_for(lambda: "x.dcm" in found, 30, "x.dcm found (the next rescan is in an hour)")
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive()
