@@ -431,7 +431,7 @@ class Queue:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
         except sqlite3.Error as exc:
-            raise QueueError(f"cannot open the queue {self.path}: {exc}") from exc
+            raise QueueError(_cannot_write(self.path, exc)) from exc
         return conn
 
     @contextmanager
@@ -1064,11 +1064,11 @@ def _cannot_write(path: Path, exc: OSError | sqlite3.Error) -> str:
     """One line for an administrator: which file, and why stowd cannot write it."""
     cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     where = getattr(exc, "filename", None) or path
-    why = folder_problem(path.parent)
+    why = _folder_problem(path.parent)
     return f"cannot use the queue {where}: {cause}" + (f"; {why}" if why else "")
 
 
-def folder_problem(folder: Path) -> str | None:
+def _folder_problem(folder: Path) -> str | None:
     """Why the queue folder cannot be written, when it plainly cannot (else None)."""
     readonly = read_only_note(folder)
     if readonly is not None:
