@@ -3,7 +3,8 @@
 A Part-10 DICOM file gives its StudyInstanceUID, SOPInstanceUID and SOPClassUID. Any other
 file is looked at by ``media.detect`` (PDF, JPEG, video, ...): its kind is the media's, and its
 UIDs are made later (they are empty here). Anything that cannot be sent raises
-``FileProblem`` with a reason written for a PACS administrator.
+``FileProblem`` with a reason written for a PACS administrator; an image that ends before
+its pixel data is complete raises ``FileIncomplete`` (a writer may still be adding the rest).
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ from typing import BinaryIO
 
 import pydicom
 
-from stowd.errors import FileProblem, FileUnreadable, FileVanished
+from stowd.errors import FileIncomplete, FileProblem, FileUnreadable, FileVanished
 from stowd.media import Media, detect
 
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 DEFLATED = "1.2.840.10008.1.2.1.99"
 BIG_ENDIAN = "1.2.840.10008.1.2.2"
 IMPLICIT = "1.2.840.10008.1.2"
+# Rows, Columns, BitsAllocated, SamplesPerPixel, PhotometricInterpretation (Image Pixel module)
+IMAGE_PIXEL_TAGS = (0x00280010, 0x00280011, 0x00280100, 0x00280002, 0x00280004)
+SPECTROSCOPY_DATA = 0x56000020
 PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
 UNDEFINED = 0xFFFFFFFF
 ITEM = (0xFFFE, 0xE000)
@@ -91,7 +95,7 @@ def _classify_dicom(fp: BinaryIO, size: int) -> Classified:
             warnings.simplefilter("ignore")
             ds = _read_header(fp, size)
             keys = _keys(ds)
-        _check_pixel_data(fp, size, _transfer_syntax(ds))
+        _check_pixel_data(fp, size, _transfer_syntax(ds), _image_size(ds))
     return keys
 
 
@@ -174,15 +178,40 @@ def _transfer_syntax(ds: pydicom.Dataset) -> str:
     return str(ds.file_meta.TransferSyntaxUID)
 
 
-def _check_pixel_data(fp: BinaryIO, size: int, syntax: str) -> None:
-    """Make sure the pixel data that follows the header is complete (not cut short)."""
+def _image_size(ds: pydicom.Dataset) -> str | None:
+    """What makes the header an image's (so pixel data must follow it), or None.
+
+    An image has the Image Pixel module (group 0028: Rows, Columns, BitsAllocated, ...).  A
+    header cut before it looks like an object without pixel data (a report, a plan): the
+    quiet period is all that protects such a cut (see the README).  MR spectroscopy has Rows
+    and Columns but its data in SpectroscopyData, not in pixel data."""
+    if SPECTROSCOPY_DATA in ds or not any(tag in ds for tag in IMAGE_PIXEL_TAGS):
+        return None
+    try:  # a value cut short by the end of the file cannot be read: say less
+        return f"of {int(ds.Rows)} x {int(ds.Columns)} pixels"
+    except Exception:
+        return "(its Image Pixel attributes are there)"
+
+
+def _check_pixel_data(
+    fp: BinaryIO, size: int, syntax: str, image: str | None = None
+) -> None:
+    """Make sure the pixel data that follows the header is complete (not cut short).
+
+    ``image``: how the header describes an image (``_image_size``); such a file must go on
+    with its pixel data.  Raises ``FileIncomplete`` when the file ends too soon."""
     if syntax == DEFLATED:
         return
     little = syntax != BIG_ENDIAN
     start = fp.tell()
     header = fp.read(8)
     if len(header) < 8:
-        return  # no pixel data: nothing more to check
+        if image is not None:  # an image without pixel data: the rest may still come
+            raise FileIncomplete(
+                f"the file is truncated: its header describes an image {image} but the "
+                "file ends before the pixel data (was it copied completely?)"
+            )
+        return  # no pixel data and not an image (a report, a plan): nothing more to check
     # Some files say explicit VR but are written implicit (pydicom reads them so): follow
     # the bytes, not the label, so such a file is not called truncated.
     implicit = syntax == IMPLICIT or not header[4:6].isalpha()
@@ -192,8 +221,13 @@ def _check_pixel_data(fp: BinaryIO, size: int, syntax: str) -> None:
     length, offset = _element_length(fp, header, little, implicit)
     if length == UNDEFINED:
         _walk_fragments(fp, size, little)
+    elif start + offset > size:
+        raise FileIncomplete(
+            "the file is truncated: it ends inside the header of its pixel data "
+            "(was it copied completely?)"
+        )
     elif start + offset + length > size:
-        raise FileProblem(
+        raise FileIncomplete(
             f"the file is truncated: its pixel data should have {length} bytes but only "
             f"{max(size - start - offset, 0)} are there (was it copied completely?)"
         )
@@ -215,7 +249,7 @@ def _walk_fragments(fp: BinaryIO, size: int, little: bool) -> None:
     while True:
         item = fp.read(8)
         if len(item) < 8:
-            raise FileProblem(
+            raise FileIncomplete(
                 "the file is truncated: its compressed pixel data ends without the closing "
                 "sequence delimiter (was it copied completely?)"
             )
@@ -223,7 +257,7 @@ def _walk_fragments(fp: BinaryIO, size: int, little: bool) -> None:
         if (group, elem) == SEQ_END:
             return
         if (group, elem) != ITEM or fp.tell() + length > size:
-            raise FileProblem(
+            raise FileIncomplete(
                 "the file is truncated or damaged: a compressed pixel data fragment runs past "
                 "the end of the file"
             )

@@ -713,6 +713,24 @@ class Queue:
                 [(first, now, at, json.dumps(error), int(solo), i) for i in ids],
             )
 
+    def wait_for_rest(self, job: Job, *, at: float, error: dict[str, Any]) -> bool:
+        """A file found incomplete (an image cut short): read it again at ``at``.
+
+        ``first_try`` is when this content was first found incomplete; the watcher resets it
+        (with the row) when the file changes, so the wait counts from the last change and
+        never uses up the complete file's ``retry.max_age``.  Only while the row still holds
+        the content that was read: a row the watcher updated meanwhile is read again at
+        once.  Returns whether the row was updated."""
+        now = self.clock()
+        with self._tx() as db:
+            cursor = db.execute(
+                "UPDATE files SET attempts = attempts + 1, first_try = COALESCE(first_try, ?), "
+                "last_try = ?, next_attempt_at = ?, error = ? WHERE id = ? AND state = 'pending' "
+                "AND size = ? AND mtime_ns = ?",
+                (now, now, at, json.dumps(error), job.id, job.size, job.mtime_ns),
+            )
+            return cursor.rowcount > 0
+
     def isolate(self, ids: Iterable[int], *, not_before: float = 0.0) -> None:
         """Send these rows one per request from now on (to find a bad one in a batch)."""
         with self._tx() as db:
