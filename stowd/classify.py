@@ -95,7 +95,7 @@ def _classify_dicom(fp: BinaryIO, size: int) -> Classified:
             warnings.simplefilter("ignore")
             ds = _read_header(fp, size)
             keys = _keys(ds)
-        _check_pixel_data(fp, size, _transfer_syntax(ds), _image_size(ds))
+        _check_pixel_data(fp, size, _transfer_syntax(ds), _image_description(ds))
     return keys
 
 
@@ -178,7 +178,7 @@ def _transfer_syntax(ds: pydicom.Dataset) -> str:
     return str(ds.file_meta.TransferSyntaxUID)
 
 
-def _image_size(ds: pydicom.Dataset) -> str | None:
+def _image_description(ds: pydicom.Dataset) -> str | None:
     """What makes the header an image's (so pixel data must follow it), or None.
 
     An image has the Image Pixel module (group 0028: Rows, Columns, BitsAllocated, ...).  A
@@ -193,12 +193,10 @@ def _image_size(ds: pydicom.Dataset) -> str | None:
         return "(its Image Pixel attributes are there)"
 
 
-def _check_pixel_data(
-    fp: BinaryIO, size: int, syntax: str, image: str | None = None
-) -> None:
+def _check_pixel_data(fp: BinaryIO, size: int, syntax: str, image: str | None = None) -> None:
     """Make sure the pixel data that follows the header is complete (not cut short).
 
-    ``image``: how the header describes an image (``_image_size``); such a file must go on
+    ``image``: how the header describes an image (``_image_description``); such a file must go on
     with its pixel data.  Raises ``FileIncomplete`` when the file ends too soon."""
     if syntax == DEFLATED:
         return

@@ -236,7 +236,7 @@ def _put_back(job: Job, target: Path) -> Path:
     for _ in range(MAX_SUFFIX):
         place = free_target(original.parent, original.name)
         try:
-            os.link(target, place)
+            os.link(target, place, follow_symlinks=False)  # a moved link stays a link
         except FileExistsError:
             continue  # taken since it was looked at: the next free name
         except OSError as exc:
@@ -466,9 +466,7 @@ def _choose(queue: Queue, job: Job, source: Source | None, error: dict[str, Any]
     return target
 
 
-def move(
-    src: Path, dst: Path, *, sync: bool = True, expect: tuple[int, int] | None = None
-) -> bool:
+def move(src: Path, dst: Path, *, sync: bool = True, expect: tuple[int, int] | None = None) -> bool:
     """Rename ``src`` to ``dst``; across filesystems copy + fsync + rename + unlink.
 
     With ``sync=False`` the caller fsyncs ``dst``'s folder (once for many moves).  Across
