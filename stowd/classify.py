@@ -32,6 +32,10 @@ IMPLICIT = "1.2.840.10008.1.2"
 IMAGE_PIXEL_TAGS = (0x00280010, 0x00280011, 0x00280100, 0x00280002, 0x00280004)
 SPECTROSCOPY_DATA = 0x56000020
 PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
+PIXEL_TAG_BYTES = tuple(struct.pack(order, *tag) for tag in PIXEL_TAGS for order in ("<HH", ">HH"))
+CUT_ELEMENT = (
+    "the file is truncated: it ends inside the header of its pixel data (was it copied completely?)"
+)
 UNDEFINED = 0xFFFFFFFF
 ITEM = (0xFFFE, 0xE000)
 SEQ_END = (0xFFFE, 0xE0DD)
@@ -90,13 +94,33 @@ def _classify_dicom(fp: BinaryIO, size: int) -> Classified:
         raise NotDicom(
             "not a DICOM file: no 'DICM' marker at byte 128 and no File Meta Information"
         )
-    with header_errors():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = _read_header(fp, size)
-            keys = _keys(ds)
-        _check_pixel_data(fp, size, _transfer_syntax(ds), _image_description(ds))
+    try:
+        with header_errors():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = _read_header(fp, size)
+                keys = _keys(ds)
+            _check_pixel_data(fp, size, _transfer_syntax(ds), _image_description(ds))
+    except FileIncomplete:
+        raise
+    except FileProblem as problem:
+        if _ends_in_pixel_element(fp, size):  # pydicom could not read the cut length
+            raise FileIncomplete(CUT_ELEMENT) from problem
+        raise
     return keys
+
+
+def _ends_in_pixel_element(fp: BinaryIO, size: int) -> bool:
+    """Does the file end within the header (tag, VR, length) of a pixel data element?"""
+    fp.seek(max(size - 11, 0))
+    tail = fp.read(11)
+    for tag in PIXEL_TAG_BYTES:
+        at = tail.find(tag)
+        rest = tail[at:] if at >= 0 else b""
+        explicit = rest[4:6].isalpha()
+        if rest and (len(rest) < 8 or explicit):  # an explicit header has 12 bytes
+            return True
+    return False
 
 
 def _read_header(fp: BinaryIO, size: int) -> pydicom.Dataset:
@@ -220,10 +244,7 @@ def _check_pixel_data(fp: BinaryIO, size: int, syntax: str, image: str | None = 
     if length == UNDEFINED:
         _walk_fragments(fp, size, little)
     elif start + offset > size:
-        raise FileIncomplete(
-            "the file is truncated: it ends inside the header of its pixel data "
-            "(was it copied completely?)"
-        )
+        raise FileIncomplete(CUT_ELEMENT)
     elif start + offset + length > size:
         raise FileIncomplete(
             f"the file is truncated: its pixel data should have {length} bytes but only "
