@@ -388,3 +388,42 @@ def test_a_file_found_incomplete_waits_only_while_unchanged(queue: Queue, tmp_pa
     assert updated.first_try is None and updated.attempts == 0
     assert not queue.wait_for_rest(job, at=2e9, error={"reason": "r"})
     assert queue.unclassified(10) == [updated]  # read again at once
+
+
+def test_a_changed_file_the_watcher_finds_before_its_row_is_done_is_queued_then(
+    source: Source, queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watcher sees the file put back at once, while its old row is still settling."""
+    path, job = dropped(source, queue, b"h" * 878)
+    real_put_back = settle_mod._put_back
+    found: list[int] = []
+
+    def put_back_and_seen(job: Job, target: Path) -> Path:
+        place = real_put_back(job, target)
+        found.append(requeue(queue, place))  # the watcher's look, racing the bookkeeping
+        return place
+
+    monkeypatch.setattr(settle_mod, "_put_back", put_back_and_seen)
+    with open(path, "ab") as writer:
+        writing_on_after_the_move(monkeypatch, writer, b"p" * 1000)
+        settle_all(queue, [Decision(job, source, "sent")])
+    assert found == [0]  # too early: its old row was not done yet
+    assert queue.counts() == {"sent": 1, "pending": 1}  # queued when it was done
+    [new] = queue.jobs("pending")
+    assert (new.path, new.size) == (str(path), 1878)
+
+
+def test_new_content_found_while_a_row_is_busy_waits_for_that_row(
+    queue: Queue, tmp_path: Path
+) -> None:
+    path = tmp_path / "img.dcm"
+    path.write_bytes(b"old")
+    assert requeue(queue, path) == 1
+    [job] = queue.jobs()
+    queue.begin_settle([(job, "sent", str(tmp_path / "sent" / "img.dcm"), None)])
+    path.write_bytes(b"new and longer")
+    assert requeue(queue, path) == 0  # the path's row is being settled
+    assert queue.counts() == {"settling": 1}
+    queue.finish_many([(job.id, "gone")])
+    assert queue.counts() == {"gone": 1, "pending": 1}
+    assert [j.size for j in queue.jobs("pending")] == [len(b"new and longer")]
