@@ -3,7 +3,9 @@
 The target keeps the path relative to the watch folder, never overwrites (``name~1.dcm``) and is
 safe across filesystems (copy, fsync, rename into place, then remove the source).  The queue
 records the target *before* the move and marks the job done only *after* it, so ``repair``
-can finish a move that a crash interrupted.
+can finish a move that a crash interrupted.  A file that changed after it was read for
+upload is never left there as if that content had been handled: it stays in, or goes back
+to, the drop folder and is queued again as a new file.
 """
 
 from __future__ import annotations
@@ -242,7 +244,9 @@ def _put_back(job: Job, target: Path) -> Path:
         except OSError as exc:
             if exc.errno not in _NO_LINK:
                 raise
-            move(target, place)  # no hard link here (another filesystem, protected links)
+            # no hard link here (another filesystem, protected_hardlinks): the name was
+            # free a moment ago, as for every move into sent/ and failed/
+            move(target, place)
             return place
         _fsync_dir(place.parent)  # in the drop folder before it leaves sent/ or failed/
         os.unlink(target)
