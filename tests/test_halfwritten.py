@@ -21,13 +21,14 @@ from typing import Any, BinaryIO
 
 import pydicom
 import pytest
+import yaml
 from dicomgen import make_instance_bytes, pydicom_all_files
 from harness import Layout, Stowd, make_layout, wait_for
 from orthanc import Orthanc
 
 from stowd import settle as settle_mod
 from stowd.classify import classify
-from stowd.config import Source
+from stowd.config import DEFAULT_INCOMPLETE_WAIT, Source, load_config
 from stowd.errors import FileIncomplete
 from stowd.queue import Job, NewFile, Queue
 from stowd.settle import Decision, settle_all
@@ -188,13 +189,17 @@ def test_a_writer_that_stalls_has_its_whole_file_stored_with_sent_on_another_fil
     run_paused_writer(layout_for(tmp_path, orthanc), orthanc, cut)
 
 
-@pytest.mark.parametrize("elsewhere", [False, True], ids=["same-fs", "other-fs"])
+@pytest.mark.parametrize(
+    ("elsewhere", "wait"),
+    [(False, "2s"), (True, "2s"), (False, "0s")],
+    ids=["same-fs", "other-fs", "no-wait"],
+)
 def test_a_writer_that_never_finishes_leaves_every_byte_in_failed(
-    tmp_path: Path, orthanc: Orthanc, elsewhere: bool, request: pytest.FixtureRequest
+    tmp_path: Path, orthanc: Orthanc, elsewhere: bool, wait: str, request: pytest.FixtureRequest
 ) -> None:
     if elsewhere:
         request.getfixturevalue("other_fs")
-    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url, source={"incomplete_wait": "2s"})
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url, source={"incomplete_wait": wait})
     data, _uid, pixels = instance()
     written = data[: half_the_pixels(pixels)]
     path = layout.drop / "img.dcm"
@@ -203,19 +208,32 @@ def test_a_writer_that_never_finishes_leaves_every_byte_in_failed(
         with open(path, "wb") as fp:  # the writer dies after half the pixel data
             fp.write(written)
         wait_for(
-            lambda: layout.files(layout.failed) == {"img.dcm"},
+            lambda: "img.dcm" in layout.files(layout.failed) and "img.dcm" in layout.error_files(),
             WAIT,
-            "the cut file in failed/",
+            "the cut file and its reason in failed/",
             lambda: daemon.log,
         )
         assert (layout.failed / "img.dcm").read_bytes() == written
         reason = json.loads(layout.error_files()["img.dcm"].read_text())["reason"]
-        assert "truncated" in reason and "stayed so for 2s" in reason
-        assert said(daemon.log, path, "for the rest of it")
+        assert reason.startswith("the file is truncated: its pixel data should have")
+        assert ("stayed so for 2s" in reason) == (wait == "2s")
+        assert said(daemon.log, path, "for the rest of it") == (wait == "2s")
         assert layout.files(layout.sent) == set() and orthanc.instance_count() == 0
         assert daemon.terminate() == 0
     finally:
         daemon.stop()
+
+
+def test_incomplete_wait_is_a_source_setting(tmp_path: Path) -> None:
+    url = "http://127.0.0.1:9/dicom-web"
+    default = make_layout(tmp_path / "a", url)
+    doc = yaml.safe_load(default.config.read_text())
+    del doc["sources"][0]["incomplete_wait"]  # the harness sets 2s
+    default.config.write_text(yaml.safe_dump(doc))
+    assert load_config(default.config).sources[0].incomplete_wait == DEFAULT_INCOMPLETE_WAIT
+    assert DEFAULT_INCOMPLETE_WAIT == 600.0
+    at_once = make_layout(tmp_path / "b", url, source={"incomplete_wait": 0})
+    assert load_config(at_once.config).sources[0].incomplete_wait == 0.0
 
 
 # -- settling a file that changed after it was read ----------------------------------------------
