@@ -9,7 +9,10 @@
     ├── MigrationConflict      stowd migrate would resume a run of SRC in the other mode
     │                          (--keep or not): refused before anything happens (exit 2)
     ├── FileProblem            a single file cannot be sent as it is (never retried)
-    │   └── FileVanished       the file disappeared before it could be sent
+    │   ├── FileVanished       the file disappeared before it could be sent
+    │   └── FileIncomplete     a DICOM image ends before its pixel data does: it may still
+    │                          be being written, so it waits (``incomplete_wait``) for the
+    │                          rest, then fails as truncated
     ├── SidecarNotReady        a file's sidecar is still changing or unreadable: not queued yet
     ├── FileUnreadable         a file cannot be read right now (permissions, I/O error):
     │                          retried later, like the archive's temporary refusals
@@ -110,6 +113,12 @@ class UnknownType(FileProblem):
 
 class FileVanished(FileProblem):
     """The file was removed (or replaced) before it could be sent."""
+
+
+class FileIncomplete(FileProblem):
+    """A DICOM image whose file ends before its pixel data is complete (or before its pixel
+    data starts): a writer may still be adding the rest, so the file waits for it before it
+    is failed as truncated.  The message says what is missing."""
 
 
 @contextmanager
