@@ -22,11 +22,13 @@
 Third-party exceptions (httpx, pydicom, sqlite3, yaml) are translated at one seam each, with
 ``raise ... from exc``; whether something is retried is a property of the type raised here.
 ``reading`` turns the OSErrors of reading a file to send into ``FileVanished`` or
-``FileUnreadable``.
+``FileUnreadable``.  ``judging_input`` turns what Python raises on odd input (ValueError,
+RecursionError ...) while a sidecar or rule is applied into ``FileProblem``.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -123,6 +125,34 @@ def reading(source: Path) -> Iterator[None]:
         raise FileVanished("the path is now a folder") from exc
     except OSError as exc:
         raise FileUnreadable.from_os_error(exc, str(source)) from exc
+
+
+_INPUT_ERRORS = (ValueError, TypeError, OverflowError)
+MAX_DETAIL = 200  # characters of a Python error's text quoted in a reason
+
+
+@contextmanager
+def judging_input(what: str, path: str | None = None) -> Iterator[None]:
+    """Turn what Python's own parsers and conversions raise on odd input (a number of more
+    than 4300 digits, nesting too deep, a value of the wrong type) into a ``FileProblem``
+    about ``what`` (at ``path``): input that fails this way fails the same way every time."""
+    try:
+        yield
+    except StowdError:
+        raise
+    except RecursionError:
+        raise FileProblem(f"{what}: nests lists or sequences too deeply", path=path) from None
+    except _INPUT_ERRORS as exc:
+        raise FileProblem(f"{what}: {_detail(exc)}", path=path) from exc
+
+
+def _detail(exc: BaseException) -> str:
+    """The first sentence of ``exc``'s text, cut short (Python's hints such as
+    "use sys.set_int_max_str_digits()" are for programmers, not for the reader)."""
+    text = (str(exc) or type(exc).__name__).split("; ")[0]
+    if "integer string conversion" in text:
+        return f"holds a number of more than {sys.get_int_max_str_digits()} digits"
+    return text if len(text) <= MAX_DETAIL else text[: MAX_DETAIL - 3] + "..."
 
 
 class SidecarNotReady(StowdError):
