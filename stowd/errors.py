@@ -13,6 +13,11 @@
     ├── SidecarNotReady        a file's sidecar is still changing or unreadable: not queued yet
     ├── FileUnreadable         a file cannot be read right now (permissions, I/O error):
     │                          retried later, like the archive's temporary refusals
+    ├── UnusableAnswer         an HTTP answer cannot be used: it cannot be decoded, or
+    │   │                      (raised by answers.py while it is read; stow.py and auth.py
+    │   │                      turn these into StowFailure and TokenError)
+    │   ├── AnswerTooLarge     its decoded body is larger than the cap for its kind
+    │   └── AnswerTooSlow      it was still arriving at its deadline
     └── StowFailure            one STOW request did not go through (raised by stow.py only)
         ├── DestinationHeld    the archive or our configuration is wrong, not the files:
         │                      401/403/404/405/415, TLS; files stay queued, the destination waits
@@ -157,6 +162,19 @@ def _detail(exc: BaseException) -> str:
 
 class SidecarNotReady(StowdError):
     """A file's sidecar is still changing or cannot be read now: the file is not queued yet."""
+
+
+class UnusableAnswer(StowdError):
+    """An HTTP answer that cannot be used (its body cannot be decoded)."""
+
+
+class AnswerTooLarge(UnusableAnswer):
+    """An answer's decoded body is over the size cap for its kind: stowd stopped reading it."""
+
+
+class AnswerTooSlow(UnusableAnswer):
+    """An answer was still arriving at its deadline (a trickle that never trips the read
+    timeout, which applies to each read)."""
 
 
 class StowFailure(StowdError):
