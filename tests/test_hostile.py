@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import pytest
 import yaml
-from dicomgen import make_instance
+from dicomgen import make_instance, write_garbage
 from harness import Layout, Stowd, make_layout, run_cli, wait_for
 from hostileserver import BOMB_BYTES, HostileArchive, gzip_bomb
+from orthanc import Orthanc
 
 DEAD_URL = "http://127.0.0.1:9/dicom-web"  # nothing listens: no file reaches an archive
 
@@ -158,3 +161,63 @@ def test_an_answer_trickled_a_byte_a_second_ends_at_its_deadline(tmp_path: Path)
     print(f"\ntrickled answer: stowd hung up {gone - read:.1f} s after its request was read")
     # 4 s deadline; the server notices the closed connection at its next write or the one after
     assert gone - read < 4 + 2 + 5
+
+
+# -- names that try to forge log lines ------------------------------------------------------
+FORGED = "2026-01-01 00:00:00,000 INFO stowd.worker: FAKE.dcm: stored, moved to sent"
+NEWLINE_NAME = f"a\n{FORGED}.dcm"
+TERMINAL_NAME = "b\x1b[2J\x1b]0;owned\x07.dcm"  # clear the screen, set the window title, BEL
+RAW = ("\x1b", "\x07", "\r")
+
+
+def names_dropped(layout: Layout) -> None:
+    make_instance(layout.drop / NEWLINE_NAME)
+    make_instance(layout.drop / TERMINAL_NAME)
+    write_garbage(layout.drop / f"c\n{FORGED}.dcm")  # fails: status shows it
+
+
+@pytest.mark.parametrize("log_format", ["text", "journal"])
+def test_names_with_control_characters_cannot_forge_log_or_status_lines(
+    tmp_path: Path, orthanc: Orthanc, log_format: str
+) -> None:
+    """Was: the newline started a forged record in the log, the journal and status, and the
+    ESC/BEL bytes reached the reader's terminal."""
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
+    names_dropped(layout)
+    daemon = Stowd(layout, args=("--log-format", log_format)).start()
+    try:
+        wait_for(
+            lambda: len(layout.files(layout.sent)) == 2 and len(layout.files(layout.failed)) == 1,
+            90,
+            "two files sent and one failed",
+            lambda: daemon.log,
+        )
+        status = run_cli("status", "-c", str(layout.config))
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop()
+    assert layout.files(layout.sent) == {NEWLINE_NAME, TERMINAL_NAME}
+    log = daemon.log
+    escaped = "a\\n" + FORGED
+    assert escaped in log and "b\\x1b[2J\\x1b]0;owned\\x07.dcm" in log
+    for line in log.splitlines():
+        assert not line.startswith(FORGED), line
+        assert not line.startswith(f"<6>{FORGED}"), line  # a record of its own in the journal
+        if log_format == "journal":
+            assert re.match(r"<\d>", line), line
+    assert not any(c in log for c in RAW)
+    assert status.returncode == 0, status.stderr
+    assert "c\\n" + FORGED in status.stdout, status.stdout
+    assert not any(line.startswith(FORGED) for line in status.stdout.splitlines())
+    assert not any(c in status.stdout for c in RAW)
+
+
+def test_explain_escapes_a_names_control_characters(tmp_path: Path) -> None:
+    layout = make_layout(tmp_path / "run", DEAD_URL)
+    names_dropped(layout)
+    files = [str(layout.drop / NEWLINE_NAME), str(layout.drop / TERMINAL_NAME)]
+    done = run_cli("explain", "-c", str(layout.config), *files)
+    assert done.returncode == 0, done.stderr
+    assert "a\\n" + FORGED in done.stdout and "b\\x1b[2J" in done.stdout, done.stdout
+    assert not any(line.startswith(FORGED) for line in done.stdout.splitlines())
+    assert not any(c in done.stdout for c in RAW)
