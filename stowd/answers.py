@@ -1,13 +1,14 @@
 """Reading an HTTP answer's body: streamed, decoded, capped in size and within a deadline.
 
 Every answer stowd reads (STOW-RS, QIDO-RS lookups of studies and worklists, the OAuth2 token
-endpoint) goes through ``read_body``.  An archive or a proxy is not trusted to answer sanely:
-a small gzip-encoded answer may inflate to gigabytes, and one trickled a byte at a time never
-trips the read timeout (which httpx applies to each read).  So the decoded body is counted as
-it is inflated (a piece at a time, not httpx's whole network read at a time) and refused
-past ``limit`` (``AnswerTooLarge``), and the whole answer must have
-arrived by ``deadline`` (``AnswerTooSlow``).  The callers say what that means for them:
-``stow.py`` holds the destination for an answer too large, and retries one too slow later.
+endpoint) goes through ``read_body``; ``check-config --connect`` reads the start of an error
+page with ``read_start``.  An archive or a proxy is not trusted to answer sanely: a small
+gzip-encoded answer may inflate to gigabytes, and one trickled a byte at a time never trips
+the read timeout (which httpx applies to each read).  So the body is inflated a piece at a
+time (httpx inflates a whole network read at once), refused past ``limit``
+(``AnswerTooLarge``), and must have arrived by its deadline (``AnswerTooSlow``).  The
+callers say what that means for them: ``stow.py`` holds the destination for an answer too
+large, and retries one too slow later.
 """
 
 from __future__ import annotations
@@ -65,6 +66,20 @@ def read_body(
     finally:
         response.close()
     return bytes(data)
+
+
+def read_start(response: httpx.Response, limit: int) -> bytes:
+    """At most the first ``limit`` decoded bytes of ``response`` (what an error page says);
+    what cannot be decoded ends it early."""
+    data = b""
+    try:
+        for chunk in _decoded(response, "the archive"):
+            data += chunk[: limit - len(data)]
+            if len(data) >= limit:
+                break
+    except (zlib.error, UnusableAnswer):
+        pass
+    return data
 
 
 def _decoded(response: httpx.Response, who: str) -> Iterator[bytes]:

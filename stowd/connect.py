@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from stowd import stow
+from stowd import answers, stow
 from stowd.auth import OAuth2, TokenError
 from stowd.config import Destination
 from stowd.printable import escape_lines
@@ -265,12 +265,7 @@ def _query(client: httpx.Client, url: str, timeout: httpx.Timeout) -> _Answer:
 
 
 def _start(response: httpx.Response, limit: int = 2048) -> bytes:
-    read = b""
-    for chunk in response.iter_bytes():
-        read += chunk
-        if len(read) >= limit:
-            break
-    return read[:limit]
+    return answers.read_start(response, limit)
 
 
 def _tls_details(response: httpx.Response) -> dict[str, Any] | None:
