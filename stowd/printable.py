@@ -11,8 +11,9 @@ faked either.  What is escaped: the Unicode categories Cc (C0 and C1 controls, D
 and paragraph separators, which ``str.splitlines`` and some readers take as line ends).
 
 Used by the log formatters (``logs.py``, for every record and traceback) and by the renderers
-of ``status``, ``explain``, ``check-config`` and ``dry-run``, each on its whole output line by
-line.  JSON output (``--json``, ``.error.json``, the ``json`` log format) is escaped by JSON.
+of ``status``, ``explain``, ``check-config`` (and ``--connect``), ``dry-run``, ``retry`` and
+``migrate``'s summary, each on its whole output line by line.  JSON output (``--json``,
+``.error.json``) is escaped by JSON; the ``json`` log format escapes its message as well.
 """
 
 from __future__ import annotations
