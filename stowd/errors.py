@@ -13,16 +13,18 @@
     ├── SidecarNotReady        a file's sidecar is still changing or unreadable: not queued yet
     ├── FileUnreadable         a file cannot be read right now (permissions, I/O error):
     │                          retried later, like the archive's temporary refusals
-    ├── UnusableAnswer         an HTTP answer cannot be used: it cannot be decoded, or
-    │   │                      (raised by answers.py while it is read; stow.py and auth.py
-    │   │                      turn these into StowFailure and TokenError)
+    ├── UnusableAnswer         an HTTP answer cannot be used (it cannot be decoded, or as
+    │   │                      below): raised by answers.py while it is read, turned into
+    │   │                      StowFailure by stow.py and into TokenError by auth.py
     │   ├── AnswerTooLarge     its decoded body is larger than the cap for its kind
     │   └── AnswerTooSlow      it was still arriving at its deadline
     └── StowFailure            one STOW request did not go through (raised by stow.py only)
         ├── DestinationHeld    the archive or our configuration is wrong, not the files:
-        │                      401/403/404/405/415, TLS; files stay queued, the destination waits
+        │                      401/403/404/405/415, TLS, an unusable answer; files stay
+        │                      queued, the destination waits
         └── DestinationBusy    transient trouble of the whole request: connection errors,
-                               timeouts, 408/429/5xx; retried with backoff (Retry-After honoured)
+                               timeouts, 408/429/5xx, an answer past its deadline; retried
+                               with backoff (Retry-After honoured)
 
 Third-party exceptions (httpx, pydicom, sqlite3, yaml) are translated at one seam each, with
 ``raise ... from exc``; whether something is retried is a property of the type raised here.
