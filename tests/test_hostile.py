@@ -221,3 +221,14 @@ def test_explain_escapes_a_names_control_characters(tmp_path: Path) -> None:
     assert "a\\n" + FORGED in done.stdout and "b\\x1b[2J" in done.stdout, done.stdout
     assert not any(line.startswith(FORGED) for line in done.stdout.splitlines())
     assert not any(c in done.stdout for c in RAW)
+
+
+def test_check_config_escapes_folder_names(tmp_path: Path) -> None:
+    folder = f"drop\n{FORGED}\x1b[2J"
+    layout = make_layout(tmp_path / "run", DEAD_URL, source={"watch": f"./{folder}"})
+    (layout.root / folder).mkdir()
+    done = run_cli("check-config", "-c", str(layout.config))
+    assert done.returncode == 0, done.stderr
+    assert "drop\\n" + FORGED + "\\x1b[2J" in done.stdout, done.stdout
+    assert not any(line.startswith(FORGED) for line in done.stdout.splitlines())
+    assert not any(c in done.stdout for c in RAW)
