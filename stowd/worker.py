@@ -17,6 +17,7 @@ from typing import Any
 
 from stowd import bulkdata, metadata, metrics
 from stowd import classify as classify_mod
+from stowd.answers import answer_seconds
 from stowd.bulkform import bulk_part
 from stowd.config import BatchLimits, Config, Destination, Source
 from stowd.errors import (
@@ -83,7 +84,8 @@ class Worker:
         self.client = client
         self.stop = stop
         self.clock = clock
-        self._lease = destination.timeouts.write + destination.timeouts.read + LEASE_SLACK
+        answer = answer_seconds(destination.timeouts.read)  # a whole answer's deadline
+        self._lease = destination.timeouts.write + answer + LEASE_SLACK
         self.limits = destination.batch  # halved when the archive answers 413
         self._digests: dict[str, str] = {}  # of each source's rules, stored with its files
         self.beat = time.monotonic()  # last sign of progress (the daemon's watchdog reads it)
