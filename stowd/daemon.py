@@ -31,14 +31,14 @@ from functools import partial
 from pathlib import Path
 from types import FrameType
 
-from stowd import metrics
+from stowd import inflight, metrics
 from stowd.config import Config, Source, load_config
 from stowd.errors import ConfigError, StowdError
 from stowd.lookup import Finder
 from stowd.metadata import clear_spool, digest
 from stowd.notify import Notifier
 from stowd.purge import purge_sent
-from stowd.queue import Queue
+from stowd.queue import OPEN_MARK, Queue
 from stowd.settle import repair
 from stowd.status import short_line
 from stowd.stow import StowClient
@@ -90,6 +90,7 @@ class Daemon:
         self.unsettled: set[int] = set()  # moves that failed (disk full, permissions)
         self._stuck: str | None = None  # which thread keeps the watchdog unfed, as logged
         self.metrics_server: metrics.Server | None = None
+        self._shared: dict[str, dict[str, object]] | None = None  # last written for status
 
     # -- signals ------------------------------------------------------------------------
     def install_signals(self) -> None:
@@ -122,6 +123,7 @@ class Daemon:
         finally:
             self.notifier.stopping()
             self._shutdown()
+            inflight.remove(self.config.queue)
             if self.metrics_server is not None:
                 self.metrics_server.close()
             self.queue.close()
@@ -185,12 +187,13 @@ class Daemon:
 
     def _queue_files(self) -> tuple[Path, ...]:
         q = str(self.config.queue)
-        return tuple(Path(q + suffix) for suffix in ("", "-wal", "-shm", "-journal", ".lock"))
+        suffixes = ("", "-wal", "-shm", "-journal", ".lock", OPEN_MARK, inflight.SUFFIX)
+        return tuple(Path(q + suffix) for suffix in suffixes)
 
     def _supervise(self) -> None:
         upkeep = threading.Thread(target=self._upkeep, name="upkeep", daemon=True)
         upkeep.start()
-        next_status = next_watchdog = 0.0
+        next_status = next_watchdog = next_state = 0.0
         while not self.stop.wait(TICK):
             if self.reload_requested:
                 self.reload_requested = False
@@ -204,6 +207,29 @@ class Daemon:
             if now >= next_status:
                 self.notifier.status(self._status_line())
                 next_status = now + STATUS_EVERY
+            if now >= next_state:
+                self._share_state()
+                next_state = now + inflight.WRITE_EVERY
+
+    def _share_state(self) -> None:
+        """Tell ``stowd status`` which requests are in flight (when that changed)."""
+        workers = [w for gen in (self.generation, *self.lingering) for w in gen.workers]
+        requests: dict[str, list[tuple[float, float]]] = {}
+        for worker in workers:
+            request = worker.in_flight
+            if request is not None:
+                requests.setdefault(worker.destination.name, []).append(request)
+        stalled = {name: inflight.stalled(found) for name, found in requests.items()}
+        shared = {name: found for name, found in stalled.items() if found is not None}
+        if shared == self._shared:
+            return
+        doc = inflight.document(os.getpid(), time.time(), shared)
+        try:
+            inflight.write(self.config.queue, doc)
+        except OSError as exc:
+            log.debug("cannot write %s: %s", inflight.path_of(self.config.queue), exc)
+            return
+        self._shared = shared
 
     def _upkeep(self) -> None:
         """Retried moves and housekeeping, on a thread of their own: a slow share or a big

@@ -23,8 +23,9 @@
     │   └── AnswerTooSlow      it was still arriving at its deadline
     └── StowFailure            one STOW request did not go through (raised by stow.py only)
         ├── DestinationHeld    the archive or our configuration is wrong, not the files:
-        │                      401/403/404/405/415, TLS, an unusable answer; files stay
-        │                      queued, the destination waits
+        │                      401/403/404/405/415, TLS, an unusable answer or one that
+        │                      is not a STOW-RS answer; files stay queued, the destination
+        │                      waits
         └── DestinationBusy    transient trouble of the whole request: connection errors,
                                timeouts, 408/429/5xx, an answer past its deadline; retried
                                with backoff (Retry-After honoured)

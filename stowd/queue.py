@@ -48,6 +48,8 @@ SCHEMA_VERSION = 4
 ACTIVE = ("pending", "claimed", "settling")
 DONE = ("sent", "failed", "gone")
 BUSY_TIMEOUT_MS = 30_000
+OPEN_MARK = ".open"  # beside the queue while a stowd has it open; left behind by a crash
+WAL_HEADER = 32  # bytes: a write-ahead log shorter than its header holds nothing
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -308,6 +310,7 @@ class Queue:
         self.readonly = readonly
         self._local = threading.local()
         self._lock_fd: int | None = None
+        self._marked = False  # this process wrote the open marker
         # files found with new content while their row was claimed or settling (by row id):
         # queued as new jobs when that row is done (``finish_many``), not at the next rescan
         self._after: dict[int, NewFile] = {}
@@ -319,8 +322,57 @@ class Queue:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise QueueError(f"cannot create the queue folder {self.path.parent}: {exc}") from exc
-        if lock:
-            self._take_lock()
+        try:
+            if lock:
+                self._take_lock()
+                self._check_history()
+            self._migrate()
+            if lock:
+                self._mark_open()
+        except (OSError, sqlite3.Error) as exc:
+            self.close()
+            raise QueueError(_cannot_write(self.path, exc)) from exc
+        return self
+
+    @property
+    def _open_mark(self) -> Path:
+        return Path(str(self.path) + OPEN_MARK)
+
+    def _check_history(self) -> None:
+        """Say so when the last run ended without closing the queue (kill -9, a crash, a
+        power cut) and its write-ahead log is gone: what it held (every transaction since
+        the last checkpoint) is lost, and SQLite opens the older state without a word."""
+        if not self._open_mark.exists():
+            return  # a fresh queue, or a clean stop (a clean close checkpoints the log)
+        wal = Path(str(self.path) + "-wal")
+        try:
+            size = wal.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if size < WAL_HEADER:
+            log.warning(
+                "the queue %s lost its recent history: stowd did not stop cleanly last time "
+                "and the queue's write-ahead log %s is missing (deleted?), so what was queued, "
+                "sent or failed since its last checkpoint is forgotten; files still in the "
+                "watch folders are found again by the scan and sent again (an archive keeps "
+                "one copy of an instance), files already in sent/ or failed/ stay there",
+                self.path,
+                wal,
+            )
+
+    def _mark_open(self) -> None:
+        """A marker beside the queue while this process has it open (removed by ``close``);
+        written after the first transaction, when the write-ahead log exists."""
+        fd = os.open(self._open_mark, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._marked = True
+
+    def _migrate(self) -> None:
+        """Create the tables of a new queue, or bring an older one up to this schema."""
         with self._tx() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
@@ -335,7 +387,6 @@ class Queue:
                 for statement in _MIGRATIONS[step]:
                     db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        return self
 
     def _take_lock(self) -> None:
         lock_path = str(self.path) + ".lock"
@@ -353,6 +404,9 @@ class Queue:
         self._lock_fd = fd
 
     def close(self) -> None:
+        if self._marked:  # first: a close cut short must never look like a lost log
+            self._marked = False
+            self._open_mark.unlink(missing_ok=True)
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
@@ -380,7 +434,7 @@ class Queue:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
         except sqlite3.Error as exc:
-            raise QueueError(f"cannot open the queue {self.path}: {exc}") from exc
+            raise QueueError(_cannot_write(self.path, exc)) from exc
         return conn
 
     @contextmanager
@@ -1032,6 +1086,41 @@ class Queue:
             .fetchall()
         )
         return [(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
+
+def _cannot_write(path: Path, exc: OSError | sqlite3.Error) -> str:
+    """One line for an administrator: which file, and why stowd cannot write it."""
+    cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    where = getattr(exc, "filename", None) or path
+    why = _folder_problem(path.parent)
+    return f"cannot use the queue {where}: {cause}" + (f"; {why}" if why else "")
+
+
+def _folder_problem(folder: Path) -> str | None:
+    """Why the queue folder cannot be written, when it plainly cannot (else None)."""
+    readonly = read_only_note(folder)
+    if readonly is not None:
+        return readonly
+    if not os.access(folder, os.W_OK):
+        return (
+            f"this user may not write in the queue folder {folder}: run stowd as the user "
+            "that owns it"
+        )
+    return None
+
+
+def read_only_note(folder: Path) -> str | None:
+    """What to say when the queue folder is on a read-only filesystem (else None)."""
+    try:
+        if not os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return None
+    except OSError:
+        return None
+    return (
+        f"the queue folder {folder} is on a read-only filesystem; stowd writes the queue, "
+        "its -wal, -shm and .lock files there: mount it read-write, or set `queue` to a path "
+        "on a writable local disk"
+    )
 
 
 def open_readonly(path: Path) -> Queue:

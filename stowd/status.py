@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stowd import inflight
 from stowd.config import Config
 from stowd.errors import QueueError
 from stowd.printable import escape_lines
-from stowd.queue import Hold, Queue, open_readonly
+from stowd.queue import Hold, Queue, open_readonly, read_only_note
 
 RATE_WINDOW = 300.0
 LAST_ERRORS = 10
@@ -130,10 +131,10 @@ def gather(config: Config, *, now: float | None = None) -> dict[str, Any]:
         with queue.reading():
             return _gather(config, queue, now)
     except sqlite3.Error as exc:  # e.g. no right to create the -wal/-shm files beside it
-        raise QueueError(
-            f"cannot read the queue {config.queue}: {exc} (run status as the user stowd runs "
-            "as, e.g. sudo -u stowd stowd status -c CONFIG)"
-        ) from exc
+        hint = read_only_note(config.queue.parent) or (
+            "run status as the user stowd runs as, e.g. sudo -u stowd stowd status -c CONFIG"
+        )
+        raise QueueError(f"cannot read the queue {config.queue}: {exc} ({hint})") from exc
     finally:
         queue.close()
 
@@ -155,10 +156,13 @@ def _gather(config: Config, queue: Queue, now: float) -> dict[str, Any]:
     eta, seconds = _overall_eta(by_dest)
     if eta == "empty" and total.backlog_files:
         eta, seconds = "parked", None  # all of it belongs to sources no longer configured
+    pid = daemon_pid(config.queue)
+    destinations = _destinations(config, holds, now)
+    _add_in_flight(config, destinations, inflight.read(config.queue, pid), now)
     return {
         "queue": str(config.queue),
         "time": now,
-        "daemon_pid": daemon_pid(config.queue),
+        "daemon_pid": pid,
         "counts": {s: n for s, n in total.counts.items() if n},
         "oldest_pending_seconds": everything["oldest_pending_seconds"],
         "files_per_minute": everything["files_per_minute"],
@@ -169,11 +173,11 @@ def _gather(config: Config, queue: Queue, now: float) -> dict[str, Any]:
         "eta": eta,
         "eta_seconds": seconds,
         "history_days": config.history_days,
-        "destinations": _destinations(config, holds, now),
+        "destinations": destinations,
         "by_destination": by_dest,
         "by_source": by_source,
         "last_errors": _errors(queue, now),
-        "warnings": _warnings(config, by_source),
+        "warnings": _warnings(config, by_source, pid is not None) + _not_answering(destinations),
     }
 
 
@@ -244,6 +248,33 @@ def _destinations(config: Config, holds: Mapping[str, Hold], now: float) -> dict
     return out
 
 
+def _add_in_flight(
+    config: Config, out: dict[str, Any], requests: Mapping[str, Any], now: float
+) -> None:
+    """A destination whose oldest request has had no progress (no byte sent, no answer) for
+    longer than its threshold gets ``not_answering_seconds`` and ``request_since``."""
+    for name, found in requests.items():
+        dest = config.destinations.get(name)
+        if dest is None or name not in out or not isinstance(found, dict):
+            continue
+        try:
+            since, progress = float(found["request_since"]), float(found["last_progress"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        quiet = max(0.0, now - progress)
+        if quiet > inflight.not_answering_after(dest.timeouts.read):
+            out[name] |= {"not_answering_seconds": round(quiet, 1), "request_since": since}
+
+
+def _not_answering(destinations: Mapping[str, Any]) -> list[str]:
+    return [
+        f"destination {name}: not answering for {d['not_answering_seconds']:.0f} s "
+        f"(a request in flight since {_clock(d['request_since'])})"
+        for name, d in destinations.items()
+        if "not_answering_seconds" in d
+    ]
+
+
 def _errors(queue: Queue, now: float) -> list[dict[str, Any]]:
     out = []
     for when, source, dest, path, state, next_try, error in queue.recent_errors(LAST_ERRORS):
@@ -275,7 +306,9 @@ def _error_doc(error: str) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {"reason": str(doc)}
 
 
-def _warnings(config: Config, by_source: Mapping[str, Mapping[str, Any]]) -> list[str]:
+def _warnings(
+    config: Config, by_source: Mapping[str, Mapping[str, Any]], running: bool
+) -> list[str]:
     out = [
         f"TLS verification is OFF for destination {name}"
         for name, dest in config.destinations.items()
@@ -286,6 +319,23 @@ def _warnings(config: Config, by_source: Mapping[str, Mapping[str, Any]]) -> lis
             out.append(
                 f"source {name} is not in the config: its {data['backlog_files']} queued "
                 "file(s) wait until it is back"
+            )
+    return out + (_missing_watch_folders(config) if running else [])
+
+
+def _missing_watch_folders(config: Config) -> list[str]:
+    """Watch folders deleted while the daemon runs (it creates them when it starts): files
+    dropped there now are seen by no one, until the folder is created again."""
+    out = []
+    for source in config.sources:
+        try:
+            there = source.watch.is_dir()
+        except OSError:
+            continue  # cannot tell (no right to look): the daemon's log says what it sees
+        if not there:
+            out.append(
+                f"the watch folder {source.watch} of source {source.name} is missing: files "
+                "dropped there are not seen until it is created again"
             )
     return out
 
@@ -378,6 +428,19 @@ def _destination(name: str, figures: Mapping[str, Any], health: Any) -> list[str
 def _health(health: Mapping[str, Any] | None) -> list[str]:
     if health is None:
         return []
+    return _held(health) + _stalled(health)
+
+
+def _stalled(health: Mapping[str, Any]) -> list[str]:
+    if "not_answering_seconds" not in health:
+        return []
+    return [
+        f"  answer:     none for {_duration(health['not_answering_seconds'])} "
+        f"(a request in flight since {_clock(health['request_since'])})"
+    ]
+
+
+def _held(health: Mapping[str, Any]) -> list[str]:
     if health["state"] == "ok":
         return ["  health:     ok"]
     tries = health["failures"]

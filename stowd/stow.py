@@ -12,6 +12,8 @@ an archive's answer is judged, file by file, following the retry table of
   -> ``DestinationHeld``; the token endpoint unreachable or 5xx -> ``DestinationBusy``;
   a 401 to an OAuth2 token -> one new token and one more attempt, then ``DestinationHeld``
 * 200/202/409/400 bodies                 -> one ``Verdict`` per sent SOPInstanceUID
+* a 4xx, 200 or 202 whose body is not a STOW-RS answer (empty, an HTML login page, other
+  text)                                   -> ``DestinationHeld``
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from stowd.errors import (
     StowFailure,
     UnusableAnswer,
 )
+from stowd.printable import escape
 from stowd.secrets import SecretUnavailable
 
 log = logging.getLogger("stowd.stow")
@@ -62,6 +65,7 @@ REFERENCED, FAILED_SEQ, RETRIEVE_URL = "00081199", "00081198", "00081190"
 SOP_UID, FAILURE_REASON, WARNING_REASON = "00081155", "00081197", "00081196"
 BUSY_STATUSES = {408, 429, 502, 503, 504}
 HELD_STATUSES = {401, 403, 404, 405, 407, 415}
+QUOTE_LIMIT = 80  # characters of an odd answer body quoted in a reason
 
 FAILURE_MEANINGS = {
     0x0110: "processing failure",
@@ -721,6 +725,14 @@ def _answer_of(
             server_message=warning or _short(content) or None,
         )
     answer = parse_answer(status, content)
+    if status in (200, 202) and not answer.is_stow:
+        # A login page or a web server in front of the archive, not the archive: were the
+        # files judged "not listed" they would fail after retry.max_age, file by file.
+        raise DestinationHeld(
+            _not_stow_text(status, response.headers.get("Content-Type", ""), content),
+            status=status,
+            server_message=warning,
+        )
     if warning:
         answer.server_message = warning
     if status == 400 and _wants_client_cert(answer.server_message):
@@ -740,6 +752,34 @@ def _answer_of(
             server_message=answer.server_message,
         )
     return answer
+
+
+def _not_stow_text(status: int, content_type: str, content: bytes) -> str:
+    """What a success answer that is not a STOW-RS answer looked like, and what to check."""
+    body = content.strip()
+    kind = content_type.split(";", maxsplit=1)[0].strip().lower()
+    if not body:
+        what = "an empty body"
+    elif kind in ("text/html", "application/xhtml+xml") or _looks_like_html(body):
+        what = "an HTML page"
+    else:
+        what = "JSON" if "json" in kind else "text"
+    quoted = f" ({_quote(body)})" if body else ""
+    return (
+        f"the archive answered HTTP {status} with {what}, not a STOW-RS answer{quoted}: is "
+        "the url the DICOMweb base, or is a login page or another web server in front of it?"
+    )
+
+
+def _looks_like_html(body: bytes) -> bool:
+    head = body[:200].lower()
+    return head.startswith((b"<!doctype html", b"<html")) or b"<html" in head
+
+
+def _quote(body: bytes, limit: int = QUOTE_LIMIT) -> str:
+    """The start of an answer body, on one line, control characters escaped."""
+    text = " ".join(body[: limit * 4].decode("utf-8", errors="replace").split())
+    return f'"{escape(text[:limit])}{"…" if len(text) > limit else ""}"'
 
 
 def _wants_client_cert(message: str | None) -> bool:

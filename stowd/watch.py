@@ -51,6 +51,9 @@ IDLE_WAIT = 1.0
 TEXT_CACHE = 10_000  # sidecar texts kept between scans
 RAW_LIMIT = 1024 * 1024  # a sidecar that is not text is kept up to this size
 POLL_INTERVAL = 2.0
+# How often the watch folder itself is looked at (one stat): deleted, or deleted and created
+# again, its events stop (watchdog's emitter ends with the folder it watched).
+FOLDER_CHECK = 1.0
 # The events that can mean a file is new or changed.  Not 'opened' and 'closed_no_write':
 # stowd opens every file twice itself (to read its header, to send it), and each of those
 # events was a hint that re-checked the file and asked the queue about it again.
@@ -124,6 +127,9 @@ class Watcher:
         self._future: dict[str, tuple[int, int, float]] = {}
         self._observer: BaseObserver | None = None
         self._rescan_requested = False
+        self._folder: tuple[int, int] | None = None  # (st_dev, st_ino) of the watched folder
+        self._missing = False  # the watch folder was deleted and is not back yet
+        self._next_folder_check = 0.0
         self.beat = time.monotonic()  # last sign of progress (the daemon's watchdog reads it)
 
     @property
@@ -149,6 +155,7 @@ class Watcher:
         observer = cls(timeout=POLL_INTERVAL) if self.source.polling else cls()
         try:
             self.source.watch.mkdir(parents=True, exist_ok=True)
+            self._folder = _folder_identity(self.source.watch)
             handler = _Handler(self.hint)
             observer.schedule(handler, str(self.source.watch), recursive=True, event_filter=EVENTS)
             observer.daemon = True
@@ -174,6 +181,8 @@ class Watcher:
             self._observer = None
 
     def _ensure_observer(self) -> None:
+        if self._missing:
+            return  # started again when the folder is back (starting creates the folder)
         if self._observer is not None and not self._observer.is_alive():
             log.warning("source %s: the file observer died; restarting it", self.source.name)
             self._observer = None
@@ -203,9 +212,62 @@ class Watcher:
                     self._check_all(self._walk(folder), stop)
             self._check_all(hints)
             self._check_all(self._pop_due())
+            self._check_folder()
             self._ensure_observer()
             self._wake.wait(self._wait_time(next_scan))
             self._wake.clear()
+
+    # -- the watch folder itself ----------------------------------------------------------
+    def _check_folder(self) -> None:
+        """Deleted: say so once.  Back (or replaced by a new folder): say so, watch the new
+        folder at once and scan it, since its events went to the old one."""
+        now = time.monotonic()
+        if now < self._next_folder_check:
+            return
+        self._next_folder_check = now + FOLDER_CHECK
+        try:
+            current = _folder_identity(self.source.watch)
+        except (FileNotFoundError, NotADirectoryError):
+            self._folder_gone()
+            return
+        except OSError:
+            return  # unreadable: the scans say why
+        if self._missing:
+            self._folder_back("is back")
+        elif self._folder is not None and current != self._folder:
+            self._folder_back("was deleted and created again")
+        elif self._watch_ended():  # the same inode number, given to the new folder
+            self._folder_back("is watched no more (deleted and created again?)")
+
+    def _watch_ended(self) -> bool:
+        """watchdog ends a watch whose folder was deleted, while its observer lives on."""
+        observer = self._observer
+        return observer is not None and any(e.stopped_event.is_set() for e in observer.emitters)
+
+    def _folder_gone(self) -> None:
+        if self._missing:
+            return
+        self._missing = True
+        self.stop_observer()
+        log.warning(
+            "source %s: the watch folder %s was deleted; files dropped there now are lost to "
+            "stowd until it is back; watching resumes when it is created again",
+            self.source.name,
+            self.source.watch,
+        )
+
+    def _folder_back(self, was: str) -> None:
+        self._missing = False
+        log.warning(
+            "source %s: the watch folder %s %s; watching it again",
+            self.source.name,
+            self.source.watch,
+            was,
+        )
+        self.stop_observer()
+        self.start_observer()
+        self._rescan_requested = True
+        self._wake.set()
 
     def _wait_time(self, next_scan: float) -> float:
         wait = min(IDLE_WAIT, max(0.0, next_scan - time.monotonic()))
@@ -509,6 +571,13 @@ def _raw(path: Path) -> str | None:
     except OSError:
         return None
     return None if len(data) > RAW_LIMIT else base64.b64encode(data).decode()
+
+
+def _folder_identity(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(f"{path} is not a folder")
+    return st.st_dev, st.st_ino
 
 
 def _identity(st: os.stat_result) -> tuple[int, ...]:

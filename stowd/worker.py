@@ -91,6 +91,8 @@ class Worker:
         self.beat = time.monotonic()  # last sign of progress (the daemon's watchdog reads it)
         self.max_step = self._lease  # one step (a batch upload) may take this long
         self.running = False  # inside run()
+        # (started, last progress) of the request in flight, for status (via the daemon)
+        self.in_flight: tuple[float, float] | None = None
 
     def run(self) -> None:
         self.running = True
@@ -113,6 +115,18 @@ class Worker:
     def _alive(self) -> None:
         """A sign of progress within a step (a chunk of an upload went out)."""
         self.beat = time.monotonic()
+        request = self.in_flight
+        if request is not None:
+            self.in_flight = (request[0], self.clock())
+
+    def _request(self, parts: list[Part]) -> Answer:
+        """One STOW request, recorded as in flight while it runs."""
+        started = self.clock()
+        self.in_flight = (started, started)
+        try:
+            return self.client.store(parts, progress=self._alive)
+        finally:
+            self.in_flight = None
 
     def step(self) -> bool:
         """Do one unit of work; False when there was nothing to do."""
@@ -368,7 +382,7 @@ class Worker:
 
     def _store(self, batch: list[Job], parts: list[Part], *, held: bool) -> None:
         try:
-            answer = self.client.store(parts, progress=self._alive)
+            answer = self._request(parts)
         except FileVanished:
             self._drop_vanished(batch)
             return

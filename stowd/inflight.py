@@ -1,0 +1,81 @@
+"""What the running daemon is doing now that the queue does not record, for ``stowd status``
+(another process): a small JSON file beside the queue, ``<queue>.state``.
+
+The daemon rewrites it (temp file and rename, mode 0600) when its content changed, at most
+every ``WRITE_EVERY`` seconds, and removes it when it stops.  It holds a document::
+
+    {"pid": 4242, "written_at": 1767000000.0,
+     "destinations": {"pacs": {"request_since": ..., "last_progress": ..., "requests": 2}}}
+
+``destinations`` names, per destination with requests in flight, the request that has gone
+longest without progress (no byte sent, no answer): when it started, when it last sent a
+chunk, and how many requests are in flight.  Readers ignore keys they do not know, so more
+can be added.  Status trusts the file only when its pid is the daemon holding the queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+SUFFIX = ".state"
+WRITE_EVERY = 2.0  # seconds
+# A request without progress for this long (or a tenth of the read timeout, if shorter) is
+# shown as "not answering" in status, long before the read timeout ends it.
+NOT_ANSWERING_AFTER = 30.0
+NOT_ANSWERING_SHARE = 0.1
+
+
+def path_of(queue: Path) -> Path:
+    return Path(str(queue) + SUFFIX)
+
+
+def not_answering_after(read_timeout: float) -> float:
+    """Seconds without progress after which a request counts as not answered."""
+    return min(NOT_ANSWERING_AFTER, read_timeout * NOT_ANSWERING_SHARE)
+
+
+def stalled(requests: Iterable[tuple[float, float]]) -> dict[str, Any] | None:
+    """Of (started, last progress) pairs, the one without progress the longest, or None."""
+    found = sorted(requests, key=lambda r: r[1])
+    if not found:
+        return None
+    started, progress = found[0]
+    return {"request_since": started, "last_progress": progress, "requests": len(found)}
+
+
+def document(pid: int, now: float, destinations: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    return {"pid": pid, "written_at": now, "destinations": dict(destinations)}
+
+
+def write(queue: Path, doc: Mapping[str, Any]) -> None:
+    """Replace the state file at once (a reader sees the old or the new one, whole)."""
+    target = path_of(queue)
+    tmp = target.with_name(f".{target.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fp:
+        json.dump(doc, fp)
+    os.replace(tmp, target)
+
+
+def remove(queue: Path) -> None:
+    with contextlib.suppress(OSError):  # status ignores a file whose daemon is gone
+        path_of(queue).unlink(missing_ok=True)
+
+
+def read(queue: Path, pid: int | None) -> dict[str, Any]:
+    """The destinations part of the file the running daemon ``pid`` wrote, else ``{}``."""
+    if pid is None:
+        return {}
+    try:
+        doc = json.loads(path_of(queue).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(doc, dict) or doc.get("pid") != pid:
+        return {}  # left by a daemon that was killed
+    found = doc.get("destinations")
+    return found if isinstance(found, dict) else {}
