@@ -52,7 +52,10 @@ DICOM_TYPE = "application/dicom"
 JSON_TYPE = "application/dicom+json"
 QIDO_ACCEPT = "application/dicom+json, application/json;q=0.9"
 QIDO_READ_TIMEOUT = 30.0  # seconds; a lookup is a small answer, unlike a STOW upload
-ACCEPT = "application/dicom+json, application/dicom+xml;q=0.9, application/json;q=0.8"
+# DICOM JSON only: Orthanc logs "Unsupported return MIME type" for every request that lists
+# other types, and Azure's DICOM service accepts no other (its conformance statement v2).
+# An archive that answers XML anyway is still read (parse_answer sniffs the body).
+ACCEPT = "application/dicom+json"
 REFERENCED, FAILED_SEQ, RETRIEVE_URL = "00081199", "00081198", "00081190"
 SOP_UID, FAILURE_REASON, WARNING_REASON = "00081155", "00081197", "00081196"
 BUSY_STATUSES = {408, 429, 502, 503, 504}
