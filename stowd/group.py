@@ -29,12 +29,12 @@ def take_batch(jobs: Sequence[Job], limits: BatchLimits) -> list[Job]:
     if kind in DECODED:
         return list(jobs[:1])  # the byte limit counts file sizes, not decoded sizes
     for job in (j for j in jobs if j.kind == kind):
-        if job.sop_uid is not None and job.sop_uid in uids:
-            continue  # for a following request
+        if job.sop_uid and job.sop_uid in uids:
+            continue  # for a following request (no UID known yet: never held back)
         if batch and (len(batch) >= limits.max_files or total + job.size > limits.max_bytes):
             break
         batch.append(job)
         total += job.size
-        if job.sop_uid is not None:
+        if job.sop_uid:
             uids.add(job.sop_uid)
     return batch

@@ -74,5 +74,5 @@ def test_two_files_with_one_sop_instance_uid_never_travel_together() -> None:
     assert [j.id for j in take_batch(left, limits)] == [1]  # next request: not starved
     copies = [replace(job(n, 10), sop_uid="same") for n in range(3)]
     assert [j.id for j in take_batch(copies, limits)] == [0]
-    unknown = [replace(job(n, 10), sop_uid=None) for n in range(2)]
-    assert [j.id for j in take_batch(unknown, limits)] == [0, 1]
+    unknown = [replace(job(n, 10), sop_uid=uid) for n, uid in enumerate((None, None, "", ""))]
+    assert [j.id for j in take_batch(unknown, limits)] == [0, 1, 2]
