@@ -338,6 +338,22 @@ def _judge_one(answer: Answer, sop: str, single: bool) -> Verdict:
         return Verdict(Outcome.SENT, note, warning)
     if sop in answer.failed:
         return _judge_failed(status, answer.failed[sop])
+    return _judge_unlisted(answer, single)
+
+
+def _judge_unlisted(answer: Answer, single: bool) -> Verdict:
+    """A file the answer names neither as stored nor as failed."""
+    status = answer.status
+    # A failure item without a SOPInstanceUID: the archive could not even read which instance
+    # the part was (tiny_pacs_dicomweb/stow.py 0.1.0 lists a part it cannot parse, or whose
+    # UIDs are malformed, so: FailureReason 0x0110 and no 00081155).
+    unnamed = answer.failed.get("")
+    if status in (200, 202) and unnamed is not None and not single:
+        return Verdict(
+            Outcome.ISOLATE,
+            f"the archive answered HTTP {status} and refused a file of this request without "
+            "naming it: sending the files it did not list one by one",
+        )
     if status in (200, 202):
         return Verdict(
             Outcome.RETRY,
@@ -347,6 +363,9 @@ def _judge_one(answer: Answer, sop: str, single: bool) -> Verdict:
         return Verdict(Outcome.ISOLATE, f"HTTP {status} for a batch: sending files one by one")
     if status >= 500:
         return Verdict(Outcome.RETRY, f"the archive answered HTTP {status} (server error)")
+    if unnamed is not None:
+        reason = f"failure reason {unnamed:04X} ({failure_meaning(unnamed)})"
+        return Verdict(Outcome.FAILED, f"{_refusal(status)}: {reason}", unnamed)
     return Verdict(Outcome.FAILED, _refusal(status))
 
 

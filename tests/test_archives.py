@@ -9,15 +9,17 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
-from archives import Archive
-from dicomgen import make_instance
+from archives import Archive, write_refused
+from dicomgen import make_instance, make_study
 from harness import Layout, Stowd, make_layout, wait_for
 from localserver import LocalServer
 from orthanc import Orthanc
 from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+from tinypacs import TinyPacs
 
 from stowd.config import Destination
-from stowd.stow import Outcome, Part, StowClient, judge
+from stowd.stow import Outcome, Part, StowClient, judge, parse_answer
 
 UNSUPPORTED = "Unsupported return MIME type"
 
@@ -95,7 +97,7 @@ def test_two_files_with_one_sop_instance_uid_are_each_judged_by_their_own_answer
     """pydicom's rtdose.dcm and rtdose_rle.dcm share a SOPInstanceUID.  Sent in one request,
     the answer named the UID once and both were settled by it: rtdose_rle.dcm, which Orthanc
     refuses when sent alone, went to sent/ because rtdose.dcm was stored."""
-    plain, rle = Path(get_testdata_file("rtdose.dcm")), Path(get_testdata_file("rtdose_rle.dcm"))
+    plain, rle = (Path(str(get_testdata_file(name))) for name in ("rtdose.dcm", "rtdose_rle.dcm"))
     uid = "1.9.999.999.99.9.9999.9999.20030818153516"  # both files'
     probe = tmp_path / "probe"
     probe.mkdir()
@@ -125,3 +127,43 @@ def test_two_files_with_one_sop_instance_uid_are_each_judged_by_their_own_answer
 
 def settled(layout: Layout) -> int:
     return len(layout.files(layout.sent)) + len(layout.files(layout.failed))
+
+
+def test_a_refused_file_in_a_batch_fails_at_once_with_the_archive_s_reason(
+    tmp_path: Path, archive: Archive
+) -> None:
+    """tiny_pacs answers 202 for a batch with a part it cannot read, listed without its UID:
+    that file was retried with backoff (here an hour) instead of being sent alone."""
+    layout = make_layout(
+        tmp_path / "run",
+        archive.dicomweb_url,
+        retry={"initial": "1h", "maximum": "1h", "hold_probe": "1s", "max_age": "1d"},
+    )
+    study = generate_uid()
+    good = {u for _, u in make_study(layout.drop / "s", 5, study_uid=study)}
+    status = write_refused(archive, layout.drop / "s" / "refused.dcm", study_uid=study)
+    daemon = Stowd(layout).start()
+    try:
+        wait_for(lambda: settled(layout) == 6, 60, "all six settled", lambda: daemon.log)
+    finally:
+        daemon.stop()
+    assert layout.files(layout.failed) == {"s/refused.dcm"}
+    assert archive.sop_instance_uids() == good
+    error = json.loads((layout.failed / "s" / "refused.dcm.error.json").read_text())
+    assert f"HTTP {status}" in error["reason"], error
+    if isinstance(archive, TinyPacs):
+        assert "failure reason 0110 (processing failure)" in error["reason"], error
+
+
+def test_judge_a_failure_item_without_a_uid() -> None:
+    """tiny_pacs' answers (observed) to a part it cannot read: alone, and with a good one."""
+    unnamed = b'{"00081198": {"vr": "SQ", "Value": [{"00081197": {"vr": "US", "Value": [272]}}]}}'
+    bad, good = Part("/d/bad.dcm", 1, "1.2.3.04"), Part("/d/good.dcm", 1, "1.2.3.4")
+    alone = judge(parse_answer(409, unnamed), [bad])[bad.sop_uid]
+    assert (alone.outcome, alone.code) == (Outcome.FAILED, 0x0110)
+    stored = (
+        b'"00081199": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": ["1.2.3.4"]}}]}'
+    )
+    batch = judge(parse_answer(202, unnamed[:-1] + b", " + stored + b"}"), [bad, good])
+    assert batch[good.sop_uid].outcome is Outcome.SENT
+    assert batch[bad.sop_uid].outcome is Outcome.ISOLATE
