@@ -30,6 +30,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 
+from stowd import dropped
 from stowd.classify import (
     BIG_ENDIAN,
     DEFLATED,
@@ -42,6 +43,7 @@ from stowd.errors import FileProblem, FileUnreadable, reading
 from stowd.vr import Value
 
 CHUNK = 1024 * 1024
+SPOOL_MODE = 0o600  # the copies sent hold patient data: stowd's alone, whatever the umask
 UTF8 = "ISO_IR 192"
 DEFLATED_LIMIT = 64 * 1024 * 1024
 MODIFYING_SYSTEM = "stowd"
@@ -240,7 +242,7 @@ def rewrite(src: Path, dst: Path, edit: Callable[[Dataset], None]) -> int:
     ``src`` is only read.  Its bytes from the Pixel Data element to the end are copied as they
     are, in chunks.  On any error a partly written ``dst`` is removed.
     """
-    with reading(src), warnings.catch_warnings(), open(src, "rb") as fp:
+    with reading(src), warnings.catch_warnings(), dropped.open_file(src) as fp:
         warnings.simplefilter("ignore")  # files with odd values are sent, not judged
         return _rewrite_open(fp, dst, edit)
 
@@ -387,7 +389,7 @@ def _write(
     dst: Path, ds: FileDataset, encoding: tuple[bool, bool], fp: BinaryIO, tail_at: int | None
 ) -> int:
     try:
-        with open(dst, "wb") as out:
+        with private(dst) as out:
             _encode(ds, encoding, out)
             if tail_at is not None:
                 fp.seek(tail_at)
@@ -400,4 +402,16 @@ def _write(
                 f"copying the file to the spool folder {dst.parent} failed: "
                 f"{exc.strerror or exc}; it is tried again later"
             ) from exc
+        raise
+
+
+def private(target: Path) -> BinaryIO:
+    """Open a new spool file for writing, readable by stowd alone whatever the umask (it
+    holds patient data)."""
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, SPOOL_MODE)
+    try:
+        os.fchmod(fd, SPOOL_MODE)  # a copy left by an older stowd may be wider
+        return os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)
         raise

@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from stowd import bulkdata, metadata, metrics
+from stowd import bulkdata, dropped, metadata, metrics
 from stowd import classify as classify_mod
 from stowd.answers import answer_seconds
 from stowd.bulkform import bulk_part
@@ -72,6 +72,7 @@ class Worker:
         sends: bool = True,
     ) -> None:
         self.config = config
+        dropped.configure(config.sources)  # no link in a drop folder is read (follow_links)
         # False: only reads new files, so that reading overlaps the uploads of the others
         self.sends = sends
         # asks the archives for the study a rule's lookup names (shared by a generation)
