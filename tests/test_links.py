@@ -19,6 +19,9 @@ from harness import Layout, Stowd, make_layout, run_cli, wait_for
 from hostileserver import HostileArchive
 from orthanc import Orthanc
 
+from stowd import dropped
+from stowd.config import Source
+
 DEAD_URL = "http://127.0.0.1:9/dicom-web"  # nothing listens: no file reaches an archive
 SECRET = b"SECRET-7f3a9c-do-not-leak\n"  # what a file the writer cannot read holds
 LINK_REASON = "the file is a symbolic link; stowd does not follow symbolic links"
@@ -250,3 +253,28 @@ def test_files_stowd_writes_have_explicit_modes_whatever_the_umask(
 
 def oct_all(modes: dict[str, int]) -> dict[str, str]:
     return {name: oct(mode) for name, mode in modes.items()}
+
+
+# -- a link planted after the file was checked ---------------------------------------------------
+def test_every_read_of_a_dropped_file_refuses_a_link_planted_since(tmp_path: Path) -> None:
+    """The daemon tests above plant links before the file is read; a writer may also swap
+    the file, or a folder on its path, for a link between the check and a later read (the
+    upload, the spool copy): each read opens the path one name at a time, never a link."""
+    watch = tmp_path / "drop"
+    (watch / "a").mkdir(parents=True)
+    (tmp_path / "private").mkdir()
+    (tmp_path / "private/x.dcm").write_bytes(SECRET)
+    dropped.configure([Source("links", watch, tmp_path / "s", tmp_path / "f", "pacs")])
+    path = watch / "a/x.dcm"
+    path.write_bytes(b"the dropped content")
+    with dropped.open_file(path) as fp:
+        assert fp.read() == b"the dropped content"
+    path.unlink()
+    path.symlink_to(tmp_path / "private/x.dcm")
+    with pytest.raises(dropped.LinkRefused, match="the file is a symbolic link"):
+        dropped.open_file(path)
+    path.unlink()
+    (watch / "a").rmdir()
+    (watch / "a").symlink_to(tmp_path / "private", target_is_directory=True)
+    with pytest.raises(dropped.LinkRefused, match="the folder a on its path is a symbolic link"):
+        dropped.open_file(path)
