@@ -576,7 +576,7 @@ def _open_start(start: Path, create: bool) -> int:
         missing = [start, *[p for p in start.parents if not p.is_dir()]]
         for folder in reversed(missing):
             with contextlib.suppress(FileExistsError):
-                folder.mkdir(mode=stat.S_IMODE(folder.parent.stat().st_mode))
+                folder.mkdir(mode=folder.parent.stat().st_mode & 0o777)
     return os.open(start, _FOLDER)
 
 
@@ -584,7 +584,7 @@ def _enter(parent: int, name: str, create: bool, start: Path) -> int:
     """Open the folder ``name`` in ``parent`` (made first when missing), never a link."""
     if create:
         with contextlib.suppress(FileExistsError):
-            os.mkdir(name, stat.S_IMODE(os.fstat(parent).st_mode), dir_fd=parent)
+            os.mkdir(name, os.fstat(parent).st_mode & 0o777, dir_fd=parent)
     try:
         return os.open(name, _FOLDER | os.O_NOFOLLOW, dir_fd=parent)
     except OSError as exc:
