@@ -326,10 +326,10 @@ class Queue:
         except OSError as exc:
             raise QueueError(f"cannot create the queue folder {self.path.parent}: {exc}") from exc
         try:
-            self._private()
             if lock:
                 self._take_lock()
                 self._check_history()
+            self._private()
             self._migrate()
             if lock:
                 self._mark_open()
