@@ -17,9 +17,9 @@ import errno
 import os
 import stat
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, cast
 
 from stowd.config import Source
 from stowd.errors import FileProblem
@@ -46,12 +46,13 @@ def configure(sources: Iterable[Source]) -> None:
             _GUARDED[str(source.watch)] = source.follow_links
 
 
-def open_file(path: str | Path) -> BinaryIO:
-    """Open a dropped file for reading in binary; ``LinkRefused`` for a refused link."""
+def open_file(path: str | Path, opener: Callable[..., Any] | None = None) -> BinaryIO:
+    """Open a dropped file for reading in binary; ``LinkRefused`` for a refused link.
+    ``opener`` opens a path under no guarded watch folder (a caller's seam for tests)."""
     text = os.fspath(path)
     root = _root_of(text)
     if root is None:
-        return open(text, "rb")
+        return cast(BinaryIO, (opener or open)(text, "rb"))  # looked up now: a seam
     fd = _open_beneath(root, os.path.relpath(text, root), text)
     try:
         os.set_blocking(fd, True)
