@@ -34,13 +34,13 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from stowd.errors import QueueError, QueueLockedError, SidecarNotReady
+from stowd.errors import QueueError, QueueFull, QueueLockedError, SidecarNotReady
 
 log = logging.getLogger("stowd.queue")
 
@@ -285,6 +285,13 @@ def _taken(snapshot: Callable[[], str | None]) -> Callable[[], str | None]:
     return lambda: value
 
 
+def _roll_back(conn: sqlite3.Connection) -> None:
+    """End a failed transaction (SQLite may have ended it already, e.g. on a full disk)."""
+    if conn.in_transaction:
+        with suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
 def _job(row: Sequence[Any]) -> Job:
     return Job(*row)
 
@@ -382,17 +389,46 @@ class Queue:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; sqlite3's errors become ``QueueError`` here (the one seam),
+        ``QueueFull`` when the queue's filesystem has no space left."""
         conn = self._conn()
         try:
             conn.execute("BEGIN IMMEDIATE")
             yield conn
             conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            _roll_back(conn)
+            raise self._translated(exc) from exc
         except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            _roll_back(conn)
             raise
 
+    def _translated(self, exc: sqlite3.Error) -> QueueError:
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return QueueFull(f"the queue {self.path} cannot be written: its disk is full ({exc})")
+        return QueueError(f"the queue {self.path} cannot be written: {exc}")
+
     # -- start-up ------------------------------------------------------------------
+    def reclaim(self, held: Collection[int]) -> int:
+        """Return to pending the claims whose lease ran out, except ``held`` (the rows a
+        worker of this daemon still has: an upload in progress, or a release it retries).
+        The daemon owns its queue alone (the lock file), so the rest were forgotten (a worker
+        that died); returns how many."""
+        now = self.clock()
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT id FROM files WHERE state = 'claimed' "
+                "AND (lease_until IS NULL OR lease_until < ?)",
+                (now,),
+            ).fetchall()
+            ids = [r[0] for r in rows if r[0] not in held]
+            db.executemany(
+                "UPDATE files SET state = 'pending', lease_until = NULL "
+                "WHERE id = ? AND state = 'claimed'",
+                [(i,) for i in ids],
+            )
+        return len(ids)
+
     def recover(self) -> int:
         """Return claims of a dead daemon to pending; returns how many."""
         with self._tx() as db:
@@ -447,11 +483,14 @@ class Queue:
         files = list(files)
         snapshots = self._snapshots(files)  # file reads happen before the write lock
         now = self.clock()
-        added = 0
+        added: list[NewFile] = []
         with self._tx() as db:
             for f in files:
-                added += self._enqueue_one(db, replace(f, snapshot=snapshots.get(f.path)), now)
-        return added
+                if self._enqueue_one(db, replace(f, snapshot=snapshots.get(f.path)), now):
+                    added.append(f)
+        for f in added:  # only once committed: a rolled-back insert queued nothing
+            log.info("queued %s (%d bytes, source %s)", f.path, f.size, f.source)
+        return len(added)
 
     def _snapshots(self, files: list[NewFile]) -> dict[str, Callable[[], str | None]]:
         """Take the sidecar snapshots of the files not queued yet with this content."""
@@ -490,7 +529,6 @@ class Queue:
                 "queued_at, sidecars) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
                 (f.source, f.destination, f.path, f.rel, f.size, f.mtime_ns, now, sidecars),
             )
-            log.info("queued %s (%d bytes, source %s)", f.path, f.size, f.source)
             return 1
         if row[3] == "pending" and (row[1], row[2]) != (f.size, f.mtime_ns):
             try:

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stowd.config import Config
+from stowd import disk
+from stowd.config import Config, Source
 from stowd.errors import QueueError
 from stowd.queue import Hold, Queue, open_readonly
 
@@ -32,6 +33,7 @@ LAST_ERRORS = 10
 MB = 1_000_000
 SHORT_LIMIT = 80
 REASON_WIDTH = 200  # characters of an error's reason in the human form
+COUNT_LIMIT = 10_000  # files counted at most in a drop folder (while nothing can be queued)
 STATES = ("pending", "waiting", "claimed", "settling", "sent", "failed", "gone", "ignored")
 ACTIVE = ("pending", "waiting", "claimed", "settling")  # the oldest of these is "oldest"
 BACKLOG = ("pending", "waiting", "claimed")  # what the ETA is about
@@ -139,6 +141,7 @@ def gather(config: Config, *, now: float | None = None) -> dict[str, Any]:
 
 def _gather(config: Config, queue: Queue, now: float) -> dict[str, Any]:
     holds = {name: h for name, h in queue.holds().items() if name in config.destinations}
+    full = disk.full_places(config)
     sources, dests, total = _tally(config, queue, now)
     by_source = {
         name: _source_dict(config, name, figures, holds, now) for name, figures in sources.items()
@@ -172,7 +175,8 @@ def _gather(config: Config, queue: Queue, now: float) -> dict[str, Any]:
         "by_destination": by_dest,
         "by_source": by_source,
         "last_errors": _errors(queue, now),
-        "warnings": _warnings(config, by_source),
+        "disks_full": [f.as_dict() for f in full],
+        "warnings": _warnings(config, by_source) + _trouble(config, by_source, full),
     }
 
 
@@ -289,6 +293,53 @@ def _warnings(config: Config, by_source: Mapping[str, Mapping[str, Any]]) -> lis
     return out
 
 
+def _trouble(
+    config: Config, by_source: Mapping[str, Mapping[str, Any]], full: list[disk.Full]
+) -> list[str]:
+    """Full disks, files that cannot be queued because of one, and files the archive
+    stored that are not moved yet."""
+    out = [f.message() for f in full]
+    places = {p.path: f for f in full for p in f.places}
+    if config.queue.parent in places:
+        for source in config.sources:
+            waiting = _files_in(source.watch, (source.sent, source.failed))
+            if waiting:
+                out.append(
+                    f"source {source.name}: {waiting} file(s) in {source.watch} cannot be "
+                    "queued while the queue's disk is full (they are queued once space is freed)"
+                )
+    for source in config.sources:
+        settling = by_source.get(source.name, {}).get("counts", {}).get("settling", 0)
+        if settling:
+            out.append(f"source {source.name}: {settling} {_why_unmoved(source, places)}")
+    return out
+
+
+def _why_unmoved(source: Source, places: Mapping[Path, disk.Full]) -> str:
+    for folder, name in ((source.sent, "sent/"), (source.failed, "failed/")):
+        if folder in places:
+            return (
+                f"file(s) are not yet moved to sent/ or failed/: {name} of source "
+                f"{source.name} is full; they are moved once space is freed"
+            )
+    return (
+        "file(s) are not yet moved to sent/ or failed/ (being moved now, or the move failed "
+        "and stowd tries again every minute: see its log)"
+    )
+
+
+def _files_in(folder: Path, skip: tuple[Path, ...]) -> str:
+    """How many files are below ``folder`` (not in ``skip``), as text; counting stops at
+    ``COUNT_LIMIT`` (a huge folder is not walked to the end for a status)."""
+    count = 0
+    for top, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if Path(top, d) not in skip and not d.startswith(".")]
+        count += sum(1 for n in names if not n.startswith("."))
+        if count >= COUNT_LIMIT:
+            return f"{COUNT_LIMIT}+"
+    return str(count) if count else ""
+
+
 def _since(now: float, then: float | None) -> float | None:
     return None if then is None else round(max(0.0, now - then), 1)
 
@@ -296,9 +347,15 @@ def _since(now: float, then: float | None) -> float | None:
 # --------------------------------------------------------------------------- the short line
 
 
-def short_line(queue_or_data: Queue | Mapping[str, Any], destinations: Iterable[str] = ()) -> str:
+def short_line(
+    queue_or_data: Queue | Mapping[str, Any],
+    destinations: Iterable[str] = (),
+    *,
+    alerts: Iterable[str] = (),
+) -> str:
     """One line of at most 80 characters for systemd's ``STATUS=``, such as
-    ``12 pending, 3 waiting, 1520 sent, 2 failed; pacs ok``.
+    ``12 pending, 3 waiting, 1520 sent, 2 failed; pacs ok``.  ``alerts`` (a full disk, a
+    thread that keeps dying) come first, so that they are never cut off.
 
     From a ``Queue`` (two queries: the counts from one index, the holds) or from ``gather``'s
     data.  ``destinations`` names the configured destinations, so that healthy ones are
@@ -315,6 +372,7 @@ def short_line(queue_or_data: Queue | Mapping[str, Any], destinations: Iterable[
     names = list(dict.fromkeys([*destinations, *sorted(held)]))
     head = _short_counts(counts)
     line = f"{head}; {_short_health(names, held, SHORT_LIMIT - len(head) - 2)}"
+    line = "; ".join([*(a for a in alerts if a), line])
     return line if len(line) <= SHORT_LIMIT else line[: SHORT_LIMIT - 1] + "…"
 
 
@@ -353,6 +411,8 @@ def render(data: Mapping[str, Any]) -> str:
         f"backlog:      {_backlog(data, 'a destination')}",
     ]
     lines += [f"WARNING:      {w}" for w in data["warnings"]]
+    if data.get("disks_full") and data["oldest_pending_seconds"] is None:
+        lines[3] = "oldest:       nothing queued (but see the warnings: a disk is full)"
     for name, dest in data["by_destination"].items():
         lines += ["", *_destination(name, dest, data["destinations"].get(name))]
     for name, source in data["by_source"].items():
@@ -371,7 +431,11 @@ def _destination(name: str, figures: Mapping[str, Any], health: Any) -> list[str
         head = f"destination {name} (no longer in the config)"
     else:
         head = f"destination {name} ({health['url']})"
-    return [head, *_health(health), *_figures(figures)]
+    lines = [head, *_health(health)]
+    settling = figures["counts"].get("settling", 0)
+    if settling and lines[-1] == "  health:     ok":
+        lines[-1] += f", but {settling} file(s) it stored are not yet moved (see the warnings)"
+    return [*lines, *_figures(figures)]
 
 
 def _health(health: Mapping[str, Any] | None) -> list[str]:

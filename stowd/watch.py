@@ -40,7 +40,14 @@ from watchdog.observers.polling import PollingObserver
 
 from stowd import metrics, sidecar
 from stowd.config import Sidecars, Source
-from stowd.errors import FileProblem, FileUnreadable, FileVanished, SidecarNotReady
+from stowd.errors import (
+    FileProblem,
+    FileUnreadable,
+    FileVanished,
+    QueueError,
+    QueueFull,
+    SidecarNotReady,
+)
 from stowd.queue import NewFile
 from stowd.settle import has_copy, remove_empty_parents
 
@@ -51,6 +58,7 @@ IDLE_WAIT = 1.0
 TEXT_CACHE = 10_000  # sidecar texts kept between scans
 RAW_LIMIT = 1024 * 1024  # a sidecar that is not text is kept up to this size
 POLL_INTERVAL = 2.0
+QUEUE_RETRY = 5.0  # a queue that could not be written is tried again after this
 # The events that can mean a file is new or changed.  Not 'opened' and 'closed_no_write':
 # stowd opens every file twice itself (to read its header, to send it), and each of those
 # events was a hint that re-checked the file and asked the queue about it again.
@@ -99,12 +107,14 @@ class Watcher:
         exclude: tuple[Path, ...] = (),
         clock: Callable[[], float] = time.time,
         on_error: OnError | None = None,
+        on_queue_error: Callable[[QueueError], None] | None = None,
     ) -> None:
         """``on_error(path, exc)`` hears of every folder or file that cannot be read (not of
         ones that vanish): the daemon finds them again at its next rescan, a one-shot scan
         (``stowd migrate``) counts them as failures."""
         self.source = source
         self.on_error = on_error
+        self.on_queue_error = on_queue_error  # the sink failed (the daemon notes a full disk)
         self.destination = destination
         self.sink = sink
         self.clock = clock
@@ -124,6 +134,8 @@ class Watcher:
         self._future: dict[str, tuple[int, int, float]] = {}
         self._observer: BaseObserver | None = None
         self._rescan_requested = False
+        self._rescan_not_before = 0.0  # a queue that could not be written: not sooner
+        self._sink_failing = False
         self.beat = time.monotonic()  # last sign of progress (the daemon's watchdog reads it)
 
     @property
@@ -194,7 +206,7 @@ class Watcher:
         while not stop.is_set():
             self.beat = time.monotonic()
             hints, folders = self._take_hints()
-            if self._rescan_requested or time.monotonic() >= next_scan:
+            if self._rescan_due() or time.monotonic() >= next_scan:
                 self._rescan_requested = False
                 self.scan(stop)
                 next_scan = time.monotonic() + self.source.rescan_interval
@@ -206,6 +218,9 @@ class Watcher:
             self._ensure_observer()
             self._wake.wait(self._wait_time(next_scan))
             self._wake.clear()
+
+    def _rescan_due(self) -> bool:
+        return self._rescan_requested and time.monotonic() >= self._rescan_not_before
 
     def _wait_time(self, next_scan: float) -> float:
         wait = min(IDLE_WAIT, max(0.0, next_scan - time.monotonic()))
@@ -288,11 +303,36 @@ class Watcher:
     def _flush(self, chunk: list[NewFile]) -> int:
         if not chunk:
             return 0
-        added = self.sink(list(chunk))
-        chunk.clear()
+        try:
+            added = self.sink(list(chunk))
+        except QueueError as exc:
+            self._sink_failed(exc)
+            return 0
+        finally:
+            chunk.clear()
+        self._sink_works()
         if added:
             metrics.queued(self.source.name, self.destination, added)
         return added
+
+    def _sink_failed(self, exc: QueueError) -> None:
+        """The queue cannot be written (its disk is full): nothing was queued.  The files
+        are found again by a rescan once ``QUEUE_RETRY`` has passed; said once."""
+        self._rescan_requested = True
+        self._rescan_not_before = time.monotonic() + QUEUE_RETRY
+        if self.on_queue_error is not None:
+            self.on_queue_error(exc)
+        if not self._sink_failing:
+            level = logging.DEBUG if isinstance(exc, QueueFull) else logging.WARNING
+            log.log(
+                level, "source %s: cannot queue files now: %s; tried again", self.source.name, exc
+            )
+        self._sink_failing = True
+
+    def _sink_works(self) -> None:
+        if self._sink_failing:
+            log.info("source %s: files are queued again", self.source.name)
+        self._sink_failing = False
 
     def _check(self, path: str) -> NewFile | None:
         """A ``NewFile`` when ``path`` is complete; otherwise maybe schedule a recheck."""
