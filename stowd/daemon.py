@@ -102,6 +102,7 @@ class Daemon:
         self._stuck: str | None = None  # which thread keeps the watchdog unfed, as logged
         self.disks = Disks(config)  # which disks are full (logged once per condition)
         self._deaths: dict[str, deque[float]] = {}  # when each thread died (recent ones)
+        self._dying_said: set[str] = set()  # threads recorded as dying (for stowd status)
         self._queue_failing = False  # the upkeep could not write to the queue (said once)
         self.metrics_server: metrics.Server | None = None
 
@@ -145,6 +146,7 @@ class Daemon:
         for warning in self.config.warnings:
             log.warning("%s", warning)
         returned = self.queue.recover()
+        self.queue.clear_troubles()
         self._adopt(self.config)
         repaired, self.unsettled = repair(self.queue, sources=self._sources())
         clear_spool(self.config)
@@ -405,19 +407,18 @@ class Daemon:
 
     def _dying_all(self) -> list[tuple[str, str]]:
         """(thread, why) of each thread that died more than ``RESTART_LIMIT`` times within
-        ``RESTART_WINDOW``."""
+        ``RESTART_WINDOW``; one that no longer does is cleared from ``stowd status``."""
         now = time.monotonic()
         found = []
         for name, deaths in self._deaths.items():
             while deaths and deaths[0] < now - RESTART_WINDOW:
                 deaths.popleft()
             if len(deaths) > RESTART_LIMIT:
-                found.append(
-                    (
-                        name,
-                        f"thread {name} died {len(deaths)} times in {RESTART_WINDOW / 60:.0f} min",
-                    )
-                )
+                minutes = RESTART_WINDOW / 60
+                found.append((name, f"thread {name} died {len(deaths)} times in {minutes:.0f} min"))
+            elif name in self._dying_said:
+                self._dying_said.discard(name)
+                self._guarded(partial(self.queue.set_trouble, name, None))
         return found
 
     def _dying(self) -> tuple[str, str] | None:
@@ -458,10 +459,14 @@ class Daemon:
                 _spawn(gen, name, target)
 
     def _say_death(self, name: str, recent: int) -> None:
-        """Each death is logged; past the limit, once, that systemd will restart stowd."""
+        """Each death is logged; past the limit, once, that systemd will restart stowd (and
+        ``stowd status`` shows it, from the queue)."""
         if recent != RESTART_LIMIT + 1:
             log.error("thread %s died; starting it again", name)
             return
+        text = f"thread {name} died {recent} times within {RESTART_WINDOW / 60:.0f} minutes"
+        self._dying_said.add(name)
+        self._guarded(partial(self.queue.set_trouble, name, text))
         log.error(
             "thread %s died %d times within %.0f minutes; starting it again, but no longer "
             "telling systemd's watchdog that stowd is alive (with WatchdogSec= set, systemd "

@@ -44,7 +44,7 @@ from stowd.errors import QueueError, QueueFull, QueueLockedError, SidecarNotRead
 
 log = logging.getLogger("stowd.queue")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 ACTIVE = ("pending", "claimed", "settling")
 DONE = ("sent", "failed", "gone")
 BUSY_TIMEOUT_MS = 30_000
@@ -113,6 +113,11 @@ CREATE TABLE IF NOT EXISTS destinations (
     held_until REAL,
     reason TEXT,
     failures INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS troubles (
+    name TEXT PRIMARY KEY,
+    since REAL NOT NULL,
+    text TEXT NOT NULL
 );
 """
 
@@ -260,6 +265,10 @@ _MIGRATIONS = {
         "ALTER TABLE files ADD COLUMN lookup TEXT",
         "CREATE TABLE IF NOT EXISTS lookups (destination TEXT NOT NULL, key TEXT NOT NULL, "
         "answer TEXT NOT NULL, fetched_at REAL NOT NULL, PRIMARY KEY (destination, key))",
+    ),
+    4: (
+        "CREATE TABLE IF NOT EXISTS troubles (name TEXT PRIMARY KEY, since REAL NOT NULL, "
+        "text TEXT NOT NULL)",
     ),
 }
 LOOKUP_MEMORY = 86_400.0  # cached lookup answers older than this are deleted
@@ -894,6 +903,32 @@ class Queue:
             .fetchall()
         )
         return {r[0]: Hold(*r) for r in rows}
+
+    # -- the daemon's troubles (a thread that keeps dying), for stowd status ----------------
+    def set_trouble(self, name: str, text: str | None) -> None:
+        """Record what is wrong with the daemon's ``name`` (None: nothing any more)."""
+        with self._tx() as db:
+            if text is None:
+                db.execute("DELETE FROM troubles WHERE name = ?", (name,))
+            else:
+                db.execute(
+                    "INSERT INTO troubles (name, since, text) VALUES (?, ?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET text = excluded.text",
+                    (name, self.clock(), text),
+                )
+
+    def clear_troubles(self) -> None:
+        """A daemon starting: the troubles of the last one are over."""
+        with self._tx() as db:
+            db.execute("DELETE FROM troubles")
+
+    def troubles(self) -> list[tuple[str, float, str]]:
+        """(name, since, text) of each trouble the running daemon recorded."""
+        try:
+            rows = self._conn().execute("SELECT name, since, text FROM troubles ORDER BY since")
+        except sqlite3.OperationalError:  # read-only, a queue an older stowd wrote: none
+            return []
+        return [(r[0], r[1], r[2]) for r in rows.fetchall()]
 
     # -- status ----------------------------------------------------------------------------
     def active_of(self, sources: Sequence[str]) -> dict[str, int]:

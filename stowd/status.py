@@ -1,8 +1,9 @@
 """``stowd status``: what the queue holds, read from another process without blocking it.
 
 ``gather`` reads the queue once (one read snapshot, four queries: one pass over the table for
-the counts, the done_at index for the rate, the state index for the errors, the holds) and
-returns plain data, which is also the ``--json`` output; ``render`` is the human form;
+the counts, the done_at index for the rate, the state index for the errors, the holds; and
+while a daemon runs, a fifth: the troubles it recorded), looks at the free space of the
+folders stowd writes to (a full disk), and returns plain data, which is also the ``--json`` output; ``render`` is the human form;
 ``short_line`` is the daemon's systemd ``STATUS=`` line (two cheap queries).
 
 The rate is what was *sent* in the last ``RATE_WINDOW`` seconds (files, and their bytes in
@@ -142,6 +143,10 @@ def gather(config: Config, *, now: float | None = None) -> dict[str, Any]:
 def _gather(config: Config, queue: Queue, now: float) -> dict[str, Any]:
     holds = {name: h for name, h in queue.holds().items() if name in config.destinations}
     full = disk.full_places(config)
+    troubles = [  # recorded by the running daemon (a thread that keeps dying)
+        {"name": name, "since": since, "text": text}
+        for name, since, text in (queue.troubles() if daemon_pid(config.queue) else [])
+    ]
     sources, dests, total = _tally(config, queue, now)
     by_source = {
         name: _source_dict(config, name, figures, holds, now) for name, figures in sources.items()
@@ -176,7 +181,12 @@ def _gather(config: Config, queue: Queue, now: float) -> dict[str, Any]:
         "by_source": by_source,
         "last_errors": _errors(queue, now),
         "disks_full": [f.as_dict() for f in full],
-        "warnings": _warnings(config, by_source) + _trouble(config, by_source, full),
+        "daemon_troubles": troubles,
+        "warnings": [
+            *_warnings(config, by_source),
+            *_trouble(config, by_source, full),
+            *(f"{t['text']}; systemd's watchdog is no longer fed" for t in troubles),
+        ],
     }
 
 

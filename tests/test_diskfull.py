@@ -154,6 +154,7 @@ def test_a_full_queue_disk_mid_batch_recovers_without_a_restart(
                 )
                 took = time.monotonic() - freed
                 print(f"\nqueue disk freed: all {len(every)} files in sent/ after {took:.1f}s")
+                wait_for(lambda: "has space again" in daemon.log, 30, "the end logged")
                 assert daemon.terminate() == 0
             finally:
                 daemon.stop()
@@ -191,9 +192,10 @@ def test_a_full_spool_keeps_changed_files_waiting_until_space_is_back(
                 "a copy that found the spool full",
                 lambda: daemon.log,
             )
+            wait_for(lambda: status(layout)["backlog_files"] == 5, 60, "all 5 queued")
             data = status(layout)
             assert [d["places"] for d in data["disks_full"]] == [["the spool"]]
-            assert data["backlog_files"] == 5 and data["last_errors"] == []  # no attempt counted
+            assert data["last_errors"] == []  # no attempt counted against the files
             assert "DISK FULL: the spool's filesystem" in human_status(layout)
             assert layout.files(layout.sent) == set() and orthanc.instance_count() == 0
             freed = time.monotonic()
@@ -204,6 +206,7 @@ def test_a_full_spool_keeps_changed_files_waiting_until_space_is_back(
             )
             took = time.monotonic() - freed
             print(f"\nspool freed: all {len(every)} files in sent/ after {took:.1f}s")
+            wait_for(lambda: "has space again" in daemon.log, 30, "the end logged")
             assert daemon.terminate() == 0
         finally:
             daemon.stop()
@@ -254,6 +257,7 @@ def test_a_full_sent_folder_keeps_stored_files_settling_and_says_so(
                 f"\nsent/ freed: all {len(every)} files moved after {time.monotonic() - freed:.1f}s"
             )
             wait_for(lambda: not status(layout)["counts"].get("settling"), 30, "none settling")
+            wait_for(lambda: "has space again" in daemon.log, 30, "the end logged")
             assert daemon.terminate() == 0
         finally:
             daemon.stop()
