@@ -187,7 +187,7 @@ def test_a_full_spool_keeps_changed_files_waiting_until_space_is_back(
             filler = fill(spool)
             files = make_study(layout.drop, 5)
             wait_for(
-                lambda: "no space in the spool" in daemon.log,
+                lambda: any(w in daemon.log for w in ("no space in the spool", "No space left")),
                 60,
                 "a copy that found the spool full",
                 lambda: daemon.log,
