@@ -310,7 +310,8 @@ class Watcher:
             return 0
         finally:
             chunk.clear()
-        self._sink_works()
+        if added:  # a write went through (a chunk of known files may write nothing)
+            self._sink_works()
         if added:
             metrics.queued(self.source.name, self.destination, added)
         return added

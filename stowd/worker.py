@@ -102,6 +102,7 @@ class Worker:
         self.held: frozenset[int] = frozenset()
         self._owed: set[int] = set()  # claimed rows whose release failed: released first
         self._queue_failures = 0  # writes to the queue that failed in a row
+        self._queue_full = False  # the last of them: for lack of space
 
     def run(self) -> None:
         self.running = True
@@ -121,14 +122,16 @@ class Worker:
             except Exception:
                 log.exception("unexpected error in the %s worker; going on", self.destination.name)
                 busy = False
-            self._queue_works()
-            if not busy:
+            if busy:  # it wrote to the queue (a step that found nothing may write nothing)
+                self._queue_works()
+            else:
                 self.stop.wait(IDLE_WAIT)
 
     def _queue_failed(self, exc: QueueError) -> float:
         """The queue could not be written: say so once, and how long to wait.  A full
         disk is logged by the daemon (``Disks``), once for all threads."""
-        if isinstance(exc, QueueFull) and self.disks is not None:
+        self._queue_full = isinstance(exc, QueueFull)
+        if self._queue_full and self.disks is not None:
             self.disks.hit(self.queue.path)
             log.debug("the %s worker waits: %s", self.destination.name, exc)
         elif self._queue_failures == 0:
@@ -142,7 +145,8 @@ class Worker:
 
     def _queue_works(self) -> None:
         if self._queue_failures:
-            log.info("the %s worker can write to the queue again", self.destination.name)
+            level = logging.DEBUG if self._queue_full else logging.INFO  # Disks says it
+            log.log(level, "the %s worker can write to the queue again", self.destination.name)
         self._queue_failures = 0
 
     def _alive(self) -> None:

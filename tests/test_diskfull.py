@@ -43,6 +43,7 @@ def root_required() -> None:
 
 @contextmanager
 def tmpfs(folder: Path, size: str = "4m") -> Iterator[Path]:
+    """A tmpfs at ``folder``: well above ``disk.FULL_BELOW``, so that freeing it counts."""
     folder.mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
     try:
@@ -179,7 +180,7 @@ def test_a_full_spool_keeps_changed_files_waiting_until_space_is_back(
 ) -> None:
     layout = make_layout(tmp_path / "run", orthanc.dicomweb_url, rules=[RULE])
     spool = layout.root / "state" / "queue.db.spool"  # Config.spool: beside the queue
-    with tmpfs(spool, "1m"):
+    with tmpfs(spool):
         daemon = Stowd(layout).start()
         try:
             # filled once started: the daemon clears the spool when it starts
@@ -221,7 +222,7 @@ def test_a_full_sent_folder_keeps_stored_files_settling_and_says_so(
     tmp_path: Path, orthanc: Orthanc
 ) -> None:
     layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
-    with tmpfs(layout.sent, "1m"):
+    with tmpfs(layout.sent):
         filler = fill(layout.sent)
         files = make_study(layout.drop, 5)
         daemon = Stowd(layout).start()
