@@ -50,6 +50,8 @@ class Full:
 
     def message(self) -> str:
         free = "an unknown amount" if self.free is None else _bytes(self.free)
+        if self.free is not None and self.free >= FULL_BELOW:  # a quota, or just filled
+            free += ", but a write there failed for lack of space (a quota?)"
         return (
             f"DISK FULL: {_whose(self.places)} ({self.key}) has {free} free: "
             f"{'; '.join(p.stops for p in self.places)} until space is freed"

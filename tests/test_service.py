@@ -374,3 +374,27 @@ def test_a_thread_that_keeps_dying_is_reported_and_starves_the_watchdog(
         assert gather(config)["daemon_troubles"] == []
     finally:
         daemon.queue.close()
+
+
+def test_a_full_disk_leads_the_status_line_and_keeps_the_watchdog_fed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    layout = make_layout(tmp_path / "run", "http://127.0.0.1:9/dicom-web")
+    config = load_config(layout.config)
+    daemon = Daemon(config, Notifier({}))
+    daemon.queue.open()
+    try:
+        daemon.disks.hit(config.queue)  # a write to the queue failed: no space
+        assert not daemon._disk_freed() and not daemon._disk_freed()  # checked twice
+        line = daemon._status_line()  # every place shares the filesystem of the queue here
+        assert line.startswith("DISK FULL: queue, spool, sent/ ct1, failed/ ct1; 0 pending")
+        assert daemon._stuck_thread() is None  # a restart frees no space: still fed
+        assert caplog.text.count("DISK FULL: the filesystem of the queue, the spool") == 1
+        assert "but a write there failed for lack of space" in caplog.text
+        daemon.disks.clock = lambda: time.monotonic() + 3600  # nothing failed for an hour
+        assert daemon._disk_freed()
+        assert "has space again; resuming" not in caplog.text  # (its free space is named)
+        assert caplog.text.count("has space again") == 1
+        assert not daemon._status_line().startswith("DISK FULL")
+    finally:
+        daemon.queue.close()
