@@ -48,6 +48,10 @@ class Full:
     def key(self) -> Path:
         return self.places[0].path
 
+    @property
+    def paths(self) -> list[Path]:
+        return [p.path for p in self.places]
+
     def message(self) -> str:
         free = "an unknown amount" if self.free is None else _bytes(self.free)
         if self.free is not None and self.free >= FULL_BELOW:  # a quota, or just filled

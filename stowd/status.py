@@ -133,12 +133,19 @@ def gather(config: Config, *, now: float | None = None) -> dict[str, Any]:
         with queue.reading():
             return _gather(config, queue, now)
     except sqlite3.Error as exc:  # e.g. no right to create the -wal/-shm files beside it
-        raise QueueError(
-            f"cannot read the queue {config.queue}: {exc} (run status as the user stowd runs "
-            "as, e.g. sudo -u stowd stowd status -c CONFIG)"
-        ) from exc
+        why = _unreadable(config)
+        raise QueueError(f"cannot read the queue {config.queue}: {exc} ({why})") from exc
     finally:
         queue.close()
+
+
+def _unreadable(config: Config) -> str:
+    """Why the queue may not be readable: its disk is full (a reader must create the -shm
+    file when no daemon runs), or another user's files."""
+    for full in disk.full_places(config):
+        if config.queue.parent in full.paths:
+            return full.message()
+    return "run status as the user stowd runs as, e.g. sudo -u stowd stowd status -c CONFIG"
 
 
 def _gather(config: Config, queue: Queue, now: float) -> dict[str, Any]:
@@ -310,7 +317,7 @@ def _trouble(
     """Full disks, files that cannot be queued because of one, and files the archive
     stored that are not moved yet."""
     out = [f.message() for f in full]
-    places = {p.path: f for f in full for p in f.places}
+    places = {path: f for f in full for path in f.paths}
     if config.queue.parent in places:
         for source in config.sources:
             waiting = _files_in(source.watch, (source.sent, source.failed))

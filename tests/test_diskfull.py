@@ -26,7 +26,7 @@ from harness import Layout, Stowd, make_layout, run_cli, wait_for
 from orthanc import Orthanc
 from stowproxy import StowProxy
 
-from stowd.queue import open_readonly
+from stowd.queue import NewFile, Queue, open_readonly
 
 RECOVERY = 120.0  # seconds allowed after space is freed (the retries wait 30 s at most)
 DESTINATION = {"workers": 1, "batch": {"max_files": 50}, "timeouts": {"read": "5m"}}
@@ -268,3 +268,18 @@ def test_a_full_sent_folder_keeps_stored_files_settling_and_says_so(
     assert "Traceback" not in log
     moves = [line for line in log.splitlines() if "cannot move" in line]
     assert moves and all(" ERROR " not in line for line in moves)  # said once, as DISK FULL
+
+
+def test_status_without_a_daemon_on_a_full_queue_disk_says_disk_full(tmp_path: Path) -> None:
+    layout = make_layout(tmp_path / "run", "http://127.0.0.1:9/dicom-web")
+    state = layout.root / "state"
+    with tmpfs(state):
+        queue = Queue(state / "queue.db").open(lock=False)
+        queue.enqueue([NewFile("ct1", "pacs", str(layout.drop / "a.dcm"), "a.dcm", 10, 1)])
+        queue.close()  # the last connection: SQLite removes the -wal and -shm files
+        fill(state)
+        result = run_cli("status", "-c", str(layout.config))
+    # a reader must create the -shm file, and cannot: the reason is the full disk
+    assert result.returncode != 0
+    assert "DISK FULL: the filesystem of the queue and the spool" in result.stderr
+    assert "Traceback" not in result.stderr
