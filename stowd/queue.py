@@ -22,6 +22,13 @@ A row is claimed (with a lease) before it is uploaded; it is marked ``sent``/``f
 after the file was moved.  ``settling`` records the target before the move, so a crash between
 the move and the bookkeeping is repaired at the next start.  On open, claims left by a dead
 daemon return to ``pending``: delivery is at least once, safe because STOW is idempotent.
+While the daemon runs, ``reclaim`` returns claims whose lease ran out and that none of its
+workers holds (a worker that died).
+
+Every write transaction translates sqlite3's errors here, at one seam: ``QueueFull`` when the
+queue's filesystem is full (nothing was written), ``QueueError`` otherwise.  ``troubles``
+(schema 5) holds what the running daemon reports about itself for ``stowd status`` (a thread
+that keeps dying).
 """
 
 from __future__ import annotations
