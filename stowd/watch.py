@@ -114,7 +114,9 @@ class Watcher:
         (``stowd migrate``) counts them as failures."""
         self.source = source
         self.on_error = on_error
-        self.on_queue_error = on_queue_error  # the sink failed (the daemon notes a full disk)
+        # The sink failed: the daemon's watchers say so (a full disk) and rescan later; without
+        # it (a one-shot scan) the error is raised to the caller, never swallowed.
+        self.on_queue_error = on_queue_error
         self.destination = destination
         self.sink = sink
         self.clock = clock
@@ -306,23 +308,23 @@ class Watcher:
         try:
             added = self.sink(list(chunk))
         except QueueError as exc:
-            self._sink_failed(exc)
+            if self.on_queue_error is None:  # a one-shot scan (stowd migrate): it must know
+                raise
+            self._sink_failed(exc, self.on_queue_error)
             return 0
         finally:
             chunk.clear()
         if added:  # a write went through (a chunk of known files may write nothing)
             self._sink_works()
-        if added:
             metrics.queued(self.source.name, self.destination, added)
         return added
 
-    def _sink_failed(self, exc: QueueError) -> None:
+    def _sink_failed(self, exc: QueueError, tell: Callable[[QueueError], None]) -> None:
         """The queue cannot be written (its disk is full): nothing was queued.  The files
         are found again by a rescan once ``QUEUE_RETRY`` has passed; said once."""
         self._rescan_requested = True
         self._rescan_not_before = time.monotonic() + QUEUE_RETRY
-        if self.on_queue_error is not None:
-            self.on_queue_error(exc)
+        tell(exc)
         if not self._sink_failing:
             level = logging.DEBUG if isinstance(exc, QueueFull) else logging.WARNING
             log.log(
