@@ -408,11 +408,9 @@ class Daemon:
     def _dying_all(self) -> list[tuple[str, str]]:
         """(thread, why) of each thread that died more than ``RESTART_LIMIT`` times within
         ``RESTART_WINDOW``; one that no longer does is cleared from ``stowd status``."""
-        now = time.monotonic()
         found = []
         for name, deaths in self._deaths.items():
-            while deaths and deaths[0] < now - RESTART_WINDOW:
-                deaths.popleft()
+            _forget_old(deaths)
             if len(deaths) > RESTART_LIMIT:
                 minutes = RESTART_WINDOW / 60
                 found.append((name, f"thread {name} died {len(deaths)} times in {minutes:.0f} min"))
@@ -455,6 +453,7 @@ class Daemon:
             if not thread.is_alive() and not gen.stop.is_set():
                 deaths = self._deaths.setdefault(name, deque())
                 deaths.append(time.monotonic())
+                _forget_old(deaths)
                 self._say_death(name, len(deaths))
                 _spawn(gen, name, target)
 
@@ -496,6 +495,13 @@ class Daemon:
         for gen in self.lingering:
             _stop(gen, 0.0, closing=True)
         log.info("stopped")
+
+
+def _forget_old(deaths: deque[float]) -> None:
+    """Keep the deaths of the last ``RESTART_WINDOW`` seconds only."""
+    now = time.monotonic()
+    while deaths and deaths[0] < now - RESTART_WINDOW:
+        deaths.popleft()
 
 
 def _serve_metrics(config: Config) -> metrics.Server | None:
