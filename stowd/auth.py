@@ -30,8 +30,9 @@ from urllib.parse import quote_plus
 
 import httpx
 
+from stowd import answers
 from stowd.access import Auth
-from stowd.errors import StowdError
+from stowd.errors import AnswerTooSlow, StowdError, UnusableAnswer
 from stowd.secrets import Secret, SecretUnavailable
 from stowd.yamlwalk import redact_url
 
@@ -177,10 +178,10 @@ class OAuth2(httpx.Auth):
     def _fetch(self) -> _Token:
         secret = self.secret.value()
         started = self.clock()
-        response = self._post(secret)
+        response, content = self._post(secret)
         self.fetches += 1
         try:
-            doc = json.loads(response.content)
+            doc = json.loads(content)
         except ValueError:
             doc = None
         if response.status_code != 200:
@@ -191,7 +192,7 @@ class OAuth2(httpx.Auth):
         log.debug("fetched an access token from %s%s", self._where, life)
         return token
 
-    def _post(self, secret: str) -> httpx.Response:
+    def _post(self, secret: str) -> tuple[httpx.Response, bytes]:
         if self._client is None:
             raise RuntimeError("OAuth2.bind() was not called")
         form = {"grant_type": "client_credentials"}
@@ -205,11 +206,31 @@ class OAuth2(httpx.Auth):
         request = self._client.build_request(
             "POST", self.config.token_url, data=form, headers=headers, timeout=TOKEN_TIMEOUT
         )
+        started = time.monotonic()
         try:
-            return self._client.send(request, auth=None)
+            response = self._client.send(request, auth=None, stream=True)
+            return response, self._read(response, started)
         except httpx.TransportError as exc:
             text = f"the token endpoint {self._where} cannot be reached: {_plain(exc)}"
             raise TokenUnreachable(text) from exc
+
+    def _read(self, response: httpx.Response, started: float) -> bytes:
+        """The endpoint's answer, at most ``TOKEN_ANSWER_LIMIT`` and within twice
+        ``TOKEN_TIMEOUT``: too large or undecodable -> ``TokenRefused``, too slow ->
+        ``TokenUnreachable``."""
+        who = f"the token endpoint {self._where}"
+        try:
+            return answers.read_body(
+                response,
+                limit=answers.TOKEN_ANSWER_LIMIT,
+                seconds=answers.answer_seconds(TOKEN_TIMEOUT),
+                started=started,
+                who=who,
+            )
+        except AnswerTooSlow as exc:
+            raise TokenUnreachable(str(exc)) from exc
+        except UnusableAnswer as exc:
+            raise TokenRefused(str(exc)) from exc
 
     def _basic(self, secret: str) -> str:
         """RFC 6749 2.3.1: id and secret form-encoded, then HTTP Basic."""

@@ -3,7 +3,8 @@
 A Part-10 DICOM file gives its StudyInstanceUID, SOPInstanceUID and SOPClassUID. Any other
 file is looked at by ``media.detect`` (PDF, JPEG, video, ...): its kind is the media's, and its
 UIDs are made later (they are empty here). Anything that cannot be sent raises
-``FileProblem`` with a reason written for a PACS administrator.
+``FileProblem`` with a reason written for a PACS administrator; an image that ends before
+its pixel data is complete raises ``FileIncomplete`` (a writer may still be adding the rest).
 """
 
 from __future__ import annotations
@@ -20,14 +21,21 @@ from typing import BinaryIO
 
 import pydicom
 
-from stowd.errors import FileProblem, FileUnreadable, FileVanished
+from stowd.errors import FileIncomplete, FileProblem, FileUnreadable, FileVanished
 from stowd.media import Media, detect
 
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 DEFLATED = "1.2.840.10008.1.2.1.99"
 BIG_ENDIAN = "1.2.840.10008.1.2.2"
 IMPLICIT = "1.2.840.10008.1.2"
+# Rows, Columns, BitsAllocated, SamplesPerPixel, PhotometricInterpretation (Image Pixel module)
+IMAGE_PIXEL_TAGS = (0x00280010, 0x00280011, 0x00280100, 0x00280002, 0x00280004)
+SPECTROSCOPY_DATA = 0x56000020
 PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
+PIXEL_TAG_BYTES = tuple(struct.pack(order, *tag) for tag in PIXEL_TAGS for order in ("<HH", ">HH"))
+CUT_ELEMENT = (
+    "the file is truncated: it ends inside the header of its pixel data (was it copied completely?)"
+)
 UNDEFINED = 0xFFFFFFFF
 ITEM = (0xFFFE, 0xE000)
 SEQ_END = (0xFFFE, 0xE0DD)
@@ -86,13 +94,33 @@ def _classify_dicom(fp: BinaryIO, size: int) -> Classified:
         raise NotDicom(
             "not a DICOM file: no 'DICM' marker at byte 128 and no File Meta Information"
         )
-    with header_errors():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = _read_header(fp, size)
-            keys = _keys(ds)
-        _check_pixel_data(fp, size, _transfer_syntax(ds))
+    try:
+        with header_errors():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = _read_header(fp, size)
+                keys = _keys(ds)
+            _check_pixel_data(fp, size, _transfer_syntax(ds), _image_description(ds))
+    except FileIncomplete:
+        raise
+    except FileProblem as problem:
+        if _ends_in_pixel_element(fp, size):  # pydicom could not read the cut length
+            raise FileIncomplete(CUT_ELEMENT) from problem
+        raise
     return keys
+
+
+def _ends_in_pixel_element(fp: BinaryIO, size: int) -> bool:
+    """Does the file end within the header (tag, VR, length) of a pixel data element?"""
+    fp.seek(max(size - 11, 0))
+    tail = fp.read(11)
+    for tag in PIXEL_TAG_BYTES:
+        at = tail.find(tag)
+        rest = tail[at:] if at >= 0 else b""
+        explicit = rest[4:6].isalpha()
+        if rest and (len(rest) < 8 or explicit):  # an explicit header has 12 bytes
+            return True
+    return False
 
 
 def _read_header(fp: BinaryIO, size: int) -> pydicom.Dataset:
@@ -174,15 +202,38 @@ def _transfer_syntax(ds: pydicom.Dataset) -> str:
     return str(ds.file_meta.TransferSyntaxUID)
 
 
-def _check_pixel_data(fp: BinaryIO, size: int, syntax: str) -> None:
-    """Make sure the pixel data that follows the header is complete (not cut short)."""
+def _image_description(ds: pydicom.Dataset) -> str | None:
+    """What makes the header an image's (so pixel data must follow it), or None.
+
+    An image has the Image Pixel module (group 0028: Rows, Columns, BitsAllocated, ...).  A
+    header cut before it looks like an object without pixel data (a report, a plan): the
+    quiet period is all that protects such a cut (see the README).  MR spectroscopy has Rows
+    and Columns but its data in SpectroscopyData, not in pixel data."""
+    if SPECTROSCOPY_DATA in ds or not any(tag in ds for tag in IMAGE_PIXEL_TAGS):
+        return None
+    try:  # a value cut short by the end of the file cannot be read: say less
+        return f"of {int(ds.Rows)} x {int(ds.Columns)} pixels"
+    except Exception:
+        return "(its Image Pixel attributes are there)"
+
+
+def _check_pixel_data(fp: BinaryIO, size: int, syntax: str, image: str | None = None) -> None:
+    """Make sure the pixel data that follows the header is complete (not cut short).
+
+    ``image``: how the header describes an image (``_image_description``); such a file must go on
+    with its pixel data.  Raises ``FileIncomplete`` when the file ends too soon."""
     if syntax == DEFLATED:
         return
     little = syntax != BIG_ENDIAN
     start = fp.tell()
     header = fp.read(8)
     if len(header) < 8:
-        return  # no pixel data: nothing more to check
+        if image is not None:  # an image without pixel data: the rest may still come
+            raise FileIncomplete(
+                f"the file is truncated: its header describes an image {image} but the "
+                "file ends before the pixel data (was it copied completely?)"
+            )
+        return  # no pixel data and not an image (a report, a plan): nothing more to check
     # Some files say explicit VR but are written implicit (pydicom reads them so): follow
     # the bytes, not the label, so such a file is not called truncated.
     implicit = syntax == IMPLICIT or not header[4:6].isalpha()
@@ -192,8 +243,10 @@ def _check_pixel_data(fp: BinaryIO, size: int, syntax: str) -> None:
     length, offset = _element_length(fp, header, little, implicit)
     if length == UNDEFINED:
         _walk_fragments(fp, size, little)
+    elif start + offset > size:
+        raise FileIncomplete(CUT_ELEMENT)
     elif start + offset + length > size:
-        raise FileProblem(
+        raise FileIncomplete(
             f"the file is truncated: its pixel data should have {length} bytes but only "
             f"{max(size - start - offset, 0)} are there (was it copied completely?)"
         )
@@ -215,7 +268,7 @@ def _walk_fragments(fp: BinaryIO, size: int, little: bool) -> None:
     while True:
         item = fp.read(8)
         if len(item) < 8:
-            raise FileProblem(
+            raise FileIncomplete(
                 "the file is truncated: its compressed pixel data ends without the closing "
                 "sequence delimiter (was it copied completely?)"
             )
@@ -223,7 +276,7 @@ def _walk_fragments(fp: BinaryIO, size: int, little: bool) -> None:
         if (group, elem) == SEQ_END:
             return
         if (group, elem) != ITEM or fp.tell() + length > size:
-            raise FileProblem(
+            raise FileIncomplete(
                 "the file is truncated or damaged: a compressed pixel data fragment runs past "
                 "the end of the file"
             )

@@ -20,6 +20,7 @@ from stowd import connect, dryrun, explain, logs, migrate, migreport, retry
 from stowd.config import Config, load_config, parse_duration
 from stowd.daemon import Daemon
 from stowd.errors import ConfigError, MigrationConflict, StowdError
+from stowd.printable import escape_lines
 from stowd.purge import purge_sent
 from stowd.status import daemon_pid, gather, render
 
@@ -135,16 +136,18 @@ def _run(config: Config, args: argparse.Namespace) -> int:
 
 
 def _check(config: Config, args: argparse.Namespace) -> int:
-    print(f"{config.path}: configuration is valid")
+    lines = [f"{config.path}: configuration is valid"]
     for source in config.sources:
         dest = config.destination_of(source)
-        print(f"  source {source.name}: {source.watch} -> {dest.name} ({dest.display_url})")
-        print(f"    sent: {source.sent}  failed: {source.failed}")
-    print(f"  queue: {config.queue}")
+        lines.append(f"  source {source.name}: {source.watch} -> {dest.name} ({dest.display_url})")
+        lines.append(f"    sent: {source.sent}  failed: {source.failed}")
+    lines.append(f"  queue: {config.queue}")
     rules = len(config.rules) + sum(len(s.rules) for s in config.sources)
-    print(f"  metadata rules: {rules} (run 'stowd explain FILE' to see what they do to a file)")
-    for warning in config.warnings:
-        print(f"WARNING: {warning}")
+    lines.append(
+        f"  metadata rules: {rules} (run 'stowd explain FILE' to see what they do to a file)"
+    )
+    lines += [f"WARNING: {warning}" for warning in config.warnings]
+    print(escape_lines(lines))  # folder names may hold anything a file system allows
     if not args.connect:
         return EXIT_OK
     reports = []

@@ -55,6 +55,7 @@ __all__ = ["parse_duration", "parse_size", "redact_url"]
 
 DEFAULT_QUIET_PERIOD = 5.0
 DEFAULT_RESCAN_INTERVAL = 300.0
+DEFAULT_INCOMPLETE_WAIT = 600.0  # an image cut short waits this long for the rest
 DEFAULT_IGNORE = (".*", "*.part", "*.tmp", "*.partial", "*.crdownload", "~*")
 DEFAULT_BATCH_FILES = 50
 DEFAULT_BATCH_BYTES = 64 * 1024 * 1024
@@ -158,6 +159,9 @@ class Source:
     polling: bool = False
     remove_empty_dirs: bool = False
     sidecars: Sidecars | None = None  # None: no sidecars, every file is sent
+    # how long a DICOM image that ends before its pixel data is complete waits for the rest
+    # (since it was first found so, unchanged) before it fails as truncated; 0: fails at once
+    incomplete_wait: float = DEFAULT_INCOMPLETE_WAIT
     rules: tuple[Rule, ...] = ()  # applied after the top-level rules
     bulkdata: Bulkdata = field(default_factory=Bulkdata)
     sent_retention: float | None = None  # seconds files stay in sent/; None: forever
@@ -264,6 +268,7 @@ _SOURCE_OPTION_KEYS = (
     "sidecars",
     "bulkdata",
     "sent_retention",
+    "incomplete_wait",
 )
 _SOURCE_KEYS = _SOURCE_OWN_KEYS + _SOURCE_OPTION_KEYS
 _DEFAULTS_HINTS = {
@@ -295,6 +300,7 @@ class _SourceOptions:
     sidecars: Sidecars | None = None
     bulkdata: Bulkdata = field(default_factory=Bulkdata)
     sent_retention: float | None = None
+    incomplete_wait: float = DEFAULT_INCOMPLETE_WAIT
 
 
 @dataclass(frozen=True)
@@ -324,6 +330,9 @@ def _read_options(sec: Section, base: _SourceOptions) -> _SourceOptions:
         sidecars=_read_sidecars(sec, base.sidecars),
         bulkdata=_read_bulkdata(sec.section("bulkdata", _BULK_KEYS), base.bulkdata),
         sent_retention=sec.get("sent_retention", base.sent_retention, _as_retention) or None,
+        incomplete_wait=sec.get(
+            "incomplete_wait", base.incomplete_wait, as_duration(positive=False)
+        ),
     )
 
 
@@ -531,6 +540,7 @@ def _read_source(
         sidecars=options.sidecars,
         bulkdata=options.bulkdata,
         sent_retention=options.sent_retention,
+        incomplete_wait=options.incomplete_wait,
         rules=read_rules(sec.ctx, join(sec.key, "rules"), sec.value_node("rules"), None),
     )
     return source, folders

@@ -27,9 +27,10 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from stowd import stow
+from stowd import answers, stow
 from stowd.auth import OAuth2, TokenError
 from stowd.config import Destination
+from stowd.printable import escape_lines
 from stowd.secrets import SecretUnavailable
 from stowd.yamlwalk import redact_url
 
@@ -95,7 +96,8 @@ def render(reports: list[Report]) -> str:
         lines = [f"destination {report.name}: {report.url}: {verdict}"]
         steps = sorted(report.steps, key=lambda s: STEPS.index(s.name))
         lines += [f"  {s.state:<5} {s.name:<8} {s.text}" for s in steps]
-        blocks.append(_scrub("\n".join(lines), report.secrets))
+        # what the archive says (its certificate, its error pages) is escaped line by line
+        blocks.append(escape_lines(_scrub(line, report.secrets) for line in lines))
     return "\n\n".join(blocks)
 
 
@@ -263,12 +265,7 @@ def _query(client: httpx.Client, url: str, timeout: httpx.Timeout) -> _Answer:
 
 
 def _start(response: httpx.Response, limit: int = 2048) -> bytes:
-    read = b""
-    for chunk in response.iter_bytes():
-        read += chunk
-        if len(read) >= limit:
-            break
-    return read[:limit]
+    return answers.read_start(response, limit)
 
 
 def _tls_details(response: httpx.Response) -> dict[str, Any] | None:

@@ -17,6 +17,7 @@ from stowd.classify import classify
 from stowd.config import Config, Source
 from stowd.errors import FileProblem, FileUnreadable, UnknownType
 from stowd.group import take_batch
+from stowd.printable import escape_lines
 from stowd.queue import Job, NewFile
 from stowd.watch import Watcher
 
@@ -143,4 +144,4 @@ def render(plans: list[SourcePlan]) -> str:
         lines.append(f"  would fail:   {len(p.would_fail)}")
         lines.extend(f"    {rel}: {reason}" for rel, reason in p.would_fail)
     lines.append("dry run: nothing was sent, moved or queued")
-    return "\n".join(lines)
+    return escape_lines(lines)

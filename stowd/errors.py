@@ -11,27 +11,40 @@
     ├── MigrationConflict      stowd migrate would resume a run of SRC in the other mode
     │                          (--keep or not): refused before anything happens (exit 2)
     ├── FileProblem            a single file cannot be sent as it is (never retried)
-    │   └── FileVanished       the file disappeared before it could be sent
+    │   ├── FileVanished       the file disappeared before it could be sent
+    │   └── FileIncomplete     a DICOM image ends before its pixel data does: it may still
+    │                          be being written, so it waits (``incomplete_wait``) for the
+    │                          rest, then fails as truncated
     ├── SidecarNotReady        a file's sidecar is still changing or unreadable: not queued yet
     ├── FileUnreadable         a file cannot be read right now (permissions, I/O error):
     │                          retried later, like the archive's temporary refusals
     ├── SpoolFull              the copy of a file to send cannot be written: the spool's
     │                          disk is full; the file waits (never counted as its failure)
+    ├── UnusableAnswer         an HTTP answer cannot be used (it cannot be decoded, or as
+    │   │                      below): raised by answers.py while it is read, turned into
+    │   │                      StowFailure by stow.py and into TokenError by auth.py
+    │   ├── AnswerTooLarge     its decoded body is larger than the cap for its kind
+    │   └── AnswerTooSlow      it was still arriving at its deadline
     └── StowFailure            one STOW request did not go through (raised by stow.py only)
         ├── DestinationHeld    the archive or our configuration is wrong, not the files:
-        │                      401/403/404/405/415, TLS; files stay queued, the destination waits
+        │                      401/403/404/405/415, TLS, an unusable answer; files stay
+        │                      queued, the destination waits
         └── DestinationBusy    transient trouble of the whole request: connection errors,
-                               timeouts, 408/429/5xx; retried with backoff (Retry-After honoured)
+                               timeouts, 408/429/5xx, an answer past its deadline; retried
+                               with backoff (Retry-After honoured)
 
 Third-party exceptions (httpx, pydicom, sqlite3, yaml) are translated at one seam each, with
 ``raise ... from exc``; whether something is retried is a property of the type raised here.
 ``reading`` turns the OSErrors of reading a file to send into ``FileVanished`` or
-``FileUnreadable`` (or ``SpoolFull``: the write of its copy found no space).
+``FileUnreadable`` (or ``SpoolFull``: the write of its copy found no space).  ``judging_input``
+turns what Python raises on odd input (ValueError, RecursionError ...) while a sidecar or rule
+is applied into ``FileProblem``.
 """
 
 from __future__ import annotations
 
 import errno
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -126,6 +139,12 @@ def no_space(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+class FileIncomplete(FileProblem):
+    """A DICOM image whose file ends before its pixel data is complete (or before its pixel
+    data starts): a writer may still be adding the rest, so the file waits for it before it
+    is failed as truncated.  The message says what is missing."""
+
+
 @contextmanager
 def reading(source: Path) -> Iterator[None]:
     """Turn the OSErrors of reading ``source`` into stowd's errors."""
@@ -146,8 +165,49 @@ class SpoolFull(StowdError):
     made DICOM) cannot be written now.  Not the file's fault: it waits for space."""
 
 
+_INPUT_ERRORS = (ValueError, TypeError, OverflowError)
+MAX_DETAIL = 200  # characters of a Python error's text quoted in a reason
+
+
+@contextmanager
+def judging_input(what: str, path: str | None = None) -> Iterator[None]:
+    """Turn what Python's own parsers and conversions raise on odd input (a number of more
+    than 4300 digits, nesting too deep, a value of the wrong type) into a ``FileProblem``
+    about ``what`` (at ``path``): input that fails this way fails the same way every time."""
+    try:
+        yield
+    except StowdError:
+        raise
+    except RecursionError:
+        raise FileProblem(f"{what}: nests lists or sequences too deeply", path=path) from None
+    except _INPUT_ERRORS as exc:
+        raise FileProblem(f"{what}: {_detail(exc)}", path=path) from exc
+
+
+def _detail(exc: BaseException) -> str:
+    """The first sentence of ``exc``'s text, cut short (Python's hints such as
+    "use sys.set_int_max_str_digits()" are for programmers, not for the reader)."""
+    text = (str(exc) or type(exc).__name__).split("; ")[0]
+    if "integer string conversion" in text:
+        return f"holds a number of more than {sys.get_int_max_str_digits()} digits"
+    return text if len(text) <= MAX_DETAIL else text[: MAX_DETAIL - 3] + "..."
+
+
 class SidecarNotReady(StowdError):
     """A file's sidecar is still changing or cannot be read now: the file is not queued yet."""
+
+
+class UnusableAnswer(StowdError):
+    """An HTTP answer that cannot be used (its body cannot be decoded)."""
+
+
+class AnswerTooLarge(UnusableAnswer):
+    """An answer's decoded body is over the size cap for its kind: stowd stopped reading it."""
+
+
+class AnswerTooSlow(UnusableAnswer):
+    """An answer was still arriving at its deadline (a trickle that never trips the read
+    timeout, which applies to each read)."""
 
 
 class StowFailure(StowdError):

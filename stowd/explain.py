@@ -21,6 +21,7 @@ from stowd.classify import classify
 from stowd.config import Config, Source
 from stowd.errors import FileProblem, FileUnreadable
 from stowd.lookup import describe
+from stowd.printable import escape_lines
 from stowd.rules import value_text
 
 
@@ -130,7 +131,7 @@ def render(results: list[Explained]) -> str:
         width = max((len(k) for k, _, _ in r.changes), default=0)
         for keyword, before, after in r.changes:
             lines.append(f"  {keyword:<{width}}  {_shown(before)} -> {_shown(after, 'removed')}")
-    return "\n".join(lines)
+    return escape_lines(lines)  # file names and sidecar values cannot add a line
 
 
 def _shown(value: str | None, missing: str = "absent") -> str:

@@ -7,6 +7,10 @@
 * ``json`` (log shippers): one JSON object a line: time, level, logger, message (and the
   exception text).
 
+Names and answers never forge a line: every message, in every format, is escaped by
+``printable.escape`` (a newline in a file name shows as ``\\n``, an ESC as ``\\x1b``).  A
+traceback keeps its lines, each escaped, and each exception's own text is put on one line.
+
 Secrets never reach a log line: URLs are logged with ``Destination.display_url`` and no
 credentials are held by the code that logs.
 """
@@ -17,7 +21,11 @@ import json
 import logging
 import os
 import sys
+import traceback
 from datetime import UTC, datetime
+from types import TracebackType
+
+from stowd.printable import escape
 
 FORMATS = ("auto", "text", "journal", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -31,16 +39,36 @@ _PRIORITY = {  # syslog priorities (sd-daemon.h SD_ERR ...)
 _QUIET = ("httpx", "httpcore", "watchdog")
 
 
+_ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
+
+
+class TextFormatter(logging.Formatter):
+    """``TEXT_FORMAT``, the message escaped; tracebacks as ``format_exception`` writes them."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = escape(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: _ExcInfo) -> str:  # noqa: N802
+        return format_exception(ei)
+
+
 class JournalFormatter(logging.Formatter):
     """``<N>logger: message`` for journald's stdout/stderr stream (it adds time and unit)."""
 
     def format(self, record: logging.LogRecord) -> str:
         priority = _PRIORITY.get(record.levelno, 6 if record.levelno < logging.ERROR else 3)
-        text = f"{record.name}: {record.getMessage()}"
+        text = f"{record.name}: {escape(record.getMessage())}"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         # journald reads one line as one entry: continuation lines keep the priority
-        return "\n".join(f"<{priority}>{line}" for line in text.splitlines() or [""])
+        return "\n".join(f"<{priority}>{line}" for line in text.split("\n"))
+
+    def formatException(self, ei: _ExcInfo) -> str:  # noqa: N802
+        return format_exception(ei)
 
 
 class JsonFormatter(logging.Formatter):
@@ -51,11 +79,41 @@ class JsonFormatter(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": escape(record.getMessage()),
         }
         if record.exc_info:
-            doc["exception"] = self.formatException(record.exc_info)
+            doc["exception"] = format_exception(record.exc_info)
         return json.dumps(doc, ensure_ascii=False)
+
+
+def format_exception(ei: _ExcInfo) -> str:
+    """A traceback with its usual lines, each escaped, and each exception's text on one line
+    (a file name in an exception's message cannot start a line of its own)."""
+    exc = ei[1]
+    if exc is None:
+        return "NoneType: None"
+    return "\n".join(_exception_lines(exc, set()))
+
+
+def _exception_lines(exc: BaseException, seen: set[int]) -> list[str]:
+    seen.add(id(exc))
+    lines: list[str] = []
+    cause, context = exc.__cause__, exc.__context__
+    if cause is not None and id(cause) not in seen:
+        lines += [*_exception_lines(cause, seen), "", _CAUSE, ""]
+    elif context is not None and not exc.__suppress_context__ and id(context) not in seen:
+        lines += [*_exception_lines(context, seen), "", _CONTEXT, ""]
+    if exc.__traceback__ is not None:
+        lines.append("Traceback (most recent call last):")
+        frames = "".join(traceback.format_tb(exc.__traceback__))
+        lines += [escape(line) for line in frames.rstrip("\n").split("\n")]
+    only = "".join(traceback.format_exception_only(type(exc), exc))
+    lines.append(escape(only.rstrip("\n")))
+    return lines
+
+
+_CAUSE = "The above exception was the direct cause of the following exception:"
+_CONTEXT = "During handling of the above exception, another exception occurred:"
 
 
 def under_journald() -> bool:
@@ -76,7 +134,7 @@ def setup(level: str, fmt: str = "auto") -> str:
     formatter: logging.Formatter = {
         "journal": JournalFormatter(),
         "json": JsonFormatter(),
-    }.get(fmt, logging.Formatter(TEXT_FORMAT))
+    }.get(fmt, TextFormatter())
     handler.setFormatter(formatter)
     handler.addFilter(_quiet_watchdog_shutdown)  # child loggers' records skip logger filters
     root = logging.getLogger()

@@ -24,7 +24,14 @@ from pydicom.multival import MultiValue
 from stowd import sidecar
 from stowd.classify import Classified
 from stowd.config import Config, Source
-from stowd.errors import FileProblem, FileUnreadable, SpoolFull, UnknownType, no_space
+from stowd.errors import (
+    FileProblem,
+    FileUnreadable,
+    SpoolFull,
+    UnknownType,
+    judging_input,
+    no_space,
+)
 from stowd.queue import Job
 from stowd.rewrite import apply, rewrite
 from stowd.rules import Facts, Outcome, evaluate, fingerprint, render_for, value_text
@@ -83,6 +90,13 @@ def plan(
     values = sidecar.values_of(used)
     names = tuple(p.name for p, _ in used)
     facts = Facts(PurePosixPath(rel), source.name, found.kind, now, values, names)
+    with judging_input("its sidecars and the rules cannot be applied"):
+        return _planned(config, source, facts, found, used)
+
+
+def _planned(
+    config: Config, source: Source, facts: Facts, found: Classified, used: sidecar.Used
+) -> Planned:
     outcome = evaluate(config.rules_for(source), facts, original_of(found.header))
     study = _final(outcome, "StudyInstanceUID", found.study_uid)
     sop = _final(outcome, "SOPInstanceUID", found.sop_uid)
@@ -93,6 +107,11 @@ def plan(
 def joined(p: Planned, values: Item, found: Classified) -> Planned:
     """``p`` with the values of the archive's study or worklist item (``lookup.py``) on top:
     they win over the rules and the file; a value the file already has is left alone."""
+    with judging_input("the archive's values cannot be applied"):
+        return _joined(p, values, found)
+
+
+def _joined(p: Planned, values: Item, found: Classified) -> Planned:
     original = original_of(found.header)
     outcome = p.outcome
     outcome.remove = [k for k in outcome.remove if k not in values]

@@ -86,7 +86,8 @@ def source_name(folder: Path, keep: bool) -> str:
 
 
 def make_sources(config: Config, opts: Options) -> tuple[Source, ...]:
-    """One source per folder: no quiet period, no sidecars, the top-level rules only."""
+    """One source per folder: no quiet period, no sidecars, the top-level rules only; an
+    image cut short fails at once (nobody is still writing the folders' files)."""
     sources = []
     for folder in opts.folders:
         sources.append(
@@ -97,6 +98,7 @@ def make_sources(config: Config, opts: Options) -> tuple[Source, ...]:
                 failed=folder.with_name(folder.name + ".failed"),
                 destination=opts.destination,
                 quiet_period=0.0,
+                incomplete_wait=0.0,
                 keep=opts.keep,
             )
         )

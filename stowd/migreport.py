@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stowd.printable import escape_lines
 from stowd.queue import Failed, Job
 
 DONE_STATES = ("sent", "failed", "gone", "ignored")
@@ -190,7 +191,7 @@ def render(summary: Summary, folders: tuple[Path, ...], keep: bool, report: Path
     elif not keep and folders:
         where = ", ".join(f"{f}.sent / {f}.failed" for f in folders)
         lines.append(f"  moved to {where}")
-    return "\n".join(lines)
+    return escape_lines(lines)  # folder names may hold anything a file system allows
 
 
 def _failed_line(summary: Summary) -> str:

@@ -301,6 +301,12 @@ def _taken(snapshot: Callable[[], str | None]) -> Callable[[], str | None]:
     return lambda: value
 
 
+def _log_queued(files: list[NewFile]) -> None:
+    """Said only once committed: a rolled-back insert queued nothing."""
+    for f in files:
+        log.info("queued %s (%d bytes, source %s)", f.path, f.size, f.source)
+
+
 def _roll_back(conn: sqlite3.Connection) -> None:
     """End a failed transaction (SQLite may have ended it already, e.g. on a full disk)."""
     if conn.in_transaction:
@@ -331,6 +337,9 @@ class Queue:
         self.readonly = readonly
         self._local = threading.local()
         self._lock_fd: int | None = None
+        # files found with new content while their row was claimed or settling (by row id):
+        # queued as new jobs when that row is done (``finish_many``), not at the next rescan
+        self._after: dict[int, NewFile] = {}
 
     # -- opening -----------------------------------------------------------------
     def open(self, *, lock: bool = True) -> Queue:
@@ -504,8 +513,7 @@ class Queue:
             for f in files:
                 if self._enqueue_one(db, replace(f, snapshot=snapshots.get(f.path)), now):
                     added.append(f)
-        for f in added:  # only once committed: a rolled-back insert queued nothing
-            log.info("queued %s (%d bytes, source %s)", f.path, f.size, f.source)
+        _log_queued(added)
         return len(added)
 
     def _snapshots(self, files: list[NewFile]) -> dict[str, Callable[[], str | None]]:
@@ -546,6 +554,9 @@ class Queue:
                 (f.source, f.destination, f.path, f.rel, f.size, f.mtime_ns, now, sidecars),
             )
             return 1
+        if row[3] != "pending" and (row[1], row[2]) != (f.size, f.mtime_ns):
+            self._after[row[0]] = f  # being sent or moved: a new job once that is done
+            return 0
         if row[3] == "pending" and (row[1], row[2]) != (f.size, f.mtime_ns):
             try:
                 sidecars = f.sidecar_json()
@@ -767,6 +778,24 @@ class Queue:
                 [(first, now, at, json.dumps(error), int(solo), i) for i in ids],
             )
 
+    def wait_for_rest(self, job: Job, *, at: float, error: dict[str, Any]) -> bool:
+        """A file found incomplete (an image cut short): read it again at ``at``.
+
+        ``first_try`` is when this content was first found incomplete; the watcher resets it
+        (with the row) when the file changes, so the wait counts from the last change and
+        never uses up the complete file's ``retry.max_age``.  Only while the row still holds
+        the content that was read: a row the watcher updated meanwhile is read again at
+        once.  Returns whether the row was updated."""
+        now = self.clock()
+        with self._tx() as db:
+            cursor = db.execute(
+                "UPDATE files SET attempts = attempts + 1, first_try = COALESCE(first_try, ?), "
+                "last_try = ?, next_attempt_at = ?, error = ? WHERE id = ? AND state = 'pending' "
+                "AND size = ? AND mtime_ns = ?",
+                (now, now, at, json.dumps(error), job.id, job.size, job.mtime_ns),
+            )
+            return cursor.rowcount > 0
+
     def isolate(self, ids: Iterable[int], *, not_before: float = 0.0) -> None:
         """Send these rows one per request from now on (to find a bad one in a batch)."""
         with self._tx() as db:
@@ -795,13 +824,23 @@ class Queue:
         self.finish_many([(job_id, state)])
 
     def finish_many(self, done: Iterable[tuple[int, str]]) -> None:
-        """Mark (id, state) pairs done, in one transaction."""
+        """Mark (id, state) pairs done, in one transaction; a file found with new content
+        while its row was busy is queued now, as a new job."""
         now = self.clock()
+        done = list(done)
+        later = [(i, self._after[i]) for i, _ in done if i in self._after]
+        queued: list[NewFile] = []
         with self._tx() as db:
             db.executemany(
                 "UPDATE files SET state = ?, done_at = ?, lease_until = NULL WHERE id = ?",
                 [(state, now, i) for i, state in done],
             )
+            for _, f in later:
+                if self._enqueue_one(db, f, now):
+                    queued.append(f)
+        for i, _ in later:  # kept until committed: a failed write loses none of them
+            self._after.pop(i, None)
+        _log_queued(queued)
 
     def finish_kept(self, done: Iterable[tuple[int, str, dict[str, Any] | None]]) -> None:
         """Mark (id, state, error) done for files that stay where they are (``stowd migrate

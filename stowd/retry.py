@@ -47,6 +47,7 @@ from typing import Any
 from stowd import sidecar as sidecar_mod
 from stowd.config import DEFAULT_FOLDER_SIDECAR, Config, Sidecars, Source, parse_duration
 from stowd.errors import StowdError
+from stowd.printable import escape_lines
 from stowd.queue import Job, open_readonly
 from stowd.settle import ERROR_SUFFIX, copy_name, remove_empty_parents
 
@@ -136,7 +137,7 @@ def render(report: Report, daemon_pid: int | None) -> str:
             out.append(f"{word}: [{line.source}] {line.path}: {line.detail}")
     out += [f"note: {note}" for note in report.notes]
     out.append(_summary(report, daemon_pid))
-    return "\n".join(out)
+    return escape_lines(out)
 
 
 def _summary(report: Report, daemon_pid: int | None) -> str:

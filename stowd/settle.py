@@ -3,7 +3,9 @@
 The target keeps the path relative to the watch folder, never overwrites (``name~1.dcm``) and is
 safe across filesystems (copy, fsync, rename into place, then remove the source).  The queue
 records the target *before* the move and marks the job done only *after* it, so ``repair``
-can finish a move that a crash interrupted.
+can finish a move that a crash interrupted.  A file that changed after it was read for
+upload is never left there as if that content had been handled: it stays in, or goes back
+to, the drop folder and is queued again as a new file.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from stowd import sidecar as sidecar_mod
 from stowd.config import Sidecars, Source
@@ -33,6 +35,9 @@ ERROR_SUFFIX = ".error.json"
 MOVING = threading.Lock()  # held around moves into sent/ and failed/ (and purge's rmdir)
 MAX_SUFFIX = 10_000
 NAME_MAX = 255  # bytes in one file name (ext4, XFS, btrfs, NTFS via SMB)
+COPY_CHUNK = 1024 * 1024
+# os.link cannot make the link: another filesystem, protected_hardlinks, no links there
+_NO_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
 def free_target(
@@ -161,24 +166,101 @@ def _plan(decisions: Sequence[Decision]) -> list[tuple[Decision, Path | OSError]
 def _carry_out(
     job: Job, target: Path, outcome: str, error: dict[str, Any] | None, sidecars: Sidecars | None
 ) -> str:
-    """Do (or finish) one recorded move and write the reason; returns the final state."""
+    """Do (or finish) one recorded move and write the reason; returns the final state.
+
+    A file whose content is no longer what was read for upload (a writer added to it after
+    it looked complete) never stays in ``sent/`` or ``failed/`` as if that content had been
+    handled: it is checked before the move, during a copy across filesystems and after the
+    move, and left in (or put back into) the drop folder, where the watcher queues it as a
+    new file.  Its row ends ``sent`` when the content read was stored, else ``gone``."""
     if _replaced(job):
-        # The file at the path is not the one this job sent: leave it for the watcher,
+        # The file at the path is not the one this job read: leave it for the watcher,
         # which queues it as a new job. The job's own content is gone (or was stored).
-        log.info("%s was replaced after it was read; the new file is queued anew", job.path)
-        return "sent" if outcome == "sent" else "gone"
+        _drop_second_link(job, target)
+        return _changed(job, outcome, None)
     if os.path.lexists(job.path):
         secured = _copy_sidecars(job, target)
-        move(Path(job.path), target, sync=False)
+        if not move(Path(job.path), target, sync=False, expect=(job.size, job.mtime_ns)):
+            return _changed(job, outcome, None)  # it changed while it was copied: it stays
     elif not target.exists():
         log.warning("file vanished before it could be moved to %s: %s", outcome, job.path)
         return "gone"
     else:
         secured = _copy_sidecars(job, target)  # a move finished before a crash
+    if _moved_changed(job, target):
+        return _changed(job, outcome, _put_back(job, target))
     _release_sidecars(job, sidecars, secured)
     if outcome == "failed" and error is not None:
         write_reason(target, error)
     return outcome
+
+
+def _moved_changed(job: Job, target: Path) -> bool:
+    """Did the file change after it was read (a writer still had it open and wrote on)?"""
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        return False  # moved on by someone else: nothing of ours to check
+    return (st.st_size, st.st_mtime_ns) != (job.size, job.mtime_ns)
+
+
+def _changed(job: Job, outcome: str, put_back: Path | None) -> str:
+    """Say that ``job``'s file changed after it was read; the state its row ends in."""
+    try:
+        now = f"{os.stat(put_back or job.path).st_size} now"
+    except OSError:
+        now = "another file now"
+    if outcome == "sent":
+        stored = (
+            "the content read then was stored in the archive (an archive may keep that "
+            "version when the same SOP Instance UID comes again: check the instance there)"
+        )
+    else:
+        stored = f"the content read then was not sent (it would have gone to {outcome}/)"
+    where = "it stays in the drop folder" if put_back is None else f"it was put back as {put_back}"
+    log.warning(
+        "%s changed after it was read for upload (%d bytes then, %s); %s; %s and is queued "
+        "again as a new file",
+        job.path,
+        job.size,
+        now,
+        stored,
+        where,
+    )
+    return "sent" if outcome == "sent" else "gone"
+
+
+def _put_back(job: Job, target: Path) -> Path:
+    """Return a file that changed after it was read from ``target`` to the drop folder: to
+    its own path, else to a free name beside it (never over another file)."""
+    original = Path(job.path)
+    original.parent.mkdir(parents=True, exist_ok=True)  # emptied folders may be removed
+    for _ in range(MAX_SUFFIX):
+        place = free_target(original.parent, original.name)
+        try:
+            os.link(target, place, follow_symlinks=False)  # a moved link stays a link
+        except FileExistsError:
+            continue  # taken since it was looked at: the next free name
+        except OSError as exc:
+            if exc.errno not in _NO_LINK:
+                raise
+            # no hard link here (another filesystem, protected_hardlinks): the name was
+            # free a moment ago, as for every move into sent/ and failed/
+            move(target, place)
+            return place
+        _fsync_dir(place.parent)  # in the drop folder before it leaves sent/ or failed/
+        os.unlink(target)
+        _fsync_dir(target.parent)
+        return place
+    raise OSError(errno.EEXIST, f"no free name for {original}")
+
+
+def _drop_second_link(job: Job, target: Path) -> None:
+    """A crash while a changed file was put back may leave it in both places: the drop
+    folder keeps it."""
+    with contextlib.suppress(OSError):
+        if target.exists() and os.path.samefile(target, job.path):
+            os.unlink(target)
 
 
 def _copy_sidecars(job: Job, target: Path) -> set[Path]:
@@ -389,10 +471,13 @@ def _choose(queue: Queue, job: Job, source: Source | None, error: dict[str, Any]
     return target
 
 
-def move(src: Path, dst: Path, *, sync: bool = True) -> None:
+def move(src: Path, dst: Path, *, sync: bool = True, expect: tuple[int, int] | None = None) -> bool:
     """Rename ``src`` to ``dst``; across filesystems copy + fsync + rename + unlink.
 
-    With ``sync=False`` the caller fsyncs ``dst``'s folder (once for many moves).
+    With ``sync=False`` the caller fsyncs ``dst``'s folder (once for many moves).  Across
+    filesystems the source is removed only when it did not change while it was copied and
+    still has ``expect`` (size, mtime_ns) when given; else the copy is removed, the source
+    stays and False is returned.
     """
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -400,9 +485,11 @@ def move(src: Path, dst: Path, *, sync: bool = True) -> None:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        _copy_across(src, dst)
+        if not _copy_across(src, dst, expect):
+            return False
     if sync:
         _fsync_dir(dst.parent)
+    return True
 
 
 def _sync_folders(folders: Collection[Path]) -> None:
@@ -422,16 +509,61 @@ def _tmp_beside(path: Path, suffix: str) -> Path:
     return path.with_name(f".{hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16]}{suffix}")
 
 
-def _copy_across(src: Path, dst: Path) -> None:
+def _copy_across(src: Path, dst: Path, expect: tuple[int, int] | None) -> bool:
+    """Copy, fsync, rename into place, then unlink ``src``: only if ``src`` did not change
+    meanwhile (a writer that still adds to it would lose what it writes after the unlink)."""
     tmp = _tmp_beside(dst, ".stowd-tmp")
-    with open(src, "rb") as fin, open(tmp, "wb") as fout:
-        shutil.copyfileobj(fin, fout, 1024 * 1024)
-        fout.flush()
-        os.fsync(fout.fileno())
+    with open(src, "rb") as fin:
+        before = os.fstat(fin.fileno())
+        with open(tmp, "wb") as fout:
+            copied = _copy_all(fin, fout)
+            fout.flush()
+            os.fsync(fout.fileno())
+        after = os.fstat(fin.fileno())
+    if not _same(before, after, copied, expect):
+        tmp.unlink()
+        return False
     shutil.copystat(src, tmp)
     os.rename(tmp, dst)
     _fsync_dir(dst.parent)
+    if not _same(after, _stat_or_none(src), copied, expect):  # changed at the last moment
+        dst.unlink()
+        _fsync_dir(dst.parent)
+        return False
     os.unlink(src)
+    return True
+
+
+def _copy_all(fin: BinaryIO, fout: BinaryIO) -> int:
+    """Copy ``fin`` to ``fout`` in chunks; the number of bytes copied."""
+    copied = 0
+    while chunk := fin.read(COPY_CHUNK):
+        fout.write(chunk)
+        copied += len(chunk)
+    return copied
+
+
+def _same(
+    before: os.stat_result,
+    after: os.stat_result | None,
+    copied: int,
+    expect: tuple[int, int] | None,
+) -> bool:
+    """The file copied is whole and unchanged (and the content expected, when given)."""
+    if after is None or _identity(before) != _identity(after) or copied != after.st_size:
+        return False
+    return expect is None or (after.st_size, after.st_mtime_ns) == expect
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _stat_or_none(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
 
 
 def _fsync_dir(folder: Path) -> None:

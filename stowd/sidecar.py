@@ -23,7 +23,7 @@ from pydicom.datadict import get_entry
 
 from stowd import vr
 from stowd.config import Sidecars
-from stowd.errors import FileProblem, FileUnreadable, FileVanished
+from stowd.errors import FileProblem, FileUnreadable, FileVanished, judging_input
 from stowd.vr import Item
 from stowd.yamlwalk import DicomLoader
 
@@ -156,10 +156,8 @@ def read_sidecar(path: Path) -> Item:
 
 def parse(path: Path, text: str) -> Item:
     """The checked values in ``text``, read from the sidecar ``path``."""
-    try:
+    with judging_input(f"sidecar {path.name}", str(path)):  # e.g. a number of 5,000 digits
         return _read(path, text)
-    except RecursionError:
-        raise _problem(path, "nests lists or sequences too deeply") from None
 
 
 def _read(path: Path, text: str) -> Item:

@@ -28,6 +28,7 @@ from typing import Any
 from stowd import disk
 from stowd.config import Config, Source
 from stowd.errors import QueueError
+from stowd.printable import escape_lines
 from stowd.queue import Hold, Queue, open_readonly
 
 RATE_WINDOW = 300.0
@@ -441,7 +442,7 @@ def render(data: Mapping[str, Any]) -> str:
         f"sent, failed and gone count the files still in the queue's history "
         f"(history_days: {data['history_days']:g})",
     ]
-    return "\n".join(lines)
+    return escape_lines(lines)  # file names and archive texts cannot add a line
 
 
 def _destination(name: str, figures: Mapping[str, Any], health: Any) -> list[str]:

@@ -6,6 +6,8 @@ an archive's answer is judged, file by file, following the retry table of
 
 * transport trouble, 408/429/502/503/504 -> ``DestinationBusy`` (retry, Retry-After honoured)
 * 401/403/404/405/415, TLS failures      -> ``DestinationHeld`` (files stay queued)
+* an answer over its size cap (``answers.py``) or undecodable -> ``DestinationHeld``; one
+  still arriving at its deadline (twice the read timeout) -> ``DestinationBusy``
 * login trouble: a secret that cannot be read, a token endpoint refusing our client
   -> ``DestinationHeld``; the token endpoint unreachable or 5xx -> ``DestinationBusy``;
   a 401 to an OAuth2 token -> one new token and one more attempt, then ``DestinationHeld``
@@ -31,16 +33,19 @@ from typing import Any, BinaryIO
 import httpx
 import tenacity
 
+from stowd import answers
 from stowd.access import Tls
 from stowd.auth import OAuth2, TokenError, TokenRefused, make_auth
 from stowd.config import Destination
 from stowd.errors import (
+    AnswerTooSlow,
     DestinationBusy,
     DestinationHeld,
     FileUnreadable,
     FileVanished,
     StowdError,
     StowFailure,
+    UnusableAnswer,
 )
 from stowd.secrets import SecretUnavailable
 
@@ -136,6 +141,7 @@ class Body:
         self.parts = list(parts)
         self.progress = progress  # called for every chunk sent (the watchdog's sign of life)
         self._files: list[BinaryIO] = []
+        self.sent_at: float | None = None  # time.monotonic() when the last byte was handed on
         metadata = [p.metadata for p in self.parts if p.metadata is not None]
         self.root = DICOM_TYPE if not metadata else JSON_TYPE
         self.json = json.dumps(metadata).encode("utf-8") if metadata else b""
@@ -200,6 +206,7 @@ class Body:
                 yield chunk
             yield b"\r\n"
         yield self.tail
+        self.sent_at = time.monotonic()
 
 
 def _changed(st: os.stat_result, part: Part) -> bool:
@@ -394,7 +401,11 @@ def http_client(
         trust_env=access.trust_env,
         proxy=access.proxy if transport is None else None,
         transport=transport,
-        headers={"User-Agent": USER_AGENT, "Accept": ACCEPT},
+        headers={
+            "User-Agent": USER_AGENT,
+            "Accept": ACCEPT,
+            "Accept-Encoding": answers.ACCEPT_ENCODING,
+        },
         auth=auth,
         event_hooks={"request": [_extra_headers(destination)]},
     )
@@ -540,26 +551,48 @@ class StowClient:
         body.open()
         started = time.monotonic()
         try:
-            response = self._post(body)
+            response, content = self._post(body)
         finally:
             body.close()
         auth = self.http.auth
         if response.status_code == 401 and may_refresh and isinstance(auth, OAuth2):
             raise _TokenRejected(auth, response.request.headers.get("Authorization"))
-        answer = _answer_of(response, self.destination)
+        answer = _answer_of(response, content, self.destination)
         answer.seconds = time.monotonic() - started
         return answer
 
-    def _post(self, body: Body) -> httpx.Response:
+    def _post(self, body: Body) -> tuple[httpx.Response, bytes]:
+        """The archive's answer and its body, read within ``STOW_ANSWER_LIMIT`` and a
+        deadline (twice the read timeout) counted from the end of the request body."""
         headers = {"Content-Type": body.content_type, "Content-Length": str(body.length)}
+        url = self.destination.stow_url
         try:
-            return self.http.post(self.destination.stow_url, content=iter(body), headers=headers)
-        except (ClientSetupError, SecretUnavailable, TokenError, httpx.TransportError) as exc:
+            request = self.http.build_request("POST", url, content=iter(body), headers=headers)
+            response = self.http.send(request, stream=True)
+            content = answers.read_body(
+                response,
+                limit=answers.STOW_ANSWER_LIMIT,
+                seconds=answers.answer_seconds(self.destination.timeouts.read),
+                started=body.sent_at or time.monotonic(),
+                who="the archive",
+            )
+        except _REACHING as exc:
             raise _failure(exc, self._has_cert) from exc
+        return response, content
 
     @property
     def _has_cert(self) -> bool:
         return self.destination.access.tls.client_cert is not None
+
+
+# what may go wrong while a request is sent and its answer read: mapped by ``_failure``
+_REACHING = (
+    ClientSetupError,
+    SecretUnavailable,
+    TokenError,
+    UnusableAnswer,
+    httpx.TransportError,
+)
 
 
 class _Blip(Exception):
@@ -589,18 +622,30 @@ def qido_get(
     t = destination.timeouts
     read = min(t.read, QIDO_READ_TIMEOUT)
     timeout = httpx.Timeout(connect=t.connect, read=read, write=read, pool=t.pool)
+    started = time.monotonic()
     try:
-        response = client.get(url, params=list(params), headers=headers, timeout=timeout)
-    except (ClientSetupError, SecretUnavailable, TokenError, httpx.TransportError) as exc:
+        request = client.build_request(
+            "GET", url, params=list(params), headers=headers, timeout=timeout
+        )
+        response = client.send(request, stream=True)
+        content = answers.read_body(
+            response,
+            limit=answers.QIDO_ANSWER_LIMIT,
+            seconds=answers.answer_seconds(read),
+            started=started,
+            who="the archive",
+        )
+    except _REACHING as exc:
         raise failure_of(exc, destination) from exc
-    return response.status_code, response.content
+    return response.status_code, content
 
 
 def failure_of(exc: Exception, destination: Destination) -> StowFailure:
     """What a failure to reach ``destination`` means, for callers other than ``store`` (such
     as ``check-config --connect``): ``DestinationHeld`` or ``DestinationBusy``, with the same
-    plain message.  For ``ClientSetupError``, ``SecretUnavailable``, ``TokenError`` and
-    ``httpx.TransportError``; anything else is returned as a ``StowFailure`` of its text."""
+    plain message.  For ``ClientSetupError``, ``SecretUnavailable``, ``TokenError``,
+    ``UnusableAnswer`` and ``httpx.TransportError``; anything else is returned as a
+    ``StowFailure`` of its text."""
     has_cert = destination.access.tls.client_cert is not None
     found = _failure(exc, has_cert)
     if isinstance(found, _Blip):
@@ -611,6 +656,8 @@ def failure_of(exc: Exception, destination: Destination) -> StowFailure:
 def _failure(exc: Exception, has_cert: bool) -> Exception:
     if isinstance(exc, ClientSetupError):
         return DestinationHeld(str(exc))
+    if isinstance(exc, UnusableAnswer):
+        return _answer_failure(exc)
     if isinstance(exc, SecretUnavailable):
         return DestinationHeld(f"cannot log in: {exc}")
     if isinstance(exc, TokenError):
@@ -618,6 +665,14 @@ def _failure(exc: Exception, has_cert: bool) -> Exception:
     if isinstance(exc, httpx.TransportError):
         return _transport_failure(exc, has_cert)
     return exc
+
+
+def _answer_failure(exc: UnusableAnswer) -> StowFailure:
+    """An answer still arriving at its deadline: try later (no quick retry, it held a worker
+    long enough); one too large or undecodable: hold, the same answer again would not help."""
+    if isinstance(exc, AnswerTooSlow):
+        return DestinationBusy(str(exc))
+    return DestinationHeld(str(exc))
 
 
 def _transport_failure(exc: httpx.TransportError, has_cert: bool) -> Exception:
@@ -649,7 +704,9 @@ def _token_failure(exc: TokenError, has_cert: bool) -> Exception:
     return DestinationBusy(str(exc), retry_after=retry_after(exc.retry_after))
 
 
-def _answer_of(response: httpx.Response, destination: Destination | None = None) -> Answer:
+def _answer_of(
+    response: httpx.Response, content: bytes, destination: Destination | None = None
+) -> Answer:
     status = response.status_code
     warning = response.headers.get("Warning")
     if status in HELD_STATUSES or 300 <= status < 400:  # httpx does not follow redirects
@@ -661,9 +718,9 @@ def _answer_of(response: httpx.Response, destination: Destination | None = None)
             f"the archive is busy or unavailable (HTTP {status})",
             status=status,
             retry_after=retry_after(response.headers.get("Retry-After")),
-            server_message=warning or _short(response.content) or None,
+            server_message=warning or _short(content) or None,
         )
-    answer = parse_answer(status, response.content)
+    answer = parse_answer(status, content)
     if warning:
         answer.server_message = warning
     if status == 400 and _wants_client_cert(answer.server_message):

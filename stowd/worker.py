@@ -17,12 +17,14 @@ from typing import Any
 
 from stowd import bulkdata, metadata, metrics
 from stowd import classify as classify_mod
+from stowd.answers import answer_seconds
 from stowd.bulkform import bulk_part
 from stowd.config import BatchLimits, Config, Destination, Source
 from stowd.disk import Disks
 from stowd.errors import (
     DestinationBusy,
     DestinationHeld,
+    FileIncomplete,
     FileProblem,
     FileUnreadable,
     FileVanished,
@@ -91,7 +93,8 @@ class Worker:
         self.client = client
         self.stop = stop
         self.clock = clock
-        self._lease = destination.timeouts.write + destination.timeouts.read + LEASE_SLACK
+        answer = answer_seconds(destination.timeouts.read)  # a whole answer's deadline
+        self._lease = destination.timeouts.write + answer + LEASE_SLACK
         self.limits = destination.batch  # halved when the archive answers 413
         self._digests: dict[str, str] = {}  # of each source's rules, stored with its files
         self.beat = time.monotonic()  # last sign of progress (the daemon's watchdog reads it)
@@ -202,9 +205,30 @@ class Worker:
             return None
         except UnknownType as problem:
             return self._unknown(job, problem)
+        except FileIncomplete as problem:
+            return self._incomplete(job, problem)
         except FileProblem as problem:
             return self._failure(job, str(problem), stage="reading the file")
         return self._plan(job, c)
+
+    def _incomplete(self, job: Job, problem: FileIncomplete) -> Decision | None:
+        """An image cut short: a writer that stalled may still add the rest, so it is read
+        again after a backoff (at once when the watcher finds it changed); once it stayed
+        so for the source's ``incomplete_wait`` it fails as truncated."""
+        wait = self.config.source(job.source).incomplete_wait
+        now = self.clock()
+        until = (job.first_try or now) + wait
+        if now >= until and _unchanged(job):
+            stayed = f"; it stayed so for {wait:.0f}s" if wait else ""
+            return self._failure(job, f"{problem}{stayed}", stage="reading the file")
+        at = now + self._file_delay(job.attempts)  # changed: the watcher queues it anew
+        at = min(at, until) if until > now else at
+        when = datetime.fromtimestamp(until).strftime("%H:%M:%S")
+        reason = f"{problem}; waiting until {when} for the rest of it"
+        error = self._error_doc(job, reason, stage="reading the file")
+        if self.queue.wait_for_rest(job, at=at, error=error):
+            log.info("%s: %s (read again in %.0fs)", job.path, reason, at - now)
+        return None
 
     def _unknown(self, job: Job, problem: UnknownType) -> Decision | None:
         """A file of a type its source does not send: failed/, or left alone (``ignore``)."""

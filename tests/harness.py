@@ -83,6 +83,7 @@ def make_layout(
                 "destination": "pacs",
                 "quiet_period": "500ms",
                 "rescan_interval": "3s",
+                "incomplete_wait": "2s",  # an image cut short fails soon (default 10m)
                 **(source or {}),
             }
         ],

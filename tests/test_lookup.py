@@ -5,6 +5,7 @@ patient and study attributes; no match waits then fails, several matches fail na
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from mediagen import make_jpeg, make_pdf
 from orthanc import Orthanc
 from worklist import Worklist, item, serve
 
-from stowd.queue import open_readonly
+from stowd.queue import Job, open_readonly
 
 PATIENT = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex")
 BY_FOLDER = {"AccessionNumber": "{parts[0]}"}
@@ -57,15 +58,24 @@ def reason(layout: Layout, rel: str) -> str:
     return str(json.loads(layout.error_files()[rel].read_text())["reason"])
 
 
-def queue_errors(layout: Layout) -> list[str]:
+def queue_jobs(layout: Layout) -> list[Job]:
+    """Every row of the daemon's queue, read as ``stowd status`` does (none before it exists)."""
     path = layout.root / "state" / "queue.db"
     if not path.exists():
         return []
     q = open_readonly(path)
     try:
-        return [json.loads(j.error)["reason"] for j in q.jobs() if j.error]
+        return q.jobs()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return []  # the file exists a moment before the daemon has created its tables
+        raise
     finally:
         q.close()
+
+
+def queue_errors(layout: Layout) -> list[str]:
+    return [json.loads(j.error)["reason"] for j in queue_jobs(layout) if j.error]
 
 
 def test_photos_and_a_pdf_join_the_archived_study_with_its_patient(
@@ -280,13 +290,7 @@ def test_after_kill_9_the_recorded_item_is_used_without_asking_again(
 
 
 def classified(layout: Layout) -> int:
-    if not (layout.root / "state" / "queue.db").exists():
-        return 0
-    q = open_readonly(layout.root / "state" / "queue.db")
-    try:
-        return sum(1 for j in q.jobs() if j.kind is not None and j.lookup is not None)
-    finally:
-        q.close()
+    return sum(1 for j in queue_jobs(layout) if j.kind is not None and j.lookup is not None)
 
 
 def test_a_worklist_that_fails_keeps_the_files_waiting_with_the_reason(

@@ -4,6 +4,7 @@ lists exactly the bad files, progress lines without a terminal."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import fcntl
 import hashlib
@@ -54,7 +55,11 @@ def queue_rows(layout: Layout) -> list[tuple[str, str, str | None]]:
     db = layout.root / "state" / "queue.db"
     if not db.exists():
         return []
-    with sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=30) as conn:
+    uri = f"{db.as_uri()}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as conn:
+        # The file exists a moment before the migration has created its tables in it.
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'files'").fetchone() is None:
+            return []
         return list(conn.execute("SELECT path, state, outcome FROM files ORDER BY id"))
 
 
@@ -114,6 +119,7 @@ def resume_after_kill(tmp_path: Path, orthanc: Orthanc, proxy: StowProxy) -> Non
     finally:
         if first.poll() is None:
             first.kill()
+            first.wait(10)  # reaped here, not by a later test's garbage collection
     assert "run the same command again" in log.read_text()
     interrupted = len(sent_paths(layout))
 
@@ -322,6 +328,7 @@ def interrupt_while_queued(layout: Layout, log: Path, *args: str) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(10)
 
 
 @pytest.mark.parametrize("first", [("--keep",), ()], ids=["keep-then-move", "move-then-keep"])

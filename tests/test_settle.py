@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -229,9 +230,9 @@ def test_two_workers_settling_the_same_name_at_once_keep_both_files(
         decisions.append(Decision(job, source, "failed", {"reason": "x"}))
     real_move = settle_mod.move
 
-    def slow_move(src: Path, dst: Path, *, sync: bool = True) -> None:
+    def slow_move(src: Path, dst: Path, **options: Any) -> bool:
         time.sleep(0.2)  # as slow as a copy to another filesystem
-        real_move(src, dst, sync=sync)
+        return real_move(src, dst, **options)
 
     monkeypatch.setattr(settle_mod, "move", slow_move)
     threads = [threading.Thread(target=settle_all, args=(queue, [d])) for d in decisions]

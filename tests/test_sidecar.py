@@ -267,6 +267,22 @@ def test_read_refuses_deep_nesting(tmp_path: Path, name: str, text: str) -> None
     assert message == f"sidecar {name}: nests lists or sequences too deeply"
 
 
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("long.json", '{"InstanceNumber": ' + "9" * 5000 + "}"),
+        ("long.yaml", "InstanceNumber: " + "9" * 5000 + "\n"),
+        ("long.yml", "SeriesNumber: !!int '" + "9" * 5000 + "'\n"),
+        ("model.json", '{"00200013": {"vr": "IS", "Value": [' + "9" * 5000 + "]}}"),
+    ],
+)
+def test_read_refuses_numbers_python_will_not_convert(tmp_path: Path, name: str, text: str) -> None:
+    """Issue 14: Python's ValueError for more than 4300 digits is a problem of the sidecar
+    (was: an unexpected error, retried until retry.max_age)."""
+    message = _problem(_write(tmp_path / name, text))
+    assert message == f"sidecar {name}: holds a number of more than 4300 digits"
+
+
 def test_read_refuses_text_that_is_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "latin1.yaml"
     path.write_bytes("PatientName: Müller\n".encode("latin-1"))

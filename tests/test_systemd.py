@@ -130,6 +130,21 @@ def test_service_settings() -> None:
     assert seconds(unit["TimeoutStopSec"]) > DEFAULT_SHUTDOWN_TIMEOUT
 
 
+def megabytes(value: str) -> float:
+    found = re.fullmatch(r"(\d+)([MG])", value)
+    assert found is not None, f"size {value!r}: write it as NM or NG"
+    return float(found.group(1)) * (1024 if found.group(2) == "G" else 1)
+
+
+@pytest.mark.parametrize("unit_file", [case[0] for case in CASES])
+def test_resource_limits(unit_file: str) -> None:
+    """Memory and tasks are bounded (issue 14), with room above what the benchmarks measured
+    (peak RSS 65-84 MB, docs/benchmarks.md) and the threads of a large config."""
+    unit = dict(settings(unit_file))
+    assert 256 <= megabytes(unit["MemoryHigh"]) < megabytes(unit["MemoryMax"]) <= 2048
+    assert 64 <= int(unit["TasksMax"]) <= 1024
+
+
 def test_template_differs_only_in_its_paths() -> None:
     instance = {
         "Description": "stowd DICOM drop-folder uploader (STOW-RS), config %i",
