@@ -513,13 +513,13 @@ def _copy_across(src: Path, dst: Path, expect: tuple[int, int] | None) -> bool:
     """Copy, fsync, rename into place, then unlink ``src``: only if ``src`` did not change
     meanwhile (a writer that still adds to it would lose what it writes after the unlink)."""
     tmp = _tmp_beside(dst, ".stowd-tmp")
-    with open(src, "rb") as fin:
-        before = os.fstat(fin.fileno())
-        with open(tmp, "wb") as fout:
-            copied = _copy_all(fin, fout)
-            fout.flush()
-            os.fsync(fout.fileno())
-        after = os.fstat(fin.fileno())
+    try:
+        before, after, copied = _copy_to(src, tmp)
+    except BaseException:
+        # a part copy (a full disk) must not stay: it would keep that disk full for others
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     if not _same(before, after, copied, expect):
         tmp.unlink()
         return False
@@ -532,6 +532,19 @@ def _copy_across(src: Path, dst: Path, expect: tuple[int, int] | None) -> bool:
         return False
     os.unlink(src)
     return True
+
+
+def _copy_to(src: Path, tmp: Path) -> tuple[os.stat_result, os.stat_result, int]:
+    """Copy ``src`` to ``tmp`` and fsync it; ``src``'s stat before and after, and the bytes
+    copied."""
+    with open(src, "rb") as fin:
+        before = os.fstat(fin.fileno())
+        with open(tmp, "wb") as fout:
+            copied = _copy_all(fin, fout)
+            fout.flush()
+            os.fsync(fout.fileno())
+        after = os.fstat(fin.fileno())
+    return before, after, copied
 
 
 def _copy_all(fin: BinaryIO, fout: BinaryIO) -> int:
