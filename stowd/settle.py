@@ -173,10 +173,12 @@ def _carry_out(
     handled: it is checked before the move, during a copy across filesystems and after the
     move, and left in (or put back into) the drop folder, where the watcher queues it as a
     new file.  Its row ends ``sent`` when the content read was stored, else ``gone``."""
+    back = _put_back_before(job, target)
+    if back is not None:
+        return _changed(job, outcome, back)
     if _replaced(job):
         # The file at the path is not the one this job read: leave it for the watcher,
         # which queues it as a new job. The job's own content is gone (or was stored).
-        _drop_second_link(job, target)
         return _changed(job, outcome, None)
     if os.path.lexists(job.path):
         secured = _copy_sidecars(job, target)
@@ -255,12 +257,32 @@ def _put_back(job: Job, target: Path) -> Path:
     raise OSError(errno.EEXIST, f"no free name for {original}")
 
 
-def _drop_second_link(job: Job, target: Path) -> None:
-    """A crash while a changed file was put back may leave it in both places: the drop
-    folder keeps it."""
-    with contextlib.suppress(OSError):
-        if target.exists() and os.path.samefile(target, job.path):
+def _put_back_before(job: Job, target: Path) -> Path | None:
+    """A crash while a changed file was put back may leave it in both places: at ``target``
+    and linked in the drop folder (under its own name, or a ``name~N`` beside it).  The drop
+    folder keeps it: ``target``'s link is removed; returns where the file is."""
+    if not _moved_changed(job, target):
+        return None
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        return None
+    if st.st_nlink < 2:
+        return None
+    for place in _versions(Path(job.path)):
+        if _same_inode(place, st):
             os.unlink(target)
+            _fsync_dir(target.parent)
+            return place
+    return None
+
+
+def _same_inode(path: Path, st: os.stat_result) -> bool:
+    try:
+        other = os.lstat(path)
+    except OSError:
+        return False
+    return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
 
 
 def _copy_sidecars(job: Job, target: Path) -> set[Path]:

@@ -3,14 +3,41 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from dicomgen import make_instance
 from harness import Stowd, make_layout, wait_for
 from orthanc import Orthanc
-from test_diskfull import root_required, tmpfs  # noqa: F401  (root_required: autouse)
+from test_diskfull import tmpfs
+
+from stowd import settle as settle_mod
+from stowd.config import Source
+from stowd.queue import NewFile, Queue
 
 MIB = 1024 * 1024
+
+
+def need_root() -> None:
+    """Mounting a tmpfs needs root: skipped without it, but a failure under ``CI=true``."""
+    if os.geteuid() == 0:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail("CI=true but not root: mounting a tmpfs needs root", pytrace=False)
+    pytest.skip("mounting a tmpfs needs root")
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Source:
+    return Source("ct", tmp_path / "drop", tmp_path / "sent", tmp_path / "failed", "pacs")
+
+
+@pytest.fixture
+def queue(tmp_path: Path) -> Iterator[Queue]:
+    q = Queue(tmp_path / "q.db").open()
+    yield q
+    q.close()
 
 
 def test_a_copy_that_found_no_room_in_sent_leaves_no_part_copy_that_keeps_it_full(
@@ -19,6 +46,7 @@ def test_a_copy_that_found_no_room_in_sent_leaves_no_part_copy_that_keeps_it_ful
     """sent/ on its own 4 MiB tmpfs: a 6 MiB file cannot be copied there.  Its part copy
     (``.name.stowd-tmp``) used to stay and fill sent/, so that a small file stored after it
     could not be moved either, for as long as the big one waited."""
+    need_root()
     layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
     with tmpfs(layout.sent, "4m"):
         make_instance(layout.drop / "big.dcm", size_bytes=6 * MIB)
@@ -43,3 +71,53 @@ def test_a_copy_that_found_no_room_in_sent_leaves_no_part_copy_that_keeps_it_ful
             daemon.stop()
     assert "Traceback" not in daemon.log
     assert not os.path.exists(layout.drop / "small.dcm")
+
+
+def crashed_while_putting_back_beside(source: Source, queue: Queue, outcome: str) -> Path:
+    """A file moved to ``outcome``/, written on after the move, while a new file was dropped
+    at its old path: the put-back linked it as ``img~1.dcm`` and stowd was killed before it
+    removed the link in ``outcome``/.  Returns that link."""
+    path = source.watch / "img.dcm"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"h" * 878)
+    st = path.stat()
+    queue.enqueue([NewFile("ct", "pacs", str(path), "img.dcm", st.st_size, st.st_mtime_ns)])
+    [job] = queue.jobs()
+    base = source.sent if outcome == "sent" else source.failed
+    target = base / "img.dcm"
+    queue.begin_settle([(job, outcome, str(target), {"reason": "r"})])
+    target.parent.mkdir(parents=True)
+    os.rename(path, target)
+    with open(target, "ab") as writer:
+        writer.write(b"rest")
+    path.write_bytes(b"a new file dropped at the same path")
+    os.link(target, path.with_name("img~1.dcm"))  # kill -9 here, before the unlink
+    return target
+
+
+@pytest.mark.parametrize("outcome", ["sent", "failed"])
+def test_a_crash_while_a_changed_file_was_put_back_beside_its_place_leaves_it_once(
+    source: Source, queue: Queue, outcome: str
+) -> None:
+    """The link left in sent/ (or failed/) held the new content as if it had been handled,
+    and the file went on to be sent from the drop folder as well."""
+    target = crashed_while_putting_back_beside(source, queue, outcome)
+    assert settle_mod.repair(queue) == (1, set())
+    assert not target.exists()
+    drop = source.watch
+    assert (drop / "img.dcm").read_bytes() == b"a new file dropped at the same path"
+    assert (drop / "img~1.dcm").read_bytes() == b"h" * 878 + b"rest"
+    assert queue.counts() == {"sent" if outcome == "sent" else "gone": 1}
+
+
+def test_a_crash_while_a_changed_file_was_put_back_beside_its_place_puts_it_back_once(
+    source: Source, queue: Queue
+) -> None:
+    """As above, and the new file at the old path was sent meanwhile: the repair linked the
+    changed file back a second time (``img.dcm`` and ``img~1.dcm``, each then sent)."""
+    target = crashed_while_putting_back_beside(source, queue, "sent")
+    (source.watch / "img.dcm").unlink()
+    assert settle_mod.repair(queue) == (1, set())
+    assert not target.exists()
+    assert sorted(p.name for p in source.watch.iterdir()) == ["img~1.dcm"]
+    assert (source.watch / "img~1.dcm").read_bytes() == b"h" * 878 + b"rest"
