@@ -47,6 +47,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from stowd import disk
 from stowd.errors import QueueError, QueueFull, QueueLockedError, SidecarNotReady
 
 log = logging.getLogger("stowd.queue")
@@ -1192,6 +1193,13 @@ def _folder_problem(folder: Path) -> str | None:
     readonly = read_only_note(folder)
     if readonly is not None:
         return readonly
+    free = disk.free_bytes(folder)
+    if free is not None and free < disk.FULL_BELOW:
+        return (
+            f"DISK FULL: the queue folder {folder} has {free} bytes free, and SQLite needs room "
+            "there for the queue's -wal and -shm files: free space on that filesystem "
+            f"(df -h {folder}); stowd can open its queue once there is"
+        )
     if not os.access(folder, os.W_OK):
         return (
             f"this user may not write in the queue folder {folder}: run stowd as the user "

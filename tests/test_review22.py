@@ -10,7 +10,7 @@ import pytest
 from dicomgen import make_instance
 from harness import Stowd, make_layout, wait_for
 from orthanc import Orthanc
-from test_diskfull import tmpfs
+from test_diskfull import fill, tmpfs
 
 from stowd import settle as settle_mod
 from stowd.config import Source
@@ -121,3 +121,30 @@ def test_a_crash_while_a_changed_file_was_put_back_beside_its_place_puts_it_back
     assert not target.exists()
     assert sorted(p.name for p in source.watch.iterdir()) == ["img~1.dcm"]
     assert (source.watch / "img~1.dcm").read_bytes() == b"h" * 878 + b"rest"
+
+
+def test_a_daemon_started_on_a_full_queue_disk_says_the_disk_is_full(
+    tmp_path: Path, orthanc: Orthanc
+) -> None:
+    """A stowd (re)started while its queue's disk is full cannot open the queue: it said only
+    'disk I/O error' (what SQLite says when it cannot create the -shm file), and systemd
+    restarts it every RestartSec with that line, as if a disk were failing."""
+    need_root()
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
+    state = layout.root / "state"
+    with tmpfs(state):
+        make_instance(layout.drop / "a.dcm")
+        first = Stowd(layout).start()
+        try:
+            wait_for((layout.sent / "a.dcm").exists, 60, "a.dcm sent", lambda: first.log)
+            assert first.terminate() == 0
+        finally:
+            first.stop()
+        fill(state)
+        again = Stowd(layout).start()
+        try:
+            wait_for(lambda: not again.alive(), 60, "stowd gave up", lambda: again.log)
+        finally:
+            again.stop()
+    assert f"DISK FULL: the queue folder {state} has 0 bytes free" in again.log, again.log
+    assert "Traceback" not in again.log
