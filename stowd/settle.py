@@ -176,25 +176,45 @@ def _carry_out(
     back = _put_back_before(job, target)
     if back is not None:
         return _changed(job, outcome, back)
-    if _replaced(job):
-        # The file at the path is not the one this job read: leave it for the watcher,
-        # which queues it as a new job. The job's own content is gone (or was stored).
-        return _changed(job, outcome, None)
-    if os.path.lexists(job.path):
-        secured = _copy_sidecars(job, target)
-        if not move(Path(job.path), target, sync=False, expect=(job.size, job.mtime_ns)):
-            return _changed(job, outcome, None)  # it changed while it was copied: it stays
-    elif not target.exists():
-        log.warning("file vanished before it could be moved to %s: %s", outcome, job.path)
-        return "gone"
-    else:
-        secured = _copy_sidecars(job, target)  # a move finished before a crash
+    secured = _bring(job, target, outcome)
+    if isinstance(secured, str):
+        return secured
     if _moved_changed(job, target):
         return _changed(job, outcome, _put_back(job, target))
     _release_sidecars(job, sidecars, secured)
     if outcome == "failed" and error is not None:
         write_reason(target, error)
     return outcome
+
+
+def _bring(job: Job, target: Path, outcome: str) -> set[Path] | str:
+    """Move the file to ``target``, or find it moved there before a crash: the sidecars now
+    safe beside it; or the row's final state when it is not there (changed, vanished)."""
+    if _replaced(job):
+        if not _holds_read(job, target):
+            # The file at the path is not the one this job read: leave it for the watcher,
+            # which queues it as a new job. The job's own content is gone (or was stored).
+            return _changed(job, outcome, None)
+        return set()  # moved before a crash; a new file at the path may use the sidecars
+    if os.path.lexists(job.path):
+        secured = _copy_sidecars(job, target)
+        if not move(Path(job.path), target, sync=False, expect=(job.size, job.mtime_ns)):
+            return _changed(job, outcome, None)  # it changed while it was copied: it stays
+        return secured
+    if not target.exists():
+        log.warning("file vanished before it could be moved to %s: %s", outcome, job.path)
+        return "gone"
+    return _copy_sidecars(job, target)  # a move finished before a crash
+
+
+def _holds_read(job: Job, target: Path) -> bool:
+    """Is ``target`` there with what was read for upload (a move that finished before a
+    crash)?"""
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        return False
+    return (st.st_size, st.st_mtime_ns) == (job.size, job.mtime_ns)
 
 
 def _moved_changed(job: Job, target: Path) -> bool:

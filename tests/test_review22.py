@@ -148,3 +148,31 @@ def test_a_daemon_started_on_a_full_queue_disk_says_the_disk_is_full(
             again.stop()
     assert f"DISK FULL: the queue folder {state} has 0 bytes free" in again.log, again.log
     assert "Traceback" not in again.log
+
+
+@pytest.mark.parametrize("outcome", ["sent", "failed"])
+def test_a_crash_after_the_move_then_a_new_file_at_the_same_path_finishes_the_move(
+    source: Source, queue: Queue, outcome: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Killed after the file was moved, before its reason was written and its row finished;
+    before the restart a device dropped a new file under the same name (modalities reuse
+    names).  The repair took the new file for the moved one changed: the row ended 'gone',
+    the moved file stayed in failed/ without its reason, and the log said it was not moved."""
+    path = source.watch / "img.dcm"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"h" * 878)
+    st = path.stat()
+    queue.enqueue([NewFile("ct", "pacs", str(path), "img.dcm", st.st_size, st.st_mtime_ns)])
+    [job] = queue.jobs()
+    base = source.sent if outcome == "sent" else source.failed
+    target = base / "img.dcm"
+    queue.begin_settle([(job, outcome, str(target), {"reason": "r"})])
+    target.parent.mkdir(parents=True)
+    os.rename(path, target)  # kill -9 here
+    path.write_bytes(b"a new file dropped at the same path")
+    assert settle_mod.repair(queue) == (1, set())
+    assert target.read_bytes() == b"h" * 878
+    assert path.read_bytes() == b"a new file dropped at the same path"
+    assert queue.counts() == {outcome: 1}
+    assert (Path(str(target) + ".error.json").exists()) == (outcome == "failed")
+    assert "changed after it was read" not in caplog.text
