@@ -211,7 +211,7 @@ def _holds_read(job: Job, target: Path) -> bool:
     """Is ``target`` there with what was read for upload (a move that finished before a
     crash)?"""
     try:
-        st = os.stat(target)
+        st = os.stat(_content_of(job, target))
     except FileNotFoundError:
         return False
     return (st.st_size, st.st_mtime_ns) == (job.size, job.mtime_ns)
@@ -220,10 +220,18 @@ def _holds_read(job: Job, target: Path) -> bool:
 def _moved_changed(job: Job, target: Path) -> bool:
     """Did the file change after it was read (a writer still had it open and wrote on)?"""
     try:
-        st = os.stat(target)
+        st = os.stat(_content_of(job, target))
     except FileNotFoundError:
         return False  # moved on by someone else: nothing of ours to check
     return (st.st_size, st.st_mtime_ns) != (job.size, job.mtime_ns)
+
+
+def _content_of(job: Job, target: Path) -> Path:
+    """Where the moved file's bytes are: ``target``, or for a moved symlink the file it
+    named from its old place (a relative link names another file, or none, from sent/)."""
+    if not target.is_symlink():
+        return target
+    return Path(job.path).parent / os.readlink(target)
 
 
 def _changed(job: Job, outcome: str, put_back: Path | None) -> str:

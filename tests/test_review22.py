@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dicomgen import make_instance
@@ -176,3 +177,49 @@ def test_a_crash_after_the_move_then_a_new_file_at_the_same_path_finishes_the_mo
     assert queue.counts() == {outcome: 1}
     assert (Path(str(target) + ".error.json").exists()) == (outcome == "failed")
     assert "changed after it was read" not in caplog.text
+
+
+def test_a_relative_symlink_that_names_another_file_from_sent_is_not_put_back(
+    source: Source, queue: Queue
+) -> None:
+    """``a.dcm -> x.dcm`` in the drop folder, and an older ``x.dcm`` already in sent/: once
+    moved, the link named that other file, so it was taken for a file that changed after it
+    was read, put back and queued again with the same content, for ever (sent every cycle)."""
+    source.watch.mkdir()
+    source.sent.mkdir()
+    (source.watch / "x.dcm").write_bytes(b"A" * 100)
+    (source.sent / "x.dcm").write_bytes(b"B" * 50)  # sent before
+    link = source.watch / "a.dcm"
+    os.symlink("x.dcm", link)
+    st = link.stat()
+    queue.enqueue([NewFile("ct", "pacs", str(link), "a.dcm", st.st_size, st.st_mtime_ns)])
+    [job] = queue.jobs()
+    [result] = settle_mod.settle_all(queue, [settle_mod.Decision(job, source, "sent")])
+    assert result.target == source.sent / "a.dcm"
+    assert os.readlink(source.sent / "a.dcm") == "x.dcm"  # the link, moved as it was
+    assert sorted(p.name for p in source.watch.iterdir()) == ["x.dcm"]
+    assert queue.counts() == {"sent": 1}
+
+
+def test_a_symlink_whose_file_changed_after_it_was_read_is_still_put_back(
+    source: Source, queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source.watch.mkdir()
+    (source.watch / "x.dcm").write_bytes(b"A" * 100)
+    link = source.watch / "a.dcm"
+    os.symlink("x.dcm", link)
+    st = link.stat()
+    queue.enqueue([NewFile("ct", "pacs", str(link), "a.dcm", st.st_size, st.st_mtime_ns)])
+    [job] = queue.jobs()
+    real_move = settle_mod.move
+
+    def move_then_write(src: Path, dst: Path, **options: Any) -> bool:
+        done = real_move(src, dst, **options)
+        with open(source.watch / "x.dcm", "ab") as writer:  # the writer goes on
+            writer.write(b"rest")
+        return done
+
+    monkeypatch.setattr(settle_mod, "move", move_then_write)
+    settle_mod.settle_all(queue, [settle_mod.Decision(job, source, "sent")])
+    assert os.readlink(link) == "x.dcm"  # put back, as the link
+    assert not (source.sent / "a.dcm").is_symlink()
