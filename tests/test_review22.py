@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dicomgen import make_instance
-from harness import Stowd, make_layout, wait_for
+from dicomgen import make_instance, write_garbage
+from harness import Stowd, make_layout, run_cli, wait_for
 from orthanc import Orthanc
 from test_diskfull import fill, tmpfs
 
@@ -223,3 +223,27 @@ def test_a_symlink_whose_file_changed_after_it_was_read_is_still_put_back(
     settle_mod.settle_all(queue, [settle_mod.Decision(job, source, "sent")])
     assert os.readlink(link) == "x.dcm"  # put back, as the link
     assert not (source.sent / "a.dcm").is_symlink()
+
+
+def test_status_never_says_a_file_the_archive_did_not_store_was_stored(
+    tmp_path: Path, orthanc: Orthanc
+) -> None:
+    """failed/ full: a file that is not DICOM waits to be moved there.  The destination's
+    health read 'ok, but 1 file(s) it stored are not yet moved', of a file never sent."""
+    need_root()
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
+    with tmpfs(layout.failed):
+        fill(layout.failed)
+        write_garbage(layout.drop / "junk.dcm", 200_000)
+        daemon = Stowd(layout).start()
+        try:
+            wait_for(lambda: "cannot move" in daemon.log, 60, "the move failed", lambda: daemon.log)
+            result = run_cli("status", "-c", str(layout.config))
+        finally:
+            daemon.stop()
+    assert result.returncode == 0, result.stderr
+    assert "it stored" not in result.stdout
+    assert (
+        "health:     ok, but 1 file(s) are not yet moved to sent/ or failed/ (see the warnings)"
+        in result.stdout
+    )
