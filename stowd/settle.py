@@ -175,12 +175,15 @@ def _carry_out(
     new file.  Its row ends ``sent`` when the content read was stored, else ``gone``."""
     back = _put_back_before(job, target)
     if back is not None:
+        _drop_own_copies(job, target)
         return _changed(job, outcome, back)
     secured = _bring(job, target, outcome)
     if isinstance(secured, str):
         return secured
     if _moved_changed(job, target):
-        return _changed(job, outcome, _put_back(job, target))
+        back = _put_back(job, target)
+        _drop_own_copies(job, target)
+        return _changed(job, outcome, back)
     _release_sidecars(job, sidecars, secured)
     if outcome == "failed" and error is not None:
         write_reason(target, error)
@@ -311,6 +314,17 @@ def _same_inode(path: Path, st: os.stat_result) -> bool:
     except OSError:
         return False
     return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _drop_own_copies(job: Job, target: Path) -> None:
+    """Remove the copies of a file's own sidecars made beside ``target`` for a file that went
+    back to the drop folder: its sidecars stay with it there.  (``target``'s name was free
+    with its sidecars' names, so these copies are this file's.)"""
+    original = Path(job.path)
+    for name in job.sidecar_paths():
+        path = Path(name)
+        if _own_sidecar(original, path):
+            (target.parent / _sidecar_name(original, target, path)).unlink(missing_ok=True)
 
 
 def _copy_sidecars(job: Job, target: Path) -> set[Path]:

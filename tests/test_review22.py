@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +16,7 @@ from orthanc import Orthanc
 from test_diskfull import fill, tmpfs
 
 from stowd import settle as settle_mod
-from stowd.config import Source
+from stowd.config import Sidecars, Source
 from stowd.queue import NewFile, Queue
 
 MIB = 1024 * 1024
@@ -247,3 +249,33 @@ def test_status_never_says_a_file_the_archive_did_not_store_was_stored(
         "health:     ok, but 1 file(s) are not yet moved to sent/ or failed/ (see the warnings)"
         in result.stdout
     )
+
+
+def test_a_file_put_back_takes_the_copy_of_its_own_sidecar_out_of_sent(
+    source: Source, queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy of ``img.dcm.json`` made before the move stayed in sent/ without its file
+    (which went back to the drop folder with its sidecar), and the file, sent again, became
+    ``img~1.dcm`` because that name was taken."""
+    source = dataclasses.replace(source, sidecars=Sidecars())
+    source.watch.mkdir()
+    path = source.watch / "img.dcm"
+    path.write_bytes(b"h" * 100)
+    own = source.watch / "img.dcm.json"
+    own.write_text('{"PatientID": "A"}')
+    st = path.stat()
+    queue.enqueue([NewFile("ct", "pacs", str(path), "img.dcm", st.st_size, st.st_mtime_ns)])
+    [job] = queue.jobs()
+    job = dataclasses.replace(job, sidecars=json.dumps([[str(own), own.read_text()]]))
+    real_move = settle_mod.move
+
+    def move_then_write(src: Path, dst: Path, **options: Any) -> bool:
+        done = real_move(src, dst, **options)
+        with open(dst, "ab") as writer:  # the writer goes on after the move
+            writer.write(b"rest")
+        return done
+
+    monkeypatch.setattr(settle_mod, "move", move_then_write)
+    settle_mod.settle_all(queue, [settle_mod.Decision(job, source, "sent")])
+    assert sorted(p.name for p in source.watch.iterdir()) == ["img.dcm", "img.dcm.json"]
+    assert list(source.sent.iterdir()) == []
