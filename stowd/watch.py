@@ -594,6 +594,8 @@ class Watcher:
     def _seen_quiet(self, path: str, size: int, mtime_ns: int, now: float, keep: bool) -> float:
         """Seconds left until ``path`` was seen unchanged for the quiet period."""
         quiet = self.source.quiet_period
+        if quiet <= 0:
+            return 0.0  # nothing to wait for, nothing to remember
         seen = self._future.get(path)
         if seen is None or seen[:2] != (size, mtime_ns):
             self._future[path] = (size, mtime_ns, now)
