@@ -25,7 +25,14 @@ from pydicom.multival import MultiValue
 from stowd import sidecar
 from stowd.classify import Classified
 from stowd.config import Config, Source
-from stowd.errors import FileProblem, FileUnreadable, UnknownType, judging_input
+from stowd.errors import (
+    FileProblem,
+    FileUnreadable,
+    SpoolFull,
+    UnknownType,
+    judging_input,
+    no_space,
+)
 from stowd.queue import Job
 from stowd.rewrite import apply, rewrite
 from stowd.rules import Facts, Outcome, evaluate, fingerprint, render_for, value_text
@@ -227,6 +234,8 @@ def make_spool(target: Path, job: Job) -> None:
         if stat.S_IMODE(target.parent.stat().st_mode) != SPOOL_FOLDER_MODE:
             target.parent.chmod(SPOOL_FOLDER_MODE)  # stowd's alone, whatever the umask
     except OSError as exc:
+        if no_space(exc):
+            raise SpoolFull(f"no space left for the spool folder {target.parent}: {exc}") from exc
         raise FileUnreadable(
             f"cannot create the spool folder {target.parent} for the copy that is sent: "
             f"{exc.strerror or exc}; it is tried again later",

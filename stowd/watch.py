@@ -40,7 +40,14 @@ from watchdog.observers.polling import PollingObserver
 
 from stowd import metrics, sidecar
 from stowd.config import Sidecars, Source
-from stowd.errors import FileProblem, FileUnreadable, FileVanished, SidecarNotReady
+from stowd.errors import (
+    FileProblem,
+    FileUnreadable,
+    FileVanished,
+    QueueError,
+    QueueFull,
+    SidecarNotReady,
+)
 from stowd.queue import NewFile
 from stowd.settle import has_copy, remove_empty_parents
 
@@ -54,6 +61,7 @@ POLL_INTERVAL = 2.0
 # How often the watch folder itself is looked at (one stat): deleted, or deleted and created
 # again, its events stop (watchdog's emitter ends with the folder it watched).
 FOLDER_CHECK = 1.0
+QUEUE_RETRY = 5.0  # a queue that could not be written is tried again after this
 # The events that can mean a file is new or changed.  Not 'opened' and 'closed_no_write':
 # stowd opens every file twice itself (to read its header, to send it), and each of those
 # events was a hint that re-checked the file and asked the queue about it again.
@@ -102,12 +110,16 @@ class Watcher:
         exclude: tuple[Path, ...] = (),
         clock: Callable[[], float] = time.time,
         on_error: OnError | None = None,
+        on_queue_error: Callable[[QueueError], None] | None = None,
     ) -> None:
         """``on_error(path, exc)`` hears of every folder or file that cannot be read (not of
         ones that vanish): the daemon finds them again at its next rescan, a one-shot scan
         (``stowd migrate``) counts them as failures."""
         self.source = source
         self.on_error = on_error
+        # The sink failed: the daemon's watchers say so (a full disk) and rescan later; without
+        # it (a one-shot scan) the error is raised to the caller, never swallowed.
+        self.on_queue_error = on_queue_error
         self.destination = destination
         self.sink = sink
         self.clock = clock
@@ -124,12 +136,16 @@ class Watcher:
         self._idle_since: dict[str, tuple[float, tuple[int, int]]] = {}
         self._texts: dict[str, tuple[tuple[int, ...], str]] = {}  # sidecar texts
         self._said: set[str] = set()  # files whose sidecar trouble was logged
+        # (size, mtime_ns, first seen) of files whose mtime cannot be trusted to say how
+        # long they have been quiet (in the future, or on a share)
         self._future: dict[str, tuple[int, int, float]] = {}
         self._observer: BaseObserver | None = None
         self._rescan_requested = False
         self._folder: tuple[int, int] | None = None  # (st_dev, st_ino) of the watched folder
         self._missing = False  # the watch folder was deleted and is not back yet
         self._next_folder_check = 0.0
+        self._rescan_not_before = 0.0  # a queue that could not be written: not sooner
+        self._sink_failing = False
         self.beat = time.monotonic()  # last sign of progress (the daemon's watchdog reads it)
 
     @property
@@ -203,7 +219,7 @@ class Watcher:
         while not stop.is_set():
             self.beat = time.monotonic()
             hints, folders = self._take_hints()
-            if self._rescan_requested or time.monotonic() >= next_scan:
+            if self._rescan_due() or time.monotonic() >= next_scan:
                 self._rescan_requested = False
                 self.scan(stop)
                 next_scan = time.monotonic() + self.source.rescan_interval
@@ -269,6 +285,9 @@ class Watcher:
         self._rescan_requested = True
         self._wake.set()
 
+    def _rescan_due(self) -> bool:
+        return self._rescan_requested and time.monotonic() >= self._rescan_not_before
+
     def _wait_time(self, next_scan: float) -> float:
         wait = min(IDLE_WAIT, max(0.0, next_scan - time.monotonic()))
         if self._due:
@@ -289,6 +308,7 @@ class Watcher:
         """Walk the whole drop folder once (lazily: memory does not grow with its size)."""
         started = time.monotonic()
         found = self._check_all(self._walk(str(self.source.watch)), stop)
+        self._forget_gone()
         log.debug(
             "source %s: scan of %s found %d new file(s) in %.1fs",
             self.source.name,
@@ -296,6 +316,13 @@ class Watcher:
             found,
             time.monotonic() - started,
         )
+
+    def _forget_gone(self) -> None:
+        """Forget what was seen of files that are no longer there (sidecars removed after
+        their files were sent), so that this memory does not grow over months."""
+        for path in list(self._future):
+            if not os.path.lexists(path):
+                del self._future[path]
 
     def _walk(self, top: str) -> Iterator[str]:
         try:
@@ -350,11 +377,37 @@ class Watcher:
     def _flush(self, chunk: list[NewFile]) -> int:
         if not chunk:
             return 0
-        added = self.sink(list(chunk))
-        chunk.clear()
-        if added:
+        try:
+            added = self.sink(list(chunk))
+        except QueueError as exc:
+            if self.on_queue_error is None:  # a one-shot scan (stowd migrate): it must know
+                raise
+            self._sink_failed(exc, self.on_queue_error)
+            return 0
+        finally:
+            chunk.clear()
+        if added:  # a write went through (a chunk of known files may write nothing)
+            self._sink_works()
             metrics.queued(self.source.name, self.destination, added)
         return added
+
+    def _sink_failed(self, exc: QueueError, tell: Callable[[QueueError], None]) -> None:
+        """The queue cannot be written (its disk is full): nothing was queued.  The files
+        are found again by a rescan once ``QUEUE_RETRY`` has passed; said once."""
+        self._rescan_requested = True
+        self._rescan_not_before = time.monotonic() + QUEUE_RETRY
+        tell(exc)
+        if not self._sink_failing:
+            level = logging.DEBUG if isinstance(exc, QueueFull) else logging.WARNING
+            log.log(
+                level, "source %s: cannot queue files now: %s; tried again", self.source.name, exc
+            )
+        self._sink_failing = True
+
+    def _sink_works(self) -> None:
+        if self._sink_failing:
+            log.info("source %s: files are queued again", self.source.name)
+        self._sink_failing = False
 
     def _check(self, path: str) -> NewFile | None:
         """A ``NewFile`` when ``path`` is complete; otherwise maybe schedule a recheck."""
@@ -415,7 +468,7 @@ class Watcher:
 
     def _sidecars_left(self, found: list[tuple[Path, os.stat_result]]) -> float:
         """A file is complete only when its sidecars (its own, its folder's) are complete too."""
-        waits = [self._quiet_left(str(p), st.st_size, st.st_mtime_ns) for p, st in found]
+        waits = [self._quiet_left(str(p), st.st_size, st.st_mtime_ns, keep=True) for p, st in found]
         return max(waits, default=0.0)
 
     def _snapshot(self, path: str, found: list[tuple[Path, os.stat_result]]) -> str:
@@ -464,7 +517,7 @@ class Watcher:
         """A complete sidecar no file uses: a folder's is retired once the folder was idle
         for ``folder_linger`` (it was copied with its files); any other is reported once."""
         settings = self.source.sidecars
-        if settings is None or self._quiet_left(path, st.st_size, st.st_mtime_ns) > 0:
+        if settings is None or self._quiet_left(path, st.st_size, st.st_mtime_ns, keep=True) > 0:
             return
         try:
             if Path(path).name == settings.folder:
@@ -519,20 +572,36 @@ class Watcher:
             path,
         )
 
-    def _quiet_left(self, path: str, size: int, mtime_ns: int) -> float:
-        """Seconds until the file has been quiet for the quiet period (0: complete now)."""
+    def _quiet_left(self, path: str, size: int, mtime_ns: int, *, keep: bool = False) -> float:
+        """Seconds until the file has been quiet for the quiet period (0: complete now).
+
+        An mtime in the past was stamped by this machine's clock on a local folder, so one
+        look tells how long the file has been quiet.  On a share (``polling``) the mtime
+        comes from another machine's clock, which may run behind ours: a file written just
+        now could look quiet for minutes.  There, as for an mtime in the future, the file
+        must show the same size and mtime for the quiet period by stowd's own clock.
+        ``keep``: a sidecar, which many files may ask about in turn: what was seen of it is
+        kept while it stays the same (a file's is forgotten once it is complete).
+        """
         now = self.clock()
         mtime = mtime_ns / 1e9
         quiet = self.source.quiet_period
-        if mtime <= now:
+        if mtime <= now and not self.source.polling:
             self._future.pop(path, None)
             return max(0.0, quiet - (now - mtime))
+        return self._seen_quiet(path, size, mtime_ns, now, keep)
+
+    def _seen_quiet(self, path: str, size: int, mtime_ns: int, now: float, keep: bool) -> float:
+        """Seconds left until ``path`` was seen unchanged for the quiet period."""
+        quiet = self.source.quiet_period
+        if quiet <= 0:
+            return 0.0  # nothing to wait for, nothing to remember
         seen = self._future.get(path)
         if seen is None or seen[:2] != (size, mtime_ns):
             self._future[path] = (size, mtime_ns, now)
             return quiet
         left = quiet - (now - seen[2])
-        if left <= 0:
+        if left <= 0 and not keep:
             del self._future[path]
         return max(0.0, left)
 
