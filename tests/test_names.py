@@ -1,0 +1,232 @@
+"""Issue 14: any name the file system allows, at any depth, is handled (real daemon, Orthanc)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dicomgen import make_instance, make_instance_bytes, write_garbage
+from harness import Layout, Stowd, make_layout, run_cli, wait_for
+from orthanc import Orthanc
+
+# Names that are not UTF-8: a scanner with a Latin-1 locale, or a writer who means harm.
+BAD_FILE = os.fsdecode(b"\xff\xfe.dcm")
+BAD_FOLDER = os.fsdecode(b"\xfe\xffdir")
+BAD_TEXT = os.fsdecode(b"\xff\xfe.txt")
+
+
+def _drop_odd_names(folder: Path) -> dict[str, str]:
+    """DICOM files under names that are not UTF-8, and a non-DICOM one: {rel: SOPInstanceUID}."""
+    stored = {
+        BAD_FILE: make_instance(folder / BAD_FILE),
+        f"{BAD_FOLDER}/a.dcm": make_instance(folder / BAD_FOLDER / "a.dcm"),
+        f"{BAD_FOLDER}/{BAD_FILE}": make_instance(folder / BAD_FOLDER / BAD_FILE),
+    }
+    write_garbage(folder / BAD_TEXT)
+    return stored
+
+
+def test_names_that_are_not_utf8_are_stored_moved_and_failed_like_any_other(
+    tmp_path: Path, orthanc: Orthanc
+) -> None:
+    """Was: the watcher thread died at the first such name (``UnicodeEncodeError ...
+    surrogates not allowed`` when the queue stored the path) and restarted in a loop; no
+    file dropped after it in that folder was ever queued."""
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
+    stored = _drop_odd_names(layout.drop)
+    daemon = Stowd(layout).start()
+    try:
+        wait_for(lambda: "scan of" in daemon.log, 60, "the first scan", lambda: daemon.log)
+        stored["after/b.dcm"] = make_instance(layout.drop / "after/b.dcm")  # dropped later
+        stored["c.dcm"] = make_instance(layout.drop / "c.dcm")
+        wait_for(
+            lambda: layout.files(layout.sent) == set(stored),
+            90,
+            "every DICOM file in sent/ under its exact name",
+            lambda: daemon.log,
+        )
+        wait_for(lambda: BAD_TEXT in layout.error_files(), 60, "the text file failed")
+        status = run_cli("status", "-c", str(layout.config))
+        as_json = run_cli("status", "-c", str(layout.config), "--json")
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop()
+    assert orthanc.sop_instance_uids() == set(stored.values())
+    assert layout.files(layout.failed) == {BAD_TEXT}
+    reason = json.loads(layout.error_files()[BAD_TEXT].read_text(encoding="utf-8"))
+    assert "not a file type stowd can send" in reason["reason"], reason
+    assert reason["file"] == str(layout.drop / "\\xff\\xfe.txt"), reason  # escaped
+    assert not (layout.drop / BAD_FILE).exists()
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "\\xff\\xfe.txt" in status.stdout, status.stdout
+    assert as_json.returncode == 0, as_json.stderr
+    errors = json.loads(as_json.stdout)["last_errors"]
+    assert [e["file"] for e in errors] == [str(layout.drop / BAD_TEXT)], errors
+    assert "died" not in daemon.log
+    assert "Traceback" not in daemon.log
+    assert "\\xff\\xfe.dcm" in daemon.log  # the log escapes the byte it cannot print
+
+
+def test_migrate_stores_names_that_are_not_utf8_and_reports_them_escaped(
+    tmp_path: Path, orthanc: Orthanc
+) -> None:
+    """Was: ``stowd migrate`` stopped with 'unexpected error' and an empty report."""
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
+    old = tmp_path / "old"
+    stored = _drop_odd_names(old)
+    stored["c.dcm"] = make_instance(old / "c.dcm")
+    for report in ("failed.csv", "failed.json"):
+        result = run_cli(
+            "migrate", "-c", str(layout.config), str(old), "--destination", "pacs",
+            "--report", str(tmp_path / report),
+        )  # fmt: skip
+        assert result.returncode == 1, result.stdout + result.stderr  # the text file failed
+        assert "unexpected error" not in result.stdout + result.stderr
+    assert orthanc.sop_instance_uids() == set(stored.values())
+    assert Layout(tmp_path, layout.config).files(tmp_path / "old.sent") == set(stored)
+    assert (tmp_path / "old.failed" / BAD_TEXT).is_file()
+    escaped = str(old / "\\xff\\xfe.txt")
+    with open(tmp_path / "failed.csv", newline="", encoding="utf-8") as fp:
+        rows = list(csv.DictReader(fp))
+    assert [r["path"] for r in rows] == [escaped], rows
+    listed = json.loads((tmp_path / "failed.json").read_text(encoding="utf-8"))
+    assert [r["path"] for r in listed] == [escaped], listed
+    assert listed[0]["now_at"] == str(tmp_path / "old.failed" / "\\xff\\xfe.txt"), listed
+
+
+# -- folders nested a thousand deep -------------------------------------------------------------
+DEPTH = 1000
+# 2 bytes a level: the bottom's path (about 2,100 bytes) can be opened; 7 bytes a level: it
+# is longer than PATH_MAX (4096) and can only be reached folder by folder (a dir fd each).
+SHORT, LONG = "d", "folder"
+
+
+def _chain(top: Path, name: str, depth: int = DEPTH) -> str:
+    """``depth`` folders ``name`` nested in ``top`` with a DICOM file at the bottom, made
+    through folder descriptors (the whole path may be too long to open); its UID."""
+    data, uid = make_instance_bytes()
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir(name, dir_fd=fd)
+            inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        out = os.open("deep.dcm", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        with os.fdopen(out, "wb") as fp:
+            fp.write(data)
+    finally:
+        os.close(fd)
+    return uid
+
+
+def remove_deep(top: Path) -> None:
+    """Remove ``top`` and all below it, one folder open at a time (``shutil.rmtree``, which
+    pytest uses to clean up, recurses and fails at this depth)."""
+    if not top.is_dir():
+        return
+    names: list[str] = []  # the way down from top: memory grows with depth only
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        while True:
+            with os.scandir(fd) as it:
+                entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+            for name, _ in (e for e in entries if not e[1]):
+                os.unlink(name, dir_fd=fd)
+            sub = next((name for name, is_dir in entries if is_dir), None)
+            if sub is None and not names:
+                break
+            step = sub if sub is not None else ".."
+            inner = os.open(step, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+            if sub is not None:
+                names.append(sub)
+            else:
+                os.rmdir(names.pop(), dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(top)
+
+
+@pytest.fixture
+def deep(tmp_path: Path) -> Iterator[Path]:
+    """``tmp_path`` whose folders (not Orthanc's) are removed by ``remove_deep`` after the test."""
+    yield tmp_path
+    for folder in tmp_path.iterdir():
+        if folder.name != "orthanc":
+            remove_deep(folder)
+
+
+def _deep_rel(name: str = SHORT) -> str:
+    return "/".join([name] * DEPTH + ["deep.dcm"])
+
+
+def _files(top: Path) -> set[str]:
+    """Files below ``top`` as relative paths, walked without recursion (``Path.rglob``
+    recurses) and only where a path can be opened."""
+    found: set[str] = set()
+    todo = [str(top)] if top.is_dir() else []
+    while todo:
+        with os.scandir(todo.pop()) as entries:
+            for e in entries:
+                if e.is_dir(follow_symlinks=False):
+                    todo.append(e.path)
+                elif not e.name.endswith(".error.json"):
+                    found.add(os.path.relpath(e.path, top))
+    return found
+
+
+def test_folders_nested_a_thousand_deep_do_not_stop_the_watcher(
+    deep: Path, orthanc: Orthanc
+) -> None:
+    """Was: ``RecursionError`` in watchdog's walk when the observer started, and in stowd's
+    own walk: the watcher thread died and was restarted in a loop, and nothing was sent."""
+    layout = make_layout(deep / "run", orthanc.dicomweb_url)
+    stored = {"top1.dcm": make_instance(layout.drop / "top1.dcm")}
+    stored[_deep_rel()] = _chain(layout.drop, SHORT)
+    unreachable = _chain(layout.drop, LONG)
+    daemon = Stowd(layout).start()
+    try:
+        wait_for(lambda: "scan of" in daemon.log, 120, "the first scan", lambda: daemon.log)
+        stored["top2.dcm"] = make_instance(layout.drop / "top2.dcm")  # dropped later
+        wait_for(
+            lambda: _files(layout.sent) == set(stored),
+            120,
+            "the top files and the deep one in sent/",
+            lambda: "\n".join(x[:300] for x in daemon.log.splitlines()),  # paths: 2,000+ bytes
+        )
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop()
+    assert orthanc.sop_instance_uids() == set(stored.values())
+    assert unreachable not in orthanc.sop_instance_uids()
+    assert "died" not in daemon.log
+    assert "RecursionError" in daemon.log  # said once: the deep folders are found by rescans
+    too_long = "longer than the system can open (4096); no file below it is sent"
+    assert daemon.log.count(too_long) == 1, daemon.log[-3000:]
+
+
+def test_migrate_walks_a_thousand_deep_and_reports_what_it_cannot_open(
+    deep: Path, orthanc: Orthanc
+) -> None:
+    layout = make_layout(deep / "run", orthanc.dicomweb_url)
+    old = deep / "old"
+    stored = {"top.dcm": make_instance(old / "top.dcm"), _deep_rel(): _chain(old, SHORT)}
+    _chain(old, LONG)
+    report = deep / "failed.csv"
+    result = run_cli("migrate", "-c", str(layout.config), str(old), "--destination", "pacs",
+                     "--report", str(report))  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr  # one folder is unreadable
+    assert "unexpected error" not in result.stdout + result.stderr
+    assert orthanc.sop_instance_uids() == set(stored.values())
+    assert _files(deep / "old.sent") == set(stored)
+    with open(report, newline="", encoding="utf-8") as fp:
+        rows = list(csv.DictReader(fp))
+    assert len(rows) == 1, rows
+    assert rows[0]["path"].startswith(str(old / LONG / LONG)), rows
+    assert "cannot be read" in rows[0]["reason"], rows
