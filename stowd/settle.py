@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 
 from stowd import sidecar as sidecar_mod
 from stowd.config import Sidecars, Source
-from stowd.errors import FileUnreadable
+from stowd.errors import FileUnreadable, no_space
 from stowd.printable import utf8_safe
 from stowd.queue import Job, Queue
 
@@ -450,7 +450,8 @@ def _repair(
             done.append((job.id, state))
         except OSError as exc:
             where = job.target or f"{job.outcome}/"
-            log.error("still cannot move %s to %s: %s", job.path, where, exc)
+            level = logging.DEBUG if no_space(exc) else logging.ERROR  # the daemon says it once
+            log.log(level, "still cannot move %s to %s: %s", job.path, where, exc)
             stuck.add(job.id)
             problems[job.id] = exc
             continue
