@@ -46,7 +46,7 @@ def utf8_safe(value: Any) -> Any:
     """``value`` (a JSON-like document) with each text that is not valid UTF-8 escaped; the
     rest as it was.  The exact name stays in the queue; a person reads this one."""
     if isinstance(value, str):
-        return value if _is_utf8(value) else escape(value)
+        return value if is_utf8(value) else escape(value)
     if isinstance(value, dict):
         return {k: utf8_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -54,7 +54,8 @@ def utf8_safe(value: Any) -> Any:
     return value
 
 
-def _is_utf8(text: str) -> bool:
+def is_utf8(text: str) -> bool:
+    """``text`` can be written as UTF-8 (it holds no byte of a name that is not UTF-8)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

@@ -10,6 +10,7 @@ raises into watchdog's thread: a handler exception would silently stop every eve
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import fnmatch
 import heapq
@@ -51,6 +52,11 @@ from stowd.errors import (
 )
 from stowd.queue import NewFile
 from stowd.settle import has_copy, remove_empty_parents
+
+try:  # watchdog 7 on Linux: one thread reads the events of every inotify watch
+    from watchdog.observers.inotify_c import InotifyFD as _SharedReader
+except ImportError:  # pragma: no cover - another platform or watchdog version
+    _SharedReader = None  # type: ignore[assignment,misc]
 
 log = logging.getLogger("stowd.watch")
 
@@ -228,6 +234,7 @@ class Watcher:
             log.warning("source %s: the file observer died; restarting it", self.source.name)
             self.stop_observer()
             self._observer = None
+            _forget_dead_reader()
             self.start_observer()
             self._rescan_requested = True
 
@@ -283,10 +290,12 @@ class Watcher:
 
     @staticmethod
     def _observer_works(observer: BaseObserver) -> bool:
-        """Alive, and none of its watches died of an error (a folder nested too deep moved
-        in: watchdog's walk raises ``RecursionError`` in the watch's own thread)."""
+        """Alive, and none of its watches died of an error: a folder nested too deep moved in
+        makes watchdog's walk raise ``RecursionError`` in a thread of its own (in watchdog 7
+        the one thread that reads the events of every watch of the process)."""
         return observer.is_alive() and not any(
-            not e.is_alive() and not e.stopped_event.is_set() for e in observer.emitters
+            (not e.is_alive() and not e.stopped_event.is_set()) or _reader_died(e)
+            for e in observer.emitters
         )
 
     def _watch_ended(self) -> bool:
@@ -665,6 +674,27 @@ class Watcher:
 
     def _ignored(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.source.ignore)
+
+
+def _reader_died(emitter: object) -> bool:
+    """watchdog 7's inotify watches share one reading thread; it ended with an error."""
+    reader = getattr(emitter, "_inotify_fd", None)
+    return isinstance(reader, threading.Thread) and not reader.is_alive()
+
+
+def _forget_dead_reader() -> None:
+    """watchdog 7 keeps its shared reading thread once made, even dead: no watch made after
+    it died would ever see an event.  Forget a dead one, so the next watch starts a new one
+    (the watchdog versions without it are left alone)."""
+    lock = getattr(_SharedReader, "_global_lock", None)
+    if lock is None:
+        return
+    with lock:
+        shared = getattr(_SharedReader, "_instance", None)
+        if isinstance(shared, threading.Thread) and not shared.is_alive():
+            with contextlib.suppress(Exception):
+                shared.close()  # type: ignore[attr-defined]  # its inotify descriptor
+            _SharedReader._instance = None
 
 
 def _problem_entry(path: Path, checked: os.stat_result, exc: FileProblem) -> list[str | None]:

@@ -205,10 +205,39 @@ def test_folders_nested_a_thousand_deep_do_not_stop_the_watcher(
         daemon.stop()
     assert orthanc.sop_instance_uids() == set(stored.values())
     assert unreachable not in orthanc.sop_instance_uids()
-    assert "died" not in daemon.log
+    assert "thread watch-ct1 died" not in daemon.log
     assert "RecursionError" in daemon.log  # said once: the deep folders are found by rescans
     too_long = "longer than the system can open (4096); no file below it is sent"
     assert daemon.log.count(too_long) == 1, daemon.log[-3000:]
+
+
+def test_a_folder_a_thousand_deep_moved_in_while_watched_is_sent(
+    deep: Path, orthanc: Orthanc
+) -> None:
+    """Watchdog's walk of a folder moved in raises ``RecursionError`` in its own thread, which
+    ends that watch: the observer is started again, watching the top folder only."""
+    layout = make_layout(deep / "run", orthanc.dicomweb_url, source={"rescan_interval": "1h"})
+    daemon = Stowd(layout).start()
+    try:
+        wait_for(lambda: "scan of" in daemon.log, 60, "the first scan", lambda: daemon.log)
+        outside = deep / "outside"
+        outside.mkdir()
+        stored = {f"moved/{_deep_rel()}": _chain(outside, SHORT)}
+        os.rename(outside, layout.drop / "moved")
+        wait_for(lambda: "the file observer died" in daemon.log, 60, "the observer restarted")
+        stored["top.dcm"] = make_instance(layout.drop / "top.dcm")  # seen by an event
+        wait_for(
+            lambda: _files(layout.sent) == set(stored),
+            120,
+            "the moved-in deep file and the top one in sent/",
+            lambda: "\n".join(x[:300] for x in daemon.log.splitlines()),
+        )
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop()
+    assert orthanc.sop_instance_uids() == set(stored.values())
+    assert "thread watch-ct1 died" not in daemon.log
+    assert daemon.log.count("nested too deep to watch them all") == 1
 
 
 def test_migrate_walks_a_thousand_deep_and_reports_what_it_cannot_open(
