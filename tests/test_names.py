@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import pytest
 from dicomgen import make_instance, make_instance_bytes, write_garbage
 from harness import Layout, Stowd, make_layout, run_cli, wait_for
 from orthanc import Orthanc
+
+from stowd.queue import NewFile, Queue
 
 # Names that are not UTF-8: a scanner with a Latin-1 locale, or a writer who means harm.
 BAD_FILE = os.fsdecode(b"\xff\xfe.dcm")
@@ -96,6 +99,29 @@ def test_migrate_stores_names_that_are_not_utf8_and_reports_them_escaped(
     listed = json.loads((tmp_path / "failed.json").read_text(encoding="utf-8"))
     assert [r["path"] for r in listed] == [escaped], listed
     assert listed[0]["now_at"] == str(tmp_path / "old.failed" / "\\xff\\xfe.txt"), listed
+
+
+def test_the_queue_keeps_the_exact_bytes_of_a_path_and_utf8_paths_as_text(tmp_path: Path) -> None:
+    """A path that is not UTF-8 is a BLOB of its bytes, found again by a rescan (queued once)
+    and read back as the same ``str``; a UTF-8 path stays TEXT, as in queues made before."""
+    odd = str(tmp_path / BAD_FOLDER / BAD_FILE)
+    plain = str(tmp_path / "plain é.dcm")
+    queue = Queue(tmp_path / "queue.db").open()
+    try:
+        files = [NewFile("ct1", "pacs", p, os.path.basename(p), 1, 5) for p in (odd, plain)]
+        assert queue.enqueue(files) == 2
+        assert queue.enqueue(files) == 0  # a rescan finds both again: still one row each
+        assert sorted((j.path, j.rel) for j in queue.unclassified(10)) == sorted(
+            (p, os.path.basename(p)) for p in (odd, plain)
+        )
+    finally:
+        queue.close()
+    with sqlite3.connect(tmp_path / "queue.db") as db:
+        stored = db.execute("SELECT path, typeof(path), typeof(rel) FROM files").fetchall()
+    assert sorted(stored, key=lambda r: r[1]) == [
+        (os.fsencode(odd), "blob", "blob"),
+        (plain, "text", "text"),
+    ]
 
 
 # -- folders nested a thousand deep -------------------------------------------------------------
