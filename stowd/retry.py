@@ -196,21 +196,24 @@ class _Retry:
                 self._file(folder, name, owners)
             self._tidy(folder, owners)
 
-    def _walk(self, folder: Path, skip: set[Path]) -> Iterator[tuple[Path, list[str]]]:
-        """Each folder (this one first) with its files; symlinked folders are not followed."""
-        try:
-            with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            self.report.notes.append(f"cannot read {folder}: {exc.strerror or exc}")
-            self.report.problems += 1
-            return
-        yield folder, [e.name for e in entries if _is_file(e)]
-        for e in entries:
-            if e.is_dir(follow_symlinks=False) and Path(e.path) not in skip:
-                yield from self._walk(Path(e.path), skip)
+    def _walk(self, top: Path, skip: set[Path]) -> Iterator[tuple[Path, list[str]]]:
+        """Each folder (this one first) with its files; symlinked folders are not followed.
+        Walked without recursion (folders nested a thousand deep raised RecursionError)."""
+        todo = [top]
+        while todo:
+            folder = todo.pop()
+            try:
+                with os.scandir(folder) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                self.report.notes.append(f"cannot read {folder}: {exc.strerror or exc}")
+                self.report.problems += 1
+                continue
+            yield folder, [e.name for e in entries if _is_file(e)]
+            subs = [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
+            todo.extend(reversed([s for s in subs if s not in skip]))
 
     # -- one file --------------------------------------------------------------------
     def _file(self, folder: _Folder, name: str, owners: list[Source]) -> None:

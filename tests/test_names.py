@@ -20,6 +20,7 @@ from stowd.queue import NewFile, Queue
 BAD_FILE = os.fsdecode(b"\xff\xfe.dcm")
 BAD_FOLDER = os.fsdecode(b"\xfe\xffdir")
 BAD_TEXT = os.fsdecode(b"\xff\xfe.txt")
+DEAD_URL = "http://127.0.0.1:9/dicom-web"  # nothing listens: nothing is sent
 
 
 def _drop_odd_names(folder: Path) -> dict[str, str]:
@@ -285,3 +286,25 @@ def test_migrate_walks_a_thousand_deep_and_reports_what_it_cannot_open(
     assert len(rows) == 1, rows
     assert rows[0]["path"].startswith(str(old / LONG / LONG)), rows
     assert "cannot be read" in rows[0]["reason"], rows
+
+
+def test_purge_and_retry_walk_a_thousand_deep(deep: Path) -> None:
+    """A file stored from a thousand folders deep is moved to as deep a place in sent/ (or
+    failed/): ``stowd purge`` (also run by the daemon for ``sent_retention``) and ``stowd
+    retry`` walked them by recursion and died with ``RecursionError``."""
+    layout = make_layout(deep / "run", DEAD_URL)
+    layout.sent.mkdir(parents=True)
+    layout.failed.mkdir(parents=True)
+    _chain(layout.sent, SHORT)
+    _chain(layout.failed, SHORT)
+
+    def purged() -> bool:
+        result = run_cli("purge", "--sent-older-than", "1s", "-c", str(layout.config))
+        assert result.returncode == 0, result.stdout + result.stderr
+        return "deleted 1 file(s), 0.0 MB, and 1000 empty folder(s)" in result.stdout
+
+    wait_for(purged, 60, "the deep file and its folders purged (after 1s in sent/)")
+    assert list(layout.sent.iterdir()) == []
+    listed = run_cli("retry", "--dry-run", "-c", str(layout.config))
+    assert "Traceback" not in listed.stderr, listed.stderr
+    assert f"{_deep_rel()}: it arrived less than a minute ago" in listed.stdout, listed.stdout
