@@ -14,6 +14,7 @@ from dicomgen import make_instance, make_instance_bytes, write_garbage
 from harness import Layout, Stowd, make_layout, run_cli, wait_for
 from orthanc import Orthanc
 
+from stowd import logs
 from stowd.queue import NewFile, Queue
 
 # Names that are not UTF-8: a scanner with a Latin-1 locale, or a writer who means harm.
@@ -265,6 +266,21 @@ def test_a_folder_a_thousand_deep_moved_in_while_watched_is_sent(
     assert orthanc.sop_instance_uids() == set(stored.values())
     assert "thread watch-ct1 died" not in daemon.log
     assert daemon.log.count("nested too deep to watch them all") == 1
+
+
+def test_a_traceback_with_a_thousand_chained_exceptions_can_be_logged() -> None:
+    """``Path.mkdir(parents=True)`` a thousand folders deep chains an exception per folder;
+    the log formatter walked the chain by recursion and failed itself (RecursionError)."""
+    newest: BaseException | None = None
+    for n in range(DEPTH):
+        exc = FileNotFoundError(f"step {n}")
+        exc.__context__ = newest
+        newest = exc
+    assert newest is not None
+    text = logs.format_exception((type(newest), newest, None))
+    assert text.count("FileNotFoundError: step") == logs.CHAIN_LIMIT
+    assert text.startswith(f"[{logs.CHAIN_LIMIT} exceptions shown, earlier ones left out]")
+    assert text.endswith(f"FileNotFoundError: step {DEPTH - 1}")
 
 
 def test_migrate_walks_a_thousand_deep_and_reports_what_it_cannot_open(
