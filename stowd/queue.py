@@ -53,6 +53,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from stowd import disk
 from stowd.errors import QueueError, QueueFull, QueueLockedError, SidecarNotReady
 
 log = logging.getLogger("stowd.queue")
@@ -1162,20 +1163,22 @@ class Queue:
         finally:
             conn.execute("COMMIT")  # ends the read transaction; nothing was written
 
-    def tally(self, now: float) -> list[tuple[str, str, str, int, int, float]]:
-        """(source, destination, state, files, bytes, oldest queued_at) of each group, in one
-        pass; pending rows whose next attempt lies after ``now`` count as ``waiting``."""
+    def tally(self, now: float) -> list[tuple[str, str, str, int, int, float, int]]:
+        """(source, destination, state, files, bytes, oldest queued_at, stored) of each group,
+        in one pass; pending rows whose next attempt lies after ``now`` count as ``waiting``;
+        ``stored``: how many of them the archive stored (of ``settling`` ones: not yet moved
+        to sent/; the others go to failed/)."""
         rows = (
             self._conn()
             .execute(
                 "SELECT source, destination, CASE WHEN state = 'pending' AND next_attempt_at > ? "
-                "THEN 'waiting' ELSE state END AS s, COUNT(*), SUM(size), MIN(queued_at) "
-                "FROM files GROUP BY source, destination, s",
+                "THEN 'waiting' ELSE state END AS s, COUNT(*), SUM(size), MIN(queued_at), "
+                "TOTAL(outcome = 'sent') FROM files GROUP BY source, destination, s",
                 (now,),
             )
             .fetchall()
         )
-        return [(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+        return [(r[0], r[1], r[2], r[3], r[4], r[5], int(r[6])) for r in rows]
 
     def sent_since(self, since: float) -> list[tuple[str, str, int, int]]:
         """(source, destination, files, bytes) sent at ``since`` or later.
@@ -1242,6 +1245,13 @@ def _folder_problem(folder: Path) -> str | None:
     readonly = read_only_note(folder)
     if readonly is not None:
         return readonly
+    free = disk.free_bytes(folder)
+    if free is not None and free < disk.FULL_BELOW:
+        return (
+            f"DISK FULL: the queue folder {folder} has {free} bytes free, and SQLite needs room "
+            "there for the queue's -wal and -shm files: free space on that filesystem "
+            f"(df -h {folder}); stowd can open its queue once there is"
+        )
     if not os.access(folder, os.W_OK):
         return (
             f"this user may not write in the queue folder {folder}: run stowd as the user "

@@ -85,9 +85,11 @@ class _Figures:
     oldest: float | None = None  # queued_at of the oldest active row
     sent_files: int = 0
     sent_bytes: int = 0
+    settling_stored: int = 0  # settling files the archive stored (the others failed)
 
-    def add(self, state: str, files: int, size: int, oldest: float) -> None:
+    def add(self, state: str, files: int, size: int, oldest: float, stored: int = 0) -> None:
         self.counts[state] = self.counts.get(state, 0) + files
+        self.settling_stored += stored if state == "settling" else 0
         self.backlog_bytes += size if state in BACKLOG else 0
         if state in ACTIVE and (self.oldest is None or oldest < self.oldest):
             self.oldest = oldest
@@ -166,6 +168,7 @@ def _gather(config: Config, queue: Queue, now: float) -> dict[str, Any]:
         name: {
             **figures.as_dict(now, held=name in holds),
             "configured": name in config.destinations,
+            "settling_stored": figures.settling_stored,
         }
         for name, figures in dests.items()
     }
@@ -217,9 +220,9 @@ def _tally(
         found = [sources.setdefault(source, _Figures()), total]
         return [*found, dests.setdefault(dest, _Figures())] if dest else found  # "": parked
 
-    for source, dest, state, files, size, oldest in queue.tally(now):
+    for source, dest, state, files, size, oldest, stored in queue.tally(now):
         for figures in parts(source, dest):
-            figures.add(state, files, size, oldest)
+            figures.add(state, files, size, oldest, stored)
     for source, dest, files, size in queue.sent_since(now - RATE_WINDOW):
         for figures in parts(source, dest):
             figures.add_sent(files, size)
@@ -505,8 +508,18 @@ def _destination(name: str, figures: Mapping[str, Any], health: Any) -> list[str
     lines = [head, *_health(health)]
     settling = figures["counts"].get("settling", 0)
     if settling and lines[-1] == "  health:     ok":
-        lines[-1] += f", but {settling} file(s) it stored are not yet moved (see the warnings)"
+        lines[-1] += _unmoved(settling, figures.get("settling_stored", 0))
     return [*lines, *_figures(figures)]
+
+
+def _unmoved(settling: int, stored: int) -> str:
+    """The end of an ok health line when files are not yet moved: how many the archive
+    stored (the others failed and wait for failed/)."""
+    if stored == settling:
+        return f", but {settling} file(s) it stored are not yet moved (see the warnings)"
+    of_them = f" ({stored} of them stored)" if stored else ""
+    where = f"sent/ or failed/{of_them}"
+    return f", but {settling} file(s) are not yet moved to {where} (see the warnings)"
 
 
 def _health(health: Mapping[str, Any] | None) -> list[str]:

@@ -146,6 +146,8 @@ class Watcher:
         self._idle_since: dict[str, tuple[float, tuple[int, int]]] = {}
         self._texts: dict[str, tuple[tuple[int, ...], str]] = {}  # sidecar texts
         self._said: set[str] = set()  # files whose sidecar trouble was logged
+        # (size, mtime_ns, first seen) of files whose mtime cannot be trusted to say how
+        # long they have been quiet (in the future, or on a share)
         self._future: dict[str, tuple[int, int, float]] = {}
         self._observer: BaseObserver | None = None
         self._rescan_requested = False
@@ -327,6 +329,7 @@ class Watcher:
         self.start_observer()
         self._rescan_requested = True
         self._wake.set()
+
     def _rescan_due(self) -> bool:
         return self._rescan_requested and time.monotonic() >= self._rescan_not_before
 
@@ -350,6 +353,7 @@ class Watcher:
         """Walk the whole drop folder once (lazily: memory does not grow with its size)."""
         started = time.monotonic()
         found = self._check_all(self._walk(str(self.source.watch)), stop)
+        self._forget_gone()
         log.debug(
             "source %s: scan of %s found %d new file(s) in %.1fs",
             self.source.name,
@@ -357,6 +361,13 @@ class Watcher:
             found,
             time.monotonic() - started,
         )
+
+    def _forget_gone(self) -> None:
+        """Forget what was seen of files that are no longer there (sidecars removed after
+        their files were sent), so that this memory does not grow over months."""
+        for path in list(self._future):
+            if not os.path.lexists(path):
+                del self._future[path]
 
     def _walk(self, top: str) -> Iterator[str]:
         """The files below ``top``, walked without recursion (folders nested thousands deep
@@ -540,7 +551,7 @@ class Watcher:
 
     def _sidecars_left(self, found: list[tuple[Path, os.stat_result]]) -> float:
         """A file is complete only when its sidecars (its own, its folder's) are complete too."""
-        waits = [self._quiet_left(str(p), st.st_size, st.st_mtime_ns) for p, st in found]
+        waits = [self._quiet_left(str(p), st.st_size, st.st_mtime_ns, keep=True) for p, st in found]
         return max(waits, default=0.0)
 
     def _snapshot(self, path: str, found: list[tuple[Path, os.stat_result]]) -> str:
@@ -589,7 +600,7 @@ class Watcher:
         """A complete sidecar no file uses: a folder's is retired once the folder was idle
         for ``folder_linger`` (it was copied with its files); any other is reported once."""
         settings = self.source.sidecars
-        if settings is None or self._quiet_left(path, st.st_size, st.st_mtime_ns) > 0:
+        if settings is None or self._quiet_left(path, st.st_size, st.st_mtime_ns, keep=True) > 0:
             return
         try:
             if Path(path).name == settings.folder:
@@ -644,20 +655,36 @@ class Watcher:
             path,
         )
 
-    def _quiet_left(self, path: str, size: int, mtime_ns: int) -> float:
-        """Seconds until the file has been quiet for the quiet period (0: complete now)."""
+    def _quiet_left(self, path: str, size: int, mtime_ns: int, *, keep: bool = False) -> float:
+        """Seconds until the file has been quiet for the quiet period (0: complete now).
+
+        An mtime in the past was stamped by this machine's clock on a local folder, so one
+        look tells how long the file has been quiet.  On a share (``polling``) the mtime
+        comes from another machine's clock, which may run behind ours: a file written just
+        now could look quiet for minutes.  There, as for an mtime in the future, the file
+        must show the same size and mtime for the quiet period by stowd's own clock.
+        ``keep``: a sidecar, which many files may ask about in turn: what was seen of it is
+        kept while it stays the same (a file's is forgotten once it is complete).
+        """
         now = self.clock()
         mtime = mtime_ns / 1e9
         quiet = self.source.quiet_period
-        if mtime <= now:
+        if mtime <= now and not self.source.polling:
             self._future.pop(path, None)
             return max(0.0, quiet - (now - mtime))
+        return self._seen_quiet(path, size, mtime_ns, now, keep)
+
+    def _seen_quiet(self, path: str, size: int, mtime_ns: int, now: float, keep: bool) -> float:
+        """Seconds left until ``path`` was seen unchanged for the quiet period."""
+        quiet = self.source.quiet_period
+        if quiet <= 0:
+            return 0.0  # nothing to wait for, nothing to remember
         seen = self._future.get(path)
         if seen is None or seen[:2] != (size, mtime_ns):
             self._future[path] = (size, mtime_ns, now)
             return quiet
         left = quiet - (now - seen[2])
-        if left <= 0:
+        if left <= 0 and not keep:
             del self._future[path]
         return max(0.0, left)
 

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -219,6 +220,53 @@ def test_a_writer_that_never_finishes_leaves_every_byte_in_failed(
         assert ("stayed so for 2s" in reason) == (wait == "2s")
         assert said(daemon.log, path, "for the rest of it") == (wait == "2s")
         assert layout.files(layout.sent) == set() and orthanc.instance_count() == 0
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop()
+
+
+def behind(path: Path, seconds: float = 120.0) -> None:
+    """Stamp ``path`` with an mtime ``seconds`` in the past, as a share whose clock runs
+    slow does with every write."""
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_on_a_share_whose_clock_is_behind_a_stalled_file_waits_its_quiet_period(
+    tmp_path: Path, orthanc: Orthanc
+) -> None:
+    """A report (no pixel data: the DICOM structure cannot tell it is cut) written on a
+    share whose mtimes lie two minutes in the past: its first part, found by the start-up
+    scan, must not be taken for a file quiet for two minutes."""
+    [sample] = [p for p in pydicom_all_files() if p.name == "rtplan.dcm"]
+    data, cut = sample.read_bytes(), 1000
+    uid = str(pydicom.dcmread(sample).SOPInstanceUID)
+    source = {"polling": True, "quiet_period": "10s", "rescan_interval": "1h"}
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url, source=source)
+    path = layout.drop / "plan.dcm"
+    with open(path, "wb") as fp:
+        fp.write(data[:cut])
+        fp.flush()
+        behind(path)
+        daemon = Stowd(layout).start()
+        try:
+            wait_for(lambda: "scan of" in daemon.log, WAIT, "the start-up scan", lambda: daemon.log)
+            fp.write(data[cut:])
+            fp.flush()
+            behind(path)
+        except BaseException:
+            daemon.stop()
+            raise
+    try:
+        wait_for(
+            lambda: layout.files(layout.sent) == {"plan.dcm"} and stored(orthanc, uid) is not None,
+            WAIT,
+            "plan.dcm stored and in sent/",
+            lambda: daemon.log,
+        )
+        assert f"queued {path} ({cut} bytes" not in daemon.log
+        assert f"queued {path} ({len(data)} bytes" in daemon.log
+        assert (layout.sent / "plan.dcm").read_bytes() == data
         assert daemon.terminate() == 0
     finally:
         daemon.stop()
