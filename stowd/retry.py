@@ -49,7 +49,7 @@ from stowd.config import DEFAULT_FOLDER_SIDECAR, Config, Sidecars, Source, parse
 from stowd.errors import StowdError
 from stowd.printable import escape_lines
 from stowd.queue import Job, open_readonly
-from stowd.settle import ERROR_SUFFIX, copy_name, remove_empty_parents
+from stowd.settle import ERROR_SUFFIX, copy_name, make_folders, remove_empty_parents
 
 FRESH = 60.0  # a file this new in failed/ without an error file may be a move in progress
 _NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
@@ -547,7 +547,7 @@ def _why(exc: OSError, target: Path) -> str:
 def _move_new(src: Path, dst: Path) -> None:
     """Move ``src`` to ``dst``, never replacing a file there (``FileExistsError``); across
     filesystems copy, fsync, put in place, then remove ``src``."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(dst.parent)
     try:
         _rename_new(src, dst)
     except OSError as exc:
@@ -560,7 +560,7 @@ def _move_new(src: Path, dst: Path) -> None:
 def _copy_new(src: Path, dst: Path) -> None:
     """Put a copy of ``src`` (a file, or a symbolic link as a link) at ``dst``, synced to
     disk, under a hidden temporary name first; never replaces a file at ``dst``."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(dst.parent)
     tmp = dst.with_name(f".{dst.name}.stowd-tmp")
     tmp.unlink(missing_ok=True)
     try:

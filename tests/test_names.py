@@ -228,11 +228,13 @@ def test_folders_nested_a_thousand_deep_do_not_stop_the_watcher(
             "the top files and the deep one in sent/",
             lambda: "\n".join(x[:300] for x in daemon.log.splitlines()),  # paths: 2,000+ bytes
         )
+        status = run_cli("status", "-c", str(layout.config))
         assert daemon.terminate() == 0
     finally:
         daemon.stop()
     assert orthanc.sop_instance_uids() == set(stored.values())
     assert unreachable not in orthanc.sop_instance_uids()
+    assert status.returncode == 0, status.stderr
     assert "thread watch-ct1 died" not in daemon.log
     assert "RecursionError" in daemon.log  # said once: the deep folders are found by rescans
     too_long = "longer than the system can open (4096); no file below it is sent"
