@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import struct
+import threading
 import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping
 from datetime import datetime
@@ -45,7 +46,9 @@ from stowd.vr import Value
 
 CHUNK = 1024 * 1024
 UTF8 = "ISO_IR 192"
-DEFLATED_LIMIT = 64 * 1024 * 1024
+DEFLATED_LIMIT = 32 * 1024 * 1024  # inflated; held whole about four times over while changed
+# One deflated data set is held whole at a time (the workers would each hold one).
+_HOLDING_WHOLE = threading.Lock()
 MODIFYING_SYSTEM = "stowd"
 _CHARSET = BaseTag(0x00080005)
 _META_SYNC = {
@@ -248,6 +251,15 @@ def rewrite(src: Path, dst: Path, edit: Callable[[Dataset], None]) -> int:
 
 
 def _rewrite_open(fp: BinaryIO, dst: Path, edit: Callable[[Dataset], None]) -> int:
+    whole = deflated.data_set_start(fp, fp.read(HEAD_BYTES)) is not None
+    fp.seek(0)
+    if not whole:
+        return _rewrite_read(fp, dst, edit)
+    with _HOLDING_WHOLE:
+        return _rewrite_read(fp, dst, edit)
+
+
+def _rewrite_read(fp: BinaryIO, dst: Path, edit: Callable[[Dataset], None]) -> int:
     ds, pixels = _read_header(fp)
     encoding = _encoding(ds)
     edit(ds)

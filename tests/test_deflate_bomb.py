@@ -122,3 +122,35 @@ def test_the_daemon_fails_deflate_bombs_in_bounded_memory_and_sends_a_deflated_f
     (instance,) = orthanc.get_json("/instances")
     assert orthanc.get_bytes(f"/instances/{instance}/file") == original  # not re-encoded
     assert "Traceback" not in daemon.log
+
+
+def test_rules_change_deflated_files_in_bounded_memory(tmp_path: Path, orthanc: Orthanc) -> None:
+    """Rules hold a deflated data set whole: only up to ``DEFLATED_LIMIT`` inflated, one at
+    a time, so the two workers never hold two; a larger one fails with the reason."""
+    layout = make_layout(
+        tmp_path / "run", orthanc.dicomweb_url, rules=[{"set": {"PatientID": "CHANGED"}}]
+    )
+    within = rewrite_module.DEFLATED_LIMIT - (1 << 20)
+    uids = {deflate_bomb(layout.drop / f"s{n}/ok.dcm", inflated=within) for n in range(3)}
+    deflate_bomb(layout.drop / "big.dcm", inflated=4 * rewrite_module.DEFLATED_LIMIT)
+    daemon = Stowd(layout).start()
+    try:
+        wait_for(
+            lambda: (
+                layout.files(layout.failed) == {"big.dcm"} and len(layout.files(layout.sent)) == 3
+            ),
+            120,
+            "big.dcm failed and the three others sent",
+            lambda: daemon.log,
+        )
+        assert daemon.proc is not None
+        peak = peak_rss_mb(daemon.proc.pid)
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop()
+    print(f"\ndaemon VmHWM changing three deflated files of 31 MiB each: {peak:.1f} MB")
+    assert peak < MAX_PEAK_MB
+    assert orthanc.sop_instance_uids() == uids
+    reason = json.loads(layout.error_files()["big.dcm"].read_text())["reason"]
+    assert "Deflated transfer syntax and is, or inflates to, more than 32 MiB" in reason
+    assert "Traceback" not in daemon.log
