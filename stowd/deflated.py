@@ -49,7 +49,7 @@ def data_set_start(fp: BinaryIO, head: bytes) -> int | None:
 
     at = 132 if head[128:132] == b"DICM" else 0
     syntax = None
-    while (element := read(at, 12))[:2] == b"\x02\x00" and len(element) >= 8:
+    while at < HEADER_LIMIT and (element := read(at, 12))[:2] == b"\x02\x00" and len(element) >= 8:
         elem, vr = struct.unpack_from("<H", element, 2)[0], element[4:6]
         if vr in _LONG_VRS:
             length, value_at = struct.unpack_from("<I", element.ljust(12, b"\0"), 8)[0], at + 12

@@ -29,9 +29,10 @@
         └── DestinationBusy    transient trouble of the whole request: connection errors,
             │                  timeouts, 408/429/5xx, an answer past its deadline; retried
             │                  with backoff (Retry-After honoured)
-            └── ConnectionDropped  the archive closed the connection without answering after
-                               the whole request was sent: like a 500, it may be caused by
-                               one of the files (an archive that crashes on it)
+            └── ConnectionDropped  the archive closed the connection without answering
+                                   after the whole request was sent: like a 500, it may
+                                   be caused by one of the files (an archive that
+                                   crashes on it)
 
 Third-party exceptions (httpx, pydicom, sqlite3, yaml) are translated at one seam each, with
 ``raise ... from exc``; whether something is retried is a property of the type raised here.
