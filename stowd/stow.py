@@ -586,7 +586,7 @@ class StowClient:
         url = self.destination.stow_url
         try:
             request = self.http.build_request("POST", url, content=iter(body), headers=headers)
-            response = _send(self.http, request, body)
+            response = _send(self.http, request, body, self._has_cert)
             content = answers.read_body(
                 response,
                 limit=answers.STOW_ANSWER_LIMIT,
@@ -603,13 +603,14 @@ class StowClient:
         return self.destination.access.tls.client_cert is not None
 
 
-def _send(http: httpx.Client, request: httpx.Request, body: Body) -> httpx.Response:
+def _send(http: httpx.Client, request: httpx.Request, body: Body, has_cert: bool) -> httpx.Response:
     """Send ``request``; a ``_Blip`` carrying ``ConnectionDropped`` when the archive closes
-    the connection without a word after the whole body was sent."""
+    the connection without a word after the whole body was sent (not a TLS alert about our
+    certificate, which TLS 1.3 sends then: ``_failure`` holds the destination for it)."""
     try:
         return http.send(request, stream=True)
     except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
-        if body.sent_at is None:
+        if body.sent_at is None or tls_problem(exc, has_cert=has_cert, connecting=False):
             raise
         dropped = ConnectionDropped(
             f"connection failed: {_plain(exc)} (the archive closed the connection without "
