@@ -16,6 +16,12 @@ how things are and does housekeeping.  Signal handlers only set flags; every wai
 * systemd (``Type=notify``): READY=1 once the queue is open and the watchers run, STATUS= a
   line of counts, WATCHDOG=1 only while every thread is alive and making progress,
   RELOADING=1 and STOPPING=1.
+* A full disk (the queue, the spool, a sent/ or failed/ folder) is logged once when it starts
+  and once when it ends, and shown in STATUS=; the watchdog is still fed (a restart frees no
+  space, and a restart loop would hide the reason): the threads wait and try again.
+* A thread that dies is started again; one that died ``RESTART_LIMIT`` times within
+  ``RESTART_WINDOW`` is reported (log, STATUS=, ``stowd status``) and the watchdog is no longer
+  fed, so that systemd restarts stowd.
 """
 
 from __future__ import annotations
@@ -25,15 +31,17 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from types import FrameType
 
-from stowd import inflight, metrics
+from stowd import disk, inflight, metrics
 from stowd.config import Config, Source, load_config
-from stowd.errors import ConfigError, StowdError
+from stowd.disk import Disks
+from stowd.errors import ConfigError, QueueError, QueueFull, StowdError
 from stowd.lookup import Finder
 from stowd.metadata import clear_spool, digest
 from stowd.notify import Notifier
@@ -55,6 +63,9 @@ KEEPALIVE = 5.0  # how often a reload that waits for uploads tells systemd it is
 EXIT_SECOND_SIGNAL = 1
 WATCHER_STALL = 300.0  # a watcher without progress this long is stuck (a hung share)
 WORKER_SLACK = 60.0  # beyond the longest step a worker may take
+RECLAIM_EVERY = 60.0  # claims whose lease ran out, and no worker holds, return to pending
+RESTART_LIMIT = 5  # a thread that died more often than this within RESTART_WINDOW
+RESTART_WINDOW = 600.0  # seconds: is reported, and the watchdog is no longer fed
 
 
 @dataclass
@@ -89,6 +100,10 @@ class Daemon:
         self.lingering: list[Generation] = []  # replaced by a reload, a thread still busy
         self.unsettled: set[int] = set()  # moves that failed (disk full, permissions)
         self._stuck: str | None = None  # which thread keeps the watchdog unfed, as logged
+        self.disks = Disks(config)  # which disks are full (logged once per condition)
+        self._deaths: dict[str, deque[float]] = {}  # when each thread died (recent ones)
+        self._dying_said: set[str] = set()  # threads recorded as dying (for stowd status)
+        self._queue_failing = False  # the upkeep could not write to the queue (said once)
         self.metrics_server: metrics.Server | None = None
         self._shared: dict[str, dict[str, object]] | None = None  # last written for status
 
@@ -133,6 +148,7 @@ class Daemon:
         for warning in self.config.warnings:
             log.warning("%s", warning)
         returned = self.queue.recover()
+        self.queue.clear_troubles()
         self._adopt(self.config)
         repaired, self.unsettled = repair(self.queue, sources=self._sources())
         clear_spool(self.config)
@@ -172,13 +188,18 @@ class Daemon:
                     unsettled=self.unsettled,
                     classify_lock=gen.classify_lock,  # one reader of new files at a time
                     finder=gen.finder,
+                    disks=self.disks,
                 )
                 gen.workers.append(worker)
                 _spawn(gen, f"send-{name}-{n}", worker.run)
-        _spawn_reader(gen, self.queue, self.unsettled)
+        _spawn_reader(gen, self.queue, self.unsettled, self.disks)
         for source in config.sources:
             watcher = Watcher(
-                source, source.destination, self.queue.enqueue, exclude=self._queue_files()
+                source,
+                source.destination,
+                self.queue.enqueue,
+                exclude=self._queue_files(),
+                on_queue_error=self._queue_error,
             )
             gen.watchers.append(watcher)
             _spawn(gen, f"watch-{source.name}", partial(watcher.run, gen.stop))
@@ -232,20 +253,67 @@ class Daemon:
         self._shared = shared
 
     def _upkeep(self) -> None:
-        """Retried moves and housekeeping, on a thread of their own: a slow share or a big
-        purge must not keep the main thread from feeding the watchdog."""
-        next_housekeeping = next_resettle = 0.0
+        """Full disks, retried moves, forgotten claims and housekeeping, on a thread of their
+        own: a slow share or a big purge must not keep the main thread from feeding the
+        watchdog.  When a disk has space again, moves and claims are retried at once."""
+        next_housekeeping = next_resettle = next_reclaim = 0.0
         while not self.stop.wait(TICK):
-            try:
-                now = time.monotonic()
-                if now >= next_resettle and self.unsettled:
-                    self._resettle()
-                    next_resettle = now + RESETTLE_EVERY
-                if now >= next_housekeeping:
-                    self._housekeeping()
-                    next_housekeeping = now + HOUSEKEEPING_EVERY
-            except Exception:
-                log.exception("unexpected error in housekeeping; going on")
+            now = time.monotonic()
+            if self._guarded(self._disk_freed):
+                next_resettle = next_reclaim = now
+            if now >= next_resettle and self.unsettled:
+                next_resettle = now + RESETTLE_EVERY
+                self._guarded(self._resettle)
+            if now >= next_reclaim:
+                next_reclaim = now + RECLAIM_EVERY
+                self._guarded(self._reclaim)
+            if now >= next_housekeeping:
+                next_housekeeping = now + HOUSEKEEPING_EVERY
+                self._guarded(self._housekeeping)
+
+    def _guarded(self, step: Callable[[], bool | None]) -> bool:
+        """Run one upkeep step; its trouble is logged (a queue that cannot be written,
+        once) and never ends the upkeep."""
+        try:
+            done = bool(step())
+        except QueueError as exc:
+            self._queue_error(exc)
+            return False
+        except Exception:
+            log.exception("unexpected error in housekeeping; going on")
+            return False
+        return done
+
+    def _queue_error(self, exc: QueueError) -> None:
+        """A write to the queue failed (any thread): a full disk is logged by ``Disks``."""
+        if isinstance(exc, QueueFull):
+            self.disks.hit(self.config.queue)
+        elif not self._queue_failing:
+            log.error("%s; stowd waits and tries again", exc)
+        self._queue_failing = True
+
+    def _disk_freed(self) -> bool:
+        """Look at the disks; True when one that was full has space again."""
+        before = {f.key for f in self.disks.full}
+        after = {f.key for f in self.disks.check()}
+        return bool(before - after)
+
+    def _reclaim(self) -> None:
+        """Claims that no worker holds and whose lease ran out return to pending (a
+        worker died, or its release was lost): they are sent again, not left claimed."""
+        held: set[int] = set()
+        for gen in (self.generation, *self.lingering):
+            for worker in gen.workers:
+                held |= worker.held if worker.running else frozenset()
+        returned = self.queue.reclaim(held)
+        if self._queue_failing:
+            log.info("the queue can be written again")
+        self._queue_failing = False
+        if returned:
+            log.warning(
+                "%d claimed file(s) no sender holds any more are queued again (sent again)",
+                returned,
+            )
 
     # -- reload (SIGHUP) ------------------------------------------------------------------
     def _reload(self) -> None:
@@ -288,6 +356,7 @@ class Daemon:
         if self.stop.is_set():
             return  # stopping meanwhile: no new generation
         self.config = new
+        self.disks.watch(new)
         for warning in new.warnings:
             log.warning("%s", warning)
         self._adopt(new)
@@ -336,11 +405,15 @@ class Daemon:
         self._stuck = None if stuck is None else stuck[0]
 
     def _stuck_thread(self) -> tuple[str, str] | None:
-        """(which, why) when stowd is not healthy (a thread dead or without progress)."""
+        """(which, why) when stowd is not healthy (a thread dead, dying again and again,
+        or without progress)."""
         now = time.monotonic()
         for name, (thread, _) in self.generation.threads.items():
             if not thread.is_alive():
                 return name, f"thread {name} is dead"
+        dying = self._dying()
+        if dying:
+            return dying[0], dying[1]
         for gen in (self.generation, *self.lingering):
             for worker in gen.workers:
                 idle = now - worker.beat
@@ -355,7 +428,26 @@ class Daemon:
         return None
 
     def _status_line(self) -> str:
-        return short_line(self.queue, list(self.config.destinations))
+        alerts = [disk.short(self.disks.full), *(why for _, why in self._dying_all())]
+        return short_line(self.queue, list(self.config.destinations), alerts=alerts)
+
+    def _dying_all(self) -> list[tuple[str, str]]:
+        """(thread, why) of each thread that died more than ``RESTART_LIMIT`` times within
+        ``RESTART_WINDOW``; one that no longer does is cleared from ``stowd status``."""
+        found = []
+        for name, deaths in self._deaths.items():
+            _forget_old(deaths)
+            if len(deaths) > RESTART_LIMIT:
+                minutes = RESTART_WINDOW / 60
+                found.append((name, f"thread {name} died {len(deaths)} times in {minutes:.0f} min"))
+            elif name in self._dying_said:
+                self._dying_said.discard(name)
+                self._guarded(partial(self.queue.set_trouble, name, None))
+        return found
+
+    def _dying(self) -> tuple[str, str] | None:
+        found = self._dying_all()
+        return found[0] if found else None
 
     # -- upkeep ---------------------------------------------------------------------------
     def _replan(self, config: Config) -> None:
@@ -385,8 +477,29 @@ class Daemon:
         gen = self.generation
         for name, (thread, target) in list(gen.threads.items()):
             if not thread.is_alive() and not gen.stop.is_set():
-                log.error("thread %s died; starting it again", name)
+                deaths = self._deaths.setdefault(name, deque())
+                deaths.append(time.monotonic())
+                _forget_old(deaths)
+                self._say_death(name, len(deaths))
                 _spawn(gen, name, target)
+
+    def _say_death(self, name: str, recent: int) -> None:
+        """Each death is logged; past the limit, once, that systemd will restart stowd (and
+        ``stowd status`` shows it, from the queue)."""
+        if recent != RESTART_LIMIT + 1:
+            log.error("thread %s died; starting it again", name)
+            return
+        text = f"thread {name} died {recent} times within {RESTART_WINDOW / 60:.0f} minutes"
+        self._dying_said.add(name)
+        self._guarded(partial(self.queue.set_trouble, name, text))
+        log.error(
+            "thread %s died %d times within %.0f minutes; starting it again, but no longer "
+            "telling systemd's watchdog that stowd is alive (with WatchdogSec= set, systemd "
+            "restarts stowd); see the errors above for why it dies",
+            name,
+            recent,
+            RESTART_WINDOW / 60,
+        )
 
     def _housekeeping(self) -> None:
         now = time.time()
@@ -410,6 +523,13 @@ class Daemon:
         log.info("stopped")
 
 
+def _forget_old(deaths: deque[float]) -> None:
+    """Keep the deaths of the last ``RESTART_WINDOW`` seconds only."""
+    now = time.monotonic()
+    while deaths and deaths[0] < now - RESTART_WINDOW:
+        deaths.popleft()
+
+
 def _serve_metrics(config: Config) -> metrics.Server | None:
     """Serve Prometheus metrics when ``metrics.listen`` is set; raises ``StowdError``."""
     if config.metrics is None:
@@ -420,7 +540,7 @@ def _serve_metrics(config: Config) -> metrics.Server | None:
     return server
 
 
-def _spawn_reader(gen: Generation, queue: Queue, unsettled: set[int]) -> None:
+def _spawn_reader(gen: Generation, queue: Queue, unsettled: set[int], disks: Disks) -> None:
     """A worker that only reads new files, so that no upload waits for a batch's headers."""
     if not gen.workers:
         return
@@ -435,6 +555,7 @@ def _spawn_reader(gen: Generation, queue: Queue, unsettled: set[int]) -> None:
         classify_lock=gen.classify_lock,
         finder=gen.finder,
         sends=False,
+        disks=disks,
     )
     gen.workers.append(reader)
     _spawn(gen, "read-new", reader.run)

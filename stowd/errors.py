@@ -5,7 +5,9 @@
     StowdError
     ├── ConfigError            bad configuration: lists every problem at once (exit 2)
     ├── QueueError             the SQLite queue cannot be opened or used
-    │   └── QueueLockedError   another stowd already uses this queue
+    │   ├── QueueLockedError   another stowd already uses this queue
+    │   └── QueueFull          the queue's filesystem has no space left (SQLITE_FULL):
+    │                          nothing can be queued or settled until space is freed
     ├── MigrationConflict      stowd migrate would resume a run of SRC in the other mode
     │                          (--keep or not): refused before anything happens (exit 2)
     ├── FileProblem            a single file cannot be sent as it is (never retried)
@@ -16,6 +18,8 @@
     ├── SidecarNotReady        a file's sidecar is still changing or unreadable: not queued yet
     ├── FileUnreadable         a file cannot be read right now (permissions, I/O error):
     │                          retried later, like the archive's temporary refusals
+    ├── SpoolFull              the copy of a file to send cannot be written: the spool's
+    │                          disk is full; the file waits (never counted as its failure)
     ├── UnusableAnswer         an HTTP answer cannot be used (it cannot be decoded, or as
     │   │                      below): raised by answers.py while it is read, turned into
     │   │                      StowFailure by stow.py and into TokenError by auth.py
@@ -37,12 +41,14 @@
 Third-party exceptions (httpx, pydicom, sqlite3, yaml) are translated at one seam each, with
 ``raise ... from exc``; whether something is retried is a property of the type raised here.
 ``reading`` turns the OSErrors of reading a file to send into ``FileVanished`` or
-``FileUnreadable``.  ``judging_input`` turns what Python raises on odd input (ValueError,
-RecursionError ...) while a sidecar or rule is applied into ``FileProblem``.
+``FileUnreadable`` (or ``SpoolFull``: the write of its copy found no space).  ``judging_input``
+turns what Python raises on odd input (ValueError, RecursionError ...) while a sidecar or rule
+is applied into ``FileProblem``.
 """
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -90,6 +96,10 @@ class QueueLockedError(QueueError):
     """Another stowd process holds the queue's lock."""
 
 
+class QueueFull(QueueError):
+    """A write to the queue failed because its filesystem is full; nothing was written."""
+
+
 class MigrationConflict(StowdError):
     """An unfinished ``stowd migrate`` of a folder is queued in the other mode (with or
     without ``--keep``); the message says how to finish it."""
@@ -129,6 +139,11 @@ class FileVanished(FileProblem):
     """The file was removed (or replaced) before it could be sent."""
 
 
+def no_space(exc: BaseException) -> bool:
+    """Did this error happen because a filesystem is full (ENOSPC, EDQUOT)?"""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 class FileIncomplete(FileProblem):
     """A DICOM image whose file ends before its pixel data is complete (or before its pixel
     data starts): a writer may still be adding the rest, so the file waits for it before it
@@ -145,7 +160,14 @@ def reading(source: Path) -> Iterator[None]:
     except IsADirectoryError as exc:
         raise FileVanished("the path is now a folder") from exc
     except OSError as exc:
+        if no_space(exc):  # only the write of its copy can
+            raise SpoolFull(f"no space left for the copy that is sent: {exc}") from exc
         raise FileUnreadable.from_os_error(exc, str(source)) from exc
+
+
+class SpoolFull(StowdError):
+    """The spool's filesystem is full: the copy of a file to send (changed by the rules, or
+    made DICOM) cannot be written now.  Not the file's fault: it waits for space."""
 
 
 _INPUT_ERRORS = (ValueError, TypeError, OverflowError)

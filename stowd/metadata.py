@@ -24,7 +24,14 @@ from pydicom.multival import MultiValue
 from stowd import sidecar
 from stowd.classify import Classified
 from stowd.config import Config, Source
-from stowd.errors import FileProblem, FileUnreadable, UnknownType, judging_input
+from stowd.errors import (
+    FileProblem,
+    FileUnreadable,
+    SpoolFull,
+    UnknownType,
+    judging_input,
+    no_space,
+)
 from stowd.queue import Job
 from stowd.rewrite import apply, rewrite
 from stowd.rules import Facts, Outcome, evaluate, fingerprint, render_for, value_text
@@ -223,6 +230,8 @@ def make_spool(target: Path, job: Job) -> None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        if no_space(exc):
+            raise SpoolFull(f"no space left for the spool folder {target.parent}: {exc}") from exc
         raise FileUnreadable(
             f"cannot create the spool folder {target.parent} for the copy that is sent: "
             f"{exc.strerror or exc}; it is tried again later",

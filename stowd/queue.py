@@ -22,6 +22,13 @@ A row is claimed (with a lease) before it is uploaded; it is marked ``sent``/``f
 after the file was moved.  ``settling`` records the target before the move, so a crash between
 the move and the bookkeeping is repaired at the next start.  On open, claims left by a dead
 daemon return to ``pending``: delivery is at least once, safe because STOW is idempotent.
+While the daemon runs, ``reclaim`` returns claims whose lease ran out and that none of its
+workers holds (a worker that died).
+
+Every write transaction translates sqlite3's errors here, at one seam: ``QueueFull`` when the
+queue's filesystem is full (nothing was written), ``QueueError`` otherwise.  ``troubles``
+(schema 5) holds what the running daemon reports about itself for ``stowd status`` (a thread
+that keeps dying).
 """
 
 from __future__ import annotations
@@ -34,17 +41,18 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from stowd.errors import QueueError, QueueLockedError, SidecarNotReady
+from stowd import disk
+from stowd.errors import QueueError, QueueFull, QueueLockedError, SidecarNotReady
 
 log = logging.getLogger("stowd.queue")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 ACTIVE = ("pending", "claimed", "settling")
 DONE = ("sent", "failed", "gone")
 BUSY_TIMEOUT_MS = 30_000
@@ -115,6 +123,11 @@ CREATE TABLE IF NOT EXISTS destinations (
     held_until REAL,
     reason TEXT,
     failures INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS troubles (
+    name TEXT PRIMARY KEY,
+    since REAL NOT NULL,
+    text TEXT NOT NULL
 );
 """
 
@@ -263,6 +276,10 @@ _MIGRATIONS = {
         "CREATE TABLE IF NOT EXISTS lookups (destination TEXT NOT NULL, key TEXT NOT NULL, "
         "answer TEXT NOT NULL, fetched_at REAL NOT NULL, PRIMARY KEY (destination, key))",
     ),
+    4: (
+        "CREATE TABLE IF NOT EXISTS troubles (name TEXT PRIMARY KEY, since REAL NOT NULL, "
+        "text TEXT NOT NULL)",
+    ),
 }
 LOOKUP_MEMORY = 86_400.0  # cached lookup answers older than this are deleted
 
@@ -285,6 +302,19 @@ def _taken(snapshot: Callable[[], str | None]) -> Callable[[], str | None]:
 
         return not_ready
     return lambda: value
+
+
+def _log_queued(files: list[NewFile]) -> None:
+    """Said only once committed: a rolled-back insert queued nothing."""
+    for f in files:
+        log.info("queued %s (%d bytes, source %s)", f.path, f.size, f.source)
+
+
+def _roll_back(conn: sqlite3.Connection) -> None:
+    """End a failed transaction (SQLite may have ended it already, e.g. on a full disk)."""
+    if conn.in_transaction:
+        with suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
 
 
 def _job(row: Sequence[Any]) -> Job:
@@ -439,17 +469,46 @@ class Queue:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; sqlite3's errors become ``QueueError`` here (the one seam),
+        ``QueueFull`` when the queue's filesystem has no space left."""
         conn = self._conn()
         try:
             conn.execute("BEGIN IMMEDIATE")
             yield conn
             conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            _roll_back(conn)
+            raise self._translated(exc) from exc
         except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            _roll_back(conn)
             raise
 
+    def _translated(self, exc: sqlite3.Error) -> QueueError:
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return QueueFull(f"the queue {self.path} cannot be written: its disk is full ({exc})")
+        return QueueError(f"the queue {self.path} cannot be written: {exc}")
+
     # -- start-up ------------------------------------------------------------------
+    def reclaim(self, held: Collection[int]) -> int:
+        """Return to pending the claims whose lease ran out, except ``held`` (the rows a
+        worker of this daemon still has: an upload in progress, or a release it retries).
+        The daemon owns its queue alone (the lock file), so the rest were forgotten (a worker
+        that died); returns how many."""
+        now = self.clock()
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT id FROM files WHERE state = 'claimed' "
+                "AND (lease_until IS NULL OR lease_until < ?)",
+                (now,),
+            ).fetchall()
+            ids = [r[0] for r in rows if r[0] not in held]
+            db.executemany(
+                "UPDATE files SET state = 'pending', lease_until = NULL "
+                "WHERE id = ? AND state = 'claimed'",
+                [(i,) for i in ids],
+            )
+        return len(ids)
+
     def recover(self) -> int:
         """Return claims of a dead daemon to pending; returns how many."""
         with self._tx() as db:
@@ -504,11 +563,13 @@ class Queue:
         files = list(files)
         snapshots = self._snapshots(files)  # file reads happen before the write lock
         now = self.clock()
-        added = 0
+        added: list[NewFile] = []
         with self._tx() as db:
             for f in files:
-                added += self._enqueue_one(db, replace(f, snapshot=snapshots.get(f.path)), now)
-        return added
+                if self._enqueue_one(db, replace(f, snapshot=snapshots.get(f.path)), now):
+                    added.append(f)
+        _log_queued(added)
+        return len(added)
 
     def _snapshots(self, files: list[NewFile]) -> dict[str, Callable[[], str | None]]:
         """Take the sidecar snapshots of the files not queued yet with this content."""
@@ -547,7 +608,6 @@ class Queue:
                 "queued_at, sidecars) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
                 (f.source, f.destination, f.path, f.rel, f.size, f.mtime_ns, now, sidecars),
             )
-            log.info("queued %s (%d bytes, source %s)", f.path, f.size, f.source)
             return 1
         if row[3] != "pending" and (row[1], row[2]) != (f.size, f.mtime_ns):
             self._after[row[0]] = f  # being sent or moved: a new job once that is done
@@ -823,13 +883,19 @@ class Queue:
         while its row was busy is queued now, as a new job."""
         now = self.clock()
         done = list(done)
+        later = [(i, self._after[i]) for i, _ in done if i in self._after]
+        queued: list[NewFile] = []
         with self._tx() as db:
             db.executemany(
                 "UPDATE files SET state = ?, done_at = ?, lease_until = NULL WHERE id = ?",
                 [(state, now, i) for i, state in done],
             )
-            for f in [self._after.pop(i) for i, _ in done if i in self._after]:
-                self._enqueue_one(db, f, now)
+            for _, f in later:
+                if self._enqueue_one(db, f, now):
+                    queued.append(f)
+        for i, _ in later:  # kept until committed: a failed write loses none of them
+            self._after.pop(i, None)
+        _log_queued(queued)
 
     def finish_kept(self, done: Iterable[tuple[int, str, dict[str, Any] | None]]) -> None:
         """Mark (id, state, error) done for files that stay where they are (``stowd migrate
@@ -939,6 +1005,32 @@ class Queue:
         )
         return {r[0]: Hold(*r) for r in rows}
 
+    # -- the daemon's troubles (a thread that keeps dying), for stowd status ----------------
+    def set_trouble(self, name: str, text: str | None) -> None:
+        """Record what is wrong with the daemon's ``name`` (None: nothing any more)."""
+        with self._tx() as db:
+            if text is None:
+                db.execute("DELETE FROM troubles WHERE name = ?", (name,))
+            else:
+                db.execute(
+                    "INSERT INTO troubles (name, since, text) VALUES (?, ?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET text = excluded.text",
+                    (name, self.clock(), text),
+                )
+
+    def clear_troubles(self) -> None:
+        """A daemon starting: the troubles of the last one are over."""
+        with self._tx() as db:
+            db.execute("DELETE FROM troubles")
+
+    def troubles(self) -> list[tuple[str, float, str]]:
+        """(name, since, text) of each trouble the running daemon recorded."""
+        try:
+            rows = self._conn().execute("SELECT name, since, text FROM troubles ORDER BY since")
+        except sqlite3.OperationalError:  # read-only, a queue an older stowd wrote: none
+            return []
+        return [(r[0], r[1], r[2]) for r in rows.fetchall()]
+
     # -- status ----------------------------------------------------------------------------
     def active_of(self, sources: Sequence[str]) -> dict[str, int]:
         """How many rows of each of ``sources`` are not finished (queued, sending, moving)."""
@@ -1021,20 +1113,22 @@ class Queue:
         finally:
             conn.execute("COMMIT")  # ends the read transaction; nothing was written
 
-    def tally(self, now: float) -> list[tuple[str, str, str, int, int, float]]:
-        """(source, destination, state, files, bytes, oldest queued_at) of each group, in one
-        pass; pending rows whose next attempt lies after ``now`` count as ``waiting``."""
+    def tally(self, now: float) -> list[tuple[str, str, str, int, int, float, int]]:
+        """(source, destination, state, files, bytes, oldest queued_at, stored) of each group,
+        in one pass; pending rows whose next attempt lies after ``now`` count as ``waiting``;
+        ``stored``: how many of them the archive stored (of ``settling`` ones: not yet moved
+        to sent/; the others go to failed/)."""
         rows = (
             self._conn()
             .execute(
                 "SELECT source, destination, CASE WHEN state = 'pending' AND next_attempt_at > ? "
-                "THEN 'waiting' ELSE state END AS s, COUNT(*), SUM(size), MIN(queued_at) "
-                "FROM files GROUP BY source, destination, s",
+                "THEN 'waiting' ELSE state END AS s, COUNT(*), SUM(size), MIN(queued_at), "
+                "TOTAL(outcome = 'sent') FROM files GROUP BY source, destination, s",
                 (now,),
             )
             .fetchall()
         )
-        return [(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+        return [(r[0], r[1], r[2], r[3], r[4], r[5], int(r[6])) for r in rows]
 
     def sent_since(self, since: float) -> list[tuple[str, str, int, int]]:
         """(source, destination, files, bytes) sent at ``since`` or later.
@@ -1101,6 +1195,13 @@ def _folder_problem(folder: Path) -> str | None:
     readonly = read_only_note(folder)
     if readonly is not None:
         return readonly
+    free = disk.free_bytes(folder)
+    if free is not None and free < disk.FULL_BELOW:
+        return (
+            f"DISK FULL: the queue folder {folder} has {free} bytes free, and SQLite needs room "
+            "there for the queue's -wal and -shm files: free space on that filesystem "
+            f"(df -h {folder}); stowd can open its queue once there is"
+        )
     if not os.access(folder, os.W_OK):
         return (
             f"this user may not write in the queue folder {folder}: run stowd as the user "

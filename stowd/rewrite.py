@@ -41,7 +41,7 @@ from stowd.classify import (
     header_errors,
     unreadable_header,
 )
-from stowd.errors import FileProblem, FileUnreadable, reading
+from stowd.errors import FileProblem, FileUnreadable, SpoolFull, no_space, reading
 from stowd.vr import Value
 
 CHUNK = 1024 * 1024
@@ -419,6 +419,8 @@ def _write(
             return out.tell()
     except BaseException as exc:
         dst.unlink(missing_ok=True)
+        if no_space(exc):
+            raise SpoolFull(f"no space left in the spool folder {dst.parent}: {exc}") from exc
         if isinstance(exc, OSError):
             raise FileUnreadable(
                 f"copying the file to the spool folder {dst.parent} failed: "

@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 
 from stowd import sidecar as sidecar_mod
 from stowd.config import Sidecars, Source
-from stowd.errors import FileUnreadable
+from stowd.errors import FileUnreadable, no_space
 from stowd.queue import Job, Queue
 
 log = logging.getLogger("stowd.settle")
@@ -173,35 +173,68 @@ def _carry_out(
     handled: it is checked before the move, during a copy across filesystems and after the
     move, and left in (or put back into) the drop folder, where the watcher queues it as a
     new file.  Its row ends ``sent`` when the content read was stored, else ``gone``."""
-    if _replaced(job):
-        # The file at the path is not the one this job read: leave it for the watcher,
-        # which queues it as a new job. The job's own content is gone (or was stored).
-        _drop_second_link(job, target)
-        return _changed(job, outcome, None)
-    if os.path.lexists(job.path):
-        secured = _copy_sidecars(job, target)
-        if not move(Path(job.path), target, sync=False, expect=(job.size, job.mtime_ns)):
-            return _changed(job, outcome, None)  # it changed while it was copied: it stays
-    elif not target.exists():
-        log.warning("file vanished before it could be moved to %s: %s", outcome, job.path)
-        return "gone"
-    else:
-        secured = _copy_sidecars(job, target)  # a move finished before a crash
+    back = _put_back_before(job, target)
+    if back is not None:
+        _drop_own_copies(job, target)
+        return _changed(job, outcome, back)
+    secured = _bring(job, target, outcome)
+    if isinstance(secured, str):
+        return secured
     if _moved_changed(job, target):
-        return _changed(job, outcome, _put_back(job, target))
+        back = _put_back(job, target)
+        _drop_own_copies(job, target)
+        return _changed(job, outcome, back)
     _release_sidecars(job, sidecars, secured)
     if outcome == "failed" and error is not None:
         write_reason(target, error)
     return outcome
 
 
+def _bring(job: Job, target: Path, outcome: str) -> set[Path] | str:
+    """Move the file to ``target``, or find it moved there before a crash: the sidecars now
+    safe beside it; or the row's final state when it is not there (changed, vanished)."""
+    if _replaced(job):
+        if not _holds_read(job, target):
+            # The file at the path is not the one this job read: leave it for the watcher,
+            # which queues it as a new job. The job's own content is gone (or was stored).
+            return _changed(job, outcome, None)
+        return set()  # moved before a crash; a new file at the path may use the sidecars
+    if os.path.lexists(job.path):
+        secured = _copy_sidecars(job, target)
+        if not move(Path(job.path), target, sync=False, expect=(job.size, job.mtime_ns)):
+            return _changed(job, outcome, None)  # it changed while it was copied: it stays
+        return secured
+    if not target.exists():
+        log.warning("file vanished before it could be moved to %s: %s", outcome, job.path)
+        return "gone"
+    return _copy_sidecars(job, target)  # a move finished before a crash
+
+
+def _holds_read(job: Job, target: Path) -> bool:
+    """Is ``target`` there with what was read for upload (a move that finished before a
+    crash)?"""
+    try:
+        st = os.stat(_content_of(job, target))
+    except FileNotFoundError:
+        return False
+    return (st.st_size, st.st_mtime_ns) == (job.size, job.mtime_ns)
+
+
 def _moved_changed(job: Job, target: Path) -> bool:
     """Did the file change after it was read (a writer still had it open and wrote on)?"""
     try:
-        st = os.stat(target)
+        st = os.stat(_content_of(job, target))
     except FileNotFoundError:
         return False  # moved on by someone else: nothing of ours to check
     return (st.st_size, st.st_mtime_ns) != (job.size, job.mtime_ns)
+
+
+def _content_of(job: Job, target: Path) -> Path:
+    """Where the moved file's bytes are: ``target``, or for a moved symlink the file it
+    named from its old place (a relative link names another file, or none, from sent/)."""
+    if not target.is_symlink():
+        return target
+    return Path(job.path).parent / os.readlink(target)
 
 
 def _changed(job: Job, outcome: str, put_back: Path | None) -> str:
@@ -255,12 +288,43 @@ def _put_back(job: Job, target: Path) -> Path:
     raise OSError(errno.EEXIST, f"no free name for {original}")
 
 
-def _drop_second_link(job: Job, target: Path) -> None:
-    """A crash while a changed file was put back may leave it in both places: the drop
-    folder keeps it."""
-    with contextlib.suppress(OSError):
-        if target.exists() and os.path.samefile(target, job.path):
+def _put_back_before(job: Job, target: Path) -> Path | None:
+    """A crash while a changed file was put back may leave it in both places: at ``target``
+    and linked in the drop folder (under its own name, or a ``name~N`` beside it).  The drop
+    folder keeps it: ``target``'s link is removed; returns where the file is."""
+    if not _moved_changed(job, target):
+        return None
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        return None
+    if st.st_nlink < 2:
+        return None
+    for place in _versions(Path(job.path)):
+        if _same_inode(place, st):
             os.unlink(target)
+            _fsync_dir(target.parent)
+            return place
+    return None
+
+
+def _same_inode(path: Path, st: os.stat_result) -> bool:
+    try:
+        other = os.lstat(path)
+    except OSError:
+        return False
+    return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _drop_own_copies(job: Job, target: Path) -> None:
+    """Remove the copies of a file's own sidecars made beside ``target`` for a file that went
+    back to the drop folder: its sidecars stay with it there.  (``target``'s name was free
+    with its sidecars' names, so these copies are this file's.)"""
+    original = Path(job.path)
+    for name in job.sidecar_paths():
+        path = Path(name)
+        if _own_sidecar(original, path):
+            (target.parent / _sidecar_name(original, target, path)).unlink(missing_ok=True)
 
 
 def _copy_sidecars(job: Job, target: Path) -> set[Path]:
@@ -449,7 +513,8 @@ def _repair(
             done.append((job.id, state))
         except OSError as exc:
             where = job.target or f"{job.outcome}/"
-            log.error("still cannot move %s to %s: %s", job.path, where, exc)
+            level = logging.DEBUG if no_space(exc) else logging.ERROR  # the daemon says it once
+            log.log(level, "still cannot move %s to %s: %s", job.path, where, exc)
             stuck.add(job.id)
             problems[job.id] = exc
             continue
@@ -512,13 +577,13 @@ def _copy_across(src: Path, dst: Path, expect: tuple[int, int] | None) -> bool:
     """Copy, fsync, rename into place, then unlink ``src``: only if ``src`` did not change
     meanwhile (a writer that still adds to it would lose what it writes after the unlink)."""
     tmp = _tmp_beside(dst, ".stowd-tmp")
-    with open(src, "rb") as fin:
-        before = os.fstat(fin.fileno())
-        with open(tmp, "wb") as fout:
-            copied = _copy_all(fin, fout)
-            fout.flush()
-            os.fsync(fout.fileno())
-        after = os.fstat(fin.fileno())
+    try:
+        before, after, copied = _copy_to(src, tmp)
+    except BaseException:
+        # a part copy (a full disk) must not stay: it would keep that disk full for others
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     if not _same(before, after, copied, expect):
         tmp.unlink()
         return False
@@ -531,6 +596,19 @@ def _copy_across(src: Path, dst: Path, expect: tuple[int, int] | None) -> bool:
         return False
     os.unlink(src)
     return True
+
+
+def _copy_to(src: Path, tmp: Path) -> tuple[os.stat_result, os.stat_result, int]:
+    """Copy ``src`` to ``tmp`` and fsync it; ``src``'s stat before and after, and the bytes
+    copied."""
+    with open(src, "rb") as fin:
+        before = os.fstat(fin.fileno())
+        with open(tmp, "wb") as fout:
+            copied = _copy_all(fin, fout)
+            fout.flush()
+            os.fsync(fout.fileno())
+        after = os.fstat(fin.fileno())
+    return before, after, copied
 
 
 def _copy_all(fin: BinaryIO, fout: BinaryIO) -> int:

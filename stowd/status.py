@@ -1,9 +1,11 @@
 """``stowd status``: what the queue holds, read from another process without blocking it.
 
 ``gather`` reads the queue once (one read snapshot, four queries: one pass over the table for
-the counts, the done_at index for the rate, the state index for the errors, the holds) and
-returns plain data, which is also the ``--json`` output; ``render`` is the human form;
-``short_line`` is the daemon's systemd ``STATUS=`` line (two cheap queries).
+the counts, the done_at index for the rate, the state index for the errors, the holds; and
+while a daemon runs, a fifth: the troubles it recorded), looks at the free space of the
+folders stowd writes to (a full disk), and returns plain data, which is also the ``--json``
+output; ``render`` is the human form; ``short_line`` is the daemon's systemd ``STATUS=`` line
+(two cheap queries).
 
 The rate is what was *sent* in the last ``RATE_WINDOW`` seconds (files, and their bytes in
 MB of 10^6 bytes); the ETA is the backlog (pending + waiting + claimed) divided by that rate,
@@ -23,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stowd import inflight
-from stowd.config import Config
+from stowd import disk, inflight
+from stowd.config import Config, Source
 from stowd.errors import QueueError
 from stowd.printable import escape_lines
 from stowd.queue import Hold, Queue, open_readonly, read_only_note
@@ -34,6 +36,7 @@ LAST_ERRORS = 10
 MB = 1_000_000
 SHORT_LIMIT = 80
 REASON_WIDTH = 200  # characters of an error's reason in the human form
+COUNT_LIMIT = 10_000  # files counted at most in a drop folder (while nothing can be queued)
 STATES = ("pending", "waiting", "claimed", "settling", "sent", "failed", "gone", "ignored")
 ACTIVE = ("pending", "waiting", "claimed", "settling")  # the oldest of these is "oldest"
 BACKLOG = ("pending", "waiting", "claimed")  # what the ETA is about
@@ -82,9 +85,11 @@ class _Figures:
     oldest: float | None = None  # queued_at of the oldest active row
     sent_files: int = 0
     sent_bytes: int = 0
+    settling_stored: int = 0  # settling files the archive stored (the others failed)
 
-    def add(self, state: str, files: int, size: int, oldest: float) -> None:
+    def add(self, state: str, files: int, size: int, oldest: float, stored: int = 0) -> None:
         self.counts[state] = self.counts.get(state, 0) + files
+        self.settling_stored += stored if state == "settling" else 0
         self.backlog_bytes += size if state in BACKLOG else 0
         if state in ACTIVE and (self.oldest is None or oldest < self.oldest):
             self.oldest = oldest
@@ -131,16 +136,30 @@ def gather(config: Config, *, now: float | None = None) -> dict[str, Any]:
         with queue.reading():
             return _gather(config, queue, now)
     except sqlite3.Error as exc:  # e.g. no right to create the -wal/-shm files beside it
-        hint = read_only_note(config.queue.parent) or (
-            "run status as the user stowd runs as, e.g. sudo -u stowd stowd status -c CONFIG"
-        )
-        raise QueueError(f"cannot read the queue {config.queue}: {exc} ({hint})") from exc
+        why = _unreadable(config)
+        raise QueueError(f"cannot read the queue {config.queue}: {exc} ({why})") from exc
     finally:
         queue.close()
 
 
+def _unreadable(config: Config) -> str:
+    """Why the queue may not be readable: its disk is full (a reader must create the -shm
+    file when no daemon runs), its folder is read-only, or another user's files."""
+    for full in disk.full_places(config):
+        if config.queue.parent in full.paths:
+            return full.message()
+    return read_only_note(config.queue.parent) or (
+        "run status as the user stowd runs as, e.g. sudo -u stowd stowd status -c CONFIG"
+    )
+
+
 def _gather(config: Config, queue: Queue, now: float) -> dict[str, Any]:
     holds = {name: h for name, h in queue.holds().items() if name in config.destinations}
+    full = disk.full_places(config)
+    troubles = [  # recorded by the running daemon (a thread that keeps dying)
+        {"name": name, "since": since, "text": text}
+        for name, since, text in (queue.troubles() if daemon_pid(config.queue) else [])
+    ]
     sources, dests, total = _tally(config, queue, now)
     by_source = {
         name: _source_dict(config, name, figures, holds, now) for name, figures in sources.items()
@@ -149,6 +168,7 @@ def _gather(config: Config, queue: Queue, now: float) -> dict[str, Any]:
         name: {
             **figures.as_dict(now, held=name in holds),
             "configured": name in config.destinations,
+            "settling_stored": figures.settling_stored,
         }
         for name, figures in dests.items()
     }
@@ -177,7 +197,14 @@ def _gather(config: Config, queue: Queue, now: float) -> dict[str, Any]:
         "by_destination": by_dest,
         "by_source": by_source,
         "last_errors": _errors(queue, now),
-        "warnings": _warnings(config, by_source, pid is not None) + _not_answering(destinations),
+        "disks_full": [f.as_dict() for f in full],
+        "daemon_troubles": troubles,
+        "warnings": [
+            *_warnings(config, by_source, pid is not None),
+            *_not_answering(destinations),
+            *_trouble(config, by_source, full),
+            *(f"{t['text']}; systemd's watchdog is no longer fed" for t in troubles),
+        ],
     }
 
 
@@ -193,9 +220,9 @@ def _tally(
         found = [sources.setdefault(source, _Figures()), total]
         return [*found, dests.setdefault(dest, _Figures())] if dest else found  # "": parked
 
-    for source, dest, state, files, size, oldest in queue.tally(now):
+    for source, dest, state, files, size, oldest, stored in queue.tally(now):
         for figures in parts(source, dest):
-            figures.add(state, files, size, oldest)
+            figures.add(state, files, size, oldest, stored)
     for source, dest, files, size in queue.sent_since(now - RATE_WINDOW):
         for figures in parts(source, dest):
             figures.add_sent(files, size)
@@ -340,6 +367,53 @@ def _missing_watch_folders(config: Config) -> list[str]:
     return out
 
 
+def _trouble(
+    config: Config, by_source: Mapping[str, Mapping[str, Any]], full: list[disk.Full]
+) -> list[str]:
+    """Full disks, files that cannot be queued because of one, and files the archive
+    stored that are not moved yet."""
+    out = [f.message() for f in full]
+    places = {path: f for f in full for path in f.paths}
+    if config.queue.parent in places:
+        for source in config.sources:
+            waiting = _files_in(source.watch, (source.sent, source.failed))
+            if waiting:
+                out.append(
+                    f"source {source.name}: {waiting} file(s) in {source.watch} cannot be "
+                    "queued while the queue's disk is full (they are queued once space is freed)"
+                )
+    for source in config.sources:
+        settling = by_source.get(source.name, {}).get("counts", {}).get("settling", 0)
+        if settling:
+            out.append(f"source {source.name}: {settling} {_why_unmoved(source, places)}")
+    return out
+
+
+def _why_unmoved(source: Source, places: Mapping[Path, disk.Full]) -> str:
+    for folder, name in ((source.sent, "sent/"), (source.failed, "failed/")):
+        if folder in places:
+            return (
+                f"file(s) are not yet moved to sent/ or failed/: {name} of source "
+                f"{source.name} is full; they are moved once space is freed"
+            )
+    return (
+        "file(s) are not yet moved to sent/ or failed/ (being moved now, or the move failed "
+        "and stowd tries again every minute: see its log)"
+    )
+
+
+def _files_in(folder: Path, skip: tuple[Path, ...]) -> str:
+    """How many files are below ``folder`` (not in ``skip``), as text; counting stops at
+    ``COUNT_LIMIT`` (a huge folder is not walked to the end for a status)."""
+    count = 0
+    for top, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if Path(top, d) not in skip and not d.startswith(".")]
+        count += sum(1 for n in names if not n.startswith("."))
+        if count >= COUNT_LIMIT:
+            return f"{COUNT_LIMIT}+"
+    return str(count) if count else ""
+
+
 def _since(now: float, then: float | None) -> float | None:
     return None if then is None else round(max(0.0, now - then), 1)
 
@@ -347,9 +421,15 @@ def _since(now: float, then: float | None) -> float | None:
 # --------------------------------------------------------------------------- the short line
 
 
-def short_line(queue_or_data: Queue | Mapping[str, Any], destinations: Iterable[str] = ()) -> str:
+def short_line(
+    queue_or_data: Queue | Mapping[str, Any],
+    destinations: Iterable[str] = (),
+    *,
+    alerts: Iterable[str] = (),
+) -> str:
     """One line of at most 80 characters for systemd's ``STATUS=``, such as
-    ``12 pending, 3 waiting, 1520 sent, 2 failed; pacs ok``.
+    ``12 pending, 3 waiting, 1520 sent, 2 failed; pacs ok``.  ``alerts`` (a full disk, a
+    thread that keeps dying) come first, so that they are never cut off.
 
     From a ``Queue`` (two queries: the counts from one index, the holds) or from ``gather``'s
     data.  ``destinations`` names the configured destinations, so that healthy ones are
@@ -366,6 +446,7 @@ def short_line(queue_or_data: Queue | Mapping[str, Any], destinations: Iterable[
     names = list(dict.fromkeys([*destinations, *sorted(held)]))
     head = _short_counts(counts)
     line = f"{head}; {_short_health(names, held, SHORT_LIMIT - len(head) - 2)}"
+    line = "; ".join([*(a for a in alerts if a), line])
     return line if len(line) <= SHORT_LIMIT else line[: SHORT_LIMIT - 1] + "…"
 
 
@@ -404,6 +485,8 @@ def render(data: Mapping[str, Any]) -> str:
         f"backlog:      {_backlog(data, 'a destination')}",
     ]
     lines += [f"WARNING:      {w}" for w in data["warnings"]]
+    if data.get("disks_full") and data["oldest_pending_seconds"] is None:
+        lines[3] = "oldest:       nothing queued (but see the warnings: a disk is full)"
     for name, dest in data["by_destination"].items():
         lines += ["", *_destination(name, dest, data["destinations"].get(name))]
     for name, source in data["by_source"].items():
@@ -422,7 +505,21 @@ def _destination(name: str, figures: Mapping[str, Any], health: Any) -> list[str
         head = f"destination {name} (no longer in the config)"
     else:
         head = f"destination {name} ({health['url']})"
-    return [head, *_health(health), *_figures(figures)]
+    lines = [head, *_health(health)]
+    settling = figures["counts"].get("settling", 0)
+    if settling and lines[-1] == "  health:     ok":
+        lines[-1] += _unmoved(settling, figures.get("settling_stored", 0))
+    return [*lines, *_figures(figures)]
+
+
+def _unmoved(settling: int, stored: int) -> str:
+    """The end of an ok health line when files are not yet moved: how many the archive
+    stored (the others failed and wait for failed/)."""
+    if stored == settling:
+        return f", but {settling} file(s) it stored are not yet moved (see the warnings)"
+    of_them = f" ({stored} of them stored)" if stored else ""
+    where = f"sent/ or failed/{of_them}"
+    return f", but {settling} file(s) are not yet moved to {where} (see the warnings)"
 
 
 def _health(health: Mapping[str, Any] | None) -> list[str]:

@@ -61,7 +61,10 @@ DICOM_TYPE = "application/dicom"
 JSON_TYPE = "application/dicom+json"
 QIDO_ACCEPT = "application/dicom+json, application/json;q=0.9"
 QIDO_READ_TIMEOUT = 30.0  # seconds; a lookup is a small answer, unlike a STOW upload
-ACCEPT = "application/dicom+json, application/dicom+xml;q=0.9, application/json;q=0.8"
+# DICOM JSON only: Orthanc logs "Unsupported return MIME type" for every request that lists
+# other types, and Azure's DICOM service accepts no other (its conformance statement v2).
+# An archive that answers XML anyway is still read (parse_answer sniffs the body).
+ACCEPT = "application/dicom+json"
 REFERENCED, FAILED_SEQ, RETRIEVE_URL = "00081199", "00081198", "00081190"
 SOP_UID, FAILURE_REASON, WARNING_REASON = "00081155", "00081197", "00081196"
 BUSY_STATUSES = {408, 429, 502, 503, 504}
@@ -347,6 +350,22 @@ def _judge_one(answer: Answer, sop: str, single: bool) -> Verdict:
         return Verdict(Outcome.SENT, note, warning)
     if sop in answer.failed:
         return _judge_failed(status, answer.failed[sop])
+    return _judge_unlisted(answer, single)
+
+
+def _judge_unlisted(answer: Answer, single: bool) -> Verdict:
+    """A file the answer names neither as stored nor as failed."""
+    status = answer.status
+    # A failure item without a SOPInstanceUID: the archive could not even read which instance
+    # the part was (tiny_pacs_dicomweb/stow.py 0.1.0 lists a part it cannot parse, or whose
+    # UIDs are malformed, so: FailureReason 0x0110 and no 00081155).
+    unnamed = answer.failed.get("")
+    if status in (200, 202) and unnamed is not None and not single:
+        return Verdict(
+            Outcome.ISOLATE,
+            f"the archive answered HTTP {status} and refused a file of this request without "
+            "naming it: sending the files it did not list one by one",
+        )
     if status in (200, 202):
         return Verdict(
             Outcome.RETRY,
@@ -356,6 +375,9 @@ def _judge_one(answer: Answer, sop: str, single: bool) -> Verdict:
         return Verdict(Outcome.ISOLATE, f"HTTP {status} for a batch: sending files one by one")
     if status >= 500:
         return Verdict(Outcome.RETRY, f"the archive answered HTTP {status} (server error)")
+    if unnamed is not None:
+        reason = f"failure reason {unnamed:04X} ({failure_meaning(unnamed)})"
+        return Verdict(Outcome.FAILED, f"{_refusal(status)}: {reason}", unnamed)
     return Verdict(Outcome.FAILED, _refusal(status))
 
 

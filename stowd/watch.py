@@ -40,7 +40,14 @@ from watchdog.observers.polling import PollingObserver
 
 from stowd import metrics, sidecar
 from stowd.config import Sidecars, Source
-from stowd.errors import FileProblem, FileUnreadable, FileVanished, SidecarNotReady
+from stowd.errors import (
+    FileProblem,
+    FileUnreadable,
+    FileVanished,
+    QueueError,
+    QueueFull,
+    SidecarNotReady,
+)
 from stowd.queue import NewFile
 from stowd.settle import has_copy, remove_empty_parents
 
@@ -54,6 +61,7 @@ POLL_INTERVAL = 2.0
 # How often the watch folder itself is looked at (one stat): deleted, or deleted and created
 # again, its events stop (watchdog's emitter ends with the folder it watched).
 FOLDER_CHECK = 1.0
+QUEUE_RETRY = 5.0  # a queue that could not be written is tried again after this
 # The events that can mean a file is new or changed.  Not 'opened' and 'closed_no_write':
 # stowd opens every file twice itself (to read its header, to send it), and each of those
 # events was a hint that re-checked the file and asked the queue about it again.
@@ -102,12 +110,16 @@ class Watcher:
         exclude: tuple[Path, ...] = (),
         clock: Callable[[], float] = time.time,
         on_error: OnError | None = None,
+        on_queue_error: Callable[[QueueError], None] | None = None,
     ) -> None:
         """``on_error(path, exc)`` hears of every folder or file that cannot be read (not of
         ones that vanish): the daemon finds them again at its next rescan, a one-shot scan
         (``stowd migrate``) counts them as failures."""
         self.source = source
         self.on_error = on_error
+        # The sink failed: the daemon's watchers say so (a full disk) and rescan later; without
+        # it (a one-shot scan) the error is raised to the caller, never swallowed.
+        self.on_queue_error = on_queue_error
         self.destination = destination
         self.sink = sink
         self.clock = clock
@@ -130,6 +142,8 @@ class Watcher:
         self._folder: tuple[int, int] | None = None  # (st_dev, st_ino) of the watched folder
         self._missing = False  # the watch folder was deleted and is not back yet
         self._next_folder_check = 0.0
+        self._rescan_not_before = 0.0  # a queue that could not be written: not sooner
+        self._sink_failing = False
         self.beat = time.monotonic()  # last sign of progress (the daemon's watchdog reads it)
 
     @property
@@ -203,7 +217,7 @@ class Watcher:
         while not stop.is_set():
             self.beat = time.monotonic()
             hints, folders = self._take_hints()
-            if self._rescan_requested or time.monotonic() >= next_scan:
+            if self._rescan_due() or time.monotonic() >= next_scan:
                 self._rescan_requested = False
                 self.scan(stop)
                 next_scan = time.monotonic() + self.source.rescan_interval
@@ -268,6 +282,8 @@ class Watcher:
         self.start_observer()
         self._rescan_requested = True
         self._wake.set()
+    def _rescan_due(self) -> bool:
+        return self._rescan_requested and time.monotonic() >= self._rescan_not_before
 
     def _wait_time(self, next_scan: float) -> float:
         wait = min(IDLE_WAIT, max(0.0, next_scan - time.monotonic()))
@@ -350,11 +366,37 @@ class Watcher:
     def _flush(self, chunk: list[NewFile]) -> int:
         if not chunk:
             return 0
-        added = self.sink(list(chunk))
-        chunk.clear()
-        if added:
+        try:
+            added = self.sink(list(chunk))
+        except QueueError as exc:
+            if self.on_queue_error is None:  # a one-shot scan (stowd migrate): it must know
+                raise
+            self._sink_failed(exc, self.on_queue_error)
+            return 0
+        finally:
+            chunk.clear()
+        if added:  # a write went through (a chunk of known files may write nothing)
+            self._sink_works()
             metrics.queued(self.source.name, self.destination, added)
         return added
+
+    def _sink_failed(self, exc: QueueError, tell: Callable[[QueueError], None]) -> None:
+        """The queue cannot be written (its disk is full): nothing was queued.  The files
+        are found again by a rescan once ``QUEUE_RETRY`` has passed; said once."""
+        self._rescan_requested = True
+        self._rescan_not_before = time.monotonic() + QUEUE_RETRY
+        tell(exc)
+        if not self._sink_failing:
+            level = logging.DEBUG if isinstance(exc, QueueFull) else logging.WARNING
+            log.log(
+                level, "source %s: cannot queue files now: %s; tried again", self.source.name, exc
+            )
+        self._sink_failing = True
+
+    def _sink_works(self) -> None:
+        if self._sink_failing:
+            log.info("source %s: files are queued again", self.source.name)
+        self._sink_failing = False
 
     def _check(self, path: str) -> NewFile | None:
         """A ``NewFile`` when ``path`` is complete; otherwise maybe schedule a recheck."""

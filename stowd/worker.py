@@ -21,6 +21,7 @@ from stowd import classify as classify_mod
 from stowd.answers import answer_seconds
 from stowd.bulkform import bulk_part
 from stowd.config import BatchLimits, Config, Destination, Source
+from stowd.disk import Disks
 from stowd.errors import (
     ConnectionDropped,
     DestinationBusy,
@@ -29,14 +30,18 @@ from stowd.errors import (
     FileProblem,
     FileUnreadable,
     FileVanished,
+    QueueError,
+    QueueFull,
+    SpoolFull,
     StowFailure,
     UnknownType,
+    no_space,
 )
 from stowd.group import take_batch
 from stowd.lookup import Finder, LookupUnavailable, NotYet
 from stowd.media import Media, detect
 from stowd.queue import Classification, Job, Made, Queue
-from stowd.settle import Decision, iso, remove_empty_parents, settle_all
+from stowd.settle import Decision, Settled, iso, remove_empty_parents, settle_all
 from stowd.stow import (
     Answer,
     Outcome,
@@ -58,6 +63,8 @@ LOOKING = "looking up the study in the archive"
 # A file whose request, sent alone, ends this many times in a dropped connection fails.
 MAX_DROPS = 3
 DROPS = "connection_drops"  # the key of the error document that counts them
+QUEUE_RETRY_FIRST = 1.0  # a queue that cannot be written is tried again after this,
+QUEUE_RETRY_MAX = 30.0  # doubled per failure up to this
 
 
 class Worker:
@@ -76,8 +83,10 @@ class Worker:
         classify_lock: threading.Lock | None = None,
         finder: Finder | None = None,
         sends: bool = True,
+        disks: Disks | None = None,
     ) -> None:
         self.config = config
+        self.disks = disks  # told of writes that failed for lack of space (it logs them)
         # False: only reads new files, so that reading overlaps the uploads of the others
         self.sends = sends
         # asks the archives for the study a rule's lookup names (shared by a generation)
@@ -101,6 +110,12 @@ class Worker:
         self.in_flight: tuple[float, float] | None = None
         self._wire = wire_of(client)  # the requests in flight to this destination
         self._token = NOT_ALONE  # of this worker's request on the wire
+        # The ids this worker has claimed and not given back: the daemon never reclaims
+        # them (an upload in progress, or a release that failed and is tried again).
+        self.held: frozenset[int] = frozenset()
+        self._owed: set[int] = set()  # claimed rows whose release failed: released first
+        self._queue_failures = 0  # writes to the queue that failed in a row
+        self._queue_full = False  # the last of them: for lack of space
 
     def run(self) -> None:
         self.running = True
@@ -114,11 +129,38 @@ class Worker:
             self.beat = time.monotonic()
             try:
                 busy = self.step()
+            except QueueError as exc:
+                self.stop.wait(self._queue_failed(exc))
+                continue
             except Exception:
                 log.exception("unexpected error in the %s worker; going on", self.destination.name)
                 busy = False
-            if not busy:
+            if busy:  # it wrote to the queue (a step that found nothing may write nothing)
+                self._queue_works()
+            else:
                 self.stop.wait(IDLE_WAIT)
+
+    def _queue_failed(self, exc: QueueError) -> float:
+        """The queue could not be written: say so once, and how long to wait.  A full
+        disk is logged by the daemon (``Disks``), once for all threads."""
+        self._queue_full = isinstance(exc, QueueFull)
+        if self._queue_full and self.disks is not None:
+            self.disks.hit(self.queue.path)
+            log.debug("the %s worker waits: %s", self.destination.name, exc)
+        elif self._queue_failures == 0:
+            log.warning(
+                "%s; the %s worker waits and tries again (no file is lost)",
+                exc,
+                self.destination.name,
+            )
+        self._queue_failures += 1
+        return float(min(QUEUE_RETRY_FIRST * 2 ** (self._queue_failures - 1), QUEUE_RETRY_MAX))
+
+    def _queue_works(self) -> None:
+        if self._queue_failures:
+            level = logging.DEBUG if self._queue_full else logging.INFO  # Disks says it
+            log.log(level, "the %s worker can write to the queue again", self.destination.name)
+        self._queue_failures = 0
 
     def _alive(self) -> None:
         """A sign of progress within a step (a chunk of an upload went out)."""
@@ -138,6 +180,7 @@ class Worker:
 
     def step(self) -> bool:
         """Do one unit of work; False when there was nothing to do."""
+        self._pay_back()
         classified = self.classify_some()
         if not self.sends:
             return classified > 0
@@ -315,17 +358,42 @@ class Worker:
         )
         if not batch:
             return False
+        self.held = frozenset(j.id for j in batch)
         try:
             self._send(batch, held=hold is not None)
         except BaseException:
-            self.queue.release([j.id for j in batch])  # never leave a batch claimed
+            self._give_back(self.held)  # never leave a batch claimed
             raise
+        finally:
+            self.held = frozenset(self._owed)
         return True
+
+    def _give_back(self, ids: frozenset[int]) -> None:
+        """Release ``ids``; when the queue cannot be written now, keep them to release
+        before any new work is claimed (``_pay_back``)."""
+        try:
+            self.queue.release(ids)
+        except QueueError:
+            self._owed |= ids
+
+    def _pay_back(self) -> None:
+        """Release the rows a failed release left claimed (raises ``QueueError`` while the
+        queue still cannot be written: then nothing new is claimed)."""
+        if self._owed:
+            self.queue.release(self._owed)
+            log.info(
+                "destination %s: %d file(s) whose upload could not be recorded are queued "
+                "again and will be sent again",
+                self.destination.name,
+                len(self._owed),
+            )
+            self._owed.clear()
+            self.held = frozenset()
 
     def _send(self, batch: list[Job], *, held: bool) -> None:
         token = self._wire.begin(only=held)  # a held destination: one probe at a time
-        if token is None:
-            self.queue.release([j.id for j in batch])
+        if token is None:  # another worker began probing meanwhile
+            self._give_back(frozenset(j.id for j in batch))
             return
         self._token = token
         spooled: list[Path] = []
@@ -340,11 +408,13 @@ class Worker:
 
     def _parts(self, batch: list[Job], spooled: list[Path]) -> tuple[list[Job], list[Part]]:
         """What to send for each job: the file itself, or its changed copy in the spool."""
-        jobs, parts, refused = [], [], []
+        jobs, parts, refused, no_room = [], [], [], []
         for job in batch:
             try:
                 parts.append(self._part(job, spooled))
                 jobs.append(job)
+            except SpoolFull:
+                no_room.append(job.id)
             except FileVanished:
                 self._drop_vanished([job])
             except FileUnreadable as exc:
@@ -352,12 +422,26 @@ class Worker:
                 refused.append(self._later(job, str(exc), stage=stage, counted=metrics.UNREADABLE))
             except FileProblem as problem:
                 refused.append(self._failure(job, str(problem), stage=_stage(job)))
-            except Exception:  # a bug must not stop the other files (nor spin on this one)
+            except Exception as exc:  # a bug must not stop the other files (nor spin on it)
+                if no_space(exc):  # writing the DICOM file made from it
+                    no_room.append(job.id)
+                    continue
                 log.exception("unexpected error while preparing %s; tried again later", job.path)
                 reason = "stowd hit an unexpected error while preparing the file (see its log)"
                 refused.append(self._later(job, reason, stage=_stage(job)))
+        self._wait_for_room(no_room)
         self._settle_all([d for d in refused if d is not None])
         return jobs, parts
+
+    def _wait_for_room(self, ids: list[int]) -> None:
+        """The spool is full: these files wait for space, without counting an attempt
+        (their copy is made again later; the daemon logs the full disk once)."""
+        if not ids:
+            return
+        if self.disks is not None:
+            self.disks.hit(self.config.spool)
+        self.queue.release(ids, not_before=self.clock() + self.config.retry.initial)
+        log.debug("no space in the spool %s for %d file(s); they wait", self.config.spool, len(ids))
 
     def _part(self, job: Job, spooled: list[Path]) -> Part:
         if job.kind != "dicom":
@@ -613,16 +697,17 @@ class Worker:
     def _settle_all(self, decisions: list[Decision]) -> None:
         if not decisions:
             return
-        for result in settle_all(self.queue, decisions):
+        try:
+            results = settle_all(self.queue, decisions)
+        except QueueError:
+            # Rows already recorded as settling are finished by the daemon's repair; the
+            # others are still claimed, and released by the caller (or sent again).
+            self.unsettled.update(d.job.id for d in decisions)
+            raise
+        for result in results:
             job, source = result.decision.job, result.decision.source
             if result.problem is not None:
-                log.error(
-                    "cannot move %s to %s/: %s (will try again)",
-                    job.path,
-                    result.decision.outcome,
-                    result.problem,
-                )
-                self.unsettled.add(job.id)
+                self._unsettled(result)
                 continue
             if result.target is not None:
                 outcome = result.decision.outcome
@@ -631,6 +716,24 @@ class Worker:
                 log.info("%s: stored, moved to %s", job.path, result.target)
             if result.target is not None and source.remove_empty_dirs:
                 remove_empty_parents(Path(job.path), source.watch)
+
+    def _unsettled(self, result: Settled) -> None:
+        """A move that failed: the daemon tries it again (a full disk is logged once, by
+        the daemon, not once per file)."""
+        job, outcome = result.decision.job, result.decision.outcome
+        self.unsettled.add(job.id)
+        if result.problem is not None and no_space(result.problem):
+            if self.disks is not None:
+                self.disks.hit(
+                    result.decision.source.sent
+                    if outcome == "sent"
+                    else result.decision.source.failed
+                )
+            log.info(
+                "cannot move %s to %s/ now: %s (will try again)", job.path, outcome, result.problem
+            )
+            return
+        log.error("cannot move %s to %s/: %s (will try again)", job.path, outcome, result.problem)
 
     def _error_doc(
         self,

@@ -4,6 +4,9 @@
 ``tmp_path / "orthanc"``).  When Orthanc or its DICOMweb plugin is not installed the test is
 skipped, or fails when the environment variable ``CI`` is ``"true"`` (CI must never skip it).
 
+``archive``: the same for each real archive in turn (``archives.NAMES``: Orthanc, then a
+tiny_pacs from the test extras), so a test taking it runs against both.
+
 Test files make DICOM data with the functions of ``dicomgen`` (``from dicomgen import
 make_study``); ``tests/`` is on ``sys.path`` because it has no ``__init__.py``.
 """
@@ -14,16 +17,22 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import archives
 import pytest
+from archives import Archive
 from harness import Clock
 from orthanc import Orthanc, orthanc_missing_reason
+from tinypacs import TinyPacs, tiny_pacs_missing_reason
 
 from stowd.queue import Queue
 
 
 def require_orthanc() -> None:
     """Skip the calling test (fail it under CI=true) when no test Orthanc can run here."""
-    reason = orthanc_missing_reason()
+    _require(orthanc_missing_reason())
+
+
+def _require(reason: str | None) -> None:
     if reason is None:
         return
     if os.environ.get("CI") == "true":
@@ -47,6 +56,23 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
         yield server
     finally:
         # Its storage is thrown away, so skip the ~2.5 s clean shutdown.
+        server.kill()
+
+
+@pytest.fixture(params=archives.NAMES)
+def archive(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Archive]:
+    """A running, empty real archive for this test: Orthanc, then tiny_pacs; killed after it."""
+    server: Archive
+    if request.param == "orthanc":
+        require_orthanc()
+        server = Orthanc(tmp_path / "orthanc")
+    else:
+        _require(tiny_pacs_missing_reason())
+        server = TinyPacs(tmp_path / "tiny_pacs")
+    try:
+        server.start()
+        yield server
+    finally:
         server.kill()
 
 

@@ -1,6 +1,7 @@
 """A proxy in front of Orthanc's STOW-RS endpoint for tests: it passes each request on, can
 hold the answer back (a window in which Orthanc has stored instances that stowd has not been
-told about yet), and keeps every request body so a test can count what was POSTed."""
+told about yet: for ``delay`` seconds, or while ``gate`` is clear), and keeps every request
+body so a test can count what was POSTed."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import httpx
 from localserver import LocalServer
 
+GATE_LIMIT = 120.0  # seconds an answer is held back at most by a closed gate
 _SOP_TAG = re.compile(re.escape(b"\x08\x00\x18\x00"))
 
 
@@ -24,6 +26,8 @@ class StowProxy(LocalServer):
     def __init__(self, target: str, delay: float = 0.0) -> None:
         proxy = self
         self.delay = delay
+        self.gate = threading.Event()  # answers are held back while it is clear
+        self.gate.set()
         self.bodies: list[bytes] = []
         self._lock = threading.Lock()
 
@@ -35,6 +39,7 @@ class StowProxy(LocalServer):
                 with proxy._lock:
                     proxy.bodies.append(body)
                 time.sleep(proxy.delay)
+                proxy.gate.wait(GATE_LIMIT)
                 self.send_response(answer.status_code)
                 self.send_header("Content-Type", answer.headers.get("Content-Type", "text/plain"))
                 self.send_header("Content-Length", str(len(answer.content)))

@@ -1,4 +1,5 @@
-"""The real daemon, as a subprocess, against a real Orthanc: the required scenarios."""
+"""The real daemon, as a subprocess, against a real Orthanc: the required scenarios (those
+taking ``archive`` run against tiny_pacs too)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pydicom
+from archives import Archive
 from dicomgen import (
     make_instance,
     make_study,
@@ -46,8 +48,8 @@ def assert_settled_once(layout: Layout) -> None:
     assert layout.files(layout.sent) & layout.files(layout.failed) == set()
 
 
-def test_files_dropped_while_running_reach_orthanc(tmp_path: Path, orthanc: Orthanc) -> None:
-    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
+def test_files_dropped_while_running_reach_the_archive(tmp_path: Path, archive: Archive) -> None:
+    layout = make_layout(tmp_path / "run", archive.dicomweb_url)
     daemon = Stowd(layout).start()
     try:
         wait_for(lambda: "watching" in daemon.log, 20, "the daemon to start", lambda: daemon.log)
@@ -60,7 +62,7 @@ def test_files_dropped_while_running_reach_orthanc(tmp_path: Path, orthanc: Orth
             "200 files in sent/",
             lambda: daemon.log,
         )
-        assert orthanc.sop_instance_uids() == uids
+        assert archive.sop_instance_uids() == uids
         assert_settled_once(layout)
         assert layout.files(layout.failed) == set()
         assert "study0/IM00001.dcm" in layout.files(layout.sent)
@@ -71,8 +73,8 @@ def test_files_dropped_while_running_reach_orthanc(tmp_path: Path, orthanc: Orth
     assert "stopped" in daemon.log
 
 
-def test_files_present_before_start_are_sent(tmp_path: Path, orthanc: Orthanc) -> None:
-    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
+def test_files_present_before_start_are_sent(tmp_path: Path, archive: Archive) -> None:
+    layout = make_layout(tmp_path / "run", archive.dicomweb_url)
     uids = {u for _, u in make_study(layout.drop / "old", 30)}
     past = time.time() - 3600
     for path in (layout.drop / "old").iterdir():
@@ -85,7 +87,7 @@ def test_files_present_before_start_are_sent(tmp_path: Path, orthanc: Orthanc) -
             "30 files in sent/",
             lambda: daemon.log,
         )
-        assert orthanc.sop_instance_uids() == uids
+        assert archive.sop_instance_uids() == uids
         assert_settled_once(layout)
     finally:
         daemon.stop()
@@ -123,8 +125,8 @@ def test_a_slowly_written_file_is_sent_once_complete(tmp_path: Path, orthanc: Or
         daemon.stop()
 
 
-def test_kill_9_during_uploads_loses_nothing(tmp_path: Path, orthanc: Orthanc) -> None:
-    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
+def test_kill_9_during_uploads_loses_nothing(tmp_path: Path, archive: Archive) -> None:
+    layout = make_layout(tmp_path / "run", archive.dicomweb_url)
     uids: set[str] = set()
     for study in range(8):
         uids |= {u for _, u in make_study(layout.drop / f"s{study}", 50, size_bytes=200_000)}
@@ -142,7 +144,7 @@ def test_kill_9_during_uploads_loses_nothing(tmp_path: Path, orthanc: Orthanc) -
             "all 400 in sent/",
             lambda: again.log,
         )
-        assert orthanc.sop_instance_uids() == uids
+        assert archive.sop_instance_uids() == uids
         assert_settled_once(layout)
         assert layout.files(layout.failed) == set()
         assert counts(layout) == {"sent": 400}
@@ -208,10 +210,10 @@ def test_archive_killed_mid_request_loses_nothing(tmp_path: Path, orthanc: Ortha
 
 
 def test_bad_files_fail_with_reasons_and_the_daemon_keeps_running(
-    tmp_path: Path, orthanc: Orthanc
+    tmp_path: Path, archive: Archive
 ) -> None:
-    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
-    orthanc.stop()  # hold the good files in the queue while one of them is deleted
+    layout = make_layout(tmp_path / "run", archive.dicomweb_url)
+    archive.stop()  # hold the good files in the queue while one of them is deleted
     daemon = Stowd(layout).start()
     try:
         write_garbage(layout.drop / "garbage.dcm")
@@ -238,7 +240,7 @@ def test_bad_files_fail_with_reasons_and_the_daemon_keeps_running(
             "two good files queued",
         )
         (layout.drop / "deleted.dcm").unlink()
-        orthanc.start()
+        archive.start()
         wait_for(
             lambda: layout.files(layout.sent) == {"good.dcm"},
             60,
@@ -246,7 +248,7 @@ def test_bad_files_fail_with_reasons_and_the_daemon_keeps_running(
             lambda: daemon.log,
         )
         wait_for(lambda: counts(layout).get("gone") == 1, 30, "the deleted file forgotten")
-        assert orthanc.sop_instance_uids() == {good}
+        assert archive.sop_instance_uids() == {good}
         reasons = {
             name: json.loads(path.read_text())["reason"]
             for name, path in layout.error_files().items()

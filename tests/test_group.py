@@ -62,3 +62,17 @@ def test_a_bad_url_with_a_password_is_reported_without_it(tmp_path: Path) -> Non
         load_config(config)
     assert "destinations.p.url" in str(caught.value)
     assert "Tr0ub4dor" not in str(caught.value)
+
+
+def test_two_files_with_one_sop_instance_uid_never_travel_together() -> None:
+    """The answer names a UID once: the second file waits for a later request (issue 15)."""
+    jobs = [job(0, 10), replace(job(1, 10), sop_uid="sop0"), job(2, 10), job(3, 10)]
+    limits = BatchLimits(max_files=3, max_bytes=10**9)
+    first = take_batch(jobs, limits)
+    assert [j.id for j in first] == [0, 2, 3]  # the files after the duplicate still go
+    left = [j for j in jobs if j not in first]
+    assert [j.id for j in take_batch(left, limits)] == [1]  # next request: not starved
+    copies = [replace(job(n, 10), sop_uid="same") for n in range(3)]
+    assert [j.id for j in take_batch(copies, limits)] == [0]
+    unknown = [replace(job(n, 10), sop_uid=uid) for n, uid in enumerate((None, None, "", ""))]
+    assert [j.id for j in take_batch(unknown, limits)] == [0, 1, 2]

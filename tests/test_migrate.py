@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from archives import Archive, write_refused
 from dicomgen import make_instance, make_study, write_empty, write_garbage, write_truncated
 from harness import Layout, make_layout, run_cli, wait_for
 from orthanc import Orthanc
@@ -37,9 +38,9 @@ from stowd.queue import Queue
 from stowd.watch import Watcher
 
 
-def layout_for(tmp_path: Path, orthanc: Orthanc, max_files: int = 2) -> Layout:
-    dest = {"url": orthanc.dicomweb_url, "workers": 1, "batch": {"max_files": max_files}}
-    return make_layout(tmp_path / "run", orthanc.dicomweb_url, destinations={"pacs": dest})
+def layout_for(tmp_path: Path, archive: Archive, max_files: int = 2) -> Layout:
+    dest = {"url": archive.dicomweb_url, "workers": 1, "batch": {"max_files": max_files}}
+    return make_layout(tmp_path / "run", archive.dicomweb_url, destinations={"pacs": dest})
 
 
 def hashes(folder: Path) -> dict[str, str]:
@@ -170,28 +171,20 @@ def only_in_flight_resent(
     assert len(resent) <= 2, resent
 
 
-def write_refused(path: Path) -> Path:
-    """A file stowd reads fine and Orthanc refuses (HTTP 400): after the pixel data an
-    element claims 100,000 bytes and 10 follow."""
-    make_instance(path)
-    with open(path, "ab") as fp:
-        fp.write(b"\xfc\xff\xfc\xffOB\x00\x00" + (100_000).to_bytes(4, "little") + b"x" * 10)
-    return path
-
-
-def test_the_report_lists_exactly_the_bad_files(tmp_path: Path, orthanc: Orthanc) -> None:
-    layout = layout_for(tmp_path, orthanc, max_files=10)
-    archive = tmp_path / "old"
-    good = {u for _, u in make_study(archive / "a", 5)}
+def test_the_report_lists_exactly_the_bad_files(tmp_path: Path, archive: Archive) -> None:
+    layout = layout_for(tmp_path, archive, max_files=10)
+    old = tmp_path / "old"
+    good = {u for _, u in make_study(old / "a", 5)}
     bad = {
-        write_garbage(archive / "a" / "garbage.dcm"),
-        write_empty(archive / "b" / "empty.dcm"),
-        archive / "b" / "truncated.dcm",
-        write_refused(archive / "a" / "refused.dcm"),
+        write_garbage(old / "a" / "garbage.dcm"),
+        write_empty(old / "b" / "empty.dcm"),
+        old / "b" / "truncated.dcm",
+        old / "a" / "refused.dcm",
     }
-    write_truncated(archive / "b" / "truncated.dcm")
+    refused_status = write_refused(archive, old / "a" / "refused.dcm")
+    write_truncated(old / "b" / "truncated.dcm")
     report = tmp_path / "failed.csv"
-    result = run_cli("migrate", "-c", str(layout.config), str(archive), "--destination", "pacs",
+    result = run_cli("migrate", "-c", str(layout.config), str(old), "--destination", "pacs",
                      "--report", str(report))  # fmt: skip
     assert result.returncode == 1, result.stdout + result.stderr
     with open(report, newline="", encoding="utf-8") as fp:
@@ -199,11 +192,11 @@ def test_the_report_lists_exactly_the_bad_files(tmp_path: Path, orthanc: Orthanc
     assert {r["path"] for r in rows} == {str(p) for p in bad}
     assert all(r["reason"] and r["stage"] for r in rows)
     by_name = {Path(r["path"]).name: r for r in rows}
-    assert by_name["refused.dcm"]["http_status"] == "400"
+    assert by_name["refused.dcm"]["http_status"] == refused_status
     assert by_name["refused.dcm"]["stage"] == "storing the file"
     assert by_name["garbage.dcm"]["http_status"] == ""
     assert list(rows[0]) == ["path", "reason", "http_status", "stage"]
-    assert orthanc.sop_instance_uids() == good
+    assert archive.sop_instance_uids() == good
     assert Layout(tmp_path, layout.config).files(tmp_path / "old.sent") == {
         f"a/IM0000{n}.dcm" for n in range(1, 6)
     }
@@ -218,7 +211,7 @@ def test_the_report_lists_exactly_the_bad_files(tmp_path: Path, orthanc: Orthanc
     # Run again: nothing is left in the source, but the failed files still lie in old.failed
     # unstored, so the exit code and the report say so (not just this run's failures).
     as_json = tmp_path / "failed.json"
-    again = run_cli("migrate", "-c", str(layout.config), str(archive), "--destination", "pacs",
+    again = run_cli("migrate", "-c", str(layout.config), str(old), "--destination", "pacs",
                     "--report", str(as_json))  # fmt: skip
     assert again.returncode == 1, again.stdout + again.stderr
     listed = json.loads(as_json.read_text())
@@ -231,12 +224,12 @@ def test_the_report_lists_exactly_the_bad_files(tmp_path: Path, orthanc: Orthanc
     for path in failed.rglob("*"):
         if path.is_file():
             path.unlink()
-    fixed = make_instance(archive / "b" / "empty.dcm")
-    third = run_cli("migrate", "-c", str(layout.config), str(archive), "--destination", "pacs",
+    fixed = make_instance(old / "b" / "empty.dcm")
+    third = run_cli("migrate", "-c", str(layout.config), str(old), "--destination", "pacs",
                     "--report", str(as_json))  # fmt: skip
     assert third.returncode == 0, third.stdout + third.stderr
     assert json.loads(as_json.read_text()) == []
-    assert fixed in orthanc.sop_instance_uids()
+    assert fixed in archive.sop_instance_uids()
 
 
 def test_progress_lines_without_a_terminal(tmp_path: Path, orthanc: Orthanc) -> None:
@@ -271,21 +264,21 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
 
 
 def test_a_sub_folder_migrated_first_is_not_sent_again_with_its_parent(
-    tmp_path: Path, orthanc: Orthanc
+    tmp_path: Path, archive: Archive
 ) -> None:
-    layout = layout_for(tmp_path, orthanc, max_files=5)
-    archive = tmp_path / "ct"
-    make_study(archive / "2019", 6)
-    make_study(archive / "2020", 4)
-    first = run_cli("migrate", "-c", str(layout.config), str(archive / "2019"),
+    layout = layout_for(tmp_path, archive, max_files=5)
+    ct = tmp_path / "ct"
+    make_study(ct / "2019", 6)
+    make_study(ct / "2020", 4)
+    first = run_cli("migrate", "-c", str(layout.config), str(ct / "2019"),
                     "--destination", "pacs")  # fmt: skip
     assert first.returncode == 0, first.stderr
-    assert len(list((archive / "2019.sent").rglob("*.dcm"))) == 6  # beside it, inside ct/
-    second = run_cli("migrate", "-c", str(layout.config), str(archive), "--destination", "pacs")
+    assert len(list((ct / "2019.sent").rglob("*.dcm"))) == 6  # beside it, inside ct/
+    second = run_cli("migrate", "-c", str(layout.config), str(ct), "--destination", "pacs")
     assert second.returncode == 0, second.stderr
     assert len(sent_paths(layout)) == 10  # the 6 in ct/2019.sent were not sent again
-    assert orthanc.instance_count() == 10
-    nested = run_cli("migrate", "-c", str(layout.config), str(archive), str(archive / "2020"),
+    assert archive.instance_count() == 10
+    nested = run_cli("migrate", "-c", str(layout.config), str(ct), str(ct / "2020"),
                      "--destination", "pacs")  # fmt: skip
     assert nested.returncode == 2 and "is inside" in nested.stderr
 

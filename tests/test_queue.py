@@ -13,7 +13,7 @@ import pytest
 from harness import Clock
 
 from stowd.config import BatchLimits
-from stowd.errors import QueueError, QueueLockedError, SidecarNotReady
+from stowd.errors import QueueError, QueueFull, QueueLockedError, SidecarNotReady
 from stowd.group import take_batch
 from stowd.queue import Classification, Job, Made, NewFile, Queue, open_readonly
 
@@ -404,3 +404,40 @@ def test_forget_done_keeps_the_record_of_files_stored_in_place(queue: Queue, clo
         "/old/kept",
         "/old/changed",
     }
+
+
+def test_reclaim_returns_expired_claims_that_no_worker_holds(queue: Queue, clock: Clock) -> None:
+    queue.enqueue([new("/d/a"), new("/d/b"), new("/d/c")])
+    classify_all(queue)
+    a, b, c = queue.claim_batch(["pacs"], pick=pick_all, candidates=10, lease=60)
+    clock.now += 30
+    assert queue.reclaim(held=set()) == 0  # the lease runs: a claim just made is left alone
+    clock.now += 31
+    assert queue.reclaim(held={a.id}) == 2  # a's upload still runs (its worker holds it)
+    assert [j.id for j in queue.jobs("claimed")] == [a.id]
+    assert [j.id for j in queue.jobs("pending")] == [b.id, c.id]
+    assert queue.reclaim(held=set()) == 1  # its worker died: a goes back too
+    assert queue.counts() == {"pending": 3}
+
+
+def limit_size(queue: Queue) -> None:
+    """Let the queue's database grow no more: its next write fails as on a full disk."""
+    db = queue._conn()
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    db.execute(f"PRAGMA max_page_count = {pages}")
+
+
+def test_a_full_queue_raises_queue_full_and_logs_no_queued_file(
+    queue: Queue, caplog: pytest.LogCaptureFixture
+) -> None:
+    queue.enqueue([new("/d/a")])
+    limit_size(queue)
+    many = [new(f"/d/{'x' * 200}{n}") for n in range(200)]  # more than the free pages hold
+    caplog.set_level("INFO", logger="stowd.queue")
+    with pytest.raises(QueueFull, match="its disk is full"):
+        queue.enqueue(many)
+    assert "queued" not in caplog.text  # the insert was rolled back: nothing was queued
+    assert queue.counts() == {"pending": 1}
+    queue._conn().execute("PRAGMA max_page_count = 1073741823")
+    assert queue.enqueue(many) == 200
+    assert caplog.text.count("queued /d/x") == 200  # once each, after the commit

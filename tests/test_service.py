@@ -22,8 +22,9 @@ from orthanc import Orthanc, free_port
 from stowd import classify as classify_mod
 from stowd.classify import Classified
 from stowd.config import load_config
-from stowd.daemon import Daemon
+from stowd.daemon import RESTART_LIMIT, Daemon, Generation, _spawn
 from stowd.notify import Notifier
+from stowd.status import gather
 
 
 class NotifySocket:
@@ -336,4 +337,64 @@ def test_a_thread_still_busy_after_a_reload_is_watched_and_reaped(
         release.set()
         daemon.stop.set()
         daemon._shutdown()
+        daemon.queue.close()
+
+
+def test_a_thread_that_keeps_dying_is_reported_and_starves_the_watchdog(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layout = make_layout(tmp_path / "run", "http://127.0.0.1:9/dicom-web")
+    config = load_config(layout.config)
+    daemon = Daemon(config, Notifier({}))
+    daemon.queue.open()
+    try:
+        gen = daemon.generation = Generation(config)
+        _spawn(gen, "flaky", lambda: None)  # a thread that ends at once: dead each time
+        for dead in range(1, RESTART_LIMIT + 2):
+            thread = gen.threads["flaky"][0]
+            wait_for(lambda t=thread: not t.is_alive(), 10, "the thread to end")  # type: ignore[misc]
+            daemon._revive_dead_threads()
+            assert (daemon._dying() is not None) == (dead > RESTART_LIMIT)
+        gen.threads["flaky"][0].join(10)
+        gen.threads.clear()  # (a dead thread alone already keeps the watchdog unfed)
+        stuck = daemon._stuck_thread()
+        assert stuck is not None and stuck[1] == "thread flaky died 6 times in 10 min"
+        assert daemon._status_line().startswith("thread flaky died 6 times in 10 min; ")
+        monkeypatch.setattr("stowd.status.daemon_pid", lambda _queue: os.getpid())
+        data = gather(config)
+        assert [t["text"] for t in data["daemon_troubles"]] == [
+            "thread flaky died 6 times within 10 minutes"
+        ]
+        assert (
+            "thread flaky died 6 times within 10 minutes; systemd's watchdog is no longer "
+            "fed" in data["warnings"]
+        )
+        daemon._deaths["flaky"].clear()  # ten quiet minutes later
+        assert daemon._stuck_thread() is None
+        assert gather(config)["daemon_troubles"] == []
+    finally:
+        daemon.queue.close()
+
+
+def test_a_full_disk_leads_the_status_line_and_keeps_the_watchdog_fed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    layout = make_layout(tmp_path / "run", "http://127.0.0.1:9/dicom-web")
+    config = load_config(layout.config)
+    daemon = Daemon(config, Notifier({}))
+    daemon.queue.open()
+    try:
+        daemon.disks.hit(config.queue)  # a write to the queue failed: no space
+        assert not daemon._disk_freed() and not daemon._disk_freed()  # checked twice
+        line = daemon._status_line()  # every place shares the filesystem of the queue here
+        assert line.startswith("DISK FULL: queue, spool, sent/ ct1, failed/ ct1; 0 pending")
+        assert daemon._stuck_thread() is None  # a restart frees no space: still fed
+        assert caplog.text.count("DISK FULL: the filesystem of the queue, the spool") == 1
+        assert "but a write there failed for lack of space" in caplog.text
+        daemon.disks.clock = lambda: time.monotonic() + 3600  # nothing failed for an hour
+        assert daemon._disk_freed()
+        assert "has space again; resuming" not in caplog.text  # (its free space is named)
+        assert caplog.text.count("has space again") == 1
+        assert not daemon._status_line().startswith("DISK FULL")
+    finally:
         daemon.queue.close()

@@ -12,6 +12,7 @@ from harness import Clock
 from watchdog.events import DirModifiedEvent, FileCreatedEvent, FileMovedEvent
 
 from stowd.config import Sidecars, Source
+from stowd.errors import QueueError, QueueFull
 from stowd.queue import NewFile
 from stowd.watch import Watcher, _Handler
 
@@ -361,3 +362,19 @@ def test_a_file_only_touched_or_made_readable_is_seen_at_once(
     finally:
         watcher.stop_observer()
     assert str(path) in seen
+
+
+def test_a_queue_that_cannot_be_written_is_said_and_rescanned_or_raised(tmp_path: Path) -> None:
+    source = make_source(tmp_path)
+    write(source.watch / "a.dcm")
+    full = QueueFull("the queue q.db cannot be written: its disk is full")
+
+    def failing(files: list[NewFile]) -> int:
+        raise full
+
+    told: list[QueueError] = []
+    watcher = Watcher(source, "pacs", failing, on_queue_error=told.append)
+    watcher.scan()  # the daemon's watcher: nothing lost, a rescan follows
+    assert told == [full] and watcher._rescan_requested
+    with pytest.raises(QueueFull):  # a one-shot scan (stowd migrate) must not miss files
+        Watcher(source, "pacs", failing).scan()

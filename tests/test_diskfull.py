@@ -1,0 +1,285 @@
+"""A full disk under the queue, the spool or sent/ (issue 22): the real daemon, a real Orthanc,
+and a small tmpfs filled to the last byte, then freed.
+
+Nothing may be lost, left claimed until a restart, or logged once per attempt: the full disk
+is logged once when it starts and once when it ends, ``stowd status`` says "DISK FULL", and
+the files move on by themselves once space is freed.  Mounting a tmpfs needs root: these tests
+are skipped without it, and fail under ``CI=true``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dicomgen import make_study
+from harness import Layout, Stowd, make_layout, run_cli, wait_for
+from orthanc import Orthanc
+from stowproxy import StowProxy
+
+from stowd.queue import NewFile, Queue, open_readonly
+
+RECOVERY = 120.0  # seconds allowed after space is freed (the retries wait 30 s at most)
+DESTINATION = {"workers": 1, "batch": {"max_files": 50}, "timeouts": {"read": "5m"}}
+
+
+@pytest.fixture(autouse=True)
+def root_required() -> None:
+    if os.geteuid() == 0:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail("CI=true but not root: mounting a tmpfs needs root", pytrace=False)
+    pytest.skip("mounting a tmpfs needs root")
+
+
+@contextmanager
+def tmpfs(folder: Path, size: str = "4m") -> Iterator[Path]:
+    """A tmpfs at ``folder``: well above ``disk.FULL_BELOW``, so that freeing it counts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Write a file into ``folder`` until its filesystem has not one byte left."""
+    filler = folder / ".filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for chunk in (1 << 16, 1 << 12, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * chunk)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    st = os.statvfs(folder)
+    assert st.f_bavail == 0
+    return filler
+
+
+def status(layout: Layout) -> dict[str, Any]:
+    result = run_cli("status", "-c", str(layout.config), "--json")
+    assert result.returncode == 0, result.stderr
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
+
+
+def human_status(layout: Layout) -> str:
+    result = run_cli("status", "-c", str(layout.config))
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def claimed(layout: Layout) -> int:
+    queue = open_readonly(layout.root / "state" / "queue.db")
+    try:
+        return len(queue.jobs("claimed"))
+    finally:
+        queue.close()
+
+
+def truncate_wal(queue: Path) -> None:
+    """Checkpoint the queue's WAL into the database and cut it to 0 bytes, so that the
+    daemon's next write must grow the WAL (on a full disk: SQLITE_FULL), rather than reuse
+    space the WAL already had.  It changes no data."""
+    conn = sqlite3.connect(queue, timeout=30)
+    try:
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        assert busy == 0
+    finally:
+        conn.close()
+    assert Path(str(queue) + "-wal").stat().st_size == 0
+
+
+def test_a_full_queue_disk_mid_batch_recovers_without_a_restart(
+    tmp_path: Path, orthanc: Orthanc
+) -> None:
+    proxy = StowProxy(orthanc.dicomweb_url)
+    layout = make_layout(
+        tmp_path / "run", proxy.base, destinations={"pacs": {"url": proxy.base, **DESTINATION}}
+    )
+    state = layout.root / "state"
+    first = make_study(layout.drop / "a", 10, prefix="A")
+    try:
+        with tmpfs(state):
+            proxy.gate.clear()  # Orthanc stores the batch; stowd hears of it only later
+            daemon = Stowd(layout).start()
+            try:
+                wait_for(lambda: bool(proxy.bodies), 60, "a batch in flight", lambda: daemon.log)
+                in_flight = orthanc.instance_count()
+                truncate_wal(state / "queue.db")
+                filler = fill(state)
+                late = make_study(layout.drop / "b", 5, prefix="B")  # cannot be queued now
+                proxy.gate.set()
+                wait_for(  # the answer came, and recording it failed
+                    lambda: "database or disk is full" in daemon.log,
+                    60,
+                    "the worker to find the queue full",
+                    lambda: daemon.log,
+                )
+                wait_for(  # the late files were found (and could not be queued)
+                    lambda: any(w in daemon.log for w in ("cannot queue files", "B00005.dcm")),
+                    60,
+                    "the watcher to find the queue full",
+                    lambda: daemon.log,
+                )
+                data = status(layout)  # another process reads the full queue, read-only
+                assert [d["places"] for d in data["disks_full"]] == [["the queue", "the spool"]]
+                warnings = "\n".join(data["warnings"])
+                assert "DISK FULL: the filesystem of the queue and the spool" in warnings
+                assert "has 0 bytes free: nothing can be queued or settled" in warnings
+                assert "5 file(s) in" in warnings and "cannot be queued" in warnings
+                assert "DISK FULL" in human_status(layout)
+                assert layout.files(layout.sent) == set()
+                freed = time.monotonic()
+                filler.unlink()
+                every = {f"{p.parent.name}/{p.name}" for p, _ in first + late}
+                wait_for(
+                    lambda: layout.files(layout.sent) == every and claimed(layout) == 0,
+                    RECOVERY,
+                    "every file in sent/ and none claimed",
+                    lambda: daemon.log,
+                )
+                took = time.monotonic() - freed
+                print(f"\nqueue disk freed: all {len(every)} files in sent/ after {took:.1f}s")
+                wait_for(lambda: "has space again" in daemon.log, 30, "the end logged")
+                assert daemon.terminate() == 0
+            finally:
+                daemon.stop()
+    finally:
+        proxy.stop()
+    log = daemon.log
+    assert in_flight >= 1
+    assert log.count("DISK FULL: the filesystem of the queue and the spool") == 1, log
+    assert log.count("has space again") == 1
+    assert "Traceback" not in log
+    assert "died" not in log
+    for path, _ in first + late:  # logged once, after the insert was committed
+        assert log.count(f"queued {path} ") == 1, path
+    assert orthanc.instance_count() == len(first) + len(late)
+
+
+RULE = {"name": "mark", "match": {"path": "*"}, "set": {"InstitutionName": "Full Spool"}}
+
+
+def test_a_full_spool_keeps_changed_files_waiting_until_space_is_back(
+    tmp_path: Path, orthanc: Orthanc
+) -> None:
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url, rules=[RULE])
+    spool = layout.root / "state" / "queue.db.spool"  # Config.spool: beside the queue
+    with tmpfs(spool):
+        daemon = Stowd(layout).start()
+        try:
+            # filled once started: the daemon clears the spool when it starts
+            wait_for(lambda: "watching" in daemon.log, 60, "the start", lambda: daemon.log)
+            filler = fill(spool)
+            files = make_study(layout.drop, 5)
+            wait_for(
+                lambda: any(w in daemon.log for w in ("no space in the spool", "No space left")),
+                60,
+                "a copy that found the spool full",
+                lambda: daemon.log,
+            )
+            wait_for(lambda: status(layout)["backlog_files"] == 5, 60, "all 5 queued")
+            data = status(layout)
+            assert [d["places"] for d in data["disks_full"]] == [["the spool"]]
+            assert data["last_errors"] == []  # no attempt counted against the files
+            assert "DISK FULL: the spool's filesystem" in human_status(layout)
+            assert layout.files(layout.sent) == set() and orthanc.instance_count() == 0
+            freed = time.monotonic()
+            filler.unlink()
+            every = {p.name for p, _ in files}
+            wait_for(
+                lambda: layout.files(layout.sent) == every, RECOVERY, "all sent", lambda: daemon.log
+            )
+            took = time.monotonic() - freed
+            print(f"\nspool freed: all {len(every)} files in sent/ after {took:.1f}s")
+            wait_for(lambda: "has space again" in daemon.log, 30, "the end logged")
+            assert daemon.terminate() == 0
+        finally:
+            daemon.stop()
+    log = daemon.log
+    assert log.count("DISK FULL: the spool's filesystem") == 1, log
+    assert log.count("has space again") == 1
+    assert "Traceback" not in log and "failed/" not in log
+    assert orthanc.instance_count() == 5
+
+
+def test_a_full_sent_folder_keeps_stored_files_settling_and_says_so(
+    tmp_path: Path, orthanc: Orthanc
+) -> None:
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
+    with tmpfs(layout.sent):
+        filler = fill(layout.sent)
+        files = make_study(layout.drop, 5)
+        daemon = Stowd(layout).start()
+        try:
+            wait_for(lambda: orthanc.instance_count() == 5, 60, "all stored", lambda: daemon.log)
+            wait_for(
+                lambda: status(layout)["counts"].get("settling") == 5,
+                60,
+                "the files stuck settling",
+                lambda: daemon.log,
+            )
+            data = status(layout)
+            assert [d["places"] for d in data["disks_full"]] == [["sent/ of source ct1"]]
+            warnings = "\n".join(data["warnings"])
+            assert "DISK FULL: sent/ of source ct1's filesystem" in warnings
+            assert (
+                "5 file(s) are not yet moved to sent/ or failed/: sent/ of source ct1 is full"
+                in warnings
+            )
+            text = human_status(layout)
+            assert "health:     ok, but 5 file(s) it stored are not yet moved" in text
+            assert {p.name for p, _ in files} <= set(os.listdir(layout.drop))
+            freed = time.monotonic()
+            filler.unlink()
+            every = {p.name for p, _ in files}
+            wait_for(
+                lambda: layout.files(layout.sent) == every,
+                RECOVERY,
+                "all moved",
+                lambda: daemon.log,
+            )
+            print(
+                f"\nsent/ freed: all {len(every)} files moved after {time.monotonic() - freed:.1f}s"
+            )
+            wait_for(lambda: not status(layout)["counts"].get("settling"), 30, "none settling")
+            wait_for(lambda: "has space again" in daemon.log, 30, "the end logged")
+            assert daemon.terminate() == 0
+        finally:
+            daemon.stop()
+    log = daemon.log
+    assert log.count("DISK FULL: sent/ of source ct1's filesystem") == 1, log
+    assert log.count("has space again") == 1
+    assert "Traceback" not in log
+    moves = [line for line in log.splitlines() if "cannot move" in line]
+    assert moves and all(" ERROR " not in line for line in moves)  # said once, as DISK FULL
+
+
+def test_status_without_a_daemon_on_a_full_queue_disk_says_disk_full(tmp_path: Path) -> None:
+    layout = make_layout(tmp_path / "run", "http://127.0.0.1:9/dicom-web")
+    state = layout.root / "state"
+    with tmpfs(state):
+        queue = Queue(state / "queue.db").open(lock=False)
+        queue.enqueue([NewFile("ct1", "pacs", str(layout.drop / "a.dcm"), "a.dcm", 10, 1)])
+        queue.close()  # the last connection: SQLite removes the -wal and -shm files
+        fill(state)
+        result = run_cli("status", "-c", str(layout.config))
+    # a reader must create the -shm file, and cannot: the reason is the full disk
+    assert result.returncode != 0
+    assert "DISK FULL: the filesystem of the queue and the spool" in result.stderr
+    assert "Traceback" not in result.stderr
