@@ -27,6 +27,7 @@ from typing import Any, BinaryIO
 from stowd import sidecar as sidecar_mod
 from stowd.config import Sidecars, Source
 from stowd.errors import FileUnreadable, no_space
+from stowd.printable import utf8_safe
 from stowd.queue import Job, Queue
 
 log = logging.getLogger("stowd.settle")
@@ -267,7 +268,7 @@ def _put_back(job: Job, target: Path) -> Path:
     """Return a file that changed after it was read from ``target`` to the drop folder: to
     its own path, else to a free name beside it (never over another file)."""
     original = Path(job.path)
-    original.parent.mkdir(parents=True, exist_ok=True)  # emptied folders may be removed
+    make_folders(original.parent)  # emptied folders may be removed
     for _ in range(MAX_SUFFIX):
         place = free_target(original.parent, original.name)
         try:
@@ -361,7 +362,7 @@ def _copy_raw(data: bytes, wanted: Path) -> bool:
     if any(_bytes_of(v) == data for v in _versions(wanted)):
         return True
     copy = free_target(wanted.parent, wanted.name)
-    copy.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(copy.parent)
     tmp = copy.with_name(f".{copy.name}.stowd-tmp")
     tmp.write_bytes(data)
     os.replace(tmp, copy)
@@ -432,7 +433,7 @@ def _holds(path: Path, text: str) -> bool:
 
 
 def _write_copy(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(path.parent)
     tmp = path.with_name(f".{path.name}.stowd-tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
@@ -543,7 +544,7 @@ def move(src: Path, dst: Path, *, sync: bool = True, expect: tuple[int, int] | N
     still has ``expect`` (size, mtime_ns) when given; else the copy is removed, the source
     stays and False is returned.
     """
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(dst.parent)
     try:
         os.rename(src, dst)
     except OSError as exc:
@@ -659,9 +660,26 @@ def write_reason(target: Path, error: dict[str, Any]) -> Path:
     if len(os.fsencode(path.name)) > NAME_MAX:
         log.warning("%s: name too long for its reason file; it failed: %s", target, error)
         return path
-    tmp.write_text(json.dumps(error, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    text = json.dumps(utf8_safe(error), indent=2, ensure_ascii=False)  # a name not UTF-8
+    tmp.write_text(text + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def make_folders(folder: Path) -> None:
+    """``folder`` and its missing parents, made without recursion: ``Path.mkdir(parents=True)``
+    recurses once per missing folder and raised ``RecursionError`` for a file nested a
+    thousand folders deep."""
+    missing = []
+    while not folder.is_dir() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for each in reversed(missing):
+        try:
+            each.mkdir()
+        except FileExistsError:
+            if not each.is_dir():
+                raise
 
 
 def remove_empty_parents(path: Path, root: Path) -> None:
