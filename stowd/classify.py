@@ -21,12 +21,12 @@ from typing import BinaryIO
 
 import pydicom
 
-from stowd import dropped
+from stowd import deflated, dropped
 from stowd.errors import FileIncomplete, FileProblem, FileUnreadable, FileVanished
 from stowd.media import Media, detect
 
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
-DEFLATED = "1.2.840.10008.1.2.1.99"
+DEFLATED = deflated.DEFLATED
 BIG_ENDIAN = "1.2.840.10008.1.2.2"
 IMPLICIT = "1.2.840.10008.1.2"
 # Rows, Columns, BitsAllocated, SamplesPerPixel, PhotometricInterpretation (Image Pixel module)
@@ -128,13 +128,17 @@ def _read_header(fp: BinaryIO, size: int) -> pydicom.Dataset:
     """The header, read up to the pixel data; ``fp`` is left where the header ends.
 
     Parsed from an in-memory copy of the first ``HEAD_BYTES`` when the header ends there (or
-    the whole file is in them), else from the file.  pydicom asks its file for the position
+    the whole file is in them), else from the file.  A deflated data set is inflated by
+    ``stowd.deflated`` within its limits.  pydicom asks its file for the position
     at every element; on a real file each answer is a system call that releases the GIL, and
     while other threads are busy each one waits to get it back: a header read took ~5 ms
     instead of ~0.6 ms with a busy thread beside it.  The bytes parsed are the same either way.
     """
     fp.seek(0)
     head = fp.read(HEAD_BYTES)
+    start = deflated.data_set_start(fp, head)
+    if start is not None:  # never given to pydicom whole: it would inflate all of it
+        return deflated.read_header(fp, start)
     memory = io.BytesIO(head)
     try:
         ds = pydicom.dcmread(memory, stop_before_pixels=True, force=True, defer_size=DEFER)

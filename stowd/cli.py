@@ -20,7 +20,7 @@ from stowd import connect, dryrun, explain, logs, migrate, migreport, retry
 from stowd.config import Config, load_config, parse_duration
 from stowd.daemon import Daemon
 from stowd.errors import ConfigError, MigrationConflict, StowdError
-from stowd.printable import escape_lines
+from stowd.printable import escape_lines, is_utf8
 from stowd.purge import purge_sent
 from stowd.status import daemon_pid, gather, render
 
@@ -180,7 +180,9 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
         return EXIT_USAGE
     results = explain.explain(config, args.files, args.source)
     if args.json:
-        print(json.dumps([r.as_dict() for r in results], indent=2, ensure_ascii=False))
+        docs = [r.as_dict() for r in results]
+        text = json.dumps(docs, indent=2, ensure_ascii=False)
+        print(text if is_utf8(text) else json.dumps(docs, indent=2))  # a name not UTF-8
     else:
         print(explain.render(results))
     return EXIT_RUNTIME if any(r.problem for r in results) else EXIT_OK

@@ -31,8 +31,12 @@
         │                      is not a STOW-RS answer; files stay queued, the destination
         │                      waits
         └── DestinationBusy    transient trouble of the whole request: connection errors,
-                               timeouts, 408/429/5xx, an answer past its deadline; retried
-                               with backoff (Retry-After honoured)
+            │                  timeouts, 408/429/5xx, an answer past its deadline; retried
+            │                  with backoff (Retry-After honoured)
+            └── ConnectionDropped  the archive closed the connection without answering
+                                   after the whole request was sent: like a 500, it may
+                                   be caused by one of the files (an archive that
+                                   crashes on it)
 
 Third-party exceptions (httpx, pydicom, sqlite3, yaml) are translated at one seam each, with
 ``raise ... from exc``; whether something is retried is a property of the type raised here.
@@ -234,3 +238,8 @@ class DestinationHeld(StowFailure):
 
 class DestinationBusy(StowFailure):
     """The destination is unreachable or overloaded for now; retry the same request later."""
+
+
+class ConnectionDropped(DestinationBusy):
+    """The archive closed the connection without sending an answer, after the whole request
+    body was sent (an archive that crashes on one of the files does so every time)."""

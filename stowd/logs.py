@@ -37,6 +37,7 @@ _PRIORITY = {  # syslog priorities (sd-daemon.h SD_ERR ...)
     logging.DEBUG: 7,
 }
 _QUIET = ("httpx", "httpcore", "watchdog")
+CHAIN_LIMIT = 20  # chained exceptions shown in one traceback, the newest ones
 
 
 _ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
@@ -96,13 +97,37 @@ def format_exception(ei: _ExcInfo) -> str:
 
 
 def _exception_lines(exc: BaseException, seen: set[int]) -> list[str]:
-    seen.add(id(exc))
+    """The chain of exceptions, oldest first, walked without recursion (a chain a thousand
+    long, one per folder of ``mkdir(parents=True)``, made the log itself fail), and at most
+    ``CHAIN_LIMIT`` of them."""
+    chain: list[tuple[BaseException, str | None]] = []  # newest first, with its link
+    link: str | None = None
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and len(chain) < CHAIN_LIMIT:
+        seen.add(id(current))
+        chain.append((current, link))
+        current, link = _earlier(current)
     lines: list[str] = []
-    cause, context = exc.__cause__, exc.__context__
-    if cause is not None and id(cause) not in seen:
-        lines += [*_exception_lines(cause, seen), "", _CAUSE, ""]
-    elif context is not None and not exc.__suppress_context__ and id(context) not in seen:
-        lines += [*_exception_lines(context, seen), "", _CONTEXT, ""]
+    if current is not None and id(current) not in seen:
+        lines += [f"[{CHAIN_LIMIT} exceptions shown, earlier ones left out]", ""]
+    for each, link in reversed(chain):
+        lines += _one_exception(each)
+        if link is not None:
+            lines += ["", link, ""]
+    return lines
+
+
+def _earlier(exc: BaseException) -> tuple[BaseException | None, str | None]:
+    """The exception ``exc`` was raised from or during, and the line that joins them."""
+    if exc.__cause__ is not None:
+        return exc.__cause__, _CAUSE
+    if exc.__context__ is not None and not exc.__suppress_context__:
+        return exc.__context__, _CONTEXT
+    return None, None
+
+
+def _one_exception(exc: BaseException) -> list[str]:
+    lines: list[str] = []
     if exc.__traceback__ is not None:
         lines.append("Traceback (most recent call last):")
         frames = "".join(traceback.format_tb(exc.__traceback__))

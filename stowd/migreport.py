@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stowd.printable import escape_lines
+from stowd.printable import escape_lines, utf8_safe
 from stowd.queue import Failed, Job
 
 DONE_STATES = ("sent", "failed", "gone", "ignored")
@@ -204,6 +204,7 @@ def _failed_line(summary: Summary) -> str:
 def write_report(path: Path, failures: list[dict[str, Any]]) -> None:
     """Every failed file with its reason: JSON for ``.json``, else CSV."""
     tmp = path.with_name(f".{path.name}.tmp")
+    failures = [utf8_safe(f) for f in failures]  # a name that is not UTF-8: escaped
     with open(tmp, "w", newline="", encoding="utf-8") as fp:
         if path.suffix.lower() == ".json":
             json.dump(failures, fp, indent=2, ensure_ascii=False)

@@ -14,6 +14,8 @@ Used by the log formatters (``logs.py``, for every record and traceback) and by 
 of ``status``, ``explain``, ``check-config`` (and ``--connect``), ``dry-run``, ``retry`` and
 ``migrate``'s summary, each on its whole output line by line.  JSON output (``--json``,
 ``.error.json``) is escaped by JSON; the ``json`` log format escapes its message as well.
+A file stowd writes as UTF-8 (``.error.json``, ``migrate``'s report) cannot hold a name that
+is not UTF-8: ``utf8_safe`` escapes, in a document, each text that could not be written.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Iterable
+from typing import Any
 
 _NAMED = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _ESCAPED = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
@@ -37,6 +40,27 @@ def escape(text: str) -> str:
 def escape_lines(lines: Iterable[str]) -> str:
     """``lines`` joined by newlines, each escaped: a value inside one cannot add another."""
     return "\n".join(escape(line) for line in lines)
+
+
+def utf8_safe(value: Any) -> Any:
+    """``value`` (a JSON-like document) with each text that is not valid UTF-8 escaped; the
+    rest as it was.  The exact name stays in the queue; a person reads this one."""
+    if isinstance(value, str):
+        return value if is_utf8(value) else escape(value)
+    if isinstance(value, dict):
+        return {k: utf8_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [utf8_safe(v) for v in value]
+    return value
+
+
+def is_utf8(text: str) -> bool:
+    """``text`` can be written as UTF-8 (it holds no byte of a name that is not UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _escaped(char: str) -> str:

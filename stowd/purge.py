@@ -106,56 +106,120 @@ def _log(source: Source, older_than: float, result: PurgeResult, dry_run: bool) 
     )
 
 
+@dataclass
+class _Folder:
+    """A folder being purged: open as ``fd``, listed, walked entry by entry."""
+
+    fd: int
+    shown: str
+    entries: list[os.DirEntry[str]]
+    name: str = ""  # in its parent ("" for sent/ itself)
+    mtime: float = 0.0
+    at: int = 0
+    files: dict[str, os.stat_result] = field(default_factory=dict)
+    left: int = 0
+    changed: bool = False
+
+    def add(self, gone: bool, below: bool) -> None:
+        """A sub-folder was purged: is it gone, was anything removed below it."""
+        self.left += not gone
+        self.changed = self.changed or below or gone
+
+
 def _purge_folder(fd: int, shown: str, tally: _Tally) -> tuple[bool, bool]:
-    """Purge the folder open as ``fd``: (is it empty now, was anything removed below it)."""
+    """Purge the folder open as ``fd``: (is it empty now, was anything removed below it).
+    Walked with a stack of open folders, not by recursion: folders nested a thousand deep
+    raised ``RecursionError``."""
+    top = _listed(fd, shown, "", 0.0, tally)
+    if top is None:
+        return False, False
+    stack = [top]
+    try:
+        while True:
+            folder = stack[-1]
+            name = _next_folder(folder, tally)
+            if name is not None:
+                inner = _enter(folder, name, tally)
+                if isinstance(inner, _Folder):
+                    stack.append(inner)
+                else:
+                    folder.add(*inner)
+                continue
+            staying = _purge_files(folder.fd, folder.shown, folder.files, tally)
+            empty = folder.left + staying == 0
+            changed = folder.changed or staying < len(folder.files)
+            stack.pop()
+            if not stack:
+                return empty, changed
+            os.close(folder.fd)
+            stack[-1].add(*_leave(stack[-1].fd, folder, empty, changed, tally))
+    finally:
+        for folder in stack[1:]:
+            os.close(folder.fd)
+
+
+def _listed(fd: int, shown: str, name: str, mtime: float, tally: _Tally) -> _Folder | None:
     try:
         with os.scandir(fd) as it:
             entries = list(it)
     except OSError as exc:
         tally.error(shown, exc)
-        return False, False
-    files: dict[str, os.stat_result] = {}
-    left, changed = 0, False
-    for entry in entries:
-        path = os.path.join(shown, entry.name)
+        return None
+    return _Folder(fd, shown, entries, name, mtime)
+
+
+def _next_folder(folder: _Folder, tally: _Tally) -> str | None:
+    """Note the files of ``folder`` up to its next sub-folder; that one's name (None: done)."""
+    while folder.at < len(folder.entries):
+        entry = folder.entries[folder.at]
+        folder.at += 1
         try:
             info = entry.stat(follow_symlinks=False)
         except FileNotFoundError:
             continue
         except OSError as exc:
-            tally.error(path, exc)
-            left += 1
+            tally.error(os.path.join(folder.shown, entry.name), exc)
+            folder.left += 1
             continue
         if stat.S_ISDIR(info.st_mode):
-            gone, below = _purge_subfolder(fd, entry.name, path, tally)
-            left, changed = left + (not gone), changed or below or gone
-        elif stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode):
-            files[entry.name] = info
+            return entry.name
+        if stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode):
+            folder.files[entry.name] = info
         else:
-            left += 1  # a socket or a pipe: not ours
-    staying = _purge_files(fd, shown, files, tally)
-    return left + staying == 0, changed or staying < len(files)
+            folder.left += 1  # a socket or a pipe: not ours
+    return None
 
 
-def _purge_subfolder(parent: int, name: str, shown: str, tally: _Tally) -> tuple[bool, bool]:
-    """Purge a folder below ``parent`` and remove it once empty: (is it gone, was anything
-    removed below it).  A folder that was empty already goes only if it has not changed
-    for ``older_than`` (the daemon may have just made it for a file it moves)."""
+def _enter(parent: _Folder, name: str, tally: _Tally) -> _Folder | tuple[bool, bool]:
+    """A sub-folder opened and listed; or, when it cannot be, (is it gone, anything removed)."""
+    shown = os.path.join(parent.shown, name)
     try:
-        fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent.fd)
     except OSError as exc:
         if exc.errno == errno.ENOENT:
             return True, False
         tally.error(shown, exc)  # ELOOP: replaced by a link since it was listed
         return False, False
     try:
-        mtime = os.fstat(fd).st_mtime
-        empty, changed = _purge_folder(fd, shown, tally)
-    finally:
+        folder = _listed(fd, shown, name, os.fstat(fd).st_mtime, tally)
+    except BaseException:
         os.close(fd)
-    if not empty or not (changed or mtime < tally.cutoff):
+        raise
+    if folder is None:
+        os.close(fd)
+        return False, False
+    return folder
+
+
+def _leave(
+    parent: int, folder: _Folder, empty: bool, changed: bool, tally: _Tally
+) -> tuple[bool, bool]:
+    """Remove a purged sub-folder once empty: (is it gone, was anything removed below it).
+    A folder that was empty already goes only if it has not changed for ``older_than``
+    (the daemon may have just made it for a file it moves)."""
+    if not empty or not (changed or folder.mtime < tally.cutoff):
         return False, changed
-    return _remove_folder(parent, name, shown, tally), changed
+    return _remove_folder(parent, folder.name, folder.shown, tally), changed
 
 
 def _remove_folder(parent: int, name: str, shown: str, tally: _Tally) -> bool:

@@ -29,6 +29,12 @@ Every write transaction translates sqlite3's errors here, at one seam: ``QueueFu
 queue's filesystem is full (nothing was written), ``QueueError`` otherwise.  ``troubles``
 (schema 5) holds what the running daemon reports about itself for ``stowd status`` (a thread
 that keeps dying).
+
+Paths are kept exactly, whatever bytes their names hold.  A value that is not valid UTF-8 (a
+name with bytes such as ``ff fe``, which ``os.fsdecode`` gives as lone surrogates) is stored
+as the BLOB of its bytes (``os.fsencode``) in its TEXT column (SQLite keeps a value's own type)
+and read back as the same ``str``; every other value is stored as TEXT as it always was.  That
+happens in one place, the connection (``_Connection``), so the rest of stowd sees ``str``.
 """
 
 from __future__ import annotations
@@ -287,6 +293,43 @@ _MIGRATIONS = {
 LOOKUP_MEMORY = 86_400.0  # cached lookup answers older than this are deleted
 
 
+def _storable(value: Any) -> Any:
+    """``value`` as SQLite can store it: a ``str`` that is not valid UTF-8 as its bytes."""
+    if isinstance(value, str) and not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return os.fsencode(value)
+    return value
+
+
+def _bound(params: Any) -> Any:
+    if isinstance(params, dict):
+        return {k: _storable(v) for k, v in params.items()}
+    return tuple(_storable(v) for v in params)
+
+
+def _read_row(_cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A row with each BLOB (a value stored by ``_storable`` as bytes) back as ``str``."""
+    if any(type(v) is bytes for v in row):
+        return tuple(os.fsdecode(v) if type(v) is bytes else v for v in row)
+    return row
+
+
+class _Connection(sqlite3.Connection):
+    """The one seam where values that are not UTF-8 become bytes, and become ``str`` again."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.row_factory = _read_row
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        return super().execute(sql, _bound(parameters))
+
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> sqlite3.Cursor:
+        return super().executemany(sql, (_bound(p) for p in parameters))
+
+
 def _entry(e: Any) -> tuple[str, str | None, str | None]:
     if isinstance(e, str):  # a row written before texts were kept
         return e, None, None
@@ -472,10 +515,17 @@ class Queue:
         try:
             if self.readonly:  # status: a WAL reader never blocks the daemon, and writes nothing
                 uri = f"{self.path.resolve().as_uri()}?mode=ro"
-                conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+                conn = sqlite3.connect(
+                    uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000, factory=_Connection
+                )
                 conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
                 return conn
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            conn = sqlite3.connect(
+                self.path,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+                isolation_level=None,
+                factory=_Connection,
+            )
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")

@@ -49,7 +49,7 @@ from stowd.config import DEFAULT_FOLDER_SIDECAR, Config, Sidecars, Source, parse
 from stowd.errors import StowdError
 from stowd.printable import escape_lines
 from stowd.queue import Job, open_readonly
-from stowd.settle import ERROR_SUFFIX, copy_name, remove_empty_parents
+from stowd.settle import ERROR_SUFFIX, copy_name, make_folders, remove_empty_parents
 
 FRESH = 60.0  # a file this new in failed/ without an error file may be a move in progress
 _NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
@@ -196,21 +196,24 @@ class _Retry:
                 self._file(folder, name, owners)
             self._tidy(folder, owners)
 
-    def _walk(self, folder: Path, skip: set[Path]) -> Iterator[tuple[Path, list[str]]]:
-        """Each folder (this one first) with its files; symlinked folders are not followed."""
-        try:
-            with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            self.report.notes.append(f"cannot read {folder}: {exc.strerror or exc}")
-            self.report.problems += 1
-            return
-        yield folder, [e.name for e in entries if _is_file(e)]
-        for e in entries:
-            if e.is_dir(follow_symlinks=False) and Path(e.path) not in skip:
-                yield from self._walk(Path(e.path), skip)
+    def _walk(self, top: Path, skip: set[Path]) -> Iterator[tuple[Path, list[str]]]:
+        """Each folder (this one first) with its files; symlinked folders are not followed.
+        Walked without recursion (folders nested a thousand deep raised RecursionError)."""
+        todo = [top]
+        while todo:
+            folder = todo.pop()
+            try:
+                with os.scandir(folder) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                self.report.notes.append(f"cannot read {folder}: {exc.strerror or exc}")
+                self.report.problems += 1
+                continue
+            yield folder, [e.name for e in entries if _is_file(e)]
+            subs = [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
+            todo.extend(reversed([s for s in subs if s not in skip]))
 
     # -- one file --------------------------------------------------------------------
     def _file(self, folder: _Folder, name: str, owners: list[Source]) -> None:
@@ -544,7 +547,7 @@ def _why(exc: OSError, target: Path) -> str:
 def _move_new(src: Path, dst: Path) -> None:
     """Move ``src`` to ``dst``, never replacing a file there (``FileExistsError``); across
     filesystems copy, fsync, put in place, then remove ``src``."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(dst.parent)
     try:
         _rename_new(src, dst)
     except OSError as exc:
@@ -557,7 +560,7 @@ def _move_new(src: Path, dst: Path) -> None:
 def _copy_new(src: Path, dst: Path) -> None:
     """Put a copy of ``src`` (a file, or a symbolic link as a link) at ``dst``, synced to
     disk, under a hidden temporary name first; never replaces a file at ``dst``."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(dst.parent)
     tmp = dst.with_name(f".{dst.name}.stowd-tmp")
     tmp.unlink(missing_ok=True)
     try:

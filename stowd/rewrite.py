@@ -5,7 +5,7 @@ convert the character set to UTF-8 when a new value needs it; record the previou
 the Original Attributes Sequence).  ``rewrite`` writes the changed header to a spool file and
 copies the rest of the original, from the Pixel Data element on, byte for byte and in chunks:
 memory does not grow with the pixel data.  Deflated files are compressed as a whole, so they
-are read, changed and written whole (up to ``DEFLATED_LIMIT`` bytes).
+are read, changed and written whole (up to ``DEFLATED_LIMIT`` bytes, inflated).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import struct
+import threading
 import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping
 from datetime import datetime
@@ -30,10 +31,11 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 
-from stowd import dropped
+from stowd import deflated, dropped
 from stowd.classify import (
     BIG_ENDIAN,
     DEFLATED,
+    HEAD_BYTES,
     PIXEL_TAGS,
     UNDEFINED,
     header_errors,
@@ -45,7 +47,9 @@ from stowd.vr import Value
 CHUNK = 1024 * 1024
 SPOOL_MODE = 0o600  # the copies sent hold patient data: stowd's alone, whatever the umask
 UTF8 = "ISO_IR 192"
-DEFLATED_LIMIT = 64 * 1024 * 1024
+DEFLATED_LIMIT = 32 * 1024 * 1024  # inflated; held whole about four times over while changed
+# One deflated data set is held whole at a time (the workers would each hold one).
+_HOLDING_WHOLE = threading.Lock()
 MODIFYING_SYSTEM = "stowd"
 _CHARSET = BaseTag(0x00080005)
 _META_SYNC = {
@@ -248,6 +252,15 @@ def rewrite(src: Path, dst: Path, edit: Callable[[Dataset], None]) -> int:
 
 
 def _rewrite_open(fp: BinaryIO, dst: Path, edit: Callable[[Dataset], None]) -> int:
+    whole = deflated.data_set_start(fp, fp.read(HEAD_BYTES)) is not None
+    fp.seek(0)
+    if not whole:
+        return _rewrite_read(fp, dst, edit)
+    with _HOLDING_WHOLE:
+        return _rewrite_read(fp, dst, edit)
+
+
+def _rewrite_read(fp: BinaryIO, dst: Path, edit: Callable[[Dataset], None]) -> int:
     ds, pixels = _read_header(fp)
     encoding = _encoding(ds)
     edit(ds)
@@ -259,10 +272,14 @@ def _rewrite_open(fp: BinaryIO, dst: Path, edit: Callable[[Dataset], None]) -> i
 def _read_header(fp: BinaryIO) -> tuple[FileDataset, tuple[int, BaseTag] | None]:
     """The header, and where the pixel data starts with its tag (None: no pixel data to copy)."""
     with header_errors():
+        start = deflated.data_set_start(fp, fp.read(HEAD_BYTES))
+        if start is not None:  # not given to pydicom before its inflated size is known
+            return _read_deflated(fp, start), None
+        fp.seek(0)
         ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
         syntax = _transfer_syntax(ds)
         if syntax == DEFLATED:
-            return _read_deflated(fp), None
+            return _read_deflated(fp, None), None
         _check_complete(ds)
         return ds, _find_pixels(fp, syntax)
 
@@ -277,15 +294,21 @@ def _transfer_syntax(ds: FileDataset) -> str:
     return str(syntax)
 
 
-def _read_deflated(fp: BinaryIO) -> FileDataset:
-    """A deflated data set is compressed as a whole: read all of it (pixel data included)."""
+def _read_deflated(fp: BinaryIO, start: int | None) -> FileDataset:
+    """A deflated data set is compressed as a whole: read all of it (pixel data included),
+    once it is known to inflate to at most ``DEFLATED_LIMIT`` bytes (counted in pieces)."""
     size = os.fstat(fp.fileno()).st_size
-    if size > DEFLATED_LIMIT:
+    try:
+        if size > DEFLATED_LIMIT:
+            raise FileProblem("too large")
+        if start is not None:
+            deflated.check_size(fp, start, DEFLATED_LIMIT)
+    except FileProblem as exc:
         raise FileProblem(
-            f"the file uses the Deflated transfer syntax and is larger than "
+            f"the file uses the Deflated transfer syntax and is, or inflates to, more than "
             f"{DEFLATED_LIMIT // CHUNK} MiB: metadata rules cannot change it without holding "
             "it all in memory, so it was not sent"
-        )
+        ) from exc
     fp.seek(0)
     return pydicom.dcmread(fp, force=True)
 

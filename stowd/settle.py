@@ -27,6 +27,7 @@ from typing import Any, BinaryIO
 from stowd import sidecar as sidecar_mod
 from stowd.config import Sidecars, Source
 from stowd.errors import FileProblem, FileUnreadable, no_space
+from stowd.printable import utf8_safe
 from stowd.queue import Job, Queue
 
 log = logging.getLogger("stowd.settle")
@@ -799,9 +800,25 @@ def write_reason(target: Path, error: dict[str, Any], roots: Roots = ()) -> Path
     if len(os.fsencode(path.name)) > NAME_MAX:
         log.warning("%s: name too long for its reason file; it failed: %s", target, error)
         return path
-    text = json.dumps(error, indent=2, ensure_ascii=False) + "\n"
+    text = json.dumps(utf8_safe(error), indent=2, ensure_ascii=False) + "\n"  # a name not UTF-8
     _write_new(path, text.encode("utf-8"), roots, _note_mode(target))
     return path
+
+
+def make_folders(folder: Path) -> None:
+    """``folder`` and its missing parents, made without recursion: ``Path.mkdir(parents=True)``
+    recurses once per missing folder and raised ``RecursionError`` for a file nested a
+    thousand folders deep."""
+    missing = []
+    while not folder.is_dir() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for each in reversed(missing):
+        try:
+            each.mkdir()
+        except FileExistsError:
+            if not each.is_dir():
+                raise
 
 
 def remove_empty_parents(path: Path, root: Path) -> None:

@@ -406,12 +406,28 @@ def _files_in(folder: Path, skip: tuple[Path, ...]) -> str:
     """How many files are below ``folder`` (not in ``skip``), as text; counting stops at
     ``COUNT_LIMIT`` (a huge folder is not walked to the end for a status)."""
     count = 0
-    for top, dirs, names in os.walk(folder):
-        dirs[:] = [d for d in dirs if Path(top, d) not in skip and not d.startswith(".")]
-        count += sum(1 for n in names if not n.startswith("."))
+    todo = [str(folder)]  # walked without recursion (os.walk recurses in Python 3.11)
+    while todo:
+        try:
+            with os.scandir(todo.pop()) as it:
+                entries = [e for e in it if not e.name.startswith(".")]
+        except OSError:
+            continue  # unreadable: not counted, as os.walk did
+        for e in entries:
+            if not _is_dir(e):
+                count += 1
+            elif not e.is_symlink() and Path(e.path) not in skip:
+                todo.append(e.path)
         if count >= COUNT_LIMIT:
             return f"{COUNT_LIMIT}+"
     return str(count) if count else ""
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def _since(now: float, then: float | None) -> float | None:

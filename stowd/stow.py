@@ -41,6 +41,7 @@ from stowd.auth import OAuth2, TokenError, TokenRefused, make_auth
 from stowd.config import Destination
 from stowd.errors import (
     AnswerTooSlow,
+    ConnectionDropped,
     DestinationBusy,
     DestinationHeld,
     FileUnreadable,
@@ -563,10 +564,23 @@ class StowClient:
             sleep=self._sleep,
             reraise=True,
         )
+        dropped: list[_Blip] = []  # attempts whose connection the archive dropped
+
+        def attempt() -> Answer:
+            try:
+                return self._attempt(parts, progress, may_refresh)
+            except _Blip as blip:
+                if isinstance(blip.failure, ConnectionDropped):
+                    dropped.append(blip)
+                raise
+
         try:
-            return retrying(self._attempt, parts, progress, may_refresh)
+            return retrying(attempt)
         except _Blip as blip:
-            raise blip.failure from blip.__cause__
+            # A drop among the attempts is what the worker must hear of (it may be a file),
+            # even when the archive then refused the connection (it was restarting).
+            last = dropped[-1] if dropped else blip
+            raise last.failure from last.__cause__
 
     def _sleep(self, seconds: float) -> None:
         if self.stop.wait(seconds):
@@ -596,7 +610,7 @@ class StowClient:
         url = self.destination.stow_url
         try:
             request = self.http.build_request("POST", url, content=iter(body), headers=headers)
-            response = self.http.send(request, stream=True)
+            response = _send(self.http, request, body, self._has_cert)
             content = answers.read_body(
                 response,
                 limit=answers.STOW_ANSWER_LIMIT,
@@ -611,6 +625,22 @@ class StowClient:
     @property
     def _has_cert(self) -> bool:
         return self.destination.access.tls.client_cert is not None
+
+
+def _send(http: httpx.Client, request: httpx.Request, body: Body, has_cert: bool) -> httpx.Response:
+    """Send ``request``; a ``_Blip`` carrying ``ConnectionDropped`` when the archive closes
+    the connection without a word after the whole body was sent (not a TLS alert about our
+    certificate, which TLS 1.3 sends then: ``_failure`` holds the destination for it)."""
+    try:
+        return http.send(request, stream=True)
+    except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+        if body.sent_at is None or tls_problem(exc, has_cert=has_cert, connecting=False):
+            raise
+        dropped = ConnectionDropped(
+            f"connection failed: {_plain(exc)} (the archive closed the connection without "
+            "answering, after the request was sent)"
+        )
+        raise _Blip(dropped) from exc
 
 
 # what may go wrong while a request is sent and its answer read: mapped by ``_failure``

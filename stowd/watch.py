@@ -10,6 +10,8 @@ raises into watchdog's thread: a handler exception would silently stop every eve
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
 import fnmatch
 import heapq
 import json
@@ -51,6 +53,11 @@ from stowd.errors import (
 from stowd.queue import NewFile
 from stowd.settle import has_copy, remove_empty_parents
 
+try:  # watchdog 7 on Linux: one thread reads the events of every inotify watch
+    from watchdog.observers.inotify_c import InotifyFD as _SharedReader
+except ImportError:  # pragma: no cover - another platform or watchdog version
+    _SharedReader = None  # type: ignore[assignment,misc]
+
 log = logging.getLogger("stowd.watch")
 
 ENQUEUE_CHUNK = 500
@@ -58,6 +65,7 @@ IDLE_WAIT = 1.0
 TEXT_CACHE = 10_000  # sidecar texts kept between scans
 RAW_LIMIT = 1024 * 1024  # a sidecar that is not text is kept up to this size
 POLL_INTERVAL = 2.0
+PATH_MAX = os.pathconf("/", "PC_PATH_MAX")  # bytes of a path the system opens (Linux: 4096)
 # How often the watch folder itself is looked at (one stat): deleted, or deleted and created
 # again, its events stop (watchdog's emitter ends with the folder it watched).
 FOLDER_CHECK = 1.0
@@ -131,6 +139,8 @@ class Watcher:
         self._due: list[tuple[float, str]] = []
         self._scheduled: set[str] = set()
         self._linked_folders: set[str] = set()
+        self._too_long: set[str] = set()  # folders whose path the system cannot open
+        self._too_deep = False  # watched without recursion: watchdog's walk ran out of stack
         self._lonely: set[str] = set()  # sidecars without a file, warned about once
         # folders holding only sidecars: since when, and (folder, sidecar) mtimes then
         self._idle_since: dict[str, tuple[float, tuple[int, int]]] = {}
@@ -172,10 +182,9 @@ class Watcher:
         try:
             self.source.watch.mkdir(parents=True, exist_ok=True)
             self._folder = _folder_identity(self.source.watch)
-            handler = _Handler(self.hint)
-            observer.schedule(handler, str(self.source.watch), recursive=True, event_filter=EVENTS)
-            observer.daemon = True
-            observer.start()
+            observer = self._started(observer, recursive=True)
+        except RecursionError:  # watchdog walks the folders recursively to watch them
+            observer = self._top_only()
         except OSError as exc:
             log.error(
                 "source %s: cannot watch %s for events (%s); relying on rescans every %ss",
@@ -186,6 +195,30 @@ class Watcher:
             )
             return
         self._observer = observer
+
+    def _started(self, observer: BaseObserver, *, recursive: bool) -> BaseObserver:
+        handler = _Handler(self.hint)
+        observer.schedule(handler, str(self.source.watch), recursive=recursive, event_filter=EVENTS)
+        observer.daemon = True
+        observer.start()
+        return observer
+
+    def _top_only(self) -> BaseObserver:
+        """Folders nested too deep for watchdog's recursive walk: events from the watch
+        folder itself only; the rescans find the files below it (said once)."""
+        if not self._too_deep:
+            self._too_deep = True
+            log.warning(
+                "source %s: folders in %s are nested too deep to watch them all for events "
+                "(RecursionError); only files dropped directly into it are seen at once, the "
+                "others at the next rescan (every %ss)",
+                self.source.name,
+                self.source.watch,
+                self.source.rescan_interval,
+            )
+        cls = PollingObserver if self.source.polling else Observer
+        observer = cls(timeout=POLL_INTERVAL) if self.source.polling else cls()
+        return self._started(observer, recursive=False)
 
     def observer_alive(self) -> bool:
         return self._observer is not None and self._observer.is_alive()
@@ -199,9 +232,11 @@ class Watcher:
     def _ensure_observer(self) -> None:
         if self._missing:
             return  # started again when the folder is back (starting creates the folder)
-        if self._observer is not None and not self._observer.is_alive():
+        if self._observer is not None and not self._observer_works(self._observer):
             log.warning("source %s: the file observer died; restarting it", self.source.name)
+            self.stop_observer()
             self._observer = None
+            _forget_dead_reader()
             self.start_observer()
             self._rescan_requested = True
 
@@ -254,6 +289,16 @@ class Watcher:
             self._folder_back("was deleted and created again")
         elif self._watch_ended():  # the same inode number, given to the new folder
             self._folder_back("is watched no more (deleted and created again?)")
+
+    @staticmethod
+    def _observer_works(observer: BaseObserver) -> bool:
+        """Alive, and none of its watches died of an error: a folder nested too deep moved in
+        makes watchdog's walk raise ``RecursionError`` in a thread of its own (in watchdog 7
+        the one thread that reads the events of every watch of the process)."""
+        return observer.is_alive() and not any(
+            (not e.is_alive() and not e.stopped_event.is_set()) or _reader_died(e)
+            for e in observer.emitters
+        )
 
     def _watch_ended(self) -> bool:
         """watchdog ends a watch whose folder was deleted, while its observer lives on."""
@@ -325,23 +370,59 @@ class Watcher:
                 del self._future[path]
 
     def _walk(self, top: str) -> Iterator[str]:
+        """The files below ``top``, walked without recursion (folders nested thousands deep
+        once killed the watcher with ``RecursionError``).  One folder is open at a time; the
+        folders still to walk are kept as paths: memory grows with the folders, not the files."""
+        todo = [top]
+        while todo:
+            folder = todo.pop()
+            found: list[str] = []
+            yield from self._files_in(folder, found)
+            todo.extend(reversed(found))
+
+    def _files_in(self, folder: str, folders: list[str]) -> Iterator[str]:
+        """The files in ``folder`` (not below it); its sub-folders are added to ``folders``."""
         try:
-            with os.scandir(top) as entries:
+            with os.scandir(folder) as entries:
                 for entry in entries:
                     if self._ignored(entry.name) or entry.path in self.exclude:
                         continue
                     if entry.is_dir(follow_symlinks=False):
-                        yield from self._walk(entry.path)
+                        folders.append(entry.path)
                     elif entry.is_file():  # a symlink to a file is sent; the link is moved
                         yield entry.path
                     elif entry.is_dir():
                         self._skip_linked_folder(entry.path)
         except OSError as exc:
-            level = logging.ERROR if top == str(self.source.watch) else logging.WARNING
-            if isinstance(exc, FileNotFoundError):
-                level = logging.DEBUG  # a folder removed while the scan ran
-            log.log(level, "source %s: cannot read %s: %s", self.source.name, top, exc)
-            self._unreadable(top, exc)
+            self._cannot_list(folder, exc)
+
+    def _cannot_list(self, folder: str, exc: OSError) -> None:
+        level = logging.ERROR if folder == str(self.source.watch) else logging.WARNING
+        if isinstance(exc, FileNotFoundError):
+            level = logging.DEBUG  # a folder removed while the scan ran
+        if exc.errno == errno.ENAMETOOLONG:
+            self._say_too_long(folder, "folder")
+            self._unreadable(folder, exc)
+            return
+        log.log(level, "source %s: cannot read %s: %s", self.source.name, folder, exc)
+        self._unreadable(folder, exc)
+
+    def _say_too_long(self, path: str, what: str) -> None:
+        """A path the system cannot open (ENAMETOOLONG): said once, not at every rescan."""
+        if path in self._too_long:
+            return
+        self._too_long.add(path)
+        below = "no file below it is" if what == "folder" else "it is not"
+        log.warning(
+            "source %s: cannot read the %s %s: its path is %d bytes long, longer than the "
+            "system can open (%d); %s sent; move it to a shorter path",
+            self.source.name,
+            what,
+            path,
+            len(os.fsencode(path)),
+            PATH_MAX,
+            below,
+        )
 
     def _unreadable(self, path: str, exc: OSError) -> None:
         if self.on_error is not None and not isinstance(exc, FileNotFoundError):
@@ -417,6 +498,8 @@ class Watcher:
             st = os.stat(path)
         except OSError as exc:
             self._future.pop(path, None)
+            if exc.errno == errno.ENAMETOOLONG:
+                self._say_too_long(path, "file")
             self._unreadable(path, exc)  # a folder listed but not searchable (mode r--)
             return None
         if not stat.S_ISREG(st.st_mode):
@@ -618,6 +701,27 @@ class Watcher:
 
     def _ignored(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.source.ignore)
+
+
+def _reader_died(emitter: object) -> bool:
+    """watchdog 7's inotify watches share one reading thread; it ended with an error."""
+    reader = getattr(emitter, "_inotify_fd", None)
+    return isinstance(reader, threading.Thread) and not reader.is_alive()
+
+
+def _forget_dead_reader() -> None:
+    """watchdog 7 keeps its shared reading thread once made, even dead: no watch made after
+    it died would ever see an event.  Forget a dead one, so the next watch starts a new one
+    (the watchdog versions without it are left alone)."""
+    lock = getattr(_SharedReader, "_global_lock", None)
+    if lock is None:
+        return
+    with lock:
+        shared = getattr(_SharedReader, "_instance", None)
+        if isinstance(shared, threading.Thread) and not shared.is_alive():
+            with contextlib.suppress(Exception):
+                shared.close()  # type: ignore[attr-defined]  # its inotify descriptor
+            _SharedReader._instance = None
 
 
 def _problem_entry(path: Path, checked: os.stat_result, exc: FileProblem) -> list[str | None]:

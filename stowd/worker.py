@@ -5,6 +5,7 @@ Each step is a module of its own; this one only moves jobs between them and the 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -22,6 +23,7 @@ from stowd.bulkform import bulk_part
 from stowd.config import BatchLimits, Config, Destination, Source
 from stowd.disk import Disks
 from stowd.errors import (
+    ConnectionDropped,
     DestinationBusy,
     DestinationHeld,
     FileIncomplete,
@@ -49,6 +51,7 @@ from stowd.stow import (
     failure_meaning,
     judge,
 )
+from stowd.wire import NOT_ALONE, wire_of
 
 log = logging.getLogger("stowd.worker")
 
@@ -57,6 +60,9 @@ IDLE_WAIT = 0.25
 LEASE_SLACK = 600.0
 MB = 1024 * 1024
 LOOKING = "looking up the study in the archive"
+# A file whose request, sent alone, ends this many times in a dropped connection fails.
+MAX_DROPS = 3
+DROPS = "connection_drops"  # the key of the error document that counts them
 QUEUE_RETRY_FIRST = 1.0  # a queue that cannot be written is tried again after this,
 QUEUE_RETRY_MAX = 30.0  # doubled per failure up to this
 
@@ -103,6 +109,8 @@ class Worker:
         self.running = False  # inside run()
         # (started, last progress) of the request in flight, for status (via the daemon)
         self.in_flight: tuple[float, float] | None = None
+        self._wire = wire_of(client)  # the requests in flight to this destination
+        self._token = NOT_ALONE  # of this worker's request on the wire
         # The ids this worker has claimed and not given back: the daemon never reclaims
         # them (an upload in progress, or a release that failed and is tried again).
         self.held: frozenset[int] = frozenset()
@@ -341,6 +349,8 @@ class Worker:
         hold = self.queue.holds().get(name)
         if hold is not None and hold.until > self.clock():
             return False
+        if hold is not None and not self._wire.idle():
+            return False  # another worker probes the held destination: one at a time
         batch = self.queue.claim_batch(
             [name],
             pick=lambda _dest, jobs: take_batch(jobs, self.limits),
@@ -382,12 +392,18 @@ class Worker:
             self.held = frozenset()
 
     def _send(self, batch: list[Job], *, held: bool) -> None:
+        token = self._wire.begin(only=held)  # a held destination: one probe at a time
+        if token is None:  # another worker began probing meanwhile
+            self._give_back(frozenset(j.id for j in batch))
+            return
+        self._token = token
         spooled: list[Path] = []
         try:
             batch, parts = self._parts(batch, spooled)
             if batch:
                 self._store(batch, parts, held=held)
         finally:
+            self._wire.end()
             for path in spooled:
                 path.unlink(missing_ok=True)
 
@@ -519,6 +535,8 @@ class Worker:
         metrics.retried(self.destination.name, metrics.retry_reason(failure), len(batch))
         if _may_be_the_files(failure) and len(batch) > 1:
             self.queue.isolate([j.id for j in batch], not_before=until)
+        elif isinstance(failure, ConnectionDropped):
+            batch = [] if self._dropped(batch[0], failure) else batch  # [] : failed
         elif _may_be_the_files(failure):
             self._later_all(batch, str(failure), None)  # counted above
         else:
@@ -532,6 +550,18 @@ class Worker:
             len(batch),
             delay,
         )
+
+    def _dropped(self, job: Job, failure: ConnectionDropped) -> bool:
+        """The archive dropped the connection of a request that sent ``job`` alone: one drop
+        more for it when no other request was on the wire meanwhile (an archive that crashes
+        drops them all); ``MAX_DROPS`` of them fail it."""
+        drops = _drops(job) + (1 if self._wire.alone(self._token) else 0)
+        if drops < MAX_DROPS:
+            decision = self._later(job, str(failure), counted=None, drops=drops)
+        else:
+            decision = self._failure(job, _dropped_reason(drops), drops=drops)
+        self._settle_all([decision] if decision is not None else [])
+        return decision is not None
 
     def _hold_delay(self, failure: StowFailure, failures: int) -> float:
         retry = self.config.retry
@@ -607,6 +637,7 @@ class Worker:
         answer: Answer | None = None,
         stage: str = "storing the file",
         counted: str | None = metrics.FILE,
+        drops: int | None = None,
     ) -> Decision | None:
         """Try this file again after a backoff; a ``Decision`` to fail it once too old.
 
@@ -616,11 +647,15 @@ class Worker:
         if age > self.config.retry.max_age:
             reason = reason.removesuffix("; it is tried again later")
             reason = f"gave up after {job.attempts + 1} attempts: {reason}"
-            return self._failure(job, reason, verdict=verdict, answer=answer, stage=stage)
+            return self._failure(
+                job, reason, verdict=verdict, answer=answer, stage=stage, drops=drops
+            )
         delay = self._file_delay(job.attempts)
         if counted is not None:
             metrics.retried(self.destination.name, counted)
         error = self._error_doc(job, reason, verdict=verdict, answer=answer, stage=stage)
+        if drops is not None:
+            error[DROPS] = drops
         self.queue.retry_later([job.id], at=now + delay, error=error)
         log.info("%s: %s; retry in %.0fs", job.path, reason, delay)
         return None
@@ -650,8 +685,11 @@ class Worker:
         verdict: Verdict | None = None,
         answer: Answer | None = None,
         stage: str = "storing the file",
+        drops: int | None = None,
     ) -> Decision:
         error = self._error_doc(job, reason, verdict=verdict, answer=answer, stage=stage)
+        if drops is not None:
+            error[DROPS] = drops
         source = self.config.source(job.source)
         where = "failed (left where it is)" if source.keep else "failed/"
         log.error("%s: %s -> %s", job.path, reason, where)
@@ -729,9 +767,30 @@ class Worker:
 
 
 def _may_be_the_files(failure: StowFailure) -> bool:
-    """An answered 500 (not a gateway's 502/503/504) may be caused by one of the files."""
+    """An answered 500 (not a gateway's 502/503/504), or a connection the archive closed
+    without answering once the request was sent, may be caused by one of the files."""
+    if isinstance(failure, ConnectionDropped):
+        return True
     status = failure.status or 0
     return isinstance(failure, DestinationBusy) and status >= 500 and status not in (502, 503, 504)
+
+
+def _drops(job: Job) -> int:
+    """How many times the archive dropped the connection of a request that sent ``job``
+    alone, so far (kept in its error document while it waits)."""
+    try:
+        count = json.loads(job.error or "{}").get(DROPS, 0)
+    except (ValueError, AttributeError):
+        return 0
+    return count if isinstance(count, int) else 0
+
+
+def _dropped_reason(drops: int) -> str:
+    return (
+        f"the archive drops the connection whenever this file is sent: it closed the "
+        f"connection without answering {drops} times when the file was sent alone (the "
+        "archive may crash on it; check its log); stowd does not send it again"
+    )
 
 
 def _stage(job: Job) -> str:

@@ -47,6 +47,9 @@ class HostileArchive(LocalServer):
 
     def __init__(self, stow: str = "bomb") -> None:
         super().__init__(_Handler)
+        # Made here, before anyone asks: made inside the first request it took seconds of
+        # CPU, and a client's 5 s read timeout ran out on a loaded machine.
+        gzip_bomb()
         self.stow = stow
         self.lock = threading.Lock()
         self.requests: list[str] = []  # "POST /dicom-web/studies", ...
