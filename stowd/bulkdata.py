@@ -43,7 +43,7 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from stowd import __version__, part10, rewrite
+from stowd import __version__, dropped, part10, rewrite
 from stowd.decode import MAX_PIXELS, decode
 from stowd.errors import FileProblem, FileVanished, reading
 from stowd.instance import DOCUMENT, PIXEL_DATA, Bulk, Instance, Pixels, Uids, bulk_vr
@@ -121,7 +121,7 @@ def describe(
     ``FileUnreadable`` when it cannot be read (or scratch not written) now.
     """
     sop_class = sop_class_for(media, photographic=photographic)
-    with reading(source), open(source, "rb") as fp:
+    with reading(source), dropped.open_file(source) as fp:
         stat = _same(fp, expect)
         pixels: Pixels | None
         if media.kind in ("png", "gif"):

@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 import pydicom
 
-from stowd import deflated
+from stowd import deflated, dropped
 from stowd.errors import FileIncomplete, FileProblem, FileUnreadable, FileVanished
 from stowd.media import Media, detect
 
@@ -77,7 +77,7 @@ class NotDicom(FileProblem):
 def classify_dicom(path: str) -> Classified:
     """Read the DICOM header of ``path``; raise ``FileProblem`` when it cannot be sent."""
     try:
-        with open(path, "rb") as fp:
+        with dropped.open_file(path) as fp:
             size = os.fstat(fp.fileno()).st_size
             if size == 0:
                 raise FileProblem("the file is empty (0 bytes)")

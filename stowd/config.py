@@ -54,6 +54,7 @@ from stowd.yamlwalk import (
 __all__ = ["parse_duration", "parse_size", "redact_url"]
 
 DEFAULT_QUIET_PERIOD = 5.0
+DEFAULT_FOLLOW_LINKS = False  # a symbolic link in a drop folder fails (see dropped.py)
 DEFAULT_RESCAN_INTERVAL = 300.0
 DEFAULT_INCOMPLETE_WAIT = 600.0  # an image cut short waits this long for the rest
 DEFAULT_IGNORE = (".*", "*.part", "*.tmp", "*.partial", "*.crdownload", "~*")
@@ -159,6 +160,9 @@ class Source:
     polling: bool = False
     remove_empty_dirs: bool = False
     sidecars: Sidecars | None = None  # None: no sidecars, every file is sent
+    # True: dropped files that are symbolic links (or lie below linked folders) are read
+    # through the link, wherever it points; False: such a file fails with the reason
+    follow_links: bool = DEFAULT_FOLLOW_LINKS
     # how long a DICOM image that ends before its pixel data is complete waits for the rest
     # (since it was first found so, unchanged) before it fails as truncated; 0: fails at once
     incomplete_wait: float = DEFAULT_INCOMPLETE_WAIT
@@ -265,6 +269,7 @@ _SOURCE_OPTION_KEYS = (
     "rescan_interval",
     "polling",
     "remove_empty_dirs",
+    "follow_links",
     "sidecars",
     "bulkdata",
     "sent_retention",
@@ -297,6 +302,7 @@ class _SourceOptions:
     rescan_interval: float = DEFAULT_RESCAN_INTERVAL
     polling: bool = False
     remove_empty_dirs: bool = False
+    follow_links: bool = DEFAULT_FOLLOW_LINKS
     sidecars: Sidecars | None = None
     bulkdata: Bulkdata = field(default_factory=Bulkdata)
     sent_retention: float | None = None
@@ -327,6 +333,7 @@ def _read_options(sec: Section, base: _SourceOptions) -> _SourceOptions:
         ),
         polling=sec.get("polling", base.polling, as_bool),
         remove_empty_dirs=sec.get("remove_empty_dirs", base.remove_empty_dirs, as_bool),
+        follow_links=sec.get("follow_links", base.follow_links, as_bool),
         sidecars=_read_sidecars(sec, base.sidecars),
         bulkdata=_read_bulkdata(sec.section("bulkdata", _BULK_KEYS), base.bulkdata),
         sent_retention=sec.get("sent_retention", base.sent_retention, _as_retention) or None,
@@ -537,6 +544,7 @@ def _read_source(
         rescan_interval=options.rescan_interval,
         polling=options.polling,
         remove_empty_dirs=options.remove_empty_dirs,
+        follow_links=options.follow_links,
         sidecars=options.sidecars,
         bulkdata=options.bulkdata,
         sent_retention=options.sent_retention,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import BinaryIO, TypeGuard
 from xml.etree import ElementTree
 
-from stowd import video
+from stowd import dropped, video
 from stowd.errors import FileProblem, UnknownType, reading
 from stowd.mediaread import (
     DAMAGED,
@@ -121,14 +121,14 @@ def detect(path: Path) -> Media:
 
 def _open(path: Path) -> BinaryIO:
     """Open ``path`` for reading (one seam: the tests count the bytes read through it)."""
-    return open(path, "rb")
+    return dropped.open_file(path)
 
 
 def _detect_open(fp: BinaryIO, size: int, ext: str) -> Media:
     head = fp.read(HEAD)
     kind = _sniff(head, size, ext)
     if kind is None:
-        raise _unrecognised(head, ext)
+        raise _unrecognised(ext)
     try:
         return _PARSERS[kind](fp, size, head)
     except (Short, struct.error, IndexError) as exc:
@@ -204,18 +204,19 @@ def _text_model(head: bytes) -> str | None:
     return None
 
 
-def _unrecognised(head: bytes, ext: str) -> FileProblem:
-    start = " ".join(f"{byte:02X}" for byte in head[:8])
+def _unrecognised(ext: str) -> FileProblem:
+    """Why a file of no known type cannot be sent; never quoting its content (the file
+    may be a link to a private file, or hold patient data)."""
     claimed = _BY_EXTENSION.get(ext)
     if claimed:
         return FileProblem(
-            f"the file is named {ext} but is not {_NAMES[claimed]} (it starts with bytes "
-            f"{start}...)"
+            f"the file is named {ext} but is not {_NAMES[claimed]} (it does not start like "
+            "one)"
         )
     named = f"its name ends with {ext}" if ext else "its name has no extension"
     return UnknownType(
-        f"not a file type stowd can send: the content (it starts with bytes {start}...) is not "
-        f"recognised and {named}; stowd sends these types: {', '.join(TYPES)}"
+        "not a file type stowd can send: the content does not start like any type stowd "
+        f"knows and {named}; stowd sends these types: {', '.join(TYPES)}"
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import stat
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -38,6 +39,7 @@ from stowd.rules import Facts, Outcome, evaluate, fingerprint, render_for, value
 from stowd.vr import Item
 
 SPOOL_SUFFIX = ".dcm"
+SPOOL_FOLDER_MODE = 0o700  # the copies sent hold patient data: stowd's alone
 UID_LENGTH = 64
 _KINDS = {
     "pdf": "PDF documents",
@@ -228,7 +230,9 @@ def spool_copy(config: Config, job: Job, changes: dict[str, Any], now: datetime)
 def make_spool(target: Path, job: Job) -> None:
     """Create the spool folder of ``target`` (the copy of ``job``'s file that is sent)."""
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(mode=SPOOL_FOLDER_MODE, parents=True, exist_ok=True)
+        if stat.S_IMODE(target.parent.stat().st_mode) != SPOOL_FOLDER_MODE:
+            target.parent.chmod(SPOOL_FOLDER_MODE)  # stowd's alone, whatever the umask
     except OSError as exc:
         if no_space(exc):
             raise SpoolFull(f"no space left for the spool folder {target.parent}: {exc}") from exc

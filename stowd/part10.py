@@ -26,7 +26,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.tag import BaseTag, Tag
 
-from stowd import rewrite
+from stowd import dropped, rewrite
 from stowd.errors import FileProblem, FileUnreadable, FileVanished, reading
 from stowd.instance import DOCUMENT, Bulk, Instance, bulk_vr
 
@@ -51,7 +51,7 @@ def write(instance: Instance, target: Path) -> int:
     """
     head, tail = _split(instance.dataset, instance.tag)
     bulk = instance.bulk
-    with reading(bulk.path), open(bulk.path, "rb") as fp:
+    with reading(bulk.path), dropped.open_file(bulk.path) as fp:
         st = os.fstat(fp.fileno())
         if (bulk.file_size, bulk.mtime_ns) != (
             st.st_size if bulk.file_size is not None else None,
@@ -93,7 +93,7 @@ def writing(target: Path, what: str) -> Iterator[BinaryIO]:
     """Open ``target`` for writing; on any error remove it, and report its own OSErrors."""
     try:
         try:
-            out = open(target, "wb")  # noqa: SIM115 - closed below
+            out = rewrite.private(target)
         except OSError as exc:
             raise _TargetError from exc
         with out:

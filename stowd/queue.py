@@ -40,11 +40,13 @@ happens in one place, the connection (``_Connection``), so the rest of stowd see
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import json
 import logging
 import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -62,6 +64,7 @@ SCHEMA_VERSION = 5
 ACTIVE = ("pending", "claimed", "settling")
 DONE = ("sent", "failed", "gone")
 BUSY_TIMEOUT_MS = 30_000
+QUEUE_MODE = 0o600  # queue.db and the files beside it: stowd's alone, whatever the umask
 OPEN_MARK = ".open"  # beside the queue while a stowd has it open; left behind by a crash
 WAL_HEADER = 32  # bytes: a write-ahead log shorter than its header holds nothing
 
@@ -392,13 +395,14 @@ class Queue:
     def open(self, *, lock: bool = True) -> Queue:
         """Create or migrate the database; take the single-daemon lock when ``lock``."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=QUEUE_MODE | 0o100, parents=True, exist_ok=True)
         except OSError as exc:
             raise QueueError(f"cannot create the queue folder {self.path.parent}: {exc}") from exc
         try:
             if lock:
                 self._take_lock()
                 self._check_history()
+            self._private()
             self._migrate()
             if lock:
                 self._mark_open()
@@ -406,6 +410,18 @@ class Queue:
             self.close()
             raise QueueError(_cannot_write(self.path, exc)) from exc
         return self
+
+    def _private(self) -> None:
+        """The queue (patient names, sidecar texts) is stowd's alone, whatever the umask:
+        ``queue.db`` is made 0600 before SQLite opens it, which gives its ``-wal`` and
+        ``-shm`` the same mode; a queue made wider by an older stowd is narrowed."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, QUEUE_MODE)
+        os.close(fd)
+        for suffix in ("", "-wal", "-shm", "-journal", ".lock"):
+            path = Path(str(self.path) + suffix)
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_IMODE(path.stat().st_mode) & ~QUEUE_MODE:
+                    path.chmod(QUEUE_MODE)
 
     @property
     def _open_mark(self) -> Path:
@@ -463,7 +479,7 @@ class Queue:
 
     def _take_lock(self) -> None:
         lock_path = str(self.path) + ".lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, QUEUE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

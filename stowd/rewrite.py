@@ -31,7 +31,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 
-from stowd import deflated
+from stowd import deflated, dropped
 from stowd.classify import (
     BIG_ENDIAN,
     DEFLATED,
@@ -45,6 +45,7 @@ from stowd.errors import FileProblem, FileUnreadable, SpoolFull, no_space, readi
 from stowd.vr import Value
 
 CHUNK = 1024 * 1024
+SPOOL_MODE = 0o600  # the copies sent hold patient data: stowd's alone, whatever the umask
 UTF8 = "ISO_IR 192"
 DEFLATED_LIMIT = 32 * 1024 * 1024  # inflated; held whole about four times over while changed
 # One deflated data set is held whole at a time (the workers would each hold one).
@@ -245,7 +246,7 @@ def rewrite(src: Path, dst: Path, edit: Callable[[Dataset], None]) -> int:
     ``src`` is only read.  Its bytes from the Pixel Data element to the end are copied as they
     are, in chunks.  On any error a partly written ``dst`` is removed.
     """
-    with reading(src), warnings.catch_warnings(), open(src, "rb") as fp:
+    with reading(src), warnings.catch_warnings(), dropped.open_file(src) as fp:
         warnings.simplefilter("ignore")  # files with odd values are sent, not judged
         return _rewrite_open(fp, dst, edit)
 
@@ -411,7 +412,7 @@ def _write(
     dst: Path, ds: FileDataset, encoding: tuple[bool, bool], fp: BinaryIO, tail_at: int | None
 ) -> int:
     try:
-        with open(dst, "wb") as out:
+        with private(dst) as out:
             _encode(ds, encoding, out)
             if tail_at is not None:
                 fp.seek(tail_at)
@@ -426,4 +427,16 @@ def _write(
                 f"copying the file to the spool folder {dst.parent} failed: "
                 f"{exc.strerror or exc}; it is tried again later"
             ) from exc
+        raise
+
+
+def private(target: Path) -> BinaryIO:
+    """Open a new spool file for writing, readable by stowd alone whatever the umask (it
+    holds patient data)."""
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, SPOOL_MODE)
+    try:
+        os.fchmod(fd, SPOOL_MODE)  # a copy left by an older stowd may be wider
+        return os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)
         raise

@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import os
-import shutil
+import stat
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 
 from stowd import sidecar as sidecar_mod
 from stowd.config import Sidecars, Source
-from stowd.errors import FileUnreadable, no_space
+from stowd.errors import FileProblem, FileUnreadable, no_space
 from stowd.printable import utf8_safe
 from stowd.queue import Job, Queue
 
@@ -37,6 +37,8 @@ MOVING = threading.Lock()  # held around moves into sent/ and failed/ (and purge
 MAX_SUFFIX = 10_000
 NAME_MAX = 255  # bytes in one file name (ext4, XFS, btrfs, NTFS via SMB)
 COPY_CHUNK = 1024 * 1024
+NOTE_MODE = 0o600  # a note or copy about a file whose own mode is unknown (a link)
+_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 # os.link cannot make the link: another filesystem, protected_hardlinks, no links there
 _NO_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.ENOSYS)
 
@@ -134,7 +136,7 @@ def _settle_moved(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
             continue
         try:
             state = _carry_out(
-                decision.job, target, decision.outcome, decision.error, decision.source.sidecars
+                decision.job, target, decision.outcome, decision.error, decision.source
             )
         except OSError as exc:
             results.append(Settled(decision, None, exc))
@@ -165,7 +167,7 @@ def _plan(decisions: Sequence[Decision]) -> list[tuple[Decision, Path | OSError]
 
 
 def _carry_out(
-    job: Job, target: Path, outcome: str, error: dict[str, Any] | None, sidecars: Sidecars | None
+    job: Job, target: Path, outcome: str, error: dict[str, Any] | None, source: Source | None
 ) -> str:
     """Do (or finish) one recorded move and write the reason; returns the final state.
 
@@ -173,25 +175,31 @@ def _carry_out(
     it looked complete) never stays in ``sent/`` or ``failed/`` as if that content had been
     handled: it is checked before the move, during a copy across filesystems and after the
     move, and left in (or put back into) the drop folder, where the watcher queues it as a
-    new file.  Its row ends ``sent`` when the content read was stored, else ``gone``."""
+    new file.  Its row ends ``sent`` when the content read was stored, else ``gone``.
+
+    No symbolic link below the source's configured folders is followed (``_folder``):
+    a writer of the drop folder may have planted one (``sent/`` inside the watch folder
+    replaced by a link elsewhere); such a move fails with an ``OSError`` that says so."""
+    roots = _roots(source)
+    sidecars = None if source is None else source.sidecars
     back = _put_back_before(job, target)
     if back is not None:
         _drop_own_copies(job, target)
         return _changed(job, outcome, back)
-    secured = _bring(job, target, outcome)
+    secured = _bring(job, target, outcome, roots)
     if isinstance(secured, str):
         return secured
     if _moved_changed(job, target):
-        back = _put_back(job, target)
+        back = _put_back(job, target, roots)
         _drop_own_copies(job, target)
         return _changed(job, outcome, back)
     _release_sidecars(job, sidecars, secured)
     if outcome == "failed" and error is not None:
-        write_reason(target, error)
+        write_reason(target, error, roots)
     return outcome
 
 
-def _bring(job: Job, target: Path, outcome: str) -> set[Path] | str:
+def _bring(job: Job, target: Path, outcome: str, roots: Roots) -> set[Path] | str:
     """Move the file to ``target``, or find it moved there before a crash: the sidecars now
     safe beside it; or the row's final state when it is not there (changed, vanished)."""
     if _replaced(job):
@@ -201,14 +209,15 @@ def _bring(job: Job, target: Path, outcome: str) -> set[Path] | str:
             return _changed(job, outcome, None)
         return set()  # moved before a crash; a new file at the path may use the sidecars
     if os.path.lexists(job.path):
-        secured = _copy_sidecars(job, target)
-        if not move(Path(job.path), target, sync=False, expect=(job.size, job.mtime_ns)):
+        secured = _copy_sidecars(job, target, roots)
+        expect = (job.size, job.mtime_ns)
+        if not move(Path(job.path), target, sync=False, expect=expect, roots=roots):
             return _changed(job, outcome, None)  # it changed while it was copied: it stays
         return secured
     if not target.exists():
         log.warning("file vanished before it could be moved to %s: %s", outcome, job.path)
         return "gone"
-    return _copy_sidecars(job, target)  # a move finished before a crash
+    return _copy_sidecars(job, target, roots)  # a move finished before a crash
 
 
 def _holds_read(job: Job, target: Path) -> bool:
@@ -264,27 +273,33 @@ def _changed(job: Job, outcome: str, put_back: Path | None) -> str:
     return "sent" if outcome == "sent" else "gone"
 
 
-def _put_back(job: Job, target: Path) -> Path:
+def _put_back(job: Job, target: Path, roots: Roots = ()) -> Path:
     """Return a file that changed after it was read from ``target`` to the drop folder: to
     its own path, else to a free name beside it (never over another file)."""
     original = Path(job.path)
-    make_folders(original.parent)  # emptied folders may be removed
     for _ in range(MAX_SUFFIX):
         place = free_target(original.parent, original.name)
-        try:
-            os.link(target, place, follow_symlinks=False)  # a moved link stays a link
-        except FileExistsError:
-            continue  # taken since it was looked at: the next free name
-        except OSError as exc:
-            if exc.errno not in _NO_LINK:
-                raise
-            # no hard link here (another filesystem, protected_hardlinks): the name was
-            # free a moment ago, as for every move into sent/ and failed/
-            move(target, place)
-            return place
-        _fsync_dir(place.parent)  # in the drop folder before it leaves sent/ or failed/
-        os.unlink(target)
-        _fsync_dir(target.parent)
+        with _folder(place.parent, roots) as there, _folder(target.parent, roots) as here:
+            try:  # a moved link stays a link
+                os.link(
+                    target.name,
+                    place.name,
+                    src_dir_fd=here,
+                    dst_dir_fd=there,
+                    follow_symlinks=False,
+                )
+            except FileExistsError:
+                continue  # taken since it was looked at: the next free name
+            except OSError as exc:
+                if exc.errno not in _NO_LINK:
+                    raise
+                # no hard link here (another filesystem, protected_hardlinks): the name was
+                # free a moment ago, as for every move into sent/ and failed/
+                move(target, place, roots=roots)
+                return place
+            os.fsync(there)  # in the drop folder before it leaves sent/ or failed/
+            os.unlink(target.name, dir_fd=here)
+            os.fsync(here)
         return place
     raise OSError(errno.EEXIST, f"no free name for {original}")
 
@@ -328,7 +343,7 @@ def _drop_own_copies(job: Job, target: Path) -> None:
             (target.parent / _sidecar_name(original, target, path)).unlink(missing_ok=True)
 
 
-def _copy_sidecars(job: Job, target: Path) -> set[Path]:
+def _copy_sidecars(job: Job, target: Path, roots: Roots = ()) -> set[Path]:
     """Put beside the file's new place the sidecars it was found with, as they were then;
     returns the sidecars now safe in ``sent/`` or ``failed/``.
 
@@ -337,42 +352,40 @@ def _copy_sidecars(job: Job, target: Path) -> set[Path]:
     sidecar whose text could not be read (not UTF-8, too large) is copied byte for byte.
     """
     original, secured = Path(job.path), set()
+    mode = _note_mode(original if os.path.lexists(original) else target)
     for name, text in job.sidecar_texts():
         path = Path(name)
         if text is None:
             raw = job.sidecar_bytes(name)
             wanted = target.parent / _sidecar_name(original, target, path)
-            if raw is not None and _copy_raw(raw, wanted):
+            if raw is not None and _copy_raw(raw, wanted, roots, mode):
                 secured.add(path)
         elif _own_sidecar(original, path):
             wanted = target.parent / _sidecar_name(original, target, path)
             if not any(_holds(v, text) for v in _versions(wanted)):
-                _write_copy(free_target(wanted.parent, wanted.name), text)
+                _write_copy(free_target(wanted.parent, wanted.name), text, roots, mode)
             secured.add(path)
         else:
             copy = copy_name(target.parent, path.name, text)
             if not _holds(copy, text):
-                _write_copy(copy, text)
+                _write_copy(copy, text, roots, mode)
             secured.add(path)
     return secured
 
 
-def _copy_raw(data: bytes, wanted: Path) -> bool:
+def _copy_raw(data: bytes, wanted: Path, roots: Roots, mode: int) -> bool:
     """Keep a sidecar that is not text, with the bytes it had when its file was found."""
     if any(_bytes_of(v) == data for v in _versions(wanted)):
         return True
-    copy = free_target(wanted.parent, wanted.name)
-    make_folders(copy.parent)
-    tmp = copy.with_name(f".{copy.name}.stowd-tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, copy)
+    _write_new(free_target(wanted.parent, wanted.name), data, roots, mode)
     return True
 
 
 def _bytes_of(path: Path) -> bytes | None:
     try:
-        return path.read_bytes()
-    except OSError:
+        with sidecar_mod.open_plain(path) as fp:  # never through a link
+            return fp.read()
+    except (OSError, FileProblem):
         return None
 
 
@@ -432,11 +445,39 @@ def _holds(path: Path, text: str) -> bool:
     return sidecar_mod.text_of(path) == text
 
 
-def _write_copy(path: Path, text: str) -> None:
-    make_folders(path.parent)
-    tmp = path.with_name(f".{path.name}.stowd-tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def _write_copy(path: Path, text: str, roots: Roots, mode: int) -> None:
+    _write_new(path, text.encode("utf-8"), roots, mode)
+
+
+def _write_new(path: Path, data: bytes, roots: Roots, mode: int) -> None:
+    """Write ``path`` whole (a temporary name, then renamed into place) with ``mode``,
+    whatever the umask, never through a symbolic link."""
+    tmp = _tmp_beside(path, ".stowd-tmp")
+    with _folder(path.parent, roots) as here:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp.name, flags, mode, dir_fd=here)
+        try:
+            os.fchmod(fd, mode)  # a leftover temporary file may have had another mode
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp.name, path.name, src_dir_fd=here, dst_dir_fd=here)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _note_mode(path: Path) -> int:
+    """The mode of a note or copy describing ``path``: never wider than the file itself
+    (read-write at most; 0600 for a link, whose own mode says nothing)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return NOTE_MODE
+    return NOTE_MODE if stat.S_ISLNK(st.st_mode) else stat.S_IMODE(st.st_mode) & 0o666
 
 
 def _release_sidecars(job: Job, settings: Sidecars | None, secured: set[Path]) -> None:
@@ -509,8 +550,7 @@ def _repair(
         source = sources.get(job.source)
         try:
             target = Path(job.target) if job.target else _choose(queue, job, source, error)
-            sidecars = None if source is None else source.sidecars
-            state = _carry_out(job, target, job.outcome, error, sidecars)
+            state = _carry_out(job, target, job.outcome, error, source)
             done.append((job.id, state))
         except OSError as exc:
             where = job.target or f"{job.outcome}/"
@@ -536,25 +576,99 @@ def _choose(queue: Queue, job: Job, source: Source | None, error: dict[str, Any]
     return target
 
 
-def move(src: Path, dst: Path, *, sync: bool = True, expect: tuple[int, int] | None = None) -> bool:
+def move(
+    src: Path,
+    dst: Path,
+    *,
+    sync: bool = True,
+    expect: tuple[int, int] | None = None,
+    roots: Roots = (),
+) -> bool:
     """Rename ``src`` to ``dst``; across filesystems copy + fsync + rename + unlink.
 
     With ``sync=False`` the caller fsyncs ``dst``'s folder (once for many moves).  Across
     filesystems the source is removed only when it did not change while it was copied and
     still has ``expect`` (size, mtime_ns) when given; else the copy is removed, the source
-    stays and False is returned.
+    stays and False is returned.  No folder below ``roots`` (the source's configured
+    folders) is entered through a symbolic link, and a link moved stays a link.
     """
-    make_folders(dst.parent)
-    try:
-        os.rename(src, dst)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        if not _copy_across(src, dst, expect):
-            return False
-    if sync:
-        _fsync_dir(dst.parent)
+    with _folder(src.parent, roots, create=False) as here, _folder(dst.parent, roots) as there:
+        try:
+            os.rename(src.name, dst.name, src_dir_fd=here, dst_dir_fd=there)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            if not _copy_across((here, src.name), (there, dst.name), expect):
+                return False
+        if sync:
+            os.fsync(there)
     return True
+
+
+Roots = tuple[Path, ...]  # a source's configured folders: no link is followed below them
+
+
+def _roots(source: Source | None) -> Roots:
+    return () if source is None else (source.watch, source.sent, source.failed)
+
+
+@contextlib.contextmanager
+def _folder(folder: Path, roots: Roots, *, create: bool = True) -> Iterator[int]:
+    """An open ``folder`` (made as needed, each new folder with the mode of the one it is
+    made in, whatever the umask).  The outermost of ``roots`` holding ``folder`` is opened
+    as configured; every folder below it is entered without following a symbolic link,
+    which fails with an ``OSError`` saying so (a writer of the drop folder may have
+    planted it).  Outside every root only ``folder`` itself is opened as it is."""
+    start = min(
+        (r for r in roots if folder == r or r in folder.parents), key=_depth, default=folder
+    )
+    fd = _open_start(start, create)
+    try:
+        for name in folder.relative_to(start).parts:
+            inner = _enter(fd, name, create, start)
+            os.close(fd)
+            fd = inner
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _depth(path: Path) -> int:
+    return len(path.parts)
+
+
+def _open_start(start: Path, create: bool) -> int:
+    if create and not start.is_dir():
+        missing = [start, *[p for p in start.parents if not p.is_dir()]]
+        for folder in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                folder.mkdir(mode=folder.parent.stat().st_mode & 0o777)
+    return os.open(start, _FOLDER)
+
+
+def _enter(parent: int, name: str, create: bool, start: Path) -> int:
+    """Open the folder ``name`` in ``parent`` (made first when missing), never a link."""
+    if create:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, os.fstat(parent).st_mode & 0o777, dir_fd=parent)
+    try:
+        return os.open(name, _FOLDER | os.O_NOFOLLOW, dir_fd=parent)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR) or not _is_link(parent, name):
+            raise
+    raise OSError(
+        errno.ELOOP,
+        f"the folder {name} (below {start}) is a symbolic link; stowd never moves or writes "
+        "a file through a link in its folders (a writer of the drop folder could have "
+        "planted it); make it a real folder again and the move is tried again",
+    )
+
+
+def _is_link(parent: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
 def _sync_folders(folders: Collection[Path]) -> None:
@@ -574,41 +688,67 @@ def _tmp_beside(path: Path, suffix: str) -> Path:
     return path.with_name(f".{hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16]}{suffix}")
 
 
-def _copy_across(src: Path, dst: Path, expect: tuple[int, int] | None) -> bool:
+def _copy_across(
+    src: tuple[int, str], dst: tuple[int, str], expect: tuple[int, int] | None
+) -> bool:
     """Copy, fsync, rename into place, then unlink ``src``: only if ``src`` did not change
-    meanwhile (a writer that still adds to it would lose what it writes after the unlink)."""
-    tmp = _tmp_beside(dst, ".stowd-tmp")
+    meanwhile (a writer that still adds to it would lose what it writes after the unlink).
+    Each is a (folder, name) pair; a symbolic link is copied as a link, never followed."""
+    (here, name), (there, dst_name) = src, dst
+    tmp = _tmp_beside(Path(dst_name), ".stowd-tmp").name
     try:
-        before, after, copied = _copy_to(src, tmp)
+        fin = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=here)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        return _link_across(src, dst, tmp)
+    try:
+        before, after, copied = _copy_to(fin, (there, tmp))
     except BaseException:
         # a part copy (a full disk) must not stay: it would keep that disk full for others
         with contextlib.suppress(OSError):
-            tmp.unlink()
+            os.unlink(tmp, dir_fd=there)
         raise
     if not _same(before, after, copied, expect):
-        tmp.unlink()
+        os.unlink(tmp, dir_fd=there)
         return False
-    shutil.copystat(src, tmp)
-    os.rename(tmp, dst)
-    _fsync_dir(dst.parent)
-    if not _same(after, _stat_or_none(src), copied, expect):  # changed at the last moment
-        dst.unlink()
-        _fsync_dir(dst.parent)
+    os.rename(tmp, dst_name, src_dir_fd=there, dst_dir_fd=there)
+    os.fsync(there)
+    if not _same(after, _stat_or_none(here, name), copied, expect):  # changed at the last moment
+        os.unlink(dst_name, dir_fd=there)
+        os.fsync(there)
         return False
-    os.unlink(src)
+    os.unlink(name, dir_fd=here)
     return True
 
 
-def _copy_to(src: Path, tmp: Path) -> tuple[os.stat_result, os.stat_result, int]:
-    """Copy ``src`` to ``tmp`` and fsync it; ``src``'s stat before and after, and the bytes
-    copied."""
-    with open(src, "rb") as fin:
-        before = os.fstat(fin.fileno())
-        with open(tmp, "wb") as fout:
-            copied = _copy_all(fin, fout)
+def _link_across(src: tuple[int, str], dst: tuple[int, str], tmp: str) -> bool:
+    """Move a symbolic link to another filesystem: the same link there, then unlink it."""
+    (here, name), (there, dst_name) = src, dst
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp, dir_fd=there)
+    os.symlink(os.readlink(name, dir_fd=here), tmp, dir_fd=there)
+    os.rename(tmp, dst_name, src_dir_fd=there, dst_dir_fd=there)
+    os.fsync(there)
+    os.unlink(name, dir_fd=here)
+    return True
+
+
+def _copy_to(fin: int, tmp: tuple[int, str]) -> tuple[os.stat_result, os.stat_result, int]:
+    """Copy the open file ``fin`` (closed here) to ``tmp`` (a folder and a name) with its
+    mode and times, and fsync it; ``fin``'s stat before and after, and the bytes copied."""
+    there, name = tmp
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    with os.fdopen(fin, "rb") as fp:
+        before = os.fstat(fp.fileno())
+        mode = stat.S_IMODE(before.st_mode)
+        with os.fdopen(os.open(name, flags, mode, dir_fd=there), "wb") as fout:
+            copied = _copy_all(fp, fout)
             fout.flush()
+            os.fchmod(fout.fileno(), mode)
+            os.utime(fout.fileno(), ns=(before.st_atime_ns, before.st_mtime_ns))
             os.fsync(fout.fileno())
-        after = os.fstat(fin.fileno())
+        after = os.fstat(fp.fileno())
     return before, after, copied
 
 
@@ -637,9 +777,9 @@ def _identity(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _stat_or_none(path: Path) -> os.stat_result | None:
+def _stat_or_none(folder: int, name: str) -> os.stat_result | None:
     try:
-        return os.stat(path)
+        return os.stat(name, dir_fd=folder, follow_symlinks=False)
     except OSError:
         return None
 
@@ -652,17 +792,16 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_reason(target: Path, error: dict[str, Any]) -> Path:
-    """Write ``<file>.error.json`` beside a failed file, atomically (not when the file's
-    name leaves no room for it: then the reason is only in the queue and the log)."""
+def write_reason(target: Path, error: dict[str, Any], roots: Roots = ()) -> Path:
+    """Write ``<file>.error.json`` beside a failed file, atomically, never wider than the
+    file (not when the file's name leaves no room for it: then the reason is only in the
+    queue and the log)."""
     path = Path(str(target) + ERROR_SUFFIX)
-    tmp = _tmp_beside(path, ".tmp")
     if len(os.fsencode(path.name)) > NAME_MAX:
         log.warning("%s: name too long for its reason file; it failed: %s", target, error)
         return path
-    text = json.dumps(utf8_safe(error), indent=2, ensure_ascii=False)  # a name not UTF-8
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    text = json.dumps(utf8_safe(error), indent=2, ensure_ascii=False) + "\n"  # a name not UTF-8
+    _write_new(path, text.encode("utf-8"), roots, _note_mode(target))
     return path
 
 

@@ -17,6 +17,7 @@ import re
 import stat
 from collections.abc import Callable, Collection
 from pathlib import Path
+from typing import BinaryIO
 
 import yaml
 from pydicom.datadict import get_entry
@@ -32,6 +33,7 @@ MAX_BYTES = 1024 * 1024
 _LOOKED_FOR = (*SUFFIXES, *(s.upper() for s in SUFFIXES))  # names tried beside a data file
 _TAG = re.compile(r"[0-9A-Fa-f]{8}")
 _PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+_PLAIN = "stowd reads a sidecar only as a regular file in the drop folder, never through a link"
 
 
 # --- which sidecars apply ---------------------------------------------------------------
@@ -189,7 +191,7 @@ def read_text(path: Path) -> str:
 
 def _read_text(path: Path) -> str:
     try:
-        with path.open("rb") as stream:
+        with open_plain(path) as stream:
             data = stream.read(MAX_BYTES + 1)
     except FileNotFoundError:
         message = f"sidecar {path.name} disappeared before it was read"
@@ -202,6 +204,26 @@ def _read_text(path: Path) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise _problem(path, f"is not UTF-8 text (bad byte at offset {exc.start})") from None
+
+
+def open_plain(path: Path) -> BinaryIO:
+    """Open a sidecar for reading: a regular file, never through a symbolic link (a writer
+    could point one at a secret stowd can read: it would be stored and copied to failed/).
+    ``FileProblem`` when it is a link or not a regular file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _problem(path, f"is a symbolic link; {_PLAIN}") from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        raise _problem(path, f"is not a regular file; {_PLAIN}")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 def _parse(path: Path, text: str) -> object:

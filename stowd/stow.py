@@ -35,7 +35,7 @@ from typing import Any, BinaryIO
 import httpx
 import tenacity
 
-from stowd import answers
+from stowd import answers, dropped
 from stowd.access import Tls
 from stowd.auth import OAuth2, TokenError, TokenRefused, make_auth
 from stowd.config import Destination
@@ -186,9 +186,11 @@ class Body:
         try:
             for part in self.parts:
                 try:
-                    fp = open(part.path, "rb")  # noqa: SIM115 - closed in close()
+                    fp = dropped.open_file(part.path, open)  # open: the tests' seam
                 except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
                     raise FileVanished(f"{part.path} vanished", path=part.path) from exc
+                except dropped.LinkRefused as exc:  # a link planted since it was read
+                    raise FileVanished(f"{part.path} is now a link", path=part.path) from exc
                 except OSError as exc:
                     raise FileUnreadable.from_os_error(exc, part.path) from exc
                 self._files.append(fp)

@@ -739,9 +739,9 @@ def _problem_entry(path: Path, checked: os.stat_result, exc: FileProblem) -> lis
 def _raw(path: Path) -> str | None:
     """A small sidecar's bytes (base64), kept to copy it to failed/ as it was found."""
     try:
-        with path.open("rb") as fp:
+        with sidecar.open_plain(path) as fp:  # never through a link (a planted secret)
             data = fp.read(RAW_LIMIT + 1)
-    except OSError:
+    except (OSError, FileProblem):
         return None
     return None if len(data) > RAW_LIMIT else base64.b64encode(data).decode()
 

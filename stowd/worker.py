@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from stowd import bulkdata, metadata, metrics
+from stowd import bulkdata, dropped, metadata, metrics
 from stowd import classify as classify_mod
 from stowd.answers import answer_seconds
 from stowd.bulkform import bulk_part
@@ -86,6 +86,7 @@ class Worker:
         disks: Disks | None = None,
     ) -> None:
         self.config = config
+        dropped.configure(config.sources)  # no link in a drop folder is read (follow_links)
         self.disks = disks  # told of writes that failed for lack of space (it logs them)
         # False: only reads new files, so that reading overlaps the uploads of the others
         self.sends = sends

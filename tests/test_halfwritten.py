@@ -394,10 +394,10 @@ def exdev_first(monkeypatch: pytest.MonkeyPatch) -> None:
     """os.rename from the drop folder to sent/ fails as it does across filesystems."""
     real_rename = os.rename
 
-    def rename(a: Any, b: Any) -> None:
+    def rename(a: Any, b: Any, **folders: Any) -> None:
         if ".stowd-tmp" not in str(a):
             raise OSError(errno.EXDEV, "Invalid cross-device link")
-        real_rename(a, b)
+        real_rename(a, b, **folders)
 
     monkeypatch.setattr(os, "rename", rename)
 
@@ -464,8 +464,8 @@ def test_a_changed_file_the_watcher_finds_before_its_row_is_done_is_queued_then(
     real_put_back = settle_mod._put_back
     found: list[int] = []
 
-    def put_back_and_seen(job: Job, target: Path) -> Path:
-        place = real_put_back(job, target)
+    def put_back_and_seen(job: Job, target: Path, *roots: Any) -> Path:
+        place = real_put_back(job, target, *roots)
         found.append(requeue(queue, place))  # the watcher's look, racing the bookkeeping
         return place
 

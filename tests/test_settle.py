@@ -124,11 +124,11 @@ def test_move_across_filesystems(
     real_rename = os.rename
     calls = []
 
-    def exdev_once(a: object, b: object) -> None:
+    def exdev_once(a: object, b: object, **folders: Any) -> None:
         calls.append((a, b))
         if len(calls) == 1:
             raise OSError(errno.EXDEV, "Invalid cross-device link")
-        real_rename(a, b)  # type: ignore[arg-type]
+        real_rename(a, b, **folders)  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "rename", exdev_once)
     dst = tmp_path / "other" / "dst.dcm"

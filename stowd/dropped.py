@@ -1,0 +1,105 @@
+"""Opening a dropped file without letting the drop folder's writers point stowd elsewhere.
+
+The writers of a drop folder have fewer rights than stowd.  A symbolic link they plant (the
+file itself, or a folder on its path) would make stowd read, and upload, a file they cannot
+read themselves.  So, unless the source says ``follow_links: true``, a dropped file is
+opened from its watch folder one name at a time with ``O_NOFOLLOW``: a link anywhere below
+the watch folder is refused with ``LinkRefused`` (the file fails with that reason), and a
+link planted after the file was checked is refused too, since every read opens it so.
+
+The worker registers the sources with ``configure``; a path under no registered watch
+folder (a spool copy, a test's own file) is opened as it always was.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+from stowd.config import Source
+from stowd.errors import FileProblem
+
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO never blocks
+_LOCK = threading.Lock()
+_GUARDED: dict[str, bool] = {}  # watch folder -> follow_links
+ADVICE = (
+    "stowd does not follow symbolic links in a drop folder (a writer could point one at a "
+    "file it cannot read itself); put the file itself there, or set follow_links: true on "
+    "the source (see the README for the risk)"
+)
+
+
+class LinkRefused(FileProblem):
+    """A dropped file (or a folder on its path) is a symbolic link stowd does not follow."""
+
+
+def configure(sources: Iterable[Source]) -> None:
+    """Guard the watch folders of ``sources`` (each with its ``follow_links``)."""
+    with _LOCK:
+        for source in sources:
+            _GUARDED[str(source.watch)] = source.follow_links
+
+
+def open_file(path: str | Path, opener: Callable[..., Any] | None = None) -> BinaryIO:
+    """Open a dropped file for reading in binary; ``LinkRefused`` for a refused link.
+    ``opener`` opens a path under no guarded watch folder (a caller's seam for tests)."""
+    text = os.fspath(path)
+    root = _root_of(text)
+    if root is None:
+        return cast(BinaryIO, (opener or open)(text, "rb"))  # looked up now: a seam
+    fd = _open_beneath(root, os.path.relpath(text, root), text)
+    try:
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _root_of(path: str) -> str | None:
+    """The guarded watch folder holding ``path`` (the innermost), or None."""
+    with _LOCK:
+        roots = [r for r, follow in _GUARDED.items() if not follow and _under(path, r)]
+    return max(roots, key=len, default=None)
+
+
+def _under(path: str, root: str) -> bool:
+    return path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _open_beneath(root: str, rel: str, path: str) -> int:
+    """Open ``root/rel`` with no symbolic link in ``rel`` (``root`` itself is configured)."""
+    names = rel.split(os.sep)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for i, name in enumerate(names[:-1]):
+            inner = _open_name(name, _DIR, fd, path, os.sep.join(names[: i + 1]))
+            os.close(fd)
+            fd = inner
+        return _open_name(names[-1], _FILE, fd, path, rel)
+    finally:
+        os.close(fd)
+
+
+def _open_name(name: str, flags: int, parent: int, path: str, shown: str) -> int:
+    try:
+        return os.open(name, flags, dir_fd=parent)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR) or not _is_link(name, parent):
+            raise
+    if flags == _FILE:
+        raise LinkRefused(f"the file is a symbolic link; {ADVICE}", path=path)
+    raise LinkRefused(f"the folder {shown} on its path is a symbolic link; {ADVICE}", path=path)
+
+
+def _is_link(name: str, parent: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
