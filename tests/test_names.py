@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import sqlite3
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -182,12 +183,16 @@ def remove_deep(top: Path) -> None:
 
 
 @pytest.fixture
-def deep(tmp_path: Path) -> Iterator[Path]:
-    """``tmp_path`` whose folders (not Orthanc's) are removed by ``remove_deep`` after the test."""
-    yield tmp_path
-    for folder in tmp_path.iterdir():
-        if folder.name != "orthanc":
-            remove_deep(folder)
+def deep() -> Iterator[Path]:
+    """A folder of its own for a test's deep trees, outside pytest's temporary folders, and
+    removed by ``remove_deep`` after the test: pytest cleans its old temporary folders with
+    ``shutil.rmtree``, which recurses, so a deep tree left there by a run that was killed
+    would make every later pytest session on the machine fail at its end."""
+    top = Path(tempfile.mkdtemp(prefix="stowd-deep-"))
+    try:
+        yield top
+    finally:
+        remove_deep(top)
 
 
 def _deep_rel(name: str = SHORT) -> str:
