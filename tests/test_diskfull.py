@@ -9,20 +9,17 @@ are skipped without it, and fail under ``CI=true``.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import sqlite3
-import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from dicomgen import make_study
 from harness import Layout, Stowd, make_layout, run_cli, wait_for
+from mounts import fill, require_root, tmpfs
 from orthanc import Orthanc
 from stowproxy import StowProxy
 
@@ -34,40 +31,7 @@ DESTINATION = {"workers": 1, "batch": {"max_files": 50}, "timeouts": {"read": "5
 
 @pytest.fixture(autouse=True)
 def root_required() -> None:
-    if os.geteuid() == 0:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail("CI=true but not root: mounting a tmpfs needs root", pytrace=False)
-    pytest.skip("mounting a tmpfs needs root")
-
-
-@contextmanager
-def tmpfs(folder: Path, size: str = "4m") -> Iterator[Path]:
-    """A tmpfs at ``folder``: well above ``disk.FULL_BELOW``, so that freeing it counts."""
-    folder.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
-def fill(folder: Path) -> Path:
-    """Write a file into ``folder`` until its filesystem has not one byte left."""
-    filler = folder / ".filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        for chunk in (1 << 16, 1 << 12, 1):
-            try:
-                while True:
-                    os.write(fd, b"\0" * chunk)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
-    st = os.statvfs(folder)
-    assert st.f_bavail == 0
-    return filler
+    require_root()
 
 
 def status(layout: Layout) -> dict[str, Any]:

@@ -14,7 +14,6 @@ import io
 import json
 import logging
 import os
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ import pytest
 import yaml
 from dicomgen import make_instance_bytes, pydicom_all_files
 from harness import Layout, Stowd, make_layout, wait_for
+from mounts import tmpfs
 from orthanc import Orthanc
 
 from stowd import settle as settle_mod
@@ -80,22 +80,8 @@ def test_an_object_without_pixel_data_that_is_no_image_is_complete(name: str) ->
 def other_fs(tmp_path: Path) -> Iterator[Path]:
     """``tmp_path/run/done`` on a tmpfs of its own: sent/ and failed/ on another filesystem."""
     done = tmp_path / "run" / "done"
-    done.mkdir(parents=True)
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(done)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        reason = f"cannot mount a tmpfs (root needed): {mounted.stderr.strip()}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but {reason}", pytrace=False)
-        pytest.skip(reason)
-    try:
+    with tmpfs(done, "8m"):
         yield done
-    finally:
-        subprocess.run(["umount", "-l", str(done)], check=False)
 
 
 def stored(orthanc: Orthanc, uid: str) -> pydicom.Dataset | None:

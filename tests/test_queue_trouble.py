@@ -4,41 +4,18 @@ folder, a ``-wal`` deleted after a kill -9."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from dicomgen import make_instance
 from harness import Layout, Stowd, make_layout, run_cli, wait_for
+from mounts import read_only
 
 from stowd.errors import QueueError
 from stowd.queue import Queue
 
 NOWHERE = "http://127.0.0.1:9/dicom-web"  # nothing is sent in these tests
-
-
-def require_root() -> None:
-    """Mounting needs root: skip without it, but fail under CI=true (CI runs as root)."""
-    if os.geteuid() == 0:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail("CI=true but the tests do not run as root (needed to mount)", pytrace=False)
-    pytest.skip("mounting a read-only folder needs root")
-
-
-@contextmanager
-def read_only(folder: Path) -> Iterator[None]:
-    """``folder`` as a read-only bind mount of itself (chmod does not stop root)."""
-    require_root()
-    subprocess.run(["mount", "--bind", str(folder), str(folder)], check=True)
-    try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=True)
-        yield
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
 def queue_folder(layout: Layout) -> Path:

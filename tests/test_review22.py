@@ -12,23 +12,14 @@ from typing import Any
 import pytest
 from dicomgen import make_instance, write_garbage
 from harness import Stowd, make_layout, run_cli, wait_for
+from mounts import fill, tmpfs
 from orthanc import Orthanc
-from test_diskfull import fill, tmpfs
 
 from stowd import settle as settle_mod
 from stowd.config import Sidecars, Source
 from stowd.queue import NewFile, Queue
 
 MIB = 1024 * 1024
-
-
-def need_root() -> None:
-    """Mounting a tmpfs needs root: skipped without it, but a failure under ``CI=true``."""
-    if os.geteuid() == 0:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail("CI=true but not root: mounting a tmpfs needs root", pytrace=False)
-    pytest.skip("mounting a tmpfs needs root")
 
 
 @pytest.fixture
@@ -49,7 +40,6 @@ def test_a_copy_that_found_no_room_in_sent_leaves_no_part_copy_that_keeps_it_ful
     """sent/ on its own 4 MiB tmpfs: a 6 MiB file cannot be copied there.  Its part copy
     (``.name.stowd-tmp``) used to stay and fill sent/, so that a small file stored after it
     could not be moved either, for as long as the big one waited."""
-    need_root()
     layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
     with tmpfs(layout.sent, "4m"):
         make_instance(layout.drop / "big.dcm", size_bytes=6 * MIB)
@@ -132,7 +122,6 @@ def test_a_daemon_started_on_a_full_queue_disk_says_the_disk_is_full(
     """A stowd (re)started while its queue's disk is full cannot open the queue: it said only
     'disk I/O error' (what SQLite says when it cannot create the -shm file), and systemd
     restarts it every RestartSec with that line, as if a disk were failing."""
-    need_root()
     layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
     state = layout.root / "state"
     with tmpfs(state):
@@ -232,7 +221,6 @@ def test_status_never_says_a_file_the_archive_did_not_store_was_stored(
 ) -> None:
     """failed/ full: a file that is not DICOM waits to be moved there.  The destination's
     health read 'ok, but 1 file(s) it stored are not yet moved', of a file never sent."""
-    need_root()
     layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
     with tmpfs(layout.failed):
         fill(layout.failed)
