@@ -7,7 +7,10 @@
   answer that inflates to 1 GiB"); ``"trickle"``, a 200 whose body comes one byte a second
   (the issue's "answer trickled one byte every 3 s": each byte arrives well within the read
   timeout, so only a deadline for the whole answer ends it); ``"ok"``, a DICOM JSON STOW answer
-  (PS3.18 10.5.3) listing every SOPInstanceUID sent in ReferencedSOPSequence (0008,1199).
+  (PS3.18 10.5.3) listing every SOPInstanceUID sent in ReferencedSOPSequence (0008,1199);
+  ``"slow-headers"``, a status line and then a header trickled one byte a second (the issue's
+  trickle, in the header instead of the body: an HTTP/1.1 header may be up to h11's 16 KiB,
+  RFC 9112 2.2 sets no limit, so each byte arriving within the read timeout keeps it open).
 * ``GET`` anything (a QIDO-RS lookup) answers the gzip bomb ("the same as a QIDO answer").
 * ``POST /token`` (an OAuth2 token endpoint, RFC 6749 4.4) answers the gzip bomb.
 
@@ -94,6 +97,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._bomb()
         elif self.owner.stow == "trickle":
             self._trickle()
+        elif self.owner.stow == "slow-headers":
+            self._slow_headers()
         else:
             self._stored(sop_instance_uids(body))
 
@@ -122,6 +127,21 @@ class _Handler(BaseHTTPRequestHandler):
             with self.owner.lock:
                 self.owner.trickles.append((read, time.monotonic()))
             self.close_connection = True
+
+    def _slow_headers(self) -> None:
+        read = time.monotonic()
+        try:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            for _ in range(TRICKLE_SECONDS):
+                self.wfile.flush()
+                time.sleep(1.0)
+                self.wfile.write(b"a")
+            self.wfile.write(b"\r\nContent-Length: 0\r\n\r\n")
+            self.wfile.flush()
+        except OSError:
+            with self.owner.lock:
+                self.owner.trickles.append((read, time.monotonic()))
+        self.close_connection = True
 
     def _stored(self, uids: list[str]) -> None:
         items = [{"00081155": {"vr": "UI", "Value": [uid]}} for uid in uids]

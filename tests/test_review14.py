@@ -1,0 +1,72 @@
+"""Issue 14, review: what a hostile writer or archive could still do after the first fixes."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from bombgen import peak_rss_mb
+from harness import Stowd, make_layout, wait_for
+
+DEAD_URL = "http://127.0.0.1:9/dicom-web"  # nothing listens: no file reaches an archive
+MAX_PEAK_MB = 300.0
+DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def _meta(syntax: str) -> bytes:
+    """Preamble, DICM and a File Meta Information naming ``syntax`` (PS3.10 7.1)."""
+    uid = syntax.encode()
+    uid += b"\0" * (len(uid) % 2)
+    body = struct.pack("<HH", 2, 1) + b"OB\0\0" + struct.pack("<I", 2) + b"\0\1"
+    for elem, value in ((2, b"1.2.840.10008.5.1.4.1.1.7\0"), (3, b"1.2.3.4.5.6\0"), (0x10, uid)):
+        body += struct.pack("<HH", 2, elem) + b"UI" + struct.pack("<H", len(value)) + value
+    length = struct.pack("<HH", 2, 0) + b"UL" + struct.pack("<HI", 4, len(body))
+    return b"\0" * 128 + b"DICM" + length + body
+
+
+def _tiny_elements(count: int) -> bytes:
+    """A data set of ``count`` empty private LO elements (8 bytes each, explicit VR LE),
+    each a distinct tag in ascending order: 8 bytes of file, hundreds of bytes in pydicom."""
+    out = bytearray()
+    group = 0x0009
+    while count > 0:
+        for elem in range(0x1000, 0x1000 + min(count, 0xF000)):
+            out += struct.pack("<HH", group, elem) + b"LO\0\0"
+        count -= 0xF000
+        group += 2
+    return bytes(out)
+
+
+def header_element_bomb(path: Path, count: int) -> None:
+    """A deflated file (about 3 MB) whose header is ``count`` tiny elements: 16 MiB inflated
+    for 2 million, far below the 64 MiB header limit of stowd/deflated.py."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)  # raw deflate (PS3.5 A.5)
+    data = packer.compress(_tiny_elements(count)) + packer.flush()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_meta(DEFLATED) + data)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review14: a header of millions of tiny elements within HEADER_LIMIT is parsed "
+    "whole by pydicom (hundreds of bytes per 8-byte element); not fixed",
+)
+def test_a_deflated_header_of_tiny_elements_is_read_in_bounded_memory(tmp_path: Path) -> None:
+    """A 3 MB deflated file whose header inflates to 16 MiB of 2 million empty elements.
+    Seen: daemon VmHWM 1024 MB (12 MB file of 8 million elements: 3.6 GB, 98 s CPU)."""
+    layout = make_layout(tmp_path / "run", DEAD_URL)
+    header_element_bomb(layout.drop / "tiny.dcm", 2_000_000)
+    daemon = Stowd(layout).start()
+    try:
+        wait_for(
+            lambda: layout.files(layout.failed) == {"tiny.dcm"}, 300, "failed/", lambda: daemon.log
+        )
+        assert daemon.proc is not None
+        peak = peak_rss_mb(daemon.proc.pid)
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop()
+    print(f"\ndaemon VmHWM with a deflated header of 2 million elements: {peak:.1f} MB")
+    assert peak < MAX_PEAK_MB
