@@ -7,8 +7,11 @@ import zlib
 from pathlib import Path
 
 import pytest
+import yaml
 from bombgen import peak_rss_mb
+from dicomgen import make_instance
 from harness import Stowd, make_layout, wait_for
+from hostileserver import HostileArchive
 
 DEAD_URL = "http://127.0.0.1:9/dicom-web"  # nothing listens: no file reaches an archive
 MAX_PEAK_MB = 300.0
@@ -70,3 +73,79 @@ def test_a_deflated_header_of_tiny_elements_is_read_in_bounded_memory(tmp_path: 
         daemon.stop()
     print(f"\ndaemon VmHWM with a deflated header of 2 million elements: {peak:.1f} MB")
     assert peak < MAX_PEAK_MB
+
+
+# -- answers nested too deeply for Python's json ------------------------------------------------
+def test_a_stow_answer_nested_too_deeply_is_an_answer_that_cannot_be_read(tmp_path: Path) -> None:
+    """A 200 whose JSON body is 100,000 arrays deep (200 KB, within the answer limit): like
+    any answer that is not a STOW answer, the file waits; no traceback, no unexpected error.
+    Was: json's RecursionError escaped parse_answer (which caught ValueError only)."""
+    with HostileArchive("deep") as archive:
+        layout = make_layout(tmp_path / "run", archive.base)
+        make_instance(layout.drop / "a.dcm")
+        daemon = Stowd(layout).start()
+        try:
+            wait_for(lambda: archive.seen("POST") >= 2, 120, "a second POST", lambda: daemon.log)
+            assert layout.files(layout.failed) == set()
+            archive.stow = "ok"  # the file was kept and is sent once the archive answers
+            wait_for(
+                lambda: layout.files(layout.sent) == {"a.dcm"}, 120, "sent", lambda: daemon.log
+            )
+            assert daemon.terminate() == 0
+        finally:
+            daemon.stop()
+    assert "RecursionError" not in daemon.log
+    assert "unexpected error" not in daemon.log
+
+
+def test_a_lookup_answer_nested_too_deeply_makes_the_file_wait(tmp_path: Path) -> None:
+    """The same body as a QIDO-RS lookup answer: the lookup is unavailable, the file waits.
+    Was: the RecursionError escaped lookup.parse (which caught ValueError only)."""
+    rule = {
+        "match": {"type": "dicom"},
+        "lookup": {"in": "studies", "query": {"AccessionNumber": "{dicom.AccessionNumber}"}},
+    }
+    with HostileArchive("ok") as archive:
+        archive.qido = "deep"
+        layout = make_layout(tmp_path / "run", archive.base, rules=[rule])
+        make_instance(layout.drop / "a.dcm", extra={"AccessionNumber": "ACC-1"})
+        daemon = Stowd(layout).start()
+        try:
+            reason = "is not JSON stowd can read (nested too deeply)"
+            wait_for(lambda: reason in daemon.log, 120, repr(reason), lambda: daemon.log)
+            assert archive.seen("POST") == 0
+            assert daemon.terminate() == 0
+        finally:
+            daemon.stop()
+    assert layout.files(layout.drop) == {"a.dcm"}
+    assert layout.files(layout.failed) == set()
+    assert "RecursionError" not in daemon.log
+    assert "unexpected error" not in daemon.log
+
+
+def test_a_token_answer_nested_too_deeply_holds_the_destination(tmp_path: Path) -> None:
+    """The same body from the OAuth2 token endpoint: no token, the destination is held and
+    the file waits.  Was: the RecursionError escaped the token request (ValueError only)."""
+    with HostileArchive("ok") as archive:
+        archive.token = "deep"
+        auth = {
+            "type": "oauth2",
+            "token_url": f"{archive.url}/token",
+            "client_id": "stowd",
+            "client_secret": "not-a-real-secret",
+        }
+        layout = make_layout(tmp_path / "run", archive.base)
+        config = yaml.safe_load(layout.config.read_text())
+        config["destinations"]["pacs"]["auth"] = auth
+        layout.config.write_text(yaml.safe_dump(config))
+        make_instance(layout.drop / "a.dcm")
+        daemon = Stowd(layout).start()
+        try:
+            wait_for(lambda: archive.seen("POST /token") >= 2, 120, "a second token request")
+            assert daemon.terminate() == 0
+        finally:
+            daemon.stop()
+        assert archive.seen("POST /dicom-web") == 0
+    assert layout.files(layout.drop) == {"a.dcm"}
+    assert "RecursionError" not in daemon.log
+    assert "unexpected error" not in daemon.log
