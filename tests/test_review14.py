@@ -10,7 +10,7 @@ import pytest
 import yaml
 from bombgen import peak_rss_mb
 from dicomgen import make_instance
-from harness import Stowd, make_layout, wait_for
+from harness import Stowd, make_layout, run_cli, wait_for
 from hostileserver import HostileArchive
 
 DEAD_URL = "http://127.0.0.1:9/dicom-web"  # nothing listens: no file reaches an archive
@@ -149,3 +149,20 @@ def test_a_token_answer_nested_too_deeply_holds_the_destination(tmp_path: Path) 
     assert layout.files(layout.drop) == {"a.dcm"}
     assert "RecursionError" not in daemon.log
     assert "unexpected error" not in daemon.log
+
+
+def test_retry_puts_back_a_file_whose_error_file_is_nested_too_deeply(tmp_path: Path) -> None:
+    """An error file of 100,000 nested arrays in failed/ (damaged, or planted where writers
+    can write in failed/): ``stowd retry`` says it could not be read and puts both files back.
+    Was: a RecursionError traceback, and no file put back."""
+    layout = make_layout(tmp_path / "run", DEAD_URL)
+    make_instance(layout.failed / "a.dcm")
+    (layout.failed / "a.dcm.error.json").write_text("[" * 100_000 + "]" * 100_000)
+    make_instance(layout.failed / "b.dcm")
+    (layout.failed / "b.dcm.error.json").write_text('{"reason": "the archive refused it"}')
+    done = run_cli("retry", "-c", str(layout.config))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    assert "nests arrays or objects too deeply" in done.stdout
+    assert layout.files(layout.drop) == {"a.dcm", "b.dcm"}
+    assert layout.files(layout.failed) == set()
