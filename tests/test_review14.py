@@ -68,7 +68,7 @@ def test_a_header_of_tiny_elements_is_read_in_bounded_memory(
     """A file whose header is 2 million empty elements (16 MB inflated; deflated: 3 MB).
     Seen: daemon VmHWM 1024 MB deflated (12 MB file of 8 million elements: 3.6 GB, 98 s CPU),
     and 716 MB for the plain 16 MB file; the units' MemoryMax= is 1G, so
-    under systemd the daemon is killed, restarts, reads the file again: every folder stops."""
+    under systemd the daemon would be killed, and find the file again when restarted."""
     layout = make_layout(tmp_path / "run", DEAD_URL)
     header_element_bomb(layout.drop / "tiny.dcm", 2_000_000, deflated=deflated)
     daemon = Stowd(layout).start()
