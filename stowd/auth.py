@@ -182,7 +182,7 @@ class OAuth2(httpx.Auth):
         self.fetches += 1
         try:
             doc = json.loads(content)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested beyond Python's limit
             doc = None
         if response.status_code != 200:
             secrets = (secret, quote_plus(secret), self._basic(secret))

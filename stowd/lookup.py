@@ -239,6 +239,10 @@ def parse(body: bytes, where: str) -> list[Item]:
         doc = json.loads(body) if body.strip() else []
     except ValueError as exc:
         raise LookupUnavailable(f"the answer of {where} is not JSON ({exc})") from None
+    except RecursionError:  # legal JSON (RFC 8259 9), beyond Python's nesting limit
+        raise LookupUnavailable(
+            f"the answer of {where} is not JSON stowd can read (nested too deeply)"
+        ) from None
     if not isinstance(doc, list) or not all(isinstance(d, dict) for d in doc):
         raise LookupUnavailable(f"the answer of {where} is not a list of DICOM JSON objects")
     return [_item(d) for d in doc]

@@ -441,6 +441,8 @@ def _read_error(error: Path | None) -> tuple[Any, str]:
         doc = json.loads(error.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         return None, str(exc)
+    except RecursionError:  # JSON nested beyond Python's limit: a damaged (or planted) file
+        return None, "it nests arrays or objects too deeply"
     return (doc, "") if isinstance(doc, dict) else (None, "not a JSON object")
 
 

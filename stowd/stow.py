@@ -267,6 +267,8 @@ def parse_answer(status: int, body: bytes) -> Answer:
             _read_json(json.loads(text), answer)
     except (ValueError, ET.ParseError, TypeError, AttributeError, KeyError, IndexError):
         answer.server_message = _short(text)
+    except RecursionError:  # JSON nested beyond Python's limit: not a STOW answer either
+        answer.server_message = _short(text)
     if not answer.referenced and not answer.failed and answer.server_message is None:
         answer.server_message = _short(text)  # e.g. Orthanc's JSON error, an HTML page
     return answer

@@ -7,7 +7,14 @@
   answer that inflates to 1 GiB"); ``"trickle"``, a 200 whose body comes one byte a second
   (the issue's "answer trickled one byte every 3 s": each byte arrives well within the read
   timeout, so only a deadline for the whole answer ends it); ``"ok"``, a DICOM JSON STOW answer
-  (PS3.18 10.5.3) listing every SOPInstanceUID sent in ReferencedSOPSequence (0008,1199).
+  (PS3.18 10.5.3) listing every SOPInstanceUID sent in ReferencedSOPSequence (0008,1199);
+  ``"slow-headers"``, a status line and then a header trickled one byte a second (the issue's
+  trickle, in the header instead of the body: an HTTP/1.1 header may be up to h11's 16 KiB,
+  RFC 9112 2.2 sets no limit, so each byte arriving within the read timeout keeps it open);
+  ``"deep"``, a 200 whose DICOM JSON body (RFC 8259 allows any nesting, section 9) is
+  ``DEEP`` arrays one inside the other: 200 KB, far below the answer limit.
+* ``GET`` with ``qido="deep"`` answers that deep body as a QIDO-RS lookup answer, and
+  ``POST /token`` with ``token="deep"`` as the token endpoint's answer.
 * ``GET`` anything (a QIDO-RS lookup) answers the gzip bomb ("the same as a QIDO answer").
 * ``POST /token`` (an OAuth2 token endpoint, RFC 6749 4.4) answers the gzip bomb.
 
@@ -29,6 +36,7 @@ from localserver import LocalServer
 from stowproxy import sop_instance_uids
 
 BOMB_BYTES = 1024 * 1024 * 1024  # decoded
+DEEP = 100_000  # arrays nested in a "deep" answer
 TRICKLE_SECONDS = 60  # bytes trickled, one a second, before the answer is complete
 _MIB = 1024 * 1024
 
@@ -51,6 +59,8 @@ class HostileArchive(LocalServer):
         # CPU, and a client's 5 s read timeout ran out on a loaded machine.
         gzip_bomb()
         self.stow = stow
+        self.qido = "bomb"
+        self.token = "bomb"
         self.lock = threading.Lock()
         self.requests: list[str] = []  # "POST /dicom-web/studies", ...
         self.trickles: list[tuple[float, float]] = []  # (body read, client gone), monotonic
@@ -85,15 +95,24 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self._record()
-        self._bomb()
+        if self.owner.qido == "deep":
+            self._deep()
+        else:
+            self._bomb()
 
     def do_POST(self) -> None:
         self._record()
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if self.path.split("?")[0] == "/token" or self.owner.stow == "bomb":
+        if self.path.split("?")[0] == "/token" and self.owner.token == "deep":
+            self._deep()
+        elif self.path.split("?")[0] == "/token" or self.owner.stow == "bomb":
             self._bomb()
         elif self.owner.stow == "trickle":
             self._trickle()
+        elif self.owner.stow == "slow-headers":
+            self._slow_headers()
+        elif self.owner.stow == "deep":
+            self._deep()
         else:
             self._stored(sop_instance_uids(body))
 
@@ -122,6 +141,29 @@ class _Handler(BaseHTTPRequestHandler):
             with self.owner.lock:
                 self.owner.trickles.append((read, time.monotonic()))
             self.close_connection = True
+
+    def _deep(self) -> None:
+        body = b"[" * DEEP + b"]" * DEEP
+        self.send_response(200)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _slow_headers(self) -> None:
+        read = time.monotonic()
+        try:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            for _ in range(TRICKLE_SECONDS):
+                self.wfile.flush()
+                time.sleep(1.0)
+                self.wfile.write(b"a")
+            self.wfile.write(b"\r\nContent-Length: 0\r\n\r\n")
+            self.wfile.flush()
+        except OSError:
+            with self.owner.lock:
+                self.owner.trickles.append((read, time.monotonic()))
+        self.close_connection = True
 
     def _stored(self, uids: list[str]) -> None:
         items = [{"00081155": {"vr": "UI", "Value": [uid]}} for uid in uids]
