@@ -653,9 +653,9 @@ class Worker:
         delay = self._file_delay(job.attempts)
         if counted is not None:
             metrics.retried(self.destination.name, counted)
-        error = self._error_doc(job, reason, verdict=verdict, answer=answer, stage=stage)
-        if drops is not None:
-            error[DROPS] = drops
+        error = self._error_doc(
+            job, reason, verdict=verdict, answer=answer, stage=stage, drops=drops
+        )
         self.queue.retry_later([job.id], at=now + delay, error=error)
         log.info("%s: %s; retry in %.0fs", job.path, reason, delay)
         return None
@@ -687,9 +687,9 @@ class Worker:
         stage: str = "storing the file",
         drops: int | None = None,
     ) -> Decision:
-        error = self._error_doc(job, reason, verdict=verdict, answer=answer, stage=stage)
-        if drops is not None:
-            error[DROPS] = drops
+        error = self._error_doc(
+            job, reason, verdict=verdict, answer=answer, stage=stage, drops=drops
+        )
         source = self.config.source(job.source)
         where = "failed (left where it is)" if source.keep else "failed/"
         log.error("%s: %s -> %s", job.path, reason, where)
@@ -744,11 +744,14 @@ class Worker:
         verdict: Verdict | None = None,
         answer: Answer | None = None,
         stage: str = "storing the file",
+        drops: int | None = None,
     ) -> dict[str, Any]:
+        """The file's error document; ``drops``: the connections the archive dropped when
+        it was sent alone (counted on, while it waits, by ``_drops``)."""
         now = self.clock()
         sent = answer is not None
         code = verdict.code if verdict and verdict.outcome is not Outcome.SENT else None
-        return {
+        doc: dict[str, Any] = {
             "file": job.path,
             "reason": reason,
             "stage": stage,
@@ -764,6 +767,9 @@ class Worker:
             "sop_instance_uid": job.sop_uid,
             "study_instance_uid": job.study_uid,
         }
+        if drops is not None:
+            doc[DROPS] = drops
+        return doc
 
 
 def _may_be_the_files(failure: StowFailure) -> bool:
