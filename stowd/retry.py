@@ -49,10 +49,15 @@ from stowd.config import DEFAULT_FOLDER_SIDECAR, Config, Sidecars, Source, parse
 from stowd.errors import StowdError
 from stowd.printable import escape_lines
 from stowd.queue import Job, open_readonly
-from stowd.settle import ERROR_SUFFIX, copy_name, make_folders, remove_empty_parents
+from stowd.settle import (
+    ERROR_SUFFIX,
+    NO_HARD_LINK,
+    copy_name,
+    make_folders,
+    remove_empty_parents,
+)
 
 FRESH = 60.0  # a file this new in failed/ without an error file may be a move in progress
-_NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
 _SUFFIXES = (*sidecar_mod.SUFFIXES, *(s.upper() for s in sidecar_mod.SUFFIXES))
 
 
@@ -585,7 +590,7 @@ def _rename_new(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst, follow_symlinks=False)
     except OSError as exc:
-        if exc.errno not in _NO_LINKS:
+        if exc.errno not in NO_HARD_LINK:
             raise  # EEXIST: taken; EXDEV: the caller copies
         if os.path.lexists(dst):
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None

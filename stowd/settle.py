@@ -40,7 +40,9 @@ COPY_CHUNK = 1024 * 1024
 NOTE_MODE = 0o600  # a note or copy about a file whose own mode is unknown (a link)
 _FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 # os.link cannot make the link: another filesystem, protected_hardlinks, no links there
-_NO_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.ENOSYS)
+# link() refused: the filesystem or its protections allow no (more) hard links there
+NO_HARD_LINK = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS})
+_NO_LINK = NO_HARD_LINK | {errno.EXDEV}  # putting back: a rename or a copy then
 
 
 def free_target(
@@ -223,20 +225,22 @@ def _bring(job: Job, target: Path, outcome: str, roots: Roots) -> set[Path] | st
 def _holds_read(job: Job, target: Path) -> bool:
     """Is ``target`` there with what was read for upload (a move that finished before a
     crash)?"""
-    try:
-        st = os.stat(_content_of(job, target))
-    except FileNotFoundError:
-        return False
-    return (st.st_size, st.st_mtime_ns) == (job.size, job.mtime_ns)
+    return _moved_content(job, target) == (job.size, job.mtime_ns)
 
 
 def _moved_changed(job: Job, target: Path) -> bool:
-    """Did the file change after it was read (a writer still had it open and wrote on)?"""
+    """Did the file change after it was read (a writer still had it open and wrote on)?
+    Not when it is not at ``target``: moved on by someone else, nothing of ours to check."""
+    return _moved_content(job, target) not in (None, (job.size, job.mtime_ns))
+
+
+def _moved_content(job: Job, target: Path) -> tuple[int, int] | None:
+    """(size, mtime_ns) of the file moved to ``target``; None when it is not there."""
     try:
         st = os.stat(_content_of(job, target))
     except FileNotFoundError:
-        return False  # moved on by someone else: nothing of ours to check
-    return (st.st_size, st.st_mtime_ns) != (job.size, job.mtime_ns)
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def _content_of(job: Job, target: Path) -> Path:
