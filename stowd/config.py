@@ -95,6 +95,12 @@ class BatchLimits:
     max_bytes: int = DEFAULT_BATCH_BYTES
 
 
+TRANSCODE_NONE = "none"
+TRANSCODE_EXPLICIT = "explicit-vr"
+TRANSCODE_POLICIES = (TRANSCODE_NONE, TRANSCODE_EXPLICIT)
+DEFAULT_TRANSCODE = TRANSCODE_NONE
+
+
 @dataclass(frozen=True)
 class Destination:
     """A DICOMweb archive; STOW goes to ``{url}/studies``."""
@@ -107,6 +113,9 @@ class Destination:
     verify_tls: bool = True
     bulkdata: str = "encapsulate"  # or "metadata": PS3.18 metadata + bulkdata requests
     access: Access = field(default_factory=Access)  # login, TLS, headers, proxy
+    # "explicit-vr": Implicit VR Little Endian files are sent converted to Explicit VR
+    # Little Endian (stowd/rewrite.py); "none": every file is sent in its own syntax
+    transcode: str = DEFAULT_TRANSCODE
 
     @property
     def stow_url(self) -> str:
@@ -286,6 +295,7 @@ _DESTINATION_KEYS = (
     "batch",
     "timeouts",
     "bulkdata",
+    "transcode",
     *ACCESS_KEYS,
 )
 _BULK_KEYS = ("types", "study_key", "images", "unknown")
@@ -492,6 +502,7 @@ def _read_destination(sec: Section, name: str) -> Destination | None:
         verify_tls=sec.get("verify_tls", True, as_bool),
         bulkdata=sec.get("bulkdata", "encapsulate", as_choice(BULK_MODES)),
         access=read_access(sec),
+        transcode=sec.get("transcode", DEFAULT_TRANSCODE, as_choice(TRANSCODE_POLICIES)),
     )
     return None if url is None else destination
 

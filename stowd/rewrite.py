@@ -6,6 +6,12 @@ the Original Attributes Sequence).  ``rewrite`` writes the changed header to a s
 copies the rest of the original, from the Pixel Data element on, byte for byte and in chunks:
 memory does not grow with the pixel data.  Deflated files are compressed as a whole, so they
 are read, changed and written whole (up to ``DEFLATED_LIMIT`` bytes, inflated).
+
+With ``explicit`` (``transcode: explicit-vr``) an Implicit VR Little Endian file is written as
+Explicit VR Little Endian: the header by pydicom (each VR from the dictionary, UN where it
+has none), the pixel data and whatever follows it element by element, each with its
+explicit header and its value copied in chunks.  Values stay byte for byte the same; only
+the File Meta's TransferSyntaxUID changes.  ``needs_explicit`` says which files that is.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from stowd.classify import (
     BIG_ENDIAN,
     DEFLATED,
     HEAD_BYTES,
+    IMPLICIT,
     PIXEL_TAGS,
     UNDEFINED,
     header_errors,
@@ -57,6 +64,25 @@ _META_SYNC = {
     "SOPClassUID": "MediaStorageSOPClassUID",
 }
 _TAG_IN_MESSAGE = re.compile(r"With tag \(([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\)")
+EXPLICIT = "1.2.840.10008.1.2.1"  # Explicit VR Little Endian
+TRANSCODE_NOTE = "transcode: explicit-vr"
+# VRs whose explicit header has a 32-bit length (PS3.5 7.1.2); the others have 16 bits
+_LONG_VRS = frozenset(
+    {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+)
+_SHORT_MAX = 0xFFFF
+PIXEL_DATA = BaseTag(0x7FE00010)
+# What pydicom warns when it would write a value too long for its VR as UN instead (PS3.5
+# 6.2.2), and when it decodes text its character set does not allow with replacement
+# characters (it decodes every text value to convert it): converting must change neither a
+# VR nor a value, so these are errors then.
+_TOO_LONG_WARNING = r".*cannot be written in an explicit transfer syntax"
+_LOSSY_WARNINGS = (
+    _TOO_LONG_WARNING,
+    r".*using replacement characters",
+    r"Found unknown escape sequence",
+)
+_PEEK_DEFER = 1024  # larger values are not read to tell a file's encoding
 
 
 # -- apply: change a data set in memory ------------------------------------------------------
@@ -240,33 +266,66 @@ def _sync_file_meta(ds: Dataset, changed: Mapping[BaseTag, DataElement]) -> None
 # -- rewrite: the changed header plus the original pixel data -------------------------------
 
 
-def rewrite(src: Path, dst: Path, edit: Callable[[Dataset], None]) -> int:
+def rewrite(
+    src: Path, dst: Path, edit: Callable[[Dataset], None], *, explicit: bool = False
+) -> int:
     """Write ``dst``: ``src`` with its header changed by ``edit``; return the size of ``dst``.
 
     ``src`` is only read.  Its bytes from the Pixel Data element to the end are copied as they
-    are, in chunks.  On any error a partly written ``dst`` is removed.
+    are, in chunks.  With ``explicit`` an Implicit VR Little Endian file is converted to
+    Explicit VR Little Endian (files in other transfer syntaxes are not).  On any error a
+    partly written ``dst`` is removed.
     """
     with reading(src), warnings.catch_warnings(), dropped.open_file(src) as fp:
         warnings.simplefilter("ignore")  # files with odd values are sent, not judged
-        return _rewrite_open(fp, dst, edit)
+        return _rewrite_open(fp, dst, edit, explicit)
 
 
-def _rewrite_open(fp: BinaryIO, dst: Path, edit: Callable[[Dataset], None]) -> int:
+def needs_explicit(src: Path) -> bool:
+    """Does ``transcode: explicit-vr`` convert ``src``: is it a Part-10 file whose data set
+    is Implicit VR Little Endian (by its TransferSyntaxUID, or by its bytes where it says
+    Explicit VR Little Endian)?  Reads the header, not the larger values nor the pixel data."""
+    with reading(src), warnings.catch_warnings(), dropped.open_file(src) as fp:
+        warnings.simplefilter("ignore")
+        with header_errors():
+            if deflated.data_set_start(fp, fp.read(HEAD_BYTES)) is not None:
+                return False
+            fp.seek(0)
+            ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True, defer_size=_PEEK_DEFER)
+            return _converts(ds)
+
+
+def _converts(ds: FileDataset) -> bool:
+    """Is ``ds`` Implicit VR Little Endian, or labelled so (then only the label changes)?"""
+    syntax = _transfer_syntax(ds)
+    implicit, little = _encoding(ds)
+    if syntax == IMPLICIT:
+        return little
+    return syntax == EXPLICIT and implicit and little
+
+
+def _rewrite_open(fp: BinaryIO, dst: Path, edit: Callable[[Dataset], None], explicit: bool) -> int:
     whole = deflated.data_set_start(fp, fp.read(HEAD_BYTES)) is not None
     fp.seek(0)
     if not whole:
-        return _rewrite_read(fp, dst, edit)
+        return _rewrite_read(fp, dst, edit, explicit)
     with _HOLDING_WHOLE:
-        return _rewrite_read(fp, dst, edit)
+        return _rewrite_read(fp, dst, edit, explicit)
 
 
-def _rewrite_read(fp: BinaryIO, dst: Path, edit: Callable[[Dataset], None]) -> int:
+def _rewrite_read(fp: BinaryIO, dst: Path, edit: Callable[[Dataset], None], explicit: bool) -> int:
     ds, pixels = _read_header(fp)
     encoding = _encoding(ds)
+    convert = explicit and _converts(ds)
     edit(ds)
     if pixels is not None:
         _check_before_pixels(ds, pixels[1])
-    return _write(dst, ds, encoding, fp, None if pixels is None else pixels[0])
+    tail = None if pixels is None else pixels[0]
+    if not convert:
+        return _write(dst, ds, encoding, fp, tail)
+    ds.file_meta.TransferSyntaxUID = UID(EXPLICIT)
+    ds.set_original_encoding(*encoding)  # as the bytes are: pydicom converts what it must
+    return _write(dst, ds, (False, True), fp, tail, converting=True, implicit_tail=encoding[0])
 
 
 def _read_header(fp: BinaryIO) -> tuple[FileDataset, tuple[int, BaseTag] | None]:
@@ -369,8 +428,11 @@ def _check_complete(ds: Dataset) -> None:
             )
 
 
-def _encode(ds: FileDataset, encoding: tuple[bool, bool], out: BinaryIO) -> None:
-    """Preamble, File Meta as it is (group length updated) and the data set, as it was read.
+def _encode(
+    ds: FileDataset, encoding: tuple[bool, bool], out: BinaryIO, *, converting: bool = False
+) -> None:
+    """Preamble, File Meta as it is (group length updated) and the data set, as it was read
+    (or, ``converting``, in Explicit VR Little Endian, refusing what would change a value).
 
     Written straight to ``out``: a large value in the header (an encapsulated document) is
     then held once, not once more in a buffer.
@@ -379,14 +441,17 @@ def _encode(ds: FileDataset, encoding: tuple[bool, bool], out: BinaryIO) -> None
         ds.preamble = b"\0" * 128
     implicit, little = encoding
     try:
-        pydicom.dcmwrite(
-            out,
-            ds,
-            enforce_file_format=False,
-            implicit_vr=implicit,
-            little_endian=little,
-            force_encoding=True,
-        )
+        with warnings.catch_warnings():
+            for lossy in _LOSSY_WARNINGS if converting else ():
+                warnings.filterwarnings("error", lossy, UserWarning)
+            pydicom.dcmwrite(
+                out,
+                ds,
+                enforce_file_format=False,
+                implicit_vr=implicit,
+                little_endian=little,
+                force_encoding=True,
+            )
     except OSError as exc:
         if exc.errno is not None:
             raise  # writing the spool copy failed (disk full, ...): not the value's fault
@@ -405,18 +470,50 @@ def unwritable(exc: Exception) -> FileProblem:
         return FileProblem(f"the changed header cannot be written: {root}")
     tag = Tag(int(found[1], 16), int(found[2], 16))
     name = keyword_for_tag(tag) or str(tag)
+    if isinstance(root, UserWarning):  # _LOSSY_WARNINGS
+        return _lossy(f"{name} {tag}", str(root))
     return FileProblem(f"the changed header cannot be written: {name} {tag}: {root}")
 
 
+def _lossy(attribute: str, warning: str) -> FileProblem:
+    if re.match(_TOO_LONG_WARNING, warning):
+        return too_long(f"{attribute} holds (or has in its items) a value")
+    return _not_convertible(
+        f"{attribute} holds (or has in its items) text that is not valid in the file's "
+        "character set (SpecificCharacterSet), and converting would change it"
+    )
+
+
+def too_long(what: str) -> FileProblem:
+    return FileProblem(
+        f"the file cannot be converted to Explicit VR Little Endian ({TRANSCODE_NOTE}): "
+        f"{what} longer than the 65535 bytes its VR can hold in Explicit VR (only Implicit "
+        "VR allows it), so it was not sent; send it to an archive that accepts Implicit VR "
+        "Little Endian, or shorten that value"
+    )
+
+
 def _write(
-    dst: Path, ds: FileDataset, encoding: tuple[bool, bool], fp: BinaryIO, tail_at: int | None
+    dst: Path,
+    ds: FileDataset,
+    encoding: tuple[bool, bool],
+    fp: BinaryIO,
+    tail_at: int | None,
+    *,
+    converting: bool = False,
+    implicit_tail: bool = False,
 ) -> int:
+    """``ds`` encoded so, then the original from ``tail_at`` on: copied as it is, or element
+    by element with explicit VR headers (``implicit_tail``)."""
     try:
         with private(dst) as out:
-            _encode(ds, encoding, out)
+            _encode(ds, encoding, out, converting=converting)
             if tail_at is not None:
                 fp.seek(tail_at)
-                shutil.copyfileobj(fp, out, CHUNK)
+                if implicit_tail:
+                    _explicit_tail(fp, out)
+                else:
+                    shutil.copyfileobj(fp, out, CHUNK)
             return out.tell()
     except BaseException as exc:
         dst.unlink(missing_ok=True)
@@ -428,6 +525,87 @@ def _write(
                 f"{exc.strerror or exc}; it is tried again later"
             ) from exc
         raise
+
+
+# -- the pixel data and what follows it, from implicit to explicit VR ------------------------
+
+
+def _explicit_tail(fp: BinaryIO, out: BinaryIO) -> None:
+    """Each element from the pixel data to the end gets its explicit VR header; its value is
+    copied as it is, in chunks (Little Endian values are the same bytes in both)."""
+    while head := fp.read(8):
+        at = fp.tell() - len(head)
+        if len(head) < 8:
+            raise _damaged(f"it ends at byte {at} inside the header of an element")
+        group, elem, length = struct.unpack("<HHL", head)
+        tag = Tag(group, elem)
+        out.write(_explicit_header(tag, _tail_vr(tag, length), length))
+        _copy_value(fp, out, tag, length)
+
+
+def _tail_vr(tag: BaseTag, length: int) -> str:
+    """The explicit VR of an element at or after the pixel data (PS3.5 A.1: native pixel
+    data in Implicit VR is OW; OB keeps an odd length legal)."""
+    name = keyword_for_tag(tag) or str(tag)
+    if length == UNDEFINED:
+        raise _not_convertible(
+            f"{name} {tag} has an undefined length (encapsulated or a sequence) where "
+            "Implicit VR Little Endian allows none"
+        )
+    if tag == PIXEL_DATA:
+        return "OB" if length % 2 else "OW"
+    vr = _dictionary_vr(tag)
+    if vr == "SQ":
+        raise _not_convertible(f"the sequence {name} {tag} comes after the pixel data")
+    if vr not in _LONG_VRS and length > _SHORT_MAX:
+        raise too_long(f"{name} {tag} holds a value")
+    return vr
+
+
+def _dictionary_vr(tag: BaseTag) -> str:
+    """The dictionary VR (the first of 'US or SS' and the like, whose bytes are the same);
+    UN for a private or unknown element."""
+    if tag.is_private:
+        return "UN"
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:
+        return "UN"
+    if vr == "OB or OW":
+        return "OW"
+    return vr.split(" or ")[0]
+
+
+def _explicit_header(tag: BaseTag, vr: str, length: int) -> bytes:
+    if vr in _LONG_VRS:
+        return struct.pack("<HH2sHL", tag.group, tag.element, vr.encode(), 0, length)
+    return struct.pack("<HH2sH", tag.group, tag.element, vr.encode(), length)
+
+
+def _copy_value(fp: BinaryIO, out: BinaryIO, tag: BaseTag, length: int) -> None:
+    left = length
+    while left:
+        chunk = fp.read(min(CHUNK, left))
+        if not chunk:
+            name = keyword_for_tag(tag) or str(tag)
+            raise FileProblem(
+                f"the file is truncated: {name} should have {length} bytes but only "
+                f"{length - left} are there (was it copied completely?)"
+            )
+        out.write(chunk)
+        left -= len(chunk)
+
+
+def _not_convertible(what: str) -> FileProblem:
+    return FileProblem(
+        f"the file cannot be converted to Explicit VR Little Endian ({TRANSCODE_NOTE}): "
+        f"{what}, so it was not sent; send it to an archive that accepts Implicit VR "
+        "Little Endian"
+    )
+
+
+def _damaged(what: str) -> FileProblem:
+    return FileProblem(f"the DICOM file is damaged after its pixel data: {what}")
 
 
 def private(target: Path) -> BinaryIO:

@@ -16,11 +16,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from stowd import bulkdata, dropped, metadata, metrics
+from stowd import bulkdata, dropped, metadata, metrics, rewrite
 from stowd import classify as classify_mod
 from stowd.answers import answer_seconds
 from stowd.bulkform import bulk_part
-from stowd.config import BatchLimits, Config, Destination, Source
+from stowd.config import TRANSCODE_EXPLICIT, BatchLimits, Config, Destination, Source
 from stowd.disk import Disks
 from stowd.errors import (
     ConnectionDropped,
@@ -448,13 +448,22 @@ class Worker:
         if job.kind != "dicom":
             return self._built(job, spooled)
         changes = job.change_set()
-        if changes is None:
+        explicit = self._transcodes(job)
+        if changes is None and not explicit:
             return Part(job.path, job.size, job.sop_uid or "", job.mtime_ns)
         if not _unchanged(job):
             raise FileVanished("the file changed or vanished before it was sent", path=job.path)
-        copy = metadata.spool_copy(self.config, job, changes, datetime.now())
+        now = datetime.now()
+        copy = metadata.spool_copy(self.config, job, changes, now, explicit=explicit)
         spooled.append(copy)
         return Part(str(copy), copy.stat().st_size, job.sop_uid or "", None)
+
+    def _transcodes(self, job: Job) -> bool:
+        """Is ``job``'s file sent converted to Explicit VR Little Endian (the destination's
+        ``transcode: explicit-vr``, and the file is Implicit VR Little Endian)?"""
+        if self.destination.transcode != TRANSCODE_EXPLICIT:
+            return False
+        return rewrite.needs_explicit(Path(job.path))
 
     def _built(self, job: Job, spooled: list[Path]) -> Part:
         """The DICOM instance made from a file that is not DICOM (a PDF, a photo, a video):
@@ -801,7 +810,11 @@ def _dropped_reason(drops: int) -> str:
 
 def _stage(job: Job) -> str:
     """What was being done to the file when it was prepared for sending."""
-    return "applying the metadata rules" if job.kind == "dicom" else "making the DICOM instance"
+    if job.kind != "dicom":
+        return "making the DICOM instance"
+    if job.change_set() is None:  # copied only to convert it (transcode: explicit-vr)
+        return "converting it to Explicit VR Little Endian"
+    return "applying the metadata rules"
 
 
 def _photographic(source: Source) -> bool:
