@@ -254,6 +254,9 @@ def test_implicit_files_reach_orthanc_as_explicit_vr_with_the_same_values(
     error = json.loads(layout.error_files()["long.dcm"].read_text())
     assert "cannot be converted to Explicit VR Little Endian" in error["reason"], error
     assert "ImageComments" in error["reason"] and "65535 bytes" in error["reason"], error
+    assert error["stage"] == "converting it to Explicit VR Little Endian", error
+    spool = layout.root / "state" / "queue.db.spool"
+    assert spool.is_dir() and not list(spool.iterdir())  # the converted copies were removed
     assert orthanc.instance_count() == 2
 
 
