@@ -194,6 +194,18 @@ def image(path: Path, side: int, **kwargs: Any) -> FileDataset:
     return ds
 
 
+def inline(doc: Any) -> Any:
+    """A DICOM JSON document with each binary value (a BulkDataURI from Orthanc, inline from
+    pydicom) reduced to its VR: those are compared in the stored file itself."""
+    if isinstance(doc, list):
+        return [inline(part) for part in doc]
+    if not isinstance(doc, dict):
+        return doc
+    if "BulkDataURI" in doc or "InlineBinary" in doc:
+        return {"vr": doc.get("vr"), "binary": True}
+    return {key: inline(value) for key, value in doc.items()}
+
+
 def destination(url: str, **options: object) -> dict[str, object]:
     return {"pacs": {"url": url, "workers": 2, "timeouts": {"read": "60s"}, **options}}
 
@@ -247,6 +259,9 @@ def test_implicit_files_reach_orthanc_as_explicit_vr_with_the_same_values(
     assert meta == {t: e.value for t, e in stored.file_meta.items() if t in meta}
     frame = orthanc.get_bytes(f"/instances/{found}/frames/0/raw", timeout=120)
     assert frame == original.PixelData and len(frame) == 2048 * 2048 * 2
+    series = f"/dicom-web/studies/{original.StudyInstanceUID}/series/{original.SeriesInstanceUID}"
+    (wado,) = orthanc.get_json(f"{series}/instances/{uid}/metadata")  # Orthanc's reading
+    assert inline(wado) == inline(original.to_json_dict(bulk_data_threshold=1 << 30))
     tags = orthanc.get_json(f"/instances/{found}/simplified-tags")
     assert tags["PatientName"] == "Müller^Jürgen" and tags["SmallestImagePixelValue"] == "-5"
     assert tags["AnatomicRegionSequence"][0]["CodeMeaning"] == "Head"
