@@ -8,10 +8,11 @@ memory does not grow with the pixel data.  Deflated files are compressed as a wh
 are read, changed and written whole (up to ``DEFLATED_LIMIT`` bytes, inflated).
 
 With ``explicit`` (``transcode: explicit-vr``) an Implicit VR Little Endian file is written as
-Explicit VR Little Endian: the header by pydicom (each VR from the dictionary, UN where it
-has none), the pixel data and whatever follows it element by element, each with its
-explicit header and its value copied in chunks.  Values stay byte for byte the same; only
-the File Meta's TransferSyntaxUID changes.  ``needs_explicit`` says which files that is.
+Explicit VR Little Endian: the header by pydicom (each VR from the dictionary, UN for a
+private element or where it has none; it decodes and encodes text again, so only padding
+may differ, and what it would change fails the file), the pixel data and whatever follows
+it element by element, each with its explicit header and its value copied in chunks.  Only
+the File Meta's TransferSyntaxUID changes.  ``needs_explicit`` says which files are converted.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from stowd.classify import (
     HEAD_BYTES,
     IMPLICIT,
     PIXEL_TAGS,
+    SEQ_END,
     UNDEFINED,
     header_errors,
     unreadable_header,
@@ -83,6 +85,7 @@ _LOSSY_WARNINGS = (
     r"Found unknown escape sequence",
 )
 _PEEK_DEFER = 1024  # larger values are not read to tell a file's encoding
+_ITEM_END = (0xFFFE, 0xE00D)
 
 
 # -- apply: change a data set in memory ------------------------------------------------------
@@ -304,6 +307,30 @@ def _converts(ds: FileDataset) -> bool:
     return syntax == EXPLICIT and implicit and little
 
 
+def _private_as_un(ds: Dataset) -> None:
+    """Give every private element read without a VR (Implicit VR) the VR UN, its bytes as
+    they are, here and in sequence items: pydicom would take the VR from its private
+    dictionary, a guess that, when wrong, makes it change the value as it converts it."""
+    for tag in list(ds.keys()):
+        elem: object = ds.get_item(tag)
+        if isinstance(elem, RawDataElement) and _unknown_private(elem):
+            ds[tag] = DataElement(tag, "UN", elem.value)
+        elif isinstance(elem, DataElement | RawDataElement) and _is_sequence(tag, elem):
+            for item in ds[tag].value:
+                _private_as_un(item)
+
+
+def _unknown_private(raw: RawDataElement) -> bool:
+    tag = raw.tag
+    return tag.is_private and not tag.is_private_creator and raw.VR is None
+
+
+def _is_sequence(tag: BaseTag, elem: DataElement | RawDataElement) -> bool:
+    if elem.VR is not None:
+        return elem.VR == "SQ"
+    return not tag.is_private and _dictionary_vr(tag) == "SQ"
+
+
 def _rewrite_open(fp: BinaryIO, dst: Path, edit: Callable[[Dataset], None], explicit: bool) -> int:
     whole = deflated.data_set_start(fp, fp.read(HEAD_BYTES)) is not None
     fp.seek(0)
@@ -317,6 +344,8 @@ def _rewrite_read(fp: BinaryIO, dst: Path, edit: Callable[[Dataset], None], expl
     ds, pixels = _read_header(fp)
     encoding = _encoding(ds)
     convert = explicit and _converts(ds)
+    if convert:
+        _private_as_un(ds)
     edit(ds)
     if pixels is not None:
         _check_before_pixels(ds, pixels[1])
@@ -455,24 +484,27 @@ def _encode(
     except OSError as exc:
         if exc.errno is not None:
             raise  # writing the spool copy failed (disk full, ...): not the value's fault
-        raise unwritable(exc) from exc  # pydicom reports a value it cannot encode so
+        raise unwritable(exc, converting=converting) from exc  # a value it cannot encode
     except Exception as exc:
-        raise unwritable(exc) from exc
+        raise unwritable(exc, converting=converting) from exc
 
 
-def unwritable(exc: Exception) -> FileProblem:
+def unwritable(exc: Exception, *, converting: bool = False) -> FileProblem:
     """Name the attribute pydicom refused (its message carries the tag), with the first cause."""
     found = _TAG_IN_MESSAGE.search(str(exc))
     root: BaseException = exc
     while root.__cause__ is not None:
         root = root.__cause__
+    what = "the changed header cannot be written"
+    if converting:
+        what = f"the file cannot be converted to Explicit VR Little Endian ({TRANSCODE_NOTE})"
     if found is None:
-        return FileProblem(f"the changed header cannot be written: {root}")
+        return FileProblem(f"{what}: {root}")
     tag = Tag(int(found[1], 16), int(found[2], 16))
     name = keyword_for_tag(tag) or str(tag)
     if isinstance(root, UserWarning):  # _LOSSY_WARNINGS
         return _lossy(f"{name} {tag}", str(root))
-    return FileProblem(f"the changed header cannot be written: {name} {tag}: {root}")
+    return FileProblem(f"{what}: {name} {tag}: {root}")
 
 
 def _lossy(attribute: str, warning: str) -> FileProblem:
@@ -540,23 +572,29 @@ def _explicit_tail(fp: BinaryIO, out: BinaryIO) -> None:
         group, elem, length = struct.unpack("<HHL", head)
         tag = Tag(group, elem)
         out.write(_explicit_header(tag, _tail_vr(tag, length), length))
-        _copy_value(fp, out, tag, length)
+        if length == UNDEFINED:
+            _copy_undefined(fp, out, tag)
+        else:
+            _copy_value(fp, out, tag, length)
 
 
 def _tail_vr(tag: BaseTag, length: int) -> str:
     """The explicit VR of an element at or after the pixel data (PS3.5 A.1: native pixel
     data in Implicit VR is OW; OB keeps an odd length legal)."""
     name = keyword_for_tag(tag) or str(tag)
-    if length == UNDEFINED:
+    if tag == PIXEL_DATA and length == UNDEFINED:
         raise _not_convertible(
-            f"{name} {tag} has an undefined length (encapsulated or a sequence) where "
-            "Implicit VR Little Endian allows none"
+            f"{name} {tag} has an undefined length (it is encapsulated) where Implicit VR "
+            "Little Endian allows none"
         )
     if tag == PIXEL_DATA:
         return "OB" if length % 2 else "OW"
     vr = _dictionary_vr(tag)
-    if vr == "SQ":
-        raise _not_convertible(f"the sequence {name} {tag} comes after the pixel data")
+    if vr == "SQ" or (length == UNDEFINED and vr != "UN"):
+        raise _not_convertible(
+            f"{name} {tag} comes after the pixel data and is a sequence (or of undefined "
+            "length); stowd converts only plain values there"
+        )
     if vr not in _LONG_VRS and length > _SHORT_MAX:
         raise too_long(f"{name} {tag} holds a value")
     return vr
@@ -564,7 +602,10 @@ def _tail_vr(tag: BaseTag, length: int) -> str:
 
 def _dictionary_vr(tag: BaseTag) -> str:
     """The dictionary VR (the first of 'US or SS' and the like, whose bytes are the same);
-    UN for a private or unknown element."""
+    UN for a private or unknown element (an undefined length then holds Implicit VR Little
+    Endian items, as PS3.5 6.2.2 wants them), LO for a private creator."""
+    if tag.is_private_creator:
+        return "LO"
     if tag.is_private:
         return "UN"
     try:
@@ -596,6 +637,27 @@ def _copy_value(fp: BinaryIO, out: BinaryIO, tag: BaseTag, length: int) -> None:
         left -= len(chunk)
 
 
+def _copy_undefined(fp: BinaryIO, out: BinaryIO, tag: BaseTag) -> None:
+    """Copy the value of undefined length of ``tag`` up to its Sequence Delimitation Item,
+    as it is: items and elements of a defined length whole, the others looked into."""
+    depth = 1
+    while depth:
+        head = fp.read(8)
+        if len(head) < 8:
+            name = keyword_for_tag(tag) or str(tag)
+            raise FileProblem(
+                f"the file is truncated: it ends inside {name} {tag} (was it copied completely?)"
+            )
+        out.write(head)
+        group, elem, length = struct.unpack("<HHL", head)
+        if (group, elem) in (SEQ_END, _ITEM_END):
+            depth -= 1
+        elif length == UNDEFINED:
+            depth += 1
+        else:
+            _copy_value(fp, out, tag, length)
+
+
 def _not_convertible(what: str) -> FileProblem:
     return FileProblem(
         f"the file cannot be converted to Explicit VR Little Endian ({TRANSCODE_NOTE}): "
@@ -605,7 +667,7 @@ def _not_convertible(what: str) -> FileProblem:
 
 
 def _damaged(what: str) -> FileProblem:
-    return FileProblem(f"the DICOM file is damaged after its pixel data: {what}")
+    return _not_convertible(f"the file is damaged after its pixel data: {what}")
 
 
 def private(target: Path) -> BinaryIO:

@@ -74,6 +74,13 @@ def write_implicit(
         out.write(trailer)
 
 
+def raw_vr(path: Path, tag: int) -> bytes:
+    """The two VR bytes written after ``tag`` in the explicit file at ``path``."""
+    data = path.read_bytes()
+    at = data.index(struct.pack("<HH", tag >> 16, tag & 0xFFFF))
+    return data[at + 4 : at + 6]
+
+
 def same_values(a: Dataset, b: Dataset) -> None:
     """Every element of ``a`` is in ``b`` with the same value, and none more (recursively)."""
     assert list(a.keys()) == list(b.keys())
@@ -96,7 +103,8 @@ def test_rewrite_converts_header_pixels_and_trailer(tmp_path: Path) -> None:
     assert after.file_meta.TransferSyntaxUID == EXPLICIT
     assert not after.original_encoding[0]
     same_values(before, after)
-    assert after[0x00291008].VR == "CS" and after[0x00431001].VR == "UN"
+    assert after[0x00290010].VR == "LO" and raw_vr(dst, 0x00291008) == b"UN"  # see below
+    assert after[0x00431001].VR == "UN" and after[0x00291008].value == "IMAGE NUM 4"
     assert after[0x00091001].VR == "UN" and after[0x00280106].VR == "SS"
     assert after["PixelData"].VR == "OW" and after[0xFFFCFFFC].VR == "OB"
     assert dst.read_bytes().endswith(struct.pack("<HH2sHL", 0xFFFC, 0xFFFC, b"OB", 0, 6) + bytes(6))
@@ -144,6 +152,22 @@ def test_text_invalid_in_its_character_set_is_not_converted(tmp_path: Path) -> N
     assert dst.read_bytes() == src.read_bytes()
 
 
+def test_private_values_keep_their_bytes_whatever_pydicoms_private_dictionary_says(
+    tmp_path: Path,
+) -> None:
+    """pydicom's private dictionary says (0019,xx09) of 'Agfa ADC NX' is a sequence: pydicom
+    converted this text to one and wrote other bytes.  A private element gets UN instead,
+    its bytes as they were (PS3.5 6.2.2)."""
+    src, dst = tmp_path / "in.dcm", tmp_path / "out.dcm"
+    ds = rich_header()
+    ds.add_new(0x00190010, "LO", "Agfa ADC NX")
+    ds.add_new(0x00191009, "LO", "not a sequence at all")
+    write_implicit(src, ds, 32)
+    rewrite(src, dst, lambda ds: None, explicit=True)
+    text = b"not a sequence at all "
+    assert struct.pack("<HH2sHL", 0x0019, 0x1009, b"UN", 0, len(text)) + text in dst.read_bytes()
+
+
 def test_an_encapsulated_pixel_data_in_an_implicit_file_cannot_be_converted(
     tmp_path: Path,
 ) -> None:
@@ -157,11 +181,43 @@ def test_an_encapsulated_pixel_data_in_an_implicit_file_cannot_be_converted(
     assert not dst.exists()
 
 
+def implicit_element(group: int, elem: int, value: bytes, *, undefined: bool = False) -> bytes:
+    length = 0xFFFFFFFF if undefined else len(value)
+    return struct.pack("<HHL", group, elem, length) + value
+
+
+def test_a_private_group_after_the_pixel_data_is_kept_as_un(tmp_path: Path) -> None:
+    """As GE ultrasound writes in 7FE1 (here with a creator pydicom does not know): a private
+    creator, a value, and a sequence of undefined length, whose Implicit VR items an
+    explicit UN keeps (PS3.5 6.2.2)."""
+    inner = implicit_element(0x0010, 0x0020, b"INNER ")  # PatientID in an item
+    item = implicit_element(0xFFFE, 0xE000, inner, undefined=True)
+    item += struct.pack("<HHL", 0xFFFE, 0xE00D, 0)
+    sequence = item + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    trailer = (
+        implicit_element(0x7FE1, 0x0010, b"STOWD TEST CREATOR")
+        + implicit_element(0x7FE1, 0x1001, b"PRIVATE1")
+        + implicit_element(0x7FE1, 0x1002, sequence, undefined=True)
+        + PADDING
+    )
+    src, dst = tmp_path / "in.dcm", tmp_path / "out.dcm"
+    write_implicit(src, rich_header(), 32, trailer=trailer)
+    rewrite(src, dst, lambda ds: None, explicit=True)
+    after = pydicom.dcmread(dst)
+    assert after.file_meta.TransferSyntaxUID == EXPLICIT and not after.original_encoding[0]
+    assert after[0x7FE10010].VR == "LO" and after[0x7FE11001].VR == "UN"
+    assert after[0x7FE11001].value == b"PRIVATE1"
+    assert after[0x7FE11002].value[0].PatientID == "INNER"  # read as the sequence it is
+    assert dst.read_bytes().endswith(sequence + PADDING[:4] + b"OB\0\0" + PADDING[4:])
+    same_values(pydicom.dcmread(src), after)
+
+
 def test_a_sequence_after_the_pixel_data_cannot_be_converted(tmp_path: Path) -> None:
     src, dst = tmp_path / "in.dcm", tmp_path / "out.dcm"
     signatures = struct.pack("<HHL", 0xFFFA, 0xFFFA, 0)  # DigitalSignaturesSequence, empty
     write_implicit(src, rich_header(), 32, trailer=signatures)
-    with pytest.raises(FileProblem, match=r"the sequence DigitalSignaturesSequence .* after the"):
+    reason = r"DigitalSignaturesSequence .* after the pixel data and is a sequence"
+    with pytest.raises(FileProblem, match=reason):
         rewrite(src, dst, lambda ds: None, explicit=True)
     assert not dst.exists()
 
@@ -170,7 +226,7 @@ def test_a_sequence_after_the_pixel_data_cannot_be_converted(tmp_path: Path) -> 
     ("cut", "reason"),
     [
         (10, "the file is truncated: PixelData should have 32 bytes but only 22 are there"),
-        (-3, "damaged after its pixel data: it ends at byte .* inside the header of an element"),
+        (-3, "converted .*: the file is damaged after its pixel data: it ends at byte .* inside"),
     ],
 )
 def test_a_damaged_tail_fails_with_the_reason(tmp_path: Path, cut: int, reason: str) -> None:
@@ -196,7 +252,11 @@ def image(path: Path, side: int, **kwargs: Any) -> FileDataset:
 
 def inline(doc: Any) -> Any:
     """A DICOM JSON document with each binary value (a BulkDataURI from Orthanc, inline from
-    pydicom) reduced to its VR: those are compared in the stored file itself."""
+    pydicom) reduced to its VR: those are compared in the stored file itself.  Texts without
+    trailing spaces, which are padding (Orthanc keeps the one of a private value it reads
+    with its own dictionary from UN: 'IMAGE NUM 4 ')."""
+    if isinstance(doc, str):
+        return doc.rstrip(" ")
     if isinstance(doc, list):
         return [inline(part) for part in doc]
     if not isinstance(doc, dict):
