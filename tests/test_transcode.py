@@ -122,6 +122,29 @@ def test_a_file_labelled_explicit_but_written_implicit_is_converted(tmp_path: Pa
     same_values(before, after)
 
 
+def test_a_file_labelled_implicit_but_written_explicit_gets_the_right_label(
+    tmp_path: Path,
+) -> None:
+    """Only the label is wrong: the data set is copied as it is, under the explicit label."""
+    src, dst = tmp_path / "in.dcm", tmp_path / "out.dcm"
+    ds = rich_header()
+    ds.PixelData = bytes(32)
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = UID(IMPLICIT)
+    options = {"implicit_vr": False, "little_endian": True, "force_encoding": True}
+    pydicom.dcmwrite(src, ds, **options)
+    assert needs_explicit(src)
+    rewrite(src, dst, lambda ds: None, explicit=True)
+    with pytest.warns(UserWarning, match="Expected implicit VR, but found explicit VR"):
+        before = pydicom.dcmread(src)
+    after = pydicom.dcmread(dst)
+    assert after.file_meta.TransferSyntaxUID == EXPLICIT
+    same_values(before, after)
+    assert dst.read_bytes().endswith(
+        struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, 32) + bytes(32)
+    )
+
+
 @pytest.mark.parametrize(
     "name",
     [
