@@ -8,11 +8,11 @@ memory does not grow with the pixel data.  Deflated files are compressed as a wh
 are read, changed and written whole (up to ``DEFLATED_LIMIT`` bytes, inflated).
 
 With ``explicit`` (``transcode: explicit-vr``) an Implicit VR Little Endian file is written as
-Explicit VR Little Endian: the header by pydicom (each VR from the dictionary, UN for a
-private element or where it has none; it decodes and encodes text again, so only padding
-may differ, and what it would change fails the file), the pixel data and whatever follows
-it element by element, each with its explicit header and its value copied in chunks.  Only
-the File Meta's TransferSyntaxUID changes.  ``needs_explicit`` says which files are converted.
+Explicit VR Little Endian: the header by pydicom (VRs from the dictionary, UN for private
+elements; text is decoded and encoded again, so only padding may differ, and what pydicom
+would change fails the file), the pixel data and what follows it by ``explicit.py``,
+element by element, values copied in chunks.  Only the File Meta's TransferSyntaxUID
+changes.  ``needs_explicit`` says which files are converted.
 """
 
 from __future__ import annotations
@@ -38,14 +38,13 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 
-from stowd import deflated, dropped
+from stowd import deflated, dropped, explicit
 from stowd.classify import (
     BIG_ENDIAN,
     DEFLATED,
     HEAD_BYTES,
     IMPLICIT,
     PIXEL_TAGS,
-    SEQ_END,
     UNDEFINED,
     header_errors,
     unreadable_header,
@@ -66,26 +65,7 @@ _META_SYNC = {
     "SOPClassUID": "MediaStorageSOPClassUID",
 }
 _TAG_IN_MESSAGE = re.compile(r"With tag \(([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\)")
-EXPLICIT = "1.2.840.10008.1.2.1"  # Explicit VR Little Endian
-TRANSCODE_NOTE = "transcode: explicit-vr"
-# VRs whose explicit header has a 32-bit length (PS3.5 7.1.2); the others have 16 bits
-_LONG_VRS = frozenset(
-    {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
-)
-_SHORT_MAX = 0xFFFF
-PIXEL_DATA = BaseTag(0x7FE00010)
-# What pydicom warns when it would write a value too long for its VR as UN instead (PS3.5
-# 6.2.2), and when it decodes text its character set does not allow with replacement
-# characters (it decodes every text value to convert it): converting must change neither a
-# VR nor a value, so these are errors then.
-_TOO_LONG_WARNING = r".*cannot be written in an explicit transfer syntax"
-_LOSSY_WARNINGS = (
-    _TOO_LONG_WARNING,
-    r".*using replacement characters",
-    r"Found unknown escape sequence",
-)
 _PEEK_DEFER = 1024  # larger values are not read to tell a file's encoding
-_ITEM_END = (0xFFFE, 0xE00D)
 
 
 # -- apply: change a data set in memory ------------------------------------------------------
@@ -304,55 +284,36 @@ def _converts(ds: FileDataset) -> bool:
     implicit, little = _encoding(ds)
     if syntax == IMPLICIT:
         return little
-    return syntax == EXPLICIT and implicit and little
+    return syntax == explicit.EXPLICIT and implicit and little
 
 
-def _private_as_un(ds: Dataset) -> None:
-    """Give every private element read without a VR (Implicit VR) the VR UN, its bytes as
-    they are, here and in sequence items: pydicom would take the VR from its private
-    dictionary, a guess that, when wrong, makes it change the value as it converts it."""
-    for tag in list(ds.keys()):
-        elem: object = ds.get_item(tag)
-        if isinstance(elem, RawDataElement) and _unknown_private(elem):
-            ds[tag] = DataElement(tag, "UN", elem.value)
-        elif isinstance(elem, DataElement | RawDataElement) and _is_sequence(tag, elem):
-            for item in ds[tag].value:
-                _private_as_un(item)
-
-
-def _unknown_private(raw: RawDataElement) -> bool:
-    tag = raw.tag
-    return tag.is_private and not tag.is_private_creator and raw.VR is None
-
-
-def _is_sequence(tag: BaseTag, elem: DataElement | RawDataElement) -> bool:
-    if elem.VR is not None:
-        return elem.VR == "SQ"
-    return not tag.is_private and _dictionary_vr(tag) == "SQ"
-
-
-def _rewrite_open(fp: BinaryIO, dst: Path, edit: Callable[[Dataset], None], explicit: bool) -> int:
+def _rewrite_open(
+    fp: BinaryIO, dst: Path, edit: Callable[[Dataset], None], to_explicit: bool
+) -> int:
     whole = deflated.data_set_start(fp, fp.read(HEAD_BYTES)) is not None
     fp.seek(0)
     if not whole:
-        return _rewrite_read(fp, dst, edit, explicit)
+        return _rewrite_read(fp, dst, edit, to_explicit)
     with _HOLDING_WHOLE:
-        return _rewrite_read(fp, dst, edit, explicit)
+        return _rewrite_read(fp, dst, edit, to_explicit)
 
 
-def _rewrite_read(fp: BinaryIO, dst: Path, edit: Callable[[Dataset], None], explicit: bool) -> int:
+def _rewrite_read(
+    fp: BinaryIO, dst: Path, edit: Callable[[Dataset], None], to_explicit: bool
+) -> int:
     ds, pixels = _read_header(fp)
     encoding = _encoding(ds)
-    convert = explicit and _converts(ds)
+    convert = to_explicit and _converts(ds)
     if convert:
-        _private_as_un(ds)
+        with header_errors():
+            explicit.prepare(ds)
     edit(ds)
     if pixels is not None:
         _check_before_pixels(ds, pixels[1])
     tail = None if pixels is None else pixels[0]
     if not convert:
         return _write(dst, ds, encoding, fp, tail)
-    ds.file_meta.TransferSyntaxUID = UID(EXPLICIT)
+    ds.file_meta.TransferSyntaxUID = UID(explicit.EXPLICIT)
     ds.set_original_encoding(*encoding)  # as the bytes are: pydicom converts what it must
     return _write(dst, ds, (False, True), fp, tail, converting=True, implicit_tail=encoding[0])
 
@@ -471,7 +432,7 @@ def _encode(
     implicit, little = encoding
     try:
         with warnings.catch_warnings():
-            for lossy in _LOSSY_WARNINGS if converting else ():
+            for lossy in explicit.LOSSY_WARNINGS if converting else ():
                 warnings.filterwarnings("error", lossy, UserWarning)
             pydicom.dcmwrite(
                 out,
@@ -497,32 +458,15 @@ def unwritable(exc: Exception, *, converting: bool = False) -> FileProblem:
         root = root.__cause__
     what = "the changed header cannot be written"
     if converting:
-        what = f"the file cannot be converted to Explicit VR Little Endian ({TRANSCODE_NOTE})"
+        note = explicit.TRANSCODE_NOTE
+        what = f"the file cannot be converted to Explicit VR Little Endian ({note})"
     if found is None:
         return FileProblem(f"{what}: {root}")
     tag = Tag(int(found[1], 16), int(found[2], 16))
     name = keyword_for_tag(tag) or str(tag)
-    if isinstance(root, UserWarning):  # _LOSSY_WARNINGS
-        return _lossy(f"{name} {tag}", str(root))
+    if isinstance(root, UserWarning):  # explicit.LOSSY_WARNINGS
+        return explicit.lossy(f"{name} {tag}", str(root))
     return FileProblem(f"{what}: {name} {tag}: {root}")
-
-
-def _lossy(attribute: str, warning: str) -> FileProblem:
-    if re.match(_TOO_LONG_WARNING, warning):
-        return too_long(f"{attribute} holds (or has in its items) a value")
-    return _not_convertible(
-        f"{attribute} holds (or has in its items) text that is not valid in the file's "
-        "character set (SpecificCharacterSet), and converting would change it"
-    )
-
-
-def too_long(what: str) -> FileProblem:
-    return FileProblem(
-        f"the file cannot be converted to Explicit VR Little Endian ({TRANSCODE_NOTE}): "
-        f"{what} longer than the 65535 bytes its VR can hold in Explicit VR (only Implicit "
-        "VR allows it), so it was not sent; send it to an archive that accepts Implicit VR "
-        "Little Endian, or shorten that value"
-    )
 
 
 def _write(
@@ -543,7 +487,7 @@ def _write(
             if tail_at is not None:
                 fp.seek(tail_at)
                 if implicit_tail:
-                    _explicit_tail(fp, out)
+                    explicit.write_tail(fp, out)
                 else:
                     shutil.copyfileobj(fp, out, CHUNK)
             return out.tell()
@@ -557,117 +501,6 @@ def _write(
                 f"{exc.strerror or exc}; it is tried again later"
             ) from exc
         raise
-
-
-# -- the pixel data and what follows it, from implicit to explicit VR ------------------------
-
-
-def _explicit_tail(fp: BinaryIO, out: BinaryIO) -> None:
-    """Each element from the pixel data to the end gets its explicit VR header; its value is
-    copied as it is, in chunks (Little Endian values are the same bytes in both)."""
-    while head := fp.read(8):
-        at = fp.tell() - len(head)
-        if len(head) < 8:
-            raise _damaged(f"it ends at byte {at} inside the header of an element")
-        group, elem, length = struct.unpack("<HHL", head)
-        tag = Tag(group, elem)
-        out.write(_explicit_header(tag, _tail_vr(tag, length), length))
-        if length == UNDEFINED:
-            _copy_undefined(fp, out, tag)
-        else:
-            _copy_value(fp, out, tag, length)
-
-
-def _tail_vr(tag: BaseTag, length: int) -> str:
-    """The explicit VR of an element at or after the pixel data (PS3.5 A.1: native pixel
-    data in Implicit VR is OW; OB keeps an odd length legal)."""
-    name = keyword_for_tag(tag) or str(tag)
-    if tag == PIXEL_DATA and length == UNDEFINED:
-        raise _not_convertible(
-            f"{name} {tag} has an undefined length (it is encapsulated) where Implicit VR "
-            "Little Endian allows none"
-        )
-    if tag == PIXEL_DATA:
-        return "OB" if length % 2 else "OW"
-    vr = _dictionary_vr(tag)
-    if vr == "SQ" or (length == UNDEFINED and vr != "UN"):
-        raise _not_convertible(
-            f"{name} {tag} comes after the pixel data and is a sequence (or of undefined "
-            "length); stowd converts only plain values there"
-        )
-    if vr not in _LONG_VRS and length > _SHORT_MAX:
-        raise too_long(f"{name} {tag} holds a value")
-    return vr
-
-
-def _dictionary_vr(tag: BaseTag) -> str:
-    """The dictionary VR (the first of 'US or SS' and the like, whose bytes are the same);
-    UN for a private or unknown element (an undefined length then holds Implicit VR Little
-    Endian items, as PS3.5 6.2.2 wants them), LO for a private creator."""
-    if tag.is_private_creator:
-        return "LO"
-    if tag.is_private:
-        return "UN"
-    try:
-        vr = dictionary_VR(tag)
-    except KeyError:
-        return "UN"
-    if vr == "OB or OW":
-        return "OW"
-    return vr.split(" or ")[0]
-
-
-def _explicit_header(tag: BaseTag, vr: str, length: int) -> bytes:
-    if vr in _LONG_VRS:
-        return struct.pack("<HH2sHL", tag.group, tag.element, vr.encode(), 0, length)
-    return struct.pack("<HH2sH", tag.group, tag.element, vr.encode(), length)
-
-
-def _copy_value(fp: BinaryIO, out: BinaryIO, tag: BaseTag, length: int) -> None:
-    left = length
-    while left:
-        chunk = fp.read(min(CHUNK, left))
-        if not chunk:
-            name = keyword_for_tag(tag) or str(tag)
-            raise FileProblem(
-                f"the file is truncated: {name} should have {length} bytes but only "
-                f"{length - left} are there (was it copied completely?)"
-            )
-        out.write(chunk)
-        left -= len(chunk)
-
-
-def _copy_undefined(fp: BinaryIO, out: BinaryIO, tag: BaseTag) -> None:
-    """Copy the value of undefined length of ``tag`` up to its Sequence Delimitation Item,
-    as it is: items and elements of a defined length whole, the others looked into."""
-    depth = 1
-    while depth:
-        head = fp.read(8)
-        if len(head) < 8:
-            name = keyword_for_tag(tag) or str(tag)
-            raise FileProblem(
-                f"the file is truncated: it ends inside {name} {tag} (was it copied completely?)"
-            )
-        out.write(head)
-        group, elem, length = struct.unpack("<HHL", head)
-        if (group, elem) in (SEQ_END, _ITEM_END):
-            depth -= 1
-        elif length == UNDEFINED:
-            depth += 1
-        else:
-            _copy_value(fp, out, tag, length)
-
-
-def _not_convertible(what: str) -> FileProblem:
-    return FileProblem(
-        f"the file cannot be converted to Explicit VR Little Endian ({TRANSCODE_NOTE}): "
-        f"{what}, so it was not sent; send it to an archive that accepts Implicit VR "
-        "Little Endian"
-    )
-
-
-def _damaged(what: str) -> FileProblem:
-    return _not_convertible(f"the file is damaged after its pixel data: {what}")
 
 
 def private(target: Path) -> BinaryIO:
