@@ -448,8 +448,8 @@ class Worker:
         if job.kind != "dicom":
             return self._built(job, spooled)
         changes = job.change_set()
-        explicit = self._transcodes(job)
-        if changes is None and not explicit:
+        explicit = self.destination.transcode == TRANSCODE_EXPLICIT  # if the file is implicit
+        if changes is None and not (explicit and rewrite.needs_explicit(Path(job.path))):
             return Part(job.path, job.size, job.sop_uid or "", job.mtime_ns)
         if not _unchanged(job):
             raise FileVanished("the file changed or vanished before it was sent", path=job.path)
@@ -457,13 +457,6 @@ class Worker:
         copy = metadata.spool_copy(self.config, job, changes, now, explicit=explicit)
         spooled.append(copy)
         return Part(str(copy), copy.stat().st_size, job.sop_uid or "", None)
-
-    def _transcodes(self, job: Job) -> bool:
-        """Is ``job``'s file sent converted to Explicit VR Little Endian (the destination's
-        ``transcode: explicit-vr``, and the file is Implicit VR Little Endian)?"""
-        if self.destination.transcode != TRANSCODE_EXPLICIT:
-            return False
-        return rewrite.needs_explicit(Path(job.path))
 
     def _built(self, job: Job, spooled: list[Path]) -> Part:
         """The DICOM instance made from a file that is not DICOM (a PDF, a photo, a video):
