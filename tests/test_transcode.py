@@ -14,7 +14,7 @@ import pydicom
 import pytest
 from bombgen import peak_rss_mb
 from dicomgen import make_instance_bytes
-from harness import Stowd, make_layout, run_until, wait_for
+from harness import Stowd, make_layout, run_cli, run_until, wait_for
 from orthanc import Orthanc
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileDataset
@@ -423,6 +423,21 @@ def test_rules_and_transcode_make_one_copy_with_both(tmp_path: Path, orthanc: Or
     original.PatientID, original.PatientName = "CHANGED", "Ändert^Wurde"
     original.SpecificCharacterSet = "ISO_IR 192"  # the rules' text needs UTF-8 (rewrite.apply)
     same_values(original, stored)
+
+
+def test_migrate_converts_for_a_transcoding_destination(tmp_path: Path, orthanc: Orthanc) -> None:
+    """``stowd migrate`` sends through the same worker: converted too, the source kept."""
+    url = orthanc.dicomweb_url
+    layout = make_layout(tmp_path / "run", url, destinations=destination(url, **TRANSCODE))
+    old = tmp_path / "old" / "a.dcm"
+    uid = str(image(old, 64).SOPInstanceUID)
+    before = old.read_bytes()
+    args = ("-c", str(layout.config), str(old.parent), "--destination", "pacs", "--keep")
+    result = run_cli("migrate", *args, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    _, data = stored_file(orthanc, uid)
+    assert pydicom.dcmread(io.BytesIO(data)).file_meta.TransferSyntaxUID == EXPLICIT
+    assert old.read_bytes() == before
 
 
 LARGE_SIDE = 12_000  # 288 MB of pixel data
