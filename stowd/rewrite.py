@@ -31,7 +31,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 
-from stowd import deflated, dropped
+from stowd import deflated, dropped, elements
 from stowd.classify import (
     BIG_ENDIAN,
     DEFLATED,
@@ -252,11 +252,14 @@ def rewrite(src: Path, dst: Path, edit: Callable[[Dataset], None]) -> int:
 
 
 def _rewrite_open(fp: BinaryIO, dst: Path, edit: Callable[[Dataset], None]) -> int:
-    whole = deflated.data_set_start(fp, fp.read(HEAD_BYTES)) is not None
+    head = fp.read(HEAD_BYTES)
+    if deflated.data_set_start(fp, head) is None:
+        found = deflated.count_header(fp, head)  # too many elements: FileProblem
+        fp.seek(0)
+        with elements.parsing(found):
+            return _rewrite_read(fp, dst, edit)
     fp.seek(0)
-    if not whole:
-        return _rewrite_read(fp, dst, edit)
-    with _HOLDING_WHOLE:
+    with _HOLDING_WHOLE:  # counted in _read_deflated, once its inflated size is known
         return _rewrite_read(fp, dst, edit)
 
 
@@ -309,6 +312,8 @@ def _read_deflated(fp: BinaryIO, start: int | None) -> FileDataset:
             f"{DEFLATED_LIMIT // CHUNK} MiB: metadata rules cannot change it without holding "
             "it all in memory, so it was not sent"
         ) from exc
+    fp.seek(0)
+    deflated.count_header(fp, fp.read(HEAD_BYTES), whole=True)  # all of it is parsed
     fp.seek(0)
     return pydicom.dcmread(fp, force=True)
 
