@@ -207,12 +207,16 @@ class OAuth2(httpx.Auth):
             "POST", self.config.token_url, data=form, headers=headers, timeout=TOKEN_TIMEOUT
         )
         started = time.monotonic()
+        seconds = answers.answer_seconds(TOKEN_TIMEOUT)
         try:
-            response = self._client.send(request, auth=None, stream=True)
-            return response, self._read(response, started)
+            with answers.within(seconds, lambda: started, f"the token endpoint {self._where}"):
+                response = self._client.send(request, auth=None, stream=True)
+                return response, self._read(response, started)
         except httpx.TransportError as exc:
             text = f"the token endpoint {self._where} cannot be reached: {_plain(exc)}"
             raise TokenUnreachable(text) from exc
+        except AnswerTooSlow as exc:  # its header was still arriving at the deadline
+            raise TokenUnreachable(str(exc)) from exc
 
     def _read(self, response: httpx.Response, started: float) -> bytes:
         """The endpoint's answer, at most ``TOKEN_ANSWER_LIMIT`` and within twice

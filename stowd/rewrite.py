@@ -37,8 +37,9 @@ from pydicom.dataset import Dataset, FileDataset
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
+from pydicom.values import converters
 
-from stowd import deflated, dropped, explicit
+from stowd import deflated, dropped, elements, explicit
 from stowd.classify import (
     BIG_ENDIAN,
     DEFLATED,
@@ -65,7 +66,6 @@ _META_SYNC = {
     "SOPClassUID": "MediaStorageSOPClassUID",
 }
 _TAG_IN_MESSAGE = re.compile(r"With tag \(([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\)")
-_PEEK_DEFER = 1024  # larger values are not read to tell a file's encoding
 
 
 # -- apply: change a data set in memory ------------------------------------------------------
@@ -267,15 +267,19 @@ def rewrite(
 def needs_explicit(src: Path) -> bool:
     """Does ``transcode: explicit-vr`` convert ``src``: is it a Part-10 file whose data set
     is Implicit VR Little Endian (by its TransferSyntaxUID, or by its bytes where it says
-    Explicit VR Little Endian)?  Reads the header, not the larger values nor the pixel data."""
-    with reading(src), warnings.catch_warnings(), dropped.open_file(src) as fp:
-        warnings.simplefilter("ignore")
-        with header_errors():
-            if deflated.data_set_start(fp, fp.read(HEAD_BYTES)) is not None:
-                return False
-            fp.seek(0)
-            ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True, defer_size=_PEEK_DEFER)
-            return _converts(ds)
+    Explicit VR Little Endian)?  Reads its File Meta and the first element after it, never
+    the whole header (``rewrite`` reads that, counted first)."""
+    with reading(src), dropped.open_file(src) as fp, header_errors():
+        start, syntax = deflated.file_meta(fp, fp.read(HEAD_BYTES))
+        if syntax == IMPLICIT:
+            return True
+        fp.seek(start)
+        first = fp.read(6)
+    return syntax == explicit.EXPLICIT and len(first) == 6 and not _vr_bytes(first[4:6])
+
+
+def _vr_bytes(found: bytes) -> bool:
+    return found.decode("latin-1") in converters  # pydicom's VRs, as pydicom itself tells
 
 
 def _converts(ds: FileDataset) -> bool:
@@ -290,11 +294,14 @@ def _converts(ds: FileDataset) -> bool:
 def _rewrite_open(
     fp: BinaryIO, dst: Path, edit: Callable[[Dataset], None], to_explicit: bool
 ) -> int:
-    whole = deflated.data_set_start(fp, fp.read(HEAD_BYTES)) is not None
+    head = fp.read(HEAD_BYTES)
+    if deflated.data_set_start(fp, head) is None:
+        found = deflated.count_header(fp, head)  # too many elements: FileProblem
+        fp.seek(0)
+        with elements.parsing(found):
+            return _rewrite_read(fp, dst, edit, to_explicit)
     fp.seek(0)
-    if not whole:
-        return _rewrite_read(fp, dst, edit, to_explicit)
-    with _HOLDING_WHOLE:
+    with _HOLDING_WHOLE:  # counted in _read_deflated, once its inflated size is known
         return _rewrite_read(fp, dst, edit, to_explicit)
 
 
@@ -358,6 +365,8 @@ def _read_deflated(fp: BinaryIO, start: int | None) -> FileDataset:
             f"{DEFLATED_LIMIT // CHUNK} MiB: metadata rules cannot change it without holding "
             "it all in memory, so it was not sent"
         ) from exc
+    fp.seek(0)
+    deflated.count_header(fp, fp.read(HEAD_BYTES), whole=True)  # all of it is parsed
     fp.seek(0)
     return pydicom.dcmread(fp, force=True)
 
