@@ -216,6 +216,13 @@ class OAuth2(httpx.Auth):
         request = self._client.build_request(
             "POST", self.config.token_url, data=form, headers=headers, timeout=TOKEN_TIMEOUT
         )
+        return self.exchange(request)
+
+    def exchange(self, request: httpx.Request) -> tuple[httpx.Response, bytes]:
+        """Send ``request`` to the token endpoint through ``bind``'s client (without this
+        login); its answer, read within the deadline and size cap of token answers."""
+        if self._client is None:
+            raise RuntimeError("OAuth2.bind() was not called")
         started = time.monotonic()
         seconds = answers.answer_seconds(TOKEN_TIMEOUT)
         try:

@@ -57,6 +57,13 @@ class GoogleServiceAccount(OAuth2):
         super().__init__(auth, clock=clock)
         self._token_uri = ""  # from the key, for messages
 
+    @property
+    def client(self) -> httpx.Client:
+        """``bind``'s client."""
+        if self._client is None:
+            raise RuntimeError("GoogleServiceAccount.bind() was not called")
+        return self._client
+
     def _fetch(self) -> Token:
         credentials = self._credentials()
         requests = _Requests(self)
@@ -175,19 +182,10 @@ class _Requests(transport.Request):
         timeout: float | None = None,
         **kwargs: Any,
     ) -> _Answer:
-        client = self.login._client
-        if client is None:
-            raise RuntimeError("GoogleServiceAccount.bind() was not called")
+        client = self.login.client
         request = client.build_request(
             method, url, content=body, headers=dict(headers or {}), timeout=TOKEN_TIMEOUT
         )
-        started = time.monotonic()
-        try:
-            response = client.send(request, auth=None, stream=True)
-            content = self.login._read(response, started)
-        except httpx.TransportError as exc:
-            where = redact_url(url)
-            text = f"the token endpoint {where} cannot be reached: {str(exc) or type(exc).__name__}"
-            raise TokenUnreachable(text) from exc
+        response, content = self.login.exchange(request)
         self.answer = (response, content)
         return _Answer(response, content)
