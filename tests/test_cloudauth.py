@@ -32,7 +32,7 @@ from cloudservers import (
 )
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from harness import Layout, Stowd, make_layout, run_cli, wait_for
+from harness import Clock, Layout, Stowd, make_layout, run_cli, wait_for
 from localserver import LocalServer
 from oauthserver import BearerProxy, _Handler
 from orthanc import Orthanc
@@ -40,7 +40,7 @@ from test_access_daemon import drop, every_output, hold_reason, wait_held, wait_
 
 from stowd.access import GOOGLE_SCOPE, Access, Auth
 from stowd.config import Destination
-from stowd.errors import DestinationHeld
+from stowd.errors import DestinationBusy, DestinationHeld
 from stowd.secrets import Secret
 from stowd.stow import Part, StowClient
 
@@ -200,6 +200,37 @@ def test_google_key_of_another_account_holds_with_the_endpoints_reason(
     assert "auth.key" in text and tokens.token_url in text
     assert history == []  # nothing reached the archive
     assert not any(line in text for line in key_lines(pem))
+
+
+def test_google_token_is_renewed_at_80_percent_of_its_life(google: None, tmp_path: Path) -> None:
+    from stowd.googleauth import GoogleServiceAccount  # noqa: PLC0415 (an optional extra)
+
+    key, clock = rsa_key(), Clock()
+    with JwtTokenServer(EMAIL, key.public_key(), scope=GOOGLE_SCOPE, lifetime=3600) as tokens:
+        write_key(tmp_path / "key.json", key, tokens.token_url)
+        login = GoogleServiceAccount(google_auth(tmp_path / "key.json"), clock=clock)
+        with httpx.Client() as http:
+            login.bind(http)
+            first = login.token()
+            clock.now += 2800  # before 80 % of the hour (2880 s): the same token
+            again = login.token()
+            clock.now += 100  # past it, well before the end: a new one
+            second = login.token()
+    assert again == first != second
+    assert tokens.accepted_requests() == 2 and tokens.state(second) == "valid"
+
+
+def test_google_token_endpoint_unreachable_is_busy_not_held(
+    google: None, tmp_path: Path, part: Part
+) -> None:
+    write_key(tmp_path / "key.json", rsa_key(), "http://127.0.0.1:9/token")  # nothing listens
+    sender = client("http://127.0.0.1:9/dicom-web", google_auth(tmp_path / "key.json"))
+    try:
+        with pytest.raises(DestinationBusy) as busy:
+            sender.store([part])
+    finally:
+        sender.close()
+    assert "the token endpoint http://127.0.0.1:9/token cannot be reached" in str(busy.value)
 
 
 @pytest.mark.parametrize(
