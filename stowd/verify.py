@@ -114,6 +114,11 @@ def _page(
         raise VerifyUnavailable(f"the query {shown} failed: {exc}") from exc
     if status == 204:  # no match (PS3.18 8.3.4.4 Query Response: 204 No Content)
         return []
+    if status == 404:  # tiny_pacs 0.4.1 answers so: it has no query for a study's instances
+        raise VerifyUnavailable(
+            f"the query {shown} failed: the archive answered HTTP 404: it may not offer "
+            "QIDO-RS queries for a study's instances at this URL, which verify: true needs"
+        )
     if status != 200:
         raise VerifyUnavailable(f"the query {shown} failed: {status_words(status, body)}")
     return _uids(body, shown)

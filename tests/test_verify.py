@@ -5,6 +5,7 @@ the archive must lie (answer stored, then not list it) or fail to answer queries
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -15,6 +16,7 @@ from dicomgen import make_study
 from harness import Layout, Stowd, make_layout, run_cli, run_until, wait_for
 from localserver import LocalServer
 from orthanc import Orthanc
+from tinypacs import TinyPacs, tiny_pacs_missing_reason
 from verifyproxy import VerifyProxy
 
 from stowd import stow, verify
@@ -216,3 +218,36 @@ def test_an_archive_that_ignores_offset_is_not_paged_for_ever() -> None:
             verify.unlisted(http, destination, [("1.2", "1.2.3.999999")])
     assert archive.pages == MAX_PAGES
     assert "seems not to match SOPInstanceUID lists" in str(caught.value)
+
+
+def test_an_archive_without_a_study_instances_query_holds_its_files(tmp_path: Path) -> None:
+    """tiny_pacs 0.4.1 stores, but answers 404 to ``/studies/{uid}/instances`` (it lists
+    instances per series only): with verify on, nothing reaches sent/ or failed/, and the
+    log and status say why."""
+    reason = tiny_pacs_missing_reason()
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {reason}", pytrace=False)
+        pytest.skip(reason)
+    archive = TinyPacs(tmp_path / "tiny_pacs")
+    archive.start()
+    try:
+        dest = {"url": archive.dicomweb_url, "workers": 1, "verify": True}
+        layout = make_layout(tmp_path / "run", archive.dicomweb_url, destinations={"pacs": dest})
+        files = dropped(layout, 2)
+        daemon = Stowd(layout).start()
+        try:
+            wait_for(
+                lambda: "may not offer QIDO-RS queries for a study's instances" in daemon.log,
+                TIMEOUT,
+                "the reason in the log",
+                lambda: daemon.log,
+            )
+            assert daemon.terminate() == 0
+        finally:
+            daemon.stop()
+        assert archive.sop_instance_uids() == set(files.values())  # stored, all the same
+        assert layout.files(layout.drop) == set(files)
+        assert layout.files(layout.sent) == layout.files(layout.failed) == set()
+    finally:
+        archive.kill()
