@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -56,17 +56,21 @@ class Tally:
 
 
 def unlisted(
-    http: httpx.Client, destination: Destination, instances: Iterable[tuple[str, str]]
+    http: httpx.Client,
+    destination: Destination,
+    instances: Iterable[tuple[str, str]],
+    progress: Callable[[], None] | None = None,
 ) -> set[str]:
     """The SOPInstanceUIDs of ``instances`` ((StudyInstanceUID, SOPInstanceUID); an empty
-    study: not known) that the archive does not list.  Raises ``VerifyUnavailable``."""
+    study: not known) that the archive does not list; ``progress`` is called after each
+    answer.  Raises ``VerifyUnavailable``."""
     by_study: dict[str, set[str]] = {}
     for study, sop in instances:
         by_study.setdefault(study, set()).add(sop)
     missing: set[str] = set()
     for study, sops in by_study.items():
         for chunk in _chunks(sorted(sops), VERIFY_UIDS):
-            missing |= set(chunk) - _listed(http, destination, study, chunk)
+            missing |= set(chunk) - _listed(http, destination, study, chunk, progress)
     return missing
 
 
@@ -81,7 +85,11 @@ def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
 
 
 def _listed(
-    http: httpx.Client, destination: Destination, study: str, sops: Sequence[str]
+    http: httpx.Client,
+    destination: Destination,
+    study: str,
+    sops: Sequence[str],
+    progress: Callable[[], None] | None,
 ) -> set[str]:
     """Which of ``sops`` the archive lists in ``study``."""
     wanted, found = set(sops), set()
@@ -94,6 +102,8 @@ def _listed(
             ("offset", str(page * PAGE)),
         ]
         uids = _page(http, destination, url, params)
+        if progress is not None:
+            progress()
         found |= wanted.intersection(uids)
         if len(uids) < PAGE or found == wanted:
             return found

@@ -632,7 +632,8 @@ class Worker:
             return set()
         instances = [(j.study_uid or "", j.sop_uid or "") for j in stored]
         try:
-            missing = verify.unlisted(self.client.http, self.destination, instances)
+            http = self.client.http
+            missing = verify.unlisted(http, self.destination, instances, self._alive)
         except (VerifyUnavailable, ClientSetupError) as exc:
             self._unverified(stored, str(exc))
             return None
