@@ -65,6 +65,7 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 300.0
 DEFAULT_WRITE_TIMEOUT = 300.0
 DEFAULT_POOL_TIMEOUT = 30.0
+DEFAULT_VERIFY = False  # True: a stored file moves to sent/ once the archive's QIDO-RS lists it
 DEFAULT_RETRY_INITIAL = 10.0
 DEFAULT_RETRY_MAX = 3600.0
 DEFAULT_RETRY_MULTIPLIER = 2.0
@@ -107,6 +108,7 @@ class Destination:
     verify_tls: bool = True
     bulkdata: str = "encapsulate"  # or "metadata": PS3.18 metadata + bulkdata requests
     access: Access = field(default_factory=Access)  # login, TLS, headers, proxy
+    verify: bool = DEFAULT_VERIFY  # ask the archive (QIDO-RS) for what it said it stored
 
     @property
     def stow_url(self) -> str:
@@ -286,6 +288,7 @@ _DESTINATION_KEYS = (
     "batch",
     "timeouts",
     "bulkdata",
+    "verify",
     *ACCESS_KEYS,
 )
 _BULK_KEYS = ("types", "study_key", "images", "unknown")
@@ -492,6 +495,7 @@ def _read_destination(sec: Section, name: str) -> Destination | None:
         verify_tls=sec.get("verify_tls", True, as_bool),
         bulkdata=sec.get("bulkdata", "encapsulate", as_choice(BULK_MODES)),
         access=read_access(sec),
+        verify=sec.get("verify", DEFAULT_VERIFY, as_bool),
     )
     return None if url is None else destination
 
