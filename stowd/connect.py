@@ -190,6 +190,11 @@ def _login_words(destination: Destination) -> str:
         return f"basic as {auth.username} (password from {where})"
     if auth.type == "bearer":
         return f"bearer token (from {where})"
+    if auth.type == "google":
+        return f"google service account (key from {where})"
+    if auth.type == "aws":
+        keys = f"access key {auth.client_id}" if auth.client_id else "the AWS credential chain"
+        return f"aws SigV4 in {auth.region} ({keys})"
     return f"oauth2 client {auth.client_id} at {redact_url(auth.token_url)} (secret from {where})"
 
 

@@ -38,6 +38,8 @@ class Summary:
     interrupted: bool = False
     crashed: bool = False  # stopped by an unexpected error (logged), not by a signal
     failures: list[dict[str, Any]] = field(default_factory=list)
+    verified: int | None = None  # stored files the archive then listed (None: not verifying)
+    unlisted: int = 0  # answers "stored" for a file the archive then did not list
 
     def count(self, kind: str) -> int:
         """Failures of one ``kind``: failed, failed_before, unmoved, unreadable."""
@@ -171,6 +173,8 @@ def render(summary: Summary, folders: tuple[Path, ...], keep: bool, report: Path
         f"  skipped:  {summary.skipped} file(s) already stored by an earlier run",
         f"  failed:   {_failed_line(summary)}",
     ]
+    if summary.verified is not None:
+        lines.insert(2, f"  verified: {_verified_line(summary)}")
     if summary.count("unmoved"):
         lines.append(
             f"  not moved: {summary.count('unmoved')} file(s) could not be moved to "
@@ -192,6 +196,14 @@ def render(summary: Summary, folders: tuple[Path, ...], keep: bool, report: Path
         where = ", ".join(f"{f}.sent / {f}.failed" for f in folders)
         lines.append(f"  moved to {where}")
     return escape_lines(lines)  # folder names may hold anything a file system allows
+
+
+def _verified_line(summary: Summary) -> str:
+    """``--verify``: how many stored files the archive listed when asked (QIDO-RS)."""
+    line = f"{summary.verified} stored file(s) listed by the archive when asked (QIDO-RS)"
+    if summary.unlisted:
+        line += f"; {summary.unlisted} time(s) a file it said it stored was not listed (sent again)"
+    return line
 
 
 def _failed_line(summary: Summary) -> str:

@@ -876,6 +876,9 @@ def _login_refused(destination: Destination | None) -> str:
         "bearer": "check auth.token",
         "oauth2": "even a newly fetched token was refused: check the client's roles, scope "
         "or audience at the token endpoint",
+        "google": "even a newly fetched token was refused: check the service account's roles "
+        "on this DICOM store and auth.scope",
+        "aws": "check auth.region and the credentials",
     }
     return f"the archive refused the login (HTTP 401): {hints[auth.type]}"
 
