@@ -349,9 +349,13 @@ def _json_str(item: dict[str, Any], tag: str) -> str:
 
 
 def _json_comment(item: dict[str, Any]) -> str:
-    """The ErrorComment of a failure item, or those of its FailedAttributesSequence."""
-    nested = item.get(FAILED_ATTRIBUTES, {}).get("Value", [])
-    texts = [_json_str(i, ERROR_COMMENT) for i in [item, *nested] if ERROR_COMMENT in i]
+    """The ErrorComment of a failure item, or those of its FailedAttributesSequence; ""
+    when there is none or it is not shaped as one (the rest of the answer is still read)."""
+    try:
+        nested = list(item.get(FAILED_ATTRIBUTES, {}).get("Value", []))
+        texts = [_json_str(i, ERROR_COMMENT) for i in [item, *nested] if ERROR_COMMENT in i]
+    except (TypeError, AttributeError, IndexError):
+        return ""
     return _bounded("; ".join(t for t in texts if t))
 
 

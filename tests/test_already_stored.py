@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import threading
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -17,6 +18,10 @@ from dicomgen import make_instance
 from harness import Layout, Stowd, make_layout, run_cli, wait_for
 from localserver import LocalServer
 from tinypacs import TinyPacs, tiny_pacs_missing_reason
+
+from stowd.queue import ALREADY_STORED as ALREADY_NOTE
+from stowd.queue import NewFile, Queue
+from stowd.stow import Outcome, Part, is_counted, judge, parse_answer
 
 # The answers, from Azure's DICOM service conformance statement v2 ("Store response status
 # codes", "Store response payload", "Store failure reason codes";
@@ -299,3 +304,66 @@ def test_tiny_pacs_without_overwrite_refusing_a_re_sent_instance_fails_it_after_
     assert "may already hold an instance with this SOPInstanceUID" in error["reason"]
     assert error["refusals"] == 3
     assert daemon.log.count("again.dcm: the archive refused the instance") == 2
+
+
+# -- the judgement and the queue, without a daemon -------------------------------------------
+def _failed(items: list[dict[str, Any]]) -> bytes:
+    return json.dumps({"00081198": {"vr": "SQ", "Value": items}}).encode()
+
+
+def test_judge_reads_each_documented_code() -> None:
+    parts = [Part("a", 1, "1.1"), Part("b", 1, "1.2"), Part("c", 1, "1.3")]
+    items = [_item("1.1", ALREADY_STORED), _item("1.2", BEING_CREATED), _item("1.3", 0x0110)]
+    answer = parse_answer(409, _failed(items))
+    verdicts = judge(answer, parts)
+    assert verdicts["1.1"].outcome is Outcome.ALREADY
+    assert verdicts["1.2"].outcome is Outcome.RETRY
+    assert verdicts["1.3"].outcome is Outcome.RETRY
+    assert CONFLICT_TEXT in verdicts["1.3"].reason  # the archive's words, per instance
+    assert [is_counted(v.code or 0) for v in verdicts.values()] == [False, True, True]
+    failing = judge(answer, parts, duplicates="fail")["1.1"]
+    assert (failing.outcome, failing.code) == (Outcome.FAILED, ALREADY_STORED)
+    assert not is_counted(0xA700)  # out of resources: the archive's state, not the file's
+
+
+def test_the_archive_s_words_are_bounded_and_escaped() -> None:
+    item = _item("1.1", 0x0110)
+    item["00741048"]["Value"][0]["00000902"]["Value"] = ["\x1b[31mred\x1b[0m " + "x" * 5000]
+    verdict = judge(parse_answer(409, _failed([item])), [Part("a", 1, "1.1")])["1.1"]
+    assert "\x1b" not in verdict.reason
+    assert len(verdict.reason) < 500
+
+
+def test_a_version_5_queue_gets_the_note_column_and_counts_already_stored(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "v5.db"
+    q = Queue(path).open()
+    q.enqueue(
+        [NewFile("src", "pacs", "/d/a", "a", 10, 1), NewFile("src", "pacs", "/d/b", "b", 10, 1)]
+    )
+    q.close()
+    db = sqlite3.connect(path)  # a queue written before notes existed
+    db.execute("ALTER TABLE files DROP COLUMN note")
+    db.execute("PRAGMA user_version = 5")
+    db.commit()
+    db.close()
+    q = Queue(path).open()
+    try:
+        a, b = q.jobs()
+        q.begin_settle([(a, "sent", "/s/a", None)], notes={a.id: ALREADY_NOTE})
+        q.begin_settle([(b, "sent", "/s/b", None)])
+        q.finish_many([(a.id, "sent"), (b.id, "sent")])
+        [row] = q.tally(0.0)
+        assert row[2:4] == ("sent", 2)
+        assert row[7] == 1  # one of them already stored
+    finally:
+        q.close()
+
+
+def test_an_odd_error_comment_does_not_hide_the_other_failures() -> None:
+    odd = _item("1.1", 0x0110)
+    odd["00741048"] = {"vr": "SQ", "Value": [{"00000902": {"vr": "LO", "Value": []}}, 7]}
+    answer = parse_answer(409, _failed([odd, _item("1.2", ALREADY_STORED)]))
+    assert answer.failed == {"1.1": 0x0110, "1.2": ALREADY_STORED}
+    assert answer.failed_text == {}
