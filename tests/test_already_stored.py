@@ -5,6 +5,7 @@ daemon, a small local archive scripted from Azure's documentation, and the real 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sqlite3
@@ -44,15 +45,19 @@ class ScriptedArchive(LocalServer):
     """Answers each POST per instance from ``plan`` (SOPInstanceUID -> answers, one per
     request naming it; the last one repeats); counts the requests that named each UID."""
 
-    def __init__(self, plan: dict[str, list[int]]) -> None:
+    def __init__(self, plan: dict[str, list[int]], *, overlap: bool = False) -> None:
         owner = self
         self.plan = plan
         self.asked: dict[str, int] = dict.fromkeys(plan, 0)
         self._lock = threading.Lock()
+        self.met = False  # the first two requests were in flight together
+        # overlap: the first two requests are answered only once both arrived
+        self.together = threading.Barrier(2, action=self._met) if overlap else None
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
+                owner.meet()
                 status, doc = owner.answer(body)
                 data = json.dumps(doc).encode()
                 self.send_response(status)
@@ -65,6 +70,15 @@ class ScriptedArchive(LocalServer):
                 pass
 
         super().__init__(Handler)
+
+    def _met(self) -> None:
+        self.met, self.together = True, None
+
+    def meet(self) -> None:
+        barrier = self.together
+        if barrier is not None:
+            with contextlib.suppress(threading.BrokenBarrierError):  # the test checks ``met``
+                barrier.wait(30)
 
     def answer(self, body: bytes) -> tuple[int, dict[str, Any]]:
         stored: list[dict[str, Any]] = []
@@ -252,6 +266,33 @@ def test_the_refusals_are_counted_across_a_restart(tmp_path: Path) -> None:
             daemon.stop()
     # an answer the killed daemon had not recorded yet is asked again: never more than one
     assert archive.times(uid) in (3, 4), (before, archive.times(uid))
+    assert error_of(layout, "conflict.dcm")["refusals"] == 3
+
+
+def test_a_refusal_while_other_requests_were_in_flight_is_not_counted(tmp_path: Path) -> None:
+    """A busy archive refuses for contention too (tiny_pacs answers 0110 while another
+    request holds its SQLite index): only a refusal of a request alone on the wire counts."""
+    with ScriptedArchive({}, overlap=True) as archive:
+        layout = layout_for(tmp_path, archive.url, workers=2)
+        uid = make_instance(layout.drop / "conflict.dcm")  # each its own study: two requests
+        other = make_instance(layout.drop / "other.dcm")
+        archive.plan.update({uid: [PROCESSING_FAILURE], other: [STORED]})
+        archive.asked.update({uid: 0, other: 0})
+        daemon = Stowd(layout).start()
+        try:
+            wait_for(
+                lambda: "conflict.dcm" in layout.files(layout.failed),
+                60,
+                "the file in failed/",
+                lambda: daemon.log,
+            )
+            assert daemon.terminate() == 0
+        finally:
+            daemon.stop()
+    assert archive.met, "the two first requests did not overlap"
+    assert layout.files(layout.sent) == {"other.dcm"}
+    assert "(not counted: other requests were in flight)" in daemon.log
+    assert archive.times(uid) == 4  # 1 not counted + 3 counted
     assert error_of(layout, "conflict.dcm")["refusals"] == 3
 
 
