@@ -644,7 +644,7 @@ class Worker:
             return self._later(job, reason, verdict=verdict, answer=answer)
         reason = (
             f"the archive refused this file {refusals} times (retry.max_refusals: {limit}): "
-            f"{verdict.reason}; stowd does not send it again ({refusal_advice(verdict.code)})"
+            f"{verdict.reason}; stowd does not send it again: {refusal_advice(verdict.code)}"
         )
         return self._failure(job, reason, verdict=verdict, answer=answer)
 
