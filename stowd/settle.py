@@ -121,7 +121,9 @@ def settle_all(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
 def _settle_all(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
     kept = [d for d in decisions if d.source.keep]
     if kept:  # stowd migrate --keep: nothing is moved or written beside the file
-        queue.finish_kept([(d.job.id, d.outcome, d.error) for d in kept], notes=_notes(kept))
+        queue.finish_kept([(d.job.id, d.outcome, d.error) for d in kept])
+        if _notes(kept):  # informational: a crash between the two loses a note, no file
+            queue.add_notes(_notes(kept))
         decisions = [d for d in decisions if not d.source.keep]
     return [Settled(d, None) for d in kept] + _settle_moved(queue, decisions)
 
