@@ -70,6 +70,9 @@ DROPS = "connection_drops"  # the key of the error document that counts them
 # the key of the error document that counts the archive's refusals of the file with a code
 # that may be transient but may as well be permanent (stow.is_counted): retry.max_refusals
 REFUSALS = "refusals"
+# what verify: true checks before the file moves to sent/: the archive's "stored" and its
+# "already stored" (stow.Outcome.ALREADY) alike
+STORED = (Outcome.SENT, Outcome.ALREADY)
 QUEUE_RETRY_FIRST = 1.0  # a queue that cannot be written is tried again after this,
 QUEUE_RETRY_MAX = 30.0  # doubled per failure up to this
 
@@ -605,14 +608,15 @@ class Worker:
         for job in batch:
             verdict = verdicts[job.sop_uid or ""]
             tally[verdict.outcome.value] = tally.get(verdict.outcome.value, 0) + 1
-            if verdict.outcome is Outcome.SENT and self.destination.verify:
+            if verdict.outcome in STORED and self.destination.verify:
                 stored.append(job)
                 continue
             decision = self._act(job, verdict, answer)
             if decision is not None:
                 decisions.append(decision)
         unlisted = self._verify(stored, verdicts, answer, decisions)
-        _recount(tally, len(stored), unlisted)
+        unsettled = [j for j in stored if unlisted is None or j.sop_uid in unlisted]
+        _recount(tally, [verdicts[j.sop_uid or ""].outcome for j in unsettled], unlisted)
         self._settle_all(decisions)
         size = sum(j.size for j in batch) / MB
         log.info(
@@ -931,16 +935,16 @@ class Worker:
         return doc
 
 
-def _recount(tally: dict[str, int], stored: int, unlisted: set[str] | None) -> None:
-    """The batch's tally after verifying the ``stored`` files: those not listed, or not
-    verified at all, are not sent."""
-    moved = stored if unlisted is None else len(unlisted)
-    if moved:
-        tally[Outcome.SENT.value] -= moved
-        if not tally[Outcome.SENT.value]:
-            del tally[Outcome.SENT.value]
+def _recount(tally: dict[str, int], unsettled: list[Outcome], unlisted: set[str] | None) -> None:
+    """The batch's tally after verifying the stored files: those not listed, or not
+    verified at all (``unsettled``, by their outcome), are not sent."""
+    for outcome in unsettled:
+        tally[outcome.value] -= 1
+        if not tally[outcome.value]:
+            del tally[outcome.value]
+    if unsettled:
         key = "stored, not verified" if unlisted is None else "stored, not listed"
-        tally[key] = moved
+        tally[key] = len(unsettled)
 
 
 def _may_be_the_files(failure: StowFailure) -> bool:
