@@ -70,6 +70,9 @@ DEFAULT_RETRY_MAX = 3600.0
 DEFAULT_RETRY_MULTIPLIER = 2.0
 DEFAULT_RETRY_MAX_AGE = 7 * 24 * 3600.0
 DEFAULT_HOLD_PROBE = 60.0
+DEFAULT_MAX_REFUSALS = 3  # a file refused this often with a doubtful code (0110, 45071) fails
+DUPLICATE_ACTIONS = ("accept", "fail")  # an instance the archive already holds: sent/ or failed/
+DEFAULT_DUPLICATES = "accept"
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_HISTORY_DAYS = 30.0
 DEFAULT_FOLDER_SIDECAR = "_metadata.yaml"
@@ -107,6 +110,7 @@ class Destination:
     verify_tls: bool = True
     bulkdata: str = "encapsulate"  # or "metadata": PS3.18 metadata + bulkdata requests
     access: Access = field(default_factory=Access)  # login, TLS, headers, proxy
+    duplicates: str = DEFAULT_DUPLICATES  # "fail": an instance already stored goes to failed/
 
     @property
     def stow_url(self) -> str:
@@ -189,6 +193,7 @@ class Retry:
     multiplier: float = DEFAULT_RETRY_MULTIPLIER
     max_age: float = DEFAULT_RETRY_MAX_AGE
     hold_probe: float = DEFAULT_HOLD_PROBE
+    max_refusals: int = DEFAULT_MAX_REFUSALS
 
 
 @dataclass(frozen=True)
@@ -261,7 +266,7 @@ _TOP_KEYS = (
     "uid_root",
     "metrics",
 )
-_RETRY_KEYS = ("initial", "maximum", "multiplier", "max_age", "hold_probe")
+_RETRY_KEYS = ("initial", "maximum", "multiplier", "max_age", "hold_probe", "max_refusals")
 _SOURCE_OWN_KEYS = ("name", "watch", "sent", "failed", "destination", "rules")
 _SOURCE_OPTION_KEYS = (
     "quiet_period",
@@ -286,6 +291,7 @@ _DESTINATION_KEYS = (
     "batch",
     "timeouts",
     "bulkdata",
+    "duplicates",
     *ACCESS_KEYS,
 )
 _BULK_KEYS = ("types", "study_key", "images", "unknown")
@@ -461,6 +467,7 @@ def _read_retry(sec: Section) -> Retry:
         multiplier=sec.get("multiplier", DEFAULT_RETRY_MULTIPLIER, as_number(1.0)),
         max_age=sec.get("max_age", DEFAULT_RETRY_MAX_AGE, positive),
         hold_probe=sec.get("hold_probe", DEFAULT_HOLD_PROBE, positive),
+        max_refusals=sec.get("max_refusals", DEFAULT_MAX_REFUSALS, as_int(1)),
     )
     if retry.maximum < retry.initial:
         if sec.value_node("maximum") is not None:
@@ -492,6 +499,7 @@ def _read_destination(sec: Section, name: str) -> Destination | None:
         verify_tls=sec.get("verify_tls", True, as_bool),
         bulkdata=sec.get("bulkdata", "encapsulate", as_choice(BULK_MODES)),
         access=read_access(sec),
+        duplicates=sec.get("duplicates", DEFAULT_DUPLICATES, as_choice(DUPLICATE_ACTIONS)),
     )
     return None if url is None else destination
 

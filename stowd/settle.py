@@ -96,6 +96,7 @@ class Decision:
     source: Source
     outcome: str
     error: dict[str, Any] | None = None
+    note: str | None = None  # how the outcome came about (queue.ALREADY_STORED), kept with it
 
 
 @dataclass(frozen=True)
@@ -120,15 +121,20 @@ def settle_all(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
 def _settle_all(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
     kept = [d for d in decisions if d.source.keep]
     if kept:  # stowd migrate --keep: nothing is moved or written beside the file
-        queue.finish_kept([(d.job.id, d.outcome, d.error) for d in kept])
+        queue.finish_kept([(d.job.id, d.outcome, d.error) for d in kept], notes=_notes(kept))
         decisions = [d for d in decisions if not d.source.keep]
     return [Settled(d, None) for d in kept] + _settle_moved(queue, decisions)
+
+
+def _notes(decisions: Sequence[Decision]) -> dict[int, str]:
+    return {d.job.id: d.note for d in decisions if d.note is not None}
 
 
 def _settle_moved(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
     plans = _plan(decisions)
     queue.begin_settle(
-        [(d.job, d.outcome, str(t) if isinstance(t, Path) else None, d.error) for d, t in plans]
+        [(d.job, d.outcome, str(t) if isinstance(t, Path) else None, d.error) for d, t in plans],
+        notes=_notes([d for d, _ in plans]),
     )
     results: list[Settled] = []
     done: list[tuple[int, str]] = []

@@ -40,7 +40,7 @@ from stowd.errors import (
 from stowd.group import take_batch
 from stowd.lookup import Finder, LookupUnavailable, NotYet
 from stowd.media import Media, detect
-from stowd.queue import Classification, Job, Made, Queue
+from stowd.queue import ALREADY_STORED, Classification, Job, Made, Queue
 from stowd.settle import Decision, Settled, iso, remove_empty_parents, settle_all
 from stowd.stow import (
     Answer,
@@ -49,7 +49,9 @@ from stowd.stow import (
     StowClient,
     Verdict,
     failure_meaning,
+    is_counted,
     judge,
+    refusal_advice,
 )
 from stowd.wire import NOT_ALONE, wire_of
 
@@ -63,6 +65,9 @@ LOOKING = "looking up the study in the archive"
 # A file whose request, sent alone, ends this many times in a dropped connection fails.
 MAX_DROPS = 3
 DROPS = "connection_drops"  # the key of the error document that counts them
+# the key of the error document that counts the archive's refusals of the file with a code
+# that may be transient but may as well be permanent (stow.is_counted): retry.max_refusals
+REFUSALS = "refusals"
 QUEUE_RETRY_FIRST = 1.0  # a queue that cannot be written is tried again after this,
 QUEUE_RETRY_MAX = 30.0  # doubled per failure up to this
 
@@ -574,7 +579,7 @@ class Worker:
     def _apply(self, batch: list[Job], answer: Answer, parts: Sequence[Part]) -> None:
         if answer.status == 413 and len(batch) > 1:
             self._shrink_batches(batch)
-        verdicts = judge(answer, parts)
+        verdicts = judge(answer, parts, duplicates=self.destination.duplicates)
         tally: dict[str, int] = {}
         decisions: list[Decision] = []
         for job in batch:
@@ -603,8 +608,13 @@ class Worker:
             if verdict.reason:
                 log.warning("%s: %s", job.path, verdict.reason)
             return Decision(job, self.config.source(job.source), "sent")
+        if verdict.outcome is Outcome.ALREADY:
+            log.info("%s: %s; settled as stored", job.path, verdict.reason)
+            return Decision(job, self.config.source(job.source), "sent", note=ALREADY_STORED)
         if verdict.outcome is Outcome.FAILED:
             return self._failure(job, verdict.reason, verdict=verdict, answer=answer)
+        if _counted(verdict):
+            return self._refused(job, verdict, answer)
         if verdict.outcome is Outcome.ISOLATE and answer.status == 413:
             self.queue.release([job.id])  # sent again in the smaller batches
         elif verdict.outcome is Outcome.ISOLATE:
@@ -612,6 +622,21 @@ class Worker:
         else:
             return self._later(job, verdict.reason, verdict=verdict, answer=answer)
         return None
+
+    def _refused(self, job: Job, verdict: Verdict, answer: Answer) -> Decision | None:
+        """A refusal that may be transient but may as well be permanent: tried again with
+        the normal backoff; the ``retry.max_refusals``-th such refusal fails the file.  The
+        count is kept in its error document (the queue), so it survives restarts."""
+        refusals = _refusals(job) + 1
+        limit = self.config.retry.max_refusals
+        if refusals < limit:
+            reason = f"{verdict.reason} (refusal {refusals} of at most {limit})"
+            return self._later(job, reason, verdict=verdict, answer=answer)
+        reason = (
+            f"the archive refused this file {refusals} times (retry.max_refusals: {limit}): "
+            f"{verdict.reason}; stowd does not send it again ({refusal_advice(verdict.code)})"
+        )
+        return self._failure(job, reason, verdict=verdict, answer=answer)
 
     def _shrink_batches(self, batch: list[Job]) -> None:
         """HTTP 413 for a batch: from now on send at most half of it per request."""
@@ -714,7 +739,8 @@ class Worker:
                 outcome = result.decision.outcome
                 metrics.settled(job.source, job.destination, outcome, job.size)
             if result.target is not None and result.decision.outcome == "sent":
-                log.info("%s: stored, moved to %s", job.path, result.target)
+                stored = "already stored" if result.decision.note == ALREADY_STORED else "stored"
+                log.info("%s: %s, moved to %s", job.path, stored, result.target)
             if result.target is not None and source.remove_empty_dirs:
                 remove_empty_parents(Path(job.path), source.watch)
 
@@ -747,7 +773,9 @@ class Worker:
         drops: int | None = None,
     ) -> dict[str, Any]:
         """The file's error document; ``drops``: the connections the archive dropped when
-        it was sent alone (counted on, while it waits, by ``_drops``)."""
+        it was sent alone (counted on, while it waits, by ``_drops``).  The refusals counted
+        for ``retry.max_refusals`` are carried on whatever else happens to the file, and one
+        more when ``verdict`` is such a refusal."""
         now = self.clock()
         sent = answer is not None
         code = verdict.code if verdict and verdict.outcome is not Outcome.SENT else None
@@ -769,6 +797,9 @@ class Worker:
         }
         if drops is not None:
             doc[DROPS] = drops
+        refusals = _refusals(job) + (1 if _counted(verdict) else 0)
+        if refusals:
+            doc[REFUSALS] = refusals
         return doc
 
 
@@ -789,6 +820,23 @@ def _drops(job: Job) -> int:
     except (ValueError, AttributeError):
         return 0
     return count if isinstance(count, int) else 0
+
+
+def _refusals(job: Job) -> int:
+    """How many times the archive refused ``job`` with a code counted for
+    ``retry.max_refusals`` so far (kept in its error document)."""
+    try:
+        count = json.loads(job.error or "{}").get(REFUSALS, 0)
+    except (ValueError, AttributeError):
+        return 0
+    return count if isinstance(count, int) else 0
+
+
+def _counted(verdict: Verdict | None) -> bool:
+    """A refusal counted for ``retry.max_refusals``."""
+    if verdict is None or verdict.code is None or verdict.outcome is not Outcome.RETRY:
+        return False
+    return is_counted(verdict.code)
 
 
 def _dropped_reason(drops: int) -> str:
