@@ -23,7 +23,8 @@ says so.  The sources:
   (.../reference-warning-codes.html).
 
 What the tests make it do: a file whose PatientID is ``REFUSE`` is refused the way the profile
-refuses, one whose PatientID is ``WARN`` is stored with the profile's warning; ``lose(n, how)``
+refuses, ``UNPARSABLE`` as the archive answers a part it cannot parse, and one whose
+PatientID is ``WARN`` is stored with the profile's warning; ``lose(n, how)``
 makes the next n requests store everything and then lose the answer (``"drop"``: the
 connection closes without a word; ``"500"``: HTTP 500).  ``seed`` stores other content under a
 SOPInstanceUID first.  The fake keeps every request's SOPInstanceUIDs and lists what it finds
@@ -54,6 +55,7 @@ SOP_CLASS, SOP_UID = "00081150", "00081155"
 FAILURE_REASON, WARNING_REASON = "00081197", "00081196"
 PIXEL_DATA, DOCUMENT, MIME_TYPE = "7FE00010", "00420011", "00420012"
 GB = 1 << 30
+NOT_A_DICOM_FILE = "1.2.40.0.13.1.15.110.3.165.2"  # StowRS.NOT_A_DICOM_FILE_UID
 
 
 @dataclass
@@ -107,6 +109,10 @@ class Profile:
         """A SOPInstanceUID it holds already: with the same content or other content."""
         return Outcome(instance)
 
+    def unparsable(self, instance: Instance) -> Outcome:
+        """A part it cannot parse (the tests' UNPARSABLE files; stowd reads them fine)."""
+        return self.refuse(instance)
+
     def status(self, outcomes: list[Outcome]) -> int:
         stored = [o for o in outcomes if o.failure is None]
         noted = [o for o in outcomes if o.failure is not None or o.warning is not None]
@@ -146,6 +152,14 @@ class Dcm4chee(Profile):
             "object of Study[uid=1.2.3]."
         )
         return Outcome(instance, failure=0xA778, text=text)
+
+    def unparsable(self, instance: Instance) -> Outcome:
+        # StoreServiceImpl.writeToStorage: a DicomStreamException becomes
+        # FAILED_TO_PARSE_DICOM_STREAM (0xC499) with the parser's message; StowRS.mkSOPRef
+        # then has no attributes and names the item NOT_A_DICOM_FILE_UID with a UID made up
+        # on the spot (UIDUtils.createUID()): the answer does not name the file's instance.
+        made_up = Instance(NOT_A_DICOM_FILE, pydicom.uid.generate_uid(), "", "")
+        return Outcome(made_up, failure=0xC499, text="Failed to parse DICOM stream")
 
     def again(self, instance: Instance, same: bool) -> Outcome:
         # StoreServiceEJB.updateDB: a previous instance with overwritePolicy NEVER (the default,
@@ -338,6 +352,8 @@ class FakeArchive(LocalServer):
     def _one(self, instance: Instance) -> Outcome:
         if instance.patient_id == "REFUSE":
             return self.profile.refuse(instance)
+        if instance.patient_id == "UNPARSABLE":
+            return self.profile.unparsable(instance)
         held = self.stored.get(instance.sop_uid)
         if held is not None:
             return self.profile.again(instance, held == instance.digest)

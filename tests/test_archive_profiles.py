@@ -123,6 +123,25 @@ def test_a_batch_is_judged_file_by_file(tmp_path: Path, fake: FakeArchive) -> No
     assert counts(layout) == {"sent": 3, "failed": 1}
 
 
+def test_dcm4chee_a_part_it_cannot_parse_fails_and_the_rest_is_stored(
+    tmp_path: Path, dcm4chee: FakeArchive
+) -> None:
+    """dcm4chee names an unparsable part with a made-up SOPInstanceUID (0xC499): the file is
+    in neither sequence of its 202, is sent again alone, gets 409 and fails with that code
+    (on main the reason had no code: the item named another UID); the others are stored."""
+    fake = dcm4chee
+    retry = {"initial": "200ms", "maximum": "500ms", "hold_probe": "500ms", "max_age": "1h"}
+    layout = layout_for(tmp_path / "run", fake, retry=retry)
+    study = "1.2.826.0.1.3680043.8.498.18"
+    make_instance(layout.drop / "a.dcm", study_uid=study, instance_number=1)
+    make_instance(layout.drop / "u.dcm", study_uid=study, patient_id="UNPARSABLE")
+    log = run(layout, fake, {"a.dcm"}, {"u.dcm"})
+    error = error_of(layout, "u.dcm")
+    assert (error["http_status"], error["failure_reason"]) == (409, "C499")
+    assert "could not parse the DICOM file" in error["reason"]
+    assert 'said: 299 dcm4chee-arc "Failed to parse DICOM stream"' in log
+
+
 def resend_cases() -> list[Any]:
     return [pytest.param(n, h, id=f"{n}-{h}") for n in NAMES for h in ("drop", "500")]
 
