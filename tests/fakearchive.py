@@ -100,7 +100,9 @@ class Profile:
     warning: int | None = None  # the WarningReason a WARN file is stored with (None: no warning)
     max_bytes: int | None = None  # the largest request it takes
     accept_only_json = False  # answers 406 to an Accept other than application/dicom+json
-    metadata_form = False  # takes the metadata + bulkdata form
+    # takes the metadata + bulkdata form (dcm4chee: StowRS's @Consumes; Azure: only
+    # type="application/dicom"; Google and AWS document only Part-10 uploads)
+    metadata_form = False
 
     def refuse(self, instance: Instance) -> Outcome:
         raise NotImplementedError
@@ -339,11 +341,13 @@ class FakeArchive(LocalServer):
             if self.max_bytes is not None and len(body) > self.max_bytes:
                 # AWS documents the limit, not its answer: 413 (RFC 9110 §15.5.14) here
                 return Reply(413), None
+            if not self._takes(content_type):
+                # PS3.18 Table 10.5.3-1: 415, "does not support the media type"; Azure's
+                # statement: "415 The provided Content-Type isn't supported"
+                return Reply(415), None
             instances = self._instances(content_type, body)
-            if instances is None:
-                return Reply(
-                    400, b'{"errorMessage":"not a STOW-RS request this archive takes"}'
-                ), None
+            if instances is None:  # a metadata request that breaks PS3.18 (see faults)
+                return Reply(400, b'{"errorMessage":"the request breaks PS3.18"}'), None
             self._note_duplicates(instances)
             outcomes = [self._one(i) for i in instances]
             lost = self._lose.pop(0) if self._lose else None
@@ -380,14 +384,17 @@ class FakeArchive(LocalServer):
         headers = {"Content-Type": "application/dicom+json", **p.headers(outcomes)}
         return Reply(p.status(outcomes), json.dumps(doc).encode(), headers)
 
+    def _takes(self, content_type: str) -> bool:
+        kind = _param(content_type, "type")
+        return kind == "application/dicom" or (
+            kind == "application/dicom+json" and self.profile.metadata_form
+        )
+
     def _instances(self, content_type: str, body: bytes) -> list[Instance] | None:
         parts = parts_of(content_type, body)
-        kind = _param(content_type, "type")
-        if kind == "application/dicom":
+        if _param(content_type, "type") == "application/dicom":
             return [_read_part10(p) for p in parts if p.get_content_type() == "application/dicom"]
-        if kind == "application/dicom+json" and self.profile.metadata_form:
-            return self._metadata(parts)
-        return None
+        return self._metadata(parts)
 
     def _metadata(self, parts: list[EmailMessage]) -> list[Instance] | None:
         """The metadata + bulkdata form, checked against PS3.18; None (HTTP 400) if wrong."""

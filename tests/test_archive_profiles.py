@@ -264,6 +264,31 @@ def test_the_fake_refuses_a_metadata_request_that_breaks_ps318(
     assert check_metadata_form(parts_of(content_type, body)) == []
 
 
+def test_the_metadata_form_to_azure_holds_the_destination_and_fails_nothing(
+    tmp_path: Path,
+) -> None:
+    """``bulkdata: metadata`` is for dcm4chee: Azure takes Part-10 only and answers 415. The
+    destination is held (a setting to fix), the PDF stays queued and nothing goes to failed/."""
+    with FakeArchive(PROFILES["azure"]()) as fake:
+        layout = layout_for(tmp_path / "run", fake, destination={"bulkdata": "metadata"})
+        make_pdf(layout.drop / "P1/report.pdf")
+        daemon = Stowd(layout).start()
+        try:
+            wait_for(lambda: bool(fake.sizes), 60, "a request", lambda: daemon.log)
+            wait_for(
+                lambda: status(layout)["destinations"]["pacs"]["state"] == "held",
+                60,
+                "the destination held",
+                lambda: daemon.log,
+            )
+            assert "HTTP 415" in status(layout)["destinations"]["pacs"]["reason"]
+            assert daemon.terminate() == 0
+        finally:
+            daemon.stop()
+        assert layout.files(layout.failed) == set()
+        assert layout.files(layout.drop) == {"P1/report.pdf"}
+
+
 # -- AWS: 1 GB per request ---------------------------------------------------------------------
 def test_aws_requests_stay_within_its_limit_with_batch_max_bytes(tmp_path: Path) -> None:
     """AWS HealthImaging takes at most 1 GB per request; docs/archives.md says to keep
