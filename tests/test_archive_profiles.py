@@ -114,9 +114,14 @@ def test_a_batch_is_judged_file_by_file(tmp_path: Path, fake: FakeArchive) -> No
     assert {uids["a.dcm"], uids["b.dcm"], uids["w.dcm"]} <= set(fake.stored)
     assert uids["r.dcm"] not in fake.stored
     assert error_of(layout, "r.dcm")["failure_reason"] == REFUSAL[name]
-    if fake.profile.warning is not None:
+    warned = 0
+    if fake.profile.warning is not None:  # stored with a note: the log and stowd status
         code = f"{fake.profile.warning:04X}"
         assert f"w.dcm: stored with warning {code}" in log
+        warned = 1
+        text = run_cli("status", "-c", str(layout.config)).stdout
+        assert "3 sent (1 with a warning: see the log)" in text
+    assert status(layout)["stored_with_warning"] == warned
     if name == "dcm4chee":  # its reason comes in the Warning header of a 202 (or 409)
         assert 'said: 299 dcm4chee-arc "Patient ID REFUSE differs from Patient ID' in log
         assert error_of(layout, "r.dcm")["server_message"].startswith("299 dcm4chee-arc")
