@@ -161,12 +161,12 @@ def refusal_advice(code: int | None) -> str:
     """What to check once a counted refusal (``is_counted``) failed a file."""
     if code == BEING_CREATED:
         return (
-            "the archive says an earlier attempt to store it may have failed halfway: delete "
-            "the instance in the archive, then send the file again (stowd retry)"
+            "an earlier attempt to store it may have failed halfway in the archive; delete "
+            "the instance there, then put the file back with stowd retry"
         )
     return (
-        "the archive may already hold an instance with this SOPInstanceUID (some refuse a "
-        "re-sent instance so, or one with other content): check what it holds"
+        "the archive may already hold an instance with this SOPInstanceUID, as some refuse "
+        "a re-sent instance, or one with other content, so; check what it holds"
     )
 
 
@@ -349,9 +349,13 @@ def _json_str(item: dict[str, Any], tag: str) -> str:
 
 
 def _json_comment(item: dict[str, Any]) -> str:
-    """The ErrorComment of a failure item, or those of its FailedAttributesSequence."""
-    nested = item.get(FAILED_ATTRIBUTES, {}).get("Value", [])
-    texts = [_json_str(i, ERROR_COMMENT) for i in [item, *nested] if ERROR_COMMENT in i]
+    """The ErrorComment of a failure item, or those of its FailedAttributesSequence; ""
+    when there is none or it is not shaped as one (the rest of the answer is still read)."""
+    try:
+        nested = list(item.get(FAILED_ATTRIBUTES, {}).get("Value", []))
+        texts = [_json_str(i, ERROR_COMMENT) for i in [item, *nested] if ERROR_COMMENT in i]
+    except (TypeError, AttributeError, IndexError):
+        return ""
     return _bounded("; ".join(t for t in texts if t))
 
 

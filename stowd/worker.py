@@ -116,6 +116,9 @@ class Worker:
         self.in_flight: tuple[float, float] | None = None
         self._wire = wire_of(client)  # the requests in flight to this destination
         self._token = NOT_ALONE  # of this worker's request on the wire
+        # the answer being applied came to a request that was alone on the wire: its
+        # refusals count for retry.max_refusals (see _refused)
+        self._alone = False
         # The ids this worker has claimed and not given back: the daemon never reclaims
         # them (an upload in progress, or a release that failed and is tried again).
         self.held: frozenset[int] = frozenset()
@@ -580,6 +583,7 @@ class Worker:
         if answer.status == 413 and len(batch) > 1:
             self._shrink_batches(batch)
         verdicts = judge(answer, parts, duplicates=self.destination.duplicates)
+        self._alone = self._wire.alone(self._token)
         tally: dict[str, int] = {}
         decisions: list[Decision] = []
         for job in batch:
@@ -615,7 +619,7 @@ class Worker:
             return Decision(job, self.config.source(job.source), "sent", note=ALREADY_STORED)
         if verdict.outcome is Outcome.FAILED:
             return self._failure(job, verdict.reason, verdict=verdict, answer=answer)
-        if _counted(verdict):
+        if _doubtful(verdict):
             return self._refused(job, verdict, answer)
         if verdict.outcome is Outcome.ISOLATE and answer.status == 413:
             self.queue.release([job.id])  # sent again in the smaller batches
@@ -628,7 +632,13 @@ class Worker:
     def _refused(self, job: Job, verdict: Verdict, answer: Answer) -> Decision | None:
         """A refusal that may be transient but may as well be permanent: tried again with
         the normal backoff; the ``retry.max_refusals``-th such refusal fails the file.  The
-        count is kept in its error document (the queue), so it survives restarts."""
+        count is kept in its error document (the queue), so it survives restarts.  Only a
+        refusal of a request that was alone on the wire counts: a busy archive refuses for
+        contention too (tiny_pacs answers 0110 when its SQLite index is locked by another
+        request), and such refusals are retried until ``retry.max_age``, as before."""
+        if not self._alone:
+            reason = f"{verdict.reason} (not counted: other requests were in flight)"
+            return self._later(job, reason, verdict=verdict, answer=answer)
         refusals = _refusals(job) + 1
         limit = self.config.retry.max_refusals
         if refusals < limit:
@@ -636,7 +646,7 @@ class Worker:
             return self._later(job, reason, verdict=verdict, answer=answer)
         reason = (
             f"the archive refused this file {refusals} times (retry.max_refusals: {limit}): "
-            f"{verdict.reason}; stowd does not send it again ({refusal_advice(verdict.code)})"
+            f"{verdict.reason}; stowd does not send it again: {refusal_advice(verdict.code)}"
         )
         return self._failure(job, reason, verdict=verdict, answer=answer)
 
@@ -777,7 +787,7 @@ class Worker:
         """The file's error document; ``drops``: the connections the archive dropped when
         it was sent alone (counted on, while it waits, by ``_drops``).  The refusals counted
         for ``retry.max_refusals`` are carried on whatever else happens to the file, and one
-        more when ``verdict`` is such a refusal."""
+        more when ``verdict`` is such a refusal of a request alone on the wire."""
         now = self.clock()
         sent = answer is not None
         code = verdict.code if verdict and verdict.outcome is not Outcome.SENT else None
@@ -799,7 +809,7 @@ class Worker:
         }
         if drops is not None:
             doc[DROPS] = drops
-        refusals = _refusals(job) + (1 if _counted(verdict) else 0)
+        refusals = _refusals(job) + (1 if self._alone and _doubtful(verdict) else 0)
         if refusals:
             doc[REFUSALS] = refusals
         return doc
@@ -834,8 +844,8 @@ def _refusals(job: Job) -> int:
     return count if isinstance(count, int) else 0
 
 
-def _counted(verdict: Verdict | None) -> bool:
-    """A refusal counted for ``retry.max_refusals``."""
+def _doubtful(verdict: Verdict | None) -> bool:
+    """A refusal that may or may not pass later (``stow.is_counted``)."""
     if verdict is None or verdict.code is None or verdict.outcome is not Outcome.RETRY:
         return False
     return is_counted(verdict.code)
