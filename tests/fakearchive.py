@@ -5,7 +5,7 @@ None of them can run here, so each profile answers STOW-RS as that archive's own
 documentation says it does; every answer cites where it comes from, and what is not documented
 says so.  The sources:
 
-* dcm4chee-arc: dcm4chee-arc-light (github.com/dcm4che/dcm4chee-arc-light, master of 2026),
+* dcm4chee-arc: dcm4chee-arc-light (github.com/dcm4che/dcm4chee-arc-light at 674a86420),
   ``dcm4chee-arc-stow/.../stow/StowRS.java`` (the answer), ``dcm4chee-arc-store/.../store/
   impl/StoreServiceEJB.java`` and ``StoreService.java`` (duplicates and failure codes),
   ``dcm4chee-arc-conf/.../ArchiveDeviceExtension.java`` (defaults).
@@ -16,18 +16,20 @@ says so.  The sources:
   issues/20 (an identical re-upload succeeds; same UIDs with other content is 409),
   github.com/dcmjs-org/dcmjs/issues/249 (the 409's body: FailureReason 272 and a private
   FailureDetail of creator "GOOGLE"), github.com/GoogleCloudPlatform/nodejs-docs-samples/
-  issues/3502 (the detail text "... the DICOM files differ (checksum mismatch)").
+  issues/3502 (the detail text "... the DICOM files differ (checksum mismatch)"), and
+  docs.cloud.google.com/healthcare-api/docs/how-tos/dicom-update-patch ("Unlike
+  storeInstances, updating a full instance cannot be done with JSON metadata": the store
+  takes the metadata + bulkdata form).
 * AWS: "Storing instances with STOW-RS" (docs.aws.amazon.com/healthimaging/latest/devguide/
   dicomweb-storing.html: 1 GB of DICOM data per request, a JSON answer conformant to STOW-RS,
   conflicting data added to a non-primary image set) and "HealthImaging Warning Codes"
   (.../reference-warning-codes.html).
 
 What the tests make it do: a file whose PatientID is ``REFUSE`` is refused the way the profile
-refuses, ``UNPARSABLE`` as the archive answers a part it cannot parse, and one whose
-PatientID is ``WARN`` is stored with the profile's warning; ``lose(n, how)``
-makes the next n requests store everything and then lose the answer (``"drop"``: the
-connection closes without a word; ``"500"``: HTTP 500).  ``seed`` stores other content under a
-SOPInstanceUID first.  The fake keeps every request's SOPInstanceUIDs and lists what it finds
+refuses, ``UNPARSABLE`` as the archive answers a part it cannot parse, and one whose PatientID
+is ``WARN`` is stored with the profile's warning; ``lose(n, how)`` makes the next n requests
+store everything and then lose the answer (``"drop"``: the connection closes without a word;
+``"500"``: HTTP 500).  The fake keeps every request's SOPInstanceUIDs and lists what it finds
 wrong with a request in ``faults`` (two parts with one SOPInstanceUID; a metadata + bulkdata
 request that breaks PS3.18), so a test fails on a defect of stowd's request.
 """
@@ -100,8 +102,8 @@ class Profile:
     warning: int | None = None  # the WarningReason a WARN file is stored with (None: no warning)
     max_bytes: int | None = None  # the largest request it takes
     accept_only_json = False  # answers 406 to an Accept other than application/dicom+json
-    # takes the metadata + bulkdata form (dcm4chee: StowRS's @Consumes; Azure: only
-    # type="application/dicom"; Google and AWS document only Part-10 uploads)
+    # takes the metadata + bulkdata form (dcm4chee: StowRS's @Consumes; Google: its how-to;
+    # Azure: only type="application/dicom"; AWS documents DICOM P10 uploads only)
     metadata_form = False
 
     def refuse(self, instance: Instance) -> Outcome:
@@ -236,6 +238,7 @@ class Google(Profile):
     # No STOW-RS warning is documented (its conformance statement lists none): WARN files are
     # stored without one.
     warning = None
+    metadata_form = True  # dicom-update-patch how-to (module docstring); checked as PS3.18
 
     def refuse(self, instance: Instance) -> Outcome:
         # Not documented per code beyond the conflict below; the same 409/272 answer is what
@@ -321,10 +324,6 @@ class FakeArchive(LocalServer):
     def lose(self, count: int, how: str) -> None:
         with self.lock:
             self._lose = [how] * count
-
-    def seed(self, sop_uid: str, content: bytes) -> None:
-        with self.lock:
-            self.stored[sop_uid] = hashlib.sha256(content).hexdigest()
 
     def times_sent(self, sop_uid: str) -> int:
         with self.lock:
