@@ -97,9 +97,11 @@ REFUSAL = {"dcm4chee": "A778", "azure": "A900", "google": "0110", "aws": "C000"}
 def test_a_batch_is_judged_file_by_file(tmp_path: Path, fake: FakeArchive) -> None:
     """Two plain files, one the archive stores with its warning (if it has one) and one it
     refuses, in one drop: the stored ones (the warned one too) go to sent/, the refused one
-    to failed/ with the archive's failure reason; the warning is logged, never a failure."""
+    to failed/ with the archive's failure reason; the warning is logged and counted by
+    ``stowd status``, never a failure."""
     name = fake.profile.name
-    # Google's refusal (0x0110) may be transient: retried until retry.max_age on main
+    # Google's refusal (0x0110) may be transient: retried (at most retry.max_refusals times
+    # alone on the wire; a short max_age bounds it as well)
     retry = {"initial": "200ms", "maximum": "500ms", "hold_probe": "500ms", "max_age": "3s"}
     layout = layout_for(tmp_path / "run", fake, retry=retry)
     study = "1.2.826.0.1.3680043.8.498.15"
