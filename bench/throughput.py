@@ -16,6 +16,13 @@ and 4 concurrent streams:
                    every file is in sent/ (``workers: STREAMS``)
   stowd migrate    ``stowd migrate --keep`` on the tree, start to exit (``workers: STREAMS``)
 
+With ``--verify`` each stowd sender runs a second time with verification on (``verify: true``,
+``stowd migrate --verify``: one QIDO-RS query per study and batch before files count as
+stored), as ``stowd run +verify`` / ``stowd migrate +verify``, and the cost is printed::
+
+    .venv/bin/python bench/throughput.py --verify --senders "stowd run,stowd migrate" \
+        --discard-files 0 --big 0 --backlog 0
+
 Every sender runs in its own child process; its peak RSS is that process's VmHWM (reported
 by the Python senders themselves at the end, sampled every 10 ms for curl and stowd).  After
 each, Orthanc's instance count must equal N (else the row is marked WRONG).  Then, against a
@@ -64,6 +71,7 @@ from senders import write_body
 from stowd.config import parse_size
 
 SENDERS = ("curl", "httpx", "dicomweb-client", "stowd run", "stowd migrate")
+VERIFIED = " +verify"  # the suffix of a stowd sender run with verify on (--verify)
 BASELINE = "httpx"
 BEGIN, END = "<!-- throughput:begin -->", "<!-- throughput:end -->"
 MB = 1e6
@@ -193,19 +201,30 @@ def measure_python(name: str) -> Measure:
     return measure
 
 
-def stowd_config(work: Path, url: str, workers: int, per_request: int) -> Path:
+def stowd_config(
+    work: Path, url: str, workers: int, per_request: int, *, verify: bool = False
+) -> Path:
     dest = {"url": url, "workers": workers, "batch": {"max_files": per_request}}
+    if verify:
+        dest["verify"] = True
     config = write_config(work, dest)
     (work / "drop").mkdir(exist_ok=True)
     return config
 
 
 def stowd_run(
-    work: Path, url: str, workers: int, stage: Path, *, files: int, per_request: int
+    work: Path,
+    url: str,
+    workers: int,
+    stage: Path,
+    *,
+    files: int,
+    per_request: int,
+    verify: bool = False,
 ) -> Sent:
     """Start ``stowd run``, move hard-linked copies of the study folders into its drop folder
     at once, and time until all are in sent/ (or failed/)."""
-    config = stowd_config(work, url, workers, per_request)
+    config = stowd_config(work, url, workers, per_request, verify=verify)
     incoming = work / "incoming"
     for study in sorted(stage.iterdir()):
         shutil.copytree(study, incoming / study.name, copy_function=os.link)
@@ -241,16 +260,25 @@ def wait_started(database: Path, proc: subprocess.Popen[bytes]) -> None:
     time.sleep(0.5)
 
 
-def measure_stowd_run(setup: Setup, work: Path, url: str, streams: int) -> Sent:
+def measure_stowd_run(
+    setup: Setup, work: Path, url: str, streams: int, verify: bool = False
+) -> Sent:
     return stowd_run(
-        work, url, streams, setup.stage, files=setup.files, per_request=setup.per_request
+        work,
+        url,
+        streams,
+        setup.stage,
+        files=setup.files,
+        per_request=setup.per_request,
+        verify=verify,
     )
 
 
-def measure_migrate(setup: Setup, work: Path, url: str, streams: int) -> Sent:
+def measure_migrate(setup: Setup, work: Path, url: str, streams: int, verify: bool = False) -> Sent:
     config = stowd_config(work, url, streams, setup.per_request)
     command = [sys.executable, "-m", "stowd", "migrate", "-c", str(config)]
     command += ["--destination", "pacs", "--keep", str(setup.stage)]
+    command += ["--verify"] if verify else []
     with open(work / "migrate.out", "wb") as out, open(work / "migrate.log", "wb") as log:
         started = time.monotonic()
         proc = subprocess.Popen(command, stdout=out, stderr=log, env=stowd_env(), cwd=work)
@@ -266,6 +294,12 @@ MEASURES: dict[str, Measure] = {
     "dicomweb-client": measure_python("dicomweb-client"),
     "stowd run": measure_stowd_run,
     "stowd migrate": measure_migrate,
+    "stowd run" + VERIFIED: lambda setup, work, url, streams: measure_stowd_run(
+        setup, work, url, streams, verify=True
+    ),
+    "stowd migrate" + VERIFIED: lambda setup, work, url, streams: measure_migrate(
+        setup, work, url, streams, verify=True
+    ),
 }
 
 
@@ -619,6 +653,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--label", default="", help="a line put first in results.md (e.g. 'development run')"
     )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="run each stowd sender also with verify on (QIDO-RS after each batch)",
+    )
     parser.add_argument("--tmp", help="folder for the generated files (default: system temp)")
     parser.add_argument("--out", type=Path, help="write results.json, throughput.png, results.md")
     parser.add_argument(
@@ -670,6 +709,8 @@ def orthanc_rows(args: argparse.Namespace, tmp: Path, size: int, info: dict[str,
     batches = batches_of(stage, args.per_request)
     (tmp / "batches.json").write_text(json.dumps(batches))
     senders = [s for s in SENDERS if s in args.senders.split(",")]
+    if args.verify:
+        senders += [s + VERIFIED for s in senders if s.startswith("stowd")]
     bodies: list[tuple[Path, str]] = []
     if "curl" in senders:
         (tmp / "bodies").mkdir()
@@ -707,7 +748,25 @@ def orthanc_rows(args: argparse.Namespace, tmp: Path, size: int, info: dict[str,
     for row in rows:
         base = next((r for r in rows if r.sender == BASELINE and r.streams == row.streams), None)
         row.ratio = row.files_s / base.files_s if base is not None else None
+    for line in verify_costs(rows):
+        print(line, flush=True)
     return rows
+
+
+def verify_costs(rows: list[Row]) -> list[str]:
+    """What verify costs: each stowd sender's files/s with and without it, same streams."""
+    by = {(r.sender, r.streams): r for r in rows}
+    lines = []
+    for (sender, streams), row in sorted(by.items()):
+        plain = by.get((sender.removesuffix(VERIFIED), streams))
+        if not sender.endswith(VERIFIED) or plain is None:
+            continue
+        change = (row.files_s / plain.files_s - 1) * 100
+        lines.append(
+            f"  verify: {plain.sender}, streams {streams}: {plain.files_s:.1f} files/s without, "
+            f"{row.files_s:.1f} files/s with ({change:+.1f}%)"
+        )
+    return lines
 
 
 def discard_rows(

@@ -8,6 +8,8 @@ needs them.
     auth: {type: bearer, token: {env: PACS_TOKEN}}
     auth: {type: oauth2, token_url: https://sso/token, client_id: stowd,
            client_secret: {credential: sso-secret}, scope: "archive"}
+    auth: {type: google, key: {file: /etc/stowd/google-key.json}}      # stowd[google]
+    auth: {type: aws, region: eu-west-1}     # stowd[aws]; or access_key_id + secret_access_key
     tls: {ca_file: /etc/stowd/ca.pem, client_cert: ..., client_key: ..., min_version: "1.2"}
     headers: {X-Site: ward3}
     proxy: http://proxy.hospital:3128
@@ -16,6 +18,7 @@ needs them.
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,30 +29,40 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from stowd.secrets import Secret, parse
 from stowd.yamlwalk import Context, Section, as_bool, as_path, as_text, as_url, describe
 
-AUTH_TYPES = ("basic", "bearer", "oauth2")
+AUTH_TYPES = ("basic", "bearer", "oauth2", "google", "aws")
+GOOGLE_SCOPE = "https://www.googleapis.com/auth/cloud-healthcare"  # the Healthcare API's own
+# auth types that need an optional extra: (a module it brings, the extra's name)
+EXTRAS = {"google": ("google.oauth2.service_account", "google"), "aws": ("botocore.auth", "aws")}
 TLS_VERSIONS = ("1.2", "1.3")
 ACCESS_KEYS = ("auth", "tls", "headers", "proxy", "trust_env")
 _AUTH_KEYS = {
     "basic": ("type", "username", "password"),
     "bearer": ("type", "token"),
     "oauth2": ("type", "token_url", "client_id", "client_secret", "scope"),
+    "google": ("type", "key", "scope"),
+    "aws": ("type", "region", "access_key_id", "secret_access_key", "session_token"),
 }
 _TLS_KEYS = ("ca_file", "client_cert", "client_key", "min_version")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110 token)
 _VALUE = re.compile(r"[\x20-\x7e\t]*")  # what an HTTP header value may hold here
 _RESERVED = {"content-type", "content-length", "transfer-encoding", "host", "accept"}
+_REGION = re.compile(r"[a-z]{2}(-[a-z0-9]+){1,3}")  # us-east-1, eu-central-2, us-gov-west-1
 
 
 @dataclass(frozen=True)
 class Auth:
-    """A login: ``basic`` (username, secret), ``bearer`` (secret) or ``oauth2``."""
+    """A login: ``basic`` (username, secret), ``bearer`` (secret), ``oauth2``, ``google``
+    (secret: the service account's key) or ``aws`` (region; secret: the secret access key,
+    None for the standard credential chain)."""
 
     type: str
     username: str = ""
-    secret: Secret | None = None  # password, token or client secret
+    secret: Secret | None = None  # password, token, client secret, key or secret access key
     token_url: str = ""
-    client_id: str = ""
+    client_id: str = ""  # oauth2: the client id; aws: the access key id
     scope: str = ""
+    region: str = ""
+    session_token: Secret | None = None  # aws: a temporary credential's session token
 
 
 @dataclass(frozen=True)
@@ -74,7 +87,9 @@ class Access:
 
     @property
     def secrets(self) -> tuple[Secret, ...]:
-        return () if self.auth is None or self.auth.secret is None else (self.auth.secret,)
+        if self.auth is None:
+            return ()
+        return tuple(s for s in (self.auth.secret, self.auth.session_token) if s is not None)
 
 
 def read_access(sec: Section) -> Access:
@@ -108,7 +123,13 @@ def _read_auth(sec: Section) -> Auth | None:
             "type", _as_choice(AUTH_TYPES)
         )
         return None
-    auth = Section(sec.ctx, key, node, _AUTH_KEYS[wanted], _hints(wanted))
+    return _read_typed(Section(sec.ctx, key, node, _AUTH_KEYS[wanted], _hints(wanted)), wanted)
+
+
+def _read_typed(auth: Section, wanted: str) -> Auth | None:
+    if wanted in EXTRAS:  # every problem of the section, and the missing library too
+        found = _read_google(auth) if wanted == "google" else _read_aws(auth)
+        return found if _extra_installed(auth, wanted) else None
     if wanted == "basic":
         username, secret = auth.need("username", as_text), auth.need("password", _secret(auth))
         return None if username is None or secret is None else Auth("basic", username, secret)
@@ -126,6 +147,71 @@ def _read_oauth2(auth: Section) -> Auth | None:
     if url is None or client is None or secret is None:
         return None
     return Auth("oauth2", secret=secret, token_url=url, client_id=client, scope=scope)
+
+
+def _extra_installed(auth: Section, kind: str) -> bool:
+    """Whether the library of auth type ``kind`` can be imported (a problem if not)."""
+    if kind not in EXTRAS:
+        return True
+    module, extra = EXTRAS[kind]
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        auth.add(
+            "type",
+            f"auth type {kind} needs the optional extra stowd[{extra}], which is not "
+            f"installed: pip install 'stowd[{extra}]' (into the environment stowd runs from)",
+        )
+        return False
+    return True
+
+
+def _read_google(auth: Section) -> Auth | None:
+    key = auth.need("key", _key_reference(auth))
+    scope = auth.get("scope", GOOGLE_SCOPE, as_text)
+    return None if key is None else Auth("google", secret=key, scope=scope)
+
+
+def _key_reference(sec: Section) -> Callable[[object], Secret]:
+    """A key file as a secret reference, never the key itself in the config."""
+    convert = _secret(sec)
+
+    def reference(value: object) -> Secret:
+        if isinstance(value, str):
+            raise ValueError(
+                "expected where the service account's JSON key is: {file: /path/key.json}, "
+                "{credential: NAME} or {env: VARIABLE}, not text"
+            )
+        return convert(value)
+
+    return reference
+
+
+def _read_aws(auth: Section) -> Auth | None:
+    region = auth.need("region", _as_region)
+    key_id = auth.get("access_key_id", "", as_text)
+    secret = auth.get("secret_access_key", None, _secret(auth))
+    token = auth.get("session_token", None, _secret(auth))
+    if bool(key_id) != (secret is not None):
+        auth.add(
+            "access_key_id" if not key_id else "secret_access_key",
+            "set both access_key_id and secret_access_key, or neither (then the standard "
+            "AWS credential chain is used: environment, ~/.aws of the user stowd, role)",
+        )
+        return None
+    if token is not None and secret is None:
+        auth.add("session_token", "session_token needs access_key_id and secret_access_key")
+        return None
+    if region is None:
+        return None
+    return Auth("aws", secret=secret, client_id=key_id, region=region, session_token=token)
+
+
+def _as_region(value: object) -> str:
+    text = str(value)
+    if not _REGION.fullmatch(text):
+        raise ValueError(f"expected an AWS region such as us-east-1, got {describe(value)}")
+    return text
 
 
 def _secret(sec: Section) -> Callable[[object], Secret]:

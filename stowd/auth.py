@@ -1,4 +1,6 @@
-"""Logins as ``httpx.Auth``: basic, bearer and OAuth2 client credentials.
+"""Logins as ``httpx.Auth``: basic, bearer and OAuth2 client credentials; Google service
+accounts (``googleauth.py``) and AWS SigV4 (``awsauth.py``) are imported only when configured,
+since their libraries are optional extras.
 
 Every request reads its secret again (``Secret.value()``), so a fixed secret file is used
 without a restart; ``SecretUnavailable`` goes up to ``stow.py``, which holds the destination.
@@ -44,7 +46,7 @@ REFRESH_MARGIN = 60.0  # ... or this many seconds before it ends, whichever is e
 MAX_DESCRIPTION = 200
 _ERROR_CODE = re.compile(r"[\x20\x21\x23-\x5B\x5D-\x7E]{1,64}")  # RFC 6749 5.2 "error"
 _BUSY = {408, 429}
-_HEADER_TOKEN = re.compile(r"[\x21-\x7E]+")  # visible ASCII: safe in an Authorization header
+HEADER_TOKEN = re.compile(r"[\x21-\x7E]+")  # visible ASCII: safe in an Authorization header
 
 
 class TokenError(StowdError):
@@ -66,12 +68,20 @@ class TokenUnreachable(TokenError):
 
 def make_auth(auth: Auth | None) -> httpx.Auth | None:
     """The ``httpx.Auth`` of a destination's ``auth`` setting (None: no login)."""
+    if auth is not None and auth.type == "aws":  # its secret is None with the AWS chain
+        from stowd.awsauth import AwsSigV4  # noqa: PLC0415 (an optional extra)
+
+        return AwsSigV4(auth)
     if auth is None or auth.secret is None:
         return None
     if auth.type == "basic":
         return BasicLogin(auth.username, auth.secret)
     if auth.type == "bearer":
         return BearerToken(auth.secret)
+    if auth.type == "google":
+        from stowd.googleauth import GoogleServiceAccount  # noqa: PLC0415 (an optional extra)
+
+        return GoogleServiceAccount(auth)
     return OAuth2(auth)
 
 
@@ -95,7 +105,7 @@ class BearerToken(httpx.Auth):
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         value = self.token.value()
-        if not _HEADER_TOKEN.fullmatch(value):
+        if not HEADER_TOKEN.fullmatch(value):
             raise SecretUnavailable(
                 f"the token ({self.token.where}) holds spaces, line breaks or characters "
                 "other than ASCII, which an HTTP header cannot carry"
@@ -108,7 +118,7 @@ RETRY_EARLY = 10.0  # a failed early refresh is tried again after this (the toke
 
 
 @dataclass(frozen=True)
-class _Token:
+class Token:
     value: str
     refresh_at: float | None  # monotonic; None: until refused
     expires_at: float | None = None  # monotonic: after this it is no use
@@ -131,7 +141,7 @@ class OAuth2(httpx.Auth):
         self.clock = clock
         self.fetches = 0  # tokens fetched (for tests and check-config)
         self._lock = threading.Lock()
-        self._token: _Token | None = None
+        self._token: Token | None = None
         self._client: httpx.Client | None = None
 
     def bind(self, client: httpx.Client) -> None:
@@ -150,7 +160,7 @@ class OAuth2(httpx.Auth):
                 cached = self._token = self._renew(cached)
             return cached.value
 
-    def _renew(self, cached: _Token | None) -> _Token:
+    def _renew(self, cached: Token | None) -> Token:
         """A new token; when the early refresh fails, the old one while it is still valid."""
         try:
             return self._fetch()
@@ -164,7 +174,7 @@ class OAuth2(httpx.Auth):
                 cached.expires_at - now,
             )
             retry = now + min(RETRY_EARLY, cached.expires_at - now)
-            return _Token(cached.value, retry, cached.expires_at)
+            return Token(cached.value, retry, cached.expires_at)
 
     def invalidate(self, authorization: str | None) -> None:
         """The archive refused the token sent as ``authorization``: fetch a new one next time.
@@ -175,7 +185,7 @@ class OAuth2(httpx.Auth):
                 self._token = None
 
     # -- the token request -----------------------------------------------------------------
-    def _fetch(self) -> _Token:
+    def _fetch(self) -> Token:
         secret = self.secret.value()
         started = self.clock()
         response, content = self._post(secret)
@@ -186,7 +196,7 @@ class OAuth2(httpx.Auth):
             doc = None
         if response.status_code != 200:
             secrets = (secret, quote_plus(secret), self._basic(secret))
-            raise _refusal(response, doc, self._where, secrets)
+            raise refusal(response, doc, self._where, secrets)
         token = _token_of(doc, started, self._where)
         life = "" if token.refresh_at is None else f", used for {token.refresh_at - started:.0f}s"
         log.debug("fetched an access token from %s%s", self._where, life)
@@ -206,13 +216,24 @@ class OAuth2(httpx.Auth):
         request = self._client.build_request(
             "POST", self.config.token_url, data=form, headers=headers, timeout=TOKEN_TIMEOUT
         )
+        return self.exchange(request)
+
+    def exchange(self, request: httpx.Request) -> tuple[httpx.Response, bytes]:
+        """Send ``request`` to the token endpoint through ``bind``'s client (without this
+        login); its answer, read within the deadline and size cap of token answers."""
+        if self._client is None:
+            raise RuntimeError("OAuth2.bind() was not called")
         started = time.monotonic()
+        seconds = answers.answer_seconds(TOKEN_TIMEOUT)
         try:
-            response = self._client.send(request, auth=None, stream=True)
-            return response, self._read(response, started)
+            with answers.within(seconds, lambda: started, f"the token endpoint {self._where}"):
+                response = self._client.send(request, auth=None, stream=True)
+                return response, self._read(response, started)
         except httpx.TransportError as exc:
             text = f"the token endpoint {self._where} cannot be reached: {_plain(exc)}"
             raise TokenUnreachable(text) from exc
+        except AnswerTooSlow as exc:  # its header was still arriving at the deadline
+            raise TokenUnreachable(str(exc)) from exc
 
     def _read(self, response: httpx.Response, started: float) -> bytes:
         """The endpoint's answer, at most ``TOKEN_ANSWER_LIMIT`` and within twice
@@ -241,7 +262,7 @@ class OAuth2(httpx.Auth):
         return redact_url(self.config.token_url)
 
 
-def _due(token: _Token, now: float) -> bool:
+def _due(token: Token, now: float) -> bool:
     return token.refresh_at is not None and now >= token.refresh_at
 
 
@@ -250,10 +271,10 @@ def basic_header(username: str, password: str) -> str:
     return "Basic " + base64.b64encode(pair).decode("ascii")
 
 
-def _token_of(doc: object, started: float, where: str) -> _Token:
+def _token_of(doc: object, started: float, where: str) -> Token:
     if not isinstance(doc, dict) or not isinstance(doc.get("access_token"), str):
         raise TokenRefused(f"the token endpoint {where} answered without an access_token")
-    if not _HEADER_TOKEN.fullmatch(doc["access_token"]):
+    if not HEADER_TOKEN.fullmatch(doc["access_token"]):
         raise TokenRefused(
             f"the token endpoint {where} issued an access_token with characters an HTTP "
             "header cannot carry"
@@ -264,12 +285,16 @@ def _token_of(doc: object, started: float, where: str) -> _Token:
             f"the token endpoint {where} issued a token of type {kind[:30]!r}; "
             "stowd can send bearer tokens only"
         )
-    life = _seconds(doc.get("expires_in"))
+    return lived_token(doc["access_token"], _seconds(doc.get("expires_in")), started)
+
+
+def lived_token(value: str, life: float | None, started: float) -> Token:
+    """A token valid for ``life`` seconds from ``started`` (None: until refused)."""
     if life is None:
-        return _Token(doc["access_token"], None)
+        return Token(value, None)
     # refresh at 80% of the life or a minute before the end; a short-lived token at half life
     refresh = max(life / 2, min(life * REFRESH_SHARE, life - REFRESH_MARGIN))
-    return _Token(doc["access_token"], started + refresh, started + life)
+    return Token(value, started + refresh, started + life)
 
 
 def _seconds(value: object) -> float | None:
@@ -280,9 +305,20 @@ def _seconds(value: object) -> float | None:
     return None
 
 
-def _refusal(
-    response: httpx.Response, doc: object, where: str, secrets: tuple[str, ...]
+CLIENT_HINT = "check auth.client_id and auth.client_secret"
+URL_HINT = "check auth.token_url"
+
+
+def refusal(
+    response: httpx.Response,
+    doc: object,
+    where: str,
+    secrets: tuple[str, ...],
+    *,
+    client_hint: str = CLIENT_HINT,
+    url_hint: str = URL_HINT,
 ) -> TokenError:
+    """The ``TokenError`` of a token endpoint's answer other than 200."""
     status = response.status_code
     if status >= 500 or status in _BUSY:
         error: TokenError = TokenUnreachable(
@@ -291,12 +327,12 @@ def _refusal(
         error.retry_after = response.headers.get("Retry-After")
         return error
     if 300 <= status < 400:
-        text = f"the token endpoint {where} redirects (HTTP {status}): check auth.token_url"
+        text = f"the token endpoint {where} redirects (HTTP {status}): {url_hint}"
     elif status in (400, 401):
         text = f"the token endpoint {where} refused our client (HTTP {status}"
-        text += _oauth_error(doc, secrets) + "): check auth.client_id and auth.client_secret"
+        text += _oauth_error(doc, secrets) + f"): {client_hint}"
     else:
-        text = f"the token endpoint {where} answered HTTP {status}: check auth.token_url"
+        text = f"the token endpoint {where} answered HTTP {status}: {url_hint}"
     return TokenRefused(text, status=status)
 
 

@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 import pydicom
 
-from stowd import deflated, dropped
+from stowd import deflated, dropped, elements
 from stowd.errors import FileIncomplete, FileProblem, FileUnreadable, FileVanished
 from stowd.media import Media, detect
 
@@ -128,7 +128,8 @@ def _read_header(fp: BinaryIO, size: int) -> pydicom.Dataset:
     """The header, read up to the pixel data; ``fp`` is left where the header ends.
 
     Parsed from an in-memory copy of the first ``HEAD_BYTES`` when the header ends there (or
-    the whole file is in them), else from the file.  A deflated data set is inflated by
+    the whole file is in them), else from the file, once its elements are counted (a header
+    of too many is a ``FileProblem``: ``stowd.elements``).  A deflated data set is inflated by
     ``stowd.deflated`` within its limits.  pydicom asks its file for the position
     at every element; on a real file each answer is a system call that releases the GIL, and
     while other threads are busy each one waits to get it back: a header read took ~5 ms
@@ -150,8 +151,10 @@ def _read_header(fp: BinaryIO, size: int) -> pydicom.Dataset:
     if ds is not None and (len(head) == size or end + 12 <= len(head)):
         fp.seek(end)
         return ds
+    found = deflated.count_header(fp, head)  # more than HEAD_BYTES: bounded first
     fp.seek(0)
-    return pydicom.dcmread(fp, stop_before_pixels=True, force=True, defer_size=DEFER)
+    with elements.parsing(found):
+        return pydicom.dcmread(fp, stop_before_pixels=True, force=True, defer_size=DEFER)
 
 
 @contextmanager

@@ -79,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
         "go to SRC.sent/ and failed ones to SRC.failed/ beside SRC",
     )
     mig.add_argument(
+        "--verify",
+        action="store_true",
+        help="a stored file counts as stored only once the archive lists it (QIDO-RS), as "
+        "the destination's verify: true; a file it does not list is sent again",
+    )
+    mig.add_argument(
         "--report",
         metavar="FILE",
         help="list every file not stored or not moved (any run) in FILE.csv/.json",
@@ -243,7 +249,9 @@ def _migrate(config: Config, args: argparse.Namespace) -> int:
     tty = sys.stderr.isatty()
     if tty:
         logs.over_progress_bar()
-    opts = migrate.Options(folders, args.destination, args.keep, args.progress_every, tty)
+    opts = migrate.Options(
+        folders, args.destination, args.keep, args.progress_every, tty, verify=args.verify
+    )
     job = migrate.Migration(config, opts)
     job.install_signals()
     try:

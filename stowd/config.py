@@ -65,6 +65,7 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 300.0
 DEFAULT_WRITE_TIMEOUT = 300.0
 DEFAULT_POOL_TIMEOUT = 30.0
+DEFAULT_VERIFY = False  # True: a stored file moves to sent/ once the archive's QIDO-RS lists it
 DEFAULT_RETRY_INITIAL = 10.0
 DEFAULT_RETRY_MAX = 3600.0
 DEFAULT_RETRY_MULTIPLIER = 2.0
@@ -98,6 +99,12 @@ class BatchLimits:
     max_bytes: int = DEFAULT_BATCH_BYTES
 
 
+TRANSCODE_NONE = "none"
+TRANSCODE_EXPLICIT = "explicit-vr"
+TRANSCODE_POLICIES = (TRANSCODE_NONE, TRANSCODE_EXPLICIT)
+DEFAULT_TRANSCODE = TRANSCODE_NONE
+
+
 @dataclass(frozen=True)
 class Destination:
     """A DICOMweb archive; STOW goes to ``{url}/studies``."""
@@ -111,6 +118,10 @@ class Destination:
     bulkdata: str = "encapsulate"  # or "metadata": PS3.18 metadata + bulkdata requests
     access: Access = field(default_factory=Access)  # login, TLS, headers, proxy
     duplicates: str = DEFAULT_DUPLICATES  # "fail": an instance already stored goes to failed/
+    # "explicit-vr": Implicit VR Little Endian files are sent converted to Explicit VR
+    # Little Endian (stowd/rewrite.py); "none": every file is sent in its own syntax
+    transcode: str = DEFAULT_TRANSCODE
+    verify: bool = DEFAULT_VERIFY  # ask the archive (QIDO-RS) for what it said it stored
 
     @property
     def stow_url(self) -> str:
@@ -292,6 +303,8 @@ _DESTINATION_KEYS = (
     "timeouts",
     "bulkdata",
     "duplicates",
+    "transcode",
+    "verify",
     *ACCESS_KEYS,
 )
 _BULK_KEYS = ("types", "study_key", "images", "unknown")
@@ -500,6 +513,8 @@ def _read_destination(sec: Section, name: str) -> Destination | None:
         bulkdata=sec.get("bulkdata", "encapsulate", as_choice(BULK_MODES)),
         access=read_access(sec),
         duplicates=sec.get("duplicates", DEFAULT_DUPLICATES, as_choice(DUPLICATE_ACTIONS)),
+        transcode=sec.get("transcode", DEFAULT_TRANSCODE, as_choice(TRANSCODE_POLICIES)),
+        verify=sec.get("verify", DEFAULT_VERIFY, as_bool),
     )
     return None if url is None else destination
 

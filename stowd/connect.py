@@ -30,6 +30,7 @@ import httpx
 from stowd import answers, stow
 from stowd.auth import OAuth2, TokenError
 from stowd.config import Destination
+from stowd.errors import AnswerTooSlow
 from stowd.printable import escape_lines
 from stowd.secrets import SecretUnavailable
 from stowd.yamlwalk import redact_url
@@ -189,6 +190,11 @@ def _login_words(destination: Destination) -> str:
         return f"basic as {auth.username} (password from {where})"
     if auth.type == "bearer":
         return f"bearer token (from {where})"
+    if auth.type == "google":
+        return f"google service account (key from {where})"
+    if auth.type == "aws":
+        keys = f"access key {auth.client_id}" if auth.client_id else "the AWS credential chain"
+        return f"aws SigV4 in {auth.region} ({keys})"
     return f"oauth2 client {auth.client_id} at {redact_url(auth.token_url)} (secret from {where})"
 
 
@@ -215,9 +221,12 @@ def _request(
             return
         url = destination.url.rstrip("/") + "/studies"
         try:
-            answer = _query(client, url, httpx.Timeout(_step_timeout(destination)))
+            answer = _query(client, url, _step_timeout(destination))
         except httpx.TransportError as exc:
             _transport_failure(report, destination, exc)
+            return
+        except AnswerTooSlow as exc:  # a header or error page trickled past its deadline
+            report.add("query", FAIL, str(exc))
             return
         except (SecretUnavailable, TokenError) as exc:  # read again for the request itself
             report.add("login", FAIL, f"{_login_words(destination)}: {exc}")
@@ -250,9 +259,16 @@ def _fetch_token(report: Report, destination: Destination, auth: OAuth2) -> bool
     return True
 
 
-def _query(client: httpx.Client, url: str, timeout: httpx.Timeout) -> _Answer:
+def _query(client: httpx.Client, url: str, step: float) -> _Answer:
+    """The archive's answer to a QIDO-RS query, waited for ``step`` seconds at a time; its
+    header and error page must have come within twice that (else ``AnswerTooSlow``)."""
     headers = {"Accept": QIDO_ACCEPT}
-    with client.stream("GET", url, params={"limit": "1"}, headers=headers, timeout=timeout) as r:
+    started = time.monotonic()
+    timeout = httpx.Timeout(step)
+    with (
+        answers.within(answers.answer_seconds(step), lambda: started, "the archive"),
+        client.stream("GET", url, params={"limit": "1"}, headers=headers, timeout=timeout) as r,
+    ):
         answer = _Answer(
             r.status_code,
             r.headers.get("Content-Type", ""),

@@ -20,10 +20,13 @@ from typing import BinaryIO
 import pydicom
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.filereader import read_dataset
+from pydicom.values import converters
 
+from stowd import elements
 from stowd.errors import FileProblem
 
 DEFLATED = "1.2.840.10008.1.2.1.99"
+IMPLICIT_LE, EXPLICIT_BE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"
 MIB = 1024 * 1024
 HEADER_LIMIT = 64 * MIB  # inflated header bytes held in memory to parse it
 INFLATED_LIMIT = 1024 * MIB  # the largest inflated data set sent (counted, never held)
@@ -37,9 +40,16 @@ _LONG_VRS = frozenset(
 
 def data_set_start(fp: BinaryIO, head: bytes) -> int | None:
     """Where the deflated data set starts in ``fp`` (whose first bytes are ``head``); None
-    when its File Meta Information does not name the Deflated transfer syntax.  The meta
-    is walked element by element (from ``head`` while it lasts), never parsed by pydicom,
-    which would inflate the whole data set."""
+    when its File Meta Information does not name the Deflated transfer syntax."""
+    start, syntax = file_meta(fp, head)
+    return start if syntax == DEFLATED else None
+
+
+def file_meta(fp: BinaryIO, head: bytes) -> tuple[int, str | None]:
+    """Where the data set of ``fp`` (whose first bytes are ``head``) starts, after its File
+    Meta Information, and the transfer syntax that names (None: none named).  The meta is
+    walked element by element (from ``head`` while it lasts), never parsed by pydicom,
+    which would inflate a deflated data set whole."""
 
     def read(at: int, n: int) -> bytes:
         if at + n <= len(head):
@@ -58,7 +68,28 @@ def data_set_start(fp: BinaryIO, head: bytes) -> int | None:
         if elem == 0x0010 and length <= 64:
             syntax = read(value_at, length).rstrip(b"\x00 ").decode("ascii", "replace")
         at = value_at + length
-    return at if syntax == DEFLATED else None
+    return at, syntax
+
+
+def count_header(fp: BinaryIO, head: bytes, *, whole: bool = False) -> int:
+    """The number of elements of the data set of ``fp`` (whose first bytes are ``head``)
+    before its pixel data (``whole``: all of them), walked by ``stowd.elements`` without
+    being kept; a deflated one inflated as a stream.  ``FileProblem`` past
+    ``elements.MAX_ELEMENTS``."""
+    start, syntax = file_meta(fp, head)
+    fp.seek(start)
+    if syntax == DEFLATED:
+        stream = _Inflating(fp)
+        return elements.count(stream.take, stream.skip, explicit=True, little=True, whole=whole)
+    explicit, little = syntax != IMPLICIT_LE, syntax != EXPLICIT_BE
+    if syntax is None:  # no meta naming it: guessed from the first element, as pydicom does
+        first = fp.read(6)
+        fp.seek(start)
+        explicit = len(first) == 6 and first[4:6].decode("latin-1") in converters
+        little = not explicit or int.from_bytes(first[:2], "little") < 1024
+    return elements.count(
+        fp.read, lambda n: fp.seek(n, 1), explicit=explicit, little=little, whole=whole
+    )
 
 
 def read_header(fp: BinaryIO, start: int) -> FileDataset:
@@ -110,6 +141,11 @@ class _Inflating:
             got += len(piece)
         return b"".join(pieces)
 
+    def skip(self, length: int) -> None:
+        """Inflate ``length`` more bytes (fewer at the end) and throw them away."""
+        while length > 0 and not self._inflater.eof:
+            length -= len(self._next(min(length, PIECE)))
+
     def count_rest(self) -> None:
         while not self._inflater.eof:
             self._next(PIECE)
@@ -143,7 +179,7 @@ def _header(stream: _Inflating) -> Dataset:
     data (or at the end of the data set); at most ``HEADER_LIMIT`` bytes are held."""
     held = stream.take(FIRST_TRY)
     while True:
-        ds, end = _parse(held, final=stream.done)
+        ds, end = _parse(held, final=stream.done, big=len(held) > FIRST_TRY)
         # At least an element header after where parsing stopped: it stopped at the pixel
         # data, not at the end of the copy (as in classify._read_header).
         if ds is not None and (stream.done or end + 12 <= len(held)):
@@ -160,12 +196,18 @@ def _header(stream: _Inflating) -> Dataset:
         del more
 
 
-def _parse(held: bytes, *, final: bool) -> tuple[Dataset | None, int]:
+def _parse(held: bytes, *, final: bool, big: bool) -> tuple[Dataset | None, int]:
     """The data set parsed from ``held`` up to the pixel data, and where parsing stopped;
-    (None, 0) when ``held`` is cut too short to parse (an error once ``final``)."""
+    (None, 0) when ``held`` is cut too short to parse (an error once ``final``).  A ``big``
+    copy's elements are counted first (``FileProblem`` when there are too many)."""
     memory = io.BytesIO(held)
+    found = 0
+    if big:
+        found = elements.count(memory.read, lambda n: memory.seek(n, 1), explicit=True, little=True)
+        memory.seek(0)
     try:
-        ds = read_dataset(memory, False, True, stop_when=_at_pixels)
+        with elements.parsing(found):
+            ds = read_dataset(memory, False, True, stop_when=_at_pixels)
     except Exception:
         if final:
             raise

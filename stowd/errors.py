@@ -15,6 +15,9 @@
     │   └── FileIncomplete     a DICOM image ends before its pixel data does: it may still
     │                          be being written, so it waits (``incomplete_wait``) for the
     │                          rest, then fails as truncated
+    ├── VerifyUnavailable      the archive cannot be asked (QIDO-RS) whether it lists what
+    │                          it said it stored (``verify: true``): the files wait, the
+    │                          destination is held; never a failure of the files
     ├── SidecarNotReady        a file's sidecar is still changing or unreadable: not queued yet
     ├── FileUnreadable         a file cannot be read right now (permissions, I/O error):
     │                          retried later, like the archive's temporary refusals
@@ -196,6 +199,11 @@ def _detail(exc: BaseException) -> str:
     if "integer string conversion" in text:
         return f"holds a number of more than {sys.get_int_max_str_digits()} digits"
     return text if len(text) <= MAX_DETAIL else text[: MAX_DETAIL - 3] + "..."
+
+
+class VerifyUnavailable(StowdError):
+    """The archive's QIDO-RS cannot tell whether it lists the instances it said it stored
+    (an error, a timeout, an answer stowd cannot read): raised by ``verify.py``."""
 
 
 class SidecarNotReady(StowdError):

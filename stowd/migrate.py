@@ -56,6 +56,7 @@ from stowd.migreport import (
 from stowd.queue import Job, NewFile, Queue
 from stowd.settle import repair
 from stowd.stow import StowClient
+from stowd.verify import Tally
 from stowd.watch import Watcher
 from stowd.worker import Worker
 
@@ -75,6 +76,7 @@ class Options:
     keep: bool = False
     progress_every: float = 10.0
     tty: bool = False
+    verify: bool = False  # --verify: as the destination's verify: true
 
 
 def source_name(folder: Path, keep: bool) -> str:
@@ -115,6 +117,8 @@ class Migration:
         # the report covers the folders' files whichever mode failed them
         self.all_names = self.names + [source_name(f, not opts.keep) for f in opts.folders]
         self.config = replace(config, sources=config.sources + self.sources)
+        self.config = _verifying(self.config, opts)
+        self.verified = Tally()  # the stored files the archive listed, or did not
         self.queue = Queue(config.queue)
         self.stop = threading.Event()
         self.scanned = threading.Event()
@@ -196,6 +200,7 @@ class Migration:
                 classify_lock=lock,
                 finder=self.finder,
                 sends=n < dest.workers,
+                verified=self.verified,
             )
             name = f"send-{n}" if worker.sends else "read-new"
             threads.append(threading.Thread(target=worker.run, name=name, daemon=True))
@@ -321,7 +326,11 @@ class Migration:
         ]
         seconds = time.time() - self.started
         interrupted = self.signals > 0 and not self.crashed
-        return Summary(tally, self.skipped, seconds, interrupted, self.crashed, failures)
+        summary = Summary(tally, self.skipped, seconds, interrupted, self.crashed, failures)
+        if self.config.destinations[self.opts.destination].verify:
+            summary.verified = self.verified.listed
+            summary.unlisted = self.verified.unlisted
+        return summary
 
     def _failed(self) -> list[dict[str, Any]]:
         """The folders' files that failed, in this run or before, and still lie where the
@@ -334,6 +343,15 @@ class Migration:
                 kind = "failed" if row.done_at >= self.started else "failed_before"
                 found.append(failed_entry(row, now_at, kind))
         return found
+
+
+def _verifying(config: Config, opts: Options) -> Config:
+    """``config`` with ``--verify`` applied to the run's destination."""
+    dest = config.destinations.get(opts.destination)
+    if not opts.verify or dest is None or dest.verify:
+        return config
+    destinations = {**config.destinations, dest.name: replace(dest, verify=True)}
+    return replace(config, destinations=destinations)
 
 
 def _in_migrate_output(rel: str) -> bool:

@@ -12,12 +12,14 @@ in SRC.failed, or in SRC with keep), ``unmoved`` (its move keeps failing) or ``u
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stowd.fileops import write_new
 from stowd.printable import escape_lines, utf8_safe
 from stowd.queue import Failed, Job
 
@@ -38,6 +40,8 @@ class Summary:
     interrupted: bool = False
     crashed: bool = False  # stopped by an unexpected error (logged), not by a signal
     failures: list[dict[str, Any]] = field(default_factory=list)
+    verified: int | None = None  # stored files the archive then listed (None: not verifying)
+    unlisted: int = 0  # answers "stored" for a file the archive then did not list
 
     def count(self, kind: str) -> int:
         """Failures of one ``kind``: failed, failed_before, unmoved, unreadable."""
@@ -171,6 +175,8 @@ def render(summary: Summary, folders: tuple[Path, ...], keep: bool, report: Path
         f"  skipped:  {summary.skipped} file(s) already stored by an earlier run",
         f"  failed:   {_failed_line(summary)}",
     ]
+    if summary.verified is not None:
+        lines.insert(2, f"  verified: {_verified_line(summary)}")
     if summary.count("unmoved"):
         lines.append(
             f"  not moved: {summary.count('unmoved')} file(s) could not be moved to "
@@ -194,6 +200,14 @@ def render(summary: Summary, folders: tuple[Path, ...], keep: bool, report: Path
     return escape_lines(lines)  # folder names may hold anything a file system allows
 
 
+def _verified_line(summary: Summary) -> str:
+    """``--verify``: how many stored files the archive listed when asked (QIDO-RS)."""
+    line = f"{summary.verified} stored file(s) listed by the archive when asked (QIDO-RS)"
+    if summary.unlisted:
+        line += f"; {summary.unlisted} time(s) a file it said it stored was not listed (sent again)"
+    return line
+
+
 def _failed_line(summary: Summary) -> str:
     now, before = summary.count("failed"), summary.count("failed_before")
     if not before:
@@ -203,14 +217,14 @@ def _failed_line(summary: Summary) -> str:
 
 def write_report(path: Path, failures: list[dict[str, Any]]) -> None:
     """Every failed file with its reason: JSON for ``.json``, else CSV."""
-    tmp = path.with_name(f".{path.name}.tmp")
     failures = [utf8_safe(f) for f in failures]  # a name that is not UTF-8: escaped
-    with open(tmp, "w", newline="", encoding="utf-8") as fp:
-        if path.suffix.lower() == ".json":
-            json.dump(failures, fp, indent=2, ensure_ascii=False)
-            fp.write("\n")
-        else:
-            writer = csv.DictWriter(fp, REPORT_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(failures)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    if path.suffix.lower() == ".json":
+        json.dump(failures, text, indent=2, ensure_ascii=False)
+        text.write("\n")
+    else:
+        writer = csv.DictWriter(text, REPORT_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(failures)
+    # the mode as the user's umask makes it (a file they asked for); its folder must exist
+    write_new(path, text.getvalue().encode("utf-8"), None, suffix=".tmp", create=False)

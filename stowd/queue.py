@@ -989,22 +989,24 @@ class Queue:
             self._after.pop(i, None)
         _log_queued(queued)
 
-    def finish_kept(
-        self,
-        done: Iterable[tuple[int, str, dict[str, Any] | None]],
-        *,
-        notes: dict[int, str] | None = None,
-    ) -> None:
+    def finish_kept(self, done: Iterable[tuple[int, str, dict[str, Any] | None]]) -> None:
         """Mark (id, state, error) done for files that stay where they are (``stowd migrate
-        --keep``): outcome ``kept``, nothing was moved, so nothing is left to repair.
-        ``notes`` as for ``begin_settle``."""
+        --keep``): outcome ``kept``, nothing was moved, so nothing is left to repair."""
         now = self.clock()
-        notes = notes or {}
         with self._tx() as db:
             db.executemany(
                 "UPDATE files SET state = ?, outcome = 'kept', target = NULL, error = ?, "
-                "note = COALESCE(?, note), done_at = ?, lease_until = NULL WHERE id = ?",
-                [(s, json.dumps(e) if e else None, notes.get(i), now, i) for i, s, e in done],
+                "done_at = ?, lease_until = NULL WHERE id = ?",
+                [(s, json.dumps(e) if e else None, now, i) for i, s, e in done],
+            )
+
+    def add_notes(self, notes: dict[int, str]) -> None:
+        """Record by job id how a finished file's outcome came about (``ALREADY_STORED``),
+        for the files ``finish_kept`` finished (a moved file's note goes with
+        ``begin_settle``)."""
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE files SET note = ? WHERE id = ?", [(n, i) for i, n in notes.items()]
             )
 
     def finished_before(self, files: Sequence[NewFile]) -> set[str]:

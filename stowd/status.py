@@ -28,6 +28,7 @@ from typing import Any
 from stowd import disk, inflight
 from stowd.config import Config, Source
 from stowd.errors import QueueError
+from stowd.fileops import walk_folders
 from stowd.printable import escape_lines
 from stowd.queue import Hold, Queue, open_readonly, read_only_note
 
@@ -423,22 +424,20 @@ def _why_unmoved(source: Source, places: Mapping[Path, disk.Full]) -> str:
 def _files_in(folder: Path, skip: tuple[Path, ...]) -> str:
     """How many files are below ``folder`` (not in ``skip``), as text; counting stops at
     ``COUNT_LIMIT`` (a huge folder is not walked to the end for a status)."""
+
+    def enter(entry: os.DirEntry[str]) -> bool:
+        return not entry.name.startswith(".") and Path(entry.path) not in skip
+
     count = 0
-    todo = [str(folder)]  # walked without recursion (os.walk recurses in Python 3.11)
-    while todo:
-        try:
-            with os.scandir(todo.pop()) as it:
-                entries = [e for e in it if not e.name.startswith(".")]
-        except OSError:
-            continue  # unreadable: not counted, as os.walk did
-        for e in entries:
-            if not _is_dir(e):
-                count += 1
-            elif not e.is_symlink() and Path(e.path) not in skip:
-                todo.append(e.path)
+    for _folder, entries in walk_folders(str(folder), enter, _not_counted):
+        count += sum(1 for e in entries if not e.name.startswith(".") and not _is_dir(e))
         if count >= COUNT_LIMIT:
             return f"{COUNT_LIMIT}+"
     return str(count) if count else ""
+
+
+def _not_counted(_folder: str, _exc: OSError) -> None:
+    """A folder that cannot be read is not counted, as ``os.walk`` did."""
 
 
 def _is_dir(entry: os.DirEntry[str]) -> bool:

@@ -558,6 +558,7 @@ def http_client(
     )
     if isinstance(auth, OAuth2):
         auth.bind(client)
+    answers.bound_reads(client)
     return client
 
 
@@ -726,16 +727,18 @@ class StowClient:
         deadline (twice the read timeout) counted from the end of the request body."""
         headers = {"Content-Type": body.content_type, "Content-Length": str(body.length)}
         url = self.destination.stow_url
+        seconds = answers.answer_seconds(self.destination.timeouts.read)
         try:
             request = self.http.build_request("POST", url, content=iter(body), headers=headers)
-            response = _send(self.http, request, body, self._has_cert)
-            content = answers.read_body(
-                response,
-                limit=answers.STOW_ANSWER_LIMIT,
-                seconds=answers.answer_seconds(self.destination.timeouts.read),
-                started=body.sent_at or time.monotonic(),
-                who="the archive",
-            )
+            with answers.within(seconds, lambda: body.sent_at, "the archive"):
+                response = _send(self.http, request, body, self._has_cert)
+                content = answers.read_body(
+                    response,
+                    limit=answers.STOW_ANSWER_LIMIT,
+                    seconds=seconds,
+                    started=body.sent_at or time.monotonic(),
+                    who="the archive",
+                )
         except _REACHING as exc:
             raise _failure(exc, self._has_cert) from exc
         return response, content
@@ -798,19 +801,21 @@ def qido_get(
     t = destination.timeouts
     read = min(t.read, QIDO_READ_TIMEOUT)
     timeout = httpx.Timeout(connect=t.connect, read=read, write=read, pool=t.pool)
+    seconds = answers.answer_seconds(read)
     started = time.monotonic()
     try:
         request = client.build_request(
             "GET", url, params=list(params), headers=headers, timeout=timeout
         )
-        response = client.send(request, stream=True)
-        content = answers.read_body(
-            response,
-            limit=answers.QIDO_ANSWER_LIMIT,
-            seconds=answers.answer_seconds(read),
-            started=started,
-            who="the archive",
-        )
+        with answers.within(seconds, lambda: started, "the archive"):
+            response = client.send(request, stream=True)
+            content = answers.read_body(
+                response,
+                limit=answers.QIDO_ANSWER_LIMIT,
+                seconds=seconds,
+                started=started,
+                who="the archive",
+            )
     except _REACHING as exc:
         raise failure_of(exc, destination) from exc
     return response.status_code, content
@@ -987,6 +992,9 @@ def _login_refused(destination: Destination | None) -> str:
         "bearer": "check auth.token",
         "oauth2": "even a newly fetched token was refused: check the client's roles, scope "
         "or audience at the token endpoint",
+        "google": "even a newly fetched token was refused: check the service account's roles "
+        "on this DICOM store and auth.scope",
+        "aws": "check auth.region and the credentials",
     }
     return f"the archive refused the login (HTTP 401): {hints[auth.type]}"
 

@@ -50,8 +50,9 @@ from stowd.errors import (
     QueueFull,
     SidecarNotReady,
 )
+from stowd.fileops import remove_empty_parents, walk_folders
 from stowd.queue import NewFile
-from stowd.settle import has_copy, remove_empty_parents
+from stowd.settle import has_copy
 
 try:  # watchdog 7 on Linux: one thread reads the events of every inotify watch
     from watchdog.observers.inotify_c import InotifyFD as _SharedReader
@@ -370,29 +371,27 @@ class Watcher:
                 del self._future[path]
 
     def _walk(self, top: str) -> Iterator[str]:
-        """The files below ``top``, walked without recursion (folders nested thousands deep
-        once killed the watcher with ``RecursionError``).  One folder is open at a time; the
-        folders still to walk are kept as paths: memory grows with the folders, not the files."""
-        todo = [top]
-        while todo:
-            folder = todo.pop()
-            found: list[str] = []
-            yield from self._files_in(folder, found)
-            todo.extend(reversed(found))
+        """The files below ``top``, walked lazily and without recursion (``walk_folders``:
+        folders nested thousands deep once killed the watcher with ``RecursionError``)."""
+        for folder, entries in walk_folders(top, self._enters, self._cannot_list):
+            yield from self._files_in(folder, entries)
 
-    def _files_in(self, folder: str, folders: list[str]) -> Iterator[str]:
-        """The files in ``folder`` (not below it); its sub-folders are added to ``folders``."""
+    def _enters(self, entry: os.DirEntry[str]) -> bool:
+        """Is the sub-folder ``entry`` walked (not an ignored name, not excluded)?"""
+        return not self._ignored(entry.name) and entry.path not in self.exclude
+
+    def _files_in(self, folder: str, entries: Iterator[os.DirEntry[str]]) -> Iterator[str]:
+        """The files among ``folder``'s entries (its sub-folders are walked by the caller)."""
         try:
-            with os.scandir(folder) as entries:
-                for entry in entries:
-                    if self._ignored(entry.name) or entry.path in self.exclude:
-                        continue
-                    if entry.is_dir(follow_symlinks=False):
-                        folders.append(entry.path)
-                    elif entry.is_file():  # a symlink to a file is sent; the link is moved
-                        yield entry.path
-                    elif entry.is_dir():
-                        self._skip_linked_folder(entry.path)
+            for entry in entries:
+                if self._ignored(entry.name) or entry.path in self.exclude:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    continue
+                if entry.is_file():  # a symlink to a file is sent; the link is moved
+                    yield entry.path
+                elif entry.is_dir():
+                    self._skip_linked_folder(entry.path)
         except OSError as exc:
             self._cannot_list(folder, exc)
 

@@ -16,11 +16,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from stowd import bulkdata, dropped, metadata, metrics
+from stowd import bulkdata, dropped, metadata, metrics, rewrite, verify
 from stowd import classify as classify_mod
 from stowd.answers import answer_seconds
 from stowd.bulkform import bulk_part
-from stowd.config import BatchLimits, Config, Destination, Source
+from stowd.config import TRANSCODE_EXPLICIT, BatchLimits, Config, Destination, Source
 from stowd.disk import Disks
 from stowd.errors import (
     ConnectionDropped,
@@ -35,6 +35,7 @@ from stowd.errors import (
     SpoolFull,
     StowFailure,
     UnknownType,
+    VerifyUnavailable,
     no_space,
 )
 from stowd.group import take_batch
@@ -44,6 +45,7 @@ from stowd.queue import ALREADY_STORED, STORED_WITH_WARNING, Classification, Job
 from stowd.settle import Decision, Settled, iso, remove_empty_parents, settle_all
 from stowd.stow import (
     Answer,
+    ClientSetupError,
     Outcome,
     Part,
     StowClient,
@@ -68,6 +70,9 @@ DROPS = "connection_drops"  # the key of the error document that counts them
 # the key of the error document that counts the archive's refusals of the file with a code
 # that may be transient but may as well be permanent (stow.is_counted): retry.max_refusals
 REFUSALS = "refusals"
+# what verify: true checks before the file moves to sent/: the archive's "stored" and its
+# "already stored" (stow.Outcome.ALREADY) alike
+STORED = (Outcome.SENT, Outcome.ALREADY)
 QUEUE_RETRY_FIRST = 1.0  # a queue that cannot be written is tried again after this,
 QUEUE_RETRY_MAX = 30.0  # doubled per failure up to this
 
@@ -89,8 +94,11 @@ class Worker:
         finder: Finder | None = None,
         sends: bool = True,
         disks: Disks | None = None,
+        verified: verify.Tally | None = None,
     ) -> None:
         self.config = config
+        # the stored files the archive listed (or not), with verify (shared by a migration)
+        self.verified = verified or verify.Tally()
         dropped.configure(config.sources)  # no link in a drop folder is read (follow_links)
         self.disks = disks  # told of writes that failed for lack of space (it logs them)
         # False: only reads new files, so that reading overlaps the uploads of the others
@@ -456,11 +464,13 @@ class Worker:
         if job.kind != "dicom":
             return self._built(job, spooled)
         changes = job.change_set()
-        if changes is None:
+        explicit = self.destination.transcode == TRANSCODE_EXPLICIT  # if the file is implicit
+        if changes is None and not (explicit and rewrite.needs_explicit(Path(job.path))):
             return Part(job.path, job.size, job.sop_uid or "", job.mtime_ns)
         if not _unchanged(job):
             raise FileVanished("the file changed or vanished before it was sent", path=job.path)
-        copy = metadata.spool_copy(self.config, job, changes, datetime.now())
+        now = datetime.now()
+        copy = metadata.spool_copy(self.config, job, changes, now, explicit=explicit)
         spooled.append(copy)
         return Part(str(copy), copy.stat().st_size, job.sop_uid or "", None)
 
@@ -506,9 +516,15 @@ class Worker:
             self._later_all(batch, reason, metrics.UNREADABLE)
             return
         metrics.request(self.destination.name, answer.seconds)
-        if held and self.queue.unhold(self.destination.name):
+        verifying = self.destination.verify  # then a hold ends once the stored files are listed
+        if held and not verifying:
+            self._resume()
+        if self._apply(batch, answer, parts) and held and verifying:
+            self._resume()
+
+    def _resume(self) -> None:
+        if self.queue.unhold(self.destination.name):
             log.warning("destination %s: reachable again, sending resumes", self.destination.name)
-        self._apply(batch, answer, parts)
 
     def _drop_vanished(self, batch: list[Job]) -> None:
         """Some file changed or disappeared: forget those, put the others back."""
@@ -579,19 +595,28 @@ class Worker:
         return self._backoff(base, failures)
 
     # -- apply the verdicts ---------------------------------------------------------------
-    def _apply(self, batch: list[Job], answer: Answer, parts: Sequence[Part]) -> None:
+    def _apply(self, batch: list[Job], answer: Answer, parts: Sequence[Part]) -> bool:
+        """Act on the answer's verdicts; False when the files it stored could not be
+        verified (they wait, the destination is held)."""
         if answer.status == 413 and len(batch) > 1:
             self._shrink_batches(batch)
         verdicts = judge(answer, parts, duplicates=self.destination.duplicates)
         self._alone = self._wire.alone(self._token)
         tally: dict[str, int] = {}
         decisions: list[Decision] = []
+        stored: list[Job] = []  # to be verified before they are settled as sent
         for job in batch:
             verdict = verdicts[job.sop_uid or ""]
             tally[verdict.outcome.value] = tally.get(verdict.outcome.value, 0) + 1
+            if verdict.outcome in STORED and self.destination.verify:
+                stored.append(job)
+                continue
             decision = self._act(job, verdict, answer)
             if decision is not None:
                 decisions.append(decision)
+        unlisted = self._verify(stored, verdicts, answer, decisions)
+        unsettled = [j for j in stored if unlisted is None or j.sop_uid in unlisted]
+        _recount(tally, [verdicts[j.sop_uid or ""].outcome for j in unsettled], unlisted)
         self._settle_all(decisions)
         size = sum(j.size for j in batch) / MB
         log.info(
@@ -605,6 +630,80 @@ class Worker:
         )
         if answer.server_message and answer.status != 200:
             log.warning("destination %s said: %s", self.destination.name, answer.server_message)
+        return unlisted is not None
+
+    # -- verify what was stored (verify: true) -------------------------------------------
+    def _verify(
+        self,
+        stored: list[Job],
+        verdicts: dict[str, Verdict],
+        answer: Answer,
+        decisions: list[Decision],
+    ) -> set[str] | None:
+        """Ask the archive whether it lists the files it said it stored: the listed ones
+        are sent (their decisions added to ``decisions``), the others sent again.  The
+        SOPInstanceUIDs it does not list; None when it cannot be asked."""
+        if not stored:
+            return set()
+        instances = [(j.study_uid or "", j.sop_uid or "") for j in stored]
+        try:
+            http = self.client.http
+            missing = verify.unlisted(http, self.destination, instances, self._alive)
+        except (VerifyUnavailable, ClientSetupError) as exc:
+            self._unverified(stored, str(exc))
+            return None
+        self.verified.add(len(stored) - len(missing), len(missing))
+        log.info(
+            "destination %s: the archive lists %d of the %d file(s) it stored (QIDO-RS)",
+            self.destination.name,
+            len(stored) - len(missing),
+            len(stored),
+        )
+        for job in stored:
+            verdict = verdicts[job.sop_uid or ""]
+            if job.sop_uid in missing:
+                decision = self._unlisted(job, answer)
+            else:
+                decision = self._act(job, verdict, answer)
+            if decision is not None:
+                decisions.append(decision)
+        return missing
+
+    def _unlisted(self, job: Job, answer: Answer) -> Decision | None:
+        """The archive said it stored ``job``'s file but does not list it: send it again,
+        at most ``MAX_UNLISTED`` times, then fail it."""
+        count = verify.unlisted_count(job.error) + 1
+        said = (
+            f"the archive answered that it stored the file (SOPInstanceUID {job.sop_uid}), "
+            "but does not list it when asked (QIDO-RS)"
+        )
+        if count >= verify.MAX_UNLISTED:
+            reason = (
+                f"{said}, {count} times: stowd does not send it again; check the archive's "
+                "log and storage (a file it says it stores but cannot find is not safe there)"
+            )
+            return self._failure(job, reason, answer=answer, unlisted=count)
+        reason = f"{said}; it is sent again"
+        return self._later(job, reason, answer=answer, counted=metrics.FILE, unlisted=count)
+
+    def _unverified(self, stored: list[Job], reason: str) -> None:
+        """The archive cannot be asked: hold the destination; the stored files wait in the
+        queue (neither sent/ nor failed/) and are sent and verified again afterwards."""
+        name = self.destination.name
+        hold = self.queue.holds().get(name)
+        delay = self._backoff(self.config.retry.initial, hold.failures if hold else 0)
+        until = self.clock() + delay
+        self.queue.hold(name, until=until, reason=f"cannot verify what it stored: {reason}")
+        self.queue.release([j.id for j in stored], not_before=until)
+        log.warning(
+            "destination %s: the archive answered that it stored %d file(s), but stowd cannot "
+            "ask it whether it lists them (verify: true): %s; the files stay where they are "
+            "(not moved to sent/) and are sent and verified again in %.0fs",
+            name,
+            len(stored),
+            reason,
+            delay,
+        )
 
     def _act(self, job: Job, verdict: Verdict, answer: Answer) -> Decision | None:
         """Queue bookkeeping for one file; a ``Decision`` when its file is to be moved."""
@@ -675,6 +774,7 @@ class Worker:
         stage: str = "storing the file",
         counted: str | None = metrics.FILE,
         drops: int | None = None,
+        unlisted: int | None = None,
     ) -> Decision | None:
         """Try this file again after a backoff; a ``Decision`` to fail it once too old.
 
@@ -685,13 +785,25 @@ class Worker:
             reason = reason.removesuffix("; it is tried again later")
             reason = f"gave up after {job.attempts + 1} attempts: {reason}"
             return self._failure(
-                job, reason, verdict=verdict, answer=answer, stage=stage, drops=drops
+                job,
+                reason,
+                verdict=verdict,
+                answer=answer,
+                stage=stage,
+                drops=drops,
+                unlisted=unlisted,
             )
         delay = self._file_delay(job.attempts)
         if counted is not None:
             metrics.retried(self.destination.name, counted)
         error = self._error_doc(
-            job, reason, verdict=verdict, answer=answer, stage=stage, drops=drops
+            job,
+            reason,
+            verdict=verdict,
+            answer=answer,
+            stage=stage,
+            drops=drops,
+            unlisted=unlisted,
         )
         self.queue.retry_later([job.id], at=now + delay, error=error)
         log.info("%s: %s; retry in %.0fs", job.path, reason, delay)
@@ -723,9 +835,16 @@ class Worker:
         answer: Answer | None = None,
         stage: str = "storing the file",
         drops: int | None = None,
+        unlisted: int | None = None,
     ) -> Decision:
         error = self._error_doc(
-            job, reason, verdict=verdict, answer=answer, stage=stage, drops=drops
+            job,
+            reason,
+            verdict=verdict,
+            answer=answer,
+            stage=stage,
+            drops=drops,
+            unlisted=unlisted,
         )
         source = self.config.source(job.source)
         where = "failed (left where it is)" if source.keep else "failed/"
@@ -783,6 +902,7 @@ class Worker:
         answer: Answer | None = None,
         stage: str = "storing the file",
         drops: int | None = None,
+        unlisted: int | None = None,
     ) -> dict[str, Any]:
         """The file's error document; ``drops``: the connections the archive dropped when
         it was sent alone (counted on, while it waits, by ``_drops``).  The refusals counted
@@ -812,7 +932,21 @@ class Worker:
         refusals = _refusals(job) + (1 if self._alone and _doubtful(verdict) else 0)
         if refusals:
             doc[REFUSALS] = refusals
+        if unlisted is not None:
+            doc[verify.UNLISTED] = unlisted
         return doc
+
+
+def _recount(tally: dict[str, int], unsettled: list[Outcome], unlisted: set[str] | None) -> None:
+    """The batch's tally after verifying the stored files: those not listed, or not
+    verified at all (``unsettled``, by their outcome), are not sent."""
+    for outcome in unsettled:
+        tally[outcome.value] -= 1
+        if not tally[outcome.value]:
+            del tally[outcome.value]
+    if unsettled:
+        key = "stored, not verified" if unlisted is None else "stored, not listed"
+        tally[key] = len(unsettled)
 
 
 def _may_be_the_files(failure: StowFailure) -> bool:
@@ -861,7 +995,11 @@ def _dropped_reason(drops: int) -> str:
 
 def _stage(job: Job) -> str:
     """What was being done to the file when it was prepared for sending."""
-    return "applying the metadata rules" if job.kind == "dicom" else "making the DICOM instance"
+    if job.kind != "dicom":
+        return "making the DICOM instance"
+    if job.change_set() is None:  # copied only to convert it (transcode: explicit-vr)
+        return "converting it to Explicit VR Little Endian"
+    return "applying the metadata rules"
 
 
 def _photographic(source: Source) -> bool:

@@ -14,7 +14,8 @@
   ``"deep"``, a 200 whose DICOM JSON body (RFC 8259 allows any nesting, section 9) is
   ``DEEP`` arrays one inside the other: 200 KB, far below the answer limit.
 * ``GET`` with ``qido="deep"`` answers that deep body as a QIDO-RS lookup answer, and
-  ``POST /token`` with ``token="deep"`` as the token endpoint's answer.
+  ``POST /token`` with ``token="deep"`` as the token endpoint's answer; ``"slow-headers"``
+  trickles their header the same way.
 * ``GET`` anything (a QIDO-RS lookup) answers the gzip bomb ("the same as a QIDO answer").
 * ``POST /token`` (an OAuth2 token endpoint, RFC 6749 4.4) answers the gzip bomb.
 
@@ -97,6 +98,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._record()
         if self.owner.qido == "deep":
             self._deep()
+        elif self.owner.qido == "slow-headers":
+            self._slow_headers()
         else:
             self._bomb()
 
@@ -105,6 +108,8 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         if self.path.split("?")[0] == "/token" and self.owner.token == "deep":
             self._deep()
+        elif self.path.split("?")[0] == "/token" and self.owner.token == "slow-headers":
+            self._slow_headers()
         elif self.path.split("?")[0] == "/token" or self.owner.stow == "bomb":
             self._bomb()
         elif self.owner.stow == "trickle":

@@ -51,6 +51,7 @@ class ScriptedArchive(LocalServer):
         self.asked: dict[str, int] = dict.fromkeys(plan, 0)
         self._lock = threading.Lock()
         self.met = False  # the first two requests were in flight together
+        self.listed: set[str] = set()  # what its QIDO-RS lists (verify: true)
         # overlap: the first two requests are answered only once both arrived
         self.together = threading.Barrier(2, action=self._met) if overlap else None
 
@@ -61,6 +62,16 @@ class ScriptedArchive(LocalServer):
                 status, doc = owner.answer(body)
                 data = json.dumps(doc).encode()
                 self.send_response(status)
+                self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                # QIDO-RS, PS3.18 F.2: a DICOM JSON list of the matching instances
+                listed = [{"00080018": {"vr": "UI", "Value": [u]}} for u in owner.listed]
+                data = json.dumps(listed).encode()
+                self.send_response(200)
                 self.send_header("Content-Type", "application/dicom+json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -166,6 +177,37 @@ def test_an_instance_the_archive_already_holds_goes_to_sent_recorded_as_already_
     assert data["by_destination"]["pacs"]["already_stored"] == 1
     human = run_cli("status", "-c", str(layout.config)).stdout
     assert "2 sent (1 of them already stored)" in human
+
+
+@pytest.mark.parametrize("listed", [True, False], ids=["listed", "not-listed"])
+def test_with_verify_an_instance_already_stored_moves_to_sent_only_once_listed(
+    tmp_path: Path, listed: bool
+) -> None:
+    """verify: true checks the archive's word "already stored" like its word "stored"."""
+    with ScriptedArchive({}) as archive:
+        layout = layout_for(tmp_path, archive.url, verify=True)
+        uid = make_instance(layout.drop / "again.dcm")
+        archive.plan[uid], archive.asked[uid] = [ALREADY_STORED], 0
+        archive.listed = {uid} if listed else set()
+        folder = layout.sent if listed else layout.failed
+        daemon = Stowd(layout).start()
+        try:
+            wait_for(
+                lambda: "again.dcm" in layout.files(folder),
+                60,
+                f"the file in {folder.name}/",
+                lambda: daemon.log,
+            )
+            assert daemon.terminate() == 0
+        finally:
+            daemon.stop()
+    if listed:
+        assert "again.dcm: already stored, moved to" in daemon.log
+        assert status(layout)["already_stored"] == 1
+    else:
+        assert layout.files(layout.sent) == set()
+        assert "does not list it" in error_of(layout, "again.dcm")["reason"]
+        assert archive.times(uid) == 3  # MAX_UNLISTED answers, then failed
 
 
 def test_duplicates_fail_sends_an_instance_the_archive_already_holds_to_failed(

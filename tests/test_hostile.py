@@ -163,15 +163,11 @@ def test_an_answer_trickled_a_byte_a_second_ends_at_its_deadline(tmp_path: Path)
     assert gone - read < 4 + 2 + 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review14: the answer deadline starts after the header; httpx waits a read timeout "
-    "per byte of header; not fixed",
-)
 def test_an_answer_whose_header_is_trickled_ends_at_its_deadline(tmp_path: Path) -> None:
     """The same trickle in the answer's header (status line sent, then a header a byte a
     second): the deadline for the whole answer must count from the request, not from the
-    end of the header.  Was: the worker waited for as long as the header kept coming."""
+    end of the header.  Was: the worker waited for as long as the header kept coming (httpx
+    reads the header with the read timeout for each read)."""
     with HostileArchive("slow-headers") as archive:
         layout = make_layout(tmp_path / "run", archive.base)
         config = yaml.safe_load(layout.config.read_text())
@@ -263,3 +259,17 @@ def test_check_config_escapes_folder_names(tmp_path: Path) -> None:
     assert "drop\\n" + FORGED + "\\x1b[2J" in done.stdout, done.stdout
     assert not any(line.startswith(FORGED) for line in done.stdout.splitlines())
     assert not any(c in done.stdout for c in RAW)
+
+
+def test_check_config_connect_ends_a_trickled_header_at_its_deadline(tmp_path: Path) -> None:
+    """``check-config --connect`` reads the query's answer within twice its step timeout.
+    Was: the trickled header kept the check waiting for as long as it lasted (60 s)."""
+    with HostileArchive("ok") as archive:
+        archive.qido = "slow-headers"
+        layout = make_layout(tmp_path / "run", archive.base)
+        config = yaml.safe_load(layout.config.read_text())
+        config["destinations"]["pacs"]["timeouts"] = {"connect": "2s"}
+        layout.config.write_text(yaml.safe_dump(config))
+        result = run_cli("check-config", "--connect", "-c", str(layout.config), timeout=50)
+    assert result.returncode != 0, result.stdout
+    assert "was still sending its answer 4 s after the request" in result.stdout, result.stdout

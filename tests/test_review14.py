@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -9,9 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 from bombgen import peak_rss_mb
-from dicomgen import make_instance
+from dicomgen import make_instance, make_instance_bytes
 from harness import Stowd, make_layout, run_cli, wait_for
 from hostileserver import HostileArchive
+
+from stowd import deflated
 
 DEAD_URL = "http://127.0.0.1:9/dicom-web"  # nothing listens: no file reaches an archive
 MAX_PEAK_MB = 300.0
@@ -56,11 +60,6 @@ def header_element_bomb(path: Path, count: int, *, deflated: bool) -> None:
     path.write_bytes(data)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review14: a header of millions of tiny elements is parsed whole by pydicom "
-    "(hundreds of bytes per 8-byte element); not fixed",
-)
 @pytest.mark.parametrize("deflated", [True, False], ids=["deflated", "plain"])
 def test_a_header_of_tiny_elements_is_read_in_bounded_memory(
     tmp_path: Path, deflated: bool
@@ -68,7 +67,8 @@ def test_a_header_of_tiny_elements_is_read_in_bounded_memory(
     """A file whose header is 2 million empty elements (16 MB inflated; deflated: 3 MB).
     Seen: daemon VmHWM 1024 MB deflated (12 MB file of 8 million elements: 3.6 GB, 98 s CPU),
     and 716 MB for the plain 16 MB file; the units' MemoryMax= is 1G, so
-    under systemd the daemon would be killed, and find the file again when restarted."""
+    under systemd the daemon would be killed, and find the file again when restarted.
+    Now its elements are counted before it is parsed: too many, it fails with the reason."""
     layout = make_layout(tmp_path / "run", DEAD_URL)
     header_element_bomb(layout.drop / "tiny.dcm", 2_000_000, deflated=deflated)
     daemon = Stowd(layout).start()
@@ -83,6 +83,8 @@ def test_a_header_of_tiny_elements_is_read_in_bounded_memory(
         daemon.stop()
     print(f"\ndaemon VmHWM with a header of 2 million elements: {peak:.1f} MB")
     assert peak < MAX_PEAK_MB
+    error = json.loads((layout.failed / "tiny.dcm.error.json").read_text())
+    assert "header has more than 500,000 data elements" in error["reason"]
 
 
 # -- answers nested too deeply for Python's json ------------------------------------------------
@@ -176,3 +178,48 @@ def test_retry_puts_back_a_file_whose_error_file_is_nested_too_deeply(tmp_path: 
     assert "nests arrays or objects too deeply" in done.stdout
     assert layout.files(layout.drop) == {"a.dcm", "b.dcm"}
     assert layout.files(layout.failed) == set()
+
+
+def _trailing_bomb(path: Path, count: int) -> None:
+    """A valid deflated instance whose data set goes on after its pixel data with ``count``
+    tiny private elements: its header is small, but pydicom reads a deflated data set whole
+    to change it (16 MB inflated for 2 million, under the 32 MiB a rule may change)."""
+    data, _ = make_instance_bytes()
+    with io.BytesIO(data) as fp:
+        start, syntax = deflated.file_meta(fp, data)
+    assert syntax == EXPLICIT_LE
+    trailing = bytearray()
+    for n in range(count):
+        trailing += struct.pack("<HH", 0x8001 + 2 * (n // 0xF000), 0x1000 + n % 0xF000)
+        trailing += b"LO\0\0"
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    path.write_bytes(_meta(DEFLATED) + packer.compress(data[start:] + trailing) + packer.flush())
+
+
+def test_a_deflated_file_with_millions_of_elements_after_its_pixels_is_not_rewritten(
+    tmp_path: Path,
+) -> None:
+    """A rule makes stowd change the file, for which pydicom parses the whole inflated data
+    set, the elements after the pixel data too: they are counted before that.  Was: the
+    header (before the pixel data) was read in bounded memory, but not the rest."""
+    rules = [{"match": {"type": "dicom"}, "set": {"InstitutionName": "Test"}}]
+    layout = make_layout(tmp_path / "run", DEAD_URL, rules=rules)
+    layout.drop.mkdir(parents=True, exist_ok=True)
+    _trailing_bomb(layout.drop / "trailing.dcm", 2_000_000)
+    daemon = Stowd(layout).start()
+    try:
+        wait_for(
+            lambda: layout.files(layout.failed) == {"trailing.dcm"},
+            300,
+            "failed/",
+            lambda: daemon.log,
+        )
+        assert daemon.proc is not None
+        peak = peak_rss_mb(daemon.proc.pid)
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop()
+    print(f"\ndaemon VmHWM with 2 million elements after the pixels: {peak:.1f} MB")
+    assert peak < MAX_PEAK_MB
+    error = json.loads((layout.failed / "trailing.dcm.error.json").read_text())
+    assert "header has more than 500,000 data elements" in error["reason"]
