@@ -63,6 +63,8 @@ log = logging.getLogger("stowd.queue")
 
 SCHEMA_VERSION = 6
 ALREADY_STORED = "already stored"  # the note of a file the archive said it already held
+# the note of a file stored with the archive's WarningReason, followed by its code ("... B100")
+STORED_WITH_WARNING = "stored with warning"
 ACTIVE = ("pending", "claimed", "settling")
 DONE = ("sent", "failed", "gone")
 BUSY_TIMEOUT_MS = 30_000
@@ -1212,24 +1214,25 @@ class Queue:
         finally:
             conn.execute("COMMIT")  # ends the read transaction; nothing was written
 
-    def tally(self, now: float) -> list[tuple[str, str, str, int, int, float, int, int]]:
-        """(source, destination, state, files, bytes, oldest queued_at, stored, already) of
-        each group, in one pass; pending rows whose next attempt lies after ``now`` count as
-        ``waiting``; ``stored``: how many of them the archive stored (of ``settling`` ones:
-        not yet moved to sent/; the others go to failed/); ``already``: how many of them the
-        archive said it held already (note ``already stored``)."""
+    def tally(self, now: float) -> list[tuple[str, str, str, int, int, float, int, int, int]]:
+        """(source, destination, state, files, bytes, oldest queued_at, stored, already,
+        warned) of each group, in one pass; pending rows whose next attempt lies after ``now``
+        count as ``waiting``; ``stored``: how many of them the archive stored (of ``settling``
+        ones: not yet moved to sent/; the others go to failed/); ``already``: how many of them
+        the archive said it held already (note ``already stored``); ``warned``: how many it
+        stored with a warning (note ``stored with warning ...``)."""
         rows = (
             self._conn()
             .execute(
                 "SELECT source, destination, CASE WHEN state = 'pending' AND next_attempt_at > ? "
                 "THEN 'waiting' ELSE state END AS s, COUNT(*), SUM(size), MIN(queued_at), "
-                "TOTAL(outcome = 'sent'), TOTAL(note IS ?) FROM files "
+                "TOTAL(outcome = 'sent'), TOTAL(note IS ?), TOTAL(note LIKE ?) FROM files "
                 "GROUP BY source, destination, s",
-                (now, ALREADY_STORED),
+                (now, ALREADY_STORED, f"{STORED_WITH_WARNING} %"),
             )
             .fetchall()
         )
-        return [(r[0], r[1], r[2], r[3], r[4], r[5], int(r[6]), int(r[7])) for r in rows]
+        return [(r[0], r[1], r[2], r[3], r[4], r[5], int(r[6]), int(r[7]), int(r[8])) for r in rows]
 
     def sent_since(self, since: float) -> list[tuple[str, str, int, int]]:
         """(source, destination, files, bytes) sent at ``since`` or later.

@@ -88,13 +88,23 @@ class _Figures:
     sent_bytes: int = 0
     settling_stored: int = 0  # settling files the archive stored (the others failed)
     already_stored: int = 0  # sent files the archive said it held already
+    with_warning: int = 0  # sent files the archive stored with a warning
 
     def add(
-        self, state: str, files: int, size: int, oldest: float, stored: int = 0, *, already: int = 0
+        self,
+        state: str,
+        files: int,
+        size: int,
+        oldest: float,
+        stored: int = 0,
+        *,
+        already: int = 0,
+        warned: int = 0,
     ) -> None:
         self.counts[state] = self.counts.get(state, 0) + files
         self.settling_stored += stored if state == "settling" else 0
         self.already_stored += already if state == "sent" else 0
+        self.with_warning += warned if state == "sent" else 0
         self.backlog_bytes += size if state in BACKLOG else 0
         if state in ACTIVE and (self.oldest is None or oldest < self.oldest):
             self.oldest = oldest
@@ -124,6 +134,7 @@ class _Figures:
         return {
             "counts": dict(self.counts),
             "already_stored": self.already_stored,
+            "stored_with_warning": self.with_warning,
             "oldest_pending_seconds": _since(now, self.oldest),
             "files_per_minute": round(self.sent_files / (RATE_WINDOW / 60), 1),
             "mb_per_minute": round(self.sent_bytes / MB / (RATE_WINDOW / 60), 1),
@@ -191,6 +202,7 @@ def _gather(config: Config, queue: Queue, now: float) -> dict[str, Any]:
         "daemon_pid": pid,
         "counts": {s: n for s, n in total.counts.items() if n},
         "already_stored": total.already_stored,
+        "stored_with_warning": total.with_warning,
         "oldest_pending_seconds": everything["oldest_pending_seconds"],
         "files_per_minute": everything["files_per_minute"],
         "mb_per_minute": everything["mb_per_minute"],
@@ -227,9 +239,9 @@ def _tally(
         found = [sources.setdefault(source, _Figures()), total]
         return [*found, dests.setdefault(dest, _Figures())] if dest else found  # "": parked
 
-    for source, dest, state, files, size, oldest, stored, already in queue.tally(now):
+    for source, dest, state, files, size, oldest, stored, already, warned in queue.tally(now):
         for figures in parts(source, dest):
-            figures.add(state, files, size, oldest, stored, already=already)
+            figures.add(state, files, size, oldest, stored, already=already, warned=warned)
     for source, dest, files, size in queue.sent_since(now - RATE_WINDOW):
         for figures in parts(source, dest):
             figures.add_sent(files, size)
@@ -500,7 +512,7 @@ def render(data: Mapping[str, Any]) -> str:
     lines = [
         f"queue:        {data['queue']}",
         f"daemon:       {'running (pid ' + str(pid) + ')' if pid else 'not running'}",
-        f"files:        {_counts(data['counts'], data.get('already_stored', 0))}",
+        f"files:        {_counts(data['counts'], *_notes(data))}",
         f"oldest:       {_age(data['oldest_pending_seconds'])}",
         f"rate:         {_rate(data)} over the last {data['rate_window_seconds'] / 60:.0f} minutes",
         f"backlog:      {_backlog(data, 'a destination')}",
@@ -585,7 +597,7 @@ def _source(name: str, figures: Mapping[str, Any]) -> list[str]:
 
 def _figures(figures: Mapping[str, Any]) -> list[str]:
     return [
-        f"  files:      {_counts(figures['counts'], figures.get('already_stored', 0))}",
+        f"  files:      {_counts(figures['counts'], *_notes(figures))}",
         f"  oldest:     {_age(figures['oldest_pending_seconds'])}",
         f"  rate:       {_rate(figures)}",
         f"  backlog:    {_backlog(figures)}",
@@ -611,12 +623,19 @@ def _shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _counts(counts: Mapping[str, int], already: int = 0) -> str:
-    """The counts by state; ``already``: how many of the sent the archive held already."""
+def _notes(figures: Mapping[str, Any]) -> tuple[int, int]:
+    return figures.get("already_stored", 0), figures.get("stored_with_warning", 0)
+
+
+def _counts(counts: Mapping[str, int], already: int = 0, warned: int = 0) -> str:
+    """The counts by state; ``already``: how many of the sent the archive held already;
+    ``warned``: how many it stored with a warning."""
     parts = [f"{counts[s]} {s}" for s in STATES if counts.get(s)]
-    if already and counts.get("sent"):
+    notes = [f"{already} of them already stored"] if already else []
+    notes += [f"{warned} with a warning: see the log"] if warned else []
+    if notes and counts.get("sent"):
         at = parts.index(f"{counts['sent']} sent")
-        parts[at] += f" ({already} of them already stored)"
+        parts[at] += f" ({', '.join(notes)})"
     return ", ".join(parts) or "none yet"
 
 

@@ -425,7 +425,18 @@ def judge(
     """One verdict per SOPInstanceUID sent, following the retry table; ``duplicates``
     (``accept`` or ``fail``): what an instance the archive already holds becomes."""
     single = len(parts) == 1
+    _name_foreign(answer, {p.sop_uid for p in parts})
     return {p.sop_uid: _judge_one(answer, p.sop_uid, single, duplicates) for p in parts}
+
+
+def _name_foreign(answer: Answer, sent: set[str]) -> None:
+    """A failure item naming an instance that was not sent is a part the archive could not
+    read: dcm4chee-arc names such a part with a SOPInstanceUID it makes up (StowRS.mkSOPRef:
+    NOT_A_DICOM_FILE_UID and UIDUtils.createUID(), FailureReason 0xC499).  It is recorded as
+    a failure item without a SOPInstanceUID (``""``), which ``_judge_unlisted`` reads."""
+    for uid, code in list(answer.failed.items()):
+        if uid and uid not in sent:
+            answer.failed.setdefault("", code)
 
 
 def _judge_one(answer: Answer, sop: str, single: bool, duplicates: str) -> Verdict:

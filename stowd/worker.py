@@ -41,7 +41,7 @@ from stowd.errors import (
 from stowd.group import take_batch
 from stowd.lookup import Finder, LookupUnavailable, NotYet
 from stowd.media import Media, detect
-from stowd.queue import ALREADY_STORED, Classification, Job, Made, Queue
+from stowd.queue import ALREADY_STORED, STORED_WITH_WARNING, Classification, Job, Made, Queue
 from stowd.settle import Decision, Settled, iso, remove_empty_parents, settle_all
 from stowd.stow import (
     Answer,
@@ -708,9 +708,11 @@ class Worker:
     def _act(self, job: Job, verdict: Verdict, answer: Answer) -> Decision | None:
         """Queue bookkeeping for one file; a ``Decision`` when its file is to be moved."""
         if verdict.outcome is Outcome.SENT:
-            if verdict.reason:
+            note = None
+            if verdict.reason:  # a WarningReason: stored, with a note in the queue
                 log.warning("%s: %s", job.path, verdict.reason)
-            return Decision(job, self.config.source(job.source), "sent")
+                note = f"{STORED_WITH_WARNING} {verdict.code or 0:04X}"
+            return Decision(job, self.config.source(job.source), "sent", note=note)
         if verdict.outcome is Outcome.ALREADY:
             log.info("%s: %s; settled as stored", job.path, verdict.reason)
             return Decision(job, self.config.source(job.source), "sent", note=ALREADY_STORED)
