@@ -89,6 +89,14 @@ FILES_FAILED = Counter(
     ["source", "destination"],
     registry=REGISTRY,
 )
+FILES_NOTED = Counter(
+    "stowd_files_sent_noted_total",
+    "Files moved to sent/ with a note: the archive said it already held them "
+    "(note: already_stored) or stored them with a warning (note: warning)",
+    ["source", "destination", "note"],
+    registry=REGISTRY,
+)
+NOTES = ("already_stored", "warning")
 BYTES_SENT = Counter(
     "stowd_bytes_sent_total",
     "Bytes of the files the archive stored",
@@ -117,12 +125,16 @@ def queued(source: str, destination: str, n: int = 1) -> None:
         FILES_QUEUED.labels(_name(source), _name(destination)).inc(n)
 
 
-def settled(source: str, destination: str, outcome: str, size: int) -> None:
+def settled(
+    source: str, destination: str, outcome: str, size: int, note: str | None = None
+) -> None:
     """A file was moved to sent/ (``outcome`` "sent") or failed/ ("failed"); ``size`` in bytes
-    counts only when it was sent."""
+    counts only when it was sent; ``note`` (one of ``NOTES``) how a sent one was stored."""
     if outcome == "sent":
         FILES_SENT.labels(_name(source), _name(destination)).inc()
         BYTES_SENT.labels(_name(destination)).inc(max(size, 0))
+        if note in NOTES:
+            FILES_NOTED.labels(_name(source), _name(destination), note).inc()
     elif outcome == "failed":
         FILES_FAILED.labels(_name(source), _name(destination)).inc()
     else:

@@ -868,7 +868,8 @@ class Worker:
                 continue
             if result.target is not None:
                 outcome = result.decision.outcome
-                metrics.settled(job.source, job.destination, outcome, job.size)
+                note = _metric_note(result.decision.note)
+                metrics.settled(job.source, job.destination, outcome, job.size, note)
             if result.target is not None and result.decision.outcome == "sent":
                 stored = "already stored" if result.decision.note == ALREADY_STORED else "stored"
                 log.info("%s: %s, moved to %s", job.path, stored, result.target)
@@ -1025,3 +1026,12 @@ def _unchanged(job: Job) -> bool:
 def _jitter(delay: float) -> float:
     """Full jitter in the upper half: between delay/2 and delay."""
     return delay * (0.5 + random.random() / 2)
+
+
+def _metric_note(note: str | None) -> str | None:
+    """The metrics' word for a settled file's queue note (``metrics.NOTES``)."""
+    if note == ALREADY_STORED:
+        return "already_stored"
+    if note is not None and note.startswith(STORED_WITH_WARNING):
+        return "warning"
+    return None

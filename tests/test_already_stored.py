@@ -14,10 +14,12 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from dicomgen import make_instance
 from harness import Layout, Stowd, make_layout, run_cli, wait_for
 from localserver import LocalServer
+from orthanc import free_port
 from tinypacs import TinyPacs, tiny_pacs_missing_reason
 
 from stowd.queue import ALREADY_STORED as ALREADY_NOTE
@@ -150,8 +152,16 @@ def error_of(layout: Layout, name: str) -> dict[str, Any]:
 def test_an_instance_the_archive_already_holds_goes_to_sent_recorded_as_already_stored(
     tmp_path: Path,
 ) -> None:
+    port = free_port()
     with ScriptedArchive({}) as archive:
-        layout = layout_for(tmp_path, archive.url)
+        dest = {"url": archive.url, "workers": 1, "timeouts": {"read": "30s"}}
+        layout = make_layout(
+            tmp_path / "run",
+            archive.url,
+            retry=FAST,
+            destinations={"pacs": dest},
+            metrics={"listen": f"127.0.0.1:{port}"},
+        )
         uid = make_instance(layout.drop / "again.dcm")
         new = make_instance(layout.drop / "new.dcm")
         archive.plan.update({uid: [ALREADY_STORED], new: [STORED]})
@@ -164,6 +174,7 @@ def test_an_instance_the_archive_already_holds_goes_to_sent_recorded_as_already_
                 "both files in sent/",
                 lambda: daemon.log,
             )
+            scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
             assert daemon.terminate() == 0
         finally:
             daemon.stop()
@@ -177,6 +188,9 @@ def test_an_instance_the_archive_already_holds_goes_to_sent_recorded_as_already_
     assert data["by_destination"]["pacs"]["already_stored"] == 1
     human = run_cli("status", "-c", str(layout.config)).stdout
     assert "2 sent (1 of them already stored)" in human
+    noted = 'stowd_files_sent_noted_total{destination="pacs",note="already_stored",source="ct1"}'
+    assert f"{noted} 1.0" in scraped
+    assert 'stowd_files_sent_total{destination="pacs",source="ct1"} 2.0' in scraped
 
 
 @pytest.mark.parametrize("listed", [True, False], ids=["listed", "not-listed"])

@@ -97,6 +97,19 @@ def test_counters_move_by_the_calls() -> None:
     assert count("stowd_bytes_sent_total", destination="pacs") == bytes_before + 1024
 
 
+def test_sent_files_with_a_note_are_counted_by_note() -> None:
+    labels = {"source": "src", "destination": "pacs"}
+    before = {n: count("stowd_files_sent_noted_total", **labels, note=n) for n in metrics.NOTES}
+    metrics.settled("src", "pacs", "sent", 10, "warning")
+    metrics.settled("src", "pacs", "sent", 10, "already_stored")
+    metrics.settled("src", "pacs", "sent", 10, "already_stored")
+    metrics.settled("src", "pacs", "sent", 10)  # stored plainly: no note
+    metrics.settled("src", "pacs", "failed", 10, "warning")  # only sent files are noted
+    after = {n: count("stowd_files_sent_noted_total", **labels, note=n) for n in metrics.NOTES}
+    assert after["warning"] == before["warning"] + 1
+    assert after["already_stored"] == before["already_stored"] + 2
+
+
 def test_request_durations_fall_into_buckets() -> None:
     name = "stowd_request_duration_seconds"
     n = count(f"{name}_count", destination="pacs")
