@@ -8,16 +8,21 @@ file of two million elements built this way took 670 MB to classify (measured wi
 
 from __future__ import annotations
 
+import gzip
 import io
 import struct
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pydicom
 import pytest
+from localserver import LocalServer
 
-from stowd import classify, deflated
+from stowd import answers, classify, deflated
 from stowd.errors import FileProblem
 from tests.test_elements import UNDEFINED, _explicit, _implicit, _item, _walked
 
@@ -217,3 +222,66 @@ def test_a_whole_slide_image_in_tiled_sparse_is_not_refused(tmp_path: Path) -> N
     path.write_bytes(_wsi_sparse(313, 235))
     found = classify.classify(str(path))
     assert found.sop_uid == "1.2.826.0.1.3680043.8.498.1"
+
+
+# -- verify: an answer within the size cap that takes hundreds of MB as Python objects --------
+class ManyObjectsArchive(LocalServer):
+    """A QIDO-RS (or a proxy before it) that answers every query with a JSON list of
+    ``count`` empty objects, gzip-encoded (stowd asks for gzip: answers.ACCEPT_ENCODING):
+    16 MiB decoded, within QIDO_ANSWER_LIMIT, about 16 KiB on the wire."""
+
+    def __init__(self, count: int) -> None:
+        body = gzip.compress(b"[" + b"{}," * (count - 1) + b"{}]", compresslevel=9)
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Content-Encoding", "gzip")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        super().__init__(Handler)
+
+
+VERIFY_CHILD = """
+import sys
+from stowd import stow, verify
+from stowd.config import Destination
+from stowd.errors import VerifyUnavailable
+destination = Destination(name="pacs", url=sys.argv[1])
+with stow.http_client(destination) as http:
+    try:
+        print(sorted(verify.unlisted(http, destination, [("1.2", "1.2.3")])))
+    except VerifyUnavailable as exc:
+        print("unavailable:", exc)
+for line in open("/proc/self/status"):
+    if line.startswith("VmHWM:"):
+        print("peak", int(line.split()[1]) * 1024 / 1e6)
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review B: verify parses a whole QIDO answer (up to 16 MiB decoded) with json.loads; "
+    "16 MiB of empty objects become 5.6 million dicts, about 400 MB per worker",
+)
+def test_a_verify_answer_of_millions_of_objects_does_not_take_hundreds_of_mb() -> None:
+    """Each sender of a destination verifies on its own thread, so four workers hold four
+    such answers at once: a misbehaving archive or proxy exhausts the daemon's memory."""
+    with ManyObjectsArchive((answers.QIDO_ANSWER_LIMIT - 2) // 3) as archive:
+        child = subprocess.run(
+            [sys.executable, "-c", VERIFY_CHILD, archive.url],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )
+    lines = child.stdout.splitlines()
+    assert lines[0] in ("['1.2.3']",) or lines[0].startswith("unavailable:"), child.stdout
+    peak = float(lines[-1].split()[1])
+    assert peak < 150, f"peak {peak:.0f} MB"
