@@ -23,6 +23,7 @@ import json
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -75,8 +76,10 @@ def unlisted(
 
 
 def query_url(destination: Destination, study: str) -> str:
+    """The study's instances query; the UID is escaped, since a file's UID may hold any
+    character ('#', '?' or '/' would otherwise make the URL ask for something else)."""
     base = destination.url.rstrip("/")
-    return f"{base}/studies/{study}/instances" if study else f"{base}/instances"
+    return f"{base}/studies/{quote(study, safe='')}/instances" if study else f"{base}/instances"
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
