@@ -290,11 +290,6 @@ for line in open("/proc/self/status"):
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review B: verify parses a whole QIDO answer (up to 16 MiB decoded) with json.loads; "
-    "16 MiB of empty objects become 5.6 million dicts, about 400 MB per worker",
-)
 def test_a_verify_answer_of_millions_of_objects_does_not_take_hundreds_of_mb() -> None:
     """Each sender of a destination verifies on its own thread, so four workers hold four
     such answers at once: a misbehaving archive or proxy exhausts the daemon's memory."""
@@ -309,4 +304,5 @@ def test_a_verify_answer_of_millions_of_objects_does_not_take_hundreds_of_mb() -
     lines = child.stdout.splitlines()
     assert lines[0] in ("['1.2.3']",) or lines[0].startswith("unavailable:"), child.stdout
     peak = float(lines[-1].split()[1])
-    assert peak < 150, f"peak {peak:.0f} MB"
+    assert peak < 150, f"peak {peak:.0f} MB"  # 497 MB on main
+    assert "more than 500,000 JSON values" in lines[0], child.stdout
