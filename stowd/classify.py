@@ -155,7 +155,12 @@ def _read_header(fp: BinaryIO, size: int) -> pydicom.Dataset:
     fp.seek(0)
     with elements.parsing(found):  # the count may be short: pydicom's reads are counted too
         bounded = cast(BinaryIO, elements.Bounded(fp))
-        return pydicom.dcmread(bounded, stop_before_pixels=True, force=True, defer_size=DEFER)
+        ds = pydicom.dcmread(bounded, stop_before_pixels=True, force=True, defer_size=DEFER)
+    # pydicom reads a deferred value later through the file object it was given, or by
+    # opening its type again: as for a file, the file is opened again by its name (the
+    # caller goes on from fp's position, and Bounded cannot open a path)
+    ds.buffer, ds.fileobj_type = None, open
+    return ds
 
 
 @contextmanager

@@ -306,3 +306,26 @@ def test_a_verify_answer_of_millions_of_objects_does_not_take_hundreds_of_mb() -
     peak = float(lines[-1].split()[1])
     assert peak < 150, f"peak {peak:.0f} MB"  # 497 MB on main
     assert "more than 500,000 JSON values" in lines[0], child.stdout
+
+
+def test_a_deferred_value_of_a_counted_header_is_read_from_the_file_by_name(
+    tmp_path: Path,
+) -> None:
+    """A header past classify's first 64 KiB with a value pydicom defers (over 256 KiB): the
+    value is read later from the file, opened again by its name, as when pydicom was given
+    the file itself (not from classify's file object, whose position its caller uses)."""
+    uid = b"1.2.826.0.1.3680043.8.498.9\0"
+    header = b"".join(
+        [
+            _explicit(0x0008, 0x0016, b"UI", b"1.2.840.10008.5.1.4.1.1.7\0"),
+            _explicit(0x0008, 0x0018, b"UI", uid),
+            _explicit(0x0009, 0x0010, b"LO", b"REVIEW B"),
+            _explicit(0x0009, 0x1001, b"OB", b"\x01" * 300_000),
+            _explicit(0x0020, 0x000D, b"UI", uid),
+        ]
+    )
+    path = tmp_path / "deferred.dcm"
+    path.write_bytes(_meta(EXPLICIT_LE) + header + _explicit(0x7FE0, 0x0010, b"OB", b"\0" * 64))
+    found = classify.classify(str(path))
+    assert found.header is not None
+    assert found.header[0x00091001].value == b"\x01" * 300_000
