@@ -71,6 +71,9 @@ DEFAULT_RETRY_MAX = 3600.0
 DEFAULT_RETRY_MULTIPLIER = 2.0
 DEFAULT_RETRY_MAX_AGE = 7 * 24 * 3600.0
 DEFAULT_HOLD_PROBE = 60.0
+DEFAULT_MAX_REFUSALS = 3  # a file refused this often with a doubtful code (0110, 45071) fails
+DUPLICATE_ACTIONS = ("accept", "fail")  # an instance the archive already holds: sent/ or failed/
+DEFAULT_DUPLICATES = "accept"
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_HISTORY_DAYS = 30.0
 DEFAULT_FOLDER_SIDECAR = "_metadata.yaml"
@@ -96,6 +99,12 @@ class BatchLimits:
     max_bytes: int = DEFAULT_BATCH_BYTES
 
 
+TRANSCODE_NONE = "none"
+TRANSCODE_EXPLICIT = "explicit-vr"
+TRANSCODE_POLICIES = (TRANSCODE_NONE, TRANSCODE_EXPLICIT)
+DEFAULT_TRANSCODE = TRANSCODE_NONE
+
+
 @dataclass(frozen=True)
 class Destination:
     """A DICOMweb archive; STOW goes to ``{url}/studies``."""
@@ -108,6 +117,10 @@ class Destination:
     verify_tls: bool = True
     bulkdata: str = "encapsulate"  # or "metadata": PS3.18 metadata + bulkdata requests
     access: Access = field(default_factory=Access)  # login, TLS, headers, proxy
+    duplicates: str = DEFAULT_DUPLICATES  # "fail": an instance already stored goes to failed/
+    # "explicit-vr": Implicit VR Little Endian files are sent converted to Explicit VR
+    # Little Endian (stowd/rewrite.py); "none": every file is sent in its own syntax
+    transcode: str = DEFAULT_TRANSCODE
     verify: bool = DEFAULT_VERIFY  # ask the archive (QIDO-RS) for what it said it stored
 
     @property
@@ -191,6 +204,7 @@ class Retry:
     multiplier: float = DEFAULT_RETRY_MULTIPLIER
     max_age: float = DEFAULT_RETRY_MAX_AGE
     hold_probe: float = DEFAULT_HOLD_PROBE
+    max_refusals: int = DEFAULT_MAX_REFUSALS
 
 
 @dataclass(frozen=True)
@@ -263,7 +277,7 @@ _TOP_KEYS = (
     "uid_root",
     "metrics",
 )
-_RETRY_KEYS = ("initial", "maximum", "multiplier", "max_age", "hold_probe")
+_RETRY_KEYS = ("initial", "maximum", "multiplier", "max_age", "hold_probe", "max_refusals")
 _SOURCE_OWN_KEYS = ("name", "watch", "sent", "failed", "destination", "rules")
 _SOURCE_OPTION_KEYS = (
     "quiet_period",
@@ -288,6 +302,8 @@ _DESTINATION_KEYS = (
     "batch",
     "timeouts",
     "bulkdata",
+    "duplicates",
+    "transcode",
     "verify",
     *ACCESS_KEYS,
 )
@@ -464,6 +480,7 @@ def _read_retry(sec: Section) -> Retry:
         multiplier=sec.get("multiplier", DEFAULT_RETRY_MULTIPLIER, as_number(1.0)),
         max_age=sec.get("max_age", DEFAULT_RETRY_MAX_AGE, positive),
         hold_probe=sec.get("hold_probe", DEFAULT_HOLD_PROBE, positive),
+        max_refusals=sec.get("max_refusals", DEFAULT_MAX_REFUSALS, as_int(1)),
     )
     if retry.maximum < retry.initial:
         if sec.value_node("maximum") is not None:
@@ -495,6 +512,8 @@ def _read_destination(sec: Section, name: str) -> Destination | None:
         verify_tls=sec.get("verify_tls", True, as_bool),
         bulkdata=sec.get("bulkdata", "encapsulate", as_choice(BULK_MODES)),
         access=read_access(sec),
+        duplicates=sec.get("duplicates", DEFAULT_DUPLICATES, as_choice(DUPLICATE_ACTIONS)),
+        transcode=sec.get("transcode", DEFAULT_TRANSCODE, as_choice(TRANSCODE_POLICIES)),
         verify=sec.get("verify", DEFAULT_VERIFY, as_bool),
     )
     return None if url is None else destination

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from stowd.fileops import write_new
+
 SUFFIX = ".state"
+MODE = 0o600  # what a daemon is doing is for its administrators only
 WRITE_EVERY = 2.0  # seconds
 # A request without progress for this long (or a tenth of the read timeout, if shorter) is
 # shown as "not answering" in status, long before the read timeout ends it.
@@ -54,12 +56,7 @@ def document(pid: int, now: float, destinations: Mapping[str, dict[str, Any]]) -
 
 def write(queue: Path, doc: Mapping[str, Any]) -> None:
     """Replace the state file at once (a reader sees the old or the new one, whole)."""
-    target = path_of(queue)
-    tmp = target.with_name(f".{target.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fp:
-        json.dump(doc, fp)
-    os.replace(tmp, target)
+    write_new(path_of(queue), json.dumps(doc).encode("utf-8"), MODE, suffix=".tmp")
 
 
 def remove(queue: Path) -> None:

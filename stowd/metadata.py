@@ -214,16 +214,26 @@ def spool_path(config: Config, job: Job) -> Path:
     return config.spool / f"{job.id}{SPOOL_SUFFIX}"
 
 
-def spool_copy(config: Config, job: Job, changes: dict[str, Any], now: datetime) -> Path:
-    """Write the copy of ``job``'s file with ``changes`` to the spool folder."""
+def spool_copy(
+    config: Config,
+    job: Job,
+    changes: dict[str, Any] | None,
+    now: datetime,
+    *,
+    explicit: bool = False,
+) -> Path:
+    """Write the copy of ``job``'s file with ``changes`` (None: none) to the spool folder,
+    converted to Explicit VR Little Endian with ``explicit`` (``rewrite``)."""
     target = spool_path(config, job)
     make_spool(target, job)
 
     def edit(ds: Dataset) -> None:
+        if changes is None:
+            return
         record = config.original_attributes
         apply(ds, changes["set"], changes["remove"], record_original=record, now=now)
 
-    rewrite(Path(job.path), target, edit)
+    rewrite(Path(job.path), target, edit, explicit=explicit)
     return target
 
 

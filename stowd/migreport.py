@@ -12,12 +12,14 @@ in SRC.failed, or in SRC with keep), ``unmoved`` (its move keeps failing) or ``u
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stowd.fileops import write_new
 from stowd.printable import escape_lines, utf8_safe
 from stowd.queue import Failed, Job
 
@@ -215,14 +217,14 @@ def _failed_line(summary: Summary) -> str:
 
 def write_report(path: Path, failures: list[dict[str, Any]]) -> None:
     """Every failed file with its reason: JSON for ``.json``, else CSV."""
-    tmp = path.with_name(f".{path.name}.tmp")
     failures = [utf8_safe(f) for f in failures]  # a name that is not UTF-8: escaped
-    with open(tmp, "w", newline="", encoding="utf-8") as fp:
-        if path.suffix.lower() == ".json":
-            json.dump(failures, fp, indent=2, ensure_ascii=False)
-            fp.write("\n")
-        else:
-            writer = csv.DictWriter(fp, REPORT_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(failures)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    if path.suffix.lower() == ".json":
+        json.dump(failures, text, indent=2, ensure_ascii=False)
+        text.write("\n")
+    else:
+        writer = csv.DictWriter(text, REPORT_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(failures)
+    # the mode as the user's umask makes it (a file they asked for); its folder must exist
+    write_new(path, text.getvalue().encode("utf-8"), None, suffix=".tmp", create=False)

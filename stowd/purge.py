@@ -31,6 +31,7 @@ from pathlib import Path
 
 from stowd import sidecar as sidecar_mod
 from stowd.config import DEFAULT_FOLDER_SIDECAR, Sidecars, Source
+from stowd.fileops import is_copy_name
 from stowd.settle import MOVING
 
 log = logging.getLogger("stowd.purge")
@@ -276,10 +277,7 @@ def _sidecar_like(name: str, settings: Sidecars) -> bool:
 
 def _is_folder_copy(name: str, settings: Sidecars) -> bool:
     """``_metadata.yaml`` and its copies ``_metadata~<hash>.yaml``, ``_metadata~N.yaml``."""
-    folder = Path(settings.folder or DEFAULT_FOLDER_SIDECAR)
-    return name == folder.name or (
-        name.startswith(folder.stem + "~") and name.endswith(folder.suffix)
-    )
+    return is_copy_name(name, settings.folder or DEFAULT_FOLDER_SIDECAR)
 
 
 def _used(name: str, kept: list[str], settings: Sidecars) -> bool:

@@ -28,7 +28,8 @@ workers holds (a worker that died).
 Every write transaction translates sqlite3's errors here, at one seam: ``QueueFull`` when the
 queue's filesystem is full (nothing was written), ``QueueError`` otherwise.  ``troubles``
 (schema 5) holds what the running daemon reports about itself for ``stowd status`` (a thread
-that keeps dying).
+that keeps dying).  ``note`` (schema 6) says how a settled file's outcome came about where the
+outcome alone does not: ``already stored`` for a file the archive said it held already.
 
 Paths are kept exactly, whatever bytes their names hold.  A value that is not valid UTF-8 (a
 name with bytes such as ``ff fe``, which ``os.fsdecode`` gives as lone surrogates) is stored
@@ -60,7 +61,8 @@ from stowd.errors import QueueError, QueueFull, QueueLockedError, SidecarNotRead
 
 log = logging.getLogger("stowd.queue")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
+ALREADY_STORED = "already stored"  # the note of a file the archive said it already held
 ACTIVE = ("pending", "claimed", "settling")
 DONE = ("sent", "failed", "gone")
 BUSY_TIMEOUT_MS = 30_000
@@ -97,7 +99,8 @@ CREATE TABLE IF NOT EXISTS files (
     sidecars TEXT,
     rules_digest TEXT,
     made TEXT,
-    lookup TEXT
+    lookup TEXT,
+    note TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS files_active_path ON files(path)
     WHERE state IN ('pending', 'claimed', 'settling');
@@ -289,8 +292,19 @@ _MIGRATIONS = {
         "CREATE TABLE IF NOT EXISTS troubles (name TEXT PRIMARY KEY, since REAL NOT NULL, "
         "text TEXT NOT NULL)",
     ),
+    5: ("ALTER TABLE files ADD COLUMN note TEXT",),
 }
 LOOKUP_MEMORY = 86_400.0  # cached lookup answers older than this are deleted
+
+
+def _column_there(db: sqlite3.Connection, statement: str) -> bool:
+    """An ``ALTER TABLE t ADD COLUMN c`` whose column ``t`` has already (an older schema
+    version with a later column added by hand, as the tests make old queues): skipped."""
+    words = statement.split()
+    if words[:2] != ["ALTER", "TABLE"] or words[3:5] != ["ADD", "COLUMN"]:
+        return False
+    columns = {row[1] for row in db.execute(f"PRAGMA table_info({words[2]})")}
+    return words[5] in columns
 
 
 def _storable(value: Any) -> Any:
@@ -474,7 +488,8 @@ class Queue:
                     db.execute(statement)
             for step in range(version or SCHEMA_VERSION, SCHEMA_VERSION):
                 for statement in _MIGRATIONS[step]:
-                    db.execute(statement)
+                    if not _column_there(db, statement):
+                        db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _take_lock(self) -> None:
@@ -928,16 +943,25 @@ class Queue:
 
     # -- settling ------------------------------------------------------------------------
     def begin_settle(
-        self, plans: Iterable[tuple[Job, str, str | None, dict[str, Any] | None]]
+        self,
+        plans: Iterable[tuple[Job, str, str | None, dict[str, Any] | None]],
+        *,
+        notes: dict[int, str] | None = None,
     ) -> None:
         """Record (job, outcome, target, error) of each job before its file is moved (and
         the sidecars that go with it, for a repair after a crash).  A target of None: no
-        free name could be chosen yet (the repair chooses it)."""
+        free name could be chosen yet (the repair chooses it).  ``notes``: by job id, how
+        the outcome came about (``ALREADY_STORED``); a row's note is kept otherwise."""
+        notes = notes or {}
         with self._tx() as db:
             db.executemany(
                 "UPDATE files SET state = 'settling', outcome = ?, target = ?, error = ?, "
-                "sidecars = COALESCE(?, sidecars), lease_until = NULL WHERE id = ?",
-                [(o, t, json.dumps(e) if e else None, j.sidecars, j.id) for j, o, t, e in plans],
+                "sidecars = COALESCE(?, sidecars), note = COALESCE(?, note), "
+                "lease_until = NULL WHERE id = ?",
+                [
+                    (o, t, json.dumps(e) if e else None, j.sidecars, notes.get(j.id), j.id)
+                    for j, o, t, e in plans
+                ],
             )
 
     def finish(self, job_id: int, *, state: str) -> None:
@@ -972,6 +996,15 @@ class Queue:
                 "UPDATE files SET state = ?, outcome = 'kept', target = NULL, error = ?, "
                 "done_at = ?, lease_until = NULL WHERE id = ?",
                 [(s, json.dumps(e) if e else None, now, i) for i, s, e in done],
+            )
+
+    def add_notes(self, notes: dict[int, str]) -> None:
+        """Record by job id how a finished file's outcome came about (``ALREADY_STORED``),
+        for the files ``finish_kept`` finished (a moved file's note goes with
+        ``begin_settle``)."""
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE files SET note = ? WHERE id = ?", [(n, i) for i, n in notes.items()]
             )
 
     def finished_before(self, files: Sequence[NewFile]) -> set[str]:
@@ -1179,22 +1212,24 @@ class Queue:
         finally:
             conn.execute("COMMIT")  # ends the read transaction; nothing was written
 
-    def tally(self, now: float) -> list[tuple[str, str, str, int, int, float, int]]:
-        """(source, destination, state, files, bytes, oldest queued_at, stored) of each group,
-        in one pass; pending rows whose next attempt lies after ``now`` count as ``waiting``;
-        ``stored``: how many of them the archive stored (of ``settling`` ones: not yet moved
-        to sent/; the others go to failed/)."""
+    def tally(self, now: float) -> list[tuple[str, str, str, int, int, float, int, int]]:
+        """(source, destination, state, files, bytes, oldest queued_at, stored, already) of
+        each group, in one pass; pending rows whose next attempt lies after ``now`` count as
+        ``waiting``; ``stored``: how many of them the archive stored (of ``settling`` ones:
+        not yet moved to sent/; the others go to failed/); ``already``: how many of them the
+        archive said it held already (note ``already stored``)."""
         rows = (
             self._conn()
             .execute(
                 "SELECT source, destination, CASE WHEN state = 'pending' AND next_attempt_at > ? "
                 "THEN 'waiting' ELSE state END AS s, COUNT(*), SUM(size), MIN(queued_at), "
-                "TOTAL(outcome = 'sent') FROM files GROUP BY source, destination, s",
-                (now,),
+                "TOTAL(outcome = 'sent'), TOTAL(note IS ?) FROM files "
+                "GROUP BY source, destination, s",
+                (now, ALREADY_STORED),
             )
             .fetchall()
         )
-        return [(r[0], r[1], r[2], r[3], r[4], r[5], int(r[6])) for r in rows]
+        return [(r[0], r[1], r[2], r[3], r[4], r[5], int(r[6]), int(r[7])) for r in rows]
 
     def sent_since(self, since: float) -> list[tuple[str, str, int, int]]:
         """(source, destination, files, bytes) sent at ``since`` or later.

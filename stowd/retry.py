@@ -31,11 +31,9 @@ so this is safe while the daemon runs.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import re
-import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -47,15 +45,17 @@ from typing import Any
 from stowd import sidecar as sidecar_mod
 from stowd.config import DEFAULT_FOLDER_SIDECAR, Config, Sidecars, Source, parse_duration
 from stowd.errors import StowdError
+from stowd.fileops import (
+    copy_new,
+    fsync_dir,
+    is_copy_name,
+    move_new,
+    remove_empty_parents,
+    walk_folders,
+)
 from stowd.printable import escape_lines
 from stowd.queue import Job, open_readonly
-from stowd.settle import (
-    ERROR_SUFFIX,
-    NO_HARD_LINK,
-    copy_name,
-    make_folders,
-    remove_empty_parents,
-)
+from stowd.settle import ERROR_SUFFIX, copy_name
 
 FRESH = 60.0  # a file this new in failed/ without an error file may be a move in progress
 _SUFFIXES = (*sidecar_mod.SUFFIXES, *(s.upper() for s in sidecar_mod.SUFFIXES))
@@ -202,23 +202,22 @@ class _Retry:
             self._tidy(folder, owners)
 
     def _walk(self, top: Path, skip: set[Path]) -> Iterator[tuple[Path, list[str]]]:
-        """Each folder (this one first) with its files; symlinked folders are not followed.
-        Walked without recursion (folders nested a thousand deep raised RecursionError)."""
-        todo = [top]
-        while todo:
-            folder = todo.pop()
-            try:
-                with os.scandir(folder) as it:
-                    entries = sorted(it, key=lambda e: e.name)
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
+        """Each folder (this one first) with its files; symlinked folders are not followed."""
+        unlisted: set[str] = set()
+
+        def cannot_list(folder: str, exc: OSError) -> None:
+            unlisted.add(folder)
+            if not isinstance(exc, FileNotFoundError):
                 self.report.notes.append(f"cannot read {folder}: {exc.strerror or exc}")
                 self.report.problems += 1
-                continue
-            yield folder, [e.name for e in entries if _is_file(e)]
-            subs = [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
-            todo.extend(reversed([s for s in subs if s not in skip]))
+
+        def enter(entry: os.DirEntry[str]) -> bool:
+            return Path(entry.path) not in skip
+
+        for folder, listing in walk_folders(str(top), enter, cannot_list, sort=True):
+            entries = list(listing)
+            if folder not in unlisted:
+                yield Path(folder), [e.name for e in entries if _is_file(e)]
 
     # -- one file --------------------------------------------------------------------
     def _file(self, folder: _Folder, name: str, owners: list[Source]) -> None:
@@ -286,7 +285,7 @@ class _Retry:
         settings = item.source.sidecars
         if settings is None or settings.folder is None:
             return None, None
-        copies = [n for n in folder.names if _is_folder_copy(n, settings.folder)]
+        copies = [n for n in folder.names if is_copy_name(n, settings.folder)]
         here = item.target.parent / settings.folder
         chosen = self.chosen.get(here)
         if copies and chosen is None and os.path.lexists(here):
@@ -374,18 +373,19 @@ class _Retry:
         made: list[Path] = []
         try:
             if copy is not None and here is not None and here not in self.chosen:
-                _copy_new(copy, here)
+                copy_new(copy, here)
                 made.append(here)
             for c, place in item.sidecars:
                 if not os.path.lexists(place):
-                    _copy_new(c, place)
+                    copy_new(c, place)
                     made.append(place)
-            _move_new(item.path, item.target)
+            move_new(item.path, item.target)
         except OSError:
             for place in made:
                 place.unlink(missing_ok=True)
             raise
-        _fsync_dir(item.target.parent)
+        with contextlib.suppress(OSError):  # the moves happened; only their durability is in doubt
+            fsync_dir(item.target.parent)
         if item.error is not None:
             try:
                 item.error.unlink(missing_ok=True)
@@ -504,15 +504,6 @@ def _folder_names(owners: list[Source]) -> set[str]:
     return found or {DEFAULT_FOLDER_SIDECAR}
 
 
-def _is_folder_copy(name: str, folder: str) -> bool:
-    """``_metadata.yaml``, ``_metadata~<sha12>.yaml`` (another text) or ``_metadata~N.yaml``
-    (a copy kept byte for byte)."""
-    plain = Path(folder)
-    stem, suffix = (plain.stem, plain.suffix) if plain.suffix else (plain.name, "")
-    pattern = re.escape(stem) + r"(~[0-9a-f]{12}|~[0-9]+)?" + re.escape(suffix)
-    return re.fullmatch(pattern, name) is not None
-
-
 def _is_data(name: str, names: set[str], owners: list[Source]) -> bool:
     """A file that was (to be) sent: not hidden (a move in progress), not an error file,
     and either with an error file or not named like a sidecar copy."""
@@ -520,13 +511,13 @@ def _is_data(name: str, names: set[str], owners: list[Source]) -> bool:
         return False
     if name + ERROR_SUFFIX in names:
         return True
-    if any(_is_folder_copy(name, f) for f in _folder_names(owners)):
+    if any(is_copy_name(name, f) for f in _folder_names(owners)):
         return False
     return Path(name).suffix not in _SUFFIXES
 
 
 def _still_used(name: str, folder: _Folder, owners: list[Source]) -> bool:
-    if any(_is_folder_copy(name, f) for f in _folder_names(owners)):
+    if any(is_copy_name(name, f) for f in _folder_names(owners)):
         return bool(folder.staying)
     return any(name in _per_file_names(d) for d in folder.staying)
 
@@ -546,67 +537,3 @@ def _why(exc: OSError, target: Path) -> str:
     if isinstance(exc, FileExistsError):
         return f"{target} appeared in the watch folder meanwhile; not overwritten"
     return f"cannot move it: {exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
-
-
-# --------------------------------------------------------------------------- moving files
-
-
-def _move_new(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``, never replacing a file there (``FileExistsError``); across
-    filesystems copy, fsync, put in place, then remove ``src``."""
-    make_folders(dst.parent)
-    try:
-        _rename_new(src, dst)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        _copy_new(src, dst)
-        os.unlink(src)
-
-
-def _copy_new(src: Path, dst: Path) -> None:
-    """Put a copy of ``src`` (a file, or a symbolic link as a link) at ``dst``, synced to
-    disk, under a hidden temporary name first; never replaces a file at ``dst``."""
-    make_folders(dst.parent)
-    tmp = dst.with_name(f".{dst.name}.stowd-tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        if src.is_symlink():
-            os.symlink(os.readlink(src), tmp)
-        else:
-            with open(src, "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout, 1024 * 1024)
-                fout.flush()
-                os.fsync(fout.fileno())
-            shutil.copystat(src, tmp)
-        _rename_new(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _rename_new(src: Path, dst: Path) -> None:
-    """``rename`` that never replaces ``dst``: a hard link, then unlink ``src``.  Where the
-    filesystem has no hard links: check, then rename (a file appearing in between loses)."""
-    try:
-        os.link(src, dst, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno not in NO_HARD_LINK:
-            raise  # EEXIST: taken; EXDEV: the caller copies
-        if os.path.lexists(dst):
-            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
-        os.rename(src, dst)
-        return
-    os.unlink(src)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # the moves happened; only their durability is in doubt
-    finally:
-        os.close(fd)

@@ -6,6 +6,13 @@ the Original Attributes Sequence).  ``rewrite`` writes the changed header to a s
 copies the rest of the original, from the Pixel Data element on, byte for byte and in chunks:
 memory does not grow with the pixel data.  Deflated files are compressed as a whole, so they
 are read, changed and written whole (up to ``DEFLATED_LIMIT`` bytes, inflated).
+
+With ``explicit`` (``transcode: explicit-vr``) an Implicit VR Little Endian file is written as
+Explicit VR Little Endian: the header by pydicom (VRs from the dictionary, UN for private
+elements; text is decoded and encoded again, so only padding may differ, and what pydicom
+would change fails the file), the pixel data and what follows it by ``explicit.py``,
+element by element, values copied in chunks.  Only the File Meta's TransferSyntaxUID
+changes.  ``needs_explicit`` says which files are converted.
 """
 
 from __future__ import annotations
@@ -30,12 +37,14 @@ from pydicom.dataset import Dataset, FileDataset
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
+from pydicom.values import converters
 
-from stowd import deflated, dropped, elements
+from stowd import deflated, dropped, elements, explicit
 from stowd.classify import (
     BIG_ENDIAN,
     DEFLATED,
     HEAD_BYTES,
+    IMPLICIT,
     PIXEL_TAGS,
     UNDEFINED,
     header_errors,
@@ -240,36 +249,81 @@ def _sync_file_meta(ds: Dataset, changed: Mapping[BaseTag, DataElement]) -> None
 # -- rewrite: the changed header plus the original pixel data -------------------------------
 
 
-def rewrite(src: Path, dst: Path, edit: Callable[[Dataset], None]) -> int:
+def rewrite(
+    src: Path, dst: Path, edit: Callable[[Dataset], None], *, explicit: bool = False
+) -> int:
     """Write ``dst``: ``src`` with its header changed by ``edit``; return the size of ``dst``.
 
     ``src`` is only read.  Its bytes from the Pixel Data element to the end are copied as they
-    are, in chunks.  On any error a partly written ``dst`` is removed.
+    are, in chunks.  With ``explicit`` an Implicit VR Little Endian file is converted to
+    Explicit VR Little Endian (files in other transfer syntaxes are not).  On any error a
+    partly written ``dst`` is removed.
     """
     with reading(src), warnings.catch_warnings(), dropped.open_file(src) as fp:
         warnings.simplefilter("ignore")  # files with odd values are sent, not judged
-        return _rewrite_open(fp, dst, edit)
+        return _rewrite_open(fp, dst, edit, explicit)
 
 
-def _rewrite_open(fp: BinaryIO, dst: Path, edit: Callable[[Dataset], None]) -> int:
+def needs_explicit(src: Path) -> bool:
+    """Does ``transcode: explicit-vr`` convert ``src``: is it a Part-10 file whose data set
+    is Implicit VR Little Endian (by its TransferSyntaxUID, or by its bytes where it says
+    Explicit VR Little Endian)?  Reads its File Meta and the first element after it, never
+    the whole header (``rewrite`` reads that, counted first)."""
+    with reading(src), dropped.open_file(src) as fp, header_errors():
+        start, syntax = deflated.file_meta(fp, fp.read(HEAD_BYTES))
+        if syntax == IMPLICIT:
+            return True
+        fp.seek(start)
+        first = fp.read(6)
+    return syntax == explicit.EXPLICIT and len(first) == 6 and not _vr_bytes(first[4:6])
+
+
+def _vr_bytes(found: bytes) -> bool:
+    return found.decode("latin-1") in converters  # pydicom's VRs, as pydicom itself tells
+
+
+def _converts(ds: FileDataset) -> bool:
+    """Is ``ds`` Implicit VR Little Endian, or labelled so (then only the label changes)?"""
+    syntax = _transfer_syntax(ds)
+    implicit, little = _encoding(ds)
+    if syntax == IMPLICIT:
+        return little
+    return syntax == explicit.EXPLICIT and implicit and little
+
+
+def _rewrite_open(
+    fp: BinaryIO, dst: Path, edit: Callable[[Dataset], None], to_explicit: bool
+) -> int:
     head = fp.read(HEAD_BYTES)
     if deflated.data_set_start(fp, head) is None:
         found = deflated.count_header(fp, head)  # too many elements: FileProblem
         fp.seek(0)
         with elements.parsing(found):  # the count may be short: pydicom's reads are counted
-            return _rewrite_read(cast(BinaryIO, elements.Bounded(fp)), dst, edit)
+            bounded = cast(BinaryIO, elements.Bounded(fp))
+            return _rewrite_read(bounded, dst, edit, to_explicit)
     fp.seek(0)
     with _HOLDING_WHOLE:  # counted in _read_deflated, once its inflated size is known
-        return _rewrite_read(fp, dst, edit)
+        return _rewrite_read(fp, dst, edit, to_explicit)
 
 
-def _rewrite_read(fp: BinaryIO, dst: Path, edit: Callable[[Dataset], None]) -> int:
+def _rewrite_read(
+    fp: BinaryIO, dst: Path, edit: Callable[[Dataset], None], to_explicit: bool
+) -> int:
     ds, pixels = _read_header(fp)
     encoding = _encoding(ds)
+    convert = to_explicit and _converts(ds)
+    if convert:
+        with header_errors():
+            explicit.prepare(ds)
     edit(ds)
     if pixels is not None:
         _check_before_pixels(ds, pixels[1])
-    return _write(dst, ds, encoding, fp, None if pixels is None else pixels[0])
+    tail = None if pixels is None else pixels[0]
+    if not convert:
+        return _write(dst, ds, encoding, fp, tail)
+    ds.file_meta.TransferSyntaxUID = UID(explicit.EXPLICIT)
+    ds.set_original_encoding(*encoding)  # as the bytes are: pydicom converts what it must
+    return _write(dst, ds, (False, True), fp, tail, converting=True, implicit_tail=encoding[0])
 
 
 def _read_header(fp: BinaryIO) -> tuple[FileDataset, tuple[int, BaseTag] | None]:
@@ -374,8 +428,11 @@ def _check_complete(ds: Dataset) -> None:
             )
 
 
-def _encode(ds: FileDataset, encoding: tuple[bool, bool], out: BinaryIO) -> None:
-    """Preamble, File Meta as it is (group length updated) and the data set, as it was read.
+def _encode(
+    ds: FileDataset, encoding: tuple[bool, bool], out: BinaryIO, *, converting: bool = False
+) -> None:
+    """Preamble, File Meta as it is (group length updated) and the data set, as it was read
+    (or, ``converting``, in Explicit VR Little Endian, refusing what would change a value).
 
     Written straight to ``out``: a large value in the header (an encapsulated document) is
     then held once, not once more in a buffer.
@@ -384,44 +441,65 @@ def _encode(ds: FileDataset, encoding: tuple[bool, bool], out: BinaryIO) -> None
         ds.preamble = b"\0" * 128
     implicit, little = encoding
     try:
-        pydicom.dcmwrite(
-            out,
-            ds,
-            enforce_file_format=False,
-            implicit_vr=implicit,
-            little_endian=little,
-            force_encoding=True,
-        )
+        with warnings.catch_warnings():
+            for lossy in explicit.LOSSY_WARNINGS if converting else ():
+                warnings.filterwarnings("error", lossy, UserWarning)
+            pydicom.dcmwrite(
+                out,
+                ds,
+                enforce_file_format=False,
+                implicit_vr=implicit,
+                little_endian=little,
+                force_encoding=True,
+            )
     except OSError as exc:
         if exc.errno is not None:
             raise  # writing the spool copy failed (disk full, ...): not the value's fault
-        raise unwritable(exc) from exc  # pydicom reports a value it cannot encode so
+        raise unwritable(exc, converting=converting) from exc  # a value it cannot encode
     except Exception as exc:
-        raise unwritable(exc) from exc
+        raise unwritable(exc, converting=converting) from exc
 
 
-def unwritable(exc: Exception) -> FileProblem:
+def unwritable(exc: Exception, *, converting: bool = False) -> FileProblem:
     """Name the attribute pydicom refused (its message carries the tag), with the first cause."""
     found = _TAG_IN_MESSAGE.search(str(exc))
     root: BaseException = exc
     while root.__cause__ is not None:
         root = root.__cause__
+    what = "the changed header cannot be written"
+    if converting:
+        note = explicit.TRANSCODE_NOTE
+        what = f"the file cannot be converted to Explicit VR Little Endian ({note})"
     if found is None:
-        return FileProblem(f"the changed header cannot be written: {root}")
+        return FileProblem(f"{what}: {root}")
     tag = Tag(int(found[1], 16), int(found[2], 16))
     name = keyword_for_tag(tag) or str(tag)
-    return FileProblem(f"the changed header cannot be written: {name} {tag}: {root}")
+    if isinstance(root, UserWarning):  # explicit.LOSSY_WARNINGS
+        return explicit.lossy(f"{name} {tag}", str(root))
+    return FileProblem(f"{what}: {name} {tag}: {root}")
 
 
 def _write(
-    dst: Path, ds: FileDataset, encoding: tuple[bool, bool], fp: BinaryIO, tail_at: int | None
+    dst: Path,
+    ds: FileDataset,
+    encoding: tuple[bool, bool],
+    fp: BinaryIO,
+    tail_at: int | None,
+    *,
+    converting: bool = False,
+    implicit_tail: bool = False,
 ) -> int:
+    """``ds`` encoded so, then the original from ``tail_at`` on: copied as it is, or element
+    by element with explicit VR headers (``implicit_tail``)."""
     try:
         with private(dst) as out:
-            _encode(ds, encoding, out)
+            _encode(ds, encoding, out, converting=converting)
             if tail_at is not None:
                 fp.seek(tail_at)
-                shutil.copyfileobj(fp, out, CHUNK)
+                if implicit_tail:
+                    explicit.write_tail(fp, out)
+                else:
+                    shutil.copyfileobj(fp, out, CHUNK)
             return out.tell()
     except BaseException as exc:
         dst.unlink(missing_ok=True)

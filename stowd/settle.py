@@ -10,9 +10,7 @@ to, the drop folder and is queued again as a new file.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -22,11 +20,22 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
+from stowd import fileops
 from stowd import sidecar as sidecar_mod
 from stowd.config import Sidecars, Source
 from stowd.errors import FileProblem, FileUnreadable, no_space
+from stowd.fileops import (
+    NAME_MAX,
+    NO_LINK,
+    Roots,
+    content_name,
+    fsync_dir,
+    numbered,
+    open_folder,
+    write_new,
+)
 from stowd.printable import utf8_safe
 from stowd.queue import Job, Queue
 
@@ -35,14 +44,9 @@ log = logging.getLogger("stowd.settle")
 ERROR_SUFFIX = ".error.json"
 MOVING = threading.Lock()  # held around moves into sent/ and failed/ (and purge's rmdir)
 MAX_SUFFIX = 10_000
-NAME_MAX = 255  # bytes in one file name (ext4, XFS, btrfs, NTFS via SMB)
-COPY_CHUNK = 1024 * 1024
 NOTE_MODE = 0o600  # a note or copy about a file whose own mode is unknown (a link)
-_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-# os.link cannot make the link: another filesystem, protected_hardlinks, no links there
-# link() refused: the filesystem or its protections allow no (more) hard links there
-NO_HARD_LINK = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS})
-_NO_LINK = NO_HARD_LINK | {errno.EXDEV}  # putting back: a rename or a copy then
+_copy_all = fileops.copy_all  # the bytes of a copy across filesystems (tests wrap it)
+remove_empty_parents = fileops.remove_empty_parents  # the worker tidies drop folders with it
 
 
 def free_target(
@@ -57,16 +61,10 @@ def free_target(
     if not _taken(target, also_taken, companions):
         return target
     for n in range(1, MAX_SUFFIX):
-        candidate = _numbered(target, n)
+        candidate = numbered(target, n)
         if not _taken(candidate, also_taken, companions):
             return candidate
     raise OSError(errno.EEXIST, f"no free name for {target}")
-
-
-def _numbered(path: Path, n: int) -> Path:
-    """``img~N.dcm`` for ``img.dcm``: the name given when ``img.dcm`` is taken."""
-    name = f"{path.stem}~{n}{path.suffix}" if path.suffix else f"{path.name}~{n}"
-    return path.with_name(name)
 
 
 def _taken(
@@ -96,6 +94,7 @@ class Decision:
     source: Source
     outcome: str
     error: dict[str, Any] | None = None
+    note: str | None = None  # how the outcome came about (queue.ALREADY_STORED), kept with it
 
 
 @dataclass(frozen=True)
@@ -121,14 +120,21 @@ def _settle_all(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
     kept = [d for d in decisions if d.source.keep]
     if kept:  # stowd migrate --keep: nothing is moved or written beside the file
         queue.finish_kept([(d.job.id, d.outcome, d.error) for d in kept])
+        if _notes(kept):  # informational: a crash between the two loses a note, no file
+            queue.add_notes(_notes(kept))
         decisions = [d for d in decisions if not d.source.keep]
     return [Settled(d, None) for d in kept] + _settle_moved(queue, decisions)
+
+
+def _notes(decisions: Sequence[Decision]) -> dict[int, str]:
+    return {d.job.id: d.note for d in decisions if d.note is not None}
 
 
 def _settle_moved(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
     plans = _plan(decisions)
     queue.begin_settle(
-        [(d.job, d.outcome, str(t) if isinstance(t, Path) else None, d.error) for d, t in plans]
+        [(d.job, d.outcome, str(t) if isinstance(t, Path) else None, d.error) for d, t in plans],
+        notes=_notes([d for d, _ in plans]),
     )
     results: list[Settled] = []
     done: list[tuple[int, str]] = []
@@ -283,7 +289,7 @@ def _put_back(job: Job, target: Path, roots: Roots = ()) -> Path:
     original = Path(job.path)
     for _ in range(MAX_SUFFIX):
         place = free_target(original.parent, original.name)
-        with _folder(place.parent, roots) as there, _folder(target.parent, roots) as here:
+        with open_folder(place.parent, roots) as there, open_folder(target.parent, roots) as here:
             try:  # a moved link stays a link
                 os.link(
                     target.name,
@@ -295,7 +301,7 @@ def _put_back(job: Job, target: Path, roots: Roots = ()) -> Path:
             except FileExistsError:
                 continue  # taken since it was looked at: the next free name
             except OSError as exc:
-                if exc.errno not in _NO_LINK:
+                if exc.errno not in NO_LINK:
                     raise
                 # no hard link here (another filesystem, protected_hardlinks): the name was
                 # free a moment ago, as for every move into sent/ and failed/
@@ -323,7 +329,7 @@ def _put_back_before(job: Job, target: Path) -> Path | None:
     for place in _versions(Path(job.path)):
         if _same_inode(place, st):
             os.unlink(target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
             return place
     return None
 
@@ -381,7 +387,7 @@ def _copy_raw(data: bytes, wanted: Path, roots: Roots, mode: int) -> bool:
     """Keep a sidecar that is not text, with the bytes it had when its file was found."""
     if any(_bytes_of(v) == data for v in _versions(wanted)):
         return True
-    _write_new(free_target(wanted.parent, wanted.name), data, roots, mode)
+    write_new(free_target(wanted.parent, wanted.name), data, mode, roots)
     return True
 
 
@@ -425,8 +431,7 @@ def copy_name(folder: Path, name: str, text: str) -> Path:
     plain = folder / name
     if not plain.exists() or _holds(plain, text):
         return plain
-    tag = hashlib.sha256(text.encode()).hexdigest()[:12]
-    return plain.with_name(f"{plain.stem}~{tag}{plain.suffix}")
+    return content_name(plain, text)
 
 
 def has_copy(sidecar: Path, folder: Path) -> bool:
@@ -439,7 +444,7 @@ def _versions(path: Path) -> Iterator[Path]:
     """``path`` and the ``name~N`` copies beside it, as far as they exist."""
     yield path
     for n in range(1, MAX_SUFFIX):
-        candidate = _numbered(path, n)
+        candidate = numbered(path, n)
         if not candidate.exists():
             return
         yield candidate
@@ -450,28 +455,7 @@ def _holds(path: Path, text: str) -> bool:
 
 
 def _write_copy(path: Path, text: str, roots: Roots, mode: int) -> None:
-    _write_new(path, text.encode("utf-8"), roots, mode)
-
-
-def _write_new(path: Path, data: bytes, roots: Roots, mode: int) -> None:
-    """Write ``path`` whole (a temporary name, then renamed into place) with ``mode``,
-    whatever the umask, never through a symbolic link."""
-    tmp = _tmp_beside(path, ".stowd-tmp")
-    with _folder(path.parent, roots) as here:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(tmp.name, flags, mode, dir_fd=here)
-        try:
-            os.fchmod(fd, mode)  # a leftover temporary file may have had another mode
-            _write_all(fd, data)
-        finally:
-            os.close(fd)
-        os.replace(tmp.name, path.name, src_dir_fd=here, dst_dir_fd=here)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+    write_new(path, text.encode("utf-8"), mode, roots)
 
 
 def _note_mode(path: Path) -> int:
@@ -588,7 +572,8 @@ def move(
     expect: tuple[int, int] | None = None,
     roots: Roots = (),
 ) -> bool:
-    """Rename ``src`` to ``dst``; across filesystems copy + fsync + rename + unlink.
+    """Rename ``src`` to ``dst``; across filesystems copy + fsync + rename + unlink
+    (``fileops.move``).
 
     With ``sync=False`` the caller fsyncs ``dst``'s folder (once for many moves).  Across
     filesystems the source is removed only when it did not change while it was copied and
@@ -596,173 +581,23 @@ def move(
     stays and False is returned.  No folder below ``roots`` (the source's configured
     folders) is entered through a symbolic link, and a link moved stays a link.
     """
-    with _folder(src.parent, roots, create=False) as here, _folder(dst.parent, roots) as there:
-        try:
-            os.rename(src.name, dst.name, src_dir_fd=here, dst_dir_fd=there)
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            if not _copy_across((here, src.name), (there, dst.name), expect):
-                return False
-        if sync:
-            os.fsync(there)
-    return True
 
+    def unchanged(before: os.stat_result, after: os.stat_result | None, copied: int) -> bool:
+        return _same(before, after, copied, expect)
 
-Roots = tuple[Path, ...]  # a source's configured folders: no link is followed below them
+    return fileops.move(src, dst, sync=sync, roots=roots, unchanged=unchanged, copy=_copy_all)
 
 
 def _roots(source: Source | None) -> Roots:
     return () if source is None else (source.watch, source.sent, source.failed)
 
 
-@contextlib.contextmanager
-def _folder(folder: Path, roots: Roots, *, create: bool = True) -> Iterator[int]:
-    """An open ``folder`` (made as needed, each new folder with the mode of the one it is
-    made in, whatever the umask).  The outermost of ``roots`` holding ``folder`` is opened
-    as configured; every folder below it is entered without following a symbolic link,
-    which fails with an ``OSError`` saying so (a writer of the drop folder may have
-    planted it).  Outside every root only ``folder`` itself is opened as it is."""
-    start = min(
-        (r for r in roots if folder == r or r in folder.parents), key=_depth, default=folder
-    )
-    fd = _open_start(start, create)
-    try:
-        for name in folder.relative_to(start).parts:
-            inner = _enter(fd, name, create, start)
-            os.close(fd)
-            fd = inner
-        yield fd
-    finally:
-        os.close(fd)
-
-
-def _depth(path: Path) -> int:
-    return len(path.parts)
-
-
-def _open_start(start: Path, create: bool) -> int:
-    if create and not start.is_dir():
-        missing = [start, *[p for p in start.parents if not p.is_dir()]]
-        for folder in reversed(missing):
-            with contextlib.suppress(FileExistsError):
-                folder.mkdir(mode=folder.parent.stat().st_mode & 0o777)
-    return os.open(start, _FOLDER)
-
-
-def _enter(parent: int, name: str, create: bool, start: Path) -> int:
-    """Open the folder ``name`` in ``parent`` (made first when missing), never a link."""
-    if create:
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(name, os.fstat(parent).st_mode & 0o777, dir_fd=parent)
-    try:
-        return os.open(name, _FOLDER | os.O_NOFOLLOW, dir_fd=parent)
-    except OSError as exc:
-        if exc.errno not in (errno.ELOOP, errno.ENOTDIR) or not _is_link(parent, name):
-            raise
-    raise OSError(
-        errno.ELOOP,
-        f"the folder {name} (below {start}) is a symbolic link; stowd never moves or writes "
-        "a file through a link in its folders (a writer of the drop folder could have "
-        "planted it); make it a real folder again and the move is tried again",
-    )
-
-
-def _is_link(parent: int, name: str) -> bool:
-    try:
-        return stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode)
-    except OSError:
-        return False
-
-
 def _sync_folders(folders: Collection[Path]) -> None:
     for folder in folders:
         try:
-            _fsync_dir(folder)
+            fsync_dir(folder)
         except OSError as exc:  # the renames happened; only their durability is in doubt
             log.warning("cannot sync folder %s: %s", folder, exc)
-
-
-def _tmp_beside(path: Path, suffix: str) -> Path:
-    """A hidden temporary name beside ``path``: ``.<name><suffix>``, or a hash of the name
-    when that would be too long for the filesystem."""
-    tmp = path.with_name(f".{path.name}{suffix}")
-    if len(os.fsencode(tmp.name)) <= NAME_MAX:
-        return tmp
-    return path.with_name(f".{hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16]}{suffix}")
-
-
-def _copy_across(
-    src: tuple[int, str], dst: tuple[int, str], expect: tuple[int, int] | None
-) -> bool:
-    """Copy, fsync, rename into place, then unlink ``src``: only if ``src`` did not change
-    meanwhile (a writer that still adds to it would lose what it writes after the unlink).
-    Each is a (folder, name) pair; a symbolic link is copied as a link, never followed."""
-    (here, name), (there, dst_name) = src, dst
-    tmp = _tmp_beside(Path(dst_name), ".stowd-tmp").name
-    try:
-        fin = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=here)
-    except OSError as exc:
-        if exc.errno != errno.ELOOP:
-            raise
-        return _link_across(src, dst, tmp)
-    try:
-        before, after, copied = _copy_to(fin, (there, tmp))
-    except BaseException:
-        # a part copy (a full disk) must not stay: it would keep that disk full for others
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=there)
-        raise
-    if not _same(before, after, copied, expect):
-        os.unlink(tmp, dir_fd=there)
-        return False
-    os.rename(tmp, dst_name, src_dir_fd=there, dst_dir_fd=there)
-    os.fsync(there)
-    if not _same(after, _stat_or_none(here, name), copied, expect):  # changed at the last moment
-        os.unlink(dst_name, dir_fd=there)
-        os.fsync(there)
-        return False
-    os.unlink(name, dir_fd=here)
-    return True
-
-
-def _link_across(src: tuple[int, str], dst: tuple[int, str], tmp: str) -> bool:
-    """Move a symbolic link to another filesystem: the same link there, then unlink it."""
-    (here, name), (there, dst_name) = src, dst
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp, dir_fd=there)
-    os.symlink(os.readlink(name, dir_fd=here), tmp, dir_fd=there)
-    os.rename(tmp, dst_name, src_dir_fd=there, dst_dir_fd=there)
-    os.fsync(there)
-    os.unlink(name, dir_fd=here)
-    return True
-
-
-def _copy_to(fin: int, tmp: tuple[int, str]) -> tuple[os.stat_result, os.stat_result, int]:
-    """Copy the open file ``fin`` (closed here) to ``tmp`` (a folder and a name) with its
-    mode and times, and fsync it; ``fin``'s stat before and after, and the bytes copied."""
-    there, name = tmp
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-    with os.fdopen(fin, "rb") as fp:
-        before = os.fstat(fp.fileno())
-        mode = stat.S_IMODE(before.st_mode)
-        with os.fdopen(os.open(name, flags, mode, dir_fd=there), "wb") as fout:
-            copied = _copy_all(fp, fout)
-            fout.flush()
-            os.fchmod(fout.fileno(), mode)
-            os.utime(fout.fileno(), ns=(before.st_atime_ns, before.st_mtime_ns))
-            os.fsync(fout.fileno())
-        after = os.fstat(fp.fileno())
-    return before, after, copied
-
-
-def _copy_all(fin: BinaryIO, fout: BinaryIO) -> int:
-    """Copy ``fin`` to ``fout`` in chunks; the number of bytes copied."""
-    copied = 0
-    while chunk := fin.read(COPY_CHUNK):
-        fout.write(chunk)
-        copied += len(chunk)
-    return copied
 
 
 def _same(
@@ -771,7 +606,8 @@ def _same(
     copied: int,
     expect: tuple[int, int] | None,
 ) -> bool:
-    """The file copied is whole and unchanged (and the content expected, when given)."""
+    """The file copied is whole and unchanged (and the content expected, when given): a
+    writer that still adds to it would lose what it writes after the source's unlink."""
     if after is None or _identity(before) != _identity(after) or copied != after.st_size:
         return False
     return expect is None or (after.st_size, after.st_mtime_ns) == expect
@@ -779,21 +615,6 @@ def _same(
 
 def _identity(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def _stat_or_none(folder: int, name: str) -> os.stat_result | None:
-    try:
-        return os.stat(name, dir_fd=folder, follow_symlinks=False)
-    except OSError:
-        return None
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_reason(target: Path, error: dict[str, Any], roots: Roots = ()) -> Path:
@@ -805,35 +626,8 @@ def write_reason(target: Path, error: dict[str, Any], roots: Roots = ()) -> Path
         log.warning("%s: name too long for its reason file; it failed: %s", target, error)
         return path
     text = json.dumps(utf8_safe(error), indent=2, ensure_ascii=False) + "\n"  # a name not UTF-8
-    _write_new(path, text.encode("utf-8"), roots, _note_mode(target))
+    write_new(path, text.encode("utf-8"), _note_mode(target), roots)
     return path
-
-
-def make_folders(folder: Path) -> None:
-    """``folder`` and its missing parents, made without recursion: ``Path.mkdir(parents=True)``
-    recurses once per missing folder and raised ``RecursionError`` for a file nested a
-    thousand folders deep."""
-    missing = []
-    while not folder.is_dir() and folder != folder.parent:
-        missing.append(folder)
-        folder = folder.parent
-    for each in reversed(missing):
-        try:
-            each.mkdir()
-        except FileExistsError:
-            if not each.is_dir():
-                raise
-
-
-def remove_empty_parents(path: Path, root: Path) -> None:
-    """Remove now-empty folders between ``path``'s folder and ``root`` (never ``root``)."""
-    folder = path.parent
-    while folder != root and root in folder.parents:
-        with contextlib.suppress(OSError):
-            folder.rmdir()
-        if folder.exists():
-            return
-        folder = folder.parent
 
 
 def iso(ts: float | None) -> str | None:

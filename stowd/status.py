@@ -28,6 +28,7 @@ from typing import Any
 from stowd import disk, inflight
 from stowd.config import Config, Source
 from stowd.errors import QueueError
+from stowd.fileops import walk_folders
 from stowd.printable import escape_lines
 from stowd.queue import Hold, Queue, open_readonly, read_only_note
 
@@ -86,10 +87,14 @@ class _Figures:
     sent_files: int = 0
     sent_bytes: int = 0
     settling_stored: int = 0  # settling files the archive stored (the others failed)
+    already_stored: int = 0  # sent files the archive said it held already
 
-    def add(self, state: str, files: int, size: int, oldest: float, stored: int = 0) -> None:
+    def add(
+        self, state: str, files: int, size: int, oldest: float, stored: int = 0, *, already: int = 0
+    ) -> None:
         self.counts[state] = self.counts.get(state, 0) + files
         self.settling_stored += stored if state == "settling" else 0
+        self.already_stored += already if state == "sent" else 0
         self.backlog_bytes += size if state in BACKLOG else 0
         if state in ACTIVE and (self.oldest is None or oldest < self.oldest):
             self.oldest = oldest
@@ -118,6 +123,7 @@ class _Figures:
         eta, seconds = ("parked", None) if parked and self.backlog_files else self.eta(held)
         return {
             "counts": dict(self.counts),
+            "already_stored": self.already_stored,
             "oldest_pending_seconds": _since(now, self.oldest),
             "files_per_minute": round(self.sent_files / (RATE_WINDOW / 60), 1),
             "mb_per_minute": round(self.sent_bytes / MB / (RATE_WINDOW / 60), 1),
@@ -184,6 +190,7 @@ def _gather(config: Config, queue: Queue, now: float) -> dict[str, Any]:
         "time": now,
         "daemon_pid": pid,
         "counts": {s: n for s, n in total.counts.items() if n},
+        "already_stored": total.already_stored,
         "oldest_pending_seconds": everything["oldest_pending_seconds"],
         "files_per_minute": everything["files_per_minute"],
         "mb_per_minute": everything["mb_per_minute"],
@@ -220,9 +227,9 @@ def _tally(
         found = [sources.setdefault(source, _Figures()), total]
         return [*found, dests.setdefault(dest, _Figures())] if dest else found  # "": parked
 
-    for source, dest, state, files, size, oldest, stored in queue.tally(now):
+    for source, dest, state, files, size, oldest, stored, already in queue.tally(now):
         for figures in parts(source, dest):
-            figures.add(state, files, size, oldest, stored)
+            figures.add(state, files, size, oldest, stored, already=already)
     for source, dest, files, size in queue.sent_since(now - RATE_WINDOW):
         for figures in parts(source, dest):
             figures.add_sent(files, size)
@@ -405,22 +412,20 @@ def _why_unmoved(source: Source, places: Mapping[Path, disk.Full]) -> str:
 def _files_in(folder: Path, skip: tuple[Path, ...]) -> str:
     """How many files are below ``folder`` (not in ``skip``), as text; counting stops at
     ``COUNT_LIMIT`` (a huge folder is not walked to the end for a status)."""
+
+    def enter(entry: os.DirEntry[str]) -> bool:
+        return not entry.name.startswith(".") and Path(entry.path) not in skip
+
     count = 0
-    todo = [str(folder)]  # walked without recursion (os.walk recurses in Python 3.11)
-    while todo:
-        try:
-            with os.scandir(todo.pop()) as it:
-                entries = [e for e in it if not e.name.startswith(".")]
-        except OSError:
-            continue  # unreadable: not counted, as os.walk did
-        for e in entries:
-            if not _is_dir(e):
-                count += 1
-            elif not e.is_symlink() and Path(e.path) not in skip:
-                todo.append(e.path)
+    for _folder, entries in walk_folders(str(folder), enter, _not_counted):
+        count += sum(1 for e in entries if not e.name.startswith(".") and not _is_dir(e))
         if count >= COUNT_LIMIT:
             return f"{COUNT_LIMIT}+"
     return str(count) if count else ""
+
+
+def _not_counted(_folder: str, _exc: OSError) -> None:
+    """A folder that cannot be read is not counted, as ``os.walk`` did."""
 
 
 def _is_dir(entry: os.DirEntry[str]) -> bool:
@@ -495,7 +500,7 @@ def render(data: Mapping[str, Any]) -> str:
     lines = [
         f"queue:        {data['queue']}",
         f"daemon:       {'running (pid ' + str(pid) + ')' if pid else 'not running'}",
-        f"files:        {_counts(data['counts'])}",
+        f"files:        {_counts(data['counts'], data.get('already_stored', 0))}",
         f"oldest:       {_age(data['oldest_pending_seconds'])}",
         f"rate:         {_rate(data)} over the last {data['rate_window_seconds'] / 60:.0f} minutes",
         f"backlog:      {_backlog(data, 'a destination')}",
@@ -580,7 +585,7 @@ def _source(name: str, figures: Mapping[str, Any]) -> list[str]:
 
 def _figures(figures: Mapping[str, Any]) -> list[str]:
     return [
-        f"  files:      {_counts(figures['counts'])}",
+        f"  files:      {_counts(figures['counts'], figures.get('already_stored', 0))}",
         f"  oldest:     {_age(figures['oldest_pending_seconds'])}",
         f"  rate:       {_rate(figures)}",
         f"  backlog:    {_backlog(figures)}",
@@ -606,8 +611,12 @@ def _shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _counts(counts: Mapping[str, int]) -> str:
+def _counts(counts: Mapping[str, int], already: int = 0) -> str:
+    """The counts by state; ``already``: how many of the sent the archive held already."""
     parts = [f"{counts[s]} {s}" for s in STATES if counts.get(s)]
+    if already and counts.get("sent"):
+        at = parts.index(f"{counts['sent']} sent")
+        parts[at] += f" ({already} of them already stored)"
     return ", ".join(parts) or "none yet"
 
 

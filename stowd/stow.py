@@ -11,7 +11,10 @@ an archive's answer is judged, file by file, following the retry table of
 * login trouble: a secret that cannot be read, a token endpoint refusing our client
   -> ``DestinationHeld``; the token endpoint unreachable or 5xx -> ``DestinationBusy``;
   a 401 to an OAuth2 token -> one new token and one more attempt, then ``DestinationHeld``
-* 200/202/409/400 bodies                 -> one ``Verdict`` per sent SOPInstanceUID
+* 200/202/409/400 bodies                 -> one ``Verdict`` per sent SOPInstanceUID; an
+  instance the archive says it already holds (Azure's 45070) is stored (``Outcome.ALREADY``),
+  or failed where the destination has ``duplicates: fail``; a refusal that may be transient
+  is retried, the doubtful ones (``is_counted``) at most ``retry.max_refusals`` times
 * a 4xx, 200 or 202 whose body is not a STOW-RS answer (empty, an HTML login page, other
   text)                                   -> ``DestinationHeld``
 """
@@ -38,7 +41,7 @@ import tenacity
 from stowd import answers, dropped
 from stowd.access import Tls
 from stowd.auth import OAuth2, TokenError, TokenRefused, make_auth
-from stowd.config import Destination
+from stowd.config import DEFAULT_DUPLICATES, Destination
 from stowd.errors import (
     AnswerTooSlow,
     ConnectionDropped,
@@ -67,12 +70,43 @@ QIDO_READ_TIMEOUT = 30.0  # seconds; a lookup is a small answer, unlike a STOW u
 ACCEPT = "application/dicom+json"
 REFERENCED, FAILED_SEQ, RETRIEVE_URL = "00081199", "00081198", "00081190"
 SOP_UID, FAILURE_REASON, WARNING_REASON = "00081155", "00081197", "00081196"
+# An archive's words about one refused instance: ErrorComment (0000,0902), in the item or in
+# its FailedAttributesSequence (0074,1048) (Azure's conformance statement v2, "Store response
+# payload").  At most TEXT_LIMIT characters of it are kept.
+ERROR_COMMENT, FAILED_ATTRIBUTES = "00000902", "00741048"
+TEXT_LIMIT = 200
 BUSY_STATUSES = {408, 429, 502, 503, 504}
 HELD_STATUSES = {401, 403, 404, 405, 407, 415}
 QUOTE_LIMIT = 80  # characters of an odd answer body quoted in a reason
 
+# FailureReason codes of one archive, with their source.  Azure's DICOM service (conformance
+# statement v2, "Store failure reason codes", learn.microsoft.com/azure/healthcare-apis/dicom/
+# dicom-services-conformance-statement-v2; microsoft/dicom-server FailureReasonCodes.cs, where
+# InstanceAlreadyExistsException becomes SopInstanceAlreadyExists and PendingInstanceException
+# PendingSopInstance, each a FailedSOPSequence item, HTTP 409 when nothing was stored):
+# 45070: "A DICOM instance with the same StudyInstanceUID, SeriesInstanceUID, and
+#   SopInstanceUID was already stored": the archive holds an instance by these UIDs, so the
+#   file is settled as stored (its content is not compared: ``duplicates: fail`` flags it).
+# 45071: "being created by another process, or the previous attempt to create failed and the
+#   cleanup process isn't complete": may pass later (our own earlier request still running),
+#   but may need the instance deleted first: retried at most retry.max_refusals times.
+ALREADY_STORED = 0xB00E  # 45070
+BEING_CREATED = 0xB00F  # 45071
+# 0x0110 "processing failure" (PS3.18 Table I.2-2: "a general failure in processing") cannot
+# tell stored from not stored: tiny_pacs 0.4.1 gives it to an instance it already holds when
+# its storage has overwrite off (tiny_pacs_dicomweb/stow.py _materialize, store_rejected) and
+# to one it failed to store; Orthanc to an instance of another study than the URL's; Google's
+# Healthcare API to the same UIDs with other content (shared/notes/stow-rs.md).  So it is never
+# taken for "already stored"; it may be transient, and is retried at most retry.max_refusals
+# times.  Orthanc (observed, stow-rs.md) and dcm4chee-arc (by default; StoreServiceEJB) answer
+# a re-sent instance as stored: there is nothing to tell apart.
+COUNTED_REFUSALS = frozenset({0x0110, BEING_CREATED})
+
 FAILURE_MEANINGS = {
     0x0110: "processing failure",
+    ALREADY_STORED: "an instance with these UIDs is already stored",
+    BEING_CREATED: "the instance is being created by another request, or an earlier attempt "
+    "failed and is not cleaned up yet",
     0x0122: "SOP class not supported",
     0x0124: "not authorized",
     0xA700: "out of resources",
@@ -108,11 +142,32 @@ def failure_meaning(code: int) -> str:
 
 def is_transient(code: int) -> bool:
     """Whether an instance-level FailureReason may succeed if sent again later."""
-    if code in (0xA77A, 0x0110):
+    if code in (0xA77A, *COUNTED_REFUSALS):
         return True
     if 0xA770 <= code <= 0xA77F:
         return False
     return code & 0xFF00 == 0xA700
+
+
+def is_counted(code: int) -> bool:
+    """Whether a transient FailureReason is doubtful: the same refusal again may well be
+    permanent (a conflict), so the file is refused at most ``retry.max_refusals`` times.
+    Out of resources (A7xx) and a study being deleted (A77A) are the archive's state, not
+    the file's: retried until ``retry.max_age`` like a busy archive."""
+    return code in COUNTED_REFUSALS
+
+
+def refusal_advice(code: int | None) -> str:
+    """What to check once a counted refusal (``is_counted``) failed a file."""
+    if code == BEING_CREATED:
+        return (
+            "an earlier attempt to store it may have failed halfway in the archive; delete "
+            "the instance there, then put the file back with stowd retry"
+        )
+    return (
+        "the archive may already hold an instance with this SOPInstanceUID, as some refuse "
+        "a re-sent instance, or one with other content, so; check what it holds"
+    )
 
 
 # -- the request body -------------------------------------------------------------------------
@@ -246,6 +301,7 @@ class Answer:
     status: int
     referenced: dict[str, int | None] = field(default_factory=dict)
     failed: dict[str, int] = field(default_factory=dict)
+    failed_text: dict[str, str] = field(default_factory=dict)  # the archive's words, by UID
     server_message: str | None = None
     seconds: float = 0.0
     is_stow: bool = False  # the body is a STOW-RS response (DICOM JSON/XML with its sequences)
@@ -281,11 +337,31 @@ def _read_json(doc: Any, answer: Answer) -> None:
     for item in doc.get(REFERENCED, {}).get("Value", []):
         answer.referenced[_json_str(item, SOP_UID)] = _json_int(item, WARNING_REASON)
     for item in doc.get(FAILED_SEQ, {}).get("Value", []):
-        answer.failed[_json_str(item, SOP_UID)] = _json_int(item, FAILURE_REASON) or 0
+        sop = _json_str(item, SOP_UID)
+        answer.failed[sop] = _json_int(item, FAILURE_REASON) or 0
+        text = _json_comment(item)
+        if text:
+            answer.failed_text[sop] = text
 
 
 def _json_str(item: dict[str, Any], tag: str) -> str:
     return str(item.get(tag, {}).get("Value", [""])[0])
+
+
+def _json_comment(item: dict[str, Any]) -> str:
+    """The ErrorComment of a failure item, or those of its FailedAttributesSequence; ""
+    when there is none or it is not shaped as one (the rest of the answer is still read)."""
+    try:
+        nested = list(item.get(FAILED_ATTRIBUTES, {}).get("Value", []))
+        texts = [_json_str(i, ERROR_COMMENT) for i in [item, *nested] if ERROR_COMMENT in i]
+    except (TypeError, AttributeError, IndexError):
+        return ""
+    return _bounded("; ".join(t for t in texts if t))
+
+
+def _bounded(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= TEXT_LIMIT else text[: TEXT_LIMIT - 1] + "…"
 
 
 def _json_int(item: dict[str, Any], tag: str) -> int | None:
@@ -317,6 +393,8 @@ def _read_xml_item(item: ET.Element, answer: Answer, referenced: bool) -> None:
         answer.referenced[sop] = int(warning) if warning else None
     else:
         answer.failed[sop] = int(values.get(FAILURE_REASON, "0"))
+        if values.get(ERROR_COMMENT):
+            answer.failed_text[sop] = _bounded(values[ERROR_COMMENT])
 
 
 def _short(text: bytes, limit: int = 500) -> str:
@@ -326,6 +404,7 @@ def _short(text: bytes, limit: int = 500) -> str:
 # -- verdicts ----------------------------------------------------------------------------------
 class Outcome(Enum):
     SENT = "sent"
+    ALREADY = "already stored"  # the archive holds an instance by these UIDs (not compared)
     FAILED = "failed"
     RETRY = "retry"
     ISOLATE = "isolate"
@@ -340,21 +419,46 @@ class Verdict:
     code: int | None = None
 
 
-def judge(answer: Answer, parts: Sequence[Part]) -> dict[str, Verdict]:
-    """One verdict per SOPInstanceUID sent, following the retry table."""
+def judge(
+    answer: Answer, parts: Sequence[Part], *, duplicates: str = DEFAULT_DUPLICATES
+) -> dict[str, Verdict]:
+    """One verdict per SOPInstanceUID sent, following the retry table; ``duplicates``
+    (``accept`` or ``fail``): what an instance the archive already holds becomes."""
     single = len(parts) == 1
-    return {p.sop_uid: _judge_one(answer, p.sop_uid, single) for p in parts}
+    return {p.sop_uid: _judge_one(answer, p.sop_uid, single, duplicates) for p in parts}
 
 
-def _judge_one(answer: Answer, sop: str, single: bool) -> Verdict:
+def _judge_one(answer: Answer, sop: str, single: bool, duplicates: str) -> Verdict:
     status = answer.status
     if sop in answer.referenced:
         warning = answer.referenced[sop]
         note = f"stored with warning {warning:04X} ({_warning(warning)})" if warning else ""
         return Verdict(Outcome.SENT, note, warning)
     if sop in answer.failed:
-        return _judge_failed(status, answer.failed[sop])
+        code, text = answer.failed[sop], answer.failed_text.get(sop)
+        if code == ALREADY_STORED:
+            return _judge_already(status, duplicates)
+        return _judge_failed(status, code, text or answer.server_message)
     return _judge_unlisted(answer, single)
+
+
+def _judge_already(status: int, duplicates: str) -> Verdict:
+    """The archive already holds an instance with this file's UIDs (Azure's 45070)."""
+    said = f"failure reason {ALREADY_STORED:04X} ({ALREADY_STORED}), HTTP {status}"
+    if duplicates == "fail":
+        return Verdict(
+            Outcome.FAILED,
+            f"the archive already holds an instance with this file's study, series and "
+            f"SOP instance UIDs ({said}) and this destination has duplicates: fail; the "
+            "file was not stored again (check whether the archive's copy is the right one)",
+            ALREADY_STORED,
+        )
+    return Verdict(
+        Outcome.ALREADY,
+        f"already stored: the archive already holds an instance with this file's study, "
+        f"series and SOP instance UIDs ({said}); its content was not compared",
+        ALREADY_STORED,
+    )
 
 
 def _judge_unlisted(answer: Answer, single: bool) -> Verdict:
@@ -385,10 +489,11 @@ def _judge_unlisted(answer: Answer, single: bool) -> Verdict:
     return Verdict(Outcome.FAILED, _refusal(status))
 
 
-def _judge_failed(status: int, code: int) -> Verdict:
+def _judge_failed(status: int, code: int, said: str | None = None) -> Verdict:
     text = f"the archive refused the instance: failure reason {code:04X} ({failure_meaning(code)})"
+    words = f' and said "{escape(_bounded(said))}"' if said else ""
     outcome = Outcome.RETRY if is_transient(code) else Outcome.FAILED
-    return Verdict(outcome, f"{text}, HTTP {status}", code)
+    return Verdict(outcome, f"{text}, HTTP {status}{words}", code)
 
 
 def _refusal(status: int) -> str:

@@ -50,8 +50,9 @@ from stowd.errors import (
     QueueFull,
     SidecarNotReady,
 )
+from stowd.fileops import remove_empty_parents, walk_folders
 from stowd.queue import NewFile
-from stowd.settle import has_copy, remove_empty_parents
+from stowd.settle import has_copy
 
 try:  # watchdog 7 on Linux: one thread reads the events of every inotify watch
     from watchdog.observers.inotify_c import InotifyFD as _SharedReader
@@ -370,31 +371,47 @@ class Watcher:
                 del self._future[path]
 
     def _walk(self, top: str) -> Iterator[str]:
-        """The files below ``top``, walked without recursion (folders nested thousands deep
-        once killed the watcher with ``RecursionError``).  One folder is open at a time; the
-        folders still to walk are kept as paths: memory grows with the folders, not the files."""
-        todo = [top]
-        while todo:
-            folder = todo.pop()
-            found: list[str] = []
-            yield from self._files_in(folder, found)
-            todo.extend(reversed(found))
+        """The files below ``top``, walked lazily and without recursion (``walk_folders``:
+        folders nested thousands deep once killed the watcher with ``RecursionError``)."""
+        for folder, entries in walk_folders(top, self._enters, self._cannot_list):
+            yield from self._files_in(folder, entries)
 
-    def _files_in(self, folder: str, folders: list[str]) -> Iterator[str]:
-        """The files in ``folder`` (not below it); its sub-folders are added to ``folders``."""
+    def _enters(self, entry: os.DirEntry[str]) -> bool:
+        """Is the sub-folder ``entry`` walked (not an ignored name, not excluded)?"""
+        return not self._ignored(entry.name) and entry.path not in self.exclude
+
+    def _files_in(self, folder: str, entries: Iterator[os.DirEntry[str]]) -> Iterator[str]:
+        """The files among ``folder``'s entries (its sub-folders are walked by the caller).
+        An entry that cannot be checked is never the end of its folder's listing."""
         try:
-            with os.scandir(folder) as entries:
-                for entry in entries:
-                    if self._ignored(entry.name) or entry.path in self.exclude:
-                        continue
-                    if entry.is_dir(follow_symlinks=False):
-                        folders.append(entry.path)
-                    elif entry.is_file():  # a symlink to a file is sent; the link is moved
-                        yield entry.path
-                    elif entry.is_dir():
-                        self._skip_linked_folder(entry.path)
+            for entry in entries:
+                if self._ignored(entry.name) or entry.path in self.exclude:
+                    continue
+                if self._is_file(entry):
+                    yield entry.path
         except OSError as exc:
             self._cannot_list(folder, exc)
+
+    def _is_file(self, entry: os.DirEntry[str]) -> bool:
+        """Is ``entry`` a file to queue?  A regular file, or a link to one (sent, or refused
+        with its reason when links are not followed).  A link that loops (checking it
+        raises ELOOP), or leads to nothing, is queued when links are not followed, so that
+        it goes to failed/ with the reason for links instead of staying unmentioned; a
+        followed one that cannot be checked stays, as a FIFO or a socket does."""
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                return False
+            if entry.is_file():
+                return True
+            if entry.is_dir():
+                self._skip_linked_folder(entry.path)
+                return False
+        except OSError:
+            pass  # vanished, or a link that loops
+        try:
+            return entry.is_symlink() and not self.source.follow_links
+        except OSError:
+            return False
 
     def _cannot_list(self, folder: str, exc: OSError) -> None:
         level = logging.ERROR if folder == str(self.source.watch) else logging.WARNING
@@ -494,20 +511,34 @@ class Watcher:
         """A ``NewFile`` when ``path`` is complete; otherwise maybe schedule a recheck."""
         if not self._wanted(path):
             return None
+        st: os.stat_result | None
         try:
             st = os.stat(path)
         except OSError as exc:
-            self._future.pop(path, None)
-            if exc.errno == errno.ENAMETOOLONG:
-                self._say_too_long(path, "file")
-            self._unreadable(path, exc)  # a folder listed but not searchable (mode r--)
-            return None
-        if not stat.S_ISREG(st.st_mode):
+            st = self._unfollowed_link(path)
+            if st is None:
+                self._future.pop(path, None)
+                if exc.errno == errno.ENAMETOOLONG:
+                    self._say_too_long(path, "file")
+                self._unreadable(path, exc)  # a folder listed but not searchable (mode r--)
+                return None
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
             return None
         if self._is_sidecar(path):
             self._look_at_sidecar(path, st)
             return None
         return self._if_complete(path, st)
+
+    def _unfollowed_link(self, path: str) -> os.stat_result | None:
+        """The link itself, when ``path`` is a link that loops or leads nowhere and links are
+        not followed: it is queued like any link, to go to failed/ with the reason."""
+        if self.source.follow_links:
+            return None
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        return st if stat.S_ISLNK(st.st_mode) else None
 
     def _if_complete(self, path: str, st: os.stat_result) -> NewFile | None:
         """A ``NewFile`` when the file and its sidecars were quiet long enough."""

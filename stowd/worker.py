@@ -16,11 +16,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from stowd import bulkdata, dropped, metadata, metrics, verify
+from stowd import bulkdata, dropped, metadata, metrics, rewrite, verify
 from stowd import classify as classify_mod
 from stowd.answers import answer_seconds
 from stowd.bulkform import bulk_part
-from stowd.config import BatchLimits, Config, Destination, Source
+from stowd.config import TRANSCODE_EXPLICIT, BatchLimits, Config, Destination, Source
 from stowd.disk import Disks
 from stowd.errors import (
     ConnectionDropped,
@@ -41,7 +41,7 @@ from stowd.errors import (
 from stowd.group import take_batch
 from stowd.lookup import Finder, LookupUnavailable, NotYet
 from stowd.media import Media, detect
-from stowd.queue import Classification, Job, Made, Queue
+from stowd.queue import ALREADY_STORED, Classification, Job, Made, Queue
 from stowd.settle import Decision, Settled, iso, remove_empty_parents, settle_all
 from stowd.stow import (
     Answer,
@@ -51,7 +51,9 @@ from stowd.stow import (
     StowClient,
     Verdict,
     failure_meaning,
+    is_counted,
     judge,
+    refusal_advice,
 )
 from stowd.wire import NOT_ALONE, wire_of
 
@@ -65,6 +67,12 @@ LOOKING = "looking up the study in the archive"
 # A file whose request, sent alone, ends this many times in a dropped connection fails.
 MAX_DROPS = 3
 DROPS = "connection_drops"  # the key of the error document that counts them
+# the key of the error document that counts the archive's refusals of the file with a code
+# that may be transient but may as well be permanent (stow.is_counted): retry.max_refusals
+REFUSALS = "refusals"
+# what verify: true checks before the file moves to sent/: the archive's "stored" and its
+# "already stored" (stow.Outcome.ALREADY) alike
+STORED = (Outcome.SENT, Outcome.ALREADY)
 QUEUE_RETRY_FIRST = 1.0  # a queue that cannot be written is tried again after this,
 QUEUE_RETRY_MAX = 30.0  # doubled per failure up to this
 
@@ -116,6 +124,9 @@ class Worker:
         self.in_flight: tuple[float, float] | None = None
         self._wire = wire_of(client)  # the requests in flight to this destination
         self._token = NOT_ALONE  # of this worker's request on the wire
+        # the answer being applied came to a request that was alone on the wire: its
+        # refusals count for retry.max_refusals (see _refused)
+        self._alone = False
         # The ids this worker has claimed and not given back: the daemon never reclaims
         # them (an upload in progress, or a release that failed and is tried again).
         self.held: frozenset[int] = frozenset()
@@ -453,11 +464,13 @@ class Worker:
         if job.kind != "dicom":
             return self._built(job, spooled)
         changes = job.change_set()
-        if changes is None:
+        explicit = self.destination.transcode == TRANSCODE_EXPLICIT  # if the file is implicit
+        if changes is None and not (explicit and rewrite.needs_explicit(Path(job.path))):
             return Part(job.path, job.size, job.sop_uid or "", job.mtime_ns)
         if not _unchanged(job):
             raise FileVanished("the file changed or vanished before it was sent", path=job.path)
-        copy = metadata.spool_copy(self.config, job, changes, datetime.now())
+        now = datetime.now()
+        copy = metadata.spool_copy(self.config, job, changes, now, explicit=explicit)
         spooled.append(copy)
         return Part(str(copy), copy.stat().st_size, job.sop_uid or "", None)
 
@@ -587,21 +600,23 @@ class Worker:
         verified (they wait, the destination is held)."""
         if answer.status == 413 and len(batch) > 1:
             self._shrink_batches(batch)
-        verdicts = judge(answer, parts)
+        verdicts = judge(answer, parts, duplicates=self.destination.duplicates)
+        self._alone = self._wire.alone(self._token)
         tally: dict[str, int] = {}
         decisions: list[Decision] = []
         stored: list[Job] = []  # to be verified before they are settled as sent
         for job in batch:
             verdict = verdicts[job.sop_uid or ""]
             tally[verdict.outcome.value] = tally.get(verdict.outcome.value, 0) + 1
-            if verdict.outcome is Outcome.SENT and self.destination.verify:
+            if verdict.outcome in STORED and self.destination.verify:
                 stored.append(job)
                 continue
             decision = self._act(job, verdict, answer)
             if decision is not None:
                 decisions.append(decision)
         unlisted = self._verify(stored, verdicts, answer, decisions)
-        _recount(tally, len(stored), unlisted)
+        unsettled = [j for j in stored if unlisted is None or j.sop_uid in unlisted]
+        _recount(tally, [verdicts[j.sop_uid or ""].outcome for j in unsettled], unlisted)
         self._settle_all(decisions)
         size = sum(j.size for j in batch) / MB
         log.info(
@@ -696,8 +711,13 @@ class Worker:
             if verdict.reason:
                 log.warning("%s: %s", job.path, verdict.reason)
             return Decision(job, self.config.source(job.source), "sent")
+        if verdict.outcome is Outcome.ALREADY:
+            log.info("%s: %s; settled as stored", job.path, verdict.reason)
+            return Decision(job, self.config.source(job.source), "sent", note=ALREADY_STORED)
         if verdict.outcome is Outcome.FAILED:
             return self._failure(job, verdict.reason, verdict=verdict, answer=answer)
+        if _doubtful(verdict):
+            return self._refused(job, verdict, answer)
         if verdict.outcome is Outcome.ISOLATE and answer.status == 413:
             self.queue.release([job.id])  # sent again in the smaller batches
         elif verdict.outcome is Outcome.ISOLATE:
@@ -705,6 +725,27 @@ class Worker:
         else:
             return self._later(job, verdict.reason, verdict=verdict, answer=answer)
         return None
+
+    def _refused(self, job: Job, verdict: Verdict, answer: Answer) -> Decision | None:
+        """A refusal that may be transient but may as well be permanent: tried again with
+        the normal backoff; the ``retry.max_refusals``-th such refusal fails the file.  The
+        count is kept in its error document (the queue), so it survives restarts.  Only a
+        refusal of a request that was alone on the wire counts: a busy archive refuses for
+        contention too (tiny_pacs answers 0110 when its SQLite index is locked by another
+        request), and such refusals are retried until ``retry.max_age``, as before."""
+        if not self._alone:
+            reason = f"{verdict.reason} (not counted: other requests were in flight)"
+            return self._later(job, reason, verdict=verdict, answer=answer)
+        refusals = _refusals(job) + 1
+        limit = self.config.retry.max_refusals
+        if refusals < limit:
+            reason = f"{verdict.reason} (refusal {refusals} of at most {limit})"
+            return self._later(job, reason, verdict=verdict, answer=answer)
+        reason = (
+            f"the archive refused this file {refusals} times (retry.max_refusals: {limit}): "
+            f"{verdict.reason}; stowd does not send it again: {refusal_advice(verdict.code)}"
+        )
+        return self._failure(job, reason, verdict=verdict, answer=answer)
 
     def _shrink_batches(self, batch: list[Job]) -> None:
         """HTTP 413 for a batch: from now on send at most half of it per request."""
@@ -827,7 +868,8 @@ class Worker:
                 outcome = result.decision.outcome
                 metrics.settled(job.source, job.destination, outcome, job.size)
             if result.target is not None and result.decision.outcome == "sent":
-                log.info("%s: stored, moved to %s", job.path, result.target)
+                stored = "already stored" if result.decision.note == ALREADY_STORED else "stored"
+                log.info("%s: %s, moved to %s", job.path, stored, result.target)
             if result.target is not None and source.remove_empty_dirs:
                 remove_empty_parents(Path(job.path), source.watch)
 
@@ -861,7 +903,9 @@ class Worker:
         unlisted: int | None = None,
     ) -> dict[str, Any]:
         """The file's error document; ``drops``: the connections the archive dropped when
-        it was sent alone (counted on, while it waits, by ``_drops``)."""
+        it was sent alone (counted on, while it waits, by ``_drops``).  The refusals counted
+        for ``retry.max_refusals`` are carried on whatever else happens to the file, and one
+        more when ``verdict`` is such a refusal of a request alone on the wire."""
         now = self.clock()
         sent = answer is not None
         code = verdict.code if verdict and verdict.outcome is not Outcome.SENT else None
@@ -883,21 +927,24 @@ class Worker:
         }
         if drops is not None:
             doc[DROPS] = drops
+        refusals = _refusals(job) + (1 if self._alone and _doubtful(verdict) else 0)
+        if refusals:
+            doc[REFUSALS] = refusals
         if unlisted is not None:
             doc[verify.UNLISTED] = unlisted
         return doc
 
 
-def _recount(tally: dict[str, int], stored: int, unlisted: set[str] | None) -> None:
-    """The batch's tally after verifying the ``stored`` files: those not listed, or not
-    verified at all, are not sent."""
-    moved = stored if unlisted is None else len(unlisted)
-    if moved:
-        tally[Outcome.SENT.value] -= moved
-        if not tally[Outcome.SENT.value]:
-            del tally[Outcome.SENT.value]
+def _recount(tally: dict[str, int], unsettled: list[Outcome], unlisted: set[str] | None) -> None:
+    """The batch's tally after verifying the stored files: those not listed, or not
+    verified at all (``unsettled``, by their outcome), are not sent."""
+    for outcome in unsettled:
+        tally[outcome.value] -= 1
+        if not tally[outcome.value]:
+            del tally[outcome.value]
+    if unsettled:
         key = "stored, not verified" if unlisted is None else "stored, not listed"
-        tally[key] = moved
+        tally[key] = len(unsettled)
 
 
 def _may_be_the_files(failure: StowFailure) -> bool:
@@ -919,6 +966,23 @@ def _drops(job: Job) -> int:
     return count if isinstance(count, int) else 0
 
 
+def _refusals(job: Job) -> int:
+    """How many times the archive refused ``job`` with a code counted for
+    ``retry.max_refusals`` so far (kept in its error document)."""
+    try:
+        count = json.loads(job.error or "{}").get(REFUSALS, 0)
+    except (ValueError, AttributeError):
+        return 0
+    return count if isinstance(count, int) else 0
+
+
+def _doubtful(verdict: Verdict | None) -> bool:
+    """A refusal that may or may not pass later (``stow.is_counted``)."""
+    if verdict is None or verdict.code is None or verdict.outcome is not Outcome.RETRY:
+        return False
+    return is_counted(verdict.code)
+
+
 def _dropped_reason(drops: int) -> str:
     return (
         f"the archive drops the connection whenever this file is sent: it closed the "
@@ -929,7 +993,11 @@ def _dropped_reason(drops: int) -> str:
 
 def _stage(job: Job) -> str:
     """What was being done to the file when it was prepared for sending."""
-    return "applying the metadata rules" if job.kind == "dicom" else "making the DICOM instance"
+    if job.kind != "dicom":
+        return "making the DICOM instance"
+    if job.change_set() is None:  # copied only to convert it (transcode: explicit-vr)
+        return "converting it to Explicit VR Little Endian"
+    return "applying the metadata rules"
 
 
 def _photographic(source: Source) -> bool:

@@ -278,3 +278,35 @@ def test_every_read_of_a_dropped_file_refuses_a_link_planted_since(tmp_path: Pat
     (watch / "a").symlink_to(tmp_path / "private", target_is_directory=True)
     with pytest.raises(dropped.LinkRefused, match="the folder a on its path is a symbolic link"):
         dropped.open_file(path)
+
+
+def test_a_link_that_loops_or_leads_nowhere_hides_no_other_file(tmp_path: Path) -> None:
+    """A writer plants ``loop.dcm -> loop.dcm`` (checking it raises ELOOP) and a link to
+    nothing among 40 files.  Was: the error of the looping link ended the listing of its
+    folder, in every scan, so the files listed after it were never queued, and the link to
+    nothing was left in the drop folder, unmentioned.  Both links now go to failed/ with
+    the reason for links, and every file is sent."""
+    with HostileArchive("ok") as archive:
+        layout = make_layout(tmp_path / "run", archive.base)
+        for n in range(20):
+            make_instance(layout.drop / f"before{n:02}.dcm")
+        (layout.drop / "loop.dcm").symlink_to("loop.dcm")
+        (layout.drop / "gone.dcm").symlink_to(tmp_path / "nothing-here.dcm")
+        for n in range(20):
+            make_instance(layout.drop / f"after{n:02}.dcm")
+        daemon = Stowd(layout).start()
+        try:
+            wait_for(
+                lambda: len(layout.files(layout.sent)) == 40
+                and {"loop.dcm", "gone.dcm"} <= set(layout.error_files()),
+                120,
+                "40 files sent and both links in failed/",
+                lambda: daemon.log,
+            )
+            assert daemon.terminate() == 0
+        finally:
+            daemon.stop()
+    for name in ("loop.dcm", "gone.dcm"):
+        reason = json.loads(layout.error_files()[name].read_text())["reason"]
+        assert LINK_REASON in reason, reason
+    assert layout.files(layout.drop) == set()

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pydicom
@@ -75,7 +76,7 @@ class Rig:
         rules: tuple[Rule, ...] = (),
         sidecars: Sidecars | None = None,
         bulk: Bulkdata | None = None,
-        **retry: float,
+        **retry: Any,
     ) -> None:
         self.clock = Clock(2_000_000_000.0)
         self.source = Source(
@@ -139,7 +140,7 @@ def rig_factory(tmp_path: Path) -> Iterator[Callable[..., Rig]]:
         rules: tuple[Rule, ...] = (),
         sidecars: Sidecars | None = None,
         bulk: Bulkdata | None = None,
-        **retry: float,
+        **retry: Any,
     ) -> Rig:
         rig = Rig(tmp_path, handler, rules, sidecars, bulk, **retry)
         rigs.append(rig)

@@ -1,0 +1,426 @@
+"""Durable file operations: the one home for moving, copying and writing files on disk.
+
+It holds the primitives that settle (``sent/``, ``failed/``), ``stowd retry`` (put-back),
+purge, the daemon's state file and migrate's report use; the decisions (which name, whether
+a file changed while it was read, what a sidecar is) stay with them:
+
+* ``move``: rename, or across filesystems copy under a hidden temporary name, fsync the
+  copy, rename it into place, fsync the folder, then unlink the source.  A caller's
+  ``unchanged`` check decides whether the source may be unlinked.
+* ``move_new`` / ``copy_new`` / ``rename_new``: the same, but never replacing a file that is
+  at the target (a hard link, then unlink; a checked rename where there are no links).
+* ``write_new``: a whole file written under a temporary name and renamed over the target
+  (a reader sees the old or the new one), with an explicit mode whatever the umask.
+* ``open_folder`` / ``make_folders``: folders entered (and made, each with the mode of the
+  folder it is made in) without following a symbolic link below a configured root.
+* ``fsync_dir``: a folder's entries to disk; ``numbered`` and ``is_copy_name``: the names
+  of copies (``name~N``, ``stem~<sha12>.ext``); ``walk_folders``: a walk without recursion.
+
+Durability: a file's bytes are fsynced before it is renamed into place, and its folder is
+fsynced after (``sync=False`` leaves that to a caller that syncs a folder once for many
+moves).  It imports nothing of stowd, so it can move with the modules that use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import re
+import shutil
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+NAME_MAX = 255  # bytes in one file name (ext4, XFS, btrfs, NTFS via SMB)
+COPY_CHUNK = 1024 * 1024
+TMP_SUFFIX = ".stowd-tmp"  # a hidden ``.<name>.stowd-tmp``: the watcher skips ``.*``
+_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+# link() refused: the filesystem or its protections allow no (more) hard links there
+NO_HARD_LINK = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS})
+NO_LINK = NO_HARD_LINK | {errno.EXDEV}  # no link at all: a rename or a copy then
+
+Roots = tuple[Path, ...]  # a source's configured folders: no link is followed below them
+Here = tuple[int, str]  # an open folder and a name in it
+CopyAll = Callable[[BinaryIO, BinaryIO], int]
+# (stat before the copy, stat after it or None, bytes copied) -> may the source go?
+Unchanged = Callable[[os.stat_result, "os.stat_result | None", int], bool]
+
+
+# --------------------------------------------------------------------------- names
+
+
+def numbered(path: Path, n: int) -> Path:
+    """``img~N.dcm`` for ``img.dcm`` (``name~N`` without a suffix): the name a copy gets
+    when ``img.dcm`` is taken."""
+    name = f"{path.stem}~{n}{path.suffix}" if path.suffix else f"{path.name}~{n}"
+    return path.with_name(name)
+
+
+def content_name(path: Path, text: str) -> Path:
+    """``stem~<sha12>.ext``: the name of the copy of ``path`` holding ``text``."""
+    tag = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return path.with_name(f"{path.stem}~{tag}{path.suffix}")
+
+
+def is_copy_name(name: str, plain: str) -> bool:
+    """Is ``name`` the file ``plain`` or one of its copies: ``stem~N.ext`` (``numbered``)
+    or ``stem~<sha12>.ext`` (``content_name``)?  Nothing else: ``stem~notes.ext`` is not."""
+    path = Path(plain)
+    stem, suffix = (path.stem, path.suffix) if path.suffix else (path.name, "")
+    pattern = re.escape(stem) + r"(~[0-9a-f]{12}|~[0-9]+)?" + re.escape(suffix)
+    return re.fullmatch(pattern, name) is not None
+
+
+def tmp_beside(path: Path, suffix: str = TMP_SUFFIX) -> Path:
+    """A hidden temporary name beside ``path``: ``.<name><suffix>``, or a hash of the name
+    when that would be too long for the filesystem."""
+    tmp = path.with_name(f".{path.name}{suffix}")
+    if len(os.fsencode(tmp.name)) <= NAME_MAX:
+        return tmp
+    return path.with_name(f".{hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16]}{suffix}")
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def fsync_dir(folder: Path) -> None:
+    """Put ``folder``'s entries (names renamed, made or removed in it) on disk."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_folders(folder: Path) -> None:
+    """``folder`` and its missing parents, each made with the mode of the folder it is made
+    in (so a folder made in a drop folder is open to that folder's writers, no more), and
+    without recursion: ``Path.mkdir(parents=True)`` recursed once per missing folder and
+    raised ``RecursionError`` for a file nested a thousand folders deep."""
+    missing = []
+    while not folder.is_dir() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for each in reversed(missing):
+        try:
+            each.mkdir(mode=each.parent.stat().st_mode & 0o777)
+        except FileExistsError:
+            if not each.is_dir():
+                raise
+
+
+@contextlib.contextmanager
+def open_folder(folder: Path, roots: Roots = (), *, create: bool = True) -> Iterator[int]:
+    """An open ``folder`` (made as needed, see ``make_folders``).  The outermost of
+    ``roots`` holding ``folder`` is opened as configured; every folder below it is entered
+    without following a symbolic link, which fails with an ``OSError`` saying so (a writer
+    of the drop folder may have planted it).  Outside every root only ``folder`` itself is
+    opened as it is."""
+    start = min(
+        (r for r in roots if folder == r or r in folder.parents), key=_depth, default=folder
+    )
+    if create:
+        with contextlib.suppress(FileExistsError):  # not a folder: opening it says so
+            make_folders(start)
+    fd = os.open(start, _FOLDER)
+    try:
+        for name in folder.relative_to(start).parts:
+            inner = _enter(fd, name, create, start)
+            os.close(fd)
+            fd = inner
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _depth(path: Path) -> int:
+    return len(path.parts)
+
+
+def _enter(parent: int, name: str, create: bool, start: Path) -> int:
+    """Open the folder ``name`` in ``parent`` (made first when missing), never a link."""
+    if create:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, os.fstat(parent).st_mode & 0o777, dir_fd=parent)
+    try:
+        return os.open(name, _FOLDER | os.O_NOFOLLOW, dir_fd=parent)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR) or not _is_link(parent, name):
+            raise
+    raise OSError(
+        errno.ELOOP,
+        f"the folder {name} (below {start}) is a symbolic link; stowd never moves or writes "
+        "a file through a link in its folders (a writer of the drop folder could have "
+        "planted it); make it a real folder again and the move is tried again",
+    )
+
+
+def _is_link(parent: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def remove_empty_parents(path: Path, root: Path) -> None:
+    """Remove now-empty folders between ``path``'s folder and ``root`` (never ``root``)."""
+    folder = path.parent
+    while folder != root and root in folder.parents:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+        if folder.exists():
+            return
+        folder = folder.parent
+
+
+def walk_folders(
+    top: str,
+    enter: Callable[[os.DirEntry[str]], bool],
+    on_error: Callable[[str, OSError], None],
+    *,
+    sort: bool = False,
+) -> Iterator[tuple[str, Iterator[os.DirEntry[str]]]]:
+    """Each folder below ``top`` (``top`` first) with its entries, listed as they are read
+    (by name with ``sort``, which lists a folder whole).  Then each sub-folder for which
+    ``enter`` is true, depth first, in the order listed; a symbolic link to a folder is
+    never entered.  Walked without recursion (folders nested thousands deep raised
+    ``RecursionError``); the folders still to walk are kept as paths, so memory grows with
+    the folders, not the files.  A folder that cannot be listed (or whose listing, or
+    ``enter``, fails part way) goes to ``on_error``; the walk goes on.  Entries the caller
+    leaves unread are still listed, for their sub-folders."""
+    todo = [top]
+    while todo:
+        folder = todo.pop()
+        found: list[str] = []
+        entries = _listing(folder, enter, on_error, found, sort)
+        yield folder, entries
+        for _ in entries:
+            pass
+        todo.extend(reversed(found))
+
+
+def _listing(
+    folder: str,
+    enter: Callable[[os.DirEntry[str]], bool],
+    on_error: Callable[[str, OSError], None],
+    found: list[str],
+    sort: bool,
+) -> Iterator[os.DirEntry[str]]:
+    """The entries of ``folder``; the sub-folders to walk next are added to ``found``."""
+    try:
+        with os.scandir(folder) as it:
+            for entry in sorted(it, key=_name) if sort else it:
+                if entry.is_dir(follow_symlinks=False) and enter(entry):
+                    found.append(entry.path)
+                yield entry
+    except OSError as exc:
+        on_error(folder, exc)
+
+
+def _name(entry: os.DirEntry[str]) -> str:
+    return entry.name
+
+
+# --------------------------------------------------------------------------- moving
+
+
+def move(
+    src: Path,
+    dst: Path,
+    *,
+    sync: bool = True,
+    roots: Roots = (),
+    unchanged: Unchanged | None = None,
+    copy: CopyAll | None = None,
+) -> bool:
+    """Rename ``src`` to ``dst``; across filesystems copy + fsync + rename + unlink.
+
+    With ``sync=False`` the caller fsyncs ``dst``'s folder (once for many moves).  Across
+    filesystems the source is removed only when ``unchanged`` (asked once after the copy
+    and once more just before the unlink) says so; else the copy is removed, the source
+    stays and False is returned.  No folder below ``roots`` is entered through a symbolic
+    link, and a link moved stays a link.  ``copy`` copies the bytes (``copy_all``).
+    """
+    leaving = open_folder(src.parent, roots, create=False)
+    with leaving as here, open_folder(dst.parent, roots) as there:
+        try:
+            os.rename(src.name, dst.name, src_dir_fd=here, dst_dir_fd=there)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            if not _copy_across((here, src.name), (there, dst.name), unchanged, copy or copy_all):
+                return False
+        if sync:
+            os.fsync(there)
+    return True
+
+
+def _copy_across(src: Here, dst: Here, unchanged: Unchanged | None, copy: CopyAll) -> bool:
+    """Copy, fsync, rename into place, fsync, then unlink ``src`` (each a folder and a
+    name); a symbolic link is copied as a link, never followed."""
+    (here, name), (there, dst_name) = src, dst
+    tmp = tmp_beside(Path(dst_name)).name
+    try:
+        fin = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=here)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        return _link_across(src, dst, tmp)
+    try:
+        before, after, copied = copy_to(fin, (there, tmp), copy)
+    except BaseException:
+        # a part copy (a full disk) must not stay: it would keep that disk full for others
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=there)
+        raise
+    if unchanged is not None and not unchanged(before, after, copied):
+        os.unlink(tmp, dir_fd=there)
+        return False
+    os.rename(tmp, dst_name, src_dir_fd=there, dst_dir_fd=there)
+    os.fsync(there)
+    if unchanged is not None and not unchanged(after, stat_or_none(here, name), copied):
+        os.unlink(dst_name, dir_fd=there)  # changed at the last moment
+        os.fsync(there)
+        return False
+    os.unlink(name, dir_fd=here)
+    return True
+
+
+def _link_across(src: Here, dst: Here, tmp: str) -> bool:
+    """Move a symbolic link to another filesystem: the same link there, then unlink it."""
+    (here, name), (there, dst_name) = src, dst
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp, dir_fd=there)
+    os.symlink(os.readlink(name, dir_fd=here), tmp, dir_fd=there)
+    os.rename(tmp, dst_name, src_dir_fd=there, dst_dir_fd=there)
+    os.fsync(there)
+    os.unlink(name, dir_fd=here)
+    return True
+
+
+def copy_to(
+    fin: int, tmp: Here, copy: CopyAll | None = None
+) -> tuple[os.stat_result, os.stat_result, int]:
+    """Copy the open file ``fin`` (closed here) to ``tmp`` (a folder and a name) with its
+    mode and times, and fsync it; ``fin``'s stat before and after, and the bytes copied."""
+    there, name = tmp
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    with os.fdopen(fin, "rb") as fp:
+        before = os.fstat(fp.fileno())
+        mode = stat.S_IMODE(before.st_mode)
+        with os.fdopen(os.open(name, flags, mode, dir_fd=there), "wb") as fout:
+            copied = (copy or copy_all)(fp, fout)
+            fout.flush()
+            os.fchmod(fout.fileno(), mode)
+            os.utime(fout.fileno(), ns=(before.st_atime_ns, before.st_mtime_ns))
+            os.fsync(fout.fileno())
+        after = os.fstat(fp.fileno())
+    return before, after, copied
+
+
+def copy_all(fin: BinaryIO, fout: BinaryIO) -> int:
+    """Copy ``fin`` to ``fout`` in chunks; the number of bytes copied."""
+    copied = 0
+    while chunk := fin.read(COPY_CHUNK):
+        fout.write(chunk)
+        copied += len(chunk)
+    return copied
+
+
+def stat_or_none(folder: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=folder, follow_symlinks=False)
+    except OSError:
+        return None
+
+
+# --------------------------------------------------------------------------- never replacing
+
+
+def move_new(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``, never replacing a file there (``FileExistsError``); across
+    filesystems copy, fsync, put in place, then remove ``src``.  The caller fsyncs
+    ``dst``'s folder."""
+    make_folders(dst.parent)
+    try:
+        rename_new(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        copy_new(src, dst)
+        os.unlink(src)
+
+
+def copy_new(src: Path, dst: Path) -> None:
+    """Put a copy of ``src`` (a file, or a symbolic link as a link) at ``dst``, synced to
+    disk (bytes, then mode, times and extended attributes), under a hidden temporary name
+    first; never replaces a file at ``dst``."""
+    make_folders(dst.parent)
+    tmp = tmp_beside(dst)
+    tmp.unlink(missing_ok=True)
+    try:
+        if src.is_symlink():
+            os.symlink(os.readlink(src), tmp)
+        else:
+            with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                copy_all(fin, fout)
+                fout.flush()
+                shutil.copystat(src, tmp)
+                os.fsync(fout.fileno())
+        rename_new(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def rename_new(src: Path, dst: Path) -> None:
+    """``rename`` that never replaces ``dst``: a hard link, then unlink ``src``.  Where the
+    filesystem has no hard links: check, then rename (a file appearing in between loses)."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in NO_HARD_LINK:
+            raise  # EEXIST: taken; EXDEV: the caller copies
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
+        os.rename(src, dst)
+        return
+    os.unlink(src)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_new(
+    path: Path,
+    data: bytes,
+    mode: int | None,
+    roots: Roots = (),
+    *,
+    suffix: str = TMP_SUFFIX,
+    create: bool = True,
+) -> None:
+    """Write ``path`` whole: a temporary name beside it, then renamed over it (a reader
+    sees the old file or the new one, whole), never through a symbolic link (below
+    ``roots``, see ``open_folder``; its folder is made unless ``create`` is false).  With
+    ``mode`` whatever the umask; ``None`` only for a file the user names (a report): then
+    as ``open`` makes it, 0666 less the umask."""
+    tmp = tmp_beside(path, suffix)
+    with open_folder(path.parent, roots, create=create) as here:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp.name, flags, 0o666 if mode is None else mode, dir_fd=here)
+        try:
+            if mode is not None:
+                os.fchmod(fd, mode)  # a leftover temporary file may have had another mode
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp.name, path.name, src_dir_fd=here, dst_dir_fd=here)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
