@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import pydicom
 
@@ -153,8 +153,14 @@ def _read_header(fp: BinaryIO, size: int) -> pydicom.Dataset:
         return ds
     found = deflated.count_header(fp, head)  # more than HEAD_BYTES: bounded first
     fp.seek(0)
-    with elements.parsing(found):
-        return pydicom.dcmread(fp, stop_before_pixels=True, force=True, defer_size=DEFER)
+    with elements.parsing(found):  # the count may be short: pydicom's reads are counted too
+        bounded = cast(BinaryIO, elements.Bounded(fp))
+        ds = pydicom.dcmread(bounded, stop_before_pixels=True, force=True, defer_size=DEFER)
+    # pydicom reads a deferred value later through the file object it was given, or by
+    # opening its type again: as for a file, the file is opened again by its name (the
+    # caller goes on from fp's position, and Bounded cannot open a path)
+    ds.buffer, ds.fileobj_type = None, open
+    return ds
 
 
 @contextmanager
@@ -168,9 +174,10 @@ def header_errors() -> Iterator[None]:
     except OSError as exc:
         if exc.errno is not None:
             raise
-        raise unreadable_header(exc) from exc  # pydicom reports some damage as OSError
+        # pydicom reports some damage as OSError, and wraps elements.Bounded's refusal so
+        raise elements.refused(exc) or unreadable_header(exc) from exc
     except Exception as exc:  # any other parse error of a damaged header
-        raise unreadable_header(exc) from exc
+        raise elements.refused(exc) or unreadable_header(exc) from exc
 
 
 def unreadable_header(exc: Exception) -> FileProblem:

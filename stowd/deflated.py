@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import pydicom
 from pydicom.dataset import Dataset, FileDataset
@@ -207,8 +207,11 @@ def _parse(held: bytes, *, final: bool, big: bool) -> tuple[Dataset | None, int]
         memory.seek(0)
     try:
         with elements.parsing(found):
-            ds = read_dataset(memory, False, True, stop_when=_at_pixels)
-    except Exception:
+            bounded = cast(BinaryIO, elements.Bounded(memory))  # the count may be short
+            ds = read_dataset(bounded, False, True, stop_when=_at_pixels)
+    except Exception as exc:
+        if (refused := elements.refused(exc)) is not None:
+            raise refused from None  # too many elements: a larger copy has as many
         if final:
             raise
         return None, 0

@@ -9,6 +9,12 @@ and stops, as pydicom's ``stop_before_pixels`` does, at the pixel data of the to
 Headers with more elements than ``SMALL_HEADER`` are parsed one at a time (``parsing``), so
 that the workers together never hold more than one large header.
 
+The walk follows PS3.5, and pydicom reads some malformed headers otherwise (it decides
+implicit or explicit VR once per data set, reads any 8 bytes in a sequence as an item, scans
+an undefined-length value that is not made of items for the delimiter's bytes): such a
+header can be counted short.  So pydicom reads a header through ``Bounded``, which counts
+the element and item headers pydicom itself reads, and stops it past the same limit.
+
 Real headers are far below the limit: an enhanced multi-frame image lists a few dozen
 elements per frame (100,000 for 3,000 frames); the limit leaves room for five times that.
 """
@@ -19,6 +25,7 @@ import struct
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any, BinaryIO
 
 from pydicom._dicom_dict import DicomDictionary
 
@@ -62,6 +69,39 @@ def too_many(limit: int = MAX_ELEMENTS) -> FileProblem:
         "header that large (each element takes hundreds of bytes of memory to parse): the "
         "file is damaged or made to exhaust memory, so it was not sent"
     )
+
+
+class Bounded:
+    """``fp`` as pydicom reads a header from it, with the elements and items pydicom reads
+    counted: it reads each one's first 8 bytes in one ``read(8)`` (pydicom 3.0
+    ``filereader.data_element_generator`` and ``read_sequence_item``; a value of 8 bytes
+    is counted too, which errs on the safe side).  Past ``MAX_ELEMENTS``: ``FileProblem``,
+    which pydicom may wrap in an ``OSError`` (``refused`` finds it)."""
+
+    def __init__(self, fp: BinaryIO) -> None:
+        self._fp = fp
+        self._limit = MAX_ELEMENTS
+        self.heads = 0
+
+    def read(self, size: int = -1) -> bytes:
+        if size == 8:
+            self.heads += 1
+            if self.heads > self._limit:
+                raise too_many(self._limit)
+        return self._fp.read(size)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fp, name)
+
+
+def refused(exc: BaseException) -> FileProblem | None:
+    """The ``FileProblem`` raised by ``Bounded`` behind ``exc``, if that is what it is."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, FileProblem):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def parsing(elements: int) -> AbstractContextManager[object]:

@@ -75,6 +75,14 @@ class GoogleServiceAccount(OAuth2):
         except google_errors.GoogleAuthError as exc:  # not an answer: reaching it failed
             text = f"the token endpoint {self._where} gave no access token: {type(exc).__name__}"
             raise TokenUnreachable(text) from exc
+        except (ValueError, TypeError, OverflowError) as exc:  # google-auth reads expires_in
+            text = (  # with int() and timedelta(): a string or a huge number ends here
+                f"the token endpoint {self._where} answered with a token stowd cannot use "
+                f"({type(exc).__name__}; such as an expires_in that is not a number of seconds, "
+                "RFC 6749 5.1): check the token_uri in the service account's key, or a proxy "
+                "in between"
+            )
+            raise TokenRefused(text) from exc
         self.fetches += 1
         return self._token_of(credentials, started)
 

@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import pydicom
 from pydicom import config
@@ -298,8 +298,9 @@ def _rewrite_open(
     if deflated.data_set_start(fp, head) is None:
         found = deflated.count_header(fp, head)  # too many elements: FileProblem
         fp.seek(0)
-        with elements.parsing(found):
-            return _rewrite_read(fp, dst, edit, to_explicit)
+        with elements.parsing(found):  # the count may be short: pydicom's reads are counted
+            bounded = cast(BinaryIO, elements.Bounded(fp))
+            return _rewrite_read(bounded, dst, edit, to_explicit)
     fp.seek(0)
     with _HOLDING_WHOLE:  # counted in _read_deflated, once its inflated size is known
         return _rewrite_read(fp, dst, edit, to_explicit)

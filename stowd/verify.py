@@ -23,6 +23,7 @@ import json
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -38,6 +39,9 @@ PAGE = 1000  # instances per page asked for (limit), for an archive that lists m
 MAX_PAGES = 20  # pages read per query at most; an archive listing more cannot be verified
 MAX_UNLISTED = 3  # answers "stored" for a file the archive then does not list: it fails
 UNLISTED = "unlisted"  # the key of the error document that counts them
+# JSON values parsed from one answer at most: ~70 bytes each as Python objects (35 MB); a
+# page of PAGE instances with 20 attributes each has about 100,000
+MAX_VALUES = 500_000
 
 
 class Tally:
@@ -75,8 +79,10 @@ def unlisted(
 
 
 def query_url(destination: Destination, study: str) -> str:
+    """The study's instances query; the UID is escaped, since a file's UID may hold any
+    character ('#', '?' or '/' would otherwise make the URL ask for something else)."""
     base = destination.url.rstrip("/")
-    return f"{base}/studies/{study}/instances" if study else f"{base}/instances"
+    return f"{base}/studies/{quote(study, safe='')}/instances" if study else f"{base}/instances"
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
@@ -136,6 +142,12 @@ def _page(
 
 def _uids(body: bytes, shown: str) -> list[str]:
     """The SOPInstanceUID of each object of a DICOM JSON answer (PS3.18 F.2)."""
+    if body.count(b",") + body.count(b":") > MAX_VALUES:  # each value but the first follows one
+        raise VerifyUnavailable(
+            f"the answer of the query {shown} holds more than {MAX_VALUES:,} JSON values; "
+            "stowd does not parse it (it would take hundreds of MB): check the archive or a "
+            "proxy in between"
+        )
     try:
         doc = json.loads(body) if body.strip() else []
     except (ValueError, RecursionError):
