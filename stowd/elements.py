@@ -66,8 +66,9 @@ def count(
 def too_many(limit: int = MAX_ELEMENTS) -> FileProblem:
     return FileProblem(
         f"the DICOM header has more than {limit:,} data elements; stowd does not read a "
-        "header that large (each element takes hundreds of bytes of memory to parse): the "
-        "file is damaged or made to exhaust memory, so it was not sent"
+        "header that large (each element takes hundreds of bytes of memory to parse), so "
+        "it was not sent: a whole-slide image of tens of thousands of tiles (TILED_SPARSE) "
+        "can have that many, otherwise the file is damaged or made to exhaust memory"
     )
 
 
