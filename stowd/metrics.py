@@ -10,8 +10,9 @@ global one, so tests and several daemons in one process do not mix with other li
     stowd_request_duration_seconds{destination}      STOW-RS requests (histogram)
     stowd_retries_total{destination,reason}          retries, ``reason`` one of ``REASONS``
 
-Each scrape also reads the queue database (its own read-only connection, closed after the
-scrape, so it never shares the daemon's per-thread connections and never blocks it)::
+Each scrape also reads the queue database (``queue.read_active``: its own read-only
+connection, closed after the scrape, so it never shares the daemon's per-thread connections
+and never blocks it)::
 
     stowd_queue_files{destination,state}             active rows: pending, waiting, claimed,
                                                      settling (``waiting``: pending, but its next
@@ -29,11 +30,9 @@ config.py accepts, so a path passed by mistake is refused rather than exported.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIServer
@@ -41,7 +40,14 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
-from stowd.errors import DestinationBusy, DestinationHeld, FileUnreadable, StowdError
+from stowd.errors import (
+    DestinationBusy,
+    DestinationHeld,
+    FileUnreadable,
+    QueueError,
+    StowdError,
+)
+from stowd.queue import ActiveView, read_active
 from stowd.yamlwalk import NAME
 
 log = logging.getLogger("stowd.metrics")
@@ -182,40 +188,6 @@ def _name(value: str) -> str:
 
 
 # -- read from the queue at scrape time ------------------------------------------------------
-@dataclass
-class _QueueView:
-    """What one scrape read from the queue database."""
-
-    counts: dict[tuple[str, str], int] = field(default_factory=dict)  # (destination, state)
-    oldest: dict[str, float] = field(default_factory=dict)  # destination -> queued_at
-    held: set[str] = field(default_factory=set)
-
-
-_ACTIVE_SQL = (
-    "SELECT destination, CASE WHEN state = 'pending' AND next_attempt_at > ? THEN 'waiting' "
-    "ELSE state END AS s, COUNT(*), MIN(queued_at) FROM files "
-    "WHERE state IN ('pending', 'claimed', 'settling') GROUP BY destination, s"
-)
-_HELD_SQL = "SELECT name FROM destinations WHERE held_since IS NOT NULL"
-
-
-def _read_queue(path: Path, now: float) -> _QueueView:
-    """Counts, oldest rows and holds, in one read transaction of a read-only connection."""
-    uri = f"{path.resolve().as_uri()}?mode=ro"
-    conn = sqlite3.connect(uri, uri=True, timeout=SCRAPE_BUSY_TIMEOUT, isolation_level=None)
-    try:
-        conn.execute("BEGIN")  # one snapshot for both queries
-        view = _QueueView()
-        for destination, state, count, oldest in conn.execute(_ACTIVE_SQL, (now,)):
-            view.counts[(destination, state)] = count
-            if oldest is not None:
-                view.oldest[destination] = min(oldest, view.oldest.get(destination, oldest))
-        view.held = {row[0] for row in conn.execute(_HELD_SQL)}
-        return view
-    finally:
-        conn.close()
-
-
 class QueueCollector:
     """A prometheus_client collector: the queue gauges of ``destinations`` and ``stowd_up``.
 
@@ -239,9 +211,9 @@ class QueueCollector:
         if view is not None:
             yield from self._families(view, now)
 
-    def _read(self, now: float) -> _QueueView | None:
+    def _read(self, now: float) -> ActiveView | None:
         try:
-            view = _read_queue(self.path, now)
+            view = read_active(self.path, now, busy_timeout=SCRAPE_BUSY_TIMEOUT)
         except Exception as exc:
             self._note_failure(exc)
             return None
@@ -254,7 +226,7 @@ class QueueCollector:
     def _note_failure(self, exc: Exception) -> None:
         with self._lock:
             first, self._failing = not self._failing, True
-        if first and isinstance(exc, sqlite3.Error | OSError):
+        if first and isinstance(exc, QueueError | OSError):
             log.warning(
                 "metrics: cannot read the queue %s, its gauges are left out: %s", self.path, exc
             )
@@ -263,7 +235,7 @@ class QueueCollector:
                 "metrics: reading the queue %s failed, its gauges are left out", self.path
             )
 
-    def _families(self, view: _QueueView, now: float) -> Iterable[Metric]:
+    def _families(self, view: ActiveView, now: float) -> Iterable[Metric]:
         files = GaugeMetricFamily(
             "stowd_queue_files",
             "Active rows of the queue by destination and state (pending, waiting, claimed, "

@@ -54,7 +54,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from stowd import disk
 from stowd.errors import QueueError, QueueFull, QueueLockedError, SidecarNotReady
@@ -268,6 +268,33 @@ class Hold:
     failures: int
 
 
+class Tally(NamedTuple):
+    """One group of rows of ``Queue.tally``: a source, a destination and a state."""
+
+    source: str
+    destination: str
+    state: str  # pending rows whose next attempt lies ahead: "waiting"
+    files: int
+    bytes: int
+    oldest: float  # the earliest queued_at
+    stored: int  # how many the archive stored (of ``settling`` ones: not yet in sent/)
+    already: int  # how many the archive said it held already (note ``ALREADY_STORED``)
+    warned: int  # how many it stored with a warning (note ``STORED_WITH_WARNING ...``)
+
+
+@dataclass
+class ActiveView:
+    """The active rows by destination and the holds, as one metrics scrape reads them."""
+
+    counts: dict[tuple[str, str], int] = field(default_factory=dict)  # (destination, state)
+    oldest: dict[str, float] = field(default_factory=dict)  # destination -> queued_at
+    held: set[str] = field(default_factory=set)
+
+
+# the one rule for "waiting": a pending row whose next attempt lies after the time bound
+_WAITING = "state = 'pending' AND next_attempt_at > ?"
+_STATE = f"CASE WHEN {_WAITING} THEN 'waiting' ELSE state END"
+_ACTIVE_ROWS = "state IN ('pending', 'claimed', 'settling')"
 _JOB_COLUMNS = (
     "id, source, destination, path, rel, size, mtime_ns, kind, study_uid, sop_uid, "
     "attempts, first_try, error, outcome, target, changes, sidecars, made, queued_at, lookup"
@@ -1028,14 +1055,12 @@ class Queue:
         """(files, bytes) by state of ``sources``' rows still active or done since ``since``;
         pending rows whose next attempt lies ahead count as ``waiting``."""
         marks = ",".join("?" * len(sources))
-        rows = self._conn().execute(
-            "SELECT CASE WHEN state = 'pending' AND next_attempt_at > ? THEN 'waiting' "
-            "ELSE state END AS s, COUNT(*), COALESCE(SUM(size), 0) FROM files "
-            f"WHERE source IN ({marks}) AND (state IN ('pending', 'claimed', 'settling') "
-            "OR done_at >= ?) GROUP BY s",
-            (self.clock(), *sources, since),
-        )
-        return {r[0]: (r[1], r[2]) for r in rows}
+        where = f"WHERE source IN ({marks}) AND ({_ACTIVE_ROWS} OR done_at >= ?)"
+        out: dict[str, tuple[int, int]] = {}
+        for group in _tally(self._conn(), self.clock(), where, (*sources, since)):
+            files, size = out.get(group.state, (0, 0))
+            out[group.state] = (files + group.files, size + group.bytes)
+        return out
 
     def last_failures(self, sources: Sequence[str]) -> list[Failed]:
         """``sources``' files that failed, in any run, and were not queued again since (the
@@ -1096,15 +1121,7 @@ class Queue:
             return cur.rowcount > 0
 
     def holds(self) -> dict[str, Hold]:
-        rows = (
-            self._conn()
-            .execute(
-                "SELECT name, held_since, held_until, reason, failures FROM destinations "
-                "WHERE held_since IS NOT NULL"
-            )
-            .fetchall()
-        )
-        return {r[0]: Hold(*r) for r in rows}
+        return _holds(self._conn())
 
     # -- the daemon's troubles (a thread that keeps dying), for stowd status ----------------
     def set_trouble(self, name: str, text: str | None) -> None:
@@ -1136,59 +1153,15 @@ class Queue:
     def active_of(self, sources: Sequence[str]) -> dict[str, int]:
         """How many rows of each of ``sources`` are not finished (queued, sending, moving)."""
         marks = ",".join("?" * len(sources))
-        rows = self._conn().execute(
-            f"SELECT source, COUNT(*) FROM files WHERE source IN ({marks}) "
-            "AND state IN ('pending', 'claimed', 'settling') GROUP BY source",
-            tuple(sources),
-        )
-        return {r[0]: r[1] for r in rows}
+        where = f"WHERE source IN ({marks}) AND {_ACTIVE_ROWS}"
+        out: dict[str, int] = {}
+        for group in _tally(self._conn(), self.clock(), where, tuple(sources)):
+            out[group.source] = out.get(group.source, 0) + group.files
+        return out
 
     def counts(self) -> dict[str, int]:
         """Counts by state; pending rows that wait for a later attempt count as ``waiting``."""
-        now = self.clock()
-        rows = (
-            self._conn()
-            .execute(
-                "SELECT CASE WHEN state = 'pending' AND next_attempt_at > ? THEN 'waiting' "
-                "ELSE state END AS s, COUNT(*) FROM files GROUP BY s",
-                (now,),
-            )
-            .fetchall()
-        )
-        return {r[0]: r[1] for r in rows}
-
-    def oldest_active(self) -> float | None:
-        row = (
-            self._conn()
-            .execute(
-                "SELECT MIN(queued_at) FROM files WHERE state IN ('pending', 'claimed', 'settling')"
-            )
-            .fetchone()
-        )
-        return row[0] if row and row[0] is not None else None
-
-    def done_since(self, since: float) -> dict[str, int]:
-        rows = (
-            self._conn()
-            .execute(
-                "SELECT state, COUNT(*) FROM files WHERE done_at >= ? GROUP BY state", (since,)
-            )
-            .fetchall()
-        )
-        return {r[0]: r[1] for r in rows}
-
-    def last_errors(self, limit: int) -> list[tuple[str, str, str, float]]:
-        """(path, state, error json, last_try) of the latest rows that carry an error."""
-        rows = (
-            self._conn()
-            .execute(
-                "SELECT path, state, error, COALESCE(done_at, last_try, queued_at) AS t FROM files "
-                "WHERE error IS NOT NULL ORDER BY t DESC LIMIT ?",
-                (limit,),
-            )
-            .fetchall()
-        )
-        return [(r[0], r[1], r[2], r[3]) for r in rows]
+        return self.state_totals(self.clock())
 
     def jobs(self, state: str | None = None) -> list[Job]:
         """Every row (tests and diagnostics; not for hot paths)."""
@@ -1214,25 +1187,11 @@ class Queue:
         finally:
             conn.execute("COMMIT")  # ends the read transaction; nothing was written
 
-    def tally(self, now: float) -> list[tuple[str, str, str, int, int, float, int, int, int]]:
-        """(source, destination, state, files, bytes, oldest queued_at, stored, already,
-        warned) of each group, in one pass; pending rows whose next attempt lies after ``now``
-        count as ``waiting``; ``stored``: how many of them the archive stored (of ``settling``
-        ones: not yet moved to sent/; the others go to failed/); ``already``: how many of them
-        the archive said it held already (note ``already stored``); ``warned``: how many it
-        stored with a warning (note ``stored with warning ...``)."""
-        rows = (
-            self._conn()
-            .execute(
-                "SELECT source, destination, CASE WHEN state = 'pending' AND next_attempt_at > ? "
-                "THEN 'waiting' ELSE state END AS s, COUNT(*), SUM(size), MIN(queued_at), "
-                "TOTAL(outcome = 'sent'), TOTAL(note IS ?), TOTAL(note LIKE ?) FROM files "
-                "GROUP BY source, destination, s",
-                (now, ALREADY_STORED, f"{STORED_WITH_WARNING} %"),
-            )
-            .fetchall()
-        )
-        return [(r[0], r[1], r[2], r[3], r[4], r[5], int(r[6]), int(r[7]), int(r[8])) for r in rows]
+    def tally(self, now: float) -> list[Tally]:
+        """Each group of rows (source, destination, state) in one pass: the count every other
+        count but ``state_totals`` derives from.  Pending rows whose next attempt lies after
+        ``now`` count as ``waiting``."""
+        return _tally(self._conn(), now)
 
     def sent_since(self, since: float) -> list[tuple[str, str, int, int]]:
         """(source, destination, files, bytes) sent at ``since`` or later.
@@ -1252,15 +1211,13 @@ class Queue:
         return [(r[0], r[1], r[2], r[3]) for r in rows]
 
     def state_totals(self, now: float) -> dict[str, int]:
-        """Counts by state, like ``counts`` but read from the files_ready index alone (cheap
-        enough for a status line every few seconds)."""
+        """Counts by state, pending rows whose next attempt lies after ``now`` as ``waiting``
+        (``counts`` at the queue's clock).  Not derived from ``tally``: grouping by the state
+        column alone reads the files_ready index and nothing else (cheap enough for the
+        daemon's status line every few seconds, however long the history)."""
         rows = (
             self._conn()
-            .execute(
-                "SELECT state, COUNT(*), SUM(state = 'pending' AND next_attempt_at > ?) "
-                "FROM files GROUP BY state",
-                (now,),
-            )
+            .execute(f"SELECT state, COUNT(*), SUM({_WAITING}) FROM files GROUP BY state", (now,))
             .fetchall()
         )
         out: dict[str, int] = {}
@@ -1284,6 +1241,66 @@ class Queue:
             .fetchall()
         )
         return [(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
+
+def _tally(
+    db: sqlite3.Connection, now: float, where: str = "", params: tuple[Any, ...] = ()
+) -> list[Tally]:
+    """The one count by state (``Tally`` groups) of the rows ``where`` selects."""
+    rows = db.execute(
+        f"SELECT source, destination, {_STATE} AS s, COUNT(*), SUM(size), MIN(queued_at), "
+        "TOTAL(outcome = 'sent'), TOTAL(note IS ?), TOTAL(note LIKE ?) FROM files "
+        f"{where} GROUP BY source, destination, s",
+        (now, ALREADY_STORED, f"{STORED_WITH_WARNING} %", *params),
+    ).fetchall()
+    return [
+        Tally(r[0], r[1], r[2], r[3], r[4], r[5], int(r[6]), int(r[7]), int(r[8])) for r in rows
+    ]
+
+
+def _holds(db: sqlite3.Connection) -> dict[str, Hold]:
+    rows = db.execute(
+        "SELECT name, held_since, held_until, reason, failures FROM destinations "
+        "WHERE held_since IS NOT NULL"
+    ).fetchall()
+    return {r[0]: Hold(*r) for r in rows}
+
+
+def read_active(path: Path, now: float, *, busy_timeout: float) -> ActiveView:
+    """The active rows by destination and state, and the holds, for a metrics scrape.
+
+    Read in one transaction of a read-only connection of its own, closed before returning:
+    a scrape runs in a thread of the metrics server, so it never shares the daemon's
+    per-thread connections, never blocks the daemon (a WAL reader), and waits at most
+    ``busy_timeout`` seconds for a locked database.  sqlite3's errors become ``QueueError``
+    with the same text (a missing queue, a file that is not a database).
+    """
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    try:
+        conn = sqlite3.connect(
+            uri, uri=True, timeout=busy_timeout, isolation_level=None, factory=_Connection
+        )
+    except sqlite3.Error as exc:
+        raise QueueError(str(exc)) from exc
+    try:
+        conn.execute("BEGIN")  # one snapshot for both queries
+        return _active_view(conn, now)
+    except sqlite3.Error as exc:
+        raise QueueError(str(exc)) from exc
+    finally:
+        conn.close()
+
+
+def _active_view(db: sqlite3.Connection, now: float) -> ActiveView:
+    view = ActiveView()
+    for group in _tally(db, now, f"WHERE {_ACTIVE_ROWS}"):
+        key = (group.destination, group.state)
+        view.counts[key] = view.counts.get(key, 0) + group.files
+        view.oldest[group.destination] = min(
+            group.oldest, view.oldest.get(group.destination, group.oldest)
+        )
+    view.held = set(_holds(db))
+    return view
 
 
 def _cannot_write(path: Path, exc: OSError | sqlite3.Error) -> str:

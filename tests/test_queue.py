@@ -15,7 +15,7 @@ from harness import Clock
 from stowd.config import BatchLimits
 from stowd.errors import QueueError, QueueFull, QueueLockedError, SidecarNotReady
 from stowd.group import take_batch
-from stowd.queue import Classification, Job, Made, NewFile, Queue, open_readonly
+from stowd.queue import ACTIVE, Classification, Job, Made, NewFile, Queue, open_readonly
 
 
 def new(path: str, size: int = 10, mtime: int = 1) -> NewFile:
@@ -176,9 +176,11 @@ def test_status_queries(queue: Queue, clock: Clock) -> None:
     clock.now += 30
     queue.begin_settle([(queue.jobs()[0], "failed", "/f/a", {"reason": "broken"})])
     queue.finish(1, state="failed")
-    assert queue.oldest_active() == clock.now - 30
-    assert queue.done_since(clock.now - 60) == {"failed": 1}
-    [(path, state, error, _when)] = queue.last_errors(5)
+    active = (*ACTIVE, "waiting")
+    assert min(t.oldest for t in queue.tally(clock.now) if t.state in active) == clock.now - 30
+    done = queue.run_tally(["src"], clock.now - 60)
+    assert {s: n for s, (n, _size) in done.items() if s not in active} == {"failed": 1}
+    [(_when, _source, _dest, path, state, _next, error)] = queue.recent_errors(5)
     assert (path, state) == ("/d/a", "failed")
     assert "broken" in error
     assert queue.forget_done(clock.now + 1) == 1

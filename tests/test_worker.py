@@ -512,7 +512,7 @@ def test_an_unwritable_spool_makes_files_wait_not_fail(rig_factory: Callable[...
     rig.find()
     rig.drain()
     assert rig.names(rig.source.failed) == set() and rig.names(rig.source.sent) == set()
-    [(_, _, error, _)] = rig.queue.last_errors(1)
+    [(_, _, _, _, _, _, error)] = rig.queue.recent_errors(1)
     assert "cannot create the spool folder" in error
     assert rig.queue.counts() == {"waiting": 2}
     rig.config.spool.unlink()
