@@ -1,0 +1,69 @@
+"""Review C of issue 15: archives answering as their source says, in cases the profile tests
+do not cover.  Against the real daemon and the local test archive (``fakearchive.py``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from dicomgen import make_instance
+from fakearchive import Dcm4chee, FakeArchive, Instance, Outcome
+from harness import Layout, Stowd, make_layout, wait_for
+
+STUDY = "1.2.826.0.1.3680043.8.498.1501"
+
+
+class Dcm4cheeTwoRefusals(Dcm4chee):
+    """dcm4chee-arc refusing two instances of one request for two different reasons."""
+
+    def refuse(self, instance: Instance) -> Outcome:
+        if instance.sop_uid.endswith(".2"):
+            # StoreService.java: SUBSEQUENT_OCCURRENCE_OF_REJECTED_OBJECT = 0xA771, with its
+            # message format SUBSEQUENT_OCCURRENCE_OF_REJECTED_OBJECT_MSG
+            text = (
+                f"Subsequent occurrence of rejected Object [StudyIUID={STUDY}, SeriesIUID=1.2, "
+                f"SOPIUID={instance.sop_uid}, rejection=113001^DCM]"
+            )
+            return Outcome(instance, failure=0xA771, text=text)
+        return super().refuse(instance)  # 0xA778, "Patient ID REFUSE differs from ..."
+
+
+def _error(layout: Layout, name: str) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(layout.error_files()[name].read_text())
+    return doc
+
+
+def test_dcm4chee_two_refusals_in_one_request_each_keep_their_own_words(tmp_path: Path) -> None:
+    """StowRS.setWarning keeps the message of the LAST failure of the request in its one
+    Warning header (the items carry no text): it is the archive's words about that file only,
+    so the other refused file's reason must not quote it as its own."""
+    with FakeArchive(Dcm4cheeTwoRefusals()) as fake:
+        dest = {"url": fake.base, "workers": 1, "timeouts": {"read": "30s"}}
+        layout = make_layout(tmp_path / "run", "", destinations={"pacs": dest})
+        conflict = f"{STUDY}.1"
+        rejected = f"{STUDY}.2"
+        make_instance(layout.drop / "c.dcm", study_uid=STUDY, sop_uid=conflict, patient_id="REFUSE")
+        make_instance(
+            layout.drop / "r.dcm",
+            study_uid=STUDY,
+            sop_uid=rejected,
+            patient_id="REFUSE",
+            instance_number=2,
+        )
+        daemon = Stowd(layout).start()
+        try:
+            wait_for(
+                lambda: layout.files(layout.failed) == {"c.dcm", "r.dcm"},
+                60,
+                "both files in failed/",
+                lambda: daemon.log,
+            )
+            assert daemon.terminate() == 0
+        finally:
+            daemon.stop()
+        assert [sorted(r) for r in fake.requests] == [[conflict, rejected]]  # one request
+    c, r = _error(layout, "c.dcm"), _error(layout, "r.dcm")
+    assert (c["failure_reason"], r["failure_reason"]) == ("A778", "A771")
+    assert "Subsequent occurrence of rejected Object" not in c["reason"], c["reason"]
+    assert "Patient ID REFUSE differs" not in r["reason"], r["reason"]
