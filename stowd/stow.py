@@ -449,8 +449,16 @@ def _judge_one(answer: Answer, sop: str, single: bool, duplicates: str) -> Verdi
         code, text = answer.failed[sop], answer.failed_text.get(sop)
         if code == ALREADY_STORED:
             return _judge_already(status, duplicates)
-        return _judge_failed(status, code, text or answer.server_message)
+        return _judge_failed(status, code, text or _said_of_one(answer))
     return _judge_unlisted(answer, single)
+
+
+def _said_of_one(answer: Answer) -> str | None:
+    """The answer's words outside its items (a Warning header, an error text) when it
+    refuses one instance only: they are about that one.  dcm4chee-arc's Warning holds the
+    message of the last instance it refused (StowRS.setWarning), so with several refused
+    it is no file's own reason (it stays in the file's ``server_message``)."""
+    return answer.server_message if len(answer.failed) == 1 else None
 
 
 def _judge_already(status: int, duplicates: str) -> Verdict:
