@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from dicomgen import make_instance
-from fakearchive import Dcm4chee, FakeArchive, Instance, Outcome
+from fakearchive import Azure, Dcm4chee, FakeArchive, Instance, Outcome
 from harness import Layout, Stowd, make_layout, wait_for
 
 STUDY = "1.2.826.0.1.3680043.8.498.1501"
@@ -67,3 +68,42 @@ def test_dcm4chee_two_refusals_in_one_request_each_keep_their_own_words(tmp_path
     assert (c["failure_reason"], r["failure_reason"]) == ("A778", "A771")
     assert "Subsequent occurrence of rejected Object" not in c["reason"], c["reason"]
     assert "Patient ID REFUSE differs" not in r["reason"], r["reason"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review C: with duplicates: fail, stowd's own re-send of a file whose answer was "
+    "lost (a 500, a dropped connection, a crash) is flagged as a duplicate: a file the "
+    "archive stored from this very file goes to failed/",
+)
+def test_duplicates_fail_does_not_flag_stowds_own_resend_after_a_lost_answer(
+    tmp_path: Path,
+) -> None:
+    """Azure stores the file and its answer is lost (HTTP 500, fakearchive ``lose``); stowd
+    sends it again and Azure answers 45070.  The file the archive holds is this one: stowd
+    sent it, so it belongs in sent/ even where re-sent UIDs from elsewhere are flagged."""
+    with FakeArchive(Azure()) as fake:
+        dest = {
+            "url": fake.base,
+            "workers": 1,
+            "timeouts": {"read": "30s"},
+            "duplicates": "fail",
+        }
+        retry = {"initial": "200ms", "maximum": "400ms", "hold_probe": "200ms"}
+        layout = make_layout(tmp_path / "run", "", retry=retry, destinations={"pacs": dest})
+        uid = make_instance(layout.drop / "a.dcm")
+        fake.lose(1, "500")
+        daemon = Stowd(layout).start()
+        try:
+            wait_for(
+                lambda: layout.files(layout.sent) | layout.files(layout.failed) == {"a.dcm"},
+                60,
+                "the file settled",
+                lambda: daemon.log,
+            )
+            assert daemon.terminate() == 0
+        finally:
+            daemon.stop()
+        assert fake.times_sent(uid) == 2
+        assert uid in fake.stored
+    assert layout.files(layout.sent) == {"a.dcm"}
