@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from dicomgen import make_instance
 from fakearchive import Azure, Dcm4chee, FakeArchive, Instance, Outcome
-from harness import Layout, Stowd, make_layout, wait_for
+from harness import Layout, Stowd, make_layout, run_cli, wait_for
 
 STUDY = "1.2.826.0.1.3680043.8.498.1501"
 
@@ -107,3 +107,25 @@ def test_duplicates_fail_does_not_flag_stowds_own_resend_after_a_lost_answer(
         assert fake.times_sent(uid) == 2
         assert uid in fake.stored
     assert layout.files(layout.sent) == {"a.dcm"}
+
+
+def test_migrate_report_says_how_many_the_archive_held_already(tmp_path: Path) -> None:
+    """A migration to Azure of files the archive holds already (an earlier tool copied them):
+    Azure answers 45070 for each, and stowd settles them as stored, as ``stowd status`` says
+    (``N sent (M of them already stored)``).  The closing summary must not claim it stored
+    them in this run without saying that the archive held them already."""
+    with FakeArchive(Azure()) as fake:
+        dest = {"url": fake.base, "workers": 1, "timeouts": {"read": "30s"}}
+        layout = make_layout(tmp_path / "run", "", destinations={"pacs": dest})
+        old = tmp_path / "old"
+        old.mkdir()
+        held = [make_instance(old / f"{n}.dcm", instance_number=i) for i, n in enumerate("ab")]
+        make_instance(old / "new.dcm", instance_number=3)
+        for uid in held:
+            fake.stored[uid] = "held before the migration"
+        result = run_cli(
+            "migrate", "-c", str(layout.config), str(old), "--destination", "pacs", timeout=120
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert "stored:   3 file(s)" in result.stdout, result.stdout
+    assert "2 of them already stored" in result.stdout, result.stdout
