@@ -327,6 +327,7 @@ class Migration:
         seconds = time.time() - self.started
         interrupted = self.signals > 0 and not self.crashed
         summary = Summary(tally, self.skipped, seconds, interrupted, self.crashed, failures)
+        summary.already = self.queue.run_already(self.names, self.started)
         if self.config.destinations[self.opts.destination].verify:
             summary.verified = self.verified.listed
             summary.unlisted = self.verified.unlisted

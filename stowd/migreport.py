@@ -42,6 +42,7 @@ class Summary:
     failures: list[dict[str, Any]] = field(default_factory=list)
     verified: int | None = None  # stored files the archive then listed (None: not verifying)
     unlisted: int = 0  # answers "stored" for a file the archive then did not list
+    already: int = 0  # of the stored: those the archive said it held already (Azure's 45070)
 
     def count(self, kind: str) -> int:
         """Failures of one ``kind``: failed, failed_before, unmoved, unreadable."""
@@ -171,7 +172,7 @@ def render(summary: Summary, folders: tuple[Path, ...], keep: bool, report: Path
     word = "stopped by an unexpected error (see the log)" if summary.crashed else word
     lines = [
         f"stowd migrate {word} after {summary.seconds:.1f}s",
-        f"  stored:   {summary.files('sent')} file(s), {mb:.1f} MB",
+        f"  stored:   {summary.files('sent')} file(s), {mb:.1f} MB{_already(summary)}",
         f"  skipped:  {summary.skipped} file(s) already stored by an earlier run",
         f"  failed:   {_failed_line(summary)}",
     ]
@@ -198,6 +199,17 @@ def render(summary: Summary, folders: tuple[Path, ...], keep: bool, report: Path
         where = ", ".join(f"{f}.sent / {f}.failed" for f in folders)
         lines.append(f"  moved to {where}")
     return escape_lines(lines)  # folder names may hold anything a file system allows
+
+
+def _already(summary: Summary) -> str:
+    """Of the stored files, those the archive said it held already (``stowd status`` says
+    so too): it compared their UIDs, not their content."""
+    if not summary.already:
+        return ""
+    return (
+        f" ({summary.already} of them already stored: the archive held an instance with "
+        "their UIDs before; see the log)"
+    )
 
 
 def _verified_line(summary: Summary) -> str:

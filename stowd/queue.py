@@ -1062,6 +1062,14 @@ class Queue:
             out[group.state] = (files + group.files, size + group.bytes)
         return out
 
+    def run_already(self, sources: Sequence[str], since: float) -> int:
+        """How many of ``sources``' files sent since ``since`` the archive said it held
+        already (note ``ALREADY_STORED``): of ``run_tally``'s ``sent``."""
+        marks = ",".join("?" * len(sources))
+        where = f"WHERE source IN ({marks}) AND done_at >= ?"
+        groups = _tally(self._conn(), self.clock(), where, (*sources, since))
+        return sum(g.already for g in groups if g.state == "sent")
+
     def last_failures(self, sources: Sequence[str]) -> list[Failed]:
         """``sources``' files that failed, in any run, and were not queued again since (the
         newest row of their path is the failed one)."""
