@@ -3,7 +3,9 @@ do not cover.  Against the real daemon and the local test archive (``fakearchive
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,8 @@ import pytest
 from dicomgen import make_instance
 from fakearchive import Azure, Dcm4chee, FakeArchive, Instance, Outcome
 from harness import Layout, Stowd, make_layout, run_cli, wait_for
+from test_already_stored import PROCESSING_FAILURE, ScriptedArchive
+from test_already_stored import layout_for as already_layout
 
 STUDY = "1.2.826.0.1.3680043.8.498.1501"
 
@@ -129,3 +133,44 @@ def test_migrate_report_says_how_many_the_archive_held_already(tmp_path: Path) -
         assert result.returncode == 0, result.stdout + result.stderr
     assert "stored:   3 file(s)" in result.stdout, result.stdout
     assert "2 of them already stored" in result.stdout, result.stdout
+
+
+class AlwaysTogether(ScriptedArchive):
+    """A busy archive: every request is answered only once another one is in flight too
+    (a steady stream of files from other workers), so no request is ever alone."""
+
+    def __init__(self, plan: dict[str, list[int]]) -> None:
+        super().__init__(plan)
+        self.pairs = threading.Barrier(2)  # resets itself after each pair
+
+    def meet(self) -> None:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            self.pairs.wait(30)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review C: a refusal counts for retry.max_refusals only when its request was alone "
+    "on the wire; with workers > 1 and requests that always overlap (a busy site), a "
+    "permanent 0x0110 conflict is retried until retry.max_age (7 days), as before issue 15",
+)
+def test_a_permanent_refusal_fails_even_when_requests_always_overlap(tmp_path: Path) -> None:
+    """Two files Google refuses for good (same UIDs, other content: 0x0110), each its own
+    study, workers: 2, and an archive that answers a request only while another is in
+    flight: each should still fail after retry.max_refusals refusals."""
+    with AlwaysTogether({}) as archive:
+        layout = already_layout(tmp_path, archive.url, workers=2)
+        uids = [make_instance(layout.drop / f"{n}.dcm") for n in "ab"]  # two studies
+        for uid in uids:
+            archive.plan[uid], archive.asked[uid] = [PROCESSING_FAILURE], 0
+        daemon = Stowd(layout).start()
+        try:
+            wait_for(
+                lambda: layout.files(layout.failed) == {"a.dcm", "b.dcm"},
+                60,
+                "both files in failed/ after their refusals",
+                lambda: daemon.log,
+            )
+            assert daemon.terminate() == 0
+        finally:
+            daemon.stop()
