@@ -167,7 +167,7 @@ def test_a_permanent_refusal_fails_even_when_requests_always_overlap(tmp_path: P
         try:
             wait_for(
                 lambda: layout.files(layout.failed) == {"a.dcm", "b.dcm"},
-                60,
+                20,  # three refusals each come within seconds (retries 200-400ms apart)
                 "both files in failed/ after their refusals",
                 lambda: daemon.log,
             )
