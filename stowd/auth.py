@@ -34,8 +34,15 @@ import httpx
 
 from stowd import answers
 from stowd.access import Auth
-from stowd.errors import AnswerTooSlow, StowdError, UnusableAnswer
-from stowd.secrets import Secret, SecretUnavailable
+from stowd.errors import (
+    AnswerTooSlow,
+    SecretUnavailable,
+    TokenError,
+    TokenRefused,
+    TokenUnreachable,
+    UnusableAnswer,
+)
+from stowd.secrets import Secret
 from stowd.yamlwalk import redact_url
 
 log = logging.getLogger("stowd.auth")
@@ -47,23 +54,6 @@ MAX_DESCRIPTION = 200
 _ERROR_CODE = re.compile(r"[\x20\x21\x23-\x5B\x5D-\x7E]{1,64}")  # RFC 6749 5.2 "error"
 _BUSY = {408, 429}
 HEADER_TOKEN = re.compile(r"[\x21-\x7E]+")  # visible ASCII: safe in an Authorization header
-
-
-class TokenError(StowdError):
-    """The token endpoint gave no usable access token."""
-
-    def __init__(self, message: str, *, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retry_after: str | None = None  # the endpoint's Retry-After header, as sent
-
-
-class TokenRefused(TokenError):
-    """The endpoint refused our client (400/401: invalid_client ...) or is not one."""
-
-
-class TokenUnreachable(TokenError):
-    """The endpoint cannot be reached or answered 5xx/408/429: try again later."""
 
 
 def make_auth(auth: Auth | None) -> httpx.Auth | None:

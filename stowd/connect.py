@@ -28,11 +28,10 @@ from urllib.parse import urlsplit
 import httpx
 
 from stowd import answers, stow
-from stowd.auth import OAuth2, TokenError
+from stowd.auth import OAuth2
 from stowd.config import Destination
-from stowd.errors import AnswerTooSlow
+from stowd.errors import AnswerTooSlow, ClientSetupError, SecretUnavailable, TokenError
 from stowd.printable import escape_lines
-from stowd.secrets import SecretUnavailable
 from stowd.yamlwalk import redact_url
 
 MAX_STEP = 10.0  # seconds, at most, for each step
@@ -213,7 +212,7 @@ def _request(
 ) -> None:
     try:
         client = stow.http_client(destination, transport=transport)
-    except stow.ClientSetupError as exc:
+    except ClientSetupError as exc:
         report.add("TLS", FAIL, str(exc))
         return
     with client:

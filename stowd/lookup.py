@@ -33,7 +33,7 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from stowd import stow, vr
 from stowd.config import Config, Destination
-from stowd.errors import FileProblem, StowdError, StowFailure
+from stowd.errors import ClientSetupError, FileProblem, LookupUnavailable, NotYet, StowFailure
 from stowd.queue import Job, Queue
 from stowd.rules import Wanted
 from stowd.vr import Item, Value
@@ -76,18 +76,6 @@ IN_STEP = (  # worklist query keys asked inside ScheduledProcedureStepSequence
 SHOWN = ("StudyInstanceUID", "PatientID", "PatientName", "StudyDate", "StudyDescription")
 FAILURE_MEMORY = 15.0  # seconds a failed query is not repeated for other files
 MAX_SHOWN = 10  # candidates listed in a reason
-
-
-class NotYet(StowdError):
-    """No match yet: the file waits (until ``until``) for its study or item to appear."""
-
-    def __init__(self, message: str, until: float) -> None:
-        super().__init__(message)
-        self.until = until
-
-
-class LookupUnavailable(StowdError):
-    """The archive could not be asked (not reached, refused, an error status): retried."""
 
 
 @dataclass(frozen=True)
@@ -178,7 +166,7 @@ class Finder:
             status, body = stow.qido_get(
                 self._client(destination), destination, url, params(wanted)
             )
-        except (StowFailure, stow.ClientSetupError) as exc:
+        except (StowFailure, ClientSetupError) as exc:
             raise LookupUnavailable(f"the lookup at {shown} failed: {exc}") from exc
         if status == 204:
             return []

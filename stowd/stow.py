@@ -40,21 +40,24 @@ import tenacity
 
 from stowd import answers, dropped
 from stowd.access import Tls
-from stowd.auth import OAuth2, TokenError, TokenRefused, make_auth
+from stowd.auth import OAuth2, make_auth
 from stowd.config import DEFAULT_DUPLICATES, Destination
 from stowd.errors import (
     AnswerTooSlow,
+    ClientSetupError,
     ConnectionDropped,
     DestinationBusy,
     DestinationHeld,
     FileUnreadable,
     FileVanished,
-    StowdError,
+    LinkRefused,
+    SecretUnavailable,
     StowFailure,
+    TokenError,
+    TokenRefused,
     UnusableAnswer,
 )
 from stowd.printable import escape
-from stowd.secrets import SecretUnavailable
 
 log = logging.getLogger("stowd.stow")
 
@@ -244,7 +247,7 @@ class Body:
                     fp = dropped.open_file(part.path, open)  # open: the tests' seam
                 except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
                     raise FileVanished(f"{part.path} vanished", path=part.path) from exc
-                except dropped.LinkRefused as exc:  # a link planted since it was read
+                except LinkRefused as exc:  # a link planted since it was read
                     raise FileVanished(f"{part.path} is now a link", path=part.path) from exc
                 except OSError as exc:
                     raise FileUnreadable.from_os_error(exc, part.path) from exc
@@ -524,10 +527,6 @@ def _warning(code: int) -> str:
 # -- the client -------------------------------------------------------------------------------
 USER_AGENT = "stowd/0.1"
 _TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
-
-
-class ClientSetupError(StowdError):
-    """The destination's TLS files cannot be used (unreadable, not PEM, key does not match)."""
 
 
 def http_client(

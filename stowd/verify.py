@@ -28,7 +28,7 @@ import httpx
 
 from stowd import stow
 from stowd.config import Destination
-from stowd.errors import StowFailure, VerifyUnavailable
+from stowd.errors import ClientSetupError, StowFailure, VerifyUnavailable
 from stowd.lookup import status_words
 from stowd.yamlwalk import redact_url
 
@@ -120,7 +120,7 @@ def _page(
     shown = redact_url(url)
     try:
         status, body = stow.qido_get(http, destination, url, params)
-    except (StowFailure, stow.ClientSetupError) as exc:
+    except (StowFailure, ClientSetupError) as exc:
         raise VerifyUnavailable(f"the query {shown} failed: {exc}") from exc
     if status == 204:  # no match (PS3.18 8.3.4.4 Query Response: 204 No Content)
         return []

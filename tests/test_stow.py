@@ -37,7 +37,13 @@ from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian, generate
 from stowd import stow
 from stowd.access import Access, Tls
 from stowd.config import Destination
-from stowd.errors import DestinationBusy, DestinationHeld, FileUnreadable, FileVanished
+from stowd.errors import (
+    ClientSetupError,
+    DestinationBusy,
+    DestinationHeld,
+    FileUnreadable,
+    FileVanished,
+)
 from stowd.stow import (
     Answer,
     Body,
@@ -1229,7 +1235,7 @@ def test_an_encrypted_client_key_is_refused_plainly_and_min_version_always_appli
         check=True, capture_output=True,
     )  # fmt: skip
     tls = Tls(client_cert=cert, client_key=key)
-    with pytest.raises(stow.ClientSetupError, match="is encrypted"):
+    with pytest.raises(ClientSetupError, match="is encrypted"):
         stow.tls_context(Destination("a", BASE_URL, access=Access(tls=tls)))
     loose = Destination("a", BASE_URL, verify_tls=False, access=Access(tls=Tls(min_version="1.3")))
     context = stow.tls_context(loose)
