@@ -44,10 +44,11 @@
     │   └── TokenUnreachable   it cannot be reached, or is busy (5xx/408/429): retried
     ├── UnusableAnswer         an HTTP answer cannot be used (it cannot be decoded, or as
     │   │                      below): raised by answers.py while it is read, turned into
-    │   │                      StowFailure by stow.py and into TokenError by auth.py
+    │   │                      StowFailure by httperrors.py and into TokenError by auth.py
     │   ├── AnswerTooLarge     its decoded body is larger than the cap for its kind
     │   └── AnswerTooSlow      it was still arriving at its deadline
-    └── StowFailure            one STOW request did not go through (raised by stow.py only)
+    └── StowFailure            one request to the archive did not go through (raised by
+        │                      stow.py, stowanswer.py and httperrors.py only)
         ├── DestinationHeld    the archive or our configuration is wrong, not the files:
         │                      401/403/404/405/415, TLS, an unusable answer or one that
         │                      is not a STOW-RS answer; files stay queued, the destination
@@ -61,7 +62,7 @@
                                    crashes on it)
 
 Third-party exceptions (httpx, pydicom, sqlite3, yaml) are translated at one seam each, with
-``raise ... from exc`` (httpx's in ``stow.py``); whether something is retried is a
+``raise ... from exc`` (httpx's in ``httperrors.py``); whether something is retried is a
 property of the type raised here.
 ``reading`` turns the OSErrors of reading a file to send into ``FileVanished`` or
 ``FileUnreadable`` (or ``SpoolFull``: the write of its copy found no space).  ``judging_input``

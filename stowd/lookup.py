@@ -31,7 +31,8 @@ from urllib.parse import urlencode
 import httpx
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
-from stowd import stow, vr
+from stowd import vr
+from stowd.client import http_client, qido_get
 from stowd.config import Config, Destination
 from stowd.errors import ClientSetupError, FileProblem, LookupUnavailable, NotYet, StowFailure
 from stowd.queue import Job, Queue
@@ -163,9 +164,7 @@ class Finder:
         shown = redact_url(url)
         log.info("looking up %s: GET %s (%s)", _entry(wanted), shown, wanted.text())
         try:
-            status, body = stow.qido_get(
-                self._client(destination), destination, url, params(wanted)
-            )
+            status, body = qido_get(self._client(destination), destination, url, params(wanted))
         except (StowFailure, ClientSetupError) as exc:
             raise LookupUnavailable(f"the lookup at {shown} failed: {exc}") from exc
         if status == 204:
@@ -178,7 +177,7 @@ class Finder:
         with self._lock:
             client = self._clients.get(destination.name)
             if client is None:
-                client = stow.http_client(destination)
+                client = http_client(destination)
                 self._clients[destination.name] = client
             return client
 
