@@ -7,8 +7,8 @@ gzip-encoded answer may inflate to gigabytes, and one trickled a byte at a time 
 the read timeout (which httpx applies to each read).  So the body is inflated a piece at a
 time (httpx inflates a whole network read at once), refused past ``limit``
 (``AnswerTooLarge``), and must have arrived by its deadline (``AnswerTooSlow``).  The
-callers say what that means for them: ``stow.py`` holds the destination for an answer too
-large, and retries one too slow later.
+callers say what that means for them: ``httperrors.py`` holds the destination for an answer
+too large, and retries one too slow later.
 
 The deadline covers the answer's status line and header too, which httpx reads before it
 returns a response, again with the read timeout for each read: a header trickled a byte at a

@@ -3,7 +3,7 @@ accounts (``googleauth.py``) and AWS SigV4 (``awsauth.py``) are imported only wh
 since their libraries are optional extras.
 
 Every request reads its secret again (``Secret.value()``), so a fixed secret file is used
-without a restart; ``SecretUnavailable`` goes up to ``stow.py``, which holds the destination.
+without a restart; ``SecretUnavailable`` goes up to ``httperrors.py``, which holds the destination.
 
 OAuth2 (RFC 6749 4.4): the access token is fetched from ``token_url`` with the client's id and
 secret as HTTP Basic (2.3.1), cached with its expiry and fetched again at 80% of its life or
@@ -11,7 +11,7 @@ secret as HTTP Basic (2.3.1), cached with its expiry and fetched again at 80% of
 archive answers 401.  One lock per login: workers sharing a client wait for one fetch.
 
 The token endpoint's failures become ``TokenRefused`` (our credentials or the endpoint are
-wrong: hold the destination) or ``TokenUnreachable`` (try again later); ``stow.py`` maps them.
+wrong: hold the destination) or ``TokenUnreachable`` (try again later); ``httperrors.py`` maps them.
 The retry after a 401 lives in ``stow.py`` too: a streamed body cannot be sent twice by httpx.
 
 No message made here holds a secret: the token endpoint's ``error_description`` is cut short
@@ -32,10 +32,17 @@ from urllib.parse import quote_plus
 
 import httpx
 
-from stowd import answers
+from stowd import answers, httperrors
 from stowd.access import Auth
-from stowd.errors import AnswerTooSlow, StowdError, UnusableAnswer
-from stowd.secrets import Secret, SecretUnavailable
+from stowd.errors import (
+    AnswerTooSlow,
+    SecretUnavailable,
+    TokenError,
+    TokenRefused,
+    TokenUnreachable,
+    UnusableAnswer,
+)
+from stowd.secrets import Secret
 from stowd.yamlwalk import redact_url
 
 log = logging.getLogger("stowd.auth")
@@ -47,23 +54,6 @@ MAX_DESCRIPTION = 200
 _ERROR_CODE = re.compile(r"[\x20\x21\x23-\x5B\x5D-\x7E]{1,64}")  # RFC 6749 5.2 "error"
 _BUSY = {408, 429}
 HEADER_TOKEN = re.compile(r"[\x21-\x7E]+")  # visible ASCII: safe in an Authorization header
-
-
-class TokenError(StowdError):
-    """The token endpoint gave no usable access token."""
-
-    def __init__(self, message: str, *, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retry_after: str | None = None  # the endpoint's Retry-After header, as sent
-
-
-class TokenRefused(TokenError):
-    """The endpoint refused our client (400/401: invalid_client ...) or is not one."""
-
-
-class TokenUnreachable(TokenError):
-    """The endpoint cannot be reached or answered 5xx/408/429: try again later."""
 
 
 def make_auth(auth: Auth | None) -> httpx.Auth | None:
@@ -230,8 +220,7 @@ class OAuth2(httpx.Auth):
                 response = self._client.send(request, auth=None, stream=True)
                 return response, self._read(response, started)
         except httpx.TransportError as exc:
-            text = f"the token endpoint {self._where} cannot be reached: {_plain(exc)}"
-            raise TokenUnreachable(text) from exc
+            raise httperrors.token_unreachable(exc, self._where) from exc
         except AnswerTooSlow as exc:  # its header was still arriving at the deadline
             raise TokenUnreachable(str(exc)) from exc
 
@@ -357,7 +346,3 @@ def scrub(text: str, secrets: tuple[str, ...]) -> str:
             if piece:
                 text = text.replace(piece, "***")
     return "".join(c if c.isprintable() else " " for c in text)
-
-
-def _plain(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__

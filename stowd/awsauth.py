@@ -36,8 +36,7 @@ from botocore.exceptions import BotoCoreError
 from botocore.session import Session
 
 from stowd.access import Auth
-from stowd.auth import TokenRefused
-from stowd.secrets import SecretUnavailable
+from stowd.errors import SecretUnavailable, TokenRefused
 
 SERVICE = "medical-imaging"  # the signing name in HealthImaging's documented curl example
 STREAMING_PAYLOAD = "STREAMING-AWS4-HMAC-SHA256-PAYLOAD"

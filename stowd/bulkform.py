@@ -17,7 +17,7 @@ from pydicom.uid import UID
 from stowd import bulkdata
 from stowd.media import Media
 from stowd.queue import Job
-from stowd.stow import Part
+from stowd.stowbody import Part
 from stowd.vr import Item
 
 

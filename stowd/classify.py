@@ -22,7 +22,7 @@ from typing import BinaryIO, cast
 import pydicom
 
 from stowd import deflated, dropped, elements
-from stowd.errors import FileIncomplete, FileProblem, FileUnreadable, FileVanished
+from stowd.errors import FileIncomplete, FileProblem, FileUnreadable, FileVanished, NotDicom
 from stowd.media import Media, detect
 
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
@@ -68,10 +68,6 @@ def classify(path: str) -> Classified:
             raise  # named as DICOM: a damaged or mislabelled file, not a document or image
         media = detect(Path(path))
         return Classified(media.kind, "", "", "", media=media)
-
-
-class NotDicom(FileProblem):
-    """The file is not a DICOM Part-10 file (it may be a document, image or video)."""
 
 
 def classify_dicom(path: str) -> Classified:

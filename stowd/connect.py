@@ -9,7 +9,7 @@ One block per destination, one line per step; a step after a failed one is not t
       ok    query    GET /dicom-web/studies?limit=1: HTTP 200, the archive answers DICOMweb ...
 
 ``connect`` is a plain socket to the archive's host and port (or to the proxy); everything
-after it goes through ``stow.http_client``, so the daemon's auth, TLS context, headers, proxy
+after it goes through ``client.http_client``, so the daemon's auth, TLS context, headers, proxy
 and ``trust_env`` apply unchanged.  The TLS details come from that request's own connection.
 
 Nothing here prints a secret: URLs are ``display_url``, secrets are named by where they come
@@ -27,12 +27,12 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from stowd import answers, stow
-from stowd.auth import OAuth2, TokenError
+from stowd import answers, httperrors
+from stowd.auth import OAuth2
+from stowd.client import http_client
 from stowd.config import Destination
-from stowd.errors import AnswerTooSlow
+from stowd.errors import AnswerTooSlow, ClientSetupError, SecretUnavailable, TokenError
 from stowd.printable import escape_lines
-from stowd.secrets import SecretUnavailable
 from stowd.yamlwalk import redact_url
 
 MAX_STEP = 10.0  # seconds, at most, for each step
@@ -212,8 +212,8 @@ def _request(
     report: Report, destination: Destination, transport: httpx.BaseTransport | None
 ) -> None:
     try:
-        client = stow.http_client(destination, transport=transport)
-    except stow.ClientSetupError as exc:
+        client = http_client(destination, transport=transport)
+    except ClientSetupError as exc:
         report.add("TLS", FAIL, str(exc))
         return
     with client:
@@ -242,14 +242,8 @@ def _fetch_token(report: Report, destination: Destination, auth: OAuth2) -> bool
     try:
         report.secrets += (auth.token(),)
     except TokenError as exc:
-        cause = exc.__cause__
-        tls = None
-        if isinstance(cause, httpx.TransportError):
-            connecting = isinstance(cause, httpx.ConnectError)
-            has_cert = destination.access.tls.client_cert is not None
-            tls = stow.tls_problem(
-                cause, has_cert=has_cert, connecting=connecting, who="the token endpoint"
-            )
+        has_cert = destination.access.tls.client_cert is not None
+        tls = httperrors.token_tls_problem(exc, has_cert)
         report.add("login", FAIL, f"{words}: {tls or exc}")
         return False
     except SecretUnavailable as exc:
@@ -297,17 +291,17 @@ def _tls_details(response: httpx.Response) -> dict[str, Any] | None:
 def _transport_failure(report: Report, destination: Destination, exc: httpx.TransportError) -> None:
     has_cert = destination.access.tls.client_cert is not None
     connecting = isinstance(exc, httpx.ConnectError)
-    tls = stow.tls_problem(exc, has_cert=has_cert, connecting=connecting)
+    tls = httperrors.tls_problem(exc, has_cert=has_cert, connecting=connecting)
     if tls is not None and urlsplit(destination.url).scheme == "https":
         report.add("TLS", FAIL, tls)
     elif isinstance(exc, httpx.TimeoutException):
         report.add("query", FAIL, f"no answer within {_step_timeout(destination):g} s")
     elif isinstance(exc, httpx.ProxyError):
-        report.add("connect", FAIL, f"the proxy refused the connection: {_plain(exc)}")
+        report.add("connect", FAIL, f"the proxy refused the connection: {httperrors.plain(exc)}")
     elif connecting:
-        report.add("connect", FAIL, f"cannot connect: {_plain(exc)}")
+        report.add("connect", FAIL, f"cannot connect: {httperrors.plain(exc)}")
     else:
-        report.add("query", FAIL, f"the request failed: {_plain(exc)}")
+        report.add("query", FAIL, f"the request failed: {httperrors.plain(exc)}")
 
 
 def _tls_step(report: Report, destination: Destination, tls: dict[str, Any] | None) -> None:
@@ -390,10 +384,6 @@ def _query_step(report: Report, destination: Destination, answer: _Answer) -> No
 
 
 # -- text --------------------------------------------------------------------------------------
-def _plain(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
-
-
 def _scrub(text: str, secrets: tuple[str, ...]) -> str:
     for value in sorted(secrets, key=len, reverse=True):
         if len(value) >= 3:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 from stowd.config import Source
-from stowd.errors import FileProblem
+from stowd.errors import LinkRefused
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO never blocks
@@ -33,10 +33,6 @@ ADVICE = (
     "file it cannot read itself); put the file itself there, or set follow_links: true on "
     "the source (see the README for the risk)"
 )
-
-
-class LinkRefused(FileProblem):
-    """A dropped file (or a folder on its path) is a symbolic link stowd does not follow."""
 
 
 def configure(sources: Iterable[Source]) -> None:

@@ -12,23 +12,43 @@
     │                          (--keep or not): refused before anything happens (exit 2)
     ├── FileProblem            a single file cannot be sent as it is (never retried)
     │   ├── FileVanished       the file disappeared before it could be sent
-    │   └── FileIncomplete     a DICOM image ends before its pixel data does: it may still
-    │                          be being written, so it waits (``incomplete_wait``) for the
-    │                          rest, then fails as truncated
+    │   ├── FileIncomplete     a DICOM image ends before its pixel data does: it may still
+    │   │                      be being written, so it waits (``incomplete_wait``) for the
+    │   │                      rest, then fails as truncated
+    │   ├── NotDicom           not a DICOM Part-10 file (``classify.py`` then asks whether
+    │   │                      it is a document, image or video its source makes DICOM from)
+    │   ├── UnknownType        neither DICOM nor a type its source makes DICOM from
+    │   ├── LinkRefused        the file (or a folder on its path) is a symbolic link stowd
+    │   │                      does not follow (``dropped.py``)
+    │   └── RuleFailure        a rule cannot be applied to the file (a missing value, a
+    │                          value that does not fit)
     ├── VerifyUnavailable      the archive cannot be asked (QIDO-RS) whether it lists what
     │                          it said it stored (``verify: true``): the files wait, the
     │                          destination is held; never a failure of the files
+    ├── NotYet                 a rule's lookup found no match yet: the file waits (until
+    │                          its ``wait`` ends, then fails) for its study or item to appear
+    ├── LookupUnavailable      the archive could not be asked for a rule's lookup (not
+    │                          reached, refused, an error status): the file waits, retried
     ├── SidecarNotReady        a file's sidecar is still changing or unreadable: not queued yet
     ├── FileUnreadable         a file cannot be read right now (permissions, I/O error):
     │                          retried later, like the archive's temporary refusals
     ├── SpoolFull              the copy of a file to send cannot be written: the spool's
     │                          disk is full; the file waits (never counted as its failure)
+    ├── SecretUnavailable      a secret (password, token, key) cannot be read now: a missing
+    │                          variable or file; the destination is held
+    ├── ClientSetupError       the destination's TLS files cannot be used (unreadable, not
+    │                          PEM, a key that does not match): the destination is held
+    ├── TokenError             a login's token endpoint gave no usable access token
+    │   │                      (``auth.py``, ``googleauth.py``, ``awsauth.py``)
+    │   ├── TokenRefused       it refused our client or is not a token endpoint: held
+    │   └── TokenUnreachable   it cannot be reached, or is busy (5xx/408/429): retried
     ├── UnusableAnswer         an HTTP answer cannot be used (it cannot be decoded, or as
     │   │                      below): raised by answers.py while it is read, turned into
-    │   │                      StowFailure by stow.py and into TokenError by auth.py
+    │   │                      StowFailure by httperrors.py and into TokenError by auth.py
     │   ├── AnswerTooLarge     its decoded body is larger than the cap for its kind
     │   └── AnswerTooSlow      it was still arriving at its deadline
-    └── StowFailure            one STOW request did not go through (raised by stow.py only)
+    └── StowFailure            one request to the archive did not go through (raised by
+        │                      stow.py, stowanswer.py and httperrors.py only)
         ├── DestinationHeld    the archive or our configuration is wrong, not the files:
         │                      401/403/404/405/415, TLS, an unusable answer or one that
         │                      is not a STOW-RS answer; files stay queued, the destination
@@ -42,7 +62,8 @@
                                    crashes on it)
 
 Third-party exceptions (httpx, pydicom, sqlite3, yaml) are translated at one seam each, with
-``raise ... from exc``; whether something is retried is a property of the type raised here.
+``raise ... from exc`` (httpx's in ``httperrors.py``); whether something is retried is a
+property of the type raised here.
 ``reading`` turns the OSErrors of reading a file to send into ``FileVanished`` or
 ``FileUnreadable`` (or ``SpoolFull``: the write of its copy found no space).  ``judging_input``
 turns what Python raises on odd input (ValueError, RecursionError ...) while a sidecar or rule
@@ -138,6 +159,18 @@ class UnknownType(FileProblem):
     """A file that is neither DICOM nor of a type its source makes DICOM from."""
 
 
+class NotDicom(FileProblem):
+    """The file is not a DICOM Part-10 file (it may be a document, image or video)."""
+
+
+class LinkRefused(FileProblem):
+    """A dropped file (or a folder on its path) is a symbolic link stowd does not follow."""
+
+
+class RuleFailure(FileProblem):
+    """A rule cannot be applied to this file (a missing value, a value that does not fit)."""
+
+
 class FileVanished(FileProblem):
     """The file was removed (or replaced) before it could be sent."""
 
@@ -204,6 +237,43 @@ def _detail(exc: BaseException) -> str:
 class VerifyUnavailable(StowdError):
     """The archive's QIDO-RS cannot tell whether it lists the instances it said it stored
     (an error, a timeout, an answer stowd cannot read): raised by ``verify.py``."""
+
+
+class NotYet(StowdError):
+    """No match yet: the file waits (until ``until``) for its study or item to appear."""
+
+    def __init__(self, message: str, until: float) -> None:
+        super().__init__(message)
+        self.until = until
+
+
+class LookupUnavailable(StowdError):
+    """The archive could not be asked (not reached, refused, an error status): retried."""
+
+
+class SecretUnavailable(StowdError):
+    """A secret cannot be read now (a missing variable or file); the message names where."""
+
+
+class ClientSetupError(StowdError):
+    """The destination's TLS files cannot be used (unreadable, not PEM, key does not match)."""
+
+
+class TokenError(StowdError):
+    """The token endpoint gave no usable access token."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after: str | None = None  # the endpoint's Retry-After header, as sent
+
+
+class TokenRefused(TokenError):
+    """The endpoint refused our client (400/401: invalid_client ...) or is not one."""
+
+
+class TokenUnreachable(TokenError):
+    """The endpoint cannot be reached or answered 5xx/408/429: try again later."""
 
 
 class SidecarNotReady(StowdError):

@@ -34,12 +34,10 @@ from stowd.auth import (
     TOKEN_TIMEOUT,
     OAuth2,
     Token,
-    TokenRefused,
-    TokenUnreachable,
     lived_token,
     refusal,
 )
-from stowd.secrets import SecretUnavailable
+from stowd.errors import SecretUnavailable, TokenRefused, TokenUnreachable
 from stowd.yamlwalk import redact_url
 
 KEY_FIELDS = ("client_email", "private_key", "token_uri")

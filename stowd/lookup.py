@@ -31,9 +31,10 @@ from urllib.parse import urlencode
 import httpx
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
-from stowd import stow, vr
+from stowd import vr
+from stowd.client import http_client, qido_get
 from stowd.config import Config, Destination
-from stowd.errors import FileProblem, StowdError, StowFailure
+from stowd.errors import ClientSetupError, FileProblem, LookupUnavailable, NotYet, StowFailure
 from stowd.queue import Job, Queue
 from stowd.rules import Wanted
 from stowd.vr import Item, Value
@@ -76,18 +77,6 @@ IN_STEP = (  # worklist query keys asked inside ScheduledProcedureStepSequence
 SHOWN = ("StudyInstanceUID", "PatientID", "PatientName", "StudyDate", "StudyDescription")
 FAILURE_MEMORY = 15.0  # seconds a failed query is not repeated for other files
 MAX_SHOWN = 10  # candidates listed in a reason
-
-
-class NotYet(StowdError):
-    """No match yet: the file waits (until ``until``) for its study or item to appear."""
-
-    def __init__(self, message: str, until: float) -> None:
-        super().__init__(message)
-        self.until = until
-
-
-class LookupUnavailable(StowdError):
-    """The archive could not be asked (not reached, refused, an error status): retried."""
 
 
 @dataclass(frozen=True)
@@ -175,10 +164,8 @@ class Finder:
         shown = redact_url(url)
         log.info("looking up %s: GET %s (%s)", _entry(wanted), shown, wanted.text())
         try:
-            status, body = stow.qido_get(
-                self._client(destination), destination, url, params(wanted)
-            )
-        except (StowFailure, stow.ClientSetupError) as exc:
+            status, body = qido_get(self._client(destination), destination, url, params(wanted))
+        except (StowFailure, ClientSetupError) as exc:
             raise LookupUnavailable(f"the lookup at {shown} failed: {exc}") from exc
         if status == 204:
             return []
@@ -190,7 +177,7 @@ class Finder:
         with self._lock:
             client = self._clients.get(destination.name)
             if client is None:
-                client = stow.http_client(destination)
+                client = http_client(destination)
                 self._clients[destination.name] = client
             return client
 

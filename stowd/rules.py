@@ -23,7 +23,7 @@ from pathlib import PurePosixPath
 from typing import Any, TypeAlias
 
 from stowd import vr
-from stowd.errors import FileProblem
+from stowd.errors import RuleFailure
 from stowd.vr import Item, Value
 
 REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
@@ -44,10 +44,6 @@ _PLACEHOLDER = re.compile(
     r"(?P<var>[a-z]+)(?:\.(?P<key>[A-Za-z_][A-Za-z0-9_]*)|\[(?P<index>-?\d+)\]|:(?P<fmt>[^|]+))?"
     r"(?P<filters>(?:\|[a-z]+)*)"
 )
-
-
-class RuleFailure(FileProblem):
-    """A rule cannot be applied to this file (a missing value, a value that does not fit)."""
 
 
 # --------------------------------------------------------------------------- templates

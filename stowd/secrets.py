@@ -19,14 +19,10 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stowd.errors import StowdError
+from stowd.errors import SecretUnavailable
 
 KINDS = ("env", "file", "credential")
 MAX_SIZE = 64 * 1024  # a secret file larger than this is a mistake (a key, a log...)
-
-
-class SecretUnavailable(StowdError):
-    """A secret cannot be read now (a missing variable or file); the message names where."""
 
 
 @dataclass(frozen=True)

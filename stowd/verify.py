@@ -9,7 +9,7 @@ SOPInstanceUIDs by UID list matching (PS3.18 8.3.4.1: "a list of UIDs separated 
 ``VERIFY_UIDS`` UIDs per query, so that the URL stays short.  An archive that ignores the
 filter and lists the whole study is read page by page (``limit``/``offset``, PS3.18 8.3.4.4),
 keeping only the UIDs asked for, for at most ``MAX_PAGES`` pages; each answer is read by
-``answers.read_body`` (size cap, deadline) through ``stow.qido_get``.
+``answers.read_body`` (size cap, deadline) through ``client.qido_get``.
 
 What the worker makes of it (``worker.py``): a listed instance is sent; one not listed is
 sent again (an archive that answers stored but keeps not listing it: after ``MAX_UNLISTED``
@@ -27,9 +27,9 @@ from urllib.parse import quote
 
 import httpx
 
-from stowd import stow
+from stowd import client
 from stowd.config import Destination
-from stowd.errors import StowFailure, VerifyUnavailable
+from stowd.errors import ClientSetupError, StowFailure, VerifyUnavailable
 from stowd.lookup import status_words
 from stowd.yamlwalk import redact_url
 
@@ -125,8 +125,8 @@ def _page(
     """The SOPInstanceUIDs of one answer, in its order."""
     shown = redact_url(url)
     try:
-        status, body = stow.qido_get(http, destination, url, params)
-    except (StowFailure, stow.ClientSetupError) as exc:
+        status, body = client.qido_get(http, destination, url, params)
+    except (StowFailure, ClientSetupError) as exc:
         raise VerifyUnavailable(f"the query {shown} failed: {exc}") from exc
     if status == 204:  # no match (PS3.18 8.3.4.4 Query Response: 204 No Content)
         return []

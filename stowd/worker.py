@@ -23,6 +23,7 @@ from stowd.bulkform import bulk_part
 from stowd.config import TRANSCODE_EXPLICIT, BatchLimits, Config, Destination, Source
 from stowd.disk import Disks
 from stowd.errors import (
+    ClientSetupError,
     ConnectionDropped,
     DestinationBusy,
     DestinationHeld,
@@ -30,6 +31,8 @@ from stowd.errors import (
     FileProblem,
     FileUnreadable,
     FileVanished,
+    LookupUnavailable,
+    NotYet,
     QueueError,
     QueueFull,
     SpoolFull,
@@ -39,13 +42,12 @@ from stowd.errors import (
     no_space,
 )
 from stowd.group import take_batch
-from stowd.lookup import Finder, LookupUnavailable, NotYet
+from stowd.lookup import Finder
 from stowd.media import Media, detect
 from stowd.queue import ALREADY_STORED, STORED_WITH_WARNING, Classification, Job, Made, Queue
 from stowd.settle import Decision, Settled, iso, remove_empty_parents, settle_all
 from stowd.stow import (
     Answer,
-    ClientSetupError,
     Outcome,
     Part,
     StowClient,

@@ -28,9 +28,9 @@ from harness import Clock
 from stowd.access import Access, Auth, Tls
 from stowd.auth import OAuth2
 from stowd.config import BatchLimits, Config, Destination, Retry, Source
-from stowd.errors import DestinationBusy, DestinationHeld
+from stowd.errors import DestinationBusy, DestinationHeld, SecretUnavailable
 from stowd.queue import Queue
-from stowd.secrets import Secret, SecretUnavailable
+from stowd.secrets import Secret
 from stowd.stow import Part, StowClient, failure_of, http_client
 from stowd.watch import Watcher
 from stowd.worker import Worker

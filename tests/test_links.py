@@ -21,6 +21,7 @@ from orthanc import Orthanc
 
 from stowd import dropped
 from stowd.config import Source
+from stowd.errors import LinkRefused
 
 DEAD_URL = "http://127.0.0.1:9/dicom-web"  # nothing listens: no file reaches an archive
 SECRET = b"SECRET-7f3a9c-do-not-leak\n"  # what a file the writer cannot read holds
@@ -271,12 +272,12 @@ def test_every_read_of_a_dropped_file_refuses_a_link_planted_since(tmp_path: Pat
         assert fp.read() == b"the dropped content"
     path.unlink()
     path.symlink_to(tmp_path / "private/x.dcm")
-    with pytest.raises(dropped.LinkRefused, match="the file is a symbolic link"):
+    with pytest.raises(LinkRefused, match="the file is a symbolic link"):
         dropped.open_file(path)
     path.unlink()
     (watch / "a").rmdir()
     (watch / "a").symlink_to(tmp_path / "private", target_is_directory=True)
-    with pytest.raises(dropped.LinkRefused, match="the folder a on its path is a symbolic link"):
+    with pytest.raises(LinkRefused, match="the folder a on its path is a symbolic link"):
         dropped.open_file(path)
 
 

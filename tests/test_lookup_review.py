@@ -18,8 +18,8 @@ from test_worker import Rig
 from worklist import Worklist, serve
 
 from stowd.config import Destination
-from stowd.errors import FileProblem
-from stowd.lookup import Finder, LookupUnavailable
+from stowd.errors import FileProblem, LookupUnavailable
+from stowd.lookup import Finder
 from stowd.queue import Queue
 from stowd.rules import Lookup, Rule, Template, Wanted
 from stowd.vr import Item

@@ -17,12 +17,12 @@ from worklist import Worklist, item, serve
 
 from stowd import dryrun
 from stowd.config import Config
-from stowd.errors import FileProblem
+from stowd.errors import FileProblem, LookupUnavailable, NotYet, RuleFailure
 from stowd.explain import explain, render
-from stowd.lookup import Finder, LookupUnavailable, NotYet, copied, exact, params, parse
+from stowd.lookup import Finder, copied, exact, params, parse
 from stowd.metadata import digest
 from stowd.queue import Job, NewFile, Queue
-from stowd.rules import RuleFailure, Wanted
+from stowd.rules import Wanted
 
 LOOKUP = """
 rules:

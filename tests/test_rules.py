@@ -12,9 +12,9 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from stowd.config import Config, load_config
-from stowd.errors import ConfigError, ConfigProblem
+from stowd.errors import ConfigError, ConfigProblem, RuleFailure
 from stowd.metadata import digest
-from stowd.rules import Facts, Outcome, RuleFailure, Template, evaluate, glob_pattern
+from stowd.rules import Facts, Outcome, Template, evaluate, glob_pattern
 from stowd.vr import Item
 
 HEAD = """\

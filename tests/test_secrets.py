@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from stowd.secrets import Secret, SecretUnavailable, parse
+from stowd.errors import SecretUnavailable
+from stowd.secrets import Secret, parse
 
 VALUE = "s3cret-Zq9"
 

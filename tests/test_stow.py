@@ -34,10 +34,16 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian, generate_uid
 
-from stowd import stow
+from stowd import stow, stowbody
 from stowd.access import Access, Tls
 from stowd.config import Destination
-from stowd.errors import DestinationBusy, DestinationHeld, FileUnreadable, FileVanished
+from stowd.errors import (
+    ClientSetupError,
+    DestinationBusy,
+    DestinationHeld,
+    FileUnreadable,
+    FileVanished,
+)
 from stowd.stow import (
     Answer,
     Body,
@@ -281,7 +287,7 @@ def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
 @pytest.fixture
 def opened(monkeypatch: pytest.MonkeyPatch) -> list[BinaryIO]:
-    """Every file ``stowd.stow`` opens, so a test can check none is left open."""
+    """Every file ``stowd.stowbody`` opens, so a test can check none is left open."""
     files: list[BinaryIO] = []
 
     def tracking_open(path: str, mode: str = "r") -> BinaryIO:
@@ -290,7 +296,7 @@ def opened(monkeypatch: pytest.MonkeyPatch) -> list[BinaryIO]:
         files.append(fp)
         return fp
 
-    monkeypatch.setattr(stow, "open", tracking_open, raising=False)
+    monkeypatch.setattr(stowbody, "open", tracking_open, raising=False)
     return files
 
 
@@ -392,7 +398,7 @@ def test_open_closes_files_on_any_error(
         opened.append(fp)
         return fp
 
-    monkeypatch.setattr(stow, "open", refuse_third, raising=False)
+    monkeypatch.setattr(stowbody, "open", refuse_third, raising=False)
     with pytest.raises(FileUnreadable, match="may not read") as caught:
         Body(parts).open()
     assert caught.value.path == parts[2].path  # only that file waits, not the batch
@@ -494,14 +500,14 @@ def test_store_raises_file_vanished_when_a_file_shrinks_during_the_upload(
     opened: list[BinaryIO],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    real_read_exactly = stow._read_exactly
+    real_read_exactly = stowbody._read_exactly
 
     def shrink_last(fp: BinaryIO, part: Part) -> Iterator[bytes]:
         if part == parts[2]:  # the first two parts are on the wire already
             os.truncate(part.path, 10)
         return real_read_exactly(fp, part)
 
-    monkeypatch.setattr(stow, "_read_exactly", shrink_last)
+    monkeypatch.setattr(stowbody, "_read_exactly", shrink_last)
     calls: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -1070,14 +1076,14 @@ def test_real_server_receives_a_multi_megabyte_file_streamed(
 ) -> None:
     part = write_dicom(tmp_path / "big.dcm", 6 * 1024 * 1024 + 3)
     chunks: list[int] = []
-    real_read_exactly = stow._read_exactly
+    real_read_exactly = stowbody._read_exactly
 
     def spy(fp: BinaryIO, p: Part) -> Iterator[bytes]:
         for chunk in real_read_exactly(fp, p):
             chunks.append(len(chunk))
             yield chunk
 
-    monkeypatch.setattr(stow, "_read_exactly", spy)
+    monkeypatch.setattr(stowbody, "_read_exactly", spy)
 
     def reply(got: Received) -> Reply:
         match = CONTENT_TYPE_RE.match(got.headers.get("content-type", ""))
@@ -1229,7 +1235,7 @@ def test_an_encrypted_client_key_is_refused_plainly_and_min_version_always_appli
         check=True, capture_output=True,
     )  # fmt: skip
     tls = Tls(client_cert=cert, client_key=key)
-    with pytest.raises(stow.ClientSetupError, match="is encrypted"):
+    with pytest.raises(ClientSetupError, match="is encrypted"):
         stow.tls_context(Destination("a", BASE_URL, access=Access(tls=tls)))
     loose = Destination("a", BASE_URL, verify_tls=False, access=Access(tls=Tls(min_version="1.3")))
     context = stow.tls_context(loose)
