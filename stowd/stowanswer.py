@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -258,13 +258,24 @@ class Verdict:
 
 
 def judge(
-    answer: Answer, parts: Sequence[Part], *, duplicates: str = DEFAULT_DUPLICATES
+    answer: Answer,
+    parts: Sequence[Part],
+    *,
+    duplicates: str = DEFAULT_DUPLICATES,
+    resent: Collection[str] = (),
 ) -> dict[str, Verdict]:
     """One verdict per SOPInstanceUID sent, following the retry table; ``duplicates``
-    (``accept`` or ``fail``): what an instance the archive already holds becomes."""
+    (``accept`` or ``fail``): what an instance the archive already holds becomes, except
+    for the UIDs in ``resent``: stowd's own re-sends of a file whose earlier answer was
+    lost, which the archive may hold from that very request (always accepted)."""
     single = len(parts) == 1
     _name_foreign(answer, {p.sop_uid for p in parts})
-    return {p.sop_uid: _judge_one(answer, p.sop_uid, single, duplicates) for p in parts}
+    return {
+        p.sop_uid: _judge_one(
+            answer, p.sop_uid, single, "accept" if p.sop_uid in resent else duplicates
+        )
+        for p in parts
+    }
 
 
 def _name_foreign(answer: Answer, sent: set[str]) -> None:
