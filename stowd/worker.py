@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +18,7 @@ from typing import Any
 from stowd import bulkdata, dropped, metadata, metrics, rewrite, verify
 from stowd import classify as classify_mod
 from stowd.answers import answer_seconds
+from stowd.backoff import RetryPolicy, queue_write_delay
 from stowd.bulkform import bulk_part
 from stowd.config import TRANSCODE_EXPLICIT, BatchLimits, Config, Destination, Source
 from stowd.disk import Disks
@@ -75,8 +75,6 @@ REFUSALS = "refusals"
 # what verify: true checks before the file moves to sent/: the archive's "stored" and its
 # "already stored" (stow.Outcome.ALREADY) alike
 STORED = (Outcome.SENT, Outcome.ALREADY)
-QUEUE_RETRY_FIRST = 1.0  # a queue that cannot be written is tried again after this,
-QUEUE_RETRY_MAX = 30.0  # doubled per failure up to this
 
 
 class Worker:
@@ -115,6 +113,7 @@ class Worker:
         self.client = client
         self.stop = stop
         self.clock = clock
+        self.policy = RetryPolicy(config.retry)  # how long a file or a destination waits
         answer = answer_seconds(destination.timeouts.read)  # a whole answer's deadline
         self._lease = destination.timeouts.write + answer + LEASE_SLACK
         self.limits = destination.batch  # halved when the archive answers 413
@@ -173,7 +172,7 @@ class Worker:
                 self.destination.name,
             )
         self._queue_failures += 1
-        return float(min(QUEUE_RETRY_FIRST * 2 ** (self._queue_failures - 1), QUEUE_RETRY_MAX))
+        return queue_write_delay(self._queue_failures)
 
     def _queue_works(self) -> None:
         if self._queue_failures:
@@ -262,7 +261,7 @@ class Worker:
         if now >= until and _unchanged(job):
             stayed = f"; it stayed so for {wait:.0f}s" if wait else ""
             return self._failure(job, f"{problem}{stayed}", stage="reading the file")
-        at = now + self._file_delay(job.attempts)  # changed: the watcher queues it anew
+        at = now + self.policy.next_delay(job.attempts)  # changed: the watcher queues it anew
         at = min(at, until) if until > now else at
         when = datetime.fromtimestamp(until).strftime("%H:%M:%S")
         reason = f"{problem}; waiting until {when} for the rest of it"
@@ -340,7 +339,7 @@ class Worker:
     def _waiting(self, job: Job, reason: str, until: float) -> None:
         """No study yet: read the file again after a backoff, at the latest at ``until``."""
         now = self.clock()
-        at = min(now + self._file_delay(job.attempts), until + 0.1)
+        at = min(now + self.policy.next_delay(job.attempts), until + 0.1)
         error = self._error_doc(job, reason, stage=LOOKING)
         self.queue.retry_later([job.id], at=at, error=error, failing=False)
         log.info("%s: %s; asked again in %.0fs", job.path, reason, at - now)
@@ -555,7 +554,7 @@ class Worker:
             self.queue.release([j.id for j in batch])
             return
         hold = self.queue.holds().get(self.destination.name)
-        delay = self._hold_delay(failure, hold.failures if hold else 0)
+        delay = self.policy.hold_delay(failure, hold.failures if hold else 0)
         until = self.clock() + delay
         self.queue.hold(self.destination.name, until=until, reason=str(failure))
         metrics.retried(self.destination.name, metrics.retry_reason(failure), len(batch))
@@ -588,13 +587,6 @@ class Worker:
             decision = self._failure(job, _dropped_reason(drops), drops=drops)
         self._settle_all([decision] if decision is not None else [])
         return decision is not None
-
-    def _hold_delay(self, failure: StowFailure, failures: int) -> float:
-        retry = self.config.retry
-        if isinstance(failure, DestinationBusy) and failure.retry_after is not None:
-            return min(failure.retry_after, retry.maximum)
-        base = retry.hold_probe if isinstance(failure, DestinationHeld) else retry.initial
-        return self._backoff(base, failures)
 
     # -- apply the verdicts ---------------------------------------------------------------
     def _apply(self, batch: list[Job], answer: Answer, parts: Sequence[Part]) -> bool:
@@ -693,7 +685,7 @@ class Worker:
         queue (neither sent/ nor failed/) and are sent and verified again afterwards."""
         name = self.destination.name
         hold = self.queue.holds().get(name)
-        delay = self._backoff(self.config.retry.initial, hold.failures if hold else 0)
+        delay = self.policy.next_delay(hold.failures if hold else 0)
         until = self.clock() + delay
         self.queue.hold(name, until=until, reason=f"cannot verify what it stored: {reason}")
         self.queue.release([j.id for j in stored], not_before=until)
@@ -783,7 +775,7 @@ class Worker:
         ``counted``: the retry reason for the metrics (None: the caller counted it)."""
         now = self.clock()
         age = now - (job.first_try or now)
-        if age > self.config.retry.max_age:
+        if self.policy.too_old(age):
             reason = reason.removesuffix("; it is tried again later")
             reason = f"gave up after {job.attempts + 1} attempts: {reason}"
             return self._failure(
@@ -795,7 +787,7 @@ class Worker:
                 drops=drops,
                 unlisted=unlisted,
             )
-        delay = self._file_delay(job.attempts)
+        delay = self.policy.next_delay(job.attempts)
         if counted is not None:
             metrics.retried(self.destination.name, counted)
         error = self._error_doc(
@@ -814,18 +806,6 @@ class Worker:
     def _later_all(self, batch: list[Job], reason: str, counted: str | None) -> None:
         decisions = [self._later(j, reason, counted=counted) for j in batch]
         self._settle_all([d for d in decisions if d is not None])
-
-    def _file_delay(self, attempts: int) -> float:
-        return self._backoff(self.config.retry.initial, attempts)
-
-    def _backoff(self, base: float, failures: int) -> float:
-        """``base`` grown by the multiplier per failure, capped, with jitter."""
-        retry = self.config.retry
-        try:
-            delay = min(base * retry.multiplier**failures, retry.maximum)
-        except OverflowError:  # a long outage with a large multiplier
-            delay = retry.maximum
-        return _jitter(delay)
 
     # -- settle ---------------------------------------------------------------------------
     def _failure(
@@ -1023,11 +1003,6 @@ def _unchanged(job: Job) -> bool:
     except OSError:
         return False
     return st.st_size == job.size and st.st_mtime_ns == job.mtime_ns
-
-
-def _jitter(delay: float) -> float:
-    """Full jitter in the upper half: between delay/2 and delay."""
-    return delay * (0.5 + random.random() / 2)
 
 
 def _metric_note(note: str | None) -> str | None:
