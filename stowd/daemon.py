@@ -47,6 +47,7 @@ from stowd.metadata import clear_spool, digest
 from stowd.notify import Notifier
 from stowd.purge import purge_sent
 from stowd.queue import OPEN_MARK, Queue
+from stowd.reader import Reader
 from stowd.settle import repair
 from stowd.status import short_line
 from stowd.stow import StowClient
@@ -77,9 +78,15 @@ class Generation:
     classify_lock: threading.Lock = field(default_factory=threading.Lock)
     clients: dict[str, StowClient] = field(default_factory=dict)
     finder: Finder | None = None  # the lookups of its workers (one HTTP client per archive)
-    workers: list[Worker] = field(default_factory=list)
+    senders: list[Worker] = field(default_factory=list)
+    reader: Reader | None = None  # reads new files, so that no upload waits for their headers
     watchers: list[Watcher] = field(default_factory=list)
     threads: dict[str, tuple[threading.Thread, Callable[[], None]]] = field(default_factory=dict)
+
+    @property
+    def workers(self) -> list[Worker | Reader]:
+        """The senders and the reader: the threads that work the queue (watched)."""
+        return [*self.senders, *([self.reader] if self.reader is not None else [])]
 
     def busy(self) -> list[str]:
         return [name for name, (thread, _) in self.threads.items() if thread.is_alive()]
@@ -190,7 +197,7 @@ class Daemon:
                     finder=gen.finder,
                     disks=self.disks,
                 )
-                gen.workers.append(worker)
+                gen.senders.append(worker)
                 _spawn(gen, f"send-{name}-{n}", worker.run)
         _spawn_reader(gen, self.queue, self.unsettled, self.disks)
         for source in config.sources:
@@ -234,9 +241,9 @@ class Daemon:
 
     def _share_state(self) -> None:
         """Tell ``stowd status`` which requests are in flight (when that changed)."""
-        workers = [w for gen in (self.generation, *self.lingering) for w in gen.workers]
+        senders = [w for gen in (self.generation, *self.lingering) for w in gen.senders]
         requests: dict[str, list[tuple[float, float]]] = {}
-        for worker in workers:
+        for worker in senders:
             request = worker.in_flight
             if request is not None:
                 requests.setdefault(worker.destination.name, []).append(request)
@@ -303,7 +310,7 @@ class Daemon:
         worker died, or its release was lost): they are sent again, not left claimed."""
         held: set[int] = set()
         for gen in (self.generation, *self.lingering):
-            for worker in gen.workers:
+            for worker in gen.senders:
                 held |= worker.held if worker.running else frozenset()
         returned = self.queue.reclaim(held)
         if self._queue_failing:
@@ -418,7 +425,7 @@ class Daemon:
             for worker in gen.workers:
                 idle = now - worker.beat
                 if idle > worker.max_step + WORKER_SLACK and worker.running:
-                    name = f"sender of {worker.destination.name}"
+                    name = f"sender of {worker.name}"  # the reader: of the first destination
                     return name, f"a {name} made no progress for {idle:.0f}s"
         for watcher in self.generation.watchers:
             idle = now - watcher.beat
@@ -541,24 +548,24 @@ def _serve_metrics(config: Config) -> metrics.Server | None:
 
 
 def _spawn_reader(gen: Generation, queue: Queue, unsettled: set[int], disks: Disks) -> None:
-    """A worker that only reads new files, so that no upload waits for a batch's headers."""
-    if not gen.workers:
+    """A thread that only reads new files, so that no upload waits for a batch's headers.
+    Its log lines, retry metrics and watchdog limit are those of the first sender's
+    destination, as when it was a sender that did not send."""
+    if not gen.senders:
         return
-    first = gen.workers[0]
-    reader = Worker(
+    first = gen.senders[0]
+    gen.reader = Reader(
         gen.config,
         queue,
-        first.destination,
-        first.client,
         gen.stop,
+        name=first.name,
+        max_step=first.max_step,
         unsettled=unsettled,
         classify_lock=gen.classify_lock,
         finder=gen.finder,
-        sends=False,
         disks=disks,
     )
-    gen.workers.append(reader)
-    _spawn(gen, "read-new", reader.run)
+    _spawn(gen, "read-new", gen.reader.run)
 
 
 def _spawn(gen: Generation, name: str, target: Callable[[], None]) -> None:

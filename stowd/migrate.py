@@ -54,11 +54,12 @@ from stowd.migreport import (
     unreadable_entry,
 )
 from stowd.queue import Job, NewFile, Queue
+from stowd.reader import Reader
 from stowd.settle import repair
 from stowd.stow import StowClient
 from stowd.verify import Tally
 from stowd.watch import Watcher
-from stowd.worker import Worker
+from stowd.worker import Worker, lease
 
 log = logging.getLogger("stowd.migrate")
 
@@ -189,7 +190,7 @@ class Migration:
         self.finder = Finder(self.config, self.queue)  # one lookup client for all workers
         lock = threading.Lock()
         threads = []
-        for n in range(dest.workers + 1):  # the last one only reads new files
+        for n in range(dest.workers):
             worker = Worker(
                 self.config,
                 self.queue,
@@ -199,11 +200,20 @@ class Migration:
                 unsettled=self.unsettled,
                 classify_lock=lock,
                 finder=self.finder,
-                sends=n < dest.workers,
                 verified=self.verified,
             )
-            name = f"send-{n}" if worker.sends else "read-new"
-            threads.append(threading.Thread(target=worker.run, name=name, daemon=True))
+            threads.append(threading.Thread(target=worker.run, name=f"send-{n}", daemon=True))
+        reader = Reader(  # only reads new files, so that no upload waits for their headers
+            self.config,
+            self.queue,
+            self.stop,
+            name=dest.name,
+            max_step=lease(dest),
+            unsettled=self.unsettled,
+            classify_lock=lock,
+            finder=self.finder,
+        )
+        threads.append(threading.Thread(target=reader.run, name="read-new", daemon=True))
         threads.append(threading.Thread(target=self._scan, name="scan", daemon=True))
         for thread in threads:
             thread.start()

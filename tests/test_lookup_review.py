@@ -166,7 +166,7 @@ def _wait_then_hiccup(rig: Rig) -> None:
             raise answer
         return []
 
-    rig.worker.finder._ask = ask  # type: ignore[method-assign,assignment]
+    rig.worker.reader.finder._ask = ask  # type: ignore[method-assign,assignment]
     make_instance(rig.source.watch / "A1" / "x.dcm", extra={"AccessionNumber": "A1"})
     rig.find()
     rig.drain()

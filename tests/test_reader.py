@@ -1,0 +1,40 @@
+"""The reader of new files, on its own: a real queue and real files, no archive and no client."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from dicomgen import make_instance
+from harness import Clock
+
+from stowd.config import BatchLimits, Config, Destination, Source
+from stowd.queue import Queue
+from stowd.reader import Reader
+from stowd.watch import Watcher
+
+
+def test_the_reader_reads_new_files_and_fails_bad_ones_without_a_destination_client(
+    tmp_path: Path,
+) -> None:
+    clock = Clock(2_000_000_000.0)
+    source = Source(
+        "ct", tmp_path / "drop", tmp_path / "sent", tmp_path / "failed", "pacs", quiet_period=0.0
+    )
+    source.watch.mkdir()
+    dest = Destination("pacs", "http://archive.test/dicom-web", BatchLimits(max_files=10))
+    config = Config(tmp_path / "c.yaml", tmp_path / "q.db", (source,), {"pacs": dest})
+    queue = Queue(config.queue, clock=clock).open()
+    try:
+        good = make_instance(source.watch / "good.dcm")
+        (source.watch / "bad.dcm").write_bytes(b"DICM? no: a file of no known type")
+        Watcher(source, "pacs", queue.enqueue, clock=lambda: clock.now + 60).scan()
+        reader = Reader(config, queue, threading.Event(), name="pacs", max_step=60.0, clock=clock)
+        assert reader.step() and not reader.step()  # both read; then nothing is left
+        [job] = [j for j in queue.jobs() if j.path.endswith("good.dcm")]
+        assert job.kind == "dicom"
+        assert job.sop_uid == good  # make_instance returns its SOPInstanceUID
+        assert queue.counts() == {"pending": 1, "failed": 1}
+        assert (source.failed / "bad.dcm").exists()
+    finally:
+        queue.close()
