@@ -30,6 +30,11 @@ DROPS = "connection_drops"  # the key of the error document that counts them
 # the key of the error document that counts the archive's refusals of the file with a code
 # that may be transient but may as well be permanent (stow.is_counted): retry.max_refusals
 REFUSALS = "refusals"
+# the same refusals when other requests were in flight (a busy archive refuses for contention
+# too): they count against CROWDED_FACTOR times retry.max_refusals, so that a permanent one
+# fails even where requests always overlap
+CROWDED = "refusals_crowded"
+CROWDED_FACTOR = 10
 
 
 class Filing:
@@ -69,12 +74,18 @@ class Filing:
         drops: int | None = None,
         unlisted: int | None = None,
         refusals: int | None = None,
+        crowded: int | None = None,
     ) -> Decision | None:
         """Try this file again after a backoff; a ``Decision`` to fail it once too old.
 
         ``counted``: the retry reason for the metrics (None: the caller counted it)."""
         now = self.clock()
-        notes: dict[str, Any] = {"drops": drops, "unlisted": unlisted, "refusals": refusals}
+        notes: dict[str, Any] = {
+            "drops": drops,
+            "unlisted": unlisted,
+            "refusals": refusals,
+            "crowded": crowded,
+        }
         if self.policy.too_old(now - (job.first_try or now)):
             reason = reason.removesuffix("; it is tried again later")
             reason = f"gave up after {job.attempts + 1} attempts: {reason}"
@@ -102,6 +113,7 @@ class Filing:
         drops: int | None = None,
         unlisted: int | None = None,
         refusals: int | None = None,
+        crowded: int | None = None,
     ) -> Decision:
         """The decision to move ``job``'s file to failed/ (logged)."""
         error = self.error_doc(
@@ -113,6 +125,7 @@ class Filing:
             drops=drops,
             unlisted=unlisted,
             refusals=refusals,
+            crowded=crowded,
         )
         source = self.config.source(job.source)
         where = "failed (left where it is)" if source.keep else "failed/"
@@ -174,11 +187,12 @@ class Filing:
         drops: int | None = None,
         unlisted: int | None = None,
         refusals: int | None = None,
+        crowded: int | None = None,
     ) -> dict[str, Any]:
         """The file's error document; ``drops``: the connections the archive dropped when
         it was sent alone; ``refusals``: the refusals counted for ``retry.max_refusals``,
         this one included (None: those counted so far are carried on, whatever else
-        happens to the file)."""
+        happens to the file); ``crowded``: the same while other requests were in flight."""
         now = self.clock()
         sent = answer is not None
         code = verdict.code if verdict and verdict.outcome is not Outcome.SENT else None
@@ -203,6 +217,9 @@ class Filing:
         refusals = refusals_so_far(job) if refusals is None else refusals
         if refusals:
             doc[REFUSALS] = refusals
+        crowded = counted_in_error(job, CROWDED) if crowded is None else crowded
+        if crowded:
+            doc[CROWDED] = crowded
         if unlisted is not None:
             doc[verify.UNLISTED] = unlisted
         return doc

@@ -7,6 +7,7 @@ becomes of a file after a try is ``filing.Filing``'s; how long it waits, ``backo
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -34,7 +35,15 @@ from stowd.errors import (
     VerifyUnavailable,
     no_space,
 )
-from stowd.filing import DROPS, Filing, counted_in_error, refusals_so_far, unchanged
+from stowd.filing import (
+    CROWDED,
+    CROWDED_FACTOR,
+    DROPS,
+    Filing,
+    counted_in_error,
+    refusals_so_far,
+    unchanged,
+)
 from stowd.group import take_batch
 from stowd.lookup import Finder
 from stowd.loop import Loop
@@ -398,7 +407,8 @@ class Worker:
         verified (they wait, the destination is held)."""
         if answer.status == 413 and len(batch) > 1:
             self._shrink_batches(batch)
-        verdicts = judge(answer, parts, duplicates=self.destination.duplicates)
+        resent = {j.sop_uid for j in batch if j.sop_uid and _answer_was_lost(j)}
+        verdicts = judge(answer, parts, duplicates=self.destination.duplicates, resent=resent)
         self._alone = self._wire.alone(self._token)
         tally: dict[str, int] = {}
         decisions: list[Decision] = []
@@ -529,16 +539,36 @@ class Worker:
             return self.filing.retry_later(job, verdict.reason, verdict=verdict, answer=answer)
         return None
 
+    def _crowded_refusal(self, job: Job, verdict: Verdict, answer: Answer) -> Decision | None:
+        """A doubtful refusal while other requests were in flight: ``CROWDED_FACTOR`` times
+        ``retry.max_refusals`` of them fail the file."""
+        crowded = counted_in_error(job, CROWDED) + 1
+        limit = CROWDED_FACTOR * self.config.retry.max_refusals
+        if crowded < limit:
+            reason = (
+                f"{verdict.reason} (while other requests were in flight: {crowded} such "
+                f"refusals of at most {limit})"
+            )
+            return self.filing.retry_later(
+                job, reason, verdict=verdict, answer=answer, crowded=crowded
+            )
+        reason = (
+            f"the archive refused this file {crowded} times while other requests were in "
+            f"flight ({CROWDED_FACTOR} times retry.max_refusals): {verdict.reason}; stowd "
+            f"does not send it again: {refusal_advice(verdict.code)}"
+        )
+        return self.filing.fail(job, reason, verdict=verdict, answer=answer, crowded=crowded)
+
     def _doubtful_refusal(self, job: Job, verdict: Verdict, answer: Answer) -> Decision | None:
         """A refusal that may be transient but may as well be permanent: tried again with
         the normal backoff; the ``retry.max_refusals``-th such refusal fails the file.  The
         count is kept in its error document (the queue), so it survives restarts.  Only a
         refusal of a request that was alone on the wire counts: a busy archive refuses for
         contention too (tiny_pacs answers 0110 when its SQLite index is locked by another
-        request), and such refusals are retried until ``retry.max_age``, as before."""
+        request).  Those are counted on their own, against ``CROWDED_FACTOR`` times the
+        limit, so that a permanent refusal fails even where requests always overlap."""
         if not self._alone:
-            reason = f"{verdict.reason} (not counted: other requests were in flight)"
-            return self.filing.retry_later(job, reason, verdict=verdict, answer=answer)
+            return self._crowded_refusal(job, verdict, answer)
         refusals = refusals_so_far(job) + 1
         limit = self.config.retry.max_refusals
         if refusals < limit:
@@ -633,3 +663,19 @@ def _drops(job: Job) -> int:
     """How many times the archive dropped the connection of a request that sent ``job``
     alone, so far (kept in its error document while it waits)."""
     return counted_in_error(job, DROPS)
+
+
+def _answer_was_lost(job: Job) -> bool:
+    """Was ``job`` sent before without an answer saying it was not stored (no answer at
+    all, or a 500/502/504 of a server or gateway that may have stored it first)?  The
+    archive may then hold the instance from stowd's own request: ``duplicates: fail``
+    does not flag that one."""
+    if job.attempts == 0:
+        return False
+    try:
+        doc = json.loads(job.error or "{}")
+    except ValueError:
+        return False
+    if not isinstance(doc, dict) or doc.get("failure_reason") is not None:
+        return False
+    return doc.get("http_status") in (None, 500, 502, 504)

@@ -9,7 +9,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import pytest
 from dicomgen import make_instance
 from fakearchive import Azure, Dcm4chee, FakeArchive, Instance, Outcome
 from harness import Layout, Stowd, make_layout, run_cli, wait_for
@@ -74,12 +73,6 @@ def test_dcm4chee_two_refusals_in_one_request_each_keep_their_own_words(tmp_path
     assert "Patient ID REFUSE differs" not in r["reason"], r["reason"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review C: with duplicates: fail, stowd's own re-send of a file whose answer was "
-    "lost (a 500, a dropped connection, a crash) is flagged as a duplicate: a file the "
-    "archive stored from this very file goes to failed/",
-)
 def test_duplicates_fail_does_not_flag_stowds_own_resend_after_a_lost_answer(
     tmp_path: Path,
 ) -> None:
@@ -148,16 +141,11 @@ class AlwaysTogether(ScriptedArchive):
             self.pairs.wait(30)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review C: a refusal counts for retry.max_refusals only when its request was alone "
-    "on the wire; with workers > 1 and requests that always overlap (a busy site), a "
-    "permanent 0x0110 conflict is retried until retry.max_age (7 days), as before issue 15",
-)
 def test_a_permanent_refusal_fails_even_when_requests_always_overlap(tmp_path: Path) -> None:
     """Two files Google refuses for good (same UIDs, other content: 0x0110), each its own
     study, workers: 2, and an archive that answers a request only while another is in
-    flight: each should still fail after retry.max_refusals refusals."""
+    flight: each should still fail, after ten times retry.max_refusals such refusals.
+    Was: never counted, so retried until retry.max_age (7 days)."""
     with AlwaysTogether({}) as archive:
         layout = already_layout(tmp_path, archive.url, workers=2)
         uids = [make_instance(layout.drop / f"{n}.dcm") for n in "ab"]  # two studies
@@ -167,10 +155,14 @@ def test_a_permanent_refusal_fails_even_when_requests_always_overlap(tmp_path: P
         try:
             wait_for(
                 lambda: layout.files(layout.failed) == {"a.dcm", "b.dcm"},
-                20,  # three refusals each come within seconds (retries 200-400ms apart)
+                120,  # 30 crowded refusals each (10 x max_refusals), 200-400 ms apart
                 "both files in failed/ after their refusals",
                 lambda: daemon.log,
             )
             assert daemon.terminate() == 0
         finally:
             daemon.stop()
+    for name in ("a.dcm", "b.dcm"):
+        error = json.loads((layout.failed / f"{name}.error.json").read_text())
+        assert "times while other requests were in flight" in error["reason"], error
+        assert error["refusals_crowded"] == 30
