@@ -4,13 +4,16 @@ An archive that crashes on a file drops every connection open at that moment, so
 connection says something about a file only when its request was the only one on the wire
 from start to end.  ``Wire`` tells which: ``begin`` counts a request in (and, for a probe of
 a held destination, only when none is in flight, so that probes go one at a time), ``alone``
-says whether no other request overlapped it, ``end`` counts it out.
+says whether no other request overlapped it, ``end`` counts it out.  It also keeps the
+SOPInstanceUIDs of requests that ended without an answer (``unanswered``/``answered``): an
+archive that later says it already holds one may hold it from stowd's own request.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Iterable
 
 NOT_ALONE = 0  # the token of a request that began while another was in flight
 
@@ -22,6 +25,9 @@ class Wire:
         self._lock = threading.Lock()
         self._busy = 0
         self._begun = 0
+        # SOPInstanceUIDs sent in a request that ended without an answer (a timeout, a
+        # dropped connection, a 5xx): the archive may hold them from that request
+        self._unanswered: set[str] = set()
 
     def idle(self) -> bool:
         with self._lock:
@@ -45,6 +51,18 @@ class Wire:
     def end(self) -> None:
         with self._lock:
             self._busy -= 1
+
+    def unanswered(self, uids: Iterable[str]) -> None:
+        """These UIDs were sent in a request that ended without an answer."""
+        with self._lock:
+            self._unanswered.update(uids)
+
+    def answered(self, uids: Iterable[str]) -> set[str]:
+        """Which of ``uids`` were sent before without an answer; all of them are answered now."""
+        with self._lock:
+            found = self._unanswered.intersection(uids)
+            self._unanswered.difference_update(found)
+            return found
 
 
 _wires: weakref.WeakKeyDictionary[object, Wire] = weakref.WeakKeyDictionary()

@@ -321,6 +321,7 @@ class Worker:
             self._unreadable(batch, parts, exc)
             return
         except StowFailure as failure:
+            self._wire.unanswered(p.sop_uid for p in parts)
             self._destination_trouble(batch, failure)
             return
         except OSError as exc:  # reading a file failed mid-request (I/O error, share gone)
@@ -407,7 +408,8 @@ class Worker:
         verified (they wait, the destination is held)."""
         if answer.status == 413 and len(batch) > 1:
             self._shrink_batches(batch)
-        resent = {j.sop_uid for j in batch if j.sop_uid and _answer_was_lost(j)}
+        resent = self._wire.answered(p.sop_uid for p in parts)
+        resent |= {j.sop_uid for j in batch if j.sop_uid and _answer_was_lost(j)}
         verdicts = judge(answer, parts, duplicates=self.destination.duplicates, resent=resent)
         self._alone = self._wire.alone(self._token)
         tally: dict[str, int] = {}
@@ -546,8 +548,8 @@ class Worker:
         limit = CROWDED_FACTOR * self.config.retry.max_refusals
         if crowded < limit:
             reason = (
-                f"{verdict.reason} (while other requests were in flight: {crowded} such "
-                f"refusals of at most {limit})"
+                f"{verdict.reason} (not counted: other requests were in flight), {crowded} "
+                f"such refusals of at most {limit}"
             )
             return self.filing.retry_later(
                 job, reason, verdict=verdict, answer=answer, crowded=crowded

@@ -9,9 +9,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
 from dicomgen import make_instance
 from fakearchive import Azure, Dcm4chee, FakeArchive, Instance, Outcome
 from harness import Layout, Stowd, make_layout, run_cli, wait_for
+from pydicom.uid import generate_uid
 from test_already_stored import PROCESSING_FAILURE, ScriptedArchive
 from test_already_stored import layout_for as already_layout
 
@@ -73,8 +75,9 @@ def test_dcm4chee_two_refusals_in_one_request_each_keep_their_own_words(tmp_path
     assert "Patient ID REFUSE differs" not in r["reason"], r["reason"]
 
 
+@pytest.mark.parametrize("files", [1, 3], ids=["alone", "batch"])
 def test_duplicates_fail_does_not_flag_stowds_own_resend_after_a_lost_answer(
-    tmp_path: Path,
+    tmp_path: Path, files: int
 ) -> None:
     """Azure stores the file and its answer is lost (HTTP 500, fakearchive ``lose``); stowd
     sends it again and Azure answers 45070.  The file the archive holds is this one: stowd
@@ -88,12 +91,14 @@ def test_duplicates_fail_does_not_flag_stowds_own_resend_after_a_lost_answer(
         }
         retry = {"initial": "200ms", "maximum": "400ms", "hold_probe": "200ms"}
         layout = make_layout(tmp_path / "run", "", retry=retry, destinations={"pacs": dest})
-        uid = make_instance(layout.drop / "a.dcm")
+        study = generate_uid()
+        names = [f"{n}.dcm" for n in "abc"[:files]]
+        uids = [make_instance(layout.drop / name, study_uid=study) for name in names]
         fake.lose(1, "500")
         daemon = Stowd(layout).start()
         try:
             wait_for(
-                lambda: layout.files(layout.sent) | layout.files(layout.failed) == {"a.dcm"},
+                lambda: layout.files(layout.sent) | layout.files(layout.failed) == set(names),
                 60,
                 "the file settled",
                 lambda: daemon.log,
@@ -101,9 +106,10 @@ def test_duplicates_fail_does_not_flag_stowds_own_resend_after_a_lost_answer(
             assert daemon.terminate() == 0
         finally:
             daemon.stop()
-        assert fake.times_sent(uid) == 2
-        assert uid in fake.stored
-    assert layout.files(layout.sent) == {"a.dcm"}
+        for uid in uids:  # a batch answered 500 is sent again file by file
+            assert fake.times_sent(uid) == 2
+            assert uid in fake.stored
+    assert layout.files(layout.sent) == set(names)
 
 
 def test_migrate_report_says_how_many_the_archive_held_already(tmp_path: Path) -> None:
