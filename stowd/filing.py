@@ -11,11 +11,11 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from stowd import metrics, verify
+from stowd import metrics
 from stowd.backoff import RetryPolicy
 from stowd.config import Config
 from stowd.disk import Disks
@@ -35,6 +35,7 @@ REFUSALS = "refusals"
 # fails even where requests always overlap
 CROWDED = "refusals_crowded"
 CROWDED_FACTOR = 10
+CARRIED = (REFUSALS, CROWDED)  # counts kept in the error document until the file is done
 
 
 class Filing:
@@ -71,29 +72,24 @@ class Filing:
         answer: Answer | None = None,
         stage: str = "storing the file",
         counted: str | None = metrics.FILE,
-        drops: int | None = None,
-        unlisted: int | None = None,
-        refusals: int | None = None,
-        crowded: int | None = None,
+        counts: Mapping[str, int] | None = None,
     ) -> Decision | None:
         """Try this file again after a backoff; a ``Decision`` to fail it once too old.
 
         ``counted``: the retry reason for the metrics (None: the caller counted it)."""
         now = self.clock()
-        notes: dict[str, Any] = {
-            "drops": drops,
-            "unlisted": unlisted,
-            "refusals": refusals,
-            "crowded": crowded,
-        }
         if self.policy.too_old(now - (job.first_try or now)):
             reason = reason.removesuffix("; it is tried again later")
             reason = f"gave up after {job.attempts + 1} attempts: {reason}"
-            return self.fail(job, reason, verdict=verdict, answer=answer, stage=stage, **notes)
+            return self.fail(
+                job, reason, verdict=verdict, answer=answer, stage=stage, counts=counts
+            )
         delay = self.policy.next_delay(job.attempts)
         if counted is not None:
             metrics.retried(self.name, counted)
-        error = self.error_doc(job, reason, verdict=verdict, answer=answer, stage=stage, **notes)
+        error = self.error_doc(
+            job, reason, verdict=verdict, answer=answer, stage=stage, counts=counts
+        )
         self.queue.retry_later([job.id], at=now + delay, error=error)
         log.info("%s: %s; retry in %.0fs", job.path, reason, delay)
         return None
@@ -110,10 +106,7 @@ class Filing:
         verdict: Verdict | None = None,
         answer: Answer | None = None,
         stage: str = "storing the file",
-        drops: int | None = None,
-        unlisted: int | None = None,
-        refusals: int | None = None,
-        crowded: int | None = None,
+        counts: Mapping[str, int] | None = None,
     ) -> Decision:
         """The decision to move ``job``'s file to failed/ (logged)."""
         error = self.error_doc(
@@ -122,10 +115,7 @@ class Filing:
             verdict=verdict,
             answer=answer,
             stage=stage,
-            drops=drops,
-            unlisted=unlisted,
-            refusals=refusals,
-            crowded=crowded,
+            counts=counts,
         )
         source = self.config.source(job.source)
         where = "failed (left where it is)" if source.keep else "failed/"
@@ -184,15 +174,13 @@ class Filing:
         verdict: Verdict | None = None,
         answer: Answer | None = None,
         stage: str = "storing the file",
-        drops: int | None = None,
-        unlisted: int | None = None,
-        refusals: int | None = None,
-        crowded: int | None = None,
+        counts: Mapping[str, int] | None = None,
     ) -> dict[str, Any]:
-        """The file's error document; ``drops``: the connections the archive dropped when
-        it was sent alone; ``refusals``: the refusals counted for ``retry.max_refusals``,
-        this one included (None: those counted so far are carried on, whatever else
-        happens to the file); ``crowded``: the same while other requests were in flight."""
+        """The file's error document; ``counts``: what is counted for the file by its key
+        (``DROPS``: the connections the archive dropped when it was sent alone; ``REFUSALS``
+        and ``CROWDED``: the refusals counted for ``retry.max_refusals``, this one included;
+        ``verify.UNLISTED``).  The ``CARRIED`` counts so far are kept whatever else happens
+        to the file."""
         now = self.clock()
         sent = answer is not None
         code = verdict.code if verdict and verdict.outcome is not Outcome.SENT else None
@@ -212,16 +200,10 @@ class Filing:
             "sop_instance_uid": job.sop_uid,
             "study_instance_uid": job.study_uid,
         }
-        if drops is not None:
-            doc[DROPS] = drops
-        refusals = refusals_so_far(job) if refusals is None else refusals
-        if refusals:
-            doc[REFUSALS] = refusals
-        crowded = counted_in_error(job, CROWDED) if crowded is None else crowded
-        if crowded:
-            doc[CROWDED] = crowded
-        if unlisted is not None:
-            doc[verify.UNLISTED] = unlisted
+        for key in CARRIED:
+            if carried := counted_in_error(job, key):
+                doc[key] = carried
+        doc.update(counts or {})
         return doc
 
 

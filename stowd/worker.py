@@ -39,6 +39,7 @@ from stowd.filing import (
     CROWDED,
     CROWDED_FACTOR,
     DROPS,
+    REFUSALS,
     Filing,
     counted_in_error,
     refusals_so_far,
@@ -396,9 +397,11 @@ class Worker:
         drops them all); ``MAX_DROPS`` of them fail it."""
         drops = _drops(job) + (1 if self._wire.alone(self._token) else 0)
         if drops < MAX_DROPS:
-            decision = self.filing.retry_later(job, str(failure), counted=None, drops=drops)
+            decision = self.filing.retry_later(
+                job, str(failure), counted=None, counts={DROPS: drops}
+            )
         else:
-            decision = self.filing.fail(job, _dropped_reason(drops), drops=drops)
+            decision = self.filing.fail(job, _dropped_reason(drops), counts={DROPS: drops})
         self.filing.settle([decision] if decision is not None else [])
         return decision is not None
 
@@ -492,10 +495,10 @@ class Worker:
                 f"{said}, {count} times: stowd does not send it again; check the archive's "
                 "log and storage (a file it says it stores but cannot find is not safe there)"
             )
-            return self.filing.fail(job, reason, answer=answer, unlisted=count)
+            return self.filing.fail(job, reason, answer=answer, counts={verify.UNLISTED: count})
         reason = f"{said}; it is sent again"
         return self.filing.retry_later(
-            job, reason, answer=answer, counted=metrics.FILE, unlisted=count
+            job, reason, answer=answer, counted=metrics.FILE, counts={verify.UNLISTED: count}
         )
 
     def _hold_unverified(self, stored: list[Job], reason: str) -> None:
@@ -552,14 +555,16 @@ class Worker:
                 f"such refusals of at most {limit}"
             )
             return self.filing.retry_later(
-                job, reason, verdict=verdict, answer=answer, crowded=crowded
+                job, reason, verdict=verdict, answer=answer, counts={CROWDED: crowded}
             )
         reason = (
             f"the archive refused this file {crowded} times while other requests were in "
             f"flight ({CROWDED_FACTOR} times retry.max_refusals): {verdict.reason}; stowd "
             f"does not send it again: {refusal_advice(verdict.code)}"
         )
-        return self.filing.fail(job, reason, verdict=verdict, answer=answer, crowded=crowded)
+        return self.filing.fail(
+            job, reason, verdict=verdict, answer=answer, counts={CROWDED: crowded}
+        )
 
     def _doubtful_refusal(self, job: Job, verdict: Verdict, answer: Answer) -> Decision | None:
         """A refusal that may be transient but may as well be permanent: tried again with
@@ -576,13 +581,15 @@ class Worker:
         if refusals < limit:
             reason = f"{verdict.reason} (refusal {refusals} of at most {limit})"
             return self.filing.retry_later(
-                job, reason, verdict=verdict, answer=answer, refusals=refusals
+                job, reason, verdict=verdict, answer=answer, counts={REFUSALS: refusals}
             )
         reason = (
             f"the archive refused this file {refusals} times (retry.max_refusals: {limit}): "
             f"{verdict.reason}; stowd does not send it again: {refusal_advice(verdict.code)}"
         )
-        return self.filing.fail(job, reason, verdict=verdict, answer=answer, refusals=refusals)
+        return self.filing.fail(
+            job, reason, verdict=verdict, answer=answer, counts={REFUSALS: refusals}
+        )
 
     def _shrink_batches(self, batch: list[Job]) -> None:
         """HTTP 413 for a batch: from now on send at most half of it per request."""
