@@ -13,7 +13,10 @@ make_study``); ``tests/`` is on ``sys.path`` because it has no ``__init__.py``.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +28,73 @@ from orthanc import Orthanc, orthanc_missing_reason
 from tinypacs import TinyPacs, tiny_pacs_missing_reason
 
 from stowd.queue import Queue
+
+_OWN_BASETEMP = pytest.StashKey[Path]()
+_EXIT_STATUS = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Give this session its own temp folder unless ``--basetemp`` names one.
+
+    Sessions that share pytest's default ``/tmp/pytest-of-<user>`` clean each other's numbered
+    folders on exit, and pytest's cleanup then leaks a ``scandir`` iterator whose
+    ResourceWarning our ``filterwarnings = error`` turns into exit status 1 after every test
+    passed.  A private folder (0700, from ``mkdtemp``) keeps two suites run side by side apart.
+    """
+    if config.option.basetemp is not None:
+        return
+    own = Path(tempfile.mkdtemp(prefix="stowd-pytest-"))
+    config.stash[_OWN_BASETEMP] = own
+    config.option.basetemp = str(own / "t")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove this session's own temp folder when every test passed; keep it to look into else."""
+    own = config.stash.get(_OWN_BASETEMP, None)
+    if own is None:
+        return
+    if config.stash.get(_EXIT_STATUS, 1) == 0:
+        _remove_tree(own)
+    else:
+        print(f"\ntest files kept in {own}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config.stash[_EXIT_STATUS] = int(exitstatus)
+
+
+def _remove_tree(top: Path) -> None:
+    """Remove ``top`` without recursion (tests make folders 1,500 deep), opening folders a test
+    left without write or search permission; what still cannot go stays."""
+    pending, folders = [top], []
+    while pending:
+        folder = pending.pop()
+        _allow(folder)
+        folders.append(folder)
+        try:
+            with os.scandir(folder) as listing:
+                entries = list(listing)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                pending.append(Path(entry.path))
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+    for folder in reversed(folders):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def _allow(folder: Path) -> None:
+    """Open a real folder (never a link's target) to its owner."""
+    try:
+        if stat.S_ISDIR(folder.lstat().st_mode):
+            folder.chmod(stat.S_IRWXU)
+    except OSError:
+        pass
 
 
 def require_orthanc() -> None:
