@@ -25,7 +25,7 @@ from benchlib import count_files, peak_rss_mb, stowd_env, write_config
 from dicomgen import make_study
 from orthanc import Orthanc
 
-from stowd.config import parse_size
+from stowd.config.yamlwalk import parse_size
 
 
 def stowd_config(folder: Path, url: str, batch_files: int, workers: int) -> Path:

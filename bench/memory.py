@@ -37,8 +37,8 @@ from benchlib import (
 )
 from dicomgen import make_instance, make_instance_bytes
 
-from stowd.classify import classify
-from stowd.config import parse_size
+from stowd.config.yamlwalk import parse_size
+from stowd.pipeline.classify import classify
 
 
 def big_dicom(path: Path, size: int) -> str:

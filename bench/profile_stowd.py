@@ -31,12 +31,12 @@ from typing import Any
 from benchlib import count_files, discard_server, stowd_env
 from throughput import generate, stowd_config, wait_started
 
-from stowd.config import parse_size
+from stowd.config.yamlwalk import parse_size
 
 
 def profiled_child(config: str, out: str) -> int:
     """Run ``stowd run -c config`` here with a profiler per thread; dump ``out.<thread>``."""
-    from stowd.cli import main  # noqa: PLC0415 - after the patch below would be fine too
+    from stowd.commands.cli import main  # noqa: PLC0415 - after the patch below would be fine too
 
     profiles: list[tuple[str, cProfile.Profile]] = []
     original = threading.Thread.run

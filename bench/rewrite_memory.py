@@ -36,9 +36,9 @@ from pydicom.uid import (  # noqa: E402
     generate_uid,
 )
 
-from stowd.classify import classify  # noqa: E402
-from stowd.config import parse_size  # noqa: E402
-from stowd.rewrite import apply, rewrite  # noqa: E402
+from stowd.config.yamlwalk import parse_size  # noqa: E402
+from stowd.media.rewrite import apply, rewrite  # noqa: E402
+from stowd.pipeline.classify import classify  # noqa: E402
 
 CHUNK = 1024 * 1024
 ROWS = COLUMNS = 512

@@ -68,7 +68,7 @@ from dicomgen import make_instance_bytes
 from orthanc import Orthanc
 from senders import write_body
 
-from stowd.config import parse_size
+from stowd.config.yamlwalk import parse_size
 
 SENDERS = ("curl", "httpx", "dicomweb-client", "stowd run", "stowd migrate")
 VERIFIED = " +verify"  # the suffix of a stowd sender run with verify on (--verify)

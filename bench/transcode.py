@@ -39,7 +39,7 @@ from dicomgen import make_instance_bytes
 from orthanc import Orthanc
 from pydicom.uid import UID, ImplicitVRLittleEndian, generate_uid
 
-from stowd.config import parse_size
+from stowd.config.yamlwalk import parse_size
 
 MODES = ("none", "explicit-vr")
 MB = 1e6

@@ -2,6 +2,6 @@
 
 import sys
 
-from stowd.cli import main
+from stowd.commands.cli import main
 
 sys.exit(main())

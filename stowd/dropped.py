@@ -19,9 +19,8 @@ import stat
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, Protocol, cast
 
-from stowd.config import Source
 from stowd.errors import LinkRefused
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -35,7 +34,17 @@ ADVICE = (
 )
 
 
-def configure(sources: Iterable[Source]) -> None:
+class Guarded(Protocol):
+    """What ``configure`` reads of a source (``config.model.Source``)."""
+
+    @property
+    def watch(self) -> Path: ...
+
+    @property
+    def follow_links(self) -> bool: ...
+
+
+def configure(sources: Iterable[Guarded]) -> None:
     """Guard the watch folders of ``sources`` (each with its ``follow_links``)."""
     with _LOCK:
         for source in sources:

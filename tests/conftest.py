@@ -27,7 +27,7 @@ from harness import Clock
 from orthanc import Orthanc, orthanc_missing_reason
 from tinypacs import TinyPacs, tiny_pacs_missing_reason
 
-from stowd.queue import Queue
+from stowd.pipeline.queue import Queue
 
 _OWN_BASETEMP = pytest.StashKey[Path]()
 _EXIT_STATUS = pytest.StashKey[int]()

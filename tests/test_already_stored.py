@@ -22,9 +22,10 @@ from localserver import LocalServer
 from orthanc import free_port
 from tinypacs import TinyPacs, tiny_pacs_missing_reason
 
-from stowd.queue import ALREADY_STORED as ALREADY_NOTE
-from stowd.queue import NewFile, Queue
-from stowd.stow import Outcome, Part, is_counted, judge, parse_answer
+from stowd.dicomweb.stowanswer import Outcome, is_counted, judge, parse_answer
+from stowd.dicomweb.stowbody import Part
+from stowd.pipeline.queue import ALREADY_STORED as ALREADY_NOTE
+from stowd.pipeline.queue import NewFile, Queue
 
 # The answers, from Azure's DICOM service conformance statement v2 ("Store response status
 # codes", "Store response payload", "Store failure reason codes";

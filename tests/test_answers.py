@@ -8,7 +8,7 @@ import httpx
 import pytest
 from hostileserver import HostileArchive
 
-from stowd import answers
+from stowd.dicomweb import answers
 from stowd.errors import AnswerTooLarge, AnswerTooSlow
 
 

@@ -18,8 +18,10 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from tinypacs import TinyPacs
 
-from stowd.config import Destination
-from stowd.stow import Outcome, Part, StowClient, judge, parse_answer
+from stowd.config.model import Destination
+from stowd.dicomweb.stow import StowClient
+from stowd.dicomweb.stowanswer import Outcome, judge, parse_answer
+from stowd.dicomweb.stowbody import Part
 
 UNSUPPORTED = "Unsupported return MIME type"
 

@@ -25,15 +25,18 @@ import pytest
 from dicomgen import make_instance
 from harness import Clock
 
-from stowd.access import Access, Auth, Tls
-from stowd.auth import OAuth2
-from stowd.config import BatchLimits, Config, Destination, Retry, Source
+from stowd.config.access import Access, Auth, Tls
+from stowd.config.model import BatchLimits, Config, Destination, Retry, Source
+from stowd.config.secrets import Secret
+from stowd.dicomweb.auth import OAuth2
+from stowd.dicomweb.client import http_client
+from stowd.dicomweb.httperrors import failure_of
+from stowd.dicomweb.stow import StowClient
+from stowd.dicomweb.stowbody import Part
 from stowd.errors import DestinationBusy, DestinationHeld, SecretUnavailable
-from stowd.queue import Queue
-from stowd.secrets import Secret
-from stowd.stow import Part, StowClient, failure_of, http_client
-from stowd.watch import Watcher
-from stowd.worker import Worker
+from stowd.pipeline.queue import Queue
+from stowd.pipeline.watch import Watcher
+from stowd.pipeline.worker import Worker
 
 SECRET = "Sup3r-s3cret_Zq9~xW"  # grepped for in every output
 CLIENT = "stowd"

@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 import pytest
 
-from stowd.backoff import RetryPolicy, queue_write_delay
-from stowd.config import Retry
+from stowd.config.model import Retry
 from stowd.errors import DestinationBusy, DestinationHeld, StowFailure
+from stowd.pipeline.backoff import RetryPolicy, queue_write_delay
 
 
 def capped(base: float, multiplier: float, maximum: float, failures: int) -> float:

@@ -14,7 +14,7 @@ from orthanc import Orthanc
 from pydicom.encaps import generate_fragments
 from stowproxy import StowProxy
 
-from stowd.media import detect
+from stowd.media.probe import detect
 
 PATIENT_RULE = {
     "name": "patient from the folder",

@@ -22,7 +22,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from stowd.media import detect
+from stowd.media.probe import detect
 
 PIXEL_DATA = "7FE00010"
 DOCUMENT = "00420011"

@@ -47,11 +47,13 @@ from test_media import (
     mpeg2,
 )
 
-from stowd import bulkdata, part10
-from stowd.bulkdata import Uids, build
 from stowd.errors import FileProblem, FileUnreadable, FileVanished
-from stowd.media import Media, detect
-from stowd.vr import Item
+from stowd.media import bulkdata, part10
+from stowd.media.bulkdata import build
+from stowd.media.instance import Uids
+from stowd.media.probe import detect
+from stowd.media.reading import Media
+from stowd.rules.vr import Item
 
 UIDS = Uids("2.25.1001", "2.25.1002", "2.25.1003")
 NOW = datetime(2026, 11, 27, 14, 30, 5, 123456, tzinfo=UTC)
@@ -907,7 +909,7 @@ def test_a_source_that_changes_while_read_is_refused(
         fields[6] = real.st_size + change  # st_size: the size when the file was opened
         return os.stat_result(fields)
 
-    monkeypatch.setattr("stowd.part10.os.fstat", lying_fstat)
+    monkeypatch.setattr("stowd.media.part10.os.fstat", lying_fstat)
     with pytest.raises(FileVanished, match=message):
         build(source, media, {}, UIDS, target, now=NOW)
     assert not target.exists()

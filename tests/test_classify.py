@@ -10,8 +10,8 @@ import pytest
 from dicomgen import make_instance_bytes
 from pydicom.data import get_testdata_file
 
-from stowd.classify import classify
 from stowd.errors import FileProblem, FileUnreadable, FileVanished
+from stowd.pipeline.classify import classify
 
 
 def sample(name: str, tmp_path: Path) -> Path:

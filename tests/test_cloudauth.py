@@ -38,11 +38,12 @@ from oauthserver import BearerProxy, _Handler
 from orthanc import Orthanc
 from test_access_daemon import drop, every_output, hold_reason, wait_held, wait_sent
 
-from stowd.access import GOOGLE_SCOPE, Access, Auth
-from stowd.config import Destination
+from stowd.config.access import GOOGLE_SCOPE, Access, Auth
+from stowd.config.model import Destination
+from stowd.config.secrets import Secret
+from stowd.dicomweb.stow import StowClient
+from stowd.dicomweb.stowbody import Part
 from stowd.errors import DestinationBusy, DestinationHeld
-from stowd.secrets import Secret
-from stowd.stow import Part, StowClient
 
 EMAIL = "stowd-uploader@ward3-imaging.iam.gserviceaccount.com"
 KEY_ID = "AKIDSTOWDTEST0000001"
@@ -203,7 +204,7 @@ def test_google_key_of_another_account_holds_with_the_endpoints_reason(
 
 
 def test_google_token_is_renewed_at_80_percent_of_its_life(google: None, tmp_path: Path) -> None:
-    from stowd.googleauth import GoogleServiceAccount  # noqa: PLC0415 (an optional extra)
+    from stowd.dicomweb.googleauth import GoogleServiceAccount  # noqa: PLC0415 (an optional extra)
 
     key, clock = rsa_key(), Clock()
     with JwtTokenServer(EMAIL, key.public_key(), scope=GOOGLE_SCOPE, lifetime=3600) as tokens:
@@ -357,7 +358,7 @@ def test_the_stand_ins_sigv4_matches_aws_published_test_suite(
 
 
 def test_aws_signing_never_reads_the_body(aws: None) -> None:
-    from stowd.awsauth import AwsSigV4  # noqa: PLC0415 (an optional extra)
+    from stowd.dicomweb.awsauth import AwsSigV4  # noqa: PLC0415 (an optional extra)
 
     def body() -> Iterator[bytes]:
         raise AssertionError("the body was read to sign it")
@@ -487,7 +488,7 @@ def check_config(config: Path, *blocked: str) -> subprocess.CompletedProcess[str
         "import sys\n"
         f"for name in {list(blocked)!r}:\n"
         "    sys.modules[name] = None\n"
-        "from stowd.cli import main\n"
+        "from stowd.commands.cli import main\n"
         f"sys.exit(main(['check-config', '-c', {str(config)!r}]))\n"
     )
     return subprocess.run(

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from stowd.config import (
+from stowd.config.load import load_config
+from stowd.config.model import (
     BULK_TYPES,
     DEFAULT_BATCH_BYTES,
     DEFAULT_BATCH_FILES,
@@ -21,10 +22,8 @@ from stowd.config import (
     Config,
     Retry,
     Timeouts,
-    load_config,
-    parse_duration,
-    parse_size,
 )
+from stowd.config.yamlwalk import parse_duration, parse_size
 from stowd.errors import ConfigError, ConfigProblem
 
 REPO = Path(__file__).resolve().parent.parent
@@ -852,9 +851,10 @@ def test_bad_access_settings_are_all_reported(tmp_path: Path) -> None:
         "    headers: {Content-Type: x, 'bad name': y}\n"
     )
     problems = problems_of(tmp_path, text)
-    assert "does not belong to auth type basic" in find(
-        problems, "destinations.pacs.auth.token"
-    ).message
+    assert (
+        "does not belong to auth type basic"
+        in find(problems, "destinations.pacs.auth.token").message
+    )
     assert find(problems, "destinations.pacs.auth.password").message == "required key is missing"
     assert "does not exist" in find(problems, "destinations.pacs.tls.ca_file").message
     assert "1.2" in find(problems, "destinations.pacs.tls.min_version").message

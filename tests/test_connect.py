@@ -23,11 +23,11 @@ from urllib.parse import quote_plus
 import pytest
 from orthanc import Orthanc
 
-from stowd import connect
-from stowd.access import Access, Auth, Tls
-from stowd.cli import main
-from stowd.config import Destination, Timeouts
-from stowd.secrets import Secret
+from stowd.commands import connect
+from stowd.commands.cli import main
+from stowd.config.access import Access, Auth, Tls
+from stowd.config.model import Destination, Timeouts
+from stowd.config.secrets import Secret
 
 PASSWORD = "pw-Kq7!zzTop-93"  # must never appear in any output
 TOKEN = "tok-Hh3J9wPq"  # the access token our token endpoint issues: never shown either

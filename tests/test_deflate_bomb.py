@@ -14,10 +14,10 @@ from harness import Stowd, make_layout, run_cli, wait_for
 from orthanc import Orthanc
 from pydicom.data import get_testdata_file
 
-from stowd import rewrite as rewrite_module
-from stowd.classify import classify
 from stowd.errors import FileProblem
-from stowd.rewrite import rewrite
+from stowd.media import rewrite as rewrite_module
+from stowd.media.rewrite import rewrite
+from stowd.pipeline.classify import classify
 
 MAX_PEAK_MB = 300.0
 DATA_SET_REASON = "the deflated data set inflates to more than 1024 MiB"

@@ -23,7 +23,7 @@ from mounts import fill, require_root, tmpfs
 from orthanc import Orthanc
 from stowproxy import StowProxy
 
-from stowd.queue import NewFile, Queue, open_readonly
+from stowd.pipeline.queue import NewFile, Queue, open_readonly
 
 RECOVERY = 120.0  # seconds allowed after space is freed (the retries wait 30 s at most)
 DESTINATION = {"workers": 1, "batch": {"max_files": 50}, "timeouts": {"read": "5m"}}

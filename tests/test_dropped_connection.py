@@ -13,7 +13,7 @@ from dicomgen import make_instance
 from harness import Stowd, make_layout, wait_for
 from orthanc import Orthanc
 
-from stowd.worker import MAX_DROPS
+from stowd.pipeline.worker import MAX_DROPS
 
 DEAD_URL = "http://127.0.0.1:9/dicom-web"  # nothing listens: connection refused
 DROPPED = "the archive drops the connection whenever this file is sent"

@@ -11,8 +11,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from stowd import deflated, elements
 from stowd.errors import FileProblem
+from stowd.media import deflated, elements
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 UNDEFINED = 0xFFFFFFFF

@@ -10,13 +10,14 @@ import stowd
 from stowd import errors
 from stowd.errors import StowdError
 
-OPTIONAL = {"stowd.googleauth", "stowd.awsauth"}  # need the extras stowd[google], stowd[aws]
+# need the extras stowd[google], stowd[aws]
+OPTIONAL = {"stowd.dicomweb.googleauth", "stowd.dicomweb.awsauth"}
 
 
 def every_module() -> list[str]:
     found = pkgutil.walk_packages(stowd.__path__, "stowd.")
     names = [m.name for m in found if not m.name.endswith("__main__")]  # it runs the CLI
-    assert "stowd.stow" in names and "stowd.errors" in names
+    assert "stowd.dicomweb.stow" in names and "stowd.errors" in names
     return names
 
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from stowd.config import BatchLimits, Destination, load_config
+from stowd.config.load import load_config
+from stowd.config.model import BatchLimits, Destination
 from stowd.errors import ConfigError
-from stowd.group import take_batch
-from stowd.queue import Job
+from stowd.pipeline.group import take_batch
+from stowd.pipeline.queue import Job
 
 
 def job(n: int, size: int) -> Job:

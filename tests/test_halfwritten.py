@@ -27,12 +27,13 @@ from harness import Layout, Stowd, make_layout, wait_for
 from mounts import tmpfs
 from orthanc import Orthanc
 
-from stowd import settle as settle_mod
-from stowd.classify import classify
-from stowd.config import DEFAULT_INCOMPLETE_WAIT, Source, load_config
+from stowd.config.load import load_config
+from stowd.config.model import DEFAULT_INCOMPLETE_WAIT, Source
 from stowd.errors import FileIncomplete
-from stowd.queue import Job, NewFile, Queue
-from stowd.settle import Decision, settle_all
+from stowd.pipeline import settle as settle_mod
+from stowd.pipeline.classify import classify
+from stowd.pipeline.queue import Job, NewFile, Queue
+from stowd.pipeline.settle import Decision, settle_all
 
 PIXEL_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
 SIZE = 512 * 1024

@@ -20,7 +20,7 @@ from hostileserver import HostileArchive
 from orthanc import Orthanc
 
 from stowd import dropped
-from stowd.config import Source
+from stowd.config.model import Source
 from stowd.errors import LinkRefused
 
 DEAD_URL = "http://127.0.0.1:9/dicom-web"  # nothing listens: no file reaches an archive
@@ -298,8 +298,10 @@ def test_a_link_that_loops_or_leads_nowhere_hides_no_other_file(tmp_path: Path) 
         daemon = Stowd(layout).start()
         try:
             wait_for(
-                lambda: len(layout.files(layout.sent)) == 40
-                and {"loop.dcm", "gone.dcm"} <= set(layout.error_files()),
+                lambda: (
+                    len(layout.files(layout.sent)) == 40
+                    and {"loop.dcm", "gone.dcm"} <= set(layout.error_files())
+                ),
                 120,
                 "40 files sent and both links in failed/",
                 lambda: daemon.log,

@@ -18,7 +18,7 @@ from mediagen import make_jpeg, make_pdf
 from orthanc import Orthanc
 from worklist import Worklist, item, serve
 
-from stowd.queue import Job, open_readonly
+from stowd.pipeline.queue import Job, open_readonly
 
 PATIENT = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex")
 BY_FOLDER = {"AccessionNumber": "{parts[0]}"}

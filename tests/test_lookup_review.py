@@ -17,12 +17,12 @@ from test_rules import load, problems
 from test_worker import Rig
 from worklist import Worklist, serve
 
-from stowd.config import Destination
+from stowd.config.model import Destination
 from stowd.errors import FileProblem, LookupUnavailable
-from stowd.lookup import Finder
-from stowd.queue import Queue
-from stowd.rules import Lookup, Rule, Template, Wanted
-from stowd.vr import Item
+from stowd.pipeline.lookup import Finder
+from stowd.pipeline.queue import Queue
+from stowd.rules.engine import Lookup, Rule, Template, Wanted
+from stowd.rules.vr import Item
 
 
 class Hanging(Worklist):

@@ -15,14 +15,14 @@ from mediagen import make_jpeg
 from test_rules import load, problems, run
 from worklist import Worklist, item, serve
 
-from stowd import dryrun
-from stowd.config import Config
+from stowd.commands import dryrun
+from stowd.commands.explain import explain, render
+from stowd.config.model import Config
 from stowd.errors import FileProblem, LookupUnavailable, NotYet, RuleFailure
-from stowd.explain import explain, render
-from stowd.lookup import Finder, copied, exact, params, parse
-from stowd.metadata import digest
-from stowd.queue import Job, NewFile, Queue
-from stowd.rules import Wanted
+from stowd.pipeline.lookup import Finder, copied, exact, params, parse
+from stowd.pipeline.metadata import digest
+from stowd.pipeline.queue import Job, NewFile, Queue
+from stowd.rules.engine import Wanted
 
 LOOKUP = """
 rules:
@@ -349,8 +349,10 @@ def test_dry_run_counts_the_lookup_questions_without_asking(tmp_path: Path) -> N
     for photo in watch.rglob("*.jpg"):
         os.utime(photo, (past, past))
     p = dryrun.plan(config)[0]  # the first source, whose folder holds the photos
-    assert dict(p.lookups) == {"studies with AccessionNumber ACC 7": 3,
-                               "studies with AccessionNumber ACC 8": 1}
+    assert dict(p.lookups) == {
+        "studies with AccessionNumber ACC 7": 3,
+        "studies with AccessionNumber ACC 8": 1,
+    }
     assert (p.ready, len(p.studies)) == (4, 2)
     text = dryrun.render([p])
     assert "would look up: 2 question(s)" in text

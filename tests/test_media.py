@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import pytest
 
-from stowd import media
 from stowd.errors import FileProblem, FileUnreadable, FileVanished
-from stowd.media import Media, detect
+from stowd.media import probe
+from stowd.media.probe import detect
+from stowd.media.reading import Media
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -528,7 +529,7 @@ def test_a_file_stowd_may_not_read_is_retried(
     def refuse(path: Path) -> BinaryIO:
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(media, "_open", refuse)
+    monkeypatch.setattr(probe, "_open", refuse)
     with pytest.raises(FileUnreadable, match="permission denied"):
         detect(write(tmp_path, "report.pdf", PDF))
 
@@ -565,7 +566,7 @@ def test_a_5_gib_video_is_read_by_its_headers_only(
 ) -> None:
     path = tmp_path / "long.mp4"
     sparse_mp4(path, 5 * GIB)
-    monkeypatch.setattr(media, "_open", counting_open)
+    monkeypatch.setattr(probe, "_open", counting_open)
     CountingFile.total = 0
     found = detect(path)
     assert path.stat().st_size > 5 * GIB
@@ -583,7 +584,7 @@ def test_the_scan_of_a_large_jpeg_is_not_read(
 ) -> None:
     data = JPEG[:-2] + os.urandom(8 * 2**20).replace(b"\xff", b"\x00") + b"\xff\xd9"
     path = write(tmp_path, "large.jpg", data)
-    monkeypatch.setattr(media, "_open", counting_open)
+    monkeypatch.setattr(probe, "_open", counting_open)
     CountingFile.total = 0
     assert detect(path).rows == 480
     assert CountingFile.total < 256 * 1024
@@ -598,7 +599,7 @@ def test_a_large_pdf_is_read_at_its_start_and_end_only(
         fp.truncate(GIB)
         fp.seek(0, os.SEEK_END)
         fp.write(b"\n%%EOF\n")
-    monkeypatch.setattr(media, "_open", counting_open)
+    monkeypatch.setattr(probe, "_open", counting_open)
     CountingFile.total = 0
     assert detect(path).kind == "pdf"
     assert CountingFile.total < 256 * 1024
@@ -613,11 +614,11 @@ def test_a_long_mpeg2_video_is_read_at_its_start_and_end_only(
         fp.truncate(GIB)  # a hole: no disk used
         fp.seek(0, os.SEEK_END)
         fp.write(mpeg2(gops=[(3600, 7)], pictures=2)[12:])  # without a sequence header
-    monkeypatch.setattr(media, "_open", counting_open)
+    monkeypatch.setattr(probe, "_open", counting_open)
     CountingFile.total = 0
     found = detect(path)
     assert found.frames == 3600 * 25 + 7 + 2
-    assert CountingFile.total < media.MPEG_SCAN + 256 * 1024
+    assert CountingFile.total < probe.MPEG_SCAN + 256 * 1024
 
 
 def test_a_truncated_sparse_video_is_refused(tmp_path: Path) -> None:

@@ -12,14 +12,10 @@ import pytest
 from harness import Clock
 from prometheus_client.parser import text_string_to_metric_families
 
-from stowd import metrics
-from stowd.errors import (
-    DestinationBusy,
-    DestinationHeld,
-    FileUnreadable,
-    StowdError,
-)
-from stowd.queue import Classification, Job, NewFile, Queue
+from stowd.errors import DestinationBusy, DestinationHeld, FileUnreadable, StowdError
+from stowd.pipeline import counters
+from stowd.pipeline.queue import Classification, Job, NewFile, Queue
+from stowd.service import metrics
 
 START = 1_000_000.0
 
@@ -30,7 +26,7 @@ def clock() -> Clock:
 
 
 def count(name: str, **labels: str) -> float:
-    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+    return counters.REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def scrape(server: metrics.Server, host: str = "127.0.0.1") -> str:
@@ -85,11 +81,11 @@ def test_counters_move_by_the_calls() -> None:
     failed_before = count("stowd_files_failed_total", source="src", destination="pacs")
     bytes_before = count("stowd_bytes_sent_total", destination="pacs")
 
-    metrics.queued("src", "pacs", 3)
-    metrics.queued("src", "pacs")
-    metrics.settled("src", "pacs", "sent", 1000)
-    metrics.settled("src", "pacs", "sent", 24)
-    metrics.settled("src", "pacs", "failed", 5000)  # bytes of a failed file do not count
+    counters.queued("src", "pacs", 3)
+    counters.queued("src", "pacs")
+    counters.settled("src", "pacs", "sent", 1000)
+    counters.settled("src", "pacs", "sent", 24)
+    counters.settled("src", "pacs", "failed", 5000)  # bytes of a failed file do not count
 
     assert count("stowd_files_queued_total", source="src", destination="pacs") == queued_before + 4
     assert count("stowd_files_sent_total", source="src", destination="pacs") == sent_before + 2
@@ -99,13 +95,13 @@ def test_counters_move_by_the_calls() -> None:
 
 def test_sent_files_with_a_note_are_counted_by_note() -> None:
     labels = {"source": "src", "destination": "pacs"}
-    before = {n: count("stowd_files_sent_noted_total", **labels, note=n) for n in metrics.NOTES}
-    metrics.settled("src", "pacs", "sent", 10, "warning")
-    metrics.settled("src", "pacs", "sent", 10, "already_stored")
-    metrics.settled("src", "pacs", "sent", 10, "already_stored")
-    metrics.settled("src", "pacs", "sent", 10)  # stored plainly: no note
-    metrics.settled("src", "pacs", "failed", 10, "warning")  # only sent files are noted
-    after = {n: count("stowd_files_sent_noted_total", **labels, note=n) for n in metrics.NOTES}
+    before = {n: count("stowd_files_sent_noted_total", **labels, note=n) for n in counters.NOTES}
+    counters.settled("src", "pacs", "sent", 10, "warning")
+    counters.settled("src", "pacs", "sent", 10, "already_stored")
+    counters.settled("src", "pacs", "sent", 10, "already_stored")
+    counters.settled("src", "pacs", "sent", 10)  # stored plainly: no note
+    counters.settled("src", "pacs", "failed", 10, "warning")  # only sent files are noted
+    after = {n: count("stowd_files_sent_noted_total", **labels, note=n) for n in counters.NOTES}
     assert after["warning"] == before["warning"] + 1
     assert after["already_stored"] == before["already_stored"] + 2
 
@@ -115,46 +111,46 @@ def test_request_durations_fall_into_buckets() -> None:
     n = count(f"{name}_count", destination="pacs")
     fast = count(f"{name}_bucket", destination="pacs", le="0.25")
     slow = count(f"{name}_bucket", destination="pacs", le="300.0")
-    metrics.request("pacs", 0.2)
-    metrics.request("pacs", 200.0)
+    counters.request("pacs", 0.2)
+    counters.request("pacs", 200.0)
     assert count(f"{name}_count", destination="pacs") == n + 2
     assert count(f"{name}_bucket", destination="pacs", le="0.25") == fast + 1
     assert count(f"{name}_bucket", destination="pacs", le="300.0") == slow + 2
 
 
 def test_retries_count_by_reason() -> None:
-    before = count("stowd_retries_total", destination="pacs", reason=metrics.UNAVAILABLE)
-    metrics.retried("pacs", metrics.UNAVAILABLE)
-    metrics.retried("pacs", metrics.UNAVAILABLE, 2)
+    before = count("stowd_retries_total", destination="pacs", reason=counters.UNAVAILABLE)
+    counters.retried("pacs", counters.UNAVAILABLE)
+    counters.retried("pacs", counters.UNAVAILABLE, 2)
     assert count("stowd_retries_total", destination="pacs", reason="unavailable") == before + 3
     with pytest.raises(ValueError, match="reason must be one of"):
-        metrics.retried("pacs", "HTTP 503 from https://user:secret@pacs/")
+        counters.retried("pacs", "HTTP 503 from https://user:secret@pacs/")
 
 
 @pytest.mark.parametrize(
     ("exc", "reason"),
     [
-        (DestinationBusy("cannot connect: refused"), metrics.UNAVAILABLE),
-        (DestinationBusy("timed out (ReadTimeout)"), metrics.UNAVAILABLE),
-        (DestinationBusy("busy", status=503), metrics.UNAVAILABLE),
-        (DestinationBusy("busy", status=429), metrics.UNAVAILABLE),
-        (DestinationBusy("busy", status=408), metrics.UNAVAILABLE),
-        (DestinationBusy("error", status=500), metrics.SERVER_ERROR),
-        (DestinationHeld("HTTP 401", status=401), metrics.REFUSED),
-        (DestinationHeld("TLS failure: bad certificate"), metrics.REFUSED),
-        (FileUnreadable("permission denied", path="/in/a.dcm"), metrics.UNREADABLE),
-        (OSError(5, "Input/output error"), metrics.UNREADABLE),
-        (RuntimeError("unexpected"), metrics.FILE),
+        (DestinationBusy("cannot connect: refused"), counters.UNAVAILABLE),
+        (DestinationBusy("timed out (ReadTimeout)"), counters.UNAVAILABLE),
+        (DestinationBusy("busy", status=503), counters.UNAVAILABLE),
+        (DestinationBusy("busy", status=429), counters.UNAVAILABLE),
+        (DestinationBusy("busy", status=408), counters.UNAVAILABLE),
+        (DestinationBusy("error", status=500), counters.SERVER_ERROR),
+        (DestinationHeld("HTTP 401", status=401), counters.REFUSED),
+        (DestinationHeld("TLS failure: bad certificate"), counters.REFUSED),
+        (FileUnreadable("permission denied", path="/in/a.dcm"), counters.UNREADABLE),
+        (OSError(5, "Input/output error"), counters.UNREADABLE),
+        (RuntimeError("unexpected"), counters.FILE),
     ],
 )
 def test_exceptions_map_to_a_small_set_of_reasons(exc: BaseException, reason: str) -> None:
-    assert metrics.retry_reason(exc) == reason
-    assert reason in metrics.REASONS
+    assert counters.retry_reason(exc) == reason
+    assert reason in counters.REASONS
 
 
 def test_an_unknown_outcome_is_refused() -> None:
     with pytest.raises(ValueError, match="outcome"):
-        metrics.settled("src", "pacs", "gone", 10)
+        counters.settled("src", "pacs", "gone", 10)
 
 
 @pytest.mark.parametrize(
@@ -162,11 +158,11 @@ def test_an_unknown_outcome_is_refused() -> None:
 )
 def test_label_values_take_names_never_paths_or_urls(bad: str) -> None:
     with pytest.raises(ValueError, match="names only"):
-        metrics.queued("src", bad)
+        counters.queued("src", bad)
     with pytest.raises(ValueError, match="names only"):
-        metrics.settled(bad, "pacs", "sent", 1)
+        counters.settled(bad, "pacs", "sent", 1)
     with pytest.raises(ValueError, match="names only"):
-        metrics.request(bad, 1.0)
+        counters.request(bad, 1.0)
 
 
 # -- the server -------------------------------------------------------------------------------
@@ -177,8 +173,8 @@ def served(queue: Queue, clock: Clock) -> Iterator[metrics.Server]:
 
 
 def test_a_scrape_shows_the_counters(served: metrics.Server) -> None:
-    metrics.queued("src", "pacs", 2)
-    metrics.settled("src", "pacs", "sent", 100)
+    counters.queued("src", "pacs", 2)
+    counters.settled("src", "pacs", "sent", 100)
     text = scrape(served)
     sent = value(text, "stowd_files_sent_total", source="src", destination="pacs")
     assert sent == count("stowd_files_sent_total", source="src", destination="pacs") >= 1
@@ -220,7 +216,7 @@ def test_an_empty_queue_shows_zeros(served: metrics.Server) -> None:
 def test_configured_destinations_start_at_zero(queue: Queue) -> None:
     with metrics.serve("127.0.0.1", 0, queue.path, ["fresh-dest"]) as server:
         text = scrape(server)
-    for reason in metrics.REASONS:
+    for reason in counters.REASONS:
         assert value(text, "stowd_retries_total", destination="fresh-dest", reason=reason) == 0
     assert value(text, "stowd_bytes_sent_total", destination="fresh-dest") == 0
     assert value(text, "stowd_request_duration_seconds_count", destination="fresh-dest") == 0
@@ -230,7 +226,7 @@ def test_label_values_of_a_scrape_never_hold_paths(
     served: metrics.Server, queue: Queue, tmp_path: Path, clock: Clock
 ) -> None:
     fill(queue, tmp_path, clock)
-    metrics.settled("src", "pacs", "failed", 10)
+    counters.settled("src", "pacs", "failed", 10)
     text = scrape(served)
     assert str(tmp_path) not in text
     assert "patient-" not in text

@@ -32,10 +32,11 @@ from harness import Layout, make_layout, run_cli, wait_for
 from orthanc import Orthanc
 from stowproxy import StowProxy
 
-from stowd import cli, logs
-from stowd import migrate as migrate_mod
-from stowd.queue import Queue
-from stowd.watch import Watcher
+from stowd.commands import cli
+from stowd.commands import migrate as migrate_mod
+from stowd.pipeline.queue import Queue
+from stowd.pipeline.watch import Watcher
+from stowd.service import logs
 
 
 def layout_for(tmp_path: Path, archive: Archive, max_files: int = 2) -> Layout:

@@ -15,8 +15,8 @@ from dicomgen import make_instance, make_instance_bytes, write_garbage
 from harness import Layout, Stowd, make_layout, run_cli, wait_for
 from orthanc import Orthanc
 
-from stowd import logs
-from stowd.queue import NewFile, Queue
+from stowd.pipeline.queue import NewFile, Queue
+from stowd.service import logs
 
 # Names that are not UTF-8: a scanner with a Latin-1 locale, or a writer who means harm.
 BAD_FILE = os.fsdecode(b"\xff\xfe.dcm")

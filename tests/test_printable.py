@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from stowd.logs import JournalFormatter, TextFormatter
 from stowd.printable import escape, escape_lines
+from stowd.service.logs import JournalFormatter, TextFormatter
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 from harness import Layout, make_layout
 
-from stowd import cli
-from stowd.config import Source, load_config
-from stowd.purge import PurgeResult, purge_sent
+from stowd.commands import cli
+from stowd.config.load import load_config
+from stowd.config.model import Source
+from stowd.service.purge import PurgeResult, purge_sent
 
 URL = "http://127.0.0.1:9/dicom-web"
 DAY = 86400.0

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from harness import Clock
 
-from stowd.config import BatchLimits
+from stowd.config.model import BatchLimits
 from stowd.errors import QueueError, QueueFull, QueueLockedError, SidecarNotReady
-from stowd.group import take_batch
-from stowd.queue import ACTIVE, Classification, Job, Made, NewFile, Queue, open_readonly
+from stowd.pipeline.group import take_batch
+from stowd.pipeline.queue import ACTIVE, Classification, Job, Made, NewFile, Queue, open_readonly
 
 
 def new(path: str, size: int = 10, mtime: int = 1) -> NewFile:

@@ -13,7 +13,7 @@ from harness import Layout, Stowd, make_layout, run_cli, wait_for
 from mounts import read_only
 
 from stowd.errors import QueueError
-from stowd.queue import Queue
+from stowd.pipeline.queue import Queue
 
 NOWHERE = "http://127.0.0.1:9/dicom-web"  # nothing is sent in these tests
 

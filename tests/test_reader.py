@@ -8,10 +8,10 @@ from pathlib import Path
 from dicomgen import make_instance
 from harness import Clock
 
-from stowd.config import BatchLimits, Config, Destination, Source
-from stowd.queue import Queue
-from stowd.reader import Reader
-from stowd.watch import Watcher
+from stowd.config.model import BatchLimits, Config, Destination, Source
+from stowd.pipeline.queue import Queue
+from stowd.pipeline.reader import Reader
+from stowd.pipeline.watch import Watcher
 
 
 def test_the_reader_reads_new_files_and_fails_bad_ones_without_a_destination_client(

@@ -18,13 +18,14 @@ from dicomgen import make_instance
 from harness import Layout, Stowd, make_layout, run_cli, wait_for
 from orthanc import Orthanc
 
-from stowd import cli
-from stowd import retry as retry_mod
-from stowd.config import Config, Source, load_config
-from stowd.queue import NewFile, Queue
-from stowd.retry import Filters, parse_since, retry
-from stowd.settle import Decision, iso, settle_all
-from stowd.status import daemon_pid
+from stowd.commands import cli
+from stowd.commands import putback as retry_mod
+from stowd.commands.putback import Filters, parse_since, retry
+from stowd.config.load import load_config
+from stowd.config.model import Config, Source
+from stowd.pipeline.queue import NewFile, Queue
+from stowd.pipeline.settle import Decision, iso, settle_all
+from stowd.service.status import daemon_pid
 
 URL = "http://127.0.0.1:9/dicom-web"
 LATER = time.time() + 3600  # "now" for files that must not count as just arrived

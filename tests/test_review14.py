@@ -15,7 +15,7 @@ from dicomgen import make_instance, make_instance_bytes
 from harness import Stowd, make_layout, run_cli, wait_for
 from hostileserver import HostileArchive
 
-from stowd import deflated
+from stowd.media import deflated
 
 DEAD_URL = "http://127.0.0.1:9/dicom-web"  # nothing listens: no file reaches an archive
 MAX_PEAK_MB = 300.0

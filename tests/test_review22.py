@@ -15,9 +15,9 @@ from harness import Stowd, make_layout, run_cli, wait_for
 from mounts import fill, tmpfs
 from orthanc import Orthanc
 
-from stowd import settle as settle_mod
-from stowd.config import Sidecars, Source
-from stowd.queue import NewFile, Queue
+from stowd.config.model import Sidecars, Source
+from stowd.pipeline import settle as settle_mod
+from stowd.pipeline.queue import NewFile, Queue
 
 MIB = 1024 * 1024
 

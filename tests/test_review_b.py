@@ -24,8 +24,10 @@ import pytest
 from localserver import LocalServer
 from test_elements import UNDEFINED, _explicit, _implicit, _item, _walked
 
-from stowd import answers, classify, deflated, elements
+from stowd.dicomweb import answers
 from stowd.errors import FileProblem
+from stowd.media import deflated, elements
+from stowd.pipeline import classify
 
 N = 10_000  # elements pydicom reads past what the walk sees (80 KB: past classify's first 64 KiB)
 IMPLICIT_LE, EXPLICIT_LE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"

@@ -17,8 +17,8 @@ from test_cloudauth import (
     write_key,
 )
 
+from stowd.dicomweb.stowbody import Part
 from stowd.errors import DestinationHeld
-from stowd.stow import Part
 
 
 class OddTokens(LocalServer):

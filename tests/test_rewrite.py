@@ -25,11 +25,11 @@ from pydicom.dataset import Dataset, FileDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
-from stowd import rewrite as rewrite_module
-from stowd.classify import classify
 from stowd.errors import FileProblem, FileUnreadable, FileVanished
-from stowd.rewrite import apply, rewrite
-from stowd.vr import Value
+from stowd.media import rewrite as rewrite_module
+from stowd.media.rewrite import apply, rewrite
+from stowd.pipeline.classify import classify
+from stowd.rules.vr import Value
 
 ABSENT = object()
 TEXT_VRS = {"LO", "LT", "PN", "SH", "ST", "UC", "UT"}

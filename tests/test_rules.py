@@ -11,11 +11,12 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from stowd.config import Config, load_config
+from stowd.config.load import load_config
+from stowd.config.model import Config
 from stowd.errors import ConfigError, ConfigProblem, RuleFailure
-from stowd.metadata import digest
-from stowd.rules import Facts, Outcome, Template, evaluate, glob_pattern
-from stowd.vr import Item
+from stowd.pipeline.metadata import digest
+from stowd.rules.engine import Facts, Outcome, Template, evaluate, glob_pattern
+from stowd.rules.vr import Item
 
 HEAD = """\
 queue: ./state/queue.db
@@ -444,7 +445,8 @@ def test_the_rules_fingerprint_is_the_same_in_every_process(tmp_path: Path) -> N
     )
     config_path.write_text(HEAD + rules, encoding="utf-8")
     script = (
-        "import sys; from stowd.config import load_config; from stowd.metadata import digest; "
+        "import sys; from stowd.config.load import load_config; "
+        "from stowd.pipeline.metadata import digest; "
         "c = load_config(sys.argv[1]); print(digest(c, c.sources[0]))"
     )
     found = {

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from stowd.config.secrets import Secret, parse
 from stowd.errors import SecretUnavailable
-from stowd.secrets import Secret, parse
 
 VALUE = "s3cret-Zq9"
 

@@ -19,12 +19,12 @@ from dicomgen import make_instance
 from harness import Layout, Stowd, make_layout, wait_for
 from orthanc import Orthanc, free_port
 
-from stowd import classify as classify_mod
-from stowd.classify import Classified
-from stowd.config import load_config
-from stowd.daemon import RESTART_LIMIT, Daemon, Generation, _spawn
-from stowd.notify import Notifier
-from stowd.status import gather
+from stowd.config.load import load_config
+from stowd.pipeline import classify as classify_mod
+from stowd.pipeline.classify import Classified
+from stowd.service.daemon import RESTART_LIMIT, Daemon, Generation, _spawn
+from stowd.service.notify import Notifier
+from stowd.service.status import gather
 
 
 class NotifySocket:
@@ -121,9 +121,7 @@ def test_sighup_with_a_new_source_starts_watching_it(tmp_path: Path, orthanc: Or
         daemon.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "reloaded" in daemon.log, 30, "the reload", lambda: daemon.log)
         uid = make_instance(layout.root / "ward" / "b.dcm")
-        wait_for(
-            (layout.root / "ward-sent" / "b.dcm").exists, 60, "b.dcm", lambda: daemon.log
-        )
+        wait_for((layout.root / "ward-sent" / "b.dcm").exists, 60, "b.dcm", lambda: daemon.log)
         assert daemon.alive()
         assert daemon.terminate() == 0
     finally:
@@ -280,10 +278,10 @@ def test_housekeeping_purges_sent_after_the_retention(
     daemon.queue.open()
     try:
         now = time.time()
-        monkeypatch.setattr("stowd.daemon.time.time", lambda: now + 29 * 86400)
+        monkeypatch.setattr("stowd.service.daemon.time.time", lambda: now + 29 * 86400)
         daemon._housekeeping()
         assert first.exists() and second.exists()  # 29 days: within the retention
-        monkeypatch.setattr("stowd.daemon.time.time", lambda: now + 31 * 86400)
+        monkeypatch.setattr("stowd.service.daemon.time.time", lambda: now + 31 * 86400)
         daemon._housekeeping()
         assert not first.exists() and not second.exists()
         assert layout.sent.is_dir() and not (layout.sent / "s1").exists()  # emptied folders go
@@ -294,9 +292,7 @@ def test_housekeeping_purges_sent_after_the_retention(
 def test_a_thread_still_busy_after_a_reload_is_watched_and_reaped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    layout = make_layout(
-        tmp_path / "run", "http://127.0.0.1:9/dicom-web", shutdown_timeout="500ms"
-    )
+    layout = make_layout(tmp_path / "run", "http://127.0.0.1:9/dicom-web", shutdown_timeout="500ms")
     config = load_config(layout.config)
     release = threading.Event()
     real_classify = classify_mod.classify
@@ -309,7 +305,7 @@ def test_a_thread_still_busy_after_a_reload_is_watched_and_reaped(
             release.wait(30)  # as if its share hung while its header was read
         return real_classify(path)
 
-    monkeypatch.setattr("stowd.classify.classify", hanging)
+    monkeypatch.setattr("stowd.pipeline.classify.classify", hanging)
     daemon = Daemon(config, Notifier({}))
     daemon.queue.open()
     try:
@@ -360,7 +356,7 @@ def test_a_thread_that_keeps_dying_is_reported_and_starves_the_watchdog(
         stuck = daemon._stuck_thread()
         assert stuck is not None and stuck[1] == "thread flaky died 6 times in 10 min"
         assert daemon._status_line().startswith("thread flaky died 6 times in 10 min; ")
-        monkeypatch.setattr("stowd.status.daemon_pid", lambda _queue: os.getpid())
+        monkeypatch.setattr("stowd.service.status.daemon_pid", lambda _queue: os.getpid())
         data = gather(config)
         assert [t["text"] for t in data["daemon_troubles"]] == [
             "thread flaky died 6 times within 10 minutes"

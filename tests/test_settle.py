@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from stowd import settle as settle_mod
-from stowd import sidecar as sidecar_mod
-from stowd.config import Sidecars, Source
+from stowd.config.model import Sidecars, Source
 from stowd.errors import FileUnreadable
-from stowd.queue import Job, NewFile, Queue
-from stowd.settle import Decision, free_target, repair, settle_all
+from stowd.pipeline import settle as settle_mod
+from stowd.pipeline import sidecar as sidecar_mod
+from stowd.pipeline.queue import Job, NewFile, Queue
+from stowd.pipeline.settle import Decision, free_target, repair, settle_all
 
 
 @pytest.fixture

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from stowd.config import Sidecars
+from stowd.config.model import Sidecars
 from stowd.errors import FileProblem, FileUnreadable, FileVanished
-from stowd.sidecar import is_sidecar, load, read_sidecar, sidecars_of, still_needed
+from stowd.pipeline.sidecar import is_sidecar, load, read_sidecar, sidecars_of, still_needed
 
 BOTH = Sidecars(per_file=True, folder="_metadata.yaml")
 PER_FILE = Sidecars(per_file=True, folder=None)

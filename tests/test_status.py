@@ -14,10 +14,12 @@ from typing import Any
 import pytest
 from harness import Clock, make_layout
 
-from stowd import cli, status
-from stowd.config import Config, Destination, Source, load_config
-from stowd.queue import Classification, Job, NewFile, Queue, open_readonly
-from stowd.status import RATE_WINDOW, gather, redact, render, short_line
+from stowd.commands import cli
+from stowd.config.load import load_config
+from stowd.config.model import Config, Destination, Source
+from stowd.pipeline.queue import Classification, Job, NewFile, Queue, open_readonly
+from stowd.service import status
+from stowd.service.status import RATE_WINDOW, gather, redact, render, short_line
 
 NOW = 1_800_000_000.0  # 2027-01-15
 MB = 1_000_000

@@ -34,28 +34,28 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian, generate_uid
 
-from stowd import stow, stowbody
-from stowd.access import Access, Tls
-from stowd.config import Destination
+from stowd.config.access import Access, Tls
+from stowd.config.model import Destination
+from stowd.dicomweb import stow, stowbody
+from stowd.dicomweb.client import http_client, tls_context
+from stowd.dicomweb.httperrors import retry_after
+from stowd.dicomweb.stow import StowClient
+from stowd.dicomweb.stowanswer import (
+    Answer,
+    Outcome,
+    Verdict,
+    failure_meaning,
+    is_transient,
+    judge,
+    parse_answer,
+)
+from stowd.dicomweb.stowbody import Body, Part
 from stowd.errors import (
     ClientSetupError,
     DestinationBusy,
     DestinationHeld,
     FileUnreadable,
     FileVanished,
-)
-from stowd.stow import (
-    Answer,
-    Body,
-    Outcome,
-    Part,
-    StowClient,
-    Verdict,
-    failure_meaning,
-    is_transient,
-    judge,
-    parse_answer,
-    retry_after,
 )
 
 BASE_URL = "http://archive.test/dicom-web"
@@ -96,7 +96,7 @@ def parts(tmp_path: Path) -> list[Part]:
     return [
         write_dicom(tmp_path / "a.dcm", 1_000),
         write_dicom(tmp_path / "b.dcm", 40_001),
-        write_dicom(tmp_path / "c.dcm", stow.CHUNK + 12_345),
+        write_dicom(tmp_path / "c.dcm", stowbody.CHUNK + 12_345),
     ]
 
 
@@ -322,9 +322,9 @@ def test_body_streams_large_files_in_chunks(parts: list[Part]) -> None:
         pieces = list(body)
     finally:
         body.close()
-    assert parts[2].size > stow.CHUNK
+    assert parts[2].size > stowbody.CHUNK
     assert len(pieces) >= 4  # head, at least two file chunks, CRLF, tail
-    assert max(len(p) for p in pieces) <= stow.CHUNK
+    assert max(len(p) for p in pieces) <= stowbody.CHUNK
     assert sum(len(p) for p in pieces) == body.length
 
 
@@ -1110,7 +1110,7 @@ def test_real_server_receives_a_multi_megabyte_file_streamed(
     assert hashlib.sha256(content).hexdigest() == digest
     # The file went out in pieces, never read whole into memory.
     assert sum(chunks) == part.size
-    assert len(chunks) > 1 and max(chunks) <= stow.CHUNK
+    assert len(chunks) > 1 and max(chunks) <= stowbody.CHUNK
     assert answer.status == 200
     assert judge(answer, [part]) == {part.sop_uid: Verdict(Outcome.SENT)}
 
@@ -1132,7 +1132,7 @@ def test_real_connection_refused_is_busy_after_three_attempts(
 
 
 def test_every_chunk_sent_is_a_sign_of_progress(tmp_path: Path, make_client: MakeClient) -> None:
-    part = write_dicom(tmp_path / "big.dcm", 3 * stow.CHUNK)
+    part = write_dicom(tmp_path / "big.dcm", 3 * stowbody.CHUNK)
     signs: list[float] = []
 
     def archive(request: httpx.Request) -> httpx.Response:
@@ -1219,7 +1219,7 @@ def test_extra_headers_go_to_the_archive_host_only() -> None:
         return httpx.Response(200)
 
     dest = Destination("archive", BASE_URL, access=Access(headers=(("X-Api-Key", "k-123"),)))
-    with stow.http_client(dest, transport=httpx.MockTransport(network)) as client:
+    with http_client(dest, transport=httpx.MockTransport(network)) as client:
         client.get(BASE_URL + "/studies")
         client.post("https://sso.example/token")
     assert seen == {"archive.test": "k-123", "sso.example": None}
@@ -1236,8 +1236,8 @@ def test_an_encrypted_client_key_is_refused_plainly_and_min_version_always_appli
     )  # fmt: skip
     tls = Tls(client_cert=cert, client_key=key)
     with pytest.raises(ClientSetupError, match="is encrypted"):
-        stow.tls_context(Destination("a", BASE_URL, access=Access(tls=tls)))
+        tls_context(Destination("a", BASE_URL, access=Access(tls=tls)))
     loose = Destination("a", BASE_URL, verify_tls=False, access=Access(tls=Tls(min_version="1.3")))
-    context = stow.tls_context(loose)
+    context = tls_context(loose)
     assert isinstance(context, ssl.SSLContext)
     assert context.minimum_version == ssl.TLSVersion.TLSv1_3 and not context.check_hostname

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from stowd.config import DEFAULT_SHUTDOWN_TIMEOUT
+from stowd.config.model import DEFAULT_SHUTDOWN_TIMEOUT
 
 REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "systemd"

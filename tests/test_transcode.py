@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset, FileDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from stowd.errors import FileProblem
-from stowd.rewrite import needs_explicit, rewrite
+from stowd.media.rewrite import needs_explicit, rewrite
 
 IMPLICIT = str(ImplicitVRLittleEndian)
 EXPLICIT = str(ExplicitVRLittleEndian)

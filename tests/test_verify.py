@@ -19,10 +19,11 @@ from orthanc import Orthanc
 from tinypacs import TinyPacs, tiny_pacs_missing_reason
 from verifyproxy import VerifyProxy
 
-from stowd import stow, verify
-from stowd.config import Destination
+from stowd.config.model import Destination
+from stowd.dicomweb.client import http_client
 from stowd.errors import VerifyUnavailable
-from stowd.verify import MAX_PAGES, MAX_UNLISTED, PAGE
+from stowd.pipeline import verify
+from stowd.pipeline.verify import MAX_PAGES, MAX_UNLISTED, PAGE
 
 TIMEOUT = 120.0
 
@@ -204,7 +205,7 @@ def test_an_archive_that_lists_whole_studies_is_read_page_by_page() -> None:
     asked = [study[5], study[PAGE * 2 + 100], "1.2.3.999999"]  # the first page, the last, none
     with UnfilteredArchive(study) as archive:
         destination = Destination(name="pacs", url=archive.url)
-        with stow.http_client(destination) as http:
+        with http_client(destination) as http:
             missing = verify.unlisted(http, destination, [("1.2", uid) for uid in asked])
     assert missing == {"1.2.3.999999"}
     assert archive.pages == 3
@@ -214,7 +215,7 @@ def test_an_archive_that_ignores_offset_is_not_paged_for_ever() -> None:
     study = [f"1.2.3.{n}" for n in range(PAGE)]  # every page full, the same one
     with UnfilteredArchive(study, honours_offset=False) as archive:
         destination = Destination(name="pacs", url=archive.url)
-        with stow.http_client(destination) as http, pytest.raises(VerifyUnavailable) as caught:
+        with http_client(destination) as http, pytest.raises(VerifyUnavailable) as caught:
             verify.unlisted(http, destination, [("1.2", "1.2.3.999999")])
     assert archive.pages == MAX_PAGES
     assert "seems not to match SOPInstanceUID lists" in str(caught.value)

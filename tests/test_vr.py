@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from stowd import vr
+from stowd.rules import vr
 
 # --- lookup / suggest -------------------------------------------------------------------
 

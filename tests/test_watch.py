@@ -11,10 +11,10 @@ import pytest
 from harness import Clock
 from watchdog.events import DirModifiedEvent, FileCreatedEvent, FileMovedEvent
 
-from stowd.config import Sidecars, Source
+from stowd.config.model import Sidecars, Source
 from stowd.errors import QueueError, QueueFull
-from stowd.queue import NewFile
-from stowd.watch import Watcher, _Handler
+from stowd.pipeline.queue import NewFile
+from stowd.pipeline.watch import Watcher, _Handler
 
 
 class Sink:

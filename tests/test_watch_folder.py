@@ -13,9 +13,9 @@ from dicomgen import make_instance
 from harness import Layout, Stowd, make_layout, run_cli, wait_for
 from orthanc import Orthanc
 
-from stowd.config import Source
-from stowd.queue import NewFile
-from stowd.watch import Watcher
+from stowd.config.model import Source
+from stowd.pipeline.queue import NewFile
+from stowd.pipeline.watch import Watcher
 
 
 def status_warnings(layout: Layout) -> list[str]:

@@ -3,7 +3,7 @@ when its request was alone on the wire from start to end."""
 
 from __future__ import annotations
 
-from stowd.wire import NOT_ALONE, Wire, wire_of
+from stowd.pipeline.wire import NOT_ALONE, Wire, wire_of
 
 
 def test_a_request_alone_from_start_to_end_is_alone() -> None:

@@ -22,15 +22,15 @@ import pytest
 from dicomgen import make_instance, make_instance_bytes, make_study
 from harness import Clock
 
-from stowd import metrics
-from stowd.config import BatchLimits, Bulkdata, Config, Destination, Retry, Sidecars, Source
-from stowd.media import Media
-from stowd.media import detect as real_detect
-from stowd.queue import Queue
-from stowd.rules import Match, Rule, Template
-from stowd.stow import StowClient
-from stowd.watch import Watcher
-from stowd.worker import Worker
+from stowd.config.model import BatchLimits, Bulkdata, Config, Destination, Retry, Sidecars, Source
+from stowd.dicomweb.stow import StowClient
+from stowd.media.probe import detect as real_detect
+from stowd.media.reading import Media
+from stowd.pipeline import counters
+from stowd.pipeline.queue import Queue
+from stowd.pipeline.watch import Watcher
+from stowd.pipeline.worker import Worker
+from stowd.rules.engine import Match, Rule, Template
 
 Handler = Callable[[httpx.Request], httpx.Response]
 
@@ -735,10 +735,10 @@ def test_a_file_rewritten_while_its_instance_is_built_is_sent_once_as_new(
         os.utime(path, ns=(first.mtime_ns + 10**9, first.mtime_ns + 10**9))
         return found
 
-    monkeypatch.setattr("stowd.worker.detect", rewriting_detect)
+    monkeypatch.setattr("stowd.pipeline.worker.detect", rewriting_detect)
     rig.drain()
     assert seen == [] and rig.queue.counts() == {"gone": 1}  # the old content is not sent
-    monkeypatch.setattr("stowd.worker.detect", real_detect)
+    monkeypatch.setattr("stowd.pipeline.worker.detect", real_detect)
     rig.find()
     rig.drain()
     [stored] = seen
@@ -781,11 +781,11 @@ def test_a_500_for_one_file_counts_one_retry_as_server_error(
 
     def count(reason: str) -> float:
         labels = {"destination": "pacs", "reason": reason}
-        return metrics.REGISTRY.get_sample_value("stowd_retries_total", labels) or 0.0
+        return counters.REGISTRY.get_sample_value("stowd_retries_total", labels) or 0.0
 
-    before = {reason: count(reason) for reason in metrics.REASONS}
+    before = {reason: count(reason) for reason in counters.REASONS}
     rig.drain()
-    after = {reason: count(reason) for reason in metrics.REASONS}
-    assert {r: after[r] - before[r] for r in metrics.REASONS if after[r] != before[r]} == {
-        metrics.SERVER_ERROR: 1.0
+    after = {reason: count(reason) for reason in counters.REASONS}
+    assert {r: after[r] - before[r] for r in counters.REASONS if after[r] != before[r]} == {
+        counters.SERVER_ERROR: 1.0
     }

@@ -1,0 +1,333 @@
+"""The command line: ``stowd run | check-config | status | dry-run | explain | retry | purge |
+migrate``.
+
+Exit codes: 0 ok, 1 runtime error, 2 usage or configuration error, 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from stowd.commands import connect, dryrun, explain, migrate, migreport, putback
+from stowd.config.load import load_config
+from stowd.config.model import Config
+from stowd.config.yamlwalk import parse_duration
+from stowd.errors import ConfigError, MigrationConflict, StowdError
+from stowd.printable import escape_lines, is_utf8
+from stowd.service import logs
+from stowd.service.daemon import Daemon
+from stowd.service.purge import purge_sent
+from stowd.service.status import daemon_pid, gather, render
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEFAULT_CONFIG = "/etc/stowd/config.yaml"
+
+log = logging.getLogger("stowd")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stowd",
+        description="Watch drop folders and upload what lands there to a DICOMweb archive "
+        "with STOW-RS.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run the daemon in the foreground (logs to stderr)")
+    check = sub.add_parser("check-config", help="validate the configuration, list every problem")
+    check.add_argument(
+        "--connect",
+        action="store_true",
+        help="also reach each destination (TCP, TLS, login, a QIDO-RS query) and say what "
+        "works; exit code 1 when any does not",
+    )
+    status = sub.add_parser("status", help="show the queue: counts, age, rate, last errors")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    dry = sub.add_parser(
+        "dry-run", help="show what would be sent or fail now; sends, moves and queues nothing"
+    )
+    dry.add_argument("--json", action="store_true", help="machine-readable output")
+    why = sub.add_parser(
+        "explain", help="show which rules match FILEs and what they change; sends nothing"
+    )
+    why.add_argument("files", nargs="+", metavar="FILE", help="files to explain")
+    why.add_argument("--source", help="explain as if the files were in this source's folder")
+    why.add_argument("--json", action="store_true", help="machine-readable output")
+    again = sub.add_parser("retry", help="put files from failed/ back into the watch folders")
+    again.add_argument("--source", help="only this source's failed/ folder")
+    again.add_argument("--reason", help="only files whose error reason contains TEXT (any case)")
+    again.add_argument("--since", help="only files that failed since T (2h, 3d, or a date/time)")
+    again.add_argument("--dry-run", action="store_true", help="list, move nothing")
+    purge = sub.add_parser("purge", help="delete from sent/ what has been there too long")
+    purge.add_argument("--sent-older-than", required=True, metavar="AGE", help="such as 30d")
+    purge.add_argument("--source", help="only this source's sent/ folder")
+    purge.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    mig = sub.add_parser(
+        "migrate",
+        help="upload existing folder trees once (an old archive) through the queue, then exit",
+    )
+    mig.add_argument("folders", nargs="+", metavar="SRC", help="folders to upload, recursively")
+    mig.add_argument("--destination", required=True, metavar="NAME", help="a destination")
+    mig.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the files where they are (read-only archives); without it stored files "
+        "go to SRC.sent/ and failed ones to SRC.failed/ beside SRC",
+    )
+    mig.add_argument(
+        "--verify",
+        action="store_true",
+        help="a stored file counts as stored only once the archive lists it (QIDO-RS), as "
+        "the destination's verify: true; a file it does not list is sent again",
+    )
+    mig.add_argument(
+        "--report",
+        metavar="FILE",
+        help="list every file not stored or not moved (any run) in FILE.csv/.json",
+    )
+    mig.add_argument(
+        "--progress-every",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="a progress line this often when not on a terminal (default 10)",
+    )
+    mig.add_argument(
+        "--log-level",
+        default="WARNING",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="log level on stderr (WARNING: problems only)",
+    )
+    for p in (run, check, status, dry, why, again, purge, mig):
+        p.add_argument(
+            "-c", "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})"
+        )
+    run.add_argument("--log-level", help="override log_level from the config")
+    run.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        default="auto",
+        help="text, journal (syslog priorities, no time stamps) or json; auto: journal under "
+        "systemd's journald, else text",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+        return _COMMANDS[args.command](config, args)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_USAGE
+    except StowdError as exc:
+        print(f"stowd: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _run(config: Config, args: argparse.Namespace) -> int:
+    logs.setup(args.log_level or config.log_level, args.log_format)
+    daemon = Daemon(config)
+    daemon.install_signals()
+    daemon.run()
+    return EXIT_INTERRUPTED if daemon.last_signal == signal.SIGINT else EXIT_OK
+
+
+def _check(config: Config, args: argparse.Namespace) -> int:
+    lines = [f"{config.path}: configuration is valid"]
+    for source in config.sources:
+        dest = config.destination_of(source)
+        lines.append(f"  source {source.name}: {source.watch} -> {dest.name} ({dest.display_url})")
+        lines.append(f"    sent: {source.sent}  failed: {source.failed}")
+    lines.append(f"  queue: {config.queue}")
+    rules = len(config.rules) + sum(len(s.rules) for s in config.sources)
+    lines.append(
+        f"  metadata rules: {rules} (run 'stowd explain FILE' to see what they do to a file)"
+    )
+    lines += [f"WARNING: {warning}" for warning in config.warnings]
+    print(escape_lines(lines))  # folder names may hold anything a file system allows
+    if not args.connect:
+        return EXIT_OK
+    reports = []
+    for dest in config.destinations.values():
+        reports.append(connect.check(dest))
+        print(f"\n{connect.render(reports[-1:])}", flush=True)
+    working = sum(r.ok for r in reports)
+    print(f"\n{working} of {len(reports)} destination(s) work")
+    return EXIT_OK if all(r.ok for r in reports) else EXIT_RUNTIME
+
+
+def _status(config: Config, args: argparse.Namespace) -> int:
+    data = gather(config)
+    print(json.dumps(data, indent=2) if args.json else render(data))
+    return EXIT_OK
+
+
+def _dry_run(config: Config, args: argparse.Namespace) -> int:
+    plans = dryrun.plan(config)
+    if args.json:
+        print(json.dumps([p.as_dict() for p in plans], indent=2))
+    else:
+        print(dryrun.render(plans))
+    return EXIT_OK
+
+
+def _explain(config: Config, args: argparse.Namespace) -> int:
+    if args.source is not None and args.source not in {s.name for s in config.sources}:
+        print(f"stowd: no source named {args.source!r} in {config.path}", file=sys.stderr)
+        return EXIT_USAGE
+    results = explain.explain(config, args.files, args.source)
+    if args.json:
+        docs = [r.as_dict() for r in results]
+        text = json.dumps(docs, indent=2, ensure_ascii=False)
+        print(text if is_utf8(text) else json.dumps(docs, indent=2))  # a name not UTF-8
+    else:
+        print(explain.render(results))
+    return EXIT_RUNTIME if any(r.problem for r in results) else EXIT_OK
+
+
+def _unknown_source(config: Config, name: str | None) -> bool:
+    known = [s.name for s in config.sources]
+    if name is None or name in known:
+        return False
+    print(f"stowd: no source named {name!r}; known: {', '.join(known)}", file=sys.stderr)
+    return True
+
+
+def _retry(config: Config, args: argparse.Namespace) -> int:
+    if _unknown_source(config, args.source):
+        return EXIT_USAGE
+    try:
+        since = None if args.since is None else putback.parse_since(args.since, time.time())
+    except ValueError as exc:
+        print(f"stowd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    filters = putback.Filters(args.source, args.reason, since)
+    report = putback.retry(config, filters, dry_run=args.dry_run)
+    print(putback.render(report, daemon_pid(config.queue)))
+    return EXIT_OK if report.ok else EXIT_RUNTIME
+
+
+def _purge(config: Config, args: argparse.Namespace) -> int:
+    try:
+        age = parse_duration(args.sent_older_than)
+        if age <= 0:
+            raise ValueError("must be more than 0 seconds, such as 30d")
+    except ValueError as exc:
+        print(f"stowd: --sent-older-than: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if _unknown_source(config, args.source):
+        return EXIT_USAGE
+    errors, now, word = 0, time.time(), "would delete" if args.dry_run else "deleted"
+    for source in config.sources:
+        if args.source in (None, source.name):
+            r = purge_sent(source, age, now, dry_run=args.dry_run)
+            errors += len(r.errors)
+            print(
+                f"{source.name}: {word} {r.files} file(s), {r.bytes / 1e6:.1f} MB, and "
+                f"{r.folders} empty folder(s) from {source.sent}"
+                + (f"; {len(r.errors)} could not be deleted" if r.errors else "")
+            )
+    return EXIT_RUNTIME if errors else EXIT_OK
+
+
+def _migrate(config: Config, args: argparse.Namespace) -> int:
+    problem = _migrate_problem(config, args)
+    if problem:
+        print(f"stowd migrate: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    logs.setup(args.log_level, "text")
+    folders = tuple(Path(os.path.abspath(f)) for f in args.folders)
+    tty = sys.stderr.isatty()
+    if tty:
+        logs.over_progress_bar()
+    opts = migrate.Options(
+        folders, args.destination, args.keep, args.progress_every, tty, verify=args.verify
+    )
+    job = migrate.Migration(config, opts)
+    job.install_signals()
+    try:
+        summary = job.run()
+    except MigrationConflict as exc:
+        print(f"stowd migrate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    report = None if args.report is None else Path(args.report)
+    if report is not None:
+        migreport.write_report(report, summary.failures)
+    print(migreport.render(summary, opts.folders, opts.keep, report))
+    if summary.crashed:
+        return EXIT_RUNTIME
+    if summary.interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_RUNTIME if summary.failures else EXIT_OK
+
+
+def _migrate_problem(config: Config, args: argparse.Namespace) -> str | None:
+    if args.destination not in config.destinations:
+        known = ", ".join(config.destinations)
+        return f"no destination named {args.destination!r} in {config.path}; known: {known}"
+    folders = _folders_problem(args.folders, args.keep)
+    if folders:
+        return folders
+    if args.progress_every <= 0:
+        return "--progress-every must be more than 0 seconds"
+    if args.report is not None and not args.report.lower().endswith((".csv", ".json")):
+        return "--report must name a .csv or .json file"
+    return None
+
+
+def _folders_problem(folders: list[str], keep: bool) -> str | None:
+    missing = [f for f in folders if not os.path.isdir(f)]
+    if missing:
+        return f"{missing[0]} is not a folder"
+    if len(set(map(os.path.abspath, folders))) != len(folders):
+        return "a folder is given twice"
+    full = [os.path.abspath(f) for f in folders]
+    for inner in full:
+        outer = next((o for o in full if o != inner and inner.startswith(o + os.sep)), None)
+        if outer is not None:
+            return f"{inner} is inside {outer}: migrate {outer} alone"
+    names = [os.path.basename(f) for f in full]
+    if not keep and len(set(names)) != len(names):
+        return "two folders have the same name (their .sent/.failed folders would mix)"
+    return None if keep else _writable_problem(full)
+
+
+def _writable_problem(folders: list[str]) -> str | None:
+    """Without --keep, files move out of SRC into SRC.sent/SRC.failed beside it."""
+    for folder in folders:
+        beside = [folder + ".sent", folder + ".failed"]
+        blocked = [b for b in beside if os.path.exists(b) and not os.path.isdir(b)]
+        if (
+            blocked
+            or not os.access(folder, os.W_OK)
+            or not os.access(os.path.dirname(folder), os.W_OK)
+        ):
+            return (
+                f"cannot move files out of {folder} into {folder}.sent / {folder}.failed "
+                "(read-only, or not a folder there?): use --keep to leave the files in place"
+            )
+    return None
+
+
+_COMMANDS = {
+    "run": _run,
+    "check-config": _check,
+    "status": _status,
+    "dry-run": _dry_run,
+    "explain": _explain,
+    "retry": _retry,
+    "purge": _purge,
+    "migrate": _migrate,
+}

@@ -1,0 +1,143 @@
+"""``stowd explain FILE...``: which rules match a file and what they change, sending nothing.
+
+Each file is read as the daemon reads it (classify, sidecars, rules of its source); the
+report shows the sidecars used, the rules that matched and every attribute before and after.
+A rule's ``lookup`` is shown as the query the daemon would make; the archive is not asked, so
+the values it would give are not among the changes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from stowd.config.model import Config, Source
+from stowd.errors import FileProblem, FileUnreadable
+from stowd.media.bulkdata import sop_class_for
+from stowd.pipeline import metadata
+from stowd.pipeline.bulkform import sop_class_name
+from stowd.pipeline.classify import classify
+from stowd.pipeline.lookup import describe
+from stowd.printable import escape_lines
+from stowd.rules.engine import value_text
+
+
+@dataclass
+class Explained:
+    """What stowd would do with one file."""
+
+    file: str
+    source: str | None = None
+    kind: str | None = None
+    sidecars: list[str] = field(default_factory=list)
+    rules: list[str] = field(default_factory=list)
+    changes: list[tuple[str, str | None, str | None]] = field(default_factory=list)
+    study_uid: str | None = None
+    built: str | None = None  # the SOP Class made from a file that is not DICOM
+    study_key: str | None = None  # the key of the study it joins
+    lookup: str | None = None  # the query a rule's lookup would make (not asked)
+    problem: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "source": self.source,
+            "type": self.kind,
+            "sidecars": self.sidecars,
+            "rules_matched": self.rules,
+            "changes": [{"attribute": k, "before": b, "after": a} for k, b, a in self.changes],
+            "study_instance_uid": self.study_uid,
+            "made_into": self.built,
+            "study_key": self.study_key,
+            "lookup": self.lookup,
+            "problem": self.problem,
+        }
+
+
+def explain(config: Config, files: list[str], source_name: str | None = None) -> list[Explained]:
+    return [_explain(config, f, source_name) for f in files]
+
+
+def _explain(config: Config, given: str, source_name: str | None) -> Explained:
+    path = os.path.abspath(given)
+    result = Explained(path)
+    source = _source_of(config, path, source_name)
+    if source is None:
+        result.problem = "the file is not inside any source's watch folder (use --source NAME)"
+        return result
+    result.source = source.name
+    rel = _rel(given, path, source)
+    try:
+        found = classify(path)
+        result.kind = found.kind
+        planned = metadata.plan(config, source, path, rel, found, now=datetime.now())
+    except (FileProblem, FileUnreadable) as exc:
+        result.problem = str(exc)
+        return result
+    outcome = planned.outcome
+    result.sidecars = [str(p) for p, _ in planned.sidecars]
+    result.rules = [rule.label for rule in outcome.matched]
+    result.changes = [(k, outcome.before.get(k), value_text(v)) for k, v in outcome.values.items()]
+    result.changes += [(k, outcome.before.get(k), None) for k in outcome.remove]
+    result.study_uid = planned.study_uid or None
+    if outcome.lookup is not None:
+        result.lookup = describe(config.destination_of(source), outcome.lookup)
+    if found.media is not None:
+        photographic = source.bulkdata.images == "photographic"
+        result.built = sop_class_name(sop_class_for(found.media, photographic=photographic))
+        result.study_key = planned.study_key
+    return result
+
+
+def _rel(given: str, path: str, source: Source) -> str:
+    """The path the rules see: below the watch folder; for a file elsewhere (``--source``),
+    the relative path as given (``P1/photo.jpg``), else its name."""
+    if Path(path).is_relative_to(source.watch):
+        return os.path.relpath(path, source.watch)
+    relative = Path(given)
+    if not relative.is_absolute() and ".." not in relative.parts:
+        return relative.as_posix()
+    return Path(path).name
+
+
+def _source_of(config: Config, path: str, name: str | None) -> Source | None:
+    if name is not None:
+        return config.source(name)
+    for source in config.sources:
+        if Path(path).is_relative_to(source.watch):
+            return source
+    return None
+
+
+def render(results: list[Explained]) -> str:
+    lines: list[str] = []
+    for r in results:
+        lines.append(f"{r.file}" + (f"  (source {r.source}, type {r.kind})" if r.kind else ""))
+        if r.problem:
+            lines.append(f"  would go to failed/: {r.problem}")
+            continue
+        if r.built:
+            key = "given by the rules" if r.study_key is None else _key_text(r.study_key)
+            lines.append(f"  made into: {r.built} (study key {key}; UIDs are made when queued)")
+        lines.append(f"  sidecars: {', '.join(r.sidecars) or 'none'}")
+        lines.append(f"  rules matched: {', '.join(r.rules) or 'none'}")
+        if r.lookup:
+            lines.append(f"  looks up: {r.lookup}")
+        if not r.changes and not r.lookup:
+            lines.append("  no changes: sent exactly as it is")
+        width = max((len(k) for k, _, _ in r.changes), default=0)
+        for keyword, before, after in r.changes:
+            lines.append(f"  {keyword:<{width}}  {_shown(before)} -> {_shown(after, 'removed')}")
+    return escape_lines(lines)  # file names and sidecar values cannot add a line
+
+
+def _shown(value: str | None, missing: str = "absent") -> str:
+    return f"({missing})" if value is None else repr(value)
+
+
+def _key_text(key: str) -> str:
+    folder, _, patient = key.partition("\x00")
+    return repr(folder) + (f" and PatientID {patient!r}" if patient else "")

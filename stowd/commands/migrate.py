@@ -1,0 +1,372 @@
+"""``stowd migrate``: a one-shot bulk upload of existing folder trees, then exit.
+
+Each SRC folder becomes a source of its own (``migrate-<folder>-<hash of its path>``, the
+same name on every run, ``-move`` added without ``keep``) with the config's top-level rules,
+sending to ``--destination``.  The files go through the daemon's queue, classify, rules,
+grouping, retries and settling; only the finding is different: one lazy walk
+(``Watcher.scan``, chunks of 500 queued while the workers already send) without a quiet
+period, since the files are old.
+
+The source name is how each row remembers whether its file is moved: the rows of one mode
+are never settled by a run in the other, and a run refuses to start while the other mode's
+run of the same SRC is unfinished (its rows would be parked, and their files neither queued
+again nor sent).
+
+Where files go afterwards: stored ones to ``SRC.sent/`` and failed ones to ``SRC.failed/``
+(beside SRC, sub-folders kept, an ``.error.json`` next to each failed file), or with
+``keep`` nowhere: the source stays byte-identical and the queue remembers what was stored
+(state ``sent``, outcome ``kept``), so a re-run skips those files (same path, size and
+mtime) and tries the failed ones again.
+
+What it tells (progress, summary, report) is ``migreport``'s.
+
+Resuming is the queue's business: claims of a killed run go back to pending, moves it left
+half done are finished, queued rows stay queued and are not queued twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+from stowd.commands.migreport import (
+    Summary,
+    active,
+    failed_entry,
+    progress,
+    progress_bar,
+    progress_line,
+    unmoved_entry,
+    unreadable_entry,
+)
+from stowd.config.model import Config, Source
+from stowd.dicomweb.stow import StowClient
+from stowd.errors import MigrationConflict
+from stowd.pipeline.lookup import Finder
+from stowd.pipeline.metadata import clear_spool, digest
+from stowd.pipeline.queue import Job, NewFile, Queue
+from stowd.pipeline.reader import Reader
+from stowd.pipeline.settle import repair
+from stowd.pipeline.verify import Tally
+from stowd.pipeline.watch import Watcher
+from stowd.pipeline.worker import Worker, lease
+
+log = logging.getLogger("stowd.migrate")
+
+TICK = 0.1  # how often the run looks whether it is done (more when counting is slow)
+QUERY_SHARE = 10  # wait at least 10 times as long as counting the rows took
+RESETTLE_EVERY = 60.0
+EXIT_SECOND_SIGNAL = 130
+TERMINAL_WIDTH = 80  # when the terminal does not say
+
+
+@dataclass(frozen=True)
+class Options:
+    folders: tuple[Path, ...]
+    destination: str
+    keep: bool = False
+    progress_every: float = 10.0
+    tty: bool = False
+    verify: bool = False  # --verify: as the destination's verify: true
+
+
+def source_name(folder: Path, keep: bool) -> str:
+    """A name that stays the same for the same folder and mode, run after run (with ``keep``
+    the name of the first version, which had no other mode in the name)."""
+    tag = hashlib.sha256(str(folder).encode()).hexdigest()[:6]
+    base = re.sub(r"[^A-Za-z0-9_.-]", "_", folder.name or "root")[:40]
+    return f"migrate-{base}-{tag}" + ("" if keep else "-move")
+
+
+def make_sources(config: Config, opts: Options) -> tuple[Source, ...]:
+    """One source per folder: no quiet period, no sidecars, the top-level rules only; an
+    image cut short fails at once (nobody is still writing the folders' files)."""
+    sources = []
+    for folder in opts.folders:
+        sources.append(
+            Source(
+                name=source_name(folder, opts.keep),
+                watch=folder,
+                sent=folder.with_name(folder.name + ".sent"),
+                failed=folder.with_name(folder.name + ".failed"),
+                destination=opts.destination,
+                quiet_period=0.0,
+                incomplete_wait=0.0,
+                keep=opts.keep,
+            )
+        )
+    return tuple(sources)
+
+
+class Migration:
+    """Scan, send and settle until every file of the folders is done (or a signal)."""
+
+    def __init__(self, config: Config, opts: Options, out: TextIO = sys.stderr) -> None:
+        self.opts = opts
+        self.sources = make_sources(config, opts)
+        self.names = [s.name for s in self.sources]
+        # the report covers the folders' files whichever mode failed them
+        self.all_names = self.names + [source_name(f, not opts.keep) for f in opts.folders]
+        self.config = replace(config, sources=config.sources + self.sources)
+        self.config = _verifying(self.config, opts)
+        self.verified = Tally()  # the stored files the archive listed, or did not
+        self.queue = Queue(config.queue)
+        self.stop = threading.Event()
+        self.scanned = threading.Event()
+        self.skipped = 0
+        self.unsettled: set[int] = set()
+        self.move_problems: dict[int, OSError] = {}  # why each stuck move failed last
+        self.finder: Finder | None = None  # made with the workers, closed after them
+        self.scan_errors: list[tuple[str, OSError]] = []  # folders/files that cannot be read
+        self.signals = 0
+        self.crashed = False
+        self.out = out
+        self.started = time.time()
+
+    # -- signals ------------------------------------------------------------------------
+    def install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, _signum: int, _frame: FrameType | None) -> None:
+        self.signals += 1
+        if self.signals > 1:
+            os.write(2, b"stowd migrate: second signal, exiting now; a re-run continues\n")
+            os._exit(EXIT_SECOND_SIGNAL)
+        self.stop.set()
+
+    # -- the run ------------------------------------------------------------------------
+    def run(self) -> Summary:
+        """Raises ``QueueError`` when the queue cannot be used (another stowd holds it)."""
+        self.queue.open()
+        try:
+            self._refuse_other_mode()
+            self._recover()
+            threads = self._start()
+            self._wait()
+            self._finish(threads)
+            return self._summary()
+        finally:
+            self.queue.close()
+
+    def _refuse_other_mode(self) -> None:
+        """Raises ``MigrationConflict`` when a run of a SRC in the other mode is unfinished:
+        resuming it in this mode would move files a ``keep`` run promised to leave alone (or
+        leave its files queued where neither mode sends them)."""
+        others = {source_name(f, not self.opts.keep): f for f in self.opts.folders}
+        for name, count in self.queue.active_of(list(others)).items():
+            mode = "with --keep" if self.opts.keep else "without --keep"
+            other = "without --keep" if self.opts.keep else "with --keep"
+            raise MigrationConflict(
+                f"{count} file(s) of an unfinished migration of {others[name]} {other} are "
+                f"still queued; this run is {mode}.  Finish that one first: run it again "
+                f"{other} (once it is done, a run {mode} skips the files it stored)"
+            )
+
+    def _recover(self) -> None:
+        returned = self.queue.recover()
+        self.queue.adopt({s.name: s.destination for s in self.config.sources})
+        sources = {s.name: s for s in self.config.sources}
+        _, self.unsettled = repair(self.queue, sources=sources, problems=self.move_problems)
+        clear_spool(self.config)
+        for source in self.sources:
+            self.queue.replan(source.name, digest(self.config, source))
+        if returned:
+            log.info("%d upload(s) interrupted by the last run are sent again", returned)
+
+    def _start(self) -> tuple[list[threading.Thread], list[StowClient]]:
+        dest = self.config.destinations[self.opts.destination]
+        client = StowClient(dest, stop=self.stop)
+        self.finder = Finder(self.config, self.queue)  # one lookup client for all workers
+        lock = threading.Lock()
+        threads = []
+        for n in range(dest.workers):
+            worker = Worker(
+                self.config,
+                self.queue,
+                dest,
+                client,
+                self.stop,
+                unsettled=self.unsettled,
+                classify_lock=lock,
+                finder=self.finder,
+                verified=self.verified,
+            )
+            threads.append(threading.Thread(target=worker.run, name=f"send-{n}", daemon=True))
+        reader = Reader(  # only reads new files, so that no upload waits for their headers
+            self.config,
+            self.queue,
+            self.stop,
+            name=dest.name,
+            max_step=lease(dest),
+            unsettled=self.unsettled,
+            classify_lock=lock,
+            finder=self.finder,
+        )
+        threads.append(threading.Thread(target=reader.run, name="read-new", daemon=True))
+        threads.append(threading.Thread(target=self._scan, name="scan", daemon=True))
+        for thread in threads:
+            thread.start()
+        return threads, [client]
+
+    def _scan(self) -> None:
+        try:
+            for source in self.sources:
+                watcher = Watcher(
+                    source,
+                    source.destination,
+                    self._sink,
+                    exclude=self._own(),
+                    on_error=self._unreadable,
+                )
+                watcher.scan(self.stop)
+        except Exception:
+            log.exception("unexpected error while scanning; stopping the migration")
+            self.crashed = True
+            self.stop.set()
+            return
+        if not self.stop.is_set():
+            self.scanned.set()
+
+    def _unreadable(self, path: str, exc: OSError) -> None:
+        """A folder or file the scan cannot read: a failure (its files are not sent)."""
+        self.scan_errors.append((path, exc))
+
+    def _own(self) -> tuple[Path, ...]:
+        q = str(self.config.queue)
+        files = (Path(q + s) for s in ("", "-wal", "-shm", "-journal", ".lock"))
+        return (*files, self.config.spool)
+
+    def _sink(self, files: list[NewFile]) -> int:
+        """Queue a chunk of found files, minus those a run before stored with this content,
+        and minus the SRC.sent/SRC.failed of a migration of a sub-folder done before."""
+        files = [f for f in files if not _in_migrate_output(f.rel)]
+        done = self.queue.finished_before(files)
+        self.skipped += len(done)
+        return self.queue.enqueue([f for f in files if f.path not in done])
+
+    def _wait(self) -> None:
+        """Until everything is done, a signal came or the scan crashed (``stop``)."""
+        next_line = time.monotonic() + self.opts.progress_every
+        next_resettle = time.monotonic() + RESETTLE_EVERY
+        tick = TICK
+        while not self.stop.wait(tick):
+            began = time.monotonic()
+            tally = self.queue.run_tally(self.names, self.started)
+            # counting a million rows takes a while: look less often, never hog the queue
+            tick = max(TICK, QUERY_SHARE * (time.monotonic() - began))
+            if self.scanned.is_set() and self._nothing_left(tally):
+                return
+            now = time.monotonic()
+            if self.opts.tty:
+                self._show(tally, end="\r")
+            elif now >= next_line:
+                self._show(tally)
+                next_line = now + self.opts.progress_every
+            if self.unsettled and now >= next_resettle:
+                self._resettle()
+                next_resettle = now + RESETTLE_EVERY
+
+    def _nothing_left(self, tally: dict[str, tuple[int, int]]) -> bool:
+        """Every file is done, or all that is left are moves that keep failing (disk full,
+        permissions): tried once more, then they end the run as failures, not a hang."""
+        left = active(tally)
+        if not left:
+            return True
+        if tally.get("settling", (0, 0))[0] != left or len(self._stuck()) != left:
+            return False
+        self._resettle()
+        return active(self.queue.run_tally(self.names, self.started)) == len(self._stuck())
+
+    def _stuck(self) -> list[Job]:
+        """This run's rows whose move to SRC.sent/SRC.failed failed and is not done yet."""
+        rows = self.queue.settling()
+        return [j for j in rows if j.source in self.names and j.id in self.unsettled]
+
+    def _resettle(self) -> None:
+        ids = set(self.unsettled)
+        sources = {s.name: s for s in self.config.sources}
+        _, stuck = repair(self.queue, only=ids, sources=sources, problems=self.move_problems)
+        self.unsettled.difference_update(ids - stuck)
+
+    def _finish(self, started: tuple[list[threading.Thread], list[StowClient]]) -> None:
+        threads, clients = started
+        self.stop.set()
+        deadline = time.monotonic() + self.config.shutdown_timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        for client in clients:
+            client.close()
+        if self.finder is not None:
+            self.finder.close()
+
+    def _show(self, tally: dict[str, tuple[int, int]], end: str = "\n") -> None:
+        seconds = time.time() - self.started
+        errors = len(self.scan_errors)
+        now = progress(tally, self.skipped, seconds, self.scanned.is_set(), errors)
+        line = progress_line(now)
+        if self.opts.tty:  # one line redrawn in place: never wider than the terminal
+            width = self._width() - 1
+            line = "\r" + progress_bar(now)[:width].ljust(width)
+        print(line, end=end, file=self.out, flush=True)
+
+    def _width(self) -> int:
+        try:
+            return os.get_terminal_size(self.out.fileno()).columns or TERMINAL_WIDTH
+        except (OSError, ValueError):
+            return TERMINAL_WIDTH
+
+    def _summary(self) -> Summary:
+        tally = self.queue.run_tally(self.names, self.started)
+        self._show(tally)  # the last state, also on a terminal (where it ends the line)
+        failures = [
+            *self._failed(),
+            *(unmoved_entry(j, self.move_problems.get(j.id)) for j in self._stuck()),
+            *(unreadable_entry(path, exc) for path, exc in self.scan_errors),
+        ]
+        seconds = time.time() - self.started
+        interrupted = self.signals > 0 and not self.crashed
+        summary = Summary(tally, self.skipped, seconds, interrupted, self.crashed, failures)
+        summary.already = self.queue.run_already(self.names, self.started)
+        if self.config.destinations[self.opts.destination].verify:
+            summary.verified = self.verified.listed
+            summary.unlisted = self.verified.unlisted
+        return summary
+
+    def _failed(self) -> list[dict[str, Any]]:
+        """The folders' files that failed, in this run or before, and still lie where the
+        migration left them (SRC.failed, or SRC with keep): fixed ones put back into SRC
+        were queued again, and ones the administrator deleted are no longer reported."""
+        found = []
+        for row in self.queue.last_failures(self.all_names):
+            now_at = row.target or row.path
+            if os.path.lexists(now_at):
+                kind = "failed" if row.done_at >= self.started else "failed_before"
+                found.append(failed_entry(row, now_at, kind))
+        return found
+
+
+def _verifying(config: Config, opts: Options) -> Config:
+    """``config`` with ``--verify`` applied to the run's destination."""
+    dest = config.destinations.get(opts.destination)
+    if not opts.verify or dest is None or dest.verify:
+        return config
+    destinations = {**config.destinations, dest.name: replace(dest, verify=True)}
+    return replace(config, destinations=destinations)
+
+
+def _in_migrate_output(rel: str) -> bool:
+    """``rel`` lies in a ``X.sent`` or ``X.failed`` folder: what migrating a sub-folder ``X``
+    before left beside it.  Those files were already handled: never sent again."""
+    parts = rel.split("/")[:-1]
+    return any(part.endswith((".sent", ".failed")) for part in parts)

@@ -1,0 +1,237 @@
+"""The configuration as frozen, typed objects with their defaults: what ``load.py`` makes of
+the YAML file and every other module reads.  No I/O but ``Config.warnings``' look at the file's
+mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stowd.config.access import Access
+from stowd.config.yamlwalk import (
+    redact_url,
+)
+from stowd.rules.engine import TYPES, Rule, Template
+
+DEFAULT_QUIET_PERIOD = 5.0
+DEFAULT_FOLLOW_LINKS = False  # a symbolic link in a drop folder fails (see dropped.py)
+DEFAULT_RESCAN_INTERVAL = 300.0
+DEFAULT_INCOMPLETE_WAIT = 600.0  # an image cut short waits this long for the rest
+DEFAULT_IGNORE = (".*", "*.part", "*.tmp", "*.partial", "*.crdownload", "~*")
+DEFAULT_BATCH_FILES = 50
+DEFAULT_BATCH_BYTES = 64 * 1024 * 1024
+DEFAULT_WORKERS = 2
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_READ_TIMEOUT = 300.0
+DEFAULT_WRITE_TIMEOUT = 300.0
+DEFAULT_POOL_TIMEOUT = 30.0
+DEFAULT_VERIFY = False  # True: a stored file moves to sent/ once the archive's QIDO-RS lists it
+DEFAULT_RETRY_INITIAL = 10.0
+DEFAULT_RETRY_MAX = 3600.0
+DEFAULT_RETRY_MULTIPLIER = 2.0
+DEFAULT_RETRY_MAX_AGE = 7 * 24 * 3600.0
+DEFAULT_HOLD_PROBE = 60.0
+DEFAULT_MAX_REFUSALS = 3  # a file refused this often with a doubtful code (0110, 45071) fails
+DUPLICATE_ACTIONS = ("accept", "fail")  # an instance the archive already holds: sent/ or failed/
+DEFAULT_DUPLICATES = "accept"
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+DEFAULT_HISTORY_DAYS = 30.0
+DEFAULT_FOLDER_SIDECAR = "_metadata.yaml"
+DEFAULT_FOLDER_LINGER = 3600.0
+MIN_FOLDER_LINGER = 60.0
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Per-phase HTTP timeouts in seconds (httpx's connect/read/write/pool)."""
+
+    connect: float = DEFAULT_CONNECT_TIMEOUT
+    read: float = DEFAULT_READ_TIMEOUT
+    write: float = DEFAULT_WRITE_TIMEOUT
+    pool: float = DEFAULT_POOL_TIMEOUT
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """How much one STOW request may carry; a single larger file is still sent alone."""
+
+    max_files: int = DEFAULT_BATCH_FILES
+    max_bytes: int = DEFAULT_BATCH_BYTES
+
+
+TRANSCODE_NONE = "none"
+TRANSCODE_EXPLICIT = "explicit-vr"
+TRANSCODE_POLICIES = (TRANSCODE_NONE, TRANSCODE_EXPLICIT)
+DEFAULT_TRANSCODE = TRANSCODE_NONE
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOMweb archive; STOW goes to ``{url}/studies``."""
+
+    name: str
+    url: str
+    batch: BatchLimits = field(default_factory=BatchLimits)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    workers: int = DEFAULT_WORKERS
+    verify_tls: bool = True
+    bulkdata: str = "encapsulate"  # or "metadata": PS3.18 metadata + bulkdata requests
+    access: Access = field(default_factory=Access)  # login, TLS, headers, proxy
+    duplicates: str = DEFAULT_DUPLICATES  # "fail": an instance already stored goes to failed/
+    # "explicit-vr": Implicit VR Little Endian files are sent converted to Explicit VR
+    # Little Endian (stowd/rewrite.py); "none": every file is sent in its own syntax
+    transcode: str = DEFAULT_TRANSCODE
+    verify: bool = DEFAULT_VERIFY  # ask the archive (QIDO-RS) for what it said it stored
+
+    @property
+    def stow_url(self) -> str:
+        return self.url.rstrip("/") + "/studies"
+
+    @property
+    def display_url(self) -> str:
+        """The URL for logs and status, with any user:password@ replaced by ``***@``."""
+        return redact_url(self.url)
+
+
+@dataclass(frozen=True)
+class Sidecars:
+    """Metadata files beside the files they describe (see ``stowd/sidecar.py``)."""
+
+    per_file: bool = True  # <name>.json / .yaml / .yml beside the file
+    folder: str | None = DEFAULT_FOLDER_SIDECAR  # one file for the whole folder
+    folder_linger: float = DEFAULT_FOLDER_LINGER  # removed once its folder was idle this long
+
+
+BULK_TYPES = tuple(t for t in TYPES if t != "dicom")
+IMAGE_CLASSES = ("secondary-capture", "photographic")
+UNKNOWN_ACTIONS = ("fail", "ignore")
+BULK_MODES = ("encapsulate", "metadata")
+DEFAULT_STUDY_KEY = "{folder}"
+MAX_UID_ROOT = 40  # a generated UID adds at least 23 digits and must fit 64 characters
+
+
+@dataclass(frozen=True)
+class Bulkdata:
+    """How a source turns files that are not DICOM (PDF, JPEG, video...) into DICOM."""
+
+    types: tuple[str, ...] = BULK_TYPES  # the kinds made into DICOM; others are "unknown"
+    study_key: Template = field(default_factory=lambda: Template.parse(DEFAULT_STUDY_KEY))
+    images: str = "secondary-capture"  # or "photographic" (VL Photographic, Modality XC)
+    unknown: str = "fail"  # what happens to other files: "fail" (failed/) or "ignore"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A watched drop folder and where its files go afterwards."""
+
+    name: str
+    watch: Path
+    sent: Path
+    failed: Path
+    destination: str
+    quiet_period: float = DEFAULT_QUIET_PERIOD
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+    rescan_interval: float = DEFAULT_RESCAN_INTERVAL
+    polling: bool = False
+    remove_empty_dirs: bool = False
+    sidecars: Sidecars | None = None  # None: no sidecars, every file is sent
+    # True: dropped files that are symbolic links (or lie below linked folders) are read
+    # through the link, wherever it points; False: such a file fails with the reason
+    follow_links: bool = DEFAULT_FOLLOW_LINKS
+    # how long a DICOM image that ends before its pixel data is complete waits for the rest
+    # (since it was first found so, unchanged) before it fails as truncated; 0: fails at once
+    incomplete_wait: float = DEFAULT_INCOMPLETE_WAIT
+    rules: tuple[Rule, ...] = ()  # applied after the top-level rules
+    bulkdata: Bulkdata = field(default_factory=Bulkdata)
+    sent_retention: float | None = None  # seconds files stay in sent/; None: forever
+    keep: bool = False  # files stay where they are once done (stowd migrate --keep; not YAML)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Where Prometheus metrics are served (``metrics.listen``); None in Config: off."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Backoff of transient failures, kept in the queue so it survives restarts."""
+
+    initial: float = DEFAULT_RETRY_INITIAL
+    maximum: float = DEFAULT_RETRY_MAX
+    multiplier: float = DEFAULT_RETRY_MULTIPLIER
+    max_age: float = DEFAULT_RETRY_MAX_AGE
+    hold_probe: float = DEFAULT_HOLD_PROBE
+    max_refusals: int = DEFAULT_MAX_REFUSALS
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration."""
+
+    path: Path
+    queue: Path
+    sources: tuple[Source, ...]
+    destinations: dict[str, Destination]
+    retry: Retry = field(default_factory=Retry)
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    history_days: float = DEFAULT_HISTORY_DAYS
+    log_level: str = "INFO"
+    rules: tuple[Rule, ...] = ()  # for every source, before the source's own rules
+    original_attributes: bool = False  # record replaced values (OriginalAttributesSequence)
+    uid_root: str | None = None  # generated UIDs: <uid_root>.<digits>, else 2.25.<uuid>
+    metrics: Metrics | None = None  # Prometheus metrics over HTTP; None: off
+
+    @property
+    def warnings(self) -> list[str]:
+        """What is valid but risky: logged at every start, shown by check-config."""
+        found = []
+        for dest in self.destinations.values():
+            if not dest.verify_tls:
+                found.append(
+                    f"destination {dest.name}: TLS verification is OFF (verify_tls: false): "
+                    "anyone on the network path can read and change what is sent"
+                )
+        inline = [d.name for d in self.destinations.values() if _inline_secret(d)]
+        if inline and _readable_by_others(self.path):
+            found.append(
+                f"{self.path} holds secrets of {', '.join(inline)} inline and others may read "
+                f"it (chmod 0640 and a root-owned group, or use {{file: ...}}, {{env: ...}} "
+                "or {credential: ...})"
+            )
+        return found
+
+    @property
+    def spool(self) -> Path:
+        """Where changed copies of files are written while they are sent (next to the queue)."""
+        return self.queue.with_name(self.queue.name + ".spool")
+
+    def rules_for(self, source: Source) -> tuple[Rule, ...]:
+        return self.rules + source.rules
+
+    def destination_of(self, source: Source) -> Destination:
+        return self.destinations[source.destination]
+
+    def source(self, name: str) -> Source:
+        for src in self.sources:
+            if src.name == name:
+                return src
+        raise KeyError(name)
+
+
+def _inline_secret(dest: Destination) -> bool:
+    """A password, token or API key written into the config itself."""
+    access = dest.access
+    userinfo = any("@" in url.partition("://")[2] for url in (dest.url, access.proxy or ""))
+    inline = any(secret.kind == "inline" for secret in access.secrets)
+    return inline or userinfo or bool(access.headers)
+
+
+def _readable_by_others(path: Path) -> bool:
+    try:
+        return bool(path.stat().st_mode & 0o004)
+    except OSError:
+        return False

@@ -1,0 +1,240 @@
+"""What becomes of a file after a try, for the reader and the senders alike.
+
+It waits in the queue and is tried again after a backoff (``Filing.retry_later``), unless it is
+older than ``retry.max_age``; or it fails (``Filing.fail``: a ``Decision`` to move it to
+failed/ with its error document); decisions are carried out by ``Filing.settle``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from stowd.config.model import Config
+from stowd.dicomweb.stowanswer import Answer, Outcome, Verdict, failure_meaning
+from stowd.errors import QueueError, no_space
+from stowd.pipeline import counters
+from stowd.pipeline.backoff import RetryPolicy
+from stowd.pipeline.disk import Disks
+from stowd.pipeline.queue import ALREADY_STORED, STORED_WITH_WARNING, Job, Queue
+from stowd.pipeline.settle import Decision, Settled, iso, remove_empty_parents, settle_all
+
+log = logging.getLogger("stowd.worker")  # the readers' and senders' log lines, as ever
+
+DROPS = "connection_drops"  # the key of the error document that counts them
+# the key of the error document that counts the archive's refusals of the file with a code
+# that may be transient but may as well be permanent (stow.is_counted): retry.max_refusals
+REFUSALS = "refusals"
+# the same refusals when other requests were in flight (a busy archive refuses for contention
+# too): they count against CROWDED_FACTOR times retry.max_refusals, so that a permanent one
+# fails even where requests always overlap
+CROWDED = "refusals_crowded"
+CROWDED_FACTOR = 10
+CARRIED = (REFUSALS, CROWDED)  # counts kept in the error document until the file is done
+
+
+class Filing:
+    """Puts files back into the queue to wait, or decides that they fail, and settles them.
+
+    ``name``: the destination whose metrics count the retries; ``unsettled`` collects the
+    files whose move failed (the daemon moves them later); ``disks`` is told of a full disk.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        queue: Queue,
+        *,
+        name: str,
+        clock: Callable[[], float] = time.time,
+        unsettled: set[int] | None = None,
+        disks: Disks | None = None,
+    ) -> None:
+        self.config = config
+        self.queue = queue
+        self.name = name
+        self.clock = clock
+        self.policy = RetryPolicy(config.retry)  # how long a file or a destination waits
+        self.unsettled = set() if unsettled is None else unsettled
+        self.disks = disks
+
+    def retry_later(
+        self,
+        job: Job,
+        reason: str,
+        *,
+        verdict: Verdict | None = None,
+        answer: Answer | None = None,
+        stage: str = "storing the file",
+        counted: str | None = counters.FILE,
+        counts: Mapping[str, int] | None = None,
+    ) -> Decision | None:
+        """Try this file again after a backoff; a ``Decision`` to fail it once too old.
+
+        ``counted``: the retry reason for the metrics (None: the caller counted it)."""
+        now = self.clock()
+        if self.policy.too_old(now - (job.first_try or now)):
+            reason = reason.removesuffix("; it is tried again later")
+            reason = f"gave up after {job.attempts + 1} attempts: {reason}"
+            return self.fail(
+                job, reason, verdict=verdict, answer=answer, stage=stage, counts=counts
+            )
+        delay = self.policy.next_delay(job.attempts)
+        if counted is not None:
+            counters.retried(self.name, counted)
+        error = self.error_doc(
+            job, reason, verdict=verdict, answer=answer, stage=stage, counts=counts
+        )
+        self.queue.retry_later([job.id], at=now + delay, error=error)
+        log.info("%s: %s; retry in %.0fs", job.path, reason, delay)
+        return None
+
+    def retry_all_later(self, batch: list[Job], reason: str, counted: str | None) -> None:
+        decisions = [self.retry_later(j, reason, counted=counted) for j in batch]
+        self.settle([d for d in decisions if d is not None])
+
+    def fail(
+        self,
+        job: Job,
+        reason: str,
+        *,
+        verdict: Verdict | None = None,
+        answer: Answer | None = None,
+        stage: str = "storing the file",
+        counts: Mapping[str, int] | None = None,
+    ) -> Decision:
+        """The decision to move ``job``'s file to failed/ (logged)."""
+        error = self.error_doc(
+            job,
+            reason,
+            verdict=verdict,
+            answer=answer,
+            stage=stage,
+            counts=counts,
+        )
+        source = self.config.source(job.source)
+        where = "failed (left where it is)" if source.keep else "failed/"
+        log.error("%s: %s -> %s", job.path, reason, where)
+        return Decision(job, source, "failed", error)
+
+    def settle(self, decisions: list[Decision]) -> None:
+        """Move the decided files to sent/ or failed/ and finish them in the queue."""
+        if not decisions:
+            return
+        try:
+            results = settle_all(self.queue, decisions)
+        except QueueError:
+            # Rows already recorded as settling are finished by the daemon's repair; the
+            # others are still claimed, and released by the caller (or sent again).
+            self.unsettled.update(d.job.id for d in decisions)
+            raise
+        for result in results:
+            job, source = result.decision.job, result.decision.source
+            if result.problem is not None:
+                self._move_failed(result)
+                continue
+            if result.target is not None:
+                outcome = result.decision.outcome
+                note = _metric_note(result.decision.note)
+                counters.settled(job.source, job.destination, outcome, job.size, note)
+            if result.target is not None and result.decision.outcome == "sent":
+                stored = "already stored" if result.decision.note == ALREADY_STORED else "stored"
+                log.info("%s: %s, moved to %s", job.path, stored, result.target)
+            if result.target is not None and source.remove_empty_dirs:
+                remove_empty_parents(Path(job.path), source.watch)
+
+    def _move_failed(self, result: Settled) -> None:
+        """A move that failed: the daemon tries it again (a full disk is logged once, by
+        the daemon, not once per file)."""
+        job, outcome = result.decision.job, result.decision.outcome
+        self.unsettled.add(job.id)
+        if result.problem is not None and no_space(result.problem):
+            if self.disks is not None:
+                self.disks.hit(
+                    result.decision.source.sent
+                    if outcome == "sent"
+                    else result.decision.source.failed
+                )
+            log.info(
+                "cannot move %s to %s/ now: %s (will try again)", job.path, outcome, result.problem
+            )
+            return
+        log.error("cannot move %s to %s/: %s (will try again)", job.path, outcome, result.problem)
+
+    def error_doc(
+        self,
+        job: Job,
+        reason: str,
+        *,
+        verdict: Verdict | None = None,
+        answer: Answer | None = None,
+        stage: str = "storing the file",
+        counts: Mapping[str, int] | None = None,
+    ) -> dict[str, Any]:
+        """The file's error document; ``counts``: what is counted for the file by its key
+        (``DROPS``: the connections the archive dropped when it was sent alone; ``REFUSALS``
+        and ``CROWDED``: the refusals counted for ``retry.max_refusals``, this one included;
+        ``verify.UNLISTED``).  The ``CARRIED`` counts so far are kept whatever else happens
+        to the file."""
+        now = self.clock()
+        sent = answer is not None
+        code = verdict.code if verdict and verdict.outcome is not Outcome.SENT else None
+        doc: dict[str, Any] = {
+            "file": job.path,
+            "reason": reason,
+            "stage": stage,
+            "http_status": answer.status if answer else None,
+            "failure_reason": f"{code:04X}" if code is not None else None,
+            "failure_meaning": failure_meaning(code) if code is not None else None,
+            "server_message": answer.server_message if answer else None,
+            "attempts": job.attempts + (1 if sent else 0),
+            "first_try": iso(job.first_try or (now if sent else None)),
+            "last_try": iso(now if sent else None),
+            "source": job.source,
+            "destination": job.destination,
+            "sop_instance_uid": job.sop_uid,
+            "study_instance_uid": job.study_uid,
+        }
+        for key in CARRIED:
+            if carried := counted_in_error(job, key):
+                doc[key] = carried
+        doc.update(counts or {})
+        return doc
+
+
+def counted_in_error(job: Job, key: str) -> int:
+    """A count kept in ``job``'s error document (0 when there is none)."""
+    try:
+        count = json.loads(job.error or "{}").get(key, 0)
+    except (ValueError, AttributeError):
+        return 0
+    return count if isinstance(count, int) else 0
+
+
+def refusals_so_far(job: Job) -> int:
+    """How many times the archive refused ``job`` with a code counted for
+    ``retry.max_refusals`` so far (kept in its error document)."""
+    return counted_in_error(job, REFUSALS)
+
+
+def unchanged(job: Job) -> bool:
+    """The file is still the size and age it had when it was queued."""
+    try:
+        st = os.stat(job.path)
+    except OSError:
+        return False
+    return st.st_size == job.size and st.st_mtime_ns == job.mtime_ns
+
+
+def _metric_note(note: str | None) -> str | None:
+    """The metrics' word for a settled file's queue note (``counters.NOTES``)."""
+    if note == ALREADY_STORED:
+        return "already_stored"
+    if note is not None and note.startswith(STORED_WITH_WARNING):
+        return "warning"
+    return None

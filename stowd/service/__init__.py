@@ -1,0 +1,7 @@
+"""The long-running daemon around the pipeline: threads, signals and reload (``daemon``),
+systemd (``notify``), log lines (``logs``), the metrics served over HTTP (``metrics``),
+retention of ``sent/`` (``purge``), and what ``stowd status`` reads while it runs
+(``status``, ``inflight``).
+
+May import: base, rules, config, media, dicomweb, pipeline.
+"""

@@ -1,0 +1,618 @@
+"""The running daemon: threads, signals, systemd notifications, reload and lifecycle.
+
+One watcher thread per source, ``workers`` sender threads per destination (together a
+*generation*, built from one config), and the main thread that keeps them alive, tells systemd
+how things are and does housekeeping.  Signal handlers only set flags; every wait is
+``Event.wait(t)``.
+
+* SIGTERM/SIGINT: no new work is taken, requests in flight may finish for ``shutdown_timeout``
+  seconds, and whatever is still claimed returns to the queue at the next start.  A second
+  signal exits at once.
+* SIGHUP: the config file is read again.  An invalid one is refused (each problem logged) and
+  the running generation goes on.  A valid one replaces the generation: its threads stop
+  between batches (uploads in flight finish, for up to ``shutdown_timeout``; one still running
+  then completes in the background with the old settings), and new threads start with the new
+  sources, rules and destinations.  Queued work stays in the queue: nothing is lost or re-sent.
+* systemd (``Type=notify``): READY=1 once the queue is open and the watchers run, STATUS= a
+  line of counts, WATCHDOG=1 only while every thread is alive and making progress,
+  RELOADING=1 and STOPPING=1.
+* A full disk (the queue, the spool, a sent/ or failed/ folder) is logged once when it starts
+  and once when it ends, and shown in STATUS=; the watchdog is still fed (a restart frees no
+  space, and a restart loop would hide the reason): the threads wait and try again.
+* A thread that dies is started again; one that died ``RESTART_LIMIT`` times within
+  ``RESTART_WINDOW`` is reported (log, STATUS=, ``stowd status``) and the watchdog is no longer
+  fed, so that systemd restarts stowd.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from types import FrameType
+
+from stowd.config.load import load_config
+from stowd.config.model import Config, Source
+from stowd.dicomweb.stow import StowClient
+from stowd.errors import ConfigError, QueueError, QueueFull, StowdError
+from stowd.pipeline import disk
+from stowd.pipeline.disk import Disks
+from stowd.pipeline.lookup import Finder
+from stowd.pipeline.metadata import clear_spool, digest
+from stowd.pipeline.queue import OPEN_MARK, Queue
+from stowd.pipeline.reader import Reader
+from stowd.pipeline.settle import repair
+from stowd.pipeline.watch import Watcher
+from stowd.pipeline.worker import Worker
+from stowd.service import inflight, metrics
+from stowd.service.notify import Notifier
+from stowd.service.purge import purge_sent
+from stowd.service.status import short_line
+
+log = logging.getLogger("stowd")
+
+HOUSEKEEPING_EVERY = 3600.0
+RESETTLE_EVERY = 60.0
+STATUS_EVERY = 10.0
+TICK = 1.0
+KEEPALIVE = 5.0  # how often a reload that waits for uploads tells systemd it is alive
+EXIT_SECOND_SIGNAL = 1
+WATCHER_STALL = 300.0  # a watcher without progress this long is stuck (a hung share)
+WORKER_SLACK = 60.0  # beyond the longest step a worker may take
+RECLAIM_EVERY = 60.0  # claims whose lease ran out, and no worker holds, return to pending
+RESTART_LIMIT = 5  # a thread that died more often than this within RESTART_WINDOW
+RESTART_WINDOW = 600.0  # seconds: is reported, and the watchdog is no longer fed
+
+
+@dataclass
+class Generation:
+    """The threads that run one config."""
+
+    config: Config
+    stop: threading.Event = field(default_factory=threading.Event)
+    classify_lock: threading.Lock = field(default_factory=threading.Lock)
+    clients: dict[str, StowClient] = field(default_factory=dict)
+    finder: Finder | None = None  # the lookups of its workers (one HTTP client per archive)
+    senders: list[Worker] = field(default_factory=list)
+    reader: Reader | None = None  # reads new files, so that no upload waits for their headers
+    watchers: list[Watcher] = field(default_factory=list)
+    threads: dict[str, tuple[threading.Thread, Callable[[], None]]] = field(default_factory=dict)
+
+    @property
+    def workers(self) -> list[Worker | Reader]:
+        """The senders and the reader: the threads that work the queue (watched)."""
+        return [*self.senders, *([self.reader] if self.reader is not None else [])]
+
+    def busy(self) -> list[str]:
+        return [name for name, (thread, _) in self.threads.items() if thread.is_alive()]
+
+
+class Daemon:
+    """Owns the queue and the current generation of watchers and workers."""
+
+    def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.stop = threading.Event()
+        self.queue = Queue(config.queue)
+        self.notifier = notifier or Notifier()
+        self.signals = 0
+        self.last_signal: int | None = None
+        self.reload_requested = False
+        self.generation = Generation(config)
+        self.lingering: list[Generation] = []  # replaced by a reload, a thread still busy
+        self.unsettled: set[int] = set()  # moves that failed (disk full, permissions)
+        self._stuck: str | None = None  # which thread keeps the watchdog unfed, as logged
+        self.disks = Disks(config)  # which disks are full (logged once per condition)
+        self._deaths: dict[str, deque[float]] = {}  # when each thread died (recent ones)
+        self._dying_said: set[str] = set()  # threads recorded as dying (for stowd status)
+        self._queue_failing = False  # the upkeep could not write to the queue (said once)
+        self.metrics_server: metrics.Server | None = None
+        self._shared: dict[str, dict[str, object]] | None = None  # last written for status
+
+    # -- signals ------------------------------------------------------------------------
+    def install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_reload)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.signals += 1
+        self.last_signal = signum
+        if self.signals > 1:
+            os.write(2, b"stowd: second signal, exiting now; the queue recovers at next start\n")
+            os._exit(EXIT_SECOND_SIGNAL)
+        self.stop.set()
+        self.generation.stop.set()
+
+    def _on_reload(self, _signum: int, _frame: FrameType | None) -> None:
+        self.reload_requested = True
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def run(self) -> None:
+        """Run until stopped; raises ``QueueError`` when the queue cannot be used."""
+        self.queue.open()
+        try:
+            self._recover()
+            self.generation = self._start(self.config)
+            self.metrics_server = _serve_metrics(self.config)
+            self.notifier.ready(self._status_line())
+            self._supervise()
+        finally:
+            self.notifier.stopping()
+            self._shutdown()
+            inflight.remove(self.config.queue)
+            if self.metrics_server is not None:
+                self.metrics_server.close()
+            self.queue.close()
+            self.notifier.close()
+
+    def _recover(self) -> None:
+        for warning in self.config.warnings:
+            log.warning("%s", warning)
+        returned = self.queue.recover()
+        self.queue.clear_troubles()
+        self._adopt(self.config)
+        repaired, self.unsettled = repair(self.queue, sources=self._sources())
+        clear_spool(self.config)
+        self._replan(self.config)
+        counts = self.queue.counts()
+        log.info(
+            "stowd started: queue %s (%s)%s%s",
+            self.config.queue,
+            ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "empty",
+            f"; {returned} interrupted upload(s) will be sent again" if returned else "",
+            f"; {repaired} interrupted move(s) finished" if repaired else "",
+        )
+
+    def _adopt(self, config: Config) -> None:
+        orphans = self.queue.adopt({s.name: s.destination for s in config.sources})
+        for source, count in orphans.items():
+            log.warning(
+                "%d queued file(s) belong to source %r, which is no longer configured; "
+                "they wait in the queue until it is back",
+                count,
+                source,
+            )
+
+    def _start(self, config: Config) -> Generation:
+        gen = Generation(config)
+        gen.finder = Finder(config, self.queue)
+        for name, dest in config.destinations.items():
+            client = StowClient(dest, stop=gen.stop)
+            gen.clients[name] = client
+            for n in range(dest.workers):
+                worker = Worker(
+                    config,
+                    self.queue,
+                    dest,
+                    client,
+                    gen.stop,
+                    unsettled=self.unsettled,
+                    classify_lock=gen.classify_lock,  # one reader of new files at a time
+                    finder=gen.finder,
+                    disks=self.disks,
+                )
+                gen.senders.append(worker)
+                _spawn(gen, f"send-{name}-{n}", worker.run)
+        _spawn_reader(gen, self.queue, self.unsettled, self.disks)
+        for source in config.sources:
+            watcher = Watcher(
+                source,
+                source.destination,
+                self.queue.enqueue,
+                exclude=self._queue_files(),
+                on_queue_error=self._queue_error,
+            )
+            gen.watchers.append(watcher)
+            _spawn(gen, f"watch-{source.name}", partial(watcher.run, gen.stop))
+            log.info("watching %s (source %s) -> %s", source.watch, source.name, source.destination)
+        return gen
+
+    def _queue_files(self) -> tuple[Path, ...]:
+        q = str(self.config.queue)
+        suffixes = ("", "-wal", "-shm", "-journal", ".lock", OPEN_MARK, inflight.SUFFIX)
+        return tuple(Path(q + suffix) for suffix in suffixes)
+
+    def _supervise(self) -> None:
+        upkeep = threading.Thread(target=self._upkeep, name="upkeep", daemon=True)
+        upkeep.start()
+        next_status = next_watchdog = next_state = 0.0
+        while not self.stop.wait(TICK):
+            if self.reload_requested:
+                self.reload_requested = False
+                self._reload()
+            self._revive_dead_threads()
+            self._reap_lingering()
+            now = time.monotonic()
+            if now >= next_watchdog and self.notifier.watchdog_interval is not None:
+                self._feed_watchdog()
+                next_watchdog = now + self.notifier.watchdog_interval
+            if now >= next_status:
+                self.notifier.status(self._status_line())
+                next_status = now + STATUS_EVERY
+            if now >= next_state:
+                self._share_state()
+                next_state = now + inflight.WRITE_EVERY
+
+    def _share_state(self) -> None:
+        """Tell ``stowd status`` which requests are in flight (when that changed)."""
+        senders = [w for gen in (self.generation, *self.lingering) for w in gen.senders]
+        requests: dict[str, list[tuple[float, float]]] = {}
+        for worker in senders:
+            request = worker.in_flight
+            if request is not None:
+                requests.setdefault(worker.destination.name, []).append(request)
+        stalled = {name: inflight.stalled(found) for name, found in requests.items()}
+        shared = {name: found for name, found in stalled.items() if found is not None}
+        if shared == self._shared:
+            return
+        doc = inflight.document(os.getpid(), time.time(), shared)
+        try:
+            inflight.write(self.config.queue, doc)
+        except OSError as exc:
+            log.debug("cannot write %s: %s", inflight.path_of(self.config.queue), exc)
+            return
+        self._shared = shared
+
+    def _upkeep(self) -> None:
+        """Full disks, retried moves, forgotten claims and housekeeping, on a thread of their
+        own: a slow share or a big purge must not keep the main thread from feeding the
+        watchdog.  When a disk has space again, moves and claims are retried at once."""
+        next_housekeeping = next_resettle = next_reclaim = 0.0
+        while not self.stop.wait(TICK):
+            now = time.monotonic()
+            if self._guarded(self._disk_freed):
+                next_resettle = next_reclaim = now
+            if now >= next_resettle and self.unsettled:
+                next_resettle = now + RESETTLE_EVERY
+                self._guarded(self._resettle)
+            if now >= next_reclaim:
+                next_reclaim = now + RECLAIM_EVERY
+                self._guarded(self._reclaim)
+            if now >= next_housekeeping:
+                next_housekeeping = now + HOUSEKEEPING_EVERY
+                self._guarded(self._housekeeping)
+
+    def _guarded(self, step: Callable[[], bool | None]) -> bool:
+        """Run one upkeep step; its trouble is logged (a queue that cannot be written,
+        once) and never ends the upkeep."""
+        try:
+            done = bool(step())
+        except QueueError as exc:
+            self._queue_error(exc)
+            return False
+        except Exception:
+            log.exception("unexpected error in housekeeping; going on")
+            return False
+        return done
+
+    def _queue_error(self, exc: QueueError) -> None:
+        """A write to the queue failed (any thread): a full disk is logged by ``Disks``."""
+        if isinstance(exc, QueueFull):
+            self.disks.hit(self.config.queue)
+        elif not self._queue_failing:
+            log.error("%s; stowd waits and tries again", exc)
+        self._queue_failing = True
+
+    def _disk_freed(self) -> bool:
+        """Look at the disks; True when one that was full has space again."""
+        before = {f.key for f in self.disks.full}
+        after = {f.key for f in self.disks.check()}
+        return bool(before - after)
+
+    def _reclaim(self) -> None:
+        """Claims that no worker holds and whose lease ran out return to pending (a
+        worker died, or its release was lost): they are sent again, not left claimed."""
+        held: set[int] = set()
+        for gen in (self.generation, *self.lingering):
+            for worker in gen.senders:
+                held |= worker.held if worker.running else frozenset()
+        returned = self.queue.reclaim(held)
+        if self._queue_failing:
+            log.info("the queue can be written again")
+        self._queue_failing = False
+        if returned:
+            log.warning(
+                "%d claimed file(s) no sender holds any more are queued again (sent again)",
+                returned,
+            )
+
+    # -- reload (SIGHUP) ------------------------------------------------------------------
+    def _reload(self) -> None:
+        self.notifier.reloading()
+        new = self._read_new_config()
+        if new is not None:
+            self._switch_to(new)
+        self.notifier.ready(self._status_line())
+
+    def _read_new_config(self) -> Config | None:
+        """The config file as it is now, or None (with every problem logged) to keep the old."""
+        try:
+            new = load_config(self.config.path)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload refused: %s: %s", exc.path, problem)
+            log.error("reload refused: %s is invalid; still running with the old config", exc.path)
+            return None
+        if new.queue != self.config.queue:
+            log.error(
+                "reload refused: the queue moved from %s to %s; that needs a restart "
+                "(systemctl restart stowd); still running with the old config",
+                self.config.queue,
+                new.queue,
+            )
+            return None
+        return new
+
+    def _switch_to(self, new: Config) -> None:
+        log.info(
+            "reloading %s: stopping the watchers and workers (uploads in flight may finish "
+            "for up to %gs)",
+            new.path,
+            new.shutdown_timeout,
+        )
+        old = self.generation
+        _stop(old, new.shutdown_timeout, closing=False, waiting=self._keep_alive, abort=self.stop)
+        if old.busy():
+            self.lingering.append(old)
+        if self.stop.is_set():
+            return  # stopping meanwhile: no new generation
+        self.config = new
+        self.disks.watch(new)
+        for warning in new.warnings:
+            log.warning("%s", warning)
+        self._adopt(new)
+        self._replan(new)
+        self.generation = self._start(new)
+        self._restart_metrics(new)
+        log.info(
+            "reloaded %s: %d source(s), %d destination(s); queued files stay queued",
+            new.path,
+            len(new.sources),
+            len(new.destinations),
+        )
+
+    def _reap_lingering(self) -> None:
+        """A replaced generation whose last thread ended: close its connections, and read
+        again what it read with the old rules after the reload re-planned."""
+        for gen in [g for g in self.lingering if not g.busy()]:
+            self.lingering.remove(gen)
+            _close_clients(gen)
+            log.info("the threads of the previous config have finished")
+            self._replan(self.config)
+
+    def _keep_alive(self) -> None:
+        """While a reload waits for uploads in flight, the main thread is alive and busy."""
+        if self.notifier.watchdog_interval is not None:
+            self.notifier.watchdog()
+
+    def _restart_metrics(self, new: Config) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
+        try:
+            self.metrics_server = _serve_metrics(new)
+        except StowdError as exc:
+            log.error("%s; running without metrics until the next reload", exc)
+
+    # -- health ---------------------------------------------------------------------------
+    def _feed_watchdog(self) -> None:
+        stuck = self._stuck_thread()
+        if stuck is None:
+            if self._stuck is not None:
+                log.warning("every thread is making progress again; watchdog fed again")
+            self.notifier.watchdog()
+        elif stuck[0] != self._stuck:
+            log.error("%s: not telling systemd's watchdog that stowd is alive", stuck[1])
+        self._stuck = None if stuck is None else stuck[0]
+
+    def _stuck_thread(self) -> tuple[str, str] | None:
+        """(which, why) when stowd is not healthy (a thread dead, dying again and again,
+        or without progress)."""
+        now = time.monotonic()
+        for name, (thread, _) in self.generation.threads.items():
+            if not thread.is_alive():
+                return name, f"thread {name} is dead"
+        dying = self._dying()
+        if dying:
+            return dying[0], dying[1]
+        for gen in (self.generation, *self.lingering):
+            for worker in gen.workers:
+                idle = now - worker.beat
+                if idle > worker.max_step + WORKER_SLACK and worker.running:
+                    name = f"sender of {worker.name}"  # the reader: of the first destination
+                    return name, f"a {name} made no progress for {idle:.0f}s"
+        for watcher in self.generation.watchers:
+            idle = now - watcher.beat
+            if idle > WATCHER_STALL:
+                name = f"watcher of {watcher.source.name}"
+                return name, f"the {name} made no progress for {idle:.0f}s"
+        return None
+
+    def _status_line(self) -> str:
+        alerts = [disk.short(self.disks.full), *(why for _, why in self._dying_all())]
+        return short_line(self.queue, list(self.config.destinations), alerts=alerts)
+
+    def _dying_all(self) -> list[tuple[str, str]]:
+        """(thread, why) of each thread that died more than ``RESTART_LIMIT`` times within
+        ``RESTART_WINDOW``; one that no longer does is cleared from ``stowd status``."""
+        found = []
+        for name, deaths in self._deaths.items():
+            _forget_old(deaths)
+            if len(deaths) > RESTART_LIMIT:
+                minutes = RESTART_WINDOW / 60
+                found.append((name, f"thread {name} died {len(deaths)} times in {minutes:.0f} min"))
+            elif name in self._dying_said:
+                self._dying_said.discard(name)
+                self._guarded(partial(self.queue.set_trouble, name, None))
+        return found
+
+    def _dying(self) -> tuple[str, str] | None:
+        found = self._dying_all()
+        return found[0] if found else None
+
+    # -- upkeep ---------------------------------------------------------------------------
+    def _replan(self, config: Config) -> None:
+        """Queued files read with other rules or sidecar settings are read again."""
+        for source in config.sources:
+            again = self.queue.replan(source.name, digest(config, source))
+            if again:
+                log.info(
+                    "source %s: the metadata rules or sidecar settings changed; %d queued "
+                    "file(s) are read again with the new ones",
+                    source.name,
+                    again,
+                )
+
+    def _sources(self) -> dict[str, Source]:
+        return {s.name: s for s in self.config.sources}
+
+    def _resettle(self) -> None:
+        """Try again the moves to sent/ or failed/ that failed."""
+        ids = set(self.unsettled)
+        finished, stuck = repair(self.queue, only=ids, sources=self._sources())
+        self.unsettled.difference_update(ids - stuck)
+        if finished:
+            log.info("finished %d move(s) that had failed before", finished)
+
+    def _revive_dead_threads(self) -> None:
+        gen = self.generation
+        for name, (thread, target) in list(gen.threads.items()):
+            if not thread.is_alive() and not gen.stop.is_set():
+                deaths = self._deaths.setdefault(name, deque())
+                deaths.append(time.monotonic())
+                _forget_old(deaths)
+                self._say_death(name, len(deaths))
+                _spawn(gen, name, target)
+
+    def _say_death(self, name: str, recent: int) -> None:
+        """Each death is logged; past the limit, once, that systemd will restart stowd (and
+        ``stowd status`` shows it, from the queue)."""
+        if recent != RESTART_LIMIT + 1:
+            log.error("thread %s died; starting it again", name)
+            return
+        text = f"thread {name} died {recent} times within {RESTART_WINDOW / 60:.0f} minutes"
+        self._dying_said.add(name)
+        self._guarded(partial(self.queue.set_trouble, name, text))
+        log.error(
+            "thread %s died %d times within %.0f minutes; starting it again, but no longer "
+            "telling systemd's watchdog that stowd is alive (with WatchdogSec= set, systemd "
+            "restarts stowd); see the errors above for why it dies",
+            name,
+            recent,
+            RESTART_WINDOW / 60,
+        )
+
+    def _housekeeping(self) -> None:
+        now = time.time()
+        forgotten = self.queue.forget_done(now - self.config.history_days * 86400)
+        if forgotten:
+            log.info(
+                "forgot %d finished job(s) older than %g days", forgotten, self.config.history_days
+            )
+        for source in self.config.sources:
+            if source.sent_retention is not None:
+                purge_sent(source, source.sent_retention, now)  # logs what it deleted
+
+    def _shutdown(self) -> None:
+        self.stop.set()
+        log.info("stopping: waiting up to %gs for requests in flight", self.config.shutdown_timeout)
+        for gen in self.lingering:
+            gen.stop.set()
+        _stop(self.generation, self.config.shutdown_timeout, closing=True)
+        for gen in self.lingering:
+            _stop(gen, 0.0, closing=True)
+        log.info("stopped")
+
+
+def _forget_old(deaths: deque[float]) -> None:
+    """Keep the deaths of the last ``RESTART_WINDOW`` seconds only."""
+    now = time.monotonic()
+    while deaths and deaths[0] < now - RESTART_WINDOW:
+        deaths.popleft()
+
+
+def _serve_metrics(config: Config) -> metrics.Server | None:
+    """Serve Prometheus metrics when ``metrics.listen`` is set; raises ``StowdError``."""
+    if config.metrics is None:
+        return None
+    host, port = config.metrics.host, config.metrics.port
+    server = metrics.serve(host, port, config.queue, list(config.destinations))
+    log.info("serving Prometheus metrics on http://%s:%d/metrics", host, server.port)
+    return server
+
+
+def _spawn_reader(gen: Generation, queue: Queue, unsettled: set[int], disks: Disks) -> None:
+    """A thread that only reads new files, so that no upload waits for a batch's headers.
+    Its log lines, retry metrics and watchdog limit are those of the first sender's
+    destination, as when it was a sender that did not send."""
+    if not gen.senders:
+        return
+    first = gen.senders[0]
+    gen.reader = Reader(
+        gen.config,
+        queue,
+        gen.stop,
+        name=first.name,
+        max_step=first.max_step,
+        unsettled=unsettled,
+        classify_lock=gen.classify_lock,
+        finder=gen.finder,
+        disks=disks,
+    )
+    _spawn(gen, "read-new", gen.reader.run)
+
+
+def _spawn(gen: Generation, name: str, target: Callable[[], None]) -> None:
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    gen.threads[name] = (thread, target)
+    thread.start()
+
+
+def _close_clients(gen: Generation) -> None:
+    for client in gen.clients.values():
+        client.close()
+    if gen.finder is not None:
+        gen.finder.close()
+
+
+def _stop(
+    gen: Generation,
+    timeout: float,
+    *,
+    closing: bool,
+    waiting: Callable[[], None] | None = None,
+    abort: threading.Event | None = None,
+) -> None:
+    """Stop ``gen``'s threads, waiting up to ``timeout`` for uploads in flight (calling
+    ``waiting`` every ``KEEPALIVE`` seconds meanwhile).
+
+    A thread still busy then is left to finish in the background (``closing``: the process is
+    ending, so its connection is closed and its files are sent again at the next start).
+    """
+    gen.stop.set()
+    deadline = time.monotonic() + timeout
+    for thread, _ in gen.threads.values():
+        while thread.is_alive() and time.monotonic() < deadline:
+            if abort is not None and abort.is_set():
+                break  # the daemon is stopping: its own shutdown waits for these
+            thread.join(min(KEEPALIVE, max(0.0, deadline - time.monotonic())))
+            if waiting is not None:
+                waiting()
+    alive = [t.name for t, _ in gen.threads.values() if t.is_alive()]
+    if alive and closing:
+        log.warning(
+            "still busy at shutdown (%s); their files are sent again at next start",
+            ", ".join(alive),
+        )
+    elif alive:
+        log.warning("still busy (%s); finishing with the old config", ", ".join(alive))
+    if closing or not alive:
+        _close_clients(gen)

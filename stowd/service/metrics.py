@@ -1,0 +1,173 @@
+"""Prometheus metrics served over HTTP: the pipeline's counters (``counters.py``) and the
+queue's gauges, read at scrape time.
+
+Each scrape reads the queue database (``queue.read_active``: its own read-only connection,
+closed after the scrape, so it never shares the daemon's per-thread connections and never
+blocks it)::
+
+    stowd_queue_files{destination,state}             active rows: pending, waiting, claimed,
+                                                     settling (``waiting``: pending, but its next
+                                                     attempt lies ahead; as ``stowd status``)
+    stowd_oldest_pending_age_seconds{destination}    age of its oldest active row (0: none)
+    stowd_destination_held{destination}              1 while the destination is held (as
+                                                     ``stowd status`` shows it), else 0
+    stowd_up                                         1
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+
+from stowd.errors import QueueError, StowdError
+from stowd.pipeline.counters import REGISTRY, label, touch
+from stowd.pipeline.queue import ActiveView, read_active
+
+log = logging.getLogger("stowd.metrics")
+
+STATES = ("pending", "waiting", "claimed", "settling")
+SCRAPE_BUSY_TIMEOUT = 5.0  # seconds a scrape waits for a locked database (WAL readers rarely do)
+
+
+# -- read from the queue at scrape time ------------------------------------------------------
+class QueueCollector:
+    """A prometheus_client collector: the queue gauges of ``destinations`` and ``stowd_up``.
+
+    A queue that cannot be read leaves its gauges out of that scrape (the counters are still
+    served); the problem is logged once, and once more when reading works again.
+    """
+
+    def __init__(
+        self, path: Path, destinations: Sequence[str], clock: Callable[[], float] = time.time
+    ) -> None:
+        self.path = path
+        self.destinations = [label(d) for d in destinations]
+        self.clock = clock
+        self._failing = False
+        self._lock = threading.Lock()
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily("stowd_up", "1 while stowd serves its metrics", value=1)
+        now = self.clock()
+        view = self._read(now)
+        if view is not None:
+            yield from self._families(view, now)
+
+    def _read(self, now: float) -> ActiveView | None:
+        try:
+            view = read_active(self.path, now, busy_timeout=SCRAPE_BUSY_TIMEOUT)
+        except Exception as exc:
+            self._note_failure(exc)
+            return None
+        with self._lock:
+            if self._failing:
+                log.info("metrics: the queue can be read again")
+            self._failing = False
+        return view
+
+    def _note_failure(self, exc: Exception) -> None:
+        with self._lock:
+            first, self._failing = not self._failing, True
+        if first and isinstance(exc, QueueError | OSError):
+            log.warning(
+                "metrics: cannot read the queue %s, its gauges are left out: %s", self.path, exc
+            )
+        elif first:
+            log.exception(
+                "metrics: reading the queue %s failed, its gauges are left out", self.path
+            )
+
+    def _families(self, view: ActiveView, now: float) -> Iterable[Metric]:
+        files = GaugeMetricFamily(
+            "stowd_queue_files",
+            "Active rows of the queue by destination and state (pending, waiting, claimed, "
+            "settling)",
+            labels=["destination", "state"],
+        )
+        oldest = GaugeMetricFamily(
+            "stowd_oldest_pending_age_seconds",
+            "Age of the oldest row a destination has not finished (0: none)",
+            labels=["destination"],
+        )
+        held = GaugeMetricFamily(
+            "stowd_destination_held",
+            "1 while the destination is held (refused or unavailable), else 0",
+            labels=["destination"],
+        )
+        for name in self.destinations:
+            for state in STATES:
+                files.add_metric([name, state], view.counts.get((name, state), 0))
+            first = view.oldest.get(name)
+            oldest.add_metric([name], 0.0 if first is None else max(0.0, now - first))
+            held.add_metric([name], 1 if name in view.held else 0)
+        return [files, oldest, held]
+
+
+class _Scrape:
+    """What one scrape serves: the module's registry, then the queue collector."""
+
+    def __init__(self, queue: QueueCollector) -> None:
+        self.queue = queue
+
+    def collect(self) -> Iterable[Metric]:
+        yield from REGISTRY.collect()
+        yield from self.queue.collect()
+
+
+# -- the HTTP server ---------------------------------------------------------------------------
+class Server:
+    """The metrics HTTP server running in a daemon thread; ``close()`` stops it."""
+
+    def __init__(self, httpd: WSGIServer, thread: threading.Thread) -> None:
+        self._httpd = httpd
+        self._thread = thread
+        address: Any = httpd.server_address
+        self.host: str = str(address[0])
+        self.port: int = int(address[1])
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def serve(
+    host: str,
+    port: int,
+    queue_path: Path,
+    destinations: list[str],
+    *,
+    clock: Callable[[], float] = time.time,
+) -> Server:
+    """Serve the metrics over HTTP on host:port (port 0: any free one, see ``Server.port``).
+
+    Every path answers with the metrics, ``/metrics`` among them.  Series of the configured
+    destinations start at 0, so rates and alerts work before the first event.
+    """
+    collector = QueueCollector(queue_path, destinations, clock)
+    for name in collector.destinations:
+        touch(name)
+    try:
+        scrape = CollectorRegistry(auto_describe=True)  # a real registry: ?name[]= works
+        scrape.register(_Scrape(collector))
+        httpd, thread = start_http_server(port, addr=host, registry=scrape)
+    except OSError as exc:
+        where = f"[{host}]" if ":" in host else host
+        reason = exc.strerror or str(exc)
+        raise StowdError(f"cannot serve metrics on {where}:{port}: {reason}") from exc
+    thread.name = "stowd-metrics"
+    return Server(httpd, thread)
