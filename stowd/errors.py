@@ -25,7 +25,7 @@
     ├── VerifyUnavailable      the archive cannot be asked (QIDO-RS) whether it lists what
     │                          it said it stored (``verify: true``): the files wait, the
     │                          destination is held; never a failure of the files
-    ├── NotYet                 a rule's lookup found no match yet: the file waits (until
+    ├── LookupNoMatchYet       a rule's lookup found no match yet: the file waits (until
     │                          its ``wait`` ends, then fails) for its study or item to appear
     ├── LookupUnavailable      the archive could not be asked for a rule's lookup (not
     │                          reached, refused, an error status): the file waits, retried
@@ -239,7 +239,7 @@ class VerifyUnavailable(StowdError):
     (an error, a timeout, an answer stowd cannot read): raised by ``verify.py``."""
 
 
-class NotYet(StowdError):
+class LookupNoMatchYet(StowdError):
     """No match yet: the file waits (until ``until``) for its study or item to appear."""
 
     def __init__(self, message: str, until: float) -> None:

@@ -22,7 +22,7 @@ from localserver import LocalServer
 from orthanc import free_port
 from tinypacs import TinyPacs, tiny_pacs_missing_reason
 
-from stowd.dicomweb.stowanswer import Outcome, is_counted, judge, parse_answer
+from stowd.dicomweb.stowanswer import StowOutcome, is_counted, judge, parse_answer
 from stowd.dicomweb.stowbody import Part
 from stowd.pipeline.queue import ALREADY_STORED as ALREADY_NOTE
 from stowd.pipeline.queue import NewFile, Queue
@@ -414,13 +414,13 @@ def test_judge_reads_each_documented_code() -> None:
     items = [_item("1.1", ALREADY_STORED), _item("1.2", BEING_CREATED), _item("1.3", 0x0110)]
     answer = parse_answer(409, _failed(items))
     verdicts = judge(answer, parts)
-    assert verdicts["1.1"].outcome is Outcome.ALREADY
-    assert verdicts["1.2"].outcome is Outcome.RETRY
-    assert verdicts["1.3"].outcome is Outcome.RETRY
+    assert verdicts["1.1"].outcome is StowOutcome.ALREADY
+    assert verdicts["1.2"].outcome is StowOutcome.RETRY
+    assert verdicts["1.3"].outcome is StowOutcome.RETRY
     assert CONFLICT_TEXT in verdicts["1.3"].reason  # the archive's words, per instance
     assert [is_counted(v.code or 0) for v in verdicts.values()] == [False, True, True]
     failing = judge(answer, parts, duplicates="fail")["1.1"]
-    assert (failing.outcome, failing.code) == (Outcome.FAILED, ALREADY_STORED)
+    assert (failing.outcome, failing.code) == (StowOutcome.FAILED, ALREADY_STORED)
     assert not is_counted(0xA700)  # out of resources: the archive's state, not the file's
 
 

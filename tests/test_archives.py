@@ -20,7 +20,7 @@ from tinypacs import TinyPacs
 
 from stowd.config.model import Destination
 from stowd.dicomweb.stow import StowClient
-from stowd.dicomweb.stowanswer import Outcome, judge, parse_answer
+from stowd.dicomweb.stowanswer import StowOutcome, judge, parse_answer
 from stowd.dicomweb.stowbody import Part
 
 UNSUPPORTED = "Unsupported return MIME type"
@@ -31,7 +31,7 @@ def part_of(path: Path, sop_uid: str) -> Part:
     return Part(str(path), st.st_size, sop_uid, st.st_mtime_ns)
 
 
-def store_alone(url: str, part: Part) -> Outcome:
+def store_alone(url: str, part: Part) -> StowOutcome:
     """Send one file in a request of its own; what the archive's answer means for it."""
     client = StowClient(Destination(name="probe", url=url))
     try:
@@ -44,7 +44,7 @@ def test_orthanc_logs_no_error_for_the_accept_header(tmp_path: Path, orthanc: Or
     """stowd asked for DICOM JSON, XML and JSON; Orthanc logged "Unsupported return MIME type"
     for every upload (and Azure accepts only application/dicom+json)."""
     uid = make_instance(tmp_path / "one.dcm")
-    assert store_alone(orthanc.dicomweb_url, part_of(tmp_path / "one.dcm", uid)) is Outcome.SENT
+    assert store_alone(orthanc.dicomweb_url, part_of(tmp_path / "one.dcm", uid)) is StowOutcome.SENT
     assert orthanc.sop_instance_uids() == {uid}
     assert UNSUPPORTED not in orthanc.log_path.read_text(errors="replace")
 
@@ -89,7 +89,7 @@ def test_an_xml_answer_is_still_read(tmp_path: Path) -> None:
     uid = make_instance(tmp_path / "one.dcm")
     with XmlArchive(uid) as server:
         outcome = store_alone(f"{server.url}/dicom-web", part_of(tmp_path / "one.dcm", uid))
-    assert outcome is Outcome.SENT
+    assert outcome is StowOutcome.SENT
     assert server.accept == ["application/dicom+json"]
 
 
@@ -105,9 +105,9 @@ def test_two_files_with_one_sop_instance_uid_are_each_judged_by_their_own_answer
     probe.mkdir()
     shutil.copy(rle, probe / rle.name)
     rle_alone = store_alone(archive.dicomweb_url, part_of(probe / rle.name, uid))
-    assert rle_alone in (Outcome.SENT, Outcome.FAILED)
+    assert rle_alone in (StowOutcome.SENT, StowOutcome.FAILED)
     if isinstance(archive, Orthanc):
-        assert rle_alone is Outcome.FAILED  # Orthanc 1.10.1 answers it alone with HTTP 400
+        assert rle_alone is StowOutcome.FAILED  # Orthanc 1.10.1 answers it alone with HTTP 400
 
     layout = make_layout(tmp_path / "run", archive.dicomweb_url)
     for sample in (plain, rle):
@@ -118,7 +118,7 @@ def test_two_files_with_one_sop_instance_uid_are_each_judged_by_their_own_answer
     finally:
         daemon.stop()
     assert "rtdose.dcm" in layout.files(layout.sent)
-    if rle_alone is Outcome.SENT:
+    if rle_alone is StowOutcome.SENT:
         assert "rtdose_rle.dcm" in layout.files(layout.sent)
     else:
         assert layout.files(layout.failed) == {"rtdose_rle.dcm"}
@@ -162,10 +162,10 @@ def test_judge_a_failure_item_without_a_uid() -> None:
     unnamed = b'{"00081198": {"vr": "SQ", "Value": [{"00081197": {"vr": "US", "Value": [272]}}]}}'
     bad, good = Part("/d/bad.dcm", 1, "1.2.3.04"), Part("/d/good.dcm", 1, "1.2.3.4")
     alone = judge(parse_answer(409, unnamed), [bad])[bad.sop_uid]
-    assert (alone.outcome, alone.code) == (Outcome.FAILED, 0x0110)
+    assert (alone.outcome, alone.code) == (StowOutcome.FAILED, 0x0110)
     stored = (
         b'"00081199": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": ["1.2.3.4"]}}]}'
     )
     batch = judge(parse_answer(202, unnamed[:-1] + b", " + stored + b"}"), [bad, good])
-    assert batch[good.sop_uid].outcome is Outcome.SENT
-    assert batch[bad.sop_uid].outcome is Outcome.ISOLATE
+    assert batch[good.sop_uid].outcome is StowOutcome.SENT
+    assert batch[bad.sop_uid].outcome is StowOutcome.ISOLATE

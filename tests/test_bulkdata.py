@@ -429,7 +429,7 @@ def test_a_jp2_file_holds_its_codestream_only(tmp_path: Path) -> None:
     source = tmp_path / "scan.jp2"
     source.write_bytes(data)
     media = detect(source)
-    instance = bulkdata.describe(source, media, {}, UIDS, now=NOW)
+    instance = bulkdata.describe_instance(source, media, {}, UIDS, now=NOW)
     assert (instance.bulk.offset, instance.bulk.length) == (data.index(stream), len(stream))
     assert instance.bulk.media_type == "image/j2c"
     whole = bulkdata.metadata_bulk(instance, source, media)
@@ -447,7 +447,7 @@ def test_a_bare_codestream_goes_as_it_is(tmp_path: Path) -> None:
     source = tmp_path / "scan.j2c"
     source.write_bytes(codestream())
     media = detect(source)
-    instance = bulkdata.describe(source, media, {}, UIDS, now=NOW, photographic=True)
+    instance = bulkdata.describe_instance(source, media, {}, UIDS, now=NOW, photographic=True)
     assert bulkdata.metadata_bulk(instance, source, media) == instance.bulk
     assert (instance.bulk.media_type, instance.bulk.length) == ("image/j2c", len(codestream()))
     assert instance.dataset.SOPClassUID == bulkdata.VL_PHOTOGRAPHIC
@@ -587,7 +587,7 @@ def test_describe_needs_a_scratch_file_for_a_png(tmp_path: Path) -> None:
     source = tmp_path / "a.png"
     source.write_bytes(encoded(picture("RGB"), "PNG"))
     with pytest.raises(ValueError, match="scratch"):
-        bulkdata.describe(source, detect(source), {}, UIDS, now=NOW)
+        bulkdata.describe_instance(source, detect(source), {}, UIDS, now=NOW)
 
 
 # --- video ---------------------------------------------------------------------------------------
@@ -736,7 +736,7 @@ def test_a_file_rewritten_after_it_was_queued_is_not_built(tmp_path: Path) -> No
     source.write_bytes(ODD_PDF)
     queued = (source.stat().st_size, source.stat().st_mtime_ns)
     media = detect(source)
-    instance = bulkdata.describe(source, media, {}, UIDS, now=NOW, expect=queued)
+    instance = bulkdata.describe_instance(source, media, {}, UIDS, now=NOW, expect=queued)
     source.write_bytes(ODD_PDF.replace(b"Catalog", b"CATALOG"))  # the same size, new content
     os.utime(source, ns=(queued[1] + 10**9, queued[1] + 10**9))
     with pytest.raises(FileVanished, match="changed"):
@@ -769,7 +769,7 @@ def test_describe_then_write_is_build(tmp_path: Path) -> None:
     source.write_bytes(ODD_PDF)
     media = detect(source)
     values: Item = {"PatientName": "Müller^Jürgen"}
-    instance = bulkdata.describe(source, media, values, UIDS, now=NOW, instance_number=3)
+    instance = bulkdata.describe_instance(source, media, values, UIDS, now=NOW, instance_number=3)
     assert instance.tag == 0x00420011 and not instance.encapsulated
     assert instance.tag not in instance.dataset
     mtime = source.stat().st_mtime_ns
@@ -799,7 +799,7 @@ def test_describe_then_write_is_build(tmp_path: Path) -> None:
 def test_the_data_set_is_dicom_json(tmp_path: Path, name: str, data: bytes) -> None:
     source = tmp_path / name
     source.write_bytes(data)
-    instance = bulkdata.describe(
+    instance = bulkdata.describe_instance(
         source, detect(source), {"PatientName": "Ärzte^Anna"}, UIDS, now=NOW, scratch=tmp_path / "s"
     )
     text = json.dumps(instance.dataset.to_json_dict())
@@ -813,7 +813,7 @@ def test_native_pixels_are_sent_from_the_scratch_file(tmp_path: Path) -> None:
     source.write_bytes(encoded(grey16((7, 5)), "PNG"))
     media = detect(source)
     scratch = tmp_path / "pixels"
-    instance = bulkdata.describe(source, media, {}, UIDS, now=NOW, scratch=scratch)
+    instance = bulkdata.describe_instance(source, media, {}, UIDS, now=NOW, scratch=scratch)
     assert not instance.encapsulated and bulkdata.bulk_vr(instance) == "OW"
     assert instance.bulk == bulkdata.Bulk(
         scratch, 0, 70, "application/octet-stream", "1.2.840.10008.1.2.1", 70
@@ -826,7 +826,7 @@ def test_native_pixels_are_sent_from_the_scratch_file(tmp_path: Path) -> None:
 def test_a_source_changed_between_describe_and_write_is_refused(tmp_path: Path) -> None:
     source = tmp_path / "photo.jpg"
     source.write_bytes(jpeg())
-    instance = bulkdata.describe(source, detect(source), {}, UIDS, now=NOW)
+    instance = bulkdata.describe_instance(source, detect(source), {}, UIDS, now=NOW)
     with source.open("ab") as fp:
         fp.write(b"\0\0")
     with pytest.raises(FileVanished, match="changed after it was looked at"):

@@ -187,7 +187,7 @@ def _dest(
     return Destination("pacs", url, timeouts=QUICK, verify_tls=verify_tls, access=access)
 
 
-def _lines(report: connect.Report) -> dict[str, tuple[str, str]]:
+def _lines(report: connect.ConnectReport) -> dict[str, tuple[str, str]]:
     return {s.name: (s.state, s.text) for s in report.steps}
 
 

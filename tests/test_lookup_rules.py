@@ -18,7 +18,7 @@ from worklist import Worklist, item, serve
 from stowd.commands import dryrun
 from stowd.commands.explain import explain, render
 from stowd.config.model import Config
-from stowd.errors import FileProblem, LookupUnavailable, NotYet, RuleFailure
+from stowd.errors import FileProblem, LookupNoMatchYet, LookupUnavailable, RuleFailure
 from stowd.pipeline.lookup import Finder, copied, exact, params, parse
 from stowd.pipeline.metadata import digest
 from stowd.pipeline.queue import Job, NewFile, Queue
@@ -274,7 +274,9 @@ def test_the_finder_asks_once_per_query_and_waits_then_fails(
                 }
             ]
             job = queued(queue, "A9/S1/c.jpg")
-            with pytest.raises(NotYet, match="no worklist item with AccessionNumber A9, "):
+            with pytest.raises(
+                LookupNoMatchYet, match="no worklist item with AccessionNumber A9, "
+            ):
                 finder.find(job, wanted(config, "A9/S1/c.jpg"))
             clock.now += 601
             with pytest.raises(FileProblem, match=r"\(looked for 10 min; rule rules\[0\]"):
@@ -348,7 +350,7 @@ def test_dry_run_counts_the_lookup_questions_without_asking(tmp_path: Path) -> N
     past = time.time() - 7200
     for photo in watch.rglob("*.jpg"):
         os.utime(photo, (past, past))
-    p = dryrun.plan(config)[0]  # the first source, whose folder holds the photos
+    p = dryrun.plan_sources(config)[0]  # the first source, whose folder holds the photos
     assert dict(p.lookups) == {
         "studies with AccessionNumber ACC 7": 3,
         "studies with AccessionNumber ACC 8": 1,

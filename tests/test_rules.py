@@ -15,7 +15,7 @@ from stowd.config.load import load_config
 from stowd.config.model import Config
 from stowd.errors import ConfigError, ConfigProblem, RuleFailure
 from stowd.pipeline.metadata import digest
-from stowd.rules.engine import Facts, Outcome, Template, evaluate, glob_pattern
+from stowd.rules.engine import Facts, RuleOutcome, Template, evaluate, glob_pattern
 from stowd.rules.vr import Item
 
 HEAD = """\
@@ -59,7 +59,7 @@ def run(
     source: str = "ct1",
     kind: str = "dicom",
     sidecar: Item | None = None,
-) -> Outcome:
+) -> RuleOutcome:
     facts = Facts(PurePosixPath(rel), source, kind, NOW, sidecar or {}, ("x.json",))
     values = attrs or {}
     return evaluate(config.rules_for(config.source(source)), facts, values.get)

@@ -42,7 +42,7 @@ from stowd.dicomweb.httperrors import retry_after
 from stowd.dicomweb.stow import StowClient
 from stowd.dicomweb.stowanswer import (
     Answer,
-    Outcome,
+    StowOutcome,
     Verdict,
     failure_meaning,
     is_transient,
@@ -445,7 +445,7 @@ def test_store_sends_one_well_formed_request(parts: list[Part], make_client: Mak
     assert answer.status == 200
     assert set(answer.referenced) == {p.sop_uid for p in parts}
     assert answer.seconds >= 0.0
-    assert {v.outcome for v in judge(answer, parts).values()} == {Outcome.SENT}
+    assert {v.outcome for v in judge(answer, parts).values()} == {StowOutcome.SENT}
 
 
 @pytest.mark.parametrize("url", [BASE_URL, BASE_URL + "/"])
@@ -759,9 +759,9 @@ def test_orthanc_400_through_the_client(parts: list[Part], make_client: MakeClie
     answer = make_client(handler).store(parts)
     verdicts = judge(answer, parts)
     assert [verdicts[p.sop_uid].outcome for p in parts] == [
-        Outcome.SENT,
-        Outcome.SENT,
-        Outcome.ISOLATE,
+        StowOutcome.SENT,
+        StowOutcome.SENT,
+        StowOutcome.ISOLATE,
     ]
 
 
@@ -787,7 +787,7 @@ def test_parse_dicom_json_failed_without_reason_counts_as_code_zero() -> None:
     doc = {"00081198": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": ["9.9"]}}]}}
     answer = parse_answer(409, json.dumps(doc).encode())
     assert answer.failed == {"9.9": 0}
-    assert judge(answer, [Part("x", 1, "9.9")])["9.9"].outcome is Outcome.FAILED
+    assert judge(answer, [Part("x", 1, "9.9")])["9.9"].outcome is StowOutcome.FAILED
 
 
 @pytest.mark.parametrize("ns", [True, False], ids=["namespaced", "plain"])
@@ -834,7 +834,7 @@ def sops(*names: str) -> list[Part]:
     return [Part(f"/drop/{name}.dcm", 1000, f"1.2.3.{name}") for name in names]
 
 
-def outcomes(verdicts: dict[str, Verdict]) -> dict[str, Outcome]:
+def outcomes(verdicts: dict[str, Verdict]) -> dict[str, StowOutcome]:
     return {sop: v.outcome for sop, v in verdicts.items()}
 
 
@@ -842,7 +842,7 @@ def test_judge_200_referencing_all_is_sent() -> None:
     batch = sops("1", "2", "3")
     answer = parse_answer(200, dicom_json([p.sop_uid for p in batch]))
     verdicts = judge(answer, batch)
-    assert outcomes(verdicts) == {p.sop_uid: Outcome.SENT for p in batch}
+    assert outcomes(verdicts) == {p.sop_uid: StowOutcome.SENT for p in batch}
     assert all(v.reason == "" and v.code is None for v in verdicts.values())
 
 
@@ -850,7 +850,7 @@ def test_judge_200_with_a_warning_is_sent_with_a_note() -> None:
     batch = sops("1")
     answer = parse_answer(200, dicom_json([("1.2.3.1", 0xB000)]))
     verdict = judge(answer, batch)["1.2.3.1"]
-    assert verdict.outcome is Outcome.SENT
+    assert verdict.outcome is StowOutcome.SENT
     assert verdict.code == 0xB000
     assert "B000" in verdict.reason and "coercion" in verdict.reason
 
@@ -860,9 +860,9 @@ def test_judge_200_missing_one_retries_that_one() -> None:
     answer = parse_answer(200, dicom_json(["1.2.3.1", "1.2.3.3", "1.2.3.99"]))
     verdicts = judge(answer, batch)
     assert outcomes(verdicts) == {
-        "1.2.3.1": Outcome.SENT,
-        "1.2.3.2": Outcome.RETRY,
-        "1.2.3.3": Outcome.SENT,
+        "1.2.3.1": StowOutcome.SENT,
+        "1.2.3.2": StowOutcome.RETRY,
+        "1.2.3.3": StowOutcome.SENT,
     }
     assert "did not list" in verdicts["1.2.3.2"].reason
 
@@ -871,29 +871,29 @@ def test_judge_200_with_nothing_referenced_retries_everything() -> None:
     """Orthanc answers 200 to a body whose closing boundary is missing: not proof of storage."""
     batch = sops("1", "2")
     verdicts = judge(parse_answer(200, b""), batch)
-    assert outcomes(verdicts) == {p.sop_uid: Outcome.RETRY for p in batch}
+    assert outcomes(verdicts) == {p.sop_uid: StowOutcome.RETRY for p in batch}
 
 
 @pytest.mark.parametrize(
     ("code", "outcome"),
     [
-        (0xA700, Outcome.RETRY),
-        (0xA77A, Outcome.RETRY),
-        (0x0110, Outcome.RETRY),
-        (0xA900, Outcome.FAILED),
-        (0xC000, Outcome.FAILED),
-        (0x0122, Outcome.FAILED),
-        (0x0124, Outcome.FAILED),
-        (0xA770, Outcome.FAILED),
-        (0xA77B, Outcome.FAILED),
+        (0xA700, StowOutcome.RETRY),
+        (0xA77A, StowOutcome.RETRY),
+        (0x0110, StowOutcome.RETRY),
+        (0xA900, StowOutcome.FAILED),
+        (0xC000, StowOutcome.FAILED),
+        (0x0122, StowOutcome.FAILED),
+        (0x0124, StowOutcome.FAILED),
+        (0xA770, StowOutcome.FAILED),
+        (0xA77B, StowOutcome.FAILED),
     ],
     ids=lambda v: f"{v:04X}" if isinstance(v, int) else v.name,
 )
-def test_judge_202_per_instance_failure(code: int, outcome: Outcome) -> None:
+def test_judge_202_per_instance_failure(code: int, outcome: StowOutcome) -> None:
     batch = sops("1", "2")
     answer = parse_answer(202, dicom_json(["1.2.3.1"], failed=[("1.2.3.2", code)]))
     verdicts = judge(answer, batch)
-    assert verdicts["1.2.3.1"].outcome is Outcome.SENT
+    assert verdicts["1.2.3.1"].outcome is StowOutcome.SENT
     failed = verdicts["1.2.3.2"]
     assert failed.outcome is outcome
     assert failed.code == code
@@ -907,9 +907,9 @@ def test_judge_orthanc_400_settles_the_stored_and_isolates_the_rest() -> None:
     answer = parse_answer(400, dicom_json(["1.2.3.1", "1.2.3.3"]))
     verdicts = judge(answer, batch)
     assert outcomes(verdicts) == {
-        "1.2.3.1": Outcome.SENT,
-        "1.2.3.2": Outcome.ISOLATE,
-        "1.2.3.3": Outcome.SENT,
+        "1.2.3.1": StowOutcome.SENT,
+        "1.2.3.2": StowOutcome.ISOLATE,
+        "1.2.3.3": StowOutcome.SENT,
     }
     assert "one by one" in verdicts["1.2.3.2"].reason
 
@@ -918,7 +918,7 @@ def test_judge_400_for_a_single_file_fails_it() -> None:
     batch = sops("2")
     answer = parse_answer(400, dicom_json(["1.2.3.1", "1.2.3.3"]))
     verdict = judge(answer, batch)["1.2.3.2"]
-    assert verdict.outcome is Outcome.FAILED
+    assert verdict.outcome is StowOutcome.FAILED
     assert "could not read" in verdict.reason
     assert "HTTP 400" in verdict.reason
 
@@ -926,21 +926,21 @@ def test_judge_400_for_a_single_file_fails_it() -> None:
 def test_judge_413_splits_a_batch_and_fails_a_single_file() -> None:
     answer = parse_answer(413, b"<html>Request Entity Too Large</html>")
     assert outcomes(judge(answer, sops("1", "2"))) == {
-        "1.2.3.1": Outcome.ISOLATE,
-        "1.2.3.2": Outcome.ISOLATE,
+        "1.2.3.1": StowOutcome.ISOLATE,
+        "1.2.3.2": StowOutcome.ISOLATE,
     }
     single = judge(answer, sops("1"))["1.2.3.1"]
-    assert single.outcome is Outcome.FAILED
+    assert single.outcome is StowOutcome.FAILED
     assert "413" in single.reason and "larger" in single.reason
 
 
 def test_judge_409_with_nothing_listed_isolates_a_batch() -> None:
     answer = parse_answer(409, b"")
     assert outcomes(judge(answer, sops("1", "2", "3"))) == {
-        f"1.2.3.{n}": Outcome.ISOLATE for n in "123"
+        f"1.2.3.{n}": StowOutcome.ISOLATE for n in "123"
     }
     single = judge(answer, sops("1"))["1.2.3.1"]
-    assert single.outcome is Outcome.FAILED
+    assert single.outcome is StowOutcome.FAILED
     assert "409" in single.reason
 
 
@@ -948,14 +948,14 @@ def test_judge_409_with_failure_reasons_uses_them() -> None:
     """Orthanc: POST /studies/{S} with an instance of another study -> 409, reason 0110."""
     answer = parse_answer(409, dicom_json(["1.2.3.1"], failed=[("1.2.3.2", 0x0110)]))
     verdicts = judge(answer, sops("1", "2"))
-    assert outcomes(verdicts) == {"1.2.3.1": Outcome.SENT, "1.2.3.2": Outcome.RETRY}
+    assert outcomes(verdicts) == {"1.2.3.1": StowOutcome.SENT, "1.2.3.2": StowOutcome.RETRY}
     assert verdicts["1.2.3.2"].code == 0x0110
 
 
 def test_judge_500_for_a_single_file_retries() -> None:
     answer = parse_answer(500, b"java.lang.NullPointerException")
     verdict = judge(answer, sops("1"))["1.2.3.1"]
-    assert verdict.outcome is Outcome.RETRY
+    assert verdict.outcome is StowOutcome.RETRY
     assert "500" in verdict.reason
 
 
@@ -1112,7 +1112,7 @@ def test_real_server_receives_a_multi_megabyte_file_streamed(
     assert sum(chunks) == part.size
     assert len(chunks) > 1 and max(chunks) <= stowbody.CHUNK
     assert answer.status == 200
-    assert judge(answer, [part]) == {part.sop_uid: Verdict(Outcome.SENT)}
+    assert judge(answer, [part]) == {part.sop_uid: Verdict(StowOutcome.SENT)}
 
 
 def test_real_connection_refused_is_busy_after_three_attempts(

@@ -175,7 +175,7 @@ def _status(config: Config, args: argparse.Namespace) -> int:
 
 
 def _dry_run(config: Config, args: argparse.Namespace) -> int:
-    plans = dryrun.plan(config)
+    plans = dryrun.plan_sources(config)
     if args.json:
         print(json.dumps([p.as_dict() for p in plans], indent=2))
     else:

@@ -52,7 +52,7 @@ class Step:
 
 
 @dataclass
-class Report:
+class ConnectReport:
     """What reaching one destination showed."""
 
     name: str
@@ -74,11 +74,13 @@ class Report:
                 self.add(name, SKIP, reason)
 
 
-def check(destination: Destination, *, transport: httpx.BaseTransport | None = None) -> Report:
+def check(
+    destination: Destination, *, transport: httpx.BaseTransport | None = None
+) -> ConnectReport:
     """Reach ``destination``: TCP, TLS, login and a harmless QIDO-RS query."""
-    report = Report(destination.name, destination.display_url)
+    report = ConnectReport(destination.name, destination.display_url)
     _read_secrets(report, destination)  # a missing secret is a failed login, found first
-    target = _Target.of(destination)
+    target = _Target.for_destination(destination)
     if target is None:
         report.add("connect", FAIL, "the url has no host name")
     elif transport is None:  # an injected transport (tests) has no socket to reach
@@ -89,7 +91,7 @@ def check(destination: Destination, *, transport: httpx.BaseTransport | None = N
     return report
 
 
-def render(reports: list[Report]) -> str:
+def render(reports: list[ConnectReport]) -> str:
     """The blocks for humans, secrets scrubbed."""
     blocks = []
     for report in reports:
@@ -112,7 +114,7 @@ class _Target:
     proxy: str | None  # the proxy's URL for display (no user:password), when one is used
 
     @classmethod
-    def of(cls, destination: Destination) -> _Target | None:
+    def for_destination(cls, destination: Destination) -> _Target | None:
         url = urlsplit(destination.url)
         if not url.hostname:
             return None
@@ -138,7 +140,7 @@ def _step_timeout(destination: Destination) -> float:
     return min(destination.timeouts.connect, MAX_STEP)
 
 
-def _connect(report: Report, target: _Target, timeout: float) -> None:
+def _connect(report: ConnectReport, target: _Target, timeout: float) -> None:
     what = f"{target.host}:{target.port}"
     if target.proxy:
         what = f"proxy {target.proxy} ({what})"
@@ -171,7 +173,7 @@ def _os_text(exc: OSError | UnicodeError) -> str:
 
 
 # -- secrets and login -----------------------------------------------------------------------
-def _read_secrets(report: Report, destination: Destination) -> None:
+def _read_secrets(report: ConnectReport, destination: Destination) -> None:
     """Read every secret now (a failed login when one cannot be); remember them to scrub."""
     for secret in destination.access.secrets:
         try:
@@ -209,7 +211,7 @@ class _Answer:
 
 
 def _request(
-    report: Report, destination: Destination, transport: httpx.BaseTransport | None
+    report: ConnectReport, destination: Destination, transport: httpx.BaseTransport | None
 ) -> None:
     try:
         client = http_client(destination, transport=transport)
@@ -236,7 +238,7 @@ def _request(
     _query_step(report, destination, answer)
 
 
-def _fetch_token(report: Report, destination: Destination, auth: OAuth2) -> bool:
+def _fetch_token(report: ConnectReport, destination: Destination, auth: OAuth2) -> bool:
     """Whether the token endpoint answered with a token (the login step for oauth2)."""
     words = _login_words(destination)
     try:
@@ -288,7 +290,9 @@ def _tls_details(response: httpx.Response) -> dict[str, Any] | None:
     return {"version": ssl_object.version(), "cert": ssl_object.getpeercert() or {}}
 
 
-def _transport_failure(report: Report, destination: Destination, exc: httpx.TransportError) -> None:
+def _transport_failure(
+    report: ConnectReport, destination: Destination, exc: httpx.TransportError
+) -> None:
     has_cert = destination.access.tls.client_cert is not None
     connecting = isinstance(exc, httpx.ConnectError)
     tls = httperrors.tls_problem(exc, has_cert=has_cert, connecting=connecting)
@@ -304,7 +308,7 @@ def _transport_failure(report: Report, destination: Destination, exc: httpx.Tran
         report.add("query", FAIL, f"the request failed: {httperrors.plain(exc)}")
 
 
-def _tls_step(report: Report, destination: Destination, tls: dict[str, Any] | None) -> None:
+def _tls_step(report: ConnectReport, destination: Destination, tls: dict[str, Any] | None) -> None:
     if urlsplit(destination.url).scheme != "https":
         words = "none: http:// sends everything in clear text"
         report.add(
@@ -337,7 +341,7 @@ def _name(rdns: Any) -> str:
     return ", ".join(parts) or "(no name)"
 
 
-def _login_step(report: Report, destination: Destination, status: int) -> None:
+def _login_step(report: ConnectReport, destination: Destination, status: int) -> None:
     words = _login_words(destination)
     auth = destination.access.auth
     if status in (401, 403):
@@ -352,7 +356,7 @@ def _login_step(report: Report, destination: Destination, status: int) -> None:
         report.add("login", OK, f"{words}: accepted")
 
 
-def _query_step(report: Report, destination: Destination, answer: _Answer) -> None:
+def _query_step(report: ConnectReport, destination: Destination, answer: _Answer) -> None:
     path = urlsplit(destination.url).path.rstrip("/") + "/studies?limit=1"
     what = f"GET {path}: HTTP {answer.status}"
     status = answer.status

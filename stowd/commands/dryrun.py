@@ -57,7 +57,7 @@ class SourcePlan:
         }
 
 
-def plan(config: Config) -> list[SourcePlan]:
+def plan_sources(config: Config) -> list[SourcePlan]:
     """One plan per source."""
     return [_plan_source(config, source) for source in config.sources]
 
@@ -83,7 +83,7 @@ def _plan_source(config: Config, source: Source) -> SourcePlan:
 def _look_at(config: Config, source: Source, result: SourcePlan, new: NewFile) -> None:
     try:
         found = classify(new.path)
-        keys = metadata.plan(config, source, new.path, new.rel, found, now=datetime.now())
+        keys = metadata.plan_file(config, source, new.path, new.rel, found, now=datetime.now())
     except UnknownType as problem:
         if source.bulkdata.unknown == "ignore":
             result.ignored += 1

@@ -20,7 +20,7 @@ from stowd.media.bulkdata import sop_class_for
 from stowd.pipeline import metadata
 from stowd.pipeline.bulkform import sop_class_name
 from stowd.pipeline.classify import classify
-from stowd.pipeline.lookup import describe
+from stowd.pipeline.lookup import describe_query
 from stowd.printable import escape_lines
 from stowd.rules.engine import value_text
 
@@ -73,7 +73,7 @@ def _explain(config: Config, given: str, source_name: str | None) -> Explained:
     try:
         found = classify(path)
         result.kind = found.kind
-        planned = metadata.plan(config, source, path, rel, found, now=datetime.now())
+        planned = metadata.plan_file(config, source, path, rel, found, now=datetime.now())
     except (FileProblem, FileUnreadable) as exc:
         result.problem = str(exc)
         return result
@@ -84,7 +84,7 @@ def _explain(config: Config, given: str, source_name: str | None) -> Explained:
     result.changes += [(k, outcome.before.get(k), None) for k in outcome.remove]
     result.study_uid = planned.study_uid or None
     if outcome.lookup is not None:
-        result.lookup = describe(config.destination_of(source), outcome.lookup)
+        result.lookup = describe_query(config.destination_of(source), outcome.lookup)
     if found.media is not None:
         photographic = source.bulkdata.images == "photographic"
         result.built = sop_class_name(sop_class_for(found.media, photographic=photographic))

@@ -83,7 +83,7 @@ class Line:
 
 
 @dataclass
-class Report:
+class PutbackReport:
     dry_run: bool
     lines: list[Line] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -118,7 +118,7 @@ def parse_since(text: str, now: float) -> float:
 
 def retry(
     config: Config, filters: Filters, *, dry_run: bool = False, now: float | None = None
-) -> Report:
+) -> PutbackReport:
     """Put the failed files that match ``filters`` back into their watch folders."""
     run = _Retry(config, filters, dry_run, time.time() if now is None else now)
     roots: dict[Path, list[Source]] = {}
@@ -130,7 +130,7 @@ def retry(
     return run.report
 
 
-def render(report: Report, daemon_pid: int | None) -> str:
+def render(report: PutbackReport, daemon_pid: int | None) -> str:
     """One line per file, the notes, and a summary."""
     out = []
     for line in report.lines:
@@ -146,7 +146,7 @@ def render(report: Report, daemon_pid: int | None) -> str:
     return escape_lines(out)
 
 
-def _summary(report: Report, daemon_pid: int | None) -> str:
+def _summary(report: PutbackReport, daemon_pid: int | None) -> str:
     if not report.lines:
         return "no file in failed/ matches"
     if report.dry_run:
@@ -185,7 +185,7 @@ class _Folder:
 class _Retry:
     def __init__(self, config: Config, filters: Filters, dry_run: bool, now: float) -> None:
         self.config, self.filters, self.dry_run, self.now = config, filters, dry_run, now
-        self.report = Report(dry_run)
+        self.report = PutbackReport(dry_run)
         self.planned: dict[Path, Path] = {}  # target -> what goes (or would go) there
         self.chosen: dict[Path, Path] = {}  # watch folder's sidecar -> copy put there by us
         self.noted: set[Path] = set()
@@ -200,7 +200,7 @@ class _Retry:
             folder.staying = set(folder.data)
             for name in folder.data:
                 self._file(folder, name, owners)
-            self._tidy(folder, owners)
+            self._remove_leftovers(folder, owners)
 
     def _walk(self, top: Path, skip: set[Path]) -> Iterator[tuple[Path, list[str]]]:
         """Each folder (this one first) with its files; symlinked folders are not followed."""
@@ -228,7 +228,9 @@ class _Retry:
         source = _owner(doc, owners)
         if source is None:
             shared = ", ".join(s.name for s in owners)
-            self._stay(owners[0], path, path, f"shared by sources {shared}; none is named in it")
+            self._record_stay(
+                owners[0], path, path, f"shared by sources {shared}; none is named in it"
+            )
             return
         if not self._wanted(source, path, error, doc):
             return
@@ -241,11 +243,11 @@ class _Retry:
         item = _Item(source, path, error, target, own)
         why = self._blocked(item, error is None)
         if why:
-            self._stay(source, path, target, why)
+            self._record_stay(source, path, target, why)
             return
         copy, why = self._folder_copy(item, folder)
         if why:
-            self._stay(source, path, target, why)
+            self._record_stay(source, path, target, why)
             return
         self._put_back(item, folder, copy, unreadable)
 
@@ -355,7 +357,7 @@ class _Retry:
             if not self.dry_run:
                 self._move(item, copy, here)
         except OSError as exc:
-            self._stay(item.source, item.path, item.target, _why(exc, item.target))
+            self._record_stay(item.source, item.path, item.target, _why(exc, item.target))
             return
         for c, place in [(item.path, item.target), *item.sidecars]:
             self.planned.setdefault(place, c)
@@ -393,10 +395,10 @@ class _Retry:
             except OSError as exc:
                 self.report.notes.append(f"cannot remove {item.error}: {exc.strerror or exc}")
 
-    def _stay(self, source: Source, path: Path, target: Path, why: str) -> None:
+    def _record_stay(self, source: Source, path: Path, target: Path, why: str) -> None:
         self.report.lines.append(Line(source.name, path, target, False, why))
 
-    def _tidy(self, folder: _Folder, owners: list[Source]) -> None:
+    def _remove_leftovers(self, folder: _Folder, owners: list[Source]) -> None:
         """Remove the sidecar copies that went back and that no file left in ``folder``
         uses, then the folders left empty (never ``failed/`` itself)."""
         if self.dry_run:

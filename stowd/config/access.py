@@ -27,7 +27,15 @@ from pathlib import Path
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from stowd.config.secrets import Secret, parse
-from stowd.config.yamlwalk import Context, Section, as_bool, as_path, as_text, as_url, describe
+from stowd.config.yamlwalk import (
+    Context,
+    Section,
+    as_bool,
+    as_path,
+    as_text,
+    as_url,
+    describe_value,
+)
 
 AUTH_TYPES = ("basic", "bearer", "oauth2", "google", "aws")
 GOOGLE_SCOPE = "https://www.googleapis.com/auth/cloud-healthcare"  # the Healthcare API's own
@@ -210,7 +218,7 @@ def _read_aws(auth: Section) -> Auth | None:
 def _as_region(value: object) -> str:
     text = str(value)
     if not _REGION.fullmatch(text):
-        raise ValueError(f"expected an AWS region such as us-east-1, got {describe(value)}")
+        raise ValueError(f"expected an AWS region such as us-east-1, got {describe_value(value)}")
     return text
 
 
@@ -244,7 +252,7 @@ def _hints(kind: str) -> dict[str, str]:
 def _as_choice(choices: tuple[str, ...]) -> Callable[[object], str]:
     def convert(value: object) -> str:
         if value not in choices:
-            raise ValueError(f"expected one of {', '.join(choices)}, got {describe(value)}")
+            raise ValueError(f"expected one of {', '.join(choices)}, got {describe_value(value)}")
         return str(value)
 
     return convert
@@ -277,7 +285,7 @@ def _existing_file(to_path: Callable[[object], Path]) -> Callable[[object], Path
 def _as_tls_version(value: object) -> str:
     text = str(value)
     if text not in TLS_VERSIONS:
-        raise ValueError(f'expected "1.2" or "1.3" (quoted), got {describe(value)}')
+        raise ValueError(f'expected "1.2" or "1.3" (quoted), got {describe_value(value)}')
     return text
 
 

@@ -84,8 +84,8 @@ from stowd.config.yamlwalk import (
     as_size,
     as_text,
     as_url,
-    describe,
     describe_node,
+    describe_value,
     entries,
     join,
 )
@@ -200,7 +200,8 @@ def _as_retention(value: object) -> float | Literal[False]:
     seconds = as_duration(positive=True)(value)
     if seconds < 86400:
         raise ValueError(
-            f"expected forever or a duration of at least 1d (such as 30d), got {describe(value)}"
+            "expected forever or a duration of at least 1d (such as 30d), "
+            f"got {describe_value(value)}"
         )
     return seconds
 
@@ -235,7 +236,7 @@ def _as_types(value: object) -> tuple[str, ...]:
     items = value if isinstance(value, list) else None
     if items is None or not all(isinstance(v, str) for v in items):
         raise ValueError(
-            f"expected a list of file types such as [pdf, jpeg], got {describe(value)}"
+            f"expected a list of file types such as [pdf, jpeg], got {describe_value(value)}"
         )
     wrong = [v for v in items if v not in BULK_TYPES]
     if wrong:
@@ -287,7 +288,7 @@ def _as_sidecars(value: object) -> Sidecars | Literal[False]:
         raise ValueError(
             "expected true, false or a mapping with per_file (true/false), folder (a file "
             "name such as _metadata.yaml, or false) and folder_linger (a duration), "
-            f"got {describe(value)}"
+            f"got {describe_value(value)}"
         )
     folder = value.get("folder", DEFAULT_FOLDER_SIDECAR)
     if folder is False or folder is None:

@@ -20,7 +20,7 @@ from stowd.config.yamlwalk import (
     as_duration,
     as_text,
     as_url,
-    describe,
+    describe_value,
     entries,
     is_null,
     join,
@@ -208,7 +208,7 @@ def _query_value(within: str, keyword: str, node: Node, groups: frozenset[str] |
         raise ValueError(f"a {within} lookup cannot ask by {keyword}; it can by {', '.join(known)}")
     value = value_of(node, DicomLoader)
     if isinstance(value, list | dict) or value is None:
-        raise ValueError(f"expected one value or template, got {describe(value)}")
+        raise ValueError(f"expected one value or template, got {describe_value(value)}")
     template = Template.parse(value) if isinstance(value, str) else Template.parse(str(value))
     _check_groups(template, groups)
     if not template.placeholders:
@@ -302,7 +302,7 @@ def _condition(keyword: str, node: Node) -> Condition:
 
 def _condition_of(keyword: str, spec: dict[object, object]) -> Condition:
     if len(spec) != 1 or next(iter(spec)) not in CONDITION_KEYS:
-        raise ValueError(f"expected one of {', '.join(CONDITION_KEYS)}, got {describe(spec)}")
+        raise ValueError(f"expected one of {', '.join(CONDITION_KEYS)}, got {describe_value(spec)}")
     op, arg = next(iter(spec.items()))
     if op in ("present", "absent"):
         if arg is not True:
@@ -312,7 +312,7 @@ def _condition_of(keyword: str, spec: dict[object, object]) -> Condition:
         return Condition(keyword, "regex", pattern=_as_regex(arg))
     values = arg if op == "one_of" and isinstance(arg, list) else [arg]
     if op == "one_of" and not isinstance(arg, list):
-        raise ValueError(f"one_of needs a list of values, got {describe(arg)}")
+        raise ValueError(f"one_of needs a list of values, got {describe_value(arg)}")
     return Condition(keyword, "one_of", tuple(_text(keyword, v) for v in values))
 
 
@@ -387,7 +387,7 @@ def _scalar_spec(keyword: str, value: object) -> Template | int | float:
     spec = _spec(keyword, value)
     if isinstance(spec, Template | int | float):
         return spec
-    raise ValueError(f"{keyword}: expected single values in the list, got {describe(value)}")
+    raise ValueError(f"{keyword}: expected single values in the list, got {describe_value(value)}")
 
 
 def _sequence_item(keyword: str, value: object) -> SpecItem:

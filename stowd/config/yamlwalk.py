@@ -65,7 +65,7 @@ def parse_size(text: str | int | float) -> int:
     return _size_of(text)
 
 
-def describe(value: object) -> str:
+def describe_value(value: object) -> str:
     """How a value read from YAML is shown in a message (``got ...``)."""
     if value is None:
         return "nothing"
@@ -84,17 +84,17 @@ def _amount(value: object, pattern: re.Pattern[str], hint: str) -> tuple[str | f
     """The number (plain, or as written in a string) and lower-case unit of ``value``."""
     if isinstance(value, int | float) and not isinstance(value, bool):
         if not math.isfinite(value):
-            raise ValueError(f"{hint}, got {describe(value)}")
+            raise ValueError(f"{hint}, got {describe_value(value)}")
         return float(value), ""
     match = pattern.fullmatch(value.strip()) if isinstance(value, str) else None
     if match is None:
-        raise ValueError(f"{hint}, got {describe(value)}")
+        raise ValueError(f"{hint}, got {describe_value(value)}")
     return match["num"], (match["unit"] or "").lower()
 
 
 def _not_negative(number: float, value: object) -> None:
     if number < 0:
-        raise ValueError(f"must not be negative, got {describe(value)}")
+        raise ValueError(f"must not be negative, got {describe_value(value)}")
 
 
 def _duration_of(value: object) -> float:
@@ -114,7 +114,7 @@ def _size_of(value: object) -> int:
         elif float(number).is_integer() or unit not in ("", "b"):
             size = round(float(number) * _SIZE_UNITS[unit])
         else:
-            raise ValueError(f"{_SIZE_HINT} (whole bytes), got {describe(value)}")
+            raise ValueError(f"{_SIZE_HINT} (whole bytes), got {describe_value(value)}")
     _not_negative(size, value)
     return size
 
@@ -128,7 +128,7 @@ def as_duration(*, positive: bool) -> Callable[[object], float]:
     def convert(value: object) -> float:
         seconds = _duration_of(value)
         if positive and seconds <= 0:
-            raise ValueError(f"must be more than 0 seconds, got {describe(value)}")
+            raise ValueError(f"must be more than 0 seconds, got {describe_value(value)}")
         return seconds
 
     return convert
@@ -137,16 +137,18 @@ def as_duration(*, positive: bool) -> Callable[[object], float]:
 def as_size(value: object) -> int:
     size = _size_of(value)
     if size < 1:
-        raise ValueError(f"must be at least 1 byte, got {describe(value)}")
+        raise ValueError(f"must be at least 1 byte, got {describe_value(value)}")
     return size
 
 
 def as_number(minimum: float) -> Callable[[object], float]:
     def convert(value: object) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"expected a number, got {describe(value)}")
+            raise ValueError(f"expected a number, got {describe_value(value)}")
         if not math.isfinite(value) or value < minimum:
-            raise ValueError(f"must be a number of at least {minimum:g}, got {describe(value)}")
+            raise ValueError(
+                f"must be a number of at least {minimum:g}, got {describe_value(value)}"
+            )
         return float(value)
 
     return convert
@@ -155,7 +157,7 @@ def as_number(minimum: float) -> Callable[[object], float]:
 def as_int(minimum: int) -> Callable[[object], int]:
     def convert(value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"expected a whole number, got {describe(value)}")
+            raise ValueError(f"expected a whole number, got {describe_value(value)}")
         if value < minimum:
             raise ValueError(f"must be at least {minimum}, got {value}")
         return value
@@ -165,13 +167,13 @@ def as_int(minimum: int) -> Callable[[object], int]:
 
 def as_bool(value: object) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"expected true or false (without quotes), got {describe(value)}")
+        raise ValueError(f"expected true or false (without quotes), got {describe_value(value)}")
     return value
 
 
 def as_text(value: object) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"expected text, got {describe(value)}")
+        raise ValueError(f"expected text, got {describe_value(value)}")
     return value.strip()
 
 
@@ -180,7 +182,7 @@ def as_choice(choices: Collection[str]) -> Callable[[object], str]:
 
     def convert(value: object) -> str:
         if not isinstance(value, str) or value not in choices:
-            raise ValueError(f"expected one of {', '.join(choices)}, got {describe(value)}")
+            raise ValueError(f"expected one of {', '.join(choices)}, got {describe_value(value)}")
         return value
 
     return convert
@@ -196,7 +198,7 @@ def as_name(value: object) -> str:
 def as_log_level(value: object) -> str:
     level = as_text(value).upper()
     if level not in LOG_LEVELS:
-        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {describe(value)}")
+        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {describe_value(value)}")
     return level
 
 
@@ -223,7 +225,8 @@ def as_patterns(value: object) -> tuple[str, ...]:
     patterns = [item for item in items if isinstance(item, str) and item]
     if not isinstance(value, list) or len(patterns) != len(items):
         raise ValueError(
-            f"expected a list of file name patterns such as ['.*', '*.part'], got {describe(value)}"
+            "expected a list of file name patterns such as ['.*', '*.part'], "
+            f"got {describe_value(value)}"
         )
     for pattern in patterns:
         if "/" in pattern:
@@ -234,7 +237,7 @@ def as_patterns(value: object) -> tuple[str, ...]:
 def as_path(base: Path) -> Callable[[object], Path]:
     def convert(value: object) -> Path:
         if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"expected a folder or file path, got {describe(value)}")
+            raise ValueError(f"expected a folder or file path, got {describe_value(value)}")
         expanded = os.path.expanduser(value.strip())
         return Path(os.path.abspath(os.path.join(base, expanded)))
 
@@ -287,7 +290,7 @@ def describe_node(node: Node) -> str:
     if isinstance(node, SequenceNode):
         return "a list"
     try:
-        return describe(value_of(node))
+        return describe_value(value_of(node))
     except ValueError:
         return repr(node.value)
 

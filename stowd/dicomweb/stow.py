@@ -14,7 +14,7 @@ answers, file by file (``stowanswer.py``).  Together they follow the retry table
   -> ``DestinationHeld``; the token endpoint unreachable or 5xx -> ``DestinationBusy``;
   a 401 to an OAuth2 token -> one new token and one more attempt, then ``DestinationHeld``
 * 200/202/409/400 bodies                 -> one ``Verdict`` per sent SOPInstanceUID; an
-  instance the archive says it already holds (Azure's 45070) is stored (``Outcome.ALREADY``),
+  instance the archive says it already holds (Azure's 45070) is stored (``StowOutcome.ALREADY``),
   or failed where the destination has ``duplicates: fail``; a refusal that may be transient
   is retried, the doubtful ones (``is_counted``) at most ``retry.max_refusals`` times
 * a 4xx, 200 or 202 whose body is not a STOW-RS answer (empty, an HTML login page, other

@@ -240,7 +240,7 @@ def _short(text: bytes, limit: int = 500) -> str:
 
 
 # -- verdicts ----------------------------------------------------------------------------------
-class Outcome(Enum):
+class StowOutcome(Enum):
     SENT = "sent"
     ALREADY = "already stored"  # the archive holds an instance by these UIDs (not compared)
     FAILED = "failed"
@@ -252,7 +252,7 @@ class Outcome(Enum):
 class Verdict:
     """What to do with one file after a request, and why."""
 
-    outcome: Outcome
+    outcome: StowOutcome
     reason: str = ""
     code: int | None = None
 
@@ -293,7 +293,7 @@ def _judge_one(answer: Answer, sop: str, single: bool, duplicates: str) -> Verdi
     if sop in answer.referenced:
         warning = answer.referenced[sop]
         note = f"stored with warning {warning:04X} ({_warning(warning)})" if warning else ""
-        return Verdict(Outcome.SENT, note, warning)
+        return Verdict(StowOutcome.SENT, note, warning)
     if sop in answer.failed:
         code, text = answer.failed[sop], answer.failed_text.get(sop)
         if code == ALREADY_STORED:
@@ -315,14 +315,14 @@ def _judge_already(status: int, duplicates: str) -> Verdict:
     said = f"failure reason {ALREADY_STORED:04X} ({ALREADY_STORED}), HTTP {status}"
     if duplicates == "fail":
         return Verdict(
-            Outcome.FAILED,
+            StowOutcome.FAILED,
             f"the archive already holds an instance with this file's study, series and "
             f"SOP instance UIDs ({said}) and this destination has duplicates: fail; the "
             "file was not stored again (check whether the archive's copy is the right one)",
             ALREADY_STORED,
         )
     return Verdict(
-        Outcome.ALREADY,
+        StowOutcome.ALREADY,
         f"already stored: the archive already holds an instance with this file's study, "
         f"series and SOP instance UIDs ({said}); its content was not compared",
         ALREADY_STORED,
@@ -338,29 +338,29 @@ def _judge_unlisted(answer: Answer, single: bool) -> Verdict:
     unnamed = answer.failed.get("")
     if status in (200, 202) and unnamed is not None and not single:
         return Verdict(
-            Outcome.ISOLATE,
+            StowOutcome.ISOLATE,
             f"the archive answered HTTP {status} and refused a file of this request without "
             "naming it: sending the files it did not list one by one",
         )
     if status in (200, 202):
         return Verdict(
-            Outcome.RETRY,
+            StowOutcome.RETRY,
             f"the archive answered HTTP {status} but did not list this instance as stored",
         )
     if not single:
-        return Verdict(Outcome.ISOLATE, f"HTTP {status} for a batch: sending files one by one")
+        return Verdict(StowOutcome.ISOLATE, f"HTTP {status} for a batch: sending files one by one")
     if status >= 500:
-        return Verdict(Outcome.RETRY, f"the archive answered HTTP {status} (server error)")
+        return Verdict(StowOutcome.RETRY, f"the archive answered HTTP {status} (server error)")
     if unnamed is not None:
         reason = f"failure reason {unnamed:04X} ({failure_meaning(unnamed)})"
-        return Verdict(Outcome.FAILED, f"{_refusal(status)}: {reason}", unnamed)
-    return Verdict(Outcome.FAILED, _refusal(status))
+        return Verdict(StowOutcome.FAILED, f"{_refusal(status)}: {reason}", unnamed)
+    return Verdict(StowOutcome.FAILED, _refusal(status))
 
 
 def _judge_failed(status: int, code: int, said: str | None = None) -> Verdict:
     text = f"the archive refused the instance: failure reason {code:04X} ({failure_meaning(code)})"
     words = f' and said "{escape(_bounded(said))}"' if said else ""
-    outcome = Outcome.RETRY if is_transient(code) else Outcome.FAILED
+    outcome = StowOutcome.RETRY if is_transient(code) else StowOutcome.FAILED
     return Verdict(outcome, f"{text}, HTTP {status}{words}", code)
 
 

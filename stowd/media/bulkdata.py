@@ -1,6 +1,6 @@
 """DICOM objects around bulkdata files: documents, 3D models, images and videos.
 
-``describe`` decides what a file (detected by ``probe.detect``) becomes and returns an
+``describe_instance`` decides what a file (detected by ``probe.detect``) becomes and returns an
 ``Instance``: the data set with every attribute but the bulk element, and where that element's
 bytes come from (a ``Bulk`` byte range). ``write`` (``stowd.part10``) makes the Part-10 file of
 an instance, streaming the bulk value in ``CHUNK`` pieces, so memory does not grow with the
@@ -101,7 +101,7 @@ _NAMES = {
 }
 
 
-def describe(
+def describe_instance(
     source: Path,
     media: Media,
     values: Item,
@@ -158,13 +158,14 @@ def build(
     photographic: bool = False,
     expect: tuple[int, int] | None = None,
 ) -> int:
-    """Write the DICOM file ``target`` for ``source``: ``write(describe(...))``; return its size.
+    """Write the DICOM file ``target`` for ``source``: ``write(describe_instance(...))``;
+    return its size.
 
     A PNG or GIF is decoded into a scratch file next to ``target``, removed afterwards.
     """
     scratch = target.with_name(f".{target.name}.pixels")
     try:
-        instance = describe(
+        instance = describe_instance(
             source,
             media,
             values,
@@ -340,7 +341,7 @@ def _check_bits(pixels: Pixels, sop_class: str) -> None:
 
 def _scratch(scratch: Path | None, media: Media) -> Path:
     if scratch is None:
-        raise ValueError(f"describe needs a scratch path to decode a {media.kind} image")
+        raise ValueError(f"describe_instance needs a scratch path to decode a {media.kind} image")
     return scratch
 
 

@@ -1,9 +1,10 @@
-"""The DICOM instance a bulkdata file becomes, as values: what describe makes and write reads.
+"""The DICOM instance a bulkdata file becomes, as values: what describe_instance makes and
+write reads.
 
-``bulkdata.describe`` makes an ``Instance``: the data set and where its bulk value comes from (a
-``Bulk`` byte range); ``decode`` gives the ``Pixels`` and the ``Bulk`` of a decoded PNG or GIF;
-``part10.write`` streams an instance into a Part-10 file. The bulk element is ``DOCUMENT``
-(EncapsulatedDocument) or ``PIXEL_DATA``.
+``bulkdata.describe_instance`` makes an ``Instance``: the data set and where its bulk value
+comes from (a ``Bulk`` byte range); ``decode`` gives the ``Pixels`` and the ``Bulk`` of a
+decoded PNG or GIF; ``part10.write`` streams an instance into a Part-10 file. The bulk element
+is ``DOCUMENT`` (EncapsulatedDocument) or ``PIXEL_DATA``.
 """
 
 from __future__ import annotations

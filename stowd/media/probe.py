@@ -28,7 +28,7 @@ from stowd.media.reading import (
     MAX_SIDE,
     TS,
     Media,
-    Short,
+    TruncatedHeader,
     boxes,
     check_size,
     read_at,
@@ -132,7 +132,7 @@ def _detect_open(fp: BinaryIO, size: int, ext: str) -> Media:
         raise _unrecognised(ext)
     try:
         return _PARSERS[kind](fp, size, head)
-    except (Short, struct.error, IndexError) as exc:
+    except (TruncatedHeader, struct.error, IndexError) as exc:
         reason = DAMAGED.get(kind, "the file is damaged")
         raise FileProblem(f"{reason}: a header ends before all its fields") from exc
 

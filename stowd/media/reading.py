@@ -1,7 +1,7 @@
 """The record of what a bulkdata file holds, and the bounded readers its parsers share.
 
 ``stowd.media`` (documents, JPEG, JPEG 2000, PNG, GIF) and ``stowd.video`` (MPEG-2, MP4) read
-headers with these: ``read_at``/``read_exact`` (a header cut short raises ``Short``, which
+headers with these: ``read_at``/``read_exact`` (a header cut short raises ``TruncatedHeader``, which
 ``probe.detect`` reports as damage of the file's kind), ``check_size`` for the pixel size, and
 ``boxes`` for the ISO base media boxes of MP4, QuickTime and JP2.
 """
@@ -51,7 +51,7 @@ class Media:
     document_id: str | None = None  # a CDA document: its ClinicalDocument/id as root^extension
 
 
-class Short(Exception):
+class TruncatedHeader(Exception):
     """A header ended before all its fields (turned into a FileProblem for the file's kind)."""
 
 
@@ -63,7 +63,7 @@ def read_at(fp: BinaryIO, offset: int, count: int) -> bytes:
 def read_exact(fp: BinaryIO, count: int) -> bytes:
     data = fp.read(count)
     if len(data) < count:
-        raise Short
+        raise TruncatedHeader
     return data
 
 
@@ -80,13 +80,13 @@ def check_size(kind: str, rows: int, columns: int) -> None:
 # --- boxes (MP4, QuickTime, JP2) ---------------------------------------------------------------
 
 
-class Box(NamedTuple):
+class IsoBox(NamedTuple):
     kind: bytes
     start: int  # where the payload starts
     end: int
 
 
-def boxes(fp: BinaryIO, start: int, end: int, what: str) -> Iterator[Box]:
+def boxes(fp: BinaryIO, start: int, end: int, what: str) -> Iterator[IsoBox]:
     """The boxes between ``start`` and ``end``, read by their headers only (seeks, no reads)."""
     pos = start
     for _ in range(MAX_BOXES):
@@ -98,7 +98,7 @@ def boxes(fp: BinaryIO, start: int, end: int, what: str) -> Iterator[Box]:
     raise FileProblem(f"{what} is damaged: it has more than {MAX_BOXES} boxes in one place")
 
 
-def _box_at(fp: BinaryIO, pos: int, end: int, what: str) -> Box:
+def _box_at(fp: BinaryIO, pos: int, end: int, what: str) -> IsoBox:
     size, kind = struct.unpack(">I4s", read_at(fp, pos, 8))
     header = 8
     if size == 1:  # 64-bit largesize follows
@@ -110,7 +110,7 @@ def _box_at(fp: BinaryIO, pos: int, end: int, what: str) -> Box:
             f"{what} is truncated or damaged: its '{fourcc(kind)}' box at byte {pos} runs "
             "past the end of the file or of the box around it (was it copied completely?)"
         )
-    return Box(kind, pos + header, pos + size)
+    return IsoBox(kind, pos + header, pos + size)
 
 
 def fourcc(kind: bytes) -> str:

@@ -19,9 +19,9 @@ from stowd.media.reading import (
     DAMAGED,
     HEAD,
     TS,
-    Box,
+    IsoBox,
     Media,
-    Short,
+    TruncatedHeader,
     boxes,
     check_size,
     fourcc,
@@ -72,7 +72,7 @@ def mpeg(fp: BinaryIO, size: int, head: bytes) -> Media:
         )
     data = read_at(fp, at, 1024)
     if len(data) < 12:  # the start code and the 8 bytes of the sequence header
-        raise Short
+        raise TruncatedHeader
     rows, columns, rate = _bits(data[4:8], 12, 12), _bits(data[4:8], 0, 12), data[7] & 0x0F
     extension = _sequence_extension(data[12:])
     if extension is not None:
@@ -277,7 +277,7 @@ def mp4(fp: BinaryIO, size: int, head: bytes) -> Media:
     return _mp4_media(_video_track(fp, moov), media_type)
 
 
-def _video_track(fp: BinaryIO, moov: Box) -> dict[bytes, bytes]:
+def _video_track(fp: BinaryIO, moov: IsoBox) -> dict[bytes, bytes]:
     for trak in boxes(fp, moov.start, moov.end, _VIDEO):
         if trak.kind == b"trak":
             found = _collect(fp, trak, {})
@@ -286,7 +286,7 @@ def _video_track(fp: BinaryIO, moov: Box) -> dict[bytes, bytes]:
     raise FileProblem("the file holds no video track (only sound or other data)")
 
 
-def _collect(fp: BinaryIO, box: Box, found: dict[bytes, bytes]) -> dict[bytes, bytes]:
+def _collect(fp: BinaryIO, box: IsoBox, found: dict[bytes, bytes]) -> dict[bytes, bytes]:
     """The (bounded) payloads of the boxes of one track that describe its video."""
     for child in boxes(fp, box.start, box.end, _VIDEO):
         if child.kind in _TRACK_CONTAINERS:

@@ -40,7 +40,7 @@ def bulk_part(
 ) -> Part:
     """The metadata and the bulk part of the instance built from ``job``'s file."""
     source = Path(job.path)
-    instance = bulkdata.describe(
+    instance = bulkdata.describe_instance(
         source,
         media,
         values,

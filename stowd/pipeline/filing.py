@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from stowd.config.model import Config
-from stowd.dicomweb.stowanswer import Answer, Outcome, Verdict, failure_meaning
+from stowd.dicomweb.stowanswer import Answer, StowOutcome, Verdict, failure_meaning
 from stowd.errors import QueueError, no_space
 from stowd.pipeline import counters
 from stowd.pipeline.backoff import RetryPolicy
@@ -183,7 +183,7 @@ class Filing:
         to the file."""
         now = self.clock()
         sent = answer is not None
-        code = verdict.code if verdict and verdict.outcome is not Outcome.SENT else None
+        code = verdict.code if verdict and verdict.outcome is not StowOutcome.SENT else None
         doc: dict[str, Any] = {
             "file": job.path,
             "reason": reason,

@@ -7,7 +7,7 @@ Only exact matches count: archives such as Orthanc match case-insensitively, so 
 answer is checked against the query again here.
 
 * one match: its Patient and Study attributes (``values``) win over the file's and the rules'
-* none: ``NotYet`` until ``wait`` after the file was queued, then ``FileProblem``
+* none: ``LookupNoMatchYet`` until ``wait`` after the file was queued, then ``FileProblem``
 * several: ``FileProblem`` listing each candidate (stowd never guesses)
 * the archive not reached, or an error status: ``LookupUnavailable`` (the file waits)
 
@@ -34,7 +34,13 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from stowd.config.model import Config, Destination
 from stowd.config.yamlwalk import redact_url
 from stowd.dicomweb.client import http_client, qido_get
-from stowd.errors import ClientSetupError, FileProblem, LookupUnavailable, NotYet, StowFailure
+from stowd.errors import (
+    ClientSetupError,
+    FileProblem,
+    LookupNoMatchYet,
+    LookupUnavailable,
+    StowFailure,
+)
 from stowd.pipeline.queue import Job, Queue
 from stowd.rules import vr
 from stowd.rules.engine import Wanted
@@ -107,7 +113,7 @@ class Finder:
             self._clients.clear()
 
     def find(self, job: Job, wanted: Wanted) -> Found:
-        """The entry ``job``'s file joins; raise ``NotYet``, ``LookupUnavailable`` or
+        """The entry ``job``'s file joins; raise ``LookupNoMatchYet``, ``LookupUnavailable`` or
         ``FileProblem`` (several matches, or none after ``wait``)."""
         destination = self.config.destinations[job.destination]
         key = query_key(destination, wanted)
@@ -135,7 +141,7 @@ class Finder:
         if now >= until:
             return FileProblem(f"{what} (looked for {_span(now - since)}; {wanted.rule})")
         at = datetime.fromtimestamp(until).strftime("%Y-%m-%d %H:%M:%S")
-        return NotYet(f"{what} yet; waiting until {at} ({wanted.rule})", until)
+        return LookupNoMatchYet(f"{what} yet; waiting until {at} ({wanted.rule})", until)
 
     def _answer(self, destination: Destination, wanted: Wanted, key: str) -> list[Item]:
         """The exact matches, from the cache or the archive."""
@@ -386,7 +392,7 @@ def _entry(wanted: Wanted) -> str:
     return "study" if wanted.lookup.within == "studies" else "worklist item"
 
 
-def describe(destination: Destination, wanted: Wanted) -> str:
+def describe_query(destination: Destination, wanted: Wanted) -> str:
     """The query a file would make, for ``stowd explain`` (nothing is asked)."""
     worklist = wanted.lookup.within == "worklist"
     query = urlencode([(_param(k, worklist), v) for k, v in wanted.query])

@@ -1,6 +1,6 @@
 """The rules stage between classify and stow: what the rules and sidecars change in a file.
 
-``plan`` runs when a file is classified, so rules that change StudyInstanceUID or
+``plan_file`` runs when a file is classified, so rules that change StudyInstanceUID or
 SOPInstanceUID decide how files are grouped; the changes are stored in the queue with the
 job and reused on every attempt (templates such as ``{now}`` are not evaluated again).
 ``spool_copy`` writes the changed copy that is sent; the original file is never modified.
@@ -35,7 +35,7 @@ from stowd.media.rewrite import apply, rewrite
 from stowd.pipeline import sidecar
 from stowd.pipeline.classify import Classified
 from stowd.pipeline.queue import Job
-from stowd.rules.engine import Facts, Outcome, evaluate, fingerprint, render_for, value_text
+from stowd.rules.engine import Facts, RuleOutcome, evaluate, fingerprint, render_for, value_text
 from stowd.rules.vr import Item
 
 SPOOL_SUFFIX = ".dcm"
@@ -60,14 +60,14 @@ _KINDS = {
 class Planned:
     """A classified file after the rules: its final keys and what is to change."""
 
-    outcome: Outcome
+    outcome: RuleOutcome
     sidecars: tuple[tuple[Path, str], ...]  # each sidecar used, with its text then
     study_uid: str  # empty for a file that is not DICOM and whose study is made later
     sop_uid: str
     study_key: str | None = None  # which made study a file that is not DICOM joins
 
 
-def plan(
+def plan_file(
     config: Config,
     source: Source,
     path: str,
@@ -143,7 +143,7 @@ def accept(source: Source, kind: str) -> None:
         )
 
 
-def study_key(source: Source, facts: Facts, outcome: Outcome) -> str:
+def study_key(source: Source, facts: Facts, outcome: RuleOutcome) -> str:
     """The key of the study a file that is not DICOM joins: ``bulkdata.study_key`` rendered
     for the file, and its PatientID (two patients never share a made study)."""
     template = source.bulkdata.study_key
@@ -163,7 +163,7 @@ def new_uid(root: str | None) -> str:
 
 
 def digest(config: Config, source: Source) -> str:
-    """A fingerprint of what ``plan`` depends on besides the file: the rules and sidecars
+    """A fingerprint of what ``plan_file`` depends on besides the file: the rules and sidecars
     (the same in every process; line numbers and comments do not count)."""
     settings = source.sidecars
     sidecars = None if settings is None else [settings.per_file, settings.folder]
@@ -182,7 +182,7 @@ def _again(stored: list[tuple[str, str | None, str | None]]) -> sidecar.Used:
     return used
 
 
-def _final(outcome: Outcome, keyword: str, before: str) -> str:
+def _final(outcome: RuleOutcome, keyword: str, before: str) -> str:
     value = outcome.values.get(keyword)
     return before if value is None else value_text(value)
 

@@ -21,8 +21,8 @@ from stowd.errors import (
     FileProblem,
     FileUnreadable,
     FileVanished,
+    LookupNoMatchYet,
     LookupUnavailable,
-    NotYet,
     UnknownType,
 )
 from stowd.media import bulkdata
@@ -176,7 +176,7 @@ class Reader:
         source = self.config.source(job.source)
         try:
             stored = None if job.sidecars is None else job.sidecar_entries()  # as found
-            p = metadata.plan(
+            p = metadata.plan_file(
                 self.config, source, job.path, job.rel, c, now=datetime.now(), stored=stored
             )
         except FileVanished as exc:  # a sidecar went away while it was read: read again
@@ -217,7 +217,7 @@ class Reader:
             return p, None
         try:
             found = self.finder.find(job, wanted)
-        except NotYet as exc:
+        except LookupNoMatchYet as exc:
             self._wait_for_study(job, str(exc), exc.until)
             return None
         except LookupUnavailable as exc:

@@ -19,7 +19,14 @@ from typing import Any
 from stowd.config.model import TRANSCODE_EXPLICIT, BatchLimits, Config, Destination
 from stowd.dicomweb.answers import answer_seconds
 from stowd.dicomweb.stow import StowClient
-from stowd.dicomweb.stowanswer import Answer, Outcome, Verdict, is_counted, judge, refusal_advice
+from stowd.dicomweb.stowanswer import (
+    Answer,
+    StowOutcome,
+    Verdict,
+    is_counted,
+    judge,
+    refusal_advice,
+)
 from stowd.dicomweb.stowbody import Part
 from stowd.errors import (
     ClientSetupError,
@@ -66,8 +73,8 @@ MB = 1024 * 1024
 # A file whose request, sent alone, ends this many times in a dropped connection fails.
 MAX_DROPS = 3
 # what verify: true checks before the file moves to sent/: the archive's "stored" and its
-# "already stored" (stow.Outcome.ALREADY) alike
-STORED = (Outcome.SENT, Outcome.ALREADY)
+# "already stored" (stow.StowOutcome.ALREADY) alike
+STORED = (StowOutcome.SENT, StowOutcome.ALREADY)
 
 
 class Worker:
@@ -518,22 +525,22 @@ class Worker:
     def _decide(self, job: Job, verdict: Verdict, answer: Answer) -> Decision | None:
         """What becomes of one file by its verdict: a ``Decision`` when its file is to be
         moved (sent/ or failed/); else it waits in the queue (None)."""
-        if verdict.outcome is Outcome.SENT:
+        if verdict.outcome is StowOutcome.SENT:
             note = None
             if verdict.reason:  # a WarningReason: stored, with a note in the queue
                 log.warning("%s: %s", job.path, verdict.reason)
                 note = f"{STORED_WITH_WARNING} {verdict.code or 0:04X}"
             return Decision(job, self.config.source(job.source), "sent", note=note)
-        if verdict.outcome is Outcome.ALREADY:
+        if verdict.outcome is StowOutcome.ALREADY:
             log.info("%s: %s; settled as stored", job.path, verdict.reason)
             return Decision(job, self.config.source(job.source), "sent", note=ALREADY_STORED)
-        if verdict.outcome is Outcome.FAILED:
+        if verdict.outcome is StowOutcome.FAILED:
             return self.filing.fail(job, verdict.reason, verdict=verdict, answer=answer)
         if _doubtful(verdict):
             return self._doubtful_refusal(job, verdict, answer)
-        if verdict.outcome is Outcome.ISOLATE and answer.status == 413:
+        if verdict.outcome is StowOutcome.ISOLATE and answer.status == 413:
             self.queue.release([job.id])  # sent again in the smaller batches
-        elif verdict.outcome is Outcome.ISOLATE:
+        elif verdict.outcome is StowOutcome.ISOLATE:
             self.queue.isolate([job.id])
         else:
             return self.filing.retry_later(job, verdict.reason, verdict=verdict, answer=answer)
@@ -603,7 +610,7 @@ class Worker:
 
 
 def _uncount_unverified(
-    tally: dict[str, int], unsettled: list[Outcome], unlisted: set[str] | None
+    tally: dict[str, int], unsettled: list[StowOutcome], unlisted: set[str] | None
 ) -> None:
     """The batch's tally after verifying the stored files: those not listed, or not
     verified at all (``unsettled``, by their outcome), are not sent."""
@@ -627,7 +634,7 @@ def _may_be_the_files(failure: StowFailure) -> bool:
 
 def _doubtful(verdict: Verdict | None) -> bool:
     """A refusal that may or may not pass later (``stow.is_counted``)."""
-    if verdict is None or verdict.code is None or verdict.outcome is not Outcome.RETRY:
+    if verdict is None or verdict.code is None or verdict.outcome is not StowOutcome.RETRY:
         return False
     return is_counted(verdict.code)
 

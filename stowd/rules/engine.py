@@ -264,7 +264,7 @@ class Facts:
 
 
 @dataclass
-class Outcome:
+class RuleOutcome:
     """What the rules did to one file."""
 
     values: dict[str, Value] = field(default_factory=dict)  # set, and different from before
@@ -322,7 +322,9 @@ def _is_sequence(value: Value) -> bool:
     return isinstance(value, list) and any(isinstance(v, dict) for v in value)
 
 
-def evaluate(rules: Sequence[Rule], facts: Facts, original: Callable[[str], str | None]) -> Outcome:
+def evaluate(
+    rules: Sequence[Rule], facts: Facts, original: Callable[[str], str | None]
+) -> RuleOutcome:
     """Apply the sidecar values, then every matching rule in order; raise ``RuleFailure``.
 
     ``original(keyword)`` gives the file's own value as text (None when absent).
@@ -330,7 +332,7 @@ def evaluate(rules: Sequence[Rule], facts: Facts, original: Callable[[str], str 
     state = _State(original)
     for keyword, value in facts.sidecar.items():
         state.overlay[keyword] = value
-    outcome = Outcome()
+    outcome = RuleOutcome()
     for rule in rules:
         if matches(rule.match, facts, state):
             _apply_rule(rule, facts, state)
@@ -489,7 +491,7 @@ def _path_value(var: str, facts: Facts) -> str:
     return values[var]
 
 
-def _finish(outcome: Outcome, state: _State) -> Outcome:
+def _finish(outcome: RuleOutcome, state: _State) -> RuleOutcome:
     for keyword, value in state.overlay.items():
         before = state.original(keyword)
         if isinstance(value, _Removed):
