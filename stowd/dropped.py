@@ -13,15 +13,14 @@ folder (a spool copy, a test's own file) is opened as it always was.
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, cast
 
 from stowd.errors import LinkRefused
+from stowd.fileops import is_link_refusal
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO never blocks
@@ -96,15 +95,8 @@ def _open_name(name: str, flags: int, parent: int, path: str, shown: str) -> int
     try:
         return os.open(name, flags, dir_fd=parent)
     except OSError as exc:
-        if exc.errno not in (errno.ELOOP, errno.ENOTDIR) or not _is_link(name, parent):
+        if not is_link_refusal(exc, parent, name):
             raise
     if flags == _FILE:
         raise LinkRefused(f"the file is a symbolic link; {ADVICE}", path=path)
     raise LinkRefused(f"the folder {shown} on its path is a symbolic link; {ADVICE}", path=path)
-
-
-def _is_link(name: str, parent: int) -> bool:
-    try:
-        return stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode)
-    except OSError:
-        return False

@@ -12,7 +12,8 @@ a file changed while it was read, what a sidecar is) stay with them:
 * ``write_new``: a whole file written under a temporary name and renamed over the target
   (a reader sees the old or the new one), with an explicit mode whatever the umask.
 * ``open_folder`` / ``make_folders``: folders entered (and made, each with the mode of the
-  folder it is made in) without following a symbolic link below a configured root.
+  folder it is made in) without following a symbolic link below a configured root;
+  ``is_link_refusal``: whether such an open failed on a link (also used by ``dropped``).
 * ``fsync_dir``: a folder's entries to disk; ``numbered`` and ``is_copy_name``: the names
   of copies (``name~N``, ``stem~<sha12>.ext``); ``walk_folders``: a walk without recursion.
 
@@ -148,7 +149,7 @@ def _enter(parent: int, name: str, create: bool, start: Path) -> int:
     try:
         return os.open(name, _FOLDER | os.O_NOFOLLOW, dir_fd=parent)
     except OSError as exc:
-        if exc.errno not in (errno.ELOOP, errno.ENOTDIR) or not _is_link(parent, name):
+        if not is_link_refusal(exc, parent, name):
             raise
     raise OSError(
         errno.ELOOP,
@@ -158,7 +159,12 @@ def _enter(parent: int, name: str, create: bool, start: Path) -> int:
     )
 
 
-def _is_link(parent: int, name: str) -> bool:
+def is_link_refusal(exc: OSError, parent: int, name: str) -> bool:
+    """Whether ``exc``, raised by opening ``name`` in the folder ``parent`` with
+    ``O_NOFOLLOW``, means that ``name`` is a symbolic link (not a missing or unreadable
+    entry)."""
+    if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+        return False
     try:
         return stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode)
     except OSError:
