@@ -6,8 +6,10 @@
     ├── ConfigError            bad configuration: lists every problem at once (exit 2)
     ├── QueueError             the SQLite queue cannot be opened or used
     │   ├── QueueLockedError   another stowd already uses this queue
-    │   └── QueueFull          the queue's filesystem has no space left (SQLITE_FULL):
-    │                          nothing can be queued or settled until space is freed
+    │   ├── QueueFull          the queue's filesystem has no space left (SQLITE_FULL):
+    │   │                      nothing can be queued or settled until space is freed
+    │   └── QueueUnreadable    a read of the queue failed (``Queue.reading``: not a
+    │                          database, no right to make its -shm file)
     ├── MigrationConflict      stowd migrate would resume a run of SRC in the other mode
     │                          (--keep or not): refused before anything happens (exit 2)
     ├── FileProblem            a single file cannot be sent as it is (never retried)
@@ -122,6 +124,10 @@ class QueueLockedError(QueueError):
 
 class QueueFull(QueueError):
     """A write to the queue failed because its filesystem is full; nothing was written."""
+
+
+class QueueUnreadable(QueueError):
+    """A read of the queue (inside ``Queue.reading``) failed; the message names the queue."""
 
 
 class MigrationConflict(StowdError):

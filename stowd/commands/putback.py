@@ -34,7 +34,6 @@ import contextlib
 import json
 import os
 import re
-import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -335,10 +334,11 @@ class _Retry:
             try:
                 queue = open_readonly(self.config.queue)
                 try:
-                    jobs = queue.jobs("failed")
+                    with queue.reading():
+                        jobs = queue.jobs("failed")
                 finally:
                     queue.close()
-            except (StowdError, sqlite3.Error, OSError):
+            except (StowdError, OSError):
                 jobs = []
             self._jobs = {j.target: j for j in jobs if j.target}
         return self._jobs

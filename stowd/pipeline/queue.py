@@ -26,7 +26,8 @@ While the daemon runs, ``reclaim`` returns claims whose lease ran out and that n
 workers holds (a worker that died).
 
 Every write transaction translates sqlite3's errors here, at one seam: ``QueueFull`` when the
-queue's filesystem is full (nothing was written), ``QueueError`` otherwise.  ``troubles``
+queue's filesystem is full (nothing was written), ``QueueError`` otherwise; the reads of
+``stowd status`` and ``stowd retry`` (inside ``reading``) become ``QueueUnreadable``.  ``troubles``
 (schema 5) holds what the running daemon reports about itself for ``stowd status`` (a thread
 that keeps dying).  ``note`` (schema 6) says how a settled file's outcome came about where the
 outcome alone does not: ``already stored`` for a file the archive said it held already.
@@ -56,7 +57,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from stowd.errors import QueueError, QueueFull, QueueLockedError, SidecarNotReady
+from stowd.errors import (
+    QueueError,
+    QueueFull,
+    QueueLockedError,
+    QueueUnreadable,
+    SidecarNotReady,
+)
 from stowd.pipeline import disk
 
 log = logging.getLogger("stowd.queue")
@@ -1187,13 +1194,17 @@ class Queue:
 
     @contextmanager
     def reading(self) -> Iterator[Queue]:
-        """The queries inside see one state of the queue (one WAL read snapshot)."""
+        """The queries inside see one state of the queue (one WAL read snapshot); sqlite3's
+        errors of those reads become ``QueueUnreadable`` here (the reads' one seam)."""
         conn = self._conn()
-        conn.execute("BEGIN")
         try:
-            yield self
-        finally:
-            conn.execute("COMMIT")  # ends the read transaction; nothing was written
+            conn.execute("BEGIN")
+            try:
+                yield self
+            finally:
+                conn.execute("COMMIT")  # ends the read transaction; nothing was written
+        except sqlite3.Error as exc:
+            raise QueueUnreadable(f"cannot read the queue {self.path}: {exc}") from exc
 
     def tally(self, now: float) -> list[Tally]:
         """Each group of rows (source, destination, state) in one pass: the count every other

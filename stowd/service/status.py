@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sqlite3
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from stowd.config.model import Config, Source
-from stowd.errors import QueueError
+from stowd.errors import QueueUnreadable
 from stowd.fileops import walk_folders
 from stowd.pipeline import disk
 from stowd.pipeline.queue import Hold, Queue, open_readonly, read_only_note
@@ -153,9 +152,8 @@ def gather(config: Config, *, now: float | None = None) -> dict[str, Any]:
     try:
         with queue.reading():
             return _gather(config, queue, now)
-    except sqlite3.Error as exc:  # e.g. no right to create the -wal/-shm files beside it
-        why = _unreadable(config)
-        raise QueueError(f"cannot read the queue {config.queue}: {exc} ({why})") from exc
+    except QueueUnreadable as exc:  # e.g. no right to create the -wal/-shm files beside it
+        raise QueueUnreadable(f"{exc} ({_unreadable(config)})") from exc
     finally:
         queue.close()
 
