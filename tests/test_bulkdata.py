@@ -947,8 +947,8 @@ MEASURE = textwrap.dedent(
     import resource, sys
     from datetime import datetime, timezone
     from pathlib import Path
-    from stowd.bulkdata import Uids, build
-    from stowd.media import detect
+    from stowd.media.bulkdata import Uids, build
+    from stowd.media.probe import detect
 
     source, target = Path(sys.argv[1]), Path(sys.argv[2])
     media = detect(source)
