@@ -32,9 +32,17 @@ class Loop:
         self.disks = disks  # told of writes that failed for lack of space (it logs them)
         self._queue_failures = 0  # writes to the queue that failed in a row
         self._queue_full = False  # the last of them: for lack of space
+        self.running = False  # inside run(): what the daemon's watchdog and reclaim ask
 
     def run(self, step: Callable[[], bool], beat: Callable[[], None]) -> None:
         """``step`` until stopped (False: it found nothing to do); ``beat`` before each."""
+        self.running = True
+        try:
+            self._steps(step, beat)
+        finally:
+            self.running = False
+
+    def _steps(self, step: Callable[[], bool], beat: Callable[[], None]) -> None:
         while not self.stop.is_set():
             beat()
             try:

@@ -78,14 +78,14 @@ class Reader:
         self._loop = Loop(name, queue, stop, disks)
         self.beat = time.monotonic()  # last sign of progress (the daemon's watchdog reads it)
         self.max_step = max_step
-        self.running = False  # inside run()
 
     def run(self) -> None:
-        self.running = True
-        try:
-            self._loop.run(self.step, self._alive)
-        finally:
-            self.running = False
+        self._loop.run(self.step, self._alive)
+
+    @property
+    def running(self) -> bool:
+        """Inside ``run`` (its loop says)."""
+        return self._loop.running
 
     def _alive(self) -> None:
         self.beat = time.monotonic()

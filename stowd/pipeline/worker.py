@@ -127,7 +127,6 @@ class Worker:
         self._loop = Loop(self.name, queue, stop, disks)
         self.beat = time.monotonic()  # last sign of progress (the daemon's watchdog reads it)
         self.max_step = self._lease  # one step (a batch upload) may take this long
-        self.running = False  # inside run()
         # (started, last progress) of the request in flight, for status (via the daemon)
         self.in_flight: tuple[float, float] | None = None
         self._wire = wire_of(client)  # the requests in flight to this destination
@@ -141,11 +140,12 @@ class Worker:
         self._unreleased: set[int] = set()  # claimed rows whose release failed: released first
 
     def run(self) -> None:
-        self.running = True
-        try:
-            self._loop.run(self.step, self._alive)
-        finally:
-            self.running = False
+        self._loop.run(self.step, self._alive)
+
+    @property
+    def running(self) -> bool:
+        """Inside ``run`` (its loop says)."""
+        return self._loop.running
 
     def _alive(self) -> None:
         """A sign of progress within a step (a chunk of an upload went out)."""
@@ -546,28 +546,6 @@ class Worker:
             return self.filing.retry_later(job, verdict.reason, verdict=verdict, answer=answer)
         return None
 
-    def _crowded_refusal(self, job: Job, verdict: Verdict, answer: Answer) -> Decision | None:
-        """A doubtful refusal while other requests were in flight: ``CROWDED_FACTOR`` times
-        ``retry.max_refusals`` of them fail the file."""
-        crowded = counted_in_error(job, CROWDED) + 1
-        limit = CROWDED_FACTOR * self.config.retry.max_refusals
-        if crowded < limit:
-            reason = (
-                f"{verdict.reason} (not counted: other requests were in flight), {crowded} "
-                f"such refusals of at most {limit}"
-            )
-            return self.filing.retry_later(
-                job, reason, verdict=verdict, answer=answer, counts={CROWDED: crowded}
-            )
-        reason = (
-            f"the archive refused this file {crowded} times while other requests were in "
-            f"flight ({CROWDED_FACTOR} times retry.max_refusals): {verdict.reason}; stowd "
-            f"does not send it again: {refusal_advice(verdict.code)}"
-        )
-        return self.filing.fail(
-            job, reason, verdict=verdict, answer=answer, counts={CROWDED: crowded}
-        )
-
     def _doubtful_refusal(self, job: Job, verdict: Verdict, answer: Answer) -> Decision | None:
         """A refusal that may be transient but may as well be permanent: tried again with
         the normal backoff; the ``retry.max_refusals``-th such refusal fails the file.  The
@@ -578,20 +556,62 @@ class Worker:
         limit, so that a permanent refusal fails even where requests always overlap."""
         if not self._alone:
             return self._crowded_refusal(job, verdict, answer)
-        refusals = refusals_so_far(job) + 1
-        limit = self.config.retry.max_refusals
-        if refusals < limit:
-            reason = f"{verdict.reason} (refusal {refusals} of at most {limit})"
+        n, limit = refusals_so_far(job) + 1, self.config.retry.max_refusals
+        return self._counted_refusal(
+            job,
+            verdict,
+            answer,
+            counts={REFUSALS: n},
+            limit=limit,
+            again=f"{verdict.reason} (refusal {n} of at most {limit})",
+            final=f"the archive refused this file {n} times (retry.max_refusals: {limit})",
+        )
+
+    def _crowded_refusal(self, job: Job, verdict: Verdict, answer: Answer) -> Decision | None:
+        """A doubtful refusal while other requests were in flight: ``CROWDED_FACTOR`` times
+        ``retry.max_refusals`` of them fail the file."""
+        n = counted_in_error(job, CROWDED) + 1
+        limit = CROWDED_FACTOR * self.config.retry.max_refusals
+        return self._counted_refusal(
+            job,
+            verdict,
+            answer,
+            counts={CROWDED: n},
+            limit=limit,
+            again=(
+                f"{verdict.reason} (not counted: other requests were in flight), {n} such "
+                f"refusals of at most {limit}"
+            ),
+            final=(
+                f"the archive refused this file {n} times while other requests were in "
+                f"flight ({CROWDED_FACTOR} times retry.max_refusals)"
+            ),
+        )
+
+    def _counted_refusal(
+        self,
+        job: Job,
+        verdict: Verdict,
+        answer: Answer,
+        *,
+        counts: dict[str, int],
+        limit: int,
+        again: str,
+        final: str,
+    ) -> Decision | None:
+        """What ``_doubtful_refusal`` and ``_crowded_refusal`` share: the file waits (reason
+        ``again``) while its one count in ``counts`` (kept in its error document) is below
+        ``limit``; at the limit it fails with ``final``, the refusal and the advice."""
+        [count] = counts.values()
+        if count < limit:
             return self.filing.retry_later(
-                job, reason, verdict=verdict, answer=answer, counts={REFUSALS: refusals}
+                job, again, verdict=verdict, answer=answer, counts=counts
             )
         reason = (
-            f"the archive refused this file {refusals} times (retry.max_refusals: {limit}): "
-            f"{verdict.reason}; stowd does not send it again: {refusal_advice(verdict.code)}"
+            f"{final}: {verdict.reason}; stowd does not send it again: "
+            f"{refusal_advice(verdict.code)}"
         )
-        return self.filing.fail(
-            job, reason, verdict=verdict, answer=answer, counts={REFUSALS: refusals}
-        )
+        return self.filing.fail(job, reason, verdict=verdict, answer=answer, counts=counts)
 
     def _shrink_batches(self, batch: list[Job]) -> None:
         """HTTP 413 for a batch: from now on send at most half of it per request."""
