@@ -39,7 +39,7 @@ STORED = 0
 ALREADY_STORED = 45070  # "A DICOM instance with the same ... UIDs was already stored"
 BEING_CREATED = 45071  # "being created by another process, or the previous attempt failed"
 # PS3.18 Table I.2-2's processing failure; Google's Healthcare API answers it, with words, to
-# the same UIDs with other content (shared/notes/stow-rs.md)
+# the same UIDs with other content (docs/archives.md)
 PROCESSING_FAILURE = 0x0110
 CONFLICT_TEXT = "existing instance has a different checksum"
 

@@ -4,7 +4,7 @@ It uses the parts of the DICOMweb client beside it: the multipart body streamed 
 (``stowbody.py``), the configured HTTP client with its TLS and login (``client.py``), the
 translation of httpx's exceptions into ours (``httperrors.py``) and the reading and judging of
 answers, file by file (``stowanswer.py``).  Together they follow the retry table of
-``shared/notes/stow-rs.md``:
+``docs/retries.md`` (what the worker then does with the files is there too):
 
 * transport trouble, 408/429/502/503/504 -> ``DestinationBusy`` (retry, Retry-After honoured)
 * 401/403/404/405/415, TLS failures      -> ``DestinationHeld`` (files stay queued)

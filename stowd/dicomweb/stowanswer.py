@@ -1,7 +1,7 @@
 """STOW-RS answers: read (DICOM JSON or XML), and judged file by file.
 
 ``answer_of`` turns the archive's HTTP answer into an ``Answer`` or raises what it means for
-the whole request, following the retry table (``stow.py``'s docstring):
+the whole request, following the retry table (``docs/retries.md``):
 
 * 408/429/502/503/504 and other 5xx          -> ``DestinationBusy`` (Retry-After honoured)
 * 401/403/404/405/407/415, redirects         -> ``DestinationHeld`` (files stay queued)
@@ -57,10 +57,10 @@ BEING_CREATED = 0xB00F  # 45071
 # tell stored from not stored: tiny_pacs 0.4.1 gives it to an instance it already holds when
 # its storage has overwrite off (tiny_pacs_dicomweb/stow.py _materialize, store_rejected) and
 # to one it failed to store; Orthanc to an instance of another study than the URL's; Google's
-# Healthcare API to the same UIDs with other content (shared/notes/stow-rs.md).  So it is never
+# Healthcare API to the same UIDs with other content (docs/archives.md).  So it is never
 # taken for "already stored"; it may be transient, and is retried at most retry.max_refusals
-# times.  Orthanc (observed, stow-rs.md) and dcm4chee-arc (by default; StoreServiceEJB) answer
-# a re-sent instance as stored: there is nothing to tell apart.
+# times (docs/retries.md).  Orthanc (observed, docs/archives.md) and dcm4chee-arc (by
+# default; StoreServiceEJB) answer a re-sent instance as stored: nothing to tell apart.
 COUNTED_REFUSALS = frozenset({0x0110, BEING_CREATED})
 
 FAILURE_MEANINGS = {
