@@ -277,11 +277,12 @@ class ManyObjectsArchive(LocalServer):
 
 VERIFY_CHILD = """
 import sys
-from stowd import stow, verify
-from stowd.config import Destination
+from stowd.config.model import Destination
+from stowd.dicomweb.client import http_client
 from stowd.errors import VerifyUnavailable
+from stowd.pipeline import verify
 destination = Destination(name="pacs", url=sys.argv[1])
-with stow.http_client(destination) as http:
+with http_client(destination) as http:
     try:
         print(sorted(verify.unlisted(http, destination, [("1.2", "1.2.3")])))
     except VerifyUnavailable as exc:
