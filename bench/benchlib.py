@@ -8,7 +8,7 @@
   PYTHONPATH, so a bench run measures the code next to it and not another installed copy.
 - ``count_files()`` and ``queued_rows()``: progress of a running stowd, seen from outside.
 
-Importing this module also puts tests/ on sys.path (dicomgen, orthanc).
+Importing this module also puts tests/support/ on sys.path (dicomgen, orthanc).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT / "tests") not in sys.path:
-    sys.path.insert(0, str(ROOT / "tests"))
+if str(ROOT / "tests" / "support") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tests" / "support"))
 
 CHUNK = 1024 * 1024
 

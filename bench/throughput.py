@@ -81,7 +81,7 @@ MB = 1e6
 def generate(stage: Path, files: int, size: int, studies: int, prefix: str = "study") -> int:
     """*files* instances of about *size* bytes in *studies* folders (one study each).
 
-    One instance per study is encoded by tests/dicomgen.py; the others are copies of it with
+    One instance per study is encoded by tests/support/dicomgen.py; the others are copies of it with
     another SOPInstanceUID of the same length, so generating 100,000 files takes seconds.
     """
     per_study = max(1, files // studies)

@@ -152,7 +152,7 @@ trap 'exit 143' TERM
 
 # --- Orthanc -------------------------------------------------------------------------------
 say "Starting Orthanc (DICOMweb) on a free 127.0.0.1 port"
-exec_as_user .venv/bin/python tests/orthanc.py --dir "${run_dir}/orthanc" \
+exec_as_user .venv/bin/python tests/support/orthanc.py --dir "${run_dir}/orthanc" \
     --ready-file "${run_dir}/orthanc.url" >"${run_dir}/orthanc-console.log" 2>&1 &
 orthanc_pid=$!
 echo "${orthanc_pid}" >"${run_dir}/orthanc.pid"
@@ -202,13 +202,13 @@ fi
 
 # --- drop some files -----------------------------------------------------------------------
 say "Dropping 8 generated DICOM files (2 studies), a photo and a PDF of patient DEMO3, and 1 broken file into demo-run/drop/"
-as_user .venv/bin/python tests/dicomgen.py study "${run_dir}/samples/study-1" -n 5 \
+as_user .venv/bin/python tests/support/dicomgen.py study "${run_dir}/samples/study-1" -n 5 \
     --patient-id DEMO1 >/dev/null
-as_user .venv/bin/python tests/dicomgen.py study "${run_dir}/samples/study-2" -n 3 \
+as_user .venv/bin/python tests/support/dicomgen.py study "${run_dir}/samples/study-2" -n 3 \
     --patient-id DEMO2 >/dev/null
-as_user .venv/bin/python tests/dicomgen.py garbage "${run_dir}/samples/not-dicom.dcm" >/dev/null
-as_user .venv/bin/python tests/mediagen.py jpeg "${run_dir}/samples/DEMO3/photo.jpg" >/dev/null
-as_user .venv/bin/python tests/mediagen.py pdf "${run_dir}/samples/DEMO3/referral.pdf" >/dev/null
+as_user .venv/bin/python tests/support/dicomgen.py garbage "${run_dir}/samples/not-dicom.dcm" >/dev/null
+as_user .venv/bin/python tests/support/mediagen.py jpeg "${run_dir}/samples/DEMO3/photo.jpg" >/dev/null
+as_user .venv/bin/python tests/support/mediagen.py pdf "${run_dir}/samples/DEMO3/referral.pdf" >/dev/null
 say "What a dropped photo becomes: stowd explain --source demo DEMO3/photo.jpg"
 (cd "${run_dir}/samples" && as_user "${repo}/.venv/bin/stowd" explain -c "${config}" \
     --source demo DEMO3/photo.jpg) || true

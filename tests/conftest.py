@@ -8,7 +8,9 @@ skipped, or fails when the environment variable ``CI`` is ``"true"`` (CI must ne
 tiny_pacs from the test extras), so a test taking it runs against both.
 
 Test files make DICOM data with the functions of ``dicomgen`` (``from dicomgen import
-make_study``); ``tests/`` is on ``sys.path`` because it has no ``__init__.py``.
+make_study``): the helpers live in ``tests/support/`` (its README.md says what each is for),
+which pytest puts on ``sys.path`` (``pythonpath`` in pyproject.toml); ``tests/`` itself is on it
+too because it has no ``__init__.py``, so test files may import each other's helpers.
 """
 
 from __future__ import annotations

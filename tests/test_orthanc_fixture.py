@@ -17,7 +17,7 @@ import pytest
 from dicomgen import make_instance, make_instance_bytes, write_garbage, write_without_study_uid
 from orthanc import Orthanc, OrthancError, find_dicomweb_plugin, find_orthanc
 
-TESTS_DIR = Path(__file__).resolve().parent
+SUPPORT_DIR = Path(__file__).resolve().parent / "support"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 
@@ -198,7 +198,7 @@ def test_script_runs_in_foreground_until_sigterm(tmp_path: Path) -> None:
     process = subprocess.Popen(
         [
             sys.executable,
-            str(TESTS_DIR / "orthanc.py"),
+            str(SUPPORT_DIR / "orthanc.py"),
             *("--dir", str(tmp_path / "o")),
             *("--ready-file", str(ready)),
         ],

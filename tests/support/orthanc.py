@@ -11,7 +11,7 @@ as the first of those users.
 
 Run as a script it serves in the foreground until Ctrl-C or SIGTERM::
 
-    python tests/orthanc.py --port 8042 --dir ./demo-run/orthanc
+    python tests/support/orthanc.py --port 8042 --dir ./demo-run/orthanc
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 MPEG-2 and H.264 MP4 (Debian's ffmpeg, which ``.ci/run`` installs; missing under ``CI=true``
 is a failure, not a skip).
 
-Also a command line for the quick start: ``python tests/mediagen.py jpeg|pdf|png FILE``.
+Also a command line for the quick start: ``python tests/support/mediagen.py jpeg|pdf|png FILE``.
 """
 
 from __future__ import annotations

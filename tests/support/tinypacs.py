@@ -4,7 +4,7 @@
 its stored files and its log there, and serves DICOMweb on a free loopback port
 (``dicomweb_url``).  Its DICOM (DIMSE) listener gets a free loopback port of its own, unused
 by the tests.  ``kill()`` then ``start()`` brings it back on the same ports with the same
-storage, like Orthanc's fixture (``tests/orthanc.py``).
+storage, like Orthanc's fixture (``tests/support/orthanc.py``).
 
 What it answers to STOW-RS (``tiny_pacs_dicomweb/stow.py`` 0.1.0, read in the installed
 package): 200 when every part was stored, 202 when some were, 409 when none; each refused

@@ -6,8 +6,8 @@ default, or padded to about ``size_bytes``).  The real Orthanc STOW-RS stores th
 
 Also usable from the shell (the quick-start demo does)::
 
-    python tests/dicomgen.py study OUT_DIR -n 5 [--size-bytes 524288] [--patient-id P1]
-    python tests/dicomgen.py garbage|empty|truncated|no-study-uid FILE
+    python tests/support/dicomgen.py study OUT_DIR -n 5 [--size-bytes 524288] [--patient-id P1]
+    python tests/support/dicomgen.py garbage|empty|truncated|no-study-uid FILE
 """
 
 from __future__ import annotations
