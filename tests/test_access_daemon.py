@@ -175,13 +175,10 @@ def test_right_password_stores_the_files(
     secret = write_secret(tmp_path / "secrets" / "pacs.pw", password)
     layout = access_layout(tmp_path / "run", locked_orthanc.dicomweb_url, auth=basic(secret))
     uids = drop(layout, ["a.dcm", "b.dcm", "c.dcm"])
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_sent(layout, set(uids), daemon)
         assert hold_reason(layout) is None
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     assert set(uids.values()) <= locked_orthanc.sop_instance_uids()
     assert layout.files(layout.failed) == set()
 
@@ -194,8 +191,7 @@ def test_wrong_password_holds_and_fixing_the_file_releases_without_restart(
     uids = drop(layout, ["a.dcm", "b.dcm"])
     write_garbage(layout.drop / "junk.dcm")  # fails on its own: an error file to read
     outputs: dict[str, str] = {}
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         reason = wait_held(layout, daemon)
         assert "401" in reason or "login" in reason.lower() or "credential" in reason.lower()
         wait_for(lambda: "junk.dcm" in layout.error_files(), TIMEOUT, "junk.dcm's error file")
@@ -211,8 +207,6 @@ def test_wrong_password_holds_and_fixing_the_file_releases_without_restart(
         wait_for(lambda: hold_reason(layout) is None, TIMEOUT, "the hold to end")
         outputs |= every_output(layout, [daemon])
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     assert set(uids.values()) <= locked_orthanc.sop_instance_uids()
     assert layout.files(layout.failed) == {"junk.dcm"}
     outputs[daemon.log_path.name] = daemon.log  # with the shutdown lines
@@ -225,8 +219,7 @@ def test_missing_password_file_holds_naming_the_file_until_it_appears(
     secret = tmp_path / "secrets" / "not-yet.pw"
     layout = access_layout(tmp_path / "run", locked_orthanc.dicomweb_url, auth=basic(secret))
     uids = drop(layout, ["a.dcm", "b.dcm"])
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         reason = wait_held(layout, daemon)
         assert str(secret) in reason
         time.sleep(2)
@@ -237,8 +230,6 @@ def test_missing_password_file_holds_naming_the_file_until_it_appears(
         wait_sent(layout, set(uids), daemon)
         wait_for(lambda: hold_reason(layout) is None, TIMEOUT, "the hold to end")
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     assert set(uids.values()) <= locked_orthanc.sop_instance_uids()
     assert layout.files(layout.failed) == set()
     assert_no_secrets({"log": daemon.log}, secret_forms(password))
@@ -265,12 +256,9 @@ def test_tls_with_our_ca_file_works(
     url = f"{tls_proxy.url}/dicom-web"
     layout = access_layout(tmp_path / "run", url, tls={"ca_file": str(pki.ca_cert)})
     uids = drop(layout, ["a.dcm", "b.dcm"])
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_sent(layout, set(uids), daemon)
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     assert set(uids.values()) <= orthanc.sop_instance_uids()
     assert 200 in tls_proxy.access_statuses()  # it went through the proxy
 
@@ -280,16 +268,13 @@ def test_tls_with_an_unknown_ca_is_held_with_a_certificate_message(
 ) -> None:
     layout = access_layout(tmp_path / "run", f"{tls_proxy.url}/dicom-web")  # system CAs only
     uids = drop(layout, ["a.dcm"])
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         reason = wait_held(layout, daemon)
         assert "certificate" in reason.lower(), reason
         time.sleep(2)
         still_waiting(layout, set(uids))
         assert orthanc.instance_count() == 0
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     assert "certificate" in daemon.log.lower()
 
 
@@ -300,26 +285,20 @@ def test_proxy_requiring_client_certificates_refuses_without_and_accepts_ours(
     root = tmp_path / "run"
     layout = access_layout(root, url, tls={"ca_file": str(pki.ca_cert)})
     uids = drop(layout, ["a.dcm", "b.dcm"])
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         reason = wait_held(layout, daemon)
         assert "certificate" in reason.lower(), reason
         still_waiting(layout, set(uids))
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     assert 400 in mtls_proxy.access_statuses()  # nginx: "No required SSL certificate was sent"
 
     ours = {"ca_file": str(pki.ca_cert), "client_cert": str(pki.client_cert)}
     ours["client_key"] = str(pki.client_key)
     layout = access_layout(root, url, tls=ours)  # the same folders and queue
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_sent(layout, set(uids), daemon)
         wait_for(lambda: hold_reason(layout) is None, TIMEOUT, "the hold to end")
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     assert set(uids.values()) <= orthanc.sop_instance_uids()
     assert layout.files(layout.failed) == set()
 
@@ -348,8 +327,7 @@ def test_oauth2_run_longer_than_a_token_life_sends_everything(
         layout = access_layout(tmp_path / "run", f"{proxy.url}/dicom-web", auth=auth)
         write_garbage(layout.drop / "junk.dcm")
         uids: dict[str, str] = {}
-        daemon = Stowd(layout).start()
-        try:
+        with Stowd(layout) as daemon:
             started = time.monotonic()
             for wave in range(3):  # 0 s, ~4 s, ~8 s: each wave needs a newer token
                 time.sleep(max(0.0, started + 4 * wave - time.monotonic()))
@@ -362,8 +340,6 @@ def test_oauth2_run_longer_than_a_token_life_sends_everything(
             assert time.monotonic() - started > 2 * tokens.lifetime
             outputs = every_output(layout, [daemon])
             assert daemon.terminate() == 0
-        finally:
-            daemon.stop()
         outputs[daemon.log_path.name] = daemon.log
         history = proxy.history()
         issued = tokens.issued
@@ -418,8 +394,7 @@ def test_a_held_destination_holds_only_its_files_and_fixing_its_secret_releases_
     lab.mkdir()
     held = drop(layout, ["h1.dcm", "h2.dcm"])
     flowing = drop(layout, ["g1.dcm", "g2.dcm"], lab)
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_sent(layout, set(flowing), daemon, lab_sent)
         reason = wait_held(layout, daemon, "bad")
         assert "401" in reason or "login" in reason.lower() or "credential" in reason.lower()
@@ -435,8 +410,6 @@ def test_a_held_destination_holds_only_its_files_and_fixing_its_secret_releases_
         wait_sent(layout, set(held), daemon)
         wait_for(lambda: hold_reason(layout, "bad") is None, TIMEOUT, "the hold to end")
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     stored = locked_orthanc.sop_instance_uids()
     assert {*held.values(), *flowing.values(), *more.values()} <= stored
     assert layout.files(layout.failed) == set() and layout.files(root / "lab-failed") == set()

@@ -167,8 +167,7 @@ def test_an_instance_the_archive_already_holds_goes_to_sent_recorded_as_already_
         new = make_instance(layout.drop / "new.dcm")
         archive.plan.update({uid: [ALREADY_STORED], new: [STORED]})
         archive.asked.update({uid: 0, new: 0})
-        daemon = Stowd(layout).start()
-        try:
+        with Stowd(layout) as daemon:
             wait_for(
                 lambda: layout.files(layout.sent) == {"again.dcm", "new.dcm"},
                 60,
@@ -177,8 +176,6 @@ def test_an_instance_the_archive_already_holds_goes_to_sent_recorded_as_already_
             )
             scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
             assert daemon.terminate() == 0
-        finally:
-            daemon.stop()
     assert layout.files(layout.failed) == set()
     assert archive.times(uid) == 1  # settled by the first answer, not sent again
     assert "again.dcm: already stored, moved to" in daemon.log
@@ -205,8 +202,7 @@ def test_with_verify_an_instance_already_stored_moves_to_sent_only_once_listed(
         archive.plan[uid], archive.asked[uid] = [ALREADY_STORED], 0
         archive.listed = {uid} if listed else set()
         folder = layout.sent if listed else layout.failed
-        daemon = Stowd(layout).start()
-        try:
+        with Stowd(layout) as daemon:
             wait_for(
                 lambda: "again.dcm" in layout.files(folder),
                 60,
@@ -214,8 +210,6 @@ def test_with_verify_an_instance_already_stored_moves_to_sent_only_once_listed(
                 lambda: daemon.log,
             )
             assert daemon.terminate() == 0
-        finally:
-            daemon.stop()
     if listed:
         assert "again.dcm: already stored, moved to" in daemon.log
         assert status(layout)["already_stored"] == 1
@@ -232,8 +226,7 @@ def test_duplicates_fail_sends_an_instance_the_archive_already_holds_to_failed(
         layout = layout_for(tmp_path, archive.url, duplicates="fail")
         uid = make_instance(layout.drop / "again.dcm")
         archive.plan[uid], archive.asked[uid] = [ALREADY_STORED], 0
-        daemon = Stowd(layout).start()
-        try:
+        with Stowd(layout) as daemon:
             wait_for(
                 lambda: "again.dcm" in layout.files(layout.failed),
                 60,
@@ -241,8 +234,6 @@ def test_duplicates_fail_sends_an_instance_the_archive_already_holds_to_failed(
                 lambda: daemon.log,
             )
             assert daemon.terminate() == 0
-        finally:
-            daemon.stop()
     error = error_of(layout, "again.dcm")
     assert "already holds an instance with this file's" in error["reason"]
     assert "duplicates: fail" in error["reason"]
@@ -256,8 +247,7 @@ def test_an_instance_being_created_is_sent_again_and_then_stored(tmp_path: Path)
         layout = layout_for(tmp_path, archive.url)
         uid = make_instance(layout.drop / "busy.dcm")
         archive.plan[uid], archive.asked[uid] = [BEING_CREATED, STORED], 0
-        daemon = Stowd(layout).start()
-        try:
+        with Stowd(layout) as daemon:
             wait_for(
                 lambda: layout.files(layout.sent) == {"busy.dcm"},
                 60,
@@ -265,8 +255,6 @@ def test_an_instance_being_created_is_sent_again_and_then_stored(tmp_path: Path)
                 lambda: daemon.log,
             )
             assert daemon.terminate() == 0
-        finally:
-            daemon.stop()
     assert archive.times(uid) == 2
     assert "failure reason B00F" in daemon.log
     assert "refusal 1 of at most 3" in daemon.log
@@ -279,8 +267,7 @@ def test_a_processing_failure_three_times_fails_with_the_archive_s_words(
         layout = layout_for(tmp_path, archive.url)
         uid = make_instance(layout.drop / "conflict.dcm")
         archive.plan[uid], archive.asked[uid] = [PROCESSING_FAILURE], 0
-        daemon = Stowd(layout).start()
-        try:
+        with Stowd(layout) as daemon:
             wait_for(
                 lambda: "conflict.dcm" in layout.files(layout.failed),
                 60,
@@ -288,8 +275,6 @@ def test_a_processing_failure_three_times_fails_with_the_archive_s_words(
                 lambda: daemon.log,
             )
             assert daemon.terminate() == 0
-        finally:
-            daemon.stop()
     assert archive.times(uid) == 3
     error = error_of(layout, "conflict.dcm")
     assert error["reason"].startswith("the archive refused this file 3 times")
@@ -303,15 +288,11 @@ def test_the_refusals_are_counted_across_a_restart(tmp_path: Path) -> None:
         layout = layout_for(tmp_path, archive.url, workers=1)
         uid = make_instance(layout.drop / "conflict.dcm")
         archive.plan[uid], archive.asked[uid] = [PROCESSING_FAILURE], 0
-        daemon = Stowd(layout).start()
-        try:
+        with Stowd(layout) as daemon:
             wait_for(lambda: archive.times(uid) >= 2, 60, "two refusals", lambda: daemon.log)
             daemon.kill()  # kill -9 right after (or while) the second refusal is recorded
-        finally:
-            daemon.stop()
         before = archive.times(uid)
-        daemon = Stowd(layout).start()
-        try:
+        with Stowd(layout) as daemon:
             wait_for(
                 lambda: "conflict.dcm" in layout.files(layout.failed),
                 60,
@@ -319,8 +300,6 @@ def test_the_refusals_are_counted_across_a_restart(tmp_path: Path) -> None:
                 lambda: daemon.log,
             )
             assert daemon.terminate() == 0
-        finally:
-            daemon.stop()
     # an answer the killed daemon had not recorded yet is asked again: never more than one
     assert archive.times(uid) in (3, 4), (before, archive.times(uid))
     assert error_of(layout, "conflict.dcm")["refusals"] == 3
@@ -335,8 +314,7 @@ def test_a_refusal_while_other_requests_were_in_flight_is_not_counted(tmp_path: 
         other = make_instance(layout.drop / "other.dcm")
         archive.plan.update({uid: [PROCESSING_FAILURE], other: [STORED]})
         archive.asked.update({uid: 0, other: 0})
-        daemon = Stowd(layout).start()
-        try:
+        with Stowd(layout) as daemon:
             wait_for(
                 lambda: "conflict.dcm" in layout.files(layout.failed),
                 60,
@@ -344,8 +322,6 @@ def test_a_refusal_while_other_requests_were_in_flight_is_not_counted(tmp_path: 
                 lambda: daemon.log,
             )
             assert daemon.terminate() == 0
-        finally:
-            daemon.stop()
     assert archive.met, "the two first requests did not overlap"
     assert layout.files(layout.sent) == {"other.dcm"}
     assert "(not counted: other requests were in flight)" in daemon.log
@@ -379,8 +355,7 @@ def test_tiny_pacs_without_overwrite_refusing_a_re_sent_instance_fails_it_after_
     refused max_refusals times, then failed with a reason that names the likely cause."""
     layout = layout_for(tmp_path, strict_tiny_pacs.dicomweb_url)
     make_instance(layout.drop / "first.dcm")
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(
             lambda: layout.files(layout.sent) == {"first.dcm"},
             60,
@@ -395,8 +370,6 @@ def test_tiny_pacs_without_overwrite_refusing_a_re_sent_instance_fails_it_after_
             lambda: daemon.log,
         )
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     error = error_of(layout, "again.dcm")
     assert error["reason"].startswith("the archive refused this file 3 times")
     assert "may already hold an instance with this SOPInstanceUID" in error["reason"]

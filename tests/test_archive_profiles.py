@@ -47,8 +47,7 @@ def run(
 ) -> str:
     """Run the daemon until ``done`` are in sent/ and ``failed`` in failed/; its log."""
     faults = len(fake.faults)
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(
             lambda: _settled(layout, done, failed) or len(fake.faults) > faults,
             timeout,
@@ -56,8 +55,6 @@ def run(
             lambda: f"{daemon.log}\nthe fake found: {fake.faults}",
         )
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     assert fake.faults[faults:] == []
     assert (layout.files(layout.sent), layout.files(layout.failed)) == (done, failed)
     return daemon.log
@@ -279,8 +276,7 @@ def test_the_metadata_form_to_azure_holds_the_destination_and_fails_nothing(
     with FakeArchive(PROFILES["azure"]()) as fake:
         layout = layout_for(tmp_path / "run", fake, destination={"bulkdata": "metadata"})
         make_pdf(layout.drop / "P1/report.pdf")
-        daemon = Stowd(layout).start()
-        try:
+        with Stowd(layout) as daemon:
             wait_for(lambda: bool(fake.sizes), 60, "a request", lambda: daemon.log)
             wait_for(
                 lambda: status(layout)["destinations"]["pacs"]["state"] == "held",
@@ -290,8 +286,6 @@ def test_the_metadata_form_to_azure_holds_the_destination_and_fails_nothing(
             )
             assert "HTTP 415" in status(layout)["destinations"]["pacs"]["reason"]
             assert daemon.terminate() == 0
-        finally:
-            daemon.stop()
         assert layout.files(layout.failed) == set()
         assert layout.files(layout.drop) == {"P1/report.pdf"}
 

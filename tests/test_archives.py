@@ -112,11 +112,8 @@ def test_two_files_with_one_sop_instance_uid_are_each_judged_by_their_own_answer
     layout = make_layout(tmp_path / "run", archive.dicomweb_url)
     for sample in (plain, rle):
         shutil.copy(sample, layout.drop / sample.name)
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(lambda: settled(layout) == 2, 60, "both files settled", lambda: daemon.log)
-    finally:
-        daemon.stop()
     assert "rtdose.dcm" in layout.files(layout.sent)
     if rle_alone is StowOutcome.SENT:
         assert "rtdose_rle.dcm" in layout.files(layout.sent)
@@ -144,11 +141,8 @@ def test_a_refused_file_in_a_batch_fails_at_once_with_the_archive_s_reason(
     study = generate_uid()
     good = {u for _, u in make_study(layout.drop / "s", 5, study_uid=study)}
     status = write_refused(archive, layout.drop / "s" / "refused.dcm", study_uid=study)
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(lambda: settled(layout) == 6, 60, "all six settled", lambda: daemon.log)
-    finally:
-        daemon.stop()
     assert layout.files(layout.failed) == {"s/refused.dcm"}
     assert archive.sop_instance_uids() == good
     error = json.loads((layout.failed / "s" / "refused.dcm.error.json").read_text())

@@ -150,8 +150,7 @@ def kill_mid_upload_and_restart(tmp_path: Path, orthanc: Orthanc, proxy: StowPro
     count = 20
     for n in range(count):
         make_pdf(layout.drop / f"P7/doc{n:02}.pdf", f"page {n}", padding=300_000)
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         # Kill while a request is under way: Orthanc already holds instances whose files
         # have not been moved to sent/ yet, so the next run must send them again.
         wait_for(
@@ -164,13 +163,11 @@ def kill_mid_upload_and_restart(tmp_path: Path, orthanc: Orthanc, proxy: StowPro
         proxy.delay = 0.0
         in_flight = orthanc.sop_instance_uids()
         assert len(in_flight) > len(layout.files(layout.sent)), "the kill came too late"
-        daemon = Stowd(layout).start()
+    with Stowd(layout) as daemon:
         wait_for(
             lambda: len(layout.files(layout.sent)) == count, 120, "all sent", lambda: daemon.log
         )
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     assert in_flight <= orthanc.sop_instance_uids()  # re-sent under the same UIDs
     assert orthanc.instance_count() == count  # one instance per file, none sent twice
     assert orthanc.study_count() == 1

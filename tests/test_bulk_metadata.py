@@ -129,14 +129,11 @@ def test_metadata_mode_sends_the_seeds_form_one_type_per_request(
         "P1/chart.png": make_png(drop / "P1/chart.png"),
     }
     media = {rel: detect(drop / rel) for rel in originals}
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(
             lambda: layout.files(layout.sent) == set(originals), 90, "all sent", lambda: daemon.log
         )
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
 
     rebuilt: dict[str, Dataset] = {}
     for content_type, body in archive.requests:

@@ -293,9 +293,8 @@ def test_google_daemon_renews_its_token_and_after_a_401_and_sends_everything(
         pem = write_key(tmp_path / "secrets" / "key.json", key, tokens.token_url)
         auth = {"type": "google", "key": {"file": str(tmp_path / "secrets" / "key.json")}}
         layout = layout_for(tmp_path / "run", f"{proxy.url}/dicom-web", auth)
-        daemon = Stowd(layout).start()
         uids: dict[str, str] = {}
-        try:
+        with Stowd(layout) as daemon:
             uids |= drop(layout, ["a1.dcm", "a2.dcm"])
             wait_sent(layout, {"a1.dcm", "a2.dcm"}, daemon)
             first = tokens.accepted_requests()
@@ -312,8 +311,6 @@ def test_google_daemon_renews_its_token_and_after_a_401_and_sends_everything(
             history = proxy.history()
             outputs = every_output(layout, [daemon])  # check-config --connect: a token too
             assert daemon.terminate() == 0
-        finally:
-            daemon.stop()
         outputs["log"] = daemon.log
     assert set(uids.values()) <= orthanc.sop_instance_uids()
     assert layout.files(layout.failed) == set()
@@ -455,8 +452,7 @@ def test_aws_daemon_sends_signed_and_a_wrong_secret_holds_until_fixed(
             "secret_access_key": {"file": str(secret_file)},
         }
         layout = layout_for(tmp_path / "run", f"{proxy.url}/dicom-web", auth)
-        daemon = Stowd(layout).start()
-        try:
+        with Stowd(layout) as daemon:
             uids = drop(layout, ["a1.dcm", "a2.dcm", "a3.dcm"])
             reason = wait_held(layout, daemon)
             assert layout.files(layout.drop) >= {"a1.dcm", "a2.dcm", "a3.dcm"}
@@ -465,8 +461,6 @@ def test_aws_daemon_sends_signed_and_a_wrong_secret_holds_until_fixed(
             wait_for(lambda: hold_reason(layout) is None, TIMEOUT, "the hold to end")
             outputs = every_output(layout, [daemon])
             assert daemon.terminate() == 0
-        finally:
-            daemon.stop()
         outputs["log"] = daemon.log
         history = proxy.history()
     assert "AWS refused the signed request (HTTP 403, InvalidSignatureException)" in reason

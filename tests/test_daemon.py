@@ -50,8 +50,7 @@ def assert_settled_once(layout: Layout) -> None:
 
 def test_files_dropped_while_running_reach_the_archive(tmp_path: Path, archive: Archive) -> None:
     layout = make_layout(tmp_path / "run", archive.dicomweb_url)
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(lambda: "watching" in daemon.log, 20, "the daemon to start", lambda: daemon.log)
         uids: set[str] = set()
         for study in range(4):
@@ -68,8 +67,6 @@ def test_files_dropped_while_running_reach_the_archive(tmp_path: Path, archive: 
         assert "study0/IM00001.dcm" in layout.files(layout.sent)
         assert counts(layout) == {"sent": 200}
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     assert "stopped" in daemon.log
 
 
@@ -79,8 +76,7 @@ def test_files_present_before_start_are_sent(tmp_path: Path, archive: Archive) -
     past = time.time() - 3600
     for path in (layout.drop / "old").iterdir():
         os.utime(path, (past, past))
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(
             lambda: len(layout.files(layout.sent)) == 30,
             60,
@@ -89,8 +85,6 @@ def test_files_present_before_start_are_sent(tmp_path: Path, archive: Archive) -
         )
         assert archive.sop_instance_uids() == uids
         assert_settled_once(layout)
-    finally:
-        daemon.stop()
 
 
 def test_a_slowly_written_file_is_sent_once_complete(tmp_path: Path, orthanc: Orthanc) -> None:
@@ -98,8 +92,7 @@ def test_a_slowly_written_file_is_sent_once_complete(tmp_path: Path, orthanc: Or
     source = tmp_path / "source.dcm"
     uid = make_instance(source, size_bytes=2 * 1024 * 1024)
     data = source.read_bytes()
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(lambda: "watching" in daemon.log, 20, "the daemon to start", lambda: daemon.log)
         target = layout.drop / "slow.dcm"
         chunk = len(data) // 10 + 1
@@ -121,8 +114,6 @@ def test_a_slowly_written_file_is_sent_once_complete(tmp_path: Path, orthanc: Or
         assert len(stored) >= len(data) - 132  # Orthanc may re-write the meta header
         assert daemon.log.count("slow.dcm -> failed") == 0
         assert counts(layout) == {"sent": 1}
-    finally:
-        daemon.stop()
 
 
 def test_kill_9_during_uploads_loses_nothing(tmp_path: Path, archive: Archive) -> None:
@@ -130,14 +121,13 @@ def test_kill_9_during_uploads_loses_nothing(tmp_path: Path, archive: Archive) -
     uids: set[str] = set()
     for study in range(8):
         uids |= {u for _, u in make_study(layout.drop / f"s{study}", 50, size_bytes=200_000)}
-    daemon = Stowd(layout).start()
-    wait_for(
-        lambda: len(layout.files(layout.sent)) >= 20, 120, "some files sent", lambda: daemon.log
-    )
-    daemon.kill()
+    with Stowd(layout) as daemon:
+        wait_for(
+            lambda: len(layout.files(layout.sent)) >= 20, 120, "some files sent", lambda: daemon.log
+        )
+        daemon.kill()
     assert len(layout.files(layout.sent)) < 400, "killed too late to prove anything"
-    again = Stowd(layout).start()
-    try:
+    with Stowd(layout) as again:
         wait_for(
             lambda: len(layout.files(layout.sent)) == 400,
             180,
@@ -148,14 +138,11 @@ def test_kill_9_during_uploads_loses_nothing(tmp_path: Path, archive: Archive) -
         assert_settled_once(layout)
         assert layout.files(layout.failed) == set()
         assert counts(layout) == {"sent": 400}
-    finally:
-        again.stop()
 
 
 def test_archive_down_mid_run_holds_files_then_sends_them(tmp_path: Path, orthanc: Orthanc) -> None:
     layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         first = {u for _, u in make_study(layout.drop / "a", 40)}
         wait_for(
             lambda: len(layout.files(layout.sent)) == 40, 60, "first 40 sent", lambda: daemon.log
@@ -178,8 +165,6 @@ def test_archive_down_mid_run_holds_files_then_sends_them(tmp_path: Path, orthan
         assert layout.files(layout.failed) == set()
         assert status(layout)["destinations"]["pacs"]["state"] == "ok"  # type: ignore[index]
         assert daemon.alive()
-    finally:
-        daemon.stop()
 
 
 def test_archive_killed_mid_request_loses_nothing(tmp_path: Path, orthanc: Orthanc) -> None:
@@ -188,8 +173,7 @@ def test_archive_killed_mid_request_loses_nothing(tmp_path: Path, orthanc: Ortha
     uids: set[str] = set()
     for study in range(4):
         uids |= {u for _, u in make_study(layout.drop / f"s{study}", 40, size_bytes=500_000)}
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(
             lambda: len(layout.files(layout.sent)) >= 10, 60, "some files sent", lambda: daemon.log
         )
@@ -205,8 +189,6 @@ def test_archive_killed_mid_request_loses_nothing(tmp_path: Path, orthanc: Ortha
         assert layout.files(layout.failed) == set()
         assert_settled_once(layout)
         assert daemon.alive()
-    finally:
-        daemon.stop()
 
 
 def test_bad_files_fail_with_reasons_and_the_daemon_keeps_running(
@@ -214,8 +196,7 @@ def test_bad_files_fail_with_reasons_and_the_daemon_keeps_running(
 ) -> None:
     layout = make_layout(tmp_path / "run", archive.dicomweb_url)
     archive.stop()  # hold the good files in the queue while one of them is deleted
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         write_garbage(layout.drop / "garbage.dcm")
         write_empty(layout.drop / "empty.dcm")
         write_truncated(layout.drop / "truncated.dcm")
@@ -265,8 +246,6 @@ def test_bad_files_fail_with_reasons_and_the_daemon_keeps_running(
             "a later file sent",
             lambda: daemon.log,
         )
-    finally:
-        daemon.stop()
 
 
 def test_malformed_config_lists_every_problem(tmp_path: Path) -> None:
@@ -305,8 +284,7 @@ def test_malformed_config_lists_every_problem(tmp_path: Path) -> None:
 
 def test_status_works_while_the_daemon_runs(tmp_path: Path, orthanc: Orthanc) -> None:
     layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         make_study(layout.drop / "x", 5)
         wait_for(lambda: len(layout.files(layout.sent)) == 5, 60, "5 sent", lambda: daemon.log)
         data = status(layout)
@@ -316,8 +294,6 @@ def test_status_works_while_the_daemon_runs(tmp_path: Path, orthanc: Orthanc) ->
         human = run_cli("status", "-c", str(layout.config))
         assert "5 sent" in human.stdout and "running" in human.stdout
         assert run_cli("check-config", "-c", str(layout.config)).returncode == 0
-    finally:
-        daemon.stop()
 
 
 def test_pydicom_corpus_every_file_settles(tmp_path: Path, orthanc: Orthanc) -> None:
@@ -330,8 +306,7 @@ def test_pydicom_corpus_every_file_settles(tmp_path: Path, orthanc: Orthanc) -> 
         folder = folders.setdefault(sample.parent, f"d{len(folders)}")
         (layout.drop / folder).mkdir(exist_ok=True)
         shutil.copy(sample, layout.drop / folder / sample.name)
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(
             lambda: (
                 len(layout.files(layout.sent)) + len(layout.files(layout.failed)) == len(samples)
@@ -361,25 +336,22 @@ def test_pydicom_corpus_every_file_settles(tmp_path: Path, orthanc: Orthanc) -> 
             }
         assert sent_uids <= orthanc.sop_instance_uids()
         assert daemon.alive()
-    finally:
-        daemon.stop()
 
 
 def test_sigterm_lets_the_daemon_exit_cleanly_and_a_second_one_exits_at_once(
     tmp_path: Path, orthanc: Orthanc
 ) -> None:
     layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
-    daemon = Stowd(layout).start()
-    wait_for(lambda: "watching" in daemon.log, 20, "the daemon to start", lambda: daemon.log)
-    assert daemon.terminate() == 0
-    second = Stowd(layout).start()
-    wait_for(lambda: "watching" in second.log, 20, "the daemon to restart", lambda: second.log)
-    assert second.proc is not None
-    os.kill(second.proc.pid, signal.SIGTERM)
-    os.kill(second.proc.pid, signal.SIGTERM)
-    assert second.proc.wait(10) in (0, 1)  # 1 when the second signal cut the shutdown short
-    third = Stowd(layout).start()  # the queue is usable again right away
-    try:
+    with Stowd(layout) as daemon:
+        wait_for(lambda: "watching" in daemon.log, 20, "the daemon to start", lambda: daemon.log)
+        assert daemon.terminate() == 0
+    with Stowd(layout) as second:
+        wait_for(lambda: "watching" in second.log, 20, "the daemon to restart", lambda: second.log)
+        assert second.proc is not None
+        os.kill(second.proc.pid, signal.SIGTERM)
+        os.kill(second.proc.pid, signal.SIGTERM)
+        assert second.proc.wait(10) in (0, 1)  # 1 when the second signal cut the shutdown short
+    with Stowd(layout) as third:  # the queue is usable again right away
         make_instance(layout.drop / "later.dcm")
         wait_for(
             lambda: layout.files(layout.sent) == {"later.dcm"},
@@ -387,5 +359,3 @@ def test_sigterm_lets_the_daemon_exit_cleanly_and_a_second_one_exits_at_once(
             "later.dcm sent",
             lambda: third.log,
         )
-    finally:
-        third.stop()

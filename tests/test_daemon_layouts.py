@@ -29,8 +29,7 @@ def test_sent_and_failed_inside_watch_never_loop(tmp_path: Path, orthanc: Orthan
     layout = with_source(
         tmp_path / "run", orthanc.dicomweb_url, sent="./drop/_sent", failed="./drop/_failed"
     )
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         make_study(layout.drop / "s", 5)
         (layout.drop / "junk.dcm").write_bytes(b"junk")
         inside_sent, inside_failed = layout.drop / "_sent", layout.drop / "_failed"
@@ -47,8 +46,6 @@ def test_sent_and_failed_inside_watch_never_loop(tmp_path: Path, orthanc: Orthan
         assert data["counts"] == {"sent": 5, "failed": 1}
         sent_in_batches = re.findall(r"batch of (\d+) file", daemon.log)
         assert sum(int(n) for n in sent_in_batches) == 5  # each file sent once, never again
-    finally:
-        daemon.stop()
 
 
 @pytest.fixture
@@ -63,8 +60,7 @@ def test_sent_on_another_filesystem(tmp_path: Path, orthanc: Orthanc, shm_dir: P
     layout = with_source(tmp_path / "run", orthanc.dicomweb_url, sent=str(shm_dir / "sent"))
     files = make_study(layout.drop / "s", 3, size_bytes=300_000)
     originals = {p.name: p.read_bytes() for p, _ in files}
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(
             lambda: len(layout.files(shm_dir / "sent")) == 3,
             60,
@@ -75,16 +71,13 @@ def test_sent_on_another_filesystem(tmp_path: Path, orthanc: Orthanc, shm_dir: P
             assert (shm_dir / "sent" / "s" / name).read_bytes() == data
         assert layout.files(layout.drop) == set()
         assert not list((shm_dir / "sent").rglob("*stowd-tmp"))
-    finally:
-        daemon.stop()
 
 
 def test_a_file_dropped_again_at_the_same_path_is_sent_again(
     tmp_path: Path, orthanc: Orthanc
 ) -> None:
     layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         first = make_instance(layout.drop / "x.dcm")
         wait_for(
             lambda: layout.files(layout.sent) == {"x.dcm"}, 30, "x.dcm sent", lambda: daemon.log
@@ -97,15 +90,12 @@ def test_a_file_dropped_again_at_the_same_path_is_sent_again(
             lambda: daemon.log,
         )
         assert orthanc.sop_instance_uids() == {first, second}
-    finally:
-        daemon.stop()
 
 
 def test_one_daemon_per_queue_and_exit_codes(tmp_path: Path, orthanc: Orthanc) -> None:
     layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
     assert run_cli("status", "-c", str(layout.config)).returncode == 1  # no queue yet
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(lambda: "watching" in daemon.log, 20, "the daemon to start", lambda: daemon.log)
         second = run_cli("run", "-c", str(layout.config), timeout=30)
         assert second.returncode == 1
@@ -114,8 +104,6 @@ def test_one_daemon_per_queue_and_exit_codes(tmp_path: Path, orthanc: Orthanc) -
         assert daemon.proc is not None
         daemon.proc.send_signal(signal.SIGINT)  # Ctrl-C: a clean stop, exit 130
         assert daemon.proc.wait(30) == 130
-    finally:
-        daemon.stop()
     assert "not running" in run_cli("status", "-c", str(layout.config)).stdout
     assert run_cli("frobnicate").returncode == 2
     assert run_cli("check-config", "-c", str(tmp_path / "missing.yaml")).returncode == 2
@@ -123,14 +111,11 @@ def test_one_daemon_per_queue_and_exit_codes(tmp_path: Path, orthanc: Orthanc) -
 
 def test_remove_empty_dirs(tmp_path: Path, orthanc: Orthanc) -> None:
     layout = with_source(tmp_path / "run", orthanc.dicomweb_url, remove_empty_dirs=True)
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         make_study(layout.drop / "patient" / "study", 3)
         wait_for(lambda: len(layout.files(layout.sent)) == 3, 30, "3 sent", lambda: daemon.log)
         wait_for(lambda: not (layout.drop / "patient").exists(), 10, "empty folders removed")
         assert layout.drop.is_dir()
-    finally:
-        daemon.stop()
 
 
 def test_an_unusable_queue_path_is_a_clear_runtime_error(tmp_path: Path) -> None:

@@ -87,8 +87,7 @@ def test_the_daemon_fails_deflate_bombs_in_bounded_memory_and_sends_a_deflated_f
     pixels_uid = deflate_bomb(layout.drop / "pixels.dcm")  # 3 GiB of pixel data, 3 MB
     header_uid = deflate_bomb(layout.drop / "header.dcm", tag=ENCAPSULATED_DOCUMENT)
     original = legit_deflated(layout.drop / "dfl.dcm").read_bytes()
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(
             lambda: (
                 layout.files(layout.failed) == {"pixels.dcm", "header.dcm"}
@@ -109,8 +108,6 @@ def test_the_daemon_fails_deflate_bombs_in_bounded_memory_and_sends_a_deflated_f
             str(layout.failed / "pixels.dcm"),
         )
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     print(f"\ndaemon VmHWM with two 3 GiB deflate bombs: {peak:.1f} MB")
     assert peak < MAX_PEAK_MB
     errors = layout.error_files()
@@ -133,8 +130,7 @@ def test_rules_change_deflated_files_in_bounded_memory(tmp_path: Path, orthanc: 
     within = rewrite_module.DEFLATED_LIMIT - (1 << 20)
     uids = {deflate_bomb(layout.drop / f"s{n}/ok.dcm", inflated=within) for n in range(3)}
     deflate_bomb(layout.drop / "big.dcm", inflated=4 * rewrite_module.DEFLATED_LIMIT)
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(
             lambda: (
                 layout.files(layout.failed) == {"big.dcm"} and len(layout.files(layout.sent)) == 3
@@ -146,8 +142,6 @@ def test_rules_change_deflated_files_in_bounded_memory(tmp_path: Path, orthanc: 
         assert daemon.proc is not None
         peak = peak_rss_mb(daemon.proc.pid)
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     print(f"\ndaemon VmHWM changing three deflated files of 31 MiB each: {peak:.1f} MB")
     assert peak < MAX_PEAK_MB
     assert orthanc.sop_instance_uids() == uids

@@ -81,8 +81,7 @@ def test_a_200_that_is_not_a_stow_answer_holds_the_destination(
         layout = make_layout(tmp_path / "run", archive.url + "/dicom-web", retry=retry)
         make_instance(layout.drop / "a.dcm")
         make_instance(layout.drop / "b.dcm")
-        daemon = Stowd(layout).start()
-        try:
+        with Stowd(layout) as daemon:
             wait_for(
                 lambda: archive.asked_over(3 * MAX_AGE) or bool(layout.files(layout.failed)),
                 60,
@@ -95,8 +94,6 @@ def test_a_200_that_is_not_a_stow_answer_holds_the_destination(
             assert layout.files(layout.failed) == set()
             assert layout.files(layout.drop) == {"a.dcm", "b.dcm"}
             assert daemon.terminate() == 0
-        finally:
-            daemon.stop()
     assert "\x1b" not in daemon.log  # the body's control characters are escaped
 
 
@@ -142,8 +139,7 @@ def test_a_destination_that_stopped_answering_shows_in_status_long_before_the_ti
         dest = {"url": archive.url + "/dicom-web", "workers": 1, "timeouts": {"read": "2m"}}
         layout = make_layout(tmp_path / "run", "", destinations={"pacs": dest})
         make_instance(layout.drop / "a.dcm")
-        daemon = Stowd(layout).start()
-        try:
+        with Stowd(layout) as daemon:
             wait_for(archive.asked.is_set, 60, "the request", lambda: daemon.log)
             asked = time.monotonic()
             said = not_answering(layout)[0]
@@ -168,5 +164,3 @@ def test_a_destination_that_stopped_answering_shows_in_status_long_before_the_ti
                 lambda: daemon.log,
             )
             assert daemon.terminate() == 0
-        finally:
-            daemon.stop()

@@ -80,8 +80,7 @@ def test_a_full_queue_disk_mid_batch_recovers_without_a_restart(
     try:
         with tmpfs(state):
             proxy.gate.clear()  # Orthanc stores the batch; stowd hears of it only later
-            daemon = Stowd(layout).start()
-            try:
+            with Stowd(layout) as daemon:
                 wait_for(lambda: bool(proxy.bodies), 60, "a batch in flight", lambda: daemon.log)
                 in_flight = orthanc.instance_count()
                 truncate_wal(state / "queue.db")
@@ -121,8 +120,6 @@ def test_a_full_queue_disk_mid_batch_recovers_without_a_restart(
                 print(f"\nqueue disk freed: all {len(every)} files in sent/ after {took:.1f}s")
                 wait_for(lambda: "has space again" in daemon.log, 30, "the end logged")
                 assert daemon.terminate() == 0
-            finally:
-                daemon.stop()
     finally:
         proxy.stop()
     log = daemon.log
@@ -144,37 +141,33 @@ def test_a_full_spool_keeps_changed_files_waiting_until_space_is_back(
 ) -> None:
     layout = make_layout(tmp_path / "run", orthanc.dicomweb_url, rules=[RULE])
     spool = layout.root / "state" / "queue.db.spool"  # Config.spool: beside the queue
-    with tmpfs(spool):
-        daemon = Stowd(layout).start()
-        try:
-            # filled once started: the daemon clears the spool when it starts
-            wait_for(lambda: "watching" in daemon.log, 60, "the start", lambda: daemon.log)
-            filler = fill(spool)
-            files = make_study(layout.drop, 5)
-            wait_for(
-                lambda: any(w in daemon.log for w in ("no space in the spool", "No space left")),
-                60,
-                "a copy that found the spool full",
-                lambda: daemon.log,
-            )
-            wait_for(lambda: status(layout)["backlog_files"] == 5, 60, "all 5 queued")
-            data = status(layout)
-            assert [d["places"] for d in data["disks_full"]] == [["the spool"]]
-            assert data["last_errors"] == []  # no attempt counted against the files
-            assert "DISK FULL: the spool's filesystem" in human_status(layout)
-            assert layout.files(layout.sent) == set() and orthanc.instance_count() == 0
-            freed = time.monotonic()
-            filler.unlink()
-            every = {p.name for p, _ in files}
-            wait_for(
-                lambda: layout.files(layout.sent) == every, RECOVERY, "all sent", lambda: daemon.log
-            )
-            took = time.monotonic() - freed
-            print(f"\nspool freed: all {len(every)} files in sent/ after {took:.1f}s")
-            wait_for(lambda: "has space again" in daemon.log, 30, "the end logged")
-            assert daemon.terminate() == 0
-        finally:
-            daemon.stop()
+    with tmpfs(spool), Stowd(layout) as daemon:
+        # filled once started: the daemon clears the spool when it starts
+        wait_for(lambda: "watching" in daemon.log, 60, "the start", lambda: daemon.log)
+        filler = fill(spool)
+        files = make_study(layout.drop, 5)
+        wait_for(
+            lambda: any(w in daemon.log for w in ("no space in the spool", "No space left")),
+            60,
+            "a copy that found the spool full",
+            lambda: daemon.log,
+        )
+        wait_for(lambda: status(layout)["backlog_files"] == 5, 60, "all 5 queued")
+        data = status(layout)
+        assert [d["places"] for d in data["disks_full"]] == [["the spool"]]
+        assert data["last_errors"] == []  # no attempt counted against the files
+        assert "DISK FULL: the spool's filesystem" in human_status(layout)
+        assert layout.files(layout.sent) == set() and orthanc.instance_count() == 0
+        freed = time.monotonic()
+        filler.unlink()
+        every = {p.name for p, _ in files}
+        wait_for(
+            lambda: layout.files(layout.sent) == every, RECOVERY, "all sent", lambda: daemon.log
+        )
+        took = time.monotonic() - freed
+        print(f"\nspool freed: all {len(every)} files in sent/ after {took:.1f}s")
+        wait_for(lambda: "has space again" in daemon.log, 30, "the end logged")
+        assert daemon.terminate() == 0
     log = daemon.log
     assert log.count("DISK FULL: the spool's filesystem") == 1, log
     assert log.count("has space again") == 1
@@ -189,8 +182,7 @@ def test_a_full_sent_folder_keeps_stored_files_settling_and_says_so(
     with tmpfs(layout.sent):
         filler = fill(layout.sent)
         files = make_study(layout.drop, 5)
-        daemon = Stowd(layout).start()
-        try:
+        with Stowd(layout) as daemon:
             wait_for(lambda: orthanc.instance_count() == 5, 60, "all stored", lambda: daemon.log)
             wait_for(
                 lambda: status(layout)["counts"].get("settling") == 5,
@@ -224,8 +216,6 @@ def test_a_full_sent_folder_keeps_stored_files_settling_and_says_so(
             wait_for(lambda: not status(layout)["counts"].get("settling"), 30, "none settling")
             wait_for(lambda: "has space again" in daemon.log, 30, "the end logged")
             assert daemon.terminate() == 0
-        finally:
-            daemon.stop()
     log = daemon.log
     assert log.count("DISK FULL: sent/ of source ct1's filesystem") == 1, log
     assert log.count("has space again") == 1

@@ -45,13 +45,10 @@ def test_a_file_that_crashes_the_archive_fails_and_the_others_are_stored(
             good
         )
 
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(restarted_until_done, 120, "deep.dcm failed, the others sent", lambda: daemon.log)
         assert daemon.alive()
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     print(f"\nOrthanc crashed {crashes} times on the file of 150 nested sequences")
     assert crashes >= MAX_DROPS
     assert orthanc.sop_instance_uids() == set(good.values())
@@ -66,8 +63,7 @@ def test_an_archive_that_is_down_fails_no_file(tmp_path: Path) -> None:
     """Connection refused is not a dropped connection: the file waits, however often."""
     layout = make_layout(tmp_path / "run", DEAD_URL)
     make_instance(layout.drop / "a.dcm")
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(
             lambda: daemon.log.count("cannot connect") > 2 * MAX_DROPS,
             120,
@@ -75,8 +71,6 @@ def test_an_archive_that_is_down_fails_no_file(tmp_path: Path) -> None:
             lambda: daemon.log,
         )
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     assert layout.files(layout.drop) == {"a.dcm"}
     assert layout.files(layout.failed) == set()
     assert DROPPED not in daemon.log

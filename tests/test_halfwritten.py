@@ -131,8 +131,7 @@ def write_paused(daemon: Stowd, path: Path, data: bytes, cut: int) -> None:
 def run_paused_writer(layout: Layout, orthanc: Orthanc, cut: Callable[[int], int]) -> None:
     data, uid, pixels = instance()
     path = layout.drop / "img.dcm"
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(lambda: "watching" in daemon.log, WAIT, "the daemon to start", lambda: daemon.log)
         write_paused(daemon, path, data, cut(pixels))
         wait_for(
@@ -145,8 +144,6 @@ def run_paused_writer(layout: Layout, orthanc: Orthanc, cut: Callable[[int], int
         assert layout.files(layout.failed) == set()
         assert said(daemon.log, path, "for the rest of it")
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
 
 
 def header_only(pixels: int) -> int:
@@ -191,8 +188,7 @@ def test_a_writer_that_never_finishes_leaves_every_byte_in_failed(
     data, _uid, pixels = instance()
     written = data[: half_the_pixels(pixels)]
     path = layout.drop / "img.dcm"
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         with open(path, "wb") as fp:  # the writer dies after half the pixel data
             fp.write(written)
         wait_for(
@@ -208,8 +204,6 @@ def test_a_writer_that_never_finishes_leaves_every_byte_in_failed(
         assert said(daemon.log, path, "for the rest of it") == (wait == "2s")
         assert layout.files(layout.sent) == set() and orthanc.instance_count() == 0
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
 
 
 def behind(path: Path, seconds: float = 120.0) -> None:

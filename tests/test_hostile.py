@@ -25,8 +25,7 @@ def test_a_sidecar_with_a_5000_digit_number_fails_the_file_at_once(tmp_path: Pat
     (layout.drop / "big/a.json").write_text('{"InstanceNumber": %s}' % ("9" * 5000))
     make_instance(layout.drop / "deep/b.dcm")
     (layout.drop / "deep/b.yaml").write_text("PatientID: " + "[" * 5000 + "]" * 5000 + "\n")
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(
             lambda: {"big/a.dcm", "deep/b.dcm"} <= layout.files(layout.failed),
             60,
@@ -34,8 +33,6 @@ def test_a_sidecar_with_a_5000_digit_number_fails_the_file_at_once(tmp_path: Pat
             lambda: daemon.log,
         )
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     errors = layout.error_files()
     big = json.loads(errors["big/a.dcm"].read_text())
     assert "sidecar a.json" in big["reason"], big
@@ -61,16 +58,13 @@ def peak_rss_mb(pid: int) -> float:
 def bombed(layout: Layout, archive: HostileArchive, request: str, reason: str) -> float:
     """Run the daemon until ``request`` was answered with the bomb twice and ``reason`` is in
     its log; the daemon's peak RSS in MB (printed)."""
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(lambda: reason in daemon.log, 120, repr(reason), lambda: daemon.log)
         wait_for(lambda: archive.seen(request) >= 2, 60, f"a second {request}", lambda: daemon.log)
         assert daemon.proc is not None
         peak = peak_rss_mb(daemon.proc.pid)
         status = run_cli("status", "-c", str(layout.config)).stdout
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     bomb = f"a gzip bomb of {BOMB_BYTES >> 20} MiB"
     print(f"\n{request} answered by {bomb}: daemon VmHWM {peak:.1f} MB")
     print(status)
@@ -145,8 +139,7 @@ def test_an_answer_trickled_a_byte_a_second_ends_at_its_deadline(tmp_path: Path)
         config["destinations"]["pacs"]["timeouts"] = {"read": "2s"}
         layout.config.write_text(yaml.safe_dump(config))
         make_instance(layout.drop / "a.dcm")
-        daemon = Stowd(layout).start()
-        try:
+        with Stowd(layout) as daemon:
             reason = "the archive was still sending its answer 4 s after the request"
             wait_for(lambda: reason in daemon.log, 60, repr(reason), lambda: daemon.log)
             wait_for(lambda: len(archive.trickles) >= 1, 30, "the connection closed")
@@ -155,8 +148,6 @@ def test_an_answer_trickled_a_byte_a_second_ends_at_its_deadline(tmp_path: Path)
             archive.stow = "ok"  # ... and is sent once the archive answers in time
             wait_for(lambda: layout.files(layout.sent) == {"a.dcm"}, 60, "sent", lambda: daemon.log)
             assert daemon.terminate() == 0
-        finally:
-            daemon.stop()
     read, gone = archive.trickles[0]
     print(f"\ntrickled answer: stowd hung up {gone - read:.1f} s after its request was read")
     # 4 s deadline; the server notices the closed connection at its next write or the one after
@@ -174,8 +165,7 @@ def test_an_answer_whose_header_is_trickled_ends_at_its_deadline(tmp_path: Path)
         config["destinations"]["pacs"]["timeouts"] = {"read": "2s"}
         layout.config.write_text(yaml.safe_dump(config))
         make_instance(layout.drop / "a.dcm")
-        daemon = Stowd(layout).start()
-        try:
+        with Stowd(layout) as daemon:
             # TRICKLE_SECONDS (60) of header: a hang-up within 30 s is the deadline's doing
             wait_for(
                 lambda: len(archive.trickles) >= 1, 30, "the connection closed", lambda: daemon.log
@@ -183,8 +173,6 @@ def test_an_answer_whose_header_is_trickled_ends_at_its_deadline(tmp_path: Path)
             assert layout.files(layout.drop) == {"a.dcm"}  # the file waits
             assert layout.files(layout.failed) == set()
             assert daemon.terminate() == 0
-        finally:
-            daemon.stop()
     read, gone = archive.trickles[0]
     print(f"\ntrickled header: stowd hung up {gone - read:.1f} s after its request was read")
     assert gone - read < 4 + 2 + 5
@@ -211,8 +199,7 @@ def test_names_with_control_characters_cannot_forge_log_or_status_lines(
     ESC/BEL bytes reached the reader's terminal."""
     layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
     names_dropped(layout)
-    daemon = Stowd(layout, args=("--log-format", log_format)).start()
-    try:
+    with Stowd(layout, args=("--log-format", log_format)) as daemon:
         wait_for(
             lambda: len(layout.files(layout.sent)) == 2 and len(layout.files(layout.failed)) == 1,
             90,
@@ -221,8 +208,6 @@ def test_names_with_control_characters_cannot_forge_log_or_status_lines(
         )
         status = run_cli("status", "-c", str(layout.config))
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     assert layout.files(layout.sent) == {NEWLINE_NAME, TERMINAL_NAME}
     log = daemon.log
     escaped = "a\\n" + FORGED

@@ -57,8 +57,7 @@ def test_a_link_to_a_dicom_file_outside_is_not_uploaded(tmp_path: Path, orthanc:
     layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
     own_uid = make_instance(layout.drop / "own.dcm")
     (layout.drop / "link.dcm").symlink_to(tmp_path / "private/other-ward.dcm")
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(
             lambda: (
                 "own.dcm" in layout.files(layout.sent)
@@ -70,8 +69,6 @@ def test_a_link_to_a_dicom_file_outside_is_not_uploaded(tmp_path: Path, orthanc:
         )
         wait_for(lambda: "link.dcm" in layout.error_files(), 30, "link.dcm's reason")
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     assert stored_sop_uids(orthanc) == {own_uid}
     assert secret_uid not in daemon.log
     moved = layout.failed / "link.dcm"
@@ -88,8 +85,7 @@ def test_a_link_to_a_private_file_never_puts_its_content_in_a_reason(tmp_path: P
     layout = make_layout(tmp_path / "run", DEAD_URL)
     (layout.drop / "key.bin").symlink_to(tmp_path / "private/key.txt")
     (layout.drop / "notes.bin").write_bytes(SECRET)  # a file of no known type, not a link
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(
             lambda: {"key.bin", "notes.bin"} <= set(layout.error_files()),
             60,
@@ -98,8 +94,6 @@ def test_a_link_to_a_private_file_never_puts_its_content_in_a_reason(tmp_path: P
         )
         status = run_cli("status", "-c", str(layout.config)).stdout
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     reasons = {
         name: json.loads(path.read_text())["reason"] for name, path in layout.error_files().items()
     }
@@ -120,8 +114,7 @@ def test_a_sidecar_linked_to_a_secret_is_never_read(tmp_path: Path) -> None:
     (layout.drop / "scan/img.json").symlink_to(tmp_path / "private/credentials")
     make_instance(layout.drop / "env/img.dcm")
     (layout.drop / "env/_metadata.yaml").symlink_to("/proc/self/environ")
-    daemon = Stowd(layout, env={"STOWD_TEST_SECRET": SECRET.decode().strip()}).start()
-    try:
+    with Stowd(layout, env={"STOWD_TEST_SECRET": SECRET.decode().strip()}) as daemon:
         wait_for(
             lambda: {"scan/img.dcm", "env/img.dcm"} <= set(layout.error_files()),
             60,
@@ -129,8 +122,6 @@ def test_a_sidecar_linked_to_a_secret_is_never_read(tmp_path: Path) -> None:
             lambda: daemon.log,
         )
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     written = everything_written(layout, daemon)
     assert SECRET.strip() not in written  # not in the queue, failed/, or the log
     assert b"STOWD_TEST_SECRET" not in written  # nor the daemon's environment
@@ -149,8 +140,7 @@ def test_sent_replaced_by_a_link_is_never_written_through(tmp_path: Path, orthan
     layout = make_layout(tmp_path / "run", orthanc.dicomweb_url, source={"sent": "./drop/sent"})
     sent = layout.drop / "sent"
     make_instance(layout.drop / "a/first.dcm", instance_number=1)
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for((sent / "a/first.dcm").is_file, 60, "first.dcm in sent/")
         sent.rename(tmp_path / "old-sent")
         sent.symlink_to(outside, target_is_directory=True)
@@ -175,8 +165,6 @@ def test_sent_replaced_by_a_link_is_never_written_through(tmp_path: Path, orthan
             lambda: daemon.log,
         )
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     assert list(outside.rglob("*")) == []
     assert not (layout.drop / "a/second.dcm").exists()
 
@@ -185,12 +173,9 @@ def test_follow_links_true_sends_a_link_to_a_file_outside(tmp_path: Path, orthan
     linked_uid = make_instance(tmp_path / "elsewhere/shared.dcm")
     layout = make_layout(tmp_path / "run", orthanc.dicomweb_url, source={"follow_links": True})
     (layout.drop / "link.dcm").symlink_to(tmp_path / "elsewhere/shared.dcm")
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(lambda: layout.files(layout.sent) == {"link.dcm"}, 60, "link.dcm in sent/")
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     assert stored_sop_uids(orthanc) == {linked_uid}
     assert (layout.sent / "link.dcm").is_symlink()
 
@@ -227,8 +212,7 @@ def test_files_stowd_writes_have_explicit_modes_whatever_the_umask(
         (layout.drop / "bad/b.json").chmod(0o644)
         layout.root.chmod(0o750)  # sent/ and failed/ are made by stowd in here
         spool = layout.root / "state/queue.db.spool"
-        daemon = Stowd(layout).start()
-        try:
+        with Stowd(layout) as daemon:
             wait_for(
                 lambda: spool.is_dir() and any(spool.glob("*.dcm")),
                 60,
@@ -238,8 +222,6 @@ def test_files_stowd_writes_have_explicit_modes_whatever_the_umask(
             modes = {p.name: mode_of(p) for p in spool.iterdir()}
             wait_for(lambda: "bad/b.bin" in layout.error_files(), 60, "b.bin in failed/")
             state = {p.name: mode_of(p) for p in (layout.root / "state").iterdir()}
-        finally:
-            daemon.stop()
     assert all(mode == 0o600 for mode in modes.values()), oct_all(modes)
     assert state.pop("queue.db.spool") == 0o700
     assert {"queue.db", "queue.db-wal", "queue.db-shm", "queue.db.lock"} <= set(state)
@@ -295,8 +277,7 @@ def test_a_link_that_loops_or_leads_nowhere_hides_no_other_file(tmp_path: Path) 
         (layout.drop / "gone.dcm").symlink_to(tmp_path / "nothing-here.dcm")
         for n in range(20):
             make_instance(layout.drop / f"after{n:02}.dcm")
-        daemon = Stowd(layout).start()
-        try:
+        with Stowd(layout) as daemon:
             wait_for(
                 lambda: (
                     len(layout.files(layout.sent)) == 40
@@ -307,8 +288,6 @@ def test_a_link_that_loops_or_leads_nowhere_hides_no_other_file(tmp_path: Path) 
                 lambda: daemon.log,
             )
             assert daemon.terminate() == 0
-        finally:
-            daemon.stop()
     for name in ("loop.dcm", "gone.dcm"):
         reason = json.loads(layout.error_files()[name].read_text())["reason"]
         assert LINK_REASON in reason, reason

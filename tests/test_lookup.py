@@ -109,8 +109,7 @@ def test_an_unknown_accession_waits_then_fails_with_the_reason(
 ) -> None:
     layout = make_layout(tmp_path / "run", orthanc.dicomweb_url, rules=[lookup_rule(wait="4s")])
     make_jpeg(layout.drop / "NOPE-1/photo.jpg")
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         waiting = "no study with AccessionNumber NOPE-1 in pacs yet; waiting until"
         wait_for(
             lambda: any(waiting in r for r in queue_errors(layout)),
@@ -126,8 +125,6 @@ def test_an_unknown_accession_waits_then_fails_with_the_reason(
             lambda: daemon.log,
         )
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     text = reason(layout, "NOPE-1/photo.jpg")
     assert text.startswith("no study with AccessionNumber NOPE-1 in pacs (looked for "), text
     assert orthanc.instance_count() == 0
@@ -136,8 +133,7 @@ def test_an_unknown_accession_waits_then_fails_with_the_reason(
 def test_a_study_that_appears_later_is_found(tmp_path: Path, orthanc: Orthanc) -> None:
     layout = make_layout(tmp_path / "run", orthanc.dicomweb_url, rules=[lookup_rule(cache="0s")])
     make_jpeg(layout.drop / "LATE-1/photo.jpg")
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(
             lambda: any("LATE-1" in r for r in queue_errors(layout)),
             30,
@@ -152,8 +148,6 @@ def test_a_study_that_appears_later_is_found(tmp_path: Path, orthanc: Orthanc) -
             lambda: daemon.log,
         )
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     assert orthanc.study_instance_uids() == {study}
 
 
@@ -267,12 +261,9 @@ def test_after_kill_9_the_recorded_item_is_used_without_asking_again(
         orthanc.stop()  # nothing is sent: the files stay classified in the queue
         for n in range(3):
             make_jpeg(layout.drop / f"WL-2/p{n}.jpg", (64, 48), seed=n)
-        daemon = Stowd(layout).start()
-        try:
+        with Stowd(layout) as daemon:
             wait_for(lambda: classified(layout) == 3, 30, "3 files classified", lambda: daemon.log)
             daemon.kill()
-        finally:
-            daemon.stop()
         asked = len(worklist.requests)
         assert asked >= 1
         worklist.items = []  # the item is gone from the worklist now: the record is used
@@ -301,8 +292,7 @@ def test_a_worklist_that_fails_keeps_the_files_waiting_with_the_reason(
     with serve(worklist) as url:
         layout = worklist_layout(tmp_path / "run", orthanc, url, wait="2s")
         make_jpeg(layout.drop / "WL-3/p.jpg")
-        daemon = Stowd(layout).start()
-        try:
+        with Stowd(layout) as daemon:
             wait_for(
                 lambda: any("HTTP 500" in r for r in queue_errors(layout)),
                 30,
@@ -320,6 +310,4 @@ def test_a_worklist_that_fails_keeps_the_files_waiting_with_the_reason(
                 lambda: daemon.log,
             )
             assert daemon.terminate() == 0
-        finally:
-            daemon.stop()
     assert "Traceback" not in daemon.log

@@ -44,8 +44,7 @@ def test_names_that_are_not_utf8_are_stored_moved_and_failed_like_any_other(
     file dropped after it in that folder was ever queued."""
     layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
     stored = _drop_odd_names(layout.drop)
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(lambda: "scan of" in daemon.log, 60, "the first scan", lambda: daemon.log)
         stored["after/b.dcm"] = make_instance(layout.drop / "after/b.dcm")  # dropped later
         stored["c.dcm"] = make_instance(layout.drop / "c.dcm")
@@ -59,8 +58,6 @@ def test_names_that_are_not_utf8_are_stored_moved_and_failed_like_any_other(
         status = run_cli("status", "-c", str(layout.config))
         as_json = run_cli("status", "-c", str(layout.config), "--json")
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     assert orthanc.sop_instance_uids() == set(stored.values())
     assert layout.files(layout.failed) == {BAD_TEXT}
     reason = json.loads(layout.error_files()[BAD_TEXT].read_text(encoding="utf-8"))
@@ -223,8 +220,7 @@ def test_folders_nested_a_thousand_deep_do_not_stop_the_watcher(
     stored = {"top1.dcm": make_instance(layout.drop / "top1.dcm")}
     stored[_deep_rel()] = _chain(layout.drop, SHORT)
     unreachable = _chain(layout.drop, LONG)
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(lambda: "scan of" in daemon.log, 120, "the first scan", lambda: daemon.log)
         stored["top2.dcm"] = make_instance(layout.drop / "top2.dcm")  # dropped later
         wait_for(
@@ -235,8 +231,6 @@ def test_folders_nested_a_thousand_deep_do_not_stop_the_watcher(
         )
         status = run_cli("status", "-c", str(layout.config))
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     assert orthanc.sop_instance_uids() == set(stored.values())
     assert unreachable not in orthanc.sop_instance_uids()
     assert status.returncode == 0, status.stderr
@@ -252,8 +246,7 @@ def test_a_folder_a_thousand_deep_moved_in_while_watched_is_sent(
     """Watchdog's walk of a folder moved in raises ``RecursionError`` in its own thread, which
     ends that watch: the observer is started again, watching the top folder only."""
     layout = make_layout(deep / "run", orthanc.dicomweb_url, source={"rescan_interval": "1h"})
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(lambda: "scan of" in daemon.log, 60, "the first scan", lambda: daemon.log)
         outside = deep / "outside"
         outside.mkdir()
@@ -268,8 +261,6 @@ def test_a_folder_a_thousand_deep_moved_in_while_watched_is_sent(
             lambda: "\n".join(x[:300] for x in daemon.log.splitlines()),
         )
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     assert orthanc.sop_instance_uids() == set(stored.values())
     assert "thread watch-ct1 died" not in daemon.log
     assert daemon.log.count("nested too deep to watch them all") == 1

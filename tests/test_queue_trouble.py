@@ -42,12 +42,9 @@ def test_a_read_only_queue_folder_is_a_stowd_message_not_a_traceback(tmp_path: P
 
 def test_an_existing_queue_on_a_folder_made_read_only(tmp_path: Path) -> None:
     layout = make_layout(tmp_path / "run", NOWHERE)
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(lambda: "watching" in daemon.log, 30, "the daemon to start", lambda: daemon.log)
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     folder = queue_folder(layout)
     assert (folder / "queue.db").exists()
     with read_only(folder):
@@ -76,23 +73,17 @@ def test_a_wal_deleted_after_kill_9_is_said_and_the_files_are_found_again(
     layout = make_layout(tmp_path / "run", NOWHERE)  # nothing answers: the files stay queued
     for name in ("a.dcm", "b.dcm"):
         make_instance(layout.drop / name)
-    first = Stowd(layout).start()
-    try:
+    with Stowd(layout) as first:
         wait_for(lambda: "watching" in first.log, 30, "the start", lambda: first.log)
         wait_for(lambda: backlog(layout) == 2, 60, "two files queued", lambda: first.log)
         first.kill()
-    finally:
-        first.stop()
     wal = queue_folder(layout) / "queue.db-wal"
     assert wal.stat().st_size > 0  # the queued rows live there until a checkpoint
     wal.unlink()
-    second = Stowd(layout).start()
-    try:
+    with Stowd(layout) as second:
         wait_for(lambda: "watching" in second.log, 30, "the start", lambda: second.log)
         wait_for(lambda: backlog(layout) == 2, 60, "the files found again", lambda: second.log)
         assert second.terminate() == 0
-    finally:
-        second.stop()
     lines = [line for line in second.log.splitlines() if LOST in line]
     assert len(lines) == 1 and " WARNING " in lines[0], lines
     assert str(wal) in lines[0]
@@ -109,13 +100,10 @@ def test_no_lost_history_after_a_clean_stop_or_on_a_new_queue(tmp_path: Path) ->
 
 def start_queue_stop(layout: Layout) -> str:
     """Run the daemon until its one file is queued, stop it cleanly; its log."""
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(lambda: "watching" in daemon.log, 30, "the start", lambda: daemon.log)
         wait_for(lambda: backlog(layout) == 1, 60, "the file queued", lambda: daemon.log)
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     return daemon.log
 
 

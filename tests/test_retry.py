@@ -445,8 +445,7 @@ def test_retry_brings_a_fixed_file_from_failed_to_sent_through_orthanc(
     }
     layout = make_layout(tmp_path / "run", orthanc.dicomweb_url, rules=[bad_rule])
     uid = make_instance(layout.drop / "dates/2024-13-45/b.dcm")
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(
             lambda: layout.files(layout.failed) == {"dates/2024-13-45/b.dcm"},
             60,
@@ -460,7 +459,7 @@ def test_retry_brings_a_fixed_file_from_failed_to_sent_through_orthanc(
         doc = yaml.safe_load(layout.config.read_text())  # fix the cause: drop the rule
         del doc["rules"]
         layout.config.write_text(yaml.safe_dump(doc, sort_keys=False))
-        daemon = Stowd(layout).start()
+    with Stowd(layout) as daemon:
         queue_path = load_config(layout.config).queue
         wait_for(lambda: daemon_pid(queue_path) is not None, 30, "the daemon to start")
 
@@ -478,5 +477,3 @@ def test_retry_brings_a_fixed_file_from_failed_to_sent_through_orthanc(
         assert uid in orthanc.sop_instance_uids()
         assert layout.files(layout.failed) == set() and layout.error_files() == {}
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()

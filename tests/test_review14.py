@@ -71,16 +71,13 @@ def test_a_header_of_tiny_elements_is_read_in_bounded_memory(
     Now its elements are counted before it is parsed: too many, it fails with the reason."""
     layout = make_layout(tmp_path / "run", DEAD_URL)
     header_element_bomb(layout.drop / "tiny.dcm", 2_000_000, deflated=deflated)
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(
             lambda: layout.files(layout.failed) == {"tiny.dcm"}, 300, "failed/", lambda: daemon.log
         )
         assert daemon.proc is not None
         peak = peak_rss_mb(daemon.proc.pid)
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     print(f"\ndaemon VmHWM with a header of 2 million elements: {peak:.1f} MB")
     assert peak < MAX_PEAK_MB
     error = json.loads((layout.failed / "tiny.dcm.error.json").read_text())
@@ -95,8 +92,7 @@ def test_a_stow_answer_nested_too_deeply_is_an_answer_that_cannot_be_read(tmp_pa
     with HostileArchive("deep") as archive:
         layout = make_layout(tmp_path / "run", archive.base)
         make_instance(layout.drop / "a.dcm")
-        daemon = Stowd(layout).start()
-        try:
+        with Stowd(layout) as daemon:
             wait_for(lambda: archive.seen("POST") >= 2, 120, "a second POST", lambda: daemon.log)
             assert layout.files(layout.failed) == set()
             archive.stow = "ok"  # the file was kept and is sent once the archive answers
@@ -104,8 +100,6 @@ def test_a_stow_answer_nested_too_deeply_is_an_answer_that_cannot_be_read(tmp_pa
                 lambda: layout.files(layout.sent) == {"a.dcm"}, 120, "sent", lambda: daemon.log
             )
             assert daemon.terminate() == 0
-        finally:
-            daemon.stop()
     assert "RecursionError" not in daemon.log
     assert "unexpected error" not in daemon.log
 
@@ -121,14 +115,11 @@ def test_a_lookup_answer_nested_too_deeply_makes_the_file_wait(tmp_path: Path) -
         archive.qido = "deep"
         layout = make_layout(tmp_path / "run", archive.base, rules=[rule])
         make_instance(layout.drop / "a.dcm", extra={"AccessionNumber": "ACC-1"})
-        daemon = Stowd(layout).start()
-        try:
+        with Stowd(layout) as daemon:
             reason = "is not JSON stowd can read (nested too deeply)"
             wait_for(lambda: reason in daemon.log, 120, repr(reason), lambda: daemon.log)
             assert archive.seen("POST") == 0
             assert daemon.terminate() == 0
-        finally:
-            daemon.stop()
     assert layout.files(layout.drop) == {"a.dcm"}
     assert layout.files(layout.failed) == set()
     assert "RecursionError" not in daemon.log
@@ -151,12 +142,9 @@ def test_a_token_answer_nested_too_deeply_holds_the_destination(tmp_path: Path) 
         config["destinations"]["pacs"]["auth"] = auth
         layout.config.write_text(yaml.safe_dump(config))
         make_instance(layout.drop / "a.dcm")
-        daemon = Stowd(layout).start()
-        try:
+        with Stowd(layout) as daemon:
             wait_for(lambda: archive.seen("POST /token") >= 2, 120, "a second token request")
             assert daemon.terminate() == 0
-        finally:
-            daemon.stop()
         assert archive.seen("POST /dicom-web") == 0
     assert layout.files(layout.drop) == {"a.dcm"}
     assert "RecursionError" not in daemon.log
@@ -206,8 +194,7 @@ def test_a_deflated_file_with_millions_of_elements_after_its_pixels_is_not_rewri
     layout = make_layout(tmp_path / "run", DEAD_URL, rules=rules)
     layout.drop.mkdir(parents=True, exist_ok=True)
     _trailing_bomb(layout.drop / "trailing.dcm", 2_000_000)
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(
             lambda: layout.files(layout.failed) == {"trailing.dcm"},
             300,
@@ -217,8 +204,6 @@ def test_a_deflated_file_with_millions_of_elements_after_its_pixels_is_not_rewri
         assert daemon.proc is not None
         peak = peak_rss_mb(daemon.proc.pid)
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     print(f"\ndaemon VmHWM with 2 million elements after the pixels: {peak:.1f} MB")
     assert peak < MAX_PEAK_MB
     error = json.loads((layout.failed / "trailing.dcm.error.json").read_text())

@@ -43,8 +43,7 @@ def test_a_copy_that_found_no_room_in_sent_leaves_no_part_copy_that_keeps_it_ful
     layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
     with tmpfs(layout.sent, "4m"):
         make_instance(layout.drop / "big.dcm", size_bytes=6 * MIB)
-        daemon = Stowd(layout).start()
-        try:
+        with Stowd(layout) as daemon:
             wait_for(
                 lambda: "cannot move" in daemon.log and "big.dcm" in daemon.log,
                 120,
@@ -60,8 +59,6 @@ def test_a_copy_that_found_no_room_in_sent_leaves_no_part_copy_that_keeps_it_ful
                 lambda: daemon.log,
             )
             assert (layout.drop / "big.dcm").exists()  # waits for room, never lost
-        finally:
-            daemon.stop()
     assert "Traceback" not in daemon.log
     assert not os.path.exists(layout.drop / "small.dcm")
 
@@ -126,18 +123,12 @@ def test_a_daemon_started_on_a_full_queue_disk_says_the_disk_is_full(
     state = layout.root / "state"
     with tmpfs(state):
         make_instance(layout.drop / "a.dcm")
-        first = Stowd(layout).start()
-        try:
+        with Stowd(layout) as first:
             wait_for((layout.sent / "a.dcm").exists, 60, "a.dcm sent", lambda: first.log)
             assert first.terminate() == 0
-        finally:
-            first.stop()
         fill(state)
-        again = Stowd(layout).start()
-        try:
+        with Stowd(layout) as again:
             wait_for(lambda: not again.alive(), 60, "stowd gave up", lambda: again.log)
-        finally:
-            again.stop()
     assert f"DISK FULL: the queue folder {state} has 0 bytes free" in again.log, again.log
     assert "Traceback" not in again.log
 
@@ -225,12 +216,9 @@ def test_status_never_says_a_file_the_archive_did_not_store_was_stored(
     with tmpfs(layout.failed):
         fill(layout.failed)
         write_garbage(layout.drop / "junk.dcm", 200_000)
-        daemon = Stowd(layout).start()
-        try:
+        with Stowd(layout) as daemon:
             wait_for(lambda: "cannot move" in daemon.log, 60, "the move failed", lambda: daemon.log)
             result = run_cli("status", "-c", str(layout.config))
-        finally:
-            daemon.stop()
     assert result.returncode == 0, result.stderr
     assert "it stored" not in result.stdout
     assert (

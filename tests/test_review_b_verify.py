@@ -36,8 +36,7 @@ def test_a_study_uid_with_a_url_character_does_not_hold_the_destination(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom: not a valid UI value, as intended
         made = make_study(layout.drop / "odd", 1, study_uid="1.2.826.0.1.3680043.8.498.7#1")
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(
             lambda: bool(layout.files(layout.sent)) or "cannot ask it whether" in daemon.log,
             TIMEOUT,
@@ -45,8 +44,6 @@ def test_a_study_uid_with_a_url_character_does_not_hold_the_destination(
             lambda: daemon.log,
         )
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     assert made[0][1] in orthanc.sop_instance_uids()  # the archive did store it
     assert "cannot ask it whether" not in daemon.log
     assert layout.files(layout.sent) == {"odd/" + made[0][0].name}

@@ -57,8 +57,7 @@ def test_dcm4chee_two_refusals_in_one_request_each_keep_their_own_words(tmp_path
             patient_id="REFUSE",
             instance_number=2,
         )
-        daemon = Stowd(layout).start()
-        try:
+        with Stowd(layout) as daemon:
             wait_for(
                 lambda: layout.files(layout.failed) == {"c.dcm", "r.dcm"},
                 60,
@@ -66,8 +65,6 @@ def test_dcm4chee_two_refusals_in_one_request_each_keep_their_own_words(tmp_path
                 lambda: daemon.log,
             )
             assert daemon.terminate() == 0
-        finally:
-            daemon.stop()
         assert [sorted(r) for r in fake.requests] == [[conflict, rejected]]  # one request
     c, r = _error(layout, "c.dcm"), _error(layout, "r.dcm")
     assert (c["failure_reason"], r["failure_reason"]) == ("A778", "A771")
@@ -95,8 +92,7 @@ def test_duplicates_fail_does_not_flag_stowds_own_resend_after_a_lost_answer(
         names = [f"{n}.dcm" for n in "abc"[:files]]
         uids = [make_instance(layout.drop / name, study_uid=study) for name in names]
         fake.lose(1, "500")
-        daemon = Stowd(layout).start()
-        try:
+        with Stowd(layout) as daemon:
             wait_for(
                 lambda: layout.files(layout.sent) | layout.files(layout.failed) == set(names),
                 60,
@@ -104,8 +100,6 @@ def test_duplicates_fail_does_not_flag_stowds_own_resend_after_a_lost_answer(
                 lambda: daemon.log,
             )
             assert daemon.terminate() == 0
-        finally:
-            daemon.stop()
         for uid in uids:  # a batch answered 500 is sent again file by file
             assert fake.times_sent(uid) == 2
             assert uid in fake.stored
@@ -157,8 +151,7 @@ def test_a_permanent_refusal_fails_even_when_requests_always_overlap(tmp_path: P
         uids = [make_instance(layout.drop / f"{n}.dcm") for n in "ab"]  # two studies
         for uid in uids:
             archive.plan[uid], archive.asked[uid] = [PROCESSING_FAILURE], 0
-        daemon = Stowd(layout).start()
-        try:
+        with Stowd(layout) as daemon:
             wait_for(
                 lambda: layout.files(layout.failed) == {"a.dcm", "b.dcm"},
                 120,  # 30 crowded refusals each (10 x max_refusals), 200-400 ms apart
@@ -166,8 +159,6 @@ def test_a_permanent_refusal_fails_even_when_requests_always_overlap(tmp_path: P
                 lambda: daemon.log,
             )
             assert daemon.terminate() == 0
-        finally:
-            daemon.stop()
     for name in ("a.dcm", "b.dcm"):
         error = json.loads((layout.failed / f"{name}.error.json").read_text())
         assert "times while other requests were in flight" in error["reason"], error

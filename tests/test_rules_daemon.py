@@ -87,8 +87,7 @@ def test_rules_and_sidecars_reach_orthanc_and_originals_stay_intact(
     layout = rules_layout(tmp_path / "run", orthanc.dicomweb_url)
     uids = drop_everything(layout)
     before = digests(layout.drop)
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(
             lambda: layout.files(layout.drop) == {"scanner/_metadata.yaml"},
             90,
@@ -96,8 +95,6 @@ def test_rules_and_sidecars_reach_orthanc_and_originals_stay_intact(
             lambda: daemon.log,
         )
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
 
     # Data files in sent/ are byte-identical to what was dropped; sidecars went with them.
     sent, failed = digests(layout.sent), digests(layout.failed)
@@ -189,14 +186,11 @@ def test_many_files_of_a_rewritten_study_are_grouped_by_the_new_uid(
     )
     for n in range(3):
         make_study(layout.drop / f"s{n}", 10)  # three studies become one
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(
             lambda: len(layout.files(layout.sent)) == 30, 90, "30 files sent", lambda: daemon.log
         )
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     assert orthanc.study_instance_uids() == {MERGED_STUDY}
     assert orthanc.instance_count() == 30
 
@@ -216,20 +210,17 @@ def test_kill_9_while_sending_rewritten_files_loses_and_duplicates_nothing(
     uids: set[str] = set()
     for n in range(4):
         uids |= {u for _, u in make_study(layout.drop / f"s{n}", 15, size_bytes=200_000)}
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(
             lambda: len(layout.files(layout.sent)) >= 5, 60, "a first batch", lambda: daemon.log
         )
         daemon.kill()
         assert len(layout.files(layout.sent)) < 60, "too fast to interrupt anything"
-        daemon = Stowd(layout).start()
+    with Stowd(layout) as daemon:
         wait_for(
             lambda: len(layout.files(layout.sent)) == 60, 90, "all 60 sent", lambda: daemon.log
         )
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     assert layout.files(layout.drop) == set() and layout.files(layout.failed) == set()
     assert orthanc.sop_instance_uids() == uids
     assert {stored(orthanc, u)["PatientID"] for u in list(uids)[:5]} == {"NEW-P1"}

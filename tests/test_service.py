@@ -85,8 +85,7 @@ def test_readiness_watchdog_reload_and_stopping_arrive_in_order(
     tmp_path: Path, notify_socket: NotifySocket
 ) -> None:
     layout = make_layout(tmp_path / "run", "http://127.0.0.1:9/dicom-web")
-    daemon = Stowd(layout, env=env_for(notify_socket)).start()
-    try:
+    with Stowd(layout, env=env_for(notify_socket)) as daemon:
         wait_for(lambda: "READY" in notify_socket.states(), 30, "READY=1", lambda: daemon.log)
         assert "stowd started" in daemon.log and "watching" in daemon.log  # queue open, watching
         wait_for(lambda: notify_socket.states().count("WATCHDOG") >= 2, 10, "watchdog pings")
@@ -94,8 +93,6 @@ def test_readiness_watchdog_reload_and_stopping_arrive_in_order(
         daemon.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: notify_socket.states().count("READY") >= 2, 30, "READY=1 after reload")
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     keys = notify_socket.states()
     assert keys[0] == "READY"
     reload_at = keys.index("RELOADING")
@@ -109,8 +106,7 @@ def test_readiness_watchdog_reload_and_stopping_arrive_in_order(
 
 def test_sighup_with_a_new_source_starts_watching_it(tmp_path: Path, orthanc: Orthanc) -> None:
     layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         first = make_instance(layout.drop / "a.dcm")
         wait_for(lambda: layout.files(layout.sent) == {"a.dcm"}, 60, "a.dcm", lambda: daemon.log)
         doc = yaml.safe_load(layout.config.read_text())
@@ -124,8 +120,6 @@ def test_sighup_with_a_new_source_starts_watching_it(tmp_path: Path, orthanc: Or
         wait_for((layout.root / "ward-sent" / "b.dcm").exists, 60, "b.dcm", lambda: daemon.log)
         assert daemon.alive()
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     assert {first, uid} <= orthanc.sop_instance_uids()
     assert orthanc.instance_count() == 2  # nothing sent twice across the reload
 
@@ -134,8 +128,7 @@ def test_sighup_with_a_broken_config_keeps_the_old_one_running(
     tmp_path: Path, orthanc: Orthanc, notify_socket: NotifySocket
 ) -> None:
     layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
-    daemon = Stowd(layout, env=env_for(notify_socket, 60)).start()
-    try:
+    with Stowd(layout, env=env_for(notify_socket, 60)) as daemon:
         wait_for(lambda: "READY" in notify_socket.states(), 30, "READY=1", lambda: daemon.log)
         good = layout.config.read_text()
         broken = good.replace("quiet_period: 500ms", "quiet_period: soon").replace(
@@ -151,8 +144,6 @@ def test_sighup_with_a_broken_config_keeps_the_old_one_running(
         uid = make_instance(layout.drop / "after.dcm")
         wait_for(lambda: layout.files(layout.sent) == {"after.dcm"}, 60, "after.dcm")
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     assert uid in orthanc.sop_instance_uids()
 
 
@@ -190,13 +181,10 @@ def test_under_journald_lines_carry_syslog_priorities_and_no_time(
     log_path.touch()
     st = os.stat(log_path)  # stderr will be this file: journald's JOURNAL_STREAM names it
     daemon.env = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
-    daemon.start()
-    try:
+    with daemon:
         (layout.drop / "bad.dcm").write_text("not DICOM")
         wait_for(lambda: layout.files(layout.failed) == {"bad.dcm"}, 60, "bad.dcm failed")
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     lines = [line for line in daemon.log.splitlines() if line.strip()]
     assert lines and all(line[:3] in ("<3>", "<4>", "<6>", "<7>") for line in lines), lines[:5]
     assert any(line.startswith("<3>stowd.worker:") and "bad.dcm" in line for line in lines)
@@ -206,12 +194,9 @@ def test_under_journald_lines_carry_syslog_priorities_and_no_time(
 
 def test_json_log_lines_for_log_shippers(tmp_path: Path) -> None:
     layout = make_layout(tmp_path / "run", "http://127.0.0.1:9/dicom-web")
-    daemon = Stowd(layout, args=("--log-format", "json")).start()
-    try:
+    with Stowd(layout, args=("--log-format", "json")) as daemon:
         wait_for(lambda: "stowd started" in daemon.log, 30, "start", lambda: daemon.log)
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     records = [json.loads(line) for line in daemon.log.splitlines() if line.strip()]
     assert {"time", "level", "logger", "message"} <= set(records[0])
     assert any(r["message"].startswith("stowd started") for r in records)
@@ -238,8 +223,7 @@ def test_a_metrics_scrape_shows_the_counts_after_a_run(tmp_path: Path, orthanc: 
     for n in range(3):
         make_instance(layout.drop / f"s/{n}.dcm")
     (layout.drop / "bad.dcm").write_text("not DICOM")
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(
             lambda: len(layout.files(layout.sent)) == 3 and len(layout.files(layout.failed)) == 1,
             60,
@@ -248,8 +232,6 @@ def test_a_metrics_scrape_shows_the_counts_after_a_run(tmp_path: Path, orthanc: 
         )
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     ct1 = {"source": "ct1", "destination": "pacs"}
     assert metric(text, "stowd_files_queued_total", **ct1) == 4
     assert metric(text, "stowd_files_sent_total", **ct1) == 3

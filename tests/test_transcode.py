@@ -452,16 +452,13 @@ def test_a_large_implicit_file_is_converted_in_bounded_memory(
     source = layout.drop / "large.dcm"
     uid = str(image(source, LARGE_SIDE).SOPInstanceUID)
     size_mb = source.stat().st_size / 1e6
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(
             lambda: layout.files(layout.sent) == {"large.dcm"}, 600, "sent", lambda: daemon.log
         )
         assert daemon.proc is not None
         peak = peak_rss_mb(daemon.proc.pid)
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     print(f"\ndaemon VmHWM converting a {size_mb:.0f} MB implicit file: {peak:.1f} MB")
     assert peak < MAX_PEAK_MB < size_mb / 2
     found = stored_file_id(orthanc, uid)

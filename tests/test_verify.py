@@ -104,8 +104,7 @@ def test_files_wait_while_the_archive_cannot_be_asked(tmp_path: Path, proxy: Ver
     layout = verifying(tmp_path, proxy)
     files = dropped(layout, 3)
     proxy.qido_status = 503
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(
             lambda: "cannot ask it whether it lists them" in daemon.log,
             TIMEOUT,
@@ -125,8 +124,6 @@ def test_files_wait_while_the_archive_cannot_be_asked(tmp_path: Path, proxy: Ver
             lambda: daemon.log,
         )
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     assert layout.files(layout.failed) == set()
 
 
@@ -136,13 +133,12 @@ def test_a_kill_between_the_answer_and_the_verification_loses_nothing(
     layout = verifying(tmp_path, proxy)
     files = dropped(layout, 3)
     proxy.qido_gate.clear()  # the query waits: the files are stored, not yet verified
-    daemon = Stowd(layout).start()
     try:
-        wait_for(proxy.qido_waiting.is_set, TIMEOUT, "a query", lambda: daemon.log)
-        assert orthanc.sop_instance_uids() == set(files.values())
-        daemon.kill()
+        with Stowd(layout) as daemon:
+            wait_for(proxy.qido_waiting.is_set, TIMEOUT, "a query", lambda: daemon.log)
+            assert orthanc.sop_instance_uids() == set(files.values())
+            daemon.kill()
     finally:
-        daemon.stop()
         proxy.qido_gate.set()
     assert layout.files(layout.drop) == set(files)  # re-judged by the next run
     assert layout.files(layout.sent) == set()
@@ -236,8 +232,7 @@ def test_an_archive_without_a_study_instances_query_holds_its_files(tmp_path: Pa
         dest = {"url": archive.dicomweb_url, "workers": 1, "verify": True}
         layout = make_layout(tmp_path / "run", archive.dicomweb_url, destinations={"pacs": dest})
         files = dropped(layout, 2)
-        daemon = Stowd(layout).start()
-        try:
+        with Stowd(layout) as daemon:
             wait_for(
                 lambda: "may not offer QIDO-RS queries for a study's instances" in daemon.log,
                 TIMEOUT,
@@ -245,8 +240,6 @@ def test_an_archive_without_a_study_instances_query_holds_its_files(tmp_path: Pa
                 lambda: daemon.log,
             )
             assert daemon.terminate() == 0
-        finally:
-            daemon.stop()
         assert archive.sop_instance_uids() == set(files.values())  # stored, all the same
         assert layout.files(layout.drop) == set(files)
         assert layout.files(layout.sent) == layout.files(layout.failed) == set()

@@ -36,8 +36,7 @@ def test_a_recreated_watch_folder_is_watched_again_at_once(
     # rescans every hour: a file found within the test's bounds was found by watching
     source = {"rescan_interval": "1h", "polling": polling}
     layout = make_layout(tmp_path / "run", orthanc.dicomweb_url, source=source)
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(lambda: "watching" in daemon.log, 30, "the daemon to start", lambda: daemon.log)
         make_instance(layout.drop / "before.dcm")
         wait_for(lambda: layout.files(layout.sent) == {"before.dcm"}, 60, "before.dcm sent")
@@ -67,8 +66,6 @@ def test_a_recreated_watch_folder_is_watched_again_at_once(
         )
         assert not missing_said(layout)
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
     lines = [line for line in daemon.log.splitlines() if "watch folder" in line]
     assert sum("was deleted;" in line for line in lines) == 1, lines
     assert sum("is back; watching it again" in line for line in lines) == 1, lines

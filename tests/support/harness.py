@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 import yaml
 
@@ -99,7 +101,11 @@ def make_layout(
 
 
 class Stowd:
-    """``python -m stowd run`` as a child process, its stderr kept in a log file."""
+    """``python -m stowd run`` as a child process, its stderr kept in a log file.
+
+    ``with Stowd(layout) as daemon:`` starts it and stops it (SIGTERM, then SIGKILL after 30 s)
+    when the block ends, pass or fail; ``daemon.log`` stays readable after the block.
+    """
 
     def __init__(
         self, layout: Layout, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
@@ -139,6 +145,18 @@ class Stowd:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
 
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
     def stop(self) -> None:
         if self.alive():
             try:
@@ -162,12 +180,9 @@ def wait_for(
 
 def run_until(layout: Layout, done: Callable[[], bool], what: str, timeout: float) -> None:
     """Run the daemon until ``done``, then stop it; it must exit cleanly (0)."""
-    daemon = Stowd(layout).start()
-    try:
+    with Stowd(layout) as daemon:
         wait_for(done, timeout, what, lambda: daemon.log)
         assert daemon.terminate() == 0
-    finally:
-        daemon.stop()
 
 
 def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
