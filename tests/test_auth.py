@@ -1,6 +1,6 @@
 """Logins (basic, bearer, OAuth2 client credentials), proxies and headers of a destination.
 
-A real local OAuth2 token endpoint and a real local archive (``ThreadingHTTPServer``) stand
+A real local OAuth2 token endpoint and a real local archive (``localserver.LocalServer``) stand
 in for Keycloak and dcm4chee: the endpoint issues short-lived tokens and counts its requests,
 the archive refuses tokens it did not issue, that expired, or that the test revoked.
 """
@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote_plus
@@ -24,6 +24,7 @@ import httpx
 import pytest
 from dicomgen import make_instance
 from harness import Clock
+from localserver import LocalServer
 
 from stowd.config.access import Access, Auth, Tls
 from stowd.config.model import BatchLimits, Config, Destination, Retry, Source
@@ -96,8 +97,9 @@ class Sso:
         return 200, stow_json(self.uids)
 
 
-class Server:
-    """A real HTTP server on 127.0.0.1 calling ``route(method, path, headers, body)``."""
+class Server(LocalServer):
+    """A real HTTP(S) server on 127.0.0.1 (``localserver``), started at once, calling
+    ``route(method, path, headers, body)``."""
 
     def __init__(
         self,
@@ -118,27 +120,15 @@ class Server:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        if tls is not None:  # the handshake runs in accept(); a failed one is dropped
-            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
-        self.scheme = "http" if tls is None else "https"
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
-
-    @property
-    def port(self) -> int:
-        return int(self.server.server_address[1])
+        super().__init__(Handler, tls)
+        self.start()
 
     @property
     def base(self) -> str:
-        return f"{self.scheme}://127.0.0.1:{self.port}"
+        return self.url
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
+        self.stop()
 
 
 Reply = tuple[int, str, bytes]

@@ -7,16 +7,16 @@ from __future__ import annotations
 import email
 import email.policy
 import json
-import threading
 from collections.abc import Iterator
 from email.message import EmailMessage
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
 from harness import Stowd, make_layout, wait_for
+from localserver import LocalServer
 from mediagen import dciodvfy_errors, make_jpeg, make_pdf, make_png, make_video
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -28,8 +28,9 @@ PIXEL_DATA = "7FE00010"
 DOCUMENT = "00420011"
 
 
-class CaptureArchive:
-    """A STOW-RS endpoint that keeps every request and stores every instance it is sent."""
+class CaptureArchive(LocalServer):
+    """A STOW-RS endpoint (``localserver``) that keeps every request and stores every instance
+    it is sent."""
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, bytes]] = []  # (Content-Type, body)
@@ -49,13 +50,11 @@ class CaptureArchive:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        super().__init__(Handler)
 
     @property
     def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host!s}:{port}/dicom-web"
+        return f"{super().url}/dicom-web"
 
     @staticmethod
     def answer(content_type: str, body: bytes) -> dict[str, Any]:
@@ -68,13 +67,8 @@ class CaptureArchive:
 
 @pytest.fixture
 def archive() -> Iterator[CaptureArchive]:
-    server = CaptureArchive()
-    server.thread.start()
-    try:
+    with CaptureArchive() as server:
         yield server
-    finally:
-        server.server.shutdown()
-        server.server.server_close()
 
 
 def parts_of(content_type: str, body: bytes) -> list[EmailMessage]:

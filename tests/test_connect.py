@@ -13,14 +13,14 @@ import shutil
 import socket
 import ssl
 import subprocess
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import quote_plus
 
 import pytest
+from localserver import LocalServer
 from orthanc import Orthanc
 
 from stowd.commands import connect
@@ -40,7 +40,7 @@ class Archive:
     """A local HTTP(S) server: ``/ok`` answers QIDO 200, ``/locked`` 401 unless the basic
     login is right, ``/html`` a 200 web page; anything else 404."""
 
-    server: ThreadingHTTPServer
+    server: LocalServer
     scheme: str = "http"
     seen: list[tuple[str, dict[str, str]]] = field(default_factory=list)
 
@@ -96,24 +96,19 @@ class Servers:
     """Archives started by a test; all stopped after it."""
 
     def __init__(self) -> None:
-        self.started: list[tuple[ThreadingHTTPServer, threading.Thread]] = []
+        self.started: list[LocalServer] = []
 
     def start(self, context: ssl.SSLContext | None = None) -> Archive:
         """An archive on a free port; HTTPS with ``context`` (a server-side SSL context)."""
         seen: list[tuple[str, dict[str, str]]] = []
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(seen))
-        if context is not None:
-            server.socket = context.wrap_socket(server.socket, server_side=True)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        self.started.append((server, thread))
-        return Archive(server, "https" if context else "http", seen)
+        server = LocalServer(_handler(seen), context)
+        server.start()
+        self.started.append(server)
+        return Archive(server, server.scheme, seen)
 
     def stop(self) -> None:
-        for server, thread in self.started:
-            server.shutdown()
-            server.server_close()
-            thread.join()
+        for server in self.started:
+            server.stop()
 
 
 @pytest.fixture

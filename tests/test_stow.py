@@ -24,13 +24,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 import httpx
 import pydicom
 import pytest
+from localserver import LocalServer
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -1007,8 +1008,9 @@ class Received:
 Reply = tuple[int, dict[str, str], bytes]
 
 
-class LocalArchive:
-    """A real HTTP server on 127.0.0.1 that reads each request by its Content-Length."""
+class LocalArchive(LocalServer):
+    """A real HTTP server on 127.0.0.1 (``localserver``) that reads each request by its
+    Content-Length."""
 
     def __init__(self, reply: Callable[[Received], Reply]) -> None:
         self.received: list[Received] = []
@@ -1032,23 +1034,11 @@ class LocalArchive:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), RequestHandler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        super().__init__(RequestHandler)
 
     @property
     def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        assert isinstance(host, str)
-        return f"http://{host}:{port}/dicom-web"
-
-    def __enter__(self) -> LocalArchive:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
+        return f"{super().url}/dicom-web"
 
 
 def real_client(url: str) -> StowClient:

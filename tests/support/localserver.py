@@ -4,6 +4,7 @@ server run as a child process with its output in a log file (Orthanc, nginx)."""
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,22 +36,32 @@ class Served:
 
 class LocalServer(Served):
     """A ThreadingHTTPServer on a free loopback port, served from a daemon thread; its
-    handlers reach this object as ``self.server.owner``."""
+    handlers reach this object as ``self.server.owner``.  With ``tls`` (a server-side SSL
+    context) it speaks HTTPS: the handshake runs in accept(), and a failed one is dropped."""
 
-    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+    def __init__(
+        self, handler: type[BaseHTTPRequestHandler], tls: ssl.SSLContext | None = None
+    ) -> None:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
         self._httpd.owner = self  # type: ignore[attr-defined]
+        if tls is not None:
+            self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True)
+        self.scheme = "http" if tls is None else "https"
         self._thread: threading.Thread | None = None
 
     @property
+    def server_address(self) -> tuple[str, int]:
+        host, port = self._httpd.server_address[:2]
+        return str(host), int(port)
+
+    @property
     def port(self) -> int:
-        port: int = self._httpd.server_address[1]
-        return port
+        return self.server_address[1]
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         if self._thread is None:
