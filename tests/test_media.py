@@ -669,7 +669,7 @@ def test_files_made_by_ffmpeg(tmp_path: Path) -> None:
     assert program.duration_s == pytest.approx(1.0)
 
 
-# --- cut short, too large (review of issue 4) ----------------------------------------------------
+# --- cut short, too large (issue 4) -----------------------------------------------------------
 
 
 def test_a_program_stream_counts_frames_across_packet_boundaries(tmp_path: Path) -> None:

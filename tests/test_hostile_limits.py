@@ -1,4 +1,6 @@
-"""Issue 14, review: what a hostile writer or archive could still do after the first fixes."""
+"""Issue 14: the limits that bound a hostile writer or archive: a header of millions of tiny
+elements (read in bounded memory, also after the pixel data), and JSON nested too deeply in a
+STOW answer, a lookup answer, a token answer or an error file."""
 
 from __future__ import annotations
 

@@ -1,9 +1,11 @@
-"""Review B: ways a header's elements escape stowd.elements' count (pydicom builds them all).
+"""Headers whose elements escape stowd.elements' count (pydicom builds them all), and the
+element limit where it must not refuse (a tiled sparse whole slide image); also a verify
+answer of millions of objects, and a deferred value read back by name.
 
 Each file below is read by pydicom (3.0, as pinned) into thousands of elements while the walk
 counts a handful, so the 500,000-element limit does not bound what pydicom holds: a 16 MB
 file of two million elements built this way took 670 MB to classify (measured with
-/tmp/r/run.py, resource.getrusage, in review B).
+resource.getrusage, when these were found).
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ HIDING = [
 
 @pytest.mark.xfail(
     strict=True,
-    reason="review B: stowd.elements decides implicit/explicit VR per element and walks "
+    reason="stowd.elements decides implicit/explicit VR per element and walks "
     "undefined-length values as items; pydicom decides per data set, reads any 8 bytes in "
     "a sequence as an item and scans raw values (elements.Bounded bounds pydicom instead)",
 )
@@ -238,7 +240,7 @@ def _wsi_sparse(tiles_across: int, tiles_down: int) -> bytes:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="review B: MAX_ELEMENTS (500,000) refuses the base level of a 40x whole slide "
+    reason="MAX_ELEMENTS (500,000) refuses the base level of a 40x whole slide "
     "image in TILED_SPARSE (8 elements per tile, 65,000+ tiles) as damaged or a bomb",
 )
 def test_a_whole_slide_image_in_tiled_sparse_is_not_refused(tmp_path: Path) -> None:

@@ -1,5 +1,7 @@
-"""Review C of issue 15: archives answering as their source says, in cases the profile tests
-do not cover.  Against the real daemon and the local test archive (``fakearchive.py``)."""
+"""Refusals and duplicates as each archive answers them (issue 15), in cases the profile tests
+(test_archive_profiles.py) do not cover: two refusals in one request, a re-send after a lost
+answer, migrate's count of what the archive held, requests that always overlap.  Against the
+real daemon and the local test archive (``fakearchive.py``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Review B: verify: true and a StudyInstanceUID that is not plain digits and dots."""
+"""``verify: true`` and a StudyInstanceUID that is not plain digits and dots."""
 
 from __future__ import annotations
 

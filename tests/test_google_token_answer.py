@@ -1,4 +1,5 @@
-"""Review B: a Google token endpoint whose answer google-auth cannot read."""
+"""``auth.type: google``: a token endpoint whose answer google-auth cannot read holds the
+destination with a reason."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Review of issue 8 (lookups): an archive that hangs, values the archive left out, answers
-that do not show the keys asked."""
+"""Lookups (issue 8) when the archive answers badly: an archive that hangs, values the archive
+left out, answers that do not show the keys asked; and the config checks of a lookup's query."""
 
 from __future__ import annotations
 

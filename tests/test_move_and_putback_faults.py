@@ -1,4 +1,7 @@
-"""Review of issue 22: what broke when it was tried on purpose (each test failed on main)."""
+"""Issue 22: moving files and putting them back, under faults tried on purpose: no room in sent/,
+a crash during a put-back or after a move, a full queue disk, symlinks from sent/, a sidecar's
+copy; and status never saying a file the archive did not store was stored.  Each test failed
+before its fix."""
 
 from __future__ import annotations
 
