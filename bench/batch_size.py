@@ -4,10 +4,10 @@ Usage (from the repository root, with the project installed in .venv):
 
     .venv/bin/python bench/batch_size.py --files 1000 --size 512KiB
 
-For each setting it starts a fresh Orthanc (tests/support/orthanc.py), starts ``stowd run`` on an empty
-drop folder, moves the pre-generated files in at once, and times until every file is in
-``sent/``; it then checks Orthanc's instance count.  It prints files/s, MB/s and the peak RSS
-of the stowd process.  Figures, not assertions: this is not a test.
+For each setting it starts a fresh Orthanc (tests/support/orthanc.py), starts ``stowd run`` on
+an empty drop folder, moves the pre-generated files in at once, and times until every file is
+in ``sent/``; it then checks Orthanc's instance count.  It prints files/s, MB/s and the peak
+RSS of the stowd process.  Figures, not assertions: this is not a test.
 """
 
 from __future__ import annotations

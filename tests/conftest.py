@@ -26,6 +26,7 @@ import archives
 import pytest
 from archives import Archive
 from harness import Clock
+from marking import ARCHIVE_FIXTURES, starts_something
 from orthanc import Orthanc, orthanc_missing_reason
 from tinypacs import TinyPacs, tiny_pacs_missing_reason
 
@@ -60,6 +61,23 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         _remove_tree(own)
     else:
         print(f"\ntest files kept in {own}")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``integration`` every test that starts a real archive, a stowd subprocess or a
+    local server, itself or through a fixture (``marking.py`` says how it is found)."""
+    for item in items:
+        if isinstance(item, pytest.Function) and _starts_something(item):
+            item.add_marker(pytest.mark.integration)
+
+
+def _starts_something(item: pytest.Function) -> bool:
+    if ARCHIVE_FIXTURES.intersection(item.fixturenames):
+        return True
+    fixtures = item._fixtureinfo.name2fixturedefs.values()
+    return starts_something(item.function) or any(
+        starts_something(defs[-1].func) for defs in fixtures if defs
+    )
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
