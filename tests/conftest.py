@@ -11,6 +11,9 @@ Test files make DICOM data with the functions of ``dicomgen`` (``from dicomgen i
 make_study``): the helpers live in ``tests/support/`` (its README.md says what each is for),
 which pytest puts on ``sys.path`` (``pythonpath`` in pyproject.toml); ``tests/`` itself is on it
 too because it has no ``__init__.py``, so test files may import each other's helpers.
+
+Every test that starts an archive, a stowd or other child process, or a local server is marked
+``integration`` here (``marking.py``), so ``pytest -m "not integration"`` runs the unit tests.
 """
 
 from __future__ import annotations

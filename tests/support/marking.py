@@ -89,7 +89,10 @@ def _code_reaches(code: CodeType, names: dict[str, Any], seen: set[int]) -> bool
 
 
 def _ours(obj: object) -> bool:
-    """Defined in a test file or in tests/support (where a starter can hide in a helper)."""
+    """Defined in a test file or in tests/support (where a starter can hide in a helper), and
+    not here (this module names the starters without starting them)."""
+    if getattr(obj, "__module__", None) == __name__:
+        return False
     module = sys.modules.get(getattr(obj, "__module__", "") or "")
     path = getattr(module, "__file__", None)
     return path is not None and Path(path).resolve().is_relative_to(TESTS)
