@@ -69,4 +69,3 @@ def test_a_plain_function_is_not_marked() -> None:
 
 def test_conftest_leaves_a_unit_test_unmarked(request: pytest.FixtureRequest) -> None:
     assert request.node.get_closest_marker("integration") is None
-
