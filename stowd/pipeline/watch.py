@@ -243,8 +243,11 @@ class Watcher:
 
     # -- the loop -------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        """Watch until ``stop`` is set: scan now, then handle hints, rechecks and rescans."""
-        self.start_observer()
+        """Watch until ``stop`` is set: scan now, then handle hints, rechecks and rescans.
+        A receiving source's folder is only scanned: its receiver queues what it writes, and a
+        scan finds a file it wrote but could not queue (a crash in between)."""
+        if self.source.receive is None:
+            self.start_observer()
         try:
             self._loop(stop)
         finally:

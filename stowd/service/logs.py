@@ -36,7 +36,7 @@ _PRIORITY = {  # syslog priorities (sd-daemon.h SD_ERR ...)
     logging.INFO: 6,
     logging.DEBUG: 7,
 }
-_QUIET = ("httpx", "httpcore", "watchdog")
+_QUIET = ("httpx", "httpcore", "watchdog", "pynetdicom")
 CHAIN_LIMIT = 20  # chained exceptions shown in one traceback, the newest ones
 
 
