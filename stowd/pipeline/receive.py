@@ -63,6 +63,9 @@ IMPLEMENTATION_VERSION = f"STOWD_{__version__}"[:16]
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _AE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
 PART = ".part"
+PLACE_TRIES = 5
+DURABLE_MEMORY = 10_000  # study folders remembered as fsynced in their parent
+MAX_COPIES = 10_000
 CHUNK = 1024 * 1024
 
 
@@ -154,12 +157,15 @@ class Receiver:
         self.stopping = threading.Event()
         self._ae: AE | None = None
         self._server: Any = None
+        self._durable: set[tuple[str, int]] = set()  # study folders whose entry is fsynced
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
         """Listen; ``StowdError`` when the address cannot be bound."""
         _use_incoming(self.incoming)
         fileops.make_folders(self.source.watch)
+        for folder in (self.source.watch, self.source.watch.parent, self.incoming):
+            fileops.fsync_dir(folder.parent)
         ae = self._ae = self._make_ae()
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._requested),
@@ -323,17 +329,34 @@ class Receiver:
             raise
 
     def _place(self, part: Path, study_uid: str, sop_uid: str) -> Path:
+        """Rename ``part`` into its study's folder.  The folder may vanish between making it
+        and the rename (settling the study's last file removes empty folders): made again."""
         folder = self.source.watch / _safe_uid(study_uid)
-        fileops.make_folders(folder)
         target = folder / f"{_safe_uid(sop_uid)}.dcm"
-        for n in range(10_000):
+        for _ in range(PLACE_TRIES):
+            fileops.make_folders(folder)
             try:
-                fileops.rename_new(part, target if n == 0 else fileops.numbered(target, n))
-            except FileExistsError:
-                continue
+                placed = _rename_unused(part, target)
+            except FileNotFoundError:
+                if not part.exists():
+                    raise
+                continue  # the folder went: make it again
             fileops.fsync_dir(folder)
-            return target if n == 0 else fileops.numbered(target, n)
-        raise FileProblem(f"10,000 copies of {sop_uid} were received; no name is left")
+            self._durable_folder(folder)
+            return placed
+        raise OSError(f"the folder {folder} kept vanishing while an instance was put there")
+
+    def _durable_folder(self, folder: Path) -> None:
+        """The study folder's own entry fsynced in its parent, once per folder (by inode: a
+        folder removed when its files were sent and made again is new, and fsynced again)."""
+        key = (str(folder), folder.stat().st_ino)
+        if key in self._durable:
+            return
+        fileops.fsync_dir(folder.parent)
+        with self.tally.lock:
+            if len(self._durable) >= DURABLE_MEMORY:
+                self._durable.clear()
+            self._durable.add(key)
 
     def _queue(self, path: Path) -> int:
         st = path.stat()
@@ -343,6 +366,18 @@ class Receiver:
         )
         self.queue.enqueue([found])  # 0: a rescan queued it first (or it was just sent)
         return st.st_size
+
+
+def _rename_unused(part: Path, target: Path) -> Path:
+    """``part`` renamed to ``target``, or ``target~1``, ``~2``... where that is taken."""
+    for n in range(MAX_COPIES):
+        name = target if n == 0 else fileops.numbered(target, n)
+        try:
+            fileops.rename_new(part, name)
+        except FileExistsError:
+            continue
+        return name
+    raise FileProblem(f"{MAX_COPIES} copies of {target.stem} were received; no name is left")
 
 
 def _where(receive: Receive) -> str:
