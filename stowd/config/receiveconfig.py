@@ -21,7 +21,7 @@ from stowd.config.model import (
     Allowed,
     Receive,
 )
-from stowd.config.yamlwalk import Section, as_duration, as_int, describe, describe_node, join
+from stowd.config.yamlwalk import Section, as_duration, as_int, describe_node, describe_value, join
 
 RECEIVE_KEYS = (
     "ae_title",
@@ -41,7 +41,7 @@ MAX_PDU = 2**32 - 1  # the PDU length field is 32 bits
 def as_ae_title(value: object) -> str:
     """An AE title: 1-16 printable ASCII characters, no backslash, not only spaces."""
     if not isinstance(value, str):
-        raise ValueError(f"expected an AE title (text), got {describe(value)}")
+        raise ValueError(f"expected an AE title (text), got {describe_value(value)}")
     if not _AE_TITLE.fullmatch(value) or not value.strip():
         raise ValueError(
             "an AE title has 1 to 16 characters of printable ASCII without '\\' and not only "
@@ -54,7 +54,7 @@ def as_ae_title(value: object) -> str:
 
 def as_address(what: str) -> Callable[[object], str]:
     def convert(value: object) -> str:
-        text = value if isinstance(value, str) else describe(value)
+        text = value if isinstance(value, str) else describe_value(value)
         try:
             return str(ipaddress.ip_address(text))
         except ValueError:
