@@ -536,3 +536,47 @@ def test_a_sop_instance_uid_sent_twice_in_one_association_is_kept_twice(
     names = sorted(p.name for p in site.files(site.sent))
     assert names[1] == names[0].replace(".dcm", "~1.dcm")
     assert site.orthanc.instance_count() == 1
+
+
+def test_status_metrics_and_logs_tell_what_each_receiver_took_in(
+    site: Site, tmp_path: Path
+) -> None:
+    metrics_port = free_port()
+    site.write({"ct": {}}, metrics={"listen": f"127.0.0.1:{metrics_port}"})
+    proc = _start(site)
+    try:
+        files = [p for p, _ in make_study(tmp_path / "modality", 3, size_bytes=8192)]
+        assert storescu(site.ports["ct"], files).returncode == 0
+        assert storescu(site.ports["ct"], files[:1], calling="EVIL!").returncode == 0
+        wait_for(
+            lambda: "association from EVIL! at 127.0.0.1 released: 1 instance(s)" in proc.log,
+            60,
+            "the second association's log line",
+            lambda: proc.log,
+        )
+        assert "association from CT1 at 127.0.0.1 released: 3 instance(s) received" in proc.log
+
+        def shown() -> str:
+            done = subprocess.run(
+                [sys.executable, "-m", "stowd", "status", "-c", str(site.config)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            return done.stdout
+
+        wait_for(
+            lambda: "since start 4 instance(s)" in shown(), 60, "status to show 4", lambda: proc.log
+        )
+        text = shown()
+        assert f"source ct (C-STORE to STOWD at 127.0.0.1:{site.ports['ct']} -> pacs)" in text
+        assert "0 association(s) open; since start 4 instance(s)" in text
+        assert "0 refused" in text and "last from EVIL!" in text
+        import httpx  # noqa: PLC0415
+
+        page = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).text
+        assert 'stowd_received_instances_total{source="ct"} 4.0' in page
+        assert 'stowd_associations_open{source="ct"} 0.0' in page
+    finally:
+        proc.stop()

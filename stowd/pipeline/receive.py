@@ -97,6 +97,16 @@ class Tally:
             }
 
 
+@dataclass
+class Session:
+    """What one association brought, for its log line when it ends."""
+
+    calling_ae: str
+    received: int = 0
+    refused: int = 0
+    bytes: int = 0
+
+
 @dataclass(frozen=True)
 class Origin:
     """Who sent an instance: from the association, recorded in the file meta."""
@@ -158,6 +168,7 @@ class Receiver:
         self._ae: AE | None = None
         self._server: Any = None
         self._durable: set[tuple[str, int]] = set()  # study folders whose entry is fsynced
+        self._sessions: dict[int, Session] = {}  # open associations, by id of the association
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -266,6 +277,7 @@ class Receiver:
             self.tally.open += 1
             self.tally.associations += 1
             self.tally.last_calling_ae = calling
+            self._sessions[id(event.assoc)] = Session(calling)
         counters.association_opened(self.source.name)
         log.info(
             "source %s: association from %s at %s accepted",
@@ -275,34 +287,60 @@ class Receiver:
         )
 
     def _ended(self, event: evt.Event) -> None:
+        """Released or aborted: say what it brought (only for one that was established)."""
         with self.tally.lock:
-            self.tally.open = max(0, self.tally.open - 1)
+            session = self._sessions.pop(id(event.assoc), None)
+            if session is not None:
+                self.tally.open = max(0, self.tally.open - 1)
+        if session is None:
+            return
         counters.association_closed(self.source.name)
         self.queue.release_connection()  # each association has its own thread
+        how = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        log.info(
+            "source %s: association from %s at %s %s: %d instance(s) received (%.1f MB), "
+            "%d refused",
+            self.source.name,
+            escape(session.calling_ae),
+            event.assoc.requestor.address,
+            how,
+            session.received,
+            session.bytes / 1e6,
+            session.refused,
+        )
 
     # -- instances ---------------------------------------------------------------------
     def _store(self, event: evt.Event) -> int:
         if self.stopping.is_set():
-            return self._refuse(OUT_OF_RESOURCES, "stowd is stopping; the sender may try again")
+            why = "stowd is stopping; the sender may try again"
+            return self._refuse(OUT_OF_RESOURCES, why, event)
         origin = _origin_of(event, self.settings)
         received = Path(event.dataset_path)
         try:
             size = self._keep(event, received, origin)
         except FileProblem as exc:
-            return self._refuse(CANNOT_UNDERSTAND, f"from {origin.calling_ae}: {exc}")
+            return self._refuse(CANNOT_UNDERSTAND, f"from {origin.calling_ae}: {exc}", event)
         except (OSError, QueueError, StowdError) as exc:
-            return self._refuse(OUT_OF_RESOURCES, f"from {origin.calling_ae}: {_reason(exc)}")
+            why = f"from {origin.calling_ae}: {_reason(exc)}"
+            return self._refuse(OUT_OF_RESOURCES, why, event)
         with self.tally.lock:
             self.tally.received += 1
             self.tally.bytes += size
             self.tally.last_calling_ae = origin.calling_ae
             self.tally.last_at = time.time()
+            session = self._sessions.get(id(event.assoc))
+            if session is not None:
+                session.received += 1
+                session.bytes += size
         counters.instance_received(self.source.name, size)
         return SUCCESS
 
-    def _refuse(self, status: int, why: str) -> int:
+    def _refuse(self, status: int, why: str, event: evt.Event) -> int:
         with self.tally.lock:
             self.tally.refused += 1
+            session = self._sessions.get(id(event.assoc))
+            if session is not None:
+                session.refused += 1
         counters.instance_refused(self.source.name)
         log.warning(
             "source %s: an instance was refused (status 0x%04X): %s",
