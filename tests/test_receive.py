@@ -580,3 +580,44 @@ def test_status_metrics_and_logs_tell_what_each_receiver_took_in(
         assert 'stowd_associations_open{source="ct"} 0.0' in page
     finally:
         proc.stop()
+
+
+def test_no_instance_is_answered_success_once_a_stop_began(site: Site, tmp_path: Path) -> None:
+    with socket.socket() as silent:  # an archive that takes the request and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/dicom-web"
+        site.write({"ct": {}}, destinations={"pacs": {"url": url, "workers": 1}})
+        proc = _start(site)
+        try:
+            first, second = tmp_path / "a.dcm", tmp_path / "b.dcm"
+            make_instance(first)
+            make_instance(second)
+            assoc = scu_association(site.ports["ct"])
+            try:
+                assert status_of(assoc, first) == 0x0000
+                wait_for(
+                    partial(_uploading, site),
+                    60,
+                    "the upload to start",
+                    lambda: proc.log,
+                )
+                assert proc.proc is not None
+                proc.proc.send_signal(signal.SIGTERM)  # the upload keeps the stop waiting
+                wait_for(
+                    lambda: "stopping: waiting up to" in proc.log, 60, "the stop", lambda: proc.log
+                )
+                answer = status_of(assoc, second) if assoc.is_established else None
+                assert answer != 0x0000, "an instance was acknowledged after the stop began"
+            finally:
+                _close(assoc)
+            assert proc.proc.wait(60) == 0
+            assert proc.log.count("stowd.queue: queued") == 1
+        finally:
+            proc.stop()
+
+
+def _uploading(site: Site) -> bool:
+    """The daemon shares its requests in flight with ``stowd status`` (``<queue>.state``)."""
+    state = Path(f"{site.queue}.state")
+    return state.exists() and '"pacs"' in state.read_text()
