@@ -621,3 +621,21 @@ def _uploading(site: Site) -> bool:
     """The daemon shares its requests in flight with ``stowd status`` (``<queue>.state``)."""
     state = Path(f"{site.queue}.state")
     return state.exists() and '"pacs"' in state.read_text()
+
+
+def test_instances_left_by_aborted_associations_are_swept_and_live_ones_stay(
+    tmp_path: Path,
+) -> None:
+    from stowd.pipeline.receive import clear_incoming, incoming_folder  # noqa: PLC0415
+
+    queue = tmp_path / "state" / "queue.db"
+    folder = incoming_folder(queue)
+    folder.mkdir(parents=True)
+    dead, live = folder / ".in-dead.dcm", folder / ".in-live.dcm"
+    dead.write_bytes(b"x" * 100)
+    live.write_bytes(b"y" * 100)
+    os.utime(dead, (1_000_000, 1_000_000))
+    assert clear_incoming(queue, older_than=2_000_000) == 1
+    assert sorted(p.name for p in folder.iterdir()) == [".in-live.dcm"]
+    assert clear_incoming(queue) == 1  # at start: everything
+    assert list(folder.iterdir()) == []

@@ -127,8 +127,10 @@ def incoming_folder(queue: Path) -> Path:
     return queue.parent / RECEIVED / INCOMING
 
 
-def clear_incoming(queue: Path) -> int:
-    """Remove what a stop or a crash left while instances arrived (none was acknowledged)."""
+def clear_incoming(queue: Path, older_than: float | None = None) -> int:
+    """Remove what a stop or a crash left while instances arrived (none was acknowledged);
+    with ``older_than`` (a time), only files last written before it: what an association
+    that was aborted mid-instance left behind (pynetdicom does not remove it)."""
     folder = incoming_folder(queue)
     removed = 0
     try:
@@ -137,8 +139,12 @@ def clear_incoming(queue: Path) -> int:
         return 0
     for name in names:
         try:
-            (folder / name).unlink()
-            removed += 1
+            path = folder / name
+            if older_than is None or path.lstat().st_mtime < older_than:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue
         except OSError as exc:
             log.warning("cannot remove %s from %s: %s", escape(name), folder, exc)
     return removed

@@ -23,6 +23,7 @@ from stowd.pipeline.receive import Receiver, clear_incoming, incoming_folder
 log = logging.getLogger("stowd.receive")
 
 RETRY_BIND = 60.0  # seconds between tries to listen on a port that could not be bound
+SWEEP_EVERY = 300.0  # seconds between sweeps of .incoming for instances never finished
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Receivers:
         self.running: dict[str, Receiver] = {}
         self.unbound: dict[str, Source] = {}  # could not listen yet
         self._next_try = 0.0
+        self._next_sweep = clock() + SWEEP_EVERY
 
     def start(self, config: Config) -> None:
         """At daemon start: clear what arrived unacknowledged before, then listen."""
@@ -72,11 +74,25 @@ class Receivers:
                 self._open(source, config)
 
     def retry(self, config: Config) -> None:
-        """Try again to listen where it failed (every ``RETRY_BIND`` seconds)."""
+        """Try again to listen where it failed (every ``RETRY_BIND`` seconds), and sweep."""
+        self._sweep(config)
         if not self.unbound or self.clock() < self._next_try:
             return
         for source in list(self.unbound.values()):
             self._open(source, config)
+
+    def _sweep(self, config: Config) -> None:
+        """Remove instances whose association ended mid-transfer: not written for longer
+        than any association may stay idle (it was aborted by then)."""
+        if not self.running or self.clock() < self._next_sweep:
+            return
+        self._next_sweep = self.clock() + SWEEP_EVERY
+        idle = max(r.settings.idle_timeout for r in self.running.values())
+        removed = clear_incoming(config.queue, older_than=time.time() - 2 * idle - SWEEP_EVERY)
+        if removed:
+            log.info(
+                "removed %d instance(s) whose association ended before they were whole", removed
+            )
 
     def stop(self) -> None:
         for receiver in self.running.values():
