@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from stowd.commands import connect, dryrun, explain, migrate, migreport, putback
+from stowd.commands import connect, dryrun, explain, listen, migrate, migreport, putback
 from stowd.config.load import load_config
 from stowd.config.model import Config, Source
 from stowd.config.yamlwalk import parse_duration
@@ -177,7 +177,22 @@ def _check(config: Config, args: argparse.Namespace) -> int:
         print(f"\n{connect.render(reports[-1:])}", flush=True)
     working = sum(r.ok for r in reports)
     print(f"\n{working} of {len(reports)} destination(s) work")
-    return EXIT_OK if all(r.ok for r in reports) else EXIT_RUNTIME
+    ports = _check_ports(config)
+    working_all = all(r.ok for r in reports) and all(p.ok for p in ports)
+    return EXIT_OK if working_all else EXIT_RUNTIME
+
+
+def _check_ports(config: Config) -> list[listen.ListenReport]:
+    """Whether each receiving source can listen on its port (after the destinations)."""
+    reports = []
+    for source in config.sources:
+        if source.receive is not None:
+            reports.append(listen.check(source, config.queue))
+            print(f"\n{listen.render(reports[-1:])}", flush=True)
+    if reports:
+        working = sum(r.ok for r in reports)
+        print(f"\n{working} of {len(reports)} receiving source(s) can listen")
+    return reports
 
 
 def _status(config: Config, args: argparse.Namespace) -> int:
