@@ -26,6 +26,7 @@ from stowd.printable import escape_lines
 from stowd.service.status import daemon_pid
 
 PRIVILEGED_BELOW = 1024  # ports below this need root or CAP_NET_BIND_SERVICE (Linux default)
+UNPRIVILEGED_START = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")  # where it is set
 COMMON_PORT = 11112  # the usual DICOM port above 1024
 LISTEN_STATE = "0A"  # TCP_LISTEN in /proc/net/tcp
 _PROC = Path("/proc")
@@ -91,7 +92,7 @@ def try_listen(bind: str, port: int) -> OSError | None:
 
 def _free(settings: Receive, where: str) -> tuple[str, str]:
     text = f"{where} is free (bound and released at once)"
-    if settings.port < PRIVILEGED_BELOW and os.geteuid() == 0:
+    if settings.port < privileged_below() and os.geteuid() == 0:
         return NOTE, (
             f"{text}, but as root: the daemon, when it runs as another user (the systemd "
             f"unit's stowd), needs CAP_NET_BIND_SERVICE for port {settings.port} "
@@ -102,7 +103,7 @@ def _free(settings: Receive, where: str) -> tuple[str, str]:
 
 def _taken(error: OSError, settings: Receive, where: str, queue: Path) -> tuple[str, str]:
     port = settings.port
-    if error.errno == errno.EACCES and port < PRIVILEGED_BELOW:
+    if error.errno == errno.EACCES and port < privileged_below():
         return FAIL, (
             f"port {port} needs root or CAP_NET_BIND_SERVICE: grant it to the daemon (a "
             f"systemd drop-in, see docs/receiving.md) or use a port of {PRIVILEGED_BELOW} or "
@@ -116,6 +117,14 @@ def _taken(error: OSError, settings: Receive, where: str, queue: Path) -> tuple[
     if error.errno == errno.EADDRINUSE:
         return _in_use(where, port, queue)
     return FAIL, f"{where}: {_os_text(error)}"
+
+
+def privileged_below() -> int:
+    """The first port anyone may bind: 1024, unless the machine's sysctl lowered it."""
+    try:
+        return int(UNPRIVILEGED_START.read_text())
+    except (OSError, ValueError):
+        return PRIVILEGED_BELOW
 
 
 def _in_use(where: str, port: int, queue: Path) -> tuple[str, str]:
