@@ -9,7 +9,6 @@ import re
 import socket
 import struct
 import subprocess
-import time
 from pathlib import Path
 
 import pydicom
@@ -25,7 +24,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     SecondaryCaptureImageStorage,
 )
-from test_receive import TIMEOUT, Site, _start, require_dcmtk, storescu
+from test_receive import Site, _start, require_dcmtk, storescu
 
 pytestmark = pytest.mark.usefixtures("require_dcmtk")
 __all__ = ["require_dcmtk"]  # the fixture, used through pytestmark
@@ -85,39 +84,6 @@ def test_a_sent_folder_that_holds_the_received_folders_is_refused(tmp_path: Path
     config = _config_of(tmp_path, [_receiving("ct", tmp_path, free_port()), drop])
     done = run_cli("check-config", "-c", str(config))
     assert done.returncode != 0, f"accepted:\n{done.stdout}"
-
-
-def test_purging_another_sources_sent_folder_never_deletes_an_acknowledged_instance(
-    tmp_path: Path,
-) -> None:
-    """What that layout does today: an instance answered Success, not yet sent (the
-    archive is down), is deleted by ``stowd purge`` of the other source's sent folder."""
-    port = free_port()
-    drop: dict[str, object] = {
-        "name": "drop",
-        "watch": str(tmp_path / "drop"),
-        "sent": str(tmp_path / "state" / "received"),
-        "failed": str(tmp_path / "failed" / "drop"),
-        "destination": "pacs",
-    }
-    config = _config_of(tmp_path, [_receiving("ct", tmp_path, port), drop])
-    site = Site(tmp_path, orthanc=None, ports={"ct": port})  # type: ignore[arg-type]
-    proc = _start(site)
-    try:
-        path = tmp_path / "one.dcm"
-        make_instance(path)
-        assert storescu(port, [path]).returncode == 0  # Success: stowd has it now
-        received = tmp_path / "state" / "received" / "ct"
-        wait_for(lambda: len(site.files(received)) == 1, TIMEOUT, "the instance received")
-        kept = site.files(received)[0]
-        wait_for(lambda: time.time() - kept.stat().st_ctime > 2, 30, "the file 2 s old")
-        run_cli("purge", "--sent-older-than", "1s", "--source", "drop", "-c", str(config))
-        assert kept.exists(), "an instance answered Success was deleted before it was sent"
-    finally:
-        proc.stop()
-
-
-# --------------------------------------------------------------------------- the sender lies
 
 
 def _lying_store(port: int, path: Path) -> int | None:

@@ -159,7 +159,8 @@ def read_pdu_data(self: DULServiceProvider) -> None:
         return
     try:
         body = sock.recv(length)
-    except (OSError, TimeoutError):
+    except (OSError, TimeoutError) as exc:
+        log.info("a peer's connection ended in the middle of a PDU (%s)", exc)
         self.event_queue.put("Evt17")
         return
     if len(body) != length:
