@@ -214,11 +214,15 @@ def measure_pynetdicom(groups: list[list[Path]], work: Path) -> Row:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=stowd_env())
         try:
             listening(port, proc)
+            cpu = cpu_seconds(proc.pid)
             seconds, problems = send(port, "PYNETDICOM", groups, work)
+            cpu = cpu_seconds(proc.pid) - cpu
         finally:
             stop(proc)
+    files = sum(map(len, groups))
+    note = f"pynetdicom CPU {cpu:.1f} s ({cpu / files * 1000:.1f} ms per instance)"
     name = "pynetdicom --ignore"
-    return Row(name, "", len(groups), sum(map(len, groups)), _bytes(groups), seconds, problems)
+    return Row(name, "", len(groups), files, _bytes(groups), seconds, problems, note)
 
 
 # -- stowd -------------------------------------------------------------------------------------
@@ -272,7 +276,10 @@ def measure_stowd(groups: list[list[Path]], work: Path, profile: float) -> Row:
         queued = queued_rows(work / "state" / "queue.db")
     if queued != files:
         problems.append(f"{queued} of {files} queued")
-    note = f"stowd CPU {busy:.1f} s; afterwards, all queued: {idle * 100:.0f} % of a core"
+    note = (
+        f"stowd CPU {busy:.1f} s ({busy / files * 1000:.1f} ms per instance); afterwards, "
+        f"all queued: {idle * 100:.0f} % of a core"
+    )
     row = Row("stowd", "", len(groups), files, _bytes(groups), seconds, problems, note)
     if spy is not None:
         row.note += "\n" + profile_report(work / "pyspy.txt")
