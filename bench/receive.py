@@ -16,6 +16,9 @@ association, each sending its share), measures these receivers, each fresh, on l
                      queue): the anchor
   pynetdicom --ignore  pynetdicom set up as stowd sets it up, its C-STORE handler answering
                      Success at once: what the toolkit stowd is built on costs (a ceiling)
+  stowd eatmydata    only when named in ``--receivers``: stowd under libeatmydata (Debian
+                     package ``eatmydata``), every fsync a no-op.  NOT safe; it shows what the
+                     fsyncs cost, nothing else
   stowd              ``stowd run`` with a ``receive:`` source: each instance written as a
                      Part-10 file, fsynced, its header read, renamed into place and its folder
                      fsynced, queued (SQLite, synchronous=FULL), only then Success.  Its
@@ -73,6 +76,7 @@ PDU = 65536
 QUARTERS = 4
 TIMEOUT = 900.0
 RECEIVERS = ("storescp --ignore", "storescp", "pynetdicom --ignore", "stowd")
+NO_FSYNC = "stowd eatmydata"  # fsync made a no-op: NOT safe, only to see what fsync costs
 # dcmtk leaves Nagle's algorithm on unless TCP_NODELAY=1 is in its environment; then the last
 # short PDU of each instance waits for a delayed ACK (~40 ms): 11-23 files/s at 64 KiB here,
 # whoever receives.  Off for storescu and storescp (--nagle leaves it on).
@@ -246,11 +250,14 @@ def stowd_config(work: Path, port: int, url: str) -> Path:
 
 
 @contextmanager
-def stowd(work: Path, url: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+def stowd(
+    work: Path, url: str, *, fsync: bool = True
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     port = free_port()
     config = stowd_config(work, port, url)
     with open(work / "stowd.log", "wb") as log:
         command = [sys.executable, "-m", "stowd", "run", "-c", str(config)]
+        command = command if fsync else ["eatmydata", *command]
         proc = subprocess.Popen(command, stderr=log, env=stowd_env(), cwd=work)
         try:
             listening(port, proc)
@@ -259,10 +266,12 @@ def stowd(work: Path, url: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]
             stop(proc)
 
 
-def measure_stowd(groups: list[list[Path]], work: Path, profile: float) -> Row:
+def measure_stowd(
+    groups: list[list[Path]], work: Path, profile: float, *, fsync: bool = True
+) -> Row:
     unreachable = f"http://127.0.0.1:{free_port()}/dicom-web"  # nothing listens there
     files = sum(len(g) for g in groups)
-    with stowd(work, unreachable) as (proc, port):
+    with stowd(work, unreachable, fsync=fsync) as (proc, port):
         cpu = cpu_seconds(proc.pid)
         spy = start_profile(proc.pid, work, profile) if profile else None
         seconds, problems = send(port, "STOWD", groups, work)
@@ -280,7 +289,8 @@ def measure_stowd(groups: list[list[Path]], work: Path, profile: float) -> Row:
         f"stowd CPU {busy:.1f} s ({busy / files * 1000:.1f} ms per instance); afterwards, "
         f"all queued: {idle * 100:.0f} % of a core"
     )
-    row = Row("stowd", "", len(groups), files, _bytes(groups), seconds, problems, note)
+    name = "stowd" if fsync else NO_FSYNC
+    row = Row(name, "", len(groups), files, _bytes(groups), seconds, problems, note)
     if spy is not None:
         row.note += "\n" + profile_report(work / "pyspy.txt")
         shutil.copy(work / "pyspy.txt", Path(tempfile.gettempdir()) / "stowd-receive-pyspy.txt")
@@ -435,6 +445,8 @@ def run_case(size: str, files: int, args: argparse.Namespace, tmp: Path) -> list
             work = Path(tempfile.mkdtemp(prefix="case-", dir=tmp))
             if receiver == "pynetdicom --ignore":
                 row = measure_pynetdicom(groups, work)
+            elif receiver == NO_FSYNC:
+                row = measure_stowd(groups, work, 0.0, fsync=False)
             elif receiver == "stowd":
                 profile = args.profile if args.profile and not _profiled(rows) else 0.0
                 row = measure_stowd(groups, work, profile)
@@ -470,15 +482,16 @@ def _print(row: Row) -> None:
 
 
 def table(rows: list[Row]) -> str:
+    names = [n for n in (*RECEIVERS, NO_FSYNC) if any(r.receiver == n for r in rows)]
+    heads = [n + " (anchor)" if n == "storescp" else n for n in names]
     lines = [
-        "| size | streams | storescp --ignore | storescp (anchor) | pynetdicom --ignore | stowd "
-        "| stowd / storescp |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| size | streams | {' | '.join(heads)} | stowd / storescp |",
+        "| --- | --- |" + " --- |" * (len(names) + 1),
     ]
-    cases = sorted({(r.size, r.streams) for r in rows}, key=lambda c: (parse_size(c[0]), c[1]))
+    cases = sorted({(r.size, r.streams) for r in rows if r.receiver in names}, key=lambda c: (parse_size(c[0]), c[1]))
     for size, streams in cases:
         found = {r.receiver: r for r in rows if (r.size, r.streams) == (size, streams)}
-        cells = [_cell(found.get(name)) for name in RECEIVERS]
+        cells = [_cell(found.get(name)) for name in names]
         anchor, ours = found.get("storescp"), found.get("stowd")
         ratio = f"{ours.files_s / anchor.files_s:.2f}x" if anchor and ours else "-"
         lines.append(f"| {size} | {streams} | {' | '.join(cells)} | {ratio} |")
@@ -533,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.e2e:
             rows += e2e(args, tmp)
     print(f"load average after: {os.getloadavg()[0]:.1f}\n")
-    print(table([r for r in rows if r.receiver in RECEIVERS]))
+    print(table(rows))
     return 1 if any(r.problems for r in rows) else 0
 
 
