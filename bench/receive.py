@@ -488,8 +488,8 @@ def table(rows: list[Row]) -> str:
         f"| size | streams | {' | '.join(heads)} | stowd / storescp |",
         "| --- | --- |" + " --- |" * (len(names) + 1),
     ]
-    ours = {(r.size, r.streams) for r in rows if r.receiver in names}
-    cases = sorted(ours, key=lambda c: (parse_size(c[0]), c[1]))
+    shown = {(r.size, r.streams) for r in rows if r.receiver in names}
+    cases = sorted(shown, key=lambda c: (parse_size(c[0]), c[1]))
     for size, streams in cases:
         found = {r.receiver: r for r in rows if (r.size, r.streams) == (size, streams)}
         cells = [_cell(found.get(name)) for name in names]
