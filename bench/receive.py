@@ -36,7 +36,9 @@ reading its files; rate = instances / time.  Every receiver must end with every 
 ``--e2e N`` adds stowd end to end against a fresh local Orthanc (``workers: 2``): from the
 first C-STORE until the last file is in sent/ (and when the senders had finished).
 ``--profile SECONDS`` samples the stowd daemon with py-spy (``pip install py-spy``) during
-the first stowd case and prints where its receiving threads spend their time.
+the first stowd case: the thread holding the GIL (``--gil``), so the samples are Python's CPU
+time (a thread waiting in fsync or on the socket has let go of the GIL and is not counted);
+it prints their shares by thread, by stage of the C-STORE handler, and by leaf function.
 
 After each size, the "durable floor" is printed: what the fsyncs and the commit alone cost
 per instance on this disk (``durable_floor()``).  Figures, never asserted; the machine's load
@@ -358,7 +360,7 @@ def _fsync_dir(folder: Path) -> None:
 # -- profile -----------------------------------------------------------------------------------
 def start_profile(pid: int, work: Path, seconds: float) -> subprocess.Popen[bytes]:
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    command = [spy, "record", "--threads", "--format", "raw", "-r", "200"]
+    command = [spy, "record", "--gil", "--threads", "--format", "raw", "-r", "200"]
     command += ["-d", str(int(seconds)), "-o", str(work / "pyspy.txt"), "-p", str(pid)]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)  # py-spy attaches
@@ -390,8 +392,8 @@ THREADS = {  # thread name (before any @ or -number) -> what it is
 
 
 def profile_report(raw: Path, top: int = 12) -> str:
-    """Where the sampled (on-CPU) time of the stowd process went: by thread, by stage,
-    and the top leaf functions."""
+    """Where the GIL-holding samples of the stowd process went: by thread, by stage, and
+    the top leaf functions."""
     threads: collections.Counter[str] = collections.Counter()
     stages: collections.Counter[str] = collections.Counter()
     leaves: collections.Counter[str] = collections.Counter()
@@ -403,7 +405,7 @@ def profile_report(raw: Path, top: int = 12) -> str:
         stages[_stage(frames)] += n
         leaves[frames[-1]] += n
     total = sum(threads.values())
-    lines = [f"py-spy: {total} samples of the stowd process's threads while busy (on CPU)"]
+    lines = [f"py-spy: {total} samples of the thread holding the GIL (Python's CPU time)"]
     for title, counts in (("by thread", threads), ("by stage", stages), ("leaves", leaves)):
         lines.append(f"  {title}:")
         lines += [f"  {n / total:6.1%}  {what}" for what, n in counts.most_common(top)]
