@@ -3,15 +3,16 @@
 #
 #     sudo bash demo/quickstart.sh [--keep]
 #
-# Installs orthanc, orthanc-dicomweb and python3-venv (apt), makes .venv with stowd in it,
-# starts a local Orthanc (DICOMweb) on a free 127.0.0.1 port, starts `stowd run` on a drop
-# folder, drops a few generated DICOM files and one non-DICOM file into it, and shows them
-# arrive in Orthanc (good files) or in the failed folder (the bad one).  Everything lives in
-# ./demo-run/.  On exit stowd and Orthanc are stopped, unless --keep is given.
+# Installs orthanc, orthanc-dicomweb, dcmtk and python3-venv (apt), makes .venv with stowd
+# in it, starts a local Orthanc (DICOMweb) on a free 127.0.0.1 port, starts `stowd run` on a
+# drop folder and a DICOM C-STORE receiver, drops a few generated files into the folder and
+# sends a few more with dcmtk's storescu, and shows them arrive in Orthanc (good files) or
+# in the failed folder (the bad one).  Everything lives in ./demo-run/.  On exit stowd and
+# Orthanc are stopped, unless --keep is given.
 set -euo pipefail
 
 usage() {
-    sed -n '2,10s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+    sed -n '2,11s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
 }
 
 keep=0
@@ -84,8 +85,8 @@ then run this script again."
 done
 
 # --- system packages -----------------------------------------------------------------------
-say "System packages: orthanc orthanc-dicomweb python3-venv"
-packages=(orthanc orthanc-dicomweb python3-venv)
+say "System packages: orthanc orthanc-dicomweb dcmtk python3-venv"
+packages=(orthanc orthanc-dicomweb dcmtk python3-venv)
 missing=()
 for package in "${packages[@]}"; do
     status="$(dpkg-query -W -f='${Status}' "${package}" 2>/dev/null || true)"
@@ -170,6 +171,8 @@ echo "Orthanc: ${orthanc_url}  (DICOMweb: ${orthanc_url}/dicom-web)"
 
 # --- stowd ---------------------------------------------------------------------------------
 config="${run_dir}/stowd.yaml"
+# A free port from 1024 up for the C-STORE receiver (below 1024 needs CAP_NET_BIND_SERVICE).
+dicom_port="$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 as_user tee "${config}" >/dev/null <<EOF
 # Written by demo/quickstart.sh; relative paths are relative to this file's folder.
 queue: ./state/queue.db
@@ -178,6 +181,15 @@ sources:
     watch: ./drop
     sent: ./done/sent
     failed: ./done/failed
+    destination: orthanc
+  - name: modality  # receives DICOM C-STORE (docs/receiving.md) instead of watching a folder
+    receive:
+      ae_title: STOWD
+      port: ${dicom_port}
+      bind: 127.0.0.1
+      allow: [{ae_title: DEMO_CT}]  # only this calling AE title may send
+    sent: ./done/modality/sent
+    failed: ./done/modality/failed
     destination: orthanc
 destinations:
   orthanc:
@@ -264,6 +276,59 @@ for note in "${run_dir}"/done/failed/*.error.json; do
     echo
 done
 
+# --- C-STORE -------------------------------------------------------------------------------
+say "Sending 4 DICOM files of patient DEMO4 with C-STORE: dcmtk's storescu as DEMO_CT to STOWD at 127.0.0.1:${dicom_port}"
+as_user .venv/bin/python tests/dicomgen.py study "${run_dir}/modality" -n 4 \
+    --patient-id DEMO4 >/dev/null
+echo "$ echoscu -aet DEMO_CT -aec STOWD 127.0.0.1 ${dicom_port}"
+echo_ok=0
+for _ in $(seq 1 20); do  # stowd listens within a second or two of its start
+    if echoscu -aet DEMO_CT -aec STOWD 127.0.0.1 "${dicom_port}" 2>/dev/null; then
+        echo_ok=1
+        break
+    fi
+    sleep 0.5
+done
+((echo_ok)) || die "stowd does not answer C-ECHO on 127.0.0.1:${dicom_port}; see ${run_dir}/stowd.log"
+echo "C-ECHO answered: Success"
+echo "$ storescu -v -aet DEMO_CT -aec STOWD 127.0.0.1 ${dicom_port} demo-run/modality/*.dcm"
+if ! storescu -v -aet DEMO_CT -aec STOWD 127.0.0.1 "${dicom_port}" "${run_dir}"/modality/*.dcm \
+    >"${run_dir}/storescu.log" 2>&1; then
+    cat "${run_dir}/storescu.log" >&2
+    die "storescu failed (its output above; stowd's log: ${run_dir}/stowd.log)"
+fi
+grep -E 'Sending file|Store Response' "${run_dir}/storescu.log" | sed "s#${run_dir}/#demo-run/#"
+echo "$ storescu -aet UNKNOWN -aec STOWD 127.0.0.1 ${dicom_port} ...   (a calling AE title not in allow)"
+storescu -aet UNKNOWN -aec STOWD 127.0.0.1 "${dicom_port}" "${run_dir}/modality/IM00001.dcm" 2>&1 |
+    grep -E 'Association Rejected|Result|Reason' || true
+
+expected_received=4
+expected_stored=$((expected_sent + expected_received))
+say "Waiting up to 60 s for the received files to reach Orthanc"
+printf '%6s  %14s  %18s\n' "time" "modality sent" "Orthanc instances"
+start=${SECONDS}
+while :; do
+    elapsed=$((SECONDS - start))
+    sent="$(count_files "${run_dir}/done/modality/sent")"
+    stored="$(orthanc_instances)"
+    printf '%5ss  %14s  %18s\n' "${elapsed}" "${sent}" "${stored}"
+    if ((sent >= expected_received)) && [[ ${stored} == "${expected_stored}" ]]; then
+        echo "all ${expected_received} instances sent with C-STORE are in Orthanc and in done/modality/sent/"
+        break
+    fi
+    if ! pid_alive "${stowd_pid}"; then
+        echo "stowd has exited; its log:" >&2
+        tail -n 30 "${run_dir}/stowd.log" >&2
+        break
+    fi
+    if ((elapsed >= 60)); then
+        echo "not everything arrived within 60 s; see ${run_dir}/stowd.log"
+        break
+    fi
+    sleep 1
+done
+grep -E 'stowd.receive' "${run_dir}/stowd.log" | sed -E 's/^[0-9-]+ ([0-9:]+),[0-9]+ /\1 /' || true
+
 say "stowd status -c ${config#"${repo}"/}"
 as_user .venv/bin/stowd status -c "${config}" || echo "(stowd status exited with $?)"
 
@@ -271,5 +336,6 @@ say "Done"
 echo "stowd log:   ${run_dir}/stowd.log"
 echo "Orthanc log: ${run_dir}/orthanc/orthanc.log   Orthanc Explorer: ${orthanc_url}/app/explorer.html"
 if ((keep)); then
-    echo "Drop more files into ${run_dir}/drop/ to see them uploaded."
+    echo "Drop more files into ${run_dir}/drop/ to see them uploaded, or send some:"
+    echo "    storescu -aet DEMO_CT -aec STOWD 127.0.0.1 ${dicom_port} FILE.dcm"
 fi

@@ -1,5 +1,6 @@
 """Tests of the configuration loader, with real files in a temporary folder."""
 
+import itertools
 import os
 import textwrap
 from pathlib import Path
@@ -12,14 +13,19 @@ from stowd.config.model import (
     DEFAULT_BATCH_BYTES,
     DEFAULT_BATCH_FILES,
     DEFAULT_HISTORY_DAYS,
+    DEFAULT_IDLE_TIMEOUT,
     DEFAULT_IGNORE,
+    DEFAULT_MAX_ASSOCIATIONS,
+    DEFAULT_MAX_PDU,
     DEFAULT_QUIET_PERIOD,
     DEFAULT_RESCAN_INTERVAL,
     DEFAULT_SHUTDOWN_TIMEOUT,
     DEFAULT_WORKERS,
+    Allowed,
     BatchLimits,
     Bulkdata,
     Config,
+    Receive,
     Retry,
     Timeouts,
 )
@@ -234,6 +240,37 @@ def test_example_config_states_every_default() -> None:
     assert (source.sidecars, source.rules, example.original_attributes) == (None, (), False)
     assert (source.bulkdata, dest.bulkdata, example.uid_root) == (Bulkdata(), "encapsulate", None)
     assert [rule.name for rule in example.rules] == ["patient folders"]
+
+
+def test_example_config_receive_example_loads_and_states_every_default(tmp_path: Path) -> None:
+    """The commented receiving source (from '  #- name: modality', the lines '  #  ' after
+    it) is a valid source as written, and shows each default of the receive section."""
+    lines = (REPO / "config.example.yaml").read_text().splitlines()
+    start = lines.index("  #- name: modality")
+    example = [lines[start].replace("#", "", 1)]
+    for line in itertools.takewhile(lambda x: x.startswith("  #  "), lines[start + 1 :]):
+        example.append(line.replace("#", "", 1))
+    config = load_text(
+        tmp_path,
+        f"""
+queue: {tmp_path}/state/queue.db
+sources:
+{chr(10).join(example)}
+destinations:
+  pacs: {{url: http://127.0.0.1:8042/dicom-web}}
+""",
+    )
+    (source,) = config.sources
+    assert source.watch == tmp_path / "state" / "received" / "modality"
+    assert source.receive == Receive(
+        "STOWD",
+        11112,
+        "127.0.0.1",
+        (Allowed("CT1"), Allowed("MR2", "10.1.2.3")),
+        DEFAULT_MAX_ASSOCIATIONS,
+        DEFAULT_MAX_PDU,
+        DEFAULT_IDLE_TIMEOUT,
+    )
 
 
 # --------------------------------------------------------------------------- values

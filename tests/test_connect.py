@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import socket
 import ssl
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
@@ -20,10 +22,12 @@ from pathlib import Path
 from urllib.parse import quote_plus
 
 import pytest
+from harness import Layout, Stowd, wait_for
 from localserver import LocalServer
 from orthanc import Orthanc
 
 from stowd.commands import connect
+from stowd.commands import listen as connect_listen
 from stowd.commands.cli import main
 from stowd.config.access import Access, Auth, Tls
 from stowd.config.model import Destination, Timeouts
@@ -451,3 +455,122 @@ def test_a_real_orthanc_answers(
     assert main(["check-config", "-c", str(config), "--connect"]) == 0
     out = capsys.readouterr().out
     assert "answers DICOMweb queries" in out, out
+
+
+# -- receiving sources: can each port be bound? -------------------------------------------------
+def _receiving(tmp_path: Path, url: str, port: int, bind: str = "127.0.0.1") -> Path:
+    path = tmp_path / "receiving.yaml"
+    path.write_text(
+        f"""
+queue: {tmp_path}/state/queue.db
+sources:
+  - name: ct
+    receive: {{ae_title: STOWD, port: {port}, bind: "{bind}"}}
+    sent: {tmp_path}/sent
+    failed: {tmp_path}/failed
+    destination: pacs
+destinations:
+  pacs: {{url: "{url}"}}
+"""
+    )
+    path.chmod(0o600)
+    return path
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+            sock.listen(1)
+        except OSError:
+            return False
+    return True
+
+
+def test_a_free_receiving_port_can_listen_and_is_released(
+    servers: Servers, closed_port: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _receiving(tmp_path, servers.start().url("/ok"), closed_port)
+    assert main(["check-config", "-c", str(config), "--connect"]) == 0
+    out = capsys.readouterr().out
+    assert f"receiving source ct: STOWD on 127.0.0.1:{closed_port}: can listen" in out, out
+    assert f"ok    listen   127.0.0.1:{closed_port} is free" in out, out
+    assert "1 of 1 receiving source(s) can listen" in out
+    assert _bindable(closed_port)  # nothing left holding it
+
+
+def test_a_port_in_use_names_the_program_holding_it(
+    servers: Servers, closed_port: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _receiving(tmp_path, servers.start().url("/ok"), closed_port)
+    with socket.socket() as other:  # another program (this test) listens there first
+        other.bind(("127.0.0.1", closed_port))
+        other.listen(1)
+        assert main(["check-config", "-c", str(config), "--connect"]) == 1
+    out = capsys.readouterr().out
+    assert f"127.0.0.1:{closed_port}: can NOT listen" in out, out
+    assert "is in use by another program (" in out and f"pid {os.getpid()})" in out, out
+    assert "0 of 1 receiving source(s) can listen" in out
+
+
+def test_an_address_that_is_not_on_this_machine(
+    servers: Servers, closed_port: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _receiving(tmp_path, servers.start().url("/ok"), closed_port, bind="192.0.2.7")
+    assert main(["check-config", "-c", str(config), "--connect"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  listen   192.0.2.7: no such address on this machine" in out, out
+
+
+def test_port_104_without_cap_net_bind_service_says_what_it_needs(
+    servers: Servers, tmp_path: Path
+) -> None:
+    """Run as root with CAP_NET_BIND_SERVICE dropped (setpriv), as a service user would be."""
+    from conftest import _require  # noqa: PLC0415 - conftest is on the path for tests
+
+    _require(None if os.geteuid() == 0 else "dropping one capability with setpriv needs root")
+    if connect_listen.privileged_below() <= 104:  # sysctl net.ipv4.ip_unprivileged_port_start
+        pytest.skip("on this machine anyone may bind port 104")
+    config = _receiving(tmp_path, servers.start().url("/ok"), 104)
+    drop = ["setpriv", "--bounding-set", "-net_bind_service", "--inh-caps", "-net_bind_service"]
+    command = [sys.executable, "-m", "stowd", "check-config", "-c", str(config), "--connect"]
+    done = subprocess.run(drop + command, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "port 104 needs root or CAP_NET_BIND_SERVICE" in done.stdout, done.stdout
+
+
+def test_port_104_as_root_says_the_service_user_needs_the_capability(
+    servers: Servers, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conftest import _require  # noqa: PLC0415 - conftest is on the path for tests
+
+    _require(None if os.geteuid() == 0 else "binding port 104 needs root")
+    if not _bindable(104) or connect_listen.privileged_below() <= 104:
+        pytest.skip("port 104 is in use on this machine, or anyone may bind it here")
+    config = _receiving(tmp_path, servers.start().url("/ok"), 104)
+    assert main(["check-config", "-c", str(config), "--connect"]) == 0
+    out = capsys.readouterr().out
+    assert "note  listen   127.0.0.1:104 is free (bound and released at once), but as root" in out
+    assert "needs CAP_NET_BIND_SERVICE for port 104" in out, out
+
+
+def test_the_running_daemon_holds_its_own_port(
+    servers: Servers, closed_port: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _receiving(tmp_path, servers.start().url("/ok"), closed_port)
+    daemon = Stowd(Layout(tmp_path, config)).start()
+    try:
+        wait_for(
+            lambda: connect_listen.listener_of(closed_port) is not None,
+            60,
+            f"the daemon to listen on {closed_port}",
+            lambda: daemon.log,
+        )
+        assert main(["check-config", "-c", str(config), "--connect"]) == 0
+    finally:
+        daemon.stop()
+    out = capsys.readouterr().out
+    assert daemon.proc is not None
+    expected = f"ok    listen   127.0.0.1:{closed_port} is stowd's own: the daemon (pid "
+    assert expected + f"{daemon.proc.pid}) on this queue listens there" in out, out

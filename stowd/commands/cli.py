@@ -16,9 +16,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from stowd.commands import connect, dryrun, explain, migrate, migreport, putback
+from stowd.commands import connect, dryrun, explain, listen, migrate, migreport, putback
 from stowd.config.load import load_config
-from stowd.config.model import Config
+from stowd.config.model import Config, Source
 from stowd.config.yamlwalk import parse_duration
 from stowd.errors import ConfigError, MigrationConflict, StowdError
 from stowd.printable import escape_lines, is_utf8
@@ -144,11 +144,23 @@ def _run(config: Config, args: argparse.Namespace) -> int:
     return EXIT_INTERRUPTED if daemon.last_signal == signal.SIGINT else EXIT_OK
 
 
+def _input(source: Source) -> str:
+    """Where a source's files come from: its watch folder, or its C-STORE receiver."""
+    r = source.receive
+    if r is None:
+        return str(source.watch)
+    where = f"[{r.bind}]" if ":" in r.bind else r.bind
+    allow = ", ".join(a.ae_title + (f"@{a.host}" if a.host else "") for a in r.allow) or "any AE"
+    return f"C-STORE to {r.ae_title} at {where}:{r.port} from {allow} (files in {source.watch})"
+
+
 def _check(config: Config, args: argparse.Namespace) -> int:
     lines = [f"{config.path}: configuration is valid"]
     for source in config.sources:
         dest = config.destination_of(source)
-        lines.append(f"  source {source.name}: {source.watch} -> {dest.name} ({dest.display_url})")
+        lines.append(
+            f"  source {source.name}: {_input(source)} -> {dest.name} ({dest.display_url})"
+        )
         lines.append(f"    sent: {source.sent}  failed: {source.failed}")
     lines.append(f"  queue: {config.queue}")
     rules = len(config.rules) + sum(len(s.rules) for s in config.sources)
@@ -165,7 +177,22 @@ def _check(config: Config, args: argparse.Namespace) -> int:
         print(f"\n{connect.render(reports[-1:])}", flush=True)
     working = sum(r.ok for r in reports)
     print(f"\n{working} of {len(reports)} destination(s) work")
-    return EXIT_OK if all(r.ok for r in reports) else EXIT_RUNTIME
+    ports = _check_ports(config)
+    working_all = all(r.ok for r in reports) and all(p.ok for p in ports)
+    return EXIT_OK if working_all else EXIT_RUNTIME
+
+
+def _check_ports(config: Config) -> list[listen.ListenReport]:
+    """Whether each receiving source can listen on its port (after the destinations)."""
+    reports = []
+    for source in config.sources:
+        if source.receive is not None:
+            reports.append(listen.check(source, config.queue))
+            print(f"\n{listen.render(reports[-1:])}", flush=True)
+    if reports:
+        working = sum(r.ok for r in reports)
+        print(f"\n{working} of {len(reports)} receiving source(s) can listen")
+    return reports
 
 
 def _status(config: Config, args: argparse.Namespace) -> int:

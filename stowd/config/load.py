@@ -54,6 +54,7 @@ from stowd.config.model import (
     IMAGE_CLASSES,
     MAX_UID_ROOT,
     MIN_FOLDER_LINGER,
+    RECEIVED,
     TRANSCODE_POLICIES,
     UNKNOWN_ACTIONS,
     BatchLimits,
@@ -61,11 +62,13 @@ from stowd.config.model import (
     Config,
     Destination,
     Metrics,
+    Receive,
     Retry,
     Sidecars,
     Source,
     Timeouts,
 )
+from stowd.config.receiveconfig import RECEIVE_KEYS, check_ports, read_receive
 from stowd.config.ruleconfig import read_rules
 from stowd.config.yamlwalk import (
     NAME,
@@ -109,7 +112,7 @@ _TOP_KEYS = (
     "metrics",
 )
 _RETRY_KEYS = ("initial", "maximum", "multiplier", "max_age", "hold_probe", "max_refusals")
-_SOURCE_OWN_KEYS = ("name", "watch", "sent", "failed", "destination", "rules")
+_SOURCE_OWN_KEYS = ("name", "watch", "receive", "sent", "failed", "destination", "rules")
 _SOURCE_OPTION_KEYS = (
     "quiet_period",
     "ignore",
@@ -377,17 +380,23 @@ def _read_destinations(top: Section) -> tuple[dict[str, Destination], frozenset[
 
 
 def _read_source(
-    sec: Section, name: str | None, defaults: _SourceOptions, known: Collection[str] | None
-) -> tuple[Source | None, _Folders]:
+    sec: Section,
+    name: str | None,
+    defaults: _SourceOptions,
+    known: Collection[str] | None,
+    queue: Path | None,
+) -> tuple[Source | None, _Folders, Receive | None]:
     to_path = as_path(sec.ctx.base)
-    watch = sec.need("watch", to_path)
+    watch, receive, valid = _watch_or_receive(sec, name, queue)
     sent = sec.need("sent", to_path)
     failed = sec.need("failed", to_path)
     folders = _Folders(repr(name) if name else sec.key, sec, watch, sent, failed)
     destination = sec.need("destination", as_destination(known))
     options = _read_options(sec, defaults)
     if name is None or watch is None or sent is None or failed is None or destination is None:
-        return None, folders
+        return None, folders, receive
+    if not valid:
+        return None, folders, receive
     source = Source(
         name=name,
         watch=watch,
@@ -398,19 +407,45 @@ def _read_source(
         ignore=options.ignore,
         rescan_interval=options.rescan_interval,
         polling=options.polling,
-        remove_empty_dirs=options.remove_empty_dirs,
+        remove_empty_dirs=options.remove_empty_dirs or receive is not None,
         follow_links=options.follow_links,
         sidecars=options.sidecars,
         bulkdata=options.bulkdata,
         sent_retention=options.sent_retention,
         incomplete_wait=options.incomplete_wait,
         rules=read_rules(sec.ctx, join(sec.key, "rules"), sec.value_node("rules"), None),
+        receive=receive,
     )
-    return source, folders
+    return source, folders, receive
+
+
+def _watch_or_receive(
+    sec: Section, name: str | None, queue: Path | None
+) -> tuple[Path | None, Receive | None, bool]:
+    """A source watches a folder (``watch``) or receives C-STORE (``receive``): then its
+    folder is ``received/<name>`` beside the queue.  The flag: what was given is valid."""
+    if sec.value_node("receive") is None:
+        return sec.need("watch", as_path(sec.ctx.base)), None, True
+    if sec.value_node("watch") is not None:
+        sec.add(
+            "watch",
+            "a source either watches a folder or receives C-STORE ('receive'), not both; "
+            "make two sources",
+        )
+    receive = read_receive(sec.section("receive", RECEIVE_KEYS))
+    if name is not None and name.startswith("."):
+        sec.add(
+            "name",
+            f"a receiving source's name is its folder's name in {RECEIVED}/: it "
+            "may not start with '.'",
+        )
+        return None, receive, False
+    watch = None if queue is None or name is None else queue.parent / RECEIVED / name
+    return watch, receive, receive is not None and sec.value_node("watch") is None
 
 
 def _read_sources(
-    top: Section, defaults: _SourceOptions, known: Collection[str] | None
+    top: Section, defaults: _SourceOptions, known: Collection[str] | None, queue: Path | None
 ) -> tuple[list[Source], list[_Folders]]:
     """Every valid source, and the folders of every source (valid or not)."""
     node = top.value_node("sources")
@@ -425,6 +460,7 @@ def _read_sources(
         top.add("sources", "at least one source is required")
     sources: list[Source] = []
     folders: list[_Folders] = []
+    receivers: list[tuple[Section, Receive]] = []
     first_line: dict[str, int | None] = {}
     for index, item in enumerate(node.value):
         sec = Section(top.ctx, f"sources[{index}]", item, _SOURCE_KEYS)
@@ -433,9 +469,11 @@ def _read_sources(
             sec.add("name", f"duplicate source name (first used on line {first_line[name]})")
         elif name is not None:
             first_line[name] = sec.line("name")
-        source, found = _read_source(sec, name, defaults, known)
+        source, found, receive = _read_source(sec, name, defaults, known, queue)
         sources += [source] if source is not None else []
         folders.append(found)
+        receivers += [(sec.section("receive", RECEIVE_KEYS), receive)] if receive else []
+    check_ports(receivers)
     return sources, folders
 
 
@@ -483,6 +521,13 @@ def _check_pair(first: _Folders, second: _Folders) -> None:
                     f"{_relation(folder, other.watch)} the watch folder of source "
                     f"{other.label} ({other.watch}); that source would send its files again",
                 )
+            elif other.watch is not None and _inside(other.watch, folder):
+                mover.section.add(
+                    key,
+                    f"holds the watch folder of source {other.label} ({other.watch}); "
+                    "retention (sent_retention, stowd purge) would delete its files before "
+                    "they are sent",
+                )
 
 
 def _check_folders(top: Section, sources: list[_Folders], queue: Path | None) -> None:
@@ -505,6 +550,11 @@ def _check_folders(top: Section, sources: list[_Folders], queue: Path | None) ->
         _check_own_folders(first)
         for second in sources[index + 1 :]:
             _check_pair(first, second)
+        for key, folder in first.outputs() if queue is not None else ():
+            if queue is not None and _inside(queue, folder):
+                first.section.add(
+                    key, f"holds the queue database ({queue}); retention would delete it"
+                )
         if queue is not None and first.watch is not None and _inside(queue, first.watch):
             top.add(
                 "queue",
@@ -551,7 +601,7 @@ def _build(ctx: Context, path: Path, root: Node) -> Config | None:
     defaults_section = top.section("defaults", _SOURCE_OPTION_KEYS, _DEFAULTS_HINTS)
     defaults = _read_options(defaults_section, _SourceOptions())
     destinations, known = _read_destinations(top)
-    sources, folders = _read_sources(top, defaults, known)
+    sources, folders = _read_sources(top, defaults, known, queue)
     names = None if len(sources) != len(folders) else {s.name for s in sources}
     rules = read_rules(ctx, "rules", top.value_node("rules"), names)
     original = top.get("original_attributes", False, as_bool)

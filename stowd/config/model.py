@@ -121,9 +121,38 @@ class Bulkdata:
     unknown: str = "fail"  # what happens to other files: "fail" (failed/) or "ignore"
 
 
+DEFAULT_MAX_ASSOCIATIONS = 10  # concurrent C-STORE associations a receiving source takes
+DEFAULT_MAX_PDU = 65536  # bytes; the largest PDU stowd receives (0: no limit)
+DEFAULT_IDLE_TIMEOUT = 60.0  # seconds an association may stay silent before it is aborted
+RECEIVED = "received"  # the folder beside the queue holding what receiving sources took in
+INCOMING = ".incoming"  # in it: instances still arriving (never queued, cleared at start)
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """A calling AE title that may send, from ``host`` only when given (an IP address)."""
+
+    ae_title: str
+    host: str | None = None
+
+
+@dataclass(frozen=True)
+class Receive:
+    """A source that receives DICOM C-STORE instead of watching a folder (``receive:``)."""
+
+    ae_title: str  # the called AE title stowd answers to
+    port: int
+    bind: str  # the address to listen on; never an implicit 0.0.0.0
+    allow: tuple[Allowed, ...] = ()  # empty: any calling AE title
+    max_associations: int = DEFAULT_MAX_ASSOCIATIONS
+    max_pdu: int = DEFAULT_MAX_PDU
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+
+
 @dataclass(frozen=True)
 class Source:
-    """A watched drop folder and where its files go afterwards."""
+    """A watched drop folder (or, with ``receive``, the folder beside the queue that a C-STORE
+    receiver writes into) and where its files go afterwards."""
 
     name: str
     watch: Path
@@ -146,6 +175,7 @@ class Source:
     bulkdata: Bulkdata = field(default_factory=Bulkdata)
     sent_retention: float | None = None  # seconds files stay in sent/; None: forever
     keep: bool = False  # files stay where they are once done (stowd migrate --keep; not YAML)
+    receive: Receive | None = None  # a C-STORE receiver; ``watch`` is then its own folder
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from stowd.config.yamlwalk import (
 )
 from stowd.rules import vr
 from stowd.rules.engine import (
+    ORIGIN,
     REQUIRED,
     TYPES,
     WILDCARDS,
@@ -79,7 +80,7 @@ IDENTIFYING = (
 )
 DEFAULT_LOOKUP_WAIT = 3600.0
 DEFAULT_LOOKUP_CACHE = 60.0
-MATCH_KEYS = ("path", "regex", "type", "source", "attributes")
+MATCH_KEYS = ("path", "regex", "type", "source", "attributes", *ORIGIN)
 CONDITION_KEYS = ("equals", "one_of", "regex", "present", "absent")
 ACTIONS = ("set", "default", "remove", "lookup")
 
@@ -237,6 +238,11 @@ def _read_match(sec: Section, sources: Collection[str] | None) -> Match:
         types=sec.get("type", None, _as_choice("type", TYPES)),
         sources=sec.get("source", None, _as_choice("source", sources)),
         attributes=attributes,
+        origin=tuple(
+            (name, found)
+            for name in ORIGIN
+            if (found := sec.get(name, None, _as_choice(name.replace("_", " "), None)))
+        ),
     )
 
 

@@ -10,6 +10,11 @@ other libraries' metrics)::
     stowd_bytes_sent_total{destination}              bytes of the files sent
     stowd_request_duration_seconds{destination}      STOW-RS requests (histogram)
     stowd_retries_total{destination,reason}          retries, ``reason`` one of ``REASONS``
+    stowd_received_instances_total{source}           C-STORE instances queued (answered Success)
+    stowd_received_bytes_total{source}               bytes of those instances
+    stowd_received_refused_total{source}             C-STORE instances answered with a failure
+    stowd_associations_rejected_total{source}        associations rejected (AE title, limit)
+    stowd_associations_open{source}                  associations open now (a gauge)
 
 ``service/metrics.py`` serves them with the queue's gauges.  Label values are source names,
 destination names and reasons only: never paths, patient data or URLs (which may carry
@@ -19,7 +24,7 @@ mistake is refused rather than exported.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from stowd.config.yamlwalk import NAME
 from stowd.errors import DestinationBusy, DestinationHeld, FileUnreadable
@@ -94,6 +99,38 @@ RETRIES = Counter(
 )
 
 
+RECEIVED_INSTANCES = Counter(
+    "stowd_received_instances_total",
+    "C-STORE instances received and queued (answered Success)",
+    ["source"],
+    registry=REGISTRY,
+)
+RECEIVED_BYTES = Counter(
+    "stowd_received_bytes_total",
+    "Bytes of the C-STORE instances received and queued",
+    ["source"],
+    registry=REGISTRY,
+)
+RECEIVED_REFUSED = Counter(
+    "stowd_received_refused_total",
+    "C-STORE instances answered with a failure status (out of resources, malformed)",
+    ["source"],
+    registry=REGISTRY,
+)
+ASSOCIATIONS_REJECTED = Counter(
+    "stowd_associations_rejected_total",
+    "Associations rejected: calling or called AE title, or too many open",
+    ["source"],
+    registry=REGISTRY,
+)
+ASSOCIATIONS_OPEN = Gauge(
+    "stowd_associations_open",
+    "Associations open now, per receiving source",
+    ["source"],
+    registry=REGISTRY,
+)
+
+
 # -- what the daemon calls (cheap; prometheus_client metrics are thread-safe) ------------------
 def queued(source: str, destination: str, n: int = 1) -> None:
     """``n`` files of ``source`` were queued for ``destination``."""
@@ -163,3 +200,31 @@ def touch(destination: str) -> None:
     REQUEST_DURATION.labels(destination)
     for reason in REASONS:
         RETRIES.labels(destination, reason)
+
+
+def receiving(source: str) -> None:
+    """Start the series of a receiving ``source`` at 0."""
+    for counter in (RECEIVED_INSTANCES, RECEIVED_BYTES, RECEIVED_REFUSED, ASSOCIATIONS_REJECTED):
+        counter.labels(label(source))
+    ASSOCIATIONS_OPEN.labels(label(source))
+
+
+def instance_received(source: str, size: int) -> None:
+    RECEIVED_INSTANCES.labels(label(source)).inc()
+    RECEIVED_BYTES.labels(label(source)).inc(max(size, 0))
+
+
+def instance_refused(source: str) -> None:
+    RECEIVED_REFUSED.labels(label(source)).inc()
+
+
+def association_rejected(source: str) -> None:
+    ASSOCIATIONS_REJECTED.labels(label(source)).inc()
+
+
+def association_opened(source: str) -> None:
+    ASSOCIATIONS_OPEN.labels(label(source)).inc()
+
+
+def association_closed(source: str) -> None:
+    ASSOCIATIONS_OPEN.labels(label(source)).dec()

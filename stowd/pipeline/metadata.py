@@ -91,7 +91,8 @@ def plan_file(
         used = sidecar.read_all(here, source.sidecars) if stored is None else _again(stored)
     values = sidecar.values_of(used)
     names = tuple(p.name for p, _ in used)
-    facts = Facts(PurePosixPath(rel), source.name, found.kind, now, values, names)
+    origin = origin_of(found.header) if source.receive is not None else {}
+    facts = Facts(PurePosixPath(rel), source.name, found.kind, now, values, names, origin)
     with judging_input("its sidecars and the rules cannot be applied"):
         return _planned(config, source, facts, found, used)
 
@@ -185,6 +186,22 @@ def _again(stored: list[tuple[str, str | None, str | None]]) -> sidecar.Used:
 def _final(outcome: RuleOutcome, keyword: str, before: str) -> str:
     value = outcome.values.get(keyword)
     return before if value is None else value_text(value)
+
+
+def origin_of(ds: Dataset | None) -> dict[str, str]:
+    """Who sent a received file, from the file meta stowd wrote (``receive.py``): the calling
+    and called AE titles and the sender's IP address."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        return {}
+    address = str(meta.get("SendingPresentationAddress", "") or "")
+    host = address.removeprefix("dicom://").rpartition(":")[0].strip("[]")
+    found = {
+        "calling_ae": str(meta.get("SendingApplicationEntityTitle", "") or "").strip(),
+        "called_ae": str(meta.get("ReceivingApplicationEntityTitle", "") or "").strip(),
+        "source_address": host,
+    }
+    return {name: value for name, value in found.items() if value}
 
 
 def original_of(ds: Dataset | None) -> Callable[[str], str | None]:

@@ -555,6 +555,14 @@ class Queue:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    def release_connection(self) -> None:
+        """Close the calling thread's connection (a thread that ends, such as an
+        association's, gives its connection back; the next call opens another)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            self._local.conn = None
+            conn.close()
+
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:

@@ -28,7 +28,11 @@ from stowd.rules.vr import Item, Value
 
 REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 TYPES = ("dicom", "pdf", "cda", "stl", "obj", "mtl", "jpeg", "jp2", "png", "gif", "mpeg", "mp4")
-SIMPLE = ("path", "folder", "name", "stem", "ext", "source", "type", "date", "time", "datetime")
+ORIGIN = ("calling_ae", "called_ae", "source_address")  # of a file received with C-STORE
+SIMPLE = (
+    *("path", "folder", "name", "stem", "ext", "source", "type", "date", "time", "datetime"),
+    *ORIGIN,
+)
 NAMESPACES = ("regex", "dicom", "sidecar")
 FILTERS: dict[str, Callable[[str], str]] = {
     "upper": str.upper,
@@ -37,11 +41,12 @@ FILTERS: dict[str, Callable[[str], str]] = {
 }
 VARIABLES = (
     "{path} {folder} {name} {stem} {ext} {source} {type} {parts[N]} {regex.GROUP} "
-    "{dicom.Keyword} {sidecar.Keyword} {date} {time} {datetime} {now:FORMAT}"
+    "{dicom.Keyword} {sidecar.Keyword} {date} {time} {datetime} {now:FORMAT} "
+    "{calling_ae} {called_ae} {source_address}"
 )
 _TIME_FORMATS = {"date": "%Y%m%d", "time": "%H%M%S", "datetime": "%Y%m%d%H%M%S"}
 _PLACEHOLDER = re.compile(
-    r"(?P<var>[a-z]+)(?:\.(?P<key>[A-Za-z_][A-Za-z0-9_]*)|\[(?P<index>-?\d+)\]|:(?P<fmt>[^|]+))?"
+    r"(?P<var>[a-z][a-z_]*)(?:\.(?P<key>[A-Za-z_][A-Za-z0-9_]*)|\[(?P<index>-?\d+)\]|:(?P<fmt>[^|]+))?"
     r"(?P<filters>(?:\|[a-z]+)*)"
 )
 
@@ -178,6 +183,7 @@ class Match:
     types: frozenset[str] | None = None
     sources: frozenset[str] | None = None
     attributes: tuple[Condition, ...] = ()
+    origin: tuple[tuple[str, frozenset[str]], ...] = ()  # (ORIGIN name, values one of which)
 
 
 @dataclass(frozen=True)
@@ -261,6 +267,7 @@ class Facts:
     now: datetime
     sidecar: Item = field(default_factory=dict)
     sidecar_names: tuple[str, ...] = ()
+    origin: Mapping[str, str] = field(default_factory=dict)  # ORIGIN names -> values
 
 
 @dataclass
@@ -387,6 +394,7 @@ def matches(match: Match, facts: Facts, state: _State | None = None) -> bool:
         and (match.regex is None or match.regex.search(rel) is not None)
         and (match.types is None or facts.kind in match.types)
         and (match.sources is None or facts.source in match.sources)
+        and all(facts.origin.get(name) in values for name, values in match.origin)
     )
     if not simple or not match.attributes:
         return simple
@@ -453,9 +461,18 @@ def _resolve(p: Placeholder, facts: Facts, state: _State, groups: dict[str, str]
         return _need(None if value is None else value_text(value), p, _no_sidecar(p, facts))
     if p.var == "parts":
         return _part(p, facts.rel)
+    return _simple_value(p, facts)
+
+
+def _simple_value(p: Placeholder, facts: Facts) -> str:
+    if p.var in ORIGIN:
+        return _need(facts.origin.get(p.var) or None, p, f"the file has no {p.var}{_NOT_RECEIVED}")
     if p.var in _TIME_FORMATS or p.var == "now":
         return facts.now.strftime(p.fmt or _TIME_FORMATS.get(p.var, "%Y%m%d%H%M%S"))
     return _path_value(p.var, facts)
+
+
+_NOT_RECEIVED = " (only files received with C-STORE have one)"
 
 
 def _need(value: str | None, p: Placeholder, why: str) -> str:
@@ -515,16 +532,25 @@ def fingerprint(rules: Sequence[Rule]) -> list[object]:
 
 def _rule_data(rule: Rule) -> dict[str, object]:
     m = rule.match
-    return {
-        "path": None if m.path is None else m.path.pattern,
-        "regex": None if m.regex is None else m.regex.pattern,
-        "types": None if m.types is None else sorted(m.types),
-        "sources": None if m.sources is None else sorted(m.sources),
-        "attributes": [_condition_data(c) for c in m.attributes],
-        "set": [[k, _spec_data(s)] for k, s in rule.set],
-        "default": [[k, _spec_data(s)] for k, s in rule.default],
-        "remove": list(rule.remove),
-    } | ({} if rule.lookup is None else {"lookup": _lookup_data(rule.lookup)})
+    return (
+        {
+            "path": None if m.path is None else m.path.pattern,
+            "regex": None if m.regex is None else m.regex.pattern,
+            "types": None if m.types is None else sorted(m.types),
+            "sources": None if m.sources is None else sorted(m.sources),
+            "attributes": [_condition_data(c) for c in m.attributes],
+            "set": [[k, _spec_data(s)] for k, s in rule.set],
+            "default": [[k, _spec_data(s)] for k, s in rule.default],
+            "remove": list(rule.remove),
+        }
+        | ({} if rule.lookup is None else {"lookup": _lookup_data(rule.lookup)})
+        | _origin_data(m)
+    )
+
+
+def _origin_data(m: Match) -> dict[str, object]:
+    """Only where set, so that rules written before C-STORE keep their fingerprint."""
+    return {"origin": [[name, sorted(values)] for name, values in m.origin]} if m.origin else {}
 
 
 def _lookup_data(lookup: Lookup) -> dict[str, object]:

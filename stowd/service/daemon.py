@@ -54,6 +54,7 @@ from stowd.pipeline.worker import Worker
 from stowd.service import inflight, metrics
 from stowd.service.notify import Notifier
 from stowd.service.purge import purge_sent
+from stowd.service.receivers import Receivers
 from stowd.service.status import short_line
 
 log = logging.getLogger("stowd")
@@ -114,7 +115,8 @@ class Daemon:
         self._dying_said: set[str] = set()  # threads recorded as dying (for stowd status)
         self._queue_failing = False  # the upkeep could not write to the queue (said once)
         self.metrics_server: metrics.Server | None = None
-        self._shared: dict[str, dict[str, object]] | None = None  # last written for status
+        self._shared: dict[str, object] | None = None  # last written for status
+        self.receivers = Receivers(self.queue)  # C-STORE receivers: they outlive reloads
 
     # -- signals ------------------------------------------------------------------------
     def install_signals(self) -> None:
@@ -140,6 +142,7 @@ class Daemon:
         self.queue.open()
         try:
             self._recover()
+            self.receivers.start(self.config)
             self.generation = self._start(self.config)
             self.metrics_server = _serve_metrics(self.config)
             self.notifier.ready(self._status_line())
@@ -212,7 +215,10 @@ class Daemon:
             )
             gen.watchers.append(watcher)
             _spawn(gen, f"watch-{source.name}", partial(watcher.run, gen.stop))
-            log.info("watching %s (source %s) -> %s", source.watch, source.name, source.destination)
+            if source.receive is None:
+                log.info(
+                    "watching %s (source %s) -> %s", source.watch, source.name, source.destination
+                )
         return gen
 
     def _queue_files(self) -> tuple[Path, ...]:
@@ -230,6 +236,7 @@ class Daemon:
                 self._reload()
             self._revive_dead_threads()
             self._reap_lingering()
+            self.receivers.retry(self.config)
             now = time.monotonic()
             if now >= next_watchdog and self.notifier.watchdog_interval is not None:
                 self._feed_watchdog()
@@ -250,10 +257,14 @@ class Daemon:
             if request is not None:
                 requests.setdefault(worker.destination.name, []).append(request)
         stalled = {name: inflight.stalled(found) for name, found in requests.items()}
-        shared = {name: found for name, found in stalled.items() if found is not None}
+        destinations = {name: found for name, found in stalled.items() if found is not None}
+        shared: dict[str, object] = {"destinations": destinations}
+        if self.receivers.running or self.receivers.unbound:
+            shared["receivers"] = self.receivers.snapshot()
         if shared == self._shared:
             return
-        doc = inflight.document(os.getpid(), time.time(), shared)
+        doc = inflight.document(os.getpid(), time.time(), destinations)
+        doc.update(shared)
         try:
             inflight.write(self.config.queue, doc)
         except OSError as exc:
@@ -370,6 +381,7 @@ class Daemon:
             log.warning("%s", warning)
         self._adopt(new)
         self._replan(new)
+        self.receivers.sync(new)
         self.generation = self._start(new)
         self._restart_metrics(new)
         log.info(
@@ -523,6 +535,7 @@ class Daemon:
 
     def _shutdown(self) -> None:
         self.stop.set()
+        self.receivers.stop()  # first: no instance is acknowledged once stopping began
         log.info("stopping: waiting up to %gs for requests in flight", self.config.shutdown_timeout)
         for gen in self.lingering:
             gen.stop.set()

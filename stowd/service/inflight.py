@@ -5,7 +5,8 @@ The daemon rewrites it (temp file and rename, mode 0600) when its content change
 every ``WRITE_EVERY`` seconds, and removes it when it stops.  It holds a document::
 
     {"pid": 4242, "written_at": 1767000000.0,
-     "destinations": {"pacs": {"request_since": ..., "last_progress": ..., "requests": 2}}}
+     "destinations": {"pacs": {"request_since": ..., "last_progress": ..., "requests": 2}},
+     "receivers": {"ct": {"listening": true, "open": 1, "received": 200, ...}}}
 
 ``destinations`` names, per destination with requests in flight, the request that has gone
 longest without progress (no byte sent, no answer): when it started, when it last sent a
@@ -66,6 +67,15 @@ def remove(queue: Path) -> None:
 
 def read(queue: Path, pid: int | None) -> dict[str, Any]:
     """The destinations part of the file the running daemon ``pid`` wrote, else ``{}``."""
+    return _part(queue, pid, "destinations")
+
+
+def read_receivers(queue: Path, pid: int | None) -> dict[str, Any]:
+    """Per receiving source: what its C-STORE receiver took in (``receivers.snapshot``)."""
+    return _part(queue, pid, "receivers")
+
+
+def _part(queue: Path, pid: int | None, key: str) -> dict[str, Any]:
     if pid is None:
         return {}
     try:
@@ -74,5 +84,5 @@ def read(queue: Path, pid: int | None) -> dict[str, Any]:
         return {}
     if not isinstance(doc, dict) or doc.get("pid") != pid:
         return {}  # left by a daemon that was killed
-    found = doc.get("destinations")
+    found = doc.get(key)
     return found if isinstance(found, dict) else {}

@@ -195,6 +195,10 @@ def _gather(config: Config, queue: Queue, now: float) -> dict[str, Any]:
     pid = daemon_pid(config.queue)
     destinations = _destinations(config, holds, now)
     _add_in_flight(config, destinations, inflight.read(config.queue, pid), now)
+    receiving = inflight.read_receivers(config.queue, pid)
+    for name, figures in by_source.items():
+        if "receive" in figures:
+            figures["receiving"] = receiving.get(name) if pid else None
     return {
         "queue": str(config.queue),
         "time": now,
@@ -257,12 +261,16 @@ def _source_dict(
             "destination": None,
             **figures.as_dict(now, held=False, parked=True),
         }
-    return {
+    found = {
         "configured": True,
         "destination": source.destination,
         "watch": str(source.watch),
         **figures.as_dict(now, held=source.destination in holds),
     }
+    if source.receive is not None:
+        r = source.receive
+        found["receive"] = {"ae_title": r.ae_title, "bind": r.bind, "port": r.port}
+    return found
 
 
 def _overall_eta(by_dest: Mapping[str, Mapping[str, Any]]) -> tuple[str, float | None]:
@@ -589,9 +597,36 @@ def _due(health: Mapping[str, Any]) -> str:
 def _source(name: str, figures: Mapping[str, Any]) -> list[str]:
     if not figures["configured"]:
         head = f"source {name} (not in the config: its files wait until it is back)"
+    elif "receive" in figures:
+        r = figures["receive"]
+        where = f"[{r['bind']}]" if ":" in r["bind"] else r["bind"]
+        head = f"source {name} (C-STORE to {r['ae_title']} at {where}:{r['port']} -> "
+        head += f"{figures['destination']})"
+        return [head, _receiving(figures.get("receiving")), *_figures(figures)]
     else:
         head = f"source {name} ({figures['watch']} -> {figures['destination']})"
     return [head, *_figures(figures)]
+
+
+def _receiving(found: Mapping[str, Any] | None) -> str:
+    """What a receiver took in since the daemon started, as the daemon last shared it."""
+    if found is None:
+        return "  receiving:  not now (the daemon is not running)"
+    if not found.get("listening", False):
+        return "  receiving:  NOT LISTENING: its port could not be bound (see the log)"
+    rejected = int(found.get("rejected", 0))
+    text = (
+        f"  receiving:  {found.get('open', 0)} association(s) open; since start "
+        f"{int(found.get('received', 0)):,} instance(s) ({_mb(int(found.get('bytes', 0)))}), "
+        f"{int(found.get('refused', 0)):,} refused"
+    )
+    text += f", {rejected:,} association(s) rejected" if rejected else ""
+    last = str(found.get("last_calling_ae") or "")
+    if last and found.get("last_at"):
+        text += (
+            f"; last from {last} at {time.strftime('%H:%M:%S', time.localtime(found['last_at']))}"
+        )
+    return text
 
 
 def _figures(figures: Mapping[str, Any]) -> list[str]:
