@@ -236,6 +236,20 @@ count_files() {
     find "$1" -type f ! -name '*.error.json' 2>/dev/null | wc -l
 }
 
+# Whether a wait loop should stop: stowd died (its log shown) or 60 s went by.
+gave_up() {
+    if ! pid_alive "${stowd_pid}"; then
+        echo "stowd has exited; its log:" >&2
+        tail -n 30 "${run_dir}/stowd.log" >&2
+        return 0
+    fi
+    if (($1 >= 60)); then
+        echo "not everything arrived within 60 s; see ${run_dir}/stowd.log"
+        return 0
+    fi
+    return 1
+}
+
 orthanc_instances() {
     .venv/bin/python - "${orthanc_url}" <<'PY' 2>/dev/null || echo "?"
 import sys, httpx
@@ -257,13 +271,7 @@ while :; do
         echo "all ${expected_sent} files are in Orthanc (the photo and the PDF as DICOM instances); the broken file is in done/failed"
         break
     fi
-    if ! pid_alive "${stowd_pid}"; then
-        echo "stowd has exited; its log:" >&2
-        tail -n 30 "${run_dir}/stowd.log" >&2
-        break
-    fi
-    if ((elapsed >= 60)); then
-        echo "not everything arrived within 60 s; see ${run_dir}/stowd.log"
+    if gave_up "${elapsed}"; then
         break
     fi
     sleep 3
@@ -278,7 +286,7 @@ done
 
 # --- C-STORE -------------------------------------------------------------------------------
 say "Sending 4 DICOM files of patient DEMO4 with C-STORE: dcmtk's storescu as DEMO_CT to STOWD at 127.0.0.1:${dicom_port}"
-as_user .venv/bin/python tests/dicomgen.py study "${run_dir}/modality" -n 4 \
+as_user .venv/bin/python tests/support/dicomgen.py study "${run_dir}/modality" -n 4 \
     --patient-id DEMO4 >/dev/null
 echo "$ echoscu -aet DEMO_CT -aec STOWD 127.0.0.1 ${dicom_port}"
 echo_ok=0
@@ -316,13 +324,7 @@ while :; do
         echo "all ${expected_received} instances sent with C-STORE are in Orthanc and in done/modality/sent/"
         break
     fi
-    if ! pid_alive "${stowd_pid}"; then
-        echo "stowd has exited; its log:" >&2
-        tail -n 30 "${run_dir}/stowd.log" >&2
-        break
-    fi
-    if ((elapsed >= 60)); then
-        echo "not everything arrived within 60 s; see ${run_dir}/stowd.log"
+    if gave_up "${elapsed}"; then
         break
     fi
     sleep 1
