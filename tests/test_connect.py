@@ -22,7 +22,7 @@ from pathlib import Path
 from urllib.parse import quote_plus
 
 import pytest
-from harness import Layout, Stowd, wait_for
+from harness import Layout, Stowd, make_watch_folders, wait_for
 from localserver import LocalServer
 from orthanc import Orthanc
 
@@ -391,6 +391,7 @@ destinations:
 """
     )
     path.chmod(0o600)
+    make_watch_folders(path)
     return path
 
 

@@ -11,6 +11,7 @@ prevent upload loops are described in ``_check_folders``.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Collection
@@ -425,7 +426,11 @@ def _watch_or_receive(
     """A source watches a folder (``watch``) or receives C-STORE (``receive``): then its
     folder is ``received/<name>`` beside the queue.  The flag: what was given is valid."""
     if sec.value_node("receive") is None:
-        return sec.need("watch", as_path(sec.ctx.base)), None, True
+        watch = sec.need("watch", as_path(sec.ctx.base))
+        problem = None if watch is None else watch_problem(watch)
+        if problem is not None:
+            sec.add("watch", problem)
+        return watch, None, problem is None
     if sec.value_node("watch") is not None:
         sec.add(
             "watch",
@@ -435,6 +440,46 @@ def _watch_or_receive(
     receive = read_receive(sec.section("receive", RECEIVE_KEYS))
     watch = None if queue is None or name is None else queue.parent / RECEIVED / name
     return watch, receive, receive is not None and sec.value_node("watch") is None
+
+
+def watch_problem(watch: Path) -> str | None:
+    """Why ``watch`` cannot be watched as it is, or None when it is a folder.  stowd does
+    not make watch folders: a misspelled path would be made and watched while the scanner
+    writes elsewhere."""
+    try:
+        if watch.is_dir():
+            return None
+        found = watch.exists()
+    except OSError as exc:  # a parent that cannot be entered
+        return f"{watch} cannot be checked: {exc.strerror or exc}"
+    if found:
+        return f"{watch} is not a folder (a file?); watch must name a folder"
+    missing = _first_missing(watch)
+    text = f"the folder {watch} does not exist"
+    if missing != watch:
+        text += f" (nor does {missing})"
+    close = _close_sibling(missing)
+    if close is not None:
+        text += f"; did you mean {close}?"
+    return text + "; stowd does not create watch folders: create it or correct the path"
+
+
+def _first_missing(path: Path) -> Path:
+    """The outermost folder of ``path`` that does not exist."""
+    missing = path
+    while missing.parent != missing and not missing.parent.exists():
+        missing = missing.parent
+    return missing
+
+
+def _close_sibling(missing: Path) -> Path | None:
+    """An existing folder beside ``missing`` whose name is close to its name."""
+    try:
+        names = [e.name for e in os.scandir(missing.parent) if e.is_dir()]
+    except OSError:
+        return None
+    close = difflib.get_close_matches(missing.name, names, n=1, cutoff=0.6)
+    return missing.parent / close[0] if close else None
 
 
 def _read_sources(
