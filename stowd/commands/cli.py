@@ -221,6 +221,8 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
         print(text if is_utf8(text) else json.dumps(docs, indent=2))  # a name not UTF-8
     else:
         print(explain.render(results))
+    if any(r.error for r in results):
+        return EXIT_USAGE
     return EXIT_RUNTIME if any(r.problem for r in results) else EXIT_OK
 
 
