@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 runtime error, 2 usage or configuration error, 130 on Ctrl-C
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from stowd.commands import connect, dryrun, explain, listen, migrate, migreport,
 from stowd.config.load import load_config
 from stowd.config.model import Config, Source
 from stowd.config.yamlwalk import parse_duration
-from stowd.errors import ConfigError, MigrationConflict, StowdError
+from stowd.errors import ConfigError, MigrationConflict, QueueLockedError, StowdError
 from stowd.printable import escape_lines, is_utf8
 from stowd.service import logs
 from stowd.service.daemon import Daemon
@@ -91,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
         "--report",
         metavar="FILE",
         help="list every file not stored or not moved (any run) in FILE.csv/.json",
+    )
+    mig.add_argument(
+        "--queue",
+        metavar="PATH",
+        help="use this queue database instead of the config's queue (so a migration can run "
+        "while the daemon runs on its own queue)",
     )
     mig.add_argument(
         "--progress-every",
@@ -284,6 +291,8 @@ def _migrate(config: Config, args: argparse.Namespace) -> int:
     opts = migrate.Options(
         folders, args.destination, args.keep, args.progress_every, tty, verify=args.verify
     )
+    if args.queue is not None:
+        config = dataclasses.replace(config, queue=Path(os.path.abspath(args.queue)))
     job = migrate.Migration(config, opts)
     job.install_signals()
     try:
@@ -291,6 +300,13 @@ def _migrate(config: Config, args: argparse.Namespace) -> int:
     except MigrationConflict as exc:
         print(f"stowd migrate: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except QueueLockedError as exc:
+        print(
+            f"stowd migrate: {exc}; to migrate while the daemon runs, give the migration a "
+            "queue of its own with --queue PATH (such as /var/lib/stowd/migrate.db)",
+            file=sys.stderr,
+        )
+        return EXIT_RUNTIME
     report = None if args.report is None else Path(args.report)
     if report is not None:
         migreport.write_report(report, summary.failures)
