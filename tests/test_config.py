@@ -263,7 +263,21 @@ def test_example_config_states_every_default() -> None:
     assert (dest.workers, dest.verify_tls) == (DEFAULT_WORKERS, True)
     assert (source.sidecars, source.rules, example.original_attributes) == (None, (), False)
     assert (source.bulkdata, dest.bulkdata, example.uid_root) == (Bulkdata(), "encapsulate", None)
-    assert [rule.name for rule in example.rules] == ["patient folders"]
+    assert example.rules == ()  # the example changes no file: its rules are comments
+
+
+def test_example_config_commented_rule_is_valid_as_written(tmp_path: Path) -> None:
+    """The commented 'patient folders' rule (from '  # - name: patient folders', the lines
+    '  #   ' after it) is a valid rule as written, for source ct1."""
+    lines = (REPO / "config.example.yaml").read_text().splitlines()
+    start = lines.index("  # - name: patient folders")
+    example = [lines[start].replace("# ", "", 1)]
+    for line in itertools.takewhile(lambda x: x.startswith("  #   "), lines[start + 1 :]):
+        example.append(line.replace("# ", "", 1))
+    config = load_text(tmp_path, MINIMAL + "rules:\n" + "\n".join(example) + "\n")
+
+    (rule,) = config.rules
+    assert rule.name == "patient folders"
 
 
 def test_example_config_receive_example_loads_and_states_every_default(tmp_path: Path) -> None:
