@@ -1034,3 +1034,16 @@ def test_a_receiving_source_needs_no_folder_yet(tmp_path: Path) -> None:
 
     assert config.sources[0].watch == tmp_path / "state" / "received" / "ct1"
     assert not config.sources[0].watch.exists()
+
+
+@pytest.mark.parametrize("ending", ["/studies", "/studies/", "/STUDIES"])
+def test_a_url_ending_in_studies_says_what_it_should_be(tmp_path: Path, ending: str) -> None:
+    text = MINIMAL.replace("8042/dicom-web", "8042/dicom-web" + ending)
+
+    (problem,) = problems_of(tmp_path, text)
+
+    assert problem.key == "destinations.pacs.url"
+    assert problem.message == (
+        "ends with /studies, which stowd adds itself: the url is the DICOMweb base, "
+        "here 'http://127.0.0.1:8042/dicom-web'"
+    )

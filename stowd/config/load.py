@@ -78,6 +78,7 @@ from stowd.config.yamlwalk import (
     as_bool,
     as_choice,
     as_destination,
+    as_dicomweb_base,
     as_duration,
     as_int,
     as_log_level,
@@ -87,7 +88,6 @@ from stowd.config.yamlwalk import (
     as_patterns,
     as_size,
     as_text,
-    as_url,
     describe_node,
     describe_value,
     entries,
@@ -327,7 +327,7 @@ def _read_retry(sec: Section) -> Retry:
 
 
 def _read_destination(sec: Section, name: str) -> Destination | None:
-    url = sec.need("url", as_url)
+    url = sec.need("url", as_dicomweb_base)
     batch = sec.section("batch", _BATCH_KEYS)
     timeouts = sec.section("timeouts", _TIMEOUT_KEYS)
     positive = as_duration(positive=True)
