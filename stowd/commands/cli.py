@@ -17,7 +17,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from stowd.commands import connect, dryrun, explain, listen, migrate, migreport, putback
+from stowd.commands import (
+    connect,
+    dryrun,
+    explain,
+    listen,
+    migrate,
+    migreport,
+    putback,
+    writable,
+)
 from stowd.config.load import load_config
 from stowd.config.model import Config, Source
 from stowd.config.yamlwalk import parse_duration
@@ -48,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also reach each destination (TCP, TLS, login, a QIDO-RS query) and say what "
         "works; exit code 1 when any does not",
+    )
+    check.add_argument(
+        "--user",
+        metavar="NAME",
+        help="check that this user can write the queue's, watch, sent and failed folders "
+        "(default: the current user; as root, the unit's user stowd when it exists)",
     )
     status = sub.add_parser("status", help="show the queue: counts, age, rate, last errors")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -162,6 +177,15 @@ def _input(source: Source) -> str:
 
 
 def _check(config: Config, args: argparse.Namespace) -> int:
+    try:
+        user = (
+            writable.default_user()
+            if args.user is None
+            else writable.User.named(args.user, "--user")
+        )
+    except KeyError:
+        print(f"stowd: --user: no user named {args.user!r} on this machine", file=sys.stderr)
+        return EXIT_USAGE
     lines = [f"{config.path}: configuration is valid"]
     for source in config.sources:
         dest = config.destination_of(source)
@@ -175,6 +199,7 @@ def _check(config: Config, args: argparse.Namespace) -> int:
         f"  metadata rules: {rules} (run 'stowd explain FILE' to see what they do to a file)"
     )
     lines += [f"WARNING: {warning}" for warning in config.warnings]
+    lines += _write_lines(config, user)
     print(escape_lines(lines))  # folder names may hold anything a file system allows
     if not args.connect:
         return EXIT_OK
@@ -187,6 +212,18 @@ def _check(config: Config, args: argparse.Namespace) -> int:
     ports = _check_ports(config)
     working_all = all(r.ok for r in reports) and all(p.ok for p in ports)
     return EXIT_OK if working_all else EXIT_RUNTIME
+
+
+def _write_lines(config: Config, user: writable.User) -> list[str]:
+    """Whether ``user`` can write every folder, and whether the unit's sandbox lets it."""
+    found = writable.problems(config, user)
+    lines = [f"  write access as user {user.name} ({user.why}): " + ("NOT ok" if found else "ok")]
+    lines += [f"WARNING: not writable by {user.name}: {problem}" for problem in found]
+    paths, where = writable.unit_writable()
+    lines += [
+        f"WARNING: under {where}: {problem}" for problem in writable.sandbox_problems(config, paths)
+    ]
+    return lines
 
 
 def _check_ports(config: Config) -> list[listen.ListenReport]:
