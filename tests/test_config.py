@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from harness import make_watch_folders
 
+from stowd.commands.cli import main
 from stowd.config.load import load_config
 from stowd.config.model import (
     BULK_TYPES,
@@ -33,6 +34,7 @@ from stowd.config.model import (
 )
 from stowd.config.yamlwalk import parse_duration, parse_size
 from stowd.errors import ConfigError, ConfigProblem
+from stowd.pipeline.queue import Queue
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -1047,3 +1049,19 @@ def test_a_url_ending_in_studies_says_what_it_should_be(tmp_path: Path, ending: 
         "ends with /studies, which stowd adds itself: the url is the DICOMweb base, "
         "here 'http://127.0.0.1:8042/dicom-web'"
     )
+
+
+def test_status_works_while_a_watch_folder_is_missing_and_check_config_does_not(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """status is what says a watch folder went missing (while the daemon runs); the
+    commands that act refuse a config whose watch folder is missing."""
+    path = write_only(tmp_path, MINIMAL)
+    queue = Queue(tmp_path / "state" / "queue.db")  # as a daemon run left it
+    queue.open()
+    queue.close()
+
+    assert main(["status", "-c", str(path)]) == 0
+    assert "daemon:       not running" in capsys.readouterr().out
+    assert main(["check-config", "-c", str(path)]) == 2
+    assert "sources[0].watch: the folder" in capsys.readouterr().err

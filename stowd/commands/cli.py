@@ -146,7 +146,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        config = load_config(args.config)
+        # status must work while a watch folder is missing: it is what says so
+        config = load_config(args.config, watch_exists=args.command != "status")
         return _COMMANDS[args.command](config, args)
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)

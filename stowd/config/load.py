@@ -386,9 +386,11 @@ def _read_source(
     defaults: _SourceOptions,
     known: Collection[str] | None,
     queue: Path | None,
+    *,
+    watch_exists: bool,
 ) -> tuple[Source | None, _Folders, Receive | None]:
     to_path = as_path(sec.ctx.base)
-    watch, receive, valid = _watch_or_receive(sec, name, queue)
+    watch, receive, valid = _watch_or_receive(sec, name, queue, watch_exists)
     sent = sec.need("sent", to_path)
     failed = sec.need("failed", to_path)
     folders = _Folders(repr(name) if name else sec.key, sec, watch, sent, failed)
@@ -421,13 +423,14 @@ def _read_source(
 
 
 def _watch_or_receive(
-    sec: Section, name: str | None, queue: Path | None
+    sec: Section, name: str | None, queue: Path | None, exists: bool
 ) -> tuple[Path | None, Receive | None, bool]:
-    """A source watches a folder (``watch``) or receives C-STORE (``receive``): then its
-    folder is ``received/<name>`` beside the queue.  The flag: what was given is valid."""
+    """A source watches a folder (``watch``, which must be one when ``exists``) or receives
+    C-STORE (``receive``): then its folder is ``received/<name>`` beside the queue.  The
+    flag: what was given is valid."""
     if sec.value_node("receive") is None:
         watch = sec.need("watch", as_path(sec.ctx.base))
-        problem = None if watch is None else watch_problem(watch)
+        problem = None if watch is None or not exists else watch_problem(watch)
         if problem is not None:
             sec.add("watch", problem)
         return watch, None, problem is None
@@ -483,7 +486,11 @@ def _close_sibling(missing: Path) -> Path | None:
 
 
 def _read_sources(
-    top: Section, defaults: _SourceOptions, known: Collection[str] | None, queue: Path | None
+    top: Section,
+    defaults: _SourceOptions,
+    known: Collection[str] | None,
+    queue: Path | None,
+    watch_exists: bool,
 ) -> tuple[list[Source], list[_Folders]]:
     """Every valid source, and the folders of every source (valid or not)."""
     node = top.value_node("sources")
@@ -507,7 +514,9 @@ def _read_sources(
             sec.add("name", f"duplicate source name (first used on line {first_line[name]})")
         elif name is not None:
             first_line[name] = sec.line("name")
-        source, found, receive = _read_source(sec, name, defaults, known, queue)
+        source, found, receive = _read_source(
+            sec, name, defaults, known, queue, watch_exists=watch_exists
+        )
         sources += [source] if source is not None else []
         folders.append(found)
         receivers += [(sec.section("receive", RECEIVE_KEYS), receive)] if receive else []
@@ -617,7 +626,7 @@ def _compose(path: Path) -> Node | None:
         raise _fail(path, f"invalid YAML: {exc}") from None
 
 
-def _build(ctx: Context, path: Path, root: Node) -> Config | None:
+def _build(ctx: Context, path: Path, root: Node, watch_exists: bool) -> Config | None:
     top = Section(ctx, "", root, _TOP_KEYS)
     queue = top.need("queue", as_path(ctx.base))
     log_level = top.get("log_level", "INFO", as_log_level)
@@ -627,7 +636,7 @@ def _build(ctx: Context, path: Path, root: Node) -> Config | None:
     defaults_section = top.section("defaults", _SOURCE_OPTION_KEYS, _DEFAULTS_HINTS)
     defaults = _read_options(defaults_section, _SourceOptions())
     destinations, known = _read_destinations(top)
-    sources, folders = _read_sources(top, defaults, known, queue)
+    sources, folders = _read_sources(top, defaults, known, queue, watch_exists)
     names = None if len(sources) != len(folders) else {s.name for s in sources}
     rules = read_rules(ctx, "rules", top.value_node("rules"), names)
     original = top.get("original_attributes", False, as_bool)
@@ -652,8 +661,11 @@ def _build(ctx: Context, path: Path, root: Node) -> Config | None:
     )
 
 
-def load_config(path: str | Path) -> Config:
+def load_config(path: str | Path, *, watch_exists: bool = True) -> Config:
     """Read, validate and return the configuration at ``path``; raise ``ConfigError``.
+
+    Each watch folder must exist and be a folder, unless ``watch_exists`` is False: only
+    for ``stowd status``, which must work while a watch folder is missing (and says so).
 
     Every problem found is collected (key path, message, line) and raised together in one
     ``ConfigError`` naming the file; problems are ordered by line.
@@ -663,7 +675,7 @@ def load_config(path: str | Path) -> Config:
     if root is None:
         raise _fail(config_path, "the file is empty; it needs queue, sources and destinations")
     ctx = Context(config_path.parent)
-    config = _build(ctx, config_path, root)
+    config = _build(ctx, config_path, root, watch_exists)
     if config is None or ctx.problems:
         problems = ctx.problems or [ConfigProblem("", "the configuration is invalid")]
         raise ConfigError(str(config_path), sorted(problems, key=lambda p: p.line or 0))
