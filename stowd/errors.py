@@ -20,6 +20,8 @@
     │   ├── NotDicom           not a DICOM Part-10 file (``classify.py`` then asks whether
     │   │                      it is a document, image or video its source makes DICOM from)
     │   ├── UnknownType        neither DICOM nor a type its source makes DICOM from
+    │   ├── DataSetMismatch    a received data set is not the instance (or of the SOP class)
+    │   │                      its C-STORE request named (answered 0xA900)
     │   ├── LinkRefused        the file (or a folder on its path) is a symbolic link stowd
     │   │                      does not follow (``dropped.py``)
     │   └── RuleFailure        a rule cannot be applied to the file (a missing value, a
@@ -159,6 +161,10 @@ class FileUnreadable(StowdError):
                 path=path,
             )
         return cls(f"reading the file failed: {exc.strerror or exc}", path=path)
+
+
+class DataSetMismatch(FileProblem):
+    """A C-STORE's data set names another SOP instance or class than its request."""
 
 
 class UnknownType(FileProblem):

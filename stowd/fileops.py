@@ -96,21 +96,25 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def make_folders(folder: Path) -> None:
+def make_folders(folder: Path) -> list[Path]:
     """``folder`` and its missing parents, each made with the mode of the folder it is made
     in (so a folder made in a drop folder is open to that folder's writers, no more), and
     without recursion: ``Path.mkdir(parents=True)`` recursed once per missing folder and
-    raised ``RecursionError`` for a file nested a thousand folders deep."""
+    raised ``RecursionError`` for a file nested a thousand folders deep.  Returns the folders
+    it made, outermost first (their entries are the caller's to fsync where that matters)."""
     missing = []
     while not folder.is_dir() and folder != folder.parent:
         missing.append(folder)
         folder = folder.parent
+    made = []
     for each in reversed(missing):
         try:
             each.mkdir(mode=each.parent.stat().st_mode & 0o777)
+            made.append(each)
         except FileExistsError:
             if not each.is_dir():
                 raise
+    return made
 
 
 @contextlib.contextmanager

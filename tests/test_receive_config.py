@@ -88,7 +88,7 @@ def test_every_receive_mistake_is_named_with_its_line(tmp_path: Path) -> None:
         "8 sources[0].receive.port: a TCP port is 1 to 65535, got 70000",
         "9 sources[0].receive.bind: bind is an IP address such as 127.0.0.1",
         "10 sources[0].receive.allow: an empty list lets no one send",
-        "11 sources[0].receive.max_pdu: must be 0 (no limit) or 4096",
+        "11 sources[0].receive.max_pdu: must be 4096 to 16777216 bytes (16 MiB), got 100",
         "12 sources[0].receive.max_associations: must be at least 1",
         "13 sources[0].receive.idle_timeout: must be more than 0 seconds",
         "14 sources[0].receive.colour: unknown key",

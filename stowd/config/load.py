@@ -441,6 +441,13 @@ def _watch_or_receive(
             "make two sources",
         )
     receive = read_receive(sec.section("receive", RECEIVE_KEYS))
+    if name is not None and name.startswith("."):
+        sec.add(
+            "name",
+            f"a receiving source's name is its folder's name in {RECEIVED}/: it "
+            "may not start with '.'",
+        )
+        return None, receive, False
     watch = None if queue is None or name is None else queue.parent / RECEIVED / name
     return watch, receive, receive is not None and sec.value_node("watch") is None
 
@@ -568,6 +575,13 @@ def _check_pair(first: _Folders, second: _Folders) -> None:
                     f"{_relation(folder, other.watch)} the watch folder of source "
                     f"{other.label} ({other.watch}); that source would send its files again",
                 )
+            elif other.watch is not None and _inside(other.watch, folder):
+                mover.section.add(
+                    key,
+                    f"holds the watch folder of source {other.label} ({other.watch}); "
+                    "retention (sent_retention, stowd purge) would delete its files before "
+                    "they are sent",
+                )
 
 
 def _check_folders(top: Section, sources: list[_Folders], queue: Path | None) -> None:
@@ -590,6 +604,11 @@ def _check_folders(top: Section, sources: list[_Folders], queue: Path | None) ->
         _check_own_folders(first)
         for second in sources[index + 1 :]:
             _check_pair(first, second)
+        for key, folder in first.outputs() if queue is not None else ():
+            if queue is not None and _inside(queue, folder):
+                first.section.add(
+                    key, f"holds the queue database ({queue}); retention would delete it"
+                )
         if queue is not None and first.watch is not None and _inside(queue, first.watch):
             top.add(
                 "queue",

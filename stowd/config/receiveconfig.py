@@ -35,7 +35,7 @@ RECEIVE_KEYS = (
 ALLOW_KEYS = ("ae_title", "host")
 _AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # printable ASCII but "\"
 MIN_PDU = 4096  # below this no modality can send anything useful
-MAX_PDU = 2**32 - 1  # the PDU length field is 32 bits
+MAX_PDU = 16 * 1024 * 1024  # each open association may hold one PDU this large in memory
 
 
 def as_ae_title(value: object) -> str:
@@ -74,9 +74,10 @@ def as_port(value: object) -> int:
 
 
 def as_pdu(value: object) -> int:
+    """A PDU size; a PDU is held whole in memory, so there is no "no limit"."""
     size = as_int(0)(value)
-    if size != 0 and not MIN_PDU <= size <= MAX_PDU:
-        raise ValueError(f"must be 0 (no limit) or {MIN_PDU} to {MAX_PDU} bytes, got {size}")
+    if not MIN_PDU <= size <= MAX_PDU:
+        raise ValueError(f"must be {MIN_PDU} to {MAX_PDU} bytes (16 MiB), got {size}")
     return size
 
 

@@ -23,11 +23,10 @@ allowed) are rejected: A-ASSOCIATE-RJ, permanent, "calling AE title not recognis
 
 from __future__ import annotations
 
-import functools
+import ipaddress
 import logging
 import os
 import re
-import tempfile
 import threading
 import time
 import uuid
@@ -39,14 +38,14 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
-from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from stowd import __version__, fileops
 from stowd.config.model import INCOMING, RECEIVED, Receive, Source
-from stowd.errors import FileProblem, QueueError, StowdError
-from stowd.pipeline import counters
+from stowd.errors import DataSetMismatch, FileProblem, QueueError, StowdError
+from stowd.pipeline import counters, dimse
 from stowd.pipeline.classify import classify_dicom
 from stowd.pipeline.queue import NewFile, Queue
 from stowd.printable import escape
@@ -56,6 +55,9 @@ log = logging.getLogger("stowd.receive")
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700  # Refused: Out of Resources (PS3.4 Table B.2-1)
 CANNOT_UNDERSTAND = 0xC000  # Error: Cannot understand (PS3.4 Table B.2-1)
+NOT_MATCHING = 0xA900  # Error: Data Set does not match SOP Class (PS3.4 Table B.2-1)
+REJECT_TRANSIENT, PRESENTATION, LOCAL_LIMIT = 0x02, 0x03, 0x02
+REQUEST_TIMEOUT = 30.0  # seconds a new connection has to ask for an association (as dcmtk)
 REJECT_PERMANENT, SERVICE_USER, CALLING_AE_UNKNOWN = 0x01, 0x01, 0x03
 # stowd's implementation class UID: 2.25 + a UUID made once for stowd (PS3.5 B.2)
 IMPLEMENTATION_UID = "2.25.238195672415180883218335735186066521011"
@@ -64,7 +66,6 @@ _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _AE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
 PART = ".part"
 PLACE_TRIES = 5
-DURABLE_MEMORY = 10_000  # study folders remembered as fsynced in their parent
 MAX_COPIES = 10_000
 CHUNK = 1024 * 1024
 
@@ -122,9 +123,25 @@ class Origin:
         return f"dicom://{host}:{self.port}"
 
 
+def parts_folder(source: Source) -> Path:
+    """Where a receiving source's finished files wait for their name: inside its own folder
+    (a rename, never across filesystems), hidden from its watcher."""
+    return source.watch / INCOMING
+
+
 def incoming_folder(queue: Path) -> Path:
     """Where instances wait while they arrive: never queued, cleared when stowd starts."""
     return queue.parent / RECEIVED / INCOMING
+
+
+def clear_parts(source: Source) -> int:
+    """At start: finished files a stop left before their rename (none was acknowledged)."""
+    folder = parts_folder(source)
+    removed = 0
+    for path in folder.glob(f"*{PART}") if folder.is_dir() else ():
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def clear_incoming(queue: Path, older_than: float | None = None) -> int:
@@ -150,16 +167,6 @@ def clear_incoming(queue: Path, older_than: float | None = None) -> int:
     return removed
 
 
-def _use_incoming(folder: Path) -> None:
-    """pynetdicom writes received data sets to a NamedTemporaryFile of its own: there."""
-    fileops.make_folders(folder)
-    dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[attr-defined,assignment]
-        tempfile.NamedTemporaryFile, dir=folder, prefix=".in-"
-    )
-    _config.STORE_RECV_CHUNKED_DATASET = True
-    _config.UNRESTRICTED_STORAGE_SERVICE = True
-
-
 class Receiver:
     """The C-STORE receiver of one source."""
 
@@ -171,18 +178,18 @@ class Receiver:
         self.incoming = incoming
         self.tally = Tally()
         self.stopping = threading.Event()
+        self.parts = parts_folder(source)  # finished files wait here for their name
         self._ae: AE | None = None
         self._server: Any = None
-        self._durable: set[tuple[str, int]] = set()  # study folders whose entry is fsynced
         self._sessions: dict[int, Session] = {}  # open associations, by id of the association
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
         """Listen; ``StowdError`` when the address cannot be bound."""
-        _use_incoming(self.incoming)
-        fileops.make_folders(self.source.watch)
-        for folder in (self.source.watch, self.source.watch.parent, self.incoming):
-            fileops.fsync_dir(folder.parent)
+        dimse.configure(self.incoming)
+        for folder in (self.incoming, self.parts):
+            for made in fileops.make_folders(folder):
+                fileops.fsync_dir(made.parent)
         ae = self._ae = self._make_ae()
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._requested),
@@ -190,6 +197,7 @@ class Receiver:
             (evt.EVT_REJECTED, self._rejected),
             (evt.EVT_RELEASED, self._ended),
             (evt.EVT_ABORTED, self._ended),
+            (evt.EVT_CONN_CLOSE, self._ended),
             (evt.EVT_C_STORE, self._store),
         ]
         where = (self.settings.bind, self.settings.port)
@@ -211,10 +219,12 @@ class Receiver:
     def _make_ae(self) -> AE:
         s = self.settings
         ae = AE(ae_title=s.ae_title)
-        ae.maximum_associations = s.max_associations
+        # pynetdicom counts connections that have not asked for an association yet against its
+        # limit: room for those, and max_associations is applied to associations (_requested)
+        ae.maximum_associations = 2 * s.max_associations + 8
         ae.maximum_pdu_size = s.max_pdu
         ae.network_timeout = s.idle_timeout
-        ae.acse_timeout = s.idle_timeout
+        ae.acse_timeout = min(REQUEST_TIMEOUT, s.idle_timeout)
         ae.dimse_timeout = s.idle_timeout
         ae.require_called_aet = True
         ae.add_supported_context(Verification)
@@ -234,8 +244,9 @@ class Receiver:
     # -- associations ------------------------------------------------------------------
     def _requested(self, event: evt.Event) -> None:
         calling = str(getattr(event.assoc.requestor.primitive, "calling_ae_title", "")).strip()
-        host = str(event.assoc.requestor.address)
+        host = plain_address(str(event.assoc.requestor.address))
         if self._allowed(calling, host):
+            self._within_limit(event, calling, host)
             return
         event.assoc.acse.send_reject(REJECT_PERMANENT, SERVICE_USER, CALLING_AE_UNKNOWN)
         event.assoc.kill()  # as pynetdicom's own rejections: the reject is sent, then closed
@@ -247,6 +258,23 @@ class Receiver:
             escape(calling),
             host,
             " from that host" if any(a.ae_title == calling for a in self.settings.allow) else "",
+        )
+
+    def _within_limit(self, event: evt.Event, calling: str, host: str) -> None:
+        with self.tally.lock:
+            full = len(self._sessions) >= self.settings.max_associations
+        if not full:
+            return
+        event.assoc.acse.send_reject(REJECT_TRANSIENT, PRESENTATION, LOCAL_LIMIT)
+        event.assoc.kill()
+        self._count_rejected()
+        log.warning(
+            "source %s: association from %s at %s rejected: %d associations are open already "
+            "(receive.max_associations); the sender may try again",
+            self.source.name,
+            escape(calling),
+            host,
+            self.settings.max_associations,
         )
 
     def _allowed(self, calling: str, host: str) -> bool:
@@ -293,7 +321,9 @@ class Receiver:
         )
 
     def _ended(self, event: evt.Event) -> None:
-        """Released or aborted: say what it brought (only for one that was established)."""
+        """Released, aborted or closed: remove what it left half-received, and say what it
+        brought (once, for one that was established)."""
+        dimse.forget({t for t in (event.assoc.ident, event.assoc.dul.ident) if t is not None})
         with self.tally.lock:
             session = self._sessions.pop(id(event.assoc), None)
             if session is not None:
@@ -303,12 +333,13 @@ class Receiver:
         counters.association_closed(self.source.name)
         self.queue.release_connection()  # each association has its own thread
         how = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        how = "closed" if event.event is evt.EVT_CONN_CLOSE else how
         log.info(
             "source %s: association from %s at %s %s: %d instance(s) received (%.1f MB), "
             "%d refused",
             self.source.name,
             escape(session.calling_ae),
-            event.assoc.requestor.address,
+            plain_address(str(event.assoc.requestor.address)),
             how,
             session.received,
             session.bytes / 1e6,
@@ -323,7 +354,9 @@ class Receiver:
         origin = _origin_of(event, self.settings)
         received = Path(event.dataset_path)
         try:
-            size = self._keep(event, received, origin)
+            size = self._take(event, received, origin)
+        except DataSetMismatch as exc:
+            return self._refuse(NOT_MATCHING, f"from {origin.calling_ae}: {exc}", event)
         except FileProblem as exc:
             return self._refuse(CANNOT_UNDERSTAND, f"from {origin.calling_ae}: {exc}", event)
         except (OSError, QueueError, StowdError) as exc:
@@ -356,12 +389,22 @@ class Receiver:
         )
         return status
 
+    def _take(self, event: evt.Event, received: Path, origin: Origin) -> int:
+        try:
+            failed = dimse.failure_of(received)
+            if failed is not None:
+                raise failed  # the data set could not be written whole (its disk is full)
+            return self._keep(event, received, origin)
+        finally:
+            dimse.done_with(received)
+
     def _keep(self, event: evt.Event, received: Path, origin: Origin) -> int:
         """Steps 2 to 5: the Part-10 file written, checked, in place and queued."""
-        part = self.incoming / f".{uuid.uuid4().hex}{PART}"
+        part = self.parts / f".{uuid.uuid4().hex}{PART}"
         try:
             _write_part10(part, received, _file_meta(event, origin))
             found = classify_dicom(str(part))
+            _check_matches(event, found.sop_uid, found.sop_class)
             final = self._place(part, found.study_uid, found.sop_uid)
         except BaseException:
             part.unlink(missing_ok=True)
@@ -373,8 +416,11 @@ class Receiver:
             raise
 
     def _place(self, part: Path, study_uid: str, sop_uid: str) -> Path:
-        """Rename ``part`` into its study's folder.  The folder may vanish between making it
-        and the rename (settling the study's last file removes empty folders): made again."""
+        """Rename ``part`` into its study's folder, then make the new entries durable: the
+        file's in the folder, and the folder's in its parent (always: another association may
+        have just made it, and not fsynced its parent yet).  The folder may vanish between
+        making it and the rename (settling the study's last file removes empty folders): it is
+        made again."""
         folder = self.source.watch / _safe_uid(study_uid)
         target = folder / f"{_safe_uid(sop_uid)}.dcm"
         for _ in range(PLACE_TRIES):
@@ -386,21 +432,9 @@ class Receiver:
                     raise
                 continue  # the folder went: make it again
             fileops.fsync_dir(folder)
-            self._durable_folder(folder)
+            fileops.fsync_dir(folder.parent)
             return placed
         raise OSError(f"the folder {folder} kept vanishing while an instance was put there")
-
-    def _durable_folder(self, folder: Path) -> None:
-        """The study folder's own entry fsynced in its parent, once per folder (by inode: a
-        folder removed when its files were sent and made again is new, and fsynced again)."""
-        key = (str(folder), folder.stat().st_ino)
-        if key in self._durable:
-            return
-        fileops.fsync_dir(folder.parent)
-        with self.tally.lock:
-            if len(self._durable) >= DURABLE_MEMORY:
-                self._durable.clear()
-            self._durable.add(key)
 
     def _queue(self, path: Path) -> int:
         st = path.stat()
@@ -445,9 +479,36 @@ def _origin_of(event: evt.Event, settings: Receive) -> Origin:
     return Origin(
         _ae_or_empty(str(requestor.ae_title)),
         settings.ae_title,
-        str(requestor.address),
+        plain_address(str(requestor.address)),
         int(requestor.port),
     )
+
+
+def plain_address(address: str) -> str:
+    """An IPv4 peer of a receiver bound to ``::`` shows as ``::ffff:10.1.2.3``: 10.1.2.3."""
+    try:
+        found = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    mapped = getattr(found, "ipv4_mapped", None)
+    return str(mapped) if mapped is not None else str(found)
+
+
+def _check_matches(event: evt.Event, sop_uid: str, sop_class: str) -> None:
+    """The data set must be the instance, of the class, that its request names."""
+    request = cast(C_STORE, event.request)
+    named = str(request.AffectedSOPInstanceUID or "")
+    named_class = str(request.AffectedSOPClassUID or "")
+    if sop_uid != named:
+        raise DataSetMismatch(
+            f"the data set is SOP instance {escape(sop_uid)}, but its C-STORE request named "
+            f"{escape(named)}"
+        )
+    if sop_class != named_class:
+        raise DataSetMismatch(
+            f"the data set is of SOP class {escape(sop_class)}, but its C-STORE request named "
+            f"{escape(named_class)}"
+        )
 
 
 def _called(event: evt.Event) -> str:

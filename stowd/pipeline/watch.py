@@ -40,7 +40,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from stowd.config.model import Sidecars, Source
+from stowd.config.model import INCOMING, Sidecars, Source
 from stowd.errors import (
     FileProblem,
     FileUnreadable,
@@ -132,7 +132,9 @@ class Watcher:
         self.destination = destination
         self.sink = sink
         self.clock = clock
-        self.exclude = tuple(str(p) for p in (source.sent, source.failed, *exclude))
+        # a receiving source's finished files wait in its own hidden folder for their name
+        parts = () if source.receive is None else (source.watch / INCOMING,)
+        self.exclude = tuple(str(p) for p in (source.sent, source.failed, *parts, *exclude))
         self._hints: set[str] = set()
         self._folders: set[str] = set()
         self._hint_lock = threading.Lock()

@@ -37,6 +37,20 @@ _PRIORITY = {  # syslog priorities (sd-daemon.h SD_ERR ...)
     logging.DEBUG: 7,
 }
 _QUIET = ("httpx", "httpcore", "watchdog", "pynetdicom")
+
+
+def _one_line(record: logging.LogRecord) -> bool:
+    """pynetdicom logs a peer's broken connection as an ERROR with a traceback: for stowd it
+    is one WARNING line (stowd says itself what became of the association)."""
+    if not record.name.startswith("pynetdicom"):
+        return True
+    record.exc_info = None
+    record.exc_text = None
+    if record.levelno > logging.WARNING:
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return True
+
+
 CHAIN_LIMIT = 20  # chained exceptions shown in one traceback, the newest ones
 
 
@@ -162,6 +176,7 @@ def setup(level: str, fmt: str = "auto") -> str:
     }.get(fmt, TextFormatter())
     handler.setFormatter(formatter)
     handler.addFilter(_quiet_watchdog_shutdown)  # child loggers' records skip logger filters
+    handler.addFilter(_one_line)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

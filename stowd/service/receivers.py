@@ -18,7 +18,7 @@ from stowd.config.model import Config, Receive, Source
 from stowd.errors import StowdError
 from stowd.pipeline import counters
 from stowd.pipeline.queue import Queue
-from stowd.pipeline.receive import Receiver, clear_incoming, incoming_folder
+from stowd.pipeline.receive import Receiver, clear_incoming, clear_parts, incoming_folder
 
 log = logging.getLogger("stowd.receive")
 
@@ -54,6 +54,7 @@ class Receivers:
     def start(self, config: Config) -> None:
         """At daemon start: clear what arrived unacknowledged before, then listen."""
         removed = clear_incoming(config.queue)
+        removed += sum(clear_parts(s) for s in config.sources if s.receive is not None)
         if removed:
             log.info("removed %d instance(s) left unacknowledged by the last run", removed)
         self.sync(config)
