@@ -3,10 +3,13 @@
 import itertools
 import os
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from harness import make_watch_folders
 
+from stowd.commands.cli import main
 from stowd.config.load import load_config
 from stowd.config.model import (
     BULK_TYPES,
@@ -31,6 +34,7 @@ from stowd.config.model import (
 )
 from stowd.config.yamlwalk import parse_duration, parse_size
 from stowd.errors import ConfigError, ConfigProblem
+from stowd.pipeline.queue import Queue
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,6 +53,14 @@ destinations:
 
 
 def write(tmp_path: Path, text: str, name: str = "stowd.yaml") -> Path:
+    """The config file, and the relative watch folders it names (stowd does not make them,
+    as the scanner's folder exists before stowd watches it)."""
+    path = write_only(tmp_path, text, name)
+    make_watch_folders(path)
+    return path
+
+
+def write_only(tmp_path: Path, text: str, name: str = "stowd.yaml") -> Path:
     path = tmp_path / name
     path.write_text(textwrap.dedent(text), encoding="utf-8")
     return path
@@ -140,7 +152,7 @@ def test_relative_paths_resolve_against_the_config_folder(
 
 def test_symlinks_in_paths_are_not_resolved(tmp_path: Path) -> None:
     real = tmp_path / "real"
-    real.mkdir()
+    (real / "drop").mkdir(parents=True)
     (tmp_path / "link").symlink_to(real)
     text = MINIMAL.replace("./drop/ct1", str(tmp_path / "link" / "drop"))
 
@@ -163,14 +175,14 @@ def test_all_settings_are_read(tmp_path: Path) -> None:
           polling: true
         sources:
           - name: ct1
-            watch: /data/drop/ct1
-            sent: /data/done/ct1
-            failed: /data/failed/ct1
+            watch: ./data/drop/ct1
+            sent: ./data/done/ct1
+            failed: ./data/failed/ct1
             destination: pacs
           - name: mr.2
-            watch: /data/drop/mr
-            sent: /data/done/mr
-            failed: /data/failed/mr
+            watch: ./data/drop/mr
+            sent: ./data/done/mr
+            failed: ./data/failed/mr
             destination: pacs
             quiet_period: 0
             polling: false
@@ -206,6 +218,19 @@ def test_all_settings_are_read(tmp_path: Path) -> None:
     assert config.source("mr.2") is mr
 
 
+@pytest.fixture
+def example_watch() -> Iterator[Path]:
+    """The example's watch folder (./drop/ct1 beside it), made for the test and removed
+    after it when the test made it: stowd loads a config only when its watch folders exist."""
+    made = [p for p in (REPO / "drop", REPO / "drop" / "ct1") if not p.exists()]
+    for folder in made:
+        folder.mkdir()
+    yield REPO / "drop" / "ct1"
+    for folder in reversed(made):
+        folder.rmdir()
+
+
+@pytest.mark.usefixtures("example_watch")
 def test_example_config_loads() -> None:
     config = load_config(REPO / "config.example.yaml")
 
@@ -219,6 +244,7 @@ def test_example_config_loads() -> None:
     assert config.destinations["pacs"].url == "http://127.0.0.1:8042/dicom-web"
 
 
+@pytest.mark.usefixtures("example_watch")
 def test_example_config_states_every_default() -> None:
     """The example shows each default, so it must equal a config that sets nothing."""
     example = load_config(REPO / "config.example.yaml")
@@ -239,7 +265,21 @@ def test_example_config_states_every_default() -> None:
     assert (dest.workers, dest.verify_tls) == (DEFAULT_WORKERS, True)
     assert (source.sidecars, source.rules, example.original_attributes) == (None, (), False)
     assert (source.bulkdata, dest.bulkdata, example.uid_root) == (Bulkdata(), "encapsulate", None)
-    assert [rule.name for rule in example.rules] == ["patient folders"]
+    assert example.rules == ()  # the example changes no file: its rules are comments
+
+
+def test_example_config_commented_rule_is_valid_as_written(tmp_path: Path) -> None:
+    """The commented 'patient folders' rule (from '  # - name: patient folders', the lines
+    '  #   ' after it) is a valid rule as written, for source ct1."""
+    lines = (REPO / "config.example.yaml").read_text().splitlines()
+    start = lines.index("  # - name: patient folders")
+    example = [lines[start].replace("# ", "", 1)]
+    for line in itertools.takewhile(lambda x: x.startswith("  #   "), lines[start + 1 :]):
+        example.append(line.replace("# ", "", 1))
+    config = load_text(tmp_path, MINIMAL + "rules:\n" + "\n".join(example) + "\n")
+
+    (rule,) = config.rules
+    assert rule.name == "patient folders"
 
 
 def test_example_config_receive_example_loads_and_states_every_default(tmp_path: Path) -> None:
@@ -933,3 +973,95 @@ def test_headers_and_userinfo_count_as_inline_secrets(tmp_path: Path) -> None:
     path = write(tmp_path, with_destination("    headers: {X-Api-Key: abc}\n"))
     path.chmod(0o644)
     assert any("inline" in w for w in load_config(path).warnings)
+
+
+# --------------------------------------------------------------------------- watch folders
+
+
+def test_a_misspelled_watch_folder_is_an_error_with_the_close_sibling(tmp_path: Path) -> None:
+    (tmp_path / "drop" / "ct1").mkdir(parents=True)
+    path = write_only(tmp_path, MINIMAL.replace("./drop/ct1", "./drop/tc1"))
+
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+
+    (problem,) = info.value.problems
+    assert problem.key == "sources[0].watch"
+    assert problem.message.startswith(f"the folder {tmp_path / 'drop' / 'tc1'} does not exist")
+    assert f"did you mean {tmp_path / 'drop' / 'ct1'}?" in problem.message
+    assert not (tmp_path / "drop" / "tc1").exists()
+
+
+def test_a_watch_folder_with_missing_parents_is_an_error(tmp_path: Path) -> None:
+    path = write_only(tmp_path, MINIMAL.replace("./drop/ct1", "./no/such/parent/drop"))
+
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+
+    (problem,) = info.value.problems
+    assert problem.key == "sources[0].watch"
+    assert f"(nor does {tmp_path / 'no'})" in problem.message
+    assert "did you mean" not in problem.message
+    assert not (tmp_path / "no").exists()
+
+
+def test_sent_and_failed_may_not_exist_yet(tmp_path: Path) -> None:
+    (tmp_path / "drop" / "ct1").mkdir(parents=True)
+
+    config = load_config(write_only(tmp_path, MINIMAL))
+
+    assert not config.sources[0].sent.exists() and not config.sources[0].failed.exists()
+
+
+def test_a_watch_path_that_is_a_file_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "drop").mkdir()
+    (tmp_path / "drop" / "ct1").write_bytes(b"")
+
+    with pytest.raises(ConfigError) as info:
+        load_config(write_only(tmp_path, MINIMAL))
+
+    (problem,) = info.value.problems
+    assert problem.key == "sources[0].watch"
+    assert problem.message == f"{tmp_path / 'drop' / 'ct1'} is not a folder (a file?); " + (
+        "watch must name a folder"
+    )
+
+
+def test_a_receiving_source_needs_no_folder_yet(tmp_path: Path) -> None:
+    text = MINIMAL.replace(
+        "    watch: ./drop/ct1\n", "    receive: {ae_title: STOWD, bind: 127.0.0.1, port: 11112}\n"
+    )
+
+    config = load_config(write_only(tmp_path, text))
+
+    assert config.sources[0].watch == tmp_path / "state" / "received" / "ct1"
+    assert not config.sources[0].watch.exists()
+
+
+@pytest.mark.parametrize("ending", ["/studies", "/studies/", "/STUDIES"])
+def test_a_url_ending_in_studies_says_what_it_should_be(tmp_path: Path, ending: str) -> None:
+    text = MINIMAL.replace("8042/dicom-web", "8042/dicom-web" + ending)
+
+    (problem,) = problems_of(tmp_path, text)
+
+    assert problem.key == "destinations.pacs.url"
+    assert problem.message == (
+        "ends with /studies, which stowd adds itself: the url is the DICOMweb base, "
+        "here 'http://127.0.0.1:8042/dicom-web'"
+    )
+
+
+def test_status_works_while_a_watch_folder_is_missing_and_check_config_does_not(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """status is what says a watch folder went missing (while the daemon runs); the
+    commands that act refuse a config whose watch folder is missing."""
+    path = write_only(tmp_path, MINIMAL)
+    queue = Queue(tmp_path / "state" / "queue.db")  # as a daemon run left it
+    queue.open()
+    queue.close()
+
+    assert main(["status", "-c", str(path)]) == 0
+    assert "daemon:       not running" in capsys.readouterr().out
+    assert main(["check-config", "-c", str(path)]) == 2
+    assert "sources[0].watch: the folder" in capsys.readouterr().err

@@ -22,7 +22,8 @@ from pathlib import Path
 from urllib.parse import quote_plus
 
 import pytest
-from harness import Layout, Stowd, wait_for
+from dicomgen import make_instance
+from harness import Layout, Stowd, make_layout, make_watch_folders, wait_for
 from localserver import LocalServer
 from orthanc import Orthanc
 
@@ -391,6 +392,7 @@ destinations:
 """
     )
     path.chmod(0o600)
+    make_watch_folders(path)
     return path
 
 
@@ -455,6 +457,36 @@ def test_a_real_orthanc_answers(
     assert main(["check-config", "-c", str(config), "--connect"]) == 0
     out = capsys.readouterr().out
     assert "answers DICOMweb queries" in out, out
+
+
+@pytest.mark.parametrize("slash", ["", "/"])
+def test_orthancs_rest_root_is_named_with_the_url_it_should_be(
+    orthanc: Orthanc, tmp_path: Path, capsys: pytest.CaptureFixture[str], slash: str
+) -> None:
+    """Orthanc's REST root answers the query with a bare HTTP 400 (issue 18)."""
+    config = _config(tmp_path, f"  pacs: {{url: '{orthanc.url}{slash}'}}\n")
+
+    assert main(["check-config", "-c", str(config), "--connect"]) == 1
+
+    out = capsys.readouterr().out
+    assert "GET /studies?limit=1: HTTP 400, not a DICOMweb service: the url should be the " in out
+    assert f"for Orthanc {orthanc.url}/dicom-web (its REST API answers at the root)" in out
+
+
+def test_the_daemon_names_orthancs_rest_root_with_the_url_it_should_be(
+    orthanc: Orthanc, tmp_path: Path
+) -> None:
+    """STOW-RS to Orthanc's REST root is answered 405: the destination is held, and the log
+    says what the url should be; the file waits (it is not failed)."""
+    layout = make_layout(tmp_path / "run", orthanc.url)
+    make_instance(layout.drop / "a.dcm")
+    hint = f"the url should be the DICOMweb base, for Orthanc {orthanc.url}/dicom-web"
+    with Stowd(layout) as daemon:
+        wait_for(lambda: hint in daemon.log, 60, "the url hint in the log", lambda: daemon.log)
+        assert daemon.terminate() == 0
+    assert "web server's root, which does not accept STOW-RS (HTTP 405)" in daemon.log
+    assert layout.files(layout.failed) == set()
+    assert (layout.drop / "a.dcm").exists()
 
 
 # -- receiving sources: can each port be bound? -------------------------------------------------

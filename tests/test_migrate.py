@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 from archives import Archive, write_refused
 from dicomgen import make_instance, make_study, write_empty, write_garbage, write_truncated
-from harness import Layout, make_layout, run_cli, wait_for
+from harness import Layout, Stowd, make_layout, run_cli, wait_for
 from orthanc import Orthanc
 from stowproxy import StowProxy
 
@@ -493,3 +493,48 @@ def test_the_first_files_are_stored_while_the_walk_still_runs(
     assert code == 0
     assert waited == [True]  # a file was stored before the walk had listed the folder
     assert orthanc.instance_count() == 600
+
+
+def test_a_move_run_after_a_keep_run_says_it_moved_nothing(
+    tmp_path: Path, orthanc: Orthanc
+) -> None:
+    """Every file was stored by the --keep run: the run without it skips them all and must
+    not say it moved them to SRC.sent (issue 18)."""
+    layout = layout_for(tmp_path, orthanc)
+    old = tmp_path / "mr"
+    make_study(old / "s1", 3)
+    args = ("migrate", "-c", str(layout.config), str(old), "--destination", "pacs")
+
+    kept = run_cli(*args, "--keep", timeout=120)
+    assert kept.returncode == 0, kept.stderr
+    moving = run_cli(*args, timeout=120)
+
+    assert moving.returncode == 0, moving.stderr
+    assert "skipped:  3 file(s) already stored by an earlier run" in moving.stdout
+    assert "  moved: nothing (no file was stored or failed by this run)" in moving.stdout
+    assert "mr.sent" not in moving.stdout
+    assert not (tmp_path / "mr.sent").exists()
+
+
+def test_migrate_runs_beside_the_daemon_with_a_queue_of_its_own(
+    tmp_path: Path, orthanc: Orthanc
+) -> None:
+    """The daemon holds the config's queue: migrate says to use --queue, and with it runs."""
+    layout = layout_for(tmp_path, orthanc)
+    old = tmp_path / "old"
+    make_study(old / "s1", 2)
+    args = ("migrate", "-c", str(layout.config), str(old), "--destination", "pacs", "--keep")
+    with Stowd(layout) as daemon:
+        wait_for(lambda: "watching" in daemon.log, 30, "the daemon to start", lambda: daemon.log)
+        refused = run_cli(*args, timeout=120)
+        own = tmp_path / "migration" / "queue.db"
+        done = run_cli(*args, "--queue", str(own), timeout=120)
+        assert daemon.terminate() == 0
+
+    assert refused.returncode == 1
+    assert "is using the queue" in refused.stderr
+    assert "give the migration a queue of its own with --queue PATH" in refused.stderr
+    assert done.returncode == 0, done.stderr
+    assert "stored:   2 file(s)" in done.stdout
+    assert own.exists()
+    assert orthanc.instance_count() == 2

@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from harness import make_watch_folders
 
 from stowd.config.load import load_config
 from stowd.config.model import Allowed, Receive
@@ -23,6 +24,7 @@ def config(tmp_path: Path, sources: str) -> Path:
     text = "queue: ./state/queue.db\nsources:\n" + textwrap.indent(textwrap.dedent(sources), "  ")
     path = tmp_path / "stowd.yaml"
     path.write_text(text + DESTINATIONS)
+    make_watch_folders(path)
     return path
 
 

@@ -15,7 +15,7 @@ import pydicom
 import pytest
 import yaml
 from dicomgen import make_instance
-from harness import Stowd, run_cli, wait_for
+from harness import Stowd, make_watch_folders, run_cli, wait_for
 from mounts import tmpfs
 from orthanc import free_port
 from pydicom.uid import ExplicitVRLittleEndian
@@ -41,6 +41,7 @@ def _config_of(root: Path, sources: list[dict[str, object]]) -> Path:
         "destinations": {"pacs": {"url": NOWHERE}},
     }
     config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    make_watch_folders(config)  # so a refusal is about what each test means, not a folder
     return config
 
 

@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 
 import pytest
+from harness import make_watch_folders
 
 from stowd.config.load import load_config
 from stowd.config.model import Config
@@ -42,6 +43,7 @@ NOW = datetime(2026, 11, 27, 9, 30, 5)
 def load(tmp_path: Path, rules: str) -> Config:
     path = tmp_path / "stowd.yaml"
     path.write_text(HEAD + textwrap.dedent(rules), encoding="utf-8")
+    make_watch_folders(path)
     return load_config(path)
 
 
@@ -176,6 +178,7 @@ def test_source_rules_run_after_top_level_rules(tmp_path: Path) -> None:
     )
     path = tmp_path / "stowd.yaml"
     path.write_text(text + "rules:\n  - set: {StationName: TOP}\n", encoding="utf-8")
+    make_watch_folders(path)
     config = load_config(path)
     assert run(config, "a.dcm").values == {"StationName": "CT-OWN"}
     assert run(config, "a.dcm", source="us2").values == {"StationName": "TOP"}
@@ -444,6 +447,7 @@ def test_the_rules_fingerprint_is_the_same_in_every_process(tmp_path: Path) -> N
         "    set: {StationName: X}\n"
     )
     config_path.write_text(HEAD + rules, encoding="utf-8")
+    make_watch_folders(config_path)
     script = (
         "import sys; from stowd.config.load import load_config; "
         "from stowd.pipeline.metadata import digest; "

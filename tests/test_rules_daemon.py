@@ -162,6 +162,34 @@ def test_explain_shows_rules_and_changes_without_sending(tmp_path: Path) -> None
     assert "PatientBirthDate (DA)" in entry["problem"]
 
 
+def test_explain_says_plainly_what_is_wrong_with_the_command(tmp_path: Path) -> None:
+    """A file that does not exist, or lies outside every watch folder, is a mistake in the
+    command, not a file the daemon would fail (issue 18)."""
+    layout = make_layout(tmp_path / "run", "http://127.0.0.1:9/dicom-web")
+    missing = layout.drop / "no-such.dcm"
+    outside = tmp_path / "elsewhere.dcm"
+    make_instance(outside)
+
+    done = run_cli("explain", "-c", str(layout.config), str(missing), str(outside))
+
+    assert done.returncode == 2, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[lines.index(str(missing)) + 1] == (
+        "  cannot explain: no such file (nothing to explain: check the path)"
+    )
+    assert lines[lines.index(str(outside)) + 1] == (
+        f"  cannot explain: not inside any source's watch folder (ct1: {layout.drop}); "
+        "give --source NAME to explain it as a file of that source"
+    )
+    assert "failed/" not in done.stdout
+    as_json = run_cli("explain", "-c", str(layout.config), "--json", str(missing))
+    [entry] = json.loads(as_json.stdout)
+    assert (entry["problem"], entry["error"]) == (
+        None,
+        "no such file (nothing to explain: check the path)",
+    )
+
+
 def test_check_config_lists_every_rule_problem_with_lines(tmp_path: Path) -> None:
     bad_rules = [
         {"set": {"PatientsName": "X"}},

@@ -112,6 +112,7 @@ def test_sighup_with_a_new_source_starts_watching_it(tmp_path: Path, orthanc: Or
         doc = yaml.safe_load(layout.config.read_text())
         second = dict(doc["sources"][0], name="ward", watch="./ward", sent="./ward-sent")
         second["failed"] = "./ward-failed"
+        (layout.root / "ward").mkdir()  # made first: stowd does not make watch folders
         rewrite_config(layout, {"sources": [*doc["sources"], second]})
         assert daemon.proc is not None
         daemon.proc.send_signal(signal.SIGHUP)

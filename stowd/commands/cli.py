@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 runtime error, 2 usage or configuration error, 130 on Ctrl-C
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -16,11 +17,20 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from stowd.commands import connect, dryrun, explain, listen, migrate, migreport, putback
+from stowd.commands import (
+    connect,
+    dryrun,
+    explain,
+    listen,
+    migrate,
+    migreport,
+    putback,
+    writable,
+)
 from stowd.config.load import load_config
 from stowd.config.model import Config, Source
 from stowd.config.yamlwalk import parse_duration
-from stowd.errors import ConfigError, MigrationConflict, StowdError
+from stowd.errors import ConfigError, MigrationConflict, QueueLockedError, StowdError
 from stowd.printable import escape_lines, is_utf8
 from stowd.service import logs
 from stowd.service.daemon import Daemon
@@ -47,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also reach each destination (TCP, TLS, login, a QIDO-RS query) and say what "
         "works; exit code 1 when any does not",
+    )
+    check.add_argument(
+        "--user",
+        metavar="NAME",
+        help="check that this user can write the queue's, watch, sent and failed folders "
+        "(default: the current user; as root, the unit's user stowd when it exists)",
     )
     status = sub.add_parser("status", help="show the queue: counts, age, rate, last errors")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -93,6 +109,12 @@ def _parser() -> argparse.ArgumentParser:
         help="list every file not stored or not moved (any run) in FILE.csv/.json",
     )
     mig.add_argument(
+        "--queue",
+        metavar="PATH",
+        help="use this queue database instead of the config's queue (so a migration can run "
+        "while the daemon runs on its own queue)",
+    )
+    mig.add_argument(
         "--progress-every",
         type=float,
         default=10.0,
@@ -124,7 +146,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        config = load_config(args.config)
+        # status must work while a watch folder is missing: it is what says so
+        config = load_config(args.config, watch_exists=args.command != "status")
         return _COMMANDS[args.command](config, args)
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
@@ -155,6 +178,15 @@ def _input(source: Source) -> str:
 
 
 def _check(config: Config, args: argparse.Namespace) -> int:
+    try:
+        user = (
+            writable.default_user()
+            if args.user is None
+            else writable.User.named(args.user, "--user")
+        )
+    except KeyError:
+        print(f"stowd: --user: no user named {args.user!r} on this machine", file=sys.stderr)
+        return EXIT_USAGE
     lines = [f"{config.path}: configuration is valid"]
     for source in config.sources:
         dest = config.destination_of(source)
@@ -168,6 +200,7 @@ def _check(config: Config, args: argparse.Namespace) -> int:
         f"  metadata rules: {rules} (run 'stowd explain FILE' to see what they do to a file)"
     )
     lines += [f"WARNING: {warning}" for warning in config.warnings]
+    lines += _write_lines(config, user)
     print(escape_lines(lines))  # folder names may hold anything a file system allows
     if not args.connect:
         return EXIT_OK
@@ -180,6 +213,18 @@ def _check(config: Config, args: argparse.Namespace) -> int:
     ports = _check_ports(config)
     working_all = all(r.ok for r in reports) and all(p.ok for p in ports)
     return EXIT_OK if working_all else EXIT_RUNTIME
+
+
+def _write_lines(config: Config, user: writable.User) -> list[str]:
+    """Whether ``user`` can write every folder, and whether the unit's sandbox lets it."""
+    found = writable.problems(config, user)
+    lines = [f"  write access as user {user.name} ({user.why}): " + ("NOT ok" if found else "ok")]
+    lines += [f"WARNING: not writable by {user.name}: {problem}" for problem in found]
+    paths, where = writable.unit_writable()
+    lines += [
+        f"WARNING: under {where}: {problem}" for problem in writable.sandbox_problems(config, paths)
+    ]
+    return lines
 
 
 def _check_ports(config: Config) -> list[listen.ListenReport]:
@@ -221,6 +266,8 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
         print(text if is_utf8(text) else json.dumps(docs, indent=2))  # a name not UTF-8
     else:
         print(explain.render(results))
+    if any(r.error for r in results):
+        return EXIT_USAGE
     return EXIT_RUNTIME if any(r.problem for r in results) else EXIT_OK
 
 
@@ -282,6 +329,8 @@ def _migrate(config: Config, args: argparse.Namespace) -> int:
     opts = migrate.Options(
         folders, args.destination, args.keep, args.progress_every, tty, verify=args.verify
     )
+    if args.queue is not None:
+        config = dataclasses.replace(config, queue=Path(os.path.abspath(args.queue)))
     job = migrate.Migration(config, opts)
     job.install_signals()
     try:
@@ -289,6 +338,13 @@ def _migrate(config: Config, args: argparse.Namespace) -> int:
     except MigrationConflict as exc:
         print(f"stowd migrate: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except QueueLockedError as exc:
+        print(
+            f"stowd migrate: {exc}; to migrate while the daemon runs, give the migration a "
+            "queue of its own with --queue PATH (such as /var/lib/stowd/migrate.db)",
+            file=sys.stderr,
+        )
+        return EXIT_RUNTIME
     report = None if args.report is None else Path(args.report)
     if report is not None:
         migreport.write_report(report, summary.failures)

@@ -32,6 +32,7 @@ from stowd.config.yamlwalk import redact_url
 from stowd.dicomweb import answers, httperrors
 from stowd.dicomweb.auth import OAuth2
 from stowd.dicomweb.client import http_client
+from stowd.dicomweb.stowanswer import is_server_root, server_root_hint
 from stowd.errors import AnswerTooSlow, ClientSetupError, SecretUnavailable, TokenError
 from stowd.printable import escape_lines
 
@@ -378,6 +379,12 @@ def _query_step(report: ConnectReport, destination: Destination, answer: _Answer
     elif 300 <= status < 400:
         to = f" to {redact_url(answer.location)}" if answer.location else ""
         report.add("query", FAIL, f"{what}, the archive redirects{to} (check url)")
+    elif status == 400 and is_server_root(destination.url):
+        # Orthanc's REST API at its root answers GET /studies?limit=1 with 400 and
+        # "Missing \"since\" argument" (Orthanc 1.10.1, tests/support/orthanc.py)
+        report.add(
+            "query", FAIL, f"{what}, not a DICOMweb service: {server_root_hint(destination.url)}"
+        )
     elif status == 400 and b"SSL certificate" in answer.body:  # nginx: ssl_verify_client
         fix = "set tls.client_cert and tls.client_key"
         if destination.access.tls.client_cert is not None:

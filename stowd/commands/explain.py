@@ -39,7 +39,8 @@ class Explained:
     built: str | None = None  # the SOP Class made from a file that is not DICOM
     study_key: str | None = None  # the key of the study it joins
     lookup: str | None = None  # the query a rule's lookup would make (not asked)
-    problem: str | None = None
+    problem: str | None = None  # why the daemon would fail the file
+    error: str | None = None  # why the file cannot be explained (a mistake in the command)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -54,6 +55,7 @@ class Explained:
             "study_key": self.study_key,
             "lookup": self.lookup,
             "problem": self.problem,
+            "error": self.error,
         }
 
 
@@ -64,9 +66,12 @@ def explain(config: Config, files: list[str], source_name: str | None = None) ->
 def _explain(config: Config, given: str, source_name: str | None) -> Explained:
     path = os.path.abspath(given)
     result = Explained(path)
+    if not os.path.lexists(path):
+        result.error = "no such file (nothing to explain: check the path)"
+        return result
     source = _source_of(config, path, source_name)
     if source is None:
-        result.problem = "the file is not inside any source's watch folder (use --source NAME)"
+        result.error = _outside(config)
         return result
     result.source = source.name
     rel = _rel(given, path, source)
@@ -112,10 +117,23 @@ def _source_of(config: Config, path: str, name: str | None) -> Source | None:
     return None
 
 
+def _outside(config: Config) -> str:
+    """What is wrong with a file outside every watch folder, and the folders there are."""
+    folders = [f"{s.name}: {s.watch}" for s in config.sources]
+    return (
+        "not inside any source's watch folder ("
+        + "; ".join(folders)
+        + "); give --source NAME to explain it as a file of that source"
+    )
+
+
 def render(results: list[Explained]) -> str:
     lines: list[str] = []
     for r in results:
         lines.append(f"{r.file}" + (f"  (source {r.source}, type {r.kind})" if r.kind else ""))
+        if r.error:
+            lines.append(f"  cannot explain: {r.error}")
+            continue
         if r.problem:
             lines.append(f"  would go to failed/: {r.problem}")
             continue

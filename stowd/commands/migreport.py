@@ -160,6 +160,16 @@ def _size(n: int) -> str:
     return f"{n / scale:.1f} {unit}"
 
 
+def _moved_line(summary: Summary, folders: tuple[Path, ...]) -> str:
+    """Where this run moved files, or that it moved none (all stored by an earlier run, such
+    as one with --keep, whose files stay in SRC)."""
+    moved = summary.files("sent") + summary.files("failed") - summary.count("unmoved")
+    if moved <= 0:
+        return "  moved: nothing (no file was stored or failed by this run)"
+    where = ", ".join(f"{f}.sent / {f}.failed" for f in folders)
+    return f"  moved: {moved} file(s) to {where}"
+
+
 def _clock(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600:d}:{s // 60 % 60:02d}:{s % 60:02d}"
@@ -196,8 +206,7 @@ def render(summary: Summary, folders: tuple[Path, ...], keep: bool, report: Path
         left = active(summary.tally)
         lines.append(f"  {left} file(s) stay queued; run the same command again to go on")
     elif not keep and folders:
-        where = ", ".join(f"{f}.sent / {f}.failed" for f in folders)
-        lines.append(f"  moved to {where}")
+        lines.append(_moved_line(summary, folders))
     return escape_lines(lines)  # folder names may hold anything a file system allows
 
 

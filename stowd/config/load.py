@@ -11,6 +11,7 @@ prevent upload loops are described in ``_check_folders``.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Collection
@@ -77,6 +78,7 @@ from stowd.config.yamlwalk import (
     as_bool,
     as_choice,
     as_destination,
+    as_dicomweb_base,
     as_duration,
     as_int,
     as_log_level,
@@ -86,7 +88,6 @@ from stowd.config.yamlwalk import (
     as_patterns,
     as_size,
     as_text,
-    as_url,
     describe_node,
     describe_value,
     entries,
@@ -326,7 +327,7 @@ def _read_retry(sec: Section) -> Retry:
 
 
 def _read_destination(sec: Section, name: str) -> Destination | None:
-    url = sec.need("url", as_url)
+    url = sec.need("url", as_dicomweb_base)
     batch = sec.section("batch", _BATCH_KEYS)
     timeouts = sec.section("timeouts", _TIMEOUT_KEYS)
     positive = as_duration(positive=True)
@@ -385,9 +386,11 @@ def _read_source(
     defaults: _SourceOptions,
     known: Collection[str] | None,
     queue: Path | None,
+    *,
+    watch_exists: bool,
 ) -> tuple[Source | None, _Folders, Receive | None]:
     to_path = as_path(sec.ctx.base)
-    watch, receive, valid = _watch_or_receive(sec, name, queue)
+    watch, receive, valid = _watch_or_receive(sec, name, queue, watch_exists)
     sent = sec.need("sent", to_path)
     failed = sec.need("failed", to_path)
     folders = _Folders(repr(name) if name else sec.key, sec, watch, sent, failed)
@@ -420,12 +423,17 @@ def _read_source(
 
 
 def _watch_or_receive(
-    sec: Section, name: str | None, queue: Path | None
+    sec: Section, name: str | None, queue: Path | None, exists: bool
 ) -> tuple[Path | None, Receive | None, bool]:
-    """A source watches a folder (``watch``) or receives C-STORE (``receive``): then its
-    folder is ``received/<name>`` beside the queue.  The flag: what was given is valid."""
+    """A source watches a folder (``watch``, which must be one when ``exists``) or receives
+    C-STORE (``receive``): then its folder is ``received/<name>`` beside the queue.  The
+    flag: what was given is valid."""
     if sec.value_node("receive") is None:
-        return sec.need("watch", as_path(sec.ctx.base)), None, True
+        watch = sec.need("watch", as_path(sec.ctx.base))
+        problem = None if watch is None or not exists else watch_problem(watch)
+        if problem is not None:
+            sec.add("watch", problem)
+        return watch, None, problem is None
     if sec.value_node("watch") is not None:
         sec.add(
             "watch",
@@ -444,8 +452,52 @@ def _watch_or_receive(
     return watch, receive, receive is not None and sec.value_node("watch") is None
 
 
+def watch_problem(watch: Path) -> str | None:
+    """Why ``watch`` cannot be watched as it is, or None when it is a folder.  stowd does
+    not make watch folders: a misspelled path would be made and watched while the scanner
+    writes elsewhere."""
+    try:
+        if watch.is_dir():
+            return None
+        found = watch.exists()
+    except OSError as exc:  # a parent that cannot be entered
+        return f"{watch} cannot be checked: {exc.strerror or exc}"
+    if found:
+        return f"{watch} is not a folder (a file?); watch must name a folder"
+    missing = _first_missing(watch)
+    text = f"the folder {watch} does not exist"
+    if missing != watch:
+        text += f" (nor does {missing})"
+    close = _close_sibling(missing)
+    if close is not None:
+        text += f"; did you mean {close}?"
+    return text + "; stowd does not create watch folders: create it or correct the path"
+
+
+def _first_missing(path: Path) -> Path:
+    """The outermost folder of ``path`` that does not exist."""
+    missing = path
+    while missing.parent != missing and not missing.parent.exists():
+        missing = missing.parent
+    return missing
+
+
+def _close_sibling(missing: Path) -> Path | None:
+    """An existing folder beside ``missing`` whose name is close to its name."""
+    try:
+        names = [e.name for e in os.scandir(missing.parent) if e.is_dir()]
+    except OSError:
+        return None
+    close = difflib.get_close_matches(missing.name, names, n=1, cutoff=0.6)
+    return missing.parent / close[0] if close else None
+
+
 def _read_sources(
-    top: Section, defaults: _SourceOptions, known: Collection[str] | None, queue: Path | None
+    top: Section,
+    defaults: _SourceOptions,
+    known: Collection[str] | None,
+    queue: Path | None,
+    watch_exists: bool,
 ) -> tuple[list[Source], list[_Folders]]:
     """Every valid source, and the folders of every source (valid or not)."""
     node = top.value_node("sources")
@@ -469,7 +521,9 @@ def _read_sources(
             sec.add("name", f"duplicate source name (first used on line {first_line[name]})")
         elif name is not None:
             first_line[name] = sec.line("name")
-        source, found, receive = _read_source(sec, name, defaults, known, queue)
+        source, found, receive = _read_source(
+            sec, name, defaults, known, queue, watch_exists=watch_exists
+        )
         sources += [source] if source is not None else []
         folders.append(found)
         receivers += [(sec.section("receive", RECEIVE_KEYS), receive)] if receive else []
@@ -591,7 +645,7 @@ def _compose(path: Path) -> Node | None:
         raise _fail(path, f"invalid YAML: {exc}") from None
 
 
-def _build(ctx: Context, path: Path, root: Node) -> Config | None:
+def _build(ctx: Context, path: Path, root: Node, watch_exists: bool) -> Config | None:
     top = Section(ctx, "", root, _TOP_KEYS)
     queue = top.need("queue", as_path(ctx.base))
     log_level = top.get("log_level", "INFO", as_log_level)
@@ -601,7 +655,7 @@ def _build(ctx: Context, path: Path, root: Node) -> Config | None:
     defaults_section = top.section("defaults", _SOURCE_OPTION_KEYS, _DEFAULTS_HINTS)
     defaults = _read_options(defaults_section, _SourceOptions())
     destinations, known = _read_destinations(top)
-    sources, folders = _read_sources(top, defaults, known, queue)
+    sources, folders = _read_sources(top, defaults, known, queue, watch_exists)
     names = None if len(sources) != len(folders) else {s.name for s in sources}
     rules = read_rules(ctx, "rules", top.value_node("rules"), names)
     original = top.get("original_attributes", False, as_bool)
@@ -626,8 +680,11 @@ def _build(ctx: Context, path: Path, root: Node) -> Config | None:
     )
 
 
-def load_config(path: str | Path) -> Config:
+def load_config(path: str | Path, *, watch_exists: bool = True) -> Config:
     """Read, validate and return the configuration at ``path``; raise ``ConfigError``.
+
+    Each watch folder must exist and be a folder, unless ``watch_exists`` is False: only
+    for ``stowd status``, which must work while a watch folder is missing (and says so).
 
     Every problem found is collected (key path, message, line) and raised together in one
     ``ConfigError`` naming the file; problems are ordered by line.
@@ -637,7 +694,7 @@ def load_config(path: str | Path) -> Config:
     if root is None:
         raise _fail(config_path, "the file is empty; it needs queue, sources and destinations")
     ctx = Context(config_path.parent)
-    config = _build(ctx, config_path, root)
+    config = _build(ctx, config_path, root, watch_exists)
     if config is None or ctx.problems:
         problems = ctx.problems or [ConfigProblem("", "the configuration is invalid")]
         raise ConfigError(str(config_path), sorted(problems, key=lambda p: p.line or 0))

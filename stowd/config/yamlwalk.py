@@ -220,6 +220,20 @@ def as_url(value: object) -> str:
     return url
 
 
+def as_dicomweb_base(value: object) -> str:
+    """A destination's url: the DICOMweb base, to which stowd adds ``/studies`` itself."""
+    url = as_url(value)
+    parts = urlsplit(url)
+    path = parts.path.rstrip("/")
+    if path.lower().endswith("/studies"):
+        base = parts._replace(path=path[: -len("/studies")]).geturl()
+        raise ValueError(
+            f"ends with /studies, which stowd adds itself: the url is the DICOMweb base, "
+            f"here {redact_url(base)!r}"
+        )
+    return url
+
+
 def as_patterns(value: object) -> tuple[str, ...]:
     items = value if isinstance(value, list) else []
     patterns = [item for item in items if isinstance(item, str) and item]

@@ -20,10 +20,12 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from stowd.config.model import DEFAULT_DUPLICATES, Destination
+from stowd.config.yamlwalk import redact_url
 from stowd.dicomweb.httperrors import retry_after
 from stowd.dicomweb.stowbody import Part
 from stowd.errors import DestinationBusy, DestinationHeld
@@ -460,6 +462,21 @@ def _wants_client_cert(message: str | None) -> bool:
     return "no required ssl certificate was sent" in text or "the ssl certificate error" in text
 
 
+def is_server_root(url: str) -> bool:
+    """The url has no path: a server's root (such as Orthanc's REST API), not a DICOMweb
+    base, which always has one (/dicom-web, /dcm4chee-arc/aets/DCM4CHEE/rs, ...)."""
+    return urlsplit(url).path.strip("/") == ""
+
+
+def server_root_hint(url: str) -> str:
+    """What the url should be, for a url that is a server's root."""
+    base = redact_url(url).rstrip("/")
+    return (
+        f"the url should be the DICOMweb base, for Orthanc {base}/dicom-web (its REST API "
+        "answers at the root)"
+    )
+
+
 def _held_text(
     status: int, location: str | None = None, destination: Destination | None = None
 ) -> str:
@@ -468,6 +485,11 @@ def _held_text(
         return f"the archive redirects the STOW-RS URL{target} (HTTP {status}): check the url"
     if status == 401:
         return _login_refused(destination)
+    if status == 405 and destination is not None and is_server_root(destination.url):
+        return (
+            "the url is the web server's root, which does not accept STOW-RS (HTTP 405), not "
+            f"a DICOMweb base: {server_root_hint(destination.url)}"
+        )
     texts = {
         403: "the archive refuses our credentials (HTTP 403 forbidden)",
         404: "the STOW-RS URL was not found (HTTP 404): check the destination url",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -98,6 +99,25 @@ def make_layout(
     layout = Layout(root, config)
     layout.drop.mkdir(parents=True, exist_ok=True)
     return layout
+
+
+def make_watch_folders(config: Path) -> None:
+    """Make each watch folder a config names inside the config's own folder, as an
+    administrator makes the scanner's folder before stowd watches it (stowd does not make
+    them).  Tests of other problems write configs that do not parse: their ``watch:`` lines
+    are read as written."""
+    text = config.read_text(encoding="utf-8")
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:  # such as a refused tag
+        doc = {"sources": [{"watch": w} for w in re.findall(r"watch: ([^\s,}]+)", text)]}
+    sources = doc.get("sources") if isinstance(doc, dict) else None
+    for source in sources if isinstance(sources, list) else []:
+        watch = source.get("watch") if isinstance(source, dict) else None
+        if isinstance(watch, str) and watch and not watch.startswith("~"):
+            folder = Path(os.path.abspath(config.parent / watch))
+            if folder.is_relative_to(config.parent) and not folder.exists():
+                folder.mkdir(parents=True)
 
 
 class Stowd:
