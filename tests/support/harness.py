@@ -131,6 +131,13 @@ class Stowd:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def wait_started(self, timeout: float = 60.0) -> None:
+        """Until its queue is open with its tables (its "stowd started" line): the queue file
+        exists a moment before its tables do, and ``stowd status`` fails in between."""
+        wait_for(
+            lambda: "stowd started: " in self.log, timeout, "the daemon started", lambda: self.log
+        )
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
