@@ -121,7 +121,7 @@ def resume_after_kill(tmp_path: Path, orthanc: Orthanc, proxy: StowProxy) -> Non
     finally:
         if first.poll() is None:
             first.kill()
-            first.wait(10)  # reaped here, not by a later test's garbage collection
+            first.wait(60)  # reaped here, not by a later test's garbage collection
     assert "run the same command again" in log.read_text()
     interrupted = len(sent_paths(layout))
 
@@ -137,7 +137,7 @@ def resume_after_kill(tmp_path: Path, orthanc: Orthanc, proxy: StowProxy) -> Non
         assert second.poll() is None, "the migration ended before it could be killed"
     finally:
         second.kill()
-        second.wait(10)
+        second.wait(60)
     confirmed = sent_paths(layout)
     assert len(confirmed) < 400
     posted_before = proxy.times_posted(uids)
@@ -322,7 +322,7 @@ def interrupt_while_queued(layout: Layout, log: Path, *args: str) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait(10)
+            proc.wait(60)
 
 
 @pytest.mark.parametrize("first", [("--keep",), ()], ids=["keep-then-move", "move-then-keep"])

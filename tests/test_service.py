@@ -88,7 +88,7 @@ def test_readiness_watchdog_reload_and_stopping_arrive_in_order(
     with Stowd(layout, env=env_for(notify_socket)) as daemon:
         wait_for(lambda: "READY" in notify_socket.states(), 30, "READY=1", lambda: daemon.log)
         assert "stowd started" in daemon.log and "watching" in daemon.log  # queue open, watching
-        wait_for(lambda: notify_socket.states().count("WATCHDOG") >= 2, 10, "watchdog pings")
+        wait_for(lambda: notify_socket.states().count("WATCHDOG") >= 2, 60, "watchdog pings")
         assert daemon.proc is not None
         daemon.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: notify_socket.states().count("READY") >= 2, 30, "READY=1 after reload")
@@ -158,13 +158,13 @@ def test_the_watchdog_is_not_fed_while_a_thread_makes_no_progress(
     try:
         daemon.generation = daemon._start(config)
         daemon._feed_watchdog()
-        wait_for(lambda: notify_socket.states() == ["WATCHDOG"], 5, "a first ping")
+        wait_for(lambda: notify_socket.states() == ["WATCHDOG"], 60, "a first ping")
         daemon.generation.watchers[0].beat -= 3600  # as if stuck on a hung network share
         daemon._feed_watchdog()
         assert daemon._stuck is not None and "watcher of ct1" in daemon._stuck
         daemon.generation.watchers[0].beat = time.monotonic()
         daemon._feed_watchdog()
-        wait_for(lambda: notify_socket.states() == ["WATCHDOG", "WATCHDOG"], 5, "fed again")
+        wait_for(lambda: notify_socket.states() == ["WATCHDOG", "WATCHDOG"], 60, "fed again")
     finally:
         daemon.stop.set()
         daemon._shutdown()
@@ -330,7 +330,7 @@ def test_a_thread_that_keeps_dying_is_reported_and_starves_the_watchdog(
         _spawn(gen, "flaky", lambda: None)  # a thread that ends at once: dead each time
         for dead in range(1, RESTART_LIMIT + 2):
             thread = gen.threads["flaky"][0]
-            wait_for(lambda t=thread: not t.is_alive(), 10, "the thread to end")  # type: ignore[misc]
+            wait_for(lambda t=thread: not t.is_alive(), 60, "the thread to end")  # type: ignore[misc]
             daemon._revive_dead_threads()
             assert (daemon._dying() is not None) == (dead > RESTART_LIMIT)
         gen.threads["flaky"][0].join(10)

@@ -145,7 +145,7 @@ class Stowd:
         """kill -9: no chance to clean up."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
+        self.proc.wait(60)  # reaped, never left to a later test's garbage collection
 
     def terminate(self, timeout: float = 30.0) -> int:
         assert self.proc is not None
