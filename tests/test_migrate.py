@@ -337,7 +337,7 @@ def test_an_unfinished_run_is_not_resumed_in_the_other_mode(
                            "pacs", *first)  # fmt: skip
     other = () if first else ("--keep",)
     again = run_cli("migrate", "-c", str(layout.config), str(archive), "--destination", "pacs",
-                    *other, timeout=20)  # fmt: skip
+                    *other, timeout=60)  # fmt: skip
     assert again.returncode == 2, again.stdout + again.stderr
     told = "run it again with --keep" if first else "run it again without --keep"
     assert told in again.stderr and str(archive) in again.stderr
