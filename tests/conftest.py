@@ -29,7 +29,7 @@ import archives
 import pytest
 from archives import Archive
 from harness import Clock
-from leaks import children, collected
+from leaks import children, collected, reap_zombies
 from marking import ARCHIVE_FIXTURES, starts_something
 from orthanc import Orthanc, orthanc_missing_reason
 from tinypacs import TinyPacs, tiny_pacs_missing_reason
@@ -91,14 +91,17 @@ def no_child_left(request: pytest.FixtureRequest) -> Iterator[None]:
     A child killed but never waited for (or a ``Popen`` dropped while it runs) is found by
     the garbage collector whenever it next runs, and ``Popen.__del__``'s ResourceWarning
     ("subprocess N is still running") then fails whichever test is running at that moment
-    (``filterwarnings = error``).  Here, after each test and its fixtures: any child of this
-    process started during the test and not reaped (running, or a zombie) fails it, and so
-    does what a garbage collection then finds unclosed (run after every integration test).
+    (``filterwarnings = error``).  Here, after each test and its fixtures: a child that
+    exited unreaped (a zombie) fails it; after an integration test also a child started
+    during it and still running, and what a garbage collection then finds unclosed.
     """
-    before = children()
+    integration = request.node.get_closest_marker("integration") is not None
+    before = children() if integration else {}
     yield
-    left = [about for pid, about in children().items() if pid not in before]
-    found = collected() if left or request.node.get_closest_marker("integration") else []
+    left = reap_zombies()
+    if integration:
+        left += [f"{about} still running" for pid, about in children().items() if pid not in before]
+    found = collected() if left or integration else []
     if left or found:
         pytest.fail(
             "left behind by this test (a child never waited for, or an object never closed):\n"

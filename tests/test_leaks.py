@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from harness import wait_for
-from leaks import children, collected
+from leaks import children, collected, reap_zombies
 
 QUIET = [sys.executable, "-c", "import time; time.sleep(60)"]
 
@@ -39,3 +39,16 @@ def test_a_popen_dropped_in_a_cycle_is_said_by_the_collection() -> None:
     # child to subprocess's own reaping: it is waited for here, or never
     os.waitpid(pid, 0)
     assert str(pid) not in children()
+
+
+def test_a_zombie_is_said_and_reaped_so_the_next_test_starts_clean() -> None:
+    proc = subprocess.Popen(QUIET)
+    try:
+        proc.kill()  # and not waited for
+        wait_for(lambda: children().get(str(proc.pid), "").endswith(" Z"), 30, "a zombie")
+        (said,) = reap_zombies()
+        assert said.startswith(f"{proc.pid} (") and said.endswith(" Z"), said
+        assert reap_zombies() == []
+    finally:
+        proc.kill()
+        proc.wait(30)  # the Popen copes with a child reaped by another
