@@ -16,8 +16,8 @@ import httpx
 import pytest
 import yaml
 from dicomgen import make_instance
-from harness import Layout, Stowd, make_layout, wait_for
-from orthanc import Orthanc, free_port
+from harness import Layout, Stowd, make_layout, serving_metrics, wait_for
+from orthanc import Orthanc
 
 from stowd.config.load import load_config
 from stowd.pipeline import classify as classify_mod
@@ -216,14 +216,11 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 def test_a_metrics_scrape_shows_the_counts_after_a_run(tmp_path: Path, orthanc: Orthanc) -> None:
-    port = free_port()
-    layout = make_layout(
-        tmp_path / "run", orthanc.dicomweb_url, metrics={"listen": f"127.0.0.1:{port}"}
-    )
-    for n in range(3):
-        make_instance(layout.drop / f"s/{n}.dcm")
-    (layout.drop / "bad.dcm").write_text("not DICOM")
-    with Stowd(layout) as daemon:
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
+    with serving_metrics(layout) as (daemon, port):  # the files once the metrics are served
+        for n in range(3):
+            make_instance(layout.drop / f"s/{n}.dcm")
+        (layout.drop / "bad.dcm").write_text("not DICOM")
         wait_for(
             lambda: len(layout.files(layout.sent)) == 3 and len(layout.files(layout.failed)) == 1,
             60,

@@ -7,13 +7,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 import yaml
+from orthanc import free_port
 
 POLL = 0.1
 
@@ -190,6 +192,43 @@ def run_until(layout: Layout, done: Callable[[], bool], what: str, timeout: floa
     with Stowd(layout) as daemon:
         wait_for(done, timeout, what, lambda: daemon.log)
         assert daemon.terminate() == 0
+
+
+METRICS_SERVED = "serving Prometheus metrics on "
+_METRICS_ATTEMPTS = 5
+
+
+@contextmanager
+def serving_metrics(layout: Layout) -> Iterator[tuple[Stowd, int]]:
+    """The daemon running with ``metrics.listen`` on a free port: (daemon, port).
+
+    The port is chosen by ``free_port()`` and bound later by the daemon, so another process
+    may take it in between; the daemon then exits saying it cannot serve metrics, and it is
+    started again on another port.  Its counters live in the process: drop the files once
+    this yields, so that a daemon that could not serve them has handled none."""
+    for _ in range(_METRICS_ATTEMPTS):
+        port = free_port()
+        doc = yaml.safe_load(layout.config.read_text())
+        doc["metrics"] = {"listen": f"127.0.0.1:{port}"}
+        layout.config.write_text(yaml.safe_dump(doc, sort_keys=False))
+        with Stowd(layout) as daemon:
+            if _serves_metrics(daemon, port):
+                yield daemon, port
+                return
+        assert "cannot serve metrics" in daemon.log, daemon.log
+    raise AssertionError(f"no free port for the metrics in {_METRICS_ATTEMPTS} tries")
+
+
+def _serves_metrics(daemon: Stowd, port: int) -> bool:
+    """Until it serves its metrics on ``port`` (True) or has exited (False)."""
+    served = f"{METRICS_SERVED}http://127.0.0.1:{port}/"
+    wait_for(
+        lambda: served in daemon.log or not daemon.alive(),
+        60,
+        "the metrics served (or the daemon's exit)",
+        lambda: daemon.log,
+    )
+    return served in daemon.log
 
 
 def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
