@@ -93,6 +93,8 @@ def test_readiness_watchdog_reload_and_stopping_arrive_in_order(
         daemon.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: notify_socket.states().count("READY") >= 2, 30, "READY=1 after reload")
         assert daemon.terminate() == 0
+    # sent before the daemon exited, read by the socket's own thread a moment later
+    wait_for(lambda: "STOPPING" in notify_socket.states(), 30, "STOPPING=1")
     keys = notify_socket.states()
     assert keys[0] == "READY"
     reload_at = keys.index("RELOADING")
@@ -140,7 +142,9 @@ def test_sighup_with_a_broken_config_keeps_the_old_one_running(
         daemon.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "still running with the old config" in daemon.log, 30, "the refusal")
         assert "quiet_period" in daemon.log and "workers" in daemon.log  # every problem
-        assert notify_socket.states().count("READY") == 2  # ready again after RELOADING
+        wait_for(  # ready again after RELOADING: said after the refusal's log line
+            lambda: notify_socket.states().count("READY") == 2, 30, "READY=1 again"
+        )
         uid = make_instance(layout.drop / "after.dcm")
         wait_for(lambda: layout.files(layout.sent) == {"after.dcm"}, 60, "after.dcm")
         assert daemon.terminate() == 0
