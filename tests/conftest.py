@@ -29,6 +29,7 @@ import archives
 import pytest
 from archives import Archive
 from harness import Clock
+from leaks import children, collected, reap_zombies
 from marking import ARCHIVE_FIXTURES, starts_something
 from orthanc import Orthanc, orthanc_missing_reason
 from tinypacs import TinyPacs, tiny_pacs_missing_reason
@@ -81,6 +82,31 @@ def _starts_something(item: pytest.Function) -> bool:
     return starts_something(item.function) or any(
         starts_something(defs[-1].func) for defs in fixtures if defs
     )
+
+
+@pytest.fixture(autouse=True)
+def no_child_left(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail the test that leaves a child process behind, not a later one.
+
+    A child killed but never waited for (or a ``Popen`` dropped while it runs) is found by
+    the garbage collector whenever it next runs, and ``Popen.__del__``'s ResourceWarning
+    ("subprocess N is still running") then fails whichever test is running at that moment
+    (``filterwarnings = error``).  Here, after each test and its fixtures: a child that
+    exited unreaped (a zombie) fails it; after an integration test also a child started
+    during it and still running, and what a garbage collection then finds unclosed.
+    """
+    integration = request.node.get_closest_marker("integration") is not None
+    before = children() if integration else {}
+    yield
+    left = reap_zombies()
+    if integration:
+        left += [f"{about} still running" for pid, about in children().items() if pid not in before]
+    found = collected() if left or integration else []
+    if left or found:
+        pytest.fail(
+            "left behind by this test (a child never waited for, or an object never closed):\n"
+            + "\n".join([*(f"child process {about}" for about in left), *found])
+        )
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -110,6 +110,7 @@ def hold_reason(layout: Layout, dest: str = "pacs") -> str | None:
 
 def wait_held(layout: Layout, daemon: Stowd, dest: str = "pacs") -> str:
     seen: list[str] = []
+    daemon.wait_started()  # status before the queue has its tables fails ("no such table")
 
     def held() -> bool:
         reason = hold_reason(layout, dest)

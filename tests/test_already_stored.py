@@ -17,9 +17,8 @@ from typing import Any
 import httpx
 import pytest
 from dicomgen import make_instance
-from harness import Layout, Stowd, make_layout, run_cli, wait_for
+from harness import Layout, Stowd, make_layout, run_cli, serving_metrics, wait_for
 from localserver import LocalServer
-from orthanc import free_port
 from tinypacs import TinyPacs, tiny_pacs_missing_reason
 
 from stowd.dicomweb.stowanswer import StowOutcome, is_counted, judge, parse_answer
@@ -153,21 +152,17 @@ def error_of(layout: Layout, name: str) -> dict[str, Any]:
 def test_an_instance_the_archive_already_holds_goes_to_sent_recorded_as_already_stored(
     tmp_path: Path,
 ) -> None:
-    port = free_port()
     with ScriptedArchive({}) as archive:
         dest = {"url": archive.url, "workers": 1, "timeouts": {"read": "30s"}}
-        layout = make_layout(
-            tmp_path / "run",
-            archive.url,
-            retry=FAST,
-            destinations={"pacs": dest},
-            metrics={"listen": f"127.0.0.1:{port}"},
-        )
-        uid = make_instance(layout.drop / "again.dcm")
-        new = make_instance(layout.drop / "new.dcm")
+        layout = make_layout(tmp_path / "run", archive.url, retry=FAST, destinations={"pacs": dest})
+        stage = tmp_path / "stage"  # dropped once the metrics are served (serving_metrics)
+        uid = make_instance(stage / "again.dcm")
+        new = make_instance(stage / "new.dcm")
         archive.plan.update({uid: [ALREADY_STORED], new: [STORED]})
         archive.asked.update({uid: 0, new: 0})
-        with Stowd(layout) as daemon:
+        with serving_metrics(layout) as (daemon, port):
+            for name in ("again.dcm", "new.dcm"):
+                (stage / name).rename(layout.drop / name)
             wait_for(
                 lambda: layout.files(layout.sent) == {"again.dcm", "new.dcm"},
                 60,

@@ -88,7 +88,8 @@ def test_files_present_before_start_are_sent(tmp_path: Path, archive: Archive) -
 
 
 def test_a_slowly_written_file_is_sent_once_complete(tmp_path: Path, orthanc: Orthanc) -> None:
-    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
+    # quiet 2 s: 1.7 s to spare for a writer the busy machine holds up between two chunks
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url, source={"quiet_period": "2s"})
     source = tmp_path / "source.dcm"
     uid = make_instance(source, size_bytes=2 * 1024 * 1024)
     data = source.read_bytes()
@@ -96,7 +97,7 @@ def test_a_slowly_written_file_is_sent_once_complete(tmp_path: Path, orthanc: Or
         wait_for(lambda: "watching" in daemon.log, 20, "the daemon to start", lambda: daemon.log)
         target = layout.drop / "slow.dcm"
         chunk = len(data) // 10 + 1
-        with open(target, "wb") as fp:  # ten chunks, 0.3 s apart: 3 s in all, quiet is 0.5 s
+        with open(target, "wb") as fp:  # ten chunks, 0.3 s apart: 3 s in all, longer than quiet
             for start in range(0, len(data), chunk):
                 fp.write(data[start : start + chunk])
                 fp.flush()

@@ -114,7 +114,7 @@ def test_remove_empty_dirs(tmp_path: Path, orthanc: Orthanc) -> None:
     with Stowd(layout) as daemon:
         make_study(layout.drop / "patient" / "study", 3)
         wait_for(lambda: len(layout.files(layout.sent)) == 3, 30, "3 sent", lambda: daemon.log)
-        wait_for(lambda: not (layout.drop / "patient").exists(), 10, "empty folders removed")
+        wait_for(lambda: not (layout.drop / "patient").exists(), 60, "empty folders removed")
         assert layout.drop.is_dir()
 
 

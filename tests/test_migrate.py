@@ -121,7 +121,7 @@ def resume_after_kill(tmp_path: Path, orthanc: Orthanc, proxy: StowProxy) -> Non
     finally:
         if first.poll() is None:
             first.kill()
-            first.wait(10)  # reaped here, not by a later test's garbage collection
+            first.wait(60)  # reaped here, not by a later test's garbage collection
     assert "run the same command again" in log.read_text()
     interrupted = len(sent_paths(layout))
 
@@ -137,7 +137,7 @@ def resume_after_kill(tmp_path: Path, orthanc: Orthanc, proxy: StowProxy) -> Non
         assert second.poll() is None, "the migration ended before it could be killed"
     finally:
         second.kill()
-        second.wait(10)
+        second.wait(60)
     confirmed = sent_paths(layout)
     assert len(confirmed) < 400
     posted_before = proxy.times_posted(uids)
@@ -322,7 +322,7 @@ def interrupt_while_queued(layout: Layout, log: Path, *args: str) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait(10)
+            proc.wait(60)
 
 
 @pytest.mark.parametrize("first", [("--keep",), ()], ids=["keep-then-move", "move-then-keep"])
@@ -337,7 +337,7 @@ def test_an_unfinished_run_is_not_resumed_in_the_other_mode(
                            "pacs", *first)  # fmt: skip
     other = () if first else ("--keep",)
     again = run_cli("migrate", "-c", str(layout.config), str(archive), "--destination", "pacs",
-                    *other, timeout=20)  # fmt: skip
+                    *other, timeout=60)  # fmt: skip
     assert again.returncode == 2, again.stdout + again.stderr
     told = "run it again with --keep" if first else "run it again without --keep"
     assert told in again.stderr and str(archive) in again.stderr

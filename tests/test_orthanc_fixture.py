@@ -14,8 +14,10 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import _require
 from dicomgen import make_instance, make_instance_bytes, write_garbage, write_without_study_uid
 from orthanc import Orthanc, OrthancError, find_dicomweb_plugin, find_orthanc
+from tinypacs import TinyPacs, tiny_pacs_missing_reason
 
 SUPPORT_DIR = Path(__file__).resolve().parent / "support"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
@@ -180,6 +182,22 @@ def test_automatic_port_moves_when_taken_before_first_start(tmp_path: Path) -> N
         with server:
             assert server.port != taken
             assert server.instance_count() == 0
+    assert not server.is_running()
+
+
+def test_tiny_pacs_moves_to_another_port_when_its_own_was_taken_before_first_start(
+    tmp_path: Path,
+) -> None:
+    """Its ports are chosen when it is made: another suite's server may bind one first."""
+    _require(tiny_pacs_missing_reason())
+    server = TinyPacs(tmp_path / "t")
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", server.port))
+        blocker.listen()
+        taken = server.port
+        with server:
+            assert server.port != taken
+            assert httpx.get(f"{server.dicomweb_url}/studies", timeout=10).status_code in (200, 204)
     assert not server.is_running()
 
 

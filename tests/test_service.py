@@ -16,8 +16,8 @@ import httpx
 import pytest
 import yaml
 from dicomgen import make_instance
-from harness import Layout, Stowd, make_layout, wait_for
-from orthanc import Orthanc, free_port
+from harness import Layout, Stowd, make_layout, serving_metrics, wait_for
+from orthanc import Orthanc
 
 from stowd.config.load import load_config
 from stowd.pipeline import classify as classify_mod
@@ -88,11 +88,13 @@ def test_readiness_watchdog_reload_and_stopping_arrive_in_order(
     with Stowd(layout, env=env_for(notify_socket)) as daemon:
         wait_for(lambda: "READY" in notify_socket.states(), 30, "READY=1", lambda: daemon.log)
         assert "stowd started" in daemon.log and "watching" in daemon.log  # queue open, watching
-        wait_for(lambda: notify_socket.states().count("WATCHDOG") >= 2, 10, "watchdog pings")
+        wait_for(lambda: notify_socket.states().count("WATCHDOG") >= 2, 60, "watchdog pings")
         assert daemon.proc is not None
         daemon.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: notify_socket.states().count("READY") >= 2, 30, "READY=1 after reload")
         assert daemon.terminate() == 0
+    # sent before the daemon exited, read by the socket's own thread a moment later
+    wait_for(lambda: "STOPPING" in notify_socket.states(), 30, "STOPPING=1")
     keys = notify_socket.states()
     assert keys[0] == "READY"
     reload_at = keys.index("RELOADING")
@@ -141,7 +143,9 @@ def test_sighup_with_a_broken_config_keeps_the_old_one_running(
         daemon.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "still running with the old config" in daemon.log, 30, "the refusal")
         assert "quiet_period" in daemon.log and "workers" in daemon.log  # every problem
-        assert notify_socket.states().count("READY") == 2  # ready again after RELOADING
+        wait_for(  # ready again after RELOADING: said after the refusal's log line
+            lambda: notify_socket.states().count("READY") == 2, 30, "READY=1 again"
+        )
         uid = make_instance(layout.drop / "after.dcm")
         wait_for(lambda: layout.files(layout.sent) == {"after.dcm"}, 60, "after.dcm")
         assert daemon.terminate() == 0
@@ -159,13 +163,13 @@ def test_the_watchdog_is_not_fed_while_a_thread_makes_no_progress(
     try:
         daemon.generation = daemon._start(config)
         daemon._feed_watchdog()
-        wait_for(lambda: notify_socket.states() == ["WATCHDOG"], 5, "a first ping")
+        wait_for(lambda: notify_socket.states() == ["WATCHDOG"], 60, "a first ping")
         daemon.generation.watchers[0].beat -= 3600  # as if stuck on a hung network share
         daemon._feed_watchdog()
         assert daemon._stuck is not None and "watcher of ct1" in daemon._stuck
         daemon.generation.watchers[0].beat = time.monotonic()
         daemon._feed_watchdog()
-        wait_for(lambda: notify_socket.states() == ["WATCHDOG", "WATCHDOG"], 5, "fed again")
+        wait_for(lambda: notify_socket.states() == ["WATCHDOG", "WATCHDOG"], 60, "fed again")
     finally:
         daemon.stop.set()
         daemon._shutdown()
@@ -217,14 +221,11 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 def test_a_metrics_scrape_shows_the_counts_after_a_run(tmp_path: Path, orthanc: Orthanc) -> None:
-    port = free_port()
-    layout = make_layout(
-        tmp_path / "run", orthanc.dicomweb_url, metrics={"listen": f"127.0.0.1:{port}"}
-    )
-    for n in range(3):
-        make_instance(layout.drop / f"s/{n}.dcm")
-    (layout.drop / "bad.dcm").write_text("not DICOM")
-    with Stowd(layout) as daemon:
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
+    with serving_metrics(layout) as (daemon, port):  # the files once the metrics are served
+        for n in range(3):
+            make_instance(layout.drop / f"s/{n}.dcm")
+        (layout.drop / "bad.dcm").write_text("not DICOM")
         wait_for(
             lambda: len(layout.files(layout.sent)) == 3 and len(layout.files(layout.failed)) == 1,
             60,
@@ -331,7 +332,7 @@ def test_a_thread_that_keeps_dying_is_reported_and_starves_the_watchdog(
         _spawn(gen, "flaky", lambda: None)  # a thread that ends at once: dead each time
         for dead in range(1, RESTART_LIMIT + 2):
             thread = gen.threads["flaky"][0]
-            wait_for(lambda t=thread: not t.is_alive(), 10, "the thread to end")  # type: ignore[misc]
+            wait_for(lambda t=thread: not t.is_alive(), 60, "the thread to end")  # type: ignore[misc]
             daemon._revive_dead_threads()
             assert (daemon._dying() is not None) == (dead > RESTART_LIMIT)
         gen.threads["flaky"][0].join(10)

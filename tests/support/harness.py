@@ -8,13 +8,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 import yaml
+from orthanc import free_port
 
 POLL = 0.1
 
@@ -151,6 +153,13 @@ class Stowd:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def wait_started(self, timeout: float = 60.0) -> None:
+        """Until its queue is open with its tables (its "stowd started" line): the queue file
+        exists a moment before its tables do, and ``stowd status`` fails in between."""
+        wait_for(
+            lambda: "stowd started: " in self.log, timeout, "the daemon started", lambda: self.log
+        )
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -158,7 +167,7 @@ class Stowd:
         """kill -9: no chance to clean up."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
+        self.proc.wait(60)  # reaped, never left to a later test's garbage collection
 
     def terminate(self, timeout: float = 30.0) -> int:
         assert self.proc is not None
@@ -203,6 +212,43 @@ def run_until(layout: Layout, done: Callable[[], bool], what: str, timeout: floa
     with Stowd(layout) as daemon:
         wait_for(done, timeout, what, lambda: daemon.log)
         assert daemon.terminate() == 0
+
+
+METRICS_SERVED = "serving Prometheus metrics on "
+_METRICS_ATTEMPTS = 5
+
+
+@contextmanager
+def serving_metrics(layout: Layout) -> Iterator[tuple[Stowd, int]]:
+    """The daemon running with ``metrics.listen`` on a free port: (daemon, port).
+
+    The port is chosen by ``free_port()`` and bound later by the daemon, so another process
+    may take it in between; the daemon then exits saying it cannot serve metrics, and it is
+    started again on another port.  Its counters live in the process: drop the files once
+    this yields, so that a daemon that could not serve them has handled none."""
+    for _ in range(_METRICS_ATTEMPTS):
+        port = free_port()
+        doc = yaml.safe_load(layout.config.read_text())
+        doc["metrics"] = {"listen": f"127.0.0.1:{port}"}
+        layout.config.write_text(yaml.safe_dump(doc, sort_keys=False))
+        with Stowd(layout) as daemon:
+            if _serves_metrics(daemon, port):
+                yield daemon, port
+                return
+        assert "cannot serve metrics" in daemon.log, daemon.log
+    raise AssertionError(f"no free port for the metrics in {_METRICS_ATTEMPTS} tries")
+
+
+def _serves_metrics(daemon: Stowd, port: int) -> bool:
+    """Until it serves its metrics on ``port`` (True) or has exited (False)."""
+    served = f"{METRICS_SERVED}http://127.0.0.1:{port}/"
+    wait_for(
+        lambda: served in daemon.log or not daemon.alive(),
+        60,
+        "the metrics served (or the daemon's exit)",
+        lambda: daemon.log,
+    )
+    return served in daemon.log
 
 
 def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:

@@ -39,6 +39,14 @@ QIDO_LIMIT = 10_000
 _MODULES = ("tiny_pacs", "tiny_pacs_dicomweb", "waitress")
 
 
+_NO_HTTP = "Cannot bind the shared HTTP server"  # its log line when its port was taken
+_PORT_ATTEMPTS = 5
+
+
+class _PortTaken(Exception):
+    """Its HTTP port, free when chosen, was taken by another process before it bound it."""
+
+
 class TinyPacsError(RuntimeError):
     """tiny_pacs is not installed, did not start, or answered a helper request badly."""
 
@@ -67,6 +75,7 @@ class TinyPacs(ChildProcess):
         self.port = free_port()
         self.dimse_port = free_port()
         self.startup_timeout = startup_timeout
+        self._started_once = False
 
     @property
     def url(self) -> str:
@@ -127,6 +136,21 @@ class TinyPacs(ChildProcess):
         QIDO-RS answers; no-op if already running."""
         if self.is_running():
             return
+        # a first start moves to another port when its own was taken meanwhile (another
+        # suite's server got it between free_port() and the bind); a restart keeps its URL
+        attempts = 1 if self._started_once else _PORT_ATTEMPTS
+        for attempt in range(attempts):
+            try:
+                self._start_once()
+            except _PortTaken:
+                if attempt == attempts - 1:
+                    raise TinyPacsError(f"port {self.port} taken:\n{self.log_tail()}") from None
+                self.port = free_port()
+            else:
+                self._started_once = True
+                return
+
+    def _start_once(self) -> None:
         self._reap()
         (self.folder / "storage").mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
@@ -151,7 +175,11 @@ class TinyPacs(ChildProcess):
             if code is not None:
                 self._reap()
                 raise TinyPacsError(f"tiny_pacs exited with status {code}:\n{self.log_tail()}")
-            if listening in self.log_tail(since=since) and self._answers():
+            said = self.log_tail(since=since)
+            if _NO_HTTP in said:
+                self.kill()
+                raise _PortTaken
+            if listening in said and self._answers():
                 return
             if time.monotonic() > deadline:
                 self.kill()
