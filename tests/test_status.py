@@ -499,3 +499,19 @@ def test_a_queue_that_cannot_be_read_is_a_clear_error(
     err = capsys.readouterr().err
     assert "cannot read the queue" in err and "sudo -u stowd" in err
     assert "Traceback" not in err
+
+
+def test_a_queue_whose_tables_are_not_made_yet_says_stowd_is_starting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A daemon's first moment: queue.db exists, empty, before its tables are made.  The
+    hint was to run status as the daemon's user, which does not help."""
+    layout = make_layout(tmp_path / "run", "http://127.0.0.1:9/dicom-web")
+    queue_path = layout.root / "state" / "queue.db"
+    queue_path.parent.mkdir(parents=True)
+    queue_path.write_bytes(b"")  # an empty file is an empty SQLite database
+    assert cli.main(["status", "-c", str(layout.config)]) == 1
+    err = capsys.readouterr().err
+    assert "no such table" in err
+    assert "its tables are not made yet" in err and "try again in a moment" in err
+    assert "sudo -u stowd" not in err

@@ -35,6 +35,7 @@ from stowd.service import inflight
 RATE_WINDOW = 300.0
 LAST_ERRORS = 10
 MB = 1_000_000
+NO_TABLE = "no such table"  # SQLite's words for a database whose tables are not made yet
 SHORT_LIMIT = 80
 REASON_WIDTH = 200  # characters of an error's reason in the human form
 COUNT_LIMIT = 10_000  # files counted at most in a drop folder (while nothing can be queued)
@@ -153,14 +154,20 @@ def gather(config: Config, *, now: float | None = None) -> dict[str, Any]:
         with queue.reading():
             return _gather(config, queue, now)
     except QueueUnreadable as exc:  # e.g. no right to create the -wal/-shm files beside it
-        raise QueueUnreadable(f"{exc} ({_unreadable(config)})") from exc
+        raise QueueUnreadable(f"{exc} ({_unreadable(config, exc)})") from exc
     finally:
         queue.close()
 
 
-def _unreadable(config: Config) -> str:
-    """Why the queue may not be readable: its disk is full (a reader must create the -shm
-    file when no daemon runs), its folder is read-only, or another user's files."""
+def _unreadable(config: Config, exc: QueueUnreadable) -> str:
+    """Why the queue may not be readable: it is new and its tables are not made yet (a daemon
+    or a migration starting), its disk is full (a reader must create the -shm file when no
+    daemon runs), its folder is read-only, or another user's files."""
+    if NO_TABLE in str(exc):
+        return (
+            "the queue is new and its tables are not made yet: stowd (or stowd migrate) is "
+            "starting; try again in a moment"
+        )
     for full in disk.full_places(config):
         if config.queue.parent in full.paths:
             return full.message()
