@@ -29,7 +29,7 @@ from stowd.commands import (
 )
 from stowd.config.load import load_config
 from stowd.config.model import Config, Source
-from stowd.config.yamlwalk import parse_duration
+from stowd.config.yamlwalk import host_port, parse_duration
 from stowd.errors import ConfigError, MigrationConflict, QueueLockedError, StowdError
 from stowd.printable import escape_lines, is_utf8
 from stowd.service import logs
@@ -172,9 +172,9 @@ def _input(source: Source) -> str:
     r = source.receive
     if r is None:
         return str(source.watch)
-    where = f"[{r.bind}]" if ":" in r.bind else r.bind
     allow = ", ".join(a.ae_title + (f"@{a.host}" if a.host else "") for a in r.allow) or "any AE"
-    return f"C-STORE to {r.ae_title} at {where}:{r.port} from {allow} (files in {source.watch})"
+    where = host_port(r.bind, r.port)
+    return f"C-STORE to {r.ae_title} at {where} from {allow} (files in {source.watch})"
 
 
 def _check(config: Config, args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from stowd.commands.connect import FAIL, NOTE, OK
 from stowd.config.model import Receive, Source
+from stowd.config.yamlwalk import host_port
 from stowd.printable import escape_lines
 from stowd.service.status import daemon_pid
 
@@ -52,7 +53,7 @@ def check(source: Source, queue: Path) -> ListenReport:
     not, and whose the port is if it is taken."""
     assert source.receive is not None
     settings = source.receive
-    where = where_text(settings)
+    where = host_port(settings.bind, settings.port)
     error = try_listen(settings.bind, settings.port)
     if error is None:
         state, text = _free(settings, where)
@@ -70,11 +71,6 @@ def render(reports: list[ListenReport]) -> str:
         lines.append(f"  {r.state:<5} {'listen':<8} {r.text}")
         blocks.append(escape_lines(lines))
     return "\n\n".join(blocks)
-
-
-def where_text(settings: Receive) -> str:
-    host = f"[{settings.bind}]" if ":" in settings.bind else settings.bind
-    return f"{host}:{settings.port}"
 
 
 def try_listen(bind: str, port: int) -> OSError | None:

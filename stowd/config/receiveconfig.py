@@ -33,7 +33,7 @@ RECEIVE_KEYS = (
     "idle_timeout",
 )
 ALLOW_KEYS = ("ae_title", "host")
-_AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # printable ASCII but "\"
+AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # printable ASCII but "\"
 MIN_PDU = 4096  # below this no modality can send anything useful
 MAX_PDU = 16 * 1024 * 1024  # each open association may hold one PDU this large in memory
 
@@ -42,7 +42,7 @@ def as_ae_title(value: object) -> str:
     """An AE title: 1-16 printable ASCII characters, no backslash, not only spaces."""
     if not isinstance(value, str):
         raise ValueError(f"expected an AE title (text), got {describe_value(value)}")
-    if not _AE_TITLE.fullmatch(value) or not value.strip():
+    if not AE_TITLE.fullmatch(value) or not value.strip():
         raise ValueError(
             "an AE title has 1 to 16 characters of printable ASCII without '\\' and not only "
             f"spaces, got {value!r}"

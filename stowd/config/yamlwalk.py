@@ -419,6 +419,11 @@ class Section:
             return None
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as a person writes it: an IPv6 address in brackets (``[::1]:104``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def redact_url(url: str) -> str:
     """``url`` with everything between ``://`` and the last ``@`` hidden.
 

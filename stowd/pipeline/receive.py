@@ -44,6 +44,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from stowd import __version__, fileops
 from stowd.config.model import INCOMING, RECEIVED, Receive, Source
+from stowd.config.receiveconfig import AE_TITLE
+from stowd.config.yamlwalk import host_port
 from stowd.errors import DataSetMismatch, FileProblem, QueueError, StowdError
 from stowd.pipeline import counters, dimse
 from stowd.pipeline.classify import classify_dicom
@@ -63,7 +65,6 @@ REJECT_PERMANENT, SERVICE_USER, CALLING_AE_UNKNOWN = 0x01, 0x01, 0x03
 IMPLEMENTATION_UID = "2.25.238195672415180883218335735186066521011"
 IMPLEMENTATION_VERSION = f"STOWD_{__version__}"[:16]
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
-_AE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
 PART = ".part"
 PLACE_TRIES = 5
 MAX_COPIES = 10_000
@@ -119,8 +120,7 @@ class Origin:
 
     @property
     def url(self) -> str:
-        host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"dicom://{host}:{self.port}"
+        return f"dicom://{host_port(self.address, self.port)}"
 
 
 def parts_folder(source: Source) -> Path:
@@ -205,12 +205,12 @@ class Receiver:
             self._server = ae.start_server(where, block=False, evt_handlers=handlers)
         except OSError as exc:
             raise StowdError(
-                f"source {self.source.name}: cannot listen on {_where(self.settings)}: "
+                f"source {self.source.name}: cannot listen on {host_port(*where)}: "
                 f"{exc.strerror or exc}"
             ) from exc
         log.info(
             "receiving C-STORE on %s as %s (source %s) -> %s",
-            _where(self.settings),
+            host_port(*where),
             self.settings.ae_title,
             self.source.name,
             self.source.destination,
@@ -458,11 +458,6 @@ def _rename_unused(part: Path, target: Path) -> Path:
     raise FileProblem(f"{MAX_COPIES} copies of {target.stem} were received; no name is left")
 
 
-def _where(receive: Receive) -> str:
-    host = f"[{receive.bind}]" if ":" in receive.bind else receive.bind
-    return f"{host}:{receive.port}"
-
-
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.strerror} ({exc.filename})" if exc.filename else exc.strerror
@@ -517,7 +512,7 @@ def _called(event: evt.Event) -> str:
 
 def _ae_or_empty(title: str) -> str:
     title = title.strip()
-    return title if _AE.fullmatch(title) else ""
+    return title if AE_TITLE.fullmatch(title) else ""
 
 
 def _file_meta(event: evt.Event, origin: Origin) -> FileMetaDataset:

@@ -27,6 +27,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
+from stowd.config.yamlwalk import host_port
 from stowd.errors import QueueError, StowdError
 from stowd.pipeline.counters import REGISTRY, label, touch
 from stowd.pipeline.queue import ActiveView, read_active
@@ -166,8 +167,7 @@ def serve(
         scrape.register(_Scrape(collector))
         httpd, thread = start_http_server(port, addr=host, registry=scrape)
     except OSError as exc:
-        where = f"[{host}]" if ":" in host else host
         reason = exc.strerror or str(exc)
-        raise StowdError(f"cannot serve metrics on {where}:{port}: {reason}") from exc
+        raise StowdError(f"cannot serve metrics on {host_port(host, port)}: {reason}") from exc
     thread.name = "stowd-metrics"
     return Server(httpd, thread)

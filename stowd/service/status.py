@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from stowd.config.model import Config, Source
+from stowd.config.yamlwalk import host_port
 from stowd.errors import QueueUnreadable
 from stowd.fileops import walk_folders
 from stowd.pipeline import disk
@@ -606,8 +607,8 @@ def _source(name: str, figures: Mapping[str, Any]) -> list[str]:
         head = f"source {name} (not in the config: its files wait until it is back)"
     elif "receive" in figures:
         r = figures["receive"]
-        where = f"[{r['bind']}]" if ":" in r["bind"] else r["bind"]
-        head = f"source {name} (C-STORE to {r['ae_title']} at {where}:{r['port']} -> "
+        where = host_port(r["bind"], r["port"])
+        head = f"source {name} (C-STORE to {r['ae_title']} at {where} -> "
         head += f"{figures['destination']})"
         return [head, _receiving(figures.get("receiving")), *_figures(figures)]
     else:
