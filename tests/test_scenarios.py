@@ -53,7 +53,7 @@ def run_page(name: str, scratch: Path) -> str:
     blocks = marked_blocks(DOCS / name, "try-it", "sh")
     assert len(blocks) >= 3, f"{name}: expected its try-it blocks, found {len(blocks)}"
     script = "set -euo pipefail\n" + "\n".join(blocks)
-    env = dict(os.environ, REPO=str(ROOT), PATH=f"{ROOT / '.venv/bin'}:{os.environ['PATH']}")
+    env = dict(os.environ, REPO=str(ROOT))  # the page puts $REPO/.venv/bin on PATH itself
     env.pop("CREDENTIALS_DIRECTORY", None)
     output = scratch / "try-it.log"
     with output.open("wb") as handle:
