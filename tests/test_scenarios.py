@@ -141,7 +141,14 @@ def test_the_capture_station_page_as_written(tmp_path: Path) -> None:
         "A2026-0815/IMG_0002.jpg",
         "A2026-0815/clip.mp4",
     ]
-    assert files_below(run / "done/scans/sent") == ["CS2/_metadata.yaml", "CS2/referral.pdf"]
+    assert files_below(run / "done/scans/sent") == [
+        "CS2/_metadata.yaml",
+        "CS2/referral.pdf",
+        "visit-7/_metadata.yaml",  # written after it failed, then put back with stowd retry
+        "visit-7/letter.pdf",
+    ]
+    assert files_below(run / "done/scans/failed") == []
+    assert "{sidecar.PatientID} has no value: the file has no sidecar" in output
     assert files_below(run / "drop/photos") == ["A2026-0999/IMG_0003.jpg"]  # waits for its order
     assert "no study with AccessionNumber A2026-0999 in pacs yet" in output
     (study,) = json.loads((run / "A2026-0815.json").read_text())  # the PACS's QIDO-RS answer
