@@ -1,0 +1,255 @@
+"""The documentation stays true to the code: the configuration reference (docs/configuration.md)
+lists every key the configuration is read with, no other, and the defaults the model gives; every
+relative link in README.md and docs/ leads to a file and a heading there; the README links every
+docs page; the Debian packages the development page names are .ci/run's; and the metrics table
+names every metric stowd exports."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from test_config import MINIMAL, load_text
+
+from stowd.config.access import _AUTH_KEYS, _TLS_KEYS, ACCESS_KEYS
+from stowd.config.load import (
+    _BATCH_KEYS,
+    _BULK_KEYS,
+    _DESTINATION_KEYS,
+    _RETRY_KEYS,
+    _SIDECAR_KEYS,
+    _SOURCE_KEYS,
+    _TIMEOUT_KEYS,
+    _TOP_KEYS,
+)
+from stowd.config.receiveconfig import ALLOW_KEYS, RECEIVE_KEYS
+from stowd.config.ruleconfig import LOOKUP_KEYS, MATCH_KEYS, RULE_KEYS
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+REFERENCE = DOCS / "configuration.md"
+PAGES = sorted([ROOT / "README.md", *DOCS.glob("*.md")])
+
+# --------------------------------------------------------------------------- the reference
+
+SOURCE = "sources[]"
+DESTINATION = "destinations.<name>"
+# sections read with their own key lists (load.py, access.py, receiveconfig.py, ruleconfig.py)
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "retry": _RETRY_KEYS,
+    "metrics": ("listen",),
+    "rules[]": RULE_KEYS,
+    "rules[].match": MATCH_KEYS,
+    "rules[].lookup": LOOKUP_KEYS,
+    SOURCE: _SOURCE_KEYS,
+    f"{SOURCE}.sidecars": _SIDECAR_KEYS,
+    f"{SOURCE}.bulkdata": _BULK_KEYS,
+    f"{SOURCE}.receive": RECEIVE_KEYS,
+    f"{SOURCE}.receive.allow[]": ALLOW_KEYS,
+    DESTINATION: _DESTINATION_KEYS,
+    f"{DESTINATION}.batch": _BATCH_KEYS,
+    f"{DESTINATION}.timeouts": _TIMEOUT_KEYS,
+    f"{DESTINATION}.auth": tuple(dict.fromkeys(k for keys in _AUTH_KEYS.values() for k in keys)),
+    f"{DESTINATION}.tls": _TLS_KEYS,
+}
+# a section's own row stands for its keys as a whole ("defaults.*": the sources' options)
+CONTAINERS = {"sources", "destinations", "defaults"}
+
+
+def model_keys() -> set[str]:
+    """Every key path the configuration is read with: the top keys, then each section's keys
+    (a section read with keys of its own needs no row of its own, but may have one)."""
+    found = {key for key in _TOP_KEYS if key not in CONTAINERS} | {"defaults.*"}
+    for section, keys in SECTIONS.items():
+        found |= {f"{section}.{key}" for key in keys}
+    found.add(f"{SOURCE}.rules[].lookup")  # a source's rules: the same keys as rules[]
+    assert set(ACCESS_KEYS) <= set(_DESTINATION_KEYS)  # auth and tls: sections of their own
+    return found - set(SECTIONS)
+
+
+def reference_rows() -> list[tuple[list[str], str]]:
+    """The rows of the reference table: (its keys, its default cell).  A cell such as
+    ``a.b.c`` / ``.d`` names ``a.b.c`` and ``a.b.d``."""
+    section = REFERENCE.read_text().split("\n## Every key\n", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        if len(cells) != 3 or cells[0] in ("key", "---"):
+            continue
+        keys: list[str] = []
+        for piece in re.findall(r"`([^`]+)`", cells[0]):
+            keys.append(keys[0].rsplit(".", 1)[0] + piece if piece.startswith(".") else piece)
+        rows.append((keys, cells[1]))
+    return rows
+
+
+def test_the_reference_lists_every_key_of_the_model_and_no_other() -> None:
+    listed = {key for keys, _ in reference_rows() for key in keys}
+    model = model_keys()
+    assert listed - model - set(SECTIONS) == set(), "keys in the reference that stowd does not read"
+    assert model - listed == set(), "keys stowd reads that the reference does not list"
+
+
+# Where each kind of key is set for the defaults test: a base config in which the section the
+# key belongs to exists (a rule with a lookup, a source with sidecars or receiving C-STORE).
+RECEIVE_BASE = {"ae_title": "STOWD", "port": 11112, "bind": "127.0.0.1"}
+
+
+def base_config(key: str) -> dict[str, object]:
+    """The minimal config, with the section ``key`` lies in made: a rule with a lookup, a
+    source with sidecars, or a source receiving C-STORE instead of watching a folder."""
+    doc: dict[str, object] = yaml.safe_load(MINIMAL)
+    source: dict[str, object] = doc["sources"][0]  # type: ignore[index]
+    if key.startswith("rules[]."):
+        doc["rules"] = [{"lookup": {"in": "studies", "query": {"AccessionNumber": "A1"}}}]
+    elif key.startswith(f"{SOURCE}.sidecars."):
+        source["sidecars"] = {}
+    elif key.startswith(f"{SOURCE}.receive."):
+        del source["watch"]
+        source["receive"] = dict(RECEIVE_BASE)
+    return doc
+
+
+def set_key(doc: dict[str, object], key: str, value: object) -> None:
+    """Set ``key`` (a reference key path such as ``sources[].receive.max_pdu``) in ``doc``,
+    making the mappings on its way."""
+    node: dict[str, object] = doc
+    parts = key.replace(DESTINATION, "destinations.pacs").split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part.removesuffix("[]"), {})
+        node = child[0] if part.endswith("[]") else child  # type: ignore[index,assignment]
+    node[parts[-1]] = value
+
+
+def documented_defaults() -> list[tuple[str, str]]:
+    """(key, default) of each one-key row whose default is one literal value in backquotes
+    (``all: `[pdf, ...]` `` counts as its list)."""
+    found = []
+    for keys, cell in reference_rows():
+        literal = re.fullmatch(r"(?:all: )?`([^`]+)`", cell)
+        if len(keys) == 1 and literal:
+            found.append((keys[0], literal[1]))
+    return found
+
+
+def load_dict(tmp_path: Path, doc: dict[str, object]) -> object:
+    """The config of ``doc``, written on one line so that no key moves a rule's line."""
+    return load_text(tmp_path, yaml.safe_dump(doc, default_flow_style=True, width=10**9))
+
+
+@pytest.mark.parametrize(("key", "default"), documented_defaults(), ids=str)
+def test_each_default_shown_is_the_models(tmp_path: Path, key: str, default: str) -> None:
+    """Setting a key to the default the reference shows changes nothing: the config equals
+    one that leaves the key out (whose values are the model's named default constants)."""
+    base = base_config(key)
+    changed = base_config(key)
+    set_key(changed, key, yaml.safe_load(default))
+
+    assert load_dict(tmp_path, changed) == load_dict(tmp_path, base), (
+        f"docs/configuration.md: {key} shows the default {default}, which is not the model's"
+    )
+
+
+def test_the_defaults_test_covers_the_keys_with_a_default() -> None:
+    """Not an empty parametrization: the rows with a literal default are many, and the
+    durations, sizes and numbers of retry, sources and destinations are among them."""
+    keys = {key for key, _ in documented_defaults()}
+    assert len(keys) >= 40
+    assert {"retry.hold_probe", "retry.initial", f"{SOURCE}.quiet_period"} <= keys
+    assert {f"{DESTINATION}.timeouts.read", f"{DESTINATION}.batch.max_bytes"} <= keys
+    assert {f"{SOURCE}.receive.max_pdu", "rules[].lookup.wait"} <= keys
+
+
+# --------------------------------------------------------------------------- links
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped (but ``-`` and ``_``),
+    each space a hyphen."""
+    text = re.sub(r"`|\*\*|\[([^\]]*)\]\([^)]*\)", r"\1", heading.strip()).lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    """The anchors of a Markdown file's headings (outside code blocks), repeats numbered."""
+    found: set[str] = set()
+    fenced = False
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and (heading := re.match(r"#{1,6} (.*)", line)):
+            name, count = slug(heading[1]), 1
+            while name in found:
+                name, count = f"{slug(heading[1])}-{count}", count + 1
+            found.add(name)
+    return found
+
+
+def links(path: Path) -> list[str]:
+    """The link targets of a Markdown file, outside code blocks and code spans."""
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    text = re.sub(r"`[^`\n]*`", "", text)
+    return re.findall(r"\]\(([^)\s]+)\)", text)
+
+
+def broken_links(path: Path) -> list[str]:
+    broken = []
+    for target in links(path):
+        if re.match(r"[a-z]+:", target):
+            continue  # https:, mailto:
+        file, _, anchor = target.partition("#")
+        linked = (path.parent / file).resolve() if file else path
+        if not linked.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+            broken.append(f"{target}: no such heading in {linked.name}")
+    return broken
+
+
+@pytest.mark.parametrize("path", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_leads_to_a_file_and_heading(path: Path) -> None:
+    assert broken_links(path) == []
+
+
+def test_the_link_check_sees_a_broken_anchor(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "# A page\n\n## Reading `failed/`\n\n```\n# not a heading\n```\n"
+        "[ok](#reading-failed) [bad](#a-full-disk) [gone](other.md) `[code](#x)`\n"
+    )
+    assert anchors(page) == {"a-page", "reading-failed"}
+    assert broken_links(page) == [
+        "#a-full-disk: no such heading in page.md",
+        "other.md: no such file",
+    ]
+
+
+def test_the_readme_links_every_docs_page() -> None:
+    linked = {(ROOT / t.partition("#")[0]).resolve() for t in links(ROOT / "README.md")}
+    pages = set(DOCS.glob("*.md"))
+    assert sorted(p.name for p in pages - linked) == []
+
+
+# --------------------------------------------------------------------------- facts
+
+
+def test_the_development_page_names_the_packages_ci_installs() -> None:
+    run = (ROOT / ".ci" / "run").read_text()
+    ci = set(re.search(r"^apt_packages=\((.*)\)$", run, re.M)[1].split())  # type: ignore[index]
+    page = (DOCS / "development.md").read_text()
+    named = re.search(r"the Debian packages\n(.*?)\n\(the list", page, re.S)
+    assert named, "docs/development.md no longer names the packages in one line"
+    assert set(re.findall(r"`([^`]+)`", named[1])) == ci
+
+
+def test_the_metrics_table_names_every_metric_stowd_exports() -> None:
+    code = "".join(
+        (ROOT / "stowd" / p).read_text() for p in ("service/metrics.py", "pipeline/counters.py")
+    )
+    exported = set(re.findall(r'"(stowd_\w+)"', code))  # each metric's name, as registered
+    service = (DOCS / "service.md").read_text()
+    table = service.split("**Metrics**", 1)[1].split("\n\n**", 1)[0]
+    assert exported - set(re.findall(r"`(stowd_\w+)`", table)) == set()
+    assert "stowd_up" in exported
