@@ -6,6 +6,7 @@ names every metric stowd exports."""
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 import yaml
 from test_config import MINIMAL, load_text
 
+from stowd.commands import cli
 from stowd.config.access import _AUTH_KEYS, _TLS_KEYS, ACCESS_KEYS
 from stowd.config.load import (
     _BATCH_KEYS,
@@ -253,3 +255,33 @@ def test_the_metrics_table_names_every_metric_stowd_exports() -> None:
     table = service.split("**Metrics**", 1)[1].split("\n\n**", 1)[0]
     assert exported - set(re.findall(r"`(stowd_\w+)`", table)) == set()
     assert "stowd_up" in exported
+
+
+def test_the_readme_command_table_names_every_command_and_option() -> None:
+    """Each ``stowd`` command has its row in the README's table, with every option and
+    argument its parser takes (either spelling: ``-c`` or ``--config``); an option of
+    ``stowd`` itself (not ``-h``) is named in the README too."""
+    readme = (ROOT / "README.md").read_text()
+    rows = {row.split()[2]: row for row in readme.splitlines() if row.startswith("| `stowd ")}
+    parser = cli._parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            assert set(action.choices) == set(rows), "a command without a row, or a row too many"
+            for name, sub in action.choices.items():
+                assert _unnamed(sub, rows[name]) == [], f"stowd {name}"
+    assert _unnamed(parser, readme, positional=False) == []
+
+
+def _unnamed(parser: argparse.ArgumentParser, text: str, positional: bool = True) -> list[str]:
+    """The options (and arguments, by metavar) of ``parser`` that ``text`` does not name."""
+    missing: list[str] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+            continue
+        if action.option_strings:
+            named = any(re.search(rf"(?<![\w-]){o}(?![\w-])", text) for o in action.option_strings)
+        else:
+            named = not positional or f"{action.metavar or action.dest.upper()}..." in text
+        if not named:
+            missing.append(action.option_strings[-1] if action.option_strings else action.dest)
+    return missing
