@@ -189,11 +189,20 @@ def anchors(path: Path) -> set[str]:
     return found
 
 
+# A code span may go on over a line break (not over a blank line or into a table's next row):
+# taken line by line, a span closing on the next line would pair with the wrong backquote
+# and hide the links between them.
+CODE_SPAN = re.compile(r"`(?:[^`\n]|\n(?![ \t]*(?:\n|\|)))*`")
+# an inline link or image, [text](target) or [text](<target> "title"), and a reference
+# definition, [name]: target
+LINK = re.compile(r"\]\(<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\)|^ {0,3}\[[^\]]+\]:\s*<?([^\s>]+)", re.M)
+
+
 def links(path: Path) -> list[str]:
     """The link targets of a Markdown file, outside code blocks and code spans."""
-    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
-    text = re.sub(r"`[^`\n]*`", "", text)
-    return re.findall(r"\]\(([^)\s]+)\)", text)
+    text = re.sub(r"^ {0,3}```.*?^ {0,3}```", "", path.read_text(), flags=re.S | re.M)
+    text = CODE_SPAN.sub("", text)
+    return [inline or defined for inline, defined in LINK.findall(text)]
 
 
 def broken_links(path: Path) -> list[str]:
@@ -220,11 +229,16 @@ def test_the_link_check_sees_a_broken_anchor(tmp_path: Path) -> None:
     page.write_text(
         "# A page\n\n## Reading `failed/`\n\n```\n# not a heading\n```\n"
         "[ok](#reading-failed) [bad](#a-full-disk) [gone](other.md) `[code](#x)`\n"
+        "a span that goes on `stowd check-config\n--user` (see [wrapped](#no-such)) and `x`\n"
+        '[titled](#titled "a title") and a [reference][r]\n\n[r]: #no-reference\n'
     )
     assert anchors(page) == {"a-page", "reading-failed"}
     assert broken_links(page) == [
         "#a-full-disk: no such heading in page.md",
         "other.md: no such file",
+        "#no-such: no such heading in page.md",
+        "#titled: no such heading in page.md",
+        "#no-reference: no such heading in page.md",
     ]
 
 
