@@ -260,15 +260,41 @@ def test_the_development_page_names_the_packages_ci_installs() -> None:
     assert set(re.findall(r"`([^`]+)`", named[1])) == ci
 
 
-def test_the_metrics_table_names_every_metric_stowd_exports() -> None:
-    code = "".join(
-        (ROOT / "stowd" / p).read_text() for p in ("service/metrics.py", "pipeline/counters.py")
-    )
-    exported = set(re.findall(r'"(stowd_\w+)"', code))  # each metric's name, as registered
+def exported_metrics() -> dict[str, set[str]]:
+    """Each metric stowd exports, with its labels, as registered in the code: the counters'
+    ``Counter("name", "help", [labels])`` and the scrape's ``GaugeMetricFamily("name", ...,
+    labels=[...])`` (``stowd_up`` has none)."""
+    counters = (ROOT / "stowd" / "pipeline" / "counters.py").read_text()
+    metrics = (ROOT / "stowd" / "service" / "metrics.py").read_text()
+    found = {"stowd_up": set[str]()}
+    within = r"(?:(?!Counter\(|Gauge\(|Histogram\(|GaugeMetricFamily\().)*?"  # one call
+    wrapped = rf"(?:Counter|Gauge|Histogram)\(\s*\"(stowd_\w+)\",{within}\[([^\]]*)\]"
+    family = rf"GaugeMetricFamily\(\s*\"(stowd_\w+)\",{within}labels=\[([^\]]*)\]"
+    for code, pattern in ((counters, wrapped), (metrics, family)):
+        for name, labels in re.findall(pattern, code, re.S):
+            found[name] = set(re.findall(r'"(\w+)"', labels))
+    return found
+
+
+def metrics_table() -> dict[str, set[str]]:
+    """Each metric the table of docs/service.md names, with the labels its row gives (a
+    label's values in parentheses are not labels)."""
     service = (DOCS / "service.md").read_text()
     table = service.split("**Metrics**", 1)[1].split("\n\n**", 1)[0]
-    assert exported - set(re.findall(r"`(stowd_\w+)`", table)) == set()
-    assert "stowd_up" in exported
+    found: dict[str, set[str]] = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if len(cells) == 3 and cells[0].startswith("`stowd_"):
+            labels = set(re.findall(r"\w+", re.sub(r"\([^)]*\)", "", cells[1])))
+            found |= {name: labels for name in re.findall(r"`(stowd_\w+)`", cells[0])}
+    return found
+
+
+def test_the_metrics_table_names_every_metric_stowd_exports() -> None:
+    """The table names every metric with its labels, and none that stowd does not export."""
+    exported = exported_metrics()
+    assert len(exported) >= 15, "the metrics were not found in the code"
+    assert metrics_table() == exported
 
 
 def test_the_readme_command_table_names_every_command_and_option() -> None:
