@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ from stowd.config.load import (
 )
 from stowd.config.receiveconfig import ALLOW_KEYS, RECEIVE_KEYS
 from stowd.config.ruleconfig import LOOKUP_KEYS, MATCH_KEYS, RULE_KEYS
+from stowd.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -162,6 +164,54 @@ def test_the_defaults_test_covers_the_keys_with_a_default() -> None:
     assert {"retry.hold_probe", "retry.initial", f"{SOURCE}.quiet_period"} <= keys
     assert {f"{DESTINATION}.timeouts.read", f"{DESTINATION}.batch.max_bytes"} <= keys
     assert {f"{SOURCE}.receive.max_pdu", "rules[].lookup.wait"} <= keys
+
+
+# What a default cell may say when it shows no value for the defaults test to load: the key
+# must be given, or has no default.  Any other cell of a one-key row must be a literal the
+# defaults test loads: "`7d` (a week)" would otherwise slip past it unchecked.
+NO_VALUE = re.compile(
+    r"required(?: \(or `receive`\))?|none(?: \(no login\))?|off|every file|"
+    r"any calling AE|the destination's: `\{destination url\}/mwlitems`|"
+)
+
+
+def test_each_default_cell_is_checked_or_shows_no_value() -> None:
+    checked = {key for key, _ in documented_defaults()}
+    unchecked = [
+        (keys[0], cell)
+        for keys, cell in reference_rows()
+        if len(keys) == 1 and keys[0] not in checked and not NO_VALUE.fullmatch(cell)
+    ]
+    assert unchecked == [], "a default the defaults test does not load"
+
+
+def without_key(doc: dict[str, object], key: str) -> bool:
+    """Remove ``key`` (a reference key path) from ``doc``; False when it is not there."""
+    node: object = doc
+    parts = key.replace(DESTINATION, "destinations.pacs").split(".")
+    for part in parts[:-1]:
+        if not isinstance(node, dict) or part.removesuffix("[]") not in node:
+            return False
+        node = node[part.removesuffix("[]")]
+        node = node[0] if part.endswith("[]") and isinstance(node, list) else node
+    return isinstance(node, dict) and node.pop(parts[-1], None) is not None
+
+
+def test_the_keys_shown_required_are_the_ones_the_loader_requires(tmp_path: Path) -> None:
+    """A key whose row says ``required`` is one that the minimal config (with a receiving
+    source, or a rule's lookup) cannot leave out; every other key it holds can be."""
+    shown = {keys[0] for keys, cell in reference_rows() if cell.startswith("required")}
+    required = set()
+    for key in model_keys():
+        doc = base_config(key)
+        if without_key(doc, key):
+            with pytest.raises(ConfigError) if key in shown else nullcontext() as info:
+                load_dict(tmp_path, doc)
+            if info is not None:
+                required.add(key)
+                assert "required key is missing" in str(info.value), key
+    assert required == shown
+    assert {"queue", f"{SOURCE}.watch", f"{DESTINATION}.url", "rules[].lookup.in"} <= shown
 
 
 # --------------------------------------------------------------------------- links
