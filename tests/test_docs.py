@@ -347,11 +347,13 @@ def test_the_metrics_table_names_every_metric_stowd_exports() -> None:
     assert metrics_table() == exported
 
 
-def test_the_readme_command_table_names_every_command_and_option() -> None:
-    """Each ``stowd`` command has its row in the README's table, with every option and
-    argument its parser takes (either spelling: ``-c`` or ``--config``); an option of
-    ``stowd`` itself (not ``-h``) is named in the README too."""
-    readme = (ROOT / "README.md").read_text()
+@pytest.mark.parametrize("page", ["README.md", "docs/service.md"])
+def test_the_readme_command_table_names_every_command_and_option(page: str) -> None:
+    """Each ``stowd`` command has its row in the command table (the README's, and the one in
+    full of docs/service.md), with every option and argument its parser takes (either
+    spelling: ``-c`` or ``--config``); an option of ``stowd`` itself (not ``-h``) is named
+    on the page too."""
+    readme = (ROOT / page).read_text()
     rows = {row.split()[2]: row for row in readme.splitlines() if row.startswith("| `stowd ")}
     parser = cli._parser()
     for action in parser._actions:
