@@ -40,10 +40,20 @@ PAGES = sorted([ROOT / "README.md", *DOCS.glob("*.md")])
 
 SOURCE = "sources[]"
 DESTINATION = "destinations.<name>"
+
+
+def _metrics_keys() -> tuple[str, ...]:
+    """The keys load.py reads ``metrics`` with (a literal tuple there, not a named one)."""
+    load = (ROOT / "stowd" / "config" / "load.py").read_text()
+    found = re.search(r'section\("metrics", \(([^)]*)\)\)', load)
+    assert found, "stowd/config/load.py no longer reads metrics with a literal tuple of keys"
+    return tuple(re.findall(r'"(\w+)"', found[1]))
+
+
 # sections read with their own key lists (load.py, access.py, receiveconfig.py, ruleconfig.py)
 SECTIONS: dict[str, tuple[str, ...]] = {
     "retry": _RETRY_KEYS,
-    "metrics": ("listen",),
+    "metrics": _metrics_keys(),
     "rules[]": RULE_KEYS,
     "rules[].match": MATCH_KEYS,
     "rules[].lookup": LOOKUP_KEYS,
