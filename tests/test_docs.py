@@ -29,6 +29,7 @@ from stowd.config.load import (
 )
 from stowd.config.receiveconfig import ALLOW_KEYS, RECEIVE_KEYS
 from stowd.config.ruleconfig import LOOKUP_KEYS, MATCH_KEYS, RULE_KEYS
+from stowd.dropped import ADVICE
 from stowd.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -309,6 +310,27 @@ def test_the_readme_links_every_docs_page() -> None:
 
 
 # --------------------------------------------------------------------------- facts
+
+
+def test_the_pages_that_other_files_name_exist() -> None:
+    """config.example.yaml, the systemd units and stowd's own messages send readers to
+    docs/ pages by name: each must be there (they named README sections before the split)."""
+    named = set()
+    for path in [ROOT / "config.example.yaml", *(ROOT / "systemd").iterdir()]:
+        named |= set(re.findall(r"\bdocs/[\w-]+\.md\b", path.read_text()))
+    for path in (ROOT / "stowd").rglob("*.py"):
+        named |= set(re.findall(r"\bdocs/[\w-]+\.md\b", path.read_text()))
+    assert len(named) >= 5
+    assert sorted(n for n in named if not (ROOT / n).is_file()) == []
+
+
+def test_the_readme_holds_the_risk_a_link_refusal_sends_readers_to() -> None:
+    """A dropped symbolic link fails with dropped.ADVICE, which sends the reader to the
+    README for the risk of follow_links: the README must name it and lead to its row."""
+    assert "see the README for the risk" in ADVICE  # else: change this test with the text
+    readme = (ROOT / "README.md").read_text()
+    assert "follow_links" in readme
+    assert "docs/configuration.md#every-key" in readme
 
 
 def test_the_development_page_names_the_packages_ci_installs() -> None:
