@@ -393,6 +393,9 @@ def test_the_readme_command_table_names_every_command_and_option(page: str) -> N
             assert set(action.choices) == set(rows), "a command without a row, or a row too many"
             for name, sub in action.choices.items():
                 assert _unnamed(sub, rows[name]) == [], f"stowd {name}"
+                # every command reads the config first: cli.main exits 2 on a ConfigError
+                exits = re.split(r"(?<!\\)\|", rows[name])[-2]
+                assert re.search(r"\b2 (?:config|usage|invalid)", exits), f"stowd {name}: {exits}"
     assert _unnamed(parser, readme, positional=False) == []
 
 
