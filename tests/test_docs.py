@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import re
+import textwrap
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -26,6 +28,7 @@ from stowd.config.load import (
     _SOURCE_KEYS,
     _TIMEOUT_KEYS,
     _TOP_KEYS,
+    load_config,
 )
 from stowd.config.receiveconfig import ALLOW_KEYS, RECEIVE_KEYS
 from stowd.config.ruleconfig import LOOKUP_KEYS, MATCH_KEYS, RULE_KEYS
@@ -307,6 +310,73 @@ def test_the_readme_links_every_docs_page() -> None:
     linked = {(ROOT / t.partition("#")[0]).resolve() for t in links(ROOT / "README.md")}
     pages = set(DOCS.glob("*.md"))
     assert sorted(p.name for p in pages - linked) == []
+
+
+# --------------------------------------------------------------------------- examples
+
+CONFIG_KEYS = {"queue", "sources", "destinations", "rules"}
+
+
+def yaml_examples() -> list[tuple[str, str]]:
+    """(page:line, text) of each ```yaml block of the pages that holds config keys at its top
+    (a sidecar's or a rule's lines alone are not a config)."""
+    found = []
+    for page in PAGES:
+        text = page.read_text()
+        for block in re.finditer(r"^( *)```yaml\n(.*?)^\1```", text, re.S | re.M):
+            example = textwrap.dedent(block[2])
+            doc = yaml.safe_load(example)
+            if isinstance(doc, dict) and CONFIG_KEYS & set(doc):
+                line = text.count("\n", 0, block.start()) + 1
+                found.append((f"{page.relative_to(ROOT)}:{line}", example))
+    return found
+
+
+def completed(doc: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """An example made a whole config: a queue, a destination and a source where it has none,
+    the sources its rules name, its folders moved below ``folder`` (watch folders made), and
+    its TLS files made (empty: the loader only asks that they exist)."""
+    doc.setdefault("queue", "state/queue.db")
+    doc.setdefault("destinations", {"pacs": {"url": "http://127.0.0.1:8042/dicom-web"}})
+    sources = doc.setdefault("sources", [])
+    for rule in doc.get("rules") or []:
+        wanted = (rule.get("match") or {}).get("source", [])
+        for name in [wanted] if isinstance(wanted, str) else wanted:
+            if name not in {s["name"] for s in sources}:
+                sources.append({"name": name, "watch": f"drop/{name}"})
+    if not sources:
+        sources.append({"name": "ct1", "watch": "drop/ct1"})
+    first = next(iter(doc["destinations"]))
+    for source in sources:
+        source.setdefault("destination", first)
+        for key in ("sent", "failed") if "receive" in source else ("watch", "sent", "failed"):
+            source.setdefault(key, f"{key}/{source['name']}")
+            source[key] = str(folder / str(source[key]).lstrip("/"))
+        Path(source.get("watch", folder)).mkdir(parents=True, exist_ok=True)
+    doc["queue"] = str(folder / str(doc["queue"]).lstrip("/"))
+    for destination in doc["destinations"].values():
+        for key, value in (destination.get("tls") or {}).items():
+            if key != "min_version":
+                made = folder / str(value).lstrip("/")
+                made.parent.mkdir(parents=True, exist_ok=True)
+                made.touch()
+                destination["tls"][key] = str(made)
+    return doc
+
+
+@pytest.mark.parametrize(("where", "example"), yaml_examples(), ids=[w for w, _ in yaml_examples()])
+def test_each_yaml_example_is_a_valid_config(tmp_path: Path, where: str, example: str) -> None:
+    """What an administrator copies from a page loads: each example is valid, completed only
+    with what it leaves out (a queue, a destination, the sources its rules name)."""
+    doc = completed(yaml.safe_load(example), tmp_path)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(doc))
+    load_config(tmp_path / "config.yaml")
+
+
+def test_the_examples_test_sees_the_examples() -> None:
+    pages = {where.split(":")[0] for where, _ in yaml_examples()}
+    assert len(yaml_examples()) >= 12
+    assert {"docs/configuration.md", "docs/rules.md", "docs/connecting.md"} <= pages
 
 
 # --------------------------------------------------------------------------- facts
