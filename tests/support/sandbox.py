@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 FOLDERS = ("etc", "usr", "var", "opt", "srv", "home")
@@ -45,6 +46,13 @@ def unavailable() -> str | None:
         return "unshare is missing (Debian package util-linux)"
     if "overlay" not in Path("/proc/filesystems").read_text():
         return "the kernel has no overlayfs"
+    upper = Path(tempfile.mkdtemp(prefix="stowd-sandbox-probe-"))
+    try:
+        probe = Sandbox(upper).run("true", timeout=60)
+    finally:
+        shutil.rmtree(upper, ignore_errors=True)
+    if probe.returncode != 0:
+        return f"cannot mount the overlays: {probe.stderr.strip()}"
     return None
 
 
