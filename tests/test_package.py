@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dicomgen import make_instance
+from orthanc import Orthanc
 from sandbox import Sandbox, unavailable
 
 from stowd import __version__
@@ -260,3 +262,67 @@ def test_purge_keeps_files_of_stowd_and_so_the_user(deb: Path, view: Sandbox) ->
     said = purged.stdout + purged.stderr  # apt passes the scripts' stderr on as it likes
     assert "stowd: kept /var/lib/stowd: it holds DICOM files received" in said
     assert "stowd: kept the user and group stowd: they own /" in said
+
+
+# docs/deploy.md, steps 3 to 7, with the service's user and umask (no systemd runs here): the
+# scanner's account ct1scan in the group modality writes a study into the drop folder, and
+# stowd, running as stowd, sends it and moves it to sent/.  Every wait is bounded (120 s).
+FIRST_FILE = r"""
+set -eu
+url=$1 image=$2 log=$3
+wait_for() {
+    waited=0
+    until eval "$1"; do
+        [ "$waited" -lt 120 ] || { echo "not within 120 s: $1" >&2; exit 3; }
+        sleep 1
+        waited=$((waited + 1))
+    done
+}
+groupadd modality
+useradd --gid modality --no-create-home --shell /usr/sbin/nologin ct1scan
+usermod -aG modality stowd
+chgrp modality /srv/stowd/ct1/drop
+sed -i "s|url: http://127.0.0.1:8042/dicom-web|url: $url|" /etc/stowd/config.yaml
+stowd check-config --user stowd --connect
+(umask 0027; exec setpriv --reuid stowd --regid stowd --init-groups stowd run) >"$log" 2>&1 &
+daemon=$!
+wait_for "grep -q 'watching /srv/stowd/ct1/drop' '$log'"
+drop=/srv/stowd/ct1/drop
+runuser -u ct1scan -- sh -c "umask 002; mkdir $drop/P1 && cp '$image' $drop/P1/"
+wait_for "[ -e /srv/stowd/ct1/sent/P1/IM1.dcm ]"
+stowd status
+kill -TERM "$daemon"
+wait "$daemon"
+"""
+
+
+@pytest.mark.timeout(1500)
+def test_the_first_file_of_the_deploy_guide_reaches_the_archive(
+    deb: Path, view: Sandbox, orthanc: Orthanc, tmp_path: Path
+) -> None:
+    shared = Path(tempfile.mkdtemp(prefix="stowd-first-file-"))  # ct1scan reads it
+    try:
+        shared.chmod(0o755)
+        make_instance(shared / "IM1.dcm", patient_id="DEPLOY1")
+        (shared / "IM1.dcm").chmod(0o644)
+        apt(view, "install", str(deb))
+        log = tmp_path / "daemon.log"
+
+        said = inside(
+            view,
+            "sh",
+            "-c",
+            FIRST_FILE,
+            "sh",
+            orthanc.dicomweb_url,
+            str(shared / "IM1.dcm"),
+            str(log),
+            timeout=600,
+        )
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+    assert f"destination pacs: {orthanc.dicomweb_url}: works" in said
+    assert "stored, moved to /srv/stowd/ct1/sent/P1/IM1.dcm" in log.read_text()
+    assert re.search(r"^files: +1 sent$", said, re.MULTILINE), said
+    assert orthanc.instance_count() == 1
