@@ -1,7 +1,9 @@
 """The Debian package (``systemd/debian/build``): built from this checkout, installed with apt,
 checked as installed (files, modes, the user and group, ``systemd-analyze verify`` of the
 installed units, ``stowd --version``, ``stowd check-config`` as shipped, ``systemctl enable``),
-then removed and purged, after which nothing of it may be left (files, user, group).
+then removed and purged, after which nothing of it may be left (files, user, group); a purge
+that finds files of stowd left keeps them and the user; and docs/deploy.md's path from the
+scanner's account to the archive works with the installed package (a real Orthanc).
 
 The install is real apt and dpkg on this machine, but in a copy-on-write view of its system
 folders (``tests/support/sandbox.py``: a private mount namespace with overlays on /etc, /usr,
