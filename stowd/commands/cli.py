@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from stowd import __version__
 from stowd.commands import (
     connect,
     dryrun,
@@ -49,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Watch drop folders and upload what lands there to a DICOMweb archive "
         "with STOW-RS.",
     )
+    parser.add_argument("--version", action="version", version=f"stowd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run the daemon in the foreground (logs to stderr)")
     check = sub.add_parser("check-config", help="validate the configuration, list every problem")
