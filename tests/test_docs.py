@@ -386,7 +386,10 @@ def test_the_pages_that_other_files_name_exist() -> None:
     """config.example.yaml, the systemd units and stowd's own messages send readers to
     docs/ pages by name: each must be there (they named README sections before the split)."""
     named = set()
-    for path in [ROOT / "config.example.yaml", *(ROOT / "systemd").iterdir()]:
+    for path in [
+        ROOT / "config.example.yaml",
+        *(p for p in (ROOT / "systemd").rglob("*") if p.is_file()),
+    ]:
         named |= set(re.findall(r"\bdocs/[\w-]+\.md\b", path.read_text()))
     for path in (ROOT / "stowd").rglob("*.py"):
         named |= set(re.findall(r"\bdocs/[\w-]+\.md\b", path.read_text()))
@@ -394,10 +397,17 @@ def test_the_pages_that_other_files_name_exist() -> None:
     assert sorted(n for n in named if not (ROOT / n).is_file()) == []
 
 
-def test_the_readme_holds_the_risk_a_link_refusal_sends_readers_to() -> None:
-    """A dropped symbolic link fails with dropped.ADVICE, which sends the reader to the
-    README for the risk of follow_links: the README must name it and lead to its row."""
-    assert "see the README for the risk" in ADVICE  # else: change this test with the text
+def test_the_page_a_link_refusal_sends_readers_to_holds_the_risk() -> None:
+    """A dropped symbolic link fails with dropped.ADVICE, which sends the reader to
+    follow_links in docs/configuration.md for the risk: that row must be there and say it,
+    and the README's promise must lead to it."""
+    assert "follow_links in docs/configuration.md" in ADVICE  # else: change this test too
+    row = [
+        line
+        for line in (DOCS / "configuration.md").read_text().splitlines()
+        if line.startswith("| `sources[].follow_links`")
+    ]
+    assert len(row) == 1 and "**Risk**" in row[0], row
     readme = (ROOT / "README.md").read_text()
     assert "follow_links" in readme
     assert "docs/configuration.md#every-key" in readme
