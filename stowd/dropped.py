@@ -29,7 +29,7 @@ _GUARDED: dict[str, bool] = {}  # watch folder -> follow_links
 ADVICE = (
     "stowd does not follow symbolic links in a drop folder (a writer could point one at a "
     "file it cannot read itself); put the file itself there, or set follow_links: true on "
-    "the source (see the README for the risk)"
+    "the source (see follow_links in docs/configuration.md for the risk)"
 )
 
 

@@ -1,5 +1,5 @@
 """The package layout is the architecture: each package imports only the layers its
-``__init__`` names, and the README's Layout section lists every module there is."""
+``__init__`` names, and the Layout section of docs/development.md lists every module there is."""
 
 from __future__ import annotations
 
@@ -74,9 +74,9 @@ def test_the_layers_are_ordered_without_cycles() -> None:
 
 
 def listed_in_readme() -> set[str]:
-    """The modules of the README's Layout block: a folder line (``stowd/pipeline/``), then its
-    modules indented under it (``  queue.py  ...``)."""
-    readme = (ROOT / "README.md").read_text()
+    """The modules of the Layout block of docs/development.md: a folder line
+    (``stowd/pipeline/``), then its modules indented under it (``  queue.py  ...``)."""
+    readme = (ROOT / "docs" / "development.md").read_text()
     section = readme.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
     listed, folder = set(), ""
     for line in section.splitlines():

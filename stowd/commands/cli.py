@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from stowd import __version__
 from stowd.commands import (
     connect,
     dryrun,
@@ -38,6 +39,7 @@ from stowd.service.purge import purge_sent
 from stowd.service.status import daemon_pid, gather, render
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_READER_GONE = 128 + signal.SIGPIPE  # 141, as a C tool ended by SIGPIPE
 DEFAULT_CONFIG = "/etc/stowd/config.yaml"
 
 log = logging.getLogger("stowd")
@@ -49,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Watch drop folders and upload what lands there to a DICOMweb archive "
         "with STOW-RS.",
     )
+    parser.add_argument("--version", action="version", version=f"stowd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run the daemon in the foreground (logs to stderr)")
     check = sub.add_parser("check-config", help="validate the configuration, list every problem")
@@ -148,7 +151,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # status must work while a watch folder is missing: it is what says so
         config = load_config(args.config, watch_exists=args.command != "status")
-        return _COMMANDS[args.command](config, args)
+        code = _COMMANDS[args.command](config, args)
+        sys.stdout.flush()  # here, where a closed pipe can still be caught
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return EXIT_USAGE
@@ -157,6 +164,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_RUNTIME
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+def _reader_gone() -> int:
+    """Whoever read stdout stopped early (``stowd status | head``): end quietly, without
+    a traceback, and point stdout at /dev/null so that Python's own flush at exit does not
+    meet the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_READER_GONE
 
 
 def _run(config: Config, args: argparse.Namespace) -> int:

@@ -122,7 +122,7 @@ class Bulkdata:
 
 
 DEFAULT_MAX_ASSOCIATIONS = 10  # concurrent C-STORE associations a receiving source takes
-DEFAULT_MAX_PDU = 65536  # bytes; the largest PDU stowd receives (0: no limit)
+DEFAULT_MAX_PDU = 65536  # bytes; the largest PDU stowd receives (4096 to 16777216)
 DEFAULT_IDLE_TIMEOUT = 60.0  # seconds an association may stay silent before it is aborted
 RECEIVED = "received"  # the folder beside the queue holding what receiving sources took in
 INCOMING = ".incoming"  # in it: instances still arriving (never queued, cleared at start)

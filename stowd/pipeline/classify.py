@@ -199,8 +199,8 @@ def _image_description(ds: pydicom.Dataset) -> str | None:
 
     An image has the Image Pixel module (group 0028: Rows, Columns, BitsAllocated, ...).  A
     header cut before it looks like an object without pixel data (a report, a plan): the
-    quiet period is all that protects such a cut (see the README).  MR spectroscopy has Rows
-    and Columns but its data in SpectroscopyData, not in pixel data."""
+    quiet period is all that protects such a cut (see docs/how-it-works.md).  MR
+    spectroscopy has Rows and Columns but its data in SpectroscopyData, not in pixel data."""
     if SPECTROSCOPY_DATA in ds or not any(tag in ds for tag in IMAGE_PIXEL_TAGS):
         return None
     try:  # a value cut short by the end of the file cannot be read: say less
