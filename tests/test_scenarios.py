@@ -118,7 +118,7 @@ def test_the_production_config_of_each_scenario_loads(name: str, tmp_path: Path)
 
 def test_the_modality_gateway_page_as_written(tmp_path: Path) -> None:
     require_orthanc()
-    require_tools("storescu", "echoscu", "curl")
+    require_tools("storescu", "echoscu")
     output = run_page("scenario-modality-gateway.md", tmp_path)
     run = tmp_path / "try-gateway"
     assert "Received Echo Response (Status: 0x0000 - Success)" in output
@@ -133,7 +133,7 @@ def test_the_modality_gateway_page_as_written(tmp_path: Path) -> None:
 
 def test_the_capture_station_page_as_written(tmp_path: Path) -> None:
     require_orthanc()
-    require_tools("curl", "dcmodify", "ffmpeg")
+    require_tools("dcmodify", "ffmpeg")
     output = run_page("scenario-capture-station.md", tmp_path)
     run = tmp_path / "try-capture"
     assert files_below(run / "done/photos/sent") == [
@@ -160,7 +160,6 @@ def test_the_capture_station_page_as_written(tmp_path: Path) -> None:
 
 def test_the_overnight_migration_page_as_written(tmp_path: Path) -> None:
     require_orthanc()
-    require_tools("curl")
     output = run_page("scenario-overnight-migration.md", tmp_path)
     run = tmp_path / "try-migration"
     assert "give the migration a queue of its own with --queue PATH" in output
