@@ -538,3 +538,18 @@ def test_migrate_runs_beside_the_daemon_with_a_queue_of_its_own(
     assert "stored:   2 file(s)" in done.stdout
     assert own.exists()
     assert orthanc.instance_count() == 2
+
+
+def test_a_migration_only_config_needs_no_watch_folder(tmp_path: Path, orthanc: Orthanc) -> None:
+    """migrate walks its SRC folders only: the config's source's watch folder may be missing
+    (a machine that only migrates has no drop folder), as for ``stowd status``."""
+    layout = layout_for(tmp_path, orthanc)
+    layout.drop.rmdir()
+    old = tmp_path / "old"
+    make_study(old, 2)
+    result = run_cli("migrate", "-c", str(layout.config), str(old), "--destination", "pacs",
+                     "--keep", timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "stored:   2 file(s)" in result.stdout
+    assert not layout.drop.exists()  # not made either
+    assert orthanc.instance_count() == 2

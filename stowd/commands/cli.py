@@ -41,6 +41,10 @@ from stowd.service.status import daemon_pid, gather, render
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_READER_GONE = 128 + signal.SIGPIPE  # 141, as a C tool ended by SIGPIPE
 DEFAULT_CONFIG = "/etc/stowd/config.yaml"
+# Commands that never look into the config's watch folders: status must work while one is
+# missing (it is what says so); migrate walks only its SRC folders, and a machine that only
+# migrates has no drop folder to watch.
+_NO_WATCHING = frozenset({"status", "migrate"})
 
 log = logging.getLogger("stowd")
 
@@ -149,8 +153,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        # status must work while a watch folder is missing: it is what says so
-        config = load_config(args.config, watch_exists=args.command != "status")
+        config = load_config(args.config, watch_exists=args.command not in _NO_WATCHING)
         code = _COMMANDS[args.command](config, args)
         sys.stdout.flush()  # here, where a closed pipe can still be caught
         return code

@@ -684,7 +684,8 @@ def load_config(path: str | Path, *, watch_exists: bool = True) -> Config:
     """Read, validate and return the configuration at ``path``; raise ``ConfigError``.
 
     Each watch folder must exist and be a folder, unless ``watch_exists`` is False: only
-    for ``stowd status``, which must work while a watch folder is missing (and says so).
+    for ``stowd status``, which must work while a watch folder is missing (and says so),
+    and ``stowd migrate``, which walks its own folders and never the config's.
 
     Every problem found is collected (key path, message, line) and raised together in one
     ``ConfigError`` naming the file; problems are ordered by line.
