@@ -531,7 +531,7 @@ def test_migrate_runs_beside_the_daemon_with_a_queue_of_its_own(
         done = run_cli(*args, "--queue", str(own), timeout=120)
         assert daemon.terminate() == 0
 
-    assert refused.returncode == 1
+    assert refused.returncode == cli.EXIT_QUEUE_BUSY  # 75: try later, not "see the report"
     assert "is using the queue" in refused.stderr
     assert "give the migration a queue of its own with --queue PATH" in refused.stderr
     assert done.returncode == 0, done.stderr
@@ -553,3 +553,23 @@ def test_a_migration_only_config_needs_no_watch_folder(tmp_path: Path, orthanc: 
     assert "stored:   2 file(s)" in result.stdout
     assert not layout.drop.exists()  # not made either
     assert orthanc.instance_count() == 2
+
+
+def test_a_queue_held_by_another_stowd_is_exit_75_for_run_and_migrate(
+    tmp_path: Path, orthanc: Orthanc
+) -> None:
+    """A cron wrapper (or systemd) can tell "the queue is in use, try later" (75, EX_TEMPFAIL)
+    from "some files were not stored" (1)."""
+    layout = layout_for(tmp_path, orthanc)
+    old = tmp_path / "old"
+    make_study(old, 1)
+    with Stowd(layout) as daemon:
+        wait_for(lambda: "watching" in daemon.log, 30, "the daemon to start", lambda: daemon.log)
+        second = run_cli("run", "-c", str(layout.config), timeout=60)
+        migration = run_cli("migrate", "-c", str(layout.config), str(old), "--destination",
+                            "pacs", "--keep", timeout=60)  # fmt: skip
+        assert daemon.terminate() == 0
+    assert (second.returncode, migration.returncode) == (75, 75), (second.stderr, migration.stderr)
+    assert "is using the queue" in second.stderr
+    assert "start stowd again once that one has finished" in second.stderr
+    assert orthanc.instance_count() == 0  # the refused migration sent nothing

@@ -1,7 +1,9 @@
 """The command line: ``stowd run | check-config | status | dry-run | explain | retry | purge |
 migrate``.
 
-Exit codes: 0 ok, 1 runtime error, 2 usage or configuration error, 130 on Ctrl-C.
+Exit codes: 0 ok, 1 runtime error, 2 usage or configuration error, 75 (EX_TEMPFAIL of
+sysexits.h: try again later) when ``run`` or ``migrate`` finds the queue in use by another
+stowd, 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from stowd.service.purge import purge_sent
 from stowd.service.status import daemon_pid, gather, render
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_QUEUE_BUSY = 75  # EX_TEMPFAIL: another stowd holds the queue; try again later
 EXIT_READER_GONE = 128 + signal.SIGPIPE  # 141, as a C tool ended by SIGPIPE
 DEFAULT_CONFIG = "/etc/stowd/config.yaml"
 # Commands that never look into the config's watch folders: status must work while one is
@@ -183,7 +186,13 @@ def _run(config: Config, args: argparse.Namespace) -> int:
     logs.setup(args.log_level or config.log_level, args.log_format)
     daemon = Daemon(config)
     daemon.install_signals()
-    daemon.run()
+    try:
+        daemon.run()
+    except QueueLockedError as exc:
+        # systemd restarts on 75 as on 1 (not in RestartPreventExitStatus): the daemon
+        # comes back once the migration that holds its queue is done
+        print(f"stowd: {exc}; start stowd again once that one has finished", file=sys.stderr)
+        return EXIT_QUEUE_BUSY
     return EXIT_INTERRUPTED if daemon.last_signal == signal.SIGINT else EXIT_OK
 
 
@@ -364,7 +373,7 @@ def _migrate(config: Config, args: argparse.Namespace) -> int:
             "queue of its own with --queue PATH (such as /var/lib/stowd/migrate.db)",
             file=sys.stderr,
         )
-        return EXIT_RUNTIME
+        return EXIT_QUEUE_BUSY
     report = None if args.report is None else Path(args.report)
     if report is not None:
         migreport.write_report(report, summary.failures)
