@@ -573,3 +573,41 @@ def test_a_queue_held_by_another_stowd_is_exit_75_for_run_and_migrate(
     assert "is using the queue" in second.stderr
     assert "start stowd again once that one has finished" in second.stderr
     assert orthanc.instance_count() == 0  # the refused migration sent nothing
+
+
+def held_lines(log: Path, failed: int) -> list[str]:
+    """The progress lines that say the destination is held, once ``failed`` files failed."""
+    lines = log.read_text().splitlines()
+    return [x for x in lines if " HELD since " in x and f" {failed} failed, " in x]
+
+
+def test_while_the_archive_is_down_the_progress_says_held_and_the_rate_stops_counting(
+    tmp_path: Path,
+) -> None:
+    """A closed port: the lines say the destination is held and why, give no ETA, and the
+    pause does not count in the rate (it stays as it was instead of shrinking, and the ETA
+    does not grow)."""
+    layout = make_layout(tmp_path / "run", "http://127.0.0.1:9/dicom-web")  # nothing listens
+    old = tmp_path / "old"
+    make_study(old / "good", 2)
+    for n in range(40):  # fail at once, without the archive: a rate before the hold
+        write_garbage(old / "bad" / f"{n}.dcm")
+    log = tmp_path / "migrate.log"
+    proc = start(layout, log, str(old), "--destination", "pacs", "--keep", "--progress-every",
+                 "0.5")  # fmt: skip
+    try:
+        wait_for(lambda: len(held_lines(log, 40)) >= 3, 60, "3 held lines", log.read_text)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 130, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(60)
+    lines = held_lines(log, 40)
+    assert all("ETA" not in line.replace("no ETA while held", "") for line in lines), lines
+    assert all("no ETA while held" in line for line in lines)
+    assert all("destination pacs HELD since " in line and "next try" in line for line in lines)
+    assert all("cannot connect" in line for line in lines), lines  # why, as status says
+    rates = {line.split(" files/s")[0].rsplit(" ", 1)[1] for line in lines}
+    assert len(rates) == 1, lines  # the held time is not in the rate
+

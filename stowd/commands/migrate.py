@@ -43,6 +43,7 @@ from stowd.commands.migreport import (
     Summary,
     active,
     failed_entry,
+    held_note,
     progress,
     progress_bar,
     progress_line,
@@ -54,7 +55,7 @@ from stowd.dicomweb.stow import StowClient
 from stowd.errors import MigrationConflict
 from stowd.pipeline.lookup import Finder
 from stowd.pipeline.metadata import clear_spool, digest
-from stowd.pipeline.queue import Job, NewFile, Queue
+from stowd.pipeline.queue import Hold, Job, NewFile, Queue
 from stowd.pipeline.reader import Reader
 from stowd.pipeline.settle import repair
 from stowd.pipeline.verify import Tally
@@ -108,6 +109,45 @@ def make_sources(config: Config, opts: Options) -> tuple[Source, ...]:
     return tuple(sources)
 
 
+class Pauses:
+    """How long the run's destination has been held (not answering, or refusing the login):
+    the rates and the ETA leave that time out, so that an archive that is down does not make
+    the ETA grow."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.done = 0.0  # seconds of the holds that ended
+        self.hold: Hold | None = None  # the hold now, if any
+        self.since: float | None = None  # when the hold now began to count
+        self.carried = 0  # failed tries of a hold left by an earlier run, when the run began
+
+    def carry(self, hold: Hold | None) -> None:
+        """The hold an earlier run left (the archive may be back: the first try tells)."""
+        self.carried = 0 if hold is None else hold.failures
+
+    def update(self, hold: Hold | None, now: float) -> None:
+        """Seen at ``now``: the destination is held (``hold``) or not (None)."""
+        if hold is None:
+            self.done += 0.0 if self.since is None else now - self.since
+            self.since, self.carried = None, 0
+        elif self.since is None:
+            self.since = self._began(hold, now)
+        self.hold = hold
+
+    def _began(self, hold: Hold, now: float) -> float | None:
+        """A hold of this run counts from its start; one left by an earlier run only once a
+        try of this run failed too (then from the run's start), not while the first try,
+        which may well succeed, is under way."""
+        if hold.since >= self.started:
+            return min(hold.since, now)
+        return self.started if hold.failures > self.carried else None
+
+    def answering(self, now: float) -> float:
+        """The run's seconds so far without the time the destination was held."""
+        held = self.done + (now - self.since if self.since is not None else 0.0)
+        return max(0.0, now - self.started - held)
+
+
 class Migration:
     """Scan, send and settle until every file of the folders is done (or a signal)."""
 
@@ -132,6 +172,7 @@ class Migration:
         self.crashed = False
         self.out = out
         self.started = time.time()
+        self.pauses = Pauses(self.started)
 
     # -- signals ------------------------------------------------------------------------
     def install_signals(self) -> None:
@@ -150,6 +191,7 @@ class Migration:
         """Raises ``QueueError`` when the queue cannot be used (another stowd holds it)."""
         self.queue.open()
         try:
+            self.pauses.carry(self.queue.holds().get(self.opts.destination))
             self._refuse_other_mode()
             self._recover()
             threads = self._start()
@@ -263,6 +305,7 @@ class Migration:
         while not self.stop.wait(tick):
             began = time.monotonic()
             tally = self.queue.run_tally(self.names, self.started)
+            self.pauses.update(self.queue.holds().get(self.opts.destination), time.time())
             # counting a million rows takes a while: look less often, never hog the queue
             tick = max(TICK, QUERY_SHARE * (time.monotonic() - began))
             if self.scanned.is_set() and self._nothing_left(tally):
@@ -311,9 +354,12 @@ class Migration:
             self.finder.close()
 
     def _show(self, tally: dict[str, tuple[int, int]], end: str = "\n") -> None:
-        seconds = time.time() - self.started
+        at = time.time()
+        seconds = self.pauses.answering(at)
         errors = len(self.scan_errors)
-        now = progress(tally, self.skipped, seconds, self.scanned.is_set(), errors)
+        hold = self.pauses.hold
+        held = None if hold is None else held_note(hold, at)
+        now = progress(tally, self.skipped, seconds, self.scanned.is_set(), errors, held=held)
         line = progress_line(now)
         if self.opts.tty:  # one line redrawn in place: never wider than the terminal
             width = self._width() - 1

@@ -15,13 +15,15 @@ import csv
 import io
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from stowd.fileops import write_new
-from stowd.pipeline.queue import Failed, Job
+from stowd.pipeline.queue import Failed, Hold, Job
 from stowd.printable import escape_lines, utf8_safe
+from stowd.service.status import redact
 
 DONE_STATES = ("sent", "failed", "gone", "ignored")
 REPORT_FIELDS = ("path", "reason", "http_status", "stage")
@@ -102,7 +104,8 @@ def unreadable_entry(path: str, exc: OSError) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Progress:
     """Where a run stands: ``done`` of ``total`` files (skipped ones count as done; the
-    total grows until the walk is ``scanned``)."""
+    total grows until the walk is ``scanned``).  ``seconds``: the run's time without the
+    time its destination was held, which the rates leave out."""
 
     done: int
     total: int
@@ -110,7 +113,8 @@ class Progress:
     stored_bytes: int
     failed: int
     seconds: float
-    rate: float  # files finished per second in this run
+    rate: float  # files finished per second in this run, while the destination answered
+    held: str | None = None  # why the destination is held (then no ETA), as held_note says
 
     @property
     def eta(self) -> str:
@@ -119,19 +123,44 @@ class Progress:
         return _clock((self.total - self.done) / self.rate) if self.rate > 0 else "-"
 
     @property
+    def outlook(self) -> str:
+        """``ETA h:mm:ss``, or while the destination is held why it waits, and no ETA."""
+        return f"ETA {self.eta}" if self.held is None else f"{self.held}; no ETA while held"
+
+    @property
     def files(self) -> str:
         return f"{self.done}/{self.total}{'' if self.scanned else '+'} files"
 
 
 def progress(
-    tally: dict[str, tuple[int, int]], skipped: int, seconds: float, scanned: bool, errors: int
+    tally: dict[str, tuple[int, int]],
+    skipped: int,
+    seconds: float,
+    scanned: bool,
+    errors: int,
+    *,
+    held: str | None = None,
 ) -> Progress:
+    """``seconds``: the time the destination answered (held time left out)."""
     done = sum(tally.get(s, (0, 0))[0] for s in DONE_STATES)
     total = done + active(tally) + skipped
     failed = tally.get("failed", (0, 0))[0] + errors
     rate = done / seconds if seconds > 0 else 0.0
     stored = tally.get("sent", (0, 0))[1]
-    return Progress(done + skipped, total, scanned, stored, failed, seconds, rate)
+    return Progress(done + skipped, total, scanned, stored, failed, seconds, rate, held)
+
+
+def held_note(hold: Hold, now: float) -> str:
+    """What ``stowd status`` says of a held destination, on one line: since when, the next
+    try and why (``held since 05:50:01 (8 min), next try in 20s: <reason>``)."""
+    since = time.strftime("%H:%M:%S", time.localtime(hold.since))
+    wait = hold.until - now
+    due = f"in {wait:.0f}s" if wait > 0 else "due now"
+    reason = " ".join(redact(hold.reason).split())
+    return (
+        f"destination {hold.name} HELD since {since} ({_clock(now - hold.since)}), "
+        f"next try {due}: {reason}"
+    )
 
 
 def progress_line(p: Progress) -> str:
@@ -139,7 +168,7 @@ def progress_line(p: Progress) -> str:
     mb = p.stored_bytes / 1e6
     return (
         f"stowd migrate: {p.files}, {mb:.1f} MB stored, {p.rate:.1f} files/s, "
-        f"{mb / max(p.seconds, 1e-9):.1f} MB/s, {p.failed} failed, ETA {p.eta}"
+        f"{mb / max(p.seconds, 1e-9):.1f} MB/s, {p.failed} failed, {p.outlook}"
     )
 
 
@@ -151,7 +180,7 @@ def progress_bar(p: Progress) -> str:
     share = f"{100 * p.done // p.total:3d}%" if p.scanned and p.total else "   -"
     return (
         f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {share} {p.files}, "
-        f"{_size(p.stored_bytes)}, {p.failed} failed, ETA {p.eta}, {p.rate:.1f} files/s"
+        f"{_size(p.stored_bytes)}, {p.failed} failed, {p.outlook}, {p.rate:.1f} files/s"
     )
 
 
