@@ -37,6 +37,7 @@ from stowd.commands import migrate as migrate_mod
 from stowd.pipeline.queue import Queue
 from stowd.pipeline.watch import Watcher
 from stowd.service import logs
+from stowd.service.status import MIGRATION_SOURCE
 
 
 def layout_for(tmp_path: Path, archive: Archive, max_files: int = 2) -> Layout:
@@ -611,3 +612,39 @@ def test_while_the_archive_is_down_the_progress_says_held_and_the_rate_stops_cou
     rates = {line.split(" files/s")[0].rsplit(" ", 1)[1] for line in lines}
     assert len(rates) == 1, lines  # the held time is not in the rate
 
+
+def test_status_follows_a_migration_on_its_own_queue(tmp_path: Path) -> None:
+    """``status --queue PATH`` reads the queue ``migrate --queue PATH`` uses: its files show
+    under the run's source (not as a source gone from the config), with the held archive."""
+    layout = make_layout(tmp_path / "run", "http://127.0.0.1:9/dicom-web")  # nothing listens
+    old = tmp_path / "old"
+    make_study(old, 3)
+    own = tmp_path / "migration" / "queue.db"
+    log = tmp_path / "migrate.log"
+    proc = start(layout, log, str(old), "--destination", "pacs", "--keep", "--queue", str(own))
+    status = ("status", "-c", str(layout.config), "--queue", str(own))
+    try:
+        held = lambda: "HELD since" in run_cli(*status).stdout  # noqa: E731
+        wait_for(held, 60, "status to show the held destination", log.read_text)
+        shown = run_cli(*status)
+        as_json = run_cli(*status, "--json")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 130, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(60)
+    assert shown.returncode == 0, shown.stderr
+    assert f"queue:        {own}" in shown.stdout
+    name = migrate_mod.source_name(old, keep=True)
+    assert f"source {name} (a stowd migrate run -> pacs)" in shown.stdout, shown.stdout
+    assert "not in the config" not in shown.stdout
+    assert "backlog:    3 files, 0.0 MB; no ETA while the destination is held" in shown.stdout
+    source = json.loads(as_json.stdout)["by_source"][name]
+    assert (source["migration"], source["destination"], source["eta"]) == (True, "pacs", "held")
+
+
+def test_every_migration_source_name_is_recognised_by_status() -> None:
+    for folder in (Path("/mnt/old-pacs/2014"), Path("/"), Path("/x/" + "ü" * 60)):
+        for keep in (True, False):
+            assert MIGRATION_SOURCE.fullmatch(migrate_mod.source_name(folder, keep))

@@ -76,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     status = sub.add_parser("status", help="show the queue: counts, age, rate, last errors")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--queue",
+        metavar="PATH",
+        help="read this queue database instead of the config's queue (such as a migration's "
+        "own queue, stowd migrate --queue PATH)",
+    )
     dry = sub.add_parser(
         "dry-run", help="show what would be sent or fail now; sends, moves and queues nothing"
     )
@@ -269,8 +275,15 @@ def _check_ports(config: Config) -> list[listen.ListenReport]:
     return reports
 
 
+def _own_queue(config: Config, path: str | None) -> Config:
+    """``config`` with the queue ``--queue PATH`` names, if given."""
+    if path is None:
+        return config
+    return dataclasses.replace(config, queue=Path(os.path.abspath(path)))
+
+
 def _status(config: Config, args: argparse.Namespace) -> int:
-    data = gather(config)
+    data = gather(_own_queue(config, args.queue))
     print(json.dumps(data, indent=2) if args.json else render(data))
     return EXIT_OK
 
@@ -358,9 +371,7 @@ def _migrate(config: Config, args: argparse.Namespace) -> int:
     opts = migrate.Options(
         folders, args.destination, args.keep, args.progress_every, tty, verify=args.verify
     )
-    if args.queue is not None:
-        config = dataclasses.replace(config, queue=Path(os.path.abspath(args.queue)))
-    job = migrate.Migration(config, opts)
+    job = migrate.Migration(_own_queue(config, args.queue), opts)
     job.install_signals()
     try:
         summary = job.run()

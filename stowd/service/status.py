@@ -46,6 +46,10 @@ BACKLOG = ("pending", "waiting", "claimed")  # what the ETA is about
 # scheme://anything-up-to-the-last-@-before-a-space: like yamlwalk.redact_url, the userinfo
 # is not parsed (an unescaped '#', '/' or '@' in a password would leak through a parser).
 _USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.\-]*://)\S*@")
+# The name ``stowd migrate`` gives each SRC folder's source (commands/migrate.source_name):
+# on a migration's queue (``status --queue``) its rows are a run's, not a source gone from
+# the config.
+MIGRATION_SOURCE = re.compile(r"migrate-[A-Za-z0-9_.-]{1,40}-[0-9a-f]{6}(-move)?")
 
 
 def daemon_pid(queue_path: Path) -> int | None:
@@ -184,9 +188,11 @@ def _gather(config: Config, queue: Queue, now: float) -> dict[str, Any]:
         {"name": name, "since": since, "text": text}
         for name, since, text in (queue.troubles() if daemon_pid(config.queue) else [])
     ]
-    sources, dests, total = _tally(config, queue, now)
+    routes: dict[str, str] = {}
+    sources, dests, total = _tally(config, queue, now, routes)
     by_source = {
-        name: _source_dict(config, name, figures, holds, now) for name, figures in sources.items()
+        name: _source_dict(config, name, figures, holds, now, route=routes.get(name))
+        for name, figures in sources.items()
     }
     by_dest = {
         name: {
@@ -239,14 +245,17 @@ def _gather(config: Config, queue: Queue, now: float) -> dict[str, Any]:
 
 
 def _tally(
-    config: Config, queue: Queue, now: float
+    config: Config, queue: Queue, now: float, routes: dict[str, str]
 ) -> tuple[dict[str, _Figures], dict[str, _Figures], _Figures]:
-    """Figures per source, per destination and in all; configured ones even when empty."""
+    """Figures per source, per destination and in all; configured ones even when empty.
+    ``routes`` is filled with the destination of each source's rows (unless parked)."""
     sources = {s.name: _Figures() for s in config.sources}
     dests = {name: _Figures() for name in config.destinations}
     total = _Figures()
 
     def parts(source: str, dest: str) -> list[_Figures]:
+        if dest:
+            routes[source] = dest
         found = [sources.setdefault(source, _Figures()), total]
         return [*found, dests.setdefault(dest, _Figures())] if dest else found  # "": parked
 
@@ -260,9 +269,22 @@ def _tally(
 
 
 def _source_dict(
-    config: Config, name: str, figures: _Figures, holds: Mapping[str, Hold], now: float
+    config: Config,
+    name: str,
+    figures: _Figures,
+    holds: Mapping[str, Hold],
+    now: float,
+    *,
+    route: str | None,
 ) -> dict[str, Any]:
     source = next((s for s in config.sources if s.name == name), None)
+    if source is None and route is not None and MIGRATION_SOURCE.fullmatch(name):
+        return {  # a stowd migrate run's folder: sent by the migration, not parked
+            "configured": False,
+            "migration": True,
+            "destination": route,
+            **figures.as_dict(now, held=route in holds),
+        }
     if source is None:  # its rows wait in the queue until it is configured again
         return {
             "configured": False,
@@ -376,7 +398,7 @@ def _warnings(
         if not dest.verify_tls
     ]
     for name, data in by_source.items():
-        if not data["configured"] and data["backlog_files"]:
+        if not data["configured"] and not data.get("migration") and data["backlog_files"]:
             out.append(
                 f"source {name} is not in the config: its {data['backlog_files']} queued "
                 "file(s) wait until it is back"
@@ -603,7 +625,9 @@ def _due(health: Mapping[str, Any]) -> str:
 
 
 def _source(name: str, figures: Mapping[str, Any]) -> list[str]:
-    if not figures["configured"]:
+    if figures.get("migration"):
+        head = f"source {name} (a stowd migrate run -> {figures['destination']})"
+    elif not figures["configured"]:
         head = f"source {name} (not in the config: its files wait until it is back)"
     elif "receive" in figures:
         r = figures["receive"]
