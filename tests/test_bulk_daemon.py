@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from harness import Layout, Stowd, make_layout, run_until, wait_for
+from harness import Layout, Stowd, make_layout, run_cli, run_until, wait_for
 from mediagen import dciodvfy_errors, make_jpeg, make_pdf, make_png, make_video
 from orthanc import Orthanc
 from pydicom.encaps import generate_fragments
@@ -174,3 +174,29 @@ def kill_mid_upload_and_restart(tmp_path: Path, orthanc: Orthanc, proxy: StowPro
     numbers = [int(ds.InstanceNumber) for ds in retrieved(orthanc)]
     assert sorted(numbers) == list(range(1, count + 1))
     assert not any(layout.root.joinpath("state", "queue.db.spool").glob("*")), "spool left behind"
+
+
+def test_explain_of_a_photo_no_rule_matches_says_what_is_sent(
+    tmp_path: Path, orthanc: Orthanc
+) -> None:
+    """A photo no rule matches is not "sent exactly as it is": it becomes a Secondary Capture
+    with an empty PatientID and PatientName, and explain says so; what the archive then holds
+    shows it is true (whether such a photo should be refused is not decided here)."""
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)  # no rules
+    photo = layout.drop / "IMG_0001.jpg"
+    make_jpeg(photo)
+    result = run_cli("explain", "-c", str(layout.config), str(photo))
+    assert result.returncode == 0, result.stderr
+    assert "sent exactly as it is" not in result.stdout
+    assert "rules matched: none" in result.stdout
+    assert "sent as the Secondary Capture Image Storage object made from the file" in result.stdout
+    assert "sent with an empty PatientID and PatientName: no rule or sidecar gives them" in (
+        result.stdout
+    )
+    [doc] = json.loads(run_cli("explain", "-c", str(layout.config), "--json", str(photo)).stdout)
+    assert doc["empty_patient_attributes"] == ["PatientID", "PatientName"]
+
+    run_until(layout, lambda: layout.files(layout.sent) == {"IMG_0001.jpg"}, "the photo sent", 60)
+    [ds] = retrieved(orthanc)
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
+    assert (ds.PatientID, str(ds.PatientName)) == ("", "")

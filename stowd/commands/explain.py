@@ -22,7 +22,11 @@ from stowd.pipeline.bulkform import sop_class_name
 from stowd.pipeline.classify import classify
 from stowd.pipeline.lookup import describe_query
 from stowd.printable import escape_lines
-from stowd.rules.engine import value_text
+from stowd.rules.engine import RuleOutcome, value_text
+
+# A file made into DICOM (a photo, PDF, video) has these present but empty unless a rule or
+# sidecar gives them (media/bulkdata: Type 2, as dcm4che's stowrs); explain says so.
+PATIENT = ("PatientID", "PatientName")
 
 
 @dataclass
@@ -39,6 +43,7 @@ class Explained:
     built: str | None = None  # the SOP Class made from a file that is not DICOM
     study_key: str | None = None  # the key of the study it joins
     lookup: str | None = None  # the query a rule's lookup would make (not asked)
+    blank: list[str] = field(default_factory=list)  # PATIENT attributes a made file has empty
     problem: str | None = None  # why the daemon would fail the file
     error: str | None = None  # why the file cannot be explained (a mistake in the command)
 
@@ -52,6 +57,7 @@ class Explained:
             "changes": [{"attribute": k, "before": b, "after": a} for k, b, a in self.changes],
             "study_instance_uid": self.study_uid,
             "made_into": self.built,
+            "empty_patient_attributes": self.blank,
             "study_key": self.study_key,
             "lookup": self.lookup,
             "problem": self.problem,
@@ -94,7 +100,17 @@ def _explain(config: Config, given: str, source_name: str | None) -> Explained:
         photographic = source.bulkdata.images == "photographic"
         result.built = sop_class_name(sop_class_for(found.media, photographic=photographic))
         result.study_key = planned.study_key
+        result.blank = _blank(outcome)
     return result
+
+
+def _blank(outcome: RuleOutcome) -> list[str]:
+    """The PATIENT attributes a file made into DICOM is sent with empty: those no rule or
+    sidecar sets to a value (none said when a lookup may still give them)."""
+    if outcome.lookup is not None:
+        return []
+    given = {k for k, v in outcome.values.items() if value_text(v)} - set(outcome.remove)
+    return [k for k in PATIENT if k not in given]
 
 
 def _rel(given: str, path: str, source: Source) -> str:
@@ -145,11 +161,24 @@ def render(results: list[Explained]) -> str:
         if r.lookup:
             lines.append(f"  looks up: {r.lookup}")
         if not r.changes and not r.lookup:
-            lines.append("  no changes: sent exactly as it is")
+            lines.append(_unchanged(r))
         width = max((len(k) for k, _, _ in r.changes), default=0)
         for keyword, before, after in r.changes:
             lines.append(f"  {keyword:<{width}}  {_shown(before)} -> {_shown(after, 'removed')}")
+        if r.blank:
+            them = "it" if len(r.blank) == 1 else "them"
+            lines.append(
+                f"  sent with an empty {' and '.join(r.blank)}: no rule or sidecar gives {them}"
+            )
     return escape_lines(lines)  # file names and sidecar values cannot add a line
+
+
+def _unchanged(r: Explained) -> str:
+    """No rule changes the file: a DICOM file goes as it is, a photo, PDF or video as the
+    object stowd makes from it."""
+    if r.built is None:
+        return "  no changes: sent exactly as it is"
+    return f"  no changes by the rules: sent as the {r.built} object made from the file"
 
 
 def _shown(value: str | None, missing: str = "absent") -> str:
