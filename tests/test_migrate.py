@@ -22,6 +22,7 @@ import termios
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from stowproxy import StowProxy
 
 from stowd.commands import cli
 from stowd.commands import migrate as migrate_mod
-from stowd.pipeline.queue import Queue
+from stowd.pipeline.queue import Hold, Queue
 from stowd.pipeline.watch import Watcher
 from stowd.service import logs
 from stowd.service.status import MIGRATION_SOURCE
@@ -648,3 +649,21 @@ def test_every_migration_source_name_is_recognised_by_status() -> None:
     for folder in (Path("/mnt/old-pacs/2014"), Path("/"), Path("/x/" + "ü" * 60)):
         for keep in (True, False):
             assert MIGRATION_SOURCE.fullmatch(migrate_mod.source_name(folder, keep))
+
+
+def test_a_hold_left_by_an_earlier_run_counts_as_a_pause_only_once_a_try_fails() -> None:
+    """The first try of a new night may well succeed: until a try of this run fails, the
+    hold the last night left is not taken out of the rate; a hold of this run is, from its
+    start until it ends."""
+    pauses = migrate_mod.Pauses(started=1000.0)
+    old = Hold("pacs", since=500.0, until=1001.0, reason="cannot connect", failures=4)
+    pauses.carry(old)
+    pauses.update(old, 1010.0)
+    assert pauses.answering(1010.0) == 10.0  # the first try is still under way
+    pauses.update(replace(old, failures=5), 1020.0)  # it failed: down since the run began
+    assert pauses.answering(1030.0) == 0.0
+    pauses.update(None, 1040.0)  # back
+    assert pauses.answering(1050.0) == 10.0
+    pauses.update(Hold("pacs", 1060.0, 1070.0, "cannot connect", 1), 1065.0)
+    pauses.update(None, 1080.0)
+    assert pauses.answering(1100.0) == 40.0  # 1060-1080 held
