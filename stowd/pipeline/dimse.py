@@ -6,6 +6,15 @@ adaptations of pynetdicom (3.0), each a process-wide setting of that library.
   pynetdicom's thread; the file is emptied at once (its space given back), the rest of the
   data set is dropped, and the receiver answers that instance 0xA700 (``failure_of``).
   Files of an association that ends mid-instance are removed when it ends (``forget``).
+* pynetdicom writes no file meta into those files (``dimse_messages.create_file_meta`` and
+  ``write_file_meta_info`` replaced by ``_no_meta``): only the preamble, then the data set.
+  stowd writes its own file meta into the Part-10 file and copies the data set from after the
+  preamble; pynetdicom's (made and encoded with pydicom, about 0.6 ms per instance) would be
+  skipped unread.  Both names are used in pynetdicom 3.0 only there (the chunked C-STORE
+  request), whose file is always an ``Incoming``.
+* pynetdicom's own event logging is off (``LOG_HANDLER_LEVEL = "none"``): its handlers
+  format every PDU and DIMSE message for INFO and DEBUG lines, which stowd never shows (its
+  ``pynetdicom`` logger is at WARNING, ``service/logs.py``); its warnings and errors stay.
 * Every proposed storage SOP class is accepted (``UNRESTRICTED_STORAGE_SERVICE``).
 * A PDU is read only up to a bound (``read_pdu_data`` replaces pynetdicom's
   ``DULServiceProvider._read_pdu_data``, which reads whatever length a peer's header claims,
@@ -97,6 +106,10 @@ def _incoming(*_args: Any, **_kwargs: Any) -> Incoming:
     return Incoming(_folder)
 
 
+def _no_meta(*_args: Any, **_kwargs: Any) -> None:
+    """In place of pynetdicom's file meta for its incoming files: nothing (see above)."""
+
+
 def failure_of(path: Path) -> OSError | None:
     """The write error that emptied ``path`` (then its data set is not whole), else None."""
     with _lock:
@@ -134,7 +147,10 @@ def configure(folder: Path) -> None:
     with _lock:
         _folder = folder
     dimse_messages.NamedTemporaryFile = _incoming  # type: ignore[attr-defined,assignment]
+    dimse_messages.create_file_meta = _no_meta  # type: ignore[attr-defined,assignment]
+    dimse_messages.write_file_meta_info = _no_meta  # type: ignore[attr-defined]
     _config.STORE_RECV_CHUNKED_DATASET = True
+    _config.LOG_HANDLER_LEVEL = "none"
     _config.UNRESTRICTED_STORAGE_SERVICE = True
     DULServiceProvider._read_pdu_data = read_pdu_data  # type: ignore[method-assign]
 
