@@ -4,12 +4,21 @@ data set of pynetdicom's incoming file is found where pydicom finds it."""
 
 from __future__ import annotations
 
+import collections
 import io
+import os
+import queue
+import socket
 import struct
+import threading
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pydicom
+import pynetdicom.association
+import pynetdicom.dul
 import pytest
 from dicomgen import make_instance_bytes
 from harness import Stowd
@@ -17,10 +26,16 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 from pynetdicom import _config, dimse_messages
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu_primitives import P_DATA
 from test_receive import Site, daemon, require_dcmtk, site, storescu
 
+from stowd.errors import FileVanished
+from stowd.pipeline import classify as classify_mod
 from stowd.pipeline import dimse
+from stowd.pipeline.classify import Classified, classify_dicom
 from stowd.pipeline.receive import (
     PREAMBLE,
     MetaValues,
@@ -214,6 +229,9 @@ def test_pynetdicom_writes_no_meta_into_its_incoming_file(
     for name in ("STORE_RECV_CHUNKED_DATASET", "UNRESTRICTED_STORAGE_SERVICE", "LOG_HANDLER_LEVEL"):
         monkeypatch.setattr(_config, name, getattr(_config, name))
     monkeypatch.setattr(DULServiceProvider, "_read_pdu_data", DULServiceProvider._read_pdu_data)
+    monkeypatch.setattr(DIMSEServiceProvider, "send_msg", DIMSEServiceProvider.send_msg)
+    for module in (pynetdicom.dul, pynetdicom.association):
+        monkeypatch.setattr(module, "time", time)
     monkeypatch.setattr(dimse, "_folder", dimse._folder)
     dimse.configure(tmp_path)
     pyn: Any = dimse_messages  # the names it imported, which configure replaced
@@ -230,3 +248,270 @@ def test_pynetdicom_writes_no_meta_into_its_incoming_file(
     assert Path(made.name).read_bytes() == PREAMBLE + DATA_SET
     assert _config.LOG_HANDLER_LEVEL == "none"  # stowd shows none of its INFO/DEBUG lines
     dimse.done_with(Path(made.name))
+
+
+# ---------------------------------------------------------------- the C-STORE response, by hand
+class _Assoc:
+    """What ``send_msg`` and pynetdicom's own ask of an association: its handlers."""
+
+    def __init__(self, handlers: list[Any]) -> None:
+        self.handlers = handlers
+
+    def get_handlers(self, _event: Any) -> list[Any]:
+        return self.handlers
+
+    def _abort_nonblocking(self) -> None:  # pynetdicom's trigger sets these as ``abort``
+        raise AssertionError("not aborted here")
+
+    _abort_blocking = _abort_nonblocking
+
+
+class _Dul:
+    def __init__(self) -> None:
+        self.sent: list[P_DATA] = []
+
+    def send_pdu(self, primitive: P_DATA) -> None:
+        self.sent.append(primitive)
+
+
+class _Provider:
+    """A DIMSE service provider's parts that sending a message uses, recording the P-DATA."""
+
+    def __init__(self, peer_max: int, handlers: list[Any] | None = None) -> None:
+        self.maximum_pdu_size = peer_max
+        self.assoc = _Assoc(handlers or [])
+        self.dul = _Dul()
+
+
+def _response(status: int = 0x0000, **changes: Any) -> C_STORE:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns of a UID with letters; a sender's may
+        return _made(status, **changes)
+
+
+def _made(status: int, **changes: Any) -> C_STORE:
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = changes.pop("answered", 7)
+    rsp.AffectedSOPClassUID = changes.pop("sop_class", SC)
+    rsp.AffectedSOPInstanceUID = changes.pop("sop_instance", "1.2.3.4.5")
+    rsp.Status = status
+    for name, value in changes.items():
+        setattr(rsp, name, value)
+    return rsp
+
+
+def _sent(send: Any, rsp: C_STORE, peer_max: int, handlers: list[Any] | None = None) -> list[Any]:
+    provider = _Provider(peer_max, handlers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom, encoding a UID with letters
+        send(provider, rsp, 3)
+    return [p.presentation_data_value_list for p in provider.dul.sent]
+
+
+RESPONSES = {
+    "success": _response(),
+    "out of resources": _response(0xA700),
+    "cannot understand": _response(0xC000, answered=65535),
+    "does not match": _response(0xA900, answered=1),
+    "even UIDs": _response(sop_class=CT, sop_instance="1.2.3.4"),
+    "a 64-character UID": _response(sop_instance=UID_64),
+    "a UID with letters": _response(sop_instance="1.2.abc"),  # pynetdicom's own
+    "an error comment": _response(0xA700, ErrorComment="disk full"),  # pynetdicom's own
+    "an offending element": _response(0xC000, OffendingElement=[0x00080018]),  # its own
+}
+
+
+@pytest.mark.parametrize("peer_max", [0, 16_384, 65_536, 64])
+@pytest.mark.parametrize("name", RESPONSES)
+def test_a_store_response_is_sent_as_pynetdicom_sends_it(name: str, peer_max: int) -> None:
+    rsp = RESPONSES[name]
+    assert _sent(dimse.send_msg, rsp, peer_max) == _sent(dimse._SEND_MSG, rsp, peer_max)
+
+
+def test_what_is_not_plain_is_encoded_by_pynetdicom() -> None:
+    for name in ("a UID with letters", "an error comment", "an offending element"):
+        assert dimse.store_response(RESPONSES[name]) is None, name
+    assert dimse.store_response(RESPONSES["success"]) is not None
+
+
+def test_a_bound_dimse_sent_handler_still_sees_the_response() -> None:
+    seen: list[Any] = []
+    handlers = [(lambda event: seen.append(event.message), None)]
+    _sent(dimse.send_msg, _response(), 65_536, handlers)
+    assert len(seen) == 1
+
+
+# ------------------------------------------------------------------ the reactors' polling waits
+LONG = 600.0  # a wait that must end early: far longer than any test may take
+
+
+def _ends(wait: Any, *args: Any) -> threading.Thread:
+    thread = threading.Thread(target=wait, args=args, daemon=True)
+    thread.start()
+    return thread
+
+
+def _joined(thread: threading.Thread) -> bool:
+    thread.join(60)
+    return not thread.is_alive()
+
+
+class _Socket:
+    def __init__(self, sock: socket.socket | None) -> None:
+        self.socket = sock
+
+
+class _Reactor:
+    """A DUL reactor's parts that its wait looks at."""
+
+    def __init__(self, sock: socket.socket | None) -> None:
+        self.socket = _Socket(sock)
+        self.to_provider_queue: queue.Queue[object] = queue.Queue()
+
+
+def test_the_dul_wait_ends_when_data_arrive() -> None:
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        waiting = _ends(dimse._dul_wait, _Reactor(ours), LONG)
+        peer.send(b"\x04")  # a P-DATA-TF begins
+        assert _joined(waiting)
+
+
+def test_the_dul_does_not_wait_with_a_primitive_to_send() -> None:
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        reactor = _Reactor(ours)
+        reactor.to_provider_queue.put(P_DATA())
+        assert _joined(_ends(dimse._dul_wait, reactor, LONG))
+
+
+def test_the_dul_without_a_socket_sleeps_as_pynetdicom() -> None:
+    assert _joined(_ends(dimse._dul_wait, _Reactor(None), 0.0))
+
+
+class _Dimse:
+    def __init__(self) -> None:
+        self.msg_queue: queue.Queue[object] = queue.Queue()
+
+
+class _Association:
+    def __init__(self) -> None:
+        self.dimse = _Dimse()
+
+
+def test_the_association_wait_ends_when_a_message_is_queued() -> None:
+    assoc = _Association()
+    waiting = _ends(dimse._association_wait, assoc, LONG)
+    assoc.dimse.msg_queue.put((1, "C-STORE-RQ"))
+    assert _joined(waiting)
+    assert assoc.dimse.msg_queue.get_nowait() == (1, "C-STORE-RQ")  # left for the reactor
+
+
+def test_the_association_does_not_wait_with_a_message_queued() -> None:
+    assoc = _Association()
+    assoc.dimse.msg_queue.put((1, "C-STORE-RQ"))
+    assert _joined(_ends(dimse._association_wait, assoc, LONG))
+
+
+class _ReactorThread(threading.Thread):
+    """Stands for pynetdicom's reactor thread classes (DULServiceProvider, Association)."""
+
+
+def test_only_the_reactor_threads_polls_wait_for_work() -> None:
+    waited: list[float] = []
+    waits = dimse.Waits(_ReactorThread, lambda _thread, seconds: waited.append(seconds), 0.001)
+
+    def run() -> None:
+        waits.sleep(0.001)
+        waits.sleep(0.0)
+
+    reactor = _ReactorThread(target=run)
+    reactor.start()
+    assert _joined(reactor)
+    assert waited == [0.001]  # its poll; its other sleep was time.sleep
+    assert _joined(_ends(waits.sleep, 0.001))  # another thread: time.sleep
+    assert waited == [0.001]
+    assert waits.monotonic is time.monotonic  # the rest is the time module
+
+
+# ------------------------------------------------------- the receipt's header read, handed on
+def _read(path: Path) -> Classified:
+    found = classify_dicom(str(path))
+    assert found.header is not None
+    return found
+
+
+def _instance(tmp_path: Path, name: str = "one.dcm") -> Path:
+    path = tmp_path / name
+    path.write_bytes(make_instance_bytes(size_bytes=4_000)[0])
+    return path
+
+
+@pytest.fixture
+def recent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with nothing remembered, and leaves nothing behind."""
+    monkeypatch.setattr(classify_mod, "_recent", collections.OrderedDict())
+
+
+@pytest.mark.usefixtures("recent")
+def test_a_remembered_header_is_handed_on_once(tmp_path: Path) -> None:
+    path = _instance(tmp_path)
+    found = _read(path)
+    stand_in = Classified("dicom", "9.9", "9.9.9", SC, header=found.header)  # not the file's
+    classify_mod.remember(str(path), stand_in)
+    assert classify_mod.classify(str(path)) is stand_in  # handed on: the file was not read
+    assert classify_mod.classify(str(path)) == found  # once: then read again
+
+
+def _changed_in_place(path: Path) -> None:
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+
+def _replaced(path: Path) -> None:
+    other = path.with_name("other.dcm")
+    other.write_bytes(path.read_bytes())
+    os.replace(other, path)
+
+
+def _grown(path: Path) -> None:
+    with path.open("ab") as out:
+        out.write(b"\x00\x00")
+
+
+@pytest.mark.usefixtures("recent")
+@pytest.mark.parametrize("change", [_changed_in_place, _replaced, _grown, Path.unlink])
+def test_a_file_changed_since_is_read_again(tmp_path: Path, change: Any) -> None:
+    path = _instance(tmp_path)
+    found = _read(path)
+    classify_mod.remember(str(path), Classified("dicom", "9.9", "9.9.9", SC, header=found.header))
+    change(path)
+    if not path.exists():
+        with pytest.raises(FileVanished):
+            classify_mod.classify(str(path))
+        return
+    assert classify_mod.classify(str(path)).sop_uid == found.sop_uid
+
+
+@pytest.mark.usefixtures("recent")
+def test_a_header_parsed_from_the_file_is_not_remembered(tmp_path: Path) -> None:
+    """Values beyond the 64 KiB parsed in memory may be read from the file later."""
+    path = _instance(tmp_path)
+    found = _read(path)
+    assert found.header is not None
+    found.header.filename = str(path)  # as pydicom marks a header read from a file
+    classify_mod.remember(str(path), found)
+    assert not classify_mod._recent
+
+
+@pytest.mark.usefixtures("recent")
+def test_at_most_recent_files_are_remembered(tmp_path: Path) -> None:
+    path = _instance(tmp_path)
+    found = _read(path)
+    for n in range(classify_mod.RECENT + 1):
+        name = f"{path}.{n}" if n else str(path)
+        if n:
+            os.link(path, name)  # another name for the same file: remembered on its own
+        classify_mod.remember(name, found)
+    assert len(classify_mod._recent) == classify_mod.RECENT
+    assert str(path) not in classify_mod._recent  # the oldest went first

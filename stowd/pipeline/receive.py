@@ -9,6 +9,8 @@ A receiving source (``receive:``) listens with pynetdicom.  For each instance:
    calling and called AE titles, the peer's address), then the data set bytes as received,
    into a ``.part`` file there, and fsyncs it;
 3. the header is read within bounds (``classify``): a malformed data set is refused (0xC000);
+   what was read is handed on to the reader of new files (``classify.remember``), which then
+   need not read it again;
 4. the file is renamed into ``received/<source>/<StudyInstanceUID>/<SOPInstanceUID>.dcm``
    (never over another file: a second copy of one UID gets ``~1``), and the folder fsynced;
 5. it is queued (one SQLite transaction, synchronous=FULL);
@@ -50,7 +52,7 @@ from stowd.config.receiveconfig import AE_TITLE
 from stowd.config.yamlwalk import host_port
 from stowd.errors import DataSetMismatch, FileProblem, QueueError, StowdError
 from stowd.pipeline import counters, dimse
-from stowd.pipeline.classify import classify_dicom
+from stowd.pipeline.classify import classify_dicom, remember
 from stowd.pipeline.queue import NewFile, Queue
 from stowd.printable import escape
 
@@ -412,6 +414,7 @@ class Receiver:
             part.unlink(missing_ok=True)
             raise
         try:
+            remember(str(final), found)  # the reader of new files need not read it again
             return self._queue(final)
         except BaseException:
             final.unlink(missing_ok=True)  # answered with a failure: the sender sends it again
