@@ -14,7 +14,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pydicom
 import pynetdicom.association
@@ -32,6 +32,7 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 from test_receive import Site, daemon, require_dcmtk, site, storescu
 
+from stowd import fileops
 from stowd.errors import FileVanished
 from stowd.pipeline import classify as classify_mod
 from stowd.pipeline import dimse
@@ -39,6 +40,7 @@ from stowd.pipeline.classify import Classified, classify_dicom
 from stowd.pipeline.receive import (
     PREAMBLE,
     MetaValues,
+    Receiver,
     _data_set_start,
     _data_set_start_pydicom,
     encode_meta,
@@ -515,3 +517,48 @@ def test_at_most_recent_files_are_remembered(tmp_path: Path) -> None:
         classify_mod.remember(name, found)
     assert len(classify_mod._recent) == classify_mod.RECENT
     assert str(path) not in classify_mod._recent  # the oldest went first
+
+
+# ------------------------------------------- a study folder emptied while an instance arrives
+class _Watch:
+    def __init__(self, watch: Path) -> None:
+        self.watch = watch
+
+
+class _Placing:
+    """The parts of a ``Receiver`` that ``_place`` uses."""
+
+    def __init__(self, watch: Path) -> None:
+        self.source = _Watch(watch)
+
+
+def test_settling_does_not_remove_a_study_folder_before_its_instance_is_in_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Settling a batch tries to remove the study folder after each of its files (filing.py):
+    with a receiver faster than before, a test saw five tries in a row lose the folder that
+    way ("kept vanishing", 0xA700).  Here such a removal comes at the worst moment: just
+    after the receiver made the folder, before the rename."""
+    watch = tmp_path / "received" / "ct"
+    watch.mkdir(parents=True)
+    part = watch / ".x.part"
+    part.write_bytes(b"instance")
+    made = fileops.make_folders
+    tidying: list[threading.Thread] = []
+
+    def made_then_tidied(folder: Path) -> list[Path]:
+        found = made(folder)
+        tidy = threading.Thread(
+            target=fileops.remove_empty_parents, args=(folder / "settled.dcm", watch)
+        )
+        tidy.start()
+        tidy.join(1.0)  # done here unless it must wait for the receiver to put its file in
+        tidying.append(tidy)
+        return found
+
+    monkeypatch.setattr(fileops, "make_folders", made_then_tidied)
+    placed = Receiver._place(cast(Receiver, _Placing(watch)), part, "1.2.3", "1.2.3.4")
+    assert placed == watch / "1.2.3" / "1.2.3.4.dcm"
+    assert placed.read_bytes() == b"instance"
+    assert all(_joined(t) for t in tidying)
+    assert placed.exists()  # the tidying, once it ran, left the folder with its file

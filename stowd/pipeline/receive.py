@@ -423,19 +423,20 @@ class Receiver:
     def _place(self, part: Path, study_uid: str, sop_uid: str) -> Path:
         """Rename ``part`` into its study's folder, then make the new entries durable: the
         file's in the folder, and the folder's in its parent (always: another association may
-        have just made it, and not fsynced its parent yet).  The folder may vanish between
-        making it and the rename (settling the study's last file removes empty folders): it is
-        made again."""
+        have just made it, and not fsynced its parent yet).  Settling a study's last file
+        removes its empty folders: not between making the folder and the rename
+        (``fileops.FOLDERS``); should another process remove it there, it is made again."""
         folder = self.source.watch / _safe_uid(study_uid)
         target = folder / f"{_safe_uid(sop_uid)}.dcm"
         for _ in range(PLACE_TRIES):
-            fileops.make_folders(folder)
             try:
-                placed = _rename_unused(part, target)
+                with fileops.FOLDERS:  # settling the study's last file removes empty folders
+                    fileops.make_folders(folder)
+                    placed = _rename_unused(part, target)
             except FileNotFoundError:
                 if not part.exists():
                     raise
-                continue  # the folder went: make it again
+                continue  # the folder went (another process): make it again
             fileops.fsync_dir(folder)
             fileops.fsync_dir(folder.parent)
             return placed
