@@ -14,8 +14,12 @@ association, each sending its share), measures these receivers, each fresh, on l
                      senders and the network cost on this machine (a ceiling, not a rival)
   storescp           dcmtk's storescp ``--fork`` writing each instance to disk (no fsync, no
                      queue): the anchor
-  pynetdicom --ignore  pynetdicom set up as stowd sets it up, its C-STORE handler answering
-                     Success at once: what the toolkit stowd is built on costs (a ceiling)
+  pynetdicom --ignore  pynetdicom as it comes, set up as stowd used to set it up (data sets
+                     to temp files, every storage class), its C-STORE handler answering
+                     Success at once: what the toolkit stowd is built on costs
+  pynetdicom tuned --ignore  the same, but set up by stowd.pipeline.dimse.configure (stowd's
+                     own adaptations: no file meta in the temp file, C-STORE responses
+                     encoded by hand, polls that wake on work): a ceiling for stowd
   stowd eatmydata    only when named in ``--receivers``: stowd under libeatmydata (Debian
                      package ``eatmydata``), every fsync a no-op.  NOT safe; it shows what the
                      fsyncs cost, nothing else
@@ -77,7 +81,8 @@ MB = 1e6
 PDU = 65536
 QUARTERS = 4
 TIMEOUT = 900.0
-RECEIVERS = ("storescp --ignore", "storescp", "pynetdicom --ignore", "stowd")
+TUNED = "pynetdicom tuned --ignore"  # pynetdicom as stowd.pipeline.dimse sets it up
+RECEIVERS = ("storescp --ignore", "storescp", "pynetdicom --ignore", TUNED, "stowd")
 NO_FSYNC = "stowd eatmydata"  # fsync made a no-op: NOT safe, only to see what fsync costs
 # dcmtk leaves Nagle's algorithm on unless TCP_NODELAY=1 is in its environment; then the last
 # short PDU of each instance waits for a delayed ACK (~40 ms): 11-23 files/s at 64 KiB here,
@@ -192,24 +197,34 @@ def _bytes(groups: list[list[Path]]) -> int:
 
 
 # -- pynetdicom alone ---------------------------------------------------------------------------
-def pynetdicom_child(port: int, folder: str) -> int:
-    """pynetdicom as stowd configures it (unrestricted storage, data sets written to a temp
-    file in *folder*, PDUs up to 64 KiB), with a C-STORE handler that answers Success at
-    once: what pynetdicom itself costs per instance."""
+def pynetdicom_child(port: int, folder: str, tuned: bool) -> int:
+    """pynetdicom (unrestricted storage, data sets written to a temp file in *folder*, PDUs up
+    to 64 KiB; *tuned*: set up by ``stowd.pipeline.dimse.configure``), with a C-STORE handler
+    that answers Success at once: what pynetdicom itself costs per instance."""
     import functools  # noqa: PLC0415 - only in this child
     import threading  # noqa: PLC0415
 
     from pynetdicom import AE, _config, dimse_messages, evt  # noqa: PLC0415
 
-    dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[attr-defined,assignment]
-        tempfile.NamedTemporaryFile, dir=folder
-    )
-    _config.STORE_RECV_CHUNKED_DATASET = True
-    _config.UNRESTRICTED_STORAGE_SERVICE = True
+    from stowd.pipeline import dimse  # noqa: PLC0415
+
+    if tuned:
+        dimse.configure(Path(folder))
+    else:
+        dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[attr-defined,assignment]
+            tempfile.NamedTemporaryFile, dir=folder
+        )
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        _config.UNRESTRICTED_STORAGE_SERVICE = True
     ae = AE(ae_title="PYNETDICOM")
     ae.maximum_pdu_size = PDU
     ae.maximum_associations = 10
-    handlers: list[Any] = [(evt.EVT_C_STORE, lambda event: 0x0000)]
+
+    def stored(event: evt.Event) -> int:
+        dimse.done_with(Path(event.dataset_path))
+        return 0x0000
+
+    handlers: list[Any] = [(evt.EVT_C_STORE, stored if tuned else lambda event: 0x0000)]
     server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
@@ -219,9 +234,10 @@ def pynetdicom_child(port: int, folder: str) -> int:
     return 0
 
 
-def measure_pynetdicom(groups: list[list[Path]], work: Path) -> Row:
+def measure_pynetdicom(groups: list[list[Path]], work: Path, *, tuned: bool = False) -> Row:
     port = free_port()
     command = [sys.executable, __file__, "--pynetdicom-child", str(port), str(work)]
+    command += ["tuned"] if tuned else []
     with open(work / "pynetdicom.log", "wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=stowd_env())
         try:
@@ -233,7 +249,7 @@ def measure_pynetdicom(groups: list[list[Path]], work: Path) -> Row:
             stop(proc)
     files = sum(map(len, groups))
     note = f"pynetdicom CPU {cpu:.1f} s ({cpu / files * 1000:.1f} ms per instance)"
-    name = "pynetdicom --ignore"
+    name = TUNED if tuned else "pynetdicom --ignore"
     return Row(name, "", len(groups), files, _bytes(groups), seconds, problems, note)
 
 
@@ -452,8 +468,8 @@ def run_case(size: str, files: int, args: argparse.Namespace, tmp: Path) -> list
         groups = shares(quarters, streams)
         for receiver in args.receivers:
             work = Path(tempfile.mkdtemp(prefix="case-", dir=tmp))
-            if receiver == "pynetdicom --ignore":
-                row = measure_pynetdicom(groups, work)
+            if receiver in ("pynetdicom --ignore", TUNED):
+                row = measure_pynetdicom(groups, work, tuned=receiver == TUNED)
             elif receiver == NO_FSYNC:
                 row = measure_stowd(groups, work, 0.0, fsync=False)
             elif receiver == "stowd":
@@ -493,19 +509,25 @@ def _print(row: Row) -> None:
 def table(rows: list[Row]) -> str:
     names = [n for n in (*RECEIVERS, NO_FSYNC) if any(r.receiver == n for r in rows)]
     heads = [n + " (anchor)" if n == "storescp" else n for n in names]
+    ratios = [n for n in (TUNED, "stowd") if n in names]
     lines = [
-        f"| size | streams | {' | '.join(heads)} | stowd / storescp |",
-        "| --- | --- |" + " --- |" * (len(names) + 1),
+        f"| size | streams | {' | '.join(heads)} | "
+        + " | ".join(f"{n} / storescp" for n in ratios)
+        + " |",
+        "| --- | --- |" + " --- |" * (len(names) + len(ratios)),
     ]
     shown = {(r.size, r.streams) for r in rows if r.receiver in names}
     cases = sorted(shown, key=lambda c: (parse_size(c[0]), c[1]))
     for size, streams in cases:
         found = {r.receiver: r for r in rows if (r.size, r.streams) == (size, streams)}
         cells = [_cell(found.get(name)) for name in names]
-        anchor, ours = found.get("storescp"), found.get("stowd")
-        ratio = f"{ours.files_s / anchor.files_s:.2f}x" if anchor and ours else "-"
-        lines.append(f"| {size} | {streams} | {' | '.join(cells)} | {ratio} |")
+        cells += [_ratio(found.get(name), found.get("storescp")) for name in ratios]
+        lines.append(f"| {size} | {streams} | {' | '.join(cells)} |")
     return "\n".join(lines)
+
+
+def _ratio(ours: Row | None, anchor: Row | None) -> str:
+    return f"{ours.files_s / anchor.files_s:.2f}x" if anchor and ours else "-"
 
 
 def _cell(row: Row | None) -> str:
@@ -541,7 +563,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None and sys.argv[1:2] == ["--pynetdicom-child"]:
-        return pynetdicom_child(int(sys.argv[2]), sys.argv[3])
+        return pynetdicom_child(int(sys.argv[2]), sys.argv[3], sys.argv[4:5] == ["tuned"])
     args = parse_args(argv)
     for tool in ("storescu", "storescp"):
         if not shutil.which(tool):

@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -175,15 +176,21 @@ def is_link_refusal(exc: OSError, parent: int, name: str) -> bool:
         return False
 
 
+# Held while empty folders are removed, and by a writer (the C-STORE receiver) from making a
+# folder until its file is in it: else a folder just made, still empty, can be removed first.
+FOLDERS = threading.Lock()
+
+
 def remove_empty_parents(path: Path, root: Path) -> None:
     """Remove now-empty folders between ``path``'s folder and ``root`` (never ``root``)."""
     folder = path.parent
-    while folder != root and root in folder.parents:
-        with contextlib.suppress(OSError):
-            folder.rmdir()
-        if folder.exists():
-            return
-        folder = folder.parent
+    with FOLDERS:
+        while folder != root and root in folder.parents:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+            if folder.exists():
+                return
+            folder = folder.parent
 
 
 def walk_folders(

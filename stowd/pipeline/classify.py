@@ -5,6 +5,12 @@ file is looked at by ``probe.detect`` (PDF, JPEG, video, ...): its kind is the m
 UIDs are made later (they are empty here). Anything that cannot be sent raises
 ``FileProblem`` with a reason written for a PACS administrator; an image that ends before
 its pixel data is complete raises ``FileIncomplete`` (a writer may still be adding the rest).
+
+A file stowd has just read itself (the C-STORE receiver reads each instance it writes) is
+``remember``-ed: the next ``classify`` of that path (the reader of new files) gets those keys
+instead of reading the header again, once, and only while the file is the same one, unchanged
+(device, inode, size, modification and change times as they were) and its header was parsed
+from memory (nothing left to read from the file later).  At most ``RECENT`` are kept.
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ from __future__ import annotations
 import io
 import os
 import struct
+import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, cast
@@ -61,9 +69,48 @@ class Classified:
     media: Media | None = None  # what a file that is not DICOM holds
 
 
+RECENT = 256  # files remembered (each header holds its 64 KiB copy: 16 MiB at most)
+_Identity = tuple[int, int, int, int, int]
+_recent: OrderedDict[str, tuple[_Identity, Classified]] = OrderedDict()
+_recent_lock = threading.Lock()
+
+
+def remember(path: str, found: Classified) -> None:
+    """Hand ``found``, just read from ``path``, on to the next ``classify`` of it."""
+    if found.header is None or found.header.filename is not None:
+        return  # not parsed from memory: values may still be read from the file
+    try:
+        identity = _identity(os.lstat(path))
+    except OSError:
+        return  # classify reads it
+    with _recent_lock:
+        _recent[path] = (identity, found)
+        while len(_recent) > RECENT:
+            _recent.popitem(last=False)
+
+
+def _recalled(path: str) -> Classified | None:
+    with _recent_lock:
+        entry = _recent.pop(path, None)
+    if entry is None:
+        return None
+    try:
+        same = _identity(os.lstat(path)) == entry[0]
+    except OSError:
+        return None  # read it, and say what became of it
+    return entry[1] if same else None
+
+
+def _identity(st: os.stat_result) -> _Identity:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def classify(path: str) -> Classified:
     """A DICOM file's keys, or what another file holds; raise ``FileProblem`` when it cannot
     be sent."""
+    found = _recalled(path)
+    if found is not None:
+        return found
     try:
         return classify_dicom(path)
     except NotDicom:

@@ -9,6 +9,8 @@ A receiving source (``receive:``) listens with pynetdicom.  For each instance:
    calling and called AE titles, the peer's address), then the data set bytes as received,
    into a ``.part`` file there, and fsyncs it;
 3. the header is read within bounds (``classify``): a malformed data set is refused (0xC000);
+   what was read is handed on to the reader of new files (``classify.remember``), which then
+   need not read it again;
 4. the file is renamed into ``received/<source>/<StudyInstanceUID>/<SOPInstanceUID>.dcm``
    (never over another file: a second copy of one UID gets ``~1``), and the folder fsynced;
 5. it is queued (one SQLite transaction, synchronous=FULL);
@@ -27,6 +29,7 @@ import ipaddress
 import logging
 import os
 import re
+import struct
 import threading
 import time
 import uuid
@@ -36,6 +39,7 @@ from typing import Any, BinaryIO, cast
 
 import pydicom
 from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 from pynetdicom import AE, evt
@@ -48,7 +52,7 @@ from stowd.config.receiveconfig import AE_TITLE
 from stowd.config.yamlwalk import host_port
 from stowd.errors import DataSetMismatch, FileProblem, QueueError, StowdError
 from stowd.pipeline import counters, dimse
-from stowd.pipeline.classify import classify_dicom
+from stowd.pipeline.classify import classify_dicom, remember
 from stowd.pipeline.queue import NewFile, Queue
 from stowd.printable import escape
 
@@ -410,6 +414,7 @@ class Receiver:
             part.unlink(missing_ok=True)
             raise
         try:
+            remember(str(final), found)  # the reader of new files need not read it again
             return self._queue(final)
         except BaseException:
             final.unlink(missing_ok=True)  # answered with a failure: the sender sends it again
@@ -418,19 +423,20 @@ class Receiver:
     def _place(self, part: Path, study_uid: str, sop_uid: str) -> Path:
         """Rename ``part`` into its study's folder, then make the new entries durable: the
         file's in the folder, and the folder's in its parent (always: another association may
-        have just made it, and not fsynced its parent yet).  The folder may vanish between
-        making it and the rename (settling the study's last file removes empty folders): it is
-        made again."""
+        have just made it, and not fsynced its parent yet).  Settling a study's last file
+        removes its empty folders: not between making the folder and the rename
+        (``fileops.FOLDERS``); should another process remove it there, it is made again."""
         folder = self.source.watch / _safe_uid(study_uid)
         target = folder / f"{_safe_uid(sop_uid)}.dcm"
         for _ in range(PLACE_TRIES):
-            fileops.make_folders(folder)
             try:
-                placed = _rename_unused(part, target)
+                with fileops.FOLDERS:  # settling the study's last file removes empty folders
+                    fileops.make_folders(folder)
+                    placed = _rename_unused(part, target)
             except FileNotFoundError:
                 if not part.exists():
                     raise
-                continue  # the folder went: make it again
+                continue  # the folder went (another process): make it again
             fileops.fsync_dir(folder)
             fileops.fsync_dir(folder.parent)
             return placed
@@ -515,31 +521,107 @@ def _ae_or_empty(title: str) -> str:
     return title if AE_TITLE.fullmatch(title) else ""
 
 
-def _file_meta(event: evt.Event, origin: Origin) -> FileMetaDataset:
-    """The file meta of a received instance (PS3.10 7.1): what the association said."""
+def _file_meta(event: evt.Event, origin: Origin) -> bytes:
+    """The file meta of a received instance (PS3.10 7.1): what the association said, encoded
+    (Explicit VR Little Endian, group length first)."""
     request = cast(C_STORE, event.request)
+    values = MetaValues(
+        str(request.AffectedSOPClassUID),
+        str(request.AffectedSOPInstanceUID),
+        str(event.context.transfer_syntax),
+        origin.calling_ae,
+        origin.called_ae,
+        origin.url,
+    )
+    return meta_bytes(values)
+
+
+@dataclass(frozen=True)
+class MetaValues:
+    """The values of a received instance's file meta that vary."""
+
+    sop_class: str
+    sop_instance: str
+    transfer_syntax: str
+    calling_ae: str  # "" when the sender gave none (or an invalid one): not written
+    called_ae: str
+    url: str
+
+
+def meta_bytes(values: MetaValues) -> bytes:
+    """The encoded file meta: by hand where it can be, else by pydicom (the same bytes)."""
+    fast = encode_meta(values)
+    return fast if fast is not None else encode_meta_pydicom(values)
+
+
+def encode_meta_pydicom(values: MetaValues) -> bytes:
+    """The file meta, encoded by pydicom: for what ``encode_meta`` declines."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(str(request.AffectedSOPClassUID))
-    meta.MediaStorageSOPInstanceUID = UID(str(request.AffectedSOPInstanceUID))
-    meta.TransferSyntaxUID = UID(str(event.context.transfer_syntax))
+    meta.MediaStorageSOPClassUID = UID(values.sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(values.sop_instance)
+    meta.TransferSyntaxUID = UID(values.transfer_syntax)
     meta.ImplementationClassUID = UID(IMPLEMENTATION_UID)
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION
-    if origin.calling_ae:
-        meta.SourceApplicationEntityTitle = origin.calling_ae
-        meta.SendingApplicationEntityTitle = origin.calling_ae
-    meta.ReceivingApplicationEntityTitle = origin.called_ae
-    meta.SendingPresentationAddress = origin.url
-    return meta
+    if values.calling_ae:
+        meta.SourceApplicationEntityTitle = values.calling_ae
+        meta.SendingApplicationEntityTitle = values.calling_ae
+    meta.ReceivingApplicationEntityTitle = values.called_ae
+    meta.SendingPresentationAddress = values.url
+    out = DicomBytesIO()
+    write_file_meta_info(out, meta, enforce_standard=True)
+    return out.getvalue()
 
 
-def _write_part10(part: Path, received: Path, meta: FileMetaDataset) -> None:
+def encode_meta(values: MetaValues) -> bytes | None:
+    """The same bytes as ``encode_meta_pydicom``, written by hand (pydicom's takes about as
+    long as the rest of the handler); None for a value outside the plain cases it knows: a
+    UID that is not digits and dots of at most 64 characters, an AE title or address that is
+    not plain printable ASCII of a length its VR allows."""
+    uids = (values.sop_class, values.sop_instance, values.transfer_syntax)
+    aes = (values.calling_ae, values.called_ae) if values.calling_ae else (values.called_ae,)
+    if not all(_UID.fullmatch(u) and len(u) <= 64 for u in uids):
+        return None
+    if not all(_PLAIN_AE.fullmatch(a) for a in aes) or not _PLAIN_URL.fullmatch(values.url):
+        return None
+    body = _FIXED_HEAD + _short(b"\x02\x00", b"UI", values.sop_class, b"\x00")
+    body += _short(b"\x03\x00", b"UI", values.sop_instance, b"\x00")
+    body += _short(b"\x10\x00", b"UI", values.transfer_syntax, b"\x00") + _FIXED_IMPLEMENTATION
+    if values.calling_ae:
+        body += _short(b"\x16\x00", b"AE", values.calling_ae, b" ")
+        body += _short(b"\x17\x00", b"AE", values.calling_ae, b" ")
+    body += _short(b"\x18\x00", b"AE", values.called_ae, b" ")
+    url = _padded(values.url, b" ")
+    body += b"\x02\x00\x27\x00UR\x00\x00" + struct.pack("<L", len(url)) + url
+    return b"\x02\x00\x00\x00UL\x04\x00" + struct.pack("<L", len(body)) + body
+
+
+def _padded(value: str, pad: bytes) -> bytes:
+    raw = value.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def _short(element: bytes, vr: bytes, value: str, pad: bytes) -> bytes:
+    """An element of group 0002 with a 2-byte length (Explicit VR Little Endian)."""
+    raw = _padded(value, pad)
+    return b"\x02\x00" + element + vr + struct.pack("<H", len(raw)) + raw
+
+
+# printable ASCII but the backslash (pydicom splits a value there): no space first or last
+_PLAIN_AE = re.compile(r"[!-\[\]-~]([ -\[\]-~]{0,14}[!-\[\]-~])?")  # 1 to 16 characters
+_PLAIN_URL = re.compile(r"[!-\[\]-~]{1,1024}")  # dicom://host:port, no spaces
+_FIXED_HEAD = b"\x02\x00\x01\x00OB\x00\x00\x02\x00\x00\x00\x00\x01"  # version 00 01
+_FIXED_IMPLEMENTATION = _short(b"\x12\x00", b"UI", IMPLEMENTATION_UID, b"\x00") + _short(
+    b"\x13\x00", b"SH", IMPLEMENTATION_VERSION, b" "
+)
+
+
+def _write_part10(part: Path, received: Path, meta: bytes) -> None:
     """Preamble, our file meta, then the data set bytes pynetdicom wrote after its own."""
     with received.open("rb") as src:
         start = _data_set_start(src)
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as out:
-            out.write(b"\x00" * 128 + b"DICM")
-            write_file_meta_info(out, meta, enforce_standard=True)  # type: ignore[arg-type]
+            out.write(PREAMBLE + meta)
             out.flush()
             _copy_rest(src, out, start)
             out.flush()
@@ -547,10 +629,32 @@ def _write_part10(part: Path, received: Path, meta: FileMetaDataset) -> None:
 
 
 def _data_set_start(src: BinaryIO) -> int:
-    """Where the data set begins in pynetdicom's file (after its preamble and meta)."""
+    """Where the data set begins in pynetdicom's file: right after its preamble where no file
+    meta follows (``dimse`` has pynetdicom write none), else after the meta, found from its
+    group length where the element after it is not of group 0002 either (otherwise, as
+    pydicom reads a file meta: after every element of group 0002)."""
+    head = src.read(len(PREAMBLE) + _LENGTH_ELEMENT)
+    if head[:132] == PREAMBLE and head[132:134] not in (_GROUP_2, b""):
+        return len(PREAMBLE)
+    if head[:132] == PREAMBLE and head[132:140] == _GROUP_LENGTH:
+        start: int = len(head) + struct.unpack("<L", head[140:144])[0]
+        src.seek(start)
+        if src.read(2) not in (_GROUP_2, b""):
+            return start
+    src.seek(0)
+    return _data_set_start_pydicom(src)
+
+
+def _data_set_start_pydicom(src: BinaryIO) -> int:
     pydicom.filereader.read_preamble(src, False)
     pydicom.filereader._read_file_meta_info(src)
     return src.tell()
+
+
+PREAMBLE = b"\x00" * 128 + b"DICM"
+_LENGTH_ELEMENT = 12  # (0002,0000) UL, 4 bytes
+_GROUP_LENGTH = b"\x02\x00\x00\x00UL\x04\x00"
+_GROUP_2 = b"\x02\x00"
 
 
 def _copy_rest(src: BinaryIO, out: BinaryIO, start: int) -> None:
