@@ -24,6 +24,7 @@ import pwd
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,6 +147,25 @@ def view() -> Iterator[Sandbox]:
         yield Sandbox(upper)
     finally:
         shutil.rmtree(upper, ignore_errors=True)
+
+
+def test_the_view_keeps_the_machines_systemd_out_of_reach(tmp_path: Path) -> None:
+    """On a machine booted with systemd (a CI virtual machine), the package's scripts and
+    ``systemctl enable`` in the view must not reach the machine's manager, which knows
+    nothing of the view's units.  Such a machine is made here in a mount namespace of its own:
+    /run/systemd/system exists, as systemd makes it at boot."""
+    require(unavailable())
+    booted = 'mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/system && exec "$@"'
+    machine = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", booted, "sh"]
+    view = [sys.executable, str(REPO / "tests/support/sandbox.py"), str(tmp_path / "view")]
+    done = subprocess.run(
+        [*machine, *view, "sh", "-c", "[ ! -e /run/systemd/system ]"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr}"
 
 
 def inside(view: Sandbox, *args: str, timeout: float = 120) -> str:
