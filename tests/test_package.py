@@ -348,3 +348,67 @@ def test_the_first_file_of_the_deploy_guide_reaches_the_archive(
     assert "stored, moved to /srv/stowd/ct1/sent/P1/IM1.dcm" in log.read_text()
     assert re.search(r"^files: +1 sent$", said, re.MULTILINE), said
     assert orthanc.instance_count() == 1
+
+
+def purge_in_one_run(view: Sandbox, deb: Path, setup: str) -> subprocess.CompletedProcess[str]:
+    """Install, ``setup`` (sh), then purge, in one run of the view, so that mounts made by
+    ``setup`` are still there during the purge."""
+    script = 'set -e\napt-get -y install "$1" >/dev/null\n' + setup + "\napt-get -y purge stowd\n"
+    return view.run("sh", "-c", script, "sh", str(deb), timeout=600, env=APT_ENV)
+
+
+@pytest.mark.timeout(1500)
+def test_purge_keeps_a_linked_folder_and_completes(deb: Path, view: Sandbox) -> None:
+    """sent/ linked to a bigger disk: rmdir of the link failed the purge (set -e)."""
+    setup = (
+        "mkdir -p /srv/big/sent\nrmdir /srv/stowd/ct1/sent\nln -s /srv/big/sent /srv/stowd/ct1/sent"
+    )
+
+    purged = purge_in_one_run(view, deb, setup)
+
+    said = purged.stdout + purged.stderr  # apt passes the scripts' stderr on as it likes
+    assert purged.returncode == 0, said
+    assert "stowd: kept /srv/stowd/ct1/sent: it is a link to /srv/big/sent" in said
+    assert present(view, ["/srv/stowd/ct1/sent", "/srv/big/sent"]) == [
+        "/srv/stowd/ct1/sent",
+        "/srv/big/sent",
+    ]
+
+
+@pytest.mark.timeout(1500)
+def test_purge_keeps_the_user_owning_files_on_a_mounted_folder(deb: Path, view: Sandbox) -> None:
+    """failed/ on a filesystem of its own (a share) with stowd's files: the search for them
+    did not cross the mount point (find -xdev), and the purge removed the user."""
+    setup = (
+        "mount -t tmpfs -o size=1m tmpfs /srv/stowd/ct1/failed\n"
+        "install -D -o stowd -g stowd /dev/null /srv/stowd/ct1/failed/P1/IM1.dcm\n"
+        "getent passwd stowd | cut -d: -f3"
+    )
+
+    purged = purge_in_one_run(view, deb, setup)
+
+    said = purged.stdout + purged.stderr
+    assert purged.returncode == 0, said
+    assert "stowd: kept the user and group stowd: they own /srv/stowd/ct1/failed" in said
+    inside(view, "getent", "passwd", "stowd")
+
+
+@pytest.mark.timeout(1500)
+def test_purge_keeps_a_user_the_admin_made(deb: Path, view: Sandbox) -> None:
+    """A system user stowd made before the install (its uid pinned for a share) works with
+    the package, and the purge leaves it: the package did not make it."""
+    inside(
+        view,
+        *("useradd", "--system", "--uid", "880", "--user-group", "--home-dir", "/var/lib/stowd"),
+        *("--no-create-home", "--shell", "/usr/sbin/nologin", "stowd"),
+    )
+    apt(view, "install", str(deb))
+    said = inside(view, "stowd", "check-config", "--user", "stowd")
+    assert "write access as user stowd" in said and "WARNING" not in said, said
+
+    purged = apt(view, "purge", "stowd")
+
+    assert inside(view, "id", "-u", "stowd") == "880\n"
+    assert "stowd: kept the user and group stowd: the package did not make them" in (
+        purged.stdout + purged.stderr
+    )
