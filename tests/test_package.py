@@ -255,6 +255,40 @@ def check_purged(view: Sandbox) -> None:
     assert "Package: stowd\n" not in (view.upper / "var/lib/dpkg/status").read_text()
 
 
+def library_owner(library: str) -> str:
+    """The Debian package that holds ``library`` (a path ldd printed; /lib is /usr/lib)."""
+    real = os.path.realpath(library)
+    candidates = {library, real, library.removeprefix("/usr"), real.removeprefix("/usr")}
+    candidates |= {"/usr" + path for path in candidates if not path.startswith("/usr/")}
+    found = subprocess.run(
+        ["dpkg", "-S", *sorted(candidates)], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert found.stdout, f"no package holds {library}"
+    return found.stdout.split(":", 1)[0]
+
+
+def test_depends_names_every_system_library_the_venv_loads(deb: Path, tmp_path: Path) -> None:
+    """A fresh Debian 12 gets what the compiled modules in the venv load (ldd) from Depends."""
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp_path)], check=True, timeout=300)
+    modules = [str(path) for path in tmp_path.rglob("*.so*") if path.is_file()]
+    ldd = subprocess.run(
+        ["ldd", *modules], capture_output=True, text=True, timeout=300, check=False
+    )
+    lines = [line.split() for line in ldd.stdout.splitlines()]
+    needed = {line[2] for line in lines if len(line) > 2 and line[1] == "=>"}
+    system = sorted(path for path in needed if not path.startswith(str(tmp_path)))
+    assert any("/libc.so" in path for path in system), ldd.stdout
+    depends = subprocess.run(
+        ["dpkg-deb", "-f", str(deb), "Depends"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    named = {entry.split()[0] for entry in depends.split(",")}
+    assert {library_owner(path) for path in system} <= named, depends
+
+
 @pytest.mark.timeout(1500)
 def test_install_check_remove_and_purge(deb: Path, view: Sandbox) -> None:
     apt(view, "install", str(deb))
