@@ -342,6 +342,8 @@ sed -i "s|url: http://127.0.0.1:8042/dicom-web|url: $url|" /etc/stowd/config.yam
 stowd check-config --user stowd --connect
 (umask 0027; exec setpriv --reuid stowd --regid stowd --init-groups stowd run) >"$log" 2>&1 &
 daemon=$!
+# A failed wait must not leave the daemon running on (in the view, after the test).
+trap 'kill -TERM "$daemon" 2>/dev/null || true' EXIT
 wait_for "grep -q 'watching /srv/stowd/ct1/drop' '$log'"
 drop=/srv/stowd/ct1/drop
 runuser -u ct1scan -- sh -c "umask 002; mkdir $drop/P1 && cp '$image' $drop/P1/"
@@ -349,6 +351,7 @@ wait_for "[ -e /srv/stowd/ct1/sent/P1/IM1.dcm ]"
 stowd status
 kill -TERM "$daemon"
 wait "$daemon"
+trap - EXIT
 """
 
 
