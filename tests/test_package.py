@@ -2,8 +2,11 @@
 checked as installed (files, modes, the user and group, ``systemd-analyze verify`` of the
 installed units, ``stowd --version``, ``stowd check-config`` as shipped, ``systemctl enable``),
 then removed and purged, after which nothing of it may be left (files, user, group); a purge
-that finds files of stowd left keeps them and the user; and docs/deploy.md's path from the
-scanner's account to the archive works with the installed package (a real Orthanc).
+that finds files of stowd left keeps them and the user (also on a mounted folder), a linked
+folder and a user the admin made; an upgrade, postinst run again and a reinstall after remove
+keep the admin's config; Depends names every system library the venv loads; and
+docs/deploy.md's path from the scanner's account to the archive works with the installed
+package (a real Orthanc).
 
 The install is real apt and dpkg on this machine, but in a copy-on-write view of its system
 folders (``tests/support/sandbox.py``: a private mount namespace with overlays on /etc, /usr,
@@ -449,3 +452,48 @@ def test_purge_keeps_a_user_the_admin_made(deb: Path, view: Sandbox) -> None:
     assert "stowd: kept the user and group stowd: the package did not make them" in (
         purged.stdout + purged.stderr
     )
+
+
+def newer(deb: Path, folder: Path) -> Path:
+    """``deb`` repacked as the next version whose shipped config changed too."""
+    root = folder / "root"
+    subprocess.run(["dpkg-deb", "-R", str(deb), str(root)], check=True, timeout=300)
+    control = root / "DEBIAN" / "control"
+    control.write_text(control.read_text().replace(f"Version: {__version__}\n", "Version: 99\n"))
+    with (root / "etc/stowd/config.yaml").open("a") as config:
+        config.write("# the next version's comment\n")
+    out = folder / "stowd_99_amd64.deb"
+    subprocess.run(
+        ["dpkg-deb", "--root-owner-group", "-Znone", "-b", str(root), str(out)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return out
+
+
+@pytest.mark.timeout(1500)
+def test_upgrade_rerun_and_reinstall_keep_the_admins_config(
+    deb: Path, view: Sandbox, tmp_path: Path
+) -> None:
+    """An upgrade whose config changed keeps the admin's edit and its mode (the new copy
+    beside it, as protected); postinst run again changes nothing; remove then install again
+    finds the kept config, folders and user."""
+    apt(view, "install", str(deb))
+    inside(view, "sh", "-c", "echo '# the admin was here' >>/etc/stowd/config.yaml")
+    inside(view, "dpkg", "--force-confold", "-i", str(newer(deb, tmp_path)))
+    assert inside(view, "tail", "-n", "1", "/etc/stowd/config.yaml") == "# the admin was here\n"
+    shipped = "/etc/stowd/config.yaml.dpkg-dist"
+    assert inside(view, "stat", "-c", "%U %G %a", shipped) == "root stowd 640\n"
+    inside(view, "rm", shipped)
+    before = inside(view, "getent", "passwd", "stowd")
+
+    inside(view, "/var/lib/dpkg/info/stowd.postinst", "configure", "99")
+    apt(view, "remove", "stowd")
+    apt(view, "install", str(tmp_path / "stowd_99_amd64.deb"))
+
+    assert inside(view, "getent", "passwd", "stowd") == before
+    assert inside(view, "tail", "-n", "1", "/etc/stowd/config.yaml") == "# the admin was here\n"
+    check_commands(view)
+    stat = inside(view, "stat", "-c", "%n %U %G %a %F", *[entry[0] for entry in INSTALLED])
+    assert stat.splitlines() == [" ".join(entry) for entry in INSTALLED]
