@@ -171,6 +171,27 @@ def test_the_view_keeps_the_machines_systemd_out_of_reach(tmp_path: Path) -> Non
     assert done.returncode == 0, f"exit {done.returncode}: {done.stderr}"
 
 
+def test_the_view_sees_and_leaves_only_its_own_processes(tmp_path: Path) -> None:
+    """A process left running by a run of the view (a daemon started with &, as a failed
+    script leaves it) ends with the run; and the view sees only its own processes, so the
+    purge's check for processes of stowd never finds another view's stowd with the same uid."""
+    require(unavailable())
+    mark = "1234.567"  # sleep's argument: names the process left behind
+    done = Sandbox(tmp_path / "view").run(
+        "sh", "-c", f"sleep {mark} >/dev/null 2>&1 & ls -d /proc/[0-9]*", timeout=120
+    )
+    left = [
+        path.parent.name
+        for path in Path("/proc").glob("[0-9]*/cmdline")
+        if path.exists() and f"sleep\0{mark}".encode() in path.read_bytes()
+    ]
+    for pid in left:  # the test's own sleep, so that a failure leaves nothing behind either
+        os.kill(int(pid), 9)
+    assert done.returncode == 0, done.stderr
+    assert left == []
+    assert len(done.stdout.split()) < 5, done.stdout
+
+
 def inside(view: Sandbox, *args: str, timeout: float = 120) -> str:
     """``args`` run in the view; fails the test on a non-zero exit; its stdout."""
     done = view.run(*args, timeout=timeout, env=APT_ENV)

@@ -1,7 +1,7 @@
 """A copy-on-write view of this machine's system folders, for installing a package for real
 without touching the machine (needs root and overlayfs).
 
-Each ``Sandbox.run`` starts the command in a private mount namespace (``unshare --mount``)
+Each ``Sandbox.run`` starts the command in a private mount and PID namespace (``unshare``)
 whose /etc, /usr, /var, /opt, /srv and /home are overlays: the machine's folders below,
 ``upper/<folder>`` above.  apt, dpkg, adduser and the package's scripts work as usual, but what
 they write lands in ``upper/`` only; other processes (other tests running meanwhile) never see
@@ -73,11 +73,20 @@ class Sandbox:
 
     def command(self, *args: str) -> list[str]:
         """The command line that runs ``args`` in the view."""
+        # A PID namespace of its own (--pid --fork --mount-proc): the view's processes see only
+        # each other (the purge's search for processes of stowd does not find those of another
+        # view or of the machine with the same uid), and every process a run leaves behind (a
+        # daemon started with &) ends with it; --kill-child ends them when unshare is killed
+        # (subprocess.run's timeout).
         return [
             "unshare",
             "--mount",
             "--propagation",
             "private",
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "--mount-proc",
             "--",
             "/bin/sh",
             "-c",
