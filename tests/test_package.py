@@ -518,3 +518,16 @@ def test_upgrade_rerun_and_reinstall_keep_the_admins_config(
     check_commands(view)
     stat = inside(view, "stat", "-c", "%n %U %G %a %F", *[entry[0] for entry in INSTALLED])
     assert stat.splitlines() == [" ".join(entry) for entry in INSTALLED]
+
+
+@pytest.mark.timeout(1500)
+def test_a_user_stowd_the_admin_made_in_another_group_can_read_the_config(
+    deb: Path, view: Sandbox
+) -> None:
+    """``adduser --system stowd`` (primary group nogroup) before the install: postinst adds
+    it to the group stowd, whose config it must read."""
+    inside(view, "adduser", "--system", "--quiet", "--no-create-home", "stowd")
+    apt(view, "install", str(deb))
+
+    assert "stowd" in inside(view, "id", "-nG", "stowd").split()
+    check_commands(view)
