@@ -2,8 +2,11 @@
 checked as installed (files, modes, the user and group, ``systemd-analyze verify`` of the
 installed units, ``stowd --version``, ``stowd check-config`` as shipped, ``systemctl enable``),
 then removed and purged, after which nothing of it may be left (files, user, group); a purge
-that finds files of stowd left keeps them and the user; and docs/deploy.md's path from the
-scanner's account to the archive works with the installed package (a real Orthanc).
+that finds files of stowd left keeps them and the user (also on a mounted folder), a linked
+folder and a user the admin made; an upgrade, postinst run again and a reinstall after remove
+keep the admin's config; Depends names every system library the venv loads; and
+docs/deploy.md's path from the scanner's account to the archive works with the installed
+package (a real Orthanc).
 
 The install is real apt and dpkg on this machine, but in a copy-on-write view of its system
 folders (``tests/support/sandbox.py``: a private mount namespace with overlays on /etc, /usr,
@@ -24,6 +27,7 @@ import pwd
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,6 +152,46 @@ def view() -> Iterator[Sandbox]:
         shutil.rmtree(upper, ignore_errors=True)
 
 
+def test_the_view_keeps_the_machines_systemd_out_of_reach(tmp_path: Path) -> None:
+    """On a machine booted with systemd (a CI virtual machine), the package's scripts and
+    ``systemctl enable`` in the view must not reach the machine's manager, which knows
+    nothing of the view's units.  Such a machine is made here in a mount namespace of its own:
+    /run/systemd/system exists, as systemd makes it at boot."""
+    require(unavailable())
+    booted = 'mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/system && exec "$@"'
+    machine = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", booted, "sh"]
+    view = [sys.executable, str(REPO / "tests/support/sandbox.py"), str(tmp_path / "view")]
+    done = subprocess.run(
+        [*machine, *view, "sh", "-c", "[ ! -e /run/systemd/system ]"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr}"
+
+
+def test_the_view_sees_and_leaves_only_its_own_processes(tmp_path: Path) -> None:
+    """A process left running by a run of the view (a daemon started with &, as a failed
+    script leaves it) ends with the run; and the view sees only its own processes, so the
+    purge's check for processes of stowd never finds another view's stowd with the same uid."""
+    require(unavailable())
+    mark = "1234.567"  # sleep's argument: names the process left behind
+    done = Sandbox(tmp_path / "view").run(
+        "sh", "-c", f"sleep {mark} >/dev/null 2>&1 & ls -d /proc/[0-9]*", timeout=120
+    )
+    left = [
+        path.parent.name
+        for path in Path("/proc").glob("[0-9]*/cmdline")
+        if path.exists() and f"sleep\0{mark}".encode() in path.read_bytes()
+    ]
+    for pid in left:  # the test's own sleep, so that a failure leaves nothing behind either
+        os.kill(int(pid), 9)
+    assert done.returncode == 0, done.stderr
+    assert left == []
+    assert len(done.stdout.split()) < 5, done.stdout
+
+
 def inside(view: Sandbox, *args: str, timeout: float = 120) -> str:
     """``args`` run in the view; fails the test on a non-zero exit; its stdout."""
     done = view.run(*args, timeout=timeout, env=APT_ENV)
@@ -235,6 +279,40 @@ def check_purged(view: Sandbox) -> None:
     assert "Package: stowd\n" not in (view.upper / "var/lib/dpkg/status").read_text()
 
 
+def library_owner(library: str) -> str:
+    """The Debian package that holds ``library`` (a path ldd printed; /lib is /usr/lib)."""
+    real = os.path.realpath(library)
+    candidates = {library, real, library.removeprefix("/usr"), real.removeprefix("/usr")}
+    candidates |= {"/usr" + path for path in candidates if not path.startswith("/usr/")}
+    found = subprocess.run(
+        ["dpkg", "-S", *sorted(candidates)], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert found.stdout, f"no package holds {library}"
+    return found.stdout.split(":", 1)[0]
+
+
+def test_depends_names_every_system_library_the_venv_loads(deb: Path, tmp_path: Path) -> None:
+    """A fresh Debian 12 gets what the compiled modules in the venv load (ldd) from Depends."""
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp_path)], check=True, timeout=300)
+    modules = [str(path) for path in tmp_path.rglob("*.so*") if path.is_file()]
+    ldd = subprocess.run(
+        ["ldd", *modules], capture_output=True, text=True, timeout=300, check=False
+    )
+    lines = [line.split() for line in ldd.stdout.splitlines()]
+    needed = {line[2] for line in lines if len(line) > 2 and line[1] == "=>"}
+    system = sorted(path for path in needed if not path.startswith(str(tmp_path)))
+    assert any("/libc.so" in path for path in system), ldd.stdout
+    depends = subprocess.run(
+        ["dpkg-deb", "-f", str(deb), "Depends"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    named = {entry.split()[0] for entry in depends.split(",")}
+    assert {library_owner(path) for path in system} <= named, depends
+
+
 @pytest.mark.timeout(1500)
 def test_install_check_remove_and_purge(deb: Path, view: Sandbox) -> None:
     apt(view, "install", str(deb))
@@ -288,6 +366,8 @@ sed -i "s|url: http://127.0.0.1:8042/dicom-web|url: $url|" /etc/stowd/config.yam
 stowd check-config --user stowd --connect
 (umask 0027; exec setpriv --reuid stowd --regid stowd --init-groups stowd run) >"$log" 2>&1 &
 daemon=$!
+# A failed wait must not leave the daemon running on (in the view, after the test).
+trap 'kill -TERM "$daemon" 2>/dev/null || true' EXIT
 wait_for "grep -q 'watching /srv/stowd/ct1/drop' '$log'"
 drop=/srv/stowd/ct1/drop
 runuser -u ct1scan -- sh -c "umask 002; mkdir $drop/P1 && cp '$image' $drop/P1/"
@@ -295,6 +375,7 @@ wait_for "[ -e /srv/stowd/ct1/sent/P1/IM1.dcm ]"
 stowd status
 kill -TERM "$daemon"
 wait "$daemon"
+trap - EXIT
 """
 
 
@@ -328,3 +409,125 @@ def test_the_first_file_of_the_deploy_guide_reaches_the_archive(
     assert "stored, moved to /srv/stowd/ct1/sent/P1/IM1.dcm" in log.read_text()
     assert re.search(r"^files: +1 sent$", said, re.MULTILINE), said
     assert orthanc.instance_count() == 1
+
+
+def purge_in_one_run(view: Sandbox, deb: Path, setup: str) -> subprocess.CompletedProcess[str]:
+    """Install, ``setup`` (sh), then purge, in one run of the view, so that mounts made by
+    ``setup`` are still there during the purge."""
+    script = 'set -e\napt-get -y install "$1" >/dev/null\n' + setup + "\napt-get -y purge stowd\n"
+    return view.run("sh", "-c", script, "sh", str(deb), timeout=600, env=APT_ENV)
+
+
+@pytest.mark.timeout(1500)
+def test_purge_keeps_a_linked_folder_and_completes(deb: Path, view: Sandbox) -> None:
+    """sent/ linked to a bigger disk: rmdir of the link failed the purge (set -e)."""
+    setup = (
+        "mkdir -p /srv/big/sent\nrmdir /srv/stowd/ct1/sent\nln -s /srv/big/sent /srv/stowd/ct1/sent"
+    )
+
+    purged = purge_in_one_run(view, deb, setup)
+
+    said = purged.stdout + purged.stderr  # apt passes the scripts' stderr on as it likes
+    assert purged.returncode == 0, said
+    assert "stowd: kept /srv/stowd/ct1/sent: it is a link to /srv/big/sent" in said
+    assert present(view, ["/srv/stowd/ct1/sent", "/srv/big/sent"]) == [
+        "/srv/stowd/ct1/sent",
+        "/srv/big/sent",
+    ]
+
+
+@pytest.mark.timeout(1500)
+def test_purge_keeps_the_user_owning_files_on_a_mounted_folder(deb: Path, view: Sandbox) -> None:
+    """failed/ on a filesystem of its own (a share) with stowd's files: the search for them
+    did not cross the mount point (find -xdev), and the purge removed the user."""
+    setup = (
+        "mount -t tmpfs -o size=1m tmpfs /srv/stowd/ct1/failed\n"
+        "install -D -o stowd -g stowd /dev/null /srv/stowd/ct1/failed/P1/IM1.dcm\n"
+        "getent passwd stowd | cut -d: -f3"
+    )
+
+    purged = purge_in_one_run(view, deb, setup)
+
+    said = purged.stdout + purged.stderr
+    assert purged.returncode == 0, said
+    assert "stowd: kept the user and group stowd: they own /srv/stowd/ct1/failed" in said
+    inside(view, "getent", "passwd", "stowd")
+
+
+@pytest.mark.timeout(1500)
+def test_purge_keeps_a_user_the_admin_made(deb: Path, view: Sandbox) -> None:
+    """A system user stowd made before the install (its uid pinned for a share) works with
+    the package, and the purge leaves it: the package did not make it."""
+    inside(
+        view,
+        *("useradd", "--system", "--uid", "880", "--user-group", "--home-dir", "/var/lib/stowd"),
+        *("--no-create-home", "--shell", "/usr/sbin/nologin", "stowd"),
+    )
+    apt(view, "install", str(deb))
+    said = inside(view, "stowd", "check-config", "--user", "stowd")
+    assert "write access as user stowd" in said and "WARNING" not in said, said
+
+    purged = apt(view, "purge", "stowd")
+
+    assert inside(view, "id", "-u", "stowd") == "880\n"
+    assert "stowd: kept the user and group stowd: the package did not make them" in (
+        purged.stdout + purged.stderr
+    )
+
+
+def newer(deb: Path, folder: Path) -> Path:
+    """``deb`` repacked as the next version whose shipped config changed too."""
+    root = folder / "root"
+    subprocess.run(["dpkg-deb", "-R", str(deb), str(root)], check=True, timeout=300)
+    control = root / "DEBIAN" / "control"
+    control.write_text(control.read_text().replace(f"Version: {__version__}\n", "Version: 99\n"))
+    with (root / "etc/stowd/config.yaml").open("a") as config:
+        config.write("# the next version's comment\n")
+    out = folder / "stowd_99_amd64.deb"
+    subprocess.run(
+        ["dpkg-deb", "--root-owner-group", "-Znone", "-b", str(root), str(out)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return out
+
+
+@pytest.mark.timeout(1500)
+def test_upgrade_rerun_and_reinstall_keep_the_admins_config(
+    deb: Path, view: Sandbox, tmp_path: Path
+) -> None:
+    """An upgrade whose config changed keeps the admin's edit and its mode (the new copy
+    beside it, as protected); postinst run again changes nothing; remove then install again
+    finds the kept config, folders and user."""
+    apt(view, "install", str(deb))
+    inside(view, "sh", "-c", "echo '# the admin was here' >>/etc/stowd/config.yaml")
+    inside(view, "dpkg", "--force-confold", "-i", str(newer(deb, tmp_path)))
+    assert inside(view, "tail", "-n", "1", "/etc/stowd/config.yaml") == "# the admin was here\n"
+    shipped = "/etc/stowd/config.yaml.dpkg-dist"
+    assert inside(view, "stat", "-c", "%U %G %a", shipped) == "root stowd 640\n"
+    inside(view, "rm", shipped)
+    before = inside(view, "getent", "passwd", "stowd")
+
+    inside(view, "/var/lib/dpkg/info/stowd.postinst", "configure", "99")
+    apt(view, "remove", "stowd")
+    apt(view, "install", str(tmp_path / "stowd_99_amd64.deb"))
+
+    assert inside(view, "getent", "passwd", "stowd") == before
+    assert inside(view, "tail", "-n", "1", "/etc/stowd/config.yaml") == "# the admin was here\n"
+    check_commands(view)
+    stat = inside(view, "stat", "-c", "%n %U %G %a %F", *[entry[0] for entry in INSTALLED])
+    assert stat.splitlines() == [" ".join(entry) for entry in INSTALLED]
+
+
+@pytest.mark.timeout(1500)
+def test_a_user_stowd_the_admin_made_in_another_group_can_read_the_config(
+    deb: Path, view: Sandbox
+) -> None:
+    """``adduser --system stowd`` (primary group nogroup) before the install: postinst adds
+    it to the group stowd, whose config it must read."""
+    inside(view, "adduser", "--system", "--quiet", "--no-create-home", "stowd")
+    apt(view, "install", str(deb))
+
+    assert "stowd" in inside(view, "id", "-nG", "stowd").split()
+    check_commands(view)

@@ -1,13 +1,14 @@
 """A copy-on-write view of this machine's system folders, for installing a package for real
 without touching the machine (needs root and overlayfs).
 
-Each ``Sandbox.run`` starts the command in a private mount namespace (``unshare --mount``)
+Each ``Sandbox.run`` starts the command in a private mount and PID namespace (``unshare``)
 whose /etc, /usr, /var, /opt, /srv and /home are overlays: the machine's folders below,
 ``upper/<folder>`` above.  apt, dpkg, adduser and the package's scripts work as usual, but what
 they write lands in ``upper/`` only; other processes (other tests running meanwhile) never see
 it, and removing ``upper/`` undoes everything.  Successive runs share ``upper/``, so an install,
 a check and a purge can be separate commands.  What ``upper/`` holds after a purge is exactly
-what the package left behind.  /tmp, /run and /root are the machine's own.
+what the package left behind.  /tmp, /run and /root are the machine's own, except that
+/run/systemd is an empty folder: the machine's systemd, if it runs one, is out of reach.
 
 The command line, for trying a guide by hand: ``python tests/support/sandbox.py DIR [CMD...]``
 (default CMD: bash) runs CMD in the view kept in DIR.
@@ -34,6 +35,13 @@ for folder in {" ".join(FOLDERS)}; do
     mount -t overlay overlay \
         -o "lowerdir=/$folder,upperdir=$base/$folder,workdir=$base/.work/$folder" "/$folder"
 done
+# The machine's systemd, if it runs one, stays out of reach: without /run/systemd the
+# package's scripts and systemctl see a system without a running systemd (as in a container)
+# and work on the view's unit files, instead of asking the machine's manager, which knows
+# nothing of the view (`systemctl enable stowd` would fail, daemon-reload reload the machine).
+if [ -d /run/systemd ]; then
+    mount -t tmpfs -o mode=0755 tmpfs /run/systemd
+fi
 exec "$@"
 """
 
@@ -65,11 +73,20 @@ class Sandbox:
 
     def command(self, *args: str) -> list[str]:
         """The command line that runs ``args`` in the view."""
+        # A PID namespace of its own (--pid --fork --mount-proc): the view's processes see only
+        # each other (the purge's search for processes of stowd does not find those of another
+        # view or of the machine with the same uid), and every process a run leaves behind (a
+        # daemon started with &) ends with it; --kill-child ends them when unshare is killed
+        # (subprocess.run's timeout).
         return [
             "unshare",
             "--mount",
             "--propagation",
             "private",
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "--mount-proc",
             "--",
             "/bin/sh",
             "-c",
