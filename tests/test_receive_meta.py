@@ -129,6 +129,7 @@ def _element(group: int, element: int, vr: bytes, value: bytes) -> bytes:
 
 
 DATA_SET = _element(8, 0x16, b"UI", SC.encode() + b"\x00") + _element(8, 0x18, b"UI", b"1.2.3\x00")
+CHARSET = _element(8, 5, b"CS", b"ISO_IR 100")
 STRAY = _element(2, 0x10, b"UI", IMPLICIT.encode())  # group 0002 in a data set: not allowed
 
 
@@ -157,6 +158,14 @@ INCOMING = {
     + b"\x04\x00\xff\xff\x00\x00"
     + DATA_SET,
     "only a meta": PREAMBLE + _pydicom_meta(),
+    # a sender's data set starting with a group length that claims the next element too: the
+    # data set is whole, not without its first element (its character set, here)
+    "a data set's group length claiming more than its group": PREAMBLE
+    + _element(2, 0, b"UL", b"")[:6]
+    + b"\x04\x00"
+    + struct.pack("<L", len(CHARSET))
+    + CHARSET
+    + DATA_SET,
 }
 
 

@@ -630,17 +630,12 @@ def _write_part10(part: Path, received: Path, meta: bytes) -> None:
 
 def _data_set_start(src: BinaryIO) -> int:
     """Where the data set begins in pynetdicom's file: right after its preamble where no file
-    meta follows (``dimse`` has pynetdicom write none), else after the meta, found from its
-    group length where the element after it is not of group 0002 either (otherwise, as
-    pydicom reads a file meta: after every element of group 0002)."""
-    head = src.read(len(PREAMBLE) + _LENGTH_ELEMENT)
+    meta follows (``dimse`` has pynetdicom write none), else as pydicom reads a file meta:
+    after every element of group 0002.  Not from a group length: a sender's data set may
+    start with one, and one claiming more than its group would drop the elements after it."""
+    head = src.read(len(PREAMBLE) + len(_GROUP_2))
     if head[:132] == PREAMBLE and head[132:134] not in (_GROUP_2, b""):
         return len(PREAMBLE)
-    if head[:132] == PREAMBLE and head[132:140] == _GROUP_LENGTH:
-        start: int = len(head) + struct.unpack("<L", head[140:144])[0]
-        src.seek(start)
-        if src.read(2) not in (_GROUP_2, b""):
-            return start
     src.seek(0)
     return _data_set_start_pydicom(src)
 
@@ -652,8 +647,6 @@ def _data_set_start_pydicom(src: BinaryIO) -> int:
 
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
-_LENGTH_ELEMENT = 12  # (0002,0000) UL, 4 bytes
-_GROUP_LENGTH = b"\x02\x00\x00\x00UL\x04\x00"
 _GROUP_2 = b"\x02\x00"
 
 
