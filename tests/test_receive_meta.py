@@ -8,6 +8,7 @@ import collections
 import io
 import os
 import queue
+import random
 import socket
 import struct
 import threading
@@ -33,7 +34,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from test_receive import Site, daemon, require_dcmtk, site, storescu
 
 from stowd import fileops
-from stowd.errors import FileVanished
+from stowd.errors import FileProblem, FileVanished
 from stowd.pipeline import classify as classify_mod
 from stowd.pipeline import dimse
 from stowd.pipeline.classify import Classified, classify_dicom
@@ -174,6 +175,20 @@ def test_the_data_set_starts_where_pydicom_finds_it(name: str) -> None:
     data = INCOMING[name]
     expected = _data_set_start_pydicom(io.BytesIO(data))
     assert _data_set_start(io.BytesIO(data)) == expected
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_a_data_set_starting_with_unreadable_group_0002_is_a_file_problem(seed: int) -> None:
+    """Garbage after a group 0002 tag (e.g. a group length without its value): not understood
+    (``FileProblem``: refused 0xC000), not an exception pynetdicom answers on its own."""
+    rng = random.Random(seed)
+    tail = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 24)))
+    data = PREAMBLE + b"\x02\x00" + rng.choice([b"\x00\x00UL\x04\x00", b""]) + tail
+    try:
+        start = _data_set_start(io.BytesIO(data))
+    except FileProblem:
+        return
+    assert len(PREAMBLE) <= start <= len(data)
 
 
 def test_without_a_meta_the_data_set_starts_after_the_preamble() -> None:

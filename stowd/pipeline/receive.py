@@ -641,8 +641,17 @@ def _data_set_start(src: BinaryIO) -> int:
 
 
 def _data_set_start_pydicom(src: BinaryIO) -> int:
-    pydicom.filereader.read_preamble(src, False)
-    pydicom.filereader._read_file_meta_info(src)
+    """As pydicom reads a file meta; ``FileProblem`` where the sender's group 0002 elements
+    at the data set's start cannot be read (refused as a data set not understood)."""
+    try:
+        pydicom.filereader.read_preamble(src, False)
+        pydicom.filereader._read_file_meta_info(src)
+    except OSError:
+        raise  # reading the incoming file failed: not the sender's data set
+    except Exception as exc:  # pydicom raises many kinds (struct, length, VR, EOF) of bad bytes
+        raise FileProblem(
+            f"the data set starts with group 0002 elements that cannot be read ({exc})"
+        ) from exc
     return src.tell()
 
 
