@@ -586,3 +586,35 @@ def test_settling_does_not_remove_a_study_folder_before_its_instance_is_in_it(
     assert placed.read_bytes() == b"instance"
     assert all(_joined(t) for t in tidying)
     assert placed.exists()  # the tidying, once it ran, left the folder with its file
+
+
+def test_a_removal_hanging_in_another_folder_does_not_hold_up_the_receiver(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drop folder on a network share that stops answering: tidying its empty folders hangs
+    in ``rmdir`` (simulated here: it waits until the test lets it go).  The receiver, placing
+    an instance in its own watch folder meanwhile, is not held up by it."""
+    drop, watch = tmp_path / "share", tmp_path / "received" / "ct"
+    (drop / "a").mkdir(parents=True)
+    watch.mkdir(parents=True)
+    hanging, answer = threading.Event(), threading.Event()
+    rmdir = Path.rmdir
+
+    def unanswered(folder: Path) -> None:
+        if drop in folder.parents:
+            hanging.set()
+            answer.wait(60)  # the share answers when the test ends
+        rmdir(folder)
+
+    monkeypatch.setattr(Path, "rmdir", unanswered)
+    tidy = _ends(fileops.remove_empty_parents, drop / "a" / "settled.dcm", drop)
+    try:
+        assert hanging.wait(60)
+        part = watch / ".x.part"
+        part.write_bytes(b"instance")
+        placing = _ends(Receiver._place, cast(Receiver, _Placing(watch)), part, "1.2", "1.2.3")
+        assert _joined(placing)  # without waiting for the share
+    finally:
+        answer.set()
+        assert _joined(tidy)
+    assert (watch / "1.2" / "1.2.3.dcm").read_bytes() == b"instance"

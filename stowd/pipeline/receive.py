@@ -425,12 +425,13 @@ class Receiver:
         file's in the folder, and the folder's in its parent (always: another association may
         have just made it, and not fsynced its parent yet).  Settling a study's last file
         removes its empty folders: not between making the folder and the rename
-        (``fileops.FOLDERS``); should another process remove it there, it is made again."""
+        (``fileops.folders_lock`` of the watch folder); should another process remove it there, it
+        is made again."""
         folder = self.source.watch / _safe_uid(study_uid)
         target = folder / f"{_safe_uid(sop_uid)}.dcm"
         for _ in range(PLACE_TRIES):
             try:
-                with fileops.FOLDERS:  # settling the study's last file removes empty folders
+                with fileops.folders_lock(self.source.watch):  # settling removes empty ones
                     fileops.make_folders(folder)
                     placed = _rename_unused(part, target)
             except FileNotFoundError:
