@@ -176,15 +176,24 @@ def is_link_refusal(exc: OSError, parent: int, name: str) -> bool:
         return False
 
 
-# Held while empty folders are removed, and by a writer (the C-STORE receiver) from making a
-# folder until its file is in it: else a folder just made, still empty, can be removed first.
-FOLDERS = threading.Lock()
+# One lock per root folder (a watched folder), held while empty folders under it are removed,
+# and by a writer (the C-STORE receiver) from making a folder until its file is in it: else a
+# folder just made, still empty, can be removed first.  Per root: a removal that hangs (a drop
+# folder on an unanswering network share) holds up no other root's writers.
+_folder_locks: dict[str, threading.Lock] = {}
+_folder_locks_lock = threading.Lock()
+
+
+def folders_lock(root: Path) -> threading.Lock:
+    """The lock between removing empty folders under ``root`` and making one to fill."""
+    with _folder_locks_lock:
+        return _folder_locks.setdefault(os.path.abspath(root), threading.Lock())
 
 
 def remove_empty_parents(path: Path, root: Path) -> None:
     """Remove now-empty folders between ``path``'s folder and ``root`` (never ``root``)."""
     folder = path.parent
-    with FOLDERS:
+    with folders_lock(root):
         while folder != root and root in folder.parents:
             with contextlib.suppress(OSError):
                 folder.rmdir()

@@ -8,6 +8,7 @@ import collections
 import io
 import os
 import queue
+import random
 import socket
 import struct
 import threading
@@ -33,7 +34,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from test_receive import Site, daemon, require_dcmtk, site, storescu
 
 from stowd import fileops
-from stowd.errors import FileVanished
+from stowd.errors import FileProblem, FileVanished
 from stowd.pipeline import classify as classify_mod
 from stowd.pipeline import dimse
 from stowd.pipeline.classify import Classified, classify_dicom
@@ -129,6 +130,7 @@ def _element(group: int, element: int, vr: bytes, value: bytes) -> bytes:
 
 
 DATA_SET = _element(8, 0x16, b"UI", SC.encode() + b"\x00") + _element(8, 0x18, b"UI", b"1.2.3\x00")
+CHARSET = _element(8, 5, b"CS", b"ISO_IR 100")
 STRAY = _element(2, 0x10, b"UI", IMPLICIT.encode())  # group 0002 in a data set: not allowed
 
 
@@ -157,6 +159,14 @@ INCOMING = {
     + b"\x04\x00\xff\xff\x00\x00"
     + DATA_SET,
     "only a meta": PREAMBLE + _pydicom_meta(),
+    # a sender's data set starting with a group length that claims the next element too: the
+    # data set is whole, not without its first element (its character set, here)
+    "a data set's group length claiming more than its group": PREAMBLE
+    + _element(2, 0, b"UL", b"")[:6]
+    + b"\x04\x00"
+    + struct.pack("<L", len(CHARSET))
+    + CHARSET
+    + DATA_SET,
 }
 
 
@@ -165,6 +175,20 @@ def test_the_data_set_starts_where_pydicom_finds_it(name: str) -> None:
     data = INCOMING[name]
     expected = _data_set_start_pydicom(io.BytesIO(data))
     assert _data_set_start(io.BytesIO(data)) == expected
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_a_data_set_starting_with_unreadable_group_0002_is_a_file_problem(seed: int) -> None:
+    """Garbage after a group 0002 tag (e.g. a group length without its value): not understood
+    (``FileProblem``: refused 0xC000), not an exception pynetdicom answers on its own."""
+    rng = random.Random(seed)
+    tail = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 24)))
+    data = PREAMBLE + b"\x02\x00" + rng.choice([b"\x00\x00UL\x04\x00", b""]) + tail
+    try:
+        start = _data_set_start(io.BytesIO(data))
+    except FileProblem:
+        return
+    assert len(PREAMBLE) <= start <= len(data)
 
 
 def test_without_a_meta_the_data_set_starts_after_the_preamble() -> None:
@@ -562,3 +586,35 @@ def test_settling_does_not_remove_a_study_folder_before_its_instance_is_in_it(
     assert placed.read_bytes() == b"instance"
     assert all(_joined(t) for t in tidying)
     assert placed.exists()  # the tidying, once it ran, left the folder with its file
+
+
+def test_a_removal_hanging_in_another_folder_does_not_hold_up_the_receiver(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drop folder on a network share that stops answering: tidying its empty folders hangs
+    in ``rmdir`` (simulated here: it waits until the test lets it go).  The receiver, placing
+    an instance in its own watch folder meanwhile, is not held up by it."""
+    drop, watch = tmp_path / "share", tmp_path / "received" / "ct"
+    (drop / "a").mkdir(parents=True)
+    watch.mkdir(parents=True)
+    hanging, answer = threading.Event(), threading.Event()
+    rmdir = Path.rmdir
+
+    def unanswered(folder: Path) -> None:
+        if drop in folder.parents:
+            hanging.set()
+            answer.wait(60)  # the share answers when the test ends
+        rmdir(folder)
+
+    monkeypatch.setattr(Path, "rmdir", unanswered)
+    tidy = _ends(fileops.remove_empty_parents, drop / "a" / "settled.dcm", drop)
+    try:
+        assert hanging.wait(60)
+        part = watch / ".x.part"
+        part.write_bytes(b"instance")
+        placing = _ends(Receiver._place, cast(Receiver, _Placing(watch)), part, "1.2", "1.2.3")
+        assert _joined(placing)  # without waiting for the share
+    finally:
+        answer.set()
+        assert _joined(tidy)
+    assert (watch / "1.2" / "1.2.3.dcm").read_bytes() == b"instance"

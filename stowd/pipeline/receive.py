@@ -425,12 +425,13 @@ class Receiver:
         file's in the folder, and the folder's in its parent (always: another association may
         have just made it, and not fsynced its parent yet).  Settling a study's last file
         removes its empty folders: not between making the folder and the rename
-        (``fileops.FOLDERS``); should another process remove it there, it is made again."""
+        (``fileops.folders_lock`` of the watch folder); should another process remove it there, it
+        is made again."""
         folder = self.source.watch / _safe_uid(study_uid)
         target = folder / f"{_safe_uid(sop_uid)}.dcm"
         for _ in range(PLACE_TRIES):
             try:
-                with fileops.FOLDERS:  # settling the study's last file removes empty folders
+                with fileops.folders_lock(self.source.watch):  # settling removes empty ones
                     fileops.make_folders(folder)
                     placed = _rename_unused(part, target)
             except FileNotFoundError:
@@ -630,30 +631,32 @@ def _write_part10(part: Path, received: Path, meta: bytes) -> None:
 
 def _data_set_start(src: BinaryIO) -> int:
     """Where the data set begins in pynetdicom's file: right after its preamble where no file
-    meta follows (``dimse`` has pynetdicom write none), else after the meta, found from its
-    group length where the element after it is not of group 0002 either (otherwise, as
-    pydicom reads a file meta: after every element of group 0002)."""
-    head = src.read(len(PREAMBLE) + _LENGTH_ELEMENT)
+    meta follows (``dimse`` has pynetdicom write none), else as pydicom reads a file meta:
+    after every element of group 0002.  Not from a group length: a sender's data set may
+    start with one, and one claiming more than its group would drop the elements after it."""
+    head = src.read(len(PREAMBLE) + len(_GROUP_2))
     if head[:132] == PREAMBLE and head[132:134] not in (_GROUP_2, b""):
         return len(PREAMBLE)
-    if head[:132] == PREAMBLE and head[132:140] == _GROUP_LENGTH:
-        start: int = len(head) + struct.unpack("<L", head[140:144])[0]
-        src.seek(start)
-        if src.read(2) not in (_GROUP_2, b""):
-            return start
     src.seek(0)
     return _data_set_start_pydicom(src)
 
 
 def _data_set_start_pydicom(src: BinaryIO) -> int:
-    pydicom.filereader.read_preamble(src, False)
-    pydicom.filereader._read_file_meta_info(src)
+    """As pydicom reads a file meta; ``FileProblem`` where the sender's group 0002 elements
+    at the data set's start cannot be read (refused as a data set not understood)."""
+    try:
+        pydicom.filereader.read_preamble(src, False)
+        pydicom.filereader._read_file_meta_info(src)
+    except OSError:
+        raise  # reading the incoming file failed: not the sender's data set
+    except Exception as exc:  # pydicom raises many kinds (struct, length, VR, EOF) of bad bytes
+        raise FileProblem(
+            f"the data set starts with group 0002 elements that cannot be read ({exc})"
+        ) from exc
     return src.tell()
 
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
-_LENGTH_ELEMENT = 12  # (0002,0000) UL, 4 bytes
-_GROUP_LENGTH = b"\x02\x00\x00\x00UL\x04\x00"
 _GROUP_2 = b"\x02\x00"
 
 
