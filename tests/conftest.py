@@ -31,6 +31,7 @@ from archives import Archive
 from harness import Clock
 from leaks import children, collected, reap_zombies
 from marking import ARCHIVE_FIXTURES, starts_something
+from needs import require
 from orthanc import Orthanc, orthanc_missing_reason
 from tinypacs import TinyPacs, tiny_pacs_missing_reason
 
@@ -148,15 +149,7 @@ def _allow(folder: Path) -> None:
 
 def require_orthanc() -> None:
     """Skip the calling test (fail it under CI=true) when no test Orthanc can run here."""
-    _require(orthanc_missing_reason())
-
-
-def _require(reason: str | None) -> None:
-    if reason is None:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true but {reason}", pytrace=False)
-    pytest.skip(reason)
+    require(orthanc_missing_reason())
 
 
 @pytest.fixture
@@ -186,7 +179,7 @@ def archive(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Archive]
         require_orthanc()
         server = Orthanc(tmp_path / "orthanc")
     else:
-        _require(tiny_pacs_missing_reason())
+        require(tiny_pacs_missing_reason())
         server = TinyPacs(tmp_path / "tiny_pacs")
     try:
         server.start()

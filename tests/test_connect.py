@@ -559,9 +559,9 @@ def test_port_104_without_cap_net_bind_service_says_what_it_needs(
     servers: Servers, tmp_path: Path
 ) -> None:
     """Run as root with CAP_NET_BIND_SERVICE dropped (setpriv), as a service user would be."""
-    from conftest import _require  # noqa: PLC0415 - conftest is on the path for tests
+    from needs import require  # noqa: PLC0415 - tests/support is on the path for tests
 
-    _require(None if os.geteuid() == 0 else "dropping one capability with setpriv needs root")
+    require(None if os.geteuid() == 0 else "dropping one capability with setpriv needs root")
     if connect_listen.privileged_below() <= 104:  # sysctl net.ipv4.ip_unprivileged_port_start
         pytest.skip("on this machine anyone may bind port 104")
     config = _receiving(tmp_path, servers.start().url("/ok"), 104)
@@ -575,9 +575,9 @@ def test_port_104_without_cap_net_bind_service_says_what_it_needs(
 def test_port_104_as_root_says_the_service_user_needs_the_capability(
     servers: Servers, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from conftest import _require  # noqa: PLC0415 - conftest is on the path for tests
+    from needs import require  # noqa: PLC0415 - tests/support is on the path for tests
 
-    _require(None if os.geteuid() == 0 else "binding port 104 needs root")
+    require(None if os.geteuid() == 0 else "binding port 104 needs root")
     if not _bindable(104) or connect_listen.privileged_below() <= 104:
         pytest.skip("port 104 is in use on this machine, or anyone may bind it here")
     config = _receiving(tmp_path, servers.start().url("/ok"), 104)

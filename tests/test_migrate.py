@@ -85,6 +85,24 @@ def start(layout: Layout, log: Path, *args: str) -> subprocess.Popen[bytes]:
         )
 
 
+@contextlib.contextmanager
+def migrating(layout: Layout, log: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+    """``stowd migrate`` as a child process, killed on the way out if it still runs."""
+    proc = start(layout, log, *args)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(60)
+
+
+def ctrl_c(proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Interrupt a migration as Ctrl-C does: it must end with 130."""
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 130, log.read_text()
+
+
 def migrate_here(monkeypatch: pytest.MonkeyPatch, layout: Layout, *args: str) -> int:
     """``stowd migrate`` in this process (to break things from inside): no signal handlers,
     and the logging left to pytest."""
@@ -316,15 +334,9 @@ def test_a_scan_that_crashes_exits_1_not_as_interrupted(
 
 def interrupt_while_queued(layout: Layout, log: Path, *args: str) -> None:
     """Start a migration to an archive that is down, and Ctrl-C it with its files queued."""
-    proc = start(layout, log, *args)
-    try:
+    with migrating(layout, log, *args) as proc:
         wait_for(lambda: len(queue_rows(layout)) == 3, 30, "3 files queued", log.read_text)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(30) == 130, log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(60)
+        ctrl_c(proc, log)
 
 
 @pytest.mark.parametrize("first", [("--keep",), ()], ids=["keep-then-move", "move-then-keep"])
@@ -595,16 +607,10 @@ def test_while_the_archive_is_down_the_progress_says_held_and_the_rate_stops_cou
     for n in range(40):  # fail at once, without the archive: a rate before the hold
         write_garbage(old / "bad" / f"{n}.dcm")
     log = tmp_path / "migrate.log"
-    proc = start(layout, log, str(old), "--destination", "pacs", "--keep", "--progress-every",
-                 "0.5")  # fmt: skip
-    try:
+    args = (str(old), "--destination", "pacs", "--keep", "--progress-every", "0.5")
+    with migrating(layout, log, *args) as proc:
         wait_for(lambda: len(held_lines(log, 40)) >= 3, 60, "3 held lines", log.read_text)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 130, log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(60)
+        ctrl_c(proc, log)
     lines = held_lines(log, 40)
     assert all("ETA" not in line.replace("no ETA while held", "") for line in lines), lines
     assert all("no ETA while held" in line for line in lines)
@@ -622,19 +628,14 @@ def test_status_follows_a_migration_on_its_own_queue(tmp_path: Path) -> None:
     make_study(old, 3)
     own = tmp_path / "migration" / "queue.db"
     log = tmp_path / "migrate.log"
-    proc = start(layout, log, str(old), "--destination", "pacs", "--keep", "--queue", str(own))
+    args = (str(old), "--destination", "pacs", "--keep", "--queue", str(own))
     status = ("status", "-c", str(layout.config), "--queue", str(own))
-    try:
+    with migrating(layout, log, *args) as proc:
         held = lambda: "HELD since" in run_cli(*status).stdout  # noqa: E731
         wait_for(held, 60, "status to show the held destination", log.read_text)
         shown = run_cli(*status)
         as_json = run_cli(*status, "--json")
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 130, log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(60)
+        ctrl_c(proc, log)
     assert shown.returncode == 0, shown.stderr
     assert f"queue:        {own}" in shown.stdout
     name = migrate_mod.source_name(old, keep=True)

@@ -14,8 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import _require
 from dicomgen import make_instance, make_instance_bytes, write_garbage, write_without_study_uid
+from needs import require
 from orthanc import Orthanc, OrthancError, find_dicomweb_plugin, find_orthanc
 from tinypacs import TinyPacs, tiny_pacs_missing_reason
 
@@ -189,7 +189,7 @@ def test_tiny_pacs_moves_to_another_port_when_its_own_was_taken_before_first_sta
     tmp_path: Path,
 ) -> None:
     """Its ports are chosen when it is made: another suite's server may bind one first."""
-    _require(tiny_pacs_missing_reason())
+    require(tiny_pacs_missing_reason())
     server = TinyPacs(tmp_path / "t")
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", server.port))

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pytest
 from dicomgen import make_instance
+from needs import require
 from orthanc import Orthanc
 from sandbox import Sandbox, unavailable
 
@@ -74,15 +75,6 @@ def test_version_option(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert done.value.code == 0
     assert capsys.readouterr().out == f"stowd {__version__}\n"
-
-
-def require(problem: str | None) -> None:
-    """Skip (fail under CI=true) when ``problem`` is not None."""
-    if problem is None:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true but {problem}", pytrace=False)
-    pytest.skip(problem)
 
 
 def missing_tool() -> str | None:

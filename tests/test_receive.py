@@ -38,10 +38,10 @@ TIMEOUT = 120.0
 @pytest.fixture
 def require_dcmtk() -> None:
     """dcmtk is installed by .ci/run; outside CI a machine without it skips these tests."""
-    from conftest import _require  # noqa: PLC0415 - conftest is on the path for tests
+    from needs import require  # noqa: PLC0415 - tests/support is on the path for tests
 
     missing = [tool for tool in ("storescu", "echoscu") if not _which(tool)]
-    _require(f"dcmtk is not installed ({', '.join(missing)} missing)" if missing else None)
+    require(f"dcmtk is not installed ({', '.join(missing)} missing)" if missing else None)
 
 
 def _which(tool: str) -> bool:

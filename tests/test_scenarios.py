@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import _require, require_orthanc
+from conftest import require_orthanc
+from needs import require
 
 from stowd.config.load import load_config
 
@@ -45,7 +46,7 @@ def marked_blocks(page: Path, mark: str, language: str) -> list[str]:
 
 def require_tools(*tools: str) -> None:
     missing = [tool for tool in tools if shutil.which(tool) is None]
-    _require(f"not installed here: {', '.join(missing)}" if missing else None)
+    require(f"not installed here: {', '.join(missing)}" if missing else None)
 
 
 def run_page(name: str, scratch: Path) -> str:
