@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -172,16 +174,22 @@ def test_start_does_not_mistake_another_orthanc_for_its_own(
     assert orthanc.is_running()
 
 
+@contextlib.contextmanager
+def port_taken(port: int) -> Iterator[int]:
+    """``port`` on 127.0.0.1 bound and listened on by someone else (another suite's server)
+    until the block ends."""
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", port))
+        blocker.listen()
+        yield port
+
+
 @pytest.mark.usefixtures("orthanc_required")
 def test_automatic_port_moves_when_taken_before_first_start(tmp_path: Path) -> None:
     server = Orthanc(tmp_path / "o")
-    with socket.socket() as blocker:
-        blocker.bind(("127.0.0.1", server.port))
-        blocker.listen()
-        taken = server.port
-        with server:
-            assert server.port != taken
-            assert server.instance_count() == 0
+    with port_taken(server.port) as taken, server:
+        assert server.port != taken
+        assert server.instance_count() == 0
     assert not server.is_running()
 
 
@@ -191,13 +199,9 @@ def test_tiny_pacs_moves_to_another_port_when_its_own_was_taken_before_first_sta
     """Its ports are chosen when it is made: another suite's server may bind one first."""
     require(tiny_pacs_missing_reason())
     server = TinyPacs(tmp_path / "t")
-    with socket.socket() as blocker:
-        blocker.bind(("127.0.0.1", server.port))
-        blocker.listen()
-        taken = server.port
-        with server:
-            assert server.port != taken
-            assert httpx.get(f"{server.dicomweb_url}/studies", timeout=10).status_code in (200, 204)
+    with port_taken(server.port) as taken, server:
+        assert server.port != taken
+        assert httpx.get(f"{server.dicomweb_url}/studies", timeout=10).status_code in (200, 204)
     assert not server.is_running()
 
 
