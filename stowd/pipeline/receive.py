@@ -634,9 +634,10 @@ def _data_set_start(src: BinaryIO) -> int:
     meta follows (``dimse`` has pynetdicom write none), else as pydicom reads a file meta:
     after every element of group 0002.  Not from a group length: a sender's data set may
     start with one, and one claiming more than its group would drop the elements after it."""
-    head = src.read(len(PREAMBLE) + len(_GROUP_2))
-    if head[:132] == PREAMBLE and head[132:134] not in (_GROUP_2, b""):
-        return len(PREAMBLE)
+    at = len(PREAMBLE)
+    head = src.read(at + len(_GROUP_2))
+    if head[:at] == PREAMBLE and head[at:] not in (_GROUP_2, b""):
+        return at
     src.seek(0)
     return _data_set_start_pydicom(src)
 
