@@ -32,6 +32,7 @@ import os
 import resource
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from stowparse import PartReader
@@ -170,6 +171,14 @@ class Connection(asyncio.BufferedProtocol):
 REASONS = {200: "OK", 202: "Accepted", 204: "No Content", 400: "Bad Request", 409: "Conflict"}
 
 
+def _stopper(stop: asyncio.Future[None]) -> Callable[[], None]:
+    def handler() -> None:
+        if not stop.done():
+            stop.set_result(None)
+
+    return handler
+
+
 async def serve(host: str, port: int) -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(Connection, host, port, backlog=128)
@@ -177,7 +186,7 @@ async def serve(host: str, port: int) -> None:
     print(f"http://{host}:{bound}/dicom-web", flush=True)
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+        loop.add_signal_handler(sig, _stopper(stop))
     await stop
     server.close()
 

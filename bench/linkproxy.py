@@ -33,6 +33,7 @@ import resource
 import signal
 import sys
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 READ_SIZE = 64 * 1024
@@ -182,6 +183,14 @@ class Proxy:
                 writer.close()
 
 
+def _stopper(stop: asyncio.Future[None]) -> Callable[[], None]:
+    def handler() -> None:
+        if not stop.done():
+            stop.set_result(None)
+
+    return handler
+
+
 async def serve(args: argparse.Namespace) -> Proxy:
     host, _, port = args.target.rpartition(":")
     delay = parse_delay(args.delay)
@@ -200,7 +209,7 @@ async def serve(args: argparse.Namespace) -> Proxy:
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+        loop.add_signal_handler(sig, _stopper(stop))
     await stop
     server.close()
     return proxy
