@@ -505,10 +505,13 @@ def link_rows(args: argparse.Namespace, tmp: Path, endpoint: Child) -> list[Row]
     endpoint."""
     size = parse_size(args.link_size)
     folder = tmp / "link"
-    setup = make_setup(folder, args.link_files, size, args.studies, args.per_request, curl=True)
+    setup = make_setup(
+        folder, args.link_files, size, args.link_studies, args.per_request, curl=True
+    )
     options, rate = link_options(args), link_rate(args)
     print(
-        f"link: {setup.files} files of {args.link_size}, {len(setup.bodies)} requests for curl; "
+        f"link: {setup.files} files of {args.link_size} in {args.link_studies} studies, "
+        f"{len(setup.bodies)} requests for curl; "
         f"link emulator {args.link_delay} each way, {args.link_rate} "
         f"({rate / MB:.1f} MB/s) each direction",
         flush=True,
@@ -1010,6 +1013,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--link-files", type=int, default=400, help="files sent through the link (0: skip)"
     )
     parser.add_argument("--link-size", default="512KiB", help="their size (default 512KiB)")
+    parser.add_argument(
+        "--link-studies",
+        type=int,
+        default=4,
+        help="their studies (default 4: 100 files each, so batches of 50 are full)",
+    )
     parser.add_argument("--link-delay", default="10ms", help="one-way delay (default 10ms)")
     parser.add_argument("--link-rate", default="200Mbit", help="per direction (default 200Mbit)")
     parser.add_argument("--link-streams", default="1,4", help="curl's streams (default 1,4)")
