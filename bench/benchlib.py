@@ -2,6 +2,9 @@
 
 - ``Discard`` / ``discard_server()``: a local STOW endpoint that reads and drops the body and
   answers that every instance was stored, so stowd's own overhead is measured, not an archive's.
+  A thread in the calling process: it can itself be the limit (about 600 files/s of 64 KiB).
+- ``discard_process()`` and ``link_process()``: the fast discarding endpoint (bench/discard.py)
+  and the link emulator (bench/linkproxy.py), each in its own process.
 - ``peak_rss_mb()`` (VmHWM of a running process), ``cpu_seconds()`` and ``wait_sampled()``
   (exit code, peak VmHWM sampled until it ends, CPU seconds): what a sender process costs.
 - ``stowd_env()``: the environment for stowd child processes, with this checkout first on
@@ -17,15 +20,19 @@ import contextlib
 import json
 import os
 import re
+import signal
 import sqlite3
 import struct
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -86,6 +93,57 @@ def discard_server() -> tuple[ThreadingHTTPServer, str]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Discard)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_port}/dicom-web"
+
+
+@dataclass
+class Child:
+    """A helper process started by ``discard_process`` or ``link_process``: its first line
+    of output was *url*; ``report`` is its last (JSON) line, once it has stopped."""
+
+    url: str
+    proc: subprocess.Popen[str]
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.proc.pid)
+
+
+@contextlib.contextmanager
+def _child(script: str, *args: str) -> Iterator[Child]:
+    command = [sys.executable, str(Path(__file__).with_name(script)), *args]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline().strip()
+        if not first:
+            raise RuntimeError(f"{script} did not start (exit code {proc.wait(10)})")
+        child = Child(first, proc)
+        yield child
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    last = out.strip().splitlines()[-1:] if out else []
+    child.report = json.loads(last[0]) if last else {}
+
+
+@contextlib.contextmanager
+def discard_process() -> Iterator[Child]:
+    """The fast discarding endpoint (bench/discard.py) in its own process; ``.url`` is its
+    DICOMweb base URL."""
+    with _child("discard.py") as child:
+        yield child
+
+
+@contextlib.contextmanager
+def link_process(target: str, *options: str) -> Iterator[Child]:
+    """The link emulator (bench/linkproxy.py) in front of *target* (an ``http://host:port/...``
+    URL); ``.url`` is *target* with the proxy's host and port.  *options*: its options
+    (``--delay 10ms``, ``--rate 200Mbit``, ...)."""
+    parts = urlsplit(target)
+    upstream = f"{parts.hostname}:{parts.port}"
+    with _child("linkproxy.py", "--target", upstream, *options) as child:
+        child.url = urlunsplit(parts._replace(netloc=child.url))
+        yield child
 
 
 def peak_rss_mb(pid: int) -> float:

@@ -37,34 +37,39 @@ replaces the part of FILE between the ``<!-- throughput:begin -->`` and
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import memory
 from benchlib import (
     ROOT,
+    Child,
     count_files,
     cpu_seconds,
-    discard_server,
+    discard_process,
+    link_process,
     peak_rss_mb,
     stowd_env,
     wait_sampled,
     write_config,
 )
 from dicomgen import make_instance_bytes
+from linkproxy import parse_rate
 from orthanc import Orthanc
 from senders import write_body
 
@@ -124,6 +129,14 @@ class Row:
     stored: int | None  # Orthanc's instance count afterwards (None: discarding endpoint)
     problems: list[str] = field(default_factory=list)
     ratio: float | None = None  # files/s over the baseline's at the same streams
+    cpu_ratio: float | None = None  # CPU seconds per file over the baseline's, same streams
+    batch: int = 0  # files per request (link and ceiling rows; 0: the run's --per-request)
+    where: str = ""  # what it sent to, when not a plain local Orthanc
+
+    @property
+    def label(self) -> str:
+        """The sender, with its workers and batch size where they vary (link rows)."""
+        return self.sender + (f", batch {self.batch}" if self.batch else "")
 
     @property
     def files_s(self) -> float:
@@ -313,40 +326,222 @@ def _tail(path: Path, lines: int = 3) -> str:
     return " | ".join(text[-lines:])
 
 
-def measure_orthanc(setup: Setup, sender: str, streams: int) -> Row:
-    """One sender at one concurrency against a fresh Orthanc; its storage is removed after."""
-    work = setup.work / f"{sender.replace(' ', '-')}-{streams}"
-    work.mkdir()
+def measure_orthanc(setup: Setup, sender: str, streams: int, link: list[str] | None = None) -> Row:
+    """One sender at one concurrency against a fresh Orthanc (through a fresh link emulator
+    with these options when *link* is given); its storage is removed after."""
+    work = _work(setup, sender, streams)
     try:
         with Orthanc(work / "orthanc") as orthanc:
-            seconds, rss, cpu, problems = MEASURES[sender](
-                setup, work, orthanc.dicomweb_url, streams
-            )
+            if link is None:
+                sent = MEASURES[sender](setup, work, orthanc.dicomweb_url, streams)
+            else:
+                with link_process(orthanc.dicomweb_url, *link) as proxy:
+                    sent = MEASURES[sender](setup, work, proxy.url, streams)
             stored = orthanc.instance_count()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    seconds, rss, cpu, problems = sent
     if stored != setup.files:
         problems.append(f"Orthanc stored {stored} of {setup.files}")
     return Row(sender, streams, setup.files, setup.bytes, seconds, rss, cpu, stored, problems)
 
 
-# -- the cases against the discarding endpoint ------------------------------------------------
-def discard_case(tmp: Path, url: str, args: argparse.Namespace) -> Row:
-    """``stowd run`` against the discarding endpoint: stowd's own cost per file."""
-    stage = tmp / "small"
-    total = generate(stage, args.discard_files, parse_size(args.discard_size), args.studies)
-    work = tmp / "discard"
-    work.mkdir()
-    workers = args.discard_workers
+def measure_discarding(
+    setup: Setup, sender: str, streams: int, endpoint: Child, link: list[str] | None = None
+) -> Row:
+    """One sender against the fast discarding endpoint (through a fresh link emulator with
+    these options when *link* is given); ``where`` notes the endpoint's CPU meanwhile."""
+    work = _work(setup, sender, streams)
     try:
-        seconds, rss, cpu, problems = stowd_run(
-            work, url, workers, stage, files=total, per_request=args.per_request
-        )
-        size = tree_bytes(stage)
-        return Row("stowd run", workers, total, size, seconds, rss, cpu, None, problems)
+        busy = endpoint.cpu_seconds()
+        if link is None:
+            sent = MEASURES[sender](setup, work, endpoint.url, streams)
+        else:
+            with link_process(endpoint.url, *link) as proxy:
+                sent = MEASURES[sender](setup, work, proxy.url, streams)
+        busy = endpoint.cpu_seconds() - busy
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(stage, ignore_errors=True)
+    seconds, rss, cpu, problems = sent
+    row = Row(sender, streams, setup.files, setup.bytes, seconds, rss, cpu, None, problems)
+    row.where = f"endpoint CPU {busy / seconds:.0%} of one core"
+    return row
+
+
+def _work(setup: Setup, sender: str, streams: int) -> Path:
+    work = setup.work / f"{sender.replace(' ', '-')}-{streams}-{setup.per_request}"
+    work.mkdir()
+    return work
+
+
+def make_setup(
+    folder: Path, files: int, size: int, studies: int, per_request: int, *, curl: bool
+) -> Setup:
+    """Generate the files below *folder*, their batches and (for curl) their bodies."""
+    stage = folder / "stage"
+    total = generate(stage, files, size, studies)
+    batches = batches_of(stage, per_request)
+    (folder / "batches.json").write_text(json.dumps(batches))
+    bodies: list[tuple[Path, str]] = []
+    if curl:
+        (folder / "bodies").mkdir()
+        for n, batch in enumerate(batches):
+            body = folder / "bodies" / f"{n:05d}.bin"
+            bodies.append((body, write_body(body, batch)))
+    setup = Setup(
+        folder / "runs",
+        stage,
+        folder / "batches.json",
+        bodies,
+        total,
+        tree_bytes(stage),
+        per_request,
+    )
+    setup.work.mkdir()
+    return setup
+
+
+def _print_row(row: Row, note: str = "") -> None:
+    stored = "discarded" if row.stored is None else f"stored {row.stored}/{row.files}"
+    print(
+        f"  {row.label:24s} {'workers' if row.sender.startswith('stowd') else 'streams'} "
+        f"{row.streams}: {row.files_s:7.1f} files/s {row.mb_s:6.1f} MB/s  "
+        f"CPU {row.cpu_s:5.2f} s  peak RSS {row.rss_mb:6.1f} MB  {stored}"
+        + (f"  {note}" if note else "")
+        + ("" if row.ok else f"  WRONG {row.problems[:3]}"),
+        flush=True,
+    )
+
+
+# -- the ceiling: stowd against the fast discarding endpoint ---------------------------------
+def ceiling_rows(args: argparse.Namespace, tmp: Path, endpoint: Child) -> list[Row]:
+    """``stowd run`` against the fast discarding endpoint (stowd's own cost per file, its
+    ceiling), first, then curl with the same requests at 1 and 4 streams: what the endpoint
+    takes.  The endpoint is not the limit when curl gets at least twice stowd's files/s."""
+    size = parse_size(args.discard_size)
+    folder = tmp / "ceiling"
+    setup = make_setup(folder, args.discard_files, size, args.studies, args.per_request, curl=True)
+    print(
+        f"ceiling: {setup.files} files of {args.discard_size}, {len(setup.bodies)} requests, "
+        f"fast discarding endpoint {endpoint.url} (bench/discard.py, own process)",
+        flush=True,
+    )
+    rows = [measure_discarding(setup, "stowd run", args.discard_workers, endpoint)]
+    rows += [measure_discarding(setup, "curl", k, endpoint) for k in (1, 4)]
+    for row in rows:
+        _print_row(row, row.where)
+    ratio = endpoint_ratio(rows)
+    if ratio is not None:
+        print(f"  {ratio[1]}", flush=True)
+    shutil.rmtree(tmp / "ceiling", ignore_errors=True)
+    return rows
+
+
+def endpoint_ratio(rows: list[Row]) -> tuple[float, str] | None:
+    """The best curl's files/s over stowd's against the endpoint, and what it shows."""
+    stowd = next((r for r in rows if r.sender == "stowd run" and r.ok), None)
+    curls = [r for r in rows if r.sender == "curl" and r.ok]
+    if stowd is None or not curls:
+        return None
+    best = max(curls, key=lambda r: r.files_s)
+    ratio = best.files_s / stowd.files_s
+    verdict = (
+        "MET: the endpoint is not the limit"
+        if ratio >= 2
+        else "MISSED: the endpoint (or curl) may be the limit"
+    )
+    text = (
+        f"endpoint takes {best.files_s:.0f} files/s from curl ({_streams(best.streams)}), "
+        f"{ratio:.2f}x stowd's {stowd.files_s:.0f} files/s (wanted >= 2x): {verdict}"
+    )
+    return ratio, text
+
+
+# -- through the link emulator ---------------------------------------------------------------
+def link_options(args: argparse.Namespace) -> list[str]:
+    return ["--delay", args.link_delay, "--rate", args.link_rate]
+
+
+def link_rate(args: argparse.Namespace) -> float:
+    """The link's rate in bytes per second."""
+    return parse_rate(args.link_rate)
+
+
+def link_check(args: argparse.Namespace, tmp: Path, endpoint: Child) -> dict[str, float]:
+    """What the link emulator does, measured: the time of a first small request (its
+    connection's handshake and one round trip), the median of ten more on that connection
+    (one round trip each), and the rate of one big upload by curl (PUT, read and dropped by
+    the endpoint), to the discarding endpoint."""
+    big = tmp / "link-check.bin"
+    with open(big, "wb") as out:
+        out.truncate(parse_size(args.link_check_size))
+    with link_process(endpoint.url, *link_options(args)) as proxy:
+        parts = urlsplit(proxy.url)
+        connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=60)
+        times = []
+        for _ in range(11):
+            started = time.monotonic()
+            connection.request("GET", parts.path)
+            connection.getresponse().read()
+            times.append(time.monotonic() - started)
+        connection.close()
+        command = ["curl", "--silent", "--show-error", "-T", str(big), "-H", "Expect:"]
+        command += ["-o", "/dev/null", "-w", "%{size_upload} %{time_total}", proxy.url + "/x"]
+        done = subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
+    big.unlink()
+    size, seconds = (float(x) for x in done.stdout.split())
+    return {
+        "first_request_ms": times[0] * 1000,
+        "rtt_ms": statistics.median(times[1:]) * 1000,
+        "upload_mb_s": size / seconds / MB,
+        "link_mb_s": link_rate(args) / MB,
+        "upload_x_link": size / seconds / link_rate(args),
+    }
+
+
+def link_rows(args: argparse.Namespace, tmp: Path, endpoint: Child) -> list[Row]:
+    """curl at 1 and 4 streams, then stowd run and stowd migrate at each workers and batch
+    size, each through a fresh link emulator, to a fresh Orthanc and to the discarding
+    endpoint."""
+    size = parse_size(args.link_size)
+    folder = tmp / "link"
+    setup = make_setup(
+        folder, args.link_files, size, args.link_studies, args.per_request, curl=True
+    )
+    options, rate = link_options(args), link_rate(args)
+    print(
+        f"link: {setup.files} files of {args.link_size} in {args.link_studies} studies, "
+        f"{len(setup.bodies)} requests for curl; "
+        f"link emulator {args.link_delay} each way, {args.link_rate} "
+        f"({rate / MB:.1f} MB/s) each direction",
+        flush=True,
+    )
+    rows = []
+    for archive in args.link_archives.split(","):
+        cases = [(setup, "curl", k) for k in _ints(args.link_streams)]
+        for batch in _ints(args.link_batches):
+            batched = replace(setup, per_request=batch)
+            for sender in ("stowd run", "stowd migrate"):
+                cases += [(batched, sender, w) for w in _ints(args.link_workers)]
+        for case, sender, streams in cases:
+            if archive == "orthanc":
+                row = measure_orthanc(case, sender, streams, options)
+            else:
+                row = measure_discarding(case, sender, streams, endpoint, options)
+            row.where = archive
+            row.batch = case.per_request
+            rows.append(row)
+            _print_row(row, f"{archive}, {row.mb_s * MB / rate:.2f}x link")
+    shutil.rmtree(folder, ignore_errors=True)
+    return rows
+
+
+def _streams(n: int) -> str:
+    return f"{n} stream" + ("" if n == 1 else "s")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
 
 
 # -- targets ----------------------------------------------------------------------------------
@@ -362,25 +557,25 @@ class Target:
         return {True: "MET", False: "MISSED", None: "NOT MEASURED"}[self.met]
 
 
-def targets(
-    rows: list[Row], discard: Row | None, big: dict[str, Any] | None, backlog: dict[str, Any] | None
-) -> list[Target]:
+def targets(results: Results) -> list[Target]:
+    """Issue 7's targets, then issue 19's."""
+    rows, ceiling = results.rows, results.ceiling
     found: list[Target] = []
     by = {(r.sender, r.streams): r for r in rows}
     for streams in sorted({r.streams for r in rows}):
         for stowd in ("stowd run", "stowd migrate"):
             for other, factor in ((BASELINE, 0.95), ("dicomweb-client", 2.0)):
                 found.append(_ratio_target(by, (stowd, other), factor, streams))
+    discard = next((r for r in ceiling if r.sender == "stowd run"), None)
     if discard is not None:
-        found.append(
-            Target(
-                f"stowd run, {discard.files} files of {_size(discard.bytes / discard.files)}, "
-                "discarding endpoint",
-                ">= 1000 files/s",
-                f"{discard.files_s:.0f} files/s",
-                discard.files_s >= 1000 if discard.ok else None,
-            )
-        )
+        found.append(_ceiling_target(discard, 1000))
+    found += memory_targets(results.big, results.backlog)
+    found += issue19_targets(results)
+    return found
+
+
+def memory_targets(big: dict[str, Any] | None, backlog: dict[str, Any] | None) -> list[Target]:
+    found = []
     if big is not None:
         found.append(
             Target(
@@ -410,6 +605,87 @@ def targets(
     return found
 
 
+def issue19_targets(results: Results) -> list[Target]:
+    """Issue 19: the best raw sender and CPU per file (Orthanc rows), the ceiling, the link."""
+    rows, found = results.rows, []
+    by = {(r.sender, r.streams): r for r in rows}
+    for streams in sorted({r.streams for r in rows}):
+        raw = [by[s, streams] for s in ("curl", "httpx") if (s, streams) in by]
+        best = max(raw, key=lambda r: r.files_s) if raw else None
+        for stowd in ("stowd run", "stowd migrate"):
+            found.append(_best_raw_target(by.get((stowd, streams)), best, raw, streams))
+        for stowd in ("stowd run", "stowd migrate"):
+            found.append(_cpu_target(by.get((stowd, streams)), by.get((BASELINE, streams))))
+    discard = next((r for r in results.ceiling if r.sender == "stowd run"), None)
+    if discard is not None:
+        found.append(_ceiling_target(discard, 3000))
+        ratio = endpoint_ratio(results.ceiling)
+        found.append(
+            Target(
+                "discarding endpoint: best curl's files/s over stowd's",
+                ">= 2 x",
+                "-" if ratio is None else f"{ratio[0]:.2f} x",
+                None if ratio is None else ratio[0] >= 2,
+            )
+        )
+    found += link_targets(results.link, results.info.get("link_rate", 0.0))
+    return found
+
+
+def _best_raw_target(row: Row | None, best: Row | None, raw: list[Row], streams: int) -> Target:
+    plural = "stream" if streams == 1 else "streams"
+    name = f"{row.sender if row else 'stowd'} vs the best raw sender, {streams} {plural}"
+    if row is None or best is None:
+        return Target(name, ">= 1.0 x", "-", None)
+    ratio = row.files_s / best.files_s
+    met = ratio >= 1.0 if row.ok and all(r.ok for r in raw) else None
+    return Target(name, ">= 1.0 x", f"{ratio:.2f} x ({best.sender})", met)
+
+
+def _cpu_target(row: Row | None, base: Row | None) -> Target:
+    if row is None or base is None:
+        return Target("CPU per file vs raw httpx", "<= 1.5 x", "-", None)
+    plural = "stream" if row.streams == 1 else "streams"
+    ratio = (row.cpu_s / row.files) / (base.cpu_s / base.files)
+    met = ratio <= 1.5 if row.ok and base.ok else None
+    name = f"{row.sender} CPU per file vs raw httpx, {row.streams} {plural}"
+    return Target(name, "<= 1.5 x", f"{ratio:.2f} x", met)
+
+
+def _ceiling_target(row: Row, wanted: float) -> Target:
+    what = "fast discarding endpoint (the ceiling)" if wanted >= 3000 else "discarding endpoint"
+    return Target(
+        f"stowd run, {row.files} files of {_size(row.bytes / row.files)}, {what}",
+        f">= {wanted:.0f} files/s",
+        f"{row.files_s:.0f} files/s",
+        row.files_s >= wanted if row.ok else None,
+    )
+
+
+def link_targets(rows: list[Row], rate: float) -> list[Target]:
+    """Per archive and stowd sender: the best of its workers and batch sizes, and stowd's
+    defaults (workers 2, batch 50) where measured, as a fraction of the link rate."""
+    found = []
+    for where in dict.fromkeys(r.where for r in rows):
+        for sender in ("stowd run", "stowd migrate"):
+            mine = [r for r in rows if r.where == where and r.sender == sender]
+            if not mine or not rate:
+                continue
+            best = max(mine, key=lambda r: r.mb_s)
+            default = [r for r in mine if (r.streams, r.batch) == (2, 50)]
+            for row, what in [(best, "best"), *((r, "defaults") for r in default)]:
+                found.append(
+                    Target(
+                        f"{sender} through the link to {where}, {what} "
+                        f"(workers {row.streams}, batch {row.batch})",
+                        ">= 0.9 x link rate",
+                        f"{row.mb_s * MB / rate:.2f} x ({row.mb_s:.1f} MB/s)",
+                        row.mb_s * MB / rate >= 0.9 if row.ok else None,
+                    )
+                )
+    return found
+
+
 def _ratio_target(
     by: dict[tuple[str, int], Row], pair: tuple[str, str], factor: float, streams: int
 ) -> Target:
@@ -435,7 +711,17 @@ def _size(n: float) -> str:
 # -- output -----------------------------------------------------------------------------------
 def table(rows: list[Row]) -> list[list[str]]:
     out = [
-        ["sender", "streams", "files/s", "MB/s", "peak RSS MB", "CPU s", f"x {BASELINE}", "stored"]
+        [
+            "sender",
+            "streams",
+            "files/s",
+            "MB/s",
+            "peak RSS MB",
+            "CPU s",
+            f"x {BASELINE}",
+            f"CPU/file x {BASELINE}",
+            "stored",
+        ]
     ]
     for r in rows:
         stored = f"{r.stored}/{r.files}" if r.stored is not None else "discarded"
@@ -448,6 +734,7 @@ def table(rows: list[Row]) -> list[list[str]]:
                 f"{r.rss_mb:.1f}",
                 f"{r.cpu_s:.2f}",
                 "-" if r.ratio is None else f"{r.ratio:.2f}",
+                "-" if r.cpu_ratio is None else f"{r.cpu_ratio:.2f}",
                 stored + ("" if r.ok else " WRONG"),
             ]
         )
@@ -476,17 +763,21 @@ def target_cells(found: list[Target]) -> list[list[str]]:
 @dataclass
 class Results:
     info: dict[str, Any]
-    rows: list[Row]  # against Orthanc
-    others: list[Row]  # against the discarding endpoint
-    big: dict[str, Any] | None
-    backlog: dict[str, Any] | None
-    found: list[Target]
+    rows: list[Row] = field(default_factory=list)  # against Orthanc
+    ceiling: list[Row] = field(default_factory=list)  # against the fast discarding endpoint
+    link: list[Row] = field(default_factory=list)  # through the link emulator
+    link_check: dict[str, float] | None = None
+    big: dict[str, Any] | None = None
+    backlog: dict[str, Any] | None = None
+    found: list[Target] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "info": self.info,
             "orthanc": [r.to_json() for r in self.rows],
-            "discarding": [r.to_json() for r in self.others],
+            "discarding": [r.to_json() for r in self.ceiling],
+            "link_check": self.link_check,
+            "link": [r.to_json() for r in self.link],
             "big_file": self.big,
             "backlog": self.backlog,
             "targets": [{**asdict(t), "verdict": t.verdict} for t in self.found],
@@ -494,33 +785,57 @@ class Results:
 
 
 def markdown(results: Results) -> str:
-    info, rows, big, backlog = results.info, results.rows, results.big, results.backlog
+    info = results.info
     parts = [f"**{info['label']}**", ""] if info.get("label") else []
-    parts += [
-        f"Run {info['date']} on {info['machine']}; {info['archive']}; "
-        f"{info['files']} files of {info['size']} in {info['studies']} studies, "
-        f"{info['per_request']} files per request; stowd {info['stowd']}.",
-        "",
-        markdown_table(table(rows)),
-        "",
-        "![throughput by sender and streams](throughput.png)",
-        "",
-        "Against the discarding endpoint (stowd alone):",
-        "",
-    ]
-    extra = [["case", "figure", "peak RSS MB"]]
-    for r in results.others:
+    parts.append(
+        f"Run {info['date']} on {info['machine']}; {info['archive']}; stowd {info['stowd']}."
+    )
+    if results.rows:
+        parts += [
+            "",
+            f"{info['files']} files of {info['size']} in {info['studies']} studies, "
+            f"{info['per_request']} files per request:",
+            "",
+            markdown_table(table(results.rows)),
+            "",
+            "![throughput by sender and streams](throughput.png)",
+        ]
+    parts += ceiling_markdown(results)
+    parts += link_markdown(results)
+    parts += ["", markdown_table(target_cells(results.found)), ""]
+    return "\n".join(parts)
+
+
+def ceiling_markdown(results: Results) -> list[str]:
+    big, backlog = results.big, results.backlog
+    if not results.ceiling and big is None and backlog is None:
+        return []
+    extra = [["case", "figure", "CPU s", "peak RSS MB", "endpoint CPU"]]
+    for r in results.ceiling:
+        who = (
+            f"stowd run, workers {r.streams}"
+            if r.sender == "stowd run"
+            else f"curl, {r.streams} stream" + ("s" if r.streams > 1 else "")
+        )
         extra.append(
             [
-                f"stowd run, workers {r.streams}, {r.files} files of "
-                f"{_size(r.bytes / r.files)}" + ("" if r.ok else " WRONG"),
-                f"{r.files_s:.0f} files/s",
+                f"{who}, {r.files} files of {_size(r.bytes / r.files)}"
+                + ("" if r.ok else " WRONG"),
+                f"{r.files_s:.0f} files/s, {r.mb_s:.0f} MB/s",
+                f"{r.cpu_s:.2f}",
                 f"{r.rss_mb:.1f}",
+                r.where.removeprefix("endpoint CPU "),
             ]
         )
     if big is not None:
         extra.append(
-            [f"one file of {_size(big['size'])}", f"{big['mb_s']:.0f} MB/s", f"{big['rss_mb']:.1f}"]
+            [
+                f"one file of {_size(big['size'])}",
+                f"{big['mb_s']:.0f} MB/s",
+                "-",
+                f"{big['rss_mb']:.1f}",
+                "-",
+            ]
         )
     if backlog is not None:
         extra.append(
@@ -528,11 +843,57 @@ def markdown(results: Results) -> str:
                 f"backlog of {backlog['files']} files",
                 f"scanned and queued in {backlog['queued_seconds']:.1f} s, "
                 f"{backlog['files_s']:.0f} files/s end to end",
+                "-",
                 f"{backlog['rss_mb']:.1f}",
+                "-",
             ]
         )
-    parts += [markdown_table(extra), "", markdown_table(target_cells(results.found)), ""]
-    return "\n".join(parts)
+    lines = ["", "Against the fast discarding endpoint (bench/discard.py, its own process):", ""]
+    lines.append(markdown_table(extra))
+    ratio = endpoint_ratio(results.ceiling)
+    return lines + (["", ratio[1][0].upper() + ratio[1][1:] + "."] if ratio else [])
+
+
+def link_markdown(results: Results) -> list[str]:
+    check, rate = results.link_check, results.info.get("link_rate", 0.0)
+    if check is None and not results.link:
+        return []
+    info = results.info
+    lines = [
+        "",
+        f"Through the link emulator (bench/linkproxy.py: {info.get('link_delay')} each way, "
+        f"{info.get('link_rate_text')} each direction, {rate / MB:.1f} MB/s)"
+        + (
+            f", {info.get('link_files')} files of {info.get('link_size')}:" if results.link else ":"
+        ),
+    ]
+    if check is not None:
+        lines += [
+            "",
+            f"Measured: a first request {check['first_request_ms']:.1f} ms (handshake and one "
+            f"round trip), one round trip {check['rtt_ms']:.1f} ms, one big upload by curl "
+            f"{check['upload_mb_s']:.1f} MB/s ({check['upload_x_link']:.2f}x the link rate).",
+        ]
+    if results.link:
+        lines += ["", markdown_table(link_cells(results.link, rate))]
+    return lines
+
+
+def link_cells(rows: list[Row], rate: float) -> list[list[str]]:
+    cells = [["to", "sender", "streams/workers", "batch", "files/s", "MB/s", "x link", "CPU s"]]
+    return cells + [
+        [
+            r.where,
+            r.sender,
+            str(r.streams),
+            str(r.batch),
+            f"{r.files_s:.1f}",
+            f"{r.mb_s:.1f}",
+            f"{r.mb_s * MB / rate:.2f}" + ("" if r.ok else " WRONG"),
+            f"{r.cpu_s:.2f}",
+        ]
+        for r in rows
+    ]
 
 
 def plot(rows: list[Row], info: dict[str, Any], target: Path) -> None:
@@ -612,15 +973,6 @@ def stowd_version() -> str:
     return commit + (" (with uncommitted changes)" if git("status", "--porcelain") else "")
 
 
-@contextmanager
-def discarding() -> Iterator[str]:
-    server, url = discard_server()
-    try:
-        yield url
-    finally:
-        server.shutdown()
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -658,6 +1010,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="run each stowd sender also with verify on (QIDO-RS after each batch)",
     )
+    parser.add_argument(
+        "--link-files", type=int, default=400, help="files sent through the link (0: skip)"
+    )
+    parser.add_argument("--link-size", default="512KiB", help="their size (default 512KiB)")
+    parser.add_argument(
+        "--link-studies",
+        type=int,
+        default=4,
+        help="their studies (default 4: 100 files each, so batches of 50 are full)",
+    )
+    parser.add_argument("--link-delay", default="10ms", help="one-way delay (default 10ms)")
+    parser.add_argument("--link-rate", default="200Mbit", help="per direction (default 200Mbit)")
+    parser.add_argument("--link-streams", default="1,4", help="curl's streams (default 1,4)")
+    parser.add_argument("--link-workers", default="1,2,4", help="stowd's (default 1,2,4)")
+    parser.add_argument("--link-batches", default="10,50", help="batch max_files (default 10,50)")
+    parser.add_argument(
+        "--link-archives",
+        default="orthanc,discarding",
+        help="through the link to: orthanc, discarding (default both)",
+    )
+    parser.add_argument(
+        "--link-check-size", default="100MB", help="the big upload that checks the link's rate"
+    )
+    parser.add_argument(
+        "--link-only", action="store_true", help="only the link cases (and --ceiling-only's)"
+    )
+    parser.add_argument(
+        "--ceiling-only",
+        action="store_true",
+        help="only the discarding-endpoint case with curl beside it (and --link-only's)",
+    )
     parser.add_argument("--tmp", help="folder for the generated files (default: system temp)")
     parser.add_argument("--out", type=Path, help="write results.json, throughput.png, results.md")
     parser.add_argument(
@@ -667,6 +1050,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.senders.split(",")) - set(SENDERS)
     if unknown:
         parser.error(f"unknown senders {sorted(unknown)}; known: {', '.join(SENDERS)}")
+    unknown = set(args.link_archives.split(",")) - {"orthanc", "discarding"}
+    if unknown:
+        parser.error(f"unknown --link-archives {sorted(unknown)}; known: orthanc, discarding")
     if args.update_doc and not args.out:
         parser.error("--update-doc needs --out (the plot it links to lives there)")
     return args
@@ -676,6 +1062,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     begun = time.monotonic()
     size = parse_size(args.size)
+    only = args.link_only or args.ceiling_only
     with tempfile.TemporaryDirectory(prefix="stowd-throughput-", dir=args.tmp) as tmp_name:
         tmp = Path(tmp_name)
         info = {
@@ -687,48 +1074,58 @@ def main(argv: list[str] | None = None) -> int:
             "studies": args.studies,
             "per_request": args.per_request,
             "label": args.label,
+            "link_delay": args.link_delay,
+            "link_rate_text": args.link_rate,
+            "link_rate": link_rate(args),
+            "link_files": args.link_files,
+            "link_size": args.link_size,
         }
-        rows = orthanc_rows(args, tmp, size, info)
-        others, big, backlog = discard_rows(args, tmp)
-    found = targets(rows, others[0] if others else None, big, backlog)
+        results = Results(info)
+        if not only:
+            results.rows = orthanc_rows(args, tmp, size, info)
+        with discard_process() as endpoint:
+            if args.discard_files and (args.ceiling_only or not only):
+                results.ceiling = ceiling_rows(args, tmp, endpoint)
+            if not only:
+                results.big, results.backlog = memory_cases(args, tmp, endpoint.url)
+            if args.link_files and (args.link_only or not only):
+                results.link_check = link_check(args, tmp, endpoint)
+                print("  link check: " + link_check_text(results.link_check), flush=True)
+                results.link = link_rows(args, tmp, endpoint)
+    results.found = targets(results)
     info["seconds"] = round(time.monotonic() - begun)
     print()
-    print(text_table(table(rows + others)))
-    print()
-    print(text_table(target_cells(found)))
+    if results.rows or results.ceiling:
+        print(text_table(table(results.rows + results.ceiling)), end="\n\n")
+    if results.link:
+        print(text_table(link_cells(results.link, link_rate(args))), end="\n\n")
+    print(text_table(target_cells(results.found)))
     print(f"\n(whole run {info['seconds']} s)")
     if args.out:
-        write_outputs(args, Results(info, rows, others, big, backlog, found))
+        write_outputs(args, results)
     return 0
 
 
+def link_check_text(check: dict[str, float]) -> str:
+    return (
+        f"first request {check['first_request_ms']:.1f} ms, round trip "
+        f"{check['rtt_ms']:.1f} ms; one big upload {check['upload_mb_s']:.1f} MB/s of "
+        f"{check['link_mb_s']:.1f} ({check['upload_x_link']:.2f}x the link rate)"
+    )
+
+
 def orthanc_rows(args: argparse.Namespace, tmp: Path, size: int, info: dict[str, Any]) -> list[Row]:
-    stage = tmp / "stage"
-    files = generate(stage, args.files, size, args.studies)
-    info["files"] = files
-    batches = batches_of(stage, args.per_request)
-    (tmp / "batches.json").write_text(json.dumps(batches))
     senders = [s for s in SENDERS if s in args.senders.split(",")]
     if args.verify:
         senders += [s + VERIFIED for s in senders if s.startswith("stowd")]
-    bodies: list[tuple[Path, str]] = []
-    if "curl" in senders:
-        (tmp / "bodies").mkdir()
-        for n, batch in enumerate(batches):
-            body = tmp / "bodies" / f"{n:05d}.bin"
-            bodies.append((body, write_body(body, batch)))
-    setup = Setup(
-        tmp / "runs",
-        stage,
-        tmp / "batches.json",
-        bodies,
-        files,
-        tree_bytes(stage),
-        args.per_request,
+    folder = tmp / "orthanc-rows"
+    setup = make_setup(
+        folder, args.files, size, args.studies, args.per_request, curl="curl" in senders
     )
-    setup.work.mkdir()
+    info["files"] = files = setup.files
+    requests = len(json.loads(setup.batches.read_text()))
     print(
-        f"{files} files of {args.size} in {args.studies} studies, {len(batches)} requests; "
+        f"{files} files of {args.size} in {args.studies} studies, {requests} requests; "
         f"{info['archive']}; {info['machine']}",
         flush=True,
     )
@@ -739,15 +1136,16 @@ def orthanc_rows(args: argparse.Namespace, tmp: Path, size: int, info: dict[str,
             rows.append(row)
             print(
                 f"  {sender:16s} streams {streams}: {row.files_s:7.1f} files/s "
-                f"{row.mb_s:6.1f} MB/s  peak RSS {row.rss_mb:6.1f} MB  "
+                f"{row.mb_s:6.1f} MB/s  CPU {row.cpu_s:5.2f} s  peak RSS {row.rss_mb:6.1f} MB  "
                 f"stored {row.stored}/{files}" + ("" if row.ok else f"  WRONG {row.problems}"),
                 flush=True,
             )
-    shutil.rmtree(tmp / "bodies", ignore_errors=True)
-    shutil.rmtree(stage, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)
     for row in rows:
         base = next((r for r in rows if r.sender == BASELINE and r.streams == row.streams), None)
         row.ratio = row.files_s / base.files_s if base is not None else None
+        if base is not None and base.cpu_s > 0:
+            row.cpu_ratio = (row.cpu_s / row.files) / (base.cpu_s / base.files)
     for line in verify_costs(rows):
         print(line, flush=True)
     return rows
@@ -769,37 +1167,27 @@ def verify_costs(rows: list[Row]) -> list[str]:
     return lines
 
 
-def discard_rows(
-    args: argparse.Namespace, tmp: Path
-) -> tuple[list[Row], dict[str, Any] | None, dict[str, Any] | None]:
-    others: list[Row] = []
+def memory_cases(
+    args: argparse.Namespace, tmp: Path, url: str
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """bench/memory.py's one big file and backlog, against the discarding endpoint *url*."""
     big = backlog = None
-    with discarding() as url:
-        if args.discard_files:
-            row = discard_case(tmp, url, args)
-            print(
-                f"  discarding endpoint: {row.files} files of {args.discard_size}: "
-                f"{row.files_s:.0f} files/s, peak RSS {row.rss_mb:.1f} MB",
-                flush=True,
-            )
-            others.append(row)
-        if parse_size(args.big):
-            big = memory.big_file_case(tmp / "memory", url, parse_size(args.big))
-            print(
-                f"  one file of {args.big}: {big['mb_s']:.0f} MB/s, "
-                f"peak RSS {big['rss_mb']:.1f} MB",
-                flush=True,
-            )
-            shutil.rmtree(tmp / "memory", ignore_errors=True)
-        if args.backlog:
-            backlog = memory.backlog_case(tmp / "memory", url, args.backlog)
-            print(
-                f"  backlog of {args.backlog}: queued in {backlog['queued_seconds']:.1f} s, "
-                f"{backlog['files_s']:.0f} files/s, peak RSS {backlog['rss_mb']:.1f} MB",
-                flush=True,
-            )
-            shutil.rmtree(tmp / "memory", ignore_errors=True)
-    return others, big, backlog
+    if parse_size(args.big):
+        big = memory.big_file_case(tmp / "memory", url, parse_size(args.big))
+        print(
+            f"  one file of {args.big}: {big['mb_s']:.0f} MB/s, peak RSS {big['rss_mb']:.1f} MB",
+            flush=True,
+        )
+        shutil.rmtree(tmp / "memory", ignore_errors=True)
+    if args.backlog:
+        backlog = memory.backlog_case(tmp / "memory", url, args.backlog)
+        print(
+            f"  backlog of {args.backlog}: queued in {backlog['queued_seconds']:.1f} s, "
+            f"{backlog['files_s']:.0f} files/s, peak RSS {backlog['rss_mb']:.1f} MB",
+            flush=True,
+        )
+        shutil.rmtree(tmp / "memory", ignore_errors=True)
+    return big, backlog
 
 
 def write_outputs(args: argparse.Namespace, results: Results) -> None:
