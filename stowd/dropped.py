@@ -57,7 +57,7 @@ def open_file(path: str | Path, opener: Callable[..., Any] | None = None) -> Bin
     root = _root_of(text)
     if root is None:
         return cast(BinaryIO, (opener or open)(text, "rb"))  # looked up now: a seam
-    fd = _open_beneath(root, os.path.relpath(text, root), text)
+    fd = _open_beneath(root, _relative(text, root), text)
     try:
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
@@ -75,6 +75,15 @@ def _root_of(path: str) -> str | None:
 
 def _under(path: str, root: str) -> bool:
     return path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _relative(path: str, root: str) -> str:
+    """``os.path.relpath(path, root)`` for a ``path`` under ``root``: a normal path (the
+    watcher's) is cut where root ends, without relpath's two abspaths (a path holding ``.``,
+    ``..`` or ``//`` still goes through relpath)."""
+    if os.path.normpath(path) == path:
+        return path[len(root.rstrip(os.sep)) + 1 :]
+    return os.path.relpath(path, root)
 
 
 def _open_beneath(root: str, rel: str, path: str) -> int:

@@ -10,7 +10,8 @@ import pytest
 from dicomgen import make_instance_bytes
 from pydicom.data import get_testdata_file
 
-from stowd.errors import FileProblem, FileUnreadable, FileVanished
+from stowd.errors import FileIncomplete, FileProblem, FileUnreadable, FileVanished
+from stowd.pipeline import classify as classify_mod
 from stowd.pipeline.classify import classify
 
 
@@ -123,3 +124,37 @@ def test_headers_longer_than_the_in_memory_copy_are_read_from_the_file(
     path.write_bytes(data[:-100])  # the pixel data cut short
     with pytest.raises(FileProblem, match="truncated"):
         classify(str(path))
+
+
+def cut_before_pixel_data(tmp_path: Path) -> Path:
+    path = sample("CT_small.dcm", tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: data.rindex(b"\xe0\x7f\x10\x00")])  # (7FE0,0010) PixelData
+    return path
+
+
+def test_an_image_header_without_its_pixel_data_waits_for_the_rest(tmp_path: Path) -> None:
+    with pytest.raises(FileIncomplete, match="describes an image of 128 x 128 pixels"):
+        classify(str(cut_before_pixel_data(tmp_path)))
+
+
+def test_the_image_is_described_only_when_its_pixel_data_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Describing the image converts Rows and Columns: work for every file that is only
+    needed for one whose pixel data is missing (issue 19: CPU per file)."""
+    asked: list[str] = []
+    real = classify_mod._image_description
+
+    def describe(ds: pydicom.Dataset) -> str | None:
+        asked.append(str(ds.SOPInstanceUID))
+        return real(ds)
+
+    monkeypatch.setattr(classify_mod, "_image_description", describe)
+    classify(str(sample("CT_small.dcm", tmp_path)))
+    assert asked == []
+    with pytest.raises(FileIncomplete):
+        cut = tmp_path / "cut"
+        cut.mkdir()
+        classify(str(cut_before_pixel_data(cut)))
+    assert len(asked) == 1

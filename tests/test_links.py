@@ -292,3 +292,28 @@ def test_a_link_that_loops_or_leads_nowhere_hides_no_other_file(tmp_path: Path) 
         reason = json.loads(layout.error_files()[name].read_text())["reason"]
         assert LINK_REASON in reason, reason
     assert layout.files(layout.drop) == set()
+
+
+@pytest.mark.parametrize("spelling", ["a/x.dcm", "a/./x.dcm", "a//x.dcm", "b/../a/x.dcm"])
+def test_every_spelling_of_a_dropped_path_is_walked_the_same(tmp_path: Path, spelling: str) -> None:
+    """A normal path (the watcher's) is cut at the watch folder; any other spelling goes
+    through relpath as before (issue 19): each opens the file, and refuses the link."""
+    watch = tmp_path / "drop"
+    (watch / "a").mkdir(parents=True)
+    (watch / "b").mkdir()
+    (tmp_path / "private").mkdir()
+    (tmp_path / "private/x.dcm").write_bytes(SECRET)
+    dropped.configure([Source("spellings", watch, tmp_path / "s", tmp_path / "f", "pacs")])
+    (watch / "a/x.dcm").write_bytes(b"the dropped content")
+    path = f"{watch}/{spelling}"
+    with dropped.open_file(path) as fp:
+        assert fp.read() == b"the dropped content"
+    (watch / "a/x.dcm").unlink()
+    (watch / "a/x.dcm").symlink_to(tmp_path / "private/x.dcm")
+    with pytest.raises(LinkRefused, match="the file is a symbolic link"):
+        dropped.open_file(path)
+    (watch / "a/x.dcm").unlink()
+    (watch / "a").rmdir()
+    (watch / "a").symlink_to(tmp_path / "private", target_is_directory=True)
+    with pytest.raises(LinkRefused, match="the folder a on its path is a symbolic link"):
+        dropped.open_file(path)

@@ -626,7 +626,7 @@ def _uploading(site: Site) -> bool:
 def test_instances_left_by_aborted_associations_are_swept_and_live_ones_stay(
     tmp_path: Path,
 ) -> None:
-    from stowd.pipeline.receive import clear_incoming, incoming_folder  # noqa: PLC0415
+    from stowd.pipeline.incoming import clear_incoming, incoming_folder  # noqa: PLC0415
 
     queue = tmp_path / "state" / "queue.db"
     folder = incoming_folder(queue)

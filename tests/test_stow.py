@@ -329,6 +329,24 @@ def test_body_streams_large_files_in_chunks(parts: list[Part]) -> None:
     assert sum(len(p) for p in pieces) == body.length
 
 
+def test_body_hands_small_files_on_together(parts: list[Part], tmp_path: Path) -> None:
+    """Each piece is a send (and a GIL handover) in httpx: small files share one piece of
+    at most CHUNK bytes, a large one after them still goes in CHUNKs (issue 19)."""
+    small = [write_dicom(tmp_path / f"s{n}.dcm", 20_000) for n in range(20)]
+    body = Body([*small, parts[2]])
+    body.open()
+    try:
+        pieces = list(body)
+    finally:
+        body.close()
+    assert max(len(p) for p in pieces) <= stowbody.CHUNK
+    assert sum(len(p) for p in pieces) == body.length
+    # 20 files of ~20 KB: two pieces (not 3 per file); then head, 2 chunks, CRLF + tail
+    assert len(pieces) <= 2 + 4
+    data = b"".join(pieces)
+    assert_body_carries(data, body.content_type, [*small, parts[2]])
+
+
 def test_body_can_be_iterated_again_after_opening(parts: list[Part]) -> None:
     body = Body(parts)
     body.open()

@@ -18,27 +18,23 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stowd import __version__
-from stowd.commands import (
-    connect,
-    dryrun,
-    explain,
-    listen,
-    migrate,
-    migreport,
-    putback,
-    writable,
-)
 from stowd.config.load import load_config
 from stowd.config.model import Config, Source
 from stowd.config.yamlwalk import host_port, parse_duration
 from stowd.errors import ConfigError, MigrationConflict, QueueLockedError, StowdError
 from stowd.printable import escape_lines, is_utf8
 from stowd.service import logs
-from stowd.service.daemon import Daemon
 from stowd.service.purge import purge_sent
 from stowd.service.status import daemon_pid, gather, render
+
+if TYPE_CHECKING:
+    from stowd.commands import listen, writable
+
+# Each command imports what only it needs when it runs (PLC0415 below): the daemon (watchdog,
+# the workers) is not loaded for ``status``, nor the other commands for ``run`` (issue 19).
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_QUEUE_BUSY = 75  # EX_TEMPFAIL: another stowd holds the queue; try again later
@@ -189,6 +185,8 @@ def _reader_gone() -> int:
 
 
 def _run(config: Config, args: argparse.Namespace) -> int:
+    from stowd.service.daemon import Daemon  # noqa: PLC0415
+
     logs.setup(args.log_level or config.log_level, args.log_format)
     daemon = Daemon(config)
     daemon.install_signals()
@@ -213,6 +211,8 @@ def _input(source: Source) -> str:
 
 
 def _check(config: Config, args: argparse.Namespace) -> int:
+    from stowd.commands import connect, writable  # noqa: PLC0415
+
     try:
         user = (
             writable.default_user()
@@ -252,6 +252,8 @@ def _check(config: Config, args: argparse.Namespace) -> int:
 
 def _write_lines(config: Config, user: writable.User) -> list[str]:
     """Whether ``user`` can write every folder, and whether the unit's sandbox lets it."""
+    from stowd.commands import writable  # noqa: PLC0415
+
     found = writable.problems(config, user)
     lines = [f"  write access as user {user.name} ({user.why}): " + ("NOT ok" if found else "ok")]
     lines += [f"WARNING: not writable by {user.name}: {problem}" for problem in found]
@@ -264,6 +266,8 @@ def _write_lines(config: Config, user: writable.User) -> list[str]:
 
 def _check_ports(config: Config) -> list[listen.ListenReport]:
     """Whether each receiving source can listen on its port (after the destinations)."""
+    from stowd.commands import listen  # noqa: PLC0415
+
     reports = []
     for source in config.sources:
         if source.receive is not None:
@@ -289,6 +293,8 @@ def _status(config: Config, args: argparse.Namespace) -> int:
 
 
 def _dry_run(config: Config, args: argparse.Namespace) -> int:
+    from stowd.commands import dryrun  # noqa: PLC0415
+
     plans = dryrun.plan_sources(config)
     if args.json:
         print(json.dumps([p.as_dict() for p in plans], indent=2))
@@ -298,6 +304,8 @@ def _dry_run(config: Config, args: argparse.Namespace) -> int:
 
 
 def _explain(config: Config, args: argparse.Namespace) -> int:
+    from stowd.commands import explain  # noqa: PLC0415
+
     if args.source is not None and args.source not in {s.name for s in config.sources}:
         print(f"stowd: no source named {args.source!r} in {config.path}", file=sys.stderr)
         return EXIT_USAGE
@@ -322,6 +330,8 @@ def _unknown_source(config: Config, name: str | None) -> bool:
 
 
 def _retry(config: Config, args: argparse.Namespace) -> int:
+    from stowd.commands import putback  # noqa: PLC0415
+
     if _unknown_source(config, args.source):
         return EXIT_USAGE
     try:
@@ -359,6 +369,8 @@ def _purge(config: Config, args: argparse.Namespace) -> int:
 
 
 def _migrate(config: Config, args: argparse.Namespace) -> int:
+    from stowd.commands import migrate, migreport  # noqa: PLC0415
+
     problem = _migrate_problem(config, args)
     if problem:
         print(f"stowd migrate: {problem}", file=sys.stderr)

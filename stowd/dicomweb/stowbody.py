@@ -114,17 +114,54 @@ class Body:
         self._files.clear()
 
     def __iter__(self) -> Iterator[bytes]:
+        """The body in pieces of at most ``CHUNK`` bytes (a large file in ``CHUNK``s, as read);
+        small parts share one piece: each piece is a system call or more in httpx."""
+        out = _Pieces()
         if self.json:
-            yield self._json_head() + self.json + b"\r\n"
+            yield from out.add(self._json_head() + self.json + b"\r\n")
         for part, fp in zip(self.parts, self._files, strict=True):
-            yield self._part_head(part)
-            for chunk in _read_exactly(fp, part):
-                if self.progress is not None:
-                    self.progress()
-                yield chunk
-            yield b"\r\n"
-        yield self.tail
+            head = self._part_head(part)
+            if len(head) + part.size + 2 <= CHUNK:
+                yield from out.add(head)
+                for chunk in self._chunks(fp, part):
+                    yield from out.add(chunk)
+            else:  # in CHUNKs as read: nothing copied
+                yield from out.flush()
+                yield head
+                yield from self._chunks(fp, part)
+            yield from out.add(b"\r\n")
+        yield from out.add(self.tail)
+        yield from out.flush()
         self.sent_at = time.monotonic()
+
+    def _chunks(self, fp: BinaryIO, part: Part) -> Iterator[bytes]:
+        for chunk in _read_exactly(fp, part):
+            if self.progress is not None:
+                self.progress()
+            yield chunk
+
+
+class _Pieces:
+    """Gathers small parts of the body into pieces of up to ``CHUNK`` bytes."""
+
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray(CHUNK))
+        self.held = 0
+
+    def add(self, data: bytes) -> Iterator[bytes]:
+        if self.held + len(data) > CHUNK:
+            yield from self.flush()
+        if len(data) >= CHUNK:
+            yield data
+            return
+        self.view[self.held : self.held + len(data)] = data
+        self.held += len(data)
+
+    def flush(self) -> Iterator[bytes]:
+        if self.held:
+            piece = bytes(self.view[: self.held])
+            self.held = 0
+            yield piece
 
 
 def _changed(st: os.stat_result, part: Part) -> bool:

@@ -21,6 +21,7 @@ import struct
 import threading
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, cast
@@ -48,6 +49,8 @@ DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 # Rows, Columns, BitsAllocated, SamplesPerPixel, PhotometricInterpretation (Image Pixel module)
 IMAGE_PIXEL_TAGS = (0x00280010, 0x00280011, 0x00280100, 0x00280002, 0x00280004)
 SPECTROSCOPY_DATA = 0x56000020
+STUDY, INSTANCE, SOP_CLASS = 0x0020000D, 0x00080018, 0x00080016  # the keys' tags
+DIRECTORY_RECORDS = 0x00041220  # DirectoryRecordSequence: only a DICOMDIR has it
 PIXEL_TAG_BYTES = tuple(struct.pack(order, *tag) for tag in PIXEL_TAGS for order in ("<HH", ">HH"))
 CUT_ELEMENT = (
     "the file is truncated: it ends inside the header of its pixel data (was it copied completely?)"
@@ -147,7 +150,7 @@ def _classify_dicom(fp: BinaryIO, size: int) -> Classified:
                 warnings.simplefilter("ignore")
                 ds = _read_header(fp, size)
                 keys = _keys(ds)
-            _check_pixel_data(fp, size, _transfer_syntax(ds), _image_description(ds))
+            _check_pixel_data(fp, size, _transfer_syntax(ds), lambda: _image_description(ds))
     except FileIncomplete:
         raise
     except FileProblem as problem:
@@ -218,14 +221,17 @@ def _looks_like_part10(fp: BinaryIO, size: int) -> bool:
 
 
 def _keys(ds: pydicom.Dataset) -> Classified:
+    """Each value read once, by tag (a read by keyword looks the keyword up first)."""
     meta = getattr(ds, "file_meta", None)
-    sop_class = str(ds.get("SOPClassUID", "") or (meta and meta.get("MediaStorageSOPClassUID")))
-    if sop_class == DICOMDIR_CLASS or "DirectoryRecordSequence" in ds:
+    found = {"SOPClassUID": _value(ds, SOP_CLASS)}
+    sop_class = str(found["SOPClassUID"] or (meta and meta.get("MediaStorageSOPClassUID")))
+    if sop_class == DICOMDIR_CLASS or DIRECTORY_RECORDS in ds:
         raise FileProblem(
             "this is a DICOMDIR (an index of a DICOM medium), not an image or document; "
             "archives do not store it, so it was not sent"
         )
-    missing = [k for k in ("StudyInstanceUID", "SOPInstanceUID", "SOPClassUID") if not ds.get(k)]
+    found |= {"StudyInstanceUID": _value(ds, STUDY), "SOPInstanceUID": _value(ds, INSTANCE)}
+    missing = [k for k in ("StudyInstanceUID", "SOPInstanceUID", "SOPClassUID") if not found[k]]
     if missing:
         raise FileProblem(
             f"the DICOM header has no {', '.join(missing)}; an archive cannot store an "
@@ -233,8 +239,17 @@ def _keys(ds: pydicom.Dataset) -> Classified:
         )
     if meta is None or not meta.get("TransferSyntaxUID"):
         raise FileProblem("the file has no File Meta Information with a TransferSyntaxUID")
-    study, sop = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
+    study, sop = str(found["StudyInstanceUID"]), str(found["SOPInstanceUID"])
     return Classified("dicom", study, sop, sop_class, header=ds)
+
+
+def _value(ds: pydicom.Dataset, tag: int) -> object:
+    """``ds.get(keyword)`` by tag: the element's value, None when it is absent (or when
+    reading it raises AttributeError, which ``get`` takes for absent too)."""
+    try:
+        return ds[tag].value if tag in ds else None
+    except AttributeError:
+        return None
 
 
 def _transfer_syntax(ds: pydicom.Dataset) -> str:
@@ -256,20 +271,24 @@ def _image_description(ds: pydicom.Dataset) -> str | None:
         return "(its Image Pixel attributes are there)"
 
 
-def _check_pixel_data(fp: BinaryIO, size: int, syntax: str, image: str | None = None) -> None:
+def _check_pixel_data(
+    fp: BinaryIO, size: int, syntax: str, image: Callable[[], str | None] = lambda: None
+) -> None:
     """Make sure the pixel data that follows the header is complete (not cut short).
 
-    ``image``: how the header describes an image (``_image_description``); such a file must go on
-    with its pixel data.  Raises ``FileIncomplete`` when the file ends too soon."""
+    ``image()``: how the header describes an image (``_image_description``), asked only when
+    no pixel data follows; such a file must go on with its pixel data.  Raises
+    ``FileIncomplete`` when the file ends too soon."""
     if syntax == DEFLATED:
         return
     little = syntax != BIG_ENDIAN
     start = fp.tell()
     header = fp.read(8)
     if len(header) < 8:
-        if image is not None:  # an image without pixel data: the rest may still come
+        described = image()
+        if described is not None:  # an image without pixel data: the rest may still come
             raise FileIncomplete(
-                f"the file is truncated: its header describes an image {image} but the "
+                f"the file is truncated: its header describes an image {described} but the "
                 "file ends before the pixel data (was it copied completely?)"
             )
         return  # no pixel data and not an image (a report, a plan): nothing more to check

@@ -47,12 +47,13 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from stowd import __version__, fileops
-from stowd.config.model import INCOMING, RECEIVED, Receive, Source
+from stowd.config.model import Receive, Source
 from stowd.config.receiveconfig import AE_TITLE
 from stowd.config.yamlwalk import host_port
 from stowd.errors import DataSetMismatch, FileProblem, QueueError, StowdError
 from stowd.pipeline import counters, dimse
 from stowd.pipeline.classify import classify_dicom, remember
+from stowd.pipeline.incoming import PART, parts_folder
 from stowd.pipeline.queue import NewFile, Queue
 from stowd.printable import escape
 
@@ -69,7 +70,6 @@ REJECT_PERMANENT, SERVICE_USER, CALLING_AE_UNKNOWN = 0x01, 0x01, 0x03
 IMPLEMENTATION_UID = "2.25.238195672415180883218335735186066521011"
 IMPLEMENTATION_VERSION = f"STOWD_{__version__}"[:16]
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
-PART = ".part"
 PLACE_TRIES = 5
 MAX_COPIES = 10_000
 CHUNK = 1024 * 1024
@@ -125,50 +125,6 @@ class Origin:
     @property
     def url(self) -> str:
         return f"dicom://{host_port(self.address, self.port)}"
-
-
-def parts_folder(source: Source) -> Path:
-    """Where a receiving source's finished files wait for their name: inside its own folder
-    (a rename, never across filesystems), hidden from its watcher."""
-    return source.watch / INCOMING
-
-
-def incoming_folder(queue: Path) -> Path:
-    """Where instances wait while they arrive: never queued, cleared when stowd starts."""
-    return queue.parent / RECEIVED / INCOMING
-
-
-def clear_parts(source: Source) -> int:
-    """At start: finished files a stop left before their rename (none was acknowledged)."""
-    folder = parts_folder(source)
-    removed = 0
-    for path in folder.glob(f"*{PART}") if folder.is_dir() else ():
-        path.unlink(missing_ok=True)
-        removed += 1
-    return removed
-
-
-def clear_incoming(queue: Path, older_than: float | None = None) -> int:
-    """Remove what a stop or a crash left while instances arrived (none was acknowledged);
-    with ``older_than`` (a time), only files last written before it: what an association
-    that was aborted mid-instance left behind (pynetdicom does not remove it)."""
-    folder = incoming_folder(queue)
-    removed = 0
-    try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
-        return 0
-    for name in names:
-        try:
-            path = folder / name
-            if older_than is None or path.lstat().st_mtime < older_than:
-                path.unlink()
-                removed += 1
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            log.warning("cannot remove %s from %s: %s", escape(name), folder, exc)
-    return removed
 
 
 class Receiver:

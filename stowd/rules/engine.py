@@ -388,17 +388,22 @@ def render_for(template: Template, facts: Facts, values: Mapping[str, Value], wh
 
 
 def matches(match: Match, facts: Facts, state: _State | None = None) -> bool:
-    rel = facts.rel.as_posix()
+    """Cheap set lookups first, the patterns only for a rule that can still apply."""
     simple = (
-        (match.path is None or match.path.match(rel) is not None)
-        and (match.regex is None or match.regex.search(rel) is not None)
-        and (match.types is None or facts.kind in match.types)
+        (match.types is None or facts.kind in match.types)
         and (match.sources is None or facts.source in match.sources)
         and all(facts.origin.get(name) in values for name, values in match.origin)
+        and _path_matches(match, facts.rel.as_posix())
     )
     if not simple or not match.attributes:
         return simple
     return state is not None and all(c.holds(state.text(c.keyword)) for c in match.attributes)
+
+
+def _path_matches(match: Match, rel: str) -> bool:
+    return (match.path is None or match.path.match(rel) is not None) and (
+        match.regex is None or match.regex.search(rel) is not None
+    )
 
 
 @dataclass(frozen=True)
@@ -518,8 +523,8 @@ def _finish(outcome: RuleOutcome, state: _State) -> RuleOutcome:
         elif before is None or _is_sequence(value) or value_text(value) != before:
             outcome.values[keyword] = value  # a sequence cannot be compared as text: set it
             outcome.before[keyword] = before
-    for keyword in REQUIRED:
-        if state.empty(keyword) and keyword in state.overlay:
+    for keyword in REQUIRED:  # only what a rule or sidecar touched (reading is not free)
+        if keyword in state.overlay and state.empty(keyword):
             raise RuleFailure(f"the rules left {keyword} empty; every instance needs one")
     return outcome
 

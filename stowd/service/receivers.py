@@ -13,12 +13,16 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from stowd.config.model import Config, Receive, Source
 from stowd.errors import StowdError
 from stowd.pipeline import counters
+from stowd.pipeline.incoming import clear_incoming, clear_parts, incoming_folder
 from stowd.pipeline.queue import Queue
-from stowd.pipeline.receive import Receiver, clear_incoming, clear_parts, incoming_folder
+
+if TYPE_CHECKING:
+    from stowd.pipeline.receive import Receiver
 
 log = logging.getLogger("stowd.receive")
 
@@ -108,6 +112,8 @@ class Receivers:
         return found
 
     def _open(self, source: Source, config: Config) -> None:
+        from stowd.pipeline.receive import Receiver  # noqa: PLC0415 - pynetdicom: only here
+
         receiver = Receiver(source, self.queue, incoming_folder(config.queue))
         counters.receiving(source.name)
         try:
