@@ -17,6 +17,7 @@ this costs nothing on a million rows).  Printed, never asserted:
 - time to queue all (from start-up), files/s queued, stowd's peak RSS (VmHWM);
 - the wall time of ``stowd status`` and ``stowd status --json`` on that queue (the command, as
   a user runs it: Python's start-up included), while the daemon still runs;
+- a restart on that queue: how long the start-up scan takes when every file is queued;
 - the cost of claiming a batch (claim and give back) on queues of 1,000 and of 1,000,000
   classified pending rows, and the plan SQLite chooses for the claim (an index, not a scan).
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -43,6 +45,7 @@ from stowd.pipeline.queue import Queue
 
 REFUSED = "http://127.0.0.1:9/dicom-web"  # the discard port: nothing listens on loopback
 CLAIM_ROUNDS = 300
+SCAN_LINE = re.compile(r"scan of \S+ found (\d+) new file\(s\) in ([0-9.]+)s")
 
 
 def generate(drop: Path, files: int, per_folder: int) -> float:
@@ -134,6 +137,37 @@ def backlog_case(root: Path, files: int, limit: float) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
+    restart_case(config, argv, limit)
+
+
+def restart_case(config: Path, argv: list[str], limit: float) -> None:
+    """``stowd run`` again on the full queue: how long its start-up scan of the files, all
+    queued already, takes (stowd's own debug line), and its peak RSS meanwhile."""
+    log = config.parent / "restart.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [*argv, "run", "-c", str(config), "--log-level", "DEBUG"],
+            env=stowd_env(),
+            stderr=err,
+        )
+    started = time.monotonic()
+    found = None
+    try:
+        while found is None and proc.poll() is None and time.monotonic() - started < limit:
+            time.sleep(0.5)
+            found = SCAN_LINE.search(log.read_text(errors="replace"))
+        rss = peak_rss_mb(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+    if found is None:
+        print("restart: the start-up scan did not end")
+        return
+    print(
+        f"restart on the full queue: start-up scan found {found[1]} new file(s) in "
+        f"{found[2]} s (stowd's log), {time.monotonic() - started:.1f} s from start; "
+        f"peak RSS {rss:.1f} MB"
+    )
 
 
 def _rows(n: int, per_study: int) -> Iterator[tuple[object, ...]]:

@@ -31,6 +31,9 @@ queue's filesystem is full (nothing was written), ``QueueError`` otherwise; the 
 (schema 5) holds what the running daemon reports about itself for ``stowd status`` (a thread
 that keeps dying).  ``note`` (schema 6) says how a settled file's outcome came about where the
 outcome alone does not: ``already stored`` for a file the archive said it held already.
+``tallies`` (schema 7) keeps the count of each source's, destination's and state's rows as
+they change, and indexes serve the claim order and the status queries: a queue of a million
+rows is claimed from, counted and rescanned as quickly as one of a thousand.
 
 Paths are kept exactly, whatever bytes their names hold.  A value that is not valid UTF-8 (a
 name with bytes such as ``ff fe``, which ``os.fsdecode`` gives as lone surrogates) is stored
