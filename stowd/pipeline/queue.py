@@ -160,11 +160,11 @@ CREATE TABLE IF NOT EXISTS troubles (
 # destination and state, kept in the same transaction as every change of a row (by triggers
 # for updates and deletes; the rows a transaction inserts by ``_count_added``, since
 # ``_enqueue_one`` is the one place that inserts), so ``stowd status`` reads a few rows
-# instead of passing over the table.  Which pending rows
-# are "waiting" depends on the time asked about: those are read from ``files_waiting`` (only
-# the waiting rows).  ``files_age`` gives the oldest active row of a group in one step, and
-# ``files_claim`` the next row to claim, in claim order, without reading the pending rows
-# before it; ``files_errors`` the newest rows with an error.
+# instead of passing over the table.  Which pending rows are "waiting" depends on the time
+# asked about: those are read from ``files_waiting`` (only the waiting rows).  ``files_age``
+# gives the oldest active row of a group in one step, and ``files_claim`` the next row to
+# claim, in claim order, without reading the pending rows before it; ``files_errors`` the
+# newest rows with an error.
 _TALLY_KEY = "source, destination, state"
 _TALLY_OF = (  # the figures one row adds to its group (OLD or NEW)
     "{r}.source, {r}.destination, {r}.state, 1, {r}.size, "
