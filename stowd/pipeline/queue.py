@@ -31,6 +31,9 @@ queue's filesystem is full (nothing was written), ``QueueError`` otherwise; the 
 (schema 5) holds what the running daemon reports about itself for ``stowd status`` (a thread
 that keeps dying).  ``note`` (schema 6) says how a settled file's outcome came about where the
 outcome alone does not: ``already stored`` for a file the archive said it held already.
+``tallies`` (schema 7) keeps the count of each source's, destination's and state's rows as
+they change, and indexes serve the claim order and the status queries: a queue of a million
+rows is claimed from, counted and rescanned as quickly as one of a thousand.
 
 Paths are kept exactly, whatever bytes their names hold.  A value that is not valid UTF-8 (a
 name with bytes such as ``ff fe``, which ``os.fsdecode`` gives as lone surrogates) is stored
@@ -68,7 +71,7 @@ from stowd.pipeline import disk
 
 log = logging.getLogger("stowd.queue")
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 ALREADY_STORED = "already stored"  # the note of a file the archive said it already held
 # the note of a file stored with the archive's WarningReason, followed by its code ("... B100")
 STORED_WITH_WARNING = "stored with warning"
@@ -151,6 +154,68 @@ CREATE TABLE IF NOT EXISTS troubles (
     text TEXT NOT NULL
 );
 """
+
+# Schema 7: what makes a queue of a million rows as quick as one of a thousand.  ``tallies``
+# holds the count (and bytes, and how many the archive stored) of the rows of each source,
+# destination and state, kept in the same transaction as every change of a row (by triggers
+# for updates and deletes; the rows a transaction inserts by ``_count_added``, since
+# ``_enqueue_one`` is the one place that inserts), so ``stowd status`` reads a few rows
+# instead of passing over the table.  Which pending rows are "waiting" depends on the time
+# asked about: those are read from ``files_waiting`` (only the waiting rows).  ``files_age``
+# gives the oldest active row of a group in one step, and ``files_claim`` the next row to
+# claim, in claim order, without reading the pending rows before it; ``files_errors`` the
+# newest rows with an error.
+_TALLY_KEY = "source, destination, state"
+_TALLY_OF = (  # the figures one row adds to its group (OLD or NEW)
+    "{r}.source, {r}.destination, {r}.state, 1, {r}.size, "
+    "COALESCE({r}.outcome = 'sent', 0), COALESCE({r}.note IS '" + ALREADY_STORED + "', 0), "
+    "COALESCE({r}.note LIKE '" + STORED_WITH_WARNING + " %', 0)"
+)
+_TALLY_ADD = (
+    "INSERT INTO tallies (source, destination, state, files, bytes, stored, already, warned) "
+    "VALUES ({values}) ON CONFLICT (source, destination, state) DO UPDATE SET "
+    "files = files + excluded.files, bytes = bytes + excluded.bytes, "
+    "stored = stored + excluded.stored, already = already + excluded.already, "
+    "warned = warned + excluded.warned;"
+)
+_TALLY_TAKE = (
+    "UPDATE tallies SET files = files - 1, bytes = bytes - OLD.size, "
+    "stored = stored - COALESCE(OLD.outcome = 'sent', 0), "
+    "already = already - COALESCE(OLD.note IS '" + ALREADY_STORED + "', 0), "
+    "warned = warned - COALESCE(OLD.note LIKE '" + STORED_WITH_WARNING + " %', 0) "
+    "WHERE source = OLD.source AND destination = OLD.destination AND state = OLD.state;"
+)
+_TALLIED = ("source", "destination", "state", "size", "outcome", "note")
+_SCHEMA_7 = (
+    "CREATE TABLE IF NOT EXISTS tallies (source TEXT NOT NULL, destination TEXT NOT NULL, "
+    "state TEXT NOT NULL, files INTEGER NOT NULL, bytes INTEGER NOT NULL, "
+    "stored INTEGER NOT NULL, already INTEGER NOT NULL, warned INTEGER NOT NULL, "
+    "PRIMARY KEY (source, destination, state)) WITHOUT ROWID",
+    "CREATE TRIGGER IF NOT EXISTS tally_delete AFTER DELETE ON files BEGIN " + _TALLY_TAKE + " END",
+    f"CREATE TRIGGER IF NOT EXISTS tally_update AFTER UPDATE OF {', '.join(_TALLIED)} ON files "
+    "WHEN "
+    + " OR ".join(f"OLD.{c} IS NOT NEW.{c}" for c in _TALLIED)
+    + " BEGIN "
+    + _TALLY_TAKE
+    + " "
+    + _TALLY_ADD.format(values=_TALLY_OF.format(r="NEW"))
+    + " END",
+    # a queue written before: its groups counted once, as the triggers count from here on
+    "DELETE FROM tallies",
+    f"INSERT OR REPLACE INTO tallies SELECT {_TALLY_KEY}, COUNT(*), TOTAL(size), "
+    "TOTAL(outcome = 'sent'), TOTAL(note IS '" + ALREADY_STORED + "'), "
+    "TOTAL(note LIKE '" + STORED_WITH_WARNING + " %') FROM files "
+    f"GROUP BY {_TALLY_KEY}",
+    "CREATE INDEX IF NOT EXISTS files_waiting ON files(next_attempt_at) WHERE state = 'pending'",
+    # its uses are files_waiting's and files_claim's now; one index less to write per row
+    "DROP INDEX IF EXISTS files_ready",
+    "CREATE INDEX IF NOT EXISTS files_age ON files(source, destination, state, queued_at) "
+    "WHERE state IN ('pending', 'claimed', 'settling')",
+    "CREATE INDEX IF NOT EXISTS files_claim ON files(destination, next_attempt_at, id) "
+    "WHERE state = 'pending' AND kind IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS files_errors ON files(COALESCE(done_at, last_try, queued_at)) "
+    "WHERE error IS NOT NULL",
+)
 
 
 @dataclass(frozen=True)
@@ -301,6 +366,8 @@ class ActiveView:
 # the one rule for "waiting": a pending row whose next attempt lies after the time bound
 _WAITING = "state = 'pending' AND next_attempt_at > ?"
 _STATE = f"CASE WHEN {_WAITING} THEN 'waiting' ELSE state END"
+# the waiting rows, read from their index (schema 7) and nothing else, however many are pending
+_ONLY_WAITING = f"INDEXED BY files_waiting WHERE {_WAITING}"
 _ACTIVE_ROWS = "state IN ('pending', 'claimed', 'settling')"
 _JOB_COLUMNS = (
     "id, source, destination, path, rel, size, mtime_ns, kind, study_uid, sop_uid, "
@@ -329,6 +396,7 @@ _MIGRATIONS = {
         "text TEXT NOT NULL)",
     ),
     5: ("ALTER TABLE files ADD COLUMN note TEXT",),
+    6: _SCHEMA_7,
 }
 LOOKUP_MEMORY = 86_400.0  # cached lookup answers older than this are deleted
 
@@ -398,6 +466,38 @@ def _taken(snapshot: Callable[[], str | None]) -> Callable[[], str | None]:
 
         return not_ready
     return lambda: value
+
+
+# The next row to claim of one destination: read from the start of ``files_claim`` (in claim
+# order), however many rows wait before it.
+_CLAIM_HEAD = (
+    "SELECT destination, study_uid, solo, id, next_attempt_at FROM files INDEXED BY files_claim "
+    "WHERE state = 'pending' AND kind IS NOT NULL AND destination = ? AND next_attempt_at <= ? "
+    "ORDER BY next_attempt_at, id LIMIT 1"
+)
+
+
+def _claim_head(
+    db: sqlite3.Connection, destinations: Sequence[str], now: float
+) -> tuple[Any, ...] | None:
+    """(destination, study_uid, solo, id) of the row claimed first: the one of the ready
+    rows of ``destinations`` whose next attempt came first (by id among equals)."""
+    heads = [db.execute(_CLAIM_HEAD, (d, now)).fetchone() for d in dict.fromkeys(destinations)]
+    found = [h for h in heads if h is not None]
+    if not found:
+        return None
+    first = min(found, key=lambda h: (h[4], h[3]))
+    return tuple(first[:4])
+
+
+def _count_added(db: sqlite3.Connection, added: dict[tuple[str, str], list[int]]) -> None:
+    """Count the rows a transaction inserted (``_enqueue_one``, the one place that inserts,
+    keeps them by source and destination) in ``tallies``: one statement per group, not a
+    trigger per row, which doubled the cost of queueing a file."""
+    db.executemany(
+        _TALLY_ADD.format(values="?, ?, 'pending', ?, ?, 0, 0, 0"),
+        [(source, dest, files, size) for (source, dest), (files, size) in added.items()],
+    )
 
 
 def _log_queued(files: list[NewFile]) -> None:
@@ -519,7 +619,7 @@ class Queue:
                     f"{self.path} was written by a newer stowd (schema {version}, "
                     f"this one knows {SCHEMA_VERSION})"
                 )
-            for statement in _SCHEMA.split(";") if version == 0 else ():
+            for statement in (*_SCHEMA.split(";"), *_SCHEMA_7) if version == 0 else ():
                 if statement.strip():
                     db.execute(statement)
             for step in range(version or SCHEMA_VERSION, SCHEMA_VERSION):
@@ -597,9 +697,11 @@ class Queue:
         """One write transaction; sqlite3's errors become ``QueueError`` here (the one seam),
         ``QueueFull`` when the queue's filesystem has no space left."""
         conn = self._conn()
+        self._local.added = {}
         try:
             conn.execute("BEGIN IMMEDIATE")
             yield conn
+            _count_added(conn, self._local.added)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             _roll_back(conn)
@@ -685,7 +787,10 @@ class Queue:
         A path whose active row has other content (the file was rewritten while queued and
         not yet claimed) is updated in place.  Returns the number of new jobs.
         """
-        files = list(files)
+        known = self._known(files := list(files))
+        files = [f for f in files if (f.path, f.size, f.mtime_ns) not in known]
+        if not files:  # a rescan finding queued files again: no write, no write lock
+            return 0
         snapshots = self._snapshots(files)  # file reads happen before the write lock
         now = self.clock()
         added: list[NewFile] = []
@@ -696,24 +801,27 @@ class Queue:
         _log_queued(added)
         return len(added)
 
-    def _snapshots(self, files: list[NewFile]) -> dict[str, Callable[[], str | None]]:
-        """Take the sidecar snapshots of the files not queued yet with this content."""
-        wanted = [f for f in files if f.snapshot is not None]
+    def _known(self, files: list[NewFile]) -> set[tuple[str, int, int]]:
+        """(path, size, mtime_ns) of the ``files`` queued already with this content (an
+        active row), read before the write transaction.  Skipping them is what the write
+        would decide too; a row that finished meanwhile took its file away (a file still
+        there is found again by the next rescan)."""
         known: set[tuple[str, int, int]] = set()
-        for at in range(0, len(wanted), 500):  # SQLite limits the number of parameters
-            part = [f.path for f in wanted[at : at + 500]]
+        for at in range(0, len(files), 500):  # SQLite limits the number of parameters
+            part = [f.path for f in files[at : at + 500]]
             marks = ",".join("?" * len(part))
-            rows = self._conn().execute(
-                f"SELECT path, size, mtime_ns FROM files WHERE path IN ({marks}) "
-                "AND state IN ('pending', 'claimed', 'settling')",
+            rows = self._conn().execute(  # by path: never a pass over the pending rows
+                "SELECT path, size, mtime_ns FROM files INDEXED BY files_active_path "
+                f"WHERE path IN ({marks}) AND state IN ('pending', 'claimed', 'settling')",
                 part,
             )
             known |= {(path, size, mtime) for path, size, mtime in rows}
-        return {
-            f.path: _taken(f.snapshot)
-            for f in wanted
-            if f.snapshot is not None and (f.path, f.size, f.mtime_ns) not in known
-        }
+        return known
+
+    @staticmethod
+    def _snapshots(files: list[NewFile]) -> dict[str, Callable[[], str | None]]:
+        """Take the sidecar snapshots of the files (none of them queued with this content)."""
+        return {f.path: _taken(f.snapshot) for f in files if f.snapshot is not None}
 
     def _enqueue_one(self, db: sqlite3.Connection, f: NewFile, now: float) -> int:
         row = db.execute(
@@ -733,6 +841,9 @@ class Queue:
                 "queued_at, sidecars) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
                 (f.source, f.destination, f.path, f.rel, f.size, f.mtime_ns, now, sidecars),
             )
+            added = self._local.added.setdefault((f.source, f.destination), [0, 0])
+            added[0] += 1  # counted in ``tallies`` once, with the others, before the commit
+            added[1] += f.size
             return 1
         if row[3] != "pending" and (row[1], row[2]) != (f.size, f.mtime_ns):
             self._after[row[0]] = f  # being sent or moved: a new job once that is done
@@ -885,14 +996,8 @@ class Queue:
         if not destinations:
             return []
         now = self.clock()
-        marks = ",".join("?" * len(destinations))
         with self._tx() as db:
-            head = db.execute(
-                "SELECT destination, study_uid, solo, id FROM files WHERE state = 'pending' "
-                f"AND kind IS NOT NULL AND next_attempt_at <= ? AND destination IN ({marks}) "
-                "ORDER BY next_attempt_at, id LIMIT 1",
-                (now, *destinations),
-            ).fetchone()
+            head = _claim_head(db, destinations, now)
             if head is None:
                 return []
             jobs = self._candidates(db, head, now, candidates)
@@ -902,6 +1007,15 @@ class Queue:
                 [(now + lease, j.id) for j in batch],
             )
         return batch
+
+    def claim_plan(self, destinations: Sequence[str]) -> list[str]:
+        """How SQLite finds the next row to claim (EXPLAIN QUERY PLAN; diagnostics, tests)."""
+        db = self._conn()
+        rows = [
+            db.execute(f"EXPLAIN QUERY PLAN {_CLAIM_HEAD}", (d, self.clock())).fetchall()
+            for d in destinations
+        ]
+        return [str(r[3]) for found in rows for r in found]
 
     @staticmethod
     def _candidates(
@@ -914,7 +1028,8 @@ class Queue:
             ).fetchall()
         else:
             rows = db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM files WHERE state = 'pending' AND destination = ? "
+                f"SELECT {_JOB_COLUMNS} FROM files INDEXED BY files_study WHERE state = 'pending' "
+                "AND destination = ? "
                 "AND study_uid IS ? AND kind IS NOT NULL AND solo = 0 AND next_attempt_at <= ? "
                 "ORDER BY id LIMIT ?",
                 (destination, study_uid, now, limit),
@@ -1175,11 +1290,10 @@ class Queue:
     # -- status ----------------------------------------------------------------------------
     def active_of(self, sources: Sequence[str]) -> dict[str, int]:
         """How many rows of each of ``sources`` are not finished (queued, sending, moving)."""
-        marks = ",".join("?" * len(sources))
-        where = f"WHERE source IN ({marks}) AND {_ACTIVE_ROWS}"
         out: dict[str, int] = {}
-        for group in _tally(self._conn(), self.clock(), where, tuple(sources)):
-            out[group.source] = out.get(group.source, 0) + group.files
+        for group in _groups(self._conn(), self.clock(), active=True):
+            if group.source in sources:
+                out[group.source] = out.get(group.source, 0) + group.files
         return out
 
     def counts(self) -> dict[str, int]:
@@ -1218,7 +1332,7 @@ class Queue:
         """Each group of rows (source, destination, state) in one pass: the count every other
         count but ``state_totals`` derives from.  Pending rows whose next attempt lies after
         ``now`` count as ``waiting``."""
-        return _tally(self._conn(), now)
+        return _groups(self._conn(), now)
 
     def sent_since(self, since: float) -> list[tuple[str, str, int, int]]:
         """(source, destination, files, bytes) sent at ``since`` or later.
@@ -1239,34 +1353,38 @@ class Queue:
 
     def state_totals(self, now: float) -> dict[str, int]:
         """Counts by state, pending rows whose next attempt lies after ``now`` as ``waiting``
-        (``counts`` at the queue's clock).  Not derived from ``tally``: grouping by the state
-        column alone reads the files_ready index and nothing else (cheap enough for the
-        daemon's status line every few seconds, however long the history)."""
-        rows = (
-            self._conn()
-            .execute(f"SELECT state, COUNT(*), SUM({_WAITING}) FROM files GROUP BY state", (now,))
-            .fetchall()
-        )
-        out: dict[str, int] = {}
-        for state, count, waiting in rows:
-            out.update({k: n for k, n in ((state, count - waiting), ("waiting", waiting)) if n})
+        (``counts`` at the queue's clock): the ``tallies`` summed, and the waiting rows
+        counted (cheap enough for the daemon's status line every few seconds, however long
+        the queue and its history)."""
+        db = self._conn()
+        if not _tallied(db):  # a queue an older stowd wrote, read by ``stowd status``
+            return _state_totals_counted(db, now)
+        rows = db.execute(
+            "SELECT state, SUM(files) FROM tallies GROUP BY state HAVING SUM(files) > 0"
+        ).fetchall()
+        out = {state: int(count) for state, count in rows}
+        waiting = db.execute(f"SELECT COUNT(*) FROM files {_ONLY_WAITING}", (now,)).fetchone()[0]
+        if waiting:
+            out["waiting"] = waiting
+            out["pending"] = out.get("pending", 0) - waiting
+            if not out["pending"]:
+                del out["pending"]
         return out
 
     def recent_errors(self, limit: int) -> list[tuple[float, str, str, str, str, float, str]]:
         """(time, source, destination, path, state, next_attempt_at, error JSON) of the latest
-        rows that carry an error, newest first.  Sent rows never do: the state index skips
-        them, however many the history holds."""
-        rows = (
-            self._conn()
-            .execute(
-                "SELECT COALESCE(done_at, last_try, queued_at) AS t, source, destination, path, "
-                "state, next_attempt_at, error FROM files WHERE state IN ('pending', 'claimed', "
-                "'settling', 'failed', 'gone', 'ignored') AND error IS NOT NULL "
-                "ORDER BY t DESC LIMIT ?",
-                (limit,),
-            )
-            .fetchall()
-        )
+        rows that carry an error, newest first, read from the newest end of the
+        ``files_errors`` index (only rows with an error), however many rows the queue holds."""
+        db = self._conn()
+        index = "INDEXED BY files_errors " if _tallied(db) else ""
+        rows = db.execute(
+            "SELECT COALESCE(done_at, last_try, queued_at) AS t, source, destination, path, "
+            f"state, next_attempt_at, error FROM files {index}WHERE error IS NOT NULL AND "
+            "state IN "
+            "('pending', 'claimed', 'settling', 'failed', 'gone', 'ignored') "
+            "ORDER BY COALESCE(done_at, last_try, queued_at) DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
         return [(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
 
 
@@ -1283,6 +1401,66 @@ def _tally(
     return [
         Tally(r[0], r[1], r[2], r[3], r[4], r[5], int(r[6]), int(r[7]), int(r[8])) for r in rows
     ]
+
+
+def _tallied(db: sqlite3.Connection) -> bool:
+    """Does this queue keep ``tallies`` (schema 7)?  One an older stowd wrote, which ``stowd
+    status`` reads without changing it, does not: its rows are counted."""
+    return int(db.execute("PRAGMA user_version").fetchone()[0]) >= 7
+
+
+def _state_totals_counted(db: sqlite3.Connection, now: float) -> dict[str, int]:
+    rows = db.execute(
+        f"SELECT state, COUNT(*), SUM({_WAITING}) FROM files GROUP BY state", (now,)
+    ).fetchall()
+    out: dict[str, int] = {}
+    for state, count, waiting in rows:
+        out.update({k: n for k, n in ((state, count - waiting), ("waiting", waiting)) if n})
+    return out
+
+
+def _groups(db: sqlite3.Connection, now: float, *, active: bool = False) -> list[Tally]:
+    """``_tally`` of every row (``active``: of the active ones), read from ``tallies`` and
+    the waiting rows: a few rows read, however many the queue holds.  ``oldest`` is exact
+    for each active group but pending, whose oldest is that of pending and waiting rows
+    together (what every reader wants: the oldest of all active rows); of a finished
+    group it is 0 (never read)."""
+    if not _tallied(db):
+        return _tally(db, now, f"WHERE {_ACTIVE_ROWS}" if active else "")
+    rows = db.execute(
+        f"SELECT {_TALLY_KEY}, files, bytes, stored, already, warned FROM tallies "
+        "WHERE files > 0" + (f" AND {_ACTIVE_ROWS}" if active else "")
+    ).fetchall()
+    found = _tally(db, now, _ONLY_WAITING, (now,))
+    waiting = {(g.source, g.destination): g for g in found}
+    out = [
+        _less_waiting(db, Tally(r[0], r[1], r[2], r[3], r[4], 0.0, r[5], r[6], r[7]), waiting)
+        for r in rows
+    ]
+    return [g for g in out if g.files > 0] + list(waiting.values())
+
+
+def _less_waiting(db: sqlite3.Connection, group: Tally, waiting: dict[Any, Tally]) -> Tally:
+    """A group of ``tallies`` as ``Tally`` shows it: pending without the waiting rows, and
+    an active group with the queued_at of its oldest row."""
+    if group.state not in ACTIVE:
+        return group
+    oldest = db.execute(
+        "SELECT MIN(queued_at) FROM files WHERE source = ? AND destination = ? AND state = ? "
+        f"AND {_ACTIVE_ROWS}",
+        (group.source, group.destination, group.state),
+    ).fetchone()[0]
+    group = group._replace(oldest=oldest if oldest is not None else 0.0)
+    less = waiting.get((group.source, group.destination)) if group.state == "pending" else None
+    if less is None:
+        return group
+    return group._replace(
+        files=group.files - less.files,
+        bytes=group.bytes - less.bytes,
+        stored=group.stored - less.stored,
+        already=group.already - less.already,
+        warned=group.warned - less.warned,
+    )
 
 
 def _holds(db: sqlite3.Connection) -> dict[str, Hold]:
@@ -1320,7 +1498,7 @@ def read_active(path: Path, now: float, *, busy_timeout: float) -> ActiveView:
 
 def _active_view(db: sqlite3.Connection, now: float) -> ActiveView:
     view = ActiveView()
-    for group in _tally(db, now, f"WHERE {_ACTIVE_ROWS}"):
+    for group in _groups(db, now, active=True):
         key = (group.destination, group.state)
         view.counts[key] = view.counts.get(key, 0) + group.files
         view.oldest[group.destination] = min(

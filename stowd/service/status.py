@@ -1,11 +1,12 @@
 """``stowd status``: what the queue holds, read from another process without blocking it.
 
-``gather`` reads the queue once (one read snapshot, four queries: one pass over the table for
-the counts, the done_at index for the rate, the state index for the errors, the holds; and
-while a daemon runs, a fifth: the troubles it recorded), looks at the free space of the
-folders stowd writes to (a full disk), and returns plain data, which is also the ``--json``
-output; ``render`` is the human form; ``short_line`` is the daemon's systemd ``STATUS=`` line
-(two cheap queries).
+``gather`` reads the queue once (one read snapshot: the counts kept in its ``tallies`` with the
+waiting rows and the oldest row of each active group read from their indexes, the done_at
+index for the rate, the newest errors from their index, the holds; and while a daemon runs,
+the troubles it recorded; none passes over the table, so a queue of a million rows answers
+as quickly as a small one), looks at the free space of the folders stowd writes to (a full
+disk), and returns plain data, which is also the ``--json`` output; ``render`` is the human
+form; ``short_line`` is the daemon's systemd ``STATUS=`` line (three cheap queries).
 
 The rate is what was *sent* in the last ``RATE_WINDOW`` seconds (files, and their bytes in
 MB of 10^6 bytes); the ETA is the backlog (pending + waiting + claimed) divided by that rate,

@@ -1,0 +1,238 @@
+"""A queue of a million rows (issue 19's growth target): the counts ``stowd status`` shows are
+kept in ``tallies`` by the queue's triggers and stay equal to the rows; the claim, the status
+queries and a rescan of files already queued read indexes, never the whole table, and write
+nothing when there is nothing new.  Plans are asserted, never times."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from harness import Clock
+
+from stowd.pipeline import queue as queue_module
+from stowd.pipeline.queue import Classification, Job, NewFile, Queue, Tally, open_readonly
+
+ERROR = {"reason": "the archive said no", "stage": "send"}
+
+
+def new(path: str, source: str = "src", dest: str = "pacs", size: int = 10) -> NewFile:
+    return NewFile(source, dest, path, Path(path).name, size, 1)
+
+
+def pick_all(_dest: str, jobs: list[Job]) -> list[Job]:
+    return jobs
+
+
+def classify(queue: Queue, study: str = "1.2.3") -> None:
+    queue.set_classified(
+        [Classification(j, "dicom", study, f"sop{j.id}", "1.2") for j in queue.unclassified(1000)]
+    )
+
+
+def counted(queue: Queue, now: float) -> set[tuple[object, ...]]:
+    """Each group as the kept tallies give it (without ``oldest``)."""
+    return {_figures(g) for g in queue.tally(now)}
+
+
+def truth(queue: Queue, now: float) -> set[tuple[object, ...]]:
+    """Each group counted over the rows themselves (the one pass status made before)."""
+    return {_figures(g) for g in queue_module._tally(queue._conn(), now)}
+
+
+def _figures(g: Tally) -> tuple[object, ...]:
+    return (g.source, g.destination, g.state, g.files, g.bytes, g.stored, g.already, g.warned)
+
+
+def oldest_active(groups: list[Tally]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for g in groups:
+        if g.state in ("pending", "waiting", "claimed", "settling"):
+            out[g.destination] = min(g.oldest, out.get(g.destination, g.oldest))
+    return out
+
+
+def assert_true_counts(queue: Queue, clock: Clock) -> None:
+    for now in (clock.now, clock.now + 1000):  # waiting rows depend on the time asked about
+        assert counted(queue, now) == truth(queue, now)
+        reference = queue_module._tally(queue._conn(), now)
+        assert oldest_active(queue.tally(now)) == oldest_active(reference)
+        totals: dict[str, int] = {}
+        for g in reference:
+            totals[g.state] = totals.get(g.state, 0) + g.files
+        assert queue.state_totals(now) == totals
+
+
+def test_the_kept_counts_equal_the_rows_through_a_queue_s_life(
+    queue: Queue, clock: Clock, tmp_path: Path
+) -> None:
+    queue.enqueue([new(f"/d/a{i}", size=100 + i) for i in range(30)])
+    clock.now += 5
+    queue.enqueue([new(f"/d/b{i}", source="other", dest="lab", size=7) for i in range(10)])
+    assert_true_counts(queue, clock)
+    queue.enqueue([new("/d/a0", size=999)])  # rewritten while pending: its size changes
+    classify(queue)
+    assert_true_counts(queue, clock)
+    batch = queue.claim_batch(["pacs"], pick=pick_all, candidates=10, lease=60)
+    assert len(batch) == 10
+    assert_true_counts(queue, clock)
+    queue.retry_later([j.id for j in batch[:4]], at=clock.now + 300, error=ERROR)
+    queue.release([j.id for j in batch[4:6]])
+    settled = batch[6:]
+    queue.begin_settle(
+        [(settled[0], "sent", "/s/0", None), (settled[1], "failed", "/f/1", ERROR)],
+        notes={settled[0].id: queue_module.ALREADY_STORED},
+    )
+    queue.begin_settle(
+        [(settled[2], "sent", "/s/2", None)], notes={settled[2].id: "stored with warning B100"}
+    )
+    queue.begin_settle([(settled[3], "sent", None, None)])
+    assert_true_counts(queue, clock)  # settling: stored or not
+    queue.finish_many([(settled[0].id, "sent"), (settled[1].id, "failed"), (settled[2].id, "sent")])
+    assert_true_counts(queue, clock)
+    queue.isolate([j.id for j in queue.claim_batch(["lab"], pick=pick_all, candidates=5, lease=60)])
+    queue.adopt({"src": "pacs"})  # "other" is gone from the config: its rows are parked
+    assert_true_counts(queue, clock)
+    clock.now += 10
+    queue.forget_done(clock.now)  # the finished rows leave the history
+    assert_true_counts(queue, clock)
+    queue.recover()
+    assert_true_counts(queue, clock)
+    assert not [g for g in queue.tally(clock.now) if g.files <= 0]
+
+
+def test_status_on_a_queue_an_older_stowd_wrote_counts_its_rows(tmp_path: Path) -> None:
+    """``stowd status`` reads a queue without changing it: one still at schema 6 (a daemon
+    of the older stowd) has no tallies, and its rows are counted as before."""
+    path = tmp_path / "v6.db"
+    old = sqlite3.connect(path)
+    old.executescript(queue_module._SCHEMA)
+    old.execute("PRAGMA user_version = 6")
+    old.execute(
+        "INSERT INTO files (source, destination, path, rel, size, mtime_ns, state, queued_at, "
+        "next_attempt_at) VALUES ('src', 'pacs', '/d/a', 'a', 5, 1, 'pending', 10, 0), "
+        "('src', 'pacs', '/d/b', 'b', 6, 1, 'pending', 11, 5000)"
+    )
+    old.commit()
+    old.close()
+    reader = open_readonly(path)
+    try:
+        with reader.reading():
+            assert reader.state_totals(100.0) == {"pending": 1, "waiting": 1}
+            assert sorted((g.state, g.files, g.bytes) for g in reader.tally(100.0)) == [
+                ("pending", 1, 5),
+                ("waiting", 1, 6),
+            ]
+    finally:
+        reader.close()
+
+
+def test_a_version_6_queue_is_upgraded_without_losing_rows(tmp_path: Path, clock: Clock) -> None:
+    path = tmp_path / "v6.db"
+    old = sqlite3.connect(path)  # the schema as stowd wrote it up to version 6
+    old.executescript(queue_module._SCHEMA)
+    old.execute("PRAGMA user_version = 6")
+    states = ["pending"] * 5 + ["claimed", "settling", "sent", "sent", "failed", "gone"]
+    old.executemany(
+        "INSERT INTO files (source, destination, path, rel, size, mtime_ns, state, kind, "
+        "study_uid, queued_at, outcome, note, done_at) VALUES ('src', 'pacs', ?, 'r', ?, 1, ?, "
+        "'dicom', '1.2.3', ?, ?, ?, ?)",
+        [
+            (
+                f"/d/{i}",
+                10 + i,
+                state,
+                1000.0 + i,
+                "sent" if state in ("sent", "settling") else None,
+                queue_module.ALREADY_STORED if i == 7 else None,
+                2000.0 if state in ("sent", "failed", "gone") else None,
+            )
+            for i, state in enumerate(states)
+        ],
+    )
+    old.commit()
+    old.close()
+    queue = Queue(path, clock=clock).open()
+    try:
+        assert len(queue.jobs()) == len(states)
+        assert queue._conn().execute("PRAGMA user_version").fetchone()[0] == 7
+        assert_true_counts(queue, clock)
+        assert counted(queue, clock.now) == {
+            ("src", "pacs", "pending", 5, 60, 0, 0, 0),
+            ("src", "pacs", "claimed", 1, 15, 0, 0, 0),
+            ("src", "pacs", "settling", 1, 16, 1, 0, 0),
+            ("src", "pacs", "sent", 2, 35, 2, 1, 0),
+            ("src", "pacs", "failed", 1, 19, 0, 0, 0),
+            ("src", "pacs", "gone", 1, 20, 0, 0, 0),
+        }
+        batch = queue.claim_batch(["pacs"], pick=pick_all, candidates=50, lease=60)
+        assert [j.path for j in batch] == [f"/d/{i}" for i in range(5)]
+        assert_true_counts(queue, clock)
+    finally:
+        queue.close()
+
+
+def claim_statements(queue: Queue) -> list[str]:
+    """The SELECTs one claim of a batch runs."""
+    seen: list[str] = []
+    queue._conn().set_trace_callback(seen.append)
+    try:
+        queue.claim_batch(["pacs"], pick=pick_all, candidates=50, lease=60)
+    finally:
+        queue._conn().set_trace_callback(None)
+    return [s for s in seen if s.lstrip().startswith("SELECT")]
+
+
+def plan(queue: Queue, sql: str) -> str:
+    rows = queue._conn().execute("EXPLAIN QUERY PLAN " + sql).fetchall()
+    return "; ".join(str(r[3]) for r in rows)
+
+
+def test_a_claim_reads_its_rows_in_claim_order_from_an_index(queue: Queue, clock: Clock) -> None:
+    """Claiming costs the same at 1,000 and at 1,000,000 rows: the first ready row comes
+    from the start of an index in claim order (next attempt, then id), and the batch from the
+    rows of its study, never from a pass over the pending rows or a sort of them."""
+    queue.enqueue([new(f"/d/{i}") for i in range(200)])
+    classify(queue)
+    waiting = queue.claim_batch(["pacs"], pick=pick_all, candidates=20, lease=60)
+    queue.retry_later([j.id for j in waiting], at=clock.now + 60, error=ERROR)
+    plans = [plan(queue, sql) for sql in claim_statements(queue)]
+    assert plans[0] == (
+        "SEARCH files USING INDEX files_claim (destination=? AND next_attempt_at<?)"
+    )
+    assert all(p.startswith("SEARCH files USING INDEX") for p in plans[1:])
+    assert not [p for p in plans if "TEMP B-TREE" in p or "SCAN" in p]
+    assert queue.claim_plan(["pacs"]) == [plans[0]]
+
+
+def test_the_claim_order_is_kept_over_several_destinations(queue: Queue, clock: Clock) -> None:
+    """Each destination's first row is read from the index; the one whose next attempt came
+    first (then the lower id) is claimed, as one query over all of them chose before."""
+    queue.enqueue([new("/d/p1"), new("/d/l1", dest="lab"), new("/d/p2")])
+    found = queue.unclassified(10)  # each file a study of its own
+    queue.set_classified([Classification(j, "dicom", j.path, j.path, "1.2") for j in found])
+    [first] = queue.claim_batch(["pacs"], pick=lambda _d, j: j[:1], candidates=1, lease=60)
+    queue.retry_later([first.id], at=clock.now + 5, error=ERROR)
+    clock.now += 10
+    order = []
+    for _ in range(3):
+        [job] = queue.claim_batch(["lab", "pacs"], pick=lambda _d, j: j[:1], candidates=1, lease=60)
+        order.append(job.path)
+    assert order == ["/d/l1", "/d/p2", "/d/p1"]
+
+
+def test_a_rescan_of_files_already_queued_writes_nothing(queue: Queue) -> None:
+    """A rescan finds every queued file again: those are known from a read, and no write
+    transaction (which would wait for, and hold up, the workers' settling) is begun."""
+    files = [new(f"/d/{i}") for i in range(1200)]
+    assert queue.enqueue(files) == 1200
+    seen: list[str] = []
+    queue._conn().set_trace_callback(seen.append)
+    try:
+        assert queue.enqueue(files) == 0
+    finally:
+        queue._conn().set_trace_callback(None)
+    assert not [s for s in seen if s.startswith(("BEGIN", "INSERT", "UPDATE"))]
+    assert queue.counts() == {"pending": 1200}
+    assert queue.enqueue([*files[:3], new("/d/new")]) == 1  # a new one among them: queued
+    assert queue.counts() == {"pending": 1201}
