@@ -36,7 +36,9 @@ from stowproxy import StowProxy
 from stowd.commands import cli
 from stowd.commands import migrate as migrate_mod
 from stowd.pipeline.queue import Hold, Queue
+from stowd.pipeline.reader import Reader
 from stowd.pipeline.watch import Watcher
+from stowd.pipeline.worker import Worker
 from stowd.service import logs
 from stowd.service.status import MIGRATION_SOURCE
 
@@ -507,6 +509,56 @@ def test_the_first_files_are_stored_while_the_walk_still_runs(
     assert code == 0
     assert waited == [True]  # a file was stored before the walk had listed the folder
     assert orthanc.instance_count() == 600
+
+
+def test_the_senders_start_once_the_walk_has_queued_files(
+    tmp_path: Path, orthanc: Orthanc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader and the senders start once the walk queued its first chunk, so that their
+    first look finds files to read and send instead of waiting out an idle poll (a quarter of
+    a second before the first upload, every run)."""
+    layout = layout_for(tmp_path, orthanc, max_files=50)
+    archive = tmp_path / "nas"
+    make_study(archive / "one", 60)
+    events: list[str] = []
+    real_enqueue, real_send, real_read = Queue.enqueue, Worker.run, Reader.run
+
+    def enqueue(self: Queue, files: Any) -> int:
+        added = real_enqueue(self, files)
+        events.append(f"queued {added}")
+        return added
+
+    def looks(name: str, real: Any) -> Any:
+        def run(self: Any) -> None:
+            events.append(name)
+            real(self)
+
+        return run
+
+    monkeypatch.setattr(migrate_mod, "FIRST_CHUNK_WAIT", 60.0)  # no busy machine's margin
+    monkeypatch.setattr(Queue, "enqueue", enqueue)
+    monkeypatch.setattr(Worker, "run", looks("send", real_send))
+    monkeypatch.setattr(Reader, "run", looks("read", real_read))
+    code = migrate_here(monkeypatch, layout, str(archive), "--destination", "pacs", "--keep")
+    assert code == 0
+    assert events[0] == "queued 60", events
+    assert sorted(events[1:3]) == ["read", "send"], events
+    assert orthanc.instance_count() == 60
+
+
+def test_a_walk_that_finds_nothing_still_ends_the_run(
+    tmp_path: Path, orthanc: Orthanc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No first chunk ever comes: the end of the walk lets the senders start and the run end
+    (not a wait for the chunk)."""
+    layout = layout_for(tmp_path, orthanc)
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    monkeypatch.setattr(migrate_mod, "FIRST_CHUNK_WAIT", 120.0)
+    started = time.monotonic()
+    code = migrate_here(monkeypatch, layout, str(empty), "--destination", "pacs", "--keep")
+    assert code == 0
+    assert time.monotonic() - started < 120.0  # the walk's end, not the wait, started them
 
 
 def test_a_move_run_after_a_keep_run_says_it_moved_nothing(

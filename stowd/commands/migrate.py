@@ -67,6 +67,10 @@ log = logging.getLogger("stowd.migrate")
 TICK = 0.1  # how often the run looks whether it is done (more when counting is slow)
 QUERY_SHARE = 10  # wait at least 10 times as long as counting the rows took
 RESETTLE_EVERY = 60.0
+# The senders start once the walk has queued its first chunk (or ended), so that their first
+# look finds work instead of waiting out an idle poll; at most this long, so that files an
+# earlier run left queued are not held back by a slow walk.
+FIRST_CHUNK_WAIT = 1.0
 EXIT_SECOND_SIGNAL = 130
 TERMINAL_WIDTH = 80  # when the terminal does not say
 
@@ -163,6 +167,7 @@ class Migration:
         self.queue = Queue(config.queue)
         self.stop = threading.Event()
         self.scanned = threading.Event()
+        self.walking = threading.Event()  # set once the walk queued its first chunk, or ended
         self.skipped = 0
         self.unsettled: set[int] = set()
         self.move_problems: dict[int, OSError] = {}  # why each stuck move failed last
@@ -227,6 +232,14 @@ class Migration:
             log.info("%d upload(s) interrupted by the last run are sent again", returned)
 
     def _start(self) -> tuple[list[threading.Thread], list[StowClient]]:
+        """The walk first, then (once it queued its first chunk) the reader and senders."""
+        scan = threading.Thread(target=self._scan, name="scan", daemon=True)
+        scan.start()
+        self.walking.wait(FIRST_CHUNK_WAIT)
+        threads, clients = self._senders()
+        return [*threads, scan], clients
+
+    def _senders(self) -> tuple[list[threading.Thread], list[StowClient]]:
         dest = self.config.destinations[self.opts.destination]
         client = StowClient(dest, stop=self.stop)
         self.finder = Finder(self.config, self.queue)  # one lookup client for all workers
@@ -256,12 +269,17 @@ class Migration:
             finder=self.finder,
         )
         threads.append(threading.Thread(target=reader.run, name="read-new", daemon=True))
-        threads.append(threading.Thread(target=self._scan, name="scan", daemon=True))
         for thread in threads:
             thread.start()
         return threads, [client]
 
     def _scan(self) -> None:
+        try:
+            self._walk()
+        finally:
+            self.walking.set()
+
+    def _walk(self) -> None:
         try:
             for source in self.sources:
                 watcher = Watcher(
@@ -295,7 +313,10 @@ class Migration:
         files = [f for f in files if not _in_migrate_output(f.rel)]
         done = self.queue.finished_before(files)
         self.skipped += len(done)
-        return self.queue.enqueue([f for f in files if f.path not in done])
+        added = self.queue.enqueue([f for f in files if f.path not in done])
+        if added:
+            self.walking.set()  # the senders may start: there is work for them
+        return added
 
     def _wait(self) -> None:
         """Until everything is done, a signal came or the scan crashed (``stop``)."""
