@@ -11,7 +11,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +206,54 @@ class Filing:
                 doc[key] = carried
         doc.update(counts or {})
         return doc
+
+
+class Behind:
+    """The settle of a sender's last batch, carried out on a thread of its own while the
+    sender uploads its next batch (``Filing.settle``: the same moves, fsyncs and queue rows,
+    in the same order).  At most one batch is settled behind: ``start`` waits for the one
+    before.  Its rows stay claimed (or settling) until it is done, so they are counted as
+    done only once their moves are synced and recorded; ``ids`` are held by the sender
+    meanwhile (never reclaimed).  An error of the settle (the queue cannot be written) is
+    raised by the next ``wait``, with the rows it left claimed given back (``release``).
+
+    One thread (and so one queue connection) serves all the batches of a sender; it ends
+    when the sender is dropped, or at exit once its last settle is done."""
+
+    def __init__(self, filing: Filing, release: Callable[[frozenset[int]], None]) -> None:
+        self._filing = filing
+        self._release = release  # gives back rows a failed settle left claimed
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"settle-{filing.name}")
+        self._pending: Future[None] | None = None
+        self.ids: frozenset[int] = frozenset()  # the rows of the batch being settled
+
+    @property
+    def busy(self) -> bool:
+        """A batch is settled behind (or its error not yet raised by ``wait``)."""
+        return self._pending is not None
+
+    def start(self, decisions: list[Decision], ids: Collection[int]) -> None:
+        """Settle ``decisions`` behind, once the batch before is settled (its error raised
+        here); ``ids``: the batch's rows, held until it is done."""
+        self.wait()
+        if decisions:
+            self.ids = frozenset(ids)
+            self._pending = self._pool.submit(self._filing.settle, decisions)
+
+    def wait(self) -> bool:
+        """Wait until the batch settled behind is done; False when there was none.  Its
+        error, if any, is raised here, once its claimed rows were given back."""
+        pending, ids = self._pending, self.ids
+        if pending is None:
+            return False
+        try:
+            pending.result()
+        except BaseException:
+            self._release(ids)  # rows already settling stay for the daemon's repair
+            raise
+        finally:
+            self._pending, self.ids = None, frozenset()
+        return True
 
 
 def counted_in_error(job: Job, key: str) -> int:
