@@ -134,6 +134,7 @@ class Filing:
             # others are still claimed, and released by the caller (or sent again).
             self.unsettled.update(d.job.id for d in decisions)
             raise
+        emptied: dict[tuple[Path, Path], Path] = {}  # (folder, watch) -> a file moved from it
         for result in results:
             job, source = result.decision.job, result.decision.source
             if result.problem is not None:
@@ -147,7 +148,10 @@ class Filing:
                 stored = "already stored" if result.decision.note == ALREADY_STORED else "stored"
                 log.info("%s: %s, moved to %s", job.path, stored, result.target)
             if result.target is not None and source.remove_empty_dirs:
-                remove_empty_parents(Path(job.path), source.watch)
+                path = Path(job.path)
+                emptied.setdefault((path.parent, source.watch), path)
+        for (_, watch), path in emptied.items():  # once per folder the batch left
+            remove_empty_parents(path, watch)
 
     def _move_failed(self, result: Settled) -> None:
         """A move that failed: the daemon tries it again (a full disk is logged once, by
