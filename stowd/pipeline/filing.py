@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -227,7 +228,7 @@ class Behind:
     def __init__(self, filing: Filing, release: Callable[[frozenset[int]], None]) -> None:
         self._filing = filing
         self._release = release  # gives back rows a failed settle left claimed
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"settle-{filing.name}")
+        self._pool: ThreadPoolExecutor | None = None  # made by the sender's thread, named after it
         self._pending: Future[None] | None = None
         self.ids: frozenset[int] = frozenset()  # the rows of the batch being settled
 
@@ -241,6 +242,9 @@ class Behind:
         here); ``ids``: the batch's rows, held until it is done."""
         self.wait()
         if decisions:
+            if self._pool is None:
+                sender = threading.current_thread().name
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"settle-of-{sender}")
             self.ids = frozenset(ids)
             self._pending = self._pool.submit(self._filing.settle, decisions)
 
