@@ -125,6 +125,15 @@ def open_folder(folder: Path, roots: Roots = (), *, create: bool = True) -> Iter
     without following a symbolic link, which fails with an ``OSError`` saying so (a writer
     of the drop folder may have planted it).  Outside every root only ``folder`` itself is
     opened as it is."""
+    fd = _open_folder(folder, roots, create)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _open_folder(folder: Path, roots: Roots, create: bool) -> int:
+    """``open_folder``'s descriptor, the caller's to close."""
     start = min(
         (r for r in roots if folder == r or r in folder.parents), key=_depth, default=folder
     )
@@ -137,9 +146,45 @@ def open_folder(folder: Path, roots: Roots = (), *, create: bool = True) -> Iter
             inner = _enter(fd, name, create, start)
             os.close(fd)
             fd = inner
-        yield fd
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
+
+
+class Folders:
+    """Folders opened once for many moves (a batch), each as ``open_folder`` opens it (made
+    as needed, no link followed below the roots), kept open until the block ends: a folder
+    is looked up and opened once per batch, not twice per file.  ``sync`` fsyncs one through
+    its open descriptor."""
+
+    def __init__(self) -> None:
+        self._fds: dict[tuple[Path, Roots], int] = {}
+
+    def __enter__(self) -> Folders:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def fd(self, folder: Path, roots: Roots = (), *, create: bool = True) -> int:
+        """``folder``, open (opened now when it is not yet; ``create``: made as needed)."""
+        key = (folder, roots)
+        fd = self._fds.get(key)
+        if fd is None:
+            fd = self._fds[key] = _open_folder(folder, roots, create)
+        return fd
+
+    def sync(self, folder: Path) -> None:
+        """Put ``folder``'s entries on disk (``fsync_dir``), through its open descriptor
+        when it is open here."""
+        fd = next((fd for (path, _), fd in self._fds.items() if path == folder), None)
+        if fd is None:
+            fsync_dir(folder)
+        else:
+            os.fsync(fd)
 
 
 def _depth(path: Path) -> int:
@@ -261,6 +306,7 @@ def move(
     roots: Roots = (),
     unchanged: Unchanged | None = None,
     copy: CopyAll | None = None,
+    folders: Folders | None = None,
 ) -> bool:
     """Rename ``src`` to ``dst``; across filesystems copy + fsync + rename + unlink.
 
@@ -269,18 +315,29 @@ def move(
     and once more just before the unlink) says so; else the copy is removed, the source
     stays and False is returned.  No folder below ``roots`` is entered through a symbolic
     link, and a link moved stays a link.  ``copy`` copies the bytes (``copy_all``).
+    ``folders``: the folders of a batch of moves, kept open (else each is opened here).
     """
+    how = (unchanged, copy or copy_all, sync)
+    if folders is not None:
+        here = folders.fd(src.parent, roots, create=False)
+        return _move_in((here, src.name), (folders.fd(dst.parent, roots), dst.name), *how)
     leaving = open_folder(src.parent, roots, create=False)
     with leaving as here, open_folder(dst.parent, roots) as there:
-        try:
-            os.rename(src.name, dst.name, src_dir_fd=here, dst_dir_fd=there)
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            if not _copy_across((here, src.name), (there, dst.name), unchanged, copy or copy_all):
-                return False
-        if sync:
-            os.fsync(there)
+        return _move_in((here, src.name), (there, dst.name), *how)
+
+
+def _move_in(src: Here, dst: Here, unchanged: Unchanged | None, copy: CopyAll, sync: bool) -> bool:
+    """``move`` between two open folders."""
+    (here, name), (there, dst_name) = src, dst
+    try:
+        os.rename(name, dst_name, src_dir_fd=here, dst_dir_fd=there)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        if not _copy_across(src, dst, unchanged, copy):
+            return False
+    if sync:
+        os.fsync(there)
     return True
 
 

@@ -20,13 +20,13 @@ import httpx
 import pydicom
 import pytest
 from dicomgen import make_instance, make_instance_bytes, make_study
-from harness import Clock
+from harness import Clock, wait_for
 
 from stowd.config.model import BatchLimits, Bulkdata, Config, Destination, Retry, Sidecars, Source
 from stowd.dicomweb.stow import StowClient
 from stowd.media.probe import detect as real_detect
 from stowd.media.reading import Media
-from stowd.pipeline import counters
+from stowd.pipeline import counters, settle
 from stowd.pipeline.queue import Queue
 from stowd.pipeline.watch import Watcher
 from stowd.pipeline.worker import Worker
@@ -789,3 +789,35 @@ def test_a_500_for_one_file_counts_one_retry_as_server_error(
     assert {r: after[r] - before[r] for r in counters.REASONS if after[r] != before[r]} == {
         counters.SERVER_ERROR: 1.0
     }
+
+
+def test_a_batch_is_moved_while_the_next_one_uploads(rig_factory: Callable[..., Rig]) -> None:
+    """The settle of a batch overlaps the upload of the next (issue 19): while the first
+    batch's moves wait (``MOVING`` held here), the second batch still goes to the archive;
+    its files count as sent only once moved."""
+    requests: list[list[str]] = []
+    second = threading.Event()
+
+    def archive(request: httpx.Request) -> httpx.Response:
+        uids = sop_uids_in(request)
+        requests.append(uids)
+        if len(requests) == 2:
+            second.set()
+        return httpx.Response(200, json=stow_json(uids))
+
+    rig = rig_factory(archive)
+    make_study(rig.source.watch / "a", 20)  # two batches of 10
+    rig.find()
+    sender = threading.Thread(target=rig.worker.run, daemon=True)
+    try:
+        with settle.MOVING:
+            sender.start()
+            assert second.wait(60), "the second batch waited for the first batch's moves"
+            assert rig.names(rig.source.sent) == set()
+            assert "sent" not in rig.queue.counts()  # not done before its move
+        wait_for(lambda: rig.queue.counts() == {"sent": 20}, 60, "all 20 settled")
+        assert len(rig.names(rig.source.sent)) == 20
+    finally:
+        rig.stop.set()
+        sender.join(60)
+    assert not sender.is_alive()

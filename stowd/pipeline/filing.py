@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +135,7 @@ class Filing:
             # others are still claimed, and released by the caller (or sent again).
             self.unsettled.update(d.job.id for d in decisions)
             raise
+        emptied: dict[tuple[Path, Path], Path] = {}  # (folder, watch) -> a file moved from it
         for result in results:
             job, source = result.decision.job, result.decision.source
             if result.problem is not None:
@@ -146,7 +149,10 @@ class Filing:
                 stored = "already stored" if result.decision.note == ALREADY_STORED else "stored"
                 log.info("%s: %s, moved to %s", job.path, stored, result.target)
             if result.target is not None and source.remove_empty_dirs:
-                remove_empty_parents(Path(job.path), source.watch)
+                path = Path(job.path)
+                emptied.setdefault((path.parent, source.watch), path)
+        for (_, watch), path in emptied.items():  # once per folder the batch left
+            remove_empty_parents(path, watch)
 
     def _move_failed(self, result: Settled) -> None:
         """A move that failed: the daemon tries it again (a full disk is logged once, by
@@ -205,6 +211,57 @@ class Filing:
                 doc[key] = carried
         doc.update(counts or {})
         return doc
+
+
+class Behind:
+    """The settle of a sender's last batch, carried out on a thread of its own while the
+    sender uploads its next batch (``Filing.settle``: the same moves, fsyncs and queue rows,
+    in the same order).  At most one batch is settled behind: ``start`` waits for the one
+    before.  Its rows stay claimed (or settling) until it is done, so they are counted as
+    done only once their moves are synced and recorded; ``ids`` are held by the sender
+    meanwhile (never reclaimed).  An error of the settle (the queue cannot be written) is
+    raised by the next ``wait``, with the rows it left claimed given back (``release``).
+
+    One thread (and so one queue connection) serves all the batches of a sender; it ends
+    when the sender is dropped, or at exit once its last settle is done."""
+
+    def __init__(self, filing: Filing, release: Callable[[frozenset[int]], None]) -> None:
+        self._filing = filing
+        self._release = release  # gives back rows a failed settle left claimed
+        self._pool: ThreadPoolExecutor | None = None  # made by the sender's thread, named after it
+        self._pending: Future[None] | None = None
+        self.ids: frozenset[int] = frozenset()  # the rows of the batch being settled
+
+    @property
+    def busy(self) -> bool:
+        """A batch is settled behind (or its error not yet raised by ``wait``)."""
+        return self._pending is not None
+
+    def start(self, decisions: list[Decision], ids: Collection[int]) -> None:
+        """Settle ``decisions`` behind, once the batch before is settled (its error raised
+        here); ``ids``: the batch's rows, held until it is done."""
+        self.wait()
+        if decisions:
+            if self._pool is None:
+                sender = threading.current_thread().name
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"settle-of-{sender}")
+            self.ids = frozenset(ids)
+            self._pending = self._pool.submit(self._filing.settle, decisions)
+
+    def wait(self) -> bool:
+        """Wait until the batch settled behind is done; False when there was none.  Its
+        error, if any, is raised here, once its claimed rows were given back."""
+        pending, ids = self._pending, self.ids
+        if pending is None:
+            return False
+        try:
+            pending.result()
+        except BaseException:
+            self._release(ids)  # rows already settling stay for the daemon's repair
+            raise
+        finally:
+            self._pending, self.ids = None, frozenset()
+        return True
 
 
 def counted_in_error(job: Job, key: str) -> int:

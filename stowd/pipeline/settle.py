@@ -28,6 +28,7 @@ from stowd.errors import FileProblem, FileUnreadable, no_space
 from stowd.fileops import (
     NAME_MAX,
     NO_LINK,
+    Folders,
     Roots,
     content_name,
     fsync_dir,
@@ -138,21 +139,28 @@ def _settle_moved(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
     )
     results: list[Settled] = []
     done: list[tuple[int, str]] = []
-    for decision, target in plans:
-        if isinstance(target, OSError):
-            results.append(Settled(decision, None, target))
-            continue
-        try:
-            state = _carry_out(
-                decision.job, target, decision.outcome, decision.error, decision.source
-            )
-        except OSError as exc:
-            results.append(Settled(decision, None, exc))
-            continue
-        done.append((decision.job.id, state))
-        moved = state != "gone" and not os.path.lexists(decision.job.path)
-        results.append(Settled(decision, target if moved else None))
-    _sync_folders({r.target.parent for r in results if r.target is not None})
+    with Folders() as folders:  # each folder opened once for the batch
+        for decision, target in plans:
+            if isinstance(target, OSError):
+                results.append(Settled(decision, None, target))
+                continue
+            try:
+                state = _carry_out(
+                    decision.job,
+                    target,
+                    decision.outcome,
+                    decision.error,
+                    decision.source,
+                    folders=folders,
+                )
+            except OSError as exc:
+                results.append(Settled(decision, None, exc))
+                continue
+            done.append((decision.job.id, state))
+            moved = state != "gone" and not os.path.lexists(decision.job.path)
+            results.append(Settled(decision, target if moved else None))
+        # one fsync per folder moved into, before any of its moves counts as done
+        _sync_folders({r.target.parent for r in results if r.target is not None}, folders)
     queue.finish_many(done)
     return results
 
@@ -175,7 +183,13 @@ def _plan(decisions: Sequence[Decision]) -> list[tuple[Decision, Path | OSError]
 
 
 def _carry_out(
-    job: Job, target: Path, outcome: str, error: dict[str, Any] | None, source: Source | None
+    job: Job,
+    target: Path,
+    outcome: str,
+    error: dict[str, Any] | None,
+    source: Source | None,
+    *,
+    folders: Folders | None = None,
 ) -> str:
     """Do (or finish) one recorded move and write the reason; returns the final state.
 
@@ -187,14 +201,17 @@ def _carry_out(
 
     No symbolic link below the source's configured folders is followed (``_folder``):
     a writer of the drop folder may have planted one (``sent/`` inside the watch folder
-    replaced by a link elsewhere); such a move fails with an ``OSError`` that says so."""
+    replaced by a link elsewhere); such a move fails with an ``OSError`` that says so.
+
+    ``folders``: a batch's folders, kept open; its targets were chosen free just now, so no
+    put-back a crash interrupted can be at them (that is looked for in a repair)."""
     roots = _roots(source)
     sidecars = None if source is None else source.sidecars
-    back = _put_back_before(job, target)
+    back = None if folders is not None else _put_back_before(job, target)
     if back is not None:
         _drop_own_copies(job, target)
         return _changed(job, outcome, back)
-    secured = _bring(job, target, outcome, roots)
+    secured = _bring(job, target, outcome, roots, folders)
     if isinstance(secured, str):
         return secured
     if _moved_changed(job, target):
@@ -207,19 +224,23 @@ def _carry_out(
     return outcome
 
 
-def _bring(job: Job, target: Path, outcome: str, roots: Roots) -> set[Path] | str:
+def _bring(
+    job: Job, target: Path, outcome: str, roots: Roots, folders: Folders | None = None
+) -> set[Path] | str:
     """Move the file to ``target``, or find it moved there before a crash: the sidecars now
     safe beside it; or the row's final state when it is not there (changed, vanished)."""
-    if _replaced(job):
+    replaced, there = _looked_up(job)
+    if replaced:
         if not _holds_read(job, target):
             # The file at the path is not the one this job read: leave it for the watcher,
             # which queues it as a new job. The job's own content is gone (or was stored).
             return _changed(job, outcome, None)
         return set()  # moved before a crash; a new file at the path may use the sidecars
-    if os.path.lexists(job.path):
+    if there:
         secured = _copy_sidecars(job, target, roots)
         expect = (job.size, job.mtime_ns)
-        if not move(Path(job.path), target, sync=False, expect=expect, roots=roots):
+        moving = Path(job.path)
+        if not move(moving, target, sync=False, expect=expect, roots=roots, folders=folders):
             return _changed(job, outcome, None)  # it changed while it was copied: it stays
         return secured
     if not target.exists():
@@ -241,20 +262,16 @@ def _moved_changed(job: Job, target: Path) -> bool:
 
 
 def _moved_content(job: Job, target: Path) -> tuple[int, int] | None:
-    """(size, mtime_ns) of the file moved to ``target``; None when it is not there."""
+    """(size, mtime_ns) of the file moved to ``target``; None when it is not there.  For
+    a moved symlink, of the file it named from its old place (a relative link names
+    another file, or none, from sent/)."""
     try:
-        st = os.stat(_content_of(job, target))
+        st = os.lstat(target)
+        if stat.S_ISLNK(st.st_mode):
+            st = os.stat(Path(job.path).parent / os.readlink(target))
     except FileNotFoundError:
         return None
     return st.st_size, st.st_mtime_ns
-
-
-def _content_of(job: Job, target: Path) -> Path:
-    """Where the moved file's bytes are: ``target``, or for a moved symlink the file it
-    named from its old place (a relative link names another file, or none, from sent/)."""
-    if not target.is_symlink():
-        return target
-    return Path(job.path).parent / os.readlink(target)
 
 
 def _changed(job: Job, outcome: str, put_back: Path | None) -> str:
@@ -361,9 +378,12 @@ def _copy_sidecars(job: Job, target: Path, roots: Roots = ()) -> set[Path]:
     copied once for each content (``_metadata.yaml``, then ``_metadata~<hash>.yaml``).  A
     sidecar whose text could not be read (not UTF-8, too large) is copied byte for byte.
     """
-    original, secured = Path(job.path), set()
+    original, secured = Path(job.path), set[Path]()
+    texts = job.sidecar_texts()
+    if not texts:
+        return secured
     mode = _note_mode(original if os.path.lexists(original) else target)
-    for name, text in job.sidecar_texts():
+    for name, text in texts:
         path = Path(name)
         if text is None:
             raw = job.sidecar_bytes(name)
@@ -496,6 +516,19 @@ def _rewritten(job: Job, name: str, path: Path, known: str | None) -> bool:
     return _bytes_of(path) != job.sidecar_bytes(name)
 
 
+def _looked_up(job: Job) -> tuple[bool, bool]:
+    """Is the file at the job's path now another file (other size or mtime; a link is
+    followed), and is there anything at the path at all (a link counts)?  One ``lstat``
+    for a file that is not a link."""
+    try:
+        st = os.lstat(job.path)
+    except OSError:
+        return False, False
+    if stat.S_ISLNK(st.st_mode):
+        return _replaced(job), True
+    return (st.st_size, st.st_mtime_ns) != (job.size, job.mtime_ns), True
+
+
 def _replaced(job: Job) -> bool:
     """Is the file at the job's path now another file (other size or mtime)?"""
     try:
@@ -571,6 +604,7 @@ def move(
     sync: bool = True,
     expect: tuple[int, int] | None = None,
     roots: Roots = (),
+    folders: Folders | None = None,
 ) -> bool:
     """Rename ``src`` to ``dst``; across filesystems copy + fsync + rename + unlink
     (``fileops.move``).
@@ -585,17 +619,22 @@ def move(
     def unchanged(before: os.stat_result, after: os.stat_result | None, copied: int) -> bool:
         return _same(before, after, copied, expect)
 
-    return fileops.move(src, dst, sync=sync, roots=roots, unchanged=unchanged, copy=_copy_all)
+    return fileops.move(
+        src, dst, sync=sync, roots=roots, unchanged=unchanged, copy=_copy_all, folders=folders
+    )
 
 
 def _roots(source: Source | None) -> Roots:
     return () if source is None else (source.watch, source.sent, source.failed)
 
 
-def _sync_folders(folders: Collection[Path]) -> None:
+def _sync_folders(folders: Collection[Path], opened: Folders | None = None) -> None:
     for folder in folders:
         try:
-            fsync_dir(folder)
+            if opened is None:
+                fsync_dir(folder)
+            else:
+                opened.sync(folder)
         except OSError as exc:  # the renames happened; only their durability is in doubt
             log.warning("cannot sync folder %s: %s", folder, exc)
 

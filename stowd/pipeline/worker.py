@@ -53,6 +53,7 @@ from stowd.pipeline.filing import (
     CROWDED_FACTOR,
     DROPS,
     REFUSALS,
+    Behind,
     Filing,
     counted_in_error,
     refusals_so_far,
@@ -138,14 +139,31 @@ class Worker:
         # them (an upload in progress, or a release that failed and is tried again).
         self.held: frozenset[int] = frozenset()
         self._unreleased: set[int] = set()  # claimed rows whose release failed: released first
+        # the settle of the last batch, done while the next one uploads
+        self._behind = Behind(self.filing, self._release_or_keep)
 
     def run(self) -> None:
-        self._loop.run(self.step, self._alive)
+        try:
+            self._loop.run(self.step, self._alive)
+        finally:
+            self._settled_behind()  # stopping: the last batch's moves are finished first
+
+    def _settled_behind(self) -> None:
+        """Wait for the batch settled behind when stopping; its error is logged (its rows
+        are released, or repaired by the daemon, as after any failed settle)."""
+        try:
+            self._behind.wait()
+        except QueueError as exc:
+            log.warning("%s; the files of the last batch are moved when stowd starts again", exc)
+        except Exception:
+            log.exception("unexpected error while settling the last batch of %s", self.name)
+        finally:
+            self.held = frozenset(self._unreleased)
 
     @property
     def running(self) -> bool:
-        """Inside ``run`` (its loop says)."""
-        return self._loop.running
+        """Inside ``run`` (its loop says), or a batch is still settled behind."""
+        return self._loop.running or self._behind.busy
 
     def _alive(self) -> None:
         """A sign of progress within a step (a chunk of an upload went out)."""
@@ -178,9 +196,9 @@ class Worker:
         name = self.destination.name
         hold = self.queue.holds().get(name)
         if hold is not None and hold.until > self.clock():
-            return False
+            return self._wait_behind()
         if hold is not None and not self._wire.idle():
-            return False  # another worker probes the held destination: one at a time
+            return self._wait_behind()  # another worker probes the held destination
         batch = self.queue.claim_batch(
             [name],
             pick=lambda _dest, jobs: take_batch(jobs, self.limits),
@@ -188,16 +206,23 @@ class Worker:
             lease=self._lease,
         )
         if not batch:
-            return False
-        self.held = frozenset(j.id for j in batch)
+            return self._wait_behind()
+        self.held = frozenset(j.id for j in batch) | self._behind.ids
         try:
             self._send(batch, held=hold is not None)
         except BaseException:
-            self._release_or_keep(self.held)  # never leave a batch claimed
+            self._release_or_keep(self.held - self._behind.ids)  # never leave a batch claimed
             raise
         finally:
-            self.held = frozenset(self._unreleased)
+            self.held = frozenset(self._unreleased) | self._behind.ids
         return True
+
+    def _wait_behind(self) -> bool:
+        """Nothing to send now: finish the batch settled behind (True when there was one)."""
+        try:
+            return self._behind.wait()
+        finally:
+            self.held = frozenset(self._unreleased)
 
     def _release_or_keep(self, ids: frozenset[int]) -> None:
         """Release ``ids``; when the queue cannot be written now, keep them to release
@@ -432,7 +457,8 @@ class Worker:
         unlisted = self._verify(stored, verdicts, answer, decisions)
         unsettled = [j for j in stored if unlisted is None or j.sop_uid in unlisted]
         _uncount_unverified(tally, [verdicts[j.sop_uid or ""].outcome for j in unsettled], unlisted)
-        self.filing.settle(decisions)
+        # moved while the next batch uploads (the batch before is settled first)
+        self._behind.start(decisions, [d.job.id for d in decisions])
         size = sum(j.size for j in batch) / MB
         log.info(
             "destination %s: batch of %d file(s), %.1f MB, HTTP %d in %.2fs: %s",

@@ -1,7 +1,9 @@
 """A proxy in front of Orthanc's STOW-RS endpoint for tests: it passes each request on, can
 hold the answer back (a window in which Orthanc has stored instances that stowd has not been
 told about yet: for ``delay`` seconds, or while ``gate`` is clear), and keeps every request
-body so a test can count what was POSTed."""
+body so a test can count what was POSTed.  ``on_arrival`` is called with each request's
+number as it arrives, before its body is read (a test kills or stops stowd there); when it
+returns False the request goes no further and is not answered."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
@@ -30,9 +33,17 @@ class StowProxy(LocalServer):
         self.gate.set()
         self.bodies: list[bytes] = []
         self._lock = threading.Lock()
+        self.arrivals = 0
+        self.on_arrival: Callable[[int], bool] = lambda _n: True
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
+                with proxy._lock:
+                    proxy.arrivals += 1
+                    number = proxy.arrivals
+                if not proxy.on_arrival(number):
+                    self.close_connection = True
+                    return
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 headers = {"Content-Type": self.headers["Content-Type"]}
                 answer = httpx.post(target + "/studies", content=body, headers=headers, timeout=60)
