@@ -7,22 +7,23 @@ tests' bounded waits then happens because a loop was woken, never because it loo
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from dicomgen import make_instance
 from harness import wait_for
-from orthanc import Orthanc
+from orthanc import Orthanc, free_port
 from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
 
-from stowd.config.model import Config, Destination, Source
+from stowd.config.model import Config, Destination, Receive, Source
 from stowd.dicomweb.stow import StowClient
 from stowd.pipeline import loop, watch
 from stowd.pipeline.lookup import Finder
 from stowd.pipeline.loop import Loop, Stop
 from stowd.pipeline.queue import NewFile, Queue
 from stowd.pipeline.reader import Reader
+from stowd.pipeline.receive import Receiver
 from stowd.pipeline.watch import Watcher
 from stowd.pipeline.worker import Worker
 
@@ -46,44 +47,92 @@ def _idle(loops: int) -> Callable[[], bool]:
     return lambda: loop.BELL.waiting == loops
 
 
+class Pipeline:
+    """A queue, a reader and a sender of one source to Orthanc, their poll an hour long."""
+
+    def __init__(self, tmp_path: Path, orthanc: Orthanc, receive: Receive | None = None) -> None:
+        self.source = Source(
+            "ct",
+            tmp_path / "drop",
+            tmp_path / "sent",
+            tmp_path / "failed",
+            "pacs",
+            quiet_period=0.0,
+            receive=receive,
+        )
+        self.source.watch.mkdir()
+        dest = Destination("pacs", orthanc.dicomweb_url)
+        config = Config(tmp_path / "c.yaml", tmp_path / "q.db", (self.source,), {"pacs": dest})
+        self.queue = Queue(config.queue).open()
+        self.stop = Stop()
+        self.client = StowClient(dest, stop=self.stop)
+        self.finder = Finder(config, self.queue)
+        lock = threading.Lock()  # one reads new files at a time, as in the daemon
+        worker = Worker(
+            config, self.queue, dest, self.client, self.stop, classify_lock=lock, finder=self.finder
+        )
+        reader = Reader(
+            config,
+            self.queue,
+            self.stop,
+            name="pacs",
+            max_step=60.0,
+            classify_lock=lock,
+            finder=self.finder,
+        )
+        self.threads = [_start("send", worker.run), _start("read", reader.run)]
+
+    def close(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(WAIT)
+        self.client.close()
+        self.finder.close()
+        self.queue.close()
+        assert not [t.name for t in self.threads if t.is_alive()]  # at once, not in an hour
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path, orthanc: Orthanc, hourly: None) -> Iterator[Pipeline]:
+    made = Pipeline(tmp_path, orthanc)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
 def test_a_file_dropped_into_an_idle_daemon_is_sent_at_once(
-    tmp_path: Path, orthanc: Orthanc, hourly: None
+    pipeline: Pipeline, orthanc: Orthanc
 ) -> None:
     """The watcher queues the file and wakes the reader and the sender (whichever reads it,
     the sender is woken to send it): it reaches the archive and sent/ with every loop idle."""
-    source = Source(
-        "ct", tmp_path / "drop", tmp_path / "sent", tmp_path / "failed", "pacs", quiet_period=0.0
-    )
-    source.watch.mkdir()
-    dest = Destination("pacs", orthanc.dicomweb_url)
-    config = Config(tmp_path / "c.yaml", tmp_path / "q.db", (source,), {"pacs": dest})
-    queue = Queue(config.queue).open()
-    stop = Stop()
-    client = StowClient(dest, stop=stop)
-    finder = Finder(config, queue)
-    lock = threading.Lock()  # one reads new files at a time, as in the daemon
-    worker = Worker(config, queue, dest, client, stop, classify_lock=lock, finder=finder)
-    reader = Reader(
-        config, queue, stop, name="pacs", max_step=60.0, classify_lock=lock, finder=finder
-    )
-    watcher = Watcher(source, "pacs", queue.enqueue)
-    threads = [_start("send", worker.run), _start("read", reader.run)]
+    source = pipeline.source
+    wait_for(_idle(2), WAIT, "the reader and the sender waiting for work")
+    watcher = Watcher(source, "pacs", pipeline.queue.enqueue)
+    pipeline.threads.append(_start("watch", lambda: watcher.run(pipeline.stop)))
+    wait_for(watcher.observer_alive, WAIT, "the watcher watching")
+    uid = make_instance(source.watch / "new.dcm")
+    wait_for((source.sent / "new.dcm").exists, WAIT, "the file in sent/")
+    assert orthanc.sop_instance_uids() == {uid}
+    wait_for(_idle(2), WAIT, "both waiting for work again")
+
+
+def test_a_received_instance_queued_wakes_the_idle_reader_and_sender(
+    tmp_path: Path, orthanc: Orthanc, hourly: None
+) -> None:
+    """The C-STORE receiver queues a file it received (``_queue``, once the file is in
+    place) and wakes them, as the watcher does."""
+    receive = Receive("STOWD", free_port(), "127.0.0.1")
+    made = Pipeline(tmp_path, orthanc, receive)
     try:
+        receiver = Receiver(made.source, made.queue, tmp_path / "incoming")
         wait_for(_idle(2), WAIT, "the reader and the sender waiting for work")
-        threads.append(_start("watch", lambda: watcher.run(stop)))
-        wait_for(watcher.observer_alive, WAIT, "the watcher watching")
-        uid = make_instance(source.watch / "new.dcm")
-        wait_for((source.sent / "new.dcm").exists, WAIT, "the file in sent/")
+        uid = make_instance(made.source.watch / "1.2.3" / "received.dcm")
+        receiver._queue(made.source.watch / "1.2.3" / "received.dcm")
+        wait_for((made.source.sent / "1.2.3" / "received.dcm").exists, WAIT, "the file in sent/")
         assert orthanc.sop_instance_uids() == {uid}
-        wait_for(_idle(2), WAIT, "both waiting for work again")
     finally:
-        stop.set()
-        for thread in threads:
-            thread.join(WAIT)
-        client.close()
-        finder.close()
-        queue.close()
-    assert not [t.name for t in threads if t.is_alive()]  # stopped at once, not in an hour
+        made.close()
 
 
 def test_a_loop_that_did_work_wakes_the_others(queue: Queue, hourly: None) -> None:
