@@ -54,6 +54,7 @@ from stowd.config.model import Config, Source
 from stowd.dicomweb.stow import StowClient
 from stowd.errors import MigrationConflict
 from stowd.pipeline.lookup import Finder
+from stowd.pipeline.loop import Stop
 from stowd.pipeline.metadata import clear_spool, digest
 from stowd.pipeline.queue import Hold, Job, NewFile, Queue
 from stowd.pipeline.reader import Reader
@@ -165,7 +166,7 @@ class Migration:
         self.config = _verifying(self.config, opts)
         self.verified = Tally()  # the stored files the archive listed, or did not
         self.queue = Queue(config.queue)
-        self.stop = threading.Event()
+        self.stop: threading.Event = Stop()  # wakes the idle workers when set
         self.scanned = threading.Event()
         self.walking = threading.Event()  # set once the walk queued its first chunk, or ended
         self.skipped = 0

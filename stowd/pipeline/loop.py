@@ -1,7 +1,12 @@
 """The loop a reader or a sender runs: one step after another until it is stopped.
 
-It waits a moment when a step found nothing to do, and longer (``queue_write_delay``) while
-the queue cannot be written; an unexpected error is logged and the loop goes on.
+A step that found nothing to do waits for the bell (``ring``): whoever puts new work in the
+queue rings it (a watcher or a receiver that queued files, a loop whose step did work, such
+as reading new files), so that a file dropped into an idle daemon is read and sent at once.
+The wait also ends after ``IDLE_WAIT`` (what no one rings for: a file's retry time or a
+destination's hold that ran out) and at once when its ``Stop`` is set.  While the queue
+cannot be written it waits longer (``queue_write_delay``); an unexpected error is logged and
+the loop goes on.
 """
 
 from __future__ import annotations
@@ -17,7 +22,52 @@ from stowd.pipeline.queue import Queue
 
 log = logging.getLogger("stowd.worker")  # the readers' and senders' log lines, as ever
 
-IDLE_WAIT = 0.25
+IDLE_WAIT = 0.25  # the longest wait for work when no one rings
+
+
+class Bell:
+    """Rung when there is new work in the queue: the loops waiting for work look at once."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.rings = 0  # how often it was rung: a loop notes it before a step
+        self.waiting = 0  # loops waiting for it now
+
+    def ring(self) -> None:
+        with self._cond:
+            self.rings += 1
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        """Wake the waiting loops without ringing (each one looks whether it was stopped)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait(self, seen: int, stop: threading.Event, timeout: float) -> None:
+        """Until rung since ``rings`` was ``seen``, ``stop`` is set, or ``timeout`` ran out."""
+        with self._cond:
+            self.waiting += 1
+            try:
+                self._cond.wait_for(lambda: self.rings != seen or stop.is_set(), timeout)
+            finally:
+                self.waiting -= 1
+
+
+BELL = Bell()  # one for the process: a loop woken for another queue's work just looks
+
+
+def ring() -> None:
+    """New work is in the queue (files queued, or read): the waiting loops look now."""
+    BELL.ring()
+
+
+class Stop(threading.Event):
+    """The event that stops loops: setting it wakes the loops waiting for work at once
+    (a plain ``threading.Event`` is seen within ``IDLE_WAIT``)."""
+
+    def set(self) -> None:
+        super().set()
+        BELL.wake()
 
 
 class Loop:
@@ -45,6 +95,7 @@ class Loop:
     def _steps(self, step: Callable[[], bool], beat: Callable[[], None]) -> None:
         while not self.stop.is_set():
             beat()
+            seen = BELL.rings  # rung during the step: look again at once
             try:
                 busy = step()
             except QueueError as exc:
@@ -55,8 +106,9 @@ class Loop:
                 busy = False
             if busy:  # it wrote to the queue (a step that found nothing may write nothing)
                 self._queue_works()
+                ring()  # what it did may be work for the others (files read: to send)
             else:
-                self.stop.wait(IDLE_WAIT)
+                BELL.wait(seen, self.stop, IDLE_WAIT)
 
     def _queue_failed(self, exc: QueueError) -> float:
         """The queue could not be written: say so once, and how long to wait.  A full

@@ -54,6 +54,7 @@ from stowd.errors import DataSetMismatch, FileProblem, QueueError, StowdError
 from stowd.pipeline import counters, dimse
 from stowd.pipeline.classify import classify_dicom, remember
 from stowd.pipeline.incoming import PART, parts_folder
+from stowd.pipeline.loop import ring
 from stowd.pipeline.queue import NewFile, Queue
 from stowd.printable import escape
 
@@ -405,7 +406,8 @@ class Receiver:
         found = NewFile(
             self.source.name, self.source.destination, str(path), rel, st.st_size, st.st_mtime_ns
         )
-        self.queue.enqueue([found])  # 0: a rescan queued it first (or it was just sent)
+        if self.queue.enqueue([found]):  # 0: a rescan queued it first (or it was just sent)
+            ring()  # the readers and senders waiting for work look now
         return st.st_size
 
 

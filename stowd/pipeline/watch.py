@@ -51,6 +51,7 @@ from stowd.errors import (
 )
 from stowd.fileops import remove_empty_parents, walk_folders
 from stowd.pipeline import counters, sidecar
+from stowd.pipeline.loop import ring
 from stowd.pipeline.queue import NewFile
 from stowd.pipeline.settle import has_copy
 
@@ -58,6 +59,17 @@ try:  # watchdog 7 on Linux: one thread reads the events of every inotify watch
     from watchdog.observers.inotify_c import InotifyFD as _SharedReader
 except ImportError:  # pragma: no cover - another platform or watchdog version
     _SharedReader = None  # type: ignore[assignment,misc]
+try:  # what holds an inotify "moved from" event back to pair it with its "moved to"
+    from watchdog.observers.inotify_move_event_grouper import (
+        InotifyMoveEventGrouper as _MovePairing,
+    )
+except ImportError:  # pragma: no cover - watchdog before 7 (InotifyBuffer), or no inotify
+    try:
+        from watchdog.observers.inotify_buffer import (  # type: ignore[no-redef]
+            InotifyBuffer as _MovePairing,
+        )
+    except ImportError:
+        _MovePairing = None  # type: ignore[assignment,misc]
 
 log = logging.getLogger("stowd.watch")
 
@@ -70,6 +82,11 @@ PATH_MAX = os.pathconf("/", "PC_PATH_MAX")  # bytes of a path the system opens (
 # How often the watch folder itself is looked at (one stat): deleted, or deleted and created
 # again, its events stop (watchdog's emitter ends with the folder it watched).
 FOLDER_CHECK = 1.0
+# watchdog holds an inotify "moved from" event back for half a second to pair it with its
+# "moved to", and every event behind it waits as long: each file stowd moved to sent/ held
+# the events of the next file dropped within that half second back.  The two events of a
+# rename come together; one left unpaired is a deleted and a created file, hints either way.
+MOVE_PAIRING = 0.02
 QUEUE_RETRY = 5.0  # a queue that could not be written is tried again after this
 # The events that can mean a file is new or changed.  Not 'opened' and 'closed_no_write':
 # stowd opens every file twice itself (to read its header, to send it), and each of those
@@ -180,6 +197,8 @@ class Watcher:
 
     # -- observer -----------------------------------------------------------------------
     def start_observer(self) -> None:
+        if _MovePairing is not None:  # read by each new inotify watch
+            _MovePairing.delay = min(_MovePairing.delay, MOVE_PAIRING)
         cls = PollingObserver if self.source.polling else Observer
         observer = cls(timeout=POLL_INTERVAL) if self.source.polling else cls()
         try:
@@ -490,6 +509,7 @@ class Watcher:
         finally:
             chunk.clear()
         if added:  # a write went through (a chunk of known files may write nothing)
+            ring()  # the readers and senders waiting for work look now
             self._sink_works()
             counters.queued(self.source.name, self.destination, added)
         return added

@@ -45,6 +45,7 @@ from stowd.errors import ConfigError, QueueError, QueueFull, StowdError
 from stowd.pipeline import disk
 from stowd.pipeline.disk import Disks
 from stowd.pipeline.lookup import Finder
+from stowd.pipeline.loop import Stop
 from stowd.pipeline.metadata import clear_spool, digest
 from stowd.pipeline.queue import OPEN_MARK, Queue
 from stowd.pipeline.reader import Reader
@@ -77,7 +78,7 @@ class Generation:
     """The threads that run one config."""
 
     config: Config
-    stop: threading.Event = field(default_factory=threading.Event)
+    stop: threading.Event = field(default_factory=Stop)  # wakes its idle workers when set
     classify_lock: threading.Lock = field(default_factory=threading.Lock)
     clients: dict[str, StowClient] = field(default_factory=dict)
     finder: Finder | None = None  # the lookups of its workers (one HTTP client per archive)
