@@ -101,6 +101,20 @@ def test_the_kept_counts_equal_the_rows_through_a_queue_s_life(
     assert not [g for g in queue.tally(clock.now) if g.files <= 0]
 
 
+def test_a_row_changed_in_the_transaction_that_queued_it_is_counted_once(
+    queue: Queue, clock: Clock
+) -> None:
+    """The rows a transaction inserts are counted at its end, after the triggers counted any
+    change of those rows: a file found twice in one batch with other content (queued, then
+    updated in place) is one pending file of its new size, even as its group's first row."""
+    assert queue.enqueue([new("/d/a", size=5), new("/d/a", size=9)]) == 1
+    assert counted(queue, clock.now) == {("src", "pacs", "pending", 1, 9, 0, 0, 0)}
+    assert_true_counts(queue, clock)
+    queue.enqueue([new("/d/b", dest="lab", size=3), new("/d/c", dest="lab", size=4)])
+    queue.enqueue([new("/d/d", dest="lab", size=1), new("/d/d", dest="lab", size=2)])
+    assert_true_counts(queue, clock)
+
+
 def test_status_on_a_queue_an_older_stowd_wrote_counts_its_rows(tmp_path: Path) -> None:
     """``stowd status`` reads a queue without changing it: one still at schema 6 (a daemon
     of the older stowd) has no tallies, and its rows are counted as before."""

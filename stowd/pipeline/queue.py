@@ -178,12 +178,13 @@ _TALLY_ADD = (
     "stored = stored + excluded.stored, already = already + excluded.already, "
     "warned = warned + excluded.warned;"
 )
-_TALLY_TAKE = (
-    "UPDATE tallies SET files = files - 1, bytes = bytes - OLD.size, "
-    "stored = stored - COALESCE(OLD.outcome = 'sent', 0), "
-    "already = already - COALESCE(OLD.note IS '" + ALREADY_STORED + "', 0), "
-    "warned = warned - COALESCE(OLD.note LIKE '" + STORED_WITH_WARNING + " %', 0) "
-    "WHERE source = OLD.source AND destination = OLD.destination AND state = OLD.state;"
+# the figures one row takes from its group (OLD): an upsert too, never an update that finds
+# no group, since a row may change in the transaction that inserted it, before
+# ``_count_added`` counts it (its group may have no row in ``tallies`` yet)
+_TALLY_TAKE = _TALLY_ADD.format(
+    values="OLD.source, OLD.destination, OLD.state, -1, -OLD.size, "
+    "-COALESCE(OLD.outcome = 'sent', 0), -COALESCE(OLD.note IS '" + ALREADY_STORED + "', 0), "
+    "-COALESCE(OLD.note LIKE '" + STORED_WITH_WARNING + " %', 0)"
 )
 _TALLIED = ("source", "destination", "state", "size", "outcome", "note")
 _SCHEMA_7 = (
