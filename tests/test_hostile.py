@@ -43,6 +43,41 @@ def test_a_sidecar_with_a_5000_digit_number_fails_the_file_at_once(tmp_path: Pat
     assert "unexpected error" not in daemon.log
 
 
+def with_damaged_series_uid(path: Path) -> None:
+    """``path`` with its SeriesInstanceUID stored as FD (8-byte numbers) in 12 bytes: a
+    value pydicom cannot convert (``BytesLengthException``, not a ValueError)."""
+    make_instance(path, series_uid="1.2.3.4.5.6")  # 11 characters, padded to 12
+    data = path.read_bytes()
+    element = b"\x20\x00\x0e\x00UI\x0c\x00"  # (0020,000E) UI, 12 bytes (explicit VR LE)
+    assert data.count(element) == 1
+    path.write_bytes(data.replace(element, b"\x20\x00\x0e\x00FD\x0c\x00"))
+
+
+def test_a_rule_on_an_attribute_whose_bytes_cannot_be_read_fails_the_file(
+    tmp_path: Path,
+) -> None:
+    """Was: pydicom's ``BytesLengthException`` while the rules read the file's own
+    SeriesInstanceUID (to compare it with the rule's) was logged with a traceback as an
+    unexpected error, and the file retried until retry.max_age; it is never sent with a
+    UID stowd could not read."""
+    rules = [{"name": "new series", "match": {"path": "*"}, "set": {"SeriesInstanceUID": "1.2.3"}}]
+    layout = make_layout(tmp_path / "run", DEAD_URL, rules=rules)
+    with_damaged_series_uid(layout.drop / "a.dcm")
+    with Stowd(layout) as daemon:
+        wait_for(
+            lambda: "a.dcm" in layout.files(layout.failed),
+            60,
+            "a.dcm in failed/",
+            lambda: daemon.log,
+        )
+        assert daemon.terminate() == 0
+    reason = json.loads(layout.error_files()["a.dcm"].read_text())["reason"]
+    assert "SeriesInstanceUID cannot be read" in reason, reason
+    assert "b'" not in reason, reason  # no bytes of the file quoted
+    assert "Traceback" not in daemon.log
+    assert "unexpected error" not in daemon.log
+
+
 # -- memory bombs and trickles in the archive's answers ---------------------------------------
 MAX_PEAK_MB = 300.0
 

@@ -31,6 +31,7 @@ from stowd.errors import (
     judging_input,
     no_space,
 )
+from stowd.media.dicomfile import header_errors
 from stowd.media.rewrite import apply, rewrite
 from stowd.pipeline import sidecar
 from stowd.pipeline.classify import Classified
@@ -205,13 +206,26 @@ def origin_of(ds: Dataset | None) -> dict[str, str]:
 
 
 def original_of(ds: Dataset | None) -> Callable[[str], str | None]:
-    """The file's own value of a keyword, as text; None when absent."""
+    """The file's own value of a keyword, as text; None when absent.  A value pydicom cannot
+    convert (its bytes do not fit its VR) is a ``FileProblem`` naming the keyword."""
 
     def text(keyword: str) -> str | None:
-        elem = ds[keyword] if ds is not None and keyword in ds else None
+        elem = _element(ds, keyword) if ds is not None and keyword in ds else None
         return None if elem is None else element_text(elem)
 
     return text
+
+
+def _element(ds: Dataset, keyword: str) -> DataElement:
+    """``ds[keyword]``, converted from its bytes now (pydicom converts on first use)."""
+    try:
+        with header_errors():
+            return ds[keyword]
+    except FileProblem as problem:  # pydicom's text quotes the bytes: not in a reason
+        raise FileProblem(
+            f"the DICOM header is damaged: the value of its {keyword} cannot be read (its "
+            "bytes do not fit its value representation), so the rules cannot use it"
+        ) from problem
 
 
 def element_text(elem: DataElement) -> str:
