@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, cast
 
-from stowd.errors import LinkRefused
+from stowd.errors import FileProblem, LinkRefused
 from stowd.fileops import is_link_refusal
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -89,6 +89,9 @@ def _relative(path: str, root: str) -> str:
 def _open_beneath(root: str, rel: str, path: str) -> int:
     """Open ``root/rel`` with no symbolic link in ``rel`` (``root`` itself is configured)."""
     names = rel.split(os.sep)
+    if any(name in ("", os.curdir, os.pardir) for name in names):
+        # The watcher only hands on normal paths; anything else would walk out of root.
+        raise FileProblem("the path leaves its watch folder; stowd reads only inside it", path=path)
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for i, name in enumerate(names[:-1]):

@@ -21,7 +21,7 @@ from orthanc import Orthanc
 
 from stowd import dropped
 from stowd.config.model import Source
-from stowd.errors import LinkRefused
+from stowd.errors import FileProblem, LinkRefused
 
 DEAD_URL = "http://127.0.0.1:9/dicom-web"  # nothing listens: no file reaches an archive
 SECRET = b"SECRET-7f3a9c-do-not-leak\n"  # what a file the writer cannot read holds
@@ -317,3 +317,17 @@ def test_every_spelling_of_a_dropped_path_is_walked_the_same(tmp_path: Path, spe
     (watch / "a").symlink_to(tmp_path / "private", target_is_directory=True)
     with pytest.raises(LinkRefused, match="the folder a on its path is a symbolic link"):
         dropped.open_file(path)
+
+
+def test_a_path_that_climbs_out_of_its_watch_folder_is_never_opened(tmp_path: Path) -> None:
+    """``drop/../private/x.dcm`` starts with the watch folder but names a file outside it.
+    Was: relpath made it ``../private/x.dcm`` and the walk opened ``..`` from the watch
+    folder, so the private file was read.  The watcher hands on only normal paths; any
+    path that would leave the folder is now refused before a name is opened."""
+    watch = tmp_path / "drop"
+    watch.mkdir()
+    (tmp_path / "private").mkdir()
+    (tmp_path / "private/x.dcm").write_bytes(SECRET)
+    dropped.configure([Source("climb", watch, tmp_path / "s", tmp_path / "f", "pacs")])
+    with pytest.raises(FileProblem, match="leaves its watch folder"):
+        dropped.open_file(f"{watch}/../private/x.dcm")
