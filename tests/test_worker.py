@@ -10,6 +10,8 @@ import io
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -821,3 +823,62 @@ def test_a_batch_is_moved_while_the_next_one_uploads(rig_factory: Callable[..., 
         rig.stop.set()
         sender.join(60)
     assert not sender.is_alive()
+
+
+# A sender settles a batch behind (``filing.Behind``) while that settle waits, as behind a
+# slow move (``MOVING`` held), when the process ends.
+ENDING_WHILE_SETTLING = """
+import sys, threading
+from pathlib import Path
+from stowd.config.model import BatchLimits, Config, Destination, Source
+from stowd.pipeline.filing import Behind, Filing
+from stowd.pipeline.queue import NewFile, Queue
+from stowd.pipeline.settle import MOVING, Decision
+
+root = Path(sys.argv[1])
+source = Source("ct", root / "drop", root / "sent", root / "failed", "pacs")
+dest = Destination("pacs", "http://archive.test/dicom-web", BatchLimits())
+config = Config(root / "c.yaml", root / "q.db", (source,), {"pacs": dest})
+queue = Queue(config.queue).open()
+path = root / "drop" / "x.dcm"
+path.parent.mkdir(parents=True)
+path.write_bytes(b"x")
+st = path.stat()
+queue.enqueue([NewFile("ct", "pacs", str(path), "x.dcm", st.st_size, st.st_mtime_ns)])
+[job] = queue.jobs()
+MOVING.acquire()
+started = threading.Event()
+
+def sender() -> None:
+    behind = Behind(Filing(config, queue, name="pacs"), lambda ids: None)
+    behind.start([Decision(job, source, "sent")], [job.id])
+    started.set()
+    threading.Event().wait()
+
+threading.Thread(target=sender, daemon=True).start()
+assert started.wait(30)
+queue.close()
+print("exiting", flush=True)
+"""
+
+
+def test_a_settle_behind_never_keeps_the_process_from_ending(tmp_path: Path) -> None:
+    """The thread that moves a batch while the next one uploads ends with the process, like
+    the sender it works for: a settle still running when stowd exits (``shutdown_timeout``
+    passed, the queue closed and its lock given up) is cut short as by a crash, and the next
+    start recovers or repairs its rows.  A thread the interpreter waits for at exit (a
+    ``ThreadPoolExecutor``'s) kept stowd running past ``shutdown_timeout``, writing to a queue
+    another stowd may already have opened, and let ``stowd migrate`` change the queue after
+    its report."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", ENDING_WHILE_SETTLING, str(tmp_path)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process did not end: it waits for the settle behind at exit")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "exiting\n"

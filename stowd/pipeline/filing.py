@@ -13,8 +13,9 @@ import os
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any
 
 from stowd.config.model import Config
@@ -222,13 +223,16 @@ class Behind:
     meanwhile (never reclaimed).  An error of the settle (the queue cannot be written) is
     raised by the next ``wait``, with the rows it left claimed given back (``release``).
 
-    One thread (and so one queue connection) serves all the batches of a sender; it ends
-    when the sender is dropped, or at exit once its last settle is done."""
+    One thread (and so one queue connection) serves all the batches of a sender until
+    ``close``.  It is a daemon thread, like its sender: a process that ends (after
+    ``shutdown_timeout``) does not wait for it; a settle cut short is finished at the next
+    start, as after a crash (a ``ThreadPoolExecutor``'s thread is waited for at exit)."""
 
     def __init__(self, filing: Filing, release: Callable[[frozenset[int]], None]) -> None:
         self._filing = filing
         self._release = release  # gives back rows a failed settle left claimed
-        self._pool: ThreadPoolExecutor | None = None  # made by the sender's thread, named after it
+        self._batches: SimpleQueue[tuple[list[Decision], Future[None]] | None] = SimpleQueue()
+        self._thread: threading.Thread | None = None  # started by the sender, named after it
         self._pending: Future[None] | None = None
         self.ids: frozenset[int] = frozenset()  # the rows of the batch being settled
 
@@ -242,11 +246,13 @@ class Behind:
         here); ``ids``: the batch's rows, held until it is done."""
         self.wait()
         if decisions:
-            if self._pool is None:
-                sender = threading.current_thread().name
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"settle-of-{sender}")
+            if self._thread is None:
+                name = f"settle-of-{threading.current_thread().name}"
+                self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+                self._thread.start()
             self.ids = frozenset(ids)
-            self._pending = self._pool.submit(self._filing.settle, decisions)
+            self._pending = Future()
+            self._batches.put((decisions, self._pending))
 
     def wait(self) -> bool:
         """Wait until the batch settled behind is done; False when there was none.  Its
@@ -262,6 +268,25 @@ class Behind:
         finally:
             self._pending, self.ids = None, frozenset()
         return True
+
+    def close(self) -> None:
+        """End the thread once its batch is settled (``wait`` first); ``start`` makes
+        another."""
+        if self._thread is not None:
+            self._batches.put(None)
+            self._thread = None
+
+    def _serve(self) -> None:
+        """The settle thread: one batch after another, each one's outcome in its future."""
+        while (work := self._batches.get()) is not None:
+            decisions, done = work
+            try:
+                self._filing.settle(decisions)
+            except BaseException as exc:  # raised on the sender's thread, by ``wait``
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
+        self._filing.queue.release_connection()
 
 
 def counted_in_error(job: Job, key: str) -> int:

@@ -158,6 +158,7 @@ class Worker:
         except Exception:
             log.exception("unexpected error while settling the last batch of %s", self.name)
         finally:
+            self._behind.close()
             self.held = frozenset(self._unreleased)
 
     @property
