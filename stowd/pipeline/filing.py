@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future
 from pathlib import Path
@@ -39,6 +40,8 @@ REFUSALS = "refusals"
 CROWDED = "refusals_crowded"
 CROWDED_FACTOR = 10
 CARRIED = (REFUSALS, CROWDED)  # counts kept in the error document until the file is done
+# the batches a settle thread takes (``Behind``), each with its outcome; None: it ends
+Batches = SimpleQueue[tuple[list[Decision], Future[None]] | None]
 
 
 class Filing:
@@ -231,8 +234,7 @@ class Behind:
     def __init__(self, filing: Filing, release: Callable[[frozenset[int]], None]) -> None:
         self._filing = filing
         self._release = release  # gives back rows a failed settle left claimed
-        self._batches: SimpleQueue[tuple[list[Decision], Future[None]] | None] = SimpleQueue()
-        self._thread: threading.Thread | None = None  # started by the sender, named after it
+        self._batches: Batches | None = None  # taken by the settle thread, while there is one
         self._pending: Future[None] | None = None
         self.ids: frozenset[int] = frozenset()  # the rows of the batch being settled
 
@@ -246,10 +248,8 @@ class Behind:
         here); ``ids``: the batch's rows, held until it is done."""
         self.wait()
         if decisions:
-            if self._thread is None:
-                name = f"settle-of-{threading.current_thread().name}"
-                self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
-                self._thread.start()
+            if self._batches is None:
+                self._batches = self._serving()
             self.ids = frozenset(ids)
             self._pending = Future()
             self._batches.put((decisions, self._pending))
@@ -270,23 +270,34 @@ class Behind:
         return True
 
     def close(self) -> None:
-        """End the thread once its batch is settled (``wait`` first); ``start`` makes
-        another."""
-        if self._thread is not None:
+        """End the settle thread once its batch is settled (``wait`` first); ``start``
+        starts another."""
+        if self._batches is not None:
             self._batches.put(None)
-            self._thread = None
+            self._batches = None
 
-    def _serve(self) -> None:
-        """The settle thread: one batch after another, each one's outcome in its future."""
-        while (work := self._batches.get()) is not None:
-            decisions, done = work
-            try:
-                self._filing.settle(decisions)
-            except BaseException as exc:  # raised on the sender's thread, by ``wait``
-                done.set_exception(exc)
-            else:
-                done.set_result(None)
-        self._filing.queue.release_connection()
+    def _serving(self) -> Batches:
+        """Start a settle thread (named after the sender); the queue of batches it takes.
+        It ends at ``close``, or once this ``Behind`` is gone (a sender never ``run``)."""
+        batches: Batches = SimpleQueue()
+        name = f"settle-of-{threading.current_thread().name}"
+        args = (self._filing, batches)
+        threading.Thread(target=_settle_each, args=args, name=name, daemon=True).start()
+        weakref.finalize(self, batches.put, None)
+        return batches
+
+
+def _settle_each(filing: Filing, batches: Batches) -> None:
+    """A settle thread: one batch after another, each one's outcome in its future."""
+    while (work := batches.get()) is not None:
+        decisions, done = work
+        try:
+            filing.settle(decisions)
+        except BaseException as exc:  # raised on the sender's thread, by ``Behind.wait``
+            done.set_exception(exc)
+        else:
+            done.set_result(None)
+    filing.queue.release_connection()
 
 
 def counted_in_error(job: Job, key: str) -> int:
