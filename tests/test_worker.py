@@ -31,7 +31,7 @@ from stowd.media.reading import Media
 from stowd.pipeline import counters, settle
 from stowd.pipeline.queue import Queue
 from stowd.pipeline.watch import Watcher
-from stowd.pipeline.worker import Worker
+from stowd.pipeline.worker import Worker, lease
 from stowd.rules.engine import Match, Rule, Template
 
 Handler = Callable[[httpx.Request], httpx.Response]
@@ -882,3 +882,42 @@ def test_a_settle_behind_never_keeps_the_process_from_ending(tmp_path: Path) -> 
         pytest.fail("the process did not end: it waits for the settle behind at exit")
     assert done.returncode == 0, done.stderr
     assert done.stdout == "exiting\n"
+
+
+def test_rows_settled_behind_stay_held_when_a_failed_release_is_retried(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    """A release that failed (the queue could not be written) is retried at the start of the
+    next step; the batch still settled behind meanwhile stays held, so the daemon's reclaim
+    never returns its claimed rows to pending (they would be sent again while moved).  The
+    failed release is set up directly: producing it through the queue takes its 30 s busy
+    timeout."""
+    rig = rig_factory(lambda request: httpx.Response(200, json=stow_json(sop_uids_in(request))))
+    make_study(rig.source.watch / "a", 20)  # two batches of 10
+    rig.find()
+    first = {job.id for job in rig.queue.jobs()}
+    stepping = threading.Thread(target=rig.worker.step, daemon=True)
+    with settle.MOVING:  # the first batch's settle waits here, behind
+        assert rig.worker.step()  # the first batch uploaded, settled behind
+        behind = rig.worker.held
+        assert len(behind) == 10
+        rig.worker._unreleased.add(min(first - behind))  # its release failed: retried first
+        rig.queue.hold("pacs", until=rig.clock.now + 3600, reason="test: nothing more is sent")
+        stepping.start()  # releases that row, then waits for the settle behind
+        wait_for(lambda: waits_for_its_settle(stepping), 60, "the step waits for the settle")
+        rig.clock.now += lease(rig.worker.destination) + 1  # the first batch's lease ran out
+        worker = rig.worker
+        assert rig.queue.reclaim(worker.held if worker.running else frozenset()) == 0
+    stepping.join(60)
+    assert not stepping.is_alive()
+    assert rig.queue.counts() == {"sent": 10, "pending": 10}
+
+
+def waits_for_its_settle(thread: threading.Thread) -> bool:
+    """Is ``thread`` inside ``Behind.wait`` (waiting for the batch settled behind)?"""
+    frame = sys._current_frames().get(thread.ident or 0)
+    while frame is not None:
+        if frame.f_code.co_name == "wait" and "filing" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
