@@ -38,6 +38,9 @@ from typing import BinaryIO
 
 NAME_MAX = 255  # bytes in one file name (ext4, XFS, btrfs, NTFS via SMB)
 COPY_CHUNK = 1024 * 1024
+# folders a batch of moves keeps open (``Folders``): a few per batch in practice, and far
+# below the 1024 open files a service gets by default
+FOLDERS_KEPT_OPEN = 32
 TMP_SUFFIX = ".stowd-tmp"  # a hidden ``.<name>.stowd-tmp``: the watcher skips ``.*``
 _FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 # link() refused: the filesystem or its protections allow no (more) hard links there
@@ -156,10 +159,12 @@ class Folders:
     """Folders opened once for many moves (a batch), each as ``open_folder`` opens it (made
     as needed, no link followed below the roots), kept open until the block ends: a folder
     is looked up and opened once per batch, not twice per file.  ``sync`` fsyncs one through
-    its open descriptor."""
+    its open descriptor.  At most ``FOLDERS_KEPT_OPEN`` stay open (the least recently used
+    is closed first, and synced through its path): a batch spread over many folders must not
+    run out of open files (``ulimit -n``)."""
 
     def __init__(self) -> None:
-        self._fds: dict[tuple[Path, Roots], int] = {}
+        self._fds: dict[tuple[Path, Roots], int] = {}  # least recently used first
 
     def __enter__(self) -> Folders:
         return self
@@ -172,9 +177,12 @@ class Folders:
     def fd(self, folder: Path, roots: Roots = (), *, create: bool = True) -> int:
         """``folder``, open (opened now when it is not yet; ``create``: made as needed)."""
         key = (folder, roots)
-        fd = self._fds.get(key)
+        fd = self._fds.pop(key, None)
         if fd is None:
-            fd = self._fds[key] = _open_folder(folder, roots, create)
+            fd = _open_folder(folder, roots, create)
+            while len(self._fds) >= FOLDERS_KEPT_OPEN:  # never the ones just used (a move's)
+                os.close(self._fds.pop(next(iter(self._fds))))
+        self._fds[key] = fd  # the most recently used last
         return fd
 
     def sync(self, folder: Path) -> None:

@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import json
 import os
+import resource
 import threading
 import time
 from collections.abc import Iterator
@@ -404,3 +405,29 @@ def test_a_name_too_long_for_its_reason_file_still_settles(
     [fits] = queue.jobs("pending")
     target = settle(queue, source, fits, outcome="failed", error={"reason": "r"})
     assert json.loads(Path(f"{target}.error.json").read_text()) == {"reason": "r"}
+
+
+def test_a_batch_spread_over_many_folders_settles_within_the_open_files_limit(
+    source: Source, queue: Queue
+) -> None:
+    """A batch keeps the folders it moves between open (one lookup per folder per batch),
+    but only so many: a batch whose files each sit in a folder of their own (a study exported
+    one file per folder, ``batch.max_files`` raised) still settles under the limit of open
+    files a service gets (``ulimit -n``, 1024 by default under systemd), instead of failing
+    its moves with "Too many open files"."""
+    files = 100  # 200 folders (drop/ and sent/), far more than the limit set below allows
+    for n in range(files):
+        drop(source, queue, f"s{n}/x.dcm")
+    decisions = [Decision(job, source, "sent") for job in queue.jobs()]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 96, hard))
+    try:
+        results = settle_all(queue, decisions)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert [r.problem for r in results] == [None] * files
+    assert {p.relative_to(source.sent).as_posix() for p in source.sent.rglob("*.dcm")} == {
+        f"s{n}/x.dcm" for n in range(files)
+    }
+    assert queue.counts() == {"sent": files}

@@ -10,6 +10,8 @@ import io
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -29,7 +31,7 @@ from stowd.media.reading import Media
 from stowd.pipeline import counters, settle
 from stowd.pipeline.queue import Queue
 from stowd.pipeline.watch import Watcher
-from stowd.pipeline.worker import Worker
+from stowd.pipeline.worker import Worker, lease
 from stowd.rules.engine import Match, Rule, Template
 
 Handler = Callable[[httpx.Request], httpx.Response]
@@ -821,3 +823,101 @@ def test_a_batch_is_moved_while_the_next_one_uploads(rig_factory: Callable[..., 
         rig.stop.set()
         sender.join(60)
     assert not sender.is_alive()
+
+
+# A sender settles a batch behind (``filing.Behind``) while that settle waits, as behind a
+# slow move (``MOVING`` held), when the process ends.
+ENDING_WHILE_SETTLING = """
+import sys, threading
+from pathlib import Path
+from stowd.config.model import BatchLimits, Config, Destination, Source
+from stowd.pipeline.filing import Behind, Filing
+from stowd.pipeline.queue import NewFile, Queue
+from stowd.pipeline.settle import MOVING, Decision
+
+root = Path(sys.argv[1])
+source = Source("ct", root / "drop", root / "sent", root / "failed", "pacs")
+dest = Destination("pacs", "http://archive.test/dicom-web", BatchLimits())
+config = Config(root / "c.yaml", root / "q.db", (source,), {"pacs": dest})
+queue = Queue(config.queue).open()
+path = root / "drop" / "x.dcm"
+path.parent.mkdir(parents=True)
+path.write_bytes(b"x")
+st = path.stat()
+queue.enqueue([NewFile("ct", "pacs", str(path), "x.dcm", st.st_size, st.st_mtime_ns)])
+[job] = queue.jobs()
+MOVING.acquire()
+started = threading.Event()
+
+def sender() -> None:
+    behind = Behind(Filing(config, queue, name="pacs"), lambda ids: None)
+    behind.start([Decision(job, source, "sent")], [job.id])
+    started.set()
+    threading.Event().wait()
+
+threading.Thread(target=sender, daemon=True).start()
+assert started.wait(30)
+queue.close()
+print("exiting", flush=True)
+"""
+
+
+def test_a_settle_behind_never_keeps_the_process_from_ending(tmp_path: Path) -> None:
+    """The thread that moves a batch while the next one uploads ends with the process, like
+    the sender it works for: a settle still running when stowd exits (``shutdown_timeout``
+    passed, the queue closed and its lock given up) is cut short as by a crash, and the next
+    start recovers or repairs its rows.  A thread the interpreter waits for at exit (a
+    ``ThreadPoolExecutor``'s) kept stowd running past ``shutdown_timeout``, writing to a queue
+    another stowd may already have opened, and let ``stowd migrate`` change the queue after
+    its report."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", ENDING_WHILE_SETTLING, str(tmp_path)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process did not end: it waits for the settle behind at exit")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "exiting\n"
+
+
+def test_rows_settled_behind_stay_held_when_a_failed_release_is_retried(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    """A release that failed (the queue could not be written) is retried at the start of the
+    next step; the batch still settled behind meanwhile stays held, so the daemon's reclaim
+    never returns its claimed rows to pending (they would be sent again while moved).  The
+    failed release is set up directly: producing it through the queue takes its 30 s busy
+    timeout."""
+    rig = rig_factory(lambda request: httpx.Response(200, json=stow_json(sop_uids_in(request))))
+    make_study(rig.source.watch / "a", 20)  # two batches of 10
+    rig.find()
+    first = {job.id for job in rig.queue.jobs()}
+    stepping = threading.Thread(target=rig.worker.step, daemon=True)
+    with settle.MOVING:  # the first batch's settle waits here, behind
+        assert rig.worker.step()  # the first batch uploaded, settled behind
+        behind = rig.worker.held
+        assert len(behind) == 10
+        rig.worker._unreleased.add(min(first - behind))  # its release failed: retried first
+        rig.queue.hold("pacs", until=rig.clock.now + 3600, reason="test: nothing more is sent")
+        stepping.start()  # releases that row, then waits for the settle behind
+        wait_for(lambda: waits_for_its_settle(stepping), 60, "the step waits for the settle")
+        rig.clock.now += lease(rig.worker.destination) + 1  # the first batch's lease ran out
+        worker = rig.worker
+        assert rig.queue.reclaim(worker.held if worker.running else frozenset()) == 0
+    stepping.join(60)
+    assert not stepping.is_alive()
+    assert rig.queue.counts() == {"sent": 10, "pending": 10}
+
+
+def waits_for_its_settle(thread: threading.Thread) -> bool:
+    """Is ``thread`` inside ``Behind.wait`` (waiting for the batch settled behind)?"""
+    frame = sys._current_frames().get(thread.ident or 0)
+    while frame is not None:
+        if frame.f_code.co_name == "wait" and "filing" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False

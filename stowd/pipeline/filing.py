@@ -12,9 +12,11 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Collection, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any
 
 from stowd.config.model import Config
@@ -38,6 +40,8 @@ REFUSALS = "refusals"
 CROWDED = "refusals_crowded"
 CROWDED_FACTOR = 10
 CARRIED = (REFUSALS, CROWDED)  # counts kept in the error document until the file is done
+# the batches a settle thread takes (``Behind``), each with its outcome; None: it ends
+Batches = SimpleQueue[tuple[list[Decision], Future[None]] | None]
 
 
 class Filing:
@@ -222,13 +226,15 @@ class Behind:
     meanwhile (never reclaimed).  An error of the settle (the queue cannot be written) is
     raised by the next ``wait``, with the rows it left claimed given back (``release``).
 
-    One thread (and so one queue connection) serves all the batches of a sender; it ends
-    when the sender is dropped, or at exit once its last settle is done."""
+    One thread (and so one queue connection) serves all the batches of a sender until
+    ``close``.  It is a daemon thread, like its sender: a process that ends (after
+    ``shutdown_timeout``) does not wait for it; a settle cut short is finished at the next
+    start, as after a crash (a ``ThreadPoolExecutor``'s thread is waited for at exit)."""
 
     def __init__(self, filing: Filing, release: Callable[[frozenset[int]], None]) -> None:
         self._filing = filing
         self._release = release  # gives back rows a failed settle left claimed
-        self._pool: ThreadPoolExecutor | None = None  # made by the sender's thread, named after it
+        self._batches: Batches | None = None  # taken by the settle thread, while there is one
         self._pending: Future[None] | None = None
         self.ids: frozenset[int] = frozenset()  # the rows of the batch being settled
 
@@ -242,11 +248,11 @@ class Behind:
         here); ``ids``: the batch's rows, held until it is done."""
         self.wait()
         if decisions:
-            if self._pool is None:
-                sender = threading.current_thread().name
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"settle-of-{sender}")
+            if self._batches is None:
+                self._batches = self._serving()
             self.ids = frozenset(ids)
-            self._pending = self._pool.submit(self._filing.settle, decisions)
+            self._pending = Future()
+            self._batches.put((decisions, self._pending))
 
     def wait(self) -> bool:
         """Wait until the batch settled behind is done; False when there was none.  Its
@@ -262,6 +268,36 @@ class Behind:
         finally:
             self._pending, self.ids = None, frozenset()
         return True
+
+    def close(self) -> None:
+        """End the settle thread once its batch is settled (``wait`` first); ``start``
+        starts another."""
+        if self._batches is not None:
+            self._batches.put(None)
+            self._batches = None
+
+    def _serving(self) -> Batches:
+        """Start a settle thread (named after the sender); the queue of batches it takes.
+        It ends at ``close``, or once this ``Behind`` is gone (a sender never ``run``)."""
+        batches: Batches = SimpleQueue()
+        name = f"settle-of-{threading.current_thread().name}"
+        args = (self._filing, batches)
+        threading.Thread(target=_settle_each, args=args, name=name, daemon=True).start()
+        weakref.finalize(self, batches.put, None)
+        return batches
+
+
+def _settle_each(filing: Filing, batches: Batches) -> None:
+    """A settle thread: one batch after another, each one's outcome in its future."""
+    while (work := batches.get()) is not None:
+        decisions, done = work
+        try:
+            filing.settle(decisions)
+        except BaseException as exc:  # raised on the sender's thread, by ``Behind.wait``
+            done.set_exception(exc)
+        else:
+            done.set_result(None)
+    filing.queue.release_connection()
 
 
 def counted_in_error(job: Job, key: str) -> int:

@@ -158,6 +158,7 @@ class Worker:
         except Exception:
             log.exception("unexpected error while settling the last batch of %s", self.name)
         finally:
+            self._behind.close()
             self.held = frozenset(self._unreleased)
 
     @property
@@ -244,7 +245,7 @@ class Worker:
                 len(self._unreleased),
             )
             self._unreleased.clear()
-            self.held = frozenset()
+            self.held = self._behind.ids  # the batch settled behind stays held
 
     def _send(self, batch: list[Job], *, held: bool) -> None:
         token = self._wire.begin(only=held)  # a held destination: one probe at a time
