@@ -492,12 +492,16 @@ def write_new(
     *,
     suffix: str = TMP_SUFFIX,
     create: bool = True,
+    sync: bool = True,
 ) -> None:
     """Write ``path`` whole: a temporary name beside it, then renamed over it (a reader
     sees the old file or the new one, whole), never through a symbolic link (below
     ``roots``, see ``open_folder``; its folder is made unless ``create`` is false).  With
     ``mode`` whatever the umask; ``None`` only for a file the user names (a report): then
-    as ``open`` makes it, 0666 less the umask."""
+    as ``open`` makes it, 0666 less the umask.  The data is fsynced before the rename
+    (``sync``), so a power loss leaves the old file or the whole new one, never an empty
+    one; whoever counts the file as kept syncs its folder.  Only a file rewritten every few
+    seconds and worth nothing after a crash (the daemon's state file) passes ``sync=False``."""
     tmp = tmp_beside(path, suffix)
     with open_folder(path.parent, roots, create=create) as here:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -506,6 +510,8 @@ def write_new(
             if mode is not None:
                 os.fchmod(fd, mode)  # a leftover temporary file may have had another mode
             _write_all(fd, data)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp.name, path.name, src_dir_fd=here, dst_dir_fd=here)

@@ -313,3 +313,31 @@ def test_the_walk_goes_a_thousand_folders_deep_and_reports_what_it_cannot_list(
     gone = str(tmp_path / "gone")
     list(fileops.walk_folders(gone, lambda _e: True, lambda f, e: errors.append((f, e.errno))))
     assert errors == [(gone, errno.ENOENT)]
+
+
+def test_write_new_syncs_the_data_before_the_name_points_at_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reason note or a sidecar's copy is renamed into place and then its folder is
+    synced; without the data's own fsync first, a power loss could leave the name pointing
+    at an empty file (review of issue 19: the drop folder's sidecar is unlinked once its
+    copy is in place).  Each fsync is recorded with what the descriptor was, and the rename
+    must come after the temporary file's."""
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync " + os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: str, dst: str, **kw: int) -> None:
+        events.append(f"replace {src}")
+        real_replace(src, dst, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = tmp_path / "x.dcm.error.json"
+    fileops.write_new(path, b'{"reason": "r"}\n', 0o600)
+    tmp = fileops.tmp_beside(path, fileops.TMP_SUFFIX).name
+    assert events == [f"fsync {tmp}", f"replace {tmp}"]
+    assert path.read_bytes() == b'{"reason": "r"}\n'

@@ -57,7 +57,7 @@ def document(pid: int, now: float, destinations: Mapping[str, dict[str, Any]]) -
 
 def write(queue: Path, doc: Mapping[str, Any]) -> None:
     """Replace the state file at once (a reader sees the old or the new one, whole)."""
-    write_new(path_of(queue), json.dumps(doc).encode("utf-8"), MODE, suffix=".tmp")
+    write_new(path_of(queue), json.dumps(doc).encode("utf-8"), MODE, suffix=".tmp", sync=False)
 
 
 def remove(queue: Path) -> None:
