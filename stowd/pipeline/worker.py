@@ -1,7 +1,8 @@
 """The sender of one destination: group -> stow -> (verify) -> settle, a batch at a time.
 
 Each step is a module of its own; this one only moves jobs between them and the queue.  New
-files are read by ``reader.Reader`` (a sender reads them too, between its batches); what
+files are read by ``reader.Reader`` (a sender reads a batch of them when it has nothing to
+send); what
 becomes of a file after a try is ``filing.Filing``'s; how long it waits, ``backoff``'s.
 """
 
@@ -79,8 +80,8 @@ STORED = (StowOutcome.SENT, StowOutcome.ALREADY)
 
 
 class Worker:
-    """Sends the queued files of one destination, one batch at a time (and, between
-    batches, reads new files like the reader: ``reader``)."""
+    """Sends the queued files of one destination, one batch at a time (and, when there is
+    nothing to send, reads a batch of new files like the reader: ``reader``)."""
 
     def __init__(
         self,
@@ -182,14 +183,15 @@ class Worker:
             self.in_flight = None
 
     def step(self) -> bool:
-        """Do one unit of work; False when there was nothing to do."""
+        """Do one unit of work; False when there was nothing to do.  What is ready is sent
+        first: the archive never waits while this sender reads new files, which it does
+        only when it has nothing to send, one batch of them (the reader reads the rest)."""
         self._release_unreleased()
-        classified = self.classify_some()
-        return self.send_one() or classified > 0
+        return self.send_one() or self.classify_some(self.limits.max_files) > 0
 
-    def classify_some(self) -> int:
+    def classify_some(self, limit: int | None = None) -> int:
         """Read the headers of new files (when no other thread does); see ``Reader``."""
-        return self.reader.classify_some()
+        return self.reader.classify_some(limit)
 
     # -- send -----------------------------------------------------------------------------
     def send_one(self) -> bool:
