@@ -1,8 +1,9 @@
 """A sender sends what is ready before it reads new files (issue 19): the archive does not
 wait while a sender reads headers, and a sender with nothing to send reads one batch.
 
-A real Orthanc behind the STOW proxy (``stowproxy``), a real queue and real files; the
-sender's steps are taken one at a time by the test, so the order of events is the test's.
+A real Orthanc behind the STOW proxy (``stowproxy``), a real queue and real files.  The
+sender shares its classify lock, as in the daemon where a reader thread reads beside it; the
+sender's steps are taken by the test, so the order of events is the test's.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from pathlib import Path
 
 import pytest
 from dicomgen import make_study
+from harness import wait_for
 from orthanc import Orthanc
 from stowproxy import StowProxy
 
 from stowd.config.model import BatchLimits, Config, Destination, Source
 from stowd.dicomweb.stow import StowClient
+from stowd.pipeline import settle
 from stowd.pipeline.queue import Queue
 from stowd.pipeline.watch import Watcher
 from stowd.pipeline.worker import Worker
@@ -41,7 +44,8 @@ class Sender:
         self.queue = Queue(config.queue).open()
         self.stop = threading.Event()
         self.client = StowClient(dest, stop=self.stop)
-        self.worker = Worker(config, self.queue, dest, self.client, self.stop)
+        lock = threading.Lock()  # shared with a reader thread in the daemon (none here)
+        self.worker = Worker(config, self.queue, dest, self.client, self.stop, classify_lock=lock)
 
     def drop(self, study: str, files: int) -> None:
         make_study(self.source.watch / study, files)
@@ -108,3 +112,21 @@ def test_a_sender_with_nothing_to_send_reads_one_batch_then_sends_it(sender: Sen
     assert sender.unread() == 2 * BATCH and sender.proxy.arrivals == 0  # read one, sent none
     assert sender.worker.step()
     assert sender.proxy.arrivals == 1 and sender.unread() == 2 * BATCH  # sent it, read none
+
+
+def test_a_sender_reads_new_files_while_its_last_batch_is_moved(sender: Sender) -> None:
+    """Having nothing to send while its last batch is settled behind (its moves wait here,
+    ``MOVING`` held), the sender reads the next batch and sends it: the read does not wait
+    for the moves."""
+    sender.drop("a", 2 * BATCH)
+    run = threading.Thread(target=sender.worker.run, daemon=True)
+    try:
+        with settle.MOVING:
+            run.start()
+            wait_for(lambda: sender.proxy.arrivals == 2, WAIT, "the second batch sent")
+            assert "sent" not in sender.queue.counts()  # the first batch is not moved yet
+        wait_for(lambda: sender.queue.counts() == {"sent": 2 * BATCH}, WAIT, "all settled")
+    finally:
+        sender.stop.set()
+        run.join(WAIT)
+    assert not run.is_alive()
