@@ -2,10 +2,10 @@
 
 New files are read a chunk at a time, by one thread of a generation at a time
 (``classify_lock``): a reader of its own, so that no upload waits for the next batch's
-headers, and a sender that has nothing to send (one batch of them).  The first chunk after
-the reader caught up is one batch, so that its upload starts once it is read; each next
-chunk is twice as large, up to ``CLASSIFY_CHUNK``.  Bad files go to failed/; files that
-cannot be read now wait (``filing``).
+headers, and a sender that has nothing to send (one batch, when a reader reads beside it).
+The first chunk after the reader caught up is one batch, so that its upload starts once it
+is read; each next chunk is twice as large, up to ``CLASSIFY_CHUNK``.  Bad files go to
+failed/; files that cannot be read now wait (``filing``).
 """
 
 from __future__ import annotations
