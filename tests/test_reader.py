@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from dicomgen import make_instance
+from dicomgen import make_instance, make_study
 from harness import Clock
 
 from stowd.config.model import BatchLimits, Config, Destination, Source
@@ -36,5 +36,33 @@ def test_the_reader_reads_new_files_and_fails_bad_ones_without_a_destination_cli
         assert job.sop_uid == good  # make_instance returns its SOPInstanceUID
         assert queue.counts() == {"pending": 1, "failed": 1}
         assert (source.failed / "bad.dcm").exists()
+    finally:
+        queue.close()
+
+
+def test_the_first_files_read_are_one_batch_and_each_next_chunk_twice_as_many(
+    tmp_path: Path,
+) -> None:
+    """The first upload waits for one batch to be read, not for a chunk of ``CLASSIFY_CHUNK``
+    (issue 19): the reader reads one batch, then twice as many each time up to the chunk;
+    once it caught up, the next new files start with one batch again."""
+    clock = Clock(2_000_000_000.0)
+    source = Source(
+        "ct", tmp_path / "drop", tmp_path / "sent", tmp_path / "failed", "pacs", quiet_period=0.0
+    )
+    source.watch.mkdir()
+    dest = Destination("pacs", "http://archive.test/dicom-web", BatchLimits(max_files=10))
+    config = Config(tmp_path / "c.yaml", tmp_path / "q.db", (source,), {"pacs": dest})
+    queue = Queue(config.queue, clock=clock).open()
+    watcher = Watcher(source, "pacs", queue.enqueue, clock=lambda: clock.now + 60)
+    reader = Reader(config, queue, threading.Event(), name="pacs", max_step=60.0, clock=clock)
+    try:
+        make_study(source.watch / "a", 75)
+        watcher.scan()
+        assert [reader.classify_some() for _ in range(5)] == [10, 20, 40, 5, 0]
+        make_study(source.watch / "b", 15)
+        watcher.scan()
+        assert [reader.classify_some() for _ in range(3)] == [10, 5, 0]
+        assert queue.counts() == {"pending": 90}
     finally:
         queue.close()

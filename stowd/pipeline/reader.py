@@ -2,8 +2,10 @@
 
 New files are read a chunk at a time, by one thread of a generation at a time
 (``classify_lock``): a reader of its own, so that no upload waits for the next batch's
-headers, and each sender between its uploads.  Bad files go to failed/; files that cannot be
-read now wait (``filing``).
+headers, and a sender that has nothing to send (one batch, when a reader reads beside it).
+The first chunk after the reader caught up is one batch, so that its upload starts once it
+is read; each next chunk is twice as large, up to ``CLASSIFY_CHUNK``.  Bad files go to
+failed/; files that cannot be read now wait (``filing``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from stowd.pipeline.settle import Decision
 
 log = logging.getLogger("stowd.worker")  # the readers' and senders' log lines, as ever
 
-CLASSIFY_CHUNK = 200
+CLASSIFY_CHUNK = 200  # the most new files read in one go (recorded in one transaction)
 LOOKING = "looking up the study in the archive"
 
 
@@ -78,6 +80,8 @@ class Reader:
         self._loop = Loop(name, queue, stop, disks)
         self.beat = time.monotonic()  # last sign of progress (the daemon's watchdog reads it)
         self.max_step = max_step
+        self._first = first_chunk(config)  # read first once the reader caught up
+        self._chunk = self._first  # read next
 
     def run(self) -> None:
         self._loop.run(self.step, self._alive)
@@ -94,24 +98,38 @@ class Reader:
         """Read a chunk of new files; False when there was nothing to read."""
         return self.classify_some() > 0
 
-    def classify_some(self) -> int:
-        """Read the headers of new files (one worker at a time); bad ones go to failed/."""
+    def classify_some(self, limit: int | None = None) -> int:
+        """Read the headers of new files (one thread at a time); bad ones go to failed/.
+        At most ``limit`` of them, else the next chunk (``_next_chunk``)."""
         if not self.classify_lock.acquire(blocking=False):
             return 0
         try:
-            jobs = self.queue.unclassified(CLASSIFY_CHUNK)
-            keys, refused = [], []
-            for job in jobs:
-                result = self._classify_safely(job)
-                if isinstance(result, Decision):
-                    refused.append(result)
-                elif result is not None:
-                    keys.append(result)
-            self.queue.set_classified(keys)
-            self.filing.settle(refused)
-            return len(jobs)
+            asked = self._chunk if limit is None else limit
+            read = self._read(asked)
+            if limit is None:
+                self._chunk = self._next_chunk(asked, read)
+            return read
         finally:
             self.classify_lock.release()
+
+    def _next_chunk(self, asked: int, read: int) -> int:
+        """Twice as many files as were read, up to ``CLASSIFY_CHUNK``; one batch again
+        once fewer were left than asked (the next new files: their upload starts soon)."""
+        return min(2 * asked, CLASSIFY_CHUNK) if read == asked else self._first
+
+    def _read(self, limit: int) -> int:
+        """Read up to ``limit`` new files and record what each one is; how many were read."""
+        jobs = self.queue.unclassified(limit)
+        keys, refused = [], []
+        for job in jobs:
+            result = self._classify_safely(job)
+            if isinstance(result, Decision):
+                refused.append(result)
+            elif result is not None:
+                keys.append(result)
+        self.queue.set_classified(keys)
+        self.filing.settle(refused)
+        return len(jobs)
 
     def _classify_safely(self, job: Job) -> Classification | Decision | None:
         """``_classify``, but one file's trouble never stops the others."""
@@ -254,6 +272,12 @@ class Reader:
         if source.name not in self._digests:
             self._digests[source.name] = metadata.digest(self.config, source)
         return self._digests[source.name]
+
+
+def first_chunk(config: Config) -> int:
+    """How many new files are read first: one batch (the smallest of the destinations')."""
+    sizes = [d.batch.max_files for d in config.destinations.values()]
+    return max(1, min([CLASSIFY_CHUNK, *sizes]))
 
 
 def photographic(source: Source) -> bool:

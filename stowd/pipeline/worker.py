@@ -1,8 +1,8 @@
 """The sender of one destination: group -> stow -> (verify) -> settle, a batch at a time.
 
 Each step is a module of its own; this one only moves jobs between them and the queue.  New
-files are read by ``reader.Reader`` (a sender reads them too, between its batches); what
-becomes of a file after a try is ``filing.Filing``'s; how long it waits, ``backoff``'s.
+files are read by ``reader.Reader`` (a sender reads them too when it has nothing to send);
+what becomes of a file after a try is ``filing.Filing``'s; how long it waits, ``backoff``'s.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ from stowd.pipeline.group import take_batch
 from stowd.pipeline.lookup import Finder
 from stowd.pipeline.loop import Loop
 from stowd.pipeline.queue import ALREADY_STORED, STORED_WITH_WARNING, Job, Queue
-from stowd.pipeline.reader import Reader, photographic
+from stowd.pipeline.reader import CLASSIFY_CHUNK, Reader, photographic
 from stowd.pipeline.settle import Decision
 from stowd.pipeline.wire import NOT_ALONE, wire_of
 
@@ -79,8 +79,8 @@ STORED = (StowOutcome.SENT, StowOutcome.ALREADY)
 
 
 class Worker:
-    """Sends the queued files of one destination, one batch at a time (and, between
-    batches, reads new files like the reader: ``reader``)."""
+    """Sends the queued files of one destination, one batch at a time (and, when there is
+    nothing to send, reads new files like the reader: ``reader``)."""
 
     def __init__(
         self,
@@ -112,6 +112,8 @@ class Worker:
             config, queue, name=self.name, clock=clock, unsettled=unsettled, disks=disks
         )
         self.policy = self.filing.policy  # how long a file or the destination waits
+        # a reader thread reads new files beside this sender (they share a classify lock)
+        self._beside = classify_lock is not None
         self.reader = Reader(
             config,
             queue,
@@ -183,23 +185,36 @@ class Worker:
             self.in_flight = None
 
     def step(self) -> bool:
-        """Do one unit of work; False when there was nothing to do."""
+        """Do one unit of work; False when there was nothing to do.  What is ready is sent
+        first: the archive never waits while this sender reads new files, which it does
+        only when it has nothing to send (while the last batch is still settled behind);
+        then it finishes that batch's settle."""
         self._release_unreleased()
-        classified = self.classify_some()
-        return self.send_one() or classified > 0
+        return self._send_ready() or self._read_new() > 0 or self._wait_behind()
 
-    def classify_some(self) -> int:
+    def _read_new(self) -> int:
+        """Read new files, having nothing to send: one batch when a reader thread reads the
+        rest (it shares its ``classify_lock``), else a reader's chunk (``Reader``)."""
+        return self.classify_some(self.limits.max_files if self._beside else CLASSIFY_CHUNK)
+
+    def classify_some(self, limit: int | None = None) -> int:
         """Read the headers of new files (when no other thread does); see ``Reader``."""
-        return self.reader.classify_some()
+        return self.reader.classify_some(limit)
 
     # -- send -----------------------------------------------------------------------------
     def send_one(self) -> bool:
+        """Send the next ready batch; with none, finish the batch settled behind (True when
+        there was either)."""
+        return self._send_ready() or self._wait_behind()
+
+    def _send_ready(self) -> bool:
+        """Claim and send the next ready batch; False when none is ready."""
         name = self.destination.name
         hold = self.queue.holds().get(name)
         if hold is not None and hold.until > self.clock():
-            return self._wait_behind()
+            return False
         if hold is not None and not self._wire.idle():
-            return self._wait_behind()  # another worker probes the held destination
+            return False  # another worker probes the held destination
         batch = self.queue.claim_batch(
             [name],
             pick=lambda _dest, jobs: take_batch(jobs, self.limits),
@@ -207,7 +222,7 @@ class Worker:
             lease=self._lease,
         )
         if not batch:
-            return self._wait_behind()
+            return False
         self.held = frozenset(j.id for j in batch) | self._behind.ids
         try:
             self._send(batch, held=hold is not None)
