@@ -895,6 +895,8 @@ def test_rows_settled_behind_stay_held_when_a_failed_release_is_retried(
     rig = rig_factory(lambda request: httpx.Response(200, json=stow_json(sop_uids_in(request))))
     make_study(rig.source.watch / "a", 20)  # two batches of 10
     rig.find()
+    while rig.worker.classify_some():  # both batches read: a step sends before it reads
+        pass
     first = {job.id for job in rig.queue.jobs()}
     stepping = threading.Thread(target=rig.worker.step, daemon=True)
     with settle.MOVING:  # the first batch's settle waits here, behind
