@@ -5,7 +5,7 @@ Usage (from the repository root)::
     .venv/bin/python bench/latency.py             # 50 drops; 100ms and 5s; discard and Orthanc
     .venv/bin/python bench/latency.py --quiet 100ms --archives discard --drops 50
 
-For each quiet period and archive, starts ``stowd run`` (``workers: 2``, the default) and
+For each quiet period and archive, starts ``stowd run`` (stowd's default ``workers``) and
 drops ``--drops`` files of 64 KiB into its drop folder one at a time: each is written there
 directly (open, write, close) after the previous one reached ``sent/`` and a random pause of
 ``--pause`` (so the daemon is idle, and each drop falls at another moment of any timer it

@@ -73,6 +73,7 @@ from linkproxy import parse_rate
 from orthanc import Orthanc
 from senders import write_body
 
+from stowd.config.model import DEFAULT_BATCH_BYTES, DEFAULT_BATCH_FILES, DEFAULT_WORKERS
 from stowd.config.yamlwalk import parse_size
 
 SENDERS = ("curl", "httpx", "dicomweb-client", "stowd run", "stowd migrate")
@@ -104,11 +105,20 @@ def generate(stage: Path, files: int, size: int, studies: int, prefix: str = "st
 
 
 def batches_of(stage: Path, per_request: int) -> list[list[str]]:
-    """The requests stowd makes: per study folder, up to *per_request* files each."""
-    batches = []
+    """The requests stowd makes: per study folder, up to *per_request* files and stowd's
+    default ``batch.max_bytes`` each (a larger single file alone), as stowd/pipeline/group.py."""
+    batches: list[list[str]] = []
     for folder in sorted(stage.iterdir()):
-        paths = [str(p) for p in sorted(folder.iterdir())]
-        batches += [paths[i : i + per_request] for i in range(0, len(paths), per_request)]
+        batch: list[str] = []
+        total = 0
+        for path in sorted(folder.iterdir()):
+            size = path.stat().st_size
+            if batch and (len(batch) >= per_request or total + size > DEFAULT_BATCH_BYTES):
+                batches.append(batch)
+                batch, total = [], 0
+            batch.append(str(path))
+            total += size
+        batches += [batch] if batch else []
     return batches
 
 
@@ -522,7 +532,8 @@ def link_rows(args: argparse.Namespace, tmp: Path, endpoint: Child) -> list[Row]
         for batch in _ints(args.link_batches):
             batched = replace(setup, per_request=batch)
             for sender in ("stowd run", "stowd migrate"):
-                cases += [(batched, sender, w) for w in _ints(args.link_workers)]
+                if sender in args.senders.split(","):
+                    cases += [(batched, sender, w) for w in _ints(args.link_workers)]
         for case, sender, streams in cases:
             if archive == "orthanc":
                 row = measure_orthanc(case, sender, streams, options)
@@ -664,7 +675,8 @@ def _ceiling_target(row: Row, wanted: float) -> Target:
 
 def link_targets(rows: list[Row], rate: float) -> list[Target]:
     """Per archive and stowd sender: the best of its workers and batch sizes, and stowd's
-    defaults (workers 2, batch 50) where measured, as a fraction of the link rate."""
+    defaults (``workers``, ``batch.max_files``; ``max_bytes`` is never set here, so it is
+    the default in every row) where measured, as a fraction of the link rate."""
     found = []
     for where in dict.fromkeys(r.where for r in rows):
         for sender in ("stowd run", "stowd migrate"):
@@ -672,7 +684,8 @@ def link_targets(rows: list[Row], rate: float) -> list[Target]:
             if not mine or not rate:
                 continue
             best = max(mine, key=lambda r: r.mb_s)
-            default = [r for r in mine if (r.streams, r.batch) == (2, 50)]
+            defaults = (DEFAULT_WORKERS, DEFAULT_BATCH_FILES)
+            default = [r for r in mine if (r.streams, r.batch) == defaults]
             for row, what in [(best, "best"), *((r, "defaults") for r in default)]:
                 found.append(
                     Target(
@@ -996,7 +1009,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--discard-workers",
         type=int,
         default=2,
-        help="stowd workers for that run (default 2, stowd's default)",
+        help="stowd workers for that run (default 2)",
     )
     parser.add_argument("--big", default="4000MiB", help="memory.py's one large file (0: skip)")
     parser.add_argument(
