@@ -87,6 +87,10 @@ FOLDER_CHECK = 1.0
 # the events of the next file dropped within that half second back.  The two events of a
 # rename come together; one left unpaired is a deleted and a created file, hints either way.
 MOVE_PAIRING = 0.02
+# Files that become complete within this long of each other are queued together, so files
+# written together go out in one request, not one request each (the readers and senders
+# are woken at once, issue 19): the first of them waits this much longer than its quiet period.
+GATHER = 0.05
 QUEUE_RETRY = 5.0  # a queue that could not be written is tried again after this
 # The events that can mean a file is new or changed.  Not 'opened' and 'closed_no_write':
 # stowd opens every file twice itself (to read its header, to send it), and each of those
@@ -197,7 +201,7 @@ class Watcher:
 
     # -- observer -----------------------------------------------------------------------
     def start_observer(self) -> None:
-        if _MovePairing is not None:  # read by each new inotify watch
+        if hasattr(_MovePairing, "delay"):  # read by each new inotify watch (not an API: may go)
             _MovePairing.delay = min(_MovePairing.delay, MOVE_PAIRING)
         cls = PollingObserver if self.source.polling else Observer
         observer = cls(timeout=POLL_INTERVAL) if self.source.polling else cls()
@@ -361,7 +365,7 @@ class Watcher:
     def _wait_time(self, next_scan: float) -> float:
         wait = min(IDLE_WAIT, max(0.0, next_scan - time.monotonic()))
         if self._due:
-            wait = min(wait, max(0.0, self._due[0][0] - self.clock()))
+            wait = min(wait, max(0.0, self._due[0][0] + GATHER - self.clock()))
         return wait
 
     def _pop_due(self) -> list[str]:
