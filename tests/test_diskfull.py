@@ -118,7 +118,12 @@ def test_a_full_queue_disk_mid_batch_recovers_without_a_restart(
                 )
                 took = time.monotonic() - freed
                 print(f"\nqueue disk freed: all {len(every)} files in sent/ after {took:.1f}s")
-                wait_for(lambda: "has space again" in daemon.log, 30, "the end logged", lambda: daemon.log)
+                wait_for(
+                    lambda: "has space again" in daemon.log,
+                    30,
+                    "the end logged",
+                    lambda: daemon.log,
+                )
                 assert daemon.terminate() == 0
     finally:
         proxy.stop()
