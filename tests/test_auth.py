@@ -23,11 +23,11 @@ from urllib.parse import parse_qs, unquote_plus
 import httpx
 import pytest
 from dicomgen import make_instance
-from harness import Clock
+from harness import Clock, drop_source
 from localserver import LocalServer
 
 from stowd.config.access import Access, Auth, Tls
-from stowd.config.model import BatchLimits, Config, Destination, Retry, Source
+from stowd.config.model import BatchLimits, Config, Destination, Retry
 from stowd.config.secrets import Secret
 from stowd.dicomweb.auth import OAuth2
 from stowd.dicomweb.client import http_client
@@ -581,14 +581,7 @@ class Rig:
 
     def __init__(self, tmp_path: Path, dest: Destination) -> None:
         self.now = 2_000_000_000.0
-        self.source = Source(
-            "ct",
-            tmp_path / "drop",
-            tmp_path / "sent",
-            tmp_path / "failed",
-            "pacs",
-            quiet_period=0.0,
-        )
+        self.source = drop_source(tmp_path)
         self.source.watch.mkdir()
         dest = Destination(
             "pacs", dest.url, BatchLimits(max_files=10), access=dest.access, workers=1

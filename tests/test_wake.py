@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from dicomgen import make_instance
-from harness import wait_for
+from harness import drop_source, wait_for
 from orthanc import Orthanc, free_port
 from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
 
@@ -51,15 +51,7 @@ class Pipeline:
     """A queue, a reader and a sender of one source to Orthanc, their poll an hour long."""
 
     def __init__(self, tmp_path: Path, orthanc: Orthanc, receive: Receive | None = None) -> None:
-        self.source = Source(
-            "ct",
-            tmp_path / "drop",
-            tmp_path / "sent",
-            tmp_path / "failed",
-            "pacs",
-            quiet_period=0.0,
-            receive=receive,
-        )
+        self.source = drop_source(tmp_path, receive=receive)
         self.source.watch.mkdir()
         dest = Destination("pacs", orthanc.dicomweb_url)
         config = Config(tmp_path / "c.yaml", tmp_path / "q.db", (self.source,), {"pacs": dest})

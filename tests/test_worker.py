@@ -22,9 +22,9 @@ import httpx
 import pydicom
 import pytest
 from dicomgen import make_instance, make_instance_bytes, make_study
-from harness import Clock, wait_for
+from harness import Clock, drop_source, wait_for
 
-from stowd.config.model import BatchLimits, Bulkdata, Config, Destination, Retry, Sidecars, Source
+from stowd.config.model import BatchLimits, Bulkdata, Config, Destination, Retry, Sidecars
 from stowd.dicomweb.stow import StowClient
 from stowd.media.probe import detect as real_detect
 from stowd.media.reading import Media
@@ -81,13 +81,8 @@ class Rig:
         **retry: Any,
     ) -> None:
         self.clock = Clock(2_000_000_000.0)
-        self.source = Source(
-            "ct",
-            tmp_path / "drop",
-            tmp_path / "sent",
-            tmp_path / "failed",
-            "pacs",
-            quiet_period=0.0,
+        self.source = drop_source(
+            tmp_path,
             sidecars=sidecars,
             bulkdata=bulk or Bulkdata(),
         )

@@ -13,10 +13,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import yaml
 from orthanc import free_port
+
+from stowd.config.model import Source
 
 POLL = 0.1
 
@@ -259,4 +261,13 @@ def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[st
         text=True,
         timeout=timeout,
         check=False,
+    )
+
+
+def drop_source(tmp_path: Path, **options: Any) -> Source:
+    """Source "ct" of folders drop/, sent/ and failed/ under ``tmp_path``, to "pacs", with no
+    quiet period (the in-process tests' source; ``options`` as ``Source`` takes them)."""
+    options.setdefault("quiet_period", 0.0)
+    return Source(
+        "ct", tmp_path / "drop", tmp_path / "sent", tmp_path / "failed", "pacs", **options
     )
