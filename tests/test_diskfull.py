@@ -10,6 +10,7 @@ are skipped without it, and fail under ``CI=true``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -23,6 +24,8 @@ from mounts import fill, require_root, tmpfs
 from orthanc import Orthanc
 from stowproxy import StowProxy
 
+from stowd.config.load import load_config
+from stowd.pipeline.disk import Disks
 from stowd.pipeline.queue import NewFile, Queue, open_readonly
 
 RECOVERY = 120.0  # seconds allowed after space is freed (the retries wait 30 s at most)
@@ -242,3 +245,75 @@ def test_status_without_a_daemon_on_a_full_queue_disk_says_disk_full(tmp_path: P
     assert result.returncode != 0
     assert "DISK FULL: the filesystem of the queue and the spool" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def disk_messages(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
+    return [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "stowd.disk"]
+
+
+def test_a_disk_filled_and_freed_between_two_looks_is_logged_start_and_end(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The daemon looks at its disks once a second at most (less often on a busy machine).
+    A write to the queue that failed for lack of space, with the space freed before the
+    next look, was never logged: neither DISK FULL nor its end (the flake of the test above,
+    whose queue disk is full for about two seconds)."""
+    layout = make_layout(tmp_path / "run", "http://127.0.0.1:9/dicom-web")
+    state = layout.root / "state"
+    with tmpfs(state), caplog.at_level(logging.INFO, logger="stowd.disk"):
+        disks = Disks(load_config(layout.config))
+        assert disks.check() == []
+        filler = fill(state)
+        disks.hit(state / "queue.db")  # a write to the queue failed for lack of space
+        filler.unlink()  # and space was freed before the next look
+        assert disks.check() == []
+        messages = disk_messages(caplog)
+        assert [level for level, _ in messages] == ["ERROR", "WARNING"], messages
+        assert "DISK FULL: the filesystem of the queue and the spool" in messages[0][1]
+        assert "has space again" in messages[1][1]
+        assert disks.freed  # the daemon retries moves and claims at once
+        assert disks.check() == [] and not disks.freed
+    assert len(disk_messages(caplog)) == 2  # once
+
+
+def test_a_write_that_failed_before_the_space_was_freed_does_not_keep_the_disk_full(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A write fails on the full disk, space is freed, then the writer tells ``Disks`` (it
+    looks at the bytes free only then): the failure belongs to the full disk the daemon saw,
+    not to a quota, and the end is logged at the next look, not 10 minutes later."""
+    layout = make_layout(tmp_path / "run", "http://127.0.0.1:9/dicom-web")
+    state = layout.root / "state"
+    with tmpfs(state), caplog.at_level(logging.INFO, logger="stowd.disk"):
+        disks = Disks(load_config(layout.config))
+        filler = fill(state)
+        assert [f.paths for f in disks.check()] == [[state, state / "queue.db.spool"]]
+        filler.unlink()
+        disks.hit(state / "queue.db")  # failed while full, told once freed
+        assert disks.check() == []
+        disks.hit(state / "queue.db")  # a write that fails with space free: a quota
+        assert [f.free is not None and f.free > 0 for f in disks.check()] == [True]
+    messages = disk_messages(caplog)
+    assert [level for level, _ in messages] == ["ERROR", "WARNING", "ERROR"], messages
+    assert "has 0 bytes free" in messages[0][1] and "has space again" in messages[1][1]
+    assert "(a quota?)" in messages[2][1]
+
+
+def test_a_later_failure_after_the_space_was_freed_does_not_hide_the_earlier_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two writes fail on the full disk between two looks; space is freed after the first
+    told ``Disks`` and before the second did: the second must not turn the first into a
+    quota that stays full for 10 minutes."""
+    layout = make_layout(tmp_path / "run", "http://127.0.0.1:9/dicom-web")
+    state = layout.root / "state"
+    with tmpfs(state), caplog.at_level(logging.INFO, logger="stowd.disk"):
+        disks = Disks(load_config(layout.config))
+        filler = fill(state)
+        disks.hit(state / "queue.db")
+        filler.unlink()
+        disks.hit(state / "queue.db")  # failed while full, told once freed
+        assert disks.check() == []
+    messages = disk_messages(caplog)
+    assert [level for level, _ in messages] == ["ERROR", "WARNING"], messages
+    assert "has 0 bytes free" in messages[0][1] and "has space again" in messages[1][1]

@@ -142,6 +142,7 @@ class Disks:
         self._lock = threading.Lock()
         self._hits: dict[Path, tuple[float, int | None]] = {}  # when, bytes free then
         self._full: dict[Path, Full] = {}
+        self._freed = False  # the last check found space again where there was none
 
     def watch(self, config: Config) -> None:
         """Look at the places of ``config`` from now on (a reload)."""
@@ -151,27 +152,47 @@ class Disks:
     def hit(self, path: Path) -> None:
         """A write at or below ``path`` failed for lack of space (any thread)."""
         place = self._place_of(path)
-        if place is not None:
-            with self._lock:
-                self._hits[place.path] = (self.clock(), free_bytes(place.path))
+        if place is None:
+            return
+        free = free_bytes(place.path)
+        with self._lock:  # it failed then, maybe freed since: the fewest bytes free count
+            before = self._seen_full(place), self._hits.get(place.path, (0.0, None))[1]
+            if free is not None:
+                free = _least([free, *before])
+            self._hits[place.path] = (self.clock(), free)
 
     def check(self) -> list[Full]:
-        """Look at every place now; log the conditions that started or ended."""
+        """Look at every place now; log the conditions that started or ended.  A condition
+        that started and ended between two looks (a write failed for lack of space, and
+        space was freed before this look) is logged too: its start, then its end."""
         now = self.clock()
         with self._lock:
-            watched = list(self.places)
-        current = {}
+            watched, before = list(self.places), dict(self._full)
+        current, passed = {}, {}
         for group, free in _by_filesystem(watched):
-            if any(self._is_full(place, free, now) for place in group):
+            freed: list[int | None] = []  # bytes free when each freed write failed
+            if any(self._is_full(place, free, now, freed) for place in group):
                 full = Full(group, free)
                 current[full.key] = full
+            elif freed and group[0].path not in before:
+                passed[group[0].path] = Full(group, _least(freed))
         with self._lock:
-            before, self._full = self._full, current
+            self._full = current
+            self._freed = bool(before.keys() - current.keys() or passed)
         for key in current.keys() - before.keys():
             log.error("%s; stowd waits and tries again (nothing is lost)", current[key].message())
-        for key in before.keys() - current.keys():
-            _say_resumed(before[key])
+        for full in passed.values():
+            log.error("%s; stowd waits and tries again (nothing is lost)", full.message())
+        for full in [*(before[key] for key in before.keys() - current.keys()), *passed.values()]:
+            _say_resumed(full)
         return list(current.values())
+
+    @property
+    def freed(self) -> bool:
+        """The last ``check`` found space again on a filesystem that was full, or where a
+        write had failed for lack of space."""
+        with self._lock:
+            return self._freed
 
     @property
     def full(self) -> list[Full]:
@@ -179,7 +200,9 @@ class Disks:
         with self._lock:
             return list(self._full.values())
 
-    def _is_full(self, place: Place, free: int | None, now: float) -> bool:
+    def _is_full(self, place: Place, free: int | None, now: float, freed: list[int | None]) -> bool:
+        """Is ``place`` full?  A failed write that space was freed since is added to
+        ``freed`` (its bytes free then), and forgotten."""
         if free is not None and free < FULL_BELOW:
             return True
         with self._lock:
@@ -187,11 +210,22 @@ class Disks:
             if hit is None:
                 return False
             when, free_then = hit
-            freed = free is not None and (free_then is None or free >= free_then + FULL_BELOW)
-            if freed or now - when > HIT_MEMORY:
+            if free is not None and (free_then is None or free >= free_then + FULL_BELOW):
+                del self._hits[place.path]
+                freed.append(free_then)
+                return False
+            if now - when > HIT_MEMORY:
                 del self._hits[place.path]
                 return False
         return True
+
+    def _seen_full(self, place: Place) -> int | None:
+        """The bytes free the last check saw on ``place``'s filesystem, if it had fewer
+        than ``FULL_BELOW`` then (None otherwise).  Holds ``_lock``."""
+        for full in self._full.values():
+            if place in full.places and full.free is not None and full.free < FULL_BELOW:
+                return full.free
+        return None
 
     def _place_of(self, path: Path) -> Place | None:
         """The place ``path`` is in (the longest folder that holds it)."""
@@ -217,6 +251,13 @@ def _say_resumed(full: Full) -> None:
     free = free_bytes(full.key)
     room = "" if free is None else f" ({_bytes(free)} free)"
     log.warning("%s (%s) has space again%s; resuming", _whose(full.places), full.key, room)
+
+
+def _least(free: list[int | None]) -> int | None:
+    """The fewest bytes free of ``free`` (None: unknown, when all are; unknown ones are
+    left out)."""
+    known = [n for n in free if n is not None]
+    return min(known, default=None)
 
 
 def _bytes(n: int) -> str:

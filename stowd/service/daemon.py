@@ -315,9 +315,8 @@ class Daemon:
 
     def _disk_freed(self) -> bool:
         """Look at the disks; True when one that was full has space again."""
-        before = {f.key for f in self.disks.full}
-        after = {f.key for f in self.disks.check()}
-        return bool(before - after)
+        self.disks.check()
+        return self.disks.freed
 
     def _reclaim(self) -> None:
         """Claims that no worker holds and whose lease ran out return to pending (a
