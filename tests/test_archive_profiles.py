@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from dicomgen import make_instance
 from fakearchive import PROFILES, FakeArchive, check_metadata_form, parts_of
-from harness import Layout, Stowd, make_layout, run_cli, wait_for
+from harness import Layout, Stowd, make_layout, run_cli, wait_for, written_together
 from mediagen import make_jpeg, make_pdf, make_video
 
 NAMES = tuple(PROFILES)
@@ -160,6 +160,7 @@ def test_a_resend_after_a_lost_answer_is_stored(tmp_path: Path, name: str, how: 
         study = "1.2.826.0.1.3680043.8.498.16"
         uids = [make_instance(layout.drop / f"{n}.dcm", study_uid=study) for n in "ab"]
         fake.lose(1, how)
+        written_together(layout.drop)  # both in the one request whose answer is lost
         log = run(layout, fake, {"a.dcm", "b.dcm"}, set())
         assert [fake.times_sent(u) for u in uids] == [2, 2]
         if name == "azure":  # 45070: recorded as already stored in the log and status

@@ -11,7 +11,7 @@ from typing import Any
 
 from archives import Archive, write_refused
 from dicomgen import make_instance, make_study
-from harness import Layout, Stowd, make_layout, wait_for
+from harness import Layout, Stowd, make_layout, wait_for, written_together
 from localserver import LocalServer
 from orthanc import Orthanc
 from pydicom.data import get_testdata_file
@@ -141,6 +141,7 @@ def test_a_refused_file_in_a_batch_fails_at_once_with_the_archive_s_reason(
     study = generate_uid()
     good = {u for _, u in make_study(layout.drop / "s", 5, study_uid=study)}
     status = write_refused(archive, layout.drop / "s" / "refused.dcm", study_uid=study)
+    written_together(layout.drop)  # the refused file goes in the batch of the good ones
     with Stowd(layout) as daemon:
         wait_for(lambda: settled(layout) == 6, 60, "all six settled", lambda: daemon.log)
     assert layout.files(layout.failed) == {"s/refused.dcm"}

@@ -271,3 +271,14 @@ def drop_source(tmp_path: Path, **options: Any) -> Source:
     return Source(
         "ct", tmp_path / "drop", tmp_path / "sent", tmp_path / "failed", "pacs", **options
     )
+
+
+def written_together(folder: Path) -> None:
+    """Give every file under ``folder`` the newest mtime among them: their quiet periods end
+    at the same instant, so the daemon queues them in one go and sends them in one request
+    (it sends what is queued at once; files written a few ms apart under load could
+    otherwise go out one request each)."""
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    newest = max(p.stat().st_mtime_ns for p in files)
+    for path in files:
+        os.utime(path, ns=(newest, newest))
