@@ -19,6 +19,7 @@ import yaml
 from orthanc import free_port
 
 from stowd.config.model import Source
+from stowd.fileops import TMP_SUFFIX
 
 POLL = 0.1
 
@@ -43,13 +44,15 @@ class Layout:
         return self.root / "done" / "failed"
 
     def files(self, folder: Path) -> set[str]:
-        """Relative paths of the files below ``folder`` (error files excluded)."""
+        """Relative paths of the files below ``folder`` (error files and stowd's temporary
+        files excluded: a reason note is written under a temporary name, then renamed, and
+        counting it made a test see one file more than had settled)."""
         if not folder.exists():
             return set()
         return {
             str(p.relative_to(folder))
             for p in folder.rglob("*")
-            if p.is_file() and not p.name.endswith(".error.json")
+            if p.is_file() and not p.name.endswith((".error.json", TMP_SUFFIX))
         }
 
     def error_files(self) -> dict[str, Path]:
