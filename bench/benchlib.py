@@ -1,10 +1,12 @@
 """Pieces shared by the benchmark scripts in bench/ (not a test, not part of stowd).
 
-- ``Discard`` / ``discard_server()``: a local STOW endpoint that reads and drops the body and
-  answers that every instance was stored, so stowd's own overhead is measured, not an archive's.
-  A thread in the calling process: it can itself be the limit (about 600 files/s of 64 KiB).
-- ``discard_process()`` and ``link_process()``: the fast discarding endpoint (bench/discard.py)
-  and the link emulator (bench/linkproxy.py), each in its own process.
+- ``Discard``: the same answers from a handler in the calling process, for a benchmark
+  that must see when each request arrives (bench/latency.py); it can itself be the limit
+  (about 600 files/s of 64 KiB), so the throughput benchmarks use ``discard_process()``.
+- ``discard_process()``: the discarding STOW endpoint (bench/discard.py) in its own process:
+  it reads and drops the body and answers that every instance was stored, so stowd's own
+  overhead is measured, not an archive's.
+- ``link_process()``: the link emulator (bench/linkproxy.py) in its own process.
 - ``peak_rss_mb()`` (VmHWM of a running process), ``cpu_seconds()`` and ``wait_sampled()``
   (exit code, peak VmHWM sampled until it ends, CPU seconds): what a sender process costs.
 - ``stowd_env()``: the environment for stowd child processes, with this checkout first on
@@ -25,11 +27,10 @@ import sqlite3
 import struct
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -41,6 +42,7 @@ if str(ROOT / "tests" / "support") not in sys.path:
     sys.path.insert(0, str(ROOT / "tests" / "support"))
 
 CHUNK = 1024 * 1024
+
 
 META_SOP_UID = b"\x02\x00\x03\x00UI"
 JSON_SOP_UID = re.compile(rb'"00080018": \{"vr": "UI", "Value": \["([0-9.]+)"\]')
@@ -85,14 +87,6 @@ def _meta_uids(data: bytes, uids: list[str]) -> bytes:
         uids.append(data[at + 8 : end].rstrip(b"\x00 ").decode())
         at = data.find(META_SOP_UID, end)
     return data[-(len(META_SOP_UID) - 1) :]
-
-
-def discard_server() -> tuple[ThreadingHTTPServer, str]:
-    """Start a ``Discard`` endpoint on a free loopback port; return it and its DICOMweb URL.
-    Call ``server.shutdown()`` when done."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Discard)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_port}/dicom-web"
 
 
 @dataclass

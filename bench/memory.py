@@ -29,7 +29,7 @@ from typing import Any
 from benchlib import (
     CHUNK,
     count_files,
-    discard_server,
+    discard_process,
     peak_rss_mb,
     queued_rows,
     stowd_env,
@@ -163,10 +163,13 @@ def main() -> int:
     )
     parser.add_argument("--video", help="instead: one MPEG-2 video of this size, both modes")
     args = parser.parse_args()
-    server, url = discard_server()
+    with discard_process() as endpoint:
+        return cases(args, endpoint.url)
+
+
+def cases(args: argparse.Namespace, url: str) -> int:
     if args.video:
         video_case(url, args.video)
-        server.shutdown()
         return 0
     with tempfile.TemporaryDirectory(prefix="stowd-mem-") as tmp:
         big = big_file_case(Path(tmp), url, parse_size(args.size), args.rules)
@@ -177,7 +180,6 @@ def main() -> int:
             f"{many['queued_seconds']:.1f} s, {many['files_s']:.0f} files/s end to end, "
             f"peak RSS {many['rss_mb']:.1f} MB"
         )
-    server.shutdown()
     return 0
 
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import count_files, discard_server, stowd_env
+from benchlib import count_files, discard_process, stowd_env
 from throughput import generate, stowd_config, wait_started
 
 from stowd.config.yamlwalk import parse_size
@@ -81,7 +81,11 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--keep", type=Path, help="copy the .prof files into this folder")
     args = parser.parse_args()
-    server, url = discard_server()
+    with discard_process() as endpoint:
+        return profile(args, endpoint.url)
+
+
+def profile(args: argparse.Namespace, url: str) -> int:
     with tempfile.TemporaryDirectory(prefix="stowd-profile-") as name:
         tmp = Path(name)
         total = generate(tmp / "stage", args.files, parse_size(args.size), args.studies)
@@ -108,7 +112,6 @@ def main() -> int:
             args.keep.mkdir(parents=True, exist_ok=True)
             for path in tmp.glob("stowd.prof.*"):
                 shutil.copy(path, args.keep / path.name)
-    server.shutdown()
     return 0
 
 

@@ -30,7 +30,7 @@ import pydicom
 from benchlib import (
     count_files,
     cpu_seconds,
-    discard_server,
+    discard_process,
     peak_rss_mb,
     stowd_env,
     write_config,
@@ -91,11 +91,8 @@ def run(work: Path, url: str, stage: Path, files: int, mode: str) -> tuple[float
 
 @contextmanager
 def discarding() -> Iterator[str]:
-    server, url = discard_server()
-    try:
-        yield url
-    finally:
-        server.shutdown()
+    with discard_process() as endpoint:
+        yield endpoint.url
 
 
 def main(argv: list[str] | None = None) -> int:
