@@ -179,9 +179,7 @@ class Disks:
         with self._lock:
             self._full = current
             self._freed = bool(before.keys() - current.keys() or passed)
-        for key in current.keys() - before.keys():
-            log.error("%s; stowd waits and tries again (nothing is lost)", current[key].message())
-        for full in passed.values():
+        for full in [*(current[key] for key in current.keys() - before.keys()), *passed.values()]:
             log.error("%s; stowd waits and tries again (nothing is lost)", full.message())
         for full in [*(before[key] for key in before.keys() - current.keys()), *passed.values()]:
             _say_resumed(full)
