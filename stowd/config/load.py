@@ -71,6 +71,7 @@ from stowd.config.model import (
 )
 from stowd.config.receiveconfig import RECEIVE_KEYS, check_ports, read_receive
 from stowd.config.ruleconfig import read_rules
+from stowd.config.schedule import Schedule, Window, parse
 from stowd.config.yamlwalk import (
     NAME,
     Context,
@@ -92,6 +93,7 @@ from stowd.config.yamlwalk import (
     describe_value,
     entries,
     join,
+    value_of,
 )
 from stowd.errors import ConfigError, ConfigProblem
 from stowd.rules.engine import Template
@@ -140,6 +142,7 @@ _DESTINATION_KEYS = (
     "duplicates",
     "transcode",
     "verify",
+    "schedule",
     *ACCESS_KEYS,
 )
 _BULK_KEYS = ("types", "study_key", "images", "unknown")
@@ -351,8 +354,40 @@ def _read_destination(sec: Section, name: str) -> Destination | None:
         duplicates=sec.get("duplicates", DEFAULT_DUPLICATES, as_choice(DUPLICATE_ACTIONS)),
         transcode=sec.get("transcode", DEFAULT_TRANSCODE, as_choice(TRANSCODE_POLICIES)),
         verify=sec.get("verify", DEFAULT_VERIFY, as_bool),
+        schedule=_read_schedule(sec),
     )
     return None if url is None else destination
+
+
+# -- schedule (transfer windows) --
+_SCHEDULE_HINT = 'expected a window such as "Mon-Fri 19:00-07:00", or a list of them'
+
+
+def _read_schedule(sec: Section) -> Schedule:
+    """A destination's ``schedule``: one window's text or a list of them; each bad window
+    is a problem of its own, with its own line (absent: always open)."""
+    node = sec.value_node("schedule")
+    if node is None:
+        return Schedule()
+    key = join(sec.key, "schedule")
+    if not isinstance(node, SequenceNode):
+        window = _read_window(sec.ctx, key, node)
+        return Schedule(() if window is None else (window,))
+    if not node.value:
+        sec.add("schedule", "an empty list never sends; leave schedule out to send at any time")
+    windows = [_read_window(sec.ctx, f"{key}[{n}]", item) for n, item in enumerate(node.value)]
+    return Schedule(tuple(w for w in windows if w is not None))
+
+
+def _read_window(ctx: Context, key: str, node: Node) -> Window | None:
+    try:
+        value = value_of(node)
+        if not isinstance(value, str):
+            raise ValueError(f"{_SCHEDULE_HINT}, got {describe_node(node)}")
+        return parse(value)
+    except ValueError as exc:
+        ctx.add(key, str(exc), node)
+        return None
 
 
 def _read_destinations(top: Section) -> tuple[dict[str, Destination], frozenset[str] | None]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stowd.config.access import Access
+from stowd.config.schedule import Schedule
 from stowd.config.yamlwalk import (
     redact_url,
 )
@@ -83,6 +84,9 @@ class Destination:
     # Little Endian (stowd/rewrite.py); "none": every file is sent in its own syntax
     transcode: str = DEFAULT_TRANSCODE
     verify: bool = DEFAULT_VERIFY  # ask the archive (QIDO-RS) for what it said it stored
+    # -- schedule (transfer windows) --
+    # when it may send, in local time (config/schedule.py); no windows: at any time
+    schedule: Schedule = field(default_factory=Schedule)
 
     @property
     def stow_url(self) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from stowd.config.model import TRANSCODE_EXPLICIT, BatchLimits, Config, Destination
+from stowd.config.schedule import local_now
 from stowd.dicomweb.answers import answer_seconds
 from stowd.dicomweb.stow import StowClient
 from stowd.dicomweb.stowanswer import (
@@ -96,8 +97,10 @@ class Worker:
         finder: Finder | None = None,
         disks: Disks | None = None,
         verified: verify.Tally | None = None,
+        now: Callable[[], datetime] = local_now,
     ) -> None:
         self.config = config
+        self.now = now  # the local time, for the destination's schedule (aware)
         # the stored files the archive listed (or not), with verify (shared by a migration)
         self.verified = verified or verify.Tally()
         self.disks = disks  # told of writes that failed for lack of space (it logs them)
@@ -210,6 +213,8 @@ class Worker:
     def _send_ready(self) -> bool:
         """Claim and send the next ready batch; False when none is ready."""
         name = self.destination.name
+        if not self.in_window():
+            return False  # outside its schedule: nothing new is sent (new files are read)
         hold = self.queue.holds().get(name)
         if hold is not None and hold.until > self.clock():
             return False
@@ -232,6 +237,10 @@ class Worker:
         finally:
             self.held = frozenset(self._unreleased) | self._behind.ids
         return True
+
+    def in_window(self) -> bool:
+        """Inside the destination's transfer windows (``schedule``) now?"""
+        return self.destination.schedule.is_open(self.now())
 
     def _wait_behind(self) -> bool:
         """Nothing to send now: finish the batch settled behind (True when there was one)."""
