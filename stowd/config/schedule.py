@@ -223,3 +223,29 @@ def describe(when: datetime, now: datetime) -> str:
     if when - now < timedelta(days=6):
         return f"{DAY_NAMES[when.weekday()]} {when:%H:%M}"
     return f"{when:%Y-%m-%d %H:%M}"
+
+
+def paused_note(schedule: Schedule, now: datetime) -> str | None:
+    """``paused until Mon 19:00 (schedule)`` while ``schedule`` is closed at ``now``; None
+    while it is open."""
+    if schedule.is_open(now):
+        return None
+    opens = schedule.next_open(now)
+    until = "the next window" if opens is None else describe(opens, now)
+    return f"paused until {until} (schedule)"
+
+
+def window_note(schedule: Schedule, now: datetime) -> str:
+    """What ``stowd check-config`` says of a destination's windows at ``now``: ``always``,
+    ``open now, until Tue 07:00`` or ``closed now, next window Mon 19:00-Tue 07:00``."""
+    if schedule.always:
+        return "always (no schedule)"
+    closes = schedule.next_close(now)
+    if schedule.is_open(now):
+        return "open now" + ("" if closes is None else f", until {describe(closes, now)}")
+    opens = schedule.next_open(now)
+    if opens is None:
+        return "closed now, no window within a week"
+    ends = schedule.next_close(opens)
+    span = describe(opens, now) + ("" if ends is None else f" to {describe(ends, now)}")
+    return f"closed now, next window {span}"

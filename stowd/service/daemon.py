@@ -19,6 +19,8 @@ how things are and does housekeeping.  Signal handlers only set flags; every wai
 * A full disk (the queue, the spool, a sent/ or failed/ folder) is logged once when it starts
   and once when it ends, and shown in STATUS=; the watchdog is still fed (a restart frees no
   space, and a restart loop would hide the reason): the threads wait and try again.
+* A destination outside its transfer windows (``schedule``) is logged once when it pauses
+  and once when it opens; its senders keep looping (and beating), claiming nothing new.
 * A thread that dies is started again; one that died ``RESTART_LIMIT`` times within
   ``RESTART_WINDOW`` is reported (log, STATUS=, ``stowd status``) and the watchdog is no longer
   fed, so that systemd restarts stowd.
@@ -40,6 +42,7 @@ from types import FrameType
 
 from stowd.config.load import load_config
 from stowd.config.model import Config, Source
+from stowd.config.schedule import local_now, paused_note
 from stowd.dicomweb.stow import StowClient
 from stowd.errors import ConfigError, QueueError, QueueFull, StowdError
 from stowd.pipeline import disk
@@ -118,6 +121,7 @@ class Daemon:
         self.metrics_server: metrics.Server | None = None
         self._shared: dict[str, object] | None = None  # last written for status
         self.receivers = Receivers(self.queue)  # C-STORE receivers: they outlive reloads
+        self._paused: dict[str, bool] = {}  # destinations outside their windows, as logged
 
     # -- signals ------------------------------------------------------------------------
     def install_signals(self) -> None:
@@ -146,6 +150,7 @@ class Daemon:
             self.receivers.start(self.config)
             self.generation = self._start(self.config)
             self.metrics_server = _serve_metrics(self.config)
+            self._note_windows()
             self.notifier.ready(self._status_line())
             self._supervise()
         finally:
@@ -238,6 +243,7 @@ class Daemon:
             self._revive_dead_threads()
             self._reap_lingering()
             self.receivers.retry(self.config)
+            self._note_windows()
             now = time.monotonic()
             if now >= next_watchdog and self.notifier.watchdog_interval is not None:
                 self._feed_watchdog()
@@ -334,6 +340,28 @@ class Daemon:
                 "%d claimed file(s) no sender holds any more are queued again (sent again)",
                 returned,
             )
+
+    # -- schedule (transfer windows) --
+    def _note_windows(self) -> None:
+        """Log each destination's window closing (its senders claim nothing new; requests
+        in flight finish) and opening; the senders look at the schedule themselves."""
+        now = local_now()
+        for name, dest in self.config.destinations.items():
+            note = paused_note(dest.schedule, now)
+            if (note is not None) == self._paused.get(name, False):
+                continue
+            self._paused[name] = note is not None
+            windows = ", ".join(w.text for w in dest.schedule.windows)
+            if note is not None:
+                log.info(
+                    "destination %s: %s: outside its transfer windows (%s) it sends nothing "
+                    "new; new files are still found, read and queued",
+                    name,
+                    note,
+                    windows,
+                )
+            else:
+                log.info("destination %s: its transfer window is open (%s); sending", name, windows)
 
     # -- reload (SIGHUP) ------------------------------------------------------------------
     def _reload(self) -> None:
@@ -557,7 +585,8 @@ def _serve_metrics(config: Config) -> metrics.Server | None:
     if config.metrics is None:
         return None
     host, port = config.metrics.host, config.metrics.port
-    server = metrics.serve(host, port, config.queue, list(config.destinations))
+    schedules = {name: d.schedule for name, d in config.destinations.items()}
+    server = metrics.serve(host, port, config.queue, list(config.destinations), schedules=schedules)
     log.info("serving Prometheus metrics on http://%s:%d/metrics", host, server.port)
     return server
 
