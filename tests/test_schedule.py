@@ -4,15 +4,19 @@ and back on 2026-10-25 at 03:00)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 
+from stowd.commands import cli
+from stowd.commands.migrate import Paused
+from stowd.commands.migreport import progress, progress_line
 from stowd.config.load import load_config
 from stowd.config.model import Config
-from stowd.config.schedule import Schedule, describe, parse, schedule_of
+from stowd.config.schedule import DAY_NAMES, Schedule, describe, parse, schedule_of
 from stowd.errors import ConfigError
 
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -250,3 +254,53 @@ def test_bad_schedules_are_all_reported_with_key_and_line(tmp_path: Path) -> Non
     assert "cannot read the times of 'Sat 19:00'" in found["destinations.pacs.schedule[3]", 15]
     assert "never sends" in found["destinations.other.schedule", 18]
     assert "expected a window" in found["destinations.third.schedule", 21]
+
+
+# --------------------------------------------------------------------------- migrate, check-config
+
+
+def test_migrate_leaves_the_paused_time_out_of_its_rate_and_eta() -> None:
+    """Seen every tick: 100 s paused (20 of them while also held, which ``Pauses`` counts
+    already) are 80 s of pause."""
+    paused = Paused()
+    note = "paused until Mon 19:00 (schedule)"
+    paused.update(None, held=False, now=0.0)
+    paused.update(note, held=False, now=10.0)  # paused from here
+    paused.update(note, held=False, now=90.0)
+    paused.update(note, held=True, now=110.0)  # held too: counted there
+    paused.update(None, held=False, now=110.0)  # open again
+    paused.update(None, held=False, now=200.0)
+    assert paused.seconds == 80.0 and paused.note is None
+
+    # 200 s of run, 80 paused: 60 files in 120 s is 0.5 files/s, 40 left: 80 s
+    tally = {"sent": (60, 60_000_000), "pending": (40, 40_000_000)}
+    now = progress(tally, 0, 200.0 - paused.seconds, True, 0)
+    assert now.rate == 0.5 and now.outlook == "ETA 0:01:20"
+    waiting = replace(now, paused=note)
+    assert waiting.outlook == f"{note}; no ETA while paused"
+    assert f"{note}; no ETA while paused" in progress_line(waiting)
+
+
+def test_check_config_prints_each_destinations_next_window(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    today = datetime.now(BERLIN).weekday()
+    other, after = DAY_NAMES[(today + 3) % 7], DAY_NAMES[(today + 4) % 7]
+    load(
+        tmp_path,
+        f"    schedule: [{other} 19:00-07:00]\n"
+        "  always:\n"
+        "    url: http://127.0.0.1:8042/dicom-web\n"
+        "  whole:\n"
+        "    url: http://127.0.0.1:8042/dicom-web\n"
+        "    schedule: 00:00-24:00\n",
+    )
+    assert cli.main(["check-config", "-c", str(tmp_path / "stowd.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"  destination pacs: schedule {other} 19:00-07:00: closed now, next window "
+        f"{other} 19:00 to {after} 07:00\n"
+    ) in out
+    assert "  destination always: sends at any time (no schedule)\n" in out
+    assert "  destination whole: schedule 00:00-24:00: open now\n" in out

@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from dicomgen import make_study
-from harness import drop_source
+from harness import drop_source, wait_for
 from orthanc import Orthanc
 
 from stowd.config.model import Config, Destination
@@ -24,6 +24,8 @@ from stowd.dicomweb.stow import StowClient
 from stowd.pipeline.queue import Queue
 from stowd.pipeline.watch import Watcher
 from stowd.pipeline.worker import Worker
+from stowd.service import status
+from stowd.service.metrics import PausedCollector
 
 BERLIN = ZoneInfo("Europe/Berlin")
 NIGHTS = schedule_of(["Mon-Fri 19:00-07:00", "Sat-Sun"])
@@ -150,3 +152,59 @@ def test_no_schedule_sends_at_any_time(rig: Rig, orthanc: Orthanc) -> None:
     rig.find()
     rig.steps(rig.worker())
     assert rig.states() == {"sent": FILES} and orthanc.instance_count() == FILES
+
+
+def beat_after(worker: Worker, seen: float) -> None:
+    wait_for(lambda: worker.beat > seen, 30, "the paused sender's next beat")
+
+
+def test_a_paused_sender_keeps_beating_for_the_watchdog(rig: Rig) -> None:
+    """The daemon's watchdog calls a sender stuck when its ``beat`` is old while it runs:
+    a paused one loops (idle polls), so its beat stays fresh and it is never stuck."""
+    worker = rig.worker()
+    rig.find()
+    thread = threading.Thread(target=worker.run, name="send-paused", daemon=True)
+    thread.start()
+    try:
+        for _ in range(3):
+            beat_after(worker, worker.beat)
+        assert worker.running and rig.states() == {"pending": FILES}
+    finally:
+        rig.stop.set()
+        thread.join(30)
+    assert not thread.is_alive()
+
+
+def test_status_shows_the_pause_and_no_eta(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    rig.find()
+    noon = TUESDAY_NOON.timestamp()
+    data = status.gather(rig.config, now=noon)
+    pacs = data["destinations"]["pacs"]
+    assert pacs["paused"] is True
+    assert pacs["paused_note"] == "paused until Tue 19:00 (schedule)"
+    assert pacs["paused_until"] == TUESDAY_EVENING.timestamp()
+    assert pacs["schedule"] == ["Mon-Fri 19:00-07:00", "Sat-Sun"]
+    assert data["by_destination"]["pacs"]["eta"] == "paused"
+    assert data["eta"] == "paused"
+    text = status.render(data)
+    assert "  schedule:   paused until Tue 19:00 (schedule): new files are queued" in text
+    assert "no ETA while the destination is paused (schedule)" in text
+
+    evening = status.gather(rig.config, now=TUESDAY_EVENING.timestamp())["destinations"]["pacs"]
+    assert evening["paused"] is False and evening["paused_note"] is None
+    wednesday_morning = datetime(2026, 12, 9, 7, 0, tzinfo=BERLIN)
+    assert evening["open_until"] == wednesday_morning.timestamp()
+
+
+def test_the_paused_gauge_follows_the_clock() -> None:
+    clock = LocalClock(TUESDAY_NOON)
+    collector = PausedCollector({"pacs": NIGHTS, "other": schedule_of([])}, now=clock)
+
+    def gauge() -> dict[str, float]:
+        [family] = collector.collect()
+        return {s.labels["destination"]: s.value for s in family.samples}
+
+    assert gauge() == {"pacs": 1, "other": 0}
+    clock.now = TUESDAY_EVENING
+    assert gauge() == {"pacs": 0, "other": 0}
