@@ -354,11 +354,11 @@ def _no_eta_while_paused(
 
 
 def _schedule(schedule: Schedule, now: float) -> dict[str, Any]:
-    """A destination's windows: ``schedule`` (their texts), ``paused`` (outside them now),
+    """A destination's windows (none without a schedule): ``schedule`` (their texts), ``paused`` (outside them now),
     ``paused_until`` (when the next opens, epoch seconds), ``open_until`` (when the open
     one closes) and ``paused_note`` (``paused until Mon 19:00 (schedule)``)."""
     if schedule.always:
-        return {"schedule": None, "paused": False}
+        return {}  # no keys: the document of a destination without windows is as before
     local = datetime.fromtimestamp(now, local_zone())
     opens, closes = schedule.next_open(local), schedule.next_close(local)
     paused = not schedule.is_open(local)
