@@ -19,6 +19,7 @@ datetime.  Only ``local_now``, the clock stowd uses, looks at the system's zone.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Iterable
@@ -197,17 +198,30 @@ def schedule_of(texts: Iterable[str]) -> Schedule:
 # --------------------------------------------------------------------------- the clock
 
 
+LOCALTIME = "/etc/localtime"
+
+
 def local_zone() -> tzinfo:
     """The system's zone with its daylight-saving rules: ``TZ`` when it names one, else
-    ``/etc/localtime``; failing both, the current fixed offset."""
-    key = os.environ.get("TZ", "").removeprefix(":")
+    ``/etc/localtime``; failing both, the current fixed offset.  Read again only when
+    ``TZ`` or the file changed (the senders ask several times a second)."""
+    try:
+        found = os.stat(LOCALTIME)
+        stamp: tuple[int, int] | None = (found.st_ino, found.st_mtime_ns)
+    except OSError:
+        stamp = None
+    return _zone(os.environ.get("TZ", "").removeprefix(":"), stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _zone(key: str, _stamp: tuple[int, int] | None) -> tzinfo:
     try:
         if key:
             return ZoneInfo(key)
     except (ZoneInfoNotFoundError, ValueError):
         pass
     try:
-        with open("/etc/localtime", "rb") as tzfile:
+        with open(LOCALTIME, "rb") as tzfile:
             return ZoneInfo.from_file(tzfile, key="localtime")
     except (OSError, ValueError):
         return datetime.now().astimezone().tzinfo or UTC

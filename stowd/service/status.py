@@ -354,9 +354,10 @@ def _no_eta_while_paused(
 
 
 def _schedule(schedule: Schedule, now: float) -> dict[str, Any]:
-    """A destination's windows (none without a schedule): ``schedule`` (their texts), ``paused`` (outside them now),
-    ``paused_until`` (when the next opens, epoch seconds), ``open_until`` (when the open
-    one closes) and ``paused_note`` (``paused until Mon 19:00 (schedule)``)."""
+    """A destination's windows (no keys without a schedule): ``schedule`` (their texts),
+    ``paused`` (outside them now), ``paused_until`` (when the next opens, epoch seconds),
+    ``open_until`` (when the open one closes) and ``paused_note`` (``paused until Mon 19:00
+    (schedule)``)."""
     if schedule.always:
         return {}  # no keys: the document of a destination without windows is as before
     local = datetime.fromtimestamp(now, local_zone())
