@@ -1,8 +1,9 @@
 """Transfer windows (``schedule:``) in the real daemon and in ``stowd migrate``, against a
 real Orthanc.  stowd has no test hook for its clock, so the windows are computed from the
-real local time: one that opens at a whole minute 30-90 s ahead, and one on another day
-(closed for the whole test).  What is asserted never depends on the machine's speed: the
-files' rows say when they were sent (``done_at``), which must be after the window opened."""
+real local time: one on another day (closed for the whole test), and one that opens at the
+next whole minute, set by a reload once what is paused has been looked at.  What is asserted
+never depends on the machine's speed: the files' rows say when they were sent (``done_at``),
+which must be after the window opened."""
 
 from __future__ import annotations
 
@@ -25,10 +26,10 @@ from harness import Layout, Stowd, make_layout, run_cli, serving_metrics, wait_f
 from orthanc import Orthanc
 from prometheus_client.parser import text_string_to_metric_families
 
-from stowd.config.schedule import DAY_NAMES
+from stowd.config.schedule import DAY_NAMES, local_zone
 
 FILES = 4
-LEAD = 30  # seconds at least before the window opens
+LEAD = 5  # seconds at least between the reload and the window's opening
 
 
 def rows(layout: Layout) -> list[dict[str, Any]]:
@@ -76,52 +77,57 @@ def set_schedule(layout: Layout, schedule: list[str] | None) -> None:
 
 def next_minute(lead: float) -> datetime:
     """The first whole local minute at least ``lead`` seconds from now."""
-    soon = datetime.now().astimezone() + timedelta(seconds=lead)
+    soon = datetime.now(local_zone()) + timedelta(seconds=lead)
     return soon.replace(second=0, microsecond=0) + timedelta(minutes=1)
 
 
 def another_day() -> str:
     """A window on a day three days from today: closed for the whole test."""
-    return f"{DAY_NAMES[(datetime.now().astimezone().weekday() + 3) % 7]} 10:00-11:00"
+    return f"{DAY_NAMES[(datetime.now(local_zone()).weekday() + 3) % 7]} 10:00-11:00"
 
 
 def test_files_are_queued_outside_the_window_and_sent_once_it_opens(
     tmp_path: Path, orthanc: Orthanc
 ) -> None:
-    opens = next_minute(LEAD)
-    window = f"{opens:%H:%M}-{opens + timedelta(minutes=30):%H:%M}"
-    dest = {"url": orthanc.dicomweb_url, "workers": 2, "schedule": [window]}
+    """Started outside its window (one three days ahead): the files are queued and read,
+    status, metrics and the log say paused, nothing is sent however long that lasts.  Then
+    a reload adds a window that opens at the next whole minute: the files are sent, and
+    their rows say it was after it opened."""
+    other = another_day()
+    dest = {"url": orthanc.dicomweb_url, "workers": 2, "schedule": [other]}
     layout = make_layout(tmp_path / "run", orthanc.dicomweb_url, destinations={"pacs": dest})
     with serving_metrics(layout) as (daemon, port):
         make_study(layout.drop / "study", FILES)
-        wait_for(
-            lambda: read_and_pending(layout), LEAD, "files queued and read", lambda: daemon.log
-        )
-        assert time.time() < opens.timestamp(), "the machine took the whole lead to queue 4 files"
+        queued = lambda: read_and_pending(layout)  # noqa: E731
+        wait_for(queued, 60, "files queued and read", lambda: daemon.log)
         found = status(layout)["destinations"]["pacs"]
         assert found["paused"] is True, found
-        assert (
-            found["paused_note"]
-            == f"paused until {DAY_NAMES[opens.weekday()]} {opens:%H:%M} (schedule)"
+        first = (datetime.now(local_zone()) + timedelta(days=3)).replace(
+            hour=10, minute=0, second=0, microsecond=0
         )
-        assert found["paused_until"] == opens.timestamp()
+        assert found["paused_note"] == f"paused until {other.split()[0]} 10:00 (schedule)"
+        assert found["paused_until"] == first.timestamp()
         assert paused_gauge(port) == 1
-        assert orthanc.instance_count() == 0 and not layout.files(layout.sent)
         said = "destination pacs: paused until"
         wait_for(lambda: said in daemon.log, 30, "the pause logged", lambda: daemon.log)
+        assert orthanc.instance_count() == 0 and not layout.files(layout.sent)
 
+        opens = next_minute(LEAD)
+        set_schedule(layout, [other, f"{opens:%H:%M}-{opens + timedelta(minutes=30):%H:%M}"])
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGHUP)
         wait_for(
             lambda: len(layout.files(layout.sent)) == FILES,
-            LEAD + 90 + 60,
+            LEAD + 60 + 60,
             "the files sent once the window opened",
             lambda: daemon.log,
         )
         assert all(r["state"] == "sent" and r["done_at"] >= opens.timestamp() for r in rows(layout))
         assert orthanc.instance_count() == FILES
-        assert paused_gauge(port) == 0
-        assert status(layout)["destinations"]["pacs"]["paused"] is False
         said = "destination pacs: its transfer window is open"
         wait_for(lambda: said in daemon.log, 30, "the window logged open", lambda: daemon.log)
+        assert status(layout)["destinations"]["pacs"]["paused"] is False
+        wait_for(lambda: paused_gauge(port) == 0, 30, "the gauge at 0", lambda: daemon.log)
         assert daemon.terminate() == 0
 
 
