@@ -39,13 +39,14 @@ NIGHTS = schedule_of(["Mon-Fri 19:00-07:00", "Sat-Sun"])
     [
         ("2026-12-07 18:59", False),  # Monday evening, before the window
         ("2026-12-07 19:00", True),  # it opens at 19:00
-        ("2026-12-08 06:59", True),  # Tuesday morning: Monday's window runs past midnight
-        ("2026-12-08 07:00", False),  # and ends at 07:00
+        ("2026-12-08 06:59", True),  # Tuesday morning, before 07:00
+        ("2026-12-08 07:00", False),  # it ends at 07:00
         ("2026-12-08 12:00", False),  # Tuesday noon
         ("2026-12-11 23:00", True),  # Friday night
         ("2026-12-12 12:00", True),  # Saturday, the whole day
         ("2026-12-13 23:59", True),  # Sunday night
-        ("2026-12-14 00:00", False),  # Monday 00:00: Sunday's whole day is over
+        ("2026-12-14 00:00", True),  # Monday 00:00: Monday before 07:00, no gap
+        ("2026-12-14 07:00", False),  # Monday morning: the weekend is over
     ],
 )
 def test_inside_and_outside(when: str, is_open: bool) -> None:
@@ -62,11 +63,14 @@ def test_across_midnight_every_day() -> None:
     assert nights.next_open(at("2026-12-08 06:00")) == at("2026-12-08 22:00")
 
 
-def test_across_midnight_belongs_to_the_day_it_opens() -> None:
-    friday_night = schedule_of(["Fri 19:00-07:00"])
-    assert friday_night.is_open(at("2026-12-12 06:00"))  # Saturday morning
-    assert not friday_night.is_open(at("2026-12-11 06:00"))  # Friday morning: Thursday's
-    assert friday_night.next_open(at("2026-12-08 12:00")) == at("2026-12-11 19:00")
+def test_days_are_the_days_of_the_moment_as_in_dcm4chee() -> None:
+    """dcm4chee-arc's ``hour=19-6 dayOfWeek=5``: Friday's early morning and late evening."""
+    friday = schedule_of(["Fri 19:00-07:00"])
+    assert friday.is_open(at("2026-12-11 06:00"))  # Friday morning
+    assert friday.is_open(at("2026-12-11 23:59"))  # Friday night
+    assert not friday.is_open(at("2026-12-12 06:00"))  # Saturday morning is not Friday
+    assert friday.next_open(at("2026-12-08 12:00")) == at("2026-12-11 00:00")
+    assert friday.next_close(at("2026-12-11 20:00")) == at("2026-12-12 00:00")
 
 
 def test_overlapping_windows_are_one_open_time() -> None:
@@ -80,9 +84,8 @@ def test_overlapping_windows_are_one_open_time() -> None:
 def test_next_window_of_the_issue_example() -> None:
     tuesday_noon = at("2026-12-08 12:00")
     assert NIGHTS.next_open(tuesday_noon) == at("2026-12-08 19:00")
-    # Friday night runs into the weekend; Sunday's whole day ends at Monday 00:00 (Sunday
-    # is not a day a 19:00-07:00 window opens on)
-    assert NIGHTS.next_close(at("2026-12-11 20:00")) == at("2026-12-14 00:00")
+    # Friday night runs into the weekend, and the weekend into Monday morning
+    assert NIGHTS.next_close(at("2026-12-11 20:00")) == at("2026-12-14 07:00")
     assert describe(at("2026-12-08 19:00"), tuesday_noon) == "Tue 19:00"
 
 
@@ -286,7 +289,8 @@ def test_check_config_prints_each_destinations_next_window(
 ) -> None:
     monkeypatch.setenv("TZ", "Europe/Berlin")
     today = datetime.now(BERLIN).weekday()
-    other, after = DAY_NAMES[(today + 3) % 7], DAY_NAMES[(today + 4) % 7]
+    other = DAY_NAMES[(today + 3) % 7]
+    # that day's first window is its early morning, 00:00-07:00
     load(
         tmp_path,
         f"    schedule: [{other} 19:00-07:00]\n"
@@ -300,7 +304,7 @@ def test_check_config_prints_each_destinations_next_window(
     out = capsys.readouterr().out
     assert (
         f"  destination pacs: schedule {other} 19:00-07:00: closed now, next window "
-        f"{other} 19:00 to {after} 07:00\n"
+        f"{other} 00:00 to {other} 07:00\n"
     ) in out
     assert "  destination always: sends at any time (no schedule)\n" in out
     assert "  destination whole: schedule 00:00-24:00: open now\n" in out

@@ -1,10 +1,15 @@
 """A destination's transfer windows (``schedule:``): when it may send, in local time.
 
 A window is written ``[DAYS] [HH:MM-HH:MM]``: ``"Mon-Fri 19:00-07:00"``, ``"Sat-Sun"`` (whole
-days), ``"22:00-06:00"`` (every day), ``"Mon,Wed,Fri 08:00-12:00"``.  DAYS are the days a
-window *opens* on: one that ends at or before its start runs past midnight into the next
-day (``Fri 19:00-07:00`` is open until Saturday 07:00).  ``24:00`` may end a window.  A
-schedule is open while any of its windows is; no schedule (no windows) is always open.
+days), ``"22:00-06:00"`` (every day), ``"Mon,Wed,Fri 08:00-12:00"``.  A moment is inside a
+window when its weekday is one of DAYS and its time of day is inside the times; times that
+end at or before their start wrap around midnight (``19:00-07:00`` is 19:00-24:00 and
+00:00-07:00 of each of its days).  This is how dcm4chee-arc reads the schedules of its
+forward rules (``dcmSchedule: hour=19-6 dayOfWeek=1-5``: the hour and the weekday of the
+moment, ``org.dcm4chee.arc.conf.ScheduleExpression``), and it makes the usual "nights and
+weekends", ``["Mon-Fri 19:00-07:00", "Sat-Sun"]``, one unbroken time from Friday 19:00 to
+Monday 07:00.  ``24:00`` may end a window.  A schedule is open while any of its windows is;
+no schedule (no windows) is always open.
 
 Times are wall-clock times of the local zone: a window is open while the local clock shows
 a time inside it.  So on the night the clocks go forward a ``19:00-07:00`` window is an
@@ -39,7 +44,7 @@ _HINT = 'write a window as "Mon-Fri 19:00-07:00", "Sat-Sun" or "22:00-06:00"'
 @dataclass(frozen=True)
 class Window:
     """Open on ``days`` (0 Monday .. 6 Sunday) from ``start`` to ``end`` (minutes of the
-    day; ``end <= start``: until ``end`` of the next day)."""
+    day; ``end <= start``: from ``start`` to midnight and from midnight to ``end``)."""
 
     days: frozenset[int]
     start: int
@@ -47,10 +52,11 @@ class Window:
     text: str
 
     def is_open(self, weekday: int, minute: int) -> bool:
+        if weekday not in self.days:
+            return False
         if self.start < self.end:
-            return weekday in self.days and self.start <= minute < self.end
-        opened_today = weekday in self.days and minute >= self.start
-        return opened_today or ((weekday - 1) % 7 in self.days and minute < self.end)
+            return self.start <= minute < self.end
+        return minute >= self.start or minute < self.end
 
 
 @dataclass(frozen=True)
@@ -93,14 +99,14 @@ class Schedule:
 
     def _candidates(self, now: datetime, zone: tzinfo) -> set[datetime]:
         """Every instant (UTC) within ``HORIZON`` days after ``now`` at which the state may
-        change: a window's start or end (both readings of a repeated hour), and the
-        moments the zone changes its offset (the clocks jump)."""
+        change: a window's start or end and midnight (a window's day begins or ends), both
+        readings of a repeated hour, and the moments the zone changes its offset."""
         first = now.astimezone(zone).date() - timedelta(days=1)
         found: set[datetime] = set()
         limit = now + timedelta(days=HORIZON)
         for n in range(HORIZON + 2):
             day = first + timedelta(days=n)
-            for minute in {m for w in self.windows for m in (w.start, w.end)}:
+            for minute in {0} | {m for w in self.windows for m in (w.start, w.end)}:
                 found |= _instants(day, minute, zone)
             found |= _offset_changes(day, zone)
         return {c for c in found if now < c <= limit}
