@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
@@ -26,7 +27,16 @@ import pydicom
 import pytest
 from dicomgen import make_instance, make_study
 from fakearchive import parts_of
-from harness import Clock, Layout, Stowd, drop_source, make_layout, run_cli, wait_for
+from harness import (
+    Clock,
+    Layout,
+    Stowd,
+    drop_source,
+    make_layout,
+    run_cli,
+    serving_metrics,
+    wait_for,
+)
 from localserver import LocalServer
 
 from stowd.config.model import BatchLimits, Config, Destination, Retry
@@ -296,6 +306,12 @@ def status(layout: Layout) -> dict[str, Any]:
     return data
 
 
+def shows(layout: Layout) -> int | None:
+    """The limit of pacs that ``stowd status --json`` shows."""
+    found = status(layout)["destinations"]["pacs"].get("concurrency")
+    return None if found is None else int(found["limit"])
+
+
 def limits_logged(log: str) -> list[tuple[int, int]]:
     """The changes of the limit the daemon logged, (old, new) in order."""
     found: list[tuple[int, int]] = []
@@ -309,7 +325,7 @@ def limits_logged(log: str) -> list[tuple[int, int]]:
     return found
 
 
-def busy_layout(tmp_path: Path, url: str, **dest: Any) -> Layout:
+def busy_layout(tmp_path: Path, url: str, *, stage: Path | None = None, **dest: Any) -> Layout:
     destination = {
         "url": url,
         "workers": WORKERS,
@@ -319,28 +335,44 @@ def busy_layout(tmp_path: Path, url: str, **dest: Any) -> Layout:
     }
     layout = make_layout(tmp_path / "run", "", destinations={"pacs": destination})
     for n in range(FILES):
-        make_instance(layout.drop / f"{n:03}.dcm")
+        make_instance((stage or layout.drop) / f"{n:03}.dcm")
     return layout
 
 
+def gauge(port: int) -> str:
+    """The concurrency gauge of pacs in the daemon's metrics."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10, trust_env=False).text
+    name = 'stowd_destination_concurrency{destination="pacs"} '
+    [line] = [line for line in text.splitlines() if line.startswith(name)]
+    return line.removeprefix(name)
+
+
 def test_the_daemon_settles_at_what_the_archive_takes_and_fails_no_file(tmp_path: Path) -> None:
+    stage = tmp_path / "stage"  # dropped once the metrics are served (serving_metrics)
     with BusyArchive() as archive:
-        layout = busy_layout(tmp_path, archive.url + "/dicom-web")
-        with Stowd(layout) as daemon:
+        layout = busy_layout(tmp_path, archive.url + "/dicom-web", stage=stage)
+        with serving_metrics(layout) as (daemon, port):
+            for path in stage.iterdir():
+                path.rename(layout.drop / path.name)
             wait_for(
                 lambda: len(layout.files(layout.sent)) == FILES,
                 240,
                 "every file in sent/",
                 lambda: daemon.log,
             )
-            wait_for(
-                lambda: "concurrency" in status(layout)["destinations"]["pacs"],
+            wait_for(  # no request is left: the last change logged is the limit now
+                lambda: shows(layout) == limits_logged(daemon.log)[-1][1],
                 30,
                 "status to show the limit",
                 lambda: daemon.log,
             )
             shown = status(layout)["destinations"]["pacs"]
             text = run_cli("status", "-c", str(layout.config)).stdout
+            scraped = gauge(port)
+            assert daemon.proc is not None
+            daemon.proc.send_signal(signal.SIGHUP)  # a reload keeps what was learnt
+            wait_for(lambda: "reloaded" in daemon.log, 30, "the reload", lambda: daemon.log)
+            reloaded = gauge(port)
             assert daemon.terminate() == 0
     assert layout.files(layout.failed) == set()
     assert archive.refused >= 1 and len(archive.stored) == FILES
@@ -354,8 +386,9 @@ def test_the_daemon_settles_at_what_the_archive_takes_and_fails_no_file(tmp_path
     final = changes[-1][1]
     assert shown["concurrency"] == {"limit": final, "workers": WORKERS}, shown
     assert f"  requests:   at most {final} at once of {WORKERS} workers" in text
+    assert scraped == reloaded == f"{final:.1f}"
     assert "unavailable" not in daemon.log  # no 429 paused the destination
-    assert '"state": "held"' not in json.dumps(shown)
+    assert shown["state"] == "ok"
     assert archive.most <= WORKERS
 
 
