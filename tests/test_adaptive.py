@@ -76,7 +76,7 @@ class Rig:
         self.clock = Clock(2_000_000_000.0)
         self.source = drop_source(tmp_path)
         self.source.watch.mkdir(parents=True)
-        self.answers = answers
+        self.answers: list[httpx.Response] | None = answers  # None: every request times out
         self.requests = 0
         self.dest = Destination(
             "pacs", "http://archive.test/dicom-web", BatchLimits(max_files=10), **dest
@@ -102,6 +102,8 @@ class Rig:
 
     def _archive(self, request: httpx.Request) -> httpx.Response:
         self.requests += 1
+        if self.answers is None:
+            raise httpx.ReadTimeout("the archive did not answer in time", request=request)
         if self.answers:
             return self.answers.pop(0)
         uids = sop_uids(request.headers["Content-Type"], request.read())
@@ -184,6 +186,18 @@ def test_retry_after_is_followed_and_lowers_the_limit(rig: Callable[..., Rig]) -
     one.worker.step()
     hold = one.queue.holds()["pacs"]
     assert hold.until - one.clock.now == pytest.approx(120)
+    assert one.queue.counts() == {"waiting": 4}
+    assert one.limit == 2
+
+
+def test_a_timeout_lowers_the_limit_and_pauses_the_destination_as_before(
+    rig: Callable[..., Rig],
+) -> None:
+    one = rig([], workers=4)
+    one.answers = None  # every request times out (after the 3 quick attempts: 1 s + 2 s)
+    one.worker.step()
+    hold = one.queue.holds()["pacs"]
+    assert "timed out (ReadTimeout)" in hold.reason
     assert one.queue.counts() == {"waiting": 4}
     assert one.limit == 2
 
