@@ -26,6 +26,7 @@ from stowd.config.access import ACCESS_KEYS, read_access
 from stowd.config.model import (
     BULK_MODES,
     BULK_TYPES,
+    DEFAULT_ADAPTIVE,
     DEFAULT_BATCH_BYTES,
     DEFAULT_BATCH_FILES,
     DEFAULT_CONNECT_TIMEOUT,
@@ -143,6 +144,7 @@ _DESTINATION_KEYS = (
     "transcode",
     "verify",
     "schedule",
+    "adaptive",  # adaptive concurrency (issue 20)
     *ACCESS_KEYS,
 )
 _BULK_KEYS = ("types", "study_key", "images", "unknown")
@@ -355,6 +357,7 @@ def _read_destination(sec: Section, name: str) -> Destination | None:
         transcode=sec.get("transcode", DEFAULT_TRANSCODE, as_choice(TRANSCODE_POLICIES)),
         verify=sec.get("verify", DEFAULT_VERIFY, as_bool),
         schedule=_read_schedule(sec),
+        adaptive=sec.get("adaptive", DEFAULT_ADAPTIVE, as_bool),  # issue 20
     )
     return None if url is None else destination
 

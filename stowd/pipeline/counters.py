@@ -15,6 +15,8 @@ other libraries' metrics)::
     stowd_received_refused_total{source}             C-STORE instances answered with a failure
     stowd_associations_rejected_total{source}        associations rejected (AE title, limit)
     stowd_associations_open{source}                  associations open now (a gauge)
+    stowd_destination_concurrency{destination}      requests allowed in flight at once now
+                                                     (a gauge; adaptive destinations only)
 
 ``service/metrics.py`` serves them with the queue's gauges.  Label values are source names,
 destination names and reasons only: never paths, patient data or URLs (which may carry
@@ -130,6 +132,15 @@ ASSOCIATIONS_OPEN = Gauge(
     registry=REGISTRY,
 )
 
+# adaptive concurrency (issue 20)
+CONCURRENCY = Gauge(
+    "stowd_destination_concurrency",
+    "Requests allowed in flight at once to the destination now (adaptive: lowered while the "
+    "archive is busy, raised again after rounds of successful requests)",
+    ["destination"],
+    registry=REGISTRY,
+)
+
 
 # -- what the daemon calls (cheap; prometheus_client metrics are thread-safe) ------------------
 def queued(source: str, destination: str, n: int = 1) -> None:
@@ -228,3 +239,8 @@ def association_opened(source: str) -> None:
 
 def association_closed(source: str) -> None:
     ASSOCIATIONS_OPEN.labels(label(source)).dec()
+
+
+def concurrency(destination: str, limit: int) -> None:
+    """``destination`` allows ``limit`` requests at once now (adaptive concurrency)."""
+    CONCURRENCY.labels(label(destination)).set(limit)

@@ -41,11 +41,12 @@ from pathlib import Path
 from types import FrameType
 
 from stowd.config.load import load_config
-from stowd.config.model import Config, Source
+from stowd.config.model import Config, Destination, Source
 from stowd.config.schedule import local_now, paused_note
 from stowd.dicomweb.stow import StowClient
 from stowd.errors import ConfigError, QueueError, QueueFull, StowdError
-from stowd.pipeline import disk
+from stowd.pipeline import counters, disk
+from stowd.pipeline.concurrency import Concurrency, Limits
 from stowd.pipeline.disk import Disks
 from stowd.pipeline.lookup import Finder
 from stowd.pipeline.loop import Stop
@@ -122,6 +123,7 @@ class Daemon:
         self._shared: dict[str, object] | None = None  # last written for status
         self.receivers = Receivers(self.queue)  # C-STORE receivers: they outlive reloads
         self._paused: dict[str, bool] = {}  # destinations outside their windows, as logged
+        self.limits = Limits()  # adaptive concurrency per destination: it outlives reloads
 
     # -- signals ------------------------------------------------------------------------
     def install_signals(self) -> None:
@@ -196,6 +198,7 @@ class Daemon:
         for name, dest in config.destinations.items():
             client = StowClient(dest, stop=gen.stop)
             gen.clients[name] = client
+            limit = self._limit(dest)
             for n in range(dest.workers):
                 worker = Worker(
                     config,
@@ -207,6 +210,7 @@ class Daemon:
                     classify_lock=gen.classify_lock,  # one reader of new files at a time
                     finder=gen.finder,
                     disks=self.disks,
+                    limit=limit,
                 )
                 gen.senders.append(worker)
                 _spawn(gen, f"send-{name}-{n}", worker.run)
@@ -226,6 +230,13 @@ class Daemon:
                     "watching %s (source %s) -> %s", source.watch, source.name, source.destination
                 )
         return gen
+
+    def _limit(self, dest: Destination) -> Concurrency:
+        """The concurrency limit of ``dest``, as learnt before a reload (issue 20)."""
+        limit = self.limits.of(dest)
+        if dest.adaptive:
+            counters.concurrency(dest.name, limit.limit)
+        return limit
 
     def _queue_files(self) -> tuple[Path, ...]:
         q = str(self.config.queue)
@@ -268,6 +279,10 @@ class Daemon:
         shared: dict[str, object] = {"destinations": destinations}
         if self.receivers.running or self.receivers.unbound:
             shared["receivers"] = self.receivers.snapshot()
+        limits = self.limits.snapshot()  # adaptive concurrency (issue 20)
+        shared[inflight.CONCURRENCY] = {
+            n: v for n, v in limits.items() if n in self.config.destinations
+        }
         if shared == self._shared:
             return
         doc = inflight.document(os.getpid(), time.time(), destinations)

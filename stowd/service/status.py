@@ -215,6 +215,7 @@ def _gather(config: Config, queue: Queue, now: float) -> dict[str, Any]:
         eta, seconds = "parked", None  # all of it belongs to sources no longer configured
     pid = daemon_pid(config.queue)
     _add_in_flight(config, destinations, inflight.read(config.queue, pid), now)
+    _add_concurrency(destinations, inflight.read_concurrency(config.queue, pid))
     receiving = inflight.read_receivers(config.queue, pid)
     for name, figures in by_source.items():
         if "receive" in figures:
@@ -388,6 +389,29 @@ def _add_in_flight(
         quiet = max(0.0, now - progress)
         if quiet > inflight.not_answering_after(dest.timeouts.read):
             out[name] |= {"not_answering_seconds": round(quiet, 1), "request_since": since}
+
+
+# -- adaptive concurrency (issue 20) ---------------------------------------------------------
+def _add_concurrency(out: dict[str, Any], limits: Mapping[str, Any]) -> None:
+    """A destination with ``adaptive: true`` gets ``concurrency``: the requests it allows at
+    once now (``limit``) and its ``workers``, as the running daemon says."""
+    for name, found in limits.items():
+        if name not in out or not isinstance(found, dict):
+            continue
+        try:
+            limit, workers = int(found["limit"]), int(found["workers"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        out[name]["concurrency"] = {"limit": limit, "workers": workers}
+
+
+def _concurrency(health: Mapping[str, Any] | None) -> list[str]:
+    found = None if health is None else health.get("concurrency")
+    if not found:
+        return []
+    limit, workers = found["limit"], found["workers"]
+    lowered = " (lowered: the archive was busy)" if limit < workers else ""
+    return [f"  requests:   at most {limit} at once of {workers} workers{lowered}"]
 
 
 def _not_answering(destinations: Mapping[str, Any]) -> list[str]:
@@ -621,7 +645,7 @@ def _destination(name: str, figures: Mapping[str, Any], health: Any) -> list[str
     if settling and lines[-1] == "  health:     ok":
         lines[-1] += _unmoved(settling, figures.get("settling_stored", 0))
     windows = [] if health is None else _windows(health)
-    return [*lines, *windows, *_figures(figures)]
+    return [*lines, *_concurrency(health), *windows, *_figures(figures)]
 
 
 def _unmoved(settling: int, stored: int) -> str:
