@@ -475,9 +475,7 @@ class Paused:
         self.opens: float | None = None  # when the next window opens, while paused
         self._last: float | None = None  # when it was last seen
 
-    def update(
-        self, note: str | None, held: bool, now: float, opens: float | None = None
-    ) -> None:
+    def update(self, note: str | None, held: bool, now: float, opens: float | None = None) -> None:
         """Seen at ``now``: paused (``note``, until ``opens``) or not; time already counted
         as held is not counted twice."""
         if self.note is not None and not held and self._last is not None:
