@@ -13,8 +13,10 @@ import pytest
 from harness import drop_source
 
 from stowd.commands.migreport import held_note
+from stowd.config.load import load_config
 from stowd.config.model import Config, Destination
 from stowd.config.schedule import schedule_of
+from stowd.errors import ConfigError
 from stowd.pipeline.queue import Queue
 from stowd.service import status
 
@@ -67,3 +69,31 @@ def test_migrate_held_note_outside_the_window_names_the_opening_not_due_now(
     assert "next try due now" in held_note(hold, TUESDAY_NOON)  # no window: as before
     note = held_note(hold, TUESDAY_NOON, TUESDAY_EVENING)
     assert "next try in 25200s" in note, note
+
+
+CONFIG = """\
+queue: ./state/queue.db
+sources:
+  - name: ct1
+    watch: ./drop
+    sent: ./done/sent
+    failed: ./done/failed
+    destination: pacs
+destinations:
+  pacs:
+    url: http://127.0.0.1:8042/dicom-web
+    schedule: [Sat-Sun, 19:00]
+"""
+
+
+def test_a_window_yaml_reads_as_a_number_is_shown_as_written(tmp_path: Path) -> None:
+    """``19:00`` unquoted is the number 1140 to YAML 1.1 (sexagesimal): the message shows
+    what the user wrote, and how to write it, not a number they never wrote."""
+    (tmp_path / "drop").mkdir()
+    path = tmp_path / "stowd.yaml"
+    path.write_text(CONFIG, encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    [problem] = caught.value.problems
+    assert (problem.key, problem.line) == ("destinations.pacs.schedule[1]", 11)
+    assert "got 19:00 (YAML reads it as 1140; put the window in quotes)" in problem.message
