@@ -4,18 +4,20 @@ and ``stowd status`` and ``stowd migrate`` say so.  Injected clocks (Europe/Berl
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from harness import drop_source
+import yaml
+from harness import Stowd, drop_source, make_layout, wait_for
 
 from stowd.commands.migreport import held_note
 from stowd.config.load import load_config
 from stowd.config.model import Config, Destination
-from stowd.config.schedule import schedule_of
+from stowd.config.schedule import DAY_NAMES, local_zone, schedule_of
 from stowd.errors import ConfigError
 from stowd.pipeline.queue import Queue
 from stowd.service import status
@@ -97,3 +99,29 @@ def test_a_window_yaml_reads_as_a_number_is_shown_as_written(tmp_path: Path) -> 
     [problem] = caught.value.problems
     assert (problem.key, problem.line) == ("destinations.pacs.schedule[1]", 11)
     assert "got 19:00 (YAML reads it as 1140; put the window in quotes)" in problem.message
+
+
+def test_a_reload_that_removes_the_schedule_says_so_not_an_empty_window(tmp_path: Path) -> None:
+    """Paused (a window three days ahead), then a reload without ``schedule``: the log said
+    "its transfer window is open (); sending", a window that does not exist."""
+    weekday = datetime.now(local_zone()).weekday()
+    other = f"{DAY_NAMES[(weekday + 3) % 7]} 10:00-11:00"
+    dest = {"url": "http://127.0.0.1:9/dicom-web", "schedule": [other]}
+    layout = make_layout(
+        tmp_path / "run", "http://127.0.0.1:9/dicom-web", destinations={"pacs": dest}
+    )
+    with Stowd(layout) as daemon:
+        daemon.wait_started()
+        said = "destination pacs: paused until"
+        wait_for(lambda: said in daemon.log, 30, "the pause logged", lambda: daemon.log)
+        doc = yaml.safe_load(layout.config.read_text())
+        del doc["destinations"]["pacs"]["schedule"]
+        layout.config.write_text(yaml.safe_dump(doc, sort_keys=False))
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGHUP)
+        said = "destination pacs: no schedule any more; sending at any time"
+        wait_for(
+            lambda: said in daemon.log, 60, "the schedule's removal logged", lambda: daemon.log
+        )
+        assert "transfer window is open ()" not in daemon.log
+        assert daemon.terminate() == 0
