@@ -86,6 +86,13 @@ def another_day() -> str:
     return f"{DAY_NAMES[(datetime.now(local_zone()).weekday() + 3) % 7]} 10:00-11:00"
 
 
+def next_day(name: str) -> datetime:
+    """Now on the next day called ``name`` (from the day's name, not from "three days from
+    now", which is a day later once midnight passed since the window was written)."""
+    now = datetime.now(local_zone())
+    return now + timedelta(days=(DAY_NAMES.index(name) - now.weekday()) % 7)
+
+
 def test_files_are_queued_outside_the_window_and_sent_once_it_opens(
     tmp_path: Path, orthanc: Orthanc
 ) -> None:
@@ -102,9 +109,7 @@ def test_files_are_queued_outside_the_window_and_sent_once_it_opens(
         wait_for(queued, 60, "files queued and read", lambda: daemon.log)
         found = status(layout)["destinations"]["pacs"]
         assert found["paused"] is True, found
-        first = (datetime.now(local_zone()) + timedelta(days=3)).replace(
-            hour=10, minute=0, second=0, microsecond=0
-        )
+        first = next_day(other.split()[0]).replace(hour=10, minute=0, second=0, microsecond=0)
         assert found["paused_note"] == f"paused until {other.split()[0]} 10:00 (schedule)"
         assert found["paused_until"] == first.timestamp()
         assert paused_gauge(port) == 1

@@ -365,8 +365,11 @@ class Migration:
     def _update_pauses(self, now: float) -> None:
         """The destination held, or outside its windows, as seen at ``now``."""
         self.pauses.update(self.queue.holds().get(self.opts.destination), now)
-        note = paused_note(self.schedule, local_now())
-        self.paused.update(note, self.pauses.since is not None, now)
+        local = local_now()
+        note = paused_note(self.schedule, local)
+        opens = None if note is None else self.schedule.next_open(local)
+        when = None if opens is None else opens.timestamp()
+        self.paused.update(note, self.pauses.since is not None, now, opens=when)
 
     def _nothing_left(self, tally: dict[str, tuple[int, int]]) -> bool:
         """Every file is done, or all that is left are moves that keep failing (disk full,
@@ -406,7 +409,7 @@ class Migration:
         seconds = max(0.0, self.pauses.answering(at) - self.paused.seconds)
         errors = len(self.scan_errors)
         hold = self.pauses.hold
-        held = None if hold is None else held_note(hold, at)
+        held = None if hold is None else held_note(hold, at, self.paused.opens)
         scanned = self.scanned.is_set()
         now = progress(tally, self.skipped, seconds, scanned, errors, held=held)
         now = replace(now, paused=self.paused.note)
@@ -469,14 +472,15 @@ class Paused:
     def __init__(self) -> None:
         self.seconds = 0.0
         self.note: str | None = None  # "paused until Mon 19:00 (schedule)", while paused
+        self.opens: float | None = None  # when the next window opens, while paused
         self._last: float | None = None  # when it was last seen
 
-    def update(self, note: str | None, held: bool, now: float) -> None:
-        """Seen at ``now``: paused (``note``) or not; time already counted as held is not
-        counted twice."""
+    def update(self, note: str | None, held: bool, now: float, opens: float | None = None) -> None:
+        """Seen at ``now``: paused (``note``, until ``opens``) or not; time already counted
+        as held is not counted twice."""
         if self.note is not None and not held and self._last is not None:
             self.seconds += max(0.0, now - self._last)
-        self.note, self._last = note, now
+        self.note, self.opens, self._last = note, opens, now
 
 
 def _unscheduled(config: Config, opts: Options) -> Config:

@@ -156,11 +156,12 @@ def progress(
     return Progress(done + skipped, total, scanned, stored, failed, seconds, rate, held)
 
 
-def held_note(hold: Hold, now: float) -> str:
+def held_note(hold: Hold, now: float, opens: float | None = None) -> str:
     """What ``stowd status`` says of a held destination, on one line: since when, the next
-    try and why (``held since 05:50:01 (8 min), next try in 20s: <reason>``)."""
+    try and why (``held since 05:50:01 (8 min), next try in 20s: <reason>``).  ``opens``:
+    when its transfer window opens, outside it (no try before then)."""
     since = time.strftime("%H:%M:%S", time.localtime(hold.since))
-    wait = hold.until - now
+    wait = (hold.until if opens is None else max(hold.until, opens)) - now
     due = f"in {wait:.0f}s" if wait > 0 else "due now"
     reason = " ".join(redact(hold.reason).split())
     return (

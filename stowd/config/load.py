@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from yaml.nodes import MappingNode, Node, SequenceNode
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from stowd.config.access import ACCESS_KEYS, read_access
 from stowd.config.model import (
@@ -93,6 +93,7 @@ from stowd.config.yamlwalk import (
     describe_node,
     describe_value,
     entries,
+    is_null,
     join,
     value_of,
 )
@@ -386,11 +387,20 @@ def _read_window(ctx: Context, key: str, node: Node) -> Window | None:
     try:
         value = value_of(node)
         if not isinstance(value, str):
-            raise ValueError(f"{_SCHEDULE_HINT}, got {describe_node(node)}")
+            raise ValueError(f"{_SCHEDULE_HINT}, got {_as_written(node)}")
         return parse(value)
     except ValueError as exc:
         ctx.add(key, str(exc), node)
         return None
+
+
+def _as_written(node: Node) -> str:
+    """A window that YAML read as something else: ``19:00`` unquoted is the number 1140
+    (YAML 1.1 reads it as minutes and seconds), so the message shows it as written too."""
+    got = describe_node(node)
+    if isinstance(node, ScalarNode) and not is_null(node) and node.value != got:
+        return f"{node.value} (YAML reads it as {got}; put the window in quotes)"
+    return got
 
 
 def _read_destinations(top: Section) -> tuple[dict[str, Destination], frozenset[str] | None]:

@@ -375,6 +375,8 @@ class Daemon:
                     note,
                     windows,
                 )
+            elif dest.schedule.always:  # a reload took its schedule away
+                log.info("destination %s: no schedule any more; sending at any time", name)
             else:
                 log.info("destination %s: its transfer window is open (%s); sending", name, windows)
 

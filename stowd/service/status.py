@@ -327,12 +327,13 @@ def _destinations(config: Config, holds: Mapping[str, Hold], now: float) -> dict
         out[name] = {"url": dest.display_url, "verify_tls": dest.verify_tls, "state": "ok"}
         out[name] |= _schedule(dest.schedule, now)
         if hold is not None:
+            until = _next_try(hold, out[name].get("paused_until"))
             out[name] |= {
                 "state": "held",
                 "held_since": hold.since,
                 "held_for_seconds": _since(now, hold.since),
-                "held_until": hold.until,
-                "next_try_in_seconds": round(max(0.0, hold.until - now), 1),
+                "held_until": until,
+                "next_try_in_seconds": round(max(0.0, until - now), 1),
                 "reason": redact(hold.reason or ""),
                 "failures": hold.failures,
             }
@@ -352,6 +353,12 @@ def _no_eta_while_paused(
     for name, figures in found:
         if name in paused and figures["eta"] in ("estimated", "unknown"):
             figures["eta"], figures["eta_seconds"] = "paused", None
+
+
+def _next_try(hold: Hold, paused_until: float | None) -> float:
+    """When a held destination is tried next: when its hold ends, or when its window opens
+    if that is later (outside its windows nothing is tried, not even the probe)."""
+    return hold.until if paused_until is None else max(hold.until, paused_until)
 
 
 def _schedule(schedule: Schedule, now: float) -> dict[str, Any]:
