@@ -157,3 +157,11 @@ def test_workers_above_the_limit_get_no_seat() -> None:
 def test_a_wire_without_a_limit_seats_every_worker() -> None:
     wire = Wire()
     assert all(wire.seat() is not None for _ in range(100))
+
+
+def test_a_reload_that_raises_workers_raises_a_limit_that_was_not_lowered() -> None:
+    limits = Limits()
+    pacs = limits.of(Destination("pacs", "http://pacs/dicom-web", workers=4))
+    assert limits.of(Destination("pacs", "http://pacs/dicom-web", workers=8)).limit == 8
+    pacs.overloaded(pacs.ticket())  # 8 -> 4: learnt
+    assert limits.of(Destination("pacs", "http://pacs/dicom-web", workers=16)).limit == 4

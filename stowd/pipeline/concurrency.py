@@ -122,10 +122,12 @@ class Concurrency:
             return Change(old, self._limit, successes)
 
     def reconfigure(self, workers: int, adaptive: bool) -> None:
-        """A reload: the limit learnt so far stays, within the new ``workers``."""
+        """A reload: a limit learnt so far (lowered) stays, within the new ``workers``; one
+        that was not lowered is the new ``workers`` (a raise of ``workers`` counts at once)."""
         with self._lock:
+            lowered = self.adaptive and self._limit < self.workers
             self.workers, self.adaptive = workers, adaptive
-            self._limit = min(self._limit, workers) if adaptive else workers
+            self._limit = min(self._limit, workers) if adaptive and lowered else workers
             self._changes += 1
             self._successes = 0
 
