@@ -11,10 +11,12 @@ TCP's congestion window.
   to ``workers``: at most one increase per round of requests.
 
 No clock is involved: a round is counted in requests, so the limit moves as fast as the
-archive answers.  ``Concurrency`` is shared by the workers of one destination (``wire.Wire``
-asks it whether a worker may claim a batch) and kept by name across a reload (``Limits``), so
-a SIGHUP does not lose what was learnt.  With ``adaptive: false`` there is no limit but
-``workers`` itself.
+archive answers.  Only the log looks at the time (``Narrator``): an archive that sits at its
+limit is probed again and again (up one, halved back), and that routine is summed up once per
+``QUIET`` seconds instead of two lines a round.  ``Concurrency`` is shared by the workers of
+one destination (``wire.Wire`` asks it whether a worker may claim a batch) and kept by name
+across a reload (``Limits``), so a SIGHUP does not lose what was learnt.  With
+``adaptive: false`` there is no limit but ``workers`` itself.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from stowd.config.model import Destination
 from stowd.errors import DestinationBusy, StowFailure, TimedOut
 
 OVERLOADED = (429, 503)  # the archive says it is overloaded (RFC 6585 s. 4, RFC 9110 s. 15.6.4)
+# seconds: a decrease to a level reached within this time, and every increase, are routine (the
+# log says them at DEBUG and sums them up at INFO at most this often)
+QUIET = 600.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,76 @@ class Change:
     old: int
     new: int
     successes: int = 0  # the successful requests that raised it
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The routine changes of a limit over ``seconds``, for one line at INFO."""
+
+    downs: int
+    ups: int
+    low: int  # the lowest and highest levels it moved between
+    high: int
+    now: int  # the limit after the last of them
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Told:
+    """How the log tells of a change (``Narrator.tell``)."""
+
+    loud: bool  # its own line at WARNING (a decrease to a level not reached lately), else DEBUG
+    summary: Summary | None = None  # the routine changes to sum up at INFO now, if due
+
+
+class Narrator:
+    """What the log says of the changes of one limit, so that an archive that sits at its
+    limit does not fill an unattended daemon's log: a decrease to a level lower than every
+    level reached by a decrease in the last ``quiet`` seconds (so the first one, and the first
+    after a quiet period) is loud (WARNING); any other decrease and every increase is routine
+    (DEBUG), counted and summed up once ``quiet`` seconds have passed since the first of them
+    (``Summary``).  The clock is the caller's (``now``); thread-safe."""
+
+    def __init__(self, quiet: float = QUIET) -> None:
+        self._lock = threading.Lock()
+        self.quiet = quiet
+        self._lows: list[tuple[float, int]] = []  # (when, level) of the recent decreases
+        self._since: float | None = None  # the first routine change not summed up yet
+        self._downs = self._ups = 0
+        self._low = self._high = 0
+
+    def tell(self, change: Change, now: float) -> Told:
+        with self._lock:
+            loud = change.new < change.old and self._new_low(change.new, now)
+            if not loud:
+                self._count(change, now)
+            return Told(loud, self._due(change.new, now))
+
+    def _new_low(self, level: int, now: float) -> bool:
+        """Record a decrease to ``level``; True when no recent one went as low."""
+        self._lows = [(t, n) for t, n in self._lows if now - t < self.quiet]
+        lowest = all(level < n for _, n in self._lows)
+        self._lows.append((now, level))
+        return lowest
+
+    def _count(self, change: Change, now: float) -> None:
+        if self._since is None:
+            self._since, self._low, self._high = now, change.new, change.new
+        if change.new < change.old:
+            self._downs += 1
+        else:
+            self._ups += 1
+        self._low = min(self._low, change.old, change.new)
+        self._high = max(self._high, change.old, change.new)
+
+    def _due(self, level: int, now: float) -> Summary | None:
+        """The summary of the routine changes once ``quiet`` seconds have passed since the
+        first of them (then counting starts again), else None."""
+        if self._since is None or now - self._since < self.quiet:
+            return None
+        found = Summary(self._downs, self._ups, self._low, self._high, level, now - self._since)
+        self._since, self._downs, self._ups = None, 0, 0
+        return found
 
 
 def overload(failure: StowFailure) -> str | None:
@@ -81,6 +156,7 @@ class Concurrency:
         self._cuts = 0
         self._changes = 0
         self._successes = 0  # in a row, of requests begun since the last change
+        self.narrator = Narrator()  # what the log says of its changes (kept with it)
 
     @property
     def limit(self) -> int:
