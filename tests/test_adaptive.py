@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import pydicom
 import pytest
+import yaml
 from dicomgen import make_instance, make_study
 from fakearchive import parts_of
 from harness import (
@@ -461,3 +462,29 @@ def test_adaptive_false_pauses_the_destination_for_a_429_as_before(tmp_path: Pat
     )
     assert limits_logged(daemon.log) == []
     assert "concurrency" not in shown
+
+
+def test_a_reload_to_adaptive_false_takes_its_figure_out_of_the_metrics(tmp_path: Path) -> None:
+    """The gauge is the limit of an adaptive destination (docs/service.md); after a reload
+    that turns adaptive off (here with 2 workers) it must not go on saying 4."""
+    layout = make_layout(tmp_path / "run", "http://127.0.0.1:9/dicom-web")  # never sent to
+    with serving_metrics(layout) as (daemon, port):
+        assert gauge(port) == "2.0"  # make_layout's 2 workers
+        doc = yaml.safe_load(layout.config.read_text())
+        doc["destinations"]["pacs"] |= {"workers": 1, "adaptive": False}
+        layout.config.write_text(yaml.safe_dump(doc, sort_keys=False))
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reloaded" in daemon.log, 30, "the reload", lambda: daemon.log)
+        wait_for(lambda: _serves(port), 30, "the metrics served again", lambda: daemon.log)
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10, trust_env=False).text
+        assert daemon.terminate() == 0
+    assert "stowd_destination_concurrency{" not in text, text
+
+
+def _serves(port: int) -> bool:
+    try:
+        httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10, trust_env=False)
+    except httpx.TransportError:
+        return False
+    return True
