@@ -14,6 +14,7 @@ from stowd.errors import (
     DestinationBusy,
     DestinationHeld,
     TimedOut,
+    TokenUnreachable,
 )
 from stowd.pipeline.concurrency import (
     QUIET,
@@ -124,6 +125,16 @@ def test_a_reload_keeps_what_was_learnt_within_the_new_workers() -> None:
 )
 def test_what_counts_as_an_overloaded_archive(error: DestinationBusy, said: str | None) -> None:
     assert overload(error) == said
+
+
+def test_a_token_endpoint_asking_to_wait_is_not_an_overloaded_archive() -> None:
+    """The OAuth2 token endpoint's 429 + Retry-After pauses the destination (a login outage)
+    but says nothing of how many requests the archive takes: the limit stays."""
+    busy = TokenUnreachable("the token endpoint answered HTTP 429", status=429)
+    busy.retry_after = "30"
+    found = failure(busy, has_cert=False)
+    assert isinstance(found, DestinationBusy) and found.retry_after == 30.0
+    assert overload(found) is None and not eased(found)
 
 
 def test_only_a_429_or_503_without_retry_after_is_eased() -> None:

@@ -125,10 +125,10 @@ def overload(failure: StowFailure) -> str | None:
     """What in ``failure`` says the archive is overloaded (for the log line), or None."""
     if isinstance(failure, TimedOut):
         return "a request timed out"
-    if not isinstance(failure, DestinationBusy):
-        return None
+    if not isinstance(failure, DestinationBusy) or failure.status is None:
+        return None  # no answer of the archive (a token endpoint's Retry-After is not one)
     if failure.retry_after is not None:
-        return f"the archive asked to wait (HTTP {failure.status or '-'}, Retry-After)"
+        return f"the archive asked to wait (HTTP {failure.status}, Retry-After)"
     if failure.status in OVERLOADED:
         return f"the archive is busy ({failure.status})"
     return None
