@@ -222,3 +222,14 @@ def test_a_reload_that_raises_workers_raises_a_limit_that_was_not_lowered() -> N
     assert limits.of(Destination("pacs", "http://pacs/dicom-web", workers=8)).limit == 8
     pacs.overloaded(pacs.ticket())  # 8 -> 4: learnt
     assert limits.of(Destination("pacs", "http://pacs/dicom-web", workers=16)).limit == 4
+
+
+def test_the_wires_of_two_generations_share_the_seats_of_one_limit() -> None:
+    """A reload starts new workers with new clients (a new ``Wire``) while a long upload of
+    the old ones may still be in flight: the limit the daemon keeps counts both."""
+    limit = Concurrency(2)
+    old, new = Wire(limit), Wire(limit)
+    assert old.seat() is not None and old.seat() is not None  # two uploads still in flight
+    assert new.seat() is None
+    old.unseat()
+    assert new.seat() is not None

@@ -157,6 +157,7 @@ class Concurrency:
         self._changes = 0
         self._successes = 0  # in a row, of requests begun since the last change
         self.narrator = Narrator()  # what the log says of its changes (kept with it)
+        self._seats = 0  # batches claimed or being claimed by its workers (``seat``)
 
     @property
     def limit(self) -> int:
@@ -167,6 +168,20 @@ class Concurrency:
     def ticket(self) -> Ticket:
         with self._lock:
             return Ticket(self._limit, self._cuts, self._changes)
+
+    def seat(self) -> Ticket | None:
+        """A seat for a batch to claim and send, and what its request knows of the limit;
+        None when every seat the limit allows is taken (give it back with ``unseat``).  The
+        seats are counted here, not per ``Wire``, so that they outlive a reload with it."""
+        with self._lock:
+            if self._seats >= (self._limit if self.adaptive else self.workers):
+                return None
+            self._seats += 1
+            return Ticket(self._limit, self._cuts, self._changes)
+
+    def unseat(self) -> None:
+        with self._lock:
+            self._seats = max(0, self._seats - 1)
 
     def overloaded(self, ticket: Ticket) -> Change | None:
         """The request of ``ticket`` met an overloaded archive: halve the limit (rounded up,
