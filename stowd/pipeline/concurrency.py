@@ -82,7 +82,7 @@ class Narrator:
     def __init__(self, quiet: float = QUIET) -> None:
         self._lock = threading.Lock()
         self.quiet = quiet
-        self._lows: list[tuple[float, int]] = []  # (when, level) of the recent decreases
+        self._lows: dict[int, float] = {}  # level -> when a decrease last reached it
         self._since: float | None = None  # the first routine change not summed up yet
         self._downs = self._ups = 0
         self._low = self._high = 0
@@ -96,9 +96,8 @@ class Narrator:
 
     def _new_low(self, level: int, now: float) -> bool:
         """Record a decrease to ``level``; True when no recent one went as low."""
-        self._lows = [(t, n) for t, n in self._lows if now - t < self.quiet]
-        lowest = all(level < n for _, n in self._lows)
-        self._lows.append((now, level))
+        lowest = all(level < n for n, t in self._lows.items() if now - t < self.quiet)
+        self._lows[level] = now
         return lowest
 
     def _count(self, change: Change, now: float) -> None:
