@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import pydicom
 import pytest
+import yaml
 from dicomgen import make_instance, make_study
 from fakearchive import parts_of
 from harness import (
@@ -70,13 +71,13 @@ def sop_uids(content_type: str, body: bytes) -> list[str]:
 # -- the worker, with scripted answers --------------------------------------------------------
 class Rig:
     """A source folder, a queue, one worker of a destination with ``workers`` and ``adaptive``,
-    and an archive that answers ``answers`` in turn (then 200)."""
+    and an archive that answers ``answers`` in turn (None among them: stored), then 200."""
 
-    def __init__(self, tmp_path: Path, answers: list[httpx.Response], **dest: Any) -> None:
+    def __init__(self, tmp_path: Path, answers: list[httpx.Response | None], **dest: Any) -> None:
         self.clock = Clock(2_000_000_000.0)
         self.source = drop_source(tmp_path)
         self.source.watch.mkdir(parents=True)
-        self.answers: list[httpx.Response] | None = answers  # None: every request times out
+        self.answers: list[httpx.Response | None] | None = answers  # None: all time out
         self.requests = 0
         self.dest = Destination(
             "pacs", "http://archive.test/dicom-web", BatchLimits(max_files=10), **dest
@@ -104,8 +105,9 @@ class Rig:
         self.requests += 1
         if self.answers is None:
             raise httpx.ReadTimeout("the archive did not answer in time", request=request)
-        if self.answers:
-            return self.answers.pop(0)
+        answer = self.answers.pop(0) if self.answers else None
+        if answer is not None:
+            return answer
         uids = sop_uids(request.headers["Content-Type"], request.read())
         return httpx.Response(200, json=stored_answer(uids))
 
@@ -127,7 +129,7 @@ class Rig:
 def rig(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Rig]]:
     made: list[Rig] = []
 
-    def make(answers: list[httpx.Response], **dest: Any) -> Rig:
+    def make(answers: list[httpx.Response | None], **dest: Any) -> Rig:
         made.append(Rig(tmp_path / str(len(made)), answers, **dest))
         return made[-1]
 
@@ -224,7 +226,7 @@ def test_rounds_of_successes_raise_the_limit_again(
     assert one.limit == 1 and one.queue.holds() == {}  # sent at 2: eased, not held
     make_study(one.source.watch / "t", 10)
     Watcher(one.source, "pacs", one.queue.enqueue, clock=lambda: one.clock.now + 60).scan()
-    with caplog.at_level(logging.INFO, logger="stowd.worker"):
+    with caplog.at_level(logging.DEBUG, logger="stowd.worker"):  # an increase is routine
         while one.worker.step():
             pass
     assert one.queue.counts() == {"sent": 14}
@@ -232,6 +234,42 @@ def test_rounds_of_successes_raise_the_limit_again(
     assert raised == [
         "destination pacs: concurrent requests raised to 2 after 1 successful requests"
     ]
+
+
+ROUNDS = 12
+
+
+def test_an_archive_at_its_limit_is_probed_quietly(
+    rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An archive that takes one request at once: AIMD probes it for ever (1 -> 2, a 429,
+    2 -> 1).  The log says the first decrease at WARNING, and the routine probing once per
+    10 minutes at INFO, not two lines a round (an unattended daemon's log stays quiet)."""
+    one = rig([busy(), *[None, busy()] * ROUNDS], workers=2)  # the 429s come at limit 2
+    for n in range(ROUNDS):
+        make_study(one.source.watch / f"p{n}", 1)
+    Watcher(one.source, "pacs", one.queue.enqueue, clock=lambda: one.clock.now + 60).scan()
+    while one.worker.classify_some():
+        pass
+    with caplog.at_level(logging.DEBUG, logger="stowd.worker"):
+        for _ in range(2 * ROUNDS + 1):  # a minute between the archive's answers
+            assert one.worker.step()
+            one.clock.now += 60
+    assert one.answers == [] and one.queue.holds() == {}  # no 429 paused the destination
+    assert one.limit == 1
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if "concurrent" in r.getMessage()]
+    assert [m for level, m in said if level == logging.WARNING] == [
+        "destination pacs: the archive is busy (429); concurrent requests 2 -> 1"
+    ]
+    assert [m for level, m in said if level == logging.INFO] == [
+        # routine changes a minute apart, from 60 s: summed up at 660 s (those from 60 s,
+        # the first an increase) and 1320 s (those from 720 s, the first a decrease)
+        "destination pacs: the archive was busy at times: concurrent requests lowered 5 and "
+        "raised 6 time(s) in the last 10 minutes, between 1 and 2; now 2",
+        "destination pacs: the archive was busy at times: concurrent requests lowered 6 and "
+        "raised 5 time(s) in the last 10 minutes, between 1 and 2; now 1",
+    ]
+    assert len([level for level, _ in said if level == logging.DEBUG]) == 2 * ROUNDS  # the rest
 
 
 # -- the daemon and an archive that takes K requests at once --------------------------------
@@ -424,3 +462,29 @@ def test_adaptive_false_pauses_the_destination_for_a_429_as_before(tmp_path: Pat
     )
     assert limits_logged(daemon.log) == []
     assert "concurrency" not in shown
+
+
+def test_a_reload_to_adaptive_false_takes_its_figure_out_of_the_metrics(tmp_path: Path) -> None:
+    """The gauge is the limit of an adaptive destination (docs/service.md); after a reload
+    that turns adaptive off (here with 2 workers) it must not go on saying 4."""
+    layout = make_layout(tmp_path / "run", "http://127.0.0.1:9/dicom-web")  # never sent to
+    with serving_metrics(layout) as (daemon, port):
+        assert gauge(port) == "2.0"  # make_layout's 2 workers
+        doc = yaml.safe_load(layout.config.read_text())
+        doc["destinations"]["pacs"] |= {"workers": 1, "adaptive": False}
+        layout.config.write_text(yaml.safe_dump(doc, sort_keys=False))
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reloaded" in daemon.log, 30, "the reload", lambda: daemon.log)
+        wait_for(lambda: _serves(port), 30, "the metrics served again", lambda: daemon.log)
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10, trust_env=False).text
+        assert daemon.terminate() == 0
+    assert "stowd_destination_concurrency{" not in text, text
+
+
+def _serves(port: int) -> bool:
+    try:
+        httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10, trust_env=False)
+    except httpx.TransportError:
+        return False
+    return True

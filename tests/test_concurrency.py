@@ -14,8 +14,18 @@ from stowd.errors import (
     DestinationBusy,
     DestinationHeld,
     TimedOut,
+    TokenUnreachable,
 )
-from stowd.pipeline.concurrency import Change, Concurrency, Limits, eased, overload
+from stowd.pipeline.concurrency import (
+    QUIET,
+    Change,
+    Concurrency,
+    Limits,
+    Narrator,
+    Summary,
+    eased,
+    overload,
+)
 from stowd.pipeline.wire import Wire
 
 BUSY_429 = DestinationBusy("busy", status=429)
@@ -117,6 +127,16 @@ def test_what_counts_as_an_overloaded_archive(error: DestinationBusy, said: str 
     assert overload(error) == said
 
 
+def test_a_token_endpoint_asking_to_wait_is_not_an_overloaded_archive() -> None:
+    """The OAuth2 token endpoint's 429 + Retry-After pauses the destination (a login outage)
+    but says nothing of how many requests the archive takes: the limit stays."""
+    busy = TokenUnreachable("the token endpoint answered HTTP 429", status=429)
+    busy.retry_after = "30"
+    found = failure(busy, has_cert=False)
+    assert isinstance(found, DestinationBusy) and found.retry_after == 30.0
+    assert overload(found) is None and not eased(found)
+
+
 def test_only_a_429_or_503_without_retry_after_is_eased() -> None:
     assert eased(BUSY_429)
     assert eased(DestinationBusy("busy", status=503))
@@ -157,3 +177,59 @@ def test_workers_above_the_limit_get_no_seat() -> None:
 def test_a_wire_without_a_limit_seats_every_worker() -> None:
     wire = Wire()
     assert all(wire.seat() is not None for _ in range(100))
+
+
+# -- what the log says of the changes (a clock the test moves) ---------------------------------
+def test_the_first_decrease_is_loud_the_probing_around_the_limit_is_not() -> None:
+    said = Narrator()
+    now = 1_000_000.0
+    assert said.tell(Change(4, 2), now).loud  # the archive is busy: said at WARNING
+    louds = []
+    for _ in range(8):  # an archive that takes 2 at once: 2 -> 3, 3 -> 2 again and again
+        now += 30
+        louds.append(said.tell(Change(2, 3, 2), now).loud)
+        now += 30
+        louds.append(said.tell(Change(3, 2), now).loud)
+    assert not any(louds)
+    assert said.tell(Change(2, 1), now + 1).loud  # lower than any level lately: loud again
+
+
+def test_a_decrease_after_a_quiet_period_is_loud_again() -> None:
+    said = Narrator()
+    assert said.tell(Change(4, 2), 0.0).loud
+    assert not said.tell(Change(3, 2), QUIET - 1).loud  # back to 2 within 10 minutes
+    assert said.tell(Change(3, 2), 2 * QUIET).loud  # no decrease for 10 minutes
+
+
+def test_the_routine_changes_are_summed_up_once_per_quiet_period() -> None:
+    said = Narrator()
+    now = 0.0
+    said.tell(Change(4, 2), now)  # loud, not part of the summary
+    summaries = []
+    for n in range(30):  # 15 minutes of probing, one change every 30 s
+        now += 30
+        change = Change(2, 3, 2) if n % 2 == 0 else Change(3, 2)
+        found = said.tell(change, now).summary
+        if found is not None:
+            summaries.append(found)
+    # the first routine change at 30 s; due 600 s later, at the 21st change (630 s)
+    assert summaries == [Summary(downs=10, ups=11, low=2, high=3, now=3, seconds=QUIET)]
+
+
+def test_a_reload_that_raises_workers_raises_a_limit_that_was_not_lowered() -> None:
+    limits = Limits()
+    pacs = limits.of(Destination("pacs", "http://pacs/dicom-web", workers=4))
+    assert limits.of(Destination("pacs", "http://pacs/dicom-web", workers=8)).limit == 8
+    pacs.overloaded(pacs.ticket())  # 8 -> 4: learnt
+    assert limits.of(Destination("pacs", "http://pacs/dicom-web", workers=16)).limit == 4
+
+
+def test_the_wires_of_two_generations_share_the_seats_of_one_limit() -> None:
+    """A reload starts new workers with new clients (a new ``Wire``) while a long upload of
+    the old ones may still be in flight: the limit the daemon keeps counts both."""
+    limit = Concurrency(2)
+    old, new = Wire(limit), Wire(limit)
+    assert old.seat() is not None and old.seat() is not None  # two uploads still in flight
+    assert new.seat() is None
+    old.unseat()
+    assert new.seat() is not None

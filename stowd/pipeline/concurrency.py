@@ -11,10 +11,12 @@ TCP's congestion window.
   to ``workers``: at most one increase per round of requests.
 
 No clock is involved: a round is counted in requests, so the limit moves as fast as the
-archive answers.  ``Concurrency`` is shared by the workers of one destination (``wire.Wire``
-asks it whether a worker may claim a batch) and kept by name across a reload (``Limits``), so
-a SIGHUP does not lose what was learnt.  With ``adaptive: false`` there is no limit but
-``workers`` itself.
+archive answers.  Only the log looks at the time (``Narrator``): an archive that sits at its
+limit is probed again and again (up one, halved back), and that routine is summed up once per
+``QUIET`` seconds instead of two lines a round.  ``Concurrency`` is shared by the workers of
+one destination (``wire.Wire`` asks it whether a worker may claim a batch) and kept by name
+across a reload (``Limits``), so a SIGHUP does not lose what was learnt.  With
+``adaptive: false`` there is no limit but ``workers`` itself.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from stowd.config.model import Destination
 from stowd.errors import DestinationBusy, StowFailure, TimedOut
 
 OVERLOADED = (429, 503)  # the archive says it is overloaded (RFC 6585 s. 4, RFC 9110 s. 15.6.4)
+# seconds: a decrease to a level reached within this time, and every increase, are routine (the
+# log says them at DEBUG and sums them up at INFO at most this often)
+QUIET = 600.0
 
 
 @dataclass(frozen=True)
@@ -46,14 +51,83 @@ class Change:
     successes: int = 0  # the successful requests that raised it
 
 
+@dataclass(frozen=True)
+class Summary:
+    """The routine changes of a limit over ``seconds``, for one line at INFO."""
+
+    downs: int
+    ups: int
+    low: int  # the lowest and highest levels it moved between
+    high: int
+    now: int  # the limit after the last of them
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Told:
+    """How the log tells of a change (``Narrator.tell``)."""
+
+    loud: bool  # its own line at WARNING (a decrease to a level not reached lately), else DEBUG
+    summary: Summary | None = None  # the routine changes to sum up at INFO now, if due
+
+
+class Narrator:
+    """What the log says of the changes of one limit, so that an archive that sits at its
+    limit does not fill an unattended daemon's log: a decrease to a level lower than every
+    level reached by a decrease in the last ``quiet`` seconds (so the first one, and the first
+    after a quiet period) is loud (WARNING); any other decrease and every increase is routine
+    (DEBUG), counted and summed up once ``quiet`` seconds have passed since the first of them
+    (``Summary``).  The clock is the caller's (``now``); thread-safe."""
+
+    def __init__(self, quiet: float = QUIET) -> None:
+        self._lock = threading.Lock()
+        self.quiet = quiet
+        self._lows: dict[int, float] = {}  # level -> when a decrease last reached it
+        self._since: float | None = None  # the first routine change not summed up yet
+        self._downs = self._ups = 0
+        self._low = self._high = 0
+
+    def tell(self, change: Change, now: float) -> Told:
+        with self._lock:
+            loud = change.new < change.old and self._new_low(change.new, now)
+            if not loud:
+                self._count(change, now)
+            return Told(loud, self._due(change.new, now))
+
+    def _new_low(self, level: int, now: float) -> bool:
+        """Record a decrease to ``level``; True when no recent one went as low."""
+        lowest = all(level < n for n, t in self._lows.items() if now - t < self.quiet)
+        self._lows[level] = now
+        return lowest
+
+    def _count(self, change: Change, now: float) -> None:
+        if self._since is None:
+            self._since, self._low, self._high = now, change.new, change.new
+        if change.new < change.old:
+            self._downs += 1
+        else:
+            self._ups += 1
+        self._low = min(self._low, change.old, change.new)
+        self._high = max(self._high, change.old, change.new)
+
+    def _due(self, level: int, now: float) -> Summary | None:
+        """The summary of the routine changes once ``quiet`` seconds have passed since the
+        first of them (then counting starts again), else None."""
+        if self._since is None or now - self._since < self.quiet:
+            return None
+        found = Summary(self._downs, self._ups, self._low, self._high, level, now - self._since)
+        self._since, self._downs, self._ups = None, 0, 0
+        return found
+
+
 def overload(failure: StowFailure) -> str | None:
     """What in ``failure`` says the archive is overloaded (for the log line), or None."""
     if isinstance(failure, TimedOut):
         return "a request timed out"
-    if not isinstance(failure, DestinationBusy):
-        return None
+    if not isinstance(failure, DestinationBusy) or failure.status is None:
+        return None  # no answer of the archive (a token endpoint's Retry-After is not one)
     if failure.retry_after is not None:
-        return f"the archive asked to wait (HTTP {failure.status or '-'}, Retry-After)"
+        return f"the archive asked to wait (HTTP {failure.status}, Retry-After)"
     if failure.status in OVERLOADED:
         return f"the archive is busy ({failure.status})"
     return None
@@ -81,6 +155,8 @@ class Concurrency:
         self._cuts = 0
         self._changes = 0
         self._successes = 0  # in a row, of requests begun since the last change
+        self.narrator = Narrator()  # what the log says of its changes (kept with it)
+        self._seats = 0  # batches claimed or being claimed by its workers (``seat``)
 
     @property
     def limit(self) -> int:
@@ -91,6 +167,20 @@ class Concurrency:
     def ticket(self) -> Ticket:
         with self._lock:
             return Ticket(self._limit, self._cuts, self._changes)
+
+    def seat(self) -> Ticket | None:
+        """A seat for a batch to claim and send, and what its request knows of the limit;
+        None when every seat the limit allows is taken (give it back with ``unseat``).  The
+        seats are counted here, not per ``Wire``, so that they outlive a reload with it."""
+        with self._lock:
+            if self._seats >= (self._limit if self.adaptive else self.workers):
+                return None
+            self._seats += 1
+            return Ticket(self._limit, self._cuts, self._changes)
+
+    def unseat(self) -> None:
+        with self._lock:
+            self._seats = max(0, self._seats - 1)
 
     def overloaded(self, ticket: Ticket) -> Change | None:
         """The request of ``ticket`` met an overloaded archive: halve the limit (rounded up,
@@ -122,10 +212,12 @@ class Concurrency:
             return Change(old, self._limit, successes)
 
     def reconfigure(self, workers: int, adaptive: bool) -> None:
-        """A reload: the limit learnt so far stays, within the new ``workers``."""
+        """A reload: a limit learnt so far (lowered) stays, within the new ``workers``; one
+        that was not lowered is the new ``workers`` (a raise of ``workers`` counts at once)."""
         with self._lock:
+            lowered = self.adaptive and self._limit < self.workers
             self.workers, self.adaptive = workers, adaptive
-            self._limit = min(self._limit, workers) if adaptive else workers
+            self._limit = min(self._limit, workers) if adaptive and lowered else workers
             self._changes += 1
             self._successes = 0
 

@@ -244,3 +244,9 @@ def association_closed(source: str) -> None:
 def concurrency(destination: str, limit: int) -> None:
     """``destination`` allows ``limit`` requests at once now (adaptive concurrency)."""
     CONCURRENCY.labels(label(destination)).set(limit)
+
+
+def concurrency_forgotten() -> None:
+    """No destination's limit is shown until it is set again (a reload: a destination may be
+    gone or no longer adaptive, and its last figure would be false)."""
+    CONCURRENCY.clear()

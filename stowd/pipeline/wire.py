@@ -32,9 +32,8 @@ class Wire:
         self._lock = threading.Lock()
         self._busy = 0
         self._begun = 0
-        # requests allowed at once (None: no limit); seats: batches claimed or being claimed
+        # requests allowed at once (None: no limit), and its seats (``Concurrency.seat``)
         self.concurrency = concurrency
-        self._seats = 0
         # SOPInstanceUIDs sent in a request that ended without an answer (a timeout, a
         # dropped connection, a 5xx): the archive may hold them from that request
         self._unanswered: set[str] = set()
@@ -64,21 +63,15 @@ class Wire:
 
     def seat(self) -> Ticket | None:
         """Take a seat for a batch to claim and send; None when the limit allows no more
-        (give it back with ``unseat``).  Without a limit every worker has one."""
-        with self._lock:
-            limit = self.concurrency
-            if limit is None:
-                return Ticket(0, 0, 0)
-            ticket = limit.ticket()
-            if self._seats >= limit.limit:
-                return None
-            self._seats += 1
-            return ticket
+        (give it back with ``unseat``).  Without a limit every worker has one.  The seats
+        are the limit's: the wire of the workers a reload started shares them with the
+        uploads of the old workers still in flight."""
+        limit = self.concurrency
+        return Ticket(0, 0, 0) if limit is None else limit.seat()
 
     def unseat(self) -> None:
-        with self._lock:
-            if self.concurrency is not None:
-                self._seats = max(0, self._seats - 1)
+        if self.concurrency is not None:
+            self.concurrency.unseat()
 
     def unanswered(self, uids: Iterable[str]) -> None:
         """These UIDs were sent in a request that ended without an answer."""

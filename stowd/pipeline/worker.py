@@ -471,26 +471,36 @@ class Worker:
             return
         change = limit.overloaded(self._ticket)
         if change is not None:
-            counters.concurrency(self.name, change.new)
-            log.warning(
-                "destination %s: %s; concurrent requests %d -> %d",
-                self.name,
-                why,
-                change.old,
-                change.new,
-            )
+            line = "destination %s: %s; concurrent requests %d -> %d"
+            self._changed(limit, change, line, why, change.old, change.new)
 
     def _succeeded(self) -> None:
         """An answer without a sign of overload: after a round of them, one request more."""
         limit = self._wire.concurrency
         change: Change | None = None if limit is None else limit.succeeded(self._ticket)
-        if change is not None:
-            counters.concurrency(self.name, change.new)
+        if limit is not None and change is not None:
+            line = "destination %s: concurrent requests raised to %d after %d successful requests"
+            self._changed(limit, change, line, change.new, change.successes)
+
+    def _changed(self, limit: Concurrency, change: Change, line: str, *args: object) -> None:
+        """Show a change of the limit (gauge, log): a decrease to a level not reached lately
+        at WARNING, the routine ups and downs at DEBUG, summed up at INFO every 10 minutes
+        (``concurrency.Narrator``)."""
+        counters.concurrency(self.name, change.new)
+        told = limit.narrator.tell(change, self.clock())
+        log.log(logging.WARNING if told.loud else logging.DEBUG, line, self.name, *args)
+        found = told.summary
+        if found is not None:
             log.info(
-                "destination %s: concurrent requests raised to %d after %d successful requests",
+                "destination %s: the archive was busy at times: concurrent requests lowered "
+                "%d and raised %d time(s) in the last %.0f minutes, between %d and %d; now %d",
                 self.name,
-                change.new,
-                change.successes,
+                found.downs,
+                found.ups,
+                found.seconds / 60,
+                found.low,
+                found.high,
+                found.now,
             )
 
     def _eased(self, batch: list[Job], failure: StowFailure) -> bool:

@@ -195,6 +195,7 @@ class Daemon:
     def _start(self, config: Config) -> Generation:
         gen = Generation(config)
         gen.finder = Finder(config, self.queue)
+        counters.concurrency_forgotten()  # set again below for each adaptive destination
         for name, dest in config.destinations.items():
             client = StowClient(dest, stop=gen.stop)
             gen.clients[name] = client
