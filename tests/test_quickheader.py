@@ -20,6 +20,7 @@ from harness import make_watch_folders
 from pydicom.uid import ImplicitVRLittleEndian
 
 from stowd.config.load import load_config
+from stowd.config.model import Config
 from stowd.media import quickheader
 from stowd.media.dicomfile import HEAD_BYTES
 from stowd.pipeline import classify as classify_mod
@@ -28,6 +29,18 @@ from stowd.pipeline.classify import classify_dicom
 
 Outcome = tuple[object, ...]
 CORPUS = Path(pydicom.data.__file__).parent / "test_files"
+HEAD = """\
+queue: ./state/queue.db
+sources:
+  - name: ct1
+    watch: ./drop
+    sent: ./sent
+    failed: ./failed
+    destination: pacs
+destinations:
+  pacs:
+    url: http://127.0.0.1:8042/dicom-web
+"""
 
 
 def _outcome(path: Path) -> Outcome:
@@ -159,14 +172,8 @@ def test_pydicom_test_files_classify_as_pydicom_alone_does(
     assert quick_ones > 5
 
 
-def test_a_new_file_is_classified_without_pydicom(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The keys of a usual file come from the walk: pydicom parses its header only when
-    something asks for it (issue 19: pydicom's parse was ~90 % of reading a new file)."""
-    path = tmp_path / "one.dcm"
-    data, uid = make_instance_bytes(size_bytes=64 * 1024)
-    path.write_bytes(data)
+def _counted(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Each file pydicom parses from now on."""
     parsed: list[object] = []
     real: Callable[..., pydicom.FileDataset] = pydicom.dcmread
 
@@ -175,8 +182,32 @@ def test_a_new_file_is_classified_without_pydicom(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(pydicom, "dcmread", counted)
+    return parsed
+
+
+def _config(tmp_path: Path, rules: str = "") -> Config:
+    config_path = tmp_path / "stowd.yaml"
+    config_path.write_text(HEAD + textwrap.dedent(rules), encoding="utf-8")
+    make_watch_folders(config_path)
+    return load_config(config_path)
+
+
+def test_a_new_file_is_classified_without_pydicom(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The keys of a usual file come from the walk: pydicom parses its header only when
+    something asks for it (issue 19: pydicom's parse was ~90 % of reading a new file)."""
+    path = tmp_path / "one.dcm"
+    data, uid = make_instance_bytes(size_bytes=64 * 1024)
+    path.write_bytes(data)
+    parsed = _counted(monkeypatch)
     found = classify_dicom(str(path))
     assert (found.sop_uid, parsed) == (uid, [])
+    config = _config(tmp_path)  # no rules (a rule that sets a value reads the one before)
+    planned = metadata.plan_file(
+        config, config.source("ct1"), str(path), path.name, found, now=datetime(2026, 12, 7)
+    )
+    assert (planned.outcome.values, parsed) == ({}, [])
     assert found.header is not None
     assert str(found.header.SOPInstanceUID) == uid
     assert len(parsed) == 1
@@ -198,30 +229,15 @@ def test_a_header_longer_than_the_copy_in_memory_is_read_by_pydicom() -> None:
 def test_a_rule_sees_an_attribute_the_walk_did_not_read(tmp_path: Path) -> None:
     """The walk reads only the UIDs; a rule matching on, and copying, any other attribute
     still sees the file's value (the header is then parsed by pydicom, as before)."""
-    config_path = tmp_path / "stowd.yaml"
-    config_path.write_text(
-        textwrap.dedent(
-            """\
-            queue: ./state/queue.db
-            sources:
-              - name: ct1
-                watch: ./drop
-                sent: ./sent
-                failed: ./failed
-                destination: pacs
-            destinations:
-              pacs:
-                url: http://127.0.0.1:8042/dicom-web
-            rules:
-              - match:
-                  attributes: {InstitutionName: "Ward 3"}
-                set: {StationName: "{dicom.InstitutionName|upper}"}
-            """
-        ),
-        encoding="utf-8",
+    config = _config(
+        tmp_path,
+        """\
+        rules:
+          - match:
+              attributes: {InstitutionName: "Ward 3"}
+            set: {StationName: "{dicom.InstitutionName|upper}"}
+        """,
     )
-    make_watch_folders(config_path)
-    config = load_config(config_path)
     source = config.source("ct1")
     plans = {}
     for name, institution in (("ward3", "Ward 3"), ("other", "Ward 4")):
