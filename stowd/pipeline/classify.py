@@ -185,23 +185,54 @@ def classify_dicom(path: str) -> Classified:
 
 
 def _classify_dicom(fp: BinaryIO, size: int) -> Classified:
-    if not _looks_like_part10(fp, size):
+    head = fp.read(HEAD_BYTES)
+    if not _looks_like_part10(head, size):
         raise NotDicom(
             "not a DICOM file: no 'DICM' marker at byte 128 and no File Meta Information"
         )
+    held = cast(BinaryIO, _Held(fp, head, size))
     try:
         with header_errors():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                keys, syntax = _read_keys(fp, size)
-            _check_pixel_data(fp, size, syntax, lambda: _described(keys))
+                keys, syntax, end = _read_keys(fp, size, head)
+            held.seek(end)
+            _check_pixel_data(held, size, syntax, lambda: _described(keys))
     except FileIncomplete:
         raise
     except FileProblem as problem:
-        if _ends_in_pixel_element(fp, size):  # pydicom could not read the cut length
+        if _ends_in_pixel_element(held, size):  # pydicom could not read the cut length
             raise FileIncomplete(CUT_ELEMENT) from problem
         raise
     return keys
+
+
+class _Held:
+    """A file read through its first bytes, held in memory: a read within them (most reads
+    after the header) is no system call, each of which waits for the GIL while other threads
+    are busy.  The bytes read are the file's either way."""
+
+    def __init__(self, fp: BinaryIO, head: bytes, size: int) -> None:
+        self._fp, self._head, self._at = fp, head, 0
+        self._whole = len(head) == size  # nothing more to read from the file
+
+    def tell(self) -> int:
+        return self._at
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence not in (os.SEEK_SET, os.SEEK_CUR):
+            raise ValueError("only SEEK_SET and SEEK_CUR")
+        self._at = offset if whence == os.SEEK_SET else self._at + offset
+        return self._at
+
+    def read(self, n: int) -> bytes:
+        if self._whole or self._at + n <= len(self._head):
+            data = self._head[self._at : self._at + n]
+        else:
+            self._fp.seek(self._at)
+            data = self._fp.read(n)
+        self._at += len(data)
+        return data
 
 
 def _ends_in_pixel_element(fp: BinaryIO, size: int) -> bool:
@@ -217,8 +248,9 @@ def _ends_in_pixel_element(fp: BinaryIO, size: int) -> bool:
     return False
 
 
-def _read_keys(fp: BinaryIO, size: int) -> tuple[Classified, str]:
-    """The keys and the transfer syntax; ``fp`` is left where the header ends.
+def _read_keys(fp: BinaryIO, size: int, head: bytes) -> tuple[Classified, str, int]:
+    """The keys, the transfer syntax and where the header ends; ``head``: the file's first
+    ``HEAD_BYTES``.
 
     A header held whole in the first ``HEAD_BYTES`` that ``quickheader`` can read exactly as
     pydicom does, with the three UIDs and the transfer syntax plainly there, gives its keys
@@ -226,15 +258,12 @@ def _read_keys(fp: BinaryIO, size: int) -> tuple[Classified, str]:
     is parsed from the same bytes only if something asks for it (a rule reading an attribute,
     a received file's sender).  Any other header, every refusal included, is parsed by
     pydicom at once and judged by ``_keys``, as before."""
-    fp.seek(0)
-    head = fp.read(HEAD_BYTES)
     walked = quickheader.walk(head, size, frozenset(KEY_TAGS))
     quick = None if walked is None else _quick_keys(walked, head)
     if quick is not None and walked is not None:
-        fp.seek(walked.end)
-        return quick
+        return (*quick, walked.end)
     ds = _read_header(fp, size, head)
-    return _keys(ds), _transfer_syntax(ds)
+    return _keys(ds), _transfer_syntax(ds), fp.tell()
 
 
 def _quick_keys(walked: quickheader.Walked, head: bytes) -> tuple[Classified, str] | None:
@@ -297,9 +326,8 @@ def _read_header(fp: BinaryIO, size: int, head: bytes) -> pydicom.Dataset:
     return ds
 
 
-def _looks_like_part10(fp: BinaryIO, size: int) -> bool:
-    head = fp.read(_MAGIC_AT + 4)
-    if len(head) >= _MAGIC_AT + 4 and head[_MAGIC_AT:] == b"DICM":
+def _looks_like_part10(head: bytes, size: int) -> bool:
+    if head[_MAGIC_AT : _MAGIC_AT + 4] == b"DICM":
         return True
     # A Part-10 file whose preamble was stripped starts with the File Meta group (0002,xxxx).
     return size > 8 and head[:2] == b"\x02\x00" and head[4:6].isalpha()
