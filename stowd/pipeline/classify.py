@@ -5,6 +5,8 @@ file is looked at by ``probe.detect`` (PDF, JPEG, video, ...): its kind is the m
 UIDs are made later (they are empty here). Anything that cannot be sent raises
 ``FileProblem`` with a reason written for a PACS administrator; an image that ends before
 its pixel data is complete raises ``FileIncomplete`` (a writer may still be adding the rest).
+A usual header held whole in the first 64 KiB gives its keys without pydicom
+(``quickheader``); its pydicom header is then parsed only when first asked for.
 
 A file stowd has just read itself (the C-STORE receiver reads each instance it writes) is
 ``remember``-ed: the next ``classify`` of that path (the reader of new files) gets those keys
