@@ -53,6 +53,7 @@ IMAGE_PIXEL_TAGS = (0x00280010, 0x00280011, 0x00280100, 0x00280002, 0x00280004)
 SPECTROSCOPY_DATA = 0x56000020
 STUDY, INSTANCE, SOP_CLASS = 0x0020000D, 0x00080018, 0x00080016  # the keys' tags
 KEY_TAGS = (STUDY, INSTANCE, SOP_CLASS)
+_WANTED = frozenset(KEY_TAGS)  # the values the quick walk keeps
 DIRECTORY_RECORDS = 0x00041220  # DirectoryRecordSequence: only a DICOMDIR has it
 PIXEL_TAG_BYTES = tuple(struct.pack(order, *tag) for tag in PIXEL_TAGS for order in ("<HH", ">HH"))
 CUT_ELEMENT = (
@@ -260,7 +261,7 @@ def _read_keys(fp: BinaryIO, size: int, head: bytes) -> tuple[Classified, str, i
     is parsed from the same bytes only if something asks for it (a rule reading an attribute,
     a received file's sender).  Any other header, every refusal included, is parsed by
     pydicom at once and judged by ``_keys``, as before."""
-    walked = quickheader.walk(head, size, frozenset(KEY_TAGS))
+    walked = quickheader.walk(head, size, _WANTED)
     quick = None if walked is None else _quick_keys(walked, head)
     if quick is not None and walked is not None:
         return (*quick, walked.end)
