@@ -17,6 +17,7 @@ import pydicom.data
 import pytest
 from dicomgen import make_instance_bytes
 from harness import make_watch_folders
+from pydicom.dataset import Dataset
 from pydicom.uid import ImplicitVRLittleEndian
 
 from stowd.config.load import load_config
@@ -82,6 +83,32 @@ def _implicit(data: bytes) -> bytes:
     return out.getvalue()
 
 
+def _sequences(data: bytes) -> bytes:
+    """``data`` with sequences of undefined length (pydicom parses them at once): items of
+    undefined and defined length, a nested sequence, an empty item, pixel data in an item."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "121311", "DCM", "Localizer"
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    reference.ReferencedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.77"
+    reference.PurposeOfReferenceCodeSequence = [code]
+    reference["PurposeOfReferenceCodeSequence"].is_undefined_length = True
+    reference.is_undefined_length_sequence_item = True
+    empty = Dataset()
+    empty.is_undefined_length_sequence_item = True
+    ds.ReferencedImageSequence = [reference, empty]
+    ds["ReferencedImageSequence"].is_undefined_length = True
+    icon = Dataset()
+    icon.Rows, icon.Columns, icon.BitsAllocated = 4, 4, 8
+    icon.PixelData = bytes(16)
+    ds.IconImageSequence = [icon]
+    ds["IconImageSequence"].is_undefined_length = True
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
 def _bases() -> dict[str, bytes]:
     plain = make_instance_bytes(size_bytes=3000)[0]
     extra = {
@@ -90,7 +117,12 @@ def _bases() -> dict[str, bytes]:
         "ImageType": ["ORIGINAL", "PRIMARY"],
     }
     rich = make_instance_bytes(size_bytes=3000, extra=extra)[0]
-    return {"explicit": plain, "implicit": _implicit(plain), "charset": rich}
+    return {
+        "explicit": plain,
+        "implicit": _implicit(plain),
+        "charset": rich,
+        "sequences": _sequences(plain),
+    }
 
 
 def _pixel_start(data: bytes) -> int:
@@ -134,6 +166,7 @@ def _targeted(data: bytes) -> list[bytes]:
                 cases.append(data[: at + 4] + vr + data[at + 6 :])
         for extra in (b"\xfe\xff\x0d\xe0\0\0\0\0", b"\xfe\xff\xdd\xe0\0\0\0\0"):
             cases.append(data[:at] + extra + data[at:])
+    cases += _sequence_cases(data, start)
     command = struct.pack("<HH2sHI", 0, 0, b"UL", 4, 0)
     cases.append(data[:start] + command + data[start:])
     cases.append(data[:start] + struct.pack("<HHI", 0, 0, 4) + b"\0" * 4 + data[start:])
@@ -141,7 +174,30 @@ def _targeted(data: bytes) -> list[bytes]:
     return cases
 
 
-@pytest.mark.parametrize("base", ["explicit", "implicit", "charset"])
+def _sequence_cases(data: bytes, start: int) -> list[bytes]:
+    """An item given a length that ends it early or late (an element across its end, its
+    delimiter within it), a sequence of undefined length with another long VR, a sequence
+    delimiter with a length."""
+    cases = []
+    item = b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
+    at = data.find(item, start)
+    while at > 0:
+        for length in (0, 4, 8, 10, 18, 26, 40, 64):
+            cases.append(data[: at + 4] + struct.pack("<I", length) + data[at + 8 :])
+        at = data.find(item, at + 1)
+    undefined = b"SQ\0\0\xff\xff\xff\xff"
+    at = data.find(undefined, start)
+    while at > 0:
+        for vr in (b"OB", b"UN", b"UT", b"OW"):
+            cases.append(data[:at] + vr + data[at + 2 :])
+        at = data.find(undefined, at + 1)
+    end = data.find(b"\xfe\xff\xdd\xe0\0\0\0\0", start)
+    if end > 0:
+        cases.append(data[: end + 4] + struct.pack("<I", 4) + data[end + 8 :])
+    return cases
+
+
+@pytest.mark.parametrize("base", ["explicit", "implicit", "charset", "sequences"])
 def test_whole_cut_and_damaged_headers_classify_as_pydicom_alone_does(
     base: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -13,13 +13,15 @@ the header as before.  What it accepts:
 - a transfer syntax other than Explicit VR Big Endian, Deflated or a private one pydicom was
   told of: the data set is then Implicit VR Little Endian (that syntax, when the first element
   does not look explicit) or Explicit VR Little Endian (any other);
-- top-level elements of defined length whose value ends within the bytes held, each with a
-  VR pydicom knows (explicit), none of group 0000 (a command set) or FFFE (items and
-  delimiters); a Specific Character Set of known terms; up to the pixel data (with its whole
-  element header held) or the exact end of the file.
+- elements of defined length whose value ends within the bytes held (or an explicit sequence
+  of undefined length, below), each with a VR pydicom knows (explicit), none of group 0000
+  (a command set) or FFFE (items and delimiters); a Specific Character Set of known terms; up
+  to the pixel data (with its whole element header held) or the exact end of the file.
 
-A sequence of undefined length, or any other element of undefined length, is left to pydicom.
-Nothing here raises: damage is for pydicom to describe.
+Sequences of undefined length (which pydicom parses at once) are walked when explicit: items of
+defined or undefined length holding such elements, up to ``MAX_DEPTH`` levels.  Any other
+element of undefined length is left to pydicom.  Nothing here raises: damage is for pydicom to
+describe.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ IMPLICIT = "1.2.840.10008.1.2"
 REFUSED_SYNTAXES = frozenset({"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"})  # big, deflated
 PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 CHARSET = 0x00080005
+ITEM, SEQ_END = (0xFFFE, 0xE000), (0xFFFE, 0xE0DD)
+ITEM_END = b"\xfe\xff\x0d\xe0\0\0\0\0"  # (FFFE,E00D), length 0
+MAX_DEPTH = 16  # sequences within sequences walked; deeper ones are left to pydicom
 _VRS = frozenset(vr.encode() for vr in VR)
 _LONG_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_32)
 # File Meta tags and their VRs (PS3.10 7.1); (0002,0000) with its 4-byte value only
@@ -55,6 +60,7 @@ _META_VRS = {
     0x0100: b"UI",
     0x0102: b"OB",
 }
+_Element = tuple[int, bytes, int, int]  # tag, VR (empty when implicit), value offset, length
 _EXPLICIT = struct.Struct("<HH2sH")
 _IMPLICIT = struct.Struct("<HHL")
 _LONG = struct.Struct("<L")
@@ -154,18 +160,70 @@ def _data_set(
         tag, vr, start, length = element
         if tag in PIXEL_TAGS:
             return (tags, values, at) if at + 12 <= limit else None
-        if tag >> 16 in (0x0000, 0xFFFE) or length == _UNDEFINED or start + length > limit:
+        after = _after(head, element, 0)
+        if after is None:
             return None
         if tag in wanted:  # a UID pydicom reads as such: explicit UI, or implicit
             values[tag] = head[start : start + length] if vr in (b"", b"UI") else None
-        if tag == CHARSET and not _known_charset(head[start : start + length], vr):
-            return None
         tags.add(tag)
-        at = start + length
+        at = after
     return tags, values, at
 
 
-def _element(head: bytes, at: int, implicit: bool) -> tuple[int, bytes, int, int] | None:
+def _after(head: bytes, element: _Element, depth: int) -> int | None:
+    """Where ``element`` (from ``_element``) ends; None when pydicom must read it: a command
+    or item tag, a value past the bytes held, an unknown character set, or an undefined
+    length other than an explicit sequence's (whose items pydicom parses at once)."""
+    tag, vr, start, length = element
+    if tag >> 16 in (0x0000, 0xFFFE):
+        return None
+    if length == _UNDEFINED:
+        return _sequence(head, start, depth + 1) if vr == b"SQ" else None
+    if start + length > len(head):
+        return None
+    if tag == CHARSET and not _known_charset(head[start : start + length], vr):
+        return None
+    return start + length
+
+
+def _sequence(head: bytes, at: int, depth: int) -> int | None:
+    """The end of an explicit sequence of undefined length: items, then its delimiter."""
+    if depth > MAX_DEPTH:
+        return None
+    while at + 8 <= len(head):
+        group, elem, length = _IMPLICIT.unpack_from(head, at)
+        at += 8
+        if (group, elem) == SEQ_END:
+            return at if length == 0 else None
+        if (group, elem) != ITEM:
+            return None
+        end = None if length == _UNDEFINED else at + length
+        if end is not None and end > len(head):
+            return None
+        found = _item(head, at, end, depth)
+        if found is None:
+            return None
+        at = found
+    return None
+
+
+def _item(head: bytes, at: int, end: int | None, depth: int) -> int | None:
+    """The end of an item's elements (explicit VR, no pixel data stop): at ``end``, or after
+    its delimiter when its length is undefined."""
+    while at != end:
+        if end is None and head[at : at + 8] == ITEM_END:
+            return at + 8
+        element = _element(head, at, False)
+        if element is None:
+            return None
+        after = _after(head, element, depth)
+        if after is None or (end is not None and after > end):
+            return None
+        at = after
+    return at
+
+
+def _element(head: bytes, at: int, implicit: bool) -> _Element | None:
     """The tag, VR (empty when implicit), value offset and length of the element at ``at``;
     None when its header is cut short (pydicom stops reading there: let it say so) or its VR
     is one pydicom does not know."""
