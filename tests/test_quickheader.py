@@ -4,6 +4,7 @@ the walk as with pydicom alone, and a rule still sees any attribute of the file.
 
 from __future__ import annotations
 
+import collections
 import io
 import random
 import struct
@@ -306,3 +307,21 @@ def test_a_rule_sees_an_attribute_the_walk_did_not_read(tmp_path: Path) -> None:
         plans[name] = metadata.plan_file(config, source, str(path), path.name, found, now=now)
     assert plans["ward3"].outcome.values == {"StationName": "WARD 3"}
     assert plans["other"].outcome.values == {}
+
+
+def test_a_received_file_is_handed_on_without_being_parsed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The receiver's read (classify_dicom, then remember) hands the walked keys on to the
+    reader of new files; the header is parsed from memory if a rule or its origin asks."""
+    monkeypatch.setattr(classify_mod, "_recent", collections.OrderedDict())
+    path = tmp_path / "received.dcm"
+    path.write_bytes(make_instance_bytes(size_bytes=4000)[0])
+    parsed = _counted(monkeypatch)
+    found = classify_dicom(str(path))
+    classify_mod.remember(str(path), found)
+    assert classify_mod.classify(str(path)) is found
+    assert parsed == []
+    assert found.header is not None
+    assert found.header.filename is None  # parsed from memory, as pydicom marks it
+    assert len(parsed) == 1
