@@ -101,7 +101,7 @@ def plan_file(
 def _planned(
     config: Config, source: Source, facts: Facts, found: Classified, used: sidecar.Used
 ) -> Planned:
-    outcome = evaluate(config.rules_for(source), facts, original_of(found.header))
+    outcome = evaluate(config.rules_for(source), facts, original_of(found))
     study = _final(outcome, "StudyInstanceUID", found.study_uid)
     sop = _final(outcome, "SOPInstanceUID", found.sop_uid)
     key = None if found.media is None or study else study_key(source, facts, outcome)
@@ -116,7 +116,7 @@ def joined(p: Planned, values: Item, found: Classified) -> Planned:
 
 
 def _joined(p: Planned, values: Item, found: Classified) -> Planned:
-    original = original_of(found.header)
+    original = original_of(found)
     outcome = p.outcome
     outcome.remove = [k for k in outcome.remove if k not in values]
     for keyword, value in values.items():
@@ -205,11 +205,13 @@ def origin_of(ds: Dataset | None) -> dict[str, str]:
     return {name: value for name, value in found.items() if value}
 
 
-def original_of(ds: Dataset | None) -> Callable[[str], str | None]:
+def original_of(found: Classified) -> Callable[[str], str | None]:
     """The file's own value of a keyword, as text; None when absent.  A value pydicom cannot
-    convert (its bytes do not fit its VR) is a ``FileProblem`` naming the keyword."""
+    convert (its bytes do not fit its VR) is a ``FileProblem`` naming the keyword.  The
+    header is asked for only when a value is (it may not be parsed yet: ``classify``)."""
 
     def text(keyword: str) -> str | None:
+        ds = found.header
         elem = _element(ds, keyword) if ds is not None and keyword in ds else None
         return None if elem is None else element_text(elem)
 
