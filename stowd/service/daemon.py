@@ -135,8 +135,10 @@ class Daemon:
         if self.signals > 1:
             os.write(2, b"stowd: second signal, exiting now; the queue recovers at next start\n")
             os._exit(EXIT_SECOND_SIGNAL)
-        self.stop.set()
+        # the workers' stop first: a paced upload that the daemon's stop ends (pacing.Pacing)
+        # then finds its worker stopping, and its files are put back without a hold
         self.generation.stop.set()
+        self.stop.set()
 
     def _on_reload(self, _signum: int, _frame: FrameType | None) -> None:
         self.reload_requested = True
