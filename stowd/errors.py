@@ -63,10 +63,14 @@
         └── DestinationBusy    transient trouble of the whole request: connection errors,
             │                  timeouts, 408/429/5xx, an answer past its deadline; retried
             │                  with backoff (Retry-After honoured)
-            └── ConnectionDropped  the archive closed the connection without answering
-                                   after the whole request was sent: like a 500, it may
-                                   be caused by one of the files (an archive that
-                                   crashes on it)
+            ├── ConnectionDropped  the archive closed the connection without answering
+            │                      after the whole request was sent: like a 500, it may
+            │                      be caused by one of the files (an archive that
+            │                      crashes on it)
+            └── TimedOut           a timeout (connect, read, write, pool) or an answer
+                                   past its deadline: like any DestinationBusy, and it
+                                   lowers the destination's concurrent requests
+                                   (``adaptive: true``)
 
 Third-party exceptions (httpx, pydicom, sqlite3, yaml) are translated at one seam each, with
 ``raise ... from exc`` (httpx's in ``httperrors.py``); whether something is retried is a
@@ -342,3 +346,8 @@ class DestinationBusy(StowFailure):
 class ConnectionDropped(DestinationBusy):
     """The archive closed the connection without sending an answer, after the whole request
     body was sent (an archive that crashes on one of the files does so every time)."""
+
+
+class TimedOut(DestinationBusy):
+    """A request to the archive timed out, or its answer was still arriving at its deadline
+    (an overloaded archive: adaptive concurrency sends fewer requests at once)."""

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from stowd import __version__
 from stowd.config.load import load_config
 from stowd.config.model import Config, Source
+from stowd.config.schedule import local_now, window_note
 from stowd.config.yamlwalk import host_port, parse_duration
 from stowd.errors import ConfigError, MigrationConflict, QueueLockedError, StowdError
 from stowd.printable import escape_lines, is_utf8
@@ -114,6 +115,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a stored file counts as stored only once the archive lists it (QIDO-RS), as "
         "the destination's verify: true; a file it does not list is sent again",
+    )
+    mig.add_argument(
+        "--now",
+        action="store_true",
+        help="send at once, ignoring the destination's schedule (transfer windows) for this run",
     )
     mig.add_argument(
         "--report",
@@ -229,6 +235,7 @@ def _check(config: Config, args: argparse.Namespace) -> int:
             f"  source {source.name}: {_input(source)} -> {dest.name} ({dest.display_url})"
         )
         lines.append(f"    sent: {source.sent}  failed: {source.failed}")
+    lines += _schedule_lines(config)
     lines.append(f"  queue: {config.queue}")
     rules = len(config.rules) + sum(len(s.rules) for s in config.sources)
     lines.append(
@@ -248,6 +255,21 @@ def _check(config: Config, args: argparse.Namespace) -> int:
     ports = _check_ports(config)
     working_all = all(r.ok for r in reports) and all(p.ok for p in ports)
     return EXIT_OK if working_all else EXIT_RUNTIME
+
+
+def _schedule_lines(config: Config) -> list[str]:
+    """Each destination's transfer windows: open or closed now, and the next window."""
+    now = local_now()
+    lines = []
+    for dest in config.destinations.values():
+        windows = ", ".join(w.text for w in dest.schedule.windows)
+        told = f"schedule {windows}: " if windows else "sends "
+        if dest.schedule.always:
+            told += "at any time (no schedule)"
+        else:
+            told += window_note(dest.schedule, now)
+        lines.append(f"  destination {dest.name}: {told}")
+    return lines
 
 
 def _write_lines(config: Config, user: writable.User) -> list[str]:
@@ -381,7 +403,13 @@ def _migrate(config: Config, args: argparse.Namespace) -> int:
     if tty:
         logs.over_progress_bar()
     opts = migrate.Options(
-        folders, args.destination, args.keep, args.progress_every, tty, verify=args.verify
+        folders,
+        args.destination,
+        args.keep,
+        args.progress_every,
+        tty,
+        verify=args.verify,
+        now=args.now,
     )
     job = migrate.Migration(_own_queue(config, args.queue), opts)
     job.install_signals()

@@ -51,6 +51,7 @@ from stowd.commands.migreport import (
     unreadable_entry,
 )
 from stowd.config.model import Config, Source
+from stowd.config.schedule import Schedule, local_now, paused_note
 from stowd.dicomweb.pacing import Bucket, Pacing
 from stowd.dicomweb.stow import StowClient
 from stowd.errors import MigrationConflict
@@ -85,6 +86,7 @@ class Options:
     progress_every: float = 10.0
     tty: bool = False
     verify: bool = False  # --verify: as the destination's verify: true
+    now: bool = False  # --now: send at once, whatever the destination's schedule says
 
 
 def source_name(folder: Path, keep: bool) -> str:
@@ -165,6 +167,9 @@ class Migration:
         self.all_names = self.names + [source_name(f, not opts.keep) for f in opts.folders]
         self.config = replace(config, sources=config.sources + self.sources)
         self.config = _verifying(self.config, opts)
+        self.config = _unscheduled(self.config, opts)
+        self.schedule = self.config.destinations[opts.destination].schedule
+        self.paused = Paused()  # the time outside the destination's windows (no rate)
         self.verified = Tally()  # the stored files the archive listed, or did not
         self.queue = Queue(config.queue)
         self.stop: threading.Event = Stop()  # wakes the idle workers when set
@@ -201,6 +206,7 @@ class Migration:
             self.pauses.carry(self.queue.holds().get(self.opts.destination))
             self._refuse_other_mode()
             self._recover()
+            self._say_paused()
             threads = self._start()
             self._wait()
             self._finish(threads)
@@ -329,7 +335,7 @@ class Migration:
         while not self.stop.wait(tick):
             began = time.monotonic()
             tally = self.queue.run_tally(self.names, self.started)
-            self.pauses.update(self.queue.holds().get(self.opts.destination), time.time())
+            self._update_pauses(time.time())
             # counting a million rows takes a while: look less often, never hog the queue
             tick = max(TICK, QUERY_SHARE * (time.monotonic() - began))
             if self.scanned.is_set() and self._nothing_left(tally):
@@ -343,6 +349,29 @@ class Migration:
             if self.unsettled and now >= next_resettle:
                 self._resettle()
                 next_resettle = now + RESETTLE_EVERY
+
+    def _say_paused(self) -> None:
+        """Outside the destination's windows at the start: say so before anything else."""
+        note = paused_note(self.schedule, local_now())
+        if note is None:
+            return
+        windows = ", ".join(w.text for w in self.schedule.windows)
+        print(
+            f"stowd migrate: destination {self.opts.destination}: {note}: outside its "
+            f"transfer windows ({windows}) nothing is sent; the files are found, read and "
+            "queued now and sent once it opens (--now sends at once)",
+            file=self.out,
+            flush=True,
+        )
+
+    def _update_pauses(self, now: float) -> None:
+        """The destination held, or outside its windows, as seen at ``now``."""
+        self.pauses.update(self.queue.holds().get(self.opts.destination), now)
+        local = local_now()
+        note = paused_note(self.schedule, local)
+        opens = None if note is None else self.schedule.next_open(local)
+        when = None if opens is None else opens.timestamp()
+        self.paused.update(note, self.pauses.since is not None, now, opens=when)
 
     def _nothing_left(self, tally: dict[str, tuple[int, int]]) -> bool:
         """Every file is done, or all that is left are moves that keep failing (disk full,
@@ -379,11 +408,13 @@ class Migration:
 
     def _show(self, tally: dict[str, tuple[int, int]], end: str = "\n") -> None:
         at = time.time()
-        seconds = self.pauses.answering(at)
+        seconds = max(0.0, self.pauses.answering(at) - self.paused.seconds)
         errors = len(self.scan_errors)
         hold = self.pauses.hold
-        held = None if hold is None else held_note(hold, at)
-        now = progress(tally, self.skipped, seconds, self.scanned.is_set(), errors, held=held)
+        held = None if hold is None else held_note(hold, at, self.paused.opens)
+        scanned = self.scanned.is_set()
+        now = progress(tally, self.skipped, seconds, scanned, errors, held=held)
+        now = replace(now, paused=self.paused.note)
         line = progress_line(now)
         if self.opts.tty:  # one line redrawn in place: never wider than the terminal
             width = self._width() - 1
@@ -432,6 +463,34 @@ def _verifying(config: Config, opts: Options) -> Config:
     if not opts.verify or dest is None or dest.verify:
         return config
     destinations = {**config.destinations, dest.name: replace(dest, verify=True)}
+    return replace(config, destinations=destinations)
+
+
+# -- schedule (transfer windows) --
+class Paused:
+    """How long the run was outside its destination's transfer windows (and not held,
+    which ``Pauses`` counts): the rates and the ETA leave that time out as well."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.note: str | None = None  # "paused until Mon 19:00 (schedule)", while paused
+        self.opens: float | None = None  # when the next window opens, while paused
+        self._last: float | None = None  # when it was last seen
+
+    def update(self, note: str | None, held: bool, now: float, opens: float | None = None) -> None:
+        """Seen at ``now``: paused (``note``, until ``opens``) or not; time already counted
+        as held is not counted twice."""
+        if self.note is not None and not held and self._last is not None:
+            self.seconds += max(0.0, now - self._last)
+        self.note, self.opens, self._last = note, opens, now
+
+
+def _unscheduled(config: Config, opts: Options) -> Config:
+    """``config`` without the run's destination's schedule, with ``--now``."""
+    dest = config.destinations.get(opts.destination)
+    if not opts.now or dest is None or dest.schedule.always:
+        return config
+    destinations = {**config.destinations, dest.name: replace(dest, schedule=Schedule())}
     return replace(config, destinations=destinations)
 
 

@@ -115,6 +115,7 @@ class Progress:
     seconds: float
     rate: float  # files finished per second in this run, while the destination answered
     held: str | None = None  # why the destination is held (then no ETA), as held_note says
+    paused: str | None = None  # "paused until Mon 19:00 (schedule)": outside its windows
 
     @property
     def eta(self) -> str:
@@ -124,8 +125,13 @@ class Progress:
 
     @property
     def outlook(self) -> str:
-        """``ETA h:mm:ss``, or while the destination is held why it waits, and no ETA."""
-        return f"ETA {self.eta}" if self.held is None else f"{self.held}; no ETA while held"
+        """``ETA h:mm:ss``, or while the destination is held or outside its transfer
+        windows why it waits, and no ETA."""
+        if self.held is not None:
+            return f"{self.held}; no ETA while held"
+        if self.paused is not None:
+            return f"{self.paused}; no ETA while paused"
+        return f"ETA {self.eta}"
 
     @property
     def files(self) -> str:
@@ -150,11 +156,12 @@ def progress(
     return Progress(done + skipped, total, scanned, stored, failed, seconds, rate, held)
 
 
-def held_note(hold: Hold, now: float) -> str:
+def held_note(hold: Hold, now: float, opens: float | None = None) -> str:
     """What ``stowd status`` says of a held destination, on one line: since when, the next
-    try and why (``held since 05:50:01 (8 min), next try in 20s: <reason>``)."""
+    try and why (``held since 05:50:01 (8 min), next try in 20s: <reason>``).  ``opens``:
+    when its transfer window opens, outside it (no try before then)."""
     since = time.strftime("%H:%M:%S", time.localtime(hold.since))
-    wait = hold.until - now
+    wait = (hold.until if opens is None else max(hold.until, opens)) - now
     due = f"in {wait:.0f}s" if wait > 0 else "due now"
     reason = " ".join(redact(hold.reason).split())
     return (

@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from yaml.nodes import MappingNode, Node, SequenceNode
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from stowd.config.access import ACCESS_KEYS, read_access
 from stowd.config.model import (
     BULK_MODES,
     BULK_TYPES,
+    DEFAULT_ADAPTIVE,
     DEFAULT_BATCH_BYTES,
     DEFAULT_BATCH_FILES,
     DEFAULT_CONNECT_TIMEOUT,
@@ -72,6 +73,7 @@ from stowd.config.model import (
 )
 from stowd.config.receiveconfig import RECEIVE_KEYS, check_ports, read_receive
 from stowd.config.ruleconfig import read_rules
+from stowd.config.schedule import Schedule, Window, parse
 from stowd.config.yamlwalk import (
     NAME,
     Context,
@@ -93,7 +95,9 @@ from stowd.config.yamlwalk import (
     describe_node,
     describe_value,
     entries,
+    is_null,
     join,
+    value_of,
 )
 from stowd.errors import ConfigError, ConfigProblem
 from stowd.rules.engine import Template
@@ -143,6 +147,8 @@ _DESTINATION_KEYS = (
     "transcode",
     "verify",
     "max_rate",  # ratecap (issue 20)
+    "schedule",
+    "adaptive",  # adaptive concurrency (issue 20)
     *ACCESS_KEYS,
 )
 _BULK_KEYS = ("types", "study_key", "images", "unknown")
@@ -355,8 +361,50 @@ def _read_destination(sec: Section, name: str) -> Destination | None:
         transcode=sec.get("transcode", DEFAULT_TRANSCODE, as_choice(TRANSCODE_POLICIES)),
         verify=sec.get("verify", DEFAULT_VERIFY, as_bool),
         max_rate=sec.get("max_rate", DEFAULT_MAX_RATE, as_rate),  # ratecap (issue 20)
+        schedule=_read_schedule(sec),
+        adaptive=sec.get("adaptive", DEFAULT_ADAPTIVE, as_bool),  # issue 20
     )
     return None if url is None else destination
+
+
+# -- schedule (transfer windows) --
+_SCHEDULE_HINT = 'expected a window such as "Mon-Fri 19:00-07:00", or a list of them'
+
+
+def _read_schedule(sec: Section) -> Schedule:
+    """A destination's ``schedule``: one window's text or a list of them; each bad window
+    is a problem of its own, with its own line (absent: always open)."""
+    node = sec.value_node("schedule")
+    if node is None:
+        return Schedule()
+    key = join(sec.key, "schedule")
+    if not isinstance(node, SequenceNode):
+        window = _read_window(sec.ctx, key, node)
+        return Schedule(() if window is None else (window,))
+    if not node.value:
+        sec.add("schedule", "an empty list never sends; leave schedule out to send at any time")
+    windows = [_read_window(sec.ctx, f"{key}[{n}]", item) for n, item in enumerate(node.value)]
+    return Schedule(tuple(w for w in windows if w is not None))
+
+
+def _read_window(ctx: Context, key: str, node: Node) -> Window | None:
+    try:
+        value = value_of(node)
+        if not isinstance(value, str):
+            raise ValueError(f"{_SCHEDULE_HINT}, got {_as_written(node)}")
+        return parse(value)
+    except ValueError as exc:
+        ctx.add(key, str(exc), node)
+        return None
+
+
+def _as_written(node: Node) -> str:
+    """A window that YAML read as something else: ``19:00`` unquoted is the number 1140
+    (YAML 1.1 reads it as minutes and seconds), so the message shows it as written too."""
+    got = describe_node(node)
+    if isinstance(node, ScalarNode) and not is_null(node) and node.value != got:
+        return f"{node.value} (YAML reads it as {got}; put the window in quotes)"
+    return got
 
 
 def _read_destinations(top: Section) -> tuple[dict[str, Destination], frozenset[str] | None]:

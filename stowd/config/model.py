@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stowd.config.access import Access
+from stowd.config.schedule import Schedule
 from stowd.config.yamlwalk import (
     redact_url,
 )
@@ -36,6 +37,8 @@ DEFAULT_MAX_REFUSALS = 3  # a file refused this often with a doubtful code (0110
 DUPLICATE_ACTIONS = ("accept", "fail")  # an instance the archive already holds: sent/ or failed/
 DEFAULT_DUPLICATES = "accept"
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+# adaptive concurrency (issue 20): a busy archive lowers a destination's concurrent requests
+DEFAULT_ADAPTIVE = True
 DEFAULT_HISTORY_DAYS = 30.0
 DEFAULT_FOLDER_SIDECAR = "_metadata.yaml"
 DEFAULT_FOLDER_LINGER = 3600.0
@@ -88,6 +91,13 @@ class Destination:
     # ratecap (issue 20): the body bytes all its workers send, at most this many per second
     # (``dicomweb/pacing.py``); None: no cap
     max_rate: float | None = DEFAULT_MAX_RATE
+    # -- schedule (transfer windows) --
+    # when it may send, in local time (config/schedule.py); no windows: at any time
+    schedule: Schedule = field(default_factory=Schedule)
+    # adaptive concurrency (issue 20): fewer concurrent requests (down to 1) while the
+    # archive answers 429/503/Retry-After or times out, more again (up to workers) after
+    # rounds of successful requests (pipeline/concurrency.py)
+    adaptive: bool = DEFAULT_ADAPTIVE
 
     @property
     def stow_url(self) -> str:

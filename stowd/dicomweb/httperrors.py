@@ -5,12 +5,13 @@ is translated here, with the same plain message wherever it happens (STOW-RS in 
 QIDO-RS in ``client.qido_get``, ``verify.py`` and ``lookup.py``; ``check-config --connect``
 builds its own diagnosis from ``tls_problem`` and ``token_tls_problem``):
 
-* transport trouble (connect errors, timeouts, a dropped connection) -> ``DestinationBusy``,
-  carried by a ``QuickRetry`` where a quick in-process retry may help
+* transport trouble (connect errors, timeouts, a dropped connection) -> ``DestinationBusy``
+  (``TimedOut`` for a timeout), carried by a ``QuickRetry`` where a quick in-process retry
+  may help
 * TLS failures (``tls_problem``: a certificate, the handshake, no TLS on the port)
   -> ``DestinationHeld``
 * an answer over its size cap or undecodable -> ``DestinationHeld``; one still arriving at its
-  deadline -> ``DestinationBusy``
+  deadline -> ``TimedOut`` (a ``DestinationBusy``)
 * login trouble: a secret that cannot be read, TLS files that cannot be used, a token endpoint
   refusing our client -> ``DestinationHeld``; the token endpoint unreachable or 5xx
   -> ``DestinationBusy``
@@ -36,6 +37,7 @@ from stowd.errors import (
     DestinationHeld,
     SecretUnavailable,
     StowFailure,
+    TimedOut,
     TokenError,
     TokenRefused,
     TokenUnreachable,
@@ -93,7 +95,7 @@ def _answer_failure(exc: UnusableAnswer) -> StowFailure:
     """An answer still arriving at its deadline: try later (no quick retry, it held a worker
     long enough); one too large or undecodable: hold, the same answer again would not help."""
     if isinstance(exc, AnswerTooSlow):
-        return DestinationBusy(str(exc))
+        return TimedOut(str(exc))
     return DestinationHeld(str(exc))
 
 
@@ -105,7 +107,7 @@ def _transport_failure(exc: httpx.TransportError, has_cert: bool) -> Exception:
     if isinstance(exc, httpx.ConnectError):
         return QuickRetry(DestinationBusy(f"cannot connect: {plain(exc)}"))
     if isinstance(exc, httpx.TimeoutException):
-        return QuickRetry(DestinationBusy(f"timed out ({type(exc).__name__})"))
+        return QuickRetry(TimedOut(f"timed out ({type(exc).__name__})"))
     return QuickRetry(DestinationBusy(f"connection failed: {plain(exc)}"))
 
 

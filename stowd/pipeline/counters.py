@@ -17,6 +17,8 @@ other libraries' metrics)::
     stowd_associations_open{source}                  associations open now (a gauge)
     stowd_destination_max_rate_bytes{destination}    its rate cap (``max_rate``) in bytes per
                                                      second, a gauge; no series: no cap
+    stowd_destination_concurrency{destination}      requests allowed in flight at once now
+                                                     (a gauge; adaptive destinations only)
 
 ``service/metrics.py`` serves them with the queue's gauges.  Label values are source names,
 destination names and reasons only: never paths, patient data or URLs (which may carry
@@ -141,6 +143,15 @@ MAX_RATE = Gauge(
     registry=REGISTRY,
 )
 
+# adaptive concurrency (issue 20)
+CONCURRENCY = Gauge(
+    "stowd_destination_concurrency",
+    "Requests allowed in flight at once to the destination now (adaptive: lowered while the "
+    "archive is busy, raised again after rounds of successful requests)",
+    ["destination"],
+    registry=REGISTRY,
+)
+
 
 # -- what the daemon calls (cheap; prometheus_client metrics are thread-safe) ------------------
 def queued(source: str, destination: str, n: int = 1) -> None:
@@ -250,3 +261,6 @@ def max_rate(destination: str, rate: float | None) -> None:
     else:
         with contextlib.suppress(KeyError):  # it had none
             MAX_RATE.remove(name)
+def concurrency(destination: str, limit: int) -> None:
+    """``destination`` allows ``limit`` requests at once now (adaptive concurrency)."""
+    CONCURRENCY.labels(label(destination)).set(limit)

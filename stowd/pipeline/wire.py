@@ -7,13 +7,20 @@ a held destination, only when none is in flight, so that probes go one at a time
 says whether no other request overlapped it, ``end`` counts it out.  It also keeps the
 SOPInstanceUIDs of requests that ended without an answer (``unanswered``/``answered``): an
 archive that later says it already holds one may hold it from stowd's own request.
+
+It also keeps the destination's concurrency limit (``concurrency.Concurrency``, adaptive by
+default): a worker takes a ``seat`` before it claims a batch and gives it back when its
+request is over; with every seat taken it claims nothing (it reads new files or idles), so no
+claimed batch ever waits for room on the wire.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+
+from stowd.pipeline.concurrency import Concurrency, Ticket
 
 NOT_ALONE = 0  # the token of a request that began while another was in flight
 
@@ -21,10 +28,13 @@ NOT_ALONE = 0  # the token of a request that began while another was in flight
 class Wire:
     """Requests in flight to one destination."""
 
-    def __init__(self) -> None:
+    def __init__(self, concurrency: Concurrency | None = None) -> None:
         self._lock = threading.Lock()
         self._busy = 0
         self._begun = 0
+        # requests allowed at once (None: no limit); seats: batches claimed or being claimed
+        self.concurrency = concurrency
+        self._seats = 0
         # SOPInstanceUIDs sent in a request that ended without an answer (a timeout, a
         # dropped connection, a 5xx): the archive may hold them from that request
         self._unanswered: set[str] = set()
@@ -52,6 +62,24 @@ class Wire:
         with self._lock:
             self._busy -= 1
 
+    def seat(self) -> Ticket | None:
+        """Take a seat for a batch to claim and send; None when the limit allows no more
+        (give it back with ``unseat``).  Without a limit every worker has one."""
+        with self._lock:
+            limit = self.concurrency
+            if limit is None:
+                return Ticket(0, 0, 0)
+            ticket = limit.ticket()
+            if self._seats >= limit.limit:
+                return None
+            self._seats += 1
+            return ticket
+
+    def unseat(self) -> None:
+        with self._lock:
+            if self.concurrency is not None:
+                self._seats = max(0, self._seats - 1)
+
     def unanswered(self, uids: Iterable[str]) -> None:
         """These UIDs were sent in a request that ended without an answer."""
         with self._lock:
@@ -69,11 +97,12 @@ _wires: weakref.WeakKeyDictionary[object, Wire] = weakref.WeakKeyDictionary()
 _wires_lock = threading.Lock()
 
 
-def wire_of(client: object) -> Wire:
+def wire_of(client: object, concurrency: Callable[[], Concurrency | None] = lambda: None) -> Wire:
     """The ``Wire`` of the destination ``client`` sends to (one client per destination is
-    shared by its workers; a new generation of workers has new clients)."""
+    shared by its workers; a new generation of workers has new clients).  A new wire takes
+    its limit from ``concurrency``."""
     with _wires_lock:
         wire = _wires.get(client)
         if wire is None:
-            wire = _wires[client] = Wire()
+            wire = _wires[client] = Wire(concurrency())
         return wire

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from stowd.config.model import TRANSCODE_EXPLICIT, BatchLimits, Config, Destination
+from stowd.config.schedule import local_now
 from stowd.dicomweb.answers import answer_seconds
 from stowd.dicomweb.stow import StowClient
 from stowd.dicomweb.stowanswer import (
@@ -45,8 +46,9 @@ from stowd.errors import (
 from stowd.media import bulkdata, rewrite
 from stowd.media.probe import detect
 from stowd.media.reading import Media
-from stowd.pipeline import counters, metadata, verify
+from stowd.pipeline import concurrency, counters, metadata, verify
 from stowd.pipeline.bulkform import bulk_part
+from stowd.pipeline.concurrency import Change, Concurrency, Ticket
 from stowd.pipeline.disk import Disks
 from stowd.pipeline.filing import (
     CROWDED,
@@ -96,8 +98,11 @@ class Worker:
         finder: Finder | None = None,
         disks: Disks | None = None,
         verified: verify.Tally | None = None,
+        now: Callable[[], datetime] = local_now,
+        limit: Concurrency | None = None,
     ) -> None:
         self.config = config
+        self.now = now  # the local time, for the destination's schedule (aware)
         # the stored files the archive listed (or not), with verify (shared by a migration)
         self.verified = verified or verify.Tally()
         self.disks = disks  # told of writes that failed for lack of space (it logs them)
@@ -132,8 +137,11 @@ class Worker:
         self.max_step = self._lease  # one step (a batch upload) may take this long
         # (started, last progress) of the request in flight, for status (via the daemon)
         self.in_flight: tuple[float, float] | None = None
-        self._wire = wire_of(client)  # the requests in flight to this destination
+        # the requests in flight to this destination, and how many may be (adaptive:
+        # ``limit``, shared by its workers and kept across reloads by the daemon)
+        self._wire = wire_of(client, lambda: _limit_of(destination, limit))
         self._token = NOT_ALONE  # of this worker's request on the wire
+        self._ticket = Ticket(0, 0, 0)  # what it knew of the limit when it took its seat
         # the answer being applied came to a request that was alone on the wire: its
         # refusals count for retry.max_refusals (see _doubtful_refusal)
         self._alone = False
@@ -210,11 +218,24 @@ class Worker:
     def _send_ready(self) -> bool:
         """Claim and send the next ready batch; False when none is ready."""
         name = self.destination.name
+        if not self.in_window():
+            return False  # outside its schedule: nothing new is sent (new files are read)
         hold = self.queue.holds().get(name)
         if hold is not None and hold.until > self.clock():
             return False
         if hold is not None and not self._wire.idle():
             return False  # another worker probes the held destination
+        ticket = self._wire.seat()
+        if ticket is None:
+            return False  # as many requests in flight as the archive takes now (adaptive)
+        self._ticket = ticket
+        try:
+            return self._claim_and_send(name, hold is not None)
+        finally:
+            self._wire.unseat()
+
+    def _claim_and_send(self, name: str, held: bool) -> bool:
+        """Claim the next ready batch and send it; False when none is ready."""
         batch = self.queue.claim_batch(
             [name],
             pick=lambda _dest, jobs: take_batch(jobs, self.limits),
@@ -225,13 +246,18 @@ class Worker:
             return False
         self.held = frozenset(j.id for j in batch) | self._behind.ids
         try:
-            self._send(batch, held=hold is not None)
+            self._send(batch, held=held)
         except BaseException:
             self._release_or_keep(self.held - self._behind.ids)  # never leave a batch claimed
             raise
         finally:
             self.held = frozenset(self._unreleased) | self._behind.ids
         return True
+
+    def in_window(self) -> bool:
+        """Inside the destination's transfer windows (``schedule``) now?"""
+        schedule = self.destination.schedule
+        return schedule.always or schedule.is_open(self.now())
 
     def _wait_behind(self) -> bool:
         """Nothing to send now: finish the batch settled behind (True when there was one)."""
@@ -366,13 +392,16 @@ class Worker:
             return
         except StowFailure as failure:
             self._wire.unanswered(p.sop_uid for p in parts)
-            self._destination_trouble(batch, failure)
+            self._overloaded(failure)
+            if held or not self._eased(batch, failure):
+                self._destination_trouble(batch, failure)
             return
         except OSError as exc:  # reading a file failed mid-request (I/O error, share gone)
             reason = f"could not read the file while sending it: {exc}"
             self.filing.retry_all_later(batch, reason, counters.UNREADABLE)
             return
         counters.request(self.destination.name, answer.seconds)
+        self._succeeded()
         verifying = self.destination.verify  # then a hold ends once the stored files are listed
         if held and not verifying:
             self._end_hold()
@@ -433,6 +462,55 @@ class Worker:
             len(batch),
             delay,
         )
+
+    # -- adaptive concurrency (issue 20) -------------------------------------------------
+    def _overloaded(self, failure: StowFailure) -> None:
+        """A sign of an overloaded archive (``concurrency.overload``): fewer requests at once."""
+        limit, why = self._wire.concurrency, concurrency.overload(failure)
+        if limit is None or why is None:
+            return
+        change = limit.overloaded(self._ticket)
+        if change is not None:
+            counters.concurrency(self.name, change.new)
+            log.warning(
+                "destination %s: %s; concurrent requests %d -> %d",
+                self.name,
+                why,
+                change.old,
+                change.new,
+            )
+
+    def _succeeded(self) -> None:
+        """An answer without a sign of overload: after a round of them, one request more."""
+        limit = self._wire.concurrency
+        change: Change | None = None if limit is None else limit.succeeded(self._ticket)
+        if change is not None:
+            counters.concurrency(self.name, change.new)
+            log.info(
+                "destination %s: concurrent requests raised to %d after %d successful requests",
+                self.name,
+                change.new,
+                change.successes,
+            )
+
+    def _eased(self, batch: list[Job], failure: StowFailure) -> bool:
+        """A 429 or 503 without Retry-After to a request sent while more than one was
+        allowed: the lower limit is the answer, not a hold.  The batch is queued again at
+        once (no failure counted against its files, not split); True when so."""
+        if self._wire.concurrency is None or self._ticket.limit <= 1:
+            return False
+        if not concurrency.eased(failure) or self.stop.is_set():
+            return False
+        self.queue.release([j.id for j in batch])
+        counters.retried(self.name, counters.retry_reason(failure), len(batch))
+        log.debug(
+            "destination %s: %d file(s) queued again after HTTP %s; sent again with fewer "
+            "requests at once",
+            self.name,
+            len(batch),
+            failure.status,
+        )
+        return True
 
     def _count_drop(self, job: Job, failure: ConnectionDropped) -> bool:
         """The archive dropped the connection of a request that sent ``job`` alone: one drop
@@ -669,6 +747,13 @@ class Worker:
             self.limits.max_files,
             self.limits.max_bytes / MB,
         )
+
+
+def _limit_of(destination: Destination, given: Concurrency | None) -> Concurrency | None:
+    """The concurrency limit of ``destination``'s wire: none unless ``adaptive``."""
+    if not destination.adaptive:
+        return None
+    return given if given is not None else concurrency.of(destination)
 
 
 def _uncount_unverified(

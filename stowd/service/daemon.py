@@ -21,6 +21,8 @@ how things are and does housekeeping.  Signal handlers only set flags; every wai
 * A full disk (the queue, the spool, a sent/ or failed/ folder) is logged once when it starts
   and once when it ends, and shown in STATUS=; the watchdog is still fed (a restart frees no
   space, and a restart loop would hide the reason): the threads wait and try again.
+* A destination outside its transfer windows (``schedule``) is logged once when it pauses
+  and once when it opens; its senders keep looping (and beating), claiming nothing new.
 * A thread that dies is started again; one that died ``RESTART_LIMIT`` times within
   ``RESTART_WINDOW`` is reported (log, STATUS=, ``stowd status``) and the watchdog is no longer
   fed, so that systemd restarts stowd.
@@ -41,11 +43,13 @@ from pathlib import Path
 from types import FrameType
 
 from stowd.config.load import load_config
-from stowd.config.model import Config, Source
+from stowd.config.model import Config, Destination, Source
+from stowd.config.schedule import local_now, paused_note
 from stowd.dicomweb.pacing import Buckets, Pacing, rate_text
 from stowd.dicomweb.stow import StowClient
 from stowd.errors import ConfigError, QueueError, QueueFull, StowdError
 from stowd.pipeline import counters, disk
+from stowd.pipeline.concurrency import Concurrency, Limits
 from stowd.pipeline.disk import Disks
 from stowd.pipeline.lookup import Finder
 from stowd.pipeline.loop import Stop
@@ -122,6 +126,8 @@ class Daemon:
         self._shared: dict[str, object] | None = None  # last written for status
         self.receivers = Receivers(self.queue)  # C-STORE receivers: they outlive reloads
         self.buckets = Buckets()  # each destination's rate cap: they outlive reloads
+        self._paused: dict[str, bool] = {}  # destinations outside their windows, as logged
+        self.limits = Limits()  # adaptive concurrency per destination: it outlives reloads
 
     # -- signals ------------------------------------------------------------------------
     def install_signals(self) -> None:
@@ -153,6 +159,7 @@ class Daemon:
             self._pace(self.config)
             self.generation = self._start(self.config)
             self.metrics_server = _serve_metrics(self.config)
+            self._note_windows()
             self.notifier.ready(self._status_line())
             self._supervise()
         finally:
@@ -200,6 +207,7 @@ class Daemon:
             pacing = Pacing(self.buckets.of(name), self.stop)
             client = StowClient(dest, stop=gen.stop, pacing=pacing)
             gen.clients[name] = client
+            limit = self._limit(dest)
             for n in range(dest.workers):
                 worker = Worker(
                     config,
@@ -211,6 +219,7 @@ class Daemon:
                     classify_lock=gen.classify_lock,  # one reader of new files at a time
                     finder=gen.finder,
                     disks=self.disks,
+                    limit=limit,
                 )
                 gen.senders.append(worker)
                 _spawn(gen, f"send-{name}-{n}", worker.run)
@@ -231,6 +240,13 @@ class Daemon:
                 )
         return gen
 
+    def _limit(self, dest: Destination) -> Concurrency:
+        """The concurrency limit of ``dest``, as learnt before a reload (issue 20)."""
+        limit = self.limits.of(dest)
+        if dest.adaptive:
+            counters.concurrency(dest.name, limit.limit)
+        return limit
+
     def _queue_files(self) -> tuple[Path, ...]:
         q = str(self.config.queue)
         suffixes = ("", "-wal", "-shm", "-journal", ".lock", OPEN_MARK, inflight.SUFFIX)
@@ -247,6 +263,7 @@ class Daemon:
             self._revive_dead_threads()
             self._reap_lingering()
             self.receivers.retry(self.config)
+            self._note_windows()
             now = time.monotonic()
             if now >= next_watchdog and self.notifier.watchdog_interval is not None:
                 self._feed_watchdog()
@@ -271,6 +288,10 @@ class Daemon:
         shared: dict[str, object] = {"destinations": destinations}
         if self.receivers.running or self.receivers.unbound:
             shared["receivers"] = self.receivers.snapshot()
+        limits = self.limits.snapshot()  # adaptive concurrency (issue 20)
+        shared[inflight.CONCURRENCY] = {
+            n: v for n, v in limits.items() if n in self.config.destinations
+        }
         if shared == self._shared:
             return
         doc = inflight.document(os.getpid(), time.time(), destinations)
@@ -343,6 +364,30 @@ class Daemon:
                 "%d claimed file(s) no sender holds any more are queued again (sent again)",
                 returned,
             )
+
+    # -- schedule (transfer windows) --
+    def _note_windows(self) -> None:
+        """Log each destination's window closing (its senders claim nothing new; requests
+        in flight finish) and opening; the senders look at the schedule themselves."""
+        now = local_now()
+        for name, dest in self.config.destinations.items():
+            note = paused_note(dest.schedule, now)
+            if (note is not None) == self._paused.get(name, False):
+                continue
+            self._paused[name] = note is not None
+            windows = ", ".join(w.text for w in dest.schedule.windows)
+            if note is not None:
+                log.info(
+                    "destination %s: %s: outside its transfer windows (%s) it sends nothing "
+                    "new; new files are still found, read and queued",
+                    name,
+                    note,
+                    windows,
+                )
+            elif dest.schedule.always:  # a reload took its schedule away
+                log.info("destination %s: no schedule any more; sending at any time", name)
+            else:
+                log.info("destination %s: its transfer window is open (%s); sending", name, windows)
 
     # -- reload (SIGHUP) ------------------------------------------------------------------
     def _reload(self) -> None:
@@ -588,7 +633,8 @@ def _serve_metrics(config: Config) -> metrics.Server | None:
     if config.metrics is None:
         return None
     host, port = config.metrics.host, config.metrics.port
-    server = metrics.serve(host, port, config.queue, list(config.destinations))
+    schedules = {name: d.schedule for name, d in config.destinations.items()}
+    server = metrics.serve(host, port, config.queue, list(config.destinations), schedules=schedules)
     log.info("serving Prometheus metrics on http://%s:%d/metrics", host, server.port)
     return server
 

@@ -6,11 +6,14 @@ every ``WRITE_EVERY`` seconds, and removes it when it stops.  It holds a documen
 
     {"pid": 4242, "written_at": 1767000000.0,
      "destinations": {"pacs": {"request_since": ..., "last_progress": ..., "requests": 2}},
-     "receivers": {"ct": {"listening": true, "open": 1, "received": 200, ...}}}
+     "receivers": {"ct": {"listening": true, "open": 1, "received": 200, ...}},
+     "concurrency": {"pacs": {"limit": 2, "workers": 4}}}
 
 ``destinations`` names, per destination with requests in flight, the request that has gone
 longest without progress (no byte sent, no answer): when it started, when it last sent a
-chunk, and how many requests are in flight.  Readers ignore keys they do not know, so more
+chunk, and how many requests are in flight.  ``concurrency`` names, per destination with
+``adaptive: true``, how many requests it allows at once now (``pipeline/concurrency.py``).
+Readers ignore keys they do not know, so more
 can be added.  Status trusts the file only when its pid is the daemon holding the queue.
 """
 
@@ -25,6 +28,7 @@ from typing import Any
 from stowd.fileops import write_new
 
 SUFFIX = ".state"
+CONCURRENCY = "concurrency"  # the key of the adaptive limits (issue 20)
 MODE = 0o600  # what a daemon is doing is for its administrators only
 WRITE_EVERY = 2.0  # seconds
 # A request without progress for this long (or a tenth of the read timeout, if shorter) is
@@ -73,6 +77,11 @@ def read(queue: Path, pid: int | None) -> dict[str, Any]:
 def read_receivers(queue: Path, pid: int | None) -> dict[str, Any]:
     """Per receiving source: what its C-STORE receiver took in (``receivers.snapshot``)."""
     return _part(queue, pid, "receivers")
+
+
+def read_concurrency(queue: Path, pid: int | None) -> dict[str, Any]:
+    """Per adaptive destination: the requests it allows at once now, and its workers."""
+    return _part(queue, pid, CONCURRENCY)
 
 
 def _part(queue: Path, pid: int | None, key: str) -> dict[str, Any]:

@@ -11,6 +11,10 @@ blocks it)::
     stowd_oldest_pending_age_seconds{destination}    age of its oldest active row (0: none)
     stowd_destination_held{destination}              1 while the destination is held (as
                                                      ``stowd status`` shows it), else 0
+    stowd_destination_paused{destination}            1 while the destination is outside its
+                                                     transfer windows (``schedule``), else 0
+                                                     (from the config and the local clock:
+                                                     served even when the queue cannot be read)
     stowd_up                                         1
 """
 
@@ -19,7 +23,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIServer
@@ -27,6 +32,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
+from stowd.config.schedule import Schedule, local_now
 from stowd.config.yamlwalk import host_port
 from stowd.errors import QueueError, StowdError
 from stowd.pipeline.counters import REGISTRY, label, touch
@@ -112,15 +118,41 @@ class QueueCollector:
         return [files, oldest, held]
 
 
-class _Scrape:
-    """What one scrape serves: the module's registry, then the queue collector."""
+# -- schedule (transfer windows) --
+class PausedCollector:
+    """``stowd_destination_paused``: each destination outside its windows now (1), or not."""
 
-    def __init__(self, queue: QueueCollector) -> None:
+    def __init__(
+        self, schedules: Mapping[str, Schedule], now: Callable[[], datetime] = local_now
+    ) -> None:
+        self.schedules = {label(name): s for name, s in schedules.items()}
+        self.now = now
+
+    def collect(self) -> Iterable[Metric]:
+        paused = GaugeMetricFamily(
+            "stowd_destination_paused",
+            "1 while the destination is outside its transfer windows (schedule), else 0",
+            labels=["destination"],
+        )
+        now = self.now()
+        for name, schedule in self.schedules.items():
+            paused.add_metric([name], 0 if schedule.is_open(now) else 1)
+        yield paused
+
+
+class _Scrape:
+    """What one scrape serves: the module's registry, then the queue collector (and the
+    paused gauge)."""
+
+    def __init__(self, queue: QueueCollector, paused: PausedCollector | None = None) -> None:
         self.queue = queue
+        self.paused = paused
 
     def collect(self) -> Iterable[Metric]:
         yield from REGISTRY.collect()
         yield from self.queue.collect()
+        if self.paused is not None:
+            yield from self.paused.collect()
 
 
 # -- the HTTP server ---------------------------------------------------------------------------
@@ -153,6 +185,7 @@ def serve(
     destinations: list[str],
     *,
     clock: Callable[[], float] = time.time,
+    schedules: Mapping[str, Schedule] | None = None,
 ) -> Server:
     """Serve the metrics over HTTP on host:port (port 0: any free one, see ``Server.port``).
 
@@ -164,7 +197,8 @@ def serve(
         touch(name)
     try:
         scrape = CollectorRegistry(auto_describe=True)  # a real registry: ?name[]= works
-        scrape.register(_Scrape(collector))
+        paused = PausedCollector(schedules or dict.fromkeys(destinations, Schedule()))
+        scrape.register(_Scrape(collector, paused))
         httpd, thread = start_http_server(port, addr=host, registry=scrape)
     except OSError as exc:
         reason = exc.strerror or str(exc)

@@ -10,8 +10,10 @@ form; ``short_line`` is the daemon's systemd ``STATUS=`` line (three cheap queri
 
 The rate is what was *sent* in the last ``RATE_WINDOW`` seconds (files, and their bytes in
 MB of 10^6 bytes); the ETA is the backlog (pending + waiting + claimed) divided by that rate,
-in bytes, or in files when nothing sent had a size.  Sent, failed and gone counts are the rows
-still in the queue's history (``history_days``), not every file ever handled.
+in bytes, or in files when nothing sent had a size; none while a destination is held or
+outside its transfer windows (``schedule``: then "paused until Mon 19:00 (schedule)").
+Sent, failed and gone counts are the rows still in the queue's history (``history_days``),
+not every file ever handled.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from stowd.config.model import Config, Source
+from stowd.config.schedule import Schedule, local_zone, paused_note
 from stowd.config.yamlwalk import host_port
 from stowd.errors import QueueUnreadable
 from stowd.fileops import walk_folders
@@ -203,13 +207,15 @@ def _gather(config: Config, queue: Queue, now: float) -> dict[str, Any]:
         }
         for name, figures in dests.items()
     }
+    destinations = _destinations(config, holds, now)
+    _no_eta_while_paused(by_dest, by_source, destinations)
     everything = total.as_dict(now, held=False)
     eta, seconds = _overall_eta(by_dest)
     if eta == "empty" and total.backlog_files:
         eta, seconds = "parked", None  # all of it belongs to sources no longer configured
     pid = daemon_pid(config.queue)
-    destinations = _destinations(config, holds, now)
     _add_in_flight(config, destinations, inflight.read(config.queue, pid), now)
+    _add_concurrency(destinations, inflight.read_concurrency(config.queue, pid))
     receiving = inflight.read_receivers(config.queue, pid)
     for name, figures in by_source.items():
         if "receive" in figures:
@@ -307,7 +313,7 @@ def _source_dict(
 def _overall_eta(by_dest: Mapping[str, Mapping[str, Any]]) -> tuple[str, float | None]:
     """Destinations send side by side: the backlog is gone when the slowest is done."""
     etas = [(d["eta"], d["eta_seconds"]) for d in by_dest.values() if d["configured"]]
-    for word in ("held", "unknown"):
+    for word in ("held", "paused", "unknown"):
         if any(e == word for e, _ in etas):
             return word, None
     seconds = [s for e, s in etas if e == "estimated"]
@@ -319,17 +325,59 @@ def _destinations(config: Config, holds: Mapping[str, Hold], now: float) -> dict
     for name, dest in config.destinations.items():
         hold = holds.get(name)
         out[name] = {"url": dest.display_url, "verify_tls": dest.verify_tls, "state": "ok"}
+        out[name] |= _schedule(dest.schedule, now)
         if hold is not None:
+            until = _next_try(hold, out[name].get("paused_until"))
             out[name] |= {
                 "state": "held",
                 "held_since": hold.since,
                 "held_for_seconds": _since(now, hold.since),
-                "held_until": hold.until,
-                "next_try_in_seconds": round(max(0.0, hold.until - now), 1),
+                "held_until": until,
+                "next_try_in_seconds": round(max(0.0, until - now), 1),
                 "reason": redact(hold.reason or ""),
                 "failures": hold.failures,
             }
     return out
+
+
+# -- schedule (transfer windows) --
+def _no_eta_while_paused(
+    by_dest: Mapping[str, dict[str, Any]],
+    by_source: Mapping[str, dict[str, Any]],
+    destinations: Mapping[str, Any],
+) -> None:
+    """A destination outside its windows, and its sources, have no ETA (unless held: that
+    says more)."""
+    paused = {name for name, d in destinations.items() if d.get("paused")}
+    found = [*by_dest.items(), *((f["destination"], f) for f in by_source.values())]
+    for name, figures in found:
+        if name in paused and figures["eta"] in ("estimated", "unknown"):
+            figures["eta"], figures["eta_seconds"] = "paused", None
+
+
+def _next_try(hold: Hold, paused_until: float | None) -> float:
+    """When a held destination is tried next: when its hold ends, or when its window opens
+    if that is later (outside its windows nothing is tried, not even the probe)."""
+    return hold.until if paused_until is None else max(hold.until, paused_until)
+
+
+def _schedule(schedule: Schedule, now: float) -> dict[str, Any]:
+    """A destination's windows (no keys without a schedule): ``schedule`` (their texts),
+    ``paused`` (outside them now), ``paused_until`` (when the next opens, epoch seconds),
+    ``open_until`` (when the open one closes) and ``paused_note`` (``paused until Mon 19:00
+    (schedule)``)."""
+    if schedule.always:
+        return {}  # no keys: the document of a destination without windows is as before
+    local = datetime.fromtimestamp(now, local_zone())
+    opens, closes = schedule.next_open(local), schedule.next_close(local)
+    paused = not schedule.is_open(local)
+    return {
+        "schedule": [w.text for w in schedule.windows],
+        "paused": paused,
+        "paused_until": opens.timestamp() if paused and opens is not None else None,
+        "open_until": closes.timestamp() if not paused and closes is not None else None,
+        "paused_note": paused_note(schedule, local),
+    }
 
 
 def _add_in_flight(
@@ -348,6 +396,29 @@ def _add_in_flight(
         quiet = max(0.0, now - progress)
         if quiet > inflight.not_answering_after(dest.timeouts.read):
             out[name] |= {"not_answering_seconds": round(quiet, 1), "request_since": since}
+
+
+# -- adaptive concurrency (issue 20) ---------------------------------------------------------
+def _add_concurrency(out: dict[str, Any], limits: Mapping[str, Any]) -> None:
+    """A destination with ``adaptive: true`` gets ``concurrency``: the requests it allows at
+    once now (``limit``) and its ``workers``, as the running daemon says."""
+    for name, found in limits.items():
+        if name not in out or not isinstance(found, dict):
+            continue
+        try:
+            limit, workers = int(found["limit"]), int(found["workers"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        out[name]["concurrency"] = {"limit": limit, "workers": workers}
+
+
+def _concurrency(health: Mapping[str, Any] | None) -> list[str]:
+    found = None if health is None else health.get("concurrency")
+    if not found:
+        return []
+    limit, workers = found["limit"], found["workers"]
+    lowered = " (lowered: the archive was busy)" if limit < workers else ""
+    return [f"  requests:   at most {limit} at once of {workers} workers{lowered}"]
 
 
 def _not_answering(destinations: Mapping[str, Any]) -> list[str]:
@@ -580,7 +651,8 @@ def _destination(name: str, figures: Mapping[str, Any], health: Any) -> list[str
     settling = figures["counts"].get("settling", 0)
     if settling and lines[-1] == "  health:     ok":
         lines[-1] += _unmoved(settling, figures.get("settling_stored", 0))
-    return [*lines, *_figures(figures)]
+    windows = [] if health is None else _windows(health)
+    return [*lines, *_concurrency(health), *windows, *_figures(figures)]
 
 
 def _unmoved(settling: int, stored: int) -> str:
@@ -597,6 +669,21 @@ def _health(health: Mapping[str, Any] | None) -> list[str]:
     if health is None:
         return []
     return _held(health) + _stalled(health)
+
+
+def _windows(health: Mapping[str, Any]) -> list[str]:
+    """The schedule line: ``paused until Mon 19:00 (schedule: Mon-Fri 19:00-07:00)``, or
+    ``open until Tue 07:00 (...)``; nothing without a schedule."""
+    windows = health.get("schedule")
+    if not windows:
+        return []
+    texts = ", ".join(windows)
+    if health.get("paused"):
+        note = health.get("paused_note") or "paused (schedule)"
+        return [f"  schedule:   {note}: new files are queued, sent once it opens; {texts}"]
+    until = health.get("open_until")
+    open_until = "open" if until is None else f"open until {_clock(until)}"
+    return [f"  schedule:   {open_until}; {texts}"]
 
 
 def _stalled(health: Mapping[str, Any]) -> list[str]:
@@ -720,6 +807,7 @@ def _backlog(figures: Mapping[str, Any], whose: str = "the destination") -> str:
         return f"{size}; about {_duration(figures['eta_seconds'])} to send at the recent rate"
     why = {
         "held": f"no ETA while {whose} is held",
+        "paused": f"no ETA while {whose} is paused (schedule)",
         "unknown": f"ETA unknown: nothing was sent in the last {RATE_WINDOW / 60:.0f} minutes",
         "parked": "no ETA: its source is not in the config",
     }
