@@ -4,7 +4,9 @@
 
 Prints its DICOMweb base URL (``http://HOST:PORT/dicom-web``) as the first line on stdout, then
 serves until SIGTERM or SIGINT, and prints one JSON line with what it took (requests,
-instances, body bytes, CPU seconds).  ``benchlib.discard_process()`` starts and stops it.
+instances, body bytes, CPU seconds, and when body bytes arrived: the first and last
+``time.monotonic()`` and the bytes of each second since the first).
+``benchlib.discard_process()`` starts and stops it.
 
 Each ``POST .../studies`` body (``multipart/related``, with a Content-Length) is read to its
 last byte and parsed as it arrives (bench/stowparse.py: each part's File Meta, or the
@@ -32,8 +34,9 @@ import os
 import resource
 import signal
 import sys
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from stowparse import PartReader
 
@@ -47,6 +50,20 @@ class Totals:
     requests: int = 0
     instances: int = 0
     bytes: int = 0
+    # when body bytes arrived (time.monotonic(), the clock of every process on the machine):
+    # the first and the last, and the bytes of each second since the first (bench/ratecap.py)
+    first: float | None = None
+    last: float | None = None
+    per_second: list[int] = field(default_factory=list)
+
+    def arrived(self, size: int) -> None:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+        self.last = now
+        second = int(now - self.first)
+        self.per_second.extend([0] * (second + 1 - len(self.per_second)))
+        self.per_second[second] += size
 
 
 TOTALS = Totals()
@@ -144,6 +161,7 @@ class Connection(asyncio.BufferedProtocol):
                 self.bad = True
         self.left -= used
         TOTALS.bytes += used
+        TOTALS.arrived(used)
         if not self.left:
             self._answer()
         return view[used:]

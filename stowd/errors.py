@@ -38,6 +38,9 @@
     │                          retried later, like the archive's temporary refusals
     ├── SpoolFull              the copy of a file to send cannot be written: the spool's
     │                          disk is full; the file waits (never counted as its failure)
+    ├── Stopping               stowd is stopping while an upload waits for its rate cap
+    │                          (``pacing.py``): ``stow.py`` makes it ``DestinationBusy``, the
+    │                          files stay queued
     ├── SecretUnavailable      a secret (password, token, key) cannot be read now: a missing
     │                          variable or file; the destination is held
     ├── ClientSetupError       the destination's TLS files cannot be used (unreadable, not
@@ -220,6 +223,12 @@ def reading(source: Path) -> Iterator[None]:
 class SpoolFull(StowdError):
     """The spool's filesystem is full: the copy of a file to send (changed by the rules, or
     made DICOM) cannot be written now.  Not the file's fault: it waits for space."""
+
+
+class Stopping(StowdError):
+    """stowd is stopping while an upload waits for its destination's rate cap
+    (``max_rate``): the wait ends at once, and ``stow.py`` turns this into
+    ``DestinationBusy`` (the files stay queued, sent again at the next start)."""
 
 
 _INPUT_ERRORS = (ValueError, TypeError, OverflowError)

@@ -52,6 +52,7 @@ from stowd.commands.migreport import (
 )
 from stowd.config.model import Config, Source
 from stowd.config.schedule import Schedule, local_now, paused_note
+from stowd.dicomweb.pacing import Bucket, Pacing
 from stowd.dicomweb.stow import StowClient
 from stowd.errors import MigrationConflict
 from stowd.pipeline.lookup import Finder
@@ -248,7 +249,8 @@ class Migration:
 
     def _senders(self) -> tuple[list[threading.Thread], list[StowClient]]:
         dest = self.config.destinations[self.opts.destination]
-        client = StowClient(dest, stop=self.stop)
+        pacing = Pacing(Bucket(dest.max_rate), self.stop)  # max_rate, as stowd run
+        client = StowClient(dest, stop=self.stop, pacing=pacing)
         self.finder = Finder(self.config, self.queue)  # one lookup client for all workers
         lock = threading.Lock()
         threads = []

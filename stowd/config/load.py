@@ -38,6 +38,7 @@ from stowd.config.model import (
     DEFAULT_HOLD_PROBE,
     DEFAULT_IGNORE,
     DEFAULT_INCOMPLETE_WAIT,
+    DEFAULT_MAX_RATE,
     DEFAULT_MAX_REFUSALS,
     DEFAULT_POOL_TIMEOUT,
     DEFAULT_QUIET_PERIOD,
@@ -88,6 +89,7 @@ from stowd.config.yamlwalk import (
     as_number,
     as_path,
     as_patterns,
+    as_rate,
     as_size,
     as_text,
     describe_node,
@@ -144,6 +146,7 @@ _DESTINATION_KEYS = (
     "duplicates",
     "transcode",
     "verify",
+    "max_rate",  # ratecap (issue 20)
     "schedule",
     "adaptive",  # adaptive concurrency (issue 20)
     *ACCESS_KEYS,
@@ -357,6 +360,7 @@ def _read_destination(sec: Section, name: str) -> Destination | None:
         duplicates=sec.get("duplicates", DEFAULT_DUPLICATES, as_choice(DUPLICATE_ACTIONS)),
         transcode=sec.get("transcode", DEFAULT_TRANSCODE, as_choice(TRANSCODE_POLICIES)),
         verify=sec.get("verify", DEFAULT_VERIFY, as_bool),
+        max_rate=sec.get("max_rate", DEFAULT_MAX_RATE, as_rate),  # ratecap (issue 20)
         schedule=_read_schedule(sec),
         adaptive=sec.get("adaptive", DEFAULT_ADAPTIVE, as_bool),  # issue 20
     )

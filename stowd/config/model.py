@@ -43,6 +43,8 @@ DEFAULT_HISTORY_DAYS = 30.0
 DEFAULT_FOLDER_SIDECAR = "_metadata.yaml"
 DEFAULT_FOLDER_LINGER = 3600.0
 MIN_FOLDER_LINGER = 60.0
+# ratecap (issue 20): a destination's max_rate, bytes per second of all its workers together
+DEFAULT_MAX_RATE: float | None = None  # no cap
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,9 @@ class Destination:
     # Little Endian (stowd/rewrite.py); "none": every file is sent in its own syntax
     transcode: str = DEFAULT_TRANSCODE
     verify: bool = DEFAULT_VERIFY  # ask the archive (QIDO-RS) for what it said it stored
+    # ratecap (issue 20): the body bytes all its workers send, at most this many per second
+    # (``dicomweb/pacing.py``); None: no cap
+    max_rate: float | None = DEFAULT_MAX_RATE
     # -- schedule (transfer windows) --
     # when it may send, in local time (config/schedule.py); no windows: at any time
     schedule: Schedule = field(default_factory=Schedule)

@@ -46,6 +46,22 @@ _SIZE_UNITS = {
     "tib": 2**40,
 }
 _SIZE_HINT = "expected a size such as 512KiB, 64MiB or 1GB"
+# A rate's unit is required and written as usual (case matters: bit is b, byte is B).
+_RATE = re.compile(_NUMBER + r"\s*(?P<unit>\S*)")
+_BITS = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9}
+_RATE_UNITS = {
+    **{f"{p}bit/s": n / 8 for p, n in _BITS.items()},
+    **{f"{p}bps": n / 8 for p, n in _BITS.items()},
+    "B/s": 1,
+    "kB/s": 10**3,
+    "KB/s": 10**3,
+    "MB/s": 10**6,
+    "GB/s": 10**9,
+    "KiB/s": 2**10,
+    "MiB/s": 2**20,
+    "GiB/s": 2**30,
+}
+_RATE_HINT = "expected a rate with its unit, such as 50Mbit/s, 10MB/s or 500KiB/s"
 
 
 def parse_duration(text: str | int | float) -> float:
@@ -63,6 +79,45 @@ def parse_size(text: str | int | float) -> int:
     Raises ``ValueError`` with a message for humans on anything else, including negatives.
     """
     return _size_of(text)
+
+
+def parse_rate(text: object) -> float:
+    """Bytes per second from a rate with its unit: ``50Mbit/s``, ``10MB/s``, ``500KiB/s``.
+
+    Units (case as written here): bit/s, kbit/s (Kbit/s), Mbit/s, Gbit/s and bps, kbps
+    (Kbps), Mbps, Gbps (bits, decimal); B/s, kB/s (KB/s), MB/s, GB/s (bytes, decimal);
+    KiB/s, MiB/s, GiB/s (bytes, binary).  Raises ``ValueError`` with a message for humans
+    on anything else: no unit, an unknown unit, 0 or a negative rate.
+    """
+    written = isinstance(text, str | int | float) and not isinstance(text, bool)
+    match = _RATE.fullmatch(str(text).strip()) if written else None
+    if match is None:
+        raise ValueError(f"{_RATE_HINT}, got {describe_value(text)}")
+    if not match["unit"]:
+        raise ValueError(
+            f"a unit is required, such as 50Mbit/s or 10MB/s, got {describe_value(text)}"
+        )
+    unit = match["unit"]
+    factor = _RATE_UNITS.get(unit)
+    if factor is None:
+        raise ValueError(_unknown_rate_unit(unit, text))
+    rate = float(match["num"]) * factor
+    if not rate > 0:
+        raise ValueError(f"must be more than 0, got {describe_value(text)}")
+    return rate
+
+
+def _unknown_rate_unit(unit: str, text: object) -> str:
+    got = describe_value(text)
+    bits_or_bytes = re.fullmatch(r"([kKmMgG]?)b/s", unit)
+    if bits_or_bytes:  # "Mb/s": megabits to some, megabytes to others
+        p = bits_or_bytes[1].upper().replace("K", "k")
+        return f"unknown unit {unit!r} in {got}: write {p}bit/s for bits or {p}B/s for bytes"
+    same = [u for u in _RATE_UNITS if u.lower() == unit.lower()]
+    if same:
+        return f"unknown unit {unit!r} in {got} (case matters): did you mean {same[0]}?"
+    known = ", ".join(u for u in _RATE_UNITS if u not in ("Kbit/s", "Kbps", "KB/s"))
+    return f"unknown unit {unit!r} in {got}; known units: {known}"
 
 
 def describe_value(value: object) -> str:
@@ -132,6 +187,11 @@ def as_duration(*, positive: bool) -> Callable[[object], float]:
         return seconds
 
     return convert
+
+
+def as_rate(value: object) -> float | None:
+    """A rate cap in bytes per second (``parse_rate``)."""
+    return parse_rate(value)
 
 
 def as_size(value: object) -> int:

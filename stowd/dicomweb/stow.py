@@ -19,6 +19,8 @@ answers, file by file (``stowanswer.py``).  Together they follow the retry table
   is retried, the doubtful ones (``is_counted``) at most ``retry.max_refusals`` times
 * a 4xx, 200 or 202 whose body is not a STOW-RS answer (empty, an HTML login page, other
   text)                                   -> ``DestinationHeld``
+* stowd stopping while the destination's rate cap holds the body back (``pacing.py``)
+                                          -> ``DestinationBusy`` (the files stay queued)
 """
 
 from __future__ import annotations
@@ -42,12 +44,13 @@ from stowd.dicomweb.httperrors import (
     plain,
     tls_problem,
 )
+from stowd.dicomweb.pacing import Pacing
 from stowd.dicomweb.stowanswer import (
     Answer,
     answer_of,
 )
 from stowd.dicomweb.stowbody import Body, Part
-from stowd.errors import ConnectionDropped, DestinationBusy
+from stowd.errors import ConnectionDropped, DestinationBusy, Stopping
 
 # Names kept importable from here, where tests and the worker import them from.
 
@@ -69,9 +72,11 @@ class StowClient:
         *,
         stop: threading.Event | None = None,
         transport: httpx.BaseTransport | None = None,
+        pacing: Pacing | None = None,
     ) -> None:
         self.destination = destination
         self.stop = stop or threading.Event()
+        self.pacing = pacing  # the destination's rate cap (max_rate), if it has one
         self._transport = transport
         self._lock = threading.Lock()
         self._http: httpx.Client | None = None
@@ -142,7 +147,7 @@ class StowClient:
     def _attempt(
         self, parts: Sequence[Part], progress: Callable[[], None] | None, may_refresh: bool = False
     ) -> Answer:
-        body = Body(parts, progress)
+        body = Body(parts, progress, self.pacing)
         body.open()
         started = time.monotonic()
         try:
@@ -175,6 +180,8 @@ class StowClient:
                 )
         except REACHING as exc:
             raise failure(exc, self._has_cert) from exc
+        except Stopping as exc:  # a wait for the rate cap, ended because stowd stops
+            raise DestinationBusy(str(exc)) from exc
         return response, content
 
     @property

@@ -3,7 +3,8 @@
 Each ``Part`` is one instance (a whole Part-10 file, or a byte range of one in the metadata +
 bulkdata form); ``Body`` opens every file before anything is sent, checks it is still the
 content that was queued, and streams it in ``CHUNK``s.  A file that vanished, changed or
-shrank raises ``FileVanished``; one stowd cannot read, ``FileUnreadable``.
+shrank raises ``FileVanished``; one stowd cannot read, ``FileUnreadable``.  With a rate cap
+(``pacing.py``) each piece goes once its destination's bucket lets it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from stowd import dropped
+from stowd.dicomweb.pacing import Pacing
 from stowd.errors import FileUnreadable, FileVanished, LinkRefused
 
 CHUNK = 256 * 1024
@@ -52,10 +54,18 @@ class Body:
     instances, then one bulk part per instance with its ``Content-Location``.
     """
 
-    def __init__(self, parts: Sequence[Part], progress: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        parts: Sequence[Part],
+        progress: Callable[[], None] | None = None,
+        pacing: Pacing | None = None,
+    ) -> None:
         self.boundary = uuid.uuid4().hex
         self.parts = list(parts)
-        self.progress = progress  # called for every chunk sent (the watchdog's sign of life)
+        # called for every chunk sent, and while a rate cap holds it back (the watchdog's
+        # sign of life)
+        self.progress = progress
+        self.pacing = pacing  # the destination's rate cap (ratecap, issue 20)
         self._files: list[BinaryIO] = []
         self.sent_at: float | None = None  # time.monotonic() when the last byte was handed on
         metadata = [p.metadata for p in self.parts if p.metadata is not None]
@@ -114,6 +124,15 @@ class Body:
         self._files.clear()
 
     def __iter__(self) -> Iterator[bytes]:
+        """The body in pieces of at most ``CHUNK`` bytes, each once the rate cap lets it go
+        (in smaller slices at a low cap); raises ``Stopping`` when stowd stops meanwhile."""
+        pieces = self._pieces()
+        if self.pacing is not None:
+            pieces = self.pacing.bucket.paced(pieces, self.pacing.halt, self.progress)
+        yield from pieces
+        self.sent_at = time.monotonic()
+
+    def _pieces(self) -> Iterator[bytes]:
         """The body in pieces of at most ``CHUNK`` bytes (a large file in ``CHUNK``s, as read);
         small parts share one piece: each piece is a system call or more in httpx."""
         out = _Pieces()
@@ -132,7 +151,6 @@ class Body:
             yield from out.add(b"\r\n")
         yield from out.add(self.tail)
         yield from out.flush()
-        self.sent_at = time.monotonic()
 
     def _chunks(self, fp: BinaryIO, part: Part) -> Iterator[bytes]:
         for chunk in _read_exactly(fp, part):

@@ -15,6 +15,8 @@ other libraries' metrics)::
     stowd_received_refused_total{source}             C-STORE instances answered with a failure
     stowd_associations_rejected_total{source}        associations rejected (AE title, limit)
     stowd_associations_open{source}                  associations open now (a gauge)
+    stowd_destination_max_rate_bytes{destination}    its rate cap (``max_rate``) in bytes per
+                                                     second, a gauge; no series: no cap
     stowd_destination_concurrency{destination}      requests allowed in flight at once now
                                                      (a gauge; adaptive destinations only)
 
@@ -25,6 +27,8 @@ mistake is refused rather than exported.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -129,6 +133,13 @@ ASSOCIATIONS_OPEN = Gauge(
     "stowd_associations_open",
     "Associations open now, per receiving source",
     ["source"],
+    registry=REGISTRY,
+)
+# ratecap (issue 20)
+MAX_RATE = Gauge(
+    "stowd_destination_max_rate_bytes",
+    "The destination's rate cap (max_rate) in bytes per second; no series: no cap",
+    ["destination"],
     registry=REGISTRY,
 )
 
@@ -241,6 +252,15 @@ def association_closed(source: str) -> None:
     ASSOCIATIONS_OPEN.labels(label(source)).dec()
 
 
+# ratecap (issue 20)
+def max_rate(destination: str, rate: float | None) -> None:
+    """The destination's rate cap now (None: none, and no series)."""
+    name = label(destination)
+    if rate is not None:
+        MAX_RATE.labels(name).set(rate)
+    else:
+        with contextlib.suppress(KeyError):  # it had none
+            MAX_RATE.remove(name)
 def concurrency(destination: str, limit: int) -> None:
     """``destination`` allows ``limit`` requests at once now (adaptive concurrency)."""
     CONCURRENCY.labels(label(destination)).set(limit)

@@ -13,6 +13,8 @@ how things are and does housekeeping.  Signal handlers only set flags; every wai
   between batches (uploads in flight finish, for up to ``shutdown_timeout``; one still running
   then completes in the background with the old settings), and new threads start with the new
   sources, rules and destinations.  Queued work stays in the queue: nothing is lost or re-sent.
+  A destination's new ``max_rate`` applies at once, to its uploads in flight too (one token
+  bucket per destination name lives as long as the daemon: ``pacing.Buckets``).
 * systemd (``Type=notify``): READY=1 once the queue is open and the watchers run, STATUS= a
   line of counts, WATCHDOG=1 only while every thread is alive and making progress,
   RELOADING=1 and STOPPING=1.
@@ -43,6 +45,7 @@ from types import FrameType
 from stowd.config.load import load_config
 from stowd.config.model import Config, Destination, Source
 from stowd.config.schedule import local_now, paused_note
+from stowd.dicomweb.pacing import Buckets, Pacing, rate_text
 from stowd.dicomweb.stow import StowClient
 from stowd.errors import ConfigError, QueueError, QueueFull, StowdError
 from stowd.pipeline import counters, disk
@@ -122,6 +125,7 @@ class Daemon:
         self.metrics_server: metrics.Server | None = None
         self._shared: dict[str, object] | None = None  # last written for status
         self.receivers = Receivers(self.queue)  # C-STORE receivers: they outlive reloads
+        self.buckets = Buckets()  # each destination's rate cap: they outlive reloads
         self._paused: dict[str, bool] = {}  # destinations outside their windows, as logged
         self.limits = Limits()  # adaptive concurrency per destination: it outlives reloads
 
@@ -137,8 +141,10 @@ class Daemon:
         if self.signals > 1:
             os.write(2, b"stowd: second signal, exiting now; the queue recovers at next start\n")
             os._exit(EXIT_SECOND_SIGNAL)
-        self.stop.set()
+        # the workers' stop first: a paced upload that the daemon's stop ends (pacing.Pacing)
+        # then finds its worker stopping, and its files are put back without a hold
         self.generation.stop.set()
+        self.stop.set()
 
     def _on_reload(self, _signum: int, _frame: FrameType | None) -> None:
         self.reload_requested = True
@@ -150,6 +156,7 @@ class Daemon:
         try:
             self._recover()
             self.receivers.start(self.config)
+            self._pace(self.config)
             self.generation = self._start(self.config)
             self.metrics_server = _serve_metrics(self.config)
             self._note_windows()
@@ -197,7 +204,9 @@ class Daemon:
         gen.finder = Finder(config, self.queue)
         counters.concurrency_forgotten()  # set again below for each adaptive destination
         for name, dest in config.destinations.items():
-            client = StowClient(dest, stop=gen.stop)
+            # a wait for the rate cap ends when the daemon stops, not at a reload
+            pacing = Pacing(self.buckets.of(name), self.stop)
+            client = StowClient(dest, stop=gen.stop, pacing=pacing)
             gen.clients[name] = client
             limit = self._limit(dest)
             for n in range(dest.workers):
@@ -415,6 +424,7 @@ class Daemon:
             new.path,
             new.shutdown_timeout,
         )
+        self._pace(new)  # first: the uploads in flight go on at the new rates
         old = self.generation
         _stop(old, new.shutdown_timeout, closing=False, waiting=self._keep_alive, abort=self.stop)
         if old.busy():
@@ -436,6 +446,27 @@ class Daemon:
             len(new.sources),
             len(new.destinations),
         )
+
+    # ratecap (issue 20)
+    def _pace(self, config: Config) -> None:
+        """Give each destination's token bucket its ``max_rate`` (a change is logged); the
+        metrics show the caps (none for a destination no longer configured)."""
+        for name, was in self.buckets.configure(config.destinations).items():
+            rate = config.destinations[name].max_rate
+            before = "" if was is None else f" (it was {rate_text(was)})"
+            if rate is None:
+                log.info("destination %s: no rate cap any more%s", name, before)
+                continue
+            log.info(
+                "destination %s: all its uploads together send at most %s (max_rate)%s",
+                name,
+                rate_text(rate),
+                before,
+            )
+        for name in self.config.destinations.keys() - config.destinations.keys():
+            counters.max_rate(name, None)
+        for name, dest in config.destinations.items():
+            counters.max_rate(name, dest.max_rate)
 
     def _reap_lingering(self) -> None:
         """A replaced generation whose last thread ended: close its connections, and read
