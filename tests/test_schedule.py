@@ -308,3 +308,37 @@ def test_check_config_prints_each_destinations_next_window(
     ) in out
     assert "  destination always: sends at any time (no schedule)\n" in out
     assert "  destination whole: schedule 00:00-24:00: open now\n" in out
+
+
+def test_defaults_give_every_destination_its_schedule_rate_and_adaptive(tmp_path: Path) -> None:
+    """``defaults:`` holds schedule, max_rate and adaptive for every destination that does
+    not set its own (issue 20: "per destination, and as defaults")."""
+    (tmp_path / "drop").mkdir()
+    path = tmp_path / "stowd.yaml"
+    path.write_text(
+        'defaults:\n  schedule: ["Mon-Fri 19:00-07:00", "Sat-Sun"]\n'
+        "  max_rate: 50Mbit/s\n  adaptive: false\n"
+        + CONFIG
+        + "  own:\n    url: http://127.0.0.1:8042/dicom-web\n"
+        "    schedule: 22:00-06:00\n    max_rate: 1MB/s\n    adaptive: true\n",
+        encoding="utf-8",
+    )
+    config = load_config(path)
+    pacs, own = config.destinations["pacs"], config.destinations["own"]
+    assert (pacs.schedule, pacs.max_rate, pacs.adaptive) == (NIGHTS, 50e6 / 8, False)
+    assert (own.schedule, own.max_rate, own.adaptive) == (
+        schedule_of(["22:00-06:00"]),
+        1e6,
+        True,
+    )
+
+
+def test_a_bad_default_schedule_names_the_defaults_key_and_line(tmp_path: Path) -> None:
+    (tmp_path / "drop").mkdir()
+    path = tmp_path / "stowd.yaml"
+    path.write_text("defaults:\n  schedule: Mom 10:00-12:00\n  max_rate: 50\n" + CONFIG)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    found = {(p.key, p.line): p.message for p in caught.value.problems}
+    assert set(found) == {("defaults.schedule", 2), ("defaults.max_rate", 3)}
+    assert "unknown day 'Mom'" in found["defaults.schedule", 2]

@@ -151,6 +151,8 @@ _DESTINATION_KEYS = (
     "adaptive",  # adaptive concurrency (issue 20)
     *ACCESS_KEYS,
 )
+# destination settings that ``defaults`` may also give every destination (issue 20)
+_DESTINATION_DEFAULT_KEYS = ("schedule", "max_rate", "adaptive")
 _BULK_KEYS = ("types", "study_key", "images", "unknown")
 _BATCH_KEYS = ("max_files", "max_bytes")
 _TIMEOUT_KEYS = ("connect", "read", "write", "pool")
@@ -170,6 +172,23 @@ class _SourceOptions:
     bulkdata: Bulkdata = field(default_factory=Bulkdata)
     sent_retention: float | None = None
     incomplete_wait: float = DEFAULT_INCOMPLETE_WAIT
+
+
+@dataclass(frozen=True)
+class _DestinationDefaults:
+    """The destination settings that ``defaults`` may provide for every destination."""
+
+    schedule: Schedule = field(default_factory=Schedule)
+    max_rate: float | None = DEFAULT_MAX_RATE
+    adaptive: bool = DEFAULT_ADAPTIVE
+
+
+def _read_destination_defaults(sec: Section) -> _DestinationDefaults:
+    return _DestinationDefaults(
+        schedule=_read_schedule(sec, Schedule()),
+        max_rate=sec.get("max_rate", DEFAULT_MAX_RATE, as_rate),
+        adaptive=sec.get("adaptive", DEFAULT_ADAPTIVE, as_bool),
+    )
 
 
 @dataclass(frozen=True)
@@ -335,7 +354,9 @@ def _read_retry(sec: Section) -> Retry:
     return retry
 
 
-def _read_destination(sec: Section, name: str) -> Destination | None:
+def _read_destination(
+    sec: Section, name: str, defaults: _DestinationDefaults
+) -> Destination | None:
     url = sec.need("url", as_dicomweb_base)
     batch = sec.section("batch", _BATCH_KEYS)
     timeouts = sec.section("timeouts", _TIMEOUT_KEYS)
@@ -360,9 +381,9 @@ def _read_destination(sec: Section, name: str) -> Destination | None:
         duplicates=sec.get("duplicates", DEFAULT_DUPLICATES, as_choice(DUPLICATE_ACTIONS)),
         transcode=sec.get("transcode", DEFAULT_TRANSCODE, as_choice(TRANSCODE_POLICIES)),
         verify=sec.get("verify", DEFAULT_VERIFY, as_bool),
-        max_rate=sec.get("max_rate", DEFAULT_MAX_RATE, as_rate),  # ratecap (issue 20)
-        schedule=_read_schedule(sec),
-        adaptive=sec.get("adaptive", DEFAULT_ADAPTIVE, as_bool),  # issue 20
+        max_rate=sec.get("max_rate", defaults.max_rate, as_rate),  # ratecap (issue 20)
+        schedule=_read_schedule(sec, defaults.schedule),
+        adaptive=sec.get("adaptive", defaults.adaptive, as_bool),  # issue 20
     )
     return None if url is None else destination
 
@@ -371,12 +392,12 @@ def _read_destination(sec: Section, name: str) -> Destination | None:
 _SCHEDULE_HINT = 'expected a window such as "Mon-Fri 19:00-07:00", or a list of them'
 
 
-def _read_schedule(sec: Section) -> Schedule:
+def _read_schedule(sec: Section, default: Schedule) -> Schedule:
     """A destination's ``schedule``: one window's text or a list of them; each bad window
-    is a problem of its own, with its own line (absent: always open)."""
+    is a problem of its own, with its own line (absent: ``default``)."""
     node = sec.value_node("schedule")
     if node is None:
-        return Schedule()
+        return default
     key = join(sec.key, "schedule")
     if not isinstance(node, SequenceNode):
         window = _read_window(sec.ctx, key, node)
@@ -407,7 +428,9 @@ def _as_written(node: Node) -> str:
     return got
 
 
-def _read_destinations(top: Section) -> tuple[dict[str, Destination], frozenset[str] | None]:
+def _read_destinations(
+    top: Section, defaults: _DestinationDefaults
+) -> tuple[dict[str, Destination], frozenset[str] | None]:
     """Every valid destination, and the names defined (None if they cannot be known)."""
     node = top.value_node("destinations")
     if node is None:
@@ -426,7 +449,7 @@ def _read_destinations(top: Section) -> tuple[dict[str, Destination], frozenset[
         if not NAME.fullmatch(name):
             top.ctx.add(key, "names may use only letters, digits, '_', '.' and '-'", key_node)
         sec = Section(top.ctx, key, value_node, _DESTINATION_KEYS)
-        destination = _read_destination(sec, name)
+        destination = _read_destination(sec, name, defaults)
         if destination is not None:
             found[name] = destination
     return found, frozenset(found_entries)
@@ -704,9 +727,12 @@ def _build(ctx: Context, path: Path, root: Node, watch_exists: bool) -> Config |
     shutdown = top.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT, as_duration(positive=False))
     history_days = top.get("history_days", DEFAULT_HISTORY_DAYS, as_number(0.0))
     retry = _read_retry(top.section("retry", _RETRY_KEYS))
-    defaults_section = top.section("defaults", _SOURCE_OPTION_KEYS, _DEFAULTS_HINTS)
+    defaults_section = top.section(
+        "defaults", _SOURCE_OPTION_KEYS + _DESTINATION_DEFAULT_KEYS, _DEFAULTS_HINTS
+    )
     defaults = _read_options(defaults_section, _SourceOptions())
-    destinations, known = _read_destinations(top)
+    destination_defaults = _read_destination_defaults(defaults_section)
+    destinations, known = _read_destinations(top, destination_defaults)
     sources, folders = _read_sources(top, defaults, known, queue, watch_exists)
     names = None if len(sources) != len(folders) else {s.name for s in sources}
     rules = read_rules(ctx, "rules", top.value_node("rules"), names)
