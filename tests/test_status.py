@@ -363,6 +363,22 @@ def test_short_line_from_a_queue_or_from_gathered_data(queue: Queue, rows: Rows)
     assert short_line(queue).endswith("; destinations ok")
 
 
+def test_short_line_names_a_destination_outside_its_windows_paused(
+    queue: Queue, rows: Rows
+) -> None:
+    """systemd's STATUS= said "pacs ok" all night while the schedule paused pacs."""
+    rows.add("pending", 12)
+    line = short_line(queue, ["pacs", "lab"], paused=["pacs"])
+    assert line.endswith("; pacs paused, lab ok")
+    many = [f"archive-number-{i}" for i in range(6)]
+    line = short_line(queue, many, paused=many[:2])
+    assert line.endswith("; 2 of 6 paused (schedule)")
+    queue.hold("lab", until=NOW + 60, reason="down")
+    assert short_line(queue, ["pacs", "lab"], paused=["pacs", "lab"]).endswith(
+        "; pacs paused, lab HELD"
+    )
+
+
 def test_short_line_stays_within_80_characters(queue: Queue, rows: Rows) -> None:
     many = [f"archive-number-{i}" for i in range(6)]
     rows.add("pending", 12345)

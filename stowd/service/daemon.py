@@ -527,7 +527,8 @@ class Daemon:
 
     def _status_line(self) -> str:
         alerts = [disk.short(self.disks.full), *(why for _, why in self._dying_all())]
-        return short_line(self.queue, list(self.config.destinations), alerts=alerts)
+        paused = [name for name, closed in self._paused.items() if closed]
+        return short_line(self.queue, list(self.config.destinations), alerts=alerts, paused=paused)
 
     def _dying_all(self) -> list[tuple[str, str]]:
         """(thread, why) of each thread that died more than ``RESTART_LIMIT`` times within

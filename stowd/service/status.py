@@ -568,10 +568,12 @@ def short_line(
     destinations: Iterable[str] = (),
     *,
     alerts: Iterable[str] = (),
+    paused: Iterable[str] = (),
 ) -> str:
     """One line of at most 80 characters for systemd's ``STATUS=``, such as
     ``12 pending, 3 waiting, 1520 sent, 2 failed; pacs ok``.  ``alerts`` (a full disk, a
-    thread that keeps dying) come first, so that they are never cut off.
+    thread that keeps dying) come first, so that they are never cut off; ``paused`` names
+    the destinations outside their transfer windows (``pacs paused``).
 
     From a ``Queue`` (two queries: the counts from one index, the holds) or from ``gather``'s
     data.  ``destinations`` names the configured destinations, so that healthy ones are
@@ -584,10 +586,12 @@ def short_line(
         counts = queue_or_data["counts"]
         dests = queue_or_data["destinations"]
         held = {name for name, d in dests.items() if d["state"] == "held"}
+        paused = [*paused, *(name for name, d in dests.items() if d.get("paused"))]
         destinations = [*destinations, *dests]
     names = list(dict.fromkeys([*destinations, *sorted(held)]))
     head = _short_counts(counts)
-    line = f"{head}; {_short_health(names, held, SHORT_LIMIT - len(head) - 2)}"
+    health = _short_health(names, held, set(paused), SHORT_LIMIT - len(head) - 2)
+    line = f"{head}; {health}"
     line = "; ".join([*(a for a in alerts if a), line])
     return line if len(line) <= SHORT_LIMIT else line[: SHORT_LIMIT - 1] + "…"
 
@@ -600,16 +604,22 @@ def _short_counts(counts: Mapping[str, int]) -> str:
     return ", ".join(parts)
 
 
-def _short_health(names: list[str], held: set[str], room: int) -> str:
+def _short_health(names: list[str], held: set[str], paused: set[str], room: int) -> str:
     """Each destination's health, or a summary when they do not fit in ``room``."""
-    each = ", ".join(f"{n} {'HELD' if n in held else 'ok'}" for n in names)
+    each = ", ".join(f"{n} {_short_state(n, held, paused)}" for n in names)
     if not names:
         return "destinations ok"
     if len(each) <= room:
         return each
-    if not held:
+    if not held and not paused:
         return f"all {len(names)} destinations ok"
+    if not held:
+        return f"{len(paused)} of {len(names)} paused (schedule)"
     return f"{len(held)} of {len(names)} HELD: {', '.join(sorted(held))}"
+
+
+def _short_state(name: str, held: set[str], paused: set[str]) -> str:
+    return "HELD" if name in held else "paused" if name in paused else "ok"
 
 
 # --------------------------------------------------------------------------- rendering
