@@ -177,6 +177,8 @@ def _after(head: bytes, element: _Element, depth: int) -> int | None:
     tag, vr, start, length = element
     if tag >> 16 in (0x0000, 0xFFFE):
         return None
+    if tag == CHARSET and length == _UNDEFINED:
+        return None  # pydicom parses it as a sequence, then fails to read it as terms
     if length == _UNDEFINED:
         return _sequence(head, start, depth + 1) if vr == b"SQ" else None
     if start + length > len(head):
