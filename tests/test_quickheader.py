@@ -23,6 +23,7 @@ from pydicom.uid import ImplicitVRLittleEndian
 
 from stowd.config.load import load_config
 from stowd.config.model import Config
+from stowd.errors import FileProblem
 from stowd.media import quickheader
 from stowd.media.dicomfile import HEAD_BYTES
 from stowd.pipeline import classify as classify_mod
@@ -325,3 +326,30 @@ def test_a_received_file_is_handed_on_without_being_parsed(
     assert found.header is not None
     assert found.header.filename is None  # parsed from memory, as pydicom marks it
     assert len(parsed) == 1
+
+
+def _replaced(tag: bytes, element: bytes) -> bytes:
+    """A usual explicit file whose element of ``tag`` (its 4 bytes) is ``element`` instead."""
+    data = make_instance_bytes(size_bytes=3000)[0]
+    at = data.index(tag + b"CS", _data_set_start(data))
+    end = at + 8 + struct.unpack_from("<H", data, at + 6)[0]
+    return data[:at] + element + data[end:]
+
+
+def test_a_character_set_of_undefined_length_is_refused_as_pydicom_refuses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Specific Character Set written as an explicit sequence of undefined length: pydicom
+    parses it as a sequence, then cannot read it as the terms it needs at once (the walk
+    skipped it as any sequence and gave the keys of a file pydicom refuses)."""
+    empty_sequence = b"\xfe\xff\xdd\xe0\0\0\0\0"
+    path = tmp_path / "case.dcm"
+    charset = b"\x08\x00\x05\x00"
+    path.write_bytes(_replaced(charset, charset + b"SQ\0\0\xff\xff\xff\xff" + empty_sequence))
+    with monkeypatch.context() as patch:
+        patch.setattr(quickheader, "walk", lambda *_args: None)
+        with pytest.raises(FileProblem) as slow:
+            classify_dicom(str(path))
+    with pytest.raises(FileProblem) as quick:
+        classify_dicom(str(path))
+    assert str(quick.value) == str(slow.value)

@@ -15,8 +15,9 @@ the header as before.  What it accepts:
   does not look explicit) or Explicit VR Little Endian (any other);
 - elements of defined length whose value ends within the bytes held (or an explicit sequence
   of undefined length, below), each with a VR pydicom knows (explicit), none of group 0000
-  (a command set) or FFFE (items and delimiters); a Specific Character Set of known terms; up
-  to the pixel data (with its whole element header held) or the exact end of the file.
+  (a command set) or FFFE (items and delimiters); a Specific Character Set of known terms
+  (never a sequence); up to the pixel data (with its whole element header held) or the exact
+  end of the file.
 
 Sequences of undefined length (which pydicom parses at once) are walked when explicit: items of
 defined or undefined length holding such elements, up to ``MAX_DEPTH`` levels.  Any other
@@ -177,6 +178,8 @@ def _after(head: bytes, element: _Element, depth: int) -> int | None:
     tag, vr, start, length = element
     if tag >> 16 in (0x0000, 0xFFFE):
         return None
+    if tag == CHARSET and length == _UNDEFINED:
+        return None  # pydicom parses it as a sequence, then fails to read it as terms
     if length == _UNDEFINED:
         return _sequence(head, start, depth + 1) if vr == b"SQ" else None
     if start + length > len(head):
