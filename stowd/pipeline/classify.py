@@ -72,10 +72,15 @@ class Header:
         self, dataset: pydicom.Dataset | None, parse: Callable[[], pydicom.Dataset] | None = None
     ) -> None:
         self._dataset, self._parse = dataset, parse
+        self._lock = threading.Lock()  # two threads asking at once parse it once
 
     def get(self) -> pydicom.Dataset | None:
-        if self._parse is not None:
-            self._dataset, self._parse = self._parse(), None
+        if self._parse is None:
+            return self._dataset
+        with self._lock:
+            parse = self._parse
+            if parse is not None:
+                self._dataset, self._parse = parse(), None
         return self._dataset
 
     def in_memory(self) -> bool:
