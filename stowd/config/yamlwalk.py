@@ -104,11 +104,15 @@ def parse_rate(text: object) -> float:
     rate = float(match["num"]) * factor
     if not rate > 0:
         raise ValueError(f"must be more than 0, got {describe_value(text)}")
+    if math.isinf(rate):  # 309 digits or more: no cap at all, shown as 'inf'
+        raise ValueError(f"too large to be a rate, got {describe_value(text)}")
     return rate
 
 
 def _unknown_rate_unit(unit: str, text: object) -> str:
     got = describe_value(text)
+    if re.match(r"[eE][-+]?\d", unit):  # "1e3MB/s": the unit is not 'e3MB/s'
+        return f"a rate is written without an exponent, such as 1000MB/s, got {got}"
     bits_or_bytes = re.fullmatch(r"([kKmMgG]?)b/s", unit)
     if bits_or_bytes:  # "Mb/s": megabits to some, megabytes to others
         p = bits_or_bytes[1].upper().replace("K", "k")

@@ -3,9 +3,10 @@ take from as they stream.
 
 One ``Bucket`` per destination name, shared by all its workers (``Buckets`` keeps them across
 reloads, so a new cap applies at once to the uploads in flight).  The bucket holds at most
-``BURST_SECONDS`` of the rate (at least one ``MIN_SLICE``), so the rate over any second is
-close to the cap; a body is handed on in slices of at most that much (``Bucket.slice``), so a
-low cap sends smoothly rather than a 256 KiB piece now and then.
+``BURST_SECONDS`` of the rate (at least ``MIN_SLICE``), so the rate over any second is close
+to the cap; a body is handed on in slices of ``BURST_SECONDS`` of the rate (``Bucket.slice``),
+so a low cap sends smoothly rather than a 256 KiB piece now and then, and an archive never
+waits long for the next bytes of a request.
 
 A wait for tokens lasts at most ``WAIT_SLICE`` at a time: between two, the upload's progress
 callback is called (the daemon's watchdog sees the sender alive) and the ``halt`` event is
@@ -25,7 +26,7 @@ from stowd.config.model import Destination
 from stowd.errors import Stopping
 
 BURST_SECONDS = 0.1  # the bucket holds this much of the rate (the largest burst)
-MIN_SLICE = 8 * 1024  # bytes: the smallest slice a body is cut into (and the least burst)
+MIN_SLICE = 8 * 1024  # bytes: the least burst (the bucket's least capacity)
 MAX_SLICE = 256 * 1024  # bytes: a body piece is at most this (stowbody.CHUNK)
 WAIT_SLICE = 0.25  # seconds: the longest single wait (progress told, stop looked at)
 _ROUNDING = 1.0  # bytes: a shortfall this small is float rounding (a wait for it may not
@@ -69,11 +70,15 @@ class Bucket:
 
     @property
     def slice(self) -> int | None:
-        """The largest slice of a body handed on at once (None: no cap, as it comes)."""
+        """The largest slice of a body handed on at once (None: no cap, as it comes): what
+        the rate allows in ``BURST_SECONDS`` (at least a byte), so that at a low cap too a
+        connection waits at most that long for its next bytes (times the workers waiting
+        with it).  An archive drops a request whose body stops arriving for a while
+        (Orthanc after 30 s, nginx after 60 s): slices of 8 KiB at 2 kbit/s came 33 s apart."""
         rate = self._rate
         if rate is None:
             return None
-        return int(min(max(rate * BURST_SECONDS, MIN_SLICE), MAX_SLICE))
+        return int(min(max(rate * BURST_SECONDS, 1), MAX_SLICE))
 
     def set_rate(self, rate: float | None) -> None:
         """A new cap (None: none), for the uploads in flight too; a bucket that had no cap
