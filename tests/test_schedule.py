@@ -302,12 +302,20 @@ def test_check_config_prints_each_destinations_next_window(
     )
     assert cli.main(["check-config", "-c", str(tmp_path / "stowd.yaml")]) == 0
     out = capsys.readouterr().out
+    assert "  transfer windows (schedule, local time):\n" in out
     assert (
-        f"  destination pacs: schedule {other} 19:00-07:00: closed now, next window "
-        f"{other} 00:00 to {other} 07:00\n"
+        f"    pacs: {other} 19:00-07:00: closed now, next window {other} 00:00 to {other} 07:00\n"
     ) in out
-    assert "  destination always: sends at any time (no schedule)\n" in out
-    assert "  destination whole: schedule 00:00-24:00: open now\n" in out
+    assert "    always: at any time (no schedule)\n" in out
+    assert "    whole: 00:00-24:00: open now\n" in out
+
+
+def test_check_config_without_any_schedule_says_nothing_of_windows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    load(tmp_path, "")
+    assert cli.main(["check-config", "-c", str(tmp_path / "stowd.yaml")]) == 0
+    assert "window" not in capsys.readouterr().out
 
 
 def test_defaults_give_every_destination_its_schedule_rate_and_adaptive(tmp_path: Path) -> None:

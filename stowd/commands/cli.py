@@ -258,17 +258,20 @@ def _check(config: Config, args: argparse.Namespace) -> int:
 
 
 def _schedule_lines(config: Config) -> list[str]:
-    """Each destination's transfer windows: open or closed now, and the next window."""
+    """Each destination's transfer windows: open or closed now, and the next window (only
+    when a destination has a schedule: otherwise every one sends at any time)."""
+    if all(d.schedule.always for d in config.destinations.values()):
+        return []
     now = local_now()
-    lines = []
+    lines = ["  transfer windows (schedule, local time):"]
     for dest in config.destinations.values():
         windows = ", ".join(w.text for w in dest.schedule.windows)
-        told = f"schedule {windows}: " if windows else "sends "
+        told = f"{windows}: " if windows else ""
         if dest.schedule.always:
             told += "at any time (no schedule)"
         else:
             told += window_note(dest.schedule, now)
-        lines.append(f"  destination {dest.name}: {told}")
+        lines.append(f"    {dest.name}: {told}")
     return lines
 
 
