@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import yaml
 from harness import Stowd, drop_source, make_layout, wait_for
+from test_schedule import CONFIG as BASE_CONFIG
 
 from stowd.commands.migreport import held_note
 from stowd.config.load import load_config
@@ -73,19 +74,7 @@ def test_migrate_held_note_outside_the_window_names_the_opening_not_due_now(
     assert "next try in 25200s" in note, note
 
 
-CONFIG = """\
-queue: ./state/queue.db
-sources:
-  - name: ct1
-    watch: ./drop
-    sent: ./done/sent
-    failed: ./done/failed
-    destination: pacs
-destinations:
-  pacs:
-    url: http://127.0.0.1:8042/dicom-web
-    schedule: [Sat-Sun, 19:00]
-"""
+CONFIG = BASE_CONFIG + "    schedule: [Sat-Sun, 19:00]\n"
 
 
 def test_a_window_yaml_reads_as_a_number_is_shown_as_written(tmp_path: Path) -> None:

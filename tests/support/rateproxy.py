@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 from localserver import LocalServer
+from stowproxy import relay
 
 READ = 64 * 1024
 
@@ -47,11 +48,7 @@ class RateProxy(LocalServer):
                     return
                 headers = {"Content-Type": self.headers["Content-Type"]}
                 answer = httpx.post(target + "/studies", content=body, headers=headers, timeout=60)
-                self.send_response(answer.status_code)
-                self.send_header("Content-Type", answer.headers.get("Content-Type", "text/plain"))
-                self.send_header("Content-Length", str(len(answer.content)))
-                self.end_headers()
-                self.wfile.write(answer.content)
+                relay(self, answer)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass

@@ -51,11 +51,7 @@ class StowProxy(LocalServer):
                     proxy.bodies.append(body)
                 time.sleep(proxy.delay)
                 proxy.gate.wait(GATE_LIMIT)
-                self.send_response(answer.status_code)
-                self.send_header("Content-Type", answer.headers.get("Content-Type", "text/plain"))
-                self.send_header("Content-Length", str(len(answer.content)))
-                self.end_headers()
-                self.wfile.write(answer.content)
+                relay(self, answer)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -86,3 +82,12 @@ def sop_instance_uids(body: bytes) -> list[str]:
         value = body[at + 4 : at + 4 + length]
         found.append(value.rstrip(b"\x00 ").decode("ascii", "replace"))
     return found
+
+
+def relay(handler: BaseHTTPRequestHandler, answer: httpx.Response) -> None:
+    """Hand Orthanc's ``answer`` back to stowd as it came (status, type and body)."""
+    handler.send_response(answer.status_code)
+    handler.send_header("Content-Type", answer.headers.get("Content-Type", "text/plain"))
+    handler.send_header("Content-Length", str(len(answer.content)))
+    handler.end_headers()
+    handler.wfile.write(answer.content)
