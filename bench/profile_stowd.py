@@ -4,6 +4,7 @@ Usage (from the repository root)::
 
     .venv/bin/python bench/profile_stowd.py --files 5000 [--size 64KiB] [--workers 2] [--top 12]
     .venv/bin/python bench/profile_stowd.py --files 3000 --cpu     # CPU seconds, no profiler
+    .venv/bin/python bench/profile_stowd.py --files 20000 --cpu-profile --keep DIR  # CPU time
 
 Generates the files (as bench/throughput.py does), starts ``stowd run`` in a child process
 whose every thread runs under its own ``cProfile.Profile``, moves the study folders into the
@@ -16,6 +17,8 @@ compare shares, not absolute times.  Add ``--keep DIR`` to keep the .prof files.
 files: of the whole process, and of each thread (``time.thread_time`` when it ends; the
 main thread's when ``stowd run`` returns).  CPU seconds, unlike wall time, hardly depend on
 what else the machine runs, so runs before and after a change compare on a busy machine.
+``--cpu-profile`` profiles with each thread's CPU clock (``time.thread_time``) instead of the
+wall clock: own time is then CPU time (waits drop out; each call's profiler cost is added).
 """
 
 from __future__ import annotations
@@ -42,15 +45,19 @@ from throughput import generate, stowd_config, wait_started
 from stowd.config.yamlwalk import parse_size
 
 
-def profiled_child(config: str, out: str) -> int:
-    """Run ``stowd run -c config`` here with a profiler per thread; dump ``out.<thread>``."""
+def profiled_child(config: str, out: str, timer: str = "wall") -> int:
+    """Run ``stowd run -c config`` here with a profiler per thread; dump ``out.<thread>``
+    (*timer* ``cpu``: each profiler counts its thread's CPU time, not wall time)."""
     from stowd.commands.cli import main  # noqa: PLC0415 - after the patch below would be fine too
 
     profiles: list[tuple[str, cProfile.Profile]] = []
     original = threading.Thread.run
 
+    def new_profile() -> cProfile.Profile:
+        return cProfile.Profile(time.thread_time) if timer == "cpu" else cProfile.Profile()
+
     def run(self: threading.Thread) -> None:
-        profile = cProfile.Profile()
+        profile = new_profile()
         profiles.append((self.name, profile))
         profile.enable()
         try:
@@ -59,7 +66,7 @@ def profiled_child(config: str, out: str) -> int:
             profile.disable()
 
     threading.Thread.run = run  # type: ignore[method-assign]
-    main_profile = cProfile.Profile()
+    main_profile = new_profile()
     main_profile.enable()
     try:
         return main(["run", "-c", config])
@@ -109,7 +116,7 @@ def report(folder: Path, top: int) -> None:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        return profiled_child(sys.argv[2], sys.argv[3])
+        return profiled_child(sys.argv[2], sys.argv[3], sys.argv[4])
     if len(sys.argv) > 1 and sys.argv[1] == "--cpu-child":
         return cpu_child(sys.argv[2], sys.argv[3])
     parser = argparse.ArgumentParser(
@@ -123,6 +130,11 @@ def main() -> int:
     parser.add_argument("--keep", type=Path, help="copy the .prof files into this folder")
     parser.add_argument(
         "--cpu", action="store_true", help="no profiler: CPU seconds per thread and process"
+    )
+    parser.add_argument(
+        "--cpu-profile",
+        action="store_true",
+        help="profile each thread's CPU time (time.thread_time), not wall time",
     )
     args = parser.parse_args()
     with discard_process() as endpoint:
@@ -141,6 +153,8 @@ def profile(args: argparse.Namespace, url: str) -> int:
         out = tmp / ("cpu.json" if args.cpu else "stowd.prof")
         child = "--cpu-child" if args.cpu else "--child"
         command = [sys.executable, __file__, child, str(config), str(out)]
+        if not args.cpu:
+            command.append("cpu" if args.cpu_profile else "wall")
         proc = subprocess.Popen(command, env=stowd_env(), cwd=work)
         wait_started(work / "state" / "queue.db", proc)
         started = time.monotonic()
