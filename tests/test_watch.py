@@ -90,6 +90,32 @@ def test_a_fresh_file_waits_for_the_quiet_period(tmp_path: Path) -> None:
     assert sink.paths() == {"new.dcm"}
 
 
+def test_files_whose_quiet_ends_together_are_queued_together(tmp_path: Path) -> None:
+    """Two files with one mtime, found by one scan while their quiet period ends: each was
+    judged at its own clock reading, so the first could be scheduled (1 ms left) and the
+    second queued, and they went out in two requests (a CI failure of
+    test_archive_profiles). The files of one scan chunk are judged at one instant."""
+    source = make_source(tmp_path, quiet_period=0.5)
+    ticks = iter(range(10_000))
+    start = time.time()
+    batches: list[set[str]] = []
+
+    def sink(files: list[NewFile]) -> int:
+        batches.append({f.rel for f in files})
+        return len(files)
+
+    # the clock moves 1 ms each time it is read
+    watcher = Watcher(source, "pacs", sink, clock=lambda: start + next(ticks) / 1000)
+    for name in ("a.dcm", "b.dcm", "c.dcm"):
+        path = write(source.watch / name)
+        os.utime(path, (start - 0.4995, start - 0.4995))  # quiet ends 0.5 ms after start
+    watcher.scan()
+    assert batches in ([], [{"a.dcm", "b.dcm", "c.dcm"}])
+    for _ in range(3):
+        watcher._check_all(watcher._pop_due())
+    assert batches == [{"a.dcm", "b.dcm", "c.dcm"}]
+
+
 def test_a_file_still_growing_is_never_complete(tmp_path: Path) -> None:
     source = make_source(tmp_path, quiet_period=2.0)
     clock = Clock(time.time())

@@ -161,6 +161,7 @@ class Watcher:
         self._hint_lock = threading.Lock()
         self._wake = threading.Event()
         self._due: list[tuple[float, str]] = []
+        self._instant: float | None = None  # while files are checked: see _now
         self._scheduled: set[str] = set()
         self._linked_folders: set[str] = set()
         self._too_long: set[str] = set()  # folders whose path the system cannot open
@@ -489,16 +490,27 @@ class Watcher:
     ) -> int:
         chunk: list[NewFile] = []
         added = 0
-        for path in paths:
-            if stop is not None and stop.is_set():
-                break
-            self.beat = time.monotonic()  # a long scan is progress too
-            new = self._check(path)
-            if new is not None:
-                chunk.append(new)
-            if len(chunk) >= ENQUEUE_CHUNK:
-                added += self._flush(chunk)
-        return added + self._flush(chunk)
+        self._instant = self.clock()  # the files of one chunk are judged at one instant
+        try:
+            for path in paths:
+                if stop is not None and stop.is_set():
+                    break
+                self.beat = time.monotonic()  # a long scan is progress too
+                new = self._check(path)
+                if new is not None:
+                    chunk.append(new)
+                if len(chunk) >= ENQUEUE_CHUNK:
+                    added += self._flush(chunk)
+                    self._instant = self.clock()
+            return added + self._flush(chunk)
+        finally:
+            self._instant = None
+
+    def _now(self) -> float:
+        """The instant files are judged at: one per chunk of a walk or a list of due files,
+        so that files whose quiet periods end at the same moment are never split between a
+        chunk queued now and a file scheduled a few ms later (they go out in one request)."""
+        return self.clock() if self._instant is None else self._instant
 
     def _flush(self, chunk: list[NewFile]) -> int:
         if not chunk:
@@ -580,7 +592,7 @@ class Watcher:
         if wait > 0:
             if path not in self._scheduled:
                 self._scheduled.add(path)
-                heapq.heappush(self._due, (self.clock() + wait, path))
+                heapq.heappush(self._due, (self._now() + wait, path))
             return None
         rel = os.path.relpath(path, self.source.watch)
         snapshot = None if self.source.sidecars is None else partial(self._snapshot, path, found)
@@ -726,7 +738,7 @@ class Watcher:
         ``keep``: a sidecar, which many files may ask about in turn: what was seen of it is
         kept while it stays the same (a file's is forgotten once it is complete).
         """
-        now = self.clock()
+        now = self._now()
         mtime = mtime_ns / 1e9
         quiet = self.source.quiet_period
         if mtime <= now and not self.source.polling:
