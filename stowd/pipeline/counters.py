@@ -261,6 +261,8 @@ def max_rate(destination: str, rate: float | None) -> None:
     else:
         with contextlib.suppress(KeyError):  # it had none
             MAX_RATE.remove(name)
+
+
 def concurrency(destination: str, limit: int) -> None:
     """``destination`` allows ``limit`` requests at once now (adaptive concurrency)."""
     CONCURRENCY.labels(label(destination)).set(limit)

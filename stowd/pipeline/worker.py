@@ -477,8 +477,10 @@ class Worker:
     def _succeeded(self) -> None:
         """An answer without a sign of overload: after a round of them, one request more."""
         limit = self._wire.concurrency
-        change: Change | None = None if limit is None else limit.succeeded(self._ticket)
-        if limit is not None and change is not None:
+        if limit is None:
+            return
+        change = limit.succeeded(self._ticket)
+        if change is not None:
             line = "destination %s: concurrent requests raised to %d after %d successful requests"
             self._changed(limit, change, line, change.new, change.successes)
 

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-import httpx
 from localserver import LocalServer
-from stowproxy import relay
+from stowproxy import post_on, relay
 
 READ = 64 * 1024
 
@@ -46,8 +45,7 @@ class RateProxy(LocalServer):
                 if body is None:
                     self.close_connection = True
                     return
-                headers = {"Content-Type": self.headers["Content-Type"]}
-                answer = httpx.post(target + "/studies", content=body, headers=headers, timeout=60)
+                answer = post_on(self, target, body)
                 relay(self, answer)
 
             def log_message(self, format: str, *args: Any) -> None:

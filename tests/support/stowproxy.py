@@ -45,8 +45,7 @@ class StowProxy(LocalServer):
                     self.close_connection = True
                     return
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                headers = {"Content-Type": self.headers["Content-Type"]}
-                answer = httpx.post(target + "/studies", content=body, headers=headers, timeout=60)
+                answer = post_on(self, target, body)
                 with proxy._lock:
                     proxy.bodies.append(body)
                 time.sleep(proxy.delay)
@@ -82,6 +81,12 @@ def sop_instance_uids(body: bytes) -> list[str]:
         value = body[at + 4 : at + 4 + length]
         found.append(value.rstrip(b"\x00 ").decode("ascii", "replace"))
     return found
+
+
+def post_on(handler: BaseHTTPRequestHandler, target: str, body: bytes) -> httpx.Response:
+    """POST the STOW ``body`` stowd sent to ``handler`` on to Orthanc at ``target``."""
+    headers = {"Content-Type": handler.headers["Content-Type"]}
+    return httpx.post(target + "/studies", content=body, headers=headers, timeout=60)
 
 
 def relay(handler: BaseHTTPRequestHandler, answer: httpx.Response) -> None:
