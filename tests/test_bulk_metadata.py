@@ -15,7 +15,7 @@ from typing import Any
 
 import pydicom
 import pytest
-from harness import Stowd, make_layout, wait_for
+from harness import Stowd, make_layout, wait_for, written_together
 from localserver import LocalServer
 from mediagen import dciodvfy_errors, make_jpeg, make_pdf, make_png, make_video
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -122,6 +122,7 @@ def test_metadata_mode_sends_the_seeds_form_one_type_per_request(
         "P1/clip.mp4": make_video(drop / "P1/clip.mp4", "h264"),
         "P1/chart.png": make_png(drop / "P1/chart.png"),
     }
+    written_together(drop)  # the two photos go out in one request only if queued together
     media = {rel: detect(drop / rel) for rel in originals}
     with Stowd(layout) as daemon:
         wait_for(

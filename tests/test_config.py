@@ -2,8 +2,8 @@
 
 import itertools
 import os
+import shutil
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -219,40 +219,38 @@ def test_all_settings_are_read(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def example_watch() -> Iterator[Path]:
-    """The example's watch folder (./drop/ct1 beside it), made for the test and removed
-    after it when the test made it: stowd loads a config only when its watch folders exist."""
-    made = [p for p in (REPO / "drop", REPO / "drop" / "ct1") if not p.exists()]
-    for folder in made:
-        folder.mkdir()
-    yield REPO / "drop" / "ct1"
-    for folder in reversed(made):
-        folder.rmdir()
+def example(tmp_path: Path) -> Path:
+    """A copy of config.example.yaml with its watch folder (./drop/ct1 beside it): stowd
+    loads a config only when its watch folders exist, and a copy keeps the test from
+    writing into the repository (two runs in one checkout would share that folder)."""
+    copy = tmp_path / "config.example.yaml"
+    shutil.copyfile(REPO / "config.example.yaml", copy)
+    (tmp_path / "drop" / "ct1").mkdir(parents=True)
+    return copy
 
 
-@pytest.mark.usefixtures("example_watch")
-def test_example_config_loads() -> None:
-    config = load_config(REPO / "config.example.yaml")
+def test_example_config_loads(example: Path) -> None:
+    config = load_config(example)
+    base = example.parent
 
-    assert config.path == REPO / "config.example.yaml"
-    assert config.queue == REPO / "state" / "queue.db"
+    assert config.path == example
+    assert config.queue == base / "state" / "queue.db"
     (source,) = config.sources
     assert source.name == "ct1"
-    assert source.watch == REPO / "drop" / "ct1"
-    assert source.sent == REPO / "done" / "ct1" / "sent"
-    assert source.failed == REPO / "done" / "ct1" / "failed"
+    assert source.watch == base / "drop" / "ct1"
+    assert source.sent == base / "done" / "ct1" / "sent"
+    assert source.failed == base / "done" / "ct1" / "failed"
     assert config.destinations["pacs"].url == "http://127.0.0.1:8042/dicom-web"
 
 
-@pytest.mark.usefixtures("example_watch")
-def test_example_config_states_every_default() -> None:
+def test_example_config_states_every_default(example: Path) -> None:
     """The example shows each default, so it must equal a config that sets nothing."""
-    example = load_config(REPO / "config.example.yaml")
-    (source,) = example.sources
-    dest = example.destinations["pacs"]
+    config = load_config(example)
+    (source,) = config.sources
+    dest = config.destinations["pacs"]
 
-    assert example.retry == Retry()
-    assert (example.shutdown_timeout, example.history_days) == (
+    assert config.retry == Retry()
+    assert (config.shutdown_timeout, config.history_days) == (
         DEFAULT_SHUTDOWN_TIMEOUT,
         DEFAULT_HISTORY_DAYS,
     )
@@ -263,9 +261,9 @@ def test_example_config_states_every_default() -> None:
     )
     assert dest.batch == BatchLimits() and dest.timeouts == Timeouts()
     assert (dest.workers, dest.verify_tls) == (DEFAULT_WORKERS, True)
-    assert (source.sidecars, source.rules, example.original_attributes) == (None, (), False)
-    assert (source.bulkdata, dest.bulkdata, example.uid_root) == (Bulkdata(), "encapsulate", None)
-    assert example.rules == ()  # the example changes no file: its rules are comments
+    assert (source.sidecars, source.rules, config.original_attributes) == (None, (), False)
+    assert (source.bulkdata, dest.bulkdata, config.uid_root) == (Bulkdata(), "encapsulate", None)
+    assert config.rules == ()  # the example changes no file: its rules are comments
 
 
 def test_example_config_commented_rule_is_valid_as_written(tmp_path: Path) -> None:
