@@ -299,3 +299,15 @@ def serve(config: Config) -> Server:
             f"cannot serve the status page on {host_port(host, port)}: {reason}"
         ) from exc
     return Server(httpd)
+
+
+def start(config: Config) -> Server | None:
+    """Serve the status page when ``http.listen`` is set (None: it is not), and say where;
+    raises ``StowdError``."""
+    if config.http is None:
+        return None
+    server = serve(config)
+    where = host_port(server.host, server.port)
+    login = "without a login" if config.http.auth is None else "behind its login"
+    log.info("serving the status page on http://%s/ (and /metrics), %s", where, login)
+    return server
