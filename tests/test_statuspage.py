@@ -17,8 +17,9 @@ import pytest
 import yaml
 from dicomgen import make_instance, write_empty, write_garbage
 from harness import Clock, Layout, make_layout, run_cli, serving_page, wait_for
-from orthanc import Orthanc
+from orthanc import Orthanc, free_port
 from test_config import MINIMAL, find, load_text, problems_of
+from test_migrate import ctrl_c, migrating
 
 from stowd.config.load import load_config
 from stowd.pipeline import queue as queue_module
@@ -442,3 +443,58 @@ def test_status_reads_a_schema_7_queue_without_history(tmp_path: Path) -> None:
     doc = page.document(config, page.Query())
     assert doc["by_source"]["ct1"]["sent_today"] == 0
     assert doc["history"]["destinations"] == {"pacs": []}
+
+
+# --------------------------------------------------------------------------- stowd migrate
+
+
+def test_a_migration_serves_the_page_with_its_run(tmp_path: Path) -> None:
+    """``stowd migrate`` with ``http.listen`` shows its run (progress, ETA) while it goes on;
+    here its archive cannot be reached, so the run waits and can be looked at."""
+    layout = make_layout(tmp_path, UNREACHABLE)
+    old = tmp_path / "old-archive"
+    for n in range(3):
+        make_instance(old / f"im{n}.dcm", rows=8, columns=8)
+    for attempt in range(5):
+        port = free_port()
+        doc = yaml.safe_load(layout.config.read_text())
+        doc["http"] = {"listen": f"127.0.0.1:{port}"}
+        layout.config.write_text(yaml.safe_dump(doc, sort_keys=False))
+        log = tmp_path / f"migrate-{attempt}.log"
+        with migrating(layout, log, "--destination", "pacs", str(old)) as proc:
+            said = f"its status page is at http://127.0.0.1:{port}/"
+            wait_for(
+                lambda: said in log.read_text() or "cannot serve" in log.read_text(),  # noqa: B023
+                60,
+                "the migration's status page",
+                log.read_text,
+            )
+            if said not in log.read_text():
+                ctrl_c(proc, log)
+                continue
+            _shows_the_run(f"http://127.0.0.1:{port}/", log)
+            ctrl_c(proc, log)
+            return
+    raise AssertionError("no free port for the migration's page in 5 tries")
+
+
+def _shows_the_run(base: str, log: Path) -> None:
+    def counted() -> bool:
+        found = _run_row(base)
+        return found is not None and found[1].get("progress", "").startswith("0 of 3 ")
+
+    wait_for(counted, 60, "the run with its three files on the page", log.read_text)
+    name, row = _run_row(base) or ("", {})
+    assert name.startswith("run:migrate-old-archive-")
+    assert row["eta"] in (
+        "none while the destination is held",
+        "unknown: nothing sent in the last minutes",
+    )
+
+
+def _run_row(base: str) -> tuple[str, dict[str, str]] | None:
+    answer = get(base)
+    if answer.status_code != 200:  # its queue's tables not made yet
+        return None
+    runs = {k: v for k, v in cells(answer.text).rows.items() if k.startswith("run:")}
+    return next(iter(runs.items()), None)

@@ -52,6 +52,7 @@ from stowd.commands.migreport import (
 )
 from stowd.config.model import Config, Source
 from stowd.config.schedule import Schedule, local_now, paused_note
+from stowd.config.yamlwalk import host_port
 from stowd.dicomweb.pacing import Bucket, Pacing
 from stowd.dicomweb.stow import StowClient
 from stowd.errors import MigrationConflict, StowdError
@@ -228,6 +229,9 @@ class Migration:
             self.page = web.start(self.page_config)
         except StowdError as exc:
             log.warning("%s; the migration goes on without it", exc)
+        if self.page is not None:
+            where = host_port(self.page.host, self.page.port)
+            print(f"stowd migrate: its status page is at http://{where}/", file=self.out)
 
     def _refuse_other_mode(self) -> None:
         """Raises ``MigrationConflict`` when a run of a SRC in the other mode is unfinished:

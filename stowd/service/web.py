@@ -95,11 +95,18 @@ class App:
             )
             answer[3].append(("Allow", "GET, HEAD"))
         else:
-            answer = self._checked(environ)
+            answer = self._answer(environ)
         if answer[0] == _METRICS:
             served: Iterable[bytes] = self.metrics(environ, _secured(start))
-            return served
+            return [] if method == "HEAD" else served
         return _send(answer, start, head=method == "HEAD")
+
+    def _answer(self, environ: dict[str, Any]) -> Answer:
+        try:
+            return self._checked(environ)
+        except Exception:  # a bug must not print a bare traceback past the log
+            log.exception("status page: answering %s failed", environ.get("PATH_INFO", "?"))
+            return _plain("500 Internal Server Error", "stowd could not answer (see its log)")
 
     def _checked(self, environ: dict[str, Any]) -> Answer:
         refused = self._login(environ.get("HTTP_AUTHORIZATION", ""), environ)
