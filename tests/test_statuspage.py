@@ -352,12 +352,15 @@ def _config(tmp_path: Path) -> Any:
     return load_config(layout.config)
 
 
-def _settle(queue: Queue, names: list[str], state: str, size: int = 100) -> None:
-    files = [NewFile("ct1", "pacs", f"/drop/{n}", n, size, 1) for n in names]
+def _settle(
+    queue: Queue, names: list[str], state: str, error: dict[str, Any] | None = None
+) -> None:
+    files = [NewFile("ct1", "pacs", f"/drop/{n}", n, 100, 1) for n in names]
     assert queue.enqueue(files) == len(files)
     jobs = [j for j in queue.jobs("pending") if j.rel in names]
     queue.set_classified([Classification(j, "dicom", "1.2", f"1.2.{j.id}", "1.2") for j in jobs])
-    error = {"reason": f"refused {state}"} if state == "failed" else None
+    if error is None and state == "failed":
+        error = {"reason": f"refused {state}"}
     queue.begin_settle([(j, state, f"/done/{j.rel}", error) for j in jobs])
     queue.finish_many([(j.id, state) for j in jobs])
 
@@ -374,6 +377,26 @@ def test_the_failures_shown_are_bounded(tmp_path: Path) -> None:
     assert len(failures["shown"]) == page.FAILURES_SHOWN
     assert failures["matching"] == page.FAILURES_SHOWN + 50
     assert len(cells(page.render(doc)).failures) == page.FAILURES_SHOWN
+
+
+def test_the_last_answer_is_the_archives_not_a_files_own_problem(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    clock = Clock(1_800_000_000.0)
+    queue = Queue(config.queue, clock=clock).open()
+    reason = "the archive refused it (0xA700)"
+    refused = {"reason": reason, "http_status": 409}
+    unreadable = {"reason": "not a DICOM file", "stage": "reading the file"}
+    try:
+        _settle(queue, ["a.dcm"], "sent")
+        clock.now += 120
+        _settle(queue, ["b.dcm"], "failed", {**refused, "stage": "storing the file"})
+        clock.now += 120
+        _settle(queue, ["c.dcm"], "failed", unreadable)
+    finally:
+        queue.close()
+    doc = page.document(config, page.Query(), now=clock.now)
+    health = doc["destinations"]["pacs"]
+    assert page.last_answer("pacs", health, doc).endswith(": " + reason)
 
 
 def test_the_history_keeps_a_day_and_one_row_a_minute(tmp_path: Path) -> None:
