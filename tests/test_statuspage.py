@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import socket
 import sqlite3
 from html.parser import HTMLParser
 from pathlib import Path
@@ -16,7 +17,7 @@ import httpx
 import pytest
 import yaml
 from dicomgen import make_instance, write_empty, write_garbage
-from harness import Clock, Layout, make_layout, run_cli, serving_page, wait_for
+from harness import Clock, Layout, Stowd, make_layout, run_cli, serving_page, wait_for
 from orthanc import Orthanc, free_port
 from test_config import MINIMAL, find, load_text, problems_of
 from test_migrate import ctrl_c, migrating
@@ -282,8 +283,30 @@ def test_the_login_basic_and_bearer_and_no_secret_in_the_log(tmp_path: Path) -> 
             bearer = {"Authorization": f"Bearer {token}"}
             assert get(base + path, headers=bearer).status_code == 200, path
         wait_for(lambda: "wrong login (401)" in daemon.log, 30, "the refusal logged")
+        secret.unlink()  # a secret that cannot be read: no one is let in, and it is said
+        assert get(base, auth=("admin", password)).status_code == 503
+        wait_for(lambda: "the login cannot be checked" in daemon.log, 30, "the secret's problem")
+        secret.write_text(password + "\n")  # read again at the next request: no reload
+        assert get(base, auth=("admin", password)).status_code == 200
     for text in (password, token, wrong):
         assert text not in daemon.log
+
+
+def test_a_listener_that_cannot_be_bound_stops_the_daemon_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    layout = make_layout(tmp_path, UNREACHABLE)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        doc = yaml.safe_load(layout.config.read_text())
+        doc["http"] = {"listen": f"127.0.0.1:{port}"}
+        layout.config.write_text(yaml.safe_dump(doc))
+        with Stowd(layout) as daemon:
+            assert daemon.proc is not None
+            assert daemon.proc.wait(60) != 0
+    assert f"cannot serve the status page on 127.0.0.1:{port}: Address already in use" in daemon.log
 
 
 def test_only_get_and_head_and_only_its_own_paths(tmp_path: Path) -> None:
