@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import signal
 import socket
 import sqlite3
 from html.parser import HTMLParser
@@ -17,7 +18,7 @@ import httpx
 import pytest
 import yaml
 from dicomgen import make_instance, write_empty, write_garbage
-from harness import Clock, Layout, Stowd, make_layout, run_cli, serving_page, wait_for
+from harness import PAGE_SERVED, Clock, Layout, Stowd, make_layout, run_cli, serving_page, wait_for
 from orthanc import Orthanc, free_port
 from test_config import MINIMAL, find, load_text, problems_of
 from test_migrate import ctrl_c, migrating
@@ -290,6 +291,16 @@ def test_the_login_basic_and_bearer_and_no_secret_in_the_log(tmp_path: Path) -> 
         assert get(base, auth=("admin", password)).status_code == 200
     for text in (password, token, wrong):
         assert text not in daemon.log
+
+
+def test_a_reload_serves_the_page_again(tmp_path: Path) -> None:
+    layout = make_layout(tmp_path, UNREACHABLE)
+    with serving_page(layout) as (daemon, base):
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reloaded " in daemon.log, 60, "the reload", lambda: daemon.log)
+        wait_for(lambda: daemon.log.count(PAGE_SERVED) == 2, 60, "the page served again")
+        assert get(base).status_code == 200
 
 
 def test_a_listener_that_cannot_be_bound_stops_the_daemon_with_the_reason(
