@@ -28,7 +28,7 @@ from stowd.config.load import load_config
 from stowd.pipeline import queue as queue_module
 from stowd.pipeline.queue import HISTORY_SPAN, Classification, NewFile, Queue
 from stowd.printable import escape
-from stowd.service import page
+from stowd.service import page, web
 
 UNREACHABLE = "http://127.0.0.1:1/dicom-web"  # nothing listens: files wait, nothing is sent
 
@@ -354,6 +354,39 @@ def test_only_get_and_head_and_only_its_own_paths(tmp_path: Path) -> None:
         assert get(base, params={"reason": "x" * 5000}).status_code == 414
         too_long = raw(base, b"GET /" + b"a" * 70_000 + b" HTTP/1.0\r\n\r\n")
         assert too_long.split(b"\r\n", 1)[0].split()[1] == b"414"
+
+
+def test_requests_at_once_are_bounded(tmp_path: Path) -> None:
+    """Connections beyond ``MAX_CONNECTIONS`` are closed at once, never queued behind
+    clients that send nothing; once those go, the page answers again."""
+    layout = make_layout(tmp_path, UNREACHABLE)
+    with serving_page(layout) as (_daemon, base):
+        host, port = base.removeprefix("http://").rstrip("/").split(":")
+        idle = [
+            socket.create_connection((host, int(port)), timeout=60)
+            for _ in range(web.MAX_CONNECTIONS)
+        ]
+        try:
+            assert _refused(base)
+        finally:
+            for conn in idle:
+                conn.close()
+        wait_for(lambda: _answers(base), 60, "the page answering again")
+
+
+def _refused(base: str) -> bool:
+    """Closed without an answer (a reset, when the request was still unread)."""
+    try:
+        return raw(base, b"GET / HTTP/1.0\r\n\r\n") == b""
+    except ConnectionResetError:
+        return True
+
+
+def _answers(base: str) -> bool:
+    try:
+        return get(base).status_code == 200
+    except httpx.TransportError:  # closed: the idle connections' threads are still ending
+        return False
 
 
 def test_every_answer_has_the_security_headers(tmp_path: Path) -> None:
