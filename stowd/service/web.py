@@ -265,7 +265,11 @@ class _Server(ThreadingMixIn, WSGIServer):
         if not self.slots.acquire(blocking=False):
             self.shutdown_request(request)  # too many at once: closed, never queued
             return
-        super().process_request(request, client_address)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started (none left): its slot is free again
+            self.slots.release()
+            raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
