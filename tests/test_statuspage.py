@@ -470,6 +470,23 @@ def test_the_last_answer_is_the_archives_not_a_files_own_problem(tmp_path: Path)
     assert page.last_answer("pacs", health, doc).endswith(": " + reason)
 
 
+def test_a_receiving_source_is_a_run_with_its_progress(tmp_path: Path) -> None:
+    text = MINIMAL.replace(
+        "    watch: ./drop/ct1\n",
+        "    receive: {ae_title: STOWD, port: 11112, bind: 127.0.0.1}\n",
+    )
+    config = load_text(tmp_path, text + "http:\n  listen: 127.0.0.1:9480\n")
+    queue = Queue(config.queue).open()
+    try:
+        _settle(queue, ["a.dcm", "b.dcm"], "sent")
+        queue.enqueue([NewFile("ct1", "pacs", "/r/c.dcm", "c.dcm", 100, 1)])
+    finally:
+        queue.close()
+    rows = cells(page.render(page.document(config, page.Query()))).rows
+    assert rows["run:ct1"]["progress"] == "2 of 3 files done (67%)"
+    assert rows["run:ct1"]["eta"].startswith("about ")
+
+
 def test_the_history_keeps_a_day_and_one_row_a_minute(tmp_path: Path) -> None:
     clock = Clock(1_800_000_000.0)
     queue = Queue(tmp_path / "q.db", clock=clock).open()
