@@ -37,6 +37,7 @@ from harness import Layout, make_layout, serving_metrics, wait_for
 from needs import require
 from orthanc import Orthanc
 from prometheus import SCRAPE_INTERVAL, Prometheus, prometheus_missing_reason
+from test_docs import exported_metrics
 
 from stowd.config.schedule import DAY_NAMES, local_zone
 
@@ -127,6 +128,23 @@ def test_the_dashboard_is_a_dashboard_by_grafanas_own_types(tmp_path: Path) -> N
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_the_schema_version_is_the_one_grafana_writes_now() -> None:
+    """Grafana migrates a dashboard of an older ``schemaVersion`` on import; this one needs
+    none in the Grafana of ``@grafana/schema``'s version."""
+    require(types_missing_reason())
+    script = "import('@grafana/schema').then(m => console.log(m.defaultDashboard.schemaVersion))"
+    done = subprocess.run(
+        ["node", "--input-type=module", "-e", script],
+        cwd=TYPES,
+        capture_output=True,
+        text=True,
+        timeout=TSC_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert dashboard()["schemaVersion"] == int(done.stdout)
+
+
 def test_the_type_check_refuses_a_misspelt_key_and_a_value_outside_an_enum(
     tmp_path: Path,
 ) -> None:
@@ -164,6 +182,30 @@ def test_the_panels_fit_the_grid_and_use_only_the_dashboards_variables() -> None
             assert used <= defined, f"{panel['title']}: {used - defined} not defined"
     ids = [p["id"] for p in panels(doc)]
     assert len(ids) == len(set(ids))
+
+
+# What the issue asks the dashboard to show, by the metrics that show it.
+ASKED = {
+    "throughput per destination": {"stowd_files_sent_total", "stowd_bytes_sent_total"},
+    "queue depth": {"stowd_queue_files"},
+    "oldest waiting": {"stowd_oldest_pending_age_seconds"},
+    "failures by reason": {"stowd_files_failed_total", "stowd_retries_total"},
+    "held destinations": {"stowd_destination_held"},
+    "paused by schedule": {"stowd_destination_paused"},
+    "concurrency": {"stowd_destination_concurrency"},
+}
+
+
+def test_the_panels_show_what_was_asked_with_metrics_stowd_exports() -> None:
+    exported = exported_metrics()
+    used: set[str] = set()
+    for _, expr in targets():
+        for name in re.findall(r"\b(stowd_\w+)", expr):
+            base = re.sub(r"_(bucket|count|sum)$", "", name)
+            assert base in exported, f"{name} is not a metric stowd exports: {expr}"
+            used.add(base)
+    missing = {what: names - used for what, names in ASKED.items() if names - used}
+    assert not missing
 
 
 # -- the queries, answered by a real Prometheus -----------------------------------------------
