@@ -450,6 +450,28 @@ def test_the_failures_shown_are_bounded(tmp_path: Path) -> None:
     assert len(cells(page.render(doc)).failures) == page.FAILURES_SHOWN
 
 
+def test_failed_files_show_however_many_waiting_files_carry_a_newer_error(
+    tmp_path: Path,
+) -> None:
+    """A held destination leaves many files waiting for a retry, each with its error: the
+    failed files are still the ones listed."""
+    config = _config(tmp_path)
+    clock = Clock(1_800_000_000.0)
+    queue = Queue(config.queue, clock=clock).open()
+    try:
+        _settle(queue, ["bad.dcm"], "failed")
+        clock.now += 60
+        names = [f"w{n}.dcm" for n in range(page.FAILURES_READ + 10)]
+        queue.enqueue([NewFile("ct1", "pacs", f"/drop/{n}", n, 100, 1) for n in names])
+        ids = [j.id for j in queue.jobs("pending")]
+        queue.retry_later(ids, at=clock.now + 600, error={"reason": "cannot connect"})
+    finally:
+        queue.close()
+    failures = page.document(config, page.Query(), now=clock.now)["failures"]
+    assert [e["file"] for e in failures["shown"]] == ["/drop/bad.dcm"]
+    assert failures["reasons"] == ["refused failed"]
+
+
 def test_the_last_answer_is_the_archives_not_a_files_own_problem(tmp_path: Path) -> None:
     config = _config(tmp_path)
     clock = Clock(1_800_000_000.0)

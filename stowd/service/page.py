@@ -27,7 +27,7 @@ from stowd.printable import escape
 from stowd.service import status
 
 FAILURES_SHOWN = 100  # rows of the failures table (the newest)
-FAILURES_READ = 1000  # newest rows with an error the filter and its reasons come from
+FAILURES_READ = 1000  # newest failed files the filter and its reasons come from
 REASONS_SHOWN = 50  # choices of the reason filter (the most frequent)
 REASON_LIMIT = 1000  # characters of ?reason= (a longer one matches nothing anyway)
 REFRESH_SECONDS = 5  # how often the script refreshes the page
@@ -50,12 +50,11 @@ def document(config: Config, query: Query, *, now: float | None = None) -> dict[
     """``stowd status --json``'s document, plus ``history`` and ``failures``."""
     now = time.time() if now is None else now
     data = status.gather(config, now=now)
-    recent = status.recent(config, now, errors=FAILURES_READ, since=now - HISTORY_SPAN)
-    failed = [e for e in recent.errors if e["state"] == "failed"]
+    recent = status.recent(config, now, failed=FAILURES_READ, since=now - HISTORY_SPAN)
     return {
         **data,
         "history": _history(recent.throughput, data["destinations"]),
-        "failures": _failures(failed, query.reason),
+        "failures": _failures(recent.failed, query.reason),
     }
 
 
