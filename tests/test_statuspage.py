@@ -472,6 +472,24 @@ def test_failed_files_show_however_many_waiting_files_carry_a_newer_error(
     assert failures["reasons"] == ["refused failed"]
 
 
+def test_a_hostile_archive_answer_is_escaped_in_the_filter_and_the_table(tmp_path: Path) -> None:
+    """An archive chooses its answers: one that closes an attribute and opens a script, with a
+    line break, stays text in the reason filter's options and in the table."""
+    config = _config(tmp_path)
+    reason = 'refused: "><script>alert(1)</script>\nsecond line'
+    queue = Queue(config.queue).open()
+    try:
+        _settle(queue, ["a.dcm"], "failed", {"reason": reason, "http_status": 409})
+    finally:
+        queue.close()
+    doc = page.document(config, page.Query(reason=reason))
+    html = page.render(doc)
+    assert html.count("<script") == 1 and "\nsecond" not in html
+    assert html.count("refused: &quot;&gt;&lt;script&gt;alert(1)&lt;/script&gt;\\nsecond line") == 4
+    [row] = cells(html).failures
+    assert row["reason"] == escape(reason)
+
+
 def test_the_last_answer_is_the_archives_not_a_files_own_problem(tmp_path: Path) -> None:
     config = _config(tmp_path)
     clock = Clock(1_800_000_000.0)
