@@ -33,7 +33,10 @@ that keeps dying).  ``note`` (schema 6) says how a settled file's outcome came a
 outcome alone does not: ``already stored`` for a file the archive said it held already.
 ``tallies`` (schema 7) keeps the count of each source's, destination's and state's rows as
 they change, and indexes serve the claim order and the status queries: a queue of a million
-rows is claimed from, counted and rescanned as quickly as one of a thousand.
+rows is claimed from, counted and rescanned as quickly as one of a thousand.  ``throughput``
+(schema 8) counts, per minute, source and destination, the files that became sent or failed
+in the last day (the status page's charts and ``stowd status``'s "today"), kept bounded by
+the trigger that counts them.
 
 Paths are kept exactly, whatever bytes their names hold.  A value that is not valid UTF-8 (a
 name with bytes such as ``ff fe``, which ``os.fsdecode`` gives as lone surrogates) is stored
