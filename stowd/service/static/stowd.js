@@ -99,6 +99,10 @@
       .then(function () { busy = false; });
   }
 
+  // choosing a reason filters at once (without the script: the filter button)
+  var filter = document.getElementById("failure-filter");
+  if (filter) { filter.addEventListener("change", function () { filter.submit(); }); }
+
   get("api/status" + location.search, "json").then(charts).catch(function () {
     document.body.classList.add("stale");
   });
