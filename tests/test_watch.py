@@ -450,3 +450,20 @@ def test_a_folder_moved_in_is_walked_once_not_checked_again_file_by_file(tmp_pat
     with sink.lock:
         queued = sorted(f.rel for f in sink.files if f.rel.startswith("study"))
     assert queued == sorted(names)
+
+
+def test_a_file_gone_is_looked_at_only_while_its_quiet_period_is_watched(tmp_path: Path) -> None:
+    """stowd's own move of each sent file is an event ('deleted'); it was checked like a new
+    file (two stats).  Only a file whose unchanged look is being counted (an mtime in the
+    future, a share) is looked at, so that what was seen of it is forgotten."""
+    source = make_source(tmp_path, quiet_period=5.0)
+    watcher = Watcher(source, "pacs", Sink())
+    future = write(source.watch / "future.dcm", age=-3600.0)
+    watcher.scan()
+    watcher.gone(str(future))
+    watcher.gone(str(source.watch / "sent.dcm"))
+    hints, folders = watcher._take_hints()
+    assert (hints, folders) == ([str(future)], [])
+    future.unlink()
+    watcher._check_all(hints)
+    assert watcher._future == {}

@@ -112,22 +112,32 @@ OnError = Callable[[str, OSError], None]
 
 
 class _Handler(FileSystemEventHandler):
-    """Turns file events into candidate paths; never raises."""
+    """Turns file events into candidate paths; never raises.  ``gone`` hears of files
+    deleted or moved away (``hint`` does when it is not given)."""
 
-    def __init__(self, hint: Callable[[str, bool], None]) -> None:
+    def __init__(
+        self, hint: Callable[[str, bool], None], gone: Callable[[str], None] | None = None
+    ) -> None:
         self._hint = hint
+        self._gone = gone
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.is_synthetic:
-            return  # made up by watchdog for what a folder moved in holds: stowd walks it
         try:
-            path = os.fsdecode(getattr(event, "dest_path", "") or event.src_path)
-            if not event.is_directory:
-                self._hint(path, False)
-            elif event.event_type in ("created", "moved"):
-                self._hint(path, True)  # a folder moved in: scan what it holds
+            self._tell(event)
         except Exception:  # pragma: no cover - defensive: must never reach watchdog
             log.exception("error while handling a file event")
+
+    def _tell(self, event: FileSystemEvent) -> None:
+        if event.is_synthetic:
+            return  # made up by watchdog for what a folder moved in holds: stowd walks it
+        path = os.fsdecode(getattr(event, "dest_path", "") or event.src_path)
+        if event.is_directory:
+            if event.event_type in ("created", "moved"):
+                self._hint(path, True)  # a folder moved in: scan what it holds
+        elif self._gone is not None and event.event_type == "deleted":
+            self._gone(path)
+        else:
+            self._hint(path, False)
 
 
 class Watcher:
@@ -160,6 +170,7 @@ class Watcher:
         self.exclude = tuple(str(p) for p in (source.sent, source.failed, *parts, *exclude))
         self._places = Places(source.watch, self.exclude, source.ignore)
         self._hints: set[str] = set()
+        self._gone: set[str] = set()
         self._folders: set[str] = set()
         self._hint_lock = threading.Lock()
         self._wake = threading.Event()
@@ -198,8 +209,18 @@ class Watcher:
             (self._folders if folder else self._hints).add(path)
         self._wake.set()
 
-    def _take_hints(self) -> tuple[list[str], list[str]]:
+    def gone(self, path: str) -> None:
+        """A file was deleted or moved away: stowd's own moves to sent/ say so for each file."""
         with self._hint_lock:
+            self._gone.add(path)
+        self._wake.set()
+
+    def _take_hints(self) -> tuple[list[str], list[str]]:
+        """The files and the folders to look at.  A file gone matters only when its state
+        was being watched (``_future``): were it back, its return has an event of its own."""
+        with self._hint_lock:
+            gone, self._gone = self._gone, set()
+            self._hints.update(path for path in gone if path in self._future)
             hints, self._hints = list(self._hints), set()
             folders, self._folders = list(self._folders), set()
         return hints, folders
@@ -228,7 +249,7 @@ class Watcher:
         self._observer = observer
 
     def _started(self, observer: BaseObserver, *, recursive: bool) -> BaseObserver:
-        handler = _Handler(self.hint)
+        handler = _Handler(self.hint, self.gone)
         observer.schedule(handler, str(self.source.watch), recursive=recursive, event_filter=EVENTS)
         observer.daemon = True
         observer.start()
@@ -310,12 +331,15 @@ class Watcher:
         return listed
 
     def _unchecked(self, hints: list[str], listed: set[str]) -> Iterator[str]:
-        """The hinted files not looked at already: not waiting for a recheck (it looks),
-        not in a folder just listed whole (events came before the listing, which saw the
-        file as it is now).  watchdog's events for a folder moved in (one per file when not
-        made up by watchdog itself) cost a check each otherwise."""
+        """The hinted files not looked at already: not waiting for a recheck (it looks;
+        but a file whose unchanged look is being counted is looked at, so that a change
+        starts the count when it happened), not in a folder just listed whole (events came
+        before the listing, which saw the file as it is now).  The events of a file being
+        written, or of a folder moved in, cost a check each otherwise."""
         for path in hints:
-            if path not in self._scheduled and os.path.dirname(path) not in listed:
+            if path in self._scheduled and path not in self._future:
+                continue
+            if os.path.dirname(path) not in listed:
                 yield path
 
     # -- the watch folder itself ----------------------------------------------------------
