@@ -53,8 +53,8 @@ IMAGE_PIXEL_TAGS = (0x00280010, 0x00280011, 0x00280100, 0x00280002, 0x00280004)
 SPECTROSCOPY_DATA = 0x56000020
 STUDY, INSTANCE, SOP_CLASS = 0x0020000D, 0x00080018, 0x00080016  # the keys' tags
 KEY_TAGS = (STUDY, INSTANCE, SOP_CLASS)
-_WANTED = frozenset(KEY_TAGS)  # the values the quick walk keeps
 DIRECTORY_RECORDS = 0x00041220  # DirectoryRecordSequence: only a DICOMDIR has it
+_WANTED = frozenset((*KEY_TAGS, DIRECTORY_RECORDS))  # the values the quick walk keeps
 PIXEL_TAG_BYTES = tuple(struct.pack(order, *tag) for tag in PIXEL_TAGS for order in ("<HH", ">HH"))
 CUT_ELEMENT = (
     "the file is truncated: it ends inside the header of its pixel data (was it copied completely?)"
@@ -281,7 +281,7 @@ def _quick_keys(walked: quickheader.Walked, head: bytes) -> tuple[Classified, st
     syntax = quickheader.uid(walked.syntax)
     if not (study and sop and sop_class and syntax):
         return None
-    if sop_class == DICOMDIR_CLASS or DIRECTORY_RECORDS in walked.tags:
+    if sop_class == DICOMDIR_CLASS or DIRECTORY_RECORDS in walked.values:
         return None
     header = Header(None, lambda: _parse_held(head))
     return Classified("dicom", study, sop, sop_class, header=header), syntax
