@@ -50,17 +50,24 @@ def configure(sources: Iterable[Guarded]) -> None:
             _GUARDED[str(source.watch)] = source.follow_links
 
 
-def open_file(path: str | Path, opener: Callable[..., Any] | None = None) -> BinaryIO:
+def open_file(
+    path: str | Path, opener: Callable[..., Any] | None = None, *, unbuffered: bool = False
+) -> BinaryIO:
     """Open a dropped file for reading in binary; ``LinkRefused`` for a refused link.
-    ``opener`` opens a path under no guarded watch folder (a caller's seam for tests)."""
+    ``opener`` opens a path under no guarded watch folder (a caller's seam for tests).
+    ``unbuffered``: a raw file (``io.FileIO``), each read one system call that may give fewer
+    bytes than asked, for a file read in a few large reads (no buffer set up, no terminal
+    check, no seek to learn the position)."""
     text = os.fspath(path)
     root = _root_of(text)
+    buffering = 0 if unbuffered else -1
     if root is None:
-        return cast(BinaryIO, (opener or open)(text, "rb"))  # looked up now: a seam
+        how = (0,) if unbuffered else ()  # an opener (a test's) may take a path and mode only
+        return cast(BinaryIO, (opener or open)(text, "rb", *how))  # looked up now: a seam
     fd = _open_beneath(root, _relative(text, root), text)
     try:
         os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
+        return os.fdopen(fd, "rb", buffering)
     except BaseException:
         os.close(fd)
         raise

@@ -179,7 +179,7 @@ def classify(path: str) -> Classified:
 def classify_dicom(path: str) -> Classified:
     """Read the DICOM header of ``path``; raise ``FileProblem`` when it cannot be sent."""
     try:
-        with dropped.open_file(path) as fp:
+        with dropped.open_file(path, unbuffered=True) as fp:  # read in a few large reads
             size = os.fstat(fp.fileno()).st_size
             if size == 0:
                 raise FileProblem("the file is empty (0 bytes)")
@@ -193,7 +193,8 @@ def classify_dicom(path: str) -> Classified:
 
 
 def _classify_dicom(fp: BinaryIO, size: int) -> Classified:
-    head = fp.read(HEAD_BYTES)
+    """``fp``: the file, unbuffered (``read_fully`` reads it)."""
+    head = read_fully(fp, HEAD_BYTES)
     if not _looks_like_part10(head, size):
         raise NotDicom(
             "not a DICOM file: no 'DICM' marker at byte 128 and no File Meta Information"
@@ -238,9 +239,21 @@ class _Held:
             data = self._head[self._at : self._at + n]
         else:
             self._fp.seek(self._at)
-            data = self._fp.read(n)
+            data = read_fully(self._fp, n)
         self._at += len(data)
         return data
+
+
+def read_fully(fp: BinaryIO, n: int) -> bytes:
+    """``n`` bytes of ``fp`` from where it is, fewer only at its end: what a buffered file's
+    read gives (an unbuffered one's may give fewer, as a network filesystem may)."""
+    data = fp.read(n)
+    while 0 < len(data) < n:
+        more = fp.read(n - len(data))
+        if not more:
+            break
+        data += more
+    return data
 
 
 def _ends_in_pixel_element(fp: BinaryIO, size: int) -> bool:
@@ -270,8 +283,13 @@ def _read_keys(fp: BinaryIO, size: int, head: bytes) -> tuple[Classified, str, i
     quick = None if walked is None else _quick_keys(walked, head)
     if quick is not None and walked is not None:
         return (*quick, walked.end)
-    ds = _read_header(fp, size, head)
-    return _keys(ds), _transfer_syntax(ds), fp.tell()
+    buffered = io.BufferedReader(cast(io.RawIOBase, fp))  # pydicom reads a few bytes at a time
+    try:
+        ds = _read_header(cast(BinaryIO, buffered), size, head)
+        end = buffered.tell()
+    finally:
+        buffered.detach()  # ``fp`` stays open (``_Held`` reads it, seeking first)
+    return _keys(ds), _transfer_syntax(ds), end
 
 
 def _quick_keys(walked: quickheader.Walked, head: bytes) -> tuple[Classified, str] | None:
