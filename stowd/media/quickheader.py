@@ -303,11 +303,10 @@ def _known_charset(raw: bytes, vr: bytes) -> bool:
 def _uid(raw: bytes) -> str | None:
     """A UID value as pydicom gives it, when its bytes are plainly digits and dots (padded
     with one trailing NUL or space); None for anything else."""
-    text = raw.decode("latin-1")
-    plain = text[:-1] if text.endswith(("\0", " ")) else text
-    if not plain or plain.strip("0123456789.") != "":
+    plain = raw[:-1] if raw[-1:] in (b"\0", b" ") else raw
+    if not plain or plain.strip(b"0123456789.") != b"":
         return None
-    return plain
+    return plain.decode("ascii")
 
 
 def uid(raw: bytes | None) -> str | None:

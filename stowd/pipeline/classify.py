@@ -202,9 +202,7 @@ def _classify_dicom(fp: BinaryIO, size: int) -> Classified:
     held = cast(BinaryIO, _Held(fp, head, size))
     try:
         with header_errors():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                keys, syntax, end = _read_keys(fp, size, head)
+            keys, syntax, end = _read_keys(fp, size, head)
             held.seek(end)
             _check_pixel_data(held, size, syntax, lambda: _described(keys))
     except FileIncomplete:
@@ -282,13 +280,22 @@ def _read_keys(fp: BinaryIO, size: int, head: bytes) -> tuple[Classified, str, i
     walked = quickheader.walk(head, size, _WANTED)
     quick = None if walked is None else _quick_keys(walked, head)
     if quick is not None and walked is not None:
-        return (*quick, walked.end)
-    buffered = io.BufferedReader(cast(io.RawIOBase, fp))  # pydicom reads a few bytes at a time
+        return (*quick, walked.end)  # no pydicom: no warnings to silence
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _parsed_keys(fp, size, head)
+
+
+def _parsed_keys(fp: BinaryIO, size: int, head: bytes) -> tuple[Classified, str, int]:
+    """``_read_keys`` through pydicom's parse: the unbuffered ``fp`` read through a buffer
+    (pydicom reads a few bytes at a time), detached after (``fp`` stays open: ``_Held``
+    reads it, seeking first)."""
+    buffered = io.BufferedReader(cast(io.RawIOBase, fp))
     try:
         ds = _read_header(cast(BinaryIO, buffered), size, head)
         end = buffered.tell()
     finally:
-        buffered.detach()  # ``fp`` stays open (``_Held`` reads it, seeking first)
+        buffered.detach()
     return _keys(ds), _transfer_syntax(ds), end
 
 
