@@ -26,6 +26,9 @@ _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO never blocks
 _LOCK = threading.Lock()
 _GUARDED: dict[str, bool] = {}  # watch folder -> follow_links
+# the guarded folders (follow_links false), each with its separator, the longest first: read
+# without the lock (replaced whole by ``configure``), once per file opened
+_GUARDED_ROOTS: tuple[tuple[str, str], ...] = ()
 ADVICE = (
     "stowd does not follow symbolic links in a drop folder (a writer could point one at a "
     "file it cannot read itself); put the file itself there, or set follow_links: true on "
@@ -45,9 +48,12 @@ class Guarded(Protocol):
 
 def configure(sources: Iterable[Guarded]) -> None:
     """Guard the watch folders of ``sources`` (each with its ``follow_links``)."""
+    global _GUARDED_ROOTS  # noqa: PLW0603 - one snapshot read by every opening thread
     with _LOCK:
         for source in sources:
             _GUARDED[str(source.watch)] = source.follow_links
+        roots = sorted((r for r, follow in _GUARDED.items() if not follow), key=len, reverse=True)
+        _GUARDED_ROOTS = tuple((r, r.rstrip(os.sep) + os.sep) for r in roots)
 
 
 def open_file(
@@ -75,13 +81,10 @@ def open_file(
 
 def _root_of(path: str) -> str | None:
     """The guarded watch folder holding ``path`` (the innermost), or None."""
-    with _LOCK:
-        roots = [r for r, follow in _GUARDED.items() if not follow and _under(path, r)]
-    return max(roots, key=len, default=None)
-
-
-def _under(path: str, root: str) -> bool:
-    return path.startswith(root.rstrip(os.sep) + os.sep)
+    for root, inside in _GUARDED_ROOTS:
+        if path.startswith(inside):
+            return root
+    return None
 
 
 def _relative(path: str, root: str) -> str:

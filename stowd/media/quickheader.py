@@ -108,25 +108,25 @@ def walk(head: bytes, size: int, wanted: frozenset[int]) -> Walked | None:
 def _meta(head: bytes) -> tuple[bytes, int] | None:
     """The raw TransferSyntaxUID and where the data set starts; None unless every File Meta
     element is one pydicom converts without a doubt."""
-    at, syntax = _META_START, None
-    while at + 8 <= len(head):
+    at, syntax, limit = _META_START, None, len(head)
+    while at + 8 <= limit:
         group, elem, vr, length = _EXPLICIT.unpack_from(head, at)
         if group != 2:
             break
         if _META_VRS.get(elem) != vr or (elem == 0 and length != 4):
             return None
         at += 8
-        if vr in _LONG_VRS:
-            if head[at - 2 : at] != b"\0\0" or at + 4 > len(head):
+        if vr in _LONG_VRS:  # its 2-byte length is the reserved bytes: they must be 0
+            if length != 0 or at + 4 > limit:
                 return None
             length = _LONG.unpack_from(head, at)[0]
             at += 4
-        if at + length > len(head):
+        if at + length > limit:
             return None
         if elem == 0x0010:
             syntax = head[at : at + length]
         at += length
-    if syntax is None or at + 8 > len(head):
+    if syntax is None or at + 8 > limit:
         return None
     return syntax, at
 

@@ -113,12 +113,13 @@ class Classified:
         media: Media | None = None,
     ) -> None:
         held = header if isinstance(header, Header) else Header(header)
-        for name, value in zip(
-            ("kind", "study_uid", "sop_uid", "sop_class", "media", "held"),
-            (kind, study_uid, sop_uid, sop_class, media, held),
-            strict=True,
-        ):
-            object.__setattr__(self, name, value)
+        put = object.__setattr__  # frozen: each field set once, here (one made per new file)
+        put(self, "kind", kind)
+        put(self, "study_uid", study_uid)
+        put(self, "sop_uid", sop_uid)
+        put(self, "sop_class", sop_class)
+        put(self, "media", media)
+        put(self, "held", held)
 
     @property
     def header(self) -> pydicom.Dataset | None:
