@@ -69,7 +69,7 @@ def browser_missing_reason() -> str | None:
 
 
 @contextmanager
-def headless_chromium(*, javascript: bool = True) -> Iterator[WebDriver]:
+def headless_chromium(*, javascript: bool = True) -> Iterator[webdriver.Chrome]:
     """A started headless Chromium (scripts on or off), quit when the block ends."""
     profile = Path(tempfile.mkdtemp(prefix="stowd-chromium-"))
     try:
