@@ -23,6 +23,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from stowd.config.access import ACCESS_KEYS, read_access
+from stowd.config.httpconfig import read_http
 from stowd.config.model import (
     BULK_MODES,
     BULK_TYPES,
@@ -64,7 +65,6 @@ from stowd.config.model import (
     Bulkdata,
     Config,
     Destination,
-    Metrics,
     Receive,
     Retry,
     Sidecars,
@@ -117,6 +117,7 @@ _TOP_KEYS = (
     "original_attributes",
     "uid_root",
     "metrics",
+    "http",
 )
 _RETRY_KEYS = ("initial", "maximum", "multiplier", "max_age", "hold_probe", "max_refusals")
 _SOURCE_OWN_KEYS = ("name", "watch", "receive", "sent", "failed", "destination", "rules")
@@ -236,23 +237,6 @@ def _as_retention(value: object) -> float | Literal[False]:
             f"got {describe_value(value)}"
         )
     return seconds
-
-
-def _read_metrics(sec: Section) -> Metrics | None:
-    listen = sec.get("listen", None, as_listen)
-    return None if listen is None else Metrics(*listen)
-
-
-def as_listen(value: object) -> tuple[str, int]:
-    """``host:port`` (``[::1]:9464`` for IPv6) to serve on."""
-    if isinstance(value, int):
-        raise ValueError(f"expected host:port such as 127.0.0.1:{value}, got {value}")
-    text = as_text(value)
-    host, _, port = text.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"expected host:port such as 127.0.0.1:9464, got {text!r}")
-    return host, int(port)
 
 
 def _read_bulkdata(sec: Section, base: Bulkdata) -> Bulkdata:
@@ -738,7 +722,7 @@ def _build(ctx: Context, path: Path, root: Node, watch_exists: bool) -> Config |
     rules = read_rules(ctx, "rules", top.value_node("rules"), names)
     original = top.get("original_attributes", False, as_bool)
     uid_root = top.get("uid_root", None, as_uid_root)
-    metrics = _read_metrics(top.section("metrics", ("listen",)))
+    http, metrics = read_http(top)
     _check_folders(top, folders, queue)
     if queue is None:
         return None
@@ -755,6 +739,7 @@ def _build(ctx: Context, path: Path, root: Node, watch_exists: bool) -> Config |
         original_attributes=original,
         uid_root=uid_root,
         metrics=metrics,
+        http=http,
     )
 
 

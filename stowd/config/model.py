@@ -10,6 +10,7 @@ from pathlib import Path
 
 from stowd.config.access import Access
 from stowd.config.schedule import Schedule
+from stowd.config.secrets import Secret
 from stowd.config.yamlwalk import (
     redact_url,
 )
@@ -201,6 +202,31 @@ class Metrics:
     port: int
 
 
+DEFAULT_HTTP_INSECURE = False  # a listener off loopback needs a login unless this is true
+HTTP_REALM = "stowd"
+
+
+@dataclass(frozen=True)
+class HttpAuth:
+    """The login the status page (and ``/metrics`` on its listener) asks for: HTTP basic
+    (``user`` and ``password``), a bearer ``token``, or either when both are set."""
+
+    user: str | None = None
+    password: Secret | None = None
+    token: Secret | None = None
+
+
+@dataclass(frozen=True)
+class Http:
+    """Where the status page, ``/api/status`` and ``/metrics`` are served (``http.listen``);
+    None in Config: off."""
+
+    host: str
+    port: int
+    auth: HttpAuth | None = None  # None: no login (loopback, or ``insecure: true``)
+    insecure: bool = DEFAULT_HTTP_INSECURE
+
+
 @dataclass(frozen=True)
 class Retry:
     """Backoff of transient failures, kept in the queue so it survives restarts."""
@@ -229,6 +255,7 @@ class Config:
     original_attributes: bool = False  # record replaced values (OriginalAttributesSequence)
     uid_root: str | None = None  # generated UIDs: <uid_root>.<digits>, else 2.25.<uuid>
     metrics: Metrics | None = None  # Prometheus metrics over HTTP; None: off
+    http: Http | None = None  # the status page (and /metrics) over HTTP; None: off
 
     @property
     def warnings(self) -> list[str]:
@@ -241,6 +268,7 @@ class Config:
                     "anyone on the network path can read and change what is sent"
                 )
         inline = [d.name for d in self.destinations.values() if _inline_secret(d)]
+        inline += ["http.auth"] if self.http is not None and _inline_login(self.http) else []
         if inline and _readable_by_others(self.path):
             found.append(
                 f"{self.path} holds secrets of {', '.join(inline)} inline and others may read "
@@ -273,6 +301,12 @@ def _inline_secret(dest: Destination) -> bool:
     userinfo = any("@" in url.partition("://")[2] for url in (dest.url, access.proxy or ""))
     inline = any(secret.kind == "inline" for secret in access.secrets)
     return inline or userinfo or bool(access.headers)
+
+
+def _inline_login(http: Http) -> bool:
+    auth = http.auth
+    secrets = [] if auth is None else [auth.password, auth.token]
+    return any(s is not None and s.kind == "inline" for s in secrets)
 
 
 def _readable_by_others(path: Path) -> bool:

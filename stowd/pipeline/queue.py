@@ -71,7 +71,7 @@ from stowd.pipeline import disk
 
 log = logging.getLogger("stowd.queue")
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 ALREADY_STORED = "already stored"  # the note of a file the archive said it already held
 # the note of a file stored with the archive's WarningReason, followed by its code ("... B100")
 STORED_WITH_WARNING = "stored with warning"
@@ -218,6 +218,35 @@ _SCHEMA_7 = (
     "WHERE error IS NOT NULL",
 )
 
+# Schema 8: the throughput of the last day, per minute, source and destination (the status
+# page's charts and its "sent today"): a trigger counts each row that becomes sent or failed
+# in the transaction that settles it, and drops the minutes more than ``HISTORY_SPAN`` older
+# than that row, so the table holds at most a day's minutes of each pair, whatever was sent.
+HISTORY_SPAN = 25 * 3600  # seconds of throughput kept: a day, and a day with a DST change
+_MINUTE_OF = "CAST({t} / 60 AS INTEGER) * 60"
+_SCHEMA_8 = (
+    "CREATE TABLE IF NOT EXISTS throughput (minute INTEGER NOT NULL, source TEXT NOT NULL, "
+    "destination TEXT NOT NULL, sent INTEGER NOT NULL, bytes INTEGER NOT NULL, "
+    "failed INTEGER NOT NULL, PRIMARY KEY (minute, source, destination)) WITHOUT ROWID",
+    "CREATE TRIGGER IF NOT EXISTS throughput_done AFTER UPDATE OF state ON files "
+    "WHEN NEW.state IN ('sent', 'failed') AND OLD.state IS NOT NEW.state "
+    "AND NEW.done_at IS NOT NULL BEGIN "
+    "INSERT INTO throughput (minute, source, destination, sent, bytes, failed) VALUES ("
+    + _MINUTE_OF.format(t="NEW.done_at")
+    + ", NEW.source, NEW.destination, NEW.state = 'sent', "
+    "CASE NEW.state WHEN 'sent' THEN NEW.size ELSE 0 END, NEW.state = 'failed') "
+    "ON CONFLICT (minute, source, destination) DO UPDATE SET sent = sent + excluded.sent, "
+    "bytes = bytes + excluded.bytes, failed = failed + excluded.failed; "
+    f"DELETE FROM throughput WHERE minute < NEW.done_at - {HISTORY_SPAN + 60}; END",
+    # a queue written before: the last day of its done rows (by the newest one), counted once
+    "INSERT OR REPLACE INTO throughput SELECT "
+    + _MINUTE_OF.format(t="done_at")
+    + ", source, destination, TOTAL(state = 'sent'), "
+    "TOTAL(CASE state WHEN 'sent' THEN size ELSE 0 END), TOTAL(state = 'failed') FROM files "
+    "WHERE state IN ('sent', 'failed') AND done_at >= "
+    f"(SELECT MAX(done_at) FROM files) - {HISTORY_SPAN} GROUP BY 1, 2, 3",
+)
+
 
 @dataclass(frozen=True)
 class Job:
@@ -355,6 +384,17 @@ class Tally(NamedTuple):
     warned: int  # how many it stored with a warning (note ``STORED_WITH_WARNING ...``)
 
 
+class Throughput(NamedTuple):
+    """One minute of one source's files to one destination (``Queue.throughput``)."""
+
+    minute: int  # epoch seconds of the minute's start
+    source: str
+    destination: str
+    sent: int  # files that became sent in it
+    bytes: int  # their bytes
+    failed: int  # files that became failed in it
+
+
 @dataclass
 class ActiveView:
     """The active rows by destination and the holds, as one metrics scrape reads them."""
@@ -398,6 +438,7 @@ _MIGRATIONS = {
     ),
     5: ("ALTER TABLE files ADD COLUMN note TEXT",),
     6: _SCHEMA_7,
+    7: _SCHEMA_8,
 }
 LOOKUP_MEMORY = 86_400.0  # cached lookup answers older than this are deleted
 
@@ -620,7 +661,7 @@ class Queue:
                     f"{self.path} was written by a newer stowd (schema {version}, "
                     f"this one knows {SCHEMA_VERSION})"
                 )
-            for statement in (*_SCHEMA.split(";"), *_SCHEMA_7) if version == 0 else ():
+            for statement in (*_SCHEMA.split(";"), *_SCHEMA_7, *_SCHEMA_8) if version == 0 else ():
                 if statement.strip():
                     db.execute(statement)
             for step in range(version or SCHEMA_VERSION, SCHEMA_VERSION):
@@ -1372,6 +1413,20 @@ class Queue:
                 del out["pending"]
         return out
 
+    def throughput(self, since: float) -> list[Throughput]:
+        """What was sent and failed per minute (at ``since`` or later), source and
+        destination, oldest minute first; nothing from a queue an older stowd wrote (no
+        ``throughput`` table before schema 8)."""
+        db = self._conn()
+        if int(db.execute("PRAGMA user_version").fetchone()[0]) < 8:
+            return []
+        rows = db.execute(
+            "SELECT minute, source, destination, sent, bytes, failed FROM throughput "
+            "WHERE minute >= ? ORDER BY minute",
+            (_minute(since),),
+        ).fetchall()
+        return [Throughput(*r) for r in rows]
+
     def recent_errors(self, limit: int) -> list[tuple[float, str, str, str, str, float, str]]:
         """(time, source, destination, path, state, next_attempt_at, error JSON) of the latest
         rows that carry an error, newest first, read from the newest end of the
@@ -1387,6 +1442,11 @@ class Queue:
             (limit,),
         ).fetchall()
         return [(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
+
+def _minute(when: float) -> int:
+    """The start of the minute ``when`` lies in, as the throughput table keys it."""
+    return int(when // 60) * 60
 
 
 def _tally(

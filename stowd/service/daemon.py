@@ -45,6 +45,7 @@ from types import FrameType
 from stowd.config.load import load_config
 from stowd.config.model import Config, Destination, Source
 from stowd.config.schedule import local_now, paused_note
+from stowd.config.yamlwalk import host_port
 from stowd.dicomweb.pacing import Buckets, Pacing, rate_text
 from stowd.dicomweb.stow import StowClient
 from stowd.errors import ConfigError, QueueError, QueueFull, StowdError
@@ -59,7 +60,7 @@ from stowd.pipeline.reader import Reader
 from stowd.pipeline.settle import repair
 from stowd.pipeline.watch import Watcher
 from stowd.pipeline.worker import Worker
-from stowd.service import inflight, metrics
+from stowd.service import inflight, metrics, web
 from stowd.service.notify import Notifier
 from stowd.service.purge import purge_sent
 from stowd.service.receivers import Receivers
@@ -123,6 +124,7 @@ class Daemon:
         self._dying_said: set[str] = set()  # threads recorded as dying (for stowd status)
         self._queue_failing = False  # the upkeep could not write to the queue (said once)
         self.metrics_server: metrics.Server | None = None
+        self.http_server: web.Server | None = None
         self._shared: dict[str, object] | None = None  # last written for status
         self.receivers = Receivers(self.queue)  # C-STORE receivers: they outlive reloads
         self.buckets = Buckets()  # each destination's rate cap: they outlive reloads
@@ -159,6 +161,7 @@ class Daemon:
             self._pace(self.config)
             self.generation = self._start(self.config)
             self.metrics_server = _serve_metrics(self.config)
+            self.http_server = _serve_page(self.config)
             self._note_windows()
             self.notifier.ready(self._status_line())
             self._supervise()
@@ -168,6 +171,8 @@ class Daemon:
             inflight.remove(self.config.queue)
             if self.metrics_server is not None:
                 self.metrics_server.close()
+            if self.http_server is not None:
+                self.http_server.close()
             self.queue.close()
             self.notifier.close()
 
@@ -490,6 +495,13 @@ class Daemon:
             self.metrics_server = _serve_metrics(new)
         except StowdError as exc:
             log.error("%s; running without metrics until the next reload", exc)
+        if self.http_server is not None:
+            self.http_server.close()
+            self.http_server = None
+        try:
+            self.http_server = _serve_page(new)
+        except StowdError as exc:
+            log.error("%s; running without the status page until the next reload", exc)
 
     # -- health ---------------------------------------------------------------------------
     def _feed_watchdog(self) -> None:
@@ -638,6 +650,18 @@ def _serve_metrics(config: Config) -> metrics.Server | None:
     schedules = {name: d.schedule for name, d in config.destinations.items()}
     server = metrics.serve(host, port, config.queue, list(config.destinations), schedules=schedules)
     log.info("serving Prometheus metrics on http://%s:%d/metrics", host, server.port)
+    return server
+
+
+def _serve_page(config: Config) -> web.Server | None:
+    """Serve the status page (and /metrics) when ``http.listen`` is set; raises
+    ``StowdError``."""
+    if config.http is None:
+        return None
+    server = web.serve(config)
+    where = host_port(server.host, server.port)
+    login = "without a login" if config.http.auth is None else "behind its login"
+    log.info("serving the status page on http://%s/ (and /metrics), %s", where, login)
     return server
 
 

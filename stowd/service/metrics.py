@@ -178,6 +178,25 @@ class Server:
         self.close()
 
 
+def registry(
+    queue_path: Path,
+    destinations: list[str],
+    *,
+    clock: Callable[[], float] = time.time,
+    schedules: Mapping[str, Schedule] | None = None,
+) -> CollectorRegistry:
+    """What a scrape serves: the counters, the queue's gauges and the paused gauge, in a
+    real registry (``?name[]=`` works); series of ``destinations`` start at 0, so rates and
+    alerts work before the first event."""
+    collector = QueueCollector(queue_path, destinations, clock)
+    for name in collector.destinations:
+        touch(name)
+    scrape = CollectorRegistry(auto_describe=True)
+    paused = PausedCollector(schedules or dict.fromkeys(destinations, Schedule()))
+    scrape.register(_Scrape(collector, paused))
+    return scrape
+
+
 def serve(
     host: str,
     port: int,
@@ -192,13 +211,8 @@ def serve(
     Every path answers with the metrics, ``/metrics`` among them.  Series of the configured
     destinations start at 0, so rates and alerts work before the first event.
     """
-    collector = QueueCollector(queue_path, destinations, clock)
-    for name in collector.destinations:
-        touch(name)
+    scrape = registry(queue_path, destinations, clock=clock, schedules=schedules)
     try:
-        scrape = CollectorRegistry(auto_describe=True)  # a real registry: ?name[]= works
-        paused = PausedCollector(schedules or dict.fromkeys(destinations, Schedule()))
-        scrape.register(_Scrape(collector, paused))
         httpd, thread = start_http_server(port, addr=host, registry=scrape)
     except OSError as exc:
         reason = exc.strerror or str(exc)

@@ -34,7 +34,7 @@ from stowd.config.yamlwalk import host_port
 from stowd.errors import QueueUnreadable
 from stowd.fileops import walk_folders
 from stowd.pipeline import disk
-from stowd.pipeline.queue import Hold, Queue, open_readonly, read_only_note
+from stowd.pipeline.queue import Hold, Queue, Throughput, open_readonly, read_only_note
 from stowd.printable import escape_lines
 from stowd.service import inflight
 
@@ -217,6 +217,7 @@ def _gather(config: Config, queue: Queue, now: float) -> dict[str, Any]:
     _add_in_flight(config, destinations, inflight.read(config.queue, pid), now)
     _add_concurrency(destinations, inflight.read_concurrency(config.queue, pid))
     receiving = inflight.read_receivers(config.queue, pid)
+    _add_today(by_source, queue, now)
     for name, figures in by_source.items():
         if "receive" in figures:
             figures["receiving"] = receiving.get(name) if pid else None
@@ -310,6 +311,22 @@ def _source_dict(
     return found
 
 
+def _add_today(by_source: Mapping[str, dict[str, Any]], queue: Queue, now: float) -> None:
+    """``sent_today`` and ``failed_today`` of each source: the files that became sent or
+    failed since local midnight (counted as they settle, schema 8: a queue upgraded today
+    counts the day's done rows it still held)."""
+    midnight = datetime.fromtimestamp(now, local_zone()).replace(
+        hour=0, minute=0, second=0, microsecond=0
+    )
+    today: dict[str, list[int]] = {}
+    for row in queue.throughput(midnight.timestamp()):
+        counts = today.setdefault(row.source, [0, 0])
+        counts[0] += row.sent
+        counts[1] += row.failed
+    for name, figures in by_source.items():
+        figures["sent_today"], figures["failed_today"] = today.get(name, [0, 0])
+
+
 def _overall_eta(by_dest: Mapping[str, Mapping[str, Any]]) -> tuple[str, float | None]:
     """Destinations send side by side: the backlog is gone when the slowest is done."""
     etas = [(d["eta"], d["eta_seconds"]) for d in by_dest.values() if d["configured"]]
@@ -384,11 +401,15 @@ def _add_in_flight(
     config: Config, out: dict[str, Any], requests: Mapping[str, Any], now: float
 ) -> None:
     """A destination whose oldest request has had no progress (no byte sent, no answer) for
-    longer than its threshold gets ``not_answering_seconds`` and ``request_since``."""
+    longer than its threshold gets ``not_answering_seconds`` and ``request_since``; one with
+    requests in flight gets ``requests_in_flight``, as the running daemon last said."""
     for name, found in requests.items():
         dest = config.destinations.get(name)
         if dest is None or name not in out or not isinstance(found, dict):
             continue
+        count = found.get("requests")
+        if isinstance(count, int) and count > 0:
+            out[name]["requests_in_flight"] = count
         try:
             since, progress = float(found["request_since"]), float(found["last_progress"])
         except (KeyError, TypeError, ValueError):
@@ -430,9 +451,28 @@ def _not_answering(destinations: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _errors(queue: Queue, now: float) -> list[dict[str, Any]]:
+def recent(config: Config, now: float, *, errors: int, since: float) -> Recent:
+    """The newest ``errors`` rows with an error (as ``last_errors``) and the throughput per
+    minute since ``since``: what the status page shows beside ``gather``'s data."""
+    queue = open_readonly(config.queue)
+    try:
+        with queue.reading():
+            return Recent(_errors(queue, now, errors), queue.throughput(since))
+    finally:
+        queue.close()
+
+
+@dataclass(frozen=True)
+class Recent:
+    """What ``recent`` read."""
+
+    errors: list[dict[str, Any]]
+    throughput: list[Throughput]
+
+
+def _errors(queue: Queue, now: float, limit: int = LAST_ERRORS) -> list[dict[str, Any]]:
     out = []
-    for when, source, dest, path, state, next_try, error in queue.recent_errors(LAST_ERRORS):
+    for when, source, dest, path, state, next_try, error in queue.recent_errors(limit):
         doc = _error_doc(error)
         waiting = state == "pending" and next_try > now
         out.append(
@@ -844,3 +884,8 @@ def _duration(seconds: float) -> str:
 
 def _clock(when: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+
+
+# the same words on the status page (``page.py``)
+duration = _duration
+clock = _clock

@@ -1,0 +1,409 @@
+"""The status page: its data (``document``: ``stowd status --json``'s, plus the throughput
+history and the recent failures) and its HTML (``render``).
+
+``document`` takes the counts from ``status.gather``, the same code as ``stowd status``, so
+the page, ``/api/status`` and ``stowd status --json`` say the same; it adds ``history`` (per
+destination, each minute of the last ``HISTORY_SPAN`` with files sent or failed) and
+``failures`` (the newest failed files, at most ``FAILURES_SHOWN``, filtered by reason).
+
+``render`` writes plain tables that need no script; every text from outside (file and
+folder names, archive answers, reasons) goes through ``text``: control characters escaped
+as ``stowd status`` escapes them (``printable.escape``), then HTML-escaped.  The script
+(``static/stowd.js``) only refreshes the tables and draws the charts; the ids and
+``data-*`` attributes here are what it (and the browser tests) rely on.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from stowd.config.model import Config
+from stowd.pipeline.queue import HISTORY_SPAN, Throughput
+from stowd.printable import escape
+from stowd.service import status
+
+FAILURES_SHOWN = 100  # rows of the failures table (the newest)
+FAILURES_READ = 1000  # newest rows with an error the filter and its reasons come from
+REASONS_SHOWN = 50  # choices of the reason filter (the most frequent)
+REASON_LIMIT = 1000  # characters of ?reason= (a longer one matches nothing anyway)
+REFRESH_SECONDS = 5  # how often the script refreshes the page
+HOUR = 3600
+DAY = 86_400
+
+
+@dataclass(frozen=True)
+class Query:
+    """What the page was asked for: ``?reason=`` ("" : every failure)."""
+
+    reason: str = ""
+
+
+# --------------------------------------------------------------------------- data
+
+
+def document(config: Config, query: Query, *, now: float | None = None) -> dict[str, Any]:
+    """``stowd status --json``'s document, plus ``history`` and ``failures``."""
+    now = time.time() if now is None else now
+    data = status.gather(config, now=now)
+    recent = status.recent(config, now, errors=FAILURES_READ, since=now - HISTORY_SPAN)
+    failed = [e for e in recent.errors if e["state"] == "failed"]
+    return {
+        **data,
+        "history": _history(recent.throughput, data["destinations"]),
+        "failures": _failures(failed, query.reason),
+    }
+
+
+def _history(rows: Iterable[Throughput], destinations: Iterable[str]) -> dict[str, Any]:
+    """Per destination ``[minute, files sent, bytes sent, files failed]`` of each minute
+    with any, oldest first (summed over the sources)."""
+    found: dict[str, dict[int, list[int]]] = {name: {} for name in destinations}
+    for row in rows:
+        minute = found.setdefault(row.destination, {}).setdefault(row.minute, [0, 0, 0])
+        minute[0] += row.sent
+        minute[1] += row.bytes
+        minute[2] += row.failed
+    return {
+        "minute_seconds": 60,
+        "span_seconds": HISTORY_SPAN,
+        "destinations": {
+            name: [[m, *v] for m, v in sorted(minutes.items())] for name, minutes in found.items()
+        },
+    }
+
+
+def _failures(failed: list[dict[str, Any]], reason: str) -> dict[str, Any]:
+    """The failures table: its rows (newest first) and the reasons it can be filtered by."""
+    counts: dict[str, int] = {}
+    for err in failed:
+        counts[err["reason"]] = counts.get(err["reason"], 0) + 1
+    reasons = sorted(counts, key=lambda r: -counts[r])[:REASONS_SHOWN]
+    chosen = [e for e in failed if not reason or e["reason"] == reason]
+    return {
+        "reason": reason,
+        "reasons": reasons,
+        "shown": chosen[:FAILURES_SHOWN],
+        "matching": len(chosen),
+        "read": len(failed),
+    }
+
+
+# --------------------------------------------------------------------------- HTML
+
+
+def text(value: object) -> str:
+    """``value`` as HTML text: control characters escaped (``printable``), then ``<>&"'``."""
+    return html.escape(escape(str(value)), quote=True)
+
+
+def render(doc: Mapping[str, Any]) -> str:
+    """The whole page."""
+    parts = [
+        _head(),
+        _header(doc),
+        _warnings(doc["warnings"]),
+        _sources(doc),
+        _runs(doc),
+        _destinations(doc),
+        _history_tables(doc),
+        _failures_section(doc["failures"]),
+        "</main></body></html>\n",
+    ]
+    return "\n".join(parts)
+
+
+def render_error(message: str) -> str:
+    """The page when the queue cannot be read (no queue yet, no right to read it)."""
+    return "\n".join(
+        [_head(), "<main><h1>stowd</h1>", f'<p class="trouble">{text(message)}</p>', "</main>"]
+    )
+
+
+def _head() -> str:
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        "<title>stowd status</title>"
+        '<link rel="stylesheet" href="static/stowd.css">'
+        '<script src="static/stowd.js" defer></script></head>'
+        f'<body data-refresh="{REFRESH_SECONDS}"><main>'
+    )
+
+
+def _header(doc: Mapping[str, Any]) -> str:
+    pid = doc["daemon_pid"]
+    daemon = f"running (pid {pid})" if pid else "not running"
+    return (
+        "<header><h1>stowd</h1><p>"
+        f"queue {text(doc['queue'])}; daemon {daemon}; updated "
+        f'<span id="updated">{text(status.clock(doc["time"]))}</span></p>'
+        f'<p id="totals">{text(_totals(doc))}</p></header>'
+    )
+
+
+def _totals(doc: Mapping[str, Any]) -> str:
+    counts = doc["counts"]
+    parts = [f"{counts.get(s, 0)} {s}" for s in status.STATES if counts.get(s)]
+    return "files: " + (", ".join(parts) or "none yet")
+
+
+def _warnings(warnings: list[str]) -> str:
+    if not warnings:
+        return '<ul id="warnings"></ul>'
+    items = "".join(f"<li>{text(w)}</li>" for w in warnings)
+    return f'<ul id="warnings" class="trouble">{items}</ul>'
+
+
+# -- sources
+
+
+SOURCE_FIELDS = (
+    ("waiting", "waiting"),
+    ("in_flight", "in flight"),
+    ("sent_today", "sent today"),
+    ("failed_today", "failed today"),
+    ("rate", "rate"),
+    ("oldest_waiting", "oldest waiting"),
+)
+
+
+def _sources(doc: Mapping[str, Any]) -> str:
+    head = "".join(f"<th>{label}</th>" for _, label in SOURCE_FIELDS)
+    rows = "".join(_source_row(name, s) for name, s in doc["by_source"].items())
+    return (
+        '<section><h2>Sources</h2><table id="sources"><thead><tr><th>source</th>'
+        f"<th>destination</th>{head}</tr></thead><tbody>{rows}</tbody></table></section>"
+    )
+
+
+def _source_row(name: str, figures: Mapping[str, Any]) -> str:
+    values = source_fields(figures)
+    cells = "".join(_cell(field, values[field]) for field, _ in SOURCE_FIELDS)
+    dest = figures.get("destination") or "(not in the config)"
+    return (
+        f'<tr data-source="{text(name)}"><th scope="row">{text(name)}</th>'
+        f"<td>{text(dest)}</td>{cells}</tr>"
+    )
+
+
+def source_fields(figures: Mapping[str, Any]) -> dict[str, str]:
+    """The text of each cell of a source's row, from its ``by_source`` entry."""
+    counts = figures["counts"]
+    return {
+        "waiting": str(counts.get("pending", 0) + counts.get("waiting", 0)),
+        "in_flight": str(counts.get("claimed", 0) + counts.get("settling", 0)),
+        "sent_today": str(figures.get("sent_today", 0)),
+        "failed_today": str(figures.get("failed_today", 0)),
+        "rate": _rate(figures),
+        "oldest_waiting": _age(figures["oldest_pending_seconds"]),
+    }
+
+
+def _cell(field: str, value: str) -> str:
+    return f'<td data-field="{field}">{text(value)}</td>'
+
+
+# -- runs (receiving and migrating sources)
+
+
+def _runs(doc: Mapping[str, Any]) -> str:
+    rows = "".join(
+        _run_row(name, s)
+        for name, s in doc["by_source"].items()
+        if s.get("migration") or "receive" in s
+    )
+    return (
+        '<section><h2>Receiving and migrating</h2><table id="runs"><thead><tr><th>run</th>'
+        f"<th>progress</th><th>ETA</th></tr></thead><tbody>{rows}</tbody></table></section>"
+    )
+
+
+def _run_row(name: str, figures: Mapping[str, Any]) -> str:
+    return (
+        f'<tr data-run="{text(name)}"><th scope="row">{text(name)}</th>'
+        f"{_cell('progress', _progress(figures))}{_cell('eta', _eta(figures))}</tr>"
+    )
+
+
+def _progress(figures: Mapping[str, Any]) -> str:
+    counts = figures["counts"]
+    done = sum(counts.get(s, 0) for s in ("sent", "failed", "gone", "ignored"))
+    total = sum(counts.values())
+    share = f" ({100 * done / total:.0f}%)" if total else ""
+    head = f"{done} of {total} files done{share}"
+    found = figures.get("receiving")
+    if "receive" in figures and found:
+        return f"{head}; received {int(found.get('received', 0))} since start"
+    return head
+
+
+def _eta(figures: Mapping[str, Any]) -> str:
+    eta = figures["eta"]
+    if eta == "estimated":
+        return f"about {status.duration(figures['eta_seconds'])}"
+    words = {
+        "empty": "nothing to send",
+        "held": "none while the destination is held",
+        "paused": "none while the destination is paused (schedule)",
+        "unknown": "unknown: nothing sent in the last minutes",
+        "parked": "none: its source is not in the config",
+    }
+    return words.get(eta, str(eta))
+
+
+# -- destinations
+
+
+def _destinations(doc: Mapping[str, Any]) -> str:
+    rows = "".join(
+        _destination_row(name, health, doc) for name, health in doc["destinations"].items()
+    )
+    return (
+        '<section><h2>Destinations</h2><table id="destinations"><thead><tr>'
+        "<th>destination</th><th>state</th><th>requests in flight</th><th>last answer</th>"
+        f"<th>rate</th><th>backlog</th></tr></thead><tbody>{rows}</tbody></table>"
+        f"{_charts(doc['destinations'])}</section>"
+    )
+
+
+def _destination_row(name: str, health: Mapping[str, Any], doc: Mapping[str, Any]) -> str:
+    figures = doc["by_destination"].get(name, {})
+    return (
+        f'<tr data-destination="{text(name)}"><th scope="row">{text(name)}</th>'
+        f"{_cell('state', destination_state(health, figures))}"
+        f"{_cell('in_flight', str(health.get('requests_in_flight', 0)))}"
+        f"{_cell('last_answer', last_answer(name, health, doc))}"
+        f"{_cell('rate', _rate(figures) if figures else '')}"
+        f"{_cell('backlog', _backlog(figures))}</tr>"
+    )
+
+
+def destination_state(health: Mapping[str, Any], figures: Mapping[str, Any]) -> str:
+    """``held since ... until ...: why``, ``paused until ... (schedule)``, ``sending`` or
+    ``idle``."""
+    if health["state"] == "held":
+        return (
+            f"held since {status.clock(health['held_since'])}, next try at "
+            f"{status.clock(health['held_until'])}: {health['reason']}"
+        )
+    if health.get("paused"):
+        return str(health.get("paused_note") or "paused (schedule)")
+    counts = figures.get("counts", {})
+    busy = sum(counts.get(s, 0) for s in ("pending", "waiting", "claimed", "settling"))
+    return "sending" if busy or health.get("requests_in_flight") else "idle"
+
+
+def last_answer(name: str, health: Mapping[str, Any], doc: Mapping[str, Any]) -> str:
+    """The newest of: the archive's last refusal or error (from ``last_errors``), the last
+    minute it stored files in (from the history); a held destination's reason first."""
+    if health["state"] == "held":
+        return str(health["reason"])
+    minutes = doc["history"]["destinations"].get(name, [])
+    stored = next((m[0] for m in reversed(minutes) if m[1]), None)
+    error = next((e for e in doc["last_errors"] if e["destination"] == name), None)
+    if error is not None and (stored is None or error["time"] >= stored + 60):
+        return f"{status.clock(error['time'])}: {error['reason']}"
+    if stored is not None:
+        return f"stored files, the last at {status.clock(stored)[-8:-3]}"
+    return "none yet"
+
+
+def _charts(destinations: Iterable[str]) -> str:
+    """An empty chart per destination and span: the script draws them from the history."""
+    figures = []
+    for name in destinations:
+        for span, title in (("1h", "the last hour"), ("24h", "the last 24 hours")):
+            figures.append(
+                f'<figure class="chart"><figcaption>{text(name)}: {title}</figcaption>'
+                f'<svg class="chart" data-destination="{text(name)}" data-span="{span}" '
+                'viewBox="0 0 600 160" role="img"></svg></figure>'
+            )
+    return f'<div class="charts">{"".join(figures)}</div>'
+
+
+def _history_tables(doc: Mapping[str, Any]) -> str:
+    """Without the script: each destination's last 24 hours, hour by hour."""
+    now = doc["time"]
+    tables = [
+        _history_table(name, minutes, now)
+        for name, minutes in doc["history"]["destinations"].items()
+    ]
+    return f'<section class="history"><h2>Sent in the last 24 hours</h2>{"".join(tables)}</section>'
+
+
+def _history_table(name: str, minutes: list[list[int]], now: float) -> str:
+    hours: dict[int, list[int]] = {}
+    for minute, files, size, failed in minutes:
+        if minute >= now - DAY:
+            hour = hours.setdefault(int(minute // HOUR * HOUR), [0, 0, 0])
+            hour[0], hour[1], hour[2] = hour[0] + files, hour[1] + size, hour[2] + failed
+    rows = "".join(
+        f"<tr><td>{text(status.clock(h)[:-3])}</td><td>{v[0]}</td>"
+        f"<td>{v[1] / status.MB:.1f}</td><td>{v[2]}</td></tr>"
+        for h, v in sorted(hours.items(), reverse=True)
+    )
+    return (
+        f'<table class="history" data-destination="{text(name)}"><caption>{text(name)}'
+        "</caption><thead><tr><th>hour from</th><th>files sent</th><th>MB sent</th>"
+        f"<th>failed</th></tr></thead><tbody>{rows}</tbody></table>"
+    )
+
+
+# -- failures
+
+
+def _failures_section(failures: Mapping[str, Any]) -> str:
+    rows = "".join(_failure_row(e) for e in failures["shown"])
+    return (
+        f"<section><h2>Recent failures</h2>{_filter(failures)}"
+        f'<p id="failures-note">{text(_failures_note(failures))}</p>'
+        '<table id="failures"><thead><tr><th>file</th><th>reason</th><th>when</th>'
+        f"<th>source</th></tr></thead><tbody>{rows}</tbody></table></section>"
+    )
+
+
+def _failures_note(failures: Mapping[str, Any]) -> str:
+    shown, matching = len(failures["shown"]), failures["matching"]
+    of = f" (the newest {shown} shown)" if matching > shown else ""
+    return f"{matching} of the newest {failures['read']} failed files{of}"
+
+
+def _filter(failures: Mapping[str, Any]) -> str:
+    chosen = failures["reason"]
+    options = ['<option value="">every reason</option>']
+    for reason in dict.fromkeys([*failures["reasons"], *([chosen] if chosen else [])]):
+        selected = " selected" if reason == chosen else ""
+        options.append(f'<option value="{text(reason)}"{selected}>{text(reason)}</option>')
+    return (
+        '<form id="failure-filter" method="get"><label>reason '
+        f'<select name="reason">{"".join(options)}</select></label> '
+        '<button type="submit">filter</button></form>'
+    )
+
+
+def _failure_row(err: Mapping[str, Any]) -> str:
+    return (
+        f'<tr class="failure">{_cell("file", err["file"])}{_cell("reason", err["reason"])}'
+        f"{_cell('when', status.clock(err['time']))}<td>{text(err['source'])}</td></tr>"
+    )
+
+
+# -- words and numbers
+
+
+def _rate(figures: Mapping[str, Any]) -> str:
+    return f"{figures['files_per_minute']} files/min, {figures['mb_per_minute']} MB/min"
+
+
+def _backlog(figures: Mapping[str, Any]) -> str:
+    if not figures or not figures["backlog_files"]:
+        return "nothing to send"
+    return f"{figures['backlog_files']} files; ETA {_eta(figures)}"
+
+
+def _age(seconds: float | None) -> str:
+    return "none" if seconds is None else status.duration(seconds)

@@ -1,0 +1,301 @@
+"""The status page's HTTP listener (``http.listen``): the page, ``/api/status``, ``/metrics``
+and the page's two static files, read-only.
+
+Paths served (anything else is 404; a method other than GET or HEAD is 405)::
+
+    /                  the status page (HTML tables; ``?reason=`` filters the failures)
+    /api/status        ``stowd status --json``'s document plus ``history`` and ``failures``
+    /metrics           the Prometheus metrics (``metrics.registry``)
+    /static/stowd.js   the script that refreshes the page and draws the charts
+    /static/stowd.css  its style
+
+The static files are the package's own (``stowd/service/static``), served from a fixed list:
+no path from a request ever reaches the filesystem.  With ``http.auth`` every path asks for
+the login (HTTP basic, or a bearer token); a wrong one is answered 401 with
+``WWW-Authenticate``, and logged without what was sent.  Every answer carries a Content
+Security Policy allowing only the page's own script and style (no inline script),
+``X-Content-Type-Options: nosniff``, ``Referrer-Policy: no-referrer`` and ``no-store``.
+
+Bounds: at most ``MAX_CONNECTIONS`` requests are handled at once (more are closed at once),
+a connection silent for ``REQUEST_TIMEOUT`` is closed, a query longer than ``MAX_QUERY`` is
+refused (414), and the page shows at most ``page.FAILURES_SHOWN`` failures.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from importlib import resources
+from socketserver import ThreadingMixIn
+from typing import Any
+from urllib.parse import parse_qs
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import make_wsgi_app
+
+from stowd.config.model import HTTP_REALM, Config, HttpAuth
+from stowd.config.yamlwalk import host_port
+from stowd.errors import QueueUnreadable, SecretUnavailable, StowdError
+from stowd.printable import utf8_safe
+from stowd.service import metrics, page
+
+log = logging.getLogger("stowd.http")
+
+MAX_CONNECTIONS = 16  # requests handled at once; more are closed without an answer
+REQUEST_TIMEOUT = 30.0  # seconds a connection may stay silent
+MAX_QUERY = 2048  # characters of a query string
+STATIC = {"stowd.js": "text/javascript; charset=utf-8", "stowd.css": "text/css; charset=utf-8"}
+SECURITY_HEADERS = [
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+    ),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Frame-Options", "DENY"),
+    ("Cache-Control", "no-store"),
+]
+HTML = "text/html; charset=utf-8"
+JSON = "application/json"
+TEXT = "text/plain; charset=utf-8"
+
+_METRICS = "metrics"  # the answer's status when the metrics app answers instead
+
+StartResponse = Callable[..., Any]
+Answer = tuple[str, str, bytes, list[tuple[str, str]]]  # status, type, body, more headers
+
+
+# --------------------------------------------------------------------------- the app
+
+
+class App:
+    """The WSGI application: method, login, then the path."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        schedules = {name: d.schedule for name, d in config.destinations.items()}
+        self.metrics = make_wsgi_app(
+            metrics.registry(config.queue, list(config.destinations), schedules=schedules)
+        )
+        self.auth = None if config.http is None else config.http.auth
+        self._secret_failing = False
+
+    def __call__(self, environ: dict[str, Any], start: StartResponse) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "")
+        if method not in ("GET", "HEAD"):
+            answer = _plain(
+                "405 Method Not Allowed", "only GET and HEAD: this page changes nothing"
+            )
+            answer[3].append(("Allow", "GET, HEAD"))
+        else:
+            answer = self._checked(environ)
+        if answer[0] == _METRICS:
+            served: Iterable[bytes] = self.metrics(environ, _secured(start))
+            return served
+        return _send(answer, start, head=method == "HEAD")
+
+    def _checked(self, environ: dict[str, Any]) -> Answer:
+        refused = self._login(environ.get("HTTP_AUTHORIZATION", ""), environ)
+        if refused is not None:
+            return refused
+        if len(environ.get("QUERY_STRING", "")) > MAX_QUERY:
+            return _plain("414 URI Too Long", f"a query of at most {MAX_QUERY} characters")
+        return self._route(environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", ""))
+
+    def _route(self, path: str, query: str) -> Answer:
+        if path == "/":
+            return self._page(_query(query))
+        if path == "/api/status":
+            return self._api(_query(query))
+        if path == "/metrics":
+            return (_METRICS, "", b"", [])
+        name = path.removeprefix("/static/")
+        if path.startswith("/static/") and name in STATIC:
+            return ("200 OK", STATIC[name], _static(name), [])
+        return _plain("404 Not Found", "not found: this listener serves /, /api/status, /metrics")
+
+    # -- the pages
+    def _page(self, query: page.Query) -> Answer:
+        try:
+            doc = page.document(self.config, query)
+        except QueueUnreadable as exc:
+            return ("503 Service Unavailable", HTML, page.render_error(str(exc)).encode(), [])
+        return ("200 OK", HTML, page.render(doc).encode("utf-8", "backslashreplace"), [])
+
+    def _api(self, query: page.Query) -> Answer:
+        try:
+            doc = page.document(self.config, query)
+        except QueueUnreadable as exc:
+            return ("503 Service Unavailable", JSON, _json({"error": str(exc)}), [])
+        return ("200 OK", JSON, _json(doc), [])
+
+    # -- the login
+    def _login(self, header: str, environ: dict[str, Any]) -> Answer | None:
+        """None when no login is asked for or the request's is right; else the answer."""
+        if self.auth is None:
+            return None
+        try:
+            if _accepted(self.auth, header):
+                self._secret_failing = False
+                return None
+        except SecretUnavailable as exc:
+            if not self._secret_failing:
+                log.error("status page: the login cannot be checked, answering 503: %s", exc)
+            self._secret_failing = True
+            return _plain("503 Service Unavailable", "the login cannot be checked (see the log)")
+        said = log.warning if header else log.debug  # a browser asks first without one
+        said(
+            "status page: refused a request from %s: %s (401)",
+            environ.get("REMOTE_ADDR", "?"),
+            "wrong login" if header else "no login given",
+        )
+        answer = _plain("401 Unauthorized", "this page needs a login")
+        answer[3].extend(("WWW-Authenticate", c) for c in _challenges(self.auth))
+        return answer
+
+
+def _accepted(auth: HttpAuth, header: str) -> bool:
+    """Is ``header`` (``Authorization``) the configured basic login or bearer token?"""
+    scheme, _, value = header.strip().partition(" ")
+    value = value.strip()
+    if scheme.lower() == "bearer" and auth.token is not None:
+        return _same(value, auth.token.value())
+    if scheme.lower() == "basic" and auth.password is not None and auth.user is not None:
+        user, sep, password = _basic(value).partition(":")
+        right_user = _same(user, auth.user)
+        return bool(sep) and _same(password, auth.password.value()) and right_user
+    return False
+
+
+def _basic(value: str) -> str:
+    try:
+        return base64.b64decode(value, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return ""
+
+
+def _same(given: str, expected: str) -> bool:
+    """Compared in constant time (a timing difference must not tell how much was right)."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode())
+
+
+def _challenges(auth: HttpAuth) -> list[str]:
+    found = [f'Basic realm="{HTTP_REALM}", charset="UTF-8"'] if auth.password else []
+    return found + ([f'Bearer realm="{HTTP_REALM}"'] if auth.token else [])
+
+
+# --------------------------------------------------------------------------- answers
+
+
+def _query(query: str) -> page.Query:
+    reasons = parse_qs(query, max_num_fields=20).get("reason", [""])
+    return page.Query(reason=reasons[0][: page.REASON_LIMIT])
+
+
+def _plain(status: str, message: str) -> Answer:
+    return (status, TEXT, (message + "\n").encode(), [])
+
+
+def _json(doc: Any) -> bytes:
+    """JSON as ``stowd status --json`` writes it; ``<``, ``>`` and ``&`` as \\u escapes, so
+    no browser can take it for HTML."""
+    text = json.dumps(utf8_safe(doc), indent=2)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").encode()
+
+
+def _static(name: str) -> bytes:
+    return resources.files("stowd.service").joinpath("static", name).read_bytes()
+
+
+def _secured(start: StartResponse) -> StartResponse:
+    """``start_response`` that adds the security headers (for the metrics app)."""
+
+    def secured(status: str, headers: list[tuple[str, str]], *rest: Any) -> Any:
+        return start(status, [*headers, *SECURITY_HEADERS], *rest)
+
+    return secured
+
+
+def _send(answer: Answer, start: StartResponse, *, head: bool) -> Iterable[bytes]:
+    status, kind, body, more = answer
+    headers = [("Content-Type", kind), ("Content-Length", str(len(body))), *SECURITY_HEADERS]
+    start(status, [*headers, *more])
+    return [] if head else [body]
+
+
+# --------------------------------------------------------------------------- the server
+
+
+class _Handler(WSGIRequestHandler):
+    """Request lines are not logged (the app logs refused logins); silent clients time out."""
+
+    timeout = REQUEST_TIMEOUT
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("status page: " + format, *args)
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    """A thread per request, at most ``MAX_CONNECTIONS`` at once."""
+
+    daemon_threads = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)  # too many at once: closed, never queued
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class Server:
+    """The listener in a thread of its own; ``close()`` stops it."""
+
+    def __init__(self, httpd: WSGIServer) -> None:
+        self._httpd = httpd
+        self._thread = threading.Thread(target=httpd.serve_forever, name="stowd-http", daemon=True)
+        self._thread.start()
+        address: Any = httpd.server_address
+        self.host: str = str(address[0])
+        self.port: int = int(address[1])
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join()
+
+
+def serve(config: Config) -> Server:
+    """Serve ``config.http``'s listener (port 0: any free one, see ``Server.port``); raises
+    ``StowdError`` when it cannot be bound."""
+    assert config.http is not None
+    host, port = config.http.host, config.http.port
+    server_class = _Server6 if ":" in host else _Server
+    try:
+        httpd = make_server(host, port, App(config), server_class, _Handler)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise StowdError(
+            f"cannot serve the status page on {host_port(host, port)}: {reason}"
+        ) from exc
+    return Server(httpd)
