@@ -34,7 +34,7 @@ from leaks import children, collected, reap_zombies
 from marking import ARCHIVE_FIXTURES, starts_something
 from needs import require
 from orthanc import Orthanc, orthanc_missing_reason
-from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver import Chrome
 from tinypacs import TinyPacs, tiny_pacs_missing_reason
 
 from stowd.pipeline.queue import Queue
@@ -205,7 +205,7 @@ def queue(tmp_path: Path, clock: Clock) -> Iterator[Queue]:
 
 
 @pytest.fixture
-def browser() -> Iterator[WebDriver]:
+def browser() -> Iterator[Chrome]:
     """A headless Chromium with scripts on (tests/support/browser.py), quit after the test;
     skipped (failed under CI=true) when Debian's chromium or chromium-driver is missing."""
     require(browser_missing_reason())
@@ -214,7 +214,7 @@ def browser() -> Iterator[WebDriver]:
 
 
 @pytest.fixture
-def browser_without_js() -> Iterator[WebDriver]:
+def browser_without_js() -> Iterator[Chrome]:
     """The same with JavaScript switched off: the page as a plain HTML client sees it."""
     require(browser_missing_reason())
     with headless_chromium(javascript=False) as driver:

@@ -30,9 +30,6 @@ from pathlib import Path
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
-from selenium.webdriver.common.by import By
-from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.remote.webelement import WebElement
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -117,17 +114,3 @@ def _options(profile: Path, javascript: bool) -> Options:
             "prefs", {"profile.managed_default_content_settings.javascript": 2}
         )
     return options
-
-
-def cells(driver: WebDriver, table: str, row: str, name: str) -> dict[str, str]:
-    """The ``data-field`` cells of one row of a page table, field -> text: ``table`` its id,
-    ``row`` the row's attribute (``data-source``), ``name`` its value."""
-    selector = f"table#{table} tr[{row}={_quoted(name)}] td[data-field]"
-    found: list[WebElement] = driver.find_elements(By.CSS_SELECTOR, selector)
-    return {cell.get_attribute("data-field") or "": cell.text for cell in found}
-
-
-def _quoted(value: str) -> str:
-    """``value`` as a CSS string (a name may hold quotes or backslashes)."""
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\a ")
-    return f'"{escaped}"'
