@@ -19,6 +19,7 @@ from test_config import MINIMAL, load_text
 
 from stowd.commands import cli
 from stowd.config.access import _AUTH_KEYS, _TLS_KEYS, ACCESS_KEYS
+from stowd.config.httpconfig import AUTH_KEYS, HTTP_KEYS, METRICS_KEYS
 from stowd.config.load import (
     _BATCH_KEYS,
     _BULK_KEYS,
@@ -46,18 +47,13 @@ SOURCE = "sources[]"
 DESTINATION = "destinations.<name>"
 
 
-def _metrics_keys() -> tuple[str, ...]:
-    """The keys load.py reads ``metrics`` with (a literal tuple there, not a named one)."""
-    load = (ROOT / "stowd" / "config" / "load.py").read_text()
-    found = re.search(r'section\("metrics", \(([^)]*)\)\)', load)
-    assert found, "stowd/config/load.py no longer reads metrics with a literal tuple of keys"
-    return tuple(re.findall(r'"(\w+)"', found[1]))
-
-
-# sections read with their own key lists (load.py, access.py, receiveconfig.py, ruleconfig.py)
+# sections read with their own key lists (load.py, access.py, receiveconfig.py, ruleconfig.py,
+# httpconfig.py)
 SECTIONS: dict[str, tuple[str, ...]] = {
     "retry": _RETRY_KEYS,
-    "metrics": _metrics_keys(),
+    "metrics": METRICS_KEYS,
+    "http": HTTP_KEYS,
+    "http.auth": AUTH_KEYS,
     "rules[]": RULE_KEYS,
     "rules[].match": MATCH_KEYS,
     "rules[].lookup": LOOKUP_KEYS,
@@ -124,6 +120,8 @@ def base_config(key: str) -> dict[str, object]:
         doc["rules"] = [{"lookup": {"in": "studies", "query": {"AccessionNumber": "A1"}}}]
     elif key.startswith(f"{SOURCE}.sidecars."):
         source["sidecars"] = {}
+    elif key.startswith("http."):
+        doc["http"] = {"listen": "127.0.0.1:9480"}  # the section is read once it listens
     elif key.startswith(f"{SOURCE}.receive."):
         del source["watch"]
         source["receive"] = dict(RECEIVE_BASE)

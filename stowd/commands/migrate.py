@@ -52,9 +52,10 @@ from stowd.commands.migreport import (
 )
 from stowd.config.model import Config, Source
 from stowd.config.schedule import Schedule, local_now, paused_note
+from stowd.config.yamlwalk import host_port
 from stowd.dicomweb.pacing import Bucket, Pacing
 from stowd.dicomweb.stow import StowClient
-from stowd.errors import MigrationConflict
+from stowd.errors import MigrationConflict, StowdError
 from stowd.pipeline.lookup import Finder
 from stowd.pipeline.loop import Stop
 from stowd.pipeline.metadata import clear_spool, digest
@@ -64,6 +65,7 @@ from stowd.pipeline.settle import repair
 from stowd.pipeline.verify import Tally
 from stowd.pipeline.watch import Watcher
 from stowd.pipeline.worker import Worker, lease
+from stowd.service import web
 
 log = logging.getLogger("stowd.migrate")
 
@@ -169,6 +171,9 @@ class Migration:
         self.config = _verifying(self.config, opts)
         self.config = _unscheduled(self.config, opts)
         self.schedule = self.config.destinations[opts.destination].schedule
+        # the status page (http.listen) while it runs; its folders are runs there, not sources
+        self.page_config = replace(self.config, sources=config.sources)
+        self.page: web.Server | None = None
         self.paused = Paused()  # the time outside the destination's windows (no rate)
         self.verified = Tally()  # the stored files the archive listed, or did not
         self.queue = Queue(config.queue)
@@ -202,6 +207,7 @@ class Migration:
     def run(self) -> Summary:
         """Raises ``QueueError`` when the queue cannot be used (another stowd holds it)."""
         self.queue.open()
+        self._serve_page()
         try:
             self.pauses.carry(self.queue.holds().get(self.opts.destination))
             self._refuse_other_mode()
@@ -212,7 +218,20 @@ class Migration:
             self._finish(threads)
             return self._summary()
         finally:
+            if self.page is not None:
+                self.page.close()
             self.queue.close()
+
+    def _serve_page(self) -> None:
+        """The status page (``http.listen``) shows the run while it goes on.  A listener that
+        cannot be bound (a daemon on another queue serves it) leaves the run without it."""
+        try:
+            self.page = web.start(self.page_config)
+        except StowdError as exc:
+            log.warning("%s; the migration goes on without it", exc)
+        if self.page is not None:
+            where = host_port(self.page.host, self.page.port)
+            print(f"stowd migrate: its status page is at http://{where}/", file=self.out)
 
     def _refuse_other_mode(self) -> None:
         """Raises ``MigrationConflict`` when a run of a SRC in the other mode is unfinished:

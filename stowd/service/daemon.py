@@ -45,7 +45,6 @@ from types import FrameType
 from stowd.config.load import load_config
 from stowd.config.model import Config, Destination, Source
 from stowd.config.schedule import local_now, paused_note
-from stowd.config.yamlwalk import host_port
 from stowd.dicomweb.pacing import Buckets, Pacing, rate_text
 from stowd.dicomweb.stow import StowClient
 from stowd.errors import ConfigError, QueueError, QueueFull, StowdError
@@ -161,7 +160,7 @@ class Daemon:
             self._pace(self.config)
             self.generation = self._start(self.config)
             self.metrics_server = _serve_metrics(self.config)
-            self.http_server = _serve_page(self.config)
+            self.http_server = web.start(self.config)
             self._note_windows()
             self.notifier.ready(self._status_line())
             self._supervise()
@@ -499,7 +498,7 @@ class Daemon:
             self.http_server.close()
             self.http_server = None
         try:
-            self.http_server = _serve_page(new)
+            self.http_server = web.start(new)
         except StowdError as exc:
             log.error("%s; running without the status page until the next reload", exc)
 
@@ -650,18 +649,6 @@ def _serve_metrics(config: Config) -> metrics.Server | None:
     schedules = {name: d.schedule for name, d in config.destinations.items()}
     server = metrics.serve(host, port, config.queue, list(config.destinations), schedules=schedules)
     log.info("serving Prometheus metrics on http://%s:%d/metrics", host, server.port)
-    return server
-
-
-def _serve_page(config: Config) -> web.Server | None:
-    """Serve the status page (and /metrics) when ``http.listen`` is set; raises
-    ``StowdError``."""
-    if config.http is None:
-        return None
-    server = web.serve(config)
-    where = host_port(server.host, server.port)
-    login = "without a login" if config.http.auth is None else "behind its login"
-    log.info("serving the status page on http://%s/ (and /metrics), %s", where, login)
     return server
 
 

@@ -95,11 +95,18 @@ class App:
             )
             answer[3].append(("Allow", "GET, HEAD"))
         else:
-            answer = self._checked(environ)
+            answer = self._answer(environ)
         if answer[0] == _METRICS:
             served: Iterable[bytes] = self.metrics(environ, _secured(start))
-            return served
+            return [] if method == "HEAD" else served
         return _send(answer, start, head=method == "HEAD")
+
+    def _answer(self, environ: dict[str, Any]) -> Answer:
+        try:
+            return self._checked(environ)
+        except Exception:  # a bug must not print a bare traceback past the log
+            log.exception("status page: answering %s failed", environ.get("PATH_INFO", "?"))
+            return _plain("500 Internal Server Error", "stowd could not answer (see its log)")
 
     def _checked(self, environ: dict[str, Any]) -> Answer:
         refused = self._login(environ.get("HTTP_AUTHORIZATION", ""), environ)
@@ -299,3 +306,15 @@ def serve(config: Config) -> Server:
             f"cannot serve the status page on {host_port(host, port)}: {reason}"
         ) from exc
     return Server(httpd)
+
+
+def start(config: Config) -> Server | None:
+    """Serve the status page when ``http.listen`` is set (None: it is not), and say where;
+    raises ``StowdError``."""
+    if config.http is None:
+        return None
+    server = serve(config)
+    where = host_port(server.host, server.port)
+    login = "without a login" if config.http.auth is None else "behind its login"
+    log.info("serving the status page on http://%s/ (and /metrics), %s", where, login)
+    return server

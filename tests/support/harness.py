@@ -244,6 +244,17 @@ def serving_metrics(layout: Layout) -> Iterator[tuple[Stowd, int]]:
     raise AssertionError(f"no free port for the metrics in {_METRICS_ATTEMPTS} tries")
 
 
+def _says(daemon: Stowd, served: str) -> bool:
+    """Until its log says ``served`` (True) or it has exited (False)."""
+    wait_for(
+        lambda: served in daemon.log or not daemon.alive(),
+        60,
+        f"the daemon's line {served!r} (or its exit)",
+        lambda: daemon.log,
+    )
+    return served in daemon.log
+
+
 def _serves_metrics(daemon: Stowd, port: int) -> bool:
     """Until it serves its metrics on ``port`` (True) or has exited (False)."""
     served = f"{METRICS_SERVED}http://127.0.0.1:{port}/"
@@ -254,6 +265,29 @@ def _serves_metrics(daemon: Stowd, port: int) -> bool:
         lambda: daemon.log,
     )
     return served in daemon.log
+
+
+PAGE_SERVED = "serving the status page on "
+
+
+@contextmanager
+def serving_page(
+    layout: Layout, env: dict[str, str] | None = None, **http: object
+) -> Iterator[tuple[Stowd, str]]:
+    """The daemon running with ``http.listen`` on a free loopback port (``http`` adds keys
+    such as ``auth``): (daemon, its base URL such as ``http://127.0.0.1:PORT/``).  A port
+    taken in between is tried again on another, as ``serving_metrics`` does."""
+    for _ in range(_METRICS_ATTEMPTS):
+        port = free_port()
+        doc = yaml.safe_load(layout.config.read_text())
+        doc["http"] = {"listen": f"127.0.0.1:{port}", **http}
+        layout.config.write_text(yaml.safe_dump(doc, sort_keys=False))
+        with Stowd(layout, env) as daemon:
+            if _says(daemon, f"{PAGE_SERVED}http://127.0.0.1:{port}/"):
+                yield daemon, f"http://127.0.0.1:{port}/"
+                return
+        assert "cannot serve the status page" in daemon.log, daemon.log
+    raise AssertionError(f"no free port for the status page in {_METRICS_ATTEMPTS} tries")
 
 
 def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
