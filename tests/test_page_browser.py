@@ -28,13 +28,13 @@ from typing import Any
 import httpx
 from browser import CHROMEDRIVER, CHROMIUM
 from dicomgen import make_instance, write_garbage, write_truncated
-from harness import Layout, make_layout, wait_for
+from harness import Layout, make_layout, serving_page, wait_for
 from orthanc import Orthanc
 from selenium.webdriver import Chrome
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.select import Select
-from statuspage import failure_rows, page_rows, serving_page, status_json, updated
+from statuspage import failure_rows, page_rows, status_json, updated
 from stowproxy import StowProxy
 
 from stowd.printable import escape

@@ -1,28 +1,19 @@
-"""The daemon serving its status page, and what a test reads back from it.
+"""What a browser test reads back from the status page (the daemon serving it:
+``harness.serving_page``), and ``stowd status --json`` to compare it with.
 
-``with serving_page(layout) as (daemon, url):`` runs ``stowd run`` with ``http.listen`` on a
-free loopback port (chosen by ``free_port()`` and bound later by the daemon, so another
-process may take it in between: the daemon then exits saying it cannot serve the page, and
-is started again on another port).  ``status_json(layout)`` is ``stowd status --json`` as a
-user runs it; ``page_rows(driver, table, row)`` reads a table of the page in one script call
+``status_json(layout)`` is ``stowd status --json`` as a user runs it; ``page_rows(driver,
+table, attribute)`` and ``failure_rows(driver)`` read a table of the page in one script call
 (an atomic look: the page's own refresh swaps its tables between two Selenium calls
-otherwise).
+otherwise); ``updated(driver)`` is the text of ``#updated``, which each refresh replaces.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
-import yaml
-from harness import Layout, Stowd, run_cli, wait_for
-from orthanc import free_port
+from harness import Layout, run_cli
 from selenium.webdriver.remote.webdriver import WebDriver
-
-PAGE_SERVED = "serving the status page on "
-_ATTEMPTS = 5
 
 _ROWS = """
 const [table, attribute] = arguments;
@@ -36,34 +27,6 @@ for (const row of document.querySelectorAll(`table#${table} tr[${attribute}]`)) 
 }
 return rows;
 """
-
-
-@contextmanager
-def serving_page(layout: Layout, **http: object) -> Iterator[tuple[Stowd, str]]:
-    """The daemon serving its page on a free port: (daemon, the page's URL).  ``http``:
-    more keys of the ``http`` section."""
-    for _ in range(_ATTEMPTS):
-        port = free_port()
-        doc = yaml.safe_load(layout.config.read_text())
-        doc["http"] = {"listen": f"127.0.0.1:{port}", **http}
-        layout.config.write_text(yaml.safe_dump(doc, sort_keys=False))
-        url = f"http://127.0.0.1:{port}/"
-        with Stowd(layout) as daemon:
-            if _serves(daemon, url):
-                yield daemon, url
-                return
-        assert "cannot serve the status page" in daemon.log, daemon.log
-    raise AssertionError(f"no free port for the status page in {_ATTEMPTS} tries")
-
-
-def _serves(daemon: Stowd, url: str) -> bool:
-    wait_for(
-        lambda: PAGE_SERVED in daemon.log or not daemon.alive(),
-        60,
-        "the status page served (or the daemon's exit)",
-        lambda: daemon.log,
-    )
-    return f"{PAGE_SERVED}{url}" in daemon.log
 
 
 def status_json(layout: Layout) -> dict[str, Any]:
