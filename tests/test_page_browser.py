@@ -100,6 +100,35 @@ def page_matches_status(driver: WebDriver, layout: Layout, api: str) -> Callable
     return agree
 
 
+def requests_match(driver: WebDriver, layout: Layout) -> Callable[[], bool]:
+    """True once the destination's requests in flight on the page are those of ``status
+    --json``, and not none (a proxy holds Orthanc's answers back)."""
+
+    def agree() -> bool:
+        doc = status_json(layout)["destinations"]["pacs"]
+        shown = page_rows(driver, "destinations", "data-destination")["pacs"]["in_flight"]
+        return shown == str(doc.get("requests_in_flight", 0)) != "0"
+
+    return agree
+
+
+CHARTS = """
+const found = {};
+for (const svg of document.querySelectorAll('svg.chart[data-destination="pacs"]')) {
+    const line = svg.querySelector("polyline.files");
+    found[svg.getAttribute("data-span")] = line !== null && /[1-9]/.test(
+        svg.querySelector("text.files").textContent);
+}
+return found;
+"""
+
+
+def charts_drawn(driver: WebDriver) -> dict[str, bool]:
+    """Per span, whether the script drew pacs's chart with some files/s in it."""
+    found: dict[str, bool] = driver.execute_script(CHARTS)
+    return found
+
+
 def refreshes(driver: WebDriver, times: int) -> None:
     """Until the page has refreshed itself ``times`` times from now."""
     for _ in range(times):
@@ -154,6 +183,7 @@ def test_the_page_shows_the_figures_of_status_json_during_a_run(
             assert int(during["waiting"]) + int(during["in_flight"]) == 7
             assert int(during["in_flight"]) >= 1
             assert (during["sent_today"], during["failed_today"]) == ("3", "1")
+            wait_for(requests_match(browser, layout), SETTLED, "the requests in flight agreeing")
 
             proxy.gate.set()
             wait_for(settled(layout, 10, 1), SETTLED, "10 sent, 1 failed", lambda: daemon.log)
@@ -162,6 +192,7 @@ def test_the_page_shows_the_figures_of_status_json_during_a_run(
             assert (after["waiting"], after["in_flight"]) == ("0", "0")
             assert (after["sent_today"], after["failed_today"]) == ("10", "1")
             assert browser.execute_script(MARKED), "the page was reloaded, not refreshed"
+            assert charts_drawn(browser) == {"1h": True, "24h": True}
 
 
 def test_a_held_destination_shows_as_held_within_one_refresh(
@@ -270,6 +301,7 @@ def test_the_page_works_without_javascript(
         assert state_of(driver) == "idle"
         history = driver.find_elements(By.CSS_SELECTOR, 'table.history[data-destination="pacs"]')
         assert history and "2" in history[0].text  # the last 24 hours as a table
+        assert charts_drawn(driver) == {"1h": False, "24h": False}
 
         rows = failure_rows(driver)
         assert sorted(row["file"] for row in rows) == sorted(
