@@ -3,11 +3,12 @@
 Usage (from the repository root, after ``bash .ci/run``; needs Debian's ``chromium`` and
 ``chromium-driver``)::
 
-    .venv/bin/python bench/status_page.py                  # 3 rounds of 3 cases, 3,000 files
+    .venv/bin/python bench/status_page.py                  # 3 rounds of 3 cases, 20,000 files
     .venv/bin/python bench/status_page.py --files 1000 --rounds 1   # a quick look
 
-Generates a backlog of N DICOM instances (default 3,000 of 64 KiB in 30 studies), then, for
-each round, runs ``stowd run`` (``http.listen`` on a free loopback port, ``workers: 2``)
+Generates a backlog of N DICOM instances (default 20,000 of 16 KiB in 40 studies: a run
+lasts long enough for several of the page's refreshes), then, for each round, runs ``stowd
+run`` (``http.listen`` on a free loopback port, ``workers: 2``)
 against the discarding STOW-RS endpoint (``bench/discard.py``: stowd itself is the limit, so
 any cost of the page shows) in three cases, in a rotating order so that a drift of the
 machine's load spreads over all of them:
@@ -20,8 +21,9 @@ machine's load spreads over all of them:
 
 Each run: stowd is started with the page served, the browser (if any) opens the page, then
 the study folders are moved into the drop folder at once; timed until every file is in
-``sent/``.  Printed per run: seconds, files/s, MB/s, stowd's CPU seconds (user + system,
-start-up included), the browser's CPU seconds (Chromium and chromedriver: on this machine
+``sent/`` (seen by a thread polling every 50 ms, not by the loop that reloads the page,
+which a reload blocks).  Printed per run: seconds, files/s, MB/s, stowd's CPU seconds (user
++ system, start-up included), the browser's CPU seconds (Chromium and chromedriver: on this machine
 they compete with stowd for the same cores, which a browser on another desk would not), and
 the page's ``/api/status`` refreshes (the page's Resource Timing entries) or reloads.  Then
 per case the median files/s and stowd CPU, and the ratios open/closed and reloading/closed.
@@ -37,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -152,17 +155,14 @@ def _timed(live: Live, args: argparse.Namespace) -> Run:
     started = time.monotonic()
     for study in sorted(live.incoming.iterdir()):
         study.rename(work / "drop" / study.name)
+    finished = _finish_watch(work, files, proc)
     reloads = 0
-    next_reload = started + args.reload
-    while proc.poll() is None and time.monotonic() < started + RUN_TIMEOUT:
-        if count_files(work / "sent") + count_files(work / "failed") >= files:
-            break
-        if case == "reloading" and driver is not None and time.monotonic() >= next_reload:
-            driver.refresh()
+    if case == "reloading" and driver is not None:
+        while not finished.wait(args.reload) and time.monotonic() < started + RUN_TIMEOUT:
+            driver.refresh()  # blocks until loaded: the watch thread keeps the time
             reloads += 1
-            next_reload = time.monotonic() + args.reload
-        time.sleep(0.05)
-    seconds = time.monotonic() - started
+    finished.wait(RUN_TIMEOUT)
+    seconds = finished.at - started
     sent = count_files(work / "sent")
     refreshes = reloads if case == "reloading" else _refreshes(driver)
     return Run(
@@ -175,6 +175,31 @@ def _timed(live: Live, args: argparse.Namespace) -> Run:
         refreshes=refreshes,
         problem="" if sent == files else f"{sent} of {files} in sent/",
     )
+
+
+class Finished(threading.Event):
+    """Set by the watch thread when every file is in sent/ or failed/ (or stowd ended);
+    ``at`` is when it saw that."""
+
+    at = float("nan")
+
+
+def _finish_watch(work: Path, files: int, proc: subprocess.Popen[bytes]) -> Finished:
+    """A thread that polls sent/ and failed/ every 50 ms: the end of a run is seen there,
+    not by the loop that reloads the page (a reload blocks it until the page has loaded)."""
+    finished = Finished()
+
+    def watch() -> None:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while proc.poll() is None and time.monotonic() < deadline:
+            if count_files(work / "sent") + count_files(work / "failed") >= files:
+                break
+            time.sleep(0.05)
+        finished.at = time.monotonic()
+        finished.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    return finished
 
 
 def _refreshes(driver: Chrome | None) -> int:
@@ -268,9 +293,9 @@ def summary(runs: list[Run]) -> list[str]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--files", type=int, default=3000, help="files per run (3000)")
-    parser.add_argument("--size", default="64KiB", help="size of each file (64KiB)")
-    parser.add_argument("--studies", type=int, default=30, help="study folders (30)")
+    parser.add_argument("--files", type=int, default=20000, help="files per run (20000)")
+    parser.add_argument("--size", default="16KiB", help="size of each file (16KiB)")
+    parser.add_argument("--studies", type=int, default=40, help="study folders (40)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the three cases (3)")
     parser.add_argument("--workers", type=int, default=2, help="stowd's workers (2)")
     parser.add_argument(
