@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from dicomgen import make_instance
 from fakearchive import Azure, Dcm4chee, FakeArchive, Instance, Outcome
-from harness import Layout, Stowd, make_layout, run_cli, wait_for
+from harness import Layout, Stowd, make_layout, run_cli, wait_for, written_together
 from pydicom.uid import generate_uid
 from test_already_stored import PROCESSING_FAILURE, ScriptedArchive
 from test_already_stored import layout_for as already_layout
@@ -59,6 +59,7 @@ def test_dcm4chee_two_refusals_in_one_request_each_keep_their_own_words(tmp_path
             patient_id="REFUSE",
             instance_number=2,
         )
+        written_together(layout.drop)  # both in one request only if queued together
         with Stowd(layout) as daemon:
             wait_for(
                 lambda: layout.files(layout.failed) == {"c.dcm", "r.dcm"},
@@ -93,6 +94,7 @@ def test_duplicates_fail_does_not_flag_stowds_own_resend_after_a_lost_answer(
         study = generate_uid()
         names = [f"{n}.dcm" for n in "abc"[:files]]
         uids = [make_instance(layout.drop / name, study_uid=study) for name in names]
+        written_together(layout.drop)  # all in the one request whose answer is lost
         fake.lose(1, "500")
         with Stowd(layout) as daemon:
             wait_for(

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
+import signal
+import socket
 import sqlite3
 from html.parser import HTMLParser
 from pathlib import Path
@@ -16,7 +19,7 @@ import httpx
 import pytest
 import yaml
 from dicomgen import make_instance, write_empty, write_garbage
-from harness import Clock, Layout, make_layout, run_cli, serving_page, wait_for
+from harness import PAGE_SERVED, Clock, Layout, Stowd, make_layout, run_cli, serving_page, wait_for
 from orthanc import Orthanc, free_port
 from test_config import MINIMAL, find, load_text, problems_of
 from test_migrate import ctrl_c, migrating
@@ -25,7 +28,7 @@ from stowd.config.load import load_config
 from stowd.pipeline import queue as queue_module
 from stowd.pipeline.queue import HISTORY_SPAN, Classification, NewFile, Queue
 from stowd.printable import escape
-from stowd.service import page
+from stowd.service import page, web
 
 UNREACHABLE = "http://127.0.0.1:1/dicom-web"  # nothing listens: files wait, nothing is sent
 
@@ -171,6 +174,7 @@ HOSTILE = {
     "quotes": Path("\"quoted' & <b>bold</b>.dcm".replace("/", "")),
     "newline": Path("line\nbreak.dcm"),
     "control": Path("esc\x1b[31mred\x07.dcm"),
+    "not utf-8": Path(os.fsdecode(b"bad\xffname.dcm")),
 }
 
 
@@ -189,7 +193,7 @@ def test_the_page_and_api_agree_with_status_json_and_escape_hostile_names(
                 and len(layout.files(layout.failed)) == len(HOSTILE) + 1
             ),
             120,
-            "3 files sent and 5 failed",
+            "3 files sent and the others failed",
             lambda: daemon.log,
         )
         wait_for(lambda: not status_json(layout)["counts"].get("settling"), 60, "all settled")
@@ -206,14 +210,15 @@ def test_the_page_and_api_agree_with_status_json_and_escape_hostile_names(
 
 
 def _same_counts(doc: dict[str, Any], expected: dict[str, Any]) -> None:
-    assert doc["counts"] == expected["counts"] == {"sent": 3, "failed": 5}
+    assert doc["counts"] == expected["counts"] == {"sent": 3, "failed": len(HOSTILE) + 1}
     for key in ("by_source", "by_destination"):
         for name, figures in expected[key].items():
             assert doc[key][name]["counts"] == figures["counts"], (key, name)
     ct1 = doc["by_source"]["ct1"]
-    assert (ct1["sent_today"], ct1["failed_today"]) == (3, 5)
+    assert (ct1["sent_today"], ct1["failed_today"]) == (3, len(HOSTILE) + 1)
     assert expected["by_source"]["ct1"]["sent_today"] == 3
     assert doc["destinations"]["pacs"]["state"] == expected["destinations"]["pacs"]["state"]
+    assert doc["last_errors"] == expected["last_errors"]  # names as status --json has them
 
 
 def _cells_match(found: Cells, doc: dict[str, Any]) -> None:
@@ -221,7 +226,7 @@ def _cells_match(found: Cells, doc: dict[str, Any]) -> None:
     counts = doc["by_source"]["ct1"]["counts"]
     assert source["waiting"] == str(counts["pending"] + counts["waiting"]) == "0"
     assert source["in_flight"] == str(counts["claimed"] + counts["settling"]) == "0"
-    assert (source["sent_today"], source["failed_today"]) == ("3", "5")
+    assert (source["sent_today"], source["failed_today"]) == ("3", str(len(HOSTILE) + 1))
     assert found.rows["destination:pacs"]["state"] == "idle"
     assert found.rows["destination:pacs"]["last_answer"].startswith("stored files, the last at")
 
@@ -245,6 +250,7 @@ def _escaped(html: str, body: str, doc: dict[str, Any], layout: Layout) -> None:
         assert path in {e["file"] for e in doc["failures"]["shown"]}
     assert "&lt;script&gt;alert(1)&lt;/script&gt;.dcm" in html
     assert "line\\nbreak.dcm" in html and "line\nbreak" not in html
+    assert "bad\\xffname.dcm" in html
     assert "<" not in body and "\\u003cscript\\u003e" in body
 
 
@@ -282,8 +288,40 @@ def test_the_login_basic_and_bearer_and_no_secret_in_the_log(tmp_path: Path) -> 
             bearer = {"Authorization": f"Bearer {token}"}
             assert get(base + path, headers=bearer).status_code == 200, path
         wait_for(lambda: "wrong login (401)" in daemon.log, 30, "the refusal logged")
+        secret.unlink()  # a secret that cannot be read: no one is let in, and it is said
+        assert get(base, auth=("admin", password)).status_code == 503
+        wait_for(lambda: "the login cannot be checked" in daemon.log, 30, "the secret's problem")
+        secret.write_text(password + "\n")  # read again at the next request: no reload
+        assert get(base, auth=("admin", password)).status_code == 200
     for text in (password, token, wrong):
         assert text not in daemon.log
+
+
+def test_a_reload_serves_the_page_again(tmp_path: Path) -> None:
+    layout = make_layout(tmp_path, UNREACHABLE)
+    with serving_page(layout) as (daemon, base):
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reloaded " in daemon.log, 60, "the reload", lambda: daemon.log)
+        wait_for(lambda: daemon.log.count(PAGE_SERVED) == 2, 60, "the page served again")
+        assert get(base).status_code == 200
+
+
+def test_a_listener_that_cannot_be_bound_stops_the_daemon_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    layout = make_layout(tmp_path, UNREACHABLE)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        doc = yaml.safe_load(layout.config.read_text())
+        doc["http"] = {"listen": f"127.0.0.1:{port}"}
+        layout.config.write_text(yaml.safe_dump(doc))
+        with Stowd(layout) as daemon:
+            assert daemon.proc is not None
+            assert daemon.proc.wait(60) != 0
+    assert f"cannot serve the status page on 127.0.0.1:{port}: Address already in use" in daemon.log
 
 
 def test_only_get_and_head_and_only_its_own_paths(tmp_path: Path) -> None:
@@ -316,6 +354,39 @@ def test_only_get_and_head_and_only_its_own_paths(tmp_path: Path) -> None:
         assert get(base, params={"reason": "x" * 5000}).status_code == 414
         too_long = raw(base, b"GET /" + b"a" * 70_000 + b" HTTP/1.0\r\n\r\n")
         assert too_long.split(b"\r\n", 1)[0].split()[1] == b"414"
+
+
+def test_requests_at_once_are_bounded(tmp_path: Path) -> None:
+    """Connections beyond ``MAX_CONNECTIONS`` are closed at once, never queued behind
+    clients that send nothing; once those go, the page answers again."""
+    layout = make_layout(tmp_path, UNREACHABLE)
+    with serving_page(layout) as (_daemon, base):
+        host, port = base.removeprefix("http://").rstrip("/").split(":")
+        idle = [
+            socket.create_connection((host, int(port)), timeout=60)
+            for _ in range(web.MAX_CONNECTIONS)
+        ]
+        try:
+            assert _refused(base)
+        finally:
+            for conn in idle:
+                conn.close()
+        wait_for(lambda: _answers(base), 60, "the page answering again")
+
+
+def _refused(base: str) -> bool:
+    """Closed without an answer (a reset, when the request was still unread)."""
+    try:
+        return raw(base, b"GET / HTTP/1.0\r\n\r\n") == b""
+    except ConnectionResetError:
+        return True
+
+
+def _answers(base: str) -> bool:
+    try:
+        return get(base).status_code == 200
+    except httpx.TransportError:  # closed: the idle connections' threads are still ending
+        return False
 
 
 def test_every_answer_has_the_security_headers(tmp_path: Path) -> None:
@@ -352,12 +423,15 @@ def _config(tmp_path: Path) -> Any:
     return load_config(layout.config)
 
 
-def _settle(queue: Queue, names: list[str], state: str, size: int = 100) -> None:
-    files = [NewFile("ct1", "pacs", f"/drop/{n}", n, size, 1) for n in names]
+def _settle(
+    queue: Queue, names: list[str], state: str, error: dict[str, Any] | None = None
+) -> None:
+    files = [NewFile("ct1", "pacs", f"/drop/{n}", n, 100, 1) for n in names]
     assert queue.enqueue(files) == len(files)
     jobs = [j for j in queue.jobs("pending") if j.rel in names]
     queue.set_classified([Classification(j, "dicom", "1.2", f"1.2.{j.id}", "1.2") for j in jobs])
-    error = {"reason": f"refused {state}"} if state == "failed" else None
+    if error is None and state == "failed":
+        error = {"reason": f"refused {state}"}
     queue.begin_settle([(j, state, f"/done/{j.rel}", error) for j in jobs])
     queue.finish_many([(j.id, state) for j in jobs])
 
@@ -374,6 +448,83 @@ def test_the_failures_shown_are_bounded(tmp_path: Path) -> None:
     assert len(failures["shown"]) == page.FAILURES_SHOWN
     assert failures["matching"] == page.FAILURES_SHOWN + 50
     assert len(cells(page.render(doc)).failures) == page.FAILURES_SHOWN
+
+
+def test_failed_files_show_however_many_waiting_files_carry_a_newer_error(
+    tmp_path: Path,
+) -> None:
+    """A held destination leaves many files waiting for a retry, each with its error: the
+    failed files are still the ones listed."""
+    config = _config(tmp_path)
+    clock = Clock(1_800_000_000.0)
+    queue = Queue(config.queue, clock=clock).open()
+    try:
+        _settle(queue, ["bad.dcm"], "failed")
+        clock.now += 60
+        names = [f"w{n}.dcm" for n in range(page.FAILURES_READ + 10)]
+        queue.enqueue([NewFile("ct1", "pacs", f"/drop/{n}", n, 100, 1) for n in names])
+        ids = [j.id for j in queue.jobs("pending")]
+        queue.retry_later(ids, at=clock.now + 600, error={"reason": "cannot connect"})
+    finally:
+        queue.close()
+    failures = page.document(config, page.Query(), now=clock.now)["failures"]
+    assert [e["file"] for e in failures["shown"]] == ["/drop/bad.dcm"]
+    assert failures["reasons"] == ["refused failed"]
+
+
+def test_a_hostile_archive_answer_is_escaped_in_the_filter_and_the_table(tmp_path: Path) -> None:
+    """An archive chooses its answers: one that closes an attribute and opens a script, with a
+    line break, stays text in the reason filter's options and in the table."""
+    config = _config(tmp_path)
+    reason = 'refused: "><script>alert(1)</script>\nsecond line'
+    queue = Queue(config.queue).open()
+    try:
+        _settle(queue, ["a.dcm"], "failed", {"reason": reason, "http_status": 409})
+    finally:
+        queue.close()
+    doc = page.document(config, page.Query(reason=reason))
+    html = page.render(doc)
+    assert html.count("<script") == 1 and "\nsecond" not in html
+    assert html.count("refused: &quot;&gt;&lt;script&gt;alert(1)&lt;/script&gt;\\nsecond line") == 4
+    [row] = cells(html).failures
+    assert row["reason"] == escape(reason)
+
+
+def test_the_last_answer_is_the_archives_not_a_files_own_problem(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    clock = Clock(1_800_000_000.0)
+    queue = Queue(config.queue, clock=clock).open()
+    reason = "the archive refused it (0xA700)"
+    refused = {"reason": reason, "http_status": 409}
+    unreadable = {"reason": "not a DICOM file", "stage": "reading the file"}
+    try:
+        _settle(queue, ["a.dcm"], "sent")
+        clock.now += 120
+        _settle(queue, ["b.dcm"], "failed", {**refused, "stage": "storing the file"})
+        clock.now += 120
+        _settle(queue, ["c.dcm"], "failed", unreadable)
+    finally:
+        queue.close()
+    doc = page.document(config, page.Query(), now=clock.now)
+    health = doc["destinations"]["pacs"]
+    assert page.last_answer("pacs", health, doc).endswith(": " + reason)
+
+
+def test_a_receiving_source_is_a_run_with_its_progress(tmp_path: Path) -> None:
+    text = MINIMAL.replace(
+        "    watch: ./drop/ct1\n",
+        "    receive: {ae_title: STOWD, port: 11112, bind: 127.0.0.1}\n",
+    )
+    config = load_text(tmp_path, text + "http:\n  listen: 127.0.0.1:9480\n")
+    queue = Queue(config.queue).open()
+    try:
+        _settle(queue, ["a.dcm", "b.dcm"], "sent")
+        queue.enqueue([NewFile("ct1", "pacs", "/r/c.dcm", "c.dcm", 100, 1)])
+    finally:
+        queue.close()
+    rows = cells(page.render(page.document(config, page.Query()))).rows
+    assert rows["run:ct1"]["progress"] == "2 of 3 files done (67%)"
+    assert rows["run:ct1"]["eta"].startswith("about ")
 
 
 def test_the_history_keeps_a_day_and_one_row_a_minute(tmp_path: Path) -> None:

@@ -33,7 +33,10 @@ that keeps dying).  ``note`` (schema 6) says how a settled file's outcome came a
 outcome alone does not: ``already stored`` for a file the archive said it held already.
 ``tallies`` (schema 7) keeps the count of each source's, destination's and state's rows as
 they change, and indexes serve the claim order and the status queries: a queue of a million
-rows is claimed from, counted and rescanned as quickly as one of a thousand.
+rows is claimed from, counted and rescanned as quickly as one of a thousand.  ``throughput``
+(schema 8) counts, per minute, source and destination, the files that became sent or failed
+in the last day (the status page's charts and ``stowd status``'s "today"), kept bounded by
+the trigger that counts them.
 
 Paths are kept exactly, whatever bytes their names hold.  A value that is not valid UTF-8 (a
 name with bytes such as ``ff fe``, which ``os.fsdecode`` gives as lone surrogates) is stored
@@ -245,6 +248,8 @@ _SCHEMA_8 = (
     "TOTAL(CASE state WHEN 'sent' THEN size ELSE 0 END), TOTAL(state = 'failed') FROM files "
     "WHERE state IN ('sent', 'failed') AND done_at >= "
     f"(SELECT MAX(done_at) FROM files) - {HISTORY_SPAN} GROUP BY 1, 2, 3",
+    # the newest failed files, however many rows waiting for a retry carry an error
+    "CREATE INDEX IF NOT EXISTS files_failed ON files(done_at) WHERE state = 'failed'",
 )
 
 
@@ -1418,7 +1423,7 @@ class Queue:
         destination, oldest minute first; nothing from a queue an older stowd wrote (no
         ``throughput`` table before schema 8)."""
         db = self._conn()
-        if int(db.execute("PRAGMA user_version").fetchone()[0]) < 8:
+        if _schema(db) < 8:
             return []
         rows = db.execute(
             "SELECT minute, source, destination, sent, bytes, failed FROM throughput "
@@ -1426,6 +1431,20 @@ class Queue:
             (_minute(since),),
         ).fetchall()
         return [Throughput(*r) for r in rows]
+
+    def recent_failed(self, limit: int) -> list[tuple[float, str, str, str, str, float, str]]:
+        """As ``recent_errors``, of the newest failed rows only (by ``done_at``), read from
+        the ``files_failed`` index (schema 8: only failed rows), however many rows waiting
+        for a retry carry an error."""
+        db = self._conn()
+        index = "INDEXED BY files_failed " if _schema(db) >= 8 else ""
+        rows = db.execute(
+            "SELECT done_at, source, destination, path, state, next_attempt_at, "
+            f"COALESCE(error, '') FROM files {index}WHERE state = 'failed' "
+            "ORDER BY done_at DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
 
     def recent_errors(self, limit: int) -> list[tuple[float, str, str, str, str, float, str]]:
         """(time, source, destination, path, state, next_attempt_at, error JSON) of the latest
@@ -1462,6 +1481,11 @@ def _tally(
     return [
         Tally(r[0], r[1], r[2], r[3], r[4], r[5], int(r[6]), int(r[7]), int(r[8])) for r in rows
     ]
+
+
+def _schema(db: sqlite3.Connection) -> int:
+    """The schema version of the queue (an older stowd's, when ``status`` reads it)."""
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
 
 
 def _tallied(db: sqlite3.Connection) -> bool:

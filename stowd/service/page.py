@@ -27,11 +27,12 @@ from stowd.printable import escape
 from stowd.service import status
 
 FAILURES_SHOWN = 100  # rows of the failures table (the newest)
-FAILURES_READ = 1000  # newest rows with an error the filter and its reasons come from
+FAILURES_READ = 1000  # newest failed files the filter and its reasons come from
 REASONS_SHOWN = 50  # choices of the reason filter (the most frequent)
 REASON_LIMIT = 1000  # characters of ?reason= (a longer one matches nothing anyway)
 REFRESH_SECONDS = 5  # how often the script refreshes the page
 HOUR = 3600
+STORING = "storing the file"  # the stage of an error the archive's answer gave (filing.py)
 DAY = 86_400
 
 
@@ -49,12 +50,11 @@ def document(config: Config, query: Query, *, now: float | None = None) -> dict[
     """``stowd status --json``'s document, plus ``history`` and ``failures``."""
     now = time.time() if now is None else now
     data = status.gather(config, now=now)
-    recent = status.recent(config, now, errors=FAILURES_READ, since=now - HISTORY_SPAN)
-    failed = [e for e in recent.errors if e["state"] == "failed"]
+    recent = status.recent(config, now, failed=FAILURES_READ, since=now - HISTORY_SPAN)
     return {
         **data,
         "history": _history(recent.throughput, data["destinations"]),
-        "failures": _failures(failed, query.reason),
+        "failures": _failures(recent.failed, query.reason),
     }
 
 
@@ -298,18 +298,25 @@ def destination_state(health: Mapping[str, Any], figures: Mapping[str, Any]) -> 
 
 
 def last_answer(name: str, health: Mapping[str, Any], doc: Mapping[str, Any]) -> str:
-    """The newest of: the archive's last refusal or error (from ``last_errors``), the last
-    minute it stored files in (from the history); a held destination's reason first."""
+    """The newest of: the archive's last refusal or error (from ``last_errors``: one with an
+    HTTP status or while storing), the last minute it stored files in (from the history); a
+    held destination's reason first."""
     if health["state"] == "held":
         return str(health["reason"])
     minutes = doc["history"]["destinations"].get(name, [])
     stored = next((m[0] for m in reversed(minutes) if m[1]), None)
-    error = next((e for e in doc["last_errors"] if e["destination"] == name), None)
+    error = next((e for e in doc["last_errors"] if _answered(e, name)), None)
     if error is not None and (stored is None or error["time"] >= stored + 60):
         return f"{status.clock(error['time'])}: {error['reason']}"
     if stored is not None:
         return f"stored files, the last at {status.clock(stored)[-8:-3]}"
     return "none yet"
+
+
+def _answered(error: Mapping[str, Any], name: str) -> bool:
+    """An error of ``name`` that the archive gave (not a file that could not be read)."""
+    by_archive = error.get("http_status") is not None or error.get("stage") == STORING
+    return error["destination"] == name and by_archive
 
 
 def _charts(destinations: Iterable[str]) -> str:

@@ -451,13 +451,15 @@ def _not_answering(destinations: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def recent(config: Config, now: float, *, errors: int, since: float) -> Recent:
-    """The newest ``errors`` rows with an error (as ``last_errors``) and the throughput per
-    minute since ``since``: what the status page shows beside ``gather``'s data."""
+def recent(config: Config, now: float, *, failed: int, since: float) -> Recent:
+    """The newest ``failed`` failed files (each as an entry of ``last_errors``) and the
+    throughput per minute since ``since``: what the status page shows beside ``gather``'s
+    data."""
     queue = open_readonly(config.queue)
     try:
         with queue.reading():
-            return Recent(_errors(queue, now, errors), queue.throughput(since))
+            rows = queue.recent_failed(failed)
+            return Recent(_error_dicts(rows, now), queue.throughput(since))
     finally:
         queue.close()
 
@@ -466,13 +468,19 @@ def recent(config: Config, now: float, *, errors: int, since: float) -> Recent:
 class Recent:
     """What ``recent`` read."""
 
-    errors: list[dict[str, Any]]
+    failed: list[dict[str, Any]]
     throughput: list[Throughput]
 
 
-def _errors(queue: Queue, now: float, limit: int = LAST_ERRORS) -> list[dict[str, Any]]:
+def _errors(queue: Queue, now: float) -> list[dict[str, Any]]:
+    return _error_dicts(queue.recent_errors(LAST_ERRORS), now)
+
+
+def _error_dicts(
+    rows: Iterable[tuple[float, str, str, str, str, float, str]], now: float
+) -> list[dict[str, Any]]:
     out = []
-    for when, source, dest, path, state, next_try, error in queue.recent_errors(limit):
+    for when, source, dest, path, state, next_try, error in rows:
         doc = _error_doc(error)
         waiting = state == "pending" and next_try > now
         out.append(

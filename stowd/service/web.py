@@ -42,7 +42,6 @@ from prometheus_client import make_wsgi_app
 from stowd.config.model import HTTP_REALM, Config, HttpAuth
 from stowd.config.yamlwalk import host_port
 from stowd.errors import QueueUnreadable, SecretUnavailable, StowdError
-from stowd.printable import utf8_safe
 from stowd.service import metrics, page
 
 log = logging.getLogger("stowd.http")
@@ -190,7 +189,11 @@ def _basic(value: str) -> str:
 
 def _same(given: str, expected: str) -> bool:
     """Compared in constant time (a timing difference must not tell how much was right)."""
-    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode())
+    return hmac.compare_digest(_utf8(given), _utf8(expected))
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
 
 
 def _challenges(auth: HttpAuth) -> list[str]:
@@ -211,9 +214,9 @@ def _plain(status: str, message: str) -> Answer:
 
 
 def _json(doc: Any) -> bytes:
-    """JSON as ``stowd status --json`` writes it; ``<``, ``>`` and ``&`` as \\u escapes, so
-    no browser can take it for HTML."""
-    text = json.dumps(utf8_safe(doc), indent=2)
+    """JSON as ``stowd status --json`` writes it (ASCII: every other character escaped);
+    ``<``, ``>`` and ``&`` as \\u escapes, so no browser can take it for HTML."""
+    text = json.dumps(doc, indent=2)
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").encode()
 
 
@@ -262,7 +265,11 @@ class _Server(ThreadingMixIn, WSGIServer):
         if not self.slots.acquire(blocking=False):
             self.shutdown_request(request)  # too many at once: closed, never queued
             return
-        super().process_request(request, client_address)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started (none left): its slot is free again
+            self.slots.release()
+            raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:

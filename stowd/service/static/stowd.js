@@ -80,19 +80,28 @@
     Array.prototype.forEach.call(svgs, function (svg) { draw(svg, doc.history, doc.time); });
   }
 
+  // the charts are per minute: their data is fetched every CHARTS_EVERY-th refresh only
+  var CHARTS_EVERY = 6, round = 0;
+
   function refresh() {
     if (busy) { return; }
     busy = true;
-    Promise.all([get(location.pathname + location.search, "text"),
-                 get("api/status" + location.search, "json")])
+    round = (round + 1) % CHARTS_EVERY;
+    var wanted = [get(location.pathname + location.search, "text")];
+    if (round === 0) { wanted.push(get("api/status" + location.search, "json")); }
+    Promise.all(wanted)
       .then(function (found) {
         swap(found[0]);
-        charts(found[1]);
+        if (found[1]) { charts(found[1]); }
         document.body.classList.remove("stale");
       })
       .catch(function () { document.body.classList.add("stale"); })
       .then(function () { busy = false; });
   }
+
+  // choosing a reason filters at once (without the script: the filter button)
+  var filter = document.getElementById("failure-filter");
+  if (filter) { filter.addEventListener("change", function () { filter.submit(); }); }
 
   get("api/status" + location.search, "json").then(charts).catch(function () {
     document.body.classList.add("stale");
