@@ -15,7 +15,8 @@ machine's load spreads over all of them:
 
   closed     nobody looks at the page
   open       the page open in a headless Chromium (tests/support/browser.py), refreshing
-             itself with its own script (``/api/status`` every few seconds, no reload)
+             itself with its own script (the page's tables every 5 s, ``/api/status`` for
+             the charts every 6th time; no reload)
   reloading  the same, and the whole page reloaded every ``--reload`` seconds (default 1 s):
              HTML, script, style and ``/api/status`` each time, far more than anyone would
 
@@ -25,7 +26,8 @@ the study folders are moved into the drop folder at once; timed until every file
 which a reload blocks).  Printed per run: seconds, files/s, MB/s, stowd's CPU seconds (user
 + system, start-up included), the browser's CPU seconds (Chromium and chromedriver: on this machine
 they compete with stowd for the same cores, which a browser on another desk would not), and
-the page's ``/api/status`` refreshes (the page's Resource Timing entries) or reloads.  Then
+the page's own refreshes (its script's fetches of the page, from Resource Timing) or the
+reloads.  Then
 per case the median files/s and stowd CPU, and the ratios open/closed and reloading/closed.
 Figures, never asserted.
 """
@@ -203,12 +205,13 @@ def _finish_watch(work: Path, files: int, proc: subprocess.Popen[bytes]) -> Fini
 
 
 def _refreshes(driver: Chrome | None) -> int:
-    """How often the open page asked ``/api/status`` (its Resource Timing entries)."""
+    """How often the open page refreshed itself: its script's fetches of the page (its
+    Resource Timing entries)."""
     if driver is None:
         return 0
     script = (
-        "return performance.getEntriesByType('resource')"
-        ".filter(e => e.name.includes('/api/status')).length"
+        "return performance.getEntriesByType('resource').filter(e => "
+        "e.initiatorType === 'fetch' && new URL(e.name).pathname === '/').length"
     )
     return int(driver.execute_script(script))
 

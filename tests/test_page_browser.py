@@ -192,7 +192,9 @@ def test_the_page_shows_the_figures_of_status_json_during_a_run(
             assert (after["waiting"], after["in_flight"]) == ("0", "0")
             assert (after["sent_today"], after["failed_today"]) == ("10", "1")
             assert browser.execute_script(MARKED), "the page was reloaded, not refreshed"
-            assert charts_drawn(browser) == {"1h": True, "24h": True}
+            # the script fetches the charts' data every 6th refresh (they are per minute)
+            drawn = {"1h": True, "24h": True}
+            wait_for(lambda: charts_drawn(browser) == drawn, SETTLED, "the charts drawn")
 
 
 def test_a_held_destination_shows_as_held_within_one_refresh(
