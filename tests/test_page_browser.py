@@ -12,7 +12,9 @@ Selenium through Debian's chromedriver (``tests/support/browser.py``), looking a
   (escaped as ``stowd status`` escapes it), with and without the page's script, and nothing
   of the names becomes an element of the page;
 - without JavaScript the page is plain tables with the same figures, the history as a table,
-  and the failures filter works as a plain form (``?reason=``).
+  and the failures filter works as a plain form (``?reason=``);
+- everything the page loads comes from stowd (no other origin), and the browser's console
+  has no error (nothing the page's own Content Security Policy blocked).
 
 Every wait is bounded (``wait_for``); a refresh is seen as a change of ``#updated``, which
 each of the page's refreshes replaces.
@@ -129,6 +131,24 @@ def charts_drawn(driver: WebDriver) -> dict[str, bool]:
     return found
 
 
+OTHER_ORIGINS = """
+return performance.getEntriesByType("resource")
+    .map((e) => e.name)
+    .filter((url) => new URL(url).origin !== location.origin);
+"""
+
+
+def console_errors(driver: Chrome) -> list[str]:
+    """The browser console's errors (a script or style the page's Content Security Policy
+    blocked, a failed request), but for the favicon the browser asks for on its own."""
+    entries: list[dict[str, Any]] = driver.get_log("browser")  # type: ignore[no-untyped-call]
+    return [
+        str(e["message"])
+        for e in entries
+        if e["level"] == "SEVERE" and "/favicon.ico" not in str(e["message"])
+    ]
+
+
 def refreshes(driver: WebDriver, times: int) -> None:
     """Until the page has refreshed itself ``times`` times from now."""
     for _ in range(times):
@@ -161,7 +181,7 @@ def test_the_browser_is_debians_chromium_through_debians_driver(browser: Chrome)
 
 # -- the figures ----------------------------------------------------------------------------------
 def test_the_page_shows_the_figures_of_status_json_during_a_run(
-    orthanc: Orthanc, browser: WebDriver, tmp_path: Path
+    orthanc: Orthanc, browser: Chrome, tmp_path: Path
 ) -> None:
     proxy = StowProxy(orthanc.dicomweb_url)
     with proxy:
@@ -195,10 +215,13 @@ def test_the_page_shows_the_figures_of_status_json_during_a_run(
             # the script fetches the charts' data every 6th refresh (they are per minute)
             drawn = {"1h": True, "24h": True}
             wait_for(lambda: charts_drawn(browser) == drawn, SETTLED, "the charts drawn")
+            # nothing from another host (no CDN), nothing its own policy had to block
+            assert browser.execute_script(OTHER_ORIGINS) == []
+            assert console_errors(browser) == []
 
 
 def test_a_held_destination_shows_as_held_within_one_refresh(
-    orthanc: Orthanc, browser: WebDriver, tmp_path: Path
+    orthanc: Orthanc, browser: Chrome, tmp_path: Path
 ) -> None:
     layout = layout_for(tmp_path, orthanc.dicomweb_url)
     with serving_page(layout) as (daemon, url):
@@ -255,7 +278,7 @@ def assert_shown_as_text(driver: WebDriver, expected: str) -> None:
 
 
 def test_a_failed_file_with_a_hostile_name_appears_escaped(
-    orthanc: Orthanc, browser: WebDriver, tmp_path: Path
+    orthanc: Orthanc, browser: Chrome, tmp_path: Path
 ) -> None:
     layout = layout_for(tmp_path, orthanc.dicomweb_url)
     with serving_page(layout) as (daemon, url):
@@ -271,6 +294,7 @@ def test_a_failed_file_with_a_hostile_name_appears_escaped(
         assert_shown_as_text(browser, expected)
         title = browser.execute_script("return document.title")
         assert title == "stowd status"
+        assert console_errors(browser) == []  # no inline script the policy had to stop
 
 
 def test_a_hostile_name_appears_escaped_without_javascript(
