@@ -6,21 +6,26 @@ as it is then.  These tests change a waiting file the way writers do (appended, 
 a rename, its mtime set back as ``cp -p`` does) right after a walk listed it, and hold the
 watcher's clock by hand, so that each step is seen at a known instant: no timing margin.
 The files are real, the events are watchdog's; rescans are off (an hour), so only the
-events and the rechecks can find what changed.
+events and the rechecks can find what changed.  Each folder's verdict (ignored or not) is
+kept too: a reload that changes the ``ignore`` patterns must not keep the old verdicts.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import Clock, wait_for
+import yaml
+from dicomgen import make_study
+from harness import Clock, Stowd, make_layout, wait_for
+from orthanc import Orthanc
 
-from stowd.config.model import Source
+from stowd.config.model import DEFAULT_IGNORE, Source
 from stowd.pipeline.queue import NewFile
 from stowd.pipeline.watch import Watcher
 
@@ -145,3 +150,32 @@ def test_a_waiting_file_given_an_old_mtime_is_sent_with_its_last_content(
     running.clock.now = running.start + 4.5  # the first recheck (due at start + 4)
     wait_for(lambda: running.sink.sizes("study/a.dcm") != [], WAIT, "a.dcm queued")
     assert set(running.sink.sizes("study/a.dcm")) == {55}
+
+
+def test_a_folder_ignored_before_a_reload_is_sent_once_the_reload_drops_its_pattern(
+    tmp_path: Path, orthanc: Orthanc
+) -> None:
+    """The real daemon: hold-1/ matches 'hold*' and is not sent (a file written into it
+    after the start is judged by its folder's kept verdict); SIGHUP with a config without
+    that pattern, and hold-1/ is sent: the verdicts belong to one config."""
+    ignore = [*DEFAULT_IGNORE, "hold*"]
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url, source={"ignore": ignore})
+    held = {os.path.join("hold-1", p.name) for p, _uid in make_study(layout.drop / "hold-1", 2)}
+    first = {os.path.join("first", p.name) for p, _uid in make_study(layout.drop / "first", 1)}
+    with Stowd(layout) as daemon:
+        daemon.wait_started()
+
+        def sent() -> set[str]:
+            return layout.files(layout.sent)
+
+        wait_for(lambda: first <= sent(), WAIT, "first/ sent", lambda: daemon.log)
+        late = make_study(layout.drop / "hold-1", 1, prefix="LATE", patient_id="P2")
+        held.add(os.path.join("hold-1", late[0][0].name))
+        assert not sent() & held  # ignored files are never sent, whenever this looks
+        doc = yaml.safe_load(layout.config.read_text())
+        doc["sources"][0]["ignore"] = list(DEFAULT_IGNORE)
+        layout.config.write_text(yaml.safe_dump(doc, sort_keys=False))
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: held <= sent(), WAIT, "hold-1/ sent after the reload", lambda: daemon.log)
+        assert daemon.terminate() == 0
