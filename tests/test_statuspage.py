@@ -21,6 +21,7 @@ import yaml
 from dicomgen import make_instance, write_empty, write_garbage
 from harness import PAGE_SERVED, Clock, Layout, Stowd, make_layout, run_cli, serving_page, wait_for
 from orthanc import Orthanc, free_port
+from stowproxy import StowProxy
 from test_config import MINIMAL, find, load_text, problems_of
 from test_migrate import ctrl_c, migrating
 
@@ -627,6 +628,32 @@ def test_a_migration_serves_the_page_with_its_run(tmp_path: Path) -> None:
             ctrl_c(proc, log)
             return
     raise AssertionError("no free port for the migration's page in 5 tries")
+
+
+def test_a_migration_shows_its_requests_in_flight(tmp_path: Path, orthanc: Orthanc) -> None:
+    """``stowd migrate`` tells ``stowd status`` (and so the page) its requests in flight, as
+    the daemon does; it wrote no state file, so the page showed 0 in flight while files were
+    claimed and sent (seen in the screenshot of a migration)."""
+    with StowProxy(orthanc.dicomweb_url) as proxy:
+        layout = make_layout(tmp_path, proxy.base)
+        old = tmp_path / "old-archive"
+        for n in range(3):
+            make_instance(old / f"im{n}.dcm", rows=8, columns=8)
+        proxy.gate.clear()  # Orthanc stores, its answers wait: the requests stay in flight
+        log = tmp_path / "migrate.log"
+        with migrating(layout, log, "--destination", "pacs", str(old)) as proc:
+            wait_for(lambda: proxy.arrivals >= 1, 60, "a request held back", log.read_text)
+
+            def in_flight() -> int:
+                result = run_cli("status", "--json", "-c", str(layout.config))
+                return int(
+                    json.loads(result.stdout)["destinations"]["pacs"].get("requests_in_flight", 0)
+                )
+
+            wait_for(lambda: in_flight() >= 1, 60, "status naming the request in flight")
+            proxy.gate.set()
+            assert proc.wait(120) == 0, log.read_text()
+    assert not (layout.root / "state" / "queue.db.state").exists()  # removed at the end
 
 
 def _shows_the_run(base: str, log: Path) -> None:

@@ -65,7 +65,7 @@ from stowd.pipeline.settle import repair
 from stowd.pipeline.verify import Tally
 from stowd.pipeline.watch import Watcher
 from stowd.pipeline.worker import Worker, lease
-from stowd.service import web
+from stowd.service import inflight, web
 
 log = logging.getLogger("stowd.migrate")
 
@@ -184,6 +184,8 @@ class Migration:
         self.unsettled: set[int] = set()
         self.move_problems: dict[int, OSError] = {}  # why each stuck move failed last
         self.finder: Finder | None = None  # made with the workers, closed after them
+        self.senders: list[Worker] = []  # their requests in flight: status and the page
+        self.shared: dict[str, Any] | None = None  # what the state file last said
         self.scan_errors: list[tuple[str, OSError]] = []  # folders/files that cannot be read
         self.signals = 0
         self.crashed = False
@@ -220,6 +222,7 @@ class Migration:
         finally:
             if self.page is not None:
                 self.page.close()
+            inflight.remove(self.config.queue)
             self.queue.close()
 
     def _serve_page(self) -> None:
@@ -286,6 +289,7 @@ class Migration:
                 verified=self.verified,
             )
             threads.append(threading.Thread(target=worker.run, name=f"send-{n}", daemon=True))
+            self.senders.append(worker)
         reader = Reader(  # only reads new files, so that no upload waits for their headers
             self.config,
             self.queue,
@@ -350,9 +354,13 @@ class Migration:
         """Until everything is done, a signal came or the scan crashed (``stop``)."""
         next_line = time.monotonic() + self.opts.progress_every
         next_resettle = time.monotonic() + RESETTLE_EVERY
+        next_state = time.monotonic()
         tick = TICK
         while not self.stop.wait(tick):
             began = time.monotonic()
+            if began >= next_state:
+                self._share_state()
+                next_state = began + inflight.WRITE_EVERY
             tally = self.queue.run_tally(self.names, self.started)
             self._update_pauses(time.time())
             # counting a million rows takes a while: look less often, never hog the queue
@@ -368,6 +376,20 @@ class Migration:
             if self.unsettled and now >= next_resettle:
                 self._resettle()
                 next_resettle = now + RESETTLE_EVERY
+
+    def _share_state(self) -> None:
+        """Tell ``stowd status`` and the status page which requests are in flight (as the
+        daemon does), when that changed."""
+        requests = inflight.in_flight((w.destination.name, w.in_flight) for w in self.senders)
+        if requests == self.shared:
+            return
+        doc = inflight.document(os.getpid(), time.time(), requests)
+        try:
+            inflight.write(self.config.queue, doc)
+        except OSError as exc:
+            log.debug("cannot write %s: %s", inflight.path_of(self.config.queue), exc)
+            return
+        self.shared = requests
 
     def _say_paused(self) -> None:
         """Outside the destination's windows at the start: say so before anything else."""

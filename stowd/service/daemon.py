@@ -283,13 +283,7 @@ class Daemon:
     def _share_state(self) -> None:
         """Tell ``stowd status`` which requests are in flight (when that changed)."""
         senders = [w for gen in (self.generation, *self.lingering) for w in gen.senders]
-        requests: dict[str, list[tuple[float, float]]] = {}
-        for worker in senders:
-            request = worker.in_flight
-            if request is not None:
-                requests.setdefault(worker.destination.name, []).append(request)
-        stalled = {name: inflight.stalled(found) for name, found in requests.items()}
-        destinations = {name: found for name, found in stalled.items() if found is not None}
+        destinations = inflight.in_flight((w.destination.name, w.in_flight) for w in senders)
         shared: dict[str, object] = {"destinations": destinations}
         if self.receivers.running or self.receivers.unbound:
             shared["receivers"] = self.receivers.snapshot()

@@ -55,6 +55,19 @@ def stalled(requests: Iterable[tuple[float, float]]) -> dict[str, Any] | None:
     return {"request_since": started, "last_progress": progress, "requests": len(found)}
 
 
+def in_flight(
+    requests: Iterable[tuple[str, tuple[float, float] | None]],
+) -> dict[str, dict[str, Any]]:
+    """Per destination with requests in flight, ``stalled`` of them: ``requests`` holds each
+    sender's destination name and its request (started, last progress), None when idle."""
+    found: dict[str, list[tuple[float, float]]] = {}
+    for name, request in requests:
+        if request is not None:
+            found.setdefault(name, []).append(request)
+    stalls = {name: stalled(pairs) for name, pairs in found.items()}
+    return {name: stall for name, stall in stalls.items() if stall is not None}
+
+
 def document(pid: int, now: float, destinations: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
     return {"pid": pid, "written_at": now, "destinations": dict(destinations)}
 

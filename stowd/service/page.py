@@ -128,6 +128,7 @@ def _head() -> str:
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         "<title>stowd status</title>"
+        '<link rel="icon" href="static/icon.svg" type="image/svg+xml">'
         '<link rel="stylesheet" href="static/stowd.css">'
         '<script src="static/stowd.js" defer></script></head>'
         f'<body data-refresh="{REFRESH_SECONDS}"><main>'
@@ -136,10 +137,11 @@ def _head() -> str:
 
 def _header(doc: Mapping[str, Any]) -> str:
     pid = doc["daemon_pid"]
-    daemon = f"running (pid {pid})" if pid else "not running"
+    # the queue's holder: ``stowd run`` or a ``stowd migrate`` (which serves this page too)
+    holder = f"stowd running (pid {pid})" if pid else "no stowd running on it"
     return (
         "<header><h1>stowd</h1><p>"
-        f"queue {text(doc['queue'])}; daemon {daemon}; updated "
+        f"queue {text(doc['queue'])}; {holder}; updated "
         f'<span id="updated">{text(status.clock(doc["time"]))}</span></p>'
         f'<p id="totals">{text(_totals(doc))}</p></header>'
     )

@@ -8,6 +8,7 @@ Paths served (anything else is 404; a method other than GET or HEAD is 405)::
     /metrics           the Prometheus metrics (``metrics.registry``)
     /static/stowd.js   the script that refreshes the page and draws the charts
     /static/stowd.css  its style
+    /static/icon.svg   its icon
 
 The static files are the package's own (``stowd/service/static``), served from a fixed list:
 no path from a request ever reaches the filesystem.  With ``http.auth`` every path asks for
@@ -49,7 +50,11 @@ log = logging.getLogger("stowd.http")
 MAX_CONNECTIONS = 16  # requests handled at once; more are closed without an answer
 REQUEST_TIMEOUT = 30.0  # seconds a connection may stay silent
 MAX_QUERY = 2048  # characters of a query string
-STATIC = {"stowd.js": "text/javascript; charset=utf-8", "stowd.css": "text/css; charset=utf-8"}
+STATIC = {
+    "stowd.js": "text/javascript; charset=utf-8",
+    "stowd.css": "text/css; charset=utf-8",
+    "icon.svg": "image/svg+xml",  # named by the page: no browser asks for /favicon.ico (a 404)
+}
 SECURITY_HEADERS = [
     (
         "Content-Security-Policy",
