@@ -925,10 +925,15 @@ class Queue:
         would decide too; a row that finished meanwhile took its file away (a file still
         there is found again by the next rescan)."""
         known: set[tuple[str, int, int]] = set()
-        db = self._conn()
-        for at in range(0, len(files), ENQUEUE_PART):
-            rows = _active_rows(db, [f.path for f in files[at : at + ENQUEUE_PART]])
-            known |= {(path, size, mtime) for path, (_, size, mtime, _) in rows.items()}
+        for at in range(0, len(files), 500):  # SQLite limits the number of parameters
+            part = [f.path for f in files[at : at + 500]]
+            marks = ",".join("?" * len(part))
+            rows = self._conn().execute(  # by path: never a pass over the pending rows
+                "SELECT path, size, mtime_ns FROM files INDEXED BY files_active_path "
+                f"WHERE path IN ({marks}) AND state IN ('pending', 'claimed', 'settling')",
+                part,
+            )
+            known |= {(path, size, mtime) for path, size, mtime in rows}
         return known
 
     @staticmethod
