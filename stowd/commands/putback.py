@@ -3,7 +3,7 @@
 Each data file in a source's ``failed/`` folder goes back to its relative path under the
 source's watch folder and its ``.error.json`` is removed.  The daemon, running now or
 started later, finds it there like a new drop and queues it as a new job (a file that
-appears again at a path is a new job, see ``Queue._just_settled``).  Only files are moved,
+appears again at a path is a new job, see ``queue._just_settled``).  Only files are moved,
 so this is safe while the daemon runs.
 
 * The name: the one the file was dropped with (``file`` in its error file) when its name in

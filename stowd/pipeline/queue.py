@@ -162,7 +162,7 @@ CREATE TABLE IF NOT EXISTS troubles (
 # holds the count (and bytes, and how many the archive stored) of the rows of each source,
 # destination and state, kept in the same transaction as every change of a row (by triggers
 # for updates and deletes; the rows a transaction inserts by ``_count_added``, since
-# ``_enqueue_one`` is the one place that inserts), so ``stowd status`` reads a few rows
+# ``_INSERT`` is the one statement that inserts), so ``stowd status`` reads a few rows
 # instead of passing over the table.  Which pending rows are "waiting" depends on the time
 # asked about: those are read from ``files_waiting`` (only the waiting rows).  ``files_age``
 # gives the oldest active row of a group in one step, and ``files_claim`` the next row to
@@ -471,7 +471,13 @@ def _storable(value: Any) -> Any:
 def _bound(params: Any) -> Any:
     if isinstance(params, dict):
         return {k: _storable(v) for k, v in params.items()}
-    return tuple(_storable(v) for v in params)
+    if not isinstance(params, (tuple, list)):
+        params = tuple(params)  # an iterator is read once
+    for v in params:  # most parameters (every ASCII path) are bound as they are
+        if type(v) is not str or v.isascii():
+            continue
+        return tuple(_storable(v) for v in params)
+    return params
 
 
 def _read_row(_cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -489,7 +495,10 @@ class _Connection(sqlite3.Connection):
         self.row_factory = _read_row
 
     def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
-        return super().execute(sql, _bound(parameters))
+        try:  # every value valid UTF-8 (nearly always): bound as it is, nothing checked
+            return super().execute(sql, parameters)
+        except UnicodeEncodeError:  # raised binding, before the statement ran
+            return super().execute(sql, _bound(parameters))
 
     def executemany(self, sql: str, parameters: Iterable[Any], /) -> sqlite3.Cursor:
         return super().executemany(sql, (_bound(p) for p in parameters))
@@ -537,9 +546,71 @@ def _claim_head(
     return tuple(first[:4])
 
 
+ENQUEUE_PART = 300  # files per statement: 3 parameters each, under SQLite's oldest limit (999)
+_INSERT = (
+    "INSERT INTO files (source, destination, path, rel, size, mtime_ns, state, "
+    "queued_at, sidecars) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)"
+)
+# of each (path, size, mtime_ns) asked about that has a finished row, the state of its latest,
+# read through ``files_path`` as one statement for each file did
+_SETTLED = (
+    "WITH asked(p, s, m) AS (VALUES {values}) SELECT * FROM ("
+    "SELECT p, s, m, (SELECT state FROM files WHERE path = p AND size = s AND mtime_ns = m "
+    "AND state IN ('sent', 'failed', 'gone', 'ignored') ORDER BY id DESC LIMIT 1) AS state "
+    "FROM asked) WHERE state IS NOT NULL"
+)
+
+
+def _active_rows(db: sqlite3.Connection, paths: list[str]) -> dict[str, tuple[int, int, int, str]]:
+    """path -> (id, size, mtime_ns, state) of the active rows of ``paths`` (by path: never a
+    pass over the pending rows)."""
+    marks = ",".join("?" * len(paths))
+    rows = db.execute(
+        "SELECT path, id, size, mtime_ns, state FROM files INDEXED BY files_active_path "
+        f"WHERE path IN ({marks}) AND state IN ('pending', 'claimed', 'settling')",
+        paths,
+    )
+    return {r[0]: (r[1], r[2], r[3], r[4]) for r in rows}
+
+
+def _settled_states(
+    db: sqlite3.Connection, files: list[NewFile]
+) -> dict[tuple[str, int, int], str]:
+    """(path, size, mtime_ns) -> state of the latest finished row of the same path and
+    content, for those of ``files`` that have one."""
+    if not files:
+        return {}
+    values = ",".join("(?, ?, ?)" for _ in files)
+    rows = db.execute(
+        _SETTLED.format(values=values), [v for f in files for v in (f.path, f.size, f.mtime_ns)]
+    )
+    return {(r[0], r[1], r[2]): r[3] for r in rows}
+
+
+def _just_settled(f: NewFile, state: str | None) -> bool:
+    """The watcher saw this very file before it was moved away: not a new job.
+
+    The same path, size and mtime as a finished row (its ``state``), and no file there any
+    more: the stat raced with the move.  If the file *is* there, it was dropped again: a new
+    job.  A file of a type its source ignores (``ignored``) is left where it is.
+    """
+    if state == "ignored":
+        return True
+    return state is not None and not os.path.lexists(f.path)
+
+
+def _new_row(f: NewFile, now: float) -> tuple[Any, ...] | None:
+    """The row to insert for ``f``; None when its sidecars are not ready."""
+    try:
+        sidecars = f.sidecar_json()
+    except SidecarNotReady:
+        return None
+    return (f.source, f.destination, f.path, f.rel, f.size, f.mtime_ns, now, sidecars)
+
+
 def _count_added(db: sqlite3.Connection, added: dict[tuple[str, str], list[int]]) -> None:
-    """Count the rows a transaction inserted (``_enqueue_one``, the one place that inserts,
-    keeps them by source and destination) in ``tallies``: one statement per group, not a
+    """Count the rows a transaction inserted (``Queue._count``, beside the one statement that
+    inserts, keeps them by source and destination) in ``tallies``: one statement per group, not a
     trigger per row, which doubled the cost of queueing a file."""
     db.executemany(
         _TALLY_ADD.format(values="?, ?, 'pending', ?, ?, 0, 0, 0"),
@@ -839,12 +910,12 @@ class Queue:
         if not files:  # a rescan finding queued files again: no write, no write lock
             return 0
         snapshots = self._snapshots(files)  # file reads happen before the write lock
+        files = [
+            replace(f, snapshot=snapshots[f.path]) if f.path in snapshots else f for f in files
+        ]
         now = self.clock()
-        added: list[NewFile] = []
         with self._tx() as db:
-            for f in files:
-                if self._enqueue_one(db, replace(f, snapshot=snapshots.get(f.path)), now):
-                    added.append(f)
+            added = self._enqueue_many(db, files, now)
         _log_queued(added)
         return len(added)
 
@@ -870,60 +941,81 @@ class Queue:
         """Take the sidecar snapshots of the files (none of them queued with this content)."""
         return {f.path: _taken(f.snapshot) for f in files if f.snapshot is not None}
 
+    def _enqueue_many(
+        self, db: sqlite3.Connection, files: list[NewFile], now: float
+    ) -> list[NewFile]:
+        """Queue ``files`` inside the write transaction ``db``; returns those added as new
+        jobs.  Each part of ``ENQUEUE_PART`` files costs one read of their active rows, one of
+        their finished rows and one insert of all its new rows, not three statements a file;
+        what is decided for each file is what ``_enqueue_one`` decides.  A list naming a path
+        twice (each file must see the row the one before made) goes file by file."""
+        if len({f.path for f in files}) < len(files):
+            return [f for f in files if self._enqueue_one(db, f, now)]
+        added: list[NewFile] = []
+        for at in range(0, len(files), ENQUEUE_PART):
+            added += self._enqueue_part(db, files[at : at + ENQUEUE_PART], now)
+        return added
+
+    def _enqueue_part(
+        self, db: sqlite3.Connection, files: list[NewFile], now: float
+    ) -> list[NewFile]:
+        active = _active_rows(db, [f.path for f in files])
+        settled = _settled_states(db, [f for f in files if f.path not in active])
+        rows: list[tuple[Any, ...]] = []
+        added: list[NewFile] = []
+        for f in files:
+            row = active.get(f.path)
+            if row is not None:
+                self._changed(db, f, row)
+            elif not _just_settled(f, settled.get((f.path, f.size, f.mtime_ns))):
+                new = _new_row(f, now)
+                if new is not None:  # None: its sidecars were not ready, found again later
+                    rows.append(new)
+                    added.append(f)
+        db.executemany(_INSERT, rows)
+        self._count(added)
+        return added
+
     def _enqueue_one(self, db: sqlite3.Connection, f: NewFile, now: float) -> int:
-        row = db.execute(
-            "SELECT id, size, mtime_ns, state FROM files WHERE path = ? "
-            "AND state IN ('pending', 'claimed', 'settling')",
-            (f.path,),
-        ).fetchone()
-        if row is None:
-            if self._just_settled(db, f):
-                return 0
-            try:
-                sidecars = f.sidecar_json()
-            except SidecarNotReady:
-                return 0  # found again by the next scan
-            db.execute(
-                "INSERT INTO files (source, destination, path, rel, size, mtime_ns, state, "
-                "queued_at, sidecars) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
-                (f.source, f.destination, f.path, f.rel, f.size, f.mtime_ns, now, sidecars),
-            )
-            added = self._local.added.setdefault((f.source, f.destination), [0, 0])
-            added[0] += 1  # counted in ``tallies`` once, with the others, before the commit
-            added[1] += f.size
-            return 1
-        if row[3] != "pending" and (row[1], row[2]) != (f.size, f.mtime_ns):
-            self._after[row[0]] = f  # being sent or moved: a new job once that is done
+        row = _active_rows(db, [f.path]).get(f.path)
+        if row is not None:
+            self._changed(db, f, row)
             return 0
-        if row[3] == "pending" and (row[1], row[2]) != (f.size, f.mtime_ns):
-            try:
-                sidecars = f.sidecar_json()
-            except SidecarNotReady:
-                return 0
-            db.execute(
-                "UPDATE files SET size = ?, mtime_ns = ?, kind = NULL, study_uid = NULL, "
-                "sop_uid = NULL, sop_class = NULL, changes = NULL, sidecars = ?, solo = 0, "
-                "made = NULL, lookup = NULL, attempts = 0, first_try = NULL, "
-                "last_try = NULL, next_attempt_at = 0, error = NULL WHERE id = ?",
-                (f.size, f.mtime_ns, sidecars, row[0]),
-            )
-        return 0
+        if _just_settled(f, _settled_states(db, [f]).get((f.path, f.size, f.mtime_ns))):
+            return 0
+        new = _new_row(f, now)
+        if new is None:
+            return 0  # found again by the next scan
+        db.execute(_INSERT, new)
+        self._count([f])
+        return 1
 
-    @staticmethod
-    def _just_settled(db: sqlite3.Connection, f: NewFile) -> bool:
-        """The watcher saw this very file before it was moved away: not a new job.
+    def _count(self, files: list[NewFile]) -> None:
+        """Counted in ``tallies`` once, with the others, before the commit."""
+        for f in files:
+            added = self._local.added.setdefault((f.source, f.destination), [0, 0])
+            added[0] += 1
+            added[1] += f.size
 
-        The same path, size and mtime as a finished row, and no file there any more: the
-        stat raced with the move.  If the file *is* there, it was dropped again: a new job.
-        """
-        done = db.execute(
-            "SELECT state FROM files WHERE path = ? AND size = ? AND mtime_ns = ? "
-            "AND state IN ('sent', 'failed', 'gone', 'ignored') ORDER BY id DESC LIMIT 1",
-            (f.path, f.size, f.mtime_ns),
-        ).fetchone()
-        if done is not None and done[0] == "ignored":
-            return True  # a file of a type its source ignores: left where it is
-        return done is not None and not os.path.lexists(f.path)
+    def _changed(self, db: sqlite3.Connection, f: NewFile, row: tuple[int, int, int, str]) -> None:
+        """``f`` found where an active row is: other content updates a pending row in place;
+        one being sent or moved becomes a new job once that is done."""
+        if (row[1], row[2]) == (f.size, f.mtime_ns):
+            return
+        if row[3] != "pending":
+            self._after[row[0]] = f
+            return
+        try:
+            sidecars = f.sidecar_json()
+        except SidecarNotReady:
+            return
+        db.execute(
+            "UPDATE files SET size = ?, mtime_ns = ?, kind = NULL, study_uid = NULL, "
+            "sop_uid = NULL, sop_class = NULL, changes = NULL, sidecars = ?, solo = 0, "
+            "made = NULL, lookup = NULL, attempts = 0, first_try = NULL, "
+            "last_try = NULL, next_attempt_at = 0, error = NULL WHERE id = ?",
+            (f.size, f.mtime_ns, sidecars, row[0]),
+        )
 
     # -- classification --------------------------------------------------------------
     def unclassified(self, limit: int) -> list[Job]:
@@ -1180,15 +1272,12 @@ class Queue:
         now = self.clock()
         done = list(done)
         later = [(i, self._after[i]) for i, _ in done if i in self._after]
-        queued: list[NewFile] = []
         with self._tx() as db:
             db.executemany(
                 "UPDATE files SET state = ?, done_at = ?, lease_until = NULL WHERE id = ?",
                 [(state, now, i) for i, state in done],
             )
-            for _, f in later:
-                if self._enqueue_one(db, f, now):
-                    queued.append(f)
+            queued = self._enqueue_many(db, [f for _, f in later], now)
         for i, _ in later:  # kept until committed: a failed write loses none of them
             self._after.pop(i, None)
         _log_queued(queued)
