@@ -24,7 +24,6 @@ refused (414), and the page shows at most ``page.FAILURES_SHOWN`` failures.
 from __future__ import annotations
 
 import base64
-import binascii
 import hmac
 import json
 import logging
@@ -181,9 +180,12 @@ def _accepted(auth: HttpAuth, header: str) -> bool:
 
 
 def _basic(value: str) -> str:
+    """The decoded ``user:password`` ("" when it is not base64 of UTF-8 text).  A header
+    byte that is not ASCII reaches here as a Latin-1 character, which ``b64decode`` refuses
+    with a plain ``ValueError`` (``binascii.Error`` and ``UnicodeDecodeError`` are ones)."""
     try:
         return base64.b64decode(value, validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:
         return ""
 
 

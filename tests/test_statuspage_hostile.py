@@ -1,0 +1,39 @@
+"""The status page's listener against hostile requests (issue 21's review): what a client
+sends before or instead of a login, a query built to break the parser, a web page that
+reaches a loopback listener through a DNS name it rebinds.  A real daemon, real sockets."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+from harness import Layout, make_layout, serving_page
+from test_statuspage import UNREACHABLE, raw
+
+UNEXPECTED = "status page: answering"  # the log line of an answer that failed (a 500)
+
+
+def _status(got: bytes) -> int:
+    return int(got.split(b"\r\n", 1)[0].split()[1])
+
+
+def _login_layout(tmp_path: Path) -> tuple[Layout, dict[str, object]]:
+    secret = tmp_path / "http-password"
+    secret.write_text("pa:ss\n")  # a ':' in a password is the password's (RFC 7617)
+    layout = make_layout(tmp_path, UNREACHABLE)
+    return layout, {"user": "admin", "password": {"file": str(secret)}}
+
+
+def test_an_authorization_header_that_is_not_ascii_is_a_wrong_login(tmp_path: Path) -> None:
+    """An ``Authorization`` header with bytes that are not ASCII (sent before any login was
+    checked) is a wrong login (401), not an unexpected error (500) with a traceback in the
+    log for anyone who can reach the listener."""
+    layout, auth = _login_layout(tmp_path)
+    with serving_page(layout, auth=auth) as (daemon, base):
+        for value in (b"Basic \xe9t\xe9", b"Basic YWRtaW46\xff", b"Bearer \xe9"):
+            got = raw(base, b"GET / HTTP/1.0\r\nAuthorization: " + value + b"\r\n\r\n")
+            assert _status(got) == 401, (value, got[:200])
+        right = base64.b64encode(b"admin:pa:ss")
+        got = raw(base, b"GET / HTTP/1.0\r\nAuthorization: Basic " + right + b"\r\n\r\n")
+        assert _status(got) == 200
+    assert UNEXPECTED not in daemon.log and "Traceback" not in daemon.log
