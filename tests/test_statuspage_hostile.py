@@ -8,7 +8,7 @@ import base64
 from pathlib import Path
 
 from harness import Layout, make_layout, serving_page
-from test_statuspage import UNREACHABLE, raw
+from test_statuspage import UNREACHABLE, get, raw
 
 UNEXPECTED = "status page: answering"  # the log line of an answer that failed (a 500)
 
@@ -36,4 +36,18 @@ def test_an_authorization_header_that_is_not_ascii_is_a_wrong_login(tmp_path: Pa
         right = base64.b64encode(b"admin:pa:ss")
         got = raw(base, b"GET / HTTP/1.0\r\nAuthorization: Basic " + right + b"\r\n\r\n")
         assert _status(got) == 200
+    assert UNEXPECTED not in daemon.log and "Traceback" not in daemon.log
+
+
+def test_a_query_of_many_fields_is_a_bad_request(tmp_path: Path) -> None:
+    """A query of more fields than the parser takes is the client's mistake (400, said in
+    the answer), not stowd's (500 and a traceback in its log)."""
+    layout = make_layout(tmp_path, UNREACHABLE)
+    with serving_page(layout) as (daemon, base):
+        many = "&".join(["reason=x"] * 50)
+        for path in ("", "api/status"):
+            answer = get(f"{base}{path}?{many}")
+            assert answer.status_code == 400, (path, answer.text)
+            assert "fields" in answer.text
+        assert get(base + "?reason=x&reason=y").status_code == 200  # a few are fine
     assert UNEXPECTED not in daemon.log and "Traceback" not in daemon.log

@@ -18,7 +18,8 @@ Security Policy allowing only the page's own script and style (no inline script)
 
 Bounds: at most ``MAX_CONNECTIONS`` requests are handled at once (more are closed at once),
 a connection silent for ``REQUEST_TIMEOUT`` is closed, a query longer than ``MAX_QUERY`` is
-refused (414), and the page shows at most ``page.FAILURES_SHOWN`` failures.
+refused (414), one of more than ``MAX_FIELDS`` fields is a bad request (400), and the page
+shows at most ``page.FAILURES_SHOWN`` failures.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ log = logging.getLogger("stowd.http")
 MAX_CONNECTIONS = 16  # requests handled at once; more are closed without an answer
 REQUEST_TIMEOUT = 30.0  # seconds a connection may stay silent
 MAX_QUERY = 2048  # characters of a query string
+MAX_FIELDS = 20  # fields of a query string (``reason`` is the one read)
 STATIC = {"stowd.js": "text/javascript; charset=utf-8", "stowd.css": "text/css; charset=utf-8"}
 SECURITY_HEADERS = [
     (
@@ -110,15 +112,20 @@ class App:
         refused = self._login(environ.get("HTTP_AUTHORIZATION", ""), environ)
         if refused is not None:
             return refused
-        if len(environ.get("QUERY_STRING", "")) > MAX_QUERY:
+        query = environ.get("QUERY_STRING", "")
+        if len(query) > MAX_QUERY:
             return _plain("414 URI Too Long", f"a query of at most {MAX_QUERY} characters")
-        return self._route(environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", ""))
+        try:
+            asked = _query(query)
+        except ValueError:  # more fields than parse_qs was allowed to read
+            return _plain("400 Bad Request", f"a query of at most {MAX_FIELDS} fields")
+        return self._route(environ.get("PATH_INFO", ""), asked)
 
-    def _route(self, path: str, query: str) -> Answer:
+    def _route(self, path: str, query: page.Query) -> Answer:
         if path == "/":
-            return self._page(_query(query))
+            return self._page(query)
         if path == "/api/status":
-            return self._api(_query(query))
+            return self._api(query)
         if path == "/metrics":
             return (_METRICS, "", b"", [])
         name = path.removeprefix("/static/")
@@ -207,7 +214,8 @@ def _challenges(auth: HttpAuth) -> list[str]:
 
 
 def _query(query: str) -> page.Query:
-    reasons = parse_qs(query, max_num_fields=20).get("reason", [""])
+    """What ``query`` asks for; raises ``ValueError`` for more than ``MAX_FIELDS`` fields."""
+    reasons = parse_qs(query, max_num_fields=MAX_FIELDS).get("reason", [""])
     return page.Query(reason=reasons[0][: page.REASON_LIMIT])
 
 
