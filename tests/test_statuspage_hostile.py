@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
-from harness import Layout, make_layout, serving_page
+from harness import Layout, make_layout, serving_page, wait_for
 from test_statuspage import UNREACHABLE, get, raw
 
 UNEXPECTED = "status page: answering"  # the log line of an answer that failed (a 500)
@@ -51,3 +51,24 @@ def test_a_query_of_many_fields_is_a_bad_request(tmp_path: Path) -> None:
             assert "fields" in answer.text
         assert get(base + "?reason=x&reason=y").status_code == 200  # a few are fine
     assert UNEXPECTED not in daemon.log and "Traceback" not in daemon.log
+
+
+def test_a_loopback_listener_answers_only_requests_for_a_loopback_name(tmp_path: Path) -> None:
+    """DNS rebinding: a web page the administrator opens elsewhere points its own name at
+    127.0.0.1 and reads the loopback page (no login) as same-origin, file names and all.
+    Its requests carry that name in ``Host``; a loopback listener refuses them (421) and
+    answers the names a browser on this machine, an SSH tunnel or Prometheus send."""
+    layout = make_layout(tmp_path, UNREACHABLE)
+    with serving_page(layout) as (daemon, base):
+        port = base.rstrip("/").rsplit(":", 1)[1]
+        for host in (f"attacker.example:{port}", "attacker.example", f"127.0.0.1.nip.io:{port}"):
+            for path in ("/", "/api/status", "/metrics", "/static/stowd.js"):
+                request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+                got = raw(base, request.encode())
+                assert _status(got) == 421, (host, path, got[:300])
+                assert b"ct1" not in got and b"queue" not in got
+        wait_for(lambda: "for the host name attacker.example" in daemon.log, 30, "the log")
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}"):
+            request = f"GET /api/status HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+            assert _status(raw(base, request.encode())) == 200, host
+        assert _status(raw(base, b"GET / HTTP/1.0\r\n\r\n")) == 200  # no Host: no browser

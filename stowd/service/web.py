@@ -10,11 +10,14 @@ Paths served (anything else is 404; a method other than GET or HEAD is 405)::
     /static/stowd.css  its style
 
 The static files are the package's own (``stowd/service/static``), served from a fixed list:
-no path from a request ever reaches the filesystem.  With ``http.auth`` every path asks for
-the login (HTTP basic, or a bearer token); a wrong one is answered 401 with
-``WWW-Authenticate``, and logged without what was sent.  Every answer carries a Content
-Security Policy allowing only the page's own script and style (no inline script),
-``X-Content-Type-Options: nosniff``, ``Referrer-Policy: no-referrer`` and ``no-store``.
+no path from a request ever reaches the filesystem.  A listener on loopback answers only
+requests addressed to a loopback name (``Host``: localhost, 127.0.0.1, [::1]; else 421), so
+that a web page cannot rebind its own name to 127.0.0.1 and read the page as its own.  With
+``http.auth`` every path asks for the login (HTTP basic, or a bearer token); a wrong one is
+answered 401 with ``WWW-Authenticate``, and logged without what was sent.  Every answer
+carries a Content Security Policy allowing only the page's own script and style (no inline
+script), ``X-Content-Type-Options: nosniff``, ``Referrer-Policy: no-referrer`` and
+``no-store``.
 
 Bounds: at most ``MAX_CONNECTIONS`` requests are handled at once (more are closed at once),
 a connection silent for ``REQUEST_TIMEOUT`` is closed, a query longer than ``MAX_QUERY`` is
@@ -39,9 +42,11 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import make_wsgi_app
 
+from stowd.config.httpconfig import is_loopback
 from stowd.config.model import HTTP_REALM, Config, HttpAuth
 from stowd.config.yamlwalk import host_port
 from stowd.errors import QueueUnreadable, SecretUnavailable, StowdError
+from stowd.printable import escape
 from stowd.service import metrics, page
 
 log = logging.getLogger("stowd.http")
@@ -85,6 +90,7 @@ class App:
             metrics.registry(config.queue, list(config.destinations), schedules=schedules)
         )
         self.auth = None if config.http is None else config.http.auth
+        self.loopback = config.http is not None and is_loopback(config.http.host)
         self._secret_failing = False
 
     def __call__(self, environ: dict[str, Any], start: StartResponse) -> Iterable[bytes]:
@@ -109,7 +115,9 @@ class App:
             return _plain("500 Internal Server Error", "stowd could not answer (see its log)")
 
     def _checked(self, environ: dict[str, Any]) -> Answer:
-        refused = self._login(environ.get("HTTP_AUTHORIZATION", ""), environ)
+        refused = self._misdirected(environ) or self._login(
+            environ.get("HTTP_AUTHORIZATION", ""), environ
+        )
         if refused is not None:
             return refused
         query = environ.get("QUERY_STRING", "")
@@ -147,6 +155,25 @@ class App:
         except QueueUnreadable as exc:
             return ("503 Service Unavailable", JSON, _json({"error": str(exc)}), [])
         return ("200 OK", JSON, _json(doc), [])
+
+    # -- the host name (DNS rebinding)
+    def _misdirected(self, environ: dict[str, Any]) -> Answer | None:
+        """A loopback listener answers requests for a loopback name only (None: this one
+        is).  A web page that rebinds its own name to 127.0.0.1 would otherwise read the
+        page as same-origin; the browser sends that name in ``Host``."""
+        host = environ.get("HTTP_HOST")
+        if not self.loopback or host is None or _loopback_name(host):
+            return None
+        log.warning(
+            "status page: refused a request from %s for the host name %s: the listener is "
+            "on loopback and answers localhost, 127.0.0.1 and [::1] only (421)",
+            environ.get("REMOTE_ADDR", "?"),
+            escape(host),
+        )
+        return _plain(
+            "421 Misdirected Request",
+            "this listener is on loopback: ask for localhost, 127.0.0.1 or [::1]",
+        )
 
     # -- the login
     def _login(self, header: str, environ: dict[str, Any]) -> Answer | None:
@@ -203,6 +230,17 @@ def _same(given: str, expected: str) -> bool:
 
 def _utf8(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
+
+
+def _loopback_name(host: str) -> bool:
+    """``host`` (a ``Host`` header: a name or address, maybe a port) names this machine's
+    loopback: ``localhost`` or an address such as 127.0.0.1 or [::1]."""
+    name = host.strip().lower()
+    if name.startswith("["):
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    return is_loopback(name.removesuffix("."))
 
 
 def _challenges(auth: HttpAuth) -> list[str]:
