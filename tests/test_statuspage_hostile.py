@@ -5,10 +5,13 @@ reaches a loopback listener through a DNS name it rebinds.  A real daemon, real 
 from __future__ import annotations
 
 import base64
+import socket
 from pathlib import Path
 
 from harness import Layout, make_layout, serving_page, wait_for
 from test_statuspage import UNREACHABLE, get, raw
+
+from stowd.service import web
 
 UNEXPECTED = "status page: answering"  # the log line of an answer that failed (a 500)
 
@@ -72,3 +75,26 @@ def test_a_loopback_listener_answers_only_requests_for_a_loopback_name(tmp_path:
             request = f"GET /api/status HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
             assert _status(raw(base, request.encode())) == 200, host
         assert _status(raw(base, b"GET / HTTP/1.0\r\n\r\n")) == 200  # no Host: no browser
+
+
+def test_a_request_sent_a_byte_at_a_time_is_cut_off(tmp_path: Path) -> None:
+    """Slowloris: a client that sends its request line and headers a byte at a time, each
+    well within ``REQUEST_TIMEOUT`` of the last, held its slot for as long as it liked (16
+    such clients and nobody could read the page).  The whole request must arrive within
+    ``REQUEST_TIMEOUT``; the test drips 10 bytes a second and waits up to four times that."""
+    layout = make_layout(tmp_path, UNREACHABLE)
+    with serving_page(layout) as (daemon, base):
+        host, port = base.removeprefix("http://").rstrip("/").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as conn:
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+
+            def cut_off() -> bool:
+                try:
+                    conn.sendall(b"a")  # one byte of a header line that never ends
+                except OSError:  # reset or broken pipe: the listener closed it
+                    return True
+                return False
+
+            wait_for(cut_off, 4 * web.REQUEST_TIMEOUT, "the slow request cut off")
+        assert get(base).status_code == 200
+    assert "Traceback" not in daemon.log

@@ -20,7 +20,7 @@ script), ``X-Content-Type-Options: nosniff``, ``Referrer-Policy: no-referrer`` a
 ``no-store``.
 
 Bounds: at most ``MAX_CONNECTIONS`` requests are handled at once (more are closed at once),
-a connection silent for ``REQUEST_TIMEOUT`` is closed, a query longer than ``MAX_QUERY`` is
+a request not all in within ``REQUEST_TIMEOUT`` is closed, a query longer than ``MAX_QUERY`` is
 refused (414), one of more than ``MAX_FIELDS`` fields is a bad request (400), and the page
 shows at most ``page.FAILURES_SHOWN`` failures.
 """
@@ -28,6 +28,7 @@ shows at most ``page.FAILURES_SHOWN`` failures.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hmac
 import json
 import logging
@@ -52,7 +53,7 @@ from stowd.service import metrics, page
 log = logging.getLogger("stowd.http")
 
 MAX_CONNECTIONS = 16  # requests handled at once; more are closed without an answer
-REQUEST_TIMEOUT = 30.0  # seconds a connection may stay silent
+REQUEST_TIMEOUT = 30.0  # seconds a request (its line and headers) may take to arrive
 MAX_QUERY = 2048  # characters of a query string
 MAX_FIELDS = 20  # fields of a query string (``reason`` is the one read)
 STATIC = {"stowd.js": "text/javascript; charset=utf-8", "stowd.css": "text/css; charset=utf-8"}
@@ -292,9 +293,35 @@ def _send(answer: Answer, start: StartResponse, *, head: bool) -> Iterable[bytes
 
 
 class _Handler(WSGIRequestHandler):
-    """Request lines are not logged (the app logs refused logins); silent clients time out."""
+    """Request lines are not logged (the app logs refused logins); silent clients time out,
+    and so do slow ones: the request line and headers must all arrive within
+    ``REQUEST_TIMEOUT`` (a byte now and then would keep a slot for ever otherwise)."""
 
     timeout = REQUEST_TIMEOUT
+
+    def handle(self) -> None:
+        self._expired = False
+        self._deadline = threading.Timer(REQUEST_TIMEOUT, self._cut)
+        self._deadline.daemon = True
+        self._deadline.start()
+        try:
+            super().handle()
+        finally:
+            self._deadline.cancel()
+
+    def parse_request(self) -> bool:
+        read = super().parse_request()
+        self._deadline.cancel()  # the request is in (or refused): the answer is ours to send
+        return read and not self._expired
+
+    def _cut(self) -> None:
+        """The request did not arrive in time: its connection is shut, which ends the read."""
+        self._expired = True
+        log.debug(
+            "status page: closed a connection from %s: no request in time", self.client_address[0]
+        )
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("status page: " + format, *args)
