@@ -98,3 +98,20 @@ def test_a_request_sent_a_byte_at_a_time_is_cut_off(tmp_path: Path) -> None:
             wait_for(cut_off, 4 * web.REQUEST_TIMEOUT, "the slow request cut off")
         assert get(base).status_code == 200
     assert "Traceback" not in daemon.log
+
+
+def test_a_queue_gone_from_under_the_daemon_is_said_not_an_unexpected_error(
+    tmp_path: Path,
+) -> None:
+    """The queue's files removed while the daemon runs (a cleanup gone wrong): the page and
+    ``/api/status`` answer 503 with ``stowd status``'s words ("no queue at ..."), as for a
+    queue that cannot be read, not a 500 with a traceback in the log at each refresh."""
+    layout = make_layout(tmp_path, UNREACHABLE)
+    with serving_page(layout) as (daemon, base):
+        assert get(base).status_code == 200
+        for path in (layout.root / "state").glob("queue.db*"):
+            path.unlink()
+        page, api = get(base), get(base + "api/status")
+        assert page.status_code == api.status_code == 503, (page.text, api.text)
+        assert "no queue at" in page.text and "no queue at" in api.json()["error"]
+    assert UNEXPECTED not in daemon.log and "Traceback" not in daemon.log

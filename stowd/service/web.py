@@ -46,7 +46,7 @@ from prometheus_client import make_wsgi_app
 from stowd.config.httpconfig import is_loopback
 from stowd.config.model import HTTP_REALM, Config, HttpAuth
 from stowd.config.yamlwalk import host_port
-from stowd.errors import QueueUnreadable, SecretUnavailable, StowdError
+from stowd.errors import QueueError, SecretUnavailable, StowdError
 from stowd.printable import escape
 from stowd.service import metrics, page
 
@@ -146,14 +146,14 @@ class App:
     def _page(self, query: page.Query) -> Answer:
         try:
             doc = page.document(self.config, query)
-        except QueueUnreadable as exc:
+        except QueueError as exc:  # unreadable, or gone ("no queue at ...")
             return ("503 Service Unavailable", HTML, page.render_error(str(exc)).encode(), [])
         return ("200 OK", HTML, page.render(doc).encode("utf-8", "backslashreplace"), [])
 
     def _api(self, query: page.Query) -> Answer:
         try:
             doc = page.document(self.config, query)
-        except QueueUnreadable as exc:
+        except QueueError as exc:
             return ("503 Service Unavailable", JSON, _json({"error": str(exc)}), [])
         return ("200 OK", JSON, _json(doc), [])
 
