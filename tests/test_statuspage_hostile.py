@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import base64
 import socket
+from html.parser import HTMLParser
 from pathlib import Path
 
 from harness import Layout, make_layout, serving_page, wait_for
-from test_statuspage import UNREACHABLE, get, raw
+from test_statuspage import UNREACHABLE, _config, _settle, get, raw
 
-from stowd.service import web
+from stowd.pipeline.queue import Queue
+from stowd.printable import escape
+from stowd.service import page, web
 
 UNEXPECTED = "status page: answering"  # the log line of an answer that failed (a 500)
 
@@ -115,3 +118,40 @@ def test_a_queue_gone_from_under_the_daemon_is_said_not_an_unexpected_error(
         assert page.status_code == api.status_code == 503, (page.text, api.text)
         assert "no queue at" in page.text and "no queue at" in api.json()["error"]
     assert UNEXPECTED not in daemon.log and "Traceback" not in daemon.log
+
+
+class _Options(HTMLParser):
+    """The values of the reason filter's options, as a browser submits them."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.values: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        if tag == "option" and found.get("value"):
+            self.values.append(str(found["value"]))
+
+
+def test_the_reason_filter_finds_a_reason_with_a_line_break_or_a_backslash(
+    tmp_path: Path,
+) -> None:
+    """An option's value is the reason as the page shows it (control characters and ``\\``
+    escaped, so a line break cannot be altered by the form); choosing it must show that
+    reason's files, not none."""
+    config = _config(tmp_path)
+    reasons = ["the archive said: first line\nsecond line", r"cannot read C:\share\a.dcm"]
+    queue = Queue(config.queue).open()
+    try:
+        for n, reason in enumerate(reasons):
+            _settle(queue, [f"{n}.dcm"], "failed", {"reason": reason, "http_status": 409})
+    finally:
+        queue.close()
+    options = _Options()
+    options.feed(page.render(page.document(config, page.Query())))
+    assert len(options.values) == len(reasons)
+    for value in options.values:
+        doc = page.document(config, page.Query(reason=value))
+        [shown] = doc["failures"]["shown"]
+        assert escape(shown["reason"]) == value
+        assert f'<option value="{page.text(shown["reason"])}" selected>' in page.render(doc)
