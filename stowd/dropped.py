@@ -26,6 +26,9 @@ _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO never blocks
 _LOCK = threading.Lock()
 _GUARDED: dict[str, bool] = {}  # watch folder -> follow_links
+# the guarded folders (follow_links false), each with its separator, the longest first: read
+# without the lock (replaced whole by ``configure``), once per file opened
+_GUARDED_ROOTS: tuple[tuple[str, str], ...] = ()
 ADVICE = (
     "stowd does not follow symbolic links in a drop folder (a writer could point one at a "
     "file it cannot read itself); put the file itself there, or set follow_links: true on "
@@ -45,22 +48,32 @@ class Guarded(Protocol):
 
 def configure(sources: Iterable[Guarded]) -> None:
     """Guard the watch folders of ``sources`` (each with its ``follow_links``)."""
+    global _GUARDED_ROOTS  # noqa: PLW0603 - one snapshot read by every opening thread
     with _LOCK:
         for source in sources:
             _GUARDED[str(source.watch)] = source.follow_links
+        roots = sorted((r for r, follow in _GUARDED.items() if not follow), key=len, reverse=True)
+        _GUARDED_ROOTS = tuple((r, r.rstrip(os.sep) + os.sep) for r in roots)
 
 
-def open_file(path: str | Path, opener: Callable[..., Any] | None = None) -> BinaryIO:
+def open_file(
+    path: str | Path, opener: Callable[..., Any] | None = None, *, unbuffered: bool = False
+) -> BinaryIO:
     """Open a dropped file for reading in binary; ``LinkRefused`` for a refused link.
-    ``opener`` opens a path under no guarded watch folder (a caller's seam for tests)."""
+    ``opener`` opens a path under no guarded watch folder (a caller's seam for tests).
+    ``unbuffered``: a raw file (``io.FileIO``), each read one system call that may give fewer
+    bytes than asked, for a file read in a few large reads (no buffer set up, no terminal
+    check, no seek to learn the position)."""
     text = os.fspath(path)
     root = _root_of(text)
+    buffering = 0 if unbuffered else -1
     if root is None:
-        return cast(BinaryIO, (opener or open)(text, "rb"))  # looked up now: a seam
+        how = (0,) if unbuffered else ()  # an opener (a test's) may take a path and mode only
+        return cast(BinaryIO, (opener or open)(text, "rb", *how))  # looked up now: a seam
     fd = _open_beneath(root, _relative(text, root), text)
     try:
         os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
+        return os.fdopen(fd, "rb", buffering)
     except BaseException:
         os.close(fd)
         raise
@@ -68,13 +81,10 @@ def open_file(path: str | Path, opener: Callable[..., Any] | None = None) -> Bin
 
 def _root_of(path: str) -> str | None:
     """The guarded watch folder holding ``path`` (the innermost), or None."""
-    with _LOCK:
-        roots = [r for r, follow in _GUARDED.items() if not follow and _under(path, r)]
-    return max(roots, key=len, default=None)
-
-
-def _under(path: str, root: str) -> bool:
-    return path.startswith(root.rstrip(os.sep) + os.sep)
+    for root, inside in _GUARDED_ROOTS:
+        if path.startswith(inside):
+            return root
+    return None
 
 
 def _relative(path: str, root: str) -> str:

@@ -164,7 +164,10 @@ class Folders:
     run out of open files (``ulimit -n``)."""
 
     def __init__(self) -> None:
-        self._fds: dict[tuple[Path, Roots], int] = {}  # least recently used first
+        # by the folder's name and its roots' number (``_roots_key``): least recently used first
+        self._fds: dict[tuple[str, int], int] = {}
+        self._roots: dict[Roots, int] = {}
+        self._last: tuple[Roots, int] | None = None  # the roots asked for last, and their number
 
     def __enter__(self) -> Folders:
         return self
@@ -176,7 +179,7 @@ class Folders:
 
     def fd(self, folder: Path, roots: Roots = (), *, create: bool = True) -> int:
         """``folder``, open (opened now when it is not yet; ``create``: made as needed)."""
-        key = (folder, roots)
+        key = (str(folder), self._roots_key(roots))
         fd = self._fds.pop(key, None)
         if fd is None:
             fd = _open_folder(folder, roots, create)
@@ -185,10 +188,19 @@ class Folders:
         self._fds[key] = fd  # the most recently used last
         return fd
 
+    def _roots_key(self, roots: Roots) -> int:
+        """A number for ``roots``: a key of a name and a number is hashed and compared
+        without a call per ``Path`` (two lookups for each move).  The roots of the last
+        move are most often the same folders again, compared one by one by identity first."""
+        if self._last is None or roots != self._last[0]:
+            self._last = (roots, self._roots.setdefault(roots, len(self._roots)))
+        return self._last[1]
+
     def sync(self, folder: Path) -> None:
         """Put ``folder``'s entries on disk (``fsync_dir``), through its open descriptor
         when it is open here."""
-        fd = next((fd for (path, _), fd in self._fds.items() if path == folder), None)
+        name = str(folder)
+        fd = next((fd for (path, _), fd in self._fds.items() if path == name), None)
         if fd is None:
             fsync_dir(folder)
         else:

@@ -28,11 +28,13 @@ from pathlib import Path
 import archives
 import pytest
 from archives import Archive
+from browser import browser_missing_reason, headless_chromium
 from harness import Clock
 from leaks import children, collected, reap_zombies
 from marking import ARCHIVE_FIXTURES, starts_something
 from needs import require
 from orthanc import Orthanc, orthanc_missing_reason
+from selenium.webdriver import Chrome
 from tinypacs import TinyPacs, tiny_pacs_missing_reason
 
 from stowd.pipeline.queue import Queue
@@ -200,3 +202,20 @@ def queue(tmp_path: Path, clock: Clock) -> Iterator[Queue]:
     q = Queue(tmp_path / "q.db", clock=clock).open()
     yield q
     q.close()
+
+
+@pytest.fixture
+def browser() -> Iterator[Chrome]:
+    """A headless Chromium with scripts on (tests/support/browser.py), quit after the test;
+    skipped (failed under CI=true) when Debian's chromium or chromium-driver is missing."""
+    require(browser_missing_reason())
+    with headless_chromium() as driver:
+        yield driver
+
+
+@pytest.fixture
+def browser_without_js() -> Iterator[Chrome]:
+    """The same with JavaScript switched off: the page as a plain HTML client sees it."""
+    require(browser_missing_reason())
+    with headless_chromium(javascript=False) as driver:
+        yield driver

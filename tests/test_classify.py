@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO, cast
 
 import pydicom
 import pytest
@@ -158,3 +161,43 @@ def test_the_image_is_described_only_when_its_pixel_data_is_missing(
         cut.mkdir()
         classify(str(cut_before_pixel_data(cut)))
     assert len(asked) == 1
+
+
+class _Trickle(io.FileIO):
+    """A file whose every read gives at most 1,000 bytes, as a network filesystem's read may
+    (the reader of new files reads a file unbuffered: each read one system call)."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        return super().read(1000 if size is None or size < 0 else min(size, 1000))
+
+
+def _as_read(path: Path, opened: Callable[[str], BinaryIO]) -> tuple[object, ...]:
+    try:
+        with opened(str(path)) as fp:
+            c = classify_mod._classify_dicom(fp, path.stat().st_size)
+    except FileProblem as problem:
+        return (type(problem).__name__, str(problem))
+    return (c.kind, c.study_uid, c.sop_uid, c.sop_class)
+
+
+def test_short_reads_of_an_unbuffered_file_classify_as_whole_reads_do(tmp_path: Path) -> None:
+    """Each read of the head, of the file beyond it (a header longer than 64 KiB, the
+    fragments of compressed pixel data) and pydicom's own are made whole again: a short
+    read is never taken for the end of the file (issue 19: classify reads unbuffered)."""
+    files = [sample(name, tmp_path) for name in ("CT_small.dcm", "JPEG2000.dcm")]
+    ds = pydicom.dcmread(sample("CT_small.dcm", tmp_path))
+    ds.add_new(0x00090010, "LO", "STOWD TEST")
+    ds.add_new(0x00091010, "OB", b"\x00" * 70_000)  # a header longer than the first 64 KiB
+    ds.save_as(tmp_path / "long-header.dcm")
+    files.append(tmp_path / "long-header.dcm")
+    big = tmp_path / "big.dcm"
+    big.write_bytes(make_instance_bytes(size_bytes=200_000)[0])
+    files.append(big)
+    for path in list(files):
+        cut = tmp_path / f"cut-{path.name}"
+        cut.write_bytes(path.read_bytes()[:-100])
+        files.append(cut)
+    for path in files:
+        whole = _as_read(path, lambda p: cast(BinaryIO, open(p, "rb")))  # noqa: SIM115 - _as_read closes it
+        assert _as_read(path, lambda p: cast(BinaryIO, _Trickle(p))) == whole, path.name
+        assert whole[0] in ("dicom", "FileIncomplete"), path.name

@@ -7,6 +7,7 @@ must not read, upload, copy or write anything outside the folders it was configu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -331,3 +332,27 @@ def test_a_path_that_climbs_out_of_its_watch_folder_is_never_opened(tmp_path: Pa
     dropped.configure([Source("climb", watch, tmp_path / "s", tmp_path / "f", "pacs")])
     with pytest.raises(FileProblem, match="leaves its watch folder"):
         dropped.open_file(f"{watch}/../private/x.dcm")
+
+
+def test_a_file_is_opened_from_the_innermost_guarded_watch_folder_holding_it(
+    tmp_path: Path,
+) -> None:
+    """Watch folders inside one another: a file is opened from the innermost guarded one
+    (which may itself be a configured link), and a folder that follows links guards
+    nothing (issue 19: the guarded folders are a snapshot, longest first)."""
+    outer = tmp_path / "drop"
+    outer.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    inner = outer / "ward"  # configured as it is: a link to a folder elsewhere
+    inner.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere/x.dcm").write_bytes(b"the dropped content")
+    sources = [
+        Source("outer", outer, tmp_path / "s1", tmp_path / "f1", "pacs"),
+        Source("inner", inner, tmp_path / "s2", tmp_path / "f2", "pacs"),
+    ]
+    dropped.configure(sources)
+    with dropped.open_file(inner / "x.dcm") as fp:
+        assert fp.read() == b"the dropped content"
+    dropped.configure([dataclasses.replace(sources[1], follow_links=True)])
+    with pytest.raises(LinkRefused, match="the folder ward on its path is a symbolic link"):
+        dropped.open_file(inner / "x.dcm")  # the outer one guards it

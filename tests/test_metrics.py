@@ -222,6 +222,20 @@ def test_configured_destinations_start_at_zero(queue: Queue) -> None:
     assert value(text, "stowd_request_duration_seconds_count", destination="fresh-dest") == 0
 
 
+def test_configured_routes_start_at_zero(queue: Queue) -> None:
+    """Each source's file series exist at 0 before its first file: Prometheus's increase()
+    counts nothing of a series' first sample, so an alert on failed files would miss the
+    first failure of a process whose failed series began at 1."""
+    routes = [("fresh-src", "fresh-dest")]
+    with metrics.serve("127.0.0.1", 0, queue.path, ["fresh-dest"], routes=routes) as server:
+        text = scrape(server)
+    for name in ("queued", "sent", "failed"):
+        assert (
+            value(text, f"stowd_files_{name}_total", source="fresh-src", destination="fresh-dest")
+            == 0
+        )
+
+
 def test_label_values_of_a_scrape_never_hold_paths(
     served: metrics.Server, queue: Queue, tmp_path: Path, clock: Clock
 ) -> None:

@@ -353,3 +353,60 @@ def test_a_character_set_of_undefined_length_is_refused_as_pydicom_refuses_it(
     with pytest.raises(FileProblem) as quick:
         classify_dicom(str(path))
     assert str(quick.value) == str(slow.value)
+
+
+def _written(ds: Dataset, implicit: bool) -> bytes:
+    """``ds`` as a Part-10 file (File Meta made by pydicom), implicit or explicit VR."""
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = (
+        ImplicitVRLittleEndian if implicit else pydicom.uid.ExplicitVRLittleEndian
+    )
+    out = io.BytesIO()
+    ds.save_as(out, implicit_vr=implicit, little_endian=True, enforce_file_format=True)
+    return out.getvalue()
+
+
+def _keys_only() -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR: no pixel data
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.2"
+    return ds
+
+
+def _with_private(vr: str, length: int) -> Dataset:
+    """The keys after a private element of ``vr`` (a long VR: 4-byte length) whose value
+    has ``length`` bytes, then pixel data."""
+    ds = _keys_only()
+    ds.add_new(0x00090010, "LO", "STOWD TEST")
+    ds.add_new(0x00091001, vr, b"\x01" * length if vr != "UT" else "x" * length)
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.SamplesPerPixel = 2, 2, 8, 1
+    ds.PixelData = bytes(4)
+    return ds
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_elements_the_walk_reads_in_its_loop_or_aside_classify_as_pydicom_alone_does(
+    implicit: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The walk reads a usual element in its loop and any other aside (issue 19, second
+    round): a long private element before the keys (its value within the bytes held, ending
+    at their end, or past it), and a file that ends right after its last key, whole and cut
+    at every byte of its last elements."""
+    path = tmp_path / "case.dcm"
+    cases = []
+    for vr in ("OB", "UN", "UT"):
+        for length in (0, 2, 1000, HEAD_BYTES - 600, HEAD_BYTES, 3 * HEAD_BYTES):
+            cases.append(_written(_with_private(vr, length), implicit))
+    keys_only = _written(_keys_only(), implicit)
+    cases += [keys_only[:n] for n in range(len(keys_only) - 80, len(keys_only) + 1)]
+    cases.append(keys_only + b"\0" * 3)  # a few bytes after the last element: not one
+    quick_ones = 0
+    for n, data in enumerate(cases):
+        path.write_bytes(data)
+        quick, slow, walked = _both(path, monkeypatch)
+        assert quick == slow, f"case {n} ({len(data)} bytes)"
+        quick_ones += walked
+    assert quick_ones >= 13  # the long private elements held whole, the keys-only file

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import Clock
+from harness import Clock, wait_for
 from watchdog.events import DirModifiedEvent, FileCreatedEvent, FileMovedEvent
 
 from stowd.config.model import Sidecars, Source
@@ -404,3 +404,66 @@ def test_a_queue_that_cannot_be_written_is_said_and_rescanned_or_raised(tmp_path
     assert told == [full] and watcher._rescan_requested
     with pytest.raises(QueueFull):  # a one-shot scan (stowd migrate) must not miss files
         Watcher(source, "pacs", failing).scan()
+
+
+def test_a_file_whose_name_starts_with_two_dots_is_sent(tmp_path: Path) -> None:
+    """It was taken for a path outside the watch folder ('..' + '/...') and never queued,
+    with nothing said, when the ignore list does not hide dot names."""
+    source = make_source(tmp_path, ignore=())
+    for rel in ("..x.dcm", "..study/a.dcm", "study/..b.dcm"):
+        write(source.watch / rel)
+    sink = Sink()
+    Watcher(source, "pacs", sink).scan()
+    assert sink.paths() == {
+        "..x.dcm",
+        os.path.join("..study", "a.dcm"),
+        os.path.join("study", "..b.dcm"),
+    }
+
+
+def test_a_folder_moved_in_is_walked_once_not_checked_again_file_by_file(tmp_path: Path) -> None:
+    """watchdog follows the event of a folder moved in with one made-up event per file it
+    holds; stowd walks the folder anyway, and each file was checked and queued twice (issue 19:
+    watcher CPU per file).  Each file is queued once; a file dropped later is still seen."""
+    source = make_source(tmp_path, quiet_period=0.0, rescan_interval=3600.0)
+    sink = Sink()
+    watcher = Watcher(source, "pacs", sink)
+    study = tmp_path / "outside" / "study"
+    names = [os.path.join("study", "series", f"{i}.dcm") for i in range(40)]
+    for rel in names:
+        write(tmp_path / "outside" / rel)
+    write(source.watch / "before.dcm")
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(stop,))
+    thread.start()
+    try:
+        wait_for(lambda: "before.dcm" in sink.paths(), 30, "the first scan")
+        wait_for(watcher.observer_alive, 30, "the observer")
+        study.rename(source.watch / "study")
+        # moved in after the folder: its event comes after every event of the folder's
+        os.rename(write(tmp_path / "outside" / "after.dcm"), source.watch / "after.dcm")
+        wait_for(lambda: "after.dcm" in sink.paths(), 30, "after.dcm queued")
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive()
+    with sink.lock:
+        queued = sorted(f.rel for f in sink.files if f.rel.startswith("study"))
+    assert queued == sorted(names)
+
+
+def test_a_file_gone_is_looked_at_only_while_its_quiet_period_is_watched(tmp_path: Path) -> None:
+    """stowd's own move of each sent file is an event ('deleted'); it was checked like a new
+    file (two stats).  Only a file whose unchanged look is being counted (an mtime in the
+    future, a share) is looked at, so that what was seen of it is forgotten."""
+    source = make_source(tmp_path, quiet_period=5.0)
+    watcher = Watcher(source, "pacs", Sink())
+    future = write(source.watch / "future.dcm", age=-3600.0)
+    watcher.scan()
+    watcher.gone(str(future))
+    watcher.gone(str(source.watch / "sent.dcm"))
+    hints, folders = watcher._take_hints()
+    assert (hints, folders) == ([str(future)], [])
+    future.unlink()
+    watcher._check_all(hints)
+    assert watcher._future == {}

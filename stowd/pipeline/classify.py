@@ -53,8 +53,8 @@ IMAGE_PIXEL_TAGS = (0x00280010, 0x00280011, 0x00280100, 0x00280002, 0x00280004)
 SPECTROSCOPY_DATA = 0x56000020
 STUDY, INSTANCE, SOP_CLASS = 0x0020000D, 0x00080018, 0x00080016  # the keys' tags
 KEY_TAGS = (STUDY, INSTANCE, SOP_CLASS)
-_WANTED = frozenset(KEY_TAGS)  # the values the quick walk keeps
 DIRECTORY_RECORDS = 0x00041220  # DirectoryRecordSequence: only a DICOMDIR has it
+_WANTED = frozenset((*KEY_TAGS, DIRECTORY_RECORDS))  # the values the quick walk keeps
 PIXEL_TAG_BYTES = tuple(struct.pack(order, *tag) for tag in PIXEL_TAGS for order in ("<HH", ">HH"))
 CUT_ELEMENT = (
     "the file is truncated: it ends inside the header of its pixel data (was it copied completely?)"
@@ -113,12 +113,13 @@ class Classified:
         media: Media | None = None,
     ) -> None:
         held = header if isinstance(header, Header) else Header(header)
-        for name, value in zip(
-            ("kind", "study_uid", "sop_uid", "sop_class", "media", "held"),
-            (kind, study_uid, sop_uid, sop_class, media, held),
-            strict=True,
-        ):
-            object.__setattr__(self, name, value)
+        put = object.__setattr__  # frozen: each field set once, here (one made per new file)
+        put(self, "kind", kind)
+        put(self, "study_uid", study_uid)
+        put(self, "sop_uid", sop_uid)
+        put(self, "sop_class", sop_class)
+        put(self, "media", media)
+        put(self, "held", held)
 
     @property
     def header(self) -> pydicom.Dataset | None:
@@ -179,7 +180,7 @@ def classify(path: str) -> Classified:
 def classify_dicom(path: str) -> Classified:
     """Read the DICOM header of ``path``; raise ``FileProblem`` when it cannot be sent."""
     try:
-        with dropped.open_file(path) as fp:
+        with dropped.open_file(path, unbuffered=True) as fp:  # read in a few large reads
             size = os.fstat(fp.fileno()).st_size
             if size == 0:
                 raise FileProblem("the file is empty (0 bytes)")
@@ -193,7 +194,8 @@ def classify_dicom(path: str) -> Classified:
 
 
 def _classify_dicom(fp: BinaryIO, size: int) -> Classified:
-    head = fp.read(HEAD_BYTES)
+    """``fp``: the file, unbuffered (``read_fully`` reads it)."""
+    head = read_fully(fp, HEAD_BYTES)
     if not _looks_like_part10(head, size):
         raise NotDicom(
             "not a DICOM file: no 'DICM' marker at byte 128 and no File Meta Information"
@@ -201,9 +203,7 @@ def _classify_dicom(fp: BinaryIO, size: int) -> Classified:
     held = cast(BinaryIO, _Held(fp, head, size))
     try:
         with header_errors():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                keys, syntax, end = _read_keys(fp, size, head)
+            keys, syntax, end = _read_keys(fp, size, head)
             held.seek(end)
             _check_pixel_data(held, size, syntax, lambda: _described(keys))
     except FileIncomplete:
@@ -238,9 +238,21 @@ class _Held:
             data = self._head[self._at : self._at + n]
         else:
             self._fp.seek(self._at)
-            data = self._fp.read(n)
+            data = read_fully(self._fp, n)
         self._at += len(data)
         return data
+
+
+def read_fully(fp: BinaryIO, n: int) -> bytes:
+    """``n`` bytes of ``fp`` from where it is, fewer only at its end: what a buffered file's
+    read gives (an unbuffered one's may give fewer, as a network filesystem may)."""
+    data = fp.read(n)
+    while 0 < len(data) < n:
+        more = fp.read(n - len(data))
+        if not more:
+            break
+        data += more
+    return data
 
 
 def _ends_in_pixel_element(fp: BinaryIO, size: int) -> bool:
@@ -269,9 +281,23 @@ def _read_keys(fp: BinaryIO, size: int, head: bytes) -> tuple[Classified, str, i
     walked = quickheader.walk(head, size, _WANTED)
     quick = None if walked is None else _quick_keys(walked, head)
     if quick is not None and walked is not None:
-        return (*quick, walked.end)
-    ds = _read_header(fp, size, head)
-    return _keys(ds), _transfer_syntax(ds), fp.tell()
+        return (*quick, walked.end)  # no pydicom: no warnings to silence
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _parsed_keys(fp, size, head)
+
+
+def _parsed_keys(fp: BinaryIO, size: int, head: bytes) -> tuple[Classified, str, int]:
+    """``_read_keys`` through pydicom's parse: the unbuffered ``fp`` read through a buffer
+    (pydicom reads a few bytes at a time), detached after (``fp`` stays open: ``_Held``
+    reads it, seeking first)."""
+    buffered = io.BufferedReader(cast(io.RawIOBase, fp))
+    try:
+        ds = _read_header(cast(BinaryIO, buffered), size, head)
+        end = buffered.tell()
+    finally:
+        buffered.detach()
+    return _keys(ds), _transfer_syntax(ds), end
 
 
 def _quick_keys(walked: quickheader.Walked, head: bytes) -> tuple[Classified, str] | None:
@@ -281,7 +307,7 @@ def _quick_keys(walked: quickheader.Walked, head: bytes) -> tuple[Classified, st
     syntax = quickheader.uid(walked.syntax)
     if not (study and sop and sop_class and syntax):
         return None
-    if sop_class == DICOMDIR_CLASS or DIRECTORY_RECORDS in walked.tags:
+    if sop_class == DICOMDIR_CLASS or DIRECTORY_RECORDS in walked.values:
         return None
     header = Header(None, lambda: _parse_held(head))
     return Classified("dicom", study, sop, sop_class, header=header), syntax

@@ -224,6 +224,14 @@ def touch(destination: str) -> None:
         RETRIES.labels(destination, reason)
 
 
+def route(source: str, destination: str) -> None:
+    """Start the file series of ``source`` to ``destination`` at 0: Prometheus's ``increase``
+    and ``rate`` count nothing of a series' first sample, so without this the first failed
+    file of a process never raised ``increase(stowd_files_failed_total[1h])``."""
+    for counter in (FILES_QUEUED, FILES_SENT, FILES_FAILED):
+        counter.labels(label(source), label(destination))
+
+
 def receiving(source: str) -> None:
     """Start the series of a receiving ``source`` at 0."""
     for counter in (RECEIVED_INSTANCES, RECEIVED_BYTES, RECEIVED_REFUSED, ASSOCIATIONS_REJECTED):

@@ -86,6 +86,8 @@ def plan_file(
     """
     if found.media is not None:
         accept(source, found.kind)
+    elif _plain(config, source):  # nothing can change it: its keys as they are
+        return Planned(RuleOutcome(), (), found.study_uid, found.sop_uid)
     used: sidecar.Used = []
     if source.sidecars is not None:
         here = Path(path)
@@ -96,6 +98,12 @@ def plan_file(
     facts = Facts(PurePosixPath(rel), source.name, found.kind, now, values, names, origin)
     with judging_input("its sidecars and the rules cannot be applied"):
         return _planned(config, source, facts, found, used)
+
+
+def _plain(config: Config, source: Source) -> bool:
+    """Is a DICOM file of ``source`` sent as it is: no rules, no sidecars, not received (the
+    rules' facts would be built, and every rule matched, for an outcome that is empty)?"""
+    return source.sidecars is None and source.receive is None and not config.rules_for(source)
 
 
 def _planned(

@@ -46,6 +46,8 @@ ERROR_SUFFIX = ".error.json"
 MOVING = threading.Lock()  # held around moves into sent/ and failed/ (and purge's rmdir)
 MAX_SUFFIX = 10_000
 NOTE_MODE = 0o600  # a note or copy about a file whose own mode is unknown (a link)
+# what ``Path.exists`` takes for nothing there (pathlib's _IGNORED_ERRNOS), and a name too long
+_ABSENT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP, errno.ENAMETOOLONG})
 _copy_all = fileops.copy_all  # the bytes of a copy across filesystems (tests wrap it)
 remove_empty_parents = fileops.remove_empty_parents  # the worker tidies drop folders with it
 
@@ -71,20 +73,25 @@ def free_target(
 def _taken(
     path: Path, also_taken: Collection[Path], companions: Callable[[Path], list[Path]]
 ) -> bool:
-    if path in also_taken or _exists(path) or _exists(Path(str(path) + ERROR_SUFFIX)):
+    if path in also_taken or _exists(path) or _exists(str(path) + ERROR_SUFFIX):
         return True
     return any(_exists(c) for c in companions(path))
 
 
-def _exists(path: Path) -> bool:
-    """``path.exists()``, but a name too long to be a file's (``<long name>.error.json``)
-    does not exist; other errors (no permission to look) are raised."""
+def _exists(path: str | Path) -> bool:
+    """``Path(path).exists()`` (a link followed: absent when nothing is there, a folder on
+    the way is not one, or links loop), but a name too long to be a file's (``<long
+    name>.error.json``) does not exist either; other errors (no permission to look) are
+    raised.  Asked of the name as it is: no ``Path`` is made for it."""
     try:
-        return path.exists()
+        os.stat(path)
     except OSError as exc:
-        if exc.errno == errno.ENAMETOOLONG:
+        if exc.errno in _ABSENT:
             return False
         raise
+    except ValueError:  # a name the system cannot take (a NUL in it): as Path.exists
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -378,10 +385,11 @@ def _copy_sidecars(job: Job, target: Path, roots: Roots = ()) -> set[Path]:
     copied once for each content (``_metadata.yaml``, then ``_metadata~<hash>.yaml``).  A
     sidecar whose text could not be read (not UTF-8, too large) is copied byte for byte.
     """
-    original, secured = Path(job.path), set[Path]()
+    secured = set[Path]()
     texts = job.sidecar_texts()
     if not texts:
         return secured
+    original = Path(job.path)
     mode = _note_mode(original if os.path.lexists(original) else target)
     for name, text in texts:
         path = Path(name)
@@ -422,13 +430,20 @@ def _bytes_of(path: Path) -> bytes | None:
 def _companions(job: Job) -> Callable[[Path], list[Path]]:
     """Where the copies of ``job``'s own sidecars would go for a given target: a target
     whose sidecar name is taken is taken too, so a file and its sidecar keep one name."""
+    paths = job.sidecar_paths()
+    if not paths:
+        return _no_companions
     original = Path(job.path)
-    own = [Path(p) for p in job.sidecar_paths() if _own_sidecar(original, Path(p))]
+    own = [Path(p) for p in paths if _own_sidecar(original, Path(p))]
 
     def names(target: Path) -> list[Path]:
         return [target.parent / _sidecar_name(original, target, path) for path in own]
 
     return names
+
+
+def _no_companions(_target: Path) -> list[Path]:
+    return []
 
 
 def _own_sidecar(original: Path, sidecar: Path) -> bool:

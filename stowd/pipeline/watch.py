@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
-import fnmatch
 import heapq
 import json
 import logging
@@ -52,6 +51,7 @@ from stowd.errors import (
 from stowd.fileops import remove_empty_parents, walk_folders
 from stowd.pipeline import counters, sidecar
 from stowd.pipeline.loop import ring
+from stowd.pipeline.places import Places
 from stowd.pipeline.queue import NewFile
 from stowd.pipeline.settle import has_copy
 
@@ -112,20 +112,32 @@ OnError = Callable[[str, OSError], None]
 
 
 class _Handler(FileSystemEventHandler):
-    """Turns file events into candidate paths; never raises."""
+    """Turns file events into candidate paths; never raises.  ``gone`` hears of files
+    deleted or moved away (``hint`` does when it is not given)."""
 
-    def __init__(self, hint: Callable[[str, bool], None]) -> None:
+    def __init__(
+        self, hint: Callable[[str, bool], None], gone: Callable[[str], None] | None = None
+    ) -> None:
         self._hint = hint
+        self._gone = gone
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         try:
-            path = os.fsdecode(getattr(event, "dest_path", "") or event.src_path)
-            if not event.is_directory:
-                self._hint(path, False)
-            elif event.event_type in ("created", "moved"):
-                self._hint(path, True)  # a folder moved in: scan what it holds
+            self._tell(event)
         except Exception:  # pragma: no cover - defensive: must never reach watchdog
             log.exception("error while handling a file event")
+
+    def _tell(self, event: FileSystemEvent) -> None:
+        if event.is_synthetic:
+            return  # made up by watchdog for what a folder moved in holds: stowd walks it
+        path = os.fsdecode(getattr(event, "dest_path", "") or event.src_path)
+        if event.is_directory:
+            if event.event_type in ("created", "moved"):
+                self._hint(path, True)  # a folder moved in: scan what it holds
+        elif self._gone is not None and event.event_type == "deleted":
+            self._gone(path)
+        else:
+            self._hint(path, False)
 
 
 class Watcher:
@@ -156,13 +168,16 @@ class Watcher:
         # a receiving source's finished files wait in its own hidden folder for their name
         parts = () if source.receive is None else (source.watch / INCOMING,)
         self.exclude = tuple(str(p) for p in (source.sent, source.failed, *parts, *exclude))
+        self._places = Places(source.watch, self.exclude, source.ignore)
         self._hints: set[str] = set()
+        self._gone: set[str] = set()
         self._folders: set[str] = set()
         self._hint_lock = threading.Lock()
         self._wake = threading.Event()
         self._due: list[tuple[float, str]] = []
         self._instant: float | None = None  # while files are checked: see _now
         self._scheduled: set[str] = set()
+        self._unlisted: set[str] = set()  # folders the walk under way could not list whole
         self._linked_folders: set[str] = set()
         self._too_long: set[str] = set()  # folders whose path the system cannot open
         self._too_deep = False  # watched without recursion: watchdog's walk ran out of stack
@@ -194,8 +209,18 @@ class Watcher:
             (self._folders if folder else self._hints).add(path)
         self._wake.set()
 
-    def _take_hints(self) -> tuple[list[str], list[str]]:
+    def gone(self, path: str) -> None:
+        """A file was deleted or moved away: stowd's own moves to sent/ say so for each file."""
         with self._hint_lock:
+            self._gone.add(path)
+        self._wake.set()
+
+    def _take_hints(self) -> tuple[list[str], list[str]]:
+        """The files and the folders to look at.  A file gone matters only when its state
+        was being watched (``_future``): were it back, its return has an event of its own."""
+        with self._hint_lock:
+            gone, self._gone = self._gone, set()
+            self._hints.update(path for path in gone if path in self._future)
             hints, self._hints = list(self._hints), set()
             folders, self._folders = list(self._folders), set()
         return hints, folders
@@ -224,7 +249,7 @@ class Watcher:
         self._observer = observer
 
     def _started(self, observer: BaseObserver, *, recursive: bool) -> BaseObserver:
-        handler = _Handler(self.hint)
+        handler = _Handler(self.hint, self.gone)
         observer.schedule(handler, str(self.source.watch), recursive=recursive, event_filter=EVENTS)
         observer.daemon = True
         observer.start()
@@ -288,15 +313,34 @@ class Watcher:
                 self._rescan_requested = False
                 self.scan(stop)
                 next_scan = time.monotonic() + self.source.rescan_interval
-            for folder in folders:
-                if self._wanted(folder):
-                    self._check_all(self._walk(folder), stop)
-            self._check_all(hints)
-            self._check_all(self._pop_due())
+            listed = self._walk_folders(folders, stop)
+            self._check_all(self._unchecked(hints, listed))
+            self._check_all(self._pop_due(), checked=True)
             self._check_folder()
             self._ensure_observer()
             self._wake.wait(self._wait_time(next_scan))
             self._wake.clear()
+
+    def _walk_folders(self, folders: list[str], stop: threading.Event) -> set[str]:
+        """Walk the folders events named (moved in, created): the folders listed whole.
+        One inside another is walked once, with the outer one."""
+        listed: set[str] = set()
+        for folder in sorted(folders, key=len):
+            if folder not in listed and self._wanted(folder):
+                self._check_all(self._walk(folder, listed), stop, checked=True)
+        return listed
+
+    def _unchecked(self, hints: list[str], listed: set[str]) -> Iterator[str]:
+        """The hinted files not looked at already: not waiting for a recheck (it looks;
+        but a file whose unchanged look is being counted is looked at, so that a change
+        starts the count when it happened), not in a folder just listed whole (events came
+        before the listing, which saw the file as it is now).  The events of a file being
+        written, or of a folder moved in, cost a check each otherwise."""
+        for path in hints:
+            if path in self._scheduled and path not in self._future:
+                continue
+            if os.path.dirname(path) not in listed:
+                yield path
 
     # -- the watch folder itself ----------------------------------------------------------
     def _check_folder(self) -> None:
@@ -382,7 +426,8 @@ class Watcher:
     def scan(self, stop: threading.Event | None = None) -> None:
         """Walk the whole drop folder once (lazily: memory does not grow with its size)."""
         started = time.monotonic()
-        found = self._check_all(self._walk(str(self.source.watch)), stop)
+        top = str(self.source.watch)
+        found = self._check_all(self._walk(top), stop, checked=True) if self._wanted(top) else 0
         self._forget_gone()
         log.debug(
             "source %s: scan of %s found %d new file(s) in %.1fs",
@@ -399,11 +444,16 @@ class Watcher:
             if not os.path.lexists(path):
                 del self._future[path]
 
-    def _walk(self, top: str) -> Iterator[str]:
+    def _walk(self, top: str, listed: set[str] | None = None) -> Iterator[str]:
         """The files below ``top``, walked lazily and without recursion (``walk_folders``:
-        folders nested thousands deep once killed the watcher with ``RecursionError``)."""
+        folders nested thousands deep once killed the watcher with ``RecursionError``).
+        Only names are checked on the way: ``top`` must be wanted.  ``listed`` gets each
+        folder whose files were all yielded (and so checked) without an error."""
+        unlisted = self._unlisted = set()
         for folder, entries in walk_folders(top, self._enters, self._cannot_list):
             yield from self._files_in(folder, entries)
+            if listed is not None and folder not in unlisted:
+                listed.add(folder)
 
     def _enters(self, entry: os.DirEntry[str]) -> bool:
         """Is the sub-folder ``entry`` walked (not an ignored name, not excluded)?"""
@@ -443,6 +493,7 @@ class Watcher:
             return False
 
     def _cannot_list(self, folder: str, exc: OSError) -> None:
+        self._unlisted.add(folder)
         level = logging.ERROR if folder == str(self.source.watch) else logging.WARNING
         if isinstance(exc, FileNotFoundError):
             level = logging.DEBUG  # a folder removed while the scan ran
@@ -486,8 +537,14 @@ class Watcher:
             )
 
     def _check_all(
-        self, paths: Iterator[str] | list[str], stop: threading.Event | None = None
+        self,
+        paths: Iterator[str] | list[str],
+        stop: threading.Event | None = None,
+        *,
+        checked: bool = False,
     ) -> int:
+        """Check ``paths`` and queue the complete files; ``checked``: they are known to be
+        wanted (found by a walk, or scheduled after a check), only their state is looked at."""
         chunk: list[NewFile] = []
         added = 0
         self._instant = self.clock()  # the files of one chunk are judged at one instant
@@ -496,7 +553,7 @@ class Watcher:
                 if stop is not None and stop.is_set():
                     break
                 self.beat = time.monotonic()  # a long scan is progress too
-                new = self._check(path)
+                new = self._check(path, checked)
                 if new is not None:
                     chunk.append(new)
                 if len(chunk) >= ENQUEUE_CHUNK:
@@ -548,9 +605,9 @@ class Watcher:
             log.info("source %s: files are queued again", self.source.name)
         self._sink_failing = False
 
-    def _check(self, path: str) -> NewFile | None:
+    def _check(self, path: str, checked: bool = False) -> NewFile | None:
         """A ``NewFile`` when ``path`` is complete; otherwise maybe schedule a recheck."""
-        if not self._wanted(path):
+        if not checked and not self._wanted(path):
             return None
         st: os.stat_result | None
         try:
@@ -594,7 +651,7 @@ class Watcher:
                 self._scheduled.add(path)
                 heapq.heappush(self._due, (self._now() + wait, path))
             return None
-        rel = os.path.relpath(path, self.source.watch)
+        rel = self._places.relative(path) or os.path.relpath(path, self.source.watch)
         snapshot = None if self.source.sidecars is None else partial(self._snapshot, path, found)
         return NewFile(
             self.source.name,
@@ -761,18 +818,10 @@ class Watcher:
         return max(0.0, left)
 
     def _wanted(self, path: str) -> bool:
-        try:
-            rel = os.path.relpath(path, self.source.watch)
-        except ValueError:
-            return False
-        if rel.startswith(os.pardir) or any(
-            path == ex or path.startswith(ex + os.sep) for ex in self.exclude
-        ):
-            return False
-        return not any(self._ignored(part) for part in Path(rel).parts)
+        return self._places.wanted(path)
 
     def _ignored(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.source.ignore)
+        return self._places.ignored(name)
 
 
 def _reader_died(emitter: object) -> bool:

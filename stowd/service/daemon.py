@@ -646,8 +646,9 @@ def _serve_metrics(config: Config) -> metrics.Server | None:
     if config.metrics is None:
         return None
     host, port = config.metrics.host, config.metrics.port
-    schedules = {name: d.schedule for name, d in config.destinations.items()}
-    server = metrics.serve(host, port, config.queue, list(config.destinations), schedules=schedules)
+    server = metrics.serve(
+        host, port, config.queue, list(config.destinations), **metrics.of_config(config)
+    )
     log.info("serving Prometheus metrics on http://%s:%d/metrics", host, server.port)
     return server
 

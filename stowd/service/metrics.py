@@ -32,10 +32,11 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
+from stowd.config.model import Config
 from stowd.config.schedule import Schedule, local_now
 from stowd.config.yamlwalk import host_port
 from stowd.errors import QueueError, StowdError
-from stowd.pipeline.counters import REGISTRY, label, touch
+from stowd.pipeline.counters import REGISTRY, label, route, touch
 from stowd.pipeline.queue import ActiveView, read_active
 
 log = logging.getLogger("stowd.metrics")
@@ -184,17 +185,29 @@ def registry(
     *,
     clock: Callable[[], float] = time.time,
     schedules: Mapping[str, Schedule] | None = None,
+    routes: Iterable[tuple[str, str]] = (),
 ) -> CollectorRegistry:
     """What a scrape serves: the counters, the queue's gauges and the paused gauge, in a
-    real registry (``?name[]=`` works); series of ``destinations`` start at 0, so rates and
-    alerts work before the first event."""
+    real registry (``?name[]=`` works); series of ``destinations`` and of each (source,
+    destination) in ``routes`` start at 0, so rates and alerts work before the first event."""
     collector = QueueCollector(queue_path, destinations, clock)
     for name in collector.destinations:
         touch(name)
+    for source, destination in routes:
+        route(source, destination)
     scrape = CollectorRegistry(auto_describe=True)
     paused = PausedCollector(schedules or dict.fromkeys(destinations, Schedule()))
     scrape.register(_Scrape(collector, paused))
     return scrape
+
+
+def of_config(config: Config) -> dict[str, Any]:
+    """``registry``/``serve``'s keyword arguments for the destinations, schedules and
+    routes (source, destination) of ``config``."""
+    return {
+        "schedules": {name: d.schedule for name, d in config.destinations.items()},
+        "routes": [(s.name, s.destination) for s in config.sources],
+    }
 
 
 def serve(
@@ -205,13 +218,14 @@ def serve(
     *,
     clock: Callable[[], float] = time.time,
     schedules: Mapping[str, Schedule] | None = None,
+    routes: Iterable[tuple[str, str]] = (),
 ) -> Server:
     """Serve the metrics over HTTP on host:port (port 0: any free one, see ``Server.port``).
 
     Every path answers with the metrics, ``/metrics`` among them.  Series of the configured
     destinations start at 0, so rates and alerts work before the first event.
     """
-    scrape = registry(queue_path, destinations, clock=clock, schedules=schedules)
+    scrape = registry(queue_path, destinations, clock=clock, schedules=schedules, routes=routes)
     try:
         httpd, thread = start_http_server(port, addr=host, registry=scrape)
     except OSError as exc:

@@ -86,9 +86,8 @@ class App:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        schedules = {name: d.schedule for name, d in config.destinations.items()}
         self.metrics = make_wsgi_app(
-            metrics.registry(config.queue, list(config.destinations), schedules=schedules)
+            metrics.registry(config.queue, list(config.destinations), **metrics.of_config(config))
         )
         self.auth = None if config.http is None else config.http.auth
         self.loopback = config.http is not None and is_loopback(config.http.host)

@@ -26,8 +26,10 @@ from localserver import Served
 
 TESTS = Path(__file__).resolve().parent.parent
 
-# Fixtures that start an archive or need one (conftest.py).
-ARCHIVE_FIXTURES = frozenset({"orthanc", "archive", "orthanc_required"})
+# Fixtures that start an archive or need one, or start a browser (conftest.py).
+ARCHIVE_FIXTURES = frozenset(
+    {"orthanc", "archive", "orthanc_required", "browser", "browser_without_js"}
+)
 
 _STARTERS: tuple[object, ...] = (Stowd, run_until, run_cli)
 # The same by name, for a use through a module (``harness.run_cli``): co_names holds the
