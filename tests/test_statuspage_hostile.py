@@ -155,3 +155,11 @@ def test_the_reason_filter_finds_a_reason_with_a_line_break_or_a_backslash(
         [shown] = doc["failures"]["shown"]
         assert escape(shown["reason"]) == value
         assert f'<option value="{page.text(shown["reason"])}" selected>' in page.render(doc)
+
+
+def test_the_trouble_page_is_one_document() -> None:
+    """The page served when the queue cannot be read opened ``<main>`` twice and never
+    closed the document; the message is text, in one ``<main>``, and the page ends."""
+    html = page.render_error("cannot read the queue </main><script>x</script>")
+    assert html.count("<main>") == html.count("</main>") == 1
+    assert html.rstrip().endswith("</body></html>") and html.count("<script") == 1

@@ -130,7 +130,12 @@ def render(doc: Mapping[str, Any]) -> str:
 def render_error(message: str) -> str:
     """The page when the queue cannot be read (no queue yet, no right to read it)."""
     return "\n".join(
-        [_head(), "<main><h1>stowd</h1>", f'<p class="trouble">{text(message)}</p>', "</main>"]
+        [
+            _head(),
+            "<h1>stowd</h1>",
+            f'<p class="trouble">{text(message)}</p>',
+            "</main></body></html>\n",
+        ]
     )
 
 
