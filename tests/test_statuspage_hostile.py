@@ -163,3 +163,20 @@ def test_the_trouble_page_is_one_document() -> None:
     html = page.render_error("cannot read the queue </main><script>x</script>")
     assert html.count("<main>") == html.count("</main>") == 1
     assert html.rstrip().endswith("</body></html>") and html.count("<script") == 1
+
+
+def test_a_bearer_token_that_is_not_ascii_is_accepted(tmp_path: Path) -> None:
+    """A token is a secret like any other, UTF-8 in its file; a client sends it as those
+    bytes.  The header arrives decoded as Latin-1 (as HTTP headers are), so the token was
+    compared as mis-decoded text and such a token could never log in."""
+    token = "jeton-sécurité-€"
+    layout = make_layout(tmp_path, UNREACHABLE)
+    with serving_page(layout, env={"PAGE_TOKEN": token}, auth={"token": {"env": "PAGE_TOKEN"}}) as (
+        _daemon,
+        base,
+    ):
+        header = b"Authorization: Bearer " + token.encode()
+        got = raw(base, b"GET /api/status HTTP/1.0\r\n" + header + b"\r\n\r\n")
+        assert _status(got) == 200, got[:200]
+        wrong = b"Authorization: Bearer " + token.encode("latin-1", "replace")
+        assert _status(raw(base, b"GET / HTTP/1.0\r\n" + wrong + b"\r\n\r\n")) == 401

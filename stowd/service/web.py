@@ -205,7 +205,7 @@ def _accepted(auth: HttpAuth, header: str) -> bool:
     scheme, _, value = header.strip().partition(" ")
     value = value.strip()
     if scheme.lower() == "bearer" and auth.token is not None:
-        return _same(value, auth.token.value())
+        return hmac.compare_digest(_sent(value), _utf8(auth.token.value()))
     if scheme.lower() == "basic" and auth.password is not None and auth.user is not None:
         user, sep, password = _basic(value).partition(":")
         right_user = _same(user, auth.user)
@@ -226,6 +226,11 @@ def _basic(value: str) -> str:
 def _same(given: str, expected: str) -> bool:
     """Compared in constant time (a timing difference must not tell how much was right)."""
     return hmac.compare_digest(_utf8(given), _utf8(expected))
+
+
+def _sent(header: str) -> bytes:
+    """The bytes a client sent in a header (WSGI hands them over as Latin-1 text)."""
+    return header.encode("latin-1", "replace")
 
 
 def _utf8(text: str) -> bytes:
