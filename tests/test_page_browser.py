@@ -338,3 +338,29 @@ def test_the_page_works_without_javascript(
         filtered = failure_rows(driver)
         assert [row["file"] for row in filtered] == [str(layout.drop / "cut-short.dcm")]
         assert filtered[0]["reason"] == chosen
+
+
+# -- a page opened while the queue could not be read ---------------------------------------------
+def test_a_page_opened_while_the_queue_was_unreadable_shows_the_tables_once_it_is_back(
+    browser: Chrome, tmp_path: Path
+) -> None:
+    """The page served while the queue cannot be read (503) is the trouble alone, without
+    the tables; its script refreshed only the parts it had, so that page said "no queue"
+    until someone reloaded it, long after the queue was back.  It must show the tables at
+    the first refresh that can read the queue."""
+    layout = layout_for(tmp_path, "http://127.0.0.1:1/dicom-web")  # nothing is sent
+    with serving_page(layout) as (_daemon, url):
+        queue = layout.root / "state" / "queue.db"
+        away = queue.with_name("queue.db.away")
+        queue.rename(away)  # the daemon keeps its open file; a reader finds none by name
+        try:
+            browser.get(url)
+            assert "no queue at" in browser.find_element(By.TAG_NAME, "main").text
+        finally:
+            away.rename(queue)
+        wait_for(
+            lambda: "ct1" in page_rows(browser, "sources", "data-source"),
+            REFRESHED,
+            "the sources table once the queue is readable again",
+        )
+        assert "no queue at" not in browser.find_element(By.TAG_NAME, "main").text

@@ -82,6 +82,7 @@ def _failures(failed: list[dict[str, Any]], reason: str) -> dict[str, Any]:
     for err in failed:
         counts[err["reason"]] = counts.get(err["reason"], 0) + 1
     reasons = sorted(counts, key=lambda r: -counts[r])[:REASONS_SHOWN]
+    reason = _named(reason, counts)
     chosen = [e for e in failed if not reason or e["reason"] == reason]
     return {
         "reason": reason,
@@ -90,6 +91,16 @@ def _failures(failed: list[dict[str, Any]], reason: str) -> dict[str, Any]:
         "matching": len(chosen),
         "read": len(failed),
     }
+
+
+def _named(reason: str, known: Iterable[str]) -> str:
+    """The reason ``?reason=`` names: itself, or the one it is the shown text of.  The
+    filter's options carry the reason as the page shows it (``printable.escape``: a line
+    break as ``\\n``, a backslash doubled), which a form sends back unaltered."""
+    known = list(known)
+    if reason in known:
+        return reason
+    return next((r for r in known if escape(r) == reason), reason)
 
 
 # --------------------------------------------------------------------------- HTML
@@ -119,7 +130,12 @@ def render(doc: Mapping[str, Any]) -> str:
 def render_error(message: str) -> str:
     """The page when the queue cannot be read (no queue yet, no right to read it)."""
     return "\n".join(
-        [_head(), "<main><h1>stowd</h1>", f'<p class="trouble">{text(message)}</p>', "</main>"]
+        [
+            _head(),
+            "<h1>stowd</h1>",
+            f'<p class="trouble">{text(message)}</p>',
+            "</main></body></html>\n",
+        ]
     )
 
 

@@ -11,21 +11,25 @@ Paths served (anything else is 404; a method other than GET or HEAD is 405)::
     /static/icon.svg   its icon
 
 The static files are the package's own (``stowd/service/static``), served from a fixed list:
-no path from a request ever reaches the filesystem.  With ``http.auth`` every path asks for
-the login (HTTP basic, or a bearer token); a wrong one is answered 401 with
-``WWW-Authenticate``, and logged without what was sent.  Every answer carries a Content
-Security Policy allowing only the page's own script and style (no inline script),
-``X-Content-Type-Options: nosniff``, ``Referrer-Policy: no-referrer`` and ``no-store``.
+no path from a request ever reaches the filesystem.  A listener on loopback answers only
+requests addressed to a loopback name (``Host``: localhost, 127.0.0.1, [::1]; else 421), so
+that a web page cannot rebind its own name to 127.0.0.1 and read the page as its own.  With
+``http.auth`` every path asks for the login (HTTP basic, or a bearer token); a wrong one is
+answered 401 with ``WWW-Authenticate``, and logged without what was sent.  Every answer
+carries a Content Security Policy allowing only the page's own script and style (no inline
+script), ``X-Content-Type-Options: nosniff``, ``Referrer-Policy: no-referrer`` and
+``no-store``.
 
 Bounds: at most ``MAX_CONNECTIONS`` requests are handled at once (more are closed at once),
-a connection silent for ``REQUEST_TIMEOUT`` is closed, a query longer than ``MAX_QUERY`` is
-refused (414), and the page shows at most ``page.FAILURES_SHOWN`` failures.
+a request not all in within ``REQUEST_TIMEOUT`` is closed, a query longer than ``MAX_QUERY`` is
+refused (414), one of more than ``MAX_FIELDS`` fields is a bad request (400), and the page
+shows at most ``page.FAILURES_SHOWN`` failures.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
+import contextlib
 import hmac
 import json
 import logging
@@ -40,16 +44,19 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import make_wsgi_app
 
+from stowd.config.httpconfig import is_loopback
 from stowd.config.model import HTTP_REALM, Config, HttpAuth
 from stowd.config.yamlwalk import host_port
-from stowd.errors import QueueUnreadable, SecretUnavailable, StowdError
+from stowd.errors import QueueError, SecretUnavailable, StowdError
+from stowd.printable import escape
 from stowd.service import metrics, page
 
 log = logging.getLogger("stowd.http")
 
 MAX_CONNECTIONS = 16  # requests handled at once; more are closed without an answer
-REQUEST_TIMEOUT = 30.0  # seconds a connection may stay silent
+REQUEST_TIMEOUT = 30.0  # seconds a request (its line and headers) may take to arrive
 MAX_QUERY = 2048  # characters of a query string
+MAX_FIELDS = 20  # fields of a query string (``reason`` is the one read)
 STATIC = {
     "stowd.js": "text/javascript; charset=utf-8",
     "stowd.css": "text/css; charset=utf-8",
@@ -88,6 +95,7 @@ class App:
             metrics.registry(config.queue, list(config.destinations), **metrics.of_config(config))
         )
         self.auth = None if config.http is None else config.http.auth
+        self.loopback = config.http is not None and is_loopback(config.http.host)
         self._secret_failing = False
 
     def __call__(self, environ: dict[str, Any], start: StartResponse) -> Iterable[bytes]:
@@ -112,18 +120,25 @@ class App:
             return _plain("500 Internal Server Error", "stowd could not answer (see its log)")
 
     def _checked(self, environ: dict[str, Any]) -> Answer:
-        refused = self._login(environ.get("HTTP_AUTHORIZATION", ""), environ)
+        refused = self._misdirected(environ) or self._login(
+            environ.get("HTTP_AUTHORIZATION", ""), environ
+        )
         if refused is not None:
             return refused
-        if len(environ.get("QUERY_STRING", "")) > MAX_QUERY:
+        query = environ.get("QUERY_STRING", "")
+        if len(query) > MAX_QUERY:
             return _plain("414 URI Too Long", f"a query of at most {MAX_QUERY} characters")
-        return self._route(environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", ""))
+        try:
+            asked = _query(query)
+        except ValueError:  # more fields than parse_qs was allowed to read
+            return _plain("400 Bad Request", f"a query of at most {MAX_FIELDS} fields")
+        return self._route(environ.get("PATH_INFO", ""), asked)
 
-    def _route(self, path: str, query: str) -> Answer:
+    def _route(self, path: str, query: page.Query) -> Answer:
         if path == "/":
-            return self._page(_query(query))
+            return self._page(query)
         if path == "/api/status":
-            return self._api(_query(query))
+            return self._api(query)
         if path == "/metrics":
             return (_METRICS, "", b"", [])
         name = path.removeprefix("/static/")
@@ -135,16 +150,35 @@ class App:
     def _page(self, query: page.Query) -> Answer:
         try:
             doc = page.document(self.config, query)
-        except QueueUnreadable as exc:
+        except QueueError as exc:  # unreadable, or gone ("no queue at ...")
             return ("503 Service Unavailable", HTML, page.render_error(str(exc)).encode(), [])
         return ("200 OK", HTML, page.render(doc).encode("utf-8", "backslashreplace"), [])
 
     def _api(self, query: page.Query) -> Answer:
         try:
             doc = page.document(self.config, query)
-        except QueueUnreadable as exc:
+        except QueueError as exc:
             return ("503 Service Unavailable", JSON, _json({"error": str(exc)}), [])
         return ("200 OK", JSON, _json(doc), [])
+
+    # -- the host name (DNS rebinding)
+    def _misdirected(self, environ: dict[str, Any]) -> Answer | None:
+        """A loopback listener answers requests for a loopback name only (None: this one
+        is).  A web page that rebinds its own name to 127.0.0.1 would otherwise read the
+        page as same-origin; the browser sends that name in ``Host``."""
+        host = environ.get("HTTP_HOST")
+        if not self.loopback or host is None or _loopback_name(host):
+            return None
+        log.warning(
+            "status page: refused a request from %s for the host name %s: the listener is "
+            "on loopback and answers localhost, 127.0.0.1 and [::1] only (421)",
+            environ.get("REMOTE_ADDR", "?"),
+            escape(host),
+        )
+        return _plain(
+            "421 Misdirected Request",
+            "this listener is on loopback: ask for localhost, 127.0.0.1 or [::1]",
+        )
 
     # -- the login
     def _login(self, header: str, environ: dict[str, Any]) -> Answer | None:
@@ -176,7 +210,7 @@ def _accepted(auth: HttpAuth, header: str) -> bool:
     scheme, _, value = header.strip().partition(" ")
     value = value.strip()
     if scheme.lower() == "bearer" and auth.token is not None:
-        return _same(value, auth.token.value())
+        return hmac.compare_digest(_sent(value), _utf8(auth.token.value()))
     if scheme.lower() == "basic" and auth.password is not None and auth.user is not None:
         user, sep, password = _basic(value).partition(":")
         right_user = _same(user, auth.user)
@@ -185,9 +219,12 @@ def _accepted(auth: HttpAuth, header: str) -> bool:
 
 
 def _basic(value: str) -> str:
+    """The decoded ``user:password`` ("" when it is not base64 of UTF-8 text).  A header
+    byte that is not ASCII reaches here as a Latin-1 character, which ``b64decode`` refuses
+    with a plain ``ValueError`` (``binascii.Error`` and ``UnicodeDecodeError`` are ones)."""
     try:
         return base64.b64decode(value, validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:
         return ""
 
 
@@ -196,8 +233,24 @@ def _same(given: str, expected: str) -> bool:
     return hmac.compare_digest(_utf8(given), _utf8(expected))
 
 
+def _sent(header: str) -> bytes:
+    """The bytes a client sent in a header (WSGI hands them over as Latin-1 text)."""
+    return header.encode("latin-1", "replace")
+
+
 def _utf8(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
+
+
+def _loopback_name(host: str) -> bool:
+    """``host`` (a ``Host`` header: a name or address, maybe a port) names this machine's
+    loopback: ``localhost`` or an address such as 127.0.0.1 or [::1]."""
+    name = host.strip().lower()
+    if name.startswith("["):
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    return is_loopback(name.removesuffix("."))
 
 
 def _challenges(auth: HttpAuth) -> list[str]:
@@ -209,7 +262,8 @@ def _challenges(auth: HttpAuth) -> list[str]:
 
 
 def _query(query: str) -> page.Query:
-    reasons = parse_qs(query, max_num_fields=20).get("reason", [""])
+    """What ``query`` asks for; raises ``ValueError`` for more than ``MAX_FIELDS`` fields."""
+    reasons = parse_qs(query, max_num_fields=MAX_FIELDS).get("reason", [""])
     return page.Query(reason=reasons[0][: page.REASON_LIMIT])
 
 
@@ -248,9 +302,35 @@ def _send(answer: Answer, start: StartResponse, *, head: bool) -> Iterable[bytes
 
 
 class _Handler(WSGIRequestHandler):
-    """Request lines are not logged (the app logs refused logins); silent clients time out."""
+    """Request lines are not logged (the app logs refused logins); silent clients time out,
+    and so do slow ones: the request line and headers must all arrive within
+    ``REQUEST_TIMEOUT`` (a byte now and then would keep a slot for ever otherwise)."""
 
     timeout = REQUEST_TIMEOUT
+
+    def handle(self) -> None:
+        self._expired = False
+        self._deadline = threading.Timer(REQUEST_TIMEOUT, self._cut)
+        self._deadline.daemon = True
+        self._deadline.start()
+        try:
+            super().handle()
+        finally:
+            self._deadline.cancel()
+
+    def parse_request(self) -> bool:
+        read = super().parse_request()
+        self._deadline.cancel()  # the request is in (or refused): the answer is ours to send
+        return read and not self._expired
+
+    def _cut(self) -> None:
+        """The request did not arrive in time: its connection is shut, which ends the read."""
+        self._expired = True
+        log.debug(
+            "status page: closed a connection from %s: no request in time", self.client_address[0]
+        )
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("status page: " + format, *args)

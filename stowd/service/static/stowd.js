@@ -23,6 +23,10 @@
 
   function swap(html) {
     var fresh = new DOMParser().parseFromString(html, "text/html");
+    if (!document.getElementById("sources") && fresh.getElementById("sources")) {
+      location.reload();  // opened while the queue could not be read: it has none of the parts
+      return;
+    }
     SWAPPED.forEach(function (id) {
       var old = document.getElementById(id), now = fresh.getElementById(id);
       if (old && now) { old.replaceWith(document.adoptNode(now)); }
