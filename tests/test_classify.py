@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import os
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, cast
@@ -13,6 +16,8 @@ import pytest
 from dicomgen import make_instance_bytes
 from pydicom.data import get_testdata_file
 
+from stowd import dropped
+from stowd.config.model import Source
 from stowd.errors import FileIncomplete, FileProblem, FileUnreadable, FileVanished
 from stowd.pipeline import classify as classify_mod
 from stowd.pipeline.classify import classify
@@ -201,3 +206,46 @@ def test_short_reads_of_an_unbuffered_file_classify_as_whole_reads_do(tmp_path: 
         whole = _as_read(path, lambda p: cast(BinaryIO, open(p, "rb")))  # noqa: SIM115 - _as_read closes it
         assert _as_read(path, lambda p: cast(BinaryIO, _Trickle(p))) == whole, path.name
         assert whole[0] in ("dicom", "FileIncomplete"), path.name
+
+
+def _read_of_fifo(path: Path) -> tuple[str, str] | None:
+    """classify of the FIFO ``path``: the refusal it gave, or None when it still waited
+    after ``FIFO_WAIT`` seconds (its writing end is then opened and closed, so that the
+    waiting read ends and no thread is left behind)."""
+    said: list[tuple[str, str]] = []
+
+    def read() -> None:
+        try:
+            classify(str(path))
+        except FileProblem as problem:
+            said.append((type(problem).__name__, str(problem)))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(FIFO_WAIT)
+    if reader.is_alive():  # waiting in open() for a writer: let it go on
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(FIFO_WAIT)
+        return None
+    return said[0] if said else ("read", "")
+
+
+FIFO_WAIT = 30.0  # a FIFO opened without waiting answers at once; this bounds the test only
+
+
+@pytest.mark.parametrize("follow_links", [False, True])
+def test_a_fifo_named_dcm_is_refused_at_once_whether_links_are_followed_or_not(
+    follow_links: bool, tmp_path: Path
+) -> None:
+    """A writer may put a FIFO where a file was, between the watcher's check (a regular
+    file) and the read.  Beneath a guarded watch folder the FIFO is opened without waiting
+    for a writer, and refused as empty; in a folder that follows links it was opened with a
+    plain ``open``, which waits for a writer forever: the reader of new files (and every
+    file queued behind it) stopped for good."""
+    watch = tmp_path / "drop"
+    watch.mkdir()
+    source = Source("fifo", watch, tmp_path / "s", tmp_path / "f", "pacs")
+    dropped.configure([dataclasses.replace(source, follow_links=follow_links)])
+    path = watch / "swapped.dcm"
+    os.mkfifo(path)
+    assert _read_of_fifo(path) == ("FileProblem", "the file is empty (0 bytes)")
