@@ -18,7 +18,13 @@ from pydicom.data import get_testdata_file
 
 from stowd import dropped
 from stowd.config.model import Source
-from stowd.errors import FileIncomplete, FileProblem, FileUnreadable, FileVanished
+from stowd.errors import (
+    FileIncomplete,
+    FileProblem,
+    FileUnreadable,
+    FileVanished,
+    LinkRefused,
+)
 from stowd.pipeline import classify as classify_mod
 from stowd.pipeline.classify import classify
 
@@ -249,3 +255,43 @@ def test_a_fifo_named_dcm_is_refused_at_once_whether_links_are_followed_or_not(
     path = watch / "swapped.dcm"
     os.mkfifo(path)
     assert _read_of_fifo(path) == ("FileProblem", "the file is empty (0 bytes)")
+
+
+def _long_header(path: Path, letter: str) -> str:
+    """A file at ``path`` whose header is longer than the first 64 KiB: a TextValue (UT)
+    larger than ``DEFER`` (read from the file only when asked for); that value."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.TextValue = letter * (classify_mod.DEFER + 1000)
+    ds.save_as(path)
+    return str(ds.TextValue)
+
+
+@pytest.mark.parametrize("follow_links", [False, True])
+def test_a_large_value_of_a_long_header_is_read_from_its_file_when_asked_for(
+    follow_links: bool, tmp_path: Path
+) -> None:
+    """A header longer than the first 64 KiB is parsed from the file, its values larger than
+    ``DEFER`` read from it only when asked for (a rule matching on one).  Beneath a guarded
+    watch folder (follow_links false, the default) the file was named by its descriptor,
+    closed by then: reading the value raised, and the rule's file went to failed/ as
+    damaged.  It is opened again by its name, and never through a link put there since."""
+    watch = tmp_path / "drop"
+    watch.mkdir()
+    source = Source("long", watch, tmp_path / "s", tmp_path / "f", "pacs")
+    dropped.configure([dataclasses.replace(source, follow_links=follow_links)])
+    value = _long_header(watch / "long.dcm", "x")
+    found = classify(str(watch / "long.dcm"))
+    assert found.header is not None
+    assert not found.held.in_memory()
+    assert found.header.TextValue == value
+    if follow_links:
+        return  # a link is followed there, as any other read of the file follows it
+    swapped = watch / "swapped.dcm"
+    _long_header(swapped, "x")
+    found = classify(str(swapped))
+    swapped.unlink()
+    _long_header(tmp_path / "other.dcm", "y")
+    swapped.symlink_to(tmp_path / "other.dcm")  # a file like it, of another value
+    assert found.header is not None
+    with pytest.raises(LinkRefused):
+        _ = found.header.TextValue
