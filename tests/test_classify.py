@@ -260,7 +260,9 @@ def test_a_fifo_named_dcm_is_refused_at_once_whether_links_are_followed_or_not(
 def _long_header(path: Path, letter: str) -> str:
     """A file at ``path`` whose header is longer than the first 64 KiB: a TextValue (UT)
     larger than ``DEFER`` (read from the file only when asked for); that value."""
-    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    source = get_testdata_file("CT_small.dcm")
+    assert isinstance(source, str)
+    ds = pydicom.dcmread(source)
     ds.TextValue = letter * (classify_mod.DEFER + 1000)
     ds.save_as(path)
     return str(ds.TextValue)
@@ -289,9 +291,12 @@ def test_a_large_value_of_a_long_header_is_read_from_its_file_when_asked_for(
     swapped = watch / "swapped.dcm"
     _long_header(swapped, "x")
     found = classify(str(swapped))
+    mtime = os.stat(swapped).st_mtime_ns
     swapped.unlink()
-    _long_header(tmp_path / "other.dcm", "y")
-    swapped.symlink_to(tmp_path / "other.dcm")  # a file like it, of another value
+    other = tmp_path / "other.dcm"
+    _long_header(other, "y")
+    swapped.symlink_to(other)  # a file like it, of another value
+    os.utime(other, ns=(mtime, mtime))  # as pydicom checks it: the same time as when read
     assert found.header is not None
     with pytest.raises(LinkRefused):
         _ = found.header.TextValue
