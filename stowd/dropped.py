@@ -68,8 +68,10 @@ def open_file(
     root = _root_of(text)
     buffering = 0 if unbuffered else -1
     if root is None:
-        how = (0,) if unbuffered else ()  # an opener (a test's) may take a path and mode only
-        return cast(BinaryIO, (opener or open)(text, "rb", *how))  # looked up now: a seam
+        if opener is not None:  # a test's, which may take a path and mode only
+            return cast(BinaryIO, opener(text, "rb", *((0,) if unbuffered else ())))
+        # open looked up now (a seam); named by the path (pydicom reopens it by that name)
+        return open(text, "rb", buffering, opener=_open_unguarded)
     fd = _open_beneath(root, _relative(text, root), text)
     try:
         os.set_blocking(fd, True)
@@ -77,6 +79,20 @@ def open_file(
     except BaseException:
         os.close(fd)
         raise
+
+
+def _open_unguarded(path: str, flags: int) -> int:
+    """``open``'s opener for a path under no guarded watch folder: a FIFO put where a file
+    was is opened without waiting for a writer (as beneath a guarded one: ``_FILE``), then
+    read as any file (it is refused as empty).  A plain ``open`` waited for a writer forever,
+    and every file queued behind it with it."""
+    fd = os.open(path, flags | os.O_NONBLOCK)
+    try:
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _root_of(path: str) -> str | None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import os
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, cast
@@ -13,7 +16,15 @@ import pytest
 from dicomgen import make_instance_bytes
 from pydicom.data import get_testdata_file
 
-from stowd.errors import FileIncomplete, FileProblem, FileUnreadable, FileVanished
+from stowd import dropped
+from stowd.config.model import Source
+from stowd.errors import (
+    FileIncomplete,
+    FileProblem,
+    FileUnreadable,
+    FileVanished,
+    LinkRefused,
+)
 from stowd.pipeline import classify as classify_mod
 from stowd.pipeline.classify import classify
 
@@ -201,3 +212,91 @@ def test_short_reads_of_an_unbuffered_file_classify_as_whole_reads_do(tmp_path: 
         whole = _as_read(path, lambda p: cast(BinaryIO, open(p, "rb")))  # noqa: SIM115 - _as_read closes it
         assert _as_read(path, lambda p: cast(BinaryIO, _Trickle(p))) == whole, path.name
         assert whole[0] in ("dicom", "FileIncomplete"), path.name
+
+
+def _read_of_fifo(path: Path) -> tuple[str, str] | None:
+    """classify of the FIFO ``path``: the refusal it gave, or None when it still waited
+    after ``FIFO_WAIT`` seconds (its writing end is then opened and closed, so that the
+    waiting read ends and no thread is left behind)."""
+    said: list[tuple[str, str]] = []
+
+    def read() -> None:
+        try:
+            classify(str(path))
+        except FileProblem as problem:
+            said.append((type(problem).__name__, str(problem)))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(FIFO_WAIT)
+    if reader.is_alive():  # waiting in open() for a writer: let it go on
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(FIFO_WAIT)
+        return None
+    return said[0] if said else ("read", "")
+
+
+FIFO_WAIT = 30.0  # a FIFO opened without waiting answers at once; this bounds the test only
+
+
+@pytest.mark.parametrize("follow_links", [False, True])
+def test_a_fifo_named_dcm_is_refused_at_once_whether_links_are_followed_or_not(
+    follow_links: bool, tmp_path: Path
+) -> None:
+    """A writer may put a FIFO where a file was, between the watcher's check (a regular
+    file) and the read.  Beneath a guarded watch folder the FIFO is opened without waiting
+    for a writer, and refused as empty; in a folder that follows links it was opened with a
+    plain ``open``, which waits for a writer forever: the reader of new files (and every
+    file queued behind it) stopped for good."""
+    watch = tmp_path / "drop"
+    watch.mkdir()
+    source = Source("fifo", watch, tmp_path / "s", tmp_path / "f", "pacs")
+    dropped.configure([dataclasses.replace(source, follow_links=follow_links)])
+    path = watch / "swapped.dcm"
+    os.mkfifo(path)
+    assert _read_of_fifo(path) == ("FileProblem", "the file is empty (0 bytes)")
+
+
+def _long_header(path: Path, letter: str) -> str:
+    """A file at ``path`` whose header is longer than the first 64 KiB: a TextValue (UT)
+    larger than ``DEFER`` (read from the file only when asked for); that value."""
+    source = get_testdata_file("CT_small.dcm")
+    assert isinstance(source, str)
+    ds = pydicom.dcmread(source)
+    ds.TextValue = letter * (classify_mod.DEFER + 1000)
+    ds.save_as(path)
+    return str(ds.TextValue)
+
+
+@pytest.mark.parametrize("follow_links", [False, True])
+def test_a_large_value_of_a_long_header_is_read_from_its_file_when_asked_for(
+    follow_links: bool, tmp_path: Path
+) -> None:
+    """A header longer than the first 64 KiB is parsed from the file, its values larger than
+    ``DEFER`` read from it only when asked for (a rule matching on one).  Beneath a guarded
+    watch folder (follow_links false, the default) the file was named by its descriptor,
+    closed by then: reading the value raised, and the rule's file went to failed/ as
+    damaged.  It is opened again by its name, and never through a link put there since."""
+    watch = tmp_path / "drop"
+    watch.mkdir()
+    source = Source("long", watch, tmp_path / "s", tmp_path / "f", "pacs")
+    dropped.configure([dataclasses.replace(source, follow_links=follow_links)])
+    value = _long_header(watch / "long.dcm", "x")
+    found = classify(str(watch / "long.dcm"))
+    assert found.header is not None
+    assert not found.held.in_memory()
+    assert found.header.TextValue == value
+    if follow_links:
+        return  # a link is followed there, as any other read of the file follows it
+    swapped = watch / "swapped.dcm"
+    _long_header(swapped, "x")
+    found = classify(str(swapped))
+    mtime = os.stat(swapped).st_mtime_ns
+    swapped.unlink()
+    other = tmp_path / "other.dcm"
+    _long_header(other, "y")
+    swapped.symlink_to(other)  # a file like it, of another value
+    os.utime(other, ns=(mtime, mtime))  # as pydicom checks it: the same time as when read
+    assert found.header is not None
+    with pytest.raises(LinkRefused):
+        _ = found.header.TextValue

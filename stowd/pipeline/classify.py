@@ -184,7 +184,7 @@ def classify_dicom(path: str) -> Classified:
             size = os.fstat(fp.fileno()).st_size
             if size == 0:
                 raise FileProblem("the file is empty (0 bytes)")
-            return _classify_dicom(fp, size)
+            return _classify_dicom(fp, size, path)
     except (FileNotFoundError, NotADirectoryError) as exc:
         raise FileVanished("the file was removed before it could be sent") from exc
     except IsADirectoryError as exc:
@@ -193,8 +193,9 @@ def classify_dicom(path: str) -> Classified:
         raise FileUnreadable.from_os_error(exc, path) from exc
 
 
-def _classify_dicom(fp: BinaryIO, size: int) -> Classified:
-    """``fp``: the file, unbuffered (``read_fully`` reads it)."""
+def _classify_dicom(fp: BinaryIO, size: int, path: str | None = None) -> Classified:
+    """``fp``: the file, unbuffered (``read_fully`` reads it); ``path``: its name, by which
+    a value of its header left in it is read (None: ``fp``'s own name)."""
     head = read_fully(fp, HEAD_BYTES)
     if not _looks_like_part10(head, size):
         raise NotDicom(
@@ -203,7 +204,7 @@ def _classify_dicom(fp: BinaryIO, size: int) -> Classified:
     held = cast(BinaryIO, _Held(fp, head, size))
     try:
         with header_errors():
-            keys, syntax, end = _read_keys(fp, size, head)
+            keys, syntax, end = _read_keys(fp, size, head, path)
             held.seek(end)
             _check_pixel_data(held, size, syntax, lambda: _described(keys))
     except FileIncomplete:
@@ -268,7 +269,9 @@ def _ends_in_pixel_element(fp: BinaryIO, size: int) -> bool:
     return False
 
 
-def _read_keys(fp: BinaryIO, size: int, head: bytes) -> tuple[Classified, str, int]:
+def _read_keys(
+    fp: BinaryIO, size: int, head: bytes, path: str | None
+) -> tuple[Classified, str, int]:
     """The keys, the transfer syntax and where the header ends; ``head``: the file's first
     ``HEAD_BYTES``.
 
@@ -284,16 +287,18 @@ def _read_keys(fp: BinaryIO, size: int, head: bytes) -> tuple[Classified, str, i
         return (*quick, walked.end)  # no pydicom: no warnings to silence
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _parsed_keys(fp, size, head)
+        return _parsed_keys(fp, size, head, path)
 
 
-def _parsed_keys(fp: BinaryIO, size: int, head: bytes) -> tuple[Classified, str, int]:
+def _parsed_keys(
+    fp: BinaryIO, size: int, head: bytes, path: str | None
+) -> tuple[Classified, str, int]:
     """``_read_keys`` through pydicom's parse: the unbuffered ``fp`` read through a buffer
     (pydicom reads a few bytes at a time), detached after (``fp`` stays open: ``_Held``
     reads it, seeking first)."""
     buffered = io.BufferedReader(cast(io.RawIOBase, fp))
     try:
-        ds = _read_header(cast(BinaryIO, buffered), size, head)
+        ds = _read_header(cast(BinaryIO, buffered), size, head, path)
         end = buffered.tell()
     finally:
         buffered.detach()
@@ -322,7 +327,7 @@ def _parse_held(head: bytes) -> pydicom.Dataset:
         return pydicom.dcmread(memory, stop_before_pixels=True, force=True, defer_size=DEFER)
 
 
-def _read_header(fp: BinaryIO, size: int, head: bytes) -> pydicom.Dataset:
+def _read_header(fp: BinaryIO, size: int, head: bytes, path: str | None) -> pydicom.Dataset:
     """The header, read up to the pixel data; ``fp`` is left where the header ends.
 
     Parsed from an in-memory copy of the first ``HEAD_BYTES`` when the header ends there (or
@@ -355,9 +360,19 @@ def _read_header(fp: BinaryIO, size: int, head: bytes) -> pydicom.Dataset:
         ds = pydicom.dcmread(bounded, stop_before_pixels=True, force=True, defer_size=DEFER)
     # pydicom reads a deferred value later through the file object it was given, or by
     # opening its type again: as for a file, the file is opened again by its name (the
-    # caller goes on from fp's position, and Bounded cannot open a path)
-    ds.buffer, ds.fileobj_type = None, open
+    # caller goes on from fp's position, and Bounded cannot open a path), through
+    # dropped.open_file (beneath a guarded watch folder, never a link put there since).
+    # Its name is the path: a file opened beneath a guarded folder is named by its
+    # descriptor, closed by then (a deferred read raised, a rule failed the file as damaged)
+    ds.buffer, ds.fileobj_type = None, _reopen
+    if path is not None:
+        ds.filename = path
     return ds
+
+
+def _reopen(path: str, _mode: str) -> BinaryIO:
+    """The dropped file ``path`` opened again, for pydicom's read of a deferred value."""
+    return dropped.open_file(path)
 
 
 def _looks_like_part10(head: bytes, size: int) -> bool:
