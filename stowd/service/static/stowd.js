@@ -60,6 +60,10 @@
       var y = 140 - (top > 0 ? v / top * h : 0);
       return x.toFixed(1) + "," + y.toFixed(1);
     });
+    if (cls === "files") {  // an area under the files line: MB/s of files of one size
+      // follows it exactly, and two lines would hide one another
+      node(svg, "polygon", {"class": cls, points: points.concat(["580,140", "20,140"]).join(" ")});
+    }
     node(svg, "polyline", {"class": cls, points: points.join(" ")});
     return top;
   }
