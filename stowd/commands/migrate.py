@@ -384,12 +384,8 @@ class Migration:
         if requests == self.shared:
             return
         doc = inflight.document(os.getpid(), time.time(), requests)
-        try:
-            inflight.write(self.config.queue, doc)
-        except OSError as exc:
-            log.debug("cannot write %s: %s", inflight.path_of(self.config.queue), exc)
-            return
-        self.shared = requests
+        if inflight.publish(self.config.queue, doc):
+            self.shared = requests
 
     def _say_paused(self) -> None:
         """Outside the destination's windows at the start: say so before anything else."""

@@ -295,12 +295,8 @@ class Daemon:
             return
         doc = inflight.document(os.getpid(), time.time(), destinations)
         doc.update(shared)
-        try:
-            inflight.write(self.config.queue, doc)
-        except OSError as exc:
-            log.debug("cannot write %s: %s", inflight.path_of(self.config.queue), exc)
-            return
-        self._shared = shared
+        if inflight.publish(self.config.queue, doc):
+            self._shared = shared
 
     def _upkeep(self) -> None:
         """Full disks, retried moves, forgotten claims and housekeeping, on a thread of their

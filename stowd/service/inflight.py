@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from stowd.fileops import write_new
+
+log = logging.getLogger("stowd")
 
 SUFFIX = ".state"
 CONCURRENCY = "concurrency"  # the key of the adaptive limits (issue 20)
@@ -75,6 +78,16 @@ def document(pid: int, now: float, destinations: Mapping[str, dict[str, Any]]) -
 def write(queue: Path, doc: Mapping[str, Any]) -> None:
     """Replace the state file at once (a reader sees the old or the new one, whole)."""
     write_new(path_of(queue), json.dumps(doc).encode("utf-8"), MODE, suffix=".tmp", sync=False)
+
+
+def publish(queue: Path, doc: Mapping[str, Any]) -> bool:
+    """``write``, False (logged at debug: status then shows less) when it cannot be written."""
+    try:
+        write(queue, doc)
+    except OSError as exc:
+        log.debug("cannot write %s: %s", path_of(queue), exc)
+        return False
+    return True
 
 
 def remove(queue: Path) -> None:

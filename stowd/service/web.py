@@ -366,21 +366,7 @@ class _Server6(_Server):
     address_family = socket.AF_INET6
 
 
-class Server:
-    """The listener in a thread of its own; ``close()`` stops it."""
-
-    def __init__(self, httpd: WSGIServer) -> None:
-        self._httpd = httpd
-        self._thread = threading.Thread(target=httpd.serve_forever, name="stowd-http", daemon=True)
-        self._thread.start()
-        address: Any = httpd.server_address
-        self.host: str = str(address[0])
-        self.port: int = int(address[1])
-
-    def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join()
+Server = metrics.Server  # the listener in a thread of its own; ``close()`` stops it
 
 
 def serve(config: Config) -> Server:
@@ -396,7 +382,9 @@ def serve(config: Config) -> Server:
         raise StowdError(
             f"cannot serve the status page on {host_port(host, port)}: {reason}"
         ) from exc
-    return Server(httpd)
+    thread = threading.Thread(target=httpd.serve_forever, name="stowd-http", daemon=True)
+    thread.start()
+    return Server(httpd, thread)
 
 
 def start(config: Config) -> Server | None:

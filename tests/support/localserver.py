@@ -4,9 +4,12 @@ server run as a child process with its output in a log file (Orthanc, nginx)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import ssl
 import subprocess
 import threading
+from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import IO, Self
@@ -76,6 +79,18 @@ class LocalServer(Served):
             self._thread.join(5)
             self._thread = None
         self._httpd.server_close()
+
+
+def find_program(env: str, candidates: Iterable[str], name: str) -> str | None:
+    """Path of a program for a test: ``$env`` if set (and executable, else None), the
+    first executable of ``candidates``, else ``name`` on PATH."""
+    override = os.environ.get(env)
+    if override:
+        return override if os.access(override, os.X_OK) else None
+    for candidate in candidates:
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return shutil.which(name)
 
 
 class ChildProcess(Served):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -32,7 +31,7 @@ from types import FrameType
 from typing import Any
 
 import httpx
-from localserver import ChildProcess
+from localserver import ChildProcess, find_program
 
 ORTHANC_ENV = "STOWD_TEST_ORTHANC"
 """Environment variable naming the Orthanc binary to use instead of the default search."""
@@ -55,13 +54,7 @@ class OrthancError(RuntimeError):
 
 def find_orthanc() -> str | None:
     """Path of the Orthanc server binary, or None when it is not installed."""
-    override = os.environ.get(ORTHANC_ENV)
-    if override:
-        return override if os.access(override, os.X_OK) else None
-    for candidate in _ORTHANC_CANDIDATES:
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return shutil.which("Orthanc")
+    return find_program(ORTHANC_ENV, _ORTHANC_CANDIDATES, "Orthanc")
 
 
 def find_dicomweb_plugin() -> str | None:

@@ -11,7 +11,6 @@ free loopback port; ``query`` and ``query_range`` ask ``/api/v1/query`` and
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ from typing import Any
 
 import httpx
 import yaml
-from localserver import ChildProcess
+from localserver import ChildProcess, find_program
 from orthanc import free_port
 
 PROMETHEUS_ENV = "STOWD_TEST_PROMETHEUS"
@@ -36,13 +35,7 @@ class PrometheusError(RuntimeError):
 
 
 def find_prometheus() -> str | None:
-    override = os.environ.get(PROMETHEUS_ENV)
-    if override:
-        return override if os.access(override, os.X_OK) else None
-    for candidate in _CANDIDATES:
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return shutil.which("prometheus")
+    return find_program(PROMETHEUS_ENV, _CANDIDATES, "prometheus")
 
 
 def prometheus_missing_reason() -> str | None:

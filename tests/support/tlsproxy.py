@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from localserver import ChildProcess
+from localserver import ChildProcess, find_program
 from orthanc import free_port
 
 NGINX_ENV = "STOWD_TEST_NGINX"
@@ -35,13 +35,7 @@ class ProxyError(RuntimeError):
 
 
 def find_nginx() -> str | None:
-    override = os.environ.get(NGINX_ENV)
-    if override:
-        return override if os.access(override, os.X_OK) else None
-    for candidate in _NGINX_CANDIDATES:
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return shutil.which("nginx")
+    return find_program(NGINX_ENV, _NGINX_CANDIDATES, "nginx")
 
 
 def tls_missing_reason() -> str | None:
