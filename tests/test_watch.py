@@ -31,6 +31,10 @@ class Sink:
         with self.lock:
             return {f.rel for f in self.files}
 
+    def sizes(self, rel: str) -> list[int]:
+        with self.lock:
+            return [f.size for f in self.files if f.rel == rel]
+
 
 def make_source(tmp_path: Path, **kw: object) -> Source:
     watch = tmp_path / "drop"

@@ -24,28 +24,13 @@ import yaml
 from dicomgen import make_study
 from harness import Clock, Stowd, make_layout, wait_for
 from orthanc import Orthanc
+from test_watch import Sink
 
 from stowd.config.model import DEFAULT_IGNORE, Source
-from stowd.pipeline.queue import NewFile
 from stowd.pipeline.watch import Watcher
 
 QUIET = 5.0
 WAIT = 60.0  # bound of every wait (a busy machine is slow, never stuck)
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.files: list[NewFile] = []
-        self.lock = threading.Lock()
-
-    def __call__(self, files: list[NewFile]) -> int:
-        with self.lock:
-            self.files.extend(files)
-        return len(files)
-
-    def sizes(self, rel: str) -> list[int]:
-        with self.lock:
-            return [f.size for f in self.files if f.rel == rel]
 
 
 class Running:
