@@ -85,6 +85,7 @@ from __future__ import annotations
 
 import errno
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -132,7 +133,15 @@ class QueueLockedError(QueueError):
 
 
 class QueueFull(QueueError):
-    """A write to the queue failed because its filesystem is full; nothing was written."""
+    """A write to the queue failed because its filesystem is full; nothing was written.
+
+    ``at``: when it failed (``time.monotonic()``).  A thread may raise it much later (a
+    sender raises its settle thread's error when it waits for that batch): ``Disks`` must
+    not count it as a new failure once it logged the space back since."""
+
+    def __init__(self, message: str, *, at: float | None = None) -> None:
+        super().__init__(message)
+        self.at = time.monotonic() if at is None else at
 
 
 class QueueUnreadable(QueueError):

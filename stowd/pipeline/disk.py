@@ -142,6 +142,7 @@ class Disks:
         self._lock = threading.Lock()
         self._hits: dict[Path, tuple[float, int | None]] = {}  # when, bytes free then
         self._full: dict[Path, Full] = {}
+        self._ended: dict[Path, float] = {}  # place -> when a check logged its space back
         self._freed = False  # the last check found space again where there was none
 
     def watch(self, config: Config) -> None:
@@ -149,11 +150,18 @@ class Disks:
         with self._lock:
             self.places = places(config)
 
-    def hit(self, path: Path) -> None:
-        """A write at or below ``path`` failed for lack of space (any thread)."""
+    def hit(self, path: Path, *, at: float | None = None) -> None:
+        """A write at or below ``path`` failed for lack of space (any thread), ``at`` this
+        time (``clock``; None: now).  A write that failed before a check logged the space
+        back on its filesystem belongs to the full disk that was logged then and ended: told
+        late (a sender raises its settle thread's error when it waits for that batch), it is
+        not a new one."""
         place = self._place_of(path)
         if place is None:
             return
+        with self._lock:
+            if at is not None and at <= self._ended.get(place.path, float("-inf")):
+                return
         free = free_bytes(place.path)
         with self._lock:  # it failed then, maybe freed since: the fewest bytes free count
             before = self._seen_full(place), self._hits.get(place.path, (0.0, None))[1]
@@ -176,12 +184,14 @@ class Disks:
                 current[full.key] = full
             elif freed and group[0].path not in before:
                 passed[group[0].path] = Full(group, _least(freed))
+        ended = [*(before[key] for key in before.keys() - current.keys()), *passed.values()]
         with self._lock:
             self._full = current
-            self._freed = bool(before.keys() - current.keys() or passed)
+            self._freed = bool(ended)
+            self._ended.update((place.path, now) for full in ended for place in full.places)
         for full in [*(current[key] for key in current.keys() - before.keys()), *passed.values()]:
             log.error("%s; stowd waits and tries again (nothing is lost)", full.message())
-        for full in [*(before[key] for key in before.keys() - current.keys()), *passed.values()]:
+        for full in ended:
             _say_resumed(full)
         return list(current.values())
 

@@ -114,8 +114,8 @@ class Loop:
         """The queue could not be written: say so once, and how long to wait.  A full
         disk is logged by the daemon (``Disks``), once for all threads."""
         self._queue_full = isinstance(exc, QueueFull)
-        if self._queue_full and self.disks is not None:
-            self.disks.hit(self.queue.path)
+        if isinstance(exc, QueueFull) and self.disks is not None:
+            self.disks.hit(self.queue.path, at=exc.at)  # it may have failed long before
             log.debug("the %s worker waits: %s", self.name, exc)
         elif self._queue_failures == 0:
             log.warning("%s; the %s worker waits and tries again (no file is lost)", exc, self.name)

@@ -333,7 +333,7 @@ class Daemon:
     def _queue_error(self, exc: QueueError) -> None:
         """A write to the queue failed (any thread): a full disk is logged by ``Disks``."""
         if isinstance(exc, QueueFull):
-            self.disks.hit(self.config.queue)
+            self.disks.hit(self.config.queue, at=exc.at)
         elif not self._queue_failing:
             log.error("%s; stowd waits and tries again", exc)
         self._queue_failing = True
