@@ -636,9 +636,7 @@ def _serve_metrics(config: Config) -> metrics.Server | None:
     if config.metrics is None:
         return None
     host, port = config.metrics.host, config.metrics.port
-    server = metrics.serve(
-        host, port, config.queue, list(config.destinations), **metrics.of_config(config)
-    )
+    server = metrics.serve_registry(host, port, metrics.for_config(config))
     log.info("serving Prometheus metrics on http://%s:%d/metrics", host, server.port)
     return server
 

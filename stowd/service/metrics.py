@@ -201,13 +201,15 @@ def registry(
     return scrape
 
 
-def of_config(config: Config) -> dict[str, Any]:
-    """``registry``/``serve``'s keyword arguments for the destinations, schedules and
-    routes (source, destination) of ``config``."""
-    return {
-        "schedules": {name: d.schedule for name, d in config.destinations.items()},
-        "routes": [(s.name, s.destination) for s in config.sources],
-    }
+def for_config(config: Config) -> CollectorRegistry:
+    """``registry`` of ``config``: its destinations with their schedules, and the route
+    (source, destination) of each source."""
+    return registry(
+        config.queue,
+        list(config.destinations),
+        schedules={name: d.schedule for name, d in config.destinations.items()},
+        routes=[(s.name, s.destination) for s in config.sources],
+    )
 
 
 def serve(
@@ -226,6 +228,11 @@ def serve(
     destinations start at 0, so rates and alerts work before the first event.
     """
     scrape = registry(queue_path, destinations, clock=clock, schedules=schedules, routes=routes)
+    return serve_registry(host, port, scrape)
+
+
+def serve_registry(host: str, port: int, scrape: CollectorRegistry) -> Server:
+    """Serve ``scrape`` over HTTP on host:port (port 0: any free one) on every path."""
     try:
         httpd, thread = start_http_server(port, addr=host, registry=scrape)
     except OSError as exc:

@@ -91,9 +91,7 @@ class App:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.metrics = make_wsgi_app(
-            metrics.registry(config.queue, list(config.destinations), **metrics.of_config(config))
-        )
+        self.metrics = make_wsgi_app(metrics.for_config(config))
         self.auth = None if config.http is None else config.http.auth
         self.loopback = config.http is not None and is_loopback(config.http.host)
         self._secret_failing = False
