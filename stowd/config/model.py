@@ -240,6 +240,23 @@ class Retry:
 
 
 @dataclass(frozen=True)
+class Database:
+    """``queue: postgresql://...``: a PostgreSQL queue that several stowd hosts (nodes) share.
+
+    ``url`` is the URL as written, which never holds a password (the loader refuses one: it
+    goes in ``queue_password``, a secret read when a connection is made).  The loader (issue
+    23) fills this; the queue's PostgreSQL backend connects with ``conninfo`` and the secret.
+    """
+
+    url: str
+    password: Secret | None = None
+
+    def shown(self) -> str:
+        """The URL for logs, ``status`` and ``check-config`` (it holds no password)."""
+        return self.url
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration."""
 
@@ -256,6 +273,11 @@ class Config:
     uid_root: str | None = None  # generated UIDs: <uid_root>.<digits>, else 2.25.<uuid>
     metrics: Metrics | None = None  # Prometheus metrics over HTTP; None: off
     http: Http | None = None  # the status page (and /metrics) over HTTP; None: off
+    # issue 23: the shared PostgreSQL queue (None: SQLite at ``queue``); with one, ``queue`` is
+    # this node's local anchor in its ``state`` folder (spool, received/, lock, in-flight file)
+    database: Database | None = None
+    node: str = ""  # this host's name among the nodes of a shared queue (the loader's default:
+    # the host name)
 
     @property
     def warnings(self) -> list[str]:
