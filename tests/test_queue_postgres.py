@@ -248,7 +248,7 @@ def test_status_and_metrics_read_it(
     fill(queue_a, 3)
     claim(queue_a, candidates=1)
     config = node_config(postgres_cluster, pg_database, tmp_path, "node-b")
-    reader = open_status(config).open(lock=False)
+    reader = open_status(config)
     try:
         with reader.reading():
             assert reader.state_totals(0) == {"pending": 2, "claimed": 1}
@@ -263,7 +263,7 @@ def test_status_of_a_database_without_a_queue_says_so(
 ) -> None:
     config = node_config(postgres_cluster, pg_database, tmp_path, "node-b")
     with pytest.raises(QueueError, match="no stowd queue"):
-        open_status(config).open(lock=False)
+        open_status(config)
 
 
 def test_tls_verify_full_with_the_right_ca_and_name(

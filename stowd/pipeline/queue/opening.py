@@ -35,7 +35,7 @@ def open_status(config: Config) -> Queue:
     blocks the daemon.  Raises ``QueueError`` when there is none."""
     if config.database is None:
         return open_readonly(config.queue)
-    return open_queue(config, readonly=True)
+    return open_queue(config, readonly=True).open(lock=False)  # its schema checked
 
 
 def read_active_of(
