@@ -6,13 +6,14 @@ psycopg, when ``stowd[postgresql]`` is installed)."""
 from __future__ import annotations
 
 import importlib
+import itertools
 import socket
 import sys
 from pathlib import Path
 
 import pytest
 from needs import require
-from test_config import MINIMAL, find, load_text, problems_of, write
+from test_config import MINIMAL, REPO, find, load_text, problems_of, write
 
 from stowd.commands.cli import main
 from stowd.config.load import load_config
@@ -576,3 +577,29 @@ def test_check_config_shows_a_sqlite_queue_as_its_file(
     assert main(["check-config", "-c", str(path)]) == 0
 
     assert f"  queue: {tmp_path}/state/queue.db\n" in capsys.readouterr().out
+
+
+def test_the_examples_commented_postgresql_queue_loads_as_written(
+    psycopg: None, tmp_path: Path, host: str
+) -> None:
+    """config.example.yaml's commented PostgreSQL queue (the '#queue: postgresql' line and
+    the '#' lines after it) is valid as written, its CA file and state folder moved here."""
+    lines = (REPO / "config.example.yaml").read_text().splitlines()
+    start = next(n for n, line in enumerate(lines) if line.startswith("#queue: postgresql"))
+    example = [
+        line[1:]
+        for line in itertools.takewhile(lambda x: x[:2] in ("#q", "#n", "#s"), lines[start:])
+    ]
+    assert [line.split(":")[0] for line in example] == ["queue", "queue_password", "node", "state"]
+    (tmp_path / "db-ca.pem").write_text("x")
+    text = "\n".join(example).replace("/etc/stowd/db-ca.pem", f"{tmp_path}/db-ca.pem")
+    text = text.replace("/var/lib/stowd", f"{tmp_path}/state")
+
+    config = load_text(tmp_path, MINIMAL.replace("queue: ./state/queue.db\n", text + "\n"))
+
+    assert config.database is not None
+    assert config.database.password == Secret("file", "/etc/stowd/db.password")
+    assert (config.node, config.queue) == ("gw-ct-1", tmp_path / "state" / "node.queue")
+    assert config.database.url.endswith(
+        "/stowd?sslrootcert=" + f"{tmp_path}/db-ca.pem&sslmode=verify-full"
+    )
