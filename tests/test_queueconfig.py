@@ -20,6 +20,7 @@ from stowd.config.load import load_config
 from stowd.config.model import Config, Database
 from stowd.config.secrets import Secret
 from stowd.errors import ConfigError, ConfigProblem
+from stowd.service.daemon import Daemon
 
 HOST = "db.example"
 URL = f"postgresql://stowd@{HOST}:5432/stowd"
@@ -603,3 +604,26 @@ def test_the_examples_commented_postgresql_queue_loads_as_written(
     assert config.database.url.endswith(
         "/stowd?sslrootcert=" + f"{tmp_path}/db-ca.pem&sslmode=verify-full"
     )
+
+
+# -- a reload (SIGHUP) never moves the queue ---------------------------------------------------
+@pytest.mark.parametrize(
+    "change",
+    [
+        ("queue: ./state/queue.db\n", "queue: ./elsewhere/queue.db\n"),
+        ("queue: ./state/queue.db\n", "queue: ./state/queue.db\nnode: gw-ct-9\n"),
+    ],
+    ids=["queue", "node"],
+)
+def test_a_reload_that_moves_the_queue_or_renames_the_node_is_refused(
+    tmp_path: Path, host: str, change: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The queue, the database and the node name are fixed for the life of the process: a
+    node renamed under its own claims would leave them to expire as a dead node's."""
+    path = write(tmp_path, MINIMAL)
+    daemon = Daemon(load_config(path))
+    write(tmp_path, MINIMAL.replace(*change))
+    assert daemon._read_new_config() is None
+    assert "reload refused: the queue moved" in caplog.text
+    write(tmp_path, MINIMAL)
+    assert daemon._read_new_config() is not None
