@@ -7,6 +7,7 @@ names every metric stowd exports."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import textwrap
 from contextlib import nullcontext
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
+from needs import require
 from test_config import MINIMAL, load_text
 
 from stowd.commands import cli
@@ -183,7 +185,7 @@ def test_the_defaults_test_covers_the_keys_with_a_default() -> None:
 # defaults test loads: "`7d` (a week)" would otherwise slip past it unchecked.
 NO_VALUE = re.compile(
     r"required(?: \(or `receive`\))?|none(?: \(no login\))?|off|every file|"
-    r"any calling AE|the destination's: `\{destination url\}/mwlitems`|"
+    r"any calling AE|the destination's: `\{destination url\}/mwlitems`|this host's name|"
 )
 
 
@@ -351,7 +353,11 @@ def completed(doc: dict[str, Any], folder: Path) -> dict[str, Any]:
             source.setdefault(key, f"{key}/{source['name']}")
             source[key] = str(folder / str(source[key]).lstrip("/"))
         Path(source.get("watch", folder)).mkdir(parents=True, exist_ok=True)
-    doc["queue"] = str(folder / str(doc["queue"]).lstrip("/"))
+    if "://" in str(doc["queue"]):  # a PostgreSQL queue: its state, and its TLS files made
+        doc["queue"] = made_url(str(doc["queue"]), folder)
+        doc["state"] = str(folder / str(doc.get("state", "state")).lstrip("/"))
+    else:
+        doc["queue"] = str(folder / str(doc["queue"]).lstrip("/"))
     for destination in doc["destinations"].values():
         for key, value in (destination.get("tls") or {}).items():
             if key != "min_version":
@@ -362,10 +368,35 @@ def completed(doc: dict[str, Any], folder: Path) -> dict[str, Any]:
     return doc
 
 
+def require_postgresql() -> None:
+    try:
+        importlib.import_module("psycopg.conninfo")
+    except ImportError:
+        require("stowd[postgresql] (psycopg) is not installed")
+
+
+def made_url(url: str, folder: Path) -> str:
+    """A PostgreSQL queue's URL with the certificate files it names made below ``folder``
+    (empty: the loader only asks that they exist)."""
+    head, sep, query = url.partition("?")
+    pieces = []
+    for piece in query.split("&") if query else []:
+        key, _, value = piece.partition("=")
+        if key in ("sslrootcert", "sslcert", "sslkey") and value != "system":
+            made = folder / value.lstrip("/")
+            made.parent.mkdir(parents=True, exist_ok=True)
+            made.touch()
+            value = str(made)
+        pieces.append(f"{key}={value}")
+    return head + sep + "&".join(pieces)
+
+
 @pytest.mark.parametrize(("where", "example"), yaml_examples(), ids=[w for w, _ in yaml_examples()])
 def test_each_yaml_example_is_a_valid_config(tmp_path: Path, where: str, example: str) -> None:
     """What an administrator copies from a page loads: each example is valid, completed only
     with what it leaves out (a queue, a destination, the sources its rules name)."""
+    if "://" in str(yaml.safe_load(example).get("queue", "")):
+        require_postgresql()  # libpq reads a PostgreSQL queue's URL at load
     doc = completed(yaml.safe_load(example), tmp_path)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(doc))
     load_config(tmp_path / "config.yaml")

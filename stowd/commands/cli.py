@@ -236,7 +236,7 @@ def _check(config: Config, args: argparse.Namespace) -> int:
         )
         lines.append(f"    sent: {source.sent}  failed: {source.failed}")
     lines += _schedule_lines(config)
-    lines.append(f"  queue: {config.queue}")
+    lines.append(f"  queue: {config.queue_shown()}")
     rules = len(config.rules) + sum(len(s.rules) for s in config.sources)
     lines.append(
         f"  metadata rules: {rules} (run 'stowd explain FILE' to see what they do to a file)"

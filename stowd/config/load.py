@@ -71,6 +71,7 @@ from stowd.config.model import (
     Source,
     Timeouts,
 )
+from stowd.config.queueconfig import QUEUE_KEYS, QueuePlace, read_queue
 from stowd.config.receiveconfig import RECEIVE_KEYS, check_ports, read_receive
 from stowd.config.ruleconfig import read_rules
 from stowd.config.schedule import Schedule, Window, parse
@@ -118,6 +119,7 @@ _TOP_KEYS = (
     "uid_root",
     "metrics",
     "http",
+    *QUEUE_KEYS[1:],  # queue_password, node, state (queueconfig.py)
 )
 _RETRY_KEYS = ("initial", "maximum", "multiplier", "max_age", "hold_probe", "max_refusals")
 _SOURCE_OWN_KEYS = ("name", "watch", "receive", "sent", "failed", "destination", "rules")
@@ -643,7 +645,7 @@ def _check_pair(first: _Folders, second: _Folders) -> None:
                 )
 
 
-def _check_folders(top: Section, sources: list[_Folders], queue: Path | None) -> None:
+def _check_folders(top: Section, sources: list[_Folders], place: QueuePlace) -> None:
     """Refuse folder layouts that would loop files or send them twice.
 
     Decision: a source's ``sent`` and ``failed`` folders MAY live inside its own ``watch``
@@ -654,11 +656,13 @@ def _check_folders(top: Section, sources: list[_Folders], queue: Path | None) ->
     * ``sent`` equal to ``failed`` (outcomes could not be told apart);
     * two sources whose ``watch`` folders are equal or nested (each file queued twice);
     * a source's ``sent``/``failed`` inside another source's ``watch`` (sent again there);
-    * the queue database inside any ``watch`` folder.
+    * the queue database (or a PostgreSQL queue's ``state`` folder) inside any ``watch``
+      folder, or equal to or inside a ``sent``/``failed`` folder (retention would delete it).
 
     Paths are compared as written after ``~`` expansion and ``os.path.abspath``; symlinks
     are not resolved, so two spellings of one folder through a symlink are not detected.
     """
+    queue = place.anchor
     for index, first in enumerate(sources):
         _check_own_folders(first)
         for second in sources[index + 1 :]:
@@ -666,13 +670,13 @@ def _check_folders(top: Section, sources: list[_Folders], queue: Path | None) ->
         for key, folder in first.outputs() if queue is not None else ():
             if queue is not None and _inside(queue, folder):
                 first.section.add(
-                    key, f"holds the queue database ({queue}); retention would delete it"
+                    key, f"holds {place.what} ({place.shown}); retention would delete it"
                 )
         if queue is not None and first.watch is not None and _inside(queue, first.watch):
             top.add(
-                "queue",
+                place.key,
                 f"is inside the watch folder of source {first.label} ({first.watch}); "
-                "the queue database itself would be picked up",
+                f"{place.what} itself would be picked up",
             )
 
 
@@ -706,7 +710,8 @@ def _compose(path: Path) -> Node | None:
 
 def _build(ctx: Context, path: Path, root: Node, watch_exists: bool) -> Config | None:
     top = Section(ctx, "", root, _TOP_KEYS)
-    queue = top.need("queue", as_path(ctx.base))
+    place = read_queue(top)
+    queue = place.anchor
     log_level = top.get("log_level", "INFO", as_log_level)
     shutdown = top.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT, as_duration(positive=False))
     history_days = top.get("history_days", DEFAULT_HISTORY_DAYS, as_number(0.0))
@@ -723,7 +728,7 @@ def _build(ctx: Context, path: Path, root: Node, watch_exists: bool) -> Config |
     original = top.get("original_attributes", False, as_bool)
     uid_root = top.get("uid_root", None, as_uid_root)
     http, metrics = read_http(top)
-    _check_folders(top, folders, queue)
+    _check_folders(top, folders, place)
     if queue is None:
         return None
     return Config(
@@ -740,6 +745,8 @@ def _build(ctx: Context, path: Path, root: Node, watch_exists: bool) -> Config |
         uid_root=uid_root,
         metrics=metrics,
         http=http,
+        database=place.database,
+        node=place.node,
     )
 
 

@@ -239,21 +239,36 @@ class Retry:
     max_refusals: int = DEFAULT_MAX_REFUSALS
 
 
+# sslmodes that do not check the database server's certificate against its host name
+WEAK_SSLMODES = ("disable", "allow", "prefer", "require")
+
+
 @dataclass(frozen=True)
 class Database:
     """``queue: postgresql://...``: a PostgreSQL queue that several stowd hosts (nodes) share.
 
     ``url`` is the URL as written, which never holds a password (the loader refuses one: it
-    goes in ``queue_password``, a secret read when a connection is made).  The loader (issue
-    23) fills this; the queue's PostgreSQL backend connects with ``conninfo`` and the secret.
+    goes in ``queue_password``, a secret read when a connection is made), normalized by the
+    loader (``queueconfig.py``): ``sslmode=verify-full`` added when it names no sslmode and
+    reaches a host over the network, and relative certificate paths made absolute.  The
+    queue's PostgreSQL backend connects with ``url`` and the secret.
     """
 
     url: str
     password: Secret | None = None
+    # what the loader found in the URL, for Config.warnings: the hosts reached over the
+    # network (neither loopback nor a unix socket) and the sslmode (after normalization)
+    remote: tuple[str, ...] = ()
+    sslmode: str = ""
 
     def shown(self) -> str:
         """The URL for logs, ``status`` and ``check-config`` (it holds no password)."""
         return self.url
+
+    @property
+    def unverified(self) -> bool:
+        """TLS does not prove to stowd that a remote host is the database (or is off)."""
+        return bool(self.remote) and self.sslmode in WEAK_SSLMODES
 
 
 @dataclass(frozen=True)
@@ -289,8 +304,18 @@ class Config:
                     f"destination {dest.name}: TLS verification is OFF (verify_tls: false): "
                     "anyone on the network path can read and change what is sent"
                 )
+        database = self.database
+        if database is not None and database.unverified:
+            found.append(
+                f"queue: the connection to {', '.join(database.remote)} is not verified "
+                f"(sslmode={database.sslmode}): anyone on the network path can read and change "
+                "the queue, or pose as the database; use sslmode=verify-full with sslrootcert= "
+                "the database server's CA"
+            )
         inline = [d.name for d in self.destinations.values() if _inline_secret(d)]
         inline += ["http.auth"] if self.http is not None and _inline_login(self.http) else []
+        password = None if database is None else database.password
+        inline += ["queue_password"] if password is not None and password.kind == "inline" else []
         if inline and _readable_by_others(self.path):
             found.append(
                 f"{self.path} holds secrets of {', '.join(inline)} inline and others may read "
@@ -298,6 +323,13 @@ class Config:
                 "or {credential: ...})"
             )
         return found
+
+    def queue_shown(self) -> str:
+        """The queue for ``check-config`` and ``status``: the SQLite file, or the database's
+        URL with this node's name and state folder (never a password)."""
+        if self.database is None:
+            return str(self.queue)
+        return f"{self.database.shown()} (node {self.node}, state {self.queue.parent})"
 
     @property
     def spool(self) -> Path:

@@ -401,12 +401,13 @@ class Daemon:
                 log.error("reload refused: %s: %s", exc.path, problem)
             log.error("reload refused: %s is invalid; still running with the old config", exc.path)
             return None
-        if new.queue != self.config.queue:
+        old = self.config
+        if (new.queue, new.database, new.node) != (old.queue, old.database, old.node):
             log.error(
                 "reload refused: the queue moved from %s to %s; that needs a restart "
                 "(systemctl restart stowd); still running with the old config",
-                self.config.queue,
-                new.queue,
+                old.queue_shown(),
+                new.queue_shown(),
             )
             return None
         return new

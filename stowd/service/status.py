@@ -222,7 +222,7 @@ def _gather(config: Config, queue: Queue, now: float) -> dict[str, Any]:
         if "receive" in figures:
             figures["receiving"] = receiving.get(name) if pid else None
     return {
-        "queue": str(config.queue),
+        "queue": config.queue_shown(),
         "time": now,
         "daemon_pid": pid,
         "counts": {s: n for s, n in total.counts.items() if n},
