@@ -41,7 +41,7 @@ from dicomgen import make_instance_bytes
 
 from stowd.config.model import BatchLimits
 from stowd.pipeline.group import take_batch
-from stowd.pipeline.queue import Queue, open_readonly
+from stowd.pipeline.queue import Queue, SqliteQueue, open_readonly
 
 REFUSED = "http://127.0.0.1:9/dicom-web"  # the discard port: nothing listens on loopback
 CLAIM_ROUNDS = 300
@@ -223,9 +223,9 @@ def fill(path: Path, rows: int) -> None:
 def claimed_queue(folder: Path, rows: int) -> Queue:
     """A queue of ``rows`` classified pending rows in studies of 1,000."""
     path = folder / f"claims-{rows}.db"
-    Queue(path).open().close()  # the schema, made by stowd
+    SqliteQueue(path).open().close()  # the schema, made by stowd
     fill(path, rows)
-    return Queue(path).open()
+    return SqliteQueue(path).open()
 
 
 def claim_cost(queue: Queue) -> float:

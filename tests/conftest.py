@@ -34,10 +34,11 @@ from leaks import children, collected, reap_zombies
 from marking import ARCHIVE_FIXTURES, starts_something
 from needs import require
 from orthanc import Orthanc, orthanc_missing_reason
+from postgres import PostgresCluster, node_config, postgres_missing_reason
 from selenium.webdriver import Chrome
 from tinypacs import TinyPacs, tiny_pacs_missing_reason
 
-from stowd.pipeline.queue import Queue
+from stowd.pipeline.queue import Queue, SqliteQueue, open_queue
 
 _OWN_BASETEMP = pytest.StashKey[Path]()
 _EXIT_STATUS = pytest.StashKey[int]()
@@ -81,6 +82,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def _starts_something(item: pytest.Function) -> bool:
     if ARCHIVE_FIXTURES.intersection(item.fixturenames):
         return True
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and callspec.params.get("queue_backend") == "postgresql":
+        return True  # the queue in the session's PostgreSQL cluster
     fixtures = item._fixtureinfo.name2fixturedefs.values()
     return starts_something(item.function) or any(
         starts_something(defs[-1].func) for defs in fixtures if defs
@@ -196,10 +200,55 @@ def clock() -> Clock:
     return Clock()
 
 
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """One private PostgreSQL cluster for the session (tests/support/postgres.py), stopped
+    and removed at its end; skipped (failed under CI=true) without PostgreSQL or psycopg."""
+    require(postgres_missing_reason())
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()
+
+
 @pytest.fixture
-def queue(tmp_path: Path, clock: Clock) -> Iterator[Queue]:
-    """A fresh queue in ``tmp_path`` on the test's clock."""
-    q = Queue(tmp_path / "q.db", clock=clock).open()
+def pg_database(postgres_cluster: PostgresCluster) -> Iterator[str]:
+    """A fresh database of the session's cluster, dropped after the test."""
+    name = postgres_cluster.new_database()
+    yield name
+    postgres_cluster.drop_database(name)
+
+
+@pytest.fixture
+def queue_backend() -> str:
+    """The backend of the ``queue`` fixture: SQLite, unless a test file asks for both
+    (``from postgres import queue_backend`` there; see ``tests/support/postgres.py``)."""
+    return "sqlite"
+
+
+@pytest.fixture
+def queue(
+    request: pytest.FixtureRequest, tmp_path: Path, clock: Clock, queue_backend: str
+) -> Iterator[Queue]:
+    """A fresh queue on the test's clock: a SQLite file in ``tmp_path``, or (backend
+    ``postgresql``) a fresh database of the session's cluster, as node ``node-a``."""
+    q: Queue
+    if queue_backend == "postgresql":
+        cluster = request.getfixturevalue("postgres_cluster")
+        config = node_config(cluster, request.getfixturevalue("pg_database"), tmp_path, "node-a")
+        q = open_queue(config, clock=clock).open()
+    else:
+        q = SqliteQueue(tmp_path / "q.db", clock=clock).open()
+    yield q
+    q.close()
+
+
+@pytest.fixture
+def sqlite_queue(tmp_path: Path, clock: Clock) -> Iterator[SqliteQueue]:
+    """A fresh SQLite queue in ``tmp_path`` (what only SQLite has: its file, its plans)."""
+    q = SqliteQueue(tmp_path / "q.db", clock=clock).open()
     yield q
     q.close()
 

@@ -42,7 +42,7 @@ from localserver import LocalServer
 
 from stowd.config.model import BatchLimits, Config, Destination, Retry
 from stowd.dicomweb.stow import StowClient
-from stowd.pipeline.queue import Queue
+from stowd.pipeline.queue import SqliteQueue
 from stowd.pipeline.watch import Watcher
 from stowd.pipeline.wire import wire_of
 from stowd.pipeline.worker import Worker
@@ -89,7 +89,7 @@ class Rig:
             {"pacs": self.dest},
             retry=Retry(),
         )
-        self.queue = Queue(self.config.queue, clock=self.clock).open()
+        self.queue = SqliteQueue(self.config.queue, clock=self.clock).open()
         self.stop = threading.Event()
         transport = httpx.MockTransport(self._archive)
         self.client = StowClient(self.dest, stop=self.stop, transport=transport)

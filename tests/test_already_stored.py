@@ -24,7 +24,7 @@ from tinypacs import TinyPacs, tiny_pacs_missing_reason
 from stowd.dicomweb.stowanswer import StowOutcome, is_counted, judge, parse_answer
 from stowd.dicomweb.stowbody import Part
 from stowd.pipeline.queue import ALREADY_STORED as ALREADY_NOTE
-from stowd.pipeline.queue import NewFile, Queue
+from stowd.pipeline.queue import NewFile, SqliteQueue
 
 # The answers, from Azure's DICOM service conformance statement v2 ("Store response status
 # codes", "Store response payload", "Store failure reason codes";
@@ -404,7 +404,7 @@ def test_a_version_5_queue_gets_the_note_column_and_counts_already_stored(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "v5.db"
-    q = Queue(path).open()
+    q = SqliteQueue(path).open()
     q.enqueue(
         [NewFile("src", "pacs", "/d/a", "a", 10, 1), NewFile("src", "pacs", "/d/b", "b", 10, 1)]
     )
@@ -416,7 +416,7 @@ def test_a_version_5_queue_gets_the_note_column_and_counts_already_stored(
     db.execute("PRAGMA user_version = 5")
     db.commit()
     db.close()
-    q = Queue(path).open()
+    q = SqliteQueue(path).open()
     try:
         a, b = q.jobs()
         q.begin_settle([(a, "sent", "/s/a", None)], notes={a.id: ALREADY_NOTE})

@@ -35,7 +35,7 @@ from stowd.dicomweb.httperrors import failure_of
 from stowd.dicomweb.stow import StowClient
 from stowd.dicomweb.stowbody import Part
 from stowd.errors import DestinationBusy, DestinationHeld, SecretUnavailable
-from stowd.pipeline.queue import Queue
+from stowd.pipeline.queue import SqliteQueue
 from stowd.pipeline.watch import Watcher
 from stowd.pipeline.worker import Worker
 
@@ -593,7 +593,7 @@ class Rig:
             {"pacs": dest},
             retry=Retry(hold_probe=60.0, initial=10.0),
         )
-        self.queue = Queue(self.config.queue, clock=self.clock).open()
+        self.queue = SqliteQueue(self.config.queue, clock=self.clock).open()
         self.stop = threading.Event()
         self.client = StowClient(dest, stop=self.stop)
         self.worker = Worker(

@@ -34,7 +34,7 @@ from stowd.config.model import (
 )
 from stowd.config.yamlwalk import parse_duration, parse_size
 from stowd.errors import ConfigError, ConfigProblem
-from stowd.pipeline.queue import Queue
+from stowd.pipeline.queue import SqliteQueue
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -1055,7 +1055,7 @@ def test_status_works_while_a_watch_folder_is_missing_and_check_config_does_not(
     """status is what says a watch folder went missing (while the daemon runs); the
     commands that act refuse a config whose watch folder is missing."""
     path = write_only(tmp_path, MINIMAL)
-    queue = Queue(tmp_path / "state" / "queue.db")  # as a daemon run left it
+    queue = SqliteQueue(tmp_path / "state" / "queue.db")  # as a daemon run left it
     queue.open()
     queue.close()
 

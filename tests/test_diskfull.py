@@ -29,7 +29,7 @@ from stowd.config.load import load_config
 from stowd.errors import QueueError, QueueFull
 from stowd.pipeline.disk import Disks
 from stowd.pipeline.loop import Loop, Stop
-from stowd.pipeline.queue import NewFile, Queue, open_readonly
+from stowd.pipeline.queue import NewFile, Queue, SqliteQueue, open_readonly
 
 RECOVERY = 120.0  # seconds allowed after space is freed (the retries wait 30 s at most)
 DESTINATION = {"workers": 1, "batch": {"max_files": 50}, "timeouts": {"read": "5m"}}
@@ -239,7 +239,7 @@ def test_status_without_a_daemon_on_a_full_queue_disk_says_disk_full(tmp_path: P
     layout = make_layout(tmp_path / "run", "http://127.0.0.1:9/dicom-web")
     state = layout.root / "state"
     with tmpfs(state):
-        queue = Queue(state / "queue.db").open(lock=False)
+        queue = SqliteQueue(state / "queue.db").open(lock=False)
         queue.enqueue([NewFile("ct1", "pacs", str(layout.drop / "a.dcm"), "a.dcm", 10, 1)])
         queue.close()  # the last connection: SQLite removes the -wal and -shm files
         fill(state)
@@ -334,7 +334,7 @@ def test_a_failed_settle_raised_after_the_space_came_back_is_not_a_new_full_disk
     layout = make_layout(tmp_path / "run", "http://127.0.0.1:9/dicom-web")
     state = layout.root / "state"
     with tmpfs(state), caplog.at_level(logging.INFO, logger="stowd.disk"):
-        queue = Queue(state / "queue.db").open()
+        queue = SqliteQueue(state / "queue.db").open()
         try:
             disks = Disks(load_config(layout.config))
             truncate_wal(state / "queue.db")

@@ -32,7 +32,7 @@ from stowd.config.model import DEFAULT_INCOMPLETE_WAIT, Source
 from stowd.errors import FileIncomplete
 from stowd.pipeline import settle as settle_mod
 from stowd.pipeline.classify import classify
-from stowd.pipeline.queue import Job, NewFile, Queue
+from stowd.pipeline.queue import Job, NewFile, Queue, SqliteQueue
 from stowd.pipeline.settle import Decision, settle_all
 
 PIXEL_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
@@ -275,7 +275,7 @@ def source(tmp_path: Path) -> Source:
 
 @pytest.fixture
 def queue(tmp_path: Path) -> Iterator[Queue]:
-    q = Queue(tmp_path / "q.db").open()
+    q = SqliteQueue(tmp_path / "q.db").open()
     yield q
     q.close()
 

@@ -75,12 +75,13 @@ def test_the_layers_are_ordered_without_cycles() -> None:
 
 def listed_in_readme() -> set[str]:
     """The modules of the Layout block of docs/development.md: a folder line
-    (``stowd/pipeline/``), then its modules indented under it (``  queue.py  ...``)."""
+    (``stowd/pipeline/``, or ``stowd/pipeline/queue/``), then its modules indented under it
+    (``  watch.py  ...``)."""
     readme = (ROOT / "docs" / "development.md").read_text()
     section = readme.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
     listed, folder = set(), ""
     for line in section.splitlines():
-        heading = re.match(r"(stowd/(?:\w+/)?)\s", line + " ")
+        heading = re.match(r"(stowd/(?:\w+/)*)\s", line + " ")
         if heading:
             folder = heading[1]
         elif folder and (entry := re.match(r"\s+(\w+\.py)\s", line + " ")):

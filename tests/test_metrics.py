@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from stowd.errors import DestinationBusy, DestinationHeld, FileUnreadable, StowdError
 from stowd.pipeline import counters
-from stowd.pipeline.queue import Classification, Job, NewFile, Queue
+from stowd.pipeline.queue import Classification, Job, NewFile, Queue, SqliteQueue
 from stowd.service import metrics
 
 START = 1_000_000.0
@@ -265,7 +265,7 @@ def test_an_unreadable_queue_leaves_its_gauges_out_logs_once_and_recovers(
         assert len(warnings) == 1
         assert "cannot read the queue" in warnings[0].getMessage()
 
-        Queue(path).open(lock=False).close()
+        SqliteQueue(path).open(lock=False).close()
         text = scrape(server)
     assert value(text, "stowd_queue_files", destination="pacs", state="pending") == 0
     assert any("can be read again" in r.getMessage() for r in caplog.records)
@@ -330,7 +330,7 @@ def test_close_stops_serving(queue: Queue) -> None:
 
 
 def test_a_scrape_for_chosen_names_answers_them(tmp_path: Path) -> None:
-    Queue(tmp_path / "q.db").open().close()
+    SqliteQueue(tmp_path / "q.db").open().close()
     with metrics.serve("127.0.0.1", 0, tmp_path / "q.db", ["pacs"]) as server:
         url = f"http://127.0.0.1:{server.port}/metrics"
         answer = httpx.get(url, params={"name[]": ["stowd_up", "stowd_queue_files"]}, timeout=10)

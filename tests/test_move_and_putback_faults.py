@@ -20,7 +20,7 @@ from orthanc import Orthanc
 
 from stowd.config.model import Sidecars, Source
 from stowd.pipeline import settle as settle_mod
-from stowd.pipeline.queue import NewFile, Queue
+from stowd.pipeline.queue import NewFile, Queue, SqliteQueue
 
 MIB = 1024 * 1024
 
@@ -32,7 +32,7 @@ def source(tmp_path: Path) -> Source:
 
 @pytest.fixture
 def queue(tmp_path: Path) -> Iterator[Queue]:
-    q = Queue(tmp_path / "q.db").open()
+    q = SqliteQueue(tmp_path / "q.db").open()
     yield q
     q.close()
 

@@ -15,7 +15,7 @@ from dicomgen import make_instance, make_instance_bytes, write_garbage
 from harness import Layout, Stowd, make_layout, run_cli, wait_for
 from orthanc import Orthanc
 
-from stowd.pipeline.queue import NewFile, Queue
+from stowd.pipeline.queue import NewFile, SqliteQueue
 from stowd.service import logs
 
 # Names that are not UTF-8: a scanner with a Latin-1 locale, or a writer who means harm.
@@ -106,7 +106,7 @@ def test_the_queue_keeps_the_exact_bytes_of_a_path_and_utf8_paths_as_text(tmp_pa
     and read back as the same ``str``; a UTF-8 path stays TEXT, as in queues made before."""
     odd = str(tmp_path / BAD_FOLDER / BAD_FILE)
     plain = str(tmp_path / "plain é.dcm")
-    queue = Queue(tmp_path / "queue.db").open()
+    queue = SqliteQueue(tmp_path / "queue.db").open()
     try:
         files = [NewFile("ct1", "pacs", p, os.path.basename(p), 1, 5) for p in (odd, plain)]
         assert queue.enqueue(files) == 2

@@ -11,11 +11,21 @@ from pathlib import Path
 
 import pytest
 from harness import Clock
+from postgres import queue_backend  # noqa: F401 - its queue tests run on both backends
 
 from stowd.config.model import BatchLimits
 from stowd.errors import QueueError, QueueFull, QueueLockedError, SidecarNotReady
 from stowd.pipeline.group import take_batch
-from stowd.pipeline.queue import ACTIVE, Classification, Job, Made, NewFile, Queue, open_readonly
+from stowd.pipeline.queue import (
+    ACTIVE,
+    Classification,
+    Job,
+    Made,
+    NewFile,
+    Queue,
+    SqliteQueue,
+    open_readonly,
+)
 
 
 def new(path: str, size: int = 10, mtime: int = 1) -> NewFile:
@@ -122,23 +132,23 @@ def test_isolated_rows_are_claimed_one_at_a_time(queue: Queue) -> None:
 
 
 def test_recover_returns_claims_of_a_dead_daemon(tmp_path: Path, clock: Clock) -> None:
-    q = Queue(tmp_path / "q.db", clock=clock).open()
+    q = SqliteQueue(tmp_path / "q.db", clock=clock).open()
     q.enqueue([new("/d/a")])
     classify_all(q)
     assert q.claim_batch(["pacs"], pick=pick_all, candidates=10, lease=60)
     q.close()  # the daemon died with a claim
-    q2 = Queue(tmp_path / "q.db", clock=clock).open()
+    q2 = SqliteQueue(tmp_path / "q.db", clock=clock).open()
     assert q2.recover() == 1
     assert q2.counts() == {"pending": 1}
     q2.close()
 
 
 def test_only_one_daemon_per_queue(tmp_path: Path) -> None:
-    first = Queue(tmp_path / "q.db").open()
+    first = SqliteQueue(tmp_path / "q.db").open()
     with pytest.raises(QueueLockedError, match="another stowd"):
-        Queue(tmp_path / "q.db").open()
+        SqliteQueue(tmp_path / "q.db").open()
     first.close()
-    Queue(tmp_path / "q.db").open().close()
+    SqliteQueue(tmp_path / "q.db").open().close()
 
 
 def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
@@ -146,7 +156,7 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     db.execute("PRAGMA user_version = 99")
     db.close()
     with pytest.raises(QueueError, match="newer stowd"):
-        Queue(tmp_path / "q.db").open()
+        SqliteQueue(tmp_path / "q.db").open()
 
 
 def test_settling_rows_survive_and_finish(queue: Queue) -> None:
@@ -187,15 +197,18 @@ def test_status_queries(queue: Queue, clock: Clock) -> None:
     assert queue.counts() == {"pending": 1}
 
 
-def test_many_rows_claim_stays_cheap(queue: Queue) -> None:
+def test_many_rows_claim_stays_cheap(sqlite_queue: SqliteQueue) -> None:
     """100,000 pending rows: a claim uses the indexes (measured loosely, not asserted in time)."""
     rows = [new(f"/d/{i}") for i in range(100_000)]
-    queue.enqueue(rows)
-    queue.set_classified(
-        [Classification(j, "dicom", f"st{j.id % 100}", f"s{j.id}", "c") for j in queue.jobs()]
+    sqlite_queue.enqueue(rows)
+    sqlite_queue.set_classified(
+        [
+            Classification(j, "dicom", f"st{j.id % 100}", f"s{j.id}", "c")
+            for j in sqlite_queue.jobs()
+        ]
     )
     plan = (
-        queue._conn()
+        sqlite_queue._conn()
         .execute(
             "EXPLAIN QUERY PLAN SELECT id FROM files WHERE state = 'pending' AND destination = ? "
             "AND study_uid IS ? AND kind IS NOT NULL AND solo = 0 AND next_attempt_at <= ? "
@@ -205,7 +218,7 @@ def test_many_rows_claim_stays_cheap(queue: Queue) -> None:
         .fetchall()
     )
     assert any("USING INDEX" in str(step) for step in plan)
-    batch = queue.claim_batch(["pacs"], pick=pick_all, candidates=50, lease=60)
+    batch = sqlite_queue.claim_batch(["pacs"], pick=pick_all, candidates=50, lease=60)
     assert len(batch) == 50
     assert {j.study_uid for j in batch} == {"st1"}
 
@@ -222,11 +235,13 @@ def test_adopt_follows_a_changed_destination_and_parks_removed_sources(queue: Qu
     assert len(queue.claim_batch(["pacs"], pick=pick_all, candidates=10, lease=60)) == 1
 
 
-def test_a_readonly_queue_reads_while_the_daemon_writes(queue: Queue, tmp_path: Path) -> None:
-    queue.enqueue([new("/d/a")])
+def test_a_readonly_queue_reads_while_the_daemon_writes(
+    sqlite_queue: SqliteQueue, tmp_path: Path
+) -> None:
+    sqlite_queue.enqueue([new("/d/a")])
     reader = open_readonly(tmp_path / "q.db")
     assert reader.counts() == {"pending": 1}
-    queue.enqueue([new("/d/b")])
+    sqlite_queue.enqueue([new("/d/b")])
     assert reader.counts() == {"pending": 2}
     with pytest.raises(sqlite3.OperationalError, match="readonly"):
         reader._conn().execute("DELETE FROM files")
@@ -248,7 +263,7 @@ def test_keys_read_from_old_content_are_not_written_onto_new_content(queue: Queu
 
 def test_a_version_1_queue_is_migrated_and_keeps_its_rows(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
-    q = Queue(path).open()
+    q = SqliteQueue(path).open()
     q.enqueue([new("/d/a")])
     q.close()
     db = sqlite3.connect(path)  # make it look like a queue written before the rules existed
@@ -263,7 +278,7 @@ def test_a_version_1_queue_is_migrated_and_keeps_its_rows(tmp_path: Path) -> Non
     db.execute("PRAGMA user_version = 1")
     db.commit()
     db.close()
-    q = Queue(path).open()
+    q = SqliteQueue(path).open()
     try:
         [job] = q.unclassified(10)
         changes = {"set": {"PatientID": "P1"}, "remove": []}
@@ -282,7 +297,7 @@ def test_a_version_1_queue_is_migrated_and_keeps_its_rows(tmp_path: Path) -> Non
 
 def test_a_version_3_queue_gets_the_lookup_column_and_cache(tmp_path: Path, clock: Clock) -> None:
     path = tmp_path / "v3.db"
-    q = Queue(path).open()
+    q = SqliteQueue(path).open()
     q.enqueue([new("/d/a")])
     q.close()
     db = sqlite3.connect(path)  # a queue written before lookups existed
@@ -291,7 +306,7 @@ def test_a_version_3_queue_gets_the_lookup_column_and_cache(tmp_path: Path, cloc
     db.execute("PRAGMA user_version = 3")
     db.commit()
     db.close()
-    q = Queue(path, clock=clock).open()
+    q = SqliteQueue(path, clock=clock).open()
     try:
         [job] = q.unclassified(10)
         record = '{"key": "k", "values": {"PatientID": "P1"}}'
@@ -430,16 +445,16 @@ def limit_size(queue: Queue) -> None:
 
 
 def test_a_full_queue_raises_queue_full_and_logs_no_queued_file(
-    queue: Queue, caplog: pytest.LogCaptureFixture
+    sqlite_queue: SqliteQueue, caplog: pytest.LogCaptureFixture
 ) -> None:
-    queue.enqueue([new("/d/a")])
-    limit_size(queue)
+    sqlite_queue.enqueue([new("/d/a")])
+    limit_size(sqlite_queue)
     many = [new(f"/d/{'x' * 200}{n}") for n in range(200)]  # more than the free pages hold
     caplog.set_level("INFO", logger="stowd.queue")
     with pytest.raises(QueueFull, match="its disk is full"):
-        queue.enqueue(many)
+        sqlite_queue.enqueue(many)
     assert "queued" not in caplog.text  # the insert was rolled back: nothing was queued
-    assert queue.counts() == {"pending": 1}
-    queue._conn().execute("PRAGMA max_page_count = 1073741823")
-    assert queue.enqueue(many) == 200
+    assert sqlite_queue.counts() == {"pending": 1}
+    sqlite_queue._conn().execute("PRAGMA max_page_count = 1073741823")
+    assert sqlite_queue.enqueue(many) == 200
     assert caplog.text.count("queued /d/x") == 200  # once each, after the commit

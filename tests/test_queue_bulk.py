@@ -8,8 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from harness import Clock
+from postgres import queue_backend  # noqa: F401 - its queue tests run on both backends
 
-from stowd.pipeline.queue import ENQUEUE_PART, Classification, NewFile, Queue
+from stowd.pipeline.queue import ENQUEUE_PART, Classification, NewFile, Queue, SqliteQueue
 
 RAW = os.fsdecode(b"\xff\xfe-raw.dcm")  # a name that is not UTF-8: stored as its bytes
 
@@ -63,8 +64,8 @@ def both_ways(
 ) -> tuple[Queue, Queue, int, int]:
     """The same history in two queues; then the same list queued in one call, and file by
     file; returns both queues and what each way reported as new."""
-    bulk = Queue(tmp_path / "bulk.db", clock=clock).open()
-    one = Queue(tmp_path / "one.db", clock=clock).open()
+    bulk = SqliteQueue(tmp_path / "bulk.db", clock=clock).open()
+    one = SqliteQueue(tmp_path / "one.db", clock=clock).open()
     files = files_of(bulk, tmp_path / "drop")
     assert files_of(one, tmp_path / "drop") == files
     added_bulk = bulk.enqueue(files)

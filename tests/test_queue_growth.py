@@ -9,9 +9,19 @@ import sqlite3
 from pathlib import Path
 
 from harness import Clock
+from postgres import queue_backend  # noqa: F401 - its queue tests run on both backends
 
-from stowd.pipeline import queue as queue_module
-from stowd.pipeline.queue import Classification, Job, NewFile, Queue, Tally, open_readonly
+from stowd.pipeline.queue import (
+    ALREADY_STORED,
+    Classification,
+    Job,
+    NewFile,
+    Queue,
+    SqliteQueue,
+    Tally,
+    open_readonly,
+)
+from stowd.pipeline.queue import sqlite as queue_module
 
 ERROR = {"reason": "the archive said no", "stage": "send"}
 
@@ -37,7 +47,7 @@ def counted(queue: Queue, now: float) -> set[tuple[object, ...]]:
 
 def truth(queue: Queue, now: float) -> set[tuple[object, ...]]:
     """Each group counted over the rows themselves (the one pass status made before)."""
-    return {_figures(g) for g in queue_module._tally(queue._conn(), now)}
+    return {_figures(g) for g in queue_module.SqliteQueue._tally(queue._conn(), now)}
 
 
 def _figures(g: Tally) -> tuple[object, ...]:
@@ -55,7 +65,7 @@ def oldest_active(groups: list[Tally]) -> dict[str, float]:
 def assert_true_counts(queue: Queue, clock: Clock) -> None:
     for now in (clock.now, clock.now + 1000):  # waiting rows depend on the time asked about
         assert counted(queue, now) == truth(queue, now)
-        reference = queue_module._tally(queue._conn(), now)
+        reference = queue_module.SqliteQueue._tally(queue._conn(), now)
         assert oldest_active(queue.tally(now)) == oldest_active(reference)
         totals: dict[str, int] = {}
         for g in reference:
@@ -81,7 +91,7 @@ def test_the_kept_counts_equal_the_rows_through_a_queue_s_life(
     settled = batch[6:]
     queue.begin_settle(
         [(settled[0], "sent", "/s/0", None), (settled[1], "failed", "/f/1", ERROR)],
-        notes={settled[0].id: queue_module.ALREADY_STORED},
+        notes={settled[0].id: ALREADY_STORED},
     )
     queue.begin_settle(
         [(settled[2], "sent", "/s/2", None)], notes={settled[2].id: "stored with warning B100"}
@@ -158,7 +168,7 @@ def test_a_version_6_queue_is_upgraded_without_losing_rows(tmp_path: Path, clock
                 state,
                 1000.0 + i,
                 "sent" if state in ("sent", "settling") else None,
-                queue_module.ALREADY_STORED if i == 7 else None,
+                ALREADY_STORED if i == 7 else None,
                 2000.0 if state in ("sent", "failed", "gone") else None,
             )
             for i, state in enumerate(states)
@@ -166,7 +176,7 @@ def test_a_version_6_queue_is_upgraded_without_losing_rows(tmp_path: Path, clock
     )
     old.commit()
     old.close()
-    queue = Queue(path, clock=clock).open()
+    queue = SqliteQueue(path, clock=clock).open()
     try:
         assert len(queue.jobs()) == len(states)
         assert (
@@ -189,7 +199,7 @@ def test_a_version_6_queue_is_upgraded_without_losing_rows(tmp_path: Path, clock
         queue.close()
 
 
-def claim_statements(queue: Queue) -> list[str]:
+def claim_statements(queue: SqliteQueue) -> list[str]:
     """The SELECTs one claim of a batch runs."""
     seen: list[str] = []
     queue._conn().set_trace_callback(seen.append)
@@ -200,56 +210,84 @@ def claim_statements(queue: Queue) -> list[str]:
     return [s for s in seen if s.lstrip().startswith("SELECT")]
 
 
-def plan(queue: Queue, sql: str) -> str:
+def plan(queue: SqliteQueue, sql: str) -> str:
     rows = queue._conn().execute("EXPLAIN QUERY PLAN " + sql).fetchall()
     return "; ".join(str(r[3]) for r in rows)
 
 
-def test_a_claim_reads_its_rows_in_claim_order_from_an_index(queue: Queue, clock: Clock) -> None:
+def test_a_claim_reads_its_rows_in_claim_order_from_an_index(
+    sqlite_queue: SqliteQueue, clock: Clock
+) -> None:
     """Claiming costs the same at 1,000 and at 1,000,000 rows: the first ready row comes
     from the start of an index in claim order (next attempt, then id), and the batch from the
     rows of its study, never from a pass over the pending rows or a sort of them."""
-    queue.enqueue([new(f"/d/{i}") for i in range(200)])
-    classify(queue)
-    waiting = queue.claim_batch(["pacs"], pick=pick_all, candidates=20, lease=60)
-    queue.retry_later([j.id for j in waiting], at=clock.now + 60, error=ERROR)
-    plans = [plan(queue, sql) for sql in claim_statements(queue)]
+    sqlite_queue.enqueue([new(f"/d/{i}") for i in range(200)])
+    classify(sqlite_queue)
+    waiting = sqlite_queue.claim_batch(["pacs"], pick=pick_all, candidates=20, lease=60)
+    sqlite_queue.retry_later([j.id for j in waiting], at=clock.now + 60, error=ERROR)
+    plans = [plan(sqlite_queue, sql) for sql in claim_statements(sqlite_queue)]
     assert plans[0] == (
         "SEARCH files USING INDEX files_claim (destination=? AND next_attempt_at<?)"
     )
     assert all(p.startswith("SEARCH files USING INDEX") for p in plans[1:])
     assert not [p for p in plans if "TEMP B-TREE" in p or "SCAN" in p]
-    assert queue.claim_plan(["pacs"]) == [plans[0]]
+    assert sqlite_queue.claim_plan(["pacs"]) == [plans[0]]
 
 
-def test_the_claim_order_is_kept_over_several_destinations(queue: Queue, clock: Clock) -> None:
+def test_the_claim_order_is_kept_over_several_destinations(
+    sqlite_queue: SqliteQueue, clock: Clock
+) -> None:
     """Each destination's first row is read from the index; the one whose next attempt came
     first (then the lower id) is claimed, as one query over all of them chose before."""
-    queue.enqueue([new("/d/p1"), new("/d/l1", dest="lab"), new("/d/p2")])
-    found = queue.unclassified(10)  # each file a study of its own
-    queue.set_classified([Classification(j, "dicom", j.path, j.path, "1.2") for j in found])
-    [first] = queue.claim_batch(["pacs"], pick=lambda _d, j: j[:1], candidates=1, lease=60)
-    queue.retry_later([first.id], at=clock.now + 5, error=ERROR)
+    sqlite_queue.enqueue([new("/d/p1"), new("/d/l1", dest="lab"), new("/d/p2")])
+    found = sqlite_queue.unclassified(10)  # each file a study of its own
+    sqlite_queue.set_classified([Classification(j, "dicom", j.path, j.path, "1.2") for j in found])
+    [first] = sqlite_queue.claim_batch(["pacs"], pick=lambda _d, j: j[:1], candidates=1, lease=60)
+    sqlite_queue.retry_later([first.id], at=clock.now + 5, error=ERROR)
     clock.now += 10
     order = []
     for _ in range(3):
-        [job] = queue.claim_batch(["lab", "pacs"], pick=lambda _d, j: j[:1], candidates=1, lease=60)
+        [job] = sqlite_queue.claim_batch(
+            ["lab", "pacs"], pick=lambda _d, j: j[:1], candidates=1, lease=60
+        )
         order.append(job.path)
     assert order == ["/d/l1", "/d/p2", "/d/p1"]
 
 
-def test_a_rescan_of_files_already_queued_writes_nothing(queue: Queue) -> None:
+def test_a_rescan_of_files_already_queued_writes_nothing(sqlite_queue: SqliteQueue) -> None:
     """A rescan finds every queued file again: those are known from a read, and no write
     transaction (which would wait for, and hold up, the workers' settling) is begun."""
     files = [new(f"/d/{i}") for i in range(1200)]
-    assert queue.enqueue(files) == 1200
+    assert sqlite_queue.enqueue(files) == 1200
     seen: list[str] = []
-    queue._conn().set_trace_callback(seen.append)
+    sqlite_queue._conn().set_trace_callback(seen.append)
     try:
-        assert queue.enqueue(files) == 0
+        assert sqlite_queue.enqueue(files) == 0
     finally:
-        queue._conn().set_trace_callback(None)
+        sqlite_queue._conn().set_trace_callback(None)
     assert not [s for s in seen if s.startswith(("BEGIN", "INSERT", "UPDATE"))]
-    assert queue.counts() == {"pending": 1200}
-    assert queue.enqueue([*files[:3], new("/d/new")]) == 1  # a new one among them: queued
-    assert queue.counts() == {"pending": 1201}
+    assert sqlite_queue.counts() == {"pending": 1200}
+    assert sqlite_queue.enqueue([*files[:3], new("/d/new")]) == 1  # a new one among them: queued
+    assert sqlite_queue.counts() == {"pending": 1201}
+
+
+def test_a_schema_8_queue_gains_the_node_of_each_claim(tmp_path: Path, clock: Clock) -> None:
+    """Schema 9 records the node of a claim (the PostgreSQL queue's shape): a queue an older
+    stowd wrote gains the column, its rows kept, and claims record the node."""
+    path = tmp_path / "v8.db"
+    SqliteQueue(path, clock=clock).open().close()
+    old = sqlite3.connect(path)
+    old.execute("ALTER TABLE files DROP COLUMN node")
+    old.execute("PRAGMA user_version = 8")
+    old.close()
+    queue = SqliteQueue(path, clock=clock, node="gw-1").open()
+    try:
+        queue.enqueue([NewFile("src", "pacs", "/d/a", "a", 1, 1)])
+        [job] = queue.unclassified(1)
+        queue.set_classified([Classification(job, "dicom", "1.2", "1.2.3", "1.2")])
+        queue.claim_batch(["pacs"], pick=pick_all, candidates=1, lease=60)
+        node = queue._conn().execute("SELECT node FROM files").fetchone()[0]
+        assert node == "gw-1"
+        assert queue._conn().execute("PRAGMA user_version").fetchone()[0] == 9
+    finally:
+        queue.close()

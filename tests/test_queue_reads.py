@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from postgres import queue_backend  # noqa: F401 - its queue tests run on both backends
 
 from stowd.errors import QueueError, QueueUnreadable
 from stowd.pipeline.queue import open_readonly

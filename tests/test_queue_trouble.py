@@ -11,9 +11,10 @@ import pytest
 from dicomgen import make_instance
 from harness import Layout, Stowd, make_layout, run_cli, wait_for
 from mounts import read_only
+from postgres import queue_backend  # noqa: F401 - its queue tests run on both backends
 
 from stowd.errors import QueueError
-from stowd.pipeline.queue import Queue
+from stowd.pipeline.queue import SqliteQueue
 
 NOWHERE = "http://127.0.0.1:9/dicom-web"  # nothing is sent in these tests
 
@@ -110,7 +111,7 @@ def start_queue_stop(layout: Layout) -> str:
 def test_the_sqlite_side_of_a_read_only_queue_folder_is_a_queue_error(tmp_path: Path) -> None:
     """Past the lock file (not taken here): SQLite's own refusal says the same."""
     folder = tmp_path / "state"
-    Queue(folder / "queue.db").open(lock=False).close()
+    SqliteQueue(folder / "queue.db").open(lock=False).close()
     with read_only(folder), pytest.raises(QueueError) as caught:
-        Queue(folder / "queue.db").open(lock=False)
+        SqliteQueue(folder / "queue.db").open(lock=False)
     assert f"the queue folder {folder} is on a read-only filesystem" in str(caught.value)

@@ -9,7 +9,7 @@ from dicomgen import make_instance, make_study
 from harness import Clock, drop_source
 
 from stowd.config.model import BatchLimits, Config, Destination, Source
-from stowd.pipeline.queue import Queue
+from stowd.pipeline.queue import Queue, SqliteQueue
 from stowd.pipeline.reader import Reader
 from stowd.pipeline.watch import Watcher
 
@@ -21,7 +21,7 @@ def reading_setup(tmp_path: Path) -> tuple[Clock, Source, Config, Queue]:
     source.watch.mkdir()
     dest = Destination("pacs", "http://archive.test/dicom-web", BatchLimits(max_files=10))
     config = Config(tmp_path / "c.yaml", tmp_path / "q.db", (source,), {"pacs": dest})
-    return clock, source, config, Queue(config.queue, clock=clock).open()
+    return clock, source, config, SqliteQueue(config.queue, clock=clock).open()
 
 
 def test_the_reader_reads_new_files_and_fails_bad_ones_without_a_destination_client(

@@ -23,7 +23,7 @@ from stowd.commands import putback as retry_mod
 from stowd.commands.putback import Filters, parse_since, retry
 from stowd.config.load import load_config
 from stowd.config.model import Config, Source
-from stowd.pipeline.queue import NewFile, Queue
+from stowd.pipeline.queue import NewFile, Queue, SqliteQueue
 from stowd.pipeline.settle import Decision, iso, settle_all
 from stowd.service.status import daemon_pid
 
@@ -44,7 +44,7 @@ def config(layout: Layout) -> Config:
 
 @pytest.fixture
 def queue(config: Config) -> Iterator[Queue]:
-    q = Queue(config.queue).open()
+    q = SqliteQueue(config.queue).open()
     yield q
     q.close()
 

@@ -20,7 +20,7 @@ from stowd.config.load import load_config
 from stowd.config.model import Config, Destination
 from stowd.config.schedule import DAY_NAMES, local_zone, schedule_of
 from stowd.errors import ConfigError
-from stowd.pipeline.queue import Queue
+from stowd.pipeline.queue import Queue, SqliteQueue
 from stowd.service import status
 
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -37,7 +37,7 @@ def held(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Conf
     config = Config(
         tmp_path / "c.yaml", tmp_path / "q.db", (drop_source(tmp_path),), {"pacs": dest}
     )
-    queue = Queue(config.queue).open()
+    queue = SqliteQueue(config.queue).open()
     try:
         yield config, queue
     finally:

@@ -21,7 +21,7 @@ from orthanc import Orthanc
 from stowd.config.model import Config, Destination
 from stowd.config.schedule import schedule_of
 from stowd.dicomweb.stow import StowClient
-from stowd.pipeline.queue import Queue
+from stowd.pipeline.queue import Queue, SqliteQueue
 from stowd.pipeline.watch import Watcher
 from stowd.pipeline.worker import Worker
 from stowd.service import status
@@ -78,7 +78,7 @@ def rig(tmp_path: Path, orthanc: Orthanc) -> Iterator[Rig]:
     make_study(source.watch, FILES)
     dest = Destination("pacs", orthanc.dicomweb_url, schedule=NIGHTS)
     config = Config(tmp_path / "c.yaml", tmp_path / "q.db", (source,), {"pacs": dest})
-    queue = Queue(config.queue).open()
+    queue = SqliteQueue(config.queue).open()
     made = Rig(config, queue, dest, threading.Event(), LocalClock(TUESDAY_NOON))
     try:
         yield made

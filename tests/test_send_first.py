@@ -22,7 +22,7 @@ from stowproxy import StowProxy
 from stowd.config.model import BatchLimits, Config, Destination, Source
 from stowd.dicomweb.stow import StowClient
 from stowd.pipeline import settle
-from stowd.pipeline.queue import Queue
+from stowd.pipeline.queue import SqliteQueue
 from stowd.pipeline.watch import Watcher
 from stowd.pipeline.worker import Worker
 
@@ -41,7 +41,7 @@ class Sender:
         self.proxy = StowProxy(orthanc.dicomweb_url)
         dest = Destination("pacs", self.proxy.base, BatchLimits(max_files=BATCH))
         config = Config(tmp_path / "c.yaml", tmp_path / "q.db", (self.source,), {"pacs": dest})
-        self.queue = Queue(config.queue).open()
+        self.queue = SqliteQueue(config.queue).open()
         self.stop = threading.Event()
         self.client = StowClient(dest, stop=self.stop)
         lock = threading.Lock()  # shared with a reader thread in the daemon (none here)

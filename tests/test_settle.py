@@ -19,7 +19,7 @@ from stowd.config.model import Sidecars, Source
 from stowd.errors import FileUnreadable
 from stowd.pipeline import settle as settle_mod
 from stowd.pipeline import sidecar as sidecar_mod
-from stowd.pipeline.queue import Job, NewFile, Queue
+from stowd.pipeline.queue import Job, NewFile, Queue, SqliteQueue
 from stowd.pipeline.settle import Decision, free_target, repair, settle_all
 
 
@@ -30,7 +30,7 @@ def source(tmp_path: Path) -> Source:
 
 @pytest.fixture
 def queue(tmp_path: Path) -> Iterator[Queue]:
-    q = Queue(tmp_path / "q.db").open()
+    q = SqliteQueue(tmp_path / "q.db").open()
     yield q
     q.close()
 

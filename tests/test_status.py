@@ -17,7 +17,7 @@ from harness import Clock, make_layout
 from stowd.commands import cli
 from stowd.config.load import load_config
 from stowd.config.model import Config, Destination, Source
-from stowd.pipeline.queue import Classification, Job, NewFile, Queue, open_readonly
+from stowd.pipeline.queue import Classification, Job, NewFile, Queue, SqliteQueue, open_readonly
 from stowd.service import status
 from stowd.service.status import RATE_WINDOW, gather, redact, render, short_line
 
@@ -414,7 +414,7 @@ def test_status_command_prints_json_and_text(
 ) -> None:
     layout = make_layout(tmp_path, "http://stow:pw@127.0.0.1:9/dicom-web")
     config = load_config(layout.config)
-    q = Queue(config.queue).open(lock=False)
+    q = SqliteQueue(config.queue).open(lock=False)
     q.enqueue([NewFile("ct1", "pacs", str(layout.drop / "a.dcm"), "a.dcm", 10, 1)])
     q.close()
     assert cli.main(["status", "-c", str(layout.config), "--json"]) == 0

@@ -26,8 +26,8 @@ from test_config import MINIMAL, find, load_text, problems_of
 from test_migrate import ctrl_c, migrating
 
 from stowd.config.load import load_config
-from stowd.pipeline import queue as queue_module
-from stowd.pipeline.queue import HISTORY_SPAN, Classification, NewFile, Queue
+from stowd.pipeline.queue import HISTORY_SPAN, Classification, NewFile, Queue, SqliteQueue
+from stowd.pipeline.queue import sqlite as queue_module
 from stowd.printable import escape
 from stowd.service import page, web
 
@@ -439,7 +439,7 @@ def _settle(
 
 def test_the_failures_shown_are_bounded(tmp_path: Path) -> None:
     config = _config(tmp_path)
-    queue = Queue(config.queue).open()
+    queue = SqliteQueue(config.queue).open()
     try:
         _settle(queue, [f"f{n}.dcm" for n in range(page.FAILURES_SHOWN + 50)], "failed")
     finally:
@@ -458,7 +458,7 @@ def test_failed_files_show_however_many_waiting_files_carry_a_newer_error(
     failed files are still the ones listed."""
     config = _config(tmp_path)
     clock = Clock(1_800_000_000.0)
-    queue = Queue(config.queue, clock=clock).open()
+    queue = SqliteQueue(config.queue, clock=clock).open()
     try:
         _settle(queue, ["bad.dcm"], "failed")
         clock.now += 60
@@ -478,7 +478,7 @@ def test_a_hostile_archive_answer_is_escaped_in_the_filter_and_the_table(tmp_pat
     line break, stays text in the reason filter's options and in the table."""
     config = _config(tmp_path)
     reason = 'refused: "><script>alert(1)</script>\nsecond line'
-    queue = Queue(config.queue).open()
+    queue = SqliteQueue(config.queue).open()
     try:
         _settle(queue, ["a.dcm"], "failed", {"reason": reason, "http_status": 409})
     finally:
@@ -494,7 +494,7 @@ def test_a_hostile_archive_answer_is_escaped_in_the_filter_and_the_table(tmp_pat
 def test_the_last_answer_is_the_archives_not_a_files_own_problem(tmp_path: Path) -> None:
     config = _config(tmp_path)
     clock = Clock(1_800_000_000.0)
-    queue = Queue(config.queue, clock=clock).open()
+    queue = SqliteQueue(config.queue, clock=clock).open()
     reason = "the archive refused it (0xA700)"
     refused = {"reason": reason, "http_status": 409}
     unreadable = {"reason": "not a DICOM file", "stage": "reading the file"}
@@ -517,7 +517,7 @@ def test_a_receiving_source_is_a_run_with_its_progress(tmp_path: Path) -> None:
         "    receive: {ae_title: STOWD, port: 11112, bind: 127.0.0.1}\n",
     )
     config = load_text(tmp_path, text + "http:\n  listen: 127.0.0.1:9480\n")
-    queue = Queue(config.queue).open()
+    queue = SqliteQueue(config.queue).open()
     try:
         _settle(queue, ["a.dcm", "b.dcm"], "sent")
         queue.enqueue([NewFile("ct1", "pacs", "/r/c.dcm", "c.dcm", 100, 1)])
@@ -530,7 +530,7 @@ def test_a_receiving_source_is_a_run_with_its_progress(tmp_path: Path) -> None:
 
 def test_the_history_keeps_a_day_and_one_row_a_minute(tmp_path: Path) -> None:
     clock = Clock(1_800_000_000.0)
-    queue = Queue(tmp_path / "q.db", clock=clock).open()
+    queue = SqliteQueue(tmp_path / "q.db", clock=clock).open()
     try:
         _settle(queue, [f"a{n}" for n in range(30)], "sent")
         _settle(queue, ["b0", "b1"], "failed")
@@ -568,10 +568,10 @@ def test_a_schema_7_queue_gains_the_last_days_history(tmp_path: Path) -> None:
     )
     old.commit()
     old.close()
-    queue = Queue(path, clock=Clock(newest + 30)).open()
+    queue = SqliteQueue(path, clock=Clock(newest + 30)).open()
     try:
         version = queue._conn().execute("PRAGMA user_version").fetchone()[0]
-        assert version == queue_module.SCHEMA_VERSION == 8
+        assert version == queue_module.SCHEMA_VERSION == 9
         found = [(r.minute, r.sent, r.bytes, r.failed) for r in queue.throughput(0)]
         hour_ago = int((newest - 3600) // 60 * 60)
         assert found == [(hour_ago, 2, 20, 0), (int(newest // 60 * 60), 0, 0, 1)]

@@ -12,7 +12,7 @@ from pathlib import Path
 from harness import Layout, make_layout, serving_page, wait_for
 from test_statuspage import UNREACHABLE, _config, _settle, get, raw
 
-from stowd.pipeline.queue import Queue
+from stowd.pipeline.queue import SqliteQueue
 from stowd.printable import escape
 from stowd.service import page, web
 
@@ -141,7 +141,7 @@ def test_the_reason_filter_finds_a_reason_with_a_line_break_or_a_backslash(
     reason's files, not none."""
     config = _config(tmp_path)
     reasons = ["the archive said: first line\nsecond line", r"cannot read C:\share\a.dcm"]
-    queue = Queue(config.queue).open()
+    queue = SqliteQueue(config.queue).open()
     try:
         for n, reason in enumerate(reasons):
             _settle(queue, [f"{n}.dcm"], "failed", {"reason": reason, "http_status": 409})

@@ -21,7 +21,7 @@ from stowd.dicomweb.stow import StowClient
 from stowd.pipeline import loop, watch
 from stowd.pipeline.lookup import Finder
 from stowd.pipeline.loop import Loop, Stop
-from stowd.pipeline.queue import NewFile, Queue
+from stowd.pipeline.queue import NewFile, Queue, SqliteQueue
 from stowd.pipeline.reader import Reader
 from stowd.pipeline.receive import Receiver
 from stowd.pipeline.watch import Watcher
@@ -55,7 +55,7 @@ class Pipeline:
         self.source.watch.mkdir()
         dest = Destination("pacs", orthanc.dicomweb_url)
         config = Config(tmp_path / "c.yaml", tmp_path / "q.db", (self.source,), {"pacs": dest})
-        self.queue = Queue(config.queue).open()
+        self.queue = SqliteQueue(config.queue).open()
         self.stop = Stop()
         self.client = StowClient(dest, stop=self.stop)
         self.finder = Finder(config, self.queue)

@@ -29,7 +29,7 @@ from stowd.dicomweb.stow import StowClient
 from stowd.media.probe import detect as real_detect
 from stowd.media.reading import Media
 from stowd.pipeline import counters, settle
-from stowd.pipeline.queue import Queue
+from stowd.pipeline.queue import SqliteQueue
 from stowd.pipeline.watch import Watcher
 from stowd.pipeline.worker import Worker, lease
 from stowd.rules.engine import Match, Rule, Template
@@ -96,7 +96,7 @@ class Rig:
             retry=Retry(**retry),
             rules=rules,
         )
-        self.queue = Queue(self.config.queue, clock=self.clock).open()
+        self.queue = SqliteQueue(self.config.queue, clock=self.clock).open()
         self.stop = threading.Event()
         self.client = StowClient(dest, stop=self.stop, transport=httpx.MockTransport(handler))
         self.worker = Worker(
@@ -834,7 +834,7 @@ root = Path(sys.argv[1])
 source = Source("ct", root / "drop", root / "sent", root / "failed", "pacs")
 dest = Destination("pacs", "http://archive.test/dicom-web", BatchLimits())
 config = Config(root / "c.yaml", root / "q.db", (source,), {"pacs": dest})
-queue = Queue(config.queue).open()
+queue = SqliteQueue(config.queue).open()
 path = root / "drop" / "x.dcm"
 path.parent.mkdir(parents=True)
 path.write_bytes(b"x")

@@ -59,7 +59,7 @@ from stowd.errors import MigrationConflict, StowdError
 from stowd.pipeline.lookup import Finder
 from stowd.pipeline.loop import Stop
 from stowd.pipeline.metadata import clear_spool, digest
-from stowd.pipeline.queue import Hold, Job, NewFile, Queue
+from stowd.pipeline.queue import Hold, Job, NewFile, open_queue
 from stowd.pipeline.reader import Reader
 from stowd.pipeline.settle import repair
 from stowd.pipeline.verify import Tally
@@ -176,7 +176,7 @@ class Migration:
         self.page: web.Server | None = None
         self.paused = Paused()  # the time outside the destination's windows (no rate)
         self.verified = Tally()  # the stored files the archive listed, or did not
-        self.queue = Queue(config.queue)
+        self.queue = open_queue(config)
         self.stop: threading.Event = Stop()  # wakes the idle workers when set
         self.scanned = threading.Event()
         self.walking = threading.Event()  # set once the walk queued its first chunk, or ended

@@ -53,7 +53,7 @@ from stowd.fileops import (
     walk_folders,
 )
 from stowd.pipeline import sidecar as sidecar_mod
-from stowd.pipeline.queue import Job, open_readonly
+from stowd.pipeline.queue import Job, open_status
 from stowd.pipeline.settle import ERROR_SUFFIX, copy_name
 from stowd.printable import escape_lines
 
@@ -332,7 +332,7 @@ class _Retry:
     def _queue_jobs(self) -> dict[str, Job]:
         if self._jobs is None:
             try:
-                queue = open_readonly(self.config.queue)
+                queue = open_status(self.config)
                 try:
                     with queue.reading():
                         jobs = queue.jobs("failed")

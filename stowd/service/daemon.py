@@ -54,7 +54,7 @@ from stowd.pipeline.disk import Disks
 from stowd.pipeline.lookup import Finder
 from stowd.pipeline.loop import Stop
 from stowd.pipeline.metadata import clear_spool, digest
-from stowd.pipeline.queue import OPEN_MARK, Queue
+from stowd.pipeline.queue import OPEN_MARK, Queue, open_queue
 from stowd.pipeline.reader import Reader
 from stowd.pipeline.settle import repair
 from stowd.pipeline.watch import Watcher
@@ -109,7 +109,7 @@ class Daemon:
     def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
         self.config = config
         self.stop = threading.Event()
-        self.queue = Queue(config.queue)
+        self.queue = open_queue(config)
         self.notifier = notifier or Notifier()
         self.signals = 0
         self.last_signal: int | None = None

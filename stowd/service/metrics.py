@@ -32,12 +32,12 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
-from stowd.config.model import Config
+from stowd.config.model import Config, Database
 from stowd.config.schedule import Schedule, local_now
 from stowd.config.yamlwalk import host_port
 from stowd.errors import QueueError, StowdError
 from stowd.pipeline.counters import REGISTRY, label, route, touch
-from stowd.pipeline.queue import ActiveView, read_active
+from stowd.pipeline.queue import ActiveView, read_active_of
 
 log = logging.getLogger("stowd.metrics")
 
@@ -54,9 +54,14 @@ class QueueCollector:
     """
 
     def __init__(
-        self, path: Path, destinations: Sequence[str], clock: Callable[[], float] = time.time
+        self,
+        path: Path,
+        destinations: Sequence[str],
+        clock: Callable[[], float] = time.time,
+        database: Database | None = None,
     ) -> None:
         self.path = path
+        self.database = database  # a PostgreSQL queue: read there (``path`` is the node's)
         self.destinations = [label(d) for d in destinations]
         self.clock = clock
         self._failing = False
@@ -71,7 +76,7 @@ class QueueCollector:
 
     def _read(self, now: float) -> ActiveView | None:
         try:
-            view = read_active(self.path, now, busy_timeout=SCRAPE_BUSY_TIMEOUT)
+            view = read_active_of(self.path, self.database, now, busy_timeout=SCRAPE_BUSY_TIMEOUT)
         except Exception as exc:
             self._note_failure(exc)
             return None
@@ -186,11 +191,12 @@ def registry(
     clock: Callable[[], float] = time.time,
     schedules: Mapping[str, Schedule] | None = None,
     routes: Iterable[tuple[str, str]] = (),
+    database: Database | None = None,
 ) -> CollectorRegistry:
     """What a scrape serves: the counters, the queue's gauges and the paused gauge, in a
     real registry (``?name[]=`` works); series of ``destinations`` and of each (source,
     destination) in ``routes`` start at 0, so rates and alerts work before the first event."""
-    collector = QueueCollector(queue_path, destinations, clock)
+    collector = QueueCollector(queue_path, destinations, clock, database)
     for name in collector.destinations:
         touch(name)
     for source, destination in routes:
@@ -209,6 +215,7 @@ def for_config(config: Config) -> CollectorRegistry:
         list(config.destinations),
         schedules={name: d.schedule for name, d in config.destinations.items()},
         routes=[(s.name, s.destination) for s in config.sources],
+        database=config.database,
     )
 
 

@@ -34,7 +34,7 @@ from stowd.config.yamlwalk import host_port
 from stowd.errors import QueueUnreadable
 from stowd.fileops import walk_folders
 from stowd.pipeline import disk
-from stowd.pipeline.queue import Hold, Queue, Throughput, open_readonly, read_only_note
+from stowd.pipeline.queue import Hold, Queue, Throughput, open_status, read_only_note
 from stowd.printable import escape_lines
 from stowd.service import inflight
 
@@ -159,7 +159,7 @@ class _Figures:
 def gather(config: Config, *, now: float | None = None) -> dict[str, Any]:
     """Everything ``status`` shows, as plain data (also the ``--json`` output)."""
     now = time.time() if now is None else now
-    queue = open_readonly(config.queue)
+    queue = open_status(config)
     try:
         with queue.reading():
             return _gather(config, queue, now)
@@ -455,7 +455,7 @@ def recent(config: Config, now: float, *, failed: int, since: float) -> Recent:
     """The newest ``failed`` failed files (each as an entry of ``last_errors``) and the
     throughput per minute since ``since``: what the status page shows beside ``gather``'s
     data."""
-    queue = open_readonly(config.queue)
+    queue = open_status(config)
     try:
         with queue.reading():
             rows = queue.recent_failed(failed)

@@ -1,0 +1,246 @@
+"""What the queue holds and hands out, whichever database keeps it: the rows as the pipeline
+sees them (``Job``, ``NewFile``, ``Classification``, ...), the counts ``stowd status`` reads
+(``Tally``, ``Throughput``, ``ActiveView``), the states and notes, and the helpers of both
+backends that speak no SQL."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from stowd.errors import SidecarNotReady
+
+log = logging.getLogger("stowd.queue")
+
+ALREADY_STORED = "already stored"  # the note of a file the archive said it already held
+# the note of a file stored with the archive's WarningReason, followed by its code ("... B100")
+STORED_WITH_WARNING = "stored with warning"
+ACTIVE = ("pending", "claimed", "settling")
+DONE = ("sent", "failed", "gone")
+HISTORY_SPAN = 25 * 3600  # seconds of throughput kept: a day, and a day with a DST change
+LOOKUP_MEMORY = 86_400.0  # cached lookup answers older than this are deleted
+
+
+@dataclass(frozen=True)
+class Job:
+    """One queued file as the workers see it."""
+
+    id: int
+    source: str
+    destination: str
+    path: str
+    rel: str
+    size: int
+    mtime_ns: int
+    kind: str | None
+    study_uid: str | None
+    sop_uid: str | None
+    attempts: int
+    first_try: float | None
+    error: str | None = None
+    outcome: str | None = None
+    target: str | None = None
+    changes: str | None = None  # JSON {"set": {...}, "remove": [...]} from the rules
+    sidecars: str | None = None  # JSON [[path, text], ...]: the sidecars it was read with
+    made: str | None = None  # JSON of the UIDs made for a file that is not DICOM
+    queued_at: float | None = None
+    lookup: str | None = None  # JSON of the archive entry a rule's lookup chose (lookup.py)
+
+    def made_uids(self) -> Made | None:
+        return None if self.made is None else Made(**json.loads(self.made))
+
+    def change_set(self) -> dict[str, Any] | None:
+        """What the rules change in this file; None when it is sent as it is."""
+        return None if self.changes is None else dict(json.loads(self.changes))
+
+    def sidecar_paths(self) -> list[str]:
+        return [path for path, _ in self.sidecar_texts()]
+
+    def sidecar_texts(self) -> list[tuple[str, str | None]]:
+        """Each sidecar with the text the file was found with (None: not readable as text)."""
+        return [(path, text) for path, text, _ in self.sidecar_entries()]
+
+    def sidecar_bytes(self, path: str) -> bytes | None:
+        """The bytes of a sidecar that could not be read as text, as they were found."""
+        entries = [] if self.sidecars is None else json.loads(self.sidecars)
+        for e in entries:
+            if isinstance(e, list) and len(e) > 3 and e[0] == path and e[3] is not None:
+                return base64.b64decode(e[3])
+        return None
+
+    def sidecar_entries(self) -> list[tuple[str, str | None, str | None]]:
+        """(path, text, why it could not be read) of each sidecar found with the file."""
+        entries = [] if self.sidecars is None else json.loads(self.sidecars)
+        return [entry(e) for e in entries]
+
+
+@dataclass(frozen=True)
+class Made:
+    """The UIDs and number of an instance stowd builds (stored, reused on every attempt)."""
+
+    study: str
+    series: str
+    instance: str
+    number: int
+    key: str | None = None  # the study key it was made for (None: the rules gave the study)
+
+
+@dataclass(frozen=True)
+class Classification:
+    """The keys of a job read from its file (after the rules), for ``set_classified``."""
+
+    job: Job
+    kind: str
+    study_uid: str
+    sop_uid: str
+    sop_class: str
+    changes: dict[str, Any] | None = None
+    sidecars: tuple[tuple[str, str | None], ...] | None = None  # (path, text); None: off
+    digest: str | None = None  # of the rules and sidecar settings it was read with
+    made: Made | None = None  # the UIDs of an instance stowd builds
+    lookup: str | None = None  # JSON: the lookup asked and the archive entry it chose
+
+
+@dataclass(frozen=True)
+class NewFile:
+    """A complete file found by the watcher."""
+
+    source: str
+    destination: str
+    path: str
+    rel: str
+    size: int
+    mtime_ns: int
+    sidecars: str | None = None  # JSON [[path, text], ...] when the file was found complete
+    # Takes that snapshot; called only when the row is new or its file changed (a rescan
+    # finds every queued file again).  May raise SidecarNotReady: then it is not queued.
+    snapshot: Callable[[], str | None] | None = field(default=None, compare=False, repr=False)
+
+    def sidecar_json(self) -> str | None:
+        return self.snapshot() if self.snapshot is not None else self.sidecars
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A failed row as ``stowd migrate`` reports it: ``target`` is where its file was
+    moved (None when it stayed, outcome ``kept``)."""
+
+    path: str
+    outcome: str | None
+    target: str | None
+    error: str | None
+    done_at: float
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A destination that is held: its files wait in the queue."""
+
+    name: str
+    since: float
+    until: float
+    reason: str
+    failures: int
+
+
+class Tally(NamedTuple):
+    """One group of rows of ``Queue.tally``: a source, a destination and a state."""
+
+    source: str
+    destination: str
+    state: str  # pending rows whose next attempt lies ahead: "waiting"
+    files: int
+    bytes: int
+    oldest: float  # the earliest queued_at
+    stored: int  # how many the archive stored (of ``settling`` ones: not yet in sent/)
+    already: int  # how many the archive said it held already (note ``ALREADY_STORED``)
+    warned: int  # how many it stored with a warning (note ``STORED_WITH_WARNING ...``)
+
+
+class Throughput(NamedTuple):
+    """One minute of one source's files to one destination (``Queue.throughput``)."""
+
+    minute: int  # epoch seconds of the minute's start
+    source: str
+    destination: str
+    sent: int  # files that became sent in it
+    bytes: int  # their bytes
+    failed: int  # files that became failed in it
+
+
+@dataclass
+class ActiveView:
+    """The active rows by destination and the holds, as one metrics scrape reads them."""
+
+    counts: dict[tuple[str, str], int] = field(default_factory=dict)  # (destination, state)
+    oldest: dict[str, float] = field(default_factory=dict)  # destination -> queued_at
+    held: set[str] = field(default_factory=set)
+
+
+def entry(e: Any) -> tuple[str, str | None, str | None]:
+    if isinstance(e, str):  # a row written before texts were kept
+        return e, None, None
+    return str(e[0]), e[1], e[2] if len(e) > 2 else None
+
+
+def taken(snapshot: Callable[[], str | None]) -> Callable[[], str | None]:
+    """The snapshot taken now, handed on as a callable (it may be not ready)."""
+    try:
+        value = snapshot()
+    except SidecarNotReady as exc:
+        problem = exc
+
+        def not_ready() -> str | None:
+            raise problem
+
+        return not_ready
+    return lambda: value
+
+
+def just_settled(f: NewFile, state: str | None) -> bool:
+    """The watcher saw this very file before it was moved away: not a new job.
+
+    The same path, size and mtime as a finished row (its ``state``), and no file there any
+    more: the stat raced with the move.  If the file *is* there, it was dropped again: a new
+    job.  A file of a type its source ignores (``ignored``) is left where it is.
+    """
+    if state == "ignored":
+        return True
+    return state is not None and not os.path.lexists(f.path)
+
+
+def new_row(f: NewFile, now: float) -> tuple[Any, ...] | None:
+    """The row to insert for ``f``; None when its sidecars are not ready."""
+    try:
+        sidecars = f.sidecar_json()
+    except SidecarNotReady:
+        return None
+    return (f.source, f.destination, f.path, f.rel, f.size, f.mtime_ns, now, sidecars)
+
+
+def log_queued(files: list[NewFile]) -> None:
+    """Said only once committed: a rolled-back insert queued nothing."""
+    for f in files:
+        log.info("queued %s (%d bytes, source %s)", f.path, f.size, f.source)
+
+
+def job(row: Sequence[Any]) -> Job:
+    return Job(*row)
+
+
+def classification_row(c: Classification) -> tuple[Any, ...]:
+    changes = None if c.changes is None else json.dumps(c.changes, ensure_ascii=False)
+    sidecars = None if c.sidecars is None else json.dumps([list(e) for e in c.sidecars])
+    made = None if c.made is None else json.dumps(c.made.__dict__)
+    keys = (c.kind, c.study_uid, c.sop_uid, c.sop_class, changes, sidecars, c.digest, made)
+    return (*keys, c.lookup, c.job.id, c.job.size, c.job.mtime_ns)
+
+
+def minute(when: float) -> int:
+    """The start of the minute ``when`` lies in, as the throughput table keys it."""
+    return int(when // 60) * 60

@@ -1,0 +1,312 @@
+"""What only the PostgreSQL queue does: several nodes on one database (claims that never
+overlap, leases, takeover, a node's own recovery), a lost connection, paths that are not
+UTF-8 in TEXT, its schema version, and TLS with ``sslmode=verify-full``.  The behaviour both
+backends share is tested by the other queue test files, on both."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from harness import Clock
+from postgres import PostgresCluster, node_config
+
+from stowd.errors import QueueError, QueueLockedError
+from stowd.pipeline.queue import (
+    Classification,
+    Job,
+    NewFile,
+    Queue,
+    open_queue,
+    open_status,
+    read_active_of,
+)
+from stowd.pipeline.queue.postgres import ESCAPED, SCHEMA_VERSION
+
+pytestmark = pytest.mark.integration
+
+
+def new(path: str, size: int = 10) -> NewFile:
+    return NewFile("src", "pacs", path, os.path.basename(path), size, 1)
+
+
+def pick_all(_dest: str, jobs: list[Job]) -> list[Job]:
+    return jobs
+
+
+@pytest.fixture
+def nodes(
+    postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path, clock: Clock
+) -> Iterator[tuple[Queue, Queue]]:
+    """Two nodes, ``node-a`` and ``node-b``, on one fresh database."""
+    opened = [
+        open_queue(node_config(postgres_cluster, pg_database, tmp_path, n), clock=clock).open()
+        for n in ("node-a", "node-b")
+    ]
+    try:
+        yield opened[0], opened[1]
+    finally:
+        for q in opened:
+            q.close()
+
+
+def fill(queue: Queue, count: int, *, studies: int = 1) -> None:
+    queue.enqueue([new(f"/d/f{i:05d}") for i in range(count)])
+    jobs = queue.unclassified(count)
+    queue.set_classified(
+        [Classification(j, "dicom", f"st{j.id % studies}", f"sop{j.id}", "1.2") for j in jobs]
+    )
+
+
+def claim(queue: Queue, candidates: int = 10, lease: float = 60) -> list[Job]:
+    return queue.claim_batch(["pacs"], pick=pick_all, candidates=candidates, lease=lease)
+
+
+@pytest.mark.timeout(300)
+def test_two_nodes_claiming_at_once_never_claim_the_same_row(nodes: tuple[Queue, Queue]) -> None:
+    a, b = nodes
+    fill(a, 2000, studies=40)
+    taken: dict[str, list[int]] = {"a": [], "b": []}
+    errors: list[BaseException] = []
+
+    def drain(name: str, queue: Queue) -> None:
+        try:
+            for _ in range(5000):
+                batch = claim(queue, candidates=7)
+                if not batch and not queue.counts().get("pending"):
+                    return
+                taken[name] += [j.id for j in batch]
+                queue.finish_many([(j.id, "sent") for j in batch])
+        except BaseException as exc:  # reported by the test, not lost in the thread
+            errors.append(exc)
+        finally:
+            queue.release_connection()
+
+    threads = [threading.Thread(target=drain, args=(n, q)) for n, q in (("a", a), ("b", b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert not errors
+    assert not set(taken["a"]) & set(taken["b"])
+    assert len(taken["a"]) + len(taken["b"]) == 2000
+    assert taken["a"] and taken["b"], "both nodes did part of the work"
+    assert a.counts() == {"sent": 2000}  # the counts stay exact with two writers
+
+
+def test_a_claim_records_its_node_and_lease_and_renew_extends_it(
+    nodes: tuple[Queue, Queue], clock: Clock
+) -> None:
+    a, b = nodes
+    fill(a, 3)
+    batch = claim(a, lease=60)
+    ids = [j.id for j in batch]
+    assert b.renew(ids, clock.now + 600) == 0  # not node-b's claims
+    assert a.renew(ids, clock.now + 600) == 3
+    clock.now += 120  # past the first lease, within the renewed one
+    assert b.reclaim(set()) == 0
+    assert a.counts() == {"claimed": 3}
+
+
+def test_another_node_takes_over_claims_whose_lease_expired(
+    nodes: tuple[Queue, Queue], clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = nodes
+    fill(a, 4)
+    claim(a, lease=60)
+    assert b.reclaim(set()) == 0  # node-a's lease runs
+    clock.now += 61
+    with caplog.at_level(logging.WARNING, logger="stowd.queue"):
+        assert b.reclaim(set()) == 4
+    assert "took over 4 claims of node node-a" in caplog.text
+    assert b.counts() == {"pending": 4}
+    assert len(claim(b)) == 4
+    assert b.counts() == {"claimed": 4}
+
+
+def test_settling_rows_of_a_node_whose_lease_expired_are_taken_over(
+    nodes: tuple[Queue, Queue], clock: Clock
+) -> None:
+    a, b = nodes
+    fill(a, 2)
+    batch = claim(a, lease=60)
+    a.begin_settle([(j, "sent", f"/sent/{j.rel}", None) for j in batch])
+    assert [j.id for j in a.settling()] == [j.id for j in batch]
+    assert b.settling() == []
+    clock.now += 61
+    b.reclaim(set())
+    assert sorted(j.id for j in b.settling()) == sorted(j.id for j in batch)
+    assert a.settling() == []
+
+
+def test_recover_returns_only_this_node_s_claims(nodes: tuple[Queue, Queue]) -> None:
+    a, b = nodes
+    fill(a, 6, studies=2)
+    mine = claim(a, candidates=3)
+    theirs = claim(b, candidates=3)
+    assert len(mine) == len(theirs) == 3
+    assert a.recover() == 3
+    assert {j.id for j in a.jobs("claimed")} == {j.id for j in theirs}
+
+
+def test_a_node_held_claim_is_not_reclaimed_by_itself(
+    nodes: tuple[Queue, Queue], clock: Clock
+) -> None:
+    a, _ = nodes
+    fill(a, 2)
+    batch = claim(a, lease=10)
+    clock.now += 11
+    assert a.reclaim({batch[0].id}) == 1  # the other one a worker of node-a forgot
+    assert [j.id for j in a.jobs("claimed")] == [batch[0].id]
+
+
+def test_one_daemon_per_node_state_folder(
+    postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path, clock: Clock
+) -> None:
+    config = node_config(postgres_cluster, pg_database, tmp_path, "node-a")
+    first = open_queue(config, clock=clock).open()
+    try:
+        with pytest.raises(QueueLockedError):
+            open_queue(config, clock=clock).open()
+    finally:
+        first.close()
+
+
+def test_a_lost_connection_is_a_queue_error_and_the_next_call_connects_again(
+    postgres_cluster: PostgresCluster, pg_database: str, queue_a: Queue
+) -> None:
+    queue_a.enqueue([new("/d/a")])
+    assert postgres_cluster.terminate(pg_database) >= 1
+    with pytest.raises(QueueError):
+        queue_a.enqueue([new("/d/b")])
+    assert queue_a.enqueue([new("/d/b")]) == 1
+    assert queue_a.counts() == {"pending": 2}
+
+
+@pytest.mark.timeout(180)
+def test_the_server_stopped_and_started_again(
+    postgres_cluster: PostgresCluster, queue_a: Queue
+) -> None:
+    queue_a.enqueue([new("/d/a")])
+    postgres_cluster.stop()
+    try:
+        with pytest.raises(QueueError):
+            queue_a.enqueue([new("/d/b")])
+        with pytest.raises(QueueError):
+            queue_a.counts()
+    finally:
+        postgres_cluster.start()
+        postgres_cluster.wait_accepting()
+    assert queue_a.enqueue([new("/d/b")]) == 1
+    assert queue_a.counts() == {"pending": 2}
+
+
+@pytest.fixture
+def queue_a(
+    postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path, clock: Clock
+) -> Iterator[Queue]:
+    q = open_queue(
+        node_config(postgres_cluster, pg_database, tmp_path, "node-a"), clock=clock
+    ).open()
+    yield q
+    q.close()
+
+
+def test_paths_that_are_not_utf8_round_trip(queue_a: Queue) -> None:
+    odd = [
+        os.fsdecode(b"/d/\xff\xfe.dcm"),  # not UTF-8: lone surrogates in str
+        "/d/bell\x07.dcm",  # a control character (not NUL)
+        ESCAPED + "looks-escaped",  # a real name that begins like an escaped one
+        "/d/caf\u00e9.dcm",
+    ]
+    assert queue_a.enqueue([new(p) for p in odd]) == 4
+    assert sorted(j.path for j in queue_a.jobs()) == sorted(odd)
+    assert queue_a.enqueue([new(p) for p in odd]) == 0  # found again: the same rows
+    [job] = [j for j in queue_a.jobs() if j.path == odd[0]]
+    assert os.fsencode(job.path) == b"/d/\xff\xfe.dcm"
+
+
+def test_a_newer_schema_is_refused(
+    postgres_cluster: PostgresCluster, pg_database: str, queue_a: Queue, tmp_path: Path
+) -> None:
+    postgres_cluster.admin(
+        f"UPDATE stowd_schema SET version = {SCHEMA_VERSION + 1}", database=pg_database
+    )
+    config = node_config(postgres_cluster, pg_database, tmp_path, "node-b")
+    with pytest.raises(QueueError, match="newer stowd"):
+        open_queue(config).open()
+
+
+def test_status_and_metrics_read_it(
+    postgres_cluster: PostgresCluster, pg_database: str, queue_a: Queue, tmp_path: Path
+) -> None:
+    fill(queue_a, 3)
+    claim(queue_a, candidates=1)
+    config = node_config(postgres_cluster, pg_database, tmp_path, "node-b")
+    reader = open_status(config)
+    try:
+        with reader.reading():
+            assert reader.state_totals(0) == {"pending": 2, "claimed": 1}
+    finally:
+        reader.close()
+    view = read_active_of(config.queue, config.database, 0, busy_timeout=5)
+    assert view.counts == {("pacs", "pending"): 2, ("pacs", "claimed"): 1}
+
+
+def test_status_of_a_database_without_a_queue_says_so(
+    postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path
+) -> None:
+    config = node_config(postgres_cluster, pg_database, tmp_path, "node-b")
+    with pytest.raises(QueueError, match="no stowd queue"):
+        open_status(config)
+
+
+def test_tls_verify_full_with_the_right_ca_and_name(
+    postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path
+) -> None:
+    right = str(postgres_cluster.ca_cert)
+    config = node_config(
+        postgres_cluster, pg_database, tmp_path, "node-a", sslmode="verify-full", sslrootcert=right
+    )
+    q = open_queue(config).open()
+    try:
+        assert q.enqueue([new("/d/a")]) == 1
+        conn = q._conn()
+        [[ssl]] = conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        assert ssl is True
+    finally:
+        q.close()
+
+
+def test_tls_verify_full_refuses_another_ca(
+    postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path
+) -> None:
+    from tlsproxy import make_pki  # noqa: PLC0415
+
+    other = make_pki(tmp_path / "other").ca_cert
+    config = node_config(
+        postgres_cluster, pg_database, tmp_path, "node-a", sslmode="verify-full",
+        sslrootcert=str(other),
+    )  # fmt: skip
+    with pytest.raises(QueueError, match="certificate verify failed"):
+        open_queue(config).open()
+
+
+def test_tls_verify_full_refuses_a_wrong_host_name(
+    postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path
+) -> None:
+    config = node_config(
+        postgres_cluster, pg_database, tmp_path, "node-a", sslmode="verify-full",
+        sslrootcert=str(postgres_cluster.ca_cert),
+    )  # fmt: skip
+    assert config.database is not None
+    # the server's address, under a name its certificate does not hold
+    wrong = config.database.url.replace("@127.0.0.1:", "@db.invalid:") + "&hostaddr=127.0.0.1"
+    config = dataclasses.replace(config, database=dataclasses.replace(config.database, url=wrong))
+    with pytest.raises(QueueError, match=r"does not match|server certificate"):
+        open_queue(config).open()
