@@ -11,9 +11,11 @@ The logic is ``core.Queue``'s; here is what PostgreSQL does its own way:
   dropped: the next call makes a new one.
 - Claims: the rows a claim reads are locked ``FOR UPDATE SKIP LOCKED``, so nodes claiming at
   the same moment each take other rows, never one another's; each claim records its
-  ``node`` and ``lease_until``.  ``renew`` extends a node's leases; ``recover`` (at start)
-  returns only this node's claims; ``reclaim`` also takes over any node's claims (and
-  settling rows) whose lease expired, and says whose.
+  ``node`` and ``lease_until``, a time on the database's clock (the nodes' clocks may
+  differ: a host whose clock runs ahead must not see live leases as run out, nor one whose
+  clock runs behind claim with leases already run out for the others).  ``renew`` extends a
+  node's leases; ``recover`` (at start) returns only this node's claims; ``reclaim`` also
+  takes over any node's claims (and settling rows) whose lease expired, and says whose.
 - Counts: SQLite has one writer, PostgreSQL many.  A counter row every transaction updates
   would make concurrent writers wait on it until they commit (and deadlock when two lock two
   counters in opposite orders).  So the triggers (one per statement, on its transition
@@ -463,13 +465,31 @@ class PostgresQueue(Queue):
         )
         return [job(r) for r in rows]
 
+    def _lease_end(self, db: Db, now: float, lease: float) -> float:
+        return _database_now(db) + lease
+
+    def renew(self, ids: Iterable[int], until: float) -> int:
+        """Extend the lease of this node's claims ``ids`` to ``until`` (this host's clock):
+        by as long from the database's clock, which leases are kept on."""
+        ids = list(ids)
+        with self._tx() as db:
+            end = self._lease_end(db, self.clock(), until - self.clock())
+            cursor = db.execute(
+                f"UPDATE files SET lease_until = ? WHERE id {self._in(ids)} AND node = ? "
+                "AND state IN ('claimed', 'settling')",
+                (end, *ids, self.node),
+            )
+            return int(cursor.rowcount)
+
     def reclaim(self, held: Collection[int]) -> int:
         """Return to pending this node's claims whose lease ran out but ``held`` (the rows a
         worker still has) and any other node's claims whose lease ran out (a node that died
         or lost the database), and take over the settling rows of such a node (repaired by
-        this node's next ``settling``); returns how many claims."""
-        now = self.clock()
+        this node's next ``settling``); returns how many claims.  Whether a lease ran out
+        is read on the database's clock, the one every node's leases are kept on: a host
+        whose clock is off never takes over another's live claims."""
         with self._tx() as db:
+            now = _database_now(db)
             rows = db.execute(
                 "SELECT id, node FROM files WHERE state = 'claimed' "
                 "AND (lease_until IS NULL OR lease_until < ?) FOR UPDATE SKIP LOCKED",
@@ -504,6 +524,12 @@ class PostgresQueue(Queue):
             if db.execute("SELECT pg_try_advisory_xact_lock(?)", (_FOLD_LOCK,)).fetchone()[0]:
                 for statement in _FOLD:
                     db.execute(statement)
+
+
+def _database_now(db: Db) -> float:
+    """The database's clock (seconds since the epoch): leases are times on it, so that
+    nodes whose clocks differ agree on when one runs out."""
+    return float(db.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp())::FLOAT8").fetchone()[0])
 
 
 def _log_takeover(me: str, nodes: list[str | None], what: str) -> None:
