@@ -338,3 +338,34 @@ def test_a_host_whose_clock_is_off_never_takes_over_live_claims(
     finally:
         right.close()
         off.close()
+
+
+def test_a_second_daemon_with_the_same_node_name_is_refused(
+    postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path, clock: Clock
+) -> None:
+    """Two hosts given one node name (a copied config, cloned machines with one host name)
+    each have their own state folder, so the lock file cannot see it; the second's start
+    would return the first's live claims to pending (``recover``) and repair its moves in
+    progress.  The node's name is locked in the database while a daemon uses it."""
+    for host in ("host1", "host2", "host3"):
+        (tmp_path / host).mkdir()
+    first = open_queue(
+        node_config(postgres_cluster, pg_database, tmp_path / "host1", "gw-1"), clock=clock
+    ).open()
+    try:
+        fill(first, 2)
+        assert len(claim(first)) == 2
+        twin = open_queue(
+            node_config(postgres_cluster, pg_database, tmp_path / "host2", "gw-1"), clock=clock
+        )
+        with pytest.raises(QueueLockedError, match="gw-1"):
+            twin.open()
+        assert first.counts() == {"claimed": 2}
+        status = open_status(node_config(postgres_cluster, pg_database, tmp_path / "host3", "gw-1"))
+        status.close()  # a reader (stowd status) of the same node name is not a daemon
+    finally:
+        first.close()
+    again = open_queue(
+        node_config(postgres_cluster, pg_database, tmp_path / "host2", "gw-1"), clock=clock
+    ).open()  # the first one stopped: its name is free
+    again.close()

@@ -28,6 +28,9 @@ The logic is ``core.Queue``'s; here is what PostgreSQL does its own way:
 - Paths: TEXT holds only UTF-8 without NUL.  A value that is not (a name with bytes such as
   ``ff fe``, given by ``os.fsdecode`` as lone surrogates), or that begins with ``ESCAPED``, is
   stored as ``ESCAPED`` + the base64 of its bytes, and read back as the same ``str``.
+- Nodes: a running daemon holds its node's name (a session advisory lock): a second one
+  started with the same name (two hosts, one name) is refused, since ``recover`` and the
+  repair at start treat the node's claims and moves as its last run's.
 - Schema: ``stowd_schema`` holds the version; ``_MIGRATIONS`` bring an older one up to it
   (under an advisory lock: several nodes may start at once); a newer one is refused.
 """
@@ -49,7 +52,13 @@ import psycopg
 from psycopg import errors as pgerrors
 
 from stowd.config.model import Database
-from stowd.errors import QueueError, QueueFull, QueueUnreadable, SecretUnavailable
+from stowd.errors import (
+    QueueError,
+    QueueFull,
+    QueueLockedError,
+    QueueUnreadable,
+    SecretUnavailable,
+)
 from stowd.pipeline.queue.core import JOB_COLUMNS, QUEUE_MODE, Db, Queue, take_lock
 from stowd.pipeline.queue.model import (
     ALREADY_STORED,
@@ -69,6 +78,7 @@ CONNECT_TIMEOUT = 10  # seconds
 SETTLE_LEASE = 300.0  # seconds: how long a settling row taken over is this node's alone
 _MIGRATION_LOCK = 0x73746F7764  # "stowd": the advisory lock of a schema change
 _FOLD_LOCK = 0x73746F7765  # the advisory lock of a fold (one node at a time)
+_NODE_LOCK = 0x7374  # with the hash of a node's name: the lock a running node holds
 
 _COUNTS = "files, bytes, stored, already, warned"
 _SCHEMA = (
@@ -308,6 +318,7 @@ class PostgresQueue(Queue):
     ) -> None:
         super().__init__(anchor, clock=clock, readonly=readonly, node=node)
         self.database = database
+        self._node_db: _PgDb | None = None  # holds the node's name (``_take_node``)
 
     # -- opening ---------------------------------------------------------------------
     def open(self, *, lock: bool = True) -> Self:
@@ -319,6 +330,8 @@ class PostgresQueue(Queue):
                 self._check_version()
             else:
                 self._migrate()
+            if lock:
+                self._take_node()
         except OSError as exc:
             self.close()
             raise QueueError(f"cannot use the node folder {self.path.parent}: {exc}") from exc
@@ -327,8 +340,28 @@ class PostgresQueue(Queue):
             raise
         return self
 
+    def _take_node(self) -> None:
+        """Hold the node's name for as long as this daemon runs (a session advisory lock, on a
+        connection of its own): the lock file guards a state folder, but two hosts given one
+        name have two, and the second's ``recover`` would return the first's live claims to
+        pending and its ``repair`` move the files the first is moving.  Checked at start."""
+        db = self._connect()
+        self._node_db = db
+        taken = db.execute(
+            "SELECT pg_try_advisory_lock(?, hashtext(?))", (_NODE_LOCK, self.node)
+        ).fetchone()[0]
+        if not taken:
+            raise QueueLockedError(
+                f"another stowd is running as node {self.node} on the queue "
+                f"{self.database.shown()}: each host needs a node name of its own (`node:`)"
+            )
+
     def close(self) -> None:
         self.release_connection()
+        node_db, self._node_db = self._node_db, None
+        if node_db is not None:
+            with suppress(psycopg.Error):
+                node_db.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
