@@ -27,7 +27,7 @@ from stowd.pipeline.queue import (
     open_status,
     read_active_of,
 )
-from stowd.pipeline.queue.postgres import ESCAPED, SCHEMA_VERSION
+from stowd.pipeline.queue.postgres import ESCAPED, SCHEMA_VERSION, SETTLE_LEASE
 
 pytestmark = pytest.mark.integration
 
@@ -139,7 +139,7 @@ def test_settling_rows_of_a_node_whose_lease_expired_are_taken_over(
     a.begin_settle([(j, "sent", f"/sent/{j.rel}", None) for j in batch])
     assert [j.id for j in a.settling()] == [j.id for j in batch]
     assert b.settling() == []
-    pass_time(a, clock, 61)
+    pass_time(a, clock, SETTLE_LEASE + 1)  # the moves' own lease ran out too
     b.reclaim(set())
     assert sorted(j.id for j in b.settling()) == sorted(j.id for j in batch)
     assert a.settling() == []
@@ -369,3 +369,20 @@ def test_a_second_daemon_with_the_same_node_name_is_refused(
         node_config(postgres_cluster, pg_database, tmp_path / "host2", "gw-1"), clock=clock
     ).open()  # the first one stopped: its name is free
     again.close()
+
+
+def test_a_move_begun_at_the_end_of_a_lease_is_not_taken_over_while_it_runs(
+    nodes: tuple[Queue, Queue], clock: Clock
+) -> None:
+    """An upload that took nearly all its lease is settled (its files moved) after it: the
+    settling rows get a lease of their own from then on, or another node would take over
+    (and repair) files that node-a is moving at that moment."""
+    a, b = nodes
+    fill(a, 2)
+    batch = claim(a, lease=60)
+    pass_time(a, clock, 59)
+    a.begin_settle([(j, "sent", f"/sent/{j.rel}", None) for j in batch])
+    pass_time(a, clock, 2)  # past the claim's lease: the move takes a moment
+    b.reclaim(set())
+    assert b.settling() == []
+    assert sorted(j.id for j in a.settling()) == sorted(j.id for j in batch)

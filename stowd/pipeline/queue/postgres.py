@@ -75,7 +75,7 @@ SCHEMA_VERSION = 1
 FEATURES = 9  # what ``core`` asks of a schema: as SQLite's schema 9 (tallies, throughput)
 ESCAPED = "\x7fstowd-bytes:"  # a stored value that is the base64 of a str's bytes follows
 CONNECT_TIMEOUT = 10  # seconds
-SETTLE_LEASE = 300.0  # seconds: how long a settling row taken over is this node's alone
+SETTLE_LEASE = 300.0  # seconds: how long a settling row is its node's alone (from the decision)
 _MIGRATION_LOCK = 0x73746F7764  # "stowd": the advisory lock of a schema change
 _FOLD_LOCK = 0x73746F7765  # the advisory lock of a fold (one node at a time)
 _NODE_LOCK = 0x7374  # with the hash of a node's name: the lock a running node holds
@@ -298,7 +298,13 @@ class PostgresQueue(Queue):
     _IS = "IS NOT DISTINCT FROM"
     _MAX = "GREATEST"
     _LOCK_ROWS = " FOR UPDATE SKIP LOCKED"
-    _SETTLE_LEASE = "lease_until = lease_until"  # a settling row's lease says its node lives
+    # a settling row's lease says its node lives: at least SETTLE_LEASE from the decision
+    # (the claim's lease may be all but spent by the upload), so that no other node takes
+    # over (and repairs) a move this node is making
+    _SETTLE_LEASE = (
+        "lease_until = GREATEST(lease_until, "
+        f"EXTRACT(EPOCH FROM clock_timestamp()) + {SETTLE_LEASE})"
+    )
     _TALLIES = "tally_now"
     _THROUGHPUT = "throughput_now"
     _CLAIM_HEAD = (
