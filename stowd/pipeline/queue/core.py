@@ -491,11 +491,18 @@ class Queue:
                 return []
             jobs = self._candidates(db, head, now, candidates)
             batch = pick(head[0], jobs)
+            until = self._lease_end(db, now, lease)
             db.executemany(
                 "UPDATE files SET state = 'claimed', lease_until = ?, node = ? WHERE id = ?",
-                [(now + lease, self.node, j.id) for j in batch],
+                [(until, self.node, j.id) for j in batch],
             )
         return batch
+
+    def _lease_end(self, db: Db, now: float, lease: float) -> float:
+        """When a lease of ``lease`` seconds taken at ``now`` (this queue's clock) ends, on
+        the clock leases are kept on: SQLite's, this host's (one daemon); PostgreSQL's, the
+        database's (the nodes' clocks differ)."""
+        return now + lease
 
     def _candidates(self, db: Db, head: Sequence[Any], now: float, limit: int) -> list[Job]:
         destination, study_uid, solo, head_id = head
