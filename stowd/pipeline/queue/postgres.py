@@ -68,12 +68,13 @@ from stowd.pipeline.queue.model import (
     STORED_WITH_WARNING,
     ActiveView,
     Job,
+    Node,
     job,
 )
 
 log = logging.getLogger("stowd.queue")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FEATURES = 9  # what ``core`` asks of a schema: as SQLite's schema 9 (tallies, throughput)
 ESCAPED = "\x7fstowd-bytes:"  # a stored value that is the base64 of a str's bytes follows
 CONNECT_TIMEOUT = 10  # seconds
@@ -82,6 +83,12 @@ _MIGRATION_LOCK = 0x73746F7764  # "stowd": the advisory lock of a schema change
 _FOLD_LOCK = 0x73746F7765  # the advisory lock of a fold (one node at a time)
 
 _COUNTS = "files, bytes, stored, already, warned"
+# schema 2: each node's daemon, as it last said (``heartbeat``; ``stowd status``)
+_NODES = (
+    "CREATE TABLE nodes (node TEXT PRIMARY KEY, pid INTEGER NOT NULL, host TEXT NOT NULL, "
+    "started DOUBLE PRECISION NOT NULL, heartbeat DOUBLE PRECISION NOT NULL, "
+    "version TEXT NOT NULL, lease DOUBLE PRECISION NOT NULL)",
+)
 _INSERT_HEAD = (
     "INSERT INTO files (source, destination, path, rel, size, mtime_ns, state, queued_at, sidecars)"
 )
@@ -121,6 +128,7 @@ _SCHEMA = (
     "held_until DOUBLE PRECISION, reason TEXT, failures INTEGER NOT NULL DEFAULT 0)",
     "CREATE TABLE troubles (name TEXT PRIMARY KEY, since DOUBLE PRECISION NOT NULL, "
     "text TEXT NOT NULL)",
+    *_NODES,
     # the counts: folded (one row per group) and appended (by the triggers, never updated)
     "CREATE TABLE tallies (source TEXT NOT NULL, destination TEXT NOT NULL, "
     "state TEXT NOT NULL, files BIGINT NOT NULL, bytes BIGINT NOT NULL, stored BIGINT NOT NULL, "
@@ -186,7 +194,7 @@ _TRIGGERS = (
     "FOR EACH STATEMENT EXECUTE FUNCTION stowd_tally()",
 )
 # version -> the statements that bring a schema of that version to the next
-_MIGRATIONS: dict[int, tuple[str, ...]] = {}
+_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _NODES}
 _FOLD = (
     "WITH moved AS (DELETE FROM tally_changes RETURNING *) INSERT INTO tallies "
     "SELECT source, destination, state, SUM(files), SUM(bytes), SUM(stored), SUM(already), "
@@ -538,10 +546,31 @@ class PostgresQueue(Queue):
                 f"WHERE id {self._in([i for i, _ in settling])}",
                 (self.node, now + SETTLE_LEASE, *[i for i, _ in settling]),
             )
+        self.adopted |= {i for i, _ in settling}
         _log_takeover(self.node, [n for i, n in rows if i in ids], "claims")
         _log_takeover(self.node, [n for _, n in settling], "files being moved")
         self.fold()
         return len(ids)
+
+    def heartbeat(self, *, pid: int, host: str, started: float, version: str, lease: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO nodes (node, pid, host, started, heartbeat, version, lease) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node) DO UPDATE SET pid = excluded.pid, "
+                "host = excluded.host, started = excluded.started, "
+                "heartbeat = excluded.heartbeat, version = excluded.version, "
+                "lease = excluded.lease",
+                (self.node, pid, host, started, self.clock(), version, lease),
+            )
+
+    def nodes(self) -> list[Node]:
+        db = self._conn()
+        if db.execute("SELECT to_regclass('nodes')").fetchone()[0] is None:
+            return []  # a queue of schema 1, read by stowd status
+        rows = db.execute(
+            "SELECT node, pid, host, started, heartbeat, version, lease FROM nodes ORDER BY node"
+        )
+        return [Node(*r) for r in rows.fetchall()]
 
     def fold(self) -> None:
         """Move the appended counts into ``tallies`` and ``throughput`` (by one node at a
