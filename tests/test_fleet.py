@@ -16,7 +16,7 @@ import pytest
 from dicomgen import make_instance
 from harness import Clock, Layout, Stowd, make_layout, make_watch_folders, wait_for
 from orthanc import Orthanc
-from postgres import PASSWORD, PostgresCluster, node_config
+from postgres import PASSWORD, PostgresCluster, node_config, pass_time
 
 from stowd.config.load import load_config
 from stowd.pipeline.queue import Classification, Job, NewFile, Queue, open_queue
@@ -68,12 +68,12 @@ def test_renewals_keep_a_held_claim_however_long_its_upload_takes(
     held = {j.id for j in batch}
     fleet.held = lambda: held
     for _ in range(20):  # two minutes of upload, renewed every third of the lease
-        clock.now += fleet.every
+        pass_time(a, clock, fleet.every)  # on the database's clock, which leases are kept on
         assert fleet.beat()
         assert b.reclaim(set()) == 0
     assert a.counts() == {"claimed": 3}
     held = set()  # the worker gave them up (died, say): no more renewals
-    clock.now += fleet.lease + 1
+    pass_time(a, clock, fleet.lease + 1)
     assert b.reclaim(set()) == 3
 
 
@@ -189,9 +189,9 @@ def test_a_running_daemon_finishes_the_moves_of_a_node_whose_lease_expired(
     path = layout.drop / "x.dcm"
     make_instance(path)
     st = path.stat()
-    past = Clock(time.time() - 3600)  # node-x's lease ran out long ago
+    clock = Clock(time.time())
     x = open_queue(
-        node_config(postgres_cluster, pg_database, tmp_path, "node-x"), clock=past
+        node_config(postgres_cluster, pg_database, tmp_path, "node-x"), clock=clock
     ).open()
     try:
         x.enqueue([NewFile("ct1", "pacs", str(path), "x.dcm", st.st_size, st.st_mtime_ns)])
@@ -200,6 +200,7 @@ def test_a_running_daemon_finishes_the_moves_of_a_node_whose_lease_expired(
         [job] = x.claim_batch(["pacs"], pick=pick_all, candidates=1, lease=6)
         target = layout.root / "done" / "sent" / "x.dcm"
         assert x.begin_settle([(job, "sent", str(target), None)]) == {job.id}
+        pass_time(x, clock, 3600)  # node-x died then: the lease of its move ran out long ago
         with Stowd(layout) as daemon:
             daemon.wait_started()
             wait_for(lambda: x.counts() == {"sent": 1}, 60, "moved", lambda: daemon.log)
