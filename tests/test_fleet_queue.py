@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from harness import Clock
-from postgres import PASSWORD, PostgresCluster, node_config
+from postgres import PASSWORD, PostgresCluster, node_config, pass_time
 
 from stowd.pipeline.queue import Classification, Job, NewFile, Queue, open_queue
 
@@ -169,7 +169,7 @@ def test_a_node_never_changes_rows_another_node_took_over(
     a.enqueue([new(f"/t/f{i}") for i in range(3)])
     classify(a, 3)
     batch = claim(a, lease=60)
-    clock.now += 61  # node-a lost the database past its lease: node-b takes over
+    pass_time(a, clock, 61)  # node-a lost the database past its lease: node-b takes over
     assert b.reclaim(set()) == 3
     theirs = claim(b)
     assert {j.id for j in theirs} == {j.id for j in batch}

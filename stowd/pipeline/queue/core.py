@@ -214,6 +214,13 @@ class Queue:
         """The nodes that ever ran on this queue, as each last said (SQLite: none)."""
         return []
 
+    def leases_now(self, now: float) -> float:
+        """Now on the clock leases and heartbeats are kept on, given ``now`` on this host's:
+        SQLite's, this host's (``now``); PostgreSQL's, the database's (the nodes' clocks
+        differ, so a lease's or a heartbeat's age is measured on the clock it was written
+        on, never on this host's)."""
+        return now
+
     def holdings(self) -> list[Holding]:
         """What each node holds now: its claims and the rows it is moving (by node)."""
         rows = self._conn().execute(

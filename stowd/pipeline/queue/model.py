@@ -181,7 +181,7 @@ class Node:
     pid: int
     host: str
     started: float
-    heartbeat: float  # when its daemon last said it was alive
+    heartbeat: float  # when its daemon last said it was alive (``Queue.leases_now``'s clock)
     version: str
     lease: float  # its claims' lease: it renews them every third of it
 
@@ -192,7 +192,7 @@ class Holding(NamedTuple):
     node: str
     claimed: int
     settling: int
-    expires: float | None  # the earliest lease_until among them (None: none has a lease)
+    expires: float | None  # the earliest lease_until (``Queue.leases_now``'s clock; None: none)
 
 
 @dataclass

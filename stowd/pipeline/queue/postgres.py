@@ -612,14 +612,18 @@ class PostgresQueue(Queue):
         return len(ids)
 
     def heartbeat(self, *, pid: int, host: str, started: float, version: str, lease: float) -> None:
+        """Say this node is alive, at a time on the database's clock (as its leases): a
+        heartbeat on this host's clock, read against another host's, would make a live node
+        whose clock runs behind look vanished, and a dead one whose clock ran ahead alive."""
         with self._tx() as db:
             db.execute(
                 "INSERT INTO nodes (node, pid, host, started, heartbeat, version, lease) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node) DO UPDATE SET pid = excluded.pid, "
+                "VALUES (?, ?, ?, ?, EXTRACT(EPOCH FROM clock_timestamp()), ?, ?) "
+                "ON CONFLICT (node) DO UPDATE SET pid = excluded.pid, "
                 "host = excluded.host, started = excluded.started, "
                 "heartbeat = excluded.heartbeat, version = excluded.version, "
                 "lease = excluded.lease",
-                (self.node, pid, host, started, self.clock(), version, lease),
+                (self.node, pid, host, started, version, lease),
             )
 
     def nodes(self) -> list[Node]:
@@ -630,6 +634,9 @@ class PostgresQueue(Queue):
             "SELECT node, pid, host, started, heartbeat, version, lease FROM nodes ORDER BY node"
         )
         return [Node(*r) for r in rows.fetchall()]
+
+    def leases_now(self, now: float) -> float:
+        return _database_now(self._conn())
 
     def fold(self) -> None:
         """Move the appended counts into ``tallies`` and ``throughput`` (by one node at a
