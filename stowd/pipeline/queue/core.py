@@ -193,6 +193,13 @@ class Queue:
             )
             return int(cursor.rowcount)
 
+    def _owned(self, db: Db, ids: Iterable[int]) -> set[int]:
+        """Of ``ids``, the rows this node may change: SQLite, all (its one daemon owns the
+        queue).  The PostgreSQL backend locks and keeps the active rows that are pending or
+        this node's own claims (a row another node claimed or settles, or took over when
+        this node's lease expired, is never changed here)."""
+        return set(ids)
+
     @staticmethod
     def _in(values: Sequence[Any]) -> str:
         return "IN (" + ",".join("?" * len(values)) + ")" if values else "IN (NULL)"
@@ -319,7 +326,8 @@ class Queue:
                 if new is not None:  # None: its sidecars were not ready, found again later
                     rows.append(new)
                     added.append(f)
-        db.executemany(_INSERT, rows)
+        inserted = self._insert(db, rows)
+        added = [f for f in added if f.path in inserted]
         self._count(added)
         return added
 
@@ -333,9 +341,17 @@ class Queue:
         new = new_row(f, now)
         if new is None:
             return 0  # found again by the next scan
-        db.execute(_INSERT, new)
+        if not self._insert(db, [new]):
+            return 0  # queued by another node meanwhile
         self._count([f])
         return 1
+
+    def _insert(self, db: Db, rows: list[tuple[Any, ...]]) -> set[str]:
+        """Insert the new rows (``_INSERT``'s); the paths inserted.  SQLite: all of them (one
+        writer: what the transaction read is still so).  The PostgreSQL backend skips a path
+        another node queued since it was read."""
+        db.executemany(_INSERT, rows)
+        return {r[2] for r in rows}
 
     def _count(self, files: list[NewFile]) -> None:
         """Counted in ``tallies`` once, with the others, before the commit."""
@@ -400,33 +416,43 @@ class Queue:
         gave one), its series for ``kind`` and the next InstanceNumber in that series."""
         with self._tx() as db:
             if study_uid is None:
-                row = db.execute(
-                    "SELECT uid FROM made_studies WHERE source = ? AND key = ?", (source, key)
-                ).fetchone()
-                study_uid = new() if row is None else str(row[0])
-                if row is None:
-                    db.execute(
-                        "INSERT INTO made_studies (source, key, uid) VALUES (?, ?, ?)",
-                        (source, key, study_uid),
-                    )
+                study_uid = self._made_study(db, source, key, new)
             return Made(study_uid, *self._next_in_series(db, study_uid, kind, new), key=key)
+
+    @staticmethod
+    def _made_study(db: Db, source: str, key: str | None, new: Callable[[], str]) -> str:
+        """The StudyInstanceUID made for ``key``: made now if there is none.  Atomic across
+        nodes: one that made another meanwhile wins (the insert does nothing, waiting for
+        its transaction first), and both read the one kept."""
+        found = "SELECT uid FROM made_studies WHERE source = ? AND key = ?"
+        row = db.execute(found, (source, key)).fetchone()
+        if row is not None:
+            return str(row[0])
+        db.execute(
+            "INSERT INTO made_studies (source, key, uid) VALUES (?, ?, ?) "
+            "ON CONFLICT (source, key) DO NOTHING",
+            (source, key, new()),
+        )
+        return str(db.execute(found, (source, key)).fetchone()[0])
 
     @staticmethod
     def _next_in_series(
         db: Db, study_uid: str, kind: str, new: Callable[[], str]
     ) -> tuple[str, str, int]:
+        """The series of ``study_uid`` for ``kind`` (made now if there is none) and its next
+        InstanceNumber, counted by one statement: nodes making instances of one series at
+        once each get their own number and the same series."""
         row = db.execute(
-            "SELECT uid, count FROM made_series WHERE study_uid = ? AND kind = ?",
-            (study_uid, kind),
+            "SELECT uid FROM made_series WHERE study_uid = ? AND kind = ?", (study_uid, kind)
         ).fetchone()
-        series, number = (new(), 1) if row is None else (str(row[0]), int(row[1]) + 1)
-        db.execute(
-            "INSERT INTO made_series (study_uid, kind, uid, count) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (study_uid, kind) DO UPDATE SET uid = excluded.uid, "
-            "count = excluded.count",
-            (study_uid, kind, series, number),
-        )
-        return series, new(), number
+        made = new() if row is None else str(row[0])
+        series, number = db.execute(
+            "INSERT INTO made_series (study_uid, kind, uid, count) VALUES (?, ?, ?, 1) "
+            "ON CONFLICT (study_uid, kind) DO UPDATE SET count = made_series.count + 1 "
+            "RETURNING uid, count",
+            (study_uid, kind, made),
+        ).fetchone()
+        return str(series), new(), int(number)
 
     def replan(self, source: str, digest: str) -> int:
         """Read again the pending files of ``source`` that were read with other rules.
@@ -524,7 +550,7 @@ class Queue:
                 "UPDATE files SET state = 'pending', lease_until = NULL, "
                 f"next_attempt_at = {self._MAX}(next_attempt_at, ?) "
                 "WHERE id = ? AND state = 'claimed'",
-                [(not_before, i) for i in ids],
+                [(not_before, i) for i in self._owned(db, ids)],
             )
 
     def retry_later(
@@ -548,7 +574,7 @@ class Queue:
                 "UPDATE files SET state = 'pending', lease_until = NULL, "
                 "attempts = attempts + 1, first_try = COALESCE(first_try, ?), last_try = ?, "
                 f"next_attempt_at = ?, error = ?, solo = {self._MAX}(solo, ?) WHERE id = ?",
-                [(first, now, at, json.dumps(error), int(solo), i) for i in ids],
+                [(first, now, at, json.dumps(error), int(solo), i) for i in self._owned(db, ids)],
             )
 
     def wait_for_rest(self, job: Job, *, at: float, error: dict[str, Any]) -> bool:
@@ -575,7 +601,7 @@ class Queue:
             db.executemany(
                 "UPDATE files SET state = 'pending', lease_until = NULL, solo = 1, "
                 f"next_attempt_at = {self._MAX}(next_attempt_at, ?) WHERE id = ?",
-                [(not_before, i) for i in ids],
+                [(not_before, i) for i in self._owned(db, ids)],
             )
 
     # -- settling ------------------------------------------------------------------------
@@ -584,13 +610,18 @@ class Queue:
         plans: Iterable[tuple[Job, str, str | None, dict[str, Any] | None]],
         *,
         notes: dict[int, str] | None = None,
-    ) -> None:
+    ) -> set[int]:
         """Record (job, outcome, target, error) of each job before its file is moved (and
         the sidecars that go with it, for a repair after a crash).  A target of None: no
         free name could be chosen yet (the repair chooses it).  ``notes``: by job id, how
-        the outcome came about (``ALREADY_STORED``); a row's note is kept otherwise."""
+        the outcome came about (``ALREADY_STORED``); a row's note is kept otherwise.
+        Returns the ids recorded: only their files may be moved (a row another node holds
+        now, its claim taken over, is left to it)."""
         notes, node = notes or {}, self.node  # the node that moves the files
+        plans = list(plans)
         with self._tx() as db:
+            owned = self._owned(db, [j.id for j, _, _, _ in plans])
+            plans = [p for p in plans if p[0].id in owned]
             db.executemany(
                 "UPDATE files SET state = 'settling', outcome = ?, target = ?, error = ?, "
                 "sidecars = COALESCE(?, sidecars), note = COALESCE(?, note), "
@@ -600,6 +631,7 @@ class Queue:
                     for j, o, t, e in plans
                 ],
             )
+        return owned
 
     def finish(self, job_id: int, *, state: str) -> None:
         """The file was moved (or is gone): the job is done."""
@@ -612,11 +644,12 @@ class Queue:
         done = list(done)
         later = [(i, self._after[i]) for i, _ in done if i in self._after]
         with self._tx() as db:
+            owned = self._owned(db, [i for i, _ in done])
             db.executemany(
                 "UPDATE files SET state = ?, done_at = ?, lease_until = NULL WHERE id = ?",
-                [(state, now, i) for i, state in done],
+                [(state, now, i) for i, state in done if i in owned],
             )
-            queued = self._enqueue_many(db, [f for _, f in later], now)
+            queued = self._enqueue_many(db, [f for i, f in later if i in owned], now)
         for i, _ in later:  # kept until committed: a failed write loses none of them
             self._after.pop(i, None)
         log_queued(queued)
@@ -625,11 +658,13 @@ class Queue:
         """Mark (id, state, error) done for files that stay where they are (``stowd migrate
         --keep``): outcome ``kept``, nothing was moved, so nothing is left to repair."""
         now = self.clock()
+        done = list(done)
         with self._tx() as db:
+            owned = self._owned(db, [i for i, _, _ in done])
             db.executemany(
                 "UPDATE files SET state = ?, outcome = 'kept', target = NULL, error = ?, "
                 "done_at = ?, lease_until = NULL WHERE id = ?",
-                [(s, json.dumps(e) if e else None, now, i) for i, s, e in done],
+                [(s, json.dumps(e) if e else None, now, i) for i, s, e in done if i in owned],
             )
 
     def add_notes(self, notes: dict[int, str]) -> None:
