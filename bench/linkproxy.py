@@ -24,7 +24,7 @@ does no better.  The rate counts TCP payload bytes (HTTP and multipart included)
 
 SIGUSR1 cuts the link: every connection through it is aborted at once (both ends see it
 closed), and a new one is closed as soon as it is accepted, until SIGUSR2 mends it (the
-tests cut one stowd node off its database this way: tests/test_fleet.py).
+tests cut one stowd node off its database this way: tests/test_fleet_nodes.py).
 """
 
 from __future__ import annotations

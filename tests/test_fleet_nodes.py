@@ -51,7 +51,7 @@ FILES = 5000
 FAULT_FILES = 1500
 PER_STUDY = 100
 OUTAGE = 60.0  # seconds PostgreSQL is stopped (the spec's figure)
-LEASE = "20s"  # a claim's lease in the test (the product's knob: destinations.<name>.lease)
+LEASE = "20s"  # a claim's lease without renewal (top-level `lease:`, default 2 minutes)
 REPO = Path(__file__).resolve().parent.parent
 LINKPROXY = REPO / "bench" / "linkproxy.py"
 _PLACEHOLDER = "199999999999"  # a UID's last component in a template, replaced per file
@@ -113,9 +113,9 @@ class Fleet:
         return self.share / "failed"
 
     # -- nodes ---------------------------------------------------------------------------
-    def add_node(self, name: str, port: int | None = None) -> Node:
+    def add_node(self, name: str, port: int | None = None, *, lease: str | None = LEASE) -> Node:
         """Node ``name`` configured (its database connections to ``port``, another than the
-        server's when they go through a link), not started."""
+        server's when they go through a link; ``lease`` None: the default), not started."""
         folder = self.root / "nodes" / name
         folder.mkdir(parents=True)
         secret = self.root / "db.password"
@@ -133,6 +133,7 @@ class Fleet:
             "queue_password": {"file": str(secret)},
             "node": name,
             "state": str(folder / "state"),
+            **({"lease": lease} if lease else {}),
             "log_level": "INFO",
             "shutdown_timeout": "10s",
             "retry": {"initial": "500ms", "maximum": "2s", "hold_probe": "1s", "max_age": "1h"},
@@ -152,7 +153,6 @@ class Fleet:
                 "pacs": {
                     "url": proxy.base,
                     "workers": 2,
-                    # "lease": LEASE,
                     "timeouts": {"read": "30s"},
                 }
             },
@@ -354,7 +354,7 @@ def _sent_timeout(files: int) -> float:
 
 def test_three_nodes_store_5000_files_from_one_tree_once_each(fleet: Fleet) -> None:
     for name in NODES:
-        fleet.add_node(name)
+        fleet.add_node(name, lease=None)  # nothing fails: the default lease
     fleet.start()
     expected = fleet.drop_files(FILES)
     fleet.wait_all_sent(expected, _sent_timeout(FILES))
@@ -422,7 +422,7 @@ def test_postgresql_stopped_for_a_minute_every_node_holds_and_resumes(fleet: Fle
     finally:
         fleet.cluster.start()
         fleet.cluster.wait_accepting()
-    assert all(down.values()), f"a node ended while the database was away: {down}"
+    assert all(down.values()), f"a node ended while the database was away: {down}\n{fleet.report()}"
     assert after == before, (
         f"{len(set(after) - set(before))} files moved to sent/ while the database was away "
         f"(settled without a record)\n{fleet.report()}"
