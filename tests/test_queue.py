@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from harness import Clock
-from postgres import queue_backend  # noqa: F401 - its queue tests run on both backends
+from postgres import pass_time, queue_backend  # noqa: F401 - its queue tests run on both backends
 
 from stowd.config.model import BatchLimits
 from stowd.errors import QueueError, QueueFull, QueueLockedError, SidecarNotReady
@@ -427,9 +427,9 @@ def test_reclaim_returns_expired_claims_that_no_worker_holds(queue: Queue, clock
     queue.enqueue([new("/d/a"), new("/d/b"), new("/d/c")])
     classify_all(queue)
     a, b, c = queue.claim_batch(["pacs"], pick=pick_all, candidates=10, lease=60)
-    clock.now += 30
+    pass_time(queue, clock, 30)
     assert queue.reclaim(held=set()) == 0  # the lease runs: a claim just made is left alone
-    clock.now += 31
+    pass_time(queue, clock, 31)
     assert queue.reclaim(held={a.id}) == 2  # a's upload still runs (its worker holds it)
     assert [j.id for j in queue.jobs("claimed")] == [a.id]
     assert [j.id for j in queue.jobs("pending")] == [b.id, c.id]

@@ -9,12 +9,13 @@ import dataclasses
 import logging
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from harness import Clock
-from postgres import PostgresCluster, node_config
+from postgres import PostgresCluster, node_config, pass_time
 
 from stowd.errors import QueueError, QueueLockedError
 from stowd.pipeline.queue import (
@@ -26,7 +27,7 @@ from stowd.pipeline.queue import (
     open_status,
     read_active_of,
 )
-from stowd.pipeline.queue.postgres import ESCAPED, SCHEMA_VERSION
+from stowd.pipeline.queue.postgres import ESCAPED, SCHEMA_VERSION, SETTLE_LEASE
 
 pytestmark = pytest.mark.integration
 
@@ -108,7 +109,7 @@ def test_a_claim_records_its_node_and_lease_and_renew_extends_it(
     ids = [j.id for j in batch]
     assert b.renew(ids, clock.now + 600) == 0  # not node-b's claims
     assert a.renew(ids, clock.now + 600) == 3
-    clock.now += 120  # past the first lease, within the renewed one
+    pass_time(a, clock, 120)  # past the first lease, within the renewed one
     assert b.reclaim(set()) == 0
     assert a.counts() == {"claimed": 3}
 
@@ -120,7 +121,7 @@ def test_another_node_takes_over_claims_whose_lease_expired(
     fill(a, 4)
     claim(a, lease=60)
     assert b.reclaim(set()) == 0  # node-a's lease runs
-    clock.now += 61
+    pass_time(a, clock, 61)
     with caplog.at_level(logging.WARNING, logger="stowd.queue"):
         assert b.reclaim(set()) == 4
     assert "took over 4 claims of node node-a" in caplog.text
@@ -138,7 +139,7 @@ def test_settling_rows_of_a_node_whose_lease_expired_are_taken_over(
     a.begin_settle([(j, "sent", f"/sent/{j.rel}", None) for j in batch])
     assert [j.id for j in a.settling()] == [j.id for j in batch]
     assert b.settling() == []
-    clock.now += 61
+    pass_time(a, clock, SETTLE_LEASE + 1)  # the moves' own lease ran out too
     b.reclaim(set())
     assert sorted(j.id for j in b.settling()) == sorted(j.id for j in batch)
     assert a.settling() == []
@@ -160,7 +161,7 @@ def test_a_node_held_claim_is_not_reclaimed_by_itself(
     a, _ = nodes
     fill(a, 2)
     batch = claim(a, lease=10)
-    clock.now += 11
+    pass_time(a, clock, 11)
     assert a.reclaim({batch[0].id}) == 1  # the other one a worker of node-a forgot
     assert [j.id for j in a.jobs("claimed")] == [batch[0].id]
 
@@ -310,3 +311,78 @@ def test_tls_verify_full_refuses_a_wrong_host_name(
     config = dataclasses.replace(config, database=dataclasses.replace(config.database, url=wrong))
     with pytest.raises(QueueError, match=r"does not match|server certificate"):
         open_queue(config).open()
+
+
+def _node(
+    cluster: PostgresCluster, database: str, folder: Path, name: str, clock: Callable[[], float]
+) -> Queue:
+    return open_queue(node_config(cluster, database, folder, name), clock=clock).open()
+
+
+@pytest.mark.parametrize("skew", [120.0, -120.0, 3600.0])
+def test_a_host_whose_clock_is_off_never_takes_over_live_claims(
+    postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path, skew: float
+) -> None:
+    """Leases are times on the database's clock: a host whose clock runs ahead (skew > 0)
+    does not see another node's live lease as expired, and one whose clock runs behind
+    (skew < 0) does not claim with a lease already expired for the others."""
+    right = _node(postgres_cluster, pg_database, tmp_path, "node-a", time.time)
+    off = _node(postgres_cluster, pg_database, tmp_path, "node-b", lambda: time.time() + skew)
+    try:
+        fill(right, 4, studies=2)
+        assert len(claim(right, candidates=2, lease=60)) == 2
+        assert len(claim(off, candidates=2, lease=60)) == 2
+        assert off.reclaim(set()) == 0  # node-a's upload runs: its lease has a minute left
+        assert right.reclaim(set()) == 0  # and node-b's too
+        assert right.counts() == {"claimed": 4}
+    finally:
+        right.close()
+        off.close()
+
+
+def test_a_second_daemon_with_the_same_node_name_is_refused(
+    postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path, clock: Clock
+) -> None:
+    """Two hosts given one node name (a copied config, cloned machines with one host name)
+    each have their own state folder, so the lock file cannot see it; the second's start
+    would return the first's live claims to pending (``recover``) and repair its moves in
+    progress.  The node's name is locked in the database while a daemon uses it."""
+    for host in ("host1", "host2", "host3"):
+        (tmp_path / host).mkdir()
+    first = open_queue(
+        node_config(postgres_cluster, pg_database, tmp_path / "host1", "gw-1"), clock=clock
+    ).open()
+    try:
+        fill(first, 2)
+        assert len(claim(first)) == 2
+        twin = open_queue(
+            node_config(postgres_cluster, pg_database, tmp_path / "host2", "gw-1"), clock=clock
+        )
+        with pytest.raises(QueueLockedError, match="gw-1"):
+            twin.open()
+        assert first.counts() == {"claimed": 2}
+        status = open_status(node_config(postgres_cluster, pg_database, tmp_path / "host3", "gw-1"))
+        status.close()  # a reader (stowd status) of the same node name is not a daemon
+    finally:
+        first.close()
+    again = open_queue(
+        node_config(postgres_cluster, pg_database, tmp_path / "host2", "gw-1"), clock=clock
+    ).open()  # the first one stopped: its name is free
+    again.close()
+
+
+def test_a_move_begun_at_the_end_of_a_lease_is_not_taken_over_while_it_runs(
+    nodes: tuple[Queue, Queue], clock: Clock
+) -> None:
+    """An upload that took nearly all its lease is settled (its files moved) after it: the
+    settling rows get a lease of their own from then on, or another node would take over
+    (and repair) files that node-a is moving at that moment."""
+    a, b = nodes
+    fill(a, 2)
+    batch = claim(a, lease=60)
+    pass_time(a, clock, 59)
+    a.begin_settle([(j, "sent", f"/sent/{j.rel}", None) for j in batch])
+    pass_time(a, clock, 2)  # past the claim's lease: the move takes a moment
+    b.reclaim(set())
+    assert b.settling() == []
+    assert sorted(j.id for j in a.settling()) == sorted(j.id for j in batch)

@@ -30,12 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import Clock
 from localserver import Served
 from orthanc import free_port
 from tlsproxy import Pki, make_pki
 
 from stowd.config.model import Config, Database
 from stowd.config.secrets import Secret
+from stowd.pipeline.queue import Queue
 
 POSTGRES_ENV = "STOWD_TEST_POSTGRES_BIN"
 """Environment variable naming the folder of initdb, pg_ctl and postgres to use."""
@@ -303,3 +305,16 @@ def node_config(
         database=Database(cluster.url(database, **params), Secret("file", str(secret))),
         node=node,
     )
+
+
+def pass_time(queue: Queue, clock: Clock, seconds: float) -> None:
+    """*seconds* pass for *queue*: on the test's *clock* (every time the queue keeps but
+    leases) and, for a PostgreSQL queue, on the database's clock its leases are kept on
+    (each lease *seconds* nearer its end: the server's own clock cannot be set)."""
+    clock.now += seconds
+    if queue.__class__.__name__ == "PostgresQueue":
+        with queue._tx() as db:
+            db.execute(
+                "UPDATE files SET lease_until = lease_until - ? WHERE lease_until IS NOT NULL",
+                (seconds,),
+            )

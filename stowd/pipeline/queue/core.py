@@ -30,9 +30,11 @@ from stowd.pipeline.queue.model import (
     Classification,
     Failed,
     Hold,
+    Holding,
     Job,
     Made,
     NewFile,
+    Node,
     Tally,
     Throughput,
     classification_row,
@@ -139,6 +141,9 @@ class Queue:
         # files found with new content while their row was claimed or settling (by row id):
         # queued as new jobs when that row is done (``finish_many``), not at the next rescan
         self._after: dict[int, NewFile] = {}
+        # settling rows taken over from a node whose lease expired (``reclaim``), for the
+        # daemon to finish their moves (``settle.repair``) and then forget
+        self.adopted: set[int] = set()
 
     def release_connection(self) -> None:
         """Close the calling thread's connection (a thread that ends, such as an
@@ -199,6 +204,34 @@ class Queue:
         this node's own claims (a row another node claimed or settles, or took over when
         this node's lease expired, is never changed here)."""
         return set(ids)
+
+    # -- the nodes of a shared queue (issue 23) ----------------------------------------------
+    def heartbeat(self, *, pid: int, host: str, started: float, version: str, lease: float) -> None:
+        """Say that this node's daemon is alive (a shared queue's ``nodes`` table); SQLite:
+        nothing (one node, this host)."""
+
+    def nodes(self) -> list[Node]:
+        """The nodes that ever ran on this queue, as each last said (SQLite: none)."""
+        return []
+
+    def holdings(self) -> list[Holding]:
+        """What each node holds now: its claims and the rows it is moving (by node)."""
+        rows = self._conn().execute(
+            "SELECT COALESCE(node, ''), SUM(CASE WHEN state = 'claimed' THEN 1 ELSE 0 END), "
+            "SUM(CASE WHEN state = 'settling' THEN 1 ELSE 0 END), MIN(lease_until) FROM files "
+            "WHERE state IN ('claimed', 'settling') GROUP BY COALESCE(node, '') ORDER BY 1"
+        )
+        return [Holding(r[0], int(r[1]), int(r[2]), r[3]) for r in rows.fetchall()]
+
+    def settled_by(self, since: float) -> dict[str, tuple[int, int]]:
+        """(files, bytes) each node moved to sent/ or failed/ since ``since`` (read from the
+        recent finished rows: the node that settles a row is recorded on it)."""
+        rows = self._conn().execute(
+            "SELECT COALESCE(node, ''), COUNT(*), CAST(SUM(size) AS BIGINT) FROM files "
+            "WHERE done_at >= ? AND state IN ('sent', 'failed') GROUP BY COALESCE(node, '')",
+            (since,),
+        )
+        return {r[0]: (int(r[1]), int(r[2] or 0)) for r in rows.fetchall()}
 
     @staticmethod
     def _in(values: Sequence[Any]) -> str:
@@ -517,11 +550,18 @@ class Queue:
                 return []
             jobs = self._candidates(db, head, now, candidates)
             batch = pick(head[0], jobs)
+            until = self._lease_end(db, now, lease)
             db.executemany(
                 "UPDATE files SET state = 'claimed', lease_until = ?, node = ? WHERE id = ?",
-                [(now + lease, self.node, j.id) for j in batch],
+                [(until, self.node, j.id) for j in batch],
             )
         return batch
+
+    def _lease_end(self, db: Db, now: float, lease: float) -> float:
+        """When a lease of ``lease`` seconds taken at ``now`` (this queue's clock) ends, on
+        the clock leases are kept on: SQLite's, this host's (one daemon); PostgreSQL's, the
+        database's (the nodes' clocks differ)."""
+        return now + lease
 
     def _candidates(self, db: Db, head: Sequence[Any], now: float, limit: int) -> list[Job]:
         destination, study_uid, solo, head_id = head

@@ -11,9 +11,11 @@ The logic is ``core.Queue``'s; here is what PostgreSQL does its own way:
   dropped: the next call makes a new one.
 - Claims: the rows a claim reads are locked ``FOR UPDATE SKIP LOCKED``, so nodes claiming at
   the same moment each take other rows, never one another's; each claim records its
-  ``node`` and ``lease_until``.  ``renew`` extends a node's leases; ``recover`` (at start)
-  returns only this node's claims; ``reclaim`` also takes over any node's claims (and
-  settling rows) whose lease expired, and says whose.
+  ``node`` and ``lease_until``, a time on the database's clock (the nodes' clocks may
+  differ: a host whose clock runs ahead must not see live leases as run out, nor one whose
+  clock runs behind claim with leases already run out for the others).  ``renew`` extends a
+  node's leases; ``recover`` (at start) returns only this node's claims; ``reclaim`` also
+  takes over any node's claims (and settling rows) whose lease expired, and says whose.
 - Shared trees: nodes watching one folder may queue one path at once; the insert skips a
   path another node queued meanwhile (``ON CONFLICT DO NOTHING`` on the unique index of
   active paths), the rest of the batch is queued.  Every change of a row a node decided on
@@ -32,6 +34,9 @@ The logic is ``core.Queue``'s; here is what PostgreSQL does its own way:
 - Paths: TEXT holds only UTF-8 without NUL.  A value that is not (a name with bytes such as
   ``ff fe``, given by ``os.fsdecode`` as lone surrogates), or that begins with ``ESCAPED``, is
   stored as ``ESCAPED`` + the base64 of its bytes, and read back as the same ``str``.
+- Nodes: a running daemon holds its node's name (a session advisory lock): a second one
+  started with the same name (two hosts, one name) is refused, since ``recover`` and the
+  repair at start treat the node's claims and moves as its last run's.
 - Schema: ``stowd_schema`` holds the version; ``_MIGRATIONS`` bring an older one up to it
   (under an advisory lock: several nodes may start at once); a newer one is refused.
 """
@@ -53,7 +58,13 @@ import psycopg
 from psycopg import errors as pgerrors
 
 from stowd.config.model import Database
-from stowd.errors import QueueError, QueueFull, QueueUnreadable, SecretUnavailable
+from stowd.errors import (
+    QueueError,
+    QueueFull,
+    QueueLockedError,
+    QueueUnreadable,
+    SecretUnavailable,
+)
 from stowd.pipeline.queue.core import (
     ENQUEUE_PART,
     JOB_COLUMNS,
@@ -68,20 +79,28 @@ from stowd.pipeline.queue.model import (
     STORED_WITH_WARNING,
     ActiveView,
     Job,
+    Node,
     job,
 )
 
 log = logging.getLogger("stowd.queue")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FEATURES = 9  # what ``core`` asks of a schema: as SQLite's schema 9 (tallies, throughput)
 ESCAPED = "\x7fstowd-bytes:"  # a stored value that is the base64 of a str's bytes follows
 CONNECT_TIMEOUT = 10  # seconds
-SETTLE_LEASE = 300.0  # seconds: how long a settling row taken over is this node's alone
+SETTLE_LEASE = 300.0  # seconds: how long a settling row is its node's alone (from the decision)
 _MIGRATION_LOCK = 0x73746F7764  # "stowd": the advisory lock of a schema change
 _FOLD_LOCK = 0x73746F7765  # the advisory lock of a fold (one node at a time)
+_NODE_LOCK = 0x7374  # with the hash of a node's name: the lock a running node holds
 
 _COUNTS = "files, bytes, stored, already, warned"
+# schema 2: each node's daemon, as it last said (``heartbeat``; ``stowd status``)
+_NODES = (
+    "CREATE TABLE nodes (node TEXT PRIMARY KEY, pid INTEGER NOT NULL, host TEXT NOT NULL, "
+    "started DOUBLE PRECISION NOT NULL, heartbeat DOUBLE PRECISION NOT NULL, "
+    "version TEXT NOT NULL, lease DOUBLE PRECISION NOT NULL)",
+)
 _INSERT_HEAD = (
     "INSERT INTO files (source, destination, path, rel, size, mtime_ns, state, queued_at, sidecars)"
 )
@@ -121,6 +140,7 @@ _SCHEMA = (
     "held_until DOUBLE PRECISION, reason TEXT, failures INTEGER NOT NULL DEFAULT 0)",
     "CREATE TABLE troubles (name TEXT PRIMARY KEY, since DOUBLE PRECISION NOT NULL, "
     "text TEXT NOT NULL)",
+    *_NODES,
     # the counts: folded (one row per group) and appended (by the triggers, never updated)
     "CREATE TABLE tallies (source TEXT NOT NULL, destination TEXT NOT NULL, "
     "state TEXT NOT NULL, files BIGINT NOT NULL, bytes BIGINT NOT NULL, stored BIGINT NOT NULL, "
@@ -186,7 +206,7 @@ _TRIGGERS = (
     "FOR EACH STATEMENT EXECUTE FUNCTION stowd_tally()",
 )
 # version -> the statements that bring a schema of that version to the next
-_MIGRATIONS: dict[int, tuple[str, ...]] = {}
+_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _NODES}
 _FOLD = (
     "WITH moved AS (DELETE FROM tally_changes RETURNING *) INSERT INTO tallies "
     "SELECT source, destination, state, SUM(files), SUM(bytes), SUM(stored), SUM(already), "
@@ -302,7 +322,13 @@ class PostgresQueue(Queue):
     _IS = "IS NOT DISTINCT FROM"
     _MAX = "GREATEST"
     _LOCK_ROWS = " FOR UPDATE SKIP LOCKED"
-    _SETTLE_LEASE = "lease_until = lease_until"  # a settling row's lease says its node lives
+    # a settling row's lease says its node lives: at least SETTLE_LEASE from the decision
+    # (the claim's lease may be all but spent by the upload), so that no other node takes
+    # over (and repairs) a move this node is making
+    _SETTLE_LEASE = (
+        "lease_until = GREATEST(lease_until, "
+        f"EXTRACT(EPOCH FROM clock_timestamp()) + {SETTLE_LEASE})"
+    )
     _TALLIES = "tally_now"
     _THROUGHPUT = "throughput_now"
     _CLAIM_HEAD = (
@@ -322,6 +348,7 @@ class PostgresQueue(Queue):
     ) -> None:
         super().__init__(anchor, clock=clock, readonly=readonly, node=node)
         self.database = database
+        self._node_db: _PgDb | None = None  # holds the node's name (``_take_node``)
 
     # -- opening ---------------------------------------------------------------------
     def open(self, *, lock: bool = True) -> Self:
@@ -333,6 +360,8 @@ class PostgresQueue(Queue):
                 self._check_version()
             else:
                 self._migrate()
+            if lock:
+                self._take_node()
         except OSError as exc:
             self.close()
             raise QueueError(f"cannot use the node folder {self.path.parent}: {exc}") from exc
@@ -341,8 +370,28 @@ class PostgresQueue(Queue):
             raise
         return self
 
+    def _take_node(self) -> None:
+        """Hold the node's name for as long as this daemon runs (a session advisory lock, on a
+        connection of its own): the lock file guards a state folder, but two hosts given one
+        name have two, and the second's ``recover`` would return the first's live claims to
+        pending and its ``repair`` move the files the first is moving.  Checked at start."""
+        db = self._connect()
+        self._node_db = db
+        taken = db.execute(
+            "SELECT pg_try_advisory_lock(?, hashtext(?))", (_NODE_LOCK, self.node)
+        ).fetchone()[0]
+        if not taken:
+            raise QueueLockedError(
+                f"another stowd is running as node {self.node} on the queue "
+                f"{self.database.shown()}: each host needs a node name of its own (`node:`)"
+            )
+
     def close(self) -> None:
         self.release_connection()
+        node_db, self._node_db = self._node_db, None
+        if node_db is not None:
+            with suppress(psycopg.Error):
+                node_db.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -511,13 +560,31 @@ class PostgresQueue(Queue):
         )
         return [job(r) for r in rows]
 
+    def _lease_end(self, db: Db, now: float, lease: float) -> float:
+        return _database_now(db) + lease
+
+    def renew(self, ids: Iterable[int], until: float) -> int:
+        """Extend the lease of this node's claims ``ids`` to ``until`` (this host's clock):
+        by as long from the database's clock, which leases are kept on."""
+        ids = list(ids)
+        with self._tx() as db:
+            end = self._lease_end(db, self.clock(), until - self.clock())
+            cursor = db.execute(
+                f"UPDATE files SET lease_until = ? WHERE id {self._in(ids)} AND node = ? "
+                "AND state IN ('claimed', 'settling')",
+                (end, *ids, self.node),
+            )
+            return int(cursor.rowcount)
+
     def reclaim(self, held: Collection[int]) -> int:
         """Return to pending this node's claims whose lease ran out but ``held`` (the rows a
         worker still has) and any other node's claims whose lease ran out (a node that died
         or lost the database), and take over the settling rows of such a node (repaired by
-        this node's next ``settling``); returns how many claims."""
-        now = self.clock()
+        this node's next ``settling``); returns how many claims.  Whether a lease ran out
+        is read on the database's clock, the one every node's leases are kept on: a host
+        whose clock is off never takes over another's live claims."""
         with self._tx() as db:
+            now = _database_now(db)
             rows = db.execute(
                 "SELECT id, node FROM files WHERE state = 'claimed' "
                 "AND (lease_until IS NULL OR lease_until < ?) FOR UPDATE SKIP LOCKED",
@@ -538,10 +605,31 @@ class PostgresQueue(Queue):
                 f"WHERE id {self._in([i for i, _ in settling])}",
                 (self.node, now + SETTLE_LEASE, *[i for i, _ in settling]),
             )
+        self.adopted |= {i for i, _ in settling}
         _log_takeover(self.node, [n for i, n in rows if i in ids], "claims")
         _log_takeover(self.node, [n for _, n in settling], "files being moved")
         self.fold()
         return len(ids)
+
+    def heartbeat(self, *, pid: int, host: str, started: float, version: str, lease: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO nodes (node, pid, host, started, heartbeat, version, lease) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node) DO UPDATE SET pid = excluded.pid, "
+                "host = excluded.host, started = excluded.started, "
+                "heartbeat = excluded.heartbeat, version = excluded.version, "
+                "lease = excluded.lease",
+                (self.node, pid, host, started, self.clock(), version, lease),
+            )
+
+    def nodes(self) -> list[Node]:
+        db = self._conn()
+        if db.execute("SELECT to_regclass('nodes')").fetchone()[0] is None:
+            return []  # a queue of schema 1, read by stowd status
+        rows = db.execute(
+            "SELECT node, pid, host, started, heartbeat, version, lease FROM nodes ORDER BY node"
+        )
+        return [Node(*r) for r in rows.fetchall()]
 
     def fold(self) -> None:
         """Move the appended counts into ``tallies`` and ``throughput`` (by one node at a
@@ -552,6 +640,12 @@ class PostgresQueue(Queue):
             if db.execute("SELECT pg_try_advisory_xact_lock(?)", (_FOLD_LOCK,)).fetchone()[0]:
                 for statement in _FOLD:
                     db.execute(statement)
+
+
+def _database_now(db: Db) -> float:
+    """The database's clock (seconds since the epoch): leases are times on it, so that
+    nodes whose clocks differ agree on when one runs out."""
+    return float(db.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp())::FLOAT8").fetchone()[0])
 
 
 def _log_takeover(me: str, nodes: list[str | None], what: str) -> None:
