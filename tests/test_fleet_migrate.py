@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pydicom
 import pytest
 from dicomgen import make_instance
 from harness import Layout, make_layout, wait_for
@@ -22,7 +23,7 @@ from orthanc import Orthanc
 from postgres import PASSWORD, PostgresCluster, node_config
 
 from stowd.commands.migrate import source_name
-from stowd.pipeline.queue import NewFile, Queue, open_queue
+from stowd.pipeline.queue import Classification, NewFile, Queue, open_queue
 
 pytestmark = pytest.mark.integration
 
@@ -280,3 +281,46 @@ def test_a_walker_killed_mid_walk_is_taken_over_and_everything_is_migrated(
     assert not list(tree.rglob("*.dcm"))
     assert re.search(r"stored: +40 file\(s\)", summary(log_b)), text
     assert nodes_line(log_b) == {"node-b": 40}
+
+
+@pytest.mark.timeout(180)
+def test_the_claims_of_a_node_that_died_are_taken_over_during_the_run(
+    tmp_path: Path, orthanc: Orthanc, postgres_cluster: PostgresCluster, pg_database: str
+) -> None:
+    """node-x had queued and claimed the tree's files when it died; node-b's migration does
+    not queue them again, takes the claims over once their lease runs out, and sends them."""
+    tree = tmp_path / "tree"
+    uids = make_tree(tree, folders=5, per_folder=2)
+    _, lb = prepared(tmp_path, orthanc, postgres_cluster, pg_database)
+    x = open_queue(node_config(postgres_cluster, pg_database, tmp_path, "node-x")).open()
+    try:
+        name = source_name(tree, keep=False)
+        files = sorted(tree.rglob("*.dcm"))
+        x.enqueue(
+            [
+                NewFile(name, "pacs", str(p), str(p.relative_to(tree)), p.stat().st_size,
+                        p.stat().st_mtime_ns)
+                for p in files
+            ]
+        )  # fmt: skip
+        keys = {}
+        for p in files:
+            ds = pydicom.dcmread(p, stop_before_pixels=True)
+            keys[str(p)] = (ds.StudyInstanceUID, ds.SOPInstanceUID, ds.SOPClassUID)
+        jobs = x.unclassified(100)
+        x.set_classified([Classification(j, "dicom", *keys[j.path]) for j in jobs])
+        claimed = 0
+        while batch := x.claim_batch(["pacs"], pick=lambda _d, js: js, candidates=9, lease=LEASE):
+            claimed += len(batch)  # a study at a time
+        assert claimed == 10
+    finally:
+        x.close()  # and never renews them: node-x died
+    log_b = tmp_path / "b.log"
+    with running() as procs:
+        procs.append(b := start(lb, tree, log_b))
+        assert b.wait(120) == 0, log_b.read_text()
+    text = log_b.read_text()
+    assert "took over 10 claims of node node-x" in text
+    assert orthanc.instance_count() == 10 and orthanc.sop_instance_uids() == set(uids)
+    assert len(list((tmp_path / "tree.sent").rglob("*.dcm"))) == 10
+    assert re.search(r"stored: +10 file\(s\)", summary(log_b)), text
