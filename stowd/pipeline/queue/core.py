@@ -224,7 +224,11 @@ class Queue:
 
     def holdings(self) -> list[Holding]:
         """What each node holds now: its claims and the rows it is moving (by node)."""
-        rows = self._conn().execute(
+        return self._holdings(self._conn())
+
+    @staticmethod
+    def _holdings(db: Db) -> list[Holding]:
+        rows = db.execute(
             "SELECT COALESCE(node, ''), SUM(CASE WHEN state = 'claimed' THEN 1 ELSE 0 END), "
             "SUM(CASE WHEN state = 'settling' THEN 1 ELSE 0 END), MIN(lease_until) FROM files "
             "WHERE state IN ('claimed', 'settling') GROUP BY COALESCE(node, '') ORDER BY 1"

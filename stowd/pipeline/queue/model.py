@@ -218,6 +218,10 @@ class ActiveView:
     counts: dict[tuple[str, str], int] = field(default_factory=dict)  # (destination, state)
     oldest: dict[str, float] = field(default_factory=dict)  # destination -> queued_at
     held: set[str] = field(default_factory=set)
+    # a shared queue's nodes (SQLite: none): each one's heartbeat age and lease (seconds, on
+    # the database's clock) and the rows it holds by state (claimed, settling)
+    beats: dict[str, tuple[float, float]] = field(default_factory=dict)
+    holding: dict[tuple[str, str], int] = field(default_factory=dict)  # (node, state)
 
 
 def entry(e: Any) -> tuple[str, str | None, str | None]:

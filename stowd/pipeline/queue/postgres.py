@@ -723,6 +723,22 @@ class PostgresQueue(Queue):
         )
         return [Walk(s, n, st, w, int(k), mine=False) for s, n, st, w, k in rows.fetchall()]
 
+    @classmethod
+    def _active_view(cls, db: Db, now: float) -> ActiveView:
+        """The scrape's view, with each node's heartbeat age (on the database's clock, as
+        ``stowd status`` reads it) and what it holds."""
+        view = super()._active_view(db, now)
+        if db.execute("SELECT to_regclass('nodes')").fetchone()[0] is None:
+            return view  # a queue of schema 1
+        kept = _database_now(db)
+        rows = db.execute("SELECT node, heartbeat, lease FROM nodes").fetchall()
+        for node, heartbeat, lease in rows:
+            view.beats[node] = (max(0.0, kept - heartbeat), lease)
+        for held in cls._holdings(db):
+            view.holding[(held.node, "claimed")] = held.claimed
+            view.holding[(held.node, "settling")] = held.settling
+        return view
+
     def fold(self) -> None:
         """Move the appended counts into ``tallies`` and ``throughput`` (by one node at a
         time; another node folding already: nothing to do now)."""
