@@ -38,6 +38,7 @@ from stowd.pipeline.queue.model import (
     Node,
     Tally,
     Throughput,
+    Walk,
 )
 from stowd.pipeline.queue.opening import (
     open_queue,
@@ -81,6 +82,7 @@ __all__ = [
     "SqliteQueue",
     "Tally",
     "Throughput",
+    "Walk",
     "open_queue",
     "open_readonly",
     "open_status",

@@ -37,6 +37,7 @@ from stowd.pipeline.queue.model import (
     Node,
     Tally,
     Throughput,
+    Walk,
     classification_row,
     job,
     just_settled,
@@ -241,6 +242,40 @@ class Queue:
             "SELECT COALESCE(node, ''), COUNT(*), CAST(SUM(size) AS BIGINT) FROM files "
             "WHERE done_at >= ? AND state IN ('sent', 'failed') GROUP BY COALESCE(node, '')",
             (since,),
+        )
+        return {r[0]: (int(r[1]), int(r[2] or 0)) for r in rows.fetchall()}
+
+    # -- the walk of a migration (``stowd migrate`` on several nodes) ---------------------
+    def take_walk(self, source: str, lease: float, run: float | None = None) -> Walk:
+        """Walk ``source`` (a migration's) if no other node does (``run``: the start of the
+        run this node joined, if any): SQLite has one node, which always walks (``mine``),
+        the run beginning now.  The PostgreSQL backend keeps one
+        walk lease per source (``migrate_walks``)."""
+        return Walk(source, self.node, self.clock(), None, mine=True)
+
+    def renew_walk(self, source: str, lease: float, skipped: int) -> bool:
+        """Extend this node's walk lease of ``source`` by ``lease`` seconds and record how
+        many files it skipped so far; False when the walk is no longer this node's (another
+        took it over).  SQLite: nothing to renew."""
+        return True
+
+    def end_walk(self, source: str, skipped: int) -> bool:
+        """Record that this node walked ``source`` to its end; False when the walk was taken
+        over meanwhile.  SQLite: nothing to record."""
+        return True
+
+    def walks(self, sources: Sequence[str]) -> list[Walk]:
+        """The walks of ``sources`` as recorded (SQLite: none; the run is this process)."""
+        return []
+
+    def run_nodes(self, sources: Sequence[str], since: float) -> dict[str, tuple[int, int]]:
+        """(files, bytes) each node stored of ``sources`` since ``since`` (the node that
+        settles a row is recorded on it)."""
+        rows = self._conn().execute(
+            "SELECT COALESCE(node, ''), COUNT(*), CAST(SUM(size) AS BIGINT) FROM files "
+            f"WHERE source {self._in(sources)} AND done_at >= ? AND state = 'sent' "
+            "GROUP BY COALESCE(node, '') ORDER BY 1",
+            (*sources, since),
         )
         return {r[0]: (int(r[1]), int(r[2] or 0)) for r in rows.fetchall()}
 

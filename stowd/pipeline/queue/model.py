@@ -186,6 +186,22 @@ class Node:
     lease: float  # its claims' lease: it renews them every third of it
 
 
+@dataclass(frozen=True)
+class Walk:
+    """The walk of one ``stowd migrate`` source (``Queue.take_walk``): which node walks it
+    (or walked it), until when its lease runs (on the database's clock), when the run began
+    (on the database's clock: the start every node's report counts from), when the walk
+    ended (None: still walking), how many files it skipped as stored before, and ``mine``:
+    this node walks it now."""
+
+    source: str
+    node: str
+    started: float
+    walked: float | None
+    skipped: int = 0
+    mine: bool = False
+
+
 class Holding(NamedTuple):
     """What one node holds (``Queue.holdings``): its claims and the rows it is moving."""
 
