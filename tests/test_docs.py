@@ -127,6 +127,8 @@ def base_config(key: str) -> dict[str, object]:
     elif key.startswith(f"{SOURCE}.receive."):
         del source["watch"]
         source["receive"] = dict(RECEIVE_BASE)
+    elif key == "lease":  # a PostgreSQL queue's
+        doc.update(queue="postgresql://stowd@127.0.0.1/stowd", state="./state")
     return doc
 
 

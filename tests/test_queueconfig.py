@@ -142,6 +142,20 @@ def test_a_postgresql_queue(psycopg: None, tmp_path: Path, host: str) -> None:
     )
 
 
+def test_a_postgresql_queue_s_lease(psycopg: None, tmp_path: Path, host: str) -> None:
+    assert load_text(tmp_path, pg()).lease == 120.0  # the default
+    assert load_text(tmp_path, pg(extra="state: ./state\nlease: 30s\n")).lease == 30.0
+    (problem,) = problems_of(tmp_path, pg(extra="state: ./state\nlease: 2s\n"))
+    assert problem.key == "lease"
+    assert "must be at least 6s (the node renews its claims every third of it)" in (problem.message)
+
+
+def test_a_sqlite_queue_refuses_a_lease(tmp_path: Path, host: str) -> None:
+    (problem,) = problems_of(tmp_path, MINIMAL + "lease: 1m\n")
+    assert problem.key == "lease"
+    assert "leave lease out" in problem.message
+
+
 def test_a_receiving_source_keeps_its_files_in_the_state_folder(
     psycopg: None, tmp_path: Path, host: str
 ) -> None:

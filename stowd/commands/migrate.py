@@ -66,6 +66,7 @@ from stowd.pipeline.verify import Tally
 from stowd.pipeline.watch import Watcher
 from stowd.pipeline.worker import Worker, lease
 from stowd.service import inflight, web
+from stowd.service.fleet import Fleet
 
 log = logging.getLogger("stowd.migrate")
 
@@ -192,6 +193,8 @@ class Migration:
         self.out = out
         self.started = time.time()
         self.pauses = Pauses(self.started)
+        # a shared queue: this node's leases renewed while it sends (None: SQLite)
+        self.fleet = Fleet.of(self.config, self.queue, self._held)
 
     # -- signals ------------------------------------------------------------------------
     def install_signals(self) -> None:
@@ -214,12 +217,16 @@ class Migration:
             self.pauses.carry(self.queue.holds().get(self.opts.destination))
             self._refuse_other_mode()
             self._recover()
+            if self.fleet is not None:
+                self.fleet.start()
             self._say_paused()
             threads = self._start()
             self._wait()
             self._finish(threads)
             return self._summary()
         finally:
+            if self.fleet is not None:
+                self.fleet.close()
             if self.page is not None:
                 self.page.close()
             inflight.remove(self.config.queue)
@@ -287,6 +294,7 @@ class Migration:
                 classify_lock=lock,
                 finder=self.finder,
                 verified=self.verified,
+                claiming=None if self.fleet is None else self._claiming,
             )
             threads.append(threading.Thread(target=worker.run, name=f"send-{n}", daemon=True))
             self.senders.append(worker)
@@ -304,6 +312,16 @@ class Migration:
         for thread in threads:
             thread.start()
         return threads, [client]
+
+    def _held(self) -> set[int]:
+        """The rows this run holds (its senders' claims and settles, its retried moves)."""
+        held = set(self.unsettled)
+        for worker in list(self.senders):
+            held |= worker.held
+        return held
+
+    def _claiming(self) -> bool:
+        return self.fleet is None or self.fleet.claiming
 
     def _scan(self) -> None:
         try:

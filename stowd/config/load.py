@@ -119,7 +119,7 @@ _TOP_KEYS = (
     "uid_root",
     "metrics",
     "http",
-    *QUEUE_KEYS[1:],  # queue_password, node, state (queueconfig.py)
+    *QUEUE_KEYS[1:],  # queue_password, node, state, lease (queueconfig.py)
 )
 _RETRY_KEYS = ("initial", "maximum", "multiplier", "max_age", "hold_probe", "max_refusals")
 _SOURCE_OWN_KEYS = ("name", "watch", "receive", "sent", "failed", "destination", "rules")
@@ -747,6 +747,7 @@ def _build(ctx: Context, path: Path, root: Node, watch_exists: bool) -> Config |
         http=http,
         database=place.database,
         node=place.node,
+        lease=place.lease,
     )
 
 

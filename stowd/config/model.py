@@ -44,6 +44,11 @@ DEFAULT_HISTORY_DAYS = 30.0
 DEFAULT_FOLDER_SIDECAR = "_metadata.yaml"
 DEFAULT_FOLDER_LINGER = 3600.0
 MIN_FOLDER_LINGER = 60.0
+# issue 23: how long a claim of a node of a shared (PostgreSQL) queue lasts without renewal;
+# the node renews its claims every third of it, so another node takes over the files of a
+# node that died (or lost the database) this long after its last renewal
+DEFAULT_LEASE = 120.0
+MIN_LEASE = 6.0
 # ratecap (issue 20): a destination's max_rate, bytes per second of all its workers together
 DEFAULT_MAX_RATE: float | None = None  # no cap
 
@@ -293,6 +298,7 @@ class Config:
     database: Database | None = None
     node: str = ""  # this host's name among the nodes of a shared queue (the loader's default:
     # the host name)
+    lease: float = DEFAULT_LEASE  # a shared queue's claims: renewed every third of it
 
     @property
     def warnings(self) -> list[str]:

@@ -27,11 +27,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
 
-from stowd.config.model import WEAK_SSLMODES, Database
+from stowd.config.model import DEFAULT_LEASE, MIN_LEASE, WEAK_SSLMODES, Database
 from stowd.config.secrets import Secret, parse
-from stowd.config.yamlwalk import NAME, Section, as_name, as_path, describe_value
+from stowd.config.yamlwalk import (
+    NAME,
+    Section,
+    as_duration,
+    as_name,
+    as_path,
+    describe_value,
+)
 
-QUEUE_KEYS = ("queue", "queue_password", "node", "state")
+QUEUE_KEYS = ("queue", "queue_password", "node", "state", "lease")
 SCHEMES = ("postgresql", "postgres")  # libpq's two URI designators
 ANCHOR = "node.queue"  # a PostgreSQL queue's local anchor in ``state`` (never a database)
 SSLMODES = (*WEAK_SSLMODES, "verify-ca", "verify-full")
@@ -60,6 +67,7 @@ class QueuePlace:
     database: Database | None
     node: str
     postgresql: bool = False  # the queue is a URL (even one with problems)
+    lease: float = DEFAULT_LEASE  # how long a claim lasts without renewal (PostgreSQL)
 
     @property
     def key(self) -> str:
@@ -83,9 +91,10 @@ def read_queue(top: Section) -> QueuePlace:
     state = top.get("state", None, as_path(top.ctx.base))
     password = top.get("queue_password", None, parse)
     node = top.get("node", "", as_name)
+    lease = top.get("lease", DEFAULT_LEASE, _as_lease)
     written = top.value_node("node") is not None
     if text is None or "://" not in text:
-        for key in ("state", "queue_password") if text is not None else ():
+        for key in ("state", "queue_password", "lease") if text is not None else ():
             if top.value_node(key) is not None:
                 top.add(key, _SQLITE_ONLY[key])
         anchor = None if text is None else as_path(top.ctx.base)(text)
@@ -100,7 +109,17 @@ def read_queue(top: Section) -> QueuePlace:
         )
     node = node if written else _host_name(top, strict=True)
     anchor = None if state is None else state / ANCHOR
-    return QueuePlace(anchor, database, node, postgresql=True)
+    return QueuePlace(anchor, database, node, postgresql=True, lease=lease)
+
+
+def _as_lease(value: object) -> float:
+    seconds = as_duration(positive=True)(value)
+    if seconds < MIN_LEASE:
+        raise ValueError(
+            f"must be at least {MIN_LEASE:g}s (the node renews its claims every third of "
+            f"it), got {describe_value(value)}"
+        )
+    return seconds
 
 
 _SQLITE_ONLY = {
@@ -108,6 +127,9 @@ _SQLITE_ONLY = {
     "spool, received files and lock beside its file: leave state out",
     "queue_password": "is for a PostgreSQL queue (queue: postgresql://...); a SQLite queue "
     "has no password: leave queue_password out",
+    "lease": "is for a PostgreSQL queue (queue: postgresql://...), whose nodes take over the "
+    "claims of a node that stopped renewing them; a SQLite queue has one daemon: leave "
+    "lease out",
 }
 
 

@@ -140,11 +140,20 @@ def _notes(decisions: Sequence[Decision]) -> dict[int, str]:
 
 def _settle_moved(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
     plans = _plan(decisions)
-    queue.begin_settle(
+    recorded = queue.begin_settle(
         [(d.job, d.outcome, str(t) if isinstance(t, Path) else None, d.error) for d, t in plans],
         notes=_notes([d for d, _ in plans]),
     )
     results: list[Settled] = []
+    for decision, _ in plans:  # a file is moved only once its outcome is recorded
+        if decision.job.id not in recorded:
+            log.info(
+                "%s: not moved by this node: another node holds it now (this node's claim "
+                "was taken over, or the file was finished meanwhile)",
+                decision.job.path,
+            )
+            results.append(Settled(decision, None))
+    plans = [(d, t) for d, t in plans if d.job.id in recorded]
     done: list[tuple[int, str]] = []
     with Folders() as folders:  # each folder opened once for the batch
         for decision, target in plans:

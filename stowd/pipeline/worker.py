@@ -100,8 +100,11 @@ class Worker:
         verified: verify.Tally | None = None,
         now: Callable[[], datetime] = local_now,
         limit: Concurrency | None = None,
+        claiming: Callable[[], bool] | None = None,
     ) -> None:
         self.config = config
+        # False while this node has lost a shared queue's database (service/fleet.py)
+        self._claiming = claiming
         self.now = now  # the local time, for the destination's schedule (aware)
         # the stored files the archive listed (or not), with verify (shared by a migration)
         self.verified = verified or verify.Tally()
@@ -113,6 +116,9 @@ class Worker:
         self.stop = stop
         self.clock = clock
         self._lease = lease(destination)
+        # a shared queue's claim: the node's lease, renewed while it is held (fleet.py);
+        # SQLite's: the upload's deadlines (its one daemon reclaims only what none holds)
+        self._claim_lease = config.lease if config.database is not None else self._lease
         self.filing = Filing(
             config, queue, name=self.name, clock=clock, unsettled=unsettled, disks=disks
         )
@@ -220,6 +226,8 @@ class Worker:
         name = self.destination.name
         if not self.in_window():
             return False  # outside its schedule: nothing new is sent (new files are read)
+        if self._claiming is not None and not self._claiming():
+            return False  # this node lost the shared queue's database: nothing new
         hold = self.queue.holds().get(name)
         if hold is not None and hold.until > self.clock():
             return False
@@ -240,7 +248,7 @@ class Worker:
             [name],
             pick=lambda _dest, jobs: take_batch(jobs, self.limits),
             candidates=self.limits.max_files,
-            lease=self._lease,
+            lease=self._claim_lease,
         )
         if not batch:
             return False

@@ -60,6 +60,7 @@ from stowd.pipeline.settle import repair
 from stowd.pipeline.watch import Watcher
 from stowd.pipeline.worker import Worker
 from stowd.service import inflight, metrics, web
+from stowd.service.fleet import Fleet
 from stowd.service.notify import Notifier
 from stowd.service.purge import purge_sent
 from stowd.service.receivers import Receivers
@@ -129,6 +130,8 @@ class Daemon:
         self.buckets = Buckets()  # each destination's rate cap: they outlive reloads
         self._paused: dict[str, bool] = {}  # destinations outside their windows, as logged
         self.limits = Limits()  # adaptive concurrency per destination: it outlives reloads
+        # a node of a shared queue: its leases renewed, its heartbeat written (None: SQLite)
+        self.fleet = Fleet.of(config, self.queue, self._held)
 
     # -- signals ------------------------------------------------------------------------
     def install_signals(self) -> None:
@@ -156,6 +159,8 @@ class Daemon:
         self.queue.open()
         try:
             self._recover()
+            if self.fleet is not None:
+                self.fleet.start()
             self.receivers.start(self.config)
             self._pace(self.config)
             self.generation = self._start(self.config)
@@ -167,6 +172,8 @@ class Daemon:
         finally:
             self.notifier.stopping()
             self._shutdown()
+            if self.fleet is not None:  # after the uploads in flight: their leases renewed
+                self.fleet.close()
             inflight.remove(self.config.queue)
             if self.metrics_server is not None:
                 self.metrics_server.close()
@@ -225,6 +232,7 @@ class Daemon:
                     finder=gen.finder,
                     disks=self.disks,
                     limit=limit,
+                    claiming=None if self.fleet is None else self._claiming,
                 )
                 gen.senders.append(worker)
                 _spawn(gen, f"send-{name}-{n}", worker.run)
@@ -311,8 +319,10 @@ class Daemon:
                 next_resettle = now + RESETTLE_EVERY
                 self._guarded(self._resettle)
             if now >= next_reclaim:
-                next_reclaim = now + RECLAIM_EVERY
-                self._guarded(self._reclaim)
+                next_reclaim = now + self._reclaim_every()
+                if self._guarded(self._reclaim):  # moves taken over from another node
+                    next_resettle = now + RESETTLE_EVERY
+                    self._guarded(self._resettle)
             if now >= next_housekeeping:
                 next_housekeeping = now + HOUSEKEEPING_EVERY
                 self._guarded(self._housekeeping)
@@ -343,14 +353,12 @@ class Daemon:
         self.disks.check()
         return self.disks.freed
 
-    def _reclaim(self) -> None:
+    def _reclaim(self) -> bool:
         """Claims that no worker holds and whose lease ran out return to pending (a
-        worker died, or its release was lost): they are sent again, not left claimed."""
-        held: set[int] = set()
-        for gen in (self.generation, *self.lingering):
-            for worker in gen.senders:
-                held |= worker.held if worker.running else frozenset()
-        returned = self.queue.reclaim(held)
+        worker died, or its release was lost; with a shared queue also another node's
+        that stopped renewing them): they are sent again, not left claimed.  True when
+        moves of such a node were taken over (to be finished now, as at a start)."""
+        returned = self.queue.reclaim(self._senders_held())
         if self._queue_failing:
             log.info("the queue can be written again")
         self._queue_failing = False
@@ -359,6 +367,29 @@ class Daemon:
                 "%d claimed file(s) no sender holds any more are queued again (sent again)",
                 returned,
             )
+        adopted, self.queue.adopted = self.queue.adopted, set()
+        self.unsettled |= adopted
+        return bool(adopted)
+
+    def _reclaim_every(self) -> float:
+        """A shared queue's other nodes' expired claims are looked for every third of the
+        lease (taken over soon after it expires); SQLite's forgotten claims every minute."""
+        return RECLAIM_EVERY if self.fleet is None else min(RECLAIM_EVERY, self.config.lease / 3)
+
+    def _senders_held(self) -> set[int]:
+        held: set[int] = set()
+        for gen in (self.generation, *self.lingering):
+            for worker in gen.senders:
+                held |= worker.held if worker.running else frozenset()
+        return held
+
+    def _held(self) -> set[int]:
+        """The rows this node holds: its senders' claims and settles, the moves it retries
+        (their leases renewed by the fleet thread)."""
+        return self._senders_held() | set(self.unsettled)
+
+    def _claiming(self) -> bool:
+        return self.fleet is None or self.fleet.claiming
 
     # -- schedule (transfer windows) --
     def _note_windows(self) -> None:

@@ -34,7 +34,7 @@ from stowd.config.yamlwalk import host_port
 from stowd.errors import QueueUnreadable
 from stowd.fileops import walk_folders
 from stowd.pipeline import disk
-from stowd.pipeline.queue import Hold, Queue, Throughput, open_status, read_only_note
+from stowd.pipeline.queue import Hold, Holding, Queue, Throughput, open_status, read_only_note
 from stowd.printable import escape_lines
 from stowd.service import inflight
 
@@ -225,6 +225,7 @@ def _gather(config: Config, queue: Queue, now: float) -> dict[str, Any]:
         "queue": config.queue_shown(),
         "time": now,
         "daemon_pid": pid,
+        "nodes": nodes(config, queue, now, pid),
         "counts": {s: n for s, n in total.counts.items() if n},
         "already_stored": total.already_stored,
         "stored_with_warning": total.with_warning,
@@ -250,6 +251,80 @@ def _gather(config: Config, queue: Queue, now: float) -> dict[str, Any]:
             *(f"{t['text']}; systemd's watchdog is no longer fed" for t in troubles),
         ],
     }
+
+
+VANISHED_LEASES = 3  # a node without a heartbeat for this many of its leases has vanished
+
+
+def nodes(config: Config, queue: Queue, now: float, pid: int | None) -> list[dict[str, Any]]:
+    """Each node of the queue: whether it is alive (its heartbeat's age), what it holds
+    (claims, moves, when their leases expire) and its rate (files it settled over the last
+    ``RATE_WINDOW``).  A SQLite queue: one node, this host, alive while its daemon runs.
+    A node silent for more than ``VANISHED_LEASES`` leases is ``vanished``; one silent
+    longer than its lease but not yet that long, ``silent`` (its claims may be taken over
+    already)."""
+    holdings = {h.node: h for h in queue.holdings()}
+    rates = queue.settled_by(now - RATE_WINDOW)
+    found: dict[str, dict[str, Any]] = {}
+    if config.database is None:
+        found[config.node] = {
+            "node": config.node,
+            "host": "this host",
+            "pid": pid,
+            "state": "alive" if pid else "stopped",
+            "heartbeat_age": None,
+        }
+        holdings = {config.node: _all_held(holdings.values(), config.node)}
+        rates = {config.node: _all_rates(rates.values())}
+    for n in queue.nodes():
+        age = max(0.0, now - n.heartbeat)
+        state = "alive" if age <= n.lease else "silent"
+        found[n.node] = {
+            "node": n.node,
+            "host": n.host,
+            "pid": n.pid,
+            "version": n.version,
+            "started": n.started,
+            "lease_seconds": n.lease,
+            "heartbeat_age": age,
+            "state": "vanished" if age > VANISHED_LEASES * n.lease else state,
+        }
+    for name in holdings.keys() - found.keys():  # claims of a node that never beat
+        found[name] = {"node": name, "host": None, "pid": None, "state": "unknown"}
+    out = []
+    for name in sorted(found):
+        held = holdings.get(name)
+        files, size = rates.get(name, (0, 0))
+        out.append(
+            {
+                **found[name],
+                "claimed": held.claimed if held else 0,
+                "settling": held.settling if held else 0,
+                "claims_expire_in": None
+                if held is None or held.expires is None
+                else held.expires - now,
+                "files_per_minute": files / (RATE_WINDOW / 60),
+                "mb_per_minute": size / MB / (RATE_WINDOW / 60),
+            }
+        )
+    return out
+
+
+def _all_held(found: Iterable[Holding], node: str) -> Holding:
+    """A SQLite queue's one node holds every claim (whatever name its rows carry)."""
+    found = list(found)
+    expires = [h.expires for h in found if h.expires is not None]
+    return Holding(
+        node,
+        sum(h.claimed for h in found),
+        sum(h.settling for h in found),
+        min(expires) if expires else None,
+    )
+
+
+def _all_rates(found: Iterable[tuple[int, int]]) -> tuple[int, int]:
+    found = list(found)
+    return sum(f for f, _ in found), sum(b for _, b in found)
 
 
 def _tally(
@@ -684,6 +759,7 @@ def render(data: Mapping[str, Any]) -> str:
         f"rate:         {_rate(data)} over the last {data['rate_window_seconds'] / 60:.0f} minutes",
         f"backlog:      {_backlog(data, 'a destination')}",
     ]
+    lines += _node_lines(data.get("nodes") or [], shared=len(data.get("nodes") or []) > 1)
     lines += [f"WARNING:      {w}" for w in data["warnings"]]
     if data.get("disks_full") and data["oldest_pending_seconds"] is None:
         lines[3] = "oldest:       nothing queued (but see the warnings: a disk is full)"
@@ -698,6 +774,30 @@ def render(data: Mapping[str, Any]) -> str:
         f"(history_days: {data['history_days']:g})",
     ]
     return escape_lines(lines)  # file names and archive texts cannot add a line
+
+
+def _node_lines(found: list[Mapping[str, Any]], *, shared: bool) -> list[str]:
+    """One line per node (a SQLite queue's: one short line, this host)."""
+    lines = []
+    for n in found:
+        if n.get("lease_seconds") is None and not shared:  # SQLite: this host alone
+            lines.append(f"node:         {n['node']} (this host)")
+            continue
+        age = n.get("heartbeat_age")
+        said = "" if age is None else f", heartbeat {_age(age)} ago"
+        where = f" on {n['host']} (pid {n['pid']})" if n.get("host") else ""
+        held = f"holds {n['claimed']} claimed, {n['settling']} being moved"
+        if n["claimed"] or n["settling"]:
+            expires = n.get("claims_expire_in")
+            if expires is not None:
+                held += (
+                    f" (leases expired {_age(-expires)} ago)"
+                    if expires < 0
+                    else f" (leases expire in {_age(expires)})"
+                )
+        rate = f"{n['files_per_minute']:.1f} files/min"
+        lines.append(f"node:         {n['node']}: {n['state']}{where}{said}; {held}; {rate}")
+    return lines
 
 
 def _destination(name: str, figures: Mapping[str, Any], health: Any) -> list[str]:

@@ -30,9 +30,11 @@ from stowd.pipeline.queue.model import (
     Classification,
     Failed,
     Hold,
+    Holding,
     Job,
     Made,
     NewFile,
+    Node,
     Tally,
     Throughput,
     classification_row,
@@ -139,6 +141,9 @@ class Queue:
         # files found with new content while their row was claimed or settling (by row id):
         # queued as new jobs when that row is done (``finish_many``), not at the next rescan
         self._after: dict[int, NewFile] = {}
+        # settling rows taken over from a node whose lease expired (``reclaim``), for the
+        # daemon to finish their moves (``settle.repair``) and then forget
+        self.adopted: set[int] = set()
 
     def release_connection(self) -> None:
         """Close the calling thread's connection (a thread that ends, such as an
@@ -192,6 +197,41 @@ class Queue:
                 (until, *ids, self.node),
             )
             return int(cursor.rowcount)
+
+    def _owned(self, db: Db, ids: Iterable[int]) -> set[int]:
+        """Of ``ids``, the rows this node may change: SQLite, all (its one daemon owns the
+        queue).  The PostgreSQL backend locks and keeps the active rows that are pending or
+        this node's own claims (a row another node claimed or settles, or took over when
+        this node's lease expired, is never changed here)."""
+        return set(ids)
+
+    # -- the nodes of a shared queue (issue 23) ----------------------------------------------
+    def heartbeat(self, *, pid: int, host: str, started: float, version: str, lease: float) -> None:
+        """Say that this node's daemon is alive (a shared queue's ``nodes`` table); SQLite:
+        nothing (one node, this host)."""
+
+    def nodes(self) -> list[Node]:
+        """The nodes that ever ran on this queue, as each last said (SQLite: none)."""
+        return []
+
+    def holdings(self) -> list[Holding]:
+        """What each node holds now: its claims and the rows it is moving (by node)."""
+        rows = self._conn().execute(
+            "SELECT COALESCE(node, ''), SUM(CASE WHEN state = 'claimed' THEN 1 ELSE 0 END), "
+            "SUM(CASE WHEN state = 'settling' THEN 1 ELSE 0 END), MIN(lease_until) FROM files "
+            "WHERE state IN ('claimed', 'settling') GROUP BY COALESCE(node, '') ORDER BY 1"
+        )
+        return [Holding(r[0], int(r[1]), int(r[2]), r[3]) for r in rows.fetchall()]
+
+    def settled_by(self, since: float) -> dict[str, tuple[int, int]]:
+        """(files, bytes) each node moved to sent/ or failed/ since ``since`` (read from the
+        recent finished rows: the node that settles a row is recorded on it)."""
+        rows = self._conn().execute(
+            "SELECT COALESCE(node, ''), COUNT(*), CAST(SUM(size) AS BIGINT) FROM files "
+            "WHERE done_at >= ? AND state IN ('sent', 'failed') GROUP BY COALESCE(node, '')",
+            (since,),
+        )
+        return {r[0]: (int(r[1]), int(r[2] or 0)) for r in rows.fetchall()}
 
     @staticmethod
     def _in(values: Sequence[Any]) -> str:
@@ -319,7 +359,8 @@ class Queue:
                 if new is not None:  # None: its sidecars were not ready, found again later
                     rows.append(new)
                     added.append(f)
-        db.executemany(_INSERT, rows)
+        inserted = self._insert(db, rows)
+        added = [f for f in added if f.path in inserted]
         self._count(added)
         return added
 
@@ -333,9 +374,17 @@ class Queue:
         new = new_row(f, now)
         if new is None:
             return 0  # found again by the next scan
-        db.execute(_INSERT, new)
+        if not self._insert(db, [new]):
+            return 0  # queued by another node meanwhile
         self._count([f])
         return 1
+
+    def _insert(self, db: Db, rows: list[tuple[Any, ...]]) -> set[str]:
+        """Insert the new rows (``_INSERT``'s); the paths inserted.  SQLite: all of them (one
+        writer: what the transaction read is still so).  The PostgreSQL backend skips a path
+        another node queued since it was read."""
+        db.executemany(_INSERT, rows)
+        return {r[2] for r in rows}
 
     def _count(self, files: list[NewFile]) -> None:
         """Counted in ``tallies`` once, with the others, before the commit."""
@@ -400,33 +449,43 @@ class Queue:
         gave one), its series for ``kind`` and the next InstanceNumber in that series."""
         with self._tx() as db:
             if study_uid is None:
-                row = db.execute(
-                    "SELECT uid FROM made_studies WHERE source = ? AND key = ?", (source, key)
-                ).fetchone()
-                study_uid = new() if row is None else str(row[0])
-                if row is None:
-                    db.execute(
-                        "INSERT INTO made_studies (source, key, uid) VALUES (?, ?, ?)",
-                        (source, key, study_uid),
-                    )
+                study_uid = self._made_study(db, source, key, new)
             return Made(study_uid, *self._next_in_series(db, study_uid, kind, new), key=key)
+
+    @staticmethod
+    def _made_study(db: Db, source: str, key: str | None, new: Callable[[], str]) -> str:
+        """The StudyInstanceUID made for ``key``: made now if there is none.  Atomic across
+        nodes: one that made another meanwhile wins (the insert does nothing, waiting for
+        its transaction first), and both read the one kept."""
+        found = "SELECT uid FROM made_studies WHERE source = ? AND key = ?"
+        row = db.execute(found, (source, key)).fetchone()
+        if row is not None:
+            return str(row[0])
+        db.execute(
+            "INSERT INTO made_studies (source, key, uid) VALUES (?, ?, ?) "
+            "ON CONFLICT (source, key) DO NOTHING",
+            (source, key, new()),
+        )
+        return str(db.execute(found, (source, key)).fetchone()[0])
 
     @staticmethod
     def _next_in_series(
         db: Db, study_uid: str, kind: str, new: Callable[[], str]
     ) -> tuple[str, str, int]:
+        """The series of ``study_uid`` for ``kind`` (made now if there is none) and its next
+        InstanceNumber, counted by one statement: nodes making instances of one series at
+        once each get their own number and the same series."""
         row = db.execute(
-            "SELECT uid, count FROM made_series WHERE study_uid = ? AND kind = ?",
-            (study_uid, kind),
+            "SELECT uid FROM made_series WHERE study_uid = ? AND kind = ?", (study_uid, kind)
         ).fetchone()
-        series, number = (new(), 1) if row is None else (str(row[0]), int(row[1]) + 1)
-        db.execute(
-            "INSERT INTO made_series (study_uid, kind, uid, count) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (study_uid, kind) DO UPDATE SET uid = excluded.uid, "
-            "count = excluded.count",
-            (study_uid, kind, series, number),
-        )
-        return series, new(), number
+        made = new() if row is None else str(row[0])
+        series, number = db.execute(
+            "INSERT INTO made_series (study_uid, kind, uid, count) VALUES (?, ?, ?, 1) "
+            "ON CONFLICT (study_uid, kind) DO UPDATE SET count = made_series.count + 1 "
+            "RETURNING uid, count",
+            (study_uid, kind, made),
+        ).fetchone()
+        return str(series), new(), int(number)
 
     def replan(self, source: str, digest: str) -> int:
         """Read again the pending files of ``source`` that were read with other rules.
@@ -531,7 +590,7 @@ class Queue:
                 "UPDATE files SET state = 'pending', lease_until = NULL, "
                 f"next_attempt_at = {self._MAX}(next_attempt_at, ?) "
                 "WHERE id = ? AND state = 'claimed'",
-                [(not_before, i) for i in ids],
+                [(not_before, i) for i in self._owned(db, ids)],
             )
 
     def retry_later(
@@ -555,7 +614,7 @@ class Queue:
                 "UPDATE files SET state = 'pending', lease_until = NULL, "
                 "attempts = attempts + 1, first_try = COALESCE(first_try, ?), last_try = ?, "
                 f"next_attempt_at = ?, error = ?, solo = {self._MAX}(solo, ?) WHERE id = ?",
-                [(first, now, at, json.dumps(error), int(solo), i) for i in ids],
+                [(first, now, at, json.dumps(error), int(solo), i) for i in self._owned(db, ids)],
             )
 
     def wait_for_rest(self, job: Job, *, at: float, error: dict[str, Any]) -> bool:
@@ -582,7 +641,7 @@ class Queue:
             db.executemany(
                 "UPDATE files SET state = 'pending', lease_until = NULL, solo = 1, "
                 f"next_attempt_at = {self._MAX}(next_attempt_at, ?) WHERE id = ?",
-                [(not_before, i) for i in ids],
+                [(not_before, i) for i in self._owned(db, ids)],
             )
 
     # -- settling ------------------------------------------------------------------------
@@ -591,13 +650,18 @@ class Queue:
         plans: Iterable[tuple[Job, str, str | None, dict[str, Any] | None]],
         *,
         notes: dict[int, str] | None = None,
-    ) -> None:
+    ) -> set[int]:
         """Record (job, outcome, target, error) of each job before its file is moved (and
         the sidecars that go with it, for a repair after a crash).  A target of None: no
         free name could be chosen yet (the repair chooses it).  ``notes``: by job id, how
-        the outcome came about (``ALREADY_STORED``); a row's note is kept otherwise."""
+        the outcome came about (``ALREADY_STORED``); a row's note is kept otherwise.
+        Returns the ids recorded: only their files may be moved (a row another node holds
+        now, its claim taken over, is left to it)."""
         notes, node = notes or {}, self.node  # the node that moves the files
+        plans = list(plans)
         with self._tx() as db:
+            owned = self._owned(db, [j.id for j, _, _, _ in plans])
+            plans = [p for p in plans if p[0].id in owned]
             db.executemany(
                 "UPDATE files SET state = 'settling', outcome = ?, target = ?, error = ?, "
                 "sidecars = COALESCE(?, sidecars), note = COALESCE(?, note), "
@@ -607,6 +671,7 @@ class Queue:
                     for j, o, t, e in plans
                 ],
             )
+        return owned
 
     def finish(self, job_id: int, *, state: str) -> None:
         """The file was moved (or is gone): the job is done."""
@@ -619,11 +684,12 @@ class Queue:
         done = list(done)
         later = [(i, self._after[i]) for i, _ in done if i in self._after]
         with self._tx() as db:
+            owned = self._owned(db, [i for i, _ in done])
             db.executemany(
                 "UPDATE files SET state = ?, done_at = ?, lease_until = NULL WHERE id = ?",
-                [(state, now, i) for i, state in done],
+                [(state, now, i) for i, state in done if i in owned],
             )
-            queued = self._enqueue_many(db, [f for _, f in later], now)
+            queued = self._enqueue_many(db, [f for i, f in later if i in owned], now)
         for i, _ in later:  # kept until committed: a failed write loses none of them
             self._after.pop(i, None)
         log_queued(queued)
@@ -632,11 +698,13 @@ class Queue:
         """Mark (id, state, error) done for files that stay where they are (``stowd migrate
         --keep``): outcome ``kept``, nothing was moved, so nothing is left to repair."""
         now = self.clock()
+        done = list(done)
         with self._tx() as db:
+            owned = self._owned(db, [i for i, _, _ in done])
             db.executemany(
                 "UPDATE files SET state = ?, outcome = 'kept', target = NULL, error = ?, "
                 "done_at = ?, lease_until = NULL WHERE id = ?",
-                [(s, json.dumps(e) if e else None, now, i) for i, s, e in done],
+                [(s, json.dumps(e) if e else None, now, i) for i, s, e in done if i in owned],
             )
 
     def add_notes(self, notes: dict[int, str]) -> None:

@@ -173,6 +173,28 @@ class Throughput(NamedTuple):
     failed: int  # files that became failed in it
 
 
+@dataclass(frozen=True)
+class Node:
+    """A node of a shared queue as its daemon last told (the ``nodes`` table)."""
+
+    node: str
+    pid: int
+    host: str
+    started: float
+    heartbeat: float  # when its daemon last said it was alive
+    version: str
+    lease: float  # its claims' lease: it renews them every third of it
+
+
+class Holding(NamedTuple):
+    """What one node holds (``Queue.holdings``): its claims and the rows it is moving."""
+
+    node: str
+    claimed: int
+    settling: int
+    expires: float | None  # the earliest lease_until among them (None: none has a lease)
+
+
 @dataclass
 class ActiveView:
     """The active rows by destination and the holds, as one metrics scrape reads them."""

@@ -1,0 +1,256 @@
+"""A node's part in a fleet on one PostgreSQL queue (issue 23, ``service/fleet.py``): its
+leases renewed while it holds files, its heartbeat, and what it does when it loses the
+database.  The queue's side of several nodes is ``test_fleet_queue.py``'s."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dicomgen import make_instance
+from harness import Clock, Layout, Stowd, make_layout, make_watch_folders, wait_for
+from orthanc import Orthanc
+from postgres import PASSWORD, PostgresCluster, node_config
+
+from stowd.config.load import load_config
+from stowd.pipeline.queue import Classification, Job, NewFile, Queue, open_queue
+from stowd.service import status
+from stowd.service.fleet import Fleet
+
+pytestmark = pytest.mark.integration
+
+
+def new(path: str, size: int = 10) -> NewFile:
+    return NewFile("src", "pacs", path, os.path.basename(path), size, 1)
+
+
+def pick_all(_dest: str, jobs: list[Job]) -> list[Job]:
+    return jobs
+
+
+def claimed(queue: Queue, count: int, lease: float) -> list[Job]:
+    queue.enqueue([new(f"/t/f{i}") for i in range(count)])
+    jobs = queue.unclassified(count)
+    queue.set_classified([Classification(j, "dicom", "st", f"sop{j.id}", "1.2") for j in jobs])
+    return queue.claim_batch(["pacs"], pick=pick_all, candidates=count, lease=lease)
+
+
+@pytest.fixture
+def two(
+    postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path, clock: Clock
+) -> Iterator[tuple[Fleet, Queue, Queue]]:
+    """Node A (with its fleet part, lease 6 s) and node B on one database."""
+    configs = [
+        replace(node_config(postgres_cluster, pg_database, tmp_path, n), lease=6.0)
+        for n in ("node-a", "node-b")
+    ]
+    a, b = (open_queue(c, clock=clock).open() for c in configs)
+    held: set[int] = set()
+    fleet = Fleet(configs[0], a, lambda: held, clock=clock)
+    try:
+        yield fleet, a, b
+    finally:
+        a.close()
+        b.close()
+
+
+def test_renewals_keep_a_held_claim_however_long_its_upload_takes(
+    two: tuple[Fleet, Queue, Queue], clock: Clock
+) -> None:
+    fleet, a, b = two
+    batch = claimed(a, 3, lease=fleet.lease)
+    held = {j.id for j in batch}
+    fleet.held = lambda: held
+    for _ in range(20):  # two minutes of upload, renewed every third of the lease
+        clock.now += fleet.every
+        assert fleet.beat()
+        assert b.reclaim(set()) == 0
+    assert a.counts() == {"claimed": 3}
+    held = set()  # the worker gave them up (died, say): no more renewals
+    clock.now += fleet.lease + 1
+    assert b.reclaim(set()) == 3
+
+
+def test_the_heartbeat_says_who_the_node_is(two: tuple[Fleet, Queue, Queue], clock: Clock) -> None:
+    fleet, _, b = two
+    assert fleet.beat()
+    [node] = b.nodes()
+    assert (node.node, node.pid, node.heartbeat, node.lease) == (
+        "node-a",
+        os.getpid(),
+        clock.now,
+        6,
+    )
+    clock.now += 5
+    fleet.beat()
+    assert b.nodes()[0].heartbeat == clock.now
+
+
+@pytest.mark.timeout(180)
+def test_a_node_that_lost_the_database_stops_claiming_says_so_once_and_resumes(
+    two: tuple[Fleet, Queue, Queue],
+    postgres_cluster: PostgresCluster,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fleet, a, _ = two
+    held = {j.id for j in claimed(a, 2, lease=fleet.lease)}
+    fleet.held = lambda: held
+    assert fleet.beat() and fleet.claiming
+    postgres_cluster.stop()
+    try:
+        with caplog.at_level(logging.INFO, logger="stowd.fleet"):
+            assert not fleet.beat()
+            assert not fleet.beat()
+            assert not fleet.claiming
+    finally:
+        postgres_cluster.start()
+        postgres_cluster.wait_accepting()
+    assert caplog.text.count("node node-a lost the database") == 1
+    assert "claiming nothing new" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="stowd.fleet"):
+        assert fleet.beat()
+    assert fleet.claiming
+    assert "node node-a reaches the database again" in caplog.text
+    assert a.counts() == {"claimed": 2}  # its claims kept (renewed again)
+
+
+def _pg_layout(
+    root: Path, url: str, cluster: PostgresCluster, database: str, node: str, **over: object
+) -> Layout:
+    secret = root.parent / f"{node}.password"
+    secret.write_text(PASSWORD + "\n", encoding="utf-8")
+    secret.chmod(0o600)
+    keys: dict[str, Any] = {
+        "queue": cluster.url(database),
+        "queue_password": {"file": str(secret)},
+        "state": "./state",
+        "node": node,
+        **over,
+    }
+    return make_layout(root, url, **keys)
+
+
+@pytest.mark.timeout(240)
+def test_an_upload_longer_than_the_lease_keeps_its_files(
+    orthanc: Orthanc,
+    postgres_cluster: PostgresCluster,
+    pg_database: str,
+    tmp_path: Path,
+) -> None:
+    """A daemon (node-a, lease 6 s) uploads one file at 40 kB/s for about 12 s: its fleet
+    thread renews the claim, so node-b, reclaiming all the while, never takes it over; the
+    file is stored once and moved to sent/ by node-a."""
+    layout = _pg_layout(
+        tmp_path / "a",
+        orthanc.dicomweb_url,
+        postgres_cluster,
+        pg_database,
+        "node-a",
+        lease="6s",
+        destinations={"pacs": {"url": orthanc.dicomweb_url, "workers": 1, "max_rate": "40kB/s"}},
+    )
+    b = open_queue(node_config(postgres_cluster, pg_database, tmp_path, "node-b")).open()
+    try:
+        path = layout.drop / "big.dcm"
+        make_instance(path, size_bytes=480_000)
+        with Stowd(layout) as daemon:
+            daemon.wait_started()
+            wait_for(lambda: b.counts().get("claimed") == 1, 60, "claimed", lambda: daemon.log)
+            started = time.monotonic()
+            while b.counts().get("claimed") == 1:
+                assert b.reclaim(set()) == 0, daemon.log
+                time.sleep(0.5)
+            assert time.monotonic() - started > 6 * 1.2, "the upload outlasted a lease"
+            wait_for(lambda: b.counts() == {"sent": 1}, 60, "sent", lambda: daemon.log)
+        assert not path.exists()
+        assert len(list((layout.root / "done" / "sent").rglob("*.dcm"))) == 1
+        assert orthanc.instance_count() == 1
+    finally:
+        b.close()
+
+
+@pytest.mark.timeout(180)
+def test_a_running_daemon_finishes_the_moves_of_a_node_whose_lease_expired(
+    orthanc: Orthanc, postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path
+) -> None:
+    """node-x decided a file was sent, recorded its move and died before moving it: the
+    daemon of node-a takes the move over once node-x's lease expired (not only at its next
+    start) and moves the file to sent/, as a start's repair does."""
+    layout = _pg_layout(
+        tmp_path / "a", orthanc.dicomweb_url, postgres_cluster, pg_database, "node-a", lease="6s"
+    )
+    path = layout.drop / "x.dcm"
+    make_instance(path)
+    st = path.stat()
+    past = Clock(time.time() - 3600)  # node-x's lease ran out long ago
+    x = open_queue(
+        node_config(postgres_cluster, pg_database, tmp_path, "node-x"), clock=past
+    ).open()
+    try:
+        x.enqueue([NewFile("ct1", "pacs", str(path), "x.dcm", st.st_size, st.st_mtime_ns)])
+        [job] = x.unclassified(1)
+        x.set_classified([Classification(job, "dicom", "st", "sop", "1.2")])
+        [job] = x.claim_batch(["pacs"], pick=pick_all, candidates=1, lease=6)
+        target = layout.root / "done" / "sent" / "x.dcm"
+        assert x.begin_settle([(job, "sent", str(target), None)]) == {job.id}
+        with Stowd(layout) as daemon:
+            daemon.wait_started()
+            wait_for(lambda: x.counts() == {"sent": 1}, 60, "moved", lambda: daemon.log)
+            assert "took over 1 files being moved of node node-x" in daemon.log
+        assert target.exists() and not path.exists()
+        assert orthanc.instance_count() == 0  # moved, not sent again: it was stored
+    finally:
+        x.close()
+
+
+def test_status_shows_each_node_alive_or_vanished_with_its_claims_and_rate(
+    postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path, clock: Clock
+) -> None:
+    configs = {
+        n: replace(node_config(postgres_cluster, pg_database, tmp_path, n), lease=6.0)
+        for n in ("node-a", "node-b")
+    }
+    a, b = (open_queue(c, clock=clock).open() for c in configs.values())
+    try:
+        Fleet(configs["node-b"], b, set).beat()  # node-b said it was alive, then died
+        held = [j.id for j in claimed(b, 2, lease=6)]
+        clock.now += 60  # ten leases later
+        b.begin_settle([(j, "sent", f"/sent/{j.rel}", None) for j in b.jobs("claimed")[:1]])
+        b.finish(held[0], state="sent")  # node-b settled one file within the rate window
+        Fleet(configs["node-a"], a, set).beat()
+        data = status.gather(configs["node-a"], now=clock.now + 1)
+        by_node = {n["node"]: n for n in data["nodes"]}
+        assert by_node["node-a"]["state"] == "alive"
+        assert by_node["node-a"]["heartbeat_age"] == 1
+        assert by_node["node-b"]["state"] == "vanished"
+        assert (by_node["node-b"]["claimed"], by_node["node-b"]["settling"]) == (1, 0)
+        assert by_node["node-b"]["claims_expire_in"] < 0
+        assert by_node["node-b"]["files_per_minute"] == 1 / 5
+        text = status.render(data)
+        assert "node:         node-a: alive on " in text
+        assert "node:         node-b: vanished on " in text
+        assert "holds 1 claimed, 0 being moved (leases expired " in text
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_sqlite_queue_shows_one_node_this_host(tmp_path: Path) -> None:
+    from test_config import MINIMAL  # noqa: PLC0415
+
+    (tmp_path / "stowd.yaml").write_text(MINIMAL + "node: gw-1\n", encoding="utf-8")
+    make_watch_folders(tmp_path / "stowd.yaml")
+    config = load_config(tmp_path / "stowd.yaml")
+    open_queue(config).open().close()
+    data = status.gather(config)
+    assert [(n["node"], n["state"], n["claimed"]) for n in data["nodes"]] == [
+        ("gw-1", "stopped", 0)
+    ]
+    assert "node:         gw-1 (this host)" in status.render(data)

@@ -1,0 +1,218 @@
+"""Several nodes on one PostgreSQL queue (issue 23's fleet): a shared tree queued once, UIDs
+made once across nodes, and a node never changing a row another node holds.  The queue's
+own behaviour on one node is tested, on both backends, by the other queue test files."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from harness import Clock
+from postgres import PASSWORD, PostgresCluster, node_config
+
+from stowd.pipeline.queue import Classification, Job, NewFile, Queue, open_queue
+
+pytestmark = pytest.mark.integration
+
+
+def new(path: str, size: int = 10) -> NewFile:
+    return NewFile("src", "pacs", path, os.path.basename(path), size, 1)
+
+
+def pick_all(_dest: str, jobs: list[Job]) -> list[Job]:
+    return jobs
+
+
+def claim(queue: Queue, candidates: int = 10, lease: float = 60) -> list[Job]:
+    return queue.claim_batch(["pacs"], pick=pick_all, candidates=candidates, lease=lease)
+
+
+def classify(queue: Queue, count: int) -> None:
+    jobs = queue.unclassified(count)
+    queue.set_classified([Classification(j, "dicom", "st", f"sop{j.id}", "1.2") for j in jobs])
+
+
+@pytest.fixture
+def nodes(
+    postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path, clock: Clock
+) -> Iterator[tuple[Queue, Queue]]:
+    opened = [
+        open_queue(node_config(postgres_cluster, pg_database, tmp_path, n), clock=clock).open()
+        for n in ("node-a", "node-b")
+    ]
+    try:
+        yield opened[0], opened[1]
+    finally:
+        for q in opened:
+            q.close()
+
+
+def test_a_path_queued_by_another_node_meanwhile_is_skipped_and_the_rest_queued(
+    postgres_cluster: PostgresCluster, pg_database: str, nodes: tuple[Queue, Queue]
+) -> None:
+    """Node B's transaction holds a new row of ``/t/x`` (not committed) while node A queues
+    ``/t/x`` and ``/t/y``: A waits for it, then skips ``/t/x`` and queues ``/t/y``."""
+    a, b = nodes
+    b.enqueue([new("/t/other")])  # the row B's open transaction copies
+    other = psycopg.connect(postgres_cluster.url(pg_database), password=PASSWORD, autocommit=False)
+    try:
+        other.execute(
+            "INSERT INTO files (source, destination, path, rel, size, mtime_ns, state, "
+            "queued_at) VALUES ('src', 'pacs', '/t/x', 'x', 10, 1, 'pending', 0)"
+        )
+        done: list[int | BaseException] = []
+
+        def queue_both() -> None:
+            try:
+                done.append(a.enqueue([new("/t/x"), new("/t/y")]))
+            except BaseException as exc:
+                done.append(exc)
+            finally:
+                a.release_connection()
+
+        thread = threading.Thread(target=queue_both)
+        thread.start()
+        waiting = (
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'"
+        )
+        while not postgres_cluster.admin(waiting, (pg_database,))[0][0]:
+            thread.join(0.05)
+            assert thread.is_alive(), done
+        other.commit()
+        thread.join(30)
+    finally:
+        other.close()
+    assert done == [1]
+    assert sorted(j.path for j in a.jobs("pending")) == ["/t/other", "/t/x", "/t/y"]
+
+
+@pytest.mark.timeout(300)
+def test_two_nodes_scanning_one_tree_queue_each_file_once(nodes: tuple[Queue, Queue]) -> None:
+    files = [new(f"/tree/f{i:04d}") for i in range(600)]
+    totals: list[int] = []
+    errors: list[BaseException] = []
+    for round_ in range(5):
+        part = files[round_ * 120 : (round_ + 1) * 120]
+        start = threading.Barrier(2)
+
+        def scan(
+            queue: Queue, part: list[NewFile] = part, start: threading.Barrier = start
+        ) -> None:
+            try:
+                start.wait()
+                totals.append(queue.enqueue(part))
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                queue.release_connection()
+
+        threads = [threading.Thread(target=scan, args=(q,)) for q in nodes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert errors == []
+    assert sum(totals) == 600  # each file counted by the node that queued it
+    a, _ = nodes
+    assert a.counts() == {"pending": 600}
+    assert len({j.path for j in a.jobs()}) == 600
+
+
+@pytest.mark.timeout(300)
+def test_uids_made_for_one_study_by_two_nodes_at_once_are_one_study_and_series(
+    nodes: tuple[Queue, Queue],
+) -> None:
+    made: list[tuple[str, str, str, int]] = []
+    errors: list[BaseException] = []
+    counter = iter(range(1_000_000))
+    lock = threading.Lock()
+
+    def uid() -> str:
+        with lock:
+            return f"2.25.{next(counter)}"
+
+    for round_ in range(10):
+        start = threading.Barrier(2)
+
+        def make(queue: Queue, key: str = f"k{round_}", start: threading.Barrier = start) -> None:
+            try:
+                start.wait()
+                for _ in range(5):
+                    m = queue.make_uids("src", key, None, "pdf", uid)
+                    made.append((key, m.study, m.series, m.number))
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                queue.release_connection()
+
+        threads = [threading.Thread(target=make, args=(q,)) for q in nodes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert errors == []
+    for round_ in range(10):
+        mine = [m for m in made if m[0] == f"k{round_}"]
+        assert len({m[1] for m in mine}) == 1  # one StudyInstanceUID
+        assert len({m[2] for m in mine}) == 1  # one SeriesInstanceUID
+        assert sorted(m[3] for m in mine) == list(range(1, 11))  # each number once
+
+
+def test_a_node_never_changes_rows_another_node_took_over(
+    nodes: tuple[Queue, Queue], clock: Clock
+) -> None:
+    a, b = nodes
+    a.enqueue([new(f"/t/f{i}") for i in range(3)])
+    classify(a, 3)
+    batch = claim(a, lease=60)
+    clock.now += 61  # node-a lost the database past its lease: node-b takes over
+    assert b.reclaim(set()) == 3
+    theirs = claim(b)
+    assert {j.id for j in theirs} == {j.id for j in batch}
+    ids = [j.id for j in batch]
+    # what node-a's worker would still do with its old batch: nothing of it is recorded
+    assert a.begin_settle([(j, "sent", f"/sent/{j.rel}", None) for j in batch]) == set()
+    a.release(ids)
+    a.retry_later(ids, at=clock.now + 10, error={"why": "x"})
+    a.isolate(ids)
+    a.finish_many([(i, "gone") for i in ids])
+    a.finish_kept([(i, "sent", None) for i in ids])
+    rows = b.jobs()
+    assert [(j.id, j.error) for j in rows] == [(j.id, None) for j in batch]
+    assert b.counts() == {"claimed": 3}
+    # node-b's own settle is recorded as ever
+    assert b.begin_settle([(j, "sent", f"/sent/{j.rel}", None) for j in theirs]) == set(ids)
+    b.finish_many([(i, "sent") for i in ids])
+    assert b.counts() == {"sent": 3}
+
+
+def test_a_reader_finding_a_file_gone_leaves_a_row_another_node_claimed(
+    nodes: tuple[Queue, Queue],
+) -> None:
+    """Node B read a pending row; node A claimed it, sent it and moved its file meanwhile:
+    B, finding the file vanished, must not mark A's row ``gone``."""
+    a, b = nodes
+    a.enqueue([new("/t/x")])
+    classify(a, 1)
+    [job] = claim(a)
+    b.finish(job.id, state="gone")
+    assert a.counts() == {"claimed": 1}
+    assert a.begin_settle([(job, "sent", "/sent/x", None)]) == {job.id}
+    b.finish(job.id, state="gone")
+    assert a.counts() == {"settling": 1}
+    a.finish(job.id, state="sent")
+    assert a.counts() == {"sent": 1}
+
+
+def test_a_pending_row_is_anyone_s_to_finish(nodes: tuple[Queue, Queue]) -> None:
+    """A file that vanished before any node claimed it is forgotten by the node that
+    notices (the reader of either)."""
+    a, b = nodes
+    a.enqueue([new("/t/x")])
+    [job] = a.jobs()
+    b.finish(job.id, state="gone")
+    assert a.counts() == {"gone": 1}
