@@ -199,7 +199,7 @@ def test_a_running_daemon_finishes_the_moves_of_a_node_whose_lease_expired(
         x.set_classified([Classification(job, "dicom", "st", "sop", "1.2")])
         [job] = x.claim_batch(["pacs"], pick=pick_all, candidates=1, lease=6)
         target = layout.root / "done" / "sent" / "x.dcm"
-        assert x.begin_settle([(job, "sent", str(target), None)]) == {job.id}
+        assert x.begin_settle([(job, "sent", str(target), None)]) == {}
         with Stowd(layout) as daemon:
             daemon.wait_started()
             wait_for(lambda: x.counts() == {"sent": 1}, 60, "moved", lambda: daemon.log)
@@ -223,7 +223,7 @@ def test_status_shows_each_node_alive_or_vanished_with_its_claims_and_rate(
         held = [j.id for j in claimed(b, 2, lease=6)]
         clock.now += 60  # ten leases later
         b.begin_settle([(j, "sent", f"/sent/{j.rel}", None) for j in b.jobs("claimed")[:1]])
-        b.finish(held[0], state="sent")  # node-b settled one file within the rate window
+        b.finish(held[0], state="sent", was="settling")  # node-b settled one file in the window
         Fleet(configs["node-a"], a, set).beat()
         data = status.gather(configs["node-a"], now=clock.now + 1)
         by_node = {n["node"]: n for n in data["nodes"]}
