@@ -827,7 +827,7 @@ import sys, threading
 from pathlib import Path
 from stowd.config.model import BatchLimits, Config, Destination, Source
 from stowd.pipeline.filing import Behind, Filing
-from stowd.pipeline.queue import NewFile, Queue
+from stowd.pipeline.queue import NewFile, SqliteQueue
 from stowd.pipeline.settle import MOVING, Decision
 
 root = Path(sys.argv[1])
