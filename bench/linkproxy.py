@@ -21,6 +21,10 @@ trip before its first byte is forwarded, as a TCP handshake over the link would.
 
 An ideal link: no loss, no reordering, no slow start; a real one of the same delay and rate
 does no better.  The rate counts TCP payload bytes (HTTP and multipart included).
+
+SIGUSR1 cuts the link: every connection through it is aborted at once (both ends see it
+closed), and a new one is closed as soon as it is accepted, until SIGUSR2 mends it (the
+tests cut one stowd node off its database this way: tests/test_fleet_nodes.py).
 """
 
 from __future__ import annotations
@@ -155,8 +159,22 @@ class Proxy:
     down: Link  # target to client
     window: int
     connections: int = 0
+    cut: bool = False  # SIGUSR1 .. SIGUSR2: every connection is closed at once
+    open: set[asyncio.StreamWriter] = field(default_factory=set)  # both ends of each
+
+    def cut_all(self) -> None:
+        """Cut the link: abort every connection through it; refuse new ones until mended."""
+        self.cut = True
+        for writer in list(self.open):
+            writer.transport.abort()
+
+    def mend(self) -> None:
+        self.cut = False
 
     async def handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        if self.cut:
+            client_w.transport.abort()
+            return
         self.connections += 1
         loop = asyncio.get_running_loop()
         start = loop.time() + 2 * self.up.delay  # the handshake's round trip
@@ -165,6 +183,11 @@ class Proxy:
         except OSError:
             client_w.close()
             return
+        if self.cut:  # cut while connecting
+            client_w.transport.abort()
+            server_w.transport.abort()
+            return
+        self.open.update((client_w, server_w))
         up, down = Pipe(self.up, self.window), Pipe(self.down, self.window)
         tasks = [
             asyncio.create_task(pump(client_r, up, start)),
@@ -180,6 +203,7 @@ class Proxy:
             for task in tasks:
                 task.cancel()
             for writer in (client_w, server_w):
+                self.open.discard(writer)
                 writer.close()
 
 
@@ -205,11 +229,13 @@ async def serve(args: argparse.Namespace) -> Proxy:
     server = await asyncio.start_server(
         proxy.handle, listen_host, int(listen_port), limit=STREAM_LIMIT, backlog=128
     )
-    print(f"{listen_host}:{server.sockets[0].getsockname()[1]}", flush=True)
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _stopper(stop))
+    loop.add_signal_handler(signal.SIGUSR1, proxy.cut_all)
+    loop.add_signal_handler(signal.SIGUSR2, proxy.mend)
+    print(f"{listen_host}:{server.sockets[0].getsockname()[1]}", flush=True)  # then signals work
     await stop
     server.close()
     return proxy

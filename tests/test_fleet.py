@@ -16,7 +16,7 @@ import pytest
 from dicomgen import make_instance
 from harness import Clock, Layout, Stowd, make_layout, make_watch_folders, wait_for
 from orthanc import Orthanc
-from postgres import PASSWORD, PostgresCluster, node_config
+from postgres import PASSWORD, PostgresCluster, node_config, pass_time
 
 from stowd.config.load import load_config
 from stowd.pipeline.queue import Classification, Job, NewFile, Queue, open_queue
@@ -68,28 +68,30 @@ def test_renewals_keep_a_held_claim_however_long_its_upload_takes(
     held = {j.id for j in batch}
     fleet.held = lambda: held
     for _ in range(20):  # two minutes of upload, renewed every third of the lease
-        clock.now += fleet.every
+        pass_time(a, clock, fleet.every)  # on the database's clock, which leases are kept on
         assert fleet.beat()
         assert b.reclaim(set()) == 0
     assert a.counts() == {"claimed": 3}
     held = set()  # the worker gave them up (died, say): no more renewals
-    clock.now += fleet.lease + 1
+    pass_time(a, clock, fleet.lease + 1)
     assert b.reclaim(set()) == 3
 
 
-def test_the_heartbeat_says_who_the_node_is(two: tuple[Fleet, Queue, Queue], clock: Clock) -> None:
+def test_the_heartbeat_says_who_the_node_is_at_a_time_on_the_database_s_clock(
+    two: tuple[Fleet, Queue, Queue], clock: Clock
+) -> None:
+    """The heartbeat is the database's now (as leases are), not the node's clock (the test
+    clock, decades off)."""
     fleet, _, b = two
+    before = b.leases_now(clock.now)
     assert fleet.beat()
     [node] = b.nodes()
-    assert (node.node, node.pid, node.heartbeat, node.lease) == (
-        "node-a",
-        os.getpid(),
-        clock.now,
-        6,
-    )
-    clock.now += 5
+    assert (node.node, node.pid, node.lease) == ("node-a", os.getpid(), 6)
+    assert before <= node.heartbeat <= b.leases_now(clock.now)
+    pass_time(b, clock, 5)
+    assert b.leases_now(clock.now) - b.nodes()[0].heartbeat >= 5
     fleet.beat()
-    assert b.nodes()[0].heartbeat == clock.now
+    assert b.leases_now(clock.now) - b.nodes()[0].heartbeat < 5
 
 
 @pytest.mark.timeout(180)
@@ -189,9 +191,9 @@ def test_a_running_daemon_finishes_the_moves_of_a_node_whose_lease_expired(
     path = layout.drop / "x.dcm"
     make_instance(path)
     st = path.stat()
-    past = Clock(time.time() - 3600)  # node-x's lease ran out long ago
+    clock = Clock(time.time())
     x = open_queue(
-        node_config(postgres_cluster, pg_database, tmp_path, "node-x"), clock=past
+        node_config(postgres_cluster, pg_database, tmp_path, "node-x"), clock=clock
     ).open()
     try:
         x.enqueue([NewFile("ct1", "pacs", str(path), "x.dcm", st.st_size, st.st_mtime_ns)])
@@ -200,6 +202,7 @@ def test_a_running_daemon_finishes_the_moves_of_a_node_whose_lease_expired(
         [job] = x.claim_batch(["pacs"], pick=pick_all, candidates=1, lease=6)
         target = layout.root / "done" / "sent" / "x.dcm"
         assert x.begin_settle([(job, "sent", str(target), None)]) == {}
+        pass_time(x, clock, 3600)  # node-x died then: the lease of its move ran out long ago
         with Stowd(layout) as daemon:
             daemon.wait_started()
             wait_for(lambda: x.counts() == {"sent": 1}, 60, "moved", lambda: daemon.log)
@@ -221,14 +224,15 @@ def test_status_shows_each_node_alive_or_vanished_with_its_claims_and_rate(
     try:
         Fleet(configs["node-b"], b, set).beat()  # node-b said it was alive, then died
         held = [j.id for j in claimed(b, 2, lease=6)]
-        clock.now += 60  # ten leases later
+        pass_time(b, clock, 60)  # ten leases later
         b.begin_settle([(j, "sent", f"/sent/{j.rel}", None) for j in b.jobs("claimed")[:1]])
         b.finish(held[0], state="sent", was="settling")  # node-b settled one file in the window
         Fleet(configs["node-a"], a, set).beat()
-        data = status.gather(configs["node-a"], now=clock.now + 1)
+        pass_time(a, clock, 1)
+        data = status.gather(configs["node-a"], now=clock.now)
         by_node = {n["node"]: n for n in data["nodes"]}
         assert by_node["node-a"]["state"] == "alive"
-        assert by_node["node-a"]["heartbeat_age"] == 1
+        assert 1 <= by_node["node-a"]["heartbeat_age"] < 6  # a second, and the test's pace
         assert by_node["node-b"]["state"] == "vanished"
         assert (by_node["node-b"]["claimed"], by_node["node-b"]["settling"]) == (1, 0)
         assert by_node["node-b"]["claims_expire_in"] < 0
@@ -240,6 +244,43 @@ def test_status_shows_each_node_alive_or_vanished_with_its_claims_and_rate(
     finally:
         a.close()
         b.close()
+
+
+def test_status_judges_heartbeats_on_the_database_s_clock_whatever_the_hosts_clocks(
+    postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path
+) -> None:
+    """node-b's host clock runs an hour behind, node-c's an hour ahead, and stowd status runs
+    on a third host: each heartbeat's age is read on the database's clock it was written on,
+    so both live nodes are alive (not node-b vanished for an hour), and once they stop both
+    are silent, then vanished (not node-c alive for an hour after it died)."""
+    hour = 3600.0
+    clocks = {
+        "node-b": Clock(time.time() - hour),
+        "node-c": Clock(time.time() + hour),
+        "node-s": Clock(time.time()),
+    }
+    configs = {
+        n: replace(node_config(postgres_cluster, pg_database, tmp_path, n), lease=6.0)
+        for n in clocks
+    }
+    queues = {n: open_queue(c, clock=clocks[n]).open() for n, c in configs.items()}
+    s = queues["node-s"]
+    try:
+
+        def states() -> dict[str, str]:
+            data = status.gather(configs["node-s"], now=clocks["node-s"].now)
+            return {n["node"]: n["state"] for n in data["nodes"] if n["node"] != "node-s"}
+
+        for n in ("node-b", "node-c"):
+            Fleet(configs[n], queues[n], set, clock=clocks[n]).beat()
+        assert states() == {"node-b": "alive", "node-c": "alive"}
+        pass_time(s, clocks["node-s"], 7)  # past one lease without a heartbeat
+        assert states() == {"node-b": "silent", "node-c": "silent"}
+        pass_time(s, clocks["node-s"], 12)  # past three
+        assert states() == {"node-b": "vanished", "node-c": "vanished"}
+    finally:
+        for q in queues.values():
+            q.close()
 
 
 def test_a_sqlite_queue_shows_one_node_this_host(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -23,13 +24,15 @@ import pydicom
 import pytest
 from dicomgen import make_instance, make_instance_bytes, make_study
 from harness import Clock, drop_source, wait_for
+from postgres import PostgresCluster, node_config
 
 from stowd.config.model import BatchLimits, Bulkdata, Config, Destination, Retry, Sidecars
 from stowd.dicomweb.stow import StowClient
+from stowd.errors import QueueError
 from stowd.media.probe import detect as real_detect
 from stowd.media.reading import Media
 from stowd.pipeline import counters, settle
-from stowd.pipeline.queue import SqliteQueue
+from stowd.pipeline.queue import Queue, SqliteQueue, open_queue
 from stowd.pipeline.watch import Watcher
 from stowd.pipeline.worker import Worker, lease
 from stowd.rules.engine import Match, Rule, Template
@@ -96,7 +99,7 @@ class Rig:
             retry=Retry(**retry),
             rules=rules,
         )
-        self.queue = SqliteQueue(self.config.queue, clock=self.clock).open()
+        self.queue: Queue = SqliteQueue(self.config.queue, clock=self.clock).open()
         self.stop = threading.Event()
         self.client = StowClient(dest, stop=self.stop, transport=httpx.MockTransport(handler))
         self.worker = Worker(
@@ -918,3 +921,52 @@ def waits_for_its_settle(thread: threading.Thread) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def test_a_failed_settle_behind_is_raised_before_the_next_batch_is_sent(
+    rig_factory: Callable[..., Rig],
+    tmp_path: Path,
+    postgres_cluster: PostgresCluster,
+    pg_database: str,
+) -> None:
+    """A batch's settle behind fails (the connections to the shared queue were cut while
+    its moves waited); the sender says so before it claims anything new.  Raised only by
+    the next batch's ``Behind.start``, after that batch was uploaded, the error dropped that
+    batch's outcome too: its files were released and sent again (a node cut off its
+    database uploaded each sender's first batch twice once it reached it again)."""
+    requests: list[list[str]] = []
+
+    def archive(request: httpx.Request) -> httpx.Response:
+        uids = sop_uids_in(request)
+        requests.append(uids)
+        return httpx.Response(200, json=stow_json(uids))
+
+    rig = rig_factory(archive)
+    node = node_config(postgres_cluster, pg_database, tmp_path, "node-a")
+    config = replace(rig.config, queue=node.queue, database=node.database, node=node.node)
+    rig.queue.close()
+    rig.queue = open_queue(config, clock=rig.clock).open()
+    rig.worker = Worker(config, rig.queue, config.destinations["pacs"], rig.client, rig.stop,
+                        clock=rig.clock)  # fmt: skip
+    make_study(rig.source.watch / "a", 30)  # three batches of 10
+    rig.find()
+    while rig.worker.classify_some():  # all read: a step sends before it reads
+        pass
+    behind = rig.worker._behind
+    assert rig.worker.step()  # the first batch: its settle thread connects to the queue
+    assert behind.wait()
+    with settle.MOVING:  # the second batch's settle waits here, behind
+        assert rig.worker.step()  # the second batch uploaded, settled behind
+        assert postgres_cluster.terminate(pg_database) > 0  # the connections cut
+    wait_for(lambda: behind.failed, 60, "the settle behind failed")
+    for _ in range(50):  # the queue works again: a new connection per thread
+        try:
+            if not rig.worker.step():
+                break
+        except QueueError:
+            continue
+    assert rig.queue.counts() == {"sent": 30}
+    posted = Counter(uid for batch in requests for uid in batch)
+    assert len(posted) == 30
+    again = {uid for uid, n in posted.items() if n > 1}
+    assert again == set(requests[1]), f"sent again (only the batch not recorded may be): {again}"

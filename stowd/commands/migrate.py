@@ -22,6 +22,16 @@ What it tells (progress, summary, report) is ``migreport``'s.
 
 Resuming is the queue's business: claims of a killed run go back to pending, moves it left
 half done are finished, queued rows stay queued and are not queued twice.
+
+Several hosts on one shared (PostgreSQL) queue: one node walks each source (a walk lease in
+the queue, renewed every third of ``lease`` while it walks; ``Queue.take_walk``), the others
+send what it queues; a node whose walker died (its walk lease ran out) takes the walk over
+and walks the source again from the top (files queued or stored are not queued again).
+Every node ends once each source was walked to its end (by whichever node) and none of its
+files is left pending, claimed or being moved; each reports the whole run, counted from the
+run's start as the queue recorded it (the walk's), with what each node stored.  Each node
+also takes over the claims of a node that died (``Queue.reclaim``, every third of the lease,
+as the daemon).  With SQLite there is one node: it always walks, the run begins with it.
 """
 
 from __future__ import annotations
@@ -55,16 +65,17 @@ from stowd.config.schedule import Schedule, local_now, paused_note
 from stowd.config.yamlwalk import host_port
 from stowd.dicomweb.pacing import Bucket, Pacing
 from stowd.dicomweb.stow import StowClient
-from stowd.errors import MigrationConflict, StowdError
+from stowd.errors import MigrationConflict, QueueError, StowdError
 from stowd.pipeline.lookup import Finder
 from stowd.pipeline.loop import Stop
 from stowd.pipeline.metadata import clear_spool, digest
-from stowd.pipeline.queue import Hold, Job, NewFile, open_queue
+from stowd.pipeline.queue import Hold, Job, NewFile, Walk, open_queue
 from stowd.pipeline.reader import Reader
 from stowd.pipeline.settle import repair
 from stowd.pipeline.verify import Tally
 from stowd.pipeline.watch import Watcher
 from stowd.pipeline.worker import Worker, lease
+from stowd.printable import escape
 from stowd.service import inflight, web
 from stowd.service.fleet import Fleet
 
@@ -79,6 +90,11 @@ RESETTLE_EVERY = 60.0
 FIRST_CHUNK_WAIT = 1.0
 EXIT_SECOND_SIGNAL = 130
 TERMINAL_WIDTH = 80  # when the terminal does not say
+RECLAIM_EVERY = 60.0  # a shared queue: at most; every third of the lease when shorter
+
+
+class _WalkLost(Exception):
+    """Another node took this node's walk over (its lease ran out): this one stops walking."""
 
 
 @dataclass(frozen=True)
@@ -191,10 +207,13 @@ class Migration:
         self.signals = 0
         self.crashed = False
         self.out = out
-        self.started = time.time()
+        self.started = time.time()  # the run's start: this host's, or the queue's (walks)
         self.pauses = Pauses(self.started)
         # a shared queue: this node's leases renewed while it sends (None: SQLite)
         self.fleet = Fleet.of(self.config, self.queue, self._held)
+        self.walk: Walk | None = None  # the walk this node does now (renewed by ``_wait``)
+        self.walk_skipped = 0  # files the walk now skipped as stored before
+        self.walk_lost = threading.Event()  # another node took ``walk`` over
 
     # -- signals ------------------------------------------------------------------------
     def install_signals(self) -> None:
@@ -332,14 +351,8 @@ class Migration:
     def _walk(self) -> None:
         try:
             for source in self.sources:
-                watcher = Watcher(
-                    source,
-                    source.destination,
-                    self._sink,
-                    exclude=self._own(),
-                    on_error=self._unreadable,
-                )
-                watcher.scan(self.stop)
+                if not self._walk_source(source):
+                    return  # stopped
         except Exception:
             log.exception("unexpected error while scanning; stopping the migration")
             self.crashed = True
@@ -347,6 +360,60 @@ class Migration:
             return
         if not self.stop.is_set():
             self.scanned.set()
+
+    def _walk_source(self, source: Source) -> bool:
+        """Walk ``source``, or wait until another node has walked it (taking the walk over
+        if that node dies); False when stopped first."""
+        run: float | None = None  # the start of the run this node joined (another walks)
+        while not self.stop.is_set():
+            try:
+                walk = self.queue.take_walk(source.name, self.config.lease, run)
+            except QueueError as exc:
+                log.warning("cannot look at the walk of %s: %s; trying again", source.name, exc)
+                self.stop.wait(self._walk_poll())
+                continue
+            self.started = min(self.started, walk.started)
+            if walk.mine:
+                if self._walk_one(source, walk):
+                    return True
+                continue  # taken over by another node: it walks, this one sends
+            if walk.walked is not None:
+                return True
+            if run is None:
+                self._say(f"node {self.config.node} sends; node {walk.node} walks {source.watch}")
+            run = walk.started
+            self.walking.set()  # another node walks: the senders may start
+            self.stop.wait(self._walk_poll())
+        return False
+
+    def _walk_one(self, source: Source, walk: Walk) -> bool:
+        """Walk ``source`` to its end holding ``walk``; False when another node took it
+        over meanwhile (or on a stop)."""
+        if self.fleet is not None:
+            self._say(f"node {self.config.node} walks {source.watch}")
+        self.walk_skipped = 0
+        self.walk_lost.clear()
+        self.walk = walk
+        watcher = Watcher(
+            source, source.destination, self._sink, exclude=self._own(), on_error=self._unreadable
+        )
+        try:
+            watcher.scan(self.stop)
+        except _WalkLost:
+            return False
+        finally:
+            self.walk = None
+        if self.stop.is_set():
+            return False
+        return self.queue.end_walk(source.name, self.walk_skipped)
+
+    def _say(self, text: str) -> None:
+        """Which node walks, on the progress's stream (one line, a terminal's bar redrawn)."""
+        print(f"stowd migrate: {escape(text)}", file=self.out, flush=True)
+
+    def _walk_poll(self) -> float:
+        """How often a node that does not walk looks whether the walker still lives."""
+        return max(TICK, self.config.lease / 3)
 
     def _unreadable(self, path: str, exc: OSError) -> None:
         """A folder or file the scan cannot read: a failure (its files are not sent)."""
@@ -360,9 +427,12 @@ class Migration:
     def _sink(self, files: list[NewFile]) -> int:
         """Queue a chunk of found files, minus those a run before stored with this content,
         and minus the SRC.sent/SRC.failed of a migration of a sub-folder done before."""
+        if self.walk_lost.is_set():
+            raise _WalkLost
         files = [f for f in files if not _in_migrate_output(f.rel)]
         done = self.queue.finished_before(files)
         self.skipped += len(done)
+        self.walk_skipped += len(done)
         added = self.queue.enqueue([f for f in files if f.path not in done])
         if added:
             self.walking.set()  # the senders may start: there is work for them
@@ -372,13 +442,21 @@ class Migration:
         """Until everything is done, a signal came or the scan crashed (``stop``)."""
         next_line = time.monotonic() + self.opts.progress_every
         next_resettle = time.monotonic() + RESETTLE_EVERY
-        next_state = time.monotonic()
+        next_state = next_walk = time.monotonic()
+        next_reclaim = time.monotonic() + self._reclaim_every()
         tick = TICK
         while not self.stop.wait(tick):
             began = time.monotonic()
             if began >= next_state:
                 self._share_state()
                 next_state = began + inflight.WRITE_EVERY
+            if began >= next_walk:
+                self._renew_walk()
+                next_walk = began + self.config.lease / 3
+            if self.fleet is not None and began >= next_reclaim:
+                self._reclaim()
+                next_reclaim = began + self._reclaim_every()
+            self.pauses.started = self.started  # the run's (another node may have begun it)
             tally = self.queue.run_tally(self.names, self.started)
             self._update_pauses(time.time())
             # counting a million rows takes a while: look less often, never hog the queue
@@ -394,6 +472,39 @@ class Migration:
             if self.unsettled and now >= next_resettle:
                 self._resettle()
                 next_resettle = now + RESETTLE_EVERY
+
+    def _renew_walk(self) -> None:
+        """Keep this node's walk lease (if it walks); a walk another node took over (this
+        node was too long away from the database) is given up: that node walks it."""
+        walk = self.walk
+        if walk is None or self.fleet is None:
+            return
+        try:
+            if self.queue.renew_walk(walk.source, self.config.lease, self.walk_skipped):
+                return
+        except QueueError as exc:
+            log.warning("cannot renew the walk of %s: %s", walk.source, exc)
+            return
+        log.warning("another node took the walk of %s over; this node only sends", walk.source)
+        self.walk_lost.set()
+
+    def _reclaim(self) -> None:
+        """Another node's claims whose lease ran out (it died, or lost the database) go back
+        to pending, sent by whichever node claims them; its moves are finished here."""
+        try:
+            returned = self.queue.reclaim(self._held())
+        except QueueError as exc:
+            log.warning("cannot look for claims to take over: %s", exc)
+            return
+        if returned:
+            log.warning("%d claimed file(s) no node holds any more are queued again", returned)
+        adopted, self.queue.adopted = self.queue.adopted, set()
+        if adopted:
+            self.unsettled |= adopted
+            self._resettle()
+
+    def _reclaim_every(self) -> float:
+        return min(RECLAIM_EVERY, self.config.lease / 3)
 
     def _share_state(self) -> None:
         """Tell ``stowd status`` and the status page which requests are in flight (as the
@@ -492,8 +603,13 @@ class Migration:
         ]
         seconds = time.time() - self.started
         interrupted = self.signals > 0 and not self.crashed
-        summary = Summary(tally, self.skipped, seconds, interrupted, self.crashed, failures)
+        walks = self.queue.walks(self.names)
+        skipped = sum(w.skipped for w in walks) if walks else self.skipped
+        summary = Summary(tally, skipped, seconds, interrupted, self.crashed, failures)
         summary.already = self.queue.run_already(self.names, self.started)
+        if self.fleet is not None:
+            summary.nodes = self.queue.run_nodes(self.names, self.started)
+            summary.walkers = sorted({w.node for w in walks})
         if self.config.destinations[self.opts.destination].verify:
             summary.verified = self.verified.listed
             summary.unlisted = self.verified.unlisted

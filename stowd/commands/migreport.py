@@ -45,6 +45,9 @@ class Summary:
     verified: int | None = None  # stored files the archive then listed (None: not verifying)
     unlisted: int = 0  # answers "stored" for a file the archive then did not list
     already: int = 0  # of the stored: those the archive said it held already (Azure's 45070)
+    # a shared queue: (files, bytes) each node stored in the run, and the node(s) that walked
+    nodes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    walkers: list[str] = field(default_factory=list)
 
     def count(self, kind: str) -> int:
         """Failures of one ``kind``: failed, failed_before, unmoved, unreadable."""
@@ -224,6 +227,8 @@ def render(summary: Summary, folders: tuple[Path, ...], keep: bool, report: Path
     ]
     if summary.verified is not None:
         lines.insert(2, f"  verified: {_verified_line(summary)}")
+    if summary.nodes or summary.walkers:
+        lines.insert(2, f"  nodes:    {_nodes_line(summary)}")
     if summary.count("unmoved"):
         lines.append(
             f"  not moved: {summary.count('unmoved')} file(s) could not be moved to "
@@ -255,6 +260,17 @@ def _already(summary: Summary) -> str:
         f" ({summary.already} of them already stored: the archive held an instance with "
         "their UIDs before; see the log)"
     )
+
+
+def _nodes_line(summary: Summary) -> str:
+    """A shared queue: what each node stored of the run, and who walked the folders."""
+    parts = [
+        f"{node or '?'} stored {files} file(s), {size / 1e6:.1f} MB"
+        for node, (files, size) in sorted(summary.nodes.items())
+    ]
+    if summary.walkers:
+        parts.append("walked by " + ", ".join(summary.walkers))
+    return "; ".join(parts)
 
 
 def _verified_line(summary: Summary) -> str:

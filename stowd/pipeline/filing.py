@@ -257,6 +257,13 @@ class Behind:
         """A batch is settled behind (or its error not yet raised by ``wait``)."""
         return self._pending is not None
 
+    @property
+    def failed(self) -> bool:
+        """The batch settled behind is done and its settle failed: its error is yet to be
+        raised (by ``wait``), before the sender claims or uploads anything new."""
+        pending = self._pending
+        return pending is not None and pending.done() and pending.exception() is not None
+
     def start(self, decisions: list[Decision], ids: Collection[int]) -> None:
         """Settle ``decisions`` behind, once the batch before is settled (its error raised
         here); ``ids``: the batch's rows, held until it is done."""

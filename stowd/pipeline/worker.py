@@ -222,7 +222,13 @@ class Worker:
         return self._send_ready() or self._wait_behind()
 
     def _send_ready(self) -> bool:
-        """Claim and send the next ready batch; False when none is ready."""
+        """Claim and send the next ready batch; False when none is ready.  A settle behind
+        that failed (the queue could not be written) is raised first, before anything new is
+        claimed: raised only by the next batch's ``Behind.start``, once that batch was
+        uploaded, its error dropped that batch's outcome too, and its files were sent again
+        (a node cut off its database uploaded its first batches twice once back)."""
+        if self._behind.failed:
+            self._wait_behind()  # raises its error, its claimed rows given back
         name = self.destination.name
         if not self.in_window():
             return False  # outside its schedule: nothing new is sent (new files are read)

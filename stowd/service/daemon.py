@@ -123,6 +123,7 @@ class Daemon:
         self._deaths: dict[str, deque[float]] = {}  # when each thread died (recent ones)
         self._dying_said: set[str] = set()  # threads recorded as dying (for stowd status)
         self._queue_failing = False  # the upkeep could not write to the queue (said once)
+        self._replan_due: Config | None = None  # a reload's config, until its replan is done
         self.metrics_server: metrics.Server | None = None
         self.http_server: web.Server | None = None
         self._shared: dict[str, object] | None = None  # last written for status
@@ -326,6 +327,20 @@ class Daemon:
             if now >= next_housekeeping:
                 next_housekeeping = now + HOUSEKEEPING_EVERY
                 self._guarded(self._housekeeping)
+            if self._replan_due is not None:
+                self._guarded(self._replan_after_reload)
+
+    def _replan_after_reload(self) -> None:
+        """Queued files of sources no longer configured wait; files read with other rules
+        are read again.  On the upkeep's thread, tried again until the queue takes it (a
+        database away at a reload must not end the daemon, nor leave it without workers)."""
+        new = self._replan_due
+        if new is None:
+            return
+        self._adopt(new)
+        self._replan(new)
+        if self._replan_due is new:
+            self._replan_due = None
 
     def _guarded(self, step: Callable[[], bool | None]) -> bool:
         """Run one upkeep step; its trouble is logged (a queue that cannot be written,
@@ -461,8 +476,8 @@ class Daemon:
         self.disks.watch(new)
         for warning in new.warnings:
             log.warning("%s", warning)
-        self._adopt(new)
-        self._replan(new)
+        self._replan_due = new
+        self._guarded(self._replan_after_reload)  # else by the upkeep, until the queue takes it
         self.receivers.sync(new)
         self.generation = self._start(new)
         self._restart_metrics(new)
@@ -559,9 +574,17 @@ class Daemon:
         return None
 
     def _status_line(self) -> str:
+        """systemd's ``STATUS=`` line; a queue that cannot be read now (a database that went
+        away) is said there and logged, and never ends the main thread."""
         alerts = [disk.short(self.disks.full), *(why for _, why in self._dying_all())]
         paused = [name for name, closed in self._paused.items() if closed]
-        return short_line(self.queue, list(self.config.destinations), alerts=alerts, paused=paused)
+        try:
+            return short_line(
+                self.queue, list(self.config.destinations), alerts=alerts, paused=paused
+            )
+        except QueueError as exc:
+            self._queue_error(exc)
+            return "; ".join([*(a for a in alerts if a), "the queue cannot be read now"])
 
     def _dying_all(self) -> list[tuple[str, str]]:
         """(thread, why) of each thread that died more than ``RESTART_LIMIT`` times within
@@ -722,6 +745,8 @@ def _stop(
     ending, so its connection is closed and its files are sent again at the next start).
     """
     gen.stop.set()
+    for watcher in gen.watchers:
+        watcher.wake()  # it waits for hints up to a second; stop now
     deadline = time.monotonic() + timeout
     for thread, _ in gen.threads.values():
         while thread.is_alive() and time.monotonic() < deadline:

@@ -16,6 +16,20 @@ blocks it)::
                                                      (from the config and the local clock:
                                                      served even when the queue cannot be read)
     stowd_up                                         1
+    stowd_info{node,version}                         1: which node serves this scrape
+
+A shared (PostgreSQL) queue adds its nodes, one series each (as many as nodes ever ran on
+it; every node's scrape serves all of them, so aggregate by ``node``)::
+
+    stowd_node_heartbeat_age_seconds{node}           since its daemon last said it was alive
+                                                     (on the database's clock, as ``stowd
+                                                     status``)
+    stowd_node_lease_seconds{node}                   its claims' lease: silent for longer, its
+                                                     claims may be taken over
+    stowd_node_files{node,state}                     rows it holds: claimed, settling
+
+A node name is the one label of these (and of ``stowd_info``); a name in the database that the
+config would not accept is left out.
 """
 
 from __future__ import annotations
@@ -32,9 +46,10 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
+from stowd import __version__
 from stowd.config.model import Config, Database
 from stowd.config.schedule import Schedule, local_now
-from stowd.config.yamlwalk import host_port
+from stowd.config.yamlwalk import NAME, host_port
 from stowd.errors import QueueError, StowdError
 from stowd.pipeline.counters import REGISTRY, label, route, touch
 from stowd.pipeline.queue import ActiveView, read_active_of
@@ -42,12 +57,14 @@ from stowd.pipeline.queue import ActiveView, read_active_of
 log = logging.getLogger("stowd.metrics")
 
 STATES = ("pending", "waiting", "claimed", "settling")
+HELD = ("claimed", "settling")  # what a node holds
 SCRAPE_BUSY_TIMEOUT = 5.0  # seconds a scrape waits for a locked database (WAL readers rarely do)
 
 
 # -- read from the queue at scrape time ------------------------------------------------------
 class QueueCollector:
-    """A prometheus_client collector: the queue gauges of ``destinations`` and ``stowd_up``.
+    """A prometheus_client collector: ``stowd_up``, ``stowd_info`` (of ``node``, this
+    process), the queue gauges of ``destinations`` and those of a shared queue's nodes.
 
     A queue that cannot be read leaves its gauges out of that scrape (the counters are still
     served); the problem is logged once, and once more when reading works again.
@@ -59,8 +76,10 @@ class QueueCollector:
         destinations: Sequence[str],
         clock: Callable[[], float] = time.time,
         database: Database | None = None,
+        node: str = "",
     ) -> None:
         self.path = path
+        self.node = node
         self.database = database  # a PostgreSQL queue: read there (``path`` is the node's)
         self.destinations = [label(d) for d in destinations]
         self.clock = clock
@@ -69,10 +88,17 @@ class QueueCollector:
 
     def collect(self) -> Iterable[Metric]:
         yield GaugeMetricFamily("stowd_up", "1 while stowd serves its metrics", value=1)
+        info = GaugeMetricFamily(
+            "stowd_info", "1: the node this stowd is and its version", labels=["node", "version"]
+        )
+        if NAME.fullmatch(self.node):
+            info.add_metric([self.node, __version__], 1)
+        yield info
         now = self.clock()
         view = self._read(now)
         if view is not None:
             yield from self._families(view, now)
+            yield from self._nodes(view)
 
     def _read(self, now: float) -> ActiveView | None:
         try:
@@ -122,6 +148,35 @@ class QueueCollector:
             oldest.add_metric([name], 0.0 if first is None else max(0.0, now - first))
             held.add_metric([name], 1 if name in view.held else 0)
         return [files, oldest, held]
+
+    @staticmethod
+    def _nodes(view: ActiveView) -> Iterable[Metric]:
+        """A shared queue's nodes (SQLite: no series): heartbeat age, lease, rows held."""
+        names = sorted(n for n in {*view.beats, *(n for n, _ in view.holding)} if NAME.fullmatch(n))
+        if not names:
+            return []
+        age = GaugeMetricFamily(
+            "stowd_node_heartbeat_age_seconds",
+            "Seconds since the node's daemon last said it was alive (the database's clock)",
+            labels=["node"],
+        )
+        lease = GaugeMetricFamily(
+            "stowd_node_lease_seconds",
+            "The node's lease: silent longer, its claims may be taken over",
+            labels=["node"],
+        )
+        files = GaugeMetricFamily(
+            "stowd_node_files",
+            "Rows of the shared queue the node holds by state (claimed, settling)",
+            labels=["node", "state"],
+        )
+        for name in names:
+            if name in view.beats:
+                age.add_metric([name], view.beats[name][0])
+                lease.add_metric([name], view.beats[name][1])
+            for state in HELD:
+                files.add_metric([name, state], view.holding.get((name, state), 0))
+        return [age, lease, files]
 
 
 # -- schedule (transfer windows) --
@@ -192,11 +247,12 @@ def registry(
     schedules: Mapping[str, Schedule] | None = None,
     routes: Iterable[tuple[str, str]] = (),
     database: Database | None = None,
+    node: str = "",
 ) -> CollectorRegistry:
     """What a scrape serves: the counters, the queue's gauges and the paused gauge, in a
     real registry (``?name[]=`` works); series of ``destinations`` and of each (source,
     destination) in ``routes`` start at 0, so rates and alerts work before the first event."""
-    collector = QueueCollector(queue_path, destinations, clock, database)
+    collector = QueueCollector(queue_path, destinations, clock, database, node)
     for name in collector.destinations:
         touch(name)
     for source, destination in routes:
@@ -216,6 +272,7 @@ def for_config(config: Config) -> CollectorRegistry:
         schedules={name: d.schedule for name, d in config.destinations.items()},
         routes=[(s.name, s.destination) for s in config.sources],
         database=config.database,
+        node=config.node,
     )
 
 

@@ -120,6 +120,7 @@ def render(doc: Mapping[str, Any]) -> str:
         _sources(doc),
         _runs(doc),
         _destinations(doc),
+        _nodes(doc.get("nodes") or []),
         _history_tables(doc),
         _failures_section(doc["failures"]),
         "</main></body></html>\n",
@@ -376,6 +377,63 @@ def _history_table(name: str, minutes: list[list[int]], now: float) -> str:
         "</caption><thead><tr><th>hour from</th><th>files sent</th><th>MB sent</th>"
         f"<th>failed</th></tr></thead><tbody>{rows}</tbody></table>"
     )
+
+
+# -- nodes (a shared queue's)
+
+
+NODE_STATES = ("alive", "silent", "vanished", "unknown", "stopped")
+
+
+def _nodes(found: list[Mapping[str, Any]]) -> str:
+    """A shared (PostgreSQL) queue's nodes, one row each (as ``stowd status``); a SQLite
+    queue's one node, this host, adds nothing (an empty section: the script swaps it too)."""
+    if not shared(found):
+        return '<section id="nodes"></section>'
+    rows = "".join(_node_row(n) for n in found)
+    return (
+        '<section id="nodes"><h2>Nodes</h2><table><thead><tr><th>node</th><th>host</th>'
+        "<th>state</th><th>heartbeat</th><th>claimed</th><th>being moved</th>"
+        f"<th>leases</th><th>rate</th></tr></thead><tbody>{rows}</tbody></table></section>"
+    )
+
+
+def shared(found: list[Mapping[str, Any]]) -> bool:
+    """Whether ``found`` (``gather``'s ``nodes``) are a shared queue's (not SQLite's one)."""
+    return len(found) > 1 or any(n.get("lease_seconds") is not None for n in found)
+
+
+def _node_row(n: Mapping[str, Any]) -> str:
+    fields = node_fields(n)
+    state = n.get("state")
+    kind = f' class="{state}"' if state in NODE_STATES else ""
+    cells = "".join(_cell(field, value) for field, value in fields.items())
+    name = text(n["node"])
+    return f'<tr data-node="{name}"{kind}><th scope="row">{name}</th>{cells}</tr>'
+
+
+def node_fields(n: Mapping[str, Any]) -> dict[str, str]:
+    """The text of each cell of a node's row, from its ``nodes`` entry."""
+    host = n.get("host")
+    age = n.get("heartbeat_age")
+    return {
+        "host": "" if not host else f"{host} (pid {n.get('pid')})",
+        "state": str(n.get("state", "")),
+        "heartbeat": "none" if age is None else f"{status.duration(age)} ago",
+        "claimed": str(n.get("claimed", 0)),
+        "settling": str(n.get("settling", 0)),
+        "leases": _leases(n),
+        "rate": f"{n.get('files_per_minute', 0):.1f} files/min",
+    }
+
+
+def _leases(n: Mapping[str, Any]) -> str:
+    expires = n.get("claims_expire_in")
+    if not (n.get("claimed") or n.get("settling")) or expires is None:
+        return "none held"
+    if expires < 0:
+        return f"expired {status.duration(-expires)} ago"
+    return f"expire in {status.duration(expires)}"
 
 
 # -- failures

@@ -262,8 +262,11 @@ def nodes(config: Config, queue: Queue, now: float, pid: int | None) -> list[dic
     ``RATE_WINDOW``).  A SQLite queue: one node, this host, alive while its daemon runs.
     A node silent for more than ``VANISHED_LEASES`` leases is ``vanished``; one silent
     longer than its lease but not yet that long, ``silent`` (its claims may be taken over
-    already)."""
+    already).  Heartbeats and leases are times on the queue's clock (a shared queue's:
+    the database's), so their ages are measured on it, not on this host's (``now``): a
+    host whose clock is off shows no live node vanished, no dead one alive."""
     holdings = {h.node: h for h in queue.holdings()}
+    kept = queue.leases_now(now)
     rates = queue.settled_by(now - RATE_WINDOW)
     found: dict[str, dict[str, Any]] = {}
     if config.database is None:
@@ -277,7 +280,7 @@ def nodes(config: Config, queue: Queue, now: float, pid: int | None) -> list[dic
         holdings = {config.node: _all_held(holdings.values(), config.node)}
         rates = {config.node: _all_rates(rates.values())}
     for n in queue.nodes():
-        age = max(0.0, now - n.heartbeat)
+        age = max(0.0, kept - n.heartbeat)
         state = "alive" if age <= n.lease else "silent"
         found[n.node] = {
             "node": n.node,
@@ -302,7 +305,7 @@ def nodes(config: Config, queue: Queue, now: float, pid: int | None) -> list[dic
                 "settling": held.settling if held else 0,
                 "claims_expire_in": None
                 if held is None or held.expires is None
-                else held.expires - now,
+                else held.expires - kept,
                 "files_per_minute": files / (RATE_WINDOW / 60),
                 "mb_per_minute": size / MB / (RATE_WINDOW / 60),
             }

@@ -309,8 +309,9 @@ def node_config(
 
 def pass_time(queue: Queue, clock: Clock, seconds: float) -> None:
     """*seconds* pass for *queue*: on the test's *clock* (every time the queue keeps but
-    leases) and, for a PostgreSQL queue, on the database's clock its leases are kept on
-    (each lease *seconds* nearer its end: the server's own clock cannot be set)."""
+    leases and heartbeats) and, for a PostgreSQL queue, on the database's clock its leases
+    and the nodes' heartbeats are kept on (each lease *seconds* nearer its end, each
+    heartbeat *seconds* older: the server's own clock cannot be set)."""
     clock.now += seconds
     if queue.__class__.__name__ == "PostgresQueue":
         with queue._tx() as db:
@@ -318,3 +319,4 @@ def pass_time(queue: Queue, clock: Clock, seconds: float) -> None:
                 "UPDATE files SET lease_until = lease_until - ? WHERE lease_until IS NOT NULL",
                 (seconds,),
             )
+            db.execute("UPDATE nodes SET heartbeat = heartbeat - ?", (seconds,))

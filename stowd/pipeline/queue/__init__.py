@@ -39,6 +39,7 @@ from stowd.pipeline.queue.model import (
     Node,
     Tally,
     Throughput,
+    Walk,
 )
 from stowd.pipeline.queue.opening import (
     open_queue,
@@ -83,6 +84,7 @@ __all__ = [
     "SqliteQueue",
     "Tally",
     "Throughput",
+    "Walk",
     "open_queue",
     "open_readonly",
     "open_status",

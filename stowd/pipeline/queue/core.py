@@ -38,6 +38,7 @@ from stowd.pipeline.queue.model import (
     Node,
     Tally,
     Throughput,
+    Walk,
     classification_row,
     job,
     just_settled,
@@ -246,9 +247,20 @@ class Queue:
         """The nodes that ever ran on this queue, as each last said (SQLite: none)."""
         return []
 
+    def leases_now(self, now: float) -> float:
+        """Now on the clock leases and heartbeats are kept on, given ``now`` on this host's:
+        SQLite's, this host's (``now``); PostgreSQL's, the database's (the nodes' clocks
+        differ, so a lease's or a heartbeat's age is measured on the clock it was written
+        on, never on this host's)."""
+        return now
+
     def holdings(self) -> list[Holding]:
         """What each node holds now: its claims and the rows it is moving (by node)."""
-        rows = self._conn().execute(
+        return self._holdings(self._conn())
+
+    @staticmethod
+    def _holdings(db: Db) -> list[Holding]:
+        rows = db.execute(
             "SELECT COALESCE(node, ''), SUM(CASE WHEN state = 'claimed' THEN 1 ELSE 0 END), "
             "SUM(CASE WHEN state = 'settling' THEN 1 ELSE 0 END), MIN(lease_until) FROM files "
             "WHERE state IN ('claimed', 'settling') GROUP BY COALESCE(node, '') ORDER BY 1"
@@ -262,6 +274,40 @@ class Queue:
             "SELECT COALESCE(node, ''), COUNT(*), CAST(SUM(size) AS BIGINT) FROM files "
             "WHERE done_at >= ? AND state IN ('sent', 'failed') GROUP BY COALESCE(node, '')",
             (since,),
+        )
+        return {r[0]: (int(r[1]), int(r[2] or 0)) for r in rows.fetchall()}
+
+    # -- the walk of a migration (``stowd migrate`` on several nodes) ---------------------
+    def take_walk(self, source: str, lease: float, run: float | None = None) -> Walk:
+        """Walk ``source`` (a migration's) if no other node does (``run``: the start of the
+        run this node joined, if any): SQLite has one node, which always walks (``mine``),
+        the run beginning now.  The PostgreSQL backend keeps one
+        walk lease per source (``migrate_walks``)."""
+        return Walk(source, self.node, self.clock(), None, mine=True)
+
+    def renew_walk(self, source: str, lease: float, skipped: int) -> bool:
+        """Extend this node's walk lease of ``source`` by ``lease`` seconds and record how
+        many files it skipped so far; False when the walk is no longer this node's (another
+        took it over).  SQLite: nothing to renew."""
+        return True
+
+    def end_walk(self, source: str, skipped: int) -> bool:
+        """Record that this node walked ``source`` to its end; False when the walk was taken
+        over meanwhile.  SQLite: nothing to record."""
+        return True
+
+    def walks(self, sources: Sequence[str]) -> list[Walk]:
+        """The walks of ``sources`` as recorded (SQLite: none; the run is this process)."""
+        return []
+
+    def run_nodes(self, sources: Sequence[str], since: float) -> dict[str, tuple[int, int]]:
+        """(files, bytes) each node stored of ``sources`` since ``since`` (the node that
+        settles a row is recorded on it)."""
+        rows = self._conn().execute(
+            "SELECT COALESCE(node, ''), COUNT(*), CAST(SUM(size) AS BIGINT) FROM files "
+            f"WHERE source {self._in(sources)} AND done_at >= ? AND state = 'sent' "
+            "GROUP BY COALESCE(node, '') ORDER BY 1",
+            (*sources, since),
         )
         return {r[0]: (int(r[1]), int(r[2] or 0)) for r in rows.fetchall()}
 

@@ -191,9 +191,25 @@ class Node:
     pid: int
     host: str
     started: float
-    heartbeat: float  # when its daemon last said it was alive
+    heartbeat: float  # when its daemon last said it was alive (``Queue.leases_now``'s clock)
     version: str
     lease: float  # its claims' lease: it renews them every third of it
+
+
+@dataclass(frozen=True)
+class Walk:
+    """The walk of one ``stowd migrate`` source (``Queue.take_walk``): which node walks it
+    (or walked it), until when its lease runs (on the database's clock), when the run began
+    (on the database's clock: the start every node's report counts from), when the walk
+    ended (None: still walking), how many files it skipped as stored before, and ``mine``:
+    this node walks it now."""
+
+    source: str
+    node: str
+    started: float
+    walked: float | None
+    skipped: int = 0
+    mine: bool = False
 
 
 class Holding(NamedTuple):
@@ -202,7 +218,7 @@ class Holding(NamedTuple):
     node: str
     claimed: int
     settling: int
-    expires: float | None  # the earliest lease_until among them (None: none has a lease)
+    expires: float | None  # the earliest lease_until (``Queue.leases_now``'s clock; None: none)
 
 
 @dataclass
@@ -212,6 +228,10 @@ class ActiveView:
     counts: dict[tuple[str, str], int] = field(default_factory=dict)  # (destination, state)
     oldest: dict[str, float] = field(default_factory=dict)  # destination -> queued_at
     held: set[str] = field(default_factory=set)
+    # a shared queue's nodes (SQLite: none): each one's heartbeat age and lease (seconds, on
+    # the database's clock) and the rows it holds by state (claimed, settling)
+    beats: dict[str, tuple[float, float]] = field(default_factory=dict)
+    holding: dict[tuple[str, str], int] = field(default_factory=dict)  # (node, state)
 
 
 def entry(e: Any) -> tuple[str, str | None, str | None]:

@@ -82,19 +82,22 @@ from stowd.pipeline.queue.model import (
     STORED_WITH_WARNING,
     ActiveView,
     Job,
+    NewFile,
     Node,
+    Walk,
     job,
 )
 
 log = logging.getLogger("stowd.queue")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 FEATURES = 9  # what ``core`` asks of a schema: as SQLite's schema 9 (tallies, throughput)
 ESCAPED = "\x7fstowd-bytes:"  # a stored value that is the base64 of a str's bytes follows
 CONNECT_TIMEOUT = 10  # seconds
 SETTLE_LEASE = 300.0  # seconds: how long a settling row is its node's alone (from the decision)
 _MIGRATION_LOCK = 0x73746F7764  # "stowd": the advisory lock of a schema change
 _FOLD_LOCK = 0x73746F7765  # the advisory lock of a fold (one node at a time)
+_ENQUEUE_LOCK = 0x73746F7766  # the advisory lock of an enqueue (one node at a time)
 _NODE_LOCK = 0x7374  # with the hash of a node's name: the lock a running node holds
 
 _COUNTS = "files, bytes, stored, already, warned"
@@ -103,6 +106,12 @@ _NODES = (
     "CREATE TABLE nodes (node TEXT PRIMARY KEY, pid INTEGER NOT NULL, host TEXT NOT NULL, "
     "started DOUBLE PRECISION NOT NULL, heartbeat DOUBLE PRECISION NOT NULL, "
     "version TEXT NOT NULL, lease DOUBLE PRECISION NOT NULL)",
+)
+# schema 3: the walk of each ``stowd migrate`` source: one node walks it (``take_walk``)
+_WALKS = (
+    "CREATE TABLE migrate_walks (source TEXT PRIMARY KEY, node TEXT NOT NULL, "
+    "lease_until DOUBLE PRECISION NOT NULL, started DOUBLE PRECISION NOT NULL, "
+    "walked DOUBLE PRECISION, skipped BIGINT NOT NULL DEFAULT 0)",
 )
 _INSERT_HEAD = (
     "INSERT INTO files (source, destination, path, rel, size, mtime_ns, state, queued_at, sidecars)"
@@ -144,6 +153,7 @@ _SCHEMA = (
     "CREATE TABLE troubles (name TEXT PRIMARY KEY, since DOUBLE PRECISION NOT NULL, "
     "text TEXT NOT NULL)",
     *_NODES,
+    *_WALKS,
     # the counts: folded (one row per group) and appended (by the triggers, never updated)
     "CREATE TABLE tallies (source TEXT NOT NULL, destination TEXT NOT NULL, "
     "state TEXT NOT NULL, files BIGINT NOT NULL, bytes BIGINT NOT NULL, stored BIGINT NOT NULL, "
@@ -209,7 +219,7 @@ _TRIGGERS = (
     "FOR EACH STATEMENT EXECUTE FUNCTION stowd_tally()",
 )
 # version -> the statements that bring a schema of that version to the next
-_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _NODES}
+_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _NODES, 2: _WALKS}
 _FOLD = (
     "WITH moved AS (DELETE FROM tally_changes RETURNING *) INSERT INTO tallies "
     "SELECT source, destination, state, SUM(files), SUM(bytes), SUM(stored), SUM(already), "
@@ -508,6 +518,16 @@ class PostgresQueue(Queue):
         return FEATURES
 
     # -- nodes: shared trees, claims, leases, takeover ------------------------------------
+    def _enqueue_many(self, db: Db, files: list[NewFile], now: float) -> list[NewFile]:
+        """Nodes watching one tree enqueue one at a time (a lock held until the commit).
+        Two nodes inserting overlapping paths wait on each other's uncommitted rows in the
+        unique index of active paths; an enqueue of several statements (parts, or rows
+        updated in place) takes them in no one order, so three nodes deadlocked now and
+        then (test_fleet_nodes, 5,000 files).  An enqueue is short: the files' reads
+        happened before the transaction."""
+        db.execute("SELECT pg_advisory_xact_lock(?)", (_ENQUEUE_LOCK,))
+        return super()._enqueue_many(db, files, now)
+
     def _insert(self, db: Db, rows: list[tuple[Any, ...]]) -> set[str]:
         """Insert the new rows as one statement; a path another node queued since this one
         read it (two nodes watching one tree) is skipped, not an error that would lose the
@@ -604,14 +624,18 @@ class PostgresQueue(Queue):
         return len(ids)
 
     def heartbeat(self, *, pid: int, host: str, started: float, version: str, lease: float) -> None:
+        """Say this node is alive, at a time on the database's clock (as its leases): a
+        heartbeat on this host's clock, read against another host's, would make a live node
+        whose clock runs behind look vanished, and a dead one whose clock ran ahead alive."""
         with self._tx() as db:
             db.execute(
                 "INSERT INTO nodes (node, pid, host, started, heartbeat, version, lease) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node) DO UPDATE SET pid = excluded.pid, "
+                "VALUES (?, ?, ?, ?, EXTRACT(EPOCH FROM clock_timestamp()), ?, ?) "
+                "ON CONFLICT (node) DO UPDATE SET pid = excluded.pid, "
                 "host = excluded.host, started = excluded.started, "
                 "heartbeat = excluded.heartbeat, version = excluded.version, "
                 "lease = excluded.lease",
-                (self.node, pid, host, started, self.clock(), version, lease),
+                (self.node, pid, host, started, version, lease),
             )
 
     def nodes(self) -> list[Node]:
@@ -622,6 +646,102 @@ class PostgresQueue(Queue):
             "SELECT node, pid, host, started, heartbeat, version, lease FROM nodes ORDER BY node"
         )
         return [Node(*r) for r in rows.fetchall()]
+
+    def leases_now(self, now: float) -> float:
+        return _database_now(self._conn())
+
+    # -- the walk of a migration: one node walks, the others send ------------------------
+    def take_walk(self, source: str, lease: float, run: float | None = None) -> Walk:
+        """Walk ``source`` unless another node does (its lease runs, on the database's
+        clock).  This node walks (``mine``): a source never walked; one whose walk lease
+        ran out before the walk ended (its walker died: the walk starts again from the top,
+        in the same run, which is safe since files queued or stored are not queued again);
+        one this node was walking (its last run died: no other process is this node); one
+        walked whose files are all done (the run was finished: a new run begins), unless it
+        is the run ``run`` (its start) this node joined.  A walk ended whose files are not
+        all done is that run's, which this node joins to send."""
+        with self._tx() as db:
+            now = _database_now(db)
+            fresh = db.execute(
+                "INSERT INTO migrate_walks (source, node, lease_until, started) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (source) DO NOTHING RETURNING source",
+                (source, self.node, now + lease, now),
+            ).fetchone()
+            if fresh is not None:
+                return Walk(source, self.node, now, None, mine=True)
+            node, until, started, walked, skipped = db.execute(
+                "SELECT node, lease_until, started, walked, skipped FROM migrate_walks "
+                "WHERE source = ? FOR UPDATE",
+                (source,),
+            ).fetchone()
+            if walked is None and node != self.node and until >= now:
+                return Walk(source, node, started, None, int(skipped))
+            if walked is not None and started == run:
+                return Walk(source, node, started, walked, int(skipped))
+            if walked is not None:
+                left = db.execute(
+                    "SELECT EXISTS (SELECT 1 FROM files WHERE source = ? "
+                    "AND state IN ('pending', 'claimed', 'settling'))",
+                    (source,),
+                ).fetchone()[0]
+                if left:
+                    return Walk(source, node, started, walked, int(skipped))
+                started = now  # the last run is over: this one begins now
+            db.execute(
+                "UPDATE migrate_walks SET node = ?, lease_until = ?, started = ?, "
+                "walked = NULL, skipped = 0 WHERE source = ?",
+                (self.node, now + lease, started, source),
+            )
+        if walked is None and node != self.node:
+            log.warning(
+                "took over the walk of %s from node %s: its lease expired (the node stopped, "
+                "or lost the database); walking it again from the top",
+                source,
+                node,
+            )
+        return Walk(source, self.node, started, None, mine=True)
+
+    def renew_walk(self, source: str, lease: float, skipped: int) -> bool:
+        with self._tx() as db:
+            cursor = db.execute(
+                "UPDATE migrate_walks SET lease_until = EXTRACT(EPOCH FROM clock_timestamp()) "
+                "+ ?, skipped = ? WHERE source = ? AND node = ? AND walked IS NULL",
+                (lease, skipped, source, self.node),
+            )
+            return int(cursor.rowcount) == 1
+
+    def end_walk(self, source: str, skipped: int) -> bool:
+        with self._tx() as db:
+            cursor = db.execute(
+                "UPDATE migrate_walks SET walked = EXTRACT(EPOCH FROM clock_timestamp()), "
+                "skipped = ? WHERE source = ? AND node = ? AND walked IS NULL",
+                (skipped, source, self.node),
+            )
+            return int(cursor.rowcount) == 1
+
+    def walks(self, sources: Sequence[str]) -> list[Walk]:
+        rows = self._conn().execute(
+            "SELECT source, node, started, walked, skipped FROM migrate_walks "
+            f"WHERE source {self._in(sources)} ORDER BY source",
+            tuple(sources),
+        )
+        return [Walk(s, n, st, w, int(k), mine=False) for s, n, st, w, k in rows.fetchall()]
+
+    @classmethod
+    def _active_view(cls, db: Db, now: float) -> ActiveView:
+        """The scrape's view, with each node's heartbeat age (on the database's clock, as
+        ``stowd status`` reads it) and what it holds."""
+        view = super()._active_view(db, now)
+        if db.execute("SELECT to_regclass('nodes')").fetchone()[0] is None:
+            return view  # a queue of schema 1
+        kept = _database_now(db)
+        rows = db.execute("SELECT node, heartbeat, lease FROM nodes").fetchall()
+        for node, heartbeat, lease in rows:
+            view.beats[node] = (max(0.0, kept - heartbeat), lease)
+        for held in cls._holdings(db):
+            view.holding[(held.node, "claimed")] = held.claimed
+            view.holding[(held.node, "settling")] = held.settling
+        return view
 
     def fold(self) -> None:
         """Move the appended counts into ``tallies`` and ``throughput`` (by one node at a

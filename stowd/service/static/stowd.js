@@ -5,7 +5,7 @@
 (function () {
   "use strict";
   var SVG = "http://www.w3.org/2000/svg";
-  var SWAPPED = ["updated", "warnings", "totals", "sources", "runs", "destinations",
+  var SWAPPED = ["updated", "warnings", "totals", "sources", "runs", "destinations", "nodes",
                  "failures-note", "failures"];
   var SPANS = {"1h": {seconds: 3600, step: 60, label: "-60 min"},
                "24h": {seconds: 86400, step: 600, label: "-24 h"}};
