@@ -201,7 +201,7 @@ def test_a_running_daemon_finishes_the_moves_of_a_node_whose_lease_expired(
         x.set_classified([Classification(job, "dicom", "st", "sop", "1.2")])
         [job] = x.claim_batch(["pacs"], pick=pick_all, candidates=1, lease=6)
         target = layout.root / "done" / "sent" / "x.dcm"
-        assert x.begin_settle([(job, "sent", str(target), None)]) == {job.id}
+        assert x.begin_settle([(job, "sent", str(target), None)]) == {}
         pass_time(x, clock, 3600)  # node-x died then: the lease of its move ran out long ago
         with Stowd(layout) as daemon:
             daemon.wait_started()
@@ -226,7 +226,7 @@ def test_status_shows_each_node_alive_or_vanished_with_its_claims_and_rate(
         held = [j.id for j in claimed(b, 2, lease=6)]
         pass_time(b, clock, 60)  # ten leases later
         b.begin_settle([(j, "sent", f"/sent/{j.rel}", None) for j in b.jobs("claimed")[:1]])
-        b.finish(held[0], state="sent")  # node-b settled one file within the rate window
+        b.finish(held[0], state="sent", was="settling")  # node-b settled one file in the window
         Fleet(configs["node-a"], a, set).beat()
         pass_time(a, clock, 1)
         data = status.gather(configs["node-a"], now=clock.now)

@@ -86,7 +86,7 @@ def test_a_walked_source_is_joined_while_files_are_left_and_walked_anew_once_all
     joined = b.take_walk("m", LEASE)
     assert not joined.mine and joined.walked is not None  # files left: b joins the run
     [row] = a.jobs("pending")
-    a.finish(row.id, state="sent")
+    a.finish(row.id, state="sent", was="pending")
     # nothing left: b, which joined this run, sees it walked; a newcomer begins a new run
     assert not b.take_walk("m", LEASE, joined.started).mine
     again = a.take_walk("m", LEASE)

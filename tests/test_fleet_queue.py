@@ -175,17 +175,18 @@ def test_a_node_never_changes_rows_another_node_took_over(
     assert {j.id for j in theirs} == {j.id for j in batch}
     ids = [j.id for j in batch]
     # what node-a's worker would still do with its old batch: nothing of it is recorded
-    assert a.begin_settle([(j, "sent", f"/sent/{j.rel}", None) for j in batch]) == set()
-    a.release(ids)
-    a.retry_later(ids, at=clock.now + 10, error={"why": "x"})
-    a.isolate(ids)
-    a.finish_many([(i, "gone") for i in ids])
-    a.finish_kept([(i, "sent", None) for i in ids])
+    theirs_now = dict.fromkeys(ids, "node-b")
+    assert a.begin_settle([(j, "sent", f"/sent/{j.rel}", None) for j in batch]) == theirs_now
+    assert a.release(ids) == theirs_now
+    assert a.retry_later(ids, at=clock.now + 10, error={"why": "x"}) == theirs_now
+    assert a.isolate(ids) == theirs_now
+    assert a.finish_many([(i, "gone") for i in ids], was="claimed") == theirs_now
+    assert a.finish_kept([(i, "sent", None) for i in ids]) == theirs_now
     rows = b.jobs()
     assert [(j.id, j.error) for j in rows] == [(j.id, None) for j in batch]
     assert b.counts() == {"claimed": 3}
     # node-b's own settle is recorded as ever
-    assert b.begin_settle([(j, "sent", f"/sent/{j.rel}", None) for j in theirs]) == set(ids)
+    assert b.begin_settle([(j, "sent", f"/sent/{j.rel}", None) for j in theirs]) == {}
     b.finish_many([(i, "sent") for i in ids])
     assert b.counts() == {"sent": 3}
 
@@ -199,12 +200,12 @@ def test_a_reader_finding_a_file_gone_leaves_a_row_another_node_claimed(
     a.enqueue([new("/t/x")])
     classify(a, 1)
     [job] = claim(a)
-    b.finish(job.id, state="gone")
+    assert b.finish(job.id, state="gone", was="pending") == {job.id: "node-a"}
     assert a.counts() == {"claimed": 1}
-    assert a.begin_settle([(job, "sent", "/sent/x", None)]) == {job.id}
-    b.finish(job.id, state="gone")
+    assert a.begin_settle([(job, "sent", "/sent/x", None)]) == {}
+    assert b.finish(job.id, state="gone", was="pending") == {job.id: "node-a"}
     assert a.counts() == {"settling": 1}
-    a.finish(job.id, state="sent")
+    a.finish(job.id, state="sent", was="settling")
     assert a.counts() == {"sent": 1}
 
 
@@ -214,5 +215,5 @@ def test_a_pending_row_is_anyone_s_to_finish(nodes: tuple[Queue, Queue]) -> None
     a, b = nodes
     a.enqueue([new("/t/x")])
     [job] = a.jobs()
-    b.finish(job.id, state="gone")
+    assert b.finish(job.id, state="gone", was="pending") == {}
     assert a.counts() == {"gone": 1}

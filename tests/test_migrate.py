@@ -35,7 +35,7 @@ from stowproxy import StowProxy
 
 from stowd.commands import cli
 from stowd.commands import migrate as migrate_mod
-from stowd.pipeline.queue import Hold, Queue
+from stowd.pipeline.queue import Hold, Lost, Queue
 from stowd.pipeline.reader import Reader
 from stowd.pipeline.watch import Watcher
 from stowd.pipeline.worker import Worker
@@ -480,9 +480,10 @@ def test_the_first_files_are_stored_while_the_walk_still_runs(
     real_finish_kept, real_scandir = Queue.finish_kept, os.scandir
     waited: list[bool] = []
 
-    def finish_kept(self: Queue, done: Any) -> None:
-        real_finish_kept(self, done)
+    def finish_kept(self: Queue, done: Any, **options: Any) -> Lost:
+        lost = real_finish_kept(self, done, **options)
         stored.set()
+        return lost
 
     class SlowEnd:
         """``os.scandir`` of the folder, whose listing ends only once a file is stored."""

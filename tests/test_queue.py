@@ -63,7 +63,7 @@ def test_a_file_at_a_path_already_done_is_a_new_job(queue: Queue, tmp_path: Path
     path = tmp_path / "a.dcm"
     queue.enqueue([new(str(path))])
     [job] = queue.jobs()
-    queue.finish(job.id, state="sent")
+    queue.finish(job.id, state="sent", was="pending")
     # The watcher's stat raced with the move: same path, size and mtime, file gone: skip.
     assert queue.enqueue([new(str(path))]) == 0
     # The same content dropped again (the file is there): a new job.
@@ -97,7 +97,7 @@ def test_claim_takes_one_study_within_limits_and_only_classified_rows(queue: Que
 def test_claim_ignores_other_destinations_and_future_attempts(queue: Queue, clock: Clock) -> None:
     queue.enqueue([new("/d/a"), new("/d/b")])
     classify_all(queue)
-    queue.retry_later([1], at=clock.now + 100, error={"reason": "x"})
+    queue.retry_later([1], at=clock.now + 100, error={"reason": "x"}, was="pending")
     assert queue.claim_batch(["other"], pick=pick_all, candidates=10, lease=60) == []
     assert [j.id for j in queue.claim_batch(["pacs"], pick=pick_all, candidates=10, lease=60)] == [
         2
@@ -112,9 +112,9 @@ def test_claim_ignores_other_destinations_and_future_attempts(queue: Queue, cloc
 def test_retry_later_counts_attempts_and_keeps_the_first_try(queue: Queue, clock: Clock) -> None:
     queue.enqueue([new("/d/a")])
     first = clock.now
-    queue.retry_later([1], at=first + 5, error={"reason": "busy"})
+    queue.retry_later([1], at=first + 5, error={"reason": "busy"}, was="pending")
     clock.now += 10
-    queue.retry_later([1], at=clock.now + 5, error={"reason": "busy again"})
+    queue.retry_later([1], at=clock.now + 5, error={"reason": "busy again"}, was="pending")
     [job] = queue.jobs()
     assert job.attempts == 2
     assert job.first_try == first
@@ -124,7 +124,8 @@ def test_retry_later_counts_attempts_and_keeps_the_first_try(queue: Queue, clock
 def test_isolated_rows_are_claimed_one_at_a_time(queue: Queue) -> None:
     queue.enqueue([new(f"/d/{i}") for i in range(3)])
     classify_all(queue)
-    queue.isolate([1, 2, 3])
+    claimed = queue.claim_batch(["pacs"], pick=pick_all, candidates=10, lease=60)
+    assert queue.isolate([j.id for j in claimed]) == {}
     sizes = []
     for _ in range(3):
         sizes.append(len(queue.claim_batch(["pacs"], pick=pick_all, candidates=10, lease=60)))
@@ -165,7 +166,7 @@ def test_settling_rows_survive_and_finish(queue: Queue) -> None:
     job = replace(job, sidecars='["/d/a.json"]')  # read with a sidecar, before its keys
     queue.begin_settle([(job, "failed", "/f/a", {"reason": "bad"})])
     assert [(j.target, j.sidecar_paths()) for j in queue.settling()] == [("/f/a", ["/d/a.json"])]
-    queue.finish(1, state="failed")
+    queue.finish(1, state="failed", was="settling")
     assert queue.settling() == []
     assert queue.counts() == {"failed": 1}
 
@@ -185,7 +186,7 @@ def test_status_queries(queue: Queue, clock: Clock) -> None:
     queue.enqueue([new("/d/a"), new("/d/b")])
     clock.now += 30
     queue.begin_settle([(queue.jobs()[0], "failed", "/f/a", {"reason": "broken"})])
-    queue.finish(1, state="failed")
+    queue.finish(1, state="failed", was="settling")
     active = (*ACTIVE, "waiting")
     assert min(t.oldest for t in queue.tally(clock.now) if t.state in active) == clock.now - 30
     done = queue.run_tally(["src"], clock.now - 60)
@@ -253,7 +254,7 @@ def test_a_readonly_queue_reads_while_the_daemon_writes(
 def test_keys_read_from_old_content_are_not_written_onto_new_content(queue: Queue) -> None:
     queue.enqueue([new("/d/a", size=10)])
     [old] = queue.unclassified(10)
-    queue.retry_later([old.id], at=0, error={"reason": "x"})
+    queue.retry_later([old.id], at=0, error={"reason": "x"}, was="pending")
     queue.enqueue([new("/d/a", size=20)])  # rewritten while its header was being read
     queue.set_classified([Classification(old, "dicom", "1.2", "old-sop", "c")])
     [job] = queue.jobs()
@@ -395,7 +396,7 @@ def test_parked_and_waiting_rows_are_not_read_again_at_once(queue: Queue, clock:
     queue.enqueue([new("/d/a"), new("/d/b"), replace(new("/d/c"), source="gone")])
     queue.adopt({"src": "pacs"})  # source "gone" is no longer configured: parked
     a, _ = queue.unclassified(10)  # c is parked: not read
-    queue.retry_later([a.id], at=clock.now + 60, error={"reason": "unreadable"})
+    queue.retry_later([a.id], at=clock.now + 60, error={"reason": "unreadable"}, was="pending")
     assert [j.path for j in queue.unclassified(10)] == ["/d/b"]  # no hot loop on a or c
     clock.now += 61
     assert [j.path for j in queue.unclassified(10)] == ["/d/a", "/d/b"]
@@ -409,11 +410,11 @@ def test_forget_done_keeps_the_record_of_files_stored_in_place(queue: Queue, clo
     queue.enqueue([new("/d/moved"), new("/old/kept"), new("/old/failed"), new("/old/changed")])
     moved, kept, failed, changed = queue.jobs()
     queue.begin_settle([(moved, "sent", "/sent/moved", None)])
-    queue.finish(moved.id, state="sent")
-    queue.finish_kept([(kept.id, "sent", None), (changed.id, "sent", None)])
-    queue.finish_kept([(failed.id, "failed", {"reason": "not DICOM"})])
+    queue.finish(moved.id, state="sent", was="settling")
+    queue.finish_kept([(kept.id, "sent", None), (changed.id, "sent", None)], was="pending")
+    queue.finish_kept([(failed.id, "failed", {"reason": "not DICOM"})], was="pending")
     queue.enqueue([new("/old/changed", size=20)])
-    queue.finish_kept([(queue.jobs("pending")[0].id, "sent", None)])
+    queue.finish_kept([(queue.jobs("pending")[0].id, "sent", None)], was="pending")
     clock.now += 100
     assert queue.forget_done(clock.now) == 3  # moved, failed (tried again by a re-run), changed
     assert [(j.path, j.size) for j in queue.jobs()] == [("/old/kept", 10), ("/old/changed", 20)]

@@ -32,8 +32,10 @@ def history(queue: Queue, drop: Path) -> list[NewFile]:
     queue.set_classified(
         [Classification(j, "dicom", "1.2", f"sop{j.id}", "1.2") for j in jobs.values()]
     )
-    queue.finish_many([(jobs["gone"].id, "sent"), (jobs["there-again"].id, "failed")])
-    queue.finish_many([(jobs["ign"].id, "ignored")])
+    queue.finish_many(
+        [(jobs["gone"].id, "sent"), (jobs["there-again"].id, "failed")], was="pending"
+    )
+    queue.finish_many([(jobs["ign"].id, "ignored")], was="pending")
     claimed = queue.claim_batch(
         ["pacs"],
         pick=lambda _d, js: [j for j in js if j.id == jobs["claimed"].id],
@@ -122,6 +124,7 @@ def test_a_file_changed_while_sent_is_queued_when_its_row_is_done(
     claimed = queue.claim_batch(["pacs"], pick=lambda _d, js: js, candidates=10, lease=60)
     assert len(claimed) == 3
     assert queue.enqueue([new(p, size=99) for p in paths]) == 0  # busy: held back
+    queue.begin_settle([(j, "sent", f"/sent/{j.rel}", None) for j in claimed])
     queue.finish_many([(j.id, "sent") for j in claimed])
     assert [(j.path, j.size) for j in queue.jobs("pending")] == [(str(p), 99) for p in paths]
     assert queue._after == {}

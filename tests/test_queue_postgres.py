@@ -82,7 +82,7 @@ def test_two_nodes_claiming_at_once_never_claim_the_same_row(nodes: tuple[Queue,
                 if not batch and not queue.counts().get("pending"):
                     return
                 taken[name] += [j.id for j in batch]
-                queue.finish_many([(j.id, "sent") for j in batch])
+                queue.finish_many([(j.id, "sent") for j in batch], was="claimed")
         except BaseException as exc:  # reported by the test, not lost in the thread
             errors.append(exc)
         finally:

@@ -170,14 +170,12 @@ def test_one_batch_never_gives_two_files_the_same_name(source: Source, queue: Qu
     first = drop(source, queue, "a/x.dcm")
     (source.sent / "a").mkdir(parents=True)
     (source.sent / "a" / "x.dcm").write_bytes(b"already there")
-    jobs = queue.jobs()
     other = Source("ct2", source.watch, source.sent, source.failed, "pacs")
     twin_path = Path(str(first) + ".twin")
     twin_path.write_bytes(b"twin")
     st = twin_path.stat()
-    twin = Job(
-        99, "ct2", "pacs", str(twin_path), "a/x.dcm", 4, st.st_mtime_ns, None, None, None, 0, None
-    )
+    queue.enqueue([NewFile("ct2", "pacs", str(twin_path), "a/x.dcm", 4, st.st_mtime_ns)])
+    jobs, [twin] = queue.jobs()[:1], queue.jobs()[1:]
     results = settle_all(
         queue,
         [Decision(jobs[0], source, "sent"), Decision(twin, other, "sent")],
@@ -214,20 +212,8 @@ def test_two_workers_settling_the_same_name_at_once_keep_both_files(
         path.parent.mkdir()
         path.write_bytes(f"content of {name}".encode())
         st = path.stat()
-        job = Job(
-            n + 1,
-            name,
-            "pacs",
-            str(path),
-            "IM0001",
-            st.st_size,
-            st.st_mtime_ns,
-            "dicom",
-            "1",
-            str(n),
-            0,
-            None,
-        )
+        queue.enqueue([NewFile(name, "pacs", str(path), "IM0001", st.st_size, st.st_mtime_ns)])
+        job = queue.jobs()[n]
         decisions.append(Decision(job, source, "failed", {"reason": "x"}))
     real_move = settle_mod.move
 

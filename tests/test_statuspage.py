@@ -465,7 +465,9 @@ def test_failed_files_show_however_many_waiting_files_carry_a_newer_error(
         names = [f"w{n}.dcm" for n in range(page.FAILURES_READ + 10)]
         queue.enqueue([NewFile("ct1", "pacs", f"/drop/{n}", n, 100, 1) for n in names])
         ids = [j.id for j in queue.jobs("pending")]
-        queue.retry_later(ids, at=clock.now + 600, error={"reason": "cannot connect"})
+        queue.retry_later(
+            ids, at=clock.now + 600, error={"reason": "cannot connect"}, was="pending"
+        )
     finally:
         queue.close()
     failures = page.document(config, page.Query(), now=clock.now)["failures"]

@@ -26,7 +26,14 @@ from stowd.pipeline import counters
 from stowd.pipeline.backoff import RetryPolicy
 from stowd.pipeline.disk import Disks
 from stowd.pipeline.queue import ALREADY_STORED, STORED_WITH_WARNING, Job, Queue
-from stowd.pipeline.settle import Decision, Settled, iso, remove_empty_parents, settle_all
+from stowd.pipeline.settle import (
+    Decision,
+    Settled,
+    iso,
+    leave_lost,
+    remove_empty_parents,
+    settle_all,
+)
 
 log = logging.getLogger("stowd.worker")  # the readers' and senders' log lines, as ever
 
@@ -91,12 +98,15 @@ class Filing:
                 job, reason, verdict=verdict, answer=answer, stage=stage, counts=counts
             )
         delay = self.policy.next_delay(job.attempts)
-        if counted is not None:
-            counters.retried(self.name, counted)
         error = self.error_doc(
             job, reason, verdict=verdict, answer=answer, stage=stage, counts=counts
         )
-        self.queue.retry_later([job.id], at=now + delay, error=error)
+        lost = self.queue.retry_later([job.id], at=now + delay, error=error, was=job.state)
+        if lost:  # another node took it over: its retry, not this node's
+            leave_lost(self.queue.node, lost)
+            return None
+        if counted is not None:
+            counters.retried(self.name, counted)
         log.info("%s: %s; retry in %.0fs", job.path, reason, delay)
         return None
 
@@ -140,8 +150,12 @@ class Filing:
             self.unsettled.update(d.job.id for d in decisions)
             raise
         emptied: dict[tuple[Path, Path], Path] = {}  # (folder, watch) -> a file moved from it
+        lost = {r.decision.job.id: r.lost for r in results if r.lost is not None}
+        leave_lost(self.queue.node, lost)  # moved (or recorded) by the node that took them
         for result in results:
             job, source = result.decision.job, result.decision.source
+            if result.lost is not None:
+                continue
             if result.problem is not None:
                 self._move_failed(result)
                 continue

@@ -150,7 +150,7 @@ class Reader:
             c = classify_mod.classify(job.path)
         except FileVanished:
             log.info("file vanished before it was sent, forgetting it: %s", job.path)
-            self.queue.finish(job.id, state="gone")
+            self.queue.finish(job.id, state="gone", was=job.state)
             return None
         except UnknownType as problem:
             return self._unknown_type(job, problem)
@@ -184,7 +184,7 @@ class Reader:
         if self.config.source(job.source).bulkdata.unknown == "fail":
             return self.filing.fail(job, str(problem), stage="reading the file")
         log.info("%s: ignored (bulkdata.unknown: ignore): %s", job.path, problem)
-        self.queue.finish(job.id, state="ignored")
+        self.queue.finish(job.id, state="ignored", was=job.state)
         return None
 
     def _apply_rules(
@@ -254,7 +254,7 @@ class Reader:
         now = self.clock()
         at = min(now + self.policy.next_delay(job.attempts), until + 0.1)
         error = self.filing.error_doc(job, reason, stage=LOOKING)
-        self.queue.retry_later([job.id], at=at, error=error, failing=False)
+        self.queue.retry_later([job.id], at=at, error=error, failing=False, was=job.state)
         log.info("%s: %s; asked again in %.0fs", job.path, reason, at - now)
 
     def _instance_uids(self, job: Job, kind: str, p: metadata.Planned) -> Made:

@@ -17,7 +17,7 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from stowd.fileops import (
     write_new,
 )
 from stowd.pipeline import sidecar as sidecar_mod
-from stowd.pipeline.queue import Job, Queue
+from stowd.pipeline.queue import Job, Lost, Queue
 from stowd.printable import utf8_safe
 
 log = logging.getLogger("stowd.settle")
@@ -108,11 +108,14 @@ class Decision:
 @dataclass(frozen=True)
 class Settled:
     """A decision carried out (``target``; None when the file had vanished), or not
-    (``problem``: the row stays settling)."""
+    (``problem``: the row stays settling; ``lost``: the row is no longer this node's)."""
 
     decision: Decision
     target: Path | None
     problem: OSError | None = None
+    # the node that took the row over after this node's lease ran out ('' none yet): this
+    # node left its file alone (or, finding it so once the file was moved, recorded nothing)
+    lost: str | None = None
 
 
 def settle_all(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
@@ -126,12 +129,15 @@ def settle_all(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
 
 def _settle_all(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
     kept = [d for d in decisions if d.source.keep]
-    if kept:  # stowd migrate --keep: nothing is moved or written beside the file
-        queue.finish_kept([(d.job.id, d.outcome, d.error) for d in kept])
-        if _notes(kept):  # informational: a crash between the two loses a note, no file
-            queue.add_notes(_notes(kept))
-        decisions = [d for d in decisions if not d.source.keep]
-    return [Settled(d, None) for d in kept] + _settle_moved(queue, decisions)
+    lost: Lost = {}
+    for was in sorted({d.job.state for d in kept}):  # stowd migrate --keep: nothing moves
+        done = [(d.job.id, d.outcome, d.error) for d in kept if d.job.state == was]
+        lost |= queue.finish_kept(done, was=was)
+    notes = _notes([d for d in kept if d.job.id not in lost])
+    if notes:  # informational: a crash between the two loses a note, no file
+        queue.add_notes(notes)
+    settled = [Settled(d, None, lost=lost.get(d.job.id)) for d in kept]
+    return settled + _settle_moved(queue, [d for d in decisions if not d.source.keep])
 
 
 def _notes(decisions: Sequence[Decision]) -> dict[int, str]:
@@ -140,20 +146,13 @@ def _notes(decisions: Sequence[Decision]) -> dict[int, str]:
 
 def _settle_moved(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
     plans = _plan(decisions)
-    recorded = queue.begin_settle(
+    lost = queue.begin_settle(
         [(d.job, d.outcome, str(t) if isinstance(t, Path) else None, d.error) for d, t in plans],
         notes=_notes([d for d, _ in plans]),
     )
-    results: list[Settled] = []
-    for decision, _ in plans:  # a file is moved only once its outcome is recorded
-        if decision.job.id not in recorded:
-            log.info(
-                "%s: not moved by this node: another node holds it now (this node's claim "
-                "was taken over, or the file was finished meanwhile)",
-                decision.job.path,
-            )
-            results.append(Settled(decision, None))
-    plans = [(d, t) for d, t in plans if d.job.id in recorded]
+    # a row another node took over is its now: that node moves the file, never this one
+    results = [Settled(d, None, lost=lost[d.job.id]) for d, _ in plans if d.job.id in lost]
+    plans = [(d, t) for d, t in plans if d.job.id not in lost]
     done: list[tuple[int, str]] = []
     with Folders() as folders:  # each folder opened once for the batch
         for decision, target in plans:
@@ -177,8 +176,11 @@ def _settle_moved(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
             results.append(Settled(decision, target if moved else None))
         # one fsync per folder moved into, before any of its moves counts as done
         _sync_folders({r.target.parent for r in results if r.target is not None}, folders)
-    queue.finish_many(done)
-    return results
+    late = queue.finish_many(done)  # taken over while this node moved them: not recorded
+    return [
+        replace(r, lost=late[r.decision.job.id]) if r.decision.job.id in late else r
+        for r in results
+    ]
 
 
 def _plan(decisions: Sequence[Decision]) -> list[tuple[Decision, Path | OSError]]:
@@ -587,6 +589,7 @@ def _repair(
     done: list[tuple[int, str]] = []
     folders: set[Path] = set()
     stuck: set[int] = set()
+    lost: Lost = {}
     for job in queue.settling():
         if only is not None and job.id not in only:
             continue
@@ -594,7 +597,9 @@ def _repair(
         error = json.loads(job.error) if job.error else None
         source = sources.get(job.source)
         try:
-            target = Path(job.target) if job.target else _choose(queue, job, source, error)
+            target = Path(job.target) if job.target else _choose(queue, job, source, error, lost)
+            if target is None:
+                continue  # another node took the row over: it moves the file
             state = _carry_out(job, target, job.outcome, error, source)
             done.append((job.id, state))
         except OSError as exc:
@@ -606,19 +611,51 @@ def _repair(
             continue
         folders.add(target.parent)
     _sync_folders(folders)
-    queue.finish_many(done)
-    return len(done), stuck
+    late = queue.finish_many(done)
+    leave_lost(queue.node, lost | late)
+    return len(done) - len(late), stuck
 
 
-def _choose(queue: Queue, job: Job, source: Source | None, error: dict[str, Any] | None) -> Path:
+def _choose(
+    queue: Queue, job: Job, source: Source | None, error: dict[str, Any] | None, lost: Lost
+) -> Path | None:
     """The target of a row whose outcome was recorded before a free name could be chosen,
-    recorded before the move like any other."""
+    recorded before the move like any other; None when the row is no longer this node's
+    (added to ``lost``): its file is not moved."""
     if source is None:
         raise OSError(errno.ENOENT, f"where the files of source {job.source} go is unknown")
     base = source.sent if job.outcome == "sent" else source.failed
     target = free_target(base, job.rel, companions=_companions(job))
-    queue.begin_settle([(job, job.outcome or "failed", str(target), error)])
-    return target
+    taken = queue.begin_settle([(job, job.outcome or "failed", str(target), error)])
+    lost |= taken
+    return None if taken else target
+
+
+def leave_lost(node: str, lost: Mapping[int, str]) -> None:
+    """Say once (a line for each node) which files this node lost to another node after
+    its lease ran out: it changed nothing of their rows, moved none of their files and
+    counts none as sent or failed (their upload may have happened here too: delivery is
+    at least once, and an archive stores an instance sent twice once)."""
+    by: dict[str, int] = {}
+    for holder in lost.values():
+        by[holder] = by.get(holder, 0) + 1
+    me = node or "this host"
+    for holder, count in sorted(by.items()):
+        if holder:
+            log.warning(
+                "node %s took over %d file(s) of this node (%s) after its lease ran out; "
+                "this node leaves them to it",
+                holder,
+                count,
+                me,
+            )
+        else:
+            log.warning(
+                "%d file(s) of this node (%s) went back to the queue after its lease ran "
+                "out; this node leaves them to the node that claims them next",
+                count,
+                me,
+            )
 
 
 def move(

@@ -434,7 +434,7 @@ class Worker:
                 keep.append(job.id)
             else:
                 log.info("file vanished or changed before it was sent: %s", job.path)
-                self.queue.finish(job.id, state="gone")
+                self.queue.finish(job.id, state="gone", was=job.state)
         self.queue.release(keep)
 
     def _unreadable(self, batch: list[Job], parts: list[Part], exc: FileUnreadable) -> None:

@@ -14,7 +14,8 @@ When it cannot (the database is away, or this node is cut off from it) the node 
 database*: said once, its senders claim nothing new (``claiming``), uploads in flight finish
 but their files are moved only once the queue records their outcome (``settle``), and once a
 renewal works again that is said too and claiming resumes.  Claims another node took over
-meanwhile are left to it: this node changes none of them (``Queue._owned``).
+meanwhile are left to it: this node changes none of them (``Queue._ours``; the settle says
+which node took them).
 
 With a SQLite queue there is one node and nothing to renew: ``Fleet.of`` gives None.
 """

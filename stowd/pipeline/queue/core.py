@@ -14,7 +14,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
@@ -32,6 +32,7 @@ from stowd.pipeline.queue.model import (
     Hold,
     Holding,
     Job,
+    Lost,
     Made,
     NewFile,
     Node,
@@ -54,7 +55,8 @@ _ACTIVE_ROWS = "state IN ('pending', 'claimed', 'settling')"
 _TALLY_KEY = "source, destination, state"
 JOB_COLUMNS = (
     "id, source, destination, path, rel, size, mtime_ns, kind, study_uid, sop_uid, "
-    "attempts, first_try, error, outcome, target, changes, sidecars, made, queued_at, lookup"
+    "attempts, first_try, error, outcome, target, changes, sidecars, made, queued_at, lookup, "
+    "state"
 )
 _JOB_COLUMNS = JOB_COLUMNS
 ENQUEUE_PART = 300  # files per statement: 3 parameters each, under SQLite's oldest limit (999)
@@ -71,6 +73,10 @@ _SETTLED = (
     "FROM asked) AS found WHERE state IS NOT NULL"
 )
 QUEUE_MODE = 0o600  # the queue's files (and a node's lock file): stowd's alone, whatever the umask
+
+
+def _doc(error: dict[str, Any] | None) -> str | None:
+    return json.dumps(error) if error else None
 
 
 def take_lock(anchor: Path) -> int:
@@ -121,6 +127,8 @@ class Queue:
     _SENT_STATE = "state"  # the state column in ``sent_since`` (SQLite: ``+state``)
     _LOCK_ROWS = ""  # after a claim's reads: lock what was read, skip what another holds
     _SETTLE_LEASE = "lease_until = NULL"  # what ``begin_settle`` does with the lease
+    _LOCK_OURS = ""  # after reading the rows a node is about to change: lock them till it does
+    _SHARED = False  # nodes share the queue: a claim is its node's (SQLite: the one daemon's)
     _CLAIM_HEAD = ""  # the next ready row of one destination (see sqlite.py)
     _TALLIES = "tallies"  # the counts of each group (source, destination, state)
     _THROUGHPUT = "throughput"  # the counts of each minute
@@ -199,12 +207,36 @@ class Queue:
             )
             return int(cursor.rowcount)
 
-    def _owned(self, db: Db, ids: Iterable[int]) -> set[int]:
-        """Of ``ids``, the rows this node may change: SQLite, all (its one daemon owns the
-        queue).  The PostgreSQL backend locks and keeps the active rows that are pending or
-        this node's own claims (a row another node claimed or settles, or took over when
-        this node's lease expired, is never changed here)."""
-        return set(ids)
+    def _ours(self, db: Db, known: Mapping[int, str]) -> tuple[list[int], Lost]:
+        """Of the rows ``known`` (id -> the state this node knows it in: ``pending``, read by
+        a reader; ``claimed``, its claim; ``settling``, a move it recorded), those still so
+        and still this node's to change (in id order), and those it lost (``Lost``).  A
+        pending row is any node's; a claimed or settling one only its node's: one whose
+        lease ran out was taken over (returned to pending, claimed or finished by another
+        node), and its old node changes nothing of it and moves no file of it.  SQLite's
+        rows are its one daemon's (their ``node`` is whatever this host was called then);
+        the state alone is checked.  PostgreSQL locks the rows read until the transaction
+        ends (in id order: never a deadlock with another node)."""
+        ids = sorted(known)
+        found: dict[int, tuple[str, str | None]] = {}
+        for at in range(0, len(ids), 500):  # SQLite limits the number of parameters
+            part = ids[at : at + 500]
+            rows = db.execute(
+                f"SELECT id, state, node FROM files WHERE id {self._in(part)} "
+                f"ORDER BY id{self._LOCK_OURS}",
+                part,
+            )
+            found.update({r[0]: (r[1], r[2]) for r in rows})
+        ours: list[int] = []
+        lost: Lost = {}
+        for i in ids:
+            state, node = found.get(i, ("", None))
+            if state == known[i] and (state == "pending" or not self._SHARED or node == self.node):
+                ours.append(i)
+            else:
+                held = state not in ("", "pending") and node is not None and node != self.node
+                lost[i] = node if held and node is not None else ""
+        return ours, lost
 
     # -- the nodes of a shared queue (issue 23) ----------------------------------------------
     def heartbeat(self, *, pid: int, host: str, started: float, version: str, lease: float) -> None:
@@ -610,6 +642,9 @@ class Queue:
         return now + lease
 
     def _candidates(self, db: Db, head: Sequence[Any], now: float, limit: int) -> list[Job]:
+        """The pending rows a batch is picked from, as jobs of the claim they are about to
+        be (``state`` claimed: made so here, where a ``replace`` of each job would cost as
+        much as a tenth of a claim and its settle)."""
         destination, study_uid, solo, head_id = head
         if solo:
             rows = db.execute(
@@ -623,21 +658,25 @@ class Queue:
                 f"ORDER BY id LIMIT ?{self._LOCK_ROWS}",
                 (destination, study_uid, now, limit),
             ).fetchall()
-        return [job(r) for r in rows]
+        return [job((*r[:-1], "claimed")) for r in rows]
 
-    def release(self, ids: Iterable[int], *, not_before: float = 0.0) -> None:
-        """Give claimed rows back untouched (shutdown, destination trouble).
+    def release(self, ids: Iterable[int], *, not_before: float = 0.0) -> Lost:
+        """Give this node's claimed rows back untouched (shutdown, destination trouble); the
+        rows that were not its claims any more (``Lost``: given up already, settled, or
+        taken over) are left as they are.
 
         ``not_before`` keeps them behind rows that have not failed yet, so one batch that
         keeps failing cannot block the others.
         """
         with self._tx() as db:
+            ours, lost = self._ours(db, dict.fromkeys(ids, "claimed"))
             db.executemany(
                 "UPDATE files SET state = 'pending', lease_until = NULL, "
                 f"next_attempt_at = {self._MAX}(next_attempt_at, ?) "
                 "WHERE id = ? AND state = 'claimed'",
-                [(not_before, i) for i in self._owned(db, ids)],
+                [(not_before, i) for i in ours],
             )
+        return lost
 
     def retry_later(
         self,
@@ -647,21 +686,28 @@ class Queue:
         error: dict[str, Any],
         solo: bool = False,
         failing: bool = True,
-    ) -> None:
+        was: str = "claimed",
+    ) -> Lost:
         """A transient failure: count the attempt and wait until ``at``.
 
-        ``failing=False``: a file that waits for something to appear (its study, for a
-        lookup) rather than failing; ``first_try``, from which ``retry.max_age`` counts, is
-        left unset so waiting never uses up the time allowed for failures."""
+        ``was``: the state the rows are known in: ``claimed`` (this node's claims, by a
+        sender) or ``pending`` (read by a reader); a row no longer so is left as it is
+        (``Lost``).  ``failing=False``: a file that waits for something to appear (its
+        study, for a lookup) rather than failing; ``first_try``, from which
+        ``retry.max_age`` counts, is left unset so waiting never uses up the time allowed
+        for failures."""
         now = self.clock()
         first = now if failing else None
         with self._tx() as db:
+            ours, lost = self._ours(db, dict.fromkeys(ids, was))
             db.executemany(
                 "UPDATE files SET state = 'pending', lease_until = NULL, "
                 "attempts = attempts + 1, first_try = COALESCE(first_try, ?), last_try = ?, "
-                f"next_attempt_at = ?, error = ?, solo = {self._MAX}(solo, ?) WHERE id = ?",
-                [(first, now, at, json.dumps(error), int(solo), i) for i in self._owned(db, ids)],
+                f"next_attempt_at = ?, error = ?, solo = {self._MAX}(solo, ?) "
+                "WHERE id = ? AND state = ?",
+                [(first, now, at, json.dumps(error), int(solo), i, was) for i in ours],
             )
+        return lost
 
     def wait_for_rest(self, job: Job, *, at: float, error: dict[str, Any]) -> bool:
         """A file found incomplete (an image cut short): read it again at ``at``.
@@ -681,14 +727,18 @@ class Queue:
             )
             return int(cursor.rowcount) > 0
 
-    def isolate(self, ids: Iterable[int], *, not_before: float = 0.0) -> None:
-        """Send these rows one per request from now on (to find a bad one in a batch)."""
+    def isolate(self, ids: Iterable[int], *, not_before: float = 0.0) -> Lost:
+        """Send these claimed rows one per request from now on (to find a bad one in a
+        batch); rows no longer this node's claims are left as they are (``Lost``)."""
         with self._tx() as db:
+            ours, lost = self._ours(db, dict.fromkeys(ids, "claimed"))
             db.executemany(
                 "UPDATE files SET state = 'pending', lease_until = NULL, solo = 1, "
-                f"next_attempt_at = {self._MAX}(next_attempt_at, ?) WHERE id = ?",
-                [(not_before, i) for i in self._owned(db, ids)],
+                f"next_attempt_at = {self._MAX}(next_attempt_at, ?) "
+                "WHERE id = ? AND state = 'claimed'",
+                [(not_before, i) for i in ours],
             )
+        return lost
 
     # -- settling ------------------------------------------------------------------------
     def begin_settle(
@@ -696,62 +746,80 @@ class Queue:
         plans: Iterable[tuple[Job, str, str | None, dict[str, Any] | None]],
         *,
         notes: dict[int, str] | None = None,
-    ) -> set[int]:
+    ) -> Lost:
         """Record (job, outcome, target, error) of each job before its file is moved (and
         the sidecars that go with it, for a repair after a crash).  A target of None: no
         free name could be chosen yet (the repair chooses it).  ``notes``: by job id, how
         the outcome came about (``ALREADY_STORED``); a row's note is kept otherwise.
-        Returns the ids recorded: only their files may be moved (a row another node holds
-        now, its claim taken over, is left to it)."""
+
+        Only where the row is still as its job was read (``Job.state``: this node's claim,
+        a pending row a reader read, or a move this node recorded before): returns the rows
+        it is not (``Lost``), whose files must not be moved by this node (another node
+        took its claim over after its lease ran out, and sends, moves and records them)."""
         notes, node = notes or {}, self.node  # the node that moves the files
         plans = list(plans)
         with self._tx() as db:
-            owned = self._owned(db, [j.id for j, _, _, _ in plans])
-            plans = [p for p in plans if p[0].id in owned]
+            _, lost = self._ours(db, {j.id: j.state for j, _, _, _ in plans})
             db.executemany(
                 "UPDATE files SET state = 'settling', outcome = ?, target = ?, error = ?, "
                 "sidecars = COALESCE(?, sidecars), note = COALESCE(?, note), "
-                f"node = ?, {self._SETTLE_LEASE} WHERE id = ?",
+                f"node = ?, {self._SETTLE_LEASE} WHERE id = ? AND state = ?",
                 [
-                    (o, t, json.dumps(e) if e else None, j.sidecars, notes.get(j.id), node, j.id)
+                    (o, t, _doc(e), j.sidecars, notes.get(j.id), node, j.id, j.state)
                     for j, o, t, e in plans
+                    if j.id not in lost
                 ],
             )
-        return owned
+        return lost
 
-    def finish(self, job_id: int, *, state: str) -> None:
-        """The file was moved (or is gone): the job is done."""
-        self.finish_many([(job_id, state)])
+    def finish(self, job_id: int, *, state: str, was: str) -> Lost:
+        """The job is done: its file was moved (``was`` ``settling``), or is gone or ignored
+        (``was`` ``pending`` or ``claimed``: the state this node knows the row in); see
+        ``finish_many``."""
+        return self.finish_many([(job_id, state)], was=was)
 
-    def finish_many(self, done: Iterable[tuple[int, str]]) -> None:
+    def finish_many(self, done: Iterable[tuple[int, str]], *, was: str = "settling") -> Lost:
         """Mark (id, state) pairs done, in one transaction; a file found with new content
-        while its row was busy is queued now, as a new job."""
+        while its row was busy is queued now, as a new job.  Only rows still ``was`` (this
+        node's moves, by default) are: the others are left as they are (``Lost``: another
+        node took them over after this node's lease ran out, and records them itself)."""
         now = self.clock()
         done = list(done)
         later = [(i, self._after[i]) for i, _ in done if i in self._after]
         with self._tx() as db:
-            owned = self._owned(db, [i for i, _ in done])
+            _, lost = self._ours(db, dict.fromkeys((i for i, _ in done), was))
             db.executemany(
-                "UPDATE files SET state = ?, done_at = ?, lease_until = NULL WHERE id = ?",
-                [(state, now, i) for i, state in done if i in owned],
+                "UPDATE files SET state = ?, done_at = ?, lease_until = NULL "
+                "WHERE id = ? AND state = ?",
+                [(state, now, i, was) for i, state in done if i not in lost],
             )
-            queued = self._enqueue_many(db, [f for i, f in later if i in owned], now)
+            queued = self._enqueue_many(db, [f for i, f in later if i not in lost], now)
         for i, _ in later:  # kept until committed: a failed write loses none of them
             self._after.pop(i, None)
         log_queued(queued)
+        return lost
 
-    def finish_kept(self, done: Iterable[tuple[int, str, dict[str, Any] | None]]) -> None:
+    def finish_kept(
+        self, done: Iterable[tuple[int, str, dict[str, Any] | None]], *, was: str = "claimed"
+    ) -> Lost:
         """Mark (id, state, error) done for files that stay where they are (``stowd migrate
-        --keep``): outcome ``kept``, nothing was moved, so nothing is left to repair."""
+        --keep``): outcome ``kept``, nothing was moved, so nothing is left to repair.  Only
+        rows still ``was`` (this node's claims, by default; ``pending``: read by a reader)
+        are: the others are left as they are (``Lost``)."""
         now = self.clock()
         done = list(done)
         with self._tx() as db:
-            owned = self._owned(db, [i for i, _, _ in done])
+            _, lost = self._ours(db, dict.fromkeys((i for i, _, _ in done), was))
             db.executemany(
                 "UPDATE files SET state = ?, outcome = 'kept', target = NULL, error = ?, "
-                "done_at = ?, lease_until = NULL WHERE id = ?",
-                [(s, json.dumps(e) if e else None, now, i) for i, s, e in done if i in owned],
+                "done_at = ?, lease_until = NULL WHERE id = ? AND state = ?",
+                [
+                    (s, json.dumps(e) if e else None, now, i, was)
+                    for i, s, e in done
+                    if i not in lost
+                ],
             )
+        return lost
 
     def add_notes(self, notes: dict[int, str]) -> None:
         """Record by job id how a finished file's outcome came about (``ALREADY_STORED``),

@@ -50,6 +50,10 @@ class Job:
     made: str | None = None  # JSON of the UIDs made for a file that is not DICOM
     queued_at: float | None = None
     lookup: str | None = None  # JSON of the archive entry a rule's lookup chose (lookup.py)
+    # the row's state when this node read it; ``claimed`` for a claim's jobs: a change this
+    # node makes to the row is made only while it is still so (and, claimed or settling,
+    # still this node's): ``Queue.begin_settle`` and the others report the rows it lost
+    state: str = "pending"
 
     def made_uids(self) -> Made | None:
         return None if self.made is None else Made(**json.loads(self.made))
@@ -77,6 +81,12 @@ class Job:
         """(path, text, why it could not be read) of each sidecar found with the file."""
         entries = [] if self.sidecars is None else json.loads(self.sidecars)
         return [entry(e) for e in entries]
+
+
+# The rows a change was not made to, no longer this node's (``Queue.begin_settle``,
+# ``finish_many``, ...): id -> the node that holds the row now, or finished it; '' when none
+# does (its lease ran out and the row waits for the next claim)
+Lost = dict[int, str]
 
 
 @dataclass(frozen=True)

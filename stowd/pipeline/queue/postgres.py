@@ -18,10 +18,13 @@ The logic is ``core.Queue``'s; here is what PostgreSQL does its own way:
   takes over any node's claims (and settling rows) whose lease expired, and says whose.
 - Shared trees: nodes watching one folder may queue one path at once; the insert skips a
   path another node queued meanwhile (``ON CONFLICT DO NOTHING`` on the unique index of
-  active paths), the rest of the batch is queued.  Every change of a row a node decided on
-  (settle, finish, retry, release) is made only to rows that are pending or this node's own
-  claims (``_owned``): a node whose claim was taken over changes nothing of it, and moves
-  no file it could not record.
+  active paths), the rest of the batch is queued.
+- Ownership: every change a node makes to a row it read or claimed (settle, finish, retry,
+  isolate, release) is made only while the row is still in the state the node knows it in
+  and, claimed or settling, still the node's (``core.Queue._ours``, the rows locked
+  ``FOR UPDATE`` first): a node whose lease ran out and whose claims another node took over
+  changes nothing of them; the methods return the rows it lost, whose files it leaves to
+  the node that holds them (it moves none of them, and counts none as sent or failed).
 - Counts: SQLite has one writer, PostgreSQL many.  A counter row every transaction updates
   would make concurrent writers wait on it until they commit (and deadlock when two lock two
   counters in opposite orders).  So the triggers (one per statement, on its transition
@@ -332,6 +335,8 @@ class PostgresQueue(Queue):
     _IS = "IS NOT DISTINCT FROM"
     _MAX = "GREATEST"
     _LOCK_ROWS = " FOR UPDATE SKIP LOCKED"
+    _LOCK_OURS = " FOR UPDATE"  # a row another node changes now: wait for it, then read it
+    _SHARED = True
     # a settling row's lease says its node lives: at least SETTLE_LEASE from the decision
     # (the claim's lease may be all but spent by the upload), so that no other node takes
     # over (and repairs) a move this node is making
@@ -544,19 +549,6 @@ class PostgresQueue(Queue):
             ).fetchall()
             inserted |= {r[0] for r in found}
         return inserted
-
-    def _owned(self, db: Db, ids: Iterable[int]) -> set[int]:
-        """Of ``ids``, the active rows that are pending or this node's own claims, locked
-        until the transaction ends (in id order: never a deadlock with another node)."""
-        ids = list(ids)
-        if not ids:
-            return set()
-        rows = db.execute(
-            "SELECT id FROM files WHERE id = ANY(?) AND state IN ('pending', 'claimed', "
-            "'settling') AND (state = 'pending' OR node = ?) ORDER BY id FOR UPDATE",
-            (ids, self.node),
-        ).fetchall()
-        return {r[0] for r in rows}
 
     def recover(self) -> int:
         """Return this node's claims (its last run's) to pending; other nodes' stay theirs."""
