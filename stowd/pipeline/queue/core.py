@@ -451,13 +451,19 @@ class Queue:
             sidecars = f.sidecar_json()
         except SidecarNotReady:
             return
-        db.execute(
+        # only while still pending: another node may have claimed it since it was read (the
+        # update then waits for that claim and finds the row no longer pending), and a row
+        # being sent keeps the content it is sent with; the new one is queued after it
+        cursor = db.execute(
             "UPDATE files SET size = ?, mtime_ns = ?, kind = NULL, study_uid = NULL, "
             "sop_uid = NULL, sop_class = NULL, changes = NULL, sidecars = ?, solo = 0, "
             "made = NULL, lookup = NULL, attempts = 0, first_try = NULL, "
-            "last_try = NULL, next_attempt_at = 0, error = NULL WHERE id = ?",
+            "last_try = NULL, next_attempt_at = 0, error = NULL "
+            "WHERE id = ? AND state = 'pending'",
             (f.size, f.mtime_ns, sidecars, row[0]),
         )
+        if int(cursor.rowcount) == 0:
+            self._after[row[0]] = f
 
     # -- classification --------------------------------------------------------------
     def unclassified(self, limit: int) -> list[Job]:
