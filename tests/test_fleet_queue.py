@@ -259,3 +259,21 @@ def test_a_file_rewritten_while_another_node_claims_it_leaves_that_claim_alone(
     assert done == [0]
     [held] = b.jobs("claimed")
     assert (held.path, held.size) == ("/t/x", 10)  # as B claimed it
+
+
+def test_a_node_without_a_source_neither_parks_nor_claims_its_files(
+    nodes: tuple[Queue, Queue],
+) -> None:
+    """Node B's config lacks source ``mr`` that node A has (a config change rolled out one
+    node at a time, or ``stowd migrate``'s own source): B starting (or reloading) must not
+    park A's queued files, which A would then never send (nothing un-parks them until A
+    restarts), and B must never claim them (it cannot know where they go)."""
+    a, b = nodes
+    a.adopt({"src": "pacs", "mr": "pacs"})
+    a.enqueue([new("/t/ct"), NewFile("mr", "pacs", "/t/mr", "mr", 10, 1)])
+    assert b.adopt({"src": "pacs"}) == {"mr": 1}  # B says so
+    assert [j.path for j in b.unclassified(10)] == ["/t/ct"]
+    assert sorted(j.path for j in a.unclassified(10)) == ["/t/ct", "/t/mr"]
+    classify(a, 10)
+    assert [j.path for j in claim(b)] == ["/t/ct"]
+    assert [j.path for j in claim(a)] == ["/t/mr"]

@@ -199,6 +199,12 @@ class Queue:
             )
             return int(cursor.rowcount)
 
+    def _mine(self) -> tuple[str, tuple[Any, ...]]:
+        """A condition on ``files`` (with its parameters) that the rows this node reads and
+        claims meet: SQLite, none (its one daemon parks the rows of the sources it lacks,
+        ``adopt``); PostgreSQL, a source this node's config has."""
+        return "", ()
+
     def _owned(self, db: Db, ids: Iterable[int]) -> set[int]:
         """Of ``ids``, the rows this node may change: SQLite, all (its one daemon owns the
         queue).  The PostgreSQL backend locks and keeps the active rows that are pending or
@@ -469,12 +475,13 @@ class Queue:
     def unclassified(self, limit: int) -> list[Job]:
         """Pending rows not read yet, except parked ones (their source is gone from the
         config) and ones waiting for a retry (a file that could not be read just now)."""
+        mine, known = self._mine()
         rows = (
             self._conn()
             .execute(
                 f"SELECT {_JOB_COLUMNS} FROM files WHERE state = 'pending' AND kind IS NULL "
-                "AND destination != '' AND next_attempt_at <= ? ORDER BY id LIMIT ?",
-                (self.clock(), limit),
+                f"AND destination != '' AND next_attempt_at <= ?{mine} ORDER BY id LIMIT ?",
+                (self.clock(), *known, limit),
             )
             .fetchall()
         )
@@ -617,6 +624,7 @@ class Queue:
 
     def _candidates(self, db: Db, head: Sequence[Any], now: float, limit: int) -> list[Job]:
         destination, study_uid, solo, head_id = head
+        mine, known = self._mine()
         if solo:
             rows = db.execute(
                 f"SELECT {_JOB_COLUMNS} FROM files WHERE id = ?{self._LOCK_ROWS}", (head_id,)
@@ -625,9 +633,9 @@ class Queue:
             rows = db.execute(
                 f"SELECT {_JOB_COLUMNS} FROM files {self._BY_STUDY}WHERE state = 'pending' "
                 f"AND destination = ? AND study_uid {self._IS} ? AND kind IS NOT NULL "
-                "AND solo = 0 AND next_attempt_at <= ? "
+                f"AND solo = 0 AND next_attempt_at <= ?{mine} "
                 f"ORDER BY id LIMIT ?{self._LOCK_ROWS}",
-                (destination, study_uid, now, limit),
+                (destination, study_uid, now, *known, limit),
             ).fetchall()
         return [job(r) for r in rows]
 
@@ -1003,9 +1011,9 @@ class Queue:
     ) -> tuple[Any, ...] | None:
         """(destination, study_uid, solo, id) of the row claimed first: the one of the ready
         rows of ``destinations`` whose next attempt came first (by id among equals)."""
-        heads = [
-            db.execute(self._CLAIM_HEAD, (d, now)).fetchone() for d in dict.fromkeys(destinations)
-        ]
+        mine, known = self._mine()
+        sql = self._CLAIM_HEAD.format(mine=mine)
+        heads = [db.execute(sql, (d, now, *known)).fetchone() for d in dict.fromkeys(destinations)]
         found = [h for h in heads if h is not None]
         if not found:
             return None

@@ -344,7 +344,8 @@ class PostgresQueue(Queue):
     _CLAIM_HEAD = (
         "SELECT destination, study_uid, solo, id, next_attempt_at FROM files "
         "WHERE state = 'pending' AND kind IS NOT NULL AND destination = ? "
-        "AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT 1 FOR UPDATE SKIP LOCKED"
+        "AND next_attempt_at <= ?{mine} ORDER BY next_attempt_at, id LIMIT 1 "
+        "FOR UPDATE SKIP LOCKED"
     )
 
     def __init__(
@@ -359,6 +360,7 @@ class PostgresQueue(Queue):
         super().__init__(anchor, clock=clock, readonly=readonly, node=node)
         self.database = database
         self._node_db: _PgDb | None = None  # holds the node's name (``_take_node``)
+        self._sources: tuple[str, ...] | None = None  # this node's config's (``adopt``)
 
     # -- opening ---------------------------------------------------------------------
     def open(self, *, lock: bool = True) -> Self:
@@ -541,6 +543,33 @@ class PostgresQueue(Queue):
             ).fetchall()
             inserted |= {r[0] for r in found}
         return inserted
+
+    def adopt(self, destinations: dict[str, str]) -> dict[str, int]:
+        """Point the queued rows of this node's sources at their destinations (and take back
+        any an older stowd parked).  The rows of a source this node's config lacks are left
+        as they are, for the nodes that have it (a config change rolled out one node at a
+        time, a ``stowd migrate`` source): parking them would stop those nodes too, and
+        nothing would take them back until such a node restarts.  This node never reads or
+        claims them (``_mine``); returns how many there are by source."""
+        self._sources = tuple(destinations)
+        with self._tx() as db:
+            for source, destination in destinations.items():
+                db.execute(
+                    "UPDATE files SET destination = ? WHERE source = ? AND destination != ? "
+                    "AND state IN ('pending', 'claimed', 'settling')",
+                    (destination, source, destination),
+                )
+            rows = db.execute(
+                "SELECT source, COUNT(*) FROM files WHERE state IN ('pending', 'claimed') "
+                "AND NOT source = ANY(?) GROUP BY source",
+                (list(destinations),),
+            ).fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    def _mine(self) -> tuple[str, tuple[Any, ...]]:
+        if self._sources is None:  # not adopted: a queue opened by a command, or a test
+            return "", ()
+        return " AND source = ANY(?)", (list(self._sources),)
 
     def _owned(self, db: Db, ids: Iterable[int]) -> set[int]:
         """Of ``ids``, the active rows that are pending or this node's own claims, locked
