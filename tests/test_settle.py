@@ -431,3 +431,24 @@ def test_a_batch_spread_over_many_folders_settles_within_the_open_files_limit(
         f"s{n}/x.dcm" for n in range(files)
     }
     assert queue.counts() == {"sent": files}
+
+
+def test_a_repair_never_replaces_a_file_that_took_its_target_meanwhile(
+    source: Source, queue: Queue
+) -> None:
+    """The move to ``sent/x.dcm`` was recorded, then the node stopped (crash, SIGSTOP, lost
+    database) before it moved the file; meanwhile another file took that name (another node
+    settling a file of the same name from another source into this shared ``sent/``).  The
+    repair, by this node or by the one that took its rows over, keeps both files."""
+    path = drop(source, queue, "x.dcm", b"ours")
+    [job] = queue.jobs()
+    target = source.sent / "x.dcm"
+    queue.begin_settle([(job, "sent", str(target), None)])
+    source.sent.mkdir(parents=True)
+    target.write_bytes(b"theirs")  # moved there by another node meanwhile
+    assert repair(queue, sources={"ct": source}) == (1, set())
+    assert target.read_bytes() == b"theirs"
+    assert (source.sent / "x~1.dcm").read_bytes() == b"ours"
+    assert not path.exists()
+    assert queue.counts() == {"sent": 1}
+    assert [j.target for j in queue.jobs()] == [str(source.sent / "x~1.dcm")]

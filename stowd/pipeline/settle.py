@@ -156,19 +156,19 @@ def _settle_moved(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
     plans = [(d, t) for d, t in plans if d.job.id in recorded]
     done: list[tuple[int, str]] = []
     with Folders() as folders:  # each folder opened once for the batch
-        for decision, target in plans:
-            if isinstance(target, OSError):
-                results.append(Settled(decision, None, target))
+        for decision, planned in plans:
+            if isinstance(planned, OSError):
+                results.append(Settled(decision, None, planned))
                 continue
+            target = planned
             try:
-                state = _carry_out(
-                    decision.job,
-                    target,
-                    decision.outcome,
-                    decision.error,
-                    decision.source,
-                    folders=folders,
-                )
+                try:
+                    state = _carry_out(*_moving(decision, target), folders=folders)
+                except FileExistsError:  # taken since it was chosen: another node's move
+                    target = _choose(
+                        queue, decision.job, decision.source, decision.error, decision.outcome
+                    )
+                    state = _carry_out(*_moving(decision, target), folders=folders)
             except OSError as exc:
                 results.append(Settled(decision, None, exc))
                 continue
@@ -595,7 +595,11 @@ def _repair(
         source = sources.get(job.source)
         try:
             target = Path(job.target) if job.target else _choose(queue, job, source, error)
-            state = _carry_out(job, target, job.outcome, error, source)
+            try:
+                state = _carry_out(job, target, job.outcome, error, source)
+            except FileExistsError:  # its target was taken since it was chosen
+                target = _choose(queue, job, source, error)
+                state = _carry_out(job, target, job.outcome, error, source)
             done.append((job.id, state))
         except OSError as exc:
             where = job.target or f"{job.outcome}/"
@@ -610,14 +614,30 @@ def _repair(
     return len(done), stuck
 
 
-def _choose(queue: Queue, job: Job, source: Source | None, error: dict[str, Any] | None) -> Path:
+def _moving(
+    decision: Decision, target: Path
+) -> tuple[Job, Path, str, dict[str, Any] | None, Source]:
+    return decision.job, target, decision.outcome, decision.error, decision.source
+
+
+def _choose(
+    queue: Queue,
+    job: Job,
+    source: Source | None,
+    error: dict[str, Any] | None,
+    outcome: str | None = None,
+) -> Path:
     """The target of a row whose outcome was recorded before a free name could be chosen,
-    recorded before the move like any other."""
+    or whose target another process took before the move (a rename never replaces a file:
+    ``fileops.move``), recorded before the move like any other.  ``outcome``: the row's
+    (``job.outcome``) unless given (a job as claimed)."""
     if source is None:
         raise OSError(errno.ENOENT, f"where the files of source {job.source} go is unknown")
-    base = source.sent if job.outcome == "sent" else source.failed
+    outcome = outcome or job.outcome or "failed"
+    base = source.sent if outcome == "sent" else source.failed
     target = free_target(base, job.rel, companions=_companions(job))
-    queue.begin_settle([(job, job.outcome or "failed", str(target), error)])
+    if not queue.begin_settle([(job, outcome, str(target), error)]):
+        raise OSError(errno.EBUSY, f"{job.path}: another node holds it now")
     return target
 
 
