@@ -122,21 +122,23 @@ def test_move_across_filesystems(
 ) -> None:
     src = tmp_path / "src.dcm"
     src.write_bytes(b"payload" * 1000)
-    real_rename = os.rename
+    real_link = os.link
     calls = []
 
     def exdev_once(a: object, b: object, **folders: Any) -> None:
         calls.append((a, b))
-        if len(calls) == 1:
+        if len(calls) == 1:  # the name put in place (a link, never replacing a file)
             raise OSError(errno.EXDEV, "Invalid cross-device link")
-        real_rename(a, b, **folders)  # type: ignore[arg-type]
+        real_link(a, b, **folders)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(os, "rename", exdev_once)
+    monkeypatch.setattr(os, "link", exdev_once)
     dst = tmp_path / "other" / "dst.dcm"
     settle_mod.move(src, dst)
     assert dst.read_bytes() == b"payload" * 1000
     assert not src.exists()
     assert not list(dst.parent.glob(".*stowd-tmp"))
+    # the file's own link refused (EXDEV), then the copy's, made beside the target
+    assert [str(a).endswith(".stowd-tmp") for a, _ in calls] == [False, True]
 
 
 def test_remove_empty_parents_stops_at_root(tmp_path: Path) -> None:
