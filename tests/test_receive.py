@@ -192,6 +192,15 @@ def _close(assoc: Association) -> None:
         raw.close()
 
 
+def _no_answer_after_abort(assoc: Association) -> None:
+    """Once ``assoc`` has seen its peer's connection close (a stowd killed), hand a C-STORE
+    still waiting for its answer "no answer", as pynetdicom does only when its
+    ``dimse_timeout`` (60 s) runs out: it keeps waiting on its message queue after the
+    association aborted.  Answers that arrived before the close are ahead in that queue."""
+    wait_for(lambda: assoc.is_aborted, 60, "the association to see the connection close")
+    assoc.dimse.msg_queue.put((None, None))
+
+
 def status_of(assoc: Association, path: Path) -> int | None:
     """Send one file; its C-STORE status, or None when no answer came."""
     answer = assoc.send_c_store(path)
@@ -408,9 +417,11 @@ def test_kill_9_while_receiving_loses_nothing_that_was_answered_success(
     uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in files}
     proc = _start(site)
     succeeded: list[str] = []
+    associations: list[Association] = []
 
     def send() -> None:
         assoc = scu_association(site.ports["ct"])
+        associations.append(assoc)
         try:
             for uid, path in uids.items():
                 if status_of(assoc, path) == 0x0000:
@@ -432,6 +443,7 @@ def test_kill_9_while_receiving_loses_nothing_that_was_answered_success(
             lambda: proc.log,
         )
         proc.kill()
+        _no_answer_after_abort(associations[0])
         sender.join(120)
         assert not sender.is_alive()
         assert 200 <= len(succeeded) < 1000

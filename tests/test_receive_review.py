@@ -253,6 +253,8 @@ def test_a_pdu_longer_than_stowd_takes_is_refused_before_it_fills_memory(tmp_pat
             grown = _rss(proc) - before
         assert grown < 64 << 20, f"stowd grew by {grown >> 20} MiB for one unanswered PDU"
         assert proc.alive()
+        # Once: the rest of the PDU was read as headers of 6 bytes, each one warned of
+        assert proc.log.count("the association is aborted") == 1
     finally:
         proc.stop()
 

@@ -37,7 +37,10 @@ adaptations of pynetdicom (3.0), each a process-wide setting of that library.
   up to 4 GiB, into memory, even before the association is accepted): an A-ASSOCIATE-RQ of more
   than ``MAX_REQUEST`` bytes or a P-DATA-TF longer than the receiver's ``max_pdu`` is an invalid
   PDU (pynetdicom then aborts the association).  A peer closing mid-PDU is one line, not an
-  ERROR with a traceback.
+  ERROR with a traceback.  Once the association is aborted (pynetdicom's Sta13, awaiting the
+  close), the connection is closed rather than read on: pynetdicom read whatever the peer
+  still sent 6 bytes at a time as PDU headers, each one invalid, warned of and answered with
+  another A-ABORT (427,000 warnings for the rest of one 256 MiB PDU, for a minute).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ import select
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -300,10 +304,18 @@ def _element(element: int, value: bytes) -> bytes:
     return struct.pack("<HHL", 0x0000, element, len(value)) + value
 
 
+_REFUSED: weakref.WeakSet[DULServiceProvider] = weakref.WeakSet()  # sent an invalid PDU
+
+
 def read_pdu_data(self: DULServiceProvider) -> None:
-    """pynetdicom 3.0's ``_read_pdu_data`` with a bound on what a PDU may claim."""
+    """pynetdicom 3.0's ``_read_pdu_data`` with a bound on what a PDU may claim; after an
+    abort (Sta13) the connection is closed, not read (see the module's docstring)."""
     sock = self.socket
     assert sock is not None
+    if self in _REFUSED:  # its Evt19 may still wait in the event queue behind others
+        if self.state_machine.current_state == "Sta13":
+            sock.close()  # Evt17: the transport connection closed
+        return
     try:
         head = sock.recv(6)
         pdu_type, _, length = struct.unpack(">BBL", head)
@@ -317,6 +329,7 @@ def read_pdu_data(self: DULServiceProvider) -> None:
             length,
         )
         self.event_queue.put("Evt19")  # invalid PDU
+        _REFUSED.add(self)
         return
     try:
         body = sock.recv(length)

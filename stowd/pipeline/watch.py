@@ -209,6 +209,10 @@ class Watcher:
             (self._folders if folder else self._hints).add(path)
         self._wake.set()
 
+    def wake(self) -> None:
+        """Look at ``stop`` (and at hints) now rather than after the idle wait."""
+        self._wake.set()
+
     def gone(self, path: str) -> None:
         """A file was deleted or moved away: stowd's own moves to sent/ say so for each file."""
         with self._hint_lock:

@@ -746,6 +746,8 @@ def _stop(
     ending, so its connection is closed and its files are sent again at the next start).
     """
     gen.stop.set()
+    for watcher in gen.watchers:
+        watcher.wake()  # it waits for hints up to a second; stop now
     deadline = time.monotonic() + timeout
     for thread, _ in gen.threads.values():
         while thread.is_alive() and time.monotonic() < deadline:
