@@ -5,8 +5,9 @@ purge, the daemon's state file and migrate's report use; the decisions (which na
 a file changed while it was read, what a sidecar is) stay with them:
 
 * ``move``: rename, or across filesystems copy under a hidden temporary name, fsync the
-  copy, rename it into place, fsync the folder, then unlink the source.  A caller's
-  ``unchanged`` check decides whether the source may be unlinked.
+  copy, rename it into place, fsync the folder, then unlink the source; never replacing a
+  file at the target (``FileExistsError``: a hard link, then unlink, see ``_place``).  A
+  caller's ``unchanged`` check decides whether the source may be unlinked.
 * ``move_new`` / ``copy_new`` / ``rename_new``: the same, but never replacing a file that is
   at the target (a hard link, then unlink; a checked rename where there are no links).
 * ``write_new``: a whole file written under a temporary name and renamed over the target
@@ -348,9 +349,9 @@ def move(
 
 def _move_in(src: Here, dst: Here, unchanged: Unchanged | None, copy: CopyAll, sync: bool) -> bool:
     """``move`` between two open folders."""
-    (here, name), (there, dst_name) = src, dst
+    there = dst[0]
     try:
-        os.rename(name, dst_name, src_dir_fd=here, dst_dir_fd=there)
+        _place(src, dst)
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
@@ -382,7 +383,12 @@ def _copy_across(src: Here, dst: Here, unchanged: Unchanged | None, copy: CopyAl
     if unchanged is not None and not unchanged(before, after, copied):
         os.unlink(tmp, dir_fd=there)
         return False
-    os.rename(tmp, dst_name, src_dir_fd=there, dst_dir_fd=there)
+    try:
+        _place((there, tmp), (there, dst_name))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=there)
+        raise
     os.fsync(there)
     if unchanged is not None and not unchanged(after, stat_or_none(here, name), copied):
         os.unlink(dst_name, dir_fd=there)  # changed at the last moment
@@ -392,13 +398,49 @@ def _copy_across(src: Here, dst: Here, unchanged: Unchanged | None, copy: CopyAl
     return True
 
 
+def _place(src: Here, dst: Here) -> None:
+    """Rename ``src`` to ``dst`` (each a folder and a name), never replacing a file at
+    ``dst`` (``FileExistsError``): a hard link, then unlink ``src``.  Moves into a folder
+    that several processes fill (the nodes of a fleet settling into one shared ``sent/``)
+    each choose a free name first, but another may take it before the move: a rename
+    would replace that file, which would be lost.  A link left by a crash between the two
+    steps (``dst`` is ``src``'s inode) is finished.  Where the filesystem has no hard links:
+    check, then rename (a file appearing in between loses).  ``EXDEV``: raised."""
+    (here, name), (there, dst_name) = src, dst
+    try:
+        os.link(name, dst_name, src_dir_fd=here, dst_dir_fd=there, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno == errno.EEXIST and _same_file(src, dst):
+            os.unlink(name, dir_fd=here)  # linked before a crash: the unlink was left
+            return
+        if exc.errno == errno.EEXIST:
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst_name) from None
+        if exc.errno not in NO_HARD_LINK:
+            raise
+        if stat_or_none(there, dst_name) is not None:
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst_name) from None
+        os.rename(name, dst_name, src_dir_fd=here, dst_dir_fd=there)
+        return
+    os.unlink(name, dir_fd=here)
+
+
+def _same_file(a: Here, b: Here) -> bool:
+    first, second = stat_or_none(*a), stat_or_none(*b)
+    return first is not None and second is not None and os.path.samestat(first, second)
+
+
 def _link_across(src: Here, dst: Here, tmp: str) -> bool:
     """Move a symbolic link to another filesystem: the same link there, then unlink it."""
     (here, name), (there, dst_name) = src, dst
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp, dir_fd=there)
     os.symlink(os.readlink(name, dir_fd=here), tmp, dir_fd=there)
-    os.rename(tmp, dst_name, src_dir_fd=there, dst_dir_fd=there)
+    try:
+        _place((there, tmp), (there, dst_name))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=there)
+        raise
     os.fsync(there)
     os.unlink(name, dir_fd=here)
     return True

@@ -43,9 +43,10 @@ def dropped(path: Path, data: bytes, mode: int = 0o640) -> Path:
 
 
 def record_syncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record, in order, each fsync (of a file or a folder) and each rename."""
+    """Record, in order, each fsync (of a file or a folder) and each rename or hard link
+    (how a name is put in place without replacing a file there)."""
     events: list[str] = []
-    real_fsync, real_rename = os.fsync, os.rename
+    real_fsync, real_rename, real_link = os.fsync, os.rename, os.link
 
     def fsync(fd: int) -> None:
         events.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
@@ -55,8 +56,13 @@ def record_syncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         real_rename(src, dst, **kw)
         events.append("rename")
 
+    def link(src: Any, dst: Any, **kw: Any) -> None:
+        real_link(src, dst, **kw)
+        events.append("link")
+
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "link", link)
     return events
 
 
@@ -79,7 +85,7 @@ def test_a_move_across_filesystems_copies_syncs_renames_syncs_then_unlinks(
     assert sorted(os.listdir(moved.parent)) == ["a.dcm"]  # no temporary name left
     # the copy's bytes on disk before it gets its name, the name on disk before the unlink
     # (the folder once more after: ``sync=True``)
-    assert events == ["fsync file", "rename", "fsync folder", "fsync folder"]
+    assert events == ["fsync file", "link", "fsync folder", "fsync folder"]
 
 
 def test_a_move_across_filesystems_keeps_the_source_when_the_check_says_it_changed(
@@ -136,7 +142,7 @@ def test_move_new_puts_the_file_in_place_durably(
     assert dst.stat().st_mtime_ns == mtime and stat.S_IMODE(dst.stat().st_mode) == 0o640
     assert sorted(os.listdir(dst.parent)) == ["a.dcm"]
     if across:  # the copy's bytes (and mode and times) on disk before it gets its name
-        assert events == ["fsync file"]
+        assert events == ["fsync file", "link"]
 
 
 @pytest.mark.parametrize("across", [False, True], ids=["same filesystem", "across"])
@@ -341,3 +347,26 @@ def test_write_new_syncs_the_data_before_the_name_points_at_it(
     tmp = fileops.tmp_beside(path, fileops.TMP_SUFFIX).name
     assert events == [f"fsync {tmp}", f"replace {tmp}"]
     assert path.read_bytes() == b'{"reason": "r"}\n'
+
+
+@pytest.mark.parametrize("across", [False, True], ids=["same filesystem", "across"])
+def test_move_never_replaces_a_file_that_took_the_target(
+    tmp_path: Path, other_fs: Path, across: bool
+) -> None:
+    """Two processes (nodes) each chose the free name ``sent/a.dcm``; the second move must
+    fail rather than replace the first one's file."""
+    src = dropped(tmp_path / "drop/a.dcm", b"ours")
+    dst = dropped((other_fs if across else tmp_path / "sent") / "a.dcm", b"theirs")
+    with pytest.raises(FileExistsError):
+        fileops.move(src, dst)
+    assert dst.read_bytes() == b"theirs" and src.read_bytes() == b"ours"
+    assert sorted(os.listdir(dst.parent)) == ["a.dcm"]  # no temporary name left
+
+
+def test_a_move_interrupted_between_link_and_unlink_is_finished(tmp_path: Path) -> None:
+    src = dropped(tmp_path / "drop/a.dcm", b"ours")
+    dst = tmp_path / "sent/a.dcm"
+    dst.parent.mkdir()
+    os.link(src, dst)  # the crash came before the unlink
+    assert fileops.move(src, dst)
+    assert dst.read_bytes() == b"ours" and not src.exists()

@@ -217,3 +217,64 @@ def test_a_pending_row_is_anyone_s_to_finish(nodes: tuple[Queue, Queue]) -> None
     [job] = a.jobs()
     assert b.finish(job.id, state="gone", was="pending") == {}
     assert a.counts() == {"gone": 1}
+
+
+def test_a_file_rewritten_while_another_node_claims_it_leaves_that_claim_alone(
+    postgres_cluster: PostgresCluster, pg_database: str, nodes: tuple[Queue, Queue]
+) -> None:
+    """Node A finds ``/t/x`` rewritten (other size) while node B is claiming its pending row
+    (B's claim locked the row, not committed yet): A's update of the pending row waits for
+    B, then must not rewrite the row B now holds.  Else B, uploading the old content, would
+    settle a row saying it sent the new one, and the new content would count as sent."""
+    a, b = nodes
+    a.enqueue([new("/t/x", size=10)])
+    other = psycopg.connect(postgres_cluster.url(pg_database), password=PASSWORD, autocommit=False)
+    try:
+        other.execute("SELECT id FROM files WHERE path = '/t/x' FOR UPDATE")
+        done: list[int | BaseException] = []
+
+        def rescan() -> None:
+            try:
+                done.append(a.enqueue([new("/t/x", size=20)]))
+            except BaseException as exc:
+                done.append(exc)
+            finally:
+                a.release_connection()
+
+        thread = threading.Thread(target=rescan)
+        thread.start()
+        waiting = (
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'"
+        )
+        while not postgres_cluster.admin(waiting, (pg_database,))[0][0]:
+            thread.join(0.05)
+            assert thread.is_alive(), done
+        other.execute(
+            "UPDATE files SET state = 'claimed', node = 'node-b', lease_until = "
+            "EXTRACT(EPOCH FROM clock_timestamp()) + 60 WHERE path = '/t/x'"
+        )
+        other.commit()
+        thread.join(30)
+    finally:
+        other.close()
+    assert done == [0]
+    [held] = b.jobs("claimed")
+    assert (held.path, held.size) == ("/t/x", 10)  # as B claimed it
+
+
+def test_a_node_without_a_source_neither_parks_nor_claims_its_files(
+    nodes: tuple[Queue, Queue],
+) -> None:
+    """Node B's config lacks source ``mr`` that node A has (a config change rolled out one
+    node at a time, or ``stowd migrate``'s own source): B starting (or reloading) must not
+    park A's queued files, which A would then never send (nothing un-parks them until A
+    restarts), and B must never claim them (it cannot know where they go)."""
+    a, b = nodes
+    a.adopt({"src": "pacs", "mr": "pacs"})
+    a.enqueue([new("/t/ct"), NewFile("mr", "pacs", "/t/mr", "mr", 10, 1)])
+    assert b.adopt({"src": "pacs"}) == {"mr": 1}  # B says so
+    assert [j.path for j in b.unclassified(10)] == ["/t/ct"]
+    assert sorted(j.path for j in a.unclassified(10)) == ["/t/ct", "/t/mr"]
+    classify(a, 10)
+    assert [j.path for j in claim(b)] == ["/t/ct"]
+    assert [j.path for j in claim(a)] == ["/t/mr"]

@@ -372,15 +372,21 @@ def test_a_crash_while_a_changed_file_was_put_back_leaves_it_once(
 
 
 def exdev_first(monkeypatch: pytest.MonkeyPatch) -> None:
-    """os.rename from the drop folder to sent/ fails as it does across filesystems."""
-    real_rename = os.rename
+    """A rename or link from the drop folder to sent/ fails as it does across filesystems."""
+    real_rename, real_link = os.rename, os.link
 
     def rename(a: Any, b: Any, **folders: Any) -> None:
         if ".stowd-tmp" not in str(a):
             raise OSError(errno.EXDEV, "Invalid cross-device link")
         real_rename(a, b, **folders)
 
+    def link(a: Any, b: Any, **folders: Any) -> None:
+        if ".stowd-tmp" not in str(a):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_link(a, b, **folders)
+
     monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "link", link)
 
 
 def test_a_copy_across_filesystems_never_unlinks_a_source_that_changed(

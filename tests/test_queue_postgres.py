@@ -386,3 +386,39 @@ def test_a_move_begun_at_the_end_of_a_lease_is_not_taken_over_while_it_runs(
     b.reclaim(set())
     assert b.settling() == []
     assert sorted(j.id for j in a.settling()) == sorted(j.id for j in batch)
+
+
+def test_a_node_takes_its_name_again_after_the_database_dropped_its_session(
+    postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path, clock: Clock
+) -> None:
+    """The session that holds a node's name ends with the database (a restart, a failover,
+    the session killed): the running node's next heartbeat takes the name again, so that a
+    twin started after that is still refused (else its ``recover`` would return the running
+    node's live claims to pending and its repair move the files the first is moving)."""
+    for host in ("host1", "host2"):
+        (tmp_path / host).mkdir()
+    first = open_queue(
+        node_config(postgres_cluster, pg_database, tmp_path / "host1", "gw-1"), clock=clock
+    ).open()
+    try:
+        postgres_cluster.admin(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+            "AND pid != pg_backend_pid()"
+        )
+        until_gone = time.monotonic() + 30
+        while postgres_cluster.admin("SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory'")[
+            0
+        ][0]:
+            assert time.monotonic() < until_gone
+            time.sleep(0.05)
+        first.heartbeat(pid=1, host="host1", started=0.0, version="t", lease=60.0)
+        twin = open_queue(
+            node_config(postgres_cluster, pg_database, tmp_path / "host2", "gw-1"), clock=clock
+        )
+        try:
+            with pytest.raises(QueueLockedError, match="gw-1"):
+                twin.open()
+        finally:
+            twin.close()
+    finally:
+        first.close()

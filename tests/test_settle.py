@@ -122,21 +122,23 @@ def test_move_across_filesystems(
 ) -> None:
     src = tmp_path / "src.dcm"
     src.write_bytes(b"payload" * 1000)
-    real_rename = os.rename
+    real_link = os.link
     calls = []
 
     def exdev_once(a: object, b: object, **folders: Any) -> None:
         calls.append((a, b))
-        if len(calls) == 1:
+        if len(calls) == 1:  # the name put in place (a link, never replacing a file)
             raise OSError(errno.EXDEV, "Invalid cross-device link")
-        real_rename(a, b, **folders)  # type: ignore[arg-type]
+        real_link(a, b, **folders)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(os, "rename", exdev_once)
+    monkeypatch.setattr(os, "link", exdev_once)
     dst = tmp_path / "other" / "dst.dcm"
     settle_mod.move(src, dst)
     assert dst.read_bytes() == b"payload" * 1000
     assert not src.exists()
     assert not list(dst.parent.glob(".*stowd-tmp"))
+    # the file's own link refused (EXDEV), then the copy's, made beside the target
+    assert [str(a).endswith(".stowd-tmp") for a, _ in calls] == [False, True]
 
 
 def test_remove_empty_parents_stops_at_root(tmp_path: Path) -> None:
@@ -417,3 +419,24 @@ def test_a_batch_spread_over_many_folders_settles_within_the_open_files_limit(
         f"s{n}/x.dcm" for n in range(files)
     }
     assert queue.counts() == {"sent": files}
+
+
+def test_a_repair_never_replaces_a_file_that_took_its_target_meanwhile(
+    source: Source, queue: Queue
+) -> None:
+    """The move to ``sent/x.dcm`` was recorded, then the node stopped (crash, SIGSTOP, lost
+    database) before it moved the file; meanwhile another file took that name (another node
+    settling a file of the same name from another source into this shared ``sent/``).  The
+    repair, by this node or by the one that took its rows over, keeps both files."""
+    path = drop(source, queue, "x.dcm", b"ours")
+    [job] = queue.jobs()
+    target = source.sent / "x.dcm"
+    queue.begin_settle([(job, "sent", str(target), None)])
+    source.sent.mkdir(parents=True)
+    target.write_bytes(b"theirs")  # moved there by another node meanwhile
+    assert repair(queue, sources={"ct": source}) == (1, set())
+    assert target.read_bytes() == b"theirs"
+    assert (source.sent / "x~1.dcm").read_bytes() == b"ours"
+    assert not path.exists()
+    assert queue.counts() == {"sent": 1}
+    assert [j.target for j in queue.jobs()] == [str(source.sent / "x~1.dcm")]

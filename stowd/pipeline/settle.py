@@ -155,19 +155,24 @@ def _settle_moved(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
     plans = [(d, t) for d, t in plans if d.job.id not in lost]
     done: list[tuple[int, str]] = []
     with Folders() as folders:  # each folder opened once for the batch
-        for decision, target in plans:
-            if isinstance(target, OSError):
-                results.append(Settled(decision, None, target))
+        for decision, planned in plans:
+            if isinstance(planned, OSError):
+                results.append(Settled(decision, None, planned))
                 continue
+            target = planned
             try:
-                state = _carry_out(
-                    decision.job,
-                    target,
-                    decision.outcome,
-                    decision.error,
-                    decision.source,
-                    folders=folders,
-                )
+                try:
+                    state = _carry_out(*_moving(decision, target), folders=folders)
+                except FileExistsError:  # taken since it was chosen: another node's move
+                    again: Lost = {}
+                    moving = replace(decision.job, state="settling")  # recorded above
+                    source, error = decision.source, decision.error
+                    chosen = _choose(queue, moving, source, error, again, outcome=decision.outcome)
+                    if chosen is None:  # taken over meanwhile: that node moves it
+                        results.append(Settled(decision, None, lost=again[decision.job.id]))
+                        continue
+                    target = chosen
+                    state = _carry_out(*_moving(decision, target), folders=folders)
             except OSError as exc:
                 results.append(Settled(decision, None, exc))
                 continue
@@ -600,7 +605,13 @@ def _repair(
             target = Path(job.target) if job.target else _choose(queue, job, source, error, lost)
             if target is None:
                 continue  # another node took the row over: it moves the file
-            state = _carry_out(job, target, job.outcome, error, source)
+            try:
+                state = _carry_out(job, target, job.outcome, error, source)
+            except FileExistsError:  # its target was taken since it was chosen
+                target = _choose(queue, job, source, error, lost)
+                if target is None:
+                    continue
+                state = _carry_out(job, target, job.outcome, error, source)
             done.append((job.id, state))
         except OSError as exc:
             where = job.target or f"{job.outcome}/"
@@ -616,17 +627,32 @@ def _repair(
     return len(done) - len(late), stuck
 
 
+def _moving(
+    decision: Decision, target: Path
+) -> tuple[Job, Path, str, dict[str, Any] | None, Source]:
+    return decision.job, target, decision.outcome, decision.error, decision.source
+
+
 def _choose(
-    queue: Queue, job: Job, source: Source | None, error: dict[str, Any] | None, lost: Lost
+    queue: Queue,
+    job: Job,
+    source: Source | None,
+    error: dict[str, Any] | None,
+    lost: Lost,
+    *,
+    outcome: str | None = None,
 ) -> Path | None:
     """The target of a row whose outcome was recorded before a free name could be chosen,
-    recorded before the move like any other; None when the row is no longer this node's
-    (added to ``lost``): its file is not moved."""
+    or whose target another process took before the move (a rename never replaces a file:
+    ``fileops.move``), recorded before the move like any other.  ``outcome``: the row's
+    (``job.outcome``) unless given (a job as claimed).  None when the row is no longer this
+    node's (added to ``lost``): its file is not moved."""
     if source is None:
         raise OSError(errno.ENOENT, f"where the files of source {job.source} go is unknown")
-    base = source.sent if job.outcome == "sent" else source.failed
+    outcome = outcome or job.outcome or "failed"
+    base = source.sent if outcome == "sent" else source.failed
     target = free_target(base, job.rel, companions=_companions(job))
-    taken = queue.begin_settle([(job, job.outcome or "failed", str(target), error)])
+    taken = queue.begin_settle([(job, outcome, str(target), error)])
     lost |= taken
     return None if taken else target
 

@@ -206,7 +206,8 @@ class Daemon:
         for source, count in orphans.items():
             log.warning(
                 "%d queued file(s) belong to source %r, which is no longer configured; "
-                "they wait in the queue until it is back",
+                "they wait in the queue until it is back (a shared queue: for a node that "
+                "has it; this one never sends them)",
                 count,
                 source,
             )

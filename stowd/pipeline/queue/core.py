@@ -238,6 +238,12 @@ class Queue:
                 lost[i] = node if held and node is not None else ""
         return ours, lost
 
+    def _mine(self) -> tuple[str, tuple[Any, ...]]:
+        """A condition on ``files`` (with its parameters) that the rows this node reads and
+        claims meet: SQLite, none (its one daemon parks the rows of the sources it lacks,
+        ``adopt``); PostgreSQL, a source this node's config has."""
+        return "", ()
+
     # -- the nodes of a shared queue (issue 23) ----------------------------------------------
     def heartbeat(self, *, pid: int, host: str, started: float, version: str, lease: float) -> None:
         """Say that this node's daemon is alive (a shared queue's ``nodes`` table); SQLite:
@@ -483,24 +489,31 @@ class Queue:
             sidecars = f.sidecar_json()
         except SidecarNotReady:
             return
-        db.execute(
+        # only while still pending: another node may have claimed it since it was read (the
+        # update then waits for that claim and finds the row no longer pending), and a row
+        # being sent keeps the content it is sent with; the new one is queued after it
+        cursor = db.execute(
             "UPDATE files SET size = ?, mtime_ns = ?, kind = NULL, study_uid = NULL, "
             "sop_uid = NULL, sop_class = NULL, changes = NULL, sidecars = ?, solo = 0, "
             "made = NULL, lookup = NULL, attempts = 0, first_try = NULL, "
-            "last_try = NULL, next_attempt_at = 0, error = NULL WHERE id = ?",
+            "last_try = NULL, next_attempt_at = 0, error = NULL "
+            "WHERE id = ? AND state = 'pending'",
             (f.size, f.mtime_ns, sidecars, row[0]),
         )
+        if int(cursor.rowcount) == 0:
+            self._after[row[0]] = f
 
     # -- classification --------------------------------------------------------------
     def unclassified(self, limit: int) -> list[Job]:
         """Pending rows not read yet, except parked ones (their source is gone from the
         config) and ones waiting for a retry (a file that could not be read just now)."""
+        mine, known = self._mine()
         rows = (
             self._conn()
             .execute(
                 f"SELECT {_JOB_COLUMNS} FROM files WHERE state = 'pending' AND kind IS NULL "
-                "AND destination != '' AND next_attempt_at <= ? ORDER BY id LIMIT ?",
-                (self.clock(), limit),
+                f"AND destination != '' AND next_attempt_at <= ?{mine} ORDER BY id LIMIT ?",
+                (self.clock(), *known, limit),
             )
             .fetchall()
         )
@@ -646,6 +659,7 @@ class Queue:
         be (``state`` claimed: made so here, where a ``replace`` of each job would cost as
         much as a tenth of a claim and its settle)."""
         destination, study_uid, solo, head_id = head
+        mine, known = self._mine()
         if solo:
             rows = db.execute(
                 f"SELECT {_JOB_COLUMNS} FROM files WHERE id = ?{self._LOCK_ROWS}", (head_id,)
@@ -654,9 +668,9 @@ class Queue:
             rows = db.execute(
                 f"SELECT {_JOB_COLUMNS} FROM files {self._BY_STUDY}WHERE state = 'pending' "
                 f"AND destination = ? AND study_uid {self._IS} ? AND kind IS NOT NULL "
-                "AND solo = 0 AND next_attempt_at <= ? "
+                f"AND solo = 0 AND next_attempt_at <= ?{mine} "
                 f"ORDER BY id LIMIT ?{self._LOCK_ROWS}",
-                (destination, study_uid, now, limit),
+                (destination, study_uid, now, *known, limit),
             ).fetchall()
         return [job((*r[:-1], "claimed")) for r in rows]
 
@@ -1065,9 +1079,9 @@ class Queue:
     ) -> tuple[Any, ...] | None:
         """(destination, study_uid, solo, id) of the row claimed first: the one of the ready
         rows of ``destinations`` whose next attempt came first (by id among equals)."""
-        heads = [
-            db.execute(self._CLAIM_HEAD, (d, now)).fetchone() for d in dict.fromkeys(destinations)
-        ]
+        mine, known = self._mine()
+        sql = self._CLAIM_HEAD.format(mine=mine)
+        heads = [db.execute(sql, (d, now, *known)).fetchone() for d in dict.fromkeys(destinations)]
         found = [h for h in heads if h is not None]
         if not found:
             return None

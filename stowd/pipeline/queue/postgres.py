@@ -349,7 +349,8 @@ class PostgresQueue(Queue):
     _CLAIM_HEAD = (
         "SELECT destination, study_uid, solo, id, next_attempt_at FROM files "
         "WHERE state = 'pending' AND kind IS NOT NULL AND destination = ? "
-        "AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT 1 FOR UPDATE SKIP LOCKED"
+        "AND next_attempt_at <= ?{mine} ORDER BY next_attempt_at, id LIMIT 1 "
+        "FOR UPDATE SKIP LOCKED"
     )
 
     def __init__(
@@ -364,6 +365,8 @@ class PostgresQueue(Queue):
         super().__init__(anchor, clock=clock, readonly=readonly, node=node)
         self.database = database
         self._node_db: _PgDb | None = None  # holds the node's name (``_take_node``)
+        self._named = False  # this daemon holds the node's name (keeps it: ``_keep_node``)
+        self._sources: tuple[str, ...] | None = None  # this node's config's (``adopt``)
 
     # -- opening ---------------------------------------------------------------------
     def open(self, *, lock: bool = True) -> Self:
@@ -377,6 +380,7 @@ class PostgresQueue(Queue):
                 self._migrate()
             if lock:
                 self._take_node()
+                self._named = True
         except OSError as exc:
             self.close()
             raise QueueError(f"cannot use the node folder {self.path.parent}: {exc}") from exc
@@ -389,7 +393,8 @@ class PostgresQueue(Queue):
         """Hold the node's name for as long as this daemon runs (a session advisory lock, on a
         connection of its own): the lock file guards a state folder, but two hosts given one
         name have two, and the second's ``recover`` would return the first's live claims to
-        pending and its ``repair`` move the files the first is moving.  Checked at start."""
+        pending and its ``repair`` move the files the first is moving.  Checked at start,
+        and at each heartbeat (``_keep_node``)."""
         db = self._connect()
         self._node_db = db
         taken = db.execute(
@@ -401,12 +406,43 @@ class PostgresQueue(Queue):
                 f"{self.database.shown()}: each host needs a node name of its own (`node:`)"
             )
 
-    def close(self) -> None:
-        self.release_connection()
+    def _keep_node(self) -> None:
+        """Take the node's name again when the session that held it ended (the database
+        restarted or failed over, or the session was killed: its advisory lock went with
+        it), so that a twin started later is still refused.  Should another process have
+        taken the name meanwhile, this node says so (``QueueLockedError``): it then claims
+        nothing new, as a node that lost the database."""
+        if not self._named:
+            return  # not a daemon's queue (a reader's), or closed
+        db = self._node_db
+        if db is not None:
+            try:
+                db.execute("SELECT 1")
+                return
+            except QueueError:
+                self._release_node()
+        try:
+            self._take_node()  # a database still away: QueueError, tried at the next beat
+        except QueueLockedError:
+            self._release_node()
+            log.error(
+                "node %s: its name is taken by another stowd since the database dropped "
+                "this one's session; claiming nothing new (each host needs its own `node:`)",
+                self.node,
+            )
+            raise
+        log.warning("node %s took its name again (the database had dropped its session)", self.node)
+
+    def _release_node(self) -> None:
         node_db, self._node_db = self._node_db, None
         if node_db is not None:
             with suppress(psycopg.Error):
                 node_db.close()
+
+    def close(self) -> None:
+        self.release_connection()
+        self._named = False
+        self._release_node()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -550,6 +586,33 @@ class PostgresQueue(Queue):
             inserted |= {r[0] for r in found}
         return inserted
 
+    def adopt(self, destinations: dict[str, str]) -> dict[str, int]:
+        """Point the queued rows of this node's sources at their destinations (and take back
+        any an older stowd parked).  The rows of a source this node's config lacks are left
+        as they are, for the nodes that have it (a config change rolled out one node at a
+        time, a ``stowd migrate`` source): parking them would stop those nodes too, and
+        nothing would take them back until such a node restarts.  This node never reads or
+        claims them (``_mine``); returns how many there are by source."""
+        self._sources = tuple(destinations)
+        with self._tx() as db:
+            for source, destination in destinations.items():
+                db.execute(
+                    "UPDATE files SET destination = ? WHERE source = ? AND destination != ? "
+                    "AND state IN ('pending', 'claimed', 'settling')",
+                    (destination, source, destination),
+                )
+            rows = db.execute(
+                "SELECT source, COUNT(*) FROM files WHERE state IN ('pending', 'claimed') "
+                "AND NOT source = ANY(?) GROUP BY source",
+                (list(destinations),),
+            ).fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    def _mine(self) -> tuple[str, tuple[Any, ...]]:
+        if self._sources is None:  # not adopted: a queue opened by a command, or a test
+            return "", ()
+        return " AND source = ANY(?)", (list(self._sources),)
+
     def recover(self) -> int:
         """Return this node's claims (its last run's) to pending; other nodes' stay theirs."""
         with self._tx() as db:
@@ -629,7 +692,9 @@ class PostgresQueue(Queue):
     def heartbeat(self, *, pid: int, host: str, started: float, version: str, lease: float) -> None:
         """Say this node is alive, at a time on the database's clock (as its leases): a
         heartbeat on this host's clock, read against another host's, would make a live node
-        whose clock runs behind look vanished, and a dead one whose clock ran ahead alive."""
+        whose clock runs behind look vanished, and a dead one whose clock ran ahead alive.
+        The node's name is taken again first if the database dropped the session holding it."""
+        self._keep_node()
         with self._tx() as db:
             db.execute(
                 "INSERT INTO nodes (node, pid, host, started, heartbeat, version, lease) "

@@ -343,8 +343,8 @@ def _roll_back(conn: sqlite3.Connection) -> None:
 # order), however many rows wait before it.
 _CLAIM_HEAD = (
     "SELECT destination, study_uid, solo, id, next_attempt_at FROM files INDEXED BY files_claim "
-    "WHERE state = 'pending' AND kind IS NOT NULL AND destination = ? AND next_attempt_at <= ? "
-    "ORDER BY next_attempt_at, id LIMIT 1"
+    "WHERE state = 'pending' AND kind IS NOT NULL AND destination = ? AND next_attempt_at <= ?"
+    "{mine} ORDER BY next_attempt_at, id LIMIT 1"
 )
 
 
@@ -557,7 +557,9 @@ class SqliteQueue(Queue):
         """How SQLite finds the next row to claim (EXPLAIN QUERY PLAN; diagnostics, tests)."""
         db = self._conn()
         rows = [
-            db.execute(f"EXPLAIN QUERY PLAN {_CLAIM_HEAD}", (d, self.clock())).fetchall()
+            db.execute(
+                f"EXPLAIN QUERY PLAN {_CLAIM_HEAD.format(mine='')}", (d, self.clock())
+            ).fetchall()
             for d in destinations
         ]
         return [str(r[3]) for found in rows for r in found]
