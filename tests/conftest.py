@@ -222,6 +222,23 @@ def pg_database(postgres_cluster: PostgresCluster) -> Iterator[str]:
 
 
 @pytest.fixture
+def nodes(
+    postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path, clock: Clock
+) -> Iterator[tuple[Queue, Queue]]:
+    """Node A and node B on one fresh PostgreSQL queue, each with its own state folder, on
+    the test's clock."""
+    opened = [
+        open_queue(node_config(postgres_cluster, pg_database, tmp_path, n), clock=clock).open()
+        for n in ("node-a", "node-b")
+    ]
+    try:
+        yield opened[0], opened[1]
+    finally:
+        for q in opened:
+            q.close()
+
+
+@pytest.fixture
 def queue_backend() -> str:
     """The backend of the ``queue`` fixture: SQLite, unless a test file asks for both
     (``from postgres import queue_backend`` there; see ``tests/support/postgres.py``)."""

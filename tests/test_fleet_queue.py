@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
 from harness import Clock
-from postgres import PASSWORD, PostgresCluster, node_config, pass_time
+from postgres import PASSWORD, PostgresCluster, pass_time
 
-from stowd.pipeline.queue import Classification, Job, NewFile, Queue, open_queue
+from stowd.pipeline.queue import Classification, Job, NewFile, Queue
 
 pytestmark = pytest.mark.integration
 
@@ -34,21 +32,6 @@ def claim(queue: Queue, candidates: int = 10, lease: float = 60) -> list[Job]:
 def classify(queue: Queue, count: int) -> None:
     jobs = queue.unclassified(count)
     queue.set_classified([Classification(j, "dicom", "st", f"sop{j.id}", "1.2") for j in jobs])
-
-
-@pytest.fixture
-def nodes(
-    postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path, clock: Clock
-) -> Iterator[tuple[Queue, Queue]]:
-    opened = [
-        open_queue(node_config(postgres_cluster, pg_database, tmp_path, n), clock=clock).open()
-        for n in ("node-a", "node-b")
-    ]
-    try:
-        yield opened[0], opened[1]
-    finally:
-        for q in opened:
-            q.close()
 
 
 def test_a_path_queued_by_another_node_meanwhile_is_skipped_and_the_rest_queued(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -53,22 +53,6 @@ def classify(queue: Queue) -> None:
 
 def plans(jobs: list[Job], where: str) -> list[tuple[Job, str, str | None, None]]:
     return [(j, "sent", f"{where}/{j.rel}", None) for j in jobs]
-
-
-@pytest.fixture
-def nodes(
-    postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path, clock: Clock
-) -> Iterator[tuple[Queue, Queue]]:
-    """Node A and node B on one PostgreSQL queue, each with its own state folder."""
-    opened = [
-        open_queue(node_config(postgres_cluster, pg_database, tmp_path, n), clock=clock).open()
-        for n in ("node-a", "node-b")
-    ]
-    try:
-        yield opened[0], opened[1]
-    finally:
-        for q in opened:
-            q.close()
 
 
 def rows(queue: Queue) -> list[tuple[str, str | None]]:

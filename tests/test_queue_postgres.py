@@ -40,22 +40,6 @@ def pick_all(_dest: str, jobs: list[Job]) -> list[Job]:
     return jobs
 
 
-@pytest.fixture
-def nodes(
-    postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path, clock: Clock
-) -> Iterator[tuple[Queue, Queue]]:
-    """Two nodes, ``node-a`` and ``node-b``, on one fresh database."""
-    opened = [
-        open_queue(node_config(postgres_cluster, pg_database, tmp_path, n), clock=clock).open()
-        for n in ("node-a", "node-b")
-    ]
-    try:
-        yield opened[0], opened[1]
-    finally:
-        for q in opened:
-            q.close()
-
-
 def fill(queue: Queue, count: int, *, studies: int = 1) -> None:
     queue.enqueue([new(f"/d/f{i:05d}") for i in range(count)])
     jobs = queue.unclassified(count)
