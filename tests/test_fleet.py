@@ -60,6 +60,25 @@ def two(
         b.close()
 
 
+def test_a_node_silent_for_the_history_span_that_holds_nothing_is_forgotten(
+    two: tuple[Fleet, Queue, Queue], clock: Clock
+) -> None:
+    """A node retired from the fleet is not shown as vanished forever: node-a, silent for
+    longer than ``silent_for``, is forgotten by node-b once it holds no claim; never while
+    it holds one, and never before it has been silent that long."""
+    fleet, a, b = two
+    days = 30 * 86400.0
+    assert fleet.beat()
+    batch = claimed(a, 2, lease=fleet.lease)
+    pass_time(b, clock, days + 60)
+    assert b.forget_nodes(days) == []  # it holds claims: they are taken over first
+    assert b.reclaim(set()) == len(batch)
+    assert a.forget_nodes(days) == []  # a node never forgets itself
+    assert b.forget_nodes(days + 3600) == []  # not silent that long
+    assert b.forget_nodes(days) == ["node-a"]
+    assert b.nodes() == []
+
+
 def test_renewals_keep_a_held_claim_however_long_its_upload_takes(
     two: tuple[Fleet, Queue, Queue], clock: Clock
 ) -> None:

@@ -664,6 +664,12 @@ class Daemon:
             log.info(
                 "forgot %d finished job(s) older than %g days", forgotten, self.config.history_days
             )
+        for node in self.queue.forget_nodes(self.config.history_days * 86400):
+            log.info(
+                "forgot node %s: no heartbeat for %g days and it holds no file",
+                node,
+                self.config.history_days,
+            )
         for source in self.config.sources:
             if source.sent_retention is not None:
                 purge_sent(source, source.sent_retention, now)  # logs what it deleted

@@ -253,6 +253,10 @@ class Queue:
         """The nodes that ever ran on this queue, as each last said (SQLite: none)."""
         return []
 
+    def forget_nodes(self, silent_for: float) -> list[str]:
+        """Forget the nodes silent that long that hold nothing; their names (SQLite: none)."""
+        return []
+
     def leases_now(self, now: float) -> float:
         """Now on the clock leases and heartbeats are kept on, given ``now`` on this host's:
         SQLite's, this host's (``now``); PostgreSQL's, the database's (the nodes' clocks

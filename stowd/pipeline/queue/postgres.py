@@ -718,6 +718,20 @@ class PostgresQueue(Queue):
     def leases_now(self, now: float) -> float:
         return _database_now(self._conn())
 
+    def forget_nodes(self, silent_for: float) -> list[str]:
+        """Forget the nodes silent for ``silent_for`` seconds (on the database's clock) that
+        hold no claim and no move: a node retired from the fleet is not shown as vanished
+        forever.  One that holds rows stays (its files are taken over, then it goes)."""
+        with self._tx() as db:
+            rows = db.execute(
+                "DELETE FROM nodes WHERE node != ? AND heartbeat < "
+                "EXTRACT(EPOCH FROM clock_timestamp()) - ? AND NOT EXISTS (SELECT 1 FROM "
+                "files WHERE files.node = nodes.node AND files.state IN ('claimed', 'settling')) "
+                "RETURNING node",
+                (self.node, silent_for),
+            ).fetchall()
+        return sorted(r[0] for r in rows)
+
     # -- the walk of a migration: one node walks, the others send ------------------------
     def take_walk(self, source: str, lease: float, run: float | None = None) -> Walk:
         """Walk ``source`` unless another node does (its lease runs, on the database's
