@@ -440,3 +440,32 @@ def test_a_repair_never_replaces_a_file_that_took_its_target_meanwhile(
     assert not path.exists()
     assert queue.counts() == {"sent": 1}
     assert [j.target for j in queue.jobs()] == [str(source.sent / "x~1.dcm")]
+
+
+def test_a_move_whose_chosen_name_another_node_took_takes_another_name(
+    source: Source, queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between choosing a free name in sent/ and moving into it, another node's move (a
+    shared sent/) puts its file there: the move never replaces it; this node records another
+    free name and moves there.  (The other node is played by the first name's chooser, which
+    writes its file there at once.)"""
+    path = drop(source, queue, "x.dcm", b"ours")
+    [job] = queue.jobs()
+    chosen: list[Path] = []
+
+    def taken_at_once(*args: Any, **kwargs: Any) -> Path:
+        target = free_target(*args, **kwargs)
+        if not chosen:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(b"theirs")
+        chosen.append(target)
+        return target
+
+    monkeypatch.setattr(settle_mod, "free_target", taken_at_once)
+    target = settle(queue, source, job, outcome="sent", error=None)
+    assert (source.sent / "x.dcm").read_bytes() == b"theirs"
+    assert target == source.sent / "x~1.dcm"
+    assert target.read_bytes() == b"ours"
+    assert not path.exists()
+    assert queue.counts() == {"sent": 1}
+    assert [j.target for j in queue.jobs()] == [str(target)]
