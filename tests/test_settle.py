@@ -469,3 +469,42 @@ def test_a_move_whose_chosen_name_another_node_took_takes_another_name(
     assert not path.exists()
     assert queue.counts() == {"sent": 1}
     assert [j.target for j in queue.jobs()] == [str(target)]
+
+
+def test_a_file_put_back_without_a_hard_link_never_takes_a_name_the_modality_wrote_meanwhile(
+    source: Source, queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file that changed after it was read goes back to the drop folder.  Where no hard
+    link can be made (another filesystem: played by an EXDEV for every link), it is copied
+    back; a file the modality wrote under that name meanwhile is neither replaced nor taken
+    for "the target was taken" (which recorded a false outcome): the next free name is."""
+    path = drop(source, queue, "b.dcm", b"read")
+    [job] = queue.jobs()
+    target = source.sent / "b.dcm"
+    target.parent.mkdir(parents=True)
+    os.rename(path, target)
+    with open(target, "ab") as changed:
+        changed.write(b" and written to after it was read")
+
+    real_link = os.link
+
+    def exdev(a: object, b: object, **folders: Any) -> None:
+        if str(a).endswith(".stowd-tmp"):  # the copy's name put in place: one filesystem
+            real_link(a, b, **folders)  # type: ignore[arg-type]
+            return
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    real_move = settle_mod.move
+
+    def written_meanwhile(src: Path, dst: Path, **kwargs: Any) -> bool:
+        if not dst.exists() and dst == path:
+            dst.write_bytes(b"the modality's new file")
+        return real_move(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "link", exdev)
+    monkeypatch.setattr(settle_mod, "move", written_meanwhile)
+    back = settle_mod._put_back(job, target)
+    assert path.read_bytes() == b"the modality's new file"
+    assert back == source.watch / "b~1.dcm"
+    assert back.read_bytes() == b"read and written to after it was read"
+    assert not target.exists()

@@ -344,8 +344,11 @@ def _put_back(job: Job, target: Path, roots: Roots = ()) -> Path:
                 if exc.errno not in NO_LINK:
                     raise
                 # no hard link here (another filesystem, protected_hardlinks): the name was
-                # free a moment ago, as for every move into sent/ and failed/
-                move(target, place, roots=roots)
+                # free a moment ago; a move never replaces a file that took it since
+                try:
+                    move(target, place, roots=roots)
+                except FileExistsError:
+                    continue  # the modality wrote it meanwhile: the next free name
                 return place
             os.fsync(there)  # in the drop folder before it leaves sent/ or failed/
             os.unlink(target.name, dir_fd=here)
