@@ -385,6 +385,13 @@ def _copy_across(src: Here, dst: Here, unchanged: Unchanged | None, copy: CopyAl
         return False
     try:
         _place((there, tmp), (there, dst_name))
+    except FileExistsError:
+        if not _same_bytes((there, tmp), (there, dst_name)):
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=there)
+            raise
+        # the copy put in place before a crash left the source: finish, never a second copy
+        os.unlink(tmp, dir_fd=there)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=there)
@@ -422,6 +429,24 @@ def _place(src: Here, dst: Here) -> None:
         os.rename(name, dst_name, src_dir_fd=here, dst_dir_fd=there)
         return
     os.unlink(name, dir_fd=here)
+
+
+def _same_bytes(a: Here, b: Here) -> bool:
+    """Whether two regular files (each a folder and a name) hold the same bytes."""
+    first, second = stat_or_none(*a), stat_or_none(*b)
+    if first is None or second is None or first.st_size != second.st_size:
+        return False
+    if not (stat.S_ISREG(first.st_mode) and stat.S_ISREG(second.st_mode)):
+        return False
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    with (
+        os.fdopen(os.open(a[1], flags, dir_fd=a[0]), "rb") as fa,
+        os.fdopen(os.open(b[1], flags, dir_fd=b[0]), "rb") as fb,
+    ):
+        while chunk := fa.read(COPY_CHUNK):
+            if chunk != fb.read(len(chunk)):
+                return False
+    return True
 
 
 def _same_file(a: Here, b: Here) -> bool:

@@ -508,3 +508,42 @@ def test_a_file_put_back_without_a_hard_link_never_takes_a_name_the_modality_wro
     assert back == source.watch / "b~1.dcm"
     assert back.read_bytes() == b"read and written to after it was read"
     assert not target.exists()
+
+
+@pytest.mark.parametrize("left", [b"ours", b"theirs"], ids=["our-copy", "another-file"])
+def test_a_move_across_filesystems_cut_short_before_the_unlink_is_finished_not_copied_twice(
+    source: Source, queue: Queue, monkeypatch: pytest.MonkeyPatch, left: bytes
+) -> None:
+    """Across filesystems (played by EXDEV for the file's own link) a move copies, puts the
+    copy in place, then unlinks the source.  A crash between the last two leaves the file
+    in both places: the repair finds its copy at the recorded target and finishes (one file
+    in sent/, not a second copy beside an untracked first).  Another file at that name
+    stays, and ours takes the next free name."""
+    path = drop(source, queue, "a.dcm", b"ours")
+    [job] = queue.jobs()
+    target = source.sent / "a.dcm"
+    queue.begin_settle([(job, "sent", str(target), None)])
+    target.parent.mkdir(parents=True)
+    target.write_bytes(left)
+    st = path.stat()  # a copy keeps its source's times (fileops.copy_to)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    real_link = os.link
+
+    def exdev(a: object, b: object, **folders: Any) -> None:
+        if str(a).endswith(".stowd-tmp"):  # the copy's name put in place: one filesystem
+            real_link(a, b, **folders)  # type: ignore[arg-type]
+            return
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", exdev)
+    assert repair(queue, sources={"ct": source}) == (1, set())
+    assert not path.exists()
+    assert queue.counts() == {"sent": 1}
+    names = sorted(p.name for p in source.sent.iterdir())
+    if left == b"ours":
+        assert names == ["a.dcm"]
+        assert [j.target for j in queue.jobs()] == [str(target)]
+    else:
+        assert names == ["a.dcm", "a~1.dcm"]
+        assert target.read_bytes() == b"theirs"
+        assert (source.sent / "a~1.dcm").read_bytes() == b"ours"
