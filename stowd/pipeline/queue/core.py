@@ -686,10 +686,15 @@ class Queue:
         ``not_before`` keeps them behind rows that have not failed yet, so one batch that
         keeps failing cannot block the others.
         """
+        return self._give_back(ids, not_before, "")
+
+    def _give_back(self, ids: Iterable[int], not_before: float, also: str) -> Lost:
+        """Return this node's claims ``ids`` to pending, not before ``not_before``, setting
+        ``also`` too (``release``: nothing more; ``isolate``: one per request)."""
         with self._tx() as db:
             ours, lost = self._ours(db, dict.fromkeys(ids, "claimed"))
             db.executemany(
-                "UPDATE files SET state = 'pending', lease_until = NULL, "
+                f"UPDATE files SET state = 'pending', lease_until = NULL, {also}"
                 f"next_attempt_at = {self._MAX}(next_attempt_at, ?) "
                 "WHERE id = ? AND state = 'claimed'",
                 [(not_before, i) for i in ours],
@@ -748,15 +753,7 @@ class Queue:
     def isolate(self, ids: Iterable[int], *, not_before: float = 0.0) -> Lost:
         """Send these claimed rows one per request from now on (to find a bad one in a
         batch); rows no longer this node's claims are left as they are (``Lost``)."""
-        with self._tx() as db:
-            ours, lost = self._ours(db, dict.fromkeys(ids, "claimed"))
-            db.executemany(
-                "UPDATE files SET state = 'pending', lease_until = NULL, solo = 1, "
-                f"next_attempt_at = {self._MAX}(next_attempt_at, ?) "
-                "WHERE id = ? AND state = 'claimed'",
-                [(not_before, i) for i in ours],
-            )
-        return lost
+        return self._give_back(ids, not_before, "solo = 1, ")
 
     # -- settling ------------------------------------------------------------------------
     def begin_settle(
