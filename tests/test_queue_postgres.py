@@ -129,6 +129,37 @@ def test_settling_rows_of_a_node_whose_lease_expired_are_taken_over(
     assert a.settling() == []
 
 
+def test_a_node_takes_over_no_move_of_a_source_its_config_lacks(
+    nodes: tuple[Queue, Queue],
+    clock: Clock,
+    postgres_cluster: PostgresCluster,
+    pg_database: str,
+    tmp_path: Path,
+) -> None:
+    """A dead node's settling rows of a source this node lacks (a config rolled out one node
+    at a time, a ``stowd migrate`` source) are left to a node that has it: this one could
+    not move their files (the repair knows no such source), and taking them over would keep
+    them settling for good, their lease renewed by this node."""
+    a, b = nodes
+    a.adopt({"src": "pacs"})
+    b.adopt({"other": "pacs"})  # node-b lacks "src"
+    fill(a, 2)
+    batch = claim(a, lease=60)
+    a.begin_settle([(j, "sent", f"/sent/{j.rel}", None) for j in batch])
+    pass_time(a, clock, SETTLE_LEASE + 1)  # node-a died while moving them
+    b.reclaim(set())
+    assert b.settling() == []
+    assert b.adopted == set()
+    config = node_config(postgres_cluster, pg_database, tmp_path, "node-c")
+    c = open_queue(config, clock=clock).open()  # a node that has "src"
+    try:
+        c.adopt({"src": "pacs"})
+        c.reclaim(set())
+        assert sorted(j.id for j in c.settling()) == sorted(j.id for j in batch)
+    finally:
+        c.close()
+
+
 def test_recover_returns_only_this_node_s_claims(nodes: tuple[Queue, Queue]) -> None:
     a, b = nodes
     fill(a, 6, studies=2)

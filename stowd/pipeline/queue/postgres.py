@@ -718,10 +718,13 @@ class PostgresQueue(Queue):
             self._each_part(
                 db, "UPDATE files SET state = 'pending', lease_until = NULL WHERE id {ids}", ids
             )
+            # only the moves of this node's sources: one it lacks, it could not make (the
+            # rows would stay settling, their lease renewed by this node, for good)
+            mine, known = self._mine()
             settling = db.execute(
                 "SELECT id, node FROM files WHERE state = 'settling' AND node IS DISTINCT FROM ? "
-                "AND lease_until < ? FOR UPDATE SKIP LOCKED",
-                (self.node, now),
+                f"AND lease_until < ?{mine} FOR UPDATE SKIP LOCKED",
+                (self.node, now, *known),
             ).fetchall()
             self._each_part(
                 db,
