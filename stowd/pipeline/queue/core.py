@@ -841,8 +841,9 @@ class Queue:
     def _settle_rows(self, db: Db, node: str, rows: list[tuple[Any, ...]]) -> None:
         """``begin_settle``'s change of each of ``rows`` (id, the state it is known in,
         outcome, target, error, sidecars, note): each row has values of its own.  SQLite:
-        one statement a row (one writer, no round trip: a statement of all of them would
-        cost as much).  The PostgreSQL backend changes them all in one statement."""
+        one statement a row, as before (in process: no round trip a statement; one for all
+        the rows would need ``UPDATE ... FROM``, SQLite 3.33 or later).  The PostgreSQL
+        backend changes them all in one statement."""
         db.executemany(
             "UPDATE files SET state = 'settling', outcome = ?, target = ?, error = ?, "
             "sidecars = COALESCE(?, sidecars), note = COALESCE(?, note), "

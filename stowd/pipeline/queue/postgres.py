@@ -33,7 +33,9 @@ The logic is ``core.Queue``'s; here is what PostgreSQL does its own way:
   folded counts and the appended ones (the views ``tally_now`` and ``throughput_now``), and
   ``fold`` (run by ``recover`` and ``reclaim``, one node at a time) moves the appended rows
   into ``tallies`` and ``throughput`` in one transaction: every snapshot sees each change
-  exactly once.
+  exactly once.  A trigger runs once a statement, so the queue changes a batch's rows with
+  one statement (``id = ANY`` of an array, ``_in``; ``unnest`` where each row has values of
+  its own), never one a row.
 - Paths: TEXT holds only UTF-8 without NUL.  A value that is not (a name with bytes such as
   ``ff fe``, given by ``os.fsdecode`` as lone surrogates), or that begins with ``ESCAPED``, is
   stored as ``ESCAPED`` + the base64 of its bytes, and read back as the same ``str``.
