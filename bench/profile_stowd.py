@@ -100,9 +100,9 @@ def cpu_child(config: str, out: str, sql: bool = False) -> int:
         threads["main"] = time.thread_time()
         usage = resource.getrusage(resource.RUSAGE_SELF)
         process = usage.ru_utime + usage.ru_stime
-        found = {"process": process, "user": usage.ru_utime, "system": usage.ru_stime}
+        found: dict[str, Any] = {"process": process, "threads": threads, "sql": statements}
+        found |= {"user": usage.ru_utime, "system": usage.ru_stime}
         found |= {"switches": usage.ru_nvcsw, "preempted": usage.ru_nivcsw}
-        found |= {"threads": threads, "sql": statements}
         Path(out).write_text(json.dumps(found))
 
 
@@ -113,7 +113,7 @@ def _count_sql(statements: dict[str, list[float]]) -> None:
     from stowd.pipeline.queue import sqlite as queue_sqlite  # noqa: PLC0415
 
     lock = threading.Lock()
-    connection: Any = queue_sqlite._Connection  # noqa: SLF001 - the one seam every statement passes
+    connection: Any = queue_sqlite._Connection  # the one seam every statement passes
 
     def counted(method: Any) -> Any:
         def call(self: Any, sql: str, *args: Any) -> Any:

@@ -161,7 +161,13 @@ def queued(source: str, destination: str, n: int = 1) -> None:
 
 
 def settled(
-    source: str, destination: str, outcome: str, size: int, note: str | None = None, n: int = 1
+    source: str,
+    destination: str,
+    outcome: str,
+    size: int,
+    note: str | None = None,
+    *,
+    n: int = 1,
 ) -> None:
     """A file was moved to sent/ (``outcome`` "sent") or failed/ ("failed"); ``size`` in bytes
     counts only when it was sent; ``note`` (one of ``NOTES``) how a sent one was stored.
