@@ -4,6 +4,7 @@ Usage (from the repository root)::
 
     .venv/bin/python bench/profile_stowd.py --files 5000 [--size 64KiB] [--workers 2] [--top 12]
     .venv/bin/python bench/profile_stowd.py --files 3000 --cpu     # CPU seconds, no profiler
+    .venv/bin/python bench/profile_stowd.py --files 10000 --cpu --sql   # and of each statement
     .venv/bin/python bench/profile_stowd.py --files 20000 --cpu-profile --keep DIR  # CPU time
 
 Generates the files (as bench/throughput.py does), starts ``stowd run`` in a child process
@@ -14,8 +15,12 @@ the archive's answer shows as ``acquire``/``recv``).  The profiler slows stowd d
 compare shares, not absolute times.  Add ``--keep DIR`` to keep the .prof files.
 
 ``--cpu`` runs stowd without the profiler and prints CPU seconds (user + system) per 1,000
-files: of the whole process, and of each thread (``time.thread_time`` when it ends; the
-main thread's when ``stowd run`` returns).  CPU seconds, unlike wall time, hardly depend on
+files: of the whole process (and its user and system parts, and its context switches per
+file), and of each thread (``time.thread_time`` when it ends; the main thread's when
+``stowd run`` returns); with ``--sql`` also the CPU seconds of each of the queue's statements
+(on the thread that runs it, COMMIT's WAL write and fsync included).  ``--log-level INFO``
+runs stowd at its default level (the benchmarks' config logs warnings only) and prints the
+log lines per file.  CPU seconds, unlike wall time, hardly depend on
 what else the machine runs, so runs before and after a change compare on a busy machine.
 ``--cpu-profile`` profiles with each thread's CPU clock (``time.thread_time``) instead of the
 wall clock: own time is then CPU time (waits drop out; each call's profiler cost is added).
