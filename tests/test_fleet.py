@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -314,3 +315,54 @@ def test_a_sqlite_queue_shows_one_node_this_host(tmp_path: Path) -> None:
         ("gw-1", "stopped", 0)
     ]
     assert "node:         gw-1 (this host)" in status.render(data)
+
+
+def _link_options(queue: Queue) -> dict[str, int]:
+    """The TCP options the kernel holds for ``queue``'s connection of this thread."""
+    raw = queue._conn().raw  # type: ignore[attr-defined]
+    sock = socket.socket(fileno=os.dup(raw.fileno()))
+    try:
+        return {
+            "keepalive": sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            "idle": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            "interval": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+            "count": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+            "user_timeout": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+        }
+    finally:
+        sock.close()  # the duplicate only
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        # a link that died without a word is noticed well within a lease: probes after
+        # lease/12 of silence, three of them lease/24 apart; unacknowledged data: lease/4
+        (120.0, {}, {"keepalive": 1, "idle": 10, "interval": 5, "count": 3, "user_timeout": 30000}),
+        (6.0, {}, {"keepalive": 1, "idle": 1, "interval": 1, "count": 3, "user_timeout": 1500}),
+        # what the user's URL says wins
+        (
+            120.0,
+            {"keepalives_idle": "7", "tcp_user_timeout": "45000"},
+            {"keepalive": 1, "idle": 7, "interval": 5, "count": 3, "user_timeout": 45000},
+        ),
+    ],
+)
+def test_a_node_s_database_connections_watch_the_link_within_a_lease(
+    postgres_cluster: PostgresCluster,
+    pg_database: str,
+    tmp_path: Path,
+    case: tuple[float, dict[str, str], dict[str, int]],
+) -> None:
+    """Without keepalives a connection whose link died silently (no FIN, no RST) holds a
+    query for the kernel's retransmissions, about 15 minutes: the node's TCP sockets to
+    the database carry keepalives and a user timeout derived from its lease."""
+    lease, params, expected = case
+    config = replace(
+        node_config(postgres_cluster, pg_database, tmp_path, "node-a", **params), lease=lease
+    )
+    queue = open_queue(config).open()
+    try:
+        assert _link_options(queue) == expected
+    finally:
+        queue.close()
