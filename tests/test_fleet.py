@@ -7,7 +7,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
+import threading
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -21,8 +24,11 @@ from postgres import PASSWORD, PostgresCluster, node_config, pass_time
 
 from stowd.config.load import load_config
 from stowd.pipeline.queue import Classification, Job, NewFile, Queue, open_queue
+from stowd.pipeline.settle import MOVING
 from stowd.service import status
+from stowd.service.daemon import Daemon
 from stowd.service.fleet import Fleet
+from stowd.service.notify import Notifier
 
 pytestmark = pytest.mark.integration
 
@@ -231,6 +237,70 @@ def test_a_running_daemon_finishes_the_moves_of_a_node_whose_lease_expired(
         assert orthanc.instance_count() == 0  # moved, not sent again: it was stored
     finally:
         x.close()
+
+
+def _in(thread: threading.Thread, function: str) -> bool:
+    """Is ``thread`` inside ``function`` now (waiting in it, say)?"""
+    frame = sys._current_frames().get(thread.ident or 0)
+    return any(f.f_code.co_name == function for f, _ in traceback.walk_stack(frame))
+
+
+@pytest.mark.timeout(180)
+def test_the_moves_the_repair_at_start_makes_keep_their_lease_however_long_it_takes(
+    postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path
+) -> None:
+    """node-a died with a move recorded but not made; at its next start its repair makes
+    it, held up here for longer than a lease (by the lock of moves, as a copy of a big file
+    across filesystems would): the fleet thread renews the move's lease from before the
+    repair, so node-b, reclaiming all the while, never takes the move over to make it too."""
+    layout = _pg_layout(
+        tmp_path / "a", "http://127.0.0.1:9/dicom-web", postgres_cluster, pg_database, "node-a",
+        lease="6s",
+    )  # fmt: skip
+    config = load_config(layout.config)
+    path = layout.drop / "x.dcm"
+    make_instance(path)
+    st = path.stat()
+    clock = Clock(time.time())
+    last = open_queue(config, clock=clock).open()  # node-a's last run, which died
+    try:
+        last.enqueue([NewFile("ct1", "pacs", str(path), "x.dcm", st.st_size, st.st_mtime_ns)])
+        [job] = last.unclassified(1)
+        last.set_classified([Classification(job, "dicom", "st", "sop", "1.2")])
+        [job] = last.claim_batch(["pacs"], pick=pick_all, candidates=1, lease=6)
+        target = layout.sent / "x.dcm"
+        assert last.begin_settle([(job, "sent", str(target), None)]) == {}
+        pass_time(last, clock, 3600)  # the lease of its move ran out long ago
+    finally:
+        last.close()
+    b = open_queue(node_config(postgres_cluster, pg_database, tmp_path, "node-b")).open()
+    daemon = Daemon(config, Notifier({}))
+
+    def start() -> None:  # a daemon's start up to its workers (``Daemon.run``)
+        daemon.queue.open()
+        try:
+            daemon._recover()
+        finally:
+            if daemon.fleet is not None:
+                daemon.fleet.close()
+            daemon.queue.close()
+
+    runner = threading.Thread(target=start, name="daemon-a-start", daemon=True)
+    try:
+        with MOVING:  # the repair waits here
+            runner.start()
+            wait_for(lambda: _in(runner, "repair"), 60, "the repair at start")
+            until = time.monotonic() + 6 * 1.5
+            while time.monotonic() < until:
+                assert b.reclaim(set()) == 0
+                assert not b.settling(), "node-b took over a move node-a is making"
+                time.sleep(0.5)
+        wait_for(lambda: b.counts() == {"sent": 1}, 60, "the move made")
+        assert target.exists() and not path.exists()
+    finally:
+        runner.join(60)
+        b.close()
+    assert not runner.is_alive()
 
 
 def test_status_shows_each_node_alive_or_vanished_with_its_claims_and_rate(

@@ -199,6 +199,7 @@ class Migration:
         self.walking = threading.Event()  # set once the walk queued its first chunk, or ended
         self.skipped = 0
         self.unsettled: set[int] = set()
+        self.repairing: set[int] = set()  # the moves the repair at start finishes
         self.move_problems: dict[int, OSError] = {}  # why each stuck move failed last
         self.finder: Finder | None = None  # made with the workers, closed after them
         self.senders: list[Worker] = []  # their requests in flight: status and the page
@@ -236,8 +237,6 @@ class Migration:
             self.pauses.carry(self.queue.holds().get(self.opts.destination))
             self._refuse_other_mode()
             self._recover()
-            if self.fleet is not None:
-                self.fleet.start()
             self._say_paused()
             threads = self._start()
             self._wait()
@@ -280,7 +279,14 @@ class Migration:
         returned = self.queue.recover()
         self.queue.adopt({s.name: s.destination for s in self.config.sources})
         sources = {s.name: s for s in self.config.sources}
-        _, self.unsettled = repair(self.queue, sources=sources, problems=self.move_problems)
+        # the fleet thread first: the repair's moves are renewed while it makes them
+        self.repairing = {j.id for j in self.queue.settling()}
+        if self.fleet is not None:
+            self.fleet.start()
+        try:
+            _, self.unsettled = repair(self.queue, sources=sources, problems=self.move_problems)
+        finally:
+            self.repairing = set()
         clear_spool(self.config)
         for source in self.sources:
             self.queue.replan(source.name, digest(self.config, source))
@@ -333,8 +339,9 @@ class Migration:
         return threads, [client]
 
     def _held(self) -> set[int]:
-        """The rows this run holds (its senders' claims and settles, its retried moves)."""
-        held = set(self.unsettled)
+        """The rows this run holds (its senders' claims and settles, its retried moves, the
+        moves the repair at start makes)."""
+        held = self.unsettled | self.repairing
         for worker in list(self.senders):
             held |= worker.held
         return held

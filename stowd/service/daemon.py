@@ -118,6 +118,7 @@ class Daemon:
         self.generation = Generation(config)
         self.lingering: list[Generation] = []  # replaced by a reload, a thread still busy
         self.unsettled: set[int] = set()  # moves that failed (disk full, permissions)
+        self._repairing: set[int] = set()  # the moves the repair at start finishes
         self._stuck: str | None = None  # which thread keeps the watchdog unfed, as logged
         self.disks = Disks(config)  # which disks are full (logged once per condition)
         self._deaths: dict[str, deque[float]] = {}  # when each thread died (recent ones)
@@ -160,8 +161,6 @@ class Daemon:
         self.queue.open()
         try:
             self._recover()
-            if self.fleet is not None:
-                self.fleet.start()
             self.receivers.start(self.config)
             self._pace(self.config)
             self.generation = self._start(self.config)
@@ -189,7 +188,16 @@ class Daemon:
         returned = self.queue.recover()
         self.queue.clear_troubles()
         self._adopt(self.config)
-        repaired, self.unsettled = repair(self.queue, sources=self._sources())
+        # the fleet thread first: the moves the repair finishes (a copy across filesystems
+        # may take longer than a lease) are renewed while it makes them, so that no other
+        # node takes one over and moves its file at the same time
+        self._repairing = {j.id for j in self.queue.settling()}
+        if self.fleet is not None:
+            self.fleet.start()
+        try:
+            repaired, self.unsettled = repair(self.queue, sources=self._sources())
+        finally:
+            self._repairing = set()
         clear_spool(self.config)
         self._replan(self.config)
         counts = self.queue.counts()
@@ -401,8 +409,8 @@ class Daemon:
 
     def _held(self) -> set[int]:
         """The rows this node holds: its senders' claims and settles, the moves it retries
-        (their leases renewed by the fleet thread)."""
-        return self._senders_held() | set(self.unsettled)
+        (their leases renewed by the fleet thread), and the moves the start's repair makes."""
+        return self._senders_held() | set(self.unsettled) | self._repairing
 
     def _claiming(self) -> bool:
         return self.fleet is None or self.fleet.claiming
