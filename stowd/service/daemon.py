@@ -125,6 +125,9 @@ class Daemon:
         self._dying_said: set[str] = set()  # threads recorded as dying (for stowd status)
         self._queue_failing = False  # the upkeep could not write to the queue (said once)
         self._replan_due: Config | None = None  # a reload's config, until its replan is done
+        self._replanning = threading.Lock()  # one replan at a time (main thread or upkeep)
+        self._due_lock = threading.Lock()  # guards ``_replan_due`` between those threads
+        self._adopted: Config | None = None  # the config whose sources the queue last took
         self.metrics_server: metrics.Server | None = None
         self.http_server: web.Server | None = None
         self._shared: dict[str, object] | None = None  # last written for status
@@ -211,6 +214,7 @@ class Daemon:
 
     def _adopt(self, config: Config) -> None:
         orphans = self.queue.adopt({s.name: s.destination for s in config.sources})
+        self._adopted = config
         for source, count in orphans.items():
             log.warning(
                 "%d queued file(s) belong to source %r, which is no longer configured; "
@@ -242,7 +246,7 @@ class Daemon:
                     finder=gen.finder,
                     disks=self.disks,
                     limit=limit,
-                    claiming=None if self.fleet is None else self._claiming,
+                    claiming=self._claiming,
                 )
                 gen.senders.append(worker)
                 _spawn(gen, f"send-{name}-{n}", worker.run)
@@ -343,13 +347,19 @@ class Daemon:
         """Queued files of sources no longer configured wait; files read with other rules
         are read again.  On the upkeep's thread, tried again until the queue takes it (a
         database away at a reload must not end the daemon, nor leave it without workers)."""
-        new = self._replan_due
-        if new is None:
-            return
-        self._adopt(new)
-        self._replan(new)
-        if self._replan_due is new:
-            self._replan_due = None
+        if not self._replanning.acquire(blocking=False):
+            return  # the other thread replans now; the upkeep then takes the newest config
+        try:
+            new = self._replan_due
+            if new is None:
+                return
+            self._adopt(new)  # an older config's adopt never lands after a newer one's
+            self._replan(new)
+            with self._due_lock:
+                if self._replan_due is new:  # else a newer reload came meanwhile: it is due
+                    self._replan_due = None
+        finally:
+            self._replanning.release()
 
     def _guarded(self, step: Callable[[], bool | None]) -> bool:
         """Run one upkeep step; its trouble is logged (a queue that cannot be written,
@@ -413,7 +423,10 @@ class Daemon:
         return self._senders_held() | set(self.unsettled) | self._repairing
 
     def _claiming(self) -> bool:
-        return self.fleet is None or self.fleet.claiming
+        """May the senders claim?  Only once the queue took the running config's sources
+        (after a reload whose adopt failed, a removed source's rows would be sent, and sent
+        again, until it succeeds) and, with a shared queue, while this node reaches it."""
+        return self._adopted is self.config and (self.fleet is None or self.fleet.claiming)
 
     # -- schedule (transfer windows) --
     def _note_windows(self) -> None:
@@ -485,7 +498,8 @@ class Daemon:
         self.disks.watch(new)
         for warning in new.warnings:
             log.warning("%s", warning)
-        self._replan_due = new
+        with self._due_lock:
+            self._replan_due = new
         self._guarded(self._replan_after_reload)  # else by the upkeep, until the queue takes it
         self.receivers.sync(new)
         self.generation = self._start(new)
