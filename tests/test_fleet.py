@@ -16,13 +16,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+import yaml
 from dicomgen import make_instance
 from harness import Clock, Layout, Stowd, make_layout, make_watch_folders, wait_for
 from orthanc import Orthanc
 from postgres import PASSWORD, PostgresCluster, node_config, pass_time
 
 from stowd.config.load import load_config
+from stowd.config.model import Config
 from stowd.pipeline.queue import Classification, Job, NewFile, Queue, open_queue
 from stowd.pipeline.settle import MOVING
 from stowd.service import status
@@ -301,6 +304,76 @@ def test_the_moves_the_repair_at_start_makes_keep_their_lease_however_long_it_ta
         runner.join(60)
         b.close()
     assert not runner.is_alive()
+
+
+@pytest.mark.timeout(120)
+def test_of_two_reloads_replanned_at_once_the_newest_config_s_adopt_lands_last(
+    postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path
+) -> None:
+    """The upkeep retries the replan of a reload (ct1 -> pacs) and is held up in its adopt
+    (here by a row another session has locked); meanwhile the main thread replans a newer
+    reload (ct1 -> archive2).  The queue ends with the newest config: ct1's files go to
+    archive2, never back to pacs by the older adopt landing last."""
+    layout = _pg_layout(
+        tmp_path / "a", "http://127.0.0.1:9/dicom-web", postgres_cluster, pg_database, "node-a"
+    )
+    doc = yaml.safe_load(layout.config.read_text())
+    ct1 = doc["sources"][0]
+    ct2 = {**ct1, "name": "ct2", "watch": "./drop2", "sent": "./done2/sent"}
+    ct2["failed"] = "./done2/failed"
+    (layout.root / "drop2").mkdir()
+    doc["destinations"]["archive2"] = doc["destinations"]["pacs"]
+    layout.config.write_text(yaml.safe_dump({**doc, "sources": [ct2, ct1]}))
+    older = load_config(layout.config)
+    layout.config.write_text(
+        yaml.safe_dump({**doc, "sources": [{**ct1, "destination": "archive2"}]})
+    )
+    newer = load_config(layout.config)
+    daemon = Daemon(older, Notifier({}))
+    daemon.queue.open()
+    locker = psycopg.connect(postgres_cluster.url(pg_database), password=PASSWORD)
+    try:
+        daemon._recover()
+        daemon.queue.enqueue([NewFile("ct1", "pacs", "/d/a.dcm", "a.dcm", 10, 1)])
+        daemon.queue.enqueue([NewFile("ct2", "archive2", "/d2/b.dcm", "b.dcm", 10, 1)])
+
+        def replan(config: Config) -> threading.Thread:
+            def run() -> None:
+                daemon._replan_due = config
+                daemon._guarded(daemon._replan_after_reload)
+                daemon.queue.release_connection()
+
+            thread = threading.Thread(target=run, daemon=True)
+            thread.start()
+            return thread
+
+        def waiting() -> bool:  # (a session of its own: a transaction's view is a snapshot)
+            with psycopg.connect(
+                postgres_cluster.url(pg_database), password=PASSWORD, autocommit=True
+            ) as look:
+                row = look.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database()"
+                ).fetchone()
+            return bool(row and row[0])
+
+        locker.execute("SELECT id FROM files WHERE source = 'ct2' FOR UPDATE")
+        upkeep = replan(older)  # its adopt waits for ct2's row
+        wait_for(waiting, 30, "the older replan's adopt to wait")
+        main = replan(newer)
+        main.join(30)  # done, or left to the upkeep
+        locker.commit()
+        upkeep.join(30)
+        for _ in range(3):  # the upkeep's next rounds
+            daemon._guarded(daemon._replan_after_reload)
+        assert daemon._replan_due is None
+        [job] = [j for j in daemon.queue.jobs() if j.source == "ct1"]
+        assert job.destination == "archive2", "the older config's adopt landed last"
+    finally:
+        locker.close()
+        if daemon.fleet is not None:
+            daemon.fleet.close()
+        daemon.queue.close()
 
 
 def test_status_shows_each_node_alive_or_vanished_with_its_claims_and_rate(
