@@ -92,7 +92,7 @@ class Worker:
         client: StowClient,
         stop: threading.Event,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         unsettled: set[int] | None = None,
         classify_lock: threading.Lock | None = None,
         finder: Finder | None = None,
@@ -114,7 +114,7 @@ class Worker:
         self.name = destination.name  # its log lines and metrics name it
         self.client = client
         self.stop = stop
-        self.clock = clock
+        self.clock = clock or queue.clock  # the queue's: the clock of the times it keeps
         self._lease = lease(destination)
         # a shared queue's claim: the node's lease, renewed while it is held (fleet.py);
         # SQLite's: the upload's deadlines (its one daemon reclaims only what none holds)

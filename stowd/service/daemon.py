@@ -658,7 +658,7 @@ class Daemon:
         )
 
     def _housekeeping(self) -> None:
-        now = time.time()
+        now = self.queue.clock()  # done_at is on the queue's clock (a shared one: the database's)
         forgotten = self.queue.forget_done(now - self.config.history_days * 86400)
         if forgotten:
             log.info(

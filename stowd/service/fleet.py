@@ -26,7 +26,6 @@ import logging
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable, Collection
 
 from stowd import __version__
@@ -48,15 +47,15 @@ class Fleet:
         queue: Queue,
         held: Callable[[], Collection[int]],
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.node = config.node
         self.lease = config.lease
         self.queue = queue
         self.held = held
-        self.clock = clock
+        self.clock = clock or queue.clock  # the queue's: the clock of the times it keeps
         self.every = min(HEARTBEAT_EVERY, self.lease / 3)
-        self.started = clock()
+        self.started = self.clock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lost_since: float | None = None  # when a renewal first failed (None: fine)
