@@ -29,7 +29,12 @@ def open_queue(
     from stowd.pipeline.queue.postgres import PostgresQueue  # noqa: PLC0415 - the extra
 
     return PostgresQueue(
-        config.database, anchor=config.queue, node=config.node, clock=clock, readonly=readonly
+        config.database,
+        anchor=config.queue,
+        node=config.node,
+        clock=clock,
+        readonly=readonly,
+        lease=config.lease,
     )
 
 

@@ -66,8 +66,9 @@ from typing import Any, Self
 
 import psycopg
 from psycopg import errors as pgerrors
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from stowd.config.model import Database
+from stowd.config.model import DEFAULT_LEASE, Database
 from stowd.errors import (
     QueueError,
     QueueFull,
@@ -101,6 +102,7 @@ SCHEMA_VERSION = 3
 FEATURES = 9  # what ``core`` asks of a schema: as SQLite's schema 9 (tallies, throughput)
 ESCAPED = "\x7fstowd-bytes:"  # a stored value that is the base64 of a str's bytes follows
 CONNECT_TIMEOUT = 10  # seconds
+KEEPALIVE_PROBES = 3  # unanswered TCP keepalive probes before a link is given up (link_watch)
 SETTLE_LEASE = 300.0  # seconds: how long a settling row is its node's alone (from the decision)
 _MIGRATION_LOCK = 0x73746F7764  # "stowd": the advisory lock of a schema change
 _FOLD_LOCK = 0x73746F7765  # the advisory lock of a fold (one node at a time)
@@ -326,10 +328,34 @@ class _PgDb:
         self.raw.close()
 
 
-def _connect(database: Database, node: str, timeout: float) -> psycopg.Connection[Any]:
+def link_watch(url: str, lease: float) -> dict[str, int]:
+    """libpq's TCP keepalives and ``tcp_user_timeout`` for a connection of a node whose
+    leases last ``lease`` seconds, but those ``url`` sets itself (the user's word wins).
+
+    A link that dies without a word (a firewall's state dropped, a cable pulled: no FIN, no
+    RST) otherwise holds a query in flight for the kernel's retransmissions, about 15
+    minutes, and its thread (a sender, the fleet's renewals) with it.  With these, a waiting
+    connection probes the link after ``lease``/12 of silence and gives up after three
+    unanswered probes ``lease``/24 apart (about ``lease``/5 in all), and a request the
+    database never acknowledges fails after ``lease``/4: well within a lease, so the node
+    reconnects (or says it lost the database) before other nodes take its files over."""
+    given = conninfo_to_dict(url)
+    watch = {
+        "keepalives": 1,
+        "keepalives_idle": max(1, round(lease / 12)),
+        "keepalives_interval": max(1, round(lease / 24)),
+        "keepalives_count": KEEPALIVE_PROBES,
+        "tcp_user_timeout": max(1000, round(lease / 4 * 1000)),  # milliseconds
+    }
+    return {k: v for k, v in watch.items() if k not in given}
+
+
+def _connect(
+    database: Database, node: str, timeout: float, lease: float = DEFAULT_LEASE
+) -> psycopg.Connection[Any]:
     password = database.password.value() if database.password is not None else None
     return psycopg.connect(
-        database.url,
+        make_conninfo(database.url, **link_watch(database.url, lease)),
         password=password,
         autocommit=True,
         connect_timeout=max(1, int(timeout)),
@@ -371,6 +397,7 @@ class PostgresQueue(Queue):
         node: str,
         clock: Callable[[], float] | None = None,
         readonly: bool = False,
+        lease: float = DEFAULT_LEASE,
         host_clock: Callable[[], float] = time.time,
     ) -> None:
         """``clock``: None, this host's (``host_clock``) corrected to the database's (see the
@@ -380,6 +407,7 @@ class PostgresQueue(Queue):
         self._corrected = clock is None
         super().__init__(anchor, clock=clock or self._database_clock, readonly=readonly, node=node)
         self.database = database
+        self.lease = lease  # a dead link to the database is noticed well within it
         self._node_db: _PgDb | None = None  # holds the node's name (``_take_node``)
         self._named = False  # this daemon holds the node's name (keeps it: ``_keep_node``)
         self._sources: tuple[str, ...] | None = None  # this node's config's (``adopt``)
@@ -508,7 +536,7 @@ class PostgresQueue(Queue):
 
     def _connect(self) -> _PgDb:
         try:
-            raw = _connect(self.database, self.node, CONNECT_TIMEOUT)
+            raw = _connect(self.database, self.node, CONNECT_TIMEOUT, self.lease)
         except SecretUnavailable as exc:
             raise QueueError(f"cannot connect to the queue {self.database.shown()}: {exc}") from exc
         except psycopg.Error as exc:
