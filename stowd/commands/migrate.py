@@ -233,6 +233,7 @@ class Migration:
     def run(self) -> Summary:
         """Raises ``QueueError`` when the queue cannot be used (another stowd holds it)."""
         self.queue.open()
+        self.started = self.pauses.started = self.queue.clock()  # the clock of the queue's times
         self._serve_page()
         try:
             self.pauses.carry(self.queue.holds().get(self.opts.destination))
@@ -463,7 +464,7 @@ class Migration:
                 next_reclaim = began + self._reclaim_every()
             self.pauses.started = self.started  # the run's (another node may have begun it)
             tally = self.queue.run_tally(self.names, self.started)
-            self._update_pauses(time.time())
+            self._update_pauses(self.queue.clock())
             # counting a million rows takes a while: look less often, never hog the queue
             tick = max(TICK, QUERY_SHARE * (time.monotonic() - began))
             if self.scanned.is_set() and self._nothing_left(tally):
@@ -578,7 +579,7 @@ class Migration:
             self.finder.close()
 
     def _show(self, tally: dict[str, tuple[int, int]], end: str = "\n") -> None:
-        at = time.time()
+        at = self.queue.clock()
         seconds = max(0.0, self.pauses.answering(at) - self.paused.seconds)
         errors = len(self.scan_errors)
         hold = self.pauses.hold
@@ -606,7 +607,7 @@ class Migration:
             *(unmoved_entry(j, self.move_problems.get(j.id)) for j in self._stuck()),
             *(unreadable_entry(path, exc) for path, exc in self.scan_errors),
         ]
-        seconds = time.time() - self.started
+        seconds = self.queue.clock() - self.started
         interrupted = self.signals > 0 and not self.crashed
         walks = self.queue.walks(self.names)
         skipped = sum(w.skipped for w in walks) if walks else self.skipped

@@ -680,8 +680,8 @@ class Daemon:
         )
 
     def _housekeeping(self) -> None:
-        now = time.time()
-        forgotten = self.queue.forget_done(now - self.config.history_days * 86400)
+        now = time.time()  # sent/'s files' times; a row's done_at is on the queue's clock
+        forgotten = self.queue.forget_done(self.queue.clock() - self.config.history_days * 86400)
         if forgotten:
             log.info(
                 "forgot %d finished job(s) older than %g days", forgotten, self.config.history_days

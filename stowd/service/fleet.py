@@ -28,7 +28,6 @@ import logging
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable, Collection
 
 from stowd import __version__
@@ -51,16 +50,16 @@ class Fleet:
         held: Callable[[], Collection[int]],
         *,
         also: Callable[[], object] | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.node = config.node
         self.lease = config.lease
         self.queue = queue
         self.held = held
         self.also = also  # more renewals, after each beat (it says its own trouble)
-        self.clock = clock
+        self.clock = clock or queue.clock  # the queue's: the clock of the times it keeps
         self.every = min(HEARTBEAT_EVERY, self.lease / 3)
-        self.started = clock()
+        self.started = self.clock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lost_since: float | None = None  # when a renewal first failed (None: fine)
