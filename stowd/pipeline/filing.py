@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import threading
-import time
 import weakref
 from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future
@@ -64,14 +63,14 @@ class Filing:
         queue: Queue,
         *,
         name: str,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         unsettled: set[int] | None = None,
         disks: Disks | None = None,
     ) -> None:
         self.config = config
         self.queue = queue
         self.name = name
-        self.clock = clock
+        self.clock = clock or queue.clock  # the queue's: the clock of the times it keeps
         self.policy = RetryPolicy(config.retry)  # how long a file or a destination waits
         self.unsettled = set() if unsettled is None else unsettled
         self.disks = disks
