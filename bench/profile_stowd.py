@@ -4,6 +4,7 @@ Usage (from the repository root)::
 
     .venv/bin/python bench/profile_stowd.py --files 5000 [--size 64KiB] [--workers 2] [--top 12]
     .venv/bin/python bench/profile_stowd.py --files 3000 --cpu     # CPU seconds, no profiler
+    .venv/bin/python bench/profile_stowd.py --files 10000 --cpu --sql   # and of each statement
     .venv/bin/python bench/profile_stowd.py --files 20000 --cpu-profile --keep DIR  # CPU time
 
 Generates the files (as bench/throughput.py does), starts ``stowd run`` in a child process
@@ -14,8 +15,12 @@ the archive's answer shows as ``acquire``/``recv``).  The profiler slows stowd d
 compare shares, not absolute times.  Add ``--keep DIR`` to keep the .prof files.
 
 ``--cpu`` runs stowd without the profiler and prints CPU seconds (user + system) per 1,000
-files: of the whole process, and of each thread (``time.thread_time`` when it ends; the
-main thread's when ``stowd run`` returns).  CPU seconds, unlike wall time, hardly depend on
+files: of the whole process (and its user and system parts, and its context switches per
+file), and of each thread (``time.thread_time`` when it ends; the main thread's when
+``stowd run`` returns); with ``--sql`` also the CPU seconds of each of the queue's statements
+(on the thread that runs it, COMMIT's WAL write and fsync included).  ``--log-level INFO``
+runs stowd at its default level (the benchmarks' config logs warnings only) and prints the
+log lines per file.  CPU seconds, unlike wall time, hardly depend on
 what else the machine runs, so runs before and after a change compare on a busy machine.
 ``--cpu-profile`` profiles with each thread's CPU clock (``time.thread_time``) instead of the
 wall clock: own time is then CPU time (waits drop out; each call's profiler cost is added).
@@ -76,11 +81,15 @@ def profiled_child(config: str, out: str, timer: str = "wall") -> int:
             profile.dump_stats(f"{out}.{name}")
 
 
-def cpu_child(config: str, out: str) -> int:
-    """Run ``stowd run -c config`` here; write the CPU seconds of it and each thread to ``out``."""
+def cpu_child(config: str, out: str, sql: bool = False) -> int:
+    """Run ``stowd run -c config`` here; write the CPU seconds of it and each thread to ``out``
+    (*sql*: and of the queue's SQL statements, by statement)."""
     from stowd.commands.cli import main  # noqa: PLC0415 - the patched Thread.run is in place
 
     threads: dict[str, float] = {}
+    statements: dict[str, list[float]] = {}
+    if sql:
+        _count_sql(statements)
     original = threading.Thread.run
 
     def run(self: threading.Thread) -> None:
@@ -96,15 +105,55 @@ def cpu_child(config: str, out: str) -> int:
         threads["main"] = time.thread_time()
         usage = resource.getrusage(resource.RUSAGE_SELF)
         process = usage.ru_utime + usage.ru_stime
-        Path(out).write_text(json.dumps({"process": process, "threads": threads}))
+        found: dict[str, Any] = {"process": process, "threads": threads, "sql": statements}
+        found |= {"user": usage.ru_utime, "system": usage.ru_stime}
+        found |= {"switches": usage.ru_nvcsw, "preempted": usage.ru_nivcsw}
+        Path(out).write_text(json.dumps(found))
+
+
+def _count_sql(statements: dict[str, list[float]]) -> None:
+    """Count the calling thread's CPU seconds in each of the queue's ``execute`` and
+    ``executemany`` calls (the statement's step included; COMMIT is where a transaction's
+    WAL write and fsync are), by the statement's first 60 characters."""
+    from stowd.pipeline.queue import sqlite as queue_sqlite  # noqa: PLC0415
+
+    lock = threading.Lock()
+    connection: Any = queue_sqlite._Connection  # the one seam every statement passes
+
+    def counted(method: Any) -> Any:
+        def call(self: Any, sql: str, *args: Any) -> Any:
+            started = time.thread_time()
+            try:
+                return method(self, sql, *args)
+            finally:
+                key = " ".join(sql.split())[:60]
+                with lock:
+                    entry = statements.setdefault(key, [0, 0.0])
+                    entry[0] += 1
+                    entry[1] += time.thread_time() - started
+
+        return call
+
+    connection.execute = counted(connection.execute)
+    connection.executemany = counted(connection.executemany)
 
 
 def cpu_report(out: Path, files: int) -> None:
     found = json.loads(out.read_text())
     per = 1000 / files
-    print(f"CPU seconds per 1,000 files: stowd process {found['process'] * per:.3f}")
+    print(
+        f"CPU seconds per 1,000 files: stowd process {found['process'] * per:.3f} "
+        f"(user {found['user'] * per:.3f}, system {found['system'] * per:.3f}); context "
+        f"switches per file {found['switches'] / files:.1f} waiting, "
+        f"{found['preempted'] / files:.1f} preempted"
+    )
     for name, seconds in sorted(found["threads"].items(), key=lambda item: -item[1]):
         print(f"  thread {name:<28} {seconds * per:.3f}")
+    if found["sql"]:
+        total = sum(seconds for _, seconds in found["sql"].values())
+        print(f"  of which the queue's SQL (calls, CPU s per 1,000 files)    {total * per:.3f}")
+        for key, (calls, seconds) in sorted(found["sql"].items(), key=lambda item: -item[1][1]):
+            print(f"    {calls:>7} {seconds * per:.3f}  {key}")
 
 
 def report(folder: Path, top: int) -> None:
@@ -118,7 +167,7 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         return profiled_child(sys.argv[2], sys.argv[3], sys.argv[4])
     if len(sys.argv) > 1 and sys.argv[1] == "--cpu-child":
-        return cpu_child(sys.argv[2], sys.argv[3])
+        return cpu_child(sys.argv[2], sys.argv[3], sql=sys.argv[4:] == ["sql"])
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -130,6 +179,15 @@ def main() -> int:
     parser.add_argument("--keep", type=Path, help="copy the .prof files into this folder")
     parser.add_argument(
         "--cpu", action="store_true", help="no profiler: CPU seconds per thread and process"
+    )
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        help="stowd's log_level (its default is INFO: a line per file sent; the log goes to "
+        "stowd.log in the run's folder, as in bench/throughput.py)",
+    )
+    parser.add_argument(
+        "--sql", action="store_true", help="with --cpu: and the CPU seconds of each SQL statement"
     )
     parser.add_argument(
         "--cpu-profile",
@@ -148,6 +206,9 @@ def profile(args: argparse.Namespace, url: str) -> int:
         work = tmp / "work"
         work.mkdir()
         config = stowd_config(work, url, args.workers, 50)
+        if args.log_level != "WARNING":  # the benchmarks' own config logs warnings only
+            text = config.read_text().replace("log_level: WARNING", f"log_level: {args.log_level}")
+            config.write_text(text)
         for study in sorted((tmp / "stage").iterdir()):
             shutil.copytree(study, work / "incoming" / study.name, copy_function=os.link)
         out = tmp / ("cpu.json" if args.cpu else "stowd.prof")
@@ -155,7 +216,11 @@ def profile(args: argparse.Namespace, url: str) -> int:
         command = [sys.executable, __file__, child, str(config), str(out)]
         if not args.cpu:
             command.append("cpu" if args.cpu_profile else "wall")
-        proc = subprocess.Popen(command, env=stowd_env(), cwd=work)
+        elif args.sql:
+            command.append("sql")
+        log = (work / "stowd.log").open("wb")  # as bench/throughput.py runs it
+        proc = subprocess.Popen(command, stderr=log, env=stowd_env(), cwd=work)
+        log.close()  # the child has its own descriptor
         wait_started(work / "state" / "queue.db", proc)
         started = time.monotonic()
         for study in sorted((work / "incoming").iterdir()):
@@ -168,6 +233,9 @@ def profile(args: argparse.Namespace, url: str) -> int:
         if args.cpu:
             print(f"{total} files of {args.size}: {total / seconds:.0f} files/s")
             cpu_report(out, total)
+            with (work / "stowd.log").open("rb") as log_file:
+                lines = sum(1 for _ in log_file)
+            print(f"  log lines (log_level {args.log_level}) per file {lines / total:.2f}")
             return 0
         print(f"{total} files of {args.size}: {total / seconds:.0f} files/s under the profiler")
         report(tmp, args.top)

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -27,6 +28,7 @@ from dicomgen import (
 )
 from harness import Layout, Stowd, make_layout, run_cli, wait_for
 from orthanc import Orthanc
+from stowproxy import StowProxy
 
 
 def status(layout: Layout) -> dict[str, object]:
@@ -166,6 +168,63 @@ def test_archive_down_mid_run_holds_files_then_sends_them(tmp_path: Path, orthan
         assert layout.files(layout.failed) == set()
         assert status(layout)["destinations"]["pacs"]["state"] == "ok"  # type: ignore[index]
         assert daemon.alive()
+
+
+def test_one_outage_counts_once_however_many_workers_failed_in_it(
+    tmp_path: Path, orthanc: Orthanc
+) -> None:
+    """Four workers' requests are in flight when the archive goes down: they all fail, but
+    it is one outage, so the hold waits ``retry.initial`` (its first step), not that grown
+    once per failed request (x 2^3 here: minutes with longer waits)."""
+    outage = threading.Event()  # set: the archive is down; the proxy drops every request
+    four = threading.Event()
+
+    def on_arrival(number: int) -> bool:
+        if number == 4:
+            four.set()
+        if number <= 4:  # the first four requests wait for the archive to go down
+            outage.wait(120)
+        return not outage.is_set()  # False: no answer, the connection closed
+
+    initial = 20.0
+    proxy = StowProxy(orthanc.dicomweb_url)
+    try:
+        proxy.on_arrival = on_arrival
+        url = proxy.base
+        layout = make_layout(
+            tmp_path / "run",
+            url,
+            retry={"initial": f"{initial:g}s", "maximum": "10m", "max_age": "1h"},
+            destinations={"pacs": {"url": url, "workers": 4, "timeouts": {"read": "60s"}}},
+        )
+        uids = {make_instance(layout.drop / f"s{i}.dcm") for i in range(8)}  # 8 studies
+        with Stowd(layout) as daemon:
+            wait_for(four.is_set, 60, "four requests in flight", lambda: daemon.log)
+            orthanc.stop()
+            outage.set()
+            wait_for(
+                lambda: daemon.log.count("stay queued, next try in") >= 4,
+                60,
+                "the four requests to fail",
+                lambda: daemon.log,
+            )
+            pacs = status(layout)["destinations"]["pacs"]  # type: ignore[index]
+            assert pacs["state"] == "held"
+            assert pacs["failures"] == 1, pacs
+            assert pacs["held_until"] - pacs["held_since"] <= initial, pacs
+            orthanc.start()
+            outage.clear()
+            wait_for(
+                lambda: len(layout.files(layout.sent)) == 8,
+                90,
+                "all 8 sent after the hold",
+                lambda: daemon.log,
+            )
+            assert orthanc.sop_instance_uids() == uids
+            assert layout.files(layout.failed) == set()
+    finally:
+        outage.set()  # no request left waiting
+        proxy.stop()
 
 
 def test_archive_killed_mid_request_loses_nothing(tmp_path: Path, orthanc: Orthanc) -> None:

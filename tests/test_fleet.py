@@ -6,22 +6,32 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import sys
+import threading
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+import yaml
 from dicomgen import make_instance
 from harness import Clock, Layout, Stowd, make_layout, make_watch_folders, wait_for
 from orthanc import Orthanc
 from postgres import PASSWORD, PostgresCluster, node_config, pass_time
 
 from stowd.config.load import load_config
+from stowd.config.model import Config
 from stowd.pipeline.queue import Classification, Job, NewFile, Queue, open_queue
+from stowd.pipeline.settle import MOVING
 from stowd.service import status
+from stowd.service.daemon import Daemon
 from stowd.service.fleet import Fleet
+from stowd.service.notify import Notifier
 
 pytestmark = pytest.mark.integration
 
@@ -232,6 +242,140 @@ def test_a_running_daemon_finishes_the_moves_of_a_node_whose_lease_expired(
         x.close()
 
 
+def _in(thread: threading.Thread, function: str) -> bool:
+    """Is ``thread`` inside ``function`` now (waiting in it, say)?"""
+    frame = sys._current_frames().get(thread.ident or 0)
+    return any(f.f_code.co_name == function for f, _ in traceback.walk_stack(frame))
+
+
+@pytest.mark.timeout(180)
+def test_the_moves_the_repair_at_start_makes_keep_their_lease_however_long_it_takes(
+    postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path
+) -> None:
+    """node-a died with a move recorded but not made; at its next start its repair makes
+    it, held up here for longer than a lease (by the lock of moves, as a copy of a big file
+    across filesystems would): the fleet thread renews the move's lease from before the
+    repair, so node-b, reclaiming all the while, never takes the move over to make it too."""
+    layout = _pg_layout(
+        tmp_path / "a", "http://127.0.0.1:9/dicom-web", postgres_cluster, pg_database, "node-a",
+        lease="6s",
+    )  # fmt: skip
+    config = load_config(layout.config)
+    path = layout.drop / "x.dcm"
+    make_instance(path)
+    st = path.stat()
+    clock = Clock(time.time())
+    last = open_queue(config, clock=clock).open()  # node-a's last run, which died
+    try:
+        last.enqueue([NewFile("ct1", "pacs", str(path), "x.dcm", st.st_size, st.st_mtime_ns)])
+        [job] = last.unclassified(1)
+        last.set_classified([Classification(job, "dicom", "st", "sop", "1.2")])
+        [job] = last.claim_batch(["pacs"], pick=pick_all, candidates=1, lease=6)
+        target = layout.sent / "x.dcm"
+        assert last.begin_settle([(job, "sent", str(target), None)]) == {}
+        pass_time(last, clock, 3600)  # the lease of its move ran out long ago
+    finally:
+        last.close()
+    b = open_queue(node_config(postgres_cluster, pg_database, tmp_path, "node-b")).open()
+    daemon = Daemon(config, Notifier({}))
+
+    def start() -> None:  # a daemon's start up to its workers (``Daemon.run``)
+        daemon.queue.open()
+        try:
+            daemon._recover()
+        finally:
+            if daemon.fleet is not None:
+                daemon.fleet.close()
+            daemon.queue.close()
+
+    runner = threading.Thread(target=start, name="daemon-a-start", daemon=True)
+    try:
+        with MOVING:  # the repair waits here
+            runner.start()
+            wait_for(lambda: _in(runner, "repair"), 60, "the repair at start")
+            until = time.monotonic() + 6 * 1.5
+            while time.monotonic() < until:
+                assert b.reclaim(set()) == 0
+                assert not b.settling(), "node-b took over a move node-a is making"
+                time.sleep(0.5)
+        wait_for(lambda: b.counts() == {"sent": 1}, 60, "the move made")
+        assert target.exists() and not path.exists()
+    finally:
+        runner.join(60)
+        b.close()
+    assert not runner.is_alive()
+
+
+@pytest.mark.timeout(120)
+def test_of_two_reloads_replanned_at_once_the_newest_config_s_adopt_lands_last(
+    postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path
+) -> None:
+    """The upkeep retries the replan of a reload (ct1 -> pacs) and is held up in its adopt
+    (here by a row another session has locked); meanwhile the main thread replans a newer
+    reload (ct1 -> archive2).  The queue ends with the newest config: ct1's files go to
+    archive2, never back to pacs by the older adopt landing last."""
+    layout = _pg_layout(
+        tmp_path / "a", "http://127.0.0.1:9/dicom-web", postgres_cluster, pg_database, "node-a"
+    )
+    doc = yaml.safe_load(layout.config.read_text())
+    ct1 = doc["sources"][0]
+    ct2 = {**ct1, "name": "ct2", "watch": "./drop2", "sent": "./done2/sent"}
+    ct2["failed"] = "./done2/failed"
+    (layout.root / "drop2").mkdir()
+    doc["destinations"]["archive2"] = doc["destinations"]["pacs"]
+    layout.config.write_text(yaml.safe_dump({**doc, "sources": [ct2, ct1]}))
+    older = load_config(layout.config)
+    layout.config.write_text(
+        yaml.safe_dump({**doc, "sources": [{**ct1, "destination": "archive2"}]})
+    )
+    newer = load_config(layout.config)
+    daemon = Daemon(older, Notifier({}))
+    daemon.queue.open()
+    locker = psycopg.connect(postgres_cluster.url(pg_database), password=PASSWORD)
+    try:
+        daemon._recover()
+        daemon.queue.enqueue([NewFile("ct1", "pacs", "/d/a.dcm", "a.dcm", 10, 1)])
+        daemon.queue.enqueue([NewFile("ct2", "archive2", "/d2/b.dcm", "b.dcm", 10, 1)])
+
+        def replan(config: Config) -> threading.Thread:
+            def run() -> None:
+                daemon._replan_due = config
+                daemon._guarded(daemon._replan_after_reload)
+                daemon.queue.release_connection()
+
+            thread = threading.Thread(target=run, daemon=True)
+            thread.start()
+            return thread
+
+        def waiting() -> bool:  # (a session of its own: a transaction's view is a snapshot)
+            with psycopg.connect(
+                postgres_cluster.url(pg_database), password=PASSWORD, autocommit=True
+            ) as look:
+                row = look.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database()"
+                ).fetchone()
+            return bool(row and row[0])
+
+        locker.execute("SELECT id FROM files WHERE source = 'ct2' FOR UPDATE")
+        upkeep = replan(older)  # its adopt waits for ct2's row
+        wait_for(waiting, 30, "the older replan's adopt to wait")
+        main = replan(newer)
+        main.join(30)  # done, or left to the upkeep
+        locker.commit()
+        upkeep.join(30)
+        for _ in range(3):  # the upkeep's next rounds
+            daemon._guarded(daemon._replan_after_reload)
+        assert daemon._replan_due is None
+        [job] = [j for j in daemon.queue.jobs() if j.source == "ct1"]
+        assert job.destination == "archive2", "the older config's adopt landed last"
+    finally:
+        locker.close()
+        if daemon.fleet is not None:
+            daemon.fleet.close()
+        daemon.queue.close()
+
+
 def test_status_shows_each_node_alive_or_vanished_with_its_claims_and_rate(
     postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path, clock: Clock
 ) -> None:
@@ -314,3 +458,54 @@ def test_a_sqlite_queue_shows_one_node_this_host(tmp_path: Path) -> None:
         ("gw-1", "stopped", 0)
     ]
     assert "node:         gw-1 (this host)" in status.render(data)
+
+
+def _link_options(queue: Queue) -> dict[str, int]:
+    """The TCP options the kernel holds for ``queue``'s connection of this thread."""
+    raw = queue._conn().raw  # type: ignore[attr-defined]
+    sock = socket.socket(fileno=os.dup(raw.fileno()))
+    try:
+        return {
+            "keepalive": sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            "idle": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            "interval": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+            "count": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+            "user_timeout": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+        }
+    finally:
+        sock.close()  # the duplicate only
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        # a link that died without a word is noticed well within a lease: probes after
+        # lease/12 of silence, three of them lease/24 apart; unacknowledged data: lease/4
+        (120.0, {}, {"keepalive": 1, "idle": 10, "interval": 5, "count": 3, "user_timeout": 30000}),
+        (6.0, {}, {"keepalive": 1, "idle": 1, "interval": 1, "count": 3, "user_timeout": 1500}),
+        # what the user's URL says wins
+        (
+            120.0,
+            {"keepalives_idle": "7", "tcp_user_timeout": "45000"},
+            {"keepalive": 1, "idle": 7, "interval": 5, "count": 3, "user_timeout": 45000},
+        ),
+    ],
+)
+def test_a_node_s_database_connections_watch_the_link_within_a_lease(
+    postgres_cluster: PostgresCluster,
+    pg_database: str,
+    tmp_path: Path,
+    case: tuple[float, dict[str, str], dict[str, int]],
+) -> None:
+    """Without keepalives a connection whose link died silently (no FIN, no RST) holds a
+    query for the kernel's retransmissions, about 15 minutes: the node's TCP sockets to
+    the database carry keepalives and a user timeout derived from its lease."""
+    lease, params, expected = case
+    config = replace(
+        node_config(postgres_cluster, pg_database, tmp_path, "node-a", **params), lease=lease
+    )
+    queue = open_queue(config).open()
+    try:
+        assert _link_options(queue) == expected
+    finally:
+        queue.close()

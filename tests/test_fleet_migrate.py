@@ -5,11 +5,13 @@ sends, and each node's summary covers the whole run."""
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,8 @@ from harness import Layout, make_layout, wait_for
 from orthanc import Orthanc
 from postgres import PASSWORD, PostgresCluster, node_config
 
-from stowd.commands.migrate import source_name
+from stowd.commands.migrate import Migration, Options, source_name
+from stowd.config.load import load_config
 from stowd.pipeline.queue import Classification, NewFile, Queue, open_queue
 
 pytestmark = pytest.mark.integration
@@ -120,6 +123,52 @@ def layout(
         lease=f"{LEASE:g}s",
         destinations={"pacs": {**dest, "max_rate": "200kB/s"}},
     )
+
+
+@pytest.mark.timeout(120)
+def test_the_fleet_thread_keeps_the_walk_lease_while_the_main_loop_is_held_up(
+    postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path
+) -> None:
+    """A migration walking a source holds its walk lease as long as its fleet thread runs,
+    whatever its main loop does (here: nothing at all, as a loop held up by a slow count or
+    a stalled terminal): node-b, looking for longer than a lease and a half, never takes
+    the walk over."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    secret = tmp_path / "node-a.password"
+    secret.write_text(PASSWORD + "\n", encoding="utf-8")
+    secret.chmod(0o600)
+    config = load_config(
+        make_layout(
+            tmp_path / "a",
+            "http://127.0.0.1:9/dicom-web",
+            queue=postgres_cluster.url(pg_database),
+            queue_password={"file": str(secret)},
+            state="./state",
+            node="node-a",
+            lease=f"{LEASE:g}s",
+        ).config
+    )
+    run = Migration(config, Options((tree,), "pacs"), out=io.StringIO())
+    b = open_queue(node_config(postgres_cluster, pg_database, tmp_path, "node-b")).open()
+    run.queue.open()
+    try:
+        assert run.fleet is not None
+        run.fleet.start()
+        name = run.sources[0].name
+        run.walk = run.queue.take_walk(name, LEASE)  # as ``_walk_one`` does
+        assert run.walk.mine
+        until = time.monotonic() + LEASE * 1.5
+        while time.monotonic() < until:
+            seen = b.take_walk(name, LEASE, run.walk.started)
+            assert not seen.mine and seen.node == "node-a", "node-b took a live walk over"
+            time.sleep(0.5)
+        assert not run.walk_lost.is_set()
+    finally:
+        if run.fleet is not None:
+            run.fleet.close()
+        run.queue.close()
+        b.close()
 
 
 def make_tree(tree: Path, folders: int, per_folder: int) -> list[str]:

@@ -106,6 +106,20 @@ def test_sent_files_with_a_note_are_counted_by_note() -> None:
     assert after["already_stored"] == before["already_stored"] + 2
 
 
+def test_a_batch_of_files_alike_is_counted_at_once() -> None:
+    labels = {"source": "src", "destination": "pacs"}
+    sent = count("stowd_files_sent_total", **labels)
+    noted = count("stowd_files_sent_noted_total", **labels, note="warning")
+    failed = count("stowd_files_failed_total", **labels)
+    sent_bytes = count("stowd_bytes_sent_total", destination="pacs")
+    counters.settled("src", "pacs", "sent", 3000, "warning", n=3)
+    counters.settled("src", "pacs", "failed", 7000, n=7)  # bytes of failed files do not count
+    assert count("stowd_files_sent_total", **labels) == sent + 3
+    assert count("stowd_files_sent_noted_total", **labels, note="warning") == noted + 3
+    assert count("stowd_files_failed_total", **labels) == failed + 7
+    assert count("stowd_bytes_sent_total", destination="pacs") == sent_bytes + 3000
+
+
 def test_request_durations_fall_into_buckets() -> None:
     name = "stowd_request_duration_seconds"
     n = count(f"{name}_count", destination="pacs")

@@ -182,6 +182,28 @@ def test_holds_accumulate_failures_and_clear(queue: Queue, clock: Clock) -> None
     assert queue.unhold("pacs") is False
 
 
+def test_failures_of_requests_sent_before_the_hold_ends_count_once(
+    queue: Queue, clock: Clock
+) -> None:
+    """One outage counts one failure: requests sent before the hold was set (four workers'
+    requests in flight when the archive went down) or while it is in force do not grow it;
+    the probe sent after it ran out does."""
+    sent = clock.now
+    clock.now += 5  # the archive goes down; the first failed request holds it
+    first = queue.hold("pacs", until=clock.now + 10, reason="refused", began=sent)
+    for _ in range(3):  # the other workers' requests, sent at the same moment, fail too
+        clock.now += 1
+        again = queue.hold("pacs", until=clock.now + 20, reason="reset", began=sent)
+        assert (again.failures, again.until, again.since) == (1, first.until, first.since)
+    assert queue.hold("pacs", until=clock.now + 20, reason="x", began=first.until - 1) == first
+    clock.now = first.until + 2  # the probe, sent when the hold ran out, fails
+    probe = queue.hold("pacs", until=clock.now + 20, reason="down", began=first.until)
+    assert (probe.failures, probe.until, probe.reason) == (2, clock.now + 20, "down")
+    queue.unhold("pacs")
+    clock.now += 1  # a new outage, its request sent before the last hold's end: it counts
+    assert queue.hold("pacs", until=clock.now + 10, reason="y", began=sent).failures == 1
+
+
 def test_status_queries(queue: Queue, clock: Clock) -> None:
     queue.enqueue([new("/d/a"), new("/d/b")])
     clock.now += 30

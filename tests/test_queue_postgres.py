@@ -14,10 +14,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from harness import Clock
+from harness import Clock, wait_for
 from postgres import PostgresCluster, node_config, pass_time
 
+from stowd.config.model import Retry
 from stowd.errors import QueueError, QueueLockedError
+from stowd.pipeline.filing import Filing
 from stowd.pipeline.queue import (
     Classification,
     Job,
@@ -27,7 +29,13 @@ from stowd.pipeline.queue import (
     open_status,
     read_active_of,
 )
-from stowd.pipeline.queue.postgres import ESCAPED, SCHEMA_VERSION, SETTLE_LEASE, TALLY_SCHEMA_3
+from stowd.pipeline.queue.postgres import (
+    ESCAPED,
+    SCHEMA_VERSION,
+    SETTLE_LEASE,
+    TALLY_SCHEMA_3,
+    PostgresQueue,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -383,8 +391,12 @@ def test_tls_verify_full_refuses_a_wrong_host_name(
 
 def _node(
     cluster: PostgresCluster, database: str, folder: Path, name: str, clock: Callable[[], float]
-) -> Queue:
-    return open_queue(node_config(cluster, database, folder, name), clock=clock).open()
+) -> PostgresQueue:
+    """A node on a host whose clock is ``clock`` (its queue corrects it to the database's)."""
+    config = node_config(cluster, database, folder, name)
+    assert config.database is not None
+    node = PostgresQueue(config.database, anchor=config.queue, node=name, host_clock=clock)
+    return node.open()
 
 
 @pytest.mark.parametrize("skew", [120.0, -120.0, 3600.0])
@@ -403,6 +415,49 @@ def test_a_host_whose_clock_is_off_never_takes_over_live_claims(
         assert off.reclaim(set()) == 0  # node-a's upload runs: its lease has a minute left
         assert right.reclaim(set()) == 0  # and node-b's too
         assert right.counts() == {"claimed": 4}
+    finally:
+        right.close()
+        off.close()
+
+
+@pytest.mark.parametrize("skew", [120.0, -120.0, 3600.0, -3600.0])
+def test_a_retry_set_by_a_node_whose_clock_is_off_is_due_when_the_others_see_it_due(
+    postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path, skew: float
+) -> None:
+    """Every time the queue keeps is on one clock for all nodes (the database's): a retry
+    that node-b, whose clock is ``skew`` seconds off, sets for within ``retry.initial`` is
+    due for node-a within that too (not an hour early or late); the file's first try (from
+    which ``retry.max_age`` counts), a hold and a row's done time are the same moment for
+    both, and node-a's ``forget_done`` does not take node-b's file done just now for old."""
+    right = _node(postgres_cluster, pg_database, tmp_path, "node-a", time.time)
+    off = _node(postgres_cluster, pg_database, tmp_path, "node-b", lambda: time.time() + skew)
+    try:
+        assert abs(off.clock() - right.clock()) < 1  # the host's skew is corrected
+        fill(right, 2)
+        [job, done] = claim(off, candidates=2)
+        initial = 10.0
+        config = dataclasses.replace(
+            node_config(postgres_cluster, pg_database, tmp_path, "node-b"),
+            retry=Retry(initial=initial),
+        )
+        Filing(config, off, name="pacs").retry_later(job, "the archive is down")  # as a sender
+        due, first_try = (
+            right._conn()
+            .execute("SELECT next_attempt_at, first_try FROM files WHERE id = ?", (job.id,))
+            .fetchone()
+        )
+        assert right.clock() < due <= right.clock() + initial
+        assert abs(first_try - right.clock()) < initial / 2
+        assert claim(right) == []  # not due yet for node-a either
+        wait_for(lambda: right.clock() >= due, 2 * initial, "the retry's time")
+        assert [j.id for j in claim(right)] == [job.id]  # due for node-a at that moment
+
+        off.hold("pacs", until=off.clock() + 60, reason="down", began=off.clock())
+        hold = right.holds()["pacs"]
+        assert 58 < hold.until - right.clock() <= 60 and abs(hold.since - right.clock()) < 2
+        off.finish_many([(done.id, "sent")], was="claimed")
+        assert right.forget_done(right.clock() - 60) == 0  # done just now, not an hour ago
+        assert right.forget_done(right.clock() + 2) == 1
     finally:
         right.close()
         off.close()

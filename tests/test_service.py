@@ -7,12 +7,14 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pydicom
 import pytest
 import yaml
 from dicomgen import make_instance
@@ -22,6 +24,7 @@ from orthanc import Orthanc
 from stowd.config.load import load_config
 from stowd.pipeline import classify as classify_mod
 from stowd.pipeline.classify import Classified
+from stowd.pipeline.queue import Classification, NewFile
 from stowd.service.daemon import RESTART_LIMIT, Daemon, Generation, _spawn
 from stowd.service.notify import Notifier
 from stowd.service.status import gather
@@ -377,4 +380,66 @@ def test_a_full_disk_leads_the_status_line_and_keeps_the_watchdog_fed(
         assert caplog.text.count("has space again") == 1
         assert not daemon._status_line().startswith("DISK FULL")
     finally:
+        daemon.queue.close()
+
+
+@pytest.mark.timeout(180)
+def test_after_a_reload_whose_adopt_failed_no_file_of_a_removed_source_is_sent(
+    orthanc: Orthanc, tmp_path: Path
+) -> None:
+    """A reload removes source ct2 while the queue cannot be written (here: another process
+    holds its write lock for longer than the busy timeout), so the queue cannot take the new
+    sources yet.  The new generation's senders claim nothing until it has (the upkeep tries
+    again): a file of ct2 is never sent, where before they sent it (again and again: its
+    outcome cannot be settled without its source) until the adopt succeeded."""
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url)
+    doc = yaml.safe_load(layout.config.read_text())
+    first = doc["sources"][0]
+    second = {**first, "name": "ct2", "watch": "./drop2", "sent": "./done2/sent"}
+    second["failed"] = "./done2/failed"
+    (layout.root / "drop2").mkdir()
+    layout.config.write_text(yaml.safe_dump({**doc, "sources": [first, second]}))
+    both = load_config(layout.config)
+    layout.config.write_text(yaml.safe_dump({**doc, "sources": [first]}))
+    only_ct1 = load_config(layout.config)
+    daemon = Daemon(both, Notifier({}))
+    daemon.queue.open()
+    try:
+        daemon._recover()
+        files = {"ct1": layout.drop / "a.dcm", "ct2": layout.root / "drop2" / "b.dcm"}
+        for source, path in files.items():
+            make_instance(path)
+            st = path.stat()
+            daemon.queue.enqueue(
+                [NewFile(source, "pacs", str(path), path.name, st.st_size, st.st_mtime_ns)]
+            )
+        sops = {}
+        for job in daemon.queue.unclassified(2):
+            ds = pydicom.dcmread(job.path, stop_before_pixels=True)
+            sops[job.source] = str(ds.SOPInstanceUID)
+            daemon.queue.set_classified(
+                [Classification(job, "dicom", ds.StudyInstanceUID, sops[job.source], "1.2")]
+            )
+        locker = sqlite3.connect(both.queue, isolation_level=None)
+        try:
+            locker.execute("BEGIN IMMEDIATE")  # the queue cannot be written meanwhile
+            daemon._switch_to(only_ct1)  # its adopt fails (logged), its senders start
+            assert daemon._replan_due is only_ct1
+        finally:
+            locker.execute("COMMIT")
+            locker.close()
+        freed = time.monotonic()
+        # the senders go round their loop with the queue free: they could have claimed
+        wait_for(
+            lambda: all(w.beat > freed + 2 for w in daemon.generation.senders),
+            30,
+            "the senders to look for work",
+        )
+        assert orthanc.instance_count() == 0, "sent before the queue took the new sources"
+        daemon._replan_after_reload()  # as the upkeep does, once the queue can be written
+        wait_for(lambda: orthanc.instance_count() == 1, 60, "ct1's file sent")
+        assert orthanc.sop_instance_uids() == {sops["ct1"]}
+    finally:
+        daemon.stop.set()
+        daemon._shutdown()
         daemon.queue.close()

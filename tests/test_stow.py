@@ -358,6 +358,20 @@ def test_body_can_be_iterated_again_after_opening(parts: list[Part]) -> None:
     assert len(first) == body.length
 
 
+@pytest.mark.parametrize("which", [0, 2])  # a small part (read into its piece), a large one
+def test_a_file_cut_short_after_it_was_opened_is_never_sent_short(
+    parts: list[Part], which: int
+) -> None:
+    body = Body(parts)
+    body.open()
+    try:
+        os.truncate(parts[which].path, 10)
+        with pytest.raises(FileVanished, match="became shorter while it was being sent"):
+            b"".join(body)
+    finally:
+        body.close()
+
+
 def test_every_body_has_a_fresh_boundary(parts: list[Part]) -> None:
     boundaries = {Body(parts).boundary for _ in range(200)}
     assert len(boundaries) == 200

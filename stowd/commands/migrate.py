@@ -24,7 +24,7 @@ Resuming is the queue's business: claims of a killed run go back to pending, mov
 half done are finished, queued rows stay queued and are not queued twice.
 
 Several hosts on one shared (PostgreSQL) queue: one node walks each source (a walk lease in
-the queue, renewed every third of ``lease`` while it walks; ``Queue.take_walk``), the others
+the queue, renewed by the fleet thread while it walks; ``Queue.take_walk``), the others
 send what it queues; a node whose walker died (its walk lease ran out) takes the walk over
 and walks the source again from the top (files queued or stored are not queued again).
 Every node ends once each source was walked to its end (by whichever node) and none of its
@@ -199,6 +199,7 @@ class Migration:
         self.walking = threading.Event()  # set once the walk queued its first chunk, or ended
         self.skipped = 0
         self.unsettled: set[int] = set()
+        self.repairing: set[int] = set()  # the moves the repair at start finishes
         self.move_problems: dict[int, OSError] = {}  # why each stuck move failed last
         self.finder: Finder | None = None  # made with the workers, closed after them
         self.senders: list[Worker] = []  # their requests in flight: status and the page
@@ -209,9 +210,10 @@ class Migration:
         self.out = out
         self.started = time.time()  # the run's start: this host's, or the queue's (walks)
         self.pauses = Pauses(self.started)
-        # a shared queue: this node's leases renewed while it sends (None: SQLite)
-        self.fleet = Fleet.of(self.config, self.queue, self._held)
-        self.walk: Walk | None = None  # the walk this node does now (renewed by ``_wait``)
+        # a shared queue: this node's leases renewed while it sends, and its walk lease
+        # while it walks, on a thread of their own (None: SQLite)
+        self.fleet = Fleet.of(self.config, self.queue, self._held, also=self._renew_walk)
+        self.walk: Walk | None = None  # the walk this node does now (renewed by ``fleet``)
         self.walk_skipped = 0  # files the walk now skipped as stored before
         self.walk_lost = threading.Event()  # another node took ``walk`` over
 
@@ -231,13 +233,12 @@ class Migration:
     def run(self) -> Summary:
         """Raises ``QueueError`` when the queue cannot be used (another stowd holds it)."""
         self.queue.open()
+        self.started = self.pauses.started = self.queue.clock()  # the clock of the queue's times
         self._serve_page()
         try:
             self.pauses.carry(self.queue.holds().get(self.opts.destination))
             self._refuse_other_mode()
             self._recover()
-            if self.fleet is not None:
-                self.fleet.start()
             self._say_paused()
             threads = self._start()
             self._wait()
@@ -280,7 +281,14 @@ class Migration:
         returned = self.queue.recover()
         self.queue.adopt({s.name: s.destination for s in self.config.sources})
         sources = {s.name: s for s in self.config.sources}
-        _, self.unsettled = repair(self.queue, sources=sources, problems=self.move_problems)
+        # the fleet thread first: the repair's moves are renewed while it makes them
+        self.repairing = {j.id for j in self.queue.settling()}
+        if self.fleet is not None:
+            self.fleet.start()
+        try:
+            _, self.unsettled = repair(self.queue, sources=sources, problems=self.move_problems)
+        finally:
+            self.repairing = set()
         clear_spool(self.config)
         for source in self.sources:
             self.queue.replan(source.name, digest(self.config, source))
@@ -333,8 +341,9 @@ class Migration:
         return threads, [client]
 
     def _held(self) -> set[int]:
-        """The rows this run holds (its senders' claims and settles, its retried moves)."""
-        held = set(self.unsettled)
+        """The rows this run holds (its senders' claims and settles, its retried moves, the
+        moves the repair at start makes)."""
+        held = self.unsettled | self.repairing
         for worker in list(self.senders):
             held |= worker.held
         return held
@@ -442,7 +451,7 @@ class Migration:
         """Until everything is done, a signal came or the scan crashed (``stop``)."""
         next_line = time.monotonic() + self.opts.progress_every
         next_resettle = time.monotonic() + RESETTLE_EVERY
-        next_state = next_walk = time.monotonic()
+        next_state = time.monotonic()
         next_reclaim = time.monotonic() + self._reclaim_every()
         tick = TICK
         while not self.stop.wait(tick):
@@ -450,15 +459,12 @@ class Migration:
             if began >= next_state:
                 self._share_state()
                 next_state = began + inflight.WRITE_EVERY
-            if began >= next_walk:
-                self._renew_walk()
-                next_walk = began + self.config.lease / 3
             if self.fleet is not None and began >= next_reclaim:
                 self._reclaim()
                 next_reclaim = began + self._reclaim_every()
             self.pauses.started = self.started  # the run's (another node may have begun it)
             tally = self.queue.run_tally(self.names, self.started)
-            self._update_pauses(time.time())
+            self._update_pauses(self.queue.clock())
             # counting a million rows takes a while: look less often, never hog the queue
             tick = max(TICK, QUERY_SHARE * (time.monotonic() - began))
             if self.scanned.is_set() and self._nothing_left(tally):
@@ -573,7 +579,7 @@ class Migration:
             self.finder.close()
 
     def _show(self, tally: dict[str, tuple[int, int]], end: str = "\n") -> None:
-        at = time.time()
+        at = self.queue.clock()
         seconds = max(0.0, self.pauses.answering(at) - self.paused.seconds)
         errors = len(self.scan_errors)
         hold = self.pauses.hold
@@ -601,7 +607,7 @@ class Migration:
             *(unmoved_entry(j, self.move_problems.get(j.id)) for j in self._stuck()),
             *(unreadable_entry(path, exc) for path, exc in self.scan_errors),
         ]
-        seconds = time.time() - self.started
+        seconds = self.queue.clock() - self.started
         interrupted = self.signals > 0 and not self.crashed
         walks = self.queue.walks(self.names)
         skipped = sum(w.skipped for w in walks) if walks else self.skipped

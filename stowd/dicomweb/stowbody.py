@@ -142,8 +142,9 @@ class Body:
             head = self._part_head(part)
             if len(head) + part.size + 2 <= CHUNK:
                 yield from out.add(head)
-                for chunk in self._chunks(fp, part):
-                    yield from out.add(chunk)
+                yield from out.read_into(fp, part)  # read where it is sent from: no copy
+                if self.progress is not None:
+                    self.progress()
             else:  # in CHUNKs as read: nothing copied
                 yield from out.flush()
                 yield head
@@ -175,6 +176,18 @@ class _Pieces:
         self.view[self.held : self.held + len(data)] = data
         self.held += len(data)
 
+    def read_into(self, fp: BinaryIO, part: Part) -> Iterator[bytes]:
+        """Add ``part``'s bytes (at most ``CHUNK``) read from ``fp`` straight into the piece."""
+        if self.held + part.size > CHUNK:
+            yield from self.flush()
+        fp.seek(part.offset)  # a body may be iterated again
+        end = self.held + part.size
+        while self.held < end:
+            got = fp.readinto(self.view[self.held : end])  # type: ignore[attr-defined]
+            if not got:
+                raise _shorter(part)
+            self.held += got
+
     def flush(self) -> Iterator[bytes]:
         if self.held:
             piece = bytes(self.view[: self.held])
@@ -194,8 +207,10 @@ def _read_exactly(fp: BinaryIO, part: Part) -> Iterator[bytes]:
     while left > 0:
         chunk = fp.read(min(CHUNK, left))
         if not chunk:
-            raise FileVanished(
-                f"{part.path} became shorter while it was being sent", path=part.path
-            )
+            raise _shorter(part)
         left -= len(chunk)
         yield chunk
+
+
+def _shorter(part: Part) -> FileVanished:
+    return FileVanished(f"{part.path} became shorter while it was being sent", path=part.path)

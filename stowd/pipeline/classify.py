@@ -196,7 +196,7 @@ def classify_dicom(path: str) -> Classified:
 def _classify_dicom(fp: BinaryIO, size: int, path: str | None = None) -> Classified:
     """``fp``: the file, unbuffered (``read_fully`` reads it); ``path``: its name, by which
     a value of its header left in it is read (None: ``fp``'s own name)."""
-    head = read_fully(fp, HEAD_BYTES)
+    head = read_fully(fp, min(HEAD_BYTES, size))  # no read more to find the end it knows
     if not _looks_like_part10(head, size):
         raise NotDicom(
             "not a DICOM file: no 'DICM' marker at byte 128 and no File Meta Information"

@@ -161,17 +161,24 @@ def queued(source: str, destination: str, n: int = 1) -> None:
 
 
 def settled(
-    source: str, destination: str, outcome: str, size: int, note: str | None = None
+    source: str,
+    destination: str,
+    outcome: str,
+    size: int,
+    note: str | None = None,
+    *,
+    n: int = 1,
 ) -> None:
     """A file was moved to sent/ (``outcome`` "sent") or failed/ ("failed"); ``size`` in bytes
-    counts only when it was sent; ``note`` (one of ``NOTES``) how a sent one was stored."""
+    counts only when it was sent; ``note`` (one of ``NOTES``) how a sent one was stored.
+    ``n``: that many files alike at once (a batch's), ``size`` their bytes together."""
     if outcome == "sent":
-        FILES_SENT.labels(label(source), label(destination)).inc()
+        FILES_SENT.labels(label(source), label(destination)).inc(n)
         BYTES_SENT.labels(label(destination)).inc(max(size, 0))
         if note in NOTES:
-            FILES_NOTED.labels(label(source), label(destination), note).inc()
+            FILES_NOTED.labels(label(source), label(destination), note).inc(n)
     elif outcome == "failed":
-        FILES_FAILED.labels(label(source), label(destination)).inc()
+        FILES_FAILED.labels(label(source), label(destination)).inc(n)
     else:
         raise ValueError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
 

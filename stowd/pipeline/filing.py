@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import threading
-import time
 import weakref
 from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future
@@ -64,14 +63,14 @@ class Filing:
         queue: Queue,
         *,
         name: str,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         unsettled: set[int] | None = None,
         disks: Disks | None = None,
     ) -> None:
         self.config = config
         self.queue = queue
         self.name = name
-        self.clock = clock
+        self.clock = clock or queue.clock  # the queue's: the clock of the times it keeps
         self.policy = RetryPolicy(config.retry)  # how long a file or a destination waits
         self.unsettled = set() if unsettled is None else unsettled
         self.disks = disks
@@ -150,6 +149,8 @@ class Filing:
             self.unsettled.update(d.job.id for d in decisions)
             raise
         emptied: dict[tuple[Path, Path], Path] = {}  # (folder, watch) -> a file moved from it
+        # (source, destination, outcome, note) -> [files, bytes sent]: counted once per batch
+        alike: dict[tuple[str, str, str, str | None], list[int]] = {}
         lost = {r.decision.job.id: r.lost for r in results if r.lost is not None}
         leave_lost(self.queue.node, lost)  # moved (or recorded) by the node that took them
         for result in results:
@@ -162,13 +163,17 @@ class Filing:
             if result.target is not None:
                 outcome = result.decision.outcome
                 note = _metric_note(result.decision.note)
-                counters.settled(job.source, job.destination, outcome, job.size, note)
+                counted = alike.setdefault((job.source, job.destination, outcome, note), [0, 0])
+                counted[0] += 1
+                counted[1] += max(job.size, 0)
             if result.target is not None and result.decision.outcome == "sent":
                 stored = "already stored" if result.decision.note == ALREADY_STORED else "stored"
                 log.info("%s: %s, moved to %s", job.path, stored, result.target)
             if result.target is not None and source.remove_empty_dirs:
                 path = Path(job.path)
                 emptied.setdefault((path.parent, source.watch), path)
+        for (source_name, destination, outcome, note), (files, size) in alike.items():
+            counters.settled(source_name, destination, outcome, size, note, n=files)
         for (_, watch), path in emptied.items():  # once per folder the batch left
             remove_empty_parents(path, watch)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -97,11 +96,11 @@ class Finder:
     """Asks the archives; one HTTP client per destination, made when first needed."""
 
     def __init__(
-        self, config: Config, queue: Queue, *, clock: Callable[[], float] = time.time
+        self, config: Config, queue: Queue, *, clock: Callable[[], float] | None = None
     ) -> None:
         self.config = config
         self.queue = queue
-        self.clock = clock
+        self.clock = clock or queue.clock  # the queue's: the clock of the times it keeps
         self._clients: dict[str, httpx.Client] = {}
         self._failed: dict[str, tuple[float, str]] = {}  # archive URL -> (when, reason)
         self._lock = threading.Lock()

@@ -57,7 +57,7 @@ class Reader:
         *,
         name: str,
         max_step: float,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         unsettled: set[int] | None = None,
         classify_lock: threading.Lock | None = None,
         finder: Finder | None = None,
@@ -66,7 +66,7 @@ class Reader:
         self.config = config
         self.queue = queue
         self.name = name
-        self.clock = clock
+        self.clock = clock or queue.clock  # the queue's: the clock of the times it keeps
         dropped.configure(config.sources)  # no link in a drop folder is read (follow_links)
         self.filing = Filing(
             config, queue, name=name, clock=clock, unsettled=unsettled, disks=disks

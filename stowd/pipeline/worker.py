@@ -92,7 +92,7 @@ class Worker:
         client: StowClient,
         stop: threading.Event,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         unsettled: set[int] | None = None,
         classify_lock: threading.Lock | None = None,
         finder: Finder | None = None,
@@ -114,7 +114,7 @@ class Worker:
         self.name = destination.name  # its log lines and metrics name it
         self.client = client
         self.stop = stop
-        self.clock = clock
+        self.clock = clock or queue.clock  # the queue's: the clock of the times it keeps
         self._lease = lease(destination)
         # a shared queue's claim: the node's lease, renewed while it is held (fleet.py);
         # SQLite's: the upload's deadlines (its one daemon reclaims only what none holds)
@@ -147,6 +147,7 @@ class Worker:
         # ``limit``, shared by its workers and kept across reloads by the daemon)
         self._wire = wire_of(client, lambda: _limit_of(destination, limit))
         self._token = NOT_ALONE  # of this worker's request on the wire
+        self._sent_at = 0.0  # when its last request was sent: a failure of it holds from then
         self._ticket = Ticket(0, 0, 0)  # what it knew of the limit when it took its seat
         # the answer being applied came to a request that was alone on the wire: its
         # refusals count for retry.max_refusals (see _doubtful_refusal)
@@ -192,6 +193,7 @@ class Worker:
     def _request(self, parts: list[Part]) -> Answer:
         """One STOW request, recorded as in flight while it runs."""
         started = self.clock()
+        self._sent_at = started
         self.in_flight = (started, started)
         try:
             return self.client.store(parts, progress=self._alive)
@@ -456,8 +458,11 @@ class Worker:
             return
         hold = self.queue.holds().get(self.destination.name)
         delay = self.policy.hold_delay(failure, hold.failures if hold else 0)
-        until = self.clock() + delay
-        self.queue.hold(self.destination.name, until=until, reason=str(failure))
+        # a request sent before the hold now in force failed in the outage it counts already
+        held = self.queue.hold(
+            self.name, until=self.clock() + delay, reason=str(failure), began=self._sent_at
+        )
+        until, delay = held.until, max(0.0, held.until - self.clock())
         counters.retried(self.destination.name, counters.retry_reason(failure), len(batch))
         if _may_be_the_files(failure) and len(batch) > 1:
             self.queue.isolate([j.id for j in batch], not_before=until)
@@ -607,11 +612,12 @@ class Worker:
         if not stored:
             return set()
         instances = [(j.study_uid or "", j.sop_uid or "") for j in stored]
+        asked = self.clock()
         try:
             http = self.client.http
             missing = verify.unlisted(http, self.destination, instances, self._alive)
         except (VerifyUnavailable, ClientSetupError) as exc:
-            self._hold_unverified(stored, str(exc))
+            self._hold_unverified(stored, str(exc), asked)
             return None
         self.verified.add(len(stored) - len(missing), len(missing))
         log.info(
@@ -649,14 +655,16 @@ class Worker:
             job, reason, answer=answer, counted=counters.FILE, counts={verify.UNLISTED: count}
         )
 
-    def _hold_unverified(self, stored: list[Job], reason: str) -> None:
-        """The archive cannot be asked: hold the destination; the stored files wait in the
-        queue (neither sent/ nor failed/) and are sent and verified again afterwards."""
+    def _hold_unverified(self, stored: list[Job], reason: str, asked: float) -> None:
+        """The archive cannot be asked (since ``asked``): hold the destination; the stored
+        files wait in the queue (neither sent/ nor failed/) and are sent and verified again
+        afterwards."""
         name = self.destination.name
         hold = self.queue.holds().get(name)
         delay = self.policy.next_delay(hold.failures if hold else 0)
-        until = self.clock() + delay
-        self.queue.hold(name, until=until, reason=f"cannot verify what it stored: {reason}")
+        why = f"cannot verify what it stored: {reason}"
+        until = self.queue.hold(name, until=self.clock() + delay, reason=why, began=asked).until
+        delay = max(0.0, until - self.clock())
         self.queue.release([j.id for j in stored], not_before=until)
         log.warning(
             "destination %s: the archive answered that it stored %d file(s), but stowd cannot "

@@ -118,12 +118,16 @@ class Daemon:
         self.generation = Generation(config)
         self.lingering: list[Generation] = []  # replaced by a reload, a thread still busy
         self.unsettled: set[int] = set()  # moves that failed (disk full, permissions)
+        self._repairing: set[int] = set()  # the moves the repair at start finishes
         self._stuck: str | None = None  # which thread keeps the watchdog unfed, as logged
         self.disks = Disks(config)  # which disks are full (logged once per condition)
         self._deaths: dict[str, deque[float]] = {}  # when each thread died (recent ones)
         self._dying_said: set[str] = set()  # threads recorded as dying (for stowd status)
         self._queue_failing = False  # the upkeep could not write to the queue (said once)
         self._replan_due: Config | None = None  # a reload's config, until its replan is done
+        self._replanning = threading.Lock()  # one replan at a time (main thread or upkeep)
+        self._due_lock = threading.Lock()  # guards ``_replan_due`` between those threads
+        self._adopted: Config | None = None  # the config whose sources the queue last took
         self.metrics_server: metrics.Server | None = None
         self.http_server: web.Server | None = None
         self._shared: dict[str, object] | None = None  # last written for status
@@ -160,8 +164,6 @@ class Daemon:
         self.queue.open()
         try:
             self._recover()
-            if self.fleet is not None:
-                self.fleet.start()
             self.receivers.start(self.config)
             self._pace(self.config)
             self.generation = self._start(self.config)
@@ -189,7 +191,16 @@ class Daemon:
         returned = self.queue.recover()
         self.queue.clear_troubles()
         self._adopt(self.config)
-        repaired, self.unsettled = repair(self.queue, sources=self._sources())
+        # the fleet thread first: the moves the repair finishes (a copy across filesystems
+        # may take longer than a lease) are renewed while it makes them, so that no other
+        # node takes one over and moves its file at the same time
+        self._repairing = {j.id for j in self.queue.settling()}
+        if self.fleet is not None:
+            self.fleet.start()
+        try:
+            repaired, self.unsettled = repair(self.queue, sources=self._sources())
+        finally:
+            self._repairing = set()
         clear_spool(self.config)
         self._replan(self.config)
         counts = self.queue.counts()
@@ -203,6 +214,7 @@ class Daemon:
 
     def _adopt(self, config: Config) -> None:
         orphans = self.queue.adopt({s.name: s.destination for s in config.sources})
+        self._adopted = config
         for source, count in orphans.items():
             log.warning(
                 "%d queued file(s) belong to source %r, which is no longer configured; "
@@ -234,7 +246,7 @@ class Daemon:
                     finder=gen.finder,
                     disks=self.disks,
                     limit=limit,
-                    claiming=None if self.fleet is None else self._claiming,
+                    claiming=self._claiming,
                 )
                 gen.senders.append(worker)
                 _spawn(gen, f"send-{name}-{n}", worker.run)
@@ -335,13 +347,19 @@ class Daemon:
         """Queued files of sources no longer configured wait; files read with other rules
         are read again.  On the upkeep's thread, tried again until the queue takes it (a
         database away at a reload must not end the daemon, nor leave it without workers)."""
-        new = self._replan_due
-        if new is None:
-            return
-        self._adopt(new)
-        self._replan(new)
-        if self._replan_due is new:
-            self._replan_due = None
+        if not self._replanning.acquire(blocking=False):
+            return  # the other thread replans now; the upkeep then takes the newest config
+        try:
+            new = self._replan_due
+            if new is None:
+                return
+            self._adopt(new)  # an older config's adopt never lands after a newer one's
+            self._replan(new)
+            with self._due_lock:
+                if self._replan_due is new:  # else a newer reload came meanwhile: it is due
+                    self._replan_due = None
+        finally:
+            self._replanning.release()
 
     def _guarded(self, step: Callable[[], bool | None]) -> bool:
         """Run one upkeep step; its trouble is logged (a queue that cannot be written,
@@ -401,11 +419,14 @@ class Daemon:
 
     def _held(self) -> set[int]:
         """The rows this node holds: its senders' claims and settles, the moves it retries
-        (their leases renewed by the fleet thread)."""
-        return self._senders_held() | set(self.unsettled)
+        (their leases renewed by the fleet thread), and the moves the start's repair makes."""
+        return self._senders_held() | set(self.unsettled) | self._repairing
 
     def _claiming(self) -> bool:
-        return self.fleet is None or self.fleet.claiming
+        """May the senders claim?  Only once the queue took the running config's sources
+        (after a reload whose adopt failed, a removed source's rows would be sent, and sent
+        again, until it succeeds) and, with a shared queue, while this node reaches it."""
+        return self._adopted is self.config and (self.fleet is None or self.fleet.claiming)
 
     # -- schedule (transfer windows) --
     def _note_windows(self) -> None:
@@ -477,7 +498,8 @@ class Daemon:
         self.disks.watch(new)
         for warning in new.warnings:
             log.warning("%s", warning)
-        self._replan_due = new
+        with self._due_lock:
+            self._replan_due = new
         self._guarded(self._replan_after_reload)  # else by the upkeep, until the queue takes it
         self.receivers.sync(new)
         self.generation = self._start(new)
@@ -658,8 +680,8 @@ class Daemon:
         )
 
     def _housekeeping(self) -> None:
-        now = time.time()
-        forgotten = self.queue.forget_done(now - self.config.history_days * 86400)
+        now = time.time()  # sent/'s files' times; a row's done_at is on the queue's clock
+        forgotten = self.queue.forget_done(self.queue.clock() - self.config.history_days * 86400)
         if forgotten:
             log.info(
                 "forgot %d finished job(s) older than %g days", forgotten, self.config.history_days

@@ -8,7 +8,9 @@ node's ``lease`` (and at least every ``HEARTBEAT_EVERY`` seconds):
   keeps its files, while the claims of a node that died expire a lease after its last renewal
   and are taken over by another node (``Queue.reclaim``);
 - writes the node's heartbeat (``nodes``: pid, host, start, version, lease) for ``stowd
-  status``.
+  status``;
+- renews whatever else its owner holds (``also``: ``stowd migrate``'s walk lease), so that
+  a main loop held up (a slow count, a stalled terminal) loses no lease.
 
 When it cannot (the database is away, or this node is cut off from it) the node has *lost the
 database*: said once, its senders claim nothing new (``claiming``), uploads in flight finish
@@ -26,7 +28,6 @@ import logging
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable, Collection
 
 from stowd import __version__
@@ -48,23 +49,31 @@ class Fleet:
         queue: Queue,
         held: Callable[[], Collection[int]],
         *,
-        clock: Callable[[], float] = time.time,
+        also: Callable[[], object] | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.node = config.node
         self.lease = config.lease
         self.queue = queue
         self.held = held
-        self.clock = clock
+        self.also = also  # more renewals, after each beat (it says its own trouble)
+        self.clock = clock or queue.clock  # the queue's: the clock of the times it keeps
         self.every = min(HEARTBEAT_EVERY, self.lease / 3)
-        self.started = clock()
+        self.started = self.clock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lost_since: float | None = None  # when a renewal first failed (None: fine)
 
     @classmethod
-    def of(cls, config: Config, queue: Queue, held: Callable[[], Collection[int]]) -> Fleet | None:
+    def of(
+        cls,
+        config: Config,
+        queue: Queue,
+        held: Callable[[], Collection[int]],
+        also: Callable[[], object] | None = None,
+    ) -> Fleet | None:
         """The fleet part of a node of a shared queue; None with SQLite."""
-        return None if config.database is None else cls(config, queue, held)
+        return None if config.database is None else cls(config, queue, held, also=also)
 
     @property
     def claiming(self) -> bool:
@@ -85,6 +94,8 @@ class Fleet:
         while not self._stop.wait(self.every):
             try:
                 self.beat()
+                if self.also is not None:
+                    self.also()
             except Exception:
                 log.exception("unexpected error renewing this node's leases; going on")
         self.queue.release_connection()

@@ -97,7 +97,7 @@ class QueueCollector:
         now = self.clock()
         view = self._read(now)
         if view is not None:
-            yield from self._families(view, now)
+            yield from self._families(view, now if view.at is None else view.at)
             yield from self._nodes(view)
 
     def _read(self, now: float) -> ActiveView | None:

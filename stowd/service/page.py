@@ -16,7 +16,6 @@ as ``stowd status`` escapes them (``printable.escape``), then HTML-escaped.  The
 from __future__ import annotations
 
 import html
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -48,8 +47,8 @@ class Query:
 
 def document(config: Config, query: Query, *, now: float | None = None) -> dict[str, Any]:
     """``stowd status --json``'s document, plus ``history`` and ``failures``."""
-    now = time.time() if now is None else now
     data = status.gather(config, now=now)
+    now = data["time"]  # the queue's clock unless given
     recent = status.recent(config, now, failed=FAILURES_READ, since=now - HISTORY_SPAN)
     return {
         **data,

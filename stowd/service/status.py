@@ -158,11 +158,10 @@ class _Figures:
 
 def gather(config: Config, *, now: float | None = None) -> dict[str, Any]:
     """Everything ``status`` shows, as plain data (also the ``--json`` output)."""
-    now = time.time() if now is None else now
     queue = open_status(config)
     try:
-        with queue.reading():
-            return _gather(config, queue, now)
+        with queue.reading():  # now on the clock of the queue's times (a shared one's: the db's)
+            return _gather(config, queue, queue.clock() if now is None else now)
     except QueueUnreadable as exc:  # e.g. no right to create the -wal/-shm files beside it
         raise QueueUnreadable(f"{exc} ({_unreadable(config, exc)})") from exc
     finally:

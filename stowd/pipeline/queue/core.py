@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import threading
 import time
@@ -981,7 +982,13 @@ class Queue:
             return int(cur.rowcount)
 
     # -- destination holds -----------------------------------------------------------------
-    def hold(self, name: str, *, until: float, reason: str) -> Hold:
+    def hold(self, name: str, *, until: float, reason: str, began: float | None = None) -> Hold:
+        """Hold destination ``name`` until ``until`` after a failure (one more counted), and
+        return the hold now.  ``began``: when the failed request was sent.  One that began
+        before the hold now in force ends (``held_until``), so before it was set or last
+        extended, or while it was in force, failed in the outage already counted (several
+        workers' requests fail together when an archive goes down): it neither counts nor
+        moves the hold.  None: a failure of its own, always counted."""
         now = self.clock()
         with self._tx() as db:
             db.execute(
@@ -989,8 +996,9 @@ class Queue:
                 "VALUES (?, ?, ?, ?, 1) ON CONFLICT(name) DO UPDATE SET "
                 "held_since = COALESCE(destinations.held_since, excluded.held_since), "
                 "held_until = excluded.held_until, reason = excluded.reason, "
-                "failures = destinations.failures + 1",
-                (name, now, until, reason),
+                "failures = destinations.failures + 1 "
+                "WHERE destinations.held_until IS NULL OR ? >= destinations.held_until",
+                (name, now, until, reason, math.inf if began is None else began),
             )
         held = self.holds().get(name)
         assert held is not None

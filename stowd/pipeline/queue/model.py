@@ -232,6 +232,9 @@ class ActiveView:
     # the database's clock) and the rows it holds by state (claimed, settling)
     beats: dict[str, tuple[float, float]] = field(default_factory=dict)
     holding: dict[tuple[str, str], int] = field(default_factory=dict)  # (node, state)
+    # when it was read, on the clock of the queue's times (a shared queue's: the database's;
+    # None: the reader's own ``now``)
+    at: float | None = None
 
 
 def entry(e: Any) -> tuple[str, str | None, str | None]:

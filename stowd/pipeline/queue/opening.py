@@ -17,16 +17,24 @@ from stowd.pipeline.queue.sqlite import SqliteQueue, open_readonly, read_active
 
 
 def open_queue(
-    config: Config, *, clock: Callable[[], float] = time.time, readonly: bool = False
+    config: Config, *, clock: Callable[[], float] | None = None, readonly: bool = False
 ) -> Queue:
     """The queue of ``config``, not opened yet (``open()`` creates or migrates it and takes
-    the single-daemon lock)."""
+    the single-daemon lock).  Its ``clock`` (None: this host's; a shared queue's corrected to
+    the database's) is the one every time kept in it is on."""
     if config.database is None:
-        return SqliteQueue(config.queue, clock=clock, readonly=readonly, node=config.node)
+        return SqliteQueue(
+            config.queue, clock=clock or time.time, readonly=readonly, node=config.node
+        )
     from stowd.pipeline.queue.postgres import PostgresQueue  # noqa: PLC0415 - the extra
 
     return PostgresQueue(
-        config.database, anchor=config.queue, node=config.node, clock=clock, readonly=readonly
+        config.database,
+        anchor=config.queue,
+        node=config.node,
+        clock=clock,
+        readonly=readonly,
+        lease=config.lease,
     )
 
 

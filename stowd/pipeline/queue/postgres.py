@@ -42,6 +42,13 @@ The logic is ``core.Queue``'s; here is what PostgreSQL does its own way:
 - Nodes: a running daemon holds its node's name (a session advisory lock): a second one
   started with the same name (two hosts, one name) is refused, since ``recover`` and the
   repair at start treat the node's claims and moves as its last run's.
+- Clock: every time the queue keeps (a retry's time, a file's first try, a hold, when a row
+  was done, the cutoffs compared with them) is on one clock for all nodes: ``clock()`` is this
+  host's clock corrected by its offset to the database's, measured when the queue opens (the
+  quickest of ``CLOCK_SAMPLES`` readings, half its round trip the error) and again with each
+  heartbeat (a reading slower than ``CLOCK_RTT`` keeps the offset known).  A node whose
+  clock runs an hour behind makes a retry due when the others see it due.  Leases and
+  heartbeats are written on the database's clock itself.
 - Schema: ``stowd_schema`` holds the version; ``_MIGRATIONS`` bring an older one up to it
   (under an advisory lock: several nodes may start at once); a newer one is refused.
 """
@@ -61,8 +68,9 @@ from typing import Any, Self
 
 import psycopg
 from psycopg import errors as pgerrors
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from stowd.config.model import Database
+from stowd.config.model import DEFAULT_LEASE, Database
 from stowd.errors import (
     QueueError,
     QueueFull,
@@ -96,11 +104,15 @@ SCHEMA_VERSION = 4
 FEATURES = 9  # what ``core`` asks of a schema: as SQLite's schema 9 (tallies, throughput)
 ESCAPED = "\x7fstowd-bytes:"  # a stored value that is the base64 of a str's bytes follows
 CONNECT_TIMEOUT = 10  # seconds
+KEEPALIVE_PROBES = 3  # unanswered TCP keepalive probes before a link is given up (link_watch)
 SETTLE_LEASE = 300.0  # seconds: how long a settling row is its node's alone (from the decision)
 _MIGRATION_LOCK = 0x73746F7764  # "stowd": the advisory lock of a schema change
 _FOLD_LOCK = 0x73746F7765  # the advisory lock of a fold (one node at a time)
 _ENQUEUE_LOCK = 0x73746F7766  # the advisory lock of an enqueue (one node at a time)
 _NODE_LOCK = 0x7374  # with the hash of a node's name: the lock a running node holds
+CLOCK_SAMPLES = 3  # readings of the database's clock when the queue opens (the quickest counts)
+CLOCK_RTT = 1.0  # seconds: a reading that took longer does not replace the offset known
+CLOCK_NOTED = 1.0  # seconds: a host clock off the database's by more is said at the start
 
 _COUNTS = "files, bytes, stored, already, warned"
 # schema 2: each node's daemon, as it last said (``heartbeat``; ``stowd status``)
@@ -337,10 +349,34 @@ class _PgDb:
         self.raw.close()
 
 
-def _connect(database: Database, node: str, timeout: float) -> psycopg.Connection[Any]:
+def link_watch(url: str, lease: float) -> dict[str, int]:
+    """libpq's TCP keepalives and ``tcp_user_timeout`` for a connection of a node whose
+    leases last ``lease`` seconds, but those ``url`` sets itself (the user's word wins).
+
+    A link that dies without a word (a firewall's state dropped, a cable pulled: no FIN, no
+    RST) otherwise holds a query in flight for the kernel's retransmissions, about 15
+    minutes, and its thread (a sender, the fleet's renewals) with it.  With these, a waiting
+    connection probes the link after ``lease``/12 of silence and gives up after three
+    unanswered probes ``lease``/24 apart (about ``lease``/5 in all), and a request the
+    database never acknowledges fails after ``lease``/4: well within a lease, so the node
+    reconnects (or says it lost the database) before other nodes take its files over."""
+    given = conninfo_to_dict(url)
+    watch = {
+        "keepalives": 1,
+        "keepalives_idle": max(1, round(lease / 12)),
+        "keepalives_interval": max(1, round(lease / 24)),
+        "keepalives_count": KEEPALIVE_PROBES,
+        "tcp_user_timeout": max(1000, round(lease / 4 * 1000)),  # milliseconds
+    }
+    return {k: v for k, v in watch.items() if k not in given}
+
+
+def _connect(
+    database: Database, node: str, timeout: float, lease: float = DEFAULT_LEASE
+) -> psycopg.Connection[Any]:
     password = database.password.value() if database.password is not None else None
     return psycopg.connect(
-        database.url,
+        make_conninfo(database.url, **link_watch(database.url, lease)),
         password=password,
         autocommit=True,
         connect_timeout=max(1, int(timeout)),
@@ -381,11 +417,19 @@ class PostgresQueue(Queue):
         *,
         anchor: Path,
         node: str,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         readonly: bool = False,
+        lease: float = DEFAULT_LEASE,
+        host_clock: Callable[[], float] = time.time,
     ) -> None:
-        super().__init__(anchor, clock=clock, readonly=readonly, node=node)
+        """``clock``: None, this host's (``host_clock``) corrected to the database's (see the
+        module's docstring); given, the queue's clock exactly (a test's time, set by hand)."""
+        self._host_clock = host_clock
+        self._offset: float | None = None if clock is None else 0.0  # None: not measured yet
+        self._corrected = clock is None
+        super().__init__(anchor, clock=clock or self._database_clock, readonly=readonly, node=node)
         self.database = database
+        self.lease = lease  # a dead link to the database is noticed well within it
         self._node_db: _PgDb | None = None  # holds the node's name (``_take_node``)
         self._named = False  # this daemon holds the node's name (keeps it: ``_keep_node``)
         self._sources: tuple[str, ...] | None = None  # this node's config's (``adopt``)
@@ -400,6 +444,7 @@ class PostgresQueue(Queue):
                 self._check_version()
             else:
                 self._migrate()
+            self._measure_clock(CLOCK_SAMPLES)
             if lock:
                 self._take_node()
                 self._named = True
@@ -513,7 +558,7 @@ class PostgresQueue(Queue):
 
     def _connect(self) -> _PgDb:
         try:
-            raw = _connect(self.database, self.node, CONNECT_TIMEOUT)
+            raw = _connect(self.database, self.node, CONNECT_TIMEOUT, self.lease)
         except SecretUnavailable as exc:
             raise QueueError(f"cannot connect to the queue {self.database.shown()}: {exc}") from exc
         except psycopg.Error as exc:
@@ -756,6 +801,41 @@ class PostgresQueue(Queue):
                 "lease = excluded.lease",
                 (self.node, pid, host, started, version, lease),
             )
+        self._measure_clock(1)
+
+    # -- the clock ---------------------------------------------------------------------
+    def _database_clock(self) -> float:
+        """This host's clock corrected by its offset to the database's (``clock``)."""
+        return self._host_clock() + (self._offset or 0.0)
+
+    def _measure_clock(self, samples: int) -> None:
+        """Measure this host's clock's offset to the database's: the quickest of ``samples``
+        readings, kept unless it took longer than ``CLOCK_RTT`` (a slow network, a busy
+        server) and an offset is known."""
+        if not self._corrected:
+            return
+        db = self._conn()
+        best: tuple[float, float] | None = None
+        for _ in range(samples):
+            host, start = self._host_clock(), time.monotonic()
+            there = _database_now(db)
+            rtt = time.monotonic() - start
+            if best is None or rtt < best[0]:
+                best = (rtt, there - (host + rtt / 2))
+        assert best is not None
+        rtt, offset = best
+        if rtt > CLOCK_RTT and self._offset is not None:
+            log.debug("the database's clock read in %.1fs: its offset stays as it was", rtt)
+            return
+        first, self._offset = self._offset is None, offset
+        if first and abs(offset) > CLOCK_NOTED:
+            log.warning(
+                "node %s: this host's clock is %.1fs %s the database's; stowd keeps the "
+                "queue's times on the database's clock (check this host's NTP)",
+                self.node,
+                abs(offset),
+                "behind" if offset > 0 else "ahead of",
+            )
 
     def nodes(self) -> list[Node]:
         db = self._conn()
@@ -924,7 +1004,10 @@ def read_active_pg(database: Database, now: float, *, timeout: float) -> ActiveV
     try:
         db.execute(f"SET statement_timeout = {int(timeout * 1000)}")
         db.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        return PostgresQueue._active_view(db, now)
+        now = _database_now(db)  # the clock of the queue's times, whatever this host's says
+        view = PostgresQueue._active_view(db, now)
+        view.at = now
+        return view
     finally:
         with suppress(psycopg.Error):
             raw.close()
