@@ -29,7 +29,13 @@ from stowd.pipeline.queue import (
     open_status,
     read_active_of,
 )
-from stowd.pipeline.queue.postgres import ESCAPED, SCHEMA_VERSION, SETTLE_LEASE, PostgresQueue
+from stowd.pipeline.queue.postgres import (
+    ESCAPED,
+    SCHEMA_VERSION,
+    SETTLE_LEASE,
+    TALLY_SCHEMA_3,
+    PostgresQueue,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -131,6 +137,37 @@ def test_settling_rows_of_a_node_whose_lease_expired_are_taken_over(
     assert a.settling() == []
 
 
+def test_a_node_takes_over_no_move_of_a_source_its_config_lacks(
+    nodes: tuple[Queue, Queue],
+    clock: Clock,
+    postgres_cluster: PostgresCluster,
+    pg_database: str,
+    tmp_path: Path,
+) -> None:
+    """A dead node's settling rows of a source this node lacks (a config rolled out one node
+    at a time, a ``stowd migrate`` source) are left to a node that has it: this one could
+    not move their files (the repair knows no such source), and taking them over would keep
+    them settling for good, their lease renewed by this node."""
+    a, b = nodes
+    a.adopt({"src": "pacs"})
+    b.adopt({"other": "pacs"})  # node-b lacks "src"
+    fill(a, 2)
+    batch = claim(a, lease=60)
+    a.begin_settle([(j, "sent", f"/sent/{j.rel}", None) for j in batch])
+    pass_time(a, clock, SETTLE_LEASE + 1)  # node-a died while moving them
+    b.reclaim(set())
+    assert b.settling() == []
+    assert b.adopted == set()
+    config = node_config(postgres_cluster, pg_database, tmp_path, "node-c")
+    c = open_queue(config, clock=clock).open()  # a node that has "src"
+    try:
+        c.adopt({"src": "pacs"})
+        c.reclaim(set())
+        assert sorted(j.id for j in c.settling()) == sorted(j.id for j in batch)
+    finally:
+        c.close()
+
+
 def test_recover_returns_only_this_node_s_claims(nodes: tuple[Queue, Queue]) -> None:
     a, b = nodes
     fill(a, 6, studies=2)
@@ -227,6 +264,59 @@ def test_a_newer_schema_is_refused(
     config = node_config(postgres_cluster, pg_database, tmp_path, "node-b")
     with pytest.raises(QueueError, match="newer stowd"):
         open_queue(config).open()
+
+
+def counted(cluster: PostgresCluster, database: str) -> dict[str, int]:
+    """The rows by state, counted one by one (what ``counts`` must say)."""
+    rows = cluster.admin("SELECT state, COUNT(*) FROM files GROUP BY state", database=database)
+    return {state: int(n) for state, n in rows}
+
+
+def test_a_schema_3_queue_is_migrated_and_keeps_exact_counts(
+    postgres_cluster: PostgresCluster,
+    pg_database: str,
+    queue_a: Queue,
+    tmp_path: Path,
+    clock: Clock,
+) -> None:
+    """Schema 4 plans the counting trigger's join for each statement; a queue of schema 3
+    (its trigger, its version) opened by this stowd is brought to 4 and its counts stay
+    exact: those schema 3's trigger appended and those schema 4's appends after it."""
+    assert SCHEMA_VERSION == 4, "this test migrates from 3 to 4"
+    schema_3 = TALLY_SCHEMA_3.replace("%", "%%")  # admin's psycopg reads % as a placeholder
+    for statement in (schema_3, "UPDATE stowd_schema SET version = 3"):
+        postgres_cluster.admin(statement, database=pg_database)
+    queue_a.release_connection()  # a session of schema 3's function
+    fill(queue_a, 30)
+    batch = claim(queue_a, candidates=10)
+    queue_a.begin_settle([(j, "sent", f"/sent/{j.rel}", None) for j in batch])
+    queue_a.finish_many([(j.id, "sent") for j in batch[:6]] + [(j.id, "failed") for j in batch[6:]])
+    claim(queue_a, candidates=5)
+    before = counted(postgres_cluster, pg_database)
+    assert before == {"sent": 6, "failed": 4, "claimed": 5, "pending": 15}
+
+    config = node_config(postgres_cluster, pg_database, tmp_path, "node-b")
+    b = open_queue(config, clock=clock).open()
+    try:
+        version, body = postgres_cluster.admin(
+            "SELECT version, prosrc FROM stowd_schema, pg_proc WHERE proname = 'stowd_tally'",
+            database=pg_database,
+        )[0]
+        assert version == 4
+        assert "EXECUTE" in body
+        assert b.counts() == before
+        more = claim(b, candidates=15)
+        b.begin_settle([(j, "sent", f"/sent/{j.rel}", None) for j in more])
+        b.finish_many([(j.id, "sent") for j in more])
+        assert b.reclaim(set()) == 0  # and folds the appended counts
+        after = counted(postgres_cluster, pg_database)
+        assert after == {"sent": 21, "failed": 4, "claimed": 5}
+        assert b.counts() == after
+        sent = sum(t.sent for t in b.throughput(0))
+        failed = sum(t.failed for t in b.throughput(0))
+        assert (sent, failed) == (21, 4)
+    finally:
+        b.close()
 
 
 def test_status_and_metrics_read_it(
