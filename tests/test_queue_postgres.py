@@ -545,3 +545,33 @@ def test_a_node_takes_its_name_again_after_the_database_dropped_its_session(
             twin.close()
     finally:
         first.close()
+
+
+def _plan(queue: Queue, sql: str, params: list[str]) -> str:
+    rows = queue._conn().execute("EXPLAIN " + sql, params).fetchall()
+    return "\n".join(r[0] for r in rows)
+
+
+def test_a_large_first_enqueue_reads_active_rows_by_path_from_their_index(queue_a: Queue) -> None:
+    """A new queue has no statistics until autovacuum's first analyze (a minute or so): the
+    planner took ``files`` for a table of a few pages and read an enqueue part's active rows
+    through ``files_age`` (every active row, the path a filter), so each part read all the
+    rows queued before it (70,000 files in one call: 47 s).  The queue analyzes ``files``
+    itself once the rows it inserted outgrow the statistics, within the enqueue: the next
+    part's read is an index lookup of its paths."""
+    queue_a.enqueue([new(f"/d/f{i:05d}") for i in range(3_000)])  # one call, a fresh table
+    counted = (
+        queue_a._conn()
+        .execute("SELECT reltuples FROM pg_class WHERE oid = 'files'::regclass")
+        .fetchone()[0]
+    )
+    assert counted >= 2_000  # -1: never analyzed
+    paths = [f"/d/f{i:05d}" for i in range(0, 3_000, 300)]
+    marks = ",".join("?" * len(paths))
+    plan = _plan(  # the statement of ``Queue._active_rows`` (and ``_known``)
+        queue_a,
+        f"SELECT path, id, size, mtime_ns, state FROM files WHERE path IN ({marks}) "
+        "AND state IN ('pending', 'claimed', 'settling')",
+        paths,
+    )
+    assert plan.startswith("Index Scan using files_active_path on files"), plan

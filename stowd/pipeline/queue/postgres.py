@@ -113,6 +113,8 @@ _NODE_LOCK = 0x7374  # with the hash of a node's name: the lock a running node h
 CLOCK_SAMPLES = 3  # readings of the database's clock when the queue opens (the quickest counts)
 CLOCK_RTT = 1.0  # seconds: a reading that took longer does not replace the offset known
 CLOCK_NOTED = 1.0  # seconds: a host clock off the database's by more is said at the start
+ANALYZE_ROWS = 1000  # rows a node inserts before it looks whether ``files``' statistics are stale
+ANALYZE_SHARE = 0.2  # stale: the rows inserted since exceed this share of the rows they count
 
 _COUNTS = "files, bytes, stored, already, warned"
 # schema 2: each node's daemon, as it last said (``heartbeat``; ``stowd status``)
@@ -433,6 +435,10 @@ class PostgresQueue(Queue):
         self._node_db: _PgDb | None = None  # holds the node's name (``_take_node``)
         self._named = False  # this daemon holds the node's name (keeps it: ``_keep_node``)
         self._sources: tuple[str, ...] | None = None  # this node's config's (``adopt``)
+        # rows this node inserted since its last ``ANALYZE files``, and when to look again
+        # (``_keep_statistics``; a count lost to two threads' race only delays a look)
+        self._inserted = 0
+        self._look_at = ANALYZE_ROWS
 
     # -- opening ---------------------------------------------------------------------
     def open(self, *, lock: bool = True) -> Self:
@@ -676,7 +682,32 @@ class PostgresQueue(Queue):
                 [v for r in part for v in r],
             ).fetchall()
             inserted |= {r[0] for r in found}
+        self._keep_statistics(db, len(inserted))
         return inserted
+
+    def _keep_statistics(self, db: Db, inserted: int) -> None:
+        """Run ``ANALYZE files`` (in the enqueue's transaction: it counts the rows inserted
+        so far) once the rows this node inserted since its last one exceed ``ANALYZE_SHARE``
+        of the rows the statistics count (looked up each ``ANALYZE_ROWS`` rows inserted).
+
+        Without statistics (a new queue: autovacuum analyzes within a minute or so, and a
+        migration's first walk queues tens of thousands of files before it does) the
+        planner takes ``files`` for a table of a few pages and reads a part's active rows
+        by path through ``files_age`` (every active row, the path a filter) rather than the
+        unique index of active paths: each part of an enqueue read all the rows queued
+        before it, quadratic (70,000 files in one call: 47 s, not 4).  Once analyzed, the
+        estimates follow the table's growth (rows per page times its pages)."""
+        self._inserted += inserted
+        if self._inserted < self._look_at:
+            return
+        counted = float(
+            db.execute("SELECT reltuples FROM pg_class WHERE oid = 'files'::regclass").fetchone()[0]
+        )
+        if counted > 0 and self._inserted <= ANALYZE_SHARE * counted:  # -1: never analyzed
+            self._look_at = self._inserted + ANALYZE_ROWS
+            return
+        db.execute("ANALYZE files")
+        self._inserted, self._look_at = 0, ANALYZE_ROWS
 
     def adopt(self, destinations: dict[str, str]) -> dict[str, int]:
         """Point the queued rows of this node's sources at their destinations (and take back
