@@ -295,6 +295,12 @@ def _storable(value: Any) -> Any:
     return ESCAPED + base64.b64encode(os.fsencode(value)).decode("ascii")
 
 
+def _column(values: Iterable[Any]) -> list[Any]:
+    """One column of an ``unnest``'s rows, as one array parameter (each value as TEXT
+    stores it)."""
+    return [_storable(v) for v in values]
+
+
 def _readable(value: Any) -> Any:
     if type(value) is str and value.startswith(ESCAPED):
         with suppress(binascii.Error, ValueError):
@@ -634,7 +640,7 @@ class PostgresQueue(Queue):
         node's 70,000 claims renewed in 9 s, not 1), the rest TEXT."""
         if all(type(v) is int for v in values):
             return "= ANY(?::BIGINT[])", (list(values),)
-        return "= ANY(?::TEXT[])", ([_storable(v) for v in values],)
+        return "= ANY(?::TEXT[])", (_column(values),)
 
     def _settle_rows(self, db: Db, node: str, rows: list[tuple[Any, ...]]) -> None:
         """One statement for all the rows: their own values as arrays, side by side."""
@@ -648,8 +654,36 @@ class PostgresQueue(Queue):
             "FROM unnest(?::BIGINT[], ?::TEXT[], ?::TEXT[], ?::TEXT[], ?::TEXT[], ?::TEXT[], "
             "?::TEXT[]) AS v(id, was, outcome, target, error, sidecars, note) "
             "WHERE files.id = v.id AND files.state = v.was",
-            (node, *([_storable(v) for v in column] for column in columns)),
+            (node, *(_column(column) for column in columns)),
         )
+
+    def _classify_rows(self, db: Db, rows: list[tuple[Any, ...]]) -> None:
+        """One statement for all the rows (a run of the counting triggers, not one a row:
+        70,000 rows in 11 s, not 2), with the same condition as SQLite's: each row only
+        while still pending with the content that was read."""
+        if not rows:
+            return
+        columns = list(zip(*rows, strict=True))
+        db.execute(
+            "UPDATE files SET kind = v.kind, study_uid = v.study_uid, sop_uid = v.sop_uid, "
+            "sop_class = v.sop_class, changes = v.changes, sidecars = v.sidecars, "
+            "rules_digest = v.digest, made = v.made, lookup = v.lookup "
+            "FROM unnest(?::TEXT[], ?::TEXT[], ?::TEXT[], ?::TEXT[], ?::TEXT[], ?::TEXT[], "
+            "?::TEXT[], ?::TEXT[], ?::TEXT[], ?::BIGINT[], ?::BIGINT[], ?::BIGINT[]) "
+            "AS v(kind, study_uid, sop_uid, sop_class, changes, sidecars, digest, made, "
+            "lookup, id, size, mtime_ns) WHERE files.id = v.id AND files.state = 'pending' "
+            "AND files.size = v.size AND files.mtime_ns = v.mtime_ns",
+            tuple(_column(c) for c in columns),
+        )
+
+    def _note_rows(self, db: Db, notes: dict[int, str]) -> None:
+        """One statement for all the rows."""
+        if notes:
+            db.execute(
+                "UPDATE files SET note = v.note FROM unnest(?::BIGINT[], ?::TEXT[]) "
+                "AS v(id, note) WHERE files.id = v.id",
+                (list(notes), _column(notes.values())),
+            )
 
     # -- nodes: shared trees, claims, leases, takeover ------------------------------------
     def _enqueue_many(self, db: Db, files: list[NewFile], now: float) -> list[NewFile]:
