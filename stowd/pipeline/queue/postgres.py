@@ -301,6 +301,14 @@ def _column(values: Iterable[Any]) -> list[Any]:
     return [_storable(v) for v in values]
 
 
+def _unnest(rows: Sequence[tuple[Any, ...]], *types: str) -> tuple[str, tuple[Any, ...]]:
+    """``unnest`` of ``rows`` (their values side by side, a column an array of its type in
+    ``types``), to change rows with values of their own in one statement, and its
+    parameters."""
+    arrays = ", ".join(f"?::{t}[]" for t in types)
+    return f"unnest({arrays})", tuple(_column(c) for c in zip(*rows, strict=True))
+
+
 def _readable(value: Any) -> Any:
     if type(value) is str and value.startswith(ESCAPED):
         with suppress(binascii.Error, ValueError):
@@ -646,15 +654,14 @@ class PostgresQueue(Queue):
         """One statement for all the rows: their own values as arrays, side by side."""
         if not rows:
             return
-        columns = list(zip(*rows, strict=True))
+        values, args = _unnest(rows, "BIGINT", *["TEXT"] * 6)
         db.execute(
             "UPDATE files SET state = 'settling', outcome = v.outcome, target = v.target, "
             "error = v.error, sidecars = COALESCE(v.sidecars, files.sidecars), "
             f"note = COALESCE(v.note, files.note), node = ?, {self._SETTLE_LEASE} "
-            "FROM unnest(?::BIGINT[], ?::TEXT[], ?::TEXT[], ?::TEXT[], ?::TEXT[], ?::TEXT[], "
-            "?::TEXT[]) AS v(id, was, outcome, target, error, sidecars, note) "
+            f"FROM {values} AS v(id, was, outcome, target, error, sidecars, note) "
             "WHERE files.id = v.id AND files.state = v.was",
-            (node, *(_column(column) for column in columns)),
+            (node, *args),
         )
 
     def _classify_rows(self, db: Db, rows: list[tuple[Any, ...]]) -> None:
@@ -663,26 +670,26 @@ class PostgresQueue(Queue):
         while still pending with the content that was read."""
         if not rows:
             return
-        columns = list(zip(*rows, strict=True))
+        values, args = _unnest(rows, *["TEXT"] * 9, "BIGINT", "BIGINT", "BIGINT")
         db.execute(
             "UPDATE files SET kind = v.kind, study_uid = v.study_uid, sop_uid = v.sop_uid, "
             "sop_class = v.sop_class, changes = v.changes, sidecars = v.sidecars, "
             "rules_digest = v.digest, made = v.made, lookup = v.lookup "
-            "FROM unnest(?::TEXT[], ?::TEXT[], ?::TEXT[], ?::TEXT[], ?::TEXT[], ?::TEXT[], "
-            "?::TEXT[], ?::TEXT[], ?::TEXT[], ?::BIGINT[], ?::BIGINT[], ?::BIGINT[]) "
-            "AS v(kind, study_uid, sop_uid, sop_class, changes, sidecars, digest, made, "
-            "lookup, id, size, mtime_ns) WHERE files.id = v.id AND files.state = 'pending' "
-            "AND files.size = v.size AND files.mtime_ns = v.mtime_ns",
-            tuple(_column(c) for c in columns),
+            f"FROM {values} AS v(kind, study_uid, sop_uid, sop_class, changes, sidecars, "
+            "digest, made, lookup, id, size, mtime_ns) WHERE files.id = v.id "
+            "AND files.state = 'pending' AND files.size = v.size "
+            "AND files.mtime_ns = v.mtime_ns",
+            args,
         )
 
     def _note_rows(self, db: Db, notes: dict[int, str]) -> None:
         """One statement for all the rows."""
         if notes:
+            values, args = _unnest(list(notes.items()), "BIGINT", "TEXT")
             db.execute(
-                "UPDATE files SET note = v.note FROM unnest(?::BIGINT[], ?::TEXT[]) "
-                "AS v(id, note) WHERE files.id = v.id",
-                (list(notes), _column(notes.values())),
+                f"UPDATE files SET note = v.note FROM {values} AS v(id, note) "
+                "WHERE files.id = v.id",
+                args,
             )
 
     # -- nodes: shared trees, claims, leases, takeover ------------------------------------
