@@ -152,6 +152,31 @@ def test_a_node_that_lost_the_database_stops_claiming_says_so_once_and_resumes(
     assert a.counts() == {"claimed": 2}  # its claims kept (renewed again)
 
 
+@pytest.mark.timeout(60)
+def test_the_other_renewals_go_on_when_a_beat_fails_unexpectedly(
+    two: tuple[Fleet, Queue, Queue], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A beat that raises something unexpected (here: the held rows cannot be listed) is
+    logged, and the fleet thread's other renewals (a migration's walk lease) still run."""
+    fleet, _, _ = two
+    also = threading.Event()
+
+    def held() -> set[int]:
+        raise RuntimeError("the held rows cannot be listed")
+
+    fleet.held = held
+    fleet.also = also.set
+    fleet.every = 0.05
+    fleet._thread = threading.Thread(target=fleet._run, name="fleet", daemon=True)
+    with caplog.at_level(logging.ERROR, logger="stowd.fleet"):
+        fleet._thread.start()
+        try:
+            assert also.wait(30), "the other renewals were skipped"
+        finally:
+            fleet.close()
+    assert "unexpected error renewing" in caplog.text
+
+
 def _pg_layout(
     root: Path, url: str, cluster: PostgresCluster, database: str, node: str, **over: object
 ) -> Layout:
