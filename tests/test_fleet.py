@@ -401,6 +401,18 @@ def test_of_two_reloads_replanned_at_once_the_newest_config_s_adopt_lands_last(
         daemon.queue.close()
 
 
+def stop(daemon: Daemon) -> None:
+    """Stop a daemon whose main loop ran on a thread (``supervise``), and close its queue."""
+    daemon.stop.set()
+    for thread in threading.enumerate():  # the main loop's, its upkeep's, its replanner's
+        if thread.name in ("main", "upkeep", "replan"):
+            thread.join(30)
+    daemon._shutdown()
+    if daemon.fleet is not None:
+        daemon.fleet.close()
+    daemon.queue.close()
+
+
 def supervise(daemon: Daemon) -> None:
     """The daemon's main loop (``Daemon.run``'s) on a thread, which gives its connection back
     when it ends."""
@@ -451,14 +463,7 @@ def test_a_reload_whose_adopt_failed_is_taken_within_seconds_while_the_upkeep_is
         assert caplog.text.count("claiming nothing new until the queue takes") == 1
         assert daemon._adopted is new
     finally:
-        daemon.stop.set()
-        for thread in threading.enumerate():  # the main loop's, and its upkeep's
-            if thread.name in ("main", "upkeep", "replan"):
-                thread.join(30)
-        daemon._shutdown()
-        if daemon.fleet is not None:
-            daemon.fleet.close()
-        daemon.queue.close()
+        stop(daemon)
 
 
 @pytest.mark.timeout(120)
@@ -486,17 +491,14 @@ def test_the_replan_after_a_replaced_generation_ends_waits_for_the_database(
         finally:
             postgres_cluster.start()
             postgres_cluster.wait_accepting()
-        wait_for(lambda: not daemon._replan_lingered, 30, "the replan once the database is back")
+        wait_for(
+            lambda: daemon._lingered_replanned == daemon._lingered == 1,
+            30,
+            "the replan once the database is back",
+        )
         assert main.is_alive()
     finally:
-        daemon.stop.set()
-        for thread in threading.enumerate():  # the main loop's, and its upkeep's
-            if thread.name in ("main", "upkeep", "replan"):
-                thread.join(30)
-        daemon._shutdown()
-        if daemon.fleet is not None:
-            daemon.fleet.close()
-        daemon.queue.close()
+        stop(daemon)
 
 
 def test_status_shows_each_node_alive_or_vanished_with_its_claims_and_rate(

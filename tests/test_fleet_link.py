@@ -36,8 +36,9 @@ LINKPROXY = ROOT / "bench" / "linkproxy.py"
 LEASE = 6.0  # the shortest a config may give: the link is watched every lease/12..lease/4
 BOUND = 30.0  # seconds: far below the ~15 min of retransmissions, well above the ~3 s expected
 
-NODE = """
-import sys, time
+# node ``cut`` (its queue made, not opened) from argv: url, secret file, anchor, lease
+QUEUE = """
+import logging, os, sys, time
 from pathlib import Path
 from stowd.config.model import Config, Database, Secret
 from stowd.errors import QueueError
@@ -50,7 +51,13 @@ queue = open_queue(
         path=Path(anchor).parent / "cut.yaml", queue=Path(anchor), sources=(), destinations={},
         database=database, node="cut", lease=float(lease),
     )
-).open(lock=False)
+)
+"""
+
+NODE = (
+    QUEUE
+    + """
+queue.open(lock=False)
 print("querying", flush=True)
 began = time.monotonic()
 try:
@@ -59,24 +66,14 @@ try:
 except QueueError as exc:
     print(f"failed after {time.monotonic() - began:.1f}s: {exc}", flush=True)
 """
+)
 
 # a node that holds its name (``open()``) and beats once for each line it reads
-BEATING = """
-import logging, os, sys, time
-from pathlib import Path
-from stowd.config.model import Config, Database, Secret
-from stowd.errors import QueueError
-from stowd.pipeline.queue import open_queue
-
+BEATING = (
+    QUEUE
+    + """
 logging.basicConfig(level=logging.WARNING, format="log: %(message)s", stream=sys.stdout)
-url, secret, anchor, lease = sys.argv[1:5]
-database = Database(url, Secret("file", secret))
-queue = open_queue(
-    Config(
-        path=Path(anchor).parent / "cut.yaml", queue=Path(anchor), sources=(), destinations={},
-        database=database, node="cut", lease=float(lease),
-    )
-).open()
+queue.open()
 print("open", flush=True)
 for _ in sys.stdin:
     try:
@@ -85,6 +82,7 @@ for _ in sys.stdin:
     except QueueError as exc:
         print(f"beat failed: {type(exc).__name__}: {exc}", flush=True)
 """
+)
 
 
 def _problem() -> str | None:

@@ -132,7 +132,8 @@ class Daemon:
         self._due_lock = threading.Lock()  # guards ``_replan_due`` between those threads
         self._adopted: Config | None = None  # the config whose sources the queue last took
         self._held_said = False  # the senders wait for a reload's adopt (logged once)
-        self._replan_lingered = False  # a replaced generation ended: replan once more
+        # replaced generations that ended (each asks for a replan), and those replanned for
+        self._lingered = self._lingered_replanned = 0
         self._replanner: threading.Thread | None = None  # tries a pending replan again
         self.metrics_server: metrics.Server | None = None
         self.http_server: web.Server | None = None
@@ -358,7 +359,7 @@ class Daemon:
         timeout: never the main thread's); the senders claim nothing until the queue took
         the new config's sources.  So is the replan a replaced generation's end asks for
         (``_reap_lingering``)."""
-        pending = self._replan_due is not None or self._replan_lingered
+        pending = self._replan_due is not None or self._lingered > self._lingered_replanned
         if pending and (self._replanner is None or not self._replanner.is_alive()):
             self._replanner = threading.Thread(target=self._replan_pending, name="replan")
             self._replanner.daemon = True
@@ -369,7 +370,7 @@ class Daemon:
         try:
             if self._replan_due is not None:
                 self._guarded(self._replan_after_reload)
-            if self._replan_lingered:
+            if self._lingered > self._lingered_replanned:
                 self._guarded(self._replan_after_lingering)
         finally:
             self.queue.release_connection()
@@ -395,12 +396,9 @@ class Daemon:
         if not self._replanning.acquire(blocking=False):
             return
         try:
-            self._replan_lingered = False  # (set again by a generation that ends meanwhile)
-            try:
-                self._replan(self.config)
-            except BaseException:
-                self._replan_lingered = True
-                raise
+            asked = self._lingered  # (a generation that ends meanwhile asks again)
+            self._replan(self.config)
+            self._lingered_replanned = asked
         finally:
             self._replanning.release()
 
@@ -601,7 +599,7 @@ class Daemon:
             self.lingering.remove(gen)
             _close_clients(gen)
             log.info("the threads of the previous config have finished")
-            self._replan_lingered = True  # under the replan lock, its trouble logged
+            self._lingered += 1  # replanned by ``_retry_replan``: under the replan lock
 
     def _keep_alive(self) -> None:
         """While a reload waits for uploads in flight, the main thread is alive and busy."""
