@@ -139,15 +139,19 @@ def test_settling_rows_of_a_node_whose_lease_expired_are_taken_over(
 
 def test_a_node_takes_over_no_move_of_a_source_its_config_lacks(
     nodes: tuple[Queue, Queue],
+    *,
     clock: Clock,
     postgres_cluster: PostgresCluster,
     pg_database: str,
     tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A dead node's settling rows of a source this node lacks (a config rolled out one node
-    at a time, a ``stowd migrate`` source) are left to a node that has it: this one could
-    not move their files (the repair knows no such source), and taking them over would keep
-    them settling for good, their lease renewed by this node."""
+    at a time, a ``stowd migrate`` source) are left to a node that has it: this one would
+    move their files without the source's checks (its folder's links, its sidecars), and a
+    row with no target yet it could not move at all (kept settling, its lease renewed by
+    this node, for good).  It says so once, and ``adopt`` counts them with the source's
+    other rows that wait for a node that has it."""
     a, b = nodes
     a.adopt({"src": "pacs"})
     b.adopt({"other": "pacs"})  # node-b lacks "src"
@@ -155,9 +159,14 @@ def test_a_node_takes_over_no_move_of_a_source_its_config_lacks(
     batch = claim(a, lease=60)
     a.begin_settle([(j, "sent", f"/sent/{j.rel}", None) for j in batch])
     pass_time(a, clock, SETTLE_LEASE + 1)  # node-a died while moving them
-    b.reclaim(set())
+    with caplog.at_level(logging.WARNING, logger="stowd.queue"):
+        b.reclaim(set())
+        b.reclaim(set())
+    left = [r.getMessage() for r in caplog.records if "leaves them to a node" in r.getMessage()]
+    assert len(left) == 1 and "2 file(s) of source src" in left[0] and "node-a" in left[0]
     assert b.settling() == []
     assert b.adopted == set()
+    assert b.adopt({"other": "pacs"}) == {"src": 2}  # the daemon's warning names them
     config = node_config(postgres_cluster, pg_database, tmp_path, "node-c")
     c = open_queue(config, clock=clock).open()  # a node that has "src"
     try:
@@ -545,3 +554,12 @@ def test_a_node_takes_its_name_again_after_the_database_dropped_its_session(
             twin.close()
     finally:
         first.close()
+
+
+def test_an_empty_list_of_names_selects_nothing(nodes: tuple[Queue, Queue]) -> None:
+    """No names: nothing, not an error (an empty array has no type to take from its values,
+    and an empty ``BIGINT[]`` compared with a TEXT column is refused)."""
+    a, _ = nodes
+    fill(a, 2)
+    assert a.run_nodes([], 0.0) == {}
+    assert a.walks([]) == []

@@ -97,6 +97,7 @@ from stowd.pipeline.queue.model import (
     Walk,
     job,
 )
+from stowd.printable import escape
 
 log = logging.getLogger("stowd.queue")
 
@@ -433,6 +434,7 @@ class PostgresQueue(Queue):
         self._node_db: _PgDb | None = None  # holds the node's name (``_take_node``)
         self._named = False  # this daemon holds the node's name (keeps it: ``_keep_node``)
         self._sources: tuple[str, ...] | None = None  # this node's config's (``adopt``)
+        self._moves_told: set[tuple[str, str]] = set()  # ``_say_moves_left``'s, said once
 
     # -- opening ---------------------------------------------------------------------
     def open(self, *, lock: bool = True) -> Self:
@@ -626,6 +628,8 @@ class PostgresQueue(Queue):
         as the column: ids, BIGINT (psycopg sends small ints as INTEGER[], and ``id = ANY``
         of another type than the column's compares each row with each id, not in a hash: a
         node's 70,000 claims renewed in 9 s, not 1), the rest TEXT."""
+        if not values:  # no array to type (an empty BIGINT[] against a TEXT column fails)
+            return "IN (NULL)", ()
         if all(type(v) is int for v in values):
             return "= ANY(?::BIGINT[])", (list(values),)
         return "= ANY(?::TEXT[])", ([_storable(v) for v in values],)
@@ -694,7 +698,8 @@ class PostgresQueue(Queue):
                     (destination, source, destination),
                 )
             rows = db.execute(
-                "SELECT source, COUNT(*) FROM files WHERE state IN ('pending', 'claimed') "
+                "SELECT source, COUNT(*) FROM files "
+                "WHERE state IN ('pending', 'claimed', 'settling') "
                 "AND NOT source = ANY(?) GROUP BY source",
                 (list(destinations),),
             ).fetchall()
@@ -779,11 +784,42 @@ class PostgresQueue(Queue):
                 [i for i, _ in settling],
                 (self.node, now + SETTLE_LEASE),
             )
+            left = self._moves_left(db, now) if mine else []
         self.adopted |= {i for i, _ in settling}
-        _log_takeover(self.node, [n for i, n in rows if i in ids], "claims")
+        taken = set(ids)
+        _log_takeover(self.node, [n for i, n in rows if i in taken], "claims")
         _log_takeover(self.node, [n for _, n in settling], "files being moved")
+        self._say_moves_left(left)
         self.fold()
         return len(ids)
+
+    def _moves_left(self, db: Db, now: float) -> list[tuple[str, str, int]]:
+        """(source, node, count) of other nodes' moves whose lease ran out, of sources this
+        node's config lacks: left to a node that has the source (``reclaim``)."""
+        rows = db.execute(
+            "SELECT source, COALESCE(node, ''), COUNT(*) FROM files WHERE state = 'settling' "
+            "AND node IS DISTINCT FROM ? AND lease_until < ? AND NOT source = ANY(?) "
+            "GROUP BY 1, 2 ORDER BY 1, 2",
+            (self.node, now, list(self._sources or ())),
+        ).fetchall()
+        return [(r[0], r[1] or "?", int(r[2])) for r in rows]
+
+    def _say_moves_left(self, left: list[tuple[str, str, int]]) -> None:
+        """Say once (per source and node) that a vanished node's moves wait for a node
+        whose config has their source: none may have it any more, and nothing else would
+        say why they stay (``stowd status`` shows them as the vanished node's)."""
+        for source, node, count in left:
+            if (source, node) in self._moves_told:
+                continue
+            self._moves_told.add((source, node))
+            log.warning(
+                "%d file(s) of source %s were being moved by node %s, whose lease ran out; "
+                "this node's config lacks that source, so it leaves them to a node that has "
+                "it (if none has it any more, add the source back on one node)",
+                count,
+                escape(source),
+                escape(node),
+            )
 
     def heartbeat(self, *, pid: int, host: str, started: float, version: str, lease: float) -> None:
         """Say this node is alive, at a time on the database's clock (as its leases): a
