@@ -563,3 +563,22 @@ def test_an_empty_list_of_names_selects_nothing(nodes: tuple[Queue, Queue]) -> N
     fill(a, 2)
     assert a.run_nodes([], 0.0) == {}
     assert a.walks([]) == []
+
+
+def test_a_batch_is_changed_by_one_statement_not_one_per_row(nodes: tuple[Queue, Queue]) -> None:
+    """Claim, settle and finish of a batch of 10 each run the counting triggers once (one
+    statement for the batch: a change of two states appends two rows), not once a row."""
+    a, _ = nodes
+    fill(a, 10)
+
+    def appended(step: Callable[[], object]) -> int:
+        count = "SELECT COUNT(*) FROM tally_changes"
+        before = a._conn().execute(count).fetchone()[0]
+        step()
+        return int(a._conn().execute(count).fetchone()[0] - before)
+
+    batch: list[Job] = []
+    assert appended(lambda: batch.extend(claim(a, candidates=10))) == 2
+    assert len(batch) == 10
+    assert appended(lambda: a.begin_settle([(j, "sent", f"/s/{j.rel}", None) for j in batch])) == 2
+    assert appended(lambda: a.finish_many([(j.id, "sent") for j in batch])) == 2
