@@ -307,3 +307,42 @@ def test_a_worker_whose_claims_were_taken_over_during_its_upload_moves_none_of_t
         assert not [r for r in caplog.records if "vanished" in r.getMessage()]
     finally:
         nodes.close()
+
+
+MANY = 70_000  # ids: more than a PostgreSQL statement's 65,535 parameters (SQLite's: 32,766)
+
+
+def hold_many(queue: Queue) -> list[Job]:
+    """``MANY`` rows of one study, claimed by ``queue`` in one batch."""
+    for at in range(0, MANY, 10_000):
+        queue.enqueue([new(f"/d/many/f{i:05d}") for i in range(at, at + 10_000)])
+        if at == 0 and type(queue).__name__ == "PostgresQueue":
+            # the statistics autovacuum takes within a minute: without them each part of a
+            # fresh table's enqueue reads all the rows queued before it
+            with queue._tx() as db:
+                db.execute("ANALYZE files")
+    queue.set_classified(
+        [Classification(j, "dicom", "st", f"sop{j.id}", "1.2") for j in queue.unclassified(MANY)]
+    )
+    batch = queue.claim_batch(["pacs"], pick=lambda _d, js: js, candidates=MANY, lease=LEASE)
+    assert len(batch) == MANY
+    return batch
+
+
+@pytest.mark.timeout(600)
+def test_a_node_holding_more_ids_than_a_statement_takes_changes_them_all(
+    queue: Queue, clock: Clock
+) -> None:
+    """Renew, release (its check of what is still the node's), settle and finish of more
+    claims than one statement has parameters for: each id is one parameter no more."""
+    batch = hold_many(queue)
+    ids = [j.id for j in batch]
+    assert queue.renew(ids, clock.now + 600) == MANY
+    assert queue.release(ids) == {}
+    assert queue.counts() == {"pending": MANY}
+    batch = queue.claim_batch(["pacs"], pick=lambda _d, js: js, candidates=MANY, lease=LEASE)
+    assert queue.begin_settle(plans(batch, "/sent")) == {}
+    assert len(queue.settling()) == MANY
+    assert queue.finish_many([(j.id, "sent") for j in batch]) == {}
+    assert queue.counts() == {"sent": MANY}
+    assert queue.jobs("sent")[-1].target == f"/sent/{batch[-1].rel}"

@@ -33,6 +33,7 @@ from stowd.pipeline.queue.postgres import (
     ESCAPED,
     SCHEMA_VERSION,
     SETTLE_LEASE,
+    TALLY_SCHEMA_3,
     PostgresQueue,
     link_watch,
 )
@@ -137,6 +138,46 @@ def test_settling_rows_of_a_node_whose_lease_expired_are_taken_over(
     assert a.settling() == []
 
 
+def test_a_node_takes_over_no_move_of_a_source_its_config_lacks(
+    nodes: tuple[Queue, Queue],
+    *,
+    clock: Clock,
+    postgres_cluster: PostgresCluster,
+    pg_database: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A dead node's settling rows of a source this node lacks (a config rolled out one node
+    at a time, a ``stowd migrate`` source) are left to a node that has it: this one would
+    move their files without the source's checks (its folder's links, its sidecars), and a
+    row with no target yet it could not move at all (kept settling, its lease renewed by
+    this node, for good).  It says so once, and ``adopt`` counts them with the source's
+    other rows that wait for a node that has it."""
+    a, b = nodes
+    a.adopt({"src": "pacs"})
+    b.adopt({"other": "pacs"})  # node-b lacks "src"
+    fill(a, 2)
+    batch = claim(a, lease=60)
+    a.begin_settle([(j, "sent", f"/sent/{j.rel}", None) for j in batch])
+    pass_time(a, clock, SETTLE_LEASE + 1)  # node-a died while moving them
+    with caplog.at_level(logging.WARNING, logger="stowd.queue"):
+        b.reclaim(set())
+        b.reclaim(set())
+    left = [r.getMessage() for r in caplog.records if "leaves them to a node" in r.getMessage()]
+    assert len(left) == 1 and "2 file(s) of source src" in left[0] and "node-a" in left[0]
+    assert b.settling() == []
+    assert b.adopted == set()
+    assert b.adopt({"other": "pacs"}) == {"src": 2}  # the daemon's warning names them
+    config = node_config(postgres_cluster, pg_database, tmp_path, "node-c")
+    c = open_queue(config, clock=clock).open()  # a node that has "src"
+    try:
+        c.adopt({"src": "pacs"})
+        c.reclaim(set())
+        assert sorted(j.id for j in c.settling()) == sorted(j.id for j in batch)
+    finally:
+        c.close()
+
+
 def test_recover_returns_only_this_node_s_claims(nodes: tuple[Queue, Queue]) -> None:
     a, b = nodes
     fill(a, 6, studies=2)
@@ -233,6 +274,59 @@ def test_a_newer_schema_is_refused(
     config = node_config(postgres_cluster, pg_database, tmp_path, "node-b")
     with pytest.raises(QueueError, match="newer stowd"):
         open_queue(config).open()
+
+
+def counted(cluster: PostgresCluster, database: str) -> dict[str, int]:
+    """The rows by state, counted one by one (what ``counts`` must say)."""
+    rows = cluster.admin("SELECT state, COUNT(*) FROM files GROUP BY state", database=database)
+    return {state: int(n) for state, n in rows}
+
+
+def test_a_schema_3_queue_is_migrated_and_keeps_exact_counts(
+    postgres_cluster: PostgresCluster,
+    pg_database: str,
+    queue_a: Queue,
+    tmp_path: Path,
+    clock: Clock,
+) -> None:
+    """Schema 4 plans the counting trigger's join for each statement; a queue of schema 3
+    (its trigger, its version) opened by this stowd is brought to 4 and its counts stay
+    exact: those schema 3's trigger appended and those schema 4's appends after it."""
+    assert SCHEMA_VERSION == 4, "this test migrates from 3 to 4"
+    schema_3 = TALLY_SCHEMA_3.replace("%", "%%")  # admin's psycopg reads % as a placeholder
+    for statement in (schema_3, "UPDATE stowd_schema SET version = 3"):
+        postgres_cluster.admin(statement, database=pg_database)
+    queue_a.release_connection()  # a session of schema 3's function
+    fill(queue_a, 30)
+    batch = claim(queue_a, candidates=10)
+    queue_a.begin_settle([(j, "sent", f"/sent/{j.rel}", None) for j in batch])
+    queue_a.finish_many([(j.id, "sent") for j in batch[:6]] + [(j.id, "failed") for j in batch[6:]])
+    claim(queue_a, candidates=5)
+    before = counted(postgres_cluster, pg_database)
+    assert before == {"sent": 6, "failed": 4, "claimed": 5, "pending": 15}
+
+    config = node_config(postgres_cluster, pg_database, tmp_path, "node-b")
+    b = open_queue(config, clock=clock).open()
+    try:
+        version, body = postgres_cluster.admin(
+            "SELECT version, prosrc FROM stowd_schema, pg_proc WHERE proname = 'stowd_tally'",
+            database=pg_database,
+        )[0]
+        assert version == 4
+        assert "EXECUTE" in body
+        assert b.counts() == before
+        more = claim(b, candidates=15)
+        b.begin_settle([(j, "sent", f"/sent/{j.rel}", None) for j in more])
+        b.finish_many([(j.id, "sent") for j in more])
+        assert b.reclaim(set()) == 0  # and folds the appended counts
+        after = counted(postgres_cluster, pg_database)
+        assert after == {"sent": 21, "failed": 4, "claimed": 5}
+        assert b.counts() == after
+        sent = sum(t.sent for t in b.throughput(0))
+        failed = sum(t.failed for t in b.throughput(0))
+        assert (sent, failed) == (21, 4)
+    finally:
+        b.close()
 
 
 def test_status_and_metrics_read_it(
@@ -521,3 +615,31 @@ def test_keepalives_0_in_the_url_turns_the_link_watch_off() -> None:
     """``keepalives=0``: no keepalives, no user timeout, on neither end (the user's word)."""
     assert link_watch("postgresql://db.example/q?keepalives=0", 120.0) == {}
     assert "tcp_user_timeout" in link_watch("postgresql://db.example/q?keepalives=1", 120.0)
+
+
+def test_an_empty_list_of_names_selects_nothing(nodes: tuple[Queue, Queue]) -> None:
+    """No names: nothing, not an error (an empty array has no type to take from its values,
+    and an empty ``BIGINT[]`` compared with a TEXT column is refused)."""
+    a, _ = nodes
+    fill(a, 2)
+    assert a.run_nodes([], 0.0) == {}
+    assert a.walks([]) == []
+
+
+def test_a_batch_is_changed_by_one_statement_not_one_per_row(nodes: tuple[Queue, Queue]) -> None:
+    """Claim, settle and finish of a batch of 10 each run the counting triggers once (one
+    statement for the batch: a change of two states appends two rows), not once a row."""
+    a, _ = nodes
+    fill(a, 10)
+
+    def appended(step: Callable[[], object]) -> int:
+        count = "SELECT COUNT(*) FROM tally_changes"
+        before = a._conn().execute(count).fetchone()[0]
+        step()
+        return int(a._conn().execute(count).fetchone()[0] - before)
+
+    batch: list[Job] = []
+    assert appended(lambda: batch.extend(claim(a, candidates=10))) == 2
+    assert len(batch) == 10
+    assert appended(lambda: a.begin_settle([(j, "sent", f"/s/{j.rel}", None) for j in batch])) == 2
+    assert appended(lambda: a.finish_many([(j.id, "sent") for j in batch])) == 2

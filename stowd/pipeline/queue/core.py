@@ -19,7 +19,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol, Self
+from typing import Any, Protocol, Self, TypeVar
 
 from stowd.errors import QueueLockedError, SidecarNotReady
 from stowd.pipeline.queue.model import (
@@ -73,11 +73,20 @@ _SETTLED = (
     "AND state IN ('sent', 'failed', 'gone', 'ignored') ORDER BY id DESC LIMIT 1) AS state "
     "FROM asked) AS found WHERE state IS NOT NULL"
 )
+_K = TypeVar("_K")
 QUEUE_MODE = 0o600  # the queue's files (and a node's lock file): stowd's alone, whatever the umask
 
 
 def _doc(error: dict[str, Any] | None) -> str | None:
     return json.dumps(error) if error else None
+
+
+def _grouped(pairs: Iterable[tuple[_K, int]]) -> dict[_K, list[int]]:
+    """The ids of each key (a change that differs only by a few values: a statement each)."""
+    out: dict[_K, list[int]] = {}
+    for key, i in pairs:
+        out.setdefault(key, []).append(i)
+    return out
 
 
 def take_lock(anchor: Path) -> int:
@@ -200,13 +209,14 @@ class Queue:
     def renew(self, ids: Iterable[int], until: float) -> int:
         """Extend the lease of this node's claims ``ids`` to ``until``; how many were."""
         with self._tx() as db:
-            ids = list(ids)
-            cursor = db.execute(
-                f"UPDATE files SET lease_until = ? WHERE id {self._in(ids)} AND node = ? "
+            return self._each_part(
+                db,
+                "UPDATE files SET lease_until = ? WHERE id {ids} AND node = ? "
                 "AND state IN ('claimed', 'settling')",
-                (until, *ids, self.node),
+                ids,
+                (until,),
+                (self.node,),
             )
-            return int(cursor.rowcount)
 
     def _ours(self, db: Db, known: Mapping[int, str]) -> tuple[list[int], Lost]:
         """Of the rows ``known`` (id -> the state this node knows it in: ``pending``, read by
@@ -220,12 +230,11 @@ class Queue:
         ends (in id order: never a deadlock with another node)."""
         ids = sorted(known)
         found: dict[int, tuple[str, str | None]] = {}
-        for at in range(0, len(ids), 500):  # SQLite limits the number of parameters
-            part = ids[at : at + 500]
+        for part in self._parts(ids):
+            where, args = self._in(part)
             rows = db.execute(
-                f"SELECT id, state, node FROM files WHERE id {self._in(part)} "
-                f"ORDER BY id{self._LOCK_OURS}",
-                part,
+                f"SELECT id, state, node FROM files WHERE id {where} ORDER BY id{self._LOCK_OURS}",
+                args,
             )
             found.update({r[0]: (r[1], r[2]) for r in rows})
         ours: list[int] = []
@@ -314,17 +323,55 @@ class Queue:
     def run_nodes(self, sources: Sequence[str], since: float) -> dict[str, tuple[int, int]]:
         """(files, bytes) each node stored of ``sources`` since ``since`` (the node that
         settles a row is recorded on it)."""
+        where, args = self._in(sources)
         rows = self._conn().execute(
             "SELECT COALESCE(node, ''), COUNT(*), CAST(SUM(size) AS BIGINT) FROM files "
-            f"WHERE source {self._in(sources)} AND done_at >= ? AND state = 'sent' "
+            f"WHERE source {where} AND done_at >= ? AND state = 'sent' "
             "GROUP BY COALESCE(node, '') ORDER BY 1",
-            (*sources, since),
+            (*args, since),
         )
         return {r[0]: (int(r[1]), int(r[2] or 0)) for r in rows.fetchall()}
 
-    @staticmethod
-    def _in(values: Sequence[Any]) -> str:
-        return "IN (" + ",".join("?" * len(values)) + ")" if values else "IN (NULL)"
+    # ids per statement where a statement names each (SQLite limits the number of
+    # parameters); PostgreSQL: None, all of them in one array (``_in``)
+    _PART: int | None = 500
+
+    @classmethod
+    def _in(cls, values: Sequence[Any]) -> tuple[str, tuple[Any, ...]]:
+        """The condition "is one of ``values``" (after a column) and its parameters: SQLite,
+        ``IN (?, ...)`` with a parameter each (at most ``_PART`` of them); PostgreSQL, ``=
+        ANY(?)`` with one array, however many (a statement takes at most 65,535 parameters)."""
+        if not values:
+            return "IN (NULL)", ()
+        return "IN (" + ",".join("?" * len(values)) + ")", tuple(values)
+
+    @classmethod
+    def _parts(cls, values: Sequence[Any]) -> Iterator[Sequence[Any]]:
+        """``values`` in parts that ``_in`` takes (PostgreSQL: all at once); none if empty."""
+        step = cls._PART or len(values)
+        for at in range(0, len(values), step or 1):
+            yield values[at : at + step]
+
+    def _each_part(
+        self,
+        db: Db,
+        sql: str,
+        ids: Iterable[int],
+        before: tuple[Any, ...] = (),
+        after: tuple[Any, ...] = (),
+    ) -> int:
+        """Run ``sql``, whose ``{ids}`` follows ``id`` (between the parameters ``before``
+        and ``after``), for ``ids`` (in id order): one statement for all of them on
+        PostgreSQL (one array), one for each part of ``_PART`` on SQLite, never one a row
+        (a statement costs its round trip, its plan and, on PostgreSQL, a run of the
+        counting triggers).  Nothing for no ids.  Returns how many rows it changed."""
+        changed = 0
+        for part in self._parts(sorted(ids)):
+            where, args = self._in(part)
+            changed += int(
+                db.execute(sql.replace("{ids}", where), (*before, *args, *after)).rowcount
+            )
+        return changed
 
     @classmethod
     def _schema(cls, db: Db) -> int:
@@ -647,9 +694,11 @@ class Queue:
             jobs = self._candidates(db, head, now, candidates)
             batch = pick(head[0], jobs)
             until = self._lease_end(db, now, lease)
-            db.executemany(
-                "UPDATE files SET state = 'claimed', lease_until = ?, node = ? WHERE id = ?",
-                [(until, self.node, j.id) for j in batch],
+            self._each_part(
+                db,
+                "UPDATE files SET state = 'claimed', lease_until = ?, node = ? WHERE id {ids}",
+                [j.id for j in batch],
+                (until, self.node),
             )
         return batch
 
@@ -694,11 +743,13 @@ class Queue:
         ``also`` too (``release``: nothing more; ``isolate``: one per request)."""
         with self._tx() as db:
             ours, lost = self._ours(db, dict.fromkeys(ids, "claimed"))
-            db.executemany(
+            self._each_part(
+                db,
                 f"UPDATE files SET state = 'pending', lease_until = NULL, {also}"
                 f"next_attempt_at = {self._MAX}(next_attempt_at, ?) "
-                "WHERE id = ? AND state = 'claimed'",
-                [(not_before, i) for i in ours],
+                "WHERE id {ids} AND state = 'claimed'",
+                ours,
+                (not_before,),
             )
         return lost
 
@@ -724,12 +775,15 @@ class Queue:
         first = now if failing else None
         with self._tx() as db:
             ours, lost = self._ours(db, dict.fromkeys(ids, was))
-            db.executemany(
+            self._each_part(
+                db,
                 "UPDATE files SET state = 'pending', lease_until = NULL, "
                 "attempts = attempts + 1, first_try = COALESCE(first_try, ?), last_try = ?, "
                 f"next_attempt_at = ?, error = ?, solo = {self._MAX}(solo, ?) "
-                "WHERE id = ? AND state = ?",
-                [(first, now, at, json.dumps(error), int(solo), i, was) for i in ours],
+                "WHERE id {ids} AND state = ?",
+                ours,
+                (first, now, at, json.dumps(error), int(solo)),
+                (was,),
             )
         return lost
 
@@ -776,17 +830,29 @@ class Queue:
         plans = list(plans)
         with self._tx() as db:
             _, lost = self._ours(db, {j.id: j.state for j, _, _, _ in plans})
-            db.executemany(
-                "UPDATE files SET state = 'settling', outcome = ?, target = ?, error = ?, "
-                "sidecars = COALESCE(?, sidecars), note = COALESCE(?, note), "
-                f"node = ?, {self._SETTLE_LEASE} WHERE id = ? AND state = ?",
+            self._settle_rows(
+                db,
+                node,
                 [
-                    (o, t, _doc(e), j.sidecars, notes.get(j.id), node, j.id, j.state)
+                    (j.id, j.state, o, t, _doc(e), j.sidecars, notes.get(j.id))
                     for j, o, t, e in plans
                     if j.id not in lost
                 ],
             )
         return lost
+
+    def _settle_rows(self, db: Db, node: str, rows: list[tuple[Any, ...]]) -> None:
+        """``begin_settle``'s change of each of ``rows`` (id, the state it is known in,
+        outcome, target, error, sidecars, note): each row has values of its own.  SQLite:
+        one statement a row, as before (in process: no round trip a statement; one for all
+        the rows would need ``UPDATE ... FROM``, SQLite 3.33 or later).  The PostgreSQL
+        backend changes them all in one statement."""
+        db.executemany(
+            "UPDATE files SET state = 'settling', outcome = ?, target = ?, error = ?, "
+            "sidecars = COALESCE(?, sidecars), note = COALESCE(?, note), "
+            f"node = ?, {self._SETTLE_LEASE} WHERE id = ? AND state = ?",
+            [(o, t, e, sc, note, node, i, was) for i, was, o, t, e, sc, note in rows],
+        )
 
     def finish(self, job_id: int, *, state: str, was: str) -> Lost:
         """The job is done: its file was moved (``was`` ``settling``), or is gone or ignored
@@ -804,11 +870,15 @@ class Queue:
         later = [(i, self._after[i]) for i, _ in done if i in self._after]
         with self._tx() as db:
             _, lost = self._ours(db, dict.fromkeys((i for i, _ in done), was))
-            db.executemany(
-                "UPDATE files SET state = ?, done_at = ?, lease_until = NULL "
-                "WHERE id = ? AND state = ?",
-                [(state, now, i, was) for i, state in done if i not in lost],
-            )
+            for state, ids in _grouped((s, i) for i, s in done if i not in lost).items():
+                self._each_part(
+                    db,
+                    "UPDATE files SET state = ?, done_at = ?, lease_until = NULL "
+                    "WHERE id {ids} AND state = ?",
+                    ids,
+                    (state, now),
+                    (was,),
+                )
             queued = self._enqueue_many(db, [f for i, f in later if i not in lost], now)
         for i, _ in later:  # kept until committed: a failed write loses none of them
             self._after.pop(i, None)
@@ -826,15 +896,16 @@ class Queue:
         done = list(done)
         with self._tx() as db:
             _, lost = self._ours(db, dict.fromkeys((i for i, _, _ in done), was))
-            db.executemany(
-                "UPDATE files SET state = ?, outcome = 'kept', target = NULL, error = ?, "
-                "done_at = ?, lease_until = NULL WHERE id = ? AND state = ?",
-                [
-                    (s, json.dumps(e) if e else None, now, i, was)
-                    for i, s, e in done
-                    if i not in lost
-                ],
-            )
+            kept = [((s, json.dumps(e) if e else None), i) for i, s, e in done if i not in lost]
+            for (state, error), ids in _grouped(kept).items():
+                self._each_part(
+                    db,
+                    "UPDATE files SET state = ?, outcome = 'kept', target = NULL, error = ?, "
+                    "done_at = ?, lease_until = NULL WHERE id {ids} AND state = ?",
+                    ids,
+                    (state, error, now),
+                    (was,),
+                )
         return lost
 
     def add_notes(self, notes: dict[int, str]) -> None:
