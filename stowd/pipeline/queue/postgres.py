@@ -105,7 +105,9 @@ SCHEMA_VERSION = 4
 FEATURES = 9  # what ``core`` asks of a schema: as SQLite's schema 9 (tallies, throughput)
 ESCAPED = "\x7fstowd-bytes:"  # a stored value that is the base64 of a str's bytes follows
 CONNECT_TIMEOUT = 10  # seconds
-KEEPALIVE_PROBES = 3  # unanswered TCP keepalive probes before a link is given up (link_watch)
+KEEPALIVE_PROBES = 3  # TCP keepalive probes (link_watch; the user timeout ends a link first)
+KEEPALIVE_MAX = 32767  # seconds: the most Linux takes for TCP_KEEPIDLE and TCP_KEEPINTVL
+USER_TIMEOUT_MAX = 2**31 - 1  # milliseconds: the most TCP_USER_TIMEOUT takes (an int)
 SETTLE_LEASE = 300.0  # seconds: how long a settling row is its node's alone (from the decision)
 _MIGRATION_LOCK = 0x73746F7764  # "stowd": the advisory lock of a schema change
 _FOLD_LOCK = 0x73746F7765  # the advisory lock of a fold (one node at a time)
@@ -350,26 +352,45 @@ class _PgDb:
         self.raw.close()
 
 
-def link_watch(url: str, lease: float) -> dict[str, int]:
+def link_watch(url: str, lease: float) -> dict[str, int | str]:
     """libpq's TCP keepalives and ``tcp_user_timeout`` for a connection of a node whose
-    leases last ``lease`` seconds, but those ``url`` sets itself (the user's word wins).
+    leases last ``lease`` seconds, but those ``url`` sets itself (the user's word wins), and
+    the same for the server's end of it (``options``, after the URL's own, which win).
 
     A link that dies without a word (a firewall's state dropped, a cable pulled: no FIN, no
     RST) otherwise holds a query in flight for the kernel's retransmissions, about 15
     minutes, and its thread (a sender, the fleet's renewals) with it.  With these, a waiting
-    connection probes the link after ``lease``/12 of silence and gives up after three
-    unanswered probes ``lease``/24 apart (about ``lease``/5 in all), and a request the
-    database never acknowledges fails after ``lease``/4: well within a lease, so the node
-    reconnects (or says it lost the database) before other nodes take its files over."""
+    connection probes the link after ``lease``/12 of silence, ``lease``/24 apart, and a
+    link that answers nothing is given up once ``lease``/4 passed without an answer (with a
+    user timeout Linux ends a connection by it, not by the count of probes): well within a
+    lease, so the node reconnects (or says it lost the database) before other nodes take its
+    files over.  The server's end does the same, so that the sessions of a node cut off
+    (its node's name among their locks, ``_take_node``) end within the bound too, not after
+    the server's default two hours: the node takes its name again once the link is back.
+
+    The kernel refuses keepalive times above ``KEEPALIVE_MAX`` seconds (a lease of days):
+    they are capped.  ``keepalives=0`` in ``url`` turns all of it off."""
     given = conninfo_to_dict(url)
-    watch = {
+    if str(given.get("keepalives", "1")).strip() == "0":
+        return {}
+    idle = min(KEEPALIVE_MAX, max(1, round(lease / 12)))
+    interval = min(KEEPALIVE_MAX, max(1, round(lease / 24)))
+    user_timeout = min(USER_TIMEOUT_MAX, max(1000, round(lease / 4 * 1000)))  # milliseconds
+    watch: dict[str, int | str] = {
         "keepalives": 1,
-        "keepalives_idle": max(1, round(lease / 12)),
-        "keepalives_interval": max(1, round(lease / 24)),
+        "keepalives_idle": idle,
+        "keepalives_interval": interval,
         "keepalives_count": KEEPALIVE_PROBES,
-        "tcp_user_timeout": max(1000, round(lease / 4 * 1000)),  # milliseconds
+        "tcp_user_timeout": user_timeout,
     }
-    return {k: v for k, v in watch.items() if k not in given}
+    watch = {k: v for k, v in watch.items() if k not in given}
+    server = (
+        f"-c tcp_keepalives_idle={idle} -c tcp_keepalives_interval={interval} "
+        f"-c tcp_keepalives_count={KEEPALIVE_PROBES} -c tcp_user_timeout={user_timeout}"
+    )
+    own = str(given.get("options") or "").strip()
+    watch["options"] = f"{server} {own}" if own else server  # a later -c wins: the URL's
+    return watch
 
 
 def _connect(
