@@ -29,7 +29,7 @@ from stowd.config.model import Config
 from stowd.pipeline.queue import Classification, Job, NewFile, Queue, open_queue
 from stowd.pipeline.settle import MOVING
 from stowd.service import status
-from stowd.service.daemon import Daemon
+from stowd.service.daemon import Daemon, Generation
 from stowd.service.fleet import Fleet
 from stowd.service.notify import Notifier
 
@@ -150,6 +150,31 @@ def test_a_node_that_lost_the_database_stops_claiming_says_so_once_and_resumes(
     assert fleet.claiming
     assert "node node-a reaches the database again" in caplog.text
     assert a.counts() == {"claimed": 2}  # its claims kept (renewed again)
+
+
+@pytest.mark.timeout(60)
+def test_the_other_renewals_go_on_when_a_beat_fails_unexpectedly(
+    two: tuple[Fleet, Queue, Queue], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A beat that raises something unexpected (here: the held rows cannot be listed) is
+    logged, and the fleet thread's other renewals (a migration's walk lease) still run."""
+    fleet, _, _ = two
+    also = threading.Event()
+
+    def held() -> set[int]:
+        raise RuntimeError("the held rows cannot be listed")
+
+    fleet.held = held
+    fleet.also = also.set
+    fleet.every = 0.05
+    fleet._thread = threading.Thread(target=fleet._run, name="fleet", daemon=True)
+    with caplog.at_level(logging.ERROR, logger="stowd.fleet"):
+        fleet._thread.start()
+        try:
+            assert also.wait(30), "the other renewals were skipped"
+        finally:
+            fleet.close()
+    assert "unexpected error renewing" in caplog.text
 
 
 def _pg_layout(
@@ -374,6 +399,106 @@ def test_of_two_reloads_replanned_at_once_the_newest_config_s_adopt_lands_last(
         if daemon.fleet is not None:
             daemon.fleet.close()
         daemon.queue.close()
+
+
+def stop(daemon: Daemon) -> None:
+    """Stop a daemon whose main loop ran on a thread (``supervise``), and close its queue."""
+    daemon.stop.set()
+    for thread in threading.enumerate():  # the main loop's, its upkeep's, its replanner's
+        if thread.name in ("main", "upkeep", "replan"):
+            thread.join(30)
+    daemon._shutdown()
+    if daemon.fleet is not None:
+        daemon.fleet.close()
+    daemon.queue.close()
+
+
+def supervise(daemon: Daemon) -> None:
+    """The daemon's main loop (``Daemon.run``'s) on a thread, which gives its connection back
+    when it ends."""
+    try:
+        daemon._supervise()
+    finally:
+        daemon.queue.release_connection()
+
+
+@pytest.mark.timeout(120)
+def test_a_reload_whose_adopt_failed_is_taken_within_seconds_while_the_upkeep_is_busy(
+    postgres_cluster: PostgresCluster,
+    pg_database: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A reload comes while the database is away: the queue cannot take the new config's
+    sources, and the senders claim nothing until it has.  The upkeep is held up (a retried
+    move waits for the lock of moves, as a slow share would hold it); the main loop tries
+    the replan again each second, so the queue takes the reload as soon as the database is
+    back.  That the senders wait is logged once and shown in STATUS=, and its end logged."""
+    layout = _pg_layout(
+        tmp_path / "a", "http://127.0.0.1:9/dicom-web", postgres_cluster, pg_database, "node-a"
+    )
+    config = load_config(layout.config)
+    new = load_config(layout.config)  # the reload's: the same file read again
+    daemon = Daemon(config, Notifier({}))
+    daemon.queue.open()
+    main = threading.Thread(target=supervise, args=(daemon,), name="main", daemon=True)
+    try:
+        with caplog.at_level(logging.INFO, logger="stowd"):
+            daemon._recover()
+            daemon.unsettled = {1}  # the upkeep retries a move first: held up below
+            with MOVING:
+                postgres_cluster.stop()
+                try:
+                    daemon._switch_to(new)
+                finally:
+                    postgres_cluster.start()
+                    postgres_cluster.wait_accepting()
+                assert daemon._replan_due is new and not daemon._claiming()
+                assert caplog.text.count("claiming nothing new until the queue takes") == 1
+                assert "reload not taken yet" in daemon._status_line()
+                main.start()
+                wait_for(lambda: daemon._replan_due is None, 30, "the reload's replan")
+                wait_for(lambda: "claiming again" in caplog.text, 30, "its end said")
+                assert "reload not taken yet" not in daemon._status_line()
+        assert caplog.text.count("claiming nothing new until the queue takes") == 1
+        assert daemon._adopted is new
+    finally:
+        stop(daemon)
+
+
+@pytest.mark.timeout(120)
+def test_the_replan_after_a_replaced_generation_ends_waits_for_the_database(
+    postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path
+) -> None:
+    """A replaced generation's threads end while the database is away: the replan its end
+    asks for fails, and the main loop goes on (it ended there, before) and makes the replan
+    once the database is back."""
+    layout = _pg_layout(
+        tmp_path / "a", "http://127.0.0.1:9/dicom-web", postgres_cluster, pg_database, "node-a"
+    )
+    config = load_config(layout.config)
+    daemon = Daemon(config, Notifier({}))
+    daemon.queue.open()
+    main = threading.Thread(target=supervise, args=(daemon,), name="main", daemon=True)
+    try:
+        daemon._recover()
+        postgres_cluster.stop()
+        try:
+            daemon.lingering.append(Generation(config))  # its threads all ended
+            main.start()
+            wait_for(lambda: not daemon.lingering, 30, "the old generation reaped")
+            assert main.is_alive(), "the main loop ended"
+        finally:
+            postgres_cluster.start()
+            postgres_cluster.wait_accepting()
+        wait_for(
+            lambda: daemon._lingered_replanned == daemon._lingered == 1,
+            30,
+            "the replan once the database is back",
+        )
+        assert main.is_alive()
+    finally:
+        stop(daemon)
 
 
 def test_status_shows_each_node_alive_or_vanished_with_its_claims_and_rate(

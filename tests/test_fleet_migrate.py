@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +103,107 @@ def test_a_node_whose_last_run_died_mid_walk_walks_again(nodes: tuple[Queue, Que
     first = a.take_walk("m", LEASE)
     again = a.take_walk("m", LEASE)  # the lock file says no other process is node-a
     assert again.mine and again.started == first.started
+
+
+@pytest.fixture
+def walking(
+    postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path
+) -> Iterator[tuple[Migration, str]]:
+    """A migration of node-a (lease 6 s) that took the walk of its source (as ``_walk_one``
+    does), and the source's name."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    config = load_config(
+        make_layout(
+            tmp_path / "a", "http://127.0.0.1:9/dicom-web",
+            queue=postgres_cluster.url(pg_database), queue_password={"file": str(secret(tmp_path))},
+            state="./state", node="node-a", lease=f"{LEASE:g}s",
+        ).config
+    )  # fmt: skip
+    run = Migration(config, Options((tree,), "pacs"), out=io.StringIO())
+    run.queue.open()
+    try:
+        name = run.sources[0].name
+        run.walk = run.queue.take_walk(name, LEASE)
+        yield run, name
+    finally:
+        run.queue.close()
+
+
+def test_a_walk_ended_while_its_renewal_runs_is_not_taken_for_one_taken_over(
+    walking: tuple[Migration, str],
+) -> None:
+    """The fleet thread reads the walk to renew it and is held up before its UPDATE (the
+    queue's ``renew_walk`` wrapped to wait: a thread descheduled there); meanwhile the scan
+    thread ends the walk.  The renewal must not find the walk ended and say that another node
+    took it over: ``walk_lost`` would then make this node give up its next source's walk.
+    The walk's end waits for the renewal, then ends it."""
+    run, name = walking
+    renew = run.queue.renew_walk
+    read, go = threading.Event(), threading.Event()
+
+    def held_up(source: str, lease: float, skipped: int) -> bool:
+        read.set()
+        assert go.wait(30)
+        return renew(source, lease, skipped)
+
+    run.queue.renew_walk = held_up  # type: ignore[method-assign]
+    ended: list[bool] = []
+
+    def thread(called: str, step: Callable[[], object]) -> threading.Thread:
+        def run_step() -> None:
+            try:
+                step()
+            finally:
+                run.queue.release_connection()  # each thread has a connection of its own
+
+        started = threading.Thread(target=run_step, name=called, daemon=True)
+        started.start()
+        return started
+
+    fleet = thread("fleet", run._renew_walk)
+    assert read.wait(30)
+    scan = thread("scan", lambda: ended.append(run._leave_walk(name)))
+    scan.join(1.0)  # ended at once, or waiting for the renewal
+    go.set()
+    fleet.join(30)
+    scan.join(30)
+    assert ended == [True]
+    assert not run.walk_lost.is_set(), "the walk's own end taken for a takeover"
+
+
+@pytest.mark.timeout(120)
+def test_a_walk_that_cannot_be_renewed_says_so_once_until_it_is_renewed_again(
+    walking: tuple[Migration, str],
+    postgres_cluster: PostgresCluster,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While the database is away the fleet thread's renewals of the walk fail every few
+    seconds: one warning (as the fleet says it lost the database), and one line when the
+    walk is renewed again."""
+    run, _ = walking
+    postgres_cluster.stop()
+    try:
+        with caplog.at_level(logging.INFO, logger="stowd.migrate"):
+            for _ in range(3):
+                run._renew_walk()
+    finally:
+        postgres_cluster.start()
+        postgres_cluster.wait_accepting()
+    assert caplog.text.count("cannot renew the walk") == 1, caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="stowd.migrate"):
+        run._renew_walk()
+        run._renew_walk()
+    assert caplog.text.count("is renewed again") == 1, caplog.text
+    assert not run.walk_lost.is_set()
+
+
+def secret(folder: Path, node: str = "node-a") -> Path:
+    path = folder / f"{node}.password"
+    path.write_text(PASSWORD + "\n", encoding="utf-8")
+    path.chmod(0o600)
+    return path
 
 
 # -- two ``stowd migrate`` processes as two nodes ----------------------------------------------

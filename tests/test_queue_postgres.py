@@ -17,7 +17,7 @@ import pytest
 from harness import Clock, wait_for
 from postgres import PostgresCluster, node_config, pass_time
 
-from stowd.config.model import Retry
+from stowd.config.model import Config, Retry
 from stowd.errors import QueueError, QueueLockedError
 from stowd.pipeline.filing import Filing
 from stowd.pipeline.queue import (
@@ -35,6 +35,7 @@ from stowd.pipeline.queue.postgres import (
     SETTLE_LEASE,
     TALLY_SCHEMA_3,
     PostgresQueue,
+    link_watch,
 )
 
 pytestmark = pytest.mark.integration
@@ -139,15 +140,19 @@ def test_settling_rows_of_a_node_whose_lease_expired_are_taken_over(
 
 def test_a_node_takes_over_no_move_of_a_source_its_config_lacks(
     nodes: tuple[Queue, Queue],
+    *,
     clock: Clock,
     postgres_cluster: PostgresCluster,
     pg_database: str,
     tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A dead node's settling rows of a source this node lacks (a config rolled out one node
-    at a time, a ``stowd migrate`` source) are left to a node that has it: this one could
-    not move their files (the repair knows no such source), and taking them over would keep
-    them settling for good, their lease renewed by this node."""
+    at a time, a ``stowd migrate`` source) are left to a node that has it: this one would
+    move their files without the source's checks (its folder's links, its sidecars), and a
+    row with no target yet it could not move at all (kept settling, its lease renewed by
+    this node, for good).  It says so once, and ``adopt`` counts them with the source's
+    other rows that wait for a node that has it."""
     a, b = nodes
     a.adopt({"src": "pacs"})
     b.adopt({"other": "pacs"})  # node-b lacks "src"
@@ -155,9 +160,14 @@ def test_a_node_takes_over_no_move_of_a_source_its_config_lacks(
     batch = claim(a, lease=60)
     a.begin_settle([(j, "sent", f"/sent/{j.rel}", None) for j in batch])
     pass_time(a, clock, SETTLE_LEASE + 1)  # node-a died while moving them
-    b.reclaim(set())
+    with caplog.at_level(logging.WARNING, logger="stowd.queue"):
+        b.reclaim(set())
+        b.reclaim(set())
+    left = [r.getMessage() for r in caplog.records if "leaves them to a node" in r.getMessage()]
+    assert len(left) == 1 and "2 file(s) of source src" in left[0] and "node-a" in left[0]
     assert b.settling() == []
     assert b.adopted == set()
+    assert b.adopt({"other": "pacs"}) == {"src": 2}  # the daemon's warning names them
     config = node_config(postgres_cluster, pg_database, tmp_path, "node-c")
     c = open_queue(config, clock=clock).open()  # a node that has "src"
     try:
@@ -545,6 +555,94 @@ def test_a_node_takes_its_name_again_after_the_database_dropped_its_session(
             twin.close()
     finally:
         first.close()
+
+
+def _server_watch(config: Config) -> tuple[dict[str, str], str]:
+    """The server's end of a queue's connection: its keepalive settings as the server has
+    them for the session, and the session's ``statement_timeout``."""
+    queue = open_queue(config).open(lock=False)
+    try:
+        rows = (
+            queue._conn()
+            .execute("SELECT name, setting FROM pg_settings WHERE name LIKE 'tcp_%'")
+            .fetchall()
+        )
+        [(timeout,)] = queue._conn().execute("SHOW statement_timeout").fetchall()
+    finally:
+        queue.close()
+    return {r[0]: r[1] for r in rows}, timeout
+
+
+@pytest.mark.timeout(60)
+def test_a_lease_of_days_connects_with_the_keepalives_capped_on_both_ends(
+    postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path
+) -> None:
+    """A lease of 5 days would make keepalive times of 10 hours and more, which the kernel
+    refuses (a connection then fails at once): they are capped to what it takes, on this
+    end and on the server's."""
+    config = node_config(postgres_cluster, pg_database, tmp_path, "long")
+    assert _server_watch(dataclasses.replace(config, lease=5 * 86400.0))[0] == {
+        "tcp_keepalives_idle": "32767",
+        "tcp_keepalives_interval": "18000",
+        "tcp_keepalives_count": "3",
+        "tcp_user_timeout": "108000000",
+    }
+
+
+@pytest.mark.timeout(60)
+def test_the_server_s_end_of_a_node_s_connection_watches_the_link_too(
+    postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path
+) -> None:
+    """The server probes a node's connection as the node does (from the lease), so that the
+    sessions of a node cut off end within the lease, not after the server's two hours; a
+    setting the URL's own ``options`` give wins, and its other settings are kept."""
+    config = node_config(
+        postgres_cluster, pg_database, tmp_path, "opts",
+        options="-c%20tcp_keepalives_count%3D7%20-c%20statement_timeout%3D5min",
+    )  # fmt: skip
+    assert _server_watch(dataclasses.replace(config, lease=120.0)) == (
+        {
+            "tcp_keepalives_idle": "10",
+            "tcp_keepalives_interval": "5",
+            "tcp_keepalives_count": "7",
+            "tcp_user_timeout": "30000",
+        },
+        "5min",
+    )
+
+
+def test_keepalives_0_in_the_url_turns_the_link_watch_off() -> None:
+    """``keepalives=0``: no keepalives, no user timeout, on neither end (the user's word)."""
+    assert link_watch("postgresql://db.example/q?keepalives=0", 120.0) == {}
+    assert "tcp_user_timeout" in link_watch("postgresql://db.example/q?keepalives=1", 120.0)
+
+
+def test_an_empty_list_of_names_selects_nothing(nodes: tuple[Queue, Queue]) -> None:
+    """No names: nothing, not an error (an empty array has no type to take from its values,
+    and an empty ``BIGINT[]`` compared with a TEXT column is refused)."""
+    a, _ = nodes
+    fill(a, 2)
+    assert a.run_nodes([], 0.0) == {}
+    assert a.walks([]) == []
+
+
+def test_a_batch_is_changed_by_one_statement_not_one_per_row(nodes: tuple[Queue, Queue]) -> None:
+    """Claim, settle and finish of a batch of 10 each run the counting triggers once (one
+    statement for the batch: a change of two states appends two rows), not once a row."""
+    a, _ = nodes
+    fill(a, 10)
+
+    def appended(step: Callable[[], object]) -> int:
+        count = "SELECT COUNT(*) FROM tally_changes"
+        before = a._conn().execute(count).fetchone()[0]
+        step()
+        return int(a._conn().execute(count).fetchone()[0] - before)
+
+    batch: list[Job] = []
+    assert appended(lambda: batch.extend(claim(a, candidates=10))) == 2
+    assert len(batch) == 10
+    assert appended(lambda: a.begin_settle([(j, "sent", f"/s/{j.rel}", None) for j in batch])) == 2
+    assert appended(lambda: a.finish_many([(j.id, "sent") for j in batch])) == 2
 
 
 def _plan(queue: Queue, sql: str, params: list[str]) -> str:

@@ -332,7 +332,9 @@ def test_a_thread_that_keeps_dying_is_reported_and_starves_the_watchdog(
     daemon.queue.open()
     try:
         gen = daemon.generation = Generation(config)
-        _spawn(gen, "flaky", lambda: None)  # a thread that ends at once: dead each time
+        _spawn(
+            gen, "flaky", lambda: None, daemon.queue
+        )  # a thread that ends at once: dead each time
         for dead in range(1, RESTART_LIMIT + 2):
             thread = gen.threads["flaky"][0]
             wait_for(lambda t=thread: not t.is_alive(), 60, "the thread to end")  # type: ignore[misc]

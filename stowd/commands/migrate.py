@@ -216,6 +216,10 @@ class Migration:
         self.walk: Walk | None = None  # the walk this node does now (renewed by ``fleet``)
         self.walk_skipped = 0  # files the walk now skipped as stored before
         self.walk_lost = threading.Event()  # another node took ``walk`` over
+        # ``walk`` renewed, and ``walk`` ended, one at a time: a renewal that read the walk
+        # before its end would else find it ended and take it for taken over
+        self._walk_lock = threading.Lock()
+        self._walk_failing = False  # a renewal of the walk failed (said once)
 
     # -- signals ------------------------------------------------------------------------
     def install_signals(self) -> None:
@@ -401,20 +405,28 @@ class Migration:
         if self.fleet is not None:
             self._say(f"node {self.config.node} walks {source.watch}")
         self.walk_skipped = 0
-        self.walk_lost.clear()
-        self.walk = walk
+        with self._walk_lock:
+            self.walk_lost.clear()
+            self.walk = walk
         watcher = Watcher(
             source, source.destination, self._sink, exclude=self._own(), on_error=self._unreadable
         )
         try:
             watcher.scan(self.stop)
         except _WalkLost:
+            self._leave_walk(None)
             return False
-        finally:
+        except BaseException:
+            self._leave_walk(None)
+            raise
+        return self._leave_walk(None if self.stop.is_set() else source.name)
+
+    def _leave_walk(self, end: str | None) -> bool:
+        """This node walks no more; given ``end`` (a source's name), the walk of it ended in
+        the queue (True), both at once for the fleet thread's renewal (``_renew_walk``)."""
+        with self._walk_lock:
             self.walk = None
-        if self.stop.is_set():
-            return False
-        return self.queue.end_walk(source.name, self.walk_skipped)
+            return end is not None and self.queue.end_walk(end, self.walk_skipped)
 
     def _say(self, text: str) -> None:
         """Which node walks, on the progress's stream (one line, a terminal's bar redrawn)."""
@@ -482,17 +494,24 @@ class Migration:
     def _renew_walk(self) -> None:
         """Keep this node's walk lease (if it walks); a walk another node took over (this
         node was too long away from the database) is given up: that node walks it."""
-        walk = self.walk
-        if walk is None or self.fleet is None:
-            return
-        try:
-            if self.queue.renew_walk(walk.source, self.config.lease, self.walk_skipped):
+        with self._walk_lock:  # the walk is not ended meanwhile (``_leave_walk``)
+            walk = self.walk
+            if walk is None or self.fleet is None:
                 return
-        except QueueError as exc:
-            log.warning("cannot renew the walk of %s: %s", walk.source, exc)
-            return
-        log.warning("another node took the walk of %s over; this node only sends", walk.source)
-        self.walk_lost.set()
+            try:
+                renewed = self.queue.renew_walk(walk.source, self.config.lease, self.walk_skipped)
+            except QueueError as exc:
+                if not self._walk_failing:  # said once, as the fleet says it lost the database
+                    log.warning("cannot renew the walk of %s: %s", walk.source, exc)
+                self._walk_failing = True
+                return
+            if self._walk_failing:
+                log.info("the walk of %s is renewed again", walk.source)
+            self._walk_failing = False
+            if renewed:
+                return
+            log.warning("another node took the walk of %s over; this node only sends", walk.source)
+            self.walk_lost.set()
 
     def _reclaim(self) -> None:
         """Another node's claims whose lease ran out (it died, or lost the database) go back

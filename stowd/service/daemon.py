@@ -23,6 +23,9 @@ how things are and does housekeeping.  Signal handlers only set flags; every wai
   space, and a restart loop would hide the reason): the threads wait and try again.
 * A destination outside its transfer windows (``schedule``) is logged once when it pauses
   and once when it opens; its senders keep looping (and beating), claiming nothing new.
+* A reload whose config the queue cannot take yet (a database away): the senders claim
+  nothing new until it has; it is tried again each second (a thread of its own), logged
+  once when it starts and once when it ends, and shown in STATUS=.
 * A thread that dies is started again; one that died ``RESTART_LIMIT`` times within
   ``RESTART_WINDOW`` is reported (log, STATUS=, ``stowd status``) and the watchdog is no longer
   fed, so that systemd restarts stowd.
@@ -128,6 +131,10 @@ class Daemon:
         self._replanning = threading.Lock()  # one replan at a time (main thread or upkeep)
         self._due_lock = threading.Lock()  # guards ``_replan_due`` between those threads
         self._adopted: Config | None = None  # the config whose sources the queue last took
+        self._held_said = False  # the senders wait for a reload's adopt (logged once)
+        # replaced generations that ended (each asks for a replan), and those replanned for
+        self._lingered = self._lingered_replanned = 0
+        self._replanner: threading.Thread | None = None  # tries a pending replan again
         self.metrics_server: metrics.Server | None = None
         self.http_server: web.Server | None = None
         self._shared: dict[str, object] | None = None  # last written for status
@@ -249,7 +256,7 @@ class Daemon:
                     claiming=self._claiming,
                 )
                 gen.senders.append(worker)
-                _spawn(gen, f"send-{name}-{n}", worker.run)
+                _spawn(gen, f"send-{name}-{n}", worker.run, self.queue)
         _spawn_reader(gen, self.queue, self.unsettled, self.disks)
         for source in config.sources:
             watcher = Watcher(
@@ -260,7 +267,7 @@ class Daemon:
                 on_queue_error=self._queue_error,
             )
             gen.watchers.append(watcher)
-            _spawn(gen, f"watch-{source.name}", partial(watcher.run, gen.stop))
+            _spawn(gen, f"watch-{source.name}", partial(watcher.run, gen.stop), self.queue)
             if source.receive is None:
                 log.info(
                     "watching %s (source %s) -> %s", source.watch, source.name, source.destination
@@ -289,6 +296,7 @@ class Daemon:
                 self._reload()
             self._revive_dead_threads()
             self._reap_lingering()
+            self._retry_replan()
             self.receivers.retry(self.config)
             self._note_windows()
             now = time.monotonic()
@@ -342,6 +350,57 @@ class Daemon:
                 self._guarded(self._housekeeping)
             if self._replan_due is not None:
                 self._guarded(self._replan_after_reload)
+        self.queue.release_connection()
+
+    def _retry_replan(self) -> None:
+        """A reload's replan that failed is tried again each second (the upkeep tries it only
+        after its housekeeping and retried moves, which may take minutes), on a thread of
+        its own (a queue that cannot be written may hold a try for its busy or connect
+        timeout: never the main thread's); the senders claim nothing until the queue took
+        the new config's sources.  So is the replan a replaced generation's end asks for
+        (``_reap_lingering``)."""
+        pending = self._replan_due is not None or self._lingered > self._lingered_replanned
+        if pending and (self._replanner is None or not self._replanner.is_alive()):
+            self._replanner = threading.Thread(target=self._replan_pending, name="replan")
+            self._replanner.daemon = True
+            self._replanner.start()
+        self._note_held()
+
+    def _replan_pending(self) -> None:
+        try:
+            if self._replan_due is not None:
+                self._guarded(self._replan_after_reload)
+            if self._lingered > self._lingered_replanned:
+                self._guarded(self._replan_after_lingering)
+        finally:
+            self.queue.release_connection()
+
+    def _note_held(self) -> None:
+        """Say once that the senders wait for a reload's adopt, and once when they no
+        longer do (also in ``STATUS=``)."""
+        held = self._adopted is not self.config
+        if held == self._held_said:
+            return
+        self._held_said = held
+        if held:
+            log.warning(
+                "claiming nothing new until the queue takes the reloaded config's sources "
+                "(tried again every second)"
+            )
+        else:
+            log.info("the queue took the reloaded config's sources; claiming again")
+
+    def _replan_after_lingering(self) -> None:
+        """Read again what a replaced generation read with the old rules after the reload
+        replanned: one replan at a time (else tried again at the next tick)."""
+        if not self._replanning.acquire(blocking=False):
+            return
+        try:
+            asked = self._lingered  # (a generation that ends meanwhile asks again)
+            self._replan(self.config)
+            self._lingered_replanned = asked
+        finally:
+            self._replanning.release()
 
     def _replan_after_reload(self) -> None:
         """Queued files of sources no longer configured wait; files read with other rules
@@ -500,7 +559,8 @@ class Daemon:
             log.warning("%s", warning)
         with self._due_lock:
             self._replan_due = new
-        self._guarded(self._replan_after_reload)  # else by the upkeep, until the queue takes it
+        self._guarded(self._replan_after_reload)  # else again each second, until it is taken
+        self._note_held()
         self.receivers.sync(new)
         self.generation = self._start(new)
         self._restart_metrics(new)
@@ -539,7 +599,7 @@ class Daemon:
             self.lingering.remove(gen)
             _close_clients(gen)
             log.info("the threads of the previous config have finished")
-            self._replan(self.config)
+            self._lingered += 1  # replanned by ``_retry_replan``: under the replan lock
 
     def _keep_alive(self) -> None:
         """While a reload waits for uploads in flight, the main thread is alive and busy."""
@@ -600,6 +660,8 @@ class Daemon:
         """systemd's ``STATUS=`` line; a queue that cannot be read now (a database that went
         away) is said there and logged, and never ends the main thread."""
         alerts = [disk.short(self.disks.full), *(why for _, why in self._dying_all())]
+        if self._held_said:
+            alerts.append("reload not taken yet: claiming nothing new")
         paused = [name for name, closed in self._paused.items() if closed]
         try:
             return short_line(
@@ -659,7 +721,7 @@ class Daemon:
                 deaths.append(time.monotonic())
                 _forget_old(deaths)
                 self._say_death(name, len(deaths))
-                _spawn(gen, name, target)
+                _spawn(gen, name, target, self.queue)
 
     def _say_death(self, name: str, recent: int) -> None:
         """Each death is logged; past the limit, once, that systemd will restart stowd (and
@@ -743,11 +805,20 @@ def _spawn_reader(gen: Generation, queue: Queue, unsettled: set[int], disks: Dis
         finder=gen.finder,
         disks=disks,
     )
-    _spawn(gen, "read-new", gen.reader.run)
+    _spawn(gen, "read-new", gen.reader.run, queue)
 
 
-def _spawn(gen: Generation, name: str, target: Callable[[], None]) -> None:
-    thread = threading.Thread(target=target, name=name, daemon=True)
+def _spawn(gen: Generation, name: str, target: Callable[[], None], queue: Queue) -> None:
+    """Start a thread of ``gen``; it gives its connection to the queue back when it ends (a
+    reload's old threads, a dead thread started again: none left to the garbage collector)."""
+
+    def run() -> None:
+        try:
+            target()
+        finally:
+            queue.release_connection()
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
     gen.threads[name] = (thread, target)
     thread.start()
 

@@ -92,12 +92,14 @@ class Fleet:
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
-            try:
-                self.beat()
-                if self.also is not None:
-                    self.also()
-            except Exception:
-                log.exception("unexpected error renewing this node's leases; going on")
+            # each on its own: a beat's unexpected trouble must not cost the other renewals
+            for step in (self.beat, self.also):
+                if step is None:
+                    continue
+                try:
+                    step()
+                except Exception:
+                    log.exception("unexpected error renewing this node's leases; going on")
         self.queue.release_connection()
 
     def beat(self) -> bool:

@@ -4,8 +4,9 @@
 folder of its own), with TLS (a test CA and a server certificate for ``localhost`` and
 127.0.0.1 made by openssl, ``tlsproxy.make_pki``), and serves it with ``pg_ctl`` on a free
 loopback port (another one if the port was taken meanwhile) and on a unix socket in the
-folder.  As root, every PostgreSQL program runs as the unprivileged ``postgres`` user
-(``runuser``), which owns the folder.  The superuser ``postgres`` connects without a password
+folder (and on the addresses ``listen`` names, for a node in a network namespace).  As
+root, every PostgreSQL program runs as the unprivileged ``postgres`` user (``runuser``),
+which owns the folder.  The superuser ``postgres`` connects without a password
 over the socket only (``admin``); the role ``stowd`` (what stowd's tests connect as) needs
 its password, ``PASSWORD``, over TCP, with or without TLS, so the password stowd reads from a
 secret is what lets it in.  ``new_database()`` makes a fresh database owned by ``stowd``;
@@ -98,8 +99,11 @@ def _server_user() -> pwd.struct_passwd | None:
 class PostgresCluster(Served):
     """A private PostgreSQL cluster in a folder of its own, on a free loopback port."""
 
-    def __init__(self, *, startup_timeout: float = 60.0) -> None:
+    def __init__(self, *, startup_timeout: float = 60.0, listen: tuple[str, ...] = ()) -> None:
+        """``listen``: addresses served besides loopback (``stowd`` may log in from their
+        networks): a node in a network namespace of its own reaches the server itself."""
         self.startup_timeout = startup_timeout
+        self.listen = listen
         self.folder = Path(tempfile.mkdtemp(prefix="stowd-pg-"))
         self.port = free_port()
         self._bin = find_postgres_bin()
@@ -170,7 +174,8 @@ class PostgresCluster(Served):
         (self.data / "pg_hba.conf").write_text(
             "local all postgres trust\n"
             f"host all {ROLE} 127.0.0.1/32 scram-sha-256\n"
-            f"host all {ROLE} ::1/128 scram-sha-256\n",
+            f"host all {ROLE} ::1/128 scram-sha-256\n"
+            + (f"host all {ROLE} samenet scram-sha-256\n" if self.listen else ""),
             encoding="utf-8",
         )
         with (self.data / "postgresql.conf").open("a", encoding="utf-8") as conf:
@@ -182,7 +187,8 @@ class PostgresCluster(Served):
 
     def _start_once(self) -> None:
         options = (
-            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.socket_dir} "
+            f"-p {self.port} -c listen_addresses={','.join(('127.0.0.1', *self.listen))} "
+            f"-k {self.socket_dir} "
             "-c unix_socket_permissions=0777"
         )
         since = self.log_path.stat().st_size if self.log_path.exists() else 0

@@ -368,7 +368,9 @@ class Queue:
         changed = 0
         for part in self._parts(sorted(ids)):
             where, args = self._in(part)
-            changed += int(db.execute(sql.format(ids=where), (*before, *args, *after)).rowcount)
+            changed += int(
+                db.execute(sql.replace("{ids}", where), (*before, *args, *after)).rowcount
+            )
         return changed
 
     @classmethod

@@ -97,6 +97,7 @@ from stowd.pipeline.queue.model import (
     Walk,
     job,
 )
+from stowd.printable import escape
 
 log = logging.getLogger("stowd.queue")
 
@@ -104,7 +105,9 @@ SCHEMA_VERSION = 4
 FEATURES = 9  # what ``core`` asks of a schema: as SQLite's schema 9 (tallies, throughput)
 ESCAPED = "\x7fstowd-bytes:"  # a stored value that is the base64 of a str's bytes follows
 CONNECT_TIMEOUT = 10  # seconds
-KEEPALIVE_PROBES = 3  # unanswered TCP keepalive probes before a link is given up (link_watch)
+KEEPALIVE_PROBES = 3  # TCP keepalive probes (link_watch; the user timeout ends a link first)
+KEEPALIVE_MAX = 32767  # seconds: the most Linux takes for TCP_KEEPIDLE and TCP_KEEPINTVL
+USER_TIMEOUT_MAX = 2**31 - 1  # milliseconds: the most TCP_USER_TIMEOUT takes (an int)
 SETTLE_LEASE = 300.0  # seconds: how long a settling row is its node's alone (from the decision)
 _MIGRATION_LOCK = 0x73746F7764  # "stowd": the advisory lock of a schema change
 _FOLD_LOCK = 0x73746F7765  # the advisory lock of a fold (one node at a time)
@@ -365,26 +368,45 @@ class _PgDb:
         self.raw.close()
 
 
-def link_watch(url: str, lease: float) -> dict[str, int]:
+def link_watch(url: str, lease: float) -> dict[str, int | str]:
     """libpq's TCP keepalives and ``tcp_user_timeout`` for a connection of a node whose
-    leases last ``lease`` seconds, but those ``url`` sets itself (the user's word wins).
+    leases last ``lease`` seconds, but those ``url`` sets itself (the user's word wins), and
+    the same for the server's end of it (``options``, after the URL's own, which win).
 
     A link that dies without a word (a firewall's state dropped, a cable pulled: no FIN, no
     RST) otherwise holds a query in flight for the kernel's retransmissions, about 15
     minutes, and its thread (a sender, the fleet's renewals) with it.  With these, a waiting
-    connection probes the link after ``lease``/12 of silence and gives up after three
-    unanswered probes ``lease``/24 apart (about ``lease``/5 in all), and a request the
-    database never acknowledges fails after ``lease``/4: well within a lease, so the node
-    reconnects (or says it lost the database) before other nodes take its files over."""
+    connection probes the link after ``lease``/12 of silence, ``lease``/24 apart, and a
+    link that answers nothing is given up once ``lease``/4 passed without an answer (with a
+    user timeout Linux ends a connection by it, not by the count of probes): well within a
+    lease, so the node reconnects (or says it lost the database) before other nodes take its
+    files over.  The server's end does the same, so that the sessions of a node cut off
+    (its node's name among their locks, ``_take_node``) end within the bound too, not after
+    the server's default two hours: the node takes its name again once the link is back.
+
+    The kernel refuses keepalive times above ``KEEPALIVE_MAX`` seconds (a lease of days):
+    they are capped.  ``keepalives=0`` in ``url`` turns all of it off."""
     given = conninfo_to_dict(url)
-    watch = {
+    if str(given.get("keepalives", "1")).strip() == "0":
+        return {}
+    idle = min(KEEPALIVE_MAX, max(1, round(lease / 12)))
+    interval = min(KEEPALIVE_MAX, max(1, round(lease / 24)))
+    user_timeout = min(USER_TIMEOUT_MAX, max(1000, round(lease / 4 * 1000)))  # milliseconds
+    watch: dict[str, int | str] = {
         "keepalives": 1,
-        "keepalives_idle": max(1, round(lease / 12)),
-        "keepalives_interval": max(1, round(lease / 24)),
+        "keepalives_idle": idle,
+        "keepalives_interval": interval,
         "keepalives_count": KEEPALIVE_PROBES,
-        "tcp_user_timeout": max(1000, round(lease / 4 * 1000)),  # milliseconds
+        "tcp_user_timeout": user_timeout,
     }
-    return {k: v for k, v in watch.items() if k not in given}
+    watch = {k: v for k, v in watch.items() if k not in given}
+    server = (
+        f"-c tcp_keepalives_idle={idle} -c tcp_keepalives_interval={interval} "
+        f"-c tcp_keepalives_count={KEEPALIVE_PROBES} -c tcp_user_timeout={user_timeout}"
+    )
+    own = str(given.get("options") or "").strip()
+    watch["options"] = f"{server} {own}" if own else server  # a later -c wins: the URL's
+    return watch
 
 
 def _connect(
@@ -453,6 +475,7 @@ class PostgresQueue(Queue):
         # (``_keep_statistics``; a count lost to two threads' race only delays a look)
         self._inserted = 0
         self._look_at = ANALYZE_ROWS
+        self._moves_told: set[tuple[str, str]] = set()  # ``_say_moves_left``'s, said once
 
     # -- opening ---------------------------------------------------------------------
     def open(self, *, lock: bool = True) -> Self:
@@ -646,6 +669,8 @@ class PostgresQueue(Queue):
         as the column: ids, BIGINT (psycopg sends small ints as INTEGER[], and ``id = ANY``
         of another type than the column's compares each row with each id, not in a hash: a
         node's 70,000 claims renewed in 9 s, not 1), the rest TEXT."""
+        if not values:  # no array to type (an empty BIGINT[] against a TEXT column fails)
+            return "IN (NULL)", ()
         if all(type(v) is int for v in values):
             return "= ANY(?::BIGINT[])", (list(values),)
         return "= ANY(?::TEXT[])", (_column(values),)
@@ -766,7 +791,8 @@ class PostgresQueue(Queue):
                     (destination, source, destination),
                 )
             rows = db.execute(
-                "SELECT source, COUNT(*) FROM files WHERE state IN ('pending', 'claimed') "
+                "SELECT source, COUNT(*) FROM files "
+                "WHERE state IN ('pending', 'claimed', 'settling') "
                 "AND NOT source = ANY(?) GROUP BY source",
                 (list(destinations),),
             ).fetchall()
@@ -851,11 +877,42 @@ class PostgresQueue(Queue):
                 [i for i, _ in settling],
                 (self.node, now + SETTLE_LEASE),
             )
+            left = self._moves_left(db, now) if mine else []
         self.adopted |= {i for i, _ in settling}
-        _log_takeover(self.node, [n for i, n in rows if i in ids], "claims")
+        taken = set(ids)
+        _log_takeover(self.node, [n for i, n in rows if i in taken], "claims")
         _log_takeover(self.node, [n for _, n in settling], "files being moved")
+        self._say_moves_left(left)
         self.fold()
         return len(ids)
+
+    def _moves_left(self, db: Db, now: float) -> list[tuple[str, str, int]]:
+        """(source, node, count) of other nodes' moves whose lease ran out, of sources this
+        node's config lacks: left to a node that has the source (``reclaim``)."""
+        rows = db.execute(
+            "SELECT source, COALESCE(node, ''), COUNT(*) FROM files WHERE state = 'settling' "
+            "AND node IS DISTINCT FROM ? AND lease_until < ? AND NOT source = ANY(?) "
+            "GROUP BY 1, 2 ORDER BY 1, 2",
+            (self.node, now, list(self._sources or ())),
+        ).fetchall()
+        return [(r[0], r[1] or "?", int(r[2])) for r in rows]
+
+    def _say_moves_left(self, left: list[tuple[str, str, int]]) -> None:
+        """Say once (per source and node) that a vanished node's moves wait for a node
+        whose config has their source: none may have it any more, and nothing else would
+        say why they stay (``stowd status`` shows them as the vanished node's)."""
+        for source, node, count in left:
+            if (source, node) in self._moves_told:
+                continue
+            self._moves_told.add((source, node))
+            log.warning(
+                "%d file(s) of source %s were being moved by node %s, whose lease ran out; "
+                "this node's config lacks that source, so it leaves them to a node that has "
+                "it (if none has it any more, add the source back on one node)",
+                count,
+                escape(source),
+                escape(node),
+            )
 
     def heartbeat(self, *, pid: int, host: str, started: float, version: str, lease: float) -> None:
         """Say this node is alive, at a time on the database's clock (as its leases): a
