@@ -17,7 +17,7 @@ import pytest
 from harness import Clock, wait_for
 from postgres import PostgresCluster, node_config, pass_time
 
-from stowd.config.model import Config, Retry
+from stowd.config.model import DEFAULT_LEASE, Config, Retry
 from stowd.errors import QueueError, QueueLockedError
 from stowd.pipeline.filing import Filing
 from stowd.pipeline.queue import (
@@ -292,7 +292,7 @@ def test_a_schema_3_queue_is_migrated_and_keeps_exact_counts(
     """Schema 4 plans the counting trigger's join for each statement; a queue of schema 3
     (its trigger, its version) opened by this stowd is brought to 4 and its counts stay
     exact: those schema 3's trigger appended and those schema 4's appends after it."""
-    assert SCHEMA_VERSION == 4, "this test migrates from 3 to 4"
+    assert SCHEMA_VERSION >= 4, "this test migrates from 3 to 4 (and on)"
     schema_3 = TALLY_SCHEMA_3.replace("%", "%%")  # admin's psycopg reads % as a placeholder
     for statement in (schema_3, "UPDATE stowd_schema SET version = 3"):
         postgres_cluster.admin(statement, database=pg_database)
@@ -312,7 +312,7 @@ def test_a_schema_3_queue_is_migrated_and_keeps_exact_counts(
             "SELECT version, prosrc FROM stowd_schema, pg_proc WHERE proname = 'stowd_tally'",
             database=pg_database,
         )[0]
-        assert version == 4
+        assert version == SCHEMA_VERSION
         assert "EXECUTE" in body
         assert b.counts() == before
         more = claim(b, candidates=15)
@@ -702,3 +702,60 @@ def test_a_reader_s_batch_is_classified_and_noted_in_one_statement(queue_a: Queu
     assert statements() == 2
     notes = queue_a._conn().execute("SELECT id, note FROM files").fetchall()
     assert dict(notes) == {j.id: f"n{j.id}" for j in read}
+
+
+def read(queue: Queue, limit: int = 10) -> list[str]:
+    return [j.path for j in queue.unclassified(limit)]
+
+
+def test_nodes_read_the_new_files_of_a_shared_tree_once(nodes: tuple[Queue, Queue]) -> None:
+    """Each node's reader reads other new files than the others (a read lease on the rows
+    it took, on the database's clock): a shared tree's headers are read once, not once a
+    node.  A node reads its own leased rows again (a retry, a file found changed)."""
+    a, b = nodes
+    a.enqueue([new(f"/d/f{i}") for i in range(6)])
+    first = read(a, 4)
+    assert first == [f"/d/f{i}" for i in range(4)]
+    assert read(b) == ["/d/f4", "/d/f5"]  # not A's
+    assert read(a) == first  # its own, again; B's are B's
+    assert read(b) == ["/d/f4", "/d/f5"]
+
+
+def test_a_lapsed_read_lease_is_read_by_another_node(
+    nodes: tuple[Queue, Queue], clock: Clock
+) -> None:
+    """A node that died mid-read holds its rows only until the read lease ends: another
+    node then reads them, and they are its own."""
+    a, b = nodes
+    a.enqueue([new("/d/a"), new("/d/b")])
+    assert read(a) == ["/d/a", "/d/b"]
+    assert read(b) == []
+    pass_time(b, clock, DEFAULT_LEASE + 1)  # A died reading them (its lease: the default)
+    assert read(b) == ["/d/a", "/d/b"]
+    assert read(a) == []  # B's now
+
+
+def test_a_schema_4_queue_gets_the_read_leases(
+    postgres_cluster: PostgresCluster,
+    pg_database: str,
+    queue_a: Queue,
+    tmp_path: Path,
+    clock: Clock,
+) -> None:
+    """A queue of schema 4 (no read leases) opened by this stowd is brought to 5."""
+    assert SCHEMA_VERSION == 5, "this test migrates from 4 to 5"
+    for statement in (
+        "ALTER TABLE files DROP COLUMN read_by, DROP COLUMN read_until",
+        "UPDATE stowd_schema SET version = 4",
+    ):
+        postgres_cluster.admin(statement, database=pg_database)
+    queue_a.enqueue([new("/d/a")])
+    config = node_config(postgres_cluster, pg_database, tmp_path, "node-b")
+    b = open_queue(config, clock=clock).open()
+    try:
+        assert read(b) == ["/d/a"]
+        assert read(queue_a) == []
+    finally:
+        b.close()
+    [(version,)] = postgres_cluster.admin("SELECT version FROM stowd_schema", database=pg_database)
+    assert version == 5

@@ -16,6 +16,12 @@ The logic is ``core.Queue``'s; here is what PostgreSQL does its own way:
   clock runs behind claim with leases already run out for the others).  ``renew`` extends a
   node's leases; ``recover`` (at start) returns only this node's claims; ``reclaim`` also
   takes over any node's claims (and settling rows) whose lease expired, and says whose.
+- Reads: a node's reader takes the unclassified rows it reads ``FOR UPDATE SKIP LOCKED``
+  with a read lease (``read_by``, ``read_until`` on the database's clock) the other nodes'
+  readers skip, so each new file's header is read by one node (``unclassified``).
+- Statistics: a node runs ``ANALYZE files`` once the rows it inserted outgrow those the
+  statistics count (``_keep_statistics``): autovacuum's first analyze of a new queue comes
+  too late for a migration's first walk.
 - Shared trees: nodes watching one folder may queue one path at once; the insert skips a
   path another node queued meanwhile (``ON CONFLICT DO NOTHING`` on the unique index of
   active paths), the rest of the batch is queued.
@@ -101,7 +107,7 @@ from stowd.printable import escape
 
 log = logging.getLogger("stowd.queue")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 FEATURES = 9  # what ``core`` asks of a schema: as SQLite's schema 9 (tallies, throughput)
 ESCAPED = "\x7fstowd-bytes:"  # a stored value that is the base64 of a str's bytes follows
 CONNECT_TIMEOUT = 10  # seconds
@@ -131,6 +137,13 @@ _WALKS = (
     "CREATE TABLE migrate_walks (source TEXT PRIMARY KEY, node TEXT NOT NULL, "
     "lease_until DOUBLE PRECISION NOT NULL, started DOUBLE PRECISION NOT NULL, "
     "walked DOUBLE PRECISION, skipped BIGINT NOT NULL DEFAULT 0)",
+)
+# schema 5: the node reading a pending row's file (``unclassified``), until when
+_READS = (
+    (
+        "ALTER TABLE files ADD COLUMN IF NOT EXISTS read_by TEXT, "
+        "ADD COLUMN IF NOT EXISTS read_until DOUBLE PRECISION"
+    ),
 )
 _INSERT_HEAD = (
     "INSERT INTO files (source, destination, path, rel, size, mtime_ns, state, queued_at, sidecars)"
@@ -173,6 +186,7 @@ _SCHEMA = (
     "text TEXT NOT NULL)",
     *_NODES,
     *_WALKS,
+    *_READS,
     # the counts: folded (one row per group) and appended (by the triggers, never updated)
     "CREATE TABLE tallies (source TEXT NOT NULL, destination TEXT NOT NULL, "
     "state TEXT NOT NULL, files BIGINT NOT NULL, bytes BIGINT NOT NULL, stored BIGINT NOT NULL, "
@@ -257,7 +271,7 @@ _TRIGGERS = (
     "FOR EACH STATEMENT EXECUTE FUNCTION stowd_tally()",
 )
 # version -> the statements that bring a schema of that version to the next
-_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _NODES, 2: _WALKS, 3: _TALLY}
+_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _NODES, 2: _WALKS, 3: _TALLY, 4: _READS}
 _FOLD = (
     "WITH moved AS (DELETE FROM tally_changes RETURNING *) INSERT INTO tallies "
     "SELECT source, destination, state, SUM(files), SUM(bytes), SUM(stored), SUM(already), "
@@ -688,6 +702,32 @@ class PostgresQueue(Queue):
             "WHERE files.id = v.id AND files.state = v.was",
             (node, *args),
         )
+
+    def unclassified(self, limit: int) -> list[Job]:
+        """``Queue.unclassified``, but not the rows another node reads now: each node's reader
+        would otherwise read the header of every new file of a shared tree (the share's
+        reads times the nodes).  The rows returned are locked (``FOR UPDATE SKIP LOCKED``:
+        two nodes at once take other rows) and leased to this node for ``lease`` seconds on
+        the database's clock (``read_until``); another node skips them until the lease
+        ends: a node that dies mid-read lets it lapse, and the others read them then.  This
+        node reads its own again (a file found changed, a retry due)."""
+        mine, known = self._mine()
+        with self._tx() as db:
+            rows = db.execute(
+                f"SELECT {JOB_COLUMNS} FROM files WHERE state = 'pending' AND kind IS NULL "
+                f"AND destination != '' AND next_attempt_at <= ?{mine} AND (read_by = ? "
+                "OR read_until IS NULL OR read_until < EXTRACT(EPOCH FROM clock_timestamp())) "
+                f"ORDER BY id LIMIT ?{self._LOCK_ROWS}",
+                (self.clock(), *known, self.node, limit),
+            ).fetchall()
+            self._each_part(
+                db,
+                "UPDATE files SET read_by = ?, "
+                "read_until = EXTRACT(EPOCH FROM clock_timestamp()) + ? WHERE id {ids}",
+                [r[0] for r in rows],
+                (self.node, self.lease),
+            )
+        return [job(r) for r in rows]
 
     def _classify_rows(self, db: Db, rows: list[tuple[Any, ...]]) -> None:
         """One statement for all the rows (a run of the counting triggers, not one a row:
