@@ -736,25 +736,22 @@ def test_a_lapsed_read_lease_is_read_by_another_node(
 
 
 def test_a_schema_4_queue_gets_the_read_leases(
-    postgres_cluster: PostgresCluster,
-    pg_database: str,
-    queue_a: Queue,
-    tmp_path: Path,
-    clock: Clock,
+    postgres_cluster: PostgresCluster, pg_database: str, nodes: tuple[Queue, Queue], tmp_path: Path
 ) -> None:
     """A queue of schema 4 (no read leases) opened by this stowd is brought to 5."""
     assert SCHEMA_VERSION == 5, "this test migrates from 4 to 5"
+    a, b = nodes
     for statement in (
         "ALTER TABLE files DROP COLUMN read_by, DROP COLUMN read_until",
         "UPDATE stowd_schema SET version = 4",
     ):
         postgres_cluster.admin(statement, database=pg_database)
-    queue_a.enqueue([new("/d/a")])
-    config = node_config(postgres_cluster, pg_database, tmp_path, "node-b")
-    b = open_queue(config, clock=clock).open()
+    a.enqueue([new("/d/a")])
+    b.close()  # node B restarts with this stowd
+    b = open_queue(node_config(postgres_cluster, pg_database, tmp_path, "node-b")).open()
     try:
         assert read(b) == ["/d/a"]
-        assert read(queue_a) == []
+        assert read(a) == []
     finally:
         b.close()
     [(version,)] = postgres_cluster.admin("SELECT version FROM stowd_schema", database=pg_database)
