@@ -255,6 +255,33 @@ def test_failures_of_requests_sent_before_the_hold_ends_count_once(
     assert queue.hold("pacs", until=clock.now + 10, reason="y", began=sent).failures == 1
 
 
+def test_a_failure_in_a_counted_outage_keeps_a_longer_wait_the_archive_asks_for(
+    queue: Queue, clock: Clock
+) -> None:
+    """A request of the outage already counted that the archive answers with a longer
+    ``Retry-After`` (a 503 asking for 600 s) is not counted, but its wait and reason are
+    kept; a shorter one changes nothing."""
+    sent = clock.now
+    clock.now += 1
+    first = queue.hold("pacs", until=clock.now + 30, reason="refused", began=sent)
+    shorter = queue.hold("pacs", until=clock.now + 5, reason="busy", began=sent, asked=True)
+    assert (shorter.failures, shorter.until, shorter.reason) == (1, first.until, "refused")
+    longer = queue.hold("pacs", until=clock.now + 600, reason="busy", began=sent, asked=True)
+    assert (longer.failures, longer.until, longer.reason) == (1, clock.now + 600, "busy")
+
+
+def test_a_hold_that_ran_out_counts_the_next_failure_whenever_its_request_was_sent(
+    queue: Queue, clock: Clock
+) -> None:
+    """A hold ran out and no probe cleared it yet: a request sent before its end that
+    fails now (a new outage) counts and holds again (it is not taken for the old one)."""
+    sent = clock.now
+    first = queue.hold("pacs", until=clock.now + 10, reason="down", began=None)
+    clock.now = first.until + 1
+    again = queue.hold("pacs", until=clock.now + 20, reason="down again", began=sent)
+    assert (again.failures, again.until, again.reason) == (2, clock.now + 20, "down again")
+
+
 def test_status_queries(queue: Queue, clock: Clock) -> None:
     queue.enqueue([new("/d/a"), new("/d/b")])
     clock.now += 30

@@ -590,16 +590,25 @@ def test_a_lease_of_days_connects_with_the_keepalives_capped_on_both_ends(
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("given_by", ["url", "PGOPTIONS"])
 def test_the_server_s_end_of_a_node_s_connection_watches_the_link_too(
-    postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path
+    postgres_cluster: PostgresCluster,
+    pg_database: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    given_by: str,
 ) -> None:
     """The server probes a node's connection as the node does (from the lease), so that the
     sessions of a node cut off end within the lease, not after the server's two hours; a
-    setting the URL's own ``options`` give wins, and its other settings are kept."""
-    config = node_config(
-        postgres_cluster, pg_database, tmp_path, "opts",
-        options="-c%20tcp_keepalives_count%3D7%20-c%20statement_timeout%3D5min",
-    )  # fmt: skip
+    setting the user's own ``options`` give (in the URL, or in ``PGOPTIONS``, which libpq
+    reads only where the URL names none) wins, and their other settings are kept."""
+    options = "-c tcp_keepalives_count=7 -c statement_timeout=5min"
+    extra = {}
+    if given_by == "url":
+        extra["options"] = options.replace(" ", "%20").replace("=", "%3D")
+    else:
+        monkeypatch.setenv("PGOPTIONS", options)
+    config = node_config(postgres_cluster, pg_database, tmp_path, "opts", **extra)
     assert _server_watch(dataclasses.replace(config, lease=120.0)) == (
         {
             "tcp_keepalives_idle": "10",
@@ -609,6 +618,23 @@ def test_the_server_s_end_of_a_node_s_connection_watches_the_link_too(
         },
         "5min",
     )
+
+
+@pytest.mark.timeout(60)
+def test_the_server_s_end_takes_the_keepalive_times_the_url_gives(
+    postgres_cluster: PostgresCluster, pg_database: str, tmp_path: Path
+) -> None:
+    """``keepalives_idle`` and ``tcp_user_timeout`` in the URL: both ends use them."""
+    config = node_config(
+        postgres_cluster, pg_database, tmp_path, "given", keepalives_idle="600",
+        tcp_user_timeout="90000",
+    )  # fmt: skip
+    assert _server_watch(dataclasses.replace(config, lease=120.0))[0] == {
+        "tcp_keepalives_idle": "600",
+        "tcp_keepalives_interval": "5",
+        "tcp_keepalives_count": "3",
+        "tcp_user_timeout": "90000",
+    }
 
 
 def test_keepalives_0_in_the_url_turns_the_link_watch_off() -> None:

@@ -459,8 +459,13 @@ class Worker:
         hold = self.queue.holds().get(self.destination.name)
         delay = self.policy.hold_delay(failure, hold.failures if hold else 0)
         # a request sent before the hold now in force failed in the outage it counts already
+        asked = isinstance(failure, DestinationBusy) and failure.retry_after is not None
         held = self.queue.hold(
-            self.name, until=self.clock() + delay, reason=str(failure), began=self._sent_at
+            self.name,
+            until=self.clock() + delay,
+            reason=str(failure),
+            began=self._sent_at,
+            asked=asked,
         )
         until, delay = held.until, max(0.0, held.until - self.clock())
         counters.retried(self.destination.name, counters.retry_reason(failure), len(batch))

@@ -368,6 +368,8 @@ class Daemon:
 
     def _replan_pending(self) -> None:
         try:
+            if self.stop.is_set():  # stopping: the queue is about to be closed
+                return
             if self._replan_due is not None:
                 self._guarded(self._replan_after_reload)
             if self._lingered > self._lingered_replanned:
@@ -767,6 +769,8 @@ class Daemon:
         _stop(self.generation, self.config.shutdown_timeout, closing=True)
         for gen in self.lingering:
             _stop(gen, 0.0, closing=True)
+        if self._replanner is not None:  # a try under way ends before the queue is closed
+            self._replanner.join(self.config.shutdown_timeout)
         log.info("stopped")
 
 

@@ -81,6 +81,7 @@ class Fleet:
         return self._lost_since is None
 
     def start(self) -> None:
+        self.started = self.clock()  # the queue is open: its clock is the database's now
         self.beat()  # the first heartbeat before any claim
         self._thread = threading.Thread(target=self._run, name="fleet", daemon=True)
         self._thread.start()

@@ -993,23 +993,42 @@ class Queue:
             return int(cur.rowcount)
 
     # -- destination holds -----------------------------------------------------------------
-    def hold(self, name: str, *, until: float, reason: str, began: float | None = None) -> Hold:
+    def hold(
+        self,
+        name: str,
+        *,
+        until: float,
+        reason: str,
+        began: float | None = None,
+        asked: bool = False,
+    ) -> Hold:
         """Hold destination ``name`` until ``until`` after a failure (one more counted), and
         return the hold now.  ``began``: when the failed request was sent.  One that began
         before the hold now in force ends (``held_until``), so before it was set or last
         extended, or while it was in force, failed in the outage already counted (several
         workers' requests fail together when an archive goes down): it neither counts nor
-        moves the hold.  None: a failure of its own, always counted."""
+        moves the hold, but for a longer wait the archive ``asked`` for (its
+        ``Retry-After``), which is kept, with its reason.  A hold that ran out is counted
+        again by any failure (a new outage, seen first by a request sent before the end).
+        None: a failure of its own, always counted."""
         now = self.clock()
+        counts = (
+            "(destinations.held_until IS NULL OR ? >= destinations.held_until "
+            "OR ? >= destinations.held_until)"
+        )
+        longer = "(? = 1 AND excluded.held_until > destinations.held_until)"
+        at = (math.inf if began is None else began, now, int(asked))
         with self._tx() as db:
             db.execute(
                 "INSERT INTO destinations (name, held_since, held_until, reason, failures) "
                 "VALUES (?, ?, ?, ?, 1) ON CONFLICT(name) DO UPDATE SET "
                 "held_since = COALESCE(destinations.held_since, excluded.held_since), "
-                "held_until = excluded.held_until, reason = excluded.reason, "
-                "failures = destinations.failures + 1 "
-                "WHERE destinations.held_until IS NULL OR ? >= destinations.held_until",
-                (name, now, until, reason, math.inf if began is None else began),
+                f"failures = destinations.failures + CASE WHEN {counts} THEN 1 ELSE 0 END, "
+                f"reason = CASE WHEN {counts} OR {longer} THEN excluded.reason "
+                "ELSE destinations.reason END, "
+                f"held_until = CASE WHEN {counts} OR {longer} THEN excluded.held_until "
+                "ELSE destinations.held_until END",
+                (name, now, until, reason, *at[:2], *at, *at),
             )
         held = self.holds().get(name)
         assert held is not None

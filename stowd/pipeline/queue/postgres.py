@@ -384,8 +384,7 @@ class _PgDb:
 
 def link_watch(url: str, lease: float) -> dict[str, int | str]:
     """libpq's TCP keepalives and ``tcp_user_timeout`` for a connection of a node whose
-    leases last ``lease`` seconds, but those ``url`` sets itself (the user's word wins), and
-    the same for the server's end of it (``options``, after the URL's own, which win).
+    leases last ``lease`` seconds, but those ``url`` sets itself (the user's word wins).
 
     A link that dies without a word (a firewall's state dropped, a cable pulled: no FIN, no
     RST) otherwise holds a query in flight for the kernel's retransmissions, about 15
@@ -394,40 +393,69 @@ def link_watch(url: str, lease: float) -> dict[str, int | str]:
     link that answers nothing is given up once ``lease``/4 passed without an answer (with a
     user timeout Linux ends a connection by it, not by the count of probes): well within a
     lease, so the node reconnects (or says it lost the database) before other nodes take its
-    files over.  The server's end does the same, so that the sessions of a node cut off
-    (its node's name among their locks, ``_take_node``) end within the bound too, not after
-    the server's default two hours: the node takes its name again once the link is back.
+    files over.  The server's end does the same (``server_watch``).
 
     The kernel refuses keepalive times above ``KEEPALIVE_MAX`` seconds (a lease of days):
     they are capped.  ``keepalives=0`` in ``url`` turns all of it off."""
     given = conninfo_to_dict(url)
     if str(given.get("keepalives", "1")).strip() == "0":
         return {}
-    idle = min(KEEPALIVE_MAX, max(1, round(lease / 12)))
-    interval = min(KEEPALIVE_MAX, max(1, round(lease / 24)))
-    user_timeout = min(USER_TIMEOUT_MAX, max(1000, round(lease / 4 * 1000)))  # milliseconds
-    watch: dict[str, int | str] = {
-        "keepalives": 1,
-        "keepalives_idle": idle,
-        "keepalives_interval": interval,
+    watch: dict[str, int | str] = {"keepalives": 1, **_watch_values(lease)}
+    return {k: v for k, v in watch.items() if k not in given}
+
+
+def _watch_values(lease: float) -> dict[str, int]:
+    """The keepalive times and user timeout (milliseconds) for a lease, capped."""
+    return {
+        "keepalives_idle": min(KEEPALIVE_MAX, max(1, round(lease / 12))),
+        "keepalives_interval": min(KEEPALIVE_MAX, max(1, round(lease / 24))),
         "keepalives_count": KEEPALIVE_PROBES,
-        "tcp_user_timeout": user_timeout,
+        "tcp_user_timeout": min(USER_TIMEOUT_MAX, max(1000, round(lease / 4 * 1000))),
     }
-    watch = {k: v for k, v in watch.items() if k not in given}
-    server = (
-        f"-c tcp_keepalives_idle={idle} -c tcp_keepalives_interval={interval} "
-        f"-c tcp_keepalives_count={KEEPALIVE_PROBES} -c tcp_user_timeout={user_timeout}"
+
+
+def server_watch(url: str, lease: float) -> dict[str, str]:
+    """The server's settings for its end of the connection: the same times as this end
+    (``link_watch``; those ``url`` sets itself, as it sets them), so that the sessions of
+    a node cut off (its node's name among their locks, ``_take_node``) end within the bound
+    too, not after the server's default two hours: the node takes its name again once the
+    link is back.  ``keepalives=0`` in ``url``: none."""
+    given = conninfo_to_dict(url)
+    if str(given.get("keepalives", "1")).strip() == "0":
+        return {}
+    values = {k: str(given.get(k) or v) for k, v in _watch_values(lease).items()}
+    return {
+        "tcp_keepalives_idle": values["keepalives_idle"],
+        "tcp_keepalives_interval": values["keepalives_interval"],
+        "tcp_keepalives_count": values["keepalives_count"],
+        "tcp_user_timeout": values["tcp_user_timeout"],
+    }
+
+
+def _watch_server_end(conn: psycopg.Connection[Any], settings: dict[str, str]) -> None:
+    """Set the server's end of ``conn`` watching the link (``server_watch``), in one round
+    trip, after the connection is made rather than as its startup ``options``: those would
+    replace the ``options`` a user gives through ``PGOPTIONS`` or a service file (libpq
+    reads them only where the connection names none: a ``search_path`` lost, a second
+    queue made), and a pooler may refuse them.  A setting the session's start already set
+    (``options`` of any kind: the user's word) is kept, and one this server does not know
+    (``tcp_user_timeout`` before PostgreSQL 12) is left out."""
+    if not settings:
+        return
+    rows = ", ".join(["(%s, %s)"] * len(settings))
+    conn.execute(
+        "SELECT set_config(v.name, v.value, false) FROM (VALUES "
+        f"{rows}) AS v (name, value) JOIN pg_settings AS s ON s.name = v.name "
+        "WHERE s.source <> 'client'",
+        [x for pair in settings.items() for x in pair],
     )
-    own = str(given.get("options") or "").strip()
-    watch["options"] = f"{server} {own}" if own else server  # a later -c wins: the URL's
-    return watch
 
 
 def _connect(
     database: Database, node: str, timeout: float, lease: float = DEFAULT_LEASE
 ) -> psycopg.Connection[Any]:
     password = database.password.value() if database.password is not None else None
-    return psycopg.connect(
+    conn = psycopg.connect(
         make_conninfo(database.url, **link_watch(database.url, lease)),
         password=password,
         autocommit=True,
@@ -435,6 +463,12 @@ def _connect(
         application_name=f"stowd {node}"[:63],
         row_factory=_row_maker,
     )
+    try:
+        _watch_server_end(conn, server_watch(database.url, lease))
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 class PostgresQueue(Queue):
