@@ -59,6 +59,57 @@ def test_changed_content_updates_a_pending_row_and_forgets_its_classification(
     assert job.kind is None
 
 
+def test_set_classified_keeps_what_was_read_only_where_the_row_still_describes_it(
+    queue: Queue,
+) -> None:
+    """Every key read is recorded, as read; a row whose file changed since it was read, or
+    that is no longer pending, keeps what it has.  ``add_notes`` notes each row given."""
+    queue.enqueue([new(f"/d/f{i}") for i in range(4)])
+    read = queue.unclassified(10)
+    queue.enqueue([new("/d/f1", size=20)])  # rewritten since it was read
+    queue.finish(read[2].id, state="gone", was="pending")
+    made = Made("2.25.1", "2.25.2", "2.25.3", 7, key="k")
+    queue.set_classified(
+        [
+            Classification(
+                j,
+                "dicom",
+                f"st{j.id}",
+                f"sop{j.id}",
+                "1.2",
+                changes={"PatientName": "Ä"},
+                sidecars=(("/d/x.json", "{}"),),
+                digest="dg",
+                made=made,
+                lookup='{"asked": 1}',
+            )
+            for j in read
+        ]
+    )
+    queue.add_notes({read[0].id: "one", read[3].id: "two"})
+    jobs = {j.path: j for j in queue.jobs()}
+    for path in ("/d/f0", "/d/f3"):
+        j = jobs[path]
+        assert (j.kind, j.study_uid, j.sop_uid) == ("dicom", f"st{j.id}", f"sop{j.id}")
+        assert (j.change_set(), j.sidecar_texts(), j.made_uids(), j.lookup) == (
+            {"PatientName": "Ä"},
+            [("/d/x.json", "{}")],
+            made,
+            '{"asked": 1}',
+        )
+    assert (jobs["/d/f1"].kind, jobs["/d/f1"].size) == (None, 20)
+    assert (jobs["/d/f2"].kind, jobs["/d/f2"].state) == (None, "gone")
+    rows = queue._conn().execute(
+        "SELECT path, sop_class, rules_digest, note FROM files ORDER BY path"
+    )
+    assert [tuple(r) for r in rows.fetchall()] == [
+        ("/d/f0", "1.2", "dg", "one"),
+        ("/d/f1", None, None, None),
+        ("/d/f2", None, None, None),
+        ("/d/f3", "1.2", "dg", "two"),
+    ]
+
+
 def test_a_file_at_a_path_already_done_is_a_new_job(queue: Queue, tmp_path: Path) -> None:
     path = tmp_path / "a.dcm"
     queue.enqueue([new(str(path))])

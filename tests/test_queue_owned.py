@@ -316,11 +316,6 @@ def hold_many(queue: Queue) -> list[Job]:
     """``MANY`` rows of one study, claimed by ``queue`` in one batch."""
     for at in range(0, MANY, 10_000):
         queue.enqueue([new(f"/d/many/f{i:05d}") for i in range(at, at + 10_000)])
-        if at == 0 and type(queue).__name__ == "PostgresQueue":
-            # the statistics autovacuum takes within a minute: without them each part of a
-            # fresh table's enqueue reads all the rows queued before it
-            with queue._tx() as db:
-                db.execute("ANALYZE files")
     queue.set_classified(
         [Classification(j, "dicom", "st", f"sop{j.id}", "1.2") for j in queue.unclassified(MANY)]
     )

@@ -17,7 +17,7 @@ import pytest
 from harness import Clock, wait_for
 from postgres import PostgresCluster, node_config, pass_time
 
-from stowd.config.model import Config, Retry
+from stowd.config.model import DEFAULT_LEASE, Config, Retry
 from stowd.errors import QueueError, QueueLockedError
 from stowd.pipeline.filing import Filing
 from stowd.pipeline.queue import (
@@ -292,7 +292,7 @@ def test_a_schema_3_queue_is_migrated_and_keeps_exact_counts(
     """Schema 4 plans the counting trigger's join for each statement; a queue of schema 3
     (its trigger, its version) opened by this stowd is brought to 4 and its counts stay
     exact: those schema 3's trigger appended and those schema 4's appends after it."""
-    assert SCHEMA_VERSION == 4, "this test migrates from 3 to 4"
+    assert SCHEMA_VERSION >= 4, "this test migrates from 3 to 4 (and on)"
     schema_3 = TALLY_SCHEMA_3.replace("%", "%%")  # admin's psycopg reads % as a placeholder
     for statement in (schema_3, "UPDATE stowd_schema SET version = 3"):
         postgres_cluster.admin(statement, database=pg_database)
@@ -312,7 +312,7 @@ def test_a_schema_3_queue_is_migrated_and_keeps_exact_counts(
             "SELECT version, prosrc FROM stowd_schema, pg_proc WHERE proname = 'stowd_tally'",
             database=pg_database,
         )[0]
-        assert version == 4
+        assert version == SCHEMA_VERSION
         assert "EXECUTE" in body
         assert b.counts() == before
         more = claim(b, candidates=15)
@@ -669,3 +669,116 @@ def test_a_batch_is_changed_by_one_statement_not_one_per_row(nodes: tuple[Queue,
     assert len(batch) == 10
     assert appended(lambda: a.begin_settle([(j, "sent", f"/s/{j.rel}", None) for j in batch])) == 2
     assert appended(lambda: a.finish_many([(j.id, "sent") for j in batch])) == 2
+
+
+def _plan(queue: Queue, sql: str, params: list[str]) -> str:
+    rows = queue._conn().execute("EXPLAIN " + sql, params).fetchall()
+    return "\n".join(r[0] for r in rows)
+
+
+def test_a_large_first_enqueue_reads_active_rows_by_path_from_their_index(queue_a: Queue) -> None:
+    """A new queue has no statistics until autovacuum's first analyze (a minute or so): the
+    planner took ``files`` for a table of a few pages and read an enqueue part's active rows
+    through ``files_age`` (every active row, the path a filter), so each part read all the
+    rows queued before it (70,000 files in one call: 47 s).  The queue analyzes ``files``
+    itself once the rows it inserted outgrow the statistics, within the enqueue: the next
+    part's read is an index lookup of its paths."""
+    queue_a.enqueue([new(f"/d/f{i:05d}") for i in range(3_000)])  # one call, a fresh table
+    counted = (
+        queue_a._conn()
+        .execute("SELECT reltuples FROM pg_class WHERE oid = 'files'::regclass")
+        .fetchone()[0]
+    )
+    assert counted >= 2_000  # -1: never analyzed
+    paths = [f"/d/f{i:05d}" for i in range(0, 3_000, 300)]
+    marks = ",".join("?" * len(paths))
+    plan = _plan(  # the statement of ``Queue._active_rows`` (and ``_known``)
+        queue_a,
+        f"SELECT path, id, size, mtime_ns, state FROM files WHERE path IN ({marks}) "
+        "AND state IN ('pending', 'claimed', 'settling')",
+        paths,
+    )
+    assert plan.startswith("Index Scan using files_active_path on files"), plan
+
+
+def test_a_reader_s_batch_is_classified_and_noted_in_one_statement(queue_a: Queue) -> None:
+    """``set_classified`` and ``add_notes`` change a batch's rows with one statement (an
+    ``unnest`` of their values), not one a row: each statement costs a round trip, its
+    plan and a run of the counting triggers (70,000 rows classified in 11 s, not 2)."""
+    queue_a.enqueue([new(f"/d/f{i:02d}") for i in range(50)])
+    read = queue_a.unclassified(50)
+    with queue_a._tx() as db:  # a statement-level trigger counts the statements
+        db.execute("CREATE TABLE statements (n INTEGER)")
+        db.execute(
+            "CREATE FUNCTION count_statement() RETURNS TRIGGER LANGUAGE plpgsql AS "
+            "$$ BEGIN INSERT INTO statements VALUES (1); RETURN NULL; END $$"
+        )
+        db.execute(
+            "CREATE TRIGGER count_updates AFTER UPDATE ON files FOR EACH STATEMENT "
+            "EXECUTE FUNCTION count_statement()"
+        )
+
+    def statements() -> int:
+        return int(queue_a._conn().execute("SELECT COUNT(*) FROM statements").fetchone()[0])
+
+    queue_a.set_classified([Classification(j, "dicom", "st", f"sop{j.id}", "1.2") for j in read])
+    assert statements() == 1
+    assert {(j.kind, j.sop_uid) for j in queue_a.jobs()} == {("dicom", f"sop{j.id}") for j in read}
+    queue_a.add_notes({j.id: f"n{j.id}" for j in read})
+    assert statements() == 2
+    notes = queue_a._conn().execute("SELECT id, note FROM files").fetchall()
+    assert dict(notes) == {j.id: f"n{j.id}" for j in read}
+
+
+def read(queue: Queue, limit: int = 10) -> list[str]:
+    return [j.path for j in queue.unclassified(limit)]
+
+
+def test_nodes_read_the_new_files_of_a_shared_tree_once(nodes: tuple[Queue, Queue]) -> None:
+    """Each node's reader reads other new files than the others (a read lease on the rows
+    it took, on the database's clock): a shared tree's headers are read once, not once a
+    node.  A node reads its own leased rows again (a retry, a file found changed)."""
+    a, b = nodes
+    a.enqueue([new(f"/d/f{i}") for i in range(6)])
+    first = read(a, 4)
+    assert first == [f"/d/f{i}" for i in range(4)]
+    assert read(b) == ["/d/f4", "/d/f5"]  # not A's
+    assert read(a) == first  # its own, again; B's are B's
+    assert read(b) == ["/d/f4", "/d/f5"]
+
+
+def test_a_lapsed_read_lease_is_read_by_another_node(
+    nodes: tuple[Queue, Queue], clock: Clock
+) -> None:
+    """A node that died mid-read holds its rows only until the read lease ends: another
+    node then reads them, and they are its own."""
+    a, b = nodes
+    a.enqueue([new("/d/a"), new("/d/b")])
+    assert read(a) == ["/d/a", "/d/b"]
+    assert read(b) == []
+    pass_time(b, clock, DEFAULT_LEASE + 1)  # A died reading them (its lease: the default)
+    assert read(b) == ["/d/a", "/d/b"]
+    assert read(a) == []  # B's now
+
+
+def test_a_schema_4_queue_gets_the_read_leases(
+    postgres_cluster: PostgresCluster, pg_database: str, nodes: tuple[Queue, Queue], tmp_path: Path
+) -> None:
+    """A queue of schema 4 (no read leases) opened by this stowd is brought to 5."""
+    assert SCHEMA_VERSION == 5, "this test migrates from 4 to 5"
+    a, b = nodes
+    for statement in (
+        "ALTER TABLE files DROP COLUMN read_by, DROP COLUMN read_until",
+        "UPDATE stowd_schema SET version = 4",
+    ):
+        postgres_cluster.admin(statement, database=pg_database)
+    a.enqueue([new("/d/a")])
+    b.close()  # node B restarts with this stowd
+    b = open_queue(node_config(postgres_cluster, pg_database, tmp_path, "node-b")).open()
+    try:
+        assert read(b) == ["/d/a"]
+        assert read(a) == []
+    finally:
+        b.close()
+    [(version,)] = postgres_cluster.admin("SELECT version FROM stowd_schema", database=pg_database)
+    assert version == 5

@@ -326,3 +326,7 @@ def pass_time(queue: Queue, clock: Clock, seconds: float) -> None:
                 (seconds,),
             )
             db.execute("UPDATE nodes SET heartbeat = heartbeat - ?", (seconds,))
+            db.execute(
+                "UPDATE files SET read_until = read_until - ? WHERE read_until IS NOT NULL",
+                (seconds,),
+            )

@@ -577,13 +577,20 @@ class Queue:
         Only where the row still describes the content that was read: a row the watcher
         updated for new content meanwhile is read again.
         """
+        rows = {c.job.id: classification_row(c) for c in items}  # an id twice: the last
         with self._tx() as db:
-            db.executemany(
-                "UPDATE files SET kind = ?, study_uid = ?, sop_uid = ?, sop_class = ?, "
-                "changes = ?, sidecars = ?, rules_digest = ?, made = ?, lookup = ? "
-                "WHERE id = ? AND state = 'pending' AND size = ? AND mtime_ns = ?",
-                [classification_row(c) for c in items],
-            )
+            self._classify_rows(db, list(rows.values()))
+
+    def _classify_rows(self, db: Db, rows: list[tuple[Any, ...]]) -> None:
+        """``set_classified``'s change of each of ``rows`` (``classification_row``'s): one
+        statement a row on SQLite (in process: no round trip a statement); the PostgreSQL
+        backend changes them all in one statement."""
+        db.executemany(
+            "UPDATE files SET kind = ?, study_uid = ?, sop_uid = ?, sop_class = ?, "
+            "changes = ?, sidecars = ?, rules_digest = ?, made = ?, lookup = ? "
+            "WHERE id = ? AND state = 'pending' AND size = ? AND mtime_ns = ?",
+            rows,
+        )
 
     def make_uids(
         self, source: str, key: str | None, study_uid: str | None, kind: str, new: Callable[[], str]
@@ -913,9 +920,11 @@ class Queue:
         for the files ``finish_kept`` finished (a moved file's note goes with
         ``begin_settle``)."""
         with self._tx() as db:
-            db.executemany(
-                "UPDATE files SET note = ? WHERE id = ?", [(n, i) for i, n in notes.items()]
-            )
+            self._note_rows(db, notes)
+
+    def _note_rows(self, db: Db, notes: dict[int, str]) -> None:
+        """``add_notes``' change: one statement a row on SQLite, one for all on PostgreSQL."""
+        db.executemany("UPDATE files SET note = ? WHERE id = ?", [(n, i) for i, n in notes.items()])
 
     def finished_before(self, files: Sequence[NewFile]) -> set[str]:
         """Paths of ``files`` already stored (or ignored) with this very content: a re-run

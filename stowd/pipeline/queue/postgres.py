@@ -16,6 +16,12 @@ The logic is ``core.Queue``'s; here is what PostgreSQL does its own way:
   clock runs behind claim with leases already run out for the others).  ``renew`` extends a
   node's leases; ``recover`` (at start) returns only this node's claims; ``reclaim`` also
   takes over any node's claims (and settling rows) whose lease expired, and says whose.
+- Reads: a node's reader takes the unclassified rows it reads ``FOR UPDATE SKIP LOCKED``
+  with a read lease (``read_by``, ``read_until`` on the database's clock) the other nodes'
+  readers skip, so each new file's header is read by one node (``unclassified``).
+- Statistics: a node runs ``ANALYZE files`` once the rows it inserted outgrow those the
+  statistics count (``_keep_statistics``): autovacuum's first analyze of a new queue comes
+  too late for a migration's first walk.
 - Shared trees: nodes watching one folder may queue one path at once; the insert skips a
   path another node queued meanwhile (``ON CONFLICT DO NOTHING`` on the unique index of
   active paths), the rest of the batch is queued.
@@ -101,7 +107,7 @@ from stowd.printable import escape
 
 log = logging.getLogger("stowd.queue")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 FEATURES = 9  # what ``core`` asks of a schema: as SQLite's schema 9 (tallies, throughput)
 ESCAPED = "\x7fstowd-bytes:"  # a stored value that is the base64 of a str's bytes follows
 CONNECT_TIMEOUT = 10  # seconds
@@ -116,6 +122,8 @@ _NODE_LOCK = 0x7374  # with the hash of a node's name: the lock a running node h
 CLOCK_SAMPLES = 3  # readings of the database's clock when the queue opens (the quickest counts)
 CLOCK_RTT = 1.0  # seconds: a reading that took longer does not replace the offset known
 CLOCK_NOTED = 1.0  # seconds: a host clock off the database's by more is said at the start
+ANALYZE_ROWS = 1000  # rows a node inserts before it looks whether ``files``' statistics are stale
+ANALYZE_SHARE = 0.2  # stale: the rows inserted since exceed this share of the rows they count
 
 _COUNTS = "files, bytes, stored, already, warned"
 # schema 2: each node's daemon, as it last said (``heartbeat``; ``stowd status``)
@@ -129,6 +137,13 @@ _WALKS = (
     "CREATE TABLE migrate_walks (source TEXT PRIMARY KEY, node TEXT NOT NULL, "
     "lease_until DOUBLE PRECISION NOT NULL, started DOUBLE PRECISION NOT NULL, "
     "walked DOUBLE PRECISION, skipped BIGINT NOT NULL DEFAULT 0)",
+)
+# schema 5: the node reading a pending row's file (``unclassified``), until when
+_READS = (
+    (
+        "ALTER TABLE files ADD COLUMN IF NOT EXISTS read_by TEXT, "
+        "ADD COLUMN IF NOT EXISTS read_until DOUBLE PRECISION"
+    ),
 )
 _INSERT_HEAD = (
     "INSERT INTO files (source, destination, path, rel, size, mtime_ns, state, queued_at, sidecars)"
@@ -171,6 +186,7 @@ _SCHEMA = (
     "text TEXT NOT NULL)",
     *_NODES,
     *_WALKS,
+    *_READS,
     # the counts: folded (one row per group) and appended (by the triggers, never updated)
     "CREATE TABLE tallies (source TEXT NOT NULL, destination TEXT NOT NULL, "
     "state TEXT NOT NULL, files BIGINT NOT NULL, bytes BIGINT NOT NULL, stored BIGINT NOT NULL, "
@@ -255,7 +271,7 @@ _TRIGGERS = (
     "FOR EACH STATEMENT EXECUTE FUNCTION stowd_tally()",
 )
 # version -> the statements that bring a schema of that version to the next
-_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _NODES, 2: _WALKS, 3: _TALLY}
+_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _NODES, 2: _WALKS, 3: _TALLY, 4: _READS}
 _FOLD = (
     "WITH moved AS (DELETE FROM tally_changes RETURNING *) INSERT INTO tallies "
     "SELECT source, destination, state, SUM(files), SUM(bytes), SUM(stored), SUM(already), "
@@ -294,6 +310,20 @@ def _storable(value: Any) -> Any:
         if "\x00" not in value and not value.startswith(ESCAPED):
             return value
     return ESCAPED + base64.b64encode(os.fsencode(value)).decode("ascii")
+
+
+def _column(values: Iterable[Any]) -> list[Any]:
+    """One column of an ``unnest``'s rows, as one array parameter (each value as TEXT
+    stores it)."""
+    return [_storable(v) for v in values]
+
+
+def _unnest(rows: Sequence[tuple[Any, ...]], *types: str) -> tuple[str, tuple[Any, ...]]:
+    """``unnest`` of ``rows`` (their values side by side, a column an array of its type in
+    ``types``), to change rows with values of their own in one statement, and its
+    parameters."""
+    arrays = ", ".join(f"?::{t}[]" for t in types)
+    return f"unnest({arrays})", tuple(_column(c) for c in zip(*rows, strict=True))
 
 
 def _readable(value: Any) -> Any:
@@ -489,6 +519,10 @@ class PostgresQueue(Queue):
         self._node_db: _PgDb | None = None  # holds the node's name (``_take_node``)
         self._named = False  # this daemon holds the node's name (keeps it: ``_keep_node``)
         self._sources: tuple[str, ...] | None = None  # this node's config's (``adopt``)
+        # rows this node inserted since its last ``ANALYZE files``, and when to look again
+        # (``_keep_statistics``; a count lost to two threads' race only delays a look)
+        self._inserted = 0
+        self._look_at = ANALYZE_ROWS
         self._moves_told: set[tuple[str, str]] = set()  # ``_say_moves_left``'s, said once
 
     # -- opening ---------------------------------------------------------------------
@@ -687,22 +721,75 @@ class PostgresQueue(Queue):
             return "IN (NULL)", ()
         if all(type(v) is int for v in values):
             return "= ANY(?::BIGINT[])", (list(values),)
-        return "= ANY(?::TEXT[])", ([_storable(v) for v in values],)
+        return "= ANY(?::TEXT[])", (_column(values),)
 
     def _settle_rows(self, db: Db, node: str, rows: list[tuple[Any, ...]]) -> None:
         """One statement for all the rows: their own values as arrays, side by side."""
         if not rows:
             return
-        columns = list(zip(*rows, strict=True))
+        values, args = _unnest(rows, "BIGINT", *["TEXT"] * 6)
         db.execute(
             "UPDATE files SET state = 'settling', outcome = v.outcome, target = v.target, "
             "error = v.error, sidecars = COALESCE(v.sidecars, files.sidecars), "
             f"note = COALESCE(v.note, files.note), node = ?, {self._SETTLE_LEASE} "
-            "FROM unnest(?::BIGINT[], ?::TEXT[], ?::TEXT[], ?::TEXT[], ?::TEXT[], ?::TEXT[], "
-            "?::TEXT[]) AS v(id, was, outcome, target, error, sidecars, note) "
+            f"FROM {values} AS v(id, was, outcome, target, error, sidecars, note) "
             "WHERE files.id = v.id AND files.state = v.was",
-            (node, *([_storable(v) for v in column] for column in columns)),
+            (node, *args),
         )
+
+    def unclassified(self, limit: int) -> list[Job]:
+        """``Queue.unclassified``, but not the rows another node reads now: each node's reader
+        would otherwise read the header of every new file of a shared tree (the share's
+        reads times the nodes).  The rows returned are locked (``FOR UPDATE SKIP LOCKED``:
+        two nodes at once take other rows) and leased to this node for ``lease`` seconds on
+        the database's clock (``read_until``); another node skips them until the lease
+        ends: a node that dies mid-read lets it lapse, and the others read them then.  This
+        node reads its own again (a file found changed, a retry due)."""
+        mine, known = self._mine()
+        with self._tx() as db:
+            rows = db.execute(
+                f"SELECT {JOB_COLUMNS} FROM files WHERE state = 'pending' AND kind IS NULL "
+                f"AND destination != '' AND next_attempt_at <= ?{mine} AND (read_by = ? "
+                "OR read_until IS NULL OR read_until < EXTRACT(EPOCH FROM clock_timestamp())) "
+                f"ORDER BY id LIMIT ?{self._LOCK_ROWS}",
+                (self.clock(), *known, self.node, limit),
+            ).fetchall()
+            self._each_part(
+                db,
+                "UPDATE files SET read_by = ?, "
+                "read_until = EXTRACT(EPOCH FROM clock_timestamp()) + ? WHERE id {ids}",
+                [r[0] for r in rows],
+                (self.node, self.lease),
+            )
+        return [job(r) for r in rows]
+
+    def _classify_rows(self, db: Db, rows: list[tuple[Any, ...]]) -> None:
+        """One statement for all the rows (a run of the counting triggers, not one a row:
+        70,000 rows in 11 s, not 2), with the same condition as SQLite's: each row only
+        while still pending with the content that was read."""
+        if not rows:
+            return
+        values, args = _unnest(rows, *["TEXT"] * 9, "BIGINT", "BIGINT", "BIGINT")
+        db.execute(
+            "UPDATE files SET kind = v.kind, study_uid = v.study_uid, sop_uid = v.sop_uid, "
+            "sop_class = v.sop_class, changes = v.changes, sidecars = v.sidecars, "
+            "rules_digest = v.digest, made = v.made, lookup = v.lookup "
+            f"FROM {values} AS v(kind, study_uid, sop_uid, sop_class, changes, sidecars, "
+            "digest, made, lookup, id, size, mtime_ns) WHERE files.id = v.id "
+            "AND files.state = 'pending' AND files.size = v.size "
+            "AND files.mtime_ns = v.mtime_ns",
+            args,
+        )
+
+    def _note_rows(self, db: Db, notes: dict[int, str]) -> None:
+        """One statement for all the rows."""
+        if notes:
+            values, args = _unnest(list(notes.items()), "BIGINT", "TEXT")
+            db.execute(
+                f"UPDATE files SET note = v.note FROM {values} AS v(id, note) "
+                "WHERE files.id = v.id",
+                args,
+            )
 
     # -- nodes: shared trees, claims, leases, takeover ------------------------------------
     def _enqueue_many(self, db: Db, files: list[NewFile], now: float) -> list[NewFile]:
@@ -735,7 +822,32 @@ class PostgresQueue(Queue):
                 [v for r in part for v in r],
             ).fetchall()
             inserted |= {r[0] for r in found}
+        self._keep_statistics(db, len(inserted))
         return inserted
+
+    def _keep_statistics(self, db: Db, inserted: int) -> None:
+        """Run ``ANALYZE files`` (in the enqueue's transaction: it counts the rows inserted
+        so far) once the rows this node inserted since its last one exceed ``ANALYZE_SHARE``
+        of the rows the statistics count (looked up each ``ANALYZE_ROWS`` rows inserted).
+
+        Without statistics (a new queue: autovacuum analyzes within a minute or so, and a
+        migration's first walk queues tens of thousands of files before it does) the
+        planner takes ``files`` for a table of a few pages and reads a part's active rows
+        by path through ``files_age`` (every active row, the path a filter) rather than the
+        unique index of active paths: each part of an enqueue read all the rows queued
+        before it, quadratic (70,000 files in one call: 47 s, not 4).  Once analyzed, the
+        estimates follow the table's growth (rows per page times its pages)."""
+        self._inserted += inserted
+        if self._inserted < self._look_at:
+            return
+        counted = float(
+            db.execute("SELECT reltuples FROM pg_class WHERE oid = 'files'::regclass").fetchone()[0]
+        )
+        if counted > 0 and self._inserted <= ANALYZE_SHARE * counted:  # -1: never analyzed
+            self._look_at = self._inserted + ANALYZE_ROWS
+            return
+        db.execute("ANALYZE files")
+        self._inserted, self._look_at = 0, ANALYZE_ROWS
 
     def adopt(self, destinations: dict[str, str]) -> dict[str, int]:
         """Point the queued rows of this node's sources at their destinations (and take back
