@@ -397,12 +397,7 @@ class Queue:
         returns how many rows each such source has.
         """
         with self._tx() as db:
-            for source, destination in destinations.items():
-                db.execute(
-                    "UPDATE files SET destination = ? WHERE source = ? AND destination != ? "
-                    "AND state IN ('pending', 'claimed', 'settling')",
-                    (destination, source, destination),
-                )
+            self._repoint(db, destinations)
             marks = ",".join("?" * len(destinations))
             rows = db.execute(
                 "SELECT source, COUNT(*) FROM files WHERE state IN ('pending', 'claimed') "
@@ -415,6 +410,16 @@ class Queue:
                 tuple(destinations),
             )
         return {r[0]: r[1] for r in rows}
+
+    @staticmethod
+    def _repoint(db: Db, destinations: dict[str, str]) -> None:
+        """Point the active rows of each source at its destination (``adopt``)."""
+        for source, destination in destinations.items():
+            db.execute(
+                "UPDATE files SET destination = ? WHERE source = ? AND destination != ? "
+                "AND state IN ('pending', 'claimed', 'settling')",
+                (destination, source, destination),
+            )
 
     def settling(self) -> list[Job]:
         """Rows whose move to sent/failed was decided but may not have happened."""

@@ -858,12 +858,7 @@ class PostgresQueue(Queue):
         claims them (``_mine``); returns how many there are by source."""
         self._sources = tuple(destinations)
         with self._tx() as db:
-            for source, destination in destinations.items():
-                db.execute(
-                    "UPDATE files SET destination = ? WHERE source = ? AND destination != ? "
-                    "AND state IN ('pending', 'claimed', 'settling')",
-                    (destination, source, destination),
-                )
+            self._repoint(db, destinations)
             rows = db.execute(
                 "SELECT source, COUNT(*) FROM files "
                 "WHERE state IN ('pending', 'claimed', 'settling') "
