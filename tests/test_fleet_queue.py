@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Any
 
 import psycopg
 import pytest
@@ -59,12 +60,7 @@ def test_a_path_queued_by_another_node_meanwhile_is_skipped_and_the_rest_queued(
 
         thread = threading.Thread(target=queue_both)
         thread.start()
-        waiting = (
-            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'"
-        )
-        while not postgres_cluster.admin(waiting, (pg_database,))[0][0]:
-            thread.join(0.05)
-            assert thread.is_alive(), done
+        _until_it_waits_for_a_lock(postgres_cluster, pg_database, thread, done)
         other.commit()
         thread.join(30)
     finally:
@@ -226,12 +222,7 @@ def test_a_file_rewritten_while_another_node_claims_it_leaves_that_claim_alone(
 
         thread = threading.Thread(target=rescan)
         thread.start()
-        waiting = (
-            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'"
-        )
-        while not postgres_cluster.admin(waiting, (pg_database,))[0][0]:
-            thread.join(0.05)
-            assert thread.is_alive(), done
+        _until_it_waits_for_a_lock(postgres_cluster, pg_database, thread, done)
         other.execute(
             "UPDATE files SET state = 'claimed', node = 'node-b', lease_until = "
             "EXTRACT(EPOCH FROM clock_timestamp()) + 60 WHERE path = '/t/x'"
@@ -262,3 +253,16 @@ def test_a_node_without_a_source_neither_parks_nor_claims_its_files(
     classify(b, 10)
     assert [j.path for j in claim(b)] == ["/t/ct"]
     assert [j.path for j in claim(a)] == ["/t/mr"]
+
+
+def _until_it_waits_for_a_lock(
+    cluster: PostgresCluster, database: str, thread: threading.Thread, done: list[Any]
+) -> None:
+    """Wait until a session of ``database`` waits for a lock (``thread``'s, held up by the
+    test's open transaction); ``thread`` must not end first (``done``: what it did)."""
+    waiting = (
+        "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'"
+    )
+    while not cluster.admin(waiting, (database,))[0][0]:
+        thread.join(0.05)
+        assert thread.is_alive(), done

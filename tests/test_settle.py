@@ -486,14 +486,6 @@ def test_a_file_put_back_without_a_hard_link_never_takes_a_name_the_modality_wro
     with open(target, "ab") as changed:
         changed.write(b" and written to after it was read")
 
-    real_link = os.link
-
-    def exdev(a: object, b: object, **folders: Any) -> None:
-        if str(a).endswith(".stowd-tmp"):  # the copy's name put in place: one filesystem
-            real_link(a, b, **folders)  # type: ignore[arg-type]
-            return
-        raise OSError(errno.EXDEV, "Invalid cross-device link")
-
     real_move = settle_mod.move
 
     def written_meanwhile(src: Path, dst: Path, **kwargs: Any) -> bool:
@@ -501,7 +493,7 @@ def test_a_file_put_back_without_a_hard_link_never_takes_a_name_the_modality_wro
             dst.write_bytes(b"the modality's new file")
         return real_move(src, dst, **kwargs)
 
-    monkeypatch.setattr(os, "link", exdev)
+    _across_filesystems(monkeypatch)
     monkeypatch.setattr(settle_mod, "move", written_meanwhile)
     back = settle_mod._put_back(job, target)
     assert path.read_bytes() == b"the modality's new file"
@@ -527,15 +519,7 @@ def test_a_move_across_filesystems_cut_short_before_the_unlink_is_finished_not_c
     target.write_bytes(left)
     st = path.stat()  # a copy keeps its source's times (fileops.copy_to)
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
-    real_link = os.link
-
-    def exdev(a: object, b: object, **folders: Any) -> None:
-        if str(a).endswith(".stowd-tmp"):  # the copy's name put in place: one filesystem
-            real_link(a, b, **folders)  # type: ignore[arg-type]
-            return
-        raise OSError(errno.EXDEV, "Invalid cross-device link")
-
-    monkeypatch.setattr(os, "link", exdev)
+    _across_filesystems(monkeypatch)
     assert repair(queue, sources={"ct": source}) == (1, set())
     assert not path.exists()
     assert queue.counts() == {"sent": 1}
@@ -547,3 +531,17 @@ def test_a_move_across_filesystems_cut_short_before_the_unlink_is_finished_not_c
         assert names == ["a.dcm", "a~1.dcm"]
         assert target.read_bytes() == b"theirs"
         assert (source.sent / "a~1.dcm").read_bytes() == b"ours"
+
+
+def _across_filesystems(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Play a move across filesystems: a file's own link fails with EXDEV (so it is
+    copied), but the copy's name is put in place as on one filesystem."""
+    real_link = os.link
+
+    def exdev(a: object, b: object, **folders: Any) -> None:
+        if str(a).endswith(".stowd-tmp"):  # the copy's name put in place: one filesystem
+            real_link(a, b, **folders)  # type: ignore[arg-type]
+            return
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", exdev)
