@@ -162,7 +162,7 @@ def _settle_moved(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
             target = planned
             try:
                 try:
-                    state = _carry_out(*_moving(decision, target), folders=folders)
+                    state, moved = _carry(*_moving(decision, target), folders=folders)
                 except FileExistsError:  # taken since it was chosen: another node's move
                     again: Lost = {}
                     moving = replace(decision.job, state="settling")  # recorded above
@@ -172,12 +172,11 @@ def _settle_moved(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
                         results.append(Settled(decision, None, lost=again[decision.job.id]))
                         continue
                     target = chosen
-                    state = _carry_out(*_moving(decision, target), folders=folders)
+                    state, moved = _carry(*_moving(decision, target), folders=folders)
             except OSError as exc:
                 results.append(Settled(decision, None, exc))
                 continue
             done.append((decision.job.id, state))
-            moved = state != "gone" and not os.path.lexists(decision.job.path)
             results.append(Settled(decision, target if moved else None))
         # one fsync per folder moved into, before any of its moves counts as done
         _sync_folders({r.target.parent for r in results if r.target is not None}, folders)
@@ -228,23 +227,37 @@ def _carry_out(
 
     ``folders``: a batch's folders, kept open; its targets were chosen free just now, so no
     put-back a crash interrupted can be at them (that is looked for in a repair)."""
+    return _carry(job, target, outcome, error, source, folders=folders)[0]
+
+
+def _carry(
+    job: Job,
+    target: Path,
+    outcome: str,
+    error: dict[str, Any] | None,
+    source: Source | None,
+    *,
+    folders: Folders | None = None,
+) -> tuple[str, bool]:
+    """``_carry_out``, and whether the file is now at ``target`` (moved now or before a
+    crash): a batch's settle knows it without looking at the drop folder again."""
     roots = _roots(source)
     sidecars = None if source is None else source.sidecars
     back = None if folders is not None else _put_back_before(job, target)
     if back is not None:
         _drop_own_copies(job, target)
-        return _changed(job, outcome, back)
+        return _changed(job, outcome, back), False
     secured = _bring(job, target, outcome, roots, folders)
     if isinstance(secured, str):
-        return secured
+        return secured, False  # changed (it stays), or gone
     if _moved_changed(job, target):
         back = _put_back(job, target, roots)
         _drop_own_copies(job, target)
-        return _changed(job, outcome, back)
+        return _changed(job, outcome, back), False
     _release_sidecars(job, sidecars, secured)
     if outcome == "failed" and error is not None:
         write_reason(target, error, roots)
-    return outcome
+    return outcome, True
 
 
 def _bring(
