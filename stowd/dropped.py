@@ -14,6 +14,7 @@ folder (a spool copy, a test's own file) is opened as it always was.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -78,10 +79,12 @@ def open_file(
     fd = _open_beneath(root, _relative(text, root), text)
     try:
         os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb", buffering)
+        raw = io.FileIO(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
+    # buffered as ``open`` buffers a file, without its look for a terminal (an ioctl)
+    return cast(BinaryIO, raw if unbuffered else io.BufferedReader(raw))
 
 
 def _open_unguarded(path: str, flags: int) -> int:
@@ -141,7 +144,7 @@ def folders_kept() -> Iterator[None]:
 def _open_beneath(root: str, rel: str, path: str) -> int:
     """Open ``root/rel`` with no symbolic link in ``rel`` (``root`` itself is configured)."""
     names = rel.split(os.sep)
-    if any(name in ("", os.curdir, os.pardir) for name in names):
+    if "" in names or os.curdir in names or os.pardir in names:
         # The watcher only hands on normal paths; anything else would walk out of root.
         raise FileProblem("the path leaves its watch folder; stowd reads only inside it", path=path)
     kept: dict[tuple[str, ...], int] | None = getattr(_KEPT, "folders", None)
