@@ -178,12 +178,13 @@ class Folders:
         for fd in fds.values():
             os.close(fd)
 
-    def fd(self, folder: Path, roots: Roots = (), *, create: bool = True) -> int:
-        """``folder``, open (opened now when it is not yet; ``create``: made as needed)."""
-        key = (str(folder), self._roots_key(roots))
+    def fd(self, folder: Path | str, roots: Roots = (), *, create: bool = True) -> int:
+        """``folder`` (a normal path: a ``Path``'s text), open (opened now when it is not
+        yet; ``create``: made as needed)."""
+        key = (os.fspath(folder), self._roots_key(roots))
         fd = self._fds.pop(key, None)
         if fd is None:
-            fd = _open_folder(folder, roots, create)
+            fd = _open_folder(Path(folder), roots, create)
             while len(self._fds) >= FOLDERS_KEPT_OPEN:  # never the ones just used (a move's)
                 os.close(self._fds.pop(next(iter(self._fds))))
         self._fds[key] = fd  # the most recently used last
@@ -339,9 +340,11 @@ def move(
     ``folders``: the folders of a batch of moves, kept open (else each is opened here).
     """
     how = (unchanged, copy or copy_all, sync)
-    if folders is not None:
-        here = folders.fd(src.parent, roots, create=False)
-        return _move_in((here, src.name), (folders.fd(dst.parent, roots), dst.name), *how)
+    if folders is not None:  # each folder by its name: no Path made for it per move
+        (src_dir, src_name), (dst_dir, dst_name) = os.path.split(src), os.path.split(dst)
+        here = folders.fd(src_dir or os.curdir, roots, create=False)  # as Path.parent names it
+        there = folders.fd(dst_dir or os.curdir, roots)
+        return _move_in((here, src_name), (there, dst_name), *how)
     leaving = open_folder(src.parent, roots, create=False)
     with leaving as here, open_folder(dst.parent, roots) as there:
         return _move_in((here, src.name), (there, dst.name), *how)

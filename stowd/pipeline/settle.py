@@ -179,7 +179,8 @@ def _settle_moved(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
             done.append((decision.job.id, state))
             results.append(Settled(decision, target if moved else None))
         # one fsync per folder moved into, before any of its moves counts as done
-        _sync_folders({r.target.parent for r in results if r.target is not None}, folders)
+        into = {os.path.dirname(r.target) or os.curdir for r in results if r.target is not None}
+        _sync_folders([Path(folder) for folder in into], folders)
     late = queue.finish_many(done)  # taken over while this node moved them: not recorded
     return [
         replace(r, lost=late[r.decision.job.id]) if r.decision.job.id in late else r
