@@ -162,7 +162,7 @@ def _settle_moved(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
             target = planned
             try:
                 try:
-                    state, moved = _carry(*_moving(decision, target), folders=folders)
+                    state, moved = _carry_out(*_moving(decision, target), folders=folders)
                 except FileExistsError:  # taken since it was chosen: another node's move
                     again: Lost = {}
                     moving = replace(decision.job, state="settling")  # recorded above
@@ -172,7 +172,7 @@ def _settle_moved(queue: Queue, decisions: Sequence[Decision]) -> list[Settled]:
                         results.append(Settled(decision, None, lost=again[decision.job.id]))
                         continue
                     target = chosen
-                    state, moved = _carry(*_moving(decision, target), folders=folders)
+                    state, moved = _carry_out(*_moving(decision, target), folders=folders)
             except OSError as exc:
                 results.append(Settled(decision, None, exc))
                 continue
@@ -213,8 +213,10 @@ def _carry_out(
     source: Source | None,
     *,
     folders: Folders | None = None,
-) -> str:
-    """Do (or finish) one recorded move and write the reason; returns the final state.
+) -> tuple[str, bool]:
+    """Do (or finish) one recorded move and write the reason; returns the final state, and
+    whether the file is now at ``target`` (moved now or before a crash): a batch's settle
+    knows it without looking at the drop folder again.
 
     A file whose content is no longer what was read for upload (a writer added to it after
     it looked complete) never stays in ``sent/`` or ``failed/`` as if that content had been
@@ -228,20 +230,6 @@ def _carry_out(
 
     ``folders``: a batch's folders, kept open; its targets were chosen free just now, so no
     put-back a crash interrupted can be at them (that is looked for in a repair)."""
-    return _carry(job, target, outcome, error, source, folders=folders)[0]
-
-
-def _carry(
-    job: Job,
-    target: Path,
-    outcome: str,
-    error: dict[str, Any] | None,
-    source: Source | None,
-    *,
-    folders: Folders | None = None,
-) -> tuple[str, bool]:
-    """``_carry_out``, and whether the file is now at ``target`` (moved now or before a
-    crash): a batch's settle knows it without looking at the drop folder again."""
     roots = _roots(source)
     sidecars = None if source is None else source.sidecars
     back = None if folders is not None else _put_back_before(job, target)
@@ -623,12 +611,12 @@ def _repair(
             if target is None:
                 continue  # another node took the row over: it moves the file
             try:
-                state = _carry_out(job, target, job.outcome, error, source)
+                state, _ = _carry_out(job, target, job.outcome, error, source)
             except FileExistsError:  # its target was taken since it was chosen
                 target = _choose(queue, job, source, error, lost)
                 if target is None:
                     continue
-                state = _carry_out(job, target, job.outcome, error, source)
+                state, _ = _carry_out(job, target, job.outcome, error, source)
             done.append((job.id, state))
         except OSError as exc:
             where = job.target or f"{job.outcome}/"
