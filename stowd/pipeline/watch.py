@@ -214,10 +214,14 @@ class Watcher:
         self._wake.set()
 
     def gone(self, path: str) -> None:
-        """A file was deleted or moved away: stowd's own moves to sent/ say so for each file."""
+        """A file was deleted or moved away: stowd's own moves to sent/ say so for each file.
+        It wakes the watcher only when the file's quiet period is being watched: any other
+        is dropped by ``_take_hints`` (a file watched since, after this look, has its recheck
+        due, which wakes the watcher and takes it)."""
         with self._hint_lock:
             self._gone.add(path)
-        self._wake.set()
+        if path in self._future:
+            self._wake.set()
 
     def _take_hints(self) -> tuple[list[str], list[str]]:
         """The files and the folders to look at.  A file gone matters only when its state
