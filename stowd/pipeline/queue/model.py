@@ -9,7 +9,7 @@ import base64
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -235,6 +235,81 @@ class ActiveView:
     # when it was read, on the clock of the queue's times (a shared queue's: the database's;
     # None: the reader's own ``now``)
     at: float | None = None
+
+
+# the columns of a row that its counts depend on (``Counts``), in this order
+FIGURES = "source, destination, state, size, outcome, note, done_at"
+Figures = tuple[str, str, str, int, str | None, str | None, float | None]
+_WARNED = STORED_WITH_WARNING + " "
+
+
+def _warned(note: str | None) -> bool:
+    """``note LIKE 'stored with warning %'`` as SQLite reads it (ASCII letters in any case)."""
+    if note is None or len(note) <= len(_WARNED):
+        return False
+    head = note[: len(_WARNED)]
+    return head.isascii() and head.lower() == _WARNED
+
+
+class Counts:
+    """What one transaction changes in the counts ``stowd status`` reads, from the rows it
+    changes: in ``tallies`` the files, bytes, stored, already and warned of each source,
+    destination and state; in ``throughput`` the files that became sent or failed in each
+    minute.  SQLite's queue counts them here, once a group a transaction (it has no
+    statement-level triggers, and a trigger a row cost a sixth of the queue's time);
+    PostgreSQL's statement-level triggers count them in the database."""
+
+    def __init__(self) -> None:
+        self.tallies: dict[tuple[str, str, str], list[int]] = {}
+        self.throughput: dict[tuple[int, str, str], list[int]] = {}
+        self.latest: float | None = None  # the newest done_at counted: the day kept ends there
+
+    def add(self, row: Figures, sign: int = 1) -> None:
+        """Count the row ``row`` (``sign`` -1: take it away) in its group."""
+        source, destination, state, size, outcome, note, _ = row
+        key = (source, destination, state)
+        figures = self.tallies.get(key)
+        if figures is None:
+            figures = self.tallies[key] = [0, 0, 0, 0, 0]
+        figures[0] += sign
+        figures[1] += sign * size
+        figures[2] += sign * (outcome == "sent")
+        figures[3] += sign * (note == ALREADY_STORED)
+        figures[4] += sign * _warned(note)
+
+    def add_group(self, key: tuple[str, str, str], figures: Sequence[int], sign: int = 1) -> None:
+        """Count (``sign`` -1: take away) the figures of many rows of one group at once."""
+        kept = self.tallies.get(key)
+        if kept is None:
+            kept = self.tallies[key] = [0, 0, 0, 0, 0]
+        for at, figure in enumerate(figures):
+            kept[at] += sign * int(figure)
+
+    def change(self, old: Figures, new: Figures | None) -> None:
+        """A row changed from ``old`` to ``new`` (None: deleted); one that became sent or
+        failed (with its ``done_at``) counts in its minute's throughput."""
+        if new is not None and new[:6] == old[:6]:
+            return
+        self.add(old, -1)
+        if new is None:
+            return
+        self.add(new)
+        state, done_at = new[2], new[6]
+        if state in ("sent", "failed") and old[2] != state and done_at is not None:
+            key = (minute(done_at), new[0], new[1])
+            figures = self.throughput.get(key)
+            if figures is None:
+                figures = self.throughput[key] = [0, 0, 0]
+            sent = state == "sent"
+            figures[0] += sent
+            figures[1] += new[3] if sent else 0
+            figures[2] += not sent
+            self.latest = done_at if self.latest is None else max(self.latest, done_at)
+
+    def moved(self, rows: Iterable[Figures], was: str) -> None:
+        """``rows`` as a statement that changed only their state (from ``was``) left them."""
+        for new in rows:
+            self.change((new[0], new[1], was, *new[3:6], new[6]), new)
 
 
 def entry(e: Any) -> tuple[str, str | None, str | None]:
