@@ -618,7 +618,7 @@ class Queue:
         if self._COUNTS:
             counts = self._counts()
             for f in files:
-                counts.add((f.source, f.destination, "pending", f.size, None, None, None))
+                counts.change(None, (f.source, f.destination, "pending", f.size, None, None, None))
 
     def _changed(self, db: Db, f: NewFile, row: tuple[int, int, int, str]) -> None:
         """``f`` found where an active row is: other content updates a pending row in place;

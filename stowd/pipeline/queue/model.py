@@ -255,61 +255,97 @@ class Counts:
     """What one transaction changes in the counts ``stowd status`` reads, from the rows it
     changes: in ``tallies`` the files, bytes, stored, already and warned of each source,
     destination and state; in ``throughput`` the files that became sent or failed in each
-    minute.  SQLite's queue counts them here, once a group a transaction (it has no
-    statement-level triggers, and a trigger a row cost a sixth of the queue's time);
-    PostgreSQL's statement-level triggers count them in the database."""
+    minute.  SQLite's queue counts them here and writes them once a group a transaction (it
+    has no statement-level triggers, and a trigger a row cost a sixth of the queue's time);
+    PostgreSQL's statement-level triggers count them in the database.
+
+    The rows are kept by kind of change (the same group, outcome and note before, the same
+    after): a batch's rows are one or a few kinds, each summed once when written."""
 
     def __init__(self) -> None:
-        self.tallies: dict[tuple[str, str, str], list[int]] = {}
-        self.throughput: dict[tuple[int, str, str], list[int]] = {}
-        self.latest: float | None = None  # the newest done_at counted: the day kept ends there
+        # (before, after) -> [rows, their bytes before, after]; before: (source,
+        # destination, state, outcome, note), None for a row inserted; after: the same and
+        # done_at, None for a row deleted
+        self.kinds: dict[tuple[Any, Any], list[int]] = {}
+        self.groups: dict[tuple[str, str, str], list[int]] = {}  # counted a group at once
 
-    def add(self, row: Figures, sign: int = 1) -> None:
-        """Count the row ``row`` (``sign`` -1: take it away) in its group."""
-        source, destination, state, size, outcome, note, _ = row
-        key = (source, destination, state)
-        figures = self.tallies.get(key)
-        if figures is None:
-            figures = self.tallies[key] = [0, 0, 0, 0, 0]
-        figures[0] += sign
-        figures[1] += sign * size
-        figures[2] += sign * (outcome == "sent")
-        figures[3] += sign * (note == ALREADY_STORED)
-        figures[4] += sign * _warned(note)
+    def change(self, old: Figures | None, new: Figures | None) -> None:
+        """A row changed from ``old`` (None: inserted) to ``new`` (None: deleted)."""
+        if old is not None and new is not None and old[:6] == new[:6]:
+            return
+        before = None if old is None else (old[0], old[1], old[2], old[4], old[5])
+        after = None if new is None else (new[0], new[1], new[2], new[4], new[5], new[6])
+        kind = self.kinds.get((before, after))
+        if kind is None:
+            kind = self.kinds[before, after] = [0, 0, 0]
+        kind[0] += 1
+        kind[1] += 0 if old is None else old[3]
+        kind[2] += 0 if new is None else new[3]
+
+    def moved(self, rows: Iterable[Figures], was: str) -> None:
+        """``rows`` as a statement that changed only their state (from ``was``) and maybe
+        their ``done_at`` left them."""
+        kinds = self.kinds
+        for source, destination, state, size, outcome, note, done_at in rows:
+            key = (
+                (source, destination, was, outcome, note),
+                (source, destination, state, outcome, note, done_at),
+            )
+            kind = kinds.get(key)
+            if kind is None:
+                kinds[key] = [1, size, size]
+            else:
+                kind[0] += 1
+                kind[1] += size
+                kind[2] += size
 
     def add_group(self, key: tuple[str, str, str], figures: Sequence[int], sign: int = 1) -> None:
         """Count (``sign`` -1: take away) the figures of many rows of one group at once."""
-        kept = self.tallies.get(key)
+        kept = self.groups.get(key)
         if kept is None:
-            kept = self.tallies[key] = [0, 0, 0, 0, 0]
+            kept = self.groups[key] = [0, 0, 0, 0, 0]
         for at, figure in enumerate(figures):
             kept[at] += sign * int(figure)
 
-    def change(self, old: Figures, new: Figures | None) -> None:
-        """A row changed from ``old`` to ``new`` (None: deleted); one that became sent or
-        failed (with its ``done_at``) counts in its minute's throughput."""
-        if new is not None and new[:6] == old[:6]:
-            return
-        self.add(old, -1)
-        if new is None:
-            return
-        self.add(new)
-        state, done_at = new[2], new[6]
-        if state in ("sent", "failed") and old[2] != state and done_at is not None:
-            key = (minute(done_at), new[0], new[1])
-            figures = self.throughput.get(key)
-            if figures is None:
-                figures = self.throughput[key] = [0, 0, 0]
-            sent = state == "sent"
-            figures[0] += sent
-            figures[1] += new[3] if sent else 0
-            figures[2] += not sent
-            self.latest = done_at if self.latest is None else max(self.latest, done_at)
+    def tallies(self) -> dict[tuple[str, str, str], list[int]]:
+        """The change of each group: files, bytes, stored, already, warned."""
+        out = {key: list(figures) for key, figures in self.groups.items()}
+        for (before, after), (rows, old_bytes, new_bytes) in self.kinds.items():
+            for side, size, sign in ((before, old_bytes, -1), (after, new_bytes, 1)):
+                if side is None:
+                    continue
+                source, destination, state, outcome, note = side[:5]
+                figures = out.get((source, destination, state))
+                if figures is None:
+                    figures = out[source, destination, state] = [0, 0, 0, 0, 0]
+                figures[0] += sign * rows
+                figures[1] += sign * size
+                figures[2] += sign * rows * (outcome == "sent")
+                figures[3] += sign * rows * (note == ALREADY_STORED)
+                figures[4] += sign * rows * _warned(note)
+        return out
 
-    def moved(self, rows: Iterable[Figures], was: str) -> None:
-        """``rows`` as a statement that changed only their state (from ``was``) left them."""
-        for new in rows:
-            self.change((new[0], new[1], was, *new[3:6], new[6]), new)
+    def throughput(self) -> tuple[dict[tuple[int, str, str], list[int]], float | None]:
+        """The files that became sent or failed, by minute, source and destination (sent,
+        bytes, failed), and the newest such file's ``done_at`` (None: none)."""
+        out: dict[tuple[int, str, str], list[int]] = {}
+        latest: float | None = None
+        for (before, after), (rows, _, size) in self.kinds.items():
+            if before is None or after is None:
+                continue
+            state, done_at = after[2], after[5]
+            if state not in ("sent", "failed") or before[2] == state or done_at is None:
+                continue
+            key = (minute(done_at), after[0], after[1])
+            figures = out.get(key)
+            if figures is None:
+                figures = out[key] = [0, 0, 0]
+            sent = state == "sent"
+            figures[0] += rows if sent else 0
+            figures[1] += size if sent else 0
+            figures[2] += 0 if sent else rows
+            latest = done_at if latest is None else max(latest, done_at)
+        return out, latest
 
 
 def entry(e: Any) -> tuple[str, str | None, str | None]:

@@ -356,14 +356,13 @@ def _write_counts(db: sqlite3.Connection, counts: Counts) -> None:
     drop the minutes of ``throughput`` older than a day before its newest file."""
     db.executemany(
         _TALLY_ADD.format(values="?, ?, ?, ?, ?, ?, ?, ?"),
-        [(*key, *figures) for key, figures in counts.tallies.items() if any(figures)],
+        [(*key, *figures) for key, figures in counts.tallies().items() if any(figures)],
     )
-    if counts.latest is None:
+    throughput, latest = counts.throughput()
+    if latest is None:
         return
-    db.executemany(
-        _THROUGHPUT_ADD, [(*key, *figures) for key, figures in counts.throughput.items()]
-    )
-    db.execute("DELETE FROM throughput WHERE minute < ?", (counts.latest - HISTORY_SPAN - 60,))
+    db.executemany(_THROUGHPUT_ADD, [(*key, *figures) for key, figures in throughput.items()])
+    db.execute("DELETE FROM throughput WHERE minute < ?", (latest - HISTORY_SPAN - 60,))
 
 
 def _roll_back(conn: sqlite3.Connection) -> None:
