@@ -374,49 +374,37 @@ class Queue:
         ids: Iterable[int],
         before: tuple[Any, ...] = (),
         after: tuple[Any, ...] = (),
+        *,
+        was: str | None = None,
     ) -> int:
         """Run ``sql``, whose ``{ids}`` follows ``id`` (between the parameters ``before``
         and ``after``), for ``ids`` (in id order): one statement for all of them on
         PostgreSQL (one array), one for each part of ``_PART`` on SQLite, never one a row
         (a statement costs its round trip, its plan and, on PostgreSQL, a run of the
-        counting triggers).  Nothing for no ids.  Returns how many rows it changed."""
+        counting triggers).  Nothing for no ids.  Returns how many rows it changed.
+
+        ``was``: ``sql`` changes the rows' state from ``was`` (and no other column
+        ``Counts`` reads but ``done_at``): where the queue counts (``_COUNTS``), counted
+        from the rows it changed (``RETURNING``)."""
+        counting = was is not None and self._COUNTS
         changed = 0
         for part in self._parts(sorted(ids)):
             where, args = self._in(part)
-            changed += int(
-                db.execute(sql.replace("{ids}", where), (*before, *args, *after)).rowcount
-            )
+            statement = sql.replace("{ids}", where)
+            if not counting:
+                changed += int(db.execute(statement, (*before, *args, *after)).rowcount)
+                continue
+            rows = db.execute(
+                f"{statement} RETURNING {FIGURES}", (*before, *args, *after)
+            ).fetchall()
+            self._counts().moved(rows, str(was))
+            changed += len(rows)
         return changed
 
     def _counts(self) -> Counts:
         """What the calling thread's transaction changed in the counts (``_COUNTS``)."""
         counts: Counts = self._local.counts
         return counts
-
-    def _move(
-        self,
-        db: Db,
-        sql: str,
-        ids: Iterable[int],
-        before: tuple[Any, ...] = (),
-        after: tuple[Any, ...] = (),
-        *,
-        was: str,
-    ) -> int:
-        """``_each_part`` of ``sql``, a change of the rows' state from ``was`` (and of no
-        other column ``Counts`` reads but ``done_at``), counted from the rows it changed
-        (``RETURNING``) where the queue counts (``_COUNTS``).  How many it changed."""
-        if not self._COUNTS:
-            return self._each_part(db, sql, ids, before, after)
-        changed = 0
-        for part in self._parts(sorted(ids)):
-            where, args = self._in(part)
-            rows = db.execute(
-                f"{sql.replace('{ids}', where)} RETURNING {FIGURES}", (*before, *args, *after)
-            ).fetchall()
-            self._counts().moved(rows, was)
-            changed += len(rows)
-        return changed
 
     @contextmanager
     def _changing(self, db: Db, where: str, params: tuple[Any, ...] = ()) -> Iterator[None]:
@@ -793,7 +781,7 @@ class Queue:
             jobs = self._candidates(db, head, now, candidates)
             batch = pick(head[0], jobs)
             until = self._lease_end(db, now, lease)
-            self._move(  # the rows read as pending in this transaction
+            self._each_part(  # the rows read as pending in this transaction
                 db,
                 "UPDATE files SET state = 'claimed', lease_until = ?, node = ? WHERE id {ids}",
                 [j.id for j in batch],
@@ -843,7 +831,7 @@ class Queue:
         ``also`` too (``release``: nothing more; ``isolate``: one per request)."""
         with self._tx() as db:
             ours, lost = self._ours(db, dict.fromkeys(ids, "claimed"))
-            self._move(
+            self._each_part(
                 db,
                 f"UPDATE files SET state = 'pending', lease_until = NULL, {also}"
                 f"next_attempt_at = {self._MAX}(next_attempt_at, ?) "
@@ -876,7 +864,7 @@ class Queue:
         first = now if failing else None
         with self._tx() as db:
             ours, lost = self._ours(db, dict.fromkeys(ids, was))
-            self._move(
+            self._each_part(
                 db,
                 "UPDATE files SET state = 'pending', lease_until = NULL, "
                 "attempts = attempts + 1, first_try = COALESCE(first_try, ?), last_try = ?, "
@@ -986,7 +974,7 @@ class Queue:
         with self._tx() as db:
             _, lost = self._ours(db, dict.fromkeys((i for i, _ in done), was))
             for state, ids in _grouped((s, i) for i, s in done if i not in lost).items():
-                self._move(
+                self._each_part(
                     db,
                     "UPDATE files SET state = ?, done_at = ?, lease_until = NULL "
                     "WHERE id {ids} AND state = ?",

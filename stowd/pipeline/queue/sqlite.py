@@ -573,7 +573,7 @@ class SqliteQueue(Queue):
                 (now,),
             ).fetchall()
             ids = [r[0] for r in rows if r[0] not in held]
-            self._move(
+            self._each_part(
                 db,
                 "UPDATE files SET state = 'pending', lease_until = NULL "
                 "WHERE id {ids} AND state = 'claimed'",
