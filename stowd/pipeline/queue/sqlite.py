@@ -35,9 +35,9 @@ outcome alone does not: ``already stored`` for a file the archive said it held a
 they change, and indexes serve the claim order and the status queries: a queue of a million
 rows is claimed from, counted and rescanned as quickly as one of a thousand.  ``throughput``
 (schema 8) counts, per minute, source and destination, the files that became sent or failed
-in the last day (the status page's charts and ``stowd status``'s "today"), kept bounded by
-the trigger that counts them.  Schema 10 drops the triggers that counted both row by row:
-the queue counts each transaction's changes once a group (``Counts``, ``_write_counts``).
+in the last day (the status page's charts and ``stowd status``'s "today"), kept bounded as
+they are counted.  Until schema 10 triggers counted both, row by row; since, the queue
+counts each transaction's changes once a group (``Counts``, written by ``_write_counts``).
 
 Paths are kept exactly, whatever bytes their names hold.  A value that is not valid UTF-8 (a
 name with bytes such as ``ff fe``, which ``os.fsdecode`` gives as lone surrogates) is stored
