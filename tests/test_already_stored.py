@@ -416,7 +416,7 @@ def test_a_version_5_queue_gets_the_note_column_and_counts_already_stored(
     q.close()
     db = sqlite3.connect(path)  # a queue written before notes existed
     for trigger in ("tally_update", "tally_delete"):  # schema 7's, which read note
-        db.execute(f"DROP TRIGGER {trigger}")
+        db.execute(f"DROP TRIGGER IF EXISTS {trigger}")
     db.execute("ALTER TABLE files DROP COLUMN note")
     db.execute("PRAGMA user_version = 5")
     db.commit()

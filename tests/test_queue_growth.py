@@ -288,6 +288,149 @@ def test_a_schema_8_queue_gains_the_node_of_each_claim(tmp_path: Path, clock: Cl
         queue.claim_batch(["pacs"], pick=pick_all, candidates=1, lease=60)
         node = queue._conn().execute("SELECT node FROM files").fetchone()[0]
         assert node == "gw-1"
-        assert queue._conn().execute("PRAGMA user_version").fetchone()[0] == 9
+        assert (
+            queue._conn().execute("PRAGMA user_version").fetchone()[0]
+            == queue_module.SCHEMA_VERSION
+        )
     finally:
         queue.close()
+
+
+# The per-row triggers of schema 9, kept by the test as a witness on tables of its own: the
+# counts the queue writes once a statement (schema 10) must be the ones they kept.
+def _witness(sql: str) -> str:
+    return (
+        sql.replace(" tallies ", " witness_tallies ")
+        .replace(" throughput ", " witness_throughput ")
+        .replace("TRIGGER IF NOT EXISTS ", "TRIGGER IF NOT EXISTS witness_")
+    )
+
+
+def watch_counts(queue: SqliteQueue) -> None:
+    """Count every change of ``files`` row by row as schema 9's triggers did, into
+    ``witness_tallies`` and ``witness_throughput`` (starting from the queue's counts)."""
+    db = queue._conn()
+    inserted = queue_module._TALLY_ADD.format(values=queue_module._TALLY_OF.format(r="NEW"))
+    for statement in (
+        queue_module._SCHEMA_7[0],
+        queue_module._SCHEMA_8[0],
+        queue_module._SCHEMA_7[1],
+        queue_module._SCHEMA_7[2],
+        queue_module._SCHEMA_8[1],
+        f"CREATE TRIGGER IF NOT EXISTS tally_insert AFTER INSERT ON files BEGIN {inserted} END",
+        "INSERT INTO tallies SELECT * FROM tallies",
+        "INSERT INTO throughput SELECT * FROM throughput",
+    ):
+        db.execute(_witness(statement))
+
+
+def assert_counted_as_each_row(queue: SqliteQueue, clock: Clock) -> None:
+    """The queue's counts are those of the rows (``truth``), and its ``throughput`` what the
+    per-row triggers kept (a file deleted from the history stays counted in its minute)."""
+    assert_true_counts(queue, clock)
+    db = queue._conn()
+    nonzero = " WHERE files != 0 OR bytes != 0 OR stored != 0 OR already != 0 OR warned != 0"
+    for table, where in (("tallies", nonzero), ("throughput", "")):
+        kept = db.execute(f"SELECT * FROM {table}{where} ORDER BY 1, 2, 3").fetchall()
+        witness = db.execute(f"SELECT * FROM witness_{table}{where} ORDER BY 1, 2, 3").fetchall()
+        assert kept == witness, table
+
+
+def test_each_way_a_row_changes_is_counted_as_the_triggers_counted_it(
+    tmp_path: Path, clock: Clock
+) -> None:
+    """Schema 10 counts ``tallies`` and ``throughput`` from each statement's rows, not by a
+    trigger a row: every path that changes a counted column (state, destination, size,
+    outcome, note; a row deleted) keeps the counts exact, in a queue migrated from schema 9
+    (whose triggers are dropped, their counts carried on)."""
+    path = tmp_path / "q.db"
+    queue = SqliteQueue(path, clock=clock).open()
+    queue.enqueue([new(f"/d/a{i}", size=100 + i) for i in range(30)])
+    queue.enqueue([new(f"/d/b{i}", source="other", dest="lab", size=7) for i in range(10)])
+    queue.close()
+    old = sqlite3.connect(path)  # a queue schema 9 kept: its triggers count row by row
+    for statement in (*queue_module._SCHEMA_7[1:3], queue_module._SCHEMA_8[1]):
+        old.execute(statement)
+    old.execute("PRAGMA user_version = 9")
+    old.commit()
+    old.close()
+    queue = SqliteQueue(path, clock=clock).open()
+    db = queue._conn()
+    assert db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall() == []
+    watch_counts(queue)
+    try:
+        _mixed_workload(queue, clock)
+        assert_counted_as_each_row(queue, clock)
+        queue.close()
+        queue = SqliteQueue(path, clock=clock).open()  # a restart: claims back, moves repaired
+        queue.recover()
+        assert_counted_as_each_row(queue, clock)
+        repair = queue.settling()
+        queue.begin_settle([(j, "failed", f"/f/{j.id}", ERROR) for j in repair])
+        queue.finish_many([(j.id, "failed") for j in repair])
+        assert_counted_as_each_row(queue, clock)
+        assert {g.state for g in queue.tally(clock.now)} >= {"sent", "failed", "ignored", "pending"}
+        assert queue.throughput(0)
+    finally:
+        queue.close()
+
+
+def _mixed_workload(queue: SqliteQueue, clock: Clock) -> None:
+    """Every change of a row the daemon and its commands make, checked after each step."""
+
+    def check() -> None:
+        clock.now += 7
+        assert_counted_as_each_row(queue, clock)
+
+    queue.enqueue([new("/d/a0", size=999), new("/d/c", size=5), new("/d/c", size=6)])
+    check()  # a pending file rewritten (its size), one found twice in one batch
+    [unread] = [j for j in queue.unclassified(100) if j.path == "/d/c"]
+    queue.retry_later([unread.id], at=clock.now + 60, error=ERROR, was="pending")  # a reader's
+    classify(queue)
+    check()
+    batch = queue.claim_batch(["pacs"], pick=pick_all, candidates=16, lease=60)
+    assert len(batch) == 16
+    check()
+    queue.retry_later([j.id for j in batch[:3]], at=clock.now + 300, error=ERROR)
+    queue.release([j.id for j in batch[3:5]], not_before=clock.now + 5)
+    queue.isolate([batch[5].id])
+    check()
+    a, b, c, d, e, f, g = batch[6:13]
+    queue.begin_settle(
+        [(a, "sent", "/s/a", None), (b, "failed", "/f/b", ERROR), (c, "sent", "/s/c", None)],
+        notes={a.id: ALREADY_STORED, c.id: "stored with warning B100"},
+    )
+    queue.begin_settle(
+        [(d, "sent", None, None), (e, "sent", "/s/e", None), (e, "failed", "/f/e", ERROR)],
+        notes={d.id: "Stored With Warning B1", e.id: "stored with warning"},
+    )
+    check()  # settling: stored or not, noted; a plan twice (the second finds it settling)
+    [again] = [j for j in queue.settling() if j.id == d.id]
+    queue.begin_settle([(again, "failed", "/f/d", ERROR)])  # a repair records it again
+    check()
+    queue.finish_many([(a.id, "sent"), (b.id, "failed"), (b.id, "sent"), (c.id, "sent")])
+    queue.finish(f.id, state="gone", was="claimed")
+    check()  # an id twice: the first change made, the second finds it done
+    queue.finish_kept([(g.id, "sent", None), (batch[13].id, "failed", ERROR)])
+    queue.add_notes({g.id: ALREADY_STORED, batch[13].id: "stored with warning B2"})
+    check()
+    claims = queue.claim_batch(["lab"], pick=pick_all, candidates=3, lease=60)
+    clock.now += 120
+    # a worker that died: its lease ran out (and the two claims of ``batch`` left)
+    assert queue.reclaim(held={claims[0].id}) == 4
+    check()
+    queue.finish(claims[0].id, state="ignored", was="claimed")
+    gone = queue.unclassified(100)[:1]
+    queue.finish_many([(j.id, "gone") for j in gone], was="pending")
+    queue.claim_batch(["pacs", "lab"], pick=pick_all, candidates=4, lease=60)
+    queue.recover()
+    check()
+    queue.adopt({"src": "pacs2"})  # a new destination; "other" left the config: parked
+    check()
+    queue.adopt({"src": "pacs", "other": "lab"})  # both back
+    check()
+    clock.now += 2 * 86_400  # two days later: the history's older minutes go
+    queue.finish_many([(e.id, "failed"), (d.id, "failed")])
+    check()
+    queue.forget_done(clock.now - 3600)
+    check()

@@ -573,7 +573,7 @@ def test_a_schema_7_queue_gains_the_last_days_history(tmp_path: Path) -> None:
     queue = SqliteQueue(path, clock=Clock(newest + 30)).open()
     try:
         version = queue._conn().execute("PRAGMA user_version").fetchone()[0]
-        assert version == queue_module.SCHEMA_VERSION == 9
+        assert version == queue_module.SCHEMA_VERSION == 10
         found = [(r.minute, r.sent, r.bytes, r.failed) for r in queue.throughput(0)]
         hour_ago = int((newest - 3600) // 60 * 60)
         assert found == [(hour_ago, 2, 20, 0), (int(newest // 60 * 60), 0, 0, 1)]

@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, Self, TypeVar
@@ -25,11 +25,14 @@ from stowd.errors import QueueLockedError, SidecarNotReady
 from stowd.pipeline.queue.model import (
     ACTIVE,
     ALREADY_STORED,
+    FIGURES,
     LOOKUP_MEMORY,
     STORED_WITH_WARNING,
     ActiveView,
     Classification,
+    Counts,
     Failed,
+    Figures,
     Hold,
     Holding,
     Job,
@@ -142,6 +145,10 @@ class Queue:
     _CLAIM_HEAD = ""  # the next ready row of one destination (see sqlite.py)
     _TALLIES = "tallies"  # the counts of each group (source, destination, state)
     _THROUGHPUT = "throughput"  # the counts of each minute
+    # the queue counts ``tallies`` and ``throughput`` from the rows each statement changes
+    # (``Counts``, written once a transaction): SQLite, which has no statement-level
+    # triggers; PostgreSQL's statement-level triggers count them (False)
+    _COUNTS = False
 
     def __init__(
         self,
@@ -218,7 +225,9 @@ class Queue:
                 (self.node,),
             )
 
-    def _ours(self, db: Db, known: Mapping[int, str]) -> tuple[list[int], Lost]:
+    def _ours(
+        self, db: Db, known: Mapping[int, str], seen: dict[int, Figures] | None = None
+    ) -> tuple[list[int], Lost]:
         """Of the rows ``known`` (id -> the state this node knows it in: ``pending``, read by
         a reader; ``claimed``, its claim; ``settling``, a move it recorded), those still so
         and still this node's to change (in id order), and those it lost (``Lost``).  A
@@ -227,16 +236,22 @@ class Queue:
         node), and its old node changes nothing of it and moves no file of it.  SQLite's
         rows are its one daemon's (their ``node`` is whatever this host was called then);
         the state alone is checked.  PostgreSQL locks the rows read until the transaction
-        ends (in id order: never a deadlock with another node)."""
+        ends (in id order: never a deadlock with another node).  ``seen``: filled with the
+        ``FIGURES`` of each row read, for ``Counts``."""
         ids = sorted(known)
         found: dict[int, tuple[str, str | None]] = {}
+        figures = "" if seen is None else f", {FIGURES}"
         for part in self._parts(ids):
             where, args = self._in(part)
             rows = db.execute(
-                f"SELECT id, state, node FROM files WHERE id {where} ORDER BY id{self._LOCK_OURS}",
+                f"SELECT id, state, node{figures} FROM files WHERE id {where} "
+                f"ORDER BY id{self._LOCK_OURS}",
                 args,
             )
-            found.update({r[0]: (r[1], r[2]) for r in rows})
+            for r in rows:
+                found[r[0]] = (r[1], r[2])
+                if seen is not None:
+                    seen[r[0]] = tuple(r[3:])
         ours: list[int] = []
         lost: Lost = {}
         for i in ids:
@@ -359,19 +374,78 @@ class Queue:
         ids: Iterable[int],
         before: tuple[Any, ...] = (),
         after: tuple[Any, ...] = (),
+        *,
+        was: str | None = None,
     ) -> int:
         """Run ``sql``, whose ``{ids}`` follows ``id`` (between the parameters ``before``
         and ``after``), for ``ids`` (in id order): one statement for all of them on
         PostgreSQL (one array), one for each part of ``_PART`` on SQLite, never one a row
         (a statement costs its round trip, its plan and, on PostgreSQL, a run of the
-        counting triggers).  Nothing for no ids.  Returns how many rows it changed."""
+        counting triggers).  Nothing for no ids.  Returns how many rows it changed.
+
+        ``was``: ``sql`` changes the rows' state from ``was`` (and no other column
+        ``Counts`` reads but ``done_at``): where the queue counts (``_COUNTS``), counted
+        from the rows it changed (``RETURNING``)."""
+        counting = was is not None and self._COUNTS
         changed = 0
         for part in self._parts(sorted(ids)):
             where, args = self._in(part)
-            changed += int(
-                db.execute(sql.replace("{ids}", where), (*before, *args, *after)).rowcount
-            )
+            statement = sql.replace("{ids}", where)
+            if not counting:
+                changed += int(db.execute(statement, (*before, *args, *after)).rowcount)
+                continue
+            rows = db.execute(
+                f"{statement} RETURNING {FIGURES}", (*before, *args, *after)
+            ).fetchall()
+            self._counts().moved(rows, str(was))
+            changed += len(rows)
         return changed
+
+    def _counts(self) -> Counts:
+        """What the calling thread's transaction changed in the counts (``_COUNTS``)."""
+        counts: Counts = self._local.counts
+        return counts
+
+    @contextmanager
+    def _changing(self, db: Db, where: str, params: tuple[Any, ...] = ()) -> Iterator[None]:
+        """Count the change made inside of the rows ``where`` selects (before it), each read
+        before and after (by id): for the rare changes of a few rows (a file rewritten while
+        queued, the notes of files stored in place), where the queue counts."""
+        if not self._COUNTS:
+            yield
+            return
+        old = {
+            r[0]: tuple(r[1:])
+            for r in db.execute(f"SELECT id, {FIGURES} FROM files {where}", params)
+        }
+        yield
+        new: dict[int, Figures] = {}
+        for part in self._parts(sorted(old)):
+            ids, args = self._in(part)
+            rows = db.execute(f"SELECT id, {FIGURES} FROM files WHERE id {ids}", args)
+            new.update({r[0]: tuple(r[1:]) for r in rows})
+        counts = self._counts()
+        for i, row in old.items():
+            counts.change(row, new.get(i))
+
+    def _count_groups(self, db: Db, where: str, params: tuple[Any, ...], *, to: str | None) -> None:
+        """Count, before it is made, a change of the rows ``where`` selects that points them
+        at the destination ``to`` and changes nothing else ``Counts`` reads (None: deletes
+        them), group by group: one pass over the rows, never a value kept a row (a source's
+        million queued rows parked, a long history's end), where the queue counts."""
+        if not self._COUNTS:
+            return
+        rows = db.execute(
+            "SELECT source, destination, state, COUNT(*), TOTAL(size), TOTAL(outcome = 'sent'), "
+            "TOTAL(note = ?), TOTAL(note LIKE ?) "
+            f"FROM files {where} GROUP BY source, destination, state",
+            (ALREADY_STORED, f"{STORED_WITH_WARNING} %", *params),
+        )
+        counts = self._counts()
+        for source, destination, state, *figures in rows:
+            counts.add_group((source, destination, state), figures, -1)
+            if to is not None:
+                counts.add_group((source, to, state), figures)
 
     @classmethod
     def _schema(cls, db: Db) -> int:
@@ -404,21 +478,21 @@ class Queue:
                 f"AND source NOT IN ({marks}) GROUP BY source",
                 tuple(destinations),
             ).fetchall()
-            db.execute(
-                f"UPDATE files SET destination = '' WHERE source NOT IN ({marks}) "
-                "AND state IN ('pending', 'claimed')",
-                tuple(destinations),
-            )
+            parked = f"WHERE source NOT IN ({marks}) AND state IN ('pending', 'claimed')"
+            self._count_groups(db, parked, tuple(destinations), to="")
+            db.execute(f"UPDATE files SET destination = '' {parked}", tuple(destinations))
         return {r[0]: r[1] for r in rows}
 
-    @staticmethod
-    def _repoint(db: Db, destinations: dict[str, str]) -> None:
+    def _repoint(self, db: Db, destinations: dict[str, str]) -> None:
         """Point the active rows of each source at its destination (``adopt``)."""
         for source, destination in destinations.items():
+            elsewhere = (
+                "WHERE source = ? AND destination != ? "
+                "AND state IN ('pending', 'claimed', 'settling')"
+            )
+            self._count_groups(db, elsewhere, (source, destination), to=destination)
             db.execute(
-                "UPDATE files SET destination = ? WHERE source = ? AND destination != ? "
-                "AND state IN ('pending', 'claimed', 'settling')",
-                (destination, source, destination),
+                f"UPDATE files SET destination = ? {elsewhere}", (destination, source, destination)
             )
 
     def settling(self) -> list[Job]:
@@ -528,11 +602,11 @@ class Queue:
         return {r[2] for r in rows}
 
     def _count(self, files: list[NewFile]) -> None:
-        """Counted in ``tallies`` once, with the others, before the commit."""
-        for f in files:
-            added = self._local.added.setdefault((f.source, f.destination), [0, 0])
-            added[0] += 1
-            added[1] += f.size
+        """Counted in ``tallies`` once, with the others, before the commit (``_COUNTS``)."""
+        if self._COUNTS:
+            counts = self._counts()
+            for f in files:
+                counts.change(None, (f.source, f.destination, "pending", f.size, None, None, None))
 
     def _changed(self, db: Db, f: NewFile, row: tuple[int, int, int, str]) -> None:
         """``f`` found where an active row is: other content updates a pending row in place;
@@ -549,14 +623,15 @@ class Queue:
         # only while still pending: another node may have claimed it since it was read (the
         # update then waits for that claim and finds the row no longer pending), and a row
         # being sent keeps the content it is sent with; the new one is queued after it
-        cursor = db.execute(
-            "UPDATE files SET size = ?, mtime_ns = ?, kind = NULL, study_uid = NULL, "
-            "sop_uid = NULL, sop_class = NULL, changes = NULL, sidecars = ?, solo = 0, "
-            "made = NULL, lookup = NULL, attempts = 0, first_try = NULL, "
-            "last_try = NULL, next_attempt_at = 0, error = NULL "
-            "WHERE id = ? AND state = 'pending'",
-            (f.size, f.mtime_ns, sidecars, row[0]),
-        )
+        with self._changing(db, "WHERE id = ?", (row[0],)):
+            cursor = db.execute(
+                "UPDATE files SET size = ?, mtime_ns = ?, kind = NULL, study_uid = NULL, "
+                "sop_uid = NULL, sop_class = NULL, changes = NULL, sidecars = ?, solo = 0, "
+                "made = NULL, lookup = NULL, attempts = 0, first_try = NULL, "
+                "last_try = NULL, next_attempt_at = 0, error = NULL "
+                "WHERE id = ? AND state = 'pending'",
+                (f.size, f.mtime_ns, sidecars, row[0]),
+            )
         if int(cursor.rowcount) == 0:
             self._after[row[0]] = f
 
@@ -706,11 +781,12 @@ class Queue:
             jobs = self._candidates(db, head, now, candidates)
             batch = pick(head[0], jobs)
             until = self._lease_end(db, now, lease)
-            self._each_part(
+            self._each_part(  # the rows read as pending in this transaction
                 db,
                 "UPDATE files SET state = 'claimed', lease_until = ?, node = ? WHERE id {ids}",
                 [j.id for j in batch],
                 (until, self.node),
+                was="pending",
             )
         return batch
 
@@ -762,6 +838,7 @@ class Queue:
                 "WHERE id {ids} AND state = 'claimed'",
                 ours,
                 (not_before,),
+                was="claimed",
             )
         return lost
 
@@ -796,6 +873,7 @@ class Queue:
                 ours,
                 (first, now, at, json.dumps(error), int(solo)),
                 (was,),
+                was=was,
             )
         return lost
 
@@ -840,17 +918,30 @@ class Queue:
         took its claim over after its lease ran out, and sends, moves and records them)."""
         notes, node = notes or {}, self.node  # the node that moves the files
         plans = list(plans)
+        seen: dict[int, Figures] | None = {} if self._COUNTS else None
         with self._tx() as db:
-            _, lost = self._ours(db, {j.id: j.state for j, _, _, _ in plans})
-            self._settle_rows(
-                db,
-                node,
-                [
-                    (j.id, j.state, o, t, _doc(e), j.sidecars, notes.get(j.id))
-                    for j, o, t, e in plans
-                    if j.id not in lost
-                ],
-            )
+            _, lost = self._ours(db, {j.id: j.state for j, _, _, _ in plans}, seen)
+            rows = [
+                (j.id, j.state, o, t, _doc(e), j.sidecars, notes.get(j.id))
+                for j, o, t, e in plans
+                if j.id not in lost
+            ]
+            self._settle_rows(db, node, rows)
+            if seen is not None:  # as the statement did it, row by row
+                counts = self._counts()
+                for i, was, o, _, _, _, note in rows:
+                    old = seen[i]
+                    if old[2] == was:
+                        new = (
+                            *old[:2],
+                            "settling",
+                            old[3],
+                            o,
+                            old[5] if note is None else note,
+                            old[6],
+                        )
+                        counts.change(old, new)
+                        seen[i] = new
         return lost
 
     def _settle_rows(self, db: Db, node: str, rows: list[tuple[Any, ...]]) -> None:
@@ -890,6 +981,7 @@ class Queue:
                     ids,
                     (state, now),
                     (was,),
+                    was=was,
                 )
             queued = self._enqueue_many(db, [f for i, f in later if i not in lost], now)
         for i, _ in later:  # kept until committed: a failed write loses none of them
@@ -906,8 +998,9 @@ class Queue:
         are: the others are left as they are (``Lost``)."""
         now = self.clock()
         done = list(done)
+        seen: dict[int, Figures] | None = {} if self._COUNTS else None
         with self._tx() as db:
-            _, lost = self._ours(db, dict.fromkeys((i for i, _, _ in done), was))
+            _, lost = self._ours(db, dict.fromkeys((i for i, _, _ in done), was), seen)
             kept = [((s, json.dumps(e) if e else None), i) for i, s, e in done if i not in lost]
             for (state, error), ids in _grouped(kept).items():
                 self._each_part(
@@ -918,6 +1011,12 @@ class Queue:
                     (state, error, now),
                     (was,),
                 )
+                if seen is not None:  # as the statement did it
+                    for i in ids:
+                        old = seen[i]
+                        if old[2] == was:
+                            seen[i] = (*old[:2], state, old[3], "kept", old[5], now)
+                            self._counts().change(old, seen[i])
         return lost
 
     def add_notes(self, notes: dict[int, str]) -> None:
@@ -925,7 +1024,10 @@ class Queue:
         for the files ``finish_kept`` finished (a moved file's note goes with
         ``begin_settle``)."""
         with self._tx() as db:
-            self._note_rows(db, notes)
+            for part in self._parts(sorted(notes)):
+                where, args = self._in(part)
+                with self._changing(db, f"WHERE id {where}", args):
+                    self._note_rows(db, {i: notes[i] for i in part})
 
     def _note_rows(self, db: Db, notes: dict[int, str]) -> None:
         """``add_notes``' change: one statement a row on SQLite, one for all on PostgreSQL."""
@@ -987,14 +1089,15 @@ class Queue:
         again) replaces one.
         """
         with self._tx() as db:
-            cur = db.execute(
-                "DELETE FROM files WHERE done_at IS NOT NULL AND done_at < ? "
+            old = (
+                "WHERE done_at IS NOT NULL AND done_at < ? "
                 "AND state IN ('sent', 'failed', 'gone') AND NOT (state = 'sent' "
                 "AND COALESCE(outcome, '') = 'kept' AND NOT EXISTS (SELECT 1 FROM files AS later "
                 "WHERE later.path = files.path AND later.id > files.id "
-                "AND later.state = 'sent' AND later.outcome = 'kept'))",
-                (older_than,),
+                "AND later.state = 'sent' AND later.outcome = 'kept'))"
             )
+            self._count_groups(db, old, (older_than,), to=None)
+            cur = db.execute(f"DELETE FROM files {old}", (older_than,))
             return int(cur.rowcount)
 
     # -- destination holds -----------------------------------------------------------------

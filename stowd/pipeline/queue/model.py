@@ -9,7 +9,7 @@ import base64
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -235,6 +235,117 @@ class ActiveView:
     # when it was read, on the clock of the queue's times (a shared queue's: the database's;
     # None: the reader's own ``now``)
     at: float | None = None
+
+
+# the columns of a row that its counts depend on (``Counts``), in this order
+FIGURES = "source, destination, state, size, outcome, note, done_at"
+Figures = tuple[str, str, str, int, str | None, str | None, float | None]
+_WARNED = STORED_WITH_WARNING + " "
+
+
+def _warned(note: str | None) -> bool:
+    """``note LIKE 'stored with warning %'`` as SQLite reads it (ASCII letters in any case)."""
+    if note is None or len(note) <= len(_WARNED):
+        return False
+    head = note[: len(_WARNED)]
+    return head.isascii() and head.lower() == _WARNED
+
+
+class Counts:
+    """What one transaction changes in the counts ``stowd status`` reads, from the rows it
+    changes: in ``tallies`` the files, bytes, stored, already and warned of each source,
+    destination and state; in ``throughput`` the files that became sent or failed in each
+    minute.  SQLite's queue counts them here and writes them once a group a transaction (it
+    has no statement-level triggers, and a trigger a row cost a sixth of the queue's time);
+    PostgreSQL's statement-level triggers count them in the database.
+
+    The rows are kept by kind of change (the same group, outcome and note before, the same
+    after): a batch's rows are one or a few kinds, each summed once when written."""
+
+    def __init__(self) -> None:
+        # (before, after) -> [rows, their bytes before, after]; before: (source,
+        # destination, state, outcome, note), None for a row inserted; after: the same and
+        # done_at, None for a row deleted
+        self.kinds: dict[tuple[Any, Any], list[int]] = {}
+        self.groups: dict[tuple[str, str, str], list[int]] = {}  # counted a group at once
+
+    def change(self, old: Figures | None, new: Figures | None) -> None:
+        """A row changed from ``old`` (None: inserted) to ``new`` (None: deleted)."""
+        if old is not None and new is not None and old[:6] == new[:6]:
+            return
+        before = None if old is None else (old[0], old[1], old[2], old[4], old[5])
+        after = None if new is None else (new[0], new[1], new[2], new[4], new[5], new[6])
+        kind = self.kinds.get((before, after))
+        if kind is None:
+            kind = self.kinds[before, after] = [0, 0, 0]
+        kind[0] += 1
+        kind[1] += 0 if old is None else old[3]
+        kind[2] += 0 if new is None else new[3]
+
+    def moved(self, rows: Iterable[Figures], was: str) -> None:
+        """``rows`` as a statement that changed only their state (from ``was``) and maybe
+        their ``done_at`` left them."""
+        kinds = self.kinds
+        for source, destination, state, size, outcome, note, done_at in rows:
+            key = (
+                (source, destination, was, outcome, note),
+                (source, destination, state, outcome, note, done_at),
+            )
+            kind = kinds.get(key)
+            if kind is None:
+                kinds[key] = [1, size, size]
+            else:
+                kind[0] += 1
+                kind[1] += size
+                kind[2] += size
+
+    def add_group(self, key: tuple[str, str, str], figures: Sequence[int], sign: int = 1) -> None:
+        """Count (``sign`` -1: take away) the figures of many rows of one group at once."""
+        kept = self.groups.get(key)
+        if kept is None:
+            kept = self.groups[key] = [0, 0, 0, 0, 0]
+        for at, figure in enumerate(figures):
+            kept[at] += sign * int(figure)
+
+    def tallies(self) -> dict[tuple[str, str, str], list[int]]:
+        """The change of each group: files, bytes, stored, already, warned."""
+        out = {key: list(figures) for key, figures in self.groups.items()}
+        for (before, after), (rows, old_bytes, new_bytes) in self.kinds.items():
+            for side, size, sign in ((before, old_bytes, -1), (after, new_bytes, 1)):
+                if side is None:
+                    continue
+                source, destination, state, outcome, note = side[:5]
+                figures = out.get((source, destination, state))
+                if figures is None:
+                    figures = out[source, destination, state] = [0, 0, 0, 0, 0]
+                figures[0] += sign * rows
+                figures[1] += sign * size
+                figures[2] += sign * rows * (outcome == "sent")
+                figures[3] += sign * rows * (note == ALREADY_STORED)
+                figures[4] += sign * rows * _warned(note)
+        return out
+
+    def throughput(self) -> tuple[dict[tuple[int, str, str], list[int]], float | None]:
+        """The files that became sent or failed, by minute, source and destination (sent,
+        bytes, failed), and the newest such file's ``done_at`` (None: none)."""
+        out: dict[tuple[int, str, str], list[int]] = {}
+        latest: float | None = None
+        for (before, after), (rows, _, size) in self.kinds.items():
+            if before is None or after is None:
+                continue
+            state, done_at = after[2], after[5]
+            if state not in ("sent", "failed") or before[2] == state or done_at is None:
+                continue
+            key = (minute(done_at), after[0], after[1])
+            figures = out.get(key)
+            if figures is None:
+                figures = out[key] = [0, 0, 0]
+            sent = state == "sent"
+            figures[0] += rows if sent else 0
+            figures[1] += size if sent else 0
+            figures[2] += 0 if sent else rows
+            latest = done_at if latest is None else max(latest, done_at)
+        return out, latest
 
 
 def entry(e: Any) -> tuple[str, str | None, str | None]:

@@ -671,7 +671,6 @@ class PostgresQueue(Queue):
     @contextmanager
     def _tx(self) -> Iterator[Db]:
         conn = self._conn()
-        self._local.added = {}  # the triggers count inserted rows here
         try:
             conn.execute("BEGIN")
             yield conn

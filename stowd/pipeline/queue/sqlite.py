@@ -35,8 +35,9 @@ outcome alone does not: ``already stored`` for a file the archive said it held a
 they change, and indexes serve the claim order and the status queries: a queue of a million
 rows is claimed from, counted and rescanned as quickly as one of a thousand.  ``throughput``
 (schema 8) counts, per minute, source and destination, the files that became sent or failed
-in the last day (the status page's charts and ``stowd status``'s "today"), kept bounded by
-the trigger that counts them.
+in the last day (the status page's charts and ``stowd status``'s "today"), kept bounded as
+they are counted.  Until schema 10 triggers counted both, row by row; since, the queue
+counts each transaction's changes once a group (``Counts``, written by ``_write_counts``).
 
 Paths are kept exactly, whatever bytes their names hold.  A value that is not valid UTF-8 (a
 name with bytes such as ``ff fe``, which ``os.fsdecode`` gives as lone surrogates) is stored
@@ -61,11 +62,18 @@ from typing import Any, Self
 from stowd.errors import QueueError, QueueFull, QueueUnreadable
 from stowd.pipeline import disk
 from stowd.pipeline.queue.core import _WAITING, QUEUE_MODE, Db, Queue, take_lock
-from stowd.pipeline.queue.model import ALREADY_STORED, HISTORY_SPAN, STORED_WITH_WARNING, ActiveView
+from stowd.pipeline.queue.model import (
+    ALREADY_STORED,
+    FIGURES,
+    HISTORY_SPAN,
+    STORED_WITH_WARNING,
+    ActiveView,
+    Counts,
+)
 
 log = logging.getLogger("stowd.queue")
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 BUSY_TIMEOUT_MS = 30_000
 OPEN_MARK = ".open"  # beside the queue while a stowd has it open; left behind by a crash
 WAL_HEADER = 32  # bytes: a write-ahead log shorter than its header holds nothing
@@ -147,8 +155,9 @@ CREATE TABLE IF NOT EXISTS troubles (
 # Schema 7: what makes a queue of a million rows as quick as one of a thousand.  ``tallies``
 # holds the count (and bytes, and how many the archive stored) of the rows of each source,
 # destination and state, kept in the same transaction as every change of a row (by triggers
-# for updates and deletes; the rows a transaction inserts by ``_count_added``, since
-# ``_INSERT`` is the one statement that inserts), so ``stowd status`` reads a few rows
+# for updates and deletes until schema 10, by ``Counts`` since; the rows a transaction
+# inserts by ``Queue._count``, since ``_INSERT`` is the one statement that inserts), so
+# ``stowd status`` reads a few rows
 # instead of passing over the table.  Which pending rows are "waiting" depends on the time
 # asked about: those are read from ``files_waiting`` (only the waiting rows).  ``files_age``
 # gives the oldest active row of a group in one step, and ``files_claim`` the next row to
@@ -236,6 +245,17 @@ _SCHEMA_8 = (
     "CREATE INDEX IF NOT EXISTS files_failed ON files(done_at) WHERE state = 'failed'",
 )
 
+# Schema 10: no triggers.  SQLite has no statement-level triggers, and its per-row ones (two
+# upserts into ``tallies`` and one into ``throughput`` for each row of every change of state)
+# were a sixth of the queue's time; the queue counts each transaction's changes from the rows
+# it changes, once a group (``Counts``, written by ``_write_counts`` before the commit).  The
+# counts the triggers kept are carried on as they are.  An older stowd refuses the queue (its
+# schema is newer), so none writes it without counting.
+_SCHEMA_10 = (
+    "DROP TRIGGER IF EXISTS tally_update",
+    "DROP TRIGGER IF EXISTS tally_delete",
+    "DROP TRIGGER IF EXISTS throughput_done",
+)
 
 _MIGRATIONS = {
     1: (
@@ -263,6 +283,7 @@ _MIGRATIONS = {
     6: _SCHEMA_7,
     7: _SCHEMA_8,
     8: ("ALTER TABLE files ADD COLUMN node TEXT",),  # schema 9: the node of a claim
+    9: _SCHEMA_10,
 }
 
 
@@ -322,14 +343,26 @@ class _Connection(sqlite3.Connection):
         return super().executemany(sql, (_bound(p) for p in parameters))
 
 
-def _count_added(db: sqlite3.Connection, added: dict[tuple[str, str], list[int]]) -> None:
-    """Count the rows a transaction inserted (``Queue._count``, beside the one statement that
-    inserts, keeps them by source and destination) in ``tallies``: one statement per group, not a
-    trigger per row, which doubled the cost of queueing a file."""
+_THROUGHPUT_ADD = (
+    "INSERT INTO throughput (minute, source, destination, sent, bytes, failed) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (minute, source, destination) DO UPDATE SET "
+    "sent = sent + excluded.sent, bytes = bytes + excluded.bytes, failed = failed + excluded.failed"
+)
+
+
+def _write_counts(db: sqlite3.Connection, counts: Counts) -> None:
+    """Write what a transaction changed in the counts (``Counts``: the rows it inserted,
+    changed and deleted), before its commit: one upsert a group, not a trigger a row; and
+    drop the minutes of ``throughput`` older than a day before its newest file."""
     db.executemany(
-        _TALLY_ADD.format(values="?, ?, 'pending', ?, ?, 0, 0, 0"),
-        [(source, dest, files, size) for (source, dest), (files, size) in added.items()],
+        _TALLY_ADD.format(values="?, ?, ?, ?, ?, ?, ?, ?"),
+        [(*key, *figures) for key, figures in counts.tallies().items() if any(figures)],
     )
+    throughput, latest = counts.throughput()
+    if latest is None:
+        return
+    db.executemany(_THROUGHPUT_ADD, [(*key, *figures) for key, figures in throughput.items()])
+    db.execute("DELETE FROM throughput WHERE minute < ?", (latest - HISTORY_SPAN - 60,))
 
 
 def _roll_back(conn: sqlite3.Connection) -> None:
@@ -359,6 +392,7 @@ class SqliteQueue(Queue):
     # keeps SQLite on the done_at index (the recent rows) rather than the state index
     _SENT_STATE = "+state"
     _CLAIM_HEAD = _CLAIM_HEAD
+    _COUNTS = True
 
     def __init__(
         self,
@@ -456,7 +490,8 @@ class SqliteQueue(Queue):
                     f"{self.path} was written by a newer stowd (schema {version}, "
                     f"this one knows {SCHEMA_VERSION})"
                 )
-            for statement in (*_SCHEMA.split(";"), *_SCHEMA_7, *_SCHEMA_8) if version == 0 else ():
+            fresh = (*_SCHEMA.split(";"), *_SCHEMA_7, *_SCHEMA_8, *_SCHEMA_10)
+            for statement in fresh if version == 0 else ():
                 if statement.strip():
                     db.execute(statement)
             for step in range(version or SCHEMA_VERSION, SCHEMA_VERSION):
@@ -507,11 +542,11 @@ class SqliteQueue(Queue):
         """One write transaction; sqlite3's errors become ``QueueError`` here (the one seam),
         ``QueueFull`` when the queue's filesystem has no space left."""
         conn = self._conn()
-        self._local.added = {}
+        self._local.counts = counts = Counts()
         try:
             conn.execute("BEGIN IMMEDIATE")
             yield conn
-            _count_added(conn, self._local.added)
+            _write_counts(conn, counts)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             _roll_back(conn)
@@ -538,20 +573,24 @@ class SqliteQueue(Queue):
                 (now,),
             ).fetchall()
             ids = [r[0] for r in rows if r[0] not in held]
-            db.executemany(
+            self._each_part(
+                db,
                 "UPDATE files SET state = 'pending', lease_until = NULL "
-                "WHERE id = ? AND state = 'claimed'",
-                [(i,) for i in ids],
+                "WHERE id {ids} AND state = 'claimed'",
+                ids,
+                was="claimed",
             )
         return len(ids)
 
     def recover(self) -> int:
         """Return claims of a dead daemon to pending; returns how many."""
         with self._tx() as db:
-            cur = db.execute(
-                "UPDATE files SET state = 'pending', lease_until = NULL WHERE state = 'claimed'"
-            )
-            return cur.rowcount
+            rows = db.execute(
+                "UPDATE files SET state = 'pending', lease_until = NULL WHERE state = 'claimed' "
+                f"RETURNING {FIGURES}"
+            ).fetchall()
+            self._counts().moved(rows, "claimed")
+            return len(rows)
 
     def claim_plan(self, destinations: Sequence[str]) -> list[str]:
         """How SQLite finds the next row to claim (EXPLAIN QUERY PLAN; diagnostics, tests)."""
