@@ -142,6 +142,7 @@ class Row:
     cpu_ratio: float | None = None  # CPU seconds per file over the baseline's, same streams
     batch: int = 0  # files per request (link and ceiling rows; 0: the run's --per-request)
     where: str = ""  # what it sent to, when not a plain local Orthanc
+    size: str = ""  # each file's size as asked (link rows: ``--link-size``, ...)
 
     @property
     def label(self) -> str:
@@ -576,7 +577,7 @@ def link_case_rows(
             else:
                 row = measure_discarding(each, sender, streams, endpoint, options)
             row.where = archive
-            row.batch = each.per_request
+            row.batch, row.size = each.per_request, case.size
             rows.append(row)
             _print_row(row, f"{archive}, {row.mb_s * MB / rate:.2f}x link")
     shutil.rmtree(folder, ignore_errors=True)
@@ -738,8 +739,8 @@ def link_targets(rows: list[Row], rate: float) -> list[Target]:
 
 
 def file_size(row: Row) -> str:
-    """The size of each file the row sent (all of one size), as ``512 KiB``."""
-    return _size(row.bytes / row.files)
+    """The size of each file the row sent as asked (``512KiB``), else the mean measured."""
+    return row.size or _size(row.bytes / row.files)
 
 
 def _ratio_target(

@@ -184,7 +184,7 @@ def test_the_boundary_is_read_quoted_or_not() -> None:
 def _link_row(sender: str, size: int, where: str, *, workers: int, batch: int, mb_s: float) -> Row:
     files = 100
     row = Row(sender, workers, files, files * size, files * size / (mb_s * 1e6), 1.0, 1.0, None)
-    row.where, row.batch = where, batch
+    row.where, row.batch, row.size = where, batch, f"{size // 1024}KiB"
     return row
 
 
@@ -212,10 +212,10 @@ def test_the_link_targets_are_per_file_size_with_the_best_only_where_several_wer
     ]
     found = {t.name: (t.got, t.met) for t in link_targets(rows, RATE)}
     assert found == {
-        f"stowd run through the link to orthanc, 512 KiB files, best (workers {workers}, "
+        f"stowd run through the link to orthanc, 512KiB files, best (workers {workers}, "
         f"batch {batch})": ("0.92 x (23.0 MB/s)", True),
-        f"stowd run through the link to orthanc, 512 KiB files, defaults (workers {workers}, "
+        f"stowd run through the link to orthanc, 512KiB files, defaults (workers {workers}, "
         f"batch {batch})": ("0.92 x (23.0 MB/s)", True),
-        f"stowd run through the link to orthanc, 64 KiB files, defaults (workers {workers}, "
+        f"stowd run through the link to orthanc, 64KiB files, defaults (workers {workers}, "
         f"batch {batch})": ("0.80 x (20.0 MB/s)", False),
     }
