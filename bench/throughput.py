@@ -1039,6 +1039,21 @@ def stowd_version() -> str:
     return commit + (" (with uncommitted changes)" if git("status", "--porcelain") else "")
 
 
+def _link_files_options(
+    parser: argparse.ArgumentParser, name: str, *, files: int, size: str, studies: int, what: str
+) -> None:
+    """``--NAME-files``, ``--NAME-size`` and ``--NAME-studies`` of one link case."""
+    parser.add_argument(f"--{name}-files", type=int, default=files, help=what)
+    parser.add_argument(f"--{name}-size", default=size, help=f"their size (default {size})")
+    each = files // studies
+    parser.add_argument(
+        f"--{name}-studies",
+        type=int,
+        default=studies,
+        help=f"their studies (default {studies}: {each} files each, so batches of 50 are full)",
+    )
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1076,29 +1091,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="run each stowd sender also with verify on (QIDO-RS after each batch)",
     )
-    parser.add_argument(
-        "--link-files", type=int, default=400, help="files sent through the link (0: skip)"
-    )
-    parser.add_argument("--link-size", default="512KiB", help="their size (default 512KiB)")
-    parser.add_argument(
-        "--link-studies",
-        type=int,
-        default=4,
-        help="their studies (default 4: 100 files each, so batches of 50 are full)",
-    )
-    parser.add_argument(
-        "--link-small-files",
-        type=int,
-        default=3200,
-        help="small files sent through the link, at stowd's defaults only (0: skip; "
-        "default 3200, as many bytes as 400 of 512KiB)",
-    )
-    parser.add_argument("--link-small-size", default="64KiB", help="their size (default 64KiB)")
-    parser.add_argument(
-        "--link-small-studies",
-        type=int,
-        default=16,
-        help="their studies (default 16: 200 files each, so batches of 50 are full)",
+    what = "files sent through the link (0: skip)"
+    _link_files_options(parser, "link", files=400, size="512KiB", studies=4, what=what)
+    _link_files_options(
+        parser,
+        "link-small",
+        files=3200,
+        size="64KiB",
+        studies=16,
+        what="small files sent through the link, at stowd's defaults only (0: skip; default 3200, "
+        "as many bytes as 400 of 512KiB)",
     )
     parser.add_argument("--link-delay", default="10ms", help="one-way delay (default 10ms)")
     parser.add_argument("--link-rate", default="200Mbit", help="per direction (default 200Mbit)")
