@@ -142,6 +142,7 @@ class Row:
     cpu_ratio: float | None = None  # CPU seconds per file over the baseline's, same streams
     batch: int = 0  # files per request (link and ceiling rows; 0: the run's --per-request)
     where: str = ""  # what it sent to, when not a plain local Orthanc
+    size: str = ""  # each file's size as asked (link rows: ``--link-size``, ...)
 
     @property
     def label(self) -> str:
@@ -501,6 +502,7 @@ def link_check(args: argparse.Namespace, tmp: Path, endpoint: Child) -> dict[str
     big.unlink()
     size, seconds = (float(x) for x in done.stdout.split())
     return {
+        "migrate_start_s": migrate_start(tmp / "migrate-start", endpoint.url),
         "first_request_ms": times[0] * 1000,
         "rtt_ms": statistics.median(times[1:]) * 1000,
         "upload_mb_s": size / seconds / MB,
@@ -509,18 +511,70 @@ def link_check(args: argparse.Namespace, tmp: Path, endpoint: Child) -> dict[str
     }
 
 
+@dataclass(frozen=True)
+class LinkCase:
+    """Files sent through the link, and the stowd workers and batch sizes they are sent at."""
+
+    files: int
+    size: str
+    studies: int
+    workers: list[int]
+    batches: list[int]
+
+
+def link_cases(args: argparse.Namespace) -> list[LinkCase]:
+    """The big files at every workers and batch size asked, then the small files (64 KiB,
+    where the archive's cost per file counts) at stowd's defaults."""
+    cases = []
+    if args.link_files:
+        workers, batches = _ints(args.link_workers), _ints(args.link_batches)
+        cases.append(LinkCase(args.link_files, args.link_size, args.link_studies, workers, batches))
+    if args.link_small_files:
+        cases.append(
+            LinkCase(
+                args.link_small_files,
+                args.link_small_size,
+                args.link_small_studies,
+                [DEFAULT_WORKERS],
+                [DEFAULT_BATCH_FILES],
+            )
+        )
+    return cases
+
+
+def migrate_start(work: Path, url: str, runs: int = 3) -> float:
+    """The median seconds of ``stowd migrate`` on an empty folder, start to exit: what each
+    migrate row counts besides sending (the daemon's rows start the clock with it running)."""
+    (work / "empty").mkdir(parents=True)
+    config = stowd_config(work, url, DEFAULT_WORKERS, DEFAULT_BATCH_FILES)
+    command = [sys.executable, "-m", "stowd", "migrate", "-c", str(config)]
+    command += ["--destination", "pacs", "--keep", str(work / "empty")]
+    times = []
+    for _ in range(runs):
+        started = time.monotonic()
+        subprocess.run(command, check=True, capture_output=True, env=stowd_env(), cwd=work)
+        times.append(time.monotonic() - started)
+    shutil.rmtree(work)
+    return statistics.median(times)
+
+
 def link_rows(args: argparse.Namespace, tmp: Path, endpoint: Child) -> list[Row]:
-    """curl at 1 and 4 streams, then stowd run and stowd migrate at each workers and batch
-    size, each through a fresh link emulator, to a fresh Orthanc and to the discarding
-    endpoint."""
-    size = parse_size(args.link_size)
+    """Each of ``link_cases``: curl at 1 and 4 streams, then stowd run and stowd migrate at
+    each of its workers and batch sizes, each through a fresh link emulator, to a fresh
+    Orthanc and to the discarding endpoint."""
+    return [row for case in link_cases(args) for row in link_case_rows(args, case, tmp, endpoint)]
+
+
+def link_case_rows(
+    args: argparse.Namespace, case: LinkCase, tmp: Path, endpoint: Child
+) -> list[Row]:
     folder = tmp / "link"
     setup = make_setup(
-        folder, args.link_files, size, args.link_studies, args.per_request, curl=True
+        folder, case.files, parse_size(case.size), case.studies, args.per_request, curl=True
     )
     options, rate = link_options(args), link_rate(args)
     print(
-        f"link: {setup.files} files of {args.link_size} in {args.link_studies} studies, "
+        f"link: {setup.files} files of {case.size} in {case.studies} studies, "
         f"{len(setup.bodies)} requests for curl; "
         f"link emulator {args.link_delay} each way, {args.link_rate} "
         f"({rate / MB:.1f} MB/s) each direction",
@@ -529,18 +583,18 @@ def link_rows(args: argparse.Namespace, tmp: Path, endpoint: Child) -> list[Row]
     rows = []
     for archive in args.link_archives.split(","):
         cases = [(setup, "curl", k) for k in _ints(args.link_streams)]
-        for batch in _ints(args.link_batches):
+        for batch in case.batches:
             batched = replace(setup, per_request=batch)
             for sender in ("stowd run", "stowd migrate"):
                 if sender in args.senders.split(","):
-                    cases += [(batched, sender, w) for w in _ints(args.link_workers)]
-        for case, sender, streams in cases:
+                    cases += [(batched, sender, w) for w in case.workers]
+        for each, sender, streams in cases:
             if archive == "orthanc":
-                row = measure_orthanc(case, sender, streams, options)
+                row = measure_orthanc(each, sender, streams, options)
             else:
-                row = measure_discarding(case, sender, streams, endpoint, options)
+                row = measure_discarding(each, sender, streams, endpoint, options)
             row.where = archive
-            row.batch = case.per_request
+            row.batch, row.size = each.per_request, case.size
             rows.append(row)
             _print_row(row, f"{archive}, {row.mb_s * MB / rate:.2f}x link")
     shutil.rmtree(folder, ignore_errors=True)
@@ -674,22 +728,24 @@ def _ceiling_target(row: Row, wanted: float) -> Target:
 
 
 def link_targets(rows: list[Row], rate: float) -> list[Target]:
-    """Per archive and stowd sender: the best of its workers and batch sizes, and stowd's
-    defaults (``workers``, ``batch.max_files``; ``max_bytes`` is never set here, so it is
-    the default in every row) where measured, as a fraction of the link rate."""
+    """Per file size, archive and stowd sender: the best of its workers and batch sizes
+    (when more than one was measured), and stowd's defaults (``workers``,
+    ``batch.max_files``; ``max_bytes`` is never set here, so it is the default in every row)
+    where measured, as a fraction of the link rate."""
     found = []
-    for where in dict.fromkeys(r.where for r in rows):
+    for size, where in dict.fromkeys((file_size(r), r.where) for r in rows):
         for sender in ("stowd run", "stowd migrate"):
-            mine = [r for r in rows if r.where == where and r.sender == sender]
+            mine = [r for r in rows if (file_size(r), r.where, r.sender) == (size, where, sender)]
             if not mine or not rate:
                 continue
             best = max(mine, key=lambda r: r.mb_s)
             defaults = (DEFAULT_WORKERS, DEFAULT_BATCH_FILES)
             default = [r for r in mine if (r.streams, r.batch) == defaults]
-            for row, what in [(best, "best"), *((r, "defaults") for r in default)]:
+            shown = [(best, "best")] if len(mine) > 1 else []
+            for row, what in [*shown, *((r, "defaults") for r in default)]:
                 found.append(
                     Target(
-                        f"{sender} through the link to {where}, {what} "
+                        f"{sender} through the link to {where}, {size} files, {what} "
                         f"(workers {row.streams}, batch {row.batch})",
                         ">= 0.9 x link rate",
                         f"{row.mb_s * MB / rate:.2f} x ({row.mb_s:.1f} MB/s)",
@@ -697,6 +753,11 @@ def link_targets(rows: list[Row], rate: float) -> list[Target]:
                     )
                 )
     return found
+
+
+def file_size(row: Row) -> str:
+    """The size of each file the row sent as asked (``512KiB``), else the mean measured."""
+    return row.size or _size(row.bytes / row.files)
 
 
 def _ratio_target(
@@ -876,26 +937,37 @@ def link_markdown(results: Results) -> list[str]:
         "",
         f"Through the link emulator (bench/linkproxy.py: {info.get('link_delay')} each way, "
         f"{info.get('link_rate_text')} each direction, {rate / MB:.1f} MB/s)"
-        + (
-            f", {info.get('link_files')} files of {info.get('link_size')}:" if results.link else ":"
-        ),
+        + (f", {link_files_text(info)}:" if results.link else ":"),
     ]
     if check is not None:
         lines += [
             "",
             f"Measured: a first request {check['first_request_ms']:.1f} ms (handshake and one "
             f"round trip), one round trip {check['rtt_ms']:.1f} ms, one big upload by curl "
-            f"{check['upload_mb_s']:.1f} MB/s ({check['upload_x_link']:.2f}x the link rate).",
+            f"{check['upload_mb_s']:.1f} MB/s ({check['upload_x_link']:.2f}x the link rate). "
+            f"`stowd migrate` of an empty folder, start to exit (counted in each migrate row, "
+            f"not in the run rows): {check['migrate_start_s']:.2f} s.",
         ]
     if results.link:
         lines += ["", markdown_table(link_cells(results.link, rate))]
     return lines
 
 
+def link_files_text(info: dict[str, Any]) -> str:
+    """Which files went through the link, as ``400 files of 512KiB and 3000 of 64KiB``."""
+    cases = [(info.get("link_files"), info.get("link_size"))]
+    cases.append((info.get("link_small_files"), info.get("link_small_size")))
+    shown = [f"{files} of {size}" for files, size in cases if files]
+    return " and ".join(shown).replace(" of ", " files of ", 1)
+
+
 def link_cells(rows: list[Row], rate: float) -> list[list[str]]:
-    cells = [["to", "sender", "streams/workers", "batch", "files/s", "MB/s", "x link", "CPU s"]]
+    cells = [
+        ["files", "to", "sender", "streams/workers", "batch", "files/s", "MB/s", "x link", "CPU s"]
+    ]
     return cells + [
         [
+            file_size(r),
             r.where,
             r.sender,
             str(r.streams),
@@ -986,6 +1058,21 @@ def stowd_version() -> str:
     return commit + (" (with uncommitted changes)" if git("status", "--porcelain") else "")
 
 
+def _link_files_options(
+    parser: argparse.ArgumentParser, name: str, *, files: int, size: str, studies: int, what: str
+) -> None:
+    """``--NAME-files``, ``--NAME-size`` and ``--NAME-studies`` of one link case."""
+    parser.add_argument(f"--{name}-files", type=int, default=files, help=what)
+    parser.add_argument(f"--{name}-size", default=size, help=f"their size (default {size})")
+    each = files // studies
+    parser.add_argument(
+        f"--{name}-studies",
+        type=int,
+        default=studies,
+        help=f"their studies (default {studies}: {each} files each, so batches of 50 are full)",
+    )
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1023,15 +1110,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="run each stowd sender also with verify on (QIDO-RS after each batch)",
     )
-    parser.add_argument(
-        "--link-files", type=int, default=400, help="files sent through the link (0: skip)"
-    )
-    parser.add_argument("--link-size", default="512KiB", help="their size (default 512KiB)")
-    parser.add_argument(
-        "--link-studies",
-        type=int,
-        default=4,
-        help="their studies (default 4: 100 files each, so batches of 50 are full)",
+    what = "files sent through the link (0: skip)"
+    _link_files_options(parser, "link", files=400, size="512KiB", studies=4, what=what)
+    _link_files_options(
+        parser,
+        "link-small",
+        files=3200,
+        size="64KiB",
+        studies=16,
+        what="small files sent through the link, at stowd's defaults only (0: skip; default 3200, "
+        "as many bytes as 400 of 512KiB)",
     )
     parser.add_argument("--link-delay", default="10ms", help="one-way delay (default 10ms)")
     parser.add_argument("--link-rate", default="200Mbit", help="per direction (default 200Mbit)")
@@ -1092,6 +1180,8 @@ def main(argv: list[str] | None = None) -> int:
             "link_rate": link_rate(args),
             "link_files": args.link_files,
             "link_size": args.link_size,
+            "link_small_files": args.link_small_files,
+            "link_small_size": args.link_small_size,
         }
         results = Results(info)
         if not only:
@@ -1101,7 +1191,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.ceiling = ceiling_rows(args, tmp, endpoint)
             if not only:
                 results.big, results.backlog = memory_cases(args, tmp, endpoint.url)
-            if args.link_files and (args.link_only or not only):
+            if link_cases(args) and (args.link_only or not only):
                 results.link_check = link_check(args, tmp, endpoint)
                 print("  link check: " + link_check_text(results.link_check), flush=True)
                 results.link = link_rows(args, tmp, endpoint)
@@ -1123,7 +1213,8 @@ def link_check_text(check: dict[str, float]) -> str:
     return (
         f"first request {check['first_request_ms']:.1f} ms, round trip "
         f"{check['rtt_ms']:.1f} ms; one big upload {check['upload_mb_s']:.1f} MB/s of "
-        f"{check['link_mb_s']:.1f} ({check['upload_x_link']:.2f}x the link rate)"
+        f"{check['link_mb_s']:.1f} ({check['upload_x_link']:.2f}x the link rate); "
+        f"stowd migrate of an empty folder {check['migrate_start_s']:.2f} s"
     )
 
 

@@ -1,6 +1,7 @@
-"""The pure logic of two benchmark tools (issue 19): the link emulator's pacing
-(bench/linkproxy.py ``Link``) and the fast discarding endpoint's reading of a STOW-RS body
-and its answer (bench/stowparse.py, bench/discard.py).  No sockets, no clock: the times are
+"""The pure logic of the benchmark tools (issue 19): the link emulator's pacing
+(bench/linkproxy.py ``Link``), the fast discarding endpoint's reading of a STOW-RS body
+and its answer (bench/stowparse.py, bench/discard.py), and the link cases and targets of
+bench/throughput.py.  No sockets, no clock: the times are
 given, so nothing here depends on the machine's speed."""
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from discard import boundary_of, store_answer
 from linkproxy import Link, parse_delay, parse_rate, parse_size
 from stowparse import PartReader
+from throughput import Row, link_cases, link_targets, parse_args
+
+from stowd.config.model import DEFAULT_BATCH_FILES, DEFAULT_WORKERS
 
 RATE = 25e6  # 200 Mbit/s in bytes per second
 DELAY = 0.010
@@ -175,3 +179,43 @@ def test_the_boundary_is_read_quoted_or_not() -> None:
     assert boundary_of('multipart/related; type="application/dicom"; boundary=abc') == b"abc"
     assert boundary_of('multipart/related; boundary="a b"; type="application/dicom"') == b"a b"
     assert boundary_of("application/dicom") is None
+
+
+def _link_row(sender: str, size: int, where: str, *, workers: int, batch: int, mb_s: float) -> Row:
+    files = 100
+    row = Row(sender, workers, files, files * size, files * size / (mb_s * 1e6), 1.0, 1.0, None)
+    row.where, row.batch, row.size = where, batch, f"{size // 1024}KiB"
+    return row
+
+
+def test_a_full_run_sends_small_files_through_the_link_at_the_defaults() -> None:
+    big, small = link_cases(parse_args([]))
+    assert (big.size, big.workers, big.batches) == ("512KiB", [1, 2, 4], [10, 50])
+    assert (small.size, small.workers, small.batches) == (
+        "64KiB",
+        [DEFAULT_WORKERS],
+        [DEFAULT_BATCH_FILES],
+    )
+    assert small.files * 64 == big.files * 512  # as many bytes: as long on the link
+    assert [c.size for c in link_cases(parse_args(["--link-small-files", "0"]))] == ["512KiB"]
+
+
+def test_the_link_targets_are_per_file_size_with_the_best_only_where_several_were_measured() -> (
+    None
+):
+    workers, batch = DEFAULT_WORKERS, DEFAULT_BATCH_FILES
+    rows = [
+        _link_row("curl", 512 * 1024, "orthanc", workers=4, batch=50, mb_s=24.0),
+        _link_row("stowd run", 512 * 1024, "orthanc", workers=1, batch=10, mb_s=20.0),
+        _link_row("stowd run", 512 * 1024, "orthanc", workers=workers, batch=batch, mb_s=23.0),
+        _link_row("stowd run", 64 * 1024, "orthanc", workers=workers, batch=batch, mb_s=20.0),
+    ]
+    found = {t.name: (t.got, t.met) for t in link_targets(rows, RATE)}
+    assert found == {
+        f"stowd run through the link to orthanc, 512KiB files, best (workers {workers}, "
+        f"batch {batch})": ("0.92 x (23.0 MB/s)", True),
+        f"stowd run through the link to orthanc, 512KiB files, defaults (workers {workers}, "
+        f"batch {batch})": ("0.92 x (23.0 MB/s)", True),
+        f"stowd run through the link to orthanc, 64KiB files, defaults (workers {workers}, "
+        f"batch {batch})": ("0.80 x (20.0 MB/s)", False),
+    }

@@ -22,7 +22,9 @@ DEFAULT_RESCAN_INTERVAL = 300.0
 DEFAULT_INCOMPLETE_WAIT = 600.0  # an image cut short waits this long for the rest
 DEFAULT_IGNORE = (".*", "*.part", "*.tmp", "*.partial", "*.crdownload", "~*")
 DEFAULT_BATCH_FILES = 50
-DEFAULT_BATCH_BYTES = 64 * 1024 * 1024
+# a few seconds of a 200 Mbit/s link shared by 4 workers: the archive's store after each
+# upload idles the link for less (docs/benchmarks.md, "Why these defaults")
+DEFAULT_BATCH_BYTES = 16 * 1024 * 1024
 DEFAULT_WORKERS = 4  # fills a 20 ms, 200 Mbit/s link to Orthanc (docs/benchmarks.md)
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 300.0
