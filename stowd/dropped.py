@@ -13,11 +13,10 @@ folder (a spool copy, a test's own file) is opened as it always was.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, cast
 
@@ -31,8 +30,6 @@ _GUARDED: dict[str, bool] = {}  # watch folder -> follow_links
 # the guarded folders (follow_links false), each with its separator, the longest first: read
 # without the lock (replaced whole by ``configure``), once per file opened
 _GUARDED_ROOTS: tuple[tuple[str, str], ...] = ()
-_KEPT = threading.local()  # this thread's folders kept open (``folders_kept``), or None
-FOLDERS_KEPT = 16  # at most this many folders kept open at once by a thread
 ADVICE = (
     "stowd does not follow symbolic links in a drop folder (a writer could point one at a "
     "file it cannot read itself); put the file itself there, or set follow_links: true on "
@@ -118,69 +115,21 @@ def _relative(path: str, root: str) -> str:
     return os.path.relpath(path, root)
 
 
-@contextlib.contextmanager
-def folders_kept() -> Iterator[None]:
-    """Within this block (a batch of files read one after another by this thread), each
-    folder on the way to a guarded file is opened once, as ``open_file`` opens it (from the
-    watch folder, one name at a time, never through a link), and kept open for the next
-    file in it: a batch's files, most often in one folder, cost one open each instead of
-    one per folder on their path (and a close each).  The folders are checked when the
-    first file in them is opened, as a file opened a moment later was; the file itself is
-    always opened by name with ``O_NOFOLLOW``.  A file not found through a kept folder (it
-    may have been removed or replaced since) is looked for again from the watch folder."""
-    if getattr(_KEPT, "folders", None) is not None:
-        yield  # a block within a block: the outer one keeps them
-        return
-    kept: dict[tuple[str, ...], int] = {}
-    _KEPT.folders = kept
-    try:
-        yield
-    finally:
-        _KEPT.folders = None
-        for fd in kept.values():
-            os.close(fd)
-
-
 def _open_beneath(root: str, rel: str, path: str) -> int:
     """Open ``root/rel`` with no symbolic link in ``rel`` (``root`` itself is configured)."""
     names = rel.split(os.sep)
     if "" in names or os.curdir in names or os.pardir in names:
         # The watcher only hands on normal paths; anything else would walk out of root.
         raise FileProblem("the path leaves its watch folder; stowd reads only inside it", path=path)
-    kept: dict[tuple[str, ...], int] | None = getattr(_KEPT, "folders", None)
-    if kept is None:
-        fd = _open_folder(root, names, path)
-        try:
-            return _open_name(names[-1], _FILE, fd, path, rel)
-        finally:
-            os.close(fd)
-    key = (root, *names[:-1])
-    known = kept.get(key)
-    if known is not None:
-        try:
-            return _open_name(names[-1], _FILE, known, path, rel)
-        except (FileNotFoundError, NotADirectoryError):
-            del kept[key]  # its folder may be gone or replaced since: look from the root
-            os.close(known)
-    fd = _open_folder(root, names, path)
-    while len(kept) >= FOLDERS_KEPT:  # the oldest first
-        os.close(kept.pop(next(iter(kept))))
-    kept[key] = fd
-    return _open_name(names[-1], _FILE, fd, path, rel)
-
-
-def _open_folder(root: str, names: list[str], path: str) -> int:
-    """The folder holding ``root/<names>``, open, entered from ``root`` one name at a time."""
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for i, name in enumerate(names[:-1]):
             inner = _open_name(name, _DIR, fd, path, os.sep.join(names[: i + 1]))
             os.close(fd)
             fd = inner
-    except BaseException:
+        return _open_name(names[-1], _FILE, fd, path, rel)
+    finally:
         os.close(fd)
-        raise
-    return fd
 
 
 def _open_name(name: str, flags: int, parent: int, path: str, shown: str) -> int:

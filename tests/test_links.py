@@ -264,46 +264,6 @@ def test_every_read_of_a_dropped_file_refuses_a_link_planted_since(tmp_path: Pat
         dropped.open_file(path)
 
 
-def test_a_batch_opens_its_folder_once_and_still_never_reads_through_a_link(
-    tmp_path: Path,
-) -> None:
-    """Within ``folders_kept`` (a batch read by one thread) a folder on the way is opened
-    once and kept: a file swapped for a link is still refused, a folder removed and made
-    again is looked up again from the watch folder, a folder swapped for a link never
-    leads to the file it points at, and no descriptor is left open after the block."""
-    watch = tmp_path / "drop"
-    (watch / "a").mkdir(parents=True)
-    (tmp_path / "private").mkdir()
-    (tmp_path / "private/x.dcm").write_bytes(SECRET)
-    dropped.configure([Source("kept", watch, tmp_path / "s", tmp_path / "f", "pacs")])
-    path, other = watch / "a/x.dcm", watch / "a/y.dcm"
-    path.write_bytes(b"the dropped content")
-    other.symlink_to(tmp_path / "private/x.dcm")
-    before = len(os.listdir("/proc/self/fd"))
-    with dropped.folders_kept():
-        with dropped.open_file(path) as fp:
-            assert fp.read() == b"the dropped content"
-        with pytest.raises(LinkRefused, match="the file is a symbolic link"):
-            dropped.open_file(other)
-        for name in (path, other):
-            name.unlink()
-        (watch / "a").rmdir()
-        (watch / "a").mkdir()
-        path.write_bytes(b"dropped again")
-        with dropped.open_file(path) as fp:  # the kept folder is gone: found from the root
-            assert fp.read() == b"dropped again"
-        (watch / "a").rename(watch / "old")
-        (watch / "a").symlink_to(tmp_path / "private", target_is_directory=True)
-        try:
-            with dropped.open_file(path) as fp:  # the folder as it was checked, or refused
-                assert fp.read() != SECRET
-        except LinkRefused:
-            pass
-    assert len(os.listdir("/proc/self/fd")) == before
-    with pytest.raises(LinkRefused, match="the folder a on its path is a symbolic link"):
-        dropped.open_file(path)
-
-
 def test_a_link_that_loops_or_leads_nowhere_hides_no_other_file(tmp_path: Path) -> None:
     """A writer plants ``loop.dcm -> loop.dcm`` (checking it raises ELOOP) and a link to
     nothing among 40 files.  Was: the error of the looping link ended the listing of its

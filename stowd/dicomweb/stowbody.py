@@ -102,25 +102,21 @@ class Body:
     def open(self) -> None:
         """Open every file now, so a vanished or changed file is known before sending."""
         try:
-            with dropped.folders_kept():  # a batch's folder opened once, not once per file
-                self._open_each()
+            for part in self.parts:
+                try:
+                    fp = dropped.open_file(part.path, open)  # open: the tests' seam
+                except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+                    raise FileVanished(f"{part.path} vanished", path=part.path) from exc
+                except LinkRefused as exc:  # a link planted since it was read
+                    raise FileVanished(f"{part.path} is now a link", path=part.path) from exc
+                except OSError as exc:
+                    raise FileUnreadable.from_os_error(exc, part.path) from exc
+                self._files.append(fp)
+                if _changed(os.fstat(fp.fileno()), part):
+                    raise FileVanished(f"{part.path} changed", path=part.path)
         except BaseException:
             self.close()  # any failure (PermissionError too) leaves no file open
             raise
-
-    def _open_each(self) -> None:
-        for part in self.parts:
-            try:
-                fp = dropped.open_file(part.path, open)  # open: the tests' seam
-            except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
-                raise FileVanished(f"{part.path} vanished", path=part.path) from exc
-            except LinkRefused as exc:  # a link planted since it was read
-                raise FileVanished(f"{part.path} is now a link", path=part.path) from exc
-            except OSError as exc:
-                raise FileUnreadable.from_os_error(exc, part.path) from exc
-            self._files.append(fp)
-            if _changed(os.fstat(fp.fileno()), part):
-                raise FileVanished(f"{part.path} changed", path=part.path)
 
     def close(self) -> None:
         for fp in self._files:

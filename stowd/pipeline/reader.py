@@ -121,13 +121,12 @@ class Reader:
         """Read up to ``limit`` new files and record what each one is; how many were read."""
         jobs = self.queue.unclassified(limit)
         keys, refused = [], []
-        with dropped.folders_kept():  # each folder of the chunk's files opened once
-            for job in jobs:
-                result = self._classify_safely(job)
-                if isinstance(result, Decision):
-                    refused.append(result)
-                elif result is not None:
-                    keys.append(result)
+        for job in jobs:
+            result = self._classify_safely(job)
+            if isinstance(result, Decision):
+                refused.append(result)
+            elif result is not None:
+                keys.append(result)
         self.queue.set_classified(keys)
         self.filing.settle(refused)
         return len(jobs)
