@@ -24,8 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeAlias
 
-from pydicom._dicom_dict import DicomDictionary, RepeatersDictionary
-
 Scalar: TypeAlias = str | int | float
 Value: TypeAlias = "Scalar | None | list[Scalar | Item]"  # noqa: RUF036
 Item: TypeAlias = "dict[str, Value]"
@@ -85,7 +83,10 @@ def suggest(keyword: str) -> str | None:
 
 @functools.cache
 def _entries() -> dict[str, tuple[int, str, str]]:
-    """keyword -> (tag, VR, VM); repeating groups (60xx...) use their first group."""
+    """keyword -> (tag, VR, VM); repeating groups (60xx...) use their first group.  pydicom
+    is imported here, once a rule or sidecar names a keyword: not at start (issue 19)."""
+    from pydicom._dicom_dict import DicomDictionary, RepeatersDictionary  # noqa: PLC0415
+
     entries = {e[4]: (tag, e[0], e[1]) for tag, e in DicomDictionary.items() if e[4]}
     for mask, (vr, vm, _, _, kw) in RepeatersDictionary.items():
         entries.setdefault(kw, (int(mask.replace("x", "0"), 16), vr, vm))
