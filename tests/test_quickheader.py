@@ -23,6 +23,7 @@ from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 from pydicom.uid import ImplicitVRLittleEndian
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
+from pydicom.values import converters
 
 from stowd.config.load import load_config
 from stowd.config.model import Config
@@ -295,6 +296,8 @@ def test_the_walk_knows_the_vrs_and_character_sets_pydicom_knows() -> None:
     assert two_letters == quickheader.VRS
     assert {str(vr).encode() for vr in EXPLICIT_VR_LENGTH_32} == quickheader.LONG_VRS
     assert set(python_encoding) == quickheader.CHARSET_TERMS
+    # the VRs pydicom converts: dicomfile.needs_explicit asks whether the first VR is one
+    assert {vr.encode() for vr in converters if len(vr) == 2} == quickheader.VRS
 
 
 def test_a_transfer_syntax_registered_with_pydicom_is_left_to_pydicom() -> None:
