@@ -10,6 +10,8 @@ whose stderr lists every module it imports."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from dicomgen import make_instance
@@ -62,3 +64,25 @@ def test_a_usual_file_is_sent_without_pydicom(tmp_path: Path, orthanc: Orthanc) 
     modules = imported(daemon.log)
     assert {"stowd.media.quickheader", "stowd.dicomweb.stowbody"} <= modules
     assert unwanted(modules) == []
+
+
+def test_status_imports_nothing_of_the_daemon(tmp_path: Path) -> None:
+    """``stowd status`` (its wall time was almost all Python's start) reads the config and
+    the queue: none of pydicom, nor the senders' httpx, the watcher's watchdog or the
+    metrics' prometheus_client."""
+    layout = make_layout(tmp_path / "run", f"http://127.0.0.1:{free_port()}/dicom-web")
+    with Stowd(layout) as daemon:  # the queue status reads
+        daemon.wait_started()
+        assert daemon.terminate() == 0
+    shown = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "stowd", "status", "-c", str(layout.config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    modules = imported(shown.stderr)
+    assert {"stowd.service.status", "stowd.config.load"} <= modules
+    daemons = ("httpx", "httpcore", "watchdog", "prometheus_client")
+    assert unwanted(modules) + sorted(m for m in modules if m.split(".")[0] in daemons) == []
