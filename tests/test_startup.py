@@ -23,6 +23,7 @@ IMPORTS = re.compile(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", re.M)
 # trio, which httpcore imports when it is installed (as the test extra installs it), for
 # async code stowd never runs
 NOT_AT_START = ("pydicom", "numpy", "requests", "PIL", "trio")
+RULE = {"name": "institution", "default": {"InstitutionName": "City Hospital"}}
 
 
 def imported(log: str) -> set[str]:
@@ -39,8 +40,11 @@ def unwanted(modules: set[str]) -> list[str]:
 
 def test_run_starts_without_pydicom(tmp_path: Path) -> None:
     """Started (its queue open, its folders watched), with no archive to reach, and
-    stopped: ``stowd run`` imported none of pydicom."""
-    layout = make_layout(tmp_path / "run", f"http://127.0.0.1:{free_port()}/dicom-web")
+    stopped: ``stowd run`` imported none of pydicom, its rule's keyword checked all the same
+    (in pydicom's dictionary, read alone)."""
+    layout = make_layout(
+        tmp_path / "run", f"http://127.0.0.1:{free_port()}/dicom-web", rules=[RULE]
+    )
     with Stowd(layout, env={"PYTHONPROFILEIMPORTTIME": "1"}) as daemon:
         daemon.wait_started()
         wait_for(lambda: "watching" in daemon.log, 30, "the daemon to watch", lambda: daemon.log)
@@ -67,10 +71,12 @@ def test_a_usual_file_is_sent_without_pydicom(tmp_path: Path, orthanc: Orthanc) 
 
 
 def test_status_imports_nothing_of_the_daemon(tmp_path: Path) -> None:
-    """``stowd status`` (its wall time was almost all Python's start) reads the config and
-    the queue: none of pydicom, nor the senders' httpx, the watcher's watchdog or the
-    metrics' prometheus_client."""
-    layout = make_layout(tmp_path / "run", f"http://127.0.0.1:{free_port()}/dicom-web")
+    """``stowd status`` (its wall time was almost all Python's start) reads the config, a
+    rule's keyword checked, and the queue: none of pydicom, nor the senders' httpx, the
+    watcher's watchdog or the metrics' prometheus_client."""
+    layout = make_layout(
+        tmp_path / "run", f"http://127.0.0.1:{free_port()}/dicom-web", rules=[RULE]
+    )
     with Stowd(layout) as daemon:  # the queue status reads
         daemon.wait_started()
         assert daemon.terminate() == 0

@@ -29,6 +29,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any, BinaryIO
 
 from stowd.errors import FileProblem
+from stowd.rules.vr import dictionary
 
 MAX_ELEMENTS = 500_000  # about 165 MB as pydicom objects
 SMALL_HEADER = 20_000  # parsed without waiting for other workers' large headers (~7 MB)
@@ -43,10 +44,8 @@ LONG_VRS = frozenset(
 @functools.cache
 def sequences() -> frozenset[int]:
     """The tags the data dictionary says are sequences (SQ), for an element whose VR is not
-    written; pydicom is imported here, on the first such element, not at start (issue 19)."""
-    from pydicom._dicom_dict import DicomDictionary  # noqa: PLC0415
-
-    return frozenset(tag for tag, entry in DicomDictionary.items() if entry[0] == "SQ")
+    written (read on the first such element: not at start, issue 19)."""
+    return frozenset(tag for tag, entry in dictionary()[0].items() if entry[0] == "SQ")
 
 
 _ONE_AT_A_TIME = threading.Lock()
