@@ -45,9 +45,6 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import count_files, discard_process, stowd_env
-from throughput import generate, stowd_config, wait_started
-
-from stowd.config.yamlwalk import parse_size
 
 
 def profiled_child(config: str, out: str, timer: str = "wall") -> int:
@@ -200,6 +197,12 @@ def main() -> int:
 
 
 def profile(args: argparse.Namespace, url: str) -> int:
+    # Here, not at the top: the child that runs stowd is this file too, and what throughput.py
+    # imports (pydicom by dicomgen, httpx, Orthanc's helpers) was counted as stowd's start-up.
+    from throughput import generate, stowd_config, wait_started  # noqa: PLC0415
+
+    from stowd.config.yamlwalk import parse_size  # noqa: PLC0415
+
     with tempfile.TemporaryDirectory(prefix="stowd-profile-") as name:
         tmp = Path(name)
         total = generate(tmp / "stage", args.files, parse_size(args.size), args.studies)

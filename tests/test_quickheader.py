@@ -15,11 +15,15 @@ from pathlib import Path
 
 import pydicom
 import pydicom.data
+import pydicom.uid
 import pytest
 from dicomgen import make_instance_bytes
 from harness import make_watch_folders
+from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 from pydicom.uid import ImplicitVRLittleEndian
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
+from pydicom.values import converters
 
 from stowd.config.load import load_config
 from stowd.config.model import Config
@@ -282,6 +286,34 @@ def test_a_header_longer_than_the_copy_in_memory_is_read_by_pydicom() -> None:
     assert quickheader.walk(data[:pixels], size, frozenset()) is None
     assert quickheader.walk(data[: pixels + 11], size, frozenset()) is None  # header cut
     assert quickheader.walk(data[: pixels + 12], size, frozenset()) is not None
+
+
+def test_the_walk_knows_the_vrs_and_character_sets_pydicom_knows() -> None:
+    """The walk's own tables (written out so that a usual header imports none of pydicom,
+    issue 19) are pydicom's: its VRs, those with a 4-byte length, and the Specific Character
+    Set terms it converts."""
+    two_letters = {vr.value.encode() for vr in VR if len(vr.value) == 2}
+    assert two_letters == quickheader.VRS
+    assert {str(vr).encode() for vr in EXPLICIT_VR_LENGTH_32} == quickheader.LONG_VRS
+    assert set(python_encoding) == quickheader.CHARSET_TERMS
+    # the VRs pydicom converts: dicomfile.needs_explicit asks whether the first VR is one
+    assert {vr.encode() for vr in converters if len(vr) == 2} == quickheader.VRS
+
+
+def test_a_transfer_syntax_registered_with_pydicom_is_left_to_pydicom() -> None:
+    """A private transfer syntax pydicom was told of is pydicom's to read, as before the
+    walk stopped importing pydicom to ask."""
+    private = "1.2.3.4.5.6.7.8.9.10"  # as long as Explicit VR Little Endian's, padded
+    data = make_instance_bytes(size_bytes=3000)[0]
+    label = str(pydicom.uid.ExplicitVRLittleEndian).encode() + b"\0"
+    assert data.count(label) == 1 and len(label) == len(private)
+    data = data.replace(label, private.encode())
+    assert quickheader.walk(data, len(data), frozenset()) is not None
+    pydicom.uid.register_transfer_syntax(private, implicit_vr=False, little_endian=True)
+    try:
+        assert quickheader.walk(data, len(data), frozenset()) is None
+    finally:
+        pydicom.uid.PrivateTransferSyntaxes.remove(private)
 
 
 def test_a_rule_sees_an_attribute_the_walk_did_not_read(tmp_path: Path) -> None:

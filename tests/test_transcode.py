@@ -21,7 +21,8 @@ from pydicom.dataset import Dataset, FileDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from stowd.errors import FileProblem
-from stowd.media.rewrite import needs_explicit, rewrite
+from stowd.media.dicomfile import needs_explicit
+from stowd.media.rewrite import rewrite
 
 IMPLICIT = str(ImplicitVRLittleEndian)
 EXPLICIT = str(ExplicitVRLittleEndian)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+from pydicom._dicom_dict import DicomDictionary, RepeatersDictionary
 
 from stowd.rules import vr
 
@@ -299,3 +300,13 @@ def test_check_nested_sequence_path() -> None:
         "OtherPatientIDsSequence[0].IssuerOfPatientIDQualifiersSequence[0].IdentifierTypeCode "
         "(CS) must be upper case: write 'DNS', got 'dns'"
     )
+
+
+def test_the_dictionary_read_alone_is_pydicoms() -> None:
+    """The data dictionary read from pydicom's file without importing pydicom (issue 19:
+    start-up) is pydicom's own, entry for entry."""
+    alone = vr._dictionary_alone()
+    assert alone is not None
+    assert alone.DicomDictionary == DicomDictionary
+    assert alone.RepeatersDictionary == RepeatersDictionary
+    assert vr.dictionary() == (DicomDictionary, RepeatersDictionary)

@@ -15,15 +15,13 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from typing import BinaryIO, cast
-
-import pydicom
-from pydicom.dataset import Dataset, FileDataset
-from pydicom.filereader import read_dataset
-from pydicom.values import converters
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 from stowd.errors import FileProblem
 from stowd.media import elements
+
+if TYPE_CHECKING:  # pydicom is imported where a header is parsed: not at start (issue 19)
+    from pydicom.dataset import Dataset, FileDataset
 
 DEFLATED = "1.2.840.10008.1.2.1.99"
 IMPLICIT_LE, EXPLICIT_BE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"
@@ -83,6 +81,8 @@ def count_header(fp: BinaryIO, head: bytes, *, whole: bool = False) -> int:
         return elements.count(stream.take, stream.skip, explicit=True, little=True, whole=whole)
     explicit, little = syntax != IMPLICIT_LE, syntax != EXPLICIT_BE
     if syntax is None:  # no meta naming it: guessed from the first element, as pydicom does
+        from pydicom.values import converters  # noqa: PLC0415
+
         first = fp.read(6)
         fp.seek(start)
         explicit = len(first) == 6 and first[4:6].decode("latin-1") in converters
@@ -101,6 +101,8 @@ def read_header(fp: BinaryIO, start: int) -> FileDataset:
             f"the DICOM header cannot be read: its File Meta Information is larger than "
             f"{HEADER_LIMIT // MIB} MiB (the file is damaged or made to exhaust memory)"
         )
+    import pydicom  # noqa: PLC0415
+
     fp.seek(0)
     meta = pydicom.dcmread(io.BytesIO(fp.read(start)), force=True)  # stops at the meta's end
     fp.seek(start)
@@ -200,6 +202,8 @@ def _parse(held: bytes, *, final: bool, big: bool) -> tuple[Dataset | None, int]
     """The data set parsed from ``held`` up to the pixel data, and where parsing stopped;
     (None, 0) when ``held`` is cut too short to parse (an error once ``final``).  A ``big``
     copy's elements are counted first (``FileProblem`` when there are too many)."""
+    from pydicom.filereader import read_dataset  # noqa: PLC0415
+
     memory = io.BytesIO(held)
     found = 0
     if big:

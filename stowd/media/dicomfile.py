@@ -7,13 +7,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
-from stowd.errors import FileProblem
+from stowd import dropped
+from stowd.errors import FileProblem, reading
 from stowd.media import deflated, elements
+from stowd.media.quickheader import VRS
 
 DEFLATED = deflated.DEFLATED
 BIG_ENDIAN = "1.2.840.10008.1.2.2"
 IMPLICIT = "1.2.840.10008.1.2"
+EXPLICIT = "1.2.840.10008.1.2.1"  # Explicit VR Little Endian
 PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
 UNDEFINED = 0xFFFFFFFF
 ITEM = (0xFFFE, 0xE000)
@@ -41,3 +45,18 @@ def header_errors() -> Iterator[None]:
 def unreadable_header(exc: Exception) -> FileProblem:
     detail = str(exc) or type(exc).__name__
     return FileProblem(f"the DICOM header cannot be read (the file is damaged): {detail}")
+
+
+def needs_explicit(src: Path) -> bool:
+    """Does ``transcode: explicit-vr`` convert ``src``: is it a Part-10 file whose data set
+    is Implicit VR Little Endian (by its TransferSyntaxUID, or by its bytes where it says
+    Explicit VR Little Endian)?  Reads its File Meta and the first element after it, never
+    the whole header (``rewrite`` reads that, counted first); here, not in rewrite.py, so
+    that a file not converted imports none of pydicom (issue 19)."""
+    with reading(src), dropped.open_file(src) as fp, header_errors():
+        start, syntax = deflated.file_meta(fp, fp.read(HEAD_BYTES))
+        if syntax == IMPLICIT:
+            return True
+        fp.seek(start)
+        first = fp.read(6)
+    return syntax == EXPLICIT and len(first) == 6 and first[4:6] not in VRS  # a VR pydicom knows

@@ -21,15 +21,15 @@ elements per frame (100,000 for 3,000 frames); the limit leaves room for five ti
 
 from __future__ import annotations
 
+import functools
 import struct
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, BinaryIO
 
-from pydicom._dicom_dict import DicomDictionary
-
 from stowd.errors import FileProblem
+from stowd.rules.vr import dictionary
 
 MAX_ELEMENTS = 500_000  # about 165 MB as pydicom objects
 SMALL_HEADER = 20_000  # parsed without waiting for other workers' large headers (~7 MB)
@@ -39,7 +39,15 @@ PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 LONG_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 )
-SEQUENCES = frozenset(tag for tag, entry in DicomDictionary.items() if entry[0] == "SQ")
+
+
+@functools.cache
+def sequences() -> frozenset[int]:
+    """The tags the data dictionary says are sequences (SQ), for an element whose VR is not
+    written (read on the first such element: not at start, issue 19)."""
+    return frozenset(tag for tag, entry in dictionary()[0].items() if entry[0] == "SQ")
+
+
 _ONE_AT_A_TIME = threading.Lock()
 
 # What an open container holds: items of a sequence, elements of an item, or the fragments
@@ -164,7 +172,7 @@ class _Walk:
         if length == UNDEFINED:  # a sequence, or (OB/OW) encapsulated pixel data
             kind = _FRAGMENTS if vr in (b"OB", b"OW") or tag in PIXEL_TAGS else _SEQ
             self.open.append((kind, None, inner))
-        elif vr == b"SQ" or (vr in (None, b"UN") and tag in SEQUENCES):
+        elif vr == b"SQ" or (vr in (None, b"UN") and tag in sequences()):
             self.open.append((_SEQ, self.at + length, inner))
         elif vr in (None, b"UN") and length >= 8:
             return 1 + self._maybe_sequence(length)  # pydicom reads one that looks like one

@@ -26,7 +26,6 @@ from pydicom.tag import BaseTag, Tag
 from stowd.errors import FileProblem
 from stowd.media.dicomfile import ITEM, SEQ_END, UNDEFINED
 
-EXPLICIT = "1.2.840.10008.1.2.1"  # Explicit VR Little Endian
 TRANSCODE_NOTE = "transcode: explicit-vr"
 CHUNK = 1024 * 1024
 # VRs whose explicit header has a 32-bit length (PS3.5 7.1.2); the others have 16 bits

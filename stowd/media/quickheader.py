@@ -31,11 +31,8 @@ describe.
 from __future__ import annotations
 
 import struct
+import sys
 from dataclasses import dataclass
-
-import pydicom.uid
-from pydicom.charset import python_encoding
-from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
 
 IMPLICIT = "1.2.840.10008.1.2"
 REFUSED_SYNTAXES = frozenset({"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"})  # big, deflated
@@ -44,8 +41,22 @@ CHARSET = 0x00080005
 ITEM, SEQ_END = (0xFFFE, 0xE000), (0xFFFE, 0xE0DD)
 ITEM_END = b"\xfe\xff\x0d\xe0\0\0\0\0"  # (FFFE,E00D), length 0
 MAX_DEPTH = 16  # sequences within sequences walked; deeper ones are left to pydicom
-_VRS = frozenset(vr.encode() for vr in VR)
-_LONG_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_32)
+# pydicom's own tables, written out so that the usual header imports none of pydicom (its
+# import is most of stowd's start, issue 19); tests/test_quickheader.py checks that they are
+# pydicom's: the VRs it knows (pydicom.valuerep.VR), those with a 4-byte length in explicit VR
+# (EXPLICIT_VR_LENGTH_32), and the Specific Character Set terms it converts (python_encoding)
+VRS = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN "
+    b"UR US UT UV".split()
+)
+LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+CHARSET_TERMS = frozenset(
+    {"", "GB18030", "GBK"}
+    | {f"ISO_IR {n}" for n in (6, 13, 100, 101, 109, 110, 126, 127, 138, 144, 148, 166, 192)}
+    | {f"ISO 2022 IR {n}" for n in (6, 13, 58, 87, 100, 101, 109, 110, 126, 127, 138, 144)}
+    | {f"ISO 2022 IR {n}" for n in (148, 149, 159, 166)}
+    | {"ISO 2022 GBK", "ISO 2022 58"}
+)
 # File Meta tags and their VRs (PS3.10 7.1); (0002,0000) with its 4-byte value only
 _META_VRS = {
     0x0000: b"UL",
@@ -119,7 +130,7 @@ def _meta(head: bytes) -> tuple[bytes, int] | None:
         if _META_VRS.get(elem) != vr or (elem == 0 and length != 4):
             return None
         at += 8
-        if vr in _LONG_VRS:  # its 2-byte length is the reserved bytes: they must be 0
+        if vr in LONG_VRS:  # its 2-byte length is the reserved bytes: they must be 0
             if length != 0 or at + 4 > limit:
                 return None
             length = _LONG.unpack_from(head, at)[0]
@@ -137,13 +148,9 @@ def _meta(head: bytes) -> tuple[bytes, int] | None:
 def _implicit(head: bytes, at: int, raw: bytes) -> bool | None:
     """Is the data set Implicit VR Little Endian (as pydicom decides); None: pydicom reads it."""
     syntax = _uid(raw)
-    if (
-        syntax is None
-        or syntax in REFUSED_SYNTAXES
-        or syntax in pydicom.uid.PrivateTransferSyntaxes
-    ):
+    if syntax is None or syntax in REFUSED_SYNTAXES or syntax in _private_syntaxes():
         return None
-    looks_explicit = head[at + 4 : at + 6] in _VRS
+    looks_explicit = head[at + 4 : at + 6] in VRS
     if syntax == IMPLICIT:
         # pydicom switches to explicit when the first VR's bytes are capital letters
         capitals = all(0x40 < c < 0x5B for c in head[at + 4 : at + 6])
@@ -173,12 +180,12 @@ def _explicit_set(
     limit, unpack = len(head), _EXPLICIT.unpack_from
     while at < limit:
         group, elem, vr, length = unpack(head, at) if at + 8 <= limit else _CUT
-        if vr not in _VRS:
+        if vr not in VRS:
             return None  # a VR pydicom does not know, or a header cut short
         tag = group << 16 | elem
         if tag in PIXEL_TAGS:
             return (values, at) if at + 12 <= limit else None
-        if vr in _LONG_VRS or group in _ODD_GROUPS or tag == CHARSET:
+        if vr in LONG_VRS or group in _ODD_GROUPS or tag == CHARSET:
             after = _unusual(head, at, False)
         else:
             after = at + 8 + length
@@ -286,9 +293,9 @@ def _element(head: bytes, at: int, implicit: bool) -> _Element | None:
         group, elem, length = _IMPLICIT.unpack_from(head, at)
         return group << 16 | elem, b"", at + 8, length
     group, elem, vr, length = _EXPLICIT.unpack_from(head, at)
-    if vr not in _VRS:
+    if vr not in VRS:
         return None
-    if vr in _LONG_VRS:
+    if vr in LONG_VRS:
         if at + 12 > len(head):
             return None
         return group << 16 | elem, vr, at + 12, _LONG.unpack_from(head, at + 8)[0]
@@ -300,7 +307,15 @@ def _known_charset(raw: bytes, vr: bytes) -> bool:
     if vr not in (b"", b"CS"):
         return False
     terms = raw.decode("latin-1").strip(" \0").split("\\")
-    return all(term.strip() in python_encoding or term.strip() == "" for term in terms)
+    return all(term.strip() in CHARSET_TERMS for term in terms)
+
+
+def _private_syntaxes() -> list[str]:
+    """The private transfer syntaxes pydicom was told of (``register_transfer_syntax``): none
+    while pydicom is not imported, so it is not imported to ask."""
+    uid = sys.modules.get("pydicom.uid")
+    syntaxes: list[str] = [] if uid is None else uid.PrivateTransferSyntaxes
+    return syntaxes
 
 
 def _uid(raw: bytes) -> str | None:

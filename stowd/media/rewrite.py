@@ -12,7 +12,7 @@ Explicit VR Little Endian: the header by pydicom (VRs from the dictionary, UN fo
 elements; text is decoded and encoded again, so only padding may differ, and what pydicom
 would change fails the file), the pixel data and what follows it by ``explicit.py``,
 element by element, values copied in chunks.  Only the File Meta's TransferSyntaxUID
-changes.  ``needs_explicit`` says which files are converted.
+changes.  ``dicomfile.needs_explicit`` says which files are converted.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from pydicom.dataset import Dataset, FileDataset
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
-from pydicom.values import converters
 
 from stowd import dropped
 from stowd.errors import FileProblem, FileUnreadable, SpoolFull, no_space, reading
@@ -45,6 +44,7 @@ from stowd.media import deflated, elements, explicit
 from stowd.media.dicomfile import (
     BIG_ENDIAN,
     DEFLATED,
+    EXPLICIT,
     HEAD_BYTES,
     IMPLICIT,
     PIXEL_TAGS,
@@ -265,31 +265,13 @@ def rewrite(
         return _rewrite_open(fp, dst, edit, explicit)
 
 
-def needs_explicit(src: Path) -> bool:
-    """Does ``transcode: explicit-vr`` convert ``src``: is it a Part-10 file whose data set
-    is Implicit VR Little Endian (by its TransferSyntaxUID, or by its bytes where it says
-    Explicit VR Little Endian)?  Reads its File Meta and the first element after it, never
-    the whole header (``rewrite`` reads that, counted first)."""
-    with reading(src), dropped.open_file(src) as fp, header_errors():
-        start, syntax = deflated.file_meta(fp, fp.read(HEAD_BYTES))
-        if syntax == IMPLICIT:
-            return True
-        fp.seek(start)
-        first = fp.read(6)
-    return syntax == explicit.EXPLICIT and len(first) == 6 and not _vr_bytes(first[4:6])
-
-
-def _vr_bytes(found: bytes) -> bool:
-    return found.decode("latin-1") in converters  # pydicom's VRs, as pydicom itself tells
-
-
 def _converts(ds: FileDataset) -> bool:
     """Is ``ds`` Implicit VR Little Endian, or labelled so (then only the label changes)?"""
     syntax = _transfer_syntax(ds)
     implicit, little = _encoding(ds)
     if syntax == IMPLICIT:
         return little
-    return syntax == explicit.EXPLICIT and implicit and little
+    return syntax == EXPLICIT and implicit and little
 
 
 def _rewrite_open(
@@ -322,7 +304,7 @@ def _rewrite_read(
     tail = None if pixels is None else pixels[0]
     if not convert:
         return _write(dst, ds, encoding, fp, tail)
-    ds.file_meta.TransferSyntaxUID = UID(explicit.EXPLICIT)
+    ds.file_meta.TransferSyntaxUID = UID(EXPLICIT)
     ds.set_original_encoding(*encoding)  # as the bytes are: pydicom converts what it must
     return _write(dst, ds, (False, True), fp, tail, converting=True, implicit_tail=encoding[0])
 

@@ -10,19 +10,21 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Any
-
-from pydicom.uid import UID
+from typing import TYPE_CHECKING, Any
 
 from stowd.dicomweb.stowbody import Part
-from stowd.media import bulkdata
 from stowd.media.reading import Media
 from stowd.pipeline.queue import Job
 from stowd.rules.vr import Item
 
+if TYPE_CHECKING:  # bulkdata (pydicom) is imported where an instance is built (issue 19)
+    from stowd.media import bulkdata
+
 
 def sop_class_name(uid: str) -> str:
     """The name of a SOP Class, e.g. "Encapsulated PDF Storage"."""
+    from pydicom.uid import UID  # noqa: PLC0415 - as bulkdata below
+
     return str(UID(uid).name)
 
 
@@ -39,6 +41,8 @@ def bulk_part(
     expect: tuple[int, int],
 ) -> Part:
     """The metadata and the bulk part of the instance built from ``job``'s file."""
+    from stowd.media import bulkdata  # noqa: PLC0415 - pydicom: not at start (issue 19)
+
     source = Path(job.path)
     instance = bulkdata.describe_instance(
         source,
@@ -73,6 +77,8 @@ def bulk_part(
 
 def instance_json(instance: bulkdata.Instance, location: str) -> dict[str, Any]:
     """The instance in the DICOM JSON model, its bulk attribute pointing at ``location``."""
+    from stowd.media import bulkdata  # noqa: PLC0415 - as bulk_part
+
     doc: dict[str, Any] = instance.dataset.to_json_dict(bulk_data_threshold=2**31)
     doc[f"{int(instance.tag):08X}"] = {"vr": bulkdata.bulk_vr(instance), "BulkDataURI": location}
     return dict(sorted(doc.items()))

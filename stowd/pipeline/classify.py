@@ -26,9 +26,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, cast
-
-import pydicom
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 from stowd import dropped
 from stowd.errors import FileIncomplete, FileProblem, FileUnreadable, FileVanished, NotDicom
@@ -46,6 +44,9 @@ from stowd.media.dicomfile import (
 )
 from stowd.media.probe import detect
 from stowd.media.reading import Media
+
+if TYPE_CHECKING:
+    import pydicom  # imported where a header is parsed: not at start (issue 19)
 
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 # Rows, Columns, BitsAllocated, SamplesPerPixel, PhotometricInterpretation (Image Pixel module)
@@ -321,6 +322,8 @@ def _quick_keys(walked: quickheader.Walked, head: bytes) -> tuple[Classified, st
 def _parse_held(head: bytes) -> pydicom.Dataset:
     """pydicom's header of bytes ``quickheader`` walked: the parse ``_read_header`` makes of
     them (the walk accepts only what it parses without an error, ending where it ended)."""
+    import pydicom  # noqa: PLC0415 - a header walked needs none of pydicom until now
+
     with header_errors(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         memory = io.BytesIO(head)
@@ -339,6 +342,8 @@ def _read_header(fp: BinaryIO, size: int, head: bytes, path: str | None) -> pydi
     instead of ~0.6 ms with a busy thread beside it.  The bytes parsed are the same either way.
     ``head``: the file's first ``HEAD_BYTES``.
     """
+    import pydicom  # noqa: PLC0415 - only a header the walk left to pydicom comes here
+
     start = deflated.data_set_start(fp, head)
     if start is not None:  # never given to pydicom whole: it would inflate all of it
         return deflated.read_header(fp, start)

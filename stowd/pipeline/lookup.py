@@ -28,7 +28,6 @@ from typing import Any
 from urllib.parse import urlencode
 
 import httpx
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from stowd.config.model import Config, Destination
 from stowd.config.yamlwalk import redact_url
@@ -250,6 +249,8 @@ def _item(doc: dict[str, Any]) -> Item:
 
 
 def _keyword(tag: str) -> str | None:
+    from pydicom.datadict import keyword_for_tag  # noqa: PLC0415 - not at start (issue 19)
+
     try:
         return keyword_for_tag(int(tag, 16)) or None
     except ValueError:
@@ -379,6 +380,8 @@ def _checked(values: Item) -> Item:
 
 
 def _tag(keyword: str) -> str:
+    from pydicom.datadict import dictionary_VR, tag_for_keyword  # noqa: PLC0415 - as _keyword
+
     tag = tag_for_keyword(keyword)
     assert tag is not None and dictionary_VR(tag)
     return f"{tag:08X}"

@@ -16,11 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path, PurePosixPath
-from typing import Any
-
-from pydicom import Dataset
-from pydicom.dataelem import DataElement
-from pydicom.multival import MultiValue
+from typing import TYPE_CHECKING, Any
 
 from stowd.config.model import Config, Source
 from stowd.errors import (
@@ -32,12 +28,15 @@ from stowd.errors import (
     no_space,
 )
 from stowd.media.dicomfile import header_errors
-from stowd.media.rewrite import apply, rewrite
 from stowd.pipeline import sidecar
 from stowd.pipeline.classify import Classified
 from stowd.pipeline.queue import Job
 from stowd.rules.engine import Facts, RuleOutcome, evaluate, fingerprint, render_for, value_text
 from stowd.rules.vr import Item
+
+if TYPE_CHECKING:  # pydicom and the rewrite are imported where a file is changed (issue 19)
+    from pydicom import Dataset
+    from pydicom.dataelem import DataElement
 
 SPOOL_SUFFIX = ".dcm"
 SPOOL_FOLDER_MODE = 0o700  # the copies sent hold patient data: stowd's alone
@@ -239,6 +238,8 @@ def _element(ds: Dataset, keyword: str) -> DataElement:
 
 
 def element_text(elem: DataElement) -> str:
+    from pydicom.multival import MultiValue  # noqa: PLC0415 - imported already: elem is pydicom's
+
     value = elem.value
     if value is None:
         return ""
@@ -265,6 +266,8 @@ def spool_copy(
 ) -> Path:
     """Write the copy of ``job``'s file with ``changes`` (None: none) to the spool folder,
     converted to Explicit VR Little Endian with ``explicit`` (``rewrite``)."""
+    from stowd.media.rewrite import apply, rewrite  # noqa: PLC0415 - pydicom: not at start
+
     target = spool_path(config, job)
     make_spool(target, job)
 

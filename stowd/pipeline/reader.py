@@ -27,7 +27,6 @@ from stowd.errors import (
     LookupUnavailable,
     UnknownType,
 )
-from stowd.media import bulkdata
 from stowd.pipeline import classify as classify_mod
 from stowd.pipeline import counters, metadata
 from stowd.pipeline.disk import Disks
@@ -219,7 +218,9 @@ class Reader:
         study = p.study_uid or (made.study if made else "")
         sop = p.sop_uid or (made.instance if made else "")
         sop_class = c.sop_class
-        if c.media is not None:
+        if c.media is not None:  # pydicom's import is left to a file that needs it (issue 19)
+            from stowd.media import bulkdata  # noqa: PLC0415
+
             sop_class = bulkdata.sop_class_for(c.media, photographic=photographic(source))
         keys = (c.kind, study, sop, sop_class)
         digest = self._digest(source)

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import yaml
-from pydicom.datadict import get_entry
 
 from stowd.config.model import Sidecars
 from stowd.config.yamlwalk import DicomLoader
@@ -335,6 +334,8 @@ def _keyword_of(tag: str) -> str:
         raise ValueError(f"tag {tag} is a private tag; sidecars can only set standard attributes")
     if number & 0xFFFF == 0:
         raise ValueError(f"tag {tag} is a group length, which is computed when the file is written")
+    from pydicom.datadict import get_entry  # noqa: PLC0415 - a sidecar names it: not at start
+
     try:
         return get_entry(number)[4]
     except KeyError:
@@ -342,6 +343,8 @@ def _keyword_of(tag: str) -> str:
 
 
 def _check_vr(label: str, attr: vr.Attr, written: object) -> None:
+    from pydicom.datadict import get_entry  # noqa: PLC0415 - as _keyword_of
+
     allowed = get_entry(attr.tag)[0].split(" or ")
     if written not in allowed:
         raise ValueError(

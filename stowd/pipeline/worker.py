@@ -43,7 +43,7 @@ from stowd.errors import (
     VerifyUnavailable,
     no_space,
 )
-from stowd.media import bulkdata, rewrite
+from stowd.media import dicomfile
 from stowd.media.probe import detect
 from stowd.media.reading import Media
 from stowd.pipeline import concurrency, counters, metadata, verify
@@ -363,7 +363,7 @@ class Worker:
             return self._built_instance(job, spooled)
         changes = job.change_set()
         explicit = self.destination.transcode == TRANSCODE_EXPLICIT  # if the file is implicit
-        if changes is None and not (explicit and rewrite.needs_explicit(Path(job.path))):
+        if changes is None and not (explicit and dicomfile.needs_explicit(Path(job.path))):
             return Part(job.path, job.size, job.sop_uid or "", job.mtime_ns)
         if not unchanged(job):
             raise FileVanished("the file changed or vanished before it was sent", path=job.path)
@@ -375,6 +375,8 @@ class Worker:
     def _built_instance(self, job: Job, spooled: list[Path]) -> Part:
         """The DICOM instance made from a file that is not DICOM (a PDF, a photo, a video):
         a Part-10 file in the spool, or its metadata and bulk data (``bulkdata: metadata``)."""
+        from stowd.media import bulkdata  # noqa: PLC0415 - pydicom: not at start (issue 19)
+
         made = job.made_uids()
         if made is None or not unchanged(job):
             raise FileVanished("the file changed or vanished before it was sent", path=job.path)

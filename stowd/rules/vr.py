@@ -18,17 +18,20 @@ from __future__ import annotations
 import datetime as dt
 import difflib
 import functools
+import importlib.util
 import math
+import os
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TypeAlias
-
-from pydicom._dicom_dict import DicomDictionary, RepeatersDictionary
 
 Scalar: TypeAlias = str | int | float
 Value: TypeAlias = "Scalar | None | list[Scalar | Item]"  # noqa: RUF036
 Item: TypeAlias = "dict[str, Value]"
+Entry: TypeAlias = tuple[str, str, str, str, str]  # VR, VM, name, retired, keyword
 
 PIXEL_DATA = 0x7FE00010
 BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN", "AT", "NONE"})
@@ -84,10 +87,49 @@ def suggest(keyword: str) -> str | None:
 
 
 @functools.cache
+def dictionary() -> tuple[dict[int, Entry], dict[str, Entry]]:
+    """pydicom's data dictionary: tag -> entry, and the repeating groups' mask (``60xx3000``)
+    -> entry.  Importing any module of pydicom imports the whole package (0.2-0.3 s of CPU,
+    with numpy when installed), which a config with a rule made ``stowd status`` and
+    ``check-config`` pay for a dictionary that is plain data (issue 19): its file is read on
+    its own, pydicom's own module used when pydicom is imported already or the file cannot
+    be read alone."""
+    module = sys.modules.get("pydicom._dicom_dict") or _dictionary_alone()
+    if module is None:
+        from pydicom import _dicom_dict  # noqa: PLC0415
+
+        module = _dicom_dict
+    found: tuple[dict[int, Entry], dict[str, Entry]]
+    found = (module.DicomDictionary, module.RepeatersDictionary)
+    return found
+
+
+def _dictionary_alone() -> ModuleType | None:
+    """pydicom's ``_dicom_dict.py`` run as a module of its own, not part of the package (it
+    imports nothing; its bytecode is the one pydicom's import cached); None when it is not
+    found, or no longer runs alone."""
+    package = importlib.util.find_spec("pydicom")  # finds the package, runs none of it
+    folders = None if package is None else package.submodule_search_locations
+    if not folders:
+        return None
+    path = os.path.join(next(iter(folders)), "_dicom_dict.py")
+    spec = importlib.util.spec_from_file_location("_stowd_pydicom_dicom_dict", path)
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except (OSError, ImportError):
+        return None
+    return module
+
+
+@functools.cache
 def _entries() -> dict[str, tuple[int, str, str]]:
     """keyword -> (tag, VR, VM); repeating groups (60xx...) use their first group."""
-    entries = {e[4]: (tag, e[0], e[1]) for tag, e in DicomDictionary.items() if e[4]}
-    for mask, (vr, vm, _, _, kw) in RepeatersDictionary.items():
+    tags, repeaters = dictionary()
+    entries = {e[4]: (tag, e[0], e[1]) for tag, e in tags.items() if e[4]}
+    for mask, (vr, vm, _, _, kw) in repeaters.items():
         entries.setdefault(kw, (int(mask.replace("x", "0"), 16), vr, vm))
     return entries
 
