@@ -8,9 +8,11 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
 from harness import Clock
 from postgres import queue_backend  # noqa: F401 - its queue tests run on both backends
 
+from stowd.errors import QueueError
 from stowd.pipeline.queue import (
     ALREADY_STORED,
     Classification,
@@ -22,6 +24,7 @@ from stowd.pipeline.queue import (
     open_readonly,
 )
 from stowd.pipeline.queue import sqlite as queue_module
+from stowd.pipeline.queue.model import _warned
 
 ERROR = {"reason": "the archive said no", "stage": "send"}
 
@@ -434,3 +437,34 @@ def _mixed_workload(queue: SqliteQueue, clock: Clock) -> None:
     check()
     queue.forget_done(clock.now - 3600)
     check()
+
+
+def test_a_warned_note_is_read_as_sqlites_like_reads_it() -> None:
+    """The counts made in Python (``Counts``) call a note warned exactly where the recount's
+    ``note LIKE 'stored with warning %'`` does: ``%`` matches nothing too, and LIKE ignores
+    the case of ASCII letters only."""
+    notes = [
+        None,
+        "",
+        "stored with warning",
+        "stored with warning ",
+        "stored with warning 0001",
+        "STORED WITH WARNING b000: x",
+        "stored with warning\t0001",
+        "stored with wärning 0001",
+        "stored  with warning 0001",
+        "note: stored with warning 0001",
+    ]
+    db = sqlite3.connect(":memory:")
+    for note in notes:
+        (like,) = db.execute("SELECT ? LIKE 'stored with warning %'", (note,)).fetchone()
+        assert _warned(note) == bool(like), note
+
+
+def test_an_sqlite_too_old_for_the_queue_is_refused_at_open_with_what_to_do() -> None:
+    """Every change of state reads its rows back (``RETURNING``, SQLite 3.35): an older
+    library (RHEL 9's 3.34.1) is refused when the queue opens, not at the first claim."""
+    with pytest.raises(QueueError, match=r"needs SQLite 3\.35\.0 or newer.*has 3\.34\.1"):
+        queue_module._check_sqlite((3, 34, 1))
+    queue_module._check_sqlite((3, 35, 0))
+    queue_module._check_sqlite(sqlite3.sqlite_version_info)  # this machine's runs the suite

@@ -245,7 +245,7 @@ _WARNED = STORED_WITH_WARNING + " "
 
 def _warned(note: str | None) -> bool:
     """``note LIKE 'stored with warning %'`` as SQLite reads it (ASCII letters in any case)."""
-    if note is None or len(note) <= len(_WARNED):
+    if note is None or len(note) < len(_WARNED):
         return False
     head = note[: len(_WARNED)]
     return head.isascii() and head.lower() == _WARNED

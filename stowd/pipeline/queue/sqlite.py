@@ -381,6 +381,21 @@ _CLAIM_HEAD = (
 )
 
 
+# every change of state reads back the rows it changed (``UPDATE ... RETURNING``: 3.35)
+SQLITE_NEEDED = (3, 35, 0)
+
+
+def _check_sqlite(version: tuple[int, int, int] = sqlite3.sqlite_version_info) -> None:
+    """Refuse, with what to do, an SQLite library older than the queue needs (RHEL 9's
+    Python has 3.34), rather than fail at the first claim."""
+    if version < SQLITE_NEEDED:
+        have, need = ".".join(map(str, version)), ".".join(map(str, SQLITE_NEEDED))
+        raise QueueError(
+            f"the queue needs SQLite {need} or newer; this Python's sqlite3 module has {have} "
+            "(use a Python built with a newer SQLite, or a PostgreSQL queue)"
+        )
+
+
 class SqliteQueue(Queue):
     """The queue in one SQLite file (``config.queue``): one daemon writes it (the lock file),
     ``stowd status`` and the metrics read it beside the daemon (WAL readers)."""
@@ -415,6 +430,7 @@ class SqliteQueue(Queue):
     # -- opening -----------------------------------------------------------------
     def open(self, *, lock: bool = True) -> Self:
         """Create or migrate the database; take the single-daemon lock when ``lock``."""
+        _check_sqlite()
         try:
             self.path.parent.mkdir(mode=QUEUE_MODE | 0o100, parents=True, exist_ok=True)
         except OSError as exc:
