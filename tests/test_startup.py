@@ -3,9 +3,8 @@
 pydicom's import (the whole package, with numpy and requests when they are installed) was
 0.2-0.25 s of the 0.5 s of CPU ``stowd run`` used before its first file.  It is imported only
 once an unusual header, a conversion or a rule needs it: never to start, nor for a usual
-file sent as it is.  Nor is trio (0.06-0.09 s), which httpcore imports when installed.  The
-daemon runs as a subprocess with ``PYTHONPROFILEIMPORTTIME`` (as ``python -X importtime``),
-whose stderr lists every module it imports."""
+file sent as it is.  The daemon runs as a subprocess with ``PYTHONPROFILEIMPORTTIME`` (as
+``python -X importtime``), whose stderr lists every module it imports."""
 
 from __future__ import annotations
 
@@ -19,10 +18,8 @@ from harness import Stowd, make_layout, wait_for
 from orthanc import Orthanc, free_port
 
 IMPORTS = re.compile(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", re.M)
-# pydicom, and what it brings with it; PIL comes only with a photo (stowd.media.decode);
-# trio, which httpcore imports when it is installed (as the test extra installs it), for
-# async code stowd never runs
-NOT_AT_START = ("pydicom", "numpy", "requests", "PIL", "trio")
+# pydicom, and what it brings with it; PIL comes only with a photo (stowd.media.decode)
+NOT_AT_START = ("pydicom", "numpy", "requests", "PIL")
 RULE = {"name": "institution", "default": {"InstitutionName": "City Hospital"}}
 
 
@@ -32,9 +29,8 @@ def imported(log: str) -> set[str]:
 
 
 def unwanted(modules: set[str]) -> list[str]:
-    """The modules of those packages the process loaded.  Only their submodules count: each
-    package loads some as it is imported, while an import refused (trio's, hidden from
-    httpcore by a None in ``sys.modules``) is logged by its bare name, loading nothing."""
+    """The modules of those packages the process loaded (their submodules: each package
+    loads some as it is imported)."""
     return sorted(m for m in modules if m.split(".")[0] in NOT_AT_START and "." in m)
 
 

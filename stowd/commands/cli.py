@@ -9,7 +9,6 @@ stowd, 130 on Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
@@ -17,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -190,28 +189,8 @@ def _reader_gone() -> int:
     return EXIT_READER_GONE
 
 
-@contextlib.contextmanager
-def _not_installed(name: str) -> Iterator[None]:
-    """While the block runs, ``import name`` fails as if ``name`` were not installed (a None in
-    ``sys.modules`` says so); after it, ``name`` imports as usual.
-
-    For the senders' imports: httpcore imports trio whenever it is installed (the test
-    extra's selenium brings it), to serve async code run under trio, which stowd never runs;
-    its import was 0.06-0.09 s of CPU at every start of ``stowd run`` (issue 19)."""
-    if name in sys.modules:
-        yield
-        return
-    sys.modules[name] = None  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        if sys.modules.get(name, name) is None:
-            del sys.modules[name]
-
-
 def _run(config: Config, args: argparse.Namespace) -> int:
-    with _not_installed("trio"):
-        from stowd.service.daemon import Daemon  # noqa: PLC0415
+    from stowd.service.daemon import Daemon  # noqa: PLC0415
 
     logs.setup(args.log_level or config.log_level, args.log_format)
     daemon = Daemon(config)
@@ -416,8 +395,7 @@ def _purge(config: Config, args: argparse.Namespace) -> int:
 
 
 def _migrate(config: Config, args: argparse.Namespace) -> int:
-    with _not_installed("trio"):  # as _run
-        from stowd.commands import migrate, migreport  # noqa: PLC0415
+    from stowd.commands import migrate, migreport  # noqa: PLC0415
 
     problem = _migrate_problem(config, args)
     if problem:

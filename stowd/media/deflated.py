@@ -17,6 +17,7 @@ import struct
 import zlib
 from typing import TYPE_CHECKING, BinaryIO, cast
 
+from stowd import dicomlib
 from stowd.errors import FileProblem
 from stowd.media import elements
 
@@ -81,6 +82,7 @@ def count_header(fp: BinaryIO, head: bytes, *, whole: bool = False) -> int:
         return elements.count(stream.take, stream.skip, explicit=True, little=True, whole=whole)
     explicit, little = syntax != IMPLICIT_LE, syntax != EXPLICIT_BE
     if syntax is None:  # no meta naming it: guessed from the first element, as pydicom does
+        dicomlib.load()  # pydicom whole, one thread at a time
         from pydicom.values import converters  # noqa: PLC0415
 
         first = fp.read(6)
@@ -101,6 +103,7 @@ def read_header(fp: BinaryIO, start: int) -> FileDataset:
             f"the DICOM header cannot be read: its File Meta Information is larger than "
             f"{HEADER_LIMIT // MIB} MiB (the file is damaged or made to exhaust memory)"
         )
+    dicomlib.load()  # pydicom whole, one thread at a time
     import pydicom  # noqa: PLC0415
 
     fp.seek(0)
@@ -202,6 +205,7 @@ def _parse(held: bytes, *, final: bool, big: bool) -> tuple[Dataset | None, int]
     """The data set parsed from ``held`` up to the pixel data, and where parsing stopped;
     (None, 0) when ``held`` is cut too short to parse (an error once ``final``).  A ``big``
     copy's elements are counted first (``FileProblem`` when there are too many)."""
+    dicomlib.load()  # pydicom whole, one thread at a time
     from pydicom.filereader import read_dataset  # noqa: PLC0415
 
     memory = io.BytesIO(held)

@@ -28,10 +28,11 @@ HEAD_BYTES = 64 * 1024  # a header that ends within these bytes is parsed from m
 @contextmanager
 def header_errors() -> Iterator[None]:
     """pydicom's errors while a header is read become ``FileProblem`` (the file is damaged);
-    a real I/O error (with an errno) passes, since the file may be readable later."""
+    a real I/O error (with an errno) passes, since the file may be readable later, and so
+    does a failed import (of pydicom, imported only now: stowd's fault, not the file's)."""
     try:
         yield
-    except FileProblem:
+    except (FileProblem, ImportError):  # an import that failed says nothing of the file
         raise
     except OSError as exc:
         if exc.errno is not None:

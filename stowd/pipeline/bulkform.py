@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stowd import dicomlib
 from stowd.dicomweb.stowbody import Part
 from stowd.media.reading import Media
 from stowd.pipeline.queue import Job
@@ -23,6 +24,7 @@ if TYPE_CHECKING:  # bulkdata (pydicom) is imported where an instance is built (
 
 def sop_class_name(uid: str) -> str:
     """The name of a SOP Class, e.g. "Encapsulated PDF Storage"."""
+    dicomlib.load()  # pydicom whole, one thread at a time
     from pydicom.uid import UID  # noqa: PLC0415 - as bulkdata below
 
     return str(UID(uid).name)
@@ -41,6 +43,7 @@ def bulk_part(
     expect: tuple[int, int],
 ) -> Part:
     """The metadata and the bulk part of the instance built from ``job``'s file."""
+    dicomlib.load()  # pydicom whole, one thread at a time
     from stowd.media import bulkdata  # noqa: PLC0415 - pydicom: not at start (issue 19)
 
     source = Path(job.path)
@@ -77,6 +80,7 @@ def bulk_part(
 
 def instance_json(instance: bulkdata.Instance, location: str) -> dict[str, Any]:
     """The instance in the DICOM JSON model, its bulk attribute pointing at ``location``."""
+    dicomlib.load()  # pydicom whole, one thread at a time
     from stowd.media import bulkdata  # noqa: PLC0415 - as bulk_part
 
     doc: dict[str, Any] = instance.dataset.to_json_dict(bulk_data_threshold=2**31)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, cast
 
-from stowd import dropped
+from stowd import dicomlib, dropped
 from stowd.errors import FileIncomplete, FileProblem, FileUnreadable, FileVanished, NotDicom
 from stowd.media import deflated, elements, quickheader
 from stowd.media.dicomfile import (
@@ -322,6 +322,7 @@ def _quick_keys(walked: quickheader.Walked, head: bytes) -> tuple[Classified, st
 def _parse_held(head: bytes) -> pydicom.Dataset:
     """pydicom's header of bytes ``quickheader`` walked: the parse ``_read_header`` makes of
     them (the walk accepts only what it parses without an error, ending where it ended)."""
+    dicomlib.load()  # pydicom whole, one thread at a time
     import pydicom  # noqa: PLC0415 - a header walked needs none of pydicom until now
 
     with header_errors(), warnings.catch_warnings():
@@ -342,6 +343,7 @@ def _read_header(fp: BinaryIO, size: int, head: bytes, path: str | None) -> pydi
     instead of ~0.6 ms with a busy thread beside it.  The bytes parsed are the same either way.
     ``head``: the file's first ``HEAD_BYTES``.
     """
+    dicomlib.load()  # pydicom whole, one thread at a time
     import pydicom  # noqa: PLC0415 - only a header the walk left to pydicom comes here
 
     start = deflated.data_set_start(fp, head)

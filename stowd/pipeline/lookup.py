@@ -29,6 +29,7 @@ from urllib.parse import urlencode
 
 import httpx
 
+from stowd import dicomlib
 from stowd.config.model import Config, Destination
 from stowd.config.yamlwalk import redact_url
 from stowd.dicomweb.client import http_client, qido_get
@@ -249,6 +250,7 @@ def _item(doc: dict[str, Any]) -> Item:
 
 
 def _keyword(tag: str) -> str | None:
+    dicomlib.load()  # pydicom whole, one thread at a time
     from pydicom.datadict import keyword_for_tag  # noqa: PLC0415 - not at start (issue 19)
 
     try:
@@ -380,6 +382,7 @@ def _checked(values: Item) -> Item:
 
 
 def _tag(keyword: str) -> str:
+    dicomlib.load()  # pydicom whole, one thread at a time
     from pydicom.datadict import dictionary_VR, tag_for_keyword  # noqa: PLC0415 - as _keyword
 
     tag = tag_for_keyword(keyword)

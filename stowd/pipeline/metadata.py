@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from stowd import dicomlib
 from stowd.config.model import Config, Source
 from stowd.errors import (
     FileProblem,
@@ -266,6 +267,7 @@ def spool_copy(
 ) -> Path:
     """Write the copy of ``job``'s file with ``changes`` (None: none) to the spool folder,
     converted to Explicit VR Little Endian with ``explicit`` (``rewrite``)."""
+    dicomlib.load()  # pydicom whole, one thread at a time
     from stowd.media.rewrite import apply, rewrite  # noqa: PLC0415 - pydicom: not at start
 
     target = spool_path(config, job)

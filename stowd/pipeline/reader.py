@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 
-from stowd import dropped
+from stowd import dicomlib, dropped
 from stowd.config.model import Config, Source
 from stowd.errors import (
     FileIncomplete,
@@ -219,6 +219,7 @@ class Reader:
         sop = p.sop_uid or (made.instance if made else "")
         sop_class = c.sop_class
         if c.media is not None:  # pydicom's import is left to a file that needs it (issue 19)
+            dicomlib.load()  # pydicom whole, one thread at a time
             from stowd.media import bulkdata  # noqa: PLC0415
 
             sop_class = bulkdata.sop_class_for(c.media, photographic=photographic(source))

@@ -21,6 +21,7 @@ from typing import BinaryIO
 
 import yaml
 
+from stowd import dicomlib
 from stowd.config.model import Sidecars
 from stowd.config.yamlwalk import DicomLoader
 from stowd.errors import FileProblem, FileUnreadable, FileVanished, judging_input
@@ -334,6 +335,7 @@ def _keyword_of(tag: str) -> str:
         raise ValueError(f"tag {tag} is a private tag; sidecars can only set standard attributes")
     if number & 0xFFFF == 0:
         raise ValueError(f"tag {tag} is a group length, which is computed when the file is written")
+    dicomlib.load()  # pydicom whole, one thread at a time
     from pydicom.datadict import get_entry  # noqa: PLC0415 - a sidecar names it: not at start
 
     try:
@@ -343,6 +345,7 @@ def _keyword_of(tag: str) -> str:
 
 
 def _check_vr(label: str, attr: vr.Attr, written: object) -> None:
+    dicomlib.load()  # pydicom whole, one thread at a time
     from pydicom.datadict import get_entry  # noqa: PLC0415 - as _keyword_of
 
     allowed = get_entry(attr.tag)[0].split(" or ")

@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from stowd import dicomlib
 from stowd.config.model import TRANSCODE_EXPLICIT, BatchLimits, Config, Destination
 from stowd.config.schedule import local_now
 from stowd.dicomweb.answers import answer_seconds
@@ -375,6 +376,7 @@ class Worker:
     def _built_instance(self, job: Job, spooled: list[Path]) -> Part:
         """The DICOM instance made from a file that is not DICOM (a PDF, a photo, a video):
         a Part-10 file in the spool, or its metadata and bulk data (``bulkdata: metadata``)."""
+        dicomlib.load()  # pydicom whole, one thread at a time
         from stowd.media import bulkdata  # noqa: PLC0415 - pydicom: not at start (issue 19)
 
         made = job.made_uids()

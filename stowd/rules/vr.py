@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TypeAlias
 
+from stowd import dicomlib
+
 Scalar: TypeAlias = str | int | float
 Value: TypeAlias = "Scalar | None | list[Scalar | Item]"  # noqa: RUF036
 Item: TypeAlias = "dict[str, Value]"
@@ -94,8 +96,9 @@ def dictionary() -> tuple[dict[int, Entry], dict[str, Entry]]:
     ``check-config`` pay for a dictionary that is plain data (issue 19): its file is read on
     its own, pydicom's own module used when pydicom is imported already or the file cannot
     be read alone."""
-    module = sys.modules.get("pydicom._dicom_dict") or _dictionary_alone()
+    module = None if "pydicom" in sys.modules else _dictionary_alone()
     if module is None:
+        dicomlib.load()  # imported whole, or being imported by another thread: waited for
         from pydicom import _dicom_dict  # noqa: PLC0415
 
         module = _dicom_dict
@@ -119,7 +122,7 @@ def _dictionary_alone() -> ModuleType | None:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-    except (OSError, ImportError):
+    except Exception:  # a later pydicom's file that no longer runs alone: its own import
         return None
     return module
 

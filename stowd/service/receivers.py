@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from stowd import dicomlib
 from stowd.config.model import Config, Receive, Source
 from stowd.errors import StowdError
 from stowd.pipeline import counters
@@ -112,6 +113,7 @@ class Receivers:
         return found
 
     def _open(self, source: Source, config: Config) -> None:
+        dicomlib.load()  # pydicom whole, one thread at a time
         from stowd.pipeline.receive import Receiver  # noqa: PLC0415 - pynetdicom: only here
 
         receiver = Receiver(source, self.queue, incoming_folder(config.queue))
