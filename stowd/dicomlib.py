@@ -8,8 +8,8 @@ import it for the first time together: in CPython a ``from pydicom.dataset impor
 not wait for another thread's ``import pydicom`` still under way, and gets its half-built
 modules ("cannot import name 'Dataset' from partially initialized module"; a usual file
 then went to failed/ as damaged).  Every import of pydicom or of a module of stowd that
-imports it at its top is preceded by ``load()``; ``loaded()`` says, without importing it,
-whether pydicom is there whole.
+imports it at its top is preceded by ``load()``
+(``tests/test_dicomlib.py`` checks that each is).
 """
 
 from __future__ import annotations
@@ -48,9 +48,3 @@ def load() -> None:
             for name in MODULES:
                 importlib.import_module(name)
             _whole.set()
-
-
-def loaded() -> bool:
-    """pydicom is imported whole (``load`` returned): its state may be read without
-    importing it (a module of it merely in ``sys.modules`` may still be half-built)."""
-    return _whole.is_set()

@@ -10,6 +10,7 @@ threads, so that one of them lands inside the other's import."""
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -82,3 +83,80 @@ def test_a_header_read_while_another_thread_imports_pydicom_is_read(tmp_path: Pa
         assert done.returncode == 0, done.stderr
         found = json.loads(done.stdout)
         assert found == {"reader": [], "worker": "Encapsulated PDF Storage"}, offset
+
+
+# what imports pydicom when it is imported: pydicom itself, pynetdicom (a receiver), and the
+# modules of stowd that import it at their top
+NEEDS_PYDICOM = (
+    "pydicom",
+    "pynetdicom",
+    "stowd.media.bulkdata",
+    "stowd.media.decode",
+    "stowd.media.explicit",
+    "stowd.media.instance",
+    "stowd.media.part10",
+    "stowd.media.rewrite",
+    "stowd.pipeline.receive",
+)
+# a function handed pydicom's own element: pydicom is whole already
+UNGUARDED = {("stowd/pipeline/metadata.py", "pydicom.multival")}
+
+
+def _names(node: ast.Import | ast.ImportFrom) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    module = node.module or ""
+    return [module, *(f"{module}.{alias.name}" for alias in node.names)]
+
+
+def _needs(name: str) -> bool:
+    return any(name == n or name.startswith(n + ".") for n in NEEDS_PYDICOM)
+
+
+def _loads(statement: ast.stmt) -> bool:
+    """``dicomlib.load()`` as a statement of its own."""
+    call = statement.value if isinstance(statement, ast.Expr) else None
+    return (
+        isinstance(call, ast.Call)
+        and isinstance(call.func, ast.Attribute)
+        and call.func.attr == "load"
+        and isinstance(call.func.value, ast.Name)
+        and call.func.value.id == "dicomlib"
+    )
+
+
+def _unguarded(path: Path) -> list[str]:
+    """The imports inside functions of ``path`` that import pydicom without a
+    ``dicomlib.load()`` earlier in the same block."""
+    found = []
+    for func in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for block in ast.walk(func):
+            body = getattr(block, "body", None)
+            if not isinstance(body, list):
+                continue
+            loaded = False
+            for statement in body:
+                loaded = loaded or _loads(statement)
+                if isinstance(statement, ast.Import | ast.ImportFrom) and not loaded:
+                    needed = [n for n in _names(statement) if _needs(n)]
+                    if needed:
+                        found.append(f"{func.name}:{statement.lineno} {needed[0]}")
+    return found
+
+
+def test_every_import_of_pydicom_in_a_function_loads_it_whole_first() -> None:
+    """The lock works only if every importer takes it: an import inside a function (all of
+    stowd's imports of pydicom are, off the start path) of pydicom, pynetdicom or a module
+    of stowd that imports it at its top comes after ``dicomlib.load()`` in its block (a
+    ``MultiValue`` imported where pydicom's own element is in hand excepted).  Made to fail
+    by taking out one ``load()``."""
+    problems = []
+    for path in sorted((ROOT / "stowd").rglob("*.py")):
+        relative = str(path.relative_to(ROOT))
+        for hit in _unguarded(path):
+            if (relative, hit.split(" ")[1]) in UNGUARDED:
+                continue
+            problems.append(f"{relative} {hit}")
+    assert problems == []

@@ -34,8 +34,6 @@ import struct
 import sys
 from dataclasses import dataclass
 
-from stowd import dicomlib
-
 IMPLICIT = "1.2.840.10008.1.2"
 REFUSED_SYNTAXES = frozenset({"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"})  # big, deflated
 PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
@@ -314,14 +312,11 @@ def _known_charset(raw: bytes, vr: bytes) -> bool:
 
 def _private_syntaxes() -> list[str]:
     """The private transfer syntaxes pydicom was told of (``register_transfer_syntax``): none
-    while pydicom is not imported, so it is not imported to ask.  Once its import has begun
-    (in any thread) it is waited for: a half-built ``pydicom.uid`` has no list yet."""
-    if "pydicom.uid" not in sys.modules:
-        return []
-    dicomlib.load()
-    import pydicom.uid  # noqa: PLC0415 - imported whole already (dicomlib.load)
-
-    return list(pydicom.uid.PrivateTransferSyntaxes)
+    while pydicom is not imported, so it is not imported to ask; none either while another
+    thread's import of it is under way (a half-built ``pydicom.uid`` has no list yet, and
+    nothing can be registered before it has) or after an import of it failed."""
+    uid = sys.modules.get("pydicom.uid")
+    return [] if uid is None else list(getattr(uid, "PrivateTransferSyntaxes", ()))
 
 
 def _uid(raw: bytes) -> str | None:
