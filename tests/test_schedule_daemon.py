@@ -32,6 +32,13 @@ FILES = 4
 LEAD = 5  # seconds at least between the reload and the window's opening
 
 
+def all_sent(layout: Layout) -> bool:
+    """Every file in sent/ and its row finished: a file is moved before its row counts it
+    done (after the folder's fsync), so sent/ alone may run a moment ahead of the rows."""
+    found = rows(layout)
+    return len(layout.files(layout.sent)) == FILES and all(r["state"] == "sent" for r in found)
+
+
 def rows(layout: Layout) -> list[dict[str, Any]]:
     """Every row of the queue (read-only, as ``stowd status`` reads it)."""
     db = layout.root / "state" / "queue.db"
@@ -122,7 +129,7 @@ def test_files_are_queued_outside_the_window_and_sent_once_it_opens(
         assert daemon.proc is not None
         daemon.proc.send_signal(signal.SIGHUP)
         wait_for(
-            lambda: len(layout.files(layout.sent)) == FILES,
+            lambda: all_sent(layout),
             LEAD + 60 + 60,
             "the files sent once the window opened",
             lambda: daemon.log,
@@ -155,7 +162,7 @@ def test_nothing_is_sent_outside_the_window_until_a_reload_opens_it(
         assert daemon.proc is not None
         daemon.proc.send_signal(signal.SIGHUP)
         wait_for(
-            lambda: len(layout.files(layout.sent)) == FILES,
+            lambda: all_sent(layout),
             60,
             "sent after the reload",
             lambda: daemon.log,
