@@ -17,7 +17,6 @@ import pytest
 from harness import Clock, make_watch_folders, wait_for
 from postgres import PostgresCluster, node_config, pass_time
 from selenium.webdriver import Chrome
-from selenium.webdriver.common.by import By
 
 from stowd.config.load import load_config
 from stowd.config.model import Config, Http
@@ -186,23 +185,31 @@ def test_metrics_carry_each_nodes_heartbeat_age_lease_and_files(
     )
 
 
+def _read(browser: Chrome, selector: str, field: str) -> object:
+    """An element's property read in one script: the page's refresh replaces its table and
+    time stamp, so an element found first and read after could be gone (a stale element)."""
+    return browser.execute_script(
+        "const e = document.querySelector(arguments[0]);"
+        " return e === null ? null : e[arguments[1]];",
+        selector,
+        field,
+    )
+
+
 @pytest.mark.integration
 def test_the_nodes_table_in_a_browser_shows_the_host_as_text_after_a_refresh(
     fleet: Fleet2, browser: Chrome
 ) -> None:
     browser.get(fleet.base)
-    first = browser.find_element(By.ID, "updated").text
+    first = _read(browser, "#updated", "innerText")
     wait_for(
-        lambda: browser.find_element(By.ID, "updated").text != first,
+        lambda: _read(browser, "#updated", "innerText") != first,
         60.0,
         "the page refreshed by its script",
     )
-    cell = browser.find_element(
-        By.CSS_SELECTOR, '#nodes tr[data-node="node-b"] td[data-field="host"]'
-    )
-    assert cell.text == f"{escape(HOSTILE_HOST)} (pid 4242)"
-    row = browser.find_element(By.CSS_SELECTOR, '#nodes tr[data-node="node-b"]')
-    assert row.get_attribute("class") == "vanished"
+    cell = '#nodes tr[data-node="node-b"] td[data-field="host"]'
+    assert _read(browser, cell, "innerText") == f"{escape(HOSTILE_HOST)} (pid 4242)"
+    assert _read(browser, '#nodes tr[data-node="node-b"]', "className") == "vanished"
     found = browser.execute_script(
         "return {img: document.querySelectorAll('#nodes img, #nodes script').length,"
         " owned: window.owned === undefined ? null : String(window.owned)}"
