@@ -46,6 +46,9 @@ from typing import Any
 
 from benchlib import count_files, discard_process, stowd_env
 
+# the file system calls ``--strace`` records
+STRACED = "openat,openat2,newfstatat,fstat,statx,close,read,pread64,preadv2,ioctl,lseek,fcntl"
+
 
 def profiled_child(config: str, out: str, timer: str = "wall") -> int:
     """Run ``stowd run -c config`` here with a profiler per thread; dump ``out.<thread>``
@@ -191,9 +194,28 @@ def main() -> int:
         action="store_true",
         help="profile each thread's CPU time (time.thread_time), not wall time",
     )
+    parser.add_argument(
+        "--strace",
+        type=Path,
+        metavar="FILE",
+        help="run stowd under strace -f, its file system calls written to FILE (slow: count "
+        "the calls per file, do not time it)",
+    )
     args = parser.parse_args()
     with discard_process() as endpoint:
         return profile(args, endpoint.url)
+
+
+def stop(proc: subprocess.Popen[bytes], *, traced: bool) -> None:
+    """Stop stowd, ``proc`` or (``traced``) strace's child: strace would kill it, without
+    its report; strace slows it a lot."""
+    if traced:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        for pid in children:
+            os.kill(int(pid), signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    proc.wait(600 if traced else 60)
 
 
 def profile(args: argparse.Namespace, url: str) -> int:
@@ -221,6 +243,8 @@ def profile(args: argparse.Namespace, url: str) -> int:
             command.append("cpu" if args.cpu_profile else "wall")
         elif args.sql:
             command.append("sql")
+        if args.strace:
+            command = ["strace", "-f", "-e", f"trace={STRACED}", "-o", str(args.strace), *command]
         log = (work / "stowd.log").open("wb")  # as bench/throughput.py runs it
         proc = subprocess.Popen(command, stderr=log, env=stowd_env(), cwd=work)
         log.close()  # the child has its own descriptor
@@ -231,8 +255,7 @@ def profile(args: argparse.Namespace, url: str) -> int:
         while count_files(work / "sent") < total and proc.poll() is None:
             time.sleep(0.05)
         seconds = time.monotonic() - started
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+        stop(proc, traced=bool(args.strace))
         if args.cpu:
             print(f"{total} files of {args.size}: {total / seconds:.0f} files/s")
             cpu_report(out, total)

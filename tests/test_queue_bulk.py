@@ -3,14 +3,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
 from harness import Clock
 from postgres import queue_backend  # noqa: F401 - its queue tests run on both backends
 
-from stowd.pipeline.queue import ENQUEUE_PART, Classification, NewFile, Queue, SqliteQueue
+from stowd.pipeline.queue import (
+    ALREADY_STORED,
+    ENQUEUE_PART,
+    Classification,
+    NewFile,
+    Queue,
+    SqliteQueue,
+)
 
 RAW = os.fsdecode(b"\xff\xfe-raw.dcm")  # a name that is not UTF-8: stored as its bytes
 
@@ -128,3 +138,90 @@ def test_a_file_changed_while_sent_is_queued_when_its_row_is_done(
     queue.finish_many([(j.id, "sent") for j in claimed])
     assert [(j.path, j.size) for j in queue.jobs("pending")] == [(str(p), 99) for p in paths]
     assert queue._after == {}
+
+
+def test_settling_and_classifying_many_rows_at_once_changes_each_as_its_own(
+    sqlite_queue: SqliteQueue, tmp_path: Path, clock: Clock
+) -> None:
+    """``set_classified`` and ``begin_settle`` change many rows with one statement a part
+    (their values joined as a table): each row ends with its own values, over several
+    parts, with names that are not UTF-8, except rows whose content changed since they were
+    read (not classified) and rows lost meanwhile (not settled); the counts agree."""
+    queue, count = sqlite_queue, 400  # several parts of either statement
+    queue.enqueue([new(tmp_path / f"f{i}-{RAW}", mtime=i) for i in range(count)])
+    jobs = queue.jobs()
+    # read before the file changed (its size, or only its mtime): not classified
+    stale = {j.id: dataclasses.replace(j, size=99) for j in jobs[::7]}
+    stale.update({j.id: dataclasses.replace(j, mtime_ns=-1) for j in jobs[3::7]})
+    queue.set_classified(
+        [
+            Classification(
+                stale.get(j.id, j),
+                "dicom",
+                f"1.2.{j.id % 2}",
+                f"sop{j.id}-{RAW}",
+                "1.2",
+                sidecars=((f"{j.path}.txt", f"text {j.id} {RAW}"),),
+            )
+            for j in jobs
+        ]
+    )
+    after = {j.id: j for j in queue.jobs()}
+    for i, j in after.items():
+        read = i not in stale
+        assert (j.kind, j.sop_uid) == (("dicom", f"sop{i}-{RAW}") if read else (None, None))
+        assert j.study_uid == (f"1.2.{i % 2}" if read else None)
+        assert (j.sidecars is not None and f"text {i} " in j.sidecars) == read
+    claimed = queue.claim_batch(["pacs"], pick=lambda _d, js: js, candidates=count, lease=60)
+    claimed += queue.claim_batch(["pacs"], pick=lambda _d, js: js, candidates=count, lease=60)
+    assert len(claimed) == count - len(stale)
+    queue.release([j.id for j in claimed[::5]])  # lost: not this node's claims any more
+    plans = [
+        (
+            j,
+            "sent" if j.id % 3 else "failed",
+            f"/sent/{j.id}-{RAW}",
+            {"e": j.id} if j.id % 2 else None,
+        )
+        for j in claimed
+    ]
+    notes = {j.id: ALREADY_STORED for j in claimed[::4]}
+    lost = queue.begin_settle(plans, notes=notes)
+    assert set(lost) == {j.id for j in claimed[::5]}
+    rows = {j.id: j for j in queue.jobs()}
+    for j, outcome, target, error in plans:
+        row = rows[j.id]
+        if j.id in lost:
+            assert (row.state, row.outcome, row.target) == ("pending", None, None)
+            continue
+        assert (row.state, row.outcome, row.target) == ("settling", outcome, target)
+        assert row.error == (None if error is None else json.dumps(error))
+    assert queue.counts()["settling"] == len(claimed) - len(lost)
+    with sqlite3.connect(queue.path) as db:
+        noted = {r[0] for r in db.execute("SELECT id FROM files WHERE note IS NOT NULL")}
+        node = {r[0] for r in db.execute("SELECT node FROM files WHERE state = 'settling'")}
+    assert noted == set(notes) - set(lost)
+    assert node == {queue.node}
+    settling = [t for t in queue.tally(clock()) if t.state == "settling"]
+    assert sum(t.files for t in settling) == len(claimed) - len(lost)
+    assert sum(t.already for t in settling) == len(noted)
+    assert sum(t.stored for t in settling) == sum(
+        o == "sent" for j, o, _, _ in plans if j.id not in lost
+    )
+
+
+def test_a_settle_naming_a_row_twice_records_it_as_row_by_row(sqlite_queue: SqliteQueue) -> None:
+    """SQLite: the first of the two records the move; the second finds the row settling,
+    not claimed, and leaves it as the first left it (and the counts agree)."""
+    queue = sqlite_queue
+    queue.enqueue([new("/drop/a")])
+    (job,) = queue.jobs()
+    queue.set_classified([Classification(job, "dicom", "1.2", "sop", "1.2")])
+    (claimed,) = queue.claim_batch(["pacs"], pick=lambda _d, js: js, candidates=10, lease=60)
+    lost = queue.begin_settle(
+        [(claimed, "sent", "/sent/a", None), (claimed, "failed", "/failed/a", {"e": 1})]
+    )
+    assert lost == {}
+    (row,) = queue.jobs()
+    assert (row.state, row.outcome, row.target, row.error) == ("settling", "sent", "/sent/a", None)
+    assert queue.counts()["settling"] == 1

@@ -291,9 +291,9 @@ def opened(monkeypatch: pytest.MonkeyPatch) -> list[BinaryIO]:
     """Every file ``stowd.stowbody`` opens, so a test can check none is left open."""
     files: list[BinaryIO] = []
 
-    def tracking_open(path: str, mode: str = "r") -> BinaryIO:
-        fp = builtins.open(path, mode)  # noqa: SIM115 - the test checks it gets closed
-        assert isinstance(fp, io.BufferedReader)
+    def tracking_open(path: str, mode: str = "r", buffering: int = -1) -> BinaryIO:
+        fp = builtins.open(path, mode, buffering)  # noqa: SIM115 - the test checks it gets closed
+        assert isinstance(fp, io.FileIO)  # raw: the body reads through its descriptor
         files.append(fp)
         return fp
 
@@ -423,11 +423,11 @@ def test_open_raises_file_vanished_when_the_size_changed(
 def test_open_closes_files_on_any_error(
     parts: list[Part], monkeypatch: pytest.MonkeyPatch, opened: list[BinaryIO]
 ) -> None:
-    def refuse_third(path: str, mode: str = "r") -> BinaryIO:
+    def refuse_third(path: str, mode: str = "r", buffering: int = -1) -> BinaryIO:
         if path == parts[2].path:
             raise PermissionError(13, "Permission denied", path)
-        fp = builtins.open(path, mode)  # noqa: SIM115 - the test checks it gets closed
-        assert isinstance(fp, io.BufferedReader)
+        fp = builtins.open(path, mode, buffering)  # noqa: SIM115 - the test checks it gets closed
+        assert isinstance(fp, io.FileIO)  # raw: the body reads through its descriptor
         opened.append(fp)
         return fp
 

@@ -104,7 +104,9 @@ class Body:
         try:
             for part in self.parts:
                 try:
-                    fp = dropped.open_file(part.path, open)  # open: the tests' seam
+                    # raw: read through its descriptor (preadv) or in CHUNKs, never
+                    # through a buffer (a buffered reader's set-up asked for its position)
+                    fp = dropped.open_file(part.path, open, unbuffered=True)  # open: tests' seam
                 except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
                     raise FileVanished(f"{part.path} vanished", path=part.path) from exc
                 except LinkRefused as exc:  # a link planted since it was read
