@@ -6,6 +6,7 @@ Usage (from the repository root)::
     .venv/bin/python bench/profile_stowd.py --files 3000 --cpu     # CPU seconds, no profiler
     .venv/bin/python bench/profile_stowd.py --files 10000 --cpu --sql   # and of each statement
     .venv/bin/python bench/profile_stowd.py --files 20000 --cpu-profile --keep DIR  # CPU time
+    .venv/bin/python bench/profile_stowd.py --files 10000 --cpu --cpu-core auto  # cpu: auto
 
 Generates the files (as bench/throughput.py does), starts ``stowd run`` in a child process
 whose every thread runs under its own ``cProfile.Profile``, moves the study folders into the
@@ -195,6 +196,12 @@ def main() -> int:
         help="profile each thread's CPU time (time.thread_time), not wall time",
     )
     parser.add_argument(
+        "--cpu-core",
+        metavar="VALUE",
+        help="write cpu: VALUE into stowd's config (a core number or auto: every thread of "
+        "stowd on that one core, docs/configuration.md); default: no cpu: key",
+    )
+    parser.add_argument(
         "--strace",
         type=Path,
         metavar="FILE",
@@ -204,6 +211,23 @@ def main() -> int:
     args = parser.parse_args()
     with discard_process() as endpoint:
         return profile(args, endpoint.url)
+
+
+def _allowed_cpus(pid: int) -> str:
+    """The CPUs every thread of ``pid`` may run on (``Cpus_allowed_list``), or a note of
+    threads that differ."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+        except OSError:
+            continue  # the thread ended
+        found |= {
+            line.split(":", 1)[1].strip()
+            for line in status.splitlines()
+            if line.startswith("Cpus_allowed_list:")
+        }
+    return " and ".join(sorted(found)) + (" (the threads differ)" if len(found) > 1 else "")
 
 
 def stop(proc: subprocess.Popen[bytes], *, traced: bool) -> None:
@@ -234,6 +258,8 @@ def profile(args: argparse.Namespace, url: str) -> int:
         if args.log_level != "WARNING":  # the benchmarks' own config logs warnings only
             text = config.read_text().replace("log_level: WARNING", f"log_level: {args.log_level}")
             config.write_text(text)
+        if args.cpu_core is not None:
+            config.write_text(config.read_text() + f"cpu: {args.cpu_core}\n")
         for study in sorted((tmp / "stage").iterdir()):
             shutil.copytree(study, work / "incoming" / study.name, copy_function=os.link)
         out = tmp / ("cpu.json" if args.cpu else "stowd.prof")
@@ -249,6 +275,7 @@ def profile(args: argparse.Namespace, url: str) -> int:
         proc = subprocess.Popen(command, stderr=log, env=stowd_env(), cwd=work)
         log.close()  # the child has its own descriptor
         wait_started(work / "state" / "queue.db", proc)
+        allowed = _allowed_cpus(proc.pid) if args.cpu_core is not None else None
         started = time.monotonic()
         for study in sorted((work / "incoming").iterdir()):
             study.rename(work / "drop" / study.name)
@@ -258,6 +285,8 @@ def profile(args: argparse.Namespace, url: str) -> int:
         stop(proc, traced=bool(args.strace))
         if args.cpu:
             print(f"{total} files of {args.size}: {total / seconds:.0f} files/s")
+            if allowed is not None:
+                print(f"  cpu: {args.cpu_core}: stowd's threads ran on CPUs {allowed}")
             cpu_report(out, total)
             with (work / "stowd.log").open("rb") as log_file:
                 lines = sum(1 for _ in log_file)

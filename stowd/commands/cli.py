@@ -191,9 +191,11 @@ def _reader_gone() -> int:
 
 def _run(config: Config, args: argparse.Namespace) -> int:
     from stowd.service.daemon import Daemon  # noqa: PLC0415
+    from stowd.service.pinning import pin_at_start  # noqa: PLC0415
 
     logs.setup(args.log_level or config.log_level, args.log_format)
-    daemon = Daemon(config)
+    pinning = pin_at_start(config)  # before the daemon's threads (they inherit the mask)
+    daemon = Daemon(config, pinning=pinning)
     daemon.install_signals()
     try:
         daemon.run()
@@ -396,12 +398,14 @@ def _purge(config: Config, args: argparse.Namespace) -> int:
 
 def _migrate(config: Config, args: argparse.Namespace) -> int:
     from stowd.commands import migrate, migreport  # noqa: PLC0415
+    from stowd.service.pinning import pin_at_start  # noqa: PLC0415
 
     problem = _migrate_problem(config, args)
     if problem:
         print(f"stowd migrate: {problem}", file=sys.stderr)
         return EXIT_USAGE
     logs.setup(args.log_level, "text")
+    pin_at_start(config)  # before the migration's threads (they inherit the mask)
     folders = tuple(Path(os.path.abspath(f)) for f in args.folders)
     tty = sys.stderr.isatty()
     if tty:

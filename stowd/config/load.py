@@ -64,6 +64,7 @@ from stowd.config.model import (
     BatchLimits,
     Bulkdata,
     Config,
+    Cpu,
     Destination,
     Receive,
     Retry,
@@ -81,6 +82,7 @@ from stowd.config.yamlwalk import (
     Section,
     as_bool,
     as_choice,
+    as_cpu,
     as_destination,
     as_dicomweb_base,
     as_duration,
@@ -119,6 +121,7 @@ _TOP_KEYS = (
     "uid_root",
     "metrics",
     "http",
+    "cpu",
     *QUEUE_KEYS[1:],  # queue_password, node, state, lease (queueconfig.py)
 )
 _RETRY_KEYS = ("initial", "maximum", "multiplier", "max_age", "hold_probe", "max_refusals")
@@ -680,6 +683,19 @@ def _check_folders(top: Section, sources: list[_Folders], place: QueuePlace) -> 
             )
 
 
+def _read_cpu(top: Section) -> Cpu | None:
+    """``cpu:`` (issue 19): absent or null: no pinning; whether the core is one the process
+    may use is known only where it runs (stowd/service/pinning.py checks it at start)."""
+    node = top.value_node("cpu")
+    if node is None or is_null(node):
+        return None
+    problems = len(top.ctx.problems)
+    core = top.get("cpu", None, as_cpu)
+    if len(top.ctx.problems) > problems:
+        return None
+    return Cpu(core, top.line("cpu"))
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -728,6 +744,7 @@ def _build(ctx: Context, path: Path, root: Node, watch_exists: bool) -> Config |
     original = top.get("original_attributes", False, as_bool)
     uid_root = top.get("uid_root", None, as_uid_root)
     http, metrics = read_http(top)
+    cpu = _read_cpu(top)
     _check_folders(top, folders, place)
     if queue is None:
         return None
@@ -748,6 +765,7 @@ def _build(ctx: Context, path: Path, root: Node, watch_exists: bool) -> Config |
         database=place.database,
         node=place.node,
         lease=place.lease,
+        cpu=cpu,
     )
 
 

@@ -279,6 +279,18 @@ class Database:
 
 
 @dataclass(frozen=True)
+class Cpu:
+    """``cpu:`` (issue 19): the one core every thread of stowd runs on, so that the GIL is not
+    handed across cores at every system call (stowd/service/pinning.py applies it)."""
+
+    core: int | None  # None: ``auto``, the least busy allowed core, judged when applied
+    line: int | None = field(default=None, compare=False)  # for the error naming the key
+
+    def shown(self) -> str:
+        return "auto" if self.core is None else str(self.core)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration."""
 
@@ -301,6 +313,7 @@ class Config:
     node: str = ""  # this host's name among the nodes of a shared queue (the loader's default:
     # the host name)
     lease: float = DEFAULT_LEASE  # a shared queue's claims: renewed every third of it
+    cpu: Cpu | None = None  # issue 19: None: the kernel spreads stowd's threads (the default)
 
     @property
     def warnings(self) -> list[str]:

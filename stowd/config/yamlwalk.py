@@ -229,6 +229,19 @@ def as_int(minimum: int) -> Callable[[object], int]:
     return convert
 
 
+def as_cpu(value: object) -> int | None:
+    """``cpu:``: a core number (0 or more), or ``auto`` (None)."""
+    if value == "auto" and isinstance(value, str):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(
+            f"expected a CPU core number such as 1, or auto, got {describe_value(value)}"
+        )
+    if value < 0:
+        raise ValueError(f"a CPU core number is 0 or more, got {value}")
+    return value
+
+
 def as_bool(value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"expected true or false (without quotes), got {describe_value(value)}")

@@ -65,6 +65,7 @@ from stowd.pipeline.worker import Worker
 from stowd.service import inflight, metrics, web
 from stowd.service.fleet import Fleet
 from stowd.service.notify import Notifier
+from stowd.service.pinning import Pinning
 from stowd.service.purge import purge_sent
 from stowd.service.receivers import Receivers
 from stowd.service.status import short_line
@@ -110,8 +111,13 @@ class Generation:
 class Daemon:
     """Owns the queue and the current generation of watchers and workers."""
 
-    def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
+    def __init__(
+        self, config: Config, notifier: Notifier | None = None, pinning: Pinning | None = None
+    ) -> None:
         self.config = config
+        # ``cpu:`` (issue 19): pinned at start by ``stowd run`` (before the threads), again
+        # at a reload that changes it
+        self.pinning = pinning or Pinning()
         self.stop = threading.Event()
         self.queue = open_queue(config)
         self.notifier = notifier or Notifier()
@@ -525,6 +531,7 @@ class Daemon:
         """The config file as it is now, or None (with every problem logged) to keep the old."""
         try:
             new = load_config(self.config.path)
+            self.pinning.check(new)
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("reload refused: %s: %s", exc.path, problem)
@@ -564,6 +571,7 @@ class Daemon:
         self._guarded(self._replan_after_reload)  # else again each second, until it is taken
         self._note_held()
         self.receivers.sync(new)
+        self.pinning.apply(new)
         self.generation = self._start(new)
         self._restart_metrics(new)
         log.info(
