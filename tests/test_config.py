@@ -28,6 +28,7 @@ from stowd.config.model import (
     BatchLimits,
     Bulkdata,
     Config,
+    Cpu,
     Receive,
     Retry,
     Timeouts,
@@ -1063,3 +1064,37 @@ def test_status_works_while_a_watch_folder_is_missing_and_check_config_does_not(
     assert "daemon:       not running" in capsys.readouterr().out
     assert main(["check-config", "-c", str(path)]) == 2
     assert "sources[0].watch: the folder" in capsys.readouterr().err
+
+
+# issue 19: cpu (the daemon's side: tests/test_pinning.py)
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("", None), ("cpu:\n", None), ("cpu: auto\n", Cpu(None)), ("cpu: 0\n", Cpu(0))],
+)
+def test_cpu_is_read_once_into_the_config(tmp_path: Path, text: str, expected: Cpu | None) -> None:
+    assert load_text(tmp_path, MINIMAL + text).cpu == expected
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("fastest", "expected a CPU core number such as 1, or auto, got 'fastest'"),
+        ("AUTO", "expected a CPU core number such as 1, or auto, got 'AUTO'"),
+        ("-1", "a CPU core number is 0 or more, got -1"),
+        ("true", "expected a CPU core number such as 1, or auto, got true"),
+        ("1.5", "expected a CPU core number such as 1, or auto, got 1.5"),
+        ("[1, 2]", "expected a CPU core number such as 1, or auto, got a list"),
+    ],
+)
+def test_a_wrong_cpu_names_file_key_and_line(tmp_path: Path, value: str, message: str) -> None:
+    path = write(tmp_path, MINIMAL + f"log_level: chatty\ncpu: {value}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    error = info.value
+    assert error.path == str(path)
+    found = {(p.key, p.line): p.message for p in error.problems}
+    assert set(found) == {("log_level", 11), ("cpu", 12)}  # every problem at once
+    assert found["cpu", 12] == message
+    assert f"line 12: cpu: {message}" in str(error)

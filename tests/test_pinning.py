@@ -1,6 +1,7 @@
 """``cpu:`` (issue 19): every thread of stowd on one core, read from the real daemon's
-``/proc/<pid>/task/*/status``.  Core numbers come from this process's own allowed set, so
-the tests hold on a 1-core machine and under a cpuset."""
+``/proc/<pid>/task/*/status`` (the key's own errors: tests/test_config.py).  Core numbers
+come from this process's own allowed set, so the tests hold on a 1-core machine and under a
+cpuset."""
 
 from __future__ import annotations
 
@@ -14,38 +15,15 @@ from pathlib import Path
 import pytest
 import yaml
 from dicomgen import make_instance
-from harness import Layout, Stowd, make_layout, make_watch_folders, run_cli, wait_for
+from harness import Layout, Stowd, make_layout, run_cli, wait_for
 from needs import require
 from orthanc import Orthanc
 
-from stowd.config.load import load_config
-from stowd.config.model import Cpu
-from stowd.errors import ConfigError
 from stowd.service.pinning import cores_text
 
 ALLOWED = frozenset(os.sched_getaffinity(0))
 CORE = max(ALLOWED)  # the highest: on a 1-core machine the only one
 OUTSIDE = max(ALLOWED) + 1  # never one this process may use
-
-MINIMAL = """\
-queue: ./state/queue.db
-sources:
-  - name: ct1
-    watch: ./drop/ct1
-    sent: ./done/ct1/sent
-    failed: ./done/ct1/failed
-    destination: pacs
-destinations:
-  pacs:
-    url: http://127.0.0.1:8042/dicom-web
-"""
-
-
-def config_with(tmp_path: Path, cpu: str) -> Path:
-    path = tmp_path / "stowd.yaml"
-    path.write_text(MINIMAL + cpu)
-    make_watch_folders(path)
-    return path
 
 
 def allowed_lists(pid: int) -> dict[int, str]:
@@ -74,42 +52,6 @@ def rewrite(layout: Layout, change: dict[str, object], drop: tuple[str, ...] = (
     for key in drop:
         doc.pop(key, None)
     layout.config.write_text(yaml.safe_dump(doc, sort_keys=False))
-
-
-# ------------------------------------------------------------------------------ the config
-
-
-@pytest.mark.timeout(30)
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [("", None), ("cpu:\n", None), ("cpu: auto\n", Cpu(None)), ("cpu: 0\n", Cpu(0))],
-)
-def test_cpu_is_read_once_into_the_config(tmp_path: Path, text: str, expected: Cpu | None) -> None:
-    assert load_config(config_with(tmp_path, text)).cpu == expected
-
-
-@pytest.mark.timeout(30)
-@pytest.mark.parametrize(
-    ("value", "message"),
-    [
-        ("fastest", "expected a CPU core number such as 1, or auto, got 'fastest'"),
-        ("AUTO", "expected a CPU core number such as 1, or auto, got 'AUTO'"),
-        ("-1", "a CPU core number is 0 or more, got -1"),
-        ("true", "expected a CPU core number such as 1, or auto, got true"),
-        ("1.5", "expected a CPU core number such as 1, or auto, got 1.5"),
-        ("[1, 2]", "expected a CPU core number such as 1, or auto, got a list"),
-    ],
-)
-def test_a_wrong_cpu_names_file_key_and_line(tmp_path: Path, value: str, message: str) -> None:
-    path = config_with(tmp_path, f"log_level: chatty\ncpu: {value}\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    error = info.value
-    assert error.path == str(path)
-    found = {(p.key, p.line): p.message for p in error.problems}
-    assert set(found) == {("log_level", 11), ("cpu", 12)}  # every problem at once
-    assert found["cpu", 12] == message
-    assert f"line 12: cpu: {message}" in str(error)
 
 
 # ------------------------------------------------------------------------------ the daemon
