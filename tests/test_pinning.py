@@ -19,7 +19,7 @@ from harness import Layout, Stowd, make_layout, run_cli, wait_for
 from needs import require
 from orthanc import Orthanc
 
-from stowd.service.pinning import cores_text
+from stowd.config.load import cores_text
 
 ALLOWED = frozenset(os.sched_getaffinity(0))
 CORE = max(ALLOWED)  # the highest: on a 1-core machine the only one
@@ -129,6 +129,40 @@ def test_a_core_outside_the_allowed_set_is_refused_at_start(tmp_path: Path) -> N
     assert f"(allowed: {cores_text(ALLOWED)}, " in result.stderr
     assert str(layout.config) in result.stderr
     assert not (layout.root / "state" / "queue.db").exists()  # refused before anything ran
+
+
+@pytest.mark.timeout(60)
+def test_check_config_names_a_core_outside_with_every_other_problem(tmp_path: Path) -> None:
+    """The loader judges the core (against the cores the process started with), so
+    ``check-config`` says what ``run`` would refuse, with the other problems at once."""
+    layout = make_layout(tmp_path / "run", "http://127.0.0.1:9/dicom-web", cpu=OUTSIDE)
+    rewrite(layout, {"log_level": "chatty"})
+    result = run_cli("check-config", "-c", str(layout.config))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"cpu: CPU {OUTSIDE} is not one stowd may use here" in result.stderr
+    assert "log_level" in result.stderr
+
+
+@pytest.mark.skipif(len(ALLOWED) < 2, reason="one core: no other mask to reset the threads to")
+@pytest.mark.timeout(180)
+def test_a_reload_pins_again_threads_whose_mask_was_reset(tmp_path: Path, orthanc: Orthanc) -> None:
+    """``taskset -a -p`` (or a core taken offline) reset the threads' masks: a reload with
+    the same ``cpu:`` pins them again, not only a changed one."""
+    layout = make_layout(tmp_path / "run", orthanc.dicomweb_url, cpu=CORE)
+    with Stowd(layout) as daemon:
+        daemon.wait_started()
+        assert daemon.proc is not None
+        wait_for(lambda: all_on(daemon, str(CORE)), 60, "threads pinned", lambda: daemon.log)
+        for tid in allowed_lists(daemon.proc.pid):
+            try:
+                os.sched_setaffinity(tid, ALLOWED)
+            except ProcessLookupError:
+                continue  # the thread ended meanwhile
+        assert not all_on(daemon, str(CORE))
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reloaded" in daemon.log, 60, "the reload", lambda: daemon.log)
+        wait_for(lambda: all_on(daemon, str(CORE)), 30, "pinned again", lambda: daemon.log)
+        assert daemon.terminate() == 0
 
 
 @pytest.mark.timeout(180)

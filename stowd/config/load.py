@@ -683,9 +683,14 @@ def _check_folders(top: Section, sources: list[_Folders], place: QueuePlace) -> 
             )
 
 
+# The cores this process may use, read once before ``cpu:`` pins anything (at a reload the
+# threads' own mask is the pinned one): systemd's CPUAffinity=, a cpuset or taskset.
+START_CORES = frozenset(os.sched_getaffinity(0))
+
+
 def _read_cpu(top: Section) -> Cpu | None:
-    """``cpu:`` (issue 19): absent or null: no pinning; whether the core is one the process
-    may use is known only where it runs (stowd/service/pinning.py checks it at start)."""
+    """``cpu:`` (issue 19): absent or null: no pinning; a core must be one of ``START_CORES``
+    (so ``check-config`` and a reload judge it with every other problem)."""
     node = top.value_node("cpu")
     if node is None or is_null(node):
         return None
@@ -693,7 +698,28 @@ def _read_cpu(top: Section) -> Cpu | None:
     core = top.get("cpu", None, as_cpu)
     if len(top.ctx.problems) > problems:
         return None
+    if core is not None and core not in START_CORES:
+        top.add("cpu", not_allowed(core, START_CORES))
+        return None
     return Cpu(core, top.line("cpu"))
+
+
+def not_allowed(core: int, allowed: frozenset[int]) -> str:
+    return (
+        f"CPU {core} is not one stowd may use here (allowed: {cores_text(allowed)}, the "
+        "cores this process started with: systemd's CPUAffinity=, a cpuset or taskset)"
+    )
+
+
+def cores_text(cores: Collection[int]) -> str:
+    """``0-3,6``: cores as ``Cpus_allowed_list`` and ``taskset -c`` write them."""
+    runs: list[list[int]] = []
+    for core in sorted(cores):
+        if runs and core == runs[-1][1] + 1:
+            runs[-1][1] = core
+        else:
+            runs.append([core, core])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -22,8 +22,8 @@ import time
 from collections.abc import Collection
 from pathlib import Path
 
+from stowd.config.load import START_CORES, cores_text
 from stowd.config.model import Config, Cpu
-from stowd.errors import ConfigError, ConfigProblem
 
 log = logging.getLogger("stowd")
 
@@ -32,39 +32,19 @@ STAT = Path("/proc/stat")
 SAMPLE = 0.1  # seconds between the two reads of /proc/stat for ``cpu: auto``
 
 
-def cores_text(cores: Collection[int]) -> str:
-    """``0-3,6``: cores as ``Cpus_allowed_list`` and ``taskset -c`` write them."""
-    runs: list[list[int]] = []
-    for core in sorted(cores):
-        if runs and core == runs[-1][1] + 1:
-            runs[-1][1] = core
-        else:
-            runs.append([core, core])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
-
-
 class Pinning:
     """The process's CPU mask as ``cpu:`` asks, from start through reloads."""
 
     def __init__(self) -> None:
-        self.start = frozenset(os.sched_getaffinity(0))  # what the process may use
+        self.start = START_CORES  # what the process may use (the loader checks cores with it)
         self.cpu: Cpu | None = None  # as applied (None: the start mask)
-
-    def check(self, config: Config) -> None:
-        """ConfigError when ``cpu:`` names a core this process may not use."""
-        cpu = config.cpu
-        if cpu is None or cpu.core is None or cpu.core in self.start:
-            return
-        message = (
-            f"CPU {cpu.core} is not one stowd may use here (allowed: {cores_text(self.start)}, "
-            "the cores this process started with: systemd's CPUAffinity=, a cpuset or taskset)"
-        )
-        raise ConfigError(str(config.path), [ConfigProblem("cpu", message, cpu.line)])
+        self.mask: frozenset[int] | None = None  # the one core applied (None: unpinned)
 
     def apply(self, config: Config) -> None:
-        """Pin every thread as ``config.cpu`` says, when that changed (``check`` first)."""
+        """Pin every thread as ``config.cpu`` says, when that changed, or when the threads'
+        mask is no longer the one applied (the core went offline; ``taskset -a -p``)."""
         cpu = config.cpu
-        if cpu == self.cpu:
+        if cpu == self.cpu and (self.mask is None or self._kept()):
             return
         allowed = cores_text(self.start)
         if cpu is None:
@@ -80,22 +60,33 @@ class Pinning:
             log.warning(
                 "cannot set stowd's threads' CPUs (cpu: %s): %s; running unpinned, on CPUs %s",
                 "removed" if cpu is None else cpu.shown(),
-                exc.strerror or exc,
+                _reason(exc),
                 allowed,
             )
             with contextlib.suppress(OSError):  # refused as well: the threads keep theirs
                 pin_tasks(self.start)
-            self.cpu = None
+            self.cpu, self.mask = None, None
             return
-        self.cpu = cpu
+        self.cpu, self.mask = cpu, (None if cpu is None else mask)
         log.info("%s", said)
+
+    def _kept(self) -> bool:
+        try:
+            return frozenset(os.sched_getaffinity(0)) == self.mask
+        except OSError:
+            return True  # cannot tell: leave it
+
+
+def _reason(exc: OSError) -> str:
+    """The error, with the path it concerns (``/proc/self/task`` missing says which)."""
+    reason = exc.strerror or str(exc)
+    return f"{reason}: {exc.filename}" if exc.filename else reason
 
 
 def pin_at_start(config: Config) -> Pinning:
-    """``stowd run`` and ``stowd migrate``, before their threads start: ConfigError when the
-    core is not allowed, else the threads pinned (or a warning)."""
+    """``stowd run`` and ``stowd migrate``, before their threads start: the threads pinned
+    (or a warning); the loader has checked the core against ``START_CORES``."""
     pinning = Pinning()
-    pinning.check(config)
     pinning.apply(config)
     return pinning
 
@@ -118,6 +109,8 @@ def least_busy(allowed: Collection[int]) -> int:
     """The allowed core that was least busy over ``SAMPLE`` seconds (two reads of
     /proc/stat); among equals the highest-numbered one, as interrupts often land on core 0.
     Unreadable: the highest-numbered allowed core."""
+    if len(allowed) == 1:
+        return next(iter(allowed))
     first = _busy_times()
     time.sleep(SAMPLE)
     second = _busy_times()
