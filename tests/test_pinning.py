@@ -20,6 +20,7 @@ from needs import require
 from orthanc import Orthanc
 
 from stowd.config.load import cores_text
+from stowd.service import pinning
 
 ALLOWED = frozenset(os.sched_getaffinity(0))
 CORE = max(ALLOWED)  # the highest: on a 1-core machine the only one
@@ -141,6 +142,33 @@ def test_check_config_names_a_core_outside_with_every_other_problem(tmp_path: Pa
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"cpu: CPU {OUTSIDE} is not one stowd may use here" in result.stderr
     assert "log_level" in result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_commands_that_never_pin_do_not_judge_the_core(tmp_path: Path) -> None:
+    """``stowd status`` (a monitoring unit with its own CPUAffinity=, ``docker exec`` under
+    another cpuset) reads the config whatever cores its own shell may use."""
+    layout = make_layout(tmp_path / "run", "http://127.0.0.1:9/dicom-web", cpu=OUTSIDE)
+    result = run_cli("status", "-c", str(layout.config))
+    assert "is not one stowd may use here" not in result.stderr
+    assert "cpu" not in result.stderr, result.stderr
+    assert result.returncode != 2, result.stderr  # 2: the config refused
+
+
+def test_auto_never_picks_a_core_missing_from_proc_stat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A core taken offline has no line in /proc/stat: never chosen (pinning to it fails)."""
+    stat = tmp_path / "stat"
+    stat.write_text(
+        "cpu  10 0 10 100 0 0 0 0 0 0\n"
+        "cpu0 10 0 10 100 0 0 0 0 0 0\n"
+        "intr 1\n"  # no cpu1 line: offline
+    )
+    monkeypatch.setattr(pinning, "STAT", stat)
+    assert pinning.least_busy({0, 1}) == 0
+    stat.write_text(stat.read_text() + "cpu1 10 0 10 100 0 0 0 0 0 0\n")
+    assert pinning.least_busy({0, 1}) == 1  # online again: the highest among equals
 
 
 @pytest.mark.skipif(len(ALLOWED) < 2, reason="one core: no other mask to reset the threads to")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stowd import __version__
-from stowd.config.load import load_config
+from stowd.config.load import load_config, process_cores
 from stowd.config.model import Config, Source
 from stowd.config.schedule import local_now, window_note
 from stowd.config.yamlwalk import host_port, parse_duration
@@ -44,6 +44,8 @@ DEFAULT_CONFIG = "/etc/stowd/config.yaml"
 # missing (it is what says so); migrate walks only its SRC folders, and a machine that only
 # migrates has no drop folder to watch.
 _NO_WATCHING = frozenset({"status", "migrate"})
+# the commands that pin their threads as ``cpu:`` says, and check-config, which judges it
+_PINNING = frozenset({"run", "migrate", "check-config"})
 
 log = logging.getLogger("stowd")
 
@@ -163,7 +165,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        config = load_config(args.config, watch_exists=args.command not in _NO_WATCHING)
+        cores = process_cores() if args.command in _PINNING else None
+        config = load_config(
+            args.config, watch_exists=args.command not in _NO_WATCHING, cores=cores
+        )
         code = _COMMANDS[args.command](config, args)
         sys.stdout.flush()  # here, where a closed pipe can still be caught
         return code

@@ -683,14 +683,19 @@ def _check_folders(top: Section, sources: list[_Folders], place: QueuePlace) -> 
             )
 
 
-# The cores this process may use, read once before ``cpu:`` pins anything (at a reload the
-# threads' own mask is the pinned one): systemd's CPUAffinity=, a cpuset or taskset.
-START_CORES = frozenset(os.sched_getaffinity(0))
+def process_cores() -> frozenset[int] | None:
+    """The cores this process may use now (systemd's CPUAffinity=, a cpuset, taskset); None
+    when the kernel will not say (a seccomp filter)."""
+    try:
+        return frozenset(os.sched_getaffinity(0))
+    except OSError:
+        return None
 
 
-def _read_cpu(top: Section) -> Cpu | None:
-    """``cpu:`` (issue 19): absent or null: no pinning; a core must be one of ``START_CORES``
-    (so ``check-config`` and a reload judge it with every other problem)."""
+def _read_cpu(top: Section, cores: frozenset[int] | None) -> Cpu | None:
+    """``cpu:`` (issue 19): absent or null: no pinning.  With ``cores`` (those the process
+    started with: ``run``, ``migrate``, ``check-config`` and a reload), a core outside them is
+    a problem beside every other; other commands never pin, so they do not judge it."""
     node = top.value_node("cpu")
     if node is None or is_null(node):
         return None
@@ -698,8 +703,8 @@ def _read_cpu(top: Section) -> Cpu | None:
     core = top.get("cpu", None, as_cpu)
     if len(top.ctx.problems) > problems:
         return None
-    if core is not None and core not in START_CORES:
-        top.add("cpu", not_allowed(core, START_CORES))
+    if core is not None and cores is not None and core not in cores:
+        top.add("cpu", not_allowed(core, cores))
         return None
     return Cpu(core, top.line("cpu"))
 
@@ -750,7 +755,9 @@ def _compose(path: Path) -> Node | None:
         raise _fail(path, f"invalid YAML: {exc}") from None
 
 
-def _build(ctx: Context, path: Path, root: Node, watch_exists: bool) -> Config | None:
+def _build(
+    ctx: Context, path: Path, root: Node, watch_exists: bool, cores: frozenset[int] | None
+) -> Config | None:
     top = Section(ctx, "", root, _TOP_KEYS)
     place = read_queue(top)
     queue = place.anchor
@@ -770,7 +777,7 @@ def _build(ctx: Context, path: Path, root: Node, watch_exists: bool) -> Config |
     original = top.get("original_attributes", False, as_bool)
     uid_root = top.get("uid_root", None, as_uid_root)
     http, metrics = read_http(top)
-    cpu = _read_cpu(top)
+    cpu = _read_cpu(top, cores)
     _check_folders(top, folders, place)
     if queue is None:
         return None
@@ -795,8 +802,13 @@ def _build(ctx: Context, path: Path, root: Node, watch_exists: bool) -> Config |
     )
 
 
-def load_config(path: str | Path, *, watch_exists: bool = True) -> Config:
+def load_config(
+    path: str | Path, *, watch_exists: bool = True, cores: frozenset[int] | None = None
+) -> Config:
     """Read, validate and return the configuration at ``path``; raise ``ConfigError``.
+
+    ``cores``: the CPU cores the process started with, for the commands that pin (``cpu:``
+    must name one of them); None: ``cpu:`` is read but not judged.
 
     Each watch folder must exist and be a folder, unless ``watch_exists`` is False: only
     for ``stowd status``, which must work while a watch folder is missing (and says so),
@@ -810,7 +822,7 @@ def load_config(path: str | Path, *, watch_exists: bool = True) -> Config:
     if root is None:
         raise _fail(config_path, "the file is empty; it needs queue, sources and destinations")
     ctx = Context(config_path.parent)
-    config = _build(ctx, config_path, root, watch_exists)
+    config = _build(ctx, config_path, root, watch_exists, cores)
     if config is None or ctx.problems:
         problems = ctx.problems or [ConfigProblem("", "the configuration is invalid")]
         raise ConfigError(str(config_path), sorted(problems, key=lambda p: p.line or 0))

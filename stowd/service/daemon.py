@@ -530,7 +530,7 @@ class Daemon:
     def _read_new_config(self) -> Config | None:
         """The config file as it is now, or None (with every problem logged) to keep the old."""
         try:
-            new = load_config(self.config.path)
+            new = load_config(self.config.path, cores=self.pinning.start)
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("reload refused: %s: %s", exc.path, problem)

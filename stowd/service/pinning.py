@@ -22,7 +22,7 @@ import time
 from collections.abc import Collection
 from pathlib import Path
 
-from stowd.config.load import START_CORES, cores_text
+from stowd.config.load import cores_text, process_cores
 from stowd.config.model import Config, Cpu
 
 log = logging.getLogger("stowd")
@@ -36,7 +36,7 @@ class Pinning:
     """The process's CPU mask as ``cpu:`` asks, from start through reloads."""
 
     def __init__(self) -> None:
-        self.start = START_CORES  # what the process may use (the loader checks cores with it)
+        self.start = process_cores()  # what the process may use (a reload's loader judges by it)
         self.cpu: Cpu | None = None  # as applied (None: the start mask)
         self.mask: frozenset[int] | None = None  # the one core applied (None: unpinned)
 
@@ -45,6 +45,10 @@ class Pinning:
         mask is no longer the one applied (the core went offline; ``taskset -a -p``)."""
         cpu = config.cpu
         if cpu == self.cpu and (self.mask is None or self._kept()):
+            return
+        if self.start is None:  # the kernel would not say which: nothing to pin within
+            log.warning("cannot read which CPUs stowd may use; cpu: ignored, running unpinned")
+            self.cpu, self.mask = cpu, None
             return
         allowed = cores_text(self.start)
         if cpu is None:
@@ -71,10 +75,18 @@ class Pinning:
         log.info("%s", said)
 
     def _kept(self) -> bool:
+        """Every thread still has the mask applied."""
         try:
-            return frozenset(os.sched_getaffinity(0)) == self.mask
+            tids = [int(name) for name in os.listdir(TASKS)]
         except OSError:
             return True  # cannot tell: leave it
+        for tid in tids:
+            try:
+                if frozenset(os.sched_getaffinity(tid)) != self.mask:
+                    return False
+            except OSError:
+                continue  # the thread ended meanwhile
+        return True
 
 
 def _reason(exc: OSError) -> str:
@@ -85,7 +97,7 @@ def _reason(exc: OSError) -> str:
 
 def pin_at_start(config: Config) -> Pinning:
     """``stowd run`` and ``stowd migrate``, before their threads start: the threads pinned
-    (or a warning); the loader has checked the core against ``START_CORES``."""
+    (or a warning); the loader has judged the core against the cores the process has."""
     pinning = Pinning()
     pinning.apply(config)
     return pinning
@@ -114,7 +126,8 @@ def least_busy(allowed: Collection[int]) -> int:
     first = _busy_times()
     time.sleep(SAMPLE)
     second = _busy_times()
-    highest_first = sorted(allowed, reverse=True)
+    online = [core for core in allowed if core in first and core in second]  # not offline
+    highest_first = sorted(online or allowed, reverse=True)
     return min(highest_first, key=lambda core: second.get(core, 0) - first.get(core, 0))
 
 
