@@ -14,6 +14,7 @@ import pty
 import re
 import select
 import signal
+import socket
 import sqlite3
 import struct
 import subprocess
@@ -35,6 +36,7 @@ from stowproxy import StowProxy
 
 from stowd.commands import cli
 from stowd.commands import migrate as migrate_mod
+from stowd.pipeline.loop import SAME_STOP, Stops
 from stowd.pipeline.queue import Hold, Lost, Queue
 from stowd.pipeline.reader import Reader
 from stowd.pipeline.watch import Watcher
@@ -721,3 +723,43 @@ def test_a_hold_left_by_an_earlier_run_counts_as_a_pause_only_once_a_try_fails()
     pauses.update(Hold("pacs", 1060.0, 1070.0, "cannot connect", 1), 1065.0)
     pauses.update(None, 1080.0)
     assert pauses.answering(1100.0) == 40.0  # 1060-1080 held
+
+
+@pytest.mark.timeout(120)
+def test_a_stop_signal_repeated_at_once_is_one_stop_as_under_timeout(tmp_path: Path) -> None:
+    """GNU ``timeout`` signals the command and then its own process group, so ``timeout 10h
+    stowd migrate`` gets its SIGTERM twice within moments (seen in CI on the overnight page):
+    one stop, which lets the upload in flight run out its ``shutdown_timeout`` and prints the
+    summary, not "second signal, exiting now"."""
+    with socket.socket() as silent:  # takes the request, never answers: an upload in flight
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/dicom-web"
+        layout = make_layout(tmp_path / "run", url, shutdown_timeout="2s")
+        archive = tmp_path / "archive"
+        make_study(archive / "study" / "series", 5)
+        log = tmp_path / "migrate.log"
+        with migrating(layout, log, str(archive), "--destination", "pacs", "--keep") as proc:
+            silent.settimeout(60)
+            conn, _ = silent.accept()  # the upload has begun: it waits for an answer
+            assert conn.recv(1), log.read_text()
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.2)  # the handler has run; the upload is still in flight (2 s)
+            assert proc.poll() is None, log.read_text()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 130, log.read_text()
+            conn.close()
+    text = log.read_text()
+    assert "second signal" not in text
+    assert "run the same command again to go on" in text
+
+
+def test_a_stop_repeated_later_is_a_second_request() -> None:
+    """The window is short: a second stop request (a person's second Ctrl-C) still exits at
+    once, in the daemon and in migrate alike."""
+    stops = Stops()
+    assert not stops.at_once()  # the first: stop gently
+    assert not stops.at_once()  # ``timeout``'s signal to its group, at once: the same stop
+    stops.first -= SAME_STOP  # as if the first came that long ago
+    assert stops.at_once()
+    assert stops.count == 2

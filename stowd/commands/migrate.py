@@ -67,7 +67,7 @@ from stowd.dicomweb.pacing import Bucket, Pacing
 from stowd.dicomweb.stow import StowClient
 from stowd.errors import MigrationConflict, QueueError, StowdError
 from stowd.pipeline.lookup import Finder
-from stowd.pipeline.loop import Stop
+from stowd.pipeline.loop import Stop, Stops
 from stowd.pipeline.metadata import clear_spool, digest
 from stowd.pipeline.queue import Hold, Job, NewFile, Walk, open_queue
 from stowd.pipeline.reader import Reader
@@ -205,7 +205,7 @@ class Migration:
         self.senders: list[Worker] = []  # their requests in flight: status and the page
         self.shared: dict[str, Any] | None = None  # what the state file last said
         self.scan_errors: list[tuple[str, OSError]] = []  # folders/files that cannot be read
-        self.signals = 0
+        self.signals = Stops()
         self.crashed = False
         self.out = out
         self.started = time.time()  # the run's start: this host's, or the queue's (walks)
@@ -227,8 +227,7 @@ class Migration:
         signal.signal(signal.SIGINT, self._on_signal)
 
     def _on_signal(self, _signum: int, _frame: FrameType | None) -> None:
-        self.signals += 1
-        if self.signals > 1:
+        if self.signals.at_once():
             os.write(2, b"stowd migrate: second signal, exiting now; a re-run continues\n")
             os._exit(EXIT_SECOND_SIGNAL)
         self.stop.set()
@@ -627,7 +626,7 @@ class Migration:
             *(unreadable_entry(path, exc) for path, exc in self.scan_errors),
         ]
         seconds = self.queue.clock() - self.started
-        interrupted = self.signals > 0 and not self.crashed
+        interrupted = self.signals.count > 0 and not self.crashed
         walks = self.queue.walks(self.names)
         skipped = sum(w.skipped for w in walks) if walks else self.skipped
         summary = Summary(tally, skipped, seconds, interrupted, self.crashed, failures)

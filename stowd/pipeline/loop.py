@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from stowd.errors import QueueError, QueueFull
@@ -68,6 +69,28 @@ class Stop(threading.Event):
     def set(self) -> None:
         super().set()
         BELL.wake()
+
+
+# GNU ``timeout`` signals the command and then its own process group, so the command gets its
+# SIGTERM twice at once: a repeat this soon after the first is the same stop, not a second
+SAME_STOP = 0.5
+
+
+class Stops:
+    """Stop signals (SIGTERM, SIGINT) counted: the first stops gently, a later one at once."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first = 0.0
+
+    def at_once(self) -> bool:
+        """Count this signal; True when it asks to stop at once (a second stop request)."""
+        now = time.monotonic()
+        if self.count and now - self.first < SAME_STOP:
+            return False  # the same request again (``timeout``'s signal to its group)
+        self.count += 1
+        self.first = self.first if self.count > 1 else now
+        return self.count > 1
 
 
 class Loop:

@@ -55,7 +55,7 @@ from stowd.pipeline import counters, disk
 from stowd.pipeline.concurrency import Concurrency, Limits
 from stowd.pipeline.disk import Disks
 from stowd.pipeline.lookup import Finder
-from stowd.pipeline.loop import Stop
+from stowd.pipeline.loop import Stop, Stops
 from stowd.pipeline.metadata import clear_spool, digest
 from stowd.pipeline.queue import OPEN_MARK, Queue, open_queue
 from stowd.pipeline.reader import Reader
@@ -121,7 +121,7 @@ class Daemon:
         self.stop = threading.Event()
         self.queue = open_queue(config)
         self.notifier = notifier or Notifier()
-        self.signals = 0
+        self.signals = Stops()
         self.last_signal: int | None = None
         self.reload_requested = False
         self.generation = Generation(config)
@@ -158,9 +158,8 @@ class Daemon:
         signal.signal(signal.SIGHUP, self._on_reload)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        self.signals += 1
         self.last_signal = signum
-        if self.signals > 1:
+        if self.signals.at_once():
             os.write(2, b"stowd: second signal, exiting now; the queue recovers at next start\n")
             os._exit(EXIT_SECOND_SIGNAL)
         # the workers' stop first: a paced upload that the daemon's stop ends (pacing.Pacing)
