@@ -89,7 +89,8 @@ class Stops:
         if self.count and now - self.first < SAME_STOP:
             return False  # the same request again (``timeout``'s signal to its group)
         self.count += 1
-        self.first = self.first if self.count > 1 else now
+        if self.count == 1:
+            self.first = now
         return self.count > 1
 
 

@@ -93,12 +93,18 @@ def _grouped(pairs: Iterable[tuple[_K, int]]) -> dict[_K, list[int]]:
     return out
 
 
-def _value_parts(rows: Sequence[tuple[Any, ...]], more: int = 0) -> Iterator[Sequence[Any]]:
+def _value_parts(
+    rows: Sequence[tuple[Any, ...]], more: int = 0
+) -> Iterator[tuple[str, tuple[Any, ...]]]:
     """``rows`` in parts whose values (and ``more`` parameters) one statement takes, under
-    ``PARAMETERS``; none if empty."""
-    step = max(1, (PARAMETERS - more) // max(1, len(rows[0]))) if rows else 1
+    ``PARAMETERS``: each part as ``VALUES (?, ...),(?, ...)`` (a mark a value of its rows)
+    and those values in order; none if empty."""
+    width = max(1, len(rows[0])) if rows else 1
+    step = max(1, (PARAMETERS - more) // width)
+    row = "(" + ", ".join("?" * width) + ")"
     for at in range(0, len(rows), step):
-        yield rows[at : at + step]
+        part = rows[at : at + step]
+        yield "VALUES " + ",".join([row] * len(part)), tuple(v for r in part for v in r)
 
 
 def take_lock(anchor: Path) -> int:
@@ -674,17 +680,16 @@ class Queue:
         """``set_classified``'s change of each of ``rows`` (``classification_row``'s, one an
         id): SQLite, one statement a part of rows (``_value_parts``), their values joined as
         a table (as ``_settle_rows``); the PostgreSQL backend changes them all in one statement."""
-        for part in _value_parts(rows):
+        for values, params in _value_parts(rows):
             db.execute(
                 "WITH v(kind, study_uid, sop_uid, sop_class, changes, sidecars, digest, made, "
-                "lookup, id, size, mtime_ns) AS (VALUES "
-                + ",".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(part))
-                + ") UPDATE files SET kind = v.kind, study_uid = v.study_uid, "
+                f"lookup, id, size, mtime_ns) AS ({values}) "
+                "UPDATE files SET kind = v.kind, study_uid = v.study_uid, "
                 "sop_uid = v.sop_uid, sop_class = v.sop_class, changes = v.changes, "
                 "sidecars = v.sidecars, rules_digest = v.digest, made = v.made, "
                 "lookup = v.lookup FROM v WHERE files.id = v.id AND files.state = 'pending' "
                 "AND files.size = v.size AND files.mtime_ns = v.mtime_ns",
-                tuple(value for row in part for value in row),
+                params,
             )
 
     def make_uids(
@@ -975,16 +980,15 @@ class Queue:
                 [(o, t, e, sc, note, node, i, was) for i, was, o, t, e, sc, note in rows],
             )
             return
-        for part in _value_parts(rows, 1):
+        for values, params in _value_parts(rows, 1):
             db.execute(
-                "WITH v(id, was, outcome, target, error, sidecars, note) AS (VALUES "
-                + ",".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(part))
-                + ") UPDATE files SET state = 'settling', outcome = v.outcome, "
+                f"WITH v(id, was, outcome, target, error, sidecars, note) AS ({values}) "
+                "UPDATE files SET state = 'settling', outcome = v.outcome, "
                 "target = v.target, error = v.error, "
                 "sidecars = COALESCE(v.sidecars, files.sidecars), "
                 f"note = COALESCE(v.note, files.note), node = ?, {self._SETTLE_LEASE} "
                 "FROM v WHERE files.id = v.id AND files.state = v.was",
-                (*(value for row in part for value in row), node),
+                (*params, node),
             )
 
     def finish(self, job_id: int, *, state: str, was: str) -> Lost:
